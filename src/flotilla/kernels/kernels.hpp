@@ -1,0 +1,117 @@
+// Kernels: pure float32 math on buffers, forward and backward, in the style of llm.c:
+// every layer is a *_forward / *_backward pair with the same argument order; backward
+// ADDS (+=) into parameter gradients and into input gradients unless said otherwise;
+// shapes are in the comments, row-major, N = B*T rows. No model knowledge here.
+// Multithreaded with OpenMP; GEMMs go through OpenBLAS (OpenMP build).
+#pragma once
+
+#include <cstdint>
+
+namespace flotilla::kernels {
+
+// ---------------------------------------------------------------------------- matmul
+// out = inp @ weight^T + bias        (PyTorch nn.Linear layout: weight is (OC, C))
+// out (N, OC), inp (N, C), weight (OC, C), bias (OC) or nullptr.
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+                    int64_t N, int64_t C, int64_t OC);
+// dinp += dout @ weight;  dweight += dout^T @ inp;  dbias += sum_rows(dout).
+// Any of dinp, dweight, dbias may be nullptr (frozen weight, or first layer's input).
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                     const float* inp, const float* weight, int64_t N, int64_t C, int64_t OC);
+
+// ------------------------------------------------------------------------- embedding
+// out[n, :] = wte[tokens[n], :]     out (N, C), tokens (N), wte (V, C).
+// Tokens are assumed in [0, V) (the model checks them once per batch).
+void embedding_forward(float* out, const int32_t* tokens, const float* wte, int64_t N, int64_t C);
+// dwte[tokens[n], :] += dout[n, :]. Deterministic: independent of thread count.
+void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t N,
+                        int64_t C);
+
+// --------------------------------------------------------------------------- rmsnorm
+// out = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps)
+// out (N, C), rstd (N) saved for backward, inp (N, C), weight (C).
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
+                     int64_t C, float eps);
+// dinp += ..., dweight += ...;  dweight may be nullptr (frozen).
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
+                      const float* weight, const float* rstd, int64_t N, int64_t C);
+
+// ------------------------------------------------------------------------------ rope
+// Rotary embeddings in Hugging Face's Llama layout (rotate_half): within a head of size
+// hd, element i pairs with element i + hd/2 and both turn by angle pos * inv_freq[i].
+struct RopeScaling {
+  // Llama 3 "rope_type": "llama3" scaling; factor <= 0 means none.
+  float factor = 0.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 4.0f;
+  int64_t original_max_position = 8192;
+};
+// inv_freq (hd/2): theta^(-2i/hd), then Llama 3 scaling when scaling.factor > 0.
+void rope_inv_freq(float* inv_freq, int64_t hd, float theta, const RopeScaling& scaling);
+// cos, sin (T, hd/2) for positions pos0 .. pos0+T-1.
+void rope_table(float* cos, float* sin, const float* inv_freq, int64_t pos0, int64_t T, int64_t hd);
+// In place on x (B, T, NH, hd): x = x * cos + rotate_half(x) * sin, position t uses row t of
+// cos/sin (T, hd/2).
+void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH,
+                  int64_t hd);
+// In place on dx (B, T, NH, hd): the transpose of the rotation (turn by -angle). Overwrites.
+void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
+                   int64_t NH, int64_t hd);
+
+// ------------------------------------------------------------------------- attention
+// Causal scaled dot-product attention with grouped-query attention (NH query heads share
+// NKV key/value heads; head h uses kv head h / (NH / NKV)).
+// q (B, Tq, NH, hd); k, v (B, Tk, NKV, hd) with Tk >= Tq: query t sits at position
+// t + (Tk - Tq) and attends keys 0 .. t + (Tk - Tq) (this covers the KV-cache decode).
+// out (B, Tq, NH, hd); probs (B, NH, Tq, Tk) softmax weights saved for backward (entries
+// past the causal limit are written as 0). scale = 1/sqrt(hd).
+void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
+                       int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd);
+// dq, dk, dv += ...  (same shapes as q, k, v). scratch: B*NH*Tq*Tk floats, any contents.
+void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
+                        const float* q, const float* k, const float* v, const float* probs,
+                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd);
+
+// ---------------------------------------------------------------------------- swiglu
+// out = silu(gate) * up, silu(x) = x * sigmoid(x).   out, gate, up (N, F).
+void swiglu_forward(float* out, const float* gate, const float* up, int64_t N, int64_t F);
+// dgate, dup: OVERWRITTEN (not accumulated) with the gradients. (N, F).
+void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                     const float* up, int64_t N, int64_t F);
+
+// --------------------------------------------------------------------- cross entropy
+// Softmax cross-entropy over logits (N, V) with targets (N); target == ignore_index
+// contributes nothing. losses (N): -log softmax(logits)[target], 0 for ignored rows.
+// Returns the number of non-ignored rows. Targets outside [0, V) other than ignore_index
+// are the caller's bug (the model checks them).
+int64_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
+                              int64_t N, int64_t V, int32_t ignore_index);
+// In place: logits (N, V) become dlogits = dloss_scale * (softmax(logits) - onehot(target)),
+// rows with ignore_index become 0. This is the gradient of dloss_scale * sum(losses).
+void cross_entropy_backward_inplace(float* logits, const int32_t* targets, int64_t N, int64_t V,
+                                    int32_t ignore_index, float dloss_scale);
+
+// ------------------------------------------------------------------------------ adamw
+// Decoupled weight decay (Loshchilov & Hutter), bias-corrected; step counts from 1.
+// param -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * param)
+// m, v are updated in place. All of length n.
+struct AdamWParams {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;
+  int64_t step = 1;
+};
+void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
+                  const AdamWParams& hp);
+
+// ------------------------------------------------------------------------- utilities
+// sum of squares in double precision (for global-norm gradient clipping).
+double sum_squares(const float* x, int64_t n);
+// x *= s
+void scale_inplace(float* x, int64_t n, float s);
+// y += x
+void add_inplace(float* y, const float* x, int64_t n);
+
+}  // namespace flotilla::kernels

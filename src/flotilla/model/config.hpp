@@ -1,0 +1,55 @@
+// Model configuration, read from and written to a Hugging Face config.json.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::model {
+
+enum class Architecture { llama, mistral, qwen2 };
+
+struct ModelConfig {
+  Architecture arch = Architecture::llama;
+  int64_t vocab_size = 256;
+  int64_t dim = 64;            // hidden_size
+  int64_t n_layers = 2;        // num_hidden_layers
+  int64_t n_heads = 4;         // num_attention_heads
+  int64_t n_kv_heads = 4;      // num_key_value_heads
+  int64_t head_dim = 16;       // head_dim, default hidden_size / num_attention_heads
+  int64_t ffn_dim = 128;       // intermediate_size
+  int64_t max_position = 2048; // max_position_embeddings
+  float rms_norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  kernels::RopeScaling rope_scaling;  // Llama 3 scaling when factor > 0
+  bool tie_embeddings = false;        // tie_word_embeddings
+  bool qkv_bias = false;              // qwen2
+  int32_t bos_token_id = -1;          // -1: none
+  int32_t eos_token_id = -1;
+  float initializer_range = 0.02f;
+  std::string torch_dtype = "float32";  // what the source said; we compute in f32
+
+  int64_t q_dim() const { return n_heads * head_dim; }
+  int64_t kv_dim() const { return n_kv_heads * head_dim; }
+  int64_t num_params() const;
+
+  // `source` names the file in error messages. Unknown model_type, missing or
+  // inconsistent fields are InputErrors naming the file and the field.
+  static ModelConfig from_json(const nlohmann::json& j, std::string_view source);
+  static ModelConfig load(const std::filesystem::path& config_json);
+  // A config.json that transformers' AutoConfig reads as the same model.
+  nlohmann::json to_json() const;
+};
+
+std::string_view architecture_name(Architecture a);  // "llama", "mistral", "qwen2"
+
+// Presets for `flotilla init`: "tiny", "15M", "110M" (llama2.c's shapes, vocab 32000
+// for 15M/110M; tiny is for tests and the byte tokenizer).
+ModelConfig preset_config(std::string_view name);
+
+}  // namespace flotilla::model
