@@ -1,0 +1,545 @@
+#!/usr/bin/python3
+"""flotilla's model against an independent PyTorch reference (torch_llama.py).
+
+    check_against_torch.py FLOTILLA_BIN [--seed S] [--cases a,b] [--keep]
+    FLOTILLA_BIN=... check_against_torch.py
+        For each case: random model and batch (seed printed), saved as a Hugging Face
+        directory; runs `FLOTILLA_BIN grads --model DIR --batch batch.json --out
+        out.safetensors`; compares logits, loss and every parameter gradient with the
+        float64 torch reference. Exit 0 when all pass, 1 otherwise.
+    check_against_torch.py --check-written DIR
+        Loads a directory flotilla wrote (config.json + model.safetensors or shards with
+        model.safetensors.index.json) into the torch model, with exact name and shape
+        checks, and runs a forward pass.
+    check_against_torch.py --self-test [--seed S]
+        Tests this checker without flotilla: safetensors round trips and corrupt files,
+        --check-written on good and bad directories, and the whole comparison run
+        against fake_flotilla.py, correct (must pass) and with known bugs (must fail).
+
+The `grads` contract: batch.json is {"tokens": [[...] * T] * B, "targets": same shape},
+targets aligned with tokens (no shift) and -100 meaning ignored. out.safetensors (F32)
+holds "logits" (B, T, V), "loss" (1,) = mean cross entropy over targets != -100, and
+"grad.<name>" for every parameter under its Hugging Face name (tied embeddings: only
+model.embed_tokens.weight, no lm_head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import llama_mutations  # noqa: E402
+import torch_llama  # noqa: E402
+from torch_llama import IGNORE_INDEX, LlamaForCausalLM  # noqa: E402
+
+# Relative error = max|flotilla - reference| / max|reference|, per tensor. The reference
+# runs in float64, so this measures flotilla's float32 error alone: unit roundoff 6e-8,
+# grown by accumulation over sums of at most a few hundred terms (C, F, V <= 300) through
+# a few layers, gives ~1e-6..1e-5 (the float32 torch model reaches ~1e-6 here; see
+# --self-test). 1e-4 leaves a 10x margin, while every porting bug in llama_mutations.py
+# moves the logits by 1e-2..1 relative (checked for each case as "sensitivity").
+TOLERANCE = 1e-4
+SENSITIVITY_MIN = 10 * TOLERANCE
+GRADS_TIMEOUT_S = 300
+BATCH, SEQ = 2, 7
+TINY = 1e-30
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _llama_gqa() -> dict:
+    return dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=8, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,
+                rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False,
+                max_position_embeddings=128)
+
+
+# name, config, dtype the weights are saved in, weight seed offset (the bf16 case reuses
+# the llama weights of case "llama_gqa").
+CASES: List[Tuple[str, dict, torch.dtype, int]] = [
+    ("llama_gqa", _llama_gqa(), torch.float32, 0),
+    ("qwen2_bias", dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6,
+                        rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False,
+                        max_position_embeddings=128, use_sliding_window=False),
+     torch.float32, 1),
+    # Llama 3 scaling with original_max_position_embeddings 64: with HD 16 and theta 5e5
+    # the wavelengths are 6.3, 32, 167, ... so one frequency is smoothed and the rest are
+    # divided by 8 -- visible at positions 0..6 (see the sensitivity line). One kv head (MQA).
+    ("tied_llama3_rope", dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, vocab_size=300, rms_norm_eps=1e-5,
+                              rope_theta=500000.0,
+                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=64),
+                              tie_word_embeddings=True, max_position_embeddings=512),
+     torch.float32, 2),
+    ("llama_gqa_bf16", _llama_gqa(), torch.bfloat16, 0),
+    # head_dim given explicitly and != hidden/heads: q_proj is (NH*HD, C) = (64, 48).
+    ("mistral_head_dim", dict(model_type="mistral", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=257,
+                              rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, sliding_window=None,
+                              tie_word_embeddings=False, max_position_embeddings=128),
+     torch.float32, 4),
+]
+
+
+def init_weights(config: dict, seed: int) -> Dict[str, torch.Tensor]:
+    """float64 weights that keep activations O(1): linears N(0, gain^2/fan_in) (gain 1.5
+    on q/k so attention scores are O(1) and the softmax is far from uniform), embeddings
+    N(0, 1) (0.25 when tied, so the logits stay O(1)), norms U(0.5, 1.5), biases N(0, 0.5^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tied = model.cfg.tie_word_embeddings
+    out = {}
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            t = 0.5 + torch.rand(shape, generator=gen, dtype=torch.float64)
+        elif name.endswith(".bias"):
+            t = 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        elif name == "model.embed_tokens.weight":
+            t = (0.25 if tied else 1.0) * torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:
+            gain = 1.5 if (".q_proj." in name or ".k_proj." in name) else 1.0
+            t = gain / shape[1] ** 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        out[name] = t
+    return out
+
+
+def make_batch(vocab_size: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """tokens, targets: (B, T); 4 targets set to -100, at least one kept per row."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (BATCH, SEQ), generator=gen)
+    targets = torch.randint(0, vocab_size, (BATCH, SEQ), generator=gen)
+    targets[0, 0] = IGNORE_INDEX
+    targets[1, SEQ - 1] = IGNORE_INDEX
+    for flat in torch.randperm(BATCH * SEQ, generator=gen)[:2].tolist():
+        targets[flat // SEQ, flat % SEQ] = IGNORE_INDEX
+    targets[:, 1] = torch.randint(0, vocab_size, (BATCH,), generator=gen)  # keep one per row
+    return tokens, targets
+
+
+def reference(config: dict, weights: Dict[str, torch.Tensor], tokens, targets,
+              dtype: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
+    """logits, loss and grad.<name> from the torch model running in `dtype`."""
+    model = LlamaForCausalLM(config).to(dtype)
+    model.load_hf_state_dict(weights)
+    logits, loss = model(tokens, targets)
+    loss.backward()
+    out = {"logits": logits.detach(), "loss": loss.detach().reshape(1)}
+    for name, p in model.named_parameters():
+        out[f"grad.{name}"] = p.grad.detach()
+    return out
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).abs().max() / max(b.abs().max().item(), TINY)).item()
+
+
+def compare(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Tuple[List[tuple], List[str]]:
+    """rows (name, shape, max|ref|, rel err, status) and a list of failures."""
+    rows, failures = [], []
+    for name, b in want.items():
+        if name not in got:
+            rows.append((name, tuple(b.shape), b.abs().max().item(), None, "MISSING"))
+            failures.append(f"{name}: missing from flotilla's output")
+            continue
+        a = got[name]
+        if tuple(a.shape) != tuple(b.shape):
+            rows.append((name, tuple(b.shape), b.abs().max().item(), None, f"SHAPE {tuple(a.shape)}"))
+            failures.append(f"{name}: shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+            continue
+        if a.dtype != torch.float32:
+            failures.append(f"{name}: dtype {a.dtype}, expected float32 (F32)")
+        err = rel_err(a, b)
+        ok = err <= TOLERANCE
+        rows.append((name, tuple(b.shape), b.abs().max().item(), err, "ok" if ok else "FAIL"))
+        if not ok:
+            failures.append(f"{name}: rel err {err:.3e} > {TOLERANCE:g}")
+    for name in sorted(set(got) - set(want)):
+        rows.append((name, tuple(got[name].shape), None, None, "UNEXPECTED"))
+        failures.append(f"{name}: unexpected tensor in flotilla's output")
+    return rows, failures
+
+
+def print_table(rows: List[tuple]) -> None:
+    print(f"  {'tensor':<52} {'shape':<14} {'max|ref|':>10} {'rel err':>10}  status")
+    for name, shape, ref_max, err, status in rows:
+        ref_s = f"{ref_max:10.3e}" if ref_max is not None else f"{'-':>10}"
+        err_s = f"{err:10.3e}" if err is not None else f"{'-':>10}"
+        print(f"  {name:<52} {str(shape):<14} {ref_s} {err_s}  {status}")
+
+
+def sensitivity(config: dict, weights, tokens, targets, want_logits) -> Tuple[List[str], List[str]]:
+    """How far each applicable porting bug moves the logits; too little means this case
+    could not tell the bug from float32 noise."""
+    lines, failures = [], []
+    for mutation in llama_mutations.applicable_mutations(config):
+        m_config, m_weights = llama_mutations.apply_mutation(mutation, config, weights)
+        with torch.no_grad():
+            model = LlamaForCausalLM(m_config).to(torch.float64)
+            model.load_hf_state_dict(m_weights)
+            logits, _ = model(tokens)
+        d = rel_err(logits, want_logits)
+        ok = d >= SENSITIVITY_MIN
+        lines.append(f"{mutation}={d:.2e}{'' if ok else ' (TOO SMALL)'}")
+        if not ok:
+            failures.append(f"sensitivity: {mutation} moves logits by only {d:.2e} < {SENSITIVITY_MIN:g}")
+    return lines, failures
+
+
+def run_flotilla(binary: str, model_dir: str, batch_path: str, out_path: str) -> Optional[str]:
+    """None on success, else one line saying why."""
+    cmd = [binary, "grads", "--model", model_dir, "--batch", batch_path, "--out", out_path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GRADS_TIMEOUT_S)
+    except OSError as e:
+        return f"flotilla grads failed: cannot run {binary}: {e}"
+    except subprocess.TimeoutExpired:
+        return f"flotilla grads failed: no exit after {GRADS_TIMEOUT_S} s: {' '.join(cmd)}"
+    if proc.returncode != 0:
+        stderr = proc.stderr.strip() or "(empty stderr)"
+        return f"flotilla grads failed: {stderr} [exit {proc.returncode}: {' '.join(cmd)}]"
+    if not os.path.exists(out_path):
+        return f"flotilla grads failed: exit 0 but {out_path} was not written"
+    return None
+
+
+def run_case(index: int, binary: str, base_seed: int, workdir: str, verbose: bool = True) -> List[str]:
+    """Runs one case; returns its failures (empty when it passes)."""
+    name, config, save_dtype, weight_offset = CASES[index]
+    weight_seed, batch_seed = base_seed + weight_offset, base_seed + 100 + index
+    cfg = torch_llama.LlamaConfig(config)
+    weights = init_weights(config, weight_seed)
+    # The reference runs exactly the weights flotilla reads: rounded to the saved dtype.
+    weights = {n: t.to(save_dtype).to(torch.float64) for n, t in weights.items()}
+    tokens, targets = make_batch(cfg.vocab_size, batch_seed)
+
+    case_dir = os.path.join(workdir, name)
+    model_dir = os.path.join(case_dir, "model")
+    batch_path = os.path.join(case_dir, "batch.json")
+    out_path = os.path.join(case_dir, "out.safetensors")
+    torch_llama.save_hf_dir(model_dir, config, weights, save_dtype)
+    with open(batch_path, "w") as f:
+        json.dump({"tokens": tokens.tolist(), "targets": targets.tolist()}, f)
+
+    if verbose:
+        print(f"case {name}: {cfg.model_type} C={cfg.hidden_size} L={cfg.num_hidden_layers} "
+              f"NH={cfg.num_attention_heads} NKV={cfg.num_key_value_heads} HD={cfg.head_dim} "
+              f"F={cfg.intermediate_size} V={cfg.vocab_size} tied={cfg.tie_word_embeddings} "
+              f"rope_scaling={'llama3' if cfg.rope_scaling else 'none'} weights={torch_llama._TORCH_TO_ST[save_dtype]} "
+              f"B={BATCH} T={SEQ} ignored={int((targets == IGNORE_INDEX).sum())} "
+              f"(weight seed {weight_seed}, batch seed {batch_seed})")
+    want = reference(config, weights, tokens, targets)
+    sens_lines, failures = sensitivity(config, weights, tokens, targets, want["logits"])
+    if verbose:
+        print(f"  sensitivity (rel change of logits per porting bug): {', '.join(sens_lines)}")
+
+    error = run_flotilla(binary, model_dir, batch_path, out_path)
+    if error:
+        if verbose:
+            print(f"  {error}")
+        return failures + [error]
+    try:
+        got = torch_llama.read_safetensors(out_path)
+    except ValueError as e:
+        msg = f"flotilla's output is not valid safetensors: {e}"
+        if verbose:
+            print(f"  {msg}")
+        return failures + [msg]
+    rows, cmp_failures = compare(got, want)
+    failures += cmp_failures
+    if verbose:
+        print_table(rows)
+        for f in failures:
+            print(f"  FAIL {f}")
+        print(f"  case {name}: {'FAIL' if failures else 'pass'}")
+    return failures
+
+
+def run_all(binary: str, base_seed: int, case_names: Optional[List[str]], keep: bool) -> bool:
+    indices = [i for i, c in enumerate(CASES) if case_names is None or c[0] in case_names]
+    workdir = tempfile.mkdtemp(prefix="flotilla_reference_")
+    failed = []
+    try:
+        for i in indices:
+            if run_case(i, binary, base_seed, workdir):
+                failed.append(CASES[i][0])
+            print()
+    finally:
+        if keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    passed = len(indices) - len(failed)
+    print(f"reference_torch: {passed}/{len(indices)} cases passed (seed {base_seed})"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return not failed
+
+
+# ----------------------------------------------------------------------------- written models
+
+
+def check_written_model(directory: str, seed: int = 0) -> dict:
+    """Loads a Hugging Face directory written by flotilla into the torch model and runs
+    a forward pass. Raises ValueError / FileNotFoundError naming the fault: a config the
+    model cannot express, a corrupt safetensors file, a shard that disagrees with the
+    index, a missing or unexpected tensor, a shape mismatch, non-float weights,
+    non-finite logits. Returns a summary."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: missing")
+    with open(config_path) as f:
+        config = json.load(f)
+    model = LlamaForCausalLM(config)
+    tensors = torch_llama.read_hf_weights(directory)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    not_float = sorted(n for n, t in tensors.items()
+                       if t.dtype not in (torch.float32, torch.float16, torch.bfloat16))
+    if not_float:
+        raise ValueError(f"{directory}: non-float weights {not_float}")
+    model.load_hf_state_dict(tensors)
+
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    T = min(8, cfg.max_position_embeddings)
+    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=gen)
+    with torch.no_grad():
+        logits, loss = model(tokens, tokens.roll(-1, dims=1))
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{directory}: forward pass gives non-finite logits")
+    return dict(directory=directory, model_type=cfg.model_type, params=torch_llama.count_params(model),
+                tensors=len(tensors), dtypes=dtypes, config_torch_dtype=config.get("torch_dtype"),
+                loss=loss.item())
+
+
+# ----------------------------------------------------------------------------- self-test
+
+
+def _self_test_safetensors(tmp: str) -> List[str]:
+    failures = []
+    gen = torch.Generator().manual_seed(7)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen),
+        "f16": torch.randn(4, generator=gen).to(torch.float16),
+        "bf16": torch.randn(2, 3, 2, generator=gen).to(torch.bfloat16),
+        "i64": torch.arange(6).reshape(2, 3),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = os.path.join(tmp, "round_trip.safetensors")
+    torch_llama.write_safetensors(path, tensors)
+    with open(path, "rb") as f:
+        n_header = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n_header))
+    if n_header % 8 != 0 or header.get("__metadata__") != {"format": "pt"}:
+        failures.append(f"safetensors header: length {n_header}, metadata {header.get('__metadata__')}")
+    back = torch_llama.read_safetensors(path)
+    for name, t in tensors.items():
+        b = back.get(name)
+        if b is None or b.dtype != t.dtype or b.shape != t.shape or not torch.equal(b, t):
+            failures.append(f"safetensors round trip: {name} differs")
+    # bf16 conversion rounds to nearest even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
+    halfway = torch.tensor([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8], dtype=torch.float32).to(torch.bfloat16)
+    if halfway.float().tolist() != [1.0, 1 + 2.0 ** -6]:
+        failures.append(f"bf16 rounding is not round-to-nearest-even: {halfway.float().tolist()}")
+
+    data = open(path, "rb").read()
+    corrupt = {
+        "truncated": data[:-4],
+        "trailing bytes": data + b"\0" * 8,
+        "header length past end": (len(data) * 2).to_bytes(8, "little") + data[8:],
+        "bad json": data[:8] + b"[" + data[9:],
+    }
+    for what, blob in corrupt.items():
+        bad = os.path.join(tmp, "corrupt.safetensors")
+        with open(bad, "wb") as f:
+            f.write(blob)
+        try:
+            torch_llama.read_safetensors(bad)
+            failures.append(f"safetensors reader accepted a corrupt file ({what})")
+        except ValueError:
+            pass
+    return failures
+
+
+def _write_sharded(directory: str, src_dir: str, n_shards: int) -> None:
+    """Copies a single-file HF directory as n shards + model.safetensors.index.json."""
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(os.path.join(src_dir, "config.json"), directory)
+    tensors = torch_llama.read_safetensors(os.path.join(src_dir, "model.safetensors"))
+    names = list(tensors)
+    weight_map = {}
+    total = 0
+    for s in range(n_shards):
+        shard = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::n_shards]}
+        torch_llama.write_safetensors(os.path.join(directory, shard), part)
+        weight_map.update({n: shard for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _self_test_written(tmp: str, seed: int) -> List[str]:
+    failures = []
+    for name, config, dtype, offset in CASES:
+        d = os.path.join(tmp, f"written_{name}")
+        torch_llama.save_hf_dir(d, config, init_weights(config, seed + offset), dtype)
+        try:
+            check_written_model(d)
+        except (ValueError, FileNotFoundError) as e:
+            failures.append(f"check_written_model rejected a good {name} directory: {e}")
+    good = os.path.join(tmp, "written_llama_gqa")
+    sharded = os.path.join(tmp, "written_sharded")
+    _write_sharded(sharded, good, 3)
+    try:
+        check_written_model(sharded)
+    except (ValueError, FileNotFoundError) as e:
+        failures.append(f"check_written_model rejected a good sharded directory: {e}")
+
+    base = torch_llama.read_safetensors(os.path.join(good, "model.safetensors"))
+    broken = {
+        "missing tensor": {n: t for n, t in base.items() if n != "model.norm.weight"},
+        "unexpected tensor": {**base, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)},
+        "wrong shape": {**base, "model.layers.1.mlp.up_proj.weight": torch.zeros(64, 96)},
+    }
+    for what, tensors in broken.items():
+        d = os.path.join(tmp, "written_broken")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        shutil.copy(os.path.join(good, "config.json"), d)
+        torch_llama.write_safetensors(os.path.join(d, "model.safetensors"), tensors)
+        try:
+            check_written_model(d)
+            failures.append(f"check_written_model accepted a directory with a {what}")
+        except ValueError:
+            pass
+    # A shard holding a tensor the index places elsewhere.
+    with open(os.path.join(sharded, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    moved = next(iter(index["weight_map"]))
+    index["weight_map"][moved] = "model-00002-of-00003.safetensors" \
+        if index["weight_map"][moved] != "model-00002-of-00003.safetensors" else "model-00001-of-00003.safetensors"
+    with open(os.path.join(sharded, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    try:
+        check_written_model(sharded)
+        failures.append("check_written_model accepted an index that disagrees with its shards")
+    except ValueError:
+        pass
+    return failures
+
+
+def _self_test_fake_flotilla(tmp: str, seed: int) -> List[str]:
+    """The comparison against a float32 torch stand-in: passes when correct, fails on
+    every known bug for the cases that bug applies to."""
+    failures = []
+    fake = os.path.join(tmp, "fake_flotilla")
+    with open(fake, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(HERE, "fake_flotilla.py")}" "$@"\n')
+    os.chmod(fake, os.stat(fake).st_mode | stat.S_IXUSR)
+
+    os.environ.pop("FAKE_FLOTILLA_BUG", None)
+    print("-- fake flotilla, correct float32 torch: every case must pass")
+    if not run_all(fake, seed, None, keep=False):
+        failures.append("the correct float32 stand-in did not pass")
+    print("-- fake flotilla with known bugs: every applicable case must fail")
+    bugs = [(b, i) for i, (_, config, _, _) in enumerate(CASES)
+            for b in llama_mutations.applicable_mutations(config)]
+    bugs += [("drop_grad", 0), ("count_ignored", 0)]
+    workdir = os.path.join(tmp, "bugs")
+    for bug, i in bugs:
+        os.environ["FAKE_FLOTILLA_BUG"] = bug
+        case_failures = run_case(i, fake, seed, workdir, verbose=False)
+        caught = bool(case_failures)
+        first = case_failures[0] if case_failures else "passed"
+        print(f"  {bug:<18} on {CASES[i][0]:<18} {'caught' if caught else 'NOT CAUGHT'}: {first}")
+        if not caught:
+            failures.append(f"bug {bug} on case {CASES[i][0]} was not caught")
+    os.environ.pop("FAKE_FLOTILLA_BUG", None)
+
+    missing = run_flotilla(os.path.join(tmp, "no_such_binary"), tmp, tmp, os.path.join(tmp, "x"))
+    print(f"  missing binary -> {missing}")
+    if not (missing or "").startswith("flotilla grads failed:"):
+        failures.append("a missing binary did not give 'flotilla grads failed'")
+    return failures
+
+
+def self_test(seed: int) -> bool:
+    with tempfile.TemporaryDirectory(prefix="flotilla_reference_selftest_") as tmp:
+        failures = []
+        for what, fn in (("safetensors", lambda: _self_test_safetensors(tmp)),
+                         ("check_written_model", lambda: _self_test_written(tmp, seed)),
+                         ("comparison harness", lambda: _self_test_fake_flotilla(tmp, seed))):
+            print(f"== self-test: {what}")
+            f = fn()
+            for line in f:
+                print(f"  FAIL {line}")
+            print(f"  {what}: {'FAIL' if f else 'pass'}")
+            failures += f
+    print(f"self-test: {'FAIL' if failures else 'pass'} (seed {seed})")
+    return not failures
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("flotilla", nargs="?", help="path to the flotilla binary (default: $FLOTILLA_BIN)")
+    ap.add_argument("--seed", type=int, help="base seed (default: fresh, printed)")
+    ap.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c[0] for c in CASES)}")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary case directories")
+    ap.add_argument("--check-written", metavar="DIR", help="check a model directory flotilla wrote")
+    ap.add_argument("--self-test", action="store_true", help="test this checker without flotilla")
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 1_000_000
+    print(f"seed {seed}  (torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')})")
+
+    if args.check_written:
+        try:
+            summary = check_written_model(args.check_written, seed)
+        except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+            print(f"check-written: FAIL: {e}")
+            return 1
+        print(f"check-written: pass: {json.dumps(summary)}")
+        return 0
+    if args.self_test:
+        return 0 if self_test(seed) else 1
+
+    binary = args.flotilla or os.environ.get("FLOTILLA_BIN")
+    if not binary:
+        print("error: give the flotilla binary as the first argument or in FLOTILLA_BIN")
+        return 1
+    case_names = args.cases.split(",") if args.cases else None
+    if case_names:
+        unknown = sorted(set(case_names) - {c[0] for c in CASES})
+        if unknown:
+            print(f"error: unknown cases {unknown}")
+            return 1
+    return 0 if run_all(binary, seed, case_names, args.keep) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

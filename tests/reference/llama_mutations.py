@@ -1,0 +1,84 @@
+"""Known porting bugs, expressed as changes to a correct model's config or weights.
+
+A check against the reference is only worth something if it fails when the feature is
+wrong. Each mutation below gives exactly the model a buggy implementation would compute,
+without adding bug switches to torch_llama.py:
+
+  rope_interleaved  rotary pairs (x[2i], x[2i+1]) (GPT-J / Meta layout) instead of
+                    Hugging Face's (x[i], x[i + HD/2]). Running HF's rotate_half on q/k
+                    rows permuted within each head by [0, 2, 4, ..., 1, 3, 5, ...] is the
+                    interleaved rotation; q.k is unchanged by the common permutation.
+  kv_tile           query head h reads kv head h % NKV instead of h // (NH/NKV). The
+                    same as HF's mapping after moving query head h to slot
+                    (h % NKV) * group + h // NKV (q_proj rows and o_proj columns together).
+  no_qkv_bias       Qwen2's q/k/v biases ignored.
+  no_rope_scaling   Llama 3 rope scaling ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Tuple
+
+import torch
+
+from torch_llama import LlamaConfig
+
+MUTATIONS = ("rope_interleaved", "kv_tile", "no_qkv_bias", "no_rope_scaling")
+
+
+def applicable_mutations(config: dict) -> List[str]:
+    cfg = LlamaConfig(config)
+    out = ["rope_interleaved"]
+    if cfg.num_attention_heads // cfg.num_key_value_heads > 1 and cfg.num_key_value_heads > 1:
+        out.append("kv_tile")  # with one kv head every mapping is the same
+    if cfg.qkv_bias:
+        out.append("no_qkv_bias")
+    if cfg.rope_scaling is not None:
+        out.append("no_rope_scaling")
+    return out
+
+
+def _permute_head_rows(t: torch.Tensor, n_heads: int, head_dim: int, perm: torch.Tensor) -> torch.Tensor:
+    """t: (n_heads * head_dim, ...) -> same, with rows inside each head reordered."""
+    rest = t.shape[1:]
+    return t.reshape(n_heads, head_dim, *rest)[:, perm].reshape(n_heads * head_dim, *rest)
+
+
+def apply_mutation(name: str, config: dict, weights: Dict[str, torch.Tensor]) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    config = copy.deepcopy(config)
+    weights = dict(weights)
+    cfg = LlamaConfig(config)
+    NH, NKV, HD = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    layers = range(cfg.num_hidden_layers)
+    if name == "rope_interleaved":
+        perm = torch.cat((torch.arange(0, HD, 2), torch.arange(1, HD, 2)))
+        for i in layers:
+            for proj, heads in (("q_proj", NH), ("k_proj", NKV)):
+                for kind in ("weight", "bias"):
+                    key = f"model.layers.{i}.self_attn.{proj}.{kind}"
+                    if key in weights:
+                        weights[key] = _permute_head_rows(weights[key], heads, HD, perm)
+    elif name == "kv_tile":
+        group = NH // NKV
+        slot_of = [(h % NKV) * group + h // NKV for h in range(NH)]
+        head_at_slot = torch.empty(NH, dtype=torch.long)
+        for h, s in enumerate(slot_of):
+            head_at_slot[s] = h
+        rows = (head_at_slot[:, None] * HD + torch.arange(HD)[None, :]).reshape(-1)
+        for i in layers:
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{i}.self_attn.q_proj.{kind}"
+                if key in weights:
+                    weights[key] = weights[key][rows]
+            key = f"model.layers.{i}.self_attn.o_proj.weight"
+            weights[key] = weights[key][:, rows]
+    elif name == "no_qkv_bias":
+        for key in list(weights):
+            if key.endswith("_proj.bias"):
+                weights[key] = torch.zeros_like(weights[key])
+    elif name == "no_rope_scaling":
+        config["rope_scaling"] = None
+    else:
+        raise ValueError(f"unknown mutation {name!r}; known: {MUTATIONS}")
+    return config, weights
