@@ -12,11 +12,11 @@ namespace flotilla {
 class Error : public std::runtime_error {
  public:
   Error(std::string_view component, std::string_view what)
-      : std::runtime_error("[" + std::string(component) + "] " + std::string(what)),
-        component_(component) {}
+      : std::runtime_error(format_message(component, what)), component_(component) {}
   const std::string& component() const noexcept { return component_; }
 
  private:
+  static std::string format_message(std::string_view component, std::string_view what);
   std::string component_;
 };
 

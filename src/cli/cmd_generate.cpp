@@ -1,0 +1,78 @@
+// flotilla generate: sample a continuation of a prompt with the KV cache.
+#include <fmt/format.h>
+
+#include <cstdio>
+
+#include "cli/commands.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/timer.hpp"
+#include "flotilla/model/decoder.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/sampling.hpp"
+#include "flotilla/text/tokenizer.hpp"
+#include "flotilla/text/utf8_streamer.hpp"
+
+namespace flotilla::cli {
+
+void add_generate_command(CLI::App& app) {
+  struct Options {
+    std::string model, prompt;
+    int64_t max_tokens = 128;
+    bool no_bos = false;
+    model::SamplingParams sampling;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt");
+  cmd->add_option("--model", opt->model, "Model directory")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--prompt", opt->prompt, "Prompt text")->capture_default_str();
+  cmd->add_option("--max-tokens", opt->max_tokens, "Tokens to generate at most")->capture_default_str();
+  cmd->add_option("--temperature", opt->sampling.temperature, "0: greedy")->capture_default_str();
+  cmd->add_option("--top-k", opt->sampling.top_k, "Sample among the k likeliest (0: all)")->capture_default_str();
+  cmd->add_option("--top-p", opt->sampling.top_p, "Nucleus sampling mass (1: all)")->capture_default_str();
+  cmd->add_option("--seed", opt->sampling.seed, "Sampling seed")->capture_default_str();
+  cmd->add_flag("--no-bos", opt->no_bos, "Do not prepend the BOS token");
+  cmd->callback([opt] {
+    if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
+    const model::Llama model = model::Llama::load(opt->model);
+    const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
+    std::vector<int32_t> prompt;
+    if (!opt->no_bos && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
+    const std::vector<int32_t> body = tokenizer->encode(opt->prompt);
+    prompt.insert(prompt.end(), body.begin(), body.end());
+    if (prompt.empty()) throw InputError("generate", "empty prompt and no BOS token: nothing to condition on");
+    const int64_t limit = std::min<int64_t>(static_cast<int64_t>(prompt.size()) + opt->max_tokens,
+                                            model.config().max_position);
+    if (static_cast<int64_t>(prompt.size()) >= limit)
+      throw InputError("generate", fmt::format("prompt of {} tokens fills the model's context of {}", prompt.size(),
+                                               model.config().max_position));
+    model::Decoder decoder(model, limit);
+    model::Sampler sampler(opt->sampling);
+    text::Utf8Streamer stream;
+    fmt::print("{}", opt->prompt);
+    std::fflush(stdout);
+
+    Timer prefill_timer;
+    std::span<const float> logits = decoder.step(prompt);
+    const double prefill_s = prefill_timer.elapsed_s();
+    // Draws are limited to the tokenizer's ids: a padded embedding's extra rows are not text.
+    const auto vocab = static_cast<size_t>(tokenizer->vocab_size());
+    Timer decode_timer;
+    int64_t generated = 0;
+    while (decoder.position() < limit) {
+      const int32_t next = sampler.sample(logits.first(std::min(vocab, logits.size())));
+      ++generated;
+      if (next == tokenizer->eos_id()) break;
+      fmt::print("{}", stream.push(tokenizer->token_to_piece(next)));
+      std::fflush(stdout);
+      if (decoder.position() >= limit) break;
+      logits = decoder.step(std::span<const int32_t>(&next, 1));
+    }
+    fmt::print("{}\n", stream.finish());
+    const double decode_s = decode_timer.elapsed_s();
+    std::fprintf(stderr, "[generate] prompt %zu tokens in %.3fs (%.1f tokens/s); generated %ld tokens in %.3fs (%.1f tokens/s)\n",
+                 prompt.size(), prefill_s, static_cast<double>(prompt.size()) / prefill_s, static_cast<long>(generated),
+                 decode_s, static_cast<double>(generated) / decode_s);
+  });
+}
+
+}  // namespace flotilla::cli

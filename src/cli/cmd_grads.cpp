@@ -1,0 +1,78 @@
+// flotilla grads: logits, loss and every parameter gradient for one batch, written as
+// safetensors — what the PyTorch reference test compares against.
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/model/llama.hpp"
+
+namespace flotilla::cli {
+namespace {
+// batch.json: {"tokens": [[...], ...], "targets": [[...], ...]} with equal row lengths;
+// targets use -100 for positions without loss.
+std::vector<int32_t> read_rows(const nlohmann::json& j, const char* key, const std::string& file, int64_t& B,
+                               int64_t& T) {
+  if (!j.contains(key) || !j[key].is_array() || j[key].empty())
+    throw InputError("grads", fmt::format("{}: \"{}\" must be a non-empty array of rows", file, key));
+  const auto& rows = j[key];
+  B = static_cast<int64_t>(rows.size());
+  T = -1;
+  std::vector<int32_t> out;
+  for (const auto& row : rows) {
+    if (!row.is_array() || row.empty() || (T >= 0 && static_cast<int64_t>(row.size()) != T))
+      throw InputError("grads", fmt::format("{}: \"{}\" rows must be non-empty arrays of equal length", file, key));
+    T = static_cast<int64_t>(row.size());
+    for (const auto& v : row) {
+      if (!v.is_number_integer()) throw InputError("grads", fmt::format("{}: \"{}\" holds a non-integer", file, key));
+      out.push_back(v.get<int32_t>());
+    }
+  }
+  return out;
+}
+}  // namespace
+
+void add_grads_command(CLI::App& app) {
+  struct Options {
+    std::string model, batch, out;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("grads", "Write logits, loss and parameter gradients of a batch (safetensors)");
+  cmd->add_option("--model", opt->model, "Model directory")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--batch", opt->batch, "batch.json with \"tokens\" and \"targets\" (B x T)")
+      ->required()->check(CLI::ExistingFile);
+  cmd->add_option("--out", opt->out, "Output .safetensors file")->required();
+  cmd->callback([opt] {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(read_text_file(opt->batch));
+    } catch (const nlohmann::json::parse_error& e) {
+      throw InputError("grads", fmt::format("{}: not JSON: {}", opt->batch, e.what()));
+    }
+    int64_t B = 0, T = 0, Bt = 0, Tt = 0;
+    const std::vector<int32_t> tokens = read_rows(j, "tokens", opt->batch, B, T);
+    const std::vector<int32_t> targets = read_rows(j, "targets", opt->batch, Bt, Tt);
+    if (B != Bt || T != Tt) throw InputError("grads", opt->batch + ": tokens and targets differ in shape");
+
+    model::Llama model = model::Llama::load(opt->model);
+    model.zero_grads();
+    const model::LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
+    if (loss.num_tokens == 0) throw InputError("grads", opt->batch + ": every target is ignored (-100)");
+    const std::vector<float> logits(model.logits().begin(), model.logits().end());
+    model.backward(1.0f / static_cast<float>(loss.num_tokens));
+    const float mean_loss = static_cast<float>(loss.mean());
+
+    std::vector<io::TensorToWrite> out;
+    out.push_back({"logits", {B, T, model.config().vocab_size}, logits.data()});
+    out.push_back({"loss", {1}, &mean_loss});
+    const std::span<float> grads = model.grads();
+    for (const auto& info : model.layout().params())
+      out.push_back({"grad." + info.name, info.shape, grads.data() + info.offset});
+    io::write_safetensors(opt->out, out, DType::f32);
+  });
+}
+
+}  // namespace flotilla::cli

@@ -1,0 +1,41 @@
+// flotilla init: a randomly initialised model of a preset or any HF config.json.
+#include <fmt/format.h>
+
+#include "cli/commands.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/text/byte_tokenizer.hpp"
+
+namespace flotilla::cli {
+
+void add_init_command(CLI::App& app) {
+  struct Options {
+    std::string preset, config, out;
+    uint64_t seed = 0;
+    bool force = false;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("init", "Write a randomly initialised model (preset or HF config.json)");
+  auto* preset = cmd->add_option("--preset", opt->preset, "tiny, 15M or 110M");
+  auto* config = cmd->add_option("--config", opt->config, "A Hugging Face config.json (llama, mistral, qwen2)")
+                     ->check(CLI::ExistingFile);
+  preset->excludes(config);
+  cmd->add_option("--out", opt->out, "Output model directory")->required();
+  cmd->add_option("--seed", opt->seed, "Initialisation seed");
+  cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
+  cmd->callback([opt] {
+    if (opt->preset.empty() && opt->config.empty()) throw InputError("init", "give --preset or --config");
+    const model::ModelConfig cfg =
+        opt->config.empty() ? model::preset_config(opt->preset) : model::ModelConfig::load(opt->config);
+    ensure_output_dir(opt->out, opt->force);
+    model::Llama model(cfg);
+    model.init_random(opt->seed);
+    model.save(opt->out);
+    text::ByteTokenizer tokenizer;
+    if (cfg.vocab_size >= tokenizer.vocab_size()) tokenizer.save(opt->out);
+    fmt::print("wrote {} ({} model, {:.2f}M parameters)\n", opt->out, model::architecture_name(cfg.arch),
+               static_cast<double>(cfg.num_params()) / 1e6);
+  });
+}
+
+}  // namespace flotilla::cli

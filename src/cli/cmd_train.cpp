@@ -1,0 +1,68 @@
+// flotilla train: pretrain or fully fine-tune on one process.
+#include <fmt/format.h>
+
+#include "cli/commands.hpp"
+#include "cli/progress.hpp"
+#include "flotilla/train/job.hpp"
+
+namespace flotilla::cli {
+
+void add_train_command(CLI::App& app) {
+  struct Options {
+    train::TrainJob job;
+    std::string model, config, data, out;
+    int64_t log_every = 10;
+    bool force = false;
+  };
+  auto opt = std::make_shared<Options>();
+  train::TrainConfig& t = opt->job.train;
+  CLI::App* cmd = app.add_subcommand("train", "Train a model on a text or JSONL file (one process)");
+  auto* model = cmd->add_option("--model", opt->model, "Start from this HF model directory")->check(CLI::ExistingDirectory);
+  auto* preset = cmd->add_option("--preset", opt->job.preset, "Start from a random model: tiny, 15M, 110M");
+  auto* config = cmd->add_option("--config", opt->config, "Start from a random model of this config.json")->check(CLI::ExistingFile);
+  model->excludes(preset, config);
+  preset->excludes(config);
+  cmd->add_option("--data", opt->data, "Training text: .txt (paragraphs) or .jsonl ({\"text\": ...} lines)")
+      ->required()->check(CLI::ExistingFile);
+  cmd->add_option("--out", opt->out, "Output directory for the trained model and metrics")->required();
+  cmd->add_flag("--force", opt->force, "Write into a non-empty output directory");
+  cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();
+  cmd->add_option("--batch-size", t.batch_size, "Sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--seq-len", t.seq_len, "Tokens per sequence")->capture_default_str();
+  cmd->add_option("--grad-accum", t.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  cmd->add_option("--lr", t.lr, "Peak learning rate")->capture_default_str();
+  cmd->add_option("--min-lr", t.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str();
+  cmd->add_option("--warmup", t.warmup_steps, "Linear warm-up steps")->capture_default_str();
+  cmd->add_option("--weight-decay", t.adamw.weight_decay, "AdamW decoupled weight decay (not on norms, biases)")
+      ->capture_default_str();
+  cmd->add_option("--beta1", t.adamw.beta1)->capture_default_str();
+  cmd->add_option("--beta2", t.adamw.beta2)->capture_default_str();
+  cmd->add_option("--grad-clip", t.grad_clip, "Max global gradient norm (0: off)")->capture_default_str();
+  cmd->add_option("--eval-every", t.eval_every, "Steps between validation passes (0: at the end)")->capture_default_str();
+  cmd->add_option("--eval-batches", t.eval_batches, "Batches per validation pass")->capture_default_str();
+  cmd->add_option("--valid-fraction", opt->job.valid_fraction, "Share of the data held out for validation")
+      ->capture_default_str();
+  cmd->add_option("--seed", opt->job.seed, "Seed for initialisation and batch order")->capture_default_str();
+  cmd->add_option("--log-every", opt->log_every, "Steps between progress lines")->capture_default_str();
+  cmd->callback([opt] {
+    train::TrainJob& job = opt->job;
+    job.model_dir = opt->model;
+    job.config_json = opt->config;
+    job.data = opt->data;
+    job.out_dir = opt->out;
+    ensure_output_dir(opt->out, opt->force);
+    ProgressPrinter progress(opt->log_every);
+    train::TrainCallbacks cb;
+    cb.on_info = [](const std::string& s) { fmt::print("{}\n", s); };
+    cb.on_step = [&](const train::StepMetrics& m) { progress.step(m); };
+    cb.on_eval = [&](const train::EvalMetrics& e) { progress.eval(e); };
+    const train::TrainSummary s = train::run_train_job(job, cb);
+    progress.finish();
+    fmt::print("done: {} steps in {:.1f}s, loss {:.4f} -> {:.4f}", s.steps, s.elapsed_s, s.first_loss, s.final_loss);
+    if (s.final_valid_loss >= 0) fmt::print(", validation {:.4f}", s.final_valid_loss);
+    fmt::print(", peak memory {:.0f} MiB; model written to {}\n", static_cast<double>(s.peak_rss_bytes) / (1 << 20),
+               opt->out);
+  });
+}
+
+}  // namespace flotilla::cli

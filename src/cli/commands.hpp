@@ -1,0 +1,19 @@
+// flotilla's subcommands. Each add_*_command registers its flags on the app and a
+// callback that calls the library; errors propagate as flotilla::Error to main().
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace flotilla::cli {
+
+void add_init_command(CLI::App& app);
+void add_train_command(CLI::App& app);
+void add_generate_command(CLI::App& app);
+void add_score_command(CLI::App& app);
+void add_grads_command(CLI::App& app);
+
+// Refuses to write into a non-empty directory unless `force`: a user's earlier model or
+// run is never overwritten by accident.
+void ensure_output_dir(const std::string& dir, bool force);
+
+}  // namespace flotilla::cli

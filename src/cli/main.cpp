@@ -1,0 +1,42 @@
+// flotilla: fine-tune and train Llama-family models on one machine or many.
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/log.hpp"
+#include "flotilla/base/threads.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"flotilla: train and fine-tune Llama-family language models on one machine or many"};
+  app.require_subcommand(1);
+  app.fallthrough();  // global flags may follow the subcommand: flotilla train --threads 2
+  app.set_version_flag("--version", "flotilla 0.1.0");
+  int threads = 0;
+  bool verbose = false;
+  app.add_option("--threads", threads, "OpenMP and OpenBLAS threads (default: OMP_NUM_THREADS or all cores)");
+  app.add_flag("-v,--verbose", verbose, "Debug logging");
+  app.parse_complete_callback([&] {
+    flotilla::set_num_threads(threads);
+    if (verbose) flotilla::log::set_level(flotilla::log::Level::debug);
+  });
+  flotilla::cli::add_init_command(app);
+  flotilla::cli::add_train_command(app);
+  flotilla::cli::add_generate_command(app);
+  flotilla::cli::add_score_command(app);
+  flotilla::cli::add_grads_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const flotilla::InputError& e) {
+    std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

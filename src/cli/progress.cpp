@@ -1,0 +1,47 @@
+#include "cli/progress.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+
+namespace flotilla::cli {
+
+ProgressPrinter::ProgressPrinter(int64_t log_every)
+    : tty_(::isatty(STDOUT_FILENO) == 1), log_every_(log_every > 0 ? log_every : 1) {}
+
+void ProgressPrinter::step(const train::StepMetrics& m) {
+  const std::string stats = fmt::format("step {:>5}/{:<5} loss {:.4f}  lr {:.2e}  |g| {:.3f}  {:>7.0f} tok/s  {:>7.1f}s",
+                                        m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s,
+                                        m.elapsed_s);
+  if (tty_) {
+    constexpr int kWidth = 24;
+    const int filled = m.total_steps > 0 ? static_cast<int>(kWidth * m.step / m.total_steps) : kWidth;
+    fmt::print("\r[{}{}] {}", std::string(static_cast<size_t>(filled), '#'),
+               std::string(static_cast<size_t>(kWidth - filled), '.'), stats);
+    bar_open_ = true;
+    if (m.step % log_every_ == 0 || m.step == m.total_steps) {
+      fmt::print("\n");
+      bar_open_ = false;
+    }
+  } else if (m.step % log_every_ == 0 || m.step == 1 || m.step == m.total_steps) {
+    fmt::print("{}\n", stats);
+  }
+  std::fflush(stdout);
+}
+
+void ProgressPrinter::eval(const train::EvalMetrics& e) {
+  if (bar_open_) fmt::print("\n");
+  bar_open_ = false;
+  fmt::print("step {:>5} validation loss {:.4f} ({} tokens)\n", e.step, e.loss, e.tokens);
+  std::fflush(stdout);
+}
+
+void ProgressPrinter::finish() {
+  if (bar_open_) fmt::print("\n");
+  bar_open_ = false;
+  std::fflush(stdout);
+}
+
+}  // namespace flotilla::cli

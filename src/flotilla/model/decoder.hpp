@@ -1,0 +1,40 @@
+// Inference with a KV cache: feed a prompt, then one token at a time; each step appends
+// the new positions' keys and values to the cache and returns the last position's logits.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "flotilla/base/buffer.hpp"
+#include "flotilla/model/llama.hpp"
+
+namespace flotilla::model {
+
+class Decoder {
+ public:
+  // max_tokens bounds prompt + generated tokens (the cache's length).
+  Decoder(const Llama& model, int64_t max_tokens);
+
+  // Runs `tokens` at positions position() .. position()+n-1; returns logits (V) of the last.
+  std::span<const float> step(std::span<const int32_t> tokens);
+  int64_t position() const { return length_; }
+  int64_t max_tokens() const { return max_tokens_; }
+  void reset() { length_ = 0; }
+
+ private:
+  void reserve(int64_t n);
+
+  const Llama& model_;
+  int64_t max_tokens_;
+  int64_t length_ = 0;
+  Buffer<float> k_cache_;  // (L, max_tokens, NKV, hd)
+  Buffer<float> v_cache_;  // (L, max_tokens, NKV, hd)
+  Buffer<float> inv_freq_; // (hd/2)
+  // Workspace for up to `capacity_` new tokens per step.
+  int64_t capacity_ = 0;
+  Buffer<float> x_, ln_, q_, attn_, gate_, up_, probs_, rope_cos_, rope_sin_;
+  Buffer<float> logits_;   // (V)
+  Buffer<float> rstd_;     // (n)
+};
+
+}  // namespace flotilla::model

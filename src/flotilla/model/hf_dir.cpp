@@ -1,0 +1,47 @@
+// Llama::load / Llama::save: Hugging Face model directories (config.json + safetensors).
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/log.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/io/tensor_store.hpp"
+#include "flotilla/model/llama.hpp"
+
+namespace flotilla::model {
+
+Llama Llama::load(const std::filesystem::path& dir) {
+  if (!std::filesystem::is_directory(dir))
+    throw InputError("model", dir.string() + ": not a model directory");
+  const ModelConfig cfg = ModelConfig::load(dir / "config.json");
+  Llama model(cfg);
+  const io::TensorStore store(dir);
+  for (const ParamInfo& info : model.layout_.params()) {
+    std::span<float> dst(model.params_.data() + info.offset, static_cast<size_t>(info.numel));
+    store.read_f32(info.name, dst, info.shape);
+  }
+  // Tensors we do not use: tied lm_head copies, rotary caches of old checkpoints. Anything
+  // else means the directory holds a different architecture than config.json says.
+  for (const std::string& name : store.names()) {
+    if (model.layout_.find(name)) continue;
+    const bool harmless = name.ends_with("rotary_emb.inv_freq") || (cfg.tie_embeddings && name == "lm_head.weight");
+    if (!harmless)
+      throw InputError("model", fmt::format("{}: unexpected tensor '{}' for a {} model", dir.string(), name,
+                                            architecture_name(cfg.arch)));
+  }
+  return model;
+}
+
+void Llama::save(const std::filesystem::path& dir, int64_t max_shard_bytes) const {
+  std::filesystem::create_directories(dir);
+  std::vector<io::TensorToWrite> tensors;
+  tensors.reserve(layout_.params().size());
+  for (const ParamInfo& info : layout_.params())
+    tensors.push_back(io::TensorToWrite{info.name, info.shape, params_.data() + info.offset});
+  io::write_safetensors_sharded(dir, tensors, DType::f32, static_cast<uint64_t>(max_shard_bytes));
+  write_file_atomic(dir / "config.json", cfg_.to_json().dump(2) + "\n");
+}
+
+}  // namespace flotilla::model

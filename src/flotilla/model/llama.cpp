@@ -1,0 +1,253 @@
+#include "flotilla/model/llama.hpp"
+
+#include <fmt/format.h>
+
+#include <cstring>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/log.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::model {
+namespace k = flotilla::kernels;
+
+Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(static_cast<size_t>(layout_.total_numel())) {}
+
+void Llama::init_random(uint64_t seed) {
+  Rng rng(seed);
+  for (const ParamInfo& info : layout_.params()) {
+    std::span<float> w(params_.data() + info.offset, static_cast<size_t>(info.numel));
+    const bool is_norm = info.name.ends_with("norm.weight");
+    const bool is_bias = info.name.ends_with(".bias");
+    if (is_norm) {
+      std::fill(w.begin(), w.end(), 1.0f);
+    } else if (is_bias) {
+      std::fill(w.begin(), w.end(), 0.0f);
+    } else {
+      rng.fill_normal(w, 0.0f, cfg_.initializer_range);
+    }
+  }
+}
+
+std::span<float> Llama::grads() {
+  if (grads_.empty()) grads_.resize(params_.size());
+  return grads_.span();
+}
+
+void Llama::zero_grads() {
+  if (grads_.empty())
+    grads_.resize(params_.size());
+  else
+    grads_.zero();
+}
+
+namespace {
+// One view of the activation plan and its size in floats.
+struct PlanEntry {
+  float** view;
+  int64_t numel;
+};
+
+// The activation table of a step shape: each view and its element count, laid out in
+// this order in one buffer.
+std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, int64_t B, int64_t T) {
+  const int64_t N = B * T, C = cfg.dim, F = cfg.ffn_dim, V = cfg.vocab_size;
+  const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim(), NH = cfg.n_heads, hd = cfg.head_dim;
+  a.layers.assign(static_cast<size_t>(cfg.n_layers), LayerActivations{});
+  std::vector<PlanEntry> table;
+  for (auto& la : a.layers) {
+    table.push_back({&la.resid_in, N * C});
+    table.push_back({&la.ln1_rstd, N});
+    table.push_back({&la.q, N * Dq});
+    table.push_back({&la.k, N * Dkv});
+    table.push_back({&la.v, N * Dkv});
+    table.push_back({&la.probs, B * NH * T * T});
+    table.push_back({&la.attn_out, N * Dq});
+    table.push_back({&la.resid_mid, N * C});
+    table.push_back({&la.ln2_rstd, N});
+    table.push_back({&la.gate, N * F});
+    table.push_back({&la.up, N * F});
+  }
+  table.push_back({&a.resid_out, N * C});
+  table.push_back({&a.lnf, N * C});
+  table.push_back({&a.lnf_rstd, N});
+  table.push_back({&a.logits, N * V});
+  table.push_back({&a.losses, N});
+  table.push_back({&a.rope_cos, T * hd / 2});
+  table.push_back({&a.rope_sin, T * hd / 2});
+  table.push_back({&a.ln, N * C});
+  table.push_back({&a.dresid, N * C});
+  table.push_back({&a.dln, N * C});
+  table.push_back({&a.dq, N * Dq});
+  table.push_back({&a.dk, N * Dkv});
+  table.push_back({&a.dv, N * Dkv});
+  table.push_back({&a.dattn_out, N * Dq});
+  table.push_back({&a.dprobs, B * NH * T * T});
+  table.push_back({&a.act, N * F});
+  table.push_back({&a.dact, N * F});
+  table.push_back({&a.dgate, N * F});
+  table.push_back({&a.dup, N * F});
+  return table;
+}
+
+// Each view starts on a 64-byte boundary.
+int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
+}  // namespace
+
+int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
+  ActivationPlan scratch;
+  int64_t total = 0;
+  for (const auto& e : plan_table(scratch, cfg_, B, T)) total += padded(e.numel);
+  return total * static_cast<int64_t>(sizeof(float));
+}
+
+void Llama::plan(int64_t B, int64_t T) {
+  if (acts_.B == B && acts_.T == T && !acts_.memory.empty()) return;
+  const int64_t N = B * T, hd = cfg_.head_dim;
+  ActivationPlan& a = acts_;
+  a.B = B;
+  a.T = T;
+  const std::vector<PlanEntry> table = plan_table(a, cfg_, B, T);
+  int64_t total = 0;
+  for (const auto& e : table) total += padded(e.numel);
+  a.memory = Buffer<float>();  // release the old plan before allocating the new one
+  a.memory.resize(static_cast<size_t>(total));
+  int64_t offset = 0;
+  for (const auto& e : table) {
+    *e.view = a.memory.data() + offset;
+    offset += padded(e.numel);
+  }
+  a.tokens.assign(static_cast<size_t>(N), 0);
+  a.targets.assign(static_cast<size_t>(N), kIgnoreIndex);
+
+  std::vector<float> inv_freq(static_cast<size_t>(hd / 2));
+  k::rope_inv_freq(inv_freq.data(), hd, cfg_.rope_theta, cfg_.rope_scaling);
+  k::rope_table(a.rope_cos, a.rope_sin, inv_freq.data(), 0, T, hd);
+  log::debug("[model] activation plan B={} T={}: {:.1f} MiB", B, T,
+             static_cast<double>(total) * 4.0 / (1 << 20));
+}
+
+LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T) {
+  if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
+  if (T > cfg_.max_position)
+    log::debug("[model] sequence length {} exceeds max_position_embeddings {}", T, cfg_.max_position);
+  plan(B, T);
+  const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
+  const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
+  const int64_t hd = cfg_.head_dim;
+  ActivationPlan& a = acts_;
+  for (int64_t i = 0; i < N; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= V)
+      throw InputError("model", fmt::format("token id {} at position {} is outside the vocabulary [0, {})",
+                                            tokens[i], i, V));
+    if (targets && targets[i] != kIgnoreIndex && (targets[i] < 0 || targets[i] >= V))
+      throw InputError("model", fmt::format("target id {} at position {} is outside the vocabulary [0, {})",
+                                            targets[i], i, V));
+  }
+  std::memcpy(a.tokens.data(), tokens, static_cast<size_t>(N) * sizeof(int32_t));
+  if (targets) std::memcpy(a.targets.data(), targets, static_cast<size_t>(N) * sizeof(int32_t));
+
+  k::embedding_forward(a.layers[0].resid_in, tokens, p(layout_.embed), N, C);
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
+    LayerActivations& la = a.layers[static_cast<size_t>(l)];
+    float* resid_next = l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out;
+    auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
+    // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
+    k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+    k::matmul_forward(la.q, a.ln, p(w.wq), bias(w.bq), N, C, Dq);
+    k::matmul_forward(la.k, a.ln, p(w.wk), bias(w.bk), N, C, Dkv);
+    k::matmul_forward(la.v, a.ln, p(w.wv), bias(w.bv), N, C, Dkv);
+    k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd);
+    k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd);
+    k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd);
+    k::matmul_forward(la.resid_mid, la.attn_out, p(w.wo), nullptr, N, Dq, C);
+    k::add_inplace(la.resid_mid, la.resid_in, N * C);
+    // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
+    k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+    k::matmul_forward(la.gate, a.ln, p(w.wgate), nullptr, N, C, F);
+    k::matmul_forward(la.up, a.ln, p(w.wup), nullptr, N, C, F);
+    k::swiglu_forward(a.act, la.gate, la.up, N, F);
+    k::matmul_forward(resid_next, a.act, p(w.wdown), nullptr, N, F, C);
+    k::add_inplace(resid_next, la.resid_mid, N * C);
+  }
+  k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
+  k::matmul_forward(a.logits, a.lnf, p(layout_.lm_head), nullptr, N, C, V);
+  logits_valid_ = true;
+  have_targets_ = targets != nullptr;
+  LossSum result;
+  if (targets) {
+    result.num_tokens = k::cross_entropy_forward(a.losses, a.logits, targets, N, V, kIgnoreIndex);
+    for (int64_t i = 0; i < N; ++i) result.sum += a.losses[i];
+  }
+  return result;
+}
+
+std::span<const float> Llama::logits() const {
+  if (!logits_valid_) throw Error("model", "logits are not available: no forward since the last backward");
+  return {acts_.logits, static_cast<size_t>(acts_.B * acts_.T * cfg_.vocab_size)};
+}
+
+void Llama::backward(float dloss_scale) {
+  if (!have_targets_ || !logits_valid_)
+    throw Error("model", "backward needs a forward with targets first");
+  const int64_t B = acts_.B, T = acts_.T;
+  const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
+  const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
+  const int64_t hd = cfg_.head_dim;
+  ActivationPlan& a = acts_;
+  if (grads_.empty()) grads_.resize(params_.size());
+  float* g = grads_.data();
+  auto gp = [&](int64_t off) { return off >= 0 ? g + off : nullptr; };
+  const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
+
+  // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
+  k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
+  logits_valid_ = false;
+  std::memset(a.dln, 0, bytes_NC);
+  k::matmul_backward(a.dln, g + layout_.lm_head, nullptr, a.logits, a.lnf, p(layout_.lm_head), N, C, V);
+  std::memset(a.dresid, 0, bytes_NC);
+  k::rmsnorm_backward(a.dresid, g + layout_.final_norm, a.dln, a.resid_out, p(layout_.final_norm),
+                      a.lnf_rstd, N, C);
+
+  for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
+    const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
+    LayerActivations& la = a.layers[static_cast<size_t>(l)];
+    // a.dresid holds d(out) of this block; the residual passes it to resid_mid unchanged.
+    // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
+    k::swiglu_forward(a.act, la.gate, la.up, N, F);
+    std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
+    k::matmul_backward(a.dact, g + w.wdown, nullptr, a.dresid, a.act, p(w.wdown), N, F, C);
+    k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, F);
+    // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
+    k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+    std::memset(a.dln, 0, bytes_NC);
+    k::matmul_backward(a.dln, g + w.wgate, nullptr, a.dgate, a.ln, p(w.wgate), N, C, F);
+    k::matmul_backward(a.dln, g + w.wup, nullptr, a.dup, a.ln, p(w.wup), N, C, F);
+    k::rmsnorm_backward(a.dresid, g + w.ln2, a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
+    // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
+    std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
+    k::matmul_backward(a.dattn_out, g + w.wo, nullptr, a.dresid, la.attn_out, p(w.wo), N, Dq, C);
+    std::memset(a.dq, 0, static_cast<size_t>(N * Dq) * sizeof(float));
+    std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
+    std::memset(a.dv, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
+    k::attention_backward(a.dq, a.dk, a.dv, a.dprobs, a.dattn_out, la.q, la.k, la.v, la.probs, B, T, T,
+                          NH, NKV, hd);
+    k::rope_backward(a.dq, a.rope_cos, a.rope_sin, B, T, NH, hd);
+    k::rope_backward(a.dk, a.rope_cos, a.rope_sin, B, T, NKV, hd);
+    // q = ln1 @ wq^T + bq (k, v alike);  ln1 = rmsnorm(resid_in) (recomputed)
+    k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+    std::memset(a.dln, 0, bytes_NC);
+    k::matmul_backward(a.dln, g + w.wq, gp(w.bq), a.dq, a.ln, p(w.wq), N, C, Dq);
+    k::matmul_backward(a.dln, g + w.wk, gp(w.bk), a.dk, a.ln, p(w.wk), N, C, Dkv);
+    k::matmul_backward(a.dln, g + w.wv, gp(w.bv), a.dv, a.ln, p(w.wv), N, C, Dkv);
+    k::rmsnorm_backward(a.dresid, g + w.ln1, a.dln, la.resid_in, p(w.ln1), la.ln1_rstd, N, C);
+    // a.dresid is now d(resid_in) = d(out) of the block below.
+  }
+  // resid_in of layer 0 = embed_tokens[tokens]
+  k::embedding_backward(g + layout_.embed, a.dresid, a.tokens.data(), N, C);
+  have_targets_ = false;
+}
+
+}  // namespace flotilla::model

@@ -1,0 +1,123 @@
+// The Llama-family decoder (llama, mistral, qwen2): forward to logits and loss, backward
+// to every parameter's gradient, in the llm.c style — activations live in one buffer
+// planned for the step shape (B, T) and carved into views; nothing is allocated per op.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "flotilla/base/buffer.hpp"
+#include "flotilla/model/config.hpp"
+#include "flotilla/model/params.hpp"
+
+namespace flotilla::model {
+
+inline constexpr int32_t kIgnoreIndex = -100;  // targets to skip, as PyTorch's default
+
+// Per-layer activations kept from forward for backward. Cheap ones (the RMSNorm outputs
+// and the SwiGLU product) are recomputed in backward instead of stored.
+struct LayerActivations {
+  float* resid_in;   // (B, T, C)   layer input, the residual stream
+  float* ln1_rstd;   // (B, T)
+  float* q;          // (B, T, NH, hd)  after rope
+  float* k;          // (B, T, NKV, hd) after rope
+  float* v;          // (B, T, NKV, hd)
+  float* probs;      // (B, NH, T, T)   attention weights
+  float* attn_out;   // (B, T, NH, hd)  before o_proj
+  float* resid_mid;  // (B, T, C)   after the attention residual
+  float* ln2_rstd;   // (B, T)
+  float* gate;       // (B, T, F)
+  float* up;         // (B, T, F)
+};
+
+// One allocation for all activations and backward scratch of a step shape.
+struct ActivationPlan {
+  int64_t B = 0, T = 0;
+  Buffer<float> memory;
+  std::vector<LayerActivations> layers;
+  float* resid_out;  // (B, T, C)  output of the last block
+  float* lnf;        // (B, T, C)  final norm output
+  float* lnf_rstd;   // (B, T)
+  float* logits;     // (B, T, V)  becomes dlogits in backward
+  float* losses;     // (B, T)
+  float* rope_cos;   // (T, hd/2)
+  float* rope_sin;   // (T, hd/2)
+  // Scratch, shared by all layers.
+  float* ln;         // (B, T, C)   an RMSNorm output being used
+  float* dresid;     // (B, T, C)   gradient of the residual stream
+  float* dln;        // (B, T, C)
+  float* dq;         // (B, T, NH, hd)
+  float* dk;         // (B, T, NKV, hd)
+  float* dv;         // (B, T, NKV, hd)
+  float* dattn_out;  // (B, T, NH, hd)
+  float* dprobs;     // (B, NH, T, T)
+  float* act;        // (B, T, F)   silu(gate) * up
+  float* dact;       // (B, T, F)
+  float* dgate;      // (B, T, F)
+  float* dup;        // (B, T, F)
+  std::vector<int32_t> tokens, targets;  // (B, T) copies of the batch
+};
+
+struct LossSum {
+  double sum = 0.0;        // sum of per-token losses
+  int64_t num_tokens = 0;  // tokens with a target (not kIgnoreIndex)
+  double mean() const { return num_tokens > 0 ? sum / static_cast<double>(num_tokens) : 0.0; }
+};
+
+class Llama {
+ public:
+  explicit Llama(const ModelConfig& cfg);  // parameters zero; call init_random or load
+
+  // Reads config.json and the safetensors weights (one file or shards) of a HF directory.
+  static Llama load(const std::filesystem::path& dir);
+  // Writes config.json and model.safetensors (or shards above max_shard_bytes) that
+  // transformers reads as the same model. Does not write a tokenizer.
+  void save(const std::filesystem::path& dir, int64_t max_shard_bytes = int64_t{5} << 30) const;
+
+  // HF's initialisation: Linear and Embedding ~ N(0, initializer_range), norms = 1,
+  // biases = 0.
+  void init_random(uint64_t seed);
+
+  const ModelConfig& config() const { return cfg_; }
+  const ParamLayout& layout() const { return layout_; }
+  std::span<float> params() { return params_.span(); }
+  std::span<const float> params() const { return params_.span(); }
+  // Gradient buffer in the same layout as params(); allocated on first use.
+  std::span<float> grads();
+  void zero_grads();
+
+  // Training forward on tokens (B, T). With targets (B, T) (kIgnoreIndex to skip) also
+  // computes per-token losses and returns their sum and count; targets == nullptr only
+  // computes logits. Throws InputError for ids outside [0, vocab).
+  LossSum forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T);
+  // (B, T, V) logits of the last forward; invalid after backward.
+  std::span<const float> logits() const;
+  // (B, T) per-token losses of the last forward with targets (0 where ignored).
+  std::span<const float> token_losses() const {
+    return {acts_.losses, static_cast<size_t>(acts_.B * acts_.T)};
+  }
+  // grads += d(dloss_scale * loss_sum)/dparams, for the last forward (which had targets).
+  // dloss_scale = 1/num_tokens gives the gradient of the mean loss.
+  void backward(float dloss_scale);
+
+  // Bytes of the activation plan for a step shape (what forward(B, T) will allocate).
+  int64_t activation_bytes(int64_t B, int64_t T) const;
+
+ private:
+  void plan(int64_t B, int64_t T);
+  float* p(int64_t offset) { return params_.data() + offset; }
+  const float* p(int64_t offset) const { return params_.data() + offset; }
+
+  ModelConfig cfg_;
+  ParamLayout layout_;
+  Buffer<float> params_;
+  Buffer<float> grads_;
+  ActivationPlan acts_;
+  bool have_targets_ = false;
+  bool logits_valid_ = false;
+};
+
+}  // namespace flotilla::model

@@ -1,0 +1,49 @@
+#include "flotilla/model/params.hpp"
+
+#include <fmt/format.h>
+
+namespace flotilla::model {
+
+ParamLayout::ParamLayout(const ModelConfig& cfg) {
+  const int64_t C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_dim;
+  const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim();
+  embed = add("model.embed_tokens.weight", {V, C}, true);
+  layers.resize(static_cast<size_t>(cfg.n_layers));
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l);
+    LayerParams& lp = layers[static_cast<size_t>(l)];
+    lp.ln1 = add(p + "input_layernorm.weight", {C}, false);
+    lp.wq = add(p + "self_attn.q_proj.weight", {Dq, C}, true);
+    if (cfg.qkv_bias) lp.bq = add(p + "self_attn.q_proj.bias", {Dq}, false);
+    lp.wk = add(p + "self_attn.k_proj.weight", {Dkv, C}, true);
+    if (cfg.qkv_bias) lp.bk = add(p + "self_attn.k_proj.bias", {Dkv}, false);
+    lp.wv = add(p + "self_attn.v_proj.weight", {Dkv, C}, true);
+    if (cfg.qkv_bias) lp.bv = add(p + "self_attn.v_proj.bias", {Dkv}, false);
+    lp.wo = add(p + "self_attn.o_proj.weight", {C, Dq}, true);
+    lp.ln2 = add(p + "post_attention_layernorm.weight", {C}, false);
+    lp.wgate = add(p + "mlp.gate_proj.weight", {F, C}, true);
+    lp.wup = add(p + "mlp.up_proj.weight", {F, C}, true);
+    lp.wdown = add(p + "mlp.down_proj.weight", {C, F}, true);
+  }
+  final_norm = add("model.norm.weight", {C}, false);
+  lm_head = cfg.tie_embeddings ? embed : add("lm_head.weight", {V, C}, true);
+}
+
+int64_t ParamLayout::add(std::string name, std::vector<int64_t> shape, bool decay) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  // Keep every tensor 16-float (64-byte) aligned in the flat buffer: SIMD loads and GEMM
+  // packing like it, and shard boundaries can fall between tensors cleanly.
+  const int64_t offset = (total_ + 15) / 16 * 16;
+  params_.push_back(ParamInfo{std::move(name), std::move(shape), offset, numel, decay});
+  total_ = offset + numel;
+  return offset;
+}
+
+const ParamInfo* ParamLayout::find(std::string_view name) const {
+  for (const auto& p : params_)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+}  // namespace flotilla::model

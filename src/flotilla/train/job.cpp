@@ -1,0 +1,97 @@
+#include "flotilla/train/job.hpp"
+
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/memory.hpp"
+#include "flotilla/data/text_dataset.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/text/byte_tokenizer.hpp"
+#include "flotilla/text/tokenizer.hpp"
+
+namespace flotilla::train {
+namespace {
+
+model::Llama make_model(const TrainJob& job) {
+  const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
+  if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir);
+  const model::ModelConfig cfg =
+      job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
+  model::Llama model(cfg);
+  model.init_random(job.seed);
+  return model;
+}
+
+std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
+  if (!job.model_dir.empty()) return text::Tokenizer::load_for_model(job.model_dir);
+  return std::make_unique<text::ByteTokenizer>();
+}
+
+nlohmann::json step_json(const StepMetrics& m) {
+  return {{"step", m.step},     {"loss", m.loss},         {"lr", m.lr},
+          {"grad_norm", m.grad_norm}, {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s},
+          {"elapsed_s", m.elapsed_s}};
+}
+
+}  // namespace
+
+TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
+  auto info = [&](const std::string& s) {
+    if (cb.on_info) cb.on_info(s);
+  };
+  if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
+  model::Llama model = make_model(job);
+  const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
+  const model::ModelConfig& cfg = model.config();
+  if (tokenizer->vocab_size() > cfg.vocab_size)
+    throw InputError("train", fmt::format("tokenizer '{}' has {} tokens but the model's vocabulary is {}",
+                                          tokenizer->name(), tokenizer->vocab_size(), cfg.vocab_size));
+
+  const data::TextDataset dataset = data::load_text_dataset(job.data, *tokenizer);
+  data::StreamSplit split = data::split_train_valid(dataset.tokens, job.valid_fraction);
+  const int64_t T = job.train.seq_len;
+  if (static_cast<int64_t>(split.train.size()) <= T)
+    throw InputError("train", fmt::format("{}: {} training tokens, fewer than one sequence of {} + 1",
+                                          job.data.string(), split.train.size(), T));
+  const bool have_valid = static_cast<int64_t>(split.valid.size()) > T;
+  info(fmt::format("model: {} with {:.2f}M parameters; data: {} documents, {} train / {} valid tokens",
+                   model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6,
+                   dataset.num_documents, split.train.size(), have_valid ? split.valid.size() : 0));
+  info(fmt::format("activations for B={} T={}: {:.1f} MiB", job.train.batch_size, T,
+                   static_cast<double>(model.activation_bytes(job.train.batch_size, T)) / (1 << 20)));
+
+  data::RandomWindowSource train_source(std::move(split.train), job.seed);
+  std::unique_ptr<data::SequentialWindowSource> valid_source;
+  if (have_valid) valid_source = std::make_unique<data::SequentialWindowSource>(std::move(split.valid));
+
+  std::filesystem::create_directories(job.out_dir);
+  std::string metrics;  // JSON lines, written with the model at the end
+  TrainSummary summary;
+  Trainer trainer(model, job.train);
+  trainer.run(
+      train_source, valid_source.get(),
+      [&](const StepMetrics& m) {
+        if (m.step == 1) summary.first_loss = m.loss;
+        summary.final_loss = m.loss;
+        summary.elapsed_s = m.elapsed_s;
+        metrics += step_json(m).dump() + "\n";
+        if (cb.on_step) cb.on_step(m);
+      },
+      [&](const EvalMetrics& e) {
+        summary.final_valid_loss = e.loss;
+        metrics += nlohmann::json{{"step", e.step}, {"valid_loss", e.loss}, {"valid_tokens", e.tokens}}.dump() + "\n";
+        if (cb.on_eval) cb.on_eval(e);
+      });
+  summary.steps = trainer.steps_done();
+  summary.peak_rss_bytes = peak_rss_bytes();
+  model.save(job.out_dir);
+  tokenizer->save(job.out_dir);
+  write_file_atomic(job.out_dir / "metrics.jsonl", metrics);
+  return summary;
+}
+
+}  // namespace flotilla::train

@@ -1,0 +1,43 @@
+// A training job end to end: model (from a directory, a preset or a config.json), data
+// (a text or JSONL file, split into train and validation), the loop, and the outputs
+// (model directory with tokenizer, metrics.jsonl). The CLI fills a TrainJob from flags.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+
+#include "flotilla/train/trainer.hpp"
+
+namespace flotilla::train {
+
+struct TrainJob {
+  std::filesystem::path model_dir;  // start from these weights, or:
+  std::string preset;               // a preset's random init, or:
+  std::filesystem::path config_json;  // a config.json's random init
+  std::filesystem::path data;       // .txt or .jsonl
+  std::filesystem::path out_dir;    // written at the end (model + tokenizer + metrics)
+  double valid_fraction = 0.05;
+  uint64_t seed = 0;                // init, batch order
+  TrainConfig train;
+};
+
+struct TrainCallbacks {
+  std::function<void(const std::string&)> on_info;   // one-off facts (sizes, memory)
+  std::function<void(const StepMetrics&)> on_step;
+  std::function<void(const EvalMetrics&)> on_eval;
+};
+
+struct TrainSummary {
+  double first_loss = 0.0;
+  double final_loss = 0.0;
+  double final_valid_loss = -1.0;   // -1: no validation set
+  int64_t steps = 0;
+  double elapsed_s = 0.0;
+  int64_t peak_rss_bytes = 0;
+};
+
+TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks);
+
+}  // namespace flotilla::train

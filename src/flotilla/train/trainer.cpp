@@ -1,0 +1,87 @@
+#include "flotilla/train/trainer.hpp"
+
+#include <cmath>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/timer.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::train {
+
+Trainer::Trainer(model::Llama& model, TrainConfig cfg)
+    : model_(model),
+      cfg_(cfg),
+      optimizer_(model.layout(), cfg.adamw),
+      schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
+  if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
+    throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
+  tokens_.resize(static_cast<size_t>(cfg.batch_size * cfg.seq_len));
+  targets_.resize(tokens_.size());
+}
+
+StepMetrics Trainer::step(data::BatchSource& train) {
+  Timer timer;
+  model_.zero_grads();
+  const int B = static_cast<int>(cfg_.batch_size), T = static_cast<int>(cfg_.seq_len);
+  model::LossSum window;
+  for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
+    train.next_batch(tokens_.data(), targets_.data(), B, T);
+    const model::LossSum loss = model_.forward(tokens_.data(), targets_.data(), B, T);
+    // Sum of per-token gradients; divided by the window's token count below.
+    model_.backward(1.0f);
+    window.sum += loss.sum;
+    window.num_tokens += loss.num_tokens;
+  }
+  std::span<float> grads = model_.grads();
+  const auto n = static_cast<int64_t>(grads.size());
+  if (window.num_tokens > 0)
+    kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
+  const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
+  if (cfg_.grad_clip > 0.0f && grad_norm > cfg_.grad_clip)
+    kernels::scale_inplace(grads.data(), n, static_cast<float>(cfg_.grad_clip / grad_norm));
+  const float lr = schedule_.lr_at(step_);
+  optimizer_.step(model_.params(), grads, lr);
+  ++step_;
+
+  StepMetrics m;
+  m.step = step_;
+  m.total_steps = cfg_.steps;
+  m.loss = window.mean();
+  m.lr = lr;
+  m.grad_norm = grad_norm;
+  m.tokens = cfg_.batch_size * cfg_.seq_len * cfg_.grad_accum;
+  m.step_s = timer.elapsed_s();
+  m.tokens_per_s = static_cast<double>(m.tokens) / m.step_s;
+  elapsed_s_ += m.step_s;
+  m.elapsed_s = elapsed_s_;
+  return m;
+}
+
+EvalMetrics Trainer::evaluate(data::SequentialWindowSource& valid) {
+  valid.reset();
+  const int B = static_cast<int>(cfg_.batch_size), T = static_cast<int>(cfg_.seq_len);
+  model::LossSum total;
+  for (int64_t i = 0; i < cfg_.eval_batches; ++i) {
+    valid.next_batch(tokens_.data(), targets_.data(), B, T);
+    const model::LossSum loss = model_.forward(tokens_.data(), targets_.data(), B, T);
+    total.sum += loss.sum;
+    total.num_tokens += loss.num_tokens;
+  }
+  return EvalMetrics{step_, total.mean(), total.num_tokens};
+}
+
+void Trainer::run(data::BatchSource& train, data::SequentialWindowSource* valid,
+                  const std::function<void(const StepMetrics&)>& on_step,
+                  const std::function<void(const EvalMetrics&)>& on_eval) {
+  while (step_ < cfg_.steps) {
+    const StepMetrics m = step(train);
+    if (on_step) on_step(m);
+    const bool last = step_ == cfg_.steps;
+    if (valid && (last || (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0))) {
+      const EvalMetrics e = evaluate(*valid);
+      if (on_eval) on_eval(e);
+    }
+  }
+}
+
+}  // namespace flotilla::train

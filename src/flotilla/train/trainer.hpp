@@ -1,0 +1,78 @@
+// The single-process training loop: micro-batches from a BatchSource, gradient
+// accumulation, global-norm clipping, AdamW with warm-up + cosine schedule.
+//
+// Gradients are accumulated as sums of per-token gradients and divided once by the
+// number of target tokens of the whole accumulation window, so the update is the
+// gradient of the window's mean token loss whatever the split into micro-batches (and,
+// later, into ranks).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "flotilla/data/text_dataset.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/train/adamw.hpp"
+#include "flotilla/train/schedule.hpp"
+
+namespace flotilla::train {
+
+struct TrainConfig {
+  int64_t batch_size = 4;       // B, sequences per micro-batch
+  int64_t seq_len = 128;        // T
+  int64_t grad_accum = 1;       // micro-batches per optimizer step
+  int64_t steps = 100;          // optimizer steps
+  float lr = 3e-4f;
+  float min_lr = 3e-5f;
+  int64_t warmup_steps = 10;
+  float grad_clip = 1.0f;       // max global L2 norm; <= 0 disables
+  AdamWConfig adamw;
+  int64_t eval_every = 0;       // steps between validation passes; 0: only at the end
+  int64_t eval_batches = 8;
+};
+
+struct StepMetrics {
+  int64_t step = 0;             // 1-based: steps completed
+  int64_t total_steps = 0;
+  double loss = 0.0;            // mean token loss over the accumulation window
+  float lr = 0.0f;
+  double grad_norm = 0.0;       // before clipping
+  int64_t tokens = 0;           // input tokens processed this step (B * T * accum)
+  double step_s = 0.0;
+  double tokens_per_s = 0.0;
+  double elapsed_s = 0.0;
+};
+
+struct EvalMetrics {
+  int64_t step = 0;
+  double loss = 0.0;
+  int64_t tokens = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(model::Llama& model, TrainConfig cfg);
+
+  // Runs cfg.steps optimizer steps. `valid` may be null. Callbacks may be empty.
+  void run(data::BatchSource& train, data::SequentialWindowSource* valid,
+           const std::function<void(const StepMetrics&)>& on_step,
+           const std::function<void(const EvalMetrics&)>& on_eval);
+
+  // One optimizer step (exposed for tests and benchmarks).
+  StepMetrics step(data::BatchSource& train);
+  // Mean token loss over cfg.eval_batches batches from the start of `valid`.
+  EvalMetrics evaluate(data::SequentialWindowSource& valid);
+
+  int64_t steps_done() const { return step_; }
+
+ private:
+  model::Llama& model_;
+  TrainConfig cfg_;
+  AdamW optimizer_;
+  CosineSchedule schedule_;
+  std::vector<int32_t> tokens_, targets_;  // (B, T)
+  int64_t step_ = 0;
+  double elapsed_s_ = 0.0;
+};
+
+}  // namespace flotilla::train
