@@ -25,14 +25,19 @@ void add_init_command(CLI::App& app) {
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
   cmd->callback([opt] {
     if (opt->preset.empty() && opt->config.empty()) throw InputError("init", "give --preset or --config");
-    const model::ModelConfig cfg =
+    model::ModelConfig cfg =
         opt->config.empty() ? model::preset_config(opt->preset) : model::ModelConfig::load(opt->config);
     ensure_output_dir(opt->out, opt->force);
+    // The byte tokenizer goes with the model when it fits the vocabulary (real tokenizers
+    // come with real models); a new model then speaks its special ids.
+    const text::ByteTokenizer tokenizer;
+    const bool with_tokenizer = cfg.vocab_size >= tokenizer.vocab_size();
+    if (with_tokenizer && cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
+    if (with_tokenizer && cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
     model::Llama model(cfg);
     model.init_random(opt->seed);
     model.save(opt->out);
-    text::ByteTokenizer tokenizer;
-    if (cfg.vocab_size >= tokenizer.vocab_size()) tokenizer.save(opt->out);
+    if (with_tokenizer) tokenizer.save(opt->out);
     fmt::print("wrote {} ({} model, {:.2f}M parameters)\n", opt->out, model::architecture_name(cfg.arch),
                static_cast<double>(cfg.num_params()) / 1e6);
   });

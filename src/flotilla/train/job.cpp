@@ -15,12 +15,15 @@
 namespace flotilla::train {
 namespace {
 
-model::Llama make_model(const TrainJob& job) {
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer) {
   const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
   if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir);
-  const model::ModelConfig cfg =
+  model::ModelConfig cfg =
       job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
+  // A new model speaks its tokenizer's special ids; config.json records them for HF.
+  if (cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
+  if (cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
   model::Llama model(cfg);
   model.init_random(job.seed);
   return model;
@@ -44,8 +47,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
     if (cb.on_info) cb.on_info(s);
   };
   if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
-  model::Llama model = make_model(job);
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
+  model::Llama model = make_model(job, *tokenizer);
   const model::ModelConfig& cfg = model.config();
   if (tokenizer->vocab_size() > cfg.vocab_size)
     throw InputError("train", fmt::format("tokenizer '{}' has {} tokens but the model's vocabulary is {}",
