@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -31,6 +32,12 @@ struct ModelConfig {
   bool qkv_bias = false;              // qwen2
   int32_t bos_token_id = -1;          // -1: none
   int32_t eos_token_id = -1;
+  // Every eos id when config.json lists several (Llama 3.1 Instruct: end_of_text, eom, eot);
+  // eos_token_id is the first. Empty means just eos_token_id.
+  std::vector<int32_t> eos_token_ids;
+  // Mistral v0.1 / Qwen2 sliding-window attention width, 0 = none. We always attend to the
+  // whole causal prefix, which equals HF only for sequences no longer than the window.
+  int64_t sliding_window = 0;
   float initializer_range = 0.02f;
   std::string torch_dtype = "float32";  // what the source said; we compute in f32
 

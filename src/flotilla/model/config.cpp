@@ -1,0 +1,408 @@
+// ModelConfig <-> Hugging Face config.json.
+//
+// Defaults for absent fields are those of transformers' LlamaConfig, MistralConfig and
+// Qwen2Config, so a config.json means the same model here as in transformers. What we
+// cannot compute the same way (attention/MLP bias on llama, rope types other than llama3,
+// activations other than SiLU) is an InputError rather than a silently different model.
+#include "flotilla/model/config.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+#include <charconv>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+
+namespace flotilla::model {
+namespace {
+constexpr std::string_view kComponent = "model/config";
+using nlohmann::json;
+
+constexpr std::array<std::pair<Architecture, std::string_view>, 3> kArchitectures{{
+    {Architecture::llama, "llama"},
+    {Architecture::mistral, "mistral"},
+    {Architecture::qwen2, "qwen2"},
+}};
+
+std::string_view hf_class_name(Architecture a) {
+  switch (a) {
+    case Architecture::llama: return "LlamaForCausalLM";
+    case Architecture::mistral: return "MistralForCausalLM";
+    case Architecture::qwen2: return "Qwen2ForCausalLM";
+  }
+  return "LlamaForCausalLM";
+}
+
+// Reads typed fields of one JSON object; every fault names the source file and the field
+// (with its path, e.g. "rope_scaling.factor"). Absent and null both mean "not given".
+class FieldReader {
+ public:
+  FieldReader(const json& j, std::string_view source, std::string prefix = "")
+      : j_(j), source_(source), prefix_(std::move(prefix)) {}
+
+  [[noreturn]] void fail(std::string_view what) const {
+    throw InputError(kComponent, fmt::format("{}: {}", source_, what));
+  }
+
+  const json* find(const char* key) const {
+    const auto it = j_.find(key);
+    if (it == j_.end() || it->is_null()) return nullptr;
+    return &*it;
+  }
+  std::string name(const char* key) const { return prefix_ + key; }
+
+  std::optional<int64_t> opt_int(const char* key) const {
+    const json* v = find(key);
+    if (!v) return std::nullopt;
+    if (v->is_number_unsigned()) {
+      if (v->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        fail(fmt::format("field '{}' is out of range: {}", name(key), v->dump()));
+      return static_cast<int64_t>(v->get<uint64_t>());
+    }
+    if (v->is_number_integer()) return v->get<int64_t>();
+    type_error(key, "an integer", *v);
+  }
+  int64_t req_int(const char* key) const {
+    const auto v = opt_int(key);
+    if (!v) fail(fmt::format("missing required field '{}'", name(key)));
+    return *v;
+  }
+  std::optional<double> opt_number(const char* key) const {
+    const json* v = find(key);
+    if (!v) return std::nullopt;
+    if (!v->is_number()) type_error(key, "a number", *v);
+    return v->get<double>();
+  }
+  double req_number(const char* key) const {
+    const auto v = opt_number(key);
+    if (!v) fail(fmt::format("missing required field '{}'", name(key)));
+    return *v;
+  }
+  std::optional<bool> opt_bool(const char* key) const {
+    const json* v = find(key);
+    if (!v) return std::nullopt;
+    if (!v->is_boolean()) type_error(key, "true or false", *v);
+    return v->get<bool>();
+  }
+  std::optional<std::string> opt_string(const char* key) const {
+    const json* v = find(key);
+    if (!v) return std::nullopt;
+    if (!v->is_string()) type_error(key, "a string", *v);
+    return v->get<std::string>();
+  }
+  // A token id: an integer, or a list of integers (the first is "the" id).
+  std::vector<int32_t> opt_token_ids(const char* key) const {
+    const json* v = find(key);
+    if (!v) return {};
+    std::vector<int32_t> ids;
+    const auto take = [&](const json& x) {
+      if (!x.is_number_integer() || x.get<int64_t>() < 0 ||
+          x.get<int64_t>() > std::numeric_limits<int32_t>::max())
+        fail(fmt::format("field '{}' must be a non-negative token id or a list of them, got {}",
+                         name(key), v->dump()));
+      ids.push_back(static_cast<int32_t>(x.get<int64_t>()));
+    };
+    if (v->is_array()) {
+      for (const auto& x : *v) take(x);
+    } else {
+      take(*v);
+    }
+    return ids;
+  }
+
+ private:
+  [[noreturn]] void type_error(const char* key, std::string_view want, const json& v) const {
+    fail(fmt::format("field '{}' must be {}, got {} {}", name(key), want, v.type_name(), v.dump()));
+  }
+
+  const json& j_;
+  std::string_view source_;
+  std::string prefix_;
+};
+
+Architecture parse_architecture(const FieldReader& f) {
+  std::optional<std::string> type = f.opt_string("model_type");
+  if (!type) {
+    // Very old configs name only the class; map the ones we know.
+    if (const json* a = f.find("architectures"); a && a->is_array() && !a->empty()) {
+      for (const auto& [arch, name] : kArchitectures)
+        if ((*a)[0] == std::string(hf_class_name(arch))) return arch;
+    }
+    f.fail("missing required field 'model_type'");
+  }
+  for (const auto& [arch, name] : kArchitectures)
+    if (*type == name) return arch;
+  f.fail(fmt::format("unknown model_type '{}' (supported: llama, mistral, qwen2)", *type));
+}
+
+// rope_scaling (or transformers 5's rope_parameters): null, "default", or Llama 3's.
+kernels::RopeScaling parse_rope_scaling(const json& j, std::string_view source,
+                                        const char* field) {
+  const FieldReader f(j, source, std::string(field) + ".");
+  if (!j.is_object())
+    f.fail(fmt::format("field '{}' must be an object or null, got {}", field, j.type_name()));
+  std::optional<std::string> type = f.opt_string("rope_type");
+  if (!type) type = f.opt_string("type");
+  if (!type) f.fail(fmt::format("field '{}' has no 'rope_type'", field));
+  kernels::RopeScaling s;
+  if (*type == "default") return s;
+  if (*type != "llama3")
+    f.fail(fmt::format("{} type '{}' is not supported (supported: llama3){}", field, *type,
+                       *type == "linear" ? "; linear position interpolation is not implemented"
+                                         : ""));
+  s.factor = static_cast<float>(f.req_number("factor"));
+  s.low_freq_factor = static_cast<float>(f.req_number("low_freq_factor"));
+  s.high_freq_factor = static_cast<float>(f.req_number("high_freq_factor"));
+  s.original_max_position = f.req_int("original_max_position_embeddings");
+  if (!(s.factor > 0.0f)) f.fail(fmt::format("{}.factor must be positive", field));
+  if (!(s.low_freq_factor > 0.0f) || !(s.high_freq_factor > s.low_freq_factor))
+    f.fail(fmt::format("{} needs 0 < low_freq_factor < high_freq_factor", field));
+  if (s.original_max_position <= 0)
+    f.fail(fmt::format("{}.original_max_position_embeddings must be positive", field));
+  return s;
+}
+
+// nlohmann's message without its "[json.exception.parse_error.101] " tag.
+std::string json_error_detail(const std::exception& e) {
+  const std::string_view what = e.what();
+  const size_t tag_end = what.find("] ");
+  if (what.starts_with("[json.exception") && tag_end != std::string_view::npos)
+    return std::string(what.substr(tag_end + 2));
+  return std::string(what);
+}
+
+// The shortest decimal that reads back as the same float: 1e-5f is written 1e-05, not
+// 9.999999747378752e-06, so a config round-trips through Python unchanged.
+double float_for_json(float x) {
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof buf, x);
+  double d = 0.0;
+  std::from_chars(buf, res.ptr, d);
+  return d;
+}
+
+void validate(const ModelConfig& c, const FieldReader& f) {
+  const auto positive = [&](int64_t v, const char* field) {
+    if (v <= 0) f.fail(fmt::format("field '{}' must be positive, got {}", field, v));
+  };
+  positive(c.vocab_size, "vocab_size");
+  positive(c.dim, "hidden_size");
+  positive(c.n_layers, "num_hidden_layers");
+  positive(c.n_heads, "num_attention_heads");
+  positive(c.n_kv_heads, "num_key_value_heads");
+  positive(c.head_dim, "head_dim");
+  positive(c.ffn_dim, "intermediate_size");
+  positive(c.max_position, "max_position_embeddings");
+  if (c.n_heads % c.n_kv_heads != 0)
+    f.fail(fmt::format("num_attention_heads ({}) is not divisible by num_key_value_heads ({})",
+                       c.n_heads, c.n_kv_heads));
+  if (c.head_dim % 2 != 0)
+    f.fail(fmt::format("head_dim ({}) must be even for rotary embeddings", c.head_dim));
+  if (!(c.rms_norm_eps > 0.0f)) f.fail("field 'rms_norm_eps' must be positive");
+  if (!(c.rope_theta > 0.0f)) f.fail("field 'rope_theta' must be positive");
+  if (c.sliding_window < 0) f.fail("field 'sliding_window' must not be negative");
+}
+}  // namespace
+
+std::string_view architecture_name(Architecture a) {
+  for (const auto& [arch, name] : kArchitectures)
+    if (arch == a) return name;
+  return "llama";
+}
+
+int64_t ModelConfig::num_params() const {
+  const int64_t attention = dim * q_dim() + 2 * dim * kv_dim() + q_dim() * dim +
+                            (qkv_bias ? q_dim() + 2 * kv_dim() : 0);
+  const int64_t mlp = 3 * dim * ffn_dim;
+  const int64_t norms = 2 * dim;
+  const int64_t embeddings = vocab_size * dim;
+  return embeddings + n_layers * (attention + mlp + norms) + dim +
+         (tie_embeddings ? 0 : vocab_size * dim);
+}
+
+ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view source) {
+  if (!j.is_object())
+    throw InputError(kComponent, fmt::format("{}: top level is not a JSON object", source));
+  const FieldReader f(j, source);
+  ModelConfig c;
+  c.arch = parse_architecture(f);
+
+  c.dim = f.req_int("hidden_size");
+  c.n_layers = f.req_int("num_hidden_layers");
+  c.n_heads = f.req_int("num_attention_heads");
+  c.ffn_dim = f.req_int("intermediate_size");
+  c.vocab_size = f.req_int("vocab_size");
+  c.n_kv_heads = f.opt_int("num_key_value_heads").value_or(c.n_heads);
+  if (const auto hd = f.opt_int("head_dim")) {
+    c.head_dim = *hd;
+  } else {
+    if (c.n_heads > 0 && c.dim % c.n_heads != 0)
+      f.fail(fmt::format("hidden_size ({}) is not divisible by num_attention_heads ({}) and no "
+                         "head_dim is given",
+                         c.dim, c.n_heads));
+    c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
+  }
+  const int64_t default_max_position = c.arch == Architecture::llama     ? 2048
+                                       : c.arch == Architecture::mistral ? 4096 * 32
+                                                                         : 32768;
+  c.max_position = f.opt_int("max_position_embeddings").value_or(default_max_position);
+  c.rms_norm_eps = static_cast<float>(f.opt_number("rms_norm_eps").value_or(1e-6));
+  c.initializer_range = static_cast<float>(f.opt_number("initializer_range").value_or(0.02));
+  c.tie_embeddings = f.opt_bool("tie_word_embeddings").value_or(false);
+
+  // transformers 5 moves rope_theta and the scaling into "rope_parameters".
+  const json* rope_parameters = f.find("rope_parameters");
+  std::optional<double> theta = f.opt_number("rope_theta");
+  if (!theta && rope_parameters && rope_parameters->is_object())
+    theta = FieldReader(*rope_parameters, source, "rope_parameters.").opt_number("rope_theta");
+  c.rope_theta = static_cast<float>(theta.value_or(10000.0));
+  if (const json* rs = f.find("rope_scaling")) {
+    c.rope_scaling = parse_rope_scaling(*rs, source, "rope_scaling");
+  } else if (rope_parameters) {
+    c.rope_scaling = parse_rope_scaling(*rope_parameters, source, "rope_parameters");
+  }
+
+  const auto bos = f.opt_token_ids("bos_token_id");
+  if (!bos.empty()) c.bos_token_id = bos[0];
+  const auto eos = f.opt_token_ids("eos_token_id");
+  if (!eos.empty()) c.eos_token_id = eos[0];
+  if (eos.size() > 1) c.eos_token_ids = eos;
+
+  if (const auto dtype = f.opt_string("torch_dtype")) c.torch_dtype = *dtype;
+  else if (const auto dtype5 = f.opt_string("dtype")) c.torch_dtype = *dtype5;
+
+  if (const auto act = f.opt_string("hidden_act"); act && *act != "silu")
+    f.fail(fmt::format("hidden_act '{}' is not supported (only silu)", *act));
+
+  switch (c.arch) {
+    case Architecture::qwen2:
+      c.qkv_bias = true;  // Qwen2 always has q/k/v bias and never o_proj bias.
+      if (f.opt_bool("use_sliding_window").value_or(false))
+        c.sliding_window = f.opt_int("sliding_window").value_or(4096);
+      break;
+    case Architecture::mistral:
+      c.sliding_window = f.opt_int("sliding_window").value_or(0);
+      break;
+    case Architecture::llama:
+      // Llama's attention_bias puts a bias on o_proj as well, which we do not model.
+      if (f.opt_bool("attention_bias").value_or(false))
+        f.fail("attention_bias true (bias on q/k/v/o projections) is not supported");
+      if (f.opt_bool("mlp_bias").value_or(false)) f.fail("mlp_bias true is not supported");
+      break;
+  }
+  validate(c, f);
+  return c;
+}
+
+ModelConfig ModelConfig::load(const std::filesystem::path& config_json) {
+  if (!std::filesystem::is_regular_file(config_json))
+    throw InputError(kComponent, fmt::format("{}: file not found", config_json.string()));
+  const std::string text = read_text_file(config_json);
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw InputError(kComponent, fmt::format("{}: not valid JSON (byte {}): {}",
+                                             config_json.string(), e.byte,
+                                             json_error_detail(e)));
+  }
+  return from_json(j, config_json.string());
+}
+
+nlohmann::json ModelConfig::to_json() const {
+  // nlohmann's default object sorts keys, as transformers' to_json_string does.
+  json j;
+  j["architectures"] = {std::string(hf_class_name(arch))};
+  j["model_type"] = std::string(architecture_name(arch));
+  j["hidden_size"] = dim;
+  j["intermediate_size"] = ffn_dim;
+  j["num_hidden_layers"] = n_layers;
+  j["num_attention_heads"] = n_heads;
+  j["num_key_value_heads"] = n_kv_heads;
+  j["head_dim"] = head_dim;
+  j["vocab_size"] = vocab_size;
+  j["max_position_embeddings"] = max_position;
+  j["rms_norm_eps"] = float_for_json(rms_norm_eps);
+  j["rope_theta"] = float_for_json(rope_theta);
+  if (rope_scaling.factor > 0.0f) {
+    j["rope_scaling"] = {
+        {"rope_type", "llama3"},
+        {"factor", float_for_json(rope_scaling.factor)},
+        {"low_freq_factor", float_for_json(rope_scaling.low_freq_factor)},
+        {"high_freq_factor", float_for_json(rope_scaling.high_freq_factor)},
+        {"original_max_position_embeddings", rope_scaling.original_max_position},
+    };
+  } else {
+    j["rope_scaling"] = nullptr;
+  }
+  j["tie_word_embeddings"] = tie_embeddings;
+  j["bos_token_id"] = bos_token_id >= 0 ? json(bos_token_id) : json(nullptr);
+  if (eos_token_ids.size() > 1 && eos_token_ids[0] == eos_token_id)
+    j["eos_token_id"] = eos_token_ids;
+  else
+    j["eos_token_id"] = eos_token_id >= 0 ? json(eos_token_id) : json(nullptr);
+  j["hidden_act"] = "silu";
+  j["initializer_range"] = float_for_json(initializer_range);
+  j["torch_dtype"] = torch_dtype;
+  j["use_cache"] = true;
+  j["attention_dropout"] = 0.0;
+  switch (arch) {
+    case Architecture::llama:
+      j["attention_bias"] = false;
+      j["mlp_bias"] = false;
+      j["pretraining_tp"] = 1;
+      break;
+    case Architecture::mistral:
+      j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+      break;
+    case Architecture::qwen2:
+      j["use_sliding_window"] = sliding_window > 0;
+      j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+      j["max_window_layers"] = n_layers;
+      break;
+  }
+  return j;
+}
+
+ModelConfig preset_config(std::string_view name) {
+  ModelConfig c;  // llama, rms_norm_eps 1e-5 and rope_theta 10000, as llama2.c
+  c.torch_dtype = "float32";
+  if (name == "tiny") {
+    c.vocab_size = 512;
+    c.dim = 64;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.ffn_dim = 172;
+    c.max_position = 512;
+  } else if (name == "15M") {  // llama2.c stories15M
+    c.vocab_size = 32000;
+    c.dim = 288;
+    c.n_layers = 6;
+    c.n_heads = 6;
+    c.n_kv_heads = 6;
+    c.ffn_dim = 768;
+    c.max_position = 256;
+    c.tie_embeddings = true;  // llama2.c shares the classifier with the embedding
+  } else if (name == "110M") {  // llama2.c stories110M
+    c.vocab_size = 32000;
+    c.dim = 768;
+    c.n_layers = 12;
+    c.n_heads = 12;
+    c.n_kv_heads = 12;
+    c.ffn_dim = 2048;
+    c.max_position = 1024;
+    c.tie_embeddings = true;
+  } else {
+    throw InputError(kComponent,
+                     fmt::format("unknown preset '{}' (presets: tiny, 15M, 110M)", name));
+  }
+  c.head_dim = c.dim / c.n_heads;
+  return c;
+}
+
+}  // namespace flotilla::model
