@@ -48,7 +48,9 @@ struct RopeScaling {
 };
 // inv_freq (hd/2): theta^(-2i/hd), then Llama 3 scaling when scaling.factor > 0.
 void rope_inv_freq(float* inv_freq, int64_t hd, float theta, const RopeScaling& scaling);
-// cos, sin (T, hd/2) for positions pos0 .. pos0+T-1.
+// cos, sin (T, hd/2) for positions pos0 .. pos0+T-1. The angle is the float32 product
+// float(pos) * inv_freq[i], exactly as Hugging Face forms it; its cos/sin are evaluated in
+// double and rounded once (HF takes float32 cos/sin of the same float32 angle).
 void rope_table(float* cos, float* sin, const float* inv_freq, int64_t pos0, int64_t T, int64_t hd);
 // In place on x (B, T, NH, hd): x = x * cos + rotate_half(x) * sin, position t uses row t of
 // cos/sin (T, hd/2).
@@ -94,7 +96,9 @@ void cross_entropy_backward_inplace(float* logits, const int32_t* targets, int64
 // ------------------------------------------------------------------------------ adamw
 // Decoupled weight decay (Loshchilov & Hutter), bias-corrected; step counts from 1.
 // param -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * param)
-// m, v are updated in place. All of length n.
+// m, v are updated in place. All of length n. Computed as torch.optim.AdamW does: decay
+// first, then the Adam step; the float hyperparameters are read as the shortest decimal that
+// round-trips them (0.999f -> 0.999, as the Python float torch would get).
 struct AdamWParams {
   float lr = 1e-3f;
   float beta1 = 0.9f;

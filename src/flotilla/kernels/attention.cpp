@@ -1,0 +1,165 @@
+// Causal scaled dot-product attention with grouped-query attention, directly on the
+// (B, T, heads, hd) layout that the QKV projections produce: each (batch, head) slice is a
+// strided matrix (leading dimension heads*hd), which OpenBLAS reads in place, so nothing is
+// transposed or copied.
+//
+// Vocabulary: a *query block* is kBlock consecutive query rows of one (b, h); a *key block*
+// is kBlock consecutive key rows of one (b, kv head). Work is cut into blocks for two
+// reasons: causality (query block [r0, r1) only needs keys [0, r1 + off), so the GEMMs skip
+// most of the masked upper triangle, leaving 1/(number of blocks) of waste instead of half)
+// and load balance (many independent tasks for the OpenMP loop; dynamic schedule because
+// later query blocks see more keys).
+//
+// Threads: each task calls cblas_sgemm inside an OpenMP parallel region, where the OpenMP
+// build of OpenBLAS runs single-threaded; the parallelism is ours.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "flotilla/kernels/kernels.hpp"
+#include "flotilla/kernels/vec_math.hpp"
+
+namespace flotilla::kernels {
+namespace {
+
+constexpr int64_t kBlock = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// p (n) holds scores on entry; on exit softmax over p[0 .. lim] and zeros in p[lim+1 .. n).
+void causal_softmax_row(float* p, int64_t lim, int64_t n) {
+  float mx = p[0];
+  // A conditional, not std::max: GCC 12 vectorises the std::max form ~10x slower.
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j <= lim; ++j) mx = p[j] > mx ? p[j] : mx;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j <= lim; ++j) {
+    const float e = detail::exp_approx(p[j] - mx);
+    p[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j <= lim; ++j) p[j] *= inv;
+  std::fill(p + lim + 1, p + n, 0.0f);
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
+                       int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd) {
+  // out (B, Tq, NH, hd), probs (B, NH, Tq, Tk), q (B, Tq, NH, hd), k, v (B, Tk, NKV, hd)
+  if (B == 0 || Tq == 0 || NH == 0 || hd == 0) return;
+  const int64_t group = NH / NKV;  // query heads per kv head
+  const int64_t off = Tk - Tq;     // query t sits at position t + off
+  const int64_t ldq = NH * hd, ldkv = NKV * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int64_t nqb = ceil_div(Tq, kBlock);
+  const int64_t ntasks = B * NH * nqb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < ntasks; ++task) {
+    const int64_t b = task / (NH * nqb), h = task / nqb % NH, qb = task % nqb;
+    const int64_t g = h / group;
+    const int64_t r0 = qb * kBlock, r1 = std::min(Tq, r0 + kBlock);
+    const int64_t kend = r1 + off;  // keys [0, kend) are visible to some row of the block
+    const float* Q = q + (b * Tq + r0) * ldq + h * hd;   // (rows, hd), ld ldq
+    const float* K = k + b * Tk * ldkv + g * hd;         // (Tk, hd), ld ldkv
+    const float* V = v + b * Tk * ldkv + g * hd;         // (Tk, hd), ld ldkv
+    float* P = probs + ((b * NH + h) * Tq + r0) * Tk;    // (rows, Tk), ld Tk
+    float* O = out + (b * Tq + r0) * ldq + h * hd;       // (rows, hd), ld ldq
+    const int rows = static_cast<int>(r1 - r0);
+    // S = scale * Q @ K^T over the visible keys
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, static_cast<int>(kend),
+                static_cast<int>(hd), scale, Q, static_cast<int>(ldq), K,
+                static_cast<int>(ldkv), 0.0f, P, static_cast<int>(Tk));
+    for (int64_t t = r0; t < r1; ++t) causal_softmax_row(P + (t - r0) * Tk, t + off, Tk);
+    // O = P @ V (entries of P past each row's causal limit are zero)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, static_cast<int>(hd),
+                static_cast<int>(kend), 1.0f, P, static_cast<int>(Tk), V,
+                static_cast<int>(ldkv), 0.0f, O, static_cast<int>(ldq));
+  }
+}
+
+void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
+                        const float* q, const float* k, const float* v, const float* probs,
+                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd) {
+  // dq (B, Tq, NH, hd), dk, dv (B, Tk, NKV, hd), scratch (B, NH, Tq, Tk) holds dS,
+  // dout (B, Tq, NH, hd), q, k, v as forward, probs (B, NH, Tq, Tk) from forward
+  if (B == 0 || Tq == 0 || NH == 0 || hd == 0) return;
+  const int64_t group = NH / NKV;
+  const int64_t off = Tk - Tq;
+  const int64_t ldq = NH * hd, ldkv = NKV * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int ildq = static_cast<int>(ldq), ildkv = static_cast<int>(ldkv);
+  const int ihd = static_cast<int>(hd), iTk = static_cast<int>(Tk);
+
+  // Phase 1, per query block of one (b, h): dS into scratch, and dq, which only this task
+  // writes.
+  const int64_t nqb = ceil_div(Tq, kBlock);
+  const int64_t nqtasks = B * NH * nqb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < nqtasks; ++task) {
+    const int64_t b = task / (NH * nqb), h = task / nqb % NH, qb = task % nqb;
+    const int64_t g = h / group;
+    const int64_t r0 = qb * kBlock, r1 = std::min(Tq, r0 + kBlock);
+    const int64_t kend = r1 + off;
+    const int rows = static_cast<int>(r1 - r0), ikend = static_cast<int>(kend);
+    const float* dO = dout + (b * Tq + r0) * ldq + h * hd;      // (rows, hd)
+    const float* K = k + b * Tk * ldkv + g * hd;                // (Tk, hd)
+    const float* V = v + b * Tk * ldkv + g * hd;                // (Tk, hd)
+    const float* P = probs + ((b * NH + h) * Tq + r0) * Tk;     // (rows, Tk)
+    float* S = scratch + ((b * NH + h) * Tq + r0) * Tk;         // (rows, Tk)
+    float* dQ = dq + (b * Tq + r0) * ldq + h * hd;              // (rows, hd)
+    // forward: O = P @ V  =>  dP = dO @ V^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, ikend, ihd, 1.0f, dO, ildq, V,
+                ildkv, 0.0f, S, iTk);
+    // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero past the causal
+    // limit so that phase 2 can read whole key-block columns.
+    for (int64_t t = r0; t < r1; ++t) {
+      const int64_t lim = t + off;
+      const float* p = P + (t - r0) * Tk;
+      float* s = S + (t - r0) * Tk;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j <= lim; ++j) dot += p[j] * s[j];
+#pragma omp simd
+      for (int64_t j = 0; j <= lim; ++j) s[j] = p[j] * (s[j] - dot);
+      std::fill(s + lim + 1, s + Tk, 0.0f);
+    }
+    // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, ihd, ikend, scale, S, iTk, K,
+                ildkv, 1.0f, dQ, ildq);
+  }
+
+  // Phase 2, per key block of one (b, kv head): dk and dv sum over every query head of the
+  // group and every query that sees the block; one task owns those rows of dk and dv, so the
+  // sums need no atomics and always run in the same order.
+  const int64_t nkb = ceil_div(Tk, kBlock);
+  const int64_t nktasks = B * NKV * nkb;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < nktasks; ++task) {
+    const int64_t b = task / (NKV * nkb), g = task / nkb % NKV, kb = task % nkb;
+    const int64_t c0 = kb * kBlock, c1 = std::min(Tk, c0 + kBlock);
+    const int64_t t0 = std::max<int64_t>(0, c0 - off);  // first query that sees key c0
+    if (t0 >= Tq) continue;
+    const int cols = static_cast<int>(c1 - c0), nq = static_cast<int>(Tq - t0);
+    float* dK = dk + (b * Tk + c0) * ldkv + g * hd;  // (cols, hd)
+    float* dV = dv + (b * Tk + c0) * ldkv + g * hd;  // (cols, hd)
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      const float* S = scratch + ((b * NH + h) * Tq + t0) * Tk + c0;  // (nq, cols), ld Tk
+      const float* P = probs + ((b * NH + h) * Tq + t0) * Tk + c0;    // (nq, cols), ld Tk
+      const float* Q = q + (b * Tq + t0) * ldq + h * hd;              // (nq, hd)
+      const float* dO = dout + (b * Tq + t0) * ldq + h * hd;          // (nq, hd)
+      // forward: S = scale * Q @ K^T  =>  dK += scale * dS^T @ Q
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, ihd, nq, scale, S, iTk, Q, ildq,
+                  1.0f, dK, ildkv);
+      // forward: O = P @ V  =>  dV += P^T @ dO
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, ihd, nq, 1.0f, P, iTk, dO,
+                  ildq, 1.0f, dV, ildkv);
+    }
+  }
+}
+
+}  // namespace flotilla::kernels

@@ -1,0 +1,39 @@
+// Whole-buffer utilities used on flat gradient and parameter buffers.
+#include <algorithm>
+
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::kernels {
+
+double sum_squares(const float* x, int64_t n) {
+  // x (n)
+  // A fixed number of chunks, each summed in double, then the chunk sums added in order:
+  // the result is the same for any thread count (gradient clipping then cannot make two
+  // runs with different OMP_NUM_THREADS diverge).
+  constexpr int64_t kChunks = 64;
+  double partial[kChunks] = {};
+  const int64_t chunk = (n + kChunks - 1) / kChunks;
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t c = 0; c < kChunks; ++c) {
+    const int64_t lo = std::min(n, c * chunk), hi = std::min(n, lo + chunk);
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = lo; i < hi; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+    partial[c] = s;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+void scale_inplace(float* x, int64_t n, float s) {
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+void add_inplace(float* y, const float* x, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+}  // namespace flotilla::kernels
