@@ -32,6 +32,7 @@ class ByteTokenizer final : public Tokenizer {
   // special token; Error for an id outside [0, 259).
   std::string token_to_piece(int32_t id) const override;
   std::string name() const override { return "bytes"; }
+  std::string fingerprint() const override { return "bytes-v1"; }
   // Writes dir/flotilla_tokenizer.json: {"type": "bytes", "vocab_size": 259, ...}.
   void save(const std::filesystem::path& dir) const override;
 };

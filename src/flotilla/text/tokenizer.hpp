@@ -41,6 +41,11 @@ class Tokenizer {
   // Short identifier for logs, e.g. "bytes".
   virtual std::string name() const = 0;
 
+  // A stable hex digest of everything that decides encode() (vocabulary, merges,
+  // normalizer, added tokens, ...): token data prepared with one tokenizer records it, and
+  // training with a tokenizer of another fingerprint is an error.
+  virtual std::string fingerprint() const = 0;
+
   // Writes this tokenizer's files into `dir` (which must exist) so that
   // load_for_model(dir) gives the same tokenizer back.
   virtual void save(const std::filesystem::path& dir) const = 0;
