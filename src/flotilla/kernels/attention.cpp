@@ -27,29 +27,40 @@ constexpr int64_t kBlock = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// p (n) holds scores on entry; on exit softmax over p[0 .. lim] and zeros in p[lim+1 .. n).
-void causal_softmax_row(float* p, int64_t lim, int64_t n) {
-  float mx = p[0];
+// p (n) holds scores in p[first .. lim] on entry; on exit softmax over p[first .. lim] and
+// zeros everywhere else in p[0 .. n).
+void causal_softmax_row(float* p, int64_t first, int64_t lim, int64_t n) {
+  float mx = p[first];
   // A conditional, not std::max: GCC 12 vectorises the std::max form ~10x slower.
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j <= lim; ++j) mx = p[j] > mx ? p[j] : mx;
+  for (int64_t j = first; j <= lim; ++j) mx = p[j] > mx ? p[j] : mx;
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j <= lim; ++j) {
+  for (int64_t j = first; j <= lim; ++j) {
     const float e = detail::exp_approx(p[j] - mx);
     p[j] = e;
     sum += e;
   }
   const float inv = 1.0f / sum;
 #pragma omp simd
-  for (int64_t j = 0; j <= lim; ++j) p[j] *= inv;
+  for (int64_t j = first; j <= lim; ++j) p[j] *= inv;
+  std::fill(p, p + first, 0.0f);
   std::fill(p + lim + 1, p + n, 0.0f);
+}
+
+// The first key any query of rows [r0, r1) of batch row b may see.
+int64_t block_key_begin(const int32_t* key_start, int64_t b, int64_t Tq, int64_t r0, int64_t r1) {
+  if (!key_start) return 0;
+  int64_t first = key_start[b * Tq + r0];
+  for (int64_t t = r0 + 1; t < r1; ++t) first = std::min<int64_t>(first, key_start[b * Tq + t]);
+  return first;
 }
 
 }  // namespace
 
 void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
-                       int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd) {
+                       int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
+                       const int32_t* key_start) {
   // out (B, Tq, NH, hd), probs (B, NH, Tq, Tk), q (B, Tq, NH, hd), k, v (B, Tk, NKV, hd)
   if (B == 0 || Tq == 0 || NH == 0 || hd == 0) return;
   const int64_t group = NH / NKV;  // query heads per kv head
@@ -63,28 +74,33 @@ void attention_forward(float* out, float* probs, const float* q, const float* k,
     const int64_t b = task / (NH * nqb), h = task / nqb % NH, qb = task % nqb;
     const int64_t g = h / group;
     const int64_t r0 = qb * kBlock, r1 = std::min(Tq, r0 + kBlock);
-    const int64_t kend = r1 + off;  // keys [0, kend) are visible to some row of the block
+    const int64_t kend = r1 + off;  // keys [kbeg, kend) are visible to some row of the block
+    const int64_t kbeg = block_key_begin(key_start, b, Tq, r0, r1);
     const float* Q = q + (b * Tq + r0) * ldq + h * hd;   // (rows, hd), ld ldq
     const float* K = k + b * Tk * ldkv + g * hd;         // (Tk, hd), ld ldkv
     const float* V = v + b * Tk * ldkv + g * hd;         // (Tk, hd), ld ldkv
     float* P = probs + ((b * NH + h) * Tq + r0) * Tk;    // (rows, Tk), ld Tk
     float* O = out + (b * Tq + r0) * ldq + h * hd;       // (rows, hd), ld ldq
-    const int rows = static_cast<int>(r1 - r0);
+    const int rows = static_cast<int>(r1 - r0), nkeys = static_cast<int>(kend - kbeg);
     // S = scale * Q @ K^T over the visible keys
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, static_cast<int>(kend),
-                static_cast<int>(hd), scale, Q, static_cast<int>(ldq), K,
-                static_cast<int>(ldkv), 0.0f, P, static_cast<int>(Tk));
-    for (int64_t t = r0; t < r1; ++t) causal_softmax_row(P + (t - r0) * Tk, t + off, Tk);
-    // O = P @ V (entries of P past each row's causal limit are zero)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, static_cast<int>(hd),
-                static_cast<int>(kend), 1.0f, P, static_cast<int>(Tk), V,
-                static_cast<int>(ldkv), 0.0f, O, static_cast<int>(ldq));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nkeys, static_cast<int>(hd), scale, Q,
+                static_cast<int>(ldq), K + kbeg * ldkv, static_cast<int>(ldkv), 0.0f, P + kbeg,
+                static_cast<int>(Tk));
+    for (int64_t t = r0; t < r1; ++t) {
+      const int64_t first = key_start ? key_start[b * Tq + t] : 0;
+      causal_softmax_row(P + (t - r0) * Tk, first, t + off, Tk);
+    }
+    // O = P @ V (entries of P outside each row's visible range are zero)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, static_cast<int>(hd), nkeys, 1.0f,
+                P + kbeg, static_cast<int>(Tk), V + kbeg * ldkv, static_cast<int>(ldkv), 0.0f, O,
+                static_cast<int>(ldq));
   }
 }
 
 void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
                         const float* q, const float* k, const float* v, const float* probs,
-                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd) {
+                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
+                        const int32_t* key_start) {
   // dq (B, Tq, NH, hd), dk, dv (B, Tk, NKV, hd), scratch (B, NH, Tq, Tk) holds dS,
   // dout (B, Tq, NH, hd), q, k, v as forward, probs (B, NH, Tq, Tk) from forward
   if (B == 0 || Tq == 0 || NH == 0 || hd == 0) return;
@@ -105,7 +121,8 @@ void attention_backward(float* dq, float* dk, float* dv, float* scratch, const f
     const int64_t g = h / group;
     const int64_t r0 = qb * kBlock, r1 = std::min(Tq, r0 + kBlock);
     const int64_t kend = r1 + off;
-    const int rows = static_cast<int>(r1 - r0), ikend = static_cast<int>(kend);
+    const int64_t kbeg = block_key_begin(key_start, b, Tq, r0, r1);
+    const int rows = static_cast<int>(r1 - r0), nkeys = static_cast<int>(kend - kbeg);
     const float* dO = dout + (b * Tq + r0) * ldq + h * hd;      // (rows, hd)
     const float* K = k + b * Tk * ldkv + g * hd;                // (Tk, hd)
     const float* V = v + b * Tk * ldkv + g * hd;                // (Tk, hd)
@@ -113,24 +130,26 @@ void attention_backward(float* dq, float* dk, float* dv, float* scratch, const f
     float* S = scratch + ((b * NH + h) * Tq + r0) * Tk;         // (rows, Tk)
     float* dQ = dq + (b * Tq + r0) * ldq + h * hd;              // (rows, hd)
     // forward: O = P @ V  =>  dP = dO @ V^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, ikend, ihd, 1.0f, dO, ildq, V,
-                ildkv, 0.0f, S, iTk);
-    // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero past the causal
-    // limit so that phase 2 can read whole key-block columns.
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nkeys, ihd, 1.0f, dO, ildq,
+                V + kbeg * ldkv, ildkv, 0.0f, S + kbeg, iTk);
+    // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero outside the
+    // visible range so that phase 2 can read whole key-block columns.
     for (int64_t t = r0; t < r1; ++t) {
+      const int64_t first = key_start ? key_start[b * Tq + t] : 0;
       const int64_t lim = t + off;
       const float* p = P + (t - r0) * Tk;
       float* s = S + (t - r0) * Tk;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j <= lim; ++j) dot += p[j] * s[j];
+      for (int64_t j = first; j <= lim; ++j) dot += p[j] * s[j];
 #pragma omp simd
-      for (int64_t j = 0; j <= lim; ++j) s[j] = p[j] * (s[j] - dot);
+      for (int64_t j = first; j <= lim; ++j) s[j] = p[j] * (s[j] - dot);
+      std::fill(s, s + first, 0.0f);
       std::fill(s + lim + 1, s + Tk, 0.0f);
     }
     // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, ihd, ikend, scale, S, iTk, K,
-                ildkv, 1.0f, dQ, ildq);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, ihd, nkeys, scale, S + kbeg, iTk,
+                K + kbeg * ldkv, ildkv, 1.0f, dQ, ildq);
   }
 
   // Phase 2, per key block of one (b, kv head): dk and dv sum over every query head of the

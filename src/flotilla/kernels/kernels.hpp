@@ -52,13 +52,14 @@ void rope_inv_freq(float* inv_freq, int64_t hd, float theta, const RopeScaling& 
 // float(pos) * inv_freq[i], exactly as Hugging Face forms it; its cos/sin are evaluated in
 // double and rounded once (HF takes float32 cos/sin of the same float32 angle).
 void rope_table(float* cos, float* sin, const float* inv_freq, int64_t pos0, int64_t T, int64_t hd);
-// In place on x (B, T, NH, hd): x = x * cos + rotate_half(x) * sin, position t uses row t of
-// cos/sin (T, hd/2).
+// In place on x (B, T, NH, hd): x = x * cos + rotate_half(x) * sin. Token (b, t) uses row
+// positions[b*T + t] of cos/sin, or row t when positions is nullptr (packed sequences
+// restart their positions at each example's start).
 void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH,
-                  int64_t hd);
+                  int64_t hd, const int32_t* positions = nullptr);
 // In place on dx (B, T, NH, hd): the transpose of the rotation (turn by -angle). Overwrites.
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
-                   int64_t NH, int64_t hd);
+                   int64_t NH, int64_t hd, const int32_t* positions = nullptr);
 
 // ------------------------------------------------------------------------- attention
 // Causal scaled dot-product attention with grouped-query attention (NH query heads share
@@ -66,13 +67,18 @@ void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int
 // q (B, Tq, NH, hd); k, v (B, Tk, NKV, hd) with Tk >= Tq: query t sits at position
 // t + (Tk - Tq) and attends keys 0 .. t + (Tk - Tq) (this covers the KV-cache decode).
 // out (B, Tq, NH, hd); probs (B, NH, Tq, Tk) softmax weights saved for backward (entries
-// past the causal limit are written as 0). scale = 1/sqrt(hd).
+// outside the visible range are written as 0). scale = 1/sqrt(hd).
+// key_start (B, Tq) or nullptr: query t of row b sees only keys key_start[b*Tq + t] ..
+// t + (Tk - Tq) — the start of its own example when several are packed into one row, so
+// packed examples never attend across their boundaries. nullptr means 0 for every query.
 void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
-                       int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd);
+                       int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
+                       const int32_t* key_start = nullptr);
 // dq, dk, dv += ...  (same shapes as q, k, v). scratch: B*NH*Tq*Tk floats, any contents.
 void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
                         const float* q, const float* k, const float* v, const float* probs,
-                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd);
+                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
+                        const int32_t* key_start = nullptr);
 
 // ---------------------------------------------------------------------------- swiglu
 // out = silu(gate) * up, silu(x) = x * sigmoid(x).   out, gate, up (N, F).

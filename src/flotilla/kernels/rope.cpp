@@ -63,13 +63,14 @@ void rope_table(float* cos, float* sin, const float* inv_freq, int64_t pos0, int
 }
 
 void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH,
-                  int64_t hd) {
+                  int64_t hd, const int32_t* positions) {
   // x (B, T, NH, hd) in place, cos/sin (T, hd/2)
   const int64_t half = hd / 2;
 #pragma omp parallel for schedule(static) if (B * T * NH * hd > (1 << 15))
   for (int64_t bt = 0; bt < B * T; ++bt) {
-    const float* c = cos + (bt % T) * half;
-    const float* s = sin + (bt % T) * half;
+    const int64_t pos = positions ? positions[bt] : bt % T;
+    const float* c = cos + pos * half;
+    const float* s = sin + pos * half;
     for (int64_t h = 0; h < NH; ++h) {
       float* x1 = x + (bt * NH + h) * hd;
       float* x2 = x1 + half;
@@ -85,13 +86,14 @@ void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64
 }
 
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
-                   int64_t NH, int64_t hd) {
+                   int64_t NH, int64_t hd, const int32_t* positions) {
   // dx (B, T, NH, hd) in place: holds dout on entry, dinp on exit; cos/sin (T, hd/2)
   const int64_t half = hd / 2;
 #pragma omp parallel for schedule(static) if (B * T * NH * hd > (1 << 15))
   for (int64_t bt = 0; bt < B * T; ++bt) {
-    const float* c = cos + (bt % T) * half;
-    const float* s = sin + (bt % T) * half;
+    const int64_t pos = positions ? positions[bt] : bt % T;
+    const float* c = cos + pos * half;
+    const float* s = sin + pos * half;
     for (int64_t h = 0; h < NH; ++h) {
       float* d1 = dx + (bt * NH + h) * hd;
       float* d2 = d1 + half;

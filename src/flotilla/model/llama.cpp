@@ -128,7 +128,8 @@ void Llama::plan(int64_t B, int64_t T) {
              static_cast<double>(total) * 4.0 / (1 << 20));
 }
 
-LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T) {
+LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
+                       const int32_t* doc_start) {
   if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
   if (T > cfg_.max_position)
     log::debug("[model] sequence length {} exceeds max_position_embeddings {}", T, cfg_.max_position);
@@ -147,6 +148,24 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   }
   std::memcpy(a.tokens.data(), tokens, static_cast<size_t>(N) * sizeof(int32_t));
   if (targets) std::memcpy(a.targets.data(), targets, static_cast<size_t>(N) * sizeof(int32_t));
+  a.key_start.clear();
+  a.positions.clear();
+  if (doc_start) {
+    a.key_start.assign(doc_start, doc_start + N);
+    a.positions.resize(static_cast<size_t>(N));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t start = doc_start[b * T + t];
+        const int32_t prev = t > 0 ? doc_start[b * T + t - 1] : 0;
+        // Starts never decrease along a row and never point past the token itself.
+        if (start < prev || start > t)
+          throw InputError("model", fmt::format("doc_start[{}][{}] = {} is not a valid example start", b, t, start));
+        a.positions[static_cast<size_t>(b * T + t)] = static_cast<int32_t>(t - start);
+      }
+    }
+  }
+  const int32_t* key_start = doc_start ? a.key_start.data() : nullptr;
+  const int32_t* positions = doc_start ? a.positions.data() : nullptr;
 
   k::embedding_forward(a.layers[0].resid_in, tokens, p(layout_.embed), N, C);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
@@ -159,9 +178,9 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
     k::matmul_forward(la.q, a.ln, p(w.wq), bias(w.bq), N, C, Dq);
     k::matmul_forward(la.k, a.ln, p(w.wk), bias(w.bk), N, C, Dkv);
     k::matmul_forward(la.v, a.ln, p(w.wv), bias(w.bv), N, C, Dkv);
-    k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd);
-    k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd);
-    k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd);
+    k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
+    k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
+    k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
     k::matmul_forward(la.resid_mid, la.attn_out, p(w.wo), nullptr, N, Dq, C);
     k::add_inplace(la.resid_mid, la.resid_in, N * C);
     // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
@@ -197,6 +216,8 @@ void Llama::backward(float dloss_scale) {
   const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
   const int64_t hd = cfg_.head_dim;
   ActivationPlan& a = acts_;
+  const int32_t* key_start = a.key_start.empty() ? nullptr : a.key_start.data();
+  const int32_t* positions = a.positions.empty() ? nullptr : a.positions.data();
   if (grads_.empty()) grads_.resize(params_.size());
   float* g = grads_.data();
   auto gp = [&](int64_t off) { return off >= 0 ? g + off : nullptr; };
@@ -233,9 +254,9 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
     std::memset(a.dv, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
     k::attention_backward(a.dq, a.dk, a.dv, a.dprobs, a.dattn_out, la.q, la.k, la.v, la.probs, B, T, T,
-                          NH, NKV, hd);
-    k::rope_backward(a.dq, a.rope_cos, a.rope_sin, B, T, NH, hd);
-    k::rope_backward(a.dk, a.rope_cos, a.rope_sin, B, T, NKV, hd);
+                          NH, NKV, hd, key_start);
+    k::rope_backward(a.dq, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
+    k::rope_backward(a.dk, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
     // q = ln1 @ wq^T + bq (k, v alike);  ln1 = rmsnorm(resid_in) (recomputed)
     k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);

@@ -59,6 +59,9 @@ struct ActivationPlan {
   float* dgate;      // (B, T, F)
   float* dup;        // (B, T, F)
   std::vector<int32_t> tokens, targets;  // (B, T) copies of the batch
+  // (B, T) for packed rows: where each token's example starts in its row (the first key
+  // it may attend to) and its position within the example. Empty for plain rows.
+  std::vector<int32_t> key_start, positions;
 };
 
 struct LossSum {
@@ -92,7 +95,12 @@ class Llama {
   // Training forward on tokens (B, T). With targets (B, T) (kIgnoreIndex to skip) also
   // computes per-token losses and returns their sum and count; targets == nullptr only
   // computes logits. Throws InputError for ids outside [0, vocab).
-  LossSum forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T);
+  // doc_start (B, T) or nullptr: for rows that pack several examples, doc_start[b*T + t]
+  // is the index in row b where token t's example begins. Tokens then attend only within
+  // their example and their rotary positions restart at 0, so a packed row computes
+  // exactly what its examples would compute in rows of their own.
+  LossSum forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
+                  const int32_t* doc_start = nullptr);
   // (B, T, V) logits of the last forward; invalid after backward.
   std::span<const float> logits() const;
   // (B, T) per-token losses of the last forward with targets (0 where ignored).
