@@ -1,0 +1,812 @@
+#!/usr/bin/python3
+"""Bad input to the flotilla binary: one clear error line, a non-zero exit, no crash, no hang.
+
+Usage: bad_input_test.py <path/to/flotilla> [-k SUBSTRING] [--keep]
+
+The script writes a valid tiny model with `flotilla init --preset tiny`, derives one broken
+copy per case in a temporary directory and runs a command that has to read the broken part.
+Every error case must:
+
+  - exit with a code in 1..127 (not a signal, not a shell's 128+signal), and the code 2
+    that main() gives an InputError, unless the case says otherwise;
+  - finish within CASE_TIMEOUT_S (a hang is a failure);
+  - print exactly one non-empty line on stderr, starting with "flotilla: error:"
+    (CLI11 parse errors, kind "cli11", may print more and only need a non-zero exit);
+  - name what is wrong: every entry of the case's `needles` appears in that line
+    (case-insensitive; a tuple entry means any one of its alternatives);
+  - print no sanitizer report or crash marker on stdout or stderr;
+  - leave every file the user already had byte-for-byte unchanged.
+
+"control" cases run the same commands on valid input and must succeed: without them an
+error case could pass because every run fails for an unrelated reason.
+
+Run it against an AddressSanitizer build as well (cmake -DFLOTILLA_SANITIZE=address,undefined):
+ASAN_OPTIONS / UBSAN_OPTIONS are set for every run so that a sanitizer report ends the
+process with a report on stderr, which the stderr checks catch.
+
+Known library bugs are listed in EXPECTED_FAIL: such a case must still fail (it is reported
+XFAIL); when it starts to pass it is reported XPASS and fails the run, so that the entry is
+removed from the list instead of hiding a fixed bug's regression later.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+# Cases that fail because of a known library bug: name -> where the bug is. Remove an entry
+# once the library is fixed (the run reports XPASS and fails until then).
+EXPECTED_FAIL: Dict[str, str] = {
+    "config_vocab_size_unallocatable":
+        "model/llama.cpp Llama::Llama allocates params_ from an unchecked config: "
+        "'flotilla: error: std::bad_alloc', exit 1, no file or field named "
+        "(under ASan: an allocation-size-too-big report)",
+    "config_hidden_size_overflows_int64":
+        "model/params.cpp ParamLayout::add multiplies dims in int64 without an overflow check "
+        "(signed overflow, UB): 'flotilla: error: std::bad_alloc', exit 1, no file or field named",
+    "grads_token_id_beyond_int32":
+        "cli/cmd_grads.cpp read_rows: v.get<int32_t>() wraps 2^32+1 to token 1; exit 0 on bad input",
+}
+
+CASE_TIMEOUT_S = 30.0  # a tiny model loads in milliseconds, even under ASan
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
+CRASH_MARKERS = (
+    "AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error",
+    "Segmentation", "terminate called", "Aborted", "core dumped", "std::bad_alloc",
+)
+ERROR_PREFIX = "flotilla: error:"
+INPUT_ERROR_EXIT = 2  # main(): InputError -> 2, any other exception -> 1
+
+Needle = Union[str, Tuple[str, ...]]
+
+
+# ---- Test fixtures: a valid model and safetensors surgery ----------------------------------
+
+def read_safetensors(path: Path):
+    """(header dict in file order, data section bytes) of a well-formed safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_safetensors(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((8 - (8 + len(text)) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def write_raw_safetensors(path: Path, header_length: int, header: bytes, data: bytes = b"") -> None:
+    """A file whose 8-byte length field says `header_length`, whatever follows it."""
+    path.write_bytes(struct.pack("<Q", header_length) + header + data)
+
+
+def edit_safetensors(path: Path, edit: Callable[[dict, bytes], Optional[bytes]]) -> None:
+    """Rewrites `path` after edit(header, data) changed the header in place (and may return
+    new data bytes)."""
+    header, data = read_safetensors(path)
+    new_data = edit(header, data)
+    write_safetensors(path, header, data if new_data is None else new_data)
+
+
+def edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def shard_model(model: Path) -> None:
+    """Replaces model.safetensors by two shards and model.safetensors.index.json, as
+    transformers' save_pretrained does for large models."""
+    header, data = read_safetensors(model / "model.safetensors")
+    metadata = header.pop("__metadata__", {"format": "pt"})
+    names = list(header)
+    halves = [names[:len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        shard_name = f"model-{i + 1:05d}-of-{len(halves):05d}.safetensors"
+        shard_header = {"__metadata__": metadata}
+        shard_data = bytearray()
+        for name in part:
+            begin, end = header[name]["data_offsets"]
+            entry = dict(header[name])
+            entry["data_offsets"] = [len(shard_data), len(shard_data) + end - begin]
+            shard_data += data[begin:end]
+            shard_header[name] = entry
+            weight_map[name] = shard_name
+        write_safetensors(model / shard_name, shard_header, bytes(shard_data))
+    (model / "model.safetensors").unlink()
+    index = {"metadata": {"total_size": len(data)}, "weight_map": weight_map}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def snapshot(path: Path) -> Dict[str, bytes]:
+    """Every file under `path` (or `path` itself) -> its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    if not path.is_dir():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def corpus_text() -> str:
+    words = ("the fleet sails as one while each ship holds what it must of the model and "
+             "trains on its part of the data").split()
+    paragraphs = []
+    for i in range(120):
+        paragraphs.append(" ".join(words[(i + j) % len(words)] for j in range(40)))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+# ---- Cases ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    argv: List[str]                 # flotilla's arguments
+    needles: Sequence[Needle] = ()  # what the error line must name
+    kind: str = "error"             # "error", "cli11" (CLI11 parse error) or "control" (must succeed)
+    exit_code: Optional[int] = INPUT_ERROR_EXIT  # for "error": the exact code, None for any 1..127
+    preserve: List[Path] = field(default_factory=list)  # must be byte-identical afterwards
+    creates: List[Path] = field(default_factory=list)   # "control": must exist afterwards
+
+
+class Workspace:
+    """One directory per case under a shared temp root, and the valid model to copy."""
+
+    def __init__(self, root: Path, flotilla: str):
+        self.root = root
+        self.flotilla = flotilla
+        self.valid_model = root / "valid_model"
+        self.corpus = root / "corpus.txt"
+        self.case_dir: Path = root
+
+    def begin(self, case_name: str) -> Path:
+        self.case_dir = self.root / case_name
+        self.case_dir.mkdir()
+        return self.case_dir
+
+    def model(self, name: str = "model") -> Path:
+        """A fresh copy of the valid model in this case's directory."""
+        dst = self.case_dir / name
+        shutil.copytree(self.valid_model, dst)
+        return dst
+
+    def fresh_out(self) -> Path:
+        return self.case_dir / "out"
+
+
+def score(model: Path, tokens: str = "1,2,3") -> List[str]:
+    return ["score", "--model", str(model), "--tokens", tokens]
+
+
+def generate(model: Path) -> List[str]:
+    return ["generate", "--model", str(model), "--prompt", "the fleet", "--max-tokens", "4"]
+
+
+def train(ws: Workspace, model: Path, data: Optional[Path] = None, out: Optional[Path] = None) -> List[str]:
+    return ["train", "--model", str(model), "--data", str(data or ws.corpus),
+            "--out", str(out or ws.fresh_out()), "--steps", "1", "--batch-size", "2",
+            "--seq-len", "16", "--eval-batches", "1", "--log-every", "1"]
+
+
+CaseFn = Callable[[Workspace], Run]
+CASES: List[Tuple[str, CaseFn]] = []
+
+
+def case(name: str):
+    def register(fn: CaseFn) -> CaseFn:
+        CASES.append((name, fn))
+        return fn
+    return register
+
+
+# -- controls: the same commands on valid input succeed
+
+@case("control_score")
+def _(ws):
+    m = ws.model()
+    return Run(score(m), kind="control", preserve=[m])
+
+
+@case("control_generate")
+def _(ws):
+    m = ws.model()
+    return Run(generate(m), kind="control", preserve=[m])
+
+
+@case("control_train")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    return Run(train(ws, m, out=out), kind="control", preserve=[m, ws.corpus],
+               creates=[out / "config.json", out / "model.safetensors"])
+
+
+@case("control_score_sharded")
+def _(ws):
+    m = ws.model()
+    shard_model(m)
+    return Run(score(m), kind="control", preserve=[m])
+
+
+# -- config.json
+
+@case("config_missing")
+def _(ws):
+    m = ws.model()
+    (m / "config.json").unlink()
+    return Run(score(m), ["config.json"], preserve=[m])
+
+
+@case("config_truncated_json")
+def _(ws):
+    m = ws.model()
+    text = (m / "config.json").read_text()
+    (m / "config.json").write_text(text[:len(text) // 2])
+    return Run(score(m), ["config.json", "json"], preserve=[m])
+
+
+@case("config_empty_file")
+def _(ws):
+    m = ws.model()
+    (m / "config.json").write_bytes(b"")
+    return Run(generate(m), ["config.json"], preserve=[m])
+
+
+@case("config_not_an_object")
+def _(ws):
+    m = ws.model()
+    (m / "config.json").write_text("[1, 2, 3]\n")
+    return Run(score(m), ["config.json", "object"], preserve=[m])
+
+
+@case("config_unknown_model_type")
+def _(ws):
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    return Run(score(m), ["config.json", "model_type", "gpt2"], preserve=[m])
+
+
+@case("config_missing_hidden_size")
+def _(ws):
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.pop("hidden_size"))
+    return Run(score(m), ["config.json", "hidden_size"], preserve=[m])
+
+
+@case("config_hidden_size_wrong_type")
+def _(ws):
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.update(hidden_size="big"))
+    return Run(generate(m), ["config.json", "hidden_size"], preserve=[m])
+
+
+@case("config_heads_not_divisible_by_kv_heads")
+def _(ws):
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.update(num_key_value_heads=3))
+    return Run(train(ws, m), ["config.json", "num_key_value_heads"], preserve=[m, ws.corpus])
+
+
+@case("config_negative_num_hidden_layers")
+def _(ws):
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.update(num_hidden_layers=-1))
+    return Run(score(m), ["config.json", "num_hidden_layers"], preserve=[m])
+
+
+@case("config_vocab_size_unallocatable")
+def _(ws):
+    # 2^40 x 64 floats (256 TiB) cannot be allocated: the answer must be an error line that
+    # names config.json, not a bare std::bad_alloc or an out-of-memory kill.
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.update(vocab_size=2 ** 40))
+    return Run(score(m), ["config.json", "vocab_size"], preserve=[m])
+
+
+@case("config_hidden_size_overflows_int64")
+def _(ws):
+    # hidden_size 2^40: a q_proj of 2^40 x 2^40 elements overflows int64 unless checked.
+    m = ws.model()
+    edit_json(m / "config.json", lambda c: c.update(hidden_size=2 ** 40, head_dim=2 ** 38))
+    return Run(score(m), ["config.json", "hidden_size"], preserve=[m])
+
+
+# -- model.safetensors: the file and its header
+
+@case("safetensors_missing")
+def _(ws):
+    m = ws.model()
+    (m / "model.safetensors").unlink()
+    return Run(score(m), ["model.safetensors"], preserve=[m])
+
+
+@case("safetensors_empty_file")
+def _(ws):
+    m = ws.model()
+    (m / "model.safetensors").write_bytes(b"")
+    return Run(score(m), ["model.safetensors", ("0 bytes", "empty", "too short", "truncated")],
+               preserve=[m])
+
+
+@case("safetensors_header_length_exceeds_file")
+def _(ws):
+    m = ws.model()
+    p = m / "model.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw[8:])
+    return Run(train(ws, m), ["model.safetensors", "header"], preserve=[m, ws.corpus])
+
+
+@case("safetensors_header_length_absurd")
+def _(ws):
+    m = ws.model()
+    p = m / "model.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", 2 ** 63) + raw[8:])
+    return Run(score(m), ["model.safetensors", "header"], preserve=[m])
+
+
+@case("safetensors_header_length_max_u64")
+def _(ws):
+    # 2^64 - 1: 8 + length wraps around to 7 in unsigned arithmetic.
+    m = ws.model()
+    p = m / "model.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", 2 ** 64 - 1) + raw[8:])
+    return Run(score(m), ["model.safetensors", "header"], preserve=[m])
+
+
+@case("safetensors_header_not_json")
+def _(ws):
+    m = ws.model()
+    garbage = b"this is not JSON at all {"
+    write_raw_safetensors(m / "model.safetensors", len(garbage), garbage, b"\0" * 64)
+    return Run(generate(m), ["model.safetensors", "json"], preserve=[m])
+
+
+@case("safetensors_header_not_object")
+def _(ws):
+    m = ws.model()
+    header = b"[1, 2, 3]"
+    write_raw_safetensors(m / "model.safetensors", len(header), header)
+    return Run(score(m), ["model.safetensors", "object"], preserve=[m])
+
+
+@case("safetensors_header_deeply_nested")
+def _(ws):
+    # Deep nesting must not exhaust the stack of a recursive parser.
+    m = ws.model()
+    header = b"[" * 100000 + b"]" * 100000
+    write_raw_safetensors(m / "model.safetensors", len(header), header)
+    return Run(score(m), ["model.safetensors", ("nest", "deep", "object")], preserve=[m])
+
+
+@case("safetensors_unknown_dtype")
+def _(ws):
+    m = ws.model()
+    edit_safetensors(m / "model.safetensors",
+                     lambda h, d: h["model.layers.0.mlp.up_proj.weight"].update(dtype="Q7"))
+    return Run(score(m), ["model.safetensors", "model.layers.0.mlp.up_proj.weight", "Q7"], preserve=[m])
+
+
+@case("safetensors_data_offsets_out_of_range")
+def _(ws):
+    m = ws.model()
+
+    def edit(h, d):
+        begin, end = h["lm_head.weight"]["data_offsets"]
+        h["lm_head.weight"]["data_offsets"] = [len(d), len(d) + end - begin]
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(score(m), ["model.safetensors", "lm_head.weight", "data_offsets"], preserve=[m])
+
+
+@case("safetensors_data_offsets_reversed")
+def _(ws):
+    m = ws.model()
+
+    def edit(h, d):
+        begin, end = h["model.layers.1.self_attn.k_proj.weight"]["data_offsets"]
+        h["model.layers.1.self_attn.k_proj.weight"]["data_offsets"] = [end, begin]
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(score(m), ["model.safetensors", "model.layers.1.self_attn.k_proj.weight", "data_offsets"],
+               preserve=[m])
+
+
+@case("safetensors_data_offsets_negative")
+def _(ws):
+    m = ws.model()
+    edit_safetensors(m / "model.safetensors",
+                     lambda h, d: h["model.norm.weight"].update(data_offsets=[-256, 0]))
+    return Run(score(m), ["model.safetensors", "model.norm.weight", "data_offsets"], preserve=[m])
+
+
+@case("safetensors_byte_length_not_matching_shape")
+def _(ws):
+    m = ws.model()
+
+    def edit(h, d):
+        begin, end = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"]["data_offsets"] = [begin, end - 4]
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(score(m), ["model.safetensors", "model.norm.weight", ("bytes", "shape")], preserve=[m])
+
+
+@case("safetensors_negative_dimension")
+def _(ws):
+    m = ws.model()
+    edit_safetensors(m / "model.safetensors", lambda h, d: h["model.norm.weight"].update(shape=[-64]))
+    return Run(score(m), ["model.safetensors", "model.norm.weight", "shape"], preserve=[m])
+
+
+@case("safetensors_shape_overflows")
+def _(ws):
+    # 2^32 x 2^32 elements: the byte count overflows 64 bits unless checked.
+    m = ws.model()
+    edit_safetensors(m / "model.safetensors",
+                     lambda h, d: h["model.norm.weight"].update(shape=[2 ** 32, 2 ** 32]))
+    return Run(score(m), ["model.safetensors", "model.norm.weight", "shape"], preserve=[m])
+
+
+@case("safetensors_file_truncated")
+def _(ws):
+    m = ws.model()
+    p = m / "model.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(raw[:-4096])
+    return Run(score(m), ["model.safetensors", ("truncated", "out of range")], preserve=[m])
+
+
+# -- model.safetensors: the tensors the model needs
+
+@case("tensor_missing")
+def _(ws):
+    m = ws.model()
+
+    def edit(h, d):
+        del h["model.norm.weight"]
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(score(m), [m.name, "model.norm.weight"], preserve=[m])
+
+
+@case("tensor_wrong_shape")
+def _(ws):
+    m = ws.model()
+
+    def edit(h, d):
+        begin, _ = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"].update(shape=[32], data_offsets=[begin, begin + 32 * 4])
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(generate(m), ["model.safetensors", "model.norm.weight", "[32]", "[64]"], preserve=[m])
+
+
+@case("tensor_wrong_dtype_i32")
+def _(ws):
+    m = ws.model()
+    edit_safetensors(m / "model.safetensors", lambda h, d: h["model.norm.weight"].update(dtype="I32"))
+    return Run(train(ws, m), ["model.safetensors", "model.norm.weight", "I32"], preserve=[m, ws.corpus])
+
+
+@case("tensor_unexpected_extra")
+def _(ws):
+    # A tensor the architecture does not have: config.json and the weights disagree.
+    m = ws.model()
+
+    def edit(h, d):
+        h["model.layers.7.mlp.up_proj.weight"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(score(m), ["model.layers.7.mlp.up_proj.weight"], preserve=[m])
+
+
+# -- sharded weights: model.safetensors.index.json
+
+@case("index_names_missing_shard")
+def _(ws):
+    m = ws.model()
+    shard_model(m)
+    (m / "model-00002-of-00002.safetensors").unlink()
+    return Run(score(m), ["model.safetensors.index.json", "model-00002-of-00002.safetensors"], preserve=[m])
+
+
+@case("index_not_json")
+def _(ws):
+    m = ws.model()
+    shard_model(m)
+    p = m / "model.safetensors.index.json"
+    p.write_text(p.read_text()[:100])
+    return Run(generate(m), ["model.safetensors.index.json", "json"], preserve=[m])
+
+
+@case("index_shard_outside_model_dir")
+def _(ws):
+    m = ws.model()
+    shard_model(m)
+    edit_json(m / "model.safetensors.index.json",
+              lambda ix: ix["weight_map"].update({"model.norm.weight": "../../etc/passwd"}))
+    return Run(score(m), ["model.safetensors.index.json", "model.norm.weight"], preserve=[m])
+
+
+@case("index_tensor_missing_from_shard")
+def _(ws):
+    m = ws.model()
+    shard_model(m)
+    edit_json(m / "model.safetensors.index.json",
+              lambda ix: ix["weight_map"].update({"model.norm.weight": "model-00001-of-00002.safetensors"}))
+    return Run(score(m), ["model-00001-of-00002.safetensors", "model.norm.weight"], preserve=[m])
+
+
+@case("shard_corrupt_header")
+def _(ws):
+    m = ws.model()
+    shard_model(m)
+    p = m / "model-00002-of-00002.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", len(raw) * 2) + raw[8:])
+    return Run(score(m), ["model-00002-of-00002.safetensors", "header"], preserve=[m])
+
+
+# -- tokenizer
+
+@case("tokenizer_not_json")
+def _(ws):
+    m = ws.model()
+    (m / "flotilla_tokenizer.json").write_text('{"type": "byt')
+    return Run(generate(m), ["flotilla_tokenizer.json", "json"], preserve=[m])
+
+
+# -- command-level input
+
+@case("train_jsonl_malformed_line")
+def _(ws):
+    m = ws.model()
+    data = ws.case_dir / "data.jsonl"
+    data.write_text('{"text": "first line is fine"}\n'
+                    '{"text": "so is the second"}\n'
+                    '{"text": "the third is cut off\n'
+                    '{"text": "fourth"}\n')
+    return Run(train(ws, m, data=data), ["data.jsonl:3"], preserve=[m, data])
+
+
+@case("train_data_empty_file")
+def _(ws):
+    m = ws.model()
+    data = ws.case_dir / "empty.txt"
+    data.write_bytes(b"")
+    return Run(train(ws, m, data=data), ["empty.txt"], preserve=[m, data])
+
+
+@case("score_token_id_out_of_range")
+def _(ws):
+    m = ws.model()
+    return Run(score(m, tokens="1,99999"), ["99999", "vocab"], preserve=[m])
+
+
+@case("score_token_id_negative")
+def _(ws):
+    m = ws.model()
+    return Run(score(m, tokens="1,-5,2"), ["-5"], preserve=[m])
+
+
+@case("score_token_not_a_number")
+def _(ws):
+    m = ws.model()
+    return Run(score(m, tokens="1,two,3"), ["--tokens", "two"], preserve=[m])
+
+
+@case("generate_max_tokens_zero")
+def _(ws):
+    m = ws.model()
+    return Run(["generate", "--model", str(m), "--prompt", "hi", "--max-tokens", "0"],
+               ["--max-tokens"], preserve=[m])
+
+
+@case("grads_token_id_beyond_int32")
+def _(ws):
+    # 2^32 + 1 read into an int32 would wrap to the valid id 1 and run on the wrong input.
+    m = ws.model()
+    batch = ws.case_dir / "batch.json"
+    batch.write_text(json.dumps({"tokens": [[1, 2 ** 32 + 1, 3]], "targets": [[2, 3, 4]]}))
+    out = ws.case_dir / "grads.safetensors"
+    return Run(["grads", "--model", str(m), "--batch", str(batch), "--out", str(out)],
+               ["batch.json", "tokens"], preserve=[m, batch])
+
+
+@case("train_out_not_empty")
+def _(ws):
+    m = ws.model()
+    out = ws.case_dir / "earlier_run"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes from yesterday\n")
+    shutil.copy(ws.valid_model / "model.safetensors", out / "model.safetensors")
+    shutil.copy(ws.valid_model / "config.json", out / "config.json")
+    return Run(train(ws, m, out=out), ["earlier_run", "--force"], preserve=[m, out, ws.corpus])
+
+
+@case("train_out_is_a_file")
+def _(ws):
+    m = ws.model()
+    out = ws.case_dir / "results.txt"
+    out.write_text("precious results\n")
+    return Run(train(ws, m, out=out), ["results.txt"], preserve=[m, out, ws.corpus])
+
+
+@case("init_out_not_empty")
+def _(ws):
+    out = ws.model("my_model")
+    (out / "notes.txt").write_text("my notes from yesterday\n")
+    return Run(["init", "--preset", "tiny", "--seed", "7", "--out", str(out)], ["my_model", "--force"],
+               preserve=[out])
+
+
+@case("score_model_dir_missing")
+def _(ws):
+    return Run(score(ws.case_dir / "no_such_model"), ["no_such_model"], kind="cli11")
+
+
+# ---- Running and checking ------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # PASS, FAIL, XFAIL, XPASS
+    returncode: Optional[int]
+    seconds: float
+    line: str
+    problems: List[str]
+    stderr: str
+
+
+def needle_present(needle: Needle, text: str) -> bool:
+    alternatives = needle if isinstance(needle, tuple) else (needle,)
+    return any(a.lower() in text.lower() for a in alternatives)
+
+
+def check(run: Run, returncode: Optional[int], timed_out: bool, stdout: str, stderr: str,
+          before: Dict[Path, Dict[str, bytes]]) -> Tuple[str, List[str]]:
+    """(the line to show, the problems found)."""
+    problems: List[str] = []
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    shown = lines[0] if len(lines) == 1 else (" / ".join(lines[:2]) if lines else "(no stderr)")
+
+    if timed_out:
+        problems.append(f"no exit within {CASE_TIMEOUT_S:.0f}s (hang)")
+    elif returncode is None or returncode < 0:
+        problems.append(f"killed by signal {-returncode if returncode else '?'}")
+    elif run.kind == "control":
+        if returncode != 0:
+            problems.append(f"exit {returncode} on valid input")
+    elif returncode == 0:
+        problems.append("exit 0 on bad input")
+    elif returncode >= 128:
+        problems.append(f"exit {returncode}: looks like a signal (128+{returncode - 128})")
+    elif run.kind == "error" and run.exit_code is not None and returncode != run.exit_code:
+        problems.append(f"exit {returncode}, expected {run.exit_code} (bad input is an InputError)")
+
+    for marker in CRASH_MARKERS:
+        if marker in stderr or marker in stdout:
+            problems.append(f"crash or sanitizer marker {marker!r} in the output")
+
+    if run.kind == "error":
+        if len(lines) != 1:
+            problems.append(f"stderr has {len(lines)} non-empty lines, expected exactly one")
+        if not lines or not lines[0].startswith(ERROR_PREFIX):
+            problems.append(f"stderr does not start with {ERROR_PREFIX!r}")
+    elif run.kind == "cli11" and not lines:
+        problems.append("no message on stderr")
+    if run.kind != "control":
+        for needle in run.needles:
+            if not needle_present(needle, stderr):
+                problems.append(f"the message does not name {needle!r}")
+
+    for path in run.creates:
+        if not path.is_file():
+            problems.append(f"{path.name} was not written")
+
+    for path, files in before.items():
+        after = snapshot(path)
+        if after != files:
+            changed = sorted(k for k in set(files) | set(after) if files.get(k) != after.get(k))
+            problems.append(f"{path.name}: user files changed or lost: {', '.join(changed)}")
+    return shown, problems
+
+
+def run_case(ws: Workspace, name: str, make: CaseFn, env: Dict[str, str]) -> Outcome:
+    ws.begin(name)
+    run = make(ws)
+    before = {p: snapshot(p) for p in run.preserve}
+    start = time.monotonic()
+    timed_out = False
+    try:
+        proc = subprocess.run([ws.flotilla, *run.argv], cwd=ws.case_dir, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=CASE_TIMEOUT_S)
+        returncode, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:  # subprocess.run has killed the child
+        timed_out, returncode, out, err = True, None, e.stdout or b"", e.stderr or b""
+    seconds = time.monotonic() - start
+    stdout = out.decode("utf-8", "replace")
+    stderr = err.decode("utf-8", "replace")
+    shown, problems = check(run, returncode, timed_out, stdout, stderr, before)
+
+    if name in EXPECTED_FAIL:
+        status = "XFAIL" if problems else "XPASS"
+        if not problems:
+            problems = [f"passes now: remove {name!r} from EXPECTED_FAIL ({EXPECTED_FAIL[name]})"]
+    else:
+        status = "FAIL" if problems else "PASS"
+    return Outcome(name, status, returncode, seconds, shown, problems, stderr)
+
+
+def make_valid_model(ws: Workspace, env: Dict[str, str]) -> None:
+    proc = subprocess.run([ws.flotilla, "init", "--preset", "tiny", "--seed", "1", "--out", str(ws.valid_model)],
+                          env=env, capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        sys.exit(f"flotilla init --preset tiny failed (exit {proc.returncode}):\n"
+                 f"{proc.stderr.decode('utf-8', 'replace')}")
+    ws.corpus.write_text(corpus_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("flotilla", help="path to the flotilla binary")
+    parser.add_argument("-k", dest="select", default="", help="run only cases whose name contains this")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory and print its path")
+    args = parser.parse_args()
+
+    flotilla = os.path.abspath(args.flotilla)
+    if not os.access(flotilla, os.X_OK):
+        sys.exit(f"not an executable: {flotilla}")
+    env = dict(os.environ)
+    env.update(SANITIZER_ENV)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+    unknown = sorted(set(EXPECTED_FAIL) - {name for name, _ in CASES})
+    if unknown:
+        sys.exit(f"EXPECTED_FAIL names cases that do not exist: {', '.join(unknown)}")
+
+    root = Path(tempfile.mkdtemp(prefix="flotilla-bad-input-"))
+    outcomes: List[Outcome] = []
+    try:
+        ws = Workspace(root, flotilla)
+        make_valid_model(ws, env)
+        for name, make in CASES:
+            if args.select in name:
+                outcomes.append(run_case(ws, name, make, env))
+    finally:
+        if args.keep:
+            print(f"cases kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    width = max(len(o.name) for o in outcomes) if outcomes else 10
+    print(f"flotilla bad-input cases: {flotilla}")
+    print(f"{'result':6} {'case':{width}} {'exit':>4} {'time':>6}  stderr")
+    for o in outcomes:
+        rc = "hang" if o.returncode is None else str(o.returncode)
+        print(f"{o.status:6} {o.name:{width}} {rc:>4} {o.seconds:5.2f}s  {o.line}")
+        for p in o.problems:
+            print(f"{'':6} {'':{width}}   - {p}")
+        if o.status in ("FAIL", "XPASS") and o.stderr.count("\n") > 1:
+            tail = "\n".join(o.stderr.splitlines()[-15:])
+            print("\n".join(f"{'':10}| {l}" for l in tail.splitlines()))
+
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("PASS", "FAIL", "XFAIL", "XPASS")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(outcomes)} cases")
+    if not outcomes:
+        print("no case matched")
+        return 1
+    return 1 if counts["FAIL"] or counts["XPASS"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
