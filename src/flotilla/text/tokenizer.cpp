@@ -7,6 +7,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
+#include "flotilla/text/sentencepiece_tokenizer.hpp"
 
 namespace flotilla::text {
 namespace {
@@ -58,6 +59,32 @@ std::unique_ptr<Tokenizer> load_flotilla_tokenizer(const std::filesystem::path& 
 
 }  // namespace
 
+TokenizerConfig read_tokenizer_config(const std::filesystem::path& model_dir) {
+  const std::filesystem::path file = model_dir / kTokenizerConfigFile;
+  std::error_code ec;
+  if (!std::filesystem::exists(file, ec)) return {};
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_text_file(file));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", file.string(),
+                                             json_error_text(e)));
+  }
+  if (!j.is_object()) {
+    throw InputError(kComponent, fmt::format("{}: expected a JSON object", file.string()));
+  }
+  const auto flag = [&](const char* key) -> std::optional<bool> {
+    if (!j.contains(key) || j[key].is_null()) return std::nullopt;
+    if (!j[key].is_boolean()) {
+      throw InputError(kComponent, fmt::format("{}: \"{}\" is {}, expected true or false",
+                                               file.string(), key, j[key].dump()));
+    }
+    return j[key].get<bool>();
+  };
+  return TokenizerConfig{.add_bos_token = flag("add_bos_token"),
+                         .add_eos_token = flag("add_eos_token")};
+}
+
 std::unique_ptr<Tokenizer> Tokenizer::load_for_model(const std::filesystem::path& model_dir) {
   std::error_code ec;
   if (!std::filesystem::is_directory(model_dir, ec)) {
@@ -65,18 +92,21 @@ std::unique_ptr<Tokenizer> Tokenizer::load_for_model(const std::filesystem::path
   }
   const std::filesystem::path own = model_dir / kFlotillaTokenizerFile;
   if (std::filesystem::exists(own, ec)) return load_flotilla_tokenizer(own);
-  const std::pair<const char*, const char*> unsupported[] = {
-      {"tokenizer.json", "Hugging Face tokenizer.json (BPE)"},
-      {"tokenizer.model", "SentencePiece tokenizer.model"},
-  };
-  for (const auto& [name, what] : unsupported) {
-    const std::filesystem::path file = model_dir / name;
-    if (std::filesystem::exists(file, ec)) {
-      throw InputError(kComponent,
-                       fmt::format("{}: {} is not supported yet; only the byte tokenizer is "
-                                   "({} with {{\"type\": \"bytes\"}}, or no tokenizer file)",
-                                   file.string(), what, kFlotillaTokenizerFile));
-    }
+
+  // tokenizer.json before tokenizer.model: Hugging Face directories often carry both, and
+  // tokenizer.json is what transformers' (fast) tokenizer runs.
+  const std::filesystem::path hf_file = model_dir / "tokenizer.json";
+  if (std::filesystem::exists(hf_file, ec)) {
+    // SWITCH: once hf_tokenizer.cpp defines load_hf_tokenizer, include
+    // "flotilla/text/hf_tokenizer.hpp" and replace this throw by
+    //   return load_hf_tokenizer(model_dir);
+    throw InputError(kComponent,
+                     fmt::format("{}: Hugging Face tokenizer.json (BPE) is not supported yet",
+                                 hf_file.string()));
+  }
+  const std::filesystem::path spm_file = model_dir / "tokenizer.model";
+  if (std::filesystem::exists(spm_file, ec)) {
+    return std::make_unique<SentencePieceTokenizer>(spm_file, read_tokenizer_config(model_dir));
   }
   return std::make_unique<ByteTokenizer>();
 }

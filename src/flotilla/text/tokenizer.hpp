@@ -1,12 +1,13 @@
 // Tokenizer: text <-> token ids. One abstract interface so the model, trainer and
-// generator never care which tokenizer a model brought. Today there is one
-// implementation, the byte tokenizer (byte_tokenizer.hpp); tokenizer.json BPE and
-// SentencePiece .model files arrive with the data pipeline.
+// generator never care which tokenizer a model brought. Implementations: the byte
+// tokenizer (byte_tokenizer.hpp), SentencePiece tokenizer.model files
+// (sentencepiece_tokenizer.hpp) and Hugging Face tokenizer.json (hf_tokenizer.hpp).
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -32,11 +33,25 @@ class Tokenizer {
   virtual int32_t pad_id() const { return -1; }
   virtual bool is_special(int32_t id) const = 0;
 
+  // Whether a caller wrapping a document (pretraining text, a prompt) puts BOS before it
+  // and EOS after it. The model's tokenizer_config.json (add_bos_token, add_eos_token)
+  // decides where it says; otherwise BOS when there is one, EOS never (Llama's default).
+  virtual bool add_bos() const { return bos_id() >= 0; }
+  virtual bool add_eos() const { return false; }
+
   // The bytes one token contributes to the output, for streaming generation; empty for
-  // special tokens, so concatenating the pieces of ids equals decode(ids). A piece may
-  // be part of a UTF-8 code point (byte tokens, BPE byte fallback): a caller printing
-  // pieces as they come must buffer incomplete sequences — see Utf8Streamer.
+  // special tokens, so concatenating the pieces of ids equals decode(ids) — except that
+  // when decode_strips_leading_space(), decode drops one space from the start of the
+  // text. A piece may be part of a UTF-8 code point (byte tokens, BPE byte fallback): a
+  // caller printing pieces as they come must buffer incomplete sequences — see
+  // Utf8Streamer.
   virtual std::string token_to_piece(int32_t id) const = 0;
+
+  // True for tokenizers whose encoder prepends a space to the text (SentencePiece's
+  // add_dummy_prefix, the Metaspace/Prepend "▁" of Llama's tokenizer.json): their decoder
+  // removes that one space again at the start of a text. token_to_piece keeps it, which
+  // is what streaming a continuation after a prompt needs (" world" after "Hello").
+  virtual bool decode_strips_leading_space() const { return false; }
 
   // Short identifier for logs, e.g. "bytes".
   virtual std::string name() const = 0;
@@ -50,15 +65,31 @@ class Tokenizer {
   // load_for_model(dir) gives the same tokenizer back.
   virtual void save(const std::filesystem::path& dir) const = 0;
 
-  // The tokenizer of a model directory:
-  //   flotilla_tokenizer.json {"type": "bytes"}   -> ByteTokenizer (this file wins if present)
-  //   tokenizer.json / tokenizer.model            -> InputError: not supported yet
+  // The tokenizer of a model directory, first match wins:
+  //   flotilla_tokenizer.json {"type": "bytes"}   -> ByteTokenizer
+  //   tokenizer.json                              -> Hugging Face tokenizer (preferred over
+  //                                                  tokenizer.model when both are there, as
+  //                                                  transformers' fast tokenizer does)
+  //   tokenizer.model                             -> SentencePieceTokenizer
   //   no tokenizer file at all                    -> ByteTokenizer
+  // tokenizer_config.json, when present, sets add_bos() / add_eos().
   // InputError naming the file for anything unreadable or unknown.
   static std::unique_ptr<Tokenizer> load_for_model(const std::filesystem::path& model_dir);
 };
 
-// File name of flotilla's own tokenizer description inside a model directory.
+// File names inside a model directory.
 inline constexpr const char* kFlotillaTokenizerFile = "flotilla_tokenizer.json";
+inline constexpr const char* kTokenizerConfigFile = "tokenizer_config.json";
+
+// What a model's tokenizer_config.json says about wrapping documents; absent or null keys
+// stay empty (the tokenizer's own default applies).
+struct TokenizerConfig {
+  std::optional<bool> add_bos_token;
+  std::optional<bool> add_eos_token;
+};
+
+// Reads model_dir/tokenizer_config.json; all empty when there is no such file. InputError
+// naming the file when it is not JSON or a key has a type other than bool or null.
+TokenizerConfig read_tokenizer_config(const std::filesystem::path& model_dir);
 
 }  // namespace flotilla::text
