@@ -71,9 +71,26 @@ StreamSplit split_train_valid(std::span<const int32_t> stream, double valid_frac
 // Produces training or evaluation batches. State is a JSON object so a checkpoint can
 // store it beside the step and RNG state; set_state(state()) on a source built from the
 // same stream continues exactly where it left off.
+// One micro-batch as the model takes it. doc_start is empty for plain rows; for rows that
+// pack several examples it gives, per position, where that position's example starts.
+struct Batch {
+  int64_t B = 0, T = 0;
+  std::vector<int32_t> tokens;     // (B, T) input ids
+  std::vector<int32_t> targets;    // (B, T) next-token ids, -100 where no loss
+  std::vector<int32_t> doc_start;  // (B, T) or empty
+};
+
 class BatchSource {
  public:
   virtual ~BatchSource() = default;
+  // Fills batch.tokens and batch.targets for batch.B x batch.T (set by the caller); the
+  // default has no packing, so it leaves doc_start empty.
+  virtual void next_batch(Batch& batch) {
+    batch.tokens.resize(static_cast<size_t>(batch.B * batch.T));
+    batch.targets.resize(batch.tokens.size());
+    batch.doc_start.clear();
+    next_batch(batch.tokens.data(), batch.targets.data(), static_cast<int>(batch.B), static_cast<int>(batch.T));
+  }
   // tokens:  (B, T) row-major, input ids
   // targets: (B, T) row-major, targets[b, t] = the token after tokens[b, t]
   // InputError if the stream is shorter than T + 1 tokens.
@@ -89,6 +106,7 @@ class BatchSource {
 // batches, on every machine.
 class RandomWindowSource final : public BatchSource {
  public:
+  using BatchSource::next_batch;
   RandomWindowSource(std::vector<int32_t> stream, uint64_t seed);
   void next_batch(int32_t* tokens, int32_t* targets, int B, int T) override;
   nlohmann::json state() const override;  // {"kind": "random_window", "stream_tokens", "rng": [4 words]}
@@ -106,6 +124,7 @@ class RandomWindowSource final : public BatchSource {
 // one pass is windows_per_pass(n, T) windows.
 class SequentialWindowSource final : public BatchSource {
  public:
+  using BatchSource::next_batch;
   explicit SequentialWindowSource(std::vector<int32_t> stream);
   void next_batch(int32_t* tokens, int32_t* targets, int B, int T) override;
   nlohmann::json state() const override;  // {"kind": "sequential_window", "stream_tokens", "offset"}
