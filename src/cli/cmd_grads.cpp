@@ -28,7 +28,10 @@ std::vector<int32_t> read_rows(const nlohmann::json& j, const char* key, const s
     T = static_cast<int64_t>(row.size());
     for (const auto& v : row) {
       if (!v.is_number_integer()) throw InputError("grads", fmt::format("{}: \"{}\" holds a non-integer", file, key));
-      out.push_back(v.get<int32_t>());
+      const auto id = v.get<int64_t>();
+      if (id < INT32_MIN || id > INT32_MAX)
+        throw InputError("grads", fmt::format("{}: \"{}\" holds {}, which is not a token id", file, key, id));
+      out.push_back(static_cast<int32_t>(id));
     }
   }
   return out;

@@ -22,8 +22,10 @@ void add_train_command(CLI::App& app) {
   auto* config = cmd->add_option("--config", opt->config, "Start from a random model of this config.json")->check(CLI::ExistingFile);
   model->excludes(preset, config);
   preset->excludes(config);
-  cmd->add_option("--data", opt->data, "Training text: .txt (paragraphs) or .jsonl ({\"text\": ...} lines)")
-      ->required()->check(CLI::ExistingFile);
+  cmd->add_option("--data", opt->data,
+                  "A dataset folder from `flotilla data prepare`, or raw text: .txt (paragraphs) or .jsonl ({\"text\": ...})")
+      ->required()->check(CLI::ExistingPath);
+  cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row");
   cmd->add_option("--out", opt->out, "Output directory for the trained model and metrics")->required();
   cmd->add_flag("--force", opt->force, "Write into a non-empty output directory");
   cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();

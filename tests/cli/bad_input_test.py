@@ -44,17 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 # Cases that fail because of a known library bug: name -> where the bug is. Remove an entry
 # once the library is fixed (the run reports XPASS and fails until then).
-EXPECTED_FAIL: Dict[str, str] = {
-    "config_vocab_size_unallocatable":
-        "model/llama.cpp Llama::Llama allocates params_ from an unchecked config: "
-        "'flotilla: error: std::bad_alloc', exit 1, no file or field named "
-        "(under ASan: an allocation-size-too-big report)",
-    "config_hidden_size_overflows_int64":
-        "model/params.cpp ParamLayout::add multiplies dims in int64 without an overflow check "
-        "(signed overflow, UB): 'flotilla: error: std::bad_alloc', exit 1, no file or field named",
-    "grads_token_id_beyond_int32":
-        "cli/cmd_grads.cpp read_rows: v.get<int32_t>() wraps 2^32+1 to token 1; exit 0 on bad input",
-}
+EXPECTED_FAIL: Dict[str, str] = {}
 
 CASE_TIMEOUT_S = 30.0  # a tiny model loads in milliseconds, even under ASan
 SANITIZER_ENV = {

@@ -205,6 +205,16 @@ void validate(const ModelConfig& c, const FieldReader& f) {
   if (!(c.rms_norm_eps > 0.0f)) f.fail("field 'rms_norm_eps' must be positive");
   if (!(c.rope_theta > 0.0f)) f.fail("field 'rope_theta' must be positive");
   if (c.sliding_window < 0) f.fail("field 'sliding_window' must not be negative");
+  // Sizes whose products overflow 64-bit counts (or name no machine's model) are refused
+  // here, before anything multiplies them: 2^40 parameters is 4 TiB of float32.
+  const double params = static_cast<double>(c.vocab_size) * static_cast<double>(c.dim) * 2.0 +
+                        static_cast<double>(c.n_layers) *
+                            (4.0 * static_cast<double>(c.dim) * static_cast<double>(c.n_heads) *
+                                 static_cast<double>(c.head_dim) +
+                             3.0 * static_cast<double>(c.dim) * static_cast<double>(c.ffn_dim));
+  if (params > 1099511627776.0)
+    f.fail(fmt::format("the sizes describe a model of about {:.3g} parameters, more than flotilla supports (2^40)",
+                       params));
 }
 }  // namespace
 

@@ -16,7 +16,15 @@ Llama Llama::load(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir))
     throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig cfg = ModelConfig::load(dir / "config.json");
-  Llama model(cfg);
+  Llama model = [&] {
+    try {
+      return Llama(cfg);
+    } catch (const std::bad_alloc&) {
+      throw InputError("model", fmt::format("{}: a model of {} parameters needs {:.1f} GiB, more than this machine can allocate",
+                                            (dir / "config.json").string(), cfg.num_params(),
+                                            static_cast<double>(cfg.num_params()) * 4.0 / (1 << 30)));
+    }
+  }();
   const io::TensorStore store(dir);
   for (const ParamInfo& info : model.layout_.params()) {
     std::span<float> dst(model.params_.data() + info.offset, static_cast<size_t>(info.numel));

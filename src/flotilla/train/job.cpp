@@ -7,7 +7,9 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/memory.hpp"
+#include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/text_dataset.hpp"
+#include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
@@ -54,29 +56,66 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
     throw InputError("train", fmt::format("tokenizer '{}' has {} tokens but the model's vocabulary is {}",
                                           tokenizer->name(), tokenizer->vocab_size(), cfg.vocab_size));
 
-  const data::TextDataset dataset = data::load_text_dataset(job.data, *tokenizer);
-  data::StreamSplit split = data::split_train_valid(dataset.tokens, job.valid_fraction);
   const int64_t T = job.train.seq_len;
-  if (static_cast<int64_t>(split.train.size()) <= T)
-    throw InputError("train", fmt::format("{}: {} training tokens, fewer than one sequence of {} + 1",
-                                          job.data.string(), split.train.size(), T));
-  const bool have_valid = static_cast<int64_t>(split.valid.size()) > T;
-  info(fmt::format("model: {} with {:.2f}M parameters; data: {} documents, {} train / {} valid tokens",
+  info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB",
                    model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6,
-                   dataset.num_documents, split.train.size(), have_valid ? split.valid.size() : 0));
-  info(fmt::format("activations for B={} T={}: {:.1f} MiB", job.train.batch_size, T,
+                   job.train.batch_size, T,
                    static_cast<double>(model.activation_bytes(job.train.batch_size, T)) / (1 << 20)));
-
-  data::RandomWindowSource train_source(std::move(split.train), job.seed);
-  std::unique_ptr<data::SequentialWindowSource> valid_source;
-  if (have_valid) valid_source = std::make_unique<data::SequentialWindowSource>(std::move(split.valid));
+  // The data: a prepared token dataset (flotilla data prepare), or a raw text/JSONL file
+  // read as one token stream.
+  std::unique_ptr<data::BatchSource> train_source;
+  std::function<EvalMetrics()> evaluate;
+  std::unique_ptr<data::TokenDataset> prepared;
+  std::unique_ptr<data::ExampleSource> train_examples, valid_examples;
+  std::unique_ptr<data::SequentialWindowSource> valid_stream;
+  if (std::filesystem::is_directory(job.data)) {
+    prepared = std::make_unique<data::TokenDataset>(data::TokenDataset::open(job.data, *tokenizer));
+    if (!prepared->has_split(data::Split::train))
+      throw InputError("train", job.data.string() + ": the prepared dataset has no training examples");
+    data::SamplerConfig sc;
+    sc.seq_len = T;
+    sc.micro_batch = job.train.batch_size;
+    sc.grad_accum = job.train.grad_accum;
+    sc.pack = job.pack;
+    sc.seed = job.seed;
+    sc.pad_id = std::max(0, tokenizer->pad_id());
+    train_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::train));
+    train_source = std::make_unique<data::BatchSampler>(*train_examples, sc);
+    info(fmt::format("data: {} prepared: {} train / {} valid examples ({} / {} tokens), {}", job.data.string(),
+                     prepared->num_examples(data::Split::train), prepared->num_examples(data::Split::valid),
+                     prepared->num_tokens(data::Split::train), prepared->num_tokens(data::Split::valid),
+                     job.pack ? "packed" : "padded"));
+    if (prepared->has_split(data::Split::valid)) {
+      valid_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::valid));
+      data::SamplerConfig vc = sc;
+      vc.grad_accum = 1;
+      vc.shuffle = false;
+      vc.repeat = false;
+      evaluate = [&model, &examples = *valid_examples, vc, max_batches = job.train.eval_batches] {
+        data::BatchSampler sampler(examples, vc);
+        return evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches);
+      };
+    }
+  } else {
+    const data::TextDataset dataset = data::load_text_dataset(job.data, *tokenizer);
+    data::StreamSplit split = data::split_train_valid(dataset.tokens, job.valid_fraction);
+    if (static_cast<int64_t>(split.train.size()) <= T)
+      throw InputError("train", fmt::format("{}: {} training tokens, fewer than one sequence of {} + 1",
+                                            job.data.string(), split.train.size(), T));
+    const bool have_valid = static_cast<int64_t>(split.valid.size()) > T;
+    info(fmt::format("data: {}: {} documents, {} train / {} valid tokens", job.data.string(), dataset.num_documents,
+                     split.train.size(), have_valid ? split.valid.size() : 0));
+    train_source = std::make_unique<data::RandomWindowSource>(std::move(split.train), job.seed);
+    if (have_valid) valid_stream = std::make_unique<data::SequentialWindowSource>(std::move(split.valid));
+  }
 
   std::filesystem::create_directories(job.out_dir);
   std::string metrics;  // JSON lines, written with the model at the end
   TrainSummary summary;
   Trainer trainer(model, job.train);
+  if (valid_stream) evaluate = [&trainer, &valid = *valid_stream] { return trainer.evaluate(valid); };
   trainer.run(
-      train_source, valid_source.get(),
+      *train_source, evaluate,
       [&](const StepMetrics& m) {
         if (m.step == 1) summary.first_loss = m.loss;
         summary.final_loss = m.loss;

@@ -16,9 +16,10 @@ struct TrainJob {
   std::filesystem::path model_dir;  // start from these weights, or:
   std::string preset;               // a preset's random init, or:
   std::filesystem::path config_json;  // a config.json's random init
-  std::filesystem::path data;       // .txt or .jsonl
+  std::filesystem::path data;       // a prepared dataset folder, or a .txt / .jsonl file
+  bool pack = true;                 // prepared data: pack examples into rows (else pad)
   std::filesystem::path out_dir;    // written at the end (model + tokenizer + metrics)
-  double valid_fraction = 0.05;
+  double valid_fraction = 0.05;     // raw text only: the share held out for validation
   uint64_t seed = 0;                // init, batch order
   TrainConfig train;
 };

@@ -15,18 +15,34 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg)
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
-  tokens_.resize(static_cast<size_t>(cfg.batch_size * cfg.seq_len));
-  targets_.resize(tokens_.size());
+  batch_.B = cfg.batch_size;
+  batch_.T = cfg.seq_len;
+}
+
+EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
+  data::Batch batch;
+  model::LossSum total;
+  for (int64_t i = 0; max_batches <= 0 || i < max_batches; ++i) {
+    if (!next(batch)) break;
+    const model::LossSum loss = model.forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
+                                              batch.doc_start.empty() ? nullptr : batch.doc_start.data());
+    total.sum += loss.sum;
+    total.num_tokens += loss.num_tokens;
+  }
+  return EvalMetrics{0, total.mean(), total.num_tokens};
 }
 
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
   model_.zero_grads();
-  const int B = static_cast<int>(cfg_.batch_size), T = static_cast<int>(cfg_.seq_len);
   model::LossSum window;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
-    train.next_batch(tokens_.data(), targets_.data(), B, T);
-    const model::LossSum loss = model_.forward(tokens_.data(), targets_.data(), B, T);
+    batch_.B = cfg_.batch_size;
+    batch_.T = cfg_.seq_len;
+    train.next_batch(batch_);
+    const model::LossSum loss =
+        model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
+                       batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
     // Sum of per-token gradients; divided by the window's token count below.
     model_.backward(1.0f);
     window.sum += loss.sum;
@@ -59,26 +75,37 @@ StepMetrics Trainer::step(data::BatchSource& train) {
 
 EvalMetrics Trainer::evaluate(data::SequentialWindowSource& valid) {
   valid.reset();
-  const int B = static_cast<int>(cfg_.batch_size), T = static_cast<int>(cfg_.seq_len);
-  model::LossSum total;
-  for (int64_t i = 0; i < cfg_.eval_batches; ++i) {
-    valid.next_batch(tokens_.data(), targets_.data(), B, T);
-    const model::LossSum loss = model_.forward(tokens_.data(), targets_.data(), B, T);
-    total.sum += loss.sum;
-    total.num_tokens += loss.num_tokens;
-  }
-  return EvalMetrics{step_, total.mean(), total.num_tokens};
+  EvalMetrics e = evaluate_loss(
+      model_,
+      [&](data::Batch& b) {
+        b.B = cfg_.batch_size;
+        b.T = cfg_.seq_len;
+        valid.next_batch(b);
+        return true;
+      },
+      cfg_.eval_batches);
+  e.step = step_;
+  return e;
 }
 
 void Trainer::run(data::BatchSource& train, data::SequentialWindowSource* valid,
+                  const std::function<void(const StepMetrics&)>& on_step,
+                  const std::function<void(const EvalMetrics&)>& on_eval) {
+  std::function<EvalMetrics()> evaluate_valid;
+  if (valid) evaluate_valid = [this, valid] { return evaluate(*valid); };
+  run(train, evaluate_valid, on_step, on_eval);
+}
+
+void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& evaluate,
                   const std::function<void(const StepMetrics&)>& on_step,
                   const std::function<void(const EvalMetrics&)>& on_eval) {
   while (step_ < cfg_.steps) {
     const StepMetrics m = step(train);
     if (on_step) on_step(m);
     const bool last = step_ == cfg_.steps;
-    if (valid && (last || (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0))) {
-      const EvalMetrics e = evaluate(*valid);
+    if (evaluate && (last || (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0))) {
+      EvalMetrics e = evaluate();
+      e.step = step_;
       if (on_eval) on_eval(e);
     }
   }

@@ -49,12 +49,21 @@ struct EvalMetrics {
   int64_t tokens = 0;
 };
 
+// Mean token loss over the batches `next` yields, until it returns false or after
+// max_batches (0: no limit). Forward only.
+EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches);
+
 class Trainer {
  public:
   Trainer(model::Llama& model, TrainConfig cfg);
 
   // Runs cfg.steps optimizer steps. `valid` may be null. Callbacks may be empty.
   void run(data::BatchSource& train, data::SequentialWindowSource* valid,
+           const std::function<void(const StepMetrics&)>& on_step,
+           const std::function<void(const EvalMetrics&)>& on_eval);
+  // The same with any validation: `evaluate` (may be empty) is called every
+  // cfg.eval_every steps and after the last.
+  void run(data::BatchSource& train, const std::function<EvalMetrics()>& evaluate,
            const std::function<void(const StepMetrics&)>& on_step,
            const std::function<void(const EvalMetrics&)>& on_eval);
 
@@ -64,13 +73,14 @@ class Trainer {
   EvalMetrics evaluate(data::SequentialWindowSource& valid);
 
   int64_t steps_done() const { return step_; }
+  model::Llama& model() { return model_; }
 
  private:
   model::Llama& model_;
   TrainConfig cfg_;
   AdamW optimizer_;
   CosineSchedule schedule_;
-  std::vector<int32_t> tokens_, targets_;  // (B, T)
+  data::Batch batch_;                       // (B, T) the current micro-batch
   int64_t step_ = 0;
   double elapsed_s_ = 0.0;
 };
