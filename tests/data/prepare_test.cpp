@@ -351,3 +351,47 @@ TEST(TokenDataset, SplitIsAnExampleSourceForTheSampler) {
 
 }  // namespace
 }  // namespace flotilla::data
+
+namespace flotilla::data {
+namespace {
+
+// The sample instruction set that scripts/make_sample_data writes (data/pirate/chat).
+TEST(Prepare, PirateChatSampleHasTheExpectedCounts) {
+  TempDir dir;
+  PrepareOptions o = options_for(fs::path(FLOTILLA_SOURCE_DIR) / "data/pirate/chat", dir.path() / "out");
+  o.mask_prompt = true;
+  const DatasetIndex index = prepare(o, kBytes, chatml());
+  ASSERT_EQ(index.splits.size(), 3u);
+  const size_t expected[] = {800, 100, 100};
+  for (Split s : kSplits) {
+    SCOPED_TRACE(std::string(split_name(s)));
+    const SplitStats& st = index.splits.at(s).stats;
+    EXPECT_EQ(st.examples, expected[static_cast<size_t>(s)]);
+    EXPECT_TRUE(st.skipped.empty());
+    EXPECT_EQ(st.truncated, 0u);
+    EXPECT_GT(st.trainable_tokens, 0u);
+    EXPECT_LT(st.trainable_tokens * 2, st.tokens);  // prompts and headers outweigh the answers
+  }
+  const TokenDataset ds = TokenDataset::open(dir.path() / "out", kBytes);
+  EXPECT_EQ(ds.num_examples(Split::train), 800u);
+  // Every example's trainable bytes end with the assistant's end-of-turn marker.
+  const ExampleView v = ds.example(Split::valid, 0);
+  std::string trained;
+  for (size_t i = 0; i < v.tokens.size(); ++i) {
+    if (v.mask[i]) trained.push_back(static_cast<char>(v.tokens[i]));
+  }
+  EXPECT_TRUE(trained.ends_with("<|im_end|>")) << trained;
+}
+
+TEST(Prepare, PirateCompletionsSampleHasTheExpectedCounts) {
+  TempDir dir;
+  PrepareOptions o = options_for(fs::path(FLOTILLA_SOURCE_DIR) / "data/pirate/completions", dir.path() / "out");
+  o.mask_prompt = true;
+  const DatasetIndex index = prepare(o, kBytes, std::nullopt);
+  EXPECT_EQ(index.splits.at(Split::train).stats.examples, 800u);
+  EXPECT_EQ(index.splits.at(Split::valid).stats.examples, 100u);
+  EXPECT_EQ(index.splits.at(Split::test).stats.examples, 100u);
+}
+
+}  // namespace
+}  // namespace flotilla::data
