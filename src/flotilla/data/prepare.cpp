@@ -7,6 +7,8 @@
 #include <numeric>
 #include <sstream>
 
+#include <unistd.h>
+
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/rng.hpp"
@@ -319,13 +321,15 @@ DatasetIndex prepare(const PrepareOptions& options, const text::Tokenizer& token
 
   // Move into place; an existing OUT (empty, or replaced with --force) goes only now.
   check_output(options);
-  const fs::path old = with_suffix(options.out, ".old");
-  const bool replace = fs::exists(options.out, ec);
+  const fs::path out = with_suffix(options.out, "");  // without a trailing '/'
+  // The replaced folder steps aside under a name no one else uses, and goes once the new one is in place.
+  const fs::path old = with_suffix(options.out, ".old." + std::to_string(::getpid()));
+  const bool replace = fs::exists(out, ec);
   if (replace) {
-    fs::remove_all(old);
-    fs::rename(options.out, old);
+    if (fs::exists(old, ec)) throw InputError(kComponent, fmt::format("{}: exists; remove it", old.string()));
+    fs::rename(out, old);
   }
-  fs::rename(tmp, options.out);
+  fs::rename(tmp, out);
   guard.release();
   if (replace) fs::remove_all(old);
   return index;
