@@ -8,6 +8,7 @@
 #include "flotilla/base/timer.hpp"
 #include "flotilla/model/decoder.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
 #include "flotilla/model/sampling.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/text/utf8_streamer.hpp"
@@ -16,7 +17,7 @@ namespace flotilla::cli {
 
 void add_generate_command(CLI::App& app) {
   struct Options {
-    std::string model, prompt;
+    std::string model, prompt, adapter;
     int64_t max_tokens = 128;
     bool no_bos = false;
     model::SamplingParams sampling;
@@ -25,6 +26,7 @@ void add_generate_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt");
   cmd->add_option("--model", opt->model, "Model directory")->required()->check(CLI::ExistingDirectory);
   cmd->add_option("--prompt", opt->prompt, "Prompt text")->capture_default_str();
+  cmd->add_option("--adapter", opt->adapter, "A PEFT LoRA adapter directory to apply")->check(CLI::ExistingDirectory);
   cmd->add_option("--max-tokens", opt->max_tokens, "Tokens to generate at most")->capture_default_str();
   cmd->add_option("--temperature", opt->sampling.temperature, "0: greedy")->capture_default_str();
   cmd->add_option("--top-k", opt->sampling.top_k, "Sample among the k likeliest (0: all)")->capture_default_str();
@@ -33,7 +35,10 @@ void add_generate_command(CLI::App& app) {
   cmd->add_flag("--no-bos", opt->no_bos, "Do not prepend the BOS token");
   cmd->callback([opt] {
     if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
-    const model::Llama model = model::Llama::load(opt->model);
+    model::Llama model = model::Llama::load(opt->model);
+    // Generation has no dropout, so merged adapters compute exactly what attached ones do.
+    if (!opt->adapter.empty())
+      model::LoraAdapters::load_peft(opt->adapter, model.config()).merge_into(model.params(), model.layout());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
     std::vector<int32_t> prompt;
     if (!opt->no_bos && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());

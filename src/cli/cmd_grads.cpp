@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
@@ -40,7 +41,7 @@ std::vector<int32_t> read_rows(const nlohmann::json& j, const char* key, const s
 
 void add_grads_command(CLI::App& app) {
   struct Options {
-    std::string model, batch, out;
+    std::string model, batch, out, adapter;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("grads", "Write logits, loss and parameter gradients of a batch (safetensors)");
@@ -48,6 +49,8 @@ void add_grads_command(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "batch.json with \"tokens\" and \"targets\" (B x T)")
       ->required()->check(CLI::ExistingFile);
   cmd->add_option("--out", opt->out, "Output .safetensors file")->required();
+  cmd->add_option("--adapter", opt->adapter, "A PEFT LoRA adapter directory: gradients of its tensors, base frozen")
+      ->check(CLI::ExistingDirectory);
   cmd->callback([opt] {
     nlohmann::json j;
     try {
@@ -61,6 +64,12 @@ void add_grads_command(CLI::App& app) {
     if (B != Bt || T != Tt) throw InputError("grads", opt->batch + ": tokens and targets differ in shape");
 
     model::Llama model = model::Llama::load(opt->model);
+    std::optional<model::LoraAdapters> adapters;
+    if (!opt->adapter.empty()) {
+      adapters.emplace(model::LoraAdapters::load_peft(opt->adapter, model.config()));
+      model.attach_lora(&*adapters);
+    }
+    model.set_training(false);  // no dropout: the reference computes without it
     model.zero_grads();
     const model::LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
     if (loss.num_tokens == 0) throw InputError("grads", opt->batch + ": every target is ignored (-100)");
@@ -71,9 +80,9 @@ void add_grads_command(CLI::App& app) {
     std::vector<io::TensorToWrite> out;
     out.push_back({"logits", {B, T, model.config().vocab_size}, logits.data()});
     out.push_back({"loss", {1}, &mean_loss});
-    const std::span<float> grads = model.grads();
-    for (const auto& info : model.layout().params())
-      out.push_back({"grad." + info.name, info.shape, grads.data() + info.offset});
+    const model::Llama::Trainable trainable = model.trainable();
+    for (const auto& info : trainable.table.params())
+      out.push_back({"grad." + info.name, info.shape, trainable.grads.data() + info.offset});
     io::write_safetensors(opt->out, out, DType::f32);
   });
 }

@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   flotilla::cli::add_generate_command(app);
   flotilla::cli::add_score_command(app);
   flotilla::cli::add_grads_command(app);
+  flotilla::cli::add_fuse_command(app);
   flotilla::cli::add_data_command(app);
   try {
     app.parse(argc, argv);

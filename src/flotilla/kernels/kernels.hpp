@@ -19,6 +19,11 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                      const float* inp, const float* weight, int64_t N, int64_t C, int64_t OC);
 
+// out += alpha * inp @ weight^T      out (N, OC), inp (N, C), weight (OC, C). For low-rank
+// adapters, whose product is added onto the frozen layer's output.
+void matmul_accumulate(float* out, const float* inp, const float* weight, int64_t N, int64_t C,
+                       int64_t OC, float alpha);
+
 // ------------------------------------------------------------------------- embedding
 // out[n, :] = wte[tokens[n], :]     out (N, C), tokens (N), wte (V, C).
 // Tokens are assumed in [0, V) (the model checks them once per batch).
@@ -115,6 +120,14 @@ struct AdamWParams {
 };
 void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
                   const AdamWParams& hp);
+
+// --------------------------------------------------------------------------- dropout
+// Inverted dropout: out = inp * keep / (1 - p), keep[i] ~ Bernoulli(1 - p) drawn from a
+// counter-based hash of (seed, i), so backward regenerates the same mask without storing it
+// and the result does not depend on the thread count. p in [0, 1). out may alias inp.
+void dropout_forward(float* out, const float* inp, int64_t n, float p, uint64_t seed);
+// dinp += dout * keep / (1 - p), the same mask.
+void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64_t seed);
 
 // ------------------------------------------------------------------------- utilities
 // sum of squares in double precision (for global-norm gradient clipping).

@@ -30,6 +30,15 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
               beta, out, static_cast<int>(OC));
 }
 
+void matmul_accumulate(float* out, const float* inp, const float* weight, int64_t N, int64_t C,
+                       int64_t OC, float alpha) {
+  // out (N, OC) +=, inp (N, C), weight (OC, C)
+  if (N == 0 || OC == 0 || C == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
+              static_cast<int>(C), alpha, inp, static_cast<int>(C), weight, static_cast<int>(C), 1.0f,
+              out, static_cast<int>(OC));
+}
+
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                      const float* inp, const float* weight, int64_t N, int64_t C, int64_t OC) {
   // dinp (N, C), dweight (OC, C), dbias (OC), dout (N, OC), inp (N, C), weight (OC, C)

@@ -36,10 +36,26 @@ std::span<float> Llama::grads() {
 }
 
 void Llama::zero_grads() {
+  if (lora_) {
+    lora_->zero_grads();
+    return;
+  }
   if (grads_.empty())
     grads_.resize(params_.size());
   else
     grads_.zero();
+}
+
+void Llama::attach_lora(LoraAdapters* adapters) {
+  lora_ = adapters;
+  acts_ = ActivationPlan();  // the plan holds per-adapter buffers: rebuild on next forward
+  logits_valid_ = false;
+  have_targets_ = false;
+}
+
+Llama::Trainable Llama::trainable() {
+  if (lora_) return Trainable{lora_->table(), lora_->params(), lora_->grads()};
+  return Trainable{layout_, params_.span(), grads()};
 }
 
 namespace {
@@ -51,7 +67,8 @@ struct PlanEntry {
 
 // The activation table of a step shape: each view and its element count, laid out in
 // this order in one buffer.
-std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, int64_t B, int64_t T) {
+std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, const LoraAdapters* lora, int64_t B,
+                                  int64_t T) {
   const int64_t N = B * T, C = cfg.dim, F = cfg.ffn_dim, V = cfg.vocab_size;
   const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim(), NH = cfg.n_heads, hd = cfg.head_dim;
   a.layers.assign(static_cast<size_t>(cfg.n_layers), LayerActivations{});
@@ -68,6 +85,17 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, int
     table.push_back({&la.ln2_rstd, N});
     table.push_back({&la.gate, N * F});
     table.push_back({&la.up, N * F});
+  }
+  if (lora) {
+    const int64_t r = lora->config().rank;
+    for (int64_t l = 0; l < cfg.n_layers; ++l)
+      for (int t = 0; t < kNumLoraTargets; ++t)
+        if (lora->slot(l, static_cast<LoraTarget>(t)).active())
+          table.push_back({&a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)], N * r});
+    table.push_back({&a.lora_g, N * r});
+    const int64_t widest = lora->config().dropout > 0.0f ? N * std::max(C, F) : 0;
+    table.push_back({&a.lora_xd, widest});
+    table.push_back({&a.lora_dxd, widest});
   }
   table.push_back({&a.resid_out, N * C});
   table.push_back({&a.lnf, N * C});
@@ -98,7 +126,7 @@ int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
 int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
   ActivationPlan scratch;
   int64_t total = 0;
-  for (const auto& e : plan_table(scratch, cfg_, B, T)) total += padded(e.numel);
+  for (const auto& e : plan_table(scratch, cfg_, lora_, B, T)) total += padded(e.numel);
   return total * static_cast<int64_t>(sizeof(float));
 }
 
@@ -108,7 +136,7 @@ void Llama::plan(int64_t B, int64_t T) {
   ActivationPlan& a = acts_;
   a.B = B;
   a.T = T;
-  const std::vector<PlanEntry> table = plan_table(a, cfg_, B, T);
+  const std::vector<PlanEntry> table = plan_table(a, cfg_, lora_, B, T);
   int64_t total = 0;
   for (const auto& e : table) total += padded(e.numel);
   a.memory = Buffer<float>();  // release the old plan before allocating the new one
@@ -126,6 +154,12 @@ void Llama::plan(int64_t B, int64_t T) {
   k::rope_table(a.rope_cos, a.rope_sin, inv_freq.data(), 0, T, hd);
   log::debug("[model] activation plan B={} T={}: {:.1f} MiB", B, T,
              static_cast<double>(total) * 4.0 / (1 << 20));
+}
+
+uint64_t Llama::dropout_seed(int64_t layer, LoraTarget t) const {
+  // One mask per (forward, layer, target): a fresh draw every training step.
+  return (forward_dropout_ * 1000003ULL + static_cast<uint64_t>(layer)) * 8ULL + static_cast<uint64_t>(t) +
+         0x5851f42d4c957f2dULL;
 }
 
 LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
@@ -166,6 +200,26 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   }
   const int32_t* key_start = doc_start ? a.key_start.data() : nullptr;
   const int32_t* positions = doc_start ? a.positions.data() : nullptr;
+  const bool dropout = lora_ && training_ && lora_->config().dropout > 0.0f;
+  if (training_ && targets) forward_dropout_ = dropout_step_++;
+  // out += scale * (dropout(x) A^T) B^T for an adapted layer; u = scale * dropout(x) A^T is
+  // kept for backward.
+  auto lora_forward = [&](int64_t l, LoraTarget t, float* out, const float* x) {
+    if (!lora_) return;
+    const LoraSlot& s = lora_->slot(l, t);
+    if (!s.active()) return;
+    const int64_t r = lora_->config().rank;
+    const float* adapters = lora_->params().data();
+    const float* xd = x;
+    if (dropout) {
+      k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
+      xd = a.lora_xd;
+    }
+    float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
+    k::matmul_forward(u, xd, adapters + s.a, nullptr, N, s.in, r);
+    k::scale_inplace(u, N * r, lora_->config().scale());
+    k::matmul_accumulate(out, u, adapters + s.b, N, r, s.out, 1.0f);
+  };
 
   k::embedding_forward(a.layers[0].resid_in, tokens, p(layout_.embed), N, C);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
@@ -178,17 +232,24 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
     k::matmul_forward(la.q, a.ln, p(w.wq), bias(w.bq), N, C, Dq);
     k::matmul_forward(la.k, a.ln, p(w.wk), bias(w.bk), N, C, Dkv);
     k::matmul_forward(la.v, a.ln, p(w.wv), bias(w.bv), N, C, Dkv);
+    lora_forward(l, LoraTarget::q, la.q, a.ln);
+    lora_forward(l, LoraTarget::k, la.k, a.ln);
+    lora_forward(l, LoraTarget::v, la.v, a.ln);
     k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
     k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
     k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
     k::matmul_forward(la.resid_mid, la.attn_out, p(w.wo), nullptr, N, Dq, C);
+    lora_forward(l, LoraTarget::o, la.resid_mid, la.attn_out);
     k::add_inplace(la.resid_mid, la.resid_in, N * C);
     // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
     k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     k::matmul_forward(la.gate, a.ln, p(w.wgate), nullptr, N, C, F);
     k::matmul_forward(la.up, a.ln, p(w.wup), nullptr, N, C, F);
+    lora_forward(l, LoraTarget::gate, la.gate, a.ln);
+    lora_forward(l, LoraTarget::up, la.up, a.ln);
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     k::matmul_forward(resid_next, a.act, p(w.wdown), nullptr, N, F, C);
+    lora_forward(l, LoraTarget::down, resid_next, a.act);
     k::add_inplace(resid_next, la.resid_mid, N * C);
   }
   k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
@@ -218,38 +279,77 @@ void Llama::backward(float dloss_scale) {
   ActivationPlan& a = acts_;
   const int32_t* key_start = a.key_start.empty() ? nullptr : a.key_start.data();
   const int32_t* positions = a.positions.empty() ? nullptr : a.positions.data();
-  if (grads_.empty()) grads_.resize(params_.size());
-  float* g = grads_.data();
-  auto gp = [&](int64_t off) { return off >= 0 ? g + off : nullptr; };
+  // A frozen base has no gradient buffer: every base gradient pointer is null and the
+  // kernels skip those products.
+  const bool frozen = lora_ != nullptr;
+  if (!frozen && grads_.empty()) grads_.resize(params_.size());
+  float* g = frozen ? nullptr : grads_.data();
+  auto gp = [&](int64_t off) { return (off >= 0 && g) ? g + off : nullptr; };
+  const bool dropout = lora_ && lora_->config().dropout > 0.0f && training_;
+  // The adapters of layer l, target t: given dout (grad of the layer's output) and its input
+  // x, add into the adapter gradients and into dx.
+  //   forward: u = scale * xd A^T, out += u B^T  =>  dB += dout^T u;  du = dout B;
+  //            dA += scale * du^T xd;  dxd = scale * du A;  dx += dropout'(dxd)
+  auto lora_backward = [&](int64_t l, LoraTarget t, float* dx, const float* dout, const float* x) {
+    if (!lora_) return;
+    const LoraSlot& s = lora_->slot(l, t);
+    if (!s.active()) return;
+    const int64_t r = lora_->config().rank;
+    const float* adapters = lora_->params().data();
+    float* lg = lora_->grads().data();
+    const float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
+    std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
+    k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out);
+    k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
+    if (!dropout || dx == nullptr) {
+      const float* xd = x;
+      if (dropout) {
+        k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
+        xd = a.lora_xd;
+      }
+      k::matmul_backward(dx, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r);
+      return;
+    }
+    const float p = lora_->config().dropout;
+    k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
+    std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
+    k::matmul_backward(a.lora_dxd, lg + s.a, nullptr, a.lora_g, a.lora_xd, adapters + s.a, N, s.in, r);
+    k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
+  };
+  const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
   const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
 
   // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
   k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
   logits_valid_ = false;
   std::memset(a.dln, 0, bytes_NC);
-  k::matmul_backward(a.dln, g + layout_.lm_head, nullptr, a.logits, a.lnf, p(layout_.lm_head), N, C, V);
+  k::matmul_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, p(layout_.lm_head), N, C, V);
   std::memset(a.dresid, 0, bytes_NC);
-  k::rmsnorm_backward(a.dresid, g + layout_.final_norm, a.dln, a.resid_out, p(layout_.final_norm),
+  k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
                       a.lnf_rstd, N, C);
 
-  for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
+  for (int64_t l = cfg_.n_layers - 1; l >= lowest_layer; --l) {
     const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
     LayerActivations& la = a.layers[static_cast<size_t>(l)];
     // a.dresid holds d(out) of this block; the residual passes it to resid_mid unchanged.
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
-    k::matmul_backward(a.dact, g + w.wdown, nullptr, a.dresid, a.act, p(w.wdown), N, F, C);
+    k::matmul_backward(a.dact, gp(w.wdown), nullptr, a.dresid, a.act, p(w.wdown), N, F, C);
+    lora_backward(l, LoraTarget::down, a.dact, a.dresid, a.act);
     k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, F);
     // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
     k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
-    k::matmul_backward(a.dln, g + w.wgate, nullptr, a.dgate, a.ln, p(w.wgate), N, C, F);
-    k::matmul_backward(a.dln, g + w.wup, nullptr, a.dup, a.ln, p(w.wup), N, C, F);
-    k::rmsnorm_backward(a.dresid, g + w.ln2, a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
+    k::matmul_backward(a.dln, gp(w.wgate), nullptr, a.dgate, a.ln, p(w.wgate), N, C, F);
+    k::matmul_backward(a.dln, gp(w.wup), nullptr, a.dup, a.ln, p(w.wup), N, C, F);
+    lora_backward(l, LoraTarget::gate, a.dln, a.dgate, a.ln);
+    lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
+    k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
     std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
-    k::matmul_backward(a.dattn_out, g + w.wo, nullptr, a.dresid, la.attn_out, p(w.wo), N, Dq, C);
+    k::matmul_backward(a.dattn_out, gp(w.wo), nullptr, a.dresid, la.attn_out, p(w.wo), N, Dq, C);
+    lora_backward(l, LoraTarget::o, a.dattn_out, a.dresid, la.attn_out);
     std::memset(a.dq, 0, static_cast<size_t>(N * Dq) * sizeof(float));
     std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
     std::memset(a.dv, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
@@ -260,14 +360,20 @@ void Llama::backward(float dloss_scale) {
     // q = ln1 @ wq^T + bq (k, v alike);  ln1 = rmsnorm(resid_in) (recomputed)
     k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
-    k::matmul_backward(a.dln, g + w.wq, gp(w.bq), a.dq, a.ln, p(w.wq), N, C, Dq);
-    k::matmul_backward(a.dln, g + w.wk, gp(w.bk), a.dk, a.ln, p(w.wk), N, C, Dkv);
-    k::matmul_backward(a.dln, g + w.wv, gp(w.bv), a.dv, a.ln, p(w.wv), N, C, Dkv);
-    k::rmsnorm_backward(a.dresid, g + w.ln1, a.dln, la.resid_in, p(w.ln1), la.ln1_rstd, N, C);
+    // Below the lowest trained layer nothing needs d(ln1): skip those products.
+    float* dln1 = frozen && l == lowest_layer ? nullptr : a.dln;
+    k::matmul_backward(dln1, gp(w.wq), gp(w.bq), a.dq, a.ln, p(w.wq), N, C, Dq);
+    k::matmul_backward(dln1, gp(w.wk), gp(w.bk), a.dk, a.ln, p(w.wk), N, C, Dkv);
+    k::matmul_backward(dln1, gp(w.wv), gp(w.bv), a.dv, a.ln, p(w.wv), N, C, Dkv);
+    lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
+    lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
+    lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);
+    if (l == lowest_layer && frozen) break;  // nothing below is trained
+    k::rmsnorm_backward(a.dresid, gp(w.ln1), a.dln, la.resid_in, p(w.ln1), la.ln1_rstd, N, C);
     // a.dresid is now d(resid_in) = d(out) of the block below.
   }
   // resid_in of layer 0 = embed_tokens[tokens]
-  k::embedding_backward(g + layout_.embed, a.dresid, a.tokens.data(), N, C);
+  if (!frozen) k::embedding_backward(g + layout_.embed, a.dresid, a.tokens.data(), N, C);
   have_targets_ = false;
 }
 

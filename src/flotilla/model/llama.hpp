@@ -3,6 +3,7 @@
 // planned for the step shape (B, T) and carved into views; nothing is allocated per op.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <span>
@@ -11,6 +12,7 @@
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/model/config.hpp"
+#include "flotilla/model/lora.hpp"
 #include "flotilla/model/params.hpp"
 
 namespace flotilla::model {
@@ -31,6 +33,8 @@ struct LayerActivations {
   float* ln2_rstd;   // (B, T)
   float* gate;       // (B, T, F)
   float* up;         // (B, T, F)
+  // LoRA: scale * dropout(x) A^T per adapted linear layer, (B, T, rank); null if not adapted.
+  std::array<float*, kNumLoraTargets> lora_u{};
 };
 
 // One allocation for all activations and backward scratch of a step shape.
@@ -58,6 +62,9 @@ struct ActivationPlan {
   float* dact;       // (B, T, F)
   float* dgate;      // (B, T, F)
   float* dup;        // (B, T, F)
+  float* lora_g;     // (B, T, rank)       LoRA: gradient of the low-rank activation
+  float* lora_xd;    // (B, T, max(C, F))  LoRA: the dropped-out input, regenerated in backward
+  float* lora_dxd;   // (B, T, max(C, F))
   std::vector<int32_t> tokens, targets;  // (B, T) copies of the batch
   // (B, T) for packed rows: where each token's example starts in its row (the first key
   // it may attend to) and its position within the example. Empty for plain rows.
@@ -90,7 +97,31 @@ class Llama {
   std::span<const float> params() const { return params_.span(); }
   // Gradient buffer in the same layout as params(); allocated on first use.
   std::span<float> grads();
+  // Zeroes the gradients of what is trained: the base's, or only the adapters'.
   void zero_grads();
+
+  // LoRA: adapters the model applies from now on (not owned; nullptr detaches). Attaching
+  // freezes the base: backward computes no base gradient (none is allocated) and stops at
+  // the first adapted layer.
+  void attach_lora(LoraAdapters* adapters);
+  LoraAdapters* lora() { return lora_; }
+  bool base_frozen() const { return lora_ != nullptr; }
+  // Whether a gradient buffer for the base exists (never, in a LoRA-only run).
+  bool base_grads_allocated() const { return !grads_.empty(); }
+  // Dropout (LoRA's) is active only in training forwards.
+  void set_training(bool training) { training_ = training; }
+  // Counts training forwards: with the adapters' seed it decides the dropout masks, so a
+  // checkpoint saves it as the RNG state.
+  uint64_t dropout_step() const { return dropout_step_; }
+  void set_dropout_step(uint64_t step) { dropout_step_ = step; }
+
+  // What an optimizer updates: the adapters when attached, else every parameter.
+  struct Trainable {
+    const ParamTable& table;
+    std::span<float> params;
+    std::span<float> grads;
+  };
+  Trainable trainable();
 
   // Training forward on tokens (B, T). With targets (B, T) (kIgnoreIndex to skip) also
   // computes per-token losses and returns their sum and count; targets == nullptr only
@@ -116,6 +147,7 @@ class Llama {
 
  private:
   void plan(int64_t B, int64_t T);
+  uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
   float* p(int64_t offset) { return params_.data() + offset; }
   const float* p(int64_t offset) const { return params_.data() + offset; }
 
@@ -126,6 +158,10 @@ class Llama {
   ActivationPlan acts_;
   bool have_targets_ = false;
   bool logits_valid_ = false;
+  LoraAdapters* lora_ = nullptr;
+  bool training_ = true;
+  uint64_t dropout_step_ = 0;     // training forwards so far
+  uint64_t forward_dropout_ = 0;  // dropout_step_ of the last forward (backward reuses it)
 };
 
 }  // namespace flotilla::model

@@ -29,7 +29,7 @@ ParamLayout::ParamLayout(const ModelConfig& cfg) {
   lm_head = cfg.tie_embeddings ? embed : add("lm_head.weight", {V, C}, true);
 }
 
-int64_t ParamLayout::add(std::string name, std::vector<int64_t> shape, bool decay) {
+int64_t ParamTable::add(std::string name, std::vector<int64_t> shape, bool decay) {
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
   // Keep every tensor 16-float (64-byte) aligned in the flat buffer: SIMD loads and GEMM
@@ -40,7 +40,7 @@ int64_t ParamLayout::add(std::string name, std::vector<int64_t> shape, bool deca
   return offset;
 }
 
-const ParamInfo* ParamLayout::find(std::string_view name) const {
+const ParamInfo* ParamTable::find(std::string_view name) const {
   for (const auto& p : params_)
     if (p.name == name) return &p;
   return nullptr;

@@ -26,25 +26,33 @@ struct LayerParams {
   int64_t ln2 = -1, wgate = -1, wup = -1, wdown = -1;
 };
 
-// The layout of a model's parameters: computed from the config alone.
-class ParamLayout {
+// Named tensors in one flat buffer: what an optimizer, a checkpoint or a gradient
+// all-reduce needs to know of a set of parameters.
+class ParamTable {
  public:
-  explicit ParamLayout(const ModelConfig& cfg);
-
   const std::vector<ParamInfo>& params() const { return params_; }
   int64_t total_numel() const { return total_; }
   const ParamInfo* find(std::string_view name) const;
+
+ protected:
+  // Appends a tensor, 16-float (64-byte) aligned; returns its offset.
+  int64_t add(std::string name, std::vector<int64_t> shape, bool decay);
+
+ private:
+  std::vector<ParamInfo> params_;
+  int64_t total_ = 0;
+};
+
+// The layout of a model's parameters: computed from the config alone.
+class ParamLayout : public ParamTable {
+ public:
+  explicit ParamLayout(const ModelConfig& cfg);
 
   // Offsets (in floats) of the tensors the forward pass uses.
   int64_t embed = -1;          // (V, C)
   std::vector<LayerParams> layers;
   int64_t final_norm = -1;     // (C)
   int64_t lm_head = -1;        // (V, C); == embed when tied
-
- private:
-  int64_t add(std::string name, std::vector<int64_t> shape, bool decay);
-  std::vector<ParamInfo> params_;
-  int64_t total_ = 0;
 };
 
 }  // namespace flotilla::model

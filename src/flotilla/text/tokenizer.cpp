@@ -7,6 +7,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
+#include "flotilla/text/hf_tokenizer.hpp"
 #include "flotilla/text/sentencepiece_tokenizer.hpp"
 
 namespace flotilla::text {
@@ -97,12 +98,7 @@ std::unique_ptr<Tokenizer> Tokenizer::load_for_model(const std::filesystem::path
   // tokenizer.json is what transformers' (fast) tokenizer runs.
   const std::filesystem::path hf_file = model_dir / "tokenizer.json";
   if (std::filesystem::exists(hf_file, ec)) {
-    // SWITCH: once hf_tokenizer.cpp defines load_hf_tokenizer, include
-    // "flotilla/text/hf_tokenizer.hpp" and replace this throw by
-    //   return load_hf_tokenizer(model_dir);
-    throw InputError(kComponent,
-                     fmt::format("{}: Hugging Face tokenizer.json (BPE) is not supported yet",
-                                 hf_file.string()));
+    return load_hf_tokenizer(model_dir);
   }
   const std::filesystem::path spm_file = model_dir / "tokenizer.model";
   if (std::filesystem::exists(spm_file, ec)) {

@@ -1,0 +1,227 @@
+#include "flotilla/model/lora.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/io/tensor_store.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::model {
+namespace {
+constexpr std::string_view kComponent = "model/lora";
+constexpr std::array<std::string_view, kNumLoraTargets> kModules = {"q_proj", "k_proj",    "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"};
+
+std::string module_path(int64_t layer, LoraTarget t) {
+  const bool attn = t == LoraTarget::q || t == LoraTarget::k || t == LoraTarget::v || t == LoraTarget::o;
+  return fmt::format("base_model.model.model.layers.{}.{}.{}", layer, attn ? "self_attn" : "mlp",
+                     kModules[static_cast<size_t>(t)]);
+}
+
+// (out, in) of a target linear layer.
+std::pair<int64_t, int64_t> linear_shape(const ModelConfig& m, LoraTarget t) {
+  switch (t) {
+    case LoraTarget::q: return {m.q_dim(), m.dim};
+    case LoraTarget::k:
+    case LoraTarget::v: return {m.kv_dim(), m.dim};
+    case LoraTarget::o: return {m.dim, m.q_dim()};
+    case LoraTarget::gate:
+    case LoraTarget::up: return {m.ffn_dim, m.dim};
+    case LoraTarget::down: return {m.dim, m.ffn_dim};
+  }
+  return {0, 0};
+}
+
+int64_t base_weight_offset(const LayerParams& lp, LoraTarget t) {
+  switch (t) {
+    case LoraTarget::q: return lp.wq;
+    case LoraTarget::k: return lp.wk;
+    case LoraTarget::v: return lp.wv;
+    case LoraTarget::o: return lp.wo;
+    case LoraTarget::gate: return lp.wgate;
+    case LoraTarget::up: return lp.wup;
+    case LoraTarget::down: return lp.wdown;
+  }
+  return -1;
+}
+}  // namespace
+
+std::string_view lora_target_module(LoraTarget t) { return kModules[static_cast<size_t>(t)]; }
+
+std::vector<LoraTarget> LoraConfig::parse_targets(std::string_view list) {
+  std::vector<LoraTarget> out;
+  size_t start = 0;
+  while (start <= list.size()) {
+    const size_t comma = std::min(list.find(',', start), list.size());
+    std::string name(list.substr(start, comma - start));
+    if (!name.empty()) {
+      if (!name.ends_with("_proj")) name += "_proj";
+      const auto it = std::find(kModules.begin(), kModules.end(), name);
+      if (it == kModules.end())
+        throw InputError(kComponent, fmt::format("unknown LoRA target '{}' (expected any of q,k,v,o,gate,up,down)",
+                                                 list.substr(start, comma - start)));
+      const auto t = static_cast<LoraTarget>(it - kModules.begin());
+      if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
+    }
+    start = comma + 1;
+  }
+  if (out.empty()) throw InputError(kComponent, "no LoRA targets given");
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(model), cfg_(std::move(cfg)) {
+  if (cfg_.rank <= 0) throw InputError(kComponent, fmt::format("LoRA rank must be positive, got {}", cfg_.rank));
+  if (!(cfg_.dropout >= 0.0f && cfg_.dropout < 1.0f))
+    throw InputError(kComponent, fmt::format("LoRA dropout must be in [0, 1), got {}", cfg_.dropout));
+  if (cfg_.targets.empty()) throw InputError(kComponent, "no LoRA targets given");
+  const int64_t L = model.n_layers;
+  const int64_t n = cfg_.num_layers < 0 ? L : cfg_.num_layers;
+  if (n <= 0 || n > L)
+    throw InputError(kComponent, fmt::format("--num-layers {} is outside 1..{} (the model's layers)", n, L));
+  first_layer_ = L - n;
+  slots_.assign(static_cast<size_t>(L), {});
+  for (int64_t l = first_layer_; l < L; ++l) {
+    for (LoraTarget t : cfg_.targets) {
+      const auto [out, in] = linear_shape(model, t);
+      LoraSlot& s = slots_[static_cast<size_t>(l)][static_cast<size_t>(t)];
+      s.in = in;
+      s.out = out;
+      const std::string path = module_path(l, t);
+      // No weight decay on adapters by default would be mlx_lm's choice too (it uses Adam).
+      s.a = table_.add(path + ".lora_A.weight", {cfg_.rank, in}, true);
+      s.b = table_.add(path + ".lora_B.weight", {out, cfg_.rank}, true);
+    }
+  }
+  params_.resize(static_cast<size_t>(table_.total_numel()));
+}
+
+std::span<float> LoraAdapters::grads() {
+  if (grads_.empty()) grads_.resize(params_.size());
+  return grads_.span();
+}
+
+void LoraAdapters::zero_grads() {
+  if (grads_.empty())
+    grads_.resize(params_.size());
+  else
+    grads_.zero();
+}
+
+void LoraAdapters::init_random(uint64_t seed) {
+  Rng rng(seed);
+  params_.zero();
+  for (const auto& row : slots_) {
+    for (const LoraSlot& s : row) {
+      if (!s.active()) continue;
+      const float bound = 1.0f / std::sqrt(static_cast<float>(s.in));
+      rng.fill_uniform(std::span<float>(params_.data() + s.a, static_cast<size_t>(cfg_.rank * s.in)), -bound, bound);
+    }
+  }
+}
+
+void LoraAdapters::save_peft(const std::filesystem::path& dir, const std::string& base_model) const {
+  std::filesystem::create_directories(dir);
+  std::vector<io::TensorToWrite> tensors;
+  for (const ParamInfo& info : table_.params())
+    tensors.push_back(io::TensorToWrite{info.name, info.shape, params_.data() + info.offset});
+  io::write_safetensors(dir / "adapter_model.safetensors", tensors, DType::f32);
+  nlohmann::json modules = nlohmann::json::array();
+  for (LoraTarget t : cfg_.targets) modules.push_back(lora_target_module(t));
+  nlohmann::json layers = nlohmann::json::array();
+  for (int64_t l = first_layer_; l < model_.n_layers; ++l) layers.push_back(l);
+  const nlohmann::json config = {
+      {"peft_type", "LORA"},
+      {"task_type", "CAUSAL_LM"},
+      {"base_model_name_or_path", base_model},
+      {"r", cfg_.rank},
+      {"lora_alpha", cfg_.alpha},
+      {"lora_dropout", cfg_.dropout},
+      {"target_modules", modules},
+      {"layers_to_transform", first_layer_ == 0 ? nlohmann::json(nullptr) : layers},
+      {"layers_pattern", first_layer_ == 0 ? nlohmann::json(nullptr) : nlohmann::json("layers")},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"inference_mode", true},
+      {"init_lora_weights", true},
+      {"modules_to_save", nullptr},
+      {"use_rslora", false},
+      {"use_dora", false},
+      {"rank_pattern", nlohmann::json::object()},
+      {"alpha_pattern", nlohmann::json::object()},
+      {"revision", nullptr}};
+  write_file_atomic(dir / "adapter_config.json", config.dump(2) + "\n");
+}
+
+LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const ModelConfig& model) {
+  const std::filesystem::path config_path = dir / "adapter_config.json";
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_text_file(config_path));
+  } catch (const nlohmann::json::parse_error& e) {
+    throw InputError(kComponent, fmt::format("{}: not JSON: {}", config_path.string(), e.what()));
+  }
+  auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
+  try {
+    if (j.value("peft_type", std::string("LORA")) != "LORA") fail("peft_type is not LORA");
+    if (j.value("use_dora", false)) fail("DoRA adapters are not supported");
+    if (j.value("use_rslora", false)) fail("rsLoRA scaling is not supported");
+    if (j.value("bias", std::string("none")) != "none") fail("adapter biases are not supported");
+    if (j.contains("rank_pattern") && !j["rank_pattern"].empty()) fail("per-module ranks (rank_pattern) are not supported");
+    LoraConfig cfg;
+    cfg.rank = j.at("r").get<int64_t>();
+    cfg.alpha = j.at("lora_alpha").get<float>();
+    cfg.dropout = j.value("lora_dropout", 0.0f);
+    std::string targets;
+    for (const auto& m : j.at("target_modules")) targets += m.get<std::string>() + ",";
+    cfg.targets = LoraConfig::parse_targets(targets);
+    cfg.num_layers = -1;
+    if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
+      std::vector<int64_t> layers = j["layers_to_transform"].get<std::vector<int64_t>>();
+      std::sort(layers.begin(), layers.end());
+      // We adapt a contiguous range ending at the last layer, as mlx_lm's --num-layers.
+      for (size_t i = 0; i < layers.size(); ++i)
+        if (layers[i] != model.n_layers - static_cast<int64_t>(layers.size()) + static_cast<int64_t>(i))
+          fail("layers_to_transform must be the last N layers of the model");
+      cfg.num_layers = static_cast<int64_t>(layers.size());
+    }
+    LoraAdapters adapters(model, cfg);
+    const io::TensorStore store(dir / "adapter_model.safetensors");
+    for (const ParamInfo& info : adapters.table_.params()) {
+      std::span<float> dst(adapters.params_.data() + info.offset, static_cast<size_t>(info.numel));
+      store.read_f32(info.name, dst, info.shape);
+    }
+    for (const std::string& name : store.names())
+      if (!adapters.table_.find(name))
+        throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}' for this adapter configuration",
+                                                 (dir / "adapter_model.safetensors").string(), name));
+    return adapters;
+  } catch (const nlohmann::json::exception& e) {
+    fail(std::string("malformed: ") + e.what());
+  }
+  throw Error(kComponent, "unreachable");
+}
+
+void LoraAdapters::merge_into(std::span<float> base_params, const ParamLayout& layout) const {
+  for (int64_t l = first_layer_; l < model_.n_layers; ++l) {
+    for (LoraTarget t : cfg_.targets) {
+      const LoraSlot& s = slot(l, t);
+      float* w = base_params.data() + base_weight_offset(layout.layers[static_cast<size_t>(l)], t);
+      // W (out, in) += scale * B (out, r) @ A (r, in) = scale * B @ (A^T)^T
+      std::vector<float> a_t(static_cast<size_t>(s.in * cfg_.rank));
+      const float* a = params_.data() + s.a;
+      for (int64_t r = 0; r < cfg_.rank; ++r)
+        for (int64_t i = 0; i < s.in; ++i) a_t[static_cast<size_t>(i * cfg_.rank + r)] = a[r * s.in + i];
+      kernels::matmul_accumulate(w, params_.data() + s.b, a_t.data(), s.out, cfg_.rank, s.in, cfg_.scale());
+    }
+  }
+}
+
+}  // namespace flotilla::model

@@ -1,0 +1,94 @@
+// LoRA: low-rank adapters on a frozen base (Hu et al. 2021), as PEFT and mlx_lm train them.
+// An adapted linear layer computes
+//     y = x W^T + b + scale * (dropout(x) A^T) B^T,   scale = alpha / rank,
+// with A (rank, in) and B (out, rank); B starts at zero so training starts from the base.
+// Only A and B are trained: they live in their own flat buffer, with their own gradients
+// and optimizer state, and the base model keeps no gradient at all.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "flotilla/base/buffer.hpp"
+#include "flotilla/model/config.hpp"
+#include "flotilla/model/params.hpp"
+
+namespace flotilla::model {
+
+enum class LoraTarget : uint8_t { q, k, v, o, gate, up, down };
+inline constexpr int kNumLoraTargets = 7;
+std::string_view lora_target_module(LoraTarget t);  // "q_proj", ..., "down_proj"
+
+struct LoraConfig {
+  int64_t rank = 8;
+  float alpha = 16.0f;
+  float dropout = 0.0f;
+  std::vector<LoraTarget> targets = {LoraTarget::q, LoraTarget::v};
+  int64_t num_layers = -1;  // adapt the last N layers (mlx_lm's --num-layers); -1: all
+
+  float scale() const { return alpha / static_cast<float>(rank); }
+  // "q,k,v,o,gate,up,down" (any subset; also accepts q_proj etc.). InputError otherwise.
+  static std::vector<LoraTarget> parse_targets(std::string_view list);
+};
+
+// Where one adapted linear layer's A and B sit in the adapter buffer.
+struct LoraSlot {
+  int64_t a = -1;  // (rank, in)
+  int64_t b = -1;  // (out, rank)
+  int64_t in = 0, out = 0;
+  bool active() const { return a >= 0; }
+};
+
+class LoraAdapters {
+ public:
+  // InputError for a rank or layer count the model cannot take.
+  LoraAdapters(const ModelConfig& model, LoraConfig cfg);
+
+  const LoraConfig& config() const { return cfg_; }
+  const ParamTable& table() const { return table_; }
+  std::span<float> params() { return params_.span(); }
+  std::span<const float> params() const { return params_.span(); }
+  std::span<float> grads();  // allocated on first use
+  void zero_grads();
+  // The first adapted layer: backward need not go below it.
+  int64_t first_layer() const { return first_layer_; }
+  const LoraSlot& slot(int64_t layer, LoraTarget t) const {
+    return slots_[static_cast<size_t>(layer)][static_cast<size_t>(t)];
+  }
+
+  // PEFT's initialisation: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
+  // B = 0.
+  void init_random(uint64_t seed);
+
+  // PEFT's layout for LlamaForCausalLM: adapter_model.safetensors with
+  // "base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight" (rank, in) and
+  // ".lora_B.weight" (out, rank), and adapter_config.json. Hugging Face PEFT loads it.
+  void save_peft(const std::filesystem::path& dir, const std::string& base_model) const;
+  // Reads a PEFT adapter directory for a model of config `model`. InputError naming the
+  // file for a missing or misshapen tensor, an unsupported setting (DoRA, rsLoRA, biases).
+  static LoraAdapters load_peft(const std::filesystem::path& dir, const ModelConfig& model);
+
+  // W += scale * B A for every adapted layer of `base_params` (laid out by `layout`):
+  // the fused model computes what base + adapters compute (dropout is off at inference).
+  void merge_into(std::span<float> base_params, const ParamLayout& layout) const;
+
+ private:
+  class Table : public ParamTable {
+   public:
+    using ParamTable::add;
+  };
+  ModelConfig model_;
+  LoraConfig cfg_;
+  Table table_;
+  int64_t first_layer_ = 0;
+  std::vector<std::array<LoraSlot, kNumLoraTargets>> slots_;  // (n_layers, 7)
+  Buffer<float> params_, grads_;
+};
+
+}  // namespace flotilla::model

@@ -1,0 +1,251 @@
+// LoRA adapters: gradients against finite differences, a frozen base that keeps no
+// gradient, dropout masks that backward reproduces, merging, and PEFT's file layout.
+#include "flotilla/model/lora.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/model/llama.hpp"
+
+namespace flotilla::model {
+namespace {
+
+uint64_t fresh_seed() {
+  std::random_device rd;
+  const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
+  std::printf("[   seed   ] %llu\n", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+ModelConfig small_config() {
+  ModelConfig cfg;
+  cfg.vocab_size = 29;
+  cfg.dim = 16;
+  cfg.n_layers = 3;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 4;
+  cfg.ffn_dim = 24;
+  cfg.qkv_bias = true;
+  cfg.initializer_range = 0.3f;
+  return cfg;
+}
+
+LoraConfig all_targets(int64_t num_layers, float dropout = 0.0f) {
+  LoraConfig c;
+  c.rank = 3;
+  c.alpha = 6.0f;
+  c.dropout = dropout;
+  c.targets = LoraConfig::parse_targets("q,k,v,o,gate,up,down");
+  c.num_layers = num_layers;
+  return c;
+}
+
+// B starts at zero (so dA would be zero): give it values to test every path.
+void randomize(LoraAdapters& lora, uint64_t seed) {
+  lora.init_random(seed);
+  Rng rng(seed + 1);
+  for (const ParamInfo& info : lora.table().params())
+    if (info.name.find("lora_B") != std::string::npos)
+      rng.fill_uniform(lora.params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel)), -0.5f,
+                       0.5f);
+}
+
+struct Batch {
+  std::vector<int32_t> tokens, targets;
+};
+Batch random_batch(Rng& rng, int64_t n, int64_t vocab) {
+  Batch b;
+  for (int64_t i = 0; i < n; ++i) {
+    b.tokens.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+    b.targets.push_back(i % 5 == 4 ? kIgnoreIndex : static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+  }
+  return b;
+}
+
+TEST(Lora, AdapterGradientsMatchFiniteDifferences) {
+  const uint64_t seed = fresh_seed();
+  Rng rng(seed);
+  Llama model(small_config());
+  model.init_random(seed);
+  LoraAdapters lora(model.config(), all_targets(2));
+  randomize(lora, seed);
+  model.attach_lora(&lora);
+  const int64_t B = 2, T = 5;
+  const Batch batch = random_batch(rng, B * T, 29);
+  auto mean_loss = [&] {
+    const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), B, T);
+    return l.sum / static_cast<double>(l.num_tokens);
+  };
+  model.zero_grads();
+  const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), B, T);
+  model.backward(1.0f / static_cast<float>(l.num_tokens));
+  const std::vector<float> analytic(lora.grads().begin(), lora.grads().end());
+  // Central differences in float32 with eps 1e-2: the loss is O(1) and smooth, so the
+  // truncation error is ~1e-5 and float rounding of the loss (~1e-7 relative) divided by
+  // 2 eps is ~1e-5; a wrong or missing term is O(|grad|).
+  std::span<float> w = lora.params();
+  int checked = 0;
+  for (const ParamInfo& info : lora.table().params()) {
+    for (int k = 0; k < 3; ++k) {
+      const auto i = static_cast<size_t>(info.offset + static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel))));
+      const float w0 = w[i];
+      w[i] = w0 + 1e-2f;
+      const double lp = mean_loss();
+      w[i] = w0 - 1e-2f;
+      const double lm = mean_loss();
+      w[i] = w0;
+      const double numeric = (lp - lm) / 2e-2;
+      EXPECT_NEAR(analytic[i], numeric, 2e-3 + 2e-2 * std::fabs(numeric)) << info.name << " element " << i;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 3 * 2 * 7 * 2);  // 3 samples x (A, B) x 7 targets x 2 layers
+}
+
+TEST(Lora, FrozenBaseKeepsNoGradientAndStaysUnchanged) {
+  Llama model(small_config());
+  model.init_random(1);
+  LoraAdapters lora(model.config(), all_targets(1));
+  lora.init_random(2);
+  model.attach_lora(&lora);
+  const std::vector<float> base(model.params().begin(), model.params().end());
+  Rng rng(3);
+  const Batch batch = random_batch(rng, 8, 29);
+  model.zero_grads();
+  model.forward(batch.tokens.data(), batch.targets.data(), 1, 8);
+  model.backward(1.0f);
+  EXPECT_FALSE(model.base_grads_allocated());
+  EXPECT_EQ(model.trainable().params.size(), lora.params().size());
+  EXPECT_TRUE(std::equal(base.begin(), base.end(), model.params().begin()));
+  // B = 0 at init, so dB carries the signal and dA is exactly zero.
+  double dB = 0.0;
+  for (const ParamInfo& info : lora.table().params())
+    if (info.name.find("lora_B") != std::string::npos)
+      for (int64_t i = 0; i < info.numel; ++i) dB += std::fabs(lora.grads()[static_cast<size_t>(info.offset + i)]);
+  EXPECT_GT(dB, 0.0);
+}
+
+TEST(Lora, DropoutMaskIsReproducedInBackward) {
+  const uint64_t seed = fresh_seed();
+  Rng rng(seed);
+  Llama model(small_config());
+  model.init_random(seed);
+  LoraAdapters lora(model.config(), all_targets(1, 0.3f));
+  randomize(lora, seed);
+  model.attach_lora(&lora);
+  const Batch batch = random_batch(rng, 10, 29);
+  // The same dropout step gives the same mask: finite differences see the mask backward uses.
+  auto mean_loss = [&] {
+    model.set_dropout_step(7);
+    const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5);
+    return l.sum / static_cast<double>(l.num_tokens);
+  };
+  model.zero_grads();
+  model.set_dropout_step(7);
+  const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5);
+  model.backward(1.0f / static_cast<float>(l.num_tokens));
+  const std::vector<float> analytic(lora.grads().begin(), lora.grads().end());
+  std::span<float> w = lora.params();
+  for (const ParamInfo& info : lora.table().params()) {
+    const auto i = static_cast<size_t>(info.offset + static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel))));
+    const float w0 = w[i];
+    w[i] = w0 + 1e-2f;
+    const double lp = mean_loss();
+    w[i] = w0 - 1e-2f;
+    const double lm = mean_loss();
+    w[i] = w0;
+    const double numeric = (lp - lm) / 2e-2;
+    EXPECT_NEAR(analytic[i], numeric, 2e-3 + 2e-2 * std::fabs(numeric)) << info.name;
+  }
+  // Dropout is on in training and off in evaluation; successive steps draw new masks.
+  model.set_dropout_step(7);
+  const double train_a = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5).sum;
+  const double train_b = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5).sum;
+  model.set_training(false);
+  const double eval = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5).sum;
+  EXPECT_NE(train_a, train_b);
+  EXPECT_NE(train_a, eval);
+}
+
+TEST(Lora, MergedModelComputesWhatBasePlusAdaptersCompute) {
+  const uint64_t seed = fresh_seed();
+  Rng rng(seed);
+  Llama model(small_config());
+  model.init_random(seed);
+  LoraAdapters lora(model.config(), all_targets(2));
+  randomize(lora, seed);
+  model.attach_lora(&lora);
+  model.set_training(false);
+  const Batch batch = random_batch(rng, 12, 29);
+  model.forward(batch.tokens.data(), nullptr, 2, 6);
+  const std::vector<float> adapted(model.logits().begin(), model.logits().end());
+  model.attach_lora(nullptr);
+  model.forward(batch.tokens.data(), nullptr, 2, 6);
+  const std::vector<float> base(model.logits().begin(), model.logits().end());
+  lora.merge_into(model.params(), model.layout());
+  model.forward(batch.tokens.data(), nullptr, 2, 6);
+  double diff_base = 0.0;
+  for (size_t i = 0; i < adapted.size(); ++i) {
+    EXPECT_NEAR(model.logits()[i], adapted[i], 1e-4 * (1.0 + std::fabs(adapted[i])));
+    diff_base = std::max(diff_base, static_cast<double>(std::fabs(base[i] - adapted[i])));
+  }
+  EXPECT_GT(diff_base, 1e-2) << "the adapters changed nothing: the comparison proves nothing";
+}
+
+TEST(Lora, PeftRoundTripAndLayout) {
+  Llama model(small_config());
+  LoraConfig cfg = all_targets(2);
+  cfg.targets = LoraConfig::parse_targets("q,v,down");
+  LoraAdapters lora(model.config(), cfg);
+  randomize(lora, 11);
+  const auto dir = std::filesystem::temp_directory_path() / ("flotilla_lora_" + std::to_string(fresh_seed()));
+  lora.save_peft(dir, "base-model");
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(dir / "adapter_config.json"));
+  EXPECT_EQ(j["peft_type"], "LORA");
+  EXPECT_EQ(j["r"], 3);
+  EXPECT_EQ(j["target_modules"], nlohmann::json({"q_proj", "v_proj", "down_proj"}));
+  EXPECT_EQ(j["layers_to_transform"], nlohmann::json({1, 2}));
+  const io::SafetensorsFile file(dir / "adapter_model.safetensors");
+  const io::TensorEntry& a = file.at("base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight");
+  EXPECT_EQ(a.shape, (std::vector<int64_t>{3, 16}));
+  const io::TensorEntry& b = file.at("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight");
+  EXPECT_EQ(b.shape, (std::vector<int64_t>{16, 3}));
+  EXPECT_EQ(file.find("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"), nullptr);
+  const LoraAdapters loaded = LoraAdapters::load_peft(dir, model.config());
+  EXPECT_TRUE(std::equal(lora.params().begin(), lora.params().end(), loaded.params().begin()));
+  EXPECT_EQ(loaded.first_layer(), 1);
+
+  // A rank that does not match the tensors is an error naming the file.
+  nlohmann::json bad = j;
+  bad["r"] = 4;
+  std::ofstream(dir / "adapter_config.json") << bad.dump();
+  try {
+    LoraAdapters::load_peft(dir, model.config());
+    ADD_FAILURE() << "a wrong rank was accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("adapter_model.safetensors"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Lora, RejectsBadSettings) {
+  const ModelConfig cfg = small_config();
+  LoraConfig c = all_targets(4);  // the model has 3 layers
+  EXPECT_THROW(LoraAdapters(cfg, c), InputError);
+  EXPECT_THROW(LoraConfig::parse_targets("q,x"), InputError);
+  c = all_targets(1);
+  c.rank = 0;
+  EXPECT_THROW(LoraAdapters(cfg, c), InputError);
+}
+
+}  // namespace
+}  // namespace flotilla::model
