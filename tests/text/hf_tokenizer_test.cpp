@@ -13,6 +13,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/text/hf_components.hpp"
 #include "flotilla/text/hf_pretokenize.hpp"
+#include "flotilla/text/unicode_nfc.hpp"
 #include "hf_test_util.hpp"
 
 namespace flotilla::text {
@@ -155,6 +156,23 @@ TEST(HfSplitPattern, OnlyTheKnownRegexesAreRecognised) {
                 R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)"),
             SplitPattern::kGpt2);
   EXPECT_EQ(recognize_split_pattern(R"(\w+)"), std::nullopt);
+}
+
+// ---- NFC ------------------------------------------------------------------------------
+
+TEST(HfNfc, ComposesReordersAndMapsSingletonsAsUnicodeSays) {
+  EXPECT_EQ(to_nfc("caf" "e\xCC\x81"), "caf\xC3\xA9");                    // e + U+0301 -> é
+  EXPECT_EQ(to_nfc("\xE2\x84\xAB"), "\xC3\x85");                          // Å sign -> Å
+  EXPECT_EQ(to_nfc("a\xCC\xA3\xCC\x82"), "\xE1\xBA\xAD");                 // a + dot + ^ -> ậ
+  EXPECT_EQ(to_nfc("a\xCC\x82\xCC\xA3"), "\xE1\xBA\xAD");                 // either order
+  EXPECT_EQ(to_nfc("\xE1\x84\x80\xE1\x85\xA1\xE1\x86\xA8"), "\xEA\xB0\x81");  // jamo -> 각
+  EXPECT_EQ(to_nfc("\xE0\xA4\x95\xE0\xA4\xBC"), "\xE0\xA4\x95\xE0\xA4\xBC");  // excluded: stays
+  EXPECT_EQ(to_nfc("\xCC\x81x\xCC\x81\xCC\x81"), "\xCC\x81x\xCC\x81\xCC\x81");  // nothing composes
+}
+
+TEST(HfNfc, LeavesNfcTextAndInvalidBytesAlone) {
+  EXPECT_EQ(to_nfc("plain ASCII, caf\xC3\xA9, \xE6\x97\xA5\xE6\x9C\xAC"), "plain ASCII, caf\xC3\xA9, \xE6\x97\xA5\xE6\x9C\xAC");
+  EXPECT_EQ(to_nfc("\xFF e\xCC\x81\x80"), "\xFF \xC3\xA9\x80");
 }
 
 // ---- BPE model ------------------------------------------------------------------------

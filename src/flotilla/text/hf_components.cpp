@@ -3,6 +3,7 @@
 #include <array>
 
 #include "flotilla/text/unicode_classes.hpp"
+#include "flotilla/text/unicode_nfc.hpp"
 
 namespace flotilla::text::hf {
 namespace {
@@ -145,6 +146,8 @@ std::string normalize(std::span<const NormalizerStep> steps, std::string_view te
       if (!out.empty()) out.insert(0, prepend->prepend);
     } else if (const auto* replace = std::get_if<ReplaceNormalizer>(&step)) {
       out = replace_all(out, replace->pattern, replace->content);
+    } else if (std::holds_alternative<NfcNormalizer>(step)) {
+      out = to_nfc(out);
     }
   }
   return out;

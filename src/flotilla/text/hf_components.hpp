@@ -37,7 +37,8 @@ struct ReplaceNormalizer {
   std::string pattern;  // a literal string (Regex patterns are refused by the loader)
   std::string content;
 };
-using NormalizerStep = std::variant<PrependNormalizer, ReplaceNormalizer>;
+struct NfcNormalizer {};  // Unicode normalization form C (unicode_nfc.hpp)
+using NormalizerStep = std::variant<PrependNormalizer, ReplaceNormalizer, NfcNormalizer>;
 
 std::string normalize(std::span<const NormalizerStep> steps, std::string_view text);
 

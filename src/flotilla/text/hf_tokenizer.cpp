@@ -21,6 +21,8 @@ constexpr const char* kComponent = "text/hf_tokenizer";
 // Ids above this are refused: real vocabularies stay below 300k, and the id tables are
 // sized by the largest id.
 constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
+// Unassigned ids tolerated below the largest id.
+constexpr size_t kMaxIdGap = 65536;
 
 // nlohmann's message without its "[json.exception.parse_error.101] " tag.
 std::string json_error_text(const json::exception& e) {
@@ -144,9 +146,11 @@ void read_normalizer(const Reader& r, const json& obj, std::string_view where,
     std::string pattern = r.literal_pattern(obj, where);
     if (pattern.empty()) r.fail(fmt::format("{}: empty pattern", where));
     steps.push_back(hf::ReplaceNormalizer{std::move(pattern), r.string_at(obj, "content", where)});
+  } else if (type == "NFC") {
+    steps.push_back(hf::NfcNormalizer{});
   } else {
     r.fail(fmt::format("normalizer type '{}' is not supported (supported: Sequence, Prepend, "
-                       "Replace)", type));
+                       "Replace, NFC)", type));
   }
 }
 
@@ -352,6 +356,12 @@ void HfTokenizer::Impl::load_tokenizer_json() {
     }
   }
   if (max_id < 0) r.fail("the vocabulary is empty");
+  // Tables are indexed by id: a few huge ids must not cost gigabytes.
+  const size_t token_count = token_to_id.size() + added.size();
+  if (static_cast<size_t>(max_id) >= token_count + kMaxIdGap) {
+    r.fail(fmt::format("token id {} is far beyond the {} tokens defined (ids must be nearly dense)",
+                       max_id, token_count));
+  }
   id_to_token.assign(static_cast<size_t>(max_id) + 1, std::string());
   special.assign(id_to_token.size(), 0);
   is_added.assign(id_to_token.size(), 0);

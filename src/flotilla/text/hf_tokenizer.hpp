@@ -4,7 +4,7 @@
 //   byte-level BPE     GPT-2, Llama 3, Qwen2. pre_tokenizer ByteLevel (add_prefix_space,
 //                      use_regex) and/or Sequence[Split(Regex, Isolated), ByteLevel(use_regex
 //                      false)] with one of the split patterns of hf_pretokenize.hpp; decoder
-//                      ByteLevel.
+//                      ByteLevel; normalizer NFC (Qwen2) or none.
 //   SentencePiece BPE  Llama 2, Mistral, TinyLlama. normalizer Sequence[Prepend("▁"),
 //                      Replace(" ", "▁")] or pre_tokenizer Metaspace("▁", prepend_scheme,
 //                      split); BPE with byte_fallback (<0xNN> tokens), unk_token, fuse_unk;

@@ -5,7 +5,8 @@ tokenizer.json files (the exact schema of the `tokenizers` library), one folder 
   byte_llama3/      byte-level BPE, Llama 3 layout: Split(Llama 3 regex) + ByteLevel,
                     ignore_merges, merges as "a b" strings, <|begin_of_text|> template,
                     tokenizer_config.json with bos/eos
-  byte_qwen2/       the same with the Qwen2 split regex (one digit per piece), no BOS
+  byte_qwen2/       the same with the Qwen2 split regex (one digit per piece), the NFC
+                    normalizer, no BOS
   byte_gpt2/        GPT-2 layout: ByteLevel(add_prefix_space false) pre-tokenizer, merges
                     as [a, b] pairs, <|endoftext|>, no tokenizer_config.json
   byte_gpt2_prefix/ the same with add_prefix_space true
@@ -167,7 +168,7 @@ def byte_level_tokenizers(corpus, num_merges, out_dir):
              added_token(n + 2, "<|im_end|>", True), added_token(n + 3, EXTRA_TOKEN, False)]
     write(out_dir, "byte_qwen2", {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": split_then_bytes(QWEN2_REGEX),
+        "normalizer": {"type": "NFC"}, "pre_tokenizer": split_then_bytes(QWEN2_REGEX),
         "post_processor": dict(byte_level, trim_offsets=False),
         "decoder": byte_level,
         "model": bpe_model(vocab, merges, as_pairs=True),
