@@ -1,0 +1,51 @@
+#include "flotilla/parallel/data_parallel.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+#include <cstring>
+#include <vector>
+
+#include "flotilla/base/error.hpp"
+
+namespace flotilla::parallel {
+
+DataParallel::DataParallel(comm::Communicator& comm) : comm_(comm) {}
+
+void DataParallel::broadcast_parameters(std::span<float> params) {
+  comm_.broadcast(params, 0, comm::Options{.name = "parameters"});
+}
+
+model::LossSum DataParallel::all_reduce_gradients(std::span<float> grads, const model::LossSum& local) {
+  comm_.all_reduce(grads, comm::ReduceOp::sum, comm::Options{.name = "gradients"});
+  return all_reduce_loss(local);
+}
+
+model::LossSum DataParallel::all_reduce_loss(const model::LossSum& local) {
+  // Token counts travel as doubles next to the loss sum: exact below 2^53 tokens.
+  std::array<double, 2> sums = {local.sum, static_cast<double>(local.num_tokens)};
+  comm_.all_reduce(sums, comm::ReduceOp::sum, comm::Options{.name = "loss"});
+  return model::LossSum{sums[0], static_cast<int64_t>(sums[1])};
+}
+
+void DataParallel::check_same(std::string_view what, const std::string& digest) {
+  constexpr size_t kBytes = 64;
+  std::array<uint8_t, kBytes> mine{};
+  std::memcpy(mine.data(), digest.data(), std::min(digest.size(), kBytes));
+  std::vector<uint8_t> all(kBytes * static_cast<size_t>(world()));
+  comm_.all_gather(mine, all, comm::Options{.name = "check_same"});
+  std::string differ;
+  for (int r = 1; r < world(); ++r) {
+    if (std::memcmp(all.data(), all.data() + r * kBytes, kBytes) != 0) {
+      const std::string theirs(reinterpret_cast<const char*>(all.data() + r * kBytes),
+                               strnlen(reinterpret_cast<const char*>(all.data() + r * kBytes), kBytes));
+      differ += fmt::format("{}rank {} has {}", differ.empty() ? "" : "; ", r, theirs);
+    }
+  }
+  if (!differ.empty()) {
+    const std::string root(reinterpret_cast<const char*>(all.data()), strnlen(reinterpret_cast<const char*>(all.data()), kBytes));
+    throw InputError("parallel", fmt::format("ranks see different {}: rank 0 has {}; {}", what, root, differ));
+  }
+}
+
+}  // namespace flotilla::parallel

@@ -1,0 +1,46 @@
+// Data parallelism, the fully parallel setup: every rank holds the whole model, trains on
+// its own slice of each global batch, and the gradients are combined across ranks before
+// every optimizer step.
+//
+// Combining is weighted by tokens, not by ranks: each rank's gradient buffer holds the SUM
+// of its per-token gradients, the all-reduce adds those sums, and the trainer divides by
+// the global number of target tokens. That is exactly the gradient of the global batch's
+// mean token loss even when ranks saw different numbers of target tokens (prompt masking,
+// padding, packing) — which all_sum(g) / world_size of per-rank means is not.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "flotilla/comm/communicator.hpp"
+#include "flotilla/model/llama.hpp"
+
+namespace flotilla::parallel {
+
+class DataParallel {
+ public:
+  explicit DataParallel(comm::Communicator& comm);
+
+  int rank() const { return comm_.rank(); }
+  int world() const { return comm_.size(); }
+  bool is_root() const { return comm_.rank() == 0; }
+  comm::Communicator& communicator() { return comm_; }
+
+  // Every rank takes rank 0's values (initial trainable weights).
+  void broadcast_parameters(std::span<float> params);
+  // Sums gradient sums and (loss sum, target tokens) over ranks, in place; returns the
+  // global LossSum. One all-reduce for the gradients, one small one for the counts.
+  model::LossSum all_reduce_gradients(std::span<float> grads, const model::LossSum& local);
+  // Sums a loss over ranks (validation).
+  model::LossSum all_reduce_loss(const model::LossSum& local);
+  // Every rank must pass the same `digest` for `what` (model, data, binary): otherwise an
+  // InputError naming the ranks that differ and their values.
+  void check_same(std::string_view what, const std::string& digest);
+
+ private:
+  comm::Communicator& comm_;
+};
+
+}  // namespace flotilla::parallel
