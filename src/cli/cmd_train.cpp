@@ -3,6 +3,7 @@
 
 #include "cli/commands.hpp"
 #include "cli/progress.hpp"
+#include "cli/yaml_config.hpp"
 #include "flotilla/train/job.hpp"
 
 namespace flotilla::cli {
@@ -13,6 +14,8 @@ void add_train_command(CLI::App& app) {
     std::string model, config, data, out;
     int64_t log_every = 10;
     bool force = false;
+    std::string resume;
+    bool print_config = false;
   };
   auto opt = std::make_shared<Options>();
   train::TrainConfig& t = opt->job.train;
@@ -25,9 +28,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--data", opt->data,
                   "A dataset folder from `flotilla data prepare`, or raw text: .txt (paragraphs) or .jsonl ({\"text\": ...})")
       ->required()->check(CLI::ExistingPath);
-  cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row");
+  cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
+      ->default_str("true");
   cmd->add_option("--out", opt->out, "Output directory for the trained model and metrics")->required();
-  cmd->add_flag("--force", opt->force, "Write into a non-empty output directory");
+  cmd->add_flag("--force", opt->force, "Write into a non-empty output directory")->default_str("false");
   cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Sequences per micro-batch")->capture_default_str();
   cmd->add_option("--seq-len", t.seq_len, "Tokens per sequence")->capture_default_str();
@@ -46,13 +50,41 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", opt->job.seed, "Seed for initialisation and batch order")->capture_default_str();
   cmd->add_option("--log-every", opt->log_every, "Steps between progress lines")->capture_default_str();
-  cmd->callback([opt] {
+  cmd->add_option("--save-every", opt->job.save_every,
+                  "Steps between checkpoints in OUT/checkpoints, also written after the last step (0: none)")
+      ->capture_default_str();
+  cmd->add_option("--keep-checkpoints", opt->job.keep_checkpoints, "Newest checkpoints kept (0: all)")
+      ->capture_default_str();
+  CLI::Option* resume =
+      cmd->add_option("--resume", opt->resume,
+                      "Continue from the latest good checkpoint of --out, or of DIR (a run folder or one "
+                      "checkpoint folder); the model flags must describe the same model")
+          ->expected(0, 1)
+          ->type_name("[DIR]");
+  cmd->add_flag("--print-config", opt->print_config, "Print the resolved flags as YAML (a -c file) and exit")
+      ->configurable(false);
+  // Declared last so that its callback, which fills the options above from the file, runs
+  // after CLI11 has stored the command line and before it checks required options.
+  cmd->add_option_function<std::string>(
+         "-c,--config-file", [cmd](const std::string& file) { apply_yaml_config(*cmd, file); },
+         "YAML file of flags: keys are flag names with '_' for '-' (batch_size: 8, lr: 1e-3, pack: false); "
+         "flags on the command line win")
+      ->configurable(false);
+  cmd->callback([opt, cmd, resume] {
+    if (opt->print_config) {
+      fmt::print("{}", options_as_yaml(*cmd));
+      return;
+    }
     train::TrainJob& job = opt->job;
     job.model_dir = opt->model;
     job.config_json = opt->config;
     job.data = opt->data;
     job.out_dir = opt->out;
-    ensure_output_dir(opt->out, opt->force);
+    // `--resume` alone (or `resume: true` in a config file) continues the run in --out.
+    if (resume->count() > 0 && opt->resume != "false")
+      job.resume_from = opt->resume.empty() || opt->resume == "true" ? opt->out : opt->resume;
+    // A resumed run writes into its own, non-empty folder.
+    ensure_output_dir(opt->out, opt->force || !job.resume_from.empty());
     ProgressPrinter progress(opt->log_every);
     train::TrainCallbacks cb;
     cb.on_info = [](const std::string& s) { fmt::print("{}\n", s); };

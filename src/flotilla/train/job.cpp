@@ -1,5 +1,7 @@
 #include "flotilla/train/job.hpp"
 
+#include <optional>
+
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
@@ -7,12 +9,14 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/memory.hpp"
+#include "flotilla/base/timer.hpp"
 #include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
+#include "flotilla/train/checkpoint.hpp"
 
 namespace flotilla::train {
 namespace {
@@ -42,13 +46,59 @@ nlohmann::json step_json(const StepMetrics& m) {
           {"elapsed_s", m.elapsed_s}};
 }
 
+// The lines of an earlier metrics.jsonl up to and including `step`: a resumed run keeps
+// the history of the steps it does not repeat. Lines it cannot read are dropped.
+std::string metrics_up_to(const std::filesystem::path& path, int64_t step) {
+  if (!std::filesystem::is_regular_file(path)) return {};
+  const std::string text = read_text_file(path);
+  std::string kept;
+  size_t begin = 0;
+  while (begin < text.size()) {
+    size_t end = text.find('\n', begin);
+    if (end == std::string::npos) end = text.size();
+    const std::string_view line(text.data() + begin, end - begin);
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+      kept.append(line).push_back('\n');
+    begin = end + 1;
+  }
+  return kept;
+}
+
+// The training loss of the first step line of metrics.jsonl text.
+std::optional<double> first_loss_of(const std::string& metrics) {
+  size_t begin = 0;
+  while (begin < metrics.size()) {
+    size_t end = metrics.find('\n', begin);
+    if (end == std::string::npos) end = metrics.size();
+    const nlohmann::json j = nlohmann::json::parse(metrics.substr(begin, end - begin), nullptr, false);
+    if (j.is_object() && j.contains("loss") && j["loss"].is_number()) return j["loss"].get<double>();
+    begin = end + 1;
+  }
+  return std::nullopt;
+}
+
 }  // namespace
+
+nlohmann::json train_job_config_json(const TrainJob& job) {
+  return {{"model", job.model_dir.string()},
+          {"preset", job.preset},
+          {"config", job.config_json.string()},
+          {"data", job.data.string()},
+          {"pack", job.pack},
+          {"valid_fraction", job.valid_fraction},
+          {"seed", job.seed},
+          {"train", train_config_json(job.train)},
+          {"save_every", job.save_every},
+          {"keep_checkpoints", job.keep_checkpoints}};
+}
 
 TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
   auto info = [&](const std::string& s) {
     if (cb.on_info) cb.on_info(s);
   };
   if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
+  if (job.save_every < 0) throw InputError("train", "--save-every must be 0 (no checkpoints) or positive");
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
   model::Llama model = make_model(job, *tokenizer);
   const model::ModelConfig& cfg = model.config();
@@ -110,14 +160,50 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
   }
 
   std::filesystem::create_directories(job.out_dir);
-  std::string metrics;  // JSON lines, written with the model at the end
+  const std::filesystem::path metrics_path = job.out_dir / "metrics.jsonl";
+  std::string metrics;  // JSON lines, written with each checkpoint and with the model at the end
   TrainSummary summary;
+  bool have_first_loss = false;
   Trainer trainer(model, job.train);
+  const nlohmann::json config = train_job_config_json(job);
+  if (!job.resume_from.empty()) {
+    const ResumePoint point = find_resume_point(job.resume_from);
+    for (const std::string& why : point.skipped) info("checkpoint: skipping " + why);
+    const nlohmann::json saved_config = restore_training_state(point.dir, trainer, *train_source);
+    info(fmt::format("resumed from {} at step {}", point.dir.string(), point.step));
+    std::string diffs;
+    for (const std::string& d : config_differences(saved_config, config)) diffs += (diffs.empty() ? "" : ", ") + d;
+    if (!diffs.empty()) info("resume: this run's configuration differs from the checkpoint's: " + diffs);
+    metrics = metrics_up_to(metrics_path, point.step);
+    if (const std::optional<double> first = first_loss_of(metrics)) {
+      summary.first_loss = *first;
+      have_first_loss = true;
+    }
+    summary.resumed_from_step = point.step;
+  }
+  const std::filesystem::path checkpoints_dir = job.out_dir / "checkpoints";
+  // A fresh run never mixes its checkpoints with an earlier run's (whose higher steps
+  // would outrank and outlive its own), nor deletes them.
+  if (job.resume_from.empty() && job.save_every > 0 && std::filesystem::exists(checkpoints_dir / "latest"))
+    throw InputError("train", checkpoints_dir.string() +
+                                  ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
+  const auto checkpoint = [&](int64_t step) {
+    if (job.save_every <= 0 || (step % job.save_every != 0 && step != job.train.steps)) return;
+    Timer timer;
+    // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
+    write_file_atomic(metrics_path, metrics);
+    const std::filesystem::path dir =
+        save_training_checkpoint(checkpoints_dir, trainer, *train_source, config, job.keep_checkpoints);
+    info(fmt::format("checkpoint: {} ({:.2f} s)", dir.string(), timer.elapsed_s()));
+  };
   if (valid_stream) evaluate = [&trainer, &valid = *valid_stream] { return trainer.evaluate(valid); };
   trainer.run(
       *train_source, evaluate,
       [&](const StepMetrics& m) {
-        if (m.step == 1) summary.first_loss = m.loss;
+        if (!have_first_loss) {
+          summary.first_loss = m.loss;
+          have_first_loss = true;
+        }
         summary.final_loss = m.loss;
         summary.elapsed_s = m.elapsed_s;
         metrics += step_json(m).dump() + "\n";
@@ -127,12 +213,13 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
         summary.final_valid_loss = e.loss;
         metrics += nlohmann::json{{"step", e.step}, {"valid_loss", e.loss}, {"valid_tokens", e.tokens}}.dump() + "\n";
         if (cb.on_eval) cb.on_eval(e);
-      });
+      },
+      checkpoint);
   summary.steps = trainer.steps_done();
   summary.peak_rss_bytes = peak_rss_bytes();
   model.save(job.out_dir);
   tokenizer->save(job.out_dir);
-  write_file_atomic(job.out_dir / "metrics.jsonl", metrics);
+  write_file_atomic(metrics_path, metrics);
   return summary;
 }
 

@@ -8,6 +8,8 @@
 #include <functional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
@@ -22,6 +24,14 @@ struct TrainJob {
   double valid_fraction = 0.05;     // raw text only: the share held out for validation
   uint64_t seed = 0;                // init, batch order
   TrainConfig train;
+  // Checkpoints (train/checkpoint.hpp) in out_dir/checkpoints: every save_every steps and
+  // after the last step; 0: none. The keep_checkpoints newest are kept (<= 0: all).
+  int64_t save_every = 0;
+  int keep_checkpoints = 3;
+  // Resume from a checkpoint: a run's output folder, its checkpoints folder or one step
+  // folder; empty: start afresh. The model is built as for a fresh run, then the
+  // checkpoint's tensors, optimizer, step, schedule position and data order replace its own.
+  std::filesystem::path resume_from;
 };
 
 struct TrainCallbacks {
@@ -35,10 +45,15 @@ struct TrainSummary {
   double final_loss = 0.0;
   double final_valid_loss = -1.0;   // -1: no validation set
   int64_t steps = 0;
+  int64_t resumed_from_step = -1;   // -1: a fresh run
   double elapsed_s = 0.0;
   int64_t peak_rss_bytes = 0;
 };
 
 TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks);
+
+// The job's configuration as JSON: what a checkpoint records in config.json and what a
+// resumed run compares with its own.
+nlohmann::json train_job_config_json(const TrainJob& job);
 
 }  // namespace flotilla::train

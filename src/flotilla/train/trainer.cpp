@@ -19,6 +19,12 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg)
   batch_.T = cfg.seq_len;
 }
 
+void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
+  if (steps_done < 0) throw InputError("train", "cannot resume at a negative step");
+  step_ = steps_done;
+  elapsed_s_ = elapsed_s;
+}
+
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
   data::Batch batch;
   model::LossSum total;
@@ -90,15 +96,17 @@ EvalMetrics Trainer::evaluate(data::SequentialWindowSource& valid) {
 
 void Trainer::run(data::BatchSource& train, data::SequentialWindowSource* valid,
                   const std::function<void(const StepMetrics&)>& on_step,
-                  const std::function<void(const EvalMetrics&)>& on_eval) {
+                  const std::function<void(const EvalMetrics&)>& on_eval,
+                  const std::function<void(int64_t step)>& on_step_end) {
   std::function<EvalMetrics()> evaluate_valid;
   if (valid) evaluate_valid = [this, valid] { return evaluate(*valid); };
-  run(train, evaluate_valid, on_step, on_eval);
+  run(train, evaluate_valid, on_step, on_eval, on_step_end);
 }
 
 void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& evaluate,
                   const std::function<void(const StepMetrics&)>& on_step,
-                  const std::function<void(const EvalMetrics&)>& on_eval) {
+                  const std::function<void(const EvalMetrics&)>& on_eval,
+                  const std::function<void(int64_t step)>& on_step_end) {
   while (step_ < cfg_.steps) {
     const StepMetrics m = step(train);
     if (on_step) on_step(m);
@@ -108,6 +116,7 @@ void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& 
       e.step = step_;
       if (on_eval) on_eval(e);
     }
+    if (on_step_end) on_step_end(step_);
   }
 }
 

@@ -57,15 +57,19 @@ class Trainer {
  public:
   Trainer(model::Llama& model, TrainConfig cfg);
 
-  // Runs cfg.steps optimizer steps. `valid` may be null. Callbacks may be empty.
+  // Runs optimizer steps until cfg.steps are done (from steps_done(), which is not 0 after
+  // restore_progress). `valid` may be null. Callbacks may be empty. `on_step_end` is
+  // called last for each step, after any validation: where a checkpoint is taken.
   void run(data::BatchSource& train, data::SequentialWindowSource* valid,
            const std::function<void(const StepMetrics&)>& on_step,
-           const std::function<void(const EvalMetrics&)>& on_eval);
+           const std::function<void(const EvalMetrics&)>& on_eval,
+           const std::function<void(int64_t step)>& on_step_end = {});
   // The same with any validation: `evaluate` (may be empty) is called every
   // cfg.eval_every steps and after the last.
   void run(data::BatchSource& train, const std::function<EvalMetrics()>& evaluate,
            const std::function<void(const StepMetrics&)>& on_step,
-           const std::function<void(const EvalMetrics&)>& on_eval);
+           const std::function<void(const EvalMetrics&)>& on_eval,
+           const std::function<void(int64_t step)>& on_step_end = {});
 
   // One optimizer step (exposed for tests and benchmarks).
   StepMetrics step(data::BatchSource& train);
@@ -73,7 +77,18 @@ class Trainer {
   EvalMetrics evaluate(data::SequentialWindowSource& valid);
 
   int64_t steps_done() const { return step_; }
+  double elapsed_s() const { return elapsed_s_; }
   model::Llama& model() { return model_; }
+  const TrainConfig& config() const { return cfg_; }
+  const CosineSchedule& schedule() const { return schedule_; }
+  // The optimizer's state (moments and step count), for checkpoints.
+  AdamW& optimizer() { return optimizer_; }
+  const AdamW& optimizer() const { return optimizer_; }
+
+  // Resume: the next step() is step `steps_done` + 1 and its schedule position follows;
+  // elapsed time continues from `elapsed_s`. Restore the optimizer state and the data
+  // source separately (train/checkpoint.hpp does all of it).
+  void restore_progress(int64_t steps_done, double elapsed_s);
 
  private:
   model::Llama& model_;

@@ -1,0 +1,150 @@
+// Checkpoints: a folder per optimizer step from which a run resumes exactly where it
+// stopped, bit for bit.
+//
+// Vocabulary:
+//   checkpoints folder  OUT/checkpoints: the step folders and the `latest` pointer
+//   step folder         step-000120/ (the step, at least six digits): one checkpoint,
+//                       never modified once it has its name
+//   latest              a text file "step-000120\n" naming the newest complete step folder
+//   manifest            step-N/manifest.json: byte size and CRC-32C of every other file
+//
+// A step folder holds:
+//   weights.safetensors    the trainable tensors (F32): every parameter of the model, or
+//                          its LoRA adapters when attached (Llama::trainable())
+//   optimizer.safetensors  AdamW's moments, "m.<name>" and "v.<name>" (F32)
+//   trainer_state.json     {"format": "flotilla-checkpoint", "version": 1, "step", "elapsed_s",
+//                           "optimizer": {"kind": "adamw", "step", hyper-parameters},
+//                           "schedule": {"kind": "warmup_cosine", ..., "position", "next_lr"},
+//                           "data": BatchSource::state(),
+//                           "rng": {"dropout_step": n (LoRA dropout's counter),
+//                                   "streams": {"<name>": [4 words], ...}}}
+//   config.json            the training configuration, for the record and for comparison
+//   manifest.json          {"format": "flotilla-checkpoint-manifest", "version": 1, "step",
+//                           "files": {"<file>": {"bytes": n, "crc32c": "8 hex digits"}}}
+//
+// Writing is crash-safe: the files go into step-N.tmp-<pid>/, each fsynced, the manifest
+// last; the folder is renamed to step-N and the checkpoints folder fsynced; only then is
+// `latest` replaced (atomically). A kill at any moment leaves `latest` naming a complete
+// checkpoint, or absent. Leftover tmp folders are never read, and are removed by the next
+// save or resume.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/rng.hpp"
+#include "flotilla/data/text_dataset.hpp"
+#include "flotilla/train/trainer.hpp"
+
+namespace flotilla::train {
+
+// ---- Checksums ------------------------------------------------------------------------
+
+// CRC-32C (Castagnoli, the iSCSI / ext4 / RocksDB polynomial), continuing from `crc`
+// (0 for a new checksum): crc32c(b, crc32c(a)) == crc32c(a + b). Uses the CPU's crc32
+// instruction when the build targets SSE 4.2, else crc32c_portable.
+uint32_t crc32c(std::span<const std::byte> data, uint32_t crc = 0);
+// The table-driven version (slicing by 8), identical results on every machine.
+uint32_t crc32c_portable(std::span<const std::byte> data, uint32_t crc = 0);
+
+// ---- Generic checkpoint folders -------------------------------------------------------
+
+// A float32 tensor that a checkpoint saves from, or restores into, in place.
+struct CheckpointTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::span<float> data;  // product(shape) floats
+};
+
+struct CheckpointContents {
+  int64_t step = 0;                         // optimizer steps completed
+  std::vector<CheckpointTensor> weights;    // the trainable tensors -> weights.safetensors
+  std::vector<CheckpointTensor> optimizer;  // optimizer state -> optimizer.safetensors
+  nlohmann::json state = nlohmann::json::object();   // -> trainer_state.json
+  nlohmann::json config = nlohmann::json::object();  // -> config.json
+};
+
+inline constexpr std::string_view kCheckpointWeightsFile = "weights.safetensors";
+inline constexpr std::string_view kCheckpointOptimizerFile = "optimizer.safetensors";
+inline constexpr std::string_view kCheckpointStateFile = "trainer_state.json";
+inline constexpr std::string_view kCheckpointConfigFile = "config.json";
+inline constexpr std::string_view kCheckpointManifestFile = "manifest.json";
+inline constexpr std::string_view kCheckpointLatestFile = "latest";
+
+// "step-000120"; and back (nullopt for any other name, tmp folders included).
+std::string checkpoint_dir_name(int64_t step);
+std::optional<int64_t> parse_checkpoint_dir_name(std::string_view name);
+
+// Writes `contents` as checkpoints_dir/step-N (created with its parents; an existing
+// step-N is replaced), points `latest` at it and keeps the `keep` newest step folders
+// (keep <= 0: all). Returns the step folder.
+std::filesystem::path write_checkpoint(const std::filesystem::path& checkpoints_dir,
+                                       const CheckpointContents& contents, int keep);
+
+// Empty when `step_dir` is a complete checkpoint whose files all match its manifest
+// (present, same byte size and CRC-32C, safetensors and JSON that parse); otherwise one
+// line naming the file and what is wrong with it.
+std::string verify_checkpoint(const std::filesystem::path& step_dir);
+
+struct ResumePoint {
+  std::filesystem::path dir;          // the step folder to resume from
+  int64_t step = 0;
+  std::vector<std::string> skipped;   // one line per unusable candidate tried before it
+};
+
+// Where to resume. `path` is a run's output folder (holding checkpoints/), a checkpoints
+// folder, or one step folder. In a checkpoints folder the step folder named by `latest`
+// is tried first, then every step folder from the highest step down, until one verifies;
+// each one skipped (and a missing or dangling `latest`) adds a line to `skipped`.
+// A step folder named directly must verify. InputError when nothing usable is found.
+ResumePoint find_resume_point(const std::filesystem::path& path);
+
+// Reads the checkpoint in `step_dir` into `into`: its tensors are copied into the spans
+// of into.weights and into.optimizer, whose names and shapes must be exactly those in the
+// files (else InputError naming the file and the tensor, before anything is copied);
+// into.step, into.state and into.config are replaced by the checkpoint's.
+// Call verify_checkpoint first: this checks structure, not checksums.
+void read_checkpoint(const std::filesystem::path& step_dir, CheckpointContents& into);
+
+// ---- A Trainer's checkpoint ------------------------------------------------------------
+
+// Named random streams saved beside the data source's state and the model's dropout
+// counter. A stream is restored by name; a checkpoint and a run must have the same names.
+using RngStreams = std::map<std::string, Rng*>;
+
+// The training configuration as JSON (the "train" part of a checkpoint's config.json).
+nlohmann::json train_config_json(const TrainConfig& cfg);
+
+// What resuming `trainer` needs, as views into its buffers: the trainable tensors (every
+// parameter, or the LoRA adapters), AdamW's moments and step, the step and elapsed time,
+// the schedule position, `source`'s state, the model's dropout counter, the `rngs`, and
+// `config` for config.json.
+CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
+                                          nlohmann::json config, const RngStreams& rngs = {});
+
+// capture_training_state + write_checkpoint.
+std::filesystem::path save_training_checkpoint(const std::filesystem::path& checkpoints_dir, Trainer& trainer,
+                                               const data::BatchSource& source, nlohmann::json config,
+                                               int keep, const RngStreams& rngs = {});
+
+// Restores `trainer` (parameters, optimizer, step, elapsed time), `source` and `rngs` from
+// the checkpoint in `step_dir`, so that training continues as if it had never stopped.
+// The trainer's model must have the checkpoint's tensors (InputError naming the file
+// otherwise). Returns the checkpoint's config.json.
+nlohmann::json restore_training_state(const std::filesystem::path& step_dir, Trainer& trainer,
+                                      data::BatchSource& source, const RngStreams& rngs = {});
+
+// "train.steps: 100 -> 200" for every leaf that differs between two configuration JSONs
+// (keys present in only one included), in key order.
+std::vector<std::string> config_differences(const nlohmann::json& saved, const nlohmann::json& current);
+
+}  // namespace flotilla::train
