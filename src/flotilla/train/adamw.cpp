@@ -5,7 +5,7 @@
 
 namespace flotilla::train {
 
-AdamW::AdamW(const model::ParamLayout& layout, AdamWConfig cfg)
+AdamW::AdamW(const model::ParamTable& layout, AdamWConfig cfg)
     : layout_(layout),
       cfg_(cfg),
       m_(static_cast<size_t>(layout.total_numel())),

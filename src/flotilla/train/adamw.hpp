@@ -19,7 +19,7 @@ struct AdamWConfig {
 
 class AdamW {
  public:
-  AdamW(const model::ParamLayout& layout, AdamWConfig cfg);
+  AdamW(const model::ParamTable& table, AdamWConfig cfg);
   // One update with learning rate lr; increments step().
   void step(std::span<float> params, std::span<const float> grads, float lr);
   int64_t steps_taken() const { return step_; }
@@ -29,7 +29,7 @@ class AdamW {
   void set_steps_taken(int64_t s) { step_ = s; }
 
  private:
-  const model::ParamLayout& layout_;
+  const model::ParamTable& layout_;
   AdamWConfig cfg_;
   Buffer<float> m_, v_;
   int64_t step_ = 0;

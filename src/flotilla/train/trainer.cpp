@@ -11,7 +11,7 @@ namespace flotilla::train {
 Trainer::Trainer(model::Llama& model, TrainConfig cfg)
     : model_(model),
       cfg_(cfg),
-      optimizer_(model.layout(), cfg.adamw),
+      optimizer_(model.trainable().table, cfg.adamw),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
@@ -28,6 +28,7 @@ void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
   data::Batch batch;
   model::LossSum total;
+  model.set_training(false);  // no dropout while measuring
   for (int64_t i = 0; max_batches <= 0 || i < max_batches; ++i) {
     if (!next(batch)) break;
     const model::LossSum loss = model.forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
@@ -35,6 +36,7 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
     total.sum += loss.sum;
     total.num_tokens += loss.num_tokens;
   }
+  model.set_training(true);
   return EvalMetrics{0, total.mean(), total.num_tokens};
 }
 
@@ -54,7 +56,8 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     window.sum += loss.sum;
     window.num_tokens += loss.num_tokens;
   }
-  std::span<float> grads = model_.grads();
+  const model::Llama::Trainable trainable = model_.trainable();
+  std::span<float> grads = trainable.grads;
   const auto n = static_cast<int64_t>(grads.size());
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
@@ -62,7 +65,7 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   if (cfg_.grad_clip > 0.0f && grad_norm > cfg_.grad_clip)
     kernels::scale_inplace(grads.data(), n, static_cast<float>(cfg_.grad_clip / grad_norm));
   const float lr = schedule_.lr_at(step_);
-  optimizer_.step(model_.params(), grads, lr);
+  optimizer_.step(trainable.params, grads, lr);
   ++step_;
 
   StepMetrics m;
