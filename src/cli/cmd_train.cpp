@@ -1,10 +1,16 @@
-// flotilla train: pretrain or fully fine-tune on one process.
+// flotilla train: pretrain, fully fine-tune or LoRA-fine-tune; alone, or as one rank of a
+// data-parallel job under mpirun / srun.
 #include <fmt/format.h>
+
+#include "flotilla/comm/world.hpp"
+#include "flotilla/parallel/data_parallel.hpp"
 
 #include "cli/commands.hpp"
 #include "cli/progress.hpp"
 #include "cli/yaml_config.hpp"
 #include "flotilla/train/job.hpp"
+
+#include <optional>
 
 namespace flotilla::cli {
 
@@ -16,10 +22,12 @@ void add_train_command(CLI::App& app) {
     bool force = false;
     std::string resume;
     bool print_config = false;
+    std::string fine_tune_type = "full", lora_targets = "q,v", resume_adapter;
   };
   auto opt = std::make_shared<Options>();
   train::TrainConfig& t = opt->job.train;
-  CLI::App* cmd = app.add_subcommand("train", "Train a model on a text or JSONL file (one process)");
+  CLI::App* cmd = app.add_subcommand(
+      "train", "Train or fine-tune a model (alone, or one rank of a data-parallel job under mpirun/srun)");
   auto* model = cmd->add_option("--model", opt->model, "Start from this HF model directory")->check(CLI::ExistingDirectory);
   auto* preset = cmd->add_option("--preset", opt->job.preset, "Start from a random model: tiny, 15M, 110M");
   auto* config = cmd->add_option("--config", opt->config, "Start from a random model of this config.json")->check(CLI::ExistingFile);
@@ -61,6 +69,17 @@ void add_train_command(CLI::App& app) {
                       "checkpoint folder); the model flags must describe the same model")
           ->expected(0, 1)
           ->type_name("[DIR]");
+  cmd->add_option("--fine-tune-type", opt->fine_tune_type, "full: every parameter; lora: adapters over a frozen base")
+      ->check(CLI::IsMember({"full", "lora"}))
+      ->capture_default_str();
+  cmd->add_option("--lora-rank", opt->job.lora.rank, "LoRA rank r")->capture_default_str();
+  cmd->add_option("--lora-alpha", opt->job.lora.alpha, "LoRA alpha (scale = alpha / r)")->capture_default_str();
+  cmd->add_option("--lora-dropout", opt->job.lora.dropout, "Dropout on the adapters' input")->capture_default_str();
+  cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down")
+      ->capture_default_str();
+  cmd->add_option("--num-layers", opt->job.lora.num_layers, "Adapt the last N layers (-1: all)")->capture_default_str();
+  cmd->add_option("--resume-adapter-file", opt->resume_adapter, "Start LoRA from these adapters (a PEFT folder)")
+      ->check(CLI::ExistingDirectory);
   cmd->add_flag("--print-config", opt->print_config, "Print the resolved flags as YAML (a -c file) and exit")
       ->configurable(false);
   // Declared last so that its callback, which fills the options above from the file, runs
@@ -76,6 +95,17 @@ void add_train_command(CLI::App& app) {
       return;
     }
     train::TrainJob& job = opt->job;
+    job.fine_tune = opt->fine_tune_type == "lora" ? train::FineTuneType::lora : train::FineTuneType::full;
+    job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
+    job.resume_adapter = opt->resume_adapter;
+    // Under mpirun / srun this process is one rank of a data-parallel job.
+    const std::unique_ptr<comm::Communicator> world = comm::make_world();
+    std::optional<parallel::DataParallel> dp;
+    if (world->size() > 1) {
+      dp.emplace(*world);
+      job.dp = &*dp;
+    }
+    const bool root = world->rank() == 0;
     job.model_dir = opt->model;
     job.config_json = opt->config;
     job.data = opt->data;
@@ -83,19 +113,21 @@ void add_train_command(CLI::App& app) {
     // `--resume` alone (or `resume: true` in a config file) continues the run in --out.
     if (resume->count() > 0 && opt->resume != "false")
       job.resume_from = opt->resume.empty() || opt->resume == "true" ? opt->out : opt->resume;
-    // A resumed run writes into its own, non-empty folder.
-    ensure_output_dir(opt->out, opt->force || !job.resume_from.empty());
+    // A resumed run writes into its own, non-empty folder. Rank 0 owns the folder.
+    if (root) ensure_output_dir(opt->out, opt->force || !job.resume_from.empty());
+    if (dp) world->barrier(comm::Options{.name = "output folder"});
     ProgressPrinter progress(opt->log_every);
     train::TrainCallbacks cb;
     cb.on_info = [](const std::string& s) { fmt::print("{}\n", s); };
     cb.on_step = [&](const train::StepMetrics& m) { progress.step(m); };
     cb.on_eval = [&](const train::EvalMetrics& e) { progress.eval(e); };
     const train::TrainSummary s = train::run_train_job(job, cb);
+    if (!root) return;
     progress.finish();
     fmt::print("done: {} steps in {:.1f}s, loss {:.4f} -> {:.4f}", s.steps, s.elapsed_s, s.first_loss, s.final_loss);
     if (s.final_valid_loss >= 0) fmt::print(", validation {:.4f}", s.final_valid_loss);
-    fmt::print(", peak memory {:.0f} MiB; model written to {}\n", static_cast<double>(s.peak_rss_bytes) / (1 << 20),
-               opt->out);
+    fmt::print(", peak memory {:.0f} MiB{}; {} written to {}\n", static_cast<double>(s.peak_rss_bytes) / (1 << 20),
+               dp ? " (rank 0)" : "", job.fine_tune == train::FineTuneType::lora ? "adapters" : "model", opt->out);
   });
 }
 

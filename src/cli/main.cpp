@@ -8,6 +8,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/log.hpp"
 #include "flotilla/base/threads.hpp"
+#include "flotilla/comm/mpi/mpi_runtime.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"flotilla: train and fine-tune Llama-family language models on one machine or many"};
@@ -30,7 +31,18 @@ int main(int argc, char** argv) {
   flotilla::cli::add_fuse_command(app);
   flotilla::cli::add_data_command(app);
   try {
-    app.parse(argc, argv);
+    // Under mpirun / srun: MPI starts before anything else and finalizes last.
+    const auto mpi = flotilla::comm::MpiRuntime::start_if_launched(&argc, &argv);
+    try {
+      app.parse(argc, argv);
+    } catch (const flotilla::Error& e) {
+      if (mpi) {
+        // One rank failing must end the job, not leave the others waiting: one line, then abort.
+        std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+        flotilla::comm::MpiRuntime::abort(dynamic_cast<const flotilla::InputError*>(&e) ? 2 : 1);
+      }
+      throw;
+    }
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const flotilla::InputError& e) {

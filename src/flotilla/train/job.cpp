@@ -11,6 +11,7 @@
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/data/batch_sampler.hpp"
+#include "flotilla/data/rank_slice.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/llama.hpp"
@@ -78,6 +79,13 @@ std::optional<double> first_loss_of(const std::string& metrics) {
   return std::nullopt;
 }
 
+// A digest that is the same on every machine and build (std::hash need not be).
+std::string fnv1a_hex(std::string_view bytes) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (const char c : bytes) h = (h ^ static_cast<uint8_t>(c)) * 0x100000001b3ULL;
+  return fmt::format("{:016x}", h);
+}
+
 }  // namespace
 
 nlohmann::json train_job_config_json(const TrainJob& job) {
@@ -93,7 +101,11 @@ nlohmann::json train_job_config_json(const TrainJob& job) {
           {"keep_checkpoints", job.keep_checkpoints}};
 }
 
-TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
+TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks) {
+  // Rank 0 alone reports; the other ranks compute the same steps silently.
+  const bool root = !job.dp || job.dp->is_root();
+  const int rank = job.dp ? job.dp->rank() : 0, world = job.dp ? job.dp->world() : 1;
+  const TrainCallbacks cb = root ? callbacks : TrainCallbacks{};
   auto info = [&](const std::string& s) {
     if (cb.on_info) cb.on_info(s);
   };
@@ -105,6 +117,37 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
   if (tokenizer->vocab_size() > cfg.vocab_size)
     throw InputError("train", fmt::format("tokenizer '{}' has {} tokens but the model's vocabulary is {}",
                                           tokenizer->name(), tokenizer->vocab_size(), cfg.vocab_size));
+
+  // LoRA: adapters over the frozen base; the optimizer and checkpoints see only them.
+  std::optional<model::LoraAdapters> adapters;
+  if (job.fine_tune == FineTuneType::lora) {
+    if (!job.resume_adapter.empty()) {
+      adapters.emplace(model::LoraAdapters::load_peft(job.resume_adapter, cfg));
+      info(fmt::format("LoRA: continuing from {}", job.resume_adapter.string()));
+    } else {
+      adapters.emplace(cfg, job.lora);
+      adapters->init_random(job.seed);
+    }
+    model.attach_lora(&*adapters);
+    const model::LoraConfig& lc = adapters->config();
+    std::string targets;
+    for (model::LoraTarget t : lc.targets) targets += (targets.empty() ? "" : ",") + std::string(model::lora_target_module(t));
+    info(fmt::format("LoRA: rank {}, alpha {}, dropout {}, on {} of layers {}..{}: {:.3f}M trainable parameters "
+                     "({:.2f}% of the model)",
+                     lc.rank, lc.alpha, lc.dropout, targets, adapters->first_layer(), cfg.n_layers - 1,
+                     static_cast<double>(adapters->table().total_numel()) / 1e6,
+                     100.0 * static_cast<double>(adapters->table().total_numel()) / static_cast<double>(cfg.num_params())));
+  } else if (!job.resume_adapter.empty()) {
+    throw InputError("train", "--resume-adapter-file needs --fine-tune-type lora");
+  }
+  if (job.dp) {
+    // Every rank must train the same model on the same data, from rank 0's weights.
+    job.dp->check_same("model configs", fnv1a_hex(cfg.to_json().dump()));
+    job.dp->check_same("tokenizers", tokenizer->fingerprint());
+    job.dp->broadcast_parameters(model.trainable().params);
+    info(fmt::format("data parallel: {} ranks; global batch {} x {} rows", world, job.train.batch_size * world,
+                     job.train.grad_accum));
+  }
 
   const int64_t T = job.train.seq_len;
   info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB",
@@ -118,6 +161,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
   std::unique_ptr<data::TokenDataset> prepared;
   std::unique_ptr<data::ExampleSource> train_examples, valid_examples;
   std::unique_ptr<data::SequentialWindowSource> valid_stream;
+  std::unique_ptr<data::BatchSource> raw_train;  // the windows a RankSlicedSource slices
   if (std::filesystem::is_directory(job.data)) {
     prepared = std::make_unique<data::TokenDataset>(data::TokenDataset::open(job.data, *tokenizer));
     if (!prepared->has_split(data::Split::train))
@@ -128,6 +172,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
     sc.grad_accum = job.train.grad_accum;
     sc.pack = job.pack;
     sc.seed = job.seed;
+    sc.rank = rank;
+    sc.world = world;
     sc.pad_id = std::max(0, tokenizer->pad_id());
     train_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::train));
     train_source = std::make_unique<data::BatchSampler>(*train_examples, sc);
@@ -141,9 +187,14 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
       vc.grad_accum = 1;
       vc.shuffle = false;
       vc.repeat = false;
-      evaluate = [&model, &examples = *valid_examples, vc, max_batches = job.train.eval_batches] {
+      evaluate = [&model, &examples = *valid_examples, vc, max_batches = job.train.eval_batches, dp = job.dp] {
         data::BatchSampler sampler(examples, vc);
-        return evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches);
+        EvalMetrics e = evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches);
+        if (dp) {
+          const model::LossSum total = dp->all_reduce_loss({e.loss * static_cast<double>(e.tokens), e.tokens});
+          e = EvalMetrics{e.step, total.mean(), total.num_tokens};
+        }
+        return e;
       };
     }
   } else {
@@ -155,16 +206,21 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
     const bool have_valid = static_cast<int64_t>(split.valid.size()) > T;
     info(fmt::format("data: {}: {} documents, {} train / {} valid tokens", job.data.string(), dataset.num_documents,
                      split.train.size(), have_valid ? split.valid.size() : 0));
-    train_source = std::make_unique<data::RandomWindowSource>(std::move(split.train), job.seed);
+    raw_train = std::make_unique<data::RandomWindowSource>(std::move(split.train), job.seed);
+    // Ranks draw the same rows and keep their slice: the union is one process's batch.
+    if (job.dp)
+      train_source = std::make_unique<data::RankSlicedSource>(*raw_train, rank, world);
+    else
+      train_source = std::move(raw_train);
     if (have_valid) valid_stream = std::make_unique<data::SequentialWindowSource>(std::move(split.valid));
   }
 
-  std::filesystem::create_directories(job.out_dir);
+  if (root) std::filesystem::create_directories(job.out_dir);
   const std::filesystem::path metrics_path = job.out_dir / "metrics.jsonl";
   std::string metrics;  // JSON lines, written with each checkpoint and with the model at the end
   TrainSummary summary;
   bool have_first_loss = false;
-  Trainer trainer(model, job.train);
+  Trainer trainer(model, job.train, job.dp);
   const nlohmann::json config = train_job_config_json(job);
   if (!job.resume_from.empty()) {
     const ResumePoint point = find_resume_point(job.resume_from);
@@ -188,7 +244,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
     throw InputError("train", checkpoints_dir.string() +
                                   ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
   const auto checkpoint = [&](int64_t step) {
-    if (job.save_every <= 0 || (step % job.save_every != 0 && step != job.train.steps)) return;
+    // Every rank holds the same weights, optimizer and data position: rank 0 writes.
+    if (!root || job.save_every <= 0 || (step % job.save_every != 0 && step != job.train.steps)) return;
     Timer timer;
     // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
     write_file_atomic(metrics_path, metrics);
@@ -196,7 +253,27 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
         save_training_checkpoint(checkpoints_dir, trainer, *train_source, config, job.keep_checkpoints);
     info(fmt::format("checkpoint: {} ({:.2f} s)", dir.string(), timer.elapsed_s()));
   };
-  if (valid_stream) evaluate = [&trainer, &valid = *valid_stream] { return trainer.evaluate(valid); };
+  if (valid_stream) {
+    evaluate = [&, &valid = *valid_stream] {
+      // The same consecutive windows as one process reads, each rank its slice of them.
+      valid.reset();
+      data::RankSlicedSource slice(valid, rank, world);
+      EvalMetrics e = evaluate_loss(
+          model,
+          [&](data::Batch& b) {
+            b.B = job.train.batch_size;
+            b.T = T;
+            slice.next_batch(b);
+            return true;
+          },
+          job.train.eval_batches);
+      if (job.dp) {
+        const model::LossSum total = job.dp->all_reduce_loss({e.loss * static_cast<double>(e.tokens), e.tokens});
+        e = EvalMetrics{e.step, total.mean(), total.num_tokens};
+      }
+      return e;
+    };
+  }
   trainer.run(
       *train_source, evaluate,
       [&](const StepMetrics& m) {
@@ -217,8 +294,13 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& cb) {
       checkpoint);
   summary.steps = trainer.steps_done();
   summary.peak_rss_bytes = peak_rss_bytes();
-  model.save(job.out_dir);
-  tokenizer->save(job.out_dir);
+  if (!root) return summary;
+  if (adapters) {
+    adapters->save_peft(job.out_dir, job.model_dir.empty() ? std::string("flotilla") : job.model_dir.string());
+  } else {
+    model.save(job.out_dir);
+    tokenizer->save(job.out_dir);
+  }
   write_file_atomic(metrics_path, metrics);
   return summary;
 }

@@ -10,9 +10,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/model/lora.hpp"
+#include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
+
+enum class FineTuneType { full, lora };
 
 struct TrainJob {
   std::filesystem::path model_dir;  // start from these weights, or:
@@ -32,6 +36,13 @@ struct TrainJob {
   // folder; empty: start afresh. The model is built as for a fresh run, then the
   // checkpoint's tensors, optimizer, step, schedule position and data order replace its own.
   std::filesystem::path resume_from;
+  // Full training of every parameter, or LoRA adapters over a frozen base. A LoRA run
+  // writes the adapters (PEFT layout) into out_dir instead of a whole model.
+  FineTuneType fine_tune = FineTuneType::full;
+  model::LoraConfig lora;
+  std::filesystem::path resume_adapter;  // start LoRA from these adapters (a PEFT folder)
+  // Data parallel over these ranks (null: one process). Rank 0 alone reports and writes.
+  parallel::DataParallel* dp = nullptr;
 };
 
 struct TrainCallbacks {

@@ -8,9 +8,10 @@
 
 namespace flotilla::train {
 
-Trainer::Trainer(model::Llama& model, TrainConfig cfg)
+Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp)
     : model_(model),
       cfg_(cfg),
+      dp_(dp),
       optimizer_(model.trainable().table, cfg.adamw),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
@@ -59,6 +60,9 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   const model::Llama::Trainable trainable = model_.trainable();
   std::span<float> grads = trainable.grads;
   const auto n = static_cast<int64_t>(grads.size());
+  // Data parallel: sum the per-token gradient sums and the token counts of every rank;
+  // dividing by the global count then gives the global batch's mean-loss gradient.
+  if (dp_) window = dp_->all_reduce_gradients(grads, window);
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
   const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
@@ -74,7 +78,7 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   m.loss = window.mean();
   m.lr = lr;
   m.grad_norm = grad_norm;
-  m.tokens = cfg_.batch_size * cfg_.seq_len * cfg_.grad_accum;
+  m.tokens = cfg_.batch_size * cfg_.seq_len * cfg_.grad_accum * (dp_ ? dp_->world() : 1);
   m.step_s = timer.elapsed_s();
   m.tokens_per_s = static_cast<double>(m.tokens) / m.step_s;
   elapsed_s_ += m.step_s;

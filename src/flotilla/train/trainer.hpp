@@ -12,6 +12,7 @@
 
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/train/adamw.hpp"
 #include "flotilla/train/schedule.hpp"
 
@@ -55,7 +56,9 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
 
 class Trainer {
  public:
-  Trainer(model::Llama& model, TrainConfig cfg);
+  // With `dp`, each step's gradients and loss are summed over its ranks before the update
+  // (every rank then applies the same update); `dp` must outlive the trainer.
+  Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr);
 
   // Runs optimizer steps until cfg.steps are done (from steps_done(), which is not 0 after
   // restore_progress). `valid` may be null. Callbacks may be empty. `on_step_end` is
@@ -93,6 +96,7 @@ class Trainer {
  private:
   model::Llama& model_;
   TrainConfig cfg_;
+  parallel::DataParallel* dp_ = nullptr;
   AdamW optimizer_;
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
