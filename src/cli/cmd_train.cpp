@@ -10,6 +10,7 @@
 #include "cli/yaml_config.hpp"
 #include "flotilla/train/job.hpp"
 
+#include <chrono>
 #include <optional>
 
 namespace flotilla::cli {
@@ -23,6 +24,7 @@ void add_train_command(CLI::App& app) {
     std::string resume;
     bool print_config = false;
     std::string fine_tune_type = "full", lora_targets = "q,v", resume_adapter;
+    double timeout_s = 300.0;
   };
   auto opt = std::make_shared<Options>();
   train::TrainConfig& t = opt->job.train;
@@ -52,8 +54,8 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--beta1", t.adamw.beta1)->capture_default_str();
   cmd->add_option("--beta2", t.adamw.beta2)->capture_default_str();
   cmd->add_option("--grad-clip", t.grad_clip, "Max global gradient norm (0: off)")->capture_default_str();
-  cmd->add_option("--eval-every", t.eval_every, "Steps between validation passes (0: at the end)")->capture_default_str();
-  cmd->add_option("--eval-batches", t.eval_batches, "Batches per validation pass")->capture_default_str();
+  cmd->add_option("--eval-every,--steps-per-eval", t.eval_every, "Steps between validation passes (0: at the end)")->capture_default_str();
+  cmd->add_option("--eval-batches,--val-batches", t.eval_batches, "Batches per validation pass")->capture_default_str();
   cmd->add_option("--valid-fraction", opt->job.valid_fraction, "Share of the data held out for validation")
       ->capture_default_str();
   cmd->add_option("--seed", opt->job.seed, "Seed for initialisation and batch order")->capture_default_str();
@@ -80,6 +82,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--num-layers", opt->job.lora.num_layers, "Adapt the last N layers (-1: all)")->capture_default_str();
   cmd->add_option("--resume-adapter-file", opt->resume_adapter, "Start LoRA from these adapters (a PEFT folder)")
       ->check(CLI::ExistingDirectory);
+  cmd->add_option("--timeout", opt->timeout_s,
+                  "Data parallel: seconds any collective may wait for the other ranks before the job fails")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_flag("--print-config", opt->print_config, "Print the resolved flags as YAML (a -c file) and exit")
       ->configurable(false);
   // Declared last so that its callback, which fills the options above from the file, runs
@@ -99,7 +105,9 @@ void add_train_command(CLI::App& app) {
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;
     // Under mpirun / srun this process is one rank of a data-parallel job.
-    const std::unique_ptr<comm::Communicator> world = comm::make_world();
+    comm::Settings settings;
+    settings.timeout = std::chrono::milliseconds(static_cast<int64_t>(opt->timeout_s * 1000.0));
+    const std::unique_ptr<comm::Communicator> world = comm::make_world(settings);
     std::optional<parallel::DataParallel> dp;
     if (world->size() > 1) {
       dp.emplace(*world);

@@ -12,6 +12,7 @@ void add_generate_command(CLI::App& app);
 void add_score_command(CLI::App& app);
 void add_grads_command(CLI::App& app);
 void add_fuse_command(CLI::App& app);
+void add_eval_command(CLI::App& app);
 void add_data_command(CLI::App& app);
 
 // Refuses to write into a non-empty directory unless `force`: a user's earlier model or

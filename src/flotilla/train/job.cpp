@@ -1,5 +1,6 @@
 #include "flotilla/train/job.hpp"
 
+#include <cmath>
 #include <optional>
 
 #include <fmt/format.h>
@@ -18,6 +19,7 @@
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/train/checkpoint.hpp"
+#include "flotilla/train/report.hpp"
 
 namespace flotilla::train {
 namespace {
@@ -302,6 +304,32 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     tokenizer->save(job.out_dir);
   }
   write_file_atomic(metrics_path, metrics);
+  // The report: the numbers and the loss curves of the whole run (resumed history included).
+  LossCurves curves;
+  size_t begin = 0;
+  while (begin < metrics.size()) {
+    size_t end = metrics.find('\n', begin);
+    if (end == std::string::npos) end = metrics.size();
+    const nlohmann::json j = nlohmann::json::parse(metrics.substr(begin, end - begin), nullptr, false);
+    if (j.is_object() && j.contains("step")) {
+      const auto step = j["step"].get<double>();
+      if (j.contains("loss")) curves.train.emplace_back(step, j["loss"].get<double>());
+      if (j.contains("valid_loss")) curves.valid.emplace_back(step, j["valid_loss"].get<double>());
+    }
+    begin = end + 1;
+  }
+  nlohmann::json report = {{"steps", summary.steps},
+                           {"first_loss", summary.first_loss},
+                           {"final_loss", summary.final_loss},
+                           {"elapsed_s", summary.elapsed_s},
+                           {"peak_rss_bytes", summary.peak_rss_bytes},
+                           {"ranks", world},
+                           {"config", config}};
+  if (summary.final_valid_loss >= 0) {
+    report["final_valid_loss"] = summary.final_valid_loss;
+    report["final_valid_perplexity"] = std::exp(summary.final_valid_loss);
+  }
+  write_run_report(job.out_dir, report, curves);
   return summary;
 }
 

@@ -1,0 +1,97 @@
+#include "flotilla/train/report.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "flotilla/base/file.hpp"
+
+namespace flotilla::train {
+namespace {
+
+// A "nice" tick step (1, 2 or 5 times a power of ten) giving about `target` ticks.
+double tick_step(double span, int target) {
+  if (!(span > 0.0)) return 1.0;
+  const double raw = span / target;
+  const double mag = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 5.0, 10.0})
+    if (raw <= m * mag) return m * mag;
+  return 10.0 * mag;
+}
+
+std::string polyline(const std::vector<std::pair<double, double>>& pts, const auto& to_x, const auto& to_y) {
+  std::string out;
+  for (const auto& [x, y] : pts) out += fmt::format("{:.1f},{:.1f} ", to_x(x), to_y(y));
+  return out;
+}
+
+}  // namespace
+
+std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
+  const double left = 64, right = 16, top = 32, bottom = 48;
+  double x0 = 0, x1 = 1, y0 = 1e300, y1 = -1e300;
+  bool any = false;
+  for (const auto* series : {&curves.train, &curves.valid}) {
+    for (const auto& [x, y] : *series) {
+      if (!std::isfinite(y)) continue;
+      x1 = std::max(x1, x);
+      y0 = std::min(y0, y);
+      y1 = std::max(y1, y);
+      any = true;
+    }
+  }
+  if (!any) y0 = 0, y1 = 1;
+  if (y1 - y0 < 1e-9) y0 -= 0.5, y1 += 0.5;
+  const double ystep = tick_step(y1 - y0, 6), xstep = tick_step(x1 - x0, 8);
+  y0 = std::floor(y0 / ystep) * ystep;
+  y1 = std::ceil(y1 / ystep) * ystep;
+  const double pw = width - left - right, ph = height - top - bottom;
+  auto to_x = [&](double x) { return left + (x - x0) / (x1 - x0) * pw; };
+  auto to_y = [&](double y) { return top + (1.0 - (y - y0) / (y1 - y0)) * ph; };
+
+  std::string svg = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" "
+      "font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+      width, height);
+  svg += fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\">Loss</text>\n", left);
+  for (double y = y0; y <= y1 + ystep / 2; y += ystep) {
+    svg += fmt::format("<line x1=\"{:.1f}\" x2=\"{:.1f}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#ddd\"/>\n", left,
+                       left + pw, to_y(y), to_y(y));
+    svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"end\">{:g}</text>\n", left - 6, to_y(y) + 4, y);
+  }
+  for (double x = x0; x <= x1 + xstep / 2; x += xstep)
+    svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"middle\">{:g}</text>\n", to_x(x),
+                       top + ph + 18, x);
+  svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", left + pw / 2, height - 8);
+  svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"none\" stroke=\"#888\"/>\n",
+                     left, top, pw, ph);
+  if (!curves.train.empty())
+    svg += fmt::format("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+                       polyline(curves.train, to_x, to_y));
+  if (!curves.valid.empty()) {
+    svg += fmt::format("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n",
+                       polyline(curves.valid, to_x, to_y));
+    for (const auto& [x, y] : curves.valid)
+      svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"#d62728\"/>\n", to_x(x), to_y(y));
+  }
+  const double lx = left + pw - 150;
+  svg += fmt::format("<line x1=\"{0:.1f}\" x2=\"{1:.1f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#1f77b4\" stroke-width=\"2\"/>"
+                     "<text x=\"{3:.1f}\" y=\"{4:.1f}\">training</text>\n",
+                     lx, lx + 24, top + 16, lx + 30, top + 20);
+  svg += fmt::format("<line x1=\"{0:.1f}\" x2=\"{1:.1f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#d62728\" stroke-width=\"2\"/>"
+                     "<text x=\"{3:.1f}\" y=\"{4:.1f}\">validation</text>\n",
+                     lx, lx + 24, top + 34, lx + 30, top + 38);
+  svg += "</svg>\n";
+  return svg;
+}
+
+void write_run_report(const std::filesystem::path& dir, const nlohmann::json& summary, const LossCurves& curves) {
+  nlohmann::json report = summary;
+  report["train_loss"] = curves.train;
+  report["valid_loss"] = curves.valid;
+  write_file_atomic(dir / "report.json", report.dump(2) + "\n");
+  write_file_atomic(dir / "loss.svg", loss_chart_svg(curves));
+}
+
+}  // namespace flotilla::train
