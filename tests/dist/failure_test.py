@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""A data-parallel job that loses a rank ends, quickly and clearly; it never hangs.
+
+Cases, each under mpirun with 2 ranks of `flotilla train`:
+  killed   rank 1 is killed (SIGKILL) mid-run: the job exits non-zero and says which rank;
+  silent   rank 1 is stopped (SIGSTOP) mid-run: rank 0's collective times out after
+           --timeout, it names rank 1, and the job exits non-zero;
+  mismatch the ranks are given different models: one line naming the ranks that differ.
+Each must end within a bound (the timeout plus a margin). Usage: failure_test.py FLOTILLA [--mpirun M]
+"""
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.dirname(os.path.dirname(HERE))
+
+
+def rank_pids(flotilla):
+    """pid -> rank of the running flotilla ranks (from OMPI_COMM_WORLD_RANK)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            if not cmd or os.path.basename(cmd[0].decode(errors="replace")) != os.path.basename(flotilla):
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            if b"OMPI_COMM_WORLD_RANK" in env:
+                out[int(pid)] = int(env[b"OMPI_COMM_WORLD_RANK"])
+        except OSError:
+            continue
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("flotilla")
+    ap.add_argument("--mpirun", default="mpirun")
+    args = ap.parse_args()
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp"]
+    tmp = tempfile.mkdtemp(prefix="flotilla_fail_")
+    failures = []
+    try:
+        model_a, model_b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
+        subprocess.run([args.flotilla, "init", "--preset", "tiny", "--out", model_a], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([args.flotilla, "init", "--preset", "15M", "--out", model_b], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        train = ["train", "--data", os.path.join(SOURCE, "data/sample/corpus.txt"), "--steps", "100000",
+                 "--batch-size", "2", "--seq-len", "64", "--log-every", "1000", "--timeout", "4"]
+
+        def launch(cmd):
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+
+        def finish(proc, bound_s, started):
+            try:
+                out, _ = proc.communicate(timeout=bound_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+                return None, out, time.time() - started
+            return proc.returncode, out, time.time() - started
+
+        for name, sig in (("killed", signal.SIGKILL), ("silent", signal.SIGSTOP)):
+            out_dir = os.path.join(tmp, name)
+            started = time.time()
+            proc = launch(mpirun + ["-np", "2", args.flotilla] + train + ["--model", model_a, "--out", out_dir])
+            victim = None
+            while time.time() - started < 60 and victim is None:  # wait until both ranks train
+                time.sleep(1.0)
+                pids = rank_pids(args.flotilla)
+                if len(pids) == 2 and os.path.exists(out_dir) and time.time() - started > 4:
+                    victim = next(p for p, r in pids.items() if r == 1)
+            if victim is None:
+                failures.append(f"{name}: the ranks never started")
+                os.killpg(proc.pid, signal.SIGKILL)
+                continue
+            os.kill(victim, sig)
+            hit = time.time()
+            rc, out, _ = finish(proc, 60, hit)
+            took = time.time() - hit
+            last = [l for l in out.splitlines() if "rank" in l.lower() and ("error" in l.lower() or "exited" in l.lower()
+                                                                              or "signal" in l.lower())]
+            print(f"{name:<8} rc={rc} after {took:.1f}s: {last[:2]}")
+            if rc is None:
+                failures.append(f"{name}: the job was still running 60 s after rank 1 was {name}")
+            elif rc == 0:
+                failures.append(f"{name}: exit 0 after losing a rank")
+            elif not any("1" in l for l in last):
+                failures.append(f"{name}: no line names rank 1:\n{out[-2000:]}")
+            if name == "silent" and rc is not None and not any("timed out" in l for l in out.splitlines()):
+                failures.append(f"silent: no timeout reported:\n{out[-2000:]}")
+
+        # Different models on the two ranks (MPMD launch): one clear line, non-zero exit.
+        started = time.time()
+        proc = launch(mpirun + ["-np", "1", args.flotilla] + train + ["--model", model_a, "--out", os.path.join(tmp, "m")]
+                      + [":", "-np", "1", args.flotilla] + train + ["--model", model_b, "--out", os.path.join(tmp, "m")])
+        rc, out, took = finish(proc, 60, started)
+        lines = [l for l in out.splitlines() if "ranks see different" in l]
+        print(f"mismatch rc={rc} after {took:.1f}s: {lines[:1]}")
+        if rc in (None, 0) or not lines or "rank 1" not in lines[0]:
+            failures.append(f"mismatch: rc={rc}, expected one line naming rank 1:\n{out[-2000:]}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for f in failures:
+        print("FAIL:", f)
+    print(f"{3 - len(failures)} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
