@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   flotilla::cli::add_grads_command(app);
   flotilla::cli::add_fuse_command(app);
   flotilla::cli::add_eval_command(app);
+  flotilla::cli::add_doctor_command(app);
   flotilla::cli::add_data_command(app);
   try {
     // Under mpirun / srun: MPI starts before anything else and finalizes last.

@@ -4,8 +4,10 @@
 Cases, each under mpirun with 2 ranks of `flotilla train`:
   killed   rank 1 is killed (SIGKILL) mid-run: the job exits non-zero and says which rank;
   silent   rank 1 is stopped (SIGSTOP) mid-run: rank 0's collective times out after
-           --timeout, it names rank 1, and the job exits non-zero;
-  mismatch the ranks are given different models: one line naming the ranks that differ.
+           --timeout (naming rank 1 when it stopped before the collective's check; inside
+           the payload no rank can tell who is late), and the job exits non-zero;
+  mismatch the ranks are given different models: one line naming the ranks that differ;
+  doctor   `flotilla doctor` passes on identical models and fails naming the rank otherwise.
 Each must end within a bound (the timeout plus a margin). Usage: failure_test.py FLOTILLA [--mpirun M]
 """
 import argparse
@@ -98,7 +100,7 @@ def main():
                 failures.append(f"{name}: the job was still running 60 s after rank 1 was {name}")
             elif rc == 0:
                 failures.append(f"{name}: exit 0 after losing a rank")
-            elif not any("1" in l for l in last):
+            elif name == "killed" and not any("rank 1" in l for l in last):
                 failures.append(f"{name}: no line names rank 1:\n{out[-2000:]}")
             if name == "silent" and rc is not None and not any("timed out" in l for l in out.splitlines()):
                 failures.append(f"silent: no timeout reported:\n{out[-2000:]}")
@@ -112,11 +114,23 @@ def main():
         print(f"mismatch rc={rc} after {took:.1f}s: {lines[:1]}")
         if rc in (None, 0) or not lines or "rank 1" not in lines[0]:
             failures.append(f"mismatch: rc={rc}, expected one line naming rank 1:\n{out[-2000:]}")
+
+        # flotilla doctor: the same model on both ranks passes; different models are an error.
+        doctor = [args.flotilla, "doctor", "--max-bytes", "65536", "--model"]
+        rc, out, _ = finish(launch(mpirun + ["-np", "2"] + doctor + [model_a]), 60, time.time())
+        print(f"doctor   rc={rc} (same model)")
+        if rc != 0 or "all 2 ranks see the same" not in out:
+            failures.append(f"doctor: rc={rc} with identical models:\n{out[-2000:]}")
+        rc, out, _ = finish(launch(mpirun + ["-np", "1"] + doctor + [model_a, ":", "-np", "1"] + doctor + [model_b]),
+                            60, time.time())
+        print(f"doctor   rc={rc} (different models)")
+        if rc in (None, 0) or "model: rank 1 differs from rank 0" not in out:
+            failures.append(f"doctor: rc={rc} with different models:\n{out[-2000:]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for f in failures:
         print("FAIL:", f)
-    print(f"{3 - len(failures)} passed, {len(failures)} failed")
+    print(f"{5 - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 
 

@@ -1,0 +1,48 @@
+// flotilla doctor: run under mpirun before a long job; prints each rank's host, cores,
+// threads, versions and the digests of the binary, model and data it sees (a mismatch is
+// an error), and all-reduce latency and bandwidth across the world.
+#include <fmt/format.h>
+
+#include "cli/commands.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/comm/world.hpp"
+#include "flotilla/parallel/doctor.hpp"
+
+namespace flotilla::cli {
+
+void add_doctor_command(CLI::App& app) {
+  struct Options {
+    std::string model, data;
+    uint64_t max_bytes = 64ull << 20;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("doctor", "Check ranks see the same binary, model and data; measure all-reduce");
+  cmd->add_option("--model", opt->model, "Model directory every rank should hold identically");
+  cmd->add_option("--data", opt->data, "Data file or folder every rank should hold identically");
+  cmd->add_option("--max-bytes", opt->max_bytes, "Largest all-reduce measured")->capture_default_str();
+  cmd->callback([opt] {
+    const std::unique_ptr<comm::Communicator> world = comm::make_world();
+    const parallel::DoctorReport r = parallel::run_doctor(*world, opt->model, opt->data, opt->max_bytes);
+    if (world->rank() != 0) {
+      if (!r.mismatches.empty()) throw InputError("doctor", r.mismatches.front());
+      return;
+    }
+    fmt::print("{:>4}  {:<16} {:>5} {:>7}  {:<16} {:<16} {:<16}  {}\n", "rank", "host", "cores", "threads", "binary",
+               "model", "data", "versions");
+    for (const auto& rr : r.ranks)
+      fmt::print("{:>4}  {:<16} {:>5} {:>7}  {:<16} {:<16} {:<16}  {}\n", rr.rank, rr.host, rr.cores, rr.threads,
+                 rr.binary, rr.model.empty() ? "-" : rr.model, rr.data.empty() ? "-" : rr.data, rr.versions);
+    fmt::print("\nall_reduce (f32 sum) over {} ranks: best time, bus bandwidth = bytes x 2(n-1)/n / time\n",
+               r.ranks.size());
+    for (const auto& t : r.all_reduce)
+      fmt::print("  {:>10} bytes  {:>10.1f} us  {:>8.3f} Gbit/s\n", t.bytes, t.time_us, t.bus_gbit_s);
+    if (!r.mismatches.empty()) {
+      std::string all;
+      for (const auto& m : r.mismatches) all += (all.empty() ? "" : "; ") + m;
+      throw InputError("doctor", all);
+    }
+    fmt::print("\nall {} ranks see the same binary, model and data\n", r.ranks.size());
+  });
+}
+
+}  // namespace flotilla::cli

@@ -1,0 +1,47 @@
+// flotilla doctor: before a long distributed run, check that every rank sees the same
+// binary, model and data, and measure what the network between them gives.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "flotilla/comm/communicator.hpp"
+
+namespace flotilla::parallel {
+
+// What one rank reports about itself. Fixed-size strings travel in one all-gather.
+struct RankReport {
+  int rank = 0;
+  std::string host;
+  int cores = 0;          // online CPUs
+  int threads = 0;        // OpenMP threads
+  std::string versions;   // flotilla and the MPI library
+  std::string binary;     // digest of the running executable
+  std::string model;      // digest of the model directory's files (empty: none given)
+  std::string data;       // digest of the data files (empty: none given)
+};
+
+struct CollectiveTiming {
+  uint64_t bytes = 0;
+  double time_us = 0.0;       // best of the repetitions
+  double bus_gbit_s = 0.0;    // nccl-tests' bus bandwidth: bytes * 2(n-1)/n / time
+};
+
+struct DoctorReport {
+  std::vector<RankReport> ranks;          // indexed by rank
+  std::vector<std::string> mismatches;    // "model: rank 1 differs from rank 0", ...
+  std::vector<CollectiveTiming> all_reduce;
+};
+
+// A digest of the files under `path` (a file or a directory, recursively, in name order):
+// names, sizes and every byte. Equal digests mean equal contents.
+std::string digest_path(const std::filesystem::path& path);
+std::string digest_running_binary();
+
+// Every rank calls this; every rank returns the same report.
+DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& model,
+                        const std::filesystem::path& data, uint64_t max_bytes);
+
+}  // namespace flotilla::parallel
