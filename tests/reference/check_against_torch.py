@@ -5,8 +5,9 @@
     FLOTILLA_BIN=... check_against_torch.py
         For each case: random model and batch (seed printed), saved as a Hugging Face
         directory; runs `FLOTILLA_BIN grads --model DIR --batch batch.json --out
-        out.safetensors`; compares logits, loss and every parameter gradient with the
-        float64 torch reference. Exit 0 when all pass, 1 otherwise.
+        out.safetensors` (LoRA cases add `--adapter ADAPTER_DIR`, a PEFT adapter written
+        here); compares logits, loss and every gradient with the float64 torch reference.
+        Exit 0 when all pass, 1 otherwise.
     check_against_torch.py --check-written DIR
         Loads a directory flotilla wrote (config.json + model.safetensors or shards with
         model.safetensors.index.json) into the torch model, with exact name and shape
@@ -20,7 +21,9 @@ The `grads` contract: batch.json is {"tokens": [[...] * T] * B, "targets": same 
 targets aligned with tokens (no shift) and -100 meaning ignored. out.safetensors (F32)
 holds "logits" (B, T, V), "loss" (1,) = mean cross entropy over targets != -100, and
 "grad.<name>" for every parameter under its Hugging Face name (tied embeddings: only
-model.embed_tokens.weight, no lm_head).
+model.embed_tokens.weight, no lm_head). With --adapter the base is frozen: the gradients
+are "grad.<PEFT name>" of every adapter tensor and nothing else, e.g.
+"grad.base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" (r, in).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -67,32 +70,61 @@ def _llama_gqa() -> dict:
                 max_position_embeddings=128)
 
 
-# name, config, dtype the weights are saved in, weight seed offset (the bf16 case reuses
-# the llama weights of case "llama_gqa").
-CASES: List[Tuple[str, dict, torch.dtype, int]] = [
-    ("llama_gqa", _llama_gqa(), torch.float32, 0),
-    ("qwen2_bias", dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6,
-                        rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False,
-                        max_position_embeddings=128, use_sliding_window=False),
-     torch.float32, 1),
+def _qwen2_bias() -> dict:
+    return dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False,
+                max_position_embeddings=128, use_sliding_window=False)
+
+
+class Lora(NamedTuple):
+    """A PEFT LoRA adapter for a case: rank, alpha, target modules, layers_to_transform
+    (None: every layer)."""
+    r: int
+    alpha: int
+    targets: Tuple[str, ...]
+    layers: Optional[Tuple[int, ...]]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class Case(NamedTuple):
+    name: str
+    config: dict
+    save_dtype: torch.dtype  # the dtype the base weights are saved in
+    weight_offset: int  # weight seed offset (the bf16 and LoRA cases reuse other cases' weights)
+    lora: Optional[Lora] = None  # with an adapter: base frozen, only adapter gradients
+
+
+CASES: List[Case] = [
+    Case("llama_gqa", _llama_gqa(), torch.float32, 0),
+    Case("qwen2_bias", _qwen2_bias(), torch.float32, 1),
     # Llama 3 scaling with original_max_position_embeddings 64: with HD 16 and theta 5e5
     # the wavelengths are 6.3, 32, 167, ... so one frequency is smoothed and the rest are
     # divided by 8 -- visible at positions 0..6 (see the sensitivity line). One kv head (MQA).
-    ("tied_llama3_rope", dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=1, vocab_size=300, rms_norm_eps=1e-5,
-                              rope_theta=500000.0,
-                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                high_freq_factor=4.0, original_max_position_embeddings=64),
-                              tie_word_embeddings=True, max_position_embeddings=512),
-     torch.float32, 2),
-    ("llama_gqa_bf16", _llama_gqa(), torch.bfloat16, 0),
+    Case("tied_llama3_rope", dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, vocab_size=300, rms_norm_eps=1e-5,
+                                  rope_theta=500000.0,
+                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=64),
+                                  tie_word_embeddings=True, max_position_embeddings=512),
+             torch.float32, 2),
+    Case("llama_gqa_bf16", _llama_gqa(), torch.bfloat16, 0),
     # head_dim given explicitly and != hidden/heads: q_proj is (NH*HD, C) = (64, 48).
-    ("mistral_head_dim", dict(model_type="mistral", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=257,
-                              rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, sliding_window=None,
-                              tie_word_embeddings=False, max_position_embeddings=128),
-     torch.float32, 4),
+    Case("mistral_head_dim", dict(model_type="mistral", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=257,
+                                  rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, sliding_window=None,
+                                  tie_word_embeddings=False, max_position_embeddings=128),
+             torch.float32, 4),
+    # LoRA on all seven targets of the last 2 of 3 layers (layer 0 is frozen and below every
+    # adapter: backward may stop above it). Scale 8 / 4 = 2.
+    Case("lora_llama_gqa", _llama_gqa(), torch.float32, 0,
+         Lora(r=4, alpha=8, targets=torch_llama.LORA_TARGETS, layers=(1, 2))),
+    # LoRA on the attention projections of every layer, over q/k/v biases; scale 12 / 8 = 1.5.
+    Case("lora_qwen2_bias", _qwen2_bias(), torch.float32, 1,
+         Lora(r=8, alpha=12, targets=("q_proj", "k_proj", "v_proj", "o_proj"), layers=None)),
 ]
 
 
@@ -119,6 +151,29 @@ def init_weights(config: dict, seed: int) -> Dict[str, torch.Tensor]:
     return out
 
 
+def init_adapter(config: dict, lora: Lora, seed: int) -> Dict[str, torch.Tensor]:
+    """float64 adapter tensors under PEFT's names. Both A and B are random (PEFT starts B
+    at 0, which would make dA = 0 and hide every bug in A): A ~ N(0, 1/in) so x A^T is
+    O(1), B ~ N(0, (0.5 / scale)^2 / r) so the adapter adds O(0.5) to each output, the
+    same order as the base layer's O(1): neither drowns the other."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = torch_llama.LlamaConfig(config)
+    C, F, Dq, Dkv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, \
+        cfg.num_key_value_heads * cfg.head_dim
+    shapes = dict(q_proj=(Dq, C), k_proj=(Dkv, C), v_proj=(Dkv, C), o_proj=(C, Dq),
+                  gate_proj=(F, C), up_proj=(F, C), down_proj=(C, F))  # (out, in)
+    layers = lora.layers if lora.layers is not None else range(cfg.num_hidden_layers)
+    out = {}
+    for layer in layers:
+        for target in lora.targets:
+            n_out, n_in = shapes[target]
+            out[torch_llama.lora_tensor_name(layer, target, "A")] = \
+                torch.randn(lora.r, n_in, generator=gen, dtype=torch.float64) / n_in ** 0.5
+            out[torch_llama.lora_tensor_name(layer, target, "B")] = \
+                torch.randn(n_out, lora.r, generator=gen, dtype=torch.float64) * (0.5 / lora.scale / lora.r ** 0.5)
+    return out
+
+
 def make_batch(vocab_size: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """tokens, targets: (B, T); 4 targets set to -100, at least one kept per row."""
     gen = torch.Generator().manual_seed(seed)
@@ -133,15 +188,26 @@ def make_batch(vocab_size: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(config: dict, weights: Dict[str, torch.Tensor], tokens, targets,
-              dtype: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
-    """logits, loss and grad.<name> from the torch model running in `dtype`."""
+              dtype: torch.dtype = torch.float64,
+              adapter: Optional[Tuple[float, Dict[str, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
+    """logits, loss and grad.<name> from the torch model running in `dtype`: of every
+    parameter, or with adapter = (scale, PEFT-named tensors) of the adapter tensors only,
+    the base frozen."""
     model = LlamaForCausalLM(config).to(dtype)
     model.load_hf_state_dict(weights)
+    trained = dict(model.named_parameters())
+    if adapter is not None:
+        model.requires_grad_(False)
+        scale, tensors = adapter
+        trained = {n: t.detach().to(dtype).requires_grad_(True) for n, t in tensors.items()}
+        torch_llama.attach_lora(model, trained, scale)
     logits, loss = model(tokens, targets)
     loss.backward()
     out = {"logits": logits.detach(), "loss": loss.detach().reshape(1)}
-    for name, p in model.named_parameters():
+    for name, p in trained.items():
         out[f"grad.{name}"] = p.grad.detach()
+    if adapter is not None and any(p.grad is not None for p in model.parameters()):
+        raise AssertionError("the frozen base got a gradient in the reference")
     return out
 
 
@@ -182,22 +248,39 @@ def compare(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> Tupl
 
 
 def print_table(rows: List[tuple]) -> None:
-    print(f"  {'tensor':<52} {'shape':<14} {'max|ref|':>10} {'rel err':>10}  status")
+    width = max([52] + [len(row[0]) for row in rows])
+    print(f"  {'tensor':<{width}} {'shape':<14} {'max|ref|':>10} {'rel err':>10}  status")
     for name, shape, ref_max, err, status in rows:
         ref_s = f"{ref_max:10.3e}" if ref_max is not None else f"{'-':>10}"
         err_s = f"{err:10.3e}" if err is not None else f"{'-':>10}"
-        print(f"  {name:<52} {str(shape):<14} {ref_s} {err_s}  {status}")
+        print(f"  {name:<{width}} {str(shape):<14} {ref_s} {err_s}  {status}")
 
 
-def sensitivity(config: dict, weights, tokens, targets, want_logits) -> Tuple[List[str], List[str]]:
+def case_mutations(case: Case) -> List[str]:
+    """The porting bugs a case can tell apart: the model's, or for a LoRA case the
+    adapter's (the base model's bugs are the plain cases' job; the LoRA mutations say
+    nothing about how a base bug would interact with the adapter)."""
+    if case.lora is None:
+        return llama_mutations.applicable_mutations(case.config)
+    lora = case.lora
+    return llama_mutations.applicable_lora_mutations(lora.r, lora.alpha, lora.targets, lora.layers)
+
+
+def sensitivity(case: Case, weights, tokens, targets, want_logits,
+                adapter: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[List[str], List[str]]:
     """How far each applicable porting bug moves the logits; too little means this case
     could not tell the bug from float32 noise."""
     lines, failures = [], []
-    for mutation in llama_mutations.applicable_mutations(config):
-        m_config, m_weights = llama_mutations.apply_mutation(mutation, config, weights)
+    for mutation in case_mutations(case):
+        m_config, m_weights = case.config, weights
+        if case.lora is None:
+            m_config, m_weights = llama_mutations.apply_mutation(mutation, case.config, weights)
         with torch.no_grad():
             model = LlamaForCausalLM(m_config).to(torch.float64)
             model.load_hf_state_dict(m_weights)
+            if case.lora is not None:
+                m_scale, m_adapter = llama_mutations.apply_lora_mutation(mutation, case.lora.scale, adapter)
+                torch_llama.attach_lora(model, m_adapter, m_scale)
             logits, _ = model(tokens)
         d = rel_err(logits, want_logits)
         ok = d >= SENSITIVITY_MIN
@@ -207,9 +290,12 @@ def sensitivity(config: dict, weights, tokens, targets, want_logits) -> Tuple[Li
     return lines, failures
 
 
-def run_flotilla(binary: str, model_dir: str, batch_path: str, out_path: str) -> Optional[str]:
+def run_flotilla(binary: str, model_dir: str, batch_path: str, out_path: str,
+                 adapter_dir: Optional[str] = None) -> Optional[str]:
     """None on success, else one line saying why."""
     cmd = [binary, "grads", "--model", model_dir, "--batch", batch_path, "--out", out_path]
+    if adapter_dir is not None:
+        cmd += ["--adapter", adapter_dir]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GRADS_TIMEOUT_S)
     except OSError as e:
@@ -226,19 +312,29 @@ def run_flotilla(binary: str, model_dir: str, batch_path: str, out_path: str) ->
 
 def run_case(index: int, binary: str, base_seed: int, workdir: str, verbose: bool = True) -> List[str]:
     """Runs one case; returns its failures (empty when it passes)."""
-    name, config, save_dtype, weight_offset = CASES[index]
+    case = CASES[index]
+    name, config, save_dtype, weight_offset, lora = case
     weight_seed, batch_seed = base_seed + weight_offset, base_seed + 100 + index
+    adapter_seed = base_seed + 200 + index
     cfg = torch_llama.LlamaConfig(config)
     weights = init_weights(config, weight_seed)
     # The reference runs exactly the weights flotilla reads: rounded to the saved dtype.
     weights = {n: t.to(save_dtype).to(torch.float64) for n, t in weights.items()}
+    adapter = None
+    if lora is not None:  # saved as F32, as PEFT saves a float32 adapter
+        adapter = {n: t.to(torch.float32).to(torch.float64)
+                   for n, t in init_adapter(config, lora, adapter_seed).items()}
     tokens, targets = make_batch(cfg.vocab_size, batch_seed)
 
     case_dir = os.path.join(workdir, name)
     model_dir = os.path.join(case_dir, "model")
+    adapter_dir = os.path.join(case_dir, "adapter") if lora is not None else None
     batch_path = os.path.join(case_dir, "batch.json")
     out_path = os.path.join(case_dir, "out.safetensors")
     torch_llama.save_hf_dir(model_dir, config, weights, save_dtype)
+    if lora is not None:
+        torch_llama.save_peft_adapter(adapter_dir, adapter, lora.r, lora.alpha, lora.targets,
+                                      lora.layers, lora_dropout=0.0)
     with open(batch_path, "w") as f:
         json.dump({"tokens": tokens.tolist(), "targets": targets.tolist()}, f)
 
@@ -249,12 +345,17 @@ def run_case(index: int, binary: str, base_seed: int, workdir: str, verbose: boo
               f"rope_scaling={'llama3' if cfg.rope_scaling else 'none'} weights={torch_llama._TORCH_TO_ST[save_dtype]} "
               f"B={BATCH} T={SEQ} ignored={int((targets == IGNORE_INDEX).sum())} "
               f"(weight seed {weight_seed}, batch seed {batch_seed})")
-    want = reference(config, weights, tokens, targets)
-    sens_lines, failures = sensitivity(config, weights, tokens, targets, want["logits"])
+        if lora is not None:
+            print(f"  LoRA r={lora.r} alpha={lora.alpha} scale={lora.scale:g} targets={','.join(lora.targets)} "
+                  f"layers_to_transform={list(lora.layers) if lora.layers is not None else None} "
+                  f"A, B random, {len(adapter)} tensors (adapter seed {adapter_seed})")
+    want = reference(config, weights, tokens, targets,
+                     adapter=(lora.scale, adapter) if lora is not None else None)
+    sens_lines, failures = sensitivity(case, weights, tokens, targets, want["logits"], adapter)
     if verbose:
         print(f"  sensitivity (rel change of logits per porting bug): {', '.join(sens_lines)}")
 
-    error = run_flotilla(binary, model_dir, batch_path, out_path)
+    error = run_flotilla(binary, model_dir, batch_path, out_path, adapter_dir)
     if error:
         if verbose:
             print(f"  {error}")
@@ -267,6 +368,14 @@ def run_case(index: int, binary: str, base_seed: int, workdir: str, verbose: boo
             print(f"  {msg}")
         return failures + [msg]
     rows, cmp_failures = compare(got, want)
+    if lora is not None:
+        # compare() fails on any tensor the reference lacks as well; this names the fault.
+        base_grads = sorted(n for n in got if n.startswith("grad.") and n[len("grad."):] in weights)
+        if base_grads:
+            failures.append(f"base frozen, yet flotilla wrote {len(base_grads)} base gradients "
+                            f"(first: {base_grads[0]})")
+        elif verbose:
+            print(f"  no base gradients written ({len(adapter)} adapter gradients expected)")
     failures += cmp_failures
     if verbose:
         print_table(rows)
@@ -402,7 +511,9 @@ def _write_sharded(directory: str, src_dir: str, n_shards: int) -> None:
 
 def _self_test_written(tmp: str, seed: int) -> List[str]:
     failures = []
-    for name, config, dtype, offset in CASES:
+    for name, config, dtype, offset, lora in CASES:
+        if lora is not None:  # the same base models as plain cases
+            continue
         d = os.path.join(tmp, f"written_{name}")
         torch_llama.save_hf_dir(d, config, init_weights(config, seed + offset), dtype)
         try:
@@ -464,16 +575,19 @@ def _self_test_fake_flotilla(tmp: str, seed: int) -> List[str]:
     if not run_all(fake, seed, None, keep=False):
         failures.append("the correct float32 stand-in did not pass")
     print("-- fake flotilla with known bugs: every applicable case must fail")
-    bugs = [(b, i) for i, (_, config, _, _) in enumerate(CASES)
-            for b in llama_mutations.applicable_mutations(config)]
+    bugs = [(b, i) for i, case in enumerate(CASES) for b in case_mutations(case)]
     bugs += [("drop_grad", 0), ("count_ignored", 0)]
+    # Gradient-only LoRA bugs (the logits are right) and a base that is not frozen.
+    for i, case in enumerate(CASES):
+        if case.lora is not None:
+            bugs += [("lora_dA_unscaled", i), ("lora_backward_stops_early", i), ("base_grads", i)]
     workdir = os.path.join(tmp, "bugs")
     for bug, i in bugs:
         os.environ["FAKE_FLOTILLA_BUG"] = bug
         case_failures = run_case(i, fake, seed, workdir, verbose=False)
         caught = bool(case_failures)
         first = case_failures[0] if case_failures else "passed"
-        print(f"  {bug:<18} on {CASES[i][0]:<18} {'caught' if caught else 'NOT CAUGHT'}: {first}")
+        print(f"  {bug:<25} on {CASES[i][0]:<18} {'caught' if caught else 'NOT CAUGHT'}: {first}")
         if not caught:
             failures.append(f"bug {bug} on case {CASES[i][0]} was not caught")
     os.environ.pop("FAKE_FLOTILLA_BUG", None)

@@ -13,6 +13,8 @@ without adding bug switches to torch_llama.py:
                     (h % NKV) * group + h // NKV (q_proj rows and o_proj columns together).
   no_qkv_bias       Qwen2's q/k/v biases ignored.
   no_rope_scaling   Llama 3 rope scaling ignored.
+
+and LoRA bugs (LORA_MUTATIONS, at the end), as changes to the adapter.
 """
 
 from __future__ import annotations
@@ -82,3 +84,67 @@ def apply_mutation(name: str, config: dict, weights: Dict[str, torch.Tensor]) ->
     else:
         raise ValueError(f"unknown mutation {name!r}; known: {MUTATIONS}")
     return config, weights
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# LoRA porting bugs, as changes to a correct adapter's settings and tensors (PEFT names).
+# Every change is a differentiable function of the given tensors, so a stand-in can
+# compute the buggy model and still report gradients for the adapter's own tensors.
+#
+#   lora_scale_twice     scale applied twice: (alpha / r)^2 instead of alpha / r.
+#   lora_no_scale        scale forgotten (1 instead of alpha / r).
+#   lora_A_transposed    A's (r, in) buffer read as (in, r) and transposed.
+#   lora_B_transposed    B's (out, r) buffer read as (r, out) and transposed.
+#   lora_layers_shifted  layers_to_transform [k..L-1] applied to layers [0..L-1-k].
+#   lora_kv_swapped      the k_proj and v_proj adapters exchanged.
+LORA_MUTATIONS = ("lora_scale_twice", "lora_no_scale", "lora_A_transposed", "lora_B_transposed",
+                  "lora_layers_shifted", "lora_kv_swapped")
+
+
+def applicable_lora_mutations(r: int, lora_alpha: float, target_modules, layers_to_transform) -> List[str]:
+    out = []
+    if lora_alpha / r != 1.0:  # scale 1: both scale bugs compute the right model
+        out += ["lora_scale_twice", "lora_no_scale"]
+    out += ["lora_A_transposed", "lora_B_transposed"]
+    if layers_to_transform is not None and min(layers_to_transform) > 0:
+        out.append("lora_layers_shifted")
+    if "k_proj" in target_modules and "v_proj" in target_modules:
+        out.append("lora_kv_swapped")
+    return out
+
+
+def apply_lora_mutation(name: str, scale: float, tensors: Dict[str, torch.Tensor]) -> Tuple[float, Dict[str, torch.Tensor]]:
+    """(scale, tensors) of the buggy model. Names stay PEFT's; shapes stay the same."""
+    tensors = dict(tensors)
+    if name == "lora_scale_twice":
+        return scale * scale, tensors
+    if name == "lora_no_scale":
+        return 1.0, tensors
+    if name in ("lora_A_transposed", "lora_B_transposed"):
+        suffix = ".lora_A.weight" if name == "lora_A_transposed" else ".lora_B.weight"
+        for n, t in tensors.items():
+            if n.endswith(suffix):
+                rows, cols = t.shape
+                tensors[n] = t.reshape(cols, rows).t()
+        return scale, tensors
+    if name == "lora_layers_shifted":
+        layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in tensors})
+        shift = layers[0]
+        out = {}
+        for n, t in tensors.items():
+            head, rest = n.split(".layers.", 1)
+            layer, tail = rest.split(".", 1)
+            out[f"{head}.layers.{int(layer) - shift}.{tail}"] = t
+        return scale, out
+    if name == "lora_kv_swapped":
+        out = {}
+        for n, t in tensors.items():
+            if ".k_proj." in n:
+                out[n.replace(".k_proj.", ".v_proj.")] = t
+            elif ".v_proj." in n:
+                out[n.replace(".v_proj.", ".k_proj.")] = t
+            else:
+                out[n] = t
+        return scale, out
+    raise ValueError(f"unknown LoRA mutation {name!r}; known: {LORA_MUTATIONS}")

@@ -12,7 +12,8 @@ with float64 parameters everything, rotary tables included, is float64, which is
 the gradient checks use as an exact reference.
 
 Also here: a small safetensors reader and writer (no safetensors package on this
-machine) and save_hf_dir(), which writes config.json + model.safetensors.
+machine), save_hf_dir(), which writes config.json + model.safetensors, and PEFT's LoRA
+(LoraLinear, attach_lora, save_peft_adapter / read_peft_adapter) under PEFT's names.
 
 Vocabulary used below: B batch, T sequence length, C hidden size, NH query heads,
 NKV key/value heads, HD head dimension, F intermediate (ffn) size, V vocabulary.
@@ -518,3 +519,126 @@ def load_hf_dir(directory: str, dtype: torch.dtype = torch.float32) -> LlamaForC
     model = LlamaForCausalLM(config).to(dtype)
     model.load_hf_state_dict(read_hf_weights(directory))
     return model
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# PEFT's LoRA (Hu et al. 2021) on the model above. An adapted linear layer computes
+#     y = x W^T + b + scale * (dropout(x) A^T) B^T,   scale = lora_alpha / r,
+# with A (r, in) and B (out, r). Adapter tensors are named as PEFT saves them for a
+# LlamaForCausalLM: "base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight".
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_module_path(layer: int, target: str) -> str:
+    """model.layers.{i}.self_attn.q_proj (or .mlp.gate_proj): the module PEFT adapts."""
+    block = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{block}.{target}"
+
+
+def lora_tensor_name(layer: int, target: str, which: str) -> str:
+    """PEFT's name of lora_A or lora_B (which = "A" or "B") of one adapted layer."""
+    return f"{PEFT_PREFIX}{lora_module_path(layer, target)}.lora_{which}.weight"
+
+
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear plus scale * (dropout(x) A^T) B^T.
+
+    Keeps the base layer's parameters under their own names ("weight", "bias"), so the
+    model's named_parameters() stay Hugging Face's. A and B are whatever tensors the caller
+    gives (leaves, nn.Parameters, or differentiable functions of leaves) and are held in a
+    tuple, not registered: the caller owns them and their gradients."""
+
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        r = lora_a.shape[0]
+        if tuple(lora_a.shape) != (r, in_features) or tuple(lora_b.shape) != (out_features, r):
+            raise ValueError(f"[torch_llama] LoRA shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} "
+                             f"do not fit a linear layer (out {out_features}, in {in_features}) at rank {r}")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora = (lora_a, lora_b)
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        lora_a, lora_b = self.lora
+        xd = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x  # PEFT: Identity at 0
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(xd, lora_a), lora_b)
+
+
+def attach_lora(model: LlamaForCausalLM, tensors: Dict[str, torch.Tensor], scale: float,
+                dropout: float = 0.0) -> None:
+    """Replaces every linear layer that `tensors` (PEFT names, lora_A and lora_B) adapts by
+    a LoraLinear over the same base weights. Raises ValueError for a name that is not a
+    LoRA tensor of this model, an A without its B, or a misshapen tensor."""
+    pairs: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        for which in ("A", "B"):
+            suffix = f".lora_{which}.weight"
+            if name.startswith(PEFT_PREFIX) and name.endswith(suffix):
+                pairs.setdefault(name[len(PEFT_PREFIX):-len(suffix)], {})[which] = t
+                break
+        else:
+            raise ValueError(f"[torch_llama] {name!r} is not a PEFT LoRA tensor name")
+    for path, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"[torch_llama] {path}: LoRA needs both lora_A and lora_B, got {sorted(pair)}")
+        parent_path, _, child = path.rpartition(".")
+        if child not in LORA_TARGETS:
+            raise ValueError(f"[torch_llama] {path}: not a LoRA target ({', '.join(LORA_TARGETS)})")
+        try:
+            parent = model.get_submodule(parent_path)
+        except AttributeError:
+            raise ValueError(f"[torch_llama] {path}: no such module in this model") from None
+        base = getattr(parent, child)
+        if isinstance(base, LoraLinear):
+            raise ValueError(f"[torch_llama] {path}: already adapted")
+        setattr(parent, child, LoraLinear(base, pair["A"], pair["B"], scale, dropout))
+
+
+def save_peft_adapter(directory: str, tensors: Dict[str, torch.Tensor], r: int, lora_alpha: float,
+                      target_modules, layers_to_transform=None, lora_dropout: float = 0.0,
+                      dtype: torch.dtype = torch.float32) -> None:
+    """adapter_config.json + adapter_model.safetensors as PEFT writes them for LoRA.
+    layers_to_transform None adapts every layer; a list names the layers (with
+    layers_pattern "layers", as PEFT needs for Llama)."""
+    os.makedirs(directory, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "target_modules": list(target_modules),
+        "layers_to_transform": None if layers_to_transform is None else list(layers_to_transform),
+        "layers_pattern": None if layers_to_transform is None else "layers",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    write_safetensors(os.path.join(directory, "adapter_model.safetensors"),
+                      {n: t.detach().to(dtype) for n, t in tensors.items()}, {"format": "pt"})
+
+
+def read_peft_adapter(directory: str):
+    """(adapter_config.json as a dict, PEFT-named tensors) of a LoRA adapter directory."""
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"[torch_llama] {directory}: peft_type {config.get('peft_type')!r} is not LORA")
+    return config, read_safetensors(os.path.join(directory, "adapter_model.safetensors"))

@@ -1,0 +1,229 @@
+// LoRA fine-tuning throughput of flotilla (issue 4): full training steps of LoRA adapters
+// over a frozen float32 base (zero_grads, forward, backward of the mean loss, AdamW over the
+// adapters only), on random tokens, timed after warm-up. Prints one JSON line;
+// bench/lora_throughput runs this and the PyTorch peer (bench/torch_lora_throughput.py)
+// one after the other and prints the table with the ratios.
+//
+//   lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W]
+//                   [--rank R] [--alpha A] [--targets q,k,v,o] [--json]
+//
+// The workloads are bench/train_throughput's (W2, the issue's: dim 768, 12 layers, 12 heads,
+// FFN 2048, vocab 32000, seq 512, batch 4), with random base weights: the values do not
+// change the work done. The adapters start as PEFT starts them (A uniform, B zero), on every
+// layer. Peak memory is VmHWM read right after the timed steps.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/memory.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/base/threads.hpp"
+#include "flotilla/base/timer.hpp"
+#include "flotilla/model/config.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
+#include "flotilla/train/adamw.hpp"
+
+namespace {
+
+using flotilla::Rng;
+using flotilla::Timer;
+using flotilla::model::ModelConfig;
+
+struct Workload {
+  std::string_view name;
+  int64_t dim, n_layers, n_heads, ffn_dim, vocab, seq, batch;
+};
+
+// The same shapes as bench/torch_lora_throughput.py's WORKLOADS (and train_throughput's).
+constexpr Workload kWorkloads[] = {
+    {"W1", 288, 6, 6, 768, 32000, 256, 8},
+    {"W2", 768, 12, 12, 2048, 32000, 512, 4},
+};
+
+ModelConfig make_config(const Workload& w) {
+  ModelConfig c;
+  c.arch = flotilla::model::Architecture::llama;
+  c.vocab_size = w.vocab;
+  c.dim = w.dim;
+  c.n_layers = w.n_layers;
+  c.n_heads = w.n_heads;
+  c.n_kv_heads = w.n_heads;  // MHA
+  c.head_dim = w.dim / w.n_heads;
+  c.ffn_dim = w.ffn_dim;
+  c.max_position = w.seq;
+  c.rms_norm_eps = 1e-5f;
+  c.rope_theta = 10000.0f;
+  c.tie_embeddings = false;
+  return c;
+}
+
+struct PhaseMs {
+  double zero_grads = 0, forward = 0, backward = 0, optimizer = 0;
+};
+
+struct Args {
+  std::string workload = "W2";
+  int threads = 2, steps = 3, warmup = 1;
+  int64_t rank = 8;
+  float alpha = 16.0f;
+  std::string targets = "q,k,v,o";
+  bool json = false;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  auto need = [&](int& i) -> std::string {
+    if (i + 1 >= argc) throw std::invalid_argument(std::string(argv[i]) + " needs a value");
+    return argv[++i];
+  };
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view s = argv[i];
+    if (s == "--workload") a.workload = need(i);
+    else if (s == "--threads") a.threads = std::stoi(need(i));
+    else if (s == "--steps") a.steps = std::stoi(need(i));
+    else if (s == "--warmup") a.warmup = std::stoi(need(i));
+    else if (s == "--rank") a.rank = std::stoll(need(i));
+    else if (s == "--alpha") a.alpha = std::stof(need(i));
+    else if (s == "--targets") a.targets = need(i);
+    else if (s == "--json") a.json = true;
+    else if (s == "-h" || s == "--help") {
+      std::cout << "usage: lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W] "
+                   "[--rank R] [--alpha A] [--targets q,k,v,o] [--json]\n";
+      std::exit(0);
+    } else {
+      throw std::invalid_argument("unknown flag " + std::string(s));
+    }
+  }
+  if (a.threads < 1 || a.steps < 1 || a.warmup < 0 || a.rank < 1)
+    throw std::invalid_argument("need --threads >= 1, --steps >= 1, --warmup >= 0, --rank >= 1");
+  return a;
+}
+
+int run(const Args& args) {
+  const Workload* w = nullptr;
+  for (const Workload& cand : kWorkloads)
+    if (cand.name == args.workload) w = &cand;
+  if (w == nullptr) throw std::invalid_argument("unknown workload " + args.workload + " (W1, W2)");
+  flotilla::set_num_threads(args.threads);
+
+  const ModelConfig cfg = make_config(*w);
+  const int64_t B = w->batch, T = w->seq, V = w->vocab;
+  flotilla::model::Llama model(cfg);
+  model.init_random(0);
+  flotilla::model::LoraConfig lora_cfg;
+  lora_cfg.rank = args.rank;
+  lora_cfg.alpha = args.alpha;
+  lora_cfg.dropout = 0.0f;
+  lora_cfg.targets = flotilla::model::LoraConfig::parse_targets(args.targets);
+  lora_cfg.num_layers = -1;  // every layer
+  flotilla::model::LoraAdapters adapters(cfg, lora_cfg);
+  adapters.init_random(1);
+  model.attach_lora(&adapters);  // freezes the base: no base gradient buffer at all
+  int64_t adapter_params = 0;
+  for (const auto& info : adapters.table().params()) adapter_params += info.numel;
+
+  // torch.optim.AdamW's defaults, as the peer uses them: betas (0.9, 0.999), eps 1e-8,
+  // weight decay 0.01.
+  const flotilla::model::Llama::Trainable trainable = model.trainable();
+  flotilla::train::AdamW opt(trainable.table, {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f,
+                                               .weight_decay = 0.01f});
+  constexpr float kLr = 1e-4f;
+
+  // A fresh random batch per step, as the peer draws one: seq (B, T+1), tokens = seq[:, :-1],
+  // targets = seq[:, 1:].
+  Rng rng(0);
+  std::vector<int32_t> seq(static_cast<size_t>(B * (T + 1))), tokens(static_cast<size_t>(B * T)),
+      targets(static_cast<size_t>(B * T));
+  PhaseMs phases;
+  double last_loss = 0.0;
+  auto train_step = [&](PhaseMs* acc) {
+    for (auto& s : seq) s = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        tokens[b * T + t] = seq[b * (T + 1) + t];
+        targets[b * T + t] = seq[b * (T + 1) + t + 1];
+      }
+    Timer t;
+    model.zero_grads();
+    const double t_zero = t.elapsed_ms();
+    const flotilla::model::LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
+    const double t_fwd = t.elapsed_ms();
+    model.backward(1.0f / static_cast<float>(loss.num_tokens));
+    const double t_bwd = t.elapsed_ms();
+    const flotilla::model::Llama::Trainable tr = model.trainable();
+    opt.step(tr.params, tr.grads, kLr);
+    const double t_opt = t.elapsed_ms();
+    last_loss = loss.mean();
+    if (acc != nullptr) {
+      acc->zero_grads += t_zero;
+      acc->forward += t_fwd - t_zero;
+      acc->backward += t_bwd - t_fwd;
+      acc->optimizer += t_opt - t_bwd;
+    }
+  };
+  for (int i = 0; i < args.warmup; ++i) train_step(nullptr);
+  Timer timed;
+  for (int i = 0; i < args.steps; ++i) train_step(&phases);
+  const double elapsed_s = timed.elapsed_s();
+  const int64_t peak_rss = flotilla::peak_rss_bytes();
+
+  const double steps = args.steps;
+  const double tokens_per_s = static_cast<double>(B * T) * steps / elapsed_s;
+  const nlohmann::json out = {
+      {"impl", "flotilla"},
+      {"workload", args.workload},
+      {"threads", args.threads},
+      {"params", cfg.num_params()},
+      {"adapter_params", adapter_params},
+      {"rank", args.rank},
+      {"alpha", args.alpha},
+      {"targets", args.targets},
+      {"batch", B},
+      {"seq", T},
+      {"steps", args.steps},
+      {"warmup", args.warmup},
+      {"tokens_per_s", tokens_per_s},
+      {"step_ms", 1000.0 * elapsed_s / steps},
+      {"last_loss", last_loss},
+      {"peak_rss_bytes", peak_rss},
+      {"activation_bytes", model.activation_bytes(B, T)},
+      {"base_grads_allocated", model.base_grads_allocated()},
+      {"phase_ms",
+       {{"zero_grads", phases.zero_grads / steps},
+        {"forward", phases.forward / steps},
+        {"backward", phases.backward / steps},
+        {"optimizer", phases.optimizer / steps}}},
+  };
+  if (args.json) {
+    std::cout << out.dump() << std::endl;
+  } else {
+    std::printf("flotilla LoRA %s: %d threads, %.1fM base params (frozen), %.2fM adapter params "
+                "(rank %lld, alpha %g, %s), B=%lld T=%lld: %.0f tokens/s, %.1f ms/step "
+                "(forward %.1f, backward %.1f, optimizer %.1f), peak RSS %.0f MiB\n",
+                args.workload.c_str(), args.threads, cfg.num_params() / 1e6, adapter_params / 1e6,
+                static_cast<long long>(args.rank), args.alpha, args.targets.c_str(),
+                static_cast<long long>(B), static_cast<long long>(T), tokens_per_s, 1000.0 * elapsed_s / steps,
+                phases.forward / steps, phases.backward / steps, phases.optimizer / steps,
+                peak_rss / 1048576.0);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[bench/lora_throughput] %s\n", e.what());
+    return 1;
+  }
+}
