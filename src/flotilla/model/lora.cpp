@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
@@ -180,19 +181,39 @@ LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const Mod
     cfg.alpha = j.at("lora_alpha").get<float>();
     cfg.dropout = j.value("lora_dropout", 0.0f);
     std::string targets;
-    for (const auto& m : j.at("target_modules")) targets += m.get<std::string>() + ",";
-    cfg.targets = LoraConfig::parse_targets(targets);
+    const nlohmann::json& modules = j.at("target_modules");
+    if (modules.is_string())  // PEFT's "all-linear", or one module name
+      targets = modules.get<std::string>() == "all-linear" ? "q,k,v,o,gate,up,down" : modules.get<std::string>();
+    else
+      for (const auto& m : modules) targets += m.get<std::string>() + ",";
+    try {
+      cfg.targets = LoraConfig::parse_targets(targets);
+    } catch (const InputError& e) {
+      fail(std::string("target_modules: ") + e.what());
+    }
     cfg.num_layers = -1;
+    if (j.contains("layers_pattern") && !j["layers_pattern"].is_null() && j["layers_pattern"] != "layers" &&
+        j["layers_pattern"] != nlohmann::json::array({"layers"}))
+      fail("layers_pattern must be \"layers\" for a Llama-family model");
     if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
-      std::vector<int64_t> layers = j["layers_to_transform"].get<std::vector<int64_t>>();
+      const nlohmann::json& lt = j["layers_to_transform"];
+      std::vector<int64_t> layers =
+          lt.is_number_integer() ? std::vector<int64_t>{lt.get<int64_t>()} : lt.get<std::vector<int64_t>>();
       std::sort(layers.begin(), layers.end());
-      // We adapt a contiguous range ending at the last layer, as mlx_lm's --num-layers.
+      // We adapt a contiguous range ending at the last layer, as mlx_lm's --num-layers;
+      // adapters on other layer sets (PEFT allows any) are refused, not misapplied.
       for (size_t i = 0; i < layers.size(); ++i)
         if (layers[i] != model.n_layers - static_cast<int64_t>(layers.size()) + static_cast<int64_t>(i))
           fail("layers_to_transform must be the last N layers of the model");
       cfg.num_layers = static_cast<int64_t>(layers.size());
     }
-    LoraAdapters adapters(model, cfg);
+    std::optional<LoraAdapters> made;
+    try {
+      made.emplace(model, cfg);
+    } catch (const InputError& e) {
+      fail(e.what());
+    }
+    LoraAdapters& adapters = *made;
     const io::TensorStore store(dir / "adapter_model.safetensors");
     for (const ParamInfo& info : adapters.table_.params()) {
       std::span<float> dst(adapters.params_.data() + info.offset, static_cast<size_t>(info.numel));
@@ -202,7 +223,7 @@ LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const Mod
       if (!adapters.table_.find(name))
         throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}' for this adapter configuration",
                                                  (dir / "adapter_model.safetensors").string(), name));
-    return adapters;
+    return std::move(adapters);
   } catch (const nlohmann::json::exception& e) {
     fail(std::string("malformed: ") + e.what());
   }
