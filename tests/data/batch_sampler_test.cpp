@@ -10,6 +10,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::data {
 namespace {
@@ -47,12 +48,7 @@ std::vector<size_t> random_lengths(Rng& rng, size_t n, size_t max_len) {
   return lengths;
 }
 
-uint64_t fresh_seed() {
-  std::random_device rd;
-  const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
-  std::printf("[   seed   ] %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
+uint64_t fresh_seed() { return ::flotilla::testing::test_seed(); }
 
 // The rows of `steps` global batches, assembled from every rank's micro-batches.
 std::vector<std::vector<int32_t>> global_rows(const ExampleSource& ex, SamplerConfig cfg, int steps) {

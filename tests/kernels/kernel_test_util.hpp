@@ -24,24 +24,11 @@
 #include <vector>
 
 #include "flotilla/base/rng.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::kernels::testing {
 
-// A fresh seed for each test, printed so that a failure can be replayed with
-// FLOTILLA_TEST_SEED=<seed>.
-inline uint64_t test_seed() {
-  uint64_t seed;
-  if (const char* env = std::getenv("FLOTILLA_TEST_SEED")) {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32) | rd();
-  }
-  std::printf("[   seed   ] %llu (replay: FLOTILLA_TEST_SEED=%llu)\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
+using ::flotilla::testing::test_seed;
 
 inline std::vector<float> uniform_vec(Rng& rng, size_t n, float lo = -1.0f, float hi = 1.0f) {
   std::vector<float> v(n);

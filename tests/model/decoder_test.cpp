@@ -16,24 +16,12 @@
 #include "flotilla/base/rng.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/llama.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::model {
 namespace {
 
-// A fresh seed per test, printed so that a failure replays with FLOTILLA_TEST_SEED=<seed>.
-uint64_t test_seed() {
-  uint64_t seed;
-  if (const char* env = std::getenv("FLOTILLA_TEST_SEED")) {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32) | rd();
-  }
-  std::printf("[   seed   ] %llu (replay: FLOTILLA_TEST_SEED=%llu)\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
+using ::flotilla::testing::test_seed;
 
 // The model shapes the decoder must agree on; each is one instantiation of every test.
 ModelConfig named_config(const std::string& name) {

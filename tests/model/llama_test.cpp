@@ -20,24 +20,12 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::model {
 namespace {
 
-// A fresh seed per test, printed so that a failure replays with FLOTILLA_TEST_SEED=<seed>.
-uint64_t test_seed() {
-  uint64_t seed;
-  if (const char* env = std::getenv("FLOTILLA_TEST_SEED")) {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32) | rd();
-  }
-  std::printf("[   seed   ] %llu (replay: FLOTILLA_TEST_SEED=%llu)\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
+using ::flotilla::testing::test_seed;
 
 // Small enough that a forward costs microseconds, with every feature the backward must
 // handle: GQA (4 query heads share 2 kv heads), q/k/v biases, two layers, an odd vocab.

@@ -14,16 +14,12 @@
 #include "flotilla/base/rng.hpp"
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/llama.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::model {
 namespace {
 
-uint64_t fresh_seed() {
-  std::random_device rd;
-  const uint64_t seed = (static_cast<uint64_t>(rd()) << 32) | rd();
-  std::printf("[   seed   ] %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
+uint64_t fresh_seed() { return ::flotilla::testing::test_seed(); }
 
 ModelConfig small_config() {
   ModelConfig cfg;

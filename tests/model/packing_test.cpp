@@ -9,6 +9,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/model/llama.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -28,9 +29,7 @@ ModelConfig small_config() {
 }
 
 TEST(Packing, PackedRowEqualsSeparateRows) {
-  std::random_device rd;
-  const uint64_t seed = rd();
-  std::printf("[   seed   ] %llu\n", static_cast<unsigned long long>(seed));
+  const uint64_t seed = ::flotilla::testing::test_seed();
   Rng rng(seed);
   Llama model(small_config());
   model.init_random(seed);

@@ -15,24 +15,12 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
+#include "../test_seed.hpp"
 
 namespace flotilla::model {
 namespace {
 
-// A fresh seed per test, printed so that a failure replays with FLOTILLA_TEST_SEED=<seed>.
-uint64_t test_seed() {
-  uint64_t seed;
-  if (const char* env = std::getenv("FLOTILLA_TEST_SEED")) {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32) | rd();
-  }
-  std::printf("[   seed   ] %llu (replay: FLOTILLA_TEST_SEED=%llu)\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  return seed;
-}
+using ::flotilla::testing::test_seed;
 
 // Logits of a spread that sampling at temperature 1 draws every id often.
 std::vector<float> random_logits(Rng& rng, size_t n) {
