@@ -62,9 +62,11 @@ void rope_table(float* cos, float* sin, const float* inv_freq, int64_t pos0, int
   }
 }
 
-void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH,
-                  int64_t hd, const int32_t* positions) {
-  // x (B, T, NH, hd) in place, cos/sin (T, hd/2)
+namespace {
+// In place on x (B, T, NH, hd): turns each (x1[i], x2[i]) pair by `direction` x angle,
+// direction +1 (forward) or -1 (backward: a rotation's transpose is the opposite turn).
+void rotate_pairs(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH, int64_t hd,
+                  const int32_t* positions, float direction) {
   const int64_t half = hd / 2;
 #pragma omp parallel for schedule(static) if (B * T * NH * hd > (1 << 15))
   for (int64_t bt = 0; bt < B * T; ++bt) {
@@ -74,39 +76,30 @@ void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64
     for (int64_t h = 0; h < NH; ++h) {
       float* x1 = x + (bt * NH + h) * hd;
       float* x2 = x1 + half;
-      // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+      // x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), sin signed by direction
 #pragma omp simd
       for (int64_t i = 0; i < half; ++i) {
-        const float a = x1[i], b = x2[i];
-        x1[i] = a * c[i] - b * s[i];
-        x2[i] = b * c[i] + a * s[i];
+        const float a = x1[i], b = x2[i], si = direction * s[i];
+        x1[i] = a * c[i] - b * si;
+        x2[i] = b * c[i] + a * si;
       }
     }
   }
 }
+}  // namespace
+
+void rope_forward(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH,
+                  int64_t hd, const int32_t* positions) {
+  // x (B, T, NH, hd) in place, cos/sin (T, hd/2)
+  rotate_pairs(x, cos, sin, B, T, NH, hd, positions, 1.0f);
+}
 
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int64_t T,
                    int64_t NH, int64_t hd, const int32_t* positions) {
-  // dx (B, T, NH, hd) in place: holds dout on entry, dinp on exit; cos/sin (T, hd/2)
-  const int64_t half = hd / 2;
-#pragma omp parallel for schedule(static) if (B * T * NH * hd > (1 << 15))
-  for (int64_t bt = 0; bt < B * T; ++bt) {
-    const int64_t pos = positions ? positions[bt] : bt % T;
-    const float* c = cos + pos * half;
-    const float* s = sin + pos * half;
-    for (int64_t h = 0; h < NH; ++h) {
-      float* d1 = dx + (bt * NH + h) * hd;
-      float* d2 = d1 + half;
-      // forward: (y1, y2) = (x1 c - x2 s, x2 c + x1 s), a rotation by +angle;
-      // its transpose turns by -angle: (dx1, dx2) = (dy1 c + dy2 s, dy2 c - dy1 s).
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = d1[i], b = d2[i];
-        d1[i] = a * c[i] + b * s[i];
-        d2[i] = b * c[i] - a * s[i];
-      }
-    }
-  }
+  // dx (B, T, NH, hd) in place: holds dout on entry, dinp on exit; cos/sin (T, hd/2).
+  // forward: (y1, y2) = (x1 c - x2 s, x2 c + x1 s), a rotation by +angle; its transpose
+  // turns by -angle: (dx1, dx2) = (dy1 c + dy2 s, dy2 c - dy1 s).
+  rotate_pairs(dx, cos, sin, B, T, NH, hd, positions, -1.0f);
 }
 
 }  // namespace flotilla::kernels
