@@ -22,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "workloads.hpp"
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/base/threads.hpp"
@@ -37,33 +38,9 @@ using flotilla::Rng;
 using flotilla::Timer;
 using flotilla::model::ModelConfig;
 
-struct Workload {
-  std::string_view name;
-  int64_t dim, n_layers, n_heads, ffn_dim, vocab, seq, batch;
-};
-
-// The same shapes as bench/torch_lora_throughput.py's WORKLOADS (and train_throughput's).
-constexpr Workload kWorkloads[] = {
-    {"W1", 288, 6, 6, 768, 32000, 256, 8},
-    {"W2", 768, 12, 12, 2048, 32000, 512, 4},
-};
-
-ModelConfig make_config(const Workload& w) {
-  ModelConfig c;
-  c.arch = flotilla::model::Architecture::llama;
-  c.vocab_size = w.vocab;
-  c.dim = w.dim;
-  c.n_layers = w.n_layers;
-  c.n_heads = w.n_heads;
-  c.n_kv_heads = w.n_heads;  // MHA
-  c.head_dim = w.dim / w.n_heads;
-  c.ffn_dim = w.ffn_dim;
-  c.max_position = w.seq;
-  c.rms_norm_eps = 1e-5f;
-  c.rope_theta = 10000.0f;
-  c.tie_embeddings = false;
-  return c;
-}
+using flotilla::bench::find_workload;
+using flotilla::bench::make_config;
+using flotilla::bench::Workload;
 
 struct PhaseMs {
   double zero_grads = 0, forward = 0, backward = 0, optimizer = 0;
@@ -108,9 +85,7 @@ Args parse_args(int argc, char** argv) {
 }
 
 int run(const Args& args) {
-  const Workload* w = nullptr;
-  for (const Workload& cand : kWorkloads)
-    if (cand.name == args.workload) w = &cand;
+  const Workload* w = find_workload(args.workload);
   if (w == nullptr) throw std::invalid_argument("unknown workload " + args.workload + " (W1, W2)");
   flotilla::set_num_threads(args.threads);
 
