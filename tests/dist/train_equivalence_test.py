@@ -7,8 +7,9 @@ every final weight (relative 1e-4 of the tensor's largest value). Two data paths
   - raw text windows (each rank keeps its slice of the same draw);
   - a prepared chat dataset with --mask-prompt, packed rows, so ranks see different
     numbers of target tokens: only token-weighted gradient averaging passes this.
-Also checks that a checkpoint written by a 2-rank run resumes on 1 rank when the
-checkpoint flags exist. Usage: train_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
+Then a checkpoint written mid-run by 2 ranks is resumed on 1 and on 4 ranks (micro-batch
+changed so the global batch stays the same): the resumed steps' losses and the final
+weights must match the uninterrupted 1-rank run to the same tolerances. Usage: train_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import argparse
 import json
@@ -40,9 +41,10 @@ def read_safetensors(path):
     return out
 
 
-def losses(run_dir):
+def losses(run_dir, from_step=0):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r["step"] > from_step]
     return [r["loss"] for r in rows if "loss" in r], [r["valid_loss"] for r in rows if "valid_loss" in r]
 
 
@@ -54,10 +56,12 @@ def run(cmd, env):
     return proc.stdout
 
 
-def compare(name, base_dir, other_dir, ranks):
+def compare(name, base_dir, other_dir, ranks, from_step=0):
+    """Every loss of other_dir's run (steps after from_step, for a resumed run) and its final
+    weights against base_dir's."""
     failures = []
-    base_train, base_valid = losses(base_dir)
-    other_train, other_valid = losses(other_dir)
+    base_train, base_valid = losses(base_dir, from_step)
+    other_train, other_valid = losses(other_dir, from_step)
     if len(base_train) != len(other_train):
         failures.append(f"{name}: {len(base_train)} vs {len(other_train)} steps")
     worst_loss = 0.0
@@ -76,6 +80,27 @@ def compare(name, base_dir, other_dir, ranks):
         if err > 1e-4:
             failures.append(f"{name}: weight {t} differs by {err:.2e} relative on {ranks} ranks")
     print(f"{name:<28} {ranks} ranks: max loss rel err {worst_loss:.2e}, max weight rel err {worst_w:.2e}")
+    return failures
+
+
+def resume_on_other_world_sizes(flotilla, mpirun, env, tmp, model, base, data, common, global_batch):
+    """A checkpoint of a 2-rank run at step 3 of 6, continued on 1 and on 4 ranks, ends where
+    the uninterrupted 1-rank run ends."""
+    failures = []
+    writer = os.path.join(tmp, "ckpt_2ranks")
+    run(mpirun + ["-np", "2", flotilla, "train", "--model", model, "--out", writer, "--save-every", "3",
+                  "--batch-size", str(global_batch // 2)] + data + common, env)
+    checkpoint = os.path.join(writer, "checkpoints", "step-000003")
+    if not os.path.isdir(checkpoint):
+        return [f"the 2-rank run wrote no checkpoint at {checkpoint}"]
+    for ranks in (1, 4):
+        out = os.path.join(tmp, f"resumed_on_{ranks}")
+        launcher = mpirun + ["-np", str(ranks)] if ranks > 1 else []
+        log = run(launcher + [flotilla, "train", "--model", model, "--out", out, "--resume", checkpoint,
+                              "--batch-size", str(global_batch // ranks)] + data + common, env)
+        if "resumed from" not in log:
+            failures.append(f"the run on {ranks} ranks did not say it resumed:\n{log}")
+        failures += compare("2-rank checkpoint resumed", base, out, ranks, from_step=3)
     return failures
 
 
@@ -111,6 +136,9 @@ def main():
                 run(mpirun + ["-np", str(ranks), args.flotilla, "train", "--model", model, "--out", out,
                               "--batch-size", str(global_batch // ranks)] + data + common, env)
                 failures += compare(name, base, out, ranks)
+            if name.startswith("prepared"):
+                failures += resume_on_other_world_sizes(args.flotilla, mpirun, env, tmp, model, base, data, common,
+                                                        global_batch)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for f in failures:
