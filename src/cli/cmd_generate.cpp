@@ -10,6 +10,7 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/sampling.hpp"
+#include "flotilla/text/stop_strings.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/text/utf8_streamer.hpp"
 
@@ -18,6 +19,7 @@ namespace flotilla::cli {
 void add_generate_command(CLI::App& app) {
   struct Options {
     std::string model, prompt, adapter;
+    std::vector<std::string> stops;
     int64_t max_tokens = 128;
     bool no_bos = false;
     model::SamplingParams sampling;
@@ -33,6 +35,8 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", opt->sampling.top_p, "Nucleus sampling mass (1: all)")->capture_default_str();
   cmd->add_option("--seed", opt->sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_flag("--no-bos", opt->no_bos, "Do not prepend the BOS token");
+  cmd->add_option("--stop", opt->stops,
+                  "End at this text (not printed), e.g. a chat template's end of turn '<|im_end|>'; repeatable");
   cmd->callback([opt] {
     if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
     model::Llama model = model::Llama::load(opt->model);
@@ -53,6 +57,7 @@ void add_generate_command(CLI::App& app) {
     model::Decoder decoder(model, limit);
     model::Sampler sampler(opt->sampling);
     text::Utf8Streamer stream;
+    text::StopStrings stops(opt->stops);
     fmt::print("{}", opt->prompt);
     std::fflush(stdout);
 
@@ -67,12 +72,12 @@ void add_generate_command(CLI::App& app) {
       const int32_t next = sampler.sample(logits.first(std::min(vocab, logits.size())));
       ++generated;
       if (next == tokenizer->eos_id()) break;
-      fmt::print("{}", stream.push(tokenizer->token_to_piece(next)));
+      fmt::print("{}", stops.push(stream.push(tokenizer->token_to_piece(next))));
       std::fflush(stdout);
-      if (decoder.position() >= limit) break;
+      if (stops.stopped() || decoder.position() >= limit) break;
       logits = decoder.step(std::span<const int32_t>(&next, 1));
     }
-    fmt::print("{}\n", stream.finish());
+    fmt::print("{}\n", stops.push(stream.finish()) + stops.finish());
     const double decode_s = decode_timer.elapsed_s();
     std::fprintf(stderr, "[generate] prompt %zu tokens in %.3fs (%.1f tokens/s); generated %ld tokens in %.3fs (%.1f tokens/s)\n",
                  prompt.size(), prefill_s, static_cast<double>(prompt.size()) / prefill_s, static_cast<long>(generated),
