@@ -4,12 +4,26 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+#include <string_view>
 
 namespace flotilla::cli {
 
-ProgressPrinter::ProgressPrinter(int64_t log_every)
-    : tty_(::isatty(STDOUT_FILENO) == 1), log_every_(log_every > 0 ? log_every : 1) {}
+namespace {
+
+// A bar on a terminal, lines otherwise. FLOTILLA_PROGRESS=lines|bar overrides: mpirun gives
+// each rank a pseudo-terminal even when its own output goes to a file or a pipe.
+bool draw_bar() {
+  const char* mode = std::getenv("FLOTILLA_PROGRESS");
+  if (mode != nullptr && std::string_view(mode) == "lines") return false;
+  if (mode != nullptr && std::string_view(mode) == "bar") return true;
+  return ::isatty(STDOUT_FILENO) == 1;
+}
+
+}  // namespace
+
+ProgressPrinter::ProgressPrinter(int64_t log_every) : tty_(draw_bar()), log_every_(log_every > 0 ? log_every : 1) {}
 
 void ProgressPrinter::step(const train::StepMetrics& m) {
   const std::string stats = fmt::format("step {:>5}/{:<5} loss {:.4f}  lr {:.2e}  |g| {:.3f}  {:>7.0f} tok/s  {:>7.1f}s",
