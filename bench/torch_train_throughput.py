@@ -35,6 +35,21 @@ WORKLOADS = {
 }
 
 
+def make_model(w: dict) -> LlamaForCausalLM:
+    """The workload's Llama in float32, in training mode (also used by the DDP peer)."""
+    config = dict(model_type="llama", hidden_size=w["hidden_size"], intermediate_size=w["intermediate_size"],
+                  num_hidden_layers=w["num_hidden_layers"], num_attention_heads=w["num_attention_heads"],
+                  num_key_value_heads=w["num_attention_heads"], vocab_size=w["vocab_size"], rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=w["seq_len"])
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # GPT-style init; the values do not affect the timing
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    model.train()
+    return model
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="PyTorch training-throughput peer")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
@@ -50,16 +65,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     w = WORKLOADS[args.workload]
     B, T, V = w["batch_size"], w["seq_len"], w["vocab_size"]
-    config = dict(model_type="llama", hidden_size=w["hidden_size"], intermediate_size=w["intermediate_size"],
-                  num_hidden_layers=w["num_hidden_layers"], num_attention_heads=w["num_attention_heads"],
-                  num_key_value_heads=w["num_attention_heads"], vocab_size=V, rms_norm_eps=1e-5,
-                  rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=T)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # GPT-style init; the values do not affect the timing
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
-    model.train()
+    model = make_model(w)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
 
