@@ -1,0 +1,13 @@
+// The codecs behind make_gradient_codec (gradient_codec.hpp), one file each.
+#pragma once
+
+#include "flotilla/comm/compression/gradient_codec.hpp"
+
+namespace flotilla::comm::detail {
+
+std::unique_ptr<GradientCodec> make_half_codec(Compression kind, int64_t n);
+std::unique_ptr<GradientCodec> make_topk_codec(int64_t n, double density);
+std::unique_ptr<GradientCodec> make_powersgd_codec(int64_t n, std::vector<MatrixShape> matrices, int rank,
+                                                   uint64_t seed);
+
+}  // namespace flotilla::comm::detail

@@ -1,0 +1,73 @@
+#include "flotilla/comm/compression/gradient_codec.hpp"
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/comm/compression/codecs.hpp"
+
+namespace flotilla::comm {
+
+std::string_view compression_name(Compression c) {
+  switch (c) {
+    case Compression::none: return "none";
+    case Compression::fp16: return "fp16";
+    case Compression::bf16: return "bf16";
+    case Compression::topk: return "topk";
+    case Compression::powersgd: return "powersgd";
+  }
+  return "?";
+}
+
+Compression parse_compression(std::string_view name) {
+  for (Compression c : {Compression::none, Compression::fp16, Compression::bf16, Compression::topk,
+                        Compression::powersgd})
+    if (compression_name(c) == name) return c;
+  throw InputError("comm/compression",
+                   fmt::format("unknown gradient compression '{}' (none, fp16, bf16, topk, powersgd)", name));
+}
+
+void GradientCodec::count_all_reduce(int64_t bytes, int world) {
+  if (world > 1) bytes_sent_ += 2 * (world - 1) * bytes / world;
+}
+void GradientCodec::count_all_gather(int64_t bytes_per_rank, int world) {
+  bytes_sent_ += (world - 1) * bytes_per_rank;
+}
+void GradientCodec::count_all_to_all(int64_t total_bytes, int world) {
+  if (world > 1) bytes_sent_ += (world - 1) * total_bytes / world;
+}
+
+namespace {
+
+// The baseline: one float32 all-reduce.
+class PlainCodec final : public GradientCodec {
+ public:
+  PlainCodec() : GradientCodec(Compression::none) {}
+  void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
+    comm.all_reduce(gradient, ReduceOp::sum, Options{.name = "gradients"});
+    count_all_reduce(static_cast<int64_t>(gradient.size_bytes()), comm.size());
+    ++calls_;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& config, int64_t n,
+                                                   std::vector<MatrixShape> matrices) {
+  switch (config.kind) {
+    case Compression::none: return std::make_unique<PlainCodec>();
+    case Compression::fp16:
+    case Compression::bf16: return detail::make_half_codec(config.kind, n);
+    case Compression::topk:
+      if (!(config.topk_density > 0.0 && config.topk_density <= 1.0))
+        throw InputError("comm/compression",
+                         fmt::format("top-k density must be in (0, 1], not {}", config.topk_density));
+      return detail::make_topk_codec(n, config.topk_density);
+    case Compression::powersgd:
+      if (config.powersgd_rank < 1)
+        throw InputError("comm/compression", fmt::format("PowerSGD rank must be >= 1, not {}", config.powersgd_rank));
+      return detail::make_powersgd_codec(n, std::move(matrices), config.powersgd_rank, config.seed);
+  }
+  throw Error("comm/compression", "unknown compression");
+}
+
+}  // namespace flotilla::comm

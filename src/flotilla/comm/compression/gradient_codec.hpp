@@ -1,0 +1,84 @@
+// Gradient compression: all-reduce a gradient (a sum over ranks) while sending fewer bytes.
+//
+// Vocabulary used by every codec here:
+//   - the *gradient* is this rank's flat float buffer (n elements); the codec replaces it
+//     in place by an estimate of the SUM of every rank's gradient;
+//   - a *matrix* is a 2-D tensor inside it (offset, rows, cols), which PowerSGD compresses
+//     as a low-rank product; everything else is a *vector* and travels uncompressed;
+//   - the *residual* is what compression left out on this rank at the last step. Lossy
+//     codecs add it to the next gradient before compressing (error feedback, Seide et al.
+//     2014; Karimireddy et al. 2019), so nothing is lost for good, only delayed.
+//
+// The codecs run on the Communicator's collectives (all_reduce, all_gather, all_to_all),
+// so they work on every backend. bytes_sent() counts what this rank sends per call as a
+// ring implementation of those collectives would (all_reduce of b bytes: 2(N-1)/N b;
+// all_gather of b bytes from each rank: (N-1) b; all_to_all of b bytes in total:
+// (N-1)/N b), the same convention for the uncompressed baseline, so ratios are fair.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "flotilla/comm/communicator.hpp"
+
+namespace flotilla::comm {
+
+enum class Compression : uint8_t {
+  none,      // float32 all-reduce
+  fp16,      // IEEE half: 2 bytes per element, scaled into fp16's range
+  bf16,      // bfloat16: 2 bytes per element, float32's range
+  topk,      // the k largest magnitudes as (index, value) pairs
+  powersgd,  // rank-r factors P (rows x r) and Q (cols x r) of each matrix
+};
+
+std::string_view compression_name(Compression c);
+// "none", "fp16", "bf16", "topk", "powersgd"; throws InputError on anything else.
+Compression parse_compression(std::string_view name);
+
+struct CompressionConfig {
+  Compression kind = Compression::none;
+  double topk_density = 0.01;  // top-k: fraction of elements sent, in (0, 1]
+  int powersgd_rank = 4;       // PowerSGD: r
+  uint64_t seed = 0;           // PowerSGD: the initial Q (every rank draws the same)
+};
+
+struct MatrixShape {
+  int64_t offset = 0;  // into the gradient, in floats
+  int64_t rows = 0, cols = 0;
+};
+
+class GradientCodec {
+ public:
+  virtual ~GradientCodec() = default;
+  // gradient := an estimate of the sum of every rank's gradient (exact for none; lossy
+  // codecs keep this rank's residual). Every rank calls it with the same n.
+  virtual void all_reduce_sum(std::span<float> gradient, Communicator& comm) = 0;
+  Compression kind() const { return kind_; }
+  // What this rank has sent so far, in bytes (see the convention above).
+  int64_t bytes_sent() const { return bytes_sent_; }
+  int64_t calls() const { return calls_; }
+  // This rank's residual (n floats; empty for the exact codec): what it still owes.
+  virtual std::span<const float> residual() const { return {}; }
+
+ protected:
+  explicit GradientCodec(Compression kind) : kind_(kind) {}
+  void count_all_reduce(int64_t bytes, int world);
+  void count_all_gather(int64_t bytes_per_rank, int world);
+  void count_all_to_all(int64_t total_bytes, int world);
+  int64_t calls_ = 0;
+
+ private:
+  Compression kind_;
+  int64_t bytes_sent_ = 0;
+};
+
+// A codec for gradients of n floats, of which `matrices` are 2-D (PowerSGD uses them; the
+// others ignore them). Throws InputError for a density or rank out of range.
+std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& config, int64_t n,
+                                                   std::vector<MatrixShape> matrices);
+
+}  // namespace flotilla::comm

@@ -1,0 +1,143 @@
+// PowerSGD (Vogels, Karimireddy and Jaggi, NeurIPS 2019): each matrix M (rows x cols) of the
+// gradient travels as two thin factors, P (rows x r) and Q (cols x r), found by one step of
+// power iteration that starts from the previous step's Q (a warm start, which makes one
+// step enough). With every rank's M_i and their sum S = sum_i M_i:
+//   P   = sum_i M_i Q          one all-reduce of every matrix's P at once: P = S Q
+//   P  := orthonormal columns of P (Gram-Schmidt, the same on every rank)
+//   Q   = sum_i M_i^T P        one all-reduce of every Q at once: Q = S^T P
+//   S  ~= P Q^T                the projection of S onto span(P)
+// Both steps are linear in M_i, which is why summing the factors sums the matrices.
+// Error feedback: this rank keeps M_i - (P Q^T) / N, so what the rank-r estimate misses
+// on average is added back next step. Vectors (norms, biases) and matrices too small to
+// gain (r (rows + cols) >= rows x cols) go in a third, plain all-reduce.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/comm/compression/codecs.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::comm::detail {
+namespace {
+
+struct Factorised {
+  MatrixShape m;
+  int64_t r = 0;
+  int64_t p_offset = 0;  // into p_ (rows x r)
+  int64_t q_offset = 0;  // into qt_ (r x cols): Q stored transposed
+};
+
+// Orthonormal columns of p (rows x r, row-major) by Gram-Schmidt, projecting twice
+// ("twice is enough", Giraud et al. 2005): one pass leaves a nearly dependent column far
+// from orthogonal in float. A column that (nearly) vanishes once projected, i.e. the
+// gradient has rank below r, is set to zero, not blown up from rounding noise into a
+// direction that would add garbage to the estimate.
+void orthonormalise_columns(float* p, int64_t rows, int64_t r) {
+  const auto norm_of = [&](int64_t c) {
+    double sq = 0.0;
+    for (int64_t i = 0; i < rows; ++i) sq += static_cast<double>(p[i * r + c]) * p[i * r + c];
+    return std::sqrt(sq);
+  };
+  for (int64_t c = 0; c < r; ++c) {
+    const double before = norm_of(c);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int64_t prev = 0; prev < c; ++prev) {
+        double dot = 0.0;
+        for (int64_t i = 0; i < rows; ++i) dot += static_cast<double>(p[i * r + c]) * p[i * r + prev];
+        for (int64_t i = 0; i < rows; ++i) p[i * r + c] -= static_cast<float>(dot) * p[i * r + prev];
+      }
+    }
+    const double after = norm_of(c);
+    const float inv = after > 1e-4 * before && after > 1e-30 ? static_cast<float>(1.0 / after) : 0.0f;
+    for (int64_t i = 0; i < rows; ++i) p[i * r + c] *= inv;
+  }
+}
+
+class PowerSgdCodec final : public GradientCodec {
+ public:
+  PowerSgdCodec(int64_t n, const std::vector<MatrixShape>& matrices, int rank, uint64_t seed)
+      : GradientCodec(Compression::powersgd), residual_(static_cast<size_t>(n), 0.0f) {
+    std::vector<bool> in_matrix(static_cast<size_t>(n), false);
+    int64_t p_size = 0, q_size = 0;
+    for (const MatrixShape& m : matrices) {
+      if (m.offset < 0 || m.rows < 1 || m.cols < 1 || m.offset + m.rows * m.cols > n)
+        throw Error("comm/compression", fmt::format("PowerSGD: matrix at {} ({} x {}) is outside the {} gradient "
+                                                    "elements", m.offset, m.rows, m.cols, n));
+      const int64_t r = std::min<int64_t>({rank, m.rows, m.cols});
+      if (r * (m.rows + m.cols) >= m.rows * m.cols) continue;  // nothing to gain: stays plain
+      factorised_.push_back({m, r, p_size, q_size});
+      p_size += m.rows * r;
+      q_size += r * m.cols;
+      std::fill(in_matrix.begin() + m.offset, in_matrix.begin() + m.offset + m.rows * m.cols, true);
+    }
+    for (int64_t i = 0; i < n; ++i)
+      if (!in_matrix[static_cast<size_t>(i)]) plain_index_.push_back(i);
+    p_.resize(static_cast<size_t>(p_size));
+    qt_.resize(static_cast<size_t>(q_size));
+    plain_.resize(plain_index_.size());
+    // The first Q: standard normal, the same on every rank (same seed).
+    Rng rng(seed ^ 0x9E3779B97F4A7C15ull);
+    for (float& q : qt_) q = rng.normal();
+  }
+
+  void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
+    const int N = comm.size();
+    for (size_t i = 0; i < gradient.size(); ++i) residual_[i] += gradient[i];
+    const float* M = residual_.data();
+    // P = M Q for every matrix: (rows, cols) @ (cols, r), i.e. M @ Qt^T.
+    for (const Factorised& f : factorised_)
+      kernels::matmul_forward(&p_[f.p_offset], M + f.m.offset, &qt_[f.q_offset], nullptr, f.m.rows, f.m.cols, f.r);
+    comm.all_reduce(std::span<float>(p_), ReduceOp::sum, Options{.name = "PowerSGD P"});
+    count_all_reduce(static_cast<int64_t>(p_.size() * sizeof(float)), N);
+    for (const Factorised& f : factorised_) orthonormalise_columns(&p_[f.p_offset], f.m.rows, f.r);
+    // Q = M^T P, kept as Qt = P^T M: (r, cols).
+    std::fill(qt_.begin(), qt_.end(), 0.0f);
+    for (const Factorised& f : factorised_)
+      kernels::matmul_backward(nullptr, &qt_[f.q_offset], nullptr, &p_[f.p_offset], M + f.m.offset, nullptr,
+                               f.m.rows, f.m.cols, f.r);
+    comm.all_reduce(std::span<float>(qt_), ReduceOp::sum, Options{.name = "PowerSGD Q"});
+    count_all_reduce(static_cast<int64_t>(qt_.size() * sizeof(float)), N);
+    // Vectors and small matrices, exactly.
+    for (size_t j = 0; j < plain_index_.size(); ++j) plain_[j] = residual_[static_cast<size_t>(plain_index_[j])];
+    comm.all_reduce(std::span<float>(plain_), ReduceOp::sum, Options{.name = "PowerSGD uncompressed"});
+    count_all_reduce(static_cast<int64_t>(plain_.size() * sizeof(float)), N);
+
+    // gradient := P Qt (the estimate of the sum); residual keeps M - estimate / N.
+    for (const Factorised& f : factorised_) {
+      float* g = gradient.data() + f.m.offset;
+      std::fill(g, g + f.m.rows * f.m.cols, 0.0f);
+      kernels::matmul_backward(g, nullptr, nullptr, &p_[f.p_offset], nullptr, &qt_[f.q_offset], f.m.rows,
+                               f.m.cols, f.r);
+      float* e = residual_.data() + f.m.offset;
+      const float inv_n = 1.0f / static_cast<float>(N);
+      for (int64_t i = 0; i < f.m.rows * f.m.cols; ++i) e[i] -= g[i] * inv_n;
+    }
+    for (size_t j = 0; j < plain_index_.size(); ++j) {
+      const auto i = static_cast<size_t>(plain_index_[j]);
+      gradient[i] = plain_[j];
+      residual_[i] = 0.0f;
+    }
+    ++calls_;
+  }
+
+  std::span<const float> residual() const override { return residual_; }
+
+ private:
+  std::vector<float> residual_;           // (n) this rank's M, carried over
+  std::vector<Factorised> factorised_;
+  std::vector<int64_t> plain_index_;      // elements sent uncompressed
+  std::vector<float> p_, qt_, plain_;
+};
+
+}  // namespace
+
+std::unique_ptr<GradientCodec> make_powersgd_codec(int64_t n, std::vector<MatrixShape> matrices, int rank,
+                                                   uint64_t seed) {
+  return std::make_unique<PowerSgdCodec>(n, matrices, rank, seed);
+}
+
+}  // namespace flotilla::comm::detail

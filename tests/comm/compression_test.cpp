@@ -1,0 +1,231 @@
+// Gradient compression codecs on 1-5 thread ranks: what each sends, how close its sum is,
+// and that error feedback loses nothing — what a rank does not send stays in its residual.
+#include "flotilla/comm/compression/gradient_codec.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <random>
+#include <vector>
+
+#include "../test_seed.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/comm/thread/thread_group.hpp"
+
+namespace flotilla::comm {
+namespace {
+
+Settings test_settings() {
+  Settings s;
+  s.timeout = std::chrono::seconds(30);
+  return s;
+}
+
+// Each rank's gradient for `step`: seeded by (seed, rank, step), normal with a spread of
+// magnitudes so that top-k has something to choose.
+std::vector<float> rank_gradient(uint64_t seed, int rank, int step, size_t n) {
+  std::mt19937_64 rng(seed * 1000003u + static_cast<uint64_t>(rank) * 7919u + static_cast<uint64_t>(step));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> g(n);
+  for (size_t i = 0; i < n; ++i) g[i] = normal(rng) * (1.0f + static_cast<float>(i % 7));
+  return g;
+}
+
+std::vector<float> true_sum(uint64_t seed, int world, int step, size_t n) {
+  std::vector<float> s(n, 0.0f);
+  for (int r = 0; r < world; ++r) {
+    const std::vector<float> g = rank_gradient(seed, r, step, n);
+    for (size_t i = 0; i < n; ++i) s[i] += g[i];
+  }
+  return s;
+}
+
+class CodecWorlds : public ::testing::TestWithParam<int> {};
+
+TEST_P(CodecWorlds, PlainIsTheExactSumAndCountsRingBytes) {
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const size_t n = 1001;
+  run_threads(world, [&](Communicator& comm) {
+    auto codec = make_gradient_codec({.kind = Compression::none}, n, {});
+    std::vector<float> g = rank_gradient(seed, comm.rank(), 0, n);
+    codec->all_reduce_sum(g, comm);
+    const std::vector<float> s = true_sum(seed, world, 0, n);
+    for (size_t i = 0; i < n; ++i) ASSERT_NEAR(g[i], s[i], 1e-5f * (1.0f + std::fabs(s[i])));
+    EXPECT_EQ(codec->bytes_sent(), world > 1 ? 2 * (world - 1) * int64_t{4 * 1001} / world : 0);
+  }, test_settings());
+}
+
+TEST_P(CodecWorlds, HalvesStayWithinTwoRoundingsOfTheSum) {
+  // Each rank's value is rounded once and the sum once more: |error| <= u (sum_r |g_r| + |S|)
+  // with u the unit roundoff, 2^-11 for fp16 and 2^-8 for bf16 (plus 1% slack for the
+  // float32 arithmetic around them). The inputs stay in fp16's normal range after scaling.
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const size_t n = 777;
+  for (Compression kind : {Compression::fp16, Compression::bf16}) {
+    const double u = kind == Compression::fp16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+    run_threads(world, [&](Communicator& comm) {
+      auto codec = make_gradient_codec({.kind = kind}, n, {});
+      std::vector<float> g = rank_gradient(seed, comm.rank(), 0, n);
+      codec->all_reduce_sum(g, comm);
+      const std::vector<float> s = true_sum(seed, world, 0, n);
+      std::vector<double> abs_sum(n, 0.0);
+      for (int r = 0; r < world; ++r) {
+        const std::vector<float> gr = rank_gradient(seed, r, 0, n);
+        for (size_t i = 0; i < n; ++i) abs_sum[i] += std::fabs(gr[i]);
+      }
+      for (size_t i = 0; i < n; ++i)
+        ASSERT_LE(std::fabs(g[i] - s[i]), 1.01 * u * (abs_sum[i] + std::fabs(s[i]))) << compression_name(kind) << " " << i;
+      // 2 bytes an element, half of the float all-reduce (n padded to a multiple of world),
+      // plus fp16's 8-byte scale.
+      const int64_t padded = static_cast<int64_t>((n + world - 1) / world * world);
+      const int64_t expect = world > 1 ? 2 * (world - 1) * 2 * padded / world + (kind == Compression::fp16 ? 2 * (world - 1) * 8 / world : 0) : 0;
+      EXPECT_EQ(codec->bytes_sent(), expect);
+    }, test_settings());
+  }
+}
+
+TEST_P(CodecWorlds, TopKSendsKPairsAndKeepsTheRest) {
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const size_t n = 1000;
+  const double density = 0.05;  // k = 50
+  std::vector<std::vector<float>> residual(static_cast<size_t>(world));
+  std::vector<float> estimate;
+  std::mutex mu;
+  run_threads(world, [&](Communicator& comm) {
+    auto codec = make_gradient_codec({.kind = Compression::topk, .topk_density = density}, n, {});
+    std::vector<float> g = rank_gradient(seed, comm.rank(), 0, n);
+    const std::vector<float> mine = g;
+    codec->all_reduce_sum(g, comm);
+    // This rank's residual is its gradient with exactly its 50 largest magnitudes removed.
+    const std::span<const float> res = codec->residual();
+    std::vector<float> sorted_abs(n);
+    for (size_t i = 0; i < n; ++i) sorted_abs[i] = std::fabs(mine[i]);
+    std::sort(sorted_abs.begin(), sorted_abs.end(), std::greater<>());
+    size_t sent = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (res[i] == 0.0f) {
+        ++sent;
+        EXPECT_GE(std::fabs(mine[i]), sorted_abs[49]);
+      } else {
+        EXPECT_EQ(res[i], mine[i]);
+      }
+    }
+    EXPECT_EQ(sent, 50u);
+    EXPECT_EQ(codec->bytes_sent(), (world - 1) * 50 * 8);
+    std::lock_guard lock(mu);
+    residual[static_cast<size_t>(comm.rank())].assign(res.begin(), res.end());
+    if (comm.rank() == 0) estimate = g;
+  }, test_settings());
+  // Nothing lost: the estimate plus every residual is the exact sum.
+  const std::vector<float> s = true_sum(seed, world, 0, n);
+  for (size_t i = 0; i < n; ++i) {
+    float total = estimate[i];
+    for (const auto& r : residual) total += r[i];
+    ASSERT_NEAR(total, s[i], 1e-5f * (1.0f + std::fabs(s[i])));
+  }
+}
+
+TEST_P(CodecWorlds, PowerSgdIsExactOnGradientsOfRankAtMostR) {
+  // One power-iteration step recovers a sum of rank <= r exactly: P = S Q spans S's
+  // columns, so P P^T S = S. Vectors travel uncompressed and come out exact too.
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const int64_t rows = 40, cols = 24, r = 3;
+  const int64_t n = rows * cols + 10;  // a matrix, then a 10-element vector
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  // Shared column space U (rows x 2): every rank's matrix is U V_rank^T, so S has rank 2.
+  std::vector<float> U(static_cast<size_t>(rows * 2));
+  for (float& u : U) u = normal(rng);
+  std::vector<std::vector<float>> grads(static_cast<size_t>(world), std::vector<float>(static_cast<size_t>(n)));
+  for (auto& g : grads) {
+    std::vector<float> V(static_cast<size_t>(cols * 2));
+    for (float& v : V) v = normal(rng);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        g[static_cast<size_t>(i * cols + j)] = U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1];
+    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = normal(rng);
+  }
+  std::vector<float> s(static_cast<size_t>(n), 0.0f);
+  for (const auto& g : grads)
+    for (int64_t i = 0; i < n; ++i) s[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+  run_threads(world, [&](Communicator& comm) {
+    auto codec = make_gradient_codec({.kind = Compression::powersgd, .powersgd_rank = static_cast<int>(r), .seed = 9},
+                                     n, {{0, rows, cols}});
+    std::vector<float> g = grads[static_cast<size_t>(comm.rank())];
+    codec->all_reduce_sum(g, comm);
+    double worst = 0.0, scale = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(g[static_cast<size_t>(i)] - s[static_cast<size_t>(i)])));
+      scale = std::max(scale, static_cast<double>(std::fabs(s[static_cast<size_t>(i)])));
+    }
+    EXPECT_LE(worst, 1e-4 * scale);
+    // Three float all-reduces: every P (rows x r), every Q (r x cols), the vector.
+    const auto ring = [&](int64_t bytes) { return world > 1 ? 2 * (world - 1) * bytes / world : 0; };
+    EXPECT_EQ(codec->bytes_sent(), ring(4 * rows * r) + ring(4 * r * cols) + ring(4 * 10));
+  }, test_settings());
+}
+
+TEST_P(CodecWorlds, ErrorFeedbackLosesNothingOverManySteps) {
+  // Over 12 steps of fresh gradients, for every lossy codec: what was sent in total plus
+  // what every rank still owes equals the sum of every gradient given (to float rounding;
+  // for halves, up to the rounding of the sums, which no rank owns: u |S| a step).
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const int64_t rows = 30, cols = 20, n = rows * cols + 7;
+  const int steps = 12;
+  for (Compression kind : {Compression::topk, Compression::powersgd, Compression::fp16, Compression::bf16}) {
+    std::vector<double> sent(static_cast<size_t>(n), 0.0), given(static_cast<size_t>(n), 0.0), abs_sent(static_cast<size_t>(n), 0.0);
+    std::vector<std::vector<float>> owed(static_cast<size_t>(world));
+    std::mutex mu;
+    run_threads(world, [&](Communicator& comm) {
+      auto codec = make_gradient_codec({.kind = kind, .topk_density = 0.1, .powersgd_rank = 2, .seed = 3}, n,
+                                       {{0, rows, cols}});
+      for (int step = 0; step < steps; ++step) {
+        std::vector<float> g = rank_gradient(seed, comm.rank(), step, static_cast<size_t>(n));
+        {
+          std::lock_guard lock(mu);
+          for (int64_t i = 0; i < n; ++i) given[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+        }
+        codec->all_reduce_sum(g, comm);
+        if (comm.rank() == 0) {
+          std::lock_guard lock(mu);
+          for (int64_t i = 0; i < n; ++i) {
+            sent[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+            abs_sent[static_cast<size_t>(i)] += std::fabs(g[static_cast<size_t>(i)]);
+          }
+        }
+      }
+      std::lock_guard lock(mu);
+      owed[static_cast<size_t>(comm.rank())].assign(codec->residual().begin(), codec->residual().end());
+    }, test_settings());
+    const bool half = kind == Compression::fp16 || kind == Compression::bf16;
+    const double u = kind == Compression::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    for (int64_t i = 0; i < n; ++i) {
+      double total = sent[static_cast<size_t>(i)];
+      for (const auto& o : owed) total += o[static_cast<size_t>(i)];
+      const double allowed = half ? 1.01 * u * abs_sent[static_cast<size_t>(i)] + 1e-5
+                                  : 1e-4 * (1.0 + std::fabs(given[static_cast<size_t>(i)]));
+      ASSERT_NEAR(total, given[static_cast<size_t>(i)], allowed) << compression_name(kind) << " element " << i;
+    }
+  }
+}
+
+TEST(Compression, NamesAndBadSettingsAreClearErrors) {
+  EXPECT_EQ(parse_compression("powersgd"), Compression::powersgd);
+  EXPECT_THROW(parse_compression("zip"), InputError);
+  EXPECT_THROW(make_gradient_codec({.kind = Compression::topk, .topk_density = 0.0}, 10, {}), InputError);
+  EXPECT_THROW(make_gradient_codec({.kind = Compression::topk, .topk_density = 1.5}, 10, {}), InputError);
+  EXPECT_THROW(make_gradient_codec({.kind = Compression::powersgd, .powersgd_rank = 0}, 10, {}), InputError);
+}
+
+INSTANTIATE_TEST_SUITE_P(Compression, CodecWorlds, ::testing::Values(1, 2, 3, 4, 5),
+                         [](const auto& info) { return "ranks" + std::to_string(info.param); });
+
+}  // namespace
+}  // namespace flotilla::comm
