@@ -24,6 +24,7 @@ void add_train_command(CLI::App& app) {
     std::string resume;
     bool print_config = false;
     std::string fine_tune_type = "full", lora_targets = "q,v", resume_adapter;
+    std::string compression = "none";
     double timeout_s = 300.0;
   };
   auto opt = std::make_shared<Options>();
@@ -82,6 +83,20 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--num-layers", opt->job.lora.num_layers, "Adapt the last N layers (-1: all)")->capture_default_str();
   cmd->add_option("--resume-adapter-file", opt->resume_adapter, "Start LoRA from these adapters (a PEFT folder)")
       ->check(CLI::ExistingDirectory);
+  cmd->add_option("--compression", opt->compression,
+                  "Data parallel: gradients sent as float32 (none), fp16, bf16, topk or powersgd; lossy ones keep "
+                  "what they do not send for the next step (error feedback)")
+      ->check(CLI::IsMember({"none", "fp16", "bf16", "topk", "powersgd"}))
+      ->capture_default_str();
+  cmd->add_option("--topk-density", opt->job.compression.topk_density,
+                  "--compression topk: fraction of gradient elements sent each step")
+      ->capture_default_str();
+  cmd->add_option("--powersgd-rank", opt->job.compression.powersgd_rank,
+                  "--compression powersgd: rank r of each matrix's factors")
+      ->capture_default_str();
+  cmd->add_option("--compression-warmup", opt->job.compression.warmup_steps,
+                  "Optimizer steps with exact float32 gradients before compression starts")
+      ->capture_default_str();
   cmd->add_option("--timeout", opt->timeout_s,
                   "Data parallel: seconds any collective may wait for the other ranks before the job fails")
       ->check(CLI::PositiveNumber)
@@ -104,6 +119,8 @@ void add_train_command(CLI::App& app) {
     job.fine_tune = opt->fine_tune_type == "lora" ? train::FineTuneType::lora : train::FineTuneType::full;
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;
+    job.compression.kind = comm::parse_compression(opt->compression);
+    job.compression.seed = job.seed;
     // Under mpirun / srun this process is one rank of a data-parallel job.
     comm::Settings settings;
     settings.timeout = std::chrono::milliseconds(static_cast<int64_t>(opt->timeout_s * 1000.0));
@@ -134,6 +151,7 @@ void add_train_command(CLI::App& app) {
     progress.finish();
     fmt::print("done: {} steps in {:.1f}s, loss {:.4f} -> {:.4f}", s.steps, s.elapsed_s, s.first_loss, s.final_loss);
     if (s.final_valid_loss >= 0) fmt::print(", validation {:.4f}", s.final_valid_loss);
+    if (dp) fmt::print(", gradients sent {:.2f} MiB/step (rank 0)", s.gradient_bytes_per_step / (1 << 20));
     fmt::print(", peak memory {:.0f} MiB{}; {} written to {}\n", static_cast<double>(s.peak_rss_bytes) / (1 << 20),
                dp ? " (rank 0)" : "", job.fine_tune == train::FineTuneType::lora ? "adapters" : "model", opt->out);
   });

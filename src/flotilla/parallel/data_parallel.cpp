@@ -10,14 +10,23 @@
 
 namespace flotilla::parallel {
 
-DataParallel::DataParallel(comm::Communicator& comm) : comm_(comm) {}
+DataParallel::DataParallel(comm::Communicator& comm)
+    : comm_(comm), codec_(comm::make_gradient_codec({}, 0, {})) {}
+
+void DataParallel::set_compression(const comm::CompressionConfig& config, const model::ParamTable& table) {
+  // Matrices as (rows, cols); anything else as one row of all its elements.
+  std::vector<comm::MatrixShape> tensors;
+  for (const model::ParamInfo& p : table.params())
+    tensors.push_back({p.offset, p.shape.size() == 2 ? p.shape[0] : 1, p.shape.size() == 2 ? p.shape[1] : p.numel});
+  codec_ = comm::make_gradient_codec(config, table.total_numel(), std::move(tensors));
+}
 
 void DataParallel::broadcast_parameters(std::span<float> params) {
   comm_.broadcast(params, 0, comm::Options{.name = "parameters"});
 }
 
 model::LossSum DataParallel::all_reduce_gradients(std::span<float> grads, const model::LossSum& local) {
-  comm_.all_reduce(grads, comm::ReduceOp::sum, comm::Options{.name = "gradients"});
+  codec_->all_reduce_sum(grads, comm_);
   return all_reduce_loss(local);
 }
 

@@ -10,11 +10,13 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 
 #include "flotilla/comm/communicator.hpp"
+#include "flotilla/comm/compression/gradient_codec.hpp"
 #include "flotilla/model/llama.hpp"
 
 namespace flotilla::parallel {
@@ -30,8 +32,14 @@ class DataParallel {
 
   // Every rank takes rank 0's values (initial trainable weights).
   void broadcast_parameters(std::span<float> params);
+  // Gradients travel through this codec from now on (default: exact float32). `table`
+  // describes the gradient buffer: its 2-D tensors are what PowerSGD factorises.
+  void set_compression(const comm::CompressionConfig& config, const model::ParamTable& table);
+  const comm::GradientCodec& codec() const { return *codec_; }
+
   // Sums gradient sums and (loss sum, target tokens) over ranks, in place; returns the
-  // global LossSum. One all-reduce for the gradients, one small one for the counts.
+  // global LossSum. The gradients go through the codec (one float32 all-reduce unless
+  // compressed), the counts in one small all-reduce.
   model::LossSum all_reduce_gradients(std::span<float> grads, const model::LossSum& local);
   // Sums a loss over ranks (validation).
   model::LossSum all_reduce_loss(const model::LossSum& local);
@@ -41,6 +49,7 @@ class DataParallel {
 
  private:
   comm::Communicator& comm_;
+  std::unique_ptr<comm::GradientCodec> codec_;
 };
 
 }  // namespace flotilla::parallel

@@ -100,7 +100,8 @@ nlohmann::json train_job_config_json(const TrainJob& job) {
           {"seed", job.seed},
           {"train", train_config_json(job.train)},
           {"save_every", job.save_every},
-          {"keep_checkpoints", job.keep_checkpoints}};
+          {"keep_checkpoints", job.keep_checkpoints},
+          {"compression", comm::compression_name(job.compression.kind)}};
 }
 
 TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks) {
@@ -133,7 +134,10 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     model.attach_lora(&*adapters);
     const model::LoraConfig& lc = adapters->config();
     std::string targets;
-    for (model::LoraTarget t : lc.targets) targets += (targets.empty() ? "" : ",") + std::string(model::lora_target_module(t));
+    for (model::LoraTarget t : lc.targets) {
+      if (!targets.empty()) targets += ',';
+      targets += model::lora_target_module(t);
+    }
     info(fmt::format("LoRA: rank {}, alpha {}, dropout {}, on {} of layers {}..{}: {:.3f}M trainable parameters "
                      "({:.2f}% of the model)",
                      lc.rank, lc.alpha, lc.dropout, targets, adapters->first_layer(), cfg.n_layers - 1,
@@ -147,8 +151,11 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     job.dp->check_same("model configs", fnv1a_hex(cfg.to_json().dump()));
     job.dp->check_same("tokenizers", tokenizer->fingerprint());
     job.dp->broadcast_parameters(model.trainable().params);
-    info(fmt::format("data parallel: {} ranks; global batch {} x {} rows", world, job.train.batch_size * world,
-                     job.train.grad_accum));
+    job.dp->set_compression(job.compression, model.trainable().table);
+    info(fmt::format("data parallel: {} ranks; global batch {} x {} rows; gradients as {}", world,
+                     job.train.batch_size * world, job.train.grad_accum,
+                     job.compression.kind == comm::Compression::none ? std::string_view("float32")
+                                                                     : comm::compression_name(job.compression.kind)));
   }
 
   const int64_t T = job.train.seq_len;
@@ -325,6 +332,13 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                            {"peak_rss_bytes", summary.peak_rss_bytes},
                            {"ranks", world},
                            {"config", config}};
+  if (job.dp) {
+    const comm::GradientCodec& codec = job.dp->codec();
+    summary.gradient_bytes_per_step =
+        codec.calls() > 0 ? static_cast<double>(codec.bytes_sent()) / static_cast<double>(codec.calls()) : 0.0;
+    report["gradient_compression"] = comm::compression_name(codec.kind());
+    report["gradient_bytes_per_step"] = summary.gradient_bytes_per_step;
+  }
   if (summary.final_valid_loss >= 0) {
     report["final_valid_loss"] = summary.final_valid_loss;
     report["final_valid_perplexity"] = std::exp(summary.final_valid_loss);

@@ -43,6 +43,10 @@ struct TrainJob {
   std::filesystem::path resume_adapter;  // start LoRA from these adapters (a PEFT folder)
   // Data parallel over these ranks (null: one process). Rank 0 alone reports and writes.
   parallel::DataParallel* dp = nullptr;
+  // How gradients travel between ranks (data parallel only): exact float32, or compressed
+  // with error feedback. A lossy codec's residuals are not checkpointed: a resumed run
+  // starts them at zero, so it is not bit-for-bit the run that never stopped.
+  comm::CompressionConfig compression;
 };
 
 struct TrainCallbacks {
@@ -59,6 +63,8 @@ struct TrainSummary {
   int64_t resumed_from_step = -1;   // -1: a fresh run
   double elapsed_s = 0.0;
   int64_t peak_rss_bytes = 0;
+  // Data parallel: gradient bytes this rank sent per optimizer step (0 on one process).
+  double gradient_bytes_per_step = 0.0;
 };
 
 TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks);

@@ -26,12 +26,18 @@ Compression parse_compression(std::string_view name) {
                    fmt::format("unknown gradient compression '{}' (none, fp16, bf16, topk, powersgd)", name));
 }
 
+void GradientCodec::check_size(size_t given, size_t expected) {
+  if (given != expected)
+    throw Error("comm/compression", fmt::format("codec made for {} gradient elements was given {}", expected, given));
+}
+
 void GradientCodec::count_all_reduce(int64_t bytes, int world) {
   if (world > 1) bytes_sent_ += 2 * (world - 1) * bytes / world;
 }
 void GradientCodec::count_all_gather(int64_t bytes_per_rank, int world) {
   bytes_sent_ += (world - 1) * bytes_per_rank;
 }
+void GradientCodec::count_bytes(int64_t bytes) { bytes_sent_ += bytes; }
 void GradientCodec::count_all_to_all(int64_t total_bytes, int world) {
   if (world > 1) bytes_sent_ += (world - 1) * total_bytes / world;
 }
@@ -49,10 +55,47 @@ class PlainCodec final : public GradientCodec {
   }
 };
 
+// The first `warmup` calls exact, the rest through `inner`.
+class WarmupCodec final : public GradientCodec {
+ public:
+  WarmupCodec(std::unique_ptr<GradientCodec> inner, int64_t warmup)
+      : GradientCodec(inner->kind()), inner_(std::move(inner)), warmup_(warmup) {}
+  void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
+    if (calls_ < warmup_) {
+      comm.all_reduce(gradient, ReduceOp::sum, Options{.name = "gradients"});
+      count_all_reduce(static_cast<int64_t>(gradient.size_bytes()), comm.size());
+    } else {
+      const int64_t before = inner_->bytes_sent();
+      inner_->all_reduce_sum(gradient, comm);
+      count_bytes(inner_->bytes_sent() - before);
+    }
+    ++calls_;
+  }
+  std::span<const float> residual() const override { return inner_->residual(); }
+
+ private:
+  std::unique_ptr<GradientCodec> inner_;
+  int64_t warmup_;
+};
+
+std::unique_ptr<GradientCodec> make_codec(const CompressionConfig& config, int64_t n,
+                                          std::vector<MatrixShape> matrices);
+
 }  // namespace
 
 std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& config, int64_t n,
                                                    std::vector<MatrixShape> matrices) {
+  if (config.warmup_steps < 0)
+    throw InputError("comm/compression", fmt::format("compression warm-up must be >= 0 steps, not {}", config.warmup_steps));
+  std::unique_ptr<GradientCodec> codec = make_codec(config, n, std::move(matrices));
+  if (config.kind == Compression::none || config.warmup_steps == 0) return codec;
+  return std::make_unique<WarmupCodec>(std::move(codec), config.warmup_steps);
+}
+
+namespace {
+
+std::unique_ptr<GradientCodec> make_codec(const CompressionConfig& config, int64_t n,
+                                          std::vector<MatrixShape> matrices) {
   switch (config.kind) {
     case Compression::none: return std::make_unique<PlainCodec>();
     case Compression::fp16:
@@ -61,7 +104,7 @@ std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& conf
       if (!(config.topk_density > 0.0 && config.topk_density <= 1.0))
         throw InputError("comm/compression",
                          fmt::format("top-k density must be in (0, 1], not {}", config.topk_density));
-      return detail::make_topk_codec(n, config.topk_density);
+      return detail::make_topk_codec(n, config.topk_density, matrices);
     case Compression::powersgd:
       if (config.powersgd_rank < 1)
         throw InputError("comm/compression", fmt::format("PowerSGD rank must be >= 1, not {}", config.powersgd_rank));
@@ -69,5 +112,7 @@ std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& conf
   }
   throw Error("comm/compression", "unknown compression");
 }
+
+}  // namespace
 
 }  // namespace flotilla::comm

@@ -3,8 +3,9 @@
 // Vocabulary used by every codec here:
 //   - the *gradient* is this rank's flat float buffer (n elements); the codec replaces it
 //     in place by an estimate of the SUM of every rank's gradient;
-//   - a *matrix* is a 2-D tensor inside it (offset, rows, cols), which PowerSGD compresses
-//     as a low-rank product; everything else is a *vector* and travels uncompressed;
+//   - a *tensor* is a part of it (offset, rows, cols; a vector has one row): top-k selects
+//     within each tensor, PowerSGD compresses each matrix big enough to gain as a low-rank
+//     product and sends the rest uncompressed;
 //   - the *residual* is what compression left out on this rank at the last step. Lossy
 //     codecs add it to the next gradient before compressing (error feedback, Seide et al.
 //     2014; Karimireddy et al. 2019), so nothing is lost for good, only delayed.
@@ -44,11 +45,15 @@ struct CompressionConfig {
   double topk_density = 0.01;  // top-k: fraction of elements sent, in (0, 1]
   int powersgd_rank = 4;       // PowerSGD: r
   uint64_t seed = 0;           // PowerSGD: the initial Q (every rank draws the same)
+  // Exact float32 exchanges before compression starts, as PyTorch's PowerSGD hook
+  // (start_powerSGD_iter) and Deep Gradient Compression's warm-up do: the first steps
+  // move the weights most, and an adaptive optimizer's moments settle on exact gradients.
+  int64_t warmup_steps = 0;
 };
 
 struct MatrixShape {
   int64_t offset = 0;  // into the gradient, in floats
-  int64_t rows = 0, cols = 0;
+  int64_t rows = 0, cols = 0;  // a vector: 1 x size
 };
 
 class GradientCodec {
@@ -66,9 +71,12 @@ class GradientCodec {
 
  protected:
   explicit GradientCodec(Compression kind) : kind_(kind) {}
+  // A codec is made for one gradient size; another is a programming error.
+  static void check_size(size_t given, size_t expected);
   void count_all_reduce(int64_t bytes, int world);
   void count_all_gather(int64_t bytes_per_rank, int world);
   void count_all_to_all(int64_t total_bytes, int world);
+  void count_bytes(int64_t bytes);
   int64_t calls_ = 0;
 
  private:
@@ -76,9 +84,9 @@ class GradientCodec {
   int64_t bytes_sent_ = 0;
 };
 
-// A codec for gradients of n floats, of which `matrices` are 2-D (PowerSGD uses them; the
-// others ignore them). Throws InputError for a density or rank out of range.
+// A codec for gradients of n floats made of `tensors` (may be empty: one flat tensor).
+// Throws InputError for a density, rank or warm-up out of range.
 std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& config, int64_t n,
-                                                   std::vector<MatrixShape> matrices);
+                                                   std::vector<MatrixShape> tensors);
 
 }  // namespace flotilla::comm

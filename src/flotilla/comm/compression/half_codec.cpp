@@ -28,6 +28,7 @@ class HalfCodec final : public GradientCodec {
   HalfCodec(Compression kind, int64_t n) : GradientCodec(kind), residual_(static_cast<size_t>(n), 0.0f) {}
 
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
+    check_size(gradient.size(), residual_.size());
     const int N = comm.size();
     const size_t n = gradient.size();
     const size_t chunk = (n + static_cast<size_t>(N) - 1) / static_cast<size_t>(N);

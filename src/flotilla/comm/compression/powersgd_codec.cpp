@@ -60,7 +60,7 @@ void orthonormalise_columns(float* p, int64_t rows, int64_t r) {
 class PowerSgdCodec final : public GradientCodec {
  public:
   PowerSgdCodec(int64_t n, const std::vector<MatrixShape>& matrices, int rank, uint64_t seed)
-      : GradientCodec(Compression::powersgd), residual_(static_cast<size_t>(n), 0.0f) {
+      : GradientCodec(Compression::powersgd), rng_(seed ^ 0x9E3779B97F4A7C15ull), residual_(static_cast<size_t>(n), 0.0f) {
     std::vector<bool> in_matrix(static_cast<size_t>(n), false);
     int64_t p_size = 0, q_size = 0;
     for (const MatrixShape& m : matrices) {
@@ -80,11 +80,11 @@ class PowerSgdCodec final : public GradientCodec {
     qt_.resize(static_cast<size_t>(q_size));
     plain_.resize(plain_index_.size());
     // The first Q: standard normal, the same on every rank (same seed).
-    Rng rng(seed ^ 0x9E3779B97F4A7C15ull);
-    for (float& q : qt_) q = rng.normal();
+    for (float& q : qt_) q = rng_.normal();
   }
 
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
+    check_size(gradient.size(), residual_.size());
     const int N = comm.size();
     for (size_t i = 0; i < gradient.size(); ++i) residual_[i] += gradient[i];
     const float* M = residual_.data();
@@ -101,6 +101,7 @@ class PowerSgdCodec final : public GradientCodec {
                                f.m.rows, f.m.cols, f.r);
     comm.all_reduce(std::span<float>(qt_), ReduceOp::sum, Options{.name = "PowerSGD Q"});
     count_all_reduce(static_cast<int64_t>(qt_.size() * sizeof(float)), N);
+    restart_vanished_directions();
     // Vectors and small matrices, exactly.
     for (size_t j = 0; j < plain_index_.size(); ++j) plain_[j] = residual_[static_cast<size_t>(plain_index_[j])];
     comm.all_reduce(std::span<float>(plain_), ReduceOp::sum, Options{.name = "PowerSGD uncompressed"});
@@ -127,6 +128,24 @@ class PowerSgdCodec final : public GradientCodec {
   std::span<const float> residual() const override { return residual_; }
 
  private:
+  // A column of Q that came out zero (a matrix whose gradient was zero, as LoRA's A is
+  // while B is still zero) would keep P = M Q at zero for good: the warm start would
+  // never see the gradient again. Such columns restart from fresh random values. Every
+  // rank holds the same Q after the all-reduce and draws from the same generator, so the
+  // ranks stay in step.
+  void restart_vanished_directions() {
+    for (const Factorised& f : factorised_) {
+      for (int64_t c = 0; c < f.r; ++c) {
+        float* q = &qt_[static_cast<size_t>(f.q_offset + c * f.m.cols)];
+        double sq = 0.0;
+        for (int64_t j = 0; j < f.m.cols; ++j) sq += static_cast<double>(q[j]) * q[j];
+        if (sq > 1e-60) continue;
+        for (int64_t j = 0; j < f.m.cols; ++j) q[j] = rng_.normal();
+      }
+    }
+  }
+
+  Rng rng_;
   std::vector<float> residual_;           // (n) this rank's M, carried over
   std::vector<Factorised> factorised_;
   std::vector<int64_t> plain_index_;      // elements sent uncompressed
