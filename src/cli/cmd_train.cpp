@@ -94,6 +94,17 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--powersgd-rank", opt->job.compression.powersgd_rank,
                   "--compression powersgd: rank r of each matrix's factors")
       ->capture_default_str();
+  cmd->add_option("--sync-every", t.local_sgd.sync_every,
+                  "Data parallel: local SGD — each rank steps on its own gradients and the ranks average their "
+                  "weights every N steps (0: average gradients every step)")
+      ->capture_default_str();
+  cmd->add_option("--outer-lr", t.local_sgd.outer_lr,
+                  "Local SGD: outer learning rate on the averaged weight change (1 with momentum 0: plain averaging; "
+                  "DiLoCo: 0.7)")
+      ->capture_default_str();
+  cmd->add_option("--outer-momentum", t.local_sgd.outer_momentum,
+                  "Local SGD: Nesterov momentum of the outer step (DiLoCo: 0.9)")
+      ->capture_default_str();
   cmd->add_option("--compression-warmup", opt->job.compression.warmup_steps,
                   "Optimizer steps with exact float32 gradients before compression starts")
       ->capture_default_str();

@@ -46,7 +46,11 @@ int main(int argc, char** argv) {
       throw;
     }
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version print and succeed; a bad flag is bad input like any other: one
+    // line, exit 2.
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+    std::fprintf(stderr, "flotilla: error: [cli] %s (see --help)\n", e.what());
+    return 2;
   } catch (const flotilla::InputError& e) {
     std::fprintf(stderr, "flotilla: error: %s\n", e.what());
     return 2;

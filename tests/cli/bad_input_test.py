@@ -630,6 +630,33 @@ def _(ws):
     return Run(train(ws, m, out=out), ["results.txt"], preserve=[m, out, ws.corpus])
 
 
+@case("train_topk_density_out_of_range")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--compression", "topk", "--topk-density", "0"], ["top-k density"],
+               preserve=[m, ws.corpus])
+
+
+@case("train_compression_unknown")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--compression", "zip"], ["--compression", "zip"], preserve=[m, ws.corpus])
+
+
+@case("train_save_every_off_the_local_sgd_meetings")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--sync-every", "4", "--save-every", "6"], ["--save-every 6", "--sync-every 4"],
+               preserve=[m, ws.corpus])
+
+
+@case("train_outer_momentum_out_of_range")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--sync-every", "4", "--outer-momentum", "1.5"], ["--outer-momentum"],
+               preserve=[m, ws.corpus])
+
+
 @case("init_out_not_empty")
 def _(ws):
     out = ws.model("my_model")

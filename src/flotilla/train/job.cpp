@@ -101,7 +101,11 @@ nlohmann::json train_job_config_json(const TrainJob& job) {
           {"train", train_config_json(job.train)},
           {"save_every", job.save_every},
           {"keep_checkpoints", job.keep_checkpoints},
-          {"compression", comm::compression_name(job.compression.kind)}};
+          {"compression", comm::compression_name(job.compression.kind)},
+          {"local_sgd",
+           {{"sync_every", job.train.local_sgd.sync_every},
+            {"outer_lr", job.train.local_sgd.outer_lr},
+            {"outer_momentum", job.train.local_sgd.outer_momentum}}}};
 }
 
 TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks) {
@@ -114,6 +118,20 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   };
   if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
   if (job.save_every < 0) throw InputError("train", "--save-every must be 0 (no checkpoints) or positive");
+  // Flags of data-parallel strategies are checked on one process too, where they are unused:
+  // a mistake shows before the job reaches a cluster.
+  if (job.train.local_sgd.sync_every < 0)
+    throw InputError("train", fmt::format("--sync-every must be 0 or positive, not {}", job.train.local_sgd.sync_every));
+  if (job.train.local_sgd.sync_every > 0) parallel::LocalSgd::validate(job.train.local_sgd);
+  (void)comm::make_gradient_codec(job.compression, 0, {});
+  if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
+    // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
+    if (job.save_every > 0 && job.save_every % H != 0)
+      throw InputError("train", fmt::format("--save-every {} must be a multiple of --sync-every {}: checkpoints are "
+                                            "taken where the ranks' weights meet", job.save_every, H));
+    if (job.compression.kind != comm::Compression::none)
+      throw InputError("train", "--compression applies to per-step gradients; local SGD (--sync-every) sends weights");
+  }
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
   model::Llama model = make_model(job, *tokenizer);
   const model::ModelConfig& cfg = model.config();
@@ -152,10 +170,15 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     job.dp->check_same("tokenizers", tokenizer->fingerprint());
     job.dp->broadcast_parameters(model.trainable().params);
     job.dp->set_compression(job.compression, model.trainable().table);
-    info(fmt::format("data parallel: {} ranks; global batch {} x {} rows; gradients as {}", world,
-                     job.train.batch_size * world, job.train.grad_accum,
-                     job.compression.kind == comm::Compression::none ? std::string_view("float32")
-                                                                     : comm::compression_name(job.compression.kind)));
+    if (job.train.local_sgd.sync_every > 0)
+      info(fmt::format("data parallel: {} ranks, local SGD: weights meet every {} steps (outer lr {}, momentum {})",
+                       world, job.train.local_sgd.sync_every, job.train.local_sgd.outer_lr,
+                       job.train.local_sgd.outer_momentum));
+    else
+      info(fmt::format("data parallel: {} ranks; global batch {} x {} rows; gradients as {}", world,
+                       job.train.batch_size * world, job.train.grad_accum,
+                       job.compression.kind == comm::Compression::none ? std::string_view("float32")
+                                                                       : comm::compression_name(job.compression.kind)));
   }
 
   const int64_t T = job.train.seq_len;
@@ -333,11 +356,21 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                            {"ranks", world},
                            {"config", config}};
   if (job.dp) {
+    // What this rank sent per optimizer step of this run: gradients, or local SGD's weights.
     const comm::GradientCodec& codec = job.dp->codec();
-    summary.gradient_bytes_per_step =
-        codec.calls() > 0 ? static_cast<double>(codec.bytes_sent()) / static_cast<double>(codec.calls()) : 0.0;
-    report["gradient_compression"] = comm::compression_name(codec.kind());
+    const parallel::LocalSgd* local = trainer.local_sgd();
+    const int64_t run_steps = summary.steps - std::max<int64_t>(0, summary.resumed_from_step);
+    const double bytes = local ? static_cast<double>(local->bytes_sent()) : static_cast<double>(codec.bytes_sent());
+    summary.gradient_bytes_per_step = run_steps > 0 ? bytes / static_cast<double>(run_steps) : 0.0;
     report["gradient_bytes_per_step"] = summary.gradient_bytes_per_step;
+    if (local) {
+      report["local_sgd"] = {{"sync_every", job.train.local_sgd.sync_every},
+                             {"outer_lr", job.train.local_sgd.outer_lr},
+                             {"outer_momentum", job.train.local_sgd.outer_momentum},
+                             {"meetings", local->meetings()}};
+    } else {
+      report["gradient_compression"] = comm::compression_name(codec.kind());
+    }
   }
   if (summary.final_valid_loss >= 0) {
     report["final_valid_loss"] = summary.final_valid_loss;

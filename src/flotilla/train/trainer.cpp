@@ -16,6 +16,7 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* d
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
+  if (dp_ && cfg.local_sgd.sync_every > 0) local_sgd_.emplace(*dp_, cfg.local_sgd, model_.trainable().params);
   batch_.B = cfg.batch_size;
   batch_.T = cfg.seq_len;
 }
@@ -24,6 +25,8 @@ void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
   if (steps_done < 0) throw InputError("train", "cannot resume at a negative step");
   step_ = steps_done;
   elapsed_s_ = elapsed_s;
+  // The restored weights are the last meeting's (checkpoints are taken at meetings).
+  if (local_sgd_) local_sgd_->reset_anchor(model_.trainable().params);
 }
 
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
@@ -62,7 +65,11 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   const auto n = static_cast<int64_t>(grads.size());
   // Data parallel: sum the per-token gradient sums and the token counts of every rank;
   // dividing by the global count then gives the global batch's mean-loss gradient.
-  if (dp_) window = dp_->all_reduce_gradients(grads, window);
+  // Local SGD: each rank steps on its own gradient; only the loss is summed, to report
+  // the global batch's (16 bytes).
+  model::LossSum reported = window;
+  if (dp_ && !local_sgd_) window = reported = dp_->all_reduce_gradients(grads, window);
+  if (local_sgd_) reported = dp_->all_reduce_loss(window);
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
   const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
@@ -71,11 +78,12 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   const float lr = schedule_.lr_at(step_);
   optimizer_.step(trainable.params, grads, lr);
   ++step_;
+  if (local_sgd_) local_sgd_->after_step(trainable.params, step_, step_ == cfg_.steps);
 
   StepMetrics m;
   m.step = step_;
   m.total_steps = cfg_.steps;
-  m.loss = window.mean();
+  m.loss = reported.mean();
   m.lr = lr;
   m.grad_norm = grad_norm;
   m.tokens = cfg_.batch_size * cfg_.seq_len * cfg_.grad_accum * (dp_ ? dp_->world() : 1);

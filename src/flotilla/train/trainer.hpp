@@ -9,10 +9,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/local_sgd.hpp"
 #include "flotilla/train/adamw.hpp"
 #include "flotilla/train/schedule.hpp"
 
@@ -30,6 +32,9 @@ struct TrainConfig {
   AdamWConfig adamw;
   int64_t eval_every = 0;       // steps between validation passes; 0: only at the end
   int64_t eval_batches = 8;
+  // Data parallel: with sync_every > 0, local SGD / DiLoCo (parallel/local_sgd.hpp) in
+  // place of the per-step gradient all-reduce.
+  parallel::LocalSgdConfig local_sgd;
 };
 
 struct StepMetrics {
@@ -88,6 +93,9 @@ class Trainer {
   AdamW& optimizer() { return optimizer_; }
   const AdamW& optimizer() const { return optimizer_; }
 
+  // Local SGD's state when it is on (data parallel with cfg.local_sgd.sync_every > 0).
+  const parallel::LocalSgd* local_sgd() const { return local_sgd_ ? &*local_sgd_ : nullptr; }
+
   // Resume: the next step() is step `steps_done` + 1 and its schedule position follows;
   // elapsed time continues from `elapsed_s`. Restore the optimizer state and the data
   // source separately (train/checkpoint.hpp does all of it).
@@ -97,6 +105,7 @@ class Trainer {
   model::Llama& model_;
   TrainConfig cfg_;
   parallel::DataParallel* dp_ = nullptr;
+  std::optional<parallel::LocalSgd> local_sgd_;
   AdamW optimizer_;
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
