@@ -51,10 +51,11 @@ void chain_reduce(Communicator& host, MutView data, ReduceOp op, const Algorithm
     wait_all_until(sends, deadline);
     return;
   }
-  std::vector<std::byte> scratch(window * segs.elems * element_bytes);  // (window, segment)
+  const size_t slot_elems = std::min(segs.elems, data.count());
+  std::vector<std::byte> scratch(window * slot_elems * element_bytes);  // (window, slot)
   std::vector<Request> receives(segs.count());
   auto slot = [&](size_t k) {
-    return MutView(std::span<std::byte>(scratch.data() + (k % window) * segs.elems * element_bytes,
+    return MutView(std::span<std::byte>(scratch.data() + (k % window) * slot_elems * element_bytes,
                                         segs[k].count * element_bytes),
                    data.type(), segs[k].count);
   };

@@ -56,7 +56,11 @@ class Ring {
         stages_(2 * (p_ - 1)),
         sends_(static_cast<size_t>(stages_)) {
     plan();
-    scratch_.resize(static_cast<size_t>(window_) * segment_elems_ * element_bytes_);
+    // A slot holds one segment, and no segment outgrows the largest chunk: a small
+    // buffer gets a small scratch (allocating megabytes per call costs more than a 4 KiB
+    // all-reduce).
+    slot_elems_ = std::min(segment_elems_, chunk_of(data.count(), p_, 0).count);
+    scratch_.resize(static_cast<size_t>(window_) * slot_elems_ * element_bytes_);
   }
 
   void run() {
@@ -102,7 +106,7 @@ class Ring {
 
   std::byte* slot(size_t receive_index) {
     return scratch_.data() +
-           (receive_index % static_cast<size_t>(window_)) * segment_elems_ * element_bytes_;
+           (receive_index % static_cast<size_t>(window_)) * slot_elems_ * element_bytes_;
   }
 
   void send(int stage, Slice seg) {
@@ -151,7 +155,8 @@ class Ring {
   std::vector<Transfer> receives_;           // (all receives) in order
   std::vector<size_t> stage_end_;            // (stages) one past each stage's last receive
   std::vector<std::vector<Request>> sends_;  // (stages) sends of each stage
-  std::vector<std::byte> scratch_;           // (window, segment) reduce-scatter landing
+  size_t slot_elems_ = 0;
+  std::vector<std::byte> scratch_;           // (window, slot) reduce-scatter landing
   size_t next_post_ = 0;
   size_t next_consume_ = 0;
 };
