@@ -10,14 +10,15 @@
 
 namespace flotilla::parallel {
 
-DataParallel::DataParallel(comm::Communicator& comm) : comm_(comm) {}
+DataParallel::DataParallel(comm::Communicator& comm, comm::AllReduceAlgorithm algorithm)
+    : comm_(comm), reducer_(comm, comm::AllReducer::Config{.algorithm = algorithm}) {}
 
 void DataParallel::broadcast_parameters(std::span<float> params) {
   comm_.broadcast(params, 0, comm::Options{.name = "parameters"});
 }
 
 model::LossSum DataParallel::all_reduce_gradients(std::span<float> grads, const model::LossSum& local) {
-  comm_.all_reduce(grads, comm::ReduceOp::sum, comm::Options{.name = "gradients"});
+  reducer_.run(grads, comm::ReduceOp::sum, comm::Options{.name = "gradients"});
   return all_reduce_loss(local);
 }
 

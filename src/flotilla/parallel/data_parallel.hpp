@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 
+#include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
 #include "flotilla/model/llama.hpp"
 
@@ -21,17 +22,26 @@ namespace flotilla::parallel {
 
 class DataParallel {
  public:
-  explicit DataParallel(comm::Communicator& comm);
+  // Collective over comm (the all-reducer learns the hosts and splits its groups).
+  // `algorithm` reduces the gradients (`flotilla train --allreduce`): automatic lets the
+  // chooser pick by size and topology (comm/algorithms/all_reduce.hpp).
+  explicit DataParallel(comm::Communicator& comm,
+                        comm::AllReduceAlgorithm algorithm = comm::AllReduceAlgorithm::automatic);
 
   int rank() const { return comm_.rank(); }
   int world() const { return comm_.size(); }
   bool is_root() const { return comm_.rank() == 0; }
   comm::Communicator& communicator() { return comm_; }
+  // The algorithm the gradients of `bytes` go through.
+  comm::AllReduceAlgorithm gradient_algorithm(size_t bytes) const {
+    return reducer_.algorithm_for(bytes);
+  }
 
   // Every rank takes rank 0's values (initial trainable weights).
   void broadcast_parameters(std::span<float> params);
   // Sums gradient sums and (loss sum, target tokens) over ranks, in place; returns the
-  // global LossSum. One all-reduce for the gradients, one small one for the counts.
+  // global LossSum. One all-reduce for the gradients (the configured algorithm), one small
+  // one for the counts (the backend's, in f64).
   model::LossSum all_reduce_gradients(std::span<float> grads, const model::LossSum& local);
   // Sums a loss over ranks (validation).
   model::LossSum all_reduce_loss(const model::LossSum& local);
@@ -41,6 +51,7 @@ class DataParallel {
 
  private:
   comm::Communicator& comm_;
+  comm::AllReducer reducer_;
 };
 
 }  // namespace flotilla::parallel
