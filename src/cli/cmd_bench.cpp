@@ -46,6 +46,7 @@ void add_bench_command(CLI::App& app) {
     std::string algorithms = "ring,hd,hier,mpi,MPI_Allreduce";
     int ranks_per_host = 0;
     size_t segment_bytes = comm::AlgorithmOptions{}.segment_bytes;
+    int window = comm::AlgorithmOptions{}.window;
     double timeout_s = 300.0;
     bool no_check = false;
   };
@@ -66,8 +67,9 @@ void add_bench_command(CLI::App& app) {
                   "Group consecutive ranks K at a time into emulated hosts for hier and auto "
                   "(0: by host name)")
       ->capture_default_str();
-  cmd->add_option("--segment-bytes", opt->segment_bytes, "Bytes per transfer in ring and hier")
+  cmd->add_option("--segment-bytes", opt->segment_bytes, "Bytes per transfer in ring and hier (0: 256 KiB on one host, 60 KiB across hosts)")
       ->capture_default_str();
+  cmd->add_option("--window", opt->window, "Segments received ahead in ring and hier (0: 8 on one host, 16 across)")->capture_default_str();
   cmd->add_option("--timeout", opt->timeout_s, "Seconds any collective may wait")->capture_default_str();
   cmd->add_flag("--no-check", opt->no_check, "Skip the per-call mismatch check of flotilla's algorithms");
   cmd->callback([opt] {
@@ -82,6 +84,7 @@ void add_bench_command(CLI::App& app) {
     group->set_settings(group_settings);
     comm::AllReducer::Config config;
     config.tuning.segment_bytes = opt->segment_bytes;
+    config.tuning.window = opt->window;
     config.fake_ranks_per_host = opt->ranks_per_host;
     comm::AllReducer reducer(*group, config);
     const std::vector<size_t> sizes = comm::parse_sizes(opt->sizes);
@@ -116,10 +119,11 @@ void add_bench_command(CLI::App& app) {
     if (root) {
       const comm::Topology& t = reducer.topology();
       fmt::print("flotilla bench comm: in-place f32 sum all-reduce on {} ranks, {} host{}{}; "
-                 "mismatch check {}; segment {} bytes\n",
+                 "mismatch check {}; segment {} bytes, window {}\n",
                  n, t.hosts, t.hosts == 1 ? "" : "s",
                  opt->ranks_per_host > 0 ? fmt::format(" (emulated, {} ranks each)", opt->ranks_per_host) : "",
-                 opt->no_check ? "off" : "on", opt->segment_bytes);
+                 opt->no_check ? "off" : "on", config.tuning.resolve(*group).segment_bytes,
+                 config.tuning.resolve(*group).window);
       fmt::print("time: slowest rank's mean per call; busbw = bytes x 2(n-1)/n / time, Gbit/s "
                  "(nccl-tests); auto = the chooser's pick\n");
       std::string head = fmt::format("{:>6} {:>5} {:>5} |", "size", "iters", "auto");

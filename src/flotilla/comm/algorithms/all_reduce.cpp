@@ -19,6 +19,14 @@ uint64_t fnv1a(std::string_view s) {
 
 }  // namespace
 
+AlgorithmOptions AlgorithmOptions::resolve(const Communicator& comm) const {
+  AlgorithmOptions r = *this;
+  const bool one_host = comm.local_size() == comm.size();
+  if (r.segment_bytes == 0) r.segment_bytes = one_host ? size_t{256} << 10 : size_t{60} << 10;
+  if (r.window <= 0) r.window = one_host ? 8 : 16;
+  return r;
+}
+
 std::string_view algorithm_flag(AllReduceAlgorithm a) {
   switch (a) {
     case AllReduceAlgorithm::automatic: return "auto";

@@ -45,10 +45,19 @@ AllReduceAlgorithm parse_algorithm(std::string_view flag);
 struct AlgorithmOptions {
   // Bytes per transfer (a *segment*): the ring and the intra-host chains pipeline in
   // segments, so a segment's reduction overlaps the next one's transfer. Tests set it
-  // tiny to exercise many segments per chunk.
-  size_t segment_bytes = size_t{1} << 20;
+  // tiny to exercise many segments per chunk. 0: by where the ranks are (resolve()).
+  size_t segment_bytes = 0;
   // Segments received ahead of the one being reduced (scratch = window x segment).
-  int window = 4;
+  // 0: by where the ranks are.
+  int window = 0;
+
+  // The defaults filled in for `comm`. All ranks on one host: 256 KiB segments, 8 ahead
+  // (large copies through shared memory). Across hosts: 60 KiB, 16 ahead: below
+  // OpenMPI's TCP eager limit (btl_tcp_eager_limit, 64 KiB with headers), so every
+  // segment goes eagerly, in both directions at once, and no rendezvous reply queues
+  // behind a large put fragment on the shared socket - the default settings' halving of
+  // two-way throughput (docs/distributed.md). Measured in bench/RESULTS.md.
+  AlgorithmOptions resolve(const Communicator& comm) const;
   // The tag every message of an algorithm carries; p2p users of the same communicator
   // must not use it while an algorithm runs.
   int tag = Communicator::kMaxTag;

@@ -102,13 +102,17 @@ void hierarchical_all_reduce(Communicator& comm, HostGroups& groups, MutView dat
     throw Error("comm/hier", fmt::format("rank {}: the host groups were not split from this "
                                          "communicator (HostGroups::split)",
                                          comm.rank()));
+  // The chains stay on one host; the leaders' ring crosses hosts (resolve()).
+  const AlgorithmOptions local = tuning.resolve(*groups.host);
+  const AlgorithmOptions network =
+      groups.leaders ? tuning.resolve(*groups.leaders) : AlgorithmOptions{};
   detail::run_signed(comm, "hier", data, op, options,
                      [&](ReduceOp base, Clock::time_point deadline) {
                        if (comm.size() == 1 || data.count() == 0) return;
-                       detail::chain_reduce(*groups.host, data, base, tuning, deadline);
+                       detail::chain_reduce(*groups.host, data, base, local, deadline);
                        if (groups.leaders)
-                         detail::ring_payload(*groups.leaders, data, base, tuning, deadline);
-                       detail::chain_broadcast(*groups.host, data, tuning, deadline);
+                         detail::ring_payload(*groups.leaders, data, base, network, deadline);
+                       detail::chain_broadcast(*groups.host, data, local, deadline);
                      });
 }
 

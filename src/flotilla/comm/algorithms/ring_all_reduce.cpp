@@ -188,9 +188,10 @@ void run_signed(Communicator& comm, std::string_view algorithm, MutView data, Re
 
 void ring_all_reduce(Communicator& comm, MutView data, ReduceOp op, const Options& options,
                      const AlgorithmOptions& tuning) {
+  const AlgorithmOptions resolved = tuning.resolve(comm);
   detail::run_signed(comm, "ring", data, op, options,
                      [&](ReduceOp base, Clock::time_point deadline) {
-                       detail::ring_payload(comm, data, base, tuning, deadline);
+                       detail::ring_payload(comm, data, base, resolved, deadline);
                      });
 }
 
