@@ -127,9 +127,9 @@ void add_bench_command(CLI::App& app) {
       fmt::print("time: slowest rank's mean per call; busbw = bytes x 2(n-1)/n / time, Gbit/s "
                  "(nccl-tests); auto = the chooser's pick\n");
       std::string head = fmt::format("{:>6} {:>5} {:>5} |", "size", "iters", "auto");
-      for (const auto& c : contenders) head += fmt::format(" {:>13}", c.name + " us");
+      for (const auto& c : contenders) head += fmt::format("  {:>16}", c.name + " us");
       head += " |";
-      for (const auto& c : contenders) head += fmt::format(" {:>13}", c.name + " bw");
+      for (const auto& c : contenders) head += fmt::format("  {:>16}", c.name + " bw");
       head += " | best/MPI";
       fmt::print("{}\n", head);
       std::fflush(stdout);
@@ -147,12 +147,12 @@ void add_bench_command(CLI::App& app) {
                                      comm::algorithm_flag(reducer.algorithm_for(row.bytes)));
       double best = std::numeric_limits<double>::infinity();
       for (size_t i = 0; i < contenders.size(); ++i) {
-        line += fmt::format(" {:>13.1f}", row.seconds[i] * 1e6);
+        line += fmt::format("  {:>16.1f}", row.seconds[i] * 1e6);
         if (contenders[i].is_flotilla) best = std::min(best, row.seconds[i]);
       }
       line += " |";
       for (size_t i = 0; i < contenders.size(); ++i)
-        line += fmt::format(" {:>13.3f}", comm::bus_gbit_s(row.bytes, n, row.seconds[i]));
+        line += fmt::format("  {:>16.3f}", comm::bus_gbit_s(row.bytes, n, row.seconds[i]));
       line += " |";
       if (reference >= 0 && best < std::numeric_limits<double>::infinity() && n > 1)
         line += fmt::format(" {:>7.2f}x", row.seconds[reference] / best);
