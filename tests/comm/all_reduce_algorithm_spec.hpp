@@ -114,9 +114,10 @@ inline void every_configuration(Communicator& c) {
 
 // Every rank ends with the same bits (a data-parallel replica must not drift).
 inline void identical_bits_on_every_rank(Communicator& c) {
-  for (auto& [label, config] : configurations(c.size())) {
+  // 1000 floats go whole-buffer in hd (recursive doubling), 4099 halve and double.
+  for (auto& [label, config] : configurations(c.size())) for (size_t len : {1000, 4099}) {
     AllReducer reducer(c, config);
-    std::vector<float> data(4099);
+    std::vector<float> data(len);
     for (size_t i = 0; i < data.size(); ++i)
       data[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i) + c.rank())) / 3.0f;
     reducer.run(data, ReduceOp::sum);

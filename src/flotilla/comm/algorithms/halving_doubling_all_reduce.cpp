@@ -17,6 +17,12 @@
 //              in the range we had before the matching halving step): the range doubles.
 //   unfold:    each odd rank below 2 rem sends the result to the even rank below it.
 //
+// Tiny buffers (up to kWholeBufferBytes) skip the halving: each step of the doubling then
+// exchanges the whole buffer and adds the partner's (recursive doubling), log2(q) round
+// trips instead of 2 log2(q), where a round trip costs more than the bytes. Partners
+// hold equal values at every step and add commutatively, so every rank still ends with
+// identical bits.
+//
 // With fewer elements than ranks some ranges are empty; both partners compute the same
 // split, so an empty range is an empty message on both sides. Each element is reduced on
 // exactly one core rank, so every rank ends with identical bits.
@@ -26,6 +32,8 @@
 
 namespace flotilla::comm {
 namespace detail {
+
+constexpr size_t kWholeBufferBytes = 8 << 10;
 
 void halving_doubling_payload(Communicator& comm, MutView data, ReduceOp op,
                               const AlgorithmOptions& tuning, Clock::time_point deadline) {
@@ -60,7 +68,16 @@ void halving_doubling_payload(Communicator& comm, MutView data, ReduceOp op,
     v = r - rem;
   }
 
-  if (v >= 0) {
+  if (v >= 0 && n * element_bytes <= kWholeBufferBytes) {
+    MutView in = scratch_view(n);
+    for (int mask = 1; mask < q; mask *= 2) {
+      const int partner = real_rank(v ^ mask);
+      Request transfers[2] = {comm.irecv(in, partner, tag),
+                              comm.isend(ConstView(data), partner, tag)};
+      wait_all_until(transfers, deadline);
+      reduce_into(data.type(), op, data.data(), in.data(), n);
+    }
+  } else if (v >= 0) {
     // Halving: (range before the step) per step, for the doubling to retrace.
     std::vector<Slice> parents;
     Slice range{0, n};
