@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <memory>
 #include <random>
+#include <thread>
 
 #include "../comm/all_reduce_algorithm_spec.hpp"
 #include "flotilla/comm/mpi/mpi_communicator.hpp"
@@ -110,6 +111,38 @@ TEST(AllReduceMpi, MismatchedAlgorithmsAreAnError) {
           g_world->all_reduce(grads, ReduceOp::sum, {.name = "grads"});
       },
       MismatchError);
+}
+
+// A silent rank, with the mismatch check off so that the wait happens inside the ring's
+// own transfers: the other rank gives up at the deadline although its large sends are
+// still pending (abandoned, not waited for), and the group then refuses work. The silent
+// rank afterwards drains what was sent to it, so that MPI finishes those sends.
+TEST(AllReduceMpi, SilentRankTimesOutInsideTheRing) {
+  if (g_world->size() != 2) GTEST_SKIP() << "written for two ranks";
+  auto group = g_world->split(0, g_world->rank());
+  Settings settings = group->settings();
+  settings.check_mismatch = false;
+  group->set_settings(settings);
+  AlgorithmOptions tuning;
+  tuning.segment_bytes = 256 << 10;  // rank 0 sends chunk 0 (512 KiB) as 2 segments
+  const auto timeout = std::chrono::milliseconds(300);
+  std::vector<float> data(1 << 18, 1.0f);  // 1 MiB
+  if (g_world->rank() == 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    std::vector<float> segment(1 << 16);
+    for (int k = 0; k < 2; ++k) group->recv(segment, 0, tuning.tag);
+  } else {
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_THROW(ring_all_reduce(*group, data, ReduceOp::sum,
+                                 {.name = "grads", .timeout = timeout}, tuning),
+                 TimeoutError);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_GE(seconds, 0.29);
+    EXPECT_LT(seconds, 1.2) << "pending sends must be abandoned, not waited for";
+    EXPECT_THROW(ring_all_reduce(*group, data, ReduceOp::sum), Error);
+  }
+  g_world->barrier({.name = "after the timeout test"});
 }
 
 class FailurePrinter : public ::testing::EmptyTestEventListener {

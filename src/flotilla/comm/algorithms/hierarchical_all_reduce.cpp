@@ -29,6 +29,14 @@ namespace flotilla::comm {
 namespace detail {
 namespace {
 
+// What a chain stage has in flight, owned by chain_stage so that a throw abandons the
+// requests (payload.hpp) while the scratch they may land in is still alive.
+struct InFlight {
+  std::vector<std::byte> scratch;  // (window, slot) reduce landing
+  std::vector<Request> sends;
+  std::vector<Request> receives;
+};
+
 struct Segments {
   size_t elems;  // per segment
   size_t n;
@@ -37,14 +45,15 @@ struct Segments {
 };
 
 // Sums the host's buffers into its leader's (local rank 0), along the chain.
-void chain_reduce(Communicator& host, MutView data, ReduceOp op, const AlgorithmOptions& tuning,
-                  Clock::time_point deadline) {
+void chain_reduce_body(Communicator& host, MutView data, ReduceOp op,
+                       const AlgorithmOptions& tuning, Clock::time_point deadline,
+                       InFlight& f) {
+  auto& [scratch, sends, receives] = f;
   const int l = host.rank(), size = host.size(), tag = tuning.tag;
   if (size == 1) return;
   const size_t element_bytes = element_size(data.type());
   const Segments segs{std::max<size_t>(1, tuning.segment_bytes / element_bytes), data.count()};
   const size_t window = static_cast<size_t>(std::max(1, tuning.window));
-  std::vector<Request> sends;
   if (l == size - 1) {  // the top of the chain only sends
     for (size_t k = 0; k < segs.count(); ++k)
       sends.push_back(host.isend(ConstView(sub_view(data, segs[k])), l - 1, tag));
@@ -52,8 +61,8 @@ void chain_reduce(Communicator& host, MutView data, ReduceOp op, const Algorithm
     return;
   }
   const size_t slot_elems = std::min(segs.elems, data.count());
-  std::vector<std::byte> scratch(window * slot_elems * element_bytes);  // (window, slot)
-  std::vector<Request> receives(segs.count());
+  scratch.resize(window * slot_elems * element_bytes);
+  receives.resize(segs.count());
   auto slot = [&](size_t k) {
     return MutView(std::span<std::byte>(scratch.data() + (k % window) * slot_elems * element_bytes,
                                         segs[k].count * element_bytes),
@@ -72,15 +81,16 @@ void chain_reduce(Communicator& host, MutView data, ReduceOp op, const Algorithm
 }
 
 // Copies the leader's buffer to every rank of the host, along the chain.
-void chain_broadcast(Communicator& host, MutView data, const AlgorithmOptions& tuning,
-                     Clock::time_point deadline) {
+void chain_broadcast_body(Communicator& host, MutView data, const AlgorithmOptions& tuning,
+                          Clock::time_point deadline, InFlight& f) {
+  auto& [scratch, sends, receives] = f;
+  (void)scratch;
   const int l = host.rank(), size = host.size(), tag = tuning.tag;
   if (size == 1) return;
   const size_t element_bytes = element_size(data.type());
   const Segments segs{std::max<size_t>(1, tuning.segment_bytes / element_bytes), data.count()};
   const size_t window = static_cast<size_t>(std::max(1, tuning.window));
-  std::vector<Request> sends;
-  std::vector<Request> receives(segs.count());
+  receives.resize(segs.count());
   size_t posted = 0;
   for (size_t k = 0; k < segs.count(); ++k) {
     if (l > 0) {
@@ -91,6 +101,29 @@ void chain_broadcast(Communicator& host, MutView data, const AlgorithmOptions& t
     if (l < size - 1) sends.push_back(host.isend(ConstView(sub_view(data, segs[k])), l + 1, tag));
   }
   wait_all_until(sends, deadline);
+}
+
+// Runs a chain stage; what is pending when it throws is abandoned (payload.hpp).
+template <class Body>
+void chain_stage(Body&& body) {
+  InFlight f;
+  try {
+    body(f);
+  } catch (...) {
+    abandon_all(f.receives);
+    abandon_all(f.sends);
+    throw;
+  }
+}
+
+void chain_reduce(Communicator& host, MutView data, ReduceOp op, const AlgorithmOptions& tuning,
+                  Clock::time_point deadline) {
+  chain_stage([&](InFlight& f) { chain_reduce_body(host, data, op, tuning, deadline, f); });
+}
+
+void chain_broadcast(Communicator& host, MutView data, const AlgorithmOptions& tuning,
+                     Clock::time_point deadline) {
+  chain_stage([&](InFlight& f) { chain_broadcast_body(host, data, tuning, deadline, f); });
 }
 
 }  // namespace

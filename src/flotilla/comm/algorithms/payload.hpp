@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <span>
+#include <string_view>
 
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 
@@ -40,9 +42,27 @@ inline milliseconds time_left(Clock::time_point deadline) {
              : std::chrono::ceil<milliseconds>(left);
 }
 
-inline void wait_until(Request& r, Clock::time_point deadline) { r.wait(time_left(deadline)); }
+// Requests left pending when an algorithm throws (a timeout, a peer's wrong size) are
+// abandoned, not waited for: the caller's deadline has passed already.
+inline void abandon_all(std::span<Request> rs) noexcept {
+  for (Request& r : rs) r.abandon();
+}
+
+inline void wait_until(Request& r, Clock::time_point deadline) {
+  try {
+    r.wait(time_left(deadline));
+  } catch (...) {
+    r.abandon();
+    throw;
+  }
+}
 inline void wait_all_until(std::span<Request> rs, Clock::time_point deadline) {
-  wait_all(rs, time_left(deadline));
+  try {
+    wait_all(rs, time_left(deadline));
+  } catch (...) {
+    abandon_all(rs);
+    throw;
+  }
 }
 
 // The payloads, unsigned: op is sum or max; every rank of `comm` calls them alike.

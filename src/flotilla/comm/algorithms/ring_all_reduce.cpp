@@ -26,7 +26,7 @@
 // in place, and reduce-scatter stage t *sent* chunk (r-t) from the same memory. The
 // receive is posted only after those sends completed (they have arrived by then: the
 // data we are about to receive went around the ring after them).
-#include <deque>
+#include <string>
 #include <vector>
 
 #include <fmt/format.h>
@@ -64,6 +64,17 @@ class Ring {
   }
 
   void run() {
+    try {
+      stream();
+    } catch (...) {
+      for (Transfer& t : receives_) t.request.abandon();
+      for (auto& stage : sends_) abandon_all(stage);
+      throw;
+    }
+  }
+
+ private:
+  void stream() {
     post_sends_of_stage0();
     for (next_consume_ = 0; next_consume_ < receives_.size(); ++next_consume_) {
       post_receives();
@@ -78,7 +89,6 @@ class Ring {
     for (auto& stage : sends_) wait_all_until(stage, deadline_);
   }
 
- private:
   struct Transfer {
     int stage;
     Slice segment;
