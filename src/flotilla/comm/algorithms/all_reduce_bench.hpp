@@ -36,9 +36,9 @@ std::vector<size_t> parse_sizes(std::string_view text);
 // Calls per measurement when `iters` is 0: about 128 MiB moved, between 3 and 200 calls.
 int default_iters(size_t bytes);
 
-// For every size and contender: one call on ranks' (r + 1) values whose result is
+// For every size: each contender's one call on ranks' (r + 1) values whose result is
 // checked (every element = n(n+1)/2: an InputError on every rank if any rank is wrong),
-// then `iters` timed calls between barriers. Collective over `comm`; on_row runs after
+// then each contender's `iters` timed calls between barriers. Collective over `comm`; on_row runs after
 // each size on every rank.
 std::vector<BenchRow> bench_all_reduce(Communicator& comm,
                                        const std::vector<BenchContender>& contenders,
