@@ -26,6 +26,7 @@ void add_train_command(CLI::App& app) {
     std::string fine_tune_type = "full", lora_targets = "q,v", resume_adapter;
     std::string compression = "none";
     double timeout_s = 300.0;
+    std::string allreduce = "auto";
   };
   auto opt = std::make_shared<Options>();
   train::TrainConfig& t = opt->job.train;
@@ -112,6 +113,11 @@ void add_train_command(CLI::App& app) {
                   "Data parallel: seconds any collective may wait for the other ranks before the job fails")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  cmd->add_option("--allreduce", opt->allreduce,
+                  "Data parallel: the gradient all-reduce: auto (by size and hosts), ring, hd "
+                  "(halving-doubling), hier (hierarchical), mpi (the MPI library's)")
+      ->check(CLI::IsMember({"auto", "ring", "hd", "hier", "mpi"}))
+      ->capture_default_str();
   cmd->add_flag("--print-config", opt->print_config, "Print the resolved flags as YAML (a -c file) and exit")
       ->configurable(false);
   // Declared last so that its callback, which fills the options above from the file, runs
@@ -138,7 +144,7 @@ void add_train_command(CLI::App& app) {
     const std::unique_ptr<comm::Communicator> world = comm::make_world(settings);
     std::optional<parallel::DataParallel> dp;
     if (world->size() > 1) {
-      dp.emplace(*world);
+      dp.emplace(*world, comm::parse_algorithm(opt->allreduce));
       job.dp = &*dp;
     }
     const bool root = world->rank() == 0;

@@ -9,7 +9,12 @@ every final weight (relative 1e-4 of the tensor's largest value). Two data paths
     numbers of target tokens: only token-weighted gradient averaging passes this.
 Then a checkpoint written mid-run by 2 ranks is resumed on 1 and on 4 ranks (micro-batch
 changed so the global batch stays the same): the resumed steps' losses and the final
-weights must match the uninterrupted 1-rank run to the same tolerances. Usage: train_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
+weights must match the uninterrupted 1-rank run to the same tolerances.
+
+With --tcp: 2 ranks over TCP only (`--mca btl tcp,self`, no shared memory), once per
+gradient all-reduce algorithm (`--allreduce auto|ring|hd|hier|mpi`), each against the same
+1-rank run on raw text windows.
+Usage: train_equivalence_test.py FLOTILLA [--mpirun MPIRUN] [--tcp]
 """
 import argparse
 import json
@@ -108,6 +113,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("flotilla")
     ap.add_argument("--mpirun", default="mpirun")
+    ap.add_argument("--tcp", action="store_true", help="2 ranks over TCP only, every --allreduce")
     args = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -127,6 +133,21 @@ def main():
             "raw text windows": ["--data", os.path.join(SOURCE, "data/sample/corpus.jsonl")],
             "prepared, masked, packed": ["--data", prepared],
         }
+        if args.tcp:
+            # ob1 explicitly: Debian builds OpenMPI with UCX, whose pml would bypass the btl list.
+            tcp_mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "pml", "ob1", "--mca", "btl",
+                          "tcp,self"]
+            data = cases["raw text windows"]
+            base = os.path.join(tmp, "tcp_1")
+            run([args.flotilla, "train", "--model", model, "--out", base, "--batch-size", str(global_batch)] + data + common,
+                env)
+            for algorithm in ("auto", "ring", "hd", "hier", "mpi"):
+                out = os.path.join(tmp, f"tcp_2_{algorithm}")
+                run(tcp_mpirun + ["-np", "2", args.flotilla, "train", "--model", model, "--out", out,
+                                  "--batch-size", str(global_batch // 2), "--allreduce", algorithm] + data + common,
+                    env)
+                failures += compare(f"tcp, --allreduce {algorithm}", base, out, 2)
+            cases = {}
         for name, data in cases.items():
             base = os.path.join(tmp, name.replace(" ", "_").replace(",", "") + "_1")
             run([args.flotilla, "train", "--model", model, "--out", base, "--batch-size", str(global_batch)] + data + common,

@@ -183,6 +183,22 @@ void Communicator::barrier(const Options& options) {
   run(c, [&] { do_barrier(c); });
 }
 
+void Communicator::run_p2p_collective(CollectiveKind kind, std::string_view algorithm,
+                                      const Options& options, uint64_t count,
+                                      ElementType type, ReduceOp op,
+                                      const std::function<void(Clock::time_point)>& body) {
+  const std::string name = options.name.empty()
+                               ? std::string(algorithm)
+                               : fmt::format("{}:{}", algorithm, options.name);
+  Options named = options;
+  named.name = name;
+  const Collective c = begin(kind, named, count, type, -1, op);
+  // The backend's barrier is its mismatch check alone (it compares this signature); with
+  // the check off, nothing synchronises before the payload.
+  if (c.check_mismatch && size_ > 1) run(c, [&] { do_barrier(c); });
+  run(c, [&] { body(c.deadline); });
+}
+
 std::unique_ptr<Communicator> Communicator::split(int color, int key, const Options& options) {
   const Collective c =
       begin(CollectiveKind::split, options, 0, ElementType::u8, -1, ReduceOp::sum);

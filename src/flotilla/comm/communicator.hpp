@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -94,6 +95,17 @@ class Communicator {
   // Ranks passing the same color >= 0 form a sub-group, ordered by (key, rank); a
   // negative color takes part but returns nullptr (MPI_Comm_split's MPI_UNDEFINED).
   std::unique_ptr<Communicator> split(int color, int key, const Options& options = {});
+
+  // --- collectives built above the backends out of send/recv (comm/algorithms/). Every
+  // rank calls it alike. It is numbered and checked like any other collective: one
+  // signature per call, agreed before body moves any data, whose name is
+  // "<algorithm>:<options.name>" (ranks running different algorithms, or one rank this and
+  // another the backend's own collective, get a MismatchError). Then body(deadline) runs;
+  // its every wait must end by `deadline`. A TimeoutError out of body leaves this
+  // communicator unusable, as a backend's timeout does.
+  void run_p2p_collective(CollectiveKind kind, std::string_view algorithm,
+                          const Options& options, uint64_t count, ElementType type,
+                          ReduceOp op, const std::function<void(Clock::time_point)>& body);
 
  protected:
   struct Identity {

@@ -23,15 +23,25 @@ T add(T a, T b) {
 
 // Memory may be unaligned (a view into a byte stream), hence memcpy per element; the
 // compiler turns it into plain loads and stores.
-template <class T>
-void reduce_typed(ReduceOp op, std::byte* acc, const std::byte* src, size_t count) {
+// The operation is a template argument so that each loop is branch-free and vectorises:
+// the all-reduce algorithms (comm/algorithms/) reduce every received segment here.
+template <class T, bool kMax>
+void reduce_loop(std::byte* acc, const std::byte* src, size_t count) {
   for (size_t i = 0; i < count; ++i) {
     T a, b;
     std::memcpy(&a, acc + i * sizeof(T), sizeof(T));
     std::memcpy(&b, src + i * sizeof(T), sizeof(T));
-    const T r = op == ReduceOp::max ? std::max(a, b) : add(a, b);
+    const T r = kMax ? std::max(a, b) : add(a, b);
     std::memcpy(acc + i * sizeof(T), &r, sizeof(T));
   }
+}
+
+template <class T>
+void reduce_typed(ReduceOp op, std::byte* acc, const std::byte* src, size_t count) {
+  if (op == ReduceOp::max)
+    reduce_loop<T, true>(acc, src, count);
+  else
+    reduce_loop<T, false>(acc, src, count);
 }
 
 template <class T>

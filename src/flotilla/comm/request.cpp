@@ -38,6 +38,17 @@ void Request::cancel() {
   wait();
 }
 
+void Request::abandon() noexcept {
+  if (!op_) return;
+  try {
+    if (!op_->info().is_send) op_->cancel();
+    (void)op_->test();
+  } catch (const std::exception&) {
+    // Failing to finish is what abandoning accepts.
+  }
+  op_.reset();
+}
+
 void Request::finish() noexcept {
   if (!op_) return;
   try {

@@ -109,6 +109,11 @@ class Request {
   void wait(std::optional<milliseconds> timeout = {});
   // A receive is withdrawn, a send waited for; afterwards the request is inactive.
   void cancel();
+  // Gives up without waiting, for the unwinding after a timeout: a receive is withdrawn,
+  // a send left to the backend (MPI frees it and may still read its buffer, which is why
+  // a timeout leaves the communicator unusable and the job to be aborted). Without this, a
+  // pending send's destructor waits up to the communicator's whole timeout again.
+  void abandon() noexcept;
 
  private:
   friend void wait_all(std::span<Request>, std::optional<milliseconds>);

@@ -10,8 +10,12 @@
 
 namespace flotilla::parallel {
 
-DataParallel::DataParallel(comm::Communicator& comm)
-    : comm_(comm), codec_(comm::make_gradient_codec({}, 0, {})) {}
+DataParallel::DataParallel(comm::Communicator& comm, comm::AllReduceAlgorithm algorithm)
+    : comm_(comm),
+      reducer_(comm, comm::AllReducer::Config{.algorithm = algorithm}),
+      codec_(comm::make_gradient_codec({}, 0, {})) {
+  codec_->set_exact_reducer(&reducer_);
+}
 
 void DataParallel::set_compression(const comm::CompressionConfig& config, const model::ParamTable& table) {
   // Matrices as (rows, cols); anything else as one row of all its elements.
@@ -19,6 +23,7 @@ void DataParallel::set_compression(const comm::CompressionConfig& config, const 
   for (const model::ParamInfo& p : table.params())
     tensors.push_back({p.offset, p.shape.size() == 2 ? p.shape[0] : 1, p.shape.size() == 2 ? p.shape[1] : p.numel});
   codec_ = comm::make_gradient_codec(config, table.total_numel(), std::move(tensors));
+  codec_->set_exact_reducer(&reducer_);
 }
 
 void DataParallel::broadcast_parameters(std::span<float> params) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 
+#include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
 #include "flotilla/comm/compression/gradient_codec.hpp"
 #include "flotilla/model/llama.hpp"
@@ -23,12 +24,20 @@ namespace flotilla::parallel {
 
 class DataParallel {
  public:
-  explicit DataParallel(comm::Communicator& comm);
+  // Collective over comm (the all-reducer learns the hosts and splits its groups).
+  // `algorithm` reduces the gradients (`flotilla train --allreduce`): automatic lets the
+  // chooser pick by size and topology (comm/algorithms/all_reduce.hpp).
+  explicit DataParallel(comm::Communicator& comm,
+                        comm::AllReduceAlgorithm algorithm = comm::AllReduceAlgorithm::automatic);
 
   int rank() const { return comm_.rank(); }
   int world() const { return comm_.size(); }
   bool is_root() const { return comm_.rank() == 0; }
   comm::Communicator& communicator() { return comm_; }
+  // The algorithm the gradients of `bytes` go through.
+  comm::AllReduceAlgorithm gradient_algorithm(size_t bytes) const {
+    return reducer_.algorithm_for(bytes);
+  }
 
   // Every rank takes rank 0's values (initial trainable weights).
   void broadcast_parameters(std::span<float> params);
@@ -38,8 +47,8 @@ class DataParallel {
   const comm::GradientCodec& codec() const { return *codec_; }
 
   // Sums gradient sums and (loss sum, target tokens) over ranks, in place; returns the
-  // global LossSum. The gradients go through the codec (one float32 all-reduce unless
-  // compressed), the counts in one small all-reduce.
+  // global LossSum. The gradients go through the codec (uncompressed: one all-reduce by
+  // the configured algorithm), the counts in one small all-reduce (the backend's, in f64).
   model::LossSum all_reduce_gradients(std::span<float> grads, const model::LossSum& local);
   // Sums a loss over ranks (validation).
   model::LossSum all_reduce_loss(const model::LossSum& local);
@@ -49,6 +58,7 @@ class DataParallel {
 
  private:
   comm::Communicator& comm_;
+  comm::AllReducer reducer_;
   std::unique_ptr<comm::GradientCodec> codec_;
 };
 

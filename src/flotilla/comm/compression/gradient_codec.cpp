@@ -37,6 +37,11 @@ void GradientCodec::count_all_reduce(int64_t bytes, int world) {
 void GradientCodec::count_all_gather(int64_t bytes_per_rank, int world) {
   bytes_sent_ += (world - 1) * bytes_per_rank;
 }
+void GradientCodec::sum_floats(std::span<float> data, Communicator& comm, std::string_view name) {
+  if (exact_ != nullptr) exact_->run(data, ReduceOp::sum, Options{.name = name});
+  else comm.all_reduce(data, ReduceOp::sum, Options{.name = name});
+}
+
 void GradientCodec::count_bytes(int64_t bytes) { bytes_sent_ += bytes; }
 void GradientCodec::count_all_to_all(int64_t total_bytes, int world) {
   if (world > 1) bytes_sent_ += (world - 1) * total_bytes / world;
@@ -49,7 +54,7 @@ class PlainCodec final : public GradientCodec {
  public:
   PlainCodec() : GradientCodec(Compression::none) {}
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
-    comm.all_reduce(gradient, ReduceOp::sum, Options{.name = "gradients"});
+    sum_floats(gradient, comm, "gradients");
     count_all_reduce(static_cast<int64_t>(gradient.size_bytes()), comm.size());
     ++calls_;
   }
@@ -62,7 +67,7 @@ class WarmupCodec final : public GradientCodec {
       : GradientCodec(inner->kind()), inner_(std::move(inner)), warmup_(warmup) {}
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
     if (calls_ < warmup_) {
-      comm.all_reduce(gradient, ReduceOp::sum, Options{.name = "gradients"});
+      sum_floats(gradient, comm, "gradients");
       count_all_reduce(static_cast<int64_t>(gradient.size_bytes()), comm.size());
     } else {
       const int64_t before = inner_->bytes_sent();
@@ -72,6 +77,10 @@ class WarmupCodec final : public GradientCodec {
     ++calls_;
   }
   std::span<const float> residual() const override { return inner_->residual(); }
+  void set_exact_reducer(AllReducer* reducer) override {
+    exact_ = reducer;
+    inner_->set_exact_reducer(reducer);
+  }
 
  private:
   std::unique_ptr<GradientCodec> inner_;

@@ -24,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
 
 namespace flotilla::comm {
@@ -68,9 +69,15 @@ class GradientCodec {
   int64_t calls() const { return calls_; }
   // This rank's residual (n floats; empty for the exact codec): what it still owes.
   virtual std::span<const float> residual() const { return {}; }
+  // Float32 sums (the exact codec's, PowerSGD's factors) go through this all-reducer
+  // (flotilla's algorithms, `train --allreduce`) instead of the backend's all_reduce.
+  virtual void set_exact_reducer(AllReducer* reducer) { exact_ = reducer; }
 
  protected:
   explicit GradientCodec(Compression kind) : kind_(kind) {}
+  // sum over ranks of a float buffer, in place: by the exact reducer when one is set.
+  void sum_floats(std::span<float> data, Communicator& comm, std::string_view name);
+  AllReducer* exact_ = nullptr;
   // A codec is made for one gradient size; another is a programming error.
   static void check_size(size_t given, size_t expected);
   void count_all_reduce(int64_t bytes, int world);

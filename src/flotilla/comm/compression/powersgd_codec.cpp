@@ -91,7 +91,7 @@ class PowerSgdCodec final : public GradientCodec {
     // P = M Q for every matrix: (rows, cols) @ (cols, r), i.e. M @ Qt^T.
     for (const Factorised& f : factorised_)
       kernels::matmul_forward(&p_[f.p_offset], M + f.m.offset, &qt_[f.q_offset], nullptr, f.m.rows, f.m.cols, f.r);
-    comm.all_reduce(std::span<float>(p_), ReduceOp::sum, Options{.name = "PowerSGD P"});
+    sum_floats(p_, comm, "PowerSGD P");
     count_all_reduce(static_cast<int64_t>(p_.size() * sizeof(float)), N);
     for (const Factorised& f : factorised_) orthonormalise_columns(&p_[f.p_offset], f.m.rows, f.r);
     // Q = M^T P, kept as Qt = P^T M: (r, cols).
@@ -99,12 +99,12 @@ class PowerSgdCodec final : public GradientCodec {
     for (const Factorised& f : factorised_)
       kernels::matmul_backward(nullptr, &qt_[f.q_offset], nullptr, &p_[f.p_offset], M + f.m.offset, nullptr,
                                f.m.rows, f.m.cols, f.r);
-    comm.all_reduce(std::span<float>(qt_), ReduceOp::sum, Options{.name = "PowerSGD Q"});
+    sum_floats(qt_, comm, "PowerSGD Q");
     count_all_reduce(static_cast<int64_t>(qt_.size() * sizeof(float)), N);
     restart_vanished_directions();
     // Vectors and small matrices, exactly.
     for (size_t j = 0; j < plain_index_.size(); ++j) plain_[j] = residual_[static_cast<size_t>(plain_index_[j])];
-    comm.all_reduce(std::span<float>(plain_), ReduceOp::sum, Options{.name = "PowerSGD uncompressed"});
+    sum_floats(plain_, comm, "PowerSGD uncompressed");
     count_all_reduce(static_cast<int64_t>(plain_.size() * sizeof(float)), N);
 
     // gradient := P Qt (the estimate of the sum); residual keeps M - estimate / N.

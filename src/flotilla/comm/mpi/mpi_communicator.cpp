@@ -269,6 +269,17 @@ class MpiCommunicator final : public Communicator {
     complete(request, c, "MPI_Ibarrier");
   }
 
+  // mpi_reference_all_reduce (mpi_communicator.hpp).
+ public:
+  void reference_all_reduce(MutView data, ReduceOp op) {
+    if (op == ReduceOp::avg) fail("MPI_Allreduce reference: sum or max only");
+    require_int_count(data.count(), "MPI_Allreduce reference");
+    check(MPI_Allreduce(MPI_IN_PLACE, data.data(), static_cast<int>(data.count()),
+                        mpi_type(data.type()), mpi_op(op), comm_),
+          "MPI_Allreduce");
+  }
+
+ protected:
   std::unique_ptr<Communicator> do_split(const Collective& c, int color, int key) override {
     agree(c);
     // Every rank's (color, key, node), gathered with a deadline: afterwards everyone is
@@ -419,6 +430,18 @@ class MpiCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_mpi_world(const Settings& settings) {
   return MpiCommunicator::world(settings);
+}
+
+bool is_mpi(const Communicator& comm) {
+  return dynamic_cast<const MpiCommunicator*>(&comm) != nullptr;
+}
+
+void mpi_reference_all_reduce(Communicator& comm, MutView data, ReduceOp op) {
+  auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);
+  if (!mpi) throw Error("comm/mpi", fmt::format("MPI_Allreduce reference: a {} communicator "
+                                                "is not MPI (run under mpirun)",
+                                                comm.backend()));
+  mpi->reference_all_reduce(data, op);
 }
 
 }  // namespace flotilla::comm

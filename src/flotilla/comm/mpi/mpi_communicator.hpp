@@ -12,4 +12,13 @@ namespace flotilla::comm {
 // initialised (main must create an MpiRuntime first).
 std::unique_ptr<Communicator> make_mpi_world(const Settings& settings = {});
 
+// True when `comm` is an MPI communicator (make_mpi_world or split from one).
+bool is_mpi(const Communicator& comm);
+
+// The MPI library's own blocking MPI_Allreduce, in place, on `comm`'s MPI communicator:
+// the reference `flotilla bench comm` measures against. Unlike every other call here it
+// has no mismatch check and no deadline (a benchmark's peer, never a training path).
+// Throws flotilla::Error when `comm` is not an MPI communicator.
+void mpi_reference_all_reduce(Communicator& comm, MutView data, ReduceOp op);
+
 }  // namespace flotilla::comm

@@ -1,0 +1,120 @@
+// The chooser, the topology and AllReducer (all_reduce.hpp).
+#include "flotilla/comm/algorithms/all_reduce.hpp"
+
+#include <algorithm>
+#include <map>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+
+namespace flotilla::comm {
+namespace {
+
+uint64_t fnv1a(std::string_view s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
+AlgorithmOptions AlgorithmOptions::resolve(const Communicator& comm) const {
+  AlgorithmOptions r = *this;
+  const bool one_host = comm.local_size() == comm.size();
+  if (r.segment_bytes == 0) r.segment_bytes = one_host ? size_t{256} << 10 : size_t{60} << 10;
+  if (r.window <= 0) r.window = one_host ? 8 : 16;
+  return r;
+}
+
+std::string_view algorithm_flag(AllReduceAlgorithm a) {
+  switch (a) {
+    case AllReduceAlgorithm::automatic: return "auto";
+    case AllReduceAlgorithm::ring: return "ring";
+    case AllReduceAlgorithm::halving_doubling: return "hd";
+    case AllReduceAlgorithm::hierarchical: return "hier";
+    case AllReduceAlgorithm::backend: return "mpi";
+  }
+  return "?";
+}
+
+AllReduceAlgorithm parse_algorithm(std::string_view flag) {
+  for (auto a : {AllReduceAlgorithm::automatic, AllReduceAlgorithm::ring,
+                 AllReduceAlgorithm::halving_doubling, AllReduceAlgorithm::hierarchical,
+                 AllReduceAlgorithm::backend})
+    if (flag == algorithm_flag(a)) return a;
+  if (flag == "backend") return AllReduceAlgorithm::backend;
+  throw Error("comm", fmt::format("unknown all-reduce algorithm '{}': choose auto, ring, hd, "
+                                  "hier or mpi",
+                                  flag));
+}
+
+Topology Topology::discover(Communicator& comm, int fake_ranks_per_host) {
+  std::vector<uint64_t> host_of(static_cast<size_t>(comm.size()));  // (size) host index
+  if (fake_ranks_per_host > 0) {
+    for (int r = 0; r < comm.size(); ++r) host_of[r] = static_cast<uint64_t>(r / fake_ranks_per_host);
+  } else {
+    const std::vector<int64_t> mine = {static_cast<int64_t>(fnv1a(comm.host_name()))};
+    std::vector<int64_t> hashes(static_cast<size_t>(comm.size()));  // (size)
+    comm.all_gather(mine, hashes, Options{.name = "topology"});
+    std::map<int64_t, uint64_t> index;  // hash -> host index, by lowest rank
+    for (int r = 0; r < comm.size(); ++r) {
+      const auto [it, added] = index.emplace(hashes[r], index.size());
+      host_of[r] = it->second;
+    }
+  }
+  Topology t;
+  t.host = static_cast<int>(host_of[comm.rank()]);
+  t.hosts = static_cast<int>(*std::max_element(host_of.begin(), host_of.end())) + 1;
+  std::vector<int> ranks(static_cast<size_t>(t.hosts), 0);  // (hosts) ranks per host
+  for (uint64_t h : host_of) ++ranks[h];
+  t.max_ranks_per_host = *std::max_element(ranks.begin(), ranks.end());
+  return t;
+}
+
+HostGroups HostGroups::split(Communicator& comm, const Topology& topology) {
+  HostGroups g;
+  g.topology = topology;
+  g.host = comm.split(topology.host, comm.rank(), Options{.name = "host group"});
+  g.leaders = comm.split(g.host->rank() == 0 ? 0 : -1, comm.rank(), Options{.name = "leaders"});
+  return g;
+}
+
+// Measured (bench/RESULTS.md, `flotilla bench comm`): on 2-4 ranks of one machine and on
+// emulated 1 Gbit/s hosts, halving-doubling wins below about 64 KiB, where its log2(p)
+// steps beat the ring's 2(p-1); above, the pipelined ring's full-duplex transfer wins.
+// Hierarchical pays off only with several ranks on each of several hosts.
+AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology& topology) {
+  constexpr size_t kSmallBytes = 64 << 10;
+  if (world_size <= 1) return AllReduceAlgorithm::ring;  // nothing moves
+  if (bytes < kSmallBytes) return AllReduceAlgorithm::halving_doubling;
+  if (topology.hosts > 1 && topology.max_ranks_per_host > 1)
+    return AllReduceAlgorithm::hierarchical;
+  return AllReduceAlgorithm::ring;
+}
+
+AllReducer::AllReducer(Communicator& comm, Config config)
+    : comm_(comm),
+      config_(config),
+      groups_(HostGroups::split(comm, Topology::discover(comm, config.fake_ranks_per_host))) {}
+
+AllReduceAlgorithm AllReducer::algorithm_for(size_t bytes) const {
+  if (config_.algorithm != AllReduceAlgorithm::automatic) return config_.algorithm;
+  return choose_algorithm(bytes, comm_.size(), groups_.topology);
+}
+
+void AllReducer::run(MutView data, ReduceOp op, const Options& options) {
+  switch (algorithm_for(data.size_bytes())) {
+    case AllReduceAlgorithm::automatic:
+    case AllReduceAlgorithm::ring:
+      return ring_all_reduce(comm_, data, op, options, config_.tuning);
+    case AllReduceAlgorithm::halving_doubling:
+      return halving_doubling_all_reduce(comm_, data, op, options, config_.tuning);
+    case AllReduceAlgorithm::hierarchical:
+      return hierarchical_all_reduce(comm_, groups_, data, op, options, config_.tuning);
+    case AllReduceAlgorithm::backend:
+      return comm_.all_reduce(data, op, options);
+  }
+}
+
+}  // namespace flotilla::comm
