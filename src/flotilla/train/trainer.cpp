@@ -43,12 +43,15 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
 
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
+  StepMetrics m;
   model_.zero_grads();
   model::LossSum window;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
     batch_.B = cfg_.batch_size;
     batch_.T = cfg_.seq_len;
+    Timer data_timer;
     train.next_batch(batch_);
+    m.data_s += data_timer.elapsed_s();
     const model::LossSum loss =
         model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
                        batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
@@ -62,7 +65,13 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   const auto n = static_cast<int64_t>(grads.size());
   // Data parallel: sum the per-token gradient sums and the token counts of every rank;
   // dividing by the global count then gives the global batch's mean-loss gradient.
-  if (dp_) window = dp_->all_reduce_gradients(grads, window);
+  m.compute_s = timer.elapsed_s() - m.data_s;
+  if (dp_) {
+    Timer sync_timer;
+    window = dp_->all_reduce_gradients(grads, window);
+    m.sync_s = sync_timer.elapsed_s();
+  }
+  Timer update_timer;
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
   const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
@@ -71,8 +80,8 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   const float lr = schedule_.lr_at(step_);
   optimizer_.step(trainable.params, grads, lr);
   ++step_;
+  m.update_s = update_timer.elapsed_s();
 
-  StepMetrics m;
   m.step = step_;
   m.total_steps = cfg_.steps;
   m.loss = window.mean();
