@@ -165,6 +165,47 @@ TEST(Scaling, RanksSharingCoresSlowDown) {
   EXPECT_EQ(c.link_for(3).bandwidth_bytes_per_s, 1e8);
 }
 
+TEST(Scaling, StragglersAreTheMedianOfTheSlowestOfN) {
+  std::vector<double> samples;
+  for (int i = 100; i >= 0; --i) samples.push_back(i);  // 0..100, any order
+  EXPECT_EQ(straggler_wait_s(samples, 1), 0.0);
+  // The slowest of 2 has median at the 1/sqrt(2) quantile: 70.71 against the median 50.
+  EXPECT_NEAR(straggler_wait_s(samples, 2), 100 * std::sqrt(0.5) - 50, 1e-9);
+  EXPECT_NEAR(straggler_wait_s(samples, 4), 100 * std::pow(0.5, 0.25) - 50, 1e-9);
+  // Capped at the slowest sample; no spread, no wait.
+  EXPECT_LE(straggler_wait_s(samples, 1000000), 50.0);
+  EXPECT_EQ(straggler_wait_s(std::vector<double>(10, 3.0), 8), 0.0);
+  // It enters the step: a rank that waits for others' slow steps.
+  const Workload w = small_full();
+  StepCost cost;
+  cost.compute_s = 1.0;
+  cost.work_samples_s = {0.9, 1.0, 1.1};
+  Cluster c;
+  c.hosts = 2;
+  c.cores = 8;
+  c.network = {1e30, 0.0, ""};
+  const Prediction two = predict_weak(find(StrategyKind::all_reduce, w), w, cost, c, 2);
+  EXPECT_NEAR(two.wait_s, straggler_wait_s(cost.work_samples_s, 2), 1e-12);
+  EXPECT_NEAR(two.step_s, 1.0 + two.wait_s, 1e-9);
+}
+
+TEST(Scaling, ContentionAppliesOnlyToRanksSharingAHost) {
+  const Workload w = small_full();
+  StepCost cost;
+  cost.compute_s = 1.0;
+  cost.contention = 1.2;
+  cost.contention_ranks = 2;
+  Cluster c;
+  c.hosts = 2;
+  c.slots = 2;
+  c.cores = 2;
+  c.network = c.local = {1e30, 0.0, ""};
+  const Strategy plain = find(StrategyKind::all_reduce, w);
+  EXPECT_NEAR(predict_weak(plain, w, cost, c, 2).compute_s, 1.2, 1e-12);  // 2 ranks on host 1
+  c.slots = 1;
+  EXPECT_NEAR(predict_weak(plain, w, cost, c, 2).compute_s, 1.0, 1e-12);  // one rank per host
+}
+
 TEST(Scaling, AccumulationIsPickedToHideTheExchange) {
   const Workload w = small_full();
   StepCost cost;

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <fstream>
 #include <sstream>
@@ -123,7 +124,7 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
   }
   // One rank measures the step alone; the others wait (their polling takes a core each:
   // with ranks x threads <= cores it does not slow the measured rank).
-  PlanResult result;
+  const comm::Options wait{.name = "plan measured", .timeout = std::chrono::hours(6)};
   if (world.rank() == 0) {
     DataSize data;
     if (job.no_run) {
@@ -134,9 +135,24 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
     }
     req.rows_per_epoch = data.rows_per_epoch;
     req.data_description = data.description;
-    result = make_plan(req);
   }
-  if (world.size() > 1) world.barrier(comm::Options{.name = "plan measured", .timeout = std::chrono::hours(6)});
+  if (world.size() > 1) world.barrier(wait);
+  // Several ranks on this one host: all of them train at once, as a job here would, and
+  // the slowest one's median against rank 0's alone is the contention for sharing a host
+  // (less the time slicing the model already charges when ranks x threads > cores).
+  if (world.size() > 1 && world.local_size() == world.size() && !job.no_run) {
+    const StepCost together = measure_step(src, job.measure);
+    std::array<double, 1> worst = {together.data_s + together.compute_s};
+    world.all_reduce(worst, comm::ReduceOp::max, wait);
+    if (world.rank() == 0) {
+      const double alone = req.cost.data_s + req.cost.compute_s;
+      const double sliced = std::max(1.0, static_cast<double>(world.size()) * together.threads / c.cores);
+      req.cost.contention = alone > 0 ? std::max(1.0, worst[0] / alone / sliced) : 1.0;
+      req.cost.contention_ranks = world.size();
+    }
+  }
+  PlanResult result;
+  if (world.rank() == 0) result = make_plan(req);
   return result;
 }
 

@@ -138,14 +138,15 @@ StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize
   tc.steps = opt.warmup_steps + opt.steps;
   train::Trainer trainer(*model, tc);
   std::vector<double> data_s, compute_s, update_s;
+  StepCost c;
   for (int i = 0; i < opt.warmup_steps + opt.steps; ++i) {
     const train::StepMetrics m = trainer.step(*source);
     if (i < opt.warmup_steps) continue;
     data_s.push_back(m.data_s);
     compute_s.push_back(m.compute_s);
     update_s.push_back(m.update_s);
+    c.work_samples_s.push_back(m.data_s + m.compute_s);
   }
-  StepCost c;
   c.data_s = median(data_s);
   c.compute_s = median(compute_s);
   c.update_s = median(update_s);

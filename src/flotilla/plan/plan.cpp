@@ -248,6 +248,13 @@ std::string render_text(const PlanResult& p) {
   out += fmt::format("  step {}: compute {}, data {}, optimizer {}; serial fraction {:.1f}%\n",
                      format_seconds(s.total_s()), format_seconds(s.compute_s), format_seconds(s.data_s),
                      format_seconds(s.update_s), 100 * p.serial_fraction);
+  if (s.work_samples_s.size() > 1)
+    out += fmt::format("  a step varies: waiting for the slowest of {} ranks adds {} (median of the slowest)\n",
+                       N, format_seconds(straggler_wait_s(s.work_samples_s, N)));
+  if (s.contention_ranks > 1)
+    out += fmt::format("  {} ranks training at once on this host each ran {:.2f}x slower than one alone "
+                       "(memory bandwidth, caches; time slicing aside)\n",
+                       s.contention_ranks, s.contention);
   out += fmt::format("  epoch: {:.0f} steps, {}; {:g} epoch{} x {} run{} = {}\n", std::ceil(p.steps_per_epoch_one),
                      format_seconds(p.epoch_s_one), r.epochs, r.epochs == 1 ? "" : "s", r.runs, r.runs == 1 ? "" : "s",
                      format_seconds(p.run_s_one * r.runs));
@@ -280,14 +287,14 @@ std::string render_text(const PlanResult& p) {
                        format_bytes(static_cast<double>(s.peak_rss_bytes)));
 
   out += "\nscaling, plain all-reduce (weak: same --batch-size per rank; strong: one global batch split)\n";
-  out += fmt::format("  {:>5} {:>10} {:>10} {:>10} {:>8} {:>6} {:>11} {:>10} {:>8} {:>8}\n", "ranks", "compute",
-                     "exchange", "step", "speedup", "eff", "epoch", "strong", "speedup", "Amdahl");
+  out += fmt::format("  {:>5} {:>10} {:>9} {:>10} {:>10} {:>8} {:>6} {:>11} {:>10} {:>8} {:>8}\n", "ranks", "compute",
+                     "wait", "exchange", "step", "speedup", "eff", "epoch", "strong", "speedup", "Amdahl");
   const StrategyRow& plain = p.row(StrategyKind::all_reduce);
   for (size_t i = 0; i < p.ranks.size(); ++i) {
     const Prediction& wk = plain.weak[i];
     const Prediction& st = p.strong[i];
-    out += fmt::format("  {:>5} {:>10} {:>10} {:>10} {:>7.2f}x {:>5.0f}% {:>11} {:>10} {:>7.2f}x {:>7.2f}x\n", wk.ranks,
-                       format_seconds(wk.compute_s), format_seconds(wk.comm_s), format_seconds(wk.step_s), wk.speedup,
+    out += fmt::format("  {:>5} {:>10} {:>9} {:>10} {:>10} {:>7.2f}x {:>5.0f}% {:>11} {:>10} {:>7.2f}x {:>7.2f}x\n",
+                       wk.ranks, format_seconds(wk.compute_s), format_seconds(wk.wait_s), format_seconds(wk.comm_s), format_seconds(wk.step_s), wk.speedup,
                        100 * wk.efficiency, format_seconds(p.epoch_s_one / wk.speedup), format_seconds(st.step_s),
                        st.speedup, amdahl_speedup(p.serial_fraction, wk.ranks));
   }
@@ -324,6 +331,8 @@ nlohmann::json plan_json(const PlanResult& p) {
   j["one_rank"] = {{"data_s", r.cost.data_s},       {"compute_s", r.cost.compute_s}, {"update_s", r.cost.update_s},
                    {"step_s", r.cost.total_s()},    {"threads", r.cost.threads},     {"source", r.cost.source},
                    {"peak_rss_bytes", r.cost.peak_rss_bytes}, {"serial_fraction", p.serial_fraction},
+                   {"work_samples_s", r.cost.work_samples_s}, {"contention", r.cost.contention},
+                   {"contention_ranks", r.cost.contention_ranks},
                    {"steps_per_epoch", p.steps_per_epoch_one}, {"epoch_s", p.epoch_s_one}, {"run_s", p.run_s_one}};
   j["runs"] = r.runs;
   j["epochs"] = r.epochs;
@@ -334,7 +343,8 @@ nlohmann::json plan_json(const PlanResult& p) {
     for (size_t i = 0; i < p.ranks.size(); ++i) {
       const Prediction& pr = row.weak[i];
       const MemoryCost& m = row.memory[i];
-      per_n.push_back({{"ranks", pr.ranks},       {"compute_s", pr.compute_s}, {"serial_s", pr.serial_s},
+      per_n.push_back({{"ranks", pr.ranks},       {"compute_s", pr.compute_s}, {"wait_s", pr.wait_s},
+                       {"serial_s", pr.serial_s},
                        {"comm_s", pr.comm_s},     {"step_s", pr.step_s},       {"speedup", pr.speedup},
                        {"efficiency", pr.efficiency},
                        {"memory", {{"weights", m.weights}, {"grads", m.grads}, {"optimizer", m.optimizer},

@@ -1,6 +1,7 @@
 #include "flotilla/plan/scaling.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 namespace flotilla::plan {
 
@@ -18,17 +19,32 @@ double oversubscription(const Cluster& cluster, int ranks, int threads) {
   return std::max(1.0, busy / std::max(1, cluster.cores));
 }
 
+double straggler_wait_s(const std::vector<double>& samples, int n) {
+  if (n <= 1 || samples.size() < 2) return 0.0;
+  std::vector<double> v = samples;
+  std::sort(v.begin(), v.end());
+  const auto quantile = [&](double q) {
+    const double at = q * static_cast<double>(v.size() - 1);
+    const size_t lo = static_cast<size_t>(at);
+    const size_t hi = std::min(lo + 1, v.size() - 1);
+    return v[lo] + (at - static_cast<double>(lo)) * (v[hi] - v[lo]);
+  };
+  return std::max(0.0, quantile(std::pow(0.5, 1.0 / n)) - quantile(0.5));
+}
+
 namespace {
 
 Prediction predict(const Strategy& s, const Workload& w, const StepCost& cost, const Cluster& cluster, int n,
                    double compute_share) {
   Prediction p;
   p.ranks = n;
-  const double slow = oversubscription(cluster, n, cost.threads);
+  double slow = oversubscription(cluster, n, cost.threads);
+  if (cluster.ranks_per_host(n) > 1) slow *= cost.contention;
   p.compute_s = cost.compute_s * compute_share * slow;
+  p.wait_s = straggler_wait_s(cost.work_samples_s, n) * compute_share * slow;
   p.serial_s = (cost.data_s + cost.update_s * update_share(s, n)) * slow;
   p.comm_s = comm_cost(s, w, n, cluster.link_for(n)).seconds;
-  p.step_s = p.compute_s + p.serial_s + p.comm_s;
+  p.step_s = p.compute_s + p.wait_s + p.serial_s + p.comm_s;
   return p;
 }
 

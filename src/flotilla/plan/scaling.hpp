@@ -18,7 +18,16 @@
 // below 1/s: a thousand machines do not make a one-second run.
 //
 // Ranks that share a host share its cores: when ranks_per_host x threads exceeds the
-// cores, every rank's compute and serial work slow by that ratio (time slicing).
+// cores, every rank's compute and serial work slow by that ratio (time slicing); and
+// they share its memory bandwidth and caches, a slow-down measured when plan runs under
+// mpirun on one host (StepCost::contention), applied whenever ranks share a host.
+//
+// Stragglers: the all-reduce starts when the slowest rank is done, so a step on n ranks
+// takes the maximum of n draws of one rank's work (data + compute). The median of that
+// maximum, for independent ranks, is the 0.5^(1/n) quantile of one rank's distribution:
+// the planner reads it off the measured steps (wait = that quantile - the median), so a
+// machine whose steps vary predicts more waiting at larger n. Beyond the measured
+// samples' maximum it cannot see: the wait is capped there.
 #pragma once
 
 #include <vector>
@@ -36,10 +45,13 @@ double strong_speedup(double serial_fraction, int ranks, double comm_fraction);
 double serial_fraction(const StepCost& cost);
 // max(1, ranks on the busiest host x threads / cores).
 double oversubscription(const Cluster& cluster, int ranks, int threads);
+// The median wait for the slowest of n ranks: the 0.5^(1/n) quantile of the samples
+// minus their median (0 for n = 1 or no samples).
+double straggler_wait_s(const std::vector<double>& samples, int ranks);
 
 struct Prediction {
   int ranks = 1;
-  double compute_s = 0, serial_s = 0, comm_s = 0;
+  double compute_s = 0, wait_s = 0, serial_s = 0, comm_s = 0;
   double step_s = 0;      // per user step on each rank
   double speedup = 1;     // against one rank with no strategy (T(1) of the plain step)
   double efficiency = 1;  // speedup / ranks

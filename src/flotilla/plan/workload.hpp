@@ -46,6 +46,15 @@ struct StepCost {
   int threads = 1;         // OpenMP / OpenBLAS threads it ran with
   std::string source;      // how it was obtained, for the report
   int64_t peak_rss_bytes = 0;  // of the measured run (0: not measured)
+  // Per timed step, data + compute: how much a rank's step varies. The all-reduce waits
+  // for the slowest of n ranks, so n ranks see the tail of this distribution (scaling.hpp).
+  // Empty when estimated.
+  std::vector<double> work_samples_s;
+  // Ranks sharing one host slow each other (memory bandwidth, caches) even with a core
+  // each: the per-rank slow-down measured with `contention_ranks` ranks training at once
+  // on this host (plan under mpirun), 1 where not measured.
+  double contention = 1.0;
+  int contention_ranks = 1;
   double total_s() const { return data_s + compute_s + update_s; }
 };
 
