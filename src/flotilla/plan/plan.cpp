@@ -188,8 +188,12 @@ Recommendation recommend(const PlanResult& p) {
     if (plain.fits_at(i, r) && plain.weak[i].speedup > plain_best.speedup * 1.02)
       plain_best = {&plain, i, plain.weak[i].speedup};
   Best pick;
+  // Efficiency per machine, not per rank: ranks sharing a machine's cores are not waste.
+  const auto machine_efficiency = [&](const Prediction& pr) {
+    return pr.speedup / r.cluster.hosts_used(pr.ranks);
+  };
   if (plain_best.row && plain_best.speedup >= kWorthwhileSpeedup &&
-      plain.weak[plain_best.at].efficiency >= kGoodEfficiency) {
+      machine_efficiency(plain.weak[plain_best.at]) >= kGoodEfficiency) {
     pick = plain_best;
     rec.advice = Advice::data_parallel;
   } else {
@@ -213,9 +217,11 @@ Recommendation recommend(const PlanResult& p) {
   rec.strategy = pick.row->strategy.name;
   rec.ranks = at.ranks;
   rec.planned = !pick.row->strategy.available;
-  rec.reason = fmt::format("one run takes {} here; {} on {} ranks gives {:.2f}x ({:.0f}% efficient), "
+  const int machines = r.cluster.hosts_used(rec.ranks);
+  rec.reason = fmt::format("one run takes {} here; {} on {} rank{} ({} machine{}) gives {:.2f}x ({:.0f}% per machine), "
                            "so a run takes about {}",
-                           format_seconds(run_s), rec.strategy, rec.ranks, at.speedup, 100 * at.efficiency,
+                           format_seconds(run_s), rec.strategy, rec.ranks, rec.ranks == 1 ? "" : "s", machines,
+                           machines == 1 ? "" : "s", at.speedup, 100 * machine_efficiency(at),
                            format_seconds(run_s / at.speedup));
   if (rec.advice != Advice::data_parallel)
     rec.reason += fmt::format(" where plain all-reduce gives {:.2f}x", plain.weak[index_of(p.ranks, rec.ranks)].speedup);
@@ -255,6 +261,10 @@ std::string render_text(const PlanResult& p) {
     out += fmt::format("  {} ranks training at once on this host each ran {:.2f}x slower than one alone "
                        "(memory bandwidth, caches; time slicing aside)\n",
                        s.contention_ranks, s.contention);
+  if (static_cast<int64_t>(c.slots) * s.threads > c.cores)
+    out += fmt::format("  note: {} ranks x {} threads exceed a machine's {} cores, so ranks time-share them; "
+                       "measuring with --threads {} predicts them more sharply\n",
+                       c.slots, s.threads, c.cores, std::max(1, c.cores / c.slots));
   out += fmt::format("  epoch: {:.0f} steps, {}; {:g} epoch{} x {} run{} = {}\n", std::ceil(p.steps_per_epoch_one),
                      format_seconds(p.epoch_s_one), r.epochs, r.epochs == 1 ? "" : "s", r.runs, r.runs == 1 ? "" : "s",
                      format_seconds(p.run_s_one * r.runs));
