@@ -2,7 +2,8 @@
 """flotilla plan's predicted step time against flotilla train's measured one, on this machine.
 
 Usage: plan_validation_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,4] [--check 1,2]
-                               [--steps 30] [--tolerance 0.2] [--json-out FILE]
+                               [--steps 30] [--tolerance 0.2] [--attempts 3] [--btl self,tcp]
+                               [--json-out FILE]
 
 1. `mpirun -np 2 flotilla plan --slots 4` on a small model (a config.json, byte tokenizer)
    and the sample corpus: rank 0 times a short training run alone, the two ranks time the
@@ -88,6 +89,9 @@ def main():
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the median")
     ap.add_argument("--tolerance", type=float, default=0.2)
     ap.add_argument("--json-out")
+    ap.add_argument("--btl", default="self,vader,tcp",
+                    help="OpenMPI transports: self,tcp sends through the loopback's TCP stack, a slower link "
+                         "than shared memory, for the same check on another link")
     ap.add_argument("--attempts", type=int, default=3,
                     help="whole experiments (plan + trains) before failing: the machine is shared")
     ap.add_argument("--max-load", type=float, default=2.0, help="wait for the 1-minute load to fall to this")
@@ -99,7 +103,7 @@ def main():
                OMPI_MCA_btl_vader_single_copy_mechanism="none",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-              "--mca", "btl", "self,vader,tcp"]
+              "--mca", "btl", args.btl]
     attempts = []
     for attempt in range(1, args.attempts + 1):
         waited = wait_for_load(args.max_load, args.wait_load_s)
