@@ -389,6 +389,7 @@ std::string speedup_chart_svg(const PlanResult& p) {
   chart.title = "Predicted speed-up (weak scaling) against ranks";
   chart.x_label = "ranks";
   chart.y_from_zero = true;
+  chart.legend_left = true;  // speed-ups rise to the right
   train::ChartSeries ideal{"ideal (n)", "#bbbbbb", {}, false, 1.0, true};
   for (const int n : p.ranks) ideal.points.emplace_back(n, n);
   chart.series.push_back(ideal);

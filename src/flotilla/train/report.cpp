@@ -78,7 +78,7 @@ std::string line_chart_svg(const LineChart& chart, int width, int height) {
         svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", to_x(x), to_y(y),
                            series.color);
   }
-  const double lx = left + pw - 190;
+  const double lx = chart.legend_left ? left + 12 : left + pw - 190;
   for (size_t i = 0; i < chart.series.size(); ++i) {
     const ChartSeries& series = chart.series[i];
     const double ly = top + 16 + 18.0 * static_cast<double>(i);
@@ -92,7 +92,9 @@ std::string line_chart_svg(const LineChart& chart, int width, int height) {
 }
 
 std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
-  LineChart chart{"Loss", "step", {}, false};
+  LineChart chart;
+  chart.title = "Loss";
+  chart.x_label = "step";
   chart.series.push_back({"training", "#1f77b4", curves.train, false, 1.5, false});
   chart.series.push_back({"validation", "#d62728", curves.valid, true, 2.0, false});
   return line_chart_svg(chart, width, height);

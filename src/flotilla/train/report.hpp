@@ -31,6 +31,7 @@ struct LineChart {
   std::string x_label;
   std::vector<ChartSeries> series;  // every one gets a legend entry
   bool y_from_zero = false;         // else the y axis spans the data
+  bool legend_left = false;         // top-left corner (rising curves); else top-right
 };
 
 // A self-contained SVG line chart (axes, ticks, legend), width x height pixels; the plot
