@@ -80,6 +80,28 @@ TEST(Strategy, LatencyCountsPerCollective) {
   EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, slow).seconds, 3 * 2 * 3 * 1e-3 + 6e-3, 1e-12);
 }
 
+TEST(Strategy, HierarchicalReducesInsideHostsFirst) {
+  const Workload w = small_full();
+  Cluster c;
+  c.hosts = 2;
+  c.slots = 4;
+  c.local = {10e9, 0.0, ""};
+  c.network = {1e9, 0.0, ""};
+  const double P = 4.0 * kFloats + 16;  // gradients and the loss
+  // 8 ranks, 4 per host: 2*3/4 P over shared memory, then 2*1/2 P over the network.
+  const CommCost hier = comm_cost(find(StrategyKind::hierarchical, w), w, 8, c);
+  EXPECT_NEAR(hier.seconds, 1.5 * P / 10e9 + 1.0 * P / 1e9, 1e-12);
+  // The flat ring pays 2*7/8 P at the network's speed.
+  const CommCost flat = comm_cost(find(StrategyKind::all_reduce, w), w, 8, c);
+  EXPECT_NEAR(flat.seconds, 1.75 * P / 1e9, 1e-12);
+  // Inside one host, or one rank per host, the two are the same ring.
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::hierarchical, w), w, 4, c).seconds,
+                   comm_cost(find(StrategyKind::all_reduce, w), w, 4, c).seconds);
+  c.slots = 1;
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::hierarchical, w), w, 2, c).seconds,
+                   comm_cost(find(StrategyKind::all_reduce, w), w, 2, c).seconds);
+}
+
 TEST(Memory, TotalsByHand) {
   const Workload w = small_full();
   const MemoryCost one = memory_cost(find(StrategyKind::all_reduce, w), w, 1);

@@ -83,7 +83,7 @@ PlanResult make_plan(const PlanRequest& request) {
   for (const Strategy& s : all_strategies(request.knobs, w, K)) {
     StrategyRow row;
     row.strategy = s;
-    row.comm = comm_cost(s, w, N, c.link_for(N));
+    row.comm = comm_cost(s, w, N, c);
     for (const int n : p.ranks) {
       row.weak.push_back(predict_weak(s, w, request.cost, c, n));
       row.memory.push_back(memory_cost(s, w, n));
@@ -188,9 +188,11 @@ Recommendation recommend(const PlanResult& p) {
     if (plain.fits_at(i, r) && plain.weak[i].speedup > plain_best.speedup * 1.02)
       plain_best = {&plain, i, plain.weak[i].speedup};
   Best pick;
-  // Efficiency per machine, not per rank: ranks sharing a machine's cores are not waste.
+  // Efficiency against what the machines can hold: ranks that time-share a machine's
+  // cores add no capacity, so they are not counted as waste either.
   const auto machine_efficiency = [&](const Prediction& pr) {
-    return pr.speedup / r.cluster.hosts_used(pr.ranks);
+    const int per_machine = std::max(1, r.cluster.cores / std::max(1, r.cost.threads));
+    return pr.speedup / std::min(pr.ranks, r.cluster.hosts_used(pr.ranks) * per_machine);
   };
   if (plain_best.row && plain_best.speedup >= kWorthwhileSpeedup &&
       machine_efficiency(plain.weak[plain_best.at]) >= kGoodEfficiency) {
@@ -205,7 +207,8 @@ Recommendation recommend(const PlanResult& p) {
                               N, pick.speedup, 100 * p.serial_fraction, format_seconds(plain_n.comm_s),
                               format_seconds(r.cost.compute_s)));
     switch (pick.row->strategy.kind) {
-      case StrategyKind::all_reduce: rec.advice = Advice::data_parallel; break;
+      case StrategyKind::all_reduce:
+      case StrategyKind::hierarchical: rec.advice = Advice::data_parallel; break;
       case StrategyKind::local_sgd: rec.advice = Advice::local_sgd; break;
       case StrategyKind::zero1:
       case StrategyKind::zero2:
@@ -218,13 +221,15 @@ Recommendation recommend(const PlanResult& p) {
   rec.ranks = at.ranks;
   rec.planned = !pick.row->strategy.available;
   const int machines = r.cluster.hosts_used(rec.ranks);
-  rec.reason = fmt::format("one run takes {} here; {} on {} rank{} ({} machine{}) gives {:.2f}x ({:.0f}% per machine), "
+  rec.reason = fmt::format("one run takes {} here; {} on {} rank{} ({} machine{}) gives {:.2f}x ({:.0f}% efficient), "
                            "so a run takes about {}",
                            format_seconds(run_s), rec.strategy, rec.ranks, rec.ranks == 1 ? "" : "s", machines,
                            machines == 1 ? "" : "s", at.speedup, 100 * machine_efficiency(at),
                            format_seconds(run_s / at.speedup));
   if (rec.advice != Advice::data_parallel)
     rec.reason += fmt::format(" where plain all-reduce gives {:.2f}x", plain.weak[index_of(p.ranks, rec.ranks)].speedup);
+  if (pick.row->strategy.kind == StrategyKind::accumulate)
+    rec.reason += fmt::format("; the global batch grows {}-fold, so revisit --lr", pick.row->strategy.factor);
   rec.command = train_command(p, &pick.row->strategy, rec.ranks);
   return rec;
 }

@@ -43,7 +43,7 @@ Prediction predict(const Strategy& s, const Workload& w, const StepCost& cost, c
   p.compute_s = cost.compute_s * compute_share * slow;
   p.wait_s = straggler_wait_s(cost.work_samples_s, n) * compute_share * slow;
   p.serial_s = (cost.data_s + cost.update_s * update_share(s, n)) * slow;
-  p.comm_s = comm_cost(s, w, n, cluster.link_for(n)).seconds;
+  p.comm_s = comm_cost(s, w, n, cluster).seconds;
   p.step_s = p.compute_s + p.wait_s + p.serial_s + p.comm_s;
   return p;
 }

@@ -18,6 +18,7 @@ constexpr double kZero3GatherBuffers = 2.0;
 std::string_view strategy_kind_name(StrategyKind k) {
   switch (k) {
     case StrategyKind::all_reduce: return "all_reduce";
+    case StrategyKind::hierarchical: return "hierarchical";
     case StrategyKind::accumulate: return "accumulate";
     case StrategyKind::fp16: return "fp16";
     case StrategyKind::topk: return "topk";
@@ -33,6 +34,7 @@ std::string_view strategy_kind_name(StrategyKind k) {
 std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate) {
   std::vector<Strategy> out;
   out.push_back({StrategyKind::all_reduce, 1, 0.0, true, "all-reduce", ""});
+  out.push_back({StrategyKind::hierarchical, 1, 0.0, false, "hierarchical", "--all-reduce hierarchical"});
   const int K = std::max(2, accumulate);
   // Accumulation multiplies the user's own --grad-accum: the global batch grows K-fold.
   out.push_back({StrategyKind::accumulate, K, 0.0, true, fmt::format("accumulate x{}", K),
@@ -58,6 +60,7 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
   const double loss_wire = ring_all_reduce_wire_bytes(kLossBytes, n);
   switch (s.kind) {
     case StrategyKind::all_reduce:
+    case StrategyKind::hierarchical:  // on one link, it is the flat ring
     case StrategyKind::zero1:
     case StrategyKind::zero2:
       // ZeRO-1/2: a reduce-scatter and an all-gather, which is how a ring all-reduce runs.
@@ -108,6 +111,22 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
   return c;
 }
 
+CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Cluster& cluster) {
+  const int S = cluster.ranks_per_host(n), H = cluster.hosts_used(n);
+  if (s.kind != StrategyKind::hierarchical || S == 1 || H == 1) return comm_cost(s, w, n, cluster.link_for(n));
+  CommCost c;
+  c.payload_bytes = 4.0 * static_cast<double>(w.trainable_floats);
+  const double P = c.payload_bytes, loss = kLossBytes;
+  const Link &local = cluster.local, &net = cluster.network;
+  const auto stages = [&](double bytes) {
+    return 2.0 * (S - 1) / S * bytes / local.bandwidth_bytes_per_s + 2.0 * (S - 1) * local.latency_s +
+           2.0 * (H - 1) / H * bytes / net.bandwidth_bytes_per_s + 2.0 * (H - 1) * net.latency_s;
+  };
+  c.seconds = stages(P) + stages(loss);
+  c.wire_bytes = 2.0 * (S - 1) / S * (P + loss) + 2.0 * (H - 1) / H * (P + loss) / S;
+  return c;
+}
+
 double update_share(const Strategy& s, int n) {
   switch (s.kind) {
     case StrategyKind::accumulate: return 1.0 / s.factor;
@@ -132,6 +151,7 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
   const double ring_chunk = n > 1 ? 4 * G / n : 0.0;
   switch (s.kind) {
     case StrategyKind::all_reduce:
+    case StrategyKind::hierarchical:
     case StrategyKind::accumulate:
     case StrategyKind::local_sgd:
       m.buffers = ring_chunk;

@@ -19,6 +19,13 @@
 //                  all-reduce of 4G; the optimizer update runs on 1/n of the parameters
 //   zero3          + parameters all-gathered again for backward: 3 (n-1)/n 4G, and
 //                  3 collectives per layer, so 3 L (n-1) latencies
+//   hierarchical   the all-reduce of 4G in three stages over S ranks per host and H hosts:
+//                  reduce-scatter inside each host (shared memory), an all-reduce of each
+//                  4G/S chunk across hosts (S rings side by side, sharing the host's
+//                  network link: 2(H-1)/H 4G leave each host), all-gather inside the host:
+//                    2(S-1)/S 4G / B_local + 2(S-1) a_local + 2(H-1)/H 4G / B_net + 2(H-1) a_net
+//                  where a flat ring over all H S ranks pays 2(HS-1)/(HS) 4G / B_net and
+//                  2(HS-1) network latencies
 // Every strategy also sums the loss and token count (16 bytes) once per optimizer step.
 #pragma once
 
@@ -32,7 +39,7 @@
 
 namespace flotilla::plan {
 
-enum class StrategyKind { all_reduce, accumulate, fp16, topk, powersgd, local_sgd, zero1, zero2, zero3 };
+enum class StrategyKind { all_reduce, hierarchical, accumulate, fp16, topk, powersgd, local_sgd, zero1, zero2, zero3 };
 
 struct StrategyKnobs {
   int accumulate = 0;            // K for `accumulate`; 0: the planner picks (see pick_accumulation)
@@ -60,6 +67,9 @@ struct CommCost {
   double seconds = 0.0;        // per user step, on the link
 };
 CommCost comm_cost(const Strategy& s, const Workload& w, int ranks, const Link& link);
+// On a cluster: `hierarchical` uses both links as above; every other strategy runs one
+// flat ring at the speed of cluster.link_for(ranks).
+CommCost comm_cost(const Strategy& s, const Workload& w, int ranks, const Cluster& cluster);
 
 // The optimizer update a rank runs per user step, as a share of the unsharded update:
 // 1/n under ZeRO, 1/K under accumulation, else 1.
