@@ -10,12 +10,10 @@
 // profile: every kernel the model calls, replayed with the model's shapes and call counts
 // on scratch buffers (the model's own code is not instrumented), next to the SGEMM rate.
 //
-// Also measured in the same process: the machine's SGEMM rate (cblas_sgemm, the thread
+// Also measured in the same process: the machine's SGEMM rate (plan::measure_sgemm, the thread
 // count given, best over a few repeats of shapes the workload uses and of 2048^3), so that
 // achieved model FLOP/s can be stated as a fraction of what the BLAS does on this machine.
 // Peak memory is VmHWM read right after the timed steps, before anything else allocates.
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -39,6 +37,7 @@
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/plan/flops.hpp"
 #include "flotilla/train/adamw.hpp"
 
 namespace {
@@ -52,22 +51,12 @@ using flotilla::bench::find_workload;
 using flotilla::bench::make_config;
 using flotilla::bench::Workload;
 
-// Model FLOPs per trained token, the PaLM convention (Chowdhery et al. 2022, appendix B):
-//   6 * N  +  12 * L * H * Q * T
-// N = parameters that take part in a matmul: per layer wq, wk, wv, wo, wgate, wup, wdown,
-// plus lm_head (the input embedding is a lookup, not a matmul; norms are not counted).
-// 6 = 2 FLOPs per multiply-add, times 3 for forward + the two backward products.
-// The attention term counts Q @ K^T and P @ V over the full T x T square (H heads of Q
-// dims, L layers); causal masking makes half of it unnecessary, and flotilla's blocked
-// attention does skip most of the masked half, so the real work is nearer 6 * L * H * Q * T.
-// The convention is kept so the number compares with published MFU figures.
-double flops_per_token(const ModelConfig& c, int64_t T) {
-  const double C = static_cast<double>(c.dim), F = static_cast<double>(c.ffn_dim);
-  const double per_layer = C * c.q_dim() + 2.0 * C * c.kv_dim() + c.q_dim() * C + 3.0 * C * F;
-  const double n_matmul = per_layer * c.n_layers + C * c.vocab_size;
-  const double attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * static_cast<double>(T);
-  return 6.0 * n_matmul + attention;
-}
+// Model FLOPs per token and the SGEMM rate live in the library (plan/flops.hpp): the
+// planner's --no-run estimate divides the one by the other.
+using flotilla::plan::flops_per_token;
+using flotilla::plan::measure_sgemm;
+using flotilla::plan::SgemmRate;
+using flotilla::plan::SgemmShape;
 
 // Best-of-`repeats` time of fn in ms, after one untimed call.
 double best_ms(int repeats, const std::function<void()>& fn) {
@@ -79,36 +68,6 @@ double best_ms(int repeats, const std::function<void()>& fn) {
     best = std::min(best, t.elapsed_ms());
   }
   return best;
-}
-
-struct SgemmShape {
-  int64_t M, N, K;  // out (M, N) = A (M, K) @ B (N, K)^T, as matmul_forward calls it
-};
-
-struct SgemmRate {
-  double best_gflops = 0.0;
-  std::vector<std::pair<SgemmShape, double>> per_shape;  // GFLOP/s
-};
-
-SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats) {
-  SgemmRate rate;
-  Rng rng(1);
-  for (const SgemmShape& s : shapes) {
-    std::vector<float> a(static_cast<size_t>(s.M * s.K)), b(static_cast<size_t>(s.N * s.K)),
-        c(static_cast<size_t>(s.M * s.N));
-    rng.fill_uniform(a, -1.0f, 1.0f);
-    rng.fill_uniform(b, -1.0f, 1.0f);
-    const double ms = best_ms(repeats, [&] {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(s.M),
-                  static_cast<int>(s.N), static_cast<int>(s.K), 1.0f, a.data(),
-                  static_cast<int>(s.K), b.data(), static_cast<int>(s.K), 0.0f, c.data(),
-                  static_cast<int>(s.N));
-    });
-    const double gflops = 2.0 * s.M * s.N * s.K / (ms * 1e6);
-    rate.per_shape.emplace_back(s, gflops);
-    rate.best_gflops = std::max(rate.best_gflops, gflops);
-  }
-  return rate;
 }
 
 struct PhaseMs {

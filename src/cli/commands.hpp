@@ -16,6 +16,7 @@ void add_eval_command(CLI::App& app);
 void add_doctor_command(CLI::App& app);
 void add_data_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_plan_command(CLI::App& app);
 
 // Refuses to write into a non-empty directory unless `force`: a user's earlier model or
 // run is never overwritten by accident.

@@ -670,6 +670,67 @@ def _(ws):
     return Run(score(ws.case_dir / "no_such_model"), ["no_such_model"], kind="cli11")
 
 
+# -- flotilla plan: missing inputs, nonsense link figures, no machines
+
+def plan(ws: Workspace, model: Path, *extra: str, data: Optional[Path] = None) -> List[str]:
+    return ["plan", "--model", str(model), "--data", str(data or ws.corpus), "--batch-size", "2",
+            "--seq-len", "16", "--measure-steps", "1", "--warmup-steps", "0", *extra]
+
+
+@case("control_plan")
+def _(ws):
+    m = ws.model()
+    out = ws.case_dir / "plan"
+    return Run(plan(ws, m, "--hosts", "4", "--bandwidth", "1gbit", "--out", str(out)), kind="control",
+               preserve=[m, ws.corpus], creates=[out / "plan.json", out / "speedup.svg"])
+
+
+@case("plan_model_missing")
+def _(ws):
+    return Run(plan(ws, ws.case_dir / "no_such_model"), ["no_such_model", "--model"], preserve=[ws.corpus])
+
+
+@case("plan_data_missing")
+def _(ws):
+    m = ws.model()
+    return Run(plan(ws, m, data=ws.case_dir / "no_such_data.jsonl"), ["no_such_data.jsonl", "--data"], preserve=[m])
+
+
+@case("plan_bandwidth_nonsense")
+def _(ws):
+    m = ws.model()
+    return Run(plan(ws, m, "--hosts", "2", "--bandwidth", "fast"), ["--bandwidth", "fast"], preserve=[m])
+
+
+@case("plan_latency_nonsense")
+def _(ws):
+    m = ws.model()
+    return Run(plan(ws, m, "--hosts", "2", "--latency=-5us"), ["--latency", "-5us"], preserve=[m])
+
+
+@case("plan_hosts_zero")
+def _(ws):
+    m = ws.model()
+    return Run(plan(ws, m, "--hosts", "0"), ["--hosts", "0"], preserve=[m])
+
+
+@case("plan_hostfile_garbage")
+def _(ws):
+    m = ws.model()
+    hosts = ws.case_dir / "hosts"
+    hosts.write_text("node1 slots=2\nnode2 cpus=lots\n")
+    return Run(plan(ws, m, "--hostfile", str(hosts)), ["hosts:2", "cpus=lots"], preserve=[m, hosts])
+
+
+@case("plan_out_not_empty")
+def _(ws):
+    m = ws.model()
+    out = ws.case_dir / "earlier_plan"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes\n")
+    return Run(plan(ws, m, "--out", str(out)), ["earlier_plan", "--force"], preserve=[m, out])
+
+
 # ---- Running and checking ------------------------------------------------------------------
 
 @dataclass

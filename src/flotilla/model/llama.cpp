@@ -123,10 +123,12 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
 int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
 }  // namespace
 
-int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
+int64_t Llama::activation_bytes(int64_t B, int64_t T) const { return activation_bytes(cfg_, lora_, B, T); }
+
+int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T) {
   ActivationPlan scratch;
   int64_t total = 0;
-  for (const auto& e : plan_table(scratch, cfg_, lora_, B, T)) total += padded(e.numel);
+  for (const auto& e : plan_table(scratch, cfg, lora, B, T)) total += padded(e.numel);
   return total * static_cast<int64_t>(sizeof(float));
 }
 

@@ -144,6 +144,9 @@ class Llama {
 
   // Bytes of the activation plan for a step shape (what forward(B, T) will allocate).
   int64_t activation_bytes(int64_t B, int64_t T) const;
+  // The same without a model (whose constructor allocates every weight): for a model of
+  // `cfg` with these adapters attached (nullptr: none). What the planner uses.
+  static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T);
 
  private:
   void plan(int64_t B, int64_t T);

@@ -46,7 +46,8 @@ std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
 nlohmann::json step_json(const StepMetrics& m) {
   return {{"step", m.step},     {"loss", m.loss},         {"lr", m.lr},
           {"grad_norm", m.grad_norm}, {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s},
-          {"elapsed_s", m.elapsed_s}};
+          {"elapsed_s", m.elapsed_s}, {"step_s", m.step_s}, {"data_s", m.data_s},
+          {"compute_s", m.compute_s}, {"sync_s", m.sync_s}, {"update_s", m.update_s}};
 }
 
 // The lines of an earlier metrics.jsonl up to and including `step`: a resumed run keeps

@@ -28,12 +28,12 @@ std::string polyline(const std::vector<std::pair<double, double>>& pts, const au
 
 }  // namespace
 
-std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
+std::string line_chart_svg(const LineChart& chart, int width, int height) {
   const double left = 64, right = 16, top = 32, bottom = 48;
   double x0 = 0, x1 = 1, y0 = 1e300, y1 = -1e300;
   bool any = false;
-  for (const auto* series : {&curves.train, &curves.valid}) {
-    for (const auto& [x, y] : *series) {
+  for (const ChartSeries& series : chart.series) {
+    for (const auto& [x, y] : series.points) {
       if (!std::isfinite(y)) continue;
       x1 = std::max(x1, x);
       y0 = std::min(y0, y);
@@ -42,6 +42,7 @@ std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
     }
   }
   if (!any) y0 = 0, y1 = 1;
+  if (chart.y_from_zero) y0 = std::min(y0, 0.0);
   if (y1 - y0 < 1e-9) y0 -= 0.5, y1 += 0.5;
   const double ystep = tick_step(y1 - y0, 6), xstep = tick_step(x1 - x0, 8);
   y0 = std::floor(y0 / ystep) * ystep;
@@ -54,7 +55,7 @@ std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" "
       "font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
       width, height);
-  svg += fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\">Loss</text>\n", left);
+  svg += fmt::format("<text x=\"{}\" y=\"20\" font-size=\"14\">{}</text>\n", left, chart.title);
   for (double y = y0; y <= y1 + ystep / 2; y += ystep) {
     svg += fmt::format("<line x1=\"{:.1f}\" x2=\"{:.1f}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#ddd\"/>\n", left,
                        left + pw, to_y(y), to_y(y));
@@ -63,27 +64,40 @@ std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
   for (double x = x0; x <= x1 + xstep / 2; x += xstep)
     svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"middle\">{:g}</text>\n", to_x(x),
                        top + ph + 18, x);
-  svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", left + pw / 2, height - 8);
+  svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", left + pw / 2, height - 8,
+                     chart.x_label);
   svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"none\" stroke=\"#888\"/>\n",
                      left, top, pw, ph);
-  if (!curves.train.empty())
-    svg += fmt::format("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-                       polyline(curves.train, to_x, to_y));
-  if (!curves.valid.empty()) {
-    svg += fmt::format("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n",
-                       polyline(curves.valid, to_x, to_y));
-    for (const auto& [x, y] : curves.valid)
-      svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"#d62728\"/>\n", to_x(x), to_y(y));
+  for (const ChartSeries& series : chart.series) {
+    if (series.points.empty()) continue;
+    svg += fmt::format("<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{:g}\"{} points=\"{}\"/>\n", series.color,
+                       series.stroke_width, series.dashed ? " stroke-dasharray=\"6,4\"" : "",
+                       polyline(series.points, to_x, to_y));
+    if (series.markers)
+      for (const auto& [x, y] : series.points)
+        svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", to_x(x), to_y(y),
+                           series.color);
   }
-  const double lx = left + pw - 150;
-  svg += fmt::format("<line x1=\"{0:.1f}\" x2=\"{1:.1f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#1f77b4\" stroke-width=\"2\"/>"
-                     "<text x=\"{3:.1f}\" y=\"{4:.1f}\">training</text>\n",
-                     lx, lx + 24, top + 16, lx + 30, top + 20);
-  svg += fmt::format("<line x1=\"{0:.1f}\" x2=\"{1:.1f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#d62728\" stroke-width=\"2\"/>"
-                     "<text x=\"{3:.1f}\" y=\"{4:.1f}\">validation</text>\n",
-                     lx, lx + 24, top + 34, lx + 30, top + 38);
+  const double lx = chart.legend_left ? left + 12 : left + pw - 190;
+  for (size_t i = 0; i < chart.series.size(); ++i) {
+    const ChartSeries& series = chart.series[i];
+    const double ly = top + 16 + 18.0 * static_cast<double>(i);
+    svg += fmt::format("<line x1=\"{0:.1f}\" x2=\"{1:.1f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"{3}\" stroke-width=\"2\"{4}/>"
+                       "<text x=\"{5:.1f}\" y=\"{6:.1f}\">{7}</text>\n",
+                       lx, lx + 24, ly, series.color, series.dashed ? " stroke-dasharray=\"6,4\"" : "", lx + 30, ly + 4,
+                       series.name);
+  }
   svg += "</svg>\n";
   return svg;
+}
+
+std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
+  LineChart chart;
+  chart.title = "Loss";
+  chart.x_label = "step";
+  chart.series.push_back({"training", "#1f77b4", curves.train, false, 1.5, false});
+  chart.series.push_back({"validation", "#d62728", curves.valid, true, 2.0, false});
+  return line_chart_svg(chart, width, height);
 }
 
 void write_run_report(const std::filesystem::path& dir, const nlohmann::json& summary, const LossCurves& curves) {

@@ -46,12 +46,15 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
 
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
+  StepMetrics m;
   model_.zero_grads();
   model::LossSum window;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
     batch_.B = cfg_.batch_size;
     batch_.T = cfg_.seq_len;
+    Timer data_timer;
     train.next_batch(batch_);
+    m.data_s += data_timer.elapsed_s();
     const model::LossSum loss =
         model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
                        batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
@@ -67,9 +70,15 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   // dividing by the global count then gives the global batch's mean-loss gradient.
   // Local SGD: each rank steps on its own gradient; only the loss is summed, to report
   // the global batch's (16 bytes).
+  m.compute_s = timer.elapsed_s() - m.data_s;
   model::LossSum reported = window;
-  if (dp_ && !local_sgd_) window = reported = dp_->all_reduce_gradients(grads, window);
-  if (local_sgd_) reported = dp_->all_reduce_loss(window);
+  if (dp_) {
+    Timer sync_timer;
+    if (local_sgd_) reported = dp_->all_reduce_loss(window);
+    else window = reported = dp_->all_reduce_gradients(grads, window);
+    m.sync_s = sync_timer.elapsed_s();
+  }
+  Timer update_timer;
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
   const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
@@ -78,9 +87,13 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   const float lr = schedule_.lr_at(step_);
   optimizer_.step(trainable.params, grads, lr);
   ++step_;
-  if (local_sgd_) local_sgd_->after_step(trainable.params, step_, step_ == cfg_.steps);
+  m.update_s = update_timer.elapsed_s();
+  if (local_sgd_) {
+    Timer sync_timer;  // a meeting is communication
+    local_sgd_->after_step(trainable.params, step_, step_ == cfg_.steps);
+    m.sync_s += sync_timer.elapsed_s();
+  }
 
-  StepMetrics m;
   m.step = step_;
   m.total_steps = cfg_.steps;
   m.loss = reported.mean();

@@ -45,6 +45,13 @@ struct StepMetrics {
   double grad_norm = 0.0;       // before clipping
   int64_t tokens = 0;           // input tokens processed this step (B * T * accum)
   double step_s = 0.0;
+  // Where step_s went (they add up to it, less a few microseconds of bookkeeping): drawing
+  // the micro-batches, forward + backward, the data-parallel all-reduce (0 alone), and
+  // scaling, clipping and the optimizer update. The planner's cost model is fitted to these.
+  double data_s = 0.0;
+  double compute_s = 0.0;
+  double sync_s = 0.0;
+  double update_s = 0.0;
   double tokens_per_s = 0.0;
   double elapsed_s = 0.0;
 };

@@ -1,0 +1,68 @@
+#include "flotilla/plan/flops.hpp"
+
+#include <algorithm>
+#include <functional>
+
+#include "flotilla/base/rng.hpp"
+#include "flotilla/base/timer.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::plan {
+namespace {
+
+// Parameters of the matmuls: every linear layer plus lm_head.
+double matmul_params(const model::ModelConfig& c) {
+  const double C = static_cast<double>(c.dim), F = static_cast<double>(c.ffn_dim);
+  const double per_layer = C * c.q_dim() + 2.0 * C * c.kv_dim() + c.q_dim() * C + 3.0 * C * F;
+  return per_layer * c.n_layers + C * c.vocab_size;
+}
+
+double attention_flops(const model::ModelConfig& c, int64_t T) {
+  return 12.0 * c.n_layers * c.n_heads * c.head_dim * static_cast<double>(T);
+}
+
+double best_ms(int repeats, const std::function<void()>& fn) {
+  fn();
+  double best = 1e300;
+  for (int r = 0; r < repeats; ++r) {
+    Timer t;
+    fn();
+    best = std::min(best, t.elapsed_ms());
+  }
+  return best;
+}
+
+}  // namespace
+
+double flops_per_token(const model::ModelConfig& c, int64_t T) {
+  return 6.0 * matmul_params(c) + attention_flops(c, T);
+}
+
+double lora_flops_per_token(const model::ModelConfig& c, int64_t T, int64_t lora_params) {
+  return 4.0 * matmul_params(c) + attention_flops(c, T) + 6.0 * static_cast<double>(lora_params);
+}
+
+SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats) {
+  SgemmRate rate;
+  Rng rng(1);
+  for (const SgemmShape& s : shapes) {
+    std::vector<float> a(static_cast<size_t>(s.M * s.K)), b(static_cast<size_t>(s.N * s.K)),
+        out(static_cast<size_t>(s.M * s.N));
+    rng.fill_uniform(a, -1.0f, 1.0f);
+    rng.fill_uniform(b, -1.0f, 1.0f);
+    const double ms = best_ms(repeats, [&] {
+      kernels::matmul_forward(out.data(), a.data(), b.data(), nullptr, s.M, s.K, s.N);
+    });
+    const double gflops = 2.0 * static_cast<double>(s.M) * s.N * s.K / (ms * 1e6);
+    rate.per_shape.emplace_back(s, gflops);
+    rate.best_gflops = std::max(rate.best_gflops, gflops);
+  }
+  return rate;
+}
+
+std::vector<SgemmShape> training_gemm_shapes(const model::ModelConfig& c, int64_t B, int64_t T) {
+  const int64_t N = B * T;
+  return {{N, c.q_dim(), c.dim}, {N, c.ffn_dim, c.dim}, {N, c.dim, c.ffn_dim}, {N, std::min<int64_t>(c.vocab_size, 8192), c.dim}};
+}
+
+}  // namespace flotilla::plan

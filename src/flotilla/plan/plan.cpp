@@ -1,0 +1,420 @@
+#include "flotilla/plan/plan.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/train/report.hpp"
+
+namespace flotilla::plan {
+namespace {
+
+constexpr double kHour = 3600.0;
+// Plain data parallel is the answer while it keeps this share of linear speed-up.
+constexpr double kGoodEfficiency = 0.75;
+// Below this speed-up, distributing is not worth its setup.
+constexpr double kWorthwhileSpeedup = 1.25;
+// An available strategy is preferred to a planned one that is at most this much faster.
+constexpr double kPreferAvailable = 0.9;
+
+size_t index_of(const std::vector<int>& ranks, int n) {
+  return static_cast<size_t>(std::find(ranks.begin(), ranks.end(), n) - ranks.begin());
+}
+
+std::string train_command(const PlanResult& p, const Strategy* s, int n) {
+  const PlanRequest& r = p.request;
+  std::string flags = r.train_args;
+  if (s && !s->train_flags.empty()) {
+    // Accumulation replaces the user's own --grad-accum.
+    if (s->kind == StrategyKind::accumulate) {
+      const std::string own = fmt::format("--grad-accum {}", r.workload.grad_accum);
+      const size_t at = flags.find(own);
+      if (at != std::string::npos) flags.erase(at, own.size() + 1);
+    }
+    flags += " " + s->train_flags;
+  }
+  if (n <= 1) return fmt::format("flotilla train {} --out run", flags);
+  const Cluster& c = r.cluster;
+  std::string launch = fmt::format("mpirun -np {}", n);
+  if (!r.hostfile.empty())
+    launch += " --hostfile " + r.hostfile;
+  else if (c.hosts_used(n) > 1)
+    launch += " --hostfile hosts";  // one line per machine
+  const int threads = std::max(1, c.cores / c.ranks_per_host(n));
+  return fmt::format("{} -x OMP_NUM_THREADS={} flotilla train {} --out run", launch, threads, flags);
+}
+
+}  // namespace
+
+bool StrategyRow::fits_at(size_t i, const PlanRequest& r) const {
+  return r.cluster.memory_bytes <= 0 ||
+         memory[i].total() <= r.memory_headroom * static_cast<double>(r.cluster.memory_bytes);
+}
+
+const StrategyRow& PlanResult::row(StrategyKind kind) const {
+  for (const StrategyRow& r : rows)
+    if (r.strategy.kind == kind) return r;
+  throw Error("plan", "no such strategy row");
+}
+
+std::string_view advice_name(Advice a) {
+  switch (a) {
+    case Advice::one_machine: return "stay on one machine";
+    case Advice::data_parallel: return "basic data parallel";
+    case Advice::accumulate_or_compress: return "data parallel with accumulation or compression";
+    case Advice::local_sgd: return "local SGD";
+    case Advice::sharding: return "sharding (ZeRO)";
+    case Advice::does_not_fit: return "does not fit";
+  }
+  return "?";
+}
+
+PlanResult make_plan(const PlanRequest& request) {
+  PlanResult p;
+  p.request = request;
+  const Workload& w = request.workload;
+  const Cluster& c = request.cluster;
+  const int N = std::max(1, c.max_ranks());
+  p.ranks = table_ranks(N);
+  const int K = request.knobs.accumulate > 0 ? request.knobs.accumulate : pick_accumulation(w, request.cost, c, N);
+  for (const Strategy& s : all_strategies(request.knobs, w, K)) {
+    StrategyRow row;
+    row.strategy = s;
+    row.comm = comm_cost(s, w, N, c);
+    for (const int n : p.ranks) {
+      row.weak.push_back(predict_weak(s, w, request.cost, c, n));
+      row.memory.push_back(memory_cost(s, w, n));
+    }
+    p.rows.push_back(std::move(row));
+  }
+  const Strategy plain = p.row(StrategyKind::all_reduce).strategy;
+  for (const int n : p.ranks) p.strong.push_back(predict_strong(plain, w, request.cost, c, n));
+  p.serial_fraction = serial_fraction(request.cost);
+  p.steps_per_epoch_one = request.rows_per_epoch / static_cast<double>(w.batch_size * w.grad_accum);
+  p.epoch_s_one = p.steps_per_epoch_one * request.cost.total_s();
+  p.run_s_one = request.epochs * p.epoch_s_one;
+  p.recommendation = recommend(p);
+  return p;
+}
+
+Recommendation recommend(const PlanResult& p) {
+  const PlanRequest& r = p.request;
+  Recommendation rec;
+  const int N = p.ranks.back();
+  const StrategyRow& plain = p.row(StrategyKind::all_reduce);
+  const double mem = static_cast<double>(r.cluster.memory_bytes);
+  auto stay = [&](std::string reason) {
+    rec.advice = Advice::one_machine;
+    rec.ranks = 1;
+    rec.strategy.clear();
+    rec.reason = std::move(reason);
+    rec.command = train_command(p, nullptr, 1);
+    return rec;
+  };
+
+  // 1. Does it fit one machine? If not, only sharding (or a smaller trainable set) helps.
+  const bool fits_one = plain.fits_at(0, r);
+  rec.walk.push_back(fmt::format("Does one replica fit one machine's memory? {} ({} needed, {} x {:.0f}% usable)",
+                                 fits_one ? "yes" : "no", format_bytes(plain.memory[0].total()), format_bytes(mem),
+                                 100 * r.memory_headroom));
+  if (!fits_one) {
+    for (const StrategyKind kind : {StrategyKind::zero1, StrategyKind::zero2, StrategyKind::zero3}) {
+      const StrategyRow& z = p.row(kind);
+      for (size_t i = 1; i < p.ranks.size(); ++i) {
+        if (!z.fits_at(i, r)) continue;
+        rec.advice = Advice::sharding;
+        rec.strategy = z.strategy.name;
+        rec.ranks = p.ranks[i];
+        rec.planned = !z.strategy.available;
+        rec.reason = fmt::format("one machine holds {} of the {} a replica needs; {} over {} machines needs {} each",
+                                 format_bytes(r.memory_headroom * mem), format_bytes(plain.memory[0].total()),
+                                 z.strategy.name, rec.ranks, format_bytes(z.memory[i].total()));
+        rec.command = train_command(p, &z.strategy, rec.ranks);
+        return rec;
+      }
+    }
+    rec.advice = Advice::does_not_fit;
+    rec.ranks = N;
+    rec.reason = fmt::format("even ZeRO-3 over {} machines needs {} each of {}: {}", N,
+                             format_bytes(p.row(StrategyKind::zero3).memory.back().total()), format_bytes(mem),
+                             r.workload.lora ? "use more machines, a shorter --seq-len or a smaller --batch-size"
+                                             : "try --fine-tune-type lora, a shorter --seq-len or a smaller --batch-size");
+    return rec;
+  }
+  if (N == 1) return stay("there is one machine (give --hosts N or --hostfile to plan for more)");
+
+  // 2. The flowchart's questions: is one run long, or will there be many?
+  const double run_s = p.run_s_one, total_s = run_s * r.runs;
+  const bool long_run = run_s >= kHour;
+  rec.walk.push_back(fmt::format("Does one run take an hour or more on one machine? {} ({} for {:g} epoch{})",
+                                 long_run ? "yes" : "no", format_seconds(run_s), r.epochs, r.epochs == 1 ? "" : "s"));
+  const bool many = r.runs > 1 && total_s >= kHour;
+  if (!long_run) {
+    rec.walk.push_back(fmt::format("Will you train many times? {} (--runs {}: {} in all)", many ? "yes" : "no", r.runs,
+                                   format_seconds(total_s)));
+    if (!many)
+      return stay(fmt::format("one run takes {} here ({} for all {} run{}): less than setting up machines costs",
+                              format_seconds(run_s), format_seconds(total_s), r.runs, r.runs == 1 ? "" : "s"));
+  }
+
+  // 3. Amdahl: which strategy keeps the most of the speed-up, and at how many ranks.
+  struct Best {
+    const StrategyRow* row = nullptr;
+    size_t at = 0;
+    double speedup = 0;
+  };
+  auto best_of = [&](bool available_only) {
+    Best b;
+    for (const StrategyRow& row : p.rows) {
+      if (available_only && !row.strategy.available) continue;
+      for (size_t i = 1; i < p.ranks.size(); ++i) {  // more than one rank
+        if (!row.fits_at(i, r)) continue;
+        if (row.weak[i].speedup > b.speedup * 1.02) b = {&row, i, row.weak[i].speedup};
+      }
+    }
+    return b;
+  };
+  const Prediction& plain_n = plain.weak.back();
+  rec.walk.push_back(fmt::format("Plain all-reduce on {} ranks: step {} (compute {}, serial {}, exchange {}), "
+                                 "{:.2f}x, {:.0f}% efficient",
+                                 N, format_seconds(plain_n.step_s), format_seconds(plain_n.compute_s),
+                                 format_seconds(plain_n.serial_s), format_seconds(plain_n.comm_s), plain_n.speedup,
+                                 100 * plain_n.efficiency));
+  Best plain_best;
+  for (size_t i = 1; i < p.ranks.size(); ++i)
+    if (plain.fits_at(i, r) && plain.weak[i].speedup > plain_best.speedup * 1.02)
+      plain_best = {&plain, i, plain.weak[i].speedup};
+  Best pick;
+  // Efficiency against what the machines can hold: ranks that time-share a machine's
+  // cores add no capacity, so they are not counted as waste either.
+  const auto machine_efficiency = [&](const Prediction& pr) {
+    const int per_machine = std::max(1, r.cluster.cores / std::max(1, r.cost.threads));
+    return pr.speedup / std::min(pr.ranks, r.cluster.hosts_used(pr.ranks) * per_machine);
+  };
+  if (plain_best.row && plain_best.speedup >= kWorthwhileSpeedup &&
+      machine_efficiency(plain.weak[plain_best.at]) >= kGoodEfficiency) {
+    pick = plain_best;
+    rec.advice = Advice::data_parallel;
+  } else {
+    const Best any = best_of(false), avail = best_of(true);
+    pick = avail.row && avail.speedup >= kPreferAvailable * any.speedup ? avail : any;
+    if (!pick.row || pick.speedup < kWorthwhileSpeedup)
+      return stay(fmt::format("on {} machines the exchange eats the gain: the best strategy reaches {:.2f}x "
+                              "(serial fraction {:.0f}%, all-reduce {} per step against {} of compute)",
+                              N, pick.speedup, 100 * p.serial_fraction, format_seconds(plain_n.comm_s),
+                              format_seconds(r.cost.compute_s)));
+    switch (pick.row->strategy.kind) {
+      case StrategyKind::all_reduce:
+      case StrategyKind::hierarchical: rec.advice = Advice::data_parallel; break;
+      case StrategyKind::local_sgd: rec.advice = Advice::local_sgd; break;
+      case StrategyKind::zero1:
+      case StrategyKind::zero2:
+      case StrategyKind::zero3: rec.advice = Advice::sharding; break;
+      default: rec.advice = Advice::accumulate_or_compress; break;
+    }
+  }
+  const Prediction& at = pick.row->weak[pick.at];
+  rec.strategy = pick.row->strategy.name;
+  rec.ranks = at.ranks;
+  rec.planned = !pick.row->strategy.available;
+  const int machines = r.cluster.hosts_used(rec.ranks);
+  rec.reason = fmt::format("one run takes {} here; {} on {} rank{} ({} machine{}) gives {:.2f}x ({:.0f}% efficient), "
+                           "so a run takes about {}",
+                           format_seconds(run_s), rec.strategy, rec.ranks, rec.ranks == 1 ? "" : "s", machines,
+                           machines == 1 ? "" : "s", at.speedup, 100 * machine_efficiency(at),
+                           format_seconds(run_s / at.speedup));
+  if (rec.advice != Advice::data_parallel)
+    rec.reason += fmt::format(" where plain all-reduce gives {:.2f}x", plain.weak[index_of(p.ranks, rec.ranks)].speedup);
+  if (pick.row->strategy.kind == StrategyKind::accumulate)
+    rec.reason += fmt::format("; the global batch grows {}-fold, so revisit --lr", pick.row->strategy.factor);
+  rec.command = train_command(p, &pick.row->strategy, rec.ranks);
+  return rec;
+}
+
+std::string render_text(const PlanResult& p) {
+  const PlanRequest& r = p.request;
+  const Workload& w = r.workload;
+  const Cluster& c = r.cluster;
+  const int N = p.ranks.back();
+  std::string out;
+  out += fmt::format("model: {} layers, dim {}, {:.2f}M parameters; {} ({:.3f}M trainable)\n", w.model.n_layers,
+                     w.model.dim, static_cast<double>(w.model.num_params()) / 1e6,
+                     w.lora ? "LoRA" : "full fine-tuning", static_cast<double>(w.trainable_floats) / 1e6);
+  out += fmt::format("step: batch {} x seq {} x accum {} = {} tokens per rank\n", w.batch_size, w.seq_len,
+                     w.grad_accum, w.tokens_per_step());
+  out += fmt::format("data: {}\n", r.data_description);
+  out += fmt::format("machines: {} host{} x {} rank{} each, {} cores, {} memory each\n", c.hosts,
+                     c.hosts == 1 ? "" : "s", c.slots, c.slots == 1 ? "" : "s", c.cores,
+                     format_bytes(static_cast<double>(c.memory_bytes)));
+  out += fmt::format("network: {}, latency {} [{}]\n", format_bandwidth(c.network.bandwidth_bytes_per_s),
+                     format_seconds(c.network.latency_s), c.network.source);
+  if (c.slots > 1)
+    out += fmt::format("within a host: {}, latency {} [{}]\n", format_bandwidth(c.local.bandwidth_bytes_per_s),
+                       format_seconds(c.local.latency_s), c.local.source);
+  const StepCost& s = r.cost;
+  out += fmt::format("\none machine, one rank ({})\n", s.source);
+  out += fmt::format("  step {}: compute {}, data {}, optimizer {}; serial fraction {:.1f}%\n",
+                     format_seconds(s.total_s()), format_seconds(s.compute_s), format_seconds(s.data_s),
+                     format_seconds(s.update_s), 100 * p.serial_fraction);
+  if (s.work_samples_s.size() > 1)
+    out += fmt::format("  a step varies: waiting for the slowest of {} ranks adds {} (median of the slowest)\n",
+                       N, format_seconds(straggler_wait_s(s.work_samples_s, N)));
+  if (s.contention_ranks > 1)
+    out += fmt::format("  {} ranks training at once on this host each ran {:.2f}x slower than one alone "
+                       "(memory bandwidth, caches; time slicing aside)\n",
+                       s.contention_ranks, s.contention);
+  if (static_cast<int64_t>(c.slots) * s.threads > c.cores)
+    out += fmt::format("  note: {} ranks x {} threads exceed a machine's {} cores, so ranks time-share them; "
+                       "measuring with --threads {} predicts them more sharply\n",
+                       c.slots, s.threads, c.cores, std::max(1, c.cores / c.slots));
+  out += fmt::format("  epoch: {:.0f} steps, {}; {:g} epoch{} x {} run{} = {}\n", std::ceil(p.steps_per_epoch_one),
+                     format_seconds(p.epoch_s_one), r.epochs, r.epochs == 1 ? "" : "s", r.runs, r.runs == 1 ? "" : "s",
+                     format_seconds(p.run_s_one * r.runs));
+
+  out += fmt::format("\nstrategies on {} ranks (per rank, per step of your configuration; * = planned, not in "
+                     "this build)\n", N);
+  out += fmt::format("  {:<18} {:>11} {:>11} {:>10} {:>10} {:>8} {:>6} {:>11}  {}\n", "strategy", "payload", "sent/step",
+                     "exchange", "step", "speedup", "eff", "memory", "fits");
+  const size_t last = p.ranks.size() - 1;
+  for (const StrategyRow& row : p.rows) {
+    const Prediction& at = row.weak[last];
+    out += fmt::format("  {:<18} {:>11} {:>11} {:>10} {:>10} {:>7.2f}x {:>5.0f}% {:>11}  {}\n",
+                       row.strategy.name + (row.strategy.available ? "" : " *"), format_bytes(row.comm.payload_bytes),
+                       format_bytes(row.comm.wire_bytes), format_seconds(row.comm.seconds), format_seconds(at.step_s),
+                       at.speedup, 100 * at.efficiency, format_bytes(row.memory[last].total()),
+                       row.fits_at(last, r) ? "yes" : "NO");
+  }
+
+  out += "\nmemory per rank on " + std::to_string(N) + " ranks\n";
+  out += fmt::format("  {:<18} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10}\n", "strategy", "weights", "grads", "AdamW",
+                     "activations", "buffers", "total");
+  for (const StrategyRow& row : p.rows) {
+    const MemoryCost& m = row.memory[last];
+    out += fmt::format("  {:<18} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10}\n", row.strategy.name,
+                       format_bytes(m.weights), format_bytes(m.grads), format_bytes(m.optimizer),
+                       format_bytes(m.activations), format_bytes(m.buffers), format_bytes(m.total()));
+  }
+  if (s.peak_rss_bytes > 0)
+    out += fmt::format("  (the measured one-rank run peaked at {} resident, code and data included)\n",
+                       format_bytes(static_cast<double>(s.peak_rss_bytes)));
+
+  out += "\nscaling, plain all-reduce (weak: same --batch-size per rank; strong: one global batch split)\n";
+  out += fmt::format("  {:>5} {:>10} {:>9} {:>10} {:>10} {:>8} {:>6} {:>11} {:>10} {:>8} {:>8}\n", "ranks", "compute",
+                     "wait", "exchange", "step", "speedup", "eff", "epoch", "strong", "speedup", "Amdahl");
+  const StrategyRow& plain = p.row(StrategyKind::all_reduce);
+  for (size_t i = 0; i < p.ranks.size(); ++i) {
+    const Prediction& wk = plain.weak[i];
+    const Prediction& st = p.strong[i];
+    out += fmt::format("  {:>5} {:>10} {:>9} {:>10} {:>10} {:>7.2f}x {:>5.0f}% {:>11} {:>10} {:>7.2f}x {:>7.2f}x\n",
+                       wk.ranks, format_seconds(wk.compute_s), format_seconds(wk.wait_s), format_seconds(wk.comm_s), format_seconds(wk.step_s), wk.speedup,
+                       100 * wk.efficiency, format_seconds(p.epoch_s_one / wk.speedup), format_seconds(st.step_s),
+                       st.speedup, amdahl_speedup(p.serial_fraction, wk.ranks));
+  }
+  out += fmt::format("  Amdahl's bound for this step: {:.1f}x however many ranks (serial fraction {:.2f}%)\n",
+                     p.serial_fraction > 0 ? 1.0 / p.serial_fraction : INFINITY, 100 * p.serial_fraction);
+
+  const Recommendation& rec = p.recommendation;
+  out += "\nflowchart\n";
+  for (const std::string& q : rec.walk) out += "  " + q + "\n";
+  out += fmt::format("\nrecommendation: {}{}\n", advice_name(rec.advice),
+                     rec.strategy.empty() ? "" : fmt::format(" ({}, {} ranks)", rec.strategy, rec.ranks));
+  out += "  why: " + rec.reason + "\n";
+  if (!rec.command.empty()) out += "  run: " + rec.command + "\n";
+  if (rec.planned)
+    out += fmt::format("  note: {} is planned, not in this build of flotilla train; its flag may differ when it lands\n",
+                       rec.strategy);
+  return out;
+}
+
+nlohmann::json plan_json(const PlanResult& p) {
+  const PlanRequest& r = p.request;
+  const Workload& w = r.workload;
+  const Cluster& c = r.cluster;
+  auto link_json = [](const Link& l) {
+    return nlohmann::json{{"bandwidth_bytes_per_s", l.bandwidth_bytes_per_s}, {"latency_s", l.latency_s}, {"source", l.source}};
+  };
+  nlohmann::json j;
+  j["workload"] = {{"params", w.model.num_params()},      {"model_floats", w.model_floats},
+                   {"trainable_floats", w.trainable_floats}, {"lora", w.lora},
+                   {"batch_size", w.batch_size},          {"seq_len", w.seq_len},
+                   {"grad_accum", w.grad_accum},          {"activation_bytes", w.activation_bytes}};
+  j["cluster"] = {{"hosts", c.hosts},   {"slots", c.slots},  {"cores", c.cores},
+                  {"memory_bytes", c.memory_bytes}, {"network", link_json(c.network)}, {"local", link_json(c.local)}};
+  j["one_rank"] = {{"data_s", r.cost.data_s},       {"compute_s", r.cost.compute_s}, {"update_s", r.cost.update_s},
+                   {"step_s", r.cost.total_s()},    {"threads", r.cost.threads},     {"source", r.cost.source},
+                   {"peak_rss_bytes", r.cost.peak_rss_bytes}, {"serial_fraction", p.serial_fraction},
+                   {"work_samples_s", r.cost.work_samples_s}, {"contention", r.cost.contention},
+                   {"contention_ranks", r.cost.contention_ranks},
+                   {"steps_per_epoch", p.steps_per_epoch_one}, {"epoch_s", p.epoch_s_one}, {"run_s", p.run_s_one}};
+  j["runs"] = r.runs;
+  j["epochs"] = r.epochs;
+  j["ranks"] = p.ranks;
+  nlohmann::json strategies = nlohmann::json::array();
+  for (const StrategyRow& row : p.rows) {
+    nlohmann::json per_n = nlohmann::json::array();
+    for (size_t i = 0; i < p.ranks.size(); ++i) {
+      const Prediction& pr = row.weak[i];
+      const MemoryCost& m = row.memory[i];
+      per_n.push_back({{"ranks", pr.ranks},       {"compute_s", pr.compute_s}, {"wait_s", pr.wait_s},
+                       {"serial_s", pr.serial_s},
+                       {"comm_s", pr.comm_s},     {"step_s", pr.step_s},       {"speedup", pr.speedup},
+                       {"efficiency", pr.efficiency},
+                       {"memory", {{"weights", m.weights}, {"grads", m.grads}, {"optimizer", m.optimizer},
+                                   {"activations", m.activations}, {"buffers", m.buffers}, {"total", m.total()}}},
+                       {"fits", row.fits_at(i, r)}});
+    }
+    strategies.push_back({{"name", row.strategy.name},
+                          {"kind", strategy_kind_name(row.strategy.kind)},
+                          {"available", row.strategy.available},
+                          {"train_flags", row.strategy.train_flags},
+                          {"payload_bytes", row.comm.payload_bytes},
+                          {"wire_bytes_per_step", row.comm.wire_bytes},
+                          {"comm_s", row.comm.seconds},
+                          {"predictions", per_n}});
+  }
+  j["strategies"] = strategies;
+  nlohmann::json strong = nlohmann::json::array();
+  for (const Prediction& pr : p.strong)
+    strong.push_back({{"ranks", pr.ranks}, {"step_s", pr.step_s}, {"speedup", pr.speedup}, {"efficiency", pr.efficiency}});
+  j["strong_scaling"] = strong;
+  const Recommendation& rec = p.recommendation;
+  j["recommendation"] = {{"advice", advice_name(rec.advice)}, {"strategy", rec.strategy}, {"ranks", rec.ranks},
+                         {"planned", rec.planned},            {"reason", rec.reason},     {"command", rec.command},
+                         {"flowchart", rec.walk}};
+  return j;
+}
+
+std::string speedup_chart_svg(const PlanResult& p) {
+  static constexpr const char* kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                                            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+  train::LineChart chart;
+  chart.title = "Predicted speed-up (weak scaling) against ranks";
+  chart.x_label = "ranks";
+  chart.y_from_zero = true;
+  chart.legend_left = true;  // speed-ups rise to the right
+  train::ChartSeries ideal{"ideal (n)", "#bbbbbb", {}, false, 1.0, true};
+  for (const int n : p.ranks) ideal.points.emplace_back(n, n);
+  chart.series.push_back(ideal);
+  size_t color = 0;
+  for (const StrategyRow& row : p.rows) {
+    // ZeRO-1/2 move the bytes of an all-reduce: their lines would hide plain all-reduce's.
+    if (row.strategy.kind == StrategyKind::zero1 || row.strategy.kind == StrategyKind::zero2) continue;
+    train::ChartSeries s{row.strategy.name + (row.strategy.available ? "" : " (planned)"),
+                         kColors[color++ % std::size(kColors)], {}, true, 1.5, !row.strategy.available};
+    for (const Prediction& pr : row.weak) s.points.emplace_back(pr.ranks, pr.speedup);
+    chart.series.push_back(std::move(s));
+  }
+  return train::line_chart_svg(chart, 760, 460);
+}
+
+void write_plan(const std::filesystem::path& dir, const PlanResult& plan) {
+  std::filesystem::create_directories(dir);
+  write_file_atomic(dir / "plan.json", plan_json(plan).dump(2) + "\n");
+  write_file_atomic(dir / "speedup.svg", speedup_chart_svg(plan));
+  write_file_atomic(dir / "plan.txt", render_text(plan));
+}
+
+}  // namespace flotilla::plan

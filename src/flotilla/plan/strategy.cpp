@@ -1,0 +1,196 @@
+#include "flotilla/plan/strategy.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+namespace flotilla::plan {
+namespace {
+
+constexpr double kLossBytes = 16.0;  // (loss sum, token count) as two doubles
+
+// ZeRO-3 gathers one layer's weights ahead of use; two such buffers overlap the next
+// gather with the current layer's compute.
+constexpr double kZero3GatherBuffers = 2.0;
+
+}  // namespace
+
+std::string_view strategy_kind_name(StrategyKind k) {
+  switch (k) {
+    case StrategyKind::all_reduce: return "all_reduce";
+    case StrategyKind::hierarchical: return "hierarchical";
+    case StrategyKind::accumulate: return "accumulate";
+    case StrategyKind::fp16: return "fp16";
+    case StrategyKind::topk: return "topk";
+    case StrategyKind::powersgd: return "powersgd";
+    case StrategyKind::local_sgd: return "local_sgd";
+    case StrategyKind::zero1: return "zero1";
+    case StrategyKind::zero2: return "zero2";
+    case StrategyKind::zero3: return "zero3";
+  }
+  return "?";
+}
+
+std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate) {
+  std::vector<Strategy> out;
+  out.push_back({StrategyKind::all_reduce, 1, 0.0, true, "all-reduce", ""});
+  out.push_back({StrategyKind::hierarchical, 1, 0.0, true, "hierarchical", "--allreduce hier"});
+  const int K = std::max(2, accumulate);
+  // Accumulation multiplies the user's own --grad-accum: the global batch grows K-fold.
+  out.push_back({StrategyKind::accumulate, K, 0.0, true, fmt::format("accumulate x{}", K),
+                 fmt::format("--grad-accum {}", w.grad_accum * K)});
+  out.push_back({StrategyKind::fp16, 1, 0.0, true, "fp16 gradients", "--compression fp16"});
+  out.push_back({StrategyKind::topk, 1, knobs.topk_density, true, fmt::format("top-k {:g}%", 100 * knobs.topk_density),
+                 fmt::format("--compression topk --topk-density {:g}", knobs.topk_density)});
+  out.push_back({StrategyKind::powersgd, knobs.powersgd_rank, 0.0, true, fmt::format("PowerSGD r={}", knobs.powersgd_rank),
+                 fmt::format("--compression powersgd --powersgd-rank {}", knobs.powersgd_rank)});
+  out.push_back({StrategyKind::local_sgd, knobs.local_sgd_every, 0.0, true,
+                 fmt::format("local SGD H={}", knobs.local_sgd_every), fmt::format("--sync-every {}", knobs.local_sgd_every)});
+  out.push_back({StrategyKind::zero1, 1, 0.0, false, "ZeRO-1", "--zero 1"});
+  out.push_back({StrategyKind::zero2, 1, 0.0, false, "ZeRO-2", "--zero 2"});
+  out.push_back({StrategyKind::zero3, 1, 0.0, false, "ZeRO-3", "--zero 3"});
+  return out;
+}
+
+CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link) {
+  CommCost c;
+  if (n <= 1) return c;
+  const double G = static_cast<double>(w.trainable_floats);
+  const double loss_s = ring_all_reduce_s(kLossBytes, n, link);
+  const double loss_wire = ring_all_reduce_wire_bytes(kLossBytes, n);
+  switch (s.kind) {
+    case StrategyKind::all_reduce:
+    case StrategyKind::hierarchical:  // on one link, it is the flat ring
+    case StrategyKind::zero1:
+    case StrategyKind::zero2:
+      // ZeRO-1/2: a reduce-scatter and an all-gather, which is how a ring all-reduce runs.
+      c.payload_bytes = 4 * G;
+      c.wire_bytes = ring_all_reduce_wire_bytes(c.payload_bytes, n) + loss_wire;
+      c.seconds = ring_all_reduce_s(c.payload_bytes, n, link) + loss_s;
+      break;
+    case StrategyKind::accumulate:
+    case StrategyKind::local_sgd:
+      c.payload_bytes = 4 * G;
+      c.wire_bytes = (ring_all_reduce_wire_bytes(c.payload_bytes, n) + loss_wire) / s.factor;
+      c.seconds = (ring_all_reduce_s(c.payload_bytes, n, link) + loss_s) / s.factor;
+      break;
+    case StrategyKind::fp16:
+      c.payload_bytes = 2 * G;
+      c.wire_bytes = ring_all_reduce_wire_bytes(c.payload_bytes, n) + loss_wire;
+      c.seconds = ring_all_reduce_s(c.payload_bytes, n, link) + loss_s;
+      break;
+    case StrategyKind::topk: {
+      const double k = std::max(1.0, s.density * G);
+      c.payload_bytes = 8 * k;  // fp32 value + int32 index
+      const double gathered = n * c.payload_bytes;
+      c.wire_bytes = (n - 1) * c.payload_bytes + loss_wire;
+      c.seconds = ring_all_gather_s(gathered, n, link) + loss_s;
+      break;
+    }
+    case StrategyKind::powersgd: {
+      double p_floats = static_cast<double>(w.trainable_vector_floats), q_floats = 0;
+      for (const auto& [rows, cols] : w.trainable_matrices) {
+        const double r = std::min<double>(s.factor, std::min(rows, cols));
+        if (r * (rows + cols) >= rows * cols) {  // nothing to gain: flotilla sends it whole
+          p_floats += rows * cols;
+          continue;
+        }
+        p_floats += rows * r;
+        q_floats += cols * r;
+      }
+      c.payload_bytes = 4 * (p_floats + q_floats);
+      c.wire_bytes = ring_all_reduce_wire_bytes(4 * p_floats, n) + ring_all_reduce_wire_bytes(4 * q_floats, n) + loss_wire;
+      c.seconds = ring_all_reduce_s(4 * p_floats, n, link) + ring_all_reduce_s(4 * q_floats, n, link) + loss_s;
+      break;
+    }
+    case StrategyKind::zero3: {
+      c.payload_bytes = 4 * G;
+      const double per = (n - 1.0) / n * c.payload_bytes;  // one reduce-scatter or all-gather
+      const double collectives = 3.0 * static_cast<double>(w.model.n_layers);
+      c.wire_bytes = 3 * per + loss_wire;
+      c.seconds = 3 * per / link.bandwidth_bytes_per_s + collectives * (n - 1) * link.latency_s + loss_s;
+      break;
+    }
+  }
+  return c;
+}
+
+CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Cluster& cluster) {
+  const int S = cluster.ranks_per_host(n), H = cluster.hosts_used(n);
+  if (s.kind != StrategyKind::hierarchical || S == 1 || H == 1) return comm_cost(s, w, n, cluster.link_for(n));
+  CommCost c;
+  c.payload_bytes = 4.0 * static_cast<double>(w.trainable_floats);
+  const double P = c.payload_bytes, loss = kLossBytes;
+  const Link &local = cluster.local, &net = cluster.network;
+  const auto stages = [&](double bytes) {
+    return 2.0 * (S - 1) / S * bytes / local.bandwidth_bytes_per_s + 2.0 * (S - 1) * local.latency_s +
+           2.0 * (H - 1) / H * bytes / net.bandwidth_bytes_per_s + 2.0 * (H - 1) * net.latency_s;
+  };
+  c.seconds = stages(P) + stages(loss);
+  c.wire_bytes = 2.0 * (S - 1) / S * (P + loss) + 2.0 * (H - 1) / H * (P + loss) / S;
+  return c;
+}
+
+double update_share(const Strategy& s, int n) {
+  switch (s.kind) {
+    case StrategyKind::accumulate: return 1.0 / s.factor;
+    case StrategyKind::zero1:
+    case StrategyKind::zero2:
+    case StrategyKind::zero3: return 1.0 / std::max(1, n);
+    default: return 1.0;
+  }
+}
+
+MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
+  MemoryCost m;
+  const double G = static_cast<double>(w.trainable_floats);
+  const double base = static_cast<double>(w.model_floats);
+  const double shards = std::max(1, n);
+  // LoRA: the frozen base has no gradient and no optimizer state; the adapters have both.
+  m.weights = 4 * (base + (w.lora ? G : 0.0));
+  m.grads = 4 * G;
+  m.optimizer = 8 * G;  // AdamW m and v
+  m.activations = static_cast<double>(w.activation_bytes);
+  // A ring all-reduce receives one chunk at a time next to the buffer it reduces into.
+  const double ring_chunk = n > 1 ? 4 * G / n : 0.0;
+  switch (s.kind) {
+    case StrategyKind::all_reduce:
+    case StrategyKind::hierarchical:
+    case StrategyKind::accumulate:
+    case StrategyKind::local_sgd:
+      m.buffers = ring_chunk;
+      break;
+    case StrategyKind::fp16:
+      m.buffers = 2 * G + ring_chunk / 2;  // the fp16 copy of the gradients
+      break;
+    case StrategyKind::topk:
+      // The error-feedback residual (what was not sent) is a full fp32 gradient.
+      m.buffers = 4 * G + n * 8 * std::max(1.0, s.density * G);
+      break;
+    case StrategyKind::powersgd: {
+      double pq = static_cast<double>(w.trainable_vector_floats);
+      for (const auto& [rows, cols] : w.trainable_matrices)
+        pq += (rows + cols) * std::min<double>(s.factor, std::min(rows, cols));
+      m.buffers = 4 * G + 4 * pq;  // residual + P and Q
+      break;
+    }
+    case StrategyKind::zero1:
+      m.optimizer /= shards;
+      m.buffers = ring_chunk;
+      break;
+    case StrategyKind::zero2:
+      m.optimizer /= shards;
+      m.grads /= shards;
+      m.buffers = ring_chunk + (n > 1 ? 4 * static_cast<double>(w.largest_layer_floats) : 0.0);  // one bucket
+      break;
+    case StrategyKind::zero3:
+      m.optimizer /= shards;
+      m.grads /= shards;
+      if (!w.lora) m.weights /= shards;
+      m.buffers = n > 1 ? kZero3GatherBuffers * 4 * static_cast<double>(w.largest_layer_floats) : 0.0;
+      break;
+  }
+  return m;
+}
+
+}  // namespace flotilla::plan

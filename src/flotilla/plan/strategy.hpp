@@ -1,0 +1,89 @@
+// The ways flotilla can spread a workload over n ranks, and what each costs per rank:
+// bytes exchanged, time on the link, replicated (serial) work, and memory.
+//
+// Everything is per *user step*: one optimizer step of the user's own configuration on
+// one rank (B x T x A tokens). A strategy that synchronises less often (accumulation over
+// more micro-batches, local SGD) is charged its exchange divided by how many user steps
+// share it, so every strategy's step time compares with every other's.
+//
+// Exchanges (payloads in bytes; G = trainable floats, n = ranks; ring costs in link.hpp):
+//   all_reduce     gradients, fp32:                 all-reduce of 4G
+//   accumulate xK  the same, once per K user steps:  all-reduce of 4G, / K
+//   fp16           gradients in fp16 or bf16:        all-reduce of 2G
+//   topk           k = density * G values + int32 indices per rank, all-gathered:
+//                  all-gather of n * 8k (sparse sums cannot be ring-reduced in place)
+//   powersgd r     per matrix (m, c): P (m, r) and Q (c, r), two all-reduces of
+//                  4 * sum(m r) + 4 * (1-D floats, sent as they are) and 4 * sum(c r)
+//   local_sgd H    parameters, fp32, every H steps:   all-reduce of 4G, / H
+//   zero1, zero2   reduce-scatter gradients + all-gather parameters = the bytes of an
+//                  all-reduce of 4G; the optimizer update runs on 1/n of the parameters
+//   zero3          + parameters all-gathered again for backward: 3 (n-1)/n 4G, and
+//                  3 collectives per layer, so 3 L (n-1) latencies
+//   hierarchical   the all-reduce of 4G in three stages over S ranks per host and H hosts:
+//                  reduce-scatter inside each host (shared memory), an all-reduce of each
+//                  4G/S chunk across hosts (S rings side by side, sharing the host's
+//                  network link: 2(H-1)/H 4G leave each host), all-gather inside the host:
+//                    2(S-1)/S 4G / B_local + 2(S-1) a_local + 2(H-1)/H 4G / B_net + 2(H-1) a_net
+//                  where a flat ring over all H S ranks pays 2(HS-1)/(HS) 4G / B_net and
+//                  2(HS-1) network latencies
+// Every strategy also sums the loss and token count (16 bytes) once per optimizer step.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "flotilla/plan/link.hpp"
+#include "flotilla/plan/workload.hpp"
+
+namespace flotilla::plan {
+
+enum class StrategyKind { all_reduce, hierarchical, accumulate, fp16, topk, powersgd, local_sgd, zero1, zero2, zero3 };
+
+struct StrategyKnobs {
+  int accumulate = 0;            // K for `accumulate`; 0: the planner picks (see pick_accumulation)
+  double topk_density = 0.01;    // share of gradient entries top-k sends
+  int powersgd_rank = 4;
+  int local_sgd_every = 8;       // H
+};
+
+struct Strategy {
+  StrategyKind kind = StrategyKind::all_reduce;
+  int factor = 1;           // K (accumulate), H (local SGD), r (PowerSGD); else 1
+  double density = 0.0;     // top-k
+  bool available = false;   // flotilla train runs it today
+  std::string name;         // "all-reduce", "accumulate x8", "fp16", "top-k 1%", ...
+  std::string train_flags;  // what to add to `flotilla train` ("--grad-accum 8", "--compression fp16")
+};
+
+// The strategies, in the order the report lists them. `available` is true for what
+// flotilla train runs in this build: all but ZeRO.
+std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate);
+
+struct CommCost {
+  double payload_bytes = 0.0;  // per exchange, the buffer each rank contributes
+  double wire_bytes = 0.0;     // per user step, bytes one rank sends
+  double seconds = 0.0;        // per user step, on the link
+};
+CommCost comm_cost(const Strategy& s, const Workload& w, int ranks, const Link& link);
+// On a cluster: `hierarchical` uses both links as above; every other strategy runs one
+// flat ring at the speed of cluster.link_for(ranks).
+CommCost comm_cost(const Strategy& s, const Workload& w, int ranks, const Cluster& cluster);
+
+// The optimizer update a rank runs per user step, as a share of the unsharded update:
+// 1/n under ZeRO, 1/K under accumulation, else 1.
+double update_share(const Strategy& s, int ranks);
+
+struct MemoryCost {
+  double weights = 0, grads = 0, optimizer = 0, activations = 0, buffers = 0;
+  double total() const { return weights + grads + optimizer + activations + buffers; }
+};
+// Bytes per rank (fp32 weights, gradients and AdamW's two moments; the activation plan;
+// communication and compression buffers). Process overhead (code, tokenizer, data) is not
+// counted: compare with the measured run's peak RSS.
+MemoryCost memory_cost(const Strategy& s, const Workload& w, int ranks);
+
+std::string_view strategy_kind_name(StrategyKind k);  // "all_reduce", "zero3", ...
+
+}  // namespace flotilla::plan

@@ -1,0 +1,81 @@
+// What the planner plans for: one model trained at one shape (per-rank micro-batch B x T,
+// accumulation A), full or LoRA, and what a step of it costs one rank — measured here or
+// estimated from FLOPs — and the machines it could run on.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "flotilla/model/config.hpp"
+#include "flotilla/model/lora.hpp"
+#include "flotilla/plan/link.hpp"
+
+namespace flotilla::plan {
+
+struct Workload {
+  model::ModelConfig model;
+  bool lora = false;
+  model::LoraConfig lora_config;
+  int64_t batch_size = 4;   // B, sequences per micro-batch per rank (train's --batch-size)
+  int64_t seq_len = 128;    // T
+  int64_t grad_accum = 1;   // micro-batches per optimizer step per rank
+
+  // Derived by describe_workload from the config, exactly as the model lays them out.
+  int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
+  int64_t trainable_floats = 0;  // what gets gradients, optimizer state and the all-reduce
+  // Trainable 2-D tensors as (rows, cols): PowerSGD compresses these; 1-D ones go as they are.
+  std::vector<std::pair<int64_t, int64_t>> trainable_matrices;
+  int64_t trainable_vector_floats = 0;
+  int64_t largest_layer_floats = 0;  // one block's weights, or the embedding if larger (ZeRO-3)
+  int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters included
+
+  int64_t tokens_per_step() const { return batch_size * seq_len * grad_accum; }  // per rank
+};
+
+Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
+                           int64_t batch_size, int64_t seq_len, int64_t grad_accum);
+
+// One optimizer step of the workload on one rank with nothing to synchronise: the time
+// in each phase of Trainer::step. Measured (median of timed steps) or estimated.
+struct StepCost {
+  double data_s = 0.0;     // drawing the micro-batches
+  double compute_s = 0.0;  // forward + backward of grad_accum micro-batches
+  double update_s = 0.0;   // gradient scaling, clipping, AdamW
+  int threads = 1;         // OpenMP / OpenBLAS threads it ran with
+  std::string source;      // how it was obtained, for the report
+  int64_t peak_rss_bytes = 0;  // of the measured run (0: not measured)
+  // Per timed step, data + compute: how much a rank's step varies. The all-reduce waits
+  // for the slowest of n ranks, so n ranks see the tail of this distribution (scaling.hpp).
+  // Empty when estimated.
+  std::vector<double> work_samples_s;
+  // Ranks sharing one host slow each other (memory bandwidth, caches) even with a core
+  // each: the per-rank slow-down measured with `contention_ranks` ranks training at once
+  // on this host (plan under mpirun), 1 where not measured.
+  double contention = 1.0;
+  int contention_ranks = 1;
+  double total_s() const { return data_s + compute_s + update_s; }
+};
+
+// The machines: `hosts` alike, each running up to `slots` ranks on `cores` cores, joined
+// by `network`; ranks on one host talk over `local` (shared memory).
+struct Cluster {
+  int hosts = 1;
+  int slots = 1;         // ranks per host
+  int cores = 1;         // per host
+  int64_t memory_bytes = 0;  // per host
+  Link network;
+  Link local;
+  int max_ranks() const { return hosts * slots; }
+  // n ranks fill the hosts in order, `slots` per host.
+  int hosts_used(int ranks) const { return (ranks + slots - 1) / slots; }
+  int ranks_per_host(int ranks) const { return ranks < slots ? ranks : slots; }
+  // The link a ring over n ranks is limited by: the network as soon as it spans hosts.
+  const Link& link_for(int ranks) const { return hosts_used(ranks) > 1 ? network : local; }
+};
+
+// MemTotal of /proc/meminfo in bytes (0 if unreadable).
+int64_t machine_memory_bytes();
+
+}  // namespace flotilla::plan

@@ -1,0 +1,264 @@
+// The cost model on a config small enough to count by hand: ModelConfig's defaults
+// (vocab 256, dim 64, 2 layers of 4 heads of 16, ffn 128, untied embeddings).
+//
+//   embed 256*64 = 16384, lm_head 16384, final norm 64,
+//   per layer: 4 attention matrices 4*4096 + 3 MLP matrices 3*8192 + 2 norms 2*64 = 41088
+//   total 16384 + 16384 + 64 + 2 * 41088 = 115008 floats, every tensor 16-float aligned.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "flotilla/model/llama.hpp"
+#include "flotilla/plan/flops.hpp"
+#include "flotilla/plan/scaling.hpp"
+#include "flotilla/plan/strategy.hpp"
+#include "flotilla/plan/workload.hpp"
+
+namespace flotilla::plan {
+namespace {
+
+constexpr int64_t kFloats = 115008;
+
+Workload small_full() { return describe_workload(model::ModelConfig{}, false, {}, 2, 16, 1); }
+
+Strategy find(StrategyKind kind, const Workload& w, int accumulate = 4) {
+  for (const Strategy& s : all_strategies(StrategyKnobs{}, w, accumulate))
+    if (s.kind == kind) return s;
+  throw std::runtime_error("missing strategy");
+}
+
+TEST(Workload, CountsTheConfigByHand) {
+  const Workload w = small_full();
+  EXPECT_EQ(model::ModelConfig{}.num_params(), kFloats);
+  EXPECT_EQ(w.model_floats, kFloats);
+  EXPECT_EQ(w.trainable_floats, kFloats);
+  EXPECT_EQ(w.trainable_matrices.size(), 2u + 2u * 7u);
+  EXPECT_EQ(w.trainable_vector_floats, 5 * 64);          // 2 norms per layer + the final norm
+  EXPECT_EQ(w.largest_layer_floats, 41088);               // a block beats the 16384-float embedding
+  model::Llama llama(model::ModelConfig{});
+  EXPECT_EQ(w.activation_bytes, llama.activation_bytes(2, 16));
+}
+
+TEST(Workload, LoraTrainsOnlyTheAdapters) {
+  model::LoraConfig lc;  // rank 8 on q and v of both layers
+  const Workload w = describe_workload(model::ModelConfig{}, true, lc, 2, 16, 1);
+  // Per adapted layer A (8, 64) + B (64, 8) = 1024 floats; 2 targets x 2 layers.
+  EXPECT_EQ(w.trainable_floats, 4096);
+  EXPECT_EQ(w.model_floats, kFloats);
+}
+
+TEST(Strategy, BytesPerStepByHand) {
+  const Workload w = small_full();
+  const Link fast{1e9, 0.0, ""};
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::all_reduce, w), w, 2, fast).payload_bytes, 4.0 * kFloats);
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::fp16, w), w, 2, fast).payload_bytes, 2.0 * kFloats);
+  // top-k 1%: 1150.08 entries of a float value and an int32 index.
+  EXPECT_NEAR(comm_cost(find(StrategyKind::topk, w), w, 2, fast).payload_bytes, 8 * 1150.08, 1e-6);
+  // PowerSGD r=4: rows sum 2*256 + 2*(4*64 + 128 + 128 + 64) = 1664, columns 2*64 + 2*(4*64 + 64 + 64 + 128)
+  // = 1152; 320 norm floats as they are: 4 * (320 + 4*1664 + 4*1152) bytes.
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::powersgd, w), w, 2, fast).payload_bytes, 4.0 * (320 + 6656 + 4608));
+  // Two ranks, no latency: each sends the payload once, plus the 16-byte loss.
+  const CommCost plain = comm_cost(find(StrategyKind::all_reduce, w), w, 2, fast);
+  EXPECT_DOUBLE_EQ(plain.wire_bytes, 4.0 * kFloats + 16);
+  EXPECT_NEAR(plain.seconds, (4.0 * kFloats + 16) / 1e9, 1e-15);
+  // Accumulating over 4 micro-batches and local SGD every 8 steps: a quarter, an eighth.
+  EXPECT_NEAR(comm_cost(find(StrategyKind::accumulate, w), w, 2, fast).seconds, plain.seconds / 4, 1e-15);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::local_sgd, w), w, 2, fast).seconds, plain.seconds / 8, 1e-15);
+  // ZeRO-1/2 move an all-reduce's bytes; ZeRO-3 half as much again.
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::zero2, w), w, 4, fast).wire_bytes,
+                   comm_cost(find(StrategyKind::all_reduce, w), w, 4, fast).wire_bytes);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, fast).wire_bytes - 16 * 1.5,
+              1.5 * (comm_cost(find(StrategyKind::all_reduce, w), w, 4, fast).wire_bytes - 16 * 1.5), 1e-6);
+}
+
+TEST(Strategy, LatencyCountsPerCollective) {
+  const Workload w = small_full();
+  const Link slow{1e30, 1e-3, ""};  // bandwidth out of the picture
+  // all-reduce of the gradients + the loss: 2 * 2(n-1) latencies.
+  EXPECT_NEAR(comm_cost(find(StrategyKind::all_reduce, w), w, 4, slow).seconds, 2 * 6 * 1e-3, 1e-12);
+  // ZeRO-3: 3 collectives of (n-1) steps per layer, plus the loss.
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, slow).seconds, 3 * 2 * 3 * 1e-3 + 6e-3, 1e-12);
+}
+
+TEST(Strategy, HierarchicalReducesInsideHostsFirst) {
+  const Workload w = small_full();
+  Cluster c;
+  c.hosts = 2;
+  c.slots = 4;
+  c.local = {10e9, 0.0, ""};
+  c.network = {1e9, 0.0, ""};
+  const double P = 4.0 * kFloats + 16;  // gradients and the loss
+  // 8 ranks, 4 per host: 2*3/4 P over shared memory, then 2*1/2 P over the network.
+  const CommCost hier = comm_cost(find(StrategyKind::hierarchical, w), w, 8, c);
+  EXPECT_NEAR(hier.seconds, 1.5 * P / 10e9 + 1.0 * P / 1e9, 1e-12);
+  // The flat ring pays 2*7/8 P at the network's speed.
+  const CommCost flat = comm_cost(find(StrategyKind::all_reduce, w), w, 8, c);
+  EXPECT_NEAR(flat.seconds, 1.75 * P / 1e9, 1e-12);
+  // Inside one host, or one rank per host, the two are the same ring.
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::hierarchical, w), w, 4, c).seconds,
+                   comm_cost(find(StrategyKind::all_reduce, w), w, 4, c).seconds);
+  c.slots = 1;
+  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::hierarchical, w), w, 2, c).seconds,
+                   comm_cost(find(StrategyKind::all_reduce, w), w, 2, c).seconds);
+}
+
+TEST(Memory, TotalsByHand) {
+  const Workload w = small_full();
+  const MemoryCost one = memory_cost(find(StrategyKind::all_reduce, w), w, 1);
+  EXPECT_DOUBLE_EQ(one.weights, 4.0 * kFloats);
+  EXPECT_DOUBLE_EQ(one.grads, 4.0 * kFloats);
+  EXPECT_DOUBLE_EQ(one.optimizer, 8.0 * kFloats);
+  EXPECT_DOUBLE_EQ(one.buffers, 0.0);
+  EXPECT_DOUBLE_EQ(one.total(), 16.0 * kFloats + static_cast<double>(w.activation_bytes));
+  // ZeRO-3 on 4 ranks: weights, gradients and moments in quarters, two layer buffers.
+  const MemoryCost z3 = memory_cost(find(StrategyKind::zero3, w), w, 4);
+  EXPECT_DOUBLE_EQ(z3.weights, kFloats);
+  EXPECT_DOUBLE_EQ(z3.grads, kFloats);
+  EXPECT_DOUBLE_EQ(z3.optimizer, 2.0 * kFloats);
+  EXPECT_DOUBLE_EQ(z3.buffers, 2 * 4 * 41088.0);
+  // ZeRO-1 shards only the moments.
+  const MemoryCost z1 = memory_cost(find(StrategyKind::zero1, w), w, 4);
+  EXPECT_DOUBLE_EQ(z1.optimizer, 2.0 * kFloats);
+  EXPECT_DOUBLE_EQ(z1.grads, 4.0 * kFloats);
+}
+
+TEST(Memory, LoraHasNoBaseGradientsOrMoments) {
+  const Workload w = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
+  const MemoryCost m = memory_cost(find(StrategyKind::all_reduce, w), w, 1);
+  EXPECT_DOUBLE_EQ(m.weights, 4.0 * (kFloats + 4096));
+  EXPECT_DOUBLE_EQ(m.grads, 4.0 * 4096);
+  EXPECT_DOUBLE_EQ(m.optimizer, 8.0 * 4096);
+}
+
+TEST(Amdahl, ClosedForms) {
+  EXPECT_DOUBLE_EQ(amdahl_speedup(0.0, 8), 8.0);
+  EXPECT_DOUBLE_EQ(amdahl_speedup(1.0, 8), 1.0);
+  EXPECT_NEAR(amdahl_speedup(0.1, 10), 1.0 / 0.19, 1e-12);
+  // The bound: 1/s however many ranks.
+  EXPECT_LT(amdahl_speedup(0.05, 1000000), 20.0);
+  EXPECT_GT(amdahl_speedup(0.05, 1000000), 19.99);
+  EXPECT_DOUBLE_EQ(strong_speedup(0.1, 10, 0.0), amdahl_speedup(0.1, 10));
+  EXPECT_NEAR(strong_speedup(0.1, 10, 0.05), 1.0 / 0.24, 1e-12);
+}
+
+TEST(Scaling, WeakScalingByHand) {
+  const Workload w = small_full();
+  StepCost cost;
+  cost.compute_s = 1.0;
+  cost.update_s = 0.1;
+  Cluster c;
+  c.hosts = 4;
+  c.cores = 8;
+  c.network = {1e9, 0.0, ""};
+  const Strategy plain = find(StrategyKind::all_reduce, w);
+  const Prediction one = predict_weak(plain, w, cost, c, 1);
+  EXPECT_DOUBLE_EQ(one.step_s, 1.1);
+  EXPECT_DOUBLE_EQ(one.speedup, 1.0);
+  const Prediction two = predict_weak(plain, w, cost, c, 2);
+  const double comm = (4.0 * kFloats + 16) / 1e9;
+  EXPECT_NEAR(two.step_s, 1.1 + comm, 1e-12);
+  EXPECT_NEAR(two.speedup, 2 * 1.1 / (1.1 + comm), 1e-12);
+  EXPECT_NEAR(two.efficiency, 1.1 / (1.1 + comm), 1e-12);
+  // Strong scaling: compute splits, the optimizer does not.
+  const Prediction strong = predict_strong(plain, w, cost, c, 2);
+  EXPECT_NEAR(strong.step_s, 0.5 + 0.1 + comm, 1e-12);
+  EXPECT_NEAR(strong.speedup, strong_speedup(serial_fraction(cost), 2, comm / 1.1), 1e-12);
+  // ZeRO shards the optimizer update.
+  EXPECT_NEAR(predict_weak(find(StrategyKind::zero1, w), w, cost, c, 2).serial_s, 0.05, 1e-12);
+}
+
+TEST(Scaling, RanksSharingCoresSlowDown) {
+  Cluster c;
+  c.hosts = 1;
+  c.slots = 4;
+  c.cores = 2;
+  EXPECT_DOUBLE_EQ(oversubscription(c, 1, 1), 1.0);
+  EXPECT_DOUBLE_EQ(oversubscription(c, 2, 1), 1.0);
+  EXPECT_DOUBLE_EQ(oversubscription(c, 4, 1), 2.0);
+  EXPECT_DOUBLE_EQ(oversubscription(c, 2, 2), 2.0);
+  // Ranks fill hosts in order; a ring that spans hosts runs at the network's speed.
+  c.hosts = 3;
+  c.slots = 2;
+  c.local.bandwidth_bytes_per_s = 5e9;
+  c.network.bandwidth_bytes_per_s = 1e8;
+  EXPECT_EQ(c.hosts_used(2), 1);
+  EXPECT_EQ(c.hosts_used(5), 3);
+  EXPECT_EQ(c.link_for(2).bandwidth_bytes_per_s, 5e9);
+  EXPECT_EQ(c.link_for(3).bandwidth_bytes_per_s, 1e8);
+}
+
+TEST(Scaling, StragglersAreTheMedianOfTheSlowestOfN) {
+  std::vector<double> samples;
+  for (int i = 100; i >= 0; --i) samples.push_back(i);  // 0..100, any order
+  EXPECT_EQ(straggler_wait_s(samples, 1), 0.0);
+  // The slowest of 2 has median at the 1/sqrt(2) quantile: 70.71 against the median 50.
+  EXPECT_NEAR(straggler_wait_s(samples, 2), 100 * std::sqrt(0.5) - 50, 1e-9);
+  EXPECT_NEAR(straggler_wait_s(samples, 4), 100 * std::pow(0.5, 0.25) - 50, 1e-9);
+  // Capped at the slowest sample; no spread, no wait.
+  EXPECT_LE(straggler_wait_s(samples, 1000000), 50.0);
+  EXPECT_EQ(straggler_wait_s(std::vector<double>(10, 3.0), 8), 0.0);
+  // It enters the step: a rank that waits for others' slow steps.
+  const Workload w = small_full();
+  StepCost cost;
+  cost.compute_s = 1.0;
+  cost.work_samples_s = {0.9, 1.0, 1.1};
+  Cluster c;
+  c.hosts = 2;
+  c.cores = 8;
+  c.network = {1e30, 0.0, ""};
+  const Prediction two = predict_weak(find(StrategyKind::all_reduce, w), w, cost, c, 2);
+  EXPECT_NEAR(two.wait_s, straggler_wait_s(cost.work_samples_s, 2), 1e-12);
+  EXPECT_NEAR(two.step_s, 1.0 + two.wait_s, 1e-9);
+}
+
+TEST(Scaling, ContentionAppliesOnlyToRanksSharingAHost) {
+  const Workload w = small_full();
+  StepCost cost;
+  cost.compute_s = 1.0;
+  cost.contention = 1.2;
+  cost.contention_ranks = 2;
+  Cluster c;
+  c.hosts = 2;
+  c.slots = 2;
+  c.cores = 2;
+  c.network = c.local = {1e30, 0.0, ""};
+  const Strategy plain = find(StrategyKind::all_reduce, w);
+  EXPECT_NEAR(predict_weak(plain, w, cost, c, 2).compute_s, 1.2, 1e-12);  // 2 ranks on host 1
+  c.slots = 1;
+  EXPECT_NEAR(predict_weak(plain, w, cost, c, 2).compute_s, 1.0, 1e-12);  // one rank per host
+}
+
+TEST(Scaling, AccumulationIsPickedToHideTheExchange) {
+  const Workload w = small_full();
+  StepCost cost;
+  cost.compute_s = 1e-3;
+  Cluster c;
+  c.hosts = 2;
+  c.network = {(4.0 * kFloats) / 5e-3, 0.0, ""};  // the all-reduce takes ~5 ms, 5 steps' compute
+  // 5 ms / K <= 0.1 ms needs K = 64 (the cap); at 10x the bandwidth, K = 8 (0.5 ms / 8 < 0.1 ms).
+  EXPECT_EQ(pick_accumulation(w, cost, c, 2), 64);
+  c.network.bandwidth_bytes_per_s *= 10;
+  EXPECT_EQ(pick_accumulation(w, cost, c, 2), 8);
+}
+
+TEST(Flops, SixNPerTokenPlusAttention) {
+  const model::ModelConfig c;
+  // Matmul parameters: 2 * (4*4096 + 3*8192) + 256*64 (lm_head) = 98304; attention 12*2*4*16*T.
+  EXPECT_DOUBLE_EQ(flops_per_token(c, 16), 6.0 * 98304 + 12.0 * 2 * 4 * 16 * 16);
+  EXPECT_LT(lora_flops_per_token(c, 16, 4096), flops_per_token(c, 16));
+}
+
+TEST(Flops, SgemmRateIsPositive) {
+  const SgemmRate r = measure_sgemm({{64, 64, 64}, {128, 32, 64}}, 2);
+  ASSERT_EQ(r.per_shape.size(), 2u);
+  EXPECT_GT(r.best_gflops, 0.0);
+}
+
+TEST(Scaling, TableRanks) {
+  EXPECT_EQ(table_ranks(1), std::vector<int>({1}));
+  EXPECT_EQ(table_ranks(4), std::vector<int>({1, 2, 3, 4}));
+  EXPECT_EQ(table_ranks(100), std::vector<int>({1, 2, 4, 8, 16, 32, 64, 100}));
+}
+
+}  // namespace
+}  // namespace flotilla::plan

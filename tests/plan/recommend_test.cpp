@@ -1,0 +1,134 @@
+// The flowchart's answers on clear-cut cases, and the hostfile reader.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/plan/job.hpp"
+#include "flotilla/plan/plan.hpp"
+
+namespace flotilla::plan {
+namespace {
+
+// A 110M-parameter-class model (llama2.c's shape) so that its gradients weigh something
+// on the network, with a step time and data size set by each test.
+PlanRequest request(double step_s, double run_s, int hosts, const std::string& bandwidth) {
+  model::ModelConfig cfg = model::preset_config("110M");
+  PlanRequest r;
+  r.workload = describe_workload(cfg, false, {}, 4, 256, 1);
+  r.cost.compute_s = 0.95 * step_s;
+  r.cost.update_s = 0.05 * step_s;
+  r.cost.threads = 8;
+  r.cluster.hosts = hosts;
+  r.cluster.cores = 8;
+  r.cluster.memory_bytes = int64_t{64} << 30;
+  r.cluster.network = {parse_bandwidth(bandwidth), 50e-6, "given"};
+  r.cluster.local = r.cluster.network;
+  r.rows_per_epoch = run_s / step_s * 4;  // steps x batch
+  r.train_args = "--model m --data d --batch-size 4 --seq-len 256";
+  return r;
+}
+
+TEST(Recommend, OneSecondRunStaysOnOneMachineHoweverManyMachines) {
+  const PlanResult p = make_plan(request(0.1, 1.0, 1000, "100gbit"));
+  EXPECT_EQ(p.recommendation.advice, Advice::one_machine) << p.recommendation.reason;
+  EXPECT_EQ(p.recommendation.command.rfind("flotilla train", 0), 0u) << p.recommendation.command;
+  EXPECT_NEAR(p.run_s_one, 1.0, 1e-9);
+}
+
+TEST(Recommend, TenHourRunOnAFastNetworkIsBasicDataParallel) {
+  const PlanResult p = make_plan(request(10.0, 10 * 3600.0, 4, "10gbit"));
+  const Recommendation& r = p.recommendation;
+  EXPECT_EQ(r.advice, Advice::data_parallel) << r.reason;
+  EXPECT_EQ(r.ranks, 4);
+  EXPECT_FALSE(r.planned);
+  EXPECT_NE(r.command.find("mpirun -np 4"), std::string::npos) << r.command;
+  EXPECT_NE(r.command.find("flotilla train --model m"), std::string::npos) << r.command;
+}
+
+TEST(Recommend, ShortRunsManyTimesGoDistributed) {
+  // 30 minutes a run is under the hour, but 10 of them are not.
+  EXPECT_EQ(make_plan(request(10.0, 1800.0, 4, "10gbit")).recommendation.advice, Advice::one_machine);
+  PlanRequest r = request(10.0, 1800.0, 4, "10gbit");
+  r.runs = 10;
+  EXPECT_EQ(make_plan(r).recommendation.advice, Advice::data_parallel);
+}
+
+TEST(Recommend, SlowNetworkCallsForAccumulationOrCompression) {
+  // 110M parameters = 440 MB of gradients over 100 Mbit/s: ~60 s per all-reduce on 4 ranks
+  // against a 1 s step. Plain all-reduce is a slow-down; accumulation or compression hides it.
+  const PlanResult p = make_plan(request(1.0, 10 * 3600.0, 4, "100mbit"));
+  const Recommendation& r = p.recommendation;
+  EXPECT_LT(p.row(StrategyKind::all_reduce).weak.back().speedup, 1.0);
+  EXPECT_EQ(r.advice, Advice::accumulate_or_compress) << r.reason;
+  EXPECT_TRUE(r.command.find("--grad-accum") != std::string::npos || r.command.find("--compression") != std::string::npos)
+      << r.command;
+}
+
+TEST(Recommend, WhatDoesNotFitOneMachineIsSharded) {
+  PlanRequest r = request(10.0, 10 * 3600.0, 8, "10gbit");
+  // A replica needs 16 bytes per parameter (~2 GiB here) and the activations; give each
+  // machine 1.5 GiB.
+  r.cluster.memory_bytes = int64_t{3} << 29;
+  const PlanResult p = make_plan(r);
+  EXPECT_EQ(p.recommendation.advice, Advice::sharding) << p.recommendation.reason;
+  EXPECT_TRUE(p.recommendation.planned);
+  EXPECT_GT(p.recommendation.ranks, 1);
+}
+
+TEST(Recommend, NothingFitsSaysSo) {
+  PlanRequest r = request(10.0, 10 * 3600.0, 2, "10gbit");
+  r.cluster.memory_bytes = int64_t{64} << 20;
+  EXPECT_EQ(make_plan(r).recommendation.advice, Advice::does_not_fit);
+}
+
+TEST(Recommend, OneMachineOnlyStays) {
+  EXPECT_EQ(make_plan(request(10.0, 10 * 3600.0, 1, "10gbit")).recommendation.advice, Advice::one_machine);
+}
+
+TEST(Report, JsonAndChartCarryEveryStrategy) {
+  const PlanResult p = make_plan(request(1.0, 10 * 3600.0, 4, "1gbit"));
+  const nlohmann::json j = plan_json(p);
+  EXPECT_EQ(j["strategies"].size(), p.rows.size());
+  EXPECT_EQ(j["ranks"].size(), 4u);
+  EXPECT_EQ(j["strategies"][0]["predictions"].size(), 4u);
+  const std::string svg = speedup_chart_svg(p);
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("all-reduce"), std::string::npos);
+  EXPECT_NE(render_text(p).find("recommendation:"), std::string::npos);
+}
+
+std::filesystem::path temp_file(const std::string& text) {
+  std::random_device rd;
+  const auto path = std::filesystem::temp_directory_path() / ("flotilla_hostfile_" + std::to_string(rd()));
+  std::ofstream(path) << text;
+  return path;
+}
+
+TEST(Hostfile, CountsHostsAndSlots) {
+  const auto path = temp_file("# the lab\nnode1 slots=2\nnode2 slots=4 max_slots=4\n\nnode3\n");
+  const Hostfile h = read_hostfile(path);
+  EXPECT_EQ(h.hosts, 3);
+  EXPECT_EQ(h.slots, 4);
+  std::filesystem::remove(path);
+}
+
+TEST(Hostfile, RejectsGarbageNamingTheLine) {
+  const auto path = temp_file("node1 slots=two\n");
+  try {
+    read_hostfile(path);
+    ADD_FAILURE() << "accepted slots=two";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(":1:"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove(path);
+  const auto empty = temp_file("# nobody\n");
+  EXPECT_THROW(read_hostfile(empty), InputError);
+  std::filesystem::remove(empty);
+}
+
+}  // namespace
+}  // namespace flotilla::plan
