@@ -106,6 +106,13 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--outer-momentum", t.local_sgd.outer_momentum,
                   "Local SGD: Nesterov momentum of the outer step (DiLoCo: 0.9)")
       ->capture_default_str();
+  cmd->add_option("--bucket-mb", t.bucket_mb,
+                  "Data parallel: fusion bucket size in MiB; buckets are all-reduced on a communication thread "
+                  "while backward runs (0: one all-reduce after backward)")
+      ->capture_default_str();
+  cmd->add_option("--trace", opt->job.trace_path,
+                  "Write a Chrome trace of every step's compute and communication (open in Perfetto); ranks "
+                  "other than 0 write FILE.rankN.json beside it");
   cmd->add_option("--compression-warmup", opt->job.compression.warmup_steps,
                   "Optimizer steps with exact float32 gradients before compression starts")
       ->capture_default_str();

@@ -88,6 +88,29 @@ def compare(name, base_dir, other_dir, ranks, from_step=0):
     return failures
 
 
+def overlapped_buckets(flotilla, mpirun, env, tmp, model, base, data, common, global_batch):
+    """Small fusion buckets reduced during backward give the same run, and the trace holds
+    every bucket's all-reduce. (How many start while backward still runs depends on the
+    machine's load; comm/fusion's unit test checks that a bucket starts before finish.)"""
+    out = os.path.join(tmp, "overlap_2")
+    trace = os.path.join(tmp, "trace.json")
+    run(mpirun + ["-np", "2", flotilla, "train", "--model", model, "--out", out, "--bucket-mb", "0.02",
+                  "--trace", trace, "--batch-size", str(global_batch // 2)] + data + common, env)
+    failures = compare("overlapped 20 KiB buckets", base, out, 2)
+    with open(trace) as f:
+        events = [e for e in json.load(f) if e.get("ph") == "X"]
+    backward = [e for e in events if e["name"] == "backward"]
+    buckets = [e for e in events if e["name"].startswith("all-reduce bucket")]
+    with open(os.path.join(out, "report.json")) as f:
+        per_step = json.load(f)["fusion_buckets"]
+    early = sum(1 for c in buckets if any(b["ts"] <= c["ts"] < b["ts"] + b["dur"] for b in backward))
+    print(f"{'overlapped 20 KiB buckets':<28} {per_step} buckets a step, {len(buckets)} reduced, "
+          f"{early} of them started during backward")
+    if per_step < 2 or len(buckets) < per_step:
+        failures.append(f"expected several buckets a step, got {per_step} ({len(buckets)} in the trace)")
+    return failures
+
+
 def resume_on_other_world_sizes(flotilla, mpirun, env, tmp, model, base, data, common, global_batch):
     """A checkpoint of a 2-rank run at step 3 of 6, continued on 1 and on 4 ranks, ends where
     the uninterrupted 1-rank run ends."""
@@ -157,6 +180,8 @@ def main():
                 run(mpirun + ["-np", str(ranks), args.flotilla, "train", "--model", model, "--out", out,
                               "--batch-size", str(global_batch // ranks)] + data + common, env)
                 failures += compare(name, base, out, ranks)
+            if name.startswith("raw"):
+                failures += overlapped_buckets(args.flotilla, mpirun, env, tmp, model, base, data, common, global_batch)
             if name.startswith("prepared"):
                 failures += resume_on_other_world_sizes(args.flotilla, mpirun, env, tmp, model, base, data, common,
                                                         global_batch)

@@ -1,5 +1,7 @@
 #include "flotilla/model/llama.hpp"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include <cstring>
@@ -329,6 +331,7 @@ void Llama::backward(float dloss_scale) {
   std::memset(a.dresid, 0, bytes_NC);
   k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
                       a.lnf_rstd, N, C);
+  report_ready(static_cast<size_t>(cfg_.n_layers));  // the head
 
   for (int64_t l = cfg_.n_layers - 1; l >= lowest_layer; --l) {
     const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
@@ -370,13 +373,60 @@ void Llama::backward(float dloss_scale) {
     lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
     lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
     lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);
-    if (l == lowest_layer && frozen) break;  // nothing below is trained
+    if (l == lowest_layer && frozen) {  // nothing below is trained
+      report_ready(static_cast<size_t>(l));
+      break;
+    }
     k::rmsnorm_backward(a.dresid, gp(w.ln1), a.dln, la.resid_in, p(w.ln1), la.ln1_rstd, N, C);
+    report_ready(static_cast<size_t>(l));
     // a.dresid is now d(resid_in) = d(out) of the block below.
   }
   // resid_in of layer 0 = embed_tokens[tokens]
   if (!frozen) k::embedding_backward(g + layout_.embed, a.dresid, a.tokens.data(), N, C);
+  report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
   have_targets_ = false;
+}
+
+void Llama::set_grad_ready_hook(GradReady ready) {
+  grad_ready_ = std::move(ready);
+  ready_groups_.assign(static_cast<size_t>(cfg_.n_layers) + 2, {});
+  if (!grad_ready_) return;
+  // Group each trainable tensor by the layer its name holds ("...layers.7...."), else the
+  // embedding or the head; each range reaches up to the next tensor in memory.
+  const ParamTable& table = trainable().table;
+  std::vector<const ParamInfo*> by_offset;
+  for (const ParamInfo& info : table.params()) by_offset.push_back(&info);
+  std::sort(by_offset.begin(), by_offset.end(), [](const ParamInfo* a, const ParamInfo* b) { return a->offset < b->offset; });
+  for (size_t i = 0; i < by_offset.size(); ++i) {
+    const ParamInfo& info = *by_offset[i];
+    const int64_t end = i + 1 < by_offset.size() ? by_offset[i + 1]->offset : table.total_numel();
+    size_t group = static_cast<size_t>(cfg_.n_layers);  // the head
+    if (const size_t at = info.name.find("layers."); at != std::string::npos) {
+      group = static_cast<size_t>(std::stoll(info.name.substr(at + 7)));
+    } else if (info.name == "model.embed_tokens.weight") {
+      group = static_cast<size_t>(cfg_.n_layers) + 1;
+    }
+    ready_groups_[group].push_back({info.offset, end});
+  }
+  // Within a group, the highest offset first: buckets then grow downward in memory.
+  for (auto& g : ready_groups_)
+    std::sort(g.begin(), g.end(), [](const GradSpan& a, const GradSpan& b) { return a.begin > b.begin; });
+}
+
+std::vector<Llama::GradSpan> Llama::grad_ready_order() const {
+  std::vector<GradSpan> order;
+  if (ready_groups_.empty()) return order;
+  const size_t L = static_cast<size_t>(cfg_.n_layers);
+  for (const GradSpan& s : ready_groups_[L]) order.push_back(s);
+  for (size_t l = L; l-- > 0;)
+    for (const GradSpan& s : ready_groups_[l]) order.push_back(s);
+  for (const GradSpan& s : ready_groups_[L + 1]) order.push_back(s);
+  return order;
+}
+
+void Llama::report_ready(size_t group) const {
+  if (!grad_ready_) return;
+  for (const GradSpan& s : ready_groups_[group]) grad_ready_(s);
 }
 
 }  // namespace flotilla::model

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -148,7 +149,21 @@ class Llama {
   // `cfg` with these adapters attached (nullptr: none). What the planner uses.
   static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T);
 
+  // Overlap of communication with backward: backward calls `ready(begin, end)` for each
+  // range of trainable().grads as soon as it is final — the head (final norm, an untied
+  // lm_head), then each layer from the last down, then the embedding. Ranges run from a
+  // tensor's offset to the next tensor's (alignment padding included), so neighbours
+  // touch. Set after attach_lora; an empty function turns it off.
+  struct GradSpan {
+    int64_t begin = 0, end = 0;
+  };
+  using GradReady = std::function<void(GradSpan)>;
+  void set_grad_ready_hook(GradReady ready);
+  // Every range, in the order backward reports them.
+  std::vector<GradSpan> grad_ready_order() const;
+
  private:
+  void report_ready(size_t group) const;
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
   float* p(int64_t offset) { return params_.data() + offset; }
@@ -165,6 +180,10 @@ class Llama {
   bool training_ = true;
   uint64_t dropout_step_ = 0;     // training forwards so far
   uint64_t forward_dropout_ = 0;  // dropout_step_ of the last forward (backward reuses it)
+  // Overlap hook: ranges per group, indexed by layer, then n_layers = the head,
+  // n_layers + 1 = the embedding.
+  GradReady grad_ready_;
+  std::vector<std::vector<GradSpan>> ready_groups_;
 };
 
 }  // namespace flotilla::model

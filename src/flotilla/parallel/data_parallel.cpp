@@ -35,6 +35,29 @@ model::LossSum DataParallel::all_reduce_gradients(std::span<float> grads, const 
   return all_reduce_loss(local);
 }
 
+void DataParallel::enable_overlap(std::span<const comm::GradRange> ready_order, int64_t bucket_bytes,
+                                  TraceRecorder* trace) {
+  if (codec_->kind() != comm::Compression::none)
+    throw Error("parallel", "overlap needs exact gradients: a compressing codec works on the whole gradient");
+  overlap_ = std::make_unique<comm::OverlappedAllReduce>(
+      comm::plan_buckets(ready_order, bucket_bytes),
+      [this](std::span<float> bucket) {
+        reducer_.run(bucket, comm::ReduceOp::sum, comm::Options{.name = "gradient bucket"});
+      },
+      trace);
+}
+
+model::LossSum DataParallel::finish_overlapped_gradients(const model::LossSum& local) {
+  overlap_->finish();
+  // Every bucket is one ring all-reduce of its bytes.
+  const int N = world();
+  if (N > 1)
+    for (const comm::GradRange& b : overlap_->buckets())
+      overlapped_bytes_ += 2 * (N - 1) * b.size() * static_cast<int64_t>(sizeof(float)) / N;
+  ++overlapped_exchanges_;
+  return all_reduce_loss(local);
+}
+
 model::LossSum DataParallel::all_reduce_loss(const model::LossSum& local) {
   // Token counts travel as doubles next to the loss sum: exact below 2^53 tokens.
   std::array<double, 2> sums = {local.sum, static_cast<double>(local.num_tokens)};

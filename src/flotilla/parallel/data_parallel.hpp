@@ -18,6 +18,7 @@
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
 #include "flotilla/comm/compression/gradient_codec.hpp"
+#include "flotilla/comm/fusion.hpp"
 #include "flotilla/model/llama.hpp"
 
 namespace flotilla::parallel {
@@ -50,6 +51,19 @@ class DataParallel {
   // global LossSum. The gradients go through the codec (uncompressed: one all-reduce by
   // the configured algorithm), the counts in one small all-reduce (the backend's, in f64).
   model::LossSum all_reduce_gradients(std::span<float> grads, const model::LossSum& local);
+  // Overlap (exact gradients only): fusion buckets of about `bucket_bytes` over the ranges
+  // of `ready_order` (the order backward finishes them), each reduced by the gradient
+  // all-reducer on a communication thread while backward goes on.
+  void enable_overlap(std::span<const comm::GradRange> ready_order, int64_t bucket_bytes, TraceRecorder* trace);
+  comm::OverlappedAllReduce* overlap() { return overlap_.get(); }
+  // The end of an overlapped exchange: waits for every bucket, then sums
+  // (loss sum, target tokens) as all_reduce_gradients does.
+  model::LossSum finish_overlapped_gradients(const model::LossSum& local);
+  // What this rank sent for gradients so far (ring convention), by either path, and how
+  // many exchanges that was.
+  int64_t gradient_bytes_sent() const { return codec_->bytes_sent() + overlapped_bytes_; }
+  int64_t gradient_exchanges() const { return codec_->calls() + overlapped_exchanges_; }
+
   // Sums a loss over ranks (validation).
   model::LossSum all_reduce_loss(const model::LossSum& local);
   // Every rank must pass the same `digest` for `what` (model, data, binary): otherwise an
@@ -60,6 +74,8 @@ class DataParallel {
   comm::Communicator& comm_;
   comm::AllReducer reducer_;
   std::unique_ptr<comm::GradientCodec> codec_;
+  std::unique_ptr<comm::OverlappedAllReduce> overlap_;
+  int64_t overlapped_bytes_ = 0, overlapped_exchanges_ = 0;
 };
 
 }  // namespace flotilla::parallel

@@ -253,7 +253,9 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   std::string metrics;  // JSON lines, written with each checkpoint and with the model at the end
   TrainSummary summary;
   bool have_first_loss = false;
-  Trainer trainer(model, job.train, job.dp);
+  std::unique_ptr<TraceRecorder> trace;
+  if (!job.trace_path.empty()) trace = std::make_unique<TraceRecorder>();
+  Trainer trainer(model, job.train, job.dp, trace.get());
   const nlohmann::json config = train_job_config_json(job);
   if (!job.resume_from.empty()) {
     const ResumePoint point = find_resume_point(job.resume_from);
@@ -327,6 +329,14 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
       checkpoint);
   summary.steps = trainer.steps_done();
   summary.peak_rss_bytes = peak_rss_bytes();
+  if (trace) {
+    std::filesystem::path path = job.trace_path;
+    if (rank != 0)
+      path.replace_filename(fmt::format("{}.rank{}{}", path.stem().string(), rank, path.extension().string()));
+    trace->write(path, rank);
+    info(fmt::format("trace: {} ({} events; open in https://ui.perfetto.dev or chrome://tracing)",
+                     job.trace_path.string(), trace->size()));
+  }
   if (!root) return summary;
   if (adapters) {
     adapters->save_peft(job.out_dir, job.model_dir.empty() ? std::string("flotilla") : job.model_dir.string());
@@ -361,7 +371,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     const comm::GradientCodec& codec = job.dp->codec();
     const parallel::LocalSgd* local = trainer.local_sgd();
     const int64_t run_steps = summary.steps - std::max<int64_t>(0, summary.resumed_from_step);
-    const double bytes = local ? static_cast<double>(local->bytes_sent()) : static_cast<double>(codec.bytes_sent());
+    const double bytes =
+        local ? static_cast<double>(local->bytes_sent()) : static_cast<double>(job.dp->gradient_bytes_sent());
     summary.gradient_bytes_per_step = run_steps > 0 ? bytes / static_cast<double>(run_steps) : 0.0;
     report["gradient_bytes_per_step"] = summary.gradient_bytes_per_step;
     if (local) {
@@ -371,6 +382,10 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                              {"meetings", local->meetings()}};
     } else {
       report["gradient_compression"] = comm::compression_name(codec.kind());
+      if (const comm::OverlappedAllReduce* overlap = job.dp->overlap()) {
+        report["fusion_buckets"] = overlap->buckets().size();
+        report["exposed_gradient_wait_s"] = overlap->exposed_s();
+      }
     }
   }
   if (summary.final_valid_loss >= 0) {

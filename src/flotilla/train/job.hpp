@@ -47,6 +47,9 @@ struct TrainJob {
   // with error feedback. A lossy codec's residuals are not checkpointed: a resumed run
   // starts them at zero, so it is not bit-for-bit the run that never stopped.
   comm::CompressionConfig compression;
+  // A Chrome trace (Perfetto) of every step's compute and communication; each rank but 0
+  // writes its own next to it (NAME.rank1.json, ...). Empty: none.
+  std::filesystem::path trace_path;
 };
 
 struct TrainCallbacks {

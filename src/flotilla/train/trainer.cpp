@@ -8,17 +8,35 @@
 
 namespace flotilla::train {
 
-Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp)
+Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace)
     : model_(model),
       cfg_(cfg),
       dp_(dp),
+      trace_(trace),
       optimizer_(model.trainable().table, cfg.adamw),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
+  if (cfg.bucket_mb < 0.0) throw InputError("train", "--bucket-mb must be 0 (no overlap) or positive");
   if (dp_ && cfg.local_sgd.sync_every > 0) local_sgd_.emplace(*dp_, cfg.local_sgd, model_.trainable().params);
+  // Overlap needs every rank's exact gradient per step: not with a compressing codec
+  // (it needs the whole gradient at once) nor local SGD (no per-step exchange).
+  overlap_ = dp_ && dp_->world() > 1 && cfg.bucket_mb > 0.0 && !local_sgd_ &&
+             dp_->codec().kind() == comm::Compression::none;
+  if (overlap_) {
+    model_.set_grad_ready_hook([this](model::Llama::GradSpan s) {
+      if (overlap_active_) dp_->overlap()->ready({s.begin, s.end});
+    });
+    std::vector<comm::GradRange> order;
+    for (const model::Llama::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
+    dp_->enable_overlap(order, static_cast<int64_t>(cfg.bucket_mb * 1024 * 1024), trace_);
+  }
   batch_.B = cfg.batch_size;
   batch_.T = cfg.seq_len;
+}
+
+Trainer::~Trainer() {
+  if (overlap_) model_.set_grad_ready_hook({});
 }
 
 void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
@@ -55,11 +73,22 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     Timer data_timer;
     train.next_batch(batch_);
     m.data_s += data_timer.elapsed_s();
-    const model::LossSum loss =
-        model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
-                       batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
-    // Sum of per-token gradients; divided by the window's token count below.
-    model_.backward(1.0f);
+    model::LossSum loss;
+    {
+      TraceSpan span(trace_, "forward", TraceLane::compute);
+      loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
+                            batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
+    }
+    // Overlap: the last micro-batch's backward hands finished gradients to the buckets
+    // (accumulation never exchanges on the inner micro-batches).
+    overlap_active_ = overlap_ && micro == cfg_.grad_accum - 1;
+    if (overlap_active_) dp_->overlap()->begin(model_.trainable().grads);
+    {
+      TraceSpan span(trace_, "backward", TraceLane::compute);
+      // Sum of per-token gradients; divided by the window's token count below.
+      model_.backward(1.0f);
+    }
+    overlap_active_ = false;
     window.sum += loss.sum;
     window.num_tokens += loss.num_tokens;
   }
@@ -73,12 +102,16 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   m.compute_s = timer.elapsed_s() - m.data_s;
   model::LossSum reported = window;
   if (dp_) {
+    // With overlap, only what backward did not hide: the wait for the last buckets.
     Timer sync_timer;
+    TraceSpan span(trace_, overlap_ ? "wait for gradient buckets" : "gradient exchange", TraceLane::compute);
     if (local_sgd_) reported = dp_->all_reduce_loss(window);
+    else if (overlap_) window = reported = dp_->finish_overlapped_gradients(window);
     else window = reported = dp_->all_reduce_gradients(grads, window);
     m.sync_s = sync_timer.elapsed_s();
   }
   Timer update_timer;
+  TraceSpan update_span(trace_, "clip + optimizer", TraceLane::compute);
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
   const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));

@@ -11,6 +11,7 @@
 #include <functional>
 #include <optional>
 
+#include "flotilla/base/trace.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
@@ -35,6 +36,10 @@ struct TrainConfig {
   // Data parallel: with sync_every > 0, local SGD / DiLoCo (parallel/local_sgd.hpp) in
   // place of the per-step gradient all-reduce.
   parallel::LocalSgdConfig local_sgd;
+  // Data parallel, exact gradients: fusion buckets of this many MiB reduced on a
+  // communication thread while backward runs (PyTorch DDP's default size). 0: one
+  // all-reduce after backward.
+  double bucket_mb = 25.0;
 };
 
 struct StepMetrics {
@@ -70,7 +75,12 @@ class Trainer {
  public:
   // With `dp`, each step's gradients and loss are summed over its ranks before the update
   // (every rank then applies the same update); `dp` must outlive the trainer.
-  Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr);
+  // `trace` (may be null) records each step's forward, backward, gradient wait and update,
+  // and the communication thread's bucket all-reduces.
+  Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr, TraceRecorder* trace = nullptr);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   // Runs optimizer steps until cfg.steps are done (from steps_done(), which is not 0 after
   // restore_progress). `valid` may be null. Callbacks may be empty. `on_step_end` is
@@ -113,6 +123,9 @@ class Trainer {
   TrainConfig cfg_;
   parallel::DataParallel* dp_ = nullptr;
   std::optional<parallel::LocalSgd> local_sgd_;
+  TraceRecorder* trace_ = nullptr;
+  bool overlap_ = false;          // buckets reduced during backward
+  bool overlap_active_ = false;   // in the backward of a step's last micro-batch
   AdamW optimizer_;
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
