@@ -80,10 +80,13 @@ HostGroups HostGroups::split(Communicator& comm, const Topology& topology) {
   return g;
 }
 
-// Measured (bench/RESULTS.md, `flotilla bench comm`): on 2-4 ranks of one machine and on
-// emulated 1 Gbit/s hosts, halving-doubling wins below about 64 KiB, where its log2(p)
-// steps beat the ring's 2(p-1); above, the pipelined ring's full-duplex transfer wins.
-// Hierarchical pays off only with several ranks on each of several hosts.
+// From `flotilla bench comm` (bench/RESULTS.md, bench/logs/): on 4 emulated 1 Gbit/s
+// hosts halving-doubling beat the ring up to 64 KiB and lost from 128 KiB (its halves
+// go as single large messages, which OpenMPI's TCP transport sends half-duplex); on 2 ranks
+// of one machine it was level with or ahead of the ring up to 1 MiB, on 3 ranks level to
+// 128 KiB. 64 KiB is the threshold that never picks the clearly slower one. Hierarchical
+// pays off only with several ranks on each of several hosts (one rank per host: it is
+// the ring with an extra split).
 AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology& topology) {
   constexpr size_t kSmallBytes = 64 << 10;
   if (world_size <= 1) return AllReduceAlgorithm::ring;  // nothing moves

@@ -54,7 +54,8 @@ class Ring {
         tag_(tuning.tag),
         deadline_(deadline),
         stages_(2 * (p_ - 1)),
-        sends_(static_cast<size_t>(stages_)) {
+        sends_(static_cast<size_t>(stages_)),
+        sends_done_(static_cast<size_t>(stages_), false) {
     plan();
     // A slot holds one segment, and no segment outgrows the largest chunk: a small
     // buffer gets a small scratch (allocating megabytes per call costs more than a 4 KiB
@@ -140,7 +141,10 @@ class Ring {
         // sends must all be posted (stage u-1 fully consumed) and then complete.
         const int u = t.stage - (p_ - 1);
         if (u >= 1 && next_consume_ < stage_end_[static_cast<size_t>(u - 1)]) return;
-        wait_all_until(sends_[static_cast<size_t>(u)], deadline_);
+        if (!sends_done_[static_cast<size_t>(u)]) {
+          wait_all_until(sends_[static_cast<size_t>(u)], deadline_);
+          sends_done_[static_cast<size_t>(u)] = true;
+        }
         t.request = comm_.irecv(sub_view(data_, t.segment), prev_, tag_);
       } else {
         t.request = comm_.irecv(
@@ -165,6 +169,7 @@ class Ring {
   std::vector<Transfer> receives_;           // (all receives) in order
   std::vector<size_t> stage_end_;            // (stages) one past each stage's last receive
   std::vector<std::vector<Request>> sends_;  // (stages) sends of each stage
+  std::vector<bool> sends_done_;             // (stages) all of a stage's sends completed
   size_t slot_elems_ = 0;
   std::vector<std::byte> scratch_;           // (window, slot) reduce-scatter landing
   size_t next_post_ = 0;
