@@ -44,7 +44,7 @@ AllReduceAlgorithm parse_algorithm(std::string_view flag) {
                  AllReduceAlgorithm::backend})
     if (flag == algorithm_flag(a)) return a;
   if (flag == "backend") return AllReduceAlgorithm::backend;
-  throw Error("comm", fmt::format("unknown all-reduce algorithm '{}': choose auto, ring, hd, "
+  throw InputError("comm", fmt::format("unknown all-reduce algorithm '{}': choose auto, ring, hd, "
                                   "hier or mpi",
                                   flag));
 }

@@ -37,7 +37,7 @@ enum class AllReduceAlgorithm : uint8_t { automatic, ring, halving_doubling, hie
 
 // "auto", "ring", "hd", "hier", "mpi" (the backend's own; "mpi" is what users type).
 std::string_view algorithm_flag(AllReduceAlgorithm a);
-// The inverse of algorithm_flag; also accepts "backend". Throws flotilla::Error naming
+// The inverse of algorithm_flag; also accepts "backend". Throws InputError naming
 // the choices.
 AllReduceAlgorithm parse_algorithm(std::string_view flag);
 
