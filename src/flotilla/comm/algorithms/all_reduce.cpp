@@ -72,11 +72,12 @@ Topology Topology::discover(Communicator& comm, int fake_ranks_per_host) {
   return t;
 }
 
-HostGroups HostGroups::split(Communicator& comm, const Topology& topology) {
+HostGroups HostGroups::split(Communicator& comm, const Topology& topology, bool use_shm) {
   HostGroups g;
   g.topology = topology;
   g.host = comm.split(topology.host, comm.rank(), Options{.name = "host group"});
   g.leaders = comm.split(g.host->rank() == 0 ? 0 : -1, comm.rank(), Options{.name = "leaders"});
+  if (use_shm && g.host->size() > 1) g.shm = HostShm::create(*g.host);
   return g;
 }
 
@@ -99,7 +100,8 @@ AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology
 AllReducer::AllReducer(Communicator& comm, Config config)
     : comm_(comm),
       config_(config),
-      groups_(HostGroups::split(comm, Topology::discover(comm, config.fake_ranks_per_host))) {}
+      groups_(HostGroups::split(comm, Topology::discover(comm, config.fake_ranks_per_host),
+                                config.use_shm)) {}
 
 AllReduceAlgorithm AllReducer::algorithm_for(size_t bytes) const {
   if (config_.algorithm != AllReduceAlgorithm::automatic) return config_.algorithm;

@@ -29,6 +29,7 @@
 #include <string_view>
 #include <vector>
 
+#include "flotilla/comm/algorithms/host_shm.hpp"
 #include "flotilla/comm/communicator.hpp"
 
 namespace flotilla::comm {
@@ -82,17 +83,20 @@ struct Topology {
   static Topology discover(Communicator& comm, int fake_ranks_per_host = 0);
 };
 
-// The hierarchical algorithm's sub-communicators, split once from `comm` (collective).
+// The hierarchical algorithm's sub-communicators, split once from `comm` (collective),
+// and the host's shared-memory arena.
 struct HostGroups {
   Topology topology;
   std::unique_ptr<Communicator> host;     // the ranks of this host; local rank 0 leads
   std::unique_ptr<Communicator> leaders;  // the hosts' leaders; null on the other ranks
-  static HostGroups split(Communicator& comm, const Topology& topology);
+  std::unique_ptr<HostShm> shm;           // null: alone on the host, or no arena possible
+  static HostGroups split(Communicator& comm, const Topology& topology, bool use_shm = true);
 };
 
-// Signed once on `comm`; the payload moves over groups.host and groups.leaders. The
-// intra-host stages are pipelined chains over the host group's point-to-point (shared
-// memory under MPI's vader transport), not a shm segment of our own.
+// Signed once on `comm`; the payload moves inside the host through groups.shm (POSIX
+// shared memory: reduce to the leader, broadcast from it), or, without an arena, along
+// pipelined chains over the host group's point-to-point; between hosts over
+// groups.leaders.
 void hierarchical_all_reduce(Communicator& comm, HostGroups& groups, MutView data,
                              ReduceOp op, const Options& options = {},
                              const AlgorithmOptions& tuning = {});
@@ -109,6 +113,7 @@ class AllReducer {
     AllReduceAlgorithm algorithm = AllReduceAlgorithm::automatic;
     AlgorithmOptions tuning;
     int fake_ranks_per_host = 0;  // see Topology::discover
+    bool use_shm = true;          // hierarchical: a shared-memory arena inside each host
   };
 
   explicit AllReducer(Communicator& comm) : AllReducer(comm, Config{}) {}
