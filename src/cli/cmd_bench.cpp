@@ -129,6 +129,8 @@ void add_bench_command(CLI::App& app) {
                  opt->ranks_per_host > 0 ? fmt::format(" (emulated, {} ranks each)", opt->ranks_per_host) : "",
                  opt->no_check ? "off" : "on", config.tuning.resolve(*group).segment_bytes,
                  config.tuning.resolve(*group).window);
+      fmt::print("hier inside a host: {}\n",
+                 opt->no_shm ? "point-to-point chains (--no-shm)" : "shared-memory arena");
       fmt::print("time: slowest rank's mean per call; busbw = bytes x 2(n-1)/n / time, Gbit/s "
                  "(nccl-tests); auto = the chooser's pick\n");
       std::string head = fmt::format("{:>6} {:>5} {:>5} |", "size", "iters", "auto");
