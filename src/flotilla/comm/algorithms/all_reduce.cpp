@@ -101,7 +101,9 @@ AllReducer::AllReducer(Communicator& comm, Config config)
     : comm_(comm),
       config_(config),
       groups_(HostGroups::split(comm, Topology::discover(comm, config.fake_ranks_per_host),
-                                config.use_shm)) {}
+                                config.use_shm)) {
+  config_.tuning.workspace = &workspace_;
+}
 
 AllReduceAlgorithm AllReducer::algorithm_for(size_t bytes) const {
   if (config_.algorithm != AllReduceAlgorithm::automatic) return config_.algorithm;

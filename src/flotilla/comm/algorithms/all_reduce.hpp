@@ -62,6 +62,10 @@ struct AlgorithmOptions {
   // The tag every message of an algorithm carries; p2p users of the same communicator
   // must not use it while an algorithm runs.
   int tag = Communicator::kMaxTag;
+  // Scratch memory kept across calls (it only grows); null: allocated per call. Fresh
+  // pages cost a fault each, which a megabyte all-reduce on shared memory notices.
+  // AllReducer keeps one per communicator.
+  std::vector<std::byte>* workspace = nullptr;
 };
 
 // The algorithms themselves, in place, on any element type the Communicator reduces (sum
@@ -118,6 +122,9 @@ class AllReducer {
 
   explicit AllReducer(Communicator& comm) : AllReducer(comm, Config{}) {}
   AllReducer(Communicator& comm, Config config);
+  // Pinned: its tuning points at its own workspace.
+  AllReducer(const AllReducer&) = delete;
+  AllReducer& operator=(const AllReducer&) = delete;
 
   // In place; every rank passes the same count, type and op.
   void run(MutView data, ReduceOp op, const Options& options = {});
@@ -130,6 +137,7 @@ class AllReducer {
   Communicator& comm_;
   Config config_;
   HostGroups groups_;
+  std::vector<std::byte> workspace_;  // config_.tuning.workspace
 };
 
 }  // namespace flotilla::comm

@@ -61,7 +61,8 @@ class Ring {
     // buffer gets a small scratch (allocating megabytes per call costs more than a 4 KiB
     // all-reduce).
     slot_elems_ = std::min(segment_elems_, chunk_of(data.count(), p_, 0).count);
-    scratch_.resize(static_cast<size_t>(window_) * slot_elems_ * element_bytes_);
+    scratch_ = scratch_bytes(tuning, own_scratch_,
+                             static_cast<size_t>(window_) * slot_elems_ * element_bytes_);
   }
 
   void run() {
@@ -116,7 +117,7 @@ class Ring {
   }
 
   std::byte* slot(size_t receive_index) {
-    return scratch_.data() +
+    return scratch_ +
            (receive_index % static_cast<size_t>(window_)) * slot_elems_ * element_bytes_;
   }
 
@@ -171,7 +172,8 @@ class Ring {
   std::vector<std::vector<Request>> sends_;  // (stages) sends of each stage
   std::vector<bool> sends_done_;             // (stages) all of a stage's sends completed
   size_t slot_elems_ = 0;
-  std::vector<std::byte> scratch_;           // (window, slot) reduce-scatter landing
+  std::vector<std::byte> own_scratch_;       // without a workspace
+  std::byte* scratch_ = nullptr;             // (window, slot) reduce-scatter landing
   size_t next_post_ = 0;
   size_t next_consume_ = 0;
 };
