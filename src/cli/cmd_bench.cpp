@@ -49,6 +49,7 @@ void add_bench_command(CLI::App& app) {
     int window = comm::AlgorithmOptions{}.window;
     double timeout_s = 300.0;
     bool no_check = false;
+    bool no_shm = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* bench = app.add_subcommand("bench", "Benchmarks (run under mpirun)");
@@ -72,6 +73,8 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--window", opt->window, "Segments received ahead in ring and hier (0: 8 on one host, 16 across)")->capture_default_str();
   cmd->add_option("--timeout", opt->timeout_s, "Seconds any collective may wait")->capture_default_str();
   cmd->add_flag("--no-check", opt->no_check, "Skip the per-call mismatch check of flotilla's algorithms");
+  cmd->add_flag("--no-shm", opt->no_shm,
+                "hier: move data inside a host over point-to-point, not a shared-memory arena");
   cmd->callback([opt] {
     comm::Settings settings;
     settings.timeout = std::chrono::milliseconds(static_cast<int64_t>(opt->timeout_s * 1000.0));
@@ -86,6 +89,7 @@ void add_bench_command(CLI::App& app) {
     config.tuning.segment_bytes = opt->segment_bytes;
     config.tuning.window = opt->window;
     config.fake_ranks_per_host = opt->ranks_per_host;
+    config.use_shm = !opt->no_shm;
     comm::AllReducer reducer(*group, config);
     const std::vector<size_t> sizes = comm::parse_sizes(opt->sizes);
 
@@ -107,7 +111,8 @@ void add_bench_command(CLI::App& app) {
       }
       const comm::AllReduceAlgorithm a = comm::parse_algorithm(name);
       auto pinned = std::make_shared<comm::AllReducer>(
-          *group, comm::AllReducer::Config{a, config.tuning, config.fake_ranks_per_host});
+          *group, comm::AllReducer::Config{a, config.tuning, config.fake_ranks_per_host,
+                                           config.use_shm});
       contenders.push_back({std::string(comm::algorithm_flag(a)),
                             [pinned](comm::MutView d) { pinned->run(d, comm::ReduceOp::sum); },
                             a != comm::AllReduceAlgorithm::backend});
@@ -124,6 +129,8 @@ void add_bench_command(CLI::App& app) {
                  opt->ranks_per_host > 0 ? fmt::format(" (emulated, {} ranks each)", opt->ranks_per_host) : "",
                  opt->no_check ? "off" : "on", config.tuning.resolve(*group).segment_bytes,
                  config.tuning.resolve(*group).window);
+      fmt::print("hier inside a host: {}\n",
+                 opt->no_shm ? "point-to-point chains (--no-shm)" : "shared-memory arena");
       fmt::print("time: slowest rank's mean per call; busbw = bytes x 2(n-1)/n / time, Gbit/s "
                  "(nccl-tests); auto = the chooser's pick\n");
       std::string head = fmt::format("{:>6} {:>5} {:>5} |", "size", "iters", "auto");

@@ -99,7 +99,9 @@ inline std::vector<std::pair<std::string, AllReducer::Config>> configurations(in
     config.algorithm = AllReduceAlgorithm::hierarchical;
     config.fake_ranks_per_host = per_host;
     config.tuning.segment_bytes = per_host % 2 ? 12 : size_t{1} << 20;
-    out.push_back({"hier " + std::to_string(per_host) + " per host", config});
+    out.push_back({"hier " + std::to_string(per_host) + " per host, shm", config});
+    config.use_shm = false;
+    out.push_back({"hier " + std::to_string(per_host) + " per host, chains", config});
   }
   return out;
 }

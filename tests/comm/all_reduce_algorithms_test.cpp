@@ -118,3 +118,40 @@ TEST(AllReduceTimeout, SilentRankTimesOutInsideTheRing) {
 
 }  // namespace
 }  // namespace flotilla::comm
+
+namespace flotilla::comm {
+namespace {
+
+// Ranks of one machine get a shared-memory arena per host (threads of one process map it
+// like processes do); a host of one rank needs none.
+TEST(AllReduceHostShm, ArenaForEveryHostOfSeveralRanks) {
+  run_threads(5, [](Communicator& c) {
+    const HostGroups g = HostGroups::split(c, Topology::discover(c, 2));
+    EXPECT_EQ(g.shm != nullptr, g.host->size() > 1) << "rank " << c.rank();
+    const HostGroups off = HostGroups::split(c, Topology::discover(c, 2), false);
+    EXPECT_EQ(off.shm, nullptr);
+  }, test_settings());
+}
+
+// Many segments through the arena's double-buffered slots, several calls in a row (the
+// counters run on across calls), against the closed form.
+TEST(AllReduceHostShm, ManySegmentsManyCalls) {
+  run_threads(5, [](Communicator& c) {
+    for (int per_host : {2, 3, 5}) {
+      AllReducer reducer(c, {.algorithm = AllReduceAlgorithm::hierarchical,
+                             .fake_ranks_per_host = per_host});
+      for (int call = 0; call < 3; ++call) {
+        std::vector<int32_t> data((HostShm::kSegmentBytes / 4) * 4 + 7);  // 4+ segments
+        for (size_t i = 0; i < data.size(); ++i)
+          data[i] = static_cast<int32_t>(i % 1000) * (c.rank() + 1) + call;
+        reducer.run(data, ReduceOp::sum);
+        for (size_t i = 0; i < data.size(); ++i)
+          ASSERT_EQ(data[i], static_cast<int32_t>(i % 1000) * 15 + 5 * call)
+              << per_host << " per host, call " << call << ", at " << i;
+      }
+    }
+  }, test_settings());
+}
+
+}  // namespace
+}  // namespace flotilla::comm

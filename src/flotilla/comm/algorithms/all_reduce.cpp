@@ -44,7 +44,7 @@ AllReduceAlgorithm parse_algorithm(std::string_view flag) {
                  AllReduceAlgorithm::backend})
     if (flag == algorithm_flag(a)) return a;
   if (flag == "backend") return AllReduceAlgorithm::backend;
-  throw Error("comm", fmt::format("unknown all-reduce algorithm '{}': choose auto, ring, hd, "
+  throw InputError("comm", fmt::format("unknown all-reduce algorithm '{}': choose auto, ring, hd, "
                                   "hier or mpi",
                                   flag));
 }
@@ -72,18 +72,22 @@ Topology Topology::discover(Communicator& comm, int fake_ranks_per_host) {
   return t;
 }
 
-HostGroups HostGroups::split(Communicator& comm, const Topology& topology) {
+HostGroups HostGroups::split(Communicator& comm, const Topology& topology, bool use_shm) {
   HostGroups g;
   g.topology = topology;
   g.host = comm.split(topology.host, comm.rank(), Options{.name = "host group"});
   g.leaders = comm.split(g.host->rank() == 0 ? 0 : -1, comm.rank(), Options{.name = "leaders"});
+  if (use_shm && g.host->size() > 1) g.shm = HostShm::create(*g.host);
   return g;
 }
 
-// Measured (bench/RESULTS.md, `flotilla bench comm`): on 2-4 ranks of one machine and on
-// emulated 1 Gbit/s hosts, halving-doubling wins below about 64 KiB, where its log2(p)
-// steps beat the ring's 2(p-1); above, the pipelined ring's full-duplex transfer wins.
-// Hierarchical pays off only with several ranks on each of several hosts.
+// From `flotilla bench comm` (bench/RESULTS.md, bench/logs/): on 4 emulated 1 Gbit/s
+// hosts halving-doubling beat the ring up to 64 KiB and lost from 128 KiB (its halves
+// go as single large messages, which OpenMPI's TCP transport sends half-duplex); on 2 ranks
+// of one machine it was level with or ahead of the ring up to 1 MiB, on 3 ranks level to
+// 128 KiB. 64 KiB is the threshold that never picks the clearly slower one. Hierarchical
+// pays off only with several ranks on each of several hosts (one rank per host: it is
+// the ring with an extra split).
 AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology& topology) {
   constexpr size_t kSmallBytes = 64 << 10;
   if (world_size <= 1) return AllReduceAlgorithm::ring;  // nothing moves
@@ -96,7 +100,10 @@ AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology
 AllReducer::AllReducer(Communicator& comm, Config config)
     : comm_(comm),
       config_(config),
-      groups_(HostGroups::split(comm, Topology::discover(comm, config.fake_ranks_per_host))) {}
+      groups_(HostGroups::split(comm, Topology::discover(comm, config.fake_ranks_per_host),
+                                config.use_shm)) {
+  config_.tuning.workspace = &workspace_;
+}
 
 AllReduceAlgorithm AllReducer::algorithm_for(size_t bytes) const {
   if (config_.algorithm != AllReduceAlgorithm::automatic) return config_.algorithm;

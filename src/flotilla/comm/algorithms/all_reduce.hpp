@@ -29,6 +29,7 @@
 #include <string_view>
 #include <vector>
 
+#include "flotilla/comm/algorithms/host_shm.hpp"
 #include "flotilla/comm/communicator.hpp"
 
 namespace flotilla::comm {
@@ -37,7 +38,7 @@ enum class AllReduceAlgorithm : uint8_t { automatic, ring, halving_doubling, hie
 
 // "auto", "ring", "hd", "hier", "mpi" (the backend's own; "mpi" is what users type).
 std::string_view algorithm_flag(AllReduceAlgorithm a);
-// The inverse of algorithm_flag; also accepts "backend". Throws flotilla::Error naming
+// The inverse of algorithm_flag; also accepts "backend". Throws InputError naming
 // the choices.
 AllReduceAlgorithm parse_algorithm(std::string_view flag);
 
@@ -61,6 +62,10 @@ struct AlgorithmOptions {
   // The tag every message of an algorithm carries; p2p users of the same communicator
   // must not use it while an algorithm runs.
   int tag = Communicator::kMaxTag;
+  // Scratch memory kept across calls (it only grows); null: allocated per call. Fresh
+  // pages cost a fault each, which a megabyte all-reduce on shared memory notices.
+  // AllReducer keeps one per communicator.
+  std::vector<std::byte>* workspace = nullptr;
 };
 
 // The algorithms themselves, in place, on any element type the Communicator reduces (sum
@@ -82,17 +87,20 @@ struct Topology {
   static Topology discover(Communicator& comm, int fake_ranks_per_host = 0);
 };
 
-// The hierarchical algorithm's sub-communicators, split once from `comm` (collective).
+// The hierarchical algorithm's sub-communicators, split once from `comm` (collective),
+// and the host's shared-memory arena.
 struct HostGroups {
   Topology topology;
   std::unique_ptr<Communicator> host;     // the ranks of this host; local rank 0 leads
   std::unique_ptr<Communicator> leaders;  // the hosts' leaders; null on the other ranks
-  static HostGroups split(Communicator& comm, const Topology& topology);
+  std::unique_ptr<HostShm> shm;           // null: alone on the host, or no arena possible
+  static HostGroups split(Communicator& comm, const Topology& topology, bool use_shm = true);
 };
 
-// Signed once on `comm`; the payload moves over groups.host and groups.leaders. The
-// intra-host stages are pipelined chains over the host group's point-to-point (shared
-// memory under MPI's vader transport), not a shm segment of our own.
+// Signed once on `comm`; the payload moves inside the host through groups.shm (POSIX
+// shared memory: reduce to the leader, broadcast from it), or, without an arena, along
+// pipelined chains over the host group's point-to-point; between hosts over
+// groups.leaders.
 void hierarchical_all_reduce(Communicator& comm, HostGroups& groups, MutView data,
                              ReduceOp op, const Options& options = {},
                              const AlgorithmOptions& tuning = {});
@@ -109,10 +117,14 @@ class AllReducer {
     AllReduceAlgorithm algorithm = AllReduceAlgorithm::automatic;
     AlgorithmOptions tuning;
     int fake_ranks_per_host = 0;  // see Topology::discover
+    bool use_shm = true;          // hierarchical: a shared-memory arena inside each host
   };
 
   explicit AllReducer(Communicator& comm) : AllReducer(comm, Config{}) {}
   AllReducer(Communicator& comm, Config config);
+  // Pinned: its tuning points at its own workspace.
+  AllReducer(const AllReducer&) = delete;
+  AllReducer& operator=(const AllReducer&) = delete;
 
   // In place; every rank passes the same count, type and op.
   void run(MutView data, ReduceOp op, const Options& options = {});
@@ -125,6 +137,7 @@ class AllReducer {
   Communicator& comm_;
   Config config_;
   HostGroups groups_;
+  std::vector<std::byte> workspace_;  // config_.tuning.workspace
 };
 
 }  // namespace flotilla::comm

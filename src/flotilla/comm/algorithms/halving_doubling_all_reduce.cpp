@@ -44,11 +44,11 @@ void halving_doubling_payload(Communicator& comm, MutView data, ReduceOp op,
   while (q * 2 <= p) q *= 2;
   const int rem = p - q;
   auto real_rank = [&](int v) { return v < rem ? 2 * v + 1 : v + rem; };
-  std::vector<std::byte> scratch;  // (n) the fold; (n/2) a halving step at most
+  // (n): the fold and the whole-buffer mode; the halving needs (n/2) at most.
+  std::vector<std::byte> own;
+  std::byte* scratch = scratch_bytes(tuning, own, n * element_bytes);
   auto scratch_view = [&](size_t count) {
-    scratch.resize(std::max(scratch.size(), count * element_bytes));
-    return MutView(std::span<std::byte>(scratch.data(), count * element_bytes), data.type(),
-                   count);
+    return MutView(std::span<std::byte>(scratch, count * element_bytes), data.type(), count);
   };
 
   // Fold.

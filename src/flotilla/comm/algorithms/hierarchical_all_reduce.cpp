@@ -8,14 +8,18 @@
 // (broadcast); the buffer moves along it in *segments*, pipelined, so every link of the
 // chain is busy at once and a segment costs one hop of latency, not L.
 //
-//   1. reduce:     along the chain, each rank adds its buffer into what it receives
-//                  from above and passes the sum down; the leader ends with the host's sum;
+//   1. reduce:     the leader ends with the host's sum (through the host's arena, or
+//                  along the chain: each rank adds its buffer into what it receives from
+//                  above and passes the sum down);
 //   2. ring:       the leaders run the ring all-reduce (ring_all_reduce.cpp) among them;
-//   3. broadcast:  along the chain, each rank lands a segment and passes it on.
+//   3. broadcast:  every rank gets the leader's result (through the arena, or along the
+//                  chain: each rank lands a segment and passes it on).
 //
-// Intra-host stages run over the host group's point-to-point: under MPI that is the
-// shared-memory transport (vader), copied through its buffers; not a shm segment of our
-// own, which would save one copy per hop.
+// Intra-host stages go through the host's POSIX shared-memory arena (host_shm.hpp):
+// each rank copies its segments in, the leader adds them up, and copies the result out
+// for the others. Where no arena could be made (AllReducer::Config::use_shm off, or the
+// ranks of a "host" are not on one machine), they run as chains over the host group's
+// point-to-point instead (under MPI: its shared-memory transport, vader).
 //
 // The whole call is one signed collective on the parent communicator; the host and
 // leaders' groups carry only payload, with the parent's deadline.
@@ -142,10 +146,16 @@ void hierarchical_all_reduce(Communicator& comm, HostGroups& groups, MutView dat
   detail::run_signed(comm, "hier", data, op, options,
                      [&](ReduceOp base, Clock::time_point deadline) {
                        if (comm.size() == 1 || data.count() == 0) return;
-                       detail::chain_reduce(*groups.host, data, base, local, deadline);
+                       if (groups.shm)
+                         groups.shm->reduce_to_leader(data, base, deadline);
+                       else
+                         detail::chain_reduce(*groups.host, data, base, local, deadline);
                        if (groups.leaders)
                          detail::ring_payload(*groups.leaders, data, base, network, deadline);
-                       detail::chain_broadcast(*groups.host, data, local, deadline);
+                       if (groups.shm)
+                         groups.shm->broadcast_from_leader(data, deadline);
+                       else
+                         detail::chain_broadcast(*groups.host, data, local, deadline);
                      });
 }
 

@@ -9,6 +9,7 @@
 #include <functional>
 #include <span>
 #include <string_view>
+#include <vector>
 
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 
@@ -63,6 +64,15 @@ inline void wait_all_until(std::span<Request> rs, Clock::time_point deadline) {
     abandon_all(rs);
     throw;
   }
+}
+
+// `bytes` of scratch: the caller's workspace when it has one (grown, never shrunk),
+// else `own`.
+inline std::byte* scratch_bytes(const AlgorithmOptions& tuning, std::vector<std::byte>& own,
+                                size_t bytes) {
+  std::vector<std::byte>& v = tuning.workspace ? *tuning.workspace : own;
+  if (v.size() < bytes) v.resize(bytes);
+  return v.data();
 }
 
 // The payloads, unsigned: op is sum or max; every rank of `comm` calls them alike.

@@ -54,13 +54,15 @@ class Ring {
         tag_(tuning.tag),
         deadline_(deadline),
         stages_(2 * (p_ - 1)),
-        sends_(static_cast<size_t>(stages_)) {
+        sends_(static_cast<size_t>(stages_)),
+        sends_done_(static_cast<size_t>(stages_), false) {
     plan();
     // A slot holds one segment, and no segment outgrows the largest chunk: a small
     // buffer gets a small scratch (allocating megabytes per call costs more than a 4 KiB
     // all-reduce).
     slot_elems_ = std::min(segment_elems_, chunk_of(data.count(), p_, 0).count);
-    scratch_.resize(static_cast<size_t>(window_) * slot_elems_ * element_bytes_);
+    scratch_ = scratch_bytes(tuning, own_scratch_,
+                             static_cast<size_t>(window_) * slot_elems_ * element_bytes_);
   }
 
   void run() {
@@ -115,7 +117,7 @@ class Ring {
   }
 
   std::byte* slot(size_t receive_index) {
-    return scratch_.data() +
+    return scratch_ +
            (receive_index % static_cast<size_t>(window_)) * slot_elems_ * element_bytes_;
   }
 
@@ -140,7 +142,10 @@ class Ring {
         // sends must all be posted (stage u-1 fully consumed) and then complete.
         const int u = t.stage - (p_ - 1);
         if (u >= 1 && next_consume_ < stage_end_[static_cast<size_t>(u - 1)]) return;
-        wait_all_until(sends_[static_cast<size_t>(u)], deadline_);
+        if (!sends_done_[static_cast<size_t>(u)]) {
+          wait_all_until(sends_[static_cast<size_t>(u)], deadline_);
+          sends_done_[static_cast<size_t>(u)] = true;
+        }
         t.request = comm_.irecv(sub_view(data_, t.segment), prev_, tag_);
       } else {
         t.request = comm_.irecv(
@@ -165,8 +170,10 @@ class Ring {
   std::vector<Transfer> receives_;           // (all receives) in order
   std::vector<size_t> stage_end_;            // (stages) one past each stage's last receive
   std::vector<std::vector<Request>> sends_;  // (stages) sends of each stage
+  std::vector<bool> sends_done_;             // (stages) all of a stage's sends completed
   size_t slot_elems_ = 0;
-  std::vector<std::byte> scratch_;           // (window, slot) reduce-scatter landing
+  std::vector<std::byte> own_scratch_;       // without a workspace
+  std::byte* scratch_ = nullptr;             // (window, slot) reduce-scatter landing
   size_t next_post_ = 0;
   size_t next_consume_ = 0;
 };

@@ -1,0 +1,172 @@
+#include "flotilla/comm/algorithms/host_shm.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/log.hpp"
+
+namespace flotilla::comm {
+namespace {
+
+// Header: each counter on its own cache line, so that one rank's writes do not slow the
+// others' polls. Counters: published[0..kMaxRanks), taken[0..kMaxRanks), consumed, ready.
+constexpr size_t kLine = 64;
+constexpr size_t kPublished = 0;
+constexpr size_t kTaken = HostShm::kMaxRanks;
+constexpr size_t kConsumed = 2 * HostShm::kMaxRanks;
+constexpr size_t kReady = kConsumed + 1;
+constexpr size_t kCounters = kReady + 1;
+constexpr size_t kHeaderBytes = kCounters * kLine;
+
+size_t arena_bytes(int ranks) {
+  // Header, (ranks, 2) slots, 2 result slots.
+  return kHeaderBytes + (static_cast<size_t>(ranks) * 2 + 2) * HostShm::kSegmentBytes;
+}
+
+uint64_t load(uint64_t& c) { return std::atomic_ref<uint64_t>(c).load(std::memory_order_acquire); }
+void store(uint64_t& c, uint64_t v) {
+  std::atomic_ref<uint64_t>(c).store(v, std::memory_order_release);
+}
+
+// Maps `name` (created when `create`), or returns null.
+std::byte* map(const std::string& name, size_t bytes, bool create) {
+  const int fd = shm_open(name.c_str(), create ? O_CREAT | O_EXCL | O_RDWR : O_RDWR, 0600);
+  if (fd < 0) return nullptr;
+  if (create && ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    close(fd);
+    return nullptr;
+  }
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  return p == MAP_FAILED ? nullptr : static_cast<std::byte*>(p);
+}
+
+}  // namespace
+
+std::unique_ptr<HostShm> HostShm::create(Communicator& host) {
+  const int size = host.size(), rank = host.rank();
+  if (size < 2 || size > kMaxRanks) return nullptr;
+  const size_t bytes = arena_bytes(size);
+  // The leader names and creates the arena; everyone learns the name.
+  std::array<uint8_t, 64> name_bytes{};
+  std::string name;
+  std::byte* base = nullptr;
+  if (rank == 0) {
+    std::random_device rd;
+    name = fmt::format("/flotilla-{}-{:08x}{:08x}", getpid(), rd(), rd());
+    base = map(name, bytes, true);
+    if (!base) name.clear();  // tell the others there is nothing to map
+    std::memcpy(name_bytes.data(), name.data(), name.size());
+  }
+  host.broadcast(name_bytes, 0, {.name = "host shm name"});
+  if (rank != 0) {
+    name.assign(reinterpret_cast<const char*>(name_bytes.data()),
+                strnlen(reinterpret_cast<const char*>(name_bytes.data()), name_bytes.size()));
+    if (!name.empty()) base = map(name, bytes, false);
+  }
+  // Everyone has mapped it (or failed) before the name goes away.
+  std::array<int32_t, 1> failed = {base == nullptr ? 1 : 0};
+  host.all_reduce(failed, ReduceOp::max, {.name = "host shm mapped"});
+  if (rank == 0 && !name.empty()) shm_unlink(name.c_str());
+  if (failed[0]) {
+    if (base) munmap(base, bytes);
+    log::debug("comm/hier: no shared-memory arena among the {} local ranks: using "
+               "point-to-point inside the host",
+               size);
+    return nullptr;
+  }
+  return std::unique_ptr<HostShm>(new HostShm(rank, size, base, bytes));
+}
+
+HostShm::HostShm(int rank, int size, std::byte* base, size_t bytes)
+    : rank_(rank), size_(size), base_(base), bytes_(bytes) {}
+
+HostShm::~HostShm() { munmap(base_, bytes_); }
+
+uint64_t& HostShm::counter(size_t index) {
+  return *reinterpret_cast<uint64_t*>(base_ + index * kLine);
+}
+
+std::byte* HostShm::slot(int rank, uint64_t segment) {
+  return base_ + kHeaderBytes +
+         (static_cast<size_t>(rank) * 2 + segment % 2) * kSegmentBytes;
+}
+
+std::byte* HostShm::result(uint64_t segment) {
+  return base_ + kHeaderBytes + (static_cast<size_t>(size_) * 2 + segment % 2) * kSegmentBytes;
+}
+
+template <class Done>
+void HostShm::wait(Clock::time_point deadline, const char* what, Done&& done) {
+  if (poll_until(deadline, done)) return;
+  throw TimeoutError("comm/hier",
+                     fmt::format("local rank {}: host shared memory: {} timed out", rank_, what));
+}
+
+void HostShm::reduce_to_leader(MutView data, ReduceOp op, Clock::time_point deadline) {
+  const size_t element_bytes = element_size(data.type());
+  const size_t seg_elems = kSegmentBytes / element_bytes;
+  const size_t segments = (data.count() + seg_elems - 1) / seg_elems;
+  for (size_t k = 0; k < segments; ++k) {
+    const uint64_t s = reduced_ + k + 1;  // this segment's number, from 1
+    const size_t count = std::min(seg_elems, data.count() - k * seg_elems);
+    std::byte* mine = data.data() + k * seg_elems * element_bytes;
+    if (rank_ != 0) {
+      // Slot s % 2 last held segment s - 2: free once the leader has reduced it.
+      wait(deadline, "waiting for the leader to reduce", [&] {
+        return load(counter(kConsumed)) + 2 >= s;
+      });
+      std::memcpy(slot(rank_, s), mine, count * element_bytes);
+      store(counter(kPublished + static_cast<size_t>(rank_)), s);
+    } else {
+      // In local-rank order, so that the sum does not depend on who published first.
+      for (int r = 1; r < size_; ++r) {
+        wait(deadline, "waiting for a local rank to publish", [&] {
+          return load(counter(kPublished + static_cast<size_t>(r))) >= s;
+        });
+        reduce_into(data.type(), op, mine, slot(r, s), count);
+      }
+      store(counter(kConsumed), s);
+    }
+  }
+  reduced_ += segments;
+}
+
+void HostShm::broadcast_from_leader(MutView data, Clock::time_point deadline) {
+  const size_t element_bytes = element_size(data.type());
+  const size_t seg_elems = kSegmentBytes / element_bytes;
+  const size_t segments = (data.count() + seg_elems - 1) / seg_elems;
+  for (size_t k = 0; k < segments; ++k) {
+    const uint64_t s = broadcast_ + k + 1;
+    const size_t count = std::min(seg_elems, data.count() - k * seg_elems);
+    std::byte* mine = data.data() + k * seg_elems * element_bytes;
+    if (rank_ == 0) {
+      // Result slot s % 2 last held segment s - 2: free once everyone copied it out.
+      for (int r = 1; r < size_; ++r)
+        wait(deadline, "waiting for a local rank to take the result", [&] {
+          return load(counter(kTaken + static_cast<size_t>(r))) + 2 >= s;
+        });
+      std::memcpy(result(s), mine, count * element_bytes);
+      store(counter(kReady), s);
+    } else {
+      wait(deadline, "waiting for the leader's result", [&] {
+        return load(counter(kReady)) >= s;
+      });
+      std::memcpy(mine, result(s), count * element_bytes);
+      store(counter(kTaken + static_cast<size_t>(rank_)), s);
+    }
+  }
+  broadcast_ += segments;
+}
+
+}  // namespace flotilla::comm
