@@ -37,6 +37,10 @@ void add_generate_command(CLI::App& app) {
     if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
     model::Llama model = model::Llama::load(opt->model);
     // Generation has no dropout, so merged adapters compute exactly what attached ones do.
+    if (!opt->adapter.empty() && model.quantized())
+      throw InputError("generate", fmt::format("{}: --adapter over a quantized base is not supported yet: fuse first "
+                                               "(flotilla fuse --model {} --adapter {} --out FUSED)",
+                                               opt->model, opt->model, opt->adapter));
     if (!opt->adapter.empty())
       model::LoraAdapters::load_peft(opt->adapter, model.config()).merge_into(model.params(), model.layout());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);

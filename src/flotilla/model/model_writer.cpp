@@ -3,12 +3,14 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/log.hpp"
+#include "flotilla/base/rng.hpp"
 #include "flotilla/io/safetensors_stream.hpp"
 #include "flotilla/kernels/quant.hpp"
 
@@ -51,6 +53,19 @@ std::set<std::string> quantizable_weights(const ModelConfig& cfg, QuantFormat fo
   for (const ParamInfo& info : layout.params())
     if (info.decay && info.shape.size() == 2) names.insert(info.name);  // Linear weights and embeddings
   return names;
+}
+
+WeightSource random_init_source(const ModelConfig& cfg, uint64_t seed) {
+  auto rng = std::make_shared<Rng>(seed);
+  const float stddev = cfg.initializer_range;
+  return [rng, stddev](const ParamInfo& info, std::span<float> out) {
+    if (info.name.ends_with("norm.weight"))
+      std::fill(out.begin(), out.end(), 1.0f);
+    else if (info.name.ends_with(".bias"))
+      std::fill(out.begin(), out.end(), 0.0f);
+    else
+      rng->fill_normal(out, 0.0f, stddev);
+  };
 }
 
 DType parse_model_dtype(std::string_view name) {

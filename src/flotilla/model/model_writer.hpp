@@ -37,6 +37,10 @@ using WeightSource = std::function<void(const ParamInfo& info, std::span<float> 
 void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelWriteOptions& options,
                  const WeightSource& source);
 
+// Llama::init_random's values, produced tensor by tensor: the same seed gives the same model
+// as init_random, provided the tensors are asked for in layout order (write_model does).
+WeightSource random_init_source(const ModelConfig& cfg, uint64_t seed);
+
 // "float16" / "bfloat16" / "float32" <-> DType; InputError otherwise.
 DType parse_model_dtype(std::string_view name);
 std::string_view model_dtype_name(DType dt);
