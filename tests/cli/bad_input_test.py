@@ -643,6 +643,11 @@ def _(ws):
     return Run(score(ws.case_dir / "no_such_model"), ["no_such_model"], kind="cli11")
 
 
+# -- quantized models and convert: bad_input_quant.py
+from bad_input_quant import register_quant_cases  # noqa: E402  (next to this file)
+register_quant_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
+
+
 # ---- Running and checking ------------------------------------------------------------------
 
 @dataclass
