@@ -2,7 +2,7 @@
 """Smoke test of the quantized workflow through the flotilla binary, on a tiny model:
 
     init (float) -> convert --quantize 4 -> generate -> train --fine-tune-type lora (a few
-    steps) -> fuse --de-quantize -> generate / score with the fused float model
+    steps) -> generate --adapter -> fuse --de-quantize -> generate / score with the fused float model
     (and fuse without --de-quantize: quantized again, MLX layout)
 
 Checks, beyond every command exiting 0: the converted directory is in MLX's layout (U32
@@ -80,6 +80,9 @@ def main() -> int:
             "--lora-targets", "q,k,v,o", "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-4",
             "--eval-batches", "1")
         assert (run_dir / "adapter_model.safetensors").is_file()
+
+        # Adapters over the quantized base at generation time (run alongside, not merged).
+        run(flotilla, "generate", "--model", q, "--adapter", run_dir, "--prompt", "the fleet", "--max-tokens", "4")
 
         fused = root / "fused"
         run(flotilla, "fuse", "--model", q, "--adapter", run_dir, "--out", fused, "--de-quantize")

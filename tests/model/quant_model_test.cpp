@@ -332,6 +332,36 @@ TEST(QuantModel, LoraGradientsThroughAQuantizedBaseMatchFiniteDifferences) {
   }
 }
 
+// generate --adapter over a quantized base: the decoder runs the adapters alongside the
+// packed layers and gets what the training forward with attached adapters gets (float
+// rounding of differently ordered sums: 1e-4 as above).
+TEST(QuantModel, DecoderAppliesAdaptersOverAQuantizedBase) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama base(small_config());
+  base.init_random(seed);
+  Llama model = base.quantize({4, 32}, DType::f16);
+  LoraConfig lc;
+  lc.targets = LoraConfig::parse_targets("q,k,v,o,gate,up,down");
+  LoraAdapters lora(model.config(), lc);
+  lora.init_random(seed);
+  Rng brng(seed + 1);
+  brng.fill_uniform(lora.params(), -0.3f, 0.3f);  // B != 0, so the adapters matter
+  const std::vector<int32_t> tokens = random_tokens(rng, 7, 40);
+  Decoder plain(model, 7), adapted(model, 7, &lora);
+  const std::span<const float> p = plain.step(tokens);
+  const std::vector<float> without(p.begin(), p.end());
+  const std::span<const float> last = adapted.step(tokens);
+  model.attach_lora(&lora);
+  const std::vector<float> ref = logits_of(model, tokens, 1, 7);
+  double changed = 0.0;
+  for (int64_t v = 0; v < 40; ++v) {
+    EXPECT_NEAR(last[static_cast<size_t>(v)], ref[static_cast<size_t>(6 * 40 + v)], 1e-4);
+    changed = std::max(changed, static_cast<double>(std::fabs(last[static_cast<size_t>(v)] - without[static_cast<size_t>(v)])));
+  }
+  EXPECT_GT(changed, 1e-2);
+}
+
 TEST(QuantModel, FullFineTuningOfAQuantizedModelIsRefused) {
   Llama base(small_config());
   base.init_random(1);
