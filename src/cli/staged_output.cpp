@@ -14,7 +14,8 @@ namespace flotilla::cli {
 
 void write_output_dir(const std::string& dir, bool force, const std::function<void(const std::filesystem::path&)>& fill) {
   namespace fs = std::filesystem;
-  const fs::path out = fs::absolute(dir).lexically_normal();
+  fs::path out = fs::absolute(dir).lexically_normal();
+  if (out.filename().empty()) out = out.parent_path();  // "out/" names the directory "out"
   const bool existed = fs::exists(out);
   if (existed) {
     if (!fs::is_directory(out)) throw InputError("cli", dir + ": exists and is not a directory");
