@@ -76,6 +76,11 @@ float store_param(DType dt, std::byte* dst, int64_t i, float x, bool up) {
   return to_f32(h);
 }
 
+// Up to this many input rows, dequantizing each weight row once into L1 and dotting it
+// with every input is the faster way; by 16 rows the tile + SGEMM is ahead (measured on
+// a 4096 x 4096 matrix: 1.8 vs 2.2 G weight-rows/s).
+constexpr int64_t kRowPathMaxRows = 4;
+
 int64_t tile_rows(int64_t C) { return std::clamp<int64_t>(kQuantTileFloats / std::max<int64_t>(C, 1), 16, 1024); }
 
 }  // namespace
@@ -137,8 +142,9 @@ void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const f
   // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0) return;
-  if (N <= 4) {
-    // Decoding: each weight row is dequantized once into L1 and dotted with the N inputs.
+  if (N <= kRowPathMaxRows) {
+    // Decoding and short prompts: each weight row is dequantized once into L1 and dotted
+    // with the N inputs.
 #pragma omp parallel
     {
       RowScratch sc(m);
