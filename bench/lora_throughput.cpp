@@ -5,14 +5,23 @@
 // one after the other and prints the table with the ratios.
 //
 //   lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W]
-//                   [--rank R] [--alpha A] [--targets q,k,v,o] [--json]
+//                   [--rank R] [--alpha A] [--targets q,k,v,o] [--bits 0|4|8] [--json]
+//
+// --bits 4 (or 8): the frozen base is quantized (MLX layout, group size 64 where it divides
+// the dimensions, else 32; f16 scales):
+// it is written tensor by tensor into a temporary directory and loaded from there as
+// `flotilla train --model Q4DIR` loads it (packed weights mapped, never whole in float),
+// so the peak memory is that of a real run; the directory is removed at the end.
 //
 // The workloads are bench/train_throughput's (W2, the issue's: dim 768, 12 layers, 12 heads,
 // FFN 2048, vocab 32000, seq 512, batch 4), with random base weights: the values do not
 // change the work done. The adapters start as PEFT starts them (A uniform, B zero), on every
 // layer. Peak memory is VmHWM read right after the timed steps.
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <cstdlib>
 #include <iostream>
 #include <stdexcept>
@@ -30,6 +39,7 @@
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/model_writer.hpp"
 #include "flotilla/train/adamw.hpp"
 
 namespace {
@@ -52,6 +62,7 @@ struct Args {
   int64_t rank = 8;
   float alpha = 16.0f;
   std::string targets = "q,k,v,o";
+  int bits = 0;  // 0: float32 base
   bool json = false;
 };
 
@@ -70,10 +81,11 @@ Args parse_args(int argc, char** argv) {
     else if (s == "--rank") a.rank = std::stoll(need(i));
     else if (s == "--alpha") a.alpha = std::stof(need(i));
     else if (s == "--targets") a.targets = need(i);
+    else if (s == "--bits") a.bits = std::stoi(need(i));
     else if (s == "--json") a.json = true;
     else if (s == "-h" || s == "--help") {
       std::cout << "usage: lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W] "
-                   "[--rank R] [--alpha A] [--targets q,k,v,o] [--json]\n";
+                   "[--rank R] [--alpha A] [--targets q,k,v,o] [--bits 0|4|8] [--json]\n";
       std::exit(0);
     } else {
       throw std::invalid_argument("unknown flag " + std::string(s));
@@ -91,8 +103,30 @@ int run(const Args& args) {
 
   const ModelConfig cfg = make_config(*w);
   const int64_t B = w->batch, T = w->seq, V = w->vocab;
-  flotilla::model::Llama model(cfg);
-  model.init_random(0);
+  // A quantized base goes through a directory, as in a real run (see the header).
+  struct RemoveDir {
+    std::filesystem::path path;
+    ~RemoveDir() {
+      std::error_code ec;
+      if (!path.empty()) std::filesystem::remove_all(path, ec);
+    }
+  } qdir;
+  flotilla::model::Llama model = [&] {
+    if (args.bits == 0) {
+      flotilla::model::Llama m(cfg);
+      m.init_random(0);
+      return m;
+    }
+    qdir.path = std::filesystem::temp_directory_path() / ("flotilla_lora_bench_q" + std::to_string(getpid()));
+    std::filesystem::create_directories(qdir.path);
+    flotilla::model::ModelWriteOptions options;
+    options.dtype = flotilla::DType::f16;
+    // Group size 64 as mlx_lm's default, 32 where 64 does not divide (W1's 288).
+    const int64_t group = cfg.dim % 64 == 0 && cfg.ffn_dim % 64 == 0 ? 64 : 32;
+    options.quantize = flotilla::QuantFormat{args.bits, group};
+    flotilla::model::write_model(qdir.path, cfg, options, flotilla::model::random_init_source(cfg, 0));
+    return flotilla::model::Llama::load(qdir.path);
+  }();
   flotilla::model::LoraConfig lora_cfg;
   lora_cfg.rank = args.rank;
   lora_cfg.alpha = args.alpha;
@@ -161,6 +195,7 @@ int run(const Args& args) {
       {"rank", args.rank},
       {"alpha", args.alpha},
       {"targets", args.targets},
+      {"bits", args.bits},
       {"batch", B},
       {"seq", T},
       {"steps", args.steps},
@@ -180,10 +215,11 @@ int run(const Args& args) {
   if (args.json) {
     std::cout << out.dump() << std::endl;
   } else {
-    std::printf("flotilla LoRA %s: %d threads, %.1fM base params (frozen), %.2fM adapter params "
+    std::printf("flotilla LoRA %s: %d threads, %.1fM base params (frozen, %s), %.2fM adapter params "
                 "(rank %lld, alpha %g, %s), B=%lld T=%lld: %.0f tokens/s, %.1f ms/step "
                 "(forward %.1f, backward %.1f, optimizer %.1f), peak RSS %.0f MiB\n",
-                args.workload.c_str(), args.threads, cfg.num_params() / 1e6, adapter_params / 1e6,
+                args.workload.c_str(), args.threads, cfg.num_params() / 1e6,
+                args.bits ? (std::to_string(args.bits) + "-bit").c_str() : "float32", adapter_params / 1e6,
                 static_cast<long long>(args.rank), args.alpha, args.targets.c_str(),
                 static_cast<long long>(B), static_cast<long long>(T), tokens_per_s, 1000.0 * elapsed_s / steps,
                 phases.forward / steps, phases.backward / steps, phases.optimizer / steps,

@@ -1,17 +1,21 @@
 // flotilla fuse: merge LoRA adapters into the base and write a Hugging Face model directory.
+// A quantized base is merged tensor by tensor (dequantize, add scale * B A, then quantize
+// again in the base's format, or write float with --de-quantize), never whole in float.
 #include <fmt/format.h>
 
 #include "cli/commands.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/model_writer.hpp"
 #include "flotilla/text/tokenizer.hpp"
 
 namespace flotilla::cli {
 
 void add_fuse_command(CLI::App& app) {
   struct Options {
-    std::string model, adapter, out;
+    std::string model, adapter, out, dtype;
     bool force = false;
+    bool de_quantize = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("fuse", "Merge LoRA adapters into the base model (W += alpha/r * B A)");
@@ -20,16 +24,37 @@ void add_fuse_command(CLI::App& app) {
       ->required()->check(CLI::ExistingDirectory);
   cmd->add_option("--out", opt->out, "Output model directory")->required();
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
+  cmd->add_flag("--de-quantize", opt->de_quantize, "Write a float model from a quantized base");
+  cmd->add_option("--dtype", opt->dtype, "float32, float16 or bfloat16 for a quantized base's output "
+                                         "(default: float32 with --de-quantize, else the base's scale dtype)");
   cmd->callback([opt] {
     model::Llama model = model::Llama::load(opt->model);
     const model::LoraAdapters adapters = model::LoraAdapters::load_peft(opt->adapter, model.config());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
-    ensure_output_dir(opt->out, opt->force);
-    adapters.merge_into(model.params(), model.layout());
-    model.save(opt->out);
-    tokenizer->save(opt->out);
-    fmt::print("fused {} adapted layers (rank {}, {}) into {}\n", model.config().n_layers - adapters.first_layer(),
-               adapters.config().rank, opt->adapter, opt->out);
+    if (!model.quantized()) {
+      ensure_output_dir(opt->out, opt->force);
+      adapters.merge_into(model.params(), model.layout());
+      model.save(opt->out);
+      tokenizer->save(opt->out);
+    } else {
+      model::ModelWriteOptions options;
+      const QuantMatrix& any = model.quantized_weight(-2);
+      if (!opt->de_quantize) options.quantize = any.format;
+      options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype)
+                      : opt->de_quantize  ? DType::f32
+                                          : any.scale_dtype;
+      const model::WeightSource source = [&](const model::ParamInfo& info, std::span<float> out) {
+        model.weight_f32(*model.layout().find(info.name), out);
+        adapters.merge_into_tensor(info.name, out);
+      };
+      write_output_dir(opt->out, opt->force, [&](const std::filesystem::path& stage) {
+        model::write_model(stage, model.config(), options, source);
+        tokenizer->save(stage);
+      });
+    }
+    fmt::print("fused {} adapted layers (rank {}, {}) into {}{}\n", model.config().n_layers - adapters.first_layer(),
+               adapters.config().rank, opt->adapter, opt->out,
+               model.quantized() ? (opt->de_quantize ? " (de-quantized)" : " (quantized again)") : "");
   });
 }
 

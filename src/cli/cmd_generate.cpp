@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include <cstdio>
+#include <optional>
 
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
@@ -41,7 +42,11 @@ void add_generate_command(CLI::App& app) {
     if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
     model::Llama model = model::Llama::load(opt->model);
     // Generation has no dropout, so merged adapters compute exactly what attached ones do.
-    if (!opt->adapter.empty())
+    // A quantized base cannot be merged into in place: its adapters run alongside.
+    std::optional<model::LoraAdapters> side_adapters;
+    if (!opt->adapter.empty() && model.quantized())
+      side_adapters.emplace(model::LoraAdapters::load_peft(opt->adapter, model.config()));
+    else if (!opt->adapter.empty())
       model::LoraAdapters::load_peft(opt->adapter, model.config()).merge_into(model.params(), model.layout());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
     std::vector<int32_t> prompt;
@@ -54,7 +59,7 @@ void add_generate_command(CLI::App& app) {
     if (static_cast<int64_t>(prompt.size()) >= limit)
       throw InputError("generate", fmt::format("prompt of {} tokens fills the model's context of {}", prompt.size(),
                                                model.config().max_position));
-    model::Decoder decoder(model, limit);
+    model::Decoder decoder(model, limit, side_adapters ? &*side_adapters : nullptr);
     model::Sampler sampler(opt->sampling);
     text::Utf8Streamer stream;
     text::StopStrings stops(opt->stops);

@@ -4,14 +4,17 @@
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/model_writer.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
 namespace flotilla::cli {
 
 void add_init_command(CLI::App& app) {
   struct Options {
-    std::string preset, config, out;
+    std::string preset, config, out, dtype;
     uint64_t seed = 0;
+    int bits = 0;
+    int64_t group_size = 64;
     bool force = false;
   };
   auto opt = std::make_shared<Options>();
@@ -23,6 +26,10 @@ void add_init_command(CLI::App& app) {
   cmd->add_option("--out", opt->out, "Output model directory")->required();
   cmd->add_option("--seed", opt->seed, "Initialisation seed");
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
+  cmd->add_option("--dtype", opt->dtype, "float32 (default), float16 or bfloat16; written tensor by tensor, so models "
+                                         "larger than memory can be made");
+  cmd->add_option("--quantize,-q", opt->bits, "Write the model quantized to 2, 4 or 8 bits (MLX layout), tensor by tensor");
+  cmd->add_option("--group-size", opt->group_size, "Quantization group size")->capture_default_str();
   cmd->callback([opt] {
     if (opt->preset.empty() && opt->config.empty()) throw InputError("init", "give --preset or --config");
     model::ModelConfig cfg =
@@ -34,10 +41,22 @@ void add_init_command(CLI::App& app) {
     const bool with_tokenizer = cfg.vocab_size >= tokenizer.vocab_size();
     if (with_tokenizer && cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
     if (with_tokenizer && cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
-    model::Llama model(cfg);
-    model.init_random(opt->seed);
-    model.save(opt->out);
-    if (with_tokenizer) tokenizer.save(opt->out);
+    if (!opt->dtype.empty() || opt->bits != 0) {
+      // Streaming: one tensor in memory at a time, the same values as init_random.
+      model::ModelWriteOptions options;
+      if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
+      options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : DType::f16;
+      if (options.quantize) (void)model::quantizable_weights(cfg, *options.quantize);
+      write_output_dir(opt->out, true, [&](const std::filesystem::path& stage) {
+        model::write_model(stage, cfg, options, model::random_init_source(cfg, opt->seed));
+        if (with_tokenizer) tokenizer.save(stage);
+      });
+    } else {
+      model::Llama model(cfg);
+      model.init_random(opt->seed);
+      model.save(opt->out);
+      if (with_tokenizer) tokenizer.save(opt->out);
+    }
     fmt::print("wrote {} ({} model, {:.2f}M parameters)\n", opt->out, model::architecture_name(cfg.arch),
                static_cast<double>(cfg.num_params()) / 1e6);
   });

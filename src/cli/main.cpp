@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   flotilla::cli::add_data_command(app);
   flotilla::cli::add_bench_command(app);
   flotilla::cli::add_plan_command(app);
+  flotilla::cli::add_convert_command(app);
   try {
     // Under mpirun / srun: MPI starts before anything else and finalizes last.
     const auto mpi = flotilla::comm::MpiRuntime::start_if_launched(&argc, &argv);

@@ -730,6 +730,10 @@ def _(ws):
     (out / "notes.txt").write_text("my notes\n")
     return Run(plan(ws, m, "--out", str(out)), ["earlier_plan", "--force"], preserve=[m, out])
 
+# -- quantized models and convert: bad_input_quant.py
+from bad_input_quant import register_quant_cases  # noqa: E402  (next to this file)
+register_quant_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
+
 
 # ---- Running and checking ------------------------------------------------------------------
 

@@ -216,7 +216,45 @@ void validate(const ModelConfig& c, const FieldReader& f) {
     f.fail(fmt::format("the sizes describe a model of about {:.3g} parameters, more than flotilla supports (2^40)",
                        params));
 }
+// "quantization": {"group_size", "bits", ["mode": "affine"], [module path: false | {..}]}
+QuantFormat parse_quant_format(const json& q, std::string_view source, const std::string& where) {
+  const FieldReader f(q, source, where + ".");
+  QuantFormat fmt_q;
+  fmt_q.bits = static_cast<int>(f.req_int("bits"));
+  fmt_q.group_size = f.req_int("group_size");
+  if (!quant_bits_supported(fmt_q.bits))
+    f.fail(fmt::format("{}.bits = {} is not supported (2, 4 or 8)", where, fmt_q.bits));
+  if (fmt_q.group_size <= 0 || fmt_q.group_size % fmt_q.per_word() != 0)
+    f.fail(fmt::format("{}.group_size = {} must be a positive multiple of {} (values per 32-bit word at {} bits)",
+                       where, fmt_q.group_size, fmt_q.per_word(), fmt_q.bits));
+  if (const auto mode = f.opt_string("mode"); mode && *mode != "affine")
+    f.fail(fmt::format("{}.mode '{}' is not supported (only affine)", where, *mode));
+  return fmt_q;
+}
+
+QuantizationConfig parse_quantization(const json& q, std::string_view source, const std::string& key) {
+  if (!q.is_object()) throw InputError(kComponent, fmt::format("{}: '{}' is not an object", source, key));
+  if (const auto it = q.find("quant_method"); it != q.end() && *it != "mlx")
+    throw InputError(kComponent, fmt::format("{}: {}.quant_method {} is not supported (only MLX's affine layout)",
+                                             source, key, it->dump()));
+  QuantizationConfig qc;
+  qc.format = parse_quant_format(q, source, key);
+  for (const auto& [name, v] : q.items()) {
+    if (v.is_boolean()) {
+      if (!v.get<bool>()) qc.per_module[name] = std::nullopt;
+      else qc.per_module[name] = qc.format;
+    } else if (v.is_object()) {
+      qc.per_module[name] = parse_quant_format(v, source, key + "." + name);
+    }
+  }
+  return qc;
+}
 }  // namespace
+
+std::optional<QuantFormat> QuantizationConfig::for_module(std::string_view path) const {
+  const auto it = per_module.find(path);
+  return it == per_module.end() ? std::optional<QuantFormat>(format) : it->second;
+}
 
 std::string_view architecture_name(Architecture a) {
   for (const auto& [arch, name] : kArchitectures)
@@ -304,6 +342,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view sou
       if (f.opt_bool("mlp_bias").value_or(false)) f.fail("mlp_bias true is not supported");
       break;
   }
+  if (const json* q = f.find("quantization")) c.quantization = parse_quantization(*q, source, "quantization");
+  else if (const json* qc = f.find("quantization_config")) c.quantization = parse_quantization(*qc, source, "quantization_config");
   validate(c, f);
   return c;
 }
@@ -359,6 +399,12 @@ nlohmann::json ModelConfig::to_json() const {
   j["initializer_range"] = float_for_json(initializer_range);
   j["torch_dtype"] = torch_dtype;
   j["use_cache"] = true;
+  if (quantization) {
+    json q = {{"group_size", quantization->format.group_size}, {"bits", quantization->format.bits}};
+    for (const auto& [name, f] : quantization->per_module)
+      q[name] = f ? json{{"group_size", f->group_size}, {"bits", f->bits}} : json(false);
+    j["quantization"] = q;
+  }
   j["attention_dropout"] = 0.0;
   switch (arch) {
     case Architecture::llama:

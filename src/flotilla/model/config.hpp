@@ -3,6 +3,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -10,10 +12,25 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/tensor/quant.hpp"
 
 namespace flotilla::model {
 
 enum class Architecture { llama, mistral, qwen2 };
+
+// config.json's "quantization" (MLX: {"group_size": 64, "bits": 4}, newer mlx_lm also as
+// "quantization_config"), with the per-module entries newer mlx_lm adds for mixed
+// quantization, keyed by module path: false (the module stays float) or its own
+// {group_size, bits}. Which tensors are quantized is told by the weights themselves (a
+// P.scales next to P.weight), as mlx_lm decides when it loads; this says how.
+struct QuantizationConfig {
+  QuantFormat format;
+  std::map<std::string, std::optional<QuantFormat>, std::less<>> per_module;
+
+  // The format of module `path` (e.g. "model.layers.0.self_attn.q_proj"); nullopt when the
+  // config says it stays float.
+  std::optional<QuantFormat> for_module(std::string_view path) const;
+};
 
 struct ModelConfig {
   Architecture arch = Architecture::llama;
@@ -40,6 +57,7 @@ struct ModelConfig {
   int64_t sliding_window = 0;
   float initializer_range = 0.02f;
   std::string torch_dtype = "float32";  // what the source said; we compute in f32
+  std::optional<QuantizationConfig> quantization;  // MLX-layout quantized weights
 
   int64_t q_dim() const { return n_heads * head_dim; }
   int64_t kv_dim() const { return n_kv_heads * head_dim; }

@@ -12,8 +12,10 @@ namespace flotilla::model {
 
 class Decoder {
  public:
-  // max_tokens bounds prompt + generated tokens (the cache's length).
-  Decoder(const Llama& model, int64_t max_tokens);
+  // max_tokens bounds prompt + generated tokens (the cache's length). `adapters` (not
+  // owned, may be null): LoRA applied on the fly, for bases that cannot be merged into in
+  // place (quantized ones); dropout is off at inference.
+  Decoder(const Llama& model, int64_t max_tokens, const LoraAdapters* adapters = nullptr);
 
   // Runs `tokens` at positions position() .. position()+n-1; returns logits (V) of the last.
   std::span<const float> step(std::span<const int32_t> tokens);
@@ -23,8 +25,12 @@ class Decoder {
 
  private:
   void reserve(int64_t n);
+  // out (n, s.out) += scale * (x A^T) B^T for adapted (layer, target); x (n, s.in).
+  void lora(int64_t layer, LoraTarget t, float* out, const float* x, int64_t n);
 
   const Llama& model_;
+  const LoraAdapters* adapters_;
+  Buffer<float> lora_u_;   // (n, rank)
   int64_t max_tokens_;
   int64_t length_ = 0;
   Buffer<float> k_cache_;  // (L, max_tokens, NKV, hd)

@@ -12,21 +12,42 @@
 
 namespace flotilla::model {
 
+QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg);
+
 Llama Llama::load(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir))
     throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig cfg = ModelConfig::load(dir / "config.json");
+  auto store_owner = std::make_shared<const io::TensorStore>(dir);
+  const io::TensorStore& store = *store_owner;
+  // Which weights are stored quantized: those with a P.scales next to P.weight, as mlx_lm
+  // decides when it loads (config.json says how, the tensors say which).
+  std::set<std::string> quantized;
+  const ParamLayout float_layout(cfg);
+  for (const ParamInfo& info : float_layout.params())
+    if (info.decay && info.shape.size() == 2 &&
+        store.has(info.name.substr(0, info.name.size() - std::string_view(".weight").size()) + ".scales"))
+      quantized.insert(info.name);
+  if (!quantized.empty() && !cfg.quantization)
+    throw InputError("model", fmt::format("{}: {} has .scales (a quantized weight) but config.json has no \"quantization\"",
+                                          dir.string(), *quantized.begin()));
+  if (quantized.empty() && cfg.quantization)
+    throw InputError("model", fmt::format("{}: config.json has \"quantization\" but no weight has .scales and .biases: "
+                                          "the quantization config does not match the tensors", dir.string()));
   Llama model = [&] {
     try {
-      return Llama(cfg);
+      return Llama(cfg, quantized);
     } catch (const std::bad_alloc&) {
       throw InputError("model", fmt::format("{}: a model of {} parameters needs {:.1f} GiB, more than this machine can allocate",
                                             (dir / "config.json").string(), cfg.num_params(),
                                             static_cast<double>(cfg.num_params()) * 4.0 / (1 << 30)));
     }
   }();
-  const io::TensorStore store(dir);
   for (const ParamInfo& info : model.layout_.params()) {
+    if (info.quantized) {
+      model.qweights_.push_back(quantized_view(store, info, cfg));
+      continue;
+    }
     std::span<float> dst(model.params_.data() + info.offset, static_cast<size_t>(info.numel));
     store.read_f32(info.name, dst, info.shape);
   }
@@ -34,15 +55,22 @@ Llama Llama::load(const std::filesystem::path& dir) {
   // else means the directory holds a different architecture than config.json says.
   for (const std::string& name : store.names()) {
     if (model.layout_.find(name)) continue;
+    const auto dot = name.rfind('.');
+    if (dot != std::string::npos && (name.ends_with(".scales") || name.ends_with(".biases")) &&
+        quantized.count(name.substr(0, dot) + ".weight"))
+      continue;
     const bool harmless = name.ends_with("rotary_emb.inv_freq") || (cfg.tie_embeddings && name == "lm_head.weight");
     if (!harmless)
       throw InputError("model", fmt::format("{}: unexpected tensor '{}' for a {} model", dir.string(), name,
                                             architecture_name(cfg.arch)));
   }
+  if (model.quantized()) model.qstorage_.push_back(std::move(store_owner));  // the views point into its maps
   return model;
 }
 
 void Llama::save(const std::filesystem::path& dir, int64_t max_shard_bytes) const {
+  if (quantized())
+    throw Error("model", "save of a quantized model: write it with model::write_model (flotilla convert / fuse)");
   std::filesystem::create_directories(dir);
   std::vector<io::TensorToWrite> tensors;
   tensors.reserve(layout_.params().size());

@@ -10,13 +10,39 @@
 #include "flotilla/base/log.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/kernels/quant.hpp"
 
 namespace flotilla::model {
 namespace k = flotilla::kernels;
 
 Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(static_cast<size_t>(layout_.total_numel())) {}
 
+Llama::Llama(const ModelConfig& cfg, const std::set<std::string>& quantized)
+    : cfg_(cfg), layout_(cfg, quantized), params_(static_cast<size_t>(layout_.total_numel())) {}
+
+void Llama::linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
+                           int64_t OC) const {
+  if (is_quantized_ref(weight)) return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N);
+  k::matmul_forward(out, inp, p(weight), bias, N, C, OC);
+}
+
+void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                            int64_t weight, int64_t N, int64_t C, int64_t OC) const {
+  if (is_quantized_ref(weight)) {
+    // A quantized base is always frozen (training it is refused before this point).
+    if (dweight || dbias) throw Error("model", "a quantized weight has no gradient: it is frozen");
+    return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N);
+  }
+  k::matmul_backward(dinp, dweight, dbias, dout, inp, p(weight), N, C, OC);
+}
+
+void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) const {
+  if (is_quantized_ref(layout_.embed)) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
+  k::embedding_forward(out, tokens, p(layout_.embed), N, cfg_.dim);
+}
+
 void Llama::init_random(uint64_t seed) {
+  if (quantized()) throw Error("model", "init_random on a quantized model");
   Rng rng(seed);
   for (const ParamInfo& info : layout_.params()) {
     std::span<float> w(params_.data() + info.offset, static_cast<size_t>(info.numel));
@@ -56,6 +82,9 @@ void Llama::attach_lora(LoraAdapters* adapters) {
 }
 
 Llama::Trainable Llama::trainable() {
+  if (!lora_ && quantized())
+    throw InputError("model", "a quantized model cannot be fully fine-tuned: de-quantize first "
+                              "(flotilla fuse --de-quantize, or flotilla convert without --quantize), or train LoRA adapters");
   if (lora_) return Trainable{lora_->table(), lora_->params(), lora_->grads()};
   return Trainable{layout_, params_.span(), grads()};
 }
@@ -225,7 +254,7 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
     k::matmul_accumulate(out, u, adapters + s.b, N, r, s.out, 1.0f);
   };
 
-  k::embedding_forward(a.layers[0].resid_in, tokens, p(layout_.embed), N, C);
+  embedding_forward(a.layers[0].resid_in, tokens, N);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
     LayerActivations& la = a.layers[static_cast<size_t>(l)];
@@ -233,31 +262,31 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
     auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
     // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
     k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
-    k::matmul_forward(la.q, a.ln, p(w.wq), bias(w.bq), N, C, Dq);
-    k::matmul_forward(la.k, a.ln, p(w.wk), bias(w.bk), N, C, Dkv);
-    k::matmul_forward(la.v, a.ln, p(w.wv), bias(w.bv), N, C, Dkv);
+    linear_forward(la.q, a.ln, w.wq, bias(w.bq), N, C, Dq);
+    linear_forward(la.k, a.ln, w.wk, bias(w.bk), N, C, Dkv);
+    linear_forward(la.v, a.ln, w.wv, bias(w.bv), N, C, Dkv);
     lora_forward(l, LoraTarget::q, la.q, a.ln);
     lora_forward(l, LoraTarget::k, la.k, a.ln);
     lora_forward(l, LoraTarget::v, la.v, a.ln);
     k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
     k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
     k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
-    k::matmul_forward(la.resid_mid, la.attn_out, p(w.wo), nullptr, N, Dq, C);
+    linear_forward(la.resid_mid, la.attn_out, w.wo, nullptr, N, Dq, C);
     lora_forward(l, LoraTarget::o, la.resid_mid, la.attn_out);
     k::add_inplace(la.resid_mid, la.resid_in, N * C);
     // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
     k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
-    k::matmul_forward(la.gate, a.ln, p(w.wgate), nullptr, N, C, F);
-    k::matmul_forward(la.up, a.ln, p(w.wup), nullptr, N, C, F);
+    linear_forward(la.gate, a.ln, w.wgate, nullptr, N, C, F);
+    linear_forward(la.up, a.ln, w.wup, nullptr, N, C, F);
     lora_forward(l, LoraTarget::gate, la.gate, a.ln);
     lora_forward(l, LoraTarget::up, la.up, a.ln);
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
-    k::matmul_forward(resid_next, a.act, p(w.wdown), nullptr, N, F, C);
+    linear_forward(resid_next, a.act, w.wdown, nullptr, N, F, C);
     lora_forward(l, LoraTarget::down, resid_next, a.act);
     k::add_inplace(resid_next, la.resid_mid, N * C);
   }
   k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
-  k::matmul_forward(a.logits, a.lnf, p(layout_.lm_head), nullptr, N, C, V);
+  linear_forward(a.logits, a.lnf, layout_.lm_head, nullptr, N, C, V);
   logits_valid_ = true;
   have_targets_ = targets != nullptr;
   LossSum result;
@@ -286,6 +315,8 @@ void Llama::backward(float dloss_scale) {
   // A frozen base has no gradient buffer: every base gradient pointer is null and the
   // kernels skip those products.
   const bool frozen = lora_ != nullptr;
+  if (!frozen && quantized())
+    throw InputError("model", "backward through a quantized base needs LoRA adapters (the base is frozen)");
   if (!frozen && grads_.empty()) grads_.resize(params_.size());
   float* g = frozen ? nullptr : grads_.data();
   auto gp = [&](int64_t off) { return (off >= 0 && g) ? g + off : nullptr; };
@@ -327,7 +358,7 @@ void Llama::backward(float dloss_scale) {
   k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
   logits_valid_ = false;
   std::memset(a.dln, 0, bytes_NC);
-  k::matmul_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, p(layout_.lm_head), N, C, V);
+  linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
   std::memset(a.dresid, 0, bytes_NC);
   k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
                       a.lnf_rstd, N, C);
@@ -340,20 +371,20 @@ void Llama::backward(float dloss_scale) {
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
-    k::matmul_backward(a.dact, gp(w.wdown), nullptr, a.dresid, a.act, p(w.wdown), N, F, C);
+    linear_backward(a.dact, gp(w.wdown), nullptr, a.dresid, a.act, w.wdown, N, F, C);
     lora_backward(l, LoraTarget::down, a.dact, a.dresid, a.act);
     k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, F);
     // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
     k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
-    k::matmul_backward(a.dln, gp(w.wgate), nullptr, a.dgate, a.ln, p(w.wgate), N, C, F);
-    k::matmul_backward(a.dln, gp(w.wup), nullptr, a.dup, a.ln, p(w.wup), N, C, F);
+    linear_backward(a.dln, gp(w.wgate), nullptr, a.dgate, a.ln, w.wgate, N, C, F);
+    linear_backward(a.dln, gp(w.wup), nullptr, a.dup, a.ln, w.wup, N, C, F);
     lora_backward(l, LoraTarget::gate, a.dln, a.dgate, a.ln);
     lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
     k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
     std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
-    k::matmul_backward(a.dattn_out, gp(w.wo), nullptr, a.dresid, la.attn_out, p(w.wo), N, Dq, C);
+    linear_backward(a.dattn_out, gp(w.wo), nullptr, a.dresid, la.attn_out, w.wo, N, Dq, C);
     lora_backward(l, LoraTarget::o, a.dattn_out, a.dresid, la.attn_out);
     std::memset(a.dq, 0, static_cast<size_t>(N * Dq) * sizeof(float));
     std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
@@ -367,9 +398,9 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.dln, 0, bytes_NC);
     // Below the lowest trained layer nothing needs d(ln1): skip those products.
     float* dln1 = frozen && l == lowest_layer ? nullptr : a.dln;
-    k::matmul_backward(dln1, gp(w.wq), gp(w.bq), a.dq, a.ln, p(w.wq), N, C, Dq);
-    k::matmul_backward(dln1, gp(w.wk), gp(w.bk), a.dk, a.ln, p(w.wk), N, C, Dkv);
-    k::matmul_backward(dln1, gp(w.wv), gp(w.bv), a.dv, a.ln, p(w.wv), N, C, Dkv);
+    linear_backward(dln1, gp(w.wq), gp(w.bq), a.dq, a.ln, w.wq, N, C, Dq);
+    linear_backward(dln1, gp(w.wk), gp(w.bk), a.dk, a.ln, w.wk, N, C, Dkv);
+    linear_backward(dln1, gp(w.wv), gp(w.bv), a.dv, a.ln, w.wv, N, C, Dkv);
     lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
     lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
     lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);

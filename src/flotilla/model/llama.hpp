@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -15,6 +17,7 @@
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/params.hpp"
+#include "flotilla/tensor/quant.hpp"
 
 namespace flotilla::model {
 
@@ -83,10 +86,38 @@ class Llama {
   explicit Llama(const ModelConfig& cfg);  // parameters zero; call init_random or load
 
   // Reads config.json and the safetensors weights (one file or shards) of a HF directory.
+  // A quantized directory (MLX layout: P.weight packed, P.scales, P.biases and config
+  // "quantization") stays packed: its quantized weights are views into the mapped files,
+  // which the model keeps open; only norms and other float tensors are copied.
   static Llama load(const std::filesystem::path& dir);
   // Writes config.json and model.safetensors (or shards above max_shard_bytes) that
-  // transformers reads as the same model. Does not write a tokenizer.
+  // transformers reads as the same model. Does not write a tokenizer. A quantized model
+  // is written in MLX's layout (see model_writer.hpp).
   void save(const std::filesystem::path& dir, int64_t max_shard_bytes = int64_t{5} << 30) const;
+
+  // ---- quantized weights
+  bool quantized() const { return layout_.num_quantized() > 0; }
+  // The packed matrix behind a quantized reference (an offset with is_quantized_ref).
+  const QuantMatrix& quantized_weight(int64_t ref) const {
+    return qweights_[static_cast<size_t>(quantized_slot(ref))];
+  }
+  // A float32 copy of tensor `info` (dequantized when stored quantized); out (numel of shape).
+  void weight_f32(const ParamInfo& info, std::span<float> out) const;
+  // This float model with its Linear and embedding weights quantized in memory, exactly as
+  // `flotilla convert --quantize` writes them (InputError if a dimension does not divide
+  // into groups).
+  Llama quantize(QuantFormat format, DType scale_dtype) const;
+
+  // ---- the linear layers: every product with a weight goes through these, which pick the
+  // float GEMM or the blockwise-dequantizing one. `weight` is a layout offset.
+  // out (N, OC) = inp (N, C) @ W^T + bias
+  void linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
+                      int64_t OC) const;
+  // dinp += dout @ W; dweight, dbias += ... (must be nullptr for a quantized, frozen W).
+  void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                       int64_t weight, int64_t N, int64_t C, int64_t OC) const;
+  // out (N, C) = embed_tokens[tokens]
+  void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
 
   // HF's initialisation: Linear and Embedding ~ N(0, initializer_range), norms = 1,
   // biases = 0.
@@ -164,6 +195,7 @@ class Llama {
 
  private:
   void report_ready(size_t group) const;
+  Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
   float* p(int64_t offset) { return params_.data() + offset; }
@@ -173,6 +205,10 @@ class Llama {
   ParamLayout layout_;
   Buffer<float> params_;
   Buffer<float> grads_;
+  // Quantized weights in layout order, and what keeps their bytes alive (the mapped
+  // files of a loaded directory, or buffers of an in-memory quantization).
+  std::vector<QuantMatrix> qweights_;
+  std::vector<std::shared_ptr<const void>> qstorage_;
   ActivationPlan acts_;
   bool have_targets_ = false;
   bool logits_valid_ = false;

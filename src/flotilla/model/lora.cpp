@@ -230,19 +230,38 @@ LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const Mod
   throw Error(kComponent, "unreachable");
 }
 
+void LoraAdapters::merge_slot(int64_t l, LoraTarget t, float* w) const {
+  const LoraSlot& s = slot(l, t);
+  // W (out, in) += scale * B (out, r) @ A (r, in) = scale * B @ (A^T)^T
+  std::vector<float> a_t(static_cast<size_t>(s.in * cfg_.rank));
+  const float* a = params_.data() + s.a;
+  for (int64_t r = 0; r < cfg_.rank; ++r)
+    for (int64_t i = 0; i < s.in; ++i) a_t[static_cast<size_t>(i * cfg_.rank + r)] = a[r * s.in + i];
+  kernels::matmul_accumulate(w, params_.data() + s.b, a_t.data(), s.out, cfg_.rank, s.in, cfg_.scale());
+}
+
 void LoraAdapters::merge_into(std::span<float> base_params, const ParamLayout& layout) const {
   for (int64_t l = first_layer_; l < model_.n_layers; ++l) {
     for (LoraTarget t : cfg_.targets) {
-      const LoraSlot& s = slot(l, t);
-      float* w = base_params.data() + base_weight_offset(layout.layers[static_cast<size_t>(l)], t);
-      // W (out, in) += scale * B (out, r) @ A (r, in) = scale * B @ (A^T)^T
-      std::vector<float> a_t(static_cast<size_t>(s.in * cfg_.rank));
-      const float* a = params_.data() + s.a;
-      for (int64_t r = 0; r < cfg_.rank; ++r)
-        for (int64_t i = 0; i < s.in; ++i) a_t[static_cast<size_t>(i * cfg_.rank + r)] = a[r * s.in + i];
-      kernels::matmul_accumulate(w, params_.data() + s.b, a_t.data(), s.out, cfg_.rank, s.in, cfg_.scale());
+      const int64_t off = base_weight_offset(layout.layers[static_cast<size_t>(l)], t);
+      if (off < 0) throw Error("model/lora", "merge_into a quantized base: merge tensor by tensor (merge_into_tensor)");
+      merge_slot(l, t, base_params.data() + off);
     }
   }
+}
+
+bool LoraAdapters::merge_into_tensor(std::string_view name, std::span<float> w) const {
+  for (int64_t l = first_layer_; l < model_.n_layers; ++l) {
+    for (LoraTarget t : cfg_.targets) {
+      const std::string_view block = t == LoraTarget::gate || t == LoraTarget::up || t == LoraTarget::down ? "mlp" : "self_attn";
+      if (name != fmt::format("model.layers.{}.{}.{}.weight", l, block, lora_target_module(t))) continue;
+      const LoraSlot& s = slot(l, t);
+      if (static_cast<int64_t>(w.size()) != s.in * s.out) throw Error("model/lora", "merge_into_tensor: wrong size");
+      merge_slot(l, t, w.data());
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace flotilla::model

@@ -77,8 +77,12 @@ class LoraAdapters {
   // W += scale * B A for every adapted layer of `base_params` (laid out by `layout`):
   // the fused model computes what base + adapters compute (dropout is off at inference).
   void merge_into(std::span<float> base_params, const ParamLayout& layout) const;
+  // The same for one base tensor `name` (e.g. "model.layers.3.self_attn.q_proj.weight"),
+  // w (out, in): for bases merged tensor by tensor (quantized ones). False when unadapted.
+  bool merge_into_tensor(std::string_view name, std::span<float> w) const;
 
  private:
+  void merge_slot(int64_t layer, LoraTarget t, float* w) const;
   class Table : public ParamTable {
    public:
     using ParamTable::add;

@@ -4,29 +4,34 @@
 
 namespace flotilla::model {
 
-ParamLayout::ParamLayout(const ModelConfig& cfg) {
+ParamLayout::ParamLayout(const ModelConfig& cfg, const std::set<std::string>& quantized) {
+  // Linear weights and embeddings may be stored quantized; norms and biases never are.
+  auto weight = [&](std::string name, std::vector<int64_t> shape) {
+    if (quantized.count(name)) return add_quantized(std::move(name), std::move(shape));
+    return add(std::move(name), std::move(shape), true);
+  };
   const int64_t C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_dim;
   const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim();
-  embed = add("model.embed_tokens.weight", {V, C}, true);
+  embed = weight("model.embed_tokens.weight", {V, C});
   layers.resize(static_cast<size_t>(cfg.n_layers));
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
     LayerParams& lp = layers[static_cast<size_t>(l)];
     lp.ln1 = add(p + "input_layernorm.weight", {C}, false);
-    lp.wq = add(p + "self_attn.q_proj.weight", {Dq, C}, true);
+    lp.wq = weight(p + "self_attn.q_proj.weight", {Dq, C});
     if (cfg.qkv_bias) lp.bq = add(p + "self_attn.q_proj.bias", {Dq}, false);
-    lp.wk = add(p + "self_attn.k_proj.weight", {Dkv, C}, true);
+    lp.wk = weight(p + "self_attn.k_proj.weight", {Dkv, C});
     if (cfg.qkv_bias) lp.bk = add(p + "self_attn.k_proj.bias", {Dkv}, false);
-    lp.wv = add(p + "self_attn.v_proj.weight", {Dkv, C}, true);
+    lp.wv = weight(p + "self_attn.v_proj.weight", {Dkv, C});
     if (cfg.qkv_bias) lp.bv = add(p + "self_attn.v_proj.bias", {Dkv}, false);
-    lp.wo = add(p + "self_attn.o_proj.weight", {C, Dq}, true);
+    lp.wo = weight(p + "self_attn.o_proj.weight", {C, Dq});
     lp.ln2 = add(p + "post_attention_layernorm.weight", {C}, false);
-    lp.wgate = add(p + "mlp.gate_proj.weight", {F, C}, true);
-    lp.wup = add(p + "mlp.up_proj.weight", {F, C}, true);
-    lp.wdown = add(p + "mlp.down_proj.weight", {C, F}, true);
+    lp.wgate = weight(p + "mlp.gate_proj.weight", {F, C});
+    lp.wup = weight(p + "mlp.up_proj.weight", {F, C});
+    lp.wdown = weight(p + "mlp.down_proj.weight", {C, F});
   }
   final_norm = add("model.norm.weight", {C}, false);
-  lm_head = cfg.tie_embeddings ? embed : add("lm_head.weight", {V, C}, true);
+  lm_head = cfg.tie_embeddings ? embed : weight("lm_head.weight", {V, C});
 }
 
 int64_t ParamTable::add(std::string name, std::vector<int64_t> shape, bool decay) {
@@ -38,6 +43,12 @@ int64_t ParamTable::add(std::string name, std::vector<int64_t> shape, bool decay
   params_.push_back(ParamInfo{std::move(name), std::move(shape), offset, numel, decay});
   total_ = offset + numel;
   return offset;
+}
+
+int64_t ParamTable::add_quantized(std::string name, std::vector<int64_t> shape) {
+  const int64_t ref = -2 - num_quantized_++;
+  params_.push_back(ParamInfo{std::move(name), std::move(shape), ref, 0, true, true});
+  return ref;
 }
 
 const ParamInfo* ParamTable::find(std::string_view name) const {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -18,7 +19,16 @@ struct ParamInfo {
   int64_t offset = 0;           // into the flat buffer, in floats
   int64_t numel = 0;
   bool decay = true;            // weight decay applies (false for norms and biases)
+  // Stored quantized (outside the flat buffer): numel is 0 and offset is a quantized
+  // reference (see is_quantized_ref); the model holds the packed matrix.
+  bool quantized = false;
 };
+
+// A tensor stored quantized takes no space in the flat float buffer; where an offset is
+// expected it is written as -2 - slot, slot indexing the model's quantized matrices in
+// layout order (-1 keeps meaning "absent").
+inline bool is_quantized_ref(int64_t offset) { return offset <= -2; }
+inline int64_t quantized_slot(int64_t offset) { return -2 - offset; }
 
 // Where each tensor of one transformer block sits in the flat buffer.
 struct LayerParams {
@@ -37,6 +47,9 @@ class ParamTable {
  protected:
   // Appends a tensor, 16-float (64-byte) aligned; returns its offset.
   int64_t add(std::string name, std::vector<int64_t> shape, bool decay);
+  // Appends a tensor stored quantized (no floats); returns its quantized reference.
+  int64_t add_quantized(std::string name, std::vector<int64_t> shape);
+  int64_t num_quantized_ = 0;
 
  private:
   std::vector<ParamInfo> params_;
@@ -46,7 +59,9 @@ class ParamTable {
 // The layout of a model's parameters: computed from the config alone.
 class ParamLayout : public ParamTable {
  public:
-  explicit ParamLayout(const ModelConfig& cfg);
+  // `quantized`: names of the weights stored quantized (Linear weights, embeddings).
+  explicit ParamLayout(const ModelConfig& cfg, const std::set<std::string>& quantized = {});
+  int64_t num_quantized() const { return num_quantized_; }
 
   // Offsets (in floats) of the tensors the forward pass uses.
   int64_t embed = -1;          // (V, C)

@@ -164,6 +164,11 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                      100.0 * static_cast<double>(adapters->table().total_numel()) / static_cast<double>(cfg.num_params())));
   } else if (!job.resume_adapter.empty()) {
     throw InputError("train", "--resume-adapter-file needs --fine-tune-type lora");
+  } else if (model.quantized()) {
+    throw InputError("train", fmt::format("{}: a quantized model cannot be fully fine-tuned: de-quantize first (flotilla "
+                                          "fuse --de-quantize, or flotilla convert without --quantize), or pass "
+                                          "--fine-tune-type lora",
+                                          job.model_dir.string()));
   }
   if (job.dp) {
     // Every rank must train the same model on the same data, from rank 0's weights.

@@ -1,0 +1,76 @@
+// flotilla convert: rewrite a model directory tensor by tensor — quantized in MLX's layout
+// (--quantize), de-quantized, or in another float dtype. Peak memory is one tensor.
+#include <fmt/format.h>
+
+#include <optional>
+
+#include "cli/commands.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/io/tensor_store.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/model_writer.hpp"
+#include "flotilla/text/tokenizer.hpp"
+
+namespace flotilla::cli {
+
+void copy_tokenizer_files(const std::filesystem::path& model_dir, const std::filesystem::path& out) {
+  for (const char* name : {text::kFlotillaTokenizerFile, "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                           "special_tokens_map.json", "added_tokens.json", "generation_config.json", "vocab.json",
+                           "merges.txt"}) {
+    if (std::filesystem::is_regular_file(model_dir / name))
+      std::filesystem::copy_file(model_dir / name, out / name, std::filesystem::copy_options::overwrite_existing);
+  }
+}
+
+void add_convert_command(CLI::App& app) {
+  struct Options {
+    std::string model, out, dtype;
+    int bits = 0;
+    int64_t group_size = 64;
+    bool force = false;
+  };
+  auto opt = std::make_shared<Options>();
+  CLI::App* cmd = app.add_subcommand("convert", "Quantize (MLX layout), de-quantize or re-type a model directory, tensor by tensor");
+  cmd->add_option("--model", opt->model, "Source model directory (float or quantized)")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--out", opt->out, "Output model directory (must not exist or be empty)")->required();
+  cmd->add_option("--quantize,-q", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float)");
+  cmd->add_option("--group-size", opt->group_size, "Elements per scale/bias group")->capture_default_str();
+  cmd->add_option("--dtype", opt->dtype, "float16, bfloat16 or float32: float tensors, scales and biases "
+                                         "(default float16 when quantizing, else float32)");
+  cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
+  cmd->callback([opt] {
+    const std::filesystem::path src_dir = opt->model;
+    const model::ModelConfig cfg = model::ModelConfig::load(src_dir / "config.json");
+    model::ModelWriteOptions options;
+    if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
+    options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : options.quantize ? DType::f16 : DType::f32;
+    // Everything a user can get wrong is checked before the first byte is written.
+    if (options.quantize) (void)model::quantizable_weights(cfg, *options.quantize);
+
+    // A quantized source is read through the model (packed views, dequantized tensor by
+    // tensor); a float one straight from its files, converted tensor by tensor.
+    std::optional<model::Llama> quantized_src;
+    std::optional<io::TensorStore> float_src;
+    model::WeightSource source;
+    if (cfg.quantization) {
+      quantized_src.emplace(model::Llama::load(src_dir));
+      source = [&](const model::ParamInfo& info, std::span<float> out) {
+        quantized_src->weight_f32(*quantized_src->layout().find(info.name), out);
+      };
+    } else {
+      float_src.emplace(src_dir);
+      source = [&](const model::ParamInfo& info, std::span<float> out) { float_src->read_f32(info.name, out, info.shape); };
+    }
+    write_output_dir(opt->out, opt->force, [&](const std::filesystem::path& stage) {
+      model::write_model(stage, cfg, options, source);
+      copy_tokenizer_files(src_dir, stage);
+    });
+    if (options.quantize)
+      fmt::print("wrote {} ({}-bit, group size {}, {} scales and float tensors)\n", opt->out, options.quantize->bits,
+                 options.quantize->group_size, model::model_dtype_name(options.dtype));
+    else
+      fmt::print("wrote {} ({})\n", opt->out, model::model_dtype_name(options.dtype));
+  });
+}
+
+}  // namespace flotilla::cli

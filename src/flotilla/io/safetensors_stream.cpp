@@ -1,0 +1,97 @@
+#include "flotilla/io/safetensors_stream.hpp"
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/error.hpp"
+
+namespace flotilla::io {
+namespace {
+constexpr std::string_view kComponent = "io/safetensors";
+
+void write_one_file(const std::filesystem::path& path, std::span<const TensorSpec> specs, size_t first_index,
+                    const TensorWriteFn& write_tensor, const SafetensorsMetadata& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+  for (const auto& [k, v] : metadata) meta[k] = v;
+  if (!meta.contains("format")) meta["format"] = "pt";
+  header["__metadata__"] = std::move(meta);
+  uint64_t offset = 0;
+  for (const TensorSpec& t : specs) {
+    nlohmann::ordered_json entry;
+    entry["dtype"] = std::string(dtype_name(t.dtype));
+    entry["shape"] = t.shape;
+    entry["data_offsets"] = {offset, offset + t.bytes()};
+    offset += t.bytes();
+    header[t.name] = std::move(entry);
+  }
+  std::string text = header.dump();
+  text.append((8 - (8 + text.size()) % 8) % 8, ' ');  // data section 8-byte aligned
+  const uint64_t header_bytes = text.size();
+  std::byte length[8];
+  std::memcpy(length, &header_bytes, 8);
+
+  AtomicFileWriter out(path);
+  out.write(std::span<const std::byte>(length, 8));
+  out.write(text);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    TensorSink sink(out);
+    write_tensor(first_index + i, sink);
+    if (sink.written() != specs[i].bytes())
+      throw Error(kComponent, fmt::format("{}: tensor '{}' got {} bytes, its header says {}", path.string(),
+                                          specs[i].name, sink.written(), specs[i].bytes()));
+  }
+  out.commit();
+}
+}  // namespace
+
+uint64_t TensorSpec::bytes() const {
+  uint64_t n = dtype_size(dtype);
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+std::vector<std::filesystem::path> write_safetensors_streamed(const std::filesystem::path& dir,
+                                                              std::span<const TensorSpec> specs,
+                                                              uint64_t max_shard_bytes,
+                                                              const TensorWriteFn& write_tensor,
+                                                              const SafetensorsMetadata& metadata) {
+  uint64_t total_bytes = 0;
+  for (const TensorSpec& t : specs) total_bytes += t.bytes();
+  std::vector<std::filesystem::path> written;
+  if (total_bytes <= max_shard_bytes) {
+    written.push_back(dir / "model.safetensors");
+    write_one_file(written.back(), specs, 0, write_tensor, metadata);
+    return written;
+  }
+  // Greedy, in order: a shard takes tensors until the next would overflow it.
+  std::vector<std::pair<size_t, size_t>> shards;  // [first, last)
+  uint64_t shard_bytes = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const uint64_t b = specs[i].bytes();
+    if (shards.empty() || (shard_bytes > 0 && shard_bytes + b > max_shard_bytes)) {
+      shards.emplace_back(i, i);
+      shard_bytes = 0;
+    }
+    shards.back().second = i + 1;
+    shard_bytes += b;
+  }
+  nlohmann::json weight_map = nlohmann::json::object();
+  for (size_t s = 0; s < shards.size(); ++s) {
+    const auto [first, last] = shards[s];
+    const std::string name = fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards.size());
+    written.push_back(dir / name);
+    write_one_file(written.back(), specs.subspan(first, last - first), first, write_tensor, metadata);
+    for (size_t i = first; i < last; ++i) weight_map[specs[i].name] = name;
+  }
+  nlohmann::json index;
+  index["metadata"] = {{"total_size", total_bytes}};
+  index["weight_map"] = std::move(weight_map);
+  written.push_back(dir / "model.safetensors.index.json");
+  write_file_atomic(written.back(), index.dump(2) + "\n");
+  return written;
+}
+
+}  // namespace flotilla::io

@@ -1,0 +1,209 @@
+// Affine group quantization: see quant.hpp for the format and the error bound.
+#include "flotilla/kernels/quant.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace flotilla::kernels {
+namespace {
+
+inline uint32_t load_word(const std::byte* p, int64_t i) {
+  uint32_t w;
+  std::memcpy(&w, p + i * 4, 4);
+  return w;
+}
+
+// A row's scales and biases as floats. The thread-local buffers grow to the widest row
+// seen (cols / group_size floats), never per call.
+void load_row_params(const QuantMatrix& m, int64_t r, float* s, float* b) {
+  const int64_t G = m.groups_per_row();
+  const size_t esz = dtype_size(m.scale_dtype);
+  convert_to_f32(m.scale_dtype, m.scales + static_cast<size_t>(r * G) * esz, {s, static_cast<size_t>(G)});
+  convert_to_f32(m.scale_dtype, m.biases + static_cast<size_t>(r * G) * esz, {b, static_cast<size_t>(G)});
+}
+
+// One row of m into out (cols). s, b: scratch of groups_per_row floats each.
+template <int kBits>
+void dequantize_row_bits(const QuantMatrix& m, int64_t r, float* out, float* s, float* b) {
+  constexpr int kPerWord = 32 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1u;
+  load_row_params(m, r, s, b);
+  const int64_t words_per_group = m.format.group_size / kPerWord;
+  const std::byte* row = m.packed + r * m.words_per_row() * 4;
+  const int64_t G = m.groups_per_row();
+  for (int64_t g = 0; g < G; ++g) {
+    const float scale = s[g], bias = b[g];
+    for (int64_t wi = g * words_per_group; wi < (g + 1) * words_per_group; ++wi) {
+      const uint32_t word = load_word(row, wi);
+      float* o = out + wi * kPerWord;
+#pragma omp simd
+      for (int i = 0; i < kPerWord; ++i) o[i] = scale * static_cast<float>((word >> (i * kBits)) & kMask) + bias;
+    }
+  }
+}
+
+void dequantize_row(const QuantMatrix& m, int64_t r, float* out, float* s, float* b) {
+  switch (m.format.bits) {
+    case 2: dequantize_row_bits<2>(m, r, out, s, b); break;
+    case 4: dequantize_row_bits<4>(m, r, out, s, b); break;
+    default: dequantize_row_bits<8>(m, r, out, s, b); break;
+  }
+}
+
+// Per-thread scratch for one row's scales and biases.
+struct RowScratch {
+  std::vector<float> s, b;
+  explicit RowScratch(const QuantMatrix& m)
+      : s(static_cast<size_t>(m.groups_per_row())), b(static_cast<size_t>(m.groups_per_row())) {}
+};
+
+// Stores x in `dt` at dst[i]; `up` rounds towards +inf (for scales, so that the range
+// bias + (2^bits - 1) * scale still reaches the group's maximum).
+float store_param(DType dt, std::byte* dst, int64_t i, float x, bool up) {
+  if (dt == DType::f32) {
+    std::memcpy(dst + i * 4, &x, 4);
+    return x;
+  }
+  uint16_t h = dt == DType::f16 ? f32_to_f16(x) : f32_to_bf16(x);
+  auto to_f32 = [&](uint16_t v) { return dt == DType::f16 ? f16_to_f32(v) : bf16_to_f32(v); };
+  // Positive finite values: the next representable one is the next bit pattern.
+  if (up && x > 0.0f && to_f32(h) < x) ++h;
+  std::memcpy(dst + i * 2, &h, 2);
+  return to_f32(h);
+}
+
+// Up to this many input rows, dequantizing each weight row once into L1 and dotting it
+// with every input is the faster way; by 16 rows the tile + SGEMM is ahead (measured on
+// a 4096 x 4096 matrix: 1.8 vs 2.2 G weight-rows/s).
+constexpr int64_t kRowPathMaxRows = 4;
+
+int64_t tile_rows(int64_t C) { return std::clamp<int64_t>(kQuantTileFloats / std::max<int64_t>(C, 1), 16, 1024); }
+
+}  // namespace
+
+void pack_row(const uint8_t* q, int64_t cols, int bits, uint32_t* words) {
+  const int64_t per_word = 32 / bits;
+  for (int64_t w = 0; w < cols / per_word; ++w) {
+    uint32_t word = 0;
+    for (int64_t i = 0; i < per_word; ++i) word |= static_cast<uint32_t>(q[w * per_word + i]) << (i * bits);
+    words[w] = word;
+  }
+}
+
+void unpack_row(const uint32_t* words, int64_t cols, int bits, uint8_t* q) {
+  const int64_t per_word = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int64_t j = 0; j < cols; ++j)
+    q[j] = static_cast<uint8_t>((words[j / per_word] >> ((j % per_word) * bits)) & mask);
+}
+
+void quantize_rows(const float* w, int64_t rows, int64_t cols, QuantFormat format, DType scale_dtype,
+                   uint32_t* packed, std::byte* scales, std::byte* biases) {
+  // w (rows, cols); packed (rows, cols*bits/32); scales, biases (rows, cols/group_size)
+  const int64_t gs = format.group_size, G = cols / gs, W = cols / format.per_word();
+  const float max_q = static_cast<float>(format.max_q());
+#pragma omp parallel if (rows * cols > (1 << 16))
+  {
+    std::vector<uint8_t> q(static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = w + r * cols;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* x = row + g * gs;
+        const auto [lo, hi] = std::minmax_element(x, x + gs);
+        const float bias = store_param(scale_dtype, biases, r * G + g, *lo, false);
+        const float scale = store_param(scale_dtype, scales, r * G + g, std::max(*hi - bias, 0.0f) / max_q, true);
+        const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (int64_t j = 0; j < gs; ++j) {
+          const float v = std::nearbyint((x[j] - bias) * inv);
+          q[static_cast<size_t>(g * gs + j)] = static_cast<uint8_t>(std::clamp(v, 0.0f, max_q));
+        }
+      }
+      pack_row(q.data(), cols, format.bits, packed + r * W);
+    }
+  }
+}
+
+void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* out) {
+  // out (nrows, cols)
+#pragma omp parallel if (nrows * m.cols > (1 << 15))
+  {
+    RowScratch sc(m);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < nrows; ++r) dequantize_row(m, row0 + r, out + r * m.cols, sc.s.data(), sc.b.data());
+  }
+}
+
+void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N) {
+  // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
+  const int64_t OC = m.rows, C = m.cols;
+  if (N == 0 || OC == 0) return;
+  if (N <= kRowPathMaxRows) {
+    // Decoding and short prompts: each weight row is dequantized once into L1 and dotted
+    // with the N inputs.
+#pragma omp parallel
+    {
+      RowScratch sc(m);
+      std::vector<float> wrow(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+      for (int64_t o = 0; o < OC; ++o) {
+        dequantize_row(m, o, wrow.data(), sc.s.data(), sc.b.data());
+        for (int64_t n = 0; n < N; ++n) {
+          const float* x = inp + n * C;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < C; ++c) acc += x[c] * wrow[static_cast<size_t>(c)];
+          out[n * OC + o] = acc + (bias ? bias[o] : 0.0f);
+        }
+      }
+    }
+    return;
+  }
+  const int64_t R = tile_rows(C);
+  std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
+  for (int64_t r0 = 0; r0 < OC; r0 += R) {
+    const int64_t nr = std::min(R, OC - r0);
+    dequantize_rows(m, r0, nr, tile.data());
+    // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(nr),
+                static_cast<int>(C), 1.0f, inp, static_cast<int>(C), tile.data(), static_cast<int>(C), 0.0f,
+                out + r0, static_cast<int>(OC));
+  }
+  if (bias) {
+#pragma omp parallel for schedule(static) if (N * OC > (1 << 15))
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < OC; ++o) out[n * OC + o] += bias[o];
+  }
+}
+
+void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N) {
+  // dinp (N, C) += dout (N, OC) @ m (OC, C)
+  const int64_t OC = m.rows, C = m.cols;
+  if (N == 0 || OC == 0 || C == 0 || dinp == nullptr) return;
+  const int64_t R = tile_rows(C);
+  std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
+  for (int64_t r0 = 0; r0 < OC; r0 += R) {
+    const int64_t nr = std::min(R, OC - r0);
+    dequantize_rows(m, r0, nr, tile.data());
+    // dinp += dout[:, r0:r0+nr] (N, nr) @ tile (nr, C)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(N), static_cast<int>(C),
+                static_cast<int>(nr), 1.0f, dout + r0, static_cast<int>(OC), tile.data(), static_cast<int>(C),
+                1.0f, dinp, static_cast<int>(C));
+  }
+}
+
+void qembedding_forward(float* out, const int32_t* tokens, const QuantMatrix& m, int64_t N) {
+  // out (N, C), tokens (N)
+#pragma omp parallel if (N * m.cols > (1 << 15))
+  {
+    RowScratch sc(m);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) dequantize_row(m, tokens[n], out + n * m.cols, sc.s.data(), sc.b.data());
+  }
+}
+
+}  // namespace flotilla::kernels

@@ -1,0 +1,46 @@
+// Affine group quantization kernels (MLX's layout, see tensor/quant.hpp): quantize and
+// dequantize rows, and the linear-layer products computed straight from packed weights.
+//
+// The products never materialise the whole float matrix: W is dequantized a *tile* of
+// output rows at a time into a small scratch buffer (at most kQuantTileFloats floats) and
+// each tile goes through one OpenBLAS SGEMM. For a few rows of input (KV-cache
+// decoding) a row-at-a-time path dequantizes one weight row into L1 and dots it with the
+// inputs, which is what bounds decoding speed: reading the packed bytes once.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flotilla/tensor/quant.hpp"
+
+namespace flotilla::kernels {
+
+inline constexpr int64_t kQuantTileFloats = int64_t{1} << 20;  // 4 MiB of scratch per tile
+
+// q (cols) in [0, 2^bits) <-> words (cols * bits / 32). cols must be a multiple of 32/bits.
+void pack_row(const uint8_t* q, int64_t cols, int bits, uint32_t* words);
+void unpack_row(const uint32_t* words, int64_t cols, int bits, uint8_t* q);
+
+// Quantizes w (rows, cols) group by group: bias = min of the group (rounded to
+// scale_dtype), scale = (max - bias) / (2^bits - 1) rounded *up* to scale_dtype, so the
+// top of the range stays representable, q = round((w - bias) / scale) clamped. Then
+//   |w - (scale * q + bias)| <= scale / 2 + |min - bias|,
+// the second term being half a unit in the last place of bias in scale_dtype (0 for f32).
+// packed (rows, cols*bits/32) uint32, scales and biases (rows, cols/group_size) in
+// scale_dtype (f16, bf16 or f32). cols % group_size == 0, group_size % (32/bits) == 0.
+void quantize_rows(const float* w, int64_t rows, int64_t cols, QuantFormat format, DType scale_dtype,
+                   uint32_t* packed, std::byte* scales, std::byte* biases);
+
+// out (nrows, cols) = rows row0 .. row0+nrows-1 of m, dequantized.
+void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* out);
+
+// out = inp @ W^T + bias    out (N, OC), inp (N, C), W = m (OC, C), bias (OC) or nullptr.
+void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N);
+// dinp += dout @ W          dinp (N, C), dout (N, OC). W is frozen: no weight gradient.
+void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N);
+
+// out[n, :] = W[tokens[n], :]   out (N, C), tokens (N) in [0, rows). Only looked-up rows
+// are dequantized.
+void qembedding_forward(float* out, const int32_t* tokens, const QuantMatrix& m, int64_t N);
+
+}  // namespace flotilla::kernels

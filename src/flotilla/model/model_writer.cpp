@@ -1,0 +1,142 @@
+#include "flotilla/model/model_writer.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/log.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/io/safetensors_stream.hpp"
+#include "flotilla/kernels/quant.hpp"
+
+namespace flotilla::model {
+namespace {
+constexpr std::string_view kComponent = "model/writer";
+constexpr size_t kConvertChunk = size_t{1} << 20;  // elements per f16/bf16 conversion chunk
+
+std::string module_of(const std::string& weight_name) {
+  return weight_name.substr(0, weight_name.size() - std::string_view(".weight").size());
+}
+
+void write_float(io::TensorSink& sink, std::span<const float> x, DType dt, std::vector<uint16_t>& chunk) {
+  if (dt == DType::f32) return sink.write(std::as_bytes(x));
+  for (size_t start = 0; start < x.size(); start += kConvertChunk) {
+    const size_t n = std::min(kConvertChunk, x.size() - start);
+    chunk.resize(n);
+    for (size_t i = 0; i < n; ++i)
+      chunk[i] = dt == DType::bf16 ? f32_to_bf16(x[start + i]) : f32_to_f16(x[start + i]);
+    sink.write(std::as_bytes(std::span<const uint16_t>(chunk)));
+  }
+}
+}  // namespace
+
+std::set<std::string> quantizable_weights(const ModelConfig& cfg, QuantFormat format) {
+  if (!quant_bits_supported(format.bits))
+    throw InputError(kComponent, fmt::format("{} bits is not supported (2, 4 or 8)", format.bits));
+  if (format.group_size <= 0 || format.group_size % format.per_word() != 0)
+    throw InputError(kComponent, fmt::format("group size {} must be a positive multiple of {} at {} bits",
+                                             format.group_size, format.per_word(), format.bits));
+  const std::pair<const char*, int64_t> dims[] = {
+      {"hidden_size", cfg.dim}, {"intermediate_size", cfg.ffn_dim}, {"num_attention_heads * head_dim", cfg.q_dim()}};
+  for (const auto& [name, d] : dims)
+    if (d % format.group_size != 0)
+      throw InputError(kComponent, fmt::format("group size {} does not divide {} = {}: choose a group size that does "
+                                               "(32, 64 or 128 usually)",
+                                               format.group_size, name, d));
+  std::set<std::string> names;
+  const ParamLayout layout(cfg);
+  for (const ParamInfo& info : layout.params())
+    if (info.decay && info.shape.size() == 2) names.insert(info.name);  // Linear weights and embeddings
+  return names;
+}
+
+WeightSource random_init_source(const ModelConfig& cfg, uint64_t seed) {
+  auto rng = std::make_shared<Rng>(seed);
+  const float stddev = cfg.initializer_range;
+  return [rng, stddev](const ParamInfo& info, std::span<float> out) {
+    if (info.name.ends_with("norm.weight"))
+      std::fill(out.begin(), out.end(), 1.0f);
+    else if (info.name.ends_with(".bias"))
+      std::fill(out.begin(), out.end(), 0.0f);
+    else
+      rng->fill_normal(out, 0.0f, stddev);
+  };
+}
+
+DType parse_model_dtype(std::string_view name) {
+  if (name == "float32" || name == "f32") return DType::f32;
+  if (name == "float16" || name == "f16") return DType::f16;
+  if (name == "bfloat16" || name == "bf16") return DType::bf16;
+  throw InputError(kComponent, fmt::format("dtype '{}' is not one of float32, float16, bfloat16", name));
+}
+
+std::string_view model_dtype_name(DType dt) {
+  return dt == DType::f16 ? "float16" : dt == DType::bf16 ? "bfloat16" : "float32";
+}
+
+void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelWriteOptions& options,
+                 const WeightSource& source) {
+  const std::set<std::string> qnames = options.quantize ? quantizable_weights(cfg, *options.quantize)
+                                                        : std::set<std::string>{};
+  const ParamLayout layout(cfg);
+  // Each spec: which tensor of the layout it comes from, and which part (0: the weight or
+  // the packed words, 1: scales, 2: biases).
+  std::vector<io::TensorSpec> specs;
+  std::vector<std::pair<size_t, int>> part_of;
+  for (size_t i = 0; i < layout.params().size(); ++i) {
+    const ParamInfo& info = layout.params()[i];
+    if (!qnames.count(info.name)) {
+      specs.push_back({info.name, options.dtype, info.shape});
+      part_of.emplace_back(i, 0);
+      continue;
+    }
+    const QuantFormat f = *options.quantize;
+    const int64_t rows = info.shape[0], cols = info.shape[1];
+    const std::string m = module_of(info.name);
+    specs.push_back({info.name, DType::u32, {rows, cols / f.per_word()}});
+    specs.push_back({m + ".scales", options.dtype, {rows, cols / f.group_size}});
+    specs.push_back({m + ".biases", options.dtype, {rows, cols / f.group_size}});
+    for (int part = 0; part < 3; ++part) part_of.emplace_back(i, part);
+  }
+
+  std::vector<float> tensor;         // the current tensor in float
+  std::vector<uint32_t> packed;      // its packed words when quantized
+  std::vector<std::byte> scales, biases;
+  std::vector<uint16_t> chunk;
+  auto write_tensor = [&](size_t index, io::TensorSink& sink) {
+    const auto [pi, part] = part_of[index];
+    const ParamInfo& info = layout.params()[pi];
+    const bool quantize = qnames.count(info.name) > 0;
+    if (part == 0) {
+      tensor.assign(static_cast<size_t>(info.numel), 0.0f);
+      source(info, tensor);
+      if (!quantize) return write_float(sink, tensor, options.dtype, chunk);
+      const QuantFormat f = *options.quantize;
+      const int64_t rows = info.shape[0], cols = info.shape[1];
+      const size_t esz = dtype_size(options.dtype);
+      packed.assign(static_cast<size_t>(rows * cols / f.per_word()), 0u);
+      scales.assign(static_cast<size_t>(rows * cols / f.group_size) * esz, std::byte{0});
+      biases.assign(scales.size(), std::byte{0});
+      kernels::quantize_rows(tensor.data(), rows, cols, f, options.dtype, packed.data(), scales.data(),
+                             biases.data());
+      return sink.write(std::as_bytes(std::span<const uint32_t>(packed)));
+    }
+    sink.write(part == 1 ? std::span<const std::byte>(scales) : std::span<const std::byte>(biases));
+  };
+  io::write_safetensors_streamed(dir, specs, static_cast<uint64_t>(options.max_shard_bytes), write_tensor);
+
+  cfg.torch_dtype = std::string(model_dtype_name(options.dtype));
+  if (options.quantize)
+    cfg.quantization = QuantizationConfig{*options.quantize, {}};
+  else
+    cfg.quantization.reset();
+  write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
+  log::debug("[{}] wrote {} ({} tensors, {} quantized)", kComponent, dir.string(), specs.size(), qnames.size());
+}
+
+}  // namespace flotilla::model

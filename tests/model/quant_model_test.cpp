@@ -1,0 +1,382 @@
+// Quantized bases (MLX layout) as a specification: a quantized model computes what a float
+// model holding its dequantized weights computes, stays close to the float model it came
+// from, reads back from disk bit for bit, loads a directory laid out exactly as mlx_lm
+// writes it, and trains LoRA adapters whose gradients match finite differences.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/model/decoder.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
+#include "flotilla/model/model_writer.hpp"
+#include "../test_seed.hpp"
+
+namespace flotilla::model {
+namespace {
+
+using ::flotilla::testing::test_seed;
+namespace fs = std::filesystem;
+
+// Every input dimension (64, 96, q_dim 64) divides into groups of 32; GQA, untied head.
+ModelConfig small_config() {
+  ModelConfig c;
+  c.vocab_size = 40;
+  c.dim = 64;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 16;
+  c.ffn_dim = 96;
+  c.max_position = 64;
+  c.initializer_range = 0.15f;  // logits of order one, so a wrong product shows
+  return c;
+}
+
+struct TempDir {
+  fs::path path;
+  explicit TempDir(const std::string& tag)
+      : path(fs::temp_directory_path() / ("flotilla_quant_" + tag + "_" + std::to_string(getpid()))) {
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
+  return t;
+}
+
+std::vector<float> logits_of(Llama& m, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {
+  m.set_training(false);
+  m.forward(tokens.data(), nullptr, B, T);
+  return {m.logits().begin(), m.logits().end()};
+}
+
+// A float model holding the dequantized weights of `q`.
+Llama dequantized_copy(const Llama& q) {
+  ModelConfig cfg = q.config();
+  cfg.quantization.reset();
+  Llama f(cfg);
+  for (const ParamInfo& info : f.layout().params())
+    q.weight_f32(*q.layout().find(info.name), f.params().subspan(static_cast<size_t>(info.offset),
+                                                                 static_cast<size_t>(info.numel)));
+  return f;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, static_cast<double>(std::fabs(a[i] - b[i])));
+  return m;
+}
+
+// B*T = 12 rows takes the tiled SGEMM path, the decoder's single rows the row path. Both
+// compute each output as a length-C dot product with the same weights, in another order:
+// float rounding of sums of ~100 terms of O(0.1) -> 1e-4 is ten times that noise.
+TEST(QuantModel, ComputesWhatTheDequantizedFloatModelComputes) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama model(small_config());
+  model.init_random(seed);
+  for (int bits : {4, 8}) {
+    Llama q = model.quantize({bits, 32}, DType::f16);
+    EXPECT_TRUE(q.quantized());
+    // No float space for quantized tensors: only the norms remain in the flat buffer.
+    EXPECT_LE(q.params().size(), static_cast<size_t>(5 * 64 + 16 * 5));
+    Llama f = dequantized_copy(q);
+    const std::vector<int32_t> tokens = random_tokens(rng, 12, 40);
+    const std::vector<float> lq = logits_of(q, tokens, 2, 6), lf = logits_of(f, tokens, 2, 6);
+    EXPECT_LT(max_abs_diff(lq, lf), 1e-4) << bits << " bits";
+    // The KV-cache decoder goes through the same linear layers.
+    Decoder dec(q, 6);
+    std::span<const float> last = dec.step(std::span<const int32_t>(tokens.data(), 6));
+    for (int64_t v = 0; v < 40; ++v) EXPECT_NEAR(last[static_cast<size_t>(v)], lq[static_cast<size_t>(5 * 40 + v)], 1e-4);
+  }
+}
+
+// Against the float model it came from, as a relative RMS error: rms(lq - l) / rms(l -
+// mean(l)). Predicted: a group of 32 N(0, sigma) weights spans about 4.5 sigma, so the
+// rounding error is uniform with RMS 4.5 sigma / (2^bits - 1) / sqrt(12), i.e. 0.51% of a
+// weight at 8 bits and 8.7% at 4 bits. Each of the 16 quantized matrices on the path
+// (embedding, 7 per layer, lm_head) adds that much relative noise, independently, to a
+// random network's output: sqrt(16) x that = 2.0% and 35%, which is what is measured
+// (1.5-2.9% and 26-35% over seeds). Bounds are twice the prediction; a wrong
+// dequantization (bit order, scales and biases swapped) gives >= 100% (sqrt(2) for
+// unrelated logits), and the 8-bit bound is what pins the arithmetic down.
+TEST(QuantModel, LogitsCloseToTheFloatModel) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama model(small_config());
+  model.init_random(seed);
+  const std::vector<int32_t> tokens = random_tokens(rng, 16, 40);
+  const std::vector<float> ref = logits_of(model, tokens, 2, 8);
+  double mean = 0.0;
+  for (float x : ref) mean += x;
+  mean /= static_cast<double>(ref.size());
+  double ref_ss = 0.0;
+  for (float x : ref) ref_ss += (x - mean) * (x - mean);
+  for (const auto& [bits, bound] : {std::pair{8, 0.04}, std::pair{4, 0.7}}) {
+    Llama q = model.quantize({bits, 32}, DType::f16);
+    const std::vector<float> lq = logits_of(q, tokens, 2, 8);
+    double ss = 0.0;
+    for (size_t i = 0; i < ref.size(); ++i) ss += (lq[i] - ref[i]) * (lq[i] - ref[i]);
+    const double rel = std::sqrt(ss / ref_ss);
+    std::printf("%d bits: relative RMS logit error %.2f%%\n", bits, 100.0 * rel);
+    EXPECT_LT(rel, bound) << bits << " bits";
+  }
+}
+
+// What convert writes (tensor by tensor, f16 scales) is what quantizing in memory gives,
+// bit for bit: init_random's norms are 1, exact in f16, so nothing else differs.
+TEST(QuantModel, WrittenDirectoryLoadsWithIdenticalLogits) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama model(small_config());
+  model.init_random(seed);
+  TempDir dir("written");
+  ModelWriteOptions options;
+  options.dtype = DType::f16;
+  options.quantize = QuantFormat{4, 32};
+  write_model(dir.path, model.config(), options, [&](const ParamInfo& info, std::span<float> out) {
+    model.weight_f32(*model.layout().find(info.name), out);
+  });
+  Llama loaded = Llama::load(dir.path);
+  Llama in_memory = model.quantize({4, 32}, DType::f16);
+  const std::vector<int32_t> tokens = random_tokens(rng, 10, 40);
+  EXPECT_EQ(logits_of(loaded, tokens, 1, 10), logits_of(in_memory, tokens, 1, 10));
+  // A streamed random init is init_random.
+  TempDir init_dir("init");
+  options.quantize.reset();
+  options.dtype = DType::f32;
+  write_model(init_dir.path, model.config(), options, random_init_source(model.config(), seed));
+  Llama init = Llama::load(init_dir.path);
+  EXPECT_TRUE(std::equal(init.params().begin(), init.params().end(), model.params().begin()));
+}
+
+// ---- a directory written exactly as mlx_lm.convert -q writes one, built here by hand.
+
+// MLX's affine quantizer (mlx/ops.cpp, affine_quantize): the larger-magnitude extreme is
+// the edge, the scale is adjusted so that the edge is an exact level, 0 maps to a level.
+void mlx_quantize_group(const float* w, int64_t gs, int bits, float& scale, float& bias, std::vector<uint32_t>& q) {
+  const float n_bins = static_cast<float>((1 << bits) - 1);
+  const auto [mn_it, mx_it] = std::minmax_element(w, w + gs);
+  const float w_min = *mn_it, w_max = *mx_it;
+  const bool mask = std::fabs(w_min) > std::fabs(w_max);
+  scale = std::max((w_max - w_min) / n_bins, 1e-7f);
+  scale = mask ? scale : -scale;
+  const float edge = mask ? w_min : w_max;
+  const float q0 = std::nearbyint(edge / scale);
+  if (q0 != 0.0f) scale = edge / q0;
+  bias = q0 == 0.0f ? 0.0f : edge;
+  q.resize(static_cast<size_t>(gs));
+  for (int64_t j = 0; j < gs; ++j)
+    q[static_cast<size_t>(j)] = static_cast<uint32_t>(std::clamp(std::nearbyint((w[j] - bias) / scale), 0.0f, n_bins));
+}
+
+struct RawTensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<char> bytes;
+};
+
+void write_raw_safetensors(const fs::path& path, const std::map<std::string, RawTensor>& tensors) {
+  nlohmann::json header;
+  header["__metadata__"] = {{"format", "mlx"}};
+  size_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    header[name] = {{"dtype", t.dtype}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  const std::string h = header.dump();
+  const uint64_t n = h.size();
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&n), 8);
+  out.write(h.data(), static_cast<std::streamsize>(h.size()));
+  for (const auto& [name, t] : tensors) out.write(t.bytes.data(), static_cast<std::streamsize>(t.bytes.size()));
+}
+
+template <typename T>
+std::vector<char> as_bytes(const std::vector<T>& v) {
+  std::vector<char> b(v.size() * sizeof(T));
+  std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+TEST(QuantModel, LoadsAnMlxLmDirectoryAsItIs) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  const ModelConfig cfg = small_config();
+  Llama source(cfg);
+  source.init_random(seed);
+  // The float model that the MLX directory means: f16 weights, dequantized in float.
+  Llama expected(cfg);
+  // Mixed quantization as newer mlx_lm writes it: one module float, one at 8 bits / 32.
+  const std::string float_module = "model.layers.1.mlp.down_proj";
+  const std::string wide_module = "model.layers.0.self_attn.v_proj";
+  std::map<std::string, RawTensor> tensors;
+  for (const ParamInfo& info : source.layout().params()) {
+    const float* w = source.params().data() + info.offset;
+    float* e = expected.params().data() + info.offset;
+    const std::string module = info.name.substr(0, info.name.size() - 7);
+    const int bits = module == wide_module ? 8 : 4;
+    const int64_t gs = module == wide_module ? 32 : 64;
+    // mlx_lm leaves float what its config marks false and what does not divide into groups
+    // (down_proj's 96 inputs here).
+    if (info.shape.size() != 2 || module == float_module || info.shape[1] % gs != 0) {
+      std::vector<uint16_t> h(static_cast<size_t>(info.numel));
+      for (int64_t i = 0; i < info.numel; ++i) {
+        h[static_cast<size_t>(i)] = f32_to_f16(w[i]);
+        e[i] = f16_to_f32(h[static_cast<size_t>(i)]);
+      }
+      tensors[info.name] = {"F16", info.shape, as_bytes(h)};
+      continue;
+    }
+    const int64_t rows = info.shape[0], cols = info.shape[1], per_word = 32 / bits;
+    std::vector<uint32_t> packed(static_cast<size_t>(rows * cols / per_word), 0u);
+    std::vector<uint16_t> scales(static_cast<size_t>(rows * cols / gs)), biases(scales.size());
+    std::vector<uint32_t> q;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < cols / gs; ++g) {
+        float s, b;
+        mlx_quantize_group(w + r * cols + g * gs, gs, bits, s, b, q);
+        const size_t gi = static_cast<size_t>(r * (cols / gs) + g);
+        scales[gi] = f32_to_f16(s);
+        biases[gi] = f32_to_f16(b);
+        for (int64_t j = 0; j < gs; ++j) {
+          const int64_t col = g * gs + j;
+          packed[static_cast<size_t>((r * cols + col) / per_word)] |= q[static_cast<size_t>(j)]
+                                                                      << ((col % per_word) * bits);
+          e[r * cols + col] = f16_to_f32(scales[gi]) * static_cast<float>(q[static_cast<size_t>(j)]) + f16_to_f32(biases[gi]);
+        }
+      }
+    }
+    tensors[info.name] = {"U32", {rows, cols / per_word}, as_bytes(packed)};
+    tensors[module + ".scales"] = {"F16", {rows, cols / gs}, as_bytes(scales)};
+    tensors[module + ".biases"] = {"F16", {rows, cols / gs}, as_bytes(biases)};
+  }
+  TempDir dir("mlx");
+  write_raw_safetensors(dir.path / "model.safetensors", tensors);
+  nlohmann::json config = cfg.to_json();
+  config["torch_dtype"] = "float16";
+  const nlohmann::json q = {{"group_size", 64}, {"bits", 4}, {float_module, false},
+                            {wide_module, {{"group_size", 32}, {"bits", 8}}}};
+  config["quantization"] = q;
+  config["quantization_config"] = q;
+  std::ofstream(dir.path / "config.json") << config.dump(2);
+
+  Llama loaded = Llama::load(dir.path);
+  EXPECT_TRUE(loaded.quantized());
+  EXPECT_FALSE(loaded.layout().find(float_module + ".weight")->quantized);
+  const std::vector<int32_t> tokens = random_tokens(rng, 12, cfg.vocab_size);
+  // Same weights, blockwise vs whole GEMM: float rounding only (see above).
+  EXPECT_LT(max_abs_diff(logits_of(loaded, tokens, 2, 6), logits_of(expected, tokens, 2, 6)), 1e-4);
+}
+
+TEST(QuantModel, LoraGradientsThroughAQuantizedBaseMatchFiniteDifferences) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama base(small_config());
+  base.init_random(seed);
+  Llama model = base.quantize({4, 32}, DType::f16);
+  LoraConfig lc;
+  lc.rank = 3;
+  lc.alpha = 6.0f;
+  lc.targets = LoraConfig::parse_targets("q,k,v,o,gate,up,down");
+  lc.num_layers = 2;
+  LoraAdapters lora(model.config(), lc);
+  lora.init_random(seed);
+  Rng brng(seed + 1);
+  for (const ParamInfo& info : lora.table().params())
+    if (info.name.find("lora_B") != std::string::npos)
+      brng.fill_uniform(lora.params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel)),
+                        -0.5f, 0.5f);
+  model.attach_lora(&lora);
+  const int64_t B = 2, T = 5;
+  const std::vector<int32_t> tokens = random_tokens(rng, B * T, 40), targets = random_tokens(rng, B * T, 40);
+  auto mean_loss = [&] {
+    const LossSum l = model.forward(tokens.data(), targets.data(), B, T);
+    return l.sum / static_cast<double>(l.num_tokens);
+  };
+  model.zero_grads();
+  const LossSum l = model.forward(tokens.data(), targets.data(), B, T);
+  model.backward(1.0f / static_cast<float>(l.num_tokens));
+  const std::vector<float> analytic(lora.grads().begin(), lora.grads().end());
+  // As in lora_test: central differences, eps 1e-2, truncation and float rounding ~1e-5;
+  // a missing input gradient through a quantized layer changes the A gradients by O(1).
+  std::span<float> w = lora.params();
+  for (const ParamInfo& info : lora.table().params()) {
+    for (int k = 0; k < 3; ++k) {
+      const auto i = static_cast<size_t>(info.offset + static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel))));
+      const float w0 = w[i];
+      w[i] = w0 + 1e-2f;
+      const double lp = mean_loss();
+      w[i] = w0 - 1e-2f;
+      const double lm = mean_loss();
+      w[i] = w0;
+      const double numeric = (lp - lm) / 2e-2;
+      EXPECT_NEAR(analytic[i], numeric, 2e-3 + 2e-2 * std::fabs(numeric)) << info.name << " element " << i;
+    }
+  }
+}
+
+// generate --adapter over a quantized base: the decoder runs the adapters alongside the
+// packed layers and gets what the training forward with attached adapters gets (float
+// rounding of differently ordered sums: 1e-4 as above).
+TEST(QuantModel, DecoderAppliesAdaptersOverAQuantizedBase) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama base(small_config());
+  base.init_random(seed);
+  Llama model = base.quantize({4, 32}, DType::f16);
+  LoraConfig lc;
+  lc.targets = LoraConfig::parse_targets("q,k,v,o,gate,up,down");
+  LoraAdapters lora(model.config(), lc);
+  lora.init_random(seed);
+  Rng brng(seed + 1);
+  brng.fill_uniform(lora.params(), -0.3f, 0.3f);  // B != 0, so the adapters matter
+  const std::vector<int32_t> tokens = random_tokens(rng, 7, 40);
+  Decoder plain(model, 7), adapted(model, 7, &lora);
+  const std::span<const float> p = plain.step(tokens);
+  const std::vector<float> without(p.begin(), p.end());
+  const std::span<const float> last = adapted.step(tokens);
+  model.attach_lora(&lora);
+  const std::vector<float> ref = logits_of(model, tokens, 1, 7);
+  double changed = 0.0;
+  for (int64_t v = 0; v < 40; ++v) {
+    EXPECT_NEAR(last[static_cast<size_t>(v)], ref[static_cast<size_t>(6 * 40 + v)], 1e-4);
+    changed = std::max(changed, static_cast<double>(std::fabs(last[static_cast<size_t>(v)] - without[static_cast<size_t>(v)])));
+  }
+  EXPECT_GT(changed, 1e-2);
+}
+
+TEST(QuantModel, FullFineTuningOfAQuantizedModelIsRefused) {
+  Llama base(small_config());
+  base.init_random(1);
+  Llama q = base.quantize({4, 32}, DType::f16);
+  EXPECT_THROW(q.trainable(), InputError);
+  const std::vector<int32_t> tokens = {1, 2, 3};
+  q.forward(tokens.data(), tokens.data(), 1, 3);
+  EXPECT_THROW(q.backward(1.0f), InputError);
+}
+
+TEST(QuantModel, GroupSizeThatDoesNotDivideIsAnInputError) {
+  EXPECT_THROW(quantizable_weights(small_config(), {4, 48}), InputError);   // 64 % 48
+  EXPECT_THROW(quantizable_weights(small_config(), {4, 12}), InputError);   // not whole words
+  EXPECT_THROW(quantizable_weights(small_config(), {3, 32}), InputError);   // 3 bits
+}
+
+}  // namespace
+}  // namespace flotilla::model
