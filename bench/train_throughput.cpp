@@ -43,6 +43,7 @@
 namespace {
 
 using flotilla::Rng;
+using flotilla::best_of_ms;
 using flotilla::Timer;
 using flotilla::model::ModelConfig;
 namespace k = flotilla::kernels;
@@ -57,18 +58,6 @@ using flotilla::plan::flops_per_token;
 using flotilla::plan::measure_sgemm;
 using flotilla::plan::SgemmRate;
 using flotilla::plan::SgemmShape;
-
-// Best-of-`repeats` time of fn in ms, after one untimed call.
-double best_ms(int repeats, const std::function<void()>& fn) {
-  fn();
-  double best = 1e300;
-  for (int r = 0; r < repeats; ++r) {
-    Timer t;
-    fn();
-    best = std::min(best, t.elapsed_ms());
-  }
-  return best;
-}
 
 struct PhaseMs {
   double zero_grads = 0, forward = 0, backward = 0, optimizer = 0;
@@ -124,7 +113,7 @@ std::vector<OpRow> op_profile(const ModelConfig& c, int64_t B, int64_t T, int re
   auto add = [&](std::string name, double per_call_ms, double calls, double gflop) {
     rows.push_back({std::move(name), per_call_ms * calls, gflop});
   };
-  add("fwd linear (7 per layer)", best_ms(repeats, [&] {
+  add("fwd linear (7 per layer)", best_of_ms(repeats, [&] {
         k::matmul_forward(out_q.data(), x.data(), wq.data(), nullptr, N, C, Dq);
         k::matmul_forward(out_kv.data(), x.data(), wk.data(), nullptr, N, C, Dkv);
         k::matmul_forward(out_kv.data(), x.data(), wv.data(), nullptr, N, C, Dkv);
@@ -133,30 +122,30 @@ std::vector<OpRow> op_profile(const ModelConfig& c, int64_t B, int64_t T, int re
         k::matmul_forward(out_f.data(), x.data(), wu.data(), nullptr, N, C, F);
         k::matmul_forward(out_c.data(), xf.data(), wd.data(), nullptr, N, F, C);
       }), L, L * layer_linear_flop / 1e9);
-  add("fwd lm_head", best_ms(repeats, [&] {
+  add("fwd lm_head", best_of_ms(repeats, [&] {
         k::matmul_forward(logits.data(), x.data(), wlm.data(), nullptr, N, C, V);
       }), 1, lm_flop / 1e9);
-  add("fwd attention", best_ms(repeats, [&] {
+  add("fwd attention", best_of_ms(repeats, [&] {
         k::attention_forward(att.data(), probs.data(), q.data(), kk.data(), vv.data(), B, T, T, NH,
                              NKV, hd);
       }), L, L * attn_flop_causal / 1e9);
-  add("fwd elementwise (norm rope swiglu)", best_ms(repeats, [&] {
+  add("fwd elementwise (norm rope swiglu)", best_of_ms(repeats, [&] {
         k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
         k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
         k::rope_forward(q.data(), cos.data(), sin.data(), B, T, NH, hd);
         k::rope_forward(kk.data(), cos.data(), sin.data(), B, T, NKV, hd);
         k::swiglu_forward(out_f.data(), g.data(), u.data(), N, F);
       }), L, 0);
-  add("fwd cross-entropy + embedding", best_ms(repeats, [&] {
+  add("fwd cross-entropy + embedding", best_of_ms(repeats, [&] {
         k::embedding_forward(out_c.data(), tokens.data(), wte.data(), N, C);
         k::cross_entropy_forward(losses.data(), logits.data(), tokens.data(), N, V, -100);
       }), 1, 0);
 
-  add("bwd lm_head (dx, dW)", best_ms(repeats, [&] {
+  add("bwd lm_head (dx, dW)", best_of_ms(repeats, [&] {
         k::matmul_backward(dx_c.data(), dwlm.data(), nullptr, logits.data(), x.data(), wlm.data(),
                            N, C, V);
       }), 1, 2 * lm_flop / 1e9);
-  add("bwd linear (dx, dW; 7 per layer)", best_ms(repeats, [&] {
+  add("bwd linear (dx, dW; 7 per layer)", best_of_ms(repeats, [&] {
         k::matmul_backward(dx_f.data(), dwf.data(), nullptr, out_c.data(), xf.data(), wd.data(), N, F, C);
         k::matmul_backward(dx_c.data(), dwf.data(), nullptr, out_f.data(), x.data(), wg.data(), N, C, F);
         k::matmul_backward(dx_c.data(), dwf.data(), nullptr, out_f2.data(), x.data(), wu.data(), N, C, F);
@@ -165,12 +154,12 @@ std::vector<OpRow> op_profile(const ModelConfig& c, int64_t B, int64_t T, int re
         k::matmul_backward(dx_c.data(), dwkv.data(), nullptr, kk.data(), x.data(), wk.data(), N, C, Dkv);
         k::matmul_backward(dx_c.data(), dwkv.data(), nullptr, vv.data(), x.data(), wv.data(), N, C, Dkv);
       }), L, 2 * L * layer_linear_flop / 1e9);
-  add("bwd attention", best_ms(repeats, [&] {
+  add("bwd attention", best_of_ms(repeats, [&] {
         k::attention_backward(dq.data(), dk.data(), dv.data(), dprobs.data(), att.data(), q.data(),
                               kk.data(), vv.data(), probs.data(), B, T, T, NH, NKV, hd);
       }), L, 2 * L * attn_flop_causal / 1e9);
   // Backward recomputes the two RMSNorms and the SwiGLU product (see model/llama.hpp).
-  add("bwd elementwise (norm rope swiglu, recompute)", best_ms(repeats, [&] {
+  add("bwd elementwise (norm rope swiglu, recompute)", best_of_ms(repeats, [&] {
         k::swiglu_forward(out_f.data(), g.data(), u.data(), N, F);
         k::swiglu_backward(out_f.data(), out_f2.data(), xf.data(), g.data(), u.data(), N, F);
         k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
@@ -182,7 +171,7 @@ std::vector<OpRow> op_profile(const ModelConfig& c, int64_t B, int64_t T, int re
         k::rmsnorm_backward(dx_c.data(), dnorm_w.data(), out_c.data(), x.data(), norm_w.data(),
                             rstd.data(), N, C);
       }), L, 0);
-  add("bwd cross-entropy + embedding", best_ms(repeats, [&] {
+  add("bwd cross-entropy + embedding", best_of_ms(repeats, [&] {
         k::cross_entropy_backward_inplace(logits.data(), tokens.data(), N, V, -100, 1.0f / N);
         k::embedding_backward(dwte.data(), out_c.data(), tokens.data(), N, C);
       }), 1, 0);

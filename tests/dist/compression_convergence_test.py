@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from dist_util import mpi_env, run, summary  # noqa: E402  (next to this file)
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 
 CASES = {  # name: (flags, most bytes relative to uncompressed, largest relative loss gap)
@@ -33,20 +34,12 @@ CASES = {  # name: (flags, most bytes relative to uncompressed, largest relative
 }
 
 
-def run(cmd, env):
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    if proc.returncode != 0:
-        print(proc.stdout)
-        raise SystemExit(f"FAILED ({proc.returncode}): {' '.join(cmd)}")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("flotilla")
     ap.add_argument("--mpirun", default="mpirun")
     args = ap.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", FLOTILLA_PROGRESS="lines")
+    env = mpi_env(FLOTILLA_PROGRESS="lines")
     mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--mca", "btl",
               "self,vader,tcp", "-np", "2"]
     tmp = tempfile.mkdtemp(prefix="flotilla_compress_")
@@ -79,10 +72,7 @@ def main():
                                 f"(at most {100 * max_gap:.0f}%)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for f in failures:
-        print("FAIL:", f)
-    print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
-    return 1 if failures else 0
+    return summary(failures)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 
 import numpy as np  # Debian's python3-numpy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from dist_util import mpi_env, run, summary  # noqa: E402  (next to this file)
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -51,14 +52,6 @@ def losses(run_dir, from_step=0):
         rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if r["step"] > from_step]
     return [r["loss"] for r in rows if "loss" in r], [r["valid_loss"] for r in rows if "valid_loss" in r]
-
-
-def run(cmd, env):
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    if proc.returncode != 0:
-        print(proc.stdout)
-        raise SystemExit(f"FAILED ({proc.returncode}): {' '.join(cmd)}")
-    return proc.stdout
 
 
 def compare(name, base_dir, other_dir, ranks, from_step=0):
@@ -138,8 +131,7 @@ def main():
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--tcp", action="store_true", help="2 ranks over TCP only, every --allreduce")
     args = ap.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env()
     mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp"]
     tmp = tempfile.mkdtemp(prefix="flotilla_dp_")
     failures = []
@@ -187,10 +179,7 @@ def main():
                                                         global_batch)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for f in failures:
-        print("FAIL:", f)
-    print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
-    return 1 if failures else 0
+    return summary(failures)
 
 
 if __name__ == "__main__":

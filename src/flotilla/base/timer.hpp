@@ -1,6 +1,8 @@
 #pragma once
 
+#include <algorithm>
 #include <chrono>
+#include <functional>
 
 namespace flotilla {
 
@@ -17,5 +19,18 @@ class Timer {
  private:
   std::chrono::steady_clock::time_point start_;
 };
+
+// The best of `repeats` timed calls of fn, in ms, after one untimed call (warm caches and
+// pages): what a micro-benchmark of a kernel reports.
+inline double best_of_ms(int repeats, const std::function<void()>& fn) {
+  fn();
+  double best = 1e300;
+  for (int r = 0; r < repeats; ++r) {
+    Timer t;
+    fn();
+    best = std::min(best, t.elapsed_ms());
+  }
+  return best;
+}
 
 }  // namespace flotilla

@@ -21,17 +21,6 @@ double attention_flops(const model::ModelConfig& c, int64_t T) {
   return 12.0 * c.n_layers * c.n_heads * c.head_dim * static_cast<double>(T);
 }
 
-double best_ms(int repeats, const std::function<void()>& fn) {
-  fn();
-  double best = 1e300;
-  for (int r = 0; r < repeats; ++r) {
-    Timer t;
-    fn();
-    best = std::min(best, t.elapsed_ms());
-  }
-  return best;
-}
-
 }  // namespace
 
 double flops_per_token(const model::ModelConfig& c, int64_t T) {
@@ -50,7 +39,7 @@ SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats) {
         out(static_cast<size_t>(s.M * s.N));
     rng.fill_uniform(a, -1.0f, 1.0f);
     rng.fill_uniform(b, -1.0f, 1.0f);
-    const double ms = best_ms(repeats, [&] {
+    const double ms = best_of_ms(repeats, [&] {
       kernels::matmul_forward(out.data(), a.data(), b.data(), nullptr, s.M, s.K, s.N);
     });
     const double gflops = 2.0 * static_cast<double>(s.M) * s.N * s.K / (ms * 1e6);
