@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "../comm/collective_spec.hpp"
+#include "mpi_test_main.hpp"
 #include "flotilla/comm/mpi/mpi_runtime.hpp"
 #include "flotilla/comm/world.hpp"
 
@@ -109,49 +110,9 @@ TEST_F(CommMpi, SilentRankTimesOutWithTheHashCheck) {
   spec::silent_rank_times_out(*group, /*names_late_ranks=*/false);
 }
 
-// Only rank 0 narrates; the others report their failures, prefixed with their rank.
-class FailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit FailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: %s\n", rank_,
-                 result.file_name() ? result.file_name() : "?", result.line_number(),
-                 result.message());
-  }
-
- private:
-  int rank_;
-};
-
 }  // namespace
 }  // namespace flotilla::comm
 
 int main(int argc, char** argv) {
-  using namespace flotilla::comm;
-  ::testing::InitGoogleTest(&argc, argv);
-  try {
-    MpiRuntime runtime(&argc, &argv);
-    Settings settings;
-    // A failing rank desynchronises the others: they learn it from a mismatch or this
-    // deadline, well inside ctest's 120 s.
-    settings.timeout = std::chrono::seconds(20);
-    auto world = make_world(settings);
-    g_world = world.get();
-    if (world->rank() != 0) {
-      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-      delete listeners.Release(listeners.default_result_printer());
-      listeners.Append(new FailurePrinter(world->rank()));
-    }
-    const int failed = RUN_ALL_TESTS();
-    // Every rank's verdict counts, so a failure on rank 3 fails the run on rank 0 too.
-    std::vector<int32_t> any_failed = {failed != 0};
-    world->all_reduce(any_failed, ReduceOp::max, {.name = "verdict"});
-    g_world = nullptr;
-    world.reset();
-    return any_failed[0];
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    MpiRuntime::abort(3);
-  }
+  return flotilla::testing::run_mpi_tests(argc, argv, std::chrono::seconds(20), flotilla::comm::g_world);
 }
