@@ -31,6 +31,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "timed_step.hpp"
 #include "workloads.hpp"
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/rng.hpp"
@@ -52,9 +53,8 @@ using flotilla::bench::find_workload;
 using flotilla::bench::make_config;
 using flotilla::bench::Workload;
 
-struct PhaseMs {
-  double zero_grads = 0, forward = 0, backward = 0, optimizer = 0;
-};
+using flotilla::bench::PhaseMs;
+using flotilla::bench::RandomBatch;
 
 struct Args {
   std::string workload = "W2";
@@ -146,37 +146,13 @@ int run(const Args& args) {
                                                .weight_decay = 0.01f});
   constexpr float kLr = 1e-4f;
 
-  // A fresh random batch per step, as the peer draws one: seq (B, T+1), tokens = seq[:, :-1],
-  // targets = seq[:, 1:].
+  RandomBatch batch(B, T, V);
   Rng rng(0);
-  std::vector<int32_t> seq(static_cast<size_t>(B * (T + 1))), tokens(static_cast<size_t>(B * T)),
-      targets(static_cast<size_t>(B * T));
   PhaseMs phases;
   double last_loss = 0.0;
   auto train_step = [&](PhaseMs* acc) {
-    for (auto& s : seq) s = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        tokens[b * T + t] = seq[b * (T + 1) + t];
-        targets[b * T + t] = seq[b * (T + 1) + t + 1];
-      }
-    Timer t;
-    model.zero_grads();
-    const double t_zero = t.elapsed_ms();
-    const flotilla::model::LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
-    const double t_fwd = t.elapsed_ms();
-    model.backward(1.0f / static_cast<float>(loss.num_tokens));
-    const double t_bwd = t.elapsed_ms();
-    const flotilla::model::Llama::Trainable tr = model.trainable();
-    opt.step(tr.params, tr.grads, kLr);
-    const double t_opt = t.elapsed_ms();
-    last_loss = loss.mean();
-    if (acc != nullptr) {
-      acc->zero_grads += t_zero;
-      acc->forward += t_fwd - t_zero;
-      acc->backward += t_bwd - t_fwd;
-      acc->optimizer += t_opt - t_bwd;
-    }
+    batch.draw(rng);
+    last_loss = flotilla::bench::timed_adamw_step(model, opt, batch, kLr, acc);
   };
   for (int i = 0; i < args.warmup; ++i) train_step(nullptr);
   Timer timed;

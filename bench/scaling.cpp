@@ -32,6 +32,7 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/train/adamw.hpp"
+#include "timed_step.hpp"
 #include "workloads.hpp"
 
 namespace {
@@ -85,21 +86,15 @@ int run(const Args& args) {
   flotilla::train::AdamW opt(model.layout(), {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.1f});
   constexpr float kLr = 1e-4f;
 
-  // Each rank draws its own random batch, seq (B, T+1): tokens = seq[:, :-1], targets = seq[:, 1:].
+  // Each rank draws its own random batch, as the peers do.
   flotilla::Rng rng(1000 + static_cast<uint64_t>(rank));
-  std::vector<int32_t> seq(static_cast<size_t>(B * (T + 1))), tokens(static_cast<size_t>(B * T)),
-      targets(static_cast<size_t>(B * T));
+  flotilla::bench::RandomBatch batch(B, T, V);
   StepMs ms;
   auto train_step = [&](StepMs* acc) {
-    for (auto& s : seq) s = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        tokens[b * T + t] = seq[b * (T + 1) + t];
-        targets[b * T + t] = seq[b * (T + 1) + t + 1];
-      }
+    batch.draw(rng);
     Timer t;
     model.zero_grads();
-    flotilla::model::LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
+    flotilla::model::LossSum loss = model.forward(batch.tokens.data(), batch.targets.data(), B, T);
     model.backward(1.0f);  // gradient sums; divided by the global token count below
     const double t_compute = t.elapsed_ms();
     std::span<float> grads = model.grads();
