@@ -324,43 +324,56 @@ std::vector<std::filesystem::path> write_safetensors_sharded(
     throw Error(kComponent, fmt::format("{}: cannot create directory: {}", dir.string(),
                                         ec.message()));
 
-  const uint64_t total_bytes = safetensors_data_bytes(tensors, out_dtype);
+  std::vector<uint64_t> bytes;
+  std::vector<std::string> names;
+  for (const TensorToWrite& t : tensors) {
+    bytes.push_back(tensor_numel(t) * dtype_size(out_dtype));
+    names.push_back(t.name);
+  }
+  const std::vector<std::filesystem::path> written =
+      write_weight_files(dir, bytes, names, max_shard_bytes, [&](const std::filesystem::path& path, size_t first, size_t last) {
+        write_safetensors(path, tensors.subspan(first, last - first), out_dtype, metadata);
+      });
+  remove_stale_weight_files(dir, written);
+  return written;
+}
+
+std::vector<std::filesystem::path> write_weight_files(
+    const std::filesystem::path& dir, std::span<const uint64_t> tensor_bytes, std::span<const std::string> names,
+    uint64_t max_shard_bytes,
+    const std::function<void(const std::filesystem::path&, size_t first, size_t last)>& write_file) {
+  uint64_t total_bytes = 0;
+  for (uint64_t b : tensor_bytes) total_bytes += b;
   std::vector<std::filesystem::path> written;
   if (total_bytes <= max_shard_bytes) {
     written.push_back(dir / "model.safetensors");
-    write_safetensors(written.back(), tensors, out_dtype, metadata);
-    remove_stale_weight_files(dir, written);
+    write_file(written.back(), 0, tensor_bytes.size());
     return written;
   }
-
   // Greedy, in order: a shard takes tensors until the next would overflow it.
   std::vector<std::pair<size_t, size_t>> shards;  // [first, last) tensor index
   uint64_t shard_bytes = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const uint64_t b = tensor_numel(tensors[i]) * dtype_size(out_dtype);
-    if (shards.empty() || (shard_bytes > 0 && shard_bytes + b > max_shard_bytes)) {
+  for (size_t i = 0; i < tensor_bytes.size(); ++i) {
+    if (shards.empty() || (shard_bytes > 0 && shard_bytes + tensor_bytes[i] > max_shard_bytes)) {
       shards.emplace_back(i, i);
       shard_bytes = 0;
     }
     shards.back().second = i + 1;
-    shard_bytes += b;
+    shard_bytes += tensor_bytes[i];
   }
-
   nlohmann::json weight_map = nlohmann::json::object();
   for (size_t s = 0; s < shards.size(); ++s) {
     const auto [first, last] = shards[s];
-    const std::string name =
-        fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards.size());
+    const std::string name = fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards.size());
     written.push_back(dir / name);
-    write_safetensors(written.back(), tensors.subspan(first, last - first), out_dtype, metadata);
-    for (size_t i = first; i < last; ++i) weight_map[tensors[i].name] = name;
+    write_file(written.back(), first, last);
+    for (size_t i = first; i < last; ++i) weight_map[names[i]] = name;
   }
   nlohmann::json index;
   index["metadata"] = {{"total_size", total_bytes}};
   index["weight_map"] = std::move(weight_map);
   written.push_back(dir / "model.safetensors.index.json");
   write_file_atomic(written.back(), index.dump(2) + "\n");
-  remove_stale_weight_files(dir, written);
   return written;
 }
 

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <span>
 #include <string>
@@ -92,6 +93,16 @@ uint64_t safetensors_data_bytes(std::span<const TensorToWrite> tensors, DType ou
 // next to new shards, an index or shards next to a new model.safetensors) are removed
 // after the new files are in place, since they would shadow or contradict them.
 // Returns the files written, in order.
+// The sharding both writers share: tensors of `tensor_bytes` (in file order) and their
+// `names` go into model.safetensors when they fit in max_shard_bytes, else greedily in order
+// into model-0000i-of-0000n.safetensors (a shard takes tensors until the next would overflow
+// it) plus model.safetensors.index.json. `write_file(path, first, last)` writes tensors
+// [first, last) to one file. Returns the files written, the index last.
+std::vector<std::filesystem::path> write_weight_files(
+    const std::filesystem::path& dir, std::span<const uint64_t> tensor_bytes, std::span<const std::string> names,
+    uint64_t max_shard_bytes,
+    const std::function<void(const std::filesystem::path&, size_t first, size_t last)>& write_file);
+
 std::vector<std::filesystem::path> write_safetensors_sharded(
     const std::filesystem::path& dir, std::span<const TensorToWrite> tensors, DType out_dtype,
     uint64_t max_shard_bytes, const SafetensorsMetadata& metadata = {});

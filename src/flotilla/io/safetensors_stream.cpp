@@ -58,40 +58,16 @@ std::vector<std::filesystem::path> write_safetensors_streamed(const std::filesys
                                                               uint64_t max_shard_bytes,
                                                               const TensorWriteFn& write_tensor,
                                                               const SafetensorsMetadata& metadata) {
-  uint64_t total_bytes = 0;
-  for (const TensorSpec& t : specs) total_bytes += t.bytes();
-  std::vector<std::filesystem::path> written;
-  if (total_bytes <= max_shard_bytes) {
-    written.push_back(dir / "model.safetensors");
-    write_one_file(written.back(), specs, 0, write_tensor, metadata);
-    return written;
+  std::vector<uint64_t> bytes;
+  std::vector<std::string> names;
+  for (const TensorSpec& t : specs) {
+    bytes.push_back(t.bytes());
+    names.push_back(t.name);
   }
-  // Greedy, in order: a shard takes tensors until the next would overflow it.
-  std::vector<std::pair<size_t, size_t>> shards;  // [first, last)
-  uint64_t shard_bytes = 0;
-  for (size_t i = 0; i < specs.size(); ++i) {
-    const uint64_t b = specs[i].bytes();
-    if (shards.empty() || (shard_bytes > 0 && shard_bytes + b > max_shard_bytes)) {
-      shards.emplace_back(i, i);
-      shard_bytes = 0;
-    }
-    shards.back().second = i + 1;
-    shard_bytes += b;
-  }
-  nlohmann::json weight_map = nlohmann::json::object();
-  for (size_t s = 0; s < shards.size(); ++s) {
-    const auto [first, last] = shards[s];
-    const std::string name = fmt::format("model-{:05d}-of-{:05d}.safetensors", s + 1, shards.size());
-    written.push_back(dir / name);
-    write_one_file(written.back(), specs.subspan(first, last - first), first, write_tensor, metadata);
-    for (size_t i = first; i < last; ++i) weight_map[specs[i].name] = name;
-  }
-  nlohmann::json index;
-  index["metadata"] = {{"total_size", total_bytes}};
-  index["weight_map"] = std::move(weight_map);
-  written.push_back(dir / "model.safetensors.index.json");
-  write_file_atomic(written.back(), index.dump(2) + "\n");
-  return written;
+  return write_weight_files(dir, bytes, names, max_shard_bytes,
+                            [&](const std::filesystem::path& path, size_t first, size_t last) {
+                              write_one_file(path, specs.subspan(first, last - first), first, write_tensor, metadata);
+                            });
 }
 
 }  // namespace flotilla::io
