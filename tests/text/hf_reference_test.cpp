@@ -13,6 +13,7 @@
 #include <random>
 
 #include "flotilla/text/hf_tokenizer.hpp"
+#include "../test_seed.hpp"
 #include "hf_test_util.hpp"
 
 namespace flotilla::text {
@@ -119,10 +120,22 @@ TEST_P(HfReference, EncodeAndDecodeMatchHuggingFace) {
   std::string long_word;  // one piece far longer than the array merge handles
   for (int i = 0; i < 150; ++i) long_word += "ab";
   texts.push_back(long_word + "\xC3\xA9" + long_word);
-  const uint32_t seed = std::random_device{}();
-  RecordProperty("seed", std::to_string(seed));
-  std::cout << "random mixtures seed " << seed << "\n";
-  for (std::string& t : random_mixtures(seed, 300)) texts.push_back(std::move(t));
+  const auto seed = static_cast<uint32_t>(flotilla::testing::test_seed());
+  for (std::string& t : random_mixtures(seed, 300)) {
+    // One known divergence, kept out of the comparison. Where a normalizer changes an added
+    // token's content (sp_llama2 prepends "\u2581": "[[flotilla]]" is matched in normalized
+    // text as "\u2581[[flotilla]]"), tokenizers.js takes any leftover piece that equals a
+    // token's raw or normalized content as that token: "[[flotilla]]" right after another
+    // match, or a whole section "\u2581[[flotilla]]" (normalized to "\u2581\u2581[[flotilla]]").
+    // Rust tokenizers, what transformers runs, encodes such pieces as plain text, and so do
+    // we. A space before the token keeps the fragments tested without the quirk.
+    for (const std::string before : {"]]", "\xE2\x96\x81"}) {
+      for (size_t at = 0; (at = t.find(before + "[[flotilla]]", at)) != std::string::npos;) {
+        t.insert(at + before.size(), " ");
+      }
+    }
+    texts.push_back(std::move(t));
+  }
 
   TempDir work(std::string("reference_") + GetParam());
   hf_test::write_file(work / "texts.json", json(texts).dump());
