@@ -2,7 +2,11 @@
 // bench/train_throughput, with the gradients combined across ranks by DataParallel (the
 // code path `flotilla train` runs under mpirun) before every optimizer step.
 //
-//   mpirun -np N scaling --workload W1 --threads 1 --steps S --warmup W [--json]
+//   mpirun -np N scaling --workload W1 --threads 1 --steps S --warmup W [--bucket-mb MB] [--json]
+//
+// As `flotilla train` does by default, gradients go out in fusion buckets of --bucket-mb
+// (25) while backward runs, and the step waits only for the buckets still in flight;
+// --bucket-mb 0 exchanges the whole gradient after backward instead.
 //
 // Weak scaling, as DistributedDataParallel is usually measured: every rank trains on its
 // own micro-batch of the workload's shape (B x T), so the global batch grows with the
@@ -42,6 +46,7 @@ using flotilla::Timer;
 struct Args {
   std::string workload = "W1";
   int threads = 1, steps = 5, warmup = 1;
+  double bucket_mb = 25.0;  // `flotilla train --bucket-mb`'s default
   bool json = false;
 };
 
@@ -57,11 +62,12 @@ Args parse(int argc, char** argv) {
     else if (s == "--threads") a.threads = std::stoi(need(i++));
     else if (s == "--steps") a.steps = std::stoi(need(i++));
     else if (s == "--warmup") a.warmup = std::stoi(need(i++));
+    else if (s == "--bucket-mb") a.bucket_mb = std::stod(need(i++));
     else if (s == "--json") a.json = true;
     else throw std::invalid_argument("unknown argument " + s);
   }
-  if (a.threads < 1 || a.steps < 1 || a.warmup < 0)
-    throw std::invalid_argument("need --threads >= 1, --steps >= 1, --warmup >= 0");
+  if (a.threads < 1 || a.steps < 1 || a.warmup < 0 || a.bucket_mb < 0)
+    throw std::invalid_argument("need --threads >= 1, --steps >= 1, --warmup >= 0, --bucket-mb >= 0");
   return a;
 }
 
@@ -83,6 +89,13 @@ int run(const Args& args) {
   flotilla::model::Llama model(cfg);
   model.init_random(0);
   if (dp) dp->broadcast_parameters(model.params());
+  const bool overlap = dp && args.bucket_mb > 0.0;
+  if (overlap) {
+    std::vector<flotilla::comm::GradRange> order;
+    for (const auto& r : model.grad_ready_order()) order.push_back({r.begin, r.end});
+    dp->enable_overlap(order, static_cast<int64_t>(args.bucket_mb * 1024 * 1024), nullptr);
+    model.set_grad_ready_hook([&](flotilla::model::Llama::GradSpan r) { dp->overlap()->ready({r.begin, r.end}); });
+  }
   flotilla::train::AdamW opt(model.layout(), {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.1f});
   constexpr float kLr = 1e-4f;
 
@@ -95,10 +108,13 @@ int run(const Args& args) {
     Timer t;
     model.zero_grads();
     flotilla::model::LossSum loss = model.forward(batch.tokens.data(), batch.targets.data(), B, T);
+    std::span<float> grads = model.grads();
+    if (overlap) dp->overlap()->begin(grads);
     model.backward(1.0f);  // gradient sums; divided by the global token count below
     const double t_compute = t.elapsed_ms();
-    std::span<float> grads = model.grads();
-    if (dp) loss = dp->all_reduce_gradients(grads, loss);
+    // With overlap, what is left of the exchange after backward: the last buckets.
+    if (overlap) loss = dp->finish_overlapped_gradients(loss);
+    else if (dp) loss = dp->all_reduce_gradients(grads, loss);
     const double t_reduce = t.elapsed_ms();
     flotilla::kernels::scale_inplace(grads.data(), static_cast<int64_t>(grads.size()),
                                      1.0f / static_cast<float>(loss.num_tokens));
@@ -131,6 +147,7 @@ int run(const Args& args) {
       {"step_ms", 1000.0 * elapsed_s / steps},
       {"compute_ms", ms.compute / steps},
       {"all_reduce_ms", ms.all_reduce / steps},
+      {"bucket_mb", overlap ? args.bucket_mb : 0.0},
       {"optimizer_ms", ms.optimizer / steps},
       {"all_reduce_bytes", ranks > 1 ? model.params().size() * sizeof(float) : 0},
       {"peak_rss_bytes", flotilla::peak_rss_bytes()},
