@@ -3,6 +3,7 @@
 
 Usage: plan_validation_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,4] [--check 1,2]
                                [--steps 30] [--tolerance 0.2] [--attempts 3] [--btl self,tcp]
+                               [--launcher "../shared/netcluster/netcluster.sh mpirun"]
                                [--json-out FILE]
 
 1. `mpirun -np 2 flotilla plan --slots 4` on a small model (a config.json, byte tokenizer)
@@ -20,6 +21,14 @@ there can change by half between two runs a few seconds apart. So each attempt f
 waits (briefly) for the load average to fall, and the experiment — plan and trains, all
 re-measured — is repeated up to --attempts times; it passes when one attempt has every
 checked world size within tolerance. A planner that predicts wrong fails every attempt.
+
+With --launcher, the multi-rank runs go through that command instead of mpirun, one rank
+per host: `netcluster.sh mpirun` puts each rank on its own emulated host (a network
+namespace behind a shaped 1 Gbit/s link, ../shared/netcluster), so plan measures that
+network between its two ranks and predicts for --hosts N with one slot each. The emulated
+hosts still share this machine's 2 cores: up to 2 hosts each rank has a core of its own,
+as on real machines; 4 hosts time-share them, which a plan for 4 separate machines does
+not (and should not) predict, so 4 is reported, not checked.
 
 One OpenMP thread per rank: ranks x threads <= cores on this 2-core machine up to 2 ranks;
 4 ranks time-share the 2 cores, which the plan models as a 2x slower rank (reported, not
@@ -92,6 +101,9 @@ def main():
     ap.add_argument("--btl", default="self,vader,tcp",
                     help="OpenMPI transports: self,tcp sends through the loopback's TCP stack, a slower link "
                          "than shared memory, for the same check on another link")
+    ap.add_argument("--launcher",
+                    help="run the multi-rank commands through this (e.g. '../shared/netcluster/netcluster.sh mpirun'), "
+                         "one rank per emulated host, instead of mpirun on this host")
     ap.add_argument("--attempts", type=int, default=3,
                     help="whole experiments (plan + trains) before failing: the machine is shared")
     ap.add_argument("--max-load", type=float, default=2.0, help="wait for the 1-minute load to fall to this")
@@ -102,8 +114,13 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                OMPI_MCA_btl_vader_single_copy_mechanism="none",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-              "--mca", "btl", args.btl]
+    if args.launcher:
+        # The launcher brings its own transport and binding flags; the environment has to be
+        # exported to ranks it starts on other (emulated) hosts.
+        mpirun = args.launcher.split() + ["-x", "OMP_NUM_THREADS", "-x", "OPENBLAS_NUM_THREADS"]
+    else:
+        mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+                  "--mca", "btl", args.btl]
     attempts = []
     for attempt in range(1, args.attempts + 1):
         waited = wait_for_load(args.max_load, args.wait_load_s)
@@ -141,8 +158,9 @@ def experiment(args, ranks, check, env, mpirun):
         shape = ["--data", data, "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--threads", "1"]
         plan_dir = os.path.join(tmp, "plan")
         load_plan = load()
-        out, _ = run(mpirun + ["-np", "2", args.flotilla, "plan", "--model", config, "--slots", str(max(ranks)),
-                               "--measure-steps", "20", "--warmup-steps", "3", "--out", plan_dir] + shape, env)
+        where = (["--hosts", str(max(ranks)), "--slots", "1"] if args.launcher else ["--slots", str(max(ranks))])
+        out, _ = run(mpirun + ["-np", "2", args.flotilla, "plan", "--model", config] + where +
+                     ["--measure-steps", "20", "--warmup-steps", "3", "--out", plan_dir] + shape, env)
         print(out)
         with open(os.path.join(plan_dir, "plan.json")) as f:
             plan = json.load(f)
@@ -167,7 +185,8 @@ def experiment(args, ranks, check, env, mpirun):
                 failures.append(f"{n} ranks: predicted {p['step_s'] * 1e3:.2f} ms, measured "
                                 f"{m['step_s'] * 1e3:.2f} ms ({100 * err:+.1f}%)")
         return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_at_plan": load_plan,
-                "one_rank": plan["one_rank"], "local_link": plan["cluster"]["local"], "rows": rows,
+                "one_rank": plan["one_rank"], "local_link": plan["cluster"]["local"],
+                "network_link": plan["cluster"]["network"], "rows": rows,
                 "failures": failures}
 
 
@@ -175,7 +194,7 @@ def report(result, tolerance):
     one = result["one_rank"]
     print(f"\nplan (load {result['load_at_plan']:.2f}): one rank {one['step_s'] * 1e3:.2f} ms/step "
           f"({one['source']}); {one['contention_ranks']} ranks at once: {one['contention']:.2f}x each; "
-          f"local link {result['local_link']['source']}")
+          f"local link {result['local_link']['source']}; network {result['network_link']['source']}")
     print(f"{'ranks':>5} {'predicted':>10} {'measured':>10} {'error':>7} {'pred wait+comm':>15} {'meas sync':>10} "
           f"{'load':>5}  check")
     for r in result["rows"]:

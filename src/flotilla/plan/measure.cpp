@@ -13,6 +13,7 @@
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/threads.hpp"
 #include "flotilla/base/timer.hpp"
+#include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
@@ -190,12 +191,16 @@ Link measure_link(comm::Communicator& comm, double payload_bytes) {
   Link link;
   if (n <= 1) return link;
   const comm::Options opts{.name = "plan link"};
+  // The all-reduce `flotilla train` runs by default (--allreduce auto): the MPI library's
+  // own can be far slower on the same link (OpenMPI's default TCP settings halve a 2-rank
+  // exchange across hosts: bench/CLUSTER.md), and that is not the link training sees.
+  comm::AllReducer reducer(comm);
   auto timed = [&](std::span<float> buf, int reps) {
-    comm.all_reduce(buf, comm::ReduceOp::sum, opts);  // warm-up: connections, registration
+    reducer.run(buf, comm::ReduceOp::sum, opts);  // warm-up: connections, registration
     std::vector<double> t;
     for (int i = 0; i < reps; ++i) {
       Timer timer;
-      comm.all_reduce(buf, comm::ReduceOp::sum, opts);
+      reducer.run(buf, comm::ReduceOp::sum, opts);
       t.push_back(timer.elapsed_s());
     }
     std::array<double, 1> worst = {median(t)};

@@ -56,7 +56,8 @@ StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize
 StepCost estimate_step(const Workload& w);
 
 // Every rank calls this: the median time of all-reduces of 16 bytes and of
-// payload_bytes, fitted to the ring model of link.hpp (slowest rank's numbers).
+// payload_bytes, by the algorithm training chooses (comm::AllReducer, automatic), fitted
+// to the ring model of link.hpp (slowest rank's numbers).
 Link measure_link(comm::Communicator& comm, double payload_bytes);
 
 }  // namespace flotilla::plan
