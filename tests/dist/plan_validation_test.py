@@ -26,9 +26,9 @@ With --launcher, the multi-rank runs go through that command instead of mpirun, 
 per host: `netcluster.sh mpirun` puts each rank on its own emulated host (a network
 namespace behind a shaped 1 Gbit/s link, ../shared/netcluster), so plan measures that
 network between its two ranks and predicts for --hosts N with one slot each. The emulated
-hosts still share this machine's 2 cores: up to 2 hosts each rank has a core of its own,
-as on real machines; 4 hosts time-share them, which a plan for 4 separate machines does
-not (and should not) predict, so 4 is reported, not checked.
+hosts still share this machine's 2 cores; plan sees that (every rank reports the same
+kernel boot id) and charges the time slicing of 4 hosts on 2 cores, so `--check 1,2,4`
+is meaningful there.
 
 One OpenMP thread per rank: ranks x threads <= cores on this 2-core machine up to 2 ranks;
 4 ranks time-share the 2 cores, which the plan models as a 2x slower rank (reported, not

@@ -176,6 +176,15 @@ TEST(Scaling, RanksSharingCoresSlowDown) {
   EXPECT_DOUBLE_EQ(oversubscription(c, 2, 1), 1.0);
   EXPECT_DOUBLE_EQ(oversubscription(c, 4, 1), 2.0);
   EXPECT_DOUBLE_EQ(oversubscription(c, 2, 2), 2.0);
+  // Emulated hosts (namespaces of one machine): ranks on every host share its cores.
+  Cluster emulated;
+  emulated.hosts = 4;
+  emulated.slots = 1;
+  emulated.cores = 2;
+  EXPECT_DOUBLE_EQ(oversubscription(emulated, 4, 1), 1.0);
+  emulated.one_machine = true;
+  EXPECT_DOUBLE_EQ(oversubscription(emulated, 2, 1), 1.0);
+  EXPECT_DOUBLE_EQ(oversubscription(emulated, 4, 1), 2.0);
   // Ranks fill hosts in order; a ring that spans hosts runs at the network's speed.
   c.hosts = 3;
   c.slots = 2;

@@ -8,6 +8,8 @@
 #include <charconv>
 #include <fstream>
 #include <sstream>
+#include <span>
+#include <string>
 
 #include "flotilla/base/error.hpp"
 
@@ -68,6 +70,26 @@ Hostfile read_hostfile(const std::filesystem::path& path) {
   return h;
 }
 
+namespace {
+
+// Whether every rank runs under the same booted kernel (/proc/sys/kernel/random/boot_id,
+// the same in every namespace of one machine, different on any other): hosts that are
+// network namespaces of this machine, as ../shared/netcluster makes them.
+bool same_kernel_everywhere(comm::Communicator& world) {
+  std::string boot_id;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
+  if (boot_id.empty()) boot_id = "unknown";  // then no rank can tell; hosts count as machines
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (const char ch : boot_id) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+  // Two 32-bit halves, exact in doubles; equal everywhere iff max(x) == -max(-x).
+  std::array<double, 4> v = {static_cast<double>(h >> 32), static_cast<double>(h & 0xffffffffu),
+                             -static_cast<double>(h >> 32), -static_cast<double>(h & 0xffffffffu)};
+  world.all_reduce(std::span<double>(v), comm::ReduceOp::max, comm::Options{.name = "plan boot id"});
+  return boot_id != "unknown" && v[0] == -v[2] && v[1] == -v[3];
+}
+
+}  // namespace
+
 PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
   const PlanSource& src = job.source;
   if (src.batch_size <= 0 || src.seq_len <= 0 || src.grad_accum <= 0)
@@ -113,6 +135,8 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
   req.epochs = job.epochs;
   req.train_args = train_args(job);
 
+  // Ranks on several hosts that all run under one kernel are an emulated cluster.
+  c.one_machine = world.size() > 1 && world.local_size() < world.size() && same_kernel_everywhere(world);
   // Under mpirun: the link between the ranks we were given, measured at the gradient's size.
   if (world.size() > 1) {
     Link measured = measure_link(world, 4.0 * static_cast<double>(req.workload.trainable_floats));
@@ -140,7 +164,7 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
   // Several ranks on this one host: all of them train at once, as a job here would, and
   // the slowest one's median against rank 0's alone is the contention for sharing a host
   // (less the time slicing the model already charges when ranks x threads > cores).
-  if (world.size() > 1 && world.local_size() == world.size() && !job.no_run) {
+  if (world.size() > 1 && (world.local_size() == world.size() || c.one_machine) && !job.no_run) {
     const StepCost together = measure_step(src, job.measure);
     std::array<double, 1> worst = {together.data_s + together.compute_s};
     world.all_reduce(worst, comm::ReduceOp::max, wait);

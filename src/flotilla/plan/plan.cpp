@@ -249,6 +249,9 @@ std::string render_text(const PlanResult& p) {
   out += fmt::format("machines: {} host{} x {} rank{} each, {} cores, {} memory each\n", c.hosts,
                      c.hosts == 1 ? "" : "s", c.slots, c.slots == 1 ? "" : "s", c.cores,
                      format_bytes(static_cast<double>(c.memory_bytes)));
+  if (c.one_machine)
+    out += fmt::format("  (emulated: the hosts plan ran on are namespaces of one machine, so every rank shares "
+                       "its {} cores)\n", c.cores);
   out += fmt::format("network: {}, latency {} [{}]\n", format_bandwidth(c.network.bandwidth_bytes_per_s),
                      format_seconds(c.network.latency_s), c.network.source);
   if (c.slots > 1)
@@ -341,7 +344,7 @@ nlohmann::json plan_json(const PlanResult& p) {
                    {"trainable_floats", w.trainable_floats}, {"lora", w.lora},
                    {"batch_size", w.batch_size},          {"seq_len", w.seq_len},
                    {"grad_accum", w.grad_accum},          {"activation_bytes", w.activation_bytes}};
-  j["cluster"] = {{"hosts", c.hosts},   {"slots", c.slots},  {"cores", c.cores},
+  j["cluster"] = {{"hosts", c.hosts},   {"slots", c.slots},  {"cores", c.cores}, {"one_machine", c.one_machine},
                   {"memory_bytes", c.memory_bytes}, {"network", link_json(c.network)}, {"local", link_json(c.local)}};
   j["one_rank"] = {{"data_s", r.cost.data_s},       {"compute_s", r.cost.compute_s}, {"update_s", r.cost.update_s},
                    {"step_s", r.cost.total_s()},    {"threads", r.cost.threads},     {"source", r.cost.source},

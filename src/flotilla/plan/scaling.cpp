@@ -15,7 +15,7 @@ double serial_fraction(const StepCost& cost) {
 }
 
 double oversubscription(const Cluster& cluster, int ranks, int threads) {
-  const double busy = static_cast<double>(cluster.ranks_per_host(ranks)) * std::max(1, threads);
+  const double busy = static_cast<double>(cluster.ranks_sharing_cores(ranks)) * std::max(1, threads);
   return std::max(1.0, busy / std::max(1, cluster.cores));
 }
 
@@ -39,7 +39,7 @@ Prediction predict(const Strategy& s, const Workload& w, const StepCost& cost, c
   Prediction p;
   p.ranks = n;
   double slow = oversubscription(cluster, n, cost.threads);
-  if (cluster.ranks_per_host(n) > 1) slow *= cost.contention;
+  if (cluster.ranks_sharing_cores(n) > 1) slow *= cost.contention;
   p.compute_s = cost.compute_s * compute_share * slow;
   p.wait_s = straggler_wait_s(cost.work_samples_s, n) * compute_share * slow;
   p.serial_s = (cost.data_s + cost.update_s * update_share(s, n)) * slow;

@@ -67,7 +67,12 @@ struct Cluster {
   int64_t memory_bytes = 0;  // per host
   Link network;
   Link local;
+  // The hosts are network namespaces of one machine (an emulated cluster such as
+  // ../shared/netcluster): every rank, on whichever host, shares that machine's `cores`.
+  bool one_machine = false;
   int max_ranks() const { return hosts * slots; }
+  // Ranks of n that compete for one machine's cores.
+  int ranks_sharing_cores(int ranks) const { return one_machine ? ranks : ranks_per_host(ranks); }
   // n ranks fill the hosts in order, `slots` per host.
   int hosts_used(int ranks) const { return (ranks + slots - 1) / slots; }
   int ranks_per_host(int ranks) const { return ranks < slots ? ranks : slots; }
