@@ -25,6 +25,7 @@ void add_train_command(CLI::App& app) {
     bool print_config = false;
     std::string fine_tune_type = "full", lora_targets = "q,v", resume_adapter;
     std::string compression = "none";
+    std::string compression_dtype = "f32";
     double timeout_s = 300.0;
     std::string allreduce = "auto";
   };
@@ -95,6 +96,12 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--powersgd-rank", opt->job.compression.powersgd_rank,
                   "--compression powersgd: rank r of each matrix's factors")
       ->capture_default_str();
+  cmd->add_option("--compression-dtype", opt->compression_dtype,
+                  "--compression topk|powersgd: the type values and factors travel in; bf16 or fp16 halve the "
+                  "bytes (top-k: 4-byte entries of a 16-bit offset and a half instead of 8) and error feedback "
+                  "keeps the rounding")
+      ->check(CLI::IsMember({"f32", "bf16", "fp16"}))
+      ->capture_default_str();
   cmd->add_option("--sync-every", t.local_sgd.sync_every,
                   "Data parallel: local SGD — each rank steps on its own gradients and the ranks average their "
                   "weights every N steps (0: average gradients every step)")
@@ -144,6 +151,7 @@ void add_train_command(CLI::App& app) {
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;
     job.compression.kind = comm::parse_compression(opt->compression);
+    job.compression.dtype = comm::parse_wire_dtype(opt->compression_dtype);
     job.compression.seed = job.seed;
     // Under mpirun / srun this process is one rank of a data-parallel job.
     comm::Settings settings;
