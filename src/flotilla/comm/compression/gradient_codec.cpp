@@ -79,30 +79,35 @@ class PlainCodec final : public GradientCodec {
   }
 };
 
-// The first `warmup` calls exact, the rest through `inner`.
+// The first `warmup` calls dense, through `dense` (float32, or halves when the compression
+// dtype is one: nearly exact at half the bytes), the rest through `inner`. What the dense
+// codec still owes at the switch (its rounding) joins the first compressed gradient.
 class WarmupCodec final : public GradientCodec {
  public:
-  WarmupCodec(std::unique_ptr<GradientCodec> inner, int64_t warmup)
-      : GradientCodec(inner->kind()), inner_(std::move(inner)), warmup_(warmup) {}
+  WarmupCodec(std::unique_ptr<GradientCodec> dense, std::unique_ptr<GradientCodec> inner, int64_t warmup)
+      : GradientCodec(inner->kind()), dense_(std::move(dense)), inner_(std::move(inner)), warmup_(warmup) {}
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
-    if (calls_ < warmup_) {
-      sum_floats(gradient, comm, "gradients");
-      count_all_reduce(static_cast<int64_t>(gradient.size_bytes()), comm.size());
-    } else {
-      const int64_t before = inner_->bytes_sent();
-      inner_->all_reduce_sum(gradient, comm);
-      count_bytes(inner_->bytes_sent() - before);
+    GradientCodec& codec = calls_ < warmup_ ? *dense_ : *inner_;
+    if (calls_ == warmup_) {
+      const std::span<const float> owed = dense_->residual();
+      for (size_t i = 0; i < owed.size(); ++i) gradient[i] += owed[i];
     }
+    const int64_t before = codec.bytes_sent();
+    codec.all_reduce_sum(gradient, comm);
+    count_bytes(codec.bytes_sent() - before);
     ++calls_;
   }
-  std::span<const float> residual() const override { return inner_->residual(); }
+  std::span<const float> residual() const override {
+    return calls_ <= warmup_ ? dense_->residual() : inner_->residual();
+  }
   void set_exact_reducer(AllReducer* reducer) override {
     exact_ = reducer;
+    dense_->set_exact_reducer(reducer);
     inner_->set_exact_reducer(reducer);
   }
 
  private:
-  std::unique_ptr<GradientCodec> inner_;
+  std::unique_ptr<GradientCodec> dense_, inner_;
   int64_t warmup_;
 };
 
@@ -121,7 +126,11 @@ std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& conf
                                  wire_dtype_name(config.dtype), compression_name(config.kind)));
   std::unique_ptr<GradientCodec> codec = make_codec(config, n, std::move(matrices));
   if (config.kind == Compression::none || config.warmup_steps == 0) return codec;
-  return std::make_unique<WarmupCodec>(std::move(codec), config.warmup_steps);
+  std::unique_ptr<GradientCodec> dense =
+      config.dtype == WireDtype::f32
+          ? std::make_unique<PlainCodec>()
+          : detail::make_half_codec(config.dtype == WireDtype::fp16 ? Compression::fp16 : Compression::bf16, n);
+  return std::make_unique<WarmupCodec>(std::move(dense), std::move(codec), config.warmup_steps);
 }
 
 namespace {
