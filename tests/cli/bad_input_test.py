@@ -643,6 +643,20 @@ def _(ws):
     return Run(train(ws, m) + ["--compression", "zip"], ["--compression", "zip"], preserve=[m, ws.corpus])
 
 
+@case("train_compression_dtype_unknown")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--compression", "topk", "--compression-dtype", "f8"], ["--compression-dtype", "f8"],
+               preserve=[m, ws.corpus])
+
+
+@case("train_compression_dtype_for_a_dense_codec")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--compression", "fp16", "--compression-dtype", "bf16"], ["compression dtype", "fp16"],
+               preserve=[m, ws.corpus])
+
+
 @case("train_save_every_off_the_local_sgd_meetings")
 def _(ws):
     m = ws.model()

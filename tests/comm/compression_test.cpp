@@ -216,12 +216,197 @@ TEST_P(CodecWorlds, ErrorFeedbackLosesNothingOverManySteps) {
   }
 }
 
+// The 4-byte entries of top-k in halves: (16-bit offset, half) words, or a bitmap and packed
+// halves where that is smaller. n spans two tensors, one longer than a 2^16-element block.
+struct HalfTopKCase {
+  WireDtype dtype;
+  double density;
+};
+
+std::vector<MatrixShape> two_tensors() { return {{0, 1, 70000}, {70000, 30, 10}}; }  // blocks of 65536, 4464, 300
+
+TEST_P(CodecWorlds, TopKInHalvesSendsExactlyWhatItSelected) {
+  // For every rank: the k largest |g| of each block are sent, each as its half; the
+  // residual is exactly what the half dropped (g - decode(encode(g)), exact by Sterbenz's
+  // lemma since a rounded value is within a factor 2 of the value), the rest is kept
+  // whole; and the estimate is the sum over ranks of the decoded halves (to float
+  // addition). Values are scaled by 1e5 so that fp16 must scale them into range.
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const int64_t n = 70300;
+  const std::vector<int64_t> block_starts = {0, 65536, 70000, 70300};
+  for (const HalfTopKCase c : {HalfTopKCase{WireDtype::bf16, 0.02}, HalfTopKCase{WireDtype::bf16, 0.4},
+                               HalfTopKCase{WireDtype::fp16, 0.02}, HalfTopKCase{WireDtype::fp16, 0.4}}) {
+    const double u = c.dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    std::vector<std::vector<float>> decoded(static_cast<size_t>(world));
+    std::vector<float> estimate;
+    std::vector<int64_t> bytes(static_cast<size_t>(world));
+    std::mutex mu;
+    run_threads(world, [&](Communicator& comm) {
+      auto codec = make_gradient_codec({.kind = Compression::topk, .topk_density = c.density, .dtype = c.dtype}, n,
+                                       two_tensors());
+      std::vector<float> g = rank_gradient(seed, comm.rank(), 0, static_cast<size_t>(n));
+      for (float& x : g) x *= 1e5f;
+      const std::vector<float> mine = g;
+      codec->all_reduce_sum(g, comm);
+      const std::span<const float> res = codec->residual();
+      std::vector<float> sent(static_cast<size_t>(n), 0.0f);
+      for (size_t b = 0; b + 1 < block_starts.size(); ++b) {
+        const int64_t lo = block_starts[b], hi = block_starts[b + 1];
+        const auto k = static_cast<size_t>(std::ceil(c.density * static_cast<double>(hi - lo)));
+        std::vector<float> sorted_abs;
+        for (int64_t i = lo; i < hi; ++i) sorted_abs.push_back(std::fabs(mine[static_cast<size_t>(i)]));
+        std::sort(sorted_abs.begin(), sorted_abs.end(), std::greater<>());
+        size_t count = 0;
+        for (int64_t i = lo; i < hi; ++i) {
+          const auto j = static_cast<size_t>(i);
+          if (res[j] == mine[j]) continue;  // kept whole: not sent
+          ++count;
+          EXPECT_GE(std::fabs(mine[j]), sorted_abs[k - 1]) << "block " << b << " element " << i;
+          ASSERT_LE(std::fabs(res[j]), u * std::fabs(mine[j])) << "element " << i;
+          sent[j] = mine[j] - res[j];
+        }
+        EXPECT_EQ(count, k) << wire_dtype_name(c.dtype) << " block " << b;
+      }
+      std::lock_guard lock(mu);
+      decoded[static_cast<size_t>(comm.rank())] = sent;
+      bytes[static_cast<size_t>(comm.rank())] = codec->bytes_sent();
+      if (comm.rank() == 0) estimate = g;
+    }, test_settings());
+    for (int64_t i = 0; i < n; ++i) {
+      double expect = 0.0, scale = 0.0;
+      for (const auto& d : decoded) {
+        expect += d[static_cast<size_t>(i)];
+        scale += std::fabs(d[static_cast<size_t>(i)]);
+      }
+      ASSERT_NEAR(estimate[static_cast<size_t>(i)], expect, 1e-6 * scale) << wire_dtype_name(c.dtype) << " " << i;
+    }
+    // Per block the cheaper of k offset words and a bitmap with values two to a word;
+    // fp16 adds one word for its scale.
+    int64_t words = c.dtype == WireDtype::fp16 ? 1 : 0;
+    for (size_t b = 0; b + 1 < block_starts.size(); ++b) {
+      const int64_t size = block_starts[b + 1] - block_starts[b];
+      const auto k = static_cast<int64_t>(std::ceil(c.density * static_cast<double>(size)));
+      words += std::min(k, (size + 31) / 32 + (k + 1) / 2);
+    }
+    for (int64_t b : bytes) EXPECT_EQ(b, (world - 1) * 4 * words);
+  }
+}
+
+TEST_P(CodecWorlds, PowerSgdInHalvesSendsHalfTheBytesAndStaysClose) {
+  // The three sums (P, Q, the vector) carry halves: 2 bytes an element by all_to_all and
+  // all_gather (fp16 adds one 8-byte max). On a sum of rank <= r the estimate is off by
+  // the rounding of P and Q (once per rank, once more summed): a few u of the largest
+  // element; 16 u allows for the orthonormalisation of a rounded P.
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const int64_t rows = 40, cols = 24, r = 3, n = rows * cols + 10;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> U(static_cast<size_t>(rows * 2));
+  for (float& x : U) x = normal(rng);
+  std::vector<std::vector<float>> grads(static_cast<size_t>(world), std::vector<float>(static_cast<size_t>(n)));
+  std::vector<float> s(static_cast<size_t>(n), 0.0f);
+  for (auto& g : grads) {
+    std::vector<float> V(static_cast<size_t>(cols * 2));
+    for (float& x : V) x = normal(rng);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        g[static_cast<size_t>(i * cols + j)] = U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1];
+    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = normal(rng);
+    for (int64_t i = 0; i < n; ++i) s[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+  }
+  double scale = 0.0;
+  for (float x : s) scale = std::max(scale, static_cast<double>(std::fabs(x)));
+  for (WireDtype dtype : {WireDtype::bf16, WireDtype::fp16}) {
+    const double u = dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    run_threads(world, [&](Communicator& comm) {
+      auto codec = make_gradient_codec(
+          {.kind = Compression::powersgd, .powersgd_rank = static_cast<int>(r), .dtype = dtype, .seed = 9}, n,
+          {{0, rows, cols}});
+      std::vector<float> g = grads[static_cast<size_t>(comm.rank())];
+      codec->all_reduce_sum(g, comm);
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_NEAR(g[static_cast<size_t>(i)], s[static_cast<size_t>(i)], 16 * u * scale) << wire_dtype_name(dtype) << " " << i;
+      const auto half_sum = [&](int64_t elements) {
+        const int64_t chunk = (elements + world - 1) / world;
+        return ring_all_to_all_bytes(2 * chunk * world, world) + ring_all_gather_bytes(2 * chunk, world) +
+               (dtype == WireDtype::fp16 ? ring_all_reduce_bytes(8, world) : 0);
+      };
+      EXPECT_EQ(codec->bytes_sent(), half_sum(rows * r) + half_sum(r * cols) + half_sum(10));
+    }, test_settings());
+  }
+}
+
+TEST_P(CodecWorlds, ErrorFeedbackInHalvesLosesNothingOverManySteps) {
+  // As ErrorFeedbackLosesNothingOverManySteps, for top-k in both of its half formats and
+  // PowerSGD with half factors: sent in total plus what every rank owes is what was given.
+  // Top-k's sums are of decoded halves, exact up to float addition; PowerSGD's vector
+  // part is re-rounded once summed, which no rank owns (u |S| a step, as the half codecs).
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const int64_t rows = 30, cols = 20, n = rows * cols + 7;
+  const int steps = 12;
+  struct Case {
+    Compression kind;
+    WireDtype dtype;
+    double density;
+    int64_t warmup = 0;
+  };
+  for (const Case c : {Case{Compression::topk, WireDtype::bf16, 0.05}, Case{Compression::topk, WireDtype::fp16, 0.4},
+                       Case{Compression::powersgd, WireDtype::bf16, 0.0}, Case{Compression::powersgd, WireDtype::fp16, 0.0},
+                       Case{Compression::topk, WireDtype::bf16, 0.4, 4}, Case{Compression::powersgd, WireDtype::bf16, 0.0, 4}}) {
+    std::vector<double> sent(static_cast<size_t>(n), 0.0), given(static_cast<size_t>(n), 0.0), abs_sent(static_cast<size_t>(n), 0.0);
+    std::vector<std::vector<float>> owed(static_cast<size_t>(world));
+    std::mutex mu;
+    run_threads(world, [&](Communicator& comm) {
+      auto codec = make_gradient_codec(
+          {.kind = c.kind, .topk_density = c.kind == Compression::topk ? c.density : 0.01, .powersgd_rank = 2,
+           .dtype = c.dtype, .seed = 3, .warmup_steps = c.warmup},
+          n, {{0, rows, cols}, {rows * cols, 1, 7}});
+      for (int step = 0; step < steps; ++step) {
+        std::vector<float> g = rank_gradient(seed, comm.rank(), step, static_cast<size_t>(n));
+        {
+          std::lock_guard lock(mu);
+          for (int64_t i = 0; i < n; ++i) given[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+        }
+        codec->all_reduce_sum(g, comm);
+        if (comm.rank() == 0) {
+          std::lock_guard lock(mu);
+          for (int64_t i = 0; i < n; ++i) {
+            sent[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+            abs_sent[static_cast<size_t>(i)] += std::fabs(g[static_cast<size_t>(i)]);
+          }
+        }
+      }
+      std::lock_guard lock(mu);
+      owed[static_cast<size_t>(comm.rank())].assign(codec->residual().begin(), codec->residual().end());
+    }, test_settings());
+    const double u = c.dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    for (int64_t i = 0; i < n; ++i) {
+      double total = sent[static_cast<size_t>(i)];
+      for (const auto& o : owed) total += o[static_cast<size_t>(i)];
+      // Summed halves are rounded once more: PowerSGD's vector part, and every element in warm-up.
+      const bool rounded_sums = c.warmup > 0 || (c.kind == Compression::powersgd && i >= rows * cols);
+      const double allowed = 1e-4 * (1.0 + std::fabs(given[static_cast<size_t>(i)])) +
+                             (rounded_sums ? 1.01 * u * abs_sent[static_cast<size_t>(i)] : 0.0);
+      ASSERT_NEAR(total, given[static_cast<size_t>(i)], allowed)
+          << compression_name(c.kind) << " " << wire_dtype_name(c.dtype) << " element " << i;
+    }
+  }
+}
+
 TEST(Compression, NamesAndBadSettingsAreClearErrors) {
   EXPECT_EQ(parse_compression("powersgd"), Compression::powersgd);
   EXPECT_THROW(parse_compression("zip"), InputError);
   EXPECT_THROW(make_gradient_codec({.kind = Compression::topk, .topk_density = 0.0}, 10, {}), InputError);
   EXPECT_THROW(make_gradient_codec({.kind = Compression::topk, .topk_density = 1.5}, 10, {}), InputError);
   EXPECT_THROW(make_gradient_codec({.kind = Compression::powersgd, .powersgd_rank = 0}, 10, {}), InputError);
+  EXPECT_EQ(parse_wire_dtype("bf16"), WireDtype::bf16);
+  EXPECT_THROW(parse_wire_dtype("f8"), InputError);
+  // A dtype is for the codecs that choose what to send; fp16/bf16 already send halves.
+  EXPECT_THROW(make_gradient_codec({.kind = Compression::fp16, .dtype = WireDtype::bf16}, 10, {}), InputError);
+  EXPECT_THROW(make_gradient_codec({.kind = Compression::none, .dtype = WireDtype::fp16}, 10, {}), InputError);
 }
 
 INSTANTIATE_TEST_SUITE_P(Compression, CodecWorlds, ::testing::Values(1, 2, 3, 4, 5),

@@ -5,10 +5,13 @@ Trains the tiny preset on data/sample/corpus.jsonl under mpirun -np 2 with each 
 compares against the uncompressed run with the same seed:
   - fp16, bf16: half the bytes (exactly, by the ring convention) and the final validation
     loss within 2% (measured: within 0.01%);
-  - topk (density 0.1) and powersgd (rank 4): at least 4x fewer bytes, and the final
-    validation loss within 10%. The issue asks for 2%; with AdamW these codecs end 3-9%
-    above the uncompressed loss here (bench/RESULTS.md), so 10% is what this test can
-    hold them to: it catches a broken codec (a lost direction cost +34%), not the gap;
+  - powersgd: rank 12, factors in bf16, the first 40 steps dense in bf16: at least 4x fewer
+    bytes and the loss within 2%, the issue's target (measured on seeds 1-5: +0.4 to +0.5%
+    at 4.8x fewer bytes);
+  - topk: density 0.43, entries as a bitmap and bf16 values: at least 4x fewer bytes and the
+    loss within 3%. The issue asks for 2%; on this seed top-k ends +2.5% above (seeds 1-5:
+    -0.1 to +2.5%, mean +1.3%; on the LoRA sample run +0.3% and +0.7%), so 3% is what this
+    test can hold it to without depending on the seed's luck (bench/RESULTS.md);
   - local SGD, weights averaged every 4 steps: at most 1/4 of the bytes, loss within 10%
     (measured: +3%).
 Usage: compression_convergence_test.py FLOTILLA [--mpirun MPIRUN]
@@ -28,8 +31,9 @@ SOURCE = os.path.dirname(os.path.dirname(HERE))
 CASES = {  # name: (flags, most bytes relative to uncompressed, largest relative loss gap)
     "fp16": (["--compression", "fp16"], 0.5 + 1e-3, 0.02),
     "bf16": (["--compression", "bf16"], 0.5 + 1e-3, 0.02),
-    "topk": (["--compression", "topk", "--topk-density", "0.1"], 0.25, 0.10),
-    "powersgd": (["--compression", "powersgd", "--powersgd-rank", "4"], 0.25, 0.10),
+    "topk": (["--compression", "topk", "--topk-density", "0.43", "--compression-dtype", "bf16"], 0.25, 0.03),
+    "powersgd": (["--compression", "powersgd", "--powersgd-rank", "12", "--compression-dtype", "bf16",
+                  "--compression-warmup", "40"], 0.25, 0.02),
     "local-sgd": (["--sync-every", "4"], 0.25 + 1e-3, 0.10),
 }
 

@@ -6,8 +6,9 @@
 namespace flotilla::comm::detail {
 
 std::unique_ptr<GradientCodec> make_half_codec(Compression kind, int64_t n);
-std::unique_ptr<GradientCodec> make_topk_codec(int64_t n, double density, const std::vector<MatrixShape>& tensors);
+std::unique_ptr<GradientCodec> make_topk_codec(int64_t n, double density, const std::vector<MatrixShape>& tensors,
+                                               WireDtype dtype);
 std::unique_ptr<GradientCodec> make_powersgd_codec(int64_t n, std::vector<MatrixShape> matrices, int rank,
-                                                   uint64_t seed);
+                                                   uint64_t seed, WireDtype dtype);
 
 }  // namespace flotilla::comm::detail

@@ -26,16 +26,35 @@ Compression parse_compression(std::string_view name) {
                    fmt::format("unknown gradient compression '{}' (none, fp16, bf16, topk, powersgd)", name));
 }
 
+std::string_view wire_dtype_name(WireDtype d) {
+  switch (d) {
+    case WireDtype::f32: return "f32";
+    case WireDtype::bf16: return "bf16";
+    case WireDtype::fp16: return "fp16";
+  }
+  return "?";
+}
+
+WireDtype parse_wire_dtype(std::string_view name) {
+  for (WireDtype d : {WireDtype::f32, WireDtype::bf16, WireDtype::fp16})
+    if (wire_dtype_name(d) == name) return d;
+  throw InputError("comm/compression", fmt::format("unknown compression dtype '{}' (f32, bf16, fp16)", name));
+}
+
+int64_t ring_all_reduce_bytes(int64_t bytes, int world) { return world > 1 ? 2 * (world - 1) * bytes / world : 0; }
+int64_t ring_all_gather_bytes(int64_t bytes_per_rank, int world) { return (world - 1) * bytes_per_rank; }
+int64_t ring_all_to_all_bytes(int64_t total_bytes, int world) {
+  return world > 1 ? (world - 1) * total_bytes / world : 0;
+}
+
 void GradientCodec::check_size(size_t given, size_t expected) {
   if (given != expected)
     throw Error("comm/compression", fmt::format("codec made for {} gradient elements was given {}", expected, given));
 }
 
-void GradientCodec::count_all_reduce(int64_t bytes, int world) {
-  if (world > 1) bytes_sent_ += 2 * (world - 1) * bytes / world;
-}
+void GradientCodec::count_all_reduce(int64_t bytes, int world) { bytes_sent_ += ring_all_reduce_bytes(bytes, world); }
 void GradientCodec::count_all_gather(int64_t bytes_per_rank, int world) {
-  bytes_sent_ += (world - 1) * bytes_per_rank;
+  bytes_sent_ += ring_all_gather_bytes(bytes_per_rank, world);
 }
 void GradientCodec::sum_floats(std::span<float> data, Communicator& comm, std::string_view name) {
   if (exact_ != nullptr) exact_->run(data, ReduceOp::sum, Options{.name = name});
@@ -44,7 +63,7 @@ void GradientCodec::sum_floats(std::span<float> data, Communicator& comm, std::s
 
 void GradientCodec::count_bytes(int64_t bytes) { bytes_sent_ += bytes; }
 void GradientCodec::count_all_to_all(int64_t total_bytes, int world) {
-  if (world > 1) bytes_sent_ += (world - 1) * total_bytes / world;
+  bytes_sent_ += ring_all_to_all_bytes(total_bytes, world);
 }
 
 namespace {
@@ -60,30 +79,35 @@ class PlainCodec final : public GradientCodec {
   }
 };
 
-// The first `warmup` calls exact, the rest through `inner`.
+// The first `warmup` calls dense, through `dense` (float32, or halves when the compression
+// dtype is one: nearly exact at half the bytes), the rest through `inner`. What the dense
+// codec still owes at the switch (its rounding) joins the first compressed gradient.
 class WarmupCodec final : public GradientCodec {
  public:
-  WarmupCodec(std::unique_ptr<GradientCodec> inner, int64_t warmup)
-      : GradientCodec(inner->kind()), inner_(std::move(inner)), warmup_(warmup) {}
+  WarmupCodec(std::unique_ptr<GradientCodec> dense, std::unique_ptr<GradientCodec> inner, int64_t warmup)
+      : GradientCodec(inner->kind()), dense_(std::move(dense)), inner_(std::move(inner)), warmup_(warmup) {}
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
-    if (calls_ < warmup_) {
-      sum_floats(gradient, comm, "gradients");
-      count_all_reduce(static_cast<int64_t>(gradient.size_bytes()), comm.size());
-    } else {
-      const int64_t before = inner_->bytes_sent();
-      inner_->all_reduce_sum(gradient, comm);
-      count_bytes(inner_->bytes_sent() - before);
+    GradientCodec& codec = calls_ < warmup_ ? *dense_ : *inner_;
+    if (calls_ == warmup_) {
+      const std::span<const float> owed = dense_->residual();
+      for (size_t i = 0; i < owed.size(); ++i) gradient[i] += owed[i];
     }
+    const int64_t before = codec.bytes_sent();
+    codec.all_reduce_sum(gradient, comm);
+    count_bytes(codec.bytes_sent() - before);
     ++calls_;
   }
-  std::span<const float> residual() const override { return inner_->residual(); }
+  std::span<const float> residual() const override {
+    return calls_ <= warmup_ ? dense_->residual() : inner_->residual();
+  }
   void set_exact_reducer(AllReducer* reducer) override {
     exact_ = reducer;
+    dense_->set_exact_reducer(reducer);
     inner_->set_exact_reducer(reducer);
   }
 
  private:
-  std::unique_ptr<GradientCodec> inner_;
+  std::unique_ptr<GradientCodec> dense_, inner_;
   int64_t warmup_;
 };
 
@@ -96,9 +120,17 @@ std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& conf
                                                    std::vector<MatrixShape> matrices) {
   if (config.warmup_steps < 0)
     throw InputError("comm/compression", fmt::format("compression warm-up must be >= 0 steps, not {}", config.warmup_steps));
+  if (config.dtype != WireDtype::f32 && config.kind != Compression::topk && config.kind != Compression::powersgd)
+    throw InputError("comm/compression",
+                     fmt::format("a compression dtype ({}) applies to top-k and PowerSGD only, not to '{}'",
+                                 wire_dtype_name(config.dtype), compression_name(config.kind)));
   std::unique_ptr<GradientCodec> codec = make_codec(config, n, std::move(matrices));
   if (config.kind == Compression::none || config.warmup_steps == 0) return codec;
-  return std::make_unique<WarmupCodec>(std::move(codec), config.warmup_steps);
+  std::unique_ptr<GradientCodec> dense =
+      config.dtype == WireDtype::f32
+          ? std::make_unique<PlainCodec>()
+          : detail::make_half_codec(config.dtype == WireDtype::fp16 ? Compression::fp16 : Compression::bf16, n);
+  return std::make_unique<WarmupCodec>(std::move(dense), std::move(codec), config.warmup_steps);
 }
 
 namespace {
@@ -113,11 +145,11 @@ std::unique_ptr<GradientCodec> make_codec(const CompressionConfig& config, int64
       if (!(config.topk_density > 0.0 && config.topk_density <= 1.0))
         throw InputError("comm/compression",
                          fmt::format("top-k density must be in (0, 1], not {}", config.topk_density));
-      return detail::make_topk_codec(n, config.topk_density, matrices);
+      return detail::make_topk_codec(n, config.topk_density, matrices, config.dtype);
     case Compression::powersgd:
       if (config.powersgd_rank < 1)
         throw InputError("comm/compression", fmt::format("PowerSGD rank must be >= 1, not {}", config.powersgd_rank));
-      return detail::make_powersgd_codec(n, std::move(matrices), config.powersgd_rank, config.seed);
+      return detail::make_powersgd_codec(n, std::move(matrices), config.powersgd_rank, config.seed, config.dtype);
   }
   throw Error("comm/compression", "unknown compression");
 }

@@ -41,14 +41,32 @@ std::string_view compression_name(Compression c);
 // "none", "fp16", "bf16", "topk", "powersgd"; throws InputError on anything else.
 Compression parse_compression(std::string_view name);
 
+// The type top-k's values and PowerSGD's factors (and the warm-up's dense gradients) travel
+// in. float32 keeps top-k's (uint32 index, float) pairs; with a half, top-k sends each
+// 2^16-element block's entries as (16-bit offset, half) words or as a bitmap and packed
+// halves (topk_codec.cpp), 4 or fewer bytes instead of 8, and PowerSGD sends half the bytes
+// for the same rank. Error feedback keeps what the rounding lost, so the halves only delay it.
+enum class WireDtype : uint8_t { f32, bf16, fp16 };
+std::string_view wire_dtype_name(WireDtype d);
+// "f32", "bf16", "fp16"; throws InputError on anything else.
+WireDtype parse_wire_dtype(std::string_view name);
+
+// Bytes one rank sends in a ring implementation of each collective (the convention above).
+int64_t ring_all_reduce_bytes(int64_t bytes, int world);           // 2(N-1)/N b
+int64_t ring_all_gather_bytes(int64_t bytes_per_rank, int world);  // (N-1) b
+int64_t ring_all_to_all_bytes(int64_t total_bytes, int world);     // (N-1)/N b
+
 struct CompressionConfig {
   Compression kind = Compression::none;
   double topk_density = 0.01;  // top-k: fraction of elements sent, in (0, 1]
   int powersgd_rank = 4;       // PowerSGD: r
+  WireDtype dtype = WireDtype::f32;  // top-k's values, PowerSGD's factors
   uint64_t seed = 0;           // PowerSGD: the initial Q (every rank draws the same)
-  // Exact float32 exchanges before compression starts, as PyTorch's PowerSGD hook
+  // Dense exchanges before compression starts, as PyTorch's PowerSGD hook
   // (start_powerSGD_iter) and Deep Gradient Compression's warm-up do: the first steps
-  // move the weights most, and an adaptive optimizer's moments settle on exact gradients.
+  // move the weights most, and an adaptive optimizer's moments settle on full gradients.
+  // In float32, or as halves when `dtype` is one (within 0.01% of float32 on the sample
+  // run, at half the bytes).
   int64_t warmup_steps = 0;
 };
 

@@ -10,15 +10,23 @@
 // Error feedback: this rank keeps M_i - (P Q^T) / N, so what the rank-r estimate misses
 // on average is added back next step. Vectors (norms, biases) and matrices too small to
 // gain (r (rows + cols) >= rows x cols) go in a third, plain all-reduce.
+//
+// With `--compression-dtype bf16|fp16` all three sums carry halves (half_sum.hpp): half
+// the bytes, so twice the rank for the same traffic. Every rank decodes the same halves,
+// so P, Q and the estimate stay identical across ranks, and the residual is taken against
+// that decoded estimate: what rounding lost is fed back like what the rank-r cut lost. The
+// uncompressed part keeps its own rounding, as the fp16/bf16 codecs do.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/comm/compression/codecs.hpp"
+#include "flotilla/comm/compression/half_sum.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::comm::detail {
@@ -59,8 +67,9 @@ void orthonormalise_columns(float* p, int64_t rows, int64_t r) {
 
 class PowerSgdCodec final : public GradientCodec {
  public:
-  PowerSgdCodec(int64_t n, const std::vector<MatrixShape>& matrices, int rank, uint64_t seed)
+  PowerSgdCodec(int64_t n, const std::vector<MatrixShape>& matrices, int rank, uint64_t seed, WireDtype dtype)
       : GradientCodec(Compression::powersgd), rng_(seed ^ 0x9E3779B97F4A7C15ull), residual_(static_cast<size_t>(n), 0.0f) {
+    if (dtype != WireDtype::f32) halves_.emplace(dtype);
     std::vector<bool> in_matrix(static_cast<size_t>(n), false);
     int64_t p_size = 0, q_size = 0;
     for (const MatrixShape& m : matrices) {
@@ -91,21 +100,19 @@ class PowerSgdCodec final : public GradientCodec {
     // P = M Q for every matrix: (rows, cols) @ (cols, r), i.e. M @ Qt^T.
     for (const Factorised& f : factorised_)
       kernels::matmul_forward(&p_[f.p_offset], M + f.m.offset, &qt_[f.q_offset], nullptr, f.m.rows, f.m.cols, f.r);
-    sum_floats(p_, comm, "PowerSGD P");
-    count_all_reduce(static_cast<int64_t>(p_.size() * sizeof(float)), N);
+    sum(p_, comm, {}, "PowerSGD P");
     for (const Factorised& f : factorised_) orthonormalise_columns(&p_[f.p_offset], f.m.rows, f.r);
     // Q = M^T P, kept as Qt = P^T M: (r, cols).
     std::fill(qt_.begin(), qt_.end(), 0.0f);
     for (const Factorised& f : factorised_)
       kernels::matmul_backward(nullptr, &qt_[f.q_offset], nullptr, &p_[f.p_offset], M + f.m.offset, nullptr,
                                f.m.rows, f.m.cols, f.r);
-    sum_floats(qt_, comm, "PowerSGD Q");
-    count_all_reduce(static_cast<int64_t>(qt_.size() * sizeof(float)), N);
+    sum(qt_, comm, {}, "PowerSGD Q");
     restart_vanished_directions();
     // Vectors and small matrices, exactly.
     for (size_t j = 0; j < plain_index_.size(); ++j) plain_[j] = residual_[static_cast<size_t>(plain_index_[j])];
-    sum_floats(plain_, comm, "PowerSGD uncompressed");
-    count_all_reduce(static_cast<int64_t>(plain_.size() * sizeof(float)), N);
+    plain_rounding_.assign(halves_ ? plain_.size() : 0, 0.0f);
+    sum(plain_, comm, plain_rounding_, "PowerSGD uncompressed");
 
     // gradient := P Qt (the estimate of the sum); residual keeps M - estimate / N.
     for (const Factorised& f : factorised_) {
@@ -120,7 +127,7 @@ class PowerSgdCodec final : public GradientCodec {
     for (size_t j = 0; j < plain_index_.size(); ++j) {
       const auto i = static_cast<size_t>(plain_index_[j]);
       gradient[i] = plain_[j];
-      residual_[i] = 0.0f;
+      residual_[i] = halves_ ? plain_rounding_[j] : 0.0f;
     }
     ++calls_;
   }
@@ -145,7 +152,19 @@ class PowerSgdCodec final : public GradientCodec {
     }
   }
 
+  // data := its sum over ranks, in float32 or in halves; `rounding` as HalfSum::run.
+  void sum(std::span<float> data, Communicator& comm, std::span<float> rounding, std::string_view name) {
+    if (halves_) {
+      count_bytes(halves_->run(data, comm, rounding, name));
+    } else {
+      sum_floats(data, comm, name);
+      count_all_reduce(static_cast<int64_t>(data.size() * sizeof(float)), comm.size());
+    }
+  }
+
   Rng rng_;
+  std::optional<HalfSum> halves_;         // set when factors travel as halves
+  std::vector<float> plain_rounding_;     // (plain) what the halves dropped of this rank's part
   std::vector<float> residual_;           // (n) this rank's M, carried over
   std::vector<Factorised> factorised_;
   std::vector<int64_t> plain_index_;      // elements sent uncompressed
@@ -155,8 +174,8 @@ class PowerSgdCodec final : public GradientCodec {
 }  // namespace
 
 std::unique_ptr<GradientCodec> make_powersgd_codec(int64_t n, std::vector<MatrixShape> matrices, int rank,
-                                                   uint64_t seed) {
-  return std::make_unique<PowerSgdCodec>(n, matrices, rank, seed);
+                                                   uint64_t seed, WireDtype dtype) {
+  return std::make_unique<PowerSgdCodec>(n, matrices, rank, seed, dtype);
 }
 
 }  // namespace flotilla::comm::detail
