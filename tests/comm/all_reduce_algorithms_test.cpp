@@ -40,6 +40,16 @@ TEST(AllReduceChooser, SmallToHalvingDoublingLargeToRing) {
   EXPECT_EQ(choose_algorithm(16 << 20, 3, Topology{3, 0, 1}), AllReduceAlgorithm::ring);
 }
 
+TEST(AllReduceChooser, OneHostWithAnArenaGoesHierarchicalFromHalfAMebibyte) {
+  const Topology one_host{1, 0, 4};
+  EXPECT_EQ(choose_algorithm(4 << 10, 4, one_host, true), AllReduceAlgorithm::halving_doubling);
+  EXPECT_EQ(choose_algorithm(256 << 10, 4, one_host, true), AllReduceAlgorithm::ring);
+  EXPECT_EQ(choose_algorithm(512 << 10, 4, one_host, true), AllReduceAlgorithm::hierarchical);
+  EXPECT_EQ(choose_algorithm(16 << 20, 2, Topology{1, 0, 2}, true), AllReduceAlgorithm::hierarchical);
+  // Without the arena hierarchical is chains of messages inside the host: the ring is better.
+  EXPECT_EQ(choose_algorithm(16 << 20, 4, one_host, false), AllReduceAlgorithm::ring);
+}
+
 TEST(AllReduceChooser, SeveralRanksOnSeveralHostsGoHierarchical) {
   EXPECT_EQ(choose_algorithm(16 << 20, 8, Topology{2, 0, 4}),
             AllReduceAlgorithm::hierarchical);

@@ -105,9 +105,10 @@ void hierarchical_all_reduce(Communicator& comm, HostGroups& groups, MutView dat
                              ReduceOp op, const Options& options = {},
                              const AlgorithmOptions& tuning = {});
 
-// The chooser: which algorithm for `bytes` on `world_size` ranks over `topology`.
+// The chooser: which algorithm for `bytes` on `world_size` ranks over `topology`, where
+// `host_arena` says the ranks of a host share a memory arena (HostGroups::shm).
 // Thresholds measured on this project's machines (docs/distributed.md).
-AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology& topology);
+AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology& topology, bool host_arena = false);
 
 // One communicator's all-reduce: discovers the topology and splits the host groups on
 // construction (collective over comm), then runs the configured or chosen algorithm.
