@@ -130,6 +130,25 @@ TEST_P(CodecWorlds, TopKSendsKPairsAndKeepsTheRest) {
   }
 }
 
+// Every rank's gradient: a rows x cols matrix U V_rank^T with a shared column space U
+// (rows x 2), so their sum has rank 2, then n - rows*cols normal vector elements.
+std::vector<std::vector<float>> rank_two_gradients(uint64_t seed, int world, int64_t rows, int64_t cols, int64_t n) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> U(static_cast<size_t>(rows * 2));
+  for (float& x : U) x = normal(rng);
+  std::vector<std::vector<float>> grads(static_cast<size_t>(world), std::vector<float>(static_cast<size_t>(n)));
+  for (auto& g : grads) {
+    std::vector<float> V(static_cast<size_t>(cols * 2));
+    for (float& x : V) x = normal(rng);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        g[static_cast<size_t>(i * cols + j)] = U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1];
+    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = normal(rng);
+  }
+  return grads;
+}
+
 TEST_P(CodecWorlds, PowerSgdIsExactOnGradientsOfRankAtMostR) {
   // One power-iteration step recovers a sum of rank <= r exactly: P = S Q spans S's
   // columns, so P P^T S = S. Vectors travel uncompressed and come out exact too.
@@ -137,20 +156,7 @@ TEST_P(CodecWorlds, PowerSgdIsExactOnGradientsOfRankAtMostR) {
   const uint64_t seed = flotilla::testing::test_seed();
   const int64_t rows = 40, cols = 24, r = 3;
   const int64_t n = rows * cols + 10;  // a matrix, then a 10-element vector
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  // Shared column space U (rows x 2): every rank's matrix is U V_rank^T, so S has rank 2.
-  std::vector<float> U(static_cast<size_t>(rows * 2));
-  for (float& u : U) u = normal(rng);
-  std::vector<std::vector<float>> grads(static_cast<size_t>(world), std::vector<float>(static_cast<size_t>(n)));
-  for (auto& g : grads) {
-    std::vector<float> V(static_cast<size_t>(cols * 2));
-    for (float& v : V) v = normal(rng);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j)
-        g[static_cast<size_t>(i * cols + j)] = U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1];
-    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = normal(rng);
-  }
+  const std::vector<std::vector<float>> grads = rank_two_gradients(seed, world, rows, cols, n);
   std::vector<float> s(static_cast<size_t>(n), 0.0f);
   for (const auto& g : grads)
     for (int64_t i = 0; i < n; ++i) s[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
@@ -171,6 +177,42 @@ TEST_P(CodecWorlds, PowerSgdIsExactOnGradientsOfRankAtMostR) {
   }, test_settings());
 }
 
+// Many steps of fresh gradients through one codec per rank: the sum of every gradient
+// given, what rank 0 received in total (and the sum of its magnitudes), and what each
+// rank still owes at the end. Error feedback loses nothing when sent + owed == given.
+struct ManySteps {
+  std::vector<double> given, sent, abs_sent;
+  std::vector<std::vector<float>> owed;  // per rank
+};
+
+ManySteps run_many_steps(int world, uint64_t seed, const CompressionConfig& config, int64_t n,
+                         const std::vector<MatrixShape>& tensors, int steps) {
+  const auto zeros = std::vector<double>(static_cast<size_t>(n), 0.0);
+  ManySteps r{zeros, zeros, zeros, std::vector<std::vector<float>>(static_cast<size_t>(world))};
+  std::mutex mu;
+  run_threads(world, [&](Communicator& comm) {
+    auto codec = make_gradient_codec(config, n, tensors);
+    for (int step = 0; step < steps; ++step) {
+      std::vector<float> g = rank_gradient(seed, comm.rank(), step, static_cast<size_t>(n));
+      {
+        std::lock_guard lock(mu);
+        for (int64_t i = 0; i < n; ++i) r.given[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+      }
+      codec->all_reduce_sum(g, comm);
+      if (comm.rank() == 0) {
+        std::lock_guard lock(mu);
+        for (int64_t i = 0; i < n; ++i) {
+          r.sent[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
+          r.abs_sent[static_cast<size_t>(i)] += std::fabs(g[static_cast<size_t>(i)]);
+        }
+      }
+    }
+    std::lock_guard lock(mu);
+    r.owed[static_cast<size_t>(comm.rank())].assign(codec->residual().begin(), codec->residual().end());
+  }, test_settings());
+  return r;
+}
+
 TEST_P(CodecWorlds, ErrorFeedbackLosesNothingOverManySteps) {
   // Over 12 steps of fresh gradients, for every lossy codec: what was sent in total plus
   // what every rank still owes equals the sum of every gradient given (to float rounding;
@@ -180,30 +222,9 @@ TEST_P(CodecWorlds, ErrorFeedbackLosesNothingOverManySteps) {
   const int64_t rows = 30, cols = 20, n = rows * cols + 7;
   const int steps = 12;
   for (Compression kind : {Compression::topk, Compression::powersgd, Compression::fp16, Compression::bf16}) {
-    std::vector<double> sent(static_cast<size_t>(n), 0.0), given(static_cast<size_t>(n), 0.0), abs_sent(static_cast<size_t>(n), 0.0);
-    std::vector<std::vector<float>> owed(static_cast<size_t>(world));
-    std::mutex mu;
-    run_threads(world, [&](Communicator& comm) {
-      auto codec = make_gradient_codec({.kind = kind, .topk_density = 0.1, .powersgd_rank = 2, .seed = 3}, n,
-                                       {{0, rows, cols}});
-      for (int step = 0; step < steps; ++step) {
-        std::vector<float> g = rank_gradient(seed, comm.rank(), step, static_cast<size_t>(n));
-        {
-          std::lock_guard lock(mu);
-          for (int64_t i = 0; i < n; ++i) given[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
-        }
-        codec->all_reduce_sum(g, comm);
-        if (comm.rank() == 0) {
-          std::lock_guard lock(mu);
-          for (int64_t i = 0; i < n; ++i) {
-            sent[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
-            abs_sent[static_cast<size_t>(i)] += std::fabs(g[static_cast<size_t>(i)]);
-          }
-        }
-      }
-      std::lock_guard lock(mu);
-      owed[static_cast<size_t>(comm.rank())].assign(codec->residual().begin(), codec->residual().end());
-    }, test_settings());
+    const ManySteps r = run_many_steps(world, seed, {.kind = kind, .topk_density = 0.1, .powersgd_rank = 2, .seed = 3},
+                                       n, {{0, rows, cols}}, steps);
+    const auto& [given, sent, abs_sent, owed] = r;
     const bool half = kind == Compression::fp16 || kind == Compression::bf16;
     const double u = kind == Compression::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
     for (int64_t i = 0; i < n; ++i) {
@@ -301,21 +322,10 @@ TEST_P(CodecWorlds, PowerSgdInHalvesSendsHalfTheBytesAndStaysClose) {
   const int world = GetParam();
   const uint64_t seed = flotilla::testing::test_seed();
   const int64_t rows = 40, cols = 24, r = 3, n = rows * cols + 10;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> U(static_cast<size_t>(rows * 2));
-  for (float& x : U) x = normal(rng);
-  std::vector<std::vector<float>> grads(static_cast<size_t>(world), std::vector<float>(static_cast<size_t>(n)));
+  const std::vector<std::vector<float>> grads = rank_two_gradients(seed, world, rows, cols, n);
   std::vector<float> s(static_cast<size_t>(n), 0.0f);
-  for (auto& g : grads) {
-    std::vector<float> V(static_cast<size_t>(cols * 2));
-    for (float& x : V) x = normal(rng);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j)
-        g[static_cast<size_t>(i * cols + j)] = U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1];
-    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = normal(rng);
+  for (const auto& g : grads)
     for (int64_t i = 0; i < n; ++i) s[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
-  }
   double scale = 0.0;
   for (float x : s) scale = std::max(scale, static_cast<double>(std::fabs(x)));
   for (WireDtype dtype : {WireDtype::bf16, WireDtype::fp16}) {
@@ -356,32 +366,12 @@ TEST_P(CodecWorlds, ErrorFeedbackInHalvesLosesNothingOverManySteps) {
   for (const Case c : {Case{Compression::topk, WireDtype::bf16, 0.05}, Case{Compression::topk, WireDtype::fp16, 0.4},
                        Case{Compression::powersgd, WireDtype::bf16, 0.0}, Case{Compression::powersgd, WireDtype::fp16, 0.0},
                        Case{Compression::topk, WireDtype::bf16, 0.4, 4}, Case{Compression::powersgd, WireDtype::bf16, 0.0, 4}}) {
-    std::vector<double> sent(static_cast<size_t>(n), 0.0), given(static_cast<size_t>(n), 0.0), abs_sent(static_cast<size_t>(n), 0.0);
-    std::vector<std::vector<float>> owed(static_cast<size_t>(world));
-    std::mutex mu;
-    run_threads(world, [&](Communicator& comm) {
-      auto codec = make_gradient_codec(
-          {.kind = c.kind, .topk_density = c.kind == Compression::topk ? c.density : 0.01, .powersgd_rank = 2,
-           .dtype = c.dtype, .seed = 3, .warmup_steps = c.warmup},
-          n, {{0, rows, cols}, {rows * cols, 1, 7}});
-      for (int step = 0; step < steps; ++step) {
-        std::vector<float> g = rank_gradient(seed, comm.rank(), step, static_cast<size_t>(n));
-        {
-          std::lock_guard lock(mu);
-          for (int64_t i = 0; i < n; ++i) given[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
-        }
-        codec->all_reduce_sum(g, comm);
-        if (comm.rank() == 0) {
-          std::lock_guard lock(mu);
-          for (int64_t i = 0; i < n; ++i) {
-            sent[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
-            abs_sent[static_cast<size_t>(i)] += std::fabs(g[static_cast<size_t>(i)]);
-          }
-        }
-      }
-      std::lock_guard lock(mu);
-      owed[static_cast<size_t>(comm.rank())].assign(codec->residual().begin(), codec->residual().end());
-    }, test_settings());
+    const ManySteps r = run_many_steps(
+        world, seed,
+        {.kind = c.kind, .topk_density = c.kind == Compression::topk ? c.density : 0.01, .powersgd_rank = 2,
+         .dtype = c.dtype, .seed = 3, .warmup_steps = c.warmup},
+        n, {{0, rows, cols}, {rows * cols, 1, 7}}, steps);
+    const auto& [given, sent, abs_sent, owed] = r;
     const double u = c.dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
     for (int64_t i = 0; i < n; ++i) {
       double total = sent[static_cast<size_t>(i)];
