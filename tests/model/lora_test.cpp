@@ -15,6 +15,7 @@
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/llama.hpp"
 #include "../test_seed.hpp"
+#include "lora_check.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -35,25 +36,8 @@ ModelConfig small_config() {
   return cfg;
 }
 
-LoraConfig all_targets(int64_t num_layers, float dropout = 0.0f) {
-  LoraConfig c;
-  c.rank = 3;
-  c.alpha = 6.0f;
-  c.dropout = dropout;
-  c.targets = LoraConfig::parse_targets("q,k,v,o,gate,up,down");
-  c.num_layers = num_layers;
-  return c;
-}
-
-// B starts at zero (so dA would be zero): give it values to test every path.
-void randomize(LoraAdapters& lora, uint64_t seed) {
-  lora.init_random(seed);
-  Rng rng(seed + 1);
-  for (const ParamInfo& info : lora.table().params())
-    if (info.name.find("lora_B") != std::string::npos)
-      rng.fill_uniform(lora.params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel)), -0.5f,
-                       0.5f);
-}
+using lora_check::all_targets;
+using lora_check::randomize;
 
 struct Batch {
   std::vector<int32_t> tokens, targets;
@@ -77,33 +61,8 @@ TEST(Lora, AdapterGradientsMatchFiniteDifferences) {
   model.attach_lora(&lora);
   const int64_t B = 2, T = 5;
   const Batch batch = random_batch(rng, B * T, 29);
-  auto mean_loss = [&] {
-    const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), B, T);
-    return l.sum / static_cast<double>(l.num_tokens);
-  };
-  model.zero_grads();
-  const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), B, T);
-  model.backward(1.0f / static_cast<float>(l.num_tokens));
-  const std::vector<float> analytic(lora.grads().begin(), lora.grads().end());
-  // Central differences in float32 with eps 1e-2: the loss is O(1) and smooth, so the
-  // truncation error is ~1e-5 and float rounding of the loss (~1e-7 relative) divided by
-  // 2 eps is ~1e-5; a wrong or missing term is O(|grad|).
-  std::span<float> w = lora.params();
-  int checked = 0;
-  for (const ParamInfo& info : lora.table().params()) {
-    for (int k = 0; k < 3; ++k) {
-      const auto i = static_cast<size_t>(info.offset + static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel))));
-      const float w0 = w[i];
-      w[i] = w0 + 1e-2f;
-      const double lp = mean_loss();
-      w[i] = w0 - 1e-2f;
-      const double lm = mean_loss();
-      w[i] = w0;
-      const double numeric = (lp - lm) / 2e-2;
-      EXPECT_NEAR(analytic[i], numeric, 2e-3 + 2e-2 * std::fabs(numeric)) << info.name << " element " << i;
-      ++checked;
-    }
-  }
+  const int checked =
+      lora_check::expect_grads_match_finite_differences(model, lora, batch.tokens, batch.targets, B, T, rng);
   EXPECT_EQ(checked, 3 * 2 * 7 * 2);  // 3 samples x (A, B) x 7 targets x 2 layers
 }
 
@@ -140,28 +99,8 @@ TEST(Lora, DropoutMaskIsReproducedInBackward) {
   model.attach_lora(&lora);
   const Batch batch = random_batch(rng, 10, 29);
   // The same dropout step gives the same mask: finite differences see the mask backward uses.
-  auto mean_loss = [&] {
-    model.set_dropout_step(7);
-    const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5);
-    return l.sum / static_cast<double>(l.num_tokens);
-  };
-  model.zero_grads();
-  model.set_dropout_step(7);
-  const LossSum l = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5);
-  model.backward(1.0f / static_cast<float>(l.num_tokens));
-  const std::vector<float> analytic(lora.grads().begin(), lora.grads().end());
-  std::span<float> w = lora.params();
-  for (const ParamInfo& info : lora.table().params()) {
-    const auto i = static_cast<size_t>(info.offset + static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel))));
-    const float w0 = w[i];
-    w[i] = w0 + 1e-2f;
-    const double lp = mean_loss();
-    w[i] = w0 - 1e-2f;
-    const double lm = mean_loss();
-    w[i] = w0;
-    const double numeric = (lp - lm) / 2e-2;
-    EXPECT_NEAR(analytic[i], numeric, 2e-3 + 2e-2 * std::fabs(numeric)) << info.name;
-  }
+  lora_check::expect_grads_match_finite_differences(model, lora, batch.tokens, batch.targets, 2, 5, rng, 1,
+                                                    [&] { model.set_dropout_step(7); });
   // Dropout is on in training and off in evaluation; successive steps draw new masks.
   model.set_dropout_step(7);
   const double train_a = model.forward(batch.tokens.data(), batch.targets.data(), 2, 5).sum;
