@@ -148,6 +148,7 @@ class Run:
     exit_code: Optional[int] = INPUT_ERROR_EXIT  # for "error": the exact code, None for any 1..127
     preserve: List[Path] = field(default_factory=list)  # must be byte-identical afterwards
     creates: List[Path] = field(default_factory=list)   # "control": must exist afterwards
+    absent: List[Path] = field(default_factory=list)    # must not exist afterwards (an output left unmade)
 
 
 class Workspace:
@@ -747,6 +748,9 @@ def _(ws):
 # -- quantized models and convert: bad_input_quant.py
 from bad_input_quant import register_quant_cases  # noqa: E402  (next to this file)
 register_quant_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
+# -- LoRA adapters for another model, broken adapter files, fuse: bad_input_adapters.py
+from bad_input_adapters import register_adapter_cases  # noqa: E402
+register_adapter_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
 
 
 # ---- Running and checking ------------------------------------------------------------------
@@ -807,6 +811,9 @@ def check(run: Run, returncode: Optional[int], timed_out: bool, stdout: str, std
     for path in run.creates:
         if not path.is_file():
             problems.append(f"{path.name} was not written")
+    for path in run.absent:
+        if path.exists():
+            problems.append(f"{path.name} was created")
 
     for path, files in before.items():
         after = snapshot(path)

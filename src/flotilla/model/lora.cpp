@@ -88,6 +88,14 @@ LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(mo
   if (n <= 0 || n > L)
     throw InputError(kComponent, fmt::format("--num-layers {} is outside 1..{} (the model's layers)", n, L));
   first_layer_ = L - n;
+  // A rank past both sides of a layer adds nothing B A could not hold, and a huge one (a
+  // typo, a foreign adapter_config.json) would be allocated before anything else is checked.
+  for (LoraTarget t : cfg_.targets) {
+    const auto [out, in] = linear_shape(model, t);
+    if (cfg_.rank > std::max(out, in))
+      throw InputError(kComponent, fmt::format("LoRA rank {} is larger than both sides of {} ({} x {})", cfg_.rank,
+                                               lora_target_module(t), out, in));
+  }
   slots_.assign(static_cast<size_t>(L), {});
   for (int64_t l = first_layer_; l < L; ++l) {
     for (LoraTarget t : cfg_.targets) {
@@ -170,6 +178,23 @@ LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const Mod
     throw InputError(kComponent, fmt::format("{}: not JSON: {}", config_path.string(), e.what()));
   }
   auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
+  // The message of an InputError from below, without its "[component] " prefix.
+  const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
+  if (!j.is_object()) fail(fmt::format("must be a JSON object, got {}", j.type_name()));
+  // Typed reads, worded as config.json's: a fault names the field and what it holds.
+  const auto type_error = [&](const char* key, std::string_view want, const nlohmann::json& v) {
+    fail(fmt::format("field '{}' must be {}, got {} {}", key, want, v.type_name(), v.dump()));
+  };
+  const auto field = [&](const char* key, bool required) -> const nlohmann::json* {
+    const auto it = j.find(key);
+    if (it != j.end() && !it->is_null()) return &*it;
+    if (required) fail(fmt::format("missing required field '{}'", key));
+    return nullptr;
+  };
+  const auto number = [&](const char* key, const nlohmann::json& v) {
+    if (!v.is_number()) type_error(key, "a number", v);
+    return v.get<float>();
+  };
   try {
     if (j.value("peft_type", std::string("LORA")) != "LORA") fail("peft_type is not LORA");
     if (j.value("use_dora", false)) fail("DoRA adapters are not supported");
@@ -177,52 +202,69 @@ LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const Mod
     if (j.value("bias", std::string("none")) != "none") fail("adapter biases are not supported");
     if (j.contains("rank_pattern") && !j["rank_pattern"].empty()) fail("per-module ranks (rank_pattern) are not supported");
     LoraConfig cfg;
-    cfg.rank = j.at("r").get<int64_t>();
-    cfg.alpha = j.at("lora_alpha").get<float>();
-    cfg.dropout = j.value("lora_dropout", 0.0f);
+    const nlohmann::json& r = *field("r", true);
+    if (!r.is_number_integer()) type_error("r", "an integer", r);
+    cfg.rank = r.get<int64_t>();
+    cfg.alpha = number("lora_alpha", *field("lora_alpha", true));
+    if (const nlohmann::json* d = field("lora_dropout", false)) cfg.dropout = number("lora_dropout", *d);
     std::string targets;
-    const nlohmann::json& modules = j.at("target_modules");
-    if (modules.is_string())  // PEFT's "all-linear", or one module name
+    const nlohmann::json& modules = *field("target_modules", true);
+    if (modules.is_string()) {  // PEFT's "all-linear", or one module name
       targets = modules.get<std::string>() == "all-linear" ? "q,k,v,o,gate,up,down" : modules.get<std::string>();
-    else
+    } else if (modules.is_array() &&
+               std::all_of(modules.begin(), modules.end(), [](const auto& m) { return m.is_string(); })) {
       for (const auto& m : modules) targets += m.get<std::string>() + ",";
+    } else {
+      type_error("target_modules", "a list of module names", modules);
+    }
     try {
       cfg.targets = LoraConfig::parse_targets(targets);
     } catch (const InputError& e) {
-      fail(std::string("target_modules: ") + e.what());
+      fail("target_modules: " + reason(e));
     }
     cfg.num_layers = -1;
     if (j.contains("layers_pattern") && !j["layers_pattern"].is_null() && j["layers_pattern"] != "layers" &&
         j["layers_pattern"] != nlohmann::json::array({"layers"}))
       fail("layers_pattern must be \"layers\" for a Llama-family model");
-    if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
-      const nlohmann::json& lt = j["layers_to_transform"];
+    if (const nlohmann::json* lt = field("layers_to_transform", false)) {
+      const bool integers =
+          lt->is_number_integer() ||
+          (lt->is_array() && std::all_of(lt->begin(), lt->end(), [](const auto& l) { return l.is_number_integer(); }));
+      if (!integers) type_error("layers_to_transform", "a layer index or a list of them", *lt);
       std::vector<int64_t> layers =
-          lt.is_number_integer() ? std::vector<int64_t>{lt.get<int64_t>()} : lt.get<std::vector<int64_t>>();
+          lt->is_number_integer() ? std::vector<int64_t>{lt->get<int64_t>()} : lt->get<std::vector<int64_t>>();
       std::sort(layers.begin(), layers.end());
       // We adapt a contiguous range ending at the last layer, as mlx_lm's --num-layers;
       // adapters on other layer sets (PEFT allows any) are refused, not misapplied.
       for (size_t i = 0; i < layers.size(); ++i)
         if (layers[i] != model.n_layers - static_cast<int64_t>(layers.size()) + static_cast<int64_t>(i))
-          fail("layers_to_transform must be the last N layers of the model");
+          fail(fmt::format("layers_to_transform {} must be the last N layers of the model (layers 0..{})", lt->dump(),
+                           model.n_layers - 1));
       cfg.num_layers = static_cast<int64_t>(layers.size());
     }
     std::optional<LoraAdapters> made;
     try {
       made.emplace(model, cfg);
     } catch (const InputError& e) {
-      fail(e.what());
+      fail(reason(e));
     }
     LoraAdapters& adapters = *made;
-    const io::TensorStore store(dir / "adapter_model.safetensors");
+    const std::filesystem::path weights_path = dir / "adapter_model.safetensors";
+    const io::TensorStore store(weights_path);
+    // Names first: a tensor this model lacks (adapters for another model, a renamed tensor)
+    // is named as itself, not as the expected tensor it displaced.
+    std::string adapted;  // "q_proj,v_proj"
+    for (LoraTarget t : cfg.targets) adapted += (adapted.empty() ? "" : ",") + std::string(lora_target_module(t));
+    for (const std::string& name : store.names())
+      if (!adapters.table_.find(name))
+        throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}': adapter_config.json on this {}-layer "
+                                                 "model adapts {} of layers {}..{}",
+                                                 weights_path.string(), name, model.n_layers, adapted,
+                                                 adapters.first_layer(), model.n_layers - 1));
     for (const ParamInfo& info : adapters.table_.params()) {
       std::span<float> dst(adapters.params_.data() + info.offset, static_cast<size_t>(info.numel));
       store.read_f32(info.name, dst, info.shape);
     }
-    for (const std::string& name : store.names())
-      if (!adapters.table_.find(name))
-        throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}' for this adapter configuration",
-                                                 (dir / "adapter_model.safetensors").string(), name));
     return std::move(adapters);
   } catch (const nlohmann::json::exception& e) {
     fail(std::string("malformed: ") + e.what());
