@@ -92,7 +92,7 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--topk-density", opt->job.compression.topk_density,
                   "--compression topk: fraction of gradient elements sent each step (2 ranks: 4x fewer bytes "
-                  "than float32 at 0.125, or at 0.43 with --compression-dtype bf16)")
+                  "than float32 at 0.125, at 0.43 with --compression-dtype bf16, at 0.8 with int8)")
       ->capture_default_str();
   cmd->add_option("--powersgd-rank", opt->job.compression.powersgd_rank,
                   "--compression powersgd: rank r of each matrix's factors")
@@ -100,8 +100,9 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--compression-dtype", opt->compression_dtype,
                   "--compression topk|powersgd: the type values and factors travel in; bf16 or fp16 halve "
                   "PowerSGD's bytes and shrink top-k's entries from 8 bytes to 4 (a 16-bit offset and a half), or "
-                  "fewer as a bitmap above density ~1/16; error feedback keeps the rounding")
-      ->check(CLI::IsMember({"f32", "bf16", "fp16"}))
+                  "fewer as a bitmap above density ~1/16; int8 (a float scale per 64 values) nearly quarters "
+                  "PowerSGD's bytes and sends top-k's values in a byte; error feedback keeps the rounding")
+      ->check(CLI::IsMember({"f32", "bf16", "fp16", "int8"}))
       ->capture_default_str();
   cmd->add_option("--sync-every", t.local_sgd.sync_every,
                   "Data parallel: local SGD — each rank steps on its own gradients and the ranks average their "
@@ -122,8 +123,8 @@ void add_train_command(CLI::App& app) {
                   "Write a Chrome trace of every step's compute and communication (open in Perfetto); ranks "
                   "other than 0 write FILE.rankN.json beside it");
   cmd->add_option("--compression-warmup", opt->job.compression.warmup_steps,
-                  "Optimizer steps with dense gradients before compression starts (float32, or halves with "
-                  "--compression-dtype bf16|fp16)")
+                  "Optimizer steps with dense gradients before compression starts (float32, or in "
+                  "--compression-dtype when it is bf16, fp16 or int8)")
       ->capture_default_str();
   cmd->add_option("--timeout", opt->timeout_s,
                   "Data parallel: seconds any collective may wait for the other ranks before the job fails")

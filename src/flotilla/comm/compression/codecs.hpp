@@ -5,7 +5,8 @@
 
 namespace flotilla::comm::detail {
 
-std::unique_ptr<GradientCodec> make_half_codec(Compression kind, int64_t n);
+// Every element in `dtype` (fp16, bf16 or int8), reported as codec `kind`.
+std::unique_ptr<GradientCodec> make_dense_codec(Compression kind, WireDtype dtype, int64_t n);
 std::unique_ptr<GradientCodec> make_topk_codec(int64_t n, double density, const std::vector<MatrixShape>& tensors,
                                                WireDtype dtype);
 std::unique_ptr<GradientCodec> make_powersgd_codec(int64_t n, std::vector<MatrixShape> matrices, int rank,

@@ -31,14 +31,15 @@ std::string_view wire_dtype_name(WireDtype d) {
     case WireDtype::f32: return "f32";
     case WireDtype::bf16: return "bf16";
     case WireDtype::fp16: return "fp16";
+    case WireDtype::int8: return "int8";
   }
   return "?";
 }
 
 WireDtype parse_wire_dtype(std::string_view name) {
-  for (WireDtype d : {WireDtype::f32, WireDtype::bf16, WireDtype::fp16})
+  for (WireDtype d : {WireDtype::f32, WireDtype::bf16, WireDtype::fp16, WireDtype::int8})
     if (wire_dtype_name(d) == name) return d;
-  throw InputError("comm/compression", fmt::format("unknown compression dtype '{}' (f32, bf16, fp16)", name));
+  throw InputError("comm/compression", fmt::format("unknown compression dtype '{}' (f32, bf16, fp16, int8)", name));
 }
 
 int64_t ring_all_reduce_bytes(int64_t bytes, int world) { return world > 1 ? 2 * (world - 1) * bytes / world : 0; }
@@ -79,8 +80,8 @@ class PlainCodec final : public GradientCodec {
   }
 };
 
-// The first `warmup` calls dense, through `dense` (float32, or halves when the compression
-// dtype is one: nearly exact at half the bytes), the rest through `inner`. What the dense
+// The first `warmup` calls dense, through `dense` (float32, or the compression dtype when
+// it is narrower: halves are nearly exact at half the bytes), the rest through `inner`. What the dense
 // codec still owes at the switch (its rounding) joins the first compressed gradient.
 class WarmupCodec final : public GradientCodec {
  public:
@@ -129,7 +130,7 @@ std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& conf
   std::unique_ptr<GradientCodec> dense =
       config.dtype == WireDtype::f32
           ? std::make_unique<PlainCodec>()
-          : detail::make_half_codec(config.dtype == WireDtype::fp16 ? Compression::fp16 : Compression::bf16, n);
+          : detail::make_dense_codec(config.kind, config.dtype, n);
   return std::make_unique<WarmupCodec>(std::move(dense), std::move(codec), config.warmup_steps);
 }
 
@@ -140,7 +141,8 @@ std::unique_ptr<GradientCodec> make_codec(const CompressionConfig& config, int64
   switch (config.kind) {
     case Compression::none: return std::make_unique<PlainCodec>();
     case Compression::fp16:
-    case Compression::bf16: return detail::make_half_codec(config.kind, n);
+    case Compression::bf16:
+      return detail::make_dense_codec(config.kind, config.kind == Compression::fp16 ? WireDtype::fp16 : WireDtype::bf16, n);
     case Compression::topk:
       if (!(config.topk_density > 0.0 && config.topk_density <= 1.0))
         throw InputError("comm/compression",

@@ -42,13 +42,14 @@ std::string_view compression_name(Compression c);
 Compression parse_compression(std::string_view name);
 
 // The type top-k's values and PowerSGD's factors (and the warm-up's dense gradients) travel
-// in. float32 keeps top-k's (uint32 index, float) pairs; with a half, top-k sends each
-// 2^16-element block's entries as (16-bit offset, half) words or as a bitmap and packed
-// halves (topk_codec.cpp), 4 or fewer bytes instead of 8, and PowerSGD sends half the bytes
-// for the same rank. Error feedback keeps what the rounding lost, so the halves only delay it.
-enum class WireDtype : uint8_t { f32, bf16, fp16 };
+// in. float32 keeps top-k's (uint32 index, float) pairs; with a narrower type top-k sends
+// each 2^16-element block's entries with 16-bit offsets or a bitmap (topk_codec.cpp), and
+// PowerSGD sends fewer bytes for the same rank. bf16/fp16: 2 bytes a value; int8: 1 byte a
+// value plus a float scale per 64 values (wire_sum.hpp). Error feedback keeps what the
+// rounding lost, so the narrow types only delay it.
+enum class WireDtype : uint8_t { f32, bf16, fp16, int8 };
 std::string_view wire_dtype_name(WireDtype d);
-// "f32", "bf16", "fp16"; throws InputError on anything else.
+// "f32", "bf16", "fp16", "int8"; throws InputError on anything else.
 WireDtype parse_wire_dtype(std::string_view name);
 
 // Bytes one rank sends in a ring implementation of each collective (the convention above).
@@ -65,8 +66,8 @@ struct CompressionConfig {
   // Dense exchanges before compression starts, as PyTorch's PowerSGD hook
   // (start_powerSGD_iter) and Deep Gradient Compression's warm-up do: the first steps
   // move the weights most, and an adaptive optimizer's moments settle on full gradients.
-  // In float32, or as halves when `dtype` is one (within 0.01% of float32 on the sample
-  // run, at half the bytes).
+  // In float32, or in `dtype` when it is narrower (halves: within 0.01% of float32 on the
+  // sample run, at half the bytes).
   int64_t warmup_steps = 0;
 };
 

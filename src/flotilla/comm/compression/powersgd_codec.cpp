@@ -11,10 +11,11 @@
 // on average is added back next step. Vectors (norms, biases) and matrices too small to
 // gain (r (rows + cols) >= rows x cols) go in a third, plain all-reduce.
 //
-// With `--compression-dtype bf16|fp16` all three sums carry halves (half_sum.hpp): half
-// the bytes, so twice the rank for the same traffic. Every rank decodes the same halves,
-// so P, Q and the estimate stay identical across ranks, and the residual is taken against
-// that decoded estimate: what rounding lost is fed back like what the rank-r cut lost. The
+// With `--compression-dtype bf16|fp16|int8` all three sums carry the narrow type
+// (wire_sum.hpp): half the bytes with halves, about a quarter with int8, so two or nearly
+// four times the rank for the same traffic. Every rank decodes the same values, so P, Q
+// and the estimate stay identical across ranks, and the residual is taken against that
+// decoded estimate: what rounding lost is fed back like what the rank-r cut lost. The
 // uncompressed part keeps its own rounding, as the fp16/bf16 codecs do.
 #include <fmt/format.h>
 
@@ -26,7 +27,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/comm/compression/codecs.hpp"
-#include "flotilla/comm/compression/half_sum.hpp"
+#include "flotilla/comm/compression/wire_sum.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::comm::detail {
@@ -69,7 +70,7 @@ class PowerSgdCodec final : public GradientCodec {
  public:
   PowerSgdCodec(int64_t n, const std::vector<MatrixShape>& matrices, int rank, uint64_t seed, WireDtype dtype)
       : GradientCodec(Compression::powersgd), rng_(seed ^ 0x9E3779B97F4A7C15ull), residual_(static_cast<size_t>(n), 0.0f) {
-    if (dtype != WireDtype::f32) halves_.emplace(dtype);
+    if (dtype != WireDtype::f32) narrow_.emplace(dtype);
     std::vector<bool> in_matrix(static_cast<size_t>(n), false);
     int64_t p_size = 0, q_size = 0;
     for (const MatrixShape& m : matrices) {
@@ -111,7 +112,7 @@ class PowerSgdCodec final : public GradientCodec {
     restart_vanished_directions();
     // Vectors and small matrices, exactly.
     for (size_t j = 0; j < plain_index_.size(); ++j) plain_[j] = residual_[static_cast<size_t>(plain_index_[j])];
-    plain_rounding_.assign(halves_ ? plain_.size() : 0, 0.0f);
+    plain_rounding_.assign(narrow_ ? plain_.size() : 0, 0.0f);
     sum(plain_, comm, plain_rounding_, "PowerSGD uncompressed");
 
     // gradient := P Qt (the estimate of the sum); residual keeps M - estimate / N.
@@ -127,7 +128,7 @@ class PowerSgdCodec final : public GradientCodec {
     for (size_t j = 0; j < plain_index_.size(); ++j) {
       const auto i = static_cast<size_t>(plain_index_[j]);
       gradient[i] = plain_[j];
-      residual_[i] = halves_ ? plain_rounding_[j] : 0.0f;
+      residual_[i] = narrow_ ? plain_rounding_[j] : 0.0f;
     }
     ++calls_;
   }
@@ -152,10 +153,10 @@ class PowerSgdCodec final : public GradientCodec {
     }
   }
 
-  // data := its sum over ranks, in float32 or in halves; `rounding` as HalfSum::run.
+  // data := its sum over ranks, in float32 or in the narrow dtype; `rounding` as WireSum::run.
   void sum(std::span<float> data, Communicator& comm, std::span<float> rounding, std::string_view name) {
-    if (halves_) {
-      count_bytes(halves_->run(data, comm, rounding, name));
+    if (narrow_) {
+      count_bytes(narrow_->run(data, comm, rounding, name));
     } else {
       sum_floats(data, comm, name);
       count_all_reduce(static_cast<int64_t>(data.size() * sizeof(float)), comm.size());
@@ -163,8 +164,8 @@ class PowerSgdCodec final : public GradientCodec {
   }
 
   Rng rng_;
-  std::optional<HalfSum> halves_;         // set when factors travel as halves
-  std::vector<float> plain_rounding_;     // (plain) what the halves dropped of this rank's part
+  std::optional<WireSum> narrow_;         // set when factors travel in a narrow dtype
+  std::vector<float> plain_rounding_;     // (plain) what the narrow dtype dropped of this rank's part
   std::vector<float> residual_;           // (n) this rank's M, carried over
   std::vector<Factorised> factorised_;
   std::vector<int64_t> plain_index_;      // elements sent uncompressed

@@ -7,21 +7,25 @@
 //
 // Wire formats, by `--compression-dtype`:
 //   - f32: an *entry* is (uint32 index, float value), 8 bytes; a group is a tensor;
-//   - bf16 / fp16: a group is a *block* of at most 2^16 consecutive elements of a tensor,
-//     and its entries travel in the cheaper of two layouts: k words of (16-bit offset in the
-//     block << 16 | half value), 4 bytes an entry; or a bitmap of the block (1 bit an
-//     element) followed by the k halves in the bitmap's order, two to a word, which costs
-//     less from a density of about 1/16 up (at density 0.4: 2.6 bytes an entry). Every rank
-//     knows the blocks, their k and their layout, so a payload needs no other header. fp16
-//     values are scaled by a power of two into range (one float word leads the payload).
-//     The residual keeps value - decode(encode(value)), the rounding, so error feedback
-//     stays exact with respect to what was actually sent.
+//   - bf16 / fp16 / int8: a group is a *block* of at most 2^16 consecutive elements of a
+//     tensor, and its entries travel in the cheaper of two layouts: with 16-bit offsets in
+//     the block, or with a bitmap of the block (1 bit an element), which costs less from a
+//     density of about 1/16 up. Halves: k words of (offset << 16 | half value), 4 bytes an
+//     entry; or the bitmap followed by the k halves in the bitmap's order, two to a word
+//     (at density 0.4: 2.6 bytes an entry). int8: the offsets two to a word or the bitmap,
+//     then the k values in ascending offset, four to a word, then a float scale for each
+//     run of 64 values (wire_sum.hpp's int8; at density 0.8: about 1.22 bytes an entry).
+//     Every rank knows the blocks, their k and their layout, so a payload needs no other
+//     header. fp16 values are scaled by a power of two into range (one float word leads
+//     the payload). The residual keeps value - decode(encode(value)), the rounding, so
+//     error feedback stays exact with respect to what was actually sent.
 //
 // Ranks pick different indices, so entries cannot be added on the way: an all_gather
 // brings every rank's k entries to every rank, which scatters and adds them into a dense
 // buffer. Per rank that sends (N-1) x 8k bytes in f32 (about (N-1) x (n/8 + 2k) with halves
-// and bitmaps), against 2(N-1)/N x 4n for a float all-reduce: 1 / (density x N) times fewer
-// in f32; at 2 ranks, halves at density 0.43 still send 4x fewer.
+// and bitmaps, (N-1) x (n/8 + 1.06k) with int8), against 2(N-1)/N x 4n for a float
+// all-reduce: 1 / (density x N) times fewer in f32; at 2 ranks, halves at density 0.43 and
+// int8 at density 0.8 still send 4x fewer.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -33,7 +37,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/compression/codecs.hpp"
-#include "flotilla/comm/compression/half_sum.hpp"
+#include "flotilla/comm/compression/wire_sum.hpp"
 
 namespace flotilla::comm::detail {
 namespace {
@@ -61,11 +65,15 @@ class TopKCodec final : public GradientCodec {
       for (int64_t at = 0; at < size; at += step) {
         const int64_t len = std::min(step, size - at);
         Group g{t.offset + at, len, k_of(density, len)};
-        // The cheaper of k offset words and a bitmap (1 bit an element) with the values
-        // packed two to a word: the bitmap, from a density of about 1/16 up.
-        const int64_t bitmap = bitmap_words(g) + (g.k + 1) / 2;
-        g.bitmap = bitmap < g.k;
-        g.words = g.bitmap ? bitmap : g.k;
+        // The cheaper of the two layouts (see the top of this file).
+        int64_t by_offsets = g.k, by_bitmap = bitmap_words(g) + (g.k + 1) / 2;  // halves
+        if (dtype_ == WireDtype::int8) {
+          const int64_t values = (g.k + 3) / 4 + (g.k + kInt8Run - 1) / kInt8Run;
+          by_offsets = (g.k + 1) / 2 + values;
+          by_bitmap = bitmap_words(g) + values;
+        }
+        g.bitmap = by_bitmap < by_offsets;
+        g.words = g.bitmap ? by_bitmap : by_offsets;
         groups_.push_back(g);
       }
     }
@@ -89,8 +97,8 @@ class TopKCodec final : public GradientCodec {
  private:
   struct Group {
     int64_t offset, size, k;  // where it starts, its elements, how many are sent
-    bool bitmap = false;      // halves: entries as a bitmap and packed values, else (offset, value) words
-    int64_t words = 0;        // halves: 32-bit words of its entries in the payload
+    bool bitmap = false;      // narrow dtypes: entries marked in a bitmap, else by 16-bit offsets
+    int64_t words = 0;        // narrow dtypes: 32-bit words of its entries in the payload
   };
 
   // chosen_ := every group's k largest |residual|, group after group.
@@ -158,7 +166,10 @@ class TopKCodec final : public GradientCodec {
     auto chosen = chosen_.begin();
     for (const Group& g : groups_) {
       const auto end = chosen + g.k;
-      if (g.bitmap) {
+      if (dtype_ == WireDtype::int8) {
+        std::sort(chosen, end);  // values travel in ascending offset
+        write_int8(g, std::span<const uint32_t>(&*chosen, static_cast<size_t>(g.k)), out);
+      } else if (g.bitmap) {
         std::sort(chosen, end);  // values travel in the bitmap's order
         uint32_t* values = out + bitmap_words(g);
         for (auto c = chosen; c != end; ++c) {
@@ -186,31 +197,85 @@ class TopKCodec final : public GradientCodec {
       const auto value = [&](uint16_t h) { return decode_half(dtype_, h) / their_scale; };
       for (const Group& g : groups_) {
         float* block = gradient.data() + g.offset;
-        if (g.bitmap) {
+        if (dtype_ == WireDtype::int8) {
+          read_int8(g, in, block, r);
+        } else if (g.bitmap) {
           const uint32_t* values = in + bitmap_words(g);
-          int64_t s = 0;
-          for (int64_t w = 0; w < bitmap_words(g); ++w)
-            for (uint32_t bits = in[w]; bits != 0; bits &= bits - 1, ++s) {
-              const int64_t offset = w * 32 + std::countr_zero(bits);
-              if (offset >= g.size || s >= g.k)
-                throw Error("comm/compression", fmt::format("top-k: rank {} marked more than the {} entries of a "
-                                                            "block of {}", r, g.k, g.size));
-              block[offset] += value(static_cast<uint16_t>(values[s / 2] >> (16 * (s % 2))));
-            }
-          if (s != g.k)
-            throw Error("comm/compression", fmt::format("top-k: rank {} marked {} of a block's {} entries", r, s, g.k));
+          for_each_marked(g, in, r, [&](int64_t offset, int64_t s) {
+            block[offset] += value(static_cast<uint16_t>(values[s / 2] >> (16 * (s % 2))));
+          });
         } else {
-          for (int64_t s = 0; s < g.k; ++s) {
-            const int64_t offset = in[s] >> 16;
-            if (offset >= g.size)
-              throw Error("comm/compression", fmt::format("top-k: rank {} sent offset {} in a block of {}", r, offset,
-                                                          g.size));
-            block[offset] += value(static_cast<uint16_t>(in[s] & 0xffffu));
-          }
+          for (int64_t s = 0; s < g.k; ++s)
+            block[checked_offset(g, in[s] >> 16, r)] += value(static_cast<uint16_t>(in[s] & 0xffffu));
         }
         in += g.words;
       }
     }
+  }
+
+  // One group's entries in int8 (`entries` ascending): the bitmap or the offsets two to a
+  // word, then the values four to a word, then a float scale per run of kInt8Run values.
+  // What the rounding lost stays in the residual.
+  void write_int8(const Group& g, std::span<const uint32_t> entries, uint32_t* out) {
+    const int64_t k = g.k;
+    uint32_t* values = out + (g.bitmap ? bitmap_words(g) : (k + 1) / 2);
+    uint32_t* scales = values + (k + 3) / 4;
+    for (int64_t s = 0; s < k; ++s) {
+      const uint32_t offset = entries[static_cast<size_t>(s)] - static_cast<uint32_t>(g.offset);
+      if (g.bitmap) out[offset / 32] |= 1u << (offset % 32);
+      else out[s / 2] |= offset << (16 * (s % 2));
+    }
+    float run[kInt8Run];
+    for (int64_t first = 0; first < k; first += kInt8Run) {
+      const int64_t count = std::min(kInt8Run, k - first);
+      for (int64_t j = 0; j < count; ++j) run[j] = residual_[entries[static_cast<size_t>(first + j)]];
+      const float scale = int8_scale(run, count);
+      std::memcpy(&scales[first / kInt8Run], &scale, sizeof(float));
+      for (int64_t j = 0; j < count; ++j) {
+        const int8_t q = encode_int8(run[j], scale);
+        const int64_t s = first + j;
+        values[s / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (s % 4));
+        residual_[entries[static_cast<size_t>(s)]] -= decode_int8(q, scale);
+      }
+    }
+  }
+
+  // Adds rank r's int8 entries of one group (write_int8's layout) into its block.
+  void read_int8(const Group& g, const uint32_t* in, float* block, int r) const {
+    const uint32_t* values = in + (g.bitmap ? bitmap_words(g) : (g.k + 1) / 2);
+    const uint32_t* scales = values + (g.k + 3) / 4;
+    const auto value = [&](int64_t s) {
+      float scale;
+      std::memcpy(&scale, &scales[s / kInt8Run], sizeof(float));
+      return decode_int8(static_cast<int8_t>(values[s / 4] >> (8 * (s % 4))), scale);
+    };
+    if (g.bitmap) {
+      for_each_marked(g, in, r, [&](int64_t offset, int64_t s) { block[offset] += value(s); });
+    } else {
+      for (int64_t s = 0; s < g.k; ++s) block[checked_offset(g, (in[s / 2] >> (16 * (s % 2))) & 0xffffu, r)] += value(s);
+    }
+  }
+
+  // fn(offset, s) for the s-th entry marked in a group's bitmap, which must mark exactly k.
+  template <typename Fn>
+  static void for_each_marked(const Group& g, const uint32_t* bitmap, int r, Fn&& fn) {
+    int64_t s = 0;
+    for (int64_t w = 0; w < bitmap_words(g); ++w)
+      for (uint32_t bits = bitmap[w]; bits != 0; bits &= bits - 1, ++s) {
+        const int64_t offset = w * 32 + std::countr_zero(bits);
+        if (offset >= g.size || s >= g.k)
+          throw Error("comm/compression", fmt::format("top-k: rank {} marked more than the {} entries of a "
+                                                      "block of {}", r, g.k, g.size));
+        fn(offset, s);
+      }
+    if (s != g.k)
+      throw Error("comm/compression", fmt::format("top-k: rank {} marked {} of a block's {} entries", r, s, g.k));
+  }
+
+  static int64_t checked_offset(const Group& g, uint32_t offset, int r) {
+    if (offset >= g.size)
+      throw Error("comm/compression", fmt::format("top-k: rank {} sent offset {} in a block of {}", r, offset, g.size));
+    return offset;
   }
 
   static int64_t bitmap_words(const Group& g) { return (g.size + 31) / 32; }
@@ -219,10 +284,10 @@ class TopKCodec final : public GradientCodec {
   std::vector<float> residual_;   // (n) gradient not yet sent
   std::vector<Group> groups_;
   int64_t k_ = 0;                 // entries per rank and call: the sum of the groups' k
-  int64_t words_ = 0;             // halves: the payload's words after the header
+  int64_t words_ = 0;             // narrow dtypes: the payload's words after the header
   std::vector<uint32_t> order_;   // (group size) scratch for the selection
   std::vector<uint32_t> chosen_;  // (k) the indices sent, group after group
-  std::vector<uint32_t> mine_;    // this rank's payload: 2k words (f32), header + k (halves)
+  std::vector<uint32_t> mine_;    // this rank's payload: 2k words (f32), header + words_ (narrow)
   std::vector<uint32_t> all_;     // (N, payload) every rank's payload
 };
 
