@@ -6,12 +6,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <vector>
 
 #include "../test_seed.hpp"
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/compression/wire_sum.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
 
 namespace flotilla::comm {
@@ -42,6 +44,18 @@ std::vector<float> true_sum(uint64_t seed, int world, int step, size_t n) {
   return s;
 }
 
+// The relative rounding of one encoding: fp16 2^-11, bf16 2^-8; int8 1/254 of its run's
+// largest value (half a step of 1/127).
+double unit_roundoff(WireDtype d) {
+  switch (d) {
+    case WireDtype::fp16: return std::ldexp(1.0, -11);
+    case WireDtype::bf16: return std::ldexp(1.0, -8);
+    case WireDtype::int8: return 1.0 / 254.0;
+    case WireDtype::f32: break;
+  }
+  return std::ldexp(1.0, -24);
+}
+
 class CodecWorlds : public ::testing::TestWithParam<int> {};
 
 TEST_P(CodecWorlds, PlainIsTheExactSumAndCountsRingBytes) {
@@ -66,7 +80,7 @@ TEST_P(CodecWorlds, HalvesStayWithinTwoRoundingsOfTheSum) {
   const uint64_t seed = flotilla::testing::test_seed();
   const size_t n = 777;
   for (Compression kind : {Compression::fp16, Compression::bf16}) {
-    const double u = kind == Compression::fp16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
+    const double u = unit_roundoff(kind == Compression::fp16 ? WireDtype::fp16 : WireDtype::bf16);
     run_threads(world, [&](Communicator& comm) {
       auto codec = make_gradient_codec({.kind = kind}, n, {});
       std::vector<float> g = rank_gradient(seed, comm.rank(), 0, n);
@@ -226,7 +240,7 @@ TEST_P(CodecWorlds, ErrorFeedbackLosesNothingOverManySteps) {
                                        n, {{0, rows, cols}}, steps);
     const auto& [given, sent, abs_sent, owed] = r;
     const bool half = kind == Compression::fp16 || kind == Compression::bf16;
-    const double u = kind == Compression::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    const double u = unit_roundoff(kind == Compression::bf16 ? WireDtype::bf16 : WireDtype::fp16);
     for (int64_t i = 0; i < n; ++i) {
       double total = sent[static_cast<size_t>(i)];
       for (const auto& o : owed) total += o[static_cast<size_t>(i)];
@@ -237,28 +251,32 @@ TEST_P(CodecWorlds, ErrorFeedbackLosesNothingOverManySteps) {
   }
 }
 
-// The 4-byte entries of top-k in halves: (16-bit offset, half) words, or a bitmap and packed
-// halves where that is smaller. n spans two tensors, one longer than a 2^16-element block.
-struct HalfTopKCase {
+// Top-k's compact entries: in halves, (16-bit offset, half) words or a bitmap and packed
+// halves; in int8, packed offsets or a bitmap, then bytes and a scale per 64 values; each
+// block in its cheaper layout. n spans two tensors, one longer than a 2^16-element block.
+struct NarrowTopKCase {
   WireDtype dtype;
   double density;
 };
 
 std::vector<MatrixShape> two_tensors() { return {{0, 1, 70000}, {70000, 30, 10}}; }  // blocks of 65536, 4464, 300
 
-TEST_P(CodecWorlds, TopKInHalvesSendsExactlyWhatItSelected) {
-  // For every rank: the k largest |g| of each block are sent, each as its half; the
-  // residual is exactly what the half dropped (g - decode(encode(g)), exact by Sterbenz's
-  // lemma since a rounded value is within a factor 2 of the value), the rest is kept
-  // whole; and the estimate is the sum over ranks of the decoded halves (to float
-  // addition). Values are scaled by 1e5 so that fp16 must scale them into range.
+TEST_P(CodecWorlds, TopKInNarrowTypesSendsExactlyWhatItSelected) {
+  // For every rank: the k largest |g| of each block are sent, each in the narrow type; the
+  // residual is exactly what the encoding dropped (g - decode(encode(g)), exact by
+  // Sterbenz's lemma for halves, since a rounded value is within a factor 2 of the value;
+  // for int8 at most half a step of its run's scale, max|g| / 127 over 64 sent values in
+  // ascending index), the rest is kept whole; and the estimate is the sum over ranks of
+  // the decoded values (to float addition). Values are scaled by 1e5 so that fp16 must
+  // scale them into range.
   const int world = GetParam();
   const uint64_t seed = flotilla::testing::test_seed();
   const int64_t n = 70300;
   const std::vector<int64_t> block_starts = {0, 65536, 70000, 70300};
-  for (const HalfTopKCase c : {HalfTopKCase{WireDtype::bf16, 0.02}, HalfTopKCase{WireDtype::bf16, 0.4},
-                               HalfTopKCase{WireDtype::fp16, 0.02}, HalfTopKCase{WireDtype::fp16, 0.4}}) {
-    const double u = c.dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  for (const NarrowTopKCase c : {NarrowTopKCase{WireDtype::bf16, 0.02}, NarrowTopKCase{WireDtype::bf16, 0.4},
+                                 NarrowTopKCase{WireDtype::fp16, 0.02}, NarrowTopKCase{WireDtype::fp16, 0.4},
+                                 NarrowTopKCase{WireDtype::int8, 0.02}, NarrowTopKCase{WireDtype::int8, 0.5}}) {
+    const double u = unit_roundoff(c.dtype);
     std::vector<std::vector<float>> decoded(static_cast<size_t>(world));
     std::vector<float> estimate;
     std::vector<int64_t> bytes(static_cast<size_t>(world));
@@ -278,16 +296,23 @@ TEST_P(CodecWorlds, TopKInHalvesSendsExactlyWhatItSelected) {
         std::vector<float> sorted_abs;
         for (int64_t i = lo; i < hi; ++i) sorted_abs.push_back(std::fabs(mine[static_cast<size_t>(i)]));
         std::sort(sorted_abs.begin(), sorted_abs.end(), std::greater<>());
-        size_t count = 0;
+        std::vector<size_t> sent_here;  // ascending
         for (int64_t i = lo; i < hi; ++i) {
           const auto j = static_cast<size_t>(i);
           if (res[j] == mine[j]) continue;  // kept whole: not sent
-          ++count;
+          sent_here.push_back(j);
           EXPECT_GE(std::fabs(mine[j]), sorted_abs[k - 1]) << "block " << b << " element " << i;
-          ASSERT_LE(std::fabs(res[j]), u * std::fabs(mine[j])) << "element " << i;
+          if (c.dtype != WireDtype::int8) ASSERT_LE(std::fabs(res[j]), u * std::fabs(mine[j])) << "element " << i;
           sent[j] = mine[j] - res[j];
         }
-        EXPECT_EQ(count, k) << wire_dtype_name(c.dtype) << " block " << b;
+        EXPECT_EQ(sent_here.size(), k) << wire_dtype_name(c.dtype) << " block " << b;
+        for (size_t first = 0; c.dtype == WireDtype::int8 && first < sent_here.size(); first += 64) {
+          const size_t last = std::min(sent_here.size(), first + 64);
+          float run_max = 0.0f;
+          for (size_t e = first; e < last; ++e) run_max = std::max(run_max, std::fabs(mine[sent_here[e]]));
+          for (size_t e = first; e < last; ++e)
+            ASSERT_LE(std::fabs(res[sent_here[e]]), 0.5 * (run_max / 127.0) * (1.0 + 1e-5)) << "element " << sent_here[e];
+        }
       }
       std::lock_guard lock(mu);
       decoded[static_cast<size_t>(comm.rank())] = sent;
@@ -302,23 +327,28 @@ TEST_P(CodecWorlds, TopKInHalvesSendsExactlyWhatItSelected) {
       }
       ASSERT_NEAR(estimate[static_cast<size_t>(i)], expect, 1e-6 * scale) << wire_dtype_name(c.dtype) << " " << i;
     }
-    // Per block the cheaper of k offset words and a bitmap with values two to a word;
-    // fp16 adds one word for its scale.
+    // Per block the cheaper layout: halves, k offset words or a bitmap with values two to a
+    // word; int8, offsets two to a word or a bitmap, then values four to a word and a scale
+    // per 64. fp16 adds one word for its scale.
     int64_t words = c.dtype == WireDtype::fp16 ? 1 : 0;
     for (size_t b = 0; b + 1 < block_starts.size(); ++b) {
       const int64_t size = block_starts[b + 1] - block_starts[b];
       const auto k = static_cast<int64_t>(std::ceil(c.density * static_cast<double>(size)));
-      words += std::min(k, (size + 31) / 32 + (k + 1) / 2);
+      const int64_t int8_values = (k + 3) / 4 + (k + 63) / 64;
+      words += c.dtype == WireDtype::int8 ? std::min((k + 1) / 2, (size + 31) / 32) + int8_values
+                                          : std::min(k, (size + 31) / 32 + (k + 1) / 2);
     }
     for (int64_t b : bytes) EXPECT_EQ(b, (world - 1) * 4 * words);
   }
 }
 
-TEST_P(CodecWorlds, PowerSgdInHalvesSendsHalfTheBytesAndStaysClose) {
-  // The three sums (P, Q, the vector) carry halves: 2 bytes an element by all_to_all and
-  // all_gather (fp16 adds one 8-byte max). On a sum of rank <= r the estimate is off by
-  // the rounding of P and Q (once per rank, once more summed): a few u of the largest
-  // element; 16 u allows for the orthonormalisation of a rounded P.
+TEST_P(CodecWorlds, PowerSgdInNarrowTypesSendsFewerBytesAndStaysClose) {
+  // The three sums (P, Q, the vector) carry the narrow type by all_to_all and all_gather:
+  // halves 2 bytes an element (fp16 adds one 8-byte max), int8 1 byte plus a float per 64
+  // (each rank's chunk padded to whole runs of 64). On a sum of rank <= r the estimate is
+  // off by the rounding of P and Q (once per rank, once more summed): a few u of the
+  // largest element (int8: u = 1/254, half a step of a run whose largest value is 127
+  // steps); 16 u allows for the orthonormalisation of a rounded P.
   const int world = GetParam();
   const uint64_t seed = flotilla::testing::test_seed();
   const int64_t rows = 40, cols = 24, r = 3, n = rows * cols + 10;
@@ -328,8 +358,8 @@ TEST_P(CodecWorlds, PowerSgdInHalvesSendsHalfTheBytesAndStaysClose) {
     for (int64_t i = 0; i < n; ++i) s[static_cast<size_t>(i)] += g[static_cast<size_t>(i)];
   double scale = 0.0;
   for (float x : s) scale = std::max(scale, static_cast<double>(std::fabs(x)));
-  for (WireDtype dtype : {WireDtype::bf16, WireDtype::fp16}) {
-    const double u = dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+  for (WireDtype dtype : {WireDtype::bf16, WireDtype::fp16, WireDtype::int8}) {
+    const double u = unit_roundoff(dtype);
     run_threads(world, [&](Communicator& comm) {
       auto codec = make_gradient_codec(
           {.kind = Compression::powersgd, .powersgd_rank = static_cast<int>(r), .dtype = dtype, .seed = 9}, n,
@@ -338,21 +368,27 @@ TEST_P(CodecWorlds, PowerSgdInHalvesSendsHalfTheBytesAndStaysClose) {
       codec->all_reduce_sum(g, comm);
       for (int64_t i = 0; i < n; ++i)
         ASSERT_NEAR(g[static_cast<size_t>(i)], s[static_cast<size_t>(i)], 16 * u * scale) << wire_dtype_name(dtype) << " " << i;
-      const auto half_sum = [&](int64_t elements) {
-        const int64_t chunk = (elements + world - 1) / world;
-        return ring_all_to_all_bytes(2 * chunk * world, world) + ring_all_gather_bytes(2 * chunk, world) +
+      const auto narrow_sum = [&](int64_t elements) {
+        int64_t chunk = (elements + world - 1) / world, chunk_bytes = 2 * chunk;
+        if (dtype == WireDtype::int8) {
+          chunk = (chunk + 63) / 64 * 64;
+          chunk_bytes = chunk + 4 * (chunk / 64);
+        }
+        return ring_all_to_all_bytes(chunk_bytes * world, world) + ring_all_gather_bytes(chunk_bytes, world) +
                (dtype == WireDtype::fp16 ? ring_all_reduce_bytes(8, world) : 0);
       };
-      EXPECT_EQ(codec->bytes_sent(), half_sum(rows * r) + half_sum(r * cols) + half_sum(10));
+      EXPECT_EQ(codec->bytes_sent(), narrow_sum(rows * r) + narrow_sum(r * cols) + narrow_sum(10));
     }, test_settings());
   }
 }
 
-TEST_P(CodecWorlds, ErrorFeedbackInHalvesLosesNothingOverManySteps) {
-  // As ErrorFeedbackLosesNothingOverManySteps, for top-k in both of its half formats and
-  // PowerSGD with half factors: sent in total plus what every rank owes is what was given.
-  // Top-k's sums are of decoded halves, exact up to float addition; PowerSGD's vector
-  // part is re-rounded once summed, which no rank owns (u |S| a step, as the half codecs).
+TEST_P(CodecWorlds, ErrorFeedbackInNarrowTypesLosesNothingOverManySteps) {
+  // As ErrorFeedbackLosesNothingOverManySteps, for top-k in its half and int8 formats and
+  // PowerSGD with half and int8 factors: sent in total plus what every rank owes is what
+  // was given. Top-k's sums are of decoded values, exact up to float addition; PowerSGD's
+  // vector part (and every element in warm-up) is re-rounded once summed, which no rank
+  // owns: u |S| a step for halves; for int8 half a step of the run's scale, at most
+  // u = 1/254 of the largest |S| of its run of 64 (bounded here by the run's sum of |S|).
   const int world = GetParam();
   const uint64_t seed = flotilla::testing::test_seed();
   const int64_t rows = 30, cols = 20, n = rows * cols + 7;
@@ -365,25 +401,60 @@ TEST_P(CodecWorlds, ErrorFeedbackInHalvesLosesNothingOverManySteps) {
   };
   for (const Case c : {Case{Compression::topk, WireDtype::bf16, 0.05}, Case{Compression::topk, WireDtype::fp16, 0.4},
                        Case{Compression::powersgd, WireDtype::bf16, 0.0}, Case{Compression::powersgd, WireDtype::fp16, 0.0},
-                       Case{Compression::topk, WireDtype::bf16, 0.4, 4}, Case{Compression::powersgd, WireDtype::bf16, 0.0, 4}}) {
+                       Case{Compression::topk, WireDtype::bf16, 0.4, 4}, Case{Compression::powersgd, WireDtype::bf16, 0.0, 4},
+                       Case{Compression::topk, WireDtype::int8, 0.05}, Case{Compression::topk, WireDtype::int8, 0.5},
+                       Case{Compression::powersgd, WireDtype::int8, 0.0}, Case{Compression::topk, WireDtype::int8, 0.5, 4},
+                       Case{Compression::powersgd, WireDtype::int8, 0.0, 4}}) {
     const ManySteps r = run_many_steps(
         world, seed,
         {.kind = c.kind, .topk_density = c.kind == Compression::topk ? c.density : 0.01, .powersgd_rank = 2,
          .dtype = c.dtype, .seed = 3, .warmup_steps = c.warmup},
         n, {{0, rows, cols}, {rows * cols, 1, 7}}, steps);
     const auto& [given, sent, abs_sent, owed] = r;
-    const double u = c.dtype == WireDtype::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+    const double u = unit_roundoff(c.dtype);
     for (int64_t i = 0; i < n; ++i) {
       double total = sent[static_cast<size_t>(i)];
       for (const auto& o : owed) total += o[static_cast<size_t>(i)];
-      // Summed halves are rounded once more: PowerSGD's vector part, and every element in warm-up.
+      // Summed values are rounded once more: PowerSGD's vector part, and every element in warm-up.
       const bool rounded_sums = c.warmup > 0 || (c.kind == Compression::powersgd && i >= rows * cols);
+      double scale_of_rounding = abs_sent[static_cast<size_t>(i)];
+      if (c.dtype == WireDtype::int8) {  // the runs of 64 of the gradient (they hold the vector part's run too)
+        scale_of_rounding = 0.0;
+        for (int64_t j = i / 64 * 64; j < std::min(n, i / 64 * 64 + 64); ++j) scale_of_rounding += abs_sent[static_cast<size_t>(j)];
+      }
       const double allowed = 1e-4 * (1.0 + std::fabs(given[static_cast<size_t>(i)])) +
-                             (rounded_sums ? 1.01 * u * abs_sent[static_cast<size_t>(i)] : 0.0);
+                             (rounded_sums ? 1.01 * u * scale_of_rounding : 0.0);
       ASSERT_NEAR(total, given[static_cast<size_t>(i)], allowed)
           << compression_name(c.kind) << " " << wire_dtype_name(c.dtype) << " element " << i;
     }
   }
+}
+
+TEST(Compression, Int8RunsKeepEveryValueWithinHalfAStep) {
+  // A run's scale is max|x| / 127: every value decodes within half a step (plus float
+  // rounding), the largest to float rounding, zeros to zero; a non-finite value makes the
+  // whole run decode to NaN rather than to numbers.
+  std::mt19937_64 rng(flotilla::testing::test_seed());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  float run[detail::kInt8Run];
+  for (int trial = 0; trial < 100; ++trial) {
+    const float spread = std::ldexp(1.0f, trial % 40 - 20);
+    for (float& x : run) x = normal(rng) * spread;
+    const float s = detail::int8_scale(run, detail::kInt8Run);
+    float max_abs = 0.0f;
+    for (float x : run) max_abs = std::max(max_abs, std::fabs(x));
+    for (float x : run) {
+      const float back = detail::decode_int8(detail::encode_int8(x, s), s);
+      ASSERT_LE(std::fabs(back - x), 0.5 * s * (1.0 + 1e-5)) << x;
+      if (std::fabs(x) == max_abs) EXPECT_NEAR(std::fabs(back), max_abs, 1e-6 * max_abs);
+    }
+  }
+  std::fill(std::begin(run), std::end(run), 0.0f);
+  EXPECT_EQ(detail::int8_scale(run, detail::kInt8Run), 0.0f);
+  EXPECT_EQ(detail::decode_int8(detail::encode_int8(0.0f, 0.0f), 0.0f), 0.0f);
+  run[5] = std::numeric_limits<float>::infinity();
+  const float s = detail::int8_scale(run, detail::kInt8Run);
+  EXPECT_TRUE(std::isnan(detail::decode_int8(detail::encode_int8(1.0f, s), s)));
 }
 
 TEST(Compression, NamesAndBadSettingsAreClearErrors) {
@@ -393,6 +464,7 @@ TEST(Compression, NamesAndBadSettingsAreClearErrors) {
   EXPECT_THROW(make_gradient_codec({.kind = Compression::topk, .topk_density = 1.5}, 10, {}), InputError);
   EXPECT_THROW(make_gradient_codec({.kind = Compression::powersgd, .powersgd_rank = 0}, 10, {}), InputError);
   EXPECT_EQ(parse_wire_dtype("bf16"), WireDtype::bf16);
+  EXPECT_EQ(parse_wire_dtype("int8"), WireDtype::int8);
   EXPECT_THROW(parse_wire_dtype("f8"), InputError);
   // A dtype is for the codecs that choose what to send; fp16/bf16 already send halves.
   EXPECT_THROW(make_gradient_codec({.kind = Compression::fp16, .dtype = WireDtype::bf16}, 10, {}), InputError);
