@@ -31,7 +31,11 @@ std::vector<float> rank_gradient(uint64_t seed, int rank, int step, size_t n) {
   std::mt19937_64 rng(seed * 1000003u + static_cast<uint64_t>(rank) * 7919u + static_cast<uint64_t>(step));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> g(n);
-  for (size_t i = 0; i < n; ++i) g[i] = normal(rng) * (1.0f + static_cast<float>(i % 7));
+  for (size_t i = 0; i < n; ++i) {
+    float z = normal(rng);
+    while (z == 0.0f) z = normal(rng);  // (the polar method gives an exact 0 about once in 2^24)
+    g[i] = z * (1.0f + static_cast<float>(i % 7));  // never 0: top-k's checks tell sent from kept by it
+  }
   return g;
 }
 
@@ -144,21 +148,46 @@ TEST_P(CodecWorlds, TopKSendsKPairsAndKeepsTheRest) {
   }
 }
 
+// Orthonormal columns (Gram-Schmidt, twice) of a random (rows x 2) matrix, row-major.
+std::vector<double> orthonormal_pair(std::mt19937_64& rng, int64_t rows) {
+  std::normal_distribution<double> normal;
+  std::vector<double> a(static_cast<size_t>(rows * 2));
+  for (double& x : a) x = normal(rng);
+  for (int c = 0; c < 2; ++c)
+    for (int pass = 0; pass < 2; ++pass) {
+      double dot = 0.0, sq = 0.0;
+      for (int64_t i = 0; i < rows; ++i) dot += c == 1 ? a[i * 2] * a[i * 2 + 1] : 0.0;
+      for (int64_t i = 0; i < rows; ++i) a[i * 2 + c] -= dot * a[i * 2];
+      for (int64_t i = 0; i < rows; ++i) sq += a[i * 2 + c] * a[i * 2 + c];
+      for (int64_t i = 0; i < rows; ++i) a[i * 2 + c] /= std::sqrt(sq);
+    }
+  return a;
+}
+
 // Every rank's gradient: a rows x cols matrix U V_rank^T with a shared column space U
-// (rows x 2), so their sum has rank 2, then n - rows*cols normal vector elements.
+// (rows x 2), then n - rows*cols normal vector elements. The sum is U W^T with U's columns
+// orthogonal of lengths 2 and 1 and W orthonormal (the last rank's V makes up the
+// difference), so it has rank 2 with singular values exactly 2 and 1: the rounding tests
+// below are not at the mercy of a randomly ill-conditioned sum.
 std::vector<std::vector<float>> rank_two_gradients(uint64_t seed, int world, int64_t rows, int64_t cols, int64_t n) {
   std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> U(static_cast<size_t>(rows * 2));
-  for (float& x : U) x = normal(rng);
+  std::normal_distribution<double> normal;
+  std::vector<double> U = orthonormal_pair(rng, rows);
+  for (int64_t i = 0; i < rows; ++i) U[static_cast<size_t>(i * 2)] *= 2.0;
+  std::vector<double> left = orthonormal_pair(rng, cols);  // W, less the ranks' V so far
   std::vector<std::vector<float>> grads(static_cast<size_t>(world), std::vector<float>(static_cast<size_t>(n)));
-  for (auto& g : grads) {
-    std::vector<float> V(static_cast<size_t>(cols * 2));
-    for (float& x : V) x = normal(rng);
+  for (int r = 0; r < world; ++r) {
+    std::vector<double> V = left;
+    if (r + 1 < world) {
+      for (double& x : V) x = normal(rng) / std::sqrt(static_cast<double>(cols));
+      for (size_t j = 0; j < V.size(); ++j) left[j] -= V[j];
+    }
+    std::vector<float>& g = grads[static_cast<size_t>(r)];
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j)
-        g[static_cast<size_t>(i * cols + j)] = U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1];
-    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = normal(rng);
+        g[static_cast<size_t>(i * cols + j)] =
+            static_cast<float>(U[i * 2] * V[j * 2] + U[i * 2 + 1] * V[j * 2 + 1]);
+    for (int64_t i = rows * cols; i < n; ++i) g[static_cast<size_t>(i)] = static_cast<float>(normal(rng));
   }
   return grads;
 }
@@ -348,7 +377,10 @@ TEST_P(CodecWorlds, PowerSgdInNarrowTypesSendsFewerBytesAndStaysClose) {
   // (each rank's chunk padded to whole runs of 64). On a sum of rank <= r the estimate is
   // off by the rounding of P and Q (once per rank, once more summed): a few u of the
   // largest element (int8: u = 1/254, half a step of a run whose largest value is 127
-  // steps); 16 u allows for the orthonormalisation of a rounded P.
+  // steps); 16 u allows for the orthonormalisation of a rounded P. int8 rounds each value
+  // by its run's largest, several u for the typical value of a run, and mixes P's columns
+  // in a run: 48 u. Measured over 1500 draws (5 worlds x 300 seeds) of this well-
+  // conditioned sum, the worst error was 3.3 u (halves) and 13.9 u (int8) of the largest element.
   const int world = GetParam();
   const uint64_t seed = flotilla::testing::test_seed();
   const int64_t rows = 40, cols = 24, r = 3, n = rows * cols + 10;
@@ -367,7 +399,7 @@ TEST_P(CodecWorlds, PowerSgdInNarrowTypesSendsFewerBytesAndStaysClose) {
       std::vector<float> g = grads[static_cast<size_t>(comm.rank())];
       codec->all_reduce_sum(g, comm);
       for (int64_t i = 0; i < n; ++i)
-        ASSERT_NEAR(g[static_cast<size_t>(i)], s[static_cast<size_t>(i)], 16 * u * scale) << wire_dtype_name(dtype) << " " << i;
+        ASSERT_NEAR(g[static_cast<size_t>(i)], s[static_cast<size_t>(i)], (dtype == WireDtype::int8 ? 48 : 16) * u * scale) << wire_dtype_name(dtype) << " " << i;
       const auto narrow_sum = [&](int64_t elements) {
         int64_t chunk = (elements + world - 1) / world, chunk_bytes = 2 * chunk;
         if (dtype == WireDtype::int8) {

@@ -98,6 +98,7 @@ class PowerSgdCodec final : public GradientCodec {
     const int N = comm.size();
     for (size_t i = 0; i < gradient.size(); ++i) residual_[i] += gradient[i];
     const float* M = residual_.data();
+    normalise_q_columns();
     // P = M Q for every matrix: (rows, cols) @ (cols, r), i.e. M @ Qt^T.
     for (const Factorised& f : factorised_)
       kernels::matmul_forward(&p_[f.p_offset], M + f.m.offset, &qt_[f.q_offset], nullptr, f.m.rows, f.m.cols, f.r);
@@ -136,6 +137,22 @@ class PowerSgdCodec final : public GradientCodec {
   std::span<const float> residual() const override { return residual_; }
 
  private:
+  // Q's columns to unit length before P = M Q. Only span(P) matters (P is orthonormalised
+  // next), so this changes nothing in exact arithmetic; but the warm start's Q = S^T P has
+  // columns as long as the singular values, which would make P's columns differ by their
+  // squares, and a narrow dtype whose scale is shared by a run of values (int8) would
+  // round the short columns away. Every rank holds the same Q, so all scale alike.
+  void normalise_q_columns() {
+    for (float* q = qt_.data(); const Factorised& f : factorised_)
+      for (int64_t c = 0; c < f.r; ++c, q += f.m.cols) {
+        double sq = 0.0;
+        for (int64_t j = 0; j < f.m.cols; ++j) sq += static_cast<double>(q[j]) * q[j];
+        if (sq == 0.0) continue;
+        const auto inv = static_cast<float>(1.0 / std::sqrt(sq));
+        for (int64_t j = 0; j < f.m.cols; ++j) q[j] *= inv;
+      }
+  }
+
   // A column of Q that came out zero (a matrix whose gradient was zero, as LoRA's A is
   // while B is still zero) would keep P = M Q at zero for good: the warm start would
   // never see the gradient again. Such columns restart from fresh random values. Every
