@@ -14,7 +14,7 @@ namespace flotilla::cli {
 void add_plan_command(CLI::App& app) {
   struct Options {
     plan::PlanJob job;
-    std::string fine_tune_type = "full", lora_targets = "q,v", out;
+    std::string fine_tune_type = "full", lora_targets = "q,v", compression_dtype = "f32", out;
     bool force = false;
   };
   auto opt = std::make_shared<Options>();
@@ -58,6 +58,10 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--accumulate", j.knobs.accumulate, "K of the accumulation strategy (0: pick)")->capture_default_str();
   cmd->add_option("--topk-density", j.knobs.topk_density, "Share of gradient entries top-k sends")->capture_default_str();
   cmd->add_option("--powersgd-rank", j.knobs.powersgd_rank, "PowerSGD rank")->capture_default_str();
+  cmd->add_option("--compression-dtype", opt->compression_dtype,
+                  "What top-k's values and PowerSGD's factors travel as: f32, bf16, fp16, int8 (as train)")
+      ->check(CLI::IsMember({"f32", "bf16", "fp16", "int8"}))
+      ->capture_default_str();
   cmd->add_option("--sync-every", j.knobs.local_sgd_every, "Local SGD: steps between parameter averages")
       ->capture_default_str();
   cmd->add_option("--out", opt->out, "Write plan.json, plan.txt and speedup.svg here");
@@ -65,6 +69,7 @@ void add_plan_command(CLI::App& app) {
   cmd->callback([opt, bw, lat] {
     plan::PlanJob& job = opt->job;
     job.source.lora = opt->fine_tune_type == "lora";
+    job.knobs.compression_dtype = comm::parse_wire_dtype(opt->compression_dtype);
     job.source.lora_config.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.bandwidth_given = bw->count() > 0;
     job.latency_given = lat->count() > 0;

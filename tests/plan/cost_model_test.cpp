@@ -71,6 +71,37 @@ TEST(Strategy, BytesPerStepByHand) {
               1.5 * (comm_cost(find(StrategyKind::all_reduce, w), w, 4, fast).wire_bytes - 16 * 1.5), 1e-6);
 }
 
+TEST(Strategy, NarrowDtypesShrinkTopKAndPowerSgdByHand) {
+  const Workload w = small_full();
+  const Link fast{1e9, 0.0, ""};
+  const auto payload = [&](StrategyKind kind, double density, comm::WireDtype dtype) {
+    StrategyKnobs knobs;
+    knobs.topk_density = density;
+    knobs.compression_dtype = dtype;
+    for (const Strategy& s : all_strategies(knobs, w, 4))
+      if (s.kind == kind) return comm_cost(s, w, 2, fast).payload_bytes;
+    throw std::runtime_error("missing strategy");
+  };
+  const double k1 = 0.01 * kFloats, k50 = 0.5 * kFloats;
+  // top-k, halves: offset words (4 bytes) at 1%; at 50% a bitmap (1/8 byte an element, 1/4
+  // an entry) and a half. int8: 16-bit offsets at 1% (2 bytes), the bitmap at 50%, then a
+  // byte and 1/64 of a float scale.
+  EXPECT_NEAR(payload(StrategyKind::topk, 0.01, comm::WireDtype::bf16), 4 * k1, 1e-6);
+  EXPECT_NEAR(payload(StrategyKind::topk, 0.5, comm::WireDtype::bf16), 2.25 * k50, 1e-6);
+  EXPECT_NEAR(payload(StrategyKind::topk, 0.01, comm::WireDtype::int8), (2 + 1.0625) * k1, 1e-6);
+  EXPECT_NEAR(payload(StrategyKind::topk, 0.5, comm::WireDtype::int8), (0.25 + 1.0625) * k50, 1e-6);
+  // PowerSGD r=4 (the floats of BytesPerStepByHand): 2 bytes a value in halves, 1 + 1/16 in int8.
+  const double floats = 320 + 6656 + 4608;
+  EXPECT_DOUBLE_EQ(payload(StrategyKind::powersgd, 0.01, comm::WireDtype::fp16), 2 * floats);
+  EXPECT_DOUBLE_EQ(payload(StrategyKind::powersgd, 0.01, comm::WireDtype::int8), 1.0625 * floats);
+  // What to add to flotilla train names the dtype.
+  StrategyKnobs knobs;
+  knobs.compression_dtype = comm::WireDtype::int8;
+  for (const Strategy& s : all_strategies(knobs, w, 4))
+    if (s.kind == StrategyKind::topk || s.kind == StrategyKind::powersgd)
+      EXPECT_NE(s.train_flags.find("--compression-dtype int8"), std::string::npos) << s.train_flags;
+}
+
 TEST(Strategy, LatencyCountsPerCollective) {
   const Workload w = small_full();
   const Link slow{1e30, 1e-3, ""};  // bandwidth out of the picture

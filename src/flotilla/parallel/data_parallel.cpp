@@ -12,7 +12,7 @@ namespace flotilla::parallel {
 
 DataParallel::DataParallel(comm::Communicator& comm, comm::AllReduceAlgorithm algorithm)
     : comm_(comm),
-      reducer_(comm, comm::AllReducer::Config{.algorithm = algorithm}),
+      reducer_(comm, comm::AllReducer::Config{.algorithm = algorithm, .tuning = {}}),
       codec_(comm::make_gradient_codec({}, 0, {})) {
   codec_->set_exact_reducer(&reducer_);
 }

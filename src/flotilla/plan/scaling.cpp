@@ -65,7 +65,7 @@ Prediction predict_strong(const Strategy& s, const Workload& w, const StepCost& 
 }
 
 int pick_accumulation(const Workload& w, const StepCost& cost, const Cluster& cluster, int n) {
-  const Strategy plain{StrategyKind::all_reduce, 1, 0.0, true, "", ""};
+  const Strategy plain{StrategyKind::all_reduce, 1, 0.0, true, comm::WireDtype::f32, "", ""};
   const double comm = comm_cost(plain, w, n, cluster.link_for(n)).seconds;
   for (int K = 2; K < 64; K *= 2)
     if (comm / K <= 0.1 * cost.total_s()) return K;

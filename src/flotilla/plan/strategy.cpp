@@ -31,24 +31,57 @@ std::string_view strategy_kind_name(StrategyKind k) {
   return "?";
 }
 
+namespace {
+
+// Bytes of one value on the wire (comm/compression/wire_sum.hpp): int8 adds a float scale
+// per 64 values.
+double value_bytes(comm::WireDtype d) {
+  switch (d) {
+    case comm::WireDtype::f32: return 4.0;
+    case comm::WireDtype::bf16:
+    case comm::WireDtype::fp16: return 2.0;
+    case comm::WireDtype::int8: return 1.0 + 4.0 / 64.0;
+  }
+  return 4.0;
+}
+
+// Bytes of one top-k entry (topk_codec.cpp): f32 (uint32 index, float); narrower, the
+// cheaper of 16-bit offsets and a bitmap of the block (1/8 byte an element, 1/(8 d) an
+// entry), plus the value.
+double topk_entry_bytes(const Strategy& s) {
+  if (s.dtype == comm::WireDtype::f32) return 8.0;
+  const double bitmap = 1.0 / (8.0 * std::max(s.density, 1e-12));
+  if (s.dtype == comm::WireDtype::int8) return std::min(2.0, bitmap) + value_bytes(s.dtype);
+  return std::min(4.0, bitmap + 2.0);  // halves: (offset, half) words, or bitmap + half
+}
+
+}  // namespace
+
 std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate) {
   std::vector<Strategy> out;
-  out.push_back({StrategyKind::all_reduce, 1, 0.0, true, "all-reduce", ""});
-  out.push_back({StrategyKind::hierarchical, 1, 0.0, true, "hierarchical", "--allreduce hier"});
+  const comm::WireDtype f32 = comm::WireDtype::f32;
+  out.push_back({StrategyKind::all_reduce, 1, 0.0, true, f32, "all-reduce", ""});
+  out.push_back({StrategyKind::hierarchical, 1, 0.0, true, f32, "hierarchical", "--allreduce hier"});
   const int K = std::max(2, accumulate);
   // Accumulation multiplies the user's own --grad-accum: the global batch grows K-fold.
-  out.push_back({StrategyKind::accumulate, K, 0.0, true, fmt::format("accumulate x{}", K),
+  out.push_back({StrategyKind::accumulate, K, 0.0, true, f32, fmt::format("accumulate x{}", K),
                  fmt::format("--grad-accum {}", w.grad_accum * K)});
-  out.push_back({StrategyKind::fp16, 1, 0.0, true, "fp16 gradients", "--compression fp16"});
-  out.push_back({StrategyKind::topk, 1, knobs.topk_density, true, fmt::format("top-k {:g}%", 100 * knobs.topk_density),
-                 fmt::format("--compression topk --topk-density {:g}", knobs.topk_density)});
-  out.push_back({StrategyKind::powersgd, knobs.powersgd_rank, 0.0, true, fmt::format("PowerSGD r={}", knobs.powersgd_rank),
-                 fmt::format("--compression powersgd --powersgd-rank {}", knobs.powersgd_rank)});
-  out.push_back({StrategyKind::local_sgd, knobs.local_sgd_every, 0.0, true,
+  out.push_back({StrategyKind::fp16, 1, 0.0, true, f32, "fp16 gradients", "--compression fp16"});
+  const comm::WireDtype dt = knobs.compression_dtype;
+  const std::string in_dtype = dt == comm::WireDtype::f32 ? "" : fmt::format(" {}", comm::wire_dtype_name(dt));
+  const std::string dtype_flag =
+      dt == comm::WireDtype::f32 ? "" : fmt::format(" --compression-dtype {}", comm::wire_dtype_name(dt));
+  out.push_back({StrategyKind::topk, 1, knobs.topk_density, true, dt,
+                 fmt::format("top-k {:g}%{}", 100 * knobs.topk_density, in_dtype),
+                 fmt::format("--compression topk --topk-density {:g}{}", knobs.topk_density, dtype_flag)});
+  out.push_back({StrategyKind::powersgd, knobs.powersgd_rank, 0.0, true, dt,
+                 fmt::format("PowerSGD r={}{}", knobs.powersgd_rank, in_dtype),
+                 fmt::format("--compression powersgd --powersgd-rank {}{}", knobs.powersgd_rank, dtype_flag)});
+  out.push_back({StrategyKind::local_sgd, knobs.local_sgd_every, 0.0, true, f32,
                  fmt::format("local SGD H={}", knobs.local_sgd_every), fmt::format("--sync-every {}", knobs.local_sgd_every)});
-  out.push_back({StrategyKind::zero1, 1, 0.0, false, "ZeRO-1", "--zero 1"});
-  out.push_back({StrategyKind::zero2, 1, 0.0, false, "ZeRO-2", "--zero 2"});
-  out.push_back({StrategyKind::zero3, 1, 0.0, false, "ZeRO-3", "--zero 3"});
+  out.push_back({StrategyKind::zero1, 1, 0.0, false, f32, "ZeRO-1", "--zero 1"});
+  out.push_back({StrategyKind::zero2, 1, 0.0, false, f32, "ZeRO-2", "--zero 2"});
+  out.push_back({StrategyKind::zero3, 1, 0.0, false, f32, "ZeRO-3", "--zero 3"});
   return out;
 }
 
@@ -81,7 +114,7 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
       break;
     case StrategyKind::topk: {
       const double k = std::max(1.0, s.density * G);
-      c.payload_bytes = 8 * k;  // fp32 value + int32 index
+      c.payload_bytes = topk_entry_bytes(s) * k;
       const double gathered = n * c.payload_bytes;
       c.wire_bytes = (n - 1) * c.payload_bytes + loss_wire;
       c.seconds = ring_all_gather_s(gathered, n, link) + loss_s;
@@ -98,9 +131,10 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
         p_floats += rows * r;
         q_floats += cols * r;
       }
-      c.payload_bytes = 4 * (p_floats + q_floats);
-      c.wire_bytes = ring_all_reduce_wire_bytes(4 * p_floats, n) + ring_all_reduce_wire_bytes(4 * q_floats, n) + loss_wire;
-      c.seconds = ring_all_reduce_s(4 * p_floats, n, link) + ring_all_reduce_s(4 * q_floats, n, link) + loss_s;
+      const double v = value_bytes(s.dtype);
+      c.payload_bytes = v * (p_floats + q_floats);
+      c.wire_bytes = ring_all_reduce_wire_bytes(v * p_floats, n) + ring_all_reduce_wire_bytes(v * q_floats, n) + loss_wire;
+      c.seconds = ring_all_reduce_s(v * p_floats, n, link) + ring_all_reduce_s(v * q_floats, n, link) + loss_s;
       break;
     }
     case StrategyKind::zero3: {
@@ -165,7 +199,7 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       break;
     case StrategyKind::topk:
       // The error-feedback residual (what was not sent) is a full fp32 gradient.
-      m.buffers = 4 * G + n * 8 * std::max(1.0, s.density * G);
+      m.buffers = 4 * G + n * topk_entry_bytes(s) * std::max(1.0, s.density * G);
       break;
     case StrategyKind::powersgd: {
       double pq = static_cast<double>(w.trainable_vector_floats);

@@ -11,9 +11,12 @@
 //   accumulate xK  the same, once per K user steps:  all-reduce of 4G, / K
 //   fp16           gradients in fp16 or bf16:        all-reduce of 2G
 //   topk           k = density * G values + int32 indices per rank, all-gathered:
-//                  all-gather of n * 8k (sparse sums cannot be ring-reduced in place)
+//                  all-gather of n * 8k (sparse sums cannot be ring-reduced in place);
+//                  with --compression-dtype bf16|fp16 an entry costs min(4, 2 + 1/(8 d))
+//                  bytes (offset words or a bitmap), int8 min(2, 1/(8 d)) + 1 + 1/16
 //   powersgd r     per matrix (m, c): P (m, r) and Q (c, r), two all-reduces of
-//                  4 * sum(m r) + 4 * (1-D floats, sent as they are) and 4 * sum(c r)
+//                  4 * sum(m r) + 4 * (1-D floats, sent as they are) and 4 * sum(c r);
+//                  a value costs 2 bytes in bf16/fp16, 1 + 1/16 in int8
 //   local_sgd H    parameters, fp32, every H steps:   all-reduce of 4G, / H
 //   zero1, zero2   reduce-scatter gradients + all-gather parameters = the bytes of an
 //                  all-reduce of 4G; the optimizer update runs on 1/n of the parameters
@@ -34,6 +37,7 @@
 #include <string_view>
 #include <vector>
 
+#include "flotilla/comm/compression/gradient_codec.hpp"
 #include "flotilla/plan/link.hpp"
 #include "flotilla/plan/workload.hpp"
 
@@ -45,6 +49,7 @@ struct StrategyKnobs {
   int accumulate = 0;            // K for `accumulate`; 0: the planner picks (see pick_accumulation)
   double topk_density = 0.01;    // share of gradient entries top-k sends
   int powersgd_rank = 4;
+  comm::WireDtype compression_dtype = comm::WireDtype::f32;  // top-k's values, PowerSGD's factors
   int local_sgd_every = 8;       // H
 };
 
@@ -53,6 +58,7 @@ struct Strategy {
   int factor = 1;           // K (accumulate), H (local SGD), r (PowerSGD); else 1
   double density = 0.0;     // top-k
   bool available = false;   // flotilla train runs it today
+  comm::WireDtype dtype = comm::WireDtype::f32;  // top-k, PowerSGD: what values travel as
   std::string name;         // "all-reduce", "accumulate x8", "fp16", "top-k 1%", ...
   std::string train_flags;  // what to add to `flotilla train` ("--grad-accum 8", "--compression fp16")
 };
