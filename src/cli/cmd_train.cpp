@@ -173,8 +173,10 @@ void add_train_command(CLI::App& app) {
     // `--resume` alone (or `resume: true` in a config file) continues the run in --out.
     if (resume->count() > 0 && opt->resume != "false")
       job.resume_from = opt->resume.empty() || opt->resume == "true" ? opt->out : opt->resume;
-    // A resumed run writes into its own, non-empty folder. Rank 0 owns the folder.
-    if (root) ensure_output_dir(opt->out, opt->force || !job.resume_from.empty());
+    // A resumed run writes into its own, non-empty folder. Rank 0 owns the folder; the job
+    // creates it once the model, adapters and data have loaded, so a run that fails on its
+    // inputs leaves nothing behind.
+    if (root) check_output_dir(opt->out, opt->force || !job.resume_from.empty());
     if (dp) world->barrier(comm::Options{.name = "output folder"});
     ProgressPrinter progress(opt->log_every);
     train::TrainCallbacks cb;

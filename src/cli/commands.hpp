@@ -24,8 +24,10 @@ void add_plan_command(CLI::App& app);
 void add_convert_command(CLI::App& app);
 
 // Refuses to write into a non-empty directory unless `force`: a user's earlier model or
-// run is never overwritten by accident.
+// run is never overwritten by accident. ensure_output_dir then creates it; check_output_dir
+// only checks, for a command that creates the folder itself once its inputs have loaded.
 void ensure_output_dir(const std::string& dir, bool force);
+void check_output_dir(const std::string& dir, bool force);
 
 // Same refusal, then `fill(stage)` writes the files into a staging directory that is moved
 // into place only when fill returns: a failure leaves `dir` as it was (staged_output.cpp).

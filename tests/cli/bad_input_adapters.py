@@ -98,7 +98,7 @@ def register_adapter_cases(case, Run, ws_helpers):
     @case("adapter_other_model_train_resume")
     def _(ws):
         m, a = ws.model(), other_model_adapter(ws)
-        return Run(resume_from(ws, m, a), OTHER_MODEL, preserve=[m, a, ws.corpus])
+        return Run(resume_from(ws, m, a), OTHER_MODEL, preserve=[m, a, ws.corpus], absent=[ws.fresh_out()])
 
     @case("adapter_other_model_fuse_creates_no_output")
     def _(ws):
