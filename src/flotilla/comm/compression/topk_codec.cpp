@@ -214,8 +214,8 @@ class TopKCodec final : public GradientCodec {
   }
 
   // One group's entries in int8 (`entries` ascending): the bitmap or the offsets two to a
-  // word, then the values four to a word, then a float scale per run of kInt8Run values.
-  // What the rounding lost stays in the residual.
+  // word, then the k values as bytes (four to a word), then a float scale per run of
+  // kInt8Run values (wire_sum.hpp's runs). What the rounding lost stays in the residual.
   void write_int8(const Group& g, std::span<const uint32_t> entries, uint32_t* out) {
     const int64_t k = g.k;
     uint32_t* values = out + (g.bitmap ? bitmap_words(g) : (k + 1) / 2);
@@ -225,18 +225,14 @@ class TopKCodec final : public GradientCodec {
       if (g.bitmap) out[offset / 32] |= 1u << (offset % 32);
       else out[s / 2] |= offset << (16 * (s % 2));
     }
-    float run[kInt8Run];
+    auto* q = reinterpret_cast<int8_t*>(values);
+    float run[kInt8Run], lost[kInt8Run];
     for (int64_t first = 0; first < k; first += kInt8Run) {
       const int64_t count = std::min(kInt8Run, k - first);
       for (int64_t j = 0; j < count; ++j) run[j] = residual_[entries[static_cast<size_t>(first + j)]];
-      const float scale = int8_scale(run, count);
+      const float scale = encode_int8_run(run, count, q + first, lost);
       std::memcpy(&scales[first / kInt8Run], &scale, sizeof(float));
-      for (int64_t j = 0; j < count; ++j) {
-        const int8_t q = encode_int8(run[j], scale);
-        const int64_t s = first + j;
-        values[s / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (s % 4));
-        residual_[entries[static_cast<size_t>(s)]] -= decode_int8(q, scale);
-      }
+      for (int64_t j = 0; j < count; ++j) residual_[entries[static_cast<size_t>(first + j)]] = lost[j];
     }
   }
 
@@ -244,10 +240,11 @@ class TopKCodec final : public GradientCodec {
   void read_int8(const Group& g, const uint32_t* in, float* block, int r) const {
     const uint32_t* values = in + (g.bitmap ? bitmap_words(g) : (g.k + 1) / 2);
     const uint32_t* scales = values + (g.k + 3) / 4;
+    const auto* q = reinterpret_cast<const int8_t*>(values);
     const auto value = [&](int64_t s) {
       float scale;
       std::memcpy(&scale, &scales[s / kInt8Run], sizeof(float));
-      return decode_int8(static_cast<int8_t>(values[s / 4] >> (8 * (s % 4))), scale);
+      return decode_int8(q[s], scale);
     };
     if (g.bitmap) {
       for_each_marked(g, in, r, [&](int64_t offset, int64_t s) { block[offset] += value(s); });

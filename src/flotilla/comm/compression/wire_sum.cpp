@@ -29,6 +29,15 @@ int8_t encode_int8(float x, float scale) {
   return static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
 }
 
+float encode_int8_run(const float* x, int64_t count, int8_t* q, float* rounding) {
+  const float scale = int8_scale(x, count);
+  for (int64_t i = 0; i < count; ++i) {
+    q[i] = encode_int8(x[i], scale);
+    if (rounding) rounding[i] = x[i] - decode_int8(q[i], scale);
+  }
+  return scale;
+}
+
 WireSum::WireSum(WireDtype dtype) : dtype_(dtype) {
   if (dtype == WireDtype::f32) throw Error("comm/compression", "a wire sum needs fp16, bf16 or int8");
 }
@@ -48,16 +57,11 @@ void WireSum::encode(const float* x, size_t count, uint8_t* out, float* rounding
     return;
   }
   const size_t runs = count / static_cast<size_t>(kInt8Run);
-  uint8_t* values = out + sizeof(float) * runs;
+  auto* values = reinterpret_cast<int8_t*>(out + sizeof(float) * runs);
   for (size_t r = 0; r < runs; ++r) {
-    const float* run = x + r * kInt8Run;
-    const float s = int8_scale(run, kInt8Run);
+    const size_t at = r * kInt8Run;
+    const float s = encode_int8_run(x + at, kInt8Run, values + at, rounding ? rounding + at : nullptr);
     std::memcpy(out + sizeof(float) * r, &s, sizeof(float));
-    for (int64_t i = 0; i < kInt8Run; ++i) {
-      const int8_t q = encode_int8(run[i], s);
-      values[r * kInt8Run + static_cast<size_t>(i)] = static_cast<uint8_t>(q);
-      if (rounding) rounding[r * kInt8Run + static_cast<size_t>(i)] = run[i] - decode_int8(q, s);
-    }
   }
 }
 
@@ -72,12 +76,12 @@ void WireSum::decode(const uint8_t* in, size_t count, float* out, bool add) cons
     return;
   }
   const size_t runs = count / static_cast<size_t>(kInt8Run);
-  const uint8_t* values = in + sizeof(float) * runs;
+  const auto* values = reinterpret_cast<const int8_t*>(in + sizeof(float) * runs);
   for (size_t r = 0; r < runs; ++r) {
     float s;
     std::memcpy(&s, in + sizeof(float) * r, sizeof(float));
     for (size_t i = r * kInt8Run; i < (r + 1) * kInt8Run; ++i) {
-      const float v = decode_int8(static_cast<int8_t>(values[i]), s);
+      const float v = decode_int8(values[i], s);
       out[i] = add ? out[i] + v : v;
     }
   }

@@ -62,5 +62,8 @@ constexpr int64_t kInt8Run = 64;
 float int8_scale(const float* x, int64_t count);
 int8_t encode_int8(float x, float scale);
 inline float decode_int8(int8_t q, float scale) { return static_cast<float>(q) * scale; }
+// One run of `count` (<= kInt8Run) values: q[i] := encode_int8(x[i], s), and returns s;
+// rounding[i] (when not null) := x[i] - decode_int8(q[i], s), what error feedback keeps.
+float encode_int8_run(const float* x, int64_t count, int8_t* q, float* rounding);
 
 }  // namespace flotilla::comm::detail
