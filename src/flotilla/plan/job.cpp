@@ -12,6 +12,7 @@
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/hash.hpp"
 
 namespace flotilla::plan {
 namespace {
@@ -79,8 +80,7 @@ bool same_kernel_everywhere(comm::Communicator& world) {
   std::string boot_id;
   std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
   if (boot_id.empty()) boot_id = "unknown";  // then no rank can tell; hosts count as machines
-  uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (const char ch : boot_id) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+  const uint64_t h = fnv1a64(boot_id);
   // Two 32-bit halves, exact in doubles; equal everywhere iff max(x) == -max(-x).
   std::array<double, 4> v = {static_cast<double>(h >> 32), static_cast<double>(h & 0xffffffffu),
                              -static_cast<double>(h >> 32), -static_cast<double>(h & 0xffffffffu)};

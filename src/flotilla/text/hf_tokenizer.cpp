@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/hash.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/text/hf_bpe.hpp"
 #include "flotilla/text/hf_components.hpp"
@@ -33,13 +34,6 @@ std::string json_error_text(const json::exception& e) {
   return std::string(what);
 }
 
-uint64_t fnv1a64(std::string_view bytes, uint64_t hash = 0xcbf29ce484222325ull) {
-  for (const char c : bytes) {
-    hash ^= static_cast<uint8_t>(c);
-    hash *= 0x100000001b3ull;
-  }
-  return hash;
-}
 
 // Typed access to one JSON file's fields; every error names the file and the field.
 class Reader {

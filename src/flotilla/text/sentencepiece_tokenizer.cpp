@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/hash.hpp"
 #include "flotilla/base/file.hpp"
 
 namespace flotilla::text {
@@ -54,14 +55,7 @@ std::string replace_space_symbols(std::string_view piece) {
   return out;
 }
 
-std::string fnv1a64_hex(std::string_view bytes) {
-  uint64_t hash = 0xcbf29ce484222325ULL;
-  for (const char c : bytes) {
-    hash ^= static_cast<uint8_t>(c);
-    hash *= 0x100000001b3ULL;
-  }
-  return fmt::format("{:016x}", hash);
-}
+std::string fnv1a64_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
 }  // namespace
 

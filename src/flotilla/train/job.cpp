@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/hash.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/timer.hpp"
@@ -83,11 +84,7 @@ std::optional<double> first_loss_of(const std::string& metrics) {
 }
 
 // A digest that is the same on every machine and build (std::hash need not be).
-std::string fnv1a_hex(std::string_view bytes) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  for (const char c : bytes) h = (h ^ static_cast<uint8_t>(c)) * 0x100000001b3ULL;
-  return fmt::format("{:016x}", h);
-}
+std::string fnv1a_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
 }  // namespace
 

@@ -7,17 +7,9 @@
 #include <fmt/format.h>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/hash.hpp"
 
 namespace flotilla::comm {
-namespace {
-
-uint64_t fnv1a(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
-}  // namespace
 
 AlgorithmOptions AlgorithmOptions::resolve(const Communicator& comm) const {
   AlgorithmOptions r = *this;
@@ -54,7 +46,7 @@ Topology Topology::discover(Communicator& comm, int fake_ranks_per_host) {
   if (fake_ranks_per_host > 0) {
     for (int r = 0; r < comm.size(); ++r) host_of[r] = static_cast<uint64_t>(r / fake_ranks_per_host);
   } else {
-    const std::vector<int64_t> mine = {static_cast<int64_t>(fnv1a(comm.host_name()))};
+    const std::vector<int64_t> mine = {static_cast<int64_t>(fnv1a64(comm.host_name()))};
     std::vector<int64_t> hashes(static_cast<size_t>(comm.size()));  // (size)
     comm.all_gather(mine, hashes, Options{.name = "topology"});
     std::map<int64_t, uint64_t> index;  // hash -> host index, by lowest rank
