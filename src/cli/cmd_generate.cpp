@@ -40,6 +40,7 @@ void add_generate_command(CLI::App& app) {
                   "End at this text (not printed), e.g. a chat template's end of turn '<|im_end|>'; repeatable");
   cmd->callback([opt] {
     if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
+    model::Sampler sampler(opt->sampling);  // refuses sampling parameters outside their domain before loading
     model::Llama model = model::Llama::load(opt->model);
     // Generation has no dropout, so merged adapters compute exactly what attached ones do.
     // A quantized base cannot be merged into in place: its adapters run alongside.
@@ -60,7 +61,6 @@ void add_generate_command(CLI::App& app) {
       throw InputError("generate", fmt::format("prompt of {} tokens fills the model's context of {}", prompt.size(),
                                                model.config().max_position));
     model::Decoder decoder(model, limit, side_adapters ? &*side_adapters : nullptr);
-    model::Sampler sampler(opt->sampling);
     text::Utf8Streamer stream;
     text::StopStrings stops(opt->stops);
     fmt::print("{}", opt->prompt);

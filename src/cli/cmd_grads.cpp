@@ -64,6 +64,10 @@ void add_grads_command(CLI::App& app) {
     if (B != Bt || T != Tt) throw InputError("grads", opt->batch + ": tokens and targets differ in shape");
 
     model::Llama model = model::Llama::load(opt->model);
+    if (T > model.config().max_position)
+      throw InputError("grads", fmt::format("{}: rows of {} tokens exceed the model's {} positions "
+                                            "(max_position_embeddings)",
+                                            opt->batch, T, model.config().max_position));
     std::optional<model::LoraAdapters> adapters;
     if (!opt->adapter.empty()) {
       adapters.emplace(model::LoraAdapters::load_peft(opt->adapter, model.config()));

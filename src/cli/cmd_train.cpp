@@ -2,6 +2,7 @@
 // data-parallel job under mpirun / srun.
 #include <fmt/format.h>
 
+#include "flotilla/base/error.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
 
@@ -11,6 +12,7 @@
 #include "flotilla/train/job.hpp"
 
 #include <chrono>
+#include <cmath>
 #include <optional>
 
 namespace flotilla::cli {
@@ -28,6 +30,7 @@ void add_train_command(CLI::App& app) {
     std::string compression_dtype = "f32";
     double timeout_s = 300.0;
     std::string allreduce = "auto";
+    std::string on_nonfinite = "stop";
   };
   auto opt = std::make_shared<Options>();
   train::TrainConfig& t = opt->job.train;
@@ -58,7 +61,14 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--beta2", t.adamw.beta2)->capture_default_str();
   cmd->add_option("--grad-clip", t.grad_clip, "Max global gradient norm (0: off)")->capture_default_str();
   cmd->add_option("--eval-every,--steps-per-eval", t.eval_every, "Steps between validation passes (0: at the end)")->capture_default_str();
-  cmd->add_option("--eval-batches,--val-batches", t.eval_batches, "Batches per validation pass")->capture_default_str();
+  cmd->add_option("--eval-batches,--val-batches", t.eval_batches,
+                  "Batches per validation pass, at most one pass over the validation data (0 or -1: one whole pass)")
+      ->capture_default_str();
+  cmd->add_option("--on-nonfinite", opt->on_nonfinite,
+                  "A step whose loss or gradient norm is NaN or infinite: stop (the run ends with exit 1, writes no "
+                  "model and keeps its checkpoints) or skip (the step's update is dropped and the run goes on)")
+      ->check(CLI::IsMember({"stop", "skip"}))
+      ->capture_default_str();
   cmd->add_option("--valid-fraction", opt->job.valid_fraction, "Share of the data held out for validation")
       ->capture_default_str();
   cmd->add_option("--seed", opt->job.seed, "Seed for initialisation and batch order")->capture_default_str();
@@ -127,8 +137,8 @@ void add_train_command(CLI::App& app) {
                   "--compression-dtype when it is bf16, fp16 or int8)")
       ->capture_default_str();
   cmd->add_option("--timeout", opt->timeout_s,
-                  "Data parallel: seconds any collective may wait for the other ranks before the job fails")
-      ->check(CLI::PositiveNumber)
+                  "Data parallel: seconds any collective may wait for the other ranks before the job fails; also bounds MPI "
+                  "start-up (read from the command line then, not from a -c file)")
       ->capture_default_str();
   cmd->add_option("--allreduce", opt->allreduce,
                   "Data parallel: the gradient all-reduce: auto (by size and hosts), ring, hd "
@@ -150,6 +160,11 @@ void add_train_command(CLI::App& app) {
       return;
     }
     train::TrainJob& job = opt->job;
+    if (!(std::isfinite(opt->timeout_s) && opt->timeout_s > 0.0 && opt->timeout_s <= 1e9))
+      throw InputError("train", fmt::format("--timeout must be a number of seconds in (0, 1e9], not {}", opt->timeout_s));
+    job.train.on_nonfinite = opt->on_nonfinite == "skip" ? train::NonFinitePolicy::skip : train::NonFinitePolicy::stop;
+    // Ctrl-C / SIGTERM: finish the step, checkpoint, exit 128 + signal (a second one: at once).
+    job.stop_on_signal = true;
     job.fine_tune = opt->fine_tune_type == "lora" ? train::FineTuneType::lora : train::FineTuneType::full;
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;

@@ -1,6 +1,15 @@
 // flotilla: fine-tune and train Llama-family models on one machine or many.
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <mutex>
+#include <string_view>
+#include <thread>
+
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 
@@ -9,6 +18,68 @@
 #include "flotilla/base/log.hpp"
 #include "flotilla/base/threads.hpp"
 #include "flotilla/comm/mpi/mpi_runtime.hpp"
+#include "flotilla/comm/world.hpp"
+
+namespace {
+
+// MPI_Init waits for every rank of the job, with no deadline of its own: a rank stopped or
+// lost before it gets there would hold all the others for ever. Start-up gets the deadline
+// the collectives get, `--timeout` (train, bench), read from the command line before MPI
+// starts (a -c config file is parsed later; then the default applies), else 300 s.
+double startup_timeout_s(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    const char* value = nullptr;
+    if (arg == "--timeout" && i + 1 < argc) value = argv[i + 1];
+    else if (arg.starts_with("--timeout=")) value = argv[i] + std::string_view("--timeout=").size();
+    if (!value) continue;
+    char* end = nullptr;
+    const double s = std::strtod(value, &end);
+    if (end != value && *end == '\0' && std::isfinite(s) && s > 0.0) return s;
+  }
+  return 300.0;
+}
+
+// Ends the process with one line when MPI start-up has not finished within the deadline.
+// main's own code, not the library's: nothing else can interrupt MPI_Init.
+class StartupWatchdog {
+ public:
+  explicit StartupWatchdog(double timeout_s)
+      : thread_([this, timeout_s] {
+          std::unique_lock lock(mutex_);
+          if (done_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [this] { return done_; })) return;
+          std::fprintf(stderr,
+                       "flotilla: error: [comm/mpi] MPI start-up did not finish within %g s: a rank of the job is "
+                       "stopped, slow to start or unreachable (--timeout sets the limit)\n",
+                       timeout_s);
+          std::fflush(stderr);
+          ::_exit(1);
+        }) {}
+  ~StartupWatchdog() {
+    {
+      std::lock_guard lock(mutex_);
+      done_ = true;
+    }
+    done_cv_.notify_one();
+    thread_.join();
+  }
+  StartupWatchdog(const StartupWatchdog&) = delete;
+  StartupWatchdog& operator=(const StartupWatchdog&) = delete;
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable done_cv_;
+  bool done_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
+std::unique_ptr<flotilla::comm::MpiRuntime> start_mpi_with_deadline(int* argc, char*** argv) {
+  if (!flotilla::comm::launched_under_mpi()) return nullptr;
+  StartupWatchdog watchdog(startup_timeout_s(*argc, *argv));
+  return flotilla::comm::MpiRuntime::start_if_launched(argc, argv);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"flotilla: train and fine-tune Llama-family language models on one machine or many"};
@@ -37,9 +108,11 @@ int main(int argc, char** argv) {
   flotilla::cli::add_convert_command(app);
   try {
     // Under mpirun / srun: MPI starts before anything else and finalizes last.
-    const auto mpi = flotilla::comm::MpiRuntime::start_if_launched(&argc, &argv);
+    const auto mpi = start_mpi_with_deadline(&argc, &argv);
     try {
       app.parse(argc, argv);
+    } catch (const flotilla::RunStopped&) {
+      throw;  // every rank stops at the same step: MPI finalizes normally
     } catch (const flotilla::Error& e) {
       if (mpi) {
         // One rank failing must end the job, not leave the others waiting: one line, then abort.
@@ -54,6 +127,9 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
     std::fprintf(stderr, "flotilla: error: [cli] %s (see --help)\n", e.what());
     return 2;
+  } catch (const flotilla::RunStopped& e) {
+    if (!e.quiet()) std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+    return e.exit_code();
   } catch (const flotilla::InputError& e) {
     std::fprintf(stderr, "flotilla: error: %s\n", e.what());
     return 2;

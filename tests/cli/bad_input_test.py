@@ -751,6 +751,9 @@ register_quant_cases(case, Run, (score, generate, train, edit_json, edit_safeten
 # -- LoRA adapters for another model, broken adapter files, fuse: bad_input_adapters.py
 from bad_input_adapters import register_adapter_cases  # noqa: E402
 register_adapter_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
+# -- flags outside their domain, loops over data that must end: bad_input_limits.py
+from bad_input_limits import register_limit_cases  # noqa: E402
+register_limit_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
 
 
 # ---- Running and checking ------------------------------------------------------------------

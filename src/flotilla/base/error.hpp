@@ -26,6 +26,22 @@ class InputError : public Error {
   using Error::Error;
 };
 
+// A run that ended early on purpose, at the same step on every rank (the ranks agreed on
+// it through a collective): a divergence (exit 1), or a stop signal (128 + the signal).
+// main prints the line (unless `quiet`: ranks other than 0 leave it to rank 0) and returns
+// `exit_code` without aborting an MPI job.
+class RunStopped : public Error {
+ public:
+  RunStopped(std::string_view component, std::string_view what, int exit_code, bool quiet = false)
+      : Error(component, what), exit_code_(exit_code), quiet_(quiet) {}
+  int exit_code() const noexcept { return exit_code_; }
+  bool quiet() const noexcept { return quiet_; }
+
+ private:
+  int exit_code_;
+  bool quiet_;
+};
+
 // errno-carrying system call failure.
 [[noreturn]] void throw_errno(std::string_view component, std::string_view what);
 

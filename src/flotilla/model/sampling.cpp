@@ -3,14 +3,19 @@
 #include <algorithm>
 #include <cmath>
 
+#include <fmt/format.h>
+
 #include "flotilla/base/error.hpp"
 
 namespace flotilla::model {
 
 Sampler::Sampler(SamplingParams params) : params_(params), rng_(params.seed) {
-  if (params.temperature < 0.0f) throw InputError("model/sampling", "temperature must be >= 0");
-  if (params.top_p <= 0.0f || params.top_p > 1.0f) throw InputError("model/sampling", "top_p must be in (0, 1]");
-  if (params.top_k < 0) throw InputError("model/sampling", "top_k must be >= 0");
+  // Negated comparisons: NaN fails them.
+  if (!(std::isfinite(params.temperature) && params.temperature >= 0.0f))
+    throw InputError("model/sampling", fmt::format("--temperature must be a finite number >= 0, not {}", params.temperature));
+  if (!(params.top_p > 0.0f && params.top_p <= 1.0f))
+    throw InputError("model/sampling", fmt::format("--top-p must be in (0, 1], not {}", params.top_p));
+  if (params.top_k < 0) throw InputError("model/sampling", "--top-k must be >= 0");
 }
 
 int32_t Sampler::sample(std::span<const float> logits) {

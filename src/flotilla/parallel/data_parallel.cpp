@@ -65,6 +65,12 @@ model::LossSum DataParallel::all_reduce_loss(const model::LossSum& local) {
   return model::LossSum{sums[0], static_cast<int64_t>(sums[1])};
 }
 
+int64_t DataParallel::max_over_ranks(int64_t value, std::string_view what) {
+  std::array<double, 1> v = {static_cast<double>(value)};  // exact below 2^53
+  comm_.all_reduce(v, comm::ReduceOp::max, comm::Options{.name = what});
+  return static_cast<int64_t>(v[0]);
+}
+
 void DataParallel::check_same(std::string_view what, const std::string& digest) {
   constexpr size_t kBytes = 64;
   std::array<uint8_t, kBytes> mine{};

@@ -66,6 +66,10 @@ class DataParallel {
 
   // Sums a loss over ranks (validation).
   model::LossSum all_reduce_loss(const model::LossSum& local);
+  // The largest of the ranks' values, on every rank: for decisions every rank must take at
+  // the same step (stop on a signal one rank received, skip a step one rank found
+  // non-finite). One all-reduce of 8 bytes.
+  int64_t max_over_ranks(int64_t value, std::string_view what);
   // Every rank must pass the same `digest` for `what` (model, data, binary): otherwise an
   // InputError naming the ranks that differ and their values.
   void check_same(std::string_view what, const std::string& digest);

@@ -11,6 +11,7 @@
 #include "flotilla/base/hash.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/memory.hpp"
+#include "flotilla/base/stop_signal.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/rank_slice.hpp"
@@ -44,11 +45,22 @@ std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
   return std::make_unique<text::ByteTokenizer>();
 }
 
+// JSON has no NaN or Inf: a non-finite value is written as null (and read as "no value").
+nlohmann::json finite_or_null(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); }
+
 nlohmann::json step_json(const StepMetrics& m) {
-  return {{"step", m.step},     {"loss", m.loss},         {"lr", m.lr},
-          {"grad_norm", m.grad_norm}, {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s},
+  nlohmann::json j = {{"step", m.step},     {"loss", finite_or_null(m.loss)},         {"lr", m.lr},
+          {"grad_norm", finite_or_null(m.grad_norm)}, {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s},
           {"elapsed_s", m.elapsed_s}, {"step_s", m.step_s}, {"data_s", m.data_s},
           {"compute_s", m.compute_s}, {"sync_s", m.sync_s}, {"update_s", m.update_s}};
+  if (m.skipped) j["skipped"] = true;
+  return j;
+}
+
+bool all_finite(std::span<const float> values) {
+  for (const float v : values)
+    if (!std::isfinite(v)) return false;
+  return true;
 }
 
 // The lines of an earlier metrics.jsonl up to and including `step`: a resumed run keeps
@@ -116,6 +128,9 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   };
   if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
   if (job.save_every < 0) throw InputError("train", "--save-every must be 0 (no checkpoints) or positive");
+  if (job.keep_checkpoints < 0)
+    throw InputError("train", fmt::format("--keep-checkpoints must be 0 (all) or positive, not {}", job.keep_checkpoints));
+  validate_train_config(job.train);
   // Flags of data-parallel strategies are checked on one process too, where they are unused:
   // a mistake shows before the job reaches a cluster.
   if (job.train.local_sgd.sync_every < 0)
@@ -133,6 +148,9 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
   model::Llama model = make_model(job, *tokenizer);
   const model::ModelConfig& cfg = model.config();
+  if (job.train.seq_len > cfg.max_position)
+    throw InputError("train", fmt::format("--seq-len {} exceeds the model's {} positions (max_position_embeddings)",
+                                          job.train.seq_len, cfg.max_position));
   if (tokenizer->vocab_size() > cfg.vocab_size)
     throw InputError("train", fmt::format("tokenizer '{}' has {} tokens but the model's vocabulary is {}",
                                           tokenizer->name(), tokenizer->vocab_size(), cfg.vocab_size));
@@ -280,15 +298,40 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   if (job.resume_from.empty() && job.save_every > 0 && std::filesystem::exists(checkpoints_dir / "latest"))
     throw InputError("train", checkpoints_dir.string() +
                                   ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
-  const auto checkpoint = [&](int64_t step) {
+  // An earlier run's checkpoints (a fresh run with --save-every 0, into a --force'd folder):
+  // a checkpoint taken on a stop signal must not join them.
+  const bool foreign_checkpoints = job.resume_from.empty() && std::filesystem::exists(checkpoints_dir / "latest");
+  int64_t last_saved_step = -1;
+  std::filesystem::path last_saved_dir;
+  // Weights that are not finite are never saved over good ones. The loss and gradient
+  // checks keep non-finite values out of an update; this catches a finite update that
+  // overflowed (a huge --lr). Every rank holds the same weights here and stops alike.
+  const auto check_weights_finite = [&](int64_t step, std::string_view what) {
+    if (all_finite(model.trainable().params)) return;
+    std::string kept = last_saved_dir.empty() ? std::string("no checkpoint was written")
+                                              : "the last good checkpoint is " + last_saved_dir.string();
+    throw RunStopped("train",
+                     fmt::format("after step {} the weights hold values that are not finite (inf or nan): training "
+                                 "diverged; {} not written, {}; lower --lr",
+                                 step, what, kept),
+                     1, !root);
+  };
+  const auto save_checkpoint = [&](int64_t step) {
+    check_weights_finite(step, "the checkpoint is");
     // Every rank holds the same weights, optimizer and data position: rank 0 writes.
-    if (!root || job.save_every <= 0 || (step % job.save_every != 0 && step != job.train.steps)) return;
-    Timer timer;
-    // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
-    write_file_atomic(metrics_path, metrics);
-    const std::filesystem::path dir =
-        save_training_checkpoint(checkpoints_dir, trainer, *train_source, config, job.keep_checkpoints);
-    info(fmt::format("checkpoint: {} ({:.2f} s)", dir.string(), timer.elapsed_s()));
+    if (root) {
+      Timer timer;
+      // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
+      write_file_atomic(metrics_path, metrics);
+      last_saved_dir =
+          save_training_checkpoint(checkpoints_dir, trainer, *train_source, config, job.keep_checkpoints);
+      info(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir.string(), timer.elapsed_s()));
+    }
+    last_saved_step = step;
+  };
+  const auto checkpoint = [&](int64_t step) {
+    if (job.save_every <= 0 || (step % job.save_every != 0 && step != job.train.steps)) return;
+    save_checkpoint(step);
   };
   if (valid_stream) {
     evaluate = [&, &valid = *valid_stream] {
@@ -303,7 +346,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
             slice.next_batch(b);
             return true;
           },
-          job.train.eval_batches);
+          bounded_eval_batches(valid, job.train.batch_size * world, T, job.train.eval_batches));
       if (job.dp) {
         const model::LossSum total = job.dp->all_reduce_loss({e.loss * static_cast<double>(e.tokens), e.tokens});
         e = EvalMetrics{e.step, total.mean(), total.num_tokens};
@@ -311,24 +354,68 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
       return e;
     };
   }
-  trainer.run(
-      *train_source, evaluate,
-      [&](const StepMetrics& m) {
-        if (!have_first_loss) {
-          summary.first_loss = m.loss;
-          have_first_loss = true;
-        }
-        summary.final_loss = m.loss;
-        summary.elapsed_s = m.elapsed_s;
-        metrics += step_json(m).dump() + "\n";
-        if (cb.on_step) cb.on_step(m);
-      },
-      [&](const EvalMetrics& e) {
-        summary.final_valid_loss = e.loss;
-        metrics += nlohmann::json{{"step", e.step}, {"valid_loss", e.loss}, {"valid_tokens", e.tokens}}.dump() + "\n";
-        if (cb.on_eval) cb.on_eval(e);
-      },
-      checkpoint);
+  // A stop signal on any rank stops every rank after the same step.
+  int stop_signal = 0;
+  const auto stop_after = [&](int64_t) {
+    const int local = stop_signal_received();
+    stop_signal = job.dp ? static_cast<int>(job.dp->max_over_ranks(local, "stop signal")) : local;
+    return stop_signal != 0;
+  };
+  std::optional<StopSignals> stop_signals;
+  if (job.stop_on_signal) stop_signals.emplace();
+  try {
+    trainer.run(
+        *train_source, evaluate,
+        [&](const StepMetrics& m) {
+          if (!have_first_loss && !m.skipped) {
+            summary.first_loss = m.loss;
+            have_first_loss = true;
+          }
+          if (!m.skipped) summary.final_loss = m.loss;
+          summary.elapsed_s = m.elapsed_s;
+          metrics += step_json(m).dump() + "\n";
+          if (cb.on_step) cb.on_step(m);
+        },
+        [&](const EvalMetrics& e) {
+          summary.final_valid_loss = e.loss;
+          metrics += nlohmann::json{{"step", e.step}, {"valid_loss", finite_or_null(e.loss)}, {"valid_tokens", e.tokens}}
+                         .dump() +
+                     "\n";
+          if (cb.on_eval) cb.on_eval(e);
+        },
+        checkpoint, job.stop_on_signal ? std::function<bool(int64_t)>(stop_after) : nullptr);
+  } catch (const NonFiniteStep& e) {
+    // Nothing of the step was applied; the checkpoints on disk are all from finite steps.
+    metrics += step_json(e.metrics()).dump() + "\n";
+    if (root) write_file_atomic(metrics_path, metrics);
+    const std::string kept = !last_saved_dir.empty() ? "the last good checkpoint is " + last_saved_dir.string()
+                             : job.resume_from.empty() ? std::string("no checkpoint was written")
+                                                       : "the checkpoint it resumed from is kept";
+    throw RunStopped("train",
+                     fmt::format("{}; stopped without writing the model ({}); lower --lr, or pass --on-nonfinite skip "
+                                 "to skip such steps",
+                                 std::string_view(e.what()).substr(std::string_view("[train] ").size()), kept),
+                     1, !root);
+  }
+  stop_signals.reset();
+  if (trainer.steps_done() < job.train.steps) {
+    // Stopped by a signal: a checkpoint to resume from, then a non-zero exit.
+    const int64_t step = trainer.steps_done();
+    std::string where;
+    if (last_saved_step == step) {
+      where = "checkpoint " + last_saved_dir.string();
+    } else if (foreign_checkpoints) {
+      if (root) write_file_atomic(metrics_path, metrics);
+      where = "no checkpoint written: " + checkpoints_dir.string() + " holds an earlier run's checkpoints";
+    } else {
+      save_checkpoint(step);
+      where = "checkpoint " + last_saved_dir.string();
+    }
+    throw RunStopped("train",
+                     fmt::format("stopped by {} after step {} of {}; {}; continue with the same command and --resume",
+                                 stop_signal_name(stop_signal), step, job.train.steps, where),
+                     128 + stop_signal, !root);
+  }
   summary.steps = trainer.steps_done();
   summary.peak_rss_bytes = peak_rss_bytes();
   if (trace) {
@@ -339,6 +426,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     info(fmt::format("trace: {} ({} events; open in https://ui.perfetto.dev or chrome://tracing)",
                      job.trace_path.string(), trace->size()));
   }
+  check_weights_finite(summary.steps, "the model is");
   if (!root) return summary;
   if (adapters) {
     adapters->save_peft(job.out_dir, job.model_dir.empty() ? std::string("flotilla") : job.model_dir.string());
@@ -354,10 +442,12 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     size_t end = metrics.find('\n', begin);
     if (end == std::string::npos) end = metrics.size();
     const nlohmann::json j = nlohmann::json::parse(metrics.substr(begin, end - begin), nullptr, false);
-    if (j.is_object() && j.contains("step")) {
+    // null (a non-finite value, a skipped step) is no point on the curve.
+    if (j.is_object() && j.contains("step") && j["step"].is_number()) {
       const auto step = j["step"].get<double>();
-      if (j.contains("loss")) curves.train.emplace_back(step, j["loss"].get<double>());
-      if (j.contains("valid_loss")) curves.valid.emplace_back(step, j["valid_loss"].get<double>());
+      if (j.contains("loss") && j["loss"].is_number()) curves.train.emplace_back(step, j["loss"].get<double>());
+      if (j.contains("valid_loss") && j["valid_loss"].is_number())
+        curves.valid.emplace_back(step, j["valid_loss"].get<double>());
     }
     begin = end + 1;
   }

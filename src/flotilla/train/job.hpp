@@ -29,9 +29,14 @@ struct TrainJob {
   uint64_t seed = 0;                // init, batch order
   TrainConfig train;
   // Checkpoints (train/checkpoint.hpp) in out_dir/checkpoints: every save_every steps and
-  // after the last step; 0: none. The keep_checkpoints newest are kept (<= 0: all).
+  // after the last step; 0: none. The keep_checkpoints newest are kept (0: all).
   int64_t save_every = 0;
   int keep_checkpoints = 3;
+  // While training, the first SIGINT or SIGTERM (base/stop_signal.hpp) ends the run after
+  // the current step, on every rank alike, with a checkpoint in out_dir/checkpoints (also
+  // when save_every is 0) and a RunStopped exit of 128 + the signal. Off: signals keep
+  // their default effect (the CLI turns it on).
+  bool stop_on_signal = false;
   // Resume from a checkpoint: a run's output folder, its checkpoints folder or one step
   // folder; empty: start afresh. The model is built as for a fresh run, then the
   // checkpoint's tensors, optimizer, step, schedule position and data order replace its own.

@@ -2,11 +2,40 @@
 
 #include <cmath>
 
+#include <fmt/format.h>
+
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::train {
+
+void validate_train_config(const TrainConfig& cfg) {
+  auto refuse = [](std::string_view flag, std::string_view domain, double value) {
+    throw InputError("train", fmt::format("{} must be {}, not {}", flag, domain, value));
+  };
+  // Negated comparisons: NaN fails every one of them.
+  if (!(std::isfinite(cfg.lr) && cfg.lr >= 0.0f)) refuse("--lr", "a finite number >= 0", cfg.lr);
+  if (!(std::isfinite(cfg.min_lr) && cfg.min_lr >= 0.0f)) refuse("--min-lr", "a finite number >= 0", cfg.min_lr);
+  if (cfg.warmup_steps < 0) refuse("--warmup", "0 or more steps", static_cast<double>(cfg.warmup_steps));
+  if (!(std::isfinite(cfg.grad_clip) && cfg.grad_clip >= 0.0f))
+    refuse("--grad-clip", "a finite number >= 0 (0: off)", cfg.grad_clip);
+  if (!(cfg.adamw.beta1 >= 0.0f && cfg.adamw.beta1 < 1.0f)) refuse("--beta1", "in [0, 1)", cfg.adamw.beta1);
+  if (!(cfg.adamw.beta2 >= 0.0f && cfg.adamw.beta2 < 1.0f)) refuse("--beta2", "in [0, 1)", cfg.adamw.beta2);
+  if (!(std::isfinite(cfg.adamw.eps) && cfg.adamw.eps > 0.0f)) refuse("AdamW's epsilon", "a finite number > 0", cfg.adamw.eps);
+  if (!(std::isfinite(cfg.adamw.weight_decay) && cfg.adamw.weight_decay >= 0.0f))
+    refuse("--weight-decay", "a finite number >= 0", cfg.adamw.weight_decay);
+  if (cfg.eval_every < 0) refuse("--eval-every", "0 (at the end only) or more steps", static_cast<double>(cfg.eval_every));
+  if (!(std::isfinite(cfg.bucket_mb) && cfg.bucket_mb >= 0.0))
+    refuse("--bucket-mb", "0 (no overlap) or a positive number of MiB", cfg.bucket_mb);
+}
+
+int64_t bounded_eval_batches(const data::SequentialWindowSource& valid, int64_t rows, int64_t T, int64_t requested) {
+  const auto windows =
+      static_cast<int64_t>(data::SequentialWindowSource::windows_per_pass(valid.stream_tokens(), static_cast<int>(T)));
+  const int64_t pass = std::max<int64_t>(1, rows > 0 ? windows / rows : 1);
+  return requested > 0 ? std::min(requested, pass) : pass;
+}
 
 Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace)
     : model_(model),
@@ -17,7 +46,7 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* d
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
-  if (cfg.bucket_mb < 0.0) throw InputError("train", "--bucket-mb must be 0 (no overlap) or positive");
+  validate_train_config(cfg);
   if (dp_ && cfg.local_sgd.sync_every > 0) local_sgd_.emplace(*dp_, cfg.local_sgd, model_.trainable().params);
   // Overlap needs every rank's exact gradient per step: not with a compressing codec
   // (it needs the whole gradient at once) nor local SGD (no per-step exchange).
@@ -115,10 +144,26 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   if (window.num_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
   const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
-  if (cfg_.grad_clip > 0.0f && grad_norm > cfg_.grad_clip)
-    kernels::scale_inplace(grads.data(), n, static_cast<float>(cfg_.grad_clip / grad_norm));
   const float lr = schedule_.lr_at(step_);
-  optimizer_.step(trainable.params, grads, lr);
+  // The loss and the norm are global after the exchange, so every rank decides alike;
+  // local SGD's gradients are each rank's own, so there the ranks ask each other.
+  bool finite = std::isfinite(reported.mean()) && std::isfinite(grad_norm);
+  if (local_sgd_) finite = dp_->max_over_ranks(finite ? 0 : 1, "non-finite step") == 0;
+  if (finite) {
+    if (cfg_.grad_clip > 0.0f && grad_norm > cfg_.grad_clip)
+      kernels::scale_inplace(grads.data(), n, static_cast<float>(cfg_.grad_clip / grad_norm));
+    optimizer_.step(trainable.params, grads, lr);
+  } else if (cfg_.on_nonfinite == NonFinitePolicy::stop) {
+    m.step = step_ + 1;
+    m.total_steps = cfg_.steps;
+    m.loss = reported.mean();
+    m.lr = lr;
+    m.grad_norm = grad_norm;
+    throw NonFiniteStep(fmt::format("step {}: the loss is {} and the gradient norm {}: training diverged", m.step,
+                                    m.loss, m.grad_norm),
+                        m);
+  }
+  m.skipped = !finite;
   ++step_;
   m.update_s = update_timer.elapsed_s();
   if (local_sgd_) {
@@ -150,7 +195,7 @@ EvalMetrics Trainer::evaluate(data::SequentialWindowSource& valid) {
         valid.next_batch(b);
         return true;
       },
-      cfg_.eval_batches);
+      bounded_eval_batches(valid, cfg_.batch_size, cfg_.seq_len, cfg_.eval_batches));
   e.step = step_;
   return e;
 }
@@ -158,16 +203,18 @@ EvalMetrics Trainer::evaluate(data::SequentialWindowSource& valid) {
 void Trainer::run(data::BatchSource& train, data::SequentialWindowSource* valid,
                   const std::function<void(const StepMetrics&)>& on_step,
                   const std::function<void(const EvalMetrics&)>& on_eval,
-                  const std::function<void(int64_t step)>& on_step_end) {
+                  const std::function<void(int64_t step)>& on_step_end,
+                  const std::function<bool(int64_t step)>& stop_after) {
   std::function<EvalMetrics()> evaluate_valid;
   if (valid) evaluate_valid = [this, valid] { return evaluate(*valid); };
-  run(train, evaluate_valid, on_step, on_eval, on_step_end);
+  run(train, evaluate_valid, on_step, on_eval, on_step_end, stop_after);
 }
 
 void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& evaluate,
                   const std::function<void(const StepMetrics&)>& on_step,
                   const std::function<void(const EvalMetrics&)>& on_eval,
-                  const std::function<void(int64_t step)>& on_step_end) {
+                  const std::function<void(int64_t step)>& on_step_end,
+                  const std::function<bool(int64_t step)>& stop_after) {
   while (step_ < cfg_.steps) {
     const StepMetrics m = step(train);
     if (on_step) on_step(m);
@@ -178,6 +225,7 @@ void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& 
       if (on_eval) on_eval(e);
     }
     if (on_step_end) on_step_end(step_);
+    if (stop_after && step_ < cfg_.steps && stop_after(step_)) return;
   }
 }
 

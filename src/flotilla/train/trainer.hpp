@@ -11,6 +11,7 @@
 #include <functional>
 #include <optional>
 
+#include "flotilla/base/error.hpp"
 #include "flotilla/base/trace.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
@@ -20,6 +21,12 @@
 #include "flotilla/train/schedule.hpp"
 
 namespace flotilla::train {
+
+// What a step whose loss or gradient norm is not finite (NaN, Inf) does: `stop` throws
+// NonFiniteStep before the update, `skip` drops the step's update (the step still counts,
+// and its data is consumed). Either way no non-finite value reaches the weights or the
+// optimizer state.
+enum class NonFinitePolicy { stop, skip };
 
 struct TrainConfig {
   int64_t batch_size = 4;       // B, sequences per micro-batch
@@ -32,7 +39,8 @@ struct TrainConfig {
   float grad_clip = 1.0f;       // max global L2 norm; <= 0 disables
   AdamWConfig adamw;
   int64_t eval_every = 0;       // steps between validation passes; 0: only at the end
-  int64_t eval_batches = 8;
+  int64_t eval_batches = 8;     // <= 0: one whole pass of the validation data
+  NonFinitePolicy on_nonfinite = NonFinitePolicy::stop;
   // Data parallel: with sync_every > 0, local SGD / DiLoCo (parallel/local_sgd.hpp) in
   // place of the per-step gradient all-reduce.
   parallel::LocalSgdConfig local_sgd;
@@ -59,7 +67,24 @@ struct StepMetrics {
   double update_s = 0.0;
   double tokens_per_s = 0.0;
   double elapsed_s = 0.0;
+  bool skipped = false;         // loss or gradient norm not finite: no update (NonFinitePolicy::skip)
 };
+
+// A step whose loss or gradient norm is not finite under NonFinitePolicy::stop; nothing of
+// the step was applied (the weights and optimizer are those after step `metrics.step` - 1).
+class NonFiniteStep : public Error {
+ public:
+  NonFiniteStep(std::string_view what, const StepMetrics& metrics) : Error("train", what), metrics_(metrics) {}
+  const StepMetrics& metrics() const { return metrics_; }
+
+ private:
+  StepMetrics metrics_;
+};
+
+// InputError naming the flag when a value is outside its domain: a learning rate that is
+// negative or not finite, betas outside [0, 1), negative or non-finite weight decay, clip,
+// warm-up, and the like. The Trainer checks it too; a job calls it before loading anything.
+void validate_train_config(const TrainConfig& cfg);
 
 struct EvalMetrics {
   int64_t step = 0;
@@ -68,8 +93,13 @@ struct EvalMetrics {
 };
 
 // Mean token loss over the batches `next` yields, until it returns false or after
-// max_batches (0: no limit). Forward only.
+// max_batches (0: no limit; `next` must then end by itself). Forward only.
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches);
+
+// How many batches of `rows` windows of T tokens a validation pass over `valid` reads:
+// `requested`, but at most one pass (the source wraps around and never ends by itself), and
+// one whole pass when `requested` <= 0. At least 1.
+int64_t bounded_eval_batches(const data::SequentialWindowSource& valid, int64_t rows, int64_t T, int64_t requested);
 
 class Trainer {
  public:
@@ -84,21 +114,27 @@ class Trainer {
 
   // Runs optimizer steps until cfg.steps are done (from steps_done(), which is not 0 after
   // restore_progress). `valid` may be null. Callbacks may be empty. `on_step_end` is
-  // called last for each step, after any validation: where a checkpoint is taken.
+  // called last for each step, after any validation: where a checkpoint is taken. Then
+  // `stop_after` (may be empty), when it returns true, ends the run early (a stop signal;
+  // under data parallelism it must return the same on every rank).
   void run(data::BatchSource& train, data::SequentialWindowSource* valid,
            const std::function<void(const StepMetrics&)>& on_step,
            const std::function<void(const EvalMetrics&)>& on_eval,
-           const std::function<void(int64_t step)>& on_step_end = {});
+           const std::function<void(int64_t step)>& on_step_end = {},
+           const std::function<bool(int64_t step)>& stop_after = {});
   // The same with any validation: `evaluate` (may be empty) is called every
   // cfg.eval_every steps and after the last.
   void run(data::BatchSource& train, const std::function<EvalMetrics()>& evaluate,
            const std::function<void(const StepMetrics&)>& on_step,
            const std::function<void(const EvalMetrics&)>& on_eval,
-           const std::function<void(int64_t step)>& on_step_end = {});
+           const std::function<void(int64_t step)>& on_step_end = {},
+           const std::function<bool(int64_t step)>& stop_after = {});
 
-  // One optimizer step (exposed for tests and benchmarks).
+  // One optimizer step (exposed for tests and benchmarks). A non-finite loss or gradient
+  // norm throws NonFiniteStep or skips the update, by cfg.on_nonfinite.
   StepMetrics step(data::BatchSource& train);
-  // Mean token loss over cfg.eval_batches batches from the start of `valid`.
+  // Mean token loss over cfg.eval_batches batches from the start of `valid`, at most one
+  // pass over it (all of one pass when cfg.eval_batches <= 0).
   EvalMetrics evaluate(data::SequentialWindowSource& valid);
 
   int64_t steps_done() const { return step_; }

@@ -1,0 +1,74 @@
+#include "flotilla/base/stop_signal.hpp"
+
+#include <atomic>
+#include <csignal>
+
+#include <unistd.h>
+
+#include "flotilla/base/error.hpp"
+
+namespace flotilla {
+namespace {
+
+// Lock-free atomics are async-signal-safe; the handler touches nothing else but write(2)
+// and _exit(2), which are too.
+std::atomic<int> g_received{0};
+std::atomic<bool> g_installed{false};
+struct sigaction g_previous_int, g_previous_term;
+static_assert(std::atomic<int>::is_always_lock_free);
+
+void write_stderr(const char* text, size_t bytes) {
+  while (bytes > 0) {
+    const ssize_t n = ::write(STDERR_FILENO, text, bytes);
+    if (n <= 0) return;
+    text += n;
+    bytes -= static_cast<size_t>(n);
+  }
+}
+
+void on_stop_signal(int signal) {
+  int expected = 0;
+  if (g_received.compare_exchange_strong(expected, signal)) {
+    static constexpr char kNotice[] =
+        "\nflotilla: stopping after the current step and writing a checkpoint (signal again to quit at once)\n";
+    write_stderr(kNotice, sizeof kNotice - 1);
+    return;
+  }
+  static constexpr char kQuit[] = "\nflotilla: second signal: quitting at once, without a checkpoint\n";
+  write_stderr(kQuit, sizeof kQuit - 1);
+  ::_exit(128 + signal);
+}
+
+}  // namespace
+
+StopSignals::StopSignals() {
+  if (g_installed.exchange(true)) throw Error("base/stop_signal", "a StopSignals is already installed");
+  g_received.store(0);
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  // Restarted system calls: a signal must not fail a read or a collective's poll midway.
+  action.sa_flags = SA_RESTART;
+  if (::sigaction(SIGINT, &action, &g_previous_int) != 0 || ::sigaction(SIGTERM, &action, &g_previous_term) != 0) {
+    g_installed.store(false);
+    throw_errno("base/stop_signal", "sigaction");
+  }
+}
+
+StopSignals::~StopSignals() {
+  ::sigaction(SIGINT, &g_previous_int, nullptr);
+  ::sigaction(SIGTERM, &g_previous_term, nullptr);
+  g_installed.store(false);
+}
+
+int stop_signal_received() { return g_received.load(); }
+
+const char* stop_signal_name(int signal) {
+  switch (signal) {
+    case SIGINT: return "SIGINT";
+    case SIGTERM: return "SIGTERM";
+    default: return "a signal";
+  }
+}
+
+}  // namespace flotilla
