@@ -64,12 +64,12 @@ def all_finite(path):
 
 
 def put_inf_weight(model):
-    """Sets the first float of the first tensor of model.safetensors to +Inf."""
+    """Sets the first float of the final norm's weight (which every logit goes through) to +Inf."""
     path = model / "model.safetensors"
     raw = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
-    name = next(k for k in header if k != "__metadata__")
+    name = "model.norm.weight"
     begin = 8 + n + header[name]["data_offsets"][0]
     raw[begin:begin + 4] = struct.pack("<f", float("inf"))
     path.write_bytes(bytes(raw))
@@ -157,11 +157,13 @@ def case_inf_weight(flotilla, tmp, policy):
     return problems
 
 
-def case_signal(flotilla, tmp, signals, expect_rc, expect_checkpoint):
+def case_signal(flotilla, tmp, signals, expect_rc, expect_checkpoint, grad_accum=4):
     problems = []
     out = tmp / "out"
-    # Steps of ~0.1 s, so that a second signal sent right after the first lands inside a step.
-    argv = train_argv(flotilla, tmp / "model", out, "--steps", "100000", "--eval-every", "0")
+    # Steps of 0.1 - 1 s (by grad_accum), so that a second signal sent right after the first
+    # lands inside the step.
+    argv = train_argv(flotilla, tmp / "model", out, "--steps", "100000", "--eval-every", "0", "--grad-accum",
+                      str(grad_accum))
     argv[argv.index("--batch-size") + 1] = "16"
     argv[argv.index("--seq-len") + 1] = "256"
     proc = subprocess.Popen(argv, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -179,13 +181,22 @@ def case_signal(flotilla, tmp, signals, expect_rc, expect_checkpoint):
     if seen < 2:
         proc.kill()
         return [f"training never started: {proc.communicate()}"]
-    for sig in signals:
+    early_stderr = ""
+    for i, sig in enumerate(signals):
         proc.send_signal(sig)
+        if i + 1 < len(signals):
+            # Two signals pending at once merge into one: wait for the first one's notice.
+            while "stopping after the current step" not in early_stderr:
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                early_stderr += line
     try:
         stdout, stderr = proc.communicate(timeout=BOUND_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         return [f"no exit within {BOUND_S} s of the signal (hang)"]
+    stderr = early_stderr + stderr
     check_common(problems, stdout, stderr)
     lines = error_lines(stderr)
     if proc.returncode != expect_rc:
@@ -224,7 +235,8 @@ def main():
         "inf_weight_skip": lambda t: case_inf_weight(flotilla, t, "skip"),
         "sigint": lambda t: case_signal(flotilla, t, [signal.SIGINT], 130, True),
         "sigterm": lambda t: case_signal(flotilla, t, [signal.SIGTERM], 143, True),
-        "second_signal": lambda t: case_signal(flotilla, t, [signal.SIGINT, signal.SIGINT], 130, False),
+        "second_signal": lambda t: case_signal(flotilla, t, [signal.SIGINT, signal.SIGINT], 130, False,
+                                                grad_accum=32),
     }
     root = Path(tempfile.mkdtemp(prefix="flotilla-run-stop-"))
     failed = 0

@@ -308,6 +308,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   // overflowed (a huge --lr). Every rank holds the same weights here and stops alike.
   const auto check_weights_finite = [&](int64_t step, std::string_view what) {
     if (all_finite(model.trainable().params)) return;
+    if (root) write_file_atomic(metrics_path, metrics);  // the history up to here, for the record
     std::string kept = last_saved_dir.empty() ? std::string("no checkpoint was written")
                                               : "the last good checkpoint is " + last_saved_dir.string();
     throw RunStopped("train",
@@ -361,6 +362,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     stop_signal = job.dp ? static_cast<int>(job.dp->max_over_ranks(local, "stop signal")) : local;
     return stop_signal != 0;
   };
+  // Alive to the end of the job: a second signal while the checkpoint or the model is being
+  // written quits at once with its notice, as during a step.
   std::optional<StopSignals> stop_signals;
   if (job.stop_on_signal) stop_signals.emplace();
   try {
@@ -397,7 +400,6 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                                  std::string_view(e.what()).substr(std::string_view("[train] ").size()), kept),
                      1, !root);
   }
-  stop_signals.reset();
   if (trainer.steps_done() < job.train.steps) {
     // Stopped by a signal: a checkpoint to resume from, then a non-zero exit.
     const int64_t step = trainer.steps_done();
