@@ -111,8 +111,13 @@ int main(int argc, char** argv) {
     const auto mpi = start_mpi_with_deadline(&argc, &argv);
     try {
       app.parse(argc, argv);
-    } catch (const flotilla::RunStopped&) {
-      throw;  // every rank stops at the same step: MPI finalizes normally
+    } catch (const flotilla::RunStopped& e) {
+      // Every rank stops at the same step and MPI finalizes normally. The line goes out
+      // before MPI_Finalize: once a rank has exited non-zero, mpirun kills the others.
+      std::fflush(stdout);
+      if (!e.quiet()) std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+      std::fflush(stderr);
+      return e.exit_code();
     } catch (const flotilla::Error& e) {
       if (mpi) {
         // One rank failing must end the job, not leave the others waiting: one line, then abort.
@@ -127,9 +132,6 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
     std::fprintf(stderr, "flotilla: error: [cli] %s (see --help)\n", e.what());
     return 2;
-  } catch (const flotilla::RunStopped& e) {
-    if (!e.quiet()) std::fprintf(stderr, "flotilla: error: %s\n", e.what());
-    return e.exit_code();
   } catch (const flotilla::InputError& e) {
     std::fprintf(stderr, "flotilla: error: %s\n", e.what());
     return 2;
