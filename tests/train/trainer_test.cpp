@@ -10,12 +10,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
@@ -293,6 +295,117 @@ TEST(Trainer, SameSeedGivesBitIdenticalParameters) {
   model::Llama init(small_config());
   init.init_random(seed);
   EXPECT_NE(std::memcmp(a.data(), init.params().data(), a.size() * sizeof(float)), 0);
+}
+
+
+// A model whose loss is NaN: one NaN weight in every tensor reaches every logit.
+model::Llama nan_model(Rng& rng) {
+  model::Llama m = random_model(rng);
+  for (const model::ParamInfo& info : m.trainable().table.params())
+    m.params()[static_cast<size_t>(info.offset)] = std::numeric_limits<float>::quiet_NaN();
+  return m;
+}
+
+TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
+  Rng rng(test_seed());
+  model::Llama m = nan_model(rng);
+  const std::vector<float> before(m.params().begin(), m.params().end());
+  ReplaySource source(random_rows(rng, 4, m.config().vocab_size));
+  TrainConfig cfg = probe_config(4, 1, 1e-8f, 0.0f);
+  Trainer trainer(m, cfg);
+  try {
+    trainer.step(source);
+    FAIL() << "no NonFiniteStep";
+  } catch (const NonFiniteStep& e) {
+    EXPECT_EQ(e.metrics().step, 1);
+    EXPECT_TRUE(std::isnan(e.metrics().loss));
+    EXPECT_NE(std::string(e.what()).find("step 1"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(trainer.steps_done(), 0);
+  EXPECT_EQ(trainer.optimizer().steps_taken(), 0);
+  EXPECT_EQ(std::memcmp(before.data(), m.params().data(), before.size() * sizeof(float)), 0);
+  for (const float v : trainer.optimizer().m()) ASSERT_EQ(v, 0.0f) << "a NaN reached the moments";
+}
+
+TEST(Trainer, NonFiniteStepIsSkippedWhenAskedAndTheRunGoesOn) {
+  Rng rng(test_seed());
+  model::Llama m = nan_model(rng);
+  const std::vector<float> before(m.params().begin(), m.params().end());
+  ReplaySource source(random_rows(rng, 4, m.config().vocab_size));
+  TrainConfig cfg = probe_config(4, 1, 1e-8f, 0.0f);
+  cfg.steps = 3;
+  cfg.on_nonfinite = NonFinitePolicy::skip;
+  Trainer trainer(m, cfg);
+  std::vector<StepMetrics> steps;
+  trainer.run(source, nullptr, [&](const StepMetrics& s) { steps.push_back(s); }, {});
+  ASSERT_EQ(steps.size(), 3u);
+  for (const StepMetrics& s : steps) EXPECT_TRUE(s.skipped);
+  EXPECT_EQ(trainer.steps_done(), 3);
+  EXPECT_EQ(trainer.optimizer().steps_taken(), 0);
+  EXPECT_EQ(std::memcmp(before.data(), m.params().data(), before.size() * sizeof(float)), 0);
+}
+
+TEST(Trainer, StopAfterEndsTheRunAfterThatStep) {
+  Rng rng(test_seed());
+  model::Llama m = random_model(rng);
+  ReplaySource source(random_rows(rng, 4, m.config().vocab_size));
+  TrainConfig cfg = probe_config(4, 1, 1e-8f, 0.0f);
+  cfg.steps = 5;
+  Trainer trainer(m, cfg);
+  std::vector<int64_t> ended;
+  trainer.run(source, nullptr, {}, {}, [&](int64_t step) { ended.push_back(step); },
+              [](int64_t step) { return step == 2; });
+  EXPECT_EQ(trainer.steps_done(), 2);
+  EXPECT_EQ(ended, (std::vector<int64_t>{1, 2}));  // the checkpoint hook ran for the last step
+}
+
+TEST(Trainer, ConfigOutsideItsDomainIsRefusedNamingTheFlag) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  struct Bad {
+    const char* flag;
+    void (*set)(TrainConfig&, float);
+    float value;
+  };
+  const Bad cases[] = {
+      {"--lr", [](TrainConfig& c, float v) { c.lr = v; }, nan},
+      {"--lr", [](TrainConfig& c, float v) { c.lr = v; }, inf},
+      {"--lr", [](TrainConfig& c, float v) { c.lr = v; }, -1e-3f},
+      {"--beta1", [](TrainConfig& c, float v) { c.adamw.beta1 = v; }, 1.0f},
+      {"--beta2", [](TrainConfig& c, float v) { c.adamw.beta2 = v; }, 1.5f},
+      {"--beta2", [](TrainConfig& c, float v) { c.adamw.beta2 = v; }, nan},
+      {"--weight-decay", [](TrainConfig& c, float v) { c.adamw.weight_decay = v; }, nan},
+      {"--grad-clip", [](TrainConfig& c, float v) { c.grad_clip = v; }, -1.0f},
+      {"--warmup", [](TrainConfig& c, float v) { c.warmup_steps = static_cast<int64_t>(v); }, -2.0f},
+  };
+  for (const Bad& bad : cases) {
+    TrainConfig cfg;
+    bad.set(cfg, bad.value);
+    try {
+      validate_train_config(cfg);
+      ADD_FAILURE() << bad.flag << " " << bad.value << " accepted";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(bad.flag), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(validate_train_config(TrainConfig{}));
+}
+
+TEST(Trainer, ValidationOfAllBatchesReadsOnePassAndEnds) {
+  Rng rng(test_seed());
+  model::Llama m = random_model(rng);
+  std::vector<int32_t> stream(1 + 10 * kT);  // exactly 10 windows of kT
+  for (auto& t : stream) t = static_cast<int32_t>(rng.below(static_cast<uint64_t>(m.config().vocab_size)));
+  data::SequentialWindowSource valid(stream);
+  TrainConfig cfg;
+  cfg.batch_size = 2;
+  cfg.seq_len = kT;
+  for (const int64_t requested : {0, -1, 1000}) {
+    cfg.eval_batches = requested;
+    Trainer trainer(m, cfg);
+    EXPECT_EQ(trainer.evaluate(valid).tokens, 10 * kT) << "--eval-batches " << requested;  // one pass: 5 batches
+  }
+  EXPECT_EQ(bounded_eval_batches(valid, 2, kT, 3), 3);
+  EXPECT_EQ(bounded_eval_batches(valid, 20, kT, 0), 1);  // fewer windows than one batch
 }
 
 }  // namespace
