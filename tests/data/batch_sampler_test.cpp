@@ -75,6 +75,18 @@ std::vector<std::vector<int32_t>> global_rows(const ExampleSource& ex, SamplerCo
   return rows;
 }
 
+TEST(BatchSampler, PackingASplitOfEmptyExamplesIsAnErrorNotAnEndlessLoop) {
+  const VectorExamples empty({0, 0, 0}, fresh_seed());
+  SamplerConfig cfg;
+  cfg.seq_len = 8;
+  cfg.micro_batch = 2;
+  cfg.pack = true;
+  cfg.repeat = true;
+  BatchSampler sampler(empty, cfg);
+  Batch b;
+  EXPECT_THROW(sampler.next_batch(b), InputError);
+}
+
 TEST(BatchSampler, SameGlobalBatchesOnOneTwoAndFourRanks) {
   const uint64_t seed = fresh_seed();
   Rng rng(seed);

@@ -50,7 +50,8 @@ bool BatchSampler::build_global_batch() {
   batch_epoch_ = epoch_;
   batch_start_ = position_;
   for (int64_t row = 0; row < G; ++row) {
-    int64_t used = 0;  // positions of this row taken
+    int64_t used = 0;     // positions of this row taken
+    size_t visited = 0;   // examples drawn for this row
     while (true) {
       if (position_ >= examples_.num_examples()) {
         if (!cfg_.repeat) break;  // the last global batch of the epoch: the rest is padding
@@ -74,6 +75,10 @@ bool BatchSampler::build_global_batch() {
       used += take;
       ++position_;
       if (!cfg_.pack) break;
+      // Examples without a token fill nothing: a whole epoch of them must end, not loop.
+      if (++visited > examples_.num_examples() && used == 0)
+        throw InputError(kComponent, fmt::format("all {} examples of the split are empty: no token to train on",
+                                                 examples_.num_examples()));
     }
     for (int64_t t = used; t < T; ++t) doc_start_[static_cast<size_t>(row * T + t)] = static_cast<int32_t>(t);
   }

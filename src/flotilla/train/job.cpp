@@ -357,10 +357,13 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   }
   // A stop signal on any rank stops every rank after the same step.
   int stop_signal = 0;
-  const auto stop_after = [&](int64_t) {
+  const auto stop_after = [&](int64_t step) {
     const int local = stop_signal_received();
     stop_signal = job.dp ? static_cast<int>(job.dp->max_over_ranks(local, "stop signal")) : local;
-    return stop_signal != 0;
+    // Local SGD: the ranks' weights meet every H steps only, and a checkpoint must fall on
+    // a meeting: run on to the next one (the request stays set on the rank that got it).
+    const int64_t H = job.train.local_sgd.sync_every;
+    return stop_signal != 0 && (!job.dp || H <= 0 || step % H == 0);
   };
   // Alive to the end of the job: a second signal while the checkpoint or the model is being
   // written quits at once with its notice, as during a step.
@@ -396,7 +399,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                                                        : "the checkpoint it resumed from is kept";
     throw RunStopped("train",
                      fmt::format("{}; stopped without writing the model ({}); lower --lr, or pass --on-nonfinite skip "
-                                 "to skip such steps",
+                                 "to skip such steps (an input model with non-finite weights diverges at once)",
                                  std::string_view(e.what()).substr(std::string_view("[train] ").size()), kept),
                      1, !root);
   }
