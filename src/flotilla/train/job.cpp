@@ -1,5 +1,6 @@
 #include "flotilla/train/job.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -202,6 +203,22 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                                                                        : comm::compression_name(job.compression.kind)));
   }
 
+  // Weights to train that hold a NaN or an Inf can only give a non-finite model, which is
+  // never written: say so now, not after the whole run (a fresh run; checkpoints never hold
+  // them).
+  if (job.resume_from.empty()) {
+    const model::Llama::Trainable trainable = model.trainable();
+    for (const model::ParamInfo& p : trainable.table.params()) {
+      const auto values = trainable.params.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel));
+      const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+      if (bad != values.end())
+        throw InputError("train", fmt::format("{}: tensor {} holds {} at element {}: training from non-finite weights "
+                                              "can only diverge",
+                                              job.model_dir.empty() ? std::string("the initial weights")
+                                                                    : job.model_dir.string(),
+                                              p.name, *bad, bad - values.begin()));
+    }
+  }
   const int64_t T = job.train.seq_len;
   info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB",
                    model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6,
@@ -399,7 +416,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                                                        : "the checkpoint it resumed from is kept";
     throw RunStopped("train",
                      fmt::format("{}; stopped without writing the model ({}); lower --lr, or pass --on-nonfinite skip "
-                                 "to skip such steps (an input model with non-finite weights diverges at once)",
+                                 "to skip such steps",
                                  std::string_view(e.what()).substr(std::string_view("[train] ").size()), kept),
                      1, !root);
   }

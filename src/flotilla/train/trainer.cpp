@@ -159,8 +159,10 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     m.loss = reported.mean();
     m.lr = lr;
     m.grad_norm = grad_norm;
+    // "nan", never "-nan": the sign of a NaN means nothing to the reader.
+    auto text = [](double v) { return std::isnan(v) ? std::string("nan") : fmt::format("{}", v); };
     throw NonFiniteStep(fmt::format("step {}: the loss is {} and the gradient norm {}: training diverged", m.step,
-                                    m.loss, m.grad_norm),
+                                    text(m.loss), text(m.grad_norm)),
                         m);
   }
   m.skipped = !finite;
