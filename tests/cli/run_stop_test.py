@@ -225,7 +225,7 @@ def main():
         "sigint": lambda t: case_signal(flotilla, t, [signal.SIGINT], 130, True),
         "sigterm": lambda t: case_signal(flotilla, t, [signal.SIGTERM], 143, True),
         "second_signal": lambda t: case_signal(flotilla, t, [signal.SIGINT, signal.SIGINT], 130, False,
-                                                grad_accum=32),
+                                                grad_accum=8),
     }
     root = Path(tempfile.mkdtemp(prefix="flotilla-run-stop-"))
     failed = 0
