@@ -46,6 +46,8 @@ def register_limit_cases(case, Run, ws_helpers):
         ("bucket_mb_nan", ["--bucket-mb", "nan"], ["--bucket-mb", "nan"]),
         ("timeout_nan", ["--timeout", "nan"], ["--timeout", "nan"]),
         ("seq_len_beyond_positions", ["--seq-len", "4096"], ["--seq-len 4096", "512"]),
+        ("outer_lr_inf", ["--sync-every", "4", "--outer-lr", "inf"], ["--outer-lr", "inf"]),
+        ("lora_alpha_nan", ["--fine-tune-type", "lora", "--lora-alpha", "nan"], ["alpha", "nan"]),
     ]
     for name, flags, needles in train_domain:
         @case(f"train_{name}")

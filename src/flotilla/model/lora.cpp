@@ -82,6 +82,8 @@ LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(mo
   if (cfg_.rank <= 0) throw InputError(kComponent, fmt::format("LoRA rank must be positive, got {}", cfg_.rank));
   if (!(cfg_.dropout >= 0.0f && cfg_.dropout < 1.0f))
     throw InputError(kComponent, fmt::format("LoRA dropout must be in [0, 1), got {}", cfg_.dropout));
+  if (!std::isfinite(cfg_.alpha))
+    throw InputError(kComponent, fmt::format("LoRA alpha (--lora-alpha) must be a finite number, got {}", cfg_.alpha));
   if (cfg_.targets.empty()) throw InputError(kComponent, "no LoRA targets given");
   const int64_t L = model.n_layers;
   const int64_t n = cfg_.num_layers < 0 ? L : cfg_.num_layers;

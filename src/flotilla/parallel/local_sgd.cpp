@@ -1,5 +1,7 @@
 #include "flotilla/parallel/local_sgd.hpp"
 
+#include <cmath>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -17,8 +19,8 @@ LocalSgd::LocalSgd(DataParallel& dp, const LocalSgdConfig& config, std::span<con
 void LocalSgd::validate(const LocalSgdConfig& config) {
   if (config.sync_every < 1)
     throw InputError("parallel", fmt::format("local SGD needs --sync-every >= 1, not {}", config.sync_every));
-  if (!(config.outer_lr > 0.0f))
-    throw InputError("parallel", fmt::format("--outer-lr must be positive, not {}", config.outer_lr));
+  if (!(config.outer_lr > 0.0f && std::isfinite(config.outer_lr)))
+    throw InputError("parallel", fmt::format("--outer-lr must be a finite positive number, not {}", config.outer_lr));
   if (!(config.outer_momentum >= 0.0f && config.outer_momentum < 1.0f))
     throw InputError("parallel", fmt::format("--outer-momentum must be in [0, 1), not {}", config.outer_momentum));
 }
