@@ -28,13 +28,23 @@ void add_convert_command(CLI::App& app) {
     int bits = 0;
     int64_t group_size = 64;
     bool force = false;
+    bool q = false, dequantize = false;  // mlx_lm.convert's -q switch and -d
+    int q_bits = 4;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("convert", "Quantize (MLX layout), de-quantize or re-type a model directory, tensor by tensor");
-  cmd->add_option("--model", opt->model, "Source model directory (float or quantized)")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--out", opt->out, "Output model directory (must not exist or be empty)")->required();
-  cmd->add_option("--quantize,-q", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float)");
-  cmd->add_option("--group-size", opt->group_size, "Elements per scale/bias group")->capture_default_str();
+  cmd->add_option("--model,--hf-path", opt->model, "Source model directory (float or quantized)")->required()->check(CLI::ExistingDirectory);
+  cmd->add_option("--out,--mlx-path", opt->out, "Output model directory (must not exist or be empty)")->required();
+  auto* quantize =
+      cmd->add_option("--quantize", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float)");
+  // mlx_lm.convert's spelling: -q switches quantization on, --q-bits picks the bits.
+  auto* q = cmd->add_flag("-q", opt->q, "Quantize to --q-bits bits (mlx_lm's switch; same as --quantize 4)");
+  cmd->add_option("--q-bits", opt->q_bits, "Bits for -q")->capture_default_str()->needs(q);
+  cmd->add_option("--group-size,--q-group-size", opt->group_size, "Elements per scale/bias group")->capture_default_str();
+  auto* dequantize = cmd->add_flag("--dequantize,-d", opt->dequantize,
+                                   "Write float weights (what convert does without --quantize; mlx_lm's spelling)");
+  q->excludes(quantize);
+  dequantize->excludes(quantize, q);
   cmd->add_option("--dtype", opt->dtype, "float16, bfloat16 or float32: float tensors, scales and biases "
                                          "(default float16 when quantizing, else float32)");
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
@@ -42,6 +52,7 @@ void add_convert_command(CLI::App& app) {
     const std::filesystem::path src_dir = opt->model;
     const model::ModelConfig cfg = model::ModelConfig::load(src_dir / "config.json");
     model::ModelWriteOptions options;
+    if (opt->q) opt->bits = opt->q_bits;
     if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
     options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : options.quantize ? DType::f16 : DType::f32;
     // Everything a user can get wrong is checked before the first byte is written.

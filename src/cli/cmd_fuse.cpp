@@ -20,11 +20,13 @@ void add_fuse_command(CLI::App& app) {
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("fuse", "Merge LoRA adapters into the base model (W += alpha/r * B A)");
   cmd->add_option("--model", opt->model, "Base model directory")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--adapter", opt->adapter, "PEFT adapter directory (adapter_model.safetensors + adapter_config.json)")
+  cmd->add_option("--adapter,--adapter-path", opt->adapter,
+                  "LoRA adapter folder: PEFT (adapter_model.safetensors + adapter_config.json) or mlx_lm "
+                  "(adapters.safetensors + adapter_config.json)")
       ->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--out", opt->out, "Output model directory")->required();
+  cmd->add_option("--out,--save-path", opt->out, "Output model directory")->required();
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
-  cmd->add_flag("--de-quantize", opt->de_quantize, "Write a float model from a quantized base");
+  cmd->add_flag("--de-quantize,--dequantize", opt->de_quantize, "Write a float model from a quantized base");
   cmd->add_option("--dtype", opt->dtype, "float32, float16 or bfloat16 for a quantized base's output "
                                          "(default: float32 with --de-quantize, else the base's scale dtype)");
   cmd->callback([opt] {

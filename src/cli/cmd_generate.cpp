@@ -28,10 +28,10 @@ void add_generate_command(CLI::App& app) {
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt");
   cmd->add_option("--model", opt->model, "Model directory")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--prompt", opt->prompt, "Prompt text")->capture_default_str();
-  cmd->add_option("--adapter", opt->adapter, "A PEFT LoRA adapter directory to apply")->check(CLI::ExistingDirectory);
-  cmd->add_option("--max-tokens", opt->max_tokens, "Tokens to generate at most")->capture_default_str();
-  cmd->add_option("--temperature", opt->sampling.temperature, "0: greedy")->capture_default_str();
+  cmd->add_option("--prompt,-p", opt->prompt, "Prompt text")->capture_default_str();
+  cmd->add_option("--adapter,--adapter-path", opt->adapter, "A LoRA adapter folder to apply (PEFT or mlx_lm layout)")->check(CLI::ExistingDirectory);
+  cmd->add_option("--max-tokens,-m", opt->max_tokens, "Tokens to generate at most")->capture_default_str();
+  cmd->add_option("--temperature,--temp", opt->sampling.temperature, "0: greedy")->capture_default_str();
   cmd->add_option("--top-k", opt->sampling.top_k, "Sample among the k likeliest (0: all)")->capture_default_str();
   cmd->add_option("--top-p", opt->sampling.top_p, "Nucleus sampling mass (1: all)")->capture_default_str();
   cmd->add_option("--seed", opt->sampling.seed, "Sampling seed")->capture_default_str();

@@ -46,13 +46,13 @@ void add_train_command(CLI::App& app) {
       ->required()->check(CLI::ExistingPath);
   cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
       ->default_str("true");
-  cmd->add_option("--out", opt->out, "Output directory for the trained model and metrics")->required();
+  cmd->add_option("--out,--adapter-path", opt->out, "Output directory for the trained model or adapters, and metrics")->required();
   cmd->add_flag("--force", opt->force, "Write into a non-empty output directory")->default_str("false");
-  cmd->add_option("--steps", t.steps, "Optimizer steps")->capture_default_str();
+  cmd->add_option("--steps,--iters", t.steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Sequences per micro-batch")->capture_default_str();
-  cmd->add_option("--seq-len", t.seq_len, "Tokens per sequence")->capture_default_str();
-  cmd->add_option("--grad-accum", t.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
-  cmd->add_option("--lr", t.lr, "Peak learning rate")->capture_default_str();
+  cmd->add_option("--seq-len,--max-seq-length", t.seq_len, "Tokens per sequence")->capture_default_str();
+  cmd->add_option("--grad-accum,--grad-accumulation-steps", t.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  cmd->add_option("--lr,--learning-rate", t.lr, "Peak learning rate")->capture_default_str();
   cmd->add_option("--min-lr", t.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str();
   cmd->add_option("--warmup", t.warmup_steps, "Linear warm-up steps")->capture_default_str();
   cmd->add_option("--weight-decay", t.adamw.weight_decay, "AdamW decoupled weight decay (not on norms, biases)")
@@ -72,7 +72,7 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--valid-fraction", opt->job.valid_fraction, "Share of the data held out for validation")
       ->capture_default_str();
   cmd->add_option("--seed", opt->job.seed, "Seed for initialisation and batch order")->capture_default_str();
-  cmd->add_option("--log-every", opt->log_every, "Steps between progress lines")->capture_default_str();
+  cmd->add_option("--log-every,--steps-per-report", opt->log_every, "Steps between progress lines")->capture_default_str();
   cmd->add_option("--save-every", opt->job.save_every,
                   "Steps between checkpoints in OUT/checkpoints, also written after the last step (0: none)")
       ->capture_default_str();

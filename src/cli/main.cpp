@@ -1,4 +1,6 @@
 // flotilla: fine-tune and train Llama-family models on one machine or many.
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -6,14 +8,17 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 
 #include "cli/commands.hpp"
+#include "cli/yaml_config.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/log.hpp"
 #include "flotilla/base/threads.hpp"
@@ -81,6 +86,44 @@ std::unique_ptr<flotilla::comm::MpiRuntime> start_mpi_with_deadline(int* argc, c
 
 }  // namespace
 
+namespace {
+
+// The deepest subcommand the command line chose (flotilla data prepare -> "prepare").
+const CLI::App* chosen_command(const CLI::App& app) {
+  for (const CLI::App* sub : app.get_subcommands())
+    if (sub->parsed()) return chosen_command(*sub);
+  return &app;
+}
+
+// The first argument left over by parsing that looks like a flag ("--iter" of --iter=5).
+std::string first_unknown_flag(const CLI::App& app) {
+  for (const std::string& arg : app.remaining(true))
+    if (arg.starts_with("-") && arg.size() > 1 && !std::isdigit(static_cast<unsigned char>(arg[1])))
+      return arg.substr(0, arg.find('='));
+  return {};
+}
+
+// " (did you mean --iters?)" for an unknown flag close to one the command knows, else "".
+std::string nearest_flag_hint(const CLI::App& app) {
+  const std::string unknown = first_unknown_flag(app);
+  if (unknown.empty()) return {};
+  std::string best;
+  size_t best_distance = std::string::npos;
+  for (const CLI::App* cmd = chosen_command(app); cmd; cmd = cmd->get_parent())
+    for (const CLI::Option* op : cmd->get_options()) {
+      std::vector<std::string> names;
+      for (const std::string& n : op->get_lnames()) names.push_back("--" + n);
+      for (const std::string& n : op->get_snames()) names.push_back("-" + n);
+      for (const std::string& n : names)
+        if (const size_t d = flotilla::cli::edit_distance(unknown, n); d < best_distance) best_distance = d, best = n;
+    }
+  // Close means a typo or a near spelling (--iter, --learning_rate), not any flag at all.
+  if (best.empty() || best_distance > std::max<size_t>(2, unknown.size() / 3)) return {};
+  return " (did you mean " + best + "?)";
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"flotilla: train and fine-tune Llama-family language models on one machine or many"};
   app.require_subcommand(1);
@@ -130,6 +173,12 @@ int main(int argc, char** argv) {
     // --help and --version print and succeed; a bad flag is bad input like any other: one
     // line, exit 2.
     if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+    // An unknown flag is the likelier fault behind "--model is required" when --modl was typed.
+    if (const std::string hint = nearest_flag_hint(app); !hint.empty()) {
+      std::fprintf(stderr, "flotilla: error: [cli] unknown flag %s%s (see --help)\n", first_unknown_flag(app).c_str(),
+                   hint.c_str());
+      return 2;
+    }
     std::fprintf(stderr, "flotilla: error: [cli] %s (see --help)\n", e.what());
     return 2;
   } catch (const flotilla::InputError& e) {
