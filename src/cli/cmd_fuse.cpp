@@ -31,7 +31,7 @@ void add_fuse_command(CLI::App& app) {
                                          "(default: float32 with --de-quantize, else the base's scale dtype)");
   cmd->callback([opt] {
     model::Llama model = model::Llama::load(opt->model);
-    const model::LoraAdapters adapters = model::LoraAdapters::load_peft(opt->adapter, model.config());
+    const model::LoraAdapters adapters = model::LoraAdapters::load(opt->adapter, model.config());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
     if (!model.quantized()) {
       ensure_output_dir(opt->out, opt->force);

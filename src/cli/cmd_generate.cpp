@@ -46,9 +46,9 @@ void add_generate_command(CLI::App& app) {
     // A quantized base cannot be merged into in place: its adapters run alongside.
     std::optional<model::LoraAdapters> side_adapters;
     if (!opt->adapter.empty() && model.quantized())
-      side_adapters.emplace(model::LoraAdapters::load_peft(opt->adapter, model.config()));
+      side_adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config()));
     else if (!opt->adapter.empty())
-      model::LoraAdapters::load_peft(opt->adapter, model.config()).merge_into(model.params(), model.layout());
+      model::LoraAdapters::load(opt->adapter, model.config()).merge_into(model.params(), model.layout());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
     std::vector<int32_t> prompt;
     if (!opt->no_bos && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());

@@ -93,8 +93,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down")
       ->capture_default_str();
   cmd->add_option("--num-layers", opt->job.lora.num_layers, "Adapt the last N layers (-1: all)")->capture_default_str();
-  cmd->add_option("--resume-adapter-file", opt->resume_adapter, "Start LoRA from these adapters (a PEFT folder)")
-      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--resume-adapter-file", opt->resume_adapter,
+                  "Start LoRA from these adapters: a PEFT or mlx_lm adapter folder, a checkpoint folder, or the "
+                  "weights file in one; LoRA flags given must match the adapter's")
+      ->check(CLI::ExistingPath);
   cmd->add_option("--compression", opt->compression,
                   "Data parallel: gradients sent as float32 (none), fp16, bf16, topk or powersgd; lossy ones keep "
                   "what they do not send for the next step (error feedback)")
@@ -168,6 +170,9 @@ void add_train_command(CLI::App& app) {
     job.fine_tune = opt->fine_tune_type == "lora" ? train::FineTuneType::lora : train::FineTuneType::full;
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;
+    job.lora_given = {.rank = cmd->count("--lora-rank") > 0, .alpha = cmd->count("--lora-alpha") > 0,
+                      .targets = cmd->count("--lora-targets") > 0, .num_layers = cmd->count("--num-layers") > 0};
+    job.force = opt->force;
     job.compression.kind = comm::parse_compression(opt->compression);
     job.compression.dtype = comm::parse_wire_dtype(opt->compression_dtype);
     job.compression.seed = job.seed;

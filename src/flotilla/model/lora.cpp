@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -20,10 +21,28 @@ constexpr std::string_view kComponent = "model/lora";
 constexpr std::array<std::string_view, kNumLoraTargets> kModules = {"q_proj", "k_proj",    "v_proj", "o_proj",
                                                                     "gate_proj", "up_proj", "down_proj"};
 
-std::string module_path(int64_t layer, LoraTarget t) {
+std::string_view block_of(LoraTarget t) {
   const bool attn = t == LoraTarget::q || t == LoraTarget::k || t == LoraTarget::v || t == LoraTarget::o;
-  return fmt::format("base_model.model.model.layers.{}.{}.{}", layer, attn ? "self_attn" : "mlp",
-                     kModules[static_cast<size_t>(t)]);
+  return attn ? "self_attn" : "mlp";
+}
+
+// PEFT's name of an adapted module.
+std::string module_path(int64_t layer, LoraTarget t) {
+  return fmt::format("base_model.model.model.layers.{}.{}.{}", layer, block_of(t), kModules[static_cast<size_t>(t)]);
+}
+
+// mlx_lm's: the base model's own module path.
+std::string mlx_module_path(int64_t layer, LoraTarget t) {
+  return fmt::format("model.layers.{}.{}.{}", layer, block_of(t), kModules[static_cast<size_t>(t)]);
+}
+
+// An mlx_lm lora_parameters key ("self_attn.q_proj", "mlp.down_proj") as a target.
+std::optional<LoraTarget> lora_target_of_key(std::string_view key) {
+  for (size_t i = 0; i < kModules.size(); ++i) {
+    const auto t = static_cast<LoraTarget>(i);
+    if (key == fmt::format("{}.{}", block_of(t), kModules[i])) return t;
+  }
+  return std::nullopt;
 }
 
 // (out, in) of a target linear layer.
@@ -173,12 +192,120 @@ void LoraAdapters::save_peft(const std::filesystem::path& dir, const std::string
 
 LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const ModelConfig& model) {
   const std::filesystem::path config_path = dir / "adapter_config.json";
-  nlohmann::json j;
+  return load_peft_files(read_adapter_config(config_path), config_path, dir / "adapter_model.safetensors", model);
+}
+
+LoraAdapters LoraAdapters::load(const std::filesystem::path& path, const ModelConfig& model) {
+  std::error_code ec;
+  const bool is_file = std::filesystem::is_regular_file(path, ec);
+  if (!is_file && !std::filesystem::is_directory(path, ec))
+    throw InputError(kComponent, path.string() + ": no such adapter file or folder");
+  const std::filesystem::path dir = is_file ? path.parent_path().empty() ? "." : path.parent_path() : path;
+  const std::filesystem::path config_path = dir / "adapter_config.json";
+  if (!std::filesystem::is_regular_file(config_path, ec))
+    throw InputError(kComponent, fmt::format("{}: no adapter_config.json beside the adapter weights (a PEFT or "
+                                             "mlx_lm adapter folder has one)", dir.string()));
+  const nlohmann::json j = read_adapter_config(config_path);
+  if (j.is_object() && j.contains("lora_parameters"))
+    return load_mlx_files(j, config_path, is_file ? path : dir / "adapters.safetensors", model);
+  return load_peft_files(j, config_path, is_file ? path : dir / "adapter_model.safetensors", model);
+}
+
+nlohmann::json LoraAdapters::read_adapter_config(const std::filesystem::path& config_path) {
   try {
-    j = nlohmann::json::parse(read_text_file(config_path));
+    return nlohmann::json::parse(read_text_file(config_path));
   } catch (const nlohmann::json::parse_error& e) {
     throw InputError(kComponent, fmt::format("{}: not JSON: {}", config_path.string(), e.what()));
   }
+}
+
+LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::filesystem::path& config_path,
+                                          const std::filesystem::path& weights_path, const ModelConfig& model) {
+  auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
+  const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
+  try {
+    const std::string type = j.value("fine_tune_type", std::string("lora"));
+    if (type == "dora") fail("DoRA adapters (fine_tune_type dora) are not supported");
+    if (type != "lora") fail(fmt::format("fine_tune_type is '{}': not LoRA adapters", type));
+    const nlohmann::json& lp = j["lora_parameters"];
+    if (!lp.is_object()) fail("lora_parameters must be a mapping of rank, scale, dropout and keys");
+    LoraConfig cfg;
+    // mlx_lm's defaults where its config leaves a value out (mlx_lm/lora.py CONFIG_DEFAULTS).
+    const nlohmann::json& rank = lp.contains("rank") ? lp["rank"] : nlohmann::json(8);
+    if (!rank.is_number_integer()) fail("lora_parameters.rank must be an integer, got " + rank.dump());
+    cfg.rank = rank.get<int64_t>();
+    const nlohmann::json& scale = lp.contains("scale") ? lp["scale"] : nlohmann::json(10.0);
+    if (!scale.is_number()) fail("lora_parameters.scale must be a number, got " + scale.dump());
+    // mlx_lm adds scale * (x A) B; PEFT and flotilla add (alpha / rank) * ...
+    cfg.alpha = scale.get<float>() * static_cast<float>(cfg.rank);
+    if (lp.contains("dropout") && !lp["dropout"].is_null()) {
+      if (!lp["dropout"].is_number()) fail("lora_parameters.dropout must be a number, got " + lp["dropout"].dump());
+      cfg.dropout = lp["dropout"].get<float>();
+    }
+    std::string targets = "q,v";  // mlx_lm's keys for a Llama-family model
+    if (lp.contains("keys") && !lp["keys"].is_null()) {
+      if (!lp["keys"].is_array()) fail("lora_parameters.keys must be a list of layer keys, got " + lp["keys"].dump());
+      targets.clear();
+      for (const nlohmann::json& key : lp["keys"]) {
+        const std::optional<LoraTarget> t = key.is_string() ? lora_target_of_key(key.get<std::string>()) : std::nullopt;
+        if (!t)
+          fail(fmt::format("lora_parameters.keys: {} is not a layer flotilla adapts (self_attn.q_proj, k_proj, "
+                           "v_proj, o_proj, mlp.gate_proj, up_proj, down_proj)", key.dump()));
+        targets += std::string(lora_target_module(*t)) + ",";
+      }
+    }
+    cfg.targets = LoraConfig::parse_targets(targets);
+    const nlohmann::json& layers = j.contains("num_layers") ? j["num_layers"] : nlohmann::json(16);
+    if (!layers.is_number_integer()) fail("num_layers must be an integer, got " + layers.dump());
+    // mlx_lm applies its adapters to model.layers[-num_layers:]: past the model's depth, all.
+    cfg.num_layers = layers.get<int64_t>() < 0 || layers.get<int64_t>() >= model.n_layers ? -1 : layers.get<int64_t>();
+    std::optional<LoraAdapters> made;
+    try {
+      made.emplace(model, cfg);
+    } catch (const InputError& e) {
+      fail(reason(e));
+    }
+    LoraAdapters& adapters = *made;
+    const io::TensorStore store(weights_path);
+    // mlx_lm's names: the model's own module path, then lora_a (in, rank) / lora_b (rank, out).
+    std::map<std::string, std::pair<int64_t, LoraTarget>> expected;  // name -> (layer, target)
+    for (int64_t l = adapters.first_layer(); l < model.n_layers; ++l)
+      for (LoraTarget t : cfg.targets) expected[mlx_module_path(l, t) + ".lora_a"] = {l, t};
+    for (const std::string& name : store.names()) {
+      std::string as_a = name;  // "...lora_b" -> "...lora_a": expected holds A's names
+      if (as_a.ends_with(".lora_b")) as_a.back() = 'a';
+      if (!expected.contains(as_a))
+        throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}': adapter_config.json on this {}-layer "
+                                                 "model adapts {} of layers {}..{}",
+                                                 weights_path.string(), name, model.n_layers, targets.substr(0, targets.size() - 1),
+                                                 adapters.first_layer(), model.n_layers - 1));
+    }
+    for (const auto& [a_name, where] : expected) {
+      const auto [l, t] = where;
+      const LoraSlot& s = adapters.slot(l, t);
+      const int64_t r = cfg.rank;
+      std::vector<float> a(static_cast<size_t>(s.in * r)), b(static_cast<size_t>(r * s.out));
+      store.read_f32(a_name, a, std::vector<int64_t>{s.in, r});
+      std::string b_name = a_name;
+      b_name.back() = 'b';
+      store.read_f32(b_name, b, std::vector<int64_t>{r, s.out});
+      // Ours are the transposes: A (rank, in), B (out, rank).
+      float* dst_a = adapters.params_.data() + s.a;
+      float* dst_b = adapters.params_.data() + s.b;
+      for (int64_t i = 0; i < s.in; ++i)
+        for (int64_t k = 0; k < r; ++k) dst_a[k * s.in + i] = a[static_cast<size_t>(i * r + k)];
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t o = 0; o < s.out; ++o) dst_b[o * r + k] = b[static_cast<size_t>(k * s.out + o)];
+    }
+    return std::move(adapters);
+  } catch (const nlohmann::json::exception& e) {
+    fail(std::string("malformed: ") + e.what());
+  }
+  throw Error(kComponent, "unreachable");
+}
+
+LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::filesystem::path& config_path,
+                                           const std::filesystem::path& weights_path, const ModelConfig& model) {
   auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
   // The message of an InputError from below, without its "[component] " prefix.
   const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
@@ -251,7 +378,6 @@ LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const Mod
       fail(reason(e));
     }
     LoraAdapters& adapters = *made;
-    const std::filesystem::path weights_path = dir / "adapter_model.safetensors";
     const io::TensorStore store(weights_path);
     // Names first: a tensor this model lacks (adapters for another model, a renamed tensor)
     // is named as itself, not as the expected tensor it displaced.

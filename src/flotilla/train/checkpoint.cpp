@@ -272,10 +272,13 @@ fs::path write_checkpoint(const fs::path& checkpoints_dir, const CheckpointConte
   write_tensors(tmp_dir / kCheckpointOptimizerFile, contents.optimizer);
   write_file_atomic(tmp_dir / kCheckpointStateFile, contents.state.dump(2) + "\n");
   write_file_atomic(tmp_dir / kCheckpointConfigFile, contents.config.dump(2) + "\n");
+  if (contents.write_extra) contents.write_extra(tmp_dir);
   // The manifest checksums what is on disk, read back, rather than what we meant to write.
   nlohmann::json files = nlohmann::json::object();
-  for (std::string_view file : {kCheckpointWeightsFile, kCheckpointOptimizerFile, kCheckpointStateFile,
-                                kCheckpointConfigFile}) {
+  std::vector<std::string> names = {std::string(kCheckpointWeightsFile), std::string(kCheckpointOptimizerFile),
+                                    std::string(kCheckpointStateFile), std::string(kCheckpointConfigFile)};
+  names.insert(names.end(), contents.extra_files.begin(), contents.extra_files.end());
+  for (const std::string& file : names) {
     const MappedFile mapped(tmp_dir / file);
     files[std::string(file)] = {{"bytes", static_cast<uint64_t>(mapped.size())},
                                 {"crc32c", crc_hex(crc32c(mapped.bytes()))}};

@@ -19,6 +19,8 @@
 //                           "rng": {"dropout_step": n (LoRA dropout's counter),
 //                                   "streams": {"<name>": [4 words], ...}}}
 //   config.json            the training configuration, for the record and for comparison
+//   adapter_model.safetensors, adapter_config.json
+//                          LoRA runs: the adapters in PEFT layout (CheckpointContents::extra_files)
 //   manifest.json          {"format": "flotilla-checkpoint-manifest", "version": 1, "step",
 //                           "files": {"<file>": {"bytes": n, "crc32c": "8 hex digits"}}}
 //
@@ -32,6 +34,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <span>
@@ -71,6 +74,12 @@ struct CheckpointContents {
   std::vector<CheckpointTensor> optimizer;  // optimizer state -> optimizer.safetensors
   nlohmann::json state = nlohmann::json::object();   // -> trainer_state.json
   nlohmann::json config = nlohmann::json::object();  // -> config.json
+  // Files besides those above, written into the step folder before its manifest and
+  // checksummed with them: a LoRA run's adapter in PEFT layout, loadable as it is by
+  // generate, fuse and --resume-adapter-file. write_extra writes the files `extra_files`
+  // names into the folder it is given.
+  std::vector<std::string> extra_files;
+  std::function<void(const std::filesystem::path&)> write_extra;
 };
 
 inline constexpr std::string_view kCheckpointWeightsFile = "weights.safetensors";

@@ -96,6 +96,40 @@ std::optional<double> first_loss_of(const std::string& metrics) {
   return std::nullopt;
 }
 
+std::string targets_list(const std::vector<model::LoraTarget>& targets) {
+  std::string s;
+  for (model::LoraTarget t : targets) s += (s.empty() ? "" : ",") + std::string(model::lora_target_module(t));
+  return s;
+}
+
+// The LoRA flags a user gave with --resume-adapter-file must describe the adapter it
+// holds: a different rank or target set cannot continue it, and a silent choice of one
+// side would train something other than what either says.
+void check_resumed_adapter(const TrainJob& job, const model::LoraConfig& adapter, int64_t n_layers) {
+  const model::LoraConfig& flags = job.lora;
+  const auto mismatch = [&](std::string_view flag, const std::string& given, const std::string& held) {
+    throw InputError("train", fmt::format("{} {} differs from the resumed adapter's {} ({}): drop the flag or give "
+                                          "the adapter's value",
+                                          flag, given, held, job.resume_adapter.string()));
+  };
+  if (job.lora_given.rank && flags.rank != adapter.rank)
+    mismatch("--lora-rank", std::to_string(flags.rank), fmt::format("rank {}", adapter.rank));
+  if (job.lora_given.targets && flags.targets != adapter.targets)
+    mismatch("--lora-targets", targets_list(flags.targets), "targets " + targets_list(adapter.targets));
+  if (job.lora_given.alpha && flags.alpha != adapter.alpha)
+    mismatch("--lora-alpha", fmt::format("{}", flags.alpha), fmt::format("alpha {}", adapter.alpha));
+  const auto layers = [&](int64_t n) { return n < 0 || n > n_layers ? n_layers : n; };
+  if (job.lora_given.num_layers && layers(flags.num_layers) != layers(adapter.num_layers))
+    mismatch("--num-layers", std::to_string(flags.num_layers), fmt::format("{} layers", layers(adapter.num_layers)));
+}
+
+// adapter_config.json's base_model_name_or_path: the base as the user named it, made
+// absolute (a relative path would name another folder from wherever the adapter is used).
+std::string base_model_name(const TrainJob& job) {
+  if (job.model_dir.empty()) return job.preset.empty() ? "flotilla" : "flotilla preset " + job.preset;
+  return std::filesystem::absolute(job.model_dir).lexically_normal().string();
+}
+
 // A digest that is the same on every machine and build (std::hash need not be).
 std::string fnv1a_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
@@ -160,7 +194,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   std::optional<model::LoraAdapters> adapters;
   if (job.fine_tune == FineTuneType::lora) {
     if (!job.resume_adapter.empty()) {
-      adapters.emplace(model::LoraAdapters::load_peft(job.resume_adapter, cfg));
+      adapters.emplace(model::LoraAdapters::load(job.resume_adapter, cfg));
+      check_resumed_adapter(job, adapters->config(), cfg.n_layers);
       info(fmt::format("LoRA: continuing from {}", job.resume_adapter.string()));
     } else {
       adapters.emplace(cfg, job.lora);
@@ -312,12 +347,19 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   const std::filesystem::path checkpoints_dir = job.out_dir / "checkpoints";
   // A fresh run never mixes its checkpoints with an earlier run's (whose higher steps
   // would outrank and outlive its own), nor deletes them.
+  // --force says the folder's old contents may go: its checkpoints are another run's.
+  if (root && job.resume_from.empty() && job.force && std::filesystem::exists(checkpoints_dir)) {
+    std::filesystem::remove_all(checkpoints_dir);
+    info("checkpoints: removed the earlier run's " + checkpoints_dir.string() + " (--force)");
+  }
   if (job.resume_from.empty() && job.save_every > 0 && std::filesystem::exists(checkpoints_dir / "latest"))
     throw InputError("train", checkpoints_dir.string() +
                                   ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
-  // An earlier run's checkpoints (a fresh run with --save-every 0, into a --force'd folder):
-  // a checkpoint taken on a stop signal must not join them.
-  const bool foreign_checkpoints = job.resume_from.empty() && std::filesystem::exists(checkpoints_dir / "latest");
+  // An earlier run's checkpoints (a fresh run with --save-every 0): a checkpoint taken on a
+  // stop signal must not join them. With --force rank 0 has removed them (the other ranks
+  // may still see them on a shared folder, so they decide by the flag).
+  const bool foreign_checkpoints =
+      job.resume_from.empty() && !job.force && std::filesystem::exists(checkpoints_dir / "latest");
   int64_t last_saved_step = -1;
   std::filesystem::path last_saved_dir;
   // Weights that are not finite are never saved over good ones. The loss and gradient
@@ -341,8 +383,14 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
       Timer timer;
       // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
       write_file_atomic(metrics_path, metrics);
-      last_saved_dir =
-          save_training_checkpoint(checkpoints_dir, trainer, *train_source, config, job.keep_checkpoints);
+      CheckpointContents contents = capture_training_state(trainer, *train_source, config);
+      if (adapters) {
+        // The step folder is also an adapter folder: generate --adapter, fuse and
+        // --resume-adapter-file take it as it is.
+        contents.extra_files = {"adapter_model.safetensors", "adapter_config.json"};
+        contents.write_extra = [&](const std::filesystem::path& dir) { adapters->save_peft(dir, base_model_name(job)); };
+      }
+      last_saved_dir = write_checkpoint(checkpoints_dir, contents, job.keep_checkpoints);
       info(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir.string(), timer.elapsed_s()));
     }
     last_saved_step = step;
@@ -451,7 +499,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   check_weights_finite(summary.steps, "the model is");
   if (!root) return summary;
   if (adapters) {
-    adapters->save_peft(job.out_dir, job.model_dir.empty() ? std::string("flotilla") : job.model_dir.string());
+    adapters->save_peft(job.out_dir, base_model_name(job));
   } else {
     model.save(job.out_dir);
     tokenizer->save(job.out_dir);

@@ -45,7 +45,16 @@ struct TrainJob {
   // writes the adapters (PEFT layout) into out_dir instead of a whole model.
   FineTuneType fine_tune = FineTuneType::full;
   model::LoraConfig lora;
-  std::filesystem::path resume_adapter;  // start LoRA from these adapters (a PEFT folder)
+  // Start LoRA from these adapters: a PEFT or mlx_lm folder, or the weights file in one.
+  // The LoRA settings the user gave (lora_given) must match the adapter's; the others are
+  // taken from it.
+  std::filesystem::path resume_adapter;
+  struct LoraGiven {
+    bool rank = false, alpha = false, targets = false, num_layers = false;
+  } lora_given;
+  // --force: a fresh run into a folder with an earlier run's checkpoints removes them
+  // (without it, the run refuses).
+  bool force = false;
   // Data parallel over these ranks (null: one process). Rank 0 alone reports and writes.
   parallel::DataParallel* dp = nullptr;
   // How gradients travel between ranks (data parallel only): exact float32, or compressed
