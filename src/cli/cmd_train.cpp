@@ -31,6 +31,7 @@ void add_train_command(CLI::App& app) {
     double timeout_s = 300.0;
     std::string allreduce = "auto";
     std::string on_nonfinite = "stop";
+    float lora_scale = 0.0f;
   };
   auto opt = std::make_shared<Options>();
   train::TrainConfig& t = opt->job.train;
@@ -42,8 +43,17 @@ void add_train_command(CLI::App& app) {
   model->excludes(preset, config);
   preset->excludes(config);
   cmd->add_option("--data", opt->data,
-                  "A dataset folder from `flotilla data prepare`, or raw text: .txt (paragraphs) or .jsonl ({\"text\": ...})")
+                  "A dataset folder from `flotilla data prepare`, an mlx_lm data folder (train.jsonl [valid.jsonl test.jsonl], "
+                  "prepared for this run with the model's tokenizer and chat template, examples cut at --seq-len), "
+                  "or raw text: .txt (paragraphs) or .jsonl ({\"text\": ...})")
       ->required()->check(CLI::ExistingPath);
+  cmd->add_flag("--mask-prompt", opt->job.mask_prompt,
+                "mlx_lm data folder: loss only on completions and assistant turns (as data prepare --mask-prompt)")
+      ->default_str("false");
+  cmd->add_flag("--test", opt->job.test, "After training, report the loss and perplexity on the data's test split")
+      ->default_str("false");
+  cmd->add_option("--test-batches", opt->job.test_batches, "Batches of the test split for --test (0 or -1: all)")
+      ->capture_default_str();
   cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
       ->default_str("true");
   cmd->add_option("--out,--adapter-path", opt->out, "Output directory for the trained model or adapters, and metrics")->required();
@@ -88,7 +98,10 @@ void add_train_command(CLI::App& app) {
       ->check(CLI::IsMember({"full", "lora"}))
       ->capture_default_str();
   cmd->add_option("--lora-rank", opt->job.lora.rank, "LoRA rank r")->capture_default_str();
-  cmd->add_option("--lora-alpha", opt->job.lora.alpha, "LoRA alpha (scale = alpha / r)")->capture_default_str();
+  auto* alpha = cmd->add_option("--lora-alpha", opt->job.lora.alpha, "LoRA alpha (scale = alpha / r)")->capture_default_str();
+  cmd->add_option("--lora-scale", opt->lora_scale,
+                  "mlx_lm's LoRA scale, the factor on B A x: sets alpha = scale * r (lora_parameters.scale in a config file)")
+      ->excludes(alpha);
   cmd->add_option("--lora-dropout", opt->job.lora.dropout, "Dropout on the adapters' input")->capture_default_str();
   cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down")
       ->capture_default_str();
@@ -170,7 +183,9 @@ void add_train_command(CLI::App& app) {
     job.fine_tune = opt->fine_tune_type == "lora" ? train::FineTuneType::lora : train::FineTuneType::full;
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;
-    job.lora_given = {.rank = cmd->count("--lora-rank") > 0, .alpha = cmd->count("--lora-alpha") > 0,
+    if (cmd->count("--lora-scale") > 0) job.lora.alpha = opt->lora_scale * static_cast<float>(job.lora.rank);
+    job.lora_given = {.rank = cmd->count("--lora-rank") > 0,
+                      .alpha = cmd->count("--lora-alpha") > 0 || cmd->count("--lora-scale") > 0,
                       .targets = cmd->count("--lora-targets") > 0, .num_layers = cmd->count("--num-layers") > 0};
     job.force = opt->force;
     job.compression.kind = comm::parse_compression(opt->compression);

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
+#include "cli/mlx_lm_config.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 
@@ -136,12 +137,22 @@ std::vector<ConfigEntry> read_yaml_config(const std::filesystem::path& file) {
                                                    line_of(item), e.key));
         e.values.push_back(item.Scalar());
       }
+    } else if (auto section = expand_mlx_lm_section(e.key, value, where)) {
+      for (ConfigEntry& s : *section) s.section = e.key;
+      entries.insert(entries.end(), section->begin(), section->end());
+      continue;
     } else {
-      throw InputError(kComponent, fmt::format("{}:{}: '{}' must be a single value, not a mapping", where,
-                                               line_of(value), e.key));
+      e.is_map = true;
     }
     entries.push_back(std::move(e));
   }
+  // mlx_lm ignores learning_rate when an lr_schedule gives the peak.
+  if (std::any_of(entries.begin(), entries.end(), [](const ConfigEntry& e) { return e.section == "lr_schedule" && e.key == "lr"; }))
+    std::erase_if(entries, [](const ConfigEntry& e) { return e.section.empty() && (e.key == "learning_rate" || e.key == "lr"); });
+  translate_mlx_lm_keys(entries, where);
+  for (const ConfigEntry& e : entries)
+    if (e.is_map)
+      throw InputError(kComponent, fmt::format("{}:{}: '{}' must be a single value, not a mapping", where, e.line, e.key));
   return entries;
 }
 
@@ -186,7 +197,7 @@ void apply_yaml_config(CLI::App& cmd, const std::filesystem::path& file) {
       if (const auto it = from_file.find(x); it != from_file.end())
         throw InputError(kComponent, fmt::format("{}:{}: '{}' and '{}' (line {}) exclude each other", where, e.line,
                                                  e.key, it->second->key, it->second->line));
-    if (e.is_null) throw InputError(kComponent, fmt::format("{}:{}: '{}' has no value", where, e.line, e.key));
+    if (e.is_null) continue;  // `resume_adapter_file: null`: the flag keeps its default
 
     if (is_flag(*op)) {
       bool on = false;
@@ -217,7 +228,10 @@ std::string options_as_yaml(const CLI::App& cmd) {
     if (!op->get_configurable() || op->get_lnames().empty()) continue;
     const std::string key = to_underscores(op->get_lnames().front());
     std::vector<std::string> values = op->results();
-    if (values.empty() && !op->get_default_str().empty()) values = {op->get_default_str()};
+    // A default is not printed beside the option that replaces it (--lora-scale, --lora-alpha).
+    const std::set<CLI::Option*> excluded = op->get_excludes();
+    const bool replaced = std::any_of(excluded.begin(), excluded.end(), [](CLI::Option* x) { return x->count() > 0; });
+    if (values.empty() && !op->get_default_str().empty() && !replaced) values = {op->get_default_str()};
     if (values.empty()) {
       out += fmt::format("# {}:\n", key);
     } else if (is_flag(*op)) {

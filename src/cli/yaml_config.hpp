@@ -23,17 +23,20 @@ struct ConfigEntry {
   std::string key;                  // as written, e.g. "batch_size"
   std::vector<std::string> values;  // a scalar gives one; a list one per item
   bool is_list = false;
-  bool is_null = false;             // `key:` with no value
+  bool is_null = false;             // `key:` or `key: null`: the flag's default
+  bool is_map = false;              // a nested mapping that is not one of mlx_lm's sections
+  std::string section;              // mlx_lm's section it came from ("lr_schedule"), else empty
   int line = 0;                     // 1-based
 };
 
 // Reads a YAML mapping of keys to scalars or lists of scalars (an empty file is an empty
-// mapping). InputError "<file>:<line>: ..." for YAML syntax errors, a top level that is
-// not a mapping, nested mappings and repeated keys.
+// mapping), with mlx_lm's lora_config.yaml keys translated (cli/mlx_lm_config.hpp).
+// InputError "<file>:<line>: ..." for YAML syntax errors, a top level that is not a
+// mapping, other nested mappings and repeated keys.
 std::vector<ConfigEntry> read_yaml_config(const std::filesystem::path& file);
 
 // Sets `cmd`'s options (and its parent's) from `file`, except options given on the command
-// line and options that exclude one given there (`--model` on the command line overrides
+// line, keys whose value is null (the flag keeps its default) and options that exclude one given there (`--model` on the command line overrides
 // `preset:` in the file). Options that are not configurable (help, the config option
 // itself) cannot be set. InputError naming the file for an unknown key (with the nearest
 // known one), and "<file>:<line>" for a value of the wrong type or that fails the option's

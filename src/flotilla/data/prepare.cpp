@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <sstream>
 
@@ -340,6 +341,33 @@ DatasetIndex prepare_for_model(const fs::path& model_dir, std::string_view chat_
   const auto tokenizer = text::Tokenizer::load_for_model(model_dir);
   const std::optional<ChatTemplate> tmpl = resolve_chat_template(model_dir, chat_template_name);
   return prepare(options, *tokenizer, tmpl);
+}
+
+bool is_unprepared_data_folder(const fs::path& dir) {
+  std::error_code ec;
+  return fs::is_directory(dir, ec) && !fs::exists(dir / kIndexFile, ec) && fs::is_regular_file(dir / "train.jsonl", ec);
+}
+
+TemporaryPreparedData::TemporaryPreparedData(PrepareOptions options, const text::Tokenizer& tokenizer,
+                                             const std::optional<ChatTemplate>& chat_template) {
+  std::string pattern = (fs::temp_directory_path() / "flotilla-data-XXXXXX").string();
+  if (::mkdtemp(pattern.data()) == nullptr) throw_errno(kComponent, "mkdtemp " + pattern);
+  root_ = pattern;
+  dir_ = root_ / "data";
+  options.out = dir_;
+  options.force = false;
+  try {
+    index_ = prepare(options, tokenizer, chat_template);
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(root_, ignored);
+    throw;
+  }
+}
+
+TemporaryPreparedData::~TemporaryPreparedData() {
+  std::error_code ignored;
+  fs::remove_all(root_, ignored);
 }
 
 std::string format_prepare_summary(const DatasetIndex& index) {

@@ -61,6 +61,28 @@ DatasetIndex prepare(const PrepareOptions& options, const text::Tokenizer& token
 DatasetIndex prepare_for_model(const std::filesystem::path& model_dir, std::string_view chat_template_name,
                                const PrepareOptions& options);
 
+// A folder of mlx_lm's layout not yet prepared: train.jsonl and no index.json.
+bool is_unprepared_data_folder(const std::filesystem::path& dir);
+
+// Data prepared for one run (`flotilla train --data FOLDER` with an mlx_lm folder): prepare()
+// into a fresh temporary folder, removed with this object. options.out is ignored.
+class TemporaryPreparedData {
+ public:
+  TemporaryPreparedData(PrepareOptions options, const text::Tokenizer& tokenizer,
+                        const std::optional<ChatTemplate>& chat_template);
+  ~TemporaryPreparedData();
+  TemporaryPreparedData(const TemporaryPreparedData&) = delete;
+  TemporaryPreparedData& operator=(const TemporaryPreparedData&) = delete;
+
+  const std::filesystem::path& dir() const { return dir_; }
+  const DatasetIndex& index() const { return index_; }
+
+ private:
+  std::filesystem::path root_;  // the temporary folder; dir_ = root_/data
+  std::filesystem::path dir_;
+  DatasetIndex index_;
+};
+
 // The summary as a text table: one row per split (examples, tokens, trainable, truncated,
 // longest, skipped with reasons), for the CLI to print.
 std::string format_prepare_summary(const DatasetIndex& index);

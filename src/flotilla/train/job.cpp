@@ -15,6 +15,8 @@
 #include "flotilla/base/stop_signal.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/data/batch_sampler.hpp"
+#include "flotilla/data/chat_template.hpp"
+#include "flotilla/data/prepare.hpp"
 #include "flotilla/data/rank_slice.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
@@ -267,8 +269,38 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   std::unique_ptr<data::ExampleSource> train_examples, valid_examples;
   std::unique_ptr<data::SequentialWindowSource> valid_stream;
   std::unique_ptr<data::BatchSource> raw_train;  // the windows a RankSlicedSource slices
-  if (std::filesystem::is_directory(job.data)) {
-    prepared = std::make_unique<data::TokenDataset>(data::TokenDataset::open(job.data, *tokenizer));
+  std::unique_ptr<data::TokenDataset::SplitExamples> test_examples;
+  // mlx_lm's habit: a folder of JSONL examples given straight to training. It is prepared
+  // as `flotilla data prepare` would, into a temporary folder this run removes.
+  std::optional<data::TemporaryPreparedData> on_the_fly;
+  std::filesystem::path data_dir = job.data;
+  if (data::is_unprepared_data_folder(job.data)) {
+    data::PrepareOptions po;
+    po.data = job.data;
+    po.mask_prompt = job.mask_prompt;
+    po.max_seq_len = static_cast<size_t>(T);
+    po.seed = job.seed;
+    on_the_fly.emplace(po, *tokenizer,
+                       job.model_dir.empty() ? std::nullopt : data::resolve_chat_template(job.model_dir, ""));
+    data_dir = on_the_fly->dir();
+    const data::DatasetIndex& index = on_the_fly->index();
+    uint64_t truncated = 0;
+    for (const auto& [split, s] : index.splits) truncated += s.stats.truncated;
+    info(fmt::format("data: prepared {} for this run (tokenizer {}, chat template {}{}){}", job.data.string(),
+                     index.tokenizer_name, index.chat_template.value_or("none"),
+                     job.mask_prompt ? ", loss on completions only" : "",
+                     truncated > 0 ? fmt::format("; {} examples cut at --seq-len {}", truncated, T) : ""));
+  } else if (job.mask_prompt && !std::filesystem::is_directory(job.data)) {
+    throw InputError("train", job.data.string() + ": --mask-prompt needs a data folder of prompt/completion or chat "
+                                                  "examples (train.jsonl, ...)");
+  }
+  if (std::filesystem::is_directory(data_dir)) {
+    prepared = std::make_unique<data::TokenDataset>(data::TokenDataset::open(data_dir, *tokenizer));
+    if (job.mask_prompt && !prepared->index().mask_prompt)
+      throw InputError("train", job.data.string() + ": prepared without --mask-prompt; prepare it again with "
+                                                    "`flotilla data prepare --mask-prompt`");
+    if (job.test && !prepared->has_split(data::Split::test))
+      throw InputError("train", job.data.string() + ": --test needs a test split (test.jsonl), and there is none");
     if (!prepared->has_split(data::Split::train))
       throw InputError("train", job.data.string() + ": the prepared dataset has no training examples");
     data::SamplerConfig sc;
@@ -286,6 +318,9 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                      prepared->num_examples(data::Split::train), prepared->num_examples(data::Split::valid),
                      prepared->num_tokens(data::Split::train), prepared->num_tokens(data::Split::valid),
                      job.pack ? "packed" : "padded"));
+    if (job.test) {
+      test_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::test));
+    }
     if (prepared->has_split(data::Split::valid)) {
       valid_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::valid));
       data::SamplerConfig vc = sc;
@@ -303,6 +338,8 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
       };
     }
   } else {
+    if (job.test)
+      throw InputError("train", job.data.string() + ": --test needs a data folder with test.jsonl");
     const data::TextDataset dataset = data::load_text_dataset(job.data, *tokenizer);
     data::StreamSplit split = data::split_train_valid(dataset.tokens, job.valid_fraction);
     if (static_cast<int64_t>(split.train.size()) <= T)
@@ -487,6 +524,27 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
                      128 + stop_signal, !root);
   }
   summary.steps = trainer.steps_done();
+  if (test_examples) {
+    // mlx_lm's --test: the test split once, in order, after the last step.
+    data::SamplerConfig tc;
+    tc.seq_len = T;
+    tc.micro_batch = job.train.batch_size;
+    tc.pack = job.pack;
+    tc.shuffle = false;
+    tc.repeat = false;
+    tc.rank = rank;
+    tc.world = world;
+    tc.pad_id = std::max(0, tokenizer->pad_id());
+    data::BatchSampler sampler(*test_examples, tc);
+    EvalMetrics e = evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, job.test_batches);
+    if (job.dp) {
+      const model::LossSum total = job.dp->all_reduce_loss({e.loss * static_cast<double>(e.tokens), e.tokens});
+      e = EvalMetrics{e.step, total.mean(), total.num_tokens};
+    }
+    summary.test_loss = e.loss;
+    summary.test_tokens = e.tokens;
+    info(fmt::format("test: loss {:.4f}, perplexity {:.3f} ({} target tokens)", e.loss, std::exp(e.loss), e.tokens));
+  }
   summary.peak_rss_bytes = peak_rss_bytes();
   if (trace) {
     std::filesystem::path path = job.trace_path;
@@ -549,6 +607,11 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
         report["exposed_gradient_wait_s"] = overlap->exposed_s();
       }
     }
+  }
+  if (summary.test_loss >= 0) {
+    report["test_loss"] = summary.test_loss;
+    report["test_perplexity"] = std::exp(summary.test_loss);
+    report["test_tokens"] = summary.test_tokens;
   }
   if (summary.final_valid_loss >= 0) {
     report["final_valid_loss"] = summary.final_valid_loss;

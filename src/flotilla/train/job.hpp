@@ -22,7 +22,14 @@ struct TrainJob {
   std::filesystem::path model_dir;  // start from these weights, or:
   std::string preset;               // a preset's random init, or:
   std::filesystem::path config_json;  // a config.json's random init
-  std::filesystem::path data;       // a prepared dataset folder, or a .txt / .jsonl file
+  // A prepared dataset folder, an mlx_lm data folder (train.jsonl [valid.jsonl test.jsonl],
+  // prepared for this run with the model's tokenizer and chat template, truncated at
+  // train.seq_len), or a .txt / .jsonl file.
+  std::filesystem::path data;
+  bool mask_prompt = false;         // mlx_lm data folder: loss on completions / assistant turns
+  // After training, the loss on the data's test split (test_batches batches; <= 0: all).
+  bool test = false;
+  int64_t test_batches = 0;
   bool pack = true;                 // prepared data: pack examples into rows (else pad)
   std::filesystem::path out_dir;    // written at the end (model + tokenizer + metrics)
   double valid_fraction = 0.05;     // raw text only: the share held out for validation
@@ -76,6 +83,8 @@ struct TrainSummary {
   double first_loss = 0.0;
   double final_loss = 0.0;
   double final_valid_loss = -1.0;   // -1: no validation set
+  double test_loss = -1.0;          // -1: no --test
+  int64_t test_tokens = 0;
   int64_t steps = 0;
   int64_t resumed_from_step = -1;   // -1: a fresh run
   double elapsed_s = 0.0;
