@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <optional>
+#include <stdexcept>
+#include <string>
 
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
@@ -28,7 +30,8 @@ void add_convert_command(CLI::App& app) {
     int bits = 0;
     int64_t group_size = 64;
     bool force = false;
-    bool q = false, dequantize = false;  // mlx_lm.convert's -q switch and -d
+    std::string q;  // -q [BITS]: mlx_lm.convert's switch, or flotilla's -q BITS
+    bool dequantize = false;
     int q_bits = 4;
   };
   auto opt = std::make_shared<Options>();
@@ -38,7 +41,9 @@ void add_convert_command(CLI::App& app) {
   auto* quantize =
       cmd->add_option("--quantize", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float)");
   // mlx_lm.convert's spelling: -q switches quantization on, --q-bits picks the bits.
-  auto* q = cmd->add_flag("-q", opt->q, "Quantize to --q-bits bits (mlx_lm's switch; same as --quantize 4)");
+  auto* q = cmd->add_option("-q", opt->q, "Quantize: -q BITS, or -q alone for --q-bits bits (mlx_lm's switch)")
+                ->expected(0, 1)
+                ->type_name("[BITS]");
   cmd->add_option("--q-bits", opt->q_bits, "Bits for -q")->capture_default_str()->needs(q);
   cmd->add_option("--group-size,--q-group-size", opt->group_size, "Elements per scale/bias group")->capture_default_str();
   auto* dequantize = cmd->add_flag("--dequantize,-d", opt->dequantize,
@@ -48,11 +53,25 @@ void add_convert_command(CLI::App& app) {
   cmd->add_option("--dtype", opt->dtype, "float16, bfloat16 or float32: float tensors, scales and biases "
                                          "(default float16 when quantizing, else float32)");
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
-  cmd->callback([opt] {
+  cmd->callback([opt, cmd, q] {
     const std::filesystem::path src_dir = opt->model;
     const model::ModelConfig cfg = model::ModelConfig::load(src_dir / "config.json");
     model::ModelWriteOptions options;
-    if (opt->q) opt->bits = opt->q_bits;
+    if (q->count() > 0) {
+      if (opt->q.empty()) {
+        opt->bits = opt->q_bits;
+      } else if (cmd->count("--q-bits") > 0) {
+        throw InputError("convert", "give the bits once: -q " + opt->q + " or --q-bits " + std::to_string(opt->q_bits));
+      } else {
+        try {
+          size_t used = 0;
+          opt->bits = std::stoi(opt->q, &used);
+          if (used != opt->q.size()) throw std::invalid_argument(opt->q);
+        } catch (const std::logic_error&) {
+          throw InputError("convert", "-q takes a number of bits (2, 4 or 8), not '" + opt->q + "'");
+        }
+      }
+    }
     if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
     options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : options.quantize ? DType::f16 : DType::f32;
     // Everything a user can get wrong is checked before the first byte is written.
