@@ -14,7 +14,7 @@ void add_eval_command(CLI::App& app) {
   auto paths = std::make_shared<std::array<std::string, 3>>();  // model, adapter, data
   CLI::App* cmd = app.add_subcommand("eval", "Mean token loss and perplexity on a dataset split (JSON)");
   cmd->add_option("--model", (*paths)[0], "Model directory")->required()->check(CLI::ExistingDirectory);
-  cmd->add_option("--adapter", (*paths)[1], "PEFT LoRA adapters to apply")->check(CLI::ExistingDirectory);
+  cmd->add_option("--adapter,--adapter-path", (*paths)[1], "LoRA adapters to apply (a PEFT or mlx_lm folder)")->check(CLI::ExistingDirectory);
   cmd->add_option("--data", (*paths)[2], "A prepared dataset folder, or a .txt / .jsonl file")
       ->required()->check(CLI::ExistingPath);
   cmd->add_option("--split", job->split, "Prepared data: train, valid or test")->capture_default_str();

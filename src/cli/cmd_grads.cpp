@@ -49,7 +49,7 @@ void add_grads_command(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "batch.json with \"tokens\" and \"targets\" (B x T)")
       ->required()->check(CLI::ExistingFile);
   cmd->add_option("--out", opt->out, "Output .safetensors file")->required();
-  cmd->add_option("--adapter", opt->adapter, "A PEFT LoRA adapter directory: gradients of its tensors, base frozen")
+  cmd->add_option("--adapter", opt->adapter, "A LoRA adapter folder (PEFT or mlx_lm): gradients of its tensors (PEFT names), base frozen")
       ->check(CLI::ExistingDirectory);
   cmd->callback([opt] {
     nlohmann::json j;
@@ -70,7 +70,7 @@ void add_grads_command(CLI::App& app) {
                                             opt->batch, T, model.config().max_position));
     std::optional<model::LoraAdapters> adapters;
     if (!opt->adapter.empty()) {
-      adapters.emplace(model::LoraAdapters::load_peft(opt->adapter, model.config()));
+      adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config()));
       model.attach_lora(&*adapters);
     }
     model.set_training(false);  // no dropout: the reference computes without it

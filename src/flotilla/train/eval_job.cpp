@@ -24,7 +24,7 @@ EvalResult run_eval_job(const EvalJob& job) {
                                          job.seq_len, model.config().max_position));
   std::optional<model::LoraAdapters> adapters;
   if (!job.adapter_dir.empty()) {
-    adapters.emplace(model::LoraAdapters::load_peft(job.adapter_dir, model.config()));
+    adapters.emplace(model::LoraAdapters::load(job.adapter_dir, model.config()));
     model.attach_lora(&*adapters);
   }
   const auto tokenizer = text::Tokenizer::load_for_model(job.model_dir);
