@@ -54,6 +54,10 @@ void add_train_command(CLI::App& app) {
       ->default_str("false");
   cmd->add_option("--test-batches", opt->job.test_batches, "Batches of the test split for --test (0 or -1: all)")
       ->capture_default_str();
+  cmd->add_flag("--grad-checkpoint", opt->job.grad_checkpoint,
+                "Keep only each block's input and recompute its activations in backward: less memory, one more "
+                "forward of each block per step")
+      ->default_str("false");
   cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
       ->default_str("true");
   cmd->add_option("--out,--adapter-path", opt->out, "Output directory for the trained model or adapters, and metrics")->required();

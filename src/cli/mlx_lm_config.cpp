@@ -166,9 +166,6 @@ void translate_mlx_lm_keys(std::vector<ConfigEntry>& entries, const std::string&
                                         "report.json hold the run's metrics)", e.key));
     } else if (e.key == "hf_dataset") {
       fail(where, e.line, "hf_dataset: flotilla does not download datasets; give a data folder (data: DIR)");
-    } else if (e.key == "grad_checkpoint") {
-      if (!e.is_null && value != "false" && value != "no" && value != "off")
-        fail(where, e.line, "grad_checkpoint: true is not supported: lower batch_size or max_seq_length to save memory");
     } else {
       out.push_back(std::move(e));
     }

@@ -30,7 +30,7 @@ std::optional<std::vector<ConfigEntry>> expand_mlx_lm_section(const std::string&
                                                               const std::string& where);
 
 // Removes or rewrites mlx_lm's top-level keys that are not flotilla flags (train,
-// training_mode, optimizer, wandb, hf_dataset, grad_checkpoint).
+// training_mode, optimizer, wandb, hf_dataset, optimizer_config).
 void translate_mlx_lm_keys(std::vector<ConfigEntry>& entries, const std::string& where);
 
 }  // namespace flotilla::cli

@@ -323,6 +323,20 @@ def case_train_prepares_an_mlx_lm_data_folder(e: Env) -> None:
                         "--test"]), ["--test", "test.jsonl"])
 
 
+def case_grad_checkpoint_keeps_the_losses(e: Env) -> None:
+    plain, checkpointed = e.path("plain"), e.path("checkpointed")
+    expect_ok(e.train_lora(plain))
+    p = e.train_lora(checkpointed, "--grad-checkpoint")
+    expect_ok(p)
+    check("gradient checkpointing" in p.stdout, f"no word of checkpointing:\n{p.stdout}")
+    check([s["loss"] for s in metrics_steps(plain)] == [s["loss"] for s in metrics_steps(checkpointed)],
+          "--grad-checkpoint changed the losses")
+    cfg = e.path("gc.yaml")
+    cfg.write_text(f"model: {e.model}\ndata: {e.data}\nadapter_path: {e.path('out')}\ngrad_checkpoint: true\n")
+    check(printed_config(e.run(["train", "-c", cfg, "--print-config"]).stdout).get("grad_checkpoint") == "true",
+          "grad_checkpoint: true not applied")
+
+
 # ---- 17.5: adapters interoperate ------------------------------------------------------------
 
 def case_mlx_lm_adapter_folder_loads_for_generate_fuse_and_resume(e: Env) -> None:

@@ -99,13 +99,15 @@ struct PlanEntry {
 // The activation table of a step shape: each view and its element count, laid out in
 // this order in one buffer.
 std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, const LoraAdapters* lora, int64_t B,
-                                  int64_t T) {
+                                  int64_t T, bool checkpoint) {
   const int64_t N = B * T, C = cfg.dim, F = cfg.ffn_dim, V = cfg.vocab_size;
   const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim(), NH = cfg.n_heads, hd = cfg.head_dim;
   a.layers.assign(static_cast<size_t>(cfg.n_layers), LayerActivations{});
   std::vector<PlanEntry> table;
   for (auto& la : a.layers) {
     table.push_back({&la.resid_in, N * C});
+    // Checkpointing: layers above 0 share layer 0's views (Llama::plan points them there).
+    if (checkpoint && &la != &a.layers[0]) continue;
     table.push_back({&la.ln1_rstd, N});
     table.push_back({&la.q, N * Dq});
     table.push_back({&la.k, N * Dkv});
@@ -121,7 +123,8 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
     const int64_t r = lora->config().rank;
     for (int64_t l = 0; l < cfg.n_layers; ++l)
       for (int t = 0; t < kNumLoraTargets; ++t)
-        if (lora->slot(l, static_cast<LoraTarget>(t)).active())
+        if (lora->slot(checkpoint ? lora->first_layer() : l, static_cast<LoraTarget>(t)).active() &&
+            (!checkpoint || l == 0))
           table.push_back({&a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)], N * r});
     table.push_back({&a.lora_g, N * r});
     const int64_t widest = lora->config().dropout > 0.0f ? N * std::max(C, F) : 0;
@@ -154,12 +157,15 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
 int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
 }  // namespace
 
-int64_t Llama::activation_bytes(int64_t B, int64_t T) const { return activation_bytes(cfg_, lora_, B, T); }
+int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
+  return activation_bytes(cfg_, lora_, B, T, grad_checkpoint_);
+}
 
-int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T) {
+int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
+                                bool grad_checkpoint) {
   ActivationPlan scratch;
   int64_t total = 0;
-  for (const auto& e : plan_table(scratch, cfg, lora, B, T)) total += padded(e.numel);
+  for (const auto& e : plan_table(scratch, cfg, lora, B, T, grad_checkpoint)) total += padded(e.numel);
   return total * static_cast<int64_t>(sizeof(float));
 }
 
@@ -169,7 +175,7 @@ void Llama::plan(int64_t B, int64_t T) {
   ActivationPlan& a = acts_;
   a.B = B;
   a.T = T;
-  const std::vector<PlanEntry> table = plan_table(a, cfg_, lora_, B, T);
+  const std::vector<PlanEntry> table = plan_table(a, cfg_, lora_, B, T, grad_checkpoint_);
   int64_t total = 0;
   for (const auto& e : table) total += padded(e.numel);
   a.memory = Buffer<float>();  // release the old plan before allocating the new one
@@ -178,6 +184,13 @@ void Llama::plan(int64_t B, int64_t T) {
   for (const auto& e : table) {
     *e.view = a.memory.data() + offset;
     offset += padded(e.numel);
+  }
+  if (grad_checkpoint_) {
+    for (size_t l = 1; l < a.layers.size(); ++l) {
+      float* own_input = a.layers[l].resid_in;
+      a.layers[l] = a.layers[0];
+      a.layers[l].resid_in = own_input;
+    }
   }
   a.tokens.assign(static_cast<size_t>(N), 0);
   a.targets.assign(static_cast<size_t>(N), kIgnoreIndex);
@@ -189,10 +202,72 @@ void Llama::plan(int64_t B, int64_t T) {
              static_cast<double>(total) * 4.0 / (1 << 20));
 }
 
+void Llama::set_grad_checkpoint(bool on) {
+  if (on == grad_checkpoint_) return;
+  grad_checkpoint_ = on;
+  acts_.memory = Buffer<float>();  // the next forward plans anew
+  acts_.B = acts_.T = 0;
+  logits_valid_ = have_targets_ = false;
+}
+
 uint64_t Llama::dropout_seed(int64_t layer, LoraTarget t) const {
   // One mask per (forward, layer, target): a fresh draw every training step.
   return (forward_dropout_ * 1000003ULL + static_cast<uint64_t>(layer)) * 8ULL + static_cast<uint64_t>(t) +
          0x5851f42d4c957f2dULL;
+}
+
+void Llama::lora_forward(int64_t l, LoraTarget t, float* out, const float* x) {
+  if (!lora_) return;
+  const LoraSlot& s = lora_->slot(l, t);
+  if (!s.active()) return;
+  ActivationPlan& a = acts_;
+  const int64_t N = a.B * a.T, r = lora_->config().rank;
+  const float* adapters = lora_->params().data();
+  const float* xd = x;
+  if (training_ && lora_->config().dropout > 0.0f) {
+    k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
+    xd = a.lora_xd;
+  }
+  float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
+  k::matmul_forward(u, xd, adapters + s.a, nullptr, N, s.in, r);
+  k::scale_inplace(u, N * r, lora_->config().scale());
+  k::matmul_accumulate(out, u, adapters + s.b, N, r, s.out, 1.0f);
+}
+
+void Llama::block_forward(int64_t l, float* resid_next) {
+  ActivationPlan& a = acts_;
+  const int64_t B = a.B, T = a.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim;
+  const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
+  const int64_t hd = cfg_.head_dim;
+  const int32_t* key_start = a.key_start.empty() ? nullptr : a.key_start.data();
+  const int32_t* positions = a.positions.empty() ? nullptr : a.positions.data();
+  const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
+  LayerActivations& la = a.layers[static_cast<size_t>(l)];
+  auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
+  // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
+  k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+  linear_forward(la.q, a.ln, w.wq, bias(w.bq), N, C, Dq);
+  linear_forward(la.k, a.ln, w.wk, bias(w.bk), N, C, Dkv);
+  linear_forward(la.v, a.ln, w.wv, bias(w.bv), N, C, Dkv);
+  lora_forward(l, LoraTarget::q, la.q, a.ln);
+  lora_forward(l, LoraTarget::k, la.k, a.ln);
+  lora_forward(l, LoraTarget::v, la.v, a.ln);
+  k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
+  k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
+  k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
+  linear_forward(la.resid_mid, la.attn_out, w.wo, nullptr, N, Dq, C);
+  lora_forward(l, LoraTarget::o, la.resid_mid, la.attn_out);
+  k::add_inplace(la.resid_mid, la.resid_in, N * C);
+  // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
+  k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+  linear_forward(la.gate, a.ln, w.wgate, nullptr, N, C, F);
+  linear_forward(la.up, a.ln, w.wup, nullptr, N, C, F);
+  lora_forward(l, LoraTarget::gate, la.gate, a.ln);
+  lora_forward(l, LoraTarget::up, la.up, a.ln);
+  k::swiglu_forward(a.act, la.gate, la.up, N, F);
+  linear_forward(resid_next, a.act, w.wdown, nullptr, N, F, C);
+  lora_forward(l, LoraTarget::down, resid_next, a.act);
+  k::add_inplace(resid_next, la.resid_mid, N * C);
 }
 
 LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
@@ -201,9 +276,7 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   if (T > cfg_.max_position)
     log::debug("[model] sequence length {} exceeds max_position_embeddings {}", T, cfg_.max_position);
   plan(B, T);
-  const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
-  const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
-  const int64_t hd = cfg_.head_dim;
+  const int64_t N = B * T, C = cfg_.dim, V = cfg_.vocab_size;
   ActivationPlan& a = acts_;
   for (int64_t i = 0; i < N; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V)
@@ -231,60 +304,10 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
       }
     }
   }
-  const int32_t* key_start = doc_start ? a.key_start.data() : nullptr;
-  const int32_t* positions = doc_start ? a.positions.data() : nullptr;
-  const bool dropout = lora_ && training_ && lora_->config().dropout > 0.0f;
   if (training_ && targets) forward_dropout_ = dropout_step_++;
-  // out += scale * (dropout(x) A^T) B^T for an adapted layer; u = scale * dropout(x) A^T is
-  // kept for backward.
-  auto lora_forward = [&](int64_t l, LoraTarget t, float* out, const float* x) {
-    if (!lora_) return;
-    const LoraSlot& s = lora_->slot(l, t);
-    if (!s.active()) return;
-    const int64_t r = lora_->config().rank;
-    const float* adapters = lora_->params().data();
-    const float* xd = x;
-    if (dropout) {
-      k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
-      xd = a.lora_xd;
-    }
-    float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
-    k::matmul_forward(u, xd, adapters + s.a, nullptr, N, s.in, r);
-    k::scale_inplace(u, N * r, lora_->config().scale());
-    k::matmul_accumulate(out, u, adapters + s.b, N, r, s.out, 1.0f);
-  };
-
   embedding_forward(a.layers[0].resid_in, tokens, N);
-  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
-    LayerActivations& la = a.layers[static_cast<size_t>(l)];
-    float* resid_next = l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out;
-    auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
-    // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
-    k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
-    linear_forward(la.q, a.ln, w.wq, bias(w.bq), N, C, Dq);
-    linear_forward(la.k, a.ln, w.wk, bias(w.bk), N, C, Dkv);
-    linear_forward(la.v, a.ln, w.wv, bias(w.bv), N, C, Dkv);
-    lora_forward(l, LoraTarget::q, la.q, a.ln);
-    lora_forward(l, LoraTarget::k, la.k, a.ln);
-    lora_forward(l, LoraTarget::v, la.v, a.ln);
-    k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
-    k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
-    k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
-    linear_forward(la.resid_mid, la.attn_out, w.wo, nullptr, N, Dq, C);
-    lora_forward(l, LoraTarget::o, la.resid_mid, la.attn_out);
-    k::add_inplace(la.resid_mid, la.resid_in, N * C);
-    // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
-    k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
-    linear_forward(la.gate, a.ln, w.wgate, nullptr, N, C, F);
-    linear_forward(la.up, a.ln, w.wup, nullptr, N, C, F);
-    lora_forward(l, LoraTarget::gate, la.gate, a.ln);
-    lora_forward(l, LoraTarget::up, la.up, a.ln);
-    k::swiglu_forward(a.act, la.gate, la.up, N, F);
-    linear_forward(resid_next, a.act, w.wdown, nullptr, N, F, C);
-    lora_forward(l, LoraTarget::down, resid_next, a.act);
-    k::add_inplace(resid_next, la.resid_mid, N * C);
-  }
+  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+    block_forward(l, l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out);
   k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
   linear_forward(a.logits, a.lnf, layout_.lm_head, nullptr, N, C, V);
   logits_valid_ = true;
@@ -367,6 +390,9 @@ void Llama::backward(float dloss_scale) {
   for (int64_t l = cfg_.n_layers - 1; l >= lowest_layer; --l) {
     const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
     LayerActivations& la = a.layers[static_cast<size_t>(l)];
+    // Checkpointing: this block's activations again, from its kept input (the last block's
+    // are still there from forward). Its output goes to a.dln, free until it is zeroed below.
+    if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, a.dln);
     // a.dresid holds d(out) of this block; the residual passes it to resid_mid unchanged.
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     k::swiglu_forward(a.act, la.gate, la.up, N, F);

@@ -24,7 +24,9 @@ namespace flotilla::model {
 inline constexpr int32_t kIgnoreIndex = -100;  // targets to skip, as PyTorch's default
 
 // Per-layer activations kept from forward for backward. Cheap ones (the RMSNorm outputs
-// and the SwiGLU product) are recomputed in backward instead of stored.
+// and the SwiGLU product) are recomputed in backward instead of stored. With gradient
+// checkpointing only resid_in is per layer; the other views of every layer point at one
+// shared set, recomputed in backward.
 struct LayerActivations {
   float* resid_in;   // (B, T, C)   layer input, the residual stream
   float* ln1_rstd;   // (B, T)
@@ -174,11 +176,19 @@ class Llama {
   // dloss_scale = 1/num_tokens gives the gradient of the mean loss.
   void backward(float dloss_scale);
 
+  // Gradient checkpointing (mlx_lm's --grad-checkpoint): forward keeps only each block's
+  // input; backward recomputes a block's activations from it, into one set of buffers
+  // shared by all layers, just before that block's backward. Costs one more forward of
+  // every block but the last; the gradients are bit for bit the same.
+  void set_grad_checkpoint(bool on);
+  bool grad_checkpoint() const { return grad_checkpoint_; }
+
   // Bytes of the activation plan for a step shape (what forward(B, T) will allocate).
   int64_t activation_bytes(int64_t B, int64_t T) const;
   // The same without a model (whose constructor allocates every weight): for a model of
   // `cfg` with these adapters attached (nullptr: none). What the planner uses.
-  static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T);
+  static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
+                                  bool grad_checkpoint = false);
 
   // Overlap of communication with backward: backward calls `ready(begin, end)` for each
   // range of trainable().grads as soon as it is final — the head (final norm, an untied
@@ -198,6 +208,10 @@ class Llama {
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
+  // Block l of forward, from acts_.layers[l].resid_in into resid_next (B, T, C).
+  void block_forward(int64_t l, float* resid_next);
+  // out += scale * (dropout(x) A^T) B^T for an adapted layer, keeping u = scale * dropout(x) A^T.
+  void lora_forward(int64_t l, LoraTarget t, float* out, const float* x);
   float* p(int64_t offset) { return params_.data() + offset; }
   const float* p(int64_t offset) const { return params_.data() + offset; }
 
@@ -216,6 +230,7 @@ class Llama {
   bool training_ = true;
   uint64_t dropout_step_ = 0;     // training forwards so far
   uint64_t forward_dropout_ = 0;  // dropout_step_ of the last forward (backward reuses it)
+  bool grad_checkpoint_ = false;
   // Overlap hook: ranges per group, indexed by layer, then n_layers = the head,
   // n_layers + 1 = the embedding.
   GradReady grad_ready_;

@@ -257,10 +257,12 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     }
   }
   const int64_t T = job.train.seq_len;
-  info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB",
+  model.set_grad_checkpoint(job.grad_checkpoint);
+  info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB{}",
                    model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6,
                    job.train.batch_size, T,
-                   static_cast<double>(model.activation_bytes(job.train.batch_size, T)) / (1 << 20)));
+                   static_cast<double>(model.activation_bytes(job.train.batch_size, T)) / (1 << 20),
+                   job.grad_checkpoint ? " (gradient checkpointing)" : ""));
   // The data: a prepared token dataset (flotilla data prepare), or a raw text/JSONL file
   // read as one token stream.
   std::unique_ptr<data::BatchSource> train_source;

@@ -27,6 +27,7 @@ struct TrainJob {
   // train.seq_len), or a .txt / .jsonl file.
   std::filesystem::path data;
   bool mask_prompt = false;         // mlx_lm data folder: loss on completions / assistant turns
+  bool grad_checkpoint = false;     // recompute each block's activations in backward (Llama)
   // After training, the loss on the data's test split (test_batches batches; <= 0: all).
   bool test = false;
   int64_t test_batches = 0;
