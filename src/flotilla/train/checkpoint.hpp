@@ -44,20 +44,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/base/crc32c.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
-
-// ---- Checksums ------------------------------------------------------------------------
-
-// CRC-32C (Castagnoli, the iSCSI / ext4 / RocksDB polynomial), continuing from `crc`
-// (0 for a new checksum): crc32c(b, crc32c(a)) == crc32c(a + b). Uses the CPU's crc32
-// instruction when the build targets SSE 4.2, else crc32c_portable.
-uint32_t crc32c(std::span<const std::byte> data, uint32_t crc = 0);
-// The table-driven version (slicing by 8), identical results on every machine.
-uint32_t crc32c_portable(std::span<const std::byte> data, uint32_t crc = 0);
 
 // ---- Generic checkpoint folders -------------------------------------------------------
 
