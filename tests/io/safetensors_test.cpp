@@ -358,16 +358,69 @@ TEST(SafetensorsRead, NonStringMetadataIsRejected) {
               HasSubstr("__metadata__ value for 'step' is not a string"));
 }
 
-TEST(SafetensorsRead, OverlappingTensorsAndMetadataOnlyFilesAreAccepted) {
+TEST(SafetensorsRead, DuplicateTensorNamesAreRejected) {
+  TempDir tmp;
+  // JSON parsers keep one of the two silently; which one differs between readers.
+  write_raw_safetensors(tmp / "dup.safetensors",
+                        R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                        R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                        "abcdefgh");
+  const std::string msg = open_error(tmp / "dup.safetensors");
+  EXPECT_THAT(msg, HasSubstr("dup.safetensors"));
+  EXPECT_THAT(msg, HasSubstr("tensor 'w' appears twice in the header"));
+}
+
+TEST(SafetensorsRead, DuplicateFieldInATensorEntryIsRejected) {
+  TempDir tmp;
+  write_raw_safetensors(tmp / "dup.safetensors",
+                        R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"F16"}})", "abcd");
+  EXPECT_THAT(open_error(tmp / "dup.safetensors"), HasSubstr("tensor 'w': key 'dtype' appears twice"));
+}
+
+TEST(SafetensorsRead, OverlappingTensorsAreRejected) {
   TempDir tmp;
   write_raw_safetensors(tmp / "m.safetensors",
-                        R"({"__metadata__":{"format":"pt"},)"
-                        R"("a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                        R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
                         R"("b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
                         "abcdefgh");
+  EXPECT_THAT(open_error(tmp / "m.safetensors"),
+              HasSubstr("tensor 'b': data_offsets [4, 8] overlap tensor 'a', which ends at 8"));
+  // The same tensor twice under two names is an overlap too.
+  write_raw_safetensors(tmp / "alias.safetensors",
+                        R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                        "abcd");
+  EXPECT_THAT(open_error(tmp / "alias.safetensors"), HasSubstr("overlap tensor"));
+}
+
+TEST(SafetensorsRead, GapsAndTrailingBytesInTheDataSectionAreRejected) {
+  TempDir tmp;
+  write_raw_safetensors(tmp / "gap.safetensors",
+                        R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+                        "abcdefghijkl");
+  EXPECT_THAT(open_error(tmp / "gap.safetensors"),
+              HasSubstr("bytes [4, 8) of the data section belong to no tensor"));
+  write_raw_safetensors(tmp / "tail.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                        "abcdefg");
+  EXPECT_THAT(open_error(tmp / "tail.safetensors"), HasSubstr("3 trailing bytes after the last tensor"));
+  write_raw_safetensors(tmp / "empty_tail.safetensors", R"({"__metadata__":{}})", "x");
+  EXPECT_THAT(open_error(tmp / "empty_tail.safetensors"), HasSubstr("1 trailing bytes"));
+}
+
+TEST(SafetensorsRead, TiledTensorsEmptyTensorsAndMetadataOnlyFilesAreAccepted) {
+  TempDir tmp;
+  // Header order need not be offset order; empty tensors take no bytes anywhere.
+  write_raw_safetensors(tmp / "m.safetensors",
+                        R"({"__metadata__":{"format":"pt"},)"
+                        R"("b":{"dtype":"U8","shape":[4],"data_offsets":[8,12]},)"
+                        R"("e":{"dtype":"F32","shape":[0,3],"data_offsets":[8,8]},)"
+                        R"("a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                        "abcdefghijkl");
   const SafetensorsFile f(tmp / "m.safetensors");
-  EXPECT_EQ(f.at("b").bytes.data(), f.at("a").bytes.data() + 4);
+  EXPECT_EQ(f.at("b").bytes.data(), f.at("a").bytes.data() + 8);
   EXPECT_EQ(f.at("b").dtype, DType::u8);
+  EXPECT_EQ(f.at("e").numel(), 0);
   EXPECT_EQ(f.find("c"), nullptr);
   try {
     (void)f.at("c");

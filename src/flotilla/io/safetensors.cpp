@@ -118,6 +118,42 @@ TensorEntry parse_tensor_entry(const std::filesystem::path& file, const std::str
   return t;
 }
 
+// The format's rule for the data section: the tensors, in offset order, tile it exactly.
+// An overlap would let one write through a tensor change another; a gap or trailing bytes
+// are data no tensor owns (a file appended to, or cut and patched). The safetensors library
+// refuses all three, so a file we accept is one it reads the same way.
+void check_data_layout(const std::filesystem::path& file, std::span<const TensorEntry> tensors,
+                       const std::byte* data, uint64_t data_bytes) {
+  struct Range {
+    uint64_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Range> ranges;
+  ranges.reserve(tensors.size());
+  for (const TensorEntry& t : tensors) {
+    const auto begin = static_cast<uint64_t>(t.bytes.data() - data);
+    ranges.push_back({begin, begin + t.bytes.size(), &t.name});
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
+  uint64_t covered = 0;  // the data section is tiled up to here
+  const std::string* previous = nullptr;
+  for (const Range& r : ranges) {
+    if (r.begin < covered)
+      fail(file, fmt::format("tensor '{}': data_offsets [{}, {}] overlap tensor '{}', which ends at {}", *r.name,
+                             r.begin, r.end, *previous, covered));
+    if (r.begin > covered)
+      fail(file, fmt::format("bytes [{}, {}) of the data section belong to no tensor (tensor '{}' starts at {})",
+                             covered, r.begin, *r.name, r.begin));
+    covered = r.end;
+    previous = r.name;
+  }
+  if (covered != data_bytes)
+    fail(file, fmt::format("{} trailing bytes after the last tensor: the data section has {} bytes, the tensors "
+                           "cover {}",
+                           data_bytes - covered, data_bytes, covered));
+}
+
 // The JSON header, space-padded so that 8 + its length is a multiple of 8.
 std::string build_header(std::span<const TensorToWrite> tensors, DType out_dtype,
                          const SafetensorsMetadata& metadata) {
@@ -251,13 +287,31 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
   const char* text = reinterpret_cast<const char*>(bytes.data() + 8);
   ordered_json header;
   try {
-    const ordered_json::parser_callback_t limit_depth =
-        [&](int depth, nlohmann::json::parse_event_t, ordered_json&) {
+    // The parser keeps the last of two equal keys; the format forbids them, and which one a
+    // reader takes is a guess, so they are refused here while the keys still stream past.
+    std::vector<std::set<std::string>> keys_of_open_objects;
+    std::string tensor;  // the top-level key being parsed, for the message
+    const ordered_json::parser_callback_t check =
+        [&](int depth, nlohmann::json::parse_event_t event, ordered_json& parsed) {
+          using Event = nlohmann::json::parse_event_t;
           if (depth > kMaxHeaderDepth)
             fail(path, "header nests deeper than a safetensors header can");
+          if (event == Event::object_start) {
+            keys_of_open_objects.emplace_back();
+          } else if (event == Event::object_end) {
+            if (!keys_of_open_objects.empty()) keys_of_open_objects.pop_back();
+          } else if (event == Event::key && !keys_of_open_objects.empty()) {
+            const std::string key = parsed.get<std::string>();
+            if (keys_of_open_objects.size() == 1) tensor = key;
+            if (!keys_of_open_objects.back().insert(key).second) {
+              if (keys_of_open_objects.size() == 1)
+                fail(path, fmt::format("tensor '{}' appears twice in the header (duplicate keys are not allowed)", key));
+              fail(path, fmt::format("tensor '{}': key '{}' appears twice in its entry", tensor, key));
+            }
+          }
           return true;
         };
-    header = ordered_json::parse(text, text + header_bytes, limit_depth);
+    header = ordered_json::parse(text, text + header_bytes, check);
   } catch (const nlohmann::json::parse_error& e) {
     fail(path, fmt::format("header is not valid JSON (byte {}): {}", e.byte, json_error_detail(e)));
   }
@@ -279,6 +333,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     index_.emplace(key, tensors_.size());
     tensors_.push_back(parse_tensor_entry(path, key, value, data_bytes, data));
   }
+  check_data_layout(path, tensors_, data, data_bytes);
 }
 
 const TensorEntry* SafetensorsFile::find(std::string_view name) const {

@@ -44,7 +44,8 @@ std::string format_shape(std::span<const int64_t> shape);
 
 // An opened, fully validated .safetensors file. Every fault in the header is an
 // InputError "[io/safetensors] <file>: <fault>", naming the tensor when there is one.
-// Overlapping tensors and gaps in the data section are tolerated; out of range is not.
+// As the format requires (and the safetensors library checks), the tensors tile the data
+// section exactly: duplicate keys, overlapping tensors, gaps and trailing bytes are refused.
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::filesystem::path& path);
