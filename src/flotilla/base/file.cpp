@@ -7,8 +7,10 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
+#include <new>
+#include <stdexcept>
+
+#include <fmt/format.h>
 
 #include "flotilla/base/error.hpp"
 
@@ -20,6 +22,32 @@ std::string sys_message(const std::filesystem::path& path, std::string_view what
   return path.string() + ": " + std::string(what) + ": " + std::strerror(errno);
 }
 
+// What a path that is not a regular file is instead, in the user's words.
+std::string_view kind_of(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a regular file";
+}
+
+// Opens `path` for reading, refusing anything but a regular file. O_NONBLOCK so that a FIFO
+// is refused at once instead of blocking in open() until a writer appears; the stat before
+// the open keeps a device from being opened at all.
+int open_regular_file(const std::filesystem::path& path, struct stat& st) {
+  if (::stat(path.c_str(), &st) != 0) throw InputError(kComponent, sys_message(path, "cannot open"));
+  if (!S_ISREG(st.st_mode))
+    throw InputError(kComponent, fmt::format("{}: is {}, expected a file", path.string(), kind_of(st.st_mode)));
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) throw InputError(kComponent, sys_message(path, "cannot open"));
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {  // replaced between stat and open
+    ::close(fd);
+    throw InputError(kComponent, path.string() + ": changed while being opened; not a regular file");
+  }
+  return fd;
+}
+
 void fsync_dir(const std::filesystem::path& dir) {
   const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
   if (dfd < 0) return;  // Not fatal: some filesystems refuse to open directories.
@@ -29,17 +57,8 @@ void fsync_dir(const std::filesystem::path& dir) {
 }  // namespace
 
 MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw InputError(kComponent, sys_message(path, "cannot open"));
   struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw InputError(kComponent, sys_message(path, "cannot stat"));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw InputError(kComponent, path.string() + ": not a regular file");
-  }
+  const int fd = open_regular_file(path, st);
   size_ = static_cast<size_t>(st.st_size);
   if (size_ > 0) {
     data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -79,12 +98,36 @@ void MappedFile::release() {
 }
 
 std::string read_text_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(kComponent, sys_message(path, "cannot open"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw InputError(kComponent, sys_message(path, "read failed"));
-  return ss.str();
+  struct stat st {};
+  const int fd = open_regular_file(path, st);
+  std::string text;
+  try {
+    text.resize(static_cast<size_t>(st.st_size));
+  } catch (const std::bad_alloc&) {
+    ::close(fd);
+    throw InputError(kComponent, fmt::format("{}: {} bytes do not fit in this machine's memory", path.string(),
+                                             static_cast<int64_t>(st.st_size)));
+  } catch (const std::length_error&) {
+    ::close(fd);
+    throw InputError(kComponent, fmt::format("{}: {} bytes do not fit in this machine's memory", path.string(),
+                                             static_cast<int64_t>(st.st_size)));
+  }
+  // The size from fstat; a file that shrinks meanwhile reads short, one that grows is cut.
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::read(fd, text.data() + done, text.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const std::string msg = sys_message(path, "read failed");
+      ::close(fd);
+      throw InputError(kComponent, msg);
+    }
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  text.resize(done);
+  return text;
 }
 
 AtomicFileWriter::AtomicFileWriter(std::filesystem::path path) : path_(std::move(path)) {

@@ -10,7 +10,8 @@
 
 namespace flotilla {
 
-// A read-only mmap of a whole file (RAII). An empty file maps to an empty span.
+// A read-only mmap of a whole file (RAII). An empty file maps to an empty span. A path that
+// is not a regular file (a directory, a FIFO, a device) is an InputError saying what it is.
 class MappedFile {
  public:
   MappedFile() = default;
@@ -32,7 +33,9 @@ class MappedFile {
   std::filesystem::path path_;
 };
 
-// Whole file into a string; InputError naming the file when it cannot be read.
+// Whole file into a string; InputError naming the file when it cannot be read, when it is
+// not a regular file ("is a directory, expected a file"; a FIFO is refused without waiting
+// for a writer), or when it does not fit in memory.
 std::string read_text_file(const std::filesystem::path& path);
 
 // Writes `data` to `path` atomically: a temporary file in the same directory, fsync,

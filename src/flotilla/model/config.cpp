@@ -349,8 +349,10 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view sou
 }
 
 ModelConfig ModelConfig::load(const std::filesystem::path& config_json) {
-  if (!std::filesystem::is_regular_file(config_json))
+  std::error_code ec;
+  if (!std::filesystem::exists(config_json, ec))
     throw InputError(kComponent, fmt::format("{}: file not found", config_json.string()));
+  // A directory, a FIFO or a device: read_text_file says which.
   const std::string text = read_text_file(config_json);
   json j;
   try {
