@@ -8,6 +8,8 @@
 #include <set>
 
 #include "data_test_util.hpp"
+#include "flotilla/base/crc32c.hpp"
+#include "flotilla/base/file.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
 namespace flotilla::data {
@@ -329,6 +331,43 @@ TEST(TokenDataset, ShardThatDisagreesWithTheIndexIsNamed) {
               HasSubstr("train-00000.fltk: 1 examples, 2 tokens"));
   fs::remove(dir.path() / "out/train-00000.fltk");
   EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }), HasSubstr("train-00000.fltk"));
+}
+
+TEST(TokenDataset, ShardsCarryChecksumsThatOpeningChecks) {
+  TempDir dir;
+  dir.file("in/train.jsonl", text_lines(30));
+  const DatasetIndex index = prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt);
+  const ShardEntry& entry = index.splits.at(Split::train).shards.at(0);
+  ASSERT_TRUE(entry.crc32c.has_value());
+  const fs::path shard = dir.path() / "out" / entry.file;
+  EXPECT_EQ(*entry.crc32c, crc32c(MappedFile(shard).bytes()));
+  // One loss-mask bit flipped: the shard is still well formed (the reader's structural
+  // checks pass), so only the checksum can tell.
+  std::string bytes = read_text_file(shard);
+  bytes.back() = static_cast<char>(bytes.back() ^ 0x01);
+  write_file_atomic(shard, bytes);
+  EXPECT_NO_THROW(ShardReader{shard});
+  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }),
+              HasSubstr(entry.file + ": CRC-32C"));
+  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }),
+              HasSubstr("corrupted; re-run flotilla data prepare"));
+}
+
+TEST(TokenDataset, FolderPreparedBeforeChecksumsStillOpens) {
+  TempDir dir;
+  dir.file("in/train.jsonl", text_lines(5));
+  prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt);
+  nlohmann::json j = nlohmann::json::parse(read_text_file(dir.path() / "out/index.json"));
+  for (auto& [name, split] : j["splits"].items())
+    for (auto& shard : split["shards"]) shard.erase("crc32c");
+  write_file_atomic(dir.path() / "out/index.json", j.dump(2));
+  const TokenDataset ds = TokenDataset::open(dir.path() / "out");
+  EXPECT_EQ(ds.num_examples(Split::train), 5u);
+  EXPECT_FALSE(ds.index().splits.at(Split::train).shards.at(0).crc32c.has_value());
+  // A malformed checksum is an error, not an absent one.
+  j["splits"]["train"]["shards"][0]["crc32c"] = "xyz";
+  write_file_atomic(dir.path() / "out/index.json", j.dump(2));
+  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }), HasSubstr("is not 8 hex digits"));
 }
 
 TEST(TokenDataset, BadIndexIsNamed) {

@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include "flotilla/base/crc32c.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/rng.hpp"
@@ -122,6 +123,8 @@ class SplitWriter {
     entry.examples = writer_->num_examples();
     entry.tokens = writer_->num_tokens();
     entry.bytes = writer_->write(dir_ / entry.file);
+    // What is on disk, read back (as checkpoints do), rather than what we meant to write.
+    entry.crc32c = crc32c(MappedFile(dir_ / entry.file).bytes());
     index_.shards.push_back(std::move(entry));
     writer_.reset();
   }

@@ -3,7 +3,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <charconv>
 
+#include "flotilla/base/crc32c.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 
@@ -74,7 +76,9 @@ json index_to_json(const DatasetIndex& index) {
   for (const auto& [split, s] : index.splits) {
     json shards = json::array();
     for (const ShardEntry& e : s.shards) {
-      shards.push_back({{"file", e.file}, {"examples", e.examples}, {"tokens", e.tokens}, {"bytes", e.bytes}});
+      json shard = {{"file", e.file}, {"examples", e.examples}, {"tokens", e.tokens}, {"bytes", e.bytes}};
+      if (e.crc32c) shard["crc32c"] = crc32c_hex(*e.crc32c);
+      shards.push_back(std::move(shard));
     }
     json skipped = json::object();
     for (const auto& [reason, count] : s.stats.skipped) skipped[reason] = count;
@@ -177,6 +181,14 @@ DatasetIndex index_from_json(const json& j, std::string_view source) {
       entry.examples = r.u64(e, "examples", where + " shard");
       entry.tokens = r.u64(e, "tokens", where + " shard");
       entry.bytes = r.u64(e, "bytes", where + " shard");
+      if (e.contains("crc32c")) {
+        const std::string hex = r.str(e, "crc32c", where + " shard");
+        uint32_t crc = 0;
+        const auto [end, ec] = std::from_chars(hex.data(), hex.data() + hex.size(), crc, 16);
+        if (hex.size() != 8 || ec != std::errc() || end != hex.data() + hex.size())
+          r.fail(fmt::format("{}: shard {}: \"crc32c\" {:?} is not 8 hex digits", where, entry.file, hex));
+        entry.crc32c = crc;
+      }
       examples += entry.examples;
       tokens += entry.tokens;
       split.shards.push_back(std::move(entry));
@@ -231,6 +243,12 @@ TokenDataset TokenDataset::open(const std::filesystem::path& dir) {
         fail(fmt::format("{} examples, {} tokens, {} bytes, but {} says {}, {}, {}", reader.num_examples(),
                          reader.num_tokens(), reader.file_bytes(), kIndexFile, entry.examples, entry.tokens,
                          entry.bytes));
+      }
+      if (entry.crc32c) {
+        const uint32_t have = crc32c(reader.file_contents());
+        if (have != *entry.crc32c)
+          fail(fmt::format("CRC-32C {} does not match {}'s {}: the file is corrupted; re-run flotilla data prepare",
+                           crc32c_hex(have), kIndexFile, crc32c_hex(*entry.crc32c)));
       }
       shards.first_example.push_back(shards.first_example.back() + reader.num_examples());
       shards.tokens += reader.num_tokens();

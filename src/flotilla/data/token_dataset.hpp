@@ -12,10 +12,17 @@
 //    "tokenizer": {"name", "fingerprint", "vocab_size", "bos_id", "eos_id"},
 //    "chat_template": "llama3" | null, "mask_prompt": bool, "max_seq_len": int (0: none),
 //    "source": "<input path>", "seed": int, "split_fractions": [train, valid, test] | null,
-//    "splits": {"train": {"shards": [{"file", "examples", "tokens", "bytes"}], "examples",
+//    "splits": {"train": {"shards": [{"file", "examples", "tokens", "bytes", "crc32c"}], "examples",
 //               "tokens", "trainable_tokens", "truncated", "longest",
 //               "longest_before_truncation", "skipped": {"<reason>": count}}, ...}}
 // A split whose input file was absent is absent; one whose lines were all skipped has no shards.
+//
+// "crc32c" (8 hex digits, base/crc32c.hpp) is the checksum of the shard file as written, read
+// back from disk; opening the folder checks it, so a corrupted shard is refused before
+// training reads a token of it. Folders prepared before checksums existed have none and
+// still open: every structural fault and every out-of-range token id is caught by the
+// shard reader anyway, so what goes unchecked there is only a flipped bit that leaves a
+// valid token, and refusing them would force a re-prepare of data that cannot crash a run.
 #pragma once
 
 #include <array>
@@ -48,6 +55,7 @@ struct ShardEntry {
   uint64_t examples = 0;
   uint64_t tokens = 0;
   uint64_t bytes = 0;
+  std::optional<uint32_t> crc32c;  // absent in folders prepared before checksums
 };
 
 struct SplitStats {
@@ -87,7 +95,8 @@ DatasetIndex index_from_json(const nlohmann::json& j, std::string_view source);
 class TokenDataset {
  public:
   // Reads dir/index.json and opens and validates every shard it lists: each shard's
-  // header must agree with the index (fingerprint, vocab size, examples, tokens, bytes).
+  // header must agree with the index (fingerprint, vocab size, examples, tokens, bytes),
+  // and its CRC-32C with the index's when the index has one.
   // InputError naming the file for anything missing, corrupt or inconsistent.
   static TokenDataset open(const std::filesystem::path& dir);
   // open(dir) + check_tokenizer(tokenizer).

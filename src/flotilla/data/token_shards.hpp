@@ -112,6 +112,8 @@ class ShardReader {
   size_t num_examples() const { return num_examples_; }
   uint64_t num_tokens() const { return num_tokens_; }
   uint64_t file_bytes() const { return file_.size(); }
+  // The whole file as mapped, for its checksum.
+  std::span<const std::byte> file_contents() const { return file_.bytes(); }
   // i < num_examples(), else flotilla::Error (a caller bug).
   ExampleView example(size_t i) const;
 
