@@ -33,6 +33,7 @@ void add_convert_command(CLI::App& app) {
     std::string q;  // -q [BITS]: mlx_lm.convert's switch, or flotilla's -q BITS
     bool dequantize = false;
     int q_bits = 4;
+    bool strict = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("convert", "Quantize (MLX layout), de-quantize or re-type a model directory, tensor by tensor");
@@ -53,8 +54,11 @@ void add_convert_command(CLI::App& app) {
   cmd->add_option("--dtype", opt->dtype, "float16, bfloat16 or float32: float tensors, scales and biases "
                                          "(default float16 when quantizing, else float32)");
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
+  add_strict_flag(cmd, opt->strict);
   cmd->callback([opt, cmd, q] {
     const std::filesystem::path src_dir = opt->model;
+    check_output_not_input("--out", opt->out, {{"--model", opt->model}});
+    check_output_dir(opt->out, opt->force);
     const model::ModelConfig cfg = model::ModelConfig::load(src_dir / "config.json");
     model::ModelWriteOptions options;
     if (q->count() > 0) {
@@ -83,12 +87,12 @@ void add_convert_command(CLI::App& app) {
     std::optional<io::TensorStore> float_src;
     model::WeightSource source;
     if (cfg.quantization) {
-      quantized_src.emplace(model::Llama::load(src_dir));
+      quantized_src.emplace(model::Llama::load(src_dir, non_finite_policy(opt->strict)));
       source = [&](const model::ParamInfo& info, std::span<float> out) {
         quantized_src->weight_f32(*quantized_src->layout().find(info.name), out);
       };
     } else {
-      float_src.emplace(src_dir);
+      float_src.emplace(src_dir, non_finite_policy(opt->strict));
       source = [&](const model::ParamInfo& info, std::span<float> out) { float_src->read_f32(info.name, out, info.shape); };
     }
     write_output_dir(opt->out, opt->force, [&](const std::filesystem::path& stage) {

@@ -36,6 +36,8 @@ void add_data_command(CLI::App& app) {
   cmd->add_option("--seed", opt->seed, "Seed of the shuffle before --split");
   cmd->add_flag("--force", opt->force, "Replace a non-empty output folder");
   cmd->callback([opt] {
+    // --force replaces OUT whole: never with the data or the model it reads inside.
+    check_output_not_input("--out", opt->out, {{"--data", opt->data}, {"--model", opt->model}});
     data::PrepareOptions o;
     o.data = opt->data;
     o.out = opt->out;

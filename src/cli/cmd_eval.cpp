@@ -23,7 +23,10 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--max-batches", job->max_batches, "At most this many batches (0: one whole pass)")
       ->capture_default_str();
   cmd->add_flag("--pack,!--no-pack", job->pack, "Prepared data: pack examples into rows (default) or pad");
-  cmd->callback([job, paths] {
+  auto strict = std::make_shared<bool>(false);
+  add_strict_flag(cmd, *strict);
+  cmd->callback([job, paths, strict] {
+    job->non_finite = non_finite_policy(*strict);
     job->model_dir = (*paths)[0];
     job->adapter_dir = (*paths)[1];
     job->data = (*paths)[2];

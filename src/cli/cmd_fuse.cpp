@@ -7,6 +7,7 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/model_writer.hpp"
+#include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/tokenizer.hpp"
 
 namespace flotilla::cli {
@@ -16,6 +17,7 @@ void add_fuse_command(CLI::App& app) {
     std::string model, adapter, out, dtype;
     bool force = false;
     bool de_quantize = false;
+    bool strict = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("fuse", "Merge LoRA adapters into the base model (W += alpha/r * B A)");
@@ -27,12 +29,17 @@ void add_fuse_command(CLI::App& app) {
   cmd->add_option("--out,--save-path", opt->out, "Output model directory")->required();
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
   cmd->add_flag("--de-quantize,--dequantize", opt->de_quantize, "Write a float model from a quantized base");
+  add_strict_flag(cmd, opt->strict);
   cmd->add_option("--dtype", opt->dtype, "float32, float16 or bfloat16 for a quantized base's output "
                                          "(default: float32 with --de-quantize, else the base's scale dtype)");
   cmd->callback([opt] {
-    model::Llama model = model::Llama::load(opt->model);
-    const model::LoraAdapters adapters = model::LoraAdapters::load(opt->adapter, model.config());
+    check_output_not_input("--out", opt->out, {{"--model", opt->model}, {"--adapter", opt->adapter}});
+    check_output_dir(opt->out, opt->force);
+    model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
+    const model::LoraAdapters adapters =
+        model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict));
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
+    model::check_tokenizer_fits(*tokenizer, model.config(), opt->model);
     if (!model.quantized()) {
       ensure_output_dir(opt->out, opt->force);
       adapters.merge_into(model.params(), model.layout());

@@ -11,6 +11,7 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/sampling.hpp"
+#include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/stop_strings.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/text/utf8_streamer.hpp"
@@ -22,7 +23,7 @@ void add_generate_command(CLI::App& app) {
     std::string model, prompt, adapter;
     std::vector<std::string> stops;
     int64_t max_tokens = 128;
-    bool no_bos = false;
+    bool no_bos = false, strict = false;
     model::SamplingParams sampling;
   };
   auto opt = std::make_shared<Options>();
@@ -36,20 +37,22 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", opt->sampling.top_p, "Nucleus sampling mass (1: all)")->capture_default_str();
   cmd->add_option("--seed", opt->sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_flag("--no-bos", opt->no_bos, "Do not prepend the BOS token");
+  add_strict_flag(cmd, opt->strict);
   cmd->add_option("--stop", opt->stops,
                   "End at this text (not printed), e.g. a chat template's end of turn '<|im_end|>'; repeatable");
   cmd->callback([opt] {
     if (opt->max_tokens <= 0) throw InputError("generate", "--max-tokens must be positive");
     model::Sampler sampler(opt->sampling);  // refuses sampling parameters outside their domain before loading
-    model::Llama model = model::Llama::load(opt->model);
+    model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
     // Generation has no dropout, so merged adapters compute exactly what attached ones do.
     // A quantized base cannot be merged into in place: its adapters run alongside.
     std::optional<model::LoraAdapters> side_adapters;
     if (!opt->adapter.empty() && model.quantized())
-      side_adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config()));
+      side_adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict)));
     else if (!opt->adapter.empty())
-      model::LoraAdapters::load(opt->adapter, model.config()).merge_into(model.params(), model.layout());
+      model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict)).merge_into(model.params(), model.layout());
     const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
+    model::check_tokenizer_fits(*tokenizer, model.config(), opt->model);
     std::vector<int32_t> prompt;
     if (!opt->no_bos && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
     const std::vector<int32_t> body = tokenizer->encode(opt->prompt);

@@ -42,16 +42,21 @@ std::vector<int32_t> read_rows(const nlohmann::json& j, const char* key, const s
 void add_grads_command(CLI::App& app) {
   struct Options {
     std::string model, batch, out, adapter;
+    bool force = false, strict = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("grads", "Write logits, loss and parameter gradients of a batch (safetensors)");
   cmd->add_option("--model", opt->model, "Model directory")->required()->check(CLI::ExistingDirectory);
   cmd->add_option("--batch", opt->batch, "batch.json with \"tokens\" and \"targets\" (B x T)")
       ->required()->check(CLI::ExistingFile);
-  cmd->add_option("--out", opt->out, "Output .safetensors file")->required();
+  cmd->add_option("--out", opt->out, "Output .safetensors file (an existing one only with --force)")->required();
+  cmd->add_flag("--force", opt->force, "Replace an existing --out file");
+  add_strict_flag(cmd, opt->strict);
   cmd->add_option("--adapter", opt->adapter, "A LoRA adapter folder (PEFT or mlx_lm): gradients of its tensors (PEFT names), base frozen")
       ->check(CLI::ExistingDirectory);
   cmd->callback([opt] {
+    check_output_not_input("--out", opt->out, {{"--model", opt->model}, {"--batch", opt->batch}, {"--adapter", opt->adapter}});
+    check_output_file("--out", opt->out, opt->force);
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(read_text_file(opt->batch));
@@ -63,14 +68,14 @@ void add_grads_command(CLI::App& app) {
     const std::vector<int32_t> targets = read_rows(j, "targets", opt->batch, Bt, Tt);
     if (B != Bt || T != Tt) throw InputError("grads", opt->batch + ": tokens and targets differ in shape");
 
-    model::Llama model = model::Llama::load(opt->model);
+    model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
     if (T > model.config().max_position)
       throw InputError("grads", fmt::format("{}: rows of {} tokens exceed the model's {} positions "
                                             "(max_position_embeddings)",
                                             opt->batch, T, model.config().max_position));
     std::optional<model::LoraAdapters> adapters;
     if (!opt->adapter.empty()) {
-      adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config()));
+      adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict)));
       model.attach_lora(&*adapters);
     }
     model.set_training(false);  // no dropout: the reference computes without it

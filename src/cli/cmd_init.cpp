@@ -32,6 +32,7 @@ void add_init_command(CLI::App& app) {
   cmd->add_option("--group-size", opt->group_size, "Quantization group size")->capture_default_str();
   cmd->callback([opt] {
     if (opt->preset.empty() && opt->config.empty()) throw InputError("init", "give --preset or --config");
+    check_output_not_input("--out", opt->out, {{"--config", opt->config}});
     model::ModelConfig cfg =
         opt->config.empty() ? model::preset_config(opt->preset) : model::ModelConfig::load(opt->config);
     ensure_output_dir(opt->out, opt->force);

@@ -76,7 +76,11 @@ void add_plan_command(CLI::App& app) {
     comm::Settings settings;
     settings.timeout = std::chrono::hours(6);  // rank 0 trains for a while before the others hear from it
     const std::unique_ptr<comm::Communicator> world = comm::make_world(settings);
-    if (world->rank() == 0 && !opt->out.empty()) ensure_output_dir(opt->out, opt->force);
+    if (world->rank() == 0 && !opt->out.empty()) {
+      check_output_not_input("--out", opt->out,
+                             {{"--model", job.source.model}, {"--data", job.source.data}, {"--hostfile", job.hostfile}});
+      ensure_output_dir(opt->out, opt->force);
+    }
     const plan::PlanResult result = plan::run_plan_job(job, *world);
     if (world->rank() != 0) return;
     fmt::print("{}", plan::render_text(result));

@@ -9,6 +9,7 @@
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/tokenizer.hpp"
 
 namespace flotilla::cli {
@@ -36,7 +37,7 @@ std::vector<int32_t> parse_token_list(const std::string& list) {
 void add_score_command(CLI::App& app) {
   struct Options {
     std::string model, text, tokens;
-    bool no_bos = false;
+    bool no_bos = false, strict = false;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("score", "Print each token's log-probability under the model, as JSON");
@@ -45,14 +46,16 @@ void add_score_command(CLI::App& app) {
   auto* tokens = cmd->add_option("--tokens", opt->tokens, "Token ids to score, comma-separated: 1,2,3");
   text->excludes(tokens);
   cmd->add_flag("--no-bos", opt->no_bos, "With --text: do not prepend BOS");
+  add_strict_flag(cmd, opt->strict);
   cmd->callback([opt] {
     if (opt->text.empty() == opt->tokens.empty()) throw InputError("score", "give --text or --tokens");
-    model::Llama model = model::Llama::load(opt->model);
+    model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
     std::vector<int32_t> ids;
     if (!opt->tokens.empty()) {
       ids = parse_token_list(opt->tokens);
     } else {
       const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
+      model::check_tokenizer_fits(*tokenizer, model.config(), opt->model);
       if (!opt->no_bos && tokenizer->bos_id() >= 0) ids.push_back(tokenizer->bos_id());
       const auto body = tokenizer->encode(opt->text);
       ids.insert(ids.end(), body.begin(), body.end());

@@ -25,6 +25,7 @@ void add_train_command(CLI::App& app) {
     bool force = false;
     std::string resume;
     bool print_config = false;
+    bool strict = false;
     std::string fine_tune_type = "full", lora_targets = "q,v", resume_adapter;
     std::string compression = "none";
     std::string compression_dtype = "f32";
@@ -61,7 +62,9 @@ void add_train_command(CLI::App& app) {
   cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
       ->default_str("true");
   cmd->add_option("--out,--adapter-path", opt->out, "Output directory for the trained model or adapters, and metrics")->required();
-  cmd->add_flag("--force", opt->force, "Write into a non-empty output directory")->default_str("false");
+  add_strict_flag(cmd, opt->strict);
+  cmd->add_flag("--force", opt->force, "Write into a non-empty output directory, replace an existing --trace file")
+      ->default_str("false");
   cmd->add_option("--steps,--iters", t.steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Sequences per micro-batch")->capture_default_str();
   cmd->add_option("--seq-len,--max-seq-length", t.seq_len, "Tokens per sequence")->capture_default_str();
@@ -192,6 +195,7 @@ void add_train_command(CLI::App& app) {
                       .alpha = cmd->count("--lora-alpha") > 0 || cmd->count("--lora-scale") > 0,
                       .targets = cmd->count("--lora-targets") > 0, .num_layers = cmd->count("--num-layers") > 0};
     job.force = opt->force;
+    job.non_finite = non_finite_policy(opt->strict);
     job.compression.kind = comm::parse_compression(opt->compression);
     job.compression.dtype = comm::parse_wire_dtype(opt->compression_dtype);
     job.compression.seed = job.seed;
@@ -215,7 +219,20 @@ void add_train_command(CLI::App& app) {
     // A resumed run writes into its own, non-empty folder. Rank 0 owns the folder; the job
     // creates it once the model, adapters and data have loaded, so a run that fails on its
     // inputs leaves nothing behind.
-    if (root) check_output_dir(opt->out, opt->force || !job.resume_from.empty());
+    // Every output is checked before the first step: a run never trains for hours and then
+    // finds it cannot write, or that it would write over what it reads.
+    const std::initializer_list<CommandInput> inputs = {{"--model", opt->model},
+                                                        {"--data", opt->data},
+                                                        {"--config", opt->config},
+                                                        {"--resume-adapter-file", opt->resume_adapter}};
+    if (root) {
+      check_output_not_input("--out", opt->out, inputs);
+      check_output_dir(opt->out, opt->force || !job.resume_from.empty());
+    }
+    if (!job.trace_path.empty()) {
+      check_output_not_input("--trace", job.trace_path, inputs);
+      check_output_file("--trace", train::trace_path_of_rank(job.trace_path, world->rank()), opt->force);
+    }
     if (dp) world->barrier(comm::Options{.name = "output folder"});
     ProgressPrinter progress(opt->log_every);
     train::TrainCallbacks cb;

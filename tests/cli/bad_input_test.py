@@ -89,6 +89,20 @@ def edit_safetensors(path: Path, edit: Callable[[dict, bytes], Optional[bytes]])
     write_safetensors(path, header, data if new_data is None else new_data)
 
 
+def retile(header: dict, data: bytes) -> bytes:
+    """The data section rebuilt from each tensor's current [begin, end) in header order, with
+    the offsets renumbered to tile it: after a tensor was dropped or cut, the file is again
+    one the format allows (no gaps), so what is tested is the model's reading of it."""
+    out = bytearray()
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        entry["data_offsets"] = [len(out), len(out) + end - begin]
+        out += data[begin:end]
+    return bytes(out)
+
+
 def edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     obj = json.loads(path.read_text())
     edit(obj)
@@ -143,7 +157,7 @@ def corpus_text() -> str:
 @dataclass
 class Run:
     argv: List[str]                 # flotilla's arguments
-    needles: Sequence[Needle] = ()  # what the error line must name
+    needles: Sequence[Needle] = ()  # what the error line (for a control: its warnings) must name
     kind: str = "error"             # "error", "cli11" (CLI11 parse error) or "control" (must succeed)
     exit_code: Optional[int] = INPUT_ERROR_EXIT  # for "error": the exact code, None for any 1..127
     preserve: List[Path] = field(default_factory=list)  # must be byte-identical afterwards
@@ -466,6 +480,7 @@ def _(ws):
 
     def edit(h, d):
         del h["model.norm.weight"]
+        return retile(h, d)
     edit_safetensors(m / "model.safetensors", edit)
     return Run(score(m), [m.name, "model.norm.weight"], preserve=[m])
 
@@ -477,6 +492,7 @@ def _(ws):
     def edit(h, d):
         begin, _ = h["model.norm.weight"]["data_offsets"]
         h["model.norm.weight"].update(shape=[32], data_offsets=[begin, begin + 32 * 4])
+        return retile(h, d)
     edit_safetensors(m / "model.safetensors", edit)
     return Run(generate(m), ["model.safetensors", "model.norm.weight", "[32]", "[64]"], preserve=[m])
 
@@ -745,6 +761,344 @@ def _(ws):
     (out / "notes.txt").write_text("my notes\n")
     return Run(plan(ws, m, "--out", str(out)), ["earlier_plan", "--force"], preserve=[m, out])
 
+# -- issue 18: hostile inputs. Outputs are checked before the first step (18.3); nothing is
+# overwritten without --force, and never an input (18.4); errors say what and where (18.6);
+# safetensors files the format forbids are refused, non-finite weights reported (18.7).
+
+def prepare(ws: Workspace, model: Path, out: Path, *extra: str) -> List[str]:
+    return ["data", "prepare", "--model", str(model), "--data", str(ws.case_dir / "data"), "--out", str(out), *extra]
+
+
+def data_folder(ws: Workspace) -> Path:
+    """A folder of train.jsonl and valid.jsonl, as data prepare reads it."""
+    d = ws.case_dir / "data"
+    d.mkdir()
+    lines = [json.dumps({"text": p}) for p in corpus_text().split("\n\n") if p.strip()]
+    (d / "train.jsonl").write_text("\n".join(lines[:100]) + "\n")
+    (d / "valid.jsonl").write_text("\n".join(lines[100:]) + "\n")
+    return d
+
+
+def prepared_data(ws: Workspace, model: Path) -> Path:
+    """A prepared dataset folder made now with this model's tokenizer."""
+    data_folder(ws)
+    out = ws.case_dir / "prepared"
+    proc = subprocess.run([ws.flotilla, *prepare(ws, model, out)], capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"data prepare failed: {proc.stderr.decode()}")
+    return out
+
+
+def shrink_vocab(model: Path, vocab: int) -> None:
+    """config.json's vocab_size and the embedding (and an untied lm_head) cut to `vocab` rows:
+    a consistent model whose vocabulary is smaller than its tokenizer's."""
+    config = json.loads((model / "config.json").read_text())
+    old = config["vocab_size"]
+    config["vocab_size"] = vocab
+    for key in ("bos_token_id", "eos_token_id"):  # the byte tokenizer's 256 and 257 are past it
+        config.pop(key, None)
+    (model / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    header, data = read_safetensors(model / "model.safetensors")
+    new_data = bytearray()
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        chunk = data[begin:end]
+        if entry["shape"] and entry["shape"][0] == old and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            row = (end - begin) // old
+            chunk = chunk[:row * vocab]
+            entry["shape"] = [vocab] + entry["shape"][1:]
+        entry["data_offsets"] = [len(new_data), len(new_data) + len(chunk)]
+        new_data += chunk
+    write_safetensors(model / "model.safetensors", header, bytes(new_data))
+
+
+def poison_weight(model: Path, tensor: str, value: float) -> None:
+    """Element 3 of `tensor` (float32) becomes `value` (NaN or Inf)."""
+    def edit(h, d):
+        begin = h[tensor]["data_offsets"][0] + 3 * 4
+        assert h[tensor]["dtype"] == "F32"
+        return d[:begin] + struct.pack("<f", value) + d[begin + 4:]
+    edit_safetensors(model / "model.safetensors", edit)
+
+
+# 18.3: every output checked before the first step
+
+@case("train_trace_folder_missing")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    trace = ws.case_dir / "no_such_folder" / "trace.json"
+    return Run(train(ws, m, out=out) + ["--trace", str(trace)], ["--trace", "no_such_folder", "does not exist"],
+               preserve=[m, ws.corpus], absent=[out])
+
+
+@case("train_trace_is_a_directory")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    trace = ws.case_dir / "traces"
+    trace.mkdir()
+    return Run(train(ws, m, out=out) + ["--trace", str(trace)], ["--trace", "traces", "is a directory"],
+               preserve=[m, ws.corpus, trace], absent=[out])
+
+
+@case("train_out_under_a_file")
+def _(ws):
+    m = ws.model()
+    blocker = ws.case_dir / "results.txt"
+    blocker.write_text("precious results\n")
+    return Run(train(ws, m, out=blocker / "run"), ["results.txt", "not a folder"], preserve=[m, blocker, ws.corpus])
+
+
+@case("control_train_trace")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    trace = ws.case_dir / "trace.json"
+    return Run(train(ws, m, out=out) + ["--trace", str(trace)], kind="control", preserve=[m, ws.corpus],
+               creates=[out / "model.safetensors", out / "metrics.jsonl", out / "report.json", trace])
+
+
+# 18.4: nothing overwritten without --force; --force never destroys an input
+
+@case("grads_out_exists_without_force")
+def _(ws):
+    m = ws.model()
+    batch = ws.case_dir / "batch.json"
+    batch.write_text(json.dumps({"tokens": [[1, 2, 3]], "targets": [[2, 3, 4]]}))
+    out = ws.case_dir / "my_grads.safetensors"
+    out.write_bytes(b"yesterday's gradients")
+    return Run(["grads", "--model", str(m), "--batch", str(batch), "--out", str(out)], ["my_grads.safetensors", "--force"],
+               preserve=[m, batch, out])
+
+
+@case("grads_out_is_the_batch")
+def _(ws):
+    m = ws.model()
+    batch = ws.case_dir / "batch.json"
+    batch.write_text(json.dumps({"tokens": [[1, 2, 3]], "targets": [[2, 3, 4]]}))
+    return Run(["grads", "--model", str(m), "--batch", str(batch), "--out", str(batch), "--force"],
+               ["batch.json", "is the --batch"], preserve=[m, batch])
+
+
+@case("train_trace_exists_without_force")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    trace = ws.case_dir / "trace.json"
+    trace.write_text("[]\n")
+    return Run(train(ws, m, out=out) + ["--trace", str(trace)], ["trace.json", "--force"],
+               preserve=[m, ws.corpus, trace], absent=[out])
+
+
+@case("train_force_out_is_the_model")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m, out=m) + ["--force"], ["--out", "is the --model"], preserve=[m, ws.corpus])
+
+
+@case("train_force_out_contains_the_data")
+def _(ws):
+    m = ws.model()
+    out = ws.case_dir / "run"
+    out.mkdir()
+    data = out / "corpus.txt"
+    data.write_text(corpus_text())
+    return Run(train(ws, m, data=data, out=out) + ["--force"], ["--out", "contains --data"], preserve=[m, out])
+
+
+@case("data_prepare_force_out_is_the_data_folder")
+def _(ws):
+    m = ws.model()
+    d = data_folder(ws)
+    return Run(prepare(ws, m, d, "--force"), ["--out", "is the --data"], preserve=[m, d])
+
+
+@case("data_prepare_force_out_is_the_data_parent")
+def _(ws):
+    m = ws.model()
+    data_folder(ws)
+    return Run(prepare(ws, m, ws.case_dir, "--force"), ["--out", "contains --data"], preserve=[m, ws.case_dir])
+
+
+@case("data_prepare_force_out_is_the_model")
+def _(ws):
+    m = ws.model()
+    d = data_folder(ws)
+    return Run(prepare(ws, m, m, "--force"), ["--out", "is the --model"], preserve=[m, d])
+
+
+@case("data_prepare_out_inside_the_model_via_dotdot")
+def _(ws):
+    m = ws.model()
+    d = data_folder(ws)
+    return Run(prepare(ws, m, d / ".." / "model" / "prepared"), ["--out", "is inside --model"], preserve=[m, d],
+               absent=[m / "prepared"])
+
+
+@case("convert_force_out_is_the_model")
+def _(ws):
+    m = ws.model()
+    return Run(["convert", "--model", str(m), "--out", str(m), "--force"], ["--out", "is the --model"], preserve=[m])
+
+
+@case("init_force_out_contains_the_config")
+def _(ws):
+    out = ws.case_dir / "new_model"
+    out.mkdir()
+    shutil.copy(ws.valid_model / "config.json", out / "config.json")
+    return Run(["init", "--config", str(out / "config.json"), "--out", str(out), "--force"],
+               ["--out", "contains --config"], preserve=[out])
+
+
+# 18.6: every error names the thing and the fault
+
+@case("train_batch_size_beyond_memory")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    argv = train(ws, m, out=out)
+    argv[argv.index("--batch-size") + 1] = "2000000000"
+    return Run(argv, ["B=2000000000", ("GiB", "any machine")],
+               preserve=[m, ws.corpus], absent=[out])
+
+
+@case("train_data_dev_zero")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    return Run(train(ws, m, data=Path("/dev/zero"), out=out), ["/dev/zero", "character device"],
+               preserve=[m, ws.corpus], absent=[out])
+
+
+@case("train_data_fifo")
+def _(ws):
+    m = ws.model()
+    fifo = ws.case_dir / "corpus.fifo"
+    os.mkfifo(fifo)
+    return Run(train(ws, m, data=fifo), ["corpus.fifo", "FIFO (named pipe)"], preserve=[m])
+
+
+@case("config_json_is_a_directory")
+def _(ws):
+    m = ws.model()
+    (m / "config.json").unlink()
+    (m / "config.json").mkdir()
+    return Run(score(m), ["config.json", "is a directory"], preserve=[m])
+
+
+@case("tokenizer_is_a_directory")
+def _(ws):
+    m = ws.model()
+    (m / "flotilla_tokenizer.json").unlink()
+    (m / "flotilla_tokenizer.json").mkdir()
+    return Run(generate(m), ["flotilla_tokenizer.json", "is a directory"], preserve=[m])
+
+
+@case("tokenizer_is_a_fifo")
+def _(ws):
+    m = ws.model()
+    (m / "flotilla_tokenizer.json").unlink()
+    os.mkfifo(m / "flotilla_tokenizer.json")
+    return Run(generate(m), ["flotilla_tokenizer.json", "FIFO (named pipe)"], preserve=[m])
+
+
+@case("tokenizer_vocabulary_larger_than_the_model")
+def _(ws):
+    m = ws.model()
+    shrink_vocab(m, 200)
+    return Run(generate(m), ["tokenizer", "200", "vocab"], preserve=[m])
+
+
+@case("train_prepared_shard_corrupted")
+def _(ws):
+    m = ws.model()
+    data = prepared_data(ws, m)
+    shard = data / "train-00000.fltk"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0x01  # one loss-mask bit: structurally valid, only the checksum sees it
+    shard.write_bytes(bytes(raw))
+    out = ws.fresh_out()
+    return Run(train(ws, m, data=data, out=out), ["train-00000.fltk", "CRC-32C", "data prepare"],
+               preserve=[m, data], absent=[out])
+
+
+@case("control_train_prepared_without_checksums")
+def _(ws):
+    # Folders prepared before shards had checksums still train.
+    m = ws.model()
+    data = prepared_data(ws, m)
+    def drop(index):
+        for split in index["splits"].values():
+            for shard in split["shards"]:
+                shard.pop("crc32c", None)
+    edit_json(data / "index.json", drop)
+    out = ws.fresh_out()
+    return Run(train(ws, m, data=data, out=out), kind="control", preserve=[m, data],
+               creates=[out / "model.safetensors"])
+
+
+# 18.7: safetensors the format forbids; non-finite weights
+
+@case("safetensors_duplicate_tensor_name")
+def _(ws):
+    m = ws.model()
+    p = m / "model.safetensors"
+    header, data = read_safetensors(p)
+    name = next(k for k in header if k != "__metadata__")
+    text = json.dumps(header, separators=(",", ":"))
+    entry = json.dumps({name: header[name]}, separators=(",", ":"))[1:-1]
+    text = text[:-1] + "," + entry + "}"  # the same name again, last
+    raw = text.encode()
+    raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return Run(score(m), ["model.safetensors", name, "twice"], preserve=[m])
+
+
+@case("safetensors_overlapping_tensors")
+def _(ws):
+    m = ws.model()
+    # Two tensors of one size, the first two layers' norms: the second aliases the first's bytes.
+    def edit_norms(h, d):
+        norms = [k for k in h if k.endswith("input_layernorm.weight")]
+        h[norms[1]]["data_offsets"] = list(h[norms[0]]["data_offsets"])
+    edit_safetensors(m / "model.safetensors", edit_norms)
+    return Run(score(m), ["model.safetensors", "overlap tensor"], preserve=[m])
+
+
+@case("safetensors_trailing_bytes")
+def _(ws):
+    m = ws.model()
+    with open(m / "model.safetensors", "ab") as f:
+        f.write(b"appended garbage")
+    return Run(score(m), ["model.safetensors", "trailing bytes"], preserve=[m])
+
+
+@case("control_non_finite_weight_warns")
+def _(ws):
+    m = ws.model()
+    poison_weight(m, "model.norm.weight", float("nan"))
+    return Run(score(m), ["model.norm.weight", "non-finite", "--strict"], kind="control", preserve=[m])
+
+
+@case("non_finite_weight_strict")
+def _(ws):
+    m = ws.model()
+    poison_weight(m, "model.layers.0.mlp.up_proj.weight", float("inf"))
+    return Run(score(m) + ["--strict"], ["model.layers.0.mlp.up_proj.weight", "non-finite", "inf"], preserve=[m])
+
+
+@case("train_non_finite_weight_strict")
+def _(ws):
+    m = ws.model()
+    poison_weight(m, "model.norm.weight", float("-inf"))
+    out = ws.fresh_out()
+    return Run(train(ws, m, out=out) + ["--strict"], ["model.norm.weight", "non-finite"], preserve=[m, ws.corpus],
+               absent=[out])
+
+
 # -- quantized models and convert: bad_input_quant.py
 from bad_input_quant import register_quant_cases  # noqa: E402  (next to this file)
 register_quant_cases(case, Run, (score, generate, train, edit_json, edit_safetensors))
@@ -806,10 +1160,10 @@ def check(run: Run, returncode: Optional[int], timed_out: bool, stdout: str, std
             problems.append(f"stderr does not start with {ERROR_PREFIX!r}")
     elif run.kind == "cli11" and not lines:
         problems.append("no message on stderr")
-    if run.kind != "control":
-        for needle in run.needles:
-            if not needle_present(needle, stderr):
-                problems.append(f"the message does not name {needle!r}")
+    # For a control, the needles are what a warning on stderr must name.
+    for needle in run.needles:
+        if not needle_present(needle, stderr):
+            problems.append(f"the message does not name {needle!r}")
 
     for path in run.creates:
         if not path.is_file():

@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
@@ -277,6 +279,43 @@ TEST(TensorStoreErrors, MissingTensorIsRejectedNamingTensorAndDirectory) {
   // A prefix mismatch gets a suggestion.
   EXPECT_THAT(input_error_of([&] { store.read_f32("norm.weight", dst, {8}); }),
               HasSubstr("did you mean 'model.norm.weight'?"));
+}
+
+TEST(TensorStore, NonFiniteWeightsAreNamedWarnedAboutByDefaultAndRefusedWhenStrict) {
+  TempDir tmp;
+  const Weights w(fresh_seed());
+  for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
+    SCOPED_TRACE(std::string(dtype_name(dt)));
+    std::vector<float> norm(w.norm.begin(), w.norm.end());
+    norm[5] = std::numeric_limits<float>::quiet_NaN();
+    norm[6] = -std::numeric_limits<float>::infinity();
+    std::vector<TensorToWrite> tensors = w.tensors();
+    for (TensorToWrite& t : tensors)
+      if (t.name == "model.norm.weight") t.data = norm.data();
+    write_safetensors(tmp / "model.safetensors", tensors, dt);
+    std::vector<float> got(8);
+    // Default: the values load as they are (the caller decides), with a warning.
+    const TensorStore lenient(tmp.path());
+    lenient.read_f32("model.norm.weight", got, {8});
+    EXPECT_TRUE(std::isnan(got[5]));
+    EXPECT_EQ(got[6], -std::numeric_limits<float>::infinity());
+    // Strict: an InputError naming the file, the tensor, the count and the first one.
+    const TensorStore strict(tmp.path(), NonFinitePolicy::refuse);
+    try {
+      strict.read_f32("model.norm.weight", got, {8});
+      ADD_FAILURE() << "no error for NaN and -inf";
+    } catch (const InputError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("model.safetensors: tensor 'model.norm.weight' holds 2 non-finite values "
+                                      "(the first, NaN, at flat index 5)"));
+    }
+    // The finite tensors of the same file read under either policy.
+    for (const TensorToWrite& t : tensors) {
+      if (t.name == "model.norm.weight") continue;
+      std::vector<float> other(t.shape.size() == 2 ? static_cast<size_t>(t.shape[0] * t.shape[1])
+                                                   : static_cast<size_t>(t.shape[0]));
+      EXPECT_NO_THROW(strict.read_f32(t.name, other, t.shape));
+    }
+  }
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
@@ -264,6 +265,31 @@ void expect_save_load_round_trip(const ModelConfig& cfg, uint64_t seed, const st
                            [](float x, float y) { return std::memcmp(&x, &y, sizeof x) == 0; }))
         << info.name;
   }
+}
+
+TEST(LlamaActivations, ABatchBeyondMemoryIsRefusedNamingItsShapeAndSize) {
+  Llama model(small_config(false));
+  model.init_random(test_seed());
+  // Beyond any machine: refused before a byte is allocated, with no int64 overflow.
+  for (const auto& [B, T] : {std::pair<int64_t, int64_t>{2'000'000'000, 128}, {INT64_MAX / 2, 64}}) {
+    try {
+      model.check_activation_memory(B, T);
+      ADD_FAILURE() << "B=" << B << " accepted";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(fmt::format("B={} x T={}", B, T)), std::string::npos) << e.what();
+    }
+  }
+  // Within int64 but above this machine's memory: the sizes are named.
+  try {
+    model.check_activation_memory(1'000'000, 2'000);
+    ADD_FAILURE() << "activations of 2e9 tokens accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("GiB, more than this machine's"), std::string::npos) << e.what();
+  }
+  // The forward pass runs the same check before it allocates the plan.
+  std::vector<int32_t> tokens(4, 1);
+  EXPECT_THROW(model.forward(tokens.data(), nullptr, 1'000'000, 2'000), InputError);
+  EXPECT_NO_THROW(model.check_activation_memory(2, 8));
 }
 
 TEST(LlamaSaveLoad, RoundTripIsBitIdentical) {

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/base/error.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
@@ -80,6 +81,34 @@ TEST(TrainJob, LossFallsOnTheSampleCorpus) {
   // 2.36): a model that learned only byte frequencies cannot go below 3.1 on average, so
   // < 2.8 means it uses context (measured 2.42 - 2.56, see above).
   EXPECT_LT(summary.final_valid_loss, 2.8);
+}
+
+TEST(TrainJob, AnAuxiliaryOutputThatCannotBeWrittenNeverCostsTheModel) {
+  TempDir out("aux_fails");
+  TrainJob job;
+  job.preset = "tiny";
+  job.data = kCorpus;
+  job.out_dir = out.path();
+  job.seed = test_seed();
+  job.train.batch_size = 2;
+  job.train.seq_len = 16;
+  job.train.steps = 2;
+  job.train.eval_batches = 1;
+  // A folder that does not exist: the CLI refuses it before the first step; here the
+  // library meets it only after training.
+  job.trace_path = out.path() / "no_such_folder" / "trace.json";
+  try {
+    run_train_job(job, {});
+    ADD_FAILURE() << "a trace that cannot be written is not reported";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("the model was written to " + out.path().string() + ", but not: trace"), std::string::npos)
+        << msg;
+  }
+  // Everything else was written, the model first.
+  EXPECT_NO_THROW(model::Llama::load(out.path()));
+  EXPECT_TRUE(std::filesystem::is_regular_file(out.path() / "metrics.jsonl"));
+  EXPECT_TRUE(std::filesystem::is_regular_file(out.path() / "report.json"));
 }
 
 TEST(TrainJob, WritesALoadableModelDirectoryAndMetrics) {

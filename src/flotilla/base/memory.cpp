@@ -1,5 +1,7 @@
 #include "flotilla/base/memory.hpp"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstring>
 
@@ -24,5 +26,10 @@ int64_t read_status_kb(const char* key) {
 
 int64_t peak_rss_bytes() { return read_status_kb("VmHWM:") * 1024; }
 int64_t current_rss_bytes() { return read_status_kb("VmRSS:") * 1024; }
+
+int64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_bytes = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page_bytes > 0 ? static_cast<int64_t>(pages) * page_bytes : 0;
+}
 
 }  // namespace flotilla

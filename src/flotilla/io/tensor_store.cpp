@@ -3,10 +3,14 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
+#include "flotilla/base/log.hpp"
 
 namespace flotilla::io {
 namespace {
@@ -49,7 +53,8 @@ std::string describe_missing_weights(const std::filesystem::path& dir) {
 }
 }  // namespace
 
-TensorStore::TensorStore(const std::filesystem::path& path) : path_(path) {
+TensorStore::TensorStore(const std::filesystem::path& path, NonFinitePolicy non_finite)
+    : path_(path), non_finite_(non_finite) {
   std::error_code ec;
   const auto status = std::filesystem::status(path, ec);
   if (!std::filesystem::exists(status)) fail(path, "no such file or directory");
@@ -156,7 +161,39 @@ void TensorStore::read_f32(std::string_view name, std::span<float> dst,
     throw Error(kComponent, fmt::format("read_f32('{}'): destination holds {} floats, the tensor "
                                         "has {}",
                                         name, dst.size(), t.numel()));
+  check_finite(t);
   convert_to_f32(t.dtype, t.bytes.data(), dst);
+}
+
+void TensorStore::check_finite(const TensorEntry& t) const {
+  // The exponent bits all ones: Inf or NaN, in each format.
+  uint64_t count = 0, first = 0;
+  float first_value = 0.0f;
+  const auto scan = [&]<typename Bits>(Bits exponent_mask, auto to_float) {
+    const size_t n = t.bytes.size() / sizeof(Bits);
+    for (size_t i = 0; i < n; ++i) {
+      Bits b;
+      std::memcpy(&b, t.bytes.data() + i * sizeof(Bits), sizeof(Bits));
+      if ((b & exponent_mask) != exponent_mask) continue;
+      if (count++ == 0) {
+        first = i;
+        first_value = to_float(b);
+      }
+    }
+  };
+  switch (t.dtype) {
+    case DType::f32: scan(uint32_t{0x7F800000u}, [](uint32_t b) { return std::bit_cast<float>(b); }); break;
+    case DType::f16: scan(uint16_t{0x7C00u}, [](uint16_t b) { return f16_to_f32(b); }); break;
+    case DType::bf16: scan(uint16_t{0x7F80u}, [](uint16_t b) { return bf16_to_f32(b); }); break;
+    default: return;
+  }
+  if (count == 0) return;
+  const std::string what =
+      fmt::format("{}: tensor '{}' holds {} non-finite value{} (the first, {}, at flat index {})", t.file.string(),
+                  t.name, count, count == 1 ? "" : "s", std::isnan(first_value) ? "NaN" : first_value > 0 ? "inf" : "-inf",
+                  first);
+  if (non_finite_ == NonFinitePolicy::refuse) throw InputError(kComponent, what + " (refused: --strict)");
+  log::warn("{} (pass --strict to refuse such weights)", what);
 }
 
 }  // namespace flotilla::io

@@ -16,6 +16,7 @@
 #include <string_view>
 #include <vector>
 
+#include "flotilla/io/non_finite.hpp"
 #include "flotilla/io/safetensors.hpp"
 
 namespace flotilla::io {
@@ -26,7 +27,7 @@ class TensorStore {
   // "[io/tensor_store] <path>: ..." when the directory holds no weights, the index names a
   // missing shard, or a tensor the index lists is not in its shard; header faults come
   // from SafetensorsFile.
-  explicit TensorStore(const std::filesystem::path& path);
+  explicit TensorStore(const std::filesystem::path& path, NonFinitePolicy non_finite = NonFinitePolicy::warn);
 
   const std::filesystem::path& path() const { return path_; }
   bool has(std::string_view name) const;
@@ -37,7 +38,8 @@ class TensorStore {
   size_t size() const { return entries_.size(); }
 
   // Converts tensor `name` (F32, F16 or BF16) into `dst` as float32 after checking that
-  // its shape is `expected_shape`; dst.size() must be the element count.
+  // its shape is `expected_shape`; dst.size() must be the element count. Non-finite values
+  // are reported by check_finite first.
   void read_f32(std::string_view name, std::span<float> dst,
                 std::span<const int64_t> expected_shape) const;
   void read_f32(std::string_view name, std::span<float> dst,
@@ -45,11 +47,17 @@ class TensorStore {
     read_f32(name, dst, std::span<const int64_t>(expected_shape.begin(), expected_shape.size()));
   }
 
+  // Scans a float tensor (F32, F16, BF16; other dtypes have no NaN) for NaN and Inf; when
+  // it holds any, warns or refuses as the policy says, naming the file, the tensor, how
+  // many and the first one's index.
+  void check_finite(const TensorEntry& t) const;
+
  private:
   void open_single(const std::filesystem::path& file);
   void open_sharded(const std::filesystem::path& index_file);
 
   std::filesystem::path path_;
+  NonFinitePolicy non_finite_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorEntry*, std::less<>> entries_;
 };

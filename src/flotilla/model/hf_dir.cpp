@@ -14,11 +14,11 @@ namespace flotilla::model {
 
 QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg);
 
-Llama Llama::load(const std::filesystem::path& dir) {
+Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite) {
   if (!std::filesystem::is_directory(dir))
     throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig cfg = ModelConfig::load(dir / "config.json");
-  auto store_owner = std::make_shared<const io::TensorStore>(dir);
+  auto store_owner = std::make_shared<const io::TensorStore>(dir, non_finite);
   const io::TensorStore& store = *store_owner;
   // Which weights are stored quantized: those with a P.scales next to P.weight, as mlx_lm
   // decides when it loads (config.json says how, the tensors say which).

@@ -5,9 +5,11 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <new>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/log.hpp"
+#include "flotilla/base/memory.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/kernels/quant.hpp"
@@ -163,14 +165,36 @@ int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
 
 int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
                                 bool grad_checkpoint) {
+  if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
+  // Bounds under which every product of the plan table fits in int64 (the largest is the
+  // attention probabilities, B * heads * T * T per layer); far past any machine's memory.
+  const double tokens = static_cast<double>(B) * static_cast<double>(T);
+  const double probs = tokens * static_cast<double>(T) * static_cast<double>(cfg.n_heads) *
+                       static_cast<double>(cfg.n_layers);
+  if (tokens > 0x1p31 || probs > 0x1p58)
+    throw InputError("model", fmt::format("a micro-batch of B={} x T={} ({:.3g} tokens) is beyond what any machine "
+                                          "can hold the activations of: lower the batch size or the sequence length",
+                                          B, T, tokens));
   ActivationPlan scratch;
   int64_t total = 0;
   for (const auto& e : plan_table(scratch, cfg, lora, B, T, grad_checkpoint)) total += padded(e.numel);
   return total * static_cast<int64_t>(sizeof(float));
 }
 
+void Llama::check_activation_memory(int64_t B, int64_t T) const {
+  const int64_t bytes = activation_bytes(B, T);
+  const int64_t memory = physical_memory_bytes();
+  if (memory > 0 && bytes > memory)
+    throw InputError("model", fmt::format("activations for a micro-batch of B={} x T={} need {:.1f} GiB, more than "
+                                          "this machine's {:.1f} GiB of memory: lower the batch size or the "
+                                          "sequence length",
+                                          B, T, static_cast<double>(bytes) / (1 << 30),
+                                          static_cast<double>(memory) / (1 << 30)));
+}
+
 void Llama::plan(int64_t B, int64_t T) {
   if (acts_.B == B && acts_.T == T && !acts_.memory.empty()) return;
+  check_activation_memory(B, T);
   const int64_t N = B * T, hd = cfg_.head_dim;
   ActivationPlan& a = acts_;
   a.B = B;
@@ -179,7 +203,14 @@ void Llama::plan(int64_t B, int64_t T) {
   int64_t total = 0;
   for (const auto& e : table) total += padded(e.numel);
   a.memory = Buffer<float>();  // release the old plan before allocating the new one
-  a.memory.resize(static_cast<size_t>(total));
+  try {
+    a.memory.resize(static_cast<size_t>(total));
+  } catch (const std::bad_alloc&) {
+    acts_ = ActivationPlan();
+    throw InputError("model", fmt::format("cannot allocate {:.1f} GiB for the activations of a micro-batch of B={} x "
+                                          "T={}: lower the batch size or the sequence length",
+                                          static_cast<double>(total) * 4.0 / (1 << 30), B, T));
+  }
   int64_t offset = 0;
   for (const auto& e : table) {
     *e.view = a.memory.data() + offset;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "flotilla/base/buffer.hpp"
+#include "flotilla/io/non_finite.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/params.hpp"
@@ -91,7 +92,9 @@ class Llama {
   // A quantized directory (MLX layout: P.weight packed, P.scales, P.biases and config
   // "quantization") stays packed: its quantized weights are views into the mapped files,
   // which the model keeps open; only norms and other float tensors are copied.
-  static Llama load(const std::filesystem::path& dir);
+  // A float weight (or a quantized weight's scales and biases) holding NaN or Inf is
+  // reported naming the tensor: a warning, or an InputError with NonFinitePolicy::refuse.
+  static Llama load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn);
   // Writes config.json and model.safetensors (or shards above max_shard_bytes) that
   // transformers reads as the same model. Does not write a tokenizer. A quantized model
   // is written in MLX's layout (see model_writer.hpp).
@@ -187,8 +190,13 @@ class Llama {
   int64_t activation_bytes(int64_t B, int64_t T) const;
   // The same without a model (whose constructor allocates every weight): for a model of
   // `cfg` with these adapters attached (nullptr: none). What the planner uses.
+  // InputError for a shape so large that no machine could hold it (or that overflows).
   static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
                                   bool grad_checkpoint = false);
+  // InputError when the activation plan of (B, T) is larger than this machine's memory,
+  // naming the shape and both sizes: a batch that cannot fit is refused before the first
+  // step, rather than found by an allocation failure (or the OOM killer) inside it.
+  void check_activation_memory(int64_t B, int64_t T) const;
 
   // Overlap of communication with backward: backward calls `ready(begin, end)` for each
   // range of trainable().grads as soon as it is final — the head (final norm, an untied

@@ -190,12 +190,15 @@ void LoraAdapters::save_peft(const std::filesystem::path& dir, const std::string
   write_file_atomic(dir / "adapter_config.json", config.dump(2) + "\n");
 }
 
-LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const ModelConfig& model) {
+LoraAdapters LoraAdapters::load_peft(const std::filesystem::path& dir, const ModelConfig& model,
+                                     io::NonFinitePolicy non_finite) {
   const std::filesystem::path config_path = dir / "adapter_config.json";
-  return load_peft_files(read_adapter_config(config_path), config_path, dir / "adapter_model.safetensors", model);
+  return load_peft_files(read_adapter_config(config_path), config_path, dir / "adapter_model.safetensors", model,
+                         non_finite);
 }
 
-LoraAdapters LoraAdapters::load(const std::filesystem::path& path, const ModelConfig& model) {
+LoraAdapters LoraAdapters::load(const std::filesystem::path& path, const ModelConfig& model,
+                                io::NonFinitePolicy non_finite) {
   std::error_code ec;
   const bool is_file = std::filesystem::is_regular_file(path, ec);
   if (!is_file && !std::filesystem::is_directory(path, ec))
@@ -207,8 +210,8 @@ LoraAdapters LoraAdapters::load(const std::filesystem::path& path, const ModelCo
                                              "mlx_lm adapter folder has one)", dir.string()));
   const nlohmann::json j = read_adapter_config(config_path);
   if (j.is_object() && j.contains("lora_parameters"))
-    return load_mlx_files(j, config_path, is_file ? path : dir / "adapters.safetensors", model);
-  return load_peft_files(j, config_path, is_file ? path : dir / "adapter_model.safetensors", model);
+    return load_mlx_files(j, config_path, is_file ? path : dir / "adapters.safetensors", model, non_finite);
+  return load_peft_files(j, config_path, is_file ? path : dir / "adapter_model.safetensors", model, non_finite);
 }
 
 nlohmann::json LoraAdapters::read_adapter_config(const std::filesystem::path& config_path) {
@@ -220,7 +223,8 @@ nlohmann::json LoraAdapters::read_adapter_config(const std::filesystem::path& co
 }
 
 LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::filesystem::path& config_path,
-                                          const std::filesystem::path& weights_path, const ModelConfig& model) {
+                                          const std::filesystem::path& weights_path, const ModelConfig& model,
+                                          io::NonFinitePolicy non_finite) {
   auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
   const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
   try {
@@ -266,7 +270,7 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
       fail(reason(e));
     }
     LoraAdapters& adapters = *made;
-    const io::TensorStore store(weights_path);
+    const io::TensorStore store(weights_path, non_finite);
     // mlx_lm's names: the model's own module path, then lora_a (in, rank) / lora_b (rank, out).
     std::map<std::string, std::pair<int64_t, LoraTarget>> expected;  // name -> (layer, target)
     for (int64_t l = adapters.first_layer(); l < model.n_layers; ++l)
@@ -305,7 +309,8 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
 }
 
 LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::filesystem::path& config_path,
-                                           const std::filesystem::path& weights_path, const ModelConfig& model) {
+                                           const std::filesystem::path& weights_path, const ModelConfig& model,
+                                           io::NonFinitePolicy non_finite) {
   auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
   // The message of an InputError from below, without its "[component] " prefix.
   const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
@@ -378,7 +383,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
       fail(reason(e));
     }
     LoraAdapters& adapters = *made;
-    const io::TensorStore store(weights_path);
+    const io::TensorStore store(weights_path, non_finite);
     // Names first: a tensor this model lacks (adapters for another model, a renamed tensor)
     // is named as itself, not as the expected tensor it displaced.
     std::string adapted;  // "q_proj,v_proj"

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/buffer.hpp"
+#include "flotilla/io/non_finite.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/params.hpp"
 
@@ -74,13 +75,16 @@ class LoraAdapters {
   void save_peft(const std::filesystem::path& dir, const std::string& base_model) const;
   // Reads a PEFT adapter directory for a model of config `model`. InputError naming the
   // file for a missing or misshapen tensor, an unsupported setting (DoRA, rsLoRA, biases).
-  static LoraAdapters load_peft(const std::filesystem::path& dir, const ModelConfig& model);
+  // Non-finite adapter weights are reported as Llama::load reports the model's.
+  static LoraAdapters load_peft(const std::filesystem::path& dir, const ModelConfig& model,
+                                io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn);
   // Reads adapters in either layout from a folder or from a weights file inside one (its
   // adapter_config.json beside it): PEFT's, or mlx_lm's (adapters.safetensors with
   // "model.layers.{i}.self_attn.q_proj.lora_a" (in, rank) and ".lora_b" (rank, out), and an
   // adapter_config.json with num_layers and lora_parameters {rank, scale, dropout, keys};
   // alpha = scale * rank). The config decides: `lora_parameters` means mlx_lm.
-  static LoraAdapters load(const std::filesystem::path& path, const ModelConfig& model);
+  static LoraAdapters load(const std::filesystem::path& path, const ModelConfig& model,
+                           io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn);
 
   // W += scale * B A for every adapted layer of `base_params` (laid out by `layout`):
   // the fused model computes what base + adapters compute (dropout is off at inference).
@@ -93,9 +97,11 @@ class LoraAdapters {
   void merge_slot(int64_t layer, LoraTarget t, float* w) const;
   static nlohmann::json read_adapter_config(const std::filesystem::path& config_path);
   static LoraAdapters load_peft_files(const nlohmann::json& config, const std::filesystem::path& config_path,
-                                      const std::filesystem::path& weights_path, const ModelConfig& model);
+                                      const std::filesystem::path& weights_path, const ModelConfig& model,
+                                      io::NonFinitePolicy non_finite);
   static LoraAdapters load_mlx_files(const nlohmann::json& config, const std::filesystem::path& config_path,
-                                     const std::filesystem::path& weights_path, const ModelConfig& model);
+                                     const std::filesystem::path& weights_path, const ModelConfig& model,
+                                     io::NonFinitePolicy non_finite);
   class Table : public ParamTable {
    public:
     using ParamTable::add;

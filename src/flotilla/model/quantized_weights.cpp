@@ -61,6 +61,8 @@ QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, 
       throw InputError(kComponent, fmt::format("{}: {} is {} (F16, BF16 or F32 expected)", where, t->name,
                                                dtype_name(t->dtype)));
   }
+  store.check_finite(s);
+  store.check_finite(b);
   if (s.dtype != b.dtype)
     throw InputError(kComponent, fmt::format("{}: {}.scales is {} but {}.biases is {}", where, m, dtype_name(s.dtype),
                                              m, dtype_name(b.dtype)));

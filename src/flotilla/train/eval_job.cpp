@@ -11,6 +11,7 @@
 #include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/train/trainer.hpp"
 
@@ -18,16 +19,17 @@ namespace flotilla::train {
 
 EvalResult run_eval_job(const EvalJob& job) {
   if (job.batch_size <= 0 || job.seq_len <= 0) throw InputError("eval", "--batch-size and --seq-len must be positive");
-  model::Llama model = model::Llama::load(job.model_dir);
+  model::Llama model = model::Llama::load(job.model_dir, job.non_finite);
   if (job.seq_len > model.config().max_position)
     throw InputError("eval", fmt::format("--seq-len {} exceeds the model's {} positions (max_position_embeddings)",
                                          job.seq_len, model.config().max_position));
   std::optional<model::LoraAdapters> adapters;
   if (!job.adapter_dir.empty()) {
-    adapters.emplace(model::LoraAdapters::load(job.adapter_dir, model.config()));
+    adapters.emplace(model::LoraAdapters::load(job.adapter_dir, model.config(), job.non_finite));
     model.attach_lora(&*adapters);
   }
   const auto tokenizer = text::Tokenizer::load_for_model(job.model_dir);
+  model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   int64_t batches = 0;
   auto counting = [&batches](const std::function<bool(data::Batch&)>& next) {
     return [&batches, next](data::Batch& b) {

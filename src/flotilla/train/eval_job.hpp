@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <string>
 
+#include "flotilla/io/non_finite.hpp"
+
 namespace flotilla::train {
 
 struct EvalJob {
@@ -17,6 +19,7 @@ struct EvalJob {
   int64_t seq_len = 512;
   int64_t max_batches = 0;            // 0: the whole split (one pass)
   bool pack = true;
+  io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn;  // weights holding NaN or Inf
 };
 
 struct EvalResult {

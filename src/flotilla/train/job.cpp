@@ -11,6 +11,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/hash.hpp"
 #include "flotilla/base/file.hpp"
+#include "flotilla/base/log.hpp"
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/stop_signal.hpp"
 #include "flotilla/base/timer.hpp"
@@ -21,6 +22,7 @@
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/train/checkpoint.hpp"
@@ -32,7 +34,7 @@ namespace {
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer) {
   const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
   if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
-  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir);
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite);
   model::ModelConfig cfg =
       job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
   // A new model speaks its tokenizer's special ids; config.json records them for HF.
@@ -135,6 +137,9 @@ std::string base_model_name(const TrainJob& job) {
 // A digest that is the same on every machine and build (std::hash need not be).
 std::string fnv1a_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
+void write_report(const TrainJob& job, const nlohmann::json& config, const std::string& metrics,
+                  const Trainer& trainer, TrainSummary& summary, int world);
+
 }  // namespace
 
 nlohmann::json train_job_config_json(const TrainJob& job) {
@@ -188,15 +193,13 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   if (job.train.seq_len > cfg.max_position)
     throw InputError("train", fmt::format("--seq-len {} exceeds the model's {} positions (max_position_embeddings)",
                                           job.train.seq_len, cfg.max_position));
-  if (tokenizer->vocab_size() > cfg.vocab_size)
-    throw InputError("train", fmt::format("tokenizer '{}' has {} tokens but the model's vocabulary is {}",
-                                          tokenizer->name(), tokenizer->vocab_size(), cfg.vocab_size));
+  model::check_tokenizer_fits(*tokenizer, cfg, job.model_dir);
 
   // LoRA: adapters over the frozen base; the optimizer and checkpoints see only them.
   std::optional<model::LoraAdapters> adapters;
   if (job.fine_tune == FineTuneType::lora) {
     if (!job.resume_adapter.empty()) {
-      adapters.emplace(model::LoraAdapters::load(job.resume_adapter, cfg));
+      adapters.emplace(model::LoraAdapters::load(job.resume_adapter, cfg, job.non_finite));
       check_resumed_adapter(job, adapters->config(), cfg.n_layers);
       info(fmt::format("LoRA: continuing from {}", job.resume_adapter.string()));
     } else {
@@ -258,6 +261,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   }
   const int64_t T = job.train.seq_len;
   model.set_grad_checkpoint(job.grad_checkpoint);
+  model.check_activation_memory(job.train.batch_size, T);  // before the data loads, not at the first step
   info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB{}",
                    model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6,
                    job.train.batch_size, T,
@@ -548,24 +552,60 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     info(fmt::format("test: loss {:.4f}, perplexity {:.3f} ({} target tokens)", e.loss, std::exp(e.loss), e.tokens));
   }
   summary.peak_rss_bytes = peak_rss_bytes();
-  if (trace) {
-    std::filesystem::path path = job.trace_path;
-    if (rank != 0)
-      path.replace_filename(fmt::format("{}.rank{}{}", path.stem().string(), rank, path.extension().string()));
-    trace->write(path, rank);
+  const auto write_trace = [&] {
+    trace->write(trace_path_of_rank(job.trace_path, rank), rank);
     info(fmt::format("trace: {} ({} events; open in https://ui.perfetto.dev or chrome://tracing)",
                      job.trace_path.string(), trace->size()));
-  }
+  };
+  // Auxiliary outputs (trace, metrics, report) are written each on its own: one that cannot
+  // be written is reported once everything else is, and never stands in the model's way.
+  std::vector<std::string> unwritten;
+  const auto auxiliary = [&](std::string_view what, const std::function<void()>& write) {
+    try {
+      write();
+    } catch (const std::exception& e) {
+      unwritten.push_back(fmt::format("{} ({})", what, e.what()));
+    }
+  };
+  // The trace first, on every rank: it shows what happened, a divergence included.
+  if (trace) auxiliary("trace", write_trace);
   check_weights_finite(summary.steps, "the model is");
-  if (!root) return summary;
+  if (!root) {
+    // A rank's trace is its only output: a failure is told, and never ends the job while
+    // rank 0 writes the model.
+    for (const std::string& u : unwritten) log::warn("rank {}: not written: {}", rank, u);
+    return summary;
+  }
+  // The model next: what the run was for.
   if (adapters) {
     adapters->save_peft(job.out_dir, base_model_name(job));
   } else {
     model.save(job.out_dir);
     tokenizer->save(job.out_dir);
   }
-  write_file_atomic(metrics_path, metrics);
-  // The report: the numbers and the loss curves of the whole run (resumed history included).
+  auxiliary("metrics", [&] { write_file_atomic(metrics_path, metrics); });
+  auxiliary("report", [&] { write_report(job, config, metrics, trainer, summary, world); });
+  if (!unwritten.empty()) {
+    std::string list;
+    for (const std::string& u : unwritten) list += (list.empty() ? "" : "; ") + u;
+    throw Error("train", fmt::format("the {} was written to {}, but not: {}", adapters ? "adapters" : "model",
+                                     job.out_dir.string(), list));
+  }
+  return summary;
+}
+
+std::filesystem::path trace_path_of_rank(const std::filesystem::path& trace, int rank) {
+  if (rank == 0) return trace;
+  std::filesystem::path path = trace;
+  path.replace_filename(fmt::format("{}.rank{}{}", trace.stem().string(), rank, trace.extension().string()));
+  return path;
+}
+
+namespace {
+// report.json and loss.svg: the numbers and the loss curves of the whole run (resumed
+// history included). Fills summary.gradient_bytes_per_step for the caller.
+void write_report(const TrainJob& job, const nlohmann::json& config, const std::string& metrics,
+                  const Trainer& trainer, TrainSummary& summary, int world) {
   LossCurves curves;
   size_t begin = 0;
   while (begin < metrics.size()) {
@@ -620,7 +660,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     report["final_valid_perplexity"] = std::exp(summary.final_valid_loss);
   }
   write_run_report(job.out_dir, report, curves);
-  return summary;
 }
+}  // namespace
 
 }  // namespace flotilla::train

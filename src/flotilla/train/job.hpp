@@ -20,6 +20,7 @@ enum class FineTuneType { full, lora };
 
 struct TrainJob {
   std::filesystem::path model_dir;  // start from these weights, or:
+  io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn;  // their NaN or Inf: warn or refuse
   std::string preset;               // a preset's random init, or:
   std::filesystem::path config_json;  // a config.json's random init
   // A prepared dataset folder, an mlx_lm data folder (train.jsonl [valid.jsonl test.jsonl],
@@ -94,7 +95,14 @@ struct TrainSummary {
   double gradient_bytes_per_step = 0.0;
 };
 
+// Runs the job. The model (or adapters) is written first; metrics, report and trace after
+// it, so that a failure to write one of those never costs the model: it is an Error
+// raised once everything else is written, naming what is missing.
 TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks);
+
+// Where `rank` writes its trace: `trace` itself for rank 0, NAME.rankN.EXT beside it for
+// the others.
+std::filesystem::path trace_path_of_rank(const std::filesystem::path& trace, int rank);
 
 // The job's configuration as JSON: what a checkpoint records in config.json and what a
 // resumed run compares with its own.
