@@ -8,6 +8,7 @@
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/llama.hpp"
 
@@ -61,7 +62,7 @@ void add_grads_command(CLI::App& app) {
     try {
       j = nlohmann::json::parse(read_text_file(opt->batch));
     } catch (const nlohmann::json::parse_error& e) {
-      throw InputError("grads", fmt::format("{}: not JSON: {}", opt->batch, e.what()));
+      throw InputError("grads", fmt::format("{}: not JSON: {}", opt->batch, json_error_text(e)));
     }
     int64_t B = 0, T = 0, Bt = 0, Tt = 0;
     const std::vector<int32_t> tokens = read_rows(j, "tokens", opt->batch, B, T);

@@ -55,6 +55,8 @@ CRASH_MARKERS = (
     "AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error",
     "Segmentation", "terminate called", "Aborted", "core dumped", "std::bad_alloc",
 )
+# Exception text meant for programmers, not users: nlohmann::json's "[json.exception.type_error.302] ".
+INTERNAL_TAGS = ("[json.exception",)
 ERROR_PREFIX = "flotilla: error:"
 INPUT_ERROR_EXIT = 2  # main(): InputError -> 2, any other exception -> 1
 
@@ -844,6 +846,22 @@ def _(ws):
                preserve=[m, ws.corpus, trace], absent=[out])
 
 
+@case("train_trace_unwritable")
+def _(ws):
+    # /proc takes no new files, for root too: the trace could never be written.
+    m = ws.model()
+    out = ws.fresh_out()
+    return Run(train(ws, m, out=out) + ["--trace", "/proc/flotilla_trace.json"], ["--trace", "cannot write into /proc"],
+               preserve=[m, ws.corpus], absent=[out])
+
+
+@case("train_out_unwritable")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m, out=Path("/proc/flotilla_run")), ["/proc/flotilla_run", "cannot write into /proc"],
+               preserve=[m, ws.corpus])
+
+
 @case("train_out_under_a_file")
 def _(ws):
     m = ws.model()
@@ -1152,6 +1170,9 @@ def check(run: Run, returncode: Optional[int], timed_out: bool, stdout: str, std
     for marker in CRASH_MARKERS:
         if marker in stderr or marker in stdout:
             problems.append(f"crash or sanitizer marker {marker!r} in the output")
+    for tag in INTERNAL_TAGS:
+        if tag in stderr:
+            problems.append(f"a library's internal tag {tag!r} reaches the user")
 
     if run.kind == "error":
         if len(lines) != 1:

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/rng.hpp"
 
 namespace flotilla::data {
@@ -159,7 +160,7 @@ void BatchSampler::set_state(const nlohmann::json& st) {
       micro_step_ = micro_step;
     }
   } catch (const nlohmann::json::exception& e) {
-    fail(std::string("malformed state: ") + e.what());
+    fail("malformed state: " + json_error_text(e));
   }
 }
 

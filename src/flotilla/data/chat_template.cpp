@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/file.hpp"
+#include "flotilla/base/json_error.hpp"
 
 namespace flotilla::data {
 namespace {
@@ -256,7 +257,7 @@ std::string read_chat_template_string(const std::filesystem::path& model_dir, st
     try {
       j = nlohmann::json::parse(read_text_file(config));
     } catch (const nlohmann::json::exception& e) {
-      throw InputError(kComponent, fmt::format("{}: not valid JSON ({})", config.string(), e.what()));
+      throw InputError(kComponent, fmt::format("{}: not valid JSON ({})", config.string(), json_error_text(e)));
     }
     if (j.is_object() && j.contains("chat_template")) {
       const nlohmann::json& t = j["chat_template"];

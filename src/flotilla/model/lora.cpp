@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/io/safetensors.hpp"
@@ -218,7 +219,7 @@ nlohmann::json LoraAdapters::read_adapter_config(const std::filesystem::path& co
   try {
     return nlohmann::json::parse(read_text_file(config_path));
   } catch (const nlohmann::json::parse_error& e) {
-    throw InputError(kComponent, fmt::format("{}: not JSON: {}", config_path.string(), e.what()));
+    throw InputError(kComponent, fmt::format("{}: not JSON: {}", config_path.string(), json_error_text(e)));
   }
 }
 
@@ -400,7 +401,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
     }
     return std::move(adapters);
   } catch (const nlohmann::json::exception& e) {
-    fail(std::string("malformed: ") + e.what());
+    fail("malformed: " + json_error_text(e));
   }
   throw Error(kComponent, "unreachable");
 }

@@ -16,6 +16,7 @@
 #include "flotilla/base/crc32c.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/io/safetensors.hpp"
 
 namespace flotilla::train {
@@ -123,7 +124,7 @@ nlohmann::json read_json(const fs::path& path) {
   try {
     return nlohmann::json::parse(read_text_file(path));
   } catch (const nlohmann::json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), e.what()));
+    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
   }
 }
 
@@ -284,7 +285,7 @@ std::string verify_checkpoint(const fs::path& step_dir) {
       if (!problem.empty()) return problem;
     }
   } catch (const nlohmann::json::exception& e) {
-    return fmt::format("{}: malformed: {}", kCheckpointManifestFile, e.what());
+    return fmt::format("{}: malformed: {}", kCheckpointManifestFile, json_error_text(e));
   }
   return {};
 }
@@ -478,7 +479,7 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
     }
     if (!state.contains("data")) throw bad("has no data source state");
   } catch (const nlohmann::json::exception& e) {
-    throw bad(std::string("malformed: ") + e.what());
+    throw bad("malformed: " + json_error_text(e));
   }
   if (step < 0 || optimizer_step < 0) throw bad("negative step");
 
