@@ -983,6 +983,21 @@ def _(ws):
                preserve=[m, ws.corpus], absent=[out])
 
 
+@case("init_model_beyond_memory")
+def _(ws):
+    # 2^31 x 64 embedding rows (and as many in lm_head): 1 TiB of float32 weights, within what a config may say but
+    # beyond this machine: refused with the sizes, not a bad_alloc or an out-of-memory kill.
+    config = json.loads((ws.valid_model / "config.json").read_text())
+    config.update(vocab_size=2 ** 31)
+    for key in ("bos_token_id", "eos_token_id"):
+        config.pop(key, None)
+    path = ws.case_dir / "huge.json"
+    path.write_text(json.dumps(config))
+    out = ws.fresh_out()
+    return Run(["init", "--config", str(path), "--out", str(out)], ["parameters", "GiB", "memory"], preserve=[path],
+               absent=[out / "model.safetensors"])
+
+
 @case("train_data_dev_zero")
 def _(ws):
     m = ws.model()

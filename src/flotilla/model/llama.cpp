@@ -17,10 +17,29 @@
 namespace flotilla::model {
 namespace k = flotilla::kernels;
 
-Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(static_cast<size_t>(layout_.total_numel())) {}
+namespace {
+// The float32 parameters of a model: refused with the sizes when they exceed this machine's
+// memory (an allocation that succeeds on overcommit would be killed while being zeroed).
+Buffer<float> allocate_parameters(int64_t numel) {
+  const double gib = static_cast<double>(numel) * 4.0 / (1 << 30);
+  const int64_t memory = physical_memory_bytes();
+  if (memory > 0 && numel > memory / 4)
+    throw InputError("model", fmt::format("a model of {} parameters needs {:.1f} GiB for its float32 weights, more "
+                                          "than this machine's {:.1f} GiB of memory",
+                                          numel, gib, static_cast<double>(memory) / (1 << 30)));
+  try {
+    return Buffer<float>(static_cast<size_t>(numel));
+  } catch (const std::bad_alloc&) {
+    throw InputError("model", fmt::format("cannot allocate {:.1f} GiB for the float32 weights of a model of {} "
+                                          "parameters", gib, numel));
+  }
+}
+}  // namespace
+
+Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(allocate_parameters(layout_.total_numel())) {}
 
 Llama::Llama(const ModelConfig& cfg, const std::set<std::string>& quantized)
-    : cfg_(cfg), layout_(cfg, quantized), params_(static_cast<size_t>(layout_.total_numel())) {}
+    : cfg_(cfg), layout_(cfg, quantized), params_(allocate_parameters(layout_.total_numel())) {}
 
 void Llama::linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
                            int64_t OC) const {
