@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/file.hpp"
 
 namespace flotilla::data {
@@ -13,15 +14,6 @@ namespace {
 constexpr const char* kComponent = "data/jsonl";
 
 using json = nlohmann::json;
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_text(const json::exception& e) {
-  std::string_view what = e.what();
-  if (!what.empty() && what.front() == '[') {
-    if (const size_t end = what.find("] "); end != std::string_view::npos) what.remove_prefix(end + 2);
-  }
-  return std::string(what);
-}
 
 std::string_view json_type_name(const json& j) {
   switch (j.type()) {

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/file.hpp"
 
 namespace flotilla::data {
@@ -30,15 +31,6 @@ void for_each_line(std::string_view content, F&& f) {
     if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
     f(line, ++line_number);
   }
-}
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_text(const nlohmann::json::exception& e) {
-  std::string_view what = e.what();
-  if (!what.empty() && what.front() == '[') {
-    if (const size_t end = what.find("] "); end != std::string_view::npos) what.remove_prefix(end + 2);
-  }
-  return std::string(what);
 }
 
 std::string_view json_type_name(const nlohmann::json& j) {

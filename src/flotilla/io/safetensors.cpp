@@ -11,6 +11,7 @@
 #include <system_error>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/log.hpp"
 
 namespace flotilla::io {
@@ -39,15 +40,6 @@ std::optional<uint64_t> as_u64(const ordered_json& v) {
   if (v.is_number_unsigned()) return v.get<uint64_t>();
   if (v.is_number_integer() && v.get<int64_t>() >= 0) return static_cast<uint64_t>(v.get<int64_t>());
   return std::nullopt;
-}
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_detail(const std::exception& e) {
-  const std::string_view what = e.what();
-  const size_t tag_end = what.find("] ");
-  if (what.starts_with("[json.exception") && tag_end != std::string_view::npos)
-    return std::string(what.substr(tag_end + 2));
-  return std::string(what);
 }
 
 std::string supported_dtypes() {
@@ -313,7 +305,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
         };
     header = ordered_json::parse(text, text + header_bytes, check);
   } catch (const nlohmann::json::parse_error& e) {
-    fail(path, fmt::format("header is not valid JSON (byte {}): {}", e.byte, json_error_detail(e)));
+    fail(path, fmt::format("header is not valid JSON (byte {}): {}", e.byte, json_error_text(e)));
   }
   if (!header.is_object()) fail(path, "header is not a JSON object");
 

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/log.hpp"
 
@@ -18,15 +19,6 @@ constexpr std::string_view kComponent = "io/tensor_store";
 
 [[noreturn]] void fail(const std::filesystem::path& file, std::string_view what) {
   throw InputError(kComponent, file.string() + ": " + std::string(what));
-}
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_detail(const std::exception& e) {
-  const std::string_view what = e.what();
-  const size_t tag_end = what.find("] ");
-  if (what.starts_with("[json.exception") && tag_end != std::string_view::npos)
-    return std::string(what.substr(tag_end + 2));
-  return std::string(what);
 }
 
 // What a directory without safetensors weights holds instead, for the error's hint.
@@ -83,7 +75,7 @@ void TensorStore::open_sharded(const std::filesystem::path& index_file) {
   try {
     index = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
-    fail(index_file, fmt::format("not valid JSON (byte {}): {}", e.byte, json_error_detail(e)));
+    fail(index_file, fmt::format("not valid JSON (byte {}): {}", e.byte, json_error_text(e)));
   }
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     fail(index_file, "missing object 'weight_map'");

@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/file.hpp"
 
 namespace flotilla::model {
@@ -164,15 +165,6 @@ kernels::RopeScaling parse_rope_scaling(const json& j, std::string_view source,
   if (s.original_max_position <= 0)
     f.fail(fmt::format("{}.original_max_position_embeddings must be positive", field));
   return s;
-}
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_detail(const std::exception& e) {
-  const std::string_view what = e.what();
-  const size_t tag_end = what.find("] ");
-  if (what.starts_with("[json.exception") && tag_end != std::string_view::npos)
-    return std::string(what.substr(tag_end + 2));
-  return std::string(what);
 }
 
 // The shortest decimal that reads back as the same float: 1e-5f is written 1e-05, not
@@ -360,7 +352,7 @@ ModelConfig ModelConfig::load(const std::filesystem::path& config_json) {
   } catch (const json::parse_error& e) {
     throw InputError(kComponent, fmt::format("{}: not valid JSON (byte {}): {}",
                                              config_json.string(), e.byte,
-                                             json_error_detail(e)));
+                                             json_error_text(e)));
   }
   return from_json(j, config_json.string());
 }

@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/hash.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/text/hf_bpe.hpp"
@@ -24,15 +25,6 @@ constexpr const char* kComponent = "text/hf_tokenizer";
 constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
 // Unassigned ids tolerated below the largest id.
 constexpr size_t kMaxIdGap = 65536;
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_text(const json::exception& e) {
-  std::string_view what = e.what();
-  if (!what.empty() && what.front() == '[') {
-    if (const size_t end = what.find("] "); end != std::string_view::npos) what.remove_prefix(end + 2);
-  }
-  return std::string(what);
-}
 
 
 // Typed access to one JSON file's fields; every error names the file and the field.

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/json_error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/hf_tokenizer.hpp"
@@ -14,15 +15,6 @@ namespace flotilla::text {
 namespace {
 
 constexpr const char* kComponent = "text/tokenizer";
-
-// nlohmann's message without its "[json.exception.parse_error.101] " tag.
-std::string json_error_text(const nlohmann::json::exception& e) {
-  std::string_view what = e.what();
-  if (!what.empty() && what.front() == '[') {
-    if (const size_t end = what.find("] "); end != std::string_view::npos) what.remove_prefix(end + 2);
-  }
-  return std::string(what);
-}
 
 std::unique_ptr<Tokenizer> load_flotilla_tokenizer(const std::filesystem::path& file) {
   nlohmann::json j;
