@@ -40,7 +40,8 @@ void add_convert_command(CLI::App& app) {
   cmd->add_option("--model,--hf-path", opt->model, "Source model directory (float or quantized)")->required()->check(CLI::ExistingDirectory);
   cmd->add_option("--out,--mlx-path", opt->out, "Output model directory (must not exist or be empty)")->required();
   auto* quantize =
-      cmd->add_option("--quantize", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float)");
+      cmd->add_option("--quantize", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float); a weight "
+                      "whose input dimension the group size does not divide stays float, and is named");
   // mlx_lm.convert's spelling: -q switches quantization on, --q-bits picks the bits.
   auto* q = cmd->add_option("-q", opt->q, "Quantize: -q BITS, or -q alone for --q-bits bits (mlx_lm's switch)")
                 ->expected(0, 1)
@@ -78,8 +79,10 @@ void add_convert_command(CLI::App& app) {
     }
     if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
     options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : options.quantize ? DType::f16 : DType::f32;
-    // Everything a user can get wrong is checked before the first byte is written.
-    if (options.quantize) (void)model::quantizable_weights(cfg, *options.quantize);
+    // Everything a user can get wrong is checked before the first byte is written. A layer
+    // whose input dimension the group size does not divide stays float, as mlx_lm does.
+    std::optional<model::QuantizationPlan> plan;
+    if (options.quantize) plan = model::plan_quantization(cfg, *options.quantize);
 
     // A quantized source is read through the model (packed views, dequantized tensor by
     // tensor); a float one straight from its files, converted tensor by tensor.
@@ -99,9 +102,14 @@ void add_convert_command(CLI::App& app) {
       model::write_model(stage, cfg, options, source);
       copy_tokenizer_files(src_dir, stage);
     });
-    if (options.quantize)
+    if (options.quantize) {
       fmt::print("wrote {} ({}-bit, group size {}, {} scales and float tensors)\n", opt->out, options.quantize->bits,
                  options.quantize->group_size, model::model_dtype_name(options.dtype));
+      if (!plan->left_float.empty())
+        fmt::print("left float: {} of {} weights, as group size {} does not divide their {}\n",
+                   plan->left_float.size(), plan->left_float.size() + plan->quantized.size(),
+                   options.quantize->group_size, model::describe_left_float(*plan));
+    }
     else
       fmt::print("wrote {} ({})\n", opt->out, model::model_dtype_name(options.dtype));
   });

@@ -48,7 +48,13 @@ void add_fuse_command(CLI::App& app) {
     } else {
       model::ModelWriteOptions options;
       const QuantMatrix& any = model.quantized_weight(-2);
-      if (!opt->de_quantize) options.quantize = any.format;
+      if (!opt->de_quantize) {
+        options.quantize = any.format;
+        // The weights the base holds quantized, and only they: a mixed base stays mixed.
+        options.quantized_weights.emplace();
+        for (const model::ParamInfo& info : model.layout().params())
+          if (info.quantized) options.quantized_weights->insert(info.name);
+      }
       options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype)
                       : opt->de_quantize  ? DType::f32
                                           : any.scale_dtype;

@@ -47,7 +47,12 @@ void add_init_command(CLI::App& app) {
       model::ModelWriteOptions options;
       if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
       options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : DType::f16;
-      if (options.quantize) (void)model::quantizable_weights(cfg, *options.quantize);
+      if (options.quantize) {
+        const model::QuantizationPlan plan = model::plan_quantization(cfg, *options.quantize);
+        if (!plan.left_float.empty())
+          fmt::print("left float, as group size {} does not divide their {}\n",
+                     options.quantize->group_size, model::describe_left_float(plan));
+      }
       write_output_dir(opt->out, true, [&](const std::filesystem::path& stage) {
         model::write_model(stage, cfg, options, model::random_init_source(cfg, opt->seed));
         if (with_tokenizer) tokenizer.save(stage);

@@ -1,4 +1,5 @@
 #include "flotilla/model/config.hpp"
+#include "flotilla/model/model_writer.hpp"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -251,7 +252,7 @@ TEST(ModelConfig, ToJsonWritesWhatTransformersExpects) {
 
 // ------------------------------------------------------------------------ presets
 
-TEST(ModelConfig, PresetsHaveLlama2cShapes) {
+TEST(ModelConfig, PresetsHaveLlama2cSizes) {
   const ModelConfig tiny = preset_config("tiny");
   EXPECT_EQ(tiny.vocab_size, 512);
   EXPECT_EQ(tiny.dim, 64);
@@ -259,20 +260,31 @@ TEST(ModelConfig, PresetsHaveLlama2cShapes) {
   EXPECT_EQ(tiny.n_heads, 4);
   EXPECT_EQ(tiny.n_kv_heads, 2);
   EXPECT_EQ(tiny.head_dim, 16);
-  EXPECT_EQ(tiny.ffn_dim, 172);
+  EXPECT_EQ(tiny.ffn_dim, 192);
   EXPECT_EQ(tiny.max_position, 512);
 
   const ModelConfig s15 = preset_config("15M");
-  EXPECT_EQ(s15.dim, 288);
-  EXPECT_EQ(s15.head_dim, 48);
+  EXPECT_EQ(s15.dim, 256);
+  EXPECT_EQ(s15.head_dim, 32);
   EXPECT_EQ(s15.max_position, 256);
-  EXPECT_EQ(s15.num_params(), 15'191'712);  // llama2.c's stories15M (shared classifier)
+  EXPECT_EQ(s15.num_params(), 15'012'096);  // about llama2.c's stories15M (15'191'712), shared classifier
 
   const ModelConfig s110 = preset_config("110M");
   EXPECT_EQ(s110.dim, 768);
   EXPECT_EQ(s110.ffn_dim, 2048);
   EXPECT_EQ(s110.max_position, 1024);
   EXPECT_EQ(s110.num_params(), 109'529'856);
+}
+
+// The tour quantizes what the presets make: at the default group size (64) every Linear
+// weight and the embeddings are quantized, none left float.
+TEST(ModelConfig, PresetsQuantizeWholeAtTheDefaultGroupSize) {
+  for (const char* name : {"tiny", "15M", "110M"}) {
+    SCOPED_TRACE(name);
+    const QuantizationPlan plan = plan_quantization(preset_config(name), QuantFormat{4, 64});
+    EXPECT_TRUE(plan.left_float.empty()) << describe_left_float(plan);
+    EXPECT_FALSE(plan.quantized.empty());
+  }
 }
 
 TEST(ModelConfig, UnknownPresetListsThePresets) {

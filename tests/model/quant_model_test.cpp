@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -342,10 +343,51 @@ TEST(QuantModel, FullFineTuningOfAQuantizedModelIsRefused) {
   EXPECT_THROW(q.backward(1.0f), InputError);
 }
 
-TEST(QuantModel, GroupSizeThatDoesNotDivideIsAnInputError) {
-  EXPECT_THROW(quantizable_weights(small_config(), {4, 48}), InputError);   // 64 % 48
-  EXPECT_THROW(quantizable_weights(small_config(), {4, 12}), InputError);   // not whole words
-  EXPECT_THROW(quantizable_weights(small_config(), {3, 32}), InputError);   // 3 bits
+TEST(QuantModel, FormatsThatQuantizeNothingAreAnInputError) {
+  EXPECT_THROW(plan_quantization(small_config(), {4, 128}), InputError);  // divides neither 64 nor 96
+  EXPECT_THROW(plan_quantization(small_config(), {4, 12}), InputError);   // not whole words
+  EXPECT_THROW(plan_quantization(small_config(), {3, 32}), InputError);   // 3 bits
+}
+
+// As mlx_lm's quantize predicate (weight.shape[-1] % group_size): a layer whose input
+// dimension the group size does not divide stays float, is named, and the model written
+// that way loads back mixed with the logits of the same quantization done in memory.
+TEST(QuantModel, LayersTheGroupSizeDoesNotDivideStayFloatAndAreNamed) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama model(small_config());  // hidden 64, intermediate 96: group size 48 divides only down_proj's 96
+  model.init_random(seed);
+  const QuantFormat f{4, 48};
+  const QuantizationPlan plan = plan_quantization(model.config(), f);
+  EXPECT_EQ(plan.quantized, (std::set<std::string>{"model.layers.0.mlp.down_proj.weight",
+                                                   "model.layers.1.mlp.down_proj.weight"}));
+  ASSERT_EQ(plan.left_float.size(), 2u + 2u * 6u);  // embeddings, lm_head; q,k,v,o,gate,up per layer
+  EXPECT_EQ(plan.left_float.front(), "model.embed_tokens");
+  EXPECT_EQ(describe_left_float(plan),
+            "input dimension 64: model.embed_tokens, model.layers.{0..1}.self_attn.q_proj, "
+            "model.layers.{0..1}.self_attn.k_proj, model.layers.{0..1}.self_attn.v_proj, "
+            "model.layers.{0..1}.self_attn.o_proj, model.layers.{0..1}.mlp.gate_proj, "
+            "model.layers.{0..1}.mlp.up_proj, lm_head");
+
+  TempDir dir("mixed");
+  ModelWriteOptions options;
+  options.dtype = DType::f16;
+  options.quantize = f;
+  write_model(dir.path, model.config(), options, [&](const ParamInfo& info, std::span<float> out) {
+    model.weight_f32(*model.layout().find(info.name), out);
+  });
+  std::ifstream config_file(dir.path / "config.json");
+  const nlohmann::json q = nlohmann::json::parse(config_file)["quantization"];
+  EXPECT_EQ(q["group_size"], 48);
+  EXPECT_EQ(q["model.layers.1.mlp.up_proj"], false);  // mlx_lm's per-module "stays float"
+  EXPECT_FALSE(q.contains("model.layers.1.mlp.down_proj"));
+  Llama loaded = Llama::load(dir.path);
+  EXPECT_TRUE(loaded.layout().find("model.layers.1.mlp.down_proj.weight")->quantized);
+  EXPECT_FALSE(loaded.layout().find("model.layers.1.mlp.up_proj.weight")->quantized);
+  Llama in_memory = model.quantize(f, DType::f16);
+  const std::vector<int32_t> tokens = random_tokens(rng, 10, 40);
+  // The float layers are f16 on disk and f32 in memory: rounding of order 1e-3 relative.
+  EXPECT_LT(max_abs_diff(logits_of(loaded, tokens, 1, 10), logits_of(in_memory, tokens, 1, 10)), 2e-2);
 }
 
 }  // namespace

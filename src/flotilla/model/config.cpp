@@ -418,6 +418,8 @@ nlohmann::json ModelConfig::to_json() const {
   return j;
 }
 
+// Every preset's hidden and intermediate sizes are multiples of 64, so that each Linear
+// weight and the embeddings quantize at the default group size (convert --quantize 4).
 ModelConfig preset_config(std::string_view name) {
   ModelConfig c;  // llama, rms_norm_eps 1e-5 and rope_theta 10000, as llama2.c
   c.torch_dtype = "float32";
@@ -427,14 +429,16 @@ ModelConfig preset_config(std::string_view name) {
     c.n_layers = 2;
     c.n_heads = 4;
     c.n_kv_heads = 2;
-    c.ffn_dim = 172;
+    c.ffn_dim = 192;  // 8/3 x 64 rounded up to a multiple of 64, as Llama rounds to its multiple_of
     c.max_position = 512;
-  } else if (name == "15M") {  // llama2.c stories15M
+  } else if (name == "15M") {
+    // The size of llama2.c's stories15M (dim 288, 6 layers, 6 heads, 15.19M) at a width 64
+    // divides: 15.01M parameters.
     c.vocab_size = 32000;
-    c.dim = 288;
-    c.n_layers = 6;
-    c.n_heads = 6;
-    c.n_kv_heads = 6;
+    c.dim = 256;
+    c.n_layers = 8;
+    c.n_heads = 8;
+    c.n_kv_heads = 8;
     c.ffn_dim = 768;
     c.max_position = 256;
     c.tie_embeddings = true;  // llama2.c shares the classifier with the embedding

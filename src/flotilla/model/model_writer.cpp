@@ -1,6 +1,7 @@
 #include "flotilla/model/model_writer.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <memory>
@@ -11,6 +12,7 @@
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/log.hpp"
 #include "flotilla/base/rng.hpp"
+#include "flotilla/io/safetensors.hpp"
 #include "flotilla/io/safetensors_stream.hpp"
 #include "flotilla/kernels/quant.hpp"
 
@@ -35,24 +37,78 @@ void write_float(io::TensorSink& sink, std::span<const float> x, DType dt, std::
 }
 }  // namespace
 
-std::set<std::string> quantizable_weights(const ModelConfig& cfg, QuantFormat format) {
+QuantizationPlan plan_quantization(const ModelConfig& cfg, QuantFormat format) {
   if (!quant_bits_supported(format.bits))
     throw InputError(kComponent, fmt::format("{} bits is not supported (2, 4 or 8)", format.bits));
   if (format.group_size <= 0 || format.group_size % format.per_word() != 0)
     throw InputError(kComponent, fmt::format("group size {} must be a positive multiple of {} at {} bits",
                                              format.group_size, format.per_word(), format.bits));
-  const std::pair<const char*, int64_t> dims[] = {
-      {"hidden_size", cfg.dim}, {"intermediate_size", cfg.ffn_dim}, {"num_attention_heads * head_dim", cfg.q_dim()}};
-  for (const auto& [name, d] : dims)
-    if (d % format.group_size != 0)
-      throw InputError(kComponent, fmt::format("group size {} does not divide {} = {}: choose a group size that does "
-                                               "(32, 64 or 128 usually)",
-                                               format.group_size, name, d));
-  std::set<std::string> names;
+  QuantizationPlan plan;
   const ParamLayout layout(cfg);
-  for (const ParamInfo& info : layout.params())
-    if (info.decay && info.shape.size() == 2) names.insert(info.name);  // Linear weights and embeddings
-  return names;
+  for (const ParamInfo& info : layout.params()) {
+    if (!info.decay || info.shape.size() != 2) continue;  // Linear weights and embeddings only
+    const int64_t input_dim = info.shape[1];
+    if (input_dim % format.group_size == 0) {
+      plan.quantized.insert(info.name);
+    } else {
+      plan.left_float.push_back(module_of(info.name));
+      plan.left_float_input_dims.push_back(input_dim);
+    }
+  }
+  if (plan.quantized.empty())
+    throw InputError(kComponent, fmt::format("group size {} divides no weight's input dimension (hidden_size {}, "
+                                             "intermediate_size {}): nothing would be quantized; choose a group "
+                                             "size that does (32, 64 or 128 usually)",
+                                             format.group_size, cfg.dim, cfg.ffn_dim));
+  return plan;
+}
+
+std::string describe_left_float(const QuantizationPlan& plan) {
+  // Group "model.layers.3.mlp.down_proj" under "model.layers.{}.mlp.down_proj", in order.
+  struct Group {
+    std::string pattern;  // with {} where the layer index was, or the path itself
+    std::vector<int64_t> layers;
+    int64_t input_dim = 0;
+  };
+  std::vector<Group> groups;
+  for (size_t i = 0; i < plan.left_float.size(); ++i) {
+    const std::string& path = plan.left_float[i];
+    std::string pattern = path;
+    int64_t layer = -1;
+    constexpr std::string_view kLayers = "layers.";
+    if (const size_t at = path.find(kLayers); at != std::string::npos) {
+      const size_t begin = at + kLayers.size(), end = path.find('.', begin);
+      const std::string digits = path.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+      if (!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos) {
+        layer = std::stoll(digits);
+        pattern = path.substr(0, begin) + "{}" + (end == std::string::npos ? "" : path.substr(end));
+      }
+    }
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) { return g.pattern == pattern; });
+    if (it == groups.end()) it = groups.insert(groups.end(), Group{pattern, {}, plan.left_float_input_dims[i]});
+    if (layer >= 0) it->layers.push_back(layer);
+  }
+  // Then by input dimension: "input dimension 288: model.embed_tokens, model.layers.{0..5}.mlp.up_proj".
+  std::vector<std::pair<int64_t, std::string>> by_dim;
+  for (const Group& g : groups) {
+    std::string layers;
+    const auto& L = g.layers;
+    if (L.size() == 1) {
+      layers = std::to_string(L[0]);
+    } else if (L.size() > 1) {
+      const bool contiguous = L.back() - L.front() + 1 == static_cast<int64_t>(L.size());
+      layers = contiguous ? fmt::format("{{{}..{}}}", L.front(), L.back()) : fmt::format("{{{}}}", fmt::join(L, ","));
+    }
+    std::string name = g.pattern;
+    if (const size_t at = name.find("{}"); at != std::string::npos) name.replace(at, 2, layers);
+    auto it = std::find_if(by_dim.begin(), by_dim.end(), [&](const auto& d) { return d.first == g.input_dim; });
+    if (it == by_dim.end()) it = by_dim.insert(by_dim.end(), {g.input_dim, ""});
+    it->second += (it->second.empty() ? "" : ", ") + name;
+  }
+  std::string out;
+  for (const auto& [dim, names] : by_dim)
+    out += fmt::format("{}input dimension {}: {}", out.empty() ? "" : "; ", dim, names);
+  return out;
 }
 
 WeightSource random_init_source(const ModelConfig& cfg, uint64_t seed) {
@@ -81,8 +137,16 @@ std::string_view model_dtype_name(DType dt) {
 
 void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelWriteOptions& options,
                  const WeightSource& source) {
-  const std::set<std::string> qnames = options.quantize ? quantizable_weights(cfg, *options.quantize)
-                                                        : std::set<std::string>{};
+  std::set<std::string> qnames;
+  std::vector<std::string> left_float;  // modules whose weight stays float in a quantized model
+  if (options.quantize) {
+    if (options.quantized_weights) {
+      qnames = *options.quantized_weights;
+    } else {
+      QuantizationPlan plan = plan_quantization(cfg, *options.quantize);
+      qnames = std::move(plan.quantized);
+    }
+  }
   const ParamLayout layout(cfg);
   // Each spec: which tensor of the layout it comes from, and which part (0: the weight or
   // the packed words, 1: scales, 2: biases).
@@ -91,11 +155,15 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
   for (size_t i = 0; i < layout.params().size(); ++i) {
     const ParamInfo& info = layout.params()[i];
     if (!qnames.count(info.name)) {
+      if (options.quantize && info.decay && info.shape.size() == 2) left_float.push_back(module_of(info.name));
       specs.push_back({info.name, options.dtype, info.shape});
       part_of.emplace_back(i, 0);
       continue;
     }
     const QuantFormat f = *options.quantize;
+    if (info.shape.size() != 2 || info.shape[1] % f.group_size != 0)
+      throw Error(kComponent, fmt::format("{} of shape {} cannot be quantized with group size {}", info.name,
+                                          io::format_shape(info.shape), f.group_size));
     const int64_t rows = info.shape[0], cols = info.shape[1];
     const std::string m = module_of(info.name);
     specs.push_back({info.name, DType::u32, {rows, cols / f.per_word()}});
@@ -131,9 +199,12 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
   io::write_safetensors_streamed(dir, specs, static_cast<uint64_t>(options.max_shard_bytes), write_tensor);
 
   cfg.torch_dtype = std::string(model_dtype_name(options.dtype));
-  if (options.quantize)
+  if (options.quantize) {
+    // Modules left float are named `false`, as mlx_lm's per-module entries: readers that
+    // go by the weights (a P.scales or not) and readers that go by the config agree.
     cfg.quantization = QuantizationConfig{*options.quantize, {}};
-  else
+    for (const std::string& m : left_float) cfg.quantization->per_module[m] = std::nullopt;
+  } else
     cfg.quantization.reset();
   write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
   log::debug("[{}] wrote {} ({} tensors, {} quantized)", kComponent, dir.string(), specs.size(), qnames.size());

@@ -10,6 +10,7 @@
 #include <set>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/params.hpp"
@@ -17,21 +18,37 @@
 
 namespace flotilla::model {
 
-// The weights that `convert --quantize` stores quantized: every Linear weight and the
-// embeddings (lm_head too when untied), as mlx_lm.convert -q does; norms and biases stay
-// float. InputError when the group size does not divide an input dimension or the packing.
-std::set<std::string> quantizable_weights(const ModelConfig& cfg, QuantFormat format);
+// Which weights `convert --quantize` stores quantized: every Linear weight and the
+// embeddings (lm_head too when untied) whose input dimension the group size divides, as
+// mlx_lm.convert -q does (its predicate skips a layer with weight.shape[-1] % group_size);
+// the others stay float, as norms and biases do, and are named in `left_float` so that the
+// caller can say which. InputError for unsupported bits, a group size that is not whole
+// words, or one that divides no weight's input dimension (nothing would be quantized).
+struct QuantizationPlan {
+  std::set<std::string> quantized;      // weight names, e.g. "model.layers.0.mlp.up_proj.weight"
+  std::vector<std::string> left_float;  // module paths, e.g. "model.layers.0.mlp.down_proj"
+  std::vector<int64_t> left_float_input_dims;  // (left_float.size(),) the dimension not divided
+};
+QuantizationPlan plan_quantization(const ModelConfig& cfg, QuantFormat format);
+
+// The modules a plan leaves float, for a person: "input dimension 288: model.embed_tokens,
+// model.layers.{0..5}.self_attn.q_proj, ..." (layers as a range or a list).
+std::string describe_left_float(const QuantizationPlan& plan);
 
 struct ModelWriteOptions {
   DType dtype = DType::f32;                // float tensors, and the scales and biases
   std::optional<QuantFormat> quantize;     // nullopt: a float model
+  // With `quantize`: the weights stored quantized. nullopt: plan_quantization's choice;
+  // fuse passes the base's own set, so a mixed base stays mixed the same way.
+  std::optional<std::set<std::string>> quantized_weights;
   int64_t max_shard_bytes = int64_t{5} << 30;
 };
 
 // Fills `out` (numel of info.shape, float32) with the tensor `info` of the model written.
 using WeightSource = std::function<void(const ParamInfo& info, std::span<float> out)>;
 
-// Writes config.json (with "quantization" when quantizing, torch_dtype = options.dtype)
+// Writes config.json (with "quantization" when quantizing, a `false` entry for each module
+// left float, as mlx_lm's per-module entries read; torch_dtype = options.dtype)
 // and the safetensors weights of `cfg` into `dir` (which must exist), asking `source` for
 // each tensor in layout order. Peak memory: one tensor in float plus its packed form.
 void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelWriteOptions& options,

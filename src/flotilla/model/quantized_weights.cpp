@@ -82,8 +82,10 @@ void Llama::weight_f32(const ParamInfo& info, std::span<float> out) const {
 Llama Llama::quantize(QuantFormat format, DType scale_dtype) const {
   if (quantized()) throw InputError(kComponent, "the model is already quantized");
   ModelConfig qcfg = cfg_;
+  QuantizationPlan plan = plan_quantization(cfg_, format);
   qcfg.quantization = QuantizationConfig{format, {}};
-  Llama q(qcfg, quantizable_weights(cfg_, format));
+  for (const std::string& m : plan.left_float) qcfg.quantization->per_module[m] = std::nullopt;
+  Llama q(qcfg, plan.quantized);
   const size_t esz = dtype_size(scale_dtype);
   for (const ParamInfo& info : q.layout_.params()) {
     const ParamInfo* src = layout_.find(info.name);
