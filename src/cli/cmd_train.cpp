@@ -67,7 +67,11 @@ void add_train_command(CLI::App& app) {
       ->default_str("false");
   cmd->add_option("--steps,--iters", t.steps, "Optimizer steps")->capture_default_str();
   cmd->add_option("--batch-size", t.batch_size, "Sequences per micro-batch")->capture_default_str();
-  cmd->add_option("--seq-len,--max-seq-length", t.seq_len, "Tokens per sequence")->capture_default_str();
+  CLI::Option* seq_len =
+      cmd->add_option("--seq-len,--max-seq-length", t.seq_len,
+                      "Tokens per row; default: a prepared dataset's --max-seq-len (else its longest example, up "
+                      "to 2048), raw text 128")
+          ->capture_default_str();
   cmd->add_option("--grad-accum,--grad-accumulation-steps", t.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   cmd->add_option("--lr,--learning-rate", t.lr, "Peak learning rate")->capture_default_str();
   cmd->add_option("--min-lr", t.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str();
@@ -176,7 +180,7 @@ void add_train_command(CLI::App& app) {
          "YAML file of flags: keys are flag names with '_' for '-' (batch_size: 8, lr: 1e-3, pack: false); "
          "flags on the command line win")
       ->configurable(false);
-  cmd->callback([opt, cmd, resume] {
+  cmd->callback([opt, cmd, resume, seq_len] {
     if (opt->print_config) {
       fmt::print("{}", options_as_yaml(*cmd));
       return;
@@ -187,6 +191,7 @@ void add_train_command(CLI::App& app) {
     job.train.on_nonfinite = opt->on_nonfinite == "skip" ? train::NonFinitePolicy::skip : train::NonFinitePolicy::stop;
     // Ctrl-C / SIGTERM: finish the step, checkpoint, exit 128 + signal (a second one: at once).
     job.stop_on_signal = true;
+    job.seq_len_from_data = seq_len->count() == 0;  // given on the command line or in a -c file
     job.fine_tune = opt->fine_tune_type == "lora" ? train::FineTuneType::lora : train::FineTuneType::full;
     job.lora.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.resume_adapter = opt->resume_adapter;

@@ -263,5 +263,46 @@ TEST(BatchSampler, LongExamplesAreCutAndCounted) {
   EXPECT_EQ(b.tokens[7], 1007);
 }
 
+// truncation_at counts, before training, exactly the targets that the sampler's rows keep
+// and lose: an example of T + 1 tokens still fits (the last position predicts token T).
+TEST(BatchSampler, TruncationStatsAreWhatTheRowsKeep) {
+  Rng rng(fresh_seed());
+  std::vector<size_t> lengths = random_lengths(rng, 40, 30);
+  lengths.push_back(9);  // T + 1: fits whole
+  const VectorExamples ex(lengths, rng.next_u64());
+  const int64_t T = 8;
+  const TruncationStats s = truncation_at(ex, T);
+
+  int64_t targets = 0, truncated = 0, without = 0, longest = 0;
+  for (size_t i = 0; i < ex.num_examples(); ++i) {
+    const ExampleView v = ex.example(i);
+    const auto n = static_cast<int64_t>(v.tokens.size());
+    int64_t kept = 0;
+    for (int64_t p = 1; p < n; ++p) {
+      targets += v.mask[static_cast<size_t>(p)];
+      if (p <= T) kept += v.mask[static_cast<size_t>(p)];
+    }
+    truncated += n > T + 1;
+    without += kept == 0;
+    longest = std::max(longest, n);
+  }
+  // What one epoch of padded rows actually holds as targets.
+  SamplerConfig cfg{.seq_len = T, .micro_batch = 1, .pack = false, .shuffle = false, .repeat = false};
+  BatchSampler sampler(ex, cfg);
+  Batch b;
+  int64_t in_rows = 0;
+  while (sampler.next(b))
+    for (int32_t t : b.targets) in_rows += t != -100;
+
+  EXPECT_EQ(s.examples, static_cast<int64_t>(lengths.size()));
+  EXPECT_EQ(s.targets, targets);
+  EXPECT_EQ(s.targets - s.targets_lost, in_rows);
+  EXPECT_EQ(s.truncated, truncated);
+  EXPECT_EQ(s.without_targets, without);
+  EXPECT_EQ(s.longest, longest);
+  EXPECT_GT(s.truncated, 0);
+  EXPECT_EQ(truncation_at(ex, 30).targets_lost, 0);
+}
+
 }  // namespace
 }  // namespace flotilla::data

@@ -168,6 +168,33 @@ TEST(Prepare, MaskPromptStoresTheMaskOfTheCompletion) {
   EXPECT_EQ(ds.index().splits.at(Split::train).stats.trainable_tokens, 3u);
 }
 
+// --mask-prompt with a prompt that fills max_seq_len: the cut leaves no target. Such an
+// example is left out under its own reason, and the summary says in words how many
+// examples were cut, how many target tokens were lost, and how many were left out.
+TEST(Prepare, TruncationThatLeavesNothingToLearnIsCountedAndSaid) {
+  TempDir dir;
+  dir.file("in/train.jsonl",
+           "{\"prompt\": \"a prompt longer than eight\", \"completion\": \"ok\"}\n"  // BOS + 26 prompt bytes
+           "{\"prompt\": \"P\", \"completion\": \"a long answer\"}\n"                 // cut inside the answer
+           "{\"prompt\": \"P\", \"completion\": \"ok\"}\n");
+  PrepareOptions o = options_for(dir.path() / "in", dir.path() / "out");
+  o.mask_prompt = true;
+  o.max_seq_len = 8;
+  const DatasetIndex index = prepare(o, kBytes, std::nullopt);
+  const SplitStats& s = index.splits.at(Split::train).stats;
+  EXPECT_EQ(s.examples, 2u);
+  EXPECT_EQ(s.truncated, 1u);
+  EXPECT_EQ(s.skipped.at(kNoTargetsAfterTruncation), 1u);
+  EXPECT_FALSE(s.skipped.contains("no_trainable_tokens"));
+  // Targets lost: "ok" + EOS of the first (3), "a long answer" + EOS past token 8 of the
+  // second (BOS P + 6 kept: 14 - 6 = 8).
+  EXPECT_EQ(s.truncated_targets, 3u + 8u);
+  EXPECT_EQ(TokenDataset::open(dir.path() / "out").index().splits.at(Split::train).stats.truncated_targets, 11u);
+  const std::string summary = format_prepare_summary(index);
+  EXPECT_THAT(summary, HasSubstr("train: 2 of 3 examples are longer than --max-seq-len 8 and were cut: 11 of"));
+  EXPECT_THAT(summary, HasSubstr("1 of them kept no target token"));
+}
+
 TEST(Prepare, TruncationIsCountedAndLongestReported) {
   TempDir dir;
   dir.file("in/train.jsonl", "{\"text\": \"short\"}\n{\"text\": \"a much longer text\"}\n");

@@ -264,6 +264,43 @@ TEST(Trainer, ClippingScalesTheGradientToTheClipNorm) {
   EXPECT_GT(apart, 100 * kUpdateTol);
 }
 
+// A global batch without one target token (every example's targets past the row) has no
+// gradient: it is skipped and counted, and the step is taken on the next batch, as if the
+// empty one had never been drawn. (Stepping on it would spend a step of the schedule on
+// a zero gradient and report a loss of 0.)
+TEST(Trainer, BatchWithoutTargetsIsSkippedNotSteppedOn) {
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  const model::Llama start = random_model(rng);
+  std::vector<ReplaySource::Row> rows = random_rows(rng, 2, small_config().vocab_size);
+  std::fill(rows[0].targets.begin(), rows[0].targets.end(), kIgnoreIndex);  // nothing to learn
+  const TrainConfig cfg = probe_config(1, 1, 1e-3f);
+  StepMetrics m;
+  const std::vector<float> got = params_after_one_step(start, rows, cfg, &m);
+  const std::vector<float> want = params_after_one_step(start, {rows[1]}, cfg);
+  EXPECT_EQ(m.skipped_batches, 1);
+  EXPECT_EQ(m.step, 1);
+  EXPECT_GT(m.loss, 0.0);
+  expect_params_near(got, want, start.layout());
+}
+
+// A source with no target at all fails with a message, never loops forever.
+TEST(Trainer, OnlyBatchesWithoutTargetsIsAnInputErrorNotAHang) {
+  Rng rng(test_seed());
+  model::Llama m = random_model(rng);
+  std::vector<ReplaySource::Row> rows = random_rows(rng, 1, small_config().vocab_size);
+  std::fill(rows[0].targets.begin(), rows[0].targets.end(), kIgnoreIndex);
+  ReplaySource source(rows);
+  Trainer trainer(m, probe_config(1, 1, 1e-3f));
+  try {
+    trainer.step(source);
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("no target token"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(trainer.steps_done(), 0);
+}
+
 TEST(Trainer, SameSeedGivesBitIdenticalParameters) {
   const uint64_t seed = test_seed();
   Rng rng(seed);

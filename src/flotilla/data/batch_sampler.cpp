@@ -15,6 +15,26 @@ constexpr std::string_view kComponent = "data/sampler";
 constexpr int32_t kIgnore = -100;  // model::kIgnoreIndex; data/ sits below model/
 }  // namespace
 
+TruncationStats truncation_at(const ExampleSource& examples, int64_t seq_len) {
+  TruncationStats s;
+  std::vector<uint8_t> mask;
+  for (size_t e = 0; e < examples.num_examples(); ++e) {
+    const ExampleView ex = examples.example(e);
+    const auto n = static_cast<int64_t>(ex.tokens.size());
+    mask.resize(static_cast<size_t>(n));
+    ex.mask.unpack(mask);
+    int64_t kept = 0, lost = 0;
+    for (int64_t i = 1; i < n; ++i) (i <= seq_len ? kept : lost) += mask[static_cast<size_t>(i)];
+    ++s.examples;
+    s.targets += kept + lost;
+    s.targets_lost += lost;
+    s.longest = std::max(s.longest, n);
+    if (n > seq_len + 1) ++s.truncated;
+    if (kept == 0) ++s.without_targets;
+  }
+  return s;
+}
+
 BatchSampler::BatchSampler(const ExampleSource& examples, SamplerConfig cfg) : examples_(examples), cfg_(cfg) {
   if (examples.num_examples() == 0) throw InputError(kComponent, "the split has no examples");
   if (cfg.seq_len <= 0 || cfg.micro_batch <= 0 || cfg.grad_accum <= 0 || cfg.world <= 0 || cfg.rank < 0 ||

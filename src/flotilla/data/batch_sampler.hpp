@@ -51,6 +51,19 @@ struct SamplerConfig {
   int64_t global_rows() const { return micro_batch * world * grad_accum; }
 };
 
+// What rows of seq_len positions keep of a split's examples. A row's T positions hold
+// tokens 0..T-1 and predict tokens 1..T, so an example of n <= T + 1 tokens keeps all its
+// targets; a longer one loses those of tokens T+1..n-1.
+struct TruncationStats {
+  int64_t examples = 0;
+  int64_t targets = 0;            // target tokens of the split (mask 1, each first token aside)
+  int64_t truncated = 0;          // examples longer than T + 1 tokens
+  int64_t targets_lost = 0;       // targets past the row
+  int64_t without_targets = 0;    // examples with no target left in the row
+  int64_t longest = 0;            // tokens of the longest example
+};
+TruncationStats truncation_at(const ExampleSource& examples, int64_t seq_len);
+
 class BatchSampler final : public BatchSource {
  public:
   // `examples` must outlive the sampler. InputError for an empty source or bad sizes.

@@ -81,6 +81,7 @@ EncodedExample ExampleEncoder::encode_segments(std::span<const Segment> segs) co
     i = j;
   }
   out.length_before_truncation = out.tokens.size();
+  out.targets_before_truncation = out.trainable_targets();
   if (options_.max_seq_len > 0 && out.tokens.size() > options_.max_seq_len) {
     out.tokens.resize(options_.max_seq_len);
     out.mask.resize(options_.max_seq_len);

@@ -41,6 +41,7 @@ struct EncodedExample {
   std::vector<int32_t> tokens;  // (n,)
   std::vector<uint8_t> mask;    // (n,) 0 or 1
   size_t length_before_truncation = 0;
+  size_t targets_before_truncation = 0;  // trainable_targets() before the cut at max_seq_len
   bool truncated() const { return length_before_truncation > tokens.size(); }
   // Tokens 1..n-1 with mask 1: the targets this example contributes.
   size_t trainable_targets() const;

@@ -166,8 +166,12 @@ SplitIndex prepare_split(const SplitInput& in, const ExampleEncoder& encoder, co
       // Not the line's fault (no chat template): fatal even with skip_invalid.
       throw_line_error(in.source, line.number, without_component(ie.what()));
     }
-    if (e.trainable_targets() == 0) {
-      ++stats.skipped["no_trainable_tokens"];
+    const size_t targets = e.trainable_targets();
+    if (e.truncated()) stats.truncated_targets += e.targets_before_truncation - targets;
+    if (targets == 0) {
+      // The cut at max_seq_len took every target (a prompt as long as the limit): said apart
+      // from examples that never had one.
+      ++stats.skipped[e.targets_before_truncation > 0 ? kNoTargetsAfterTruncation : "no_trainable_tokens"];
       continue;
     }
     stats.examples += 1;
@@ -391,6 +395,27 @@ std::string format_prepare_summary(const DatasetIndex& index) {
     out += fmt::format("{:<6} {:>9} {:>11} {:>11} {:>9} {:>8} {:>7}  {}{}\n", split_name(split), s.stats.examples,
                        s.stats.tokens, s.stats.trainable_tokens, s.stats.truncated, s.stats.longest, s.shards.size(),
                        skipped_total, reasons.empty() ? "" : " (" + reasons + ")");
+  }
+  // What the cut at max_seq_len lost, in words: the table's counts are easy to miss.
+  bool first_note = true;
+  for (const auto& [split, s] : index.splits) {
+    const auto emptied_it = s.stats.skipped.find(kNoTargetsAfterTruncation);
+    const uint64_t emptied = emptied_it == s.stats.skipped.end() ? 0 : emptied_it->second;
+    if (s.stats.truncated == 0 && emptied == 0) continue;
+    const uint64_t targets = s.stats.trainable_tokens + s.stats.truncated_targets;
+    if (first_note) out += "\n";
+    first_note = false;
+    out += fmt::format("{}: {} of {} examples are longer than --max-seq-len {} and were cut: {} of {} target tokens "
+                       "lost ({:.1f}%)",
+                       split_name(split), s.stats.truncated + emptied, s.stats.examples + emptied, index.max_seq_len,
+                       s.stats.truncated_targets, targets,
+                       targets > 0 ? 100.0 * static_cast<double>(s.stats.truncated_targets) / static_cast<double>(targets)
+                                   : 0.0);
+    if (emptied > 0)
+      out += fmt::format("; {} of them kept no target token (the prompt fills the first {} tokens) and were left out",
+                         emptied, index.max_seq_len);
+    out += fmt::format(". The longest was {} tokens: a larger --max-seq-len keeps more.\n",
+                       s.stats.longest_before_truncation);
   }
   return out;
 }

@@ -71,6 +71,13 @@ std::string_view split_name(Split split) {
   return "?";
 }
 
+int64_t prepared_seq_len(const DatasetIndex& index) {
+  if (index.max_seq_len > 0) return static_cast<int64_t>(index.max_seq_len);
+  const auto train = index.splits.find(Split::train);
+  const uint64_t longest = train == index.splits.end() ? 0 : train->second.stats.longest;
+  return std::clamp<int64_t>(static_cast<int64_t>(longest), 1, kLongestDefaultSeqLen);
+}
+
 json index_to_json(const DatasetIndex& index) {
   json splits = json::object();
   for (const auto& [split, s] : index.splits) {
@@ -88,6 +95,7 @@ json index_to_json(const DatasetIndex& index) {
         {"tokens", s.stats.tokens},
         {"trainable_tokens", s.stats.trainable_tokens},
         {"truncated", s.stats.truncated},
+        {"truncated_targets", s.stats.truncated_targets},
         {"longest", s.stats.longest},
         {"longest_before_truncation", s.stats.longest_before_truncation},
         {"skipped", skipped},
@@ -162,6 +170,7 @@ DatasetIndex index_from_json(const json& j, std::string_view source) {
     split.stats.tokens = r.u64(s, "tokens", where);
     split.stats.trainable_tokens = r.u64(s, "trainable_tokens", where);
     split.stats.truncated = r.u64(s, "truncated", where);
+    if (s.contains("truncated_targets")) split.stats.truncated_targets = r.u64(s, "truncated_targets", where);
     split.stats.longest = r.u64(s, "longest", where);
     split.stats.longest_before_truncation = r.u64(s, "longest_before_truncation", where);
     const json& skipped = r.field(s, "skipped", where);

@@ -13,8 +13,9 @@
 //    "chat_template": "llama3" | null, "mask_prompt": bool, "max_seq_len": int (0: none),
 //    "source": "<input path>", "seed": int, "split_fractions": [train, valid, test] | null,
 //    "splits": {"train": {"shards": [{"file", "examples", "tokens", "bytes", "crc32c"}], "examples",
-//               "tokens", "trainable_tokens", "truncated", "longest",
+//               "tokens", "trainable_tokens", "truncated", "truncated_targets", "longest",
 //               "longest_before_truncation", "skipped": {"<reason>": count}}, ...}}
+// ("truncated_targets" is absent from datasets prepared before it was counted.)
 // A split whose input file was absent is absent; one whose lines were all skipped has no shards.
 //
 // "crc32c" (8 hex digits, base/crc32c.hpp) is the checksum of the shard file as written, read
@@ -46,6 +47,10 @@ enum class Split { train, valid, test };
 inline constexpr std::array<Split, 3> kSplits = {Split::train, Split::valid, Split::test};
 std::string_view split_name(Split split);
 
+// The skip reason of an example whose targets all lay past max_seq_len (mask_prompt with a
+// prompt that fills the first max_seq_len tokens): the cut left it nothing to learn.
+inline constexpr const char* kNoTargetsAfterTruncation = "no_targets_after_truncation";
+
 inline constexpr const char* kIndexFile = "index.json";
 inline constexpr const char* kIndexFormat = "flotilla-token-shards";
 inline constexpr int kIndexVersion = 1;
@@ -62,7 +67,8 @@ struct SplitStats {
   uint64_t examples = 0;
   uint64_t tokens = 0;
   uint64_t trainable_tokens = 0;  // targets in the loss (mask 1, not counting each first token)
-  uint64_t truncated = 0;         // examples cut at max_seq_len
+  uint64_t truncated = 0;         // examples cut at max_seq_len (kept ones)
+  uint64_t truncated_targets = 0;  // target tokens the cut at max_seq_len lost, left-out examples' too
   uint64_t longest = 0;           // tokens of the longest example as stored
   uint64_t longest_before_truncation = 0;
   SkipCounts skipped;             // lines left out, by reason
@@ -87,6 +93,13 @@ struct DatasetIndex {
   std::optional<std::array<double, 3>> split_fractions;
   std::map<Split, SplitIndex> splits;  // the splits that had input
 };
+
+// The row length (--seq-len) a prepared dataset asks for, so that training keeps what
+// prepare kept: its max_seq_len, or, prepared without one, its longest training example up
+// to kLongestDefaultSeqLen (mlx_lm's default --max-seq-length); longer ones are then cut,
+// and training says so.
+inline constexpr int64_t kLongestDefaultSeqLen = 2048;
+int64_t prepared_seq_len(const DatasetIndex& index);
 
 nlohmann::json index_to_json(const DatasetIndex& index);
 // InputError "<source>: ..." for a missing or mistyped field, an unknown format or version.

@@ -127,6 +127,27 @@ void check_resumed_adapter(const TrainJob& job, const model::LoraConfig& adapter
     mismatch("--num-layers", std::to_string(flags.num_layers), fmt::format("{} layers", layers(adapter.num_layers)));
 }
 
+// Says what rows of T positions cut from a split's examples: how many examples, how many
+// target tokens. For training, InputError when no example keeps a target (nothing to
+// learn), and a warning when some keep none (batches of only those are skipped).
+void check_truncation(const data::TruncationStats& s, std::string_view split, int64_t T, bool training,
+                      const std::filesystem::path& data, const std::function<void(const std::string&)>& info) {
+  if (training && s.without_targets == s.examples)
+    throw InputError("train", fmt::format("{}: no training example has a target token within rows of --seq-len {}: "
+                                          "nothing to learn; raise --seq-len (the longest example has {} tokens)",
+                                          data.string(), T, s.longest));
+  if (s.truncated == 0) return;
+  info(fmt::format("warning: {} of {} {} examples do not fit in rows of --seq-len {}: {} of {} target tokens ({:.1f}%) "
+                   "past the row are {}; --seq-len {} keeps them all",
+                   s.truncated, s.examples, split, T, s.targets_lost, s.targets,
+                   s.targets > 0 ? 100.0 * static_cast<double>(s.targets_lost) / static_cast<double>(s.targets) : 0.0,
+                   training ? "never trained on" : "not evaluated", s.longest));
+  if (training && s.without_targets > 0)
+    info(fmt::format("warning: {} training examples keep no target token in a row of {}: a batch of only such "
+                     "examples is skipped, not stepped on",
+                     s.without_targets, T));
+}
+
 // adapter_config.json's base_model_name_or_path: the base as the user named it, made
 // absolute (a relative path would name another folder from wherever the adapter is used).
 std::string base_model_name(const TrainJob& job) {
@@ -160,7 +181,8 @@ nlohmann::json train_job_config_json(const TrainJob& job) {
             {"outer_momentum", job.train.local_sgd.outer_momentum}}}};
 }
 
-TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks) {
+TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& callbacks) {
+  TrainJob job = job_given;  // train.seq_len may come from the data
   // Rank 0 alone reports; the other ranks compute the same steps silently.
   const bool root = !job.dp || job.dp->is_root();
   const int rank = job.dp ? job.dp->rank() : 0, world = job.dp ? job.dp->world() : 1;
@@ -190,6 +212,19 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
   model::Llama model = make_model(job, *tokenizer);
   const model::ModelConfig& cfg = model.config();
+  // A prepared dataset says how long its examples are: unless --seq-len was given, rows are
+  // that long (at most the model's positions), so that training does not cut what data
+  // prepare kept. (A JSONL folder prepared for this run is cut at --seq-len, below.)
+  if (job.seq_len_from_data && std::filesystem::is_directory(job.data) && !data::is_unprepared_data_folder(job.data)) {
+    const data::DatasetIndex index = data::TokenDataset::open(job.data).index();
+    job.train.seq_len = std::min(data::prepared_seq_len(index), cfg.max_position);
+    info(index.max_seq_len > 0
+             ? fmt::format("data: rows of {} tokens: {} was prepared with --max-seq-len {} (--seq-len sets another)",
+                           job.train.seq_len, job.data.string(), index.max_seq_len)
+             : fmt::format("data: rows of {} tokens: the longest training example of {}, up to {} (--seq-len sets "
+                           "another)",
+                           job.train.seq_len, job.data.string(), data::kLongestDefaultSeqLen));
+  }
   if (job.train.seq_len > cfg.max_position)
     throw InputError("train", fmt::format("--seq-len {} exceeds the model's {} positions (max_position_embeddings)",
                                           job.train.seq_len, cfg.max_position));
@@ -319,6 +354,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     sc.world = world;
     sc.pad_id = std::max(0, tokenizer->pad_id());
     train_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::train));
+    check_truncation(data::truncation_at(*train_examples, T), "training", T, true, job.data, info);
     train_source = std::make_unique<data::BatchSampler>(*train_examples, sc);
     info(fmt::format("data: {} prepared: {} train / {} valid examples ({} / {} tokens), {}", job.data.string(),
                      prepared->num_examples(data::Split::train), prepared->num_examples(data::Split::valid),
@@ -329,6 +365,7 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
     }
     if (prepared->has_split(data::Split::valid)) {
       valid_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared->examples(data::Split::valid));
+      check_truncation(data::truncation_at(*valid_examples, T), "validation", T, false, job.data, info);
       data::SamplerConfig vc = sc;
       vc.grad_accum = 1;
       vc.shuffle = false;
@@ -486,6 +523,12 @@ TrainSummary run_train_job(const TrainJob& job, const TrainCallbacks& callbacks)
             have_first_loss = true;
           }
           if (!m.skipped) summary.final_loss = m.loss;
+          summary.skipped_batches += m.skipped_batches;
+          if (m.skipped_batches > 0)
+            info(fmt::format("step {}: skipped {} batch{} with no target token (their examples' targets lie past "
+                             "--seq-len {}): no optimizer step on {}",
+                             m.step, m.skipped_batches, m.skipped_batches == 1 ? "" : "es", T,
+                             m.skipped_batches == 1 ? "it" : "them"));
           summary.elapsed_s = m.elapsed_s;
           metrics += step_json(m).dump() + "\n";
           if (cb.on_step) cb.on_step(m);
@@ -626,6 +669,7 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const std::
                            {"final_loss", summary.final_loss},
                            {"elapsed_s", summary.elapsed_s},
                            {"peak_rss_bytes", summary.peak_rss_bytes},
+                           {"skipped_batches_without_targets", summary.skipped_batches},
                            {"ranks", world},
                            {"config", config}};
   if (job.dp) {

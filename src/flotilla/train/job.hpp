@@ -37,6 +37,9 @@ struct TrainJob {
   double valid_fraction = 0.05;     // raw text only: the share held out for validation
   uint64_t seed = 0;                // init, batch order
   TrainConfig train;
+  // With a prepared dataset, rows are as long as it asks (data::prepared_seq_len: its
+  // max_seq_len) in place of train.seq_len. The CLI sets it when --seq-len is not given.
+  bool seq_len_from_data = false;
   // Checkpoints (train/checkpoint.hpp) in out_dir/checkpoints: every save_every steps and
   // after the last step; 0: none. The keep_checkpoints newest are kept (0: all).
   int64_t save_every = 0;
@@ -88,6 +91,7 @@ struct TrainSummary {
   double test_loss = -1.0;          // -1: no --test
   int64_t test_tokens = 0;
   int64_t steps = 0;
+  int64_t skipped_batches = 0;      // global batches with no target token, not stepped on
   int64_t resumed_from_step = -1;   // -1: a fresh run
   double elapsed_s = 0.0;
   int64_t peak_rss_bytes = 0;

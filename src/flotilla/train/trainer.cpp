@@ -1,5 +1,7 @@
 #include "flotilla/train/trainer.hpp"
 
+#include <fmt/format.h>
+
 #include <cmath>
 
 #include <fmt/format.h>
@@ -94,51 +96,62 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
   StepMetrics m;
-  model_.zero_grads();
-  model::LossSum window;
-  for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
-    batch_.B = cfg_.batch_size;
-    batch_.T = cfg_.seq_len;
-    Timer data_timer;
-    train.next_batch(batch_);
-    m.data_s += data_timer.elapsed_s();
-    model::LossSum loss;
-    {
-      TraceSpan span(trace_, "forward", TraceLane::compute);
-      loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
-                            batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
+  model::LossSum window, reported;
+  // Draws global batches until one has a target token on some rank (all ranks agree: the
+  // count is global). See step() in trainer.hpp for why an empty one is skipped.
+  for (;;) {
+    model_.zero_grads();
+    window = {};
+    for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
+      batch_.B = cfg_.batch_size;
+      batch_.T = cfg_.seq_len;
+      Timer data_timer;
+      train.next_batch(batch_);
+      m.data_s += data_timer.elapsed_s();
+      model::LossSum loss;
+      {
+        TraceSpan span(trace_, "forward", TraceLane::compute);
+        loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
+                              batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
+      }
+      // Overlap: the last micro-batch's backward hands finished gradients to the buckets
+      // (accumulation never exchanges on the inner micro-batches).
+      overlap_active_ = overlap_ && micro == cfg_.grad_accum - 1;
+      if (overlap_active_) dp_->overlap()->begin(model_.trainable().grads);
+      {
+        TraceSpan span(trace_, "backward", TraceLane::compute);
+        // Sum of per-token gradients; divided by the window's token count below.
+        model_.backward(1.0f);
+      }
+      overlap_active_ = false;
+      window.sum += loss.sum;
+      window.num_tokens += loss.num_tokens;
     }
-    // Overlap: the last micro-batch's backward hands finished gradients to the buckets
-    // (accumulation never exchanges on the inner micro-batches).
-    overlap_active_ = overlap_ && micro == cfg_.grad_accum - 1;
-    if (overlap_active_) dp_->overlap()->begin(model_.trainable().grads);
-    {
-      TraceSpan span(trace_, "backward", TraceLane::compute);
-      // Sum of per-token gradients; divided by the window's token count below.
-      model_.backward(1.0f);
+    // Data parallel: sum the per-token gradient sums and the token counts of every rank;
+    // dividing by the global count then gives the global batch's mean-loss gradient.
+    // Local SGD: each rank steps on its own gradient; only the loss is summed, to report
+    // the global batch's (16 bytes).
+    m.compute_s = timer.elapsed_s() - m.data_s - m.sync_s;
+    reported = window;
+    if (dp_) {
+      // With overlap, only what backward did not hide: the wait for the last buckets.
+      Timer sync_timer;
+      TraceSpan span(trace_, overlap_ ? "wait for gradient buckets" : "gradient exchange", TraceLane::compute);
+      std::span<float> grads = model_.trainable().grads;
+      if (local_sgd_) reported = dp_->all_reduce_loss(window);
+      else if (overlap_) window = reported = dp_->finish_overlapped_gradients(window);
+      else window = reported = dp_->all_reduce_gradients(grads, window);
+      m.sync_s += sync_timer.elapsed_s();
     }
-    overlap_active_ = false;
-    window.sum += loss.sum;
-    window.num_tokens += loss.num_tokens;
+    if (reported.num_tokens > 0) break;
+    if (++m.skipped_batches >= kMaxSkippedBatches)
+      throw InputError("train", fmt::format("{} global batches in a row held no target token: every example's targets "
+                                            "lie past the row of {} tokens; raise --seq-len",
+                                            m.skipped_batches, cfg_.seq_len));
   }
   const model::Llama::Trainable trainable = model_.trainable();
   std::span<float> grads = trainable.grads;
   const auto n = static_cast<int64_t>(grads.size());
-  // Data parallel: sum the per-token gradient sums and the token counts of every rank;
-  // dividing by the global count then gives the global batch's mean-loss gradient.
-  // Local SGD: each rank steps on its own gradient; only the loss is summed, to report
-  // the global batch's (16 bytes).
-  m.compute_s = timer.elapsed_s() - m.data_s;
-  model::LossSum reported = window;
-  if (dp_) {
-    // With overlap, only what backward did not hide: the wait for the last buckets.
-    Timer sync_timer;
-    TraceSpan span(trace_, overlap_ ? "wait for gradient buckets" : "gradient exchange", TraceLane::compute);
-    if (local_sgd_) reported = dp_->all_reduce_loss(window);
-    else if (overlap_) window = reported = dp_->finish_overlapped_gradients(window);
-    else window = reported = dp_->all_reduce_gradients(grads, window);
-    m.sync_s = sync_timer.elapsed_s();
-  }
   Timer update_timer;
   TraceSpan update_span(trace_, "clip + optimizer", TraceLane::compute);
   if (window.num_tokens > 0)
@@ -179,7 +192,7 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   m.loss = reported.mean();
   m.lr = lr;
   m.grad_norm = grad_norm;
-  m.tokens = cfg_.batch_size * cfg_.seq_len * cfg_.grad_accum * (dp_ ? dp_->world() : 1);
+  m.tokens = cfg_.batch_size * cfg_.seq_len * cfg_.grad_accum * (dp_ ? dp_->world() : 1) * (1 + m.skipped_batches);
   m.step_s = timer.elapsed_s();
   m.tokens_per_s = static_cast<double>(m.tokens) / m.step_s;
   elapsed_s_ += m.step_s;

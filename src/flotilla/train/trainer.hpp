@@ -56,6 +56,9 @@ struct StepMetrics {
   double loss = 0.0;            // mean token loss over the accumulation window
   float lr = 0.0f;
   double grad_norm = 0.0;       // before clipping
+  // Global batches drawn before this step's that held no target token (every example's
+  // targets past the row): skipped, neither stepped on nor counted as a step.
+  int64_t skipped_batches = 0;
   int64_t tokens = 0;           // input tokens processed this step (B * T * accum)
   double step_s = 0.0;
   // Where step_s went (they add up to it, less a few microseconds of bookkeeping): drawing
@@ -103,6 +106,7 @@ int64_t bounded_eval_batches(const data::SequentialWindowSource& valid, int64_t 
 
 class Trainer {
  public:
+  static constexpr int64_t kMaxSkippedBatches = 1000;
   // With `dp`, each step's gradients and loss are summed over its ranks before the update
   // (every rank then applies the same update); `dp` must outlive the trainer.
   // `trace` (may be null) records each step's forward, backward, gradient wait and update,
@@ -131,7 +135,11 @@ class Trainer {
            const std::function<bool(int64_t step)>& stop_after = {});
 
   // One optimizer step (exposed for tests and benchmarks). A non-finite loss or gradient
-  // norm throws NonFiniteStep or skips the update, by cfg.on_nonfinite.
+  // norm throws NonFiniteStep or skips the update, by cfg.on_nonfinite. A global batch
+  // without a target token has no gradient; an AdamW step on it would still move the
+  // weights (momentum, decay), log a loss of 0 and spend a step of the schedule, so it is
+  // skipped and the next one drawn (StepMetrics::skipped_batches); InputError after
+  // kMaxSkippedBatches in a row.
   StepMetrics step(data::BatchSource& train);
   // Mean token loss over cfg.eval_batches batches from the start of `valid`, at most one
   // pass over it (all of one pass when cfg.eval_batches <= 0).
