@@ -6,6 +6,7 @@
 
 #include "cli/commands.hpp"
 #include "flotilla/comm/world.hpp"
+#include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/plan/job.hpp"
 
@@ -33,7 +34,10 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--num-layers", s.lora_config.num_layers, "LoRA: adapt the last N layers (-1: all)")
       ->capture_default_str();
   cmd->add_option("--batch-size", s.batch_size, "Sequences per micro-batch per rank")->capture_default_str();
-  cmd->add_option("--seq-len", s.seq_len, "Tokens per sequence")->capture_default_str();
+  CLI::Option* seq_len =
+      cmd->add_option("--seq-len", s.seq_len, "Tokens per sequence; default as train: a prepared dataset's "
+                                               "--max-seq-len, raw text 128")
+          ->capture_default_str();
   cmd->add_option("--grad-accum", s.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   cmd->add_flag("--pack,!--no-pack", s.pack, "Prepared data: pack examples into rows (default)")->default_str("true");
   cmd->add_option("--seed", s.seed, "Seed of the measured run")->capture_default_str();
@@ -66,8 +70,11 @@ void add_plan_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--out", opt->out, "Write plan.json, plan.txt and speedup.svg here");
   cmd->add_flag("--force", opt->force, "Write into a non-empty --out directory");
-  cmd->callback([opt, bw, lat] {
+  cmd->callback([opt, bw, lat, seq_len] {
     plan::PlanJob& job = opt->job;
+    // The rows train would use on this data (train's default), so that the plan is its run.
+    if (seq_len->count() == 0 && std::filesystem::is_directory(job.source.data))
+      job.source.seq_len = data::prepared_seq_len(data::TokenDataset::open(job.source.data).index());
     job.source.lora = opt->fine_tune_type == "lora";
     job.knobs.compression_dtype = comm::parse_wire_dtype(opt->compression_dtype);
     job.source.lora_config.targets = model::LoraConfig::parse_targets(opt->lora_targets);

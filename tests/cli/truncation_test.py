@@ -17,6 +17,7 @@ is known in closed form), a prompt/completion data folder is prepared with --mas
    report.json.
 4. `train --seq-len 8`, where no example keeps a target, is refused up front (exit 2, one
    error line, no output folder).
+5. `plan` on the prepared data models rows of its --max-seq-len too, as train would.
 
 Without --chat-template and with no template in the model, {"prompt","completion"} is
 BOS + prompt + completion + EOS, the completion and EOS in the loss.
@@ -120,6 +121,10 @@ def main() -> int:
             fail(f"expected one error line saying there is nothing to learn, got:\n{proc.stderr}")
         if none.exists():
             fail(f"{none} was created by a run refused up front")
+        # 5. plan models the run train would make: rows of the prepared length.
+        out = run(flotilla, "plan", "--model", model, "--data", prepared, "--batch-size", "2", "--hosts", "2",
+                  "--no-run", env=env).stdout
+        expect_in(out, "--seq-len 64", "plan on prepared data")
         print("PASS: prepare and train say what truncation cuts; empty batches are skipped, not stepped on")
         return 0
     finally:
