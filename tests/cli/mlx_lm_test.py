@@ -323,6 +323,28 @@ def case_train_prepares_an_mlx_lm_data_folder(e: Env) -> None:
                         "--test"]), ["--test", "test.jsonl"])
 
 
+def case_folder_rows_follow_the_data_without_seq_len(e: Env) -> None:
+    # Without --seq-len a data folder is cut as mlx_lm cuts it (2048, at most the model's
+    # positions) and rows are as long as its longest training example: the same rows as
+    # `data prepare` with no --max-seq-len and train without --seq-len.
+    prepared = e.path("prepared-whole")
+    expect_ok(e.run(["data", "prepare", "--model", e.model, "--data", e.data, "--out", prepared, "--mask-prompt"]))
+    common = ["--model", e.model, "--fine-tune-type", "lora", "--steps", "3", "--batch-size", "2", "--lr", "0.01",
+              "--warmup", "1"]
+    a, b = e.path("rows-prepared"), e.path("rows-folder")
+    pa = e.run(["train", "--data", prepared, "--out", a, *common])
+    pb = e.run(["train", "--data", e.data, "--out", b, "--mask-prompt", *common])
+    expect_ok(pa)
+    expect_ok(pb)
+    rows = json.loads((prepared / "index.json").read_text())["splits"]["train"]["longest"]
+    check(f"rows of {rows} tokens" in pa.stdout, f"prepared data: no 'rows of {rows} tokens' line:\n{pa.stdout}")
+    check(f"rows of {rows} tokens" in pb.stdout, f"data folder: no 'rows of {rows} tokens' line:\n{pb.stdout}")
+    check("cut" not in pb.stdout, f"the folder's examples were cut:\n{pb.stdout}")
+    la = [s["loss"] for s in metrics_steps(a)]
+    lb = [s["loss"] for s in metrics_steps(b)]
+    check(la == lb, f"losses on the folder {lb} differ from the prepared folder's {la}")
+
+
 def case_grad_checkpoint_keeps_the_losses(e: Env) -> None:
     plain, checkpointed = e.path("plain"), e.path("checkpointed")
     expect_ok(e.train_lora(plain))

@@ -225,6 +225,39 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                            "another)",
                            job.train.seq_len, job.data.string(), data::kLongestDefaultSeqLen));
   }
+  // mlx_lm's habit: a folder of JSONL examples given straight to training. It is prepared
+  // as `flotilla data prepare` would, into a temporary folder this run removes, before the
+  // row length is fixed: without --seq-len, rows follow what the preparation kept.
+  std::optional<data::TemporaryPreparedData> on_the_fly;
+  std::filesystem::path data_dir = job.data;
+  if (data::is_unprepared_data_folder(job.data)) {
+    data::PrepareOptions po;
+    po.data = job.data;
+    po.mask_prompt = job.mask_prompt;
+    // As mlx_lm: examples are cut at its --max-seq-length (2048, at most the model's
+    // positions) unless --seq-len says otherwise, and rows are as long as the longest kept.
+    const int64_t limit = job.seq_len_from_data ? std::min(data::kLongestDefaultSeqLen, cfg.max_position)
+                                                : job.train.seq_len;
+    po.max_seq_len = static_cast<size_t>(limit);
+    po.seed = job.seed;
+    on_the_fly.emplace(po, *tokenizer,
+                       job.model_dir.empty() ? std::nullopt : data::resolve_chat_template(job.model_dir, ""));
+    data_dir = on_the_fly->dir();
+    const data::DatasetIndex& index = on_the_fly->index();
+    uint64_t truncated = 0;
+    for (const auto& [split, s] : index.splits) truncated += s.stats.truncated;
+    info(fmt::format("data: prepared {} for this run (tokenizer {}, chat template {}{}){}", job.data.string(),
+                     index.tokenizer_name, index.chat_template.value_or("none"),
+                     job.mask_prompt ? ", loss on completions only" : "",
+                     truncated > 0 ? fmt::format("; {} examples cut at {} tokens", truncated, limit) : ""));
+    if (job.seq_len_from_data) {
+      const auto train_split = index.splits.find(data::Split::train);
+      const uint64_t longest = train_split == index.splits.end() ? 0 : train_split->second.stats.longest;
+      job.train.seq_len = std::clamp<int64_t>(static_cast<int64_t>(longest), 1, limit);
+      info(fmt::format("data: rows of {} tokens, the longest training example (--seq-len sets another)",
+                       job.train.seq_len));
+    }
+  }
   if (job.train.seq_len > cfg.max_position)
     throw InputError("train", fmt::format("--seq-len {} exceeds the model's {} positions (max_position_embeddings)",
                                           job.train.seq_len, cfg.max_position));
@@ -311,27 +344,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   std::unique_ptr<data::SequentialWindowSource> valid_stream;
   std::unique_ptr<data::BatchSource> raw_train;  // the windows a RankSlicedSource slices
   std::unique_ptr<data::TokenDataset::SplitExamples> test_examples;
-  // mlx_lm's habit: a folder of JSONL examples given straight to training. It is prepared
-  // as `flotilla data prepare` would, into a temporary folder this run removes.
-  std::optional<data::TemporaryPreparedData> on_the_fly;
-  std::filesystem::path data_dir = job.data;
-  if (data::is_unprepared_data_folder(job.data)) {
-    data::PrepareOptions po;
-    po.data = job.data;
-    po.mask_prompt = job.mask_prompt;
-    po.max_seq_len = static_cast<size_t>(T);
-    po.seed = job.seed;
-    on_the_fly.emplace(po, *tokenizer,
-                       job.model_dir.empty() ? std::nullopt : data::resolve_chat_template(job.model_dir, ""));
-    data_dir = on_the_fly->dir();
-    const data::DatasetIndex& index = on_the_fly->index();
-    uint64_t truncated = 0;
-    for (const auto& [split, s] : index.splits) truncated += s.stats.truncated;
-    info(fmt::format("data: prepared {} for this run (tokenizer {}, chat template {}{}){}", job.data.string(),
-                     index.tokenizer_name, index.chat_template.value_or("none"),
-                     job.mask_prompt ? ", loss on completions only" : "",
-                     truncated > 0 ? fmt::format("; {} examples cut at --seq-len {}", truncated, T) : ""));
-  } else if (job.mask_prompt && !std::filesystem::is_directory(job.data)) {
+  if (!on_the_fly && job.mask_prompt && !std::filesystem::is_directory(job.data)) {
     throw InputError("train", job.data.string() + ": --mask-prompt needs a data folder of prompt/completion or chat "
                                                   "examples (train.jsonl, ...)");
   }
