@@ -9,7 +9,8 @@ every final weight (relative 1e-4 of the tensor's largest value). Two data paths
     numbers of target tokens: only token-weighted gradient averaging passes this.
 Then a checkpoint written mid-run by 2 ranks is resumed on 1 and on 4 ranks (micro-batch
 changed so the global batch stays the same): the resumed steps' losses and the final
-weights must match the uninterrupted 1-rank run to the same tolerances.
+weights must match the uninterrupted 1-rank run to the same tolerances. And 2 ranks with
+--grad-checkpoint (blocks recomputed in backward while buckets are reduced) match it too.
 
 With --tcp: 2 ranks over TCP only (`--mca btl tcp,self`, no shared memory), once per
 gradient all-reduce algorithm (`--allreduce auto|ring|hd|hier|mpi`), each against the same
@@ -125,6 +126,16 @@ def resume_on_other_world_sizes(flotilla, mpirun, env, tmp, model, base, data, c
     return failures
 
 
+def grad_checkpoint_on_two_ranks(flotilla, mpirun, env, tmp, model, base, data, common, global_batch):
+    """2 ranks recomputing every block in backward (--grad-checkpoint), buckets reduced as
+    layers finish, end where the 1-rank run without it ends."""
+    out = os.path.join(tmp, "grad_checkpoint_2")
+    log = run(mpirun + ["-np", "2", flotilla, "train", "--model", model, "--out", out, "--grad-checkpoint",
+                        "--batch-size", str(global_batch // 2)] + data + common, env)
+    failures = [] if "gradient checkpointing" in log else [f"the run did not say it checkpoints:\n{log}"]
+    return failures + compare("2 ranks, --grad-checkpoint", base, out, 2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("flotilla")
@@ -175,6 +186,8 @@ def main():
             if name.startswith("raw"):
                 failures += overlapped_buckets(args.flotilla, mpirun, env, tmp, model, base, data, common, global_batch)
             if name.startswith("prepared"):
+                failures += grad_checkpoint_on_two_ranks(args.flotilla, mpirun, env, tmp, model, base, data, common,
+                                                         global_batch)
                 failures += resume_on_other_world_sizes(args.flotilla, mpirun, env, tmp, model, base, data, common,
                                                         global_batch)
     finally:
