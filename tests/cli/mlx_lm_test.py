@@ -347,8 +347,10 @@ def case_folder_rows_follow_the_data_without_seq_len(e: Env) -> None:
 
 def case_grad_checkpoint_keeps_the_losses(e: Env) -> None:
     plain, checkpointed = e.path("plain"), e.path("checkpointed")
-    expect_ok(e.train_lora(plain))
-    p = e.train_lora(checkpointed, "--grad-checkpoint")
+    # LoRA dropout (the recompute must draw the same masks) and two accumulated micro-batches.
+    same = ["--lora-dropout", "0.1", "--grad-accum", "2"]
+    expect_ok(e.train_lora(plain, *same))
+    p = e.train_lora(checkpointed, *same, "--grad-checkpoint")
     expect_ok(p)
     check("gradient checkpointing" in p.stdout, f"no word of checkpointing:\n{p.stdout}")
     check([s["loss"] for s in metrics_steps(plain)] == [s["loss"] for s in metrics_steps(checkpointed)],
