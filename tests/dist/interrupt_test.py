@@ -6,6 +6,10 @@
             every rank stops after the same step (no rank is left waiting in a collective,
             so no timeout is reported), rank 0 writes a checkpoint and says how to resume,
             the job exits non-zero; the same command with --resume then finishes the run.
+  ctrl-c    mpirun itself gets SIGINT (Ctrl-C): it sends SIGTERM to the ranks and stops
+            reading their output; the ranks must not block writing progress into that
+            pipe, so a checkpoint is written before mpirun's SIGKILL (grace 5 s here), and
+            --resume continues from it.
   startup   rank 1 starts 60 s late, so rank 0 waits in MPI start-up: with --timeout 3 the
             job ends within a bound with one line naming MPI start-up.
 Usage: interrupt_test.py FLOTILLA [--mpirun M]
@@ -106,6 +110,32 @@ def main():
                 if rc != 0 or f"at step {step}" not in out or not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
                     failures.append(f"sigterm: --resume from step {step}: rc={rc}:\n{out[-2000:]}")
 
+        # -- ctrl-c: mpirun's own abort (SIGTERM to the ranks, output no longer read).
+        ctrl_dir = os.path.join(tmp, "ctrl_c")
+        ctrl_train = train[:]
+        ctrl_train[ctrl_train.index("--out") + 1] = ctrl_dir
+        ctrl_mpirun = mpirun[:1] + ["--mca", "odls_base_sigkill_timeout", "5"] + mpirun[1:]
+        proc = subprocess.Popen(ctrl_mpirun + ctrl_train + ["--steps", "100000"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        started = time.time()
+        while time.time() - started < 60 and not (len(rank_pids(ctrl_dir)) == 2 and time.time() - started > 4):
+            time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGINT)  # mpirun only, as the terminal's Ctrl-C reaches it
+        hit = time.time()
+        rc, out = finish(proc, 60)
+        latest = os.path.join(ctrl_dir, "checkpoints", "latest")
+        print(f"ctrl-c   rc={rc} after {time.time() - hit:.1f}s, checkpoint: {os.path.isfile(latest)}")
+        if rc in (None, 0) or not os.path.isfile(latest):
+            failures.append(f"ctrl-c: rc={rc}, expected a non-zero exit and a checkpoint:\n{out[-2000:]}")
+        else:
+            step = int(open(latest).read().strip().split("-")[1])
+            rc, out = finish(subprocess.Popen(mpirun + ctrl_train + ["--steps", str(step + 2), "--resume"], env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                              start_new_session=True), 120)
+            print(f"resume   rc={rc} from step {step}")
+            if rc != 0 or f"at step {step}" not in out:
+                failures.append(f"ctrl-c: --resume from step {step}: rc={rc}:\n{out[-2000:]}")
+
         # -- startup: a rank that never reaches MPI_Init must not hold the other for ever.
         late = f'if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then sleep 60; fi; exec "$0" "$@"'
         start_train = train[:]
@@ -123,7 +153,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     for f in failures:
         print("FAIL:", f)
-    print(f"{2 - len(failures)} passed, {len(failures)} failed")
+    print(f"{3 - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 
 

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <csignal>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "flotilla/base/error.hpp"
@@ -10,10 +11,11 @@
 namespace flotilla {
 namespace {
 
-// Lock-free atomics are async-signal-safe; the handler touches nothing else but write(2)
-// and _exit(2), which are too.
+// Lock-free atomics are async-signal-safe; the handler touches nothing else but write(2),
+// open(2), dup2(2), close(2), getppid(2) and _exit(2), which are too.
 std::atomic<int> g_received{0};
 std::atomic<bool> g_installed{false};
+std::atomic<bool> g_parent_stops_reading{false};
 struct sigaction g_previous_int, g_previous_term;
 static_assert(std::atomic<int>::is_always_lock_free);
 
@@ -26,9 +28,23 @@ void write_stderr(const char* text, size_t bytes) {
   }
 }
 
-void on_stop_signal(int signal) {
+// The launcher aborting the job signalled us and reads our output no more: point stdout
+// and stderr at /dev/null (open, dup2 and close are async-signal-safe).
+bool silence_output_if_parent_sent(const siginfo_t* info) {
+  if (!g_parent_stops_reading.load() || info == nullptr || info->si_code != SI_USER || info->si_pid != ::getppid())
+    return false;
+  const int null_fd = ::open("/dev/null", O_WRONLY);
+  if (null_fd < 0) return false;
+  ::dup2(null_fd, STDOUT_FILENO);
+  ::dup2(null_fd, STDERR_FILENO);
+  if (null_fd > STDERR_FILENO) ::close(null_fd);
+  return true;
+}
+
+void on_stop_signal(int signal, siginfo_t* info, void* /*context*/) {
   int expected = 0;
   if (g_received.compare_exchange_strong(expected, signal)) {
+    if (silence_output_if_parent_sent(info)) return;
     static constexpr char kNotice[] =
         "\nflotilla: stopping after the current step and writing a checkpoint (signal again to quit at once)\n";
     write_stderr(kNotice, sizeof kNotice - 1);
@@ -41,14 +57,15 @@ void on_stop_signal(int signal) {
 
 }  // namespace
 
-StopSignals::StopSignals() {
+StopSignals::StopSignals(ParentOutput parent) {
   if (g_installed.exchange(true)) throw Error("base/stop_signal", "a StopSignals is already installed");
   g_received.store(0);
+  g_parent_stops_reading.store(parent == ParentOutput::stops_reading_on_signal);
   struct sigaction action {};
-  action.sa_handler = on_stop_signal;
+  action.sa_sigaction = on_stop_signal;
   sigemptyset(&action.sa_mask);
   // Restarted system calls: a signal must not fail a read or a collective's poll midway.
-  action.sa_flags = SA_RESTART;
+  action.sa_flags = SA_RESTART | SA_SIGINFO;
   if (::sigaction(SIGINT, &action, &g_previous_int) != 0 || ::sigaction(SIGTERM, &action, &g_previous_term) != 0) {
     g_installed.store(false);
     throw_errno("base/stop_signal", "sigaction");

@@ -12,9 +12,20 @@
 
 namespace flotilla {
 
+// Under a launcher (mpirun, or its orted on another machine) the parent process signals
+// the ranks when it aborts the job (mpirun's answer to Ctrl-C: SIGTERM, then SIGKILL after
+// --mca odls_base_sigkill_timeout seconds) and from then on no longer reads their stdout
+// and stderr. A rank that wrote a progress line into that full pipe would block there
+// until the SIGKILL, and its checkpoint would never be written. With
+// ParentOutput::stops_reading_on_signal, a stop signal sent by the parent process sends
+// this process's stdout and stderr to /dev/null instead, so the step and the checkpoint
+// finish within the launcher's grace period.
+enum class ParentOutput { keeps_reading, stops_reading_on_signal };
+
 class StopSignals {
  public:
-  StopSignals();   // installs the SIGINT and SIGTERM handlers; clears an earlier request
+  // Installs the SIGINT and SIGTERM handlers; clears an earlier request.
+  explicit StopSignals(ParentOutput parent = ParentOutput::keeps_reading);
   ~StopSignals();  // puts back the handlers that were there before
   StopSignals(const StopSignals&) = delete;
   StopSignals& operator=(const StopSignals&) = delete;

@@ -15,6 +15,7 @@
 #include "flotilla/base/memory.hpp"
 #include "flotilla/base/stop_signal.hpp"
 #include "flotilla/base/timer.hpp"
+#include "flotilla/comm/world.hpp"
 #include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/chat_template.hpp"
 #include "flotilla/data/prepare.hpp"
@@ -526,7 +527,11 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   // Alive to the end of the job: a second signal while the checkpoint or the model is being
   // written quits at once with its notice, as during a step.
   std::optional<StopSignals> stop_signals;
-  if (job.stop_on_signal) stop_signals.emplace();
+  // Under mpirun a stop signal from the launcher itself (its abort on Ctrl-C) means it reads
+  // our output no more: base/stop_signal.hpp.
+  if (job.stop_on_signal)
+    stop_signals.emplace(comm::launched_under_mpi() ? ParentOutput::stops_reading_on_signal
+                                                    : ParentOutput::keeps_reading);
   try {
     trainer.run(
         *train_source, evaluate,
