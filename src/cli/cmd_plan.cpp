@@ -40,6 +40,9 @@ void add_plan_command(CLI::App& app) {
           ->capture_default_str();
   cmd->add_option("--grad-accum", s.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   cmd->add_flag("--pack,!--no-pack", s.pack, "Prepared data: pack examples into rows (default)")->default_str("true");
+  cmd->add_flag("--grad-checkpoint", s.grad_checkpoint,
+                "Plan for train --grad-checkpoint: blocks recomputed in backward (less memory, more compute)")
+      ->default_str("false");
   cmd->add_option("--seed", s.seed, "Seed of the measured run")->capture_default_str();
   auto* hosts = cmd->add_option("--hosts", j.hosts, "Machines to plan for (alike)")->capture_default_str();
   auto* hostfile = cmd->add_option("--hostfile", j.hostfile, "OpenMPI hostfile: one machine per line, slots=K ranks");

@@ -359,6 +359,19 @@ def case_grad_checkpoint_keeps_the_losses(e: Env) -> None:
     cfg.write_text(f"model: {e.model}\ndata: {e.data}\nadapter_path: {e.path('out')}\ngrad_checkpoint: true\n")
     check(printed_config(e.run(["train", "-c", cfg, "--print-config"]).stdout).get("grad_checkpoint") == "true",
           "grad_checkpoint: true not applied")
+    # plan --grad-checkpoint plans the smaller activations and recommends the flag.
+    plans = {}
+    text = e.path("plan_corpus.txt")
+    text.write_text("a plain text corpus for the planner's data count\n\n" * 40)
+    for flag in ([], ["--grad-checkpoint"]):
+        out = e.path("plan" + "".join(flag))
+        p = e.run(["plan", "--model", e.model, "--data", text, "--batch-size", "2", "--seq-len", "48", "--no-run",
+                   "--out", out, *flag])
+        expect_ok(p)
+        plans[bool(flag)] = (json.loads((out / "plan.json").read_text())["workload"], p.stdout)
+    check(plans[True][0]["grad_checkpoint"] and plans[True][0]["activation_bytes"] < plans[False][0]["activation_bytes"],
+          f"plan --grad-checkpoint: {plans[True][0]} vs {plans[False][0]}")
+    check("--grad-checkpoint --out" in plans[True][1], f"plan does not recommend the flag:\n{plans[True][1]}")
 
 
 # ---- 17.5: adapters interoperate ------------------------------------------------------------

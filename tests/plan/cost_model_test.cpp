@@ -39,6 +39,19 @@ TEST(Workload, CountsTheConfigByHand) {
   EXPECT_EQ(w.activation_bytes, llama.activation_bytes(2, 16));
 }
 
+// plan --grad-checkpoint: the memory the checkpointed model plans, and the recomputed
+// forward of one block (the last is not recomputed): 2 * (4*4096 + 3*8192) matmul FLOPs +
+// 4 * 4 heads * 16 dims * T=16 for attention = 81920 + 4096 per token.
+TEST(Workload, GradCheckpointPlansLessMemoryAndOneMoreBlockForward) {
+  const Workload w = describe_workload(model::ModelConfig{}, false, {}, 2, 16, 1, true);
+  EXPECT_TRUE(w.grad_checkpoint);
+  model::Llama llama(model::ModelConfig{});
+  llama.set_grad_checkpoint(true);
+  EXPECT_EQ(w.activation_bytes, llama.activation_bytes(2, 16));
+  EXPECT_LT(w.activation_bytes, small_full().activation_bytes);
+  EXPECT_DOUBLE_EQ(recompute_flops_per_token(model::ModelConfig{}, 16), 81920.0 + 4096.0);
+}
+
 TEST(Workload, LoraTrainsOnlyTheAdapters) {
   model::LoraConfig lc;  // rank 8 on q and v of both layers
   const Workload w = describe_workload(model::ModelConfig{}, true, lc, 2, 16, 1);

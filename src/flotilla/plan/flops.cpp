@@ -10,11 +10,15 @@
 namespace flotilla::plan {
 namespace {
 
+// Parameters of one block's matmuls: wq, wk, wv, wo, wgate, wup, wdown.
+double layer_matmul_params(const model::ModelConfig& c) {
+  const double C = static_cast<double>(c.dim), F = static_cast<double>(c.ffn_dim);
+  return C * c.q_dim() + 2.0 * C * c.kv_dim() + c.q_dim() * C + 3.0 * C * F;
+}
+
 // Parameters of the matmuls: every linear layer plus lm_head.
 double matmul_params(const model::ModelConfig& c) {
-  const double C = static_cast<double>(c.dim), F = static_cast<double>(c.ffn_dim);
-  const double per_layer = C * c.q_dim() + 2.0 * C * c.kv_dim() + c.q_dim() * C + 3.0 * C * F;
-  return per_layer * c.n_layers + C * c.vocab_size;
+  return layer_matmul_params(c) * c.n_layers + static_cast<double>(c.dim) * c.vocab_size;
 }
 
 double attention_flops(const model::ModelConfig& c, int64_t T) {
@@ -25,6 +29,11 @@ double attention_flops(const model::ModelConfig& c, int64_t T) {
 
 double flops_per_token(const model::ModelConfig& c, int64_t T) {
   return 6.0 * matmul_params(c) + attention_flops(c, T);
+}
+
+double recompute_flops_per_token(const model::ModelConfig& c, int64_t T) {
+  const double blocks = static_cast<double>(std::max<int64_t>(c.n_layers - 1, 0));
+  return blocks * (2.0 * layer_matmul_params(c) + 4.0 * c.n_heads * c.head_dim * static_cast<double>(T));
 }
 
 double lora_flops_per_token(const model::ModelConfig& c, int64_t T, int64_t lora_params) {

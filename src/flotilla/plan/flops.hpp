@@ -28,6 +28,11 @@ double flops_per_token(const model::ModelConfig& c, int64_t T);
 // adapters' own 6 * trainable. An upper bound when only the last layers are adapted.
 double lora_flops_per_token(const model::ModelConfig& c, int64_t T, int64_t lora_params);
 
+// FLOPs per token that gradient checkpointing (train --grad-checkpoint) adds: backward
+// recomputes the forward of every block but the last, 2 * (a block's matmul parameters)
+// + 4 * H * Q * T each (the attention's forward third, same convention as above).
+double recompute_flops_per_token(const model::ModelConfig& c, int64_t T);
+
 struct SgemmShape {
   int64_t M, N, K;  // out (M, N) = A (M, K) @ B (N, K)^T, as kernels::matmul_forward calls it
 };

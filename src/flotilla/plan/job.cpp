@@ -23,6 +23,7 @@ std::string train_args(const PlanJob& job) {
   out += fmt::format(" --data {} --batch-size {} --seq-len {}", s.data.string(), s.batch_size, s.seq_len);
   if (s.grad_accum != 1) out += fmt::format(" --grad-accum {}", s.grad_accum);
   if (!s.pack) out += " --no-pack";
+  if (s.grad_checkpoint) out += " --grad-checkpoint";
   if (s.lora) {
     std::string targets;
     for (const model::LoraTarget t : s.lora_config.targets) {
@@ -129,7 +130,8 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
   c.memory_bytes = job.memory_gib > 0 ? static_cast<int64_t>(job.memory_gib * (1 << 30)) : machine_memory_bytes();
 
   const model::ModelConfig cfg = load_plan_model_config(src.model);
-  req.workload = describe_workload(cfg, src.lora, src.lora_config, src.batch_size, src.seq_len, src.grad_accum);
+  req.workload = describe_workload(cfg, src.lora, src.lora_config, src.batch_size, src.seq_len, src.grad_accum,
+                                    src.grad_checkpoint);
   req.knobs = job.knobs;
   req.runs = job.runs;
   req.epochs = job.epochs;

@@ -119,6 +119,7 @@ StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize
     adapters->init_random(src.seed);
     model->attach_lora(&*adapters);
   }
+  model->set_grad_checkpoint(src.grad_checkpoint);
   std::unique_ptr<data::BatchSource> source;
   if (d.prepared) {
     data::SamplerConfig sc;
@@ -161,7 +162,8 @@ StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize
 StepCost estimate_step(const Workload& w) {
   const model::ModelConfig& cfg = w.model;
   const SgemmRate rate = measure_sgemm(training_gemm_shapes(cfg, w.batch_size, w.seq_len), 3);
-  const double fpt = w.lora ? lora_flops_per_token(cfg, w.seq_len, w.trainable_floats) : flops_per_token(cfg, w.seq_len);
+  const double fpt = (w.lora ? lora_flops_per_token(cfg, w.seq_len, w.trainable_floats) : flops_per_token(cfg, w.seq_len)) +
+                     (w.grad_checkpoint ? recompute_flops_per_token(cfg, w.seq_len) : 0.0);
   StepCost c;
   c.compute_s = fpt * static_cast<double>(w.tokens_per_step()) / (rate.best_gflops * 1e9);
   // AdamW streams parameters, gradients and both moments: linear in the trainable size.

@@ -23,6 +23,7 @@ struct PlanSource {
   double valid_fraction = 0.05;
   uint64_t seed = 0;
   int64_t batch_size = 4, seq_len = 128, grad_accum = 1;
+  bool grad_checkpoint = false;  // as train --grad-checkpoint
   bool lora = false;
   model::LoraConfig lora_config;
 };

@@ -343,7 +343,8 @@ nlohmann::json plan_json(const PlanResult& p) {
   j["workload"] = {{"params", w.model.num_params()},      {"model_floats", w.model_floats},
                    {"trainable_floats", w.trainable_floats}, {"lora", w.lora},
                    {"batch_size", w.batch_size},          {"seq_len", w.seq_len},
-                   {"grad_accum", w.grad_accum},          {"activation_bytes", w.activation_bytes}};
+                   {"grad_accum", w.grad_accum},          {"activation_bytes", w.activation_bytes},
+                   {"grad_checkpoint", w.grad_checkpoint}};
   j["cluster"] = {{"hosts", c.hosts},   {"slots", c.slots},  {"cores", c.cores}, {"one_machine", c.one_machine},
                   {"memory_bytes", c.memory_bytes}, {"network", link_json(c.network)}, {"local", link_json(c.local)}};
   j["one_rank"] = {{"data_s", r.cost.data_s},       {"compute_s", r.cost.compute_s}, {"update_s", r.cost.update_s},

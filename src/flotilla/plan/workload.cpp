@@ -11,7 +11,7 @@
 namespace flotilla::plan {
 
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
-                           int64_t batch_size, int64_t seq_len, int64_t grad_accum) {
+                           int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint) {
   Workload w;
   w.model = cfg;
   w.lora = lora;
@@ -19,6 +19,7 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
   w.batch_size = batch_size;
   w.seq_len = seq_len;
   w.grad_accum = grad_accum;
+  w.grad_checkpoint = grad_checkpoint;
   const model::ParamLayout layout(cfg);
   w.model_floats = layout.total_numel();
   std::vector<int64_t> per_layer(static_cast<size_t>(cfg.n_layers), 0);
@@ -48,7 +49,8 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
     else
       w.trainable_vector_floats += p.numel;
   }
-  w.activation_bytes = model::Llama::activation_bytes(cfg, adapters ? &*adapters : nullptr, batch_size, seq_len);
+  w.activation_bytes = model::Llama::activation_bytes(cfg, adapters ? &*adapters : nullptr, batch_size, seq_len,
+                                                   grad_checkpoint);
   return w;
 }
 

@@ -21,6 +21,7 @@ struct Workload {
   int64_t batch_size = 4;   // B, sequences per micro-batch per rank (train's --batch-size)
   int64_t seq_len = 128;    // T
   int64_t grad_accum = 1;   // micro-batches per optimizer step per rank
+  bool grad_checkpoint = false;  // train --grad-checkpoint: blocks recomputed in backward
 
   // Derived by describe_workload from the config, exactly as the model lays them out.
   int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
@@ -29,13 +30,13 @@ struct Workload {
   std::vector<std::pair<int64_t, int64_t>> trainable_matrices;
   int64_t trainable_vector_floats = 0;
   int64_t largest_layer_floats = 0;  // one block's weights, or the embedding if larger (ZeRO-3)
-  int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters included
+  int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters and checkpointing included
 
   int64_t tokens_per_step() const { return batch_size * seq_len * grad_accum; }  // per rank
 };
 
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
-                           int64_t batch_size, int64_t seq_len, int64_t grad_accum);
+                           int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint = false);
 
 // One optimizer step of the workload on one rank with nothing to synchronise: the time
 // in each phase of Trainer::step. Measured (median of timed steps) or estimated.
