@@ -41,7 +41,7 @@ def main():
                                 "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,v"],
                                capture_output=True, text=True, env=env, timeout=120)
         check(plain.returncode == 0, f"train runs: {plain.stderr[-300:]}")
-        steps = [l for l in plain.stdout.splitlines() if l.lstrip().startswith("step ") and "loss" in l]
+        steps = [l for l in plain.stdout.splitlines() if l.lstrip().startswith("step ") and " loss " in l and "validation" not in l]
         check(len(steps) == 3 and all(" eta " in l for l in steps), f"every progress line has an ETA: {steps}")
         check("no longer than its warm-up" in plain.stdout, "a run shorter than its warm-up says so")
         report = json.loads((root / "plain_run" / "report.json").read_text())
@@ -63,7 +63,8 @@ def main():
             mpi = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "1", FLOTILLA, *train,
                                   "--out", str(root / "mpi")], capture_output=True, text=True, env=env, timeout=180)
             check(mpi.returncode == 0, f"train under mpirun runs: {mpi.stderr[-300:]}")
-            check("\r" not in mpi.stdout, f"no carriage returns under mpirun: {mpi.stdout[:200]!r}")
+            check("\r" not in mpi.stdout and "] step" not in mpi.stdout,
+                  f"no bar (carriage returns, [###...]) under mpirun: {mpi.stdout[:300]!r}")
             check(sum(1 for l in mpi.stdout.splitlines() if " eta " in l) == 3, "one line per step under mpirun")
 
     if failures:
