@@ -3,12 +3,14 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
 #include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/tokenizer.hpp"
 
@@ -36,7 +38,7 @@ std::vector<int32_t> parse_token_list(const std::string& list) {
 
 void add_score_command(CLI::App& app) {
   struct Options {
-    std::string model, text, tokens;
+    std::string model, text, tokens, adapter;
     bool no_bos = false, strict = false;
   };
   auto opt = std::make_shared<Options>();
@@ -46,10 +48,20 @@ void add_score_command(CLI::App& app) {
   auto* tokens = cmd->add_option("--tokens", opt->tokens, "Token ids to score, comma-separated: 1,2,3");
   text->excludes(tokens);
   cmd->add_flag("--no-bos", opt->no_bos, "With --text: do not prepend BOS");
+  cmd->add_option("--adapter,--adapter-path", opt->adapter, "A LoRA adapter folder to apply (PEFT or mlx_lm layout)")
+      ->check(CLI::ExistingDirectory);
   add_strict_flag(cmd, opt->strict);
   cmd->callback([opt] {
     if (opt->text.empty() == opt->tokens.empty()) throw InputError("score", "give --text or --tokens");
     model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
+    // Attached rather than merged, so a quantized base scores with its adapter too; forward
+    // outside training applies no dropout.
+    std::optional<model::LoraAdapters> adapters;
+    if (!opt->adapter.empty()) {
+      adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict)));
+      model.attach_lora(&*adapters);
+      model.set_training(false);
+    }
     std::vector<int32_t> ids;
     if (!opt->tokens.empty()) {
       ids = parse_token_list(opt->tokens);

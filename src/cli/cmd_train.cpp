@@ -2,6 +2,9 @@
 // data-parallel job under mpirun / srun.
 #include <fmt/format.h>
 
+#include <fstream>
+#include <iterator>
+
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
@@ -16,6 +19,28 @@
 #include <optional>
 
 namespace flotilla::cli {
+
+namespace {
+
+// This process's command line as typed (from /proc), arguments with spaces quoted; "" where
+// /proc is not there.
+std::string command_line() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string out, arg;
+  for (char c : raw) {
+    if (c != '\0') {
+      arg += c;
+      continue;
+    }
+    if (!out.empty()) out += ' ';
+    out += arg.find_first_of(" \t'\"") == std::string::npos && !arg.empty() ? arg : "'" + arg + "'";
+    arg.clear();
+  }
+  return out;
+}
+
+}  // namespace
 
 void add_train_command(CLI::App& app) {
   struct Options {
@@ -74,12 +99,13 @@ void add_train_command(CLI::App& app) {
           ->capture_default_str();
   cmd->add_option("--grad-accum,--grad-accumulation-steps", t.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   cmd->add_option("--lr,--learning-rate", t.lr, "Peak learning rate")->capture_default_str();
-  cmd->add_option("--min-lr", t.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str();
+  cmd->add_option("--min-lr", t.min_lr, "Learning rate of the last step, where the cosine decay ends")->capture_default_str();
   cmd->add_option("--warmup", t.warmup_steps, "Linear warm-up steps")->capture_default_str();
   cmd->add_option("--weight-decay", t.adamw.weight_decay, "AdamW decoupled weight decay (not on norms, biases)")
       ->capture_default_str();
-  cmd->add_option("--beta1", t.adamw.beta1)->capture_default_str();
-  cmd->add_option("--beta2", t.adamw.beta2)->capture_default_str();
+  cmd->add_option("--beta1", t.adamw.beta1, "AdamW decay rate of the gradient's running mean")->capture_default_str();
+  cmd->add_option("--beta2", t.adamw.beta2, "AdamW decay rate of the squared gradient's running mean")
+      ->capture_default_str();
   cmd->add_option("--grad-clip", t.grad_clip, "Max global gradient norm (0: off)")->capture_default_str();
   cmd->add_option("--eval-every,--steps-per-eval", t.eval_every, "Steps between validation passes (0: at the end)")->capture_default_str();
   cmd->add_option("--eval-batches,--val-batches", t.eval_batches,
@@ -215,6 +241,8 @@ void add_train_command(CLI::App& app) {
     }
     const bool root = world->rank() == 0;
     job.model_dir = opt->model;
+    job.flotilla_version = kFlotillaVersion;
+    job.command_line = command_line();
     job.config_json = opt->config;
     job.data = opt->data;
     job.out_dir = opt->out;
@@ -240,6 +268,10 @@ void add_train_command(CLI::App& app) {
     }
     if (dp) world->barrier(comm::Options{.name = "output folder"});
     ProgressPrinter progress(opt->log_every);
+    if (root && job.train.warmup_steps >= job.train.steps)
+      fmt::print("note: the run ({} steps) is no longer than its warm-up ({} steps): the learning rate never "
+                 "reaches --lr {:g} and never decays to --min-lr\n",
+                 job.train.steps, job.train.warmup_steps, job.train.lr);
     train::TrainCallbacks cb;
     cb.on_info = [](const std::string& s) { fmt::print("{}\n", s); };
     cb.on_step = [&](const train::StepMetrics& m) { progress.step(m); };

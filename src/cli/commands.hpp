@@ -14,6 +14,8 @@
 
 namespace flotilla::cli {
 
+inline constexpr const char* kFlotillaVersion = "0.1.0";
+
 void add_init_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_generate_command(CLI::App& app);

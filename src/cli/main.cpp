@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -124,11 +125,24 @@ std::string nearest_flag_hint(const CLI::App& app) {
 
 }  // namespace
 
+namespace {
+
+// The error as the user reads it: the library's "[component] " prefix (which says where in
+// flotilla it arose, for a developer) is left out of the line the user sees.
+const char* user_message(const std::exception& e) {
+  const char* what = e.what();
+  if (what[0] != '[') return what;
+  const char* end = std::strstr(what, "] ");
+  return end != nullptr ? end + 2 : what;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"flotilla: train and fine-tune Llama-family language models on one machine or many"};
   app.require_subcommand(1);
   app.fallthrough();  // global flags may follow the subcommand: flotilla train --threads 2
-  app.set_version_flag("--version", "flotilla 0.1.0");
+  app.set_version_flag("--version", std::string("flotilla ") + flotilla::cli::kFlotillaVersion);
   int threads = 0;
   bool verbose = false;
   app.add_option("--threads", threads, "OpenMP and OpenBLAS threads (default: OMP_NUM_THREADS or all cores)");
@@ -164,7 +178,7 @@ int main(int argc, char** argv) {
     } catch (const flotilla::Error& e) {
       if (mpi) {
         // One rank failing must end the job, not leave the others waiting: one line, then abort.
-        std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+        std::fprintf(stderr, "flotilla: error: %s\n", user_message(e));
         flotilla::comm::MpiRuntime::abort(dynamic_cast<const flotilla::InputError*>(&e) ? 2 : 1);
       }
       throw;
@@ -175,17 +189,17 @@ int main(int argc, char** argv) {
     if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
     // An unknown flag is the likelier fault behind "--model is required" when --modl was typed.
     if (const std::string hint = nearest_flag_hint(app); !hint.empty()) {
-      std::fprintf(stderr, "flotilla: error: [cli] unknown flag %s%s (see --help)\n", first_unknown_flag(app).c_str(),
+      std::fprintf(stderr, "flotilla: error: unknown flag %s%s (see --help)\n", first_unknown_flag(app).c_str(),
                    hint.c_str());
       return 2;
     }
-    std::fprintf(stderr, "flotilla: error: [cli] %s (see --help)\n", e.what());
+    std::fprintf(stderr, "flotilla: error: %s (see --help)\n", e.what());
     return 2;
   } catch (const flotilla::InputError& e) {
-    std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+    std::fprintf(stderr, "flotilla: error: %s\n", user_message(e));
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "flotilla: error: %s\n", e.what());
+    std::fprintf(stderr, "flotilla: error: %s\n", user_message(e));
     return 1;
   }
   return 0;

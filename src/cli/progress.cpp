@@ -12,13 +12,30 @@ namespace flotilla::cli {
 
 namespace {
 
-// A bar on a terminal, lines otherwise. FLOTILLA_PROGRESS=lines|bar overrides: mpirun gives
-// each rank a pseudo-terminal even when its own output goes to a file or a pipe.
+// Under a launcher (mpirun, srun, hydra): its rank variables are set.
+bool launched_by_mpi() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"})
+    if (std::getenv(var) != nullptr) return true;
+  return false;
+}
+
+// A bar on a terminal, lines otherwise. mpirun gives each rank a pseudo-terminal even when
+// its output goes to a file or a pipe, so under a launcher progress is lines too.
+// FLOTILLA_PROGRESS=lines|bar overrides both.
 bool draw_bar() {
   const char* mode = std::getenv("FLOTILLA_PROGRESS");
   if (mode != nullptr && std::string_view(mode) == "lines") return false;
   if (mode != nullptr && std::string_view(mode) == "bar") return true;
-  return ::isatty(STDOUT_FILENO) == 1;
+  return !launched_by_mpi() && ::isatty(STDOUT_FILENO) == 1;
+}
+
+// Time left at the pace so far, as "eta 1:05" or "eta 1:02:03".
+std::string eta(const train::StepMetrics& m) {
+  if (m.step <= 0 || m.total_steps <= m.step) return "eta 0:00";
+  const auto left_s = static_cast<int64_t>(m.elapsed_s / static_cast<double>(m.step) *
+                                           static_cast<double>(m.total_steps - m.step) + 0.5);
+  if (left_s >= 3600) return fmt::format("eta {}:{:02}:{:02}", left_s / 3600, left_s / 60 % 60, left_s % 60);
+  return fmt::format("eta {}:{:02}", left_s / 60, left_s % 60);
 }
 
 }  // namespace
@@ -26,9 +43,9 @@ bool draw_bar() {
 ProgressPrinter::ProgressPrinter(int64_t log_every) : tty_(draw_bar()), log_every_(log_every > 0 ? log_every : 1) {}
 
 void ProgressPrinter::step(const train::StepMetrics& m) {
-  const std::string stats = fmt::format("step {:>5}/{:<5} loss {:.4f}  lr {:.2e}  |g| {:.3f}  {:>7.0f} tok/s  {:>7.1f}s",
-                                        m.step, m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s,
-                                        m.elapsed_s);
+  const std::string stats =
+      fmt::format("step {:>5}/{:<5} loss {:.4f}  lr {:.2e}  |g| {:.3f}  {:>7.0f} tok/s  {:>7.1f}s  {}", m.step,
+                  m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.elapsed_s, eta(m));
   if (tty_) {
     constexpr int kWidth = 24;
     const int filled = m.total_steps > 0 ? static_cast<int>(kWidth * m.step / m.total_steps) : kWidth;

@@ -67,7 +67,7 @@ def main() -> int:
         assert h["model.layers.0.self_attn.q_proj.biases"]["shape"] == [64, 2]
         assert json.loads((q / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 4}
 
-        out = run(flotilla, "generate", "--model", q, "--prompt", "the fleet", "--max-tokens", "8",
+        out = run(flotilla, "generate", "--model", q, "--prompt", "the fleet", "--max-tokens", "8", "--verbose",
                   "--temperature", "0")
         assert out.startswith("the fleet"), out
         text = "the fleet sails as one"

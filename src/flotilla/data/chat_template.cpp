@@ -361,6 +361,12 @@ std::optional<ChatTemplate> detect_chat_template(std::string_view jinja) {
   return std::nullopt;
 }
 
+ChatTemplateSource read_chat_template_source(const std::filesystem::path& model_dir) {
+  ChatTemplateSource out;
+  out.jinja = read_chat_template_string(model_dir, &out.file);
+  return out;
+}
+
 std::optional<ChatTemplate> resolve_chat_template(const std::filesystem::path& model_dir,
                                                   std::string_view override_name) {
   std::optional<ChatFamily> wanted;

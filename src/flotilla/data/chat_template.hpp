@@ -67,6 +67,14 @@ std::optional<ChatTemplate> detect_chat_template(std::string_view jinja);
 std::optional<ChatTemplate> resolve_chat_template(const std::filesystem::path& model_dir,
                                                   std::string_view override_name);
 
+// The Jinja text of a model directory's chat template (as resolve_chat_template finds it)
+// and the file it came from; empty text when there is none.
+struct ChatTemplateSource {
+  std::string jinja;
+  std::string file;
+};
+ChatTemplateSource read_chat_template_source(const std::filesystem::path& model_dir);
+
 // A piece of a rendered example. Either text (encoded by the tokenizer) or one token id
 // placed as is (BOS/EOS of the formats that have no template).
 struct Segment {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <ctime>
 #include <optional>
 
 #include <fmt/format.h>
@@ -690,6 +691,24 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const std::
                            {"skipped_batches_without_targets", summary.skipped_batches},
                            {"ranks", world},
                            {"config", config}};
+  report["fine_tune_type"] = job.fine_tune == FineTuneType::lora ? "lora" : "full";
+  if (job.fine_tune == FineTuneType::lora) {
+    std::vector<std::string> targets;
+    for (const model::LoraTarget t : job.lora.targets) targets.emplace_back(model::lora_target_module(t));
+    report["lora"] = {{"rank", job.lora.rank},       {"alpha", job.lora.alpha},
+                      {"dropout", job.lora.dropout}, {"targets", targets},
+                      {"num_layers", job.lora.num_layers < 0 ? nlohmann::json("all") : nlohmann::json(job.lora.num_layers)}};
+  }
+  if (!job.flotilla_version.empty()) report["flotilla_version"] = job.flotilla_version;
+  if (!job.command_line.empty()) report["command_line"] = job.command_line;
+  {
+    const std::time_t now = std::time(nullptr);
+    std::tm utc{};
+    gmtime_r(&now, &utc);
+    char date[32];
+    std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &utc);
+    report["date"] = date;
+  }
   if (job.dp) {
     // What this rank sent per optimizer step of this run: gradients, or local SGD's weights.
     const comm::GradientCodec& codec = job.dp->codec();

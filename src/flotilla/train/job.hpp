@@ -56,6 +56,9 @@ struct TrainJob {
   // Full training of every parameter, or LoRA adapters over a frozen base. A LoRA run
   // writes the adapters (PEFT layout) into out_dir instead of a whole model.
   FineTuneType fine_tune = FineTuneType::full;
+  // For the run report, so that a reader can rerun it: the command as typed and the version.
+  std::string command_line;
+  std::string flotilla_version;
   model::LoraConfig lora;
   // Start LoRA from these adapters: a PEFT or mlx_lm folder, or the weights file in one.
   // The LoRA settings the user gave (lora_given) must match the adapter's; the others are

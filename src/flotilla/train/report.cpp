@@ -66,6 +66,9 @@ std::string line_chart_svg(const LineChart& chart, int width, int height) {
                        top + ph + 18, x);
   svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", left + pw / 2, height - 8,
                      chart.x_label);
+  if (!chart.y_label.empty())
+    svg += fmt::format("<text x=\"14\" y=\"{0:.1f}\" text-anchor=\"middle\" transform=\"rotate(-90 14 {0:.1f})\">{1}</text>\n",
+                       top + ph / 2, chart.y_label);
   svg += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"none\" stroke=\"#888\"/>\n",
                      left, top, pw, ph);
   for (const ChartSeries& series : chart.series) {
@@ -91,10 +94,11 @@ std::string line_chart_svg(const LineChart& chart, int width, int height) {
   return svg;
 }
 
-std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
+std::string loss_chart_svg(const LossCurves& curves, int width, int height, const std::string& run_name) {
   LineChart chart;
-  chart.title = "Loss";
+  chart.title = run_name.empty() ? "Loss" : "Loss: " + run_name;
   chart.x_label = "step";
+  chart.y_label = "loss";
   chart.series.push_back({"training", "#1f77b4", curves.train, false, 1.5, false});
   chart.series.push_back({"validation", "#d62728", curves.valid, true, 2.0, false});
   return line_chart_svg(chart, width, height);
@@ -102,10 +106,17 @@ std::string loss_chart_svg(const LossCurves& curves, int width, int height) {
 
 void write_run_report(const std::filesystem::path& dir, const nlohmann::json& summary, const LossCurves& curves) {
   nlohmann::json report = summary;
-  report["train_loss"] = curves.train;
-  report["valid_loss"] = curves.valid;
+  // Steps are counts: written as integers, not 12.0.
+  const auto with_integer_steps = [](const std::vector<std::pair<double, double>>& points) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& [step, loss] : points) out.push_back({static_cast<int64_t>(std::llround(step)), loss});
+    return out;
+  };
+  report["train_loss"] = with_integer_steps(curves.train);
+  report["valid_loss"] = with_integer_steps(curves.valid);
   write_file_atomic(dir / "report.json", report.dump(2) + "\n");
-  write_file_atomic(dir / "loss.svg", loss_chart_svg(curves));
+  const std::string name = std::filesystem::weakly_canonical(dir).filename().string();
+  write_file_atomic(dir / "loss.svg", loss_chart_svg(curves, 720, 400, name));
 }
 
 }  // namespace flotilla::train
