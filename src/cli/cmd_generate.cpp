@@ -7,17 +7,11 @@
 #include <optional>
 
 #include "cli/commands.hpp"
+#include "cli/generation.hpp"
 #include "flotilla/base/error.hpp"
-#include "flotilla/base/timer.hpp"
 #include "flotilla/data/chat_prompt.hpp"
-#include "flotilla/model/decoder.hpp"
-#include "flotilla/model/llama.hpp"
-#include "flotilla/model/lora.hpp"
 #include "flotilla/model/sampling.hpp"
-#include "flotilla/model/vocab_check.hpp"
-#include "flotilla/text/stop_strings.hpp"
 #include "flotilla/text/tokenizer.hpp"
-#include "flotilla/text/utf8_streamer.hpp"
 
 namespace flotilla::cli {
 
@@ -75,58 +69,32 @@ void add_generate_command(CLI::App& app) {
       if (!chat->end_of_turn().empty()) opt->stops.push_back(chat->end_of_turn());
     }
     model::Sampler sampler(opt->sampling);  // refuses sampling parameters outside their domain before loading
-    model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
-    // Generation has no dropout, so merged adapters compute exactly what attached ones do.
-    // A quantized base cannot be merged into in place: its adapters run alongside.
-    std::optional<model::LoraAdapters> side_adapters;
-    if (!opt->adapter.empty() && model.quantized())
-      side_adapters.emplace(model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict)));
-    else if (!opt->adapter.empty())
-      model::LoraAdapters::load(opt->adapter, model.config(), non_finite_policy(opt->strict)).merge_into(model.params(), model.layout());
-    const auto tokenizer = text::Tokenizer::load_for_model(opt->model);
-    model::check_tokenizer_fits(*tokenizer, model.config(), opt->model);
+    const LoadedModel loaded = load_for_generation(opt->model, opt->adapter, opt->strict);
+    const text::Tokenizer& tokenizer = *loaded.tokenizer;
     std::vector<int32_t> prompt;
     // A chat template writes BOS itself where the model wants one.
-    if (!chat && !opt->no_bos && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
-    const std::vector<int32_t> body = tokenizer->encode(prompt_text);
+    if (!chat && !opt->no_bos && tokenizer.bos_id() >= 0) prompt.push_back(tokenizer.bos_id());
+    const std::vector<int32_t> body = tokenizer.encode(prompt_text);
     prompt.insert(prompt.end(), body.begin(), body.end());
-    if (prompt.empty()) throw InputError("generate", "empty prompt and no BOS token: nothing to condition on");
-    const int64_t limit = std::min<int64_t>(static_cast<int64_t>(prompt.size()) + opt->max_tokens,
-                                            model.config().max_position);
-    if (static_cast<int64_t>(prompt.size()) >= limit)
-      throw InputError("generate", fmt::format("prompt of {} tokens fills the model's context of {}", prompt.size(),
-                                               model.config().max_position));
-    model::Decoder decoder(model, limit, side_adapters ? &*side_adapters : nullptr);
-    text::Utf8Streamer stream;
-    text::StopStrings stops(opt->stops);
     if (opt->verbose) {
       if (chat) std::fprintf(stderr, "prompt, with %s:\n", chat->describe().c_str());
       fmt::print("{}", prompt_text);
       std::fflush(stdout);
     }
-
-    Timer prefill_timer;
-    std::span<const float> logits = decoder.step(prompt);
-    const double prefill_s = prefill_timer.elapsed_s();
-    // Draws are limited to the tokenizer's ids: a padded embedding's extra rows are not text.
-    const auto vocab = static_cast<size_t>(tokenizer->vocab_size());
-    Timer decode_timer;
-    int64_t generated = 0;
-    while (decoder.position() < limit) {
-      const int32_t next = sampler.sample(logits.first(std::min(vocab, logits.size())));
-      ++generated;
-      if (next == tokenizer->eos_id()) break;
-      fmt::print("{}", stops.push(stream.push(tokenizer->token_to_piece(next))));
-      std::fflush(stdout);
-      if (stops.stopped() || decoder.position() >= limit) break;
-      logits = decoder.step(std::span<const int32_t>(&next, 1));
-    }
-    fmt::print("{}\n", stops.push(stream.finish()) + stops.finish());
-    const double decode_s = decode_timer.elapsed_s();
+    AnswerStats stats;
+    generate_answer(
+        loaded, prompt, opt->max_tokens, sampler, opt->stops,
+        [](const std::string& piece) {
+          fmt::print("{}", piece);
+          std::fflush(stdout);
+        },
+        &stats);
+    fmt::print("\n");
     if (opt->verbose)
-      std::fprintf(stderr, "prompt %zu tokens in %.3fs (%.1f tokens/s); generated %ld tokens in %.3fs (%.1f tokens/s)\n",
-                 prompt.size(), prefill_s, static_cast<double>(prompt.size()) / prefill_s, static_cast<long>(generated),
-                 decode_s, static_cast<double>(generated) / decode_s);
+      std::fprintf(stderr, "prompt %ld tokens in %.3fs (%.1f tokens/s); generated %ld tokens in %.3fs (%.1f tokens/s)\n",
+                   static_cast<long>(stats.prompt_tokens), stats.prefill_s,
+                   static_cast<double>(stats.prompt_tokens) / stats.prefill_s, static_cast<long>(stats.generated_tokens),
+                   stats.decode_s, static_cast<double>(stats.generated_tokens) / stats.decode_s);
   });
 }
 

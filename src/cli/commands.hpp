@@ -19,6 +19,7 @@ inline constexpr const char* kFlotillaVersion = "0.1.0";
 void add_init_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
+void add_chat_command(CLI::App& app);
 void add_score_command(CLI::App& app);
 void add_grads_command(CLI::App& app);
 void add_fuse_command(CLI::App& app);

@@ -154,6 +154,7 @@ int main(int argc, char** argv) {
   flotilla::cli::add_init_command(app);
   flotilla::cli::add_train_command(app);
   flotilla::cli::add_generate_command(app);
+  flotilla::cli::add_chat_command(app);
   flotilla::cli::add_score_command(app);
   flotilla::cli::add_grads_command(app);
   flotilla::cli::add_fuse_command(app);

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """generate speaks the model's chat template: the prompt goes through tokenizer_config.json's
 template (Jinja) by default, --ignore-chat-template sends raw text, --system-prompt adds a
-system turn, --prompt - reads stdin, stdout holds only the answer unless --verbose; and
+system turn, --prompt - reads stdin, stdout holds only the answer unless --verbose; chat
+keeps a conversation over stdin lines; and
 score --adapter scores with a LoRA adapter applied.
 
 Usage: chat_generate_test.py <path/to/flotilla>
@@ -65,11 +66,30 @@ def main():
         bad = run(gen + ["--prompt", "x", "--ignore-chat-template", "--system-prompt", "s"], ok=False)
         check(bad.returncode == 2 and "--system-prompt" in bad.stderr, "--system-prompt without a template is refused")
 
+        # chat: each stdin line a turn; the answer joins the conversation, which the next turn
+        # sends whole. Greedy, so turn 1 is generate's answer to the same prompt, and turn 2 is
+        # generate's answer to the whole conversation rendered by hand as raw text.
+        first = run(gen + ["--prompt", "Hi there", "--system-prompt", "Be brief."]).stdout
+        answer1 = first[:-1] if first.endswith("\n") else first
+        convo = ("<|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\n" + answer1 +
+                 "</s>\n<|user|>\nAnd then?</s>\n<|assistant|>\n")
+        second = run(gen + ["--prompt", "-", "--ignore-chat-template", "--no-bos", "--stop", "</s>"], stdin=convo).stdout
+        chat = run(["chat", "--model", str(model), "--max-tokens", "4", "--system-prompt", "Be brief."],
+                   stdin="Hi there\n\nAnd then?\n")
+        check(chat.stdout == first + second,
+              f"chat keeps the conversation: {chat.stdout!r} vs {first + second!r}")
+
         cfg["chat_template"] = "{% macro m() %}{% endmacro %}{{ messages }}"
         cfg_path.write_text(json.dumps(cfg))
         unsup = run(gen + ["--prompt", "x"], ok=False)
         check(unsup.returncode == 2 and "{% macro %}" in unsup.stderr and "tokenizer_config.json" in unsup.stderr,
               f"an unsupported template construct is named: {unsup.stderr.strip()}")
+
+        del cfg["chat_template"]
+        cfg_path.write_text(json.dumps(cfg))
+        nochat = run(["chat", "--model", str(model)], stdin="hi\n", ok=False)
+        check(nochat.returncode == 2 and "--chat-template" in nochat.stderr,
+              f"chat without a template is refused, naming --chat-template: {nochat.stderr.strip()}")
 
         # score --adapter: a LoRA adapter trained one step changes the log-probabilities.
         (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
