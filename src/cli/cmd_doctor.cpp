@@ -5,6 +5,7 @@
 
 #include "cli/commands.hpp"
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/log.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/parallel/doctor.hpp"
 
@@ -32,10 +33,14 @@ void add_doctor_command(CLI::App& app) {
     for (const auto& rr : r.ranks)
       fmt::print("{:>4}  {:<16} {:>5} {:>7}  {:<16} {:<16} {:<16}  {}\n", rr.rank, rr.host, rr.cores, rr.threads,
                  rr.binary, rr.model.empty() ? "-" : rr.model, rr.data.empty() ? "-" : rr.data, rr.versions);
+    fmt::print("\n{:>4}  {:<8} {}\n", "rank", "kernels", "cpu features");
+    for (const auto& rr : r.ranks)
+      fmt::print("{:>4}  {:<8} {}\n", rr.rank, rr.kernels, rr.cpu.empty() ? "-" : rr.cpu);
     fmt::print("\nall_reduce (f32 sum) over {} ranks: best time, bus bandwidth = bytes x 2(n-1)/n / time\n",
                r.ranks.size());
     for (const auto& t : r.all_reduce)
       fmt::print("  {:>10} bytes  {:>10.1f} us  {:>8.3f} Gbit/s\n", t.bytes, t.time_us, t.bus_gbit_s);
+    for (const auto& w : r.warnings) log::warn("doctor: {}", w);
     if (!r.mismatches.empty()) {
       std::string all;
       for (const auto& m : r.mismatches) all += (all.empty() ? "" : "; ") + m;

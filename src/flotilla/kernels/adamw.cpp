@@ -17,6 +17,7 @@
 #include <charconv>
 #include <cmath>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::kernels {
@@ -35,7 +36,7 @@ constexpr int64_t kChunk = 4096;
 // (the builtin's attributes are fixed from the command line). So only the sqrt runs
 // scalar, over a small stack buffer, and the arithmetic around it stays vectorised:
 // about 3x faster than one scalar loop on AVX-512.
-void adamw_chunk(float* param, const float* grad, float* m, float* v, int64_t n,
+FLOTILLA_KERNEL void adamw_chunk(float* param, const float* grad, float* m, float* v, int64_t n,
                  const AdamWCoefficients& c) {
   float root[kChunk];  // sqrt(v)
   for (int64_t i = 0; i < n; ++i) {

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/kernels/vec_math.hpp"
 
@@ -29,7 +30,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // p (n) holds scores in p[first .. lim] on entry; on exit softmax over p[first .. lim] and
 // zeros everywhere else in p[0 .. n).
-void causal_softmax_row(float* p, int64_t first, int64_t lim, int64_t n) {
+FLOTILLA_KERNEL void causal_softmax_row(float* p, int64_t first, int64_t lim, int64_t n) {
   float mx = p[first];
   // A conditional, not std::max: GCC 12 vectorises the std::max form ~10x slower.
 #pragma omp simd reduction(max : mx)
@@ -58,7 +59,7 @@ int64_t block_key_begin(const int32_t* key_start, int64_t b, int64_t Tq, int64_t
 
 }  // namespace
 
-void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
+FLOTILLA_KERNEL void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
                        const int32_t* key_start) {
   // out (B, Tq, NH, hd), probs (B, NH, Tq, Tk), q (B, Tq, NH, hd), k, v (B, Tk, NKV, hd)
@@ -97,7 +98,7 @@ void attention_forward(float* out, float* probs, const float* q, const float* k,
   }
 }
 
-void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
+FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
                         const float* q, const float* k, const float* v, const float* probs,
                         int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
                         const int32_t* key_start) {

@@ -5,13 +5,14 @@
 #include <algorithm>
 #include <cmath>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/kernels/vec_math.hpp"
 
 namespace flotilla::kernels {
 namespace {
 
-float row_max(const float* x, int64_t V) {
+FLOTILLA_KERNEL float row_max(const float* x, int64_t V) {
   float mx = x[0];
   // A conditional, not std::max: GCC 12 vectorises the std::max form ~10x slower.
 #pragma omp simd reduction(max : mx)
@@ -21,7 +22,7 @@ float row_max(const float* x, int64_t V) {
 
 }  // namespace
 
-int64_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
+FLOTILLA_KERNEL int64_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
                               int64_t N, int64_t V, int32_t ignore_index) {
   // losses (N), logits (N, V), targets (N)
   int64_t count = 0;
@@ -43,7 +44,7 @@ int64_t cross_entropy_forward(float* losses, const float* logits, const int32_t*
   return count;
 }
 
-void cross_entropy_backward_inplace(float* logits, const int32_t* targets, int64_t N, int64_t V,
+FLOTILLA_KERNEL void cross_entropy_backward_inplace(float* logits, const int32_t* targets, int64_t N, int64_t V,
                                     int32_t ignore_index, float dloss_scale) {
   // logits (N, V) in place -> dlogits, targets (N)
   // forward: loss = logsumexp(x) - x_t  =>  dx = dloss_scale * (softmax(x) - onehot(t))

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace flotilla::kernels {
 
@@ -136,5 +137,15 @@ double sum_squares(const float* x, int64_t n);
 void scale_inplace(float* x, int64_t n, float s);
 // y += x
 void add_inplace(float* y, const float* x, int64_t n);
+
+// ----------------------------------------------------------------- CPU and dispatch
+// The vector features of this CPU that matter to flotilla, space-separated, from
+// "avx2 fma avx512f avx512_bf16 amx" (x86-64; empty elsewhere).
+std::string cpu_features();
+// Which variant of the hot kernels this process runs (chosen once at load time from the
+// CPU, see kernels/dispatch.hpp): "avx512" or "avx2" in the default build; "native" in a
+// -DFLOTILLA_NATIVE=ON build whose baseline already has AVX-512 (nothing to choose), or
+// "generic" on other architectures.
+std::string kernel_isa();
 
 }  // namespace flotilla::kernels

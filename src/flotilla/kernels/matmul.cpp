@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::kernels {
@@ -39,7 +40,7 @@ void matmul_accumulate(float* out, const float* inp, const float* weight, int64_
               out, static_cast<int>(OC));
 }
 
-void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+FLOTILLA_KERNEL void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                      const float* inp, const float* weight, int64_t N, int64_t C, int64_t OC) {
   // dinp (N, C), dweight (OC, C), dbias (OC), dout (N, OC), inp (N, C), weight (OC, C)
   if (N == 0 || OC == 0) return;

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include "flotilla/kernels/dispatch.hpp"
+
 namespace flotilla::kernels {
 namespace {
 
@@ -28,7 +30,7 @@ void load_row_params(const QuantMatrix& m, int64_t r, float* s, float* b) {
 
 // One row of m into out (cols). s, b: scratch of groups_per_row floats each.
 template <int kBits>
-void dequantize_row_bits(const QuantMatrix& m, int64_t r, float* out, float* s, float* b) {
+FLOTILLA_KERNEL void dequantize_row_bits(const QuantMatrix& m, int64_t r, float* out, float* s, float* b) {
   constexpr int kPerWord = 32 / kBits;
   constexpr uint32_t kMask = (1u << kBits) - 1u;
   load_row_params(m, r, s, b);
@@ -46,7 +48,7 @@ void dequantize_row_bits(const QuantMatrix& m, int64_t r, float* out, float* s, 
   }
 }
 
-void dequantize_row(const QuantMatrix& m, int64_t r, float* out, float* s, float* b) {
+FLOTILLA_KERNEL void dequantize_row(const QuantMatrix& m, int64_t r, float* out, float* s, float* b) {
   switch (m.format.bits) {
     case 2: dequantize_row_bits<2>(m, r, out, s, b); break;
     case 4: dequantize_row_bits<4>(m, r, out, s, b); break;
@@ -101,7 +103,7 @@ void unpack_row(const uint32_t* words, int64_t cols, int bits, uint8_t* q) {
     q[j] = static_cast<uint8_t>((words[j / per_word] >> ((j % per_word) * bits)) & mask);
 }
 
-void quantize_rows(const float* w, int64_t rows, int64_t cols, QuantFormat format, DType scale_dtype,
+FLOTILLA_KERNEL void quantize_rows(const float* w, int64_t rows, int64_t cols, QuantFormat format, DType scale_dtype,
                    uint32_t* packed, std::byte* scales, std::byte* biases) {
   // w (rows, cols); packed (rows, cols*bits/32); scales, biases (rows, cols/group_size)
   const int64_t gs = format.group_size, G = cols / gs, W = cols / format.per_word();
@@ -128,7 +130,7 @@ void quantize_rows(const float* w, int64_t rows, int64_t cols, QuantFormat forma
   }
 }
 
-void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* out) {
+FLOTILLA_KERNEL void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* out) {
   // out (nrows, cols)
 #pragma omp parallel if (nrows * m.cols > (1 << 15))
   {
@@ -138,7 +140,7 @@ void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* o
   }
 }
 
-void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N) {
+FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N) {
   // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0) return;
@@ -180,7 +182,7 @@ void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const f
   }
 }
 
-void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N) {
+FLOTILLA_KERNEL void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N) {
   // dinp (N, C) += dout (N, OC) @ m (OC, C)
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0 || C == 0 || dinp == nullptr) return;

@@ -5,11 +5,12 @@
 #include <algorithm>
 #include <cmath>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::kernels {
 
-void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
+FLOTILLA_KERNEL void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int64_t N,
                      int64_t C, float eps) {
   // out (N, C), rstd (N), inp (N, C), weight (C)
 #pragma omp parallel for schedule(static) if (N * C > (1 << 14))
@@ -26,7 +27,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* wei
   }
 }
 
-void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
+FLOTILLA_KERNEL void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp,
                       const float* weight, const float* rstd, int64_t N, int64_t C) {
   // dinp (N, C), dweight (C), dout (N, C), inp (N, C), weight (C), rstd (N)
   // forward: y_i = x_i * r * w_i with r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / C

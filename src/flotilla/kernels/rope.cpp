@@ -14,6 +14,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::kernels {
@@ -65,7 +66,7 @@ void rope_table(float* cos, float* sin, const float* inv_freq, int64_t pos0, int
 namespace {
 // In place on x (B, T, NH, hd): turns each (x1[i], x2[i]) pair by `direction` x angle,
 // direction +1 (forward) or -1 (backward: a rotation's transpose is the opposite turn).
-void rotate_pairs(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH, int64_t hd,
+FLOTILLA_KERNEL void rotate_pairs(float* x, const float* cos, const float* sin, int64_t B, int64_t T, int64_t NH, int64_t hd,
                   const int32_t* positions, float direction) {
   const int64_t half = hd / 2;
 #pragma omp parallel for schedule(static) if (B * T * NH * hd > (1 << 15))

@@ -1,10 +1,11 @@
 // SwiGLU activation of the Llama MLP: out = silu(gate) * up, silu(x) = x * sigmoid(x).
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/kernels/vec_math.hpp"
 
 namespace flotilla::kernels {
 
-void swiglu_forward(float* out, const float* gate, const float* up, int64_t N, int64_t F) {
+FLOTILLA_KERNEL void swiglu_forward(float* out, const float* gate, const float* up, int64_t N, int64_t F) {
   // out, gate, up (N, F)
   const int64_t n = N * F;
 #pragma omp parallel for simd schedule(static) if (n > (1 << 15))
@@ -15,7 +16,7 @@ void swiglu_forward(float* out, const float* gate, const float* up, int64_t N, i
   }
 }
 
-void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+FLOTILLA_KERNEL void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
                      const float* up, int64_t N, int64_t F) {
   // dgate, dup (N, F) overwritten; dout, gate, up (N, F)
   // forward: out = g * s(g) * u  =>  dup = dout * g * s(g),

@@ -1,11 +1,12 @@
 // Whole-buffer utilities used on flat gradient and parameter buffers.
 #include <algorithm>
 
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::kernels {
 
-double sum_squares(const float* x, int64_t n) {
+FLOTILLA_KERNEL double sum_squares(const float* x, int64_t n) {
   // x (n)
   // A fixed number of chunks, each summed in double, then the chunk sums added in order:
   // the result is the same for any thread count (gradient clipping then cannot make two
@@ -26,12 +27,12 @@ double sum_squares(const float* x, int64_t n) {
   return total;
 }
 
-void scale_inplace(float* x, int64_t n, float s) {
+FLOTILLA_KERNEL void scale_inplace(float* x, int64_t n, float s) {
 #pragma omp parallel for simd schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
 }
 
-void add_inplace(float* y, const float* x, int64_t n) {
+FLOTILLA_KERNEL void add_inplace(float* y, const float* x, int64_t n) {
 #pragma omp parallel for simd schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }

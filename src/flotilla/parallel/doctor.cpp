@@ -11,6 +11,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/timer.hpp"
+#include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -40,7 +41,7 @@ struct Digest {
 };
 
 constexpr size_t kField = 96;  // bytes per string field in the all-gather
-constexpr size_t kFields = 6;  // host, versions, binary, model, data, numbers
+constexpr size_t kFields = 8;  // host, versions, binary, model, data, numbers, cpu, kernels
 
 void put(std::array<char, kField * kFields>& rec, size_t field, std::string_view s) {
   std::memcpy(rec.data() + field * kField, s.data(), std::min(s.size(), kField - 1));
@@ -94,6 +95,8 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
   put(mine, 3, model.empty() ? "" : digest_path(model));
   put(mine, 4, data.empty() ? "" : digest_path(data));
   put(mine, 5, fmt::format("{} {}", sysconf(_SC_NPROCESSORS_ONLN), omp_get_max_threads()));
+  put(mine, 6, kernels::cpu_features());
+  put(mine, 7, kernels::kernel_isa());
   std::vector<char> all(mine.size() * static_cast<size_t>(n));
   comm.all_gather(std::span<const int8_t>(reinterpret_cast<const int8_t*>(mine.data()), mine.size()),
                   std::span<int8_t>(reinterpret_cast<int8_t*>(all.data()), all.size()),
@@ -110,6 +113,8 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     rr.model = get(rec, 3);
     rr.data = get(rec, 4);
     std::sscanf(get(rec, 5).c_str(), "%d %d", &rr.cores, &rr.threads);
+    rr.cpu = get(rec, 6);
+    rr.kernels = get(rec, 7);
     report.ranks.push_back(rr);
   }
   for (int r = 1; r < n; ++r) {
@@ -117,6 +122,9 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     if (a.binary != b.binary) report.mismatches.push_back(fmt::format("binary: rank {} differs from rank 0", r));
     if (a.model != b.model) report.mismatches.push_back(fmt::format("model: rank {} differs from rank 0", r));
     if (a.data != b.data) report.mismatches.push_back(fmt::format("data: rank {} differs from rank 0", r));
+    if (a.kernels != b.kernels)
+      report.warnings.push_back(fmt::format("kernels: rank {} runs the {} variant, rank 0 the {} variant", r,
+                                            b.kernels, a.kernels));
   }
 
   // All-reduce latency and bandwidth, 4 KiB .. max_bytes, best of a few repetitions.

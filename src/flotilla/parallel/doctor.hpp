@@ -21,6 +21,8 @@ struct RankReport {
   std::string binary;     // digest of the running executable
   std::string model;      // digest of the model directory's files (empty: none given)
   std::string data;       // digest of the data files (empty: none given)
+  std::string cpu;        // the CPU's vector features (kernels::cpu_features)
+  std::string kernels;    // the hot kernels' variant this rank runs (kernels::kernel_isa)
 };
 
 struct CollectiveTiming {
@@ -32,6 +34,9 @@ struct CollectiveTiming {
 struct DoctorReport {
   std::vector<RankReport> ranks;          // indexed by rank
   std::vector<std::string> mismatches;    // "model: rank 1 differs from rank 0", ...
+  // Not errors: "kernels: rank 1 runs avx2, rank 0 avx512" (the same binary chose different
+  // kernel variants on different CPUs; results may differ in the last bits, speed differs).
+  std::vector<std::string> warnings;
   std::vector<CollectiveTiming> all_reduce;
 };
 
