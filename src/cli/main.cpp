@@ -89,6 +89,25 @@ std::unique_ptr<flotilla::comm::MpiRuntime> start_mpi_with_deadline(int* argc, c
 
 namespace {
 
+// --help without CLI11's notation for a negatable flag's value ("--pack,--no-pack{false}"):
+// the names alone, then the default as for any other flag ("--pack,--no-pack=true").
+class PlainFlagFormatter : public CLI::Formatter {
+ public:
+  std::string make_option_name(const CLI::Option* opt, bool is_positional) const override {
+    std::string name = CLI::Formatter::make_option_name(opt, is_positional);
+    for (size_t open = name.find('{'); open != std::string::npos; open = name.find('{', open)) {
+      const size_t close = name.find('}', open);
+      if (close == std::string::npos) break;
+      name.erase(open, close - open + 1);
+    }
+    return name;
+  }
+};
+
+}  // namespace
+
+namespace {
+
 // The deepest subcommand the command line chose (flotilla data prepare -> "prepare").
 const CLI::App* chosen_command(const CLI::App& app) {
   for (const CLI::App* sub : app.get_subcommands())
@@ -140,6 +159,7 @@ const char* user_message(const std::exception& e) {
 
 int main(int argc, char** argv) {
   CLI::App app{"flotilla: train and fine-tune Llama-family language models on one machine or many"};
+  app.formatter(std::make_shared<PlainFlagFormatter>());  // subcommands inherit it
   app.require_subcommand(1);
   app.fallthrough();  // global flags may follow the subcommand: flotilla train --threads 2
   app.set_version_flag("--version", std::string("flotilla ") + flotilla::cli::kFlotillaVersion);

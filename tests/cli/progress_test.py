@@ -3,7 +3,8 @@
 progress is plain lines, never a bar redrawn with carriage returns; every progress line has
 an ETA; a run no longer than its warm-up says so. The run report says how to reproduce the
 run (fine-tune type, LoRA settings, version, date, command line), with integer steps, and
-its chart is named after the run with labelled axes.
+its chart is named after the run with labelled axes. --help shows booleans plainly and
+describes every flag.
 
 Usage: progress_test.py <path/to/flotilla>
 """
@@ -55,6 +56,22 @@ def main():
         svg = (root / "plain_run" / "loss.svg").read_text()
         check("Loss: plain_run" in svg and ">loss</text>" in svg and ">step</text>" in svg,
               "chart: the run's name and both axis labels")
+
+        # --help: booleans plainly (no CLI11 "{false}" notation), every flag described.
+        for command in ["train", "generate", "chat", "eval", "plan", "data prepare", "convert", "fuse", "score", "init",
+                        "grads", "doctor"]:
+            text = subprocess.run([FLOTILLA, *command.split(), "--help"], capture_output=True, text=True).stdout
+            lines = text.splitlines()
+            # Option lines are indented two spaces ("  --name TYPE=DEFAULT  description");
+            # a description too long for the line, or names too long for the column, go on
+            # the lines below, indented past the names' column.
+            options = [(i, l.strip()) for i, l in enumerate(lines) if l.startswith("  -")]
+            names = [o.split()[0] for _, o in options]
+            check(not any("{" in n for n in names), f"{command} --help shows negatable flags plainly: {names}")
+            undescribed = [o for i, o in options
+                           if "  " not in o and len(o.split()) < 4
+                           and not (i + 1 < len(lines) and lines[i + 1].startswith(" " * 20) and lines[i + 1].strip())]
+            check(not undescribed, f"{command} --help describes every flag: {undescribed}")
 
         mpirun = shutil.which("mpirun")
         if mpirun is None:
