@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::parallel {
 
@@ -50,10 +51,8 @@ void DataParallel::enable_overlap(std::span<const comm::GradRange> ready_order, 
 model::LossSum DataParallel::finish_overlapped_gradients(const model::LossSum& local) {
   overlap_->finish();
   // Every bucket is one ring all-reduce of its bytes.
-  const int N = world();
-  if (N > 1)
-    for (const comm::GradRange& b : overlap_->buckets())
-      overlapped_bytes_ += 2 * (N - 1) * b.size() * static_cast<int64_t>(sizeof(float)) / N;
+  for (const comm::GradRange& b : overlap_->buckets())
+    overlapped_bytes_ += comm::ring_all_reduce_bytes(b.size() * static_cast<int64_t>(sizeof(float)), world());
   ++overlapped_exchanges_;
   return all_reduce_loss(local);
 }

@@ -11,6 +11,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/timer.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::parallel {
@@ -141,7 +142,7 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     // Every rank reports the slowest rank's best time.
     std::array<double, 1> worst = {best};
     comm.all_reduce(worst, comm::ReduceOp::max, comm::Options{.name = "doctor"});
-    const double bus = n > 1 ? static_cast<double>(bytes) * 2.0 * (n - 1) / n / worst[0] * 8e-9 : 0.0;
+    const double bus = static_cast<double>(bytes) * comm::all_reduce_wire_fraction(n) / worst[0] * 8e-9;
     report.all_reduce.push_back({bytes, worst[0] * 1e6, bus});
   }
   return report;

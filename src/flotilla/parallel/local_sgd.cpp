@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::parallel {
 
@@ -34,7 +35,7 @@ bool LocalSgd::after_step(std::span<float> params, int64_t step, bool force) {
   if (!force && step % config_.sync_every != 0) return false;
   const int world = dp_.world();
   dp_.communicator().all_reduce(params, comm::ReduceOp::avg, comm::Options{.name = "local SGD weights"});
-  if (world > 1) bytes_sent_ += 2 * (world - 1) * static_cast<int64_t>(params.size_bytes()) / world;
+  bytes_sent_ += comm::ring_all_reduce_bytes(static_cast<int64_t>(params.size_bytes()), world);
   ++meetings_;
   const float lr = config_.outer_lr, mu = config_.outer_momentum;
   if (lr == 1.0f && mu == 0.0f) {  // plain averaging: theta_0 = the average

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::plan {
 namespace {
@@ -99,14 +100,14 @@ std::string format_bytes(double bytes) {
 
 double ring_all_reduce_s(double payload_bytes, int ranks, const Link& link) {
   if (ranks <= 1) return 0.0;
-  const double n = ranks;
-  return 2.0 * (n - 1) / n * payload_bytes / link.bandwidth_bytes_per_s + 2.0 * (n - 1) * link.latency_s;
+  return comm::all_reduce_wire_fraction(ranks) * payload_bytes / link.bandwidth_bytes_per_s +
+         comm::all_reduce_ring_steps(ranks) * link.latency_s;
 }
 
 double ring_reduce_scatter_s(double payload_bytes, int ranks, const Link& link) {
   if (ranks <= 1) return 0.0;
-  const double n = ranks;
-  return (n - 1) / n * payload_bytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s;
+  return comm::scatter_gather_wire_fraction(ranks) * payload_bytes / link.bandwidth_bytes_per_s +
+         comm::scatter_gather_ring_steps(ranks) * link.latency_s;
 }
 
 double ring_all_gather_s(double payload_bytes, int ranks, const Link& link) {
@@ -114,7 +115,7 @@ double ring_all_gather_s(double payload_bytes, int ranks, const Link& link) {
 }
 
 double ring_all_reduce_wire_bytes(double payload_bytes, int ranks) {
-  return ranks <= 1 ? 0.0 : 2.0 * (ranks - 1) / ranks * payload_bytes;
+  return comm::all_reduce_wire_fraction(ranks) * payload_bytes;
 }
 
 }  // namespace flotilla::plan

@@ -14,6 +14,7 @@
 #include "flotilla/base/threads.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/comm/algorithms/all_reduce.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
@@ -214,9 +215,8 @@ Link measure_link(comm::Communicator& comm, double payload_bytes) {
   std::vector<float> large(floats, 1.0f);
   const double t_small = timed(small, 50);
   const double t_large = timed(large, floats > (size_t{16} << 20) ? 3 : 10);
-  const double steps = 2.0 * (n - 1);
-  link.latency_s = t_small / steps;
-  const double wire = 2.0 * (n - 1) / n * static_cast<double>(floats) * 4;
+  link.latency_s = t_small / comm::all_reduce_ring_steps(n);
+  const double wire = comm::all_reduce_wire_fraction(n) * static_cast<double>(floats) * 4;
   const double transfer_s = t_large - t_small > 0.05 * t_large ? t_large - t_small : t_large;
   link.bandwidth_bytes_per_s = wire / transfer_s;
   link.source = fmt::format("measured: median all-reduce over {} ranks on {} (16 B: {}, {}: {})", n,

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 
+#include "flotilla/comm/wire_bytes.hpp"
+
 namespace flotilla::plan {
 namespace {
 
@@ -116,7 +118,7 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
       const double k = std::max(1.0, s.density * G);
       c.payload_bytes = topk_entry_bytes(s) * k;
       const double gathered = n * c.payload_bytes;
-      c.wire_bytes = (n - 1) * c.payload_bytes + loss_wire;
+      c.wire_bytes = comm::scatter_gather_wire_fraction(n) * gathered + loss_wire;
       c.seconds = ring_all_gather_s(gathered, n, link) + loss_s;
       break;
     }
@@ -139,10 +141,11 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
     }
     case StrategyKind::zero3: {
       c.payload_bytes = 4 * G;
-      const double per = (n - 1.0) / n * c.payload_bytes;  // one reduce-scatter or all-gather
+      const double per = comm::scatter_gather_wire_fraction(n) * c.payload_bytes;  // one reduce-scatter or all-gather
       const double collectives = 3.0 * static_cast<double>(w.model.n_layers);
       c.wire_bytes = 3 * per + loss_wire;
-      c.seconds = 3 * per / link.bandwidth_bytes_per_s + collectives * (n - 1) * link.latency_s + loss_s;
+      c.seconds = 3 * per / link.bandwidth_bytes_per_s +
+                  collectives * comm::scatter_gather_ring_steps(n) * link.latency_s + loss_s;
       break;
     }
   }
@@ -156,12 +159,10 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Cluster& c
   c.payload_bytes = 4.0 * static_cast<double>(w.trainable_floats);
   const double P = c.payload_bytes, loss = kLossBytes;
   const Link &local = cluster.local, &net = cluster.network;
-  const auto stages = [&](double bytes) {
-    return 2.0 * (S - 1) / S * bytes / local.bandwidth_bytes_per_s + 2.0 * (S - 1) * local.latency_s +
-           2.0 * (H - 1) / H * bytes / net.bandwidth_bytes_per_s + 2.0 * (H - 1) * net.latency_s;
-  };
+  // An all-reduce inside each host, then one between hosts of each rank's 1/S part.
+  const auto stages = [&](double bytes) { return ring_all_reduce_s(bytes, S, local) + ring_all_reduce_s(bytes, H, net); };
   c.seconds = stages(P) + stages(loss);
-  c.wire_bytes = 2.0 * (S - 1) / S * (P + loss) + 2.0 * (H - 1) / H * (P + loss) / S;
+  c.wire_bytes = ring_all_reduce_wire_bytes(P + loss, S) + ring_all_reduce_wire_bytes((P + loss) / S, H);
   return c;
 }
 

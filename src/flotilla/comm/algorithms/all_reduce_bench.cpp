@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::comm {
 namespace {
@@ -35,7 +36,7 @@ size_t parse_one_size(std::string_view s, std::string_view whole) {
 
 double bus_gbit_s(size_t bytes, int world, double seconds) {
   if (world <= 1 || seconds <= 0) return 0.0;
-  return static_cast<double>(bytes) * 2.0 * (world - 1) / world / seconds * 8e-9;
+  return static_cast<double>(bytes) * all_reduce_wire_fraction(world) / seconds * 8e-9;
 }
 
 std::vector<size_t> parse_sizes(std::string_view text) {

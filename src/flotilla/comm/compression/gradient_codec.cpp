@@ -42,12 +42,6 @@ WireDtype parse_wire_dtype(std::string_view name) {
   throw InputError("comm/compression", fmt::format("unknown compression dtype '{}' (f32, bf16, fp16, int8)", name));
 }
 
-int64_t ring_all_reduce_bytes(int64_t bytes, int world) { return world > 1 ? 2 * (world - 1) * bytes / world : 0; }
-int64_t ring_all_gather_bytes(int64_t bytes_per_rank, int world) { return (world - 1) * bytes_per_rank; }
-int64_t ring_all_to_all_bytes(int64_t total_bytes, int world) {
-  return world > 1 ? (world - 1) * total_bytes / world : 0;
-}
-
 void GradientCodec::check_size(size_t given, size_t expected) {
   if (given != expected)
     throw Error("comm/compression", fmt::format("codec made for {} gradient elements was given {}", expected, given));

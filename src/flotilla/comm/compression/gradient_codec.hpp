@@ -14,7 +14,7 @@
 // so they work on every backend. bytes_sent() counts what this rank sends per call as a
 // ring implementation of those collectives would (all_reduce of b bytes: 2(N-1)/N b;
 // all_gather of b bytes from each rank: (N-1) b; all_to_all of b bytes in total:
-// (N-1)/N b), the same convention for the uncompressed baseline, so ratios are fair.
+// (N-1)/N b; comm/wire_bytes.hpp), the same convention for the uncompressed baseline, so ratios are fair.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +26,7 @@
 
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::comm {
 
@@ -51,11 +52,6 @@ enum class WireDtype : uint8_t { f32, bf16, fp16, int8 };
 std::string_view wire_dtype_name(WireDtype d);
 // "f32", "bf16", "fp16", "int8"; throws InputError on anything else.
 WireDtype parse_wire_dtype(std::string_view name);
-
-// Bytes one rank sends in a ring implementation of each collective (the convention above).
-int64_t ring_all_reduce_bytes(int64_t bytes, int world);           // 2(N-1)/N b
-int64_t ring_all_gather_bytes(int64_t bytes_per_rank, int world);  // (N-1) b
-int64_t ring_all_to_all_bytes(int64_t total_bytes, int world);     // (N-1)/N b
 
 struct CompressionConfig {
   Compression kind = Compression::none;
