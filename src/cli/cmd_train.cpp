@@ -177,6 +177,11 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--outer-momentum", t.local_sgd.outer_momentum,
                   "Local SGD: Nesterov momentum of the outer step (DiLoCo: 0.9)")
       ->capture_default_str();
+  cmd->add_option("--zero", t.zero_stage,
+                  "Data parallel: ZeRO sharding — 1: each rank keeps AdamW's moments for its 1/N of the weights "
+                  "only; 2: its 1/N of the gradients too, between steps (docs/sharding.md). The same result as 0, "
+                  "with less memory per rank")
+      ->capture_default_str();
   cmd->add_option("--bucket-mb", t.bucket_mb,
                   "Data parallel: fusion bucket size in MiB; buckets are all-reduced on a communication thread "
                   "while backward runs (0: one all-reduce after backward)")

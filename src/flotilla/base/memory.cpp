@@ -1,5 +1,6 @@
 #include "flotilla/base/memory.hpp"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -30,6 +31,22 @@ int64_t current_rss_bytes() { return read_status_kb("VmRSS:") * 1024; }
 int64_t physical_memory_bytes() {
   const long pages = ::sysconf(_SC_PHYS_PAGES), page_bytes = ::sysconf(_SC_PAGESIZE);
   return pages > 0 && page_bytes > 0 ? static_cast<int64_t>(pages) * page_bytes : 0;
+}
+
+void release_zeroed(void* data, size_t bytes) {
+  if (bytes == 0) return;
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(data), end = begin + bytes;
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  if (first >= last || page == 0) {  // no whole page inside
+    std::memset(data, 0, bytes);
+    return;
+  }
+  std::memset(data, 0, first - begin);
+  std::memset(reinterpret_cast<void*>(last), 0, end - last);
+  // MADV_DONTNEED on private anonymous memory: the next read gives zero-filled pages.
+  if (::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED) != 0)
+    std::memset(reinterpret_cast<void*>(first), 0, last - first);
 }
 
 }  // namespace flotilla

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace flotilla {
@@ -10,5 +11,11 @@ int64_t peak_rss_bytes();
 int64_t current_rss_bytes();
 // Physical memory of this machine (all of it, not what is free), in bytes; 0 where unknown.
 int64_t physical_memory_bytes();
+
+// Zeroes `bytes` bytes at `data` (private anonymous memory: the heap, a Buffer) and hands
+// the whole pages among them back to the operating system: they no longer count in the
+// resident set, read as zero, and are mapped afresh on the next write. The partial pages at
+// either end are zeroed in place.
+void release_zeroed(void* data, size_t bytes);
 
 }  // namespace flotilla

@@ -394,21 +394,21 @@ CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSou
                                           nlohmann::json config, const RngStreams& rngs) {
   CheckpointContents c;
   c.step = trainer.steps_done();
-  AdamW& optimizer = trainer.optimizer();
   // What the optimizer updates: every parameter in full training, the adapters in a LoRA
-  // run. The moments share the table's offsets.
+  // run. The moments share the table's offsets (under ZeRO, once gathered: Trainer::whole_moments).
+  const auto [m, v] = trainer.whole_moments();
   const model::Llama::Trainable trainable = trainer.model().trainable();
   const auto view = [](std::span<float> buffer, const model::ParamInfo& info) {
     return buffer.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
   };
-  if (optimizer.m().size() != trainable.params.size())
+  if (m.size() != trainable.params.size())
     throw Error(kComponent, "the optimizer's state does not match the trainable parameters");
   for (const model::ParamInfo& info : trainable.table.params())
     c.weights.push_back({info.name, info.shape, view(trainable.params, info)});
   for (const model::ParamInfo& info : trainable.table.params())
-    c.optimizer.push_back({"m." + info.name, info.shape, view(optimizer.m(), info)});
+    c.optimizer.push_back({"m." + info.name, info.shape, view(m, info)});
   for (const model::ParamInfo& info : trainable.table.params())
-    c.optimizer.push_back({"v." + info.name, info.shape, view(optimizer.v(), info)});
+    c.optimizer.push_back({"v." + info.name, info.shape, view(v, info)});
 
   const TrainConfig& cfg = trainer.config();
   const CosineSchedule& schedule = trainer.schedule();
@@ -425,7 +425,7 @@ CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSou
              {"elapsed_s", trainer.elapsed_s()},
              {"optimizer",
               {{"kind", "adamw"},
-               {"step", optimizer.steps_taken()},
+               {"step", trainer.optimizer().steps_taken()},
                {"beta1", json_float(cfg.adamw.beta1)},
                {"beta2", json_float(cfg.adamw.beta2)},
                {"eps", json_float(cfg.adamw.eps)},

@@ -128,7 +128,8 @@ nlohmann::json train_config_json(const TrainConfig& cfg);
 // What resuming `trainer` needs, as views into its buffers: the trainable tensors (every
 // parameter, or the LoRA adapters), AdamW's moments and step, the step and elapsed time,
 // the schedule position, `source`'s state, the model's dropout counter, the `rngs`, and
-// `config` for config.json.
+// `config` for config.json. Under ZeRO the moments are Trainer::whole_moments(): every rank
+// calls Trainer::gather_moments() first.
 CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
                                           nlohmann::json config, const RngStreams& rngs = {});
 

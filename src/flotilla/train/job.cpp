@@ -177,6 +177,7 @@ nlohmann::json train_job_config_json(const TrainJob& job) {
           {"save_every", job.save_every},
           {"keep_checkpoints", job.keep_checkpoints},
           {"compression", comm::compression_name(job.compression.kind)},
+          {"zero_stage", job.train.zero_stage},
           {"local_sgd",
            {{"sync_every", job.train.local_sgd.sync_every},
             {"outer_lr", job.train.local_sgd.outer_lr},
@@ -203,6 +204,8 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     throw InputError("train", fmt::format("--sync-every must be 0 or positive, not {}", job.train.local_sgd.sync_every));
   if (job.train.local_sgd.sync_every > 0) parallel::LocalSgd::validate(job.train.local_sgd);
   (void)comm::make_gradient_codec(job.compression, 0, {});
+  parallel::validate_sync({.local_sgd = job.train.local_sgd, .bucket_mb = job.train.bucket_mb, .zero_stage = job.train.zero_stage},
+                          job.compression.kind);
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
     // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
     if (job.save_every > 0 && job.save_every % H != 0)
@@ -473,7 +476,10 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   };
   const auto save_checkpoint = [&](int64_t step) {
     check_weights_finite(step, "the checkpoint is");
-    // Every rank holds the same weights, optimizer and data position: rank 0 writes.
+    // Every rank holds the same weights, optimizer and data position: rank 0 writes. Under
+    // ZeRO each rank holds its shard of the optimizer's moments: gathered first, so the
+    // checkpoint has the unsharded layout and resumes on any number of ranks and any stage.
+    trainer.gather_moments();
     if (root) {
       Timer timer;
       // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
@@ -488,6 +494,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
       last_saved_dir = write_checkpoint(checkpoints_dir, contents, job.keep_checkpoints);
       info(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir.string(), timer.elapsed_s()));
     }
+    trainer.drop_whole_moments();
     last_saved_step = step;
   };
   const auto checkpoint = [&](int64_t step) {
@@ -710,19 +717,21 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const std::
     report["date"] = date;
   }
   if (job.dp) {
-    // What this rank sent per optimizer step of this run: gradients, or local SGD's weights.
+    // What this rank sent per optimizer step of this run: gradients (and ZeRO's weight
+    // shards), or local SGD's weights.
     const comm::GradientCodec& codec = job.dp->codec();
-    const parallel::LocalSgd* local = trainer.local_sgd();
+    const parallel::GradientSync& sync = trainer.sync();
     const int64_t run_steps = summary.steps - std::max<int64_t>(0, summary.resumed_from_step);
-    const double bytes =
-        local ? static_cast<double>(local->bytes_sent()) : static_cast<double>(job.dp->gradient_bytes_sent());
-    summary.gradient_bytes_per_step = run_steps > 0 ? bytes / static_cast<double>(run_steps) : 0.0;
+    summary.gradient_bytes_per_step =
+        run_steps > 0 ? static_cast<double>(sync.bytes_sent()) / static_cast<double>(run_steps) : 0.0;
     report["gradient_bytes_per_step"] = summary.gradient_bytes_per_step;
-    if (local) {
+    report["gradient_sync"] = sync.name();
+    if (job.train.zero_stage > 0) report["zero_stage"] = job.train.zero_stage;
+    if (job.train.local_sgd.sync_every > 0) {
       report["local_sgd"] = {{"sync_every", job.train.local_sgd.sync_every},
                              {"outer_lr", job.train.local_sgd.outer_lr},
                              {"outer_momentum", job.train.local_sgd.outer_momentum},
-                             {"meetings", local->meetings()}};
+                             {"meetings", sync.exchanges()}};
     } else {
       report["gradient_compression"] = comm::compression_name(codec.kind());
       if (const comm::OverlappedAllReduce* overlap = job.dp->overlap()) {

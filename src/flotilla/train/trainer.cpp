@@ -3,8 +3,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
-
-#include <fmt/format.h>
+#include <optional>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/timer.hpp"
@@ -39,43 +38,73 @@ int64_t bounded_eval_batches(const data::SequentialWindowSource& valid, int64_t 
   return requested > 0 ? std::min(requested, pass) : pass;
 }
 
+namespace {
+
+// The gradient sync cfg asks for, after the checks every flag gets.
+std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const TrainConfig& cfg,
+                                                  parallel::DataParallel* dp, TraceRecorder* trace) {
+  if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
+    throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
+  validate_train_config(cfg);
+  return parallel::make_gradient_sync(
+      model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd, .bucket_mb = cfg.bucket_mb, .zero_stage = cfg.zero_stage},
+      trace);
+}
+
+std::vector<FlatRange> flat_ranges(const std::vector<parallel::ArenaRange>& ranges) {
+  std::vector<FlatRange> out;
+  for (const parallel::ArenaRange& r : ranges) out.push_back({r.begin, r.end});
+  return out;
+}
+
+}  // namespace
+
 Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace)
     : model_(model),
       cfg_(cfg),
       dp_(dp),
       trace_(trace),
-      optimizer_(model.trainable().table, cfg.adamw),
+      sync_(make_sync(model, cfg, dp, trace)),
+      optimizer_(model.trainable().table, cfg.adamw, flat_ranges(sync_->owned())),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
-  if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
-    throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
-  validate_train_config(cfg);
-  if (dp_ && cfg.local_sgd.sync_every > 0) local_sgd_.emplace(*dp_, cfg.local_sgd, model_.trainable().params);
-  // Overlap needs every rank's exact gradient per step: not with a compressing codec
-  // (it needs the whole gradient at once) nor local SGD (no per-step exchange).
-  overlap_ = dp_ && dp_->world() > 1 && cfg.bucket_mb > 0.0 && !local_sgd_ &&
-             dp_->codec().kind() == comm::Compression::none;
-  if (overlap_) {
-    model_.set_grad_ready_hook([this](model::Llama::GradSpan s) {
-      if (overlap_active_) dp_->overlap()->ready({s.begin, s.end});
-    });
-    std::vector<comm::GradRange> order;
-    for (const model::Llama::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
-    dp_->enable_overlap(order, static_cast<int64_t>(cfg.bucket_mb * 1024 * 1024), trace_);
-  }
   batch_.B = cfg.batch_size;
   batch_.T = cfg.seq_len;
 }
 
-Trainer::~Trainer() {
-  if (overlap_) model_.set_grad_ready_hook({});
+Trainer::~Trainer() = default;
+
+std::pair<std::span<float>, std::span<float>> Trainer::whole_moments() {
+  if (!sync_->sharded()) return {optimizer_.m(), optimizer_.v()};
+  const size_t n = model_.trainable().params.size();
+  if (whole_m_.size() != n) {
+    whole_m_.resize(n);
+    whole_v_.resize(n);
+  }
+  return {whole_m_.span(), whole_v_.span()};
+}
+
+void Trainer::gather_moments() {
+  if (!sync_->sharded()) return;
+  const auto [m, v] = whole_moments();
+  sync_->gather_owned(optimizer_.m(), m);
+  sync_->gather_owned(optimizer_.v(), v);
+}
+
+void Trainer::drop_whole_moments() {
+  whole_m_ = {};
+  whole_v_ = {};
 }
 
 void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
   if (steps_done < 0) throw InputError("train", "cannot resume at a negative step");
   step_ = steps_done;
   elapsed_s_ = elapsed_s;
-  // The restored weights are the last meeting's (checkpoints are taken at meetings).
-  if (local_sgd_) local_sgd_->reset_anchor(model_.trainable().params);
+  if (sync_->sharded() && !whole_m_.empty()) {
+    sync_->take_owned(whole_m_.span(), optimizer_.m());
+    sync_->take_owned(whole_v_.span(), optimizer_.v());
+    drop_whole_moments();
+  }
+  sync_->weights_restored();
 }
 
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
@@ -96,12 +125,12 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
   StepMetrics m;
-  model::LossSum window, reported;
+  parallel::Exchanged exchanged;
   // Draws global batches until one has a target token on some rank (all ranks agree: the
   // count is global). See step() in trainer.hpp for why an empty one is skipped.
   for (;;) {
-    model_.zero_grads();
-    window = {};
+    sync_->zero_grads();
+    model::LossSum window;
     for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
       batch_.B = cfg_.batch_size;
       batch_.T = cfg_.seq_len;
@@ -114,54 +143,46 @@ StepMetrics Trainer::step(data::BatchSource& train) {
         loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
                               batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
       }
-      // Overlap: the last micro-batch's backward hands finished gradients to the buckets
-      // (accumulation never exchanges on the inner micro-batches).
-      overlap_active_ = overlap_ && micro == cfg_.grad_accum - 1;
-      if (overlap_active_) dp_->overlap()->begin(model_.trainable().grads);
+      sync_->before_backward(micro, cfg_.grad_accum);
       {
         TraceSpan span(trace_, "backward", TraceLane::compute);
-        // Sum of per-token gradients; divided by the window's token count below.
+        // Sum of per-token gradients; divided by the token count of the exchange below.
         model_.backward(1.0f);
       }
-      overlap_active_ = false;
+      sync_->after_backward();
       window.sum += loss.sum;
       window.num_tokens += loss.num_tokens;
     }
-    // Data parallel: sum the per-token gradient sums and the token counts of every rank;
-    // dividing by the global count then gives the global batch's mean-loss gradient.
-    // Local SGD: each rank steps on its own gradient; only the loss is summed, to report
-    // the global batch's (16 bytes).
     m.compute_s = timer.elapsed_s() - m.data_s - m.sync_s;
-    reported = window;
-    if (dp_) {
+    {
       // With overlap, only what backward did not hide: the wait for the last buckets.
       Timer sync_timer;
-      TraceSpan span(trace_, overlap_ ? "wait for gradient buckets" : "gradient exchange", TraceLane::compute);
-      std::span<float> grads = model_.trainable().grads;
-      if (local_sgd_) reported = dp_->all_reduce_loss(window);
-      else if (overlap_) window = reported = dp_->finish_overlapped_gradients(window);
-      else window = reported = dp_->all_reduce_gradients(grads, window);
+      TraceSpan span(trace_, sync_->overlapped() ? "wait for gradient buckets" : "gradient exchange", TraceLane::compute,
+                     fmt::format(R"({{"mode":"{}"}})", sync_->name()));
+      exchanged = sync_->exchange(window);
       m.sync_s += sync_timer.elapsed_s();
     }
-    if (reported.num_tokens > 0) break;
+    if (exchanged.global.num_tokens > 0) break;
     if (++m.skipped_batches >= kMaxSkippedBatches)
       throw InputError("train", fmt::format("{} global batches in a row held no target token: every example's targets "
                                             "lie past the row of {} tokens; raise --seq-len",
                                             m.skipped_batches, cfg_.seq_len));
   }
   const model::Llama::Trainable trainable = model_.trainable();
-  std::span<float> grads = trainable.grads;
+  // The gradients of what this rank updates: everything, or its shard under ZeRO.
+  const std::span<float> grads = sync_->owned_grads();
   const auto n = static_cast<int64_t>(grads.size());
   Timer update_timer;
-  TraceSpan update_span(trace_, "clip + optimizer", TraceLane::compute);
-  if (window.num_tokens > 0)
-    kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(window.num_tokens));
-  const double grad_norm = std::sqrt(kernels::sum_squares(grads.data(), n));
+  std::optional<TraceSpan> update_span;
+  update_span.emplace(trace_, "clip + optimizer", TraceLane::compute);
+  if (exchanged.grad_tokens > 0)
+    kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(exchanged.grad_tokens));
+  const double grad_norm = std::sqrt(sync_->grad_sum_squares());
   const float lr = schedule_.lr_at(step_);
-  // The loss and the norm are global after the exchange, so every rank decides alike;
-  // local SGD's gradients are each rank's own, so there the ranks ask each other.
-  bool finite = std::isfinite(reported.mean()) && std::isfinite(grad_norm);
-  if (local_sgd_) finite = dp_->max_over_ranks(finite ? 0 : 1, "non-finite step") == 0;
+  const model::LossSum& reported = exchanged.global;
+  // The loss and the norm are global after the exchange, so every rank decides alike
+  // unless each rank's gradients are its own (local SGD asks the others).
+  const bool finite = sync_->agree_finite(std::isfinite(reported.mean()) && std::isfinite(grad_norm));
   if (finite) {
     if (cfg_.grad_clip > 0.0f && grad_norm > cfg_.grad_clip)
       kernels::scale_inplace(grads.data(), n, static_cast<float>(cfg_.grad_clip / grad_norm));
@@ -181,9 +202,13 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   m.skipped = !finite;
   ++step_;
   m.update_s = update_timer.elapsed_s();
-  if (local_sgd_) {
-    Timer sync_timer;  // a meeting is communication
-    local_sgd_->after_step(trainable.params, step_, step_ == cfg_.steps);
+  update_span.reset();
+  {
+    // ZeRO's weight all-gather, local SGD's meetings: communication.
+    Timer sync_timer;
+    std::optional<TraceSpan> span;
+    if (sync_->sharded()) span.emplace(trace_, "weight all-gather", TraceLane::compute);
+    sync_->after_update(step_, step_ == cfg_.steps);
     m.sync_s += sync_timer.elapsed_s();
   }
 

@@ -9,13 +9,17 @@
 
 #include <cstdint>
 #include <functional>
-#include <optional>
+#include <memory>
+#include <span>
+#include <utility>
 
+#include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/trace.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/gradient_sync.hpp"
 #include "flotilla/parallel/local_sgd.hpp"
 #include "flotilla/train/adamw.hpp"
 #include "flotilla/train/schedule.hpp"
@@ -48,6 +52,9 @@ struct TrainConfig {
   // communication thread while backward runs (PyTorch DDP's default size). 0: one
   // all-reduce after backward.
   double bucket_mb = 25.0;
+  // Data parallel: ZeRO stage (parallel/zero.hpp). 1: AdamW's moments sharded over the
+  // ranks; 2: the gradients too. 0: every rank holds everything.
+  int zero_stage = 0;
 };
 
 struct StepMetrics {
@@ -107,10 +114,11 @@ int64_t bounded_eval_batches(const data::SequentialWindowSource& valid, int64_t 
 class Trainer {
  public:
   static constexpr int64_t kMaxSkippedBatches = 1000;
-  // With `dp`, each step's gradients and loss are summed over its ranks before the update
-  // (every rank then applies the same update); `dp` must outlive the trainer.
-  // `trace` (may be null) records each step's forward, backward, gradient wait and update,
-  // and the communication thread's bucket all-reduces.
+  // With `dp`, the ranks combine each step's work as cfg asks (parallel/gradient_sync.hpp:
+  // gradients summed over the ranks before the update, every rank then applying the same
+  // one; or local SGD; or ZeRO); `dp` must outlive the trainer. `trace` (may be null)
+  // records each step's forward, backward, gradient wait and update, and the communication
+  // thread's bucket all-reduces.
   Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr, TraceRecorder* trace = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
@@ -150,27 +158,34 @@ class Trainer {
   model::Llama& model() { return model_; }
   const TrainConfig& config() const { return cfg_; }
   const CosineSchedule& schedule() const { return schedule_; }
-  // The optimizer's state (moments and step count), for checkpoints.
+  // The optimizer's state (moments of the ranges this rank owns, and the step count).
   AdamW& optimizer() { return optimizer_; }
   const AdamW& optimizer() const { return optimizer_; }
+  // How the ranks combine their work (its name, bytes sent, whether it shards).
+  const parallel::GradientSync& sync() const { return *sync_; }
 
-  // Local SGD's state when it is on (data parallel with cfg.local_sgd.sync_every > 0).
-  const parallel::LocalSgd* local_sgd() const { return local_sgd_ ? &*local_sgd_ : nullptr; }
+  // AdamW's moments in the layout of the whole trainable arena, for checkpoints: the
+  // optimizer's own buffers, or under ZeRO buffers the trainer holds until the next
+  // restore_progress or drop_whole_moments. gather_moments() fills them from every rank's
+  // shard (a collective under ZeRO: every rank calls it before a checkpoint is captured).
+  std::pair<std::span<float>, std::span<float>> whole_moments();
+  void gather_moments();
+  void drop_whole_moments();
 
   // Resume: the next step() is step `steps_done` + 1 and its schedule position follows;
-  // elapsed time continues from `elapsed_s`. Restore the optimizer state and the data
-  // source separately (train/checkpoint.hpp does all of it).
+  // elapsed time continues from `elapsed_s`. Restore the weights, whole_moments() and the
+  // data source first (train/checkpoint.hpp does all of it): under ZeRO this rank then
+  // keeps its shard of the moments.
   void restore_progress(int64_t steps_done, double elapsed_s);
 
  private:
   model::Llama& model_;
   TrainConfig cfg_;
   parallel::DataParallel* dp_ = nullptr;
-  std::optional<parallel::LocalSgd> local_sgd_;
   TraceRecorder* trace_ = nullptr;
-  bool overlap_ = false;          // buckets reduced during backward
-  bool overlap_active_ = false;   // in the backward of a step's last micro-batch
+  std::unique_ptr<parallel::GradientSync> sync_;  // before optimizer_: it says what this rank owns
   AdamW optimizer_;
+  Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while checkpointing
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
   int64_t step_ = 0;

@@ -1,0 +1,113 @@
+// How the ranks of a data-parallel job combine their work each step: one interface, one
+// implementation per mode. The Trainer runs the same step for every mode and asks its
+// GradientSync at each point where the modes differ:
+//
+//   zero_grads()            the step begins (ZeRO-2 may find its released arena zero already)
+//   before/after_backward   around each micro-batch's backward (overlap arms its buckets
+//                           for the last one)
+//   exchange(loss)          after the last backward: gradients combined, the global loss
+//   owned(), owned_grads()  the ranges of the flat arena this rank updates and their
+//                           combined gradients (everything but under ZeRO)
+//   grad_sum_squares()      the squared global gradient norm, from the owned gradients
+//   agree_finite(ok)        whether every rank may apply the update (local SGD asks them)
+//   after_update(step)      ZeRO gathers the updated shards; local SGD meets every H steps
+//
+// Modes (make_gradient_sync):
+//   single rank       no data parallelism: nothing to exchange
+//   all-reduce        the whole gradient in one exchange through DataParallel's codec
+//                     (exact float32 by the chosen algorithm, or compressed)
+//   overlapped        fusion buckets reduced on a communication thread during backward
+//   local SGD         no gradient exchange; weights averaged every H steps
+//   ZeRO-1, ZeRO-2    the gradient reduce-scattered into this rank's shard of the flat
+//                     arena, AdamW's moments for that shard only, the updated shards
+//                     all-gathered (parallel/zero.hpp)
+//
+// Every mode counts the bytes this rank sends through comm/wire_bytes.hpp.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "flotilla/base/trace.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/local_sgd.hpp"
+
+namespace flotilla::parallel {
+
+// [begin, end) of the flat trainable arena, in floats.
+struct ArenaRange {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+};
+
+struct SyncConfig {
+  LocalSgdConfig local_sgd;  // sync_every > 0: local SGD / DiLoCo
+  double bucket_mb = 25.0;   // exact all-reduce: overlap buckets of this many MiB; 0: none
+  int zero_stage = 0;        // 1, 2: ZeRO (sharded optimizer state; + sharded gradients)
+};
+
+// What an exchange returns: the loss summed over the ranks (what the step reports), and
+// the number of target tokens the owned gradients are sums over (the divisor that makes
+// them the gradient of the mean token loss: global, or this rank's own under local SGD).
+struct Exchanged {
+  model::LossSum global;
+  int64_t grad_tokens = 0;
+};
+
+class GradientSync {
+ public:
+  virtual ~GradientSync() = default;
+  GradientSync(const GradientSync&) = delete;
+  GradientSync& operator=(const GradientSync&) = delete;
+
+  // "single rank", "all-reduce", "overlapped buckets", "local SGD", "ZeRO-1", ...
+  virtual std::string name() const = 0;
+  virtual void zero_grads() { model_.zero_grads(); }
+  virtual void before_backward(int64_t /*micro*/, int64_t /*micro_batches*/) {}
+  virtual void after_backward() {}
+  virtual Exchanged exchange(const model::LossSum& local) = 0;
+  // Ascending, disjoint; the whole arena unless sharded.
+  virtual std::vector<ArenaRange> owned() const { return {ArenaRange{0, static_cast<int64_t>(model_.trainable().params.size())}}; }
+  virtual std::span<float> owned_grads() { return model_.trainable().grads; }
+  virtual double grad_sum_squares();
+  virtual bool agree_finite(bool finite) { return finite; }
+  // After optimizer step `step` (1-based; its update may have been skipped), `last` when
+  // it is the run's final step.
+  virtual void after_update(int64_t /*step*/, bool /*last*/) {}
+  // Resume: the weights were replaced by a checkpoint's.
+  virtual void weights_restored() {}
+
+  // A buffer laid out as owned() (optimizer moments) to the whole arena's layout, on every
+  // rank: a collective under ZeRO (every rank calls it), a copy otherwise. And back.
+  virtual void gather_owned(std::span<const float> owned, std::span<float> whole);
+  virtual void take_owned(std::span<const float> whole, std::span<float> owned) const;
+
+  // What this rank sent for its gradients and weights so far (comm/wire_bytes.hpp), and in
+  // how many exchanges.
+  virtual int64_t bytes_sent() const { return 0; }
+  virtual int64_t exchanges() const { return 0; }
+  // Whether owned() is less than the whole arena (ZeRO).
+  virtual bool sharded() const { return false; }
+  // Whether the exchange only waits for buckets reduced during backward.
+  virtual bool overlapped() const { return false; }
+
+ protected:
+  explicit GradientSync(model::Llama& model) : model_(model) {}
+  model::Llama& model_;
+};
+
+// InputError naming the flags when the combination cannot run: ZeRO with local SGD, with
+// compression, a stage other than 0, 1, 2.
+void validate_sync(const SyncConfig& config, comm::Compression compression);
+
+// The mode `config` asks for over `dp` (null: one process). `dp` and `model` must outlive
+// it; `trace` (may be null) records the communication thread's buckets.
+std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParallel* dp, const SyncConfig& config,
+                                                 TraceRecorder* trace);
+
+}  // namespace flotilla::parallel
