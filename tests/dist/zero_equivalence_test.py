@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ZeRO on N ranks = one unsharded rank with the same global batch (issue 12, item 3).
 
-For --zero 1 and --zero 2, on 1, 2, 3 and 4 ranks (micro-batch 12/N, so the global batch is
+For --zero 1 and --zero 2, on 1, 2, 3 and 4 ranks (and with 20 KiB buckets: many units) (micro-batch 12/N, so the global batch is
 the same 12 rows), 20 steps of full training of the tiny preset with --grad-accum 2 and
 gradient clipping at work: every step's loss within 1e-5 relative and every final weight
 within 1e-5 of its tensor's largest value, against `flotilla train` alone without --zero.
@@ -103,12 +103,23 @@ def main():
                     r = report(out)
                     if r.get("gradient_sync") != f"ZeRO-{stage}":
                         failures.append(f"--zero {stage}: the report names the sync {r.get('gradient_sync')!r}")
-                    # Reduce-scatter + all-gather of the arena = 2 (N-1)/N of its bytes a step.
+                    # A reduce-scatter per exchange and one all-gather, (N-1)/N of the arena's bytes
+                    # each: stage 1 exchanges once a step (= one all-reduce), stage 2 after each of
+                    # the --grad-accum 2 micro-batches.
                     params = sum(t.size for t in read_safetensors(os.path.join(out, "model.safetensors")).values())
-                    expected = 2 * (ranks - 1) / ranks * 4 * params
+                    expected = (1 + (2 if stage == 2 else 1)) * (ranks - 1) / ranks * 4 * params
                     got = r["gradient_bytes_per_step"]
                     if abs(got - expected) > 0.01 * expected:
                         failures.append(f"--zero {stage}, {ranks} ranks: {got:.0f} bytes a step, expected {expected:.0f}")
+
+        # Small buckets: many units, each sharded on its own and reduce-scattered on the
+        # communication thread while backward goes on.
+        out = os.path.join(tmp, "zero2_buckets_3")
+        train(out, 3, ["--zero", "2", "--bucket-mb", "0.02"])
+        failures += compare("--zero 2, 3 ranks, 20 KiB buckets", base, out)
+        out = os.path.join(tmp, "zero1_buckets_4")
+        train(out, 4, ["--zero", "1", "--bucket-mb", "0.02"])
+        failures += compare("--zero 1, 4 ranks, 20 KiB buckets", base, out)
 
         # LoRA: the trainable arena is the adapters'.
         lora = ["--fine-tune-type", "lora", "--lora-rank", "4"]

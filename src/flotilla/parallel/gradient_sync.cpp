@@ -133,7 +133,7 @@ std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParall
                                                  TraceRecorder* trace) {
   validate_sync(config, dp ? dp->codec().kind() : comm::Compression::none);
   if (!dp) return std::make_unique<SingleRank>(model);
-  if (config.zero_stage > 0) return make_zero_sync(model, *dp, config.zero_stage);
+  if (config.zero_stage > 0) return make_zero_sync(model, *dp, config.zero_stage, config.bucket_mb, trace);
   if (config.local_sgd.sync_every > 0) return std::make_unique<LocalSgdSync>(model, *dp, config.local_sgd);
   // Overlap needs every rank's exact gradient per step: not with a compressing codec (it
   // needs the whole gradient at once).

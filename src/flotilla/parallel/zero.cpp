@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/memory.hpp"
+#include "flotilla/comm/fusion.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
@@ -16,122 +18,233 @@ namespace {
 
 constexpr int64_t kFloat = sizeof(float);
 
+// One unit of the arena, split over the ranks: [begin, begin + N chunk) in N chunks, rank r's
+// at begin + r chunk; the tail [begin + N chunk, end) is every rank's.
+struct Unit {
+  int64_t begin = 0, end = 0;
+  int64_t chunk = 0;
+  int64_t chunk_slot = 0, tail_slot = 0;  // where this rank's chunk and the tail sit in the shard buffer
+  int64_t tail_begin(int64_t world) const { return begin + chunk * world; }
+};
+
 class ZeroSync final : public GradientSync {
  public:
-  ZeroSync(model::Llama& model, DataParallel& dp, int stage)
-      : GradientSync(model),
-        dp_(dp),
-        stage_(stage),
-        arena_(static_cast<int64_t>(model.trainable().params.size())),
-        world_(dp.world()),
-        rank_(dp.rank()),
-        chunk_(arena_ / world_),
-        tail_(arena_ - chunk_ * world_),
-        shard_grads_(static_cast<size_t>(chunk_ + tail_)) {}
+  ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace)
+      : GradientSync(model), dp_(dp), stage_(stage), world_(dp.world()), rank_(dp.rank()) {
+    const auto arena = static_cast<int64_t>(model.trainable().params.size());
+    std::vector<comm::GradRange> ranges;
+    if (world_ > 1 && bucket_mb > 0.0) {
+      // Units are the fusion buckets, reduced on the communication thread as backward
+      // finishes them: the hook must be set before the model can list its ranges.
+      model_.set_grad_ready_hook([this](model::Llama::GradSpan s) {
+        if (active_) overlap_->ready({s.begin, s.end});
+      });
+      std::vector<comm::GradRange> order;
+      for (const model::Llama::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
+      ranges = comm::plan_buckets(order, static_cast<int64_t>(bucket_mb * 1024 * 1024));
+      overlap_ = std::make_unique<comm::OverlappedAllReduce>(
+          ranges, [this](std::span<float> bucket) { reduce_unit(bucket); }, trace);
+    } else {
+      ranges.push_back({0, arena});
+    }
+    // Shard slots in ascending arena order: what this rank owns, as AdamW wants it.
+    std::vector<comm::GradRange> ascending = ranges;
+    std::sort(ascending.begin(), ascending.end(), [](auto& a, auto& b) { return a.begin < b.begin; });
+    int64_t slot = 0;
+    for (const comm::GradRange& r : ascending) {
+      Unit u{r.begin, r.end, r.size() / world_, 0, 0};
+      u.chunk_slot = slot;
+      if (u.chunk > 0) owned_.push_back({r.begin + rank_ * u.chunk, r.begin + (rank_ + 1) * u.chunk});
+      slot += u.chunk;
+      u.tail_slot = slot;
+      if (u.tail_begin(world_) < r.end) owned_.push_back({u.tail_begin(world_), r.end});
+      slot += r.end - u.tail_begin(world_);
+      units_.push_back(u);
+    }
+    // owned_ must be ascending: a rank's chunk of a unit lies below that unit's tail, and
+    // units do not overlap.
+    shard_grads_.resize(static_cast<size_t>(slot));
+  }
+
+  ~ZeroSync() override {
+    if (overlap_) model_.set_grad_ready_hook({});
+  }
 
   std::string name() const override { return fmt::format("ZeRO-{}", stage_); }
+  bool overlapped() const override { return overlap_ != nullptr; }
+  bool sharded() const override { return world_ > 1; }
 
   void zero_grads() override {
-    // Stage 2 released the arena after the last exchange: it reads as zero already.
+    // Stage 2 released the arena bucket by bucket: it reads as zero already.
     if (!released_) model_.zero_grads();
     released_ = false;
+    reduced_ = 0;
+  }
+
+  // Stage 1 reduces once, after the last micro-batch (the arena accumulates the others, as in
+  // plain data parallelism). Stage 2 reduces after every micro-batch into the shard and
+  // releases the arena, so the whole gradient never waits for the next micro-batch.
+  void before_backward(int64_t micro, int64_t micro_batches) override {
+    last_micro_ = micro == micro_batches - 1;
+    if (!reduces_now()) return;
+    // Fixed before any bucket of this micro-batch is reduced (on the communication thread).
+    accumulate_ = reduced_ > 0;
+    ++reduced_;
+    if (overlap_) {
+      active_ = true;
+      overlap_->begin(model_.trainable().grads);
+    }
+  }
+
+  void after_backward() override {
+    if (reduces_now()) {
+      if (overlap_) {
+        active_ = false;
+        if (!last_micro_) overlap_->finish();  // the next backward writes the released arena
+      } else if (!last_micro_) {
+        reduce_all();
+      }
+    }
   }
 
   Exchanged exchange(const model::LossSum& local) override {
-    comm::Communicator& comm = dp_.communicator();
-    const std::span<float> grads = model_.trainable().grads;
-    if (chunk_ > 0) {
-      comm.reduce_scatter(grads.first(static_cast<size_t>(chunk_ * world_)),
-                          std::span<float>(shard_grads_.data(), static_cast<size_t>(chunk_)), comm::ReduceOp::sum,
-                          comm::Options{.name = "gradient shards"});
-      bytes_ += comm::ring_reduce_scatter_bytes(chunk_ * world_ * kFloat, world_);
-    }
-    if (tail_ > 0) {
-      const std::span<float> tail = grads.subspan(static_cast<size_t>(chunk_ * world_));
-      comm.all_reduce(tail, comm::ReduceOp::sum, comm::Options{.name = "gradient tail"});
-      std::copy(tail.begin(), tail.end(), shard_grads_.data() + chunk_);
-      bytes_ += comm::ring_all_reduce_bytes(tail_ * kFloat, world_);
-    }
+    if (overlap_) overlap_->finish();
+    else reduce_all();
     ++exchanges_;
-    if (stage_ >= 2) {
-      release_zeroed(grads.data(), grads.size_bytes());
-      released_ = true;
-    }
+    released_ = stage_ >= 2;
     const model::LossSum global = dp_.all_reduce_loss(local);
     return {global, global.num_tokens};
   }
 
-  std::vector<ArenaRange> owned() const override {
-    std::vector<ArenaRange> out;
-    if (chunk_ > 0) out.push_back({rank_ * chunk_, (rank_ + 1) * chunk_});
-    if (tail_ > 0) out.push_back({chunk_ * world_, arena_});
-    return out;
-  }
+  std::vector<ArenaRange> owned() const override { return owned_; }
   std::span<float> owned_grads() override { return shard_grads_.span(); }
-  bool sharded() const override { return world_ > 1; }
 
-  // The shards' squared sums add over the ranks; the tail is the same on every rank.
+  // The chunks' squared sums add over the ranks; the tails are the same on every rank.
   double grad_sum_squares() override {
-    std::array<double, 1> shard = {kernels::sum_squares(shard_grads_.data(), chunk_)};
-    dp_.communicator().all_reduce(shard, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
-    return shard[0] + kernels::sum_squares(shard_grads_.data() + chunk_, tail_);
+    std::array<double, 1> chunks = {0.0};
+    double tails = 0.0;
+    for (const Unit& u : units_) {
+      chunks[0] += kernels::sum_squares(shard_grads_.data() + u.chunk_slot, u.chunk);
+      tails += kernels::sum_squares(shard_grads_.data() + u.tail_slot, u.end - u.tail_begin(world_));
+    }
+    dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
+    return chunks[0] + tails;
   }
 
-  // Every rank updated its shard; each takes the others'. The shard buffer (its gradients
+  // Every rank updated its chunks; each takes the others'. A unit's chunk slot (its gradients
   // are spent) carries this rank's part, as an all-gather's input must not overlap its output.
   void after_update(int64_t, bool) override {
-    if (chunk_ == 0) return;
     const std::span<float> params = model_.trainable().params;
-    std::copy_n(params.data() + rank_ * chunk_, chunk_, shard_grads_.data());
-    dp_.communicator().all_gather(std::span<const float>(shard_grads_.data(), static_cast<size_t>(chunk_)),
-                                  params.first(static_cast<size_t>(chunk_ * world_)),
-                                  comm::Options{.name = "weight shards"});
-    bytes_ += comm::ring_all_gather_bytes(chunk_ * kFloat, world_);
+    for (const Unit& u : units_) {
+      if (u.chunk == 0) continue;
+      float* mine = shard_grads_.data() + u.chunk_slot;
+      std::copy_n(params.data() + u.begin + rank_ * u.chunk, u.chunk, mine);
+      dp_.communicator().all_gather(std::span<const float>(mine, static_cast<size_t>(u.chunk)),
+                                    params.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
+                                    comm::Options{.name = "weight shards"});
+      bytes_ += comm::ring_all_gather_bytes(u.chunk * kFloat, world_);
+    }
   }
 
   void gather_owned(std::span<const float> owned, std::span<float> whole) override {
     check_sizes(owned, whole);
-    if (chunk_ > 0)
-      dp_.communicator().all_gather(owned.first(static_cast<size_t>(chunk_)),
-                                    whole.first(static_cast<size_t>(chunk_ * world_)),
-                                    comm::Options{.name = "optimizer shards"});
-    std::copy(owned.begin() + chunk_, owned.end(), whole.begin() + chunk_ * world_);
+    for (const Unit& u : units_) {
+      if (u.chunk > 0)
+        dp_.communicator().all_gather(owned.subspan(static_cast<size_t>(u.chunk_slot), static_cast<size_t>(u.chunk)),
+                                      whole.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
+                                      comm::Options{.name = "optimizer shards"});
+      std::copy_n(owned.begin() + u.tail_slot, u.end - u.tail_begin(world_), whole.begin() + u.tail_begin(world_));
+    }
   }
 
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
     check_sizes(owned, whole);
-    std::copy_n(whole.begin() + rank_ * chunk_, chunk_, owned.begin());
-    std::copy_n(whole.begin() + chunk_ * world_, tail_, owned.begin() + chunk_);
+    for (const Unit& u : units_) {
+      std::copy_n(whole.begin() + u.begin + rank_ * u.chunk, u.chunk, owned.begin() + u.chunk_slot);
+      std::copy_n(whole.begin() + u.tail_begin(world_), u.end - u.tail_begin(world_), owned.begin() + u.tail_slot);
+    }
   }
 
   int64_t bytes_sent() const override { return bytes_; }
   int64_t exchanges() const override { return exchanges_; }
 
  private:
+  bool reduces_now() const { return stage_ >= 2 || last_micro_; }
+
+  void reduce_all() {
+    const std::span<float> grads = model_.trainable().grads;
+    for (const Unit& u : units_)
+      reduce_unit(grads.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.end - u.begin)));
+  }
+
+  // A unit's gradient from every rank: reduce-scattered into this rank's chunk slot, the tail
+  // all-reduced into the tail slot (added to what earlier micro-batches left there, stage
+  // 2); stage 2 then releases the unit's part of the arena. On the communication thread
+  // when overlapping.
+  void reduce_unit(std::span<float> part) {
+    const std::span<float> grads = model_.trainable().grads;
+    const int64_t begin = part.data() - grads.data();
+    const auto it = std::find_if(units_.begin(), units_.end(), [&](const Unit& u) { return u.begin == begin; });
+    if (it == units_.end() || it->end - it->begin != static_cast<int64_t>(part.size()))
+      throw Error("parallel/zero", fmt::format("no unit starts at {} with {} floats", begin, part.size()));
+    const Unit& u = *it;
+    comm::Communicator& comm = dp_.communicator();
+    const bool accumulate = accumulate_;
+    if (u.chunk > 0) {
+      float* slot = shard_grads_.data() + u.chunk_slot;
+      std::span<float> out(slot, static_cast<size_t>(u.chunk));
+      if (accumulate) {
+        scratch_.resize(static_cast<size_t>(u.chunk));
+        out = std::span<float>(scratch_.data(), static_cast<size_t>(u.chunk));
+      }
+      comm.reduce_scatter(part.first(static_cast<size_t>(u.chunk * world_)), out, comm::ReduceOp::sum,
+                          comm::Options{.name = "gradient shards"});
+      if (accumulate) kernels::add_inplace(slot, scratch_.data(), u.chunk);
+      bytes_ += comm::ring_reduce_scatter_bytes(u.chunk * world_ * kFloat, world_);
+    }
+    const int64_t tail = u.end - u.tail_begin(world_);
+    if (tail > 0) {
+      const std::span<float> t = part.subspan(static_cast<size_t>(u.chunk * world_));
+      comm.all_reduce(t, comm::ReduceOp::sum, comm::Options{.name = "gradient tail"});
+      float* slot = shard_grads_.data() + u.tail_slot;
+      if (accumulate) kernels::add_inplace(slot, t.data(), tail);
+      else std::copy(t.begin(), t.end(), slot);
+      bytes_ += comm::ring_all_reduce_bytes(tail * kFloat, world_);
+    }
+    if (stage_ >= 2) release_zeroed(part.data(), part.size_bytes());
+  }
+
   void check_sizes(std::span<const float> owned, std::span<const float> whole) const {
-    if (static_cast<int64_t>(owned.size()) != chunk_ + tail_ || static_cast<int64_t>(whole.size()) != arena_)
+    if (owned.size() != shard_grads_.size() || whole.size() != model_.trainable().params.size())
       throw Error("parallel/zero", fmt::format("a shard of {} floats and a whole of {} were given; this rank owns {} "
                                                "of {}",
-                                               owned.size(), whole.size(), chunk_ + tail_, arena_));
+                                               owned.size(), whole.size(), shard_grads_.size(),
+                                               model_.trainable().params.size()));
   }
 
   DataParallel& dp_;
   const int stage_;
-  const int64_t arena_;   // P: floats in the trainable arena
-  const int64_t world_;   // N
+  const int64_t world_;  // N
   const int64_t rank_;
-  const int64_t chunk_;   // c = floor(P / N): each rank's shard
-  const int64_t tail_;    // P - N c: owned by every rank
-  Buffer<float> shard_grads_;  // (c + tail): this rank's summed gradients; all-gather scratch
+  std::vector<Unit> units_;         // ascending in the arena
+  std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
+  Buffer<float> shard_grads_;       // the owned ranges' summed gradients; all-gather scratch
+  std::vector<float> scratch_;      // stage 2, later micro-batches: a chunk before it is added
+  std::unique_ptr<comm::OverlappedAllReduce> overlap_;
+  bool active_ = false;             // backward reports finished ranges to the buckets
+  bool last_micro_ = true;
+  int64_t reduced_ = 0;             // micro-batches reduced into the shard this step
+  bool accumulate_ = false;         // the current one adds to the shard (stage 2, not the first)
   bool released_ = false;
   int64_t bytes_ = 0, exchanges_ = 0;
 };
 
 }  // namespace
 
-std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& dp, int stage) {
+std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb,
+                                             TraceRecorder* trace) {
   if (stage < 1 || stage > 2) throw InputError("parallel", fmt::format("--zero {}: stages 1 and 2 are built", stage));
-  return std::make_unique<ZeroSync>(model, dp, stage);
+  return std::make_unique<ZeroSync>(model, dp, stage, bucket_mb, trace);
 }
 
 }  // namespace flotilla::parallel

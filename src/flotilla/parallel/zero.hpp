@@ -2,19 +2,23 @@
 // ZeroRedundancyOptimizer): each rank keeps AdamW's moments for only its shard of the flat
 // trainable arena, and stage 2 its gradients too.
 //
-// Shards are ranges of the flat arena of P floats: with N ranks and c = floor(P / N), rank
-// r owns [r c, (r+1) c); the tail [N c, P) (fewer than N floats) is owned by every rank
-// alike, all-reduced and updated identically everywhere, so no size needs to divide by N.
+// Shards are ranges of the flat arena. The arena is cut into units (the fusion buckets of
+// comm/fusion.hpp, contiguous runs of layers of about --bucket-mb, or the whole arena with
+// --bucket-mb 0); a unit [b, e) of n floats with c = floor(n / N) gives rank r the chunk
+// [b + r c, b + (r+1) c); its tail [b + N c, e) (fewer than N floats) is every rank's,
+// all-reduced and updated identically everywhere, so no size needs to divide by N.
+// A rank's shard is its chunks and the tails, kept one after the other in a shard buffer.
 //
-// A step: backward fills the whole gradient arena as in plain data parallelism; the
-// exchange reduce-scatters [0, N c) into a shard buffer of c floats (plus the all-reduced
-// tail); each rank clips (by the global norm: the shards' squared sums added over the
-// ranks) and updates its shard of the weights with its moments; the weights are then
-// all-gathered in place. Bytes per step: a reduce-scatter and an all-gather, (N-1)/N 4P each
-// = one all-reduce's. Stage 2 then hands the gradient arena's pages back to the operating
-// system until the next backward writes them (base/memory.hpp release_zeroed), so between
-// steps a rank holds 4P/N of gradients; during backward the arena is whole (the gradients
-// are reduce-scattered after backward, not bucket by bucket during it).
+// A step: as backward finishes a unit, the communication thread reduce-scatters it into the
+// rank's chunk (plain data parallelism's overlap, with a reduce-scatter for the
+// all-reduce); each rank clips by the global norm (the chunks' squared sums added over the
+// ranks) and updates its shard with its moments; the units are then all-gathered in place.
+// Bytes per step: a reduce-scatter and an all-gather, (N-1)/N 4P each = one all-reduce's.
+// Stage 1 reduces after the last micro-batch of an accumulation window, as plain data
+// parallelism does. Stage 2 reduces after every micro-batch, adds into the shard, and hands
+// each unit's part of the gradient arena back to the operating system as soon as it is
+// reduced (base/memory.hpp release_zeroed): the whole gradient never exists at once, only
+// the units backward has written and the communication thread not yet reduced.
 //
 // The update is elementwise, so the result equals the unsharded update on the same summed
 // gradient; the sums themselves come from a reduce-scatter instead of an all-reduce, which
@@ -27,6 +31,10 @@
 
 namespace flotilla::parallel {
 
-std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& dp, int stage);
+// `bucket_mb` > 0 (and N > 1): the arena is cut into fusion buckets (comm/fusion.hpp),
+// each sharded on its own and reduce-scattered on the communication thread while backward
+// goes on; 0: one unit, reduced after backward.
+std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb,
+                                             TraceRecorder* trace);
 
 }  // namespace flotilla::parallel
