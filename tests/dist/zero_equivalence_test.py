@@ -141,6 +141,16 @@ def main():
                 failures.append(f"{name}: the run did not say it resumed:\n{log}")
             failures += compare(name, base, out, from_step=10)
 
+        # Ranks started with different sync flags stop at once, naming the setting.
+        mpmd = mpirun + ["-np", "1", f, "train", "--model", model, "--out", os.path.join(tmp, "mixed"), "--batch-size", "2",
+                         "--zero", "1"] + common + [":", "-np", "1", f, "train", "--model", model, "--out",
+                                                    os.path.join(tmp, "mixed"), "--batch-size", "2"] + common
+        proc = subprocess.run(mpmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+        if proc.returncode == 0 or "ranks see different gradient sync settings" not in proc.stderr:
+            failures.append(f"ranks with --zero 1 and without: exit {proc.returncode}, {proc.stderr.strip()[-300:]!r}")
+        else:
+            print("refused: one rank --zero 1, one without")
+
         # Refused up front, one line each.
         for extra, why in ((["--zero", "3"], "stage 3"), (["--zero", "1", "--sync-every", "4"], "--sync-every"),
                            (["--zero", "2", "--compression", "fp16"], "--compression")):

@@ -72,6 +72,7 @@ class OverlappedSync final : public GradientSync {
   }
   ~OverlappedSync() override { model_.set_grad_ready_hook({}); }
   std::string name() const override { return "overlapped buckets"; }
+  std::string signature() const override { return fmt::format("{}, {} buckets", name(), dp_.overlap()->buckets().size()); }
   bool overlapped() const override { return true; }
   // Accumulation never exchanges on the inner micro-batches.
   void before_backward(int64_t micro, int64_t micro_batches) override {
@@ -133,13 +134,20 @@ std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParall
                                                  TraceRecorder* trace) {
   validate_sync(config, dp ? dp->codec().kind() : comm::Compression::none);
   if (!dp) return std::make_unique<SingleRank>(model);
-  if (config.zero_stage > 0) return make_zero_sync(model, *dp, config.zero_stage, config.bucket_mb, trace);
-  if (config.local_sgd.sync_every > 0) return std::make_unique<LocalSgdSync>(model, *dp, config.local_sgd);
-  // Overlap needs every rank's exact gradient per step: not with a compressing codec (it
-  // needs the whole gradient at once).
-  if (dp->world() > 1 && config.bucket_mb > 0.0 && dp->codec().kind() == comm::Compression::none)
-    return std::make_unique<OverlappedSync>(model, *dp, config.bucket_mb, trace);
-  return std::make_unique<AllReduceSync>(model, *dp);
+  std::unique_ptr<GradientSync> sync;
+  if (config.zero_stage > 0) {
+    sync = make_zero_sync(model, *dp, config.zero_stage, config.bucket_mb, trace);
+  } else if (config.local_sgd.sync_every > 0) {
+    sync = std::make_unique<LocalSgdSync>(model, *dp, config.local_sgd);
+  } else if (dp->world() > 1 && config.bucket_mb > 0.0 && dp->codec().kind() == comm::Compression::none) {
+    // Overlap needs every rank's exact gradient per step: not with a compressing codec (it
+    // needs the whole gradient at once).
+    sync = std::make_unique<OverlappedSync>(model, *dp, config.bucket_mb, trace);
+  } else {
+    sync = std::make_unique<AllReduceSync>(model, *dp);
+  }
+  dp->check_same("gradient sync settings (--zero, --bucket-mb, --sync-every, --compression)", sync->signature());
+  return sync;
 }
 
 }  // namespace flotilla::parallel

@@ -67,6 +67,10 @@ class GradientSync {
 
   // "single rank", "all-reduce", "overlapped buckets", "local SGD", "ZeRO-1", ...
   virtual std::string name() const = 0;
+  // What every rank's mode must agree on (its name and the units it exchanges): checked
+  // when the mode is made, so ranks started with different flags stop with one line that
+  // names them instead of a mismatched collective later.
+  virtual std::string signature() const { return name(); }
   virtual void zero_grads() { model_.zero_grads(); }
   virtual void before_backward(int64_t /*micro*/, int64_t /*micro_batches*/) {}
   virtual void after_backward() {}

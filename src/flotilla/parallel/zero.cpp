@@ -71,6 +71,7 @@ class ZeroSync final : public GradientSync {
   }
 
   std::string name() const override { return fmt::format("ZeRO-{}", stage_); }
+  std::string signature() const override { return fmt::format("{}, {} units", name(), units_.size()); }
   bool overlapped() const override { return overlap_ != nullptr; }
   bool sharded() const override { return world_ > 1; }
 
