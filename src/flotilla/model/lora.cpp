@@ -72,6 +72,20 @@ int64_t base_weight_offset(const LayerParams& lp, LoraTarget t) {
   }
   return -1;
 }
+
+// The message of an InputError from below, without its "[component] " prefix.
+std::string reason(const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); }
+
+// The adapters an adapter_config.json describes, a fault in them (a rank larger than a
+// layer, too many layers) worded as the config file's.
+LoraAdapters adapters_of_config(const ModelConfig& model, const LoraConfig& cfg,
+                                const std::filesystem::path& config_path) {
+  try {
+    return LoraAdapters(model, cfg);
+  } catch (const InputError& e) {
+    throw InputError(kComponent, config_path.string() + ": " + reason(e));
+  }
+}
 }  // namespace
 
 std::string_view lora_target_module(LoraTarget t) { return kModules[static_cast<size_t>(t)]; }
@@ -227,7 +241,6 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
                                           const std::filesystem::path& weights_path, const ModelConfig& model,
                                           io::NonFinitePolicy non_finite) {
   auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
-  const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
   try {
     const std::string type = j.value("fine_tune_type", std::string("lora"));
     if (type == "dora") fail("DoRA adapters (fine_tune_type dora) are not supported");
@@ -264,13 +277,7 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
     if (!layers.is_number_integer()) fail("num_layers must be an integer, got " + layers.dump());
     // mlx_lm applies its adapters to model.layers[-num_layers:]: past the model's depth, all.
     cfg.num_layers = layers.get<int64_t>() < 0 || layers.get<int64_t>() >= model.n_layers ? -1 : layers.get<int64_t>();
-    std::optional<LoraAdapters> made;
-    try {
-      made.emplace(model, cfg);
-    } catch (const InputError& e) {
-      fail(reason(e));
-    }
-    LoraAdapters& adapters = *made;
+    LoraAdapters adapters = adapters_of_config(model, cfg, config_path);
     const io::TensorStore store(weights_path, non_finite);
     // mlx_lm's names: the model's own module path, then lora_a (in, rank) / lora_b (rank, out).
     std::map<std::string, std::pair<int64_t, LoraTarget>> expected;  // name -> (layer, target)
@@ -302,7 +309,7 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
       for (int64_t k = 0; k < r; ++k)
         for (int64_t o = 0; o < s.out; ++o) dst_b[o * r + k] = b[static_cast<size_t>(k * s.out + o)];
     }
-    return std::move(adapters);
+    return adapters;
   } catch (const nlohmann::json::exception& e) {
     fail(std::string("malformed: ") + e.what());
   }
@@ -313,8 +320,6 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
                                            const std::filesystem::path& weights_path, const ModelConfig& model,
                                            io::NonFinitePolicy non_finite) {
   auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
-  // The message of an InputError from below, without its "[component] " prefix.
-  const auto reason = [](const Error& e) { return std::string(e.what()).substr(e.component().size() + 3); };
   if (!j.is_object()) fail(fmt::format("must be a JSON object, got {}", j.type_name()));
   // Typed reads, worded as config.json's: a fault names the field and what it holds.
   const auto type_error = [&](const char* key, std::string_view want, const nlohmann::json& v) {
@@ -377,13 +382,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
                            model.n_layers - 1));
       cfg.num_layers = static_cast<int64_t>(layers.size());
     }
-    std::optional<LoraAdapters> made;
-    try {
-      made.emplace(model, cfg);
-    } catch (const InputError& e) {
-      fail(reason(e));
-    }
-    LoraAdapters& adapters = *made;
+    LoraAdapters adapters = adapters_of_config(model, cfg, config_path);
     const io::TensorStore store(weights_path, non_finite);
     // Names first: a tensor this model lacks (adapters for another model, a renamed tensor)
     // is named as itself, not as the expected tensor it displaced.
@@ -399,7 +398,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
       std::span<float> dst(adapters.params_.data() + info.offset, static_cast<size_t>(info.numel));
       store.read_f32(info.name, dst, info.shape);
     }
-    return std::move(adapters);
+    return adapters;
   } catch (const nlohmann::json::exception& e) {
     fail("malformed: " + json_error_text(e));
   }
