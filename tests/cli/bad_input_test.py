@@ -1014,28 +1014,18 @@ def _(ws):
     return Run(train(ws, m, data=fifo), ["corpus.fifo", "FIFO (named pipe)"], preserve=[m])
 
 
-@case("config_json_is_a_directory")
-def _(ws):
-    m = ws.model()
-    (m / "config.json").unlink()
-    (m / "config.json").mkdir()
-    return Run(score(m), ["config.json", "is a directory"], preserve=[m])
-
-
-@case("tokenizer_is_a_directory")
-def _(ws):
-    m = ws.model()
-    (m / "flotilla_tokenizer.json").unlink()
-    (m / "flotilla_tokenizer.json").mkdir()
-    return Run(generate(m), ["flotilla_tokenizer.json", "is a directory"], preserve=[m])
-
-
-@case("tokenizer_is_a_fifo")
-def _(ws):
-    m = ws.model()
-    (m / "flotilla_tokenizer.json").unlink()
-    os.mkfifo(m / "flotilla_tokenizer.json")
-    return Run(generate(m), ["flotilla_tokenizer.json", "FIFO (named pipe)"], preserve=[m])
+# A model file replaced by something that is not a file: named for what it is, never read
+# (a FIFO would wait for a writer).
+for name, file, command, make, what in (
+        ("config_json_is_a_directory", "config.json", score, Path.mkdir, "is a directory"),
+        ("tokenizer_is_a_directory", "flotilla_tokenizer.json", generate, Path.mkdir, "is a directory"),
+        ("tokenizer_is_a_fifo", "flotilla_tokenizer.json", generate, os.mkfifo, "FIFO (named pipe)")):
+    @case(name)
+    def _(ws, file=file, command=command, make=make, what=what):
+        m = ws.model()
+        (m / file).unlink()
+        make(m / file)
+        return Run(command(m), [file, what], preserve=[m])
 
 
 @case("tokenizer_vocabulary_larger_than_the_model")

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cli_helpers
+
 FLOTILLA = sys.argv[1]
 # Zephyr's template (HuggingFaceH4/zephyr-7b-beta): runs through the Jinja subset.
 ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
@@ -29,17 +31,11 @@ def run(args, stdin=None, ok=True):
 
 
 def main():
-    failures = []
-
-    def check(cond, what):
-        print(("ok   " if cond else "FAIL ") + what)
-        if not cond:
-            failures.append(what)
-
+    check = cli_helpers.SoftChecks()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = root / "model"
-        run(["init", "--preset", "tiny", "--seed", "3", "--out", str(model)])
+        cli_helpers.init_tiny(FLOTILLA, model, 3)
         cfg_path = model / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         cfg["chat_template"] = ZEPHYR
@@ -101,8 +97,7 @@ def main():
         adapted = json.loads(run(score + ["--adapter", str(out)]).stdout)["total_logprob"]
         check(abs(base - adapted) > 1e-6, f"score --adapter applies the adapter ({base} vs {adapted})")
 
-    if failures:
-        sys.exit(f"{len(failures)} failure(s)")
+    check.exit()
 
 
 if __name__ == "__main__":

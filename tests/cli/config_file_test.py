@@ -10,44 +10,23 @@ trainer actually used). Error cases must exit with 2 (InputError) and print one 
 stderr that starts with "flotilla: error:" and names the file (and the line, for a value).
 """
 
-import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
 
-CASE_TIMEOUT_S = 120.0
-
-
-class Failure(Exception):
-    pass
+import cli_helpers
+from cli_helpers import check, expect_error, expect_ok, metrics_steps
+from cli_helpers import printed_config as parse_printed
 
 
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise Failure(message)
+class Env(cli_helpers.Workspace):
+    """A corpus of repeated words, and config files written into numbered folders."""
 
-
-class Env:
     def __init__(self, flotilla: str, root: Path):
-        self.flotilla = flotilla
-        self.root = root
+        super().__init__(flotilla, root)
         self.corpus = root / "corpus.txt"
         words = "the fleet sails as one while each ship holds what it must of the model".split()
         self.corpus.write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(30))
                                            for i in range(80)) + "\n")
-        self.env = dict(os.environ)
-        self.env.setdefault("OMP_NUM_THREADS", "1")
-        self.env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        self.counter = 0
-
-    def path(self, name: str) -> Path:
-        self.counter += 1
-        return self.root / f"{self.counter:02d}-{name}"
 
     def yaml(self, text: str) -> Path:
         p = self.path("config.yaml")
@@ -57,38 +36,6 @@ class Env:
     def base_yaml(self, extra: str = "") -> Path:
         return self.yaml(f"# a tiny run\npreset: tiny\ndata: {self.corpus}\nsteps: 2\nbatch_size: 2\n"
                          f"seq_len: 16\nlr: 0.004\nwarmup: 1\neval_batches: 1\n{extra}")
-
-    def run(self, args: Sequence[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([self.flotilla, *map(str, args)], capture_output=True, text=True,
-                              env=self.env, timeout=CASE_TIMEOUT_S)
-
-
-def parse_printed(text: str) -> dict:
-    """The `key: value` lines of --print-config (commented lines are unset options)."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("#") or ":" not in line:
-            continue
-        key, value = line.split(":", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def metrics_steps(out: Path) -> List[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [m for m in map(json.loads, lines) if "loss" in m]
-
-
-def expect_ok(p: subprocess.CompletedProcess) -> None:
-    check(p.returncode == 0, f"exit {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
-
-
-def expect_error(p: subprocess.CompletedProcess, needles: Sequence[str]) -> None:
-    check(p.returncode == 2, f"exit {p.returncode}, expected 2\nstdout: {p.stdout}\nstderr: {p.stderr}")
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    check(len(lines) == 1 and lines[0].startswith("flotilla: error:"), f"stderr is not one error line: {p.stderr!r}")
-    for n in needles:
-        check(n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}")
 
 
 # ---- Cases ------------------------------------------------------------------------------
@@ -192,41 +139,8 @@ def case_resume_from_the_file(e: Env) -> None:
     check((out / "checkpoints" / "latest").read_text().strip() == "step-000004", "no checkpoint at step 4")
 
 
-CASES: List[Tuple[str, Callable[[Env], None]]] = [
-    (name[len("case_"):], fn) for name, fn in sorted(globals().items()) if name.startswith("case_")
-]
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("flotilla", help="path to the flotilla binary")
-    parser.add_argument("-k", dest="select", default="", help="run only cases whose name contains this")
-    parser.add_argument("--keep", action="store_true", help="keep the temp directory and print its path")
-    args = parser.parse_args()
-    flotilla = os.path.abspath(args.flotilla)
-    if not os.access(flotilla, os.X_OK):
-        sys.exit(f"not an executable: {flotilla}")
-
-    root = Path(tempfile.mkdtemp(prefix="flotilla_config_file_test_"))
-    failures = 0
-    try:
-        env = Env(flotilla, root)
-        for name, fn in CASES:
-            if args.select not in name:
-                continue
-            try:
-                fn(env)
-                print(f"PASS {name}")
-            except (Failure, subprocess.TimeoutExpired) as err:
-                failures += 1
-                print(f"FAIL {name}: {err}")
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"{len(CASES) - failures if not args.select else 'selected'} passed, {failures} failed")
-    return 1 if failures else 0
+    return cli_helpers.main_of_cases(globals(), "flotilla_config_file_test_", Env)
 
 
 if __name__ == "__main__":

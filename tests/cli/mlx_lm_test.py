@@ -19,28 +19,16 @@ tokenizer) and a small mlx_lm data folder of prompt/completion lines written her
     checkpoints.
 """
 
-import argparse
 import array
 import json
-import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
-CASE_TIMEOUT_S = 120.0
-
-
-class Failure(Exception):
-    pass
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise Failure(message)
+import cli_helpers
+from cli_helpers import check, expect_error, expect_ok, metrics_steps, printed_config
 
 
 def read_safetensors(path: Path) -> Dict[str, Tuple[List[int], array.array]]:
@@ -101,33 +89,20 @@ def peft_to_mlx(peft: Path, mlx: Path, num_layers: int) -> None:
                             "dropout": 0.0}}, indent=2))
 
 
-class Env:
+class Env(cli_helpers.Workspace):
+    """A tiny model and an mlx_lm data folder, made once for all cases."""
+
     def __init__(self, flotilla: str, root: Path):
-        self.flotilla = flotilla
-        self.root = root
-        self.env = dict(os.environ)
-        self.env.setdefault("OMP_NUM_THREADS", "1")
-        self.env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        self.counter = 0
+        super().__init__(flotilla, root)
         self.model = root / "model"
         self.data = root / "mlx_data"
         self._adapter = None
-
-    def setup(self) -> None:
-        expect_ok(self.run(["init", "--preset", "tiny", "--out", self.model, "--seed", "3"]))
+        cli_helpers.init_tiny(self.flotilla, self.model, 3, self.env)
         self.data.mkdir()
         for split, n in (("train", 60), ("valid", 10), ("test", 12)):
             lines = [json.dumps({"prompt": f"Say {split} number {i}.",
                                  "completion": f"Arr, {split} number {i} be here, matey."}) for i in range(n)]
             (self.data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-
-    def path(self, name: str) -> Path:
-        self.counter += 1
-        return self.root / f"{self.counter:02d}-{name}"
-
-    def run(self, args: Sequence) -> subprocess.CompletedProcess:
-        return subprocess.run([self.flotilla, *map(str, args)], capture_output=True, text=True, env=self.env,
-                              timeout=CASE_TIMEOUT_S)
 
     def train_lora(self, out: Path, *extra, data=None, steps=3) -> subprocess.CompletedProcess:
         return self.run(["train", "--model", self.model, "--data", data or self.data, "--out", out,
@@ -141,31 +116,6 @@ class Env:
             expect_ok(self.train_lora(self._adapter, "--lora-rank", "4", "--lora-alpha", "12", "--lora-targets",
                                       "q,v,down"))
         return self._adapter
-
-
-def expect_ok(p: subprocess.CompletedProcess) -> None:
-    check(p.returncode == 0, f"exit {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
-
-
-def expect_error(p: subprocess.CompletedProcess, needles: Sequence[str]) -> None:
-    check(p.returncode == 2, f"exit {p.returncode}, expected 2\nstdout: {p.stdout}\nstderr: {p.stderr}")
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    check(len(lines) == 1 and lines[0].startswith("flotilla: error:"), f"stderr is not one error line: {p.stderr!r}")
-    for n in needles:
-        check(n in lines[0], f"{n!r} not in {lines[0]!r}")
-
-
-def printed_config(text: str) -> dict:
-    out = {}
-    for line in text.splitlines():
-        if not line.startswith("#") and ":" in line:
-            key, value = line.split(":", 1)
-            out[key.strip()] = value.strip()
-    return out
-
-
-def metrics_steps(out: Path) -> List[dict]:
-    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
 def generated(e: Env, *args) -> str:
@@ -430,7 +380,7 @@ def case_base_model_path_is_absolute(e: Env) -> None:
     out = e.path("run")
     p = subprocess.run([e.flotilla, "train", "--model", e.model.name, "--data", e.data, "--out", out,
                         "--fine-tune-type", "lora", "--steps", "1", "--seq-len", "48"],
-                       cwd=e.model.parent, capture_output=True, text=True, env=e.env, timeout=CASE_TIMEOUT_S)
+                       cwd=e.model.parent, capture_output=True, text=True, env=e.env, timeout=cli_helpers.CASE_TIMEOUT_S)
     expect_ok(p)
     written = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     check(written == str(e.model.resolve()), f"base_model_name_or_path {written!r}, expected {str(e.model)!r}")
@@ -447,38 +397,8 @@ def case_force_clears_an_old_runs_checkpoints(e: Env) -> None:
     check((out / "checkpoints" / "latest").read_text().strip() == "step-000002", "latest is not the new run's")
 
 
-CASES: List[Tuple[str, Callable[[Env], None]]] = [
-    (name[len("case_"):], fn) for name, fn in sorted(globals().items()) if name.startswith("case_")
-]
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("flotilla")
-    parser.add_argument("-k", dest="select", default="")
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="flotilla-mlx-lm-"))
-    failures = 0
-    try:
-        e = Env(os.path.abspath(args.flotilla), root)
-        e.setup()
-        for name, fn in CASES:
-            if args.select and args.select not in name:
-                continue
-            try:
-                fn(e)
-                print(f"ok   {name}")
-            except (Failure, subprocess.TimeoutExpired, KeyError, OSError, ValueError) as x:
-                failures += 1
-                print(f"FAIL {name}: {x}")
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"{failures} failed")
-    return 1 if failures else 0
+    return cli_helpers.main_of_cases(globals(), "flotilla-mlx-lm-", Env)
 
 
 if __name__ == "__main__":

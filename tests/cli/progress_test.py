@@ -16,22 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cli_helpers
+
 FLOTILLA = sys.argv[1]
 
 
 def main():
-    failures = []
-
-    def check(cond, what):
-        print(("ok   " if cond else "FAIL ") + what)
-        if not cond:
-            failures.append(what)
-
+    check = cli_helpers.SoftChecks()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = root / "model"
-        subprocess.run([FLOTILLA, "init", "--preset", "tiny", "--seed", "3", "--out", str(model)], check=True,
-                       capture_output=True)
+        cli_helpers.init_tiny(FLOTILLA, model, 3)
         (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
         train = ["train", "--model", str(model), "--data", str(root / "corpus.txt"), "--steps", "3",
                  "--batch-size", "2", "--seq-len", "16", "--log-every", "1"]
@@ -84,8 +79,7 @@ def main():
                   f"no bar (carriage returns, [###...]) under mpirun: {mpi.stdout[:300]!r}")
             check(sum(1 for l in mpi.stdout.splitlines() if " eta " in l) == 3, "one line per step under mpirun")
 
-    if failures:
-        sys.exit(f"{len(failures)} failure(s)")
+    check.exit()
 
 
 if __name__ == "__main__":

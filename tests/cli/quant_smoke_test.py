@@ -44,8 +44,16 @@ def header(path: Path) -> dict:
     return json.loads(raw[8:8 + n])
 
 
-def logprobs(flotilla, model, text):
-    return json.loads(run(flotilla, "score", "--model", model, "--text", text))["logprobs"]
+def logprob_gap(flotilla, a, b, text):
+    """The largest difference (nats) between two models' log-probabilities of text's tokens."""
+    la, lb = (json.loads(run(flotilla, "score", "--model", m, "--text", text))["logprobs"] for m in (a, b))
+    return max(abs(x - y) for x, y in zip(la, lb))
+
+
+def train_lora(flotilla, model, corpus, out, targets, steps):
+    run(flotilla, "train", "--model", model, "--data", corpus, "--out", out, "--fine-tune-type", "lora",
+        "--lora-targets", targets, "--steps", steps, "--batch-size", "2", "--seq-len", "16", "--lr", "1e-4",
+        "--eval-batches", "1")
 
 
 def main() -> int:
@@ -71,14 +79,11 @@ def main() -> int:
                   "--temperature", "0")
         assert out.startswith("the fleet"), out
         text = "the fleet sails as one"
-        lf, lq = logprobs(flotilla, f, text), logprobs(flotilla, q, text)
-        worst = max(abs(a - b) for a, b in zip(lf, lq))
+        worst = logprob_gap(flotilla, f, q, text)
         assert worst < 0.05, f"quantized log-probabilities differ by {worst} nats"
 
         run_dir = root / "run"
-        run(flotilla, "train", "--model", q, "--data", corpus, "--out", run_dir, "--fine-tune-type", "lora",
-            "--lora-targets", "q,k,v,o", "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-4",
-            "--eval-batches", "1")
+        train_lora(flotilla, q, corpus, run_dir, "q,k,v,o", 3)
         assert (run_dir / "adapter_model.safetensors").is_file()
 
         # Adapters over the quantized base at generation time (run alongside, not merged).
@@ -90,8 +95,7 @@ def main() -> int:
         assert fh["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "F32"
         assert not any(k.endswith(".scales") for k in fh)
         assert "quantization" not in json.loads((fused / "config.json").read_text())
-        lfu = logprobs(flotilla, fused, text)
-        worst = max(abs(a - b) for a, b in zip(lfu, lq))
+        worst = logprob_gap(flotilla, fused, q, text)
         assert worst < 0.05, f"fused model differs from its quantized base by {worst} nats"
         run(flotilla, "generate", "--model", fused, "--prompt", "the fleet", "--max-tokens", "4")
 
@@ -116,15 +120,12 @@ def main() -> int:
         assert mh["model.layers.1.mlp.up_proj.weight"]["dtype"] == "U32"
         mq_quant = json.loads((mq / "config.json").read_text())["quantization"]
         assert mq_quant["model.layers.0.mlp.down_proj"] is False and mq_quant["group_size"] == 64, mq_quant
-        lmf, lmq = logprobs(flotilla, mf, text), logprobs(flotilla, mq, text)
-        worst = max(abs(a - b) for a, b in zip(lmf, lmq))
+        worst = logprob_gap(flotilla, mf, mq, text)
         # 4-bit noise at group size 64 measured 0.03..0.07 nats here; a float layer read as
         # packed words, or the reverse, moves them by whole nats.
         assert worst < 0.15, f"mixed quantized log-probabilities differ by {worst} nats"
         mixed_run = root / "mixed_run"
-        run(flotilla, "train", "--model", mq, "--data", corpus, "--out", mixed_run, "--fine-tune-type", "lora",
-            "--lora-targets", "q,v,down", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-4",
-            "--eval-batches", "1")
+        train_lora(flotilla, mq, corpus, mixed_run, "q,v,down", 2)
         mixed_fused = root / "mixed_fused_q"
         run(flotilla, "fuse", "--model", mq, "--adapter", mixed_run, "--out", mixed_fused)
         fh = header(mixed_fused / "model.safetensors")

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """A run that diverges, or that is interrupted, stops cleanly and keeps its work (issue 18,
-items 2 and 5). Usage: run_stop_test.py <path/to/flotilla> [-k SUBSTRING]
+items 2 and 5). Usage: run_stop_test.py <path/to/flotilla> [-k SUBSTRING] [--keep]
 
 Cases, each `flotilla train` on the tiny preset and raw text:
   diverge_lr        --lr 1e30 --save-every 1: the loss turns non-finite; the run stops with
@@ -17,7 +17,6 @@ Cases, each `flotilla train` on the tiny preset and raw text:
 Every case ends within a bound (a hang fails) and prints no crash marker.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -25,9 +24,10 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import cli_helpers
 
 BOUND_S = 60.0
 CRASH_MARKERS = ("AddressSanitizer", "runtime error", "Segmentation", "terminate called", "Aborted",
@@ -213,11 +213,8 @@ def case_signal(flotilla, tmp, signals, expect_rc, expect_checkpoint, grad_accum
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("flotilla")
-    parser.add_argument("-k", dest="select", default="")
-    args = parser.parse_args()
-    flotilla = os.path.abspath(args.flotilla)
+    args = cli_helpers.parse_args(__doc__)
+    flotilla = args.flotilla
     cases = {
         "diverge_lr": lambda t: case_diverge_lr(flotilla, t),
         "inf_weight_stop": lambda t: case_inf_weight(flotilla, t, "stop"),
@@ -227,32 +224,21 @@ def main():
         "second_signal": lambda t: case_signal(flotilla, t, [signal.SIGINT, signal.SIGINT], 130, False,
                                                 grad_accum=8),
     }
-    root = Path(tempfile.mkdtemp(prefix="flotilla-run-stop-"))
-    failed = 0
-    try:
+    with cli_helpers.temp_root("flotilla-run-stop-", args.keep) as root:
         model = root / "model"
-        subprocess.run([flotilla, "init", "--preset", "tiny", "--seed", "1", "--out", str(model)], env=ENV,
-                       check=True, capture_output=True, timeout=120)
-        for name, fn in cases.items():
-            if args.select not in name:
-                continue
-            tmp = root / name
-            tmp.mkdir()
-            shutil.copytree(model, tmp / "model")
-            started = time.monotonic()
-            try:
+        cli_helpers.init_tiny(flotilla, model, 1, ENV)
+
+        def in_own_folder(name, fn):
+            """The case on its own copy of the model, failing with the problems it found."""
+            def run():
+                tmp = root / name
+                tmp.mkdir()
+                shutil.copytree(model, tmp / "model")
                 problems = fn(tmp)
-            except subprocess.TimeoutExpired as e:
-                problems = [f"no exit within {e.timeout} s (hang)"]
-            status = "FAIL" if problems else "PASS"
-            failed += bool(problems)
-            print(f"{status} {name} ({time.monotonic() - started:.1f} s)")
-            for p in problems:
-                print(f"     - {p}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    print(f"{failed} failed")
-    return 1 if failed else 0
+                cli_helpers.check(not problems, "".join(f"\n     - {p}" for p in problems))
+            return run
+
+        return cli_helpers.run_cases([(name, in_own_folder(name, fn)) for name, fn in cases.items()], args.select)
 
 
 if __name__ == "__main__":
