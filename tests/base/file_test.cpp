@@ -11,9 +11,12 @@
 #include <fstream>
 
 #include "flotilla/base/error.hpp"
+#include "../test_errors.hpp"
 
 namespace flotilla {
 namespace {
+
+using ::flotilla::testing::input_error_of;
 
 class TempDir {
  public:
@@ -28,17 +31,6 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
-
-template <class F>
-std::string input_error_of(F&& f) {
-  try {
-    f();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no InputError raised";
-  return "";
-}
 
 TEST(ReadTextFile, ReadsARegularFileWhole) {
   TempDir tmp;

@@ -13,7 +13,7 @@ namespace flotilla::data {
 namespace {
 
 namespace fs = std::filesystem;
-using test_util::input_error;
+using test_util::input_error_of;
 using test_util::TempDir;
 using namespace test_util;  // the real templates (real_chat_templates.hpp)
 using ::testing::HasSubstr;
@@ -187,7 +187,7 @@ TEST(ChatTemplate, DetectsFamiliesFromRealTemplates) {
 }
 
 TEST(ChatTemplate, MistralV01TemplateIsRefusedWithAHint) {
-  EXPECT_THAT(input_error([] { detect_chat_template(kMistralV01Jinja); }), HasSubstr("--chat-template mistral"));
+  EXPECT_THAT(input_error_of([] { detect_chat_template(kMistralV01Jinja); }), HasSubstr("--chat-template mistral"));
 }
 
 TEST(ChatTemplate, ResolvesFromTokenizerConfigAndOverride) {
@@ -196,7 +196,7 @@ TEST(ChatTemplate, ResolvesFromTokenizerConfigAndOverride) {
   dir.file("tokenizer_config.json", config.dump());
   EXPECT_EQ(resolve_chat_template(dir.path(), "")->family, ChatFamily::llama2);
   EXPECT_EQ(resolve_chat_template(dir.path(), "chatml")->family, ChatFamily::chatml);
-  EXPECT_THAT(input_error([&] { resolve_chat_template(dir.path(), "vicuna"); }),
+  EXPECT_THAT(input_error_of([&] { resolve_chat_template(dir.path(), "vicuna"); }),
               HasSubstr("unknown chat template 'vicuna' (known: llama2, llama3, mistral, chatml)"));
 }
 
@@ -229,7 +229,7 @@ TEST(ChatTemplate, NoTemplateAndNoOverrideIsNullopt) {
 TEST(ChatTemplate, UnknownTemplateFamilyNamesTheFile) {
   TempDir dir;
   dir.file("tokenizer_config.json", nlohmann::json({{"chat_template", kGemmaJinja}}).dump());
-  EXPECT_THAT(input_error([&] { resolve_chat_template(dir.path(), ""); }),
+  EXPECT_THAT(input_error_of([&] { resolve_chat_template(dir.path(), ""); }),
               HasSubstr("tokenizer_config.json: the chat template is none of the families"));
   EXPECT_EQ(resolve_chat_template(dir.path(), "mistral")->family, ChatFamily::mistral);
 }

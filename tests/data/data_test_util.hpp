@@ -10,6 +10,7 @@
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "../test_errors.hpp"
 
 namespace flotilla::data::test_util {
 
@@ -46,15 +47,6 @@ inline std::string read_file(const fs::path& p) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
-// The InputError message `f` throws, or "" if it throws none.
-template <class F>
-std::string input_error(F&& f) {
-  try {
-    f();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  return "";
-}
+using ::flotilla::testing::input_error_of;
 
 }  // namespace flotilla::data::test_util

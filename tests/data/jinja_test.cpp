@@ -74,20 +74,20 @@ TEST(Jinja, MistralV01RendersItsOwnSpacing) {
 }
 
 TEST(Jinja, RaiseExceptionIsAnInputErrorWithTheTemplatesMessage) {
-  const std::string e = input_error([] { render_jinja(kMistralV01Jinja, kPirate, true); });
+  const std::string e = input_error_of([] { render_jinja(kMistralV01Jinja, kPirate, true); });
   EXPECT_THAT(e, HasSubstr("Conversation roles must alternate user/assistant/user/assistant/..."));
 }
 
 TEST(Jinja, UnsupportedConstructsAreNamedWithTheirLine) {
-  EXPECT_THAT(input_error([] { jinja::Template("hi\n{% macro greet(n) %}x{% endmacro %}"); }),
+  EXPECT_THAT(input_error_of([] { jinja::Template("hi\n{% macro greet(n) %}x{% endmacro %}"); }),
               AllOf(HasSubstr("line 2"), HasSubstr("{% macro %}"), HasSubstr("not supported")));
-  EXPECT_THAT(input_error([] { jinja::Template("{{ messages | wordcount }}").render({}); }),
+  EXPECT_THAT(input_error_of([] { jinja::Template("{{ messages | wordcount }}").render({}); }),
               AllOf(HasSubstr("filter 'wordcount'"), HasSubstr("not supported")));
-  EXPECT_THAT(input_error([] { jinja::Template("{% call foo() %}{% endcall %}"); }), HasSubstr("{% call %}"));
-  EXPECT_THAT(input_error([] { jinja::Template("{{ 'a' is divisibleby 3 }}").render({}); }),
+  EXPECT_THAT(input_error_of([] { jinja::Template("{% call foo() %}{% endcall %}"); }), HasSubstr("{% call %}"));
+  EXPECT_THAT(input_error_of([] { jinja::Template("{{ 'a' is divisibleby 3 }}").render({}); }),
               HasSubstr("test 'divisibleby'"));
-  EXPECT_THAT(input_error([] { jinja::Template("{% if x %}never closed"); }), HasSubstr("{% endif %}' is missing"));
-  EXPECT_THAT(input_error([] { jinja::Template("{{ 1 + }}"); }), HasSubstr("line 1"));
+  EXPECT_THAT(input_error_of([] { jinja::Template("{% if x %}never closed"); }), HasSubstr("{% endif %}' is missing"));
+  EXPECT_THAT(input_error_of([] { jinja::Template("{{ 1 + }}"); }), HasSubstr("line 1"));
 }
 
 TEST(Jinja, EndOfTurnComesFromTheTemplate) {
@@ -111,7 +111,7 @@ TEST(ChatPrompter, ModelDirectoryTemplateRunsAndBadOneIsNamed) {
             "<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n");
   config["chat_template"] = "{% macro m() %}{% endmacro %}{{ messages }}";
   dir.file("bad/tokenizer_config.json", config.dump());
-  EXPECT_THAT(input_error([&] { ChatPrompter::for_model(dir.path() / "bad", ""); }),
+  EXPECT_THAT(input_error_of([&] { ChatPrompter::for_model(dir.path() / "bad", ""); }),
               AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("{% macro %}")));
   dir.file("none/tokenizer_config.json", "{}");
   EXPECT_FALSE(ChatPrompter::for_model(dir.path() / "none", "").has_value());

@@ -8,12 +8,12 @@
 namespace flotilla::data {
 namespace {
 
-using test_util::input_error;
+using test_util::input_error_of;
 using test_util::TempDir;
 using ::testing::HasSubstr;
 
 std::string parse_error(const std::string& content, bool skip_invalid = false) {
-  return input_error([&] { parse_jsonl_examples(std::string_view(content), "f.jsonl", skip_invalid); });
+  return input_error_of([&] { parse_jsonl_examples(std::string_view(content), "f.jsonl", skip_invalid); });
 }
 
 TEST(JsonlExamples, TextLine) {
@@ -127,7 +127,7 @@ TEST(JsonlExamples, AllLinesInvalidIsAnErrorEvenWhenSkipping) {
 
 TEST(JsonlExamples, MissingFileIsNamed) {
   TempDir dir;
-  EXPECT_THAT(input_error([&] { read_jsonl_examples(dir.path() / "valid.jsonl", false); }),
+  EXPECT_THAT(input_error_of([&] { read_jsonl_examples(dir.path() / "valid.jsonl", false); }),
               HasSubstr("valid.jsonl: no such file"));
 }
 

@@ -16,7 +16,7 @@ namespace flotilla::data {
 namespace {
 
 namespace fs = std::filesystem;
-using test_util::input_error;
+using test_util::input_error_of;
 using test_util::read_file;
 using test_util::TempDir;
 using ::testing::HasSubstr;
@@ -86,7 +86,7 @@ TEST(Prepare, ValidAndTestAreOptional) {
 TEST(Prepare, MissingTrainFileNamesTheFolder) {
   TempDir dir;
   dir.file("in/valid.jsonl", text_lines(2));
-  EXPECT_THAT(input_error([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt); }),
+  EXPECT_THAT(input_error_of([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt); }),
               HasSubstr((dir.path() / "in").string() + ": no train.jsonl"));
   EXPECT_FALSE(fs::exists(dir.path() / "out"));
 }
@@ -98,7 +98,7 @@ TEST(Prepare, BadLineIsNamedByFileAndLineAndNothingIsWritten) {
            "{\"text\": \"ok\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"robot\", "
            "\"content\": \"x\"}]}\n");
   const std::string err =
-      input_error([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, chatml()); });
+      input_error_of([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, chatml()); });
   EXPECT_THAT(err, HasSubstr("valid.jsonl:2: message 2 has unknown role 'robot' (expected system, user, assistant)"));
   EXPECT_FALSE(fs::exists(dir.path() / "out"));
   EXPECT_FALSE(fs::exists(dir.path() / "out.tmp"));
@@ -110,7 +110,7 @@ TEST(Prepare, ConversationTheTemplateRefusesIsALineError) {
            "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
   ChatTemplate llama2;
   llama2.family = ChatFamily::llama2;
-  EXPECT_THAT(input_error([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, llama2); }),
+  EXPECT_THAT(input_error_of([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, llama2); }),
               HasSubstr("train.jsonl:1: the llama2 template needs roles alternating"));
 }
 
@@ -119,7 +119,7 @@ TEST(Prepare, ChatWithoutTemplateSaysSoWithFileAndLine) {
   dir.file("in/train.jsonl", "{\"text\": \"x\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n");
   PrepareOptions o = options_for(dir.path() / "in", dir.path() / "out");
   o.skip_invalid = true;  // not the line's fault: still fatal
-  EXPECT_THAT(input_error([&] { prepare(o, kBytes, std::nullopt); }),
+  EXPECT_THAT(input_error_of([&] { prepare(o, kBytes, std::nullopt); }),
               HasSubstr("train.jsonl:2: a {\"messages\"} example needs a chat template"));
 }
 
@@ -258,23 +258,23 @@ TEST(Prepare, OneFileSplitsByFractionsDeterministically) {
 
 TEST(Prepare, SplitFractionsAreChecked) {
   EXPECT_EQ(parse_split_fractions("0.8,0.2"), (std::array<double, 3>{0.8, 0.2, 0.0}));
-  EXPECT_THAT(input_error([] { parse_split_fractions("0.9,0.2,0.05"); }), HasSubstr("sum to"));
-  EXPECT_THAT(input_error([] { parse_split_fractions("0.9,x,0.1"); }), HasSubstr("\"x\" is not a fraction"));
-  EXPECT_THAT(input_error([] { parse_split_fractions("1"); }), HasSubstr("two or three"));
-  EXPECT_THAT(input_error([] { parse_split_fractions("0,0.5,0.5"); }), HasSubstr("train fraction"));
-  EXPECT_THAT(input_error([] { parse_split_fractions("1.5,-0.5"); }), HasSubstr("not a fraction"));
+  EXPECT_THAT(input_error_of([] { parse_split_fractions("0.9,0.2,0.05"); }), HasSubstr("sum to"));
+  EXPECT_THAT(input_error_of([] { parse_split_fractions("0.9,x,0.1"); }), HasSubstr("\"x\" is not a fraction"));
+  EXPECT_THAT(input_error_of([] { parse_split_fractions("1"); }), HasSubstr("two or three"));
+  EXPECT_THAT(input_error_of([] { parse_split_fractions("0,0.5,0.5"); }), HasSubstr("train fraction"));
+  EXPECT_THAT(input_error_of([] { parse_split_fractions("1.5,-0.5"); }), HasSubstr("not a fraction"));
 }
 
 TEST(Prepare, OneFileNeedsASplitAndAFolderRefusesOne) {
   TempDir dir;
   const fs::path file = dir.file("all.jsonl", text_lines(3));
   dir.file("in/train.jsonl", text_lines(3));
-  EXPECT_THAT(input_error([&] { prepare(options_for(file, dir.path() / "o"), kBytes, std::nullopt); }),
+  EXPECT_THAT(input_error_of([&] { prepare(options_for(file, dir.path() / "o"), kBytes, std::nullopt); }),
               HasSubstr("one file needs --split"));
   PrepareOptions o = options_for(dir.path() / "in", dir.path() / "o");
   o.split = std::array<double, 3>{1, 0, 0};
-  EXPECT_THAT(input_error([&] { prepare(o, kBytes, std::nullopt); }), HasSubstr("--split takes one file"));
-  EXPECT_THAT(input_error([&] { prepare(options_for(dir.path() / "nope", dir.path() / "o"), kBytes, std::nullopt); }),
+  EXPECT_THAT(input_error_of([&] { prepare(o, kBytes, std::nullopt); }), HasSubstr("--split takes one file"));
+  EXPECT_THAT(input_error_of([&] { prepare(options_for(dir.path() / "nope", dir.path() / "o"), kBytes, std::nullopt); }),
               HasSubstr("nope: no such file or folder"));
 }
 
@@ -282,7 +282,7 @@ TEST(Prepare, EmptyValidFileIsAnError) {
   TempDir dir;
   dir.file("in/train.jsonl", text_lines(3));
   dir.file("in/valid.jsonl", "\n");
-  EXPECT_THAT(input_error([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt); }),
+  EXPECT_THAT(input_error_of([&] { prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt); }),
               HasSubstr("valid.jsonl: empty: no examples"));
 }
 
@@ -291,7 +291,7 @@ TEST(Prepare, NonEmptyOutputIsKeptUnlessForced) {
   dir.file("in/train.jsonl", text_lines(3));
   dir.file("out/precious.txt", "keep me");
   PrepareOptions o = options_for(dir.path() / "in", dir.path() / "out");
-  EXPECT_THAT(input_error([&] { prepare(o, kBytes, std::nullopt); }), HasSubstr("not empty (pass --force"));
+  EXPECT_THAT(input_error_of([&] { prepare(o, kBytes, std::nullopt); }), HasSubstr("not empty (pass --force"));
   EXPECT_EQ(read_file(dir.path() / "out/precious.txt"), "keep me");
   o.force = true;
   prepare(o, kBytes, std::nullopt);
@@ -317,7 +317,7 @@ TEST(Prepare, StaleTmpFolderOfOursIsReplacedAndForeignOneRefused) {
   prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt);
   EXPECT_TRUE(fs::exists(dir.path() / "out/index.json"));
   dir.file("o2.tmp/notes.txt", "mine");
-  EXPECT_THAT(input_error([&] { prepare(options_for(dir.path() / "in", dir.path() / "o2"), kBytes, std::nullopt); }),
+  EXPECT_THAT(input_error_of([&] { prepare(options_for(dir.path() / "in", dir.path() / "o2"), kBytes, std::nullopt); }),
               HasSubstr("o2.tmp: exists and is not a folder left by flotilla data prepare"));
   EXPECT_EQ(read_file(dir.path() / "o2.tmp/notes.txt"), "mine");
 }
@@ -341,7 +341,7 @@ TEST(TokenDataset, FingerprintMismatchSaysToPrepareAgain) {
   TempDir dir;
   dir.file("in/train.jsonl", text_lines(3));
   prepare(options_for(dir.path() / "in", dir.path() / "out"), kBytes, std::nullopt);
-  const std::string err = input_error([&] { TokenDataset::open(dir.path() / "out", OtherTokenizer()); });
+  const std::string err = input_error_of([&] { TokenDataset::open(dir.path() / "out", OtherTokenizer()); });
   EXPECT_THAT(err, HasSubstr("prepared with tokenizer bytes-v1 (bytes) but the model's tokenizer is other-v2 (other): "
                              "re-run flotilla data prepare"));
 }
@@ -354,10 +354,10 @@ TEST(TokenDataset, ShardThatDisagreesWithTheIndexIsNamed) {
   ShardWriter w("bytes-v1", 259);
   w.add(std::vector<int32_t>{1, 2}, std::vector<uint8_t>{1, 1});
   w.write(dir.path() / "out/train-00000.fltk");
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }),
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path() / "out"); }),
               HasSubstr("train-00000.fltk: 1 examples, 2 tokens"));
   fs::remove(dir.path() / "out/train-00000.fltk");
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }), HasSubstr("train-00000.fltk"));
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path() / "out"); }), HasSubstr("train-00000.fltk"));
 }
 
 TEST(TokenDataset, ShardsCarryChecksumsThatOpeningChecks) {
@@ -374,9 +374,9 @@ TEST(TokenDataset, ShardsCarryChecksumsThatOpeningChecks) {
   bytes.back() = static_cast<char>(bytes.back() ^ 0x01);
   write_file_atomic(shard, bytes);
   EXPECT_NO_THROW(ShardReader{shard});
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }),
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path() / "out"); }),
               HasSubstr(entry.file + ": CRC-32C"));
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }),
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path() / "out"); }),
               HasSubstr("corrupted; re-run flotilla data prepare"));
 }
 
@@ -394,16 +394,16 @@ TEST(TokenDataset, FolderPreparedBeforeChecksumsStillOpens) {
   // A malformed checksum is an error, not an absent one.
   j["splits"]["train"]["shards"][0]["crc32c"] = "xyz";
   write_file_atomic(dir.path() / "out/index.json", j.dump(2));
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path() / "out"); }), HasSubstr("is not 8 hex digits"));
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path() / "out"); }), HasSubstr("is not 8 hex digits"));
 }
 
 TEST(TokenDataset, BadIndexIsNamed) {
   TempDir dir;
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path()); }), HasSubstr("no index.json"));
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path()); }), HasSubstr("no index.json"));
   dir.file("index.json", "{\"format\": \"flotilla-token-shards\", \"version\": 7}");
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path()); }), HasSubstr("index.json: format version 7"));
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path()); }), HasSubstr("index.json: format version 7"));
   dir.file("index.json", "{not json");
-  EXPECT_THAT(input_error([&] { TokenDataset::open(dir.path()); }), HasSubstr("index.json: not valid JSON"));
+  EXPECT_THAT(input_error_of([&] { TokenDataset::open(dir.path()); }), HasSubstr("index.json: not valid JSON"));
 }
 
 TEST(TokenDataset, SplitIsAnExampleSourceForTheSampler) {

@@ -12,7 +12,7 @@ namespace flotilla::data {
 namespace {
 
 namespace fs = std::filesystem;
-using test_util::input_error;
+using test_util::input_error_of;
 using test_util::read_file;
 using test_util::TempDir;
 using ::testing::HasSubstr;
@@ -114,14 +114,14 @@ TEST(TokenShards, HeaderIsAtTheDocumentedOffsets) {
 }
 
 TEST(TokenShards, FingerprintMustFitTheHeader) {
-  EXPECT_THAT(input_error([] { ShardWriter(std::string(129, 'a'), 10); }), HasSubstr("1 to 128 printable ASCII"));
+  EXPECT_THAT(input_error_of([] { ShardWriter(std::string(129, 'a'), 10); }), HasSubstr("1 to 128 printable ASCII"));
   EXPECT_NO_THROW(ShardWriter(std::string(128, 'a'), 10));
 }
 
 class CorruptShard : public ::testing::Test {
  protected:
   void SetUp() override { path_ = write_shard(dir_.path() / "bad.fltk", random_examples(7, 1000)); }
-  std::string open_error() const { return input_error([&] { ShardReader r(path_); }); }
+  std::string open_error() const { return input_error_of([&] { ShardReader r(path_); }); }
   TempDir dir_;
   fs::path path_;
 };

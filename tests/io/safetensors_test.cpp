@@ -10,25 +10,43 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "io_test_util.hpp"
+#include "../test_errors.hpp"
 
 namespace flotilla::io {
 namespace {
 using ::testing::HasSubstr;
+using ::flotilla::testing::input_error_of;
 using test_util::fresh_seed;
 using test_util::random_floats;
 using test_util::TempDir;
 using test_util::write_bytes;
 using test_util::write_raw_safetensors;
 
-// Message of the InputError that opening `path` raises ("" if none is raised).
+// Message of the InputError that opening `path` raises ("" and a failure if none is raised).
 std::string open_error(const std::filesystem::path& path) {
-  try {
-    SafetensorsFile f(path);
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "opening " << path << " raised no InputError";
-  return "";
+  return input_error_of([&] { SafetensorsFile f(path); });
+}
+
+// One tensor's entry in a header: "name":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}.
+std::string tensor_entry(const std::string& name, const std::string& dtype, const std::string& shape, int64_t begin,
+                         int64_t end) {
+  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":[" +
+         std::to_string(begin) + "," + std::to_string(end) + "]}";
+}
+
+// A header of these entries, in this order: {entry,entry,...}.
+std::string header_of(std::initializer_list<std::string> entries) {
+  std::string header;
+  for (const std::string& e : entries) header += (header.empty() ? "{" : ",") + e;
+  return header.empty() ? "{}" : header + "}";
+}
+
+// Writes tmp/file (this header, then this data section) and returns the message of the
+// InputError that opening it raises.
+std::string layout_error(const TempDir& tmp, const std::string& file, const std::string& header,
+                         const std::string& data) {
+  write_raw_safetensors(tmp / file, header, data);
+  return open_error(tmp / file);
 }
 
 float round_to(DType dt, float x) {
@@ -277,48 +295,39 @@ TEST(SafetensorsRead, DeeplyNestedHeaderIsRejectedWithoutRecursing) {
 
 TEST(SafetensorsRead, UnknownDtypeIsRejectedNamingTheTensor) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "dtype.safetensors",
-                        R"({"w":{"dtype":"Q7","shape":[2],"data_offsets":[0,2]}})", "ab");
-  const std::string msg = open_error(tmp / "dtype.safetensors");
+  const std::string msg =
+      layout_error(tmp, "dtype.safetensors", header_of({tensor_entry("w", "Q7", "[2]", 0, 2)}), "ab");
   EXPECT_THAT(msg, HasSubstr("dtype.safetensors"));
   EXPECT_THAT(msg, HasSubstr("tensor 'w': unsupported dtype 'Q7' (supported: F32, F16, BF16"));
 }
 
 TEST(SafetensorsRead, MissingDtypeIsRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "m.safetensors", R"({"w":{"shape":[1],"data_offsets":[0,4]}})",
-                        "abcd");
-  EXPECT_THAT(open_error(tmp / "m.safetensors"), HasSubstr("tensor 'w': missing string field 'dtype'"));
+  EXPECT_THAT(layout_error(tmp, "m.safetensors", R"({"w":{"shape":[1],"data_offsets":[0,4]}})", "abcd"),
+              HasSubstr("tensor 'w': missing string field 'dtype'"));
 }
 
 TEST(SafetensorsRead, NegativeOrFractionalShapeIsRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "neg.safetensors",
-                        R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", "abcd");
-  EXPECT_THAT(open_error(tmp / "neg.safetensors"),
+  EXPECT_THAT(layout_error(tmp, "neg.safetensors", header_of({tensor_entry("w", "F32", "[-1]", 0, 4)}), "abcd"),
               HasSubstr("tensor 'w': shape [-1] has an entry that is not a non-negative integer"));
-  write_raw_safetensors(tmp / "frac.safetensors",
-                        R"({"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", "abcd");
-  EXPECT_THAT(open_error(tmp / "frac.safetensors"), HasSubstr("not a non-negative integer"));
+  EXPECT_THAT(layout_error(tmp, "frac.safetensors", header_of({tensor_entry("w", "F32", "[1.5]", 0, 4)}), "abcd"),
+              HasSubstr("not a non-negative integer"));
 }
 
 TEST(SafetensorsRead, ShapeWhoseElementCountOverflowsIsRejected) {
   TempDir tmp;
-  write_raw_safetensors(
-      tmp / "m.safetensors",
-      R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})", "abcd");
-  EXPECT_THAT(open_error(tmp / "m.safetensors"), HasSubstr("too many elements"));
+  const std::string header = header_of({tensor_entry("w", "F32", "[4294967296,4294967296]", 0, 4)});
+  EXPECT_THAT(layout_error(tmp, "m.safetensors", header, "abcd"), HasSubstr("too many elements"));
 }
 
 TEST(SafetensorsRead, MalformedDataOffsetsAreRejected) {
   TempDir tmp;
   for (const char* offsets : {R"([0])", R"([0,4,8])", R"("0,4")", R"([-4,0])", R"([0,"4"])"}) {
     SCOPED_TRACE(offsets);
-    write_raw_safetensors(
-        tmp / "m.safetensors",
-        std::string(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":)") + offsets + "}}",
+    const std::string msg = layout_error(
+        tmp, "m.safetensors", std::string(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":)") + offsets + "}}",
         "abcd");
-    const std::string msg = open_error(tmp / "m.safetensors");
     EXPECT_THAT(msg, HasSubstr("m.safetensors"));
     EXPECT_THAT(msg, HasSubstr("tensor 'w': 'data_offsets' must be [begin, end]"));
   }
@@ -326,96 +335,79 @@ TEST(SafetensorsRead, MalformedDataOffsetsAreRejected) {
 
 TEST(SafetensorsRead, DataOffsetsWithBeginAfterEndAreRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "m.safetensors",
-                        R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}})", "abcdefgh");
-  EXPECT_THAT(open_error(tmp / "m.safetensors"),
+  EXPECT_THAT(layout_error(tmp, "m.safetensors", header_of({tensor_entry("w", "F32", "[1]", 4, 0)}), "abcdefgh"),
               HasSubstr("tensor 'w': data_offsets [4, 0] has begin > end"));
 }
 
 TEST(SafetensorsRead, DataOffsetsPastTheEndOfTheFileAreRejected) {
   TempDir tmp;
   // A file cut short: the header promises 8 bytes of data, 4 are there.
-  write_raw_safetensors(tmp / "cut.safetensors",
-                        R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", "abcd");
-  const std::string msg = open_error(tmp / "cut.safetensors");
+  const std::string msg =
+      layout_error(tmp, "cut.safetensors", header_of({tensor_entry("w", "F32", "[2]", 0, 8)}), "abcd");
   EXPECT_THAT(msg, HasSubstr("cut.safetensors"));
   EXPECT_THAT(msg, HasSubstr("tensor 'w': data_offsets [0, 8] out of range: the data section has 4 bytes"));
 }
 
 TEST(SafetensorsRead, ByteLengthThatDoesNotMatchTheShapeIsRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "m.safetensors",
-                        R"({"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,8]}})", "abcdefgh");
-  EXPECT_THAT(open_error(tmp / "m.safetensors"),
-              HasSubstr("tensor 'w': data_offsets [0, 8] hold 8 bytes, but shape [2, 3] of BF16 "
-                        "needs 12"));
+  EXPECT_THAT(layout_error(tmp, "m.safetensors", header_of({tensor_entry("w", "BF16", "[2,3]", 0, 8)}), "abcdefgh"),
+              HasSubstr("tensor 'w': data_offsets [0, 8] hold 8 bytes, but shape [2, 3] of BF16 needs 12"));
 }
 
 TEST(SafetensorsRead, NonStringMetadataIsRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "m.safetensors", R"({"__metadata__":{"step":12}})", "");
-  EXPECT_THAT(open_error(tmp / "m.safetensors"),
+  EXPECT_THAT(layout_error(tmp, "m.safetensors", R"({"__metadata__":{"step":12}})", ""),
               HasSubstr("__metadata__ value for 'step' is not a string"));
 }
 
 TEST(SafetensorsRead, DuplicateTensorNamesAreRejected) {
   TempDir tmp;
   // JSON parsers keep one of the two silently; which one differs between readers.
-  write_raw_safetensors(tmp / "dup.safetensors",
-                        R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                        R"("w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-                        "abcdefgh");
-  const std::string msg = open_error(tmp / "dup.safetensors");
+  const std::string msg = layout_error(
+      tmp, "dup.safetensors",
+      header_of({tensor_entry("w", "F32", "[1]", 0, 4), tensor_entry("w", "F32", "[1]", 4, 8)}), "abcdefgh");
   EXPECT_THAT(msg, HasSubstr("dup.safetensors"));
   EXPECT_THAT(msg, HasSubstr("tensor 'w' appears twice in the header"));
 }
 
 TEST(SafetensorsRead, DuplicateFieldInATensorEntryIsRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "dup.safetensors",
-                        R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"F16"}})", "abcd");
-  EXPECT_THAT(open_error(tmp / "dup.safetensors"), HasSubstr("tensor 'w': key 'dtype' appears twice"));
+  EXPECT_THAT(layout_error(tmp, "dup.safetensors",
+                           R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"F16"}})", "abcd"),
+              HasSubstr("tensor 'w': key 'dtype' appears twice"));
 }
 
 TEST(SafetensorsRead, OverlappingTensorsAreRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "m.safetensors",
-                        R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                        R"("b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
-                        "abcdefgh");
-  EXPECT_THAT(open_error(tmp / "m.safetensors"),
+  EXPECT_THAT(layout_error(tmp, "m.safetensors",
+                           header_of({tensor_entry("a", "F32", "[2]", 0, 8), tensor_entry("b", "U8", "[4]", 4, 8)}),
+                           "abcdefgh"),
               HasSubstr("tensor 'b': data_offsets [4, 8] overlap tensor 'a', which ends at 8"));
   // The same tensor twice under two names is an overlap too.
-  write_raw_safetensors(tmp / "alias.safetensors",
-                        R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
-                        "abcd");
-  EXPECT_THAT(open_error(tmp / "alias.safetensors"), HasSubstr("overlap tensor"));
+  EXPECT_THAT(layout_error(tmp, "alias.safetensors",
+                           header_of({tensor_entry("a", "F32", "[1]", 0, 4), tensor_entry("b", "F32", "[1]", 0, 4)}),
+                           "abcd"),
+              HasSubstr("overlap tensor"));
 }
 
 TEST(SafetensorsRead, GapsAndTrailingBytesInTheDataSectionAreRejected) {
   TempDir tmp;
-  write_raw_safetensors(tmp / "gap.safetensors",
-                        R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
-                        "abcdefghijkl");
-  EXPECT_THAT(open_error(tmp / "gap.safetensors"),
+  EXPECT_THAT(layout_error(tmp, "gap.safetensors",
+                           header_of({tensor_entry("a", "F32", "[1]", 0, 4), tensor_entry("b", "F32", "[1]", 8, 12)}),
+                           "abcdefghijkl"),
               HasSubstr("bytes [4, 8) of the data section belong to no tensor"));
-  write_raw_safetensors(tmp / "tail.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
-                        "abcdefg");
-  EXPECT_THAT(open_error(tmp / "tail.safetensors"), HasSubstr("3 trailing bytes after the last tensor"));
-  write_raw_safetensors(tmp / "empty_tail.safetensors", R"({"__metadata__":{}})", "x");
-  EXPECT_THAT(open_error(tmp / "empty_tail.safetensors"), HasSubstr("1 trailing bytes"));
+  EXPECT_THAT(layout_error(tmp, "tail.safetensors", header_of({tensor_entry("a", "F32", "[1]", 0, 4)}), "abcdefg"),
+              HasSubstr("3 trailing bytes after the last tensor"));
+  EXPECT_THAT(layout_error(tmp, "empty_tail.safetensors", R"({"__metadata__":{}})", "x"),
+              HasSubstr("1 trailing bytes"));
 }
 
 TEST(SafetensorsRead, TiledTensorsEmptyTensorsAndMetadataOnlyFilesAreAccepted) {
   TempDir tmp;
   // Header order need not be offset order; empty tensors take no bytes anywhere.
   write_raw_safetensors(tmp / "m.safetensors",
-                        R"({"__metadata__":{"format":"pt"},)"
-                        R"("b":{"dtype":"U8","shape":[4],"data_offsets":[8,12]},)"
-                        R"("e":{"dtype":"F32","shape":[0,3],"data_offsets":[8,8]},)"
-                        R"("a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                        header_of({R"("__metadata__":{"format":"pt"})", tensor_entry("b", "U8", "[4]", 8, 12),
+                                   tensor_entry("e", "F32", "[0,3]", 8, 8), tensor_entry("a", "F32", "[2]", 0, 8)}),
                         "abcdefghijkl");
   const SafetensorsFile f(tmp / "m.safetensors");
   EXPECT_EQ(f.at("b").bytes.data(), f.at("a").bytes.data() + 8);

@@ -10,11 +10,13 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
 #include "io_test_util.hpp"
+#include "../test_errors.hpp"
 
 namespace flotilla::io {
 namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::flotilla::testing::input_error_of;
 using test_util::fresh_seed;
 using test_util::random_floats;
 using test_util::TempDir;
@@ -22,24 +24,7 @@ using test_util::write_bytes;
 using test_util::write_raw_safetensors;
 
 std::string store_error(const std::filesystem::path& path) {
-  try {
-    TensorStore s(path);
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "opening " << path << " raised no InputError";
-  return "";
-}
-
-template <class F>
-std::string input_error_of(F&& f) {
-  try {
-    f();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no InputError raised";
-  return "";
+  return input_error_of([&] { TensorStore s(path); });
 }
 
 // A small model's worth of named tensors with random values.
