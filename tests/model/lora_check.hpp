@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <span>
 #include <string>
@@ -75,6 +76,18 @@ inline int expect_grads_match_finite_differences(Llama& model, LoraAdapters& lor
     }
   }
   return checked;
+}
+
+// grads_of(checkpoint): the adapters' gradients of one run with gradient checkpointing on
+// or off. Recomputing the blocks (their dropout masks included) gives the stored run's
+// gradients bit for bit.
+inline void expect_grad_checkpoint_changes_no_bit(const std::function<std::vector<float>(bool)>& grads_of) {
+  const std::vector<float> stored = grads_of(false);
+  const std::vector<float> recomputed = grads_of(true);
+  ASSERT_EQ(stored.size(), recomputed.size());
+  for (size_t i = 0; i < stored.size(); ++i)
+    ASSERT_EQ(std::memcmp(&stored[i], &recomputed[i], sizeof(float)), 0)
+        << "element " << i << ": " << stored[i] << " vs " << recomputed[i];
 }
 
 }  // namespace flotilla::model::lora_check
