@@ -10,8 +10,6 @@ Usage: chat_generate_test.py <path/to/flotilla>
 import json
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import cli_helpers
 
@@ -32,10 +30,7 @@ def run(args, stdin=None, ok=True):
 
 def main():
     check = cli_helpers.SoftChecks()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model = root / "model"
-        cli_helpers.init_tiny(FLOTILLA, model, 3)
+    with cli_helpers.temp_tiny_model(FLOTILLA, 3) as (root, model):
         cfg_path = model / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         cfg["chat_template"] = ZEPHYR

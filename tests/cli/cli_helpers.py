@@ -66,6 +66,15 @@ def init_tiny(flotilla: str, out: Path, seed: int, env=None) -> None:
                    capture_output=True, env=env, timeout=CASE_TIMEOUT_S)
 
 
+@contextlib.contextmanager
+def temp_tiny_model(flotilla: str, seed: int) -> Iterator[Tuple[Path, Path]]:
+    """(root, model): a temp directory, removed afterwards, with a tiny model in root/model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        init_tiny(flotilla, root / "model", seed)
+        yield root, root / "model"
+
+
 class Workspace:
     """The binary, run one thread wide, and numbered folders under one root."""
 

@@ -13,8 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import cli_helpers
 
@@ -23,10 +21,7 @@ FLOTILLA = sys.argv[1]
 
 def main():
     check = cli_helpers.SoftChecks()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model = root / "model"
-        cli_helpers.init_tiny(FLOTILLA, model, 3)
+    with cli_helpers.temp_tiny_model(FLOTILLA, 3) as (root, model):
         (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
         train = ["train", "--model", str(model), "--data", str(root / "corpus.txt"), "--steps", "3",
                  "--batch-size", "2", "--seq-len", "16", "--log-every", "1"]
