@@ -1,6 +1,8 @@
 """What the multi-rank test scripts share: the environment mpirun needs here, running a
-command that must succeed, and the closing summary line that ctest reads."""
+command that must succeed, a job started in its own process group and ended within a bound,
+and the closing summary line that ctest reads."""
 import os
+import signal
 import subprocess
 
 
@@ -21,9 +23,28 @@ def run(cmd, env):
     return proc.stdout
 
 
-def summary(failures):
-    """Prints every failure and the count line; returns the exit code."""
+def launch(cmd, env):
+    """Starts cmd in its own process group (so that a hang can be killed whole), its stderr
+    merged into stdout."""
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, bound_s):
+    """(exit code, or None after a hang that was then killed; output) of a launched job."""
+    try:
+        out, _ = proc.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out
+
+
+def summary(failures, cases=1):
+    """Prints every failure and the count line over `cases` cases; returns the exit code."""
     for f in failures:
         print("FAIL:", f)
-    print(f"{0 if failures else 1} passed, {1 if failures else 0} failed")
+    failed = min(len(failures), cases)
+    print(f"{cases - failed} passed, {failed} failed")
     return 1 if failures else 0

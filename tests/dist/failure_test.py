@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from dist_util import finish, launch, mpi_env, summary
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 
@@ -48,8 +50,7 @@ def main():
     ap.add_argument("flotilla")
     ap.add_argument("--mpirun", default="mpirun")
     args = ap.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = mpi_env()
     mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp"]
     tmp = tempfile.mkdtemp(prefix="flotilla_fail_")
     failures = []
@@ -62,23 +63,10 @@ def main():
         train = ["train", "--data", os.path.join(SOURCE, "data/sample/corpus.txt"), "--steps", "100000",
                  "--batch-size", "2", "--seq-len", "64", "--log-every", "1000", "--timeout", "4"]
 
-        def launch(cmd):
-            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)
-
-        def finish(proc, bound_s, started):
-            try:
-                out, _ = proc.communicate(timeout=bound_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
-                return None, out, time.time() - started
-            return proc.returncode, out, time.time() - started
-
         for name, sig in (("killed", signal.SIGKILL), ("silent", signal.SIGSTOP)):
             out_dir = os.path.join(tmp, name)
             started = time.time()
-            proc = launch(mpirun + ["-np", "2", args.flotilla] + train + ["--model", model_a, "--out", out_dir])
+            proc = launch(mpirun + ["-np", "2", args.flotilla] + train + ["--model", model_a, "--out", out_dir], env)
             victim = None
             while time.time() - started < 60 and victim is None:  # wait until both ranks train
                 time.sleep(1.0)
@@ -91,7 +79,7 @@ def main():
                 continue
             os.kill(victim, sig)
             hit = time.time()
-            rc, out, _ = finish(proc, 60, hit)
+            rc, out = finish(proc, 60)
             took = time.time() - hit
             last = [l for l in out.splitlines() if "rank" in l.lower() and ("error" in l.lower() or "exited" in l.lower()
                                                                               or "signal" in l.lower())]
@@ -108,8 +96,10 @@ def main():
         # Different models on the two ranks (MPMD launch): one clear line, non-zero exit.
         started = time.time()
         proc = launch(mpirun + ["-np", "1", args.flotilla] + train + ["--model", model_a, "--out", os.path.join(tmp, "m")]
-                      + [":", "-np", "1", args.flotilla] + train + ["--model", model_b, "--out", os.path.join(tmp, "m")])
-        rc, out, took = finish(proc, 60, started)
+                      + [":", "-np", "1", args.flotilla] + train + ["--model", model_b, "--out", os.path.join(tmp, "m")],
+                      env)
+        rc, out = finish(proc, 60)
+        took = time.time() - started
         lines = [l for l in out.splitlines() if "ranks see different" in l]
         print(f"mismatch rc={rc} after {took:.1f}s: {lines[:1]}")
         if rc in (None, 0) or not lines or "rank 1" not in lines[0]:
@@ -117,21 +107,18 @@ def main():
 
         # flotilla doctor: the same model on both ranks passes; different models are an error.
         doctor = [args.flotilla, "doctor", "--max-bytes", "65536", "--model"]
-        rc, out, _ = finish(launch(mpirun + ["-np", "2"] + doctor + [model_a]), 60, time.time())
+        rc, out = finish(launch(mpirun + ["-np", "2"] + doctor + [model_a], env), 60)
         print(f"doctor   rc={rc} (same model)")
         if rc != 0 or "all 2 ranks see the same" not in out:
             failures.append(f"doctor: rc={rc} with identical models:\n{out[-2000:]}")
-        rc, out, _ = finish(launch(mpirun + ["-np", "1"] + doctor + [model_a, ":", "-np", "1"] + doctor + [model_b]),
-                            60, time.time())
+        rc, out = finish(launch(mpirun + ["-np", "1"] + doctor + [model_a, ":", "-np", "1"] + doctor + [model_b], env),
+                         60)
         print(f"doctor   rc={rc} (different models)")
         if rc in (None, 0) or "model: rank 1 differs from rank 0" not in out:
             failures.append(f"doctor: rc={rc} with different models:\n{out[-2000:]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for f in failures:
-        print("FAIL:", f)
-    print(f"{5 - len(failures)} passed, {len(failures)} failed")
-    return 1 if failures else 0
+    return summary(failures, cases=5)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from dist_util import mpi_env
+from dist_util import finish, launch, mpi_env, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
@@ -46,15 +46,13 @@ def rank_pids(out_dir):
     return found
 
 
-def finish(proc, bound_s):
-    """(exit code or None after a hang, output)."""
-    try:
-        out, _ = proc.communicate(timeout=bound_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out
-    return proc.returncode, out
+def resume(mpirun, train, latest, env):
+    """The stopped job run again with --resume, to two steps past the checkpoint `latest`
+    names: (that step, exit code, output)."""
+    step = int(open(latest).read().strip().split("-")[1])
+    rc, out = finish(launch(mpirun + train + ["--steps", str(step + 2), "--resume"], env), 120)
+    print(f"resume   rc={rc} from step {step}")
+    return step, rc, out
 
 
 def main():
@@ -76,8 +74,7 @@ def main():
                  "--batch-size", "2", "--seq-len", "64", "--log-every", "1", "--timeout", "10", "--out", out_dir]
 
         # -- sigterm: one rank signalled, every rank stops after the same step.
-        proc = subprocess.Popen(mpirun + train + ["--steps", "100000"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = launch(mpirun + train + ["--steps", "100000"], env)
         started, victim = time.time(), None
         while time.time() - started < 60 and victim is None:  # both ranks in the loop
             time.sleep(1.0)
@@ -102,11 +99,7 @@ def main():
             elif not os.path.isfile(latest):
                 failures.append("sigterm: no checkpoint written")
             else:
-                step = int(open(latest).read().strip().split("-")[1])
-                rc, out = finish(subprocess.Popen(mpirun + train + ["--steps", str(step + 2), "--resume"], env=env,
-                                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                                  start_new_session=True), 120)
-                print(f"resume   rc={rc} from step {step}")
+                step, rc, out = resume(mpirun, train, latest, env)
                 if rc != 0 or f"at step {step}" not in out or not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
                     failures.append(f"sigterm: --resume from step {step}: rc={rc}:\n{out[-2000:]}")
 
@@ -115,8 +108,7 @@ def main():
         ctrl_train = train[:]
         ctrl_train[ctrl_train.index("--out") + 1] = ctrl_dir
         ctrl_mpirun = mpirun[:1] + ["--mca", "odls_base_sigkill_timeout", "5"] + mpirun[1:]
-        proc = subprocess.Popen(ctrl_mpirun + ctrl_train + ["--steps", "100000"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = launch(ctrl_mpirun + ctrl_train + ["--steps", "100000"], env)
         started = time.time()
         while time.time() - started < 60 and not (len(rank_pids(ctrl_dir)) == 2 and time.time() - started > 4):
             time.sleep(1.0)
@@ -128,11 +120,7 @@ def main():
         if rc in (None, 0) or not os.path.isfile(latest):
             failures.append(f"ctrl-c: rc={rc}, expected a non-zero exit and a checkpoint:\n{out[-2000:]}")
         else:
-            step = int(open(latest).read().strip().split("-")[1])
-            rc, out = finish(subprocess.Popen(mpirun + ctrl_train + ["--steps", str(step + 2), "--resume"], env=env,
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                              start_new_session=True), 120)
-            print(f"resume   rc={rc} from step {step}")
+            step, rc, out = resume(mpirun, ctrl_train, latest, env)
             if rc != 0 or f"at step {step}" not in out:
                 failures.append(f"ctrl-c: --resume from step {step}: rc={rc}:\n{out[-2000:]}")
 
@@ -142,19 +130,14 @@ def main():
         start_train[start_train.index("--timeout") + 1] = "3"
         start_train[start_train.index("--out") + 1] = os.path.join(tmp, "late")
         started = time.time()
-        rc, out = finish(subprocess.Popen(mpirun + ["sh", "-c", late] + start_train + ["--steps", "2"], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          start_new_session=True), 30)
+        rc, out = finish(launch(mpirun + ["sh", "-c", late] + start_train + ["--steps", "2"], env), 30)
         lines = [l for l in out.splitlines() if "MPI start-up did not finish within 3 s" in l]
         print(f"startup  rc={rc} after {time.time() - started:.1f}s: {lines[:1]}")
         if rc in (None, 0) or not lines:
             failures.append(f"startup: rc={rc}, expected a non-zero exit within 30 s naming MPI start-up:\n{out[-2000:]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for f in failures:
-        print("FAIL:", f)
-    print(f"{3 - len(failures)} passed, {len(failures)} failed")
-    return 1 if failures else 0
+    return summary(failures, cases=3)
 
 
 if __name__ == "__main__":
