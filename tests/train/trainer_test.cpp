@@ -343,11 +343,22 @@ model::Llama nan_model(Rng& rng) {
   return m;
 }
 
+// A NaN model from a fresh seed, its parameters before any step, and four rows to replay.
+struct NanRun {
+  NanRun() : NanRun(Rng(test_seed())) {}
+  explicit NanRun(Rng&& rng)
+      : model(nan_model(rng)),
+        before(model.params().begin(), model.params().end()),
+        source(random_rows(rng, 4, model.config().vocab_size)) {}
+
+  model::Llama model;
+  const std::vector<float> before;
+  ReplaySource source;
+};
+
 TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
-  Rng rng(test_seed());
-  model::Llama m = nan_model(rng);
-  const std::vector<float> before(m.params().begin(), m.params().end());
-  ReplaySource source(random_rows(rng, 4, m.config().vocab_size));
+  NanRun run;
+  auto& [m, before, source] = run;
   TrainConfig cfg = probe_config(4, 1, 1e-8f, 0.0f);
   Trainer trainer(m, cfg);
   try {
@@ -365,10 +376,8 @@ TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
 }
 
 TEST(Trainer, NonFiniteStepIsSkippedWhenAskedAndTheRunGoesOn) {
-  Rng rng(test_seed());
-  model::Llama m = nan_model(rng);
-  const std::vector<float> before(m.params().begin(), m.params().end());
-  ReplaySource source(random_rows(rng, 4, m.config().vocab_size));
+  NanRun run;
+  auto& [m, before, source] = run;
   TrainConfig cfg = probe_config(4, 1, 1e-8f, 0.0f);
   cfg.steps = 3;
   cfg.on_nonfinite = NonFinitePolicy::skip;
