@@ -927,25 +927,17 @@ def _(ws):
     return Run(train(ws, m, data=data, out=out) + ["--force"], ["--out", "contains --data"], preserve=[m, out])
 
 
-@case("data_prepare_force_out_is_the_data_folder")
-def _(ws):
-    m = ws.model()
-    d = data_folder(ws)
-    return Run(prepare(ws, m, d, "--force"), ["--out", "is the --data"], preserve=[m, d])
-
-
-@case("data_prepare_force_out_is_the_data_parent")
-def _(ws):
-    m = ws.model()
-    data_folder(ws)
-    return Run(prepare(ws, m, ws.case_dir, "--force"), ["--out", "contains --data"], preserve=[m, ws.case_dir])
-
-
-@case("data_prepare_force_out_is_the_model")
-def _(ws):
-    m = ws.model()
-    d = data_folder(ws)
-    return Run(prepare(ws, m, m, "--force"), ["--out", "is the --model"], preserve=[m, d])
+# data prepare --force never clears a folder that holds one of its inputs: out_of(ws, model,
+# data) is the --out given.
+for name, out_of, needle in (("data_folder", lambda ws, m, d: d, "is the --data"),
+                             ("data_parent", lambda ws, m, d: ws.case_dir, "contains --data"),
+                             ("model", lambda ws, m, d: m, "is the --model")):
+    @case(f"data_prepare_force_out_is_the_{name}")
+    def _(ws, out_of=out_of, needle=needle):
+        m = ws.model()
+        d = data_folder(ws)
+        out = out_of(ws, m, d)
+        return Run(prepare(ws, m, out, "--force"), ["--out", needle], preserve=[m, d, out])
 
 
 @case("data_prepare_out_inside_the_model_via_dotdot")
