@@ -23,6 +23,25 @@ def run(cmd, env):
     return proc.stdout
 
 
+def rank_pids(out_dir):
+    """pid -> rank of the running ranks of the `flotilla train` job writing into out_dir;
+    other jobs, this test's or anyone's, may run beside it."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        # A rank still in the `sh -c` that starts it late (interrupt_test's startup case) is not one yet.
+        if (out_dir.encode() in cmd and b"train" in cmd and b"OMPI_COMM_WORLD_RANK" in env
+                and os.path.basename(cmd[0]) != b"sh"):
+            found[int(pid)] = int(env[b"OMPI_COMM_WORLD_RANK"])
+    return found
+
+
 def launch(cmd, env):
     """Starts cmd in its own process group (so that a hang can be killed whole), its stderr
     merged into stdout."""

@@ -19,30 +19,10 @@ import sys
 import tempfile
 import time
 
-from dist_util import finish, launch, mpi_env, summary
+from dist_util import finish, launch, mpi_env, rank_pids, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
-
-
-def rank_pids(flotilla):
-    """pid -> rank of the running flotilla ranks (from OMPI_COMM_WORLD_RANK)."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            if not cmd or os.path.basename(cmd[0].decode(errors="replace")) != os.path.basename(flotilla):
-                continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            if b"OMPI_COMM_WORLD_RANK" in env:
-                out[int(pid)] = int(env[b"OMPI_COMM_WORLD_RANK"])
-        except OSError:
-            continue
-    return out
 
 
 def main():
@@ -70,7 +50,7 @@ def main():
             victim = None
             while time.time() - started < 60 and victim is None:  # wait until both ranks train
                 time.sleep(1.0)
-                pids = rank_pids(args.flotilla)
+                pids = rank_pids(out_dir)
                 if len(pids) == 2 and os.path.exists(out_dir) and time.time() - started > 4:
                     victim = next(p for p, r in pids.items() if r == 1)
             if victim is None:

@@ -23,27 +23,10 @@ import sys
 import tempfile
 import time
 
-from dist_util import finish, launch, mpi_env, summary
+from dist_util import finish, launch, mpi_env, rank_pids, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
-
-
-def rank_pids(out_dir):
-    """pid -> rank of the running ranks of the job writing into out_dir (other jobs may run
-    beside this test)."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-        except OSError:
-            continue
-        if out_dir.encode() in cmd and b"train" in cmd and b"OMPI_COMM_WORLD_RANK" in env and b"sh" not in cmd[0]:
-            found[int(pid)] = int(env[b"OMPI_COMM_WORLD_RANK"])
-    return found
 
 
 def resume(mpirun, train, latest, env):
