@@ -150,16 +150,14 @@ std::string verify_file(const fs::path& dir, const std::string& name, const nloh
     return fmt::format("{}: {} bytes, the manifest says {}{}", name, have_bytes, want_bytes,
                        have_bytes < want_bytes ? " (truncated)" : "");
   try {
-    const MappedFile file(path);
-    const std::string have_crc = crc32c_hex(crc32c(file.bytes()));
+    const std::string have_crc = crc32c_hex(crc32c_file(path).crc32c);
     if (have_crc != entry["crc32c"].get<std::string>())
       return fmt::format("{}: CRC-32C {} does not match the manifest's {} (corrupted)", name, have_crc,
                          entry["crc32c"].get<std::string>());
     if (name.ends_with(".safetensors")) {
       const io::SafetensorsFile st(path);
     } else if (name.ends_with(".json")) {
-      const std::string_view text(reinterpret_cast<const char*>(file.bytes().data()), file.size());
-      if (!nlohmann::json::accept(text)) return name + ": not valid JSON";
+      if (!nlohmann::json::accept(read_text_file(path))) return name + ": not valid JSON";
     }
   } catch (const Error& e) {
     return name + ": " + e.what();
@@ -218,9 +216,8 @@ fs::path write_checkpoint(const fs::path& checkpoints_dir, const CheckpointConte
                                     std::string(kCheckpointStateFile), std::string(kCheckpointConfigFile)};
   names.insert(names.end(), contents.extra_files.begin(), contents.extra_files.end());
   for (const std::string& file : names) {
-    const MappedFile mapped(tmp_dir / file);
-    files[std::string(file)] = {{"bytes", static_cast<uint64_t>(mapped.size())},
-                                {"crc32c", crc32c_hex(crc32c(mapped.bytes()))}};
+    const FileChecksum sum = crc32c_file(tmp_dir / file);
+    files[std::string(file)] = {{"bytes", sum.bytes}, {"crc32c", crc32c_hex(sum.crc32c)}};
   }
   const nlohmann::json manifest = {{"format", std::string(kManifestFormat)},
                                    {"version", kFormatVersion},
