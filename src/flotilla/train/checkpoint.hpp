@@ -1,12 +1,7 @@
 // Checkpoints: a folder per optimizer step from which a run resumes exactly where it
-// stopped, bit for bit.
-//
-// Vocabulary:
-//   checkpoints folder  OUT/checkpoints: the step folders and the `latest` pointer
-//   step folder         step-000120/ (the step, at least six digits): one checkpoint,
-//                       never modified once it has its name
-//   latest              a text file "step-000120\n" naming the newest complete step folder
-//   manifest            step-N/manifest.json: byte size and CRC-32C of every other file
+// stopped, bit for bit. The folders are io/checkpoint_store.hpp's step folders (crash-safe
+// writing, manifest, `latest`, keep-N, where to resume); this file says what a training
+// checkpoint holds in one.
 //
 // A step folder holds:
 //   weights.safetensors    the trainable tensors (F32): every parameter of the model, or
@@ -21,14 +16,7 @@
 //   config.json            the training configuration, for the record and for comparison
 //   adapter_model.safetensors, adapter_config.json
 //                          LoRA runs: the adapters in PEFT layout (CheckpointContents::extra_files)
-//   manifest.json          {"format": "flotilla-checkpoint-manifest", "version": 1, "step",
-//                           "files": {"<file>": {"bytes": n, "crc32c": "8 hex digits"}}}
-//
-// Writing is crash-safe: the files go into step-N.tmp-<pid>/, each fsynced, the manifest
-// last; the folder is renamed to step-N and the checkpoints folder fsynced; only then is
-// `latest` replaced (atomically). A kill at any moment leaves `latest` naming a complete
-// checkpoint, or absent. Leftover tmp folders are never read, and are removed by the next
-// save or resume.
+//   manifest.json          the store's: byte size and CRC-32C of every file above
 #pragma once
 
 #include <cstddef>
@@ -44,14 +32,14 @@
 
 #include <nlohmann/json.hpp>
 
-#include "flotilla/base/crc32c.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/data/text_dataset.hpp"
+#include "flotilla/io/checkpoint_store.hpp"
 #include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
 
-// ---- Generic checkpoint folders -------------------------------------------------------
+// ---- A checkpoint's files -------------------------------------------------------------
 
 // A float32 tensor that a checkpoint saves from, or restores into, in place.
 struct CheckpointTensor {
@@ -78,16 +66,10 @@ inline constexpr std::string_view kCheckpointWeightsFile = "weights.safetensors"
 inline constexpr std::string_view kCheckpointOptimizerFile = "optimizer.safetensors";
 inline constexpr std::string_view kCheckpointStateFile = "trainer_state.json";
 inline constexpr std::string_view kCheckpointConfigFile = "config.json";
-inline constexpr std::string_view kCheckpointManifestFile = "manifest.json";
-inline constexpr std::string_view kCheckpointLatestFile = "latest";
 
-// "step-000120"; and back (nullopt for any other name, tmp folders included).
-std::string checkpoint_dir_name(int64_t step);
-std::optional<int64_t> parse_checkpoint_dir_name(std::string_view name);
-
-// Writes `contents` as checkpoints_dir/step-N (created with its parents; an existing
-// step-N is replaced), points `latest` at it and keeps the `keep` newest step folders
-// (keep <= 0: all). Returns the step folder.
+// Writes `contents` as the store's step folder checkpoints_dir/step-N (created with its
+// parents; an existing step-N is replaced), points `latest` at it and keeps the `keep`
+// newest step folders (keep <= 0: all). Returns the step folder.
 std::filesystem::path write_checkpoint(const std::filesystem::path& checkpoints_dir,
                                        const CheckpointContents& contents, int keep);
 
@@ -96,18 +78,10 @@ std::filesystem::path write_checkpoint(const std::filesystem::path& checkpoints_
 // line naming the file and what is wrong with it.
 std::string verify_checkpoint(const std::filesystem::path& step_dir);
 
-struct ResumePoint {
-  std::filesystem::path dir;          // the step folder to resume from
-  int64_t step = 0;
-  std::vector<std::string> skipped;   // one line per unusable candidate tried before it
-};
-
-// Where to resume. `path` is a run's output folder (holding checkpoints/), a checkpoints
-// folder, or one step folder. In a checkpoints folder the step folder named by `latest`
-// is tried first, then every step folder from the highest step down, until one verifies;
-// each one skipped (and a missing or dangling `latest`) adds a line to `skipped`.
-// A step folder named directly must verify. InputError when nothing usable is found.
-ResumePoint find_resume_point(const std::filesystem::path& path);
+// Where to resume: io::find_resume_point with the four files above required of every step
+// folder. `path` is a run's output folder (holding checkpoints/), a checkpoints folder, or
+// one step folder. InputError when nothing usable is found.
+io::ResumePoint find_resume_point(const std::filesystem::path& path);
 
 // Reads the checkpoint in `step_dir` into `into`: its tensors are copied into the spans
 // of into.weights and into.optimizer, whose names and shapes must be exactly those in the

@@ -428,7 +428,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   Trainer trainer(model, job.train, job.dp, trace.get());
   const nlohmann::json config = train_job_config_json(job);
   if (!job.resume_from.empty()) {
-    const ResumePoint point = find_resume_point(job.resume_from);
+    const io::ResumePoint point = find_resume_point(job.resume_from);
     for (const std::string& why : point.skipped) info("checkpoint: skipping " + why);
     const nlohmann::json saved_config = restore_training_state(point.dir, trainer, *train_source);
     info(fmt::format("resumed from {} at step {}", point.dir.string(), point.step));
