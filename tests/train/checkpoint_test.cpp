@@ -3,6 +3,7 @@
 // bit (raw-text windows and the prepared-data batch sampler); a damaged newest checkpoint
 // is reported in one line and the previous good one is used; crash leftovers are ignored.
 #include "flotilla/train/checkpoint.hpp"
+#include "flotilla/train/training_state.hpp"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

@@ -1,7 +1,8 @@
 // Checkpoints: a folder per optimizer step from which a run resumes exactly where it
 // stopped, bit for bit. The folders are io/checkpoint_store.hpp's step folders (crash-safe
 // writing, manifest, `latest`, keep-N, where to resume); this file says what a training
-// checkpoint holds in one.
+// checkpoint holds in one. train/training_state.hpp captures a Trainer into these files
+// and restores it from them.
 //
 // A step folder holds:
 //   weights.safetensors    the trainable tensors (F32): every parameter of the model, or
@@ -23,8 +24,6 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
-#include <map>
-#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -32,10 +31,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "flotilla/base/rng.hpp"
-#include "flotilla/data/text_dataset.hpp"
 #include "flotilla/io/checkpoint_store.hpp"
-#include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
 
@@ -90,37 +86,8 @@ io::ResumePoint find_resume_point(const std::filesystem::path& path);
 // Call verify_checkpoint first: this checks structure, not checksums.
 void read_checkpoint(const std::filesystem::path& step_dir, CheckpointContents& into);
 
-// ---- A Trainer's checkpoint ------------------------------------------------------------
-
-// Named random streams saved beside the data source's state and the model's dropout
-// counter. A stream is restored by name; a checkpoint and a run must have the same names.
-using RngStreams = std::map<std::string, Rng*>;
-
-// The training configuration as JSON (the "train" part of a checkpoint's config.json).
-nlohmann::json train_config_json(const TrainConfig& cfg);
-
-// What resuming `trainer` needs, as views into its buffers: the trainable tensors (every
-// parameter, or the LoRA adapters), AdamW's moments and step, the step and elapsed time,
-// the schedule position, `source`'s state, the model's dropout counter, the `rngs`, and
-// `config` for config.json. Under ZeRO the moments are Trainer::whole_moments(): every rank
-// calls Trainer::gather_moments() first.
-CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
-                                          nlohmann::json config, const RngStreams& rngs = {});
-
-// capture_training_state + write_checkpoint.
-std::filesystem::path save_training_checkpoint(const std::filesystem::path& checkpoints_dir, Trainer& trainer,
-                                               const data::BatchSource& source, nlohmann::json config,
-                                               int keep, const RngStreams& rngs = {});
-
-// Restores `trainer` (parameters, optimizer, step, elapsed time), `source` and `rngs` from
-// the checkpoint in `step_dir`, so that training continues as if it had never stopped.
-// The trainer's model must have the checkpoint's tensors (InputError naming the file
-// otherwise). Returns the checkpoint's config.json.
-nlohmann::json restore_training_state(const std::filesystem::path& step_dir, Trainer& trainer,
-                                      data::BatchSource& source, const RngStreams& rngs = {});
-
-// "train.steps: 100 -> 200" for every leaf that differs between two configuration JSONs
-// (keys present in only one included), in key order.
-std::vector<std::string> config_differences(const nlohmann::json& saved, const nlohmann::json& current);
+// The step folder's trainer_state.json, parsed (InputError naming it when it is not JSON):
+// what a restore checks before read_checkpoint overwrites anything.
+nlohmann::json read_checkpoint_state(const std::filesystem::path& step_dir);
 
 }  // namespace flotilla::train

@@ -27,7 +27,7 @@
 #include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
-#include "flotilla/train/checkpoint.hpp"
+#include "flotilla/train/training_state.hpp"
 #include "flotilla/train/report.hpp"
 
 namespace flotilla::train {
