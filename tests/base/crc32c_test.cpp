@@ -3,9 +3,14 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <string_view>
 #include <vector>
 
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
 #include "flotilla/base/rng.hpp"
 #include "../test_seed.hpp"
 
@@ -40,6 +45,44 @@ TEST(Crc32c, HardwareAndTablesAgreeAndChain) {
     const size_t cut = len == 0 ? 0 : rng.below(len);
     EXPECT_EQ(crc32c(s.subspan(cut), crc32c(s.first(cut))), crc32c(s));
   }
+}
+
+// A file's checksum, read in pieces, is the checksum of its bytes in one piece, for files
+// shorter than a piece, a whole number of pieces and one piece more (the last one short).
+TEST(Crc32cFile, EqualsTheChecksumOfTheBytesForAnyChunkSize) {
+  Rng rng(test_seed());
+  const std::filesystem::path path =
+      std::filesystem::temp_directory_path() / ("flotilla_crc32c_file_" + std::to_string(::getpid()));
+  for (const size_t size : {size_t{0}, size_t{1}, size_t{7}, size_t{64}, size_t{65}, size_t{4096 + 3}}) {
+    std::vector<std::byte> bytes(size);
+    for (std::byte& b : bytes) b = static_cast<std::byte>(rng.below(256));
+    write_file_atomic(path, bytes);
+    for (const size_t chunk : {size_t{1}, size_t{8}, size_t{64}, size_t{1000}, size_t{1} << 20}) {
+      const FileChecksum sum = crc32c_file(path, chunk);
+      EXPECT_EQ(sum.bytes, size) << "size " << size << " chunk " << chunk;
+      EXPECT_EQ(sum.crc32c, crc32c(bytes)) << "size " << size << " chunk " << chunk;
+    }
+    // read_file_chunks hands on full pieces, the last one alone short.
+    std::vector<size_t> pieces;
+    read_file_chunks(path, 64, [&](std::span<const std::byte> piece) { pieces.push_back(piece.size()); });
+    ASSERT_EQ(pieces.size(), (size + 63) / 64) << "size " << size;
+    for (size_t i = 0; i + 1 < pieces.size(); ++i) EXPECT_EQ(pieces[i], 64u);
+    if (!pieces.empty()) EXPECT_EQ(pieces.back(), size - 64 * (pieces.size() - 1));
+  }
+  EXPECT_EQ(crc32c_file(path).crc32c, crc32c(MappedFile(path).bytes()));
+  std::filesystem::remove(path);
+}
+
+TEST(Crc32cFile, WhatIsNotAReadableFileIsAnInputErrorNamingIt) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path();
+  try {
+    crc32c_file(dir);
+    FAIL() << "a directory was checksummed";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(dir.string() + ": is a directory, expected a file"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(crc32c_file(dir / "flotilla_no_such_file_for_crc32c"), InputError);
 }
 
 }  // namespace

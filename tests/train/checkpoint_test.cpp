@@ -3,6 +3,7 @@
 // bit (raw-text windows and the prepared-data batch sampler); a damaged newest checkpoint
 // is reported in one line and the previous good one is used; crash leftovers are ignored.
 #include "flotilla/train/checkpoint.hpp"
+#include "flotilla/train/training_state.hpp"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -150,7 +151,7 @@ void check_exact_resume(uint64_t seed, int64_t k, MakeSource make_source) {
   model_c.init_random(seed + 1);  // overwritten by the checkpoint
   auto source_c = make_source(seed + 1);  // its state too
   Trainer c(model_c, cfg);
-  const ResumePoint point = find_resume_point(dir.path());
+  const io::ResumePoint point = find_resume_point(dir.path());
   EXPECT_TRUE(point.skipped.empty());
   ASSERT_EQ(point.step, k);
   const nlohmann::json saved_config = restore_training_state(point.dir, c, *source_c);
@@ -201,7 +202,7 @@ struct SavedRun {
       save_training_checkpoint(checkpoints, trainer, source, {}, keep);
     }
   }
-  fs::path step_dir(int64_t step) const { return checkpoints / checkpoint_dir_name(step); }
+  fs::path step_dir(int64_t step) const { return checkpoints / io::checkpoint_dir_name(step); }
 
   TempDir dir;
   fs::path checkpoints;
@@ -250,7 +251,7 @@ TEST(CheckpointFolders, LayoutManifestAndLatest) {
   EXPECT_EQ(verify_checkpoint(run.step_dir(2)), "");
   // No temporary folder is left behind.
   for (const auto& e : fs::directory_iterator(run.checkpoints))
-    EXPECT_TRUE(e.path().filename() == "latest" || parse_checkpoint_dir_name(e.path().filename().string()))
+    EXPECT_TRUE(e.path().filename() == "latest" || io::parse_checkpoint_dir_name(e.path().filename().string()))
         << e.path();
 }
 
@@ -266,7 +267,7 @@ TEST(CheckpointFolders, CorruptWeightsFallBackToThePreviousCheckpoint) {
   SavedRun run("corrupt", 3);
   const fs::path weights = run.step_dir(3) / "weights.safetensors";
   flip_byte(weights, fs::file_size(weights) - 5);  // a byte of tensor data, not the header
-  const ResumePoint point = find_resume_point(run.dir.path());
+  const io::ResumePoint point = find_resume_point(run.dir.path());
   EXPECT_EQ(point.step, 2);
   EXPECT_EQ(point.dir, run.step_dir(2));
   ASSERT_EQ(point.skipped.size(), 1u);
@@ -288,7 +289,7 @@ TEST(CheckpointFolders, TruncatedFileFallsBack) {
   SavedRun run("truncated", 3);
   const fs::path optimizer = run.step_dir(3) / "optimizer.safetensors";
   fs::resize_file(optimizer, fs::file_size(optimizer) / 2);
-  const ResumePoint point = find_resume_point(run.dir.path());
+  const io::ResumePoint point = find_resume_point(run.dir.path());
   EXPECT_EQ(point.step, 2);
   ASSERT_EQ(point.skipped.size(), 1u);
   EXPECT_TRUE(contains(point.skipped[0], "optimizer.safetensors")) << point.skipped[0];
@@ -298,7 +299,7 @@ TEST(CheckpointFolders, TruncatedFileFallsBack) {
 TEST(CheckpointFolders, MissingManifestFallsBack) {
   SavedRun run("no_manifest", 2);
   fs::remove(run.step_dir(2) / "manifest.json");
-  const ResumePoint point = find_resume_point(run.dir.path());
+  const io::ResumePoint point = find_resume_point(run.dir.path());
   EXPECT_EQ(point.step, 1);
   ASSERT_EQ(point.skipped.size(), 1u);
   EXPECT_TRUE(contains(point.skipped[0], "manifest.json: missing")) << point.skipped[0];
@@ -310,7 +311,7 @@ TEST(CheckpointFolders, LeftoverTmpFolderIsIgnoredAndRemoved) {
   const fs::path tmp = run.checkpoints / "step-000003.tmp-99999";
   fs::copy(run.step_dir(2), tmp);
   flip_byte(tmp / "weights.safetensors", 100);
-  const ResumePoint point = find_resume_point(run.dir.path());
+  const io::ResumePoint point = find_resume_point(run.dir.path());
   EXPECT_EQ(point.step, 2);
   EXPECT_TRUE(point.skipped.empty());
   EXPECT_FALSE(fs::exists(tmp));
@@ -319,7 +320,7 @@ TEST(CheckpointFolders, LeftoverTmpFolderIsIgnoredAndRemoved) {
 TEST(CheckpointFolders, LatestNamingAMissingFolderFallsBack) {
   SavedRun run("dangling_latest", 2);
   write_file_atomic(run.checkpoints / "latest", std::string_view("step-000009\n"));
-  const ResumePoint point = find_resume_point(run.dir.path());
+  const io::ResumePoint point = find_resume_point(run.dir.path());
   EXPECT_EQ(point.step, 2);
   ASSERT_EQ(point.skipped.size(), 1u);
   EXPECT_TRUE(contains(point.skipped[0], "latest: names step-000009, which does not exist")) << point.skipped[0];

@@ -10,6 +10,8 @@
 
 #include <fmt/format.h>
 
+#include "flotilla/base/file.hpp"
+
 namespace flotilla {
 namespace {
 
@@ -69,6 +71,13 @@ uint32_t crc32c(std::span<const std::byte> data, uint32_t crc) {
 #else
 uint32_t crc32c(std::span<const std::byte> data, uint32_t crc) { return crc32c_portable(data, crc); }
 #endif
+
+FileChecksum crc32c_file(const std::filesystem::path& path, size_t chunk_bytes) {
+  FileChecksum sum;
+  sum.bytes = read_file_chunks(path, chunk_bytes,
+                               [&](std::span<const std::byte> piece) { sum.crc32c = crc32c(piece, sum.crc32c); });
+  return sum;
+}
 
 std::string crc32c_hex(uint32_t crc) { return fmt::format("{:08x}", crc); }
 

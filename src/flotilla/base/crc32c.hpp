@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <span>
 #include <string>
 
@@ -14,6 +15,15 @@ namespace flotilla {
 uint32_t crc32c(std::span<const std::byte> data, uint32_t crc = 0);
 // The table-driven version (slicing by 8), identical results on every machine.
 uint32_t crc32c_portable(std::span<const std::byte> data, uint32_t crc = 0);
+// A whole file's length and CRC-32C, read in pieces of `chunk_bytes` (base/file.hpp's
+// read_file_chunks: memory stays bounded whatever the file's size). Each piece continues
+// the checksum of those before it, so the result does not depend on `chunk_bytes`, which
+// exists for tests. InputError naming the file when it cannot be read.
+struct FileChecksum {
+  uint64_t bytes = 0;
+  uint32_t crc32c = 0;
+};
+FileChecksum crc32c_file(const std::filesystem::path& path, size_t chunk_bytes = size_t{1} << 20);
 // "e3069283": eight lower-case hex digits, as manifests and indexes record it.
 std::string crc32c_hex(uint32_t crc);
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -128,6 +129,37 @@ std::string read_text_file(const std::filesystem::path& path) {
   ::close(fd);
   text.resize(done);
   return text;
+}
+
+uint64_t read_file_chunks(const std::filesystem::path& path, size_t chunk_bytes,
+                          const std::function<void(std::span<const std::byte>)>& consume) {
+  if (chunk_bytes == 0) throw Error(kComponent, "read_file_chunks needs a chunk of at least one byte");
+  struct stat st {};
+  const int fd = open_regular_file(path, st);
+  struct CloseOnExit {
+    int fd;
+    ~CloseOnExit() { ::close(fd); }
+  } closer{fd};
+  std::vector<std::byte> chunk(chunk_bytes);
+  uint64_t total = 0;
+  // A chunk is handed on only once full (or at the end of the file): short reads of a
+  // pipe-backed filesystem never change the pieces `consume` sees.
+  size_t filled = 0;
+  for (;;) {
+    const ssize_t n = ::read(fd, chunk.data() + filled, chunk.size() - filled);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw InputError(kComponent, sys_message(path, "read failed"));
+    }
+    filled += static_cast<size_t>(n);
+    if (n == 0 || filled == chunk.size()) {
+      if (filled > 0) consume(std::span<const std::byte>(chunk.data(), filled));
+      total += filled;
+      filled = 0;
+      if (n == 0) break;
+    }
+  }
+  return total;
 }
 
 AtomicFileWriter::AtomicFileWriter(std::filesystem::path path) : path_(std::move(path)) {

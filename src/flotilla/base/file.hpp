@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -37,6 +38,13 @@ class MappedFile {
 // not a regular file ("is a directory, expected a file"; a FIFO is refused without waiting
 // for a writer), or when it does not fit in memory.
 std::string read_text_file(const std::filesystem::path& path);
+
+// Reads a regular file front to back in pieces of at most `chunk_bytes` (> 0), handing each
+// to `consume` in order, and returns the bytes read: memory stays bounded whatever the
+// file's size. Refuses what MappedFile refuses, in the same words; a read error is an
+// InputError naming the file.
+uint64_t read_file_chunks(const std::filesystem::path& path, size_t chunk_bytes,
+                          const std::function<void(std::span<const std::byte>)>& consume);
 
 // Writes `data` to `path` atomically: a temporary file in the same directory, fsync,
 // rename over `path`, fsync of the directory. A crash leaves either the old file or the

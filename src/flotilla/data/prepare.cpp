@@ -124,7 +124,7 @@ class SplitWriter {
     entry.tokens = writer_->num_tokens();
     entry.bytes = writer_->write(dir_ / entry.file);
     // What is on disk, read back (as checkpoints do), rather than what we meant to write.
-    entry.crc32c = crc32c(MappedFile(dir_ / entry.file).bytes());
+    entry.crc32c = crc32c_file(dir_ / entry.file).crc32c;
     index_.shards.push_back(std::move(entry));
     writer_.reset();
   }

@@ -1,12 +1,8 @@
 // Checkpoints: a folder per optimizer step from which a run resumes exactly where it
-// stopped, bit for bit.
-//
-// Vocabulary:
-//   checkpoints folder  OUT/checkpoints: the step folders and the `latest` pointer
-//   step folder         step-000120/ (the step, at least six digits): one checkpoint,
-//                       never modified once it has its name
-//   latest              a text file "step-000120\n" naming the newest complete step folder
-//   manifest            step-N/manifest.json: byte size and CRC-32C of every other file
+// stopped, bit for bit. The folders are io/checkpoint_store.hpp's step folders (crash-safe
+// writing, manifest, `latest`, keep-N, where to resume); this file says what a training
+// checkpoint holds in one. train/training_state.hpp captures a Trainer into these files
+// and restores it from them.
 //
 // A step folder holds:
 //   weights.safetensors    the trainable tensors (F32): every parameter of the model, or
@@ -21,22 +17,13 @@
 //   config.json            the training configuration, for the record and for comparison
 //   adapter_model.safetensors, adapter_config.json
 //                          LoRA runs: the adapters in PEFT layout (CheckpointContents::extra_files)
-//   manifest.json          {"format": "flotilla-checkpoint-manifest", "version": 1, "step",
-//                           "files": {"<file>": {"bytes": n, "crc32c": "8 hex digits"}}}
-//
-// Writing is crash-safe: the files go into step-N.tmp-<pid>/, each fsynced, the manifest
-// last; the folder is renamed to step-N and the checkpoints folder fsynced; only then is
-// `latest` replaced (atomically). A kill at any moment leaves `latest` naming a complete
-// checkpoint, or absent. Leftover tmp folders are never read, and are removed by the next
-// save or resume.
+//   manifest.json          the store's: byte size and CRC-32C of every file above
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
-#include <map>
-#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -44,14 +31,11 @@
 
 #include <nlohmann/json.hpp>
 
-#include "flotilla/base/crc32c.hpp"
-#include "flotilla/base/rng.hpp"
-#include "flotilla/data/text_dataset.hpp"
-#include "flotilla/train/trainer.hpp"
+#include "flotilla/io/checkpoint_store.hpp"
 
 namespace flotilla::train {
 
-// ---- Generic checkpoint folders -------------------------------------------------------
+// ---- A checkpoint's files -------------------------------------------------------------
 
 // A float32 tensor that a checkpoint saves from, or restores into, in place.
 struct CheckpointTensor {
@@ -78,16 +62,10 @@ inline constexpr std::string_view kCheckpointWeightsFile = "weights.safetensors"
 inline constexpr std::string_view kCheckpointOptimizerFile = "optimizer.safetensors";
 inline constexpr std::string_view kCheckpointStateFile = "trainer_state.json";
 inline constexpr std::string_view kCheckpointConfigFile = "config.json";
-inline constexpr std::string_view kCheckpointManifestFile = "manifest.json";
-inline constexpr std::string_view kCheckpointLatestFile = "latest";
 
-// "step-000120"; and back (nullopt for any other name, tmp folders included).
-std::string checkpoint_dir_name(int64_t step);
-std::optional<int64_t> parse_checkpoint_dir_name(std::string_view name);
-
-// Writes `contents` as checkpoints_dir/step-N (created with its parents; an existing
-// step-N is replaced), points `latest` at it and keeps the `keep` newest step folders
-// (keep <= 0: all). Returns the step folder.
+// Writes `contents` as the store's step folder checkpoints_dir/step-N (created with its
+// parents; an existing step-N is replaced), points `latest` at it and keeps the `keep`
+// newest step folders (keep <= 0: all). Returns the step folder.
 std::filesystem::path write_checkpoint(const std::filesystem::path& checkpoints_dir,
                                        const CheckpointContents& contents, int keep);
 
@@ -96,18 +74,10 @@ std::filesystem::path write_checkpoint(const std::filesystem::path& checkpoints_
 // line naming the file and what is wrong with it.
 std::string verify_checkpoint(const std::filesystem::path& step_dir);
 
-struct ResumePoint {
-  std::filesystem::path dir;          // the step folder to resume from
-  int64_t step = 0;
-  std::vector<std::string> skipped;   // one line per unusable candidate tried before it
-};
-
-// Where to resume. `path` is a run's output folder (holding checkpoints/), a checkpoints
-// folder, or one step folder. In a checkpoints folder the step folder named by `latest`
-// is tried first, then every step folder from the highest step down, until one verifies;
-// each one skipped (and a missing or dangling `latest`) adds a line to `skipped`.
-// A step folder named directly must verify. InputError when nothing usable is found.
-ResumePoint find_resume_point(const std::filesystem::path& path);
+// Where to resume: io::find_resume_point with the four files above required of every step
+// folder. `path` is a run's output folder (holding checkpoints/), a checkpoints folder, or
+// one step folder. InputError when nothing usable is found.
+io::ResumePoint find_resume_point(const std::filesystem::path& path);
 
 // Reads the checkpoint in `step_dir` into `into`: its tensors are copied into the spans
 // of into.weights and into.optimizer, whose names and shapes must be exactly those in the
@@ -116,37 +86,8 @@ ResumePoint find_resume_point(const std::filesystem::path& path);
 // Call verify_checkpoint first: this checks structure, not checksums.
 void read_checkpoint(const std::filesystem::path& step_dir, CheckpointContents& into);
 
-// ---- A Trainer's checkpoint ------------------------------------------------------------
-
-// Named random streams saved beside the data source's state and the model's dropout
-// counter. A stream is restored by name; a checkpoint and a run must have the same names.
-using RngStreams = std::map<std::string, Rng*>;
-
-// The training configuration as JSON (the "train" part of a checkpoint's config.json).
-nlohmann::json train_config_json(const TrainConfig& cfg);
-
-// What resuming `trainer` needs, as views into its buffers: the trainable tensors (every
-// parameter, or the LoRA adapters), AdamW's moments and step, the step and elapsed time,
-// the schedule position, `source`'s state, the model's dropout counter, the `rngs`, and
-// `config` for config.json. Under ZeRO the moments are Trainer::whole_moments(): every rank
-// calls Trainer::gather_moments() first.
-CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
-                                          nlohmann::json config, const RngStreams& rngs = {});
-
-// capture_training_state + write_checkpoint.
-std::filesystem::path save_training_checkpoint(const std::filesystem::path& checkpoints_dir, Trainer& trainer,
-                                               const data::BatchSource& source, nlohmann::json config,
-                                               int keep, const RngStreams& rngs = {});
-
-// Restores `trainer` (parameters, optimizer, step, elapsed time), `source` and `rngs` from
-// the checkpoint in `step_dir`, so that training continues as if it had never stopped.
-// The trainer's model must have the checkpoint's tensors (InputError naming the file
-// otherwise). Returns the checkpoint's config.json.
-nlohmann::json restore_training_state(const std::filesystem::path& step_dir, Trainer& trainer,
-                                      data::BatchSource& source, const RngStreams& rngs = {});
-
-// "train.steps: 100 -> 200" for every leaf that differs between two configuration JSONs
-// (keys present in only one included), in key order.
-std::vector<std::string> config_differences(const nlohmann::json& saved, const nlohmann::json& current);
+// The step folder's trainer_state.json, parsed (InputError naming it when it is not JSON):
+// what a restore checks before read_checkpoint overwrites anything.
+nlohmann::json read_checkpoint_state(const std::filesystem::path& step_dir);
 
 }  // namespace flotilla::train

@@ -1,0 +1,297 @@
+#include "flotilla/io/checkpoint_store.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/base/crc32c.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/json_error.hpp"
+#include "flotilla/io/safetensors.hpp"
+
+namespace flotilla::io {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr std::string_view kComponent = "io/checkpoint_store";
+constexpr std::string_view kManifestFormat = "flotilla-checkpoint-manifest";
+constexpr int kManifestVersion = 1;
+
+// ---- Small file-system helpers ------------------------------------------------------------
+
+void fsync_dir(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw_errno(kComponent, "cannot open " + dir.string() + " to fsync it");
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  // Some filesystems refuse fsync on directories (EINVAL): nothing more can be done there.
+  if (rc != 0 && errno != EINVAL) throw_errno(kComponent, "fsync of " + dir.string() + " failed");
+}
+
+std::string trim(std::string s) {
+  const auto not_space = [](unsigned char ch) { return !std::isspace(ch); };
+  s.erase(s.begin(), std::find_if(s.begin(), s.end(), not_space));
+  s.erase(std::find_if(s.rbegin(), s.rend(), not_space).base(), s.end());
+  return s;
+}
+
+nlohmann::json read_json(const fs::path& path) {
+  try {
+    return nlohmann::json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
+  }
+}
+
+// "step-000120.tmp-4711" (a write in progress or killed), "step-000120.replaced-4711" (an
+// older folder of the same step, moved aside) and "latest.tmp.4711": never checkpoints.
+bool is_leftover_name(std::string_view name) {
+  if (name.starts_with("latest.tmp.")) return true;  // write_file_atomic's temporary for `latest`
+  const size_t dot = name.find('.');
+  if (dot == std::string_view::npos || !parse_checkpoint_dir_name(name.substr(0, dot))) return false;
+  const std::string_view rest = name.substr(dot + 1);
+  return rest.starts_with("tmp-") || rest.starts_with("replaced-");
+}
+
+void remove_leftovers(const fs::path& checkpoints_dir, const fs::path& keep) {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(checkpoints_dir, ec)) {
+    if (entry.path() == keep || !is_leftover_name(entry.path().filename().string())) continue;
+    std::error_code ignored;  // a folder we cannot remove is still never read
+    fs::remove_all(entry.path(), ignored);
+  }
+}
+
+// (step, folder) of every step folder, highest step first.
+std::vector<std::pair<int64_t, fs::path>> list_step_dirs(const fs::path& checkpoints_dir) {
+  std::vector<std::pair<int64_t, fs::path>> dirs;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(checkpoints_dir, ec)) {
+    if (!entry.is_directory(ec)) continue;
+    if (const auto step = parse_checkpoint_dir_name(entry.path().filename().string()))
+      dirs.emplace_back(*step, entry.path());
+  }
+  std::sort(dirs.begin(), dirs.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return dirs;
+}
+
+// One line about what is wrong with `name` in `dir` against its manifest entry; empty if
+// nothing is.
+std::string verify_file(const fs::path& dir, const std::string& name, const nlohmann::json& entry) {
+  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
+    return fmt::format("{}: lists a bad file name '{}'", kCheckpointManifestFile, name);
+  if (!entry.is_object() || !entry.contains("bytes") || !entry["bytes"].is_number_unsigned() ||
+      !entry.contains("crc32c") || !entry["crc32c"].is_string())
+    return fmt::format("{}: the entry of {} needs \"bytes\" and \"crc32c\"", kCheckpointManifestFile, name);
+  const fs::path path = dir / name;
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return name + ": missing";
+  const uint64_t want_bytes = entry["bytes"].get<uint64_t>();
+  const uint64_t have_bytes = fs::file_size(path, ec);
+  if (ec) return fmt::format("{}: cannot read its size: {}", name, ec.message());
+  if (have_bytes != want_bytes)
+    return fmt::format("{}: {} bytes, the manifest says {}{}", name, have_bytes, want_bytes,
+                       have_bytes < want_bytes ? " (truncated)" : "");
+  try {
+    const std::string have_crc = crc32c_hex(crc32c_file(path).crc32c);
+    if (have_crc != entry["crc32c"].get<std::string>())
+      return fmt::format("{}: CRC-32C {} does not match the manifest's {} (corrupted)", name, have_crc,
+                         entry["crc32c"].get<std::string>());
+    if (name.ends_with(".safetensors")) {
+      const SafetensorsFile st(path);
+    } else if (name.ends_with(".json")) {
+      if (!nlohmann::json::accept(read_text_file(path))) return name + ": not valid JSON";
+    }
+  } catch (const Error& e) {
+    return name + ": " + e.what();
+  }
+  return {};
+}
+
+}  // namespace
+
+std::string checkpoint_dir_name(int64_t step) { return fmt::format("step-{:06d}", step); }
+
+std::optional<int64_t> parse_checkpoint_dir_name(std::string_view name) {
+  constexpr std::string_view prefix = "step-";
+  if (!name.starts_with(prefix)) return std::nullopt;
+  const std::string_view digits = name.substr(prefix.size());
+  if (digits.size() < 6 || digits.size() > 18) return std::nullopt;
+  int64_t step = 0;
+  const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), step);
+  if (ec != std::errc() || end != digits.data() + digits.size()) return std::nullopt;
+  return step;
+}
+
+fs::path write_step_folder(const fs::path& checkpoints_dir, int64_t step, const StepFiles& files, int keep) {
+  if (step < 0) throw Error(kComponent, "cannot write a checkpoint of a negative step");
+  if (!fs::is_directory(checkpoints_dir)) {
+    fs::create_directories(checkpoints_dir);
+    fsync_dir(checkpoints_dir.has_parent_path() ? checkpoints_dir.parent_path() : fs::path("."));
+  }
+  const std::string name = checkpoint_dir_name(step);
+  const fs::path final_dir = checkpoints_dir / name;
+  const fs::path tmp_dir = checkpoints_dir / fmt::format("{}.tmp-{}", name, ::getpid());
+  remove_leftovers(checkpoints_dir, {});
+
+  // Removes the half-written folder if anything below throws.
+  struct TmpGuard {
+    fs::path dir;
+    ~TmpGuard() {
+      if (dir.empty()) return;
+      std::error_code ignored;
+      fs::remove_all(dir, ignored);
+    }
+  } guard{tmp_dir};
+  fs::create_directory(tmp_dir);
+
+  if (files.write) files.write(tmp_dir);
+  // The manifest checksums what is on disk, read back, rather than what we meant to write.
+  nlohmann::json listed = nlohmann::json::object();
+  for (const std::string& file : files.names) {
+    const FileChecksum sum = crc32c_file(tmp_dir / file);
+    listed[file] = {{"bytes", sum.bytes}, {"crc32c", crc32c_hex(sum.crc32c)}};
+  }
+  const nlohmann::json manifest = {{"format", std::string(kManifestFormat)},
+                                   {"version", kManifestVersion},
+                                   {"step", step},
+                                   {"files", listed}};
+  write_file_atomic(tmp_dir / kCheckpointManifestFile, manifest.dump(2) + "\n");
+
+  // A folder of this step from an earlier, abandoned history (or a corrupt one) is moved
+  // aside, not deleted first, so that some complete folder exists at every moment.
+  fs::path replaced;
+  if (fs::exists(final_dir)) {
+    replaced = checkpoints_dir / fmt::format("{}.replaced-{}", name, ::getpid());
+    fs::remove_all(replaced);
+    fs::rename(final_dir, replaced);
+  }
+  fs::rename(tmp_dir, final_dir);
+  guard.dir.clear();
+  fsync_dir(checkpoints_dir);
+  write_file_atomic(checkpoints_dir / kCheckpointLatestFile, name + "\n");
+  if (!replaced.empty()) fs::remove_all(replaced);
+
+  if (keep > 0) {
+    const auto dirs = list_step_dirs(checkpoints_dir);
+    for (size_t i = static_cast<size_t>(keep); i < dirs.size(); ++i)
+      if (dirs[i].second != final_dir) fs::remove_all(dirs[i].second);
+  }
+  return final_dir;
+}
+
+std::string verify_step_folder(const fs::path& step_dir, std::span<const std::string_view> required_files) {
+  const fs::path manifest_path = step_dir / kCheckpointManifestFile;
+  std::error_code ec;
+  if (!fs::is_regular_file(manifest_path, ec)) return std::string(kCheckpointManifestFile) + ": missing";
+  nlohmann::json manifest;
+  try {
+    manifest = nlohmann::json::parse(read_text_file(manifest_path));
+  } catch (const nlohmann::json::exception&) {
+    return std::string(kCheckpointManifestFile) + ": not valid JSON";
+  } catch (const Error& e) {
+    return std::string(kCheckpointManifestFile) + ": " + e.what();
+  }
+  // A manifest of the wrong shape is a damaged checkpoint, never an exception.
+  try {
+    if (!manifest.is_object() || !manifest.contains("format") || manifest["format"] != std::string(kManifestFormat) ||
+        !manifest.contains("files") || !manifest["files"].is_object() || !manifest.contains("step") ||
+        !manifest["step"].is_number_integer())
+      return std::string(kCheckpointManifestFile) + ": not a flotilla checkpoint manifest";
+    if (!manifest.contains("version") || manifest["version"] != kManifestVersion)
+      return fmt::format("{}: format version {}, this build reads {}", kCheckpointManifestFile,
+                         manifest.value("version", nlohmann::json()).dump(), kManifestVersion);
+    const auto folder_step = parse_checkpoint_dir_name(step_dir.filename().string());
+    if (folder_step && *folder_step != manifest["step"].get<int64_t>())
+      return fmt::format("{}: step {} does not match the folder's name", kCheckpointManifestFile,
+                         manifest["step"].get<int64_t>());
+    const nlohmann::json& files = manifest["files"];
+    for (std::string_view required : required_files)
+      if (!files.contains(std::string(required)))
+        return fmt::format("{}: does not list {}", kCheckpointManifestFile, required);
+    for (const auto& [name, entry] : files.items()) {
+      std::string problem = verify_file(step_dir, name, entry);
+      if (!problem.empty()) return problem;
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return fmt::format("{}: malformed: {}", kCheckpointManifestFile, json_error_text(e));
+  }
+  return {};
+}
+
+int64_t manifest_step(const fs::path& step_dir) {
+  const fs::path manifest_path = step_dir / kCheckpointManifestFile;
+  const nlohmann::json manifest = read_json(manifest_path);
+  if (!manifest.contains("step") || !manifest["step"].is_number_integer())
+    throw InputError(kComponent, manifest_path.string() + ": no integer \"step\"");
+  return manifest["step"].get<int64_t>();
+}
+
+ResumePoint find_resume_point(const fs::path& path, std::span<const std::string_view> required_files) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec))
+    throw InputError(kComponent, path.string() + ": no such folder to resume from");
+
+  // One step folder, named by the user: it must be good.
+  if (fs::is_regular_file(path / kCheckpointManifestFile, ec) || parse_checkpoint_dir_name(path.filename().string())) {
+    const std::string problem = verify_step_folder(path, required_files);
+    if (!problem.empty())
+      throw InputError(kComponent, fmt::format("{}: unusable checkpoint: {}", path.string(), problem));
+    return ResumePoint{path, manifest_step(path), {}};
+  }
+
+  fs::path checkpoints_dir = path / kCheckpointsDirName;
+  if (!fs::is_directory(checkpoints_dir, ec)) checkpoints_dir = path;
+  remove_leftovers(checkpoints_dir, {});
+  const auto dirs = list_step_dirs(checkpoints_dir);
+  const fs::path latest_path = checkpoints_dir / kCheckpointLatestFile;
+  if (dirs.empty() && !fs::exists(latest_path, ec))
+    throw InputError(kComponent, path.string() + ": no checkpoints to resume from (no checkpoints/ folder, "
+                                                 "`latest` or step-* folders)");
+
+  ResumePoint point;
+  std::vector<fs::path> candidates;
+  if (fs::is_regular_file(latest_path, ec)) {
+    std::string latest;
+    try {
+      latest = trim(read_text_file(latest_path));
+    } catch (const Error& e) {
+      point.skipped.push_back(std::string(kCheckpointLatestFile) + ": " + e.what());
+    }
+    if (!latest.empty() && !parse_checkpoint_dir_name(latest)) {
+      point.skipped.push_back(fmt::format("{}: '{}' is not a step folder's name", kCheckpointLatestFile, latest));
+    } else if (!latest.empty() && !fs::is_directory(checkpoints_dir / latest, ec)) {
+      point.skipped.push_back(fmt::format("{}: names {}, which does not exist", kCheckpointLatestFile, latest));
+    } else if (!latest.empty()) {
+      candidates.push_back(checkpoints_dir / latest);
+    }
+  } else {
+    point.skipped.push_back(fmt::format("{}: missing", kCheckpointLatestFile));
+  }
+  for (const auto& [step, dir] : dirs)
+    if (candidates.empty() || dir != candidates.front()) candidates.push_back(dir);
+
+  for (const fs::path& dir : candidates) {
+    const std::string problem = verify_step_folder(dir, required_files);
+    if (problem.empty()) {
+      point.dir = dir;
+      point.step = manifest_step(dir);
+      return point;
+    }
+    point.skipped.push_back(dir.filename().string() + "/" + problem);
+  }
+  std::string why;
+  for (const std::string& s : point.skipped) why += (why.empty() ? "" : "; ") + s;
+  throw InputError(kComponent, fmt::format("{}: no usable checkpoint ({})", checkpoints_dir.string(), why));
+}
+
+}  // namespace flotilla::io

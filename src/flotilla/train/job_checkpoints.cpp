@@ -1,0 +1,127 @@
+#include "flotilla/train/job_checkpoints.hpp"
+
+#include <cmath>
+#include <span>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/timer.hpp"
+#include "flotilla/io/checkpoint_store.hpp"
+#include "flotilla/train/job_model.hpp"
+#include "flotilla/train/training_state.hpp"
+
+namespace flotilla::train {
+namespace {
+
+bool all_finite(std::span<const float> values) {
+  for (const float v : values)
+    if (!std::isfinite(v)) return false;
+  return true;
+}
+
+}  // namespace
+
+JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Trainer& trainer, data::BatchSource& source,
+                               const model::LoraAdapters* adapters, nlohmann::json config, RunRecord& record,
+                               InfoSink info)
+    : job_(job),
+      ranks_(ranks),
+      trainer_(trainer),
+      source_(source),
+      adapters_(adapters),
+      config_(std::move(config)),
+      record_(record),
+      info_(std::move(info)),
+      dir_(job.out_dir / io::kCheckpointsDirName) {}
+
+void JobCheckpoints::resume() {
+  const io::ResumePoint point = find_resume_point(job_.resume_from);
+  for (const std::string& why : point.skipped) info_("checkpoint: skipping " + why);
+  const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_);
+  info_(fmt::format("resumed from {} at step {}", point.dir.string(), point.step));
+  std::string diffs;
+  for (const std::string& d : config_differences(saved_config, config_)) diffs += (diffs.empty() ? "" : ", ") + d;
+  if (!diffs.empty()) info_("resume: this run's configuration differs from the checkpoint's: " + diffs);
+  record_.continue_from(point.step);
+  record_.summary.resumed_from_step = point.step;
+}
+
+void JobCheckpoints::claim_folder() {
+  if (!job_.resume_from.empty()) return;
+  // --force says the folder's old contents may go: its checkpoints are another run's.
+  if (ranks_.root && job_.force && std::filesystem::exists(dir_)) {
+    std::filesystem::remove_all(dir_);
+    info_("checkpoints: removed the earlier run's " + dir_.string() + " (--force)");
+  }
+  if (job_.save_every > 0 && std::filesystem::exists(dir_ / io::kCheckpointLatestFile))
+    throw InputError("train", dir_.string() +
+                                  ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
+  // An earlier run's checkpoints (a fresh run with --save-every 0): a checkpoint taken on a
+  // stop signal must not join them. With --force rank 0 has removed them (the other ranks
+  // may still see them on a shared folder, so they decide by the flag).
+  foreign_ = !job_.force && std::filesystem::exists(dir_ / io::kCheckpointLatestFile);
+}
+
+void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
+  // Weights that are not finite are never saved over good ones. The loss and gradient
+  // checks keep non-finite values out of an update; this catches a finite update that
+  // overflowed (a huge --lr). Every rank holds the same weights here and stops alike.
+  if (all_finite(trainer_.model().trainable().params)) return;
+  if (ranks_.root) record_.write_metrics();  // the history up to here, for the record
+  std::string kept = last_saved_dir_.empty() ? std::string("no checkpoint was written")
+                                             : "the last good checkpoint is " + last_saved_dir_.string();
+  throw RunStopped("train",
+                   fmt::format("after step {} the weights hold values that are not finite (inf or nan): training "
+                               "diverged; {} not written, {}; lower --lr",
+                               step, what, kept),
+                   1, !ranks_.root);
+}
+
+void JobCheckpoints::save(int64_t step) {
+  check_weights_finite(step, "the checkpoint is");
+  // Every rank holds the same weights, optimizer and data position: rank 0 writes. Under
+  // ZeRO each rank holds its shard of the optimizer's moments: gathered first, so the
+  // checkpoint has the unsharded layout and resumes on any number of ranks and any stage.
+  trainer_.gather_moments();
+  if (ranks_.root) {
+    Timer timer;
+    // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
+    record_.write_metrics();
+    CheckpointContents contents = capture_training_state(trainer_, source_, config_);
+    if (adapters_) {
+      // The step folder is also an adapter folder: generate --adapter, fuse and
+      // --resume-adapter-file take it as it is.
+      contents.extra_files = {"adapter_model.safetensors", "adapter_config.json"};
+      contents.write_extra = [&](const std::filesystem::path& dir) { adapters_->save_peft(dir, base_model_name(job_)); };
+    }
+    last_saved_dir_ = write_checkpoint(dir_, contents, job_.keep_checkpoints);
+    info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
+  }
+  trainer_.drop_whole_moments();
+  last_saved_step_ = step;
+}
+
+void JobCheckpoints::after_step(int64_t step) {
+  if (job_.save_every <= 0 || (step % job_.save_every != 0 && step != job_.train.steps)) return;
+  save(step);
+}
+
+std::string JobCheckpoints::save_on_stop(int64_t step) {
+  if (last_saved_step_ == step) return "checkpoint " + last_saved_dir_.string();
+  if (foreign_) {
+    if (ranks_.root) record_.write_metrics();
+    return "no checkpoint written: " + dir_.string() + " holds an earlier run's checkpoints";
+  }
+  save(step);
+  return "checkpoint " + last_saved_dir_.string();
+}
+
+std::string JobCheckpoints::kept_after_failed_step() const {
+  return !last_saved_dir_.empty()     ? "the last good checkpoint is " + last_saved_dir_.string()
+         : job_.resume_from.empty() ? std::string("no checkpoint was written")
+                                    : "the checkpoint it resumed from is kept";
+}
+
+}  // namespace flotilla::train

@@ -1,0 +1,28 @@
+// What every piece of a training job (train/job_*.hpp, run in order by run_train_job)
+// is handed besides the job itself: this process's place among the ranks, and where
+// one-off facts go.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "flotilla/train/job.hpp"
+
+namespace flotilla::train {
+
+struct JobRanks {
+  bool root = true;  // rank 0: the one that reports and writes
+  int rank = 0;
+  int world = 1;
+};
+
+inline JobRanks job_ranks(const TrainJob& job) {
+  if (!job.dp) return {};
+  return JobRanks{job.dp->is_root(), job.dp->rank(), job.dp->world()};
+}
+
+// One-off facts (sizes, memory, warnings) for the user: TrainCallbacks::on_info on rank 0,
+// nowhere on the other ranks.
+using InfoSink = std::function<void(const std::string&)>;
+
+}  // namespace flotilla::train

@@ -1,0 +1,132 @@
+#include "flotilla/train/job_model.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <string_view>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/text/byte_tokenizer.hpp"
+
+namespace flotilla::train {
+namespace {
+
+std::string targets_list(const std::vector<model::LoraTarget>& targets) {
+  std::string s;
+  for (model::LoraTarget t : targets) s += (s.empty() ? "" : ",") + std::string(model::lora_target_module(t));
+  return s;
+}
+
+// The LoRA flags a user gave with --resume-adapter-file must describe the adapter it
+// holds: a different rank or target set cannot continue it, and a silent choice of one
+// side would train something other than what either says.
+void check_resumed_adapter(const TrainJob& job, const model::LoraConfig& adapter, int64_t n_layers) {
+  const model::LoraConfig& flags = job.lora;
+  const auto mismatch = [&](std::string_view flag, const std::string& given, const std::string& held) {
+    throw InputError("train", fmt::format("{} {} differs from the resumed adapter's {} ({}): drop the flag or give "
+                                          "the adapter's value",
+                                          flag, given, held, job.resume_adapter.string()));
+  };
+  if (job.lora_given.rank && flags.rank != adapter.rank)
+    mismatch("--lora-rank", std::to_string(flags.rank), fmt::format("rank {}", adapter.rank));
+  if (job.lora_given.targets && flags.targets != adapter.targets)
+    mismatch("--lora-targets", targets_list(flags.targets), "targets " + targets_list(adapter.targets));
+  if (job.lora_given.alpha && flags.alpha != adapter.alpha)
+    mismatch("--lora-alpha", fmt::format("{}", flags.alpha), fmt::format("alpha {}", adapter.alpha));
+  const auto layers = [&](int64_t n) { return n < 0 || n > n_layers ? n_layers : n; };
+  if (job.lora_given.num_layers && layers(flags.num_layers) != layers(adapter.num_layers))
+    mismatch("--num-layers", std::to_string(flags.num_layers), fmt::format("{} layers", layers(adapter.num_layers)));
+}
+
+}  // namespace
+
+std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
+  if (!job.model_dir.empty()) return text::Tokenizer::load_for_model(job.model_dir);
+  return std::make_unique<text::ByteTokenizer>();
+}
+
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer) {
+  const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
+  if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite);
+  model::ModelConfig cfg =
+      job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
+  // A new model speaks its tokenizer's special ids; config.json records them for HF.
+  if (cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
+  if (cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
+  model::Llama model(cfg);
+  model.init_random(job.seed);
+  return model;
+}
+
+std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Llama& model, const InfoSink& info) {
+  const model::ModelConfig& cfg = model.config();
+  // LoRA: adapters over the frozen base; the optimizer and checkpoints see only them.
+  if (job.fine_tune == FineTuneType::lora) {
+    std::unique_ptr<model::LoraAdapters> adapters;
+    if (!job.resume_adapter.empty()) {
+      adapters = std::make_unique<model::LoraAdapters>(model::LoraAdapters::load(job.resume_adapter, cfg, job.non_finite));
+      check_resumed_adapter(job, adapters->config(), cfg.n_layers);
+      info(fmt::format("LoRA: continuing from {}", job.resume_adapter.string()));
+    } else {
+      adapters = std::make_unique<model::LoraAdapters>(cfg, job.lora);
+      adapters->init_random(job.seed);
+    }
+    model.attach_lora(adapters.get());
+    const model::LoraConfig& lc = adapters->config();
+    std::string targets;
+    for (model::LoraTarget t : lc.targets) {
+      if (!targets.empty()) targets += ',';
+      targets += model::lora_target_module(t);
+    }
+    info(fmt::format("LoRA: rank {}, alpha {}, dropout {}, on {} of layers {}..{}: {:.3f}M trainable parameters "
+                     "({:.2f}% of the model)",
+                     lc.rank, lc.alpha, lc.dropout, targets, adapters->first_layer(), cfg.n_layers - 1,
+                     static_cast<double>(adapters->table().total_numel()) / 1e6,
+                     100.0 * static_cast<double>(adapters->table().total_numel()) / static_cast<double>(cfg.num_params())));
+    return adapters;
+  }
+  if (!job.resume_adapter.empty()) throw InputError("train", "--resume-adapter-file needs --fine-tune-type lora");
+  if (model.quantized()) {
+    throw InputError("train", fmt::format("{}: a quantized model cannot be fully fine-tuned: de-quantize first (flotilla "
+                                          "fuse --de-quantize, or flotilla convert without --quantize), or pass "
+                                          "--fine-tune-type lora",
+                                          job.model_dir.string()));
+  }
+  return nullptr;
+}
+
+void check_trainable_finite(const TrainJob& job, model::Llama& model) {
+  const model::Llama::Trainable trainable = model.trainable();
+  for (const model::ParamInfo& p : trainable.table.params()) {
+    const auto values = trainable.params.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel));
+    const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+    if (bad != values.end())
+      throw InputError("train", fmt::format("{}: tensor {} holds {} at element {}: training from non-finite weights "
+                                            "can only diverge",
+                                            job.model_dir.empty() ? std::string("the initial weights")
+                                                                  : job.model_dir.string(),
+                                            p.name, *bad, bad - values.begin()));
+  }
+}
+
+void plan_activations(const TrainJob& job, model::Llama& model, const InfoSink& info) {
+  const model::ModelConfig& cfg = model.config();
+  const int64_t B = job.train.batch_size, T = job.train.seq_len;
+  model.set_grad_checkpoint(job.grad_checkpoint);
+  model.check_activation_memory(B, T);  // before the data loads, not at the first step
+  info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB{}",
+                   model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6, B, T,
+                   static_cast<double>(model.activation_bytes(B, T)) / (1 << 20),
+                   job.grad_checkpoint ? " (gradient checkpointing)" : ""));
+}
+
+std::string base_model_name(const TrainJob& job) {
+  if (job.model_dir.empty()) return job.preset.empty() ? "flotilla" : "flotilla preset " + job.preset;
+  return std::filesystem::absolute(job.model_dir).lexically_normal().string();
+}
+
+}  // namespace flotilla::train

@@ -1,0 +1,41 @@
+// A training job's model: its tokenizer, the model (from a directory, a preset or a
+// config.json), LoRA adapters over it (fresh, or continued from an adapter folder), the
+// checks that it can be trained as asked, and its activation memory for the job's rows.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
+#include "flotilla/text/tokenizer.hpp"
+#include "flotilla/train/job.hpp"
+#include "flotilla/train/job_context.hpp"
+
+namespace flotilla::train {
+
+// The model directory's tokenizer, or bytes for a preset or config.json.
+std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job);
+
+// Exactly one of --model, --preset or --config (InputError otherwise); a new model is
+// initialised from job.seed and speaks its tokenizer's special ids.
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer);
+
+// A LoRA run: adapters (fresh from job.seed, or job.resume_adapter checked against the LoRA
+// flags given) attached to `model`, which keeps a pointer to them: they must outlive it.
+// A full run: null, after refusing --resume-adapter-file and a quantized model.
+std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Llama& model, const InfoSink& info);
+
+// A fresh run's weights to train that hold a NaN or an Inf can only give a non-finite
+// model, which is never written: InputError naming the tensor now, not after the run.
+void check_trainable_finite(const TrainJob& job, model::Llama& model);
+
+// Gradient checkpointing as asked, and the activation memory of B x T rows checked (and
+// told) before the data loads, not at the first step.
+void plan_activations(const TrainJob& job, model::Llama& model, const InfoSink& info);
+
+// adapter_config.json's base_model_name_or_path: the base as the user named it, made
+// absolute (a relative path would name another folder from wherever the adapter is used).
+std::string base_model_name(const TrainJob& job);
+
+}  // namespace flotilla::train
