@@ -174,7 +174,7 @@ class Trainer {
 
   // Resume: the next step() is step `steps_done` + 1 and its schedule position follows;
   // elapsed time continues from `elapsed_s`. Restore the weights, whole_moments() and the
-  // data source first (train/checkpoint.hpp does all of it): under ZeRO this rank then
+  // data source first (train/training_state.hpp does all of it): under ZeRO this rank then
   // keeps its shard of the moments.
   void restore_progress(int64_t steps_done, double elapsed_s);
 
