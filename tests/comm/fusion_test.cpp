@@ -101,5 +101,37 @@ TEST(Fusion, ACommunicationErrorReachesFinish) {
   EXPECT_NO_THROW(overlap.finish());
 }
 
+TEST(Fusion, WaitInFlightReturnsOnceFewEnoughBucketsAreLeft) {
+  // A reduce that holds each bucket until the test lets it go: with three buckets queued,
+  // waiting for at most one in flight must block until two are reduced, and not longer.
+  std::atomic<int> allowed{0}, reduced{0};
+  OverlappedAllReduce overlap(plan_buckets(std::vector<GradRange>{{20, 30}, {10, 20}, {0, 10}}, 10 * 4),
+                              [&](std::span<float>) {
+                                const int mine = reduced.load();
+                                while (allowed.load() <= mine) std::this_thread::yield();
+                                ++reduced;
+                              });
+  std::vector<float> g(30, 1.0f);
+  overlap.begin(g);
+  overlap.ready({0, 30});
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    overlap.wait_in_flight(1);
+    returned = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(returned.load()) << "three buckets in flight, at most one allowed";
+  allowed = 1;
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(returned.load()) << "two buckets still in flight";
+  allowed = 2;
+  waiter.join();
+  EXPECT_TRUE(returned.load());
+  EXPECT_EQ(reduced.load(), 2);
+  allowed = 3;
+  overlap.finish();
+  EXPECT_EQ(reduced.load(), 3);
+}
+
 }  // namespace
 }  // namespace flotilla::comm

@@ -61,6 +61,7 @@ void OverlappedAllReduce::begin(std::span<float> gradient) {
     queued_[b] = false;
   }
   done_ = 0;
+  queued_count_ = 0;
   error_ = nullptr;
 }
 
@@ -76,6 +77,7 @@ void OverlappedAllReduce::ready(GradRange range) {
 
 void OverlappedAllReduce::queue_locked(size_t bucket) {
   queued_[bucket] = true;
+  ++queued_count_;
   queue_.push_back(bucket);
   work_.notify_one();
 }
@@ -88,6 +90,13 @@ void OverlappedAllReduce::finish() {
   finished_.wait(lock, [&] { return done_ == buckets_.size(); });
   exposed_s_ += blocked.elapsed_s();
   if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+}
+
+void OverlappedAllReduce::wait_in_flight(size_t buckets) {
+  Timer blocked;
+  std::unique_lock lock(mutex_);
+  finished_.wait(lock, [&] { return queued_count_ - done_ <= buckets || error_ != nullptr; });
+  exposed_s_ += blocked.elapsed_s();
 }
 
 void OverlappedAllReduce::serve() {
@@ -114,7 +123,7 @@ void OverlappedAllReduce::serve() {
     }
     lock.lock();
     ++done_;
-    if (done_ == buckets_.size()) finished_.notify_all();
+    finished_.notify_all();  // finish() waits for all, wait_in_flight() for fewer in flight
   }
 }
 

@@ -52,6 +52,11 @@ class OverlappedAllReduce {
   // Starts what was never marked ready (in bucket order), waits for every bucket and
   // rethrows the communication thread's error, if any.
   void finish();
+  // Blocks until at most `buckets` of the ready ones are not yet reduced (the one being
+  // reduced counts), or the communication thread failed (finish() says so): bounds how much
+  // finished gradient waits for the network when backward outruns it (ZeRO-2 releases each
+  // bucket once reduced). The time blocked counts in exposed_s().
+  void wait_in_flight(size_t buckets);
 
   const std::vector<GradRange>& buckets() const { return buckets_; }
   // Seconds the caller spent blocked in finish() over all steps: communication not hidden.
@@ -69,6 +74,7 @@ class OverlappedAllReduce {
   std::vector<bool> queued_;
   std::deque<size_t> queue_;
   size_t done_ = 0;
+  size_t queued_count_ = 0;  // buckets queued this step
   std::exception_ptr error_;
   bool stop_ = false;
   double exposed_s_ = 0.0;

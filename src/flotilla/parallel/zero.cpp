@@ -17,6 +17,7 @@ namespace flotilla::parallel {
 namespace {
 
 constexpr int64_t kFloat = sizeof(float);
+constexpr size_t kStage2InFlight = 2;
 
 // One unit of the arena, split over the ranks: [begin, begin + N chunk) in N chunks, rank r's
 // at begin + r chunk; the tail [begin + N chunk, end) is every rank's.
@@ -37,7 +38,12 @@ class ZeroSync final : public GradientSync {
       // Units are the fusion buckets, reduced on the communication thread as backward
       // finishes them: the hook must be set before the model can list its ranges.
       model_.set_grad_ready_hook([this](model::Llama::GradSpan s) {
-        if (active_) overlap_->ready({s.begin, s.end});
+        if (!active_) return;
+        overlap_->ready({s.begin, s.end});
+        // Stage 2 holds only the buckets in flight: when backward outruns the network it
+        // waits here rather than fill the arena (at most two buckets queued, one of them
+        // being reduced, besides the one backward writes).
+        if (stage_ >= 2) overlap_->wait_in_flight(kStage2InFlight);
       });
       std::vector<comm::GradRange> order;
       for (const model::Llama::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});

@@ -18,7 +18,8 @@
 // parallelism does. Stage 2 reduces after every micro-batch, adds into the shard, and hands
 // each unit's part of the gradient arena back to the operating system as soon as it is
 // reduced (base/memory.hpp release_zeroed): the whole gradient never exists at once, only
-// the units backward has written and the communication thread not yet reduced.
+// the units backward has written and the communication thread not yet reduced - at most
+// two finished ones (backward waits when it outruns the network) and the one being written.
 //
 // The update is elementwise, so the result equals the unsharded update on the same summed
 // gradient; the sums themselves come from a reduce-scatter instead of an all-reduce, which
