@@ -14,6 +14,23 @@ def mpi_env(**extra):
                 OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **extra)
 
 
+def script_args(*extra):
+    """The command line every dist script takes: FLOTILLA [--mpirun MPIRUN], then `extra`
+    (argparse add_argument tuples: (("--name",), {...}))."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("flotilla")
+    ap.add_argument("--mpirun", default="mpirun")
+    for names, kwargs in extra:
+        ap.add_argument(*names, **kwargs)
+    return ap.parse_args()
+
+
+def mpirun_argv(mpirun, *more):
+    """mpirun as root with more ranks than cores, over shared memory (or TCP) only."""
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp", *more]
+
+
 def run(cmd, env):
     """Runs cmd; on failure prints its output and ends the test. Returns its output."""
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)

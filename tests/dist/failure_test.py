@@ -10,7 +10,6 @@ Cases, each under mpirun with 2 ranks of `flotilla train`:
   doctor   `flotilla doctor` passes on identical models and fails naming the rank otherwise.
 Each must end within a bound (the timeout plus a margin). Usage: failure_test.py FLOTILLA [--mpirun M]
 """
-import argparse
 import os
 import shutil
 import signal
@@ -19,19 +18,16 @@ import sys
 import tempfile
 import time
 
-from dist_util import finish, launch, mpi_env, rank_pids, summary
+from dist_util import finish, launch, mpi_env, mpirun_argv, rank_pids, script_args, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("flotilla")
-    ap.add_argument("--mpirun", default="mpirun")
-    args = ap.parse_args()
+    args = script_args()
     env = mpi_env()
-    mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp"]
+    mpirun = mpirun_argv(args.mpirun)
     tmp = tempfile.mkdtemp(prefix="flotilla_fail_")
     failures = []
     try:

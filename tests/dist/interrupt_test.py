@@ -14,7 +14,6 @@
             job ends within a bound with one line naming MPI start-up.
 Usage: interrupt_test.py FLOTILLA [--mpirun M]
 """
-import argparse
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from dist_util import finish, launch, mpi_env, rank_pids, summary
+from dist_util import finish, launch, mpi_env, mpirun_argv, rank_pids, script_args, summary
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
@@ -39,13 +38,10 @@ def resume(mpirun, train, latest, env):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("flotilla")
-    ap.add_argument("--mpirun", default="mpirun")
-    args = ap.parse_args()
+    args = script_args()
     flotilla = os.path.abspath(args.flotilla)
     env = mpi_env()
-    mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp", "-np", "2"]
+    mpirun = mpirun_argv(args.mpirun, "-np", "2")
     tmp = tempfile.mkdtemp(prefix="flotilla_interrupt_")
     failures = []
     try:

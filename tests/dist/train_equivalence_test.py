@@ -17,7 +17,6 @@ gradient all-reduce algorithm (`--allreduce auto|ring|hd|hier|mpi`), each agains
 1-rank run on raw text windows.
 Usage: train_equivalence_test.py FLOTILLA [--mpirun MPIRUN] [--tcp]
 """
-import argparse
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import numpy as np  # Debian's python3-numpy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from dist_util import mpi_env, run, summary  # noqa: E402  (next to this file)
+from dist_util import mpi_env, mpirun_argv, run, script_args, summary  # noqa: E402  (next to this file)
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -137,13 +136,9 @@ def grad_checkpoint_on_two_ranks(flotilla, mpirun, env, tmp, model, base, data, 
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("flotilla")
-    ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--tcp", action="store_true", help="2 ranks over TCP only, every --allreduce")
-    args = ap.parse_args()
+    args = script_args((("--tcp",), {"action": "store_true", "help": "2 ranks over TCP only, every --allreduce"}))
     env = mpi_env()
-    mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp"]
+    mpirun = mpirun_argv(args.mpirun)
     tmp = tempfile.mkdtemp(prefix="flotilla_dp_")
     failures = []
     try:

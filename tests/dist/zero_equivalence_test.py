@@ -17,7 +17,6 @@ Then:
     --compression fp16.
 Usage: zero_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
 """
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from dist_util import mpi_env, run, summary  # noqa: E402  (next to this file)
+from dist_util import mpi_env, mpirun_argv, run, script_args, summary  # noqa: E402  (next to this file)
 from train_equivalence_test import losses, read_safetensors  # noqa: E402
 
 import numpy as np  # Debian's python3-numpy  # noqa: E402
@@ -67,12 +66,9 @@ def report(run_dir):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("flotilla")
-    ap.add_argument("--mpirun", default="mpirun")
-    args = ap.parse_args()
+    args = script_args()
     env = mpi_env()
-    mpirun = [args.mpirun, "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp"]
+    mpirun = mpirun_argv(args.mpirun)
     tmp = tempfile.mkdtemp(prefix="flotilla_zero_")
     failures = []
     f = args.flotilla
