@@ -2,10 +2,9 @@
 //
 // A primitive is created for one *signature*: transposes, M, N, K, leading dimensions,
 // alpha, accumulate, input format and the thread count it will run with. oneDNN splits the
-// work by the thread count when the primitive is created, so a primitive made for 2 threads
-// must run on 2; the count is part of the signature, and a call from inside one of our
-// OpenMP parallel regions runs with this thread's count set to 1 for the duration (oneDNN
-// does not nest parallelism; it would otherwise plan for the whole team and run on one).
+// work by the thread count when the primitive is created, so the count is part of the
+// signature: a new count (set_num_threads) gets its own primitive. Called inside one of our OpenMP parallel regions, oneDNN does not nest: the
+// product runs on the calling thread alone (the test runs it so and checks every element).
 //
 // accumulate is oneDNN's sum post-op (C = alpha * A @ B + 1 * C); alpha is the output
 // scale. The engine and the cache are process-wide, as OpenBLAS's state was before them:
@@ -153,28 +152,6 @@ struct Scratchpad {
   }
 };
 
-// While alive, this thread's OpenMP thread count is 1 if it is inside a parallel region
-// (see the comment at the top); returns the count the product runs with.
-class SerialInsideParallel {
- public:
-  SerialInsideParallel() : inside_(omp_in_parallel() != 0) {
-    if (inside_) {
-      saved_ = omp_get_max_threads();
-      omp_set_num_threads(1);
-    }
-  }
-  ~SerialInsideParallel() {
-    if (inside_) omp_set_num_threads(saved_);
-  }
-  SerialInsideParallel(const SerialInsideParallel&) = delete;
-  SerialInsideParallel& operator=(const SerialInsideParallel&) = delete;
-  int threads() const { return inside_ ? 1 : omp_get_max_threads(); }
-
- private:
-  bool inside_;
-  int saved_ = 1;
-};
-
 void run_sgemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                const float* A, int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C,
                int64_t ldc) {
@@ -197,12 +174,11 @@ void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alp
       for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
     return;
   }
-  SerialInsideParallel serial;
   if (M < kGemmPrimitiveMinRows) {
     run_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
     return;
   }
-  Signature s{ta, tb, GemmInput::f32, accumulate, serial.threads(), std::bit_cast<uint32_t>(alpha),
+  Signature s{ta, tb, GemmInput::f32, accumulate, omp_get_max_threads(), std::bit_cast<uint32_t>(alpha),
               M, N, K, lda, ldb, ldc};
   std::shared_ptr<const Compiled> p;
   try {
