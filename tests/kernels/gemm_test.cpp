@@ -212,6 +212,7 @@ TEST(Gemm, EngineIsOneDnnOnTheOpenMpRuntime) {
   EXPECT_NE(info.library.find("oneDNN"), std::string::npos) << info.library;
   EXPECT_NE(info.library.find("CPU runtime: OpenMP"), std::string::npos) << info.library;
   EXPECT_FALSE(info.isa.empty());
+  EXPECT_NE(info.isa.rfind("cpu_isa_", 0), 0u) << "the library's prefix is dropped: " << info.isa;
 }
 
 }  // namespace

@@ -45,7 +45,7 @@ inline constexpr int64_t kGemmPrimitiveMinRows = 16;
 // What the engine holds and runs on; for tests and `flotilla doctor`.
 struct GemmEngineInfo {
   std::string library;      // "oneDNN 2.6.3 (CPU runtime: OpenMP)"
-  std::string isa;          // "avx512_core" ... as oneDNN reports the implementation
+  std::string isa;          // the widest ISA oneDNN will use here, e.g. "avx512_core_bf16"
   size_t cached_primitives = 0;
 };
 GemmEngineInfo gemm_engine_info();

@@ -20,6 +20,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -210,7 +212,11 @@ GemmEngineInfo gemm_engine_info() {
   GemmEngineInfo info;
   const char* runtime = v->cpu_runtime == DNNL_RUNTIME_OMP ? "OpenMP" : "not OpenMP";
   info.library = fmt::format("oneDNN {}.{}.{} (CPU runtime: {})", v->major, v->minor, v->patch, runtime);
-  info.isa = dnnl_cpu_isa2str(static_cast<dnnl_cpu_isa_t>(dnnl::get_effective_cpu_isa()));
+  // "cpu_isa_avx512_core_bf16" -> "avx512_core_bf16"
+  std::string isa = dnnl_cpu_isa2str(static_cast<dnnl_cpu_isa_t>(dnnl::get_effective_cpu_isa()));
+  constexpr std::string_view kPrefix = "cpu_isa_";
+  if (isa.starts_with(kPrefix)) isa.erase(0, kPrefix.size());
+  info.isa = isa;
   info.cached_primitives = engine().size();
   return info;
 }
