@@ -12,7 +12,8 @@
 //
 // Also measured in the same process: the machine's SGEMM rate (plan::measure_sgemm, the thread
 // count given, best over a few repeats of shapes the workload uses and of 2048^3), so that
-// achieved model FLOP/s can be stated as a fraction of what the BLAS does on this machine.
+// achieved model FLOP/s can be stated as a fraction of what the GEMM engine (oneDNN, through
+// kernels::matmul_forward) does on this machine.
 // Peak memory is VmHWM read right after the timed steps, before anything else allocates.
 #include <algorithm>
 #include <cmath>

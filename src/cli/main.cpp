@@ -165,7 +165,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("flotilla ") + flotilla::cli::kFlotillaVersion);
   int threads = 0;
   bool verbose = false;
-  app.add_option("--threads", threads, "OpenMP and OpenBLAS threads (default: OMP_NUM_THREADS or all cores)");
+  app.add_option("--threads", threads, "OpenMP threads, oneDNN's matrix products included (default: OMP_NUM_THREADS or all cores)");
   app.add_flag("-v,--verbose", verbose, "Debug logging");
   app.parse_complete_callback([&] {
     flotilla::set_num_threads(threads);

@@ -76,7 +76,7 @@ TEST(Matmul, BackwardMatchesFiniteDifferencesAndAddsIntoGradients) {
 }
 
 TEST(Matmul, BackwardMatchesClosedFormOnLargerShapes) {
-  // Shapes past OpenBLAS's small-matrix paths and the dbias column blocks (OC > 256).
+  // Shapes past gemm()'s few-row path (oneDNN primitives) and the dbias column blocks (OC > 256).
   Rng rng(test_seed());
   const int64_t N = 45, C = 67, OC = 300;
   auto inp = uniform_vec(rng, N * C), weight = uniform_vec(rng, OC * C);

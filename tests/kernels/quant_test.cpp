@@ -5,8 +5,6 @@
 
 #include <gtest/gtest.h>
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -1,6 +1,6 @@
 // Causal scaled dot-product attention with grouped-query attention, directly on the
 // (B, T, heads, hd) layout that the QKV projections produce: each (batch, head) slice is a
-// strided matrix (leading dimension heads*hd), which OpenBLAS reads in place, so nothing is
+// strided matrix (leading dimension heads*hd), which oneDNN reads in place, so nothing is
 // transposed or copied.
 //
 // Vocabulary: a *query block* is kBlock consecutive query rows of one (b, h); a *key block*
@@ -10,14 +10,16 @@
 // and load balance (many independent tasks for the OpenMP loop; dynamic schedule because
 // later query blocks see more keys).
 //
-// Threads: each task calls cblas_sgemm inside an OpenMP parallel region, where the OpenMP
-// build of OpenBLAS runs single-threaded; the parallelism is ours.
-#include <cblas.h>
+// Threads: each task calls gemm() inside an OpenMP parallel region, where oneDNN runs on
+// the calling thread alone; the parallelism is ours. For a fixed sequence length the
+// products have a handful of shapes (rows x visible keys per query block), each a cached
+// primitive; one-row decoding steps take gemm()'s primitive-free path.
 
 #include <algorithm>
 #include <cmath>
 
 #include "flotilla/kernels/dispatch.hpp"
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/kernels/vec_math.hpp"
 
@@ -49,12 +51,15 @@ FLOTILLA_KERNEL void causal_softmax_row(float* p, int64_t first, int64_t lim, in
   std::fill(p + lim + 1, p + n, 0.0f);
 }
 
-// The first key any query of rows [r0, r1) of batch row b may see.
+// The first key any query of rows [r0, r1) of batch row b may see, rounded down to a key
+// block: the keys in between are masked (zero probabilities, zero dS), and the rounding
+// keeps the products to a few shapes per sequence length, each one cached primitive,
+// instead of a new shape for every document boundary of a packed batch.
 int64_t block_key_begin(const int32_t* key_start, int64_t b, int64_t Tq, int64_t r0, int64_t r1) {
   if (!key_start) return 0;
   int64_t first = key_start[b * Tq + r0];
   for (int64_t t = r0 + 1; t < r1; ++t) first = std::min<int64_t>(first, key_start[b * Tq + t]);
-  return first;
+  return first / kBlock * kBlock;
 }
 
 }  // namespace
@@ -82,19 +87,17 @@ FLOTILLA_KERNEL void attention_forward(float* out, float* probs, const float* q,
     const float* V = v + b * Tk * ldkv + g * hd;         // (Tk, hd), ld ldkv
     float* P = probs + ((b * NH + h) * Tq + r0) * Tk;    // (rows, Tk), ld Tk
     float* O = out + (b * Tq + r0) * ldq + h * hd;       // (rows, hd), ld ldq
-    const int rows = static_cast<int>(r1 - r0), nkeys = static_cast<int>(kend - kbeg);
+    const int64_t rows = r1 - r0, nkeys = kend - kbeg;
     // S = scale * Q @ K^T over the visible keys
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nkeys, static_cast<int>(hd), scale, Q,
-                static_cast<int>(ldq), K + kbeg * ldkv, static_cast<int>(ldkv), 0.0f, P + kbeg,
-                static_cast<int>(Tk));
+    gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, scale, Q, ldq, K + kbeg * ldkv, ldkv, false,
+         P + kbeg, Tk);
     for (int64_t t = r0; t < r1; ++t) {
       const int64_t first = key_start ? key_start[b * Tq + t] : 0;
       causal_softmax_row(P + (t - r0) * Tk, first, t + off, Tk);
     }
     // O = P @ V (entries of P outside each row's visible range are zero)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, static_cast<int>(hd), nkeys, 1.0f,
-                P + kbeg, static_cast<int>(Tk), V + kbeg * ldkv, static_cast<int>(ldkv), 0.0f, O,
-                static_cast<int>(ldq));
+    gemm(Transpose::no, Transpose::no, rows, hd, nkeys, 1.0f, P + kbeg, Tk, V + kbeg * ldkv, ldkv, false,
+         O, ldq);
   }
 }
 
@@ -109,8 +112,6 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
   const int64_t off = Tk - Tq;
   const int64_t ldq = NH * hd, ldkv = NKV * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int ildq = static_cast<int>(ldq), ildkv = static_cast<int>(ldkv);
-  const int ihd = static_cast<int>(hd), iTk = static_cast<int>(Tk);
 
   // Phase 1, per query block of one (b, h): dS into scratch, and dq, which only this task
   // writes.
@@ -123,7 +124,7 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     const int64_t r0 = qb * kBlock, r1 = std::min(Tq, r0 + kBlock);
     const int64_t kend = r1 + off;
     const int64_t kbeg = block_key_begin(key_start, b, Tq, r0, r1);
-    const int rows = static_cast<int>(r1 - r0), nkeys = static_cast<int>(kend - kbeg);
+    const int64_t rows = r1 - r0, nkeys = kend - kbeg;
     const float* dO = dout + (b * Tq + r0) * ldq + h * hd;      // (rows, hd)
     const float* K = k + b * Tk * ldkv + g * hd;                // (Tk, hd)
     const float* V = v + b * Tk * ldkv + g * hd;                // (Tk, hd)
@@ -131,8 +132,8 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     float* S = scratch + ((b * NH + h) * Tq + r0) * Tk;         // (rows, Tk)
     float* dQ = dq + (b * Tq + r0) * ldq + h * hd;              // (rows, hd)
     // forward: O = P @ V  =>  dP = dO @ V^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nkeys, ihd, 1.0f, dO, ildq,
-                V + kbeg * ldkv, ildkv, 0.0f, S + kbeg, iTk);
+    gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, dO, ldq, V + kbeg * ldkv, ldkv, false,
+         S + kbeg, Tk);
     // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero outside the
     // visible range so that phase 2 can read whole key-block columns.
     for (int64_t t = r0; t < r1; ++t) {
@@ -149,8 +150,8 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
       std::fill(s + lim + 1, s + Tk, 0.0f);
     }
     // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, ihd, nkeys, scale, S + kbeg, iTk,
-                K + kbeg * ldkv, ildkv, 1.0f, dQ, ildq);
+    gemm(Transpose::no, Transpose::no, rows, hd, nkeys, scale, S + kbeg, Tk, K + kbeg * ldkv, ldkv, true,
+         dQ, ldq);
   }
 
   // Phase 2, per key block of one (b, kv head): dk and dv sum over every query head of the
@@ -164,7 +165,7 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     const int64_t c0 = kb * kBlock, c1 = std::min(Tk, c0 + kBlock);
     const int64_t t0 = std::max<int64_t>(0, c0 - off);  // first query that sees key c0
     if (t0 >= Tq) continue;
-    const int cols = static_cast<int>(c1 - c0), nq = static_cast<int>(Tq - t0);
+    const int64_t cols = c1 - c0, nq = Tq - t0;
     float* dK = dk + (b * Tk + c0) * ldkv + g * hd;  // (cols, hd)
     float* dV = dv + (b * Tk + c0) * ldkv + g * hd;  // (cols, hd)
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
@@ -173,11 +174,9 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
       const float* Q = q + (b * Tq + t0) * ldq + h * hd;              // (nq, hd)
       const float* dO = dout + (b * Tq + t0) * ldq + h * hd;          // (nq, hd)
       // forward: S = scale * Q @ K^T  =>  dK += scale * dS^T @ Q
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, ihd, nq, scale, S, iTk, Q, ildq,
-                  1.0f, dK, ildkv);
+      gemm(Transpose::yes, Transpose::no, cols, hd, nq, scale, S, Tk, Q, ldq, true, dK, ldkv);
       // forward: O = P @ V  =>  dV += P^T @ dO
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cols, ihd, nq, 1.0f, P, iTk, dO,
-                  ildq, 1.0f, dV, ildkv);
+      gemm(Transpose::yes, Transpose::no, cols, hd, nq, 1.0f, P, Tk, dO, ldq, true, dV, ldkv);
     }
   }
 }

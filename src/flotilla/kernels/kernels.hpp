@@ -2,7 +2,8 @@
 // every layer is a *_forward / *_backward pair with the same argument order; backward
 // ADDS (+=) into parameter gradients and into input gradients unless said otherwise;
 // shapes are in the comments, row-major, N = B*T rows. No model knowledge here.
-// Multithreaded with OpenMP; GEMMs go through OpenBLAS (OpenMP build).
+// Multithreaded with OpenMP; matrix products go through gemm() (gemm.hpp: oneDNN, whose
+// threads are the same OpenMP pool).
 #pragma once
 
 #include <cstdint>

@@ -1,11 +1,10 @@
 // Linear layer in PyTorch's nn.Linear layout: weight (OC, C), out = inp @ weight^T + bias.
-// All three products are single OpenBLAS calls on the whole batch (N = B*T rows), so the
-// GEMMs are as large as the layer allows and OpenBLAS uses every thread.
-#include <cblas.h>
-
+// All three products are single gemm() calls (oneDNN, gemm.hpp) on the whole batch
+// (N = B*T rows), so the products are as large as the layer allows and use every thread.
 #include <algorithm>
 
 #include "flotilla/kernels/dispatch.hpp"
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::kernels {
@@ -14,46 +13,39 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
                     int64_t N, int64_t C, int64_t OC) {
   // out (N, OC), inp (N, C), weight (OC, C), bias (OC) or nullptr
   if (N == 0 || OC == 0) return;
-  float beta = 0.0f;
+  bool accumulate = false;
   if (bias != nullptr) {
     // Broadcast the bias into out first and let the GEMM accumulate onto it (beta = 1):
     // one pass over out instead of a second pass after the GEMM.
 #pragma omp parallel for schedule(static) if (N * OC > (1 << 15))
     for (int64_t n = 0; n < N; ++n) std::copy(bias, bias + OC, out + n * OC);
-    beta = 1.0f;
+    accumulate = true;
   }
   if (C == 0) {
     if (bias == nullptr) std::fill(out, out + N * OC, 0.0f);
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
-              static_cast<int>(C), 1.0f, inp, static_cast<int>(C), weight, static_cast<int>(C),
-              beta, out, static_cast<int>(OC));
+  gemm(Transpose::no, Transpose::yes, N, OC, C, 1.0f, inp, C, weight, C, accumulate, out, OC);
 }
 
 void matmul_accumulate(float* out, const float* inp, const float* weight, int64_t N, int64_t C,
                        int64_t OC, float alpha) {
   // out (N, OC) +=, inp (N, C), weight (OC, C)
   if (N == 0 || OC == 0 || C == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(OC),
-              static_cast<int>(C), alpha, inp, static_cast<int>(C), weight, static_cast<int>(C), 1.0f,
-              out, static_cast<int>(OC));
+  gemm(Transpose::no, Transpose::yes, N, OC, C, alpha, inp, C, weight, C, true, out, OC);
 }
 
 FLOTILLA_KERNEL void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                      const float* inp, const float* weight, int64_t N, int64_t C, int64_t OC) {
   // dinp (N, C), dweight (OC, C), dbias (OC), dout (N, OC), inp (N, C), weight (OC, C)
   if (N == 0 || OC == 0) return;
-  const int n = static_cast<int>(N), c = static_cast<int>(C), oc = static_cast<int>(OC);
   if (C > 0) {
     // forward: out = inp @ weight^T  =>  dinp += dout @ weight  (N, OC) x (OC, C)
     if (dinp != nullptr)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, c, oc, 1.0f, dout, oc, weight, c,
-                  1.0f, dinp, c);
+      gemm(Transpose::no, Transpose::no, N, C, OC, 1.0f, dout, OC, weight, C, true, dinp, C);
     // and dweight += dout^T @ inp  (OC, N) x (N, C)
     if (dweight != nullptr)
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, oc, c, n, 1.0f, dout, oc, inp, c, 1.0f,
-                  dweight, c);
+      gemm(Transpose::yes, Transpose::no, OC, C, N, 1.0f, dout, OC, inp, C, true, dweight, C);
   }
   if (dbias != nullptr) {
     // forward: out += bias (broadcast over rows)  =>  dbias += sum over rows of dout.

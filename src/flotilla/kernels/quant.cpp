@@ -1,7 +1,6 @@
 // Affine group quantization: see quant.hpp for the format and the error bound.
 #include "flotilla/kernels/quant.hpp"
 
-#include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "flotilla/kernels/dispatch.hpp"
+#include "flotilla/kernels/gemm.hpp"
 
 namespace flotilla::kernels {
 namespace {
@@ -171,9 +171,7 @@ FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMa
     const int64_t nr = std::min(R, OC - r0);
     dequantize_rows(m, r0, nr, tile.data());
     // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(N), static_cast<int>(nr),
-                static_cast<int>(C), 1.0f, inp, static_cast<int>(C), tile.data(), static_cast<int>(C), 0.0f,
-                out + r0, static_cast<int>(OC));
+    gemm(Transpose::no, Transpose::yes, N, nr, C, 1.0f, inp, C, tile.data(), C, false, out + r0, OC);
   }
   if (bias) {
 #pragma omp parallel for schedule(static) if (N * OC > (1 << 15))
@@ -192,9 +190,7 @@ FLOTILLA_KERNEL void qmatmul_backward_input(float* dinp, const float* dout, cons
     const int64_t nr = std::min(R, OC - r0);
     dequantize_rows(m, r0, nr, tile.data());
     // dinp += dout[:, r0:r0+nr] (N, nr) @ tile (nr, C)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(N), static_cast<int>(C),
-                static_cast<int>(nr), 1.0f, dout + r0, static_cast<int>(OC), tile.data(), static_cast<int>(C),
-                1.0f, dinp, static_cast<int>(C));
+    gemm(Transpose::no, Transpose::no, N, C, nr, 1.0f, dout + r0, OC, tile.data(), C, true, dinp, C);
   }
 }
 

@@ -3,7 +3,7 @@
 //
 // The products never materialise the whole float matrix: W is dequantized a *tile* of
 // output rows at a time into a small scratch buffer (at most kQuantTileFloats floats) and
-// each tile goes through one OpenBLAS SGEMM. For a few rows of input (KV-cache
+// each tile goes through one gemm() (oneDNN). For a few rows of input (KV-cache
 // decoding) a row-at-a-time path dequantizes one weight row into L1 and dots it with the
 // inputs, which is what bounds decoding speed: reading the packed bytes once.
 #pragma once

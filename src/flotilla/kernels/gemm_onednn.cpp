@@ -1,0 +1,226 @@
+// gemm() on oneDNN (see gemm.hpp for the vocabulary).
+//
+// A primitive is created for one *signature*: transposes, M, N, K, leading dimensions,
+// alpha, accumulate, input format and the thread count it will run with. oneDNN splits the
+// work by the thread count when the primitive is created, so the count is part of the
+// signature: a new count (set_num_threads) gets its own primitive. Called inside one of our OpenMP parallel regions, oneDNN does not nest: the
+// product runs on the calling thread alone (the test runs it so and checks every element).
+//
+// accumulate is oneDNN's sum post-op (C = alpha * A @ B + 1 * C); alpha is the output
+// scale. The engine and the cache are process-wide, as OpenBLAS's state was before them:
+// they are a memo of compiled kernels, not state a caller can observe, and a oneDNN engine
+// is meant to be shared.
+#include <omp.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
+#include <oneapi/dnnl/dnnl_debug.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/kernels/gemm.hpp"
+
+namespace flotilla::kernels {
+namespace {
+
+// A bound on distinct signatures kept; past it the cache starts over (a run that keeps
+// meeting new shapes, e.g. prompts of every length, must not grow without end).
+constexpr size_t kMaxCachedPrimitives = 2048;
+
+struct Signature {
+  Transpose ta, tb;
+  GemmInput input;
+  bool accumulate;
+  int32_t threads;
+  uint32_t alpha_bits;
+  int64_t M, N, K, lda, ldb, ldc;
+  bool operator==(const Signature&) const = default;
+};
+
+struct SignatureHash {
+  size_t operator()(const Signature& s) const noexcept {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the fields
+    auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    mix(static_cast<uint64_t>(s.ta) | static_cast<uint64_t>(s.tb) << 8 |
+        static_cast<uint64_t>(s.input) << 16 | static_cast<uint64_t>(s.accumulate) << 24 |
+        static_cast<uint64_t>(static_cast<uint32_t>(s.threads)) << 32);
+    mix(s.alpha_bits);
+    for (int64_t v : {s.M, s.N, s.K, s.lda, s.ldb, s.ldc}) mix(static_cast<uint64_t>(v));
+    return static_cast<size_t>(h);
+  }
+};
+
+// One created primitive and the memory descriptors its arguments are wrapped in.
+struct Compiled {
+  dnnl::matmul primitive;
+  dnnl::memory::desc a, b, c;
+  size_t scratchpad_bytes = 0;
+};
+
+dnnl::memory::data_type input_data_type(GemmInput input) {
+  switch (input) {
+    case GemmInput::f32: return dnnl::memory::data_type::f32;
+  }
+  throw Error("kernels/gemm", "unknown input format");
+}
+
+class Engine {
+ public:
+  Engine() : engine_(dnnl::engine::kind::cpu, 0) {}
+
+  const dnnl::engine& engine() const { return engine_; }
+
+  std::shared_ptr<const Compiled> find_or_create(const Signature& s) {
+    {
+      std::lock_guard lock(mu_);
+      auto it = cache_.find(s);
+      if (it != cache_.end()) return it->second;
+    }
+    // Created outside the lock: creation takes milliseconds and other threads may be
+    // looking up other signatures meanwhile. Two threads racing on one new signature both
+    // create it; the first one stored wins, the same primitive either way.
+    auto made = std::make_shared<const Compiled>(create(s));
+    std::lock_guard lock(mu_);
+    if (cache_.size() >= kMaxCachedPrimitives) cache_.clear();
+    return cache_.emplace(s, std::move(made)).first->second;
+  }
+
+  size_t size() {
+    std::lock_guard lock(mu_);
+    return cache_.size();
+  }
+
+  void clear() {
+    std::lock_guard lock(mu_);
+    cache_.clear();
+  }
+
+ private:
+  Compiled create(const Signature& s) const {
+    using dims = dnnl::memory::dims;
+    const auto in = input_data_type(s.input);
+    // op(A) (M, K): row-major (M, K) with row stride lda, or the transpose of (K, M).
+    const dims a_strides = s.ta == Transpose::no ? dims{s.lda, 1} : dims{1, s.lda};
+    const dims b_strides = s.tb == Transpose::no ? dims{s.ldb, 1} : dims{1, s.ldb};
+    dnnl::memory::desc a({s.M, s.K}, in, a_strides);
+    dnnl::memory::desc b({s.K, s.N}, in, b_strides);
+    dnnl::memory::desc c({s.M, s.N}, dnnl::memory::data_type::f32, dims{s.ldc, 1});
+    dnnl::primitive_attr attr;
+    // Scratchpad per call from the caller's thread (below), so that concurrent calls on
+    // one primitive never share oneDNN's library-owned scratch.
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    float alpha;
+    std::memcpy(&alpha, &s.alpha_bits, sizeof alpha);
+    if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
+    if (s.accumulate) {
+      dnnl::post_ops po;
+      po.append_sum(1.0f);
+      attr.set_post_ops(po);
+    }
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, engine_);
+    return Compiled{dnnl::matmul(pd), a, b, c, pd.scratchpad_desc().get_size()};
+  }
+
+  dnnl::engine engine_;
+  std::mutex mu_;
+  std::unordered_map<Signature, std::shared_ptr<const Compiled>, SignatureHash> cache_;
+};
+
+Engine& engine() {
+  static Engine e;
+  return e;
+}
+
+// Per-thread scratch for the primitives, 64-byte aligned, grown on demand.
+struct Scratchpad {
+  std::unique_ptr<std::byte[]> bytes;
+  size_t size = 0;
+  void* reserve(size_t n) {
+    if (n > size) {
+      bytes.reset(new (std::align_val_t{64}) std::byte[n]);
+      size = n;
+    }
+    return bytes.get();
+  }
+};
+
+void run_sgemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+               const float* A, int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C,
+               int64_t ldc) {
+  // dnnl_sgemm is row-major, like the rest of this file.
+  const dnnl_status_t st = dnnl_sgemm(ta == Transpose::yes ? 'T' : 'N', tb == Transpose::yes ? 'T' : 'N',
+                                      M, N, K, alpha, A, lda, B, ldb, accumulate ? 1.0f : 0.0f, C, ldc);
+  if (st != dnnl_success)
+    throw Error("kernels/gemm", fmt::format("oneDNN sgemm failed (status {}) on M={} N={} K={}",
+                                            static_cast<int>(st), M, N, K));
+}
+
+}  // namespace
+
+void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    // An empty sum: oneDNN rejects zero-sized K, and the answer needs no product.
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  if (M < kGemmPrimitiveMinRows) {
+    run_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
+    return;
+  }
+  Signature s{ta, tb, GemmInput::f32, accumulate, omp_get_max_threads(), std::bit_cast<uint32_t>(alpha),
+              M, N, K, lda, ldb, ldc};
+  std::shared_ptr<const Compiled> p;
+  try {
+    p = engine().find_or_create(s);
+  } catch (const dnnl::error& e) {
+    throw Error("kernels/gemm", fmt::format("oneDNN could not create a matmul for M={} N={} K={} "
+                                            "(lda {}, ldb {}, ldc {}): {}", M, N, K, lda, ldb, ldc,
+                                            e.what()));
+  }
+  const dnnl::engine& eng = engine().engine();
+  thread_local Scratchpad scratch;
+  // oneDNN takes non-const handles; it only reads A and B.
+  dnnl::memory a(p->a, eng, const_cast<float*>(A));
+  dnnl::memory b(p->b, eng, const_cast<float*>(B));
+  dnnl::memory c(p->c, eng, C);
+  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}};
+  if (p->scratchpad_bytes > 0)
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 dnnl::memory(dnnl::memory::desc({static_cast<int64_t>(p->scratchpad_bytes)},
+                                                 dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
+                              eng, scratch.reserve(p->scratchpad_bytes)));
+  dnnl::stream stream(eng);
+  p->primitive.execute(stream, args);
+  stream.wait();
+}
+
+GemmEngineInfo gemm_engine_info() {
+  const dnnl_version_t* v = dnnl_version();
+  GemmEngineInfo info;
+  const char* runtime = v->cpu_runtime == DNNL_RUNTIME_OMP ? "OpenMP" : "not OpenMP";
+  info.library = fmt::format("oneDNN {}.{}.{} (CPU runtime: {})", v->major, v->minor, v->patch, runtime);
+  // "cpu_isa_avx512_core_bf16" -> "avx512_core_bf16"
+  std::string isa = dnnl_cpu_isa2str(static_cast<dnnl_cpu_isa_t>(dnnl::get_effective_cpu_isa()));
+  constexpr std::string_view kPrefix = "cpu_isa_";
+  if (isa.starts_with(kPrefix)) isa.erase(0, kPrefix.size());
+  info.isa = isa;
+  info.cached_primitives = engine().size();
+  return info;
+}
+
+void gemm_clear_cache() { engine().clear(); }
+
+}  // namespace flotilla::kernels
