@@ -49,7 +49,9 @@ void add_plan_command(CLI::App& app) {
   hosts->excludes(hostfile);
   cmd->add_option("--slots", j.slots, "Ranks per machine")->capture_default_str();
   cmd->add_option("--cores", j.cores, "Cores per machine (default: this machine's)");
-  cmd->add_option("--memory-gib", j.memory_gib, "Memory per machine in GiB (default: this machine's MemTotal)");
+  cmd->add_option("--memory-per-host", j.memory_per_host,
+                  "Memory of each machine: 24GiB, 16GB, 512MiB or bytes (default: this machine's MemTotal); a "
+                  "replica that does not fit gets ZeRO sharding advice");
   auto* bw = cmd->add_option("--bandwidth", j.bandwidth, "Network between machines: 1gbit, 10gbit, 100mbit, 1.25GB/s")
                  ->capture_default_str();
   auto* lat = cmd->add_option("--latency", j.latency, "Per-message latency between machines: 50us, 0.2ms")

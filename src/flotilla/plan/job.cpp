@@ -127,7 +127,13 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
     req.hostfile = job.hostfile.string();
   }
   c.cores = job.cores > 0 ? job.cores : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  c.memory_bytes = job.memory_gib > 0 ? static_cast<int64_t>(job.memory_gib * (1 << 30)) : machine_memory_bytes();
+  if (!job.memory_per_host.empty()) {
+    c.memory_bytes = parse_memory_bytes(job.memory_per_host, "--memory-per-host");
+    c.memory_source = "--memory-per-host";
+  } else {
+    c.memory_bytes = machine_memory_bytes();
+    c.memory_source = c.memory_bytes > 0 ? "MemTotal of this machine" : "unknown: /proc/meminfo unreadable, not checked";
+  }
 
   const model::ModelConfig cfg = load_plan_model_config(src.model);
   req.workload = describe_workload(cfg, src.lora, src.lora_config, src.batch_size, src.seq_len, src.grad_accum,

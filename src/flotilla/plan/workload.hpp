@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -66,6 +67,7 @@ struct Cluster {
   int slots = 1;         // ranks per host
   int cores = 1;         // per host
   int64_t memory_bytes = 0;  // per host
+  std::string memory_source = "assumed";  // "--memory-per-host", "MemTotal of this machine"
   Link network;
   Link local;
   // The hosts are network namespaces of one machine (an emulated cluster such as
@@ -83,5 +85,9 @@ struct Cluster {
 
 // MemTotal of /proc/meminfo in bytes (0 if unreadable).
 int64_t machine_memory_bytes();
+// A memory size: "24GiB", "24G" (binary, as Slurm and free read them), "16GB" (decimal),
+// "512MiB", "1.5TiB", "34359738368" (bytes); case and spaces do not matter. InputError
+// naming `flag` for anything else or a size that is not positive.
+int64_t parse_memory_bytes(std::string_view text, std::string_view flag = "--memory-per-host");
 
 }  // namespace flotilla::plan
