@@ -180,7 +180,7 @@ TEST(Memory, TotalsByHand) {
 
 // The per-rank model state, Ψ = 115008 floats, on n ranks: plain 16Ψ, ZeRO-1
 // 8Ψ + 8Ψ/n, ZeRO-2 4Ψ + 12Ψ/n between steps, ZeRO-3 16Ψ/n; and next to it what
-// flotilla's design adds (the reduced shard, 4Ψ/n; a ring chunk, 4Ψ/n).
+// flotilla's design adds (the reduced shard, 4Ψ/n; the exchange's 2 MiB of segments).
 TEST(Memory, ZeroStagesFollowTheFormulas) {
   const Workload w = small_full();
   const double P = kFloats;
@@ -190,7 +190,8 @@ TEST(Memory, ZeroStagesFollowTheFormulas) {
     EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::all_reduce, w), w, n)), 16 * P);
     const MemoryCost z1 = memory_cost(find(StrategyKind::zero1, w), w, n);
     EXPECT_DOUBLE_EQ(state(z1), 8 * P + 8 * P / n);
-    EXPECT_DOUBLE_EQ(z1.buffers, 4 * P / n + 4 * P / n);
+    EXPECT_DOUBLE_EQ(z1.buffers, 4 * P / n + 2 * (1 << 20));
+    EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::all_reduce, w), w, n).buffers, 2 * (1 << 20));
     EXPECT_DOUBLE_EQ(z1.peak(), z1.steady());
     const MemoryCost z2 = memory_cost(find(StrategyKind::zero2, w), w, n);
     EXPECT_DOUBLE_EQ(state(z2), 4 * P + 12 * P / n);

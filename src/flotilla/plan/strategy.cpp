@@ -14,6 +14,11 @@ constexpr double kLossBytes = 16.0;  // (loss sum, token count) as two doubles
 // needs is a sum of squares (one double) all-reduced.
 constexpr double kNormBytes = 8.0;
 
+// What an exact exchange keeps beside the gradient it reduces in place: the ring's window of
+// segments (8 x 256 KiB on one host, 16 x 60 KiB across hosts) or the host arena's slots
+// (comm/algorithms). Measured (bench/zero, W1): two ranks peak 2 MiB above one.
+constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
+
 // ZeRO-3 gathers one layer's weights ahead of use; two such buffers overlap the next
 // gather with the current layer's compute.
 constexpr double kZero3GatherBuffers = 2.0;
@@ -205,20 +210,22 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
   m.grads = 4 * G;
   m.optimizer = 8 * G;  // AdamW m and v
   m.activations = static_cast<double>(w.activation_bytes);
-  // A ring all-reduce receives one chunk at a time next to the buffer it reduces into.
-  const double ring_chunk = n > 1 ? 4 * G / n : 0.0;
+  const double scratch = n > 1 ? kExchangeScratchBytes : 0.0;
   // ZeRO-1/2 reduce-scatter the whole gradient into a buffer of the shard's size, which the
   // optimizer reads; one rank alone has nothing to exchange and updates the arena itself.
+  // The reduce-scatter is assumed to work in segments as the ring does: Open MPI 4.1's
+  // MPI_Reduce_scatter_block on one host allocates the whole buffer once or twice over on
+  // some ranks (rank 0 of 2: +1x, of 4: +2x), which this model does not count.
   const double reduced_shard = n > 1 ? 4 * shard : 0.0;
   switch (s.kind) {
     case StrategyKind::all_reduce:
     case StrategyKind::hierarchical:
     case StrategyKind::accumulate:
     case StrategyKind::local_sgd:
-      m.buffers = ring_chunk;
+      m.buffers = scratch;
       break;
     case StrategyKind::fp16:
-      m.buffers = 2 * G + ring_chunk / 2;  // the fp16 copy of the gradients
+      m.buffers = 2 * G + scratch;  // the fp16 copy of the gradients
       break;
     case StrategyKind::topk:
       // The error-feedback residual (what was not sent) is a full fp32 gradient.
@@ -233,14 +240,14 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
     }
     case StrategyKind::zero1:
       m.optimizer = 8 * shard;
-      m.buffers = reduced_shard + ring_chunk;
+      m.buffers = reduced_shard + scratch;
       break;
     case StrategyKind::zero2:
       m.optimizer = 8 * shard;
       // After the reduce-scatter the pages of the gradient arena outside this rank's range
       // go back to the OS; backward writes all of them again before the next exchange.
       m.grads = 4 * shard;
-      m.buffers = reduced_shard + ring_chunk;
+      m.buffers = reduced_shard + scratch;
       break;
     case StrategyKind::zero3: {
       m.optimizer = 8 * shard;
