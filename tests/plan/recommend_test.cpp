@@ -8,6 +8,7 @@
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/local/local_communicator.hpp"
 #include "flotilla/plan/job.hpp"
 #include "flotilla/plan/plan.hpp"
 
@@ -173,6 +174,34 @@ TEST(MemoryPerHost, ReadsBinaryAndDecimalUnits) {
       EXPECT_NE(std::string(e.what()).find("--memory-per-host"), std::string::npos) << e.what();
     }
   }
+}
+
+// `flotilla plan --memory-per-host`: the machines' memory comes from the flag, else from
+// this machine's MemTotal; nonsense is an InputError naming the flag.
+TEST(MemoryPerHost, PlanJobTakesTheFlagOrThisMachinesMemory) {
+  const auto dir = std::filesystem::temp_directory_path() / ("flotilla_plan_job_" + std::to_string(std::random_device{}()));
+  std::filesystem::create_directories(dir);
+  const auto config = dir / "config.json";
+  std::ofstream(config) << R"({"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64})";
+  PlanJob job;
+  job.source.model = config;
+  job.source.data = std::filesystem::path(FLOTILLA_SOURCE_DIR) / "data" / "sample" / "corpus.txt";
+  job.source.batch_size = 2;
+  job.source.seq_len = 32;
+  job.no_run = true;
+  job.hosts = 4;
+  job.memory_per_host = "1GiB";
+  const std::unique_ptr<comm::Communicator> alone = comm::make_local();
+  const PlanResult given = run_plan_job(job, *alone);
+  EXPECT_EQ(given.request.cluster.memory_bytes, int64_t{1} << 30);
+  EXPECT_EQ(given.request.cluster.memory_source, "--memory-per-host");
+  EXPECT_NE(render_text(given).find("1.0 GiB memory each [--memory-per-host]"), std::string::npos) << render_text(given);
+  job.memory_per_host.clear();
+  EXPECT_EQ(run_plan_job(job, *alone).request.cluster.memory_bytes, machine_memory_bytes());
+  job.memory_per_host = "lots";
+  EXPECT_THROW(run_plan_job(job, *alone), InputError);
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Recommend, NothingFitsSaysSo) {
