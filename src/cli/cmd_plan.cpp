@@ -44,6 +44,10 @@ void add_plan_command(CLI::App& app) {
                 "Plan for train --grad-checkpoint: blocks recomputed in backward (less memory, more compute)")
       ->default_str("false");
   cmd->add_option("--seed", s.seed, "Seed of the measured run")->capture_default_str();
+  cmd->add_option("--bucket-mb", s.bucket_mb,
+                  "As train --bucket-mb: the units ZeRO reduce-scatters while backward runs; MPI's reduce-scatter "
+                  "holds copies of one (0: of the whole gradient)")
+      ->capture_default_str();
   auto* hosts = cmd->add_option("--hosts", j.hosts, "Machines to plan for (alike)")->capture_default_str();
   auto* hostfile = cmd->add_option("--hostfile", j.hostfile, "OpenMPI hostfile: one machine per line, slots=K ranks");
   hosts->excludes(hostfile);

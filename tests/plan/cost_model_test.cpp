@@ -78,7 +78,8 @@ TEST(Strategy, BytesPerStepByHand) {
   EXPECT_NEAR(comm_cost(find(StrategyKind::accumulate, w), w, 2, fast).seconds, plain.seconds / 4, 1e-15);
   EXPECT_NEAR(comm_cost(find(StrategyKind::local_sgd, w), w, 2, fast).seconds, plain.seconds / 8, 1e-15);
   // ZeRO-1/2 move an all-reduce's bytes (a reduce-scatter and an all-gather, 3/4 of 4G
-  // each on 4 ranks), plus the 8-byte gradient norm; ZeRO-3 half as much again.
+  // each on 4 ranks), plus the 8-byte gradient norm; ZeRO-3 half as much again. (ZeRO-2
+  // reduce-scatters every micro-batch: ZeroTwoReducesEveryMicroBatch.)
   const double norm = 2 * 0.75 * 8, loss4 = 2 * 0.75 * 16;
   for (const StrategyKind k : {StrategyKind::zero1, StrategyKind::zero2}) {
     const CommCost z = comm_cost(find(k, w), w, 4, fast);
@@ -92,6 +93,14 @@ TEST(Strategy, BytesPerStepByHand) {
   const Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
   EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, lora), lora, 4, fast).wire_bytes,
               0.75 * 4.0 * (2 * (kFloats + 4096) + 4096) + norm + loss4, 1e-6);
+}
+
+TEST(Strategy, ZeroTwoReducesEveryMicroBatch) {
+  const Workload w = describe_workload(model::ModelConfig{}, false, {}, 2, 16, 4);  // --grad-accum 4
+  const Link fast{1e9, 0.0, ""};
+  const double f = 0.5, G4 = 4.0 * kFloats, small = 2 * 0.5 * (8 + 16);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero1, w), w, 2, fast).wire_bytes, 2 * f * G4 + small, 1e-6);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero2, w), w, 2, fast).wire_bytes, (4 + 1) * f * G4 + small, 1e-6);
 }
 
 TEST(Strategy, NarrowDtypesShrinkTopKAndPowerSgdByHand) {
@@ -180,27 +189,29 @@ TEST(Memory, TotalsByHand) {
 
 // The per-rank model state, Ψ = 115008 floats, on n ranks: plain 16Ψ, ZeRO-1
 // 8Ψ + 8Ψ/n, ZeRO-2 4Ψ + 12Ψ/n between steps, ZeRO-3 16Ψ/n; and next to it what
-// flotilla's design adds (the reduced shard, 4Ψ/n; the exchange's 2 MiB of segments).
+// flotilla's ZeRO adds: ZeRO-1's reduced shard (4Ψ/n; ZeRO-2's is its gradient), the
+// exchange's 2 MiB of segments, and two copies of a unit for MPI's reduce-scatter (the whole
+// arena here: 449 KiB is one fusion bucket).
 TEST(Memory, ZeroStagesFollowTheFormulas) {
   const Workload w = small_full();
-  const double P = kFloats;
+  const double P = kFloats, scratch = 2 * (1 << 20);
+  ASSERT_DOUBLE_EQ(zero_unit_floats(w), P);
   const auto state = [](const MemoryCost& m) { return m.weights + m.grads + m.optimizer; };
   for (const int n : {2, 4}) {
     SCOPED_TRACE(n);
     EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::all_reduce, w), w, n)), 16 * P);
+    EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::all_reduce, w), w, n).buffers, scratch);
     const MemoryCost z1 = memory_cost(find(StrategyKind::zero1, w), w, n);
     EXPECT_DOUBLE_EQ(state(z1), 8 * P + 8 * P / n);
-    EXPECT_DOUBLE_EQ(z1.buffers, 4 * P / n + 2 * (1 << 20));
-    EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::all_reduce, w), w, n).buffers, 2 * (1 << 20));
+    EXPECT_DOUBLE_EQ(z1.buffers, 4 * P / n + scratch + 2 * 4 * P);
     EXPECT_DOUBLE_EQ(z1.peak(), z1.steady());
     const MemoryCost z2 = memory_cost(find(StrategyKind::zero2, w), w, n);
     EXPECT_DOUBLE_EQ(state(z2), 4 * P + 12 * P / n);
-    EXPECT_DOUBLE_EQ(z2.buffers, z1.buffers);
-    // Backward fills the whole gradient before the reduce-scatter releases it: ZeRO-2's
-    // peak is ZeRO-1's.
-    EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * P);
+    EXPECT_DOUBLE_EQ(z2.buffers, scratch + 2 * 4 * P);
+    // The first backward runs over the whole gradient arena: ZeRO-2's peak is ZeRO-1's.
+    EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * P + 4 * P / n);
     EXPECT_DOUBLE_EQ(z2.peak(), z1.peak());
-    EXPECT_DOUBLE_EQ(z2.peak() - z2.steady(), 4 * P - 4 * P / n);
+    EXPECT_DOUBLE_EQ(z1.steady() - z2.steady(), 4 * P);
     EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::zero3, w), w, n)), 16 * P / n);
   }
   // One rank alone under ZeRO holds what plain training does: nothing to exchange.
@@ -208,6 +219,22 @@ TEST(Memory, ZeroStagesFollowTheFormulas) {
                    memory_cost(find(StrategyKind::all_reduce, w), w, 1).peak());
   EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 1).steady(),
                    memory_cost(find(StrategyKind::all_reduce, w), w, 1).steady());
+}
+
+// A unit is a fusion bucket of --bucket-mb, a larger tensor alone (the 16384-float
+// embedding), or the whole arena without buckets; MPI's two copies follow it.
+TEST(Memory, ZeroUnitsFollowTheBuckets) {
+  Workload w = small_full();
+  EXPECT_EQ(w.largest_trainable_floats, 16384);
+  w.bucket_mb = 0.01;  // 2621 floats: the embedding is larger
+  EXPECT_DOUBLE_EQ(zero_unit_floats(w), 16384);
+  w.bucket_mb = 0.1;  // 26214.4 floats
+  EXPECT_DOUBLE_EQ(zero_unit_floats(w), 0.1 * (1 << 20) / 4);
+  const double with_buckets = memory_cost(find(StrategyKind::zero1, w), w, 2).buffers;
+  w.bucket_mb = 0;
+  EXPECT_DOUBLE_EQ(zero_unit_floats(w), kFloats);
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero1, w), w, 2).buffers - with_buckets,
+                   2 * 4 * (kFloats - 0.1 * (1 << 20) / 4));
 }
 
 // 115008 floats over 5 ranks: chunks of 23001 and a tail of 3 that every rank keeps.

@@ -58,9 +58,9 @@ struct ShardingFit {
 };
 
 // The fewest ranks (more than one) on which a ZeRO stage fits, and at that count the lowest
-// stage: a higher one costs more bytes or work, and ZeRO-2 peaks as high as ZeRO-1 until
-// its reduce-scatter runs during backward. A stage flotilla train runs comes before a
-// planned one, whatever their rank counts.
+// stage: a higher one costs more work or bytes (ZeRO-2 hands gradient pages back and faults
+// them in again every step, and reduce-scatters every micro-batch; it peaks where ZeRO-1
+// does). A stage flotilla train runs comes before a planned one, whatever their rank counts.
 std::optional<ShardingFit> smallest_sharding(const PlanResult& p) {
   for (const bool available : {true, false})
     for (size_t i = 1; i < p.ranks.size(); ++i)
@@ -77,7 +77,7 @@ std::string sharding_reason(const PlanResult& p, const StrategyRow& z, size_t i)
   std::string what;
   switch (z.strategy.kind) {
     case StrategyKind::zero1: what = "shards AdamW's moments"; break;
-    case StrategyKind::zero2: what = "shards AdamW's moments and, between steps, the gradients"; break;
+    case StrategyKind::zero2: what = "shards AdamW's moments and the gradients"; break;
     default: what = "shards the weights, gradients and moments, gathering a layer at a time"; break;
   }
   std::string need = fmt::format("{} per rank at the peak", format_bytes(m.peak()));
@@ -359,8 +359,8 @@ std::string render_text(const PlanResult& p) {
                        differs ? format_bytes(m.peak()) : "same");
   }
   if (peak_differs)
-    out += "  (ZeRO-2 releases the gradients it does not own after the reduce-scatter, but backward fills all of\n"
-           "   them again first: its peak is ZeRO-1's until the reduce-scatter runs during backward)\n";
+    out += "  (ZeRO-2 hands each bucket's gradient back once it is reduced: between steps only its shard remains;\n"
+           "   but the first backward runs over the whole gradient, so it peaks where ZeRO-1 does)\n";
   if (s.peak_rss_bytes > 0)
     out += fmt::format("  (the measured one-rank run peaked at {} resident, code and data included)\n",
                        format_bytes(static_cast<double>(s.peak_rss_bytes)));

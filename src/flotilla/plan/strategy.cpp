@@ -19,6 +19,10 @@ constexpr double kNormBytes = 8.0;
 // (comm/algorithms). Measured (bench/zero, W1): two ranks peak 2 MiB above one.
 constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
 
+// Copies of a unit Open MPI's reduce-scatter holds at once on its busiest rank (measured:
+// 1 on 2 ranks, 2 on 3 and 4).
+constexpr double kMpiReduceScatterCopies = 2.0;
+
 // ZeRO-3 gathers one layer's weights ahead of use; two such buffers overlap the next
 // gather with the current layer's compute.
 constexpr double kZero3GatherBuffers = 2.0;
@@ -109,15 +113,18 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
       c.seconds = ring_all_reduce_s(c.payload_bytes, n, link) + loss_s;
       break;
     case StrategyKind::zero1:
-    case StrategyKind::zero2:
+    case StrategyKind::zero2: {
       // A reduce-scatter of the gradients and an all-gather of the updated weights, which
-      // is how a ring all-reduce runs; and the gradient norm.
+      // is how a ring all-reduce runs; and the gradient norm. ZeRO-2 reduce-scatters after
+      // every micro-batch (it keeps no whole gradient to accumulate into).
+      const double scatters = s.kind == StrategyKind::zero2 ? static_cast<double>(std::max<int64_t>(1, w.grad_accum)) : 1.0;
       c.payload_bytes = 4 * G;
-      c.wire_bytes = ring_all_reduce_wire_bytes(c.payload_bytes, n) + ring_all_reduce_wire_bytes(kNormBytes, n) +
-                     loss_wire;
-      c.seconds = ring_reduce_scatter_s(c.payload_bytes, n, link) + ring_all_gather_s(c.payload_bytes, n, link) +
+      const double f = comm::scatter_gather_wire_fraction(n);
+      c.wire_bytes = (scatters + 1) * f * c.payload_bytes + ring_all_reduce_wire_bytes(kNormBytes, n) + loss_wire;
+      c.seconds = scatters * ring_reduce_scatter_s(c.payload_bytes, n, link) + ring_all_gather_s(c.payload_bytes, n, link) +
                   ring_all_reduce_s(kNormBytes, n, link) + loss_s;
       break;
+    }
     case StrategyKind::accumulate:
     case StrategyKind::local_sgd:
       c.payload_bytes = 4 * G;
@@ -195,6 +202,13 @@ double update_share(const Strategy& s, int n) {
   }
 }
 
+double zero_unit_floats(const Workload& w) {
+  const double G = static_cast<double>(w.trainable_floats);
+  if (!(w.bucket_mb > 0)) return G;
+  const double bucket = w.bucket_mb * (1 << 20) / 4;
+  return std::min(G, std::max(bucket, static_cast<double>(w.largest_trainable_floats)));
+}
+
 double zero_shard_floats(int64_t trainable_floats, int n) {
   const int64_t ranks = std::max(1, n);
   return static_cast<double>(trainable_floats / ranks + trainable_floats % ranks);
@@ -211,12 +225,13 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
   m.optimizer = 8 * G;  // AdamW m and v
   m.activations = static_cast<double>(w.activation_bytes);
   const double scratch = n > 1 ? kExchangeScratchBytes : 0.0;
-  // ZeRO-1/2 reduce-scatter the whole gradient into a buffer of the shard's size, which the
-  // optimizer reads; one rank alone has nothing to exchange and updates the arena itself.
-  // The reduce-scatter is assumed to work in segments as the ring does: Open MPI 4.1's
-  // MPI_Reduce_scatter_block on one host allocates the whole buffer once or twice over on
-  // some ranks (rank 0 of 2: +1x, of 4: +2x), which this model does not count.
+  // ZeRO-1/2 reduce-scatter the gradient unit by unit (the fusion buckets) into a shard
+  // buffer of their own, which the optimizer reads; one rank alone is plain training.
   const double reduced_shard = n > 1 ? 4 * shard : 0.0;
+  // Open MPI 4.1's reduce-scatter (MPI_Reduce_scatter_block, under comm::reduce_scatter)
+  // allocates one or two copies of the unit it reduces on some ranks (rank 0; measured in
+  // bench/RESULTS.md, "ZeRO memory"): every rank is charged the worst, as that rank has to fit.
+  const double mpi_unit_copies = n > 1 ? kMpiReduceScatterCopies * 4 * zero_unit_floats(w) : 0.0;
   switch (s.kind) {
     case StrategyKind::all_reduce:
     case StrategyKind::hierarchical:
@@ -239,15 +254,20 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       break;
     }
     case StrategyKind::zero1:
-      m.optimizer = 8 * shard;
-      m.buffers = reduced_shard + scratch;
-      break;
     case StrategyKind::zero2:
       m.optimizer = 8 * shard;
-      // After the reduce-scatter the pages of the gradient arena outside this rank's range
-      // go back to the OS; backward writes all of them again before the next exchange.
-      m.grads = 4 * shard;
-      m.buffers = reduced_shard + scratch;
+      m.buffers = scratch + mpi_unit_copies;
+      if (s.kind == StrategyKind::zero1 || n == 1) {
+        m.buffers += reduced_shard;
+      } else {
+        // Each unit's part of the gradient arena goes back to the OS once it is reduced, so
+        // between steps the reduced shard is all the gradient there is. But the arena is
+        // whole when the first step's backward runs (zero-filled when the model is built
+        // and again by the first zero_grads), so the run's peak is ZeRO-1's; releasing it
+        // before the first step would leave only the units not yet reduced.
+        m.grads = 4 * shard;
+        m.grads_in_backward = m.grads + 4 * G;
+      }
       break;
     case StrategyKind::zero3: {
       m.optimizer = 8 * shard;
@@ -260,7 +280,7 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       break;
     }
   }
-  m.grads_in_backward = s.kind == StrategyKind::zero2 ? 4 * G : m.grads;
+  m.grads_in_backward = std::max(m.grads_in_backward, m.grads);
   return m;
 }
 

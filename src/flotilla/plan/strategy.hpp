@@ -34,17 +34,18 @@
 //                  2(HS-1) network latencies
 // Every strategy also sums the loss and token count (16 bytes) once per optimizer step.
 //
-// Memory (memory_cost), per rank, Ψ = G trainable floats, a shard = floor(G/n) floats plus
-// the tail of G mod n that every rank keeps (parallel/ cuts the flat arena so):
+// Memory (memory_cost), per rank, Ψ = G trainable floats; ZeRO cuts the arena into units
+// (train's fusion buckets, --bucket-mb) and each unit into n chunks plus a tail of fewer
+// than n floats that every rank keeps, so a shard is about Ψ/n (parallel/zero.hpp):
 //   plain          weights 4Ψ, gradients 4Ψ, AdamW 8Ψ                        = 16Ψ
 //   zero1          AdamW for the shard only                                 = 8Ψ + 8Ψ/n
-//   zero2          and only the shard's gradients between steps             = 4Ψ + 12Ψ/n
-//                  -- but backward still fills the whole 4Ψ gradient before the
-//                  reduce-scatter releases the rest, so the *peak* is zero1's until the
-//                  reduce-scatter runs bucket by bucket during backward
+//                  and the buffer the reduce-scatter writes the shard into: + 4Ψ/n
+//   zero2          each unit's gradient released once reduced: between steps the
+//                  reduced shard is the only gradient                       = 4Ψ + 12Ψ/n
+//                  but the first backward runs over the whole arena: peak = zero1's
 //   zero3          weights too, plus the gathered layers                     = 16Ψ/n + layers
-// plus, for zero1/2 on n > 1, the reduce-scatter's output (the reduced shard, 4Ψ/n, a
-// buffer of its own), and for every strategy the activations and exchange buffers.
+// and for every strategy the activations and exchange buffers; ZeRO-1/2 on n > 1 ranks
+// also two copies of a unit, what Open MPI's reduce-scatter allocates on its busiest rank.
 #pragma once
 
 #include <algorithm>
@@ -100,8 +101,8 @@ double update_share(const Strategy& s, int ranks);
 struct MemoryCost {
   // Resident between steps: after the update, before the next forward.
   double weights = 0, grads = 0, optimizer = 0, activations = 0, buffers = 0;
-  // The gradients while backward runs. More than `grads` where a strategy releases part of
-  // them after the exchange (ZeRO-2); else equal.
+  // The gradients while backward runs. More than `grads` where a strategy releases them
+  // after the exchange (ZeRO-2); else equal.
   double grads_in_backward = 0;
   double steady() const { return weights + grads + optimizer + activations + buffers; }
   // The most a rank holds during a step: what has to fit, and what peak RSS measures.
@@ -113,8 +114,12 @@ struct MemoryCost {
 MemoryCost memory_cost(const Strategy& s, const Workload& w, int ranks);
 
 // Floats of the flat trainable arena whose gradients and moments one rank keeps under
-// ZeRO: its chunk floor(G/n) and the tail G mod n that every rank updates alike.
+// ZeRO: its chunk floor(G/n) and the tail G mod n that every rank updates alike (as if the
+// arena were one unit: each unit's tail adds fewer than n floats).
 double zero_shard_floats(int64_t trainable_floats, int ranks);
+// The largest unit ZeRO reduce-scatters at once: a fusion bucket, a larger tensor alone, or
+// the whole arena when --bucket-mb is 0.
+double zero_unit_floats(const Workload& w);
 
 std::string_view strategy_kind_name(StrategyKind k);  // "all_reduce", "zero3", ...
 

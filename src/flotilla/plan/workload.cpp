@@ -54,6 +54,7 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
       w.trainable_matrices.emplace_back(p.shape[0], p.shape[1]);
     else
       w.trainable_vector_floats += p.numel;
+    w.largest_trainable_floats = std::max(w.largest_trainable_floats, p.numel);
   }
   w.activation_bytes = model::Llama::activation_bytes(cfg, adapters ? &*adapters : nullptr, batch_size, seq_len,
                                                    grad_checkpoint);

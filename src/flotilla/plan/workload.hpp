@@ -23,6 +23,7 @@ struct Workload {
   int64_t seq_len = 128;    // T
   int64_t grad_accum = 1;   // micro-batches per optimizer step per rank
   bool grad_checkpoint = false;  // train --grad-checkpoint: blocks recomputed in backward
+  double bucket_mb = 25.0;       // train --bucket-mb: fusion buckets, ZeRO's units (0: one unit)
 
   // Derived by describe_workload from the config, exactly as the model lays them out.
   int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
@@ -30,6 +31,7 @@ struct Workload {
   // Trainable 2-D tensors as (rows, cols): PowerSGD compresses these; 1-D ones go as they are.
   std::vector<std::pair<int64_t, int64_t>> trainable_matrices;
   int64_t trainable_vector_floats = 0;
+  int64_t largest_trainable_floats = 0;  // the largest trainable tensor (a bucket of its own if larger)
   int64_t largest_layer_floats = 0;  // one block's weights, or the embedding if larger (ZeRO-3)
   int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters and checkpointing included
 
