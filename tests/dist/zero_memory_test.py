@@ -1,10 +1,10 @@
 #!/usr/bin/python3
 """flotilla plan's predicted peak memory per rank against every rank's measured peak RSS
-(issue 12 items 4 and 9), through bench/zero on W1 at 1 and 2 ranks: plain data
+(issue 12 items 4 and 9), through bench/zero on W1 at 1, 2 and 3 ranks: plain data
 parallelism, and --zero 1 and 2 where this flotilla has --zero (a binary without the flag
 checks plain alone, and says so). Every rank must lie within 10% of the prediction.
 
-    zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2] [--steps 1]
+    zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,3] [--steps 1]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("flotilla")
     ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--ranks", default="1,2,3")
     ap.add_argument("--steps", type=int, default=1)
     args = ap.parse_args()
     flotilla = os.path.abspath(args.flotilla)
