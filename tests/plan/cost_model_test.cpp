@@ -208,7 +208,8 @@ TEST(Memory, ZeroStagesFollowTheFormulas) {
     const MemoryCost z2 = memory_cost(find(StrategyKind::zero2, w), w, n);
     EXPECT_DOUBLE_EQ(state(z2), 4 * P + 12 * P / n);
     EXPECT_DOUBLE_EQ(z2.buffers, scratch + 2 * 4 * P);
-    // The first backward runs over the whole gradient arena: ZeRO-2's peak is ZeRO-1's.
+    // Backward holds the units not yet reduced; here one unit is the whole arena, so
+    // ZeRO-2's peak is ZeRO-1's.
     EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * P + 4 * P / n);
     EXPECT_DOUBLE_EQ(z2.peak(), z1.peak());
     EXPECT_DOUBLE_EQ(z1.steady() - z2.steady(), 4 * P);
@@ -231,10 +232,16 @@ TEST(Memory, ZeroUnitsFollowTheBuckets) {
   w.bucket_mb = 0.1;  // 26214.4 floats
   EXPECT_DOUBLE_EQ(zero_unit_floats(w), 0.1 * (1 << 20) / 4);
   const double with_buckets = memory_cost(find(StrategyKind::zero1, w), w, 2).buffers;
+  // ZeRO-2 during backward: its shard and two units in flight, below ZeRO-1's peak.
+  const MemoryCost z2 = memory_cost(find(StrategyKind::zero2, w), w, 2);
+  EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * (kFloats / 2) + 2 * 4 * (0.1 * (1 << 20) / 4));
+  EXPECT_LT(z2.peak(), memory_cost(find(StrategyKind::zero1, w), w, 2).peak());
   w.bucket_mb = 0;
   EXPECT_DOUBLE_EQ(zero_unit_floats(w), kFloats);
   EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero1, w), w, 2).buffers - with_buckets,
                    2 * 4 * (kFloats - 0.1 * (1 << 20) / 4));
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 2).peak(),
+                   memory_cost(find(StrategyKind::zero1, w), w, 2).peak());
 }
 
 // 115008 floats over 5 ranks: chunks of 23001 and a tail of 3 that every rank keeps.

@@ -102,29 +102,33 @@ TEST(Recommend, ReplicaTooBigForAMachineButZeroTwoOnFourFitsIsShardingOnFour) {
   EXPECT_FALSE(p.row(StrategyKind::all_reduce).fits_at(0, r));
   EXPECT_FALSE(p.row(StrategyKind::zero2).fits_at(2, r));  // 3 ranks
   EXPECT_TRUE(p.row(StrategyKind::zero2).fits_at(3, r));   // 4 ranks
+  EXPECT_FALSE(p.row(StrategyKind::zero1).fits_at(3, r));  // ZeRO-1 keeps the whole gradient
   EXPECT_EQ(rec.advice, Advice::sharding) << rec.reason;
+  EXPECT_EQ(rec.strategy, "ZeRO-2");
   EXPECT_EQ(rec.ranks, 4);
   EXPECT_FALSE(rec.planned);
-  // ZeRO-2 peaks as high as ZeRO-1 while backward fills the whole gradient, so the lower
-  // stage, which fits as well, is the advice; the walk says ZeRO-2 fits too.
-  EXPECT_EQ(rec.strategy, "ZeRO-1");
   EXPECT_NE(rec.command.find("mpirun -np 4"), std::string::npos) << rec.command;
-  EXPECT_NE(rec.command.find("--zero 1"), std::string::npos) << rec.command;
-  EXPECT_NE(rec.reason.find("ZeRO-1 shards AdamW's moments"), std::string::npos) << rec.reason;
+  EXPECT_NE(rec.command.find("--zero 2"), std::string::npos) << rec.command;
+  EXPECT_NE(rec.reason.find("ZeRO-2 shards AdamW's moments and the gradients"), std::string::npos) << rec.reason;
   EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
-  bool walk_names_zero2 = false;
-  for (const std::string& line : rec.walk) walk_names_zero2 |= line.find("ZeRO-2 fits on 4 ranks") != std::string::npos;
-  EXPECT_TRUE(walk_names_zero2);
+  bool walk_names_zero1 = false;
+  for (const std::string& line : rec.walk)
+    walk_names_zero1 |= line.find("ZeRO-1 does not fit on 4 ranks") != std::string::npos;
+  EXPECT_TRUE(walk_names_zero1);
 }
 
 TEST(Recommend, ShardingPrefersAStageTrainRunsOverAPlannedOne) {
-  // ZeRO-3 would fit on 2 ranks, ZeRO-1/2 only on 4: flotilla train runs ZeRO-1 today.
+  // Just enough for ZeRO-2 on 4 ranks; ZeRO-3 would fit on fewer, but flotilla train runs
+  // ZeRO-2 today.
   PlanRequest r = request(10.0, 10 * 3600.0, 4, "10gbit");
-  r.cluster.memory_bytes = memory_between(r, StrategyKind::zero1, 4);
+  for (const Strategy& s : all_strategies(r.knobs, r.workload, 2))
+    if (s.kind == StrategyKind::zero2)
+      r.cluster.memory_bytes = static_cast<int64_t>(memory_cost(s, r.workload, 4).peak() / r.memory_headroom * 1.001);
   const PlanResult p = make_plan(r);
-  ASSERT_TRUE(p.row(StrategyKind::zero3).fits_at(1, r));
+  ASSERT_TRUE(p.row(StrategyKind::zero3).fits_at(2, r));  // 3 ranks
+  ASSERT_FALSE(p.row(StrategyKind::zero2).fits_at(2, r));
   EXPECT_EQ(p.recommendation.advice, Advice::sharding);
-  EXPECT_EQ(p.recommendation.strategy, "ZeRO-1");
+  EXPECT_EQ(p.recommendation.strategy, "ZeRO-2");
   EXPECT_EQ(p.recommendation.ranks, 4);
   EXPECT_FALSE(p.recommendation.planned);
 }

@@ -59,8 +59,8 @@ struct ShardingFit {
 
 // The fewest ranks (more than one) on which a ZeRO stage fits, and at that count the lowest
 // stage: a higher one costs more work or bytes (ZeRO-2 hands gradient pages back and faults
-// them in again every step, and reduce-scatters every micro-batch; it peaks where ZeRO-1
-// does). A stage flotilla train runs comes before a planned one, whatever their rank counts.
+// them in again every step, and reduce-scatters every micro-batch). A stage flotilla train
+// runs comes before a planned one, whatever their rank counts.
 std::optional<ShardingFit> smallest_sharding(const PlanResult& p) {
   for (const bool available : {true, false})
     for (size_t i = 1; i < p.ranks.size(); ++i)
@@ -359,8 +359,8 @@ std::string render_text(const PlanResult& p) {
                        differs ? format_bytes(m.peak()) : "same");
   }
   if (peak_differs)
-    out += "  (ZeRO-2 hands each bucket's gradient back once it is reduced: between steps only its shard remains;\n"
-           "   but the first backward runs over the whole gradient, so it peaks where ZeRO-1 does)\n";
+    out += "  (ZeRO-2 hands each bucket's gradient back once it is reduced: between steps only its shard remains,\n"
+           "   during backward the buckets written and not yet reduced come on top)\n";
   if (s.peak_rss_bytes > 0)
     out += fmt::format("  (the measured one-rank run peaked at {} resident, code and data included)\n",
                        format_bytes(static_cast<double>(s.peak_rss_bytes)));

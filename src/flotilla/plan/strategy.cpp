@@ -19,6 +19,10 @@ constexpr double kNormBytes = 8.0;
 // (comm/algorithms). Measured (bench/zero, W1): two ranks peak 2 MiB above one.
 constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
 
+// ZeRO-2 during backward: the unit backward is writing and the one the communication
+// thread is reducing.
+constexpr double kZero2UnitsInFlight = 2.0;
+
 // Copies of a unit Open MPI's reduce-scatter holds at once on its busiest rank (measured:
 // 1 on 2 ranks, 2 on 3 and 4).
 constexpr double kMpiReduceScatterCopies = 2.0;
@@ -260,13 +264,13 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       if (s.kind == StrategyKind::zero1 || n == 1) {
         m.buffers += reduced_shard;
       } else {
-        // Each unit's part of the gradient arena goes back to the OS once it is reduced, so
-        // between steps the reduced shard is all the gradient there is. But the arena is
-        // whole when the first step's backward runs (zero-filled when the model is built
-        // and again by the first zero_grads), so the run's peak is ZeRO-1's; releasing it
-        // before the first step would leave only the units not yet reduced.
+        // Each unit's part of the gradient arena goes back to the OS once it is reduced (and
+        // pages never written cost nothing: base/buffer.hpp), so between steps the reduced
+        // shard is all the gradient there is; during backward the units written and not yet
+        // reduced come on top: one being written, one on the communication thread (the whole
+        // arena with --bucket-mb 0).
         m.grads = 4 * shard;
-        m.grads_in_backward = m.grads + 4 * G;
+        m.grads_in_backward = m.grads + std::min(4 * G, kZero2UnitsInFlight * 4 * zero_unit_floats(w));
       }
       break;
     case StrategyKind::zero3: {

@@ -42,7 +42,8 @@
 //                  and the buffer the reduce-scatter writes the shard into: + 4Ψ/n
 //   zero2          each unit's gradient released once reduced: between steps the
 //                  reduced shard is the only gradient                       = 4Ψ + 12Ψ/n
-//                  but the first backward runs over the whole arena: peak = zero1's
+//                  and during backward the units not yet reduced (two of them; the
+//                  whole gradient, so zero1's peak, with --bucket-mb 0 or one bucket)
 //   zero3          weights too, plus the gathered layers                     = 16Ψ/n + layers
 // and for every strategy the activations and exchange buffers; ZeRO-1/2 on n > 1 ranks
 // also two copies of a unit, what Open MPI's reduce-scatter allocates on its busiest rank.
