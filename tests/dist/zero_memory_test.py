@@ -4,7 +4,7 @@
 parallelism, and --zero 1 and 2 where this flotilla has --zero (a binary without the flag
 checks plain alone, and says so). Every rank must lie within 10% of the prediction.
 
-    zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,3] [--steps 1]
+    zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,3] [--steps 2]
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def main() -> int:
     ap.add_argument("flotilla")
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--ranks", default="1,2,3")
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2,
+                    help="the peak comes in the second step: AdamW's moments are first written by the first update")
     args = ap.parse_args()
     flotilla = os.path.abspath(args.flotilla)
     help_text = subprocess.run([flotilla, "train", "--help"], capture_output=True, text=True).stdout
