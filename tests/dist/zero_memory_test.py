@@ -9,12 +9,14 @@ checks plain alone, and says so). Every rank must lie within 10% of the predicti
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_util import script_args  # noqa: E402  (next to this file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(REPO, "bench", "zero")
@@ -22,13 +24,10 @@ TOLERANCE = 0.10
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("flotilla")
-    ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--ranks", default="1,2,3")
-    ap.add_argument("--steps", type=int, default=2,
-                    help="the peak comes in the second step: AdamW's moments are first written by the first update")
-    args = ap.parse_args()
+    args = script_args((("--ranks",), {"default": "1,2,3"}),
+                       (("--steps",), {"type": int, "default": 2,
+                                       "help": "the peak comes in the second step: AdamW's moments are first "
+                                               "written by the first update"}))
     flotilla = os.path.abspath(args.flotilla)
     help_text = subprocess.run([flotilla, "train", "--help"], capture_output=True, text=True).stdout
     has_zero = "--zero" in help_text
