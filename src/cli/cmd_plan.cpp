@@ -44,12 +44,18 @@ void add_plan_command(CLI::App& app) {
                 "Plan for train --grad-checkpoint: blocks recomputed in backward (less memory, more compute)")
       ->default_str("false");
   cmd->add_option("--seed", s.seed, "Seed of the measured run")->capture_default_str();
+  cmd->add_option("--bucket-mb", s.bucket_mb,
+                  "As train --bucket-mb: the units ZeRO reduce-scatters while backward runs; MPI's reduce-scatter "
+                  "holds copies of one (0: of the whole gradient)")
+      ->capture_default_str();
   auto* hosts = cmd->add_option("--hosts", j.hosts, "Machines to plan for (alike)")->capture_default_str();
   auto* hostfile = cmd->add_option("--hostfile", j.hostfile, "OpenMPI hostfile: one machine per line, slots=K ranks");
   hosts->excludes(hostfile);
   cmd->add_option("--slots", j.slots, "Ranks per machine")->capture_default_str();
   cmd->add_option("--cores", j.cores, "Cores per machine (default: this machine's)");
-  cmd->add_option("--memory-gib", j.memory_gib, "Memory per machine in GiB (default: this machine's MemTotal)");
+  cmd->add_option("--memory-per-host", j.memory_per_host,
+                  "Memory of each machine: 24GiB, 16GB, 512MiB or bytes (default: this machine's MemTotal); a "
+                  "replica that does not fit gets ZeRO sharding advice");
   auto* bw = cmd->add_option("--bandwidth", j.bandwidth, "Network between machines: 1gbit, 10gbit, 100mbit, 1.25GB/s")
                  ->capture_default_str();
   auto* lat = cmd->add_option("--latency", j.latency, "Per-message latency between machines: 50us, 0.2ms")

@@ -77,11 +77,30 @@ TEST(Strategy, BytesPerStepByHand) {
   // Accumulating over 4 micro-batches and local SGD every 8 steps: a quarter, an eighth.
   EXPECT_NEAR(comm_cost(find(StrategyKind::accumulate, w), w, 2, fast).seconds, plain.seconds / 4, 1e-15);
   EXPECT_NEAR(comm_cost(find(StrategyKind::local_sgd, w), w, 2, fast).seconds, plain.seconds / 8, 1e-15);
-  // ZeRO-1/2 move an all-reduce's bytes; ZeRO-3 half as much again.
-  EXPECT_DOUBLE_EQ(comm_cost(find(StrategyKind::zero2, w), w, 4, fast).wire_bytes,
-                   comm_cost(find(StrategyKind::all_reduce, w), w, 4, fast).wire_bytes);
-  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, fast).wire_bytes - 16 * 1.5,
-              1.5 * (comm_cost(find(StrategyKind::all_reduce, w), w, 4, fast).wire_bytes - 16 * 1.5), 1e-6);
+  // ZeRO-1/2 move an all-reduce's bytes (a reduce-scatter and an all-gather, 3/4 of 4G
+  // each on 4 ranks), plus the 8-byte gradient norm; ZeRO-3 half as much again. (ZeRO-2
+  // reduce-scatters every micro-batch: ZeroTwoReducesEveryMicroBatch.)
+  const double norm = 2 * 0.75 * 8, loss4 = 2 * 0.75 * 16;
+  for (const StrategyKind k : {StrategyKind::zero1, StrategyKind::zero2}) {
+    const CommCost z = comm_cost(find(k, w), w, 4, fast);
+    EXPECT_DOUBLE_EQ(z.payload_bytes, 4.0 * kFloats);
+    EXPECT_NEAR(z.wire_bytes, 2 * 0.75 * 4.0 * kFloats + norm + loss4, 1e-6);
+    EXPECT_NEAR(z.wire_bytes - norm, comm_cost(find(StrategyKind::all_reduce, w), w, 4, fast).wire_bytes, 1e-6);
+  }
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, fast).wire_bytes, 3 * 0.75 * 4.0 * kFloats + norm + loss4,
+              1e-6);
+  // ZeRO-3 with LoRA gathers the whole model twice and reduce-scatters the 4096 adapter floats.
+  const Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, lora), lora, 4, fast).wire_bytes,
+              0.75 * 4.0 * (2 * (kFloats + 4096) + 4096) + norm + loss4, 1e-6);
+}
+
+TEST(Strategy, ZeroTwoReducesEveryMicroBatch) {
+  const Workload w = describe_workload(model::ModelConfig{}, false, {}, 2, 16, 4);  // --grad-accum 4
+  const Link fast{1e9, 0.0, ""};
+  const double f = 0.5, G4 = 4.0 * kFloats, small = 2 * 0.5 * (8 + 16);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero1, w), w, 2, fast).wire_bytes, 2 * f * G4 + small, 1e-6);
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero2, w), w, 2, fast).wire_bytes, (4 + 1) * f * G4 + small, 1e-6);
 }
 
 TEST(Strategy, NarrowDtypesShrinkTopKAndPowerSgdByHand) {
@@ -120,8 +139,10 @@ TEST(Strategy, LatencyCountsPerCollective) {
   const Link slow{1e30, 1e-3, ""};  // bandwidth out of the picture
   // all-reduce of the gradients + the loss: 2 * 2(n-1) latencies.
   EXPECT_NEAR(comm_cost(find(StrategyKind::all_reduce, w), w, 4, slow).seconds, 2 * 6 * 1e-3, 1e-12);
-  // ZeRO-3: 3 collectives of (n-1) steps per layer, plus the loss.
-  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, slow).seconds, 3 * 2 * 3 * 1e-3 + 6e-3, 1e-12);
+  // ZeRO-1/2: a reduce-scatter and an all-gather of (n-1) steps each, the norm and the loss.
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero1, w), w, 4, slow).seconds, 2 * 3 * 1e-3 + 2 * 6e-3, 1e-12);
+  // ZeRO-3: 3 collectives of (n-1) steps per layer, plus the norm and the loss.
+  EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, slow).seconds, 3 * 2 * 3 * 1e-3 + 2 * 6e-3, 1e-12);
 }
 
 TEST(Strategy, HierarchicalReducesInsideHostsFirst) {
@@ -148,22 +169,98 @@ TEST(Strategy, HierarchicalReducesInsideHostsFirst) {
 
 TEST(Memory, TotalsByHand) {
   const Workload w = small_full();
+  const double act = static_cast<double>(w.activation_bytes);
   const MemoryCost one = memory_cost(find(StrategyKind::all_reduce, w), w, 1);
   EXPECT_DOUBLE_EQ(one.weights, 4.0 * kFloats);
   EXPECT_DOUBLE_EQ(one.grads, 4.0 * kFloats);
   EXPECT_DOUBLE_EQ(one.optimizer, 8.0 * kFloats);
   EXPECT_DOUBLE_EQ(one.buffers, 0.0);
-  EXPECT_DOUBLE_EQ(one.total(), 16.0 * kFloats + static_cast<double>(w.activation_bytes));
-  // ZeRO-3 on 4 ranks: weights, gradients and moments in quarters, two layer buffers.
+  EXPECT_DOUBLE_EQ(one.steady(), 16.0 * kFloats + act);
+  EXPECT_DOUBLE_EQ(one.peak(), one.steady());
+  // ZeRO-3 on 4 ranks: weights, gradients and moments in quarters (115008 = 4 x 28752, no
+  // tail), two gathered layers and one layer's gradient.
   const MemoryCost z3 = memory_cost(find(StrategyKind::zero3, w), w, 4);
   EXPECT_DOUBLE_EQ(z3.weights, kFloats);
   EXPECT_DOUBLE_EQ(z3.grads, kFloats);
   EXPECT_DOUBLE_EQ(z3.optimizer, 2.0 * kFloats);
-  EXPECT_DOUBLE_EQ(z3.buffers, 2 * 4 * 41088.0);
-  // ZeRO-1 shards only the moments.
-  const MemoryCost z1 = memory_cost(find(StrategyKind::zero1, w), w, 4);
-  EXPECT_DOUBLE_EQ(z1.optimizer, 2.0 * kFloats);
-  EXPECT_DOUBLE_EQ(z1.grads, 4.0 * kFloats);
+  EXPECT_DOUBLE_EQ(z3.buffers, 3 * 4 * 41088.0);
+  EXPECT_DOUBLE_EQ(z3.peak(), z3.steady());
+}
+
+// The per-rank model state, Ψ = 115008 floats, on n ranks: plain 16Ψ, ZeRO-1
+// 8Ψ + 8Ψ/n, ZeRO-2 4Ψ + 12Ψ/n between steps, ZeRO-3 16Ψ/n; and next to it what
+// flotilla's ZeRO adds: ZeRO-1's reduced shard (4Ψ/n; ZeRO-2's is its gradient), the
+// exchange's 2 MiB of segments, and two copies of a unit for MPI's reduce-scatter (the whole
+// arena here: 449 KiB is one fusion bucket).
+TEST(Memory, ZeroStagesFollowTheFormulas) {
+  const Workload w = small_full();
+  const double P = kFloats, scratch = 2 * (1 << 20);
+  ASSERT_DOUBLE_EQ(zero_unit_floats(w), P);
+  const auto state = [](const MemoryCost& m) { return m.weights + m.grads + m.optimizer; };
+  for (const int n : {2, 4}) {
+    SCOPED_TRACE(n);
+    EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::all_reduce, w), w, n)), 16 * P);
+    EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::all_reduce, w), w, n).buffers, scratch);
+    const MemoryCost z1 = memory_cost(find(StrategyKind::zero1, w), w, n);
+    EXPECT_DOUBLE_EQ(state(z1), 8 * P + 8 * P / n);
+    EXPECT_DOUBLE_EQ(z1.buffers, 4 * P / n + scratch + 2 * 4 * P);
+    EXPECT_DOUBLE_EQ(z1.peak(), z1.steady());
+    const MemoryCost z2 = memory_cost(find(StrategyKind::zero2, w), w, n);
+    EXPECT_DOUBLE_EQ(state(z2), 4 * P + 12 * P / n);
+    EXPECT_DOUBLE_EQ(z2.buffers, scratch + 2 * 4 * P);
+    // Backward holds the units not yet reduced; here one unit is the whole arena, so
+    // ZeRO-2's peak is ZeRO-1's.
+    EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * P + 4 * P / n);
+    EXPECT_DOUBLE_EQ(z2.peak(), z1.peak());
+    EXPECT_DOUBLE_EQ(z1.steady() - z2.steady(), 4 * P);
+    EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::zero3, w), w, n)), 16 * P / n);
+  }
+  // One rank alone under ZeRO holds what plain training does: nothing to exchange.
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero1, w), w, 1).peak(),
+                   memory_cost(find(StrategyKind::all_reduce, w), w, 1).peak());
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 1).steady(),
+                   memory_cost(find(StrategyKind::all_reduce, w), w, 1).steady());
+}
+
+// A unit is a fusion bucket of --bucket-mb, a larger tensor alone (the 16384-float
+// embedding), or the whole arena without buckets; MPI's two copies follow it.
+TEST(Memory, ZeroUnitsFollowTheBuckets) {
+  Workload w = small_full();
+  EXPECT_EQ(w.largest_trainable_floats, 16384);
+  w.bucket_mb = 0.01;  // 2621 floats: the embedding is larger
+  EXPECT_DOUBLE_EQ(zero_unit_floats(w), 16384);
+  w.bucket_mb = 0.1;  // 26214.4 floats
+  EXPECT_DOUBLE_EQ(zero_unit_floats(w), 0.1 * (1 << 20) / 4);
+  const double with_buckets = memory_cost(find(StrategyKind::zero1, w), w, 2).buffers;
+  // ZeRO-2 during backward: its shard and two units in flight, below ZeRO-1's peak.
+  const MemoryCost z2 = memory_cost(find(StrategyKind::zero2, w), w, 2);
+  EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * (kFloats / 2) + 2 * 4 * (0.1 * (1 << 20) / 4));
+  EXPECT_LT(z2.peak(), memory_cost(find(StrategyKind::zero1, w), w, 2).peak());
+  w.bucket_mb = 0;
+  EXPECT_DOUBLE_EQ(zero_unit_floats(w), kFloats);
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero1, w), w, 2).buffers - with_buckets,
+                   2 * 4 * (kFloats - 0.1 * (1 << 20) / 4));
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 2).peak(),
+                   memory_cost(find(StrategyKind::zero1, w), w, 2).peak());
+}
+
+// 115008 floats over 5 ranks: chunks of 23001 and a tail of 3 that every rank keeps.
+TEST(Memory, ZeroShardKeepsTheTail) {
+  EXPECT_DOUBLE_EQ(zero_shard_floats(kFloats, 5), 23001 + 3);
+  EXPECT_DOUBLE_EQ(zero_shard_floats(kFloats, 1), kFloats);
+  EXPECT_DOUBLE_EQ(zero_shard_floats(10, 3), 3 + 1);
+  const Workload w = small_full();
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero1, w), w, 5).optimizer, 8.0 * (23001 + 3));
+  EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 5).grads, 4.0 * (23001 + 3));
+}
+
+TEST(Strategy, ZeroOneAndTwoRunTodayThreeIsPlanned) {
+  const Workload w = small_full();
+  EXPECT_TRUE(find(StrategyKind::zero1, w).available);
+  EXPECT_EQ(find(StrategyKind::zero1, w).train_flags, "--zero 1");
+  EXPECT_TRUE(find(StrategyKind::zero2, w).available);
+  EXPECT_EQ(find(StrategyKind::zero2, w).train_flags, "--zero 2");
+  EXPECT_FALSE(find(StrategyKind::zero3, w).available);
 }
 
 TEST(Memory, LoraHasNoBaseGradientsOrMoments) {

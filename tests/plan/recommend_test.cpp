@@ -4,9 +4,11 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <stdexcept>
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/comm/local/local_communicator.hpp"
 #include "flotilla/plan/job.hpp"
 #include "flotilla/plan/plan.hpp"
 
@@ -76,7 +78,134 @@ TEST(Recommend, WhatDoesNotFitOneMachineIsSharded) {
   const PlanResult p = make_plan(r);
   EXPECT_EQ(p.recommendation.advice, Advice::sharding) << p.recommendation.reason;
   EXPECT_TRUE(p.recommendation.planned);
+  EXPECT_EQ(p.recommendation.strategy, "ZeRO-3");
   EXPECT_GT(p.recommendation.ranks, 1);
+}
+
+// A budget per machine between what `kind` needs per rank at the peak on `fits` ranks and
+// on `fits - 1` ranks, with the planner's 90% headroom.
+int64_t memory_between(const PlanRequest& r, StrategyKind kind, int fits) {
+  for (const Strategy& s : all_strategies(r.knobs, r.workload, 2)) {
+    if (s.kind != kind) continue;
+    const double need = memory_cost(s, r.workload, fits).peak();
+    const double more = memory_cost(s, r.workload, fits - 1).peak();
+    return static_cast<int64_t>((need + more) / 2 / r.memory_headroom);
+  }
+  throw std::runtime_error("missing strategy");
+}
+
+TEST(Recommend, ReplicaTooBigForAMachineButZeroTwoOnFourFitsIsShardingOnFour) {
+  PlanRequest r = request(10.0, 10 * 3600.0, 4, "10gbit");
+  r.cluster.memory_bytes = memory_between(r, StrategyKind::zero2, 4);
+  const PlanResult p = make_plan(r);
+  const Recommendation& rec = p.recommendation;
+  EXPECT_FALSE(p.row(StrategyKind::all_reduce).fits_at(0, r));
+  EXPECT_FALSE(p.row(StrategyKind::zero2).fits_at(2, r));  // 3 ranks
+  EXPECT_TRUE(p.row(StrategyKind::zero2).fits_at(3, r));   // 4 ranks
+  EXPECT_FALSE(p.row(StrategyKind::zero1).fits_at(3, r));  // ZeRO-1 keeps the whole gradient
+  EXPECT_EQ(rec.advice, Advice::sharding) << rec.reason;
+  EXPECT_EQ(rec.strategy, "ZeRO-2");
+  EXPECT_EQ(rec.ranks, 4);
+  EXPECT_FALSE(rec.planned);
+  EXPECT_NE(rec.command.find("mpirun -np 4"), std::string::npos) << rec.command;
+  EXPECT_NE(rec.command.find("--zero 2"), std::string::npos) << rec.command;
+  EXPECT_NE(rec.reason.find("ZeRO-2 shards AdamW's moments and the gradients"), std::string::npos) << rec.reason;
+  EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
+  bool walk_names_zero1 = false;
+  for (const std::string& line : rec.walk)
+    walk_names_zero1 |= line.find("ZeRO-1 does not fit on 4 ranks") != std::string::npos;
+  EXPECT_TRUE(walk_names_zero1);
+}
+
+TEST(Recommend, ShardingPrefersAStageTrainRunsOverAPlannedOne) {
+  // Just enough for ZeRO-2 on 4 ranks; ZeRO-3 would fit on fewer, but flotilla train runs
+  // ZeRO-2 today.
+  PlanRequest r = request(10.0, 10 * 3600.0, 4, "10gbit");
+  for (const Strategy& s : all_strategies(r.knobs, r.workload, 2))
+    if (s.kind == StrategyKind::zero2)
+      r.cluster.memory_bytes = static_cast<int64_t>(memory_cost(s, r.workload, 4).peak() / r.memory_headroom * 1.001);
+  const PlanResult p = make_plan(r);
+  ASSERT_TRUE(p.row(StrategyKind::zero3).fits_at(2, r));  // 3 ranks
+  ASSERT_FALSE(p.row(StrategyKind::zero2).fits_at(2, r));
+  EXPECT_EQ(p.recommendation.advice, Advice::sharding);
+  EXPECT_EQ(p.recommendation.strategy, "ZeRO-2");
+  EXPECT_EQ(p.recommendation.ranks, 4);
+  EXPECT_FALSE(p.recommendation.planned);
+}
+
+TEST(Recommend, RanksOfOneMachineShareItsMemory) {
+  // Four ranks on one machine each hold a ZeRO-1 replica's weights and gradients: together
+  // more than one unsharded rank. Sharding over hosts helps; over one host's slots it does not.
+  PlanRequest r = request(10.0, 10 * 3600.0, 4, "10gbit");
+  r.cluster.memory_bytes = memory_between(r, StrategyKind::zero1, 4);
+  EXPECT_EQ(make_plan(r).recommendation.advice, Advice::sharding);
+  r.cluster.hosts = 1;
+  r.cluster.slots = 4;
+  const PlanResult p = make_plan(r);
+  EXPECT_EQ(p.recommendation.advice, Advice::does_not_fit) << p.recommendation.reason;
+  EXPECT_DOUBLE_EQ(p.row(StrategyKind::zero1).host_peak_bytes(3, r), 4 * p.row(StrategyKind::zero1).memory[3].peak());
+}
+
+TEST(Report, PrintsZeroTwosPeakBesideItsSteadyState) {
+  const PlanResult p = make_plan(request(1.0, 10 * 3600.0, 4, "1gbit"));
+  const MemoryCost& z2 = p.row(StrategyKind::zero2).memory.back();
+  ASSERT_GT(z2.peak(), z2.steady());
+  const std::string text = render_text(p);
+  EXPECT_NE(text.find(format_bytes(z2.peak())), std::string::npos) << text;
+  EXPECT_NE(text.find(format_bytes(z2.steady())), std::string::npos) << text;
+  const nlohmann::json j = plan_json(p);
+  for (const nlohmann::json& row : j["strategies"]) {
+    if (row["kind"] != "zero2") continue;
+    EXPECT_EQ(row["available"], true);
+    EXPECT_EQ(row["train_flags"], "--zero 2");
+    EXPECT_DOUBLE_EQ(row["predictions"][3]["memory"]["peak"].get<double>(), z2.peak());
+    EXPECT_DOUBLE_EQ(row["predictions"][3]["memory"]["steady"].get<double>(), z2.steady());
+  }
+}
+
+TEST(MemoryPerHost, ReadsBinaryAndDecimalUnits) {
+  EXPECT_EQ(parse_memory_bytes("24GiB"), int64_t{24} << 30);
+  EXPECT_EQ(parse_memory_bytes("24g"), int64_t{24} << 30);
+  EXPECT_EQ(parse_memory_bytes("16GB"), int64_t{16'000'000'000});
+  EXPECT_EQ(parse_memory_bytes("512 MiB"), int64_t{512} << 20);
+  EXPECT_EQ(parse_memory_bytes("1.5TiB"), int64_t{3} << 39);
+  EXPECT_EQ(parse_memory_bytes("34359738368"), int64_t{32} << 30);
+  for (const char* bad : {"", "lots", "0", "-4GiB", "24 GiBs", "nanGB", "1e30"}) {
+    try {
+      parse_memory_bytes(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("--memory-per-host"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// `flotilla plan --memory-per-host`: the machines' memory comes from the flag, else from
+// this machine's MemTotal; nonsense is an InputError naming the flag.
+TEST(MemoryPerHost, PlanJobTakesTheFlagOrThisMachinesMemory) {
+  const auto dir = std::filesystem::temp_directory_path() / ("flotilla_plan_job_" + std::to_string(std::random_device{}()));
+  std::filesystem::create_directories(dir);
+  const auto config = dir / "config.json";
+  std::ofstream(config) << R"({"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64})";
+  PlanJob job;
+  job.source.model = config;
+  job.source.data = std::filesystem::path(FLOTILLA_SOURCE_DIR) / "data" / "sample" / "corpus.txt";
+  job.source.batch_size = 2;
+  job.source.seq_len = 32;
+  job.no_run = true;
+  job.hosts = 4;
+  job.memory_per_host = "1GiB";
+  const std::unique_ptr<comm::Communicator> alone = comm::make_local();
+  const PlanResult given = run_plan_job(job, *alone);
+  EXPECT_EQ(given.request.cluster.memory_bytes, int64_t{1} << 30);
+  EXPECT_EQ(given.request.cluster.memory_source, "--memory-per-host");
+  EXPECT_NE(render_text(given).find("1.0 GiB memory each [--memory-per-host]"), std::string::npos) << render_text(given);
+  job.memory_per_host.clear();
+  EXPECT_EQ(run_plan_job(job, *alone).request.cluster.memory_bytes, machine_memory_bytes());
+  job.memory_per_host = "lots";
+  EXPECT_THROW(run_plan_job(job, *alone), InputError);
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Recommend, NothingFitsSaysSo) {

@@ -24,6 +24,7 @@ std::string train_args(const PlanJob& job) {
   if (s.grad_accum != 1) out += fmt::format(" --grad-accum {}", s.grad_accum);
   if (!s.pack) out += " --no-pack";
   if (s.grad_checkpoint) out += " --grad-checkpoint";
+  if (s.bucket_mb != PlanSource{}.bucket_mb) out += fmt::format(" --bucket-mb {:g}", s.bucket_mb);
   if (s.lora) {
     std::string targets;
     for (const model::LoraTarget t : s.lora_config.targets) {
@@ -97,6 +98,7 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
     throw InputError("plan", "--batch-size, --seq-len and --grad-accum must be positive");
   if (job.hosts < 1) throw InputError("plan", fmt::format("--hosts {}: there must be at least one machine", job.hosts));
   if (job.slots < 1) throw InputError("plan", fmt::format("--slots {}: a machine runs at least one rank", job.slots));
+  if (!(src.bucket_mb >= 0)) throw InputError("plan", fmt::format("--bucket-mb {}: 0 or more MiB", src.bucket_mb));
   if (job.runs < 1) throw InputError("plan", fmt::format("--runs {}: at least one run", job.runs));
   if (!(job.epochs > 0)) throw InputError("plan", "--epochs must be positive");
   if (job.measure.steps < 1 || job.measure.warmup_steps < 0)
@@ -127,11 +129,18 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
     req.hostfile = job.hostfile.string();
   }
   c.cores = job.cores > 0 ? job.cores : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  c.memory_bytes = job.memory_gib > 0 ? static_cast<int64_t>(job.memory_gib * (1 << 30)) : machine_memory_bytes();
+  if (!job.memory_per_host.empty()) {
+    c.memory_bytes = parse_memory_bytes(job.memory_per_host, "--memory-per-host");
+    c.memory_source = "--memory-per-host";
+  } else {
+    c.memory_bytes = machine_memory_bytes();
+    c.memory_source = c.memory_bytes > 0 ? "MemTotal of this machine" : "unknown: /proc/meminfo unreadable, not checked";
+  }
 
   const model::ModelConfig cfg = load_plan_model_config(src.model);
   req.workload = describe_workload(cfg, src.lora, src.lora_config, src.batch_size, src.seq_len, src.grad_accum,
                                     src.grad_checkpoint);
+  req.workload.bucket_mb = src.bucket_mb;
   req.knobs = job.knobs;
   req.runs = job.runs;
   req.epochs = job.epochs;

@@ -20,7 +20,7 @@ struct PlanJob {
   std::filesystem::path hostfile;  // instead of hosts: OpenMPI's "name slots=K" lines
   int slots = 1;               // ranks per machine (a hostfile's slots override it)
   int cores = 0;               // per machine; 0: this machine's
-  double memory_gib = 0;       // per machine; 0: this machine's MemTotal
+  std::string memory_per_host;  // "24GiB", bytes (parse_memory_bytes); empty: this machine's MemTotal
   std::string bandwidth = "1gbit", latency = "50us";  // between machines
   // Between ranks of one machine; empty: measured when run under mpirun on one host,
   // else the network's values.

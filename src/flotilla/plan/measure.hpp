@@ -24,6 +24,7 @@ struct PlanSource {
   uint64_t seed = 0;
   int64_t batch_size = 4, seq_len = 128, grad_accum = 1;
   bool grad_checkpoint = false;  // as train --grad-checkpoint
+  double bucket_mb = 25.0;       // as train --bucket-mb: the units ZeRO reduce-scatters
   bool lora = false;
   model::LoraConfig lora_config;
 };

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
@@ -47,11 +48,57 @@ std::string train_command(const PlanResult& p, const Strategy* s, int n) {
   return fmt::format("{} -x OMP_NUM_THREADS={} flotilla train {} --out run", launch, threads, flags);
 }
 
+bool is_zero(StrategyKind k) {
+  return k == StrategyKind::zero1 || k == StrategyKind::zero2 || k == StrategyKind::zero3;
+}
+
+struct ShardingFit {
+  const StrategyRow* row = nullptr;
+  size_t at = 0;  // index into PlanResult::ranks
+};
+
+// The fewest ranks (more than one) on which a ZeRO stage fits, and at that count the lowest
+// stage: a higher one costs more work or bytes (ZeRO-2 hands gradient pages back and faults
+// them in again every step, and reduce-scatters every micro-batch). A stage flotilla train
+// runs comes before a planned one, whatever their rank counts.
+std::optional<ShardingFit> smallest_sharding(const PlanResult& p) {
+  for (const bool available : {true, false})
+    for (size_t i = 1; i < p.ranks.size(); ++i)
+      for (const StrategyRow& row : p.rows)
+        if (is_zero(row.strategy.kind) && row.strategy.available == available && row.fits_at(i, p.request))
+          return ShardingFit{&row, i};
+  return std::nullopt;
+}
+
+// One line: why a replica does not fit, what the chosen stage cuts, and what it needs.
+std::string sharding_reason(const PlanResult& p, const StrategyRow& z, size_t i) {
+  const PlanRequest& r = p.request;
+  const MemoryCost& m = z.memory[i];
+  std::string what;
+  switch (z.strategy.kind) {
+    case StrategyKind::zero1: what = "shards AdamW's moments"; break;
+    case StrategyKind::zero2: what = "shards AdamW's moments and the gradients"; break;
+    default: what = "shards the weights, gradients and moments, gathering a layer at a time"; break;
+  }
+  std::string need = fmt::format("{} per rank at the peak", format_bytes(m.peak()));
+  if (m.steady() < m.peak()) need += fmt::format(" ({} between steps)", format_bytes(m.steady()));
+  const int per_host = r.cluster.ranks_per_host(p.ranks[i]);
+  if (per_host > 1) need += fmt::format(", {} for the {} ranks of a machine", format_bytes(z.host_peak_bytes(i, r)), per_host);
+  return fmt::format("a replica needs {} at its peak and a machine has {} usable; {} {}: on {} ranks {}",
+                     format_bytes(p.row(StrategyKind::all_reduce).host_peak_bytes(0, r)),
+                     format_bytes(r.memory_headroom * static_cast<double>(r.cluster.memory_bytes)), z.strategy.name,
+                     what, p.ranks[i], need);
+}
+
 }  // namespace
+
+double StrategyRow::host_peak_bytes(size_t i, const PlanRequest& r) const {
+  return r.cluster.ranks_per_host(weak[i].ranks) * memory[i].peak();
+}
 
 bool StrategyRow::fits_at(size_t i, const PlanRequest& r) const {
   return r.cluster.memory_bytes <= 0 ||
-         memory[i].total() <= r.memory_headroom * static_cast<double>(r.cluster.memory_bytes);
+         host_peak_bytes(i, r) <= r.memory_headroom * static_cast<double>(r.cluster.memory_bytes);
 }
 
 const StrategyRow& PlanResult::row(StrategyKind kind) const {
@@ -117,29 +164,36 @@ Recommendation recommend(const PlanResult& p) {
 
   // 1. Does it fit one machine? If not, only sharding (or a smaller trainable set) helps.
   const bool fits_one = plain.fits_at(0, r);
-  rec.walk.push_back(fmt::format("Does one replica fit one machine's memory? {} ({} needed, {} x {:.0f}% usable)",
-                                 fits_one ? "yes" : "no", format_bytes(plain.memory[0].total()), format_bytes(mem),
+  rec.walk.push_back(fmt::format("Does one replica fit one machine's memory? {} ({} needed at the peak, {} x {:.0f}% usable)",
+                                 fits_one ? "yes" : "no", format_bytes(plain.memory[0].peak()), format_bytes(mem),
                                  100 * r.memory_headroom));
   if (!fits_one) {
-    for (const StrategyKind kind : {StrategyKind::zero1, StrategyKind::zero2, StrategyKind::zero3}) {
-      const StrategyRow& z = p.row(kind);
-      for (size_t i = 1; i < p.ranks.size(); ++i) {
-        if (!z.fits_at(i, r)) continue;
-        rec.advice = Advice::sharding;
-        rec.strategy = z.strategy.name;
-        rec.ranks = p.ranks[i];
-        rec.planned = !z.strategy.available;
-        rec.reason = fmt::format("one machine holds {} of the {} a replica needs; {} over {} machines needs {} each",
-                                 format_bytes(r.memory_headroom * mem), format_bytes(plain.memory[0].total()),
-                                 z.strategy.name, rec.ranks, format_bytes(z.memory[i].total()));
-        rec.command = train_command(p, &z.strategy, rec.ranks);
-        return rec;
+    if (const std::optional<ShardingFit> fit = smallest_sharding(p)) {
+      const StrategyRow& z = *fit->row;
+      rec.advice = Advice::sharding;
+      rec.strategy = z.strategy.name;
+      rec.ranks = p.ranks[fit->at];
+      rec.planned = !z.strategy.available;
+      rec.reason = sharding_reason(p, z, fit->at);
+      rec.command = train_command(p, &z.strategy, rec.ranks);
+      for (const StrategyRow& other : p.rows) {
+        if (!is_zero(other.strategy.kind) || &other == &z) continue;
+        size_t j = 1;
+        while (j < p.ranks.size() && !other.fits_at(j, r)) ++j;
+        const std::string name = other.strategy.name + (other.strategy.available ? "" : " (planned)");
+        rec.walk.push_back(j < p.ranks.size()
+                               ? fmt::format("{} fits on {} ranks ({} per rank at the peak)", name, p.ranks[j],
+                                             format_bytes(other.memory[j].peak()))
+                               : fmt::format("{} does not fit on {} ranks ({} per rank at the peak)", name, N,
+                                             format_bytes(other.memory.back().peak())));
       }
+      return rec;
     }
     rec.advice = Advice::does_not_fit;
     rec.ranks = N;
     rec.reason = fmt::format("even ZeRO-3 over {} machines needs {} each of {}: {}", N,
-                             format_bytes(p.row(StrategyKind::zero3).memory.back().total()), format_bytes(mem),
+                             format_bytes(p.row(StrategyKind::zero3).host_peak_bytes(p.ranks.size() - 1, r)),
+                             format_bytes(mem),
                              r.workload.lora ? "use more machines, a shorter --seq-len or a smaller --batch-size"
                                              : "try --fine-tune-type lora, a shorter --seq-len or a smaller --batch-size");
     return rec;
@@ -246,9 +300,9 @@ std::string render_text(const PlanResult& p) {
   out += fmt::format("step: batch {} x seq {} x accum {} = {} tokens per rank\n", w.batch_size, w.seq_len,
                      w.grad_accum, w.tokens_per_step());
   out += fmt::format("data: {}\n", r.data_description);
-  out += fmt::format("machines: {} host{} x {} rank{} each, {} cores, {} memory each\n", c.hosts,
+  out += fmt::format("machines: {} host{} x {} rank{} each, {} cores, {} memory each [{}]\n", c.hosts,
                      c.hosts == 1 ? "" : "s", c.slots, c.slots == 1 ? "" : "s", c.cores,
-                     format_bytes(static_cast<double>(c.memory_bytes)));
+                     format_bytes(static_cast<double>(c.memory_bytes)), c.memory_source);
   if (c.one_machine)
     out += fmt::format("  (emulated: the hosts plan ran on are namespaces of one machine, so every rank shares "
                        "its {} cores)\n", c.cores);
@@ -280,26 +334,33 @@ std::string render_text(const PlanResult& p) {
   out += fmt::format("\nstrategies on {} ranks (per rank, per step of your configuration; * = planned, not in "
                      "this build)\n", N);
   out += fmt::format("  {:<18} {:>11} {:>11} {:>10} {:>10} {:>8} {:>6} {:>11}  {}\n", "strategy", "payload", "sent/step",
-                     "exchange", "step", "speedup", "eff", "memory", "fits");
+                     "exchange", "step", "speedup", "eff", "peak mem", "fits");
   const size_t last = p.ranks.size() - 1;
   for (const StrategyRow& row : p.rows) {
     const Prediction& at = row.weak[last];
     out += fmt::format("  {:<18} {:>11} {:>11} {:>10} {:>10} {:>7.2f}x {:>5.0f}% {:>11}  {}\n",
                        row.strategy.name + (row.strategy.available ? "" : " *"), format_bytes(row.comm.payload_bytes),
                        format_bytes(row.comm.wire_bytes), format_seconds(row.comm.seconds), format_seconds(at.step_s),
-                       at.speedup, 100 * at.efficiency, format_bytes(row.memory[last].total()),
+                       at.speedup, 100 * at.efficiency, format_bytes(row.memory[last].peak()),
                        row.fits_at(last, r) ? "yes" : "NO");
   }
 
-  out += "\nmemory per rank on " + std::to_string(N) + " ranks\n";
-  out += fmt::format("  {:<18} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10}\n", "strategy", "weights", "grads", "AdamW",
-                     "activations", "buffers", "total");
+  out += "\nmemory per rank on " + std::to_string(N) + " ranks (between steps; peak: the most during a step)\n";
+  out += fmt::format("  {:<18} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}\n", "strategy", "weights", "grads",
+                     "AdamW", "activations", "buffers", "total", "peak");
+  bool peak_differs = false;
   for (const StrategyRow& row : p.rows) {
     const MemoryCost& m = row.memory[last];
-    out += fmt::format("  {:<18} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10}\n", row.strategy.name,
+    const bool differs = m.peak() > m.steady();
+    peak_differs = peak_differs || differs;
+    out += fmt::format("  {:<18} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>10}\n", row.strategy.name,
                        format_bytes(m.weights), format_bytes(m.grads), format_bytes(m.optimizer),
-                       format_bytes(m.activations), format_bytes(m.buffers), format_bytes(m.total()));
+                       format_bytes(m.activations), format_bytes(m.buffers), format_bytes(m.steady()),
+                       differs ? format_bytes(m.peak()) : "same");
   }
+  if (peak_differs)
+    out += "  (ZeRO-2 hands each bucket's gradient back once it is reduced: between steps only its shard remains,\n"
+           "   during backward the buckets written and not yet reduced come on top)\n";
   if (s.peak_rss_bytes > 0)
     out += fmt::format("  (the measured one-rank run peaked at {} resident, code and data included)\n",
                        format_bytes(static_cast<double>(s.peak_rss_bytes)));
@@ -346,7 +407,7 @@ nlohmann::json plan_json(const PlanResult& p) {
                    {"grad_accum", w.grad_accum},          {"activation_bytes", w.activation_bytes},
                    {"grad_checkpoint", w.grad_checkpoint}};
   j["cluster"] = {{"hosts", c.hosts},   {"slots", c.slots},  {"cores", c.cores}, {"one_machine", c.one_machine},
-                  {"memory_bytes", c.memory_bytes}, {"network", link_json(c.network)}, {"local", link_json(c.local)}};
+                  {"memory_bytes", c.memory_bytes}, {"memory_source", c.memory_source}, {"network", link_json(c.network)}, {"local", link_json(c.local)}};
   j["one_rank"] = {{"data_s", r.cost.data_s},       {"compute_s", r.cost.compute_s}, {"update_s", r.cost.update_s},
                    {"step_s", r.cost.total_s()},    {"threads", r.cost.threads},     {"source", r.cost.source},
                    {"peak_rss_bytes", r.cost.peak_rss_bytes}, {"serial_fraction", p.serial_fraction},
@@ -367,7 +428,9 @@ nlohmann::json plan_json(const PlanResult& p) {
                        {"comm_s", pr.comm_s},     {"step_s", pr.step_s},       {"speedup", pr.speedup},
                        {"efficiency", pr.efficiency},
                        {"memory", {{"weights", m.weights}, {"grads", m.grads}, {"optimizer", m.optimizer},
-                                   {"activations", m.activations}, {"buffers", m.buffers}, {"total", m.total()}}},
+                                   {"activations", m.activations}, {"buffers", m.buffers},
+                                   {"grads_in_backward", m.grads_in_backward}, {"steady", m.steady()},
+                                   {"peak", m.peak()}}},
                        {"fits", row.fits_at(i, r)}});
     }
     strategies.push_back({{"name", row.strategy.name},

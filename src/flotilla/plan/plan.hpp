@@ -36,6 +36,9 @@ struct StrategyRow {
   CommCost comm;                       // at the largest world size
   std::vector<Prediction> weak;        // per world size of PlanResult::ranks
   std::vector<MemoryCost> memory;      // per world size
+  // The peak of every rank a machine runs at world size ranks[i] (they share its memory),
+  // and whether that is at most the request's share of a machine's memory.
+  double host_peak_bytes(size_t i, const PlanRequest& r) const;
   bool fits_at(size_t i, const PlanRequest& r) const;
 };
 

@@ -10,6 +10,22 @@ namespace flotilla::plan {
 namespace {
 
 constexpr double kLossBytes = 16.0;  // (loss sum, token count) as two doubles
+// ZeRO: each rank holds only its shard of the gradient, so the global norm that clipping
+// needs is a sum of squares (one double) all-reduced.
+constexpr double kNormBytes = 8.0;
+
+// What an exact exchange keeps beside the gradient it reduces in place: the ring's window of
+// segments (8 x 256 KiB on one host, 16 x 60 KiB across hosts) or the host arena's slots
+// (comm/algorithms). Measured (bench/zero, W1): two ranks peak 2 MiB above one.
+constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
+
+// ZeRO-2 during backward: the unit backward is writing and the one the communication
+// thread is reducing.
+constexpr double kZero2UnitsInFlight = 2.0;
+
+// Copies of a unit Open MPI's reduce-scatter holds at once on its busiest rank (measured:
+// 1 on 2 ranks, 2 on 3 and 4).
+constexpr double kMpiReduceScatterCopies = 2.0;
 
 // ZeRO-3 gathers one layer's weights ahead of use; two such buffers overlap the next
 // gather with the current layer's compute.
@@ -81,8 +97,8 @@ std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload&
                  fmt::format("--compression powersgd --powersgd-rank {}{}", knobs.powersgd_rank, dtype_flag)});
   out.push_back({StrategyKind::local_sgd, knobs.local_sgd_every, 0.0, true, f32,
                  fmt::format("local SGD H={}", knobs.local_sgd_every), fmt::format("--sync-every {}", knobs.local_sgd_every)});
-  out.push_back({StrategyKind::zero1, 1, 0.0, false, f32, "ZeRO-1", "--zero 1"});
-  out.push_back({StrategyKind::zero2, 1, 0.0, false, f32, "ZeRO-2", "--zero 2"});
+  out.push_back({StrategyKind::zero1, 1, 0.0, true, f32, "ZeRO-1", "--zero 1"});
+  out.push_back({StrategyKind::zero2, 1, 0.0, true, f32, "ZeRO-2", "--zero 2"});
   out.push_back({StrategyKind::zero3, 1, 0.0, false, f32, "ZeRO-3", "--zero 3"});
   return out;
 }
@@ -96,13 +112,23 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
   switch (s.kind) {
     case StrategyKind::all_reduce:
     case StrategyKind::hierarchical:  // on one link, it is the flat ring
-    case StrategyKind::zero1:
-    case StrategyKind::zero2:
-      // ZeRO-1/2: a reduce-scatter and an all-gather, which is how a ring all-reduce runs.
       c.payload_bytes = 4 * G;
       c.wire_bytes = ring_all_reduce_wire_bytes(c.payload_bytes, n) + loss_wire;
       c.seconds = ring_all_reduce_s(c.payload_bytes, n, link) + loss_s;
       break;
+    case StrategyKind::zero1:
+    case StrategyKind::zero2: {
+      // A reduce-scatter of the gradients and an all-gather of the updated weights, which
+      // is how a ring all-reduce runs; and the gradient norm. ZeRO-2 reduce-scatters after
+      // every micro-batch (it keeps no whole gradient to accumulate into).
+      const double scatters = s.kind == StrategyKind::zero2 ? static_cast<double>(std::max<int64_t>(1, w.grad_accum)) : 1.0;
+      c.payload_bytes = 4 * G;
+      const double f = comm::scatter_gather_wire_fraction(n);
+      c.wire_bytes = (scatters + 1) * f * c.payload_bytes + ring_all_reduce_wire_bytes(kNormBytes, n) + loss_wire;
+      c.seconds = scatters * ring_reduce_scatter_s(c.payload_bytes, n, link) + ring_all_gather_s(c.payload_bytes, n, link) +
+                  ring_all_reduce_s(kNormBytes, n, link) + loss_s;
+      break;
+    }
     case StrategyKind::accumulate:
     case StrategyKind::local_sgd:
       c.payload_bytes = 4 * G;
@@ -140,12 +166,16 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
       break;
     }
     case StrategyKind::zero3: {
+      // Every weight is gathered for forward and again for backward (LoRA: the frozen base
+      // too); only the trainable gradients are reduce-scattered.
+      const double gathered = 4 * (static_cast<double>(w.model_floats) + (w.lora ? G : 0.0));
       c.payload_bytes = 4 * G;
-      const double per = comm::scatter_gather_wire_fraction(n) * c.payload_bytes;  // one reduce-scatter or all-gather
+      const double f = comm::scatter_gather_wire_fraction(n);
       const double collectives = 3.0 * static_cast<double>(w.model.n_layers);
-      c.wire_bytes = 3 * per + loss_wire;
-      c.seconds = 3 * per / link.bandwidth_bytes_per_s +
-                  collectives * comm::scatter_gather_ring_steps(n) * link.latency_s + loss_s;
+      c.wire_bytes = f * (2 * gathered + c.payload_bytes) + ring_all_reduce_wire_bytes(kNormBytes, n) + loss_wire;
+      c.seconds = f * (2 * gathered + c.payload_bytes) / link.bandwidth_bytes_per_s +
+                  collectives * comm::scatter_gather_ring_steps(n) * link.latency_s +
+                  ring_all_reduce_s(kNormBytes, n, link) + loss_s;
       break;
     }
   }
@@ -176,27 +206,45 @@ double update_share(const Strategy& s, int n) {
   }
 }
 
+double zero_unit_floats(const Workload& w) {
+  const double G = static_cast<double>(w.trainable_floats);
+  if (!(w.bucket_mb > 0)) return G;
+  const double bucket = w.bucket_mb * (1 << 20) / 4;
+  return std::min(G, std::max(bucket, static_cast<double>(w.largest_trainable_floats)));
+}
+
+double zero_shard_floats(int64_t trainable_floats, int n) {
+  const int64_t ranks = std::max(1, n);
+  return static_cast<double>(trainable_floats / ranks + trainable_floats % ranks);
+}
+
 MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
   MemoryCost m;
   const double G = static_cast<double>(w.trainable_floats);
   const double base = static_cast<double>(w.model_floats);
-  const double shards = std::max(1, n);
+  const double shard = zero_shard_floats(w.trainable_floats, n);
   // LoRA: the frozen base has no gradient and no optimizer state; the adapters have both.
   m.weights = 4 * (base + (w.lora ? G : 0.0));
   m.grads = 4 * G;
   m.optimizer = 8 * G;  // AdamW m and v
   m.activations = static_cast<double>(w.activation_bytes);
-  // A ring all-reduce receives one chunk at a time next to the buffer it reduces into.
-  const double ring_chunk = n > 1 ? 4 * G / n : 0.0;
+  const double scratch = n > 1 ? kExchangeScratchBytes : 0.0;
+  // ZeRO-1/2 reduce-scatter the gradient unit by unit (the fusion buckets) into a shard
+  // buffer of their own, which the optimizer reads; one rank alone is plain training.
+  const double reduced_shard = n > 1 ? 4 * shard : 0.0;
+  // Open MPI 4.1's reduce-scatter (MPI_Reduce_scatter_block, under comm::reduce_scatter)
+  // allocates one or two copies of the unit it reduces on some ranks (rank 0; measured in
+  // bench/RESULTS.md, "ZeRO memory"): every rank is charged the worst, as that rank has to fit.
+  const double mpi_unit_copies = n > 1 ? kMpiReduceScatterCopies * 4 * zero_unit_floats(w) : 0.0;
   switch (s.kind) {
     case StrategyKind::all_reduce:
     case StrategyKind::hierarchical:
     case StrategyKind::accumulate:
     case StrategyKind::local_sgd:
-      m.buffers = ring_chunk;
+      m.buffers = scratch;
       break;
     case StrategyKind::fp16:
-      m.buffers = 2 * G + ring_chunk / 2;  // the fp16 copy of the gradients
+      m.buffers = 2 * G + scratch;  // the fp16 copy of the gradients
       break;
     case StrategyKind::topk:
       // The error-feedback residual (what was not sent) is a full fp32 gradient.
@@ -210,21 +258,33 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       break;
     }
     case StrategyKind::zero1:
-      m.optimizer /= shards;
-      m.buffers = ring_chunk;
-      break;
     case StrategyKind::zero2:
-      m.optimizer /= shards;
-      m.grads /= shards;
-      m.buffers = ring_chunk + (n > 1 ? 4 * static_cast<double>(w.largest_layer_floats) : 0.0);  // one bucket
+      m.optimizer = 8 * shard;
+      m.buffers = scratch + mpi_unit_copies;
+      if (s.kind == StrategyKind::zero1 || n == 1) {
+        m.buffers += reduced_shard;
+      } else {
+        // Each unit's part of the gradient arena goes back to the OS once it is reduced (and
+        // pages never written cost nothing: base/buffer.hpp), so between steps the reduced
+        // shard is all the gradient there is; during backward the units written and not yet
+        // reduced come on top: one being written, one on the communication thread (the whole
+        // arena with --bucket-mb 0).
+        m.grads = 4 * shard;
+        m.grads_in_backward = m.grads + std::min(4 * G, kZero2UnitsInFlight * 4 * zero_unit_floats(w));
+      }
       break;
-    case StrategyKind::zero3:
-      m.optimizer /= shards;
-      m.grads /= shards;
-      if (!w.lora) m.weights /= shards;
-      m.buffers = n > 1 ? kZero3GatherBuffers * 4 * static_cast<double>(w.largest_layer_floats) : 0.0;
+    case StrategyKind::zero3: {
+      m.optimizer = 8 * shard;
+      m.grads = 4 * shard;
+      m.weights /= std::max(1, n);  // LoRA too: the frozen base is gathered on use
+      // Two gathered layers (the one computing, the next one arriving) and, in backward, one
+      // layer's whole gradient before its reduce-scatter.
+      const double layer = 4 * static_cast<double>(w.largest_layer_floats);
+      m.buffers = n > 1 ? kZero3GatherBuffers * layer + layer : 0.0;
       break;
+    }
   }
+  m.grads_in_backward = std::max(m.grads_in_backward, m.grads);
   return m;
 }
 

@@ -19,8 +19,11 @@
 //                  a value costs 2 bytes in bf16/fp16, 1 + 1/16 in int8
 //   local_sgd H    parameters, fp32, every H steps:   all-reduce of 4G, / H
 //   zero1, zero2   reduce-scatter gradients + all-gather parameters = the bytes of an
-//                  all-reduce of 4G; the optimizer update runs on 1/n of the parameters
-//   zero3          + parameters all-gathered again for backward: 3 (n-1)/n 4G, and
+//                  all-reduce of 4G (the < n floats past the last whole chunk are
+//                  all-reduced: the same total); the optimizer update runs on 1/n of the
+//                  parameters; the global gradient norm (clipping) is an 8-byte all-reduce
+//   zero3          + parameters all-gathered again for backward: 3 (n-1)/n 4G (LoRA: the
+//                  frozen base is gathered twice too, only the adapters reduced), and
 //                  3 collectives per layer, so 3 L (n-1) latencies
 //   hierarchical   the all-reduce of 4G in three stages over S ranks per host and H hosts:
 //                  reduce-scatter inside each host (shared memory), an all-reduce of each
@@ -30,8 +33,23 @@
 //                  where a flat ring over all H S ranks pays 2(HS-1)/(HS) 4G / B_net and
 //                  2(HS-1) network latencies
 // Every strategy also sums the loss and token count (16 bytes) once per optimizer step.
+//
+// Memory (memory_cost), per rank, Ψ = G trainable floats; ZeRO cuts the arena into units
+// (train's fusion buckets, --bucket-mb) and each unit into n chunks plus a tail of fewer
+// than n floats that every rank keeps, so a shard is about Ψ/n (parallel/zero.hpp):
+//   plain          weights 4Ψ, gradients 4Ψ, AdamW 8Ψ                        = 16Ψ
+//   zero1          AdamW for the shard only                                 = 8Ψ + 8Ψ/n
+//                  and the buffer the reduce-scatter writes the shard into: + 4Ψ/n
+//   zero2          each unit's gradient released once reduced: between steps the
+//                  reduced shard is the only gradient                       = 4Ψ + 12Ψ/n
+//                  and during backward the units not yet reduced (two of them; the
+//                  whole gradient, so zero1's peak, with --bucket-mb 0 or one bucket)
+//   zero3          weights too, plus the gathered layers                     = 16Ψ/n + layers
+// and for every strategy the activations and exchange buffers; ZeRO-1/2 on n > 1 ranks
+// also two copies of a unit, what Open MPI's reduce-scatter allocates on its busiest rank.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -64,7 +82,7 @@ struct Strategy {
 };
 
 // The strategies, in the order the report lists them. `available` is true for what
-// flotilla train runs in this build: all but ZeRO.
+// flotilla train runs in this build: all but ZeRO-3.
 std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate);
 
 struct CommCost {
@@ -82,13 +100,27 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int ranks, const Cluste
 double update_share(const Strategy& s, int ranks);
 
 struct MemoryCost {
+  // Resident between steps: after the update, before the next forward.
   double weights = 0, grads = 0, optimizer = 0, activations = 0, buffers = 0;
-  double total() const { return weights + grads + optimizer + activations + buffers; }
+  // The gradients while backward runs. More than `grads` where a strategy releases them
+  // after the exchange (ZeRO-2); else equal.
+  double grads_in_backward = 0;
+  double steady() const { return weights + grads + optimizer + activations + buffers; }
+  // The most a rank holds during a step: what has to fit, and what peak RSS measures.
+  double peak() const { return steady() - grads + std::max(grads, grads_in_backward); }
 };
 // Bytes per rank (fp32 weights, gradients and AdamW's two moments; the activation plan;
 // communication and compression buffers). Process overhead (code, tokenizer, data) is not
 // counted: compare with the measured run's peak RSS.
 MemoryCost memory_cost(const Strategy& s, const Workload& w, int ranks);
+
+// Floats of the flat trainable arena whose gradients and moments one rank keeps under
+// ZeRO: its chunk floor(G/n) and the tail G mod n that every rank updates alike (as if the
+// arena were one unit: each unit's tail adds fewer than n floats).
+double zero_shard_floats(int64_t trainable_floats, int ranks);
+// The largest unit ZeRO reduce-scatters at once: a fusion bucket, a larger tensor alone, or
+// the whole arena when --bucket-mb is 0.
+double zero_unit_floats(const Workload& w);
 
 std::string_view strategy_kind_name(StrategyKind k);  // "all_reduce", "zero3", ...
 

@@ -1,10 +1,16 @@
 #include "flotilla/plan/workload.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cmath>
 #include <fstream>
 #include <optional>
 #include <string>
 
+#include "flotilla/base/error.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/params.hpp"
 
@@ -48,6 +54,7 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
       w.trainable_matrices.emplace_back(p.shape[0], p.shape[1]);
     else
       w.trainable_vector_floats += p.numel;
+    w.largest_trainable_floats = std::max(w.largest_trainable_floats, p.numel);
   }
   w.activation_bytes = model::Llama::activation_bytes(cfg, adapters ? &*adapters : nullptr, batch_size, seq_len,
                                                    grad_checkpoint);
@@ -62,6 +69,36 @@ int64_t machine_memory_bytes() {
   while (in >> key >> kib >> unit)
     if (key == "MemTotal:") return kib * 1024;
   return 0;
+}
+
+int64_t parse_memory_bytes(std::string_view text, std::string_view flag) {
+  struct Unit {
+    std::string_view name;
+    double factor;
+  };
+  static constexpr Unit kUnits[] = {
+      {"", 1.0},          {"b", 1.0},
+      {"k", 0x1p10},      {"kib", 0x1p10}, {"kb", 1e3},
+      {"m", 0x1p20},      {"mib", 0x1p20}, {"mb", 1e6},
+      {"g", 0x1p30},      {"gib", 0x1p30}, {"gb", 1e9},
+      {"t", 0x1p40},      {"tib", 0x1p40}, {"tb", 1e12},
+  };
+  std::string s;
+  for (const char c : text)
+    if (!std::isspace(static_cast<unsigned char>(c))) s.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
+  double value = 0;
+  const char* end = s.data() + s.size();
+  const auto [ptr, ec] = std::from_chars(s.data(), end, value);
+  if (ec == std::errc() && ptr != s.data() && std::isfinite(value) && value > 0) {
+    const std::string_view unit(ptr, static_cast<size_t>(end - ptr));
+    for (const Unit& u : kUnits) {
+      if (u.name != unit) continue;
+      const double bytes = value * u.factor;
+      if (bytes >= 1 && bytes < 0x1p62) return static_cast<int64_t>(bytes);
+    }
+  }
+  throw InputError("plan", fmt::format("{} '{}': not a memory size; write e.g. 24GiB, 16GB, 512MiB or a number of bytes",
+                                       flag, text));
 }
 
 }  // namespace flotilla::plan

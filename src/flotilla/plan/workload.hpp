@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -22,6 +23,7 @@ struct Workload {
   int64_t seq_len = 128;    // T
   int64_t grad_accum = 1;   // micro-batches per optimizer step per rank
   bool grad_checkpoint = false;  // train --grad-checkpoint: blocks recomputed in backward
+  double bucket_mb = 25.0;       // train --bucket-mb: fusion buckets, ZeRO's units (0: one unit)
 
   // Derived by describe_workload from the config, exactly as the model lays them out.
   int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
@@ -29,6 +31,7 @@ struct Workload {
   // Trainable 2-D tensors as (rows, cols): PowerSGD compresses these; 1-D ones go as they are.
   std::vector<std::pair<int64_t, int64_t>> trainable_matrices;
   int64_t trainable_vector_floats = 0;
+  int64_t largest_trainable_floats = 0;  // the largest trainable tensor (a bucket of its own if larger)
   int64_t largest_layer_floats = 0;  // one block's weights, or the embedding if larger (ZeRO-3)
   int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters and checkpointing included
 
@@ -66,6 +69,7 @@ struct Cluster {
   int slots = 1;         // ranks per host
   int cores = 1;         // per host
   int64_t memory_bytes = 0;  // per host
+  std::string memory_source = "assumed";  // "--memory-per-host", "MemTotal of this machine"
   Link network;
   Link local;
   // The hosts are network namespaces of one machine (an emulated cluster such as
@@ -83,5 +87,9 @@ struct Cluster {
 
 // MemTotal of /proc/meminfo in bytes (0 if unreadable).
 int64_t machine_memory_bytes();
+// A memory size: "24GiB", "24G" (binary, as Slurm and free read them), "16GB" (decimal),
+// "512MiB", "1.5TiB", "34359738368" (bytes); case and spaces do not matter. InputError
+// naming `flag` for anything else or a size that is not positive.
+int64_t parse_memory_bytes(std::string_view text, std::string_view flag = "--memory-per-host");
 
 }  // namespace flotilla::plan
