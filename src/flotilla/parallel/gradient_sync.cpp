@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <optional>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/kernels/kernels.hpp"

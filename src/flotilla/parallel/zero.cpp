@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <optional>
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
