@@ -27,6 +27,7 @@
 
 #include <fmt/format.h>
 
+#include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/kernels/gemm.hpp"
 
@@ -141,16 +142,12 @@ Engine& engine() {
   return e;
 }
 
-// Per-thread scratch for the primitives, 64-byte aligned, grown on demand.
+// Per-thread scratch for the primitives, 64-byte aligned (base/buffer.hpp), grown on demand.
 struct Scratchpad {
-  std::unique_ptr<std::byte[]> bytes;
-  size_t size = 0;
+  Buffer<std::byte> bytes;
   void* reserve(size_t n) {
-    if (n > size) {
-      bytes.reset(new (std::align_val_t{64}) std::byte[n]);
-      size = n;
-    }
-    return bytes.get();
+    if (n > bytes.size()) bytes.resize(n);
+    return bytes.data();
   }
 };
 
