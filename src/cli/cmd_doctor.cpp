@@ -33,9 +33,10 @@ void add_doctor_command(CLI::App& app) {
     for (const auto& rr : r.ranks)
       fmt::print("{:>4}  {:<16} {:>5} {:>7}  {:<16} {:<16} {:<16}  {}\n", rr.rank, rr.host, rr.cores, rr.threads,
                  rr.binary, rr.model.empty() ? "-" : rr.model, rr.data.empty() ? "-" : rr.data, rr.versions);
-    fmt::print("\n{:>4}  {:<8} {}\n", "rank", "kernels", "cpu features");
+    fmt::print("\n{:>4}  {:<8} {:<18} {}\n", "rank", "kernels", "matmul", "cpu features");
     for (const auto& rr : r.ranks)
-      fmt::print("{:>4}  {:<8} {}\n", rr.rank, rr.kernels, rr.cpu.empty() ? "-" : rr.cpu);
+      fmt::print("{:>4}  {:<8} {:<18} {}\n", rr.rank, rr.kernels, rr.matmul.empty() ? "-" : rr.matmul,
+                 rr.cpu.empty() ? "-" : rr.cpu);
     fmt::print("\nall_reduce (f32 sum) over {} ranks: best time, bus bandwidth = bytes x 2(n-1)/n / time\n",
                r.ranks.size());
     for (const auto& t : r.all_reduce)

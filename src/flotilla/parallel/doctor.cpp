@@ -12,6 +12,7 @@
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::parallel {
@@ -42,7 +43,7 @@ struct Digest {
 };
 
 constexpr size_t kField = 96;  // bytes per string field in the all-gather
-constexpr size_t kFields = 8;  // host, versions, binary, model, data, numbers, cpu, kernels
+constexpr size_t kFields = 9;  // host, versions, binary, model, data, numbers, cpu, kernels, matmul
 
 void put(std::array<char, kField * kFields>& rec, size_t field, std::string_view s) {
   std::memcpy(rec.data() + field * kField, s.data(), std::min(s.size(), kField - 1));
@@ -98,6 +99,7 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
   put(mine, 5, fmt::format("{} {}", sysconf(_SC_NPROCESSORS_ONLN), omp_get_max_threads()));
   put(mine, 6, kernels::cpu_features());
   put(mine, 7, kernels::kernel_isa());
+  put(mine, 8, kernels::gemm_engine_info().isa);
   std::vector<char> all(mine.size() * static_cast<size_t>(n));
   comm.all_gather(std::span<const int8_t>(reinterpret_cast<const int8_t*>(mine.data()), mine.size()),
                   std::span<int8_t>(reinterpret_cast<int8_t*>(all.data()), all.size()),
@@ -116,6 +118,7 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     std::sscanf(get(rec, 5).c_str(), "%d %d", &rr.cores, &rr.threads);
     rr.cpu = get(rec, 6);
     rr.kernels = get(rec, 7);
+    rr.matmul = get(rec, 8);
     report.ranks.push_back(rr);
   }
   for (int r = 1; r < n; ++r) {
@@ -126,6 +129,9 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     if (a.kernels != b.kernels)
       report.warnings.push_back(fmt::format("kernels: rank {} runs the {} variant, rank 0 the {} variant", r,
                                             b.kernels, a.kernels));
+    if (a.matmul != b.matmul)
+      report.warnings.push_back(fmt::format("matmul: rank {} runs oneDNN's {} kernels, rank 0 its {} kernels", r,
+                                            b.matmul, a.matmul));
   }
 
   // All-reduce latency and bandwidth, 4 KiB .. max_bytes, best of a few repetitions.

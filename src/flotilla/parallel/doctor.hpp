@@ -23,6 +23,7 @@ struct RankReport {
   std::string data;       // digest of the data files (empty: none given)
   std::string cpu;        // the CPU's vector features (kernels::cpu_features)
   std::string kernels;    // the hot kernels' variant this rank runs (kernels::kernel_isa)
+  std::string matmul;     // the ISA oneDNN runs the matrix products with (kernels::gemm_engine_info)
 };
 
 struct CollectiveTiming {
