@@ -157,8 +157,9 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     {
       // With overlap, only what backward did not hide: the wait for the last buckets.
       Timer sync_timer;
+      // The mode's name only when tracing: no string work in the step otherwise.
       TraceSpan span(trace_, sync_->overlapped() ? "wait for gradient buckets" : "gradient exchange", TraceLane::compute,
-                     fmt::format(R"({{"mode":"{}"}})", sync_->name()));
+                     trace_ ? fmt::format(R"({{"mode":"{}"}})", sync_->name()) : std::string());
       exchanged = sync_->exchange(window);
       m.sync_s += sync_timer.elapsed_s();
     }
