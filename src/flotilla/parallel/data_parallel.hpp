@@ -35,6 +35,8 @@ class DataParallel {
   int world() const { return comm_.size(); }
   bool is_root() const { return comm_.rank() == 0; }
   comm::Communicator& communicator() { return comm_; }
+  // The gradient all-reducer; also ZeRO's reduce-scatter and all-gather.
+  comm::AllReducer& reducer() { return reducer_; }
   // The algorithm the gradients of `bytes` go through.
   comm::AllReduceAlgorithm gradient_algorithm(size_t bytes) const {
     return reducer_.algorithm_for(bytes);

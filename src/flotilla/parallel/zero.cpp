@@ -137,17 +137,13 @@ class ZeroSync final : public GradientSync {
     return chunks[0] + tails;
   }
 
-  // Every rank updated its chunks; each takes the others'. A unit's chunk slot (its gradients
-  // are spent) carries this rank's part, as an all-gather's input must not overlap its output.
+  // Every rank updated its chunks in place; each takes the others'.
   void after_update(int64_t, bool) override {
     const std::span<float> params = model_.trainable().params;
     for (const Unit& u : units_) {
       if (u.chunk == 0) continue;
-      float* mine = shard_grads_.data() + u.chunk_slot;
-      std::copy_n(params.data() + u.begin + rank_ * u.chunk, u.chunk, mine);
-      dp_.communicator().all_gather(std::span<const float>(mine, static_cast<size_t>(u.chunk)),
-                                    params.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
-                                    comm::Options{.name = "weight shards"});
+      dp_.reducer().all_gather(params.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
+                               comm::Options{.name = "weight shards"});
       bytes_ += comm::ring_all_gather_bytes(u.chunk * kFloat, world_);
     }
   }
@@ -197,15 +193,14 @@ class ZeroSync final : public GradientSync {
     comm::Communicator& comm = dp_.communicator();
     const bool accumulate = accumulate_;
     if (u.chunk > 0) {
+      // In place: the unit's gradient is spent afterwards (stage 2 releases it, stage 1
+      // zeroes it before the next step), so its other chunks may hold partial sums.
+      const std::span<float> chunks = part.first(static_cast<size_t>(u.chunk * world_));
+      dp_.reducer().reduce_scatter(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient shards"});
+      const float* mine = chunks.data() + rank_ * u.chunk;
       float* slot = shard_grads_.data() + u.chunk_slot;
-      std::span<float> out(slot, static_cast<size_t>(u.chunk));
-      if (accumulate) {
-        scratch_.resize(static_cast<size_t>(u.chunk));
-        out = std::span<float>(scratch_.data(), static_cast<size_t>(u.chunk));
-      }
-      comm.reduce_scatter(part.first(static_cast<size_t>(u.chunk * world_)), out, comm::ReduceOp::sum,
-                          comm::Options{.name = "gradient shards"});
-      if (accumulate) kernels::add_inplace(slot, scratch_.data(), u.chunk);
+      if (accumulate) kernels::add_inplace(slot, mine, u.chunk);
+      else std::copy_n(mine, u.chunk, slot);
       bytes_ += comm::ring_reduce_scatter_bytes(u.chunk * world_ * kFloat, world_);
     }
     const int64_t tail = u.end - u.tail_begin(world_);
@@ -234,8 +229,7 @@ class ZeroSync final : public GradientSync {
   const int64_t rank_;
   std::vector<Unit> units_;         // ascending in the arena
   std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
-  Buffer<float> shard_grads_;       // the owned ranges' summed gradients; all-gather scratch
-  std::vector<float> scratch_;      // stage 2, later micro-batches: a chunk before it is added
+  Buffer<float> shard_grads_;       // the owned ranges' summed gradients
   std::unique_ptr<comm::OverlappedAllReduce> overlap_;
   bool active_ = false;             // backward reports finished ranges to the buckets
   bool last_micro_ = true;

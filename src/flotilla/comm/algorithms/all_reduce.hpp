@@ -105,13 +105,35 @@ void hierarchical_all_reduce(Communicator& comm, HostGroups& groups, MutView dat
                              ReduceOp op, const Options& options = {},
                              const AlgorithmOptions& tuning = {});
 
+// ZeRO's halves of an all-reduce, in place on data (size, n) of every rank (its count a
+// multiple of the size; an Error otherwise):
+//   reduce-scatter: chunk `rank` := the reduction of every rank's chunk `rank`; the other
+//                   chunks are left as scratch (partial sums, or as they were);
+//   all-gather:     chunk r := rank r's chunk r, for every r.
+// Each is one signed collective named "<algorithm>:<options.name>", like the all-reduces.
+//   ring  the ring all-reduce's two halves run alone: (n - 1)/n of the buffer each way;
+//   shm   (one host) through the host's shared-memory arena, every rank reducing its own
+//         chunk (HostShm::reduce_scatter / all_gather); groups from HostGroups::split.
+void ring_reduce_scatter(Communicator& comm, MutView data, ReduceOp op, const Options& options = {},
+                         const AlgorithmOptions& tuning = {});
+void ring_all_gather(Communicator& comm, MutView data, const Options& options = {},
+                     const AlgorithmOptions& tuning = {});
+void shm_reduce_scatter(Communicator& comm, HostGroups& groups, MutView data, ReduceOp op,
+                        const Options& options = {});
+void shm_all_gather(Communicator& comm, HostGroups& groups, MutView data, const Options& options = {});
+
+// How AllReducer reduce-scatters and all-gathers.
+enum class ShardAlgorithm : uint8_t { ring, shm, backend };
+std::string_view shard_algorithm_name(ShardAlgorithm a);  // "ring", "shm", "mpi"
+
 // The chooser: which algorithm for `bytes` on `world_size` ranks over `topology`, where
 // `host_arena` says the ranks of a host share a memory arena (HostGroups::shm).
 // Thresholds measured on this project's machines (docs/distributed.md).
 AllReduceAlgorithm choose_algorithm(size_t bytes, int world_size, const Topology& topology, bool host_arena = false);
 
-// One communicator's all-reduce: discovers the topology and splits the host groups on
-// construction (collective over comm), then runs the configured or chosen algorithm.
+// One communicator's all-reduce (and ZeRO's reduce-scatter and all-gather): discovers the
+// topology and splits the host groups on construction (collective over comm), then runs
+// the configured or chosen algorithm.
 class AllReducer {
  public:
   struct Config {
@@ -131,6 +153,13 @@ class AllReducer {
   void run(MutView data, ReduceOp op, const Options& options = {});
   // What run() would use for a buffer of `bytes`.
   AllReduceAlgorithm algorithm_for(size_t bytes) const;
+  // In place on data (size, n), as ring_reduce_scatter / ring_all_gather say. With the
+  // algorithm automatic or hierarchical: through the host's arena when every rank is on
+  // this host and has it, else the ring; ring and halving-doubling: the ring; backend
+  // (`--allreduce mpi`): the backend's own collectives.
+  void reduce_scatter(MutView data, ReduceOp op, const Options& options = {});
+  void all_gather(MutView data, const Options& options = {});
+  ShardAlgorithm shard_algorithm() const;
   const Topology& topology() const { return groups_.topology; }
   Communicator& communicator() { return comm_; }
 

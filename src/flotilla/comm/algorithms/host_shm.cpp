@@ -19,18 +19,21 @@ namespace flotilla::comm {
 namespace {
 
 // Header: each counter on its own cache line, so that one rank's writes do not slow the
-// others' polls. Counters: published[0..kMaxRanks), taken[0..kMaxRanks), consumed, ready.
+// others' polls. Counters: published[0..kMaxRanks), taken[0..kMaxRanks), consumed, ready,
+// shared[0..kMaxRanks), read[0..kMaxRanks).
 constexpr size_t kLine = 64;
 constexpr size_t kPublished = 0;
 constexpr size_t kTaken = HostShm::kMaxRanks;
 constexpr size_t kConsumed = 2 * HostShm::kMaxRanks;
 constexpr size_t kReady = kConsumed + 1;
-constexpr size_t kCounters = kReady + 1;
+constexpr size_t kShared = kReady + 1;
+constexpr size_t kRead = kShared + HostShm::kMaxRanks;
+constexpr size_t kCounters = kRead + HostShm::kMaxRanks;
 constexpr size_t kHeaderBytes = kCounters * kLine;
 
 size_t arena_bytes(int ranks) {
-  // Header, (ranks, 2) slots, 2 result slots.
-  return kHeaderBytes + (static_cast<size_t>(ranks) * 2 + 2) * HostShm::kSegmentBytes;
+  // Header, (ranks, 2) slots, 2 result slots, (ranks, 2) scatter slots.
+  return kHeaderBytes + (static_cast<size_t>(ranks) * 4 + 2) * HostShm::kSegmentBytes;
 }
 
 uint64_t load(uint64_t& c) { return std::atomic_ref<uint64_t>(c).load(std::memory_order_acquire); }
@@ -106,6 +109,11 @@ std::byte* HostShm::result(uint64_t segment) {
   return base_ + kHeaderBytes + (static_cast<size_t>(size_) * 2 + segment % 2) * kSegmentBytes;
 }
 
+std::byte* HostShm::scatter_slot(int rank, uint64_t segment) {
+  return base_ + kHeaderBytes +
+         (static_cast<size_t>(size_) * 2 + 2 + static_cast<size_t>(rank) * 2 + segment % 2) * kSegmentBytes;
+}
+
 template <class Done>
 void HostShm::wait(Clock::time_point deadline, const char* what, Done&& done) {
   if (poll_until(deadline, done)) return;
@@ -167,6 +175,52 @@ void HostShm::broadcast_from_leader(MutView data, Clock::time_point deadline) {
     }
   }
   broadcast_ += segments;
+}
+
+void HostShm::exchange_segment(MutView data, std::optional<ReduceOp> reduce, size_t piece_elems, size_t offset,
+                               size_t count, Clock::time_point deadline) {
+  const size_t element_bytes = element_size(data.type());
+  const size_t n = data.count() / static_cast<size_t>(size_);
+  const uint64_t s = ++scattered_;
+  auto chunk = [&](int r) { return data.data() + (static_cast<size_t>(r) * n + offset) * element_bytes; };
+  auto piece = [&](int owner, int r) { return scatter_slot(owner, s) + static_cast<size_t>(r) * piece_elems * element_bytes; };
+  // Our slot s % 2 last held segment s - 2: free once every rank has read that one.
+  for (int r = 0; r < size_; ++r)
+    wait(deadline, "waiting for a local rank to read the scatter slots",
+         [&] { return load(counter(kRead + static_cast<size_t>(r))) + 2 >= s; });
+  if (reduce) {
+    for (int r = 0; r < size_; ++r) std::memcpy(piece(rank_, r), chunk(r), count * element_bytes);
+  } else {
+    std::memcpy(piece(rank_, 0), chunk(rank_), count * element_bytes);
+  }
+  store(counter(kShared + static_cast<size_t>(rank_)), s);
+  for (int r = 0; r < size_; ++r) {
+    wait(deadline, "waiting for a local rank to share", [&] {
+      return load(counter(kShared + static_cast<size_t>(r))) >= s;
+    });
+    if (reduce) {
+      if (r == 0) std::memcpy(chunk(rank_), piece(r, rank_), count * element_bytes);
+      else reduce_into(data.type(), *reduce, chunk(rank_), piece(r, rank_), count);
+    } else if (r != rank_) {
+      std::memcpy(chunk(r), piece(r, 0), count * element_bytes);
+    }
+  }
+  store(counter(kRead + static_cast<size_t>(rank_)), s);
+}
+
+void HostShm::reduce_scatter(MutView data, ReduceOp op, Clock::time_point deadline) {
+  const size_t piece_elems = kSegmentBytes / element_size(data.type()) / static_cast<size_t>(size_);
+  const size_t n = data.count() / static_cast<size_t>(size_);
+  for (size_t offset = 0; offset < n; offset += piece_elems)
+    exchange_segment(data, op, piece_elems, offset, std::min(piece_elems, n - offset), deadline);
+}
+
+void HostShm::all_gather(MutView data, Clock::time_point deadline) {
+  // One piece a segment: ours, the whole slot.
+  const size_t piece_elems = kSegmentBytes / element_size(data.type());
+  const size_t n = data.count() / static_cast<size_t>(size_);
+  for (size_t offset = 0; offset < n; offset += piece_elems)
+    exchange_segment(data, std::nullopt, piece_elems, offset, std::min(piece_elems, n - offset), deadline);
 }
 
 }  // namespace flotilla::comm

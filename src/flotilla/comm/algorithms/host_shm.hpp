@@ -10,11 +10,21 @@
 // broadcast one), taken[l] (rank l's last copied-out one). Segments are numbered across
 // calls, so the counters never reset. A slot is rewritten only when its reader has moved
 // two segments on; every wait polls a counter until the caller's deadline.
+//
+// The reduce-scatter and all-gather (ZeRO's) have no leader: every rank publishes into
+// slots of its own in a second region (*scatter slots*, so the two families never wait on
+// each other's counters), and every rank reads what it needs from everyone's. A segment
+// there is N *pieces*, piece j from chunk j of the rank's buffer (size, n); rank r sums
+// piece r of every rank's slot, in rank order, so the result does not depend on who
+// published first; for the all-gather a segment is one piece, the rank's own chunk's. Counters: shared[l] (rank l's last published segment) and
+// read[l] (the last segment rank l has read from everyone); a rank rewrites its slot once
+// every rank has read the segment two before.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "flotilla/comm/communicator.hpp"
@@ -41,12 +51,23 @@ class HostShm {
   void reduce_to_leader(MutView data, ReduceOp op, Clock::time_point deadline);
   // Every rank's data := the leader's.
   void broadcast_from_leader(MutView data, Clock::time_point deadline);
+  // data (size, n) on every rank: chunk `rank` := the sum (or max) of every rank's chunk
+  // `rank`, in rank order; the other chunks are left as they were. n = count / size.
+  void reduce_scatter(MutView data, ReduceOp op, Clock::time_point deadline);
+  // data (size, n): chunk r := rank r's chunk r, for every r.
+  void all_gather(MutView data, Clock::time_point deadline);
 
  private:
   HostShm(int rank, int size, std::byte* base, size_t bytes);
   uint64_t& counter(size_t index);  // the header's counters, see the file comment
   std::byte* slot(int rank, uint64_t segment);
   std::byte* result(uint64_t segment);
+  std::byte* scatter_slot(int rank, uint64_t segment);
+  // One segment of the scatter slots: elements [offset, offset + count) of each chunk, in
+  // pieces of `piece_elems`. With `reduce`, every chunk goes in and ours comes out
+  // reduced; without, ours goes in (piece 0) and every other comes out.
+  void exchange_segment(MutView data, std::optional<ReduceOp> reduce, size_t piece_elems, size_t offset,
+                        size_t count, Clock::time_point deadline);
   template <class Done>
   void wait(Clock::time_point deadline, const char* what, Done&& done);
 
@@ -56,6 +77,7 @@ class HostShm {
   size_t bytes_;
   uint64_t reduced_ = 0;    // segments reduced so far, over all calls
   uint64_t broadcast_ = 0;  // segments broadcast so far
+  uint64_t scattered_ = 0;  // segments through the scatter slots so far
 };
 
 }  // namespace flotilla::comm

@@ -80,11 +80,24 @@ void ring_payload(Communicator& comm, MutView data, ReduceOp op, const Algorithm
                   Clock::time_point deadline);
 void halving_doubling_payload(Communicator& comm, MutView data, ReduceOp op,
                               const AlgorithmOptions& tuning, Clock::time_point deadline);
+// The ring's halves alone, on data (size, n): chunk `rank` ends reduced / starts as ours.
+void ring_reduce_scatter_payload(Communicator& comm, MutView data, ReduceOp op, const AlgorithmOptions& tuning,
+                                 Clock::time_point deadline);
+void ring_all_gather_payload(Communicator& comm, MutView data, const AlgorithmOptions& tuning,
+                             Clock::time_point deadline);
 
 // Signs one all_reduce named `algorithm` on comm, runs payload(deadline) with avg turned
 // into sum, then divides for avg. Checks that the reduction is supported.
 void run_signed(Communicator& comm, std::string_view algorithm, MutView data, ReduceOp op,
                 const Options& options,
                 const std::function<void(ReduceOp, Clock::time_point)>& payload);
+// The same for the in-place reduce-scatter and all-gather of data (size, n): signed with n,
+// the count per rank; an Error when data does not cut into size equal chunks.
+void run_signed_scatter(Communicator& comm, std::string_view algorithm, MutView data, ReduceOp op,
+                        const Options& options, const std::function<void(ReduceOp, Clock::time_point)>& payload);
+void run_signed_gather(Communicator& comm, std::string_view algorithm, MutView data, const Options& options,
+                       const std::function<void(Clock::time_point)>& payload);
+// Chunk `rank` of data (size, n).
+MutView own_chunk(const Communicator& comm, MutView data);
 
 }  // namespace flotilla::comm::detail

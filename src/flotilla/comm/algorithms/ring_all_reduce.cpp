@@ -26,6 +26,11 @@
 // in place, and reduce-scatter stage t *sent* chunk (r-t) from the same memory. The
 // receive is posted only after those sends completed (they have arrived by then: the
 // data we are about to receive went around the ring after them).
+//
+// Either half runs alone too (ZeRO's reduce-scatter of gradients and all-gather of
+// weights), with the chunks numbered one lower, so that rank r ends the reduce-scatter
+// holding chunk r, and starts the all-gather from chunk r: the stages of the other half are
+// simply not run, and the hazard above cannot arise.
 #include <string>
 #include <vector>
 
@@ -37,10 +42,13 @@ namespace flotilla::comm {
 namespace detail {
 namespace {
 
+// Which stages run: both halves (an all-reduce) or one.
+enum class Halves : uint8_t { both, reduce_scatter, all_gather };
+
 class Ring {
  public:
   Ring(Communicator& comm, MutView data, ReduceOp op, const AlgorithmOptions& tuning,
-       Clock::time_point deadline)
+       Clock::time_point deadline, Halves halves = Halves::both)
       : comm_(comm),
         data_(data),
         op_(op),
@@ -54,6 +62,9 @@ class Ring {
         tag_(tuning.tag),
         deadline_(deadline),
         stages_(2 * (p_ - 1)),
+        first_(halves == Halves::all_gather ? p_ - 1 : 0),
+        last_(halves == Halves::reduce_scatter ? p_ - 1 : stages_),
+        shift_(halves == Halves::both ? 0 : -1),
         sends_(static_cast<size_t>(stages_)),
         sends_done_(static_cast<size_t>(stages_), false) {
     plan();
@@ -77,7 +88,7 @@ class Ring {
 
  private:
   void stream() {
-    post_sends_of_stage0();
+    post_sends_of_first_stage();
     for (next_consume_ = 0; next_consume_ < receives_.size(); ++next_consume_) {
       post_receives();
       Transfer& t = receives_[next_consume_];
@@ -86,7 +97,7 @@ class Ring {
       if (t.stage < p_ - 1)  // reduce-scatter: add the received partial sum into ours
         reduce_into(data_.type(), op_, data_.data() + seg.begin * element_bytes_,
                     slot(next_consume_), seg.count);
-      if (t.stage + 1 < stages_) send(t.stage + 1, seg);
+      if (t.stage + 1 < last_) send(t.stage + 1, seg);
     }
     for (auto& stage : sends_) wait_all_until(stage, deadline_);
   }
@@ -98,16 +109,17 @@ class Ring {
   };
 
   int send_chunk(int stage) const {
-    return stage < p_ - 1 ? mod(r_ - stage) : mod(r_ + 1 - (stage - (p_ - 1)));
+    return mod(shift_ + (stage < p_ - 1 ? r_ - stage : r_ + 1 - (stage - (p_ - 1))));
   }
   int recv_chunk(int stage) const {
-    return stage < p_ - 1 ? mod(r_ - stage - 1) : mod(r_ - (stage - (p_ - 1)));
+    return mod(shift_ + (stage < p_ - 1 ? r_ - stage - 1 : r_ - (stage - (p_ - 1))));
   }
   int mod(int x) const { return ((x % p_) + p_) % p_; }
 
   // The receive order: stage by stage, segment by segment.
   void plan() {
-    for (int stage = 0; stage < stages_; ++stage) {
+    stage_end_.assign(static_cast<size_t>(first_), 0);
+    for (int stage = first_; stage < last_; ++stage) {
       const Slice chunk = chunk_of(data_.count(), p_, recv_chunk(stage));
       for (size_t off = 0; off < chunk.count; off += segment_elems_)
         receives_.push_back(
@@ -126,10 +138,10 @@ class Ring {
         comm_.isend(ConstView(sub_view(data_, seg)), next_, tag_));
   }
 
-  void post_sends_of_stage0() {
-    const Slice chunk = chunk_of(data_.count(), p_, send_chunk(0));
+  void post_sends_of_first_stage() {
+    const Slice chunk = chunk_of(data_.count(), p_, send_chunk(first_));
     for (size_t off = 0; off < chunk.count; off += segment_elems_)
-      send(0, {chunk.begin + off, std::min(segment_elems_, chunk.count - off)});
+      send(first_, {chunk.begin + off, std::min(segment_elems_, chunk.count - off)});
   }
 
   // Posts receives up to `window` ahead of the one being consumed.
@@ -141,8 +153,8 @@ class Ring {
         // All-gather stage p-1+u lands where reduce-scatter stage u sent from: those
         // sends must all be posted (stage u-1 fully consumed) and then complete.
         const int u = t.stage - (p_ - 1);
-        if (u >= 1 && next_consume_ < stage_end_[static_cast<size_t>(u - 1)]) return;
-        if (!sends_done_[static_cast<size_t>(u)]) {
+        if (first_ == 0 && u >= 1 && next_consume_ < stage_end_[static_cast<size_t>(u - 1)]) return;
+        if (first_ == 0 && !sends_done_[static_cast<size_t>(u)]) {
           wait_all_until(sends_[static_cast<size_t>(u)], deadline_);
           sends_done_[static_cast<size_t>(u)] = true;
         }
@@ -167,6 +179,8 @@ class Ring {
   const int tag_;
   const Clock::time_point deadline_;
   const int stages_;
+  const int first_, last_;  // the stages run: [first_, last_)
+  const int shift_;         // chunk numbering: -1 when one half runs alone
   std::vector<Transfer> receives_;           // (all receives) in order
   std::vector<size_t> stage_end_;            // (stages) one past each stage's last receive
   std::vector<std::vector<Request>> sends_;  // (stages) sends of each stage
@@ -186,6 +200,18 @@ void ring_payload(Communicator& comm, MutView data, ReduceOp op, const Algorithm
   Ring(comm, data, op, tuning, deadline).run();
 }
 
+void ring_reduce_scatter_payload(Communicator& comm, MutView data, ReduceOp op, const AlgorithmOptions& tuning,
+                                 Clock::time_point deadline) {
+  if (comm.size() == 1 || data.count() == 0) return;
+  Ring(comm, data, op, tuning, deadline, Halves::reduce_scatter).run();
+}
+
+void ring_all_gather_payload(Communicator& comm, MutView data, const AlgorithmOptions& tuning,
+                             Clock::time_point deadline) {
+  if (comm.size() == 1 || data.count() == 0) return;
+  Ring(comm, data, ReduceOp::sum, tuning, deadline, Halves::all_gather).run();
+}
+
 void run_signed(Communicator& comm, std::string_view algorithm, MutView data, ReduceOp op,
                 const Options& options,
                 const std::function<void(ReduceOp, Clock::time_point)>& payload) {
@@ -201,6 +227,43 @@ void run_signed(Communicator& comm, std::string_view algorithm, MutView data, Re
     divide(data.type(), data.data(), data.count(), comm.size());
 }
 
+MutView own_chunk(const Communicator& comm, MutView data) {
+  const Slice mine = chunk_of(data.count(), comm.size(), comm.rank());
+  return sub_view(data, mine);
+}
+
+namespace {
+void check_divisible(const Communicator& comm, std::string_view algorithm, std::string_view what, MutView data) {
+  if (data.count() % static_cast<size_t>(comm.size()) != 0)
+    throw Error("comm/" + std::string(algorithm),
+                fmt::format("rank {}: {}: {} elements do not cut into {} equal chunks", comm.rank(), what,
+                            data.count(), comm.size()));
+}
+}  // namespace
+
+void run_signed_scatter(Communicator& comm, std::string_view algorithm, MutView data, ReduceOp op,
+                        const Options& options, const std::function<void(ReduceOp, Clock::time_point)>& payload) {
+  if (!reduction_supported(data.type(), op))
+    throw Error("comm/" + std::string(algorithm),
+                fmt::format("rank {}: reduce_scatter: {} of {} is not supported", comm.rank(), reduce_name(op),
+                            element_name(data.type())));
+  check_divisible(comm, algorithm, "reduce_scatter", data);
+  const ReduceOp base = op == ReduceOp::avg ? ReduceOp::sum : op;
+  comm.run_p2p_collective(CollectiveKind::reduce_scatter, algorithm, options, data.count() / comm.size(),
+                          data.type(), op, [&](Clock::time_point deadline) { payload(base, deadline); });
+  if (op == ReduceOp::avg && comm.size() > 1) {
+    const MutView mine = own_chunk(comm, data);
+    divide(mine.type(), mine.data(), mine.count(), comm.size());
+  }
+}
+
+void run_signed_gather(Communicator& comm, std::string_view algorithm, MutView data, const Options& options,
+                       const std::function<void(Clock::time_point)>& payload) {
+  check_divisible(comm, algorithm, "all_gather", data);
+  comm.run_p2p_collective(CollectiveKind::all_gather, algorithm, options, data.count() / comm.size(), data.type(),
+                          ReduceOp::sum, payload);
+}
+
 }  // namespace detail
 
 void ring_all_reduce(Communicator& comm, MutView data, ReduceOp op, const Options& options,
@@ -210,6 +273,21 @@ void ring_all_reduce(Communicator& comm, MutView data, ReduceOp op, const Option
                      [&](ReduceOp base, Clock::time_point deadline) {
                        detail::ring_payload(comm, data, base, resolved, deadline);
                      });
+}
+
+void ring_reduce_scatter(Communicator& comm, MutView data, ReduceOp op, const Options& options,
+                         const AlgorithmOptions& tuning) {
+  const AlgorithmOptions resolved = tuning.resolve(comm);
+  detail::run_signed_scatter(comm, "ring", data, op, options, [&](ReduceOp base, Clock::time_point deadline) {
+    detail::ring_reduce_scatter_payload(comm, data, base, resolved, deadline);
+  });
+}
+
+void ring_all_gather(Communicator& comm, MutView data, const Options& options, const AlgorithmOptions& tuning) {
+  const AlgorithmOptions resolved = tuning.resolve(comm);
+  detail::run_signed_gather(comm, "ring", data, options, [&](Clock::time_point deadline) {
+    detail::ring_all_gather_payload(comm, data, resolved, deadline);
+  });
 }
 
 }  // namespace flotilla::comm
