@@ -23,10 +23,6 @@ constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
 // thread is reducing.
 constexpr double kZero2UnitsInFlight = 2.0;
 
-// Copies of a unit Open MPI's reduce-scatter holds at once on its busiest rank (measured:
-// 1 on 2 ranks, 2 on 3 and 4).
-constexpr double kMpiReduceScatterCopies = 2.0;
-
 // ZeRO-3 gathers one layer's weights ahead of use; two such buffers overlap the next
 // gather with the current layer's compute.
 constexpr double kZero3GatherBuffers = 2.0;
@@ -232,10 +228,10 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
   // ZeRO-1/2 reduce-scatter the gradient unit by unit (the fusion buckets) into a shard
   // buffer of their own, which the optimizer reads; one rank alone is plain training.
   const double reduced_shard = n > 1 ? 4 * shard : 0.0;
-  // Open MPI 4.1's reduce-scatter (MPI_Reduce_scatter_block, under comm::reduce_scatter)
-  // allocates one or two copies of the unit it reduces on some ranks (rank 0; measured in
-  // bench/RESULTS.md, "ZeRO memory"): every rank is charged the worst, as that rank has to fit.
-  const double mpi_unit_copies = n > 1 ? kMpiReduceScatterCopies * 4 * zero_unit_floats(w) : 0.0;
+  // The reduce-scatter and all-gather run in place (comm/algorithms: the ring's halves or
+  // the host arena), so nothing else is charged. (Open MPI 4.1's own, under
+  // `--allreduce mpi`, allocates one or two copies of the unit on some ranks: bench/RESULTS.md,
+  // "ZeRO memory".)
   switch (s.kind) {
     case StrategyKind::all_reduce:
     case StrategyKind::hierarchical:
@@ -260,7 +256,7 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
     case StrategyKind::zero1:
     case StrategyKind::zero2:
       m.optimizer = 8 * shard;
-      m.buffers = scratch + mpi_unit_copies;
+      m.buffers = scratch;
       if (s.kind == StrategyKind::zero1 || n == 1) {
         m.buffers += reduced_shard;
       } else {

@@ -45,8 +45,7 @@
 //                  and during backward the units not yet reduced (two of them; the
 //                  whole gradient, so zero1's peak, with --bucket-mb 0 or one bucket)
 //   zero3          weights too, plus the gathered layers                     = 16Ψ/n + layers
-// and for every strategy the activations and exchange buffers; ZeRO-1/2 on n > 1 ranks
-// also two copies of a unit, what Open MPI's reduce-scatter allocates on its busiest rank.
+// and for every strategy the activations and exchange buffers.
 #pragma once
 
 #include <algorithm>
