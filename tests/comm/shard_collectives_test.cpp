@@ -46,9 +46,9 @@ std::vector<Case> cases(int n) {
 }
 
 // Per-rank chunk lengths: empty, shorter than anything, and beyond one arena segment's
-// pieces (HostShm::kSegmentBytes / 4 / n floats each) so that several segments run.
+// pieces (HostShm::kScatterSlotBytes / 4 / n floats each) so that several segments run.
 std::vector<size_t> chunk_lengths(int n) {
-  return {0, 1, 5, 1000, HostShm::kSegmentBytes / 4 / static_cast<size_t>(n) * 2 + 3};
+  return {0, 1, 5, 1000, HostShm::kScatterSlotBytes / 4 / static_cast<size_t>(n) * 2 + 3};
 }
 
 void closed_form(Communicator& c) {

@@ -33,7 +33,8 @@ constexpr size_t kHeaderBytes = kCounters * kLine;
 
 size_t arena_bytes(int ranks) {
   // Header, (ranks, 2) slots, 2 result slots, (ranks, 2) scatter slots.
-  return kHeaderBytes + (static_cast<size_t>(ranks) * 4 + 2) * HostShm::kSegmentBytes;
+  return kHeaderBytes + (static_cast<size_t>(ranks) * 2 + 2) * HostShm::kSegmentBytes +
+         static_cast<size_t>(ranks) * 2 * HostShm::kScatterSlotBytes;
 }
 
 uint64_t load(uint64_t& c) { return std::atomic_ref<uint64_t>(c).load(std::memory_order_acquire); }
@@ -111,7 +112,8 @@ std::byte* HostShm::result(uint64_t segment) {
 
 std::byte* HostShm::scatter_slot(int rank, uint64_t segment) {
   return base_ + kHeaderBytes +
-         (static_cast<size_t>(size_) * 2 + 2 + static_cast<size_t>(rank) * 2 + segment % 2) * kSegmentBytes;
+         (static_cast<size_t>(size_) * 2 + 2) * kSegmentBytes +
+         (static_cast<size_t>(rank) * 2 + segment % 2) * kScatterSlotBytes;
 }
 
 template <class Done>
@@ -209,7 +211,7 @@ void HostShm::exchange_segment(MutView data, std::optional<ReduceOp> reduce, siz
 }
 
 void HostShm::reduce_scatter(MutView data, ReduceOp op, Clock::time_point deadline) {
-  const size_t piece_elems = kSegmentBytes / element_size(data.type()) / static_cast<size_t>(size_);
+  const size_t piece_elems = kScatterSlotBytes / element_size(data.type()) / static_cast<size_t>(size_);
   const size_t n = data.count() / static_cast<size_t>(size_);
   for (size_t offset = 0; offset < n; offset += piece_elems)
     exchange_segment(data, op, piece_elems, offset, std::min(piece_elems, n - offset), deadline);
@@ -217,7 +219,7 @@ void HostShm::reduce_scatter(MutView data, ReduceOp op, Clock::time_point deadli
 
 void HostShm::all_gather(MutView data, Clock::time_point deadline) {
   // One piece a segment: ours, the whole slot.
-  const size_t piece_elems = kSegmentBytes / element_size(data.type());
+  const size_t piece_elems = kScatterSlotBytes / element_size(data.type());
   const size_t n = data.count() / static_cast<size_t>(size_);
   for (size_t offset = 0; offset < n; offset += piece_elems)
     exchange_segment(data, std::nullopt, piece_elems, offset, std::min(piece_elems, n - offset), deadline);

@@ -34,6 +34,9 @@ namespace flotilla::comm {
 class HostShm {
  public:
   static constexpr size_t kSegmentBytes = size_t{256} << 10;
+  // A scatter slot: every segment is a handoff between all the ranks, so fewer, larger
+  // ones keep them from waiting on each other's scheduling (measured: bench/RESULTS.md).
+  static constexpr size_t kScatterSlotBytes = size_t{1} << 20;
   static constexpr int kMaxRanks = 64;  // per host
 
   // Collective over `host` (the ranks of one host; local rank 0 leads). The leader
