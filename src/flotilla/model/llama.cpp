@@ -261,63 +261,66 @@ void Llama::set_grad_checkpoint(bool on) {
 }
 
 uint64_t Llama::dropout_seed(int64_t layer, LoraTarget t) const {
-  // One mask per (forward, layer, target): a fresh draw every training step.
-  return (forward_dropout_ * 1000003ULL + static_cast<uint64_t>(layer)) * 8ULL + static_cast<uint64_t>(t) +
-         0x5851f42d4c957f2dULL;
+  return lora_dropout_seed(forward_dropout_, layer, t);
 }
 
-void Llama::lora_forward(int64_t l, LoraTarget t, float* out, const float* x) {
-  if (!lora_) return;
-  const LoraSlot& s = lora_->slot(l, t);
-  if (!s.active()) return;
-  ActivationPlan& a = acts_;
-  const int64_t N = a.B * a.T, r = lora_->config().rank;
-  const float* adapters = lora_->params().data();
-  const float* xd = x;
-  if (training_ && lora_->config().dropout > 0.0f) {
-    k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
-    xd = a.lora_xd;
-  }
-  float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
-  k::matmul_forward(u, xd, adapters + s.a, nullptr, N, s.in, r);
-  k::scale_inplace(u, N * r, lora_->config().scale());
-  k::matmul_accumulate(out, u, adapters + s.b, N, r, s.out, 1.0f);
+BlockContext Llama::training_context() const {
+  const ActivationPlan& a = acts_;
+  BlockContext ctx;
+  ctx.B = a.B;
+  ctx.T = a.T;
+  ctx.Tk = a.T;
+  ctx.rope_cos = a.rope_cos;
+  ctx.rope_sin = a.rope_sin;
+  ctx.positions = a.positions.empty() ? nullptr : a.positions.data();
+  ctx.key_start = a.key_start.empty() ? nullptr : a.key_start.data();
+  ctx.ln = a.ln;
+  ctx.act = a.act;
+  ctx.lora_xd = a.lora_xd;
+  ctx.lora = lora_;
+  if (lora_ && training_ && lora_->config().dropout > 0.0f) ctx.dropout_step = forward_dropout_;
+  return ctx;
 }
 
-void Llama::block_forward(int64_t l, float* resid_next) {
-  ActivationPlan& a = acts_;
-  const int64_t B = a.B, T = a.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim;
+void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const {
+  const int64_t B = ctx.B, T = ctx.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim;
   const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
   const int64_t hd = cfg_.head_dim;
-  const int32_t* key_start = a.key_start.empty() ? nullptr : a.key_start.data();
-  const int32_t* positions = a.positions.empty() ? nullptr : a.positions.data();
   const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
-  LayerActivations& la = a.layers[static_cast<size_t>(l)];
   auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
+  auto lora = [&](LoraTarget t, float* y, const float* x) {
+    if (!ctx.lora) return;
+    std::optional<uint64_t> seed;
+    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
+    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed);
+  };
+  float* ln = ctx.ln;
   // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
-  k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
-  linear_forward(la.q, a.ln, w.wq, bias(w.bq), N, C, Dq);
-  linear_forward(la.k, a.ln, w.wk, bias(w.bk), N, C, Dkv);
-  linear_forward(la.v, a.ln, w.wv, bias(w.bv), N, C, Dkv);
-  lora_forward(l, LoraTarget::q, la.q, a.ln);
-  lora_forward(l, LoraTarget::k, la.k, a.ln);
-  lora_forward(l, LoraTarget::v, la.v, a.ln);
-  k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
-  k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
-  k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
+  k::rmsnorm_forward(ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+  linear_forward(la.q, ln, w.wq, bias(w.bq), N, C, Dq);
+  linear_forward(la.k, ln, w.wk, bias(w.bk), N, C, Dkv);
+  linear_forward(la.v, ln, w.wv, bias(w.bv), N, C, Dkv);
+  lora(LoraTarget::q, la.q, ln);
+  lora(LoraTarget::k, la.k, ln);
+  lora(LoraTarget::v, la.v, ln);
+  k::rope_forward(la.q, ctx.rope_cos, ctx.rope_sin, B, T, NH, hd, ctx.positions);
+  k::rope_forward(la.k, ctx.rope_cos, ctx.rope_sin, B, T, NKV, hd, ctx.positions);
+  const float* keys = ctx.keys ? ctx.keys : la.k;
+  const float* values = ctx.values ? ctx.values : la.v;
+  k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start);
   linear_forward(la.resid_mid, la.attn_out, w.wo, nullptr, N, Dq, C);
-  lora_forward(l, LoraTarget::o, la.resid_mid, la.attn_out);
+  lora(LoraTarget::o, la.resid_mid, la.attn_out);
   k::add_inplace(la.resid_mid, la.resid_in, N * C);
   // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
-  k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
-  linear_forward(la.gate, a.ln, w.wgate, nullptr, N, C, F);
-  linear_forward(la.up, a.ln, w.wup, nullptr, N, C, F);
-  lora_forward(l, LoraTarget::gate, la.gate, a.ln);
-  lora_forward(l, LoraTarget::up, la.up, a.ln);
-  k::swiglu_forward(a.act, la.gate, la.up, N, F);
-  linear_forward(resid_next, a.act, w.wdown, nullptr, N, F, C);
-  lora_forward(l, LoraTarget::down, resid_next, a.act);
-  k::add_inplace(resid_next, la.resid_mid, N * C);
+  k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+  linear_forward(la.gate, ln, w.wgate, nullptr, N, C, F);
+  linear_forward(la.up, ln, w.wup, nullptr, N, C, F);
+  lora(LoraTarget::gate, la.gate, ln);
+  lora(LoraTarget::up, la.up, ln);
+  k::swiglu_forward(ctx.act, la.gate, la.up, N, F);
+  linear_forward(out, ctx.act, w.wdown, nullptr, N, F, C);
+  lora(LoraTarget::down, out, ctx.act);
+  k::add_inplace(out, la.resid_mid, N * C);
 }
 
 LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
@@ -356,8 +359,10 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   }
   if (training_ && targets) forward_dropout_ = dropout_step_++;
   embedding_forward(a.layers[0].resid_in, tokens, N);
+  const BlockContext ctx = training_context();
   for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    block_forward(l, l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out);
+    block_forward(l, a.layers[static_cast<size_t>(l)],
+                  l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out, ctx);
   k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
   linear_forward(a.logits, a.lnf, layout_.lm_head, nullptr, N, C, V);
   logits_valid_ = true;
@@ -442,7 +447,7 @@ void Llama::backward(float dloss_scale) {
     LayerActivations& la = a.layers[static_cast<size_t>(l)];
     // Checkpointing: this block's activations again, from its kept input (the last block's
     // are still there from forward). Its output goes to a.dln, free until it is zeroed below.
-    if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, a.dln);
+    if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, la, a.dln, training_context());
     // a.dresid holds d(out) of this block; the residual passes it to resid_mid unchanged.
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     k::swiglu_forward(a.act, la.gate, la.up, N, F);

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -42,6 +43,31 @@ struct LayerActivations {
   float* up;         // (B, T, F)
   // LoRA: scale * dropout(x) A^T per adapted linear layer, (B, T, rank); null if not adapted.
   std::array<float*, kNumLoraTargets> lora_u{};
+};
+
+// What differs between the two uses of one decoder block (Llama::block_forward): training
+// runs it on a whole sequence whose queries attend over their own keys and keeps every
+// activation for backward; KV-cache decoding runs it on the new positions only, writes
+// their keys and values into the cache after the ones already there, attends over the
+// whole cache, and keeps nothing. The block reads its inputs and writes its outputs
+// through a LayerActivations; this says what its attention sees and where its scratch is.
+struct BlockContext {
+  int64_t B = 0, T = 0;        // queries (B, T)
+  int64_t Tk = 0;              // keys per row the queries attend over (T in training)
+  // (B, Tk, NKV, hd) the keys and values attended over, which the block's own k and v
+  // (its LayerActivations') are part of; null: only the block's own (training).
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  const float* rope_cos = nullptr;     // (T, hd/2)  rotary tables of the queries' positions
+  const float* rope_sin = nullptr;     // (T, hd/2)
+  const int32_t* positions = nullptr;  // (B, T) rows packing several examples: positions in them; or null
+  const int32_t* key_start = nullptr;  // (B, T) the first key each query may attend to; or null
+  float* ln = nullptr;                 // (B, T, C)  scratch: an RMSNorm output
+  float* act = nullptr;                // (B, T, F)  scratch: silu(gate) * up
+  float* lora_xd = nullptr;            // (B, T, max(C, F))  scratch: LoRA's dropped-out input
+  const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
+  // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
+  std::optional<uint64_t> dropout_step;
 };
 
 // One allocation for all activations and backward scratch of a step shape.
@@ -123,6 +149,13 @@ class Llama {
                        int64_t weight, int64_t N, int64_t C, int64_t OC) const;
   // out (N, C) = embed_tokens[tokens]
   void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
+
+  // One decoder block of layer l, the only place it is written: from la.resid_in (B, T, C)
+  // into out (B, T, C), which may be la.resid_in itself; the other views of `la` receive
+  // the block's activations (q, k, v after rope; probs (B, NH, T, Tk); ...).
+  //   h   = x + o_proj(attention(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
+  //   out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
+  void block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const;
 
   // HF's initialisation: Linear and Embedding ~ N(0, initializer_range), norms = 1,
   // biases = 0.
@@ -216,10 +249,8 @@ class Llama {
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
-  // Block l of forward, from acts_.layers[l].resid_in into resid_next (B, T, C).
-  void block_forward(int64_t l, float* resid_next);
-  // out += scale * (dropout(x) A^T) B^T for an adapted layer, keeping u = scale * dropout(x) A^T.
-  void lora_forward(int64_t l, LoraTarget t, float* out, const float* x);
+  // The training forward's context of every block, for the planned step shape.
+  BlockContext training_context() const;
   float* p(int64_t offset) { return params_.data() + offset; }
   const float* p(int64_t offset) const { return params_.data() + offset; }
 
