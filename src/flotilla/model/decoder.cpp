@@ -94,7 +94,7 @@ std::span<const float> Decoder::step(std::span<const int32_t> tokens) {
   }
   // Only the last position's logits are needed.
   const float* x_last = x + (n - 1) * C;
-  k::rmsnorm_forward(ln_.data(), rstd_.data(), x_last, w + layout.final_norm, 1, C, cfg.rms_norm_eps);
+  k::rmsnorm_forward(ln_.data(), rstd_.data(), x_last, model_.dense_weight(layout.final_norm), 1, C, cfg.rms_norm_eps);
   model_.linear_forward(logits_.data(), ln_.data(), layout.lm_head, nullptr, 1, C, V);
   length_ = Tk;
   return logits_.span();

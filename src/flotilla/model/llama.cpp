@@ -41,15 +41,15 @@ Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(allocate
 Llama::Llama(const ModelConfig& cfg, const std::set<std::string>& quantized)
     : cfg_(cfg), layout_(cfg, quantized), params_(allocate_parameters(layout_.total_numel())) {}
 
-void Llama::linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
-                           int64_t OC) const {
-  if (is_quantized_ref(weight)) return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N);
+void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N,
+                           int64_t C, int64_t OC) const {
+  if (weight.is_quantized()) return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N);
   k::matmul_forward(out, inp, p(weight), bias, N, C, OC);
 }
 
 void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                            int64_t weight, int64_t N, int64_t C, int64_t OC) const {
-  if (is_quantized_ref(weight)) {
+                            const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const {
+  if (weight.is_quantized()) {
     // A quantized base is always frozen (training it is refused before this point).
     if (dweight || dbias) throw Error("model", "a quantized weight has no gradient: it is frozen");
     return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N);
@@ -58,7 +58,7 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
 }
 
 void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) const {
-  if (is_quantized_ref(layout_.embed)) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
+  if (layout_.embed.is_quantized()) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
   k::embedding_forward(out, tokens, p(layout_.embed), N, cfg_.dim);
 }
 
@@ -287,7 +287,6 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
   const int64_t hd = cfg_.head_dim;
   const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
-  auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
   auto lora = [&](LoraTarget t, float* y, const float* x) {
     if (!ctx.lora) return;
     std::optional<uint64_t> seed;
@@ -297,9 +296,9 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   float* ln = ctx.ln;
   // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
   k::rmsnorm_forward(ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
-  linear_forward(la.q, ln, w.wq, bias(w.bq), N, C, Dq);
-  linear_forward(la.k, ln, w.wk, bias(w.bk), N, C, Dkv);
-  linear_forward(la.v, ln, w.wv, bias(w.bv), N, C, Dkv);
+  linear_forward(la.q, ln, w.q_proj, dense_weight(w.q_bias), N, C, Dq);
+  linear_forward(la.k, ln, w.k_proj, dense_weight(w.k_bias), N, C, Dkv);
+  linear_forward(la.v, ln, w.v_proj, dense_weight(w.v_bias), N, C, Dkv);
   lora(LoraTarget::q, la.q, ln);
   lora(LoraTarget::k, la.k, ln);
   lora(LoraTarget::v, la.v, ln);
@@ -308,17 +307,17 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   const float* keys = ctx.keys ? ctx.keys : la.k;
   const float* values = ctx.values ? ctx.values : la.v;
   k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start);
-  linear_forward(la.resid_mid, la.attn_out, w.wo, nullptr, N, Dq, C);
+  linear_forward(la.resid_mid, la.attn_out, w.o_proj, nullptr, N, Dq, C);
   lora(LoraTarget::o, la.resid_mid, la.attn_out);
   k::add_inplace(la.resid_mid, la.resid_in, N * C);
   // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
   k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
-  linear_forward(la.gate, ln, w.wgate, nullptr, N, C, F);
-  linear_forward(la.up, ln, w.wup, nullptr, N, C, F);
+  linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, F);
+  linear_forward(la.up, ln, w.up_proj, nullptr, N, C, F);
   lora(LoraTarget::gate, la.gate, ln);
   lora(LoraTarget::up, la.up, ln);
   k::swiglu_forward(ctx.act, la.gate, la.up, N, F);
-  linear_forward(out, ctx.act, w.wdown, nullptr, N, F, C);
+  linear_forward(out, ctx.act, w.down_proj, nullptr, N, F, C);
   lora(LoraTarget::down, out, ctx.act);
   k::add_inplace(out, la.resid_mid, N * C);
 }
@@ -397,7 +396,8 @@ void Llama::backward(float dloss_scale) {
     throw InputError("model", "backward through a quantized base needs LoRA adapters (the base is frozen)");
   if (!frozen && grads_.empty()) grads_.resize(params_.size());
   float* g = frozen ? nullptr : grads_.data();
-  auto gp = [&](int64_t off) { return (off >= 0 && g) ? g + off : nullptr; };
+  // The gradient of a float tensor; null for an absent or quantized one, or a frozen base.
+  auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
   const bool dropout = lora_ && lora_->config().dropout > 0.0f && training_;
   // The adapters of layer l, target t: given dout (grad of the layer's output) and its input
   // x, add into the adapter gradients and into dx.
@@ -452,20 +452,20 @@ void Llama::backward(float dloss_scale) {
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
-    linear_backward(a.dact, gp(w.wdown), nullptr, a.dresid, a.act, w.wdown, N, F, C);
+    linear_backward(a.dact, gp(w.down_proj), nullptr, a.dresid, a.act, w.down_proj, N, F, C);
     lora_backward(l, LoraTarget::down, a.dact, a.dresid, a.act);
     k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, F);
     // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
     k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
-    linear_backward(a.dln, gp(w.wgate), nullptr, a.dgate, a.ln, w.wgate, N, C, F);
-    linear_backward(a.dln, gp(w.wup), nullptr, a.dup, a.ln, w.wup, N, C, F);
+    linear_backward(a.dln, gp(w.gate_proj), nullptr, a.dgate, a.ln, w.gate_proj, N, C, F);
+    linear_backward(a.dln, gp(w.up_proj), nullptr, a.dup, a.ln, w.up_proj, N, C, F);
     lora_backward(l, LoraTarget::gate, a.dln, a.dgate, a.ln);
     lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
     k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
     std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
-    linear_backward(a.dattn_out, gp(w.wo), nullptr, a.dresid, la.attn_out, w.wo, N, Dq, C);
+    linear_backward(a.dattn_out, gp(w.o_proj), nullptr, a.dresid, la.attn_out, w.o_proj, N, Dq, C);
     lora_backward(l, LoraTarget::o, a.dattn_out, a.dresid, la.attn_out);
     std::memset(a.dq, 0, static_cast<size_t>(N * Dq) * sizeof(float));
     std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
@@ -479,9 +479,9 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.dln, 0, bytes_NC);
     // Below the lowest trained layer nothing needs d(ln1): skip those products.
     float* dln1 = frozen && l == lowest_layer ? nullptr : a.dln;
-    linear_backward(dln1, gp(w.wq), gp(w.bq), a.dq, a.ln, w.wq, N, C, Dq);
-    linear_backward(dln1, gp(w.wk), gp(w.bk), a.dk, a.ln, w.wk, N, C, Dkv);
-    linear_backward(dln1, gp(w.wv), gp(w.bv), a.dv, a.ln, w.wv, N, C, Dkv);
+    linear_backward(dln1, gp(w.q_proj), gp(w.q_bias), a.dq, a.ln, w.q_proj, N, C, Dq);
+    linear_backward(dln1, gp(w.k_proj), gp(w.k_bias), a.dk, a.ln, w.k_proj, N, C, Dkv);
+    linear_backward(dln1, gp(w.v_proj), gp(w.v_bias), a.dv, a.ln, w.v_proj, N, C, Dkv);
     lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
     lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
     lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);
@@ -494,7 +494,7 @@ void Llama::backward(float dloss_scale) {
     // a.dresid is now d(resid_in) = d(out) of the block below.
   }
   // resid_in of layer 0 = embed_tokens[tokens]
-  if (!frozen) k::embedding_backward(g + layout_.embed, a.dresid, a.tokens.data(), N, C);
+  if (!frozen) k::embedding_backward(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C);
   report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
   have_targets_ = false;
 }

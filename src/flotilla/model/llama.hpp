@@ -128,9 +128,13 @@ class Llama {
 
   // ---- quantized weights
   bool quantized() const { return layout_.num_quantized() > 0; }
-  // The packed matrix behind a quantized reference (an offset with is_quantized_ref).
-  const QuantMatrix& quantized_weight(int64_t ref) const {
-    return qweights_[static_cast<size_t>(quantized_slot(ref))];
+  // The packed matrix behind a quantized reference.
+  const QuantMatrix& quantized_weight(const WeightRef& ref) const {
+    return qweights_[static_cast<size_t>(ref.slot())];
+  }
+  // The float tensor behind a dense reference; null for an absent one (a missing bias).
+  const float* dense_weight(const WeightRef& ref) const {
+    return ref.present() ? params_.data() + ref.offset() : nullptr;
   }
   // A float32 copy of tensor `info` (dequantized when stored quantized); out (numel of shape).
   void weight_f32(const ParamInfo& info, std::span<float> out) const;
@@ -140,13 +144,13 @@ class Llama {
   Llama quantize(QuantFormat format, DType scale_dtype) const;
 
   // ---- the linear layers: every product with a weight goes through these, which pick the
-  // float GEMM or the blockwise-dequantizing one. `weight` is a layout offset.
+  // float GEMM or the blockwise-dequantizing one, as `weight` (from layout()) says.
   // out (N, OC) = inp (N, C) @ W^T + bias
-  void linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
+  void linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N, int64_t C,
                       int64_t OC) const;
   // dinp += dout @ W; dweight, dbias += ... (must be nullptr for a quantized, frozen W).
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                       int64_t weight, int64_t N, int64_t C, int64_t OC) const;
+                       const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const;
   // out (N, C) = embed_tokens[tokens]
   void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
 
@@ -251,8 +255,9 @@ class Llama {
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
   // The training forward's context of every block, for the planned step shape.
   BlockContext training_context() const;
-  float* p(int64_t offset) { return params_.data() + offset; }
-  const float* p(int64_t offset) const { return params_.data() + offset; }
+  // The float tensor behind a dense reference, as p(w.offset) would be.
+  float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
+  const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
 
   ModelConfig cfg_;
   ParamLayout layout_;
