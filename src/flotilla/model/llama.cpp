@@ -36,10 +36,14 @@ Buffer<float> allocate_parameters(int64_t numel) {
 }
 }  // namespace
 
-Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(allocate_parameters(layout_.total_numel())) {}
+Llama::Llama(const ModelConfig& cfg)
+    : cfg_(cfg), layout_(cfg), params_(allocate_parameters(layout_.total_numel())), range_{0, cfg.n_layers} {}
 
 Llama::Llama(const ModelConfig& cfg, const std::set<std::string>& quantized)
-    : cfg_(cfg), layout_(cfg, quantized), params_(allocate_parameters(layout_.total_numel())) {}
+    : cfg_(cfg),
+      layout_(cfg, quantized),
+      params_(allocate_parameters(layout_.total_numel())),
+      range_{0, cfg.n_layers} {}
 
 void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N,
                            int64_t C, int64_t OC) const {
@@ -100,6 +104,8 @@ void Llama::attach_lora(LoraAdapters* adapters) {
   acts_ = ActivationPlan();  // the plan holds per-adapter buffers: rebuild on next forward
   logits_valid_ = false;
   have_targets_ = false;
+  stage_forward_done_ = false;
+  if (parallel_) ready_groups_ = grad_groups();
 }
 
 Llama::Trainable Llama::trainable() {
@@ -356,12 +362,24 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
       }
     }
   }
-  if (training_ && targets) forward_dropout_ = dropout_step_++;
-  embedding_forward(a.layers[0].resid_in, tokens, N);
+  // A stage below the last has no targets; its forwards in training count as the step's.
+  if (training_ && (targets || !last_stage())) forward_dropout_ = dropout_step_++;
+  if (first_stage()) {
+    if (parallel_) parallel_->before_group_forward(ParamGroup::embedding());
+    embedding_forward(a.layers[0].resid_in, tokens, N);
+  }
   const BlockContext ctx = training_context();
-  for (int64_t l = 0; l < cfg_.n_layers; ++l)
+  for (int64_t l = range_.begin; l < range_.end; ++l) {
+    if (parallel_) parallel_->before_group_forward(ParamGroup::block(l));
     block_forward(l, a.layers[static_cast<size_t>(l)],
                   l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out, ctx);
+  }
+  if (!last_stage()) {
+    logits_valid_ = have_targets_ = false;
+    stage_forward_done_ = true;
+    return {};
+  }
+  if (parallel_) parallel_->before_group_forward(ParamGroup::head());
   k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
   linear_forward(a.logits, a.lnf, layout_.lm_head, nullptr, N, C, V);
   logits_valid_ = true;
@@ -380,7 +398,7 @@ std::span<const float> Llama::logits() const {
 }
 
 void Llama::backward(float dloss_scale) {
-  if (!have_targets_ || !logits_valid_)
+  if (last_stage() ? !have_targets_ || !logits_valid_ : !stage_forward_done_)
     throw Error("model", "backward needs a forward with targets first");
   const int64_t B = acts_.B, T = acts_.T;
   const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
@@ -432,19 +450,25 @@ void Llama::backward(float dloss_scale) {
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
   const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
 
-  // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
-  k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
-  logits_valid_ = false;
-  std::memset(a.dln, 0, bytes_NC);
-  linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
-  std::memset(a.dresid, 0, bytes_NC);
-  k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
-                      a.lnf_rstd, N, C);
-  report_ready(static_cast<size_t>(cfg_.n_layers));  // the head
+  if (last_stage()) {
+    // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
+    if (parallel_) parallel_->before_group_backward(ParamGroup::head());
+    k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
+    logits_valid_ = false;
+    std::memset(a.dln, 0, bytes_NC);
+    linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
+    std::memset(a.dresid, 0, bytes_NC);
+    k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
+                        a.lnf_rstd, N, C);
+    report_ready(static_cast<size_t>(cfg_.n_layers));  // the head
+  }
+  // Otherwise a.dresid holds d(stage_output), handed over by the next stage.
+  stage_forward_done_ = false;
 
-  for (int64_t l = cfg_.n_layers - 1; l >= lowest_layer; --l) {
+  for (int64_t l = range_.end - 1; l >= std::max(lowest_layer, range_.begin); --l) {
     const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
     LayerActivations& la = a.layers[static_cast<size_t>(l)];
+    if (parallel_) parallel_->before_group_backward(ParamGroup::block(l));
     // Checkpointing: this block's activations again, from its kept input (the last block's
     // are still there from forward). Its output goes to a.dln, free until it is zeroed below.
     if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, la, a.dln, training_context());
@@ -493,19 +517,58 @@ void Llama::backward(float dloss_scale) {
     report_ready(static_cast<size_t>(l));
     // a.dresid is now d(resid_in) = d(out) of the block below.
   }
-  // resid_in of layer 0 = embed_tokens[tokens]
-  if (!frozen) k::embedding_backward(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C);
-  report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
+  if (first_stage()) {
+    // resid_in of layer 0 = embed_tokens[tokens]
+    if (parallel_) parallel_->before_group_backward(ParamGroup::embedding());
+    if (!frozen) k::embedding_backward(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C);
+    report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
+  }
   have_targets_ = false;
 }
 
-void Llama::set_grad_ready_hook(GradReady ready) {
-  grad_ready_ = std::move(ready);
-  ready_groups_.assign(static_cast<size_t>(cfg_.n_layers) + 2, {});
-  if (!grad_ready_) return;
+void Llama::set_layer_range(LayerRange range) {
+  if (range.begin < 0 || range.begin >= range.end || range.end > cfg_.n_layers)
+    throw Error("model", fmt::format("layer range [{}, {}) is not a non-empty range of the model's {} layers",
+                                     range.begin, range.end, cfg_.n_layers));
+  range_ = range;
+  logits_valid_ = have_targets_ = stage_forward_done_ = false;
+}
+
+std::span<float> Llama::stage_input(int64_t B, int64_t T) {
+  if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
+  plan(B, T);
+  return {acts_.layers[static_cast<size_t>(range_.begin)].resid_in, static_cast<size_t>(B * T * cfg_.dim)};
+}
+
+std::span<const float> Llama::stage_output() const {
+  const float* out = last_stage() ? acts_.resid_out : acts_.layers[static_cast<size_t>(range_.end)].resid_in;
+  return {out, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+std::span<float> Llama::stage_output_grad() {
+  if (last_stage()) throw Error("model", "the last stage computes its output's gradient from the loss");
+  return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+std::span<const float> Llama::stage_input_grad() const {
+  if (lora_ && lora_->first_layer() >= range_.begin) return {};
+  return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+void Llama::set_parallel_context(ParallelContext* context) {
+  parallel_ = context;
+  ready_groups_.clear();
+  if (parallel_) ready_groups_ = grad_groups();
+}
+
+std::vector<std::vector<GradSpan>> Llama::grad_groups() const {
+  if (!lora_ && quantized())
+    throw InputError("model", "a quantized model cannot be fully fine-tuned: de-quantize first "
+                              "(flotilla fuse --de-quantize, or flotilla convert without --quantize), or train LoRA adapters");
+  std::vector<std::vector<GradSpan>> groups(static_cast<size_t>(cfg_.n_layers) + 2);
   // Group each trainable tensor by the layer its name holds ("...layers.7...."), else the
   // embedding or the head; each range reaches up to the next tensor in memory.
-  const ParamTable& table = trainable().table;
+  const ParamTable& table = lora_ ? lora_->table() : static_cast<const ParamTable&>(layout_);
   std::vector<const ParamInfo*> by_offset;
   for (const ParamInfo& info : table.params()) by_offset.push_back(&info);
   std::sort(by_offset.begin(), by_offset.end(), [](const ParamInfo* a, const ParamInfo* b) { return a->offset < b->offset; });
@@ -518,27 +581,28 @@ void Llama::set_grad_ready_hook(GradReady ready) {
     } else if (info.name == "model.embed_tokens.weight") {
       group = static_cast<size_t>(cfg_.n_layers) + 1;
     }
-    ready_groups_[group].push_back({info.offset, end});
+    groups[group].push_back({info.offset, end});
   }
   // Within a group, the highest offset first: buckets then grow downward in memory.
-  for (auto& g : ready_groups_)
+  for (auto& g : groups)
     std::sort(g.begin(), g.end(), [](const GradSpan& a, const GradSpan& b) { return a.begin > b.begin; });
+  return groups;
 }
 
-std::vector<Llama::GradSpan> Llama::grad_ready_order() const {
+std::vector<GradSpan> Llama::grad_ready_order() const {
+  const std::vector<std::vector<GradSpan>> groups = grad_groups();
   std::vector<GradSpan> order;
-  if (ready_groups_.empty()) return order;
   const size_t L = static_cast<size_t>(cfg_.n_layers);
-  for (const GradSpan& s : ready_groups_[L]) order.push_back(s);
+  for (const GradSpan& s : groups[L]) order.push_back(s);
   for (size_t l = L; l-- > 0;)
-    for (const GradSpan& s : ready_groups_[l]) order.push_back(s);
-  for (const GradSpan& s : ready_groups_[L + 1]) order.push_back(s);
+    for (const GradSpan& s : groups[l]) order.push_back(s);
+  for (const GradSpan& s : groups[L + 1]) order.push_back(s);
   return order;
 }
 
 void Llama::report_ready(size_t group) const {
-  if (!grad_ready_) return;
-  for (const GradSpan& s : ready_groups_[group]) grad_ready_(s);
+  if (!parallel_) return;
+  for (const GradSpan& s : ready_groups_[group]) parallel_->grad_ready(s);
 }
 
 }  // namespace flotilla::model

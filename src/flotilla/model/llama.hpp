@@ -18,6 +18,7 @@
 #include "flotilla/io/non_finite.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/parallel_context.hpp"
 #include "flotilla/model/params.hpp"
 #include "flotilla/tensor/quant.hpp"
 
@@ -235,21 +236,48 @@ class Llama {
   // step, rather than found by an allocation failure (or the OOM killer) inside it.
   void check_activation_memory(int64_t B, int64_t T) const;
 
-  // Overlap of communication with backward: backward calls `ready(begin, end)` for each
-  // range of trainable().grads as soon as it is final — the head (final norm, an untied
-  // lm_head), then each layer from the last down, then the embedding. Ranges run from a
-  // tensor's offset to the next tensor's (alignment padding included), so neighbours
-  // touch. Set after attach_lora; an empty function turns it off.
-  struct GradSpan {
+  // ---- parallel schemes (parallel/ implements them; see parallel_context.hpp)
+  // The context whose hooks forward and backward call (not owned; nullptr: none). Its
+  // grad_ready ranges are those of trainable().grads: set it after attach_lora.
+  void set_parallel_context(ParallelContext* context);
+  using GradSpan = model::GradSpan;
+  // Every range grad_ready reports, in the order backward reports them: the head (final
+  // norm, an untied lm_head), then each layer from the last down, then the embedding.
+  // Ranges run from a tensor's offset to the next tensor's (alignment padding included),
+  // so neighbours touch.
+  std::vector<GradSpan> grad_ready_order() const;
+
+  // A pipeline stage: forward and backward run blocks [begin, end) only (default: all).
+  // The stage that starts at 0 embeds the tokens, the one that ends at n_layers computes
+  // logits and the loss; between stages the caller hands over the activations at the cut
+  // (stage_output -> the next stage's stage_input) and their gradients (stage_input_grad
+  // -> the previous stage's stage_output_grad). Each stage is its own Llama holding the
+  // same weights; gradients land in its own buffer, only the stage's parameters' nonzero.
+  // (A tied embedding gets its lm_head share in the last stage: a caller sums the two.)
+  struct LayerRange {
     int64_t begin = 0, end = 0;
   };
-  using GradReady = std::function<void(GradSpan)>;
-  void set_grad_ready_hook(GradReady ready);
-  // Every range, in the order backward reports them.
-  std::vector<GradSpan> grad_ready_order() const;
+  void set_layer_range(LayerRange range);
+  LayerRange layer_range() const { return range_; }
+  // (B, T, C) where the range's first block reads its input: for a stage above 0, fill it
+  // before forward (this plans the step shape (B, T), which the forward must then use).
+  std::span<float> stage_input(int64_t B, int64_t T);
+  // (B, T, C) the output of the range's last block, after forward.
+  std::span<const float> stage_output() const;
+  // (B, T, C) for a stage below the last: d(loss)/d(stage_output), filled after forward
+  // and before backward (which then starts from it instead of a loss).
+  std::span<float> stage_output_grad();
+  // (B, T, C) after backward of a stage above 0: d(loss)/d(stage_input). Empty when no
+  // layer below the stage is trained (LoRA adapters all above it).
+  std::span<const float> stage_input_grad() const;
 
  private:
   void report_ready(size_t group) const;
+  // The grad_ready ranges per group: indexed by layer, then n_layers = the head,
+  // n_layers + 1 = the embedding.
+  std::vector<std::vector<GradSpan>> grad_groups() const;
+  bool first_stage() const { return range_.begin == 0; }
+  bool last_stage() const { return range_.end == cfg_.n_layers; }
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
@@ -275,10 +303,10 @@ class Llama {
   uint64_t dropout_step_ = 0;     // training forwards so far
   uint64_t forward_dropout_ = 0;  // dropout_step_ of the last forward (backward reuses it)
   bool grad_checkpoint_ = false;
-  // Overlap hook: ranges per group, indexed by layer, then n_layers = the head,
-  // n_layers + 1 = the embedding.
-  GradReady grad_ready_;
-  std::vector<std::vector<GradSpan>> ready_groups_;
+  ParallelContext* parallel_ = nullptr;
+  std::vector<std::vector<GradSpan>> ready_groups_;  // grad_groups() of the context's trainable set
+  LayerRange range_;
+  bool stage_forward_done_ = false;  // a forward of a stage below the last, not yet backward
 };
 
 }  // namespace flotilla::model
