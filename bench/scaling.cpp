@@ -71,6 +71,12 @@ Args parse(int argc, char** argv) {
   return a;
 }
 
+// Hands each gradient range backward finishes to the overlapped all-reduce.
+struct OverlapHook final : flotilla::model::ParallelContext {
+  flotilla::parallel::DataParallel* dp = nullptr;
+  void grad_ready(flotilla::model::GradSpan r) override { dp->overlap()->ready({r.begin, r.end}); }
+};
+
 struct StepMs {
   double compute = 0, all_reduce = 0, optimizer = 0;
 };
@@ -86,6 +92,8 @@ int run(const Args& args) {
 
   const flotilla::model::ModelConfig cfg = flotilla::bench::make_config(*w);
   const int64_t B = w->batch, T = w->seq, V = w->vocab;
+  OverlapHook overlap_hook;  // outlives the model, which points at it
+  overlap_hook.dp = dp.get();
   flotilla::model::Llama model(cfg);
   model.init_random(0);
   if (dp) dp->broadcast_parameters(model.params());
@@ -94,7 +102,7 @@ int run(const Args& args) {
     std::vector<flotilla::comm::GradRange> order;
     for (const auto& r : model.grad_ready_order()) order.push_back({r.begin, r.end});
     dp->enable_overlap(order, static_cast<int64_t>(args.bucket_mb * 1024 * 1024), nullptr);
-    model.set_grad_ready_hook([&](flotilla::model::Llama::GradSpan r) { dp->overlap()->ready({r.begin, r.end}); });
+    model.set_parallel_context(&overlap_hook);
   }
   flotilla::train::AdamW opt(model.layout(), {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.1f});
   constexpr float kLr = 1e-4f;

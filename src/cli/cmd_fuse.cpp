@@ -47,7 +47,7 @@ void add_fuse_command(CLI::App& app) {
       tokenizer->save(opt->out);
     } else {
       model::ModelWriteOptions options;
-      const QuantMatrix& any = model.quantized_weight(-2);
+      const QuantMatrix& any = model.quantized_weight(model::WeightRef::quantized(0));  // the first
       if (!opt->de_quantize) {
         options.quantize = any.format;
         // The weights the base holds quantized, and only they: a mixed base stays mixed.

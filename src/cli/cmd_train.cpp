@@ -8,6 +8,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/mesh.hpp"
 
 #include "cli/commands.hpp"
 #include "cli/progress.hpp"
@@ -56,6 +57,7 @@ void add_train_command(CLI::App& app) {
     std::string compression_dtype = "f32";
     double timeout_s = 300.0;
     std::string allreduce = "auto";
+    std::string parallel;
     std::string on_nonfinite = "stop";
     float lora_scale = 0.0f;
   };
@@ -197,6 +199,9 @@ void add_train_command(CLI::App& app) {
                   "Data parallel: seconds any collective may wait for the other ranks before the job fails; also bounds MPI "
                   "start-up (read from the command line then, not from a -c file)")
       ->capture_default_str();
+  cmd->add_option("--parallel", opt->parallel,
+                  "The device mesh dp=D,pp=P,tp=T (product = number of processes; a key left out is 1; default: "
+                  "dp = every process). Only data parallelism is built yet: pp and tp must be 1 (docs/parallelism.md)");
   cmd->add_option("--allreduce", opt->allreduce,
                   "Data parallel: the gradient all-reduce: auto (by size and hosts), ring, hd "
                   "(halving-doubling), hier (hierarchical), mpi (the MPI library's)")
@@ -239,9 +244,17 @@ void add_train_command(CLI::App& app) {
     comm::Settings settings;
     settings.timeout = std::chrono::milliseconds(static_cast<int64_t>(opt->timeout_s * 1000.0));
     const std::unique_ptr<comm::Communicator> world = comm::make_world(settings);
+    // The mesh's dp group carries the gradients: the whole world while pp = tp = 1.
+    const parallel::MeshShape shape =
+        opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
+    if (shape.pp > 1 || shape.tp > 1)
+      throw InputError("train", fmt::format("--parallel {}: {} is not built yet; only dp is "
+                                            "(docs/parallelism.md)",
+                                            opt->parallel, shape.pp > 1 ? "pipeline parallelism (pp > 1)" : "tensor parallelism (tp > 1)"));
+    parallel::Mesh mesh(*world, shape);
     std::optional<parallel::DataParallel> dp;
-    if (world->size() > 1) {
-      dp.emplace(*world, comm::parse_algorithm(opt->allreduce));
+    if (shape.dp > 1) {
+      dp.emplace(mesh.dp_group(), comm::parse_algorithm(opt->allreduce));
       job.dp = &*dp;
     }
     const bool root = world->rank() == 0;

@@ -669,6 +669,40 @@ def _(ws):
                preserve=[m, ws.corpus])
 
 
+@case("train_parallel_product_not_the_world")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    return Run(train(ws, m, out=out) + ["--parallel", "dp=2"], ["--parallel", "2 ranks", "has 1"],
+               preserve=[m, ws.corpus], absent=[out])
+
+
+@case("train_parallel_unknown_key")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--parallel", "dp=1,ep=1"], ["--parallel", "unknown key 'ep'"], preserve=[m, ws.corpus])
+
+
+@case("train_parallel_zero")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--parallel", "dp=0"], ["--parallel", "dp = '0'"], preserve=[m, ws.corpus])
+
+
+@case("train_parallel_tensor_not_built")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--parallel", "tp=2"], ["tensor parallelism", "not built yet"], preserve=[m, ws.corpus])
+
+
+@case("control_train_parallel_one_rank_mesh")
+def _(ws):
+    m = ws.model()
+    out = ws.fresh_out()
+    return Run(train(ws, m, out=out) + ["--parallel", "dp=1,pp=1,tp=1"], kind="control", preserve=[m, ws.corpus],
+               creates=[out / "model.safetensors"])
+
+
 @case("train_compression_dtype_for_a_dense_codec")
 def _(ws):
     m = ws.model()

@@ -175,8 +175,10 @@ def main():
                 env)
             for ranks in (2, 4):
                 out = os.path.join(tmp, name.replace(" ", "_").replace(",", "") + f"_{ranks}")
+                # 2 ranks: the default mesh (dp = every process); 4: the mesh given as a flag.
+                mesh = ["--parallel", "dp=4,pp=1,tp=1"] if ranks == 4 else []
                 run(mpirun + ["-np", str(ranks), args.flotilla, "train", "--model", model, "--out", out,
-                              "--batch-size", str(global_batch // ranks)] + data + common, env)
+                              "--batch-size", str(global_batch // ranks)] + mesh + data + common, env)
                 failures += compare(name, base, out, ranks)
             if name.startswith("raw"):
                 failures += overlapped_buckets(args.flotilla, mpirun, env, tmp, model, base, data, common, global_batch)

@@ -132,7 +132,7 @@ void check_gradients(const ModelConfig& cfg, uint64_t seed) {
     double largest_numeric = 0.0;
     for (int s = 0; s < 8 && (s < 3 || largest_numeric < 4 * kAtol); ++s) {
       int64_t element;
-      if (info.offset == model.layout().embed) {
+      if (info.ref() == model.layout().embed) {
         // Only rows of tokens in the batch take the embedding-lookup gradient.
         const int32_t row = tokens[rng.below(tokens.size())];
         element = row * cfg.dim + static_cast<int64_t>(rng.below(static_cast<uint64_t>(cfg.dim)));

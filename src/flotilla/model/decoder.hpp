@@ -25,12 +25,10 @@ class Decoder {
 
  private:
   void reserve(int64_t n);
-  // out (n, s.out) += scale * (x A^T) B^T for adapted (layer, target); x (n, s.in).
-  void lora(int64_t layer, LoraTarget t, float* out, const float* x, int64_t n);
 
   const Llama& model_;
   const LoraAdapters* adapters_;
-  Buffer<float> lora_u_;   // (n, rank)
+  Buffer<float> lora_u_;   // (n, rank), shared by every adapted layer
   int64_t max_tokens_;
   int64_t length_ = 0;
   Buffer<float> k_cache_;  // (L, max_tokens, NKV, hd)
@@ -38,7 +36,9 @@ class Decoder {
   Buffer<float> inv_freq_; // (hd/2)
   // Workspace for up to `capacity_` new tokens per step.
   int64_t capacity_ = 0;
-  Buffer<float> x_, ln_, q_, attn_, gate_, up_, probs_, rope_cos_, rope_sin_;
+  // x_ (n, C) the residual stream, updated in place block by block; the rest is what the
+  // block writes (see Llama::block_forward), overwritten by the next.
+  Buffer<float> x_, ln_, q_, attn_, resid_mid_, gate_, up_, act_, probs_, rope_cos_, rope_sin_;
   Buffer<float> logits_;   // (V)
   Buffer<float> rstd_;     // (n)
 };

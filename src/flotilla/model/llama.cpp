@@ -36,20 +36,24 @@ Buffer<float> allocate_parameters(int64_t numel) {
 }
 }  // namespace
 
-Llama::Llama(const ModelConfig& cfg) : cfg_(cfg), layout_(cfg), params_(allocate_parameters(layout_.total_numel())) {}
+Llama::Llama(const ModelConfig& cfg)
+    : cfg_(cfg), layout_(cfg), params_(allocate_parameters(layout_.total_numel())), range_{0, cfg.n_layers} {}
 
 Llama::Llama(const ModelConfig& cfg, const std::set<std::string>& quantized)
-    : cfg_(cfg), layout_(cfg, quantized), params_(allocate_parameters(layout_.total_numel())) {}
+    : cfg_(cfg),
+      layout_(cfg, quantized),
+      params_(allocate_parameters(layout_.total_numel())),
+      range_{0, cfg.n_layers} {}
 
-void Llama::linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
-                           int64_t OC) const {
-  if (is_quantized_ref(weight)) return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N);
+void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N,
+                           int64_t C, int64_t OC) const {
+  if (weight.is_quantized()) return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N);
   k::matmul_forward(out, inp, p(weight), bias, N, C, OC);
 }
 
 void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                            int64_t weight, int64_t N, int64_t C, int64_t OC) const {
-  if (is_quantized_ref(weight)) {
+                            const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const {
+  if (weight.is_quantized()) {
     // A quantized base is always frozen (training it is refused before this point).
     if (dweight || dbias) throw Error("model", "a quantized weight has no gradient: it is frozen");
     return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N);
@@ -58,7 +62,7 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
 }
 
 void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) const {
-  if (is_quantized_ref(layout_.embed)) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
+  if (layout_.embed.is_quantized()) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
   k::embedding_forward(out, tokens, p(layout_.embed), N, cfg_.dim);
 }
 
@@ -100,6 +104,8 @@ void Llama::attach_lora(LoraAdapters* adapters) {
   acts_ = ActivationPlan();  // the plan holds per-adapter buffers: rebuild on next forward
   logits_valid_ = false;
   have_targets_ = false;
+  stage_forward_done_ = false;
+  if (parallel_) ready_groups_ = grad_groups();
 }
 
 Llama::Trainable Llama::trainable() {
@@ -261,63 +267,65 @@ void Llama::set_grad_checkpoint(bool on) {
 }
 
 uint64_t Llama::dropout_seed(int64_t layer, LoraTarget t) const {
-  // One mask per (forward, layer, target): a fresh draw every training step.
-  return (forward_dropout_ * 1000003ULL + static_cast<uint64_t>(layer)) * 8ULL + static_cast<uint64_t>(t) +
-         0x5851f42d4c957f2dULL;
+  return lora_dropout_seed(forward_dropout_, layer, t);
 }
 
-void Llama::lora_forward(int64_t l, LoraTarget t, float* out, const float* x) {
-  if (!lora_) return;
-  const LoraSlot& s = lora_->slot(l, t);
-  if (!s.active()) return;
-  ActivationPlan& a = acts_;
-  const int64_t N = a.B * a.T, r = lora_->config().rank;
-  const float* adapters = lora_->params().data();
-  const float* xd = x;
-  if (training_ && lora_->config().dropout > 0.0f) {
-    k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
-    xd = a.lora_xd;
-  }
-  float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
-  k::matmul_forward(u, xd, adapters + s.a, nullptr, N, s.in, r);
-  k::scale_inplace(u, N * r, lora_->config().scale());
-  k::matmul_accumulate(out, u, adapters + s.b, N, r, s.out, 1.0f);
+BlockContext Llama::training_context() const {
+  const ActivationPlan& a = acts_;
+  BlockContext ctx;
+  ctx.B = a.B;
+  ctx.T = a.T;
+  ctx.Tk = a.T;
+  ctx.rope_cos = a.rope_cos;
+  ctx.rope_sin = a.rope_sin;
+  ctx.positions = a.positions.empty() ? nullptr : a.positions.data();
+  ctx.key_start = a.key_start.empty() ? nullptr : a.key_start.data();
+  ctx.ln = a.ln;
+  ctx.act = a.act;
+  ctx.lora_xd = a.lora_xd;
+  ctx.lora = lora_;
+  if (lora_ && training_ && lora_->config().dropout > 0.0f) ctx.dropout_step = forward_dropout_;
+  return ctx;
 }
 
-void Llama::block_forward(int64_t l, float* resid_next) {
-  ActivationPlan& a = acts_;
-  const int64_t B = a.B, T = a.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim;
+void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const {
+  const int64_t B = ctx.B, T = ctx.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim;
   const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
   const int64_t hd = cfg_.head_dim;
-  const int32_t* key_start = a.key_start.empty() ? nullptr : a.key_start.data();
-  const int32_t* positions = a.positions.empty() ? nullptr : a.positions.data();
   const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
-  LayerActivations& la = a.layers[static_cast<size_t>(l)];
-  auto bias = [&](int64_t off) { return off >= 0 ? p(off) : nullptr; };
+  auto lora = [&](LoraTarget t, float* y, const float* x) {
+    if (!ctx.lora) return;
+    std::optional<uint64_t> seed;
+    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
+    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed);
+  };
+  float* ln = ctx.ln;
   // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
-  k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
-  linear_forward(la.q, a.ln, w.wq, bias(w.bq), N, C, Dq);
-  linear_forward(la.k, a.ln, w.wk, bias(w.bk), N, C, Dkv);
-  linear_forward(la.v, a.ln, w.wv, bias(w.bv), N, C, Dkv);
-  lora_forward(l, LoraTarget::q, la.q, a.ln);
-  lora_forward(l, LoraTarget::k, la.k, a.ln);
-  lora_forward(l, LoraTarget::v, la.v, a.ln);
-  k::rope_forward(la.q, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
-  k::rope_forward(la.k, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
-  k::attention_forward(la.attn_out, la.probs, la.q, la.k, la.v, B, T, T, NH, NKV, hd, key_start);
-  linear_forward(la.resid_mid, la.attn_out, w.wo, nullptr, N, Dq, C);
-  lora_forward(l, LoraTarget::o, la.resid_mid, la.attn_out);
+  k::rmsnorm_forward(ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+  linear_forward(la.q, ln, w.q_proj, dense_weight(w.q_bias), N, C, Dq);
+  linear_forward(la.k, ln, w.k_proj, dense_weight(w.k_bias), N, C, Dkv);
+  linear_forward(la.v, ln, w.v_proj, dense_weight(w.v_bias), N, C, Dkv);
+  lora(LoraTarget::q, la.q, ln);
+  lora(LoraTarget::k, la.k, ln);
+  lora(LoraTarget::v, la.v, ln);
+  k::rope_forward(la.q, ctx.rope_cos, ctx.rope_sin, B, T, NH, hd, ctx.positions);
+  k::rope_forward(la.k, ctx.rope_cos, ctx.rope_sin, B, T, NKV, hd, ctx.positions);
+  const float* keys = ctx.keys ? ctx.keys : la.k;
+  const float* values = ctx.values ? ctx.values : la.v;
+  k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start);
+  linear_forward(la.resid_mid, la.attn_out, w.o_proj, nullptr, N, Dq, C);
+  lora(LoraTarget::o, la.resid_mid, la.attn_out);
   k::add_inplace(la.resid_mid, la.resid_in, N * C);
   // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
-  k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
-  linear_forward(la.gate, a.ln, w.wgate, nullptr, N, C, F);
-  linear_forward(la.up, a.ln, w.wup, nullptr, N, C, F);
-  lora_forward(l, LoraTarget::gate, la.gate, a.ln);
-  lora_forward(l, LoraTarget::up, la.up, a.ln);
-  k::swiglu_forward(a.act, la.gate, la.up, N, F);
-  linear_forward(resid_next, a.act, w.wdown, nullptr, N, F, C);
-  lora_forward(l, LoraTarget::down, resid_next, a.act);
-  k::add_inplace(resid_next, la.resid_mid, N * C);
+  k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+  linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, F);
+  linear_forward(la.up, ln, w.up_proj, nullptr, N, C, F);
+  lora(LoraTarget::gate, la.gate, ln);
+  lora(LoraTarget::up, la.up, ln);
+  k::swiglu_forward(ctx.act, la.gate, la.up, N, F);
+  linear_forward(out, ctx.act, w.down_proj, nullptr, N, F, C);
+  lora(LoraTarget::down, out, ctx.act);
+  k::add_inplace(out, la.resid_mid, N * C);
 }
 
 LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
@@ -354,10 +362,24 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
       }
     }
   }
-  if (training_ && targets) forward_dropout_ = dropout_step_++;
-  embedding_forward(a.layers[0].resid_in, tokens, N);
-  for (int64_t l = 0; l < cfg_.n_layers; ++l)
-    block_forward(l, l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out);
+  // A stage below the last has no targets; its forwards in training count as the step's.
+  if (training_ && (targets || !last_stage())) forward_dropout_ = dropout_step_++;
+  if (first_stage()) {
+    if (parallel_) parallel_->before_group_forward(ParamGroup::embedding());
+    embedding_forward(a.layers[0].resid_in, tokens, N);
+  }
+  const BlockContext ctx = training_context();
+  for (int64_t l = range_.begin; l < range_.end; ++l) {
+    if (parallel_) parallel_->before_group_forward(ParamGroup::block(l));
+    block_forward(l, a.layers[static_cast<size_t>(l)],
+                  l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out, ctx);
+  }
+  if (!last_stage()) {
+    logits_valid_ = have_targets_ = false;
+    stage_forward_done_ = true;
+    return {};
+  }
+  if (parallel_) parallel_->before_group_forward(ParamGroup::head());
   k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
   linear_forward(a.logits, a.lnf, layout_.lm_head, nullptr, N, C, V);
   logits_valid_ = true;
@@ -376,7 +398,7 @@ std::span<const float> Llama::logits() const {
 }
 
 void Llama::backward(float dloss_scale) {
-  if (!have_targets_ || !logits_valid_)
+  if (last_stage() ? !have_targets_ || !logits_valid_ : !stage_forward_done_)
     throw Error("model", "backward needs a forward with targets first");
   const int64_t B = acts_.B, T = acts_.T;
   const int64_t N = B * T, C = cfg_.dim, F = cfg_.ffn_dim, V = cfg_.vocab_size;
@@ -392,7 +414,8 @@ void Llama::backward(float dloss_scale) {
     throw InputError("model", "backward through a quantized base needs LoRA adapters (the base is frozen)");
   if (!frozen && grads_.empty()) grads_.resize(params_.size());
   float* g = frozen ? nullptr : grads_.data();
-  auto gp = [&](int64_t off) { return (off >= 0 && g) ? g + off : nullptr; };
+  // The gradient of a float tensor; null for an absent or quantized one, or a frozen base.
+  auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
   const bool dropout = lora_ && lora_->config().dropout > 0.0f && training_;
   // The adapters of layer l, target t: given dout (grad of the layer's output) and its input
   // x, add into the adapter gradients and into dx.
@@ -427,40 +450,46 @@ void Llama::backward(float dloss_scale) {
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
   const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
 
-  // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
-  k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
-  logits_valid_ = false;
-  std::memset(a.dln, 0, bytes_NC);
-  linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
-  std::memset(a.dresid, 0, bytes_NC);
-  k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
-                      a.lnf_rstd, N, C);
-  report_ready(static_cast<size_t>(cfg_.n_layers));  // the head
+  if (last_stage()) {
+    // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
+    if (parallel_) parallel_->before_group_backward(ParamGroup::head());
+    k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
+    logits_valid_ = false;
+    std::memset(a.dln, 0, bytes_NC);
+    linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
+    std::memset(a.dresid, 0, bytes_NC);
+    k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
+                        a.lnf_rstd, N, C);
+    report_ready(static_cast<size_t>(cfg_.n_layers));  // the head
+  }
+  // Otherwise a.dresid holds d(stage_output), handed over by the next stage.
+  stage_forward_done_ = false;
 
-  for (int64_t l = cfg_.n_layers - 1; l >= lowest_layer; --l) {
+  for (int64_t l = range_.end - 1; l >= std::max(lowest_layer, range_.begin); --l) {
     const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
     LayerActivations& la = a.layers[static_cast<size_t>(l)];
+    if (parallel_) parallel_->before_group_backward(ParamGroup::block(l));
     // Checkpointing: this block's activations again, from its kept input (the last block's
     // are still there from forward). Its output goes to a.dln, free until it is zeroed below.
-    if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, a.dln);
+    if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, la, a.dln, training_context());
     // a.dresid holds d(out) of this block; the residual passes it to resid_mid unchanged.
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
-    linear_backward(a.dact, gp(w.wdown), nullptr, a.dresid, a.act, w.wdown, N, F, C);
+    linear_backward(a.dact, gp(w.down_proj), nullptr, a.dresid, a.act, w.down_proj, N, F, C);
     lora_backward(l, LoraTarget::down, a.dact, a.dresid, a.act);
     k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, F);
     // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
     k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
-    linear_backward(a.dln, gp(w.wgate), nullptr, a.dgate, a.ln, w.wgate, N, C, F);
-    linear_backward(a.dln, gp(w.wup), nullptr, a.dup, a.ln, w.wup, N, C, F);
+    linear_backward(a.dln, gp(w.gate_proj), nullptr, a.dgate, a.ln, w.gate_proj, N, C, F);
+    linear_backward(a.dln, gp(w.up_proj), nullptr, a.dup, a.ln, w.up_proj, N, C, F);
     lora_backward(l, LoraTarget::gate, a.dln, a.dgate, a.ln);
     lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
     k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
     std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
-    linear_backward(a.dattn_out, gp(w.wo), nullptr, a.dresid, la.attn_out, w.wo, N, Dq, C);
+    linear_backward(a.dattn_out, gp(w.o_proj), nullptr, a.dresid, la.attn_out, w.o_proj, N, Dq, C);
     lora_backward(l, LoraTarget::o, a.dattn_out, a.dresid, la.attn_out);
     std::memset(a.dq, 0, static_cast<size_t>(N * Dq) * sizeof(float));
     std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
@@ -474,9 +503,9 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.dln, 0, bytes_NC);
     // Below the lowest trained layer nothing needs d(ln1): skip those products.
     float* dln1 = frozen && l == lowest_layer ? nullptr : a.dln;
-    linear_backward(dln1, gp(w.wq), gp(w.bq), a.dq, a.ln, w.wq, N, C, Dq);
-    linear_backward(dln1, gp(w.wk), gp(w.bk), a.dk, a.ln, w.wk, N, C, Dkv);
-    linear_backward(dln1, gp(w.wv), gp(w.bv), a.dv, a.ln, w.wv, N, C, Dkv);
+    linear_backward(dln1, gp(w.q_proj), gp(w.q_bias), a.dq, a.ln, w.q_proj, N, C, Dq);
+    linear_backward(dln1, gp(w.k_proj), gp(w.k_bias), a.dk, a.ln, w.k_proj, N, C, Dkv);
+    linear_backward(dln1, gp(w.v_proj), gp(w.v_bias), a.dv, a.ln, w.v_proj, N, C, Dkv);
     lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
     lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
     lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);
@@ -488,19 +517,58 @@ void Llama::backward(float dloss_scale) {
     report_ready(static_cast<size_t>(l));
     // a.dresid is now d(resid_in) = d(out) of the block below.
   }
-  // resid_in of layer 0 = embed_tokens[tokens]
-  if (!frozen) k::embedding_backward(g + layout_.embed, a.dresid, a.tokens.data(), N, C);
-  report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
+  if (first_stage()) {
+    // resid_in of layer 0 = embed_tokens[tokens]
+    if (parallel_) parallel_->before_group_backward(ParamGroup::embedding());
+    if (!frozen) k::embedding_backward(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C);
+    report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
+  }
   have_targets_ = false;
 }
 
-void Llama::set_grad_ready_hook(GradReady ready) {
-  grad_ready_ = std::move(ready);
-  ready_groups_.assign(static_cast<size_t>(cfg_.n_layers) + 2, {});
-  if (!grad_ready_) return;
+void Llama::set_layer_range(LayerRange range) {
+  if (range.begin < 0 || range.begin >= range.end || range.end > cfg_.n_layers)
+    throw Error("model", fmt::format("layer range [{}, {}) is not a non-empty range of the model's {} layers",
+                                     range.begin, range.end, cfg_.n_layers));
+  range_ = range;
+  logits_valid_ = have_targets_ = stage_forward_done_ = false;
+}
+
+std::span<float> Llama::stage_input(int64_t B, int64_t T) {
+  if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
+  plan(B, T);
+  return {acts_.layers[static_cast<size_t>(range_.begin)].resid_in, static_cast<size_t>(B * T * cfg_.dim)};
+}
+
+std::span<const float> Llama::stage_output() const {
+  const float* out = last_stage() ? acts_.resid_out : acts_.layers[static_cast<size_t>(range_.end)].resid_in;
+  return {out, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+std::span<float> Llama::stage_output_grad() {
+  if (last_stage()) throw Error("model", "the last stage computes its output's gradient from the loss");
+  return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+std::span<const float> Llama::stage_input_grad() const {
+  if (lora_ && lora_->first_layer() >= range_.begin) return {};
+  return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+void Llama::set_parallel_context(ParallelContext* context) {
+  parallel_ = context;
+  ready_groups_.clear();
+  if (parallel_) ready_groups_ = grad_groups();
+}
+
+std::vector<std::vector<GradSpan>> Llama::grad_groups() const {
+  if (!lora_ && quantized())
+    throw InputError("model", "a quantized model cannot be fully fine-tuned: de-quantize first "
+                              "(flotilla fuse --de-quantize, or flotilla convert without --quantize), or train LoRA adapters");
+  std::vector<std::vector<GradSpan>> groups(static_cast<size_t>(cfg_.n_layers) + 2);
   // Group each trainable tensor by the layer its name holds ("...layers.7...."), else the
   // embedding or the head; each range reaches up to the next tensor in memory.
-  const ParamTable& table = trainable().table;
+  const ParamTable& table = lora_ ? lora_->table() : static_cast<const ParamTable&>(layout_);
   std::vector<const ParamInfo*> by_offset;
   for (const ParamInfo& info : table.params()) by_offset.push_back(&info);
   std::sort(by_offset.begin(), by_offset.end(), [](const ParamInfo* a, const ParamInfo* b) { return a->offset < b->offset; });
@@ -513,27 +581,28 @@ void Llama::set_grad_ready_hook(GradReady ready) {
     } else if (info.name == "model.embed_tokens.weight") {
       group = static_cast<size_t>(cfg_.n_layers) + 1;
     }
-    ready_groups_[group].push_back({info.offset, end});
+    groups[group].push_back({info.offset, end});
   }
   // Within a group, the highest offset first: buckets then grow downward in memory.
-  for (auto& g : ready_groups_)
+  for (auto& g : groups)
     std::sort(g.begin(), g.end(), [](const GradSpan& a, const GradSpan& b) { return a.begin > b.begin; });
+  return groups;
 }
 
-std::vector<Llama::GradSpan> Llama::grad_ready_order() const {
+std::vector<GradSpan> Llama::grad_ready_order() const {
+  const std::vector<std::vector<GradSpan>> groups = grad_groups();
   std::vector<GradSpan> order;
-  if (ready_groups_.empty()) return order;
   const size_t L = static_cast<size_t>(cfg_.n_layers);
-  for (const GradSpan& s : ready_groups_[L]) order.push_back(s);
+  for (const GradSpan& s : groups[L]) order.push_back(s);
   for (size_t l = L; l-- > 0;)
-    for (const GradSpan& s : ready_groups_[l]) order.push_back(s);
-  for (const GradSpan& s : ready_groups_[L + 1]) order.push_back(s);
+    for (const GradSpan& s : groups[l]) order.push_back(s);
+  for (const GradSpan& s : groups[L + 1]) order.push_back(s);
   return order;
 }
 
 void Llama::report_ready(size_t group) const {
-  if (!grad_ready_) return;
-  for (const GradSpan& s : ready_groups_[group]) grad_ready_(s);
+  if (!parallel_) return;
+  for (const GradSpan& s : ready_groups_[group]) parallel_->grad_ready(s);
 }
 
 }  // namespace flotilla::model

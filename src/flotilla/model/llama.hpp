@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -17,6 +18,7 @@
 #include "flotilla/io/non_finite.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/parallel_context.hpp"
 #include "flotilla/model/params.hpp"
 #include "flotilla/tensor/quant.hpp"
 
@@ -42,6 +44,31 @@ struct LayerActivations {
   float* up;         // (B, T, F)
   // LoRA: scale * dropout(x) A^T per adapted linear layer, (B, T, rank); null if not adapted.
   std::array<float*, kNumLoraTargets> lora_u{};
+};
+
+// What differs between the two uses of one decoder block (Llama::block_forward): training
+// runs it on a whole sequence whose queries attend over their own keys and keeps every
+// activation for backward; KV-cache decoding runs it on the new positions only, writes
+// their keys and values into the cache after the ones already there, attends over the
+// whole cache, and keeps nothing. The block reads its inputs and writes its outputs
+// through a LayerActivations; this says what its attention sees and where its scratch is.
+struct BlockContext {
+  int64_t B = 0, T = 0;        // queries (B, T)
+  int64_t Tk = 0;              // keys per row the queries attend over (T in training)
+  // (B, Tk, NKV, hd) the keys and values attended over, which the block's own k and v
+  // (its LayerActivations') are part of; null: only the block's own (training).
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  const float* rope_cos = nullptr;     // (T, hd/2)  rotary tables of the queries' positions
+  const float* rope_sin = nullptr;     // (T, hd/2)
+  const int32_t* positions = nullptr;  // (B, T) rows packing several examples: positions in them; or null
+  const int32_t* key_start = nullptr;  // (B, T) the first key each query may attend to; or null
+  float* ln = nullptr;                 // (B, T, C)  scratch: an RMSNorm output
+  float* act = nullptr;                // (B, T, F)  scratch: silu(gate) * up
+  float* lora_xd = nullptr;            // (B, T, max(C, F))  scratch: LoRA's dropped-out input
+  const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
+  // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
+  std::optional<uint64_t> dropout_step;
 };
 
 // One allocation for all activations and backward scratch of a step shape.
@@ -102,9 +129,13 @@ class Llama {
 
   // ---- quantized weights
   bool quantized() const { return layout_.num_quantized() > 0; }
-  // The packed matrix behind a quantized reference (an offset with is_quantized_ref).
-  const QuantMatrix& quantized_weight(int64_t ref) const {
-    return qweights_[static_cast<size_t>(quantized_slot(ref))];
+  // The packed matrix behind a quantized reference.
+  const QuantMatrix& quantized_weight(const WeightRef& ref) const {
+    return qweights_[static_cast<size_t>(ref.slot())];
+  }
+  // The float tensor behind a dense reference; null for an absent one (a missing bias).
+  const float* dense_weight(const WeightRef& ref) const {
+    return ref.present() ? params_.data() + ref.offset() : nullptr;
   }
   // A float32 copy of tensor `info` (dequantized when stored quantized); out (numel of shape).
   void weight_f32(const ParamInfo& info, std::span<float> out) const;
@@ -114,15 +145,22 @@ class Llama {
   Llama quantize(QuantFormat format, DType scale_dtype) const;
 
   // ---- the linear layers: every product with a weight goes through these, which pick the
-  // float GEMM or the blockwise-dequantizing one. `weight` is a layout offset.
+  // float GEMM or the blockwise-dequantizing one, as `weight` (from layout()) says.
   // out (N, OC) = inp (N, C) @ W^T + bias
-  void linear_forward(float* out, const float* inp, int64_t weight, const float* bias, int64_t N, int64_t C,
+  void linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N, int64_t C,
                       int64_t OC) const;
   // dinp += dout @ W; dweight, dbias += ... (must be nullptr for a quantized, frozen W).
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                       int64_t weight, int64_t N, int64_t C, int64_t OC) const;
+                       const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const;
   // out (N, C) = embed_tokens[tokens]
   void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
+
+  // One decoder block of layer l, the only place it is written: from la.resid_in (B, T, C)
+  // into out (B, T, C), which may be la.resid_in itself; the other views of `la` receive
+  // the block's activations (q, k, v after rope; probs (B, NH, T, Tk); ...).
+  //   h   = x + o_proj(attention(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
+  //   out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
+  void block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const;
 
   // HF's initialisation: Linear and Embedding ~ N(0, initializer_range), norms = 1,
   // biases = 0.
@@ -198,30 +236,56 @@ class Llama {
   // step, rather than found by an allocation failure (or the OOM killer) inside it.
   void check_activation_memory(int64_t B, int64_t T) const;
 
-  // Overlap of communication with backward: backward calls `ready(begin, end)` for each
-  // range of trainable().grads as soon as it is final — the head (final norm, an untied
-  // lm_head), then each layer from the last down, then the embedding. Ranges run from a
-  // tensor's offset to the next tensor's (alignment padding included), so neighbours
-  // touch. Set after attach_lora; an empty function turns it off.
-  struct GradSpan {
+  // ---- parallel schemes (parallel/ implements them; see parallel_context.hpp)
+  // The context whose hooks forward and backward call (not owned; nullptr: none). Its
+  // grad_ready ranges are those of trainable().grads: set it after attach_lora.
+  void set_parallel_context(ParallelContext* context);
+  using GradSpan = model::GradSpan;
+  // Every range grad_ready reports, in the order backward reports them: the head (final
+  // norm, an untied lm_head), then each layer from the last down, then the embedding.
+  // Ranges run from a tensor's offset to the next tensor's (alignment padding included),
+  // so neighbours touch.
+  std::vector<GradSpan> grad_ready_order() const;
+
+  // A pipeline stage: forward and backward run blocks [begin, end) only (default: all).
+  // The stage that starts at 0 embeds the tokens, the one that ends at n_layers computes
+  // logits and the loss; between stages the caller hands over the activations at the cut
+  // (stage_output -> the next stage's stage_input) and their gradients (stage_input_grad
+  // -> the previous stage's stage_output_grad). Each stage is its own Llama holding the
+  // same weights; gradients land in its own buffer, only the stage's parameters' nonzero.
+  // (A tied embedding gets its lm_head share in the last stage: a caller sums the two.)
+  struct LayerRange {
     int64_t begin = 0, end = 0;
   };
-  using GradReady = std::function<void(GradSpan)>;
-  void set_grad_ready_hook(GradReady ready);
-  // Every range, in the order backward reports them.
-  std::vector<GradSpan> grad_ready_order() const;
+  void set_layer_range(LayerRange range);
+  LayerRange layer_range() const { return range_; }
+  // (B, T, C) where the range's first block reads its input: for a stage above 0, fill it
+  // before forward (this plans the step shape (B, T), which the forward must then use).
+  std::span<float> stage_input(int64_t B, int64_t T);
+  // (B, T, C) the output of the range's last block, after forward.
+  std::span<const float> stage_output() const;
+  // (B, T, C) for a stage below the last: d(loss)/d(stage_output), filled after forward
+  // and before backward (which then starts from it instead of a loss).
+  std::span<float> stage_output_grad();
+  // (B, T, C) after backward of a stage above 0: d(loss)/d(stage_input). Empty when no
+  // layer below the stage is trained (LoRA adapters all above it).
+  std::span<const float> stage_input_grad() const;
 
  private:
   void report_ready(size_t group) const;
+  // The grad_ready ranges per group: indexed by layer, then n_layers = the head,
+  // n_layers + 1 = the embedding.
+  std::vector<std::vector<GradSpan>> grad_groups() const;
+  bool first_stage() const { return range_.begin == 0; }
+  bool last_stage() const { return range_.end == cfg_.n_layers; }
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
-  // Block l of forward, from acts_.layers[l].resid_in into resid_next (B, T, C).
-  void block_forward(int64_t l, float* resid_next);
-  // out += scale * (dropout(x) A^T) B^T for an adapted layer, keeping u = scale * dropout(x) A^T.
-  void lora_forward(int64_t l, LoraTarget t, float* out, const float* x);
-  float* p(int64_t offset) { return params_.data() + offset; }
-  const float* p(int64_t offset) const { return params_.data() + offset; }
+  // The training forward's context of every block, for the planned step shape.
+  BlockContext training_context() const;
+  // The float tensor behind a dense reference, as p(w.offset) would be.
+  float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
+  const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
 
   ModelConfig cfg_;
   ParamLayout layout_;
@@ -239,10 +303,10 @@ class Llama {
   uint64_t dropout_step_ = 0;     // training forwards so far
   uint64_t forward_dropout_ = 0;  // dropout_step_ of the last forward (backward reuses it)
   bool grad_checkpoint_ = false;
-  // Overlap hook: ranges per group, indexed by layer, then n_layers = the head,
-  // n_layers + 1 = the embedding.
-  GradReady grad_ready_;
-  std::vector<std::vector<GradSpan>> ready_groups_;
+  ParallelContext* parallel_ = nullptr;
+  std::vector<std::vector<GradSpan>> ready_groups_;  // grad_groups() of the context's trainable set
+  LayerRange range_;
+  bool stage_forward_done_ = false;  // a forward of a stage below the last, not yet backward
 };
 
 }  // namespace flotilla::model

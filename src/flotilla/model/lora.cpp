@@ -60,17 +60,17 @@ std::pair<int64_t, int64_t> linear_shape(const ModelConfig& m, LoraTarget t) {
   return {0, 0};
 }
 
-int64_t base_weight_offset(const LayerParams& lp, LoraTarget t) {
+const WeightRef& base_weight(const LayerParams& lp, LoraTarget t) {
   switch (t) {
-    case LoraTarget::q: return lp.wq;
-    case LoraTarget::k: return lp.wk;
-    case LoraTarget::v: return lp.wv;
-    case LoraTarget::o: return lp.wo;
-    case LoraTarget::gate: return lp.wgate;
-    case LoraTarget::up: return lp.wup;
-    case LoraTarget::down: return lp.wdown;
+    case LoraTarget::q: return lp.q_proj;
+    case LoraTarget::k: return lp.k_proj;
+    case LoraTarget::v: return lp.v_proj;
+    case LoraTarget::o: return lp.o_proj;
+    case LoraTarget::gate: return lp.gate_proj;
+    case LoraTarget::up: return lp.up_proj;
+    case LoraTarget::down: return lp.down_proj;
   }
-  return -1;
+  throw Error("model/lora", "unknown LoRA target");
 }
 
 // The message of an InputError from below, without its "[component] " prefix.
@@ -418,11 +418,24 @@ void LoraAdapters::merge_slot(int64_t l, LoraTarget t, float* w) const {
 void LoraAdapters::merge_into(std::span<float> base_params, const ParamLayout& layout) const {
   for (int64_t l = first_layer_; l < model_.n_layers; ++l) {
     for (LoraTarget t : cfg_.targets) {
-      const int64_t off = base_weight_offset(layout.layers[static_cast<size_t>(l)], t);
-      if (off < 0) throw Error("model/lora", "merge_into a quantized base: merge tensor by tensor (merge_into_tensor)");
-      merge_slot(l, t, base_params.data() + off);
+      const WeightRef& w = base_weight(layout.layers[static_cast<size_t>(l)], t);
+      if (!w.is_dense()) throw Error("model/lora", "merge_into a quantized base: merge tensor by tensor (merge_into_tensor)");
+      merge_slot(l, t, base_params.data() + w.offset());
     }
   }
+}
+
+void LoraAdapters::forward(int64_t layer, LoraTarget t, float* out, const float* x, float* u, float* xd, int64_t N,
+                           std::optional<uint64_t> dropout_seed) const {
+  const LoraSlot& s = slot(layer, t);
+  if (!s.active()) return;
+  if (dropout_seed) {
+    kernels::dropout_forward(xd, x, N * s.in, cfg_.dropout, *dropout_seed);
+    x = xd;
+  }
+  kernels::matmul_forward(u, x, params_.data() + s.a, nullptr, N, s.in, cfg_.rank);
+  kernels::scale_inplace(u, N * cfg_.rank, cfg_.scale());
+  kernels::matmul_accumulate(out, u, params_.data() + s.b, N, cfg_.rank, s.out, 1.0f);
 }
 
 bool LoraAdapters::merge_into_tensor(std::string_view name, std::span<float> w) const {

@@ -48,6 +48,13 @@ struct LoraSlot {
   bool active() const { return a >= 0; }
 };
 
+// The seed of LoRA dropout's mask for one (training forward, layer, target): a fresh draw
+// every step, the same one again in that step's backward.
+inline uint64_t lora_dropout_seed(uint64_t forward_step, int64_t layer, LoraTarget t) {
+  return (forward_step * 1000003ULL + static_cast<uint64_t>(layer)) * 8ULL + static_cast<uint64_t>(t) +
+         0x5851f42d4c957f2dULL;
+}
+
 class LoraAdapters {
  public:
   // InputError for a rank or layer count the model cannot take.
@@ -89,6 +96,13 @@ class LoraAdapters {
   // W += scale * B A for every adapted layer of `base_params` (laid out by `layout`):
   // the fused model computes what base + adapters compute (dropout is off at inference).
   void merge_into(std::span<float> base_params, const ParamLayout& layout) const;
+
+  // An adapted layer's forward, for training and decoding alike (a no-op where (layer, t)
+  // is not adapted): out (N, out) += u B^T with u (N, rank) = scale * dropout(x) A^T kept
+  // for backward; x (N, in). With a dropout seed the dropped-out input goes to
+  // xd (N, in), scratch; without one (inference, or dropout 0) x is used as it is.
+  void forward(int64_t layer, LoraTarget t, float* out, const float* x, float* u, float* xd, int64_t N,
+               std::optional<uint64_t> dropout_seed) const;
   // The same for one base tensor `name` (e.g. "model.layers.3.self_attn.q_proj.weight"),
   // w (out, in): for bases merged tensor by tensor (quantized ones). False when unadapted.
   bool merge_into_tensor(std::string_view name, std::span<float> w) const;

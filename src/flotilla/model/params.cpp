@@ -2,14 +2,17 @@
 
 #include <fmt/format.h>
 
+#include "flotilla/base/error.hpp"
+
 namespace flotilla::model {
 
 ParamLayout::ParamLayout(const ModelConfig& cfg, const std::set<std::string>& quantized) {
   // Linear weights and embeddings may be stored quantized; norms and biases never are.
   auto weight = [&](std::string name, std::vector<int64_t> shape) {
-    if (quantized.count(name)) return add_quantized(std::move(name), std::move(shape));
-    return add(std::move(name), std::move(shape), true);
+    if (quantized.count(name)) return WeightRef::quantized(add_quantized(std::move(name), std::move(shape)));
+    return WeightRef::dense(add(std::move(name), std::move(shape), true));
   };
+  auto vector = [&](std::string name, int64_t n) { return WeightRef::dense(add(std::move(name), {n}, false)); };
   const int64_t C = cfg.dim, V = cfg.vocab_size, F = cfg.ffn_dim;
   const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim();
   embed = weight("model.embed_tokens.weight", {V, C});
@@ -17,20 +20,20 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const std::set<std::string>& qu
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
     LayerParams& lp = layers[static_cast<size_t>(l)];
-    lp.ln1 = add(p + "input_layernorm.weight", {C}, false);
-    lp.wq = weight(p + "self_attn.q_proj.weight", {Dq, C});
-    if (cfg.qkv_bias) lp.bq = add(p + "self_attn.q_proj.bias", {Dq}, false);
-    lp.wk = weight(p + "self_attn.k_proj.weight", {Dkv, C});
-    if (cfg.qkv_bias) lp.bk = add(p + "self_attn.k_proj.bias", {Dkv}, false);
-    lp.wv = weight(p + "self_attn.v_proj.weight", {Dkv, C});
-    if (cfg.qkv_bias) lp.bv = add(p + "self_attn.v_proj.bias", {Dkv}, false);
-    lp.wo = weight(p + "self_attn.o_proj.weight", {C, Dq});
-    lp.ln2 = add(p + "post_attention_layernorm.weight", {C}, false);
-    lp.wgate = weight(p + "mlp.gate_proj.weight", {F, C});
-    lp.wup = weight(p + "mlp.up_proj.weight", {F, C});
-    lp.wdown = weight(p + "mlp.down_proj.weight", {C, F});
+    lp.ln1 = vector(p + "input_layernorm.weight", C);
+    lp.q_proj = weight(p + "self_attn.q_proj.weight", {Dq, C});
+    if (cfg.qkv_bias) lp.q_bias = vector(p + "self_attn.q_proj.bias", Dq);
+    lp.k_proj = weight(p + "self_attn.k_proj.weight", {Dkv, C});
+    if (cfg.qkv_bias) lp.k_bias = vector(p + "self_attn.k_proj.bias", Dkv);
+    lp.v_proj = weight(p + "self_attn.v_proj.weight", {Dkv, C});
+    if (cfg.qkv_bias) lp.v_bias = vector(p + "self_attn.v_proj.bias", Dkv);
+    lp.o_proj = weight(p + "self_attn.o_proj.weight", {C, Dq});
+    lp.ln2 = vector(p + "post_attention_layernorm.weight", C);
+    lp.gate_proj = weight(p + "mlp.gate_proj.weight", {F, C});
+    lp.up_proj = weight(p + "mlp.up_proj.weight", {F, C});
+    lp.down_proj = weight(p + "mlp.down_proj.weight", {C, F});
   }
-  final_norm = add("model.norm.weight", {C}, false);
+  final_norm = vector("model.norm.weight", C);
   lm_head = cfg.tie_embeddings ? embed : weight("lm_head.weight", {V, C});
 }
 
@@ -46,9 +49,14 @@ int64_t ParamTable::add(std::string name, std::vector<int64_t> shape, bool decay
 }
 
 int64_t ParamTable::add_quantized(std::string name, std::vector<int64_t> shape) {
-  const int64_t ref = -2 - num_quantized_++;
-  params_.push_back(ParamInfo{std::move(name), std::move(shape), ref, 0, true, true});
-  return ref;
+  const int64_t slot = num_quantized_++;
+  params_.push_back(ParamInfo{std::move(name), std::move(shape), total_, 0, true, true, slot});
+  return slot;
+}
+
+int64_t WeightRef::bad_access(const char* what) const {
+  throw Error("model", fmt::format("a {} weight reference read as {}",
+                                   kind_ == Kind::absent ? "absent" : kind_ == Kind::dense ? "float" : "quantized", what));
 }
 
 const ParamInfo* ParamTable::find(std::string_view name) const {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 #include <set>
 #include <span>
 #include <string>
@@ -13,27 +14,51 @@
 
 namespace flotilla::model {
 
+// Where one tensor of the model is: absent (a bias the architecture has not), a float
+// tensor at an offset of the flat buffer, or a matrix stored quantized outside it (the
+// model's slot-th quantized matrix, in layout order). Made once, by the layout; the
+// model's linear layers dispatch on it.
+class WeightRef {
+ public:
+  enum class Kind : uint8_t { absent, dense, quantized };
+  WeightRef() = default;
+  static WeightRef dense(int64_t offset) { return WeightRef(Kind::dense, offset); }
+  static WeightRef quantized(int64_t slot) { return WeightRef(Kind::quantized, slot); }
+
+  Kind kind() const { return kind_; }
+  bool present() const { return kind_ != Kind::absent; }
+  bool is_dense() const { return kind_ == Kind::dense; }
+  bool is_quantized() const { return kind_ == Kind::quantized; }
+  int64_t offset() const { return kind_ == Kind::dense ? index_ : bad_access("a float offset"); }
+  int64_t slot() const { return kind_ == Kind::quantized ? index_ : bad_access("a quantized slot"); }
+  bool operator==(const WeightRef&) const = default;
+
+ private:
+  WeightRef(Kind kind, int64_t index) : kind_(kind), index_(index) {}
+  [[noreturn]] int64_t bad_access(const char* what) const;
+  Kind kind_ = Kind::absent;
+  int64_t index_ = 0;  // the offset (dense) or the slot (quantized)
+};
+
 struct ParamInfo {
   std::string name;             // e.g. "model.layers.0.self_attn.q_proj.weight"
   std::vector<int64_t> shape;   // PyTorch layout, Linear weights (out, in)
   int64_t offset = 0;           // into the flat buffer, in floats
   int64_t numel = 0;
   bool decay = true;            // weight decay applies (false for norms and biases)
-  // Stored quantized (outside the flat buffer): numel is 0 and offset is a quantized
-  // reference (see is_quantized_ref); the model holds the packed matrix.
+  // Stored quantized (outside the flat buffer): numel is 0, offset is where the tensor
+  // would have begun (it takes no room), and quant_slot indexes the model's quantized
+  // matrices in layout order.
   bool quantized = false;
+  int64_t quant_slot = 0;
+  WeightRef ref() const { return quantized ? WeightRef::quantized(quant_slot) : WeightRef::dense(offset); }
 };
 
-// A tensor stored quantized takes no space in the flat float buffer; where an offset is
-// expected it is written as -2 - slot, slot indexing the model's quantized matrices in
-// layout order (-1 keeps meaning "absent").
-inline bool is_quantized_ref(int64_t offset) { return offset <= -2; }
-inline int64_t quantized_slot(int64_t offset) { return -2 - offset; }
-
-// Where each tensor of one transformer block sits in the flat buffer.
+// Where each tensor of one transformer block is. Biases are absent unless the config has
+// them (qwen2's q, k, v).
 struct LayerParams {
-  int64_t ln1 = -1, wq = -1, bq = -1, wk = -1, bk = -1, wv = -1, bv = -1, wo = -1;
-  int64_t ln2 = -1, wgate = -1, wup = -1, wdown = -1;
+  WeightRef ln1, q_proj, q_bias, k_proj, k_bias, v_proj, v_bias, o_proj;
+  WeightRef ln2, gate_proj, up_proj, down_proj;
 };
 
 // Named tensors in one flat buffer: what an optimizer, a checkpoint or a gradient
@@ -47,7 +72,7 @@ class ParamTable {
  protected:
   // Appends a tensor, 16-float (64-byte) aligned; returns its offset.
   int64_t add(std::string name, std::vector<int64_t> shape, bool decay);
-  // Appends a tensor stored quantized (no floats); returns its quantized reference.
+  // Appends a tensor stored quantized (no floats); returns its slot.
   int64_t add_quantized(std::string name, std::vector<int64_t> shape);
   int64_t num_quantized_ = 0;
 
@@ -63,11 +88,11 @@ class ParamLayout : public ParamTable {
   explicit ParamLayout(const ModelConfig& cfg, const std::set<std::string>& quantized = {});
   int64_t num_quantized() const { return num_quantized_; }
 
-  // Offsets (in floats) of the tensors the forward pass uses.
-  int64_t embed = -1;          // (V, C)
+  // The tensors the forward pass uses.
+  WeightRef embed;             // (V, C)
   std::vector<LayerParams> layers;
-  int64_t final_norm = -1;     // (C)
-  int64_t lm_head = -1;        // (V, C); == embed when tied
+  WeightRef final_norm;        // (C)
+  WeightRef lm_head;           // (V, C); == embed when tied
 };
 
 }  // namespace flotilla::model

@@ -71,7 +71,7 @@ QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, 
 
 void Llama::weight_f32(const ParamInfo& info, std::span<float> out) const {
   if (info.quantized) {
-    const QuantMatrix& m = quantized_weight(info.offset);
+    const QuantMatrix& m = quantized_weight(info.ref());
     if (static_cast<int64_t>(out.size()) != m.rows * m.cols) throw Error(kComponent, "weight_f32: wrong size");
     return kernels::dequantize_rows(m, 0, m.rows, out.data());
   }

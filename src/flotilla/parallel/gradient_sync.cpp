@@ -58,18 +58,16 @@ class AllReduceSync final : public GradientSync {
 
 // Exact gradients in fusion buckets, each all-reduced on the communication thread as soon
 // as the last micro-batch's backward has finished it.
-class OverlappedSync final : public GradientSync {
+class OverlappedSync final : public GradientSync, private model::ParallelContext {
  public:
   OverlappedSync(model::Llama& model, DataParallel& dp, double bucket_mb, TraceRecorder* trace)
       : GradientSync(model), dp_(dp) {
-    model_.set_grad_ready_hook([this](model::Llama::GradSpan s) {
-      if (active_) dp_.overlap()->ready({s.begin, s.end});
-    });
+    model_.set_parallel_context(this);
     std::vector<comm::GradRange> order;
-    for (const model::Llama::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
+    for (const model::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
     dp_.enable_overlap(order, static_cast<int64_t>(bucket_mb * 1024 * 1024), trace);
   }
-  ~OverlappedSync() override { model_.set_grad_ready_hook({}); }
+  ~OverlappedSync() override { model_.set_parallel_context(nullptr); }
   std::string name() const override { return "overlapped buckets"; }
   std::string signature() const override { return fmt::format("{}, {} buckets", name(), dp_.overlap()->buckets().size()); }
   bool overlapped() const override { return true; }
@@ -87,6 +85,11 @@ class OverlappedSync final : public GradientSync {
   int64_t exchanges() const override { return dp_.gradient_exchanges(); }
 
  private:
+  // Backward finished this range: its bucket may go (on the last micro-batch only).
+  void grad_ready(model::GradSpan s) override {
+    if (active_) dp_.overlap()->ready({s.begin, s.end});
+  }
+
   DataParallel& dp_;
   bool active_ = false;
 };

@@ -27,7 +27,7 @@ struct Unit {
   int64_t tail_begin(int64_t world) const { return begin + chunk * world; }
 };
 
-class ZeroSync final : public GradientSync {
+class ZeroSync final : public GradientSync, private model::ParallelContext {
  public:
   ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace)
       : GradientSync(model), dp_(dp), stage_(stage), world_(dp.world()), rank_(dp.rank()) {
@@ -36,16 +36,9 @@ class ZeroSync final : public GradientSync {
     if (world_ > 1 && bucket_mb > 0.0) {
       // Units are the fusion buckets, reduced on the communication thread as backward
       // finishes them: the hook must be set before the model can list its ranges.
-      model_.set_grad_ready_hook([this](model::Llama::GradSpan s) {
-        if (!active_) return;
-        overlap_->ready({s.begin, s.end});
-        // Stage 2 holds only the buckets in flight: when backward outruns the network it
-        // waits here rather than fill the arena (at most two buckets queued, one of them
-        // being reduced, besides the one backward writes).
-        if (stage_ >= 2) overlap_->wait_in_flight(kStage2InFlight);
-      });
+      model_.set_parallel_context(this);
       std::vector<comm::GradRange> order;
-      for (const model::Llama::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
+      for (const model::GradSpan& s : model_.grad_ready_order()) order.push_back({s.begin, s.end});
       ranges = comm::plan_buckets(order, static_cast<int64_t>(bucket_mb * 1024 * 1024));
       overlap_ = std::make_unique<comm::OverlappedAllReduce>(
           ranges, [this](std::span<float> bucket) { reduce_unit(bucket); }, trace);
@@ -72,7 +65,7 @@ class ZeroSync final : public GradientSync {
   }
 
   ~ZeroSync() override {
-    if (overlap_) model_.set_grad_ready_hook({});
+    if (overlap_) model_.set_parallel_context(nullptr);
   }
 
   std::string name() const override { return fmt::format("ZeRO-{}", stage_); }
@@ -171,6 +164,16 @@ class ZeroSync final : public GradientSync {
   int64_t exchanges() const override { return exchanges_; }
 
  private:
+  // Backward finished this range: its bucket is reduced now (on the last micro-batch).
+  void grad_ready(model::GradSpan s) override {
+    if (!active_) return;
+    overlap_->ready({s.begin, s.end});
+    // Stage 2 holds only the buckets in flight: when backward outruns the network it
+    // waits here rather than fill the arena (at most two buckets queued, one of them
+    // being reduced, besides the one backward writes).
+    if (stage_ >= 2) overlap_->wait_in_flight(kStage2InFlight);
+  }
+
   bool reduces_now() const { return stage_ >= 2 || last_micro_; }
 
   void reduce_all() {
