@@ -189,8 +189,9 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   void reduce_unit(std::span<float> part) {
     const std::span<float> grads = model_.trainable().grads;
     const int64_t begin = part.data() - grads.data();
-    const auto it = std::find_if(units_.begin(), units_.end(), [&](const Unit& u) { return u.begin == begin; });
-    if (it == units_.end() || it->end - it->begin != static_cast<int64_t>(part.size()))
+    // units_ is ascending in the arena: the first one not starting below `begin`.
+    const auto it = std::partition_point(units_.begin(), units_.end(), [&](const Unit& u) { return u.begin < begin; });
+    if (it == units_.end() || it->begin != begin || it->end - it->begin != static_cast<int64_t>(part.size()))
       throw Error("parallel/zero", fmt::format("no unit starts at {} with {} floats", begin, part.size()));
     const Unit& u = *it;
     comm::Communicator& comm = dp_.communicator();
