@@ -14,6 +14,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
@@ -75,6 +76,11 @@ class DataParallel {
   // Every rank must pass the same `digest` for `what` (model, data, binary): otherwise an
   // InputError naming the ranks that differ and their values.
   void check_same(std::string_view what, const std::string& digest);
+  // A few bytes of text between the phases of a collective task (a checkpoint's folder
+  // name, its files' checksums, an outcome): rank 0's `text` on every rank; and every
+  // rank's `text`, in rank order, on every rank. Two small collectives each.
+  std::string broadcast_text(const std::string& text, std::string_view what);
+  std::vector<std::string> all_gather_text(const std::string& text, std::string_view what);
 
  private:
   comm::Communicator& comm_;

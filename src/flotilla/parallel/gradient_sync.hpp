@@ -97,6 +97,10 @@ class GradientSync {
   virtual int64_t exchanges() const { return 0; }
   // Whether owned() is less than the whole arena (ZeRO).
   virtual bool sharded() const { return false; }
+  // When sharded(): owned() less what other ranks own too (ZeRO's unit tails, which rank 0
+  // alone keeps), so that every float of the arena is in exactly one rank's sole_owned()
+  // (what a sharded checkpoint's rank files hold). Ascending, disjoint.
+  virtual std::vector<ArenaRange> sole_owned() const { return owned(); }
   // Whether the exchange only waits for buckets reduced during backward.
   virtual bool overlapped() const { return false; }
 

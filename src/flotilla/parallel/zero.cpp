@@ -123,6 +123,14 @@ class ZeroSync final : public GradientSync {
   }
 
   std::vector<ArenaRange> owned() const override { return owned_; }
+  std::vector<ArenaRange> sole_owned() const override {
+    std::vector<ArenaRange> sole;
+    for (const Unit& u : units_) {
+      if (u.chunk > 0) sole.push_back({u.begin + rank_ * u.chunk, u.begin + (rank_ + 1) * u.chunk});
+      if (rank_ == 0 && u.tail_begin(world_) < u.end) sole.push_back({u.tail_begin(world_), u.end});
+    }
+    return sole;
+  }
   std::span<float> owned_grads() override { return shard_grads_.span(); }
 
   // The chunks' squared sums add over the ranks; the tails are the same on every rank.

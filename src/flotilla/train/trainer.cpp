@@ -83,13 +83,6 @@ std::pair<std::span<float>, std::span<float>> Trainer::whole_moments() {
   return {whole_m_.span(), whole_v_.span()};
 }
 
-void Trainer::gather_moments() {
-  if (!sync_->sharded()) return;
-  const auto [m, v] = whole_moments();
-  sync_->gather_owned(optimizer_.m(), m);
-  sync_->gather_owned(optimizer_.v(), v);
-}
-
 void Trainer::drop_whole_moments() {
   whole_m_ = {};
   whole_v_ = {};

@@ -164,12 +164,10 @@ class Trainer {
   // How the ranks combine their work (its name, bytes sent, whether it shards).
   const parallel::GradientSync& sync() const { return *sync_; }
 
-  // AdamW's moments in the layout of the whole trainable arena, for checkpoints: the
-  // optimizer's own buffers, or under ZeRO buffers the trainer holds until the next
-  // restore_progress or drop_whole_moments. gather_moments() fills them from every rank's
-  // shard (a collective under ZeRO: every rank calls it before a checkpoint is captured).
+  // AdamW's moments in the layout of the whole trainable arena, for reading an unsharded
+  // checkpoint: the optimizer's own buffers, or under ZeRO buffers the trainer holds until
+  // the next restore_progress (which keeps this rank's shard of them) or drop_whole_moments.
   std::pair<std::span<float>, std::span<float>> whole_moments();
-  void gather_moments();
   void drop_whole_moments();
 
   // Resume: the next step() is step `steps_done` + 1 and its schedule position follows;
@@ -185,7 +183,7 @@ class Trainer {
   TraceRecorder* trace_ = nullptr;
   std::unique_ptr<parallel::GradientSync> sync_;  // before optimizer_: it says what this rank owns
   AdamW optimizer_;
-  Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while checkpointing
+  Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while reading an unsharded checkpoint
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
   int64_t step_ = 0;

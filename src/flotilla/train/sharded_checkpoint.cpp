@@ -1,0 +1,298 @@
+#include "flotilla/train/sharded_checkpoint.hpp"
+
+#include <algorithm>
+#include <array>
+#include <memory>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/json_error.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/train/checkpoint.hpp"
+
+namespace flotilla::train {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr std::string_view kComponent = "train/sharded_checkpoint";
+constexpr std::array<std::string_view, 3> kKinds = {"weights", "m", "v"};
+
+std::vector<io::FloatRange> float_ranges(const std::vector<FlatRange>& ranges) {
+  std::vector<io::FloatRange> out;
+  for (const FlatRange& r : ranges) out.push_back({r.begin, r.end});
+  return out;
+}
+
+io::ShardLayout::Param layout_param(const model::ParamInfo& info) {
+  return {info.name, info.shape, info.offset, info.numel};
+}
+
+nlohmann::json ranges_json(const std::vector<io::FloatRange>& ranges) {
+  nlohmann::json pairs = nlohmann::json::array();
+  for (const io::FloatRange& r : ranges) pairs.push_back({r.begin, r.end});
+  return pairs;
+}
+
+// A rank's outcome of a phase, as the text the ranks exchange: "" when it went well.
+std::string first_failure(const std::vector<std::string>& outcomes) {
+  for (size_t r = 0; r < outcomes.size(); ++r)
+    if (!outcomes[r].empty()) return fmt::format("rank {}: {}", r, outcomes[r]);
+  return {};
+}
+
+nlohmann::json read_json(const fs::path& path) {
+  try {
+    return nlohmann::json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
+  }
+}
+
+// The layout of `step_dir`, checked against the model's trainable table: InputError
+// naming layout.json and the tensor that differs.
+io::ShardLayout layout_for_model(const fs::path& step_dir, const model::ParamTable& table, int64_t arena_floats) {
+  const fs::path path = step_dir / io::kShardLayoutFile;
+  io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
+  const auto bad = [&](const std::string& what) { return InputError(kComponent, path.string() + ": " + what); };
+  for (const io::ShardLayout::Param& p : layout.table) {
+    const model::ParamInfo* info = table.find(p.name);
+    if (!info) throw bad(fmt::format("holds tensor '{}', which this model does not have (was it written for another model?)", p.name));
+    if (info->shape != p.shape)
+      throw bad(fmt::format("tensor '{}' has shape {}, the model's is {}", p.name, io::format_shape(p.shape),
+                            io::format_shape(info->shape)));
+    if (info->offset != p.offset || info->numel != p.numel)
+      throw bad(fmt::format("tensor '{}' lies at [{}, {}) of the arena, the model's at [{}, {})", p.name, p.offset,
+                            p.offset + p.numel, info->offset, info->offset + info->numel));
+  }
+  for (const model::ParamInfo& info : table.params())
+    if (std::none_of(layout.table.begin(), layout.table.end(), [&](const auto& p) { return p.name == info.name; }))
+      throw bad(fmt::format("has no tensor '{}' (was it written for another model?)", info.name));
+  if (layout.arena_floats != arena_floats)
+    throw bad(fmt::format("an arena of {} floats, the model's has {}", layout.arena_floats, arena_floats));
+  const std::string problem = layout.check_coverage(kKinds);
+  if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  return layout;
+}
+
+// The rank files of `layout`, opened, each kind's tensor checked against its ranges.
+std::vector<std::unique_ptr<io::SafetensorsFile>> open_rank_files(const fs::path& step_dir,
+                                                                  const io::ShardLayout& layout) {
+  std::vector<std::unique_ptr<io::SafetensorsFile>> files;
+  for (const auto& [name, by_kind] : layout.files) {
+    auto st = std::make_unique<io::SafetensorsFile>(step_dir / name);
+    for (const auto& [kind, ranges] : by_kind) {
+      const io::TensorEntry& e = st->at(kind);
+      const int64_t want = io::total_floats(ranges);
+      if (e.dtype != DType::f32 || e.shape.size() != 1 || e.shape[0] != want)
+        throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, its ranges in {} need F32 [{}]",
+                                                 st->path().string(), kind, dtype_name(e.dtype),
+                                                 io::format_shape(e.shape), io::kShardLayoutFile, want));
+    }
+    files.push_back(std::move(st));
+  }
+  return files;
+}
+
+std::span<const float> floats(const io::TensorEntry& e) {
+  return {reinterpret_cast<const float*>(e.bytes.data()), e.bytes.size() / sizeof(float)};
+}
+
+// Copies `kind` of every rank file into `dst`, which holds the floats of `dst_ranges`.
+void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<io::SafetensorsFile>>& files,
+               const std::string& kind, std::span<const io::FloatRange> dst_ranges, std::span<float> dst) {
+  size_t i = 0;
+  for (const auto& [name, by_kind] : layout.files) {
+    const io::SafetensorsFile& st = *files[i++];
+    const auto it = by_kind.find(kind);
+    if (it == by_kind.end()) continue;
+    io::copy_overlap(it->second, floats(st.at(kind)), dst_ranges, dst);
+  }
+}
+
+}  // namespace
+
+std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
+
+std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world) {
+  const int64_t begin = arena_floats * rank / world, end = arena_floats * (rank + 1) / world;
+  if (begin >= end) return {};
+  return {{begin, end}};
+}
+
+std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int world) {
+  const parallel::GradientSync& sync = trainer.sync();
+  if (!sync.sharded())
+    return equal_cut(static_cast<int64_t>(trainer.model().trainable().params.size()), rank, world);
+  std::vector<io::FloatRange> out;
+  for (const parallel::ArenaRange& r : sync.sole_owned()) out.push_back({r.begin, r.end});
+  return out;
+}
+
+fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& trainer, const data::BatchSource& source,
+                                 nlohmann::json config, int keep, parallel::DataParallel* dp,
+                                 const io::StepFiles& root_extra, const RngStreams& rngs) {
+  const int rank = dp ? dp->rank() : 0, world = dp ? dp->world() : 1;
+  const bool root = rank == 0;
+  const int64_t step = trainer.steps_done();
+  const auto broadcast = [&](const std::string& text, std::string_view what) {
+    return dp ? dp->broadcast_text(text, what) : text;
+  };
+  const auto gather = [&](const std::string& text, std::string_view what) {
+    return dp ? dp->all_gather_text(text, what) : std::vector<std::string>{text};
+  };
+  const auto stop = [&](const std::string& why) {
+    return RunStopped(kComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, !root);
+  };
+
+  // Every rank's ranges, for rank 0's layout.json.
+  const std::vector<io::FloatRange> mine = checkpoint_ranges(trainer, rank, world);
+  const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
+
+  // Rank 0 begins the folder; its name, or why not, goes to every rank ("!" + why).
+  std::string begun;
+  if (root) {
+    try {
+      begun = io::begin_step_folder(checkpoints_dir, step).string();
+    } catch (const std::exception& e) {
+      begun = std::string("!") + e.what();
+    }
+  }
+  begun = broadcast(begun, "checkpoint folder");
+  if (begun.starts_with("!")) throw stop("rank 0: " + begun.substr(1));
+  const fs::path tmp_dir = begun;
+
+  // Every rank writes its file (rank 0 the folder's shared files too) and sends back the
+  // checksums, or why it could not.
+  std::string written;
+  try {
+    const model::Llama::Trainable trainable = trainer.model().trainable();
+    const int64_t n = io::total_floats(mine);
+    const std::vector<io::FloatRange> arena = {{0, static_cast<int64_t>(trainable.params.size())}};
+    const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
+    std::vector<float> weights(static_cast<size_t>(n)), m(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+    io::copy_overlap(arena, trainable.params, mine, weights);
+    io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
+    io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
+    io::StepFiles files;
+    files.names = {rank_file_name(rank)};
+    if (root) {
+      files.names.insert(files.names.end(), {std::string(io::kShardLayoutFile), std::string(kCheckpointStateFile),
+                                             std::string(kCheckpointConfigFile)});
+      files.names.insert(files.names.end(), root_extra.names.begin(), root_extra.names.end());
+    }
+    files.write = [&](const fs::path& dir) {
+      const std::vector<io::TensorToWrite> tensors = {
+          {"weights", {n}, weights.data()}, {"m", {n}, m.data()}, {"v", {n}, v.data()}};
+      io::write_safetensors(dir / rank_file_name(rank), tensors, DType::f32, {{"format", "flotilla-checkpoint"}});
+      if (!root) return;
+      io::ShardLayout layout;
+      layout.arena_floats = arena[0].end;
+      for (const model::ParamInfo& info : trainable.table.params()) layout.table.push_back(layout_param(info));
+      for (int r = 0; r < world; ++r) {
+        std::vector<io::FloatRange> ranges;
+        for (const nlohmann::json& pair : nlohmann::json::parse(all_ranges[static_cast<size_t>(r)]))
+          ranges.push_back({pair[0].get<int64_t>(), pair[1].get<int64_t>()});
+        for (std::string_view kind : kKinds) layout.files[rank_file_name(r)][std::string(kind)] = ranges;
+      }
+      write_file_atomic(dir / io::kShardLayoutFile, layout.to_json().dump(1) + "\n");
+      write_file_atomic(dir / kCheckpointStateFile, training_state_json(trainer, source, rngs).dump(2) + "\n");
+      write_file_atomic(dir / kCheckpointConfigFile, config.dump(2) + "\n");
+      if (root_extra.write) root_extra.write(dir);
+    };
+    nlohmann::json entries = nlohmann::json::array();
+    for (const io::FileEntry& e : io::write_step_files(tmp_dir, files))
+      entries.push_back({e.name, e.bytes, e.crc32c});
+    written = entries.dump();
+  } catch (const std::exception& e) {
+    written = std::string("!") + e.what();
+  }
+  const std::vector<std::string> all_written = gather(written, "checkpoint files");
+
+  // Rank 0 commits with every rank's entries, or removes the folder; everyone learns which.
+  std::string outcome;
+  if (root) {
+    std::vector<std::string> failures(all_written.size());
+    std::vector<io::FileEntry> entries;
+    for (size_t r = 0; r < all_written.size(); ++r) {
+      if (all_written[r].starts_with("!")) {
+        failures[r] = all_written[r].substr(1);
+        continue;
+      }
+      for (const nlohmann::json& e : nlohmann::json::parse(all_written[r]))
+        entries.push_back({e[0].get<std::string>(), e[1].get<uint64_t>(), e[2].get<uint32_t>()});
+    }
+    outcome = first_failure(failures);
+    if (!outcome.empty()) {
+      io::abandon_step_folder(tmp_dir);
+      outcome = "!" + outcome;
+    } else {
+      try {
+        outcome = io::commit_step_folder(checkpoints_dir, tmp_dir, step, entries, keep).string();
+      } catch (const std::exception& e) {
+        outcome = std::string("!rank 0: ") + e.what();
+      }
+    }
+  }
+  outcome = broadcast(outcome, "checkpoint outcome");
+  if (outcome.starts_with("!")) throw stop(outcome.substr(1));
+  return outcome;
+}
+
+bool is_sharded_checkpoint(const fs::path& step_dir) {
+  std::error_code ec;
+  return fs::is_regular_file(step_dir / io::kShardLayoutFile, ec);
+}
+
+std::string check_sharded_folder(const fs::path& step_dir, const std::vector<std::string>& listed) {
+  const auto is_listed = [&](std::string_view name) {
+    return std::find(listed.begin(), listed.end(), name) != listed.end();
+  };
+  for (std::string_view required : {io::kShardLayoutFile, kCheckpointStateFile, kCheckpointConfigFile})
+    if (!is_listed(required)) return fmt::format("{}: does not list {}", io::kCheckpointManifestFile, required);
+  try {
+    const fs::path path = step_dir / io::kShardLayoutFile;
+    const io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
+    for (const auto& [name, by_kind] : layout.files)
+      if (!is_listed(name))
+        return fmt::format("{}: names {}, which the manifest does not list (missing rank file)", io::kShardLayoutFile,
+                           name);
+    std::string problem = layout.check_coverage(kKinds);
+    if (!problem.empty()) return problem;
+    open_rank_files(step_dir, layout);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
+  const model::Llama::Trainable trainable = trainer.model().trainable();
+  const auto arena_floats = static_cast<int64_t>(trainable.params.size());
+  const io::ShardLayout layout = layout_for_model(step_dir, trainable.table, arena_floats);
+  const auto files = open_rank_files(step_dir, layout);
+  // Everything is checked: now the copies. The whole weights; the moments of what this
+  // rank's optimizer owns (its new shard under ZeRO, computed from this run's world).
+  const std::vector<io::FloatRange> arena = {{0, arena_floats}};
+  const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
+  copy_kind(layout, files, "weights", arena, trainable.params);
+  copy_kind(layout, files, "m", owned, trainer.optimizer().m());
+  copy_kind(layout, files, "v", owned, trainer.optimizer().v());
+}
+
+ConsolidatedWeights read_sharded_weights(const fs::path& step_dir) {
+  ConsolidatedWeights out;
+  const fs::path path = step_dir / io::kShardLayoutFile;
+  out.layout = io::ShardLayout::from_json(read_json(path), path);
+  const std::string problem = out.layout.check_coverage(kKinds);
+  if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  const auto files = open_rank_files(step_dir, out.layout);
+  out.arena.resize(static_cast<size_t>(out.layout.arena_floats));
+  const std::vector<io::FloatRange> arena = {{0, out.layout.arena_floats}};
+  copy_kind(out.layout, files, "weights", arena, out.arena);
+  return out;
+}
+
+}  // namespace flotilla::train
