@@ -538,11 +538,21 @@ TEST(ShardedCheckpoint, AnotherModelIsRefusedNamingTheTensorBeforeAnythingIsCopi
 
 TEST(ShardedCheckpoint, ConsolidatedWeightsAreTheModels) {
   ShardedRun run("sharded_consolidate");
-  const ConsolidatedWeights w = read_sharded_weights(run.step_dir);
+  const ConsolidatedWeights w = read_checkpoint_weights(run.step_dir);
   const std::span<const float> params = run.model.trainable().params;
   ASSERT_EQ(w.arena.size(), params.size());
   EXPECT_EQ(std::memcmp(w.arena.data(), params.data(), params.size_bytes()), 0);
   EXPECT_EQ(w.layout.table.size(), run.model.trainable().table.params().size());
+  // The unsharded format gives the same.
+  const fs::path old_dir = save_training_checkpoint(run.dir.path() / "old", run.trainer, run.source, {}, 0);
+  const ConsolidatedWeights old = read_checkpoint_weights(old_dir);
+  for (const model::ParamInfo& info : run.model.trainable().table.params()) {
+    const std::span<const float> a = w.tensor(info.name, info.shape, run.step_dir);
+    const std::span<const float> b = old.tensor(info.name, info.shape, old_dir);
+    ASSERT_EQ(a.size(), b.size()) << info.name;
+    EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin())) << info.name;
+  }
+  EXPECT_THROW(w.tensor("no.such.weight", std::vector<int64_t>{1}, run.step_dir), InputError);
 }
 
 TEST(CheckpointConfig, DifferencesAreListedByKey) {

@@ -282,17 +282,46 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
   copy_kind(layout, files, "v", owned, trainer.optimizer().v());
 }
 
-ConsolidatedWeights read_sharded_weights(const fs::path& step_dir) {
+ConsolidatedWeights read_checkpoint_weights(const fs::path& step_dir) {
   ConsolidatedWeights out;
+  if (!is_sharded_checkpoint(step_dir)) {
+    const io::SafetensorsFile st(step_dir / kCheckpointWeightsFile);
+    for (const io::TensorEntry& e : st.tensors()) {
+      if (e.dtype != DType::f32)
+        throw InputError(kComponent, fmt::format("{}: tensor '{}' is {}, expected F32", st.path().string(), e.name,
+                                                 dtype_name(e.dtype)));
+      const std::span<const float> values = floats(e);
+      out.layout.table.push_back({e.name, e.shape, static_cast<int64_t>(out.arena.size()),
+                                  static_cast<int64_t>(values.size())});
+      out.arena.insert(out.arena.end(), values.begin(), values.end());
+    }
+    out.layout.arena_floats = static_cast<int64_t>(out.arena.size());
+    return out;
+  }
   const fs::path path = step_dir / io::kShardLayoutFile;
   out.layout = io::ShardLayout::from_json(read_json(path), path);
   const std::string problem = out.layout.check_coverage(kKinds);
   if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  for (const io::ShardLayout::Param& p : out.layout.table)
+    if (p.offset < 0 || p.numel < 0 || p.offset + p.numel > out.layout.arena_floats)
+      throw InputError(kComponent, fmt::format("{}: tensor '{}' lies outside the arena", path.string(), p.name));
   const auto files = open_rank_files(step_dir, out.layout);
   out.arena.resize(static_cast<size_t>(out.layout.arena_floats));
   const std::vector<io::FloatRange> arena = {{0, out.layout.arena_floats}};
   copy_kind(out.layout, files, "weights", arena, out.arena);
   return out;
+}
+
+std::span<const float> ConsolidatedWeights::tensor(std::string_view name, std::span<const int64_t> shape,
+                                                   const fs::path& step_dir) const {
+  const auto it = std::find_if(layout.table.begin(), layout.table.end(), [&](const auto& p) { return p.name == name; });
+  if (it == layout.table.end())
+    throw InputError(kComponent, fmt::format("{}: the checkpoint has no tensor '{}' (was it written for another model?)",
+                                             step_dir.string(), name));
+  if (!std::equal(it->shape.begin(), it->shape.end(), shape.begin(), shape.end()))
+    throw InputError(kComponent, fmt::format("{}: tensor '{}' has shape {}, the model's is {}", step_dir.string(), name,
+                                             io::format_shape(it->shape), io::format_shape(shape)));
+  return std::span<const float>(arena).subspan(static_cast<size_t>(it->offset), static_cast<size_t>(it->numel));
 }
 
 }  // namespace flotilla::train

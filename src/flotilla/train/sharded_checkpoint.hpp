@@ -68,12 +68,18 @@ std::string check_sharded_folder(const std::filesystem::path& step_dir, const st
 // damaged, before anything is copied.
 void read_sharded_tensors(const std::filesystem::path& step_dir, Trainer& trainer);
 
-// A consolidated copy of a sharded checkpoint's weights: the whole arena (arena_floats
-// floats) and the layout's table. For `flotilla convert --checkpoint`.
+// A consolidated copy of a checkpoint's trainable weights: the whole arena (arena_floats
+// floats) and its table (the layout's; for an unsharded checkpoint, weights.safetensors'
+// tensors one after the other). For `flotilla convert --checkpoint`: any number of ranks,
+// any stage, or the unsharded format. InputError naming the file when it is damaged.
 struct ConsolidatedWeights {
   io::ShardLayout layout;
   std::vector<float> arena;
+  // The tensor `name` of the table, or InputError naming the checkpoint and the tensor
+  // when it is absent or has another shape.
+  std::span<const float> tensor(std::string_view name, std::span<const int64_t> shape,
+                                const std::filesystem::path& step_dir) const;
 };
-ConsolidatedWeights read_sharded_weights(const std::filesystem::path& step_dir);
+ConsolidatedWeights read_checkpoint_weights(const std::filesystem::path& step_dir);
 
 }  // namespace flotilla::train
