@@ -133,7 +133,8 @@ std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int wo
 
 fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& trainer, const data::BatchSource& source,
                                  nlohmann::json config, int keep, parallel::DataParallel* dp,
-                                 const io::StepFiles& root_extra, const RngStreams& rngs) {
+                                 const io::StepFiles& root_extra, const io::StepFiles& rank_extra,
+                                 const RngStreams& rngs) {
   const int rank = dp ? dp->rank() : 0, world = dp ? dp->world() : 1;
   const bool root = rank == 0;
   const int64_t step = trainer.steps_done();
@@ -178,6 +179,7 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
     io::StepFiles files;
     files.names = {rank_file_name(rank)};
+    files.names.insert(files.names.end(), rank_extra.names.begin(), rank_extra.names.end());
     if (root) {
       files.names.insert(files.names.end(), {std::string(io::kShardLayoutFile), std::string(kCheckpointStateFile),
                                              std::string(kCheckpointConfigFile)});
@@ -187,6 +189,7 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
       const std::vector<io::TensorToWrite> tensors = {
           {"weights", {n}, weights.data()}, {"m", {n}, m.data()}, {"v", {n}, v.data()}};
       io::write_safetensors(dir / rank_file_name(rank), tensors, DType::f32, {{"format", "flotilla-checkpoint"}});
+      if (rank_extra.write) rank_extra.write(dir);
       if (!root) return;
       io::ShardLayout layout;
       layout.arena_floats = arena[0].end;

@@ -42,15 +42,16 @@ std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world)
 std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int world);
 
 // Every rank calls it alike (a collective over `dp`; null: one process). Rank 0 begins
-// the step folder, every rank writes its rank file, rank 0 also layout.json,
-// trainer_state.json, config.json and `root_extra` (a LoRA run's adapter files), and
+// the step folder, every rank writes its rank file and `rank_extra` (files of its own
+// state, named for the rank), rank 0 also layout.json, trainer_state.json, config.json
+// and `root_extra` (a LoRA run's adapter files), and
 // commits the folder with every rank's checksums. When any rank fails, rank 0 removes the
 // folder and every rank throws RunStopped (exit 1; quiet but on rank 0) naming the rank and
 // the fault: nobody waits for a rank that will not come. Returns the step folder.
 std::filesystem::path save_sharded_checkpoint(const std::filesystem::path& checkpoints_dir, Trainer& trainer,
                                               const data::BatchSource& source, nlohmann::json config, int keep,
                                               parallel::DataParallel* dp, const io::StepFiles& root_extra = {},
-                                              const RngStreams& rngs = {});
+                                              const io::StepFiles& rank_extra = {}, const RngStreams& rngs = {});
 
 // Whether `step_dir` is a sharded checkpoint (it holds layout.json).
 bool is_sharded_checkpoint(const std::filesystem::path& step_dir);
