@@ -15,6 +15,9 @@ of zero_equivalence_test.py). Then:
     --zero 1;
   - a damaged checkpoint (a rank file missing; a range written twice, with the manifest
     rewritten to match) is refused with one error line naming it, exit 2;
+  - local SGD with DiLoCo's outer momentum on 2 ranks: stop at step 4 + resume on 2 ranks =
+    the uninterrupted run bit for bit (each rank's moments and outer momentum restored from
+    its state file); resumed on 1 rank, one warning line;
   - flotilla convert --checkpoint: the consolidated model equals the trained model at that
     step (the 4-rank writer's step-20 folder against its model.safetensors, tensors and
     flotilla score), a non-empty --out is refused; a LoRA run's (3 ranks, ZeRO-2) gives the
@@ -149,7 +152,10 @@ def main():
                          "--grad-clip", "0.5"]
 
         def train(out, ranks, extra, **kw):
-            cmd = [f, "train", "--model", model, "--out", out, "--batch-size", str(GLOBAL_BATCH // ranks)] + common + extra
+            flags = common
+            if "--steps" in extra:  # this case's own run length
+                flags = [a for i, a in enumerate(common) if a != "--steps" and (i == 0 or common[i - 1] != "--steps")]
+            cmd = [f, "train", "--model", model, "--out", out, "--batch-size", str(GLOBAL_BATCH // ranks)] + flags + extra
             return (mpirun + ["-np", str(ranks)] if ranks > 1 else []) + cmd if kw.get("argv") else \
                 run((mpirun + ["-np", str(ranks)] if ranks > 1 else []) + cmd, env)
 
@@ -254,6 +260,36 @@ def main():
         lines = [line for line in proc.stderr.splitlines() if line.startswith("flotilla: error:")]
         if proc.returncode != 2 or len(lines) != 1:
             failures.append(f"convert into a non-empty --out: exit {proc.returncode}, stderr {proc.stderr!r}")
+
+        # Local SGD (DiLoCo: outer momentum) keeps per-rank state: each rank's AdamW moments
+        # and outer momentum go into its rank-NNNNN.state.safetensors, so stopping and
+        # resuming on the same world is the uninterrupted run, bit for bit; on another world
+        # one warning line says they start fresh.
+        diloco = ["--sync-every", "2", "--outer-lr", "0.7", "--outer-momentum", "0.9", "--steps", "8"]
+        straight = os.path.join(tmp, "diloco")
+        train(straight, 2, diloco)
+        stopped = os.path.join(tmp, "diloco_saved")
+        train(stopped, 2, diloco + ["--save-every", "4"])
+        step4 = os.path.join(stopped, "checkpoints", "step-000004")
+        if sorted(read_layout(step4).get("rank_state", {}).get("files", [])) != \
+                ["rank-00000.state.safetensors", "rank-00001.state.safetensors"]:
+            failures.append(f"local SGD: layout.json's rank_state is {read_layout(step4).get('rank_state')}")
+        resumed = os.path.join(tmp, "diloco_resumed")
+        log = train(resumed, 2, diloco + ["--resume", step4])
+        if "warning" in log:
+            failures.append(f"local SGD, same world: a warning:\n{log}")
+        with open(os.path.join(straight, "model.safetensors"), "rb") as a, \
+                open(os.path.join(resumed, "model.safetensors"), "rb") as b:
+            if a.read() != b.read():
+                failures.append("local SGD: stop at step 4 + resume on 2 ranks differs from the uninterrupted run")
+            else:
+                print("local SGD (DiLoCo), 2 ranks: stop + resume = the uninterrupted run, bit for bit")
+        log = train(os.path.join(tmp, "diloco_one"), 1, diloco + ["--resume", step4])
+        warnings = [line for line in log.splitlines() if line.startswith("warning:") and "per-rank state" in line]
+        if len(warnings) != 1 or "2 ranks" not in warnings[0]:
+            failures.append(f"local SGD on another world: expected one warning line, got {warnings}")
+        else:
+            print(f"local SGD, 2 -> 1 rank: {warnings[0][:90]}...")
 
         # A LoRA run's checkpoint converts to a PEFT adapter directory: the run's adapter.
         lora = os.path.join(tmp, "lora")

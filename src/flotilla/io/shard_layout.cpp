@@ -107,11 +107,13 @@ nlohmann::json ShardLayout::to_json() const {
     }
     listed[file] = by_kind;
   }
-  return {{"format", std::string(kLayoutFormat)},
-          {"version", kLayoutVersion},
-          {"arena_floats", arena_floats},
-          {"table", params},
-          {"files", listed}};
+  nlohmann::json json = {{"format", std::string(kLayoutFormat)},
+                         {"version", kLayoutVersion},
+                         {"arena_floats", arena_floats},
+                         {"table", params},
+                         {"files", listed}};
+  if (rank_state_world > 0) json["rank_state"] = {{"world", rank_state_world}, {"files", rank_state_files}};
+  return json;
 }
 
 ShardLayout ShardLayout::from_json(const nlohmann::json& json, const std::filesystem::path& path) {
@@ -137,6 +139,16 @@ ShardLayout ShardLayout::from_json(const nlohmann::json& json, const std::filesy
           ranges.push_back({pair[0].get<int64_t>(), pair[1].get<int64_t>()});
         }
       }
+    }
+    if (json.contains("rank_state")) {
+      layout.rank_state_world = json["rank_state"].at("world").get<int64_t>();
+      layout.rank_state_files = json["rank_state"].at("files").get<std::vector<std::string>>();
+      if (layout.rank_state_world < 1 || static_cast<int64_t>(layout.rank_state_files.size()) != layout.rank_state_world)
+        throw bad("rank_state: a world of " + std::to_string(layout.rank_state_world) + " ranks names " +
+                  std::to_string(layout.rank_state_files.size()) + " files");
+      for (const std::string& file : layout.rank_state_files)
+        if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
+          throw bad(fmt::format("rank_state names a bad file '{}'", file));
     }
   } catch (const nlohmann::json::exception& e) {
     throw bad("malformed: " + json_error_text(e));

@@ -12,7 +12,10 @@
 // layout.json:
 //   {"format": "flotilla-sharded-layout", "version": 1, "arena_floats": n,
 //    "table": [{"name", "shape", "offset", "numel"}, ...],
-//    "files": {"rank-00000.safetensors": {"weights": [[b, e], ...], "m": [...], "v": [...]}, ...}}
+//    "files": {"rank-00000.safetensors": {"weights": [[b, e], ...], "m": [...], "v": [...]}, ...},
+//    "rank_state": {"world": N, "files": ["rank-00000.state.safetensors", ...]}}
+//   rank_state (optional): files of state each rank alone holds (not ranges of the arena),
+//   one per rank of the world that wrote them, usable only on a world of the same size
 //
 // io/ stays free of collectives and of the model: the training layer fills the table and
 // the ranges (train/sharded_checkpoint.hpp).
@@ -73,6 +76,8 @@ struct ShardLayout {
   int64_t arena_floats = 0;
   std::vector<Param> table;
   std::map<std::string, FileRanges> files;  // by file name
+  int64_t rank_state_world = 0;              // 0: no per-rank state files
+  std::vector<std::string> rank_state_files;  // rank r's at [r]
 
   nlohmann::json to_json() const;
   // InputError naming `path` when `json` is not a layout of this shape.

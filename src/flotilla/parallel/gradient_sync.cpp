@@ -104,6 +104,10 @@ class LocalSgdSync final : public GradientSync {
   void after_update(int64_t step, bool last) override { local_.after_step(model_.trainable().params, step, last); }
   // The restored weights are the last meeting's (checkpoints are taken at meetings).
   void weights_restored() override { local_.reset_anchor(model_.trainable().params); }
+  std::vector<RankState> rank_state() override {
+    if (local_.outer_momentum().empty()) return {};
+    return {RankState{"local_sgd.outer_momentum", local_.outer_momentum()}};
+  }
   int64_t bytes_sent() const override { return local_.bytes_sent(); }
   int64_t exchanges() const override { return local_.meetings(); }
 

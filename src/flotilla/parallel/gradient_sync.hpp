@@ -45,6 +45,14 @@ struct ArenaRange {
   int64_t size() const { return end - begin; }
 };
 
+// A buffer of state this rank alone holds that an exact resume needs (local SGD's outer
+// momentum): a sharded checkpoint saves it in the rank's own file and restores it on the
+// same world size.
+struct RankState {
+  std::string name;
+  std::span<float> data;
+};
+
 struct SyncConfig {
   LocalSgdConfig local_sgd;  // sync_every > 0: local SGD / DiLoCo
   double bucket_mb = 25.0;   // exact all-reduce: overlap buckets of this many MiB; 0: none
@@ -85,6 +93,8 @@ class GradientSync {
   virtual void after_update(int64_t /*step*/, bool /*last*/) {}
   // Resume: the weights were replaced by a checkpoint's.
   virtual void weights_restored() {}
+  // This rank's own state (RankState), restored into these spans after weights_restored.
+  virtual std::vector<RankState> rank_state() { return {}; }
 
   // A buffer laid out as owned() (optimizer moments) to the whole arena's layout, on every
   // rank: a collective under ZeRO (every rank calls it), a copy otherwise. And back.

@@ -40,7 +40,7 @@ JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Train
 void JobCheckpoints::resume() {
   const io::ResumePoint point = find_resume_point(job_.resume_from);
   for (const std::string& why : point.skipped) info_("checkpoint: skipping " + why);
-  const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_);
+  const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_, {}, info_);
   info_(fmt::format("resumed from {} at step {}", point.dir.string(), point.step));
   std::string diffs;
   for (const std::string& d : config_differences(saved_config, config_)) diffs += (diffs.empty() ? "" : ", ") + d;

@@ -115,6 +115,7 @@ void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<
 }  // namespace
 
 std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
+std::string rank_state_file_name(int rank) { return fmt::format("rank-{:05d}.state.safetensors", rank); }
 
 std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world) {
   const int64_t begin = arena_floats * rank / world, end = arena_floats * (rank + 1) / world;
@@ -178,7 +179,10 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
     io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
     io::StepFiles files;
+    // Every rank runs the same mode: each has state, or none has.
+    const std::vector<parallel::RankState> own_state = trainer.rank_state();
     files.names = {rank_file_name(rank)};
+    if (!own_state.empty()) files.names.push_back(rank_state_file_name(rank));
     files.names.insert(files.names.end(), rank_extra.names.begin(), rank_extra.names.end());
     if (root) {
       files.names.insert(files.names.end(), {std::string(io::kShardLayoutFile), std::string(kCheckpointStateFile),
@@ -189,6 +193,13 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
       const std::vector<io::TensorToWrite> tensors = {
           {"weights", {n}, weights.data()}, {"m", {n}, m.data()}, {"v", {n}, v.data()}};
       io::write_safetensors(dir / rank_file_name(rank), tensors, DType::f32, {{"format", "flotilla-checkpoint"}});
+      if (!own_state.empty()) {
+        std::vector<io::TensorToWrite> state;
+        for (const parallel::RankState& s : own_state)
+          state.push_back({s.name, {static_cast<int64_t>(s.data.size())}, s.data.data()});
+        io::write_safetensors(dir / rank_state_file_name(rank), state, DType::f32,
+                              {{"format", "flotilla-checkpoint"}, {"world", std::to_string(world)}});
+      }
       if (rank_extra.write) rank_extra.write(dir);
       if (!root) return;
       io::ShardLayout layout;
@@ -199,6 +210,10 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
         for (const nlohmann::json& pair : nlohmann::json::parse(all_ranges[static_cast<size_t>(r)]))
           ranges.push_back({pair[0].get<int64_t>(), pair[1].get<int64_t>()});
         for (std::string_view kind : kKinds) layout.files[rank_file_name(r)][std::string(kind)] = ranges;
+      }
+      if (!own_state.empty()) {
+        layout.rank_state_world = world;
+        for (int r = 0; r < world; ++r) layout.rank_state_files.push_back(rank_state_file_name(r));
       }
       write_file_atomic(dir / io::kShardLayoutFile, layout.to_json().dump(1) + "\n");
       write_file_atomic(dir / kCheckpointStateFile, training_state_json(trainer, source, rngs).dump(2) + "\n");
@@ -262,6 +277,10 @@ std::string check_sharded_folder(const fs::path& step_dir, const std::vector<std
       if (!is_listed(name))
         return fmt::format("{}: names {}, which the manifest does not list (missing rank file)", io::kShardLayoutFile,
                            name);
+    for (const std::string& name : layout.rank_state_files)
+      if (!is_listed(name))
+        return fmt::format("{}: names {}, which the manifest does not list (missing rank file)", io::kShardLayoutFile,
+                           name);
     std::string problem = layout.check_coverage(kKinds);
     if (!problem.empty()) return problem;
     open_rank_files(step_dir, layout);
@@ -283,6 +302,46 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
   copy_kind(layout, files, "weights", arena, trainable.params);
   copy_kind(layout, files, "m", owned, trainer.optimizer().m());
   copy_kind(layout, files, "v", owned, trainer.optimizer().v());
+}
+
+void read_rank_state(const fs::path& step_dir, Trainer& trainer, const std::function<void(const std::string&)>& warn) {
+  const int world = trainer.world();
+  const std::vector<parallel::RankState> own_state = trainer.rank_state();
+  if (!is_sharded_checkpoint(step_dir)) return;
+  const fs::path path = step_dir / io::kShardLayoutFile;
+  const io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
+  if (layout.rank_state_world == 0) return;  // written by a run without such state
+  if (layout.rank_state_world != world) {
+    if (warn && trainer.rank() == 0)
+      warn(fmt::format("warning: the checkpoint's per-rank state (local SGD's optimizer moments and outer momentum) "
+                       "was saved by {} ranks and cannot map onto {}: each rank starts from the moments of the "
+                       "shared ranges and a zero outer momentum, so this resume is not exact",
+                       layout.rank_state_world, world));
+    return;
+  }
+  if (own_state.empty()) return;  // this run keeps no such state (another mode: its config differs)
+  const int rank = trainer.rank();
+  const io::SafetensorsFile st(step_dir / layout.rank_state_files[static_cast<size_t>(rank)]);
+  // Every tensor checked before any is copied. One this run has and the writer had not
+  // (a DiLoCo outer momentum where the writer had none) starts fresh, said in a line.
+  std::string absent;
+  for (const parallel::RankState& s : own_state) {
+    const io::TensorEntry* e = st.find(s.name);
+    if (!e) {
+      absent += (absent.empty() ? "" : ", ") + s.name;
+    } else if (e->dtype != DType::f32 || e->bytes.size() != s.data.size_bytes()) {
+      throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, this run's is F32 [{}]", st.path().string(),
+                                               s.name, dtype_name(e->dtype), io::format_shape(e->shape),
+                                               s.data.size()));
+    }
+  }
+  for (const parallel::RankState& s : own_state) {
+    if (!st.find(s.name)) continue;
+    const std::span<const float> saved = floats(st.at(s.name));
+    std::copy(saved.begin(), saved.end(), s.data.begin());
+  }
+  if (!absent.empty() && warn && trainer.rank() == 0)
+    warn(fmt::format("warning: {} holds no {}: started fresh", st.path().filename().string(), absent));
 }
 
 ConsolidatedWeights read_checkpoint_weights(const fs::path& step_dir) {

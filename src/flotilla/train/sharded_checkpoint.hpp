@@ -17,6 +17,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,8 +32,11 @@
 
 namespace flotilla::train {
 
-// "rank-00003.safetensors".
+// "rank-00003.safetensors"; and the file of its own state, "rank-00003.state.safetensors"
+// (Trainer::rank_state: under local SGD its AdamW moments and outer momentum), written
+// when there is any and restored on a world of the same size.
 std::string rank_file_name(int rank);
+std::string rank_state_file_name(int rank);
 
 // [r P / N, (r+1) P / N): rank r's equal part of an arena of P floats (none when empty).
 std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world);
@@ -68,6 +72,14 @@ std::string check_sharded_folder(const std::filesystem::path& step_dir, const st
 // tensor when the layout does not match the model, or naming the file when one is
 // damaged, before anything is copied.
 void read_sharded_tensors(const std::filesystem::path& step_dir, Trainer& trainer);
+
+// After Trainer::restore_progress: this rank's own state (Trainer::rank_state) from its
+// state file when the checkpoint was written by a world of this size. A checkpoint whose
+// per-rank state was written by another world size cannot map onto the new ranks: one
+// line to `warn` (rank 0), and the state stays as restore_progress left it (local SGD's
+// moments those of the arena's ranges, each saved by its writer; the outer momentum zero).
+void read_rank_state(const std::filesystem::path& step_dir, Trainer& trainer,
+                     const std::function<void(const std::string&)>& warn);
 
 // A consolidated copy of a checkpoint's trainable weights: the whole arena (arena_floats
 // floats) and its table (the layout's; for an unsharded checkpoint, weights.safetensors'

@@ -100,6 +100,16 @@ void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
   sync_->weights_restored();
 }
 
+std::vector<parallel::RankState> Trainer::rank_state() {
+  std::vector<parallel::RankState> state;
+  if (dp_ && dp_->world() > 1 && cfg_.local_sgd.sync_every > 0) {
+    state.push_back({"optimizer.m", optimizer_.m()});
+    state.push_back({"optimizer.v", optimizer_.v()});
+  }
+  for (parallel::RankState& s : sync_->rank_state()) state.push_back(s);
+  return state;
+}
+
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
   data::Batch batch;
   model::LossSum total;

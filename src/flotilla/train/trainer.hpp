@@ -161,6 +161,9 @@ class Trainer {
   // The optimizer's state (moments of the ranges this rank owns, and the step count).
   AdamW& optimizer() { return optimizer_; }
   const AdamW& optimizer() const { return optimizer_; }
+  // This process's rank and the world's size (0 and 1 without data parallelism).
+  int rank() const { return dp_ ? dp_->rank() : 0; }
+  int world() const { return dp_ ? dp_->world() : 1; }
   // How the ranks combine their work (its name, bytes sent, whether it shards).
   const parallel::GradientSync& sync() const { return *sync_; }
 
@@ -175,6 +178,12 @@ class Trainer {
   // data source first (train/training_state.hpp does all of it): under ZeRO this rank then
   // keeps its shard of the moments.
   void restore_progress(int64_t steps_done, double elapsed_s);
+
+  // State this rank alone holds that resuming exactly on the same world size needs:
+  // under local SGD its own AdamW moments ("optimizer.m", "optimizer.v": every rank steps
+  // on its own gradients) and the sync's (parallel::RankState). Empty otherwise. Spans
+  // into the live buffers: a restore copies into them after restore_progress.
+  std::vector<parallel::RankState> rank_state();
 
  private:
   model::Llama& model_;

@@ -120,7 +120,7 @@ fs::path save_training_checkpoint(const fs::path& checkpoints_dir, Trainer& trai
 }
 
 nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer, data::BatchSource& source,
-                                      const RngStreams& rngs) {
+                                      const RngStreams& rngs, const std::function<void(const std::string&)>& warn) {
   const fs::path state_path = step_dir / kCheckpointStateFile;
   // Check trainer_state.json before read_checkpoint overwrites the model.
   const nlohmann::json state = read_checkpoint_state(step_dir);
@@ -176,6 +176,7 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
   }
   trainer.optimizer().set_steps_taken(optimizer_step);
   trainer.restore_progress(step, elapsed_s);
+  read_rank_state(step_dir, trainer, warn);
   return config;
 }
 

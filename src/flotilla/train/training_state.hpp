@@ -6,6 +6,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -50,8 +51,11 @@ std::filesystem::path save_training_checkpoint(const std::filesystem::path& chec
 // this one) or unsharded, so that training continues as if it had never stopped.
 // The trainer's model must have the checkpoint's tensors (InputError naming the file
 // otherwise). Returns the checkpoint's config.json.
+// Per-rank state that cannot map onto this world (train/sharded_checkpoint.hpp
+// read_rank_state) is said in one line to `warn`.
 nlohmann::json restore_training_state(const std::filesystem::path& step_dir, Trainer& trainer,
-                                      data::BatchSource& source, const RngStreams& rngs = {});
+                                      data::BatchSource& source, const RngStreams& rngs = {},
+                                      const std::function<void(const std::string&)>& warn = {});
 
 // "train.steps: 100 -> 200" for every leaf that differs between two configuration JSONs
 // (keys present in only one included), in key order.
