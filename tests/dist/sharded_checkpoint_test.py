@@ -17,7 +17,8 @@ of zero_equivalence_test.py). Then:
     rewritten to match) is refused with one error line naming it, exit 2;
   - local SGD with DiLoCo's outer momentum on 2 ranks: stop at step 4 + resume on 2 ranks =
     the uninterrupted run bit for bit (each rank's moments and outer momentum restored from
-    its state file); resumed on 1 rank, one warning line;
+    its state file); resumed on 1 rank, one warning line; the same exactness for top-k and
+    PowerSGD (bf16, warm-up) compression, whose residuals and warm start are restored;
   - flotilla convert --checkpoint: the consolidated model equals the trained model at that
     step (the 4-rank writer's step-20 folder against its model.safetensors, tensors and
     flotilla score), a non-empty --out is refused; a LoRA run's (3 ranks, ZeRO-2) gives the
@@ -290,6 +291,28 @@ def main():
             failures.append(f"local SGD on another world: expected one warning line, got {warnings}")
         else:
             print(f"local SGD, 2 -> 1 rank: {warnings[0][:90]}...")
+
+        # Gradient compression keeps per-rank state too: the error-feedback residual, the
+        # warm-up's position, PowerSGD's warm start Q and generator (codec.* in the state
+        # file). Stop at step 4 + resume on 2 ranks = the uninterrupted run, bit for bit:
+        # top-k, and PowerSGD in bf16 with a warm-up that ends before the checkpoint.
+        for name, flags in (("top-k", ["--compression", "topk", "--topk-density", "0.1"]),
+                            ("PowerSGD bf16", ["--compression", "powersgd", "--compression-warmup", "3",
+                                               "--compression-dtype", "bf16"])):
+            flags = flags + ["--steps", "8"]
+            tag = name.split()[0].lower().replace("-", "")
+            straight = os.path.join(tmp, f"{tag}_straight")
+            train(straight, 2, flags)
+            stopped = os.path.join(tmp, f"{tag}_saved")
+            train(stopped, 2, flags + ["--save-every", "4"])
+            resumed = os.path.join(tmp, f"{tag}_resumed")
+            log = train(resumed, 2, flags + ["--resume", os.path.join(stopped, "checkpoints", "step-000004")])
+            with open(os.path.join(straight, "model.safetensors"), "rb") as a, \
+                    open(os.path.join(resumed, "model.safetensors"), "rb") as b:
+                if a.read() != b.read() or "warning" in log:
+                    failures.append(f"{name}: stop at step 4 + resume on 2 ranks differs from the uninterrupted run")
+                else:
+                    print(f"{name}, 2 ranks: stop + resume = the uninterrupted run, bit for bit")
 
         # A LoRA run's checkpoint converts to a PEFT adapter directory: the run's adapter.
         lora = os.path.join(tmp, "lora")

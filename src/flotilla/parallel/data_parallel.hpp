@@ -49,6 +49,9 @@ class DataParallel {
   // describes the gradient buffer: its 2-D tensors are what PowerSGD factorises.
   void set_compression(const comm::CompressionConfig& config, const model::ParamTable& table);
   const comm::GradientCodec& codec() const { return *codec_; }
+  // The codec's state, for a checkpoint of this rank (comm::GradientCodec::save_state).
+  std::vector<comm::CodecState> codec_state() const { return codec_->save_state(); }
+  void restore_codec_state(const std::vector<comm::CodecState>& state) { codec_->load_state(state); }
 
   // Sums gradient sums and (loss sum, target tokens) over ranks, in place; returns the
   // global LossSum. The gradients go through the codec (uncompressed: one all-reduce by

@@ -112,6 +112,13 @@ void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<
   }
 }
 
+// The gradient codec's state when this run compresses gradients across ranks; else none.
+std::vector<comm::CodecState> this_codec_state(Trainer& trainer) {
+  parallel::DataParallel* dp = trainer.data_parallel();
+  if (!dp || dp->world() < 2 || dp->codec().kind() == comm::Compression::none) return {};
+  return dp->codec_state();
+}
+
 }  // namespace
 
 std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
@@ -180,7 +187,11 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
     io::StepFiles files;
     // Every rank runs the same mode: each has state, or none has.
-    const std::vector<parallel::RankState> own_state = trainer.rank_state();
+    std::vector<parallel::RankState> own_state = trainer.rank_state();
+    // A lossy codec's error feedback and position (comm::GradientCodec::save_state), kept
+    // alive here while the file is written.
+    std::vector<comm::CodecState> codec_state = this_codec_state(trainer);
+    for (comm::CodecState& s : codec_state) own_state.push_back({"codec." + s.name, s.values});
     files.names = {rank_file_name(rank)};
     if (!own_state.empty()) files.names.push_back(rank_state_file_name(rank));
     files.names.insert(files.names.end(), rank_extra.names.begin(), rank_extra.names.end());
@@ -307,19 +318,21 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
 void read_rank_state(const fs::path& step_dir, Trainer& trainer, const std::function<void(const std::string&)>& warn) {
   const int world = trainer.world();
   const std::vector<parallel::RankState> own_state = trainer.rank_state();
+  const bool has_codec_state = !this_codec_state(trainer).empty();
   if (!is_sharded_checkpoint(step_dir)) return;
   const fs::path path = step_dir / io::kShardLayoutFile;
   const io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
   if (layout.rank_state_world == 0) return;  // written by a run without such state
   if (layout.rank_state_world != world) {
     if (warn && trainer.rank() == 0)
-      warn(fmt::format("warning: the checkpoint's per-rank state (local SGD's optimizer moments and outer momentum) "
-                       "was saved by {} ranks and cannot map onto {}: each rank starts from the moments of the "
-                       "shared ranges and a zero outer momentum, so this resume is not exact",
+      warn(fmt::format("warning: the checkpoint's per-rank state (local SGD's optimizer moments and outer momentum, "
+                       "compression's error feedback) was saved by {} ranks and cannot map onto {}: it starts fresh "
+                       "(the moments of the shared ranges, a zero outer momentum and residual), so this resume is "
+                       "not exact",
                        layout.rank_state_world, world));
     return;
   }
-  if (own_state.empty()) return;  // this run keeps no such state (another mode: its config differs)
+  if (own_state.empty() && !has_codec_state) return;  // this run keeps no such state (another mode: its config differs)
   const int rank = trainer.rank();
   const io::SafetensorsFile st(step_dir / layout.rank_state_files[static_cast<size_t>(rank)]);
   // Every tensor checked before any is copied. One this run has and the writer had not
@@ -333,6 +346,20 @@ void read_rank_state(const fs::path& step_dir, Trainer& trainer, const std::func
       throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, this run's is F32 [{}]", st.path().string(),
                                                s.name, dtype_name(e->dtype), io::format_shape(e->shape),
                                                s.data.size()));
+    }
+  }
+  std::vector<comm::CodecState> codec_state;
+  for (const io::TensorEntry& e : st.tensors())
+    if (e.name.starts_with("codec.")) {
+      const std::span<const float> saved = floats(e);
+      codec_state.push_back({e.name.substr(6), std::vector<float>(saved.begin(), saved.end())});
+    }
+  if (has_codec_state && codec_state.empty()) absent += (absent.empty() ? "" : ", ") + std::string("codec state");
+  if (has_codec_state && !codec_state.empty()) {
+    try {
+      trainer.data_parallel()->restore_codec_state(codec_state);  // a part missing stops the run: InputError
+    } catch (const InputError& e) {
+      throw InputError(kComponent, st.path().string() + ": " + e.what());
     }
   }
   for (const parallel::RankState& s : own_state) {

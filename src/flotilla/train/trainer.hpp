@@ -184,6 +184,8 @@ class Trainer {
   // on its own gradients) and the sync's (parallel::RankState). Empty otherwise. Spans
   // into the live buffers: a restore copies into them after restore_progress.
   std::vector<parallel::RankState> rank_state();
+  // The data-parallel group (null: one process), for state kept there (the codec's).
+  parallel::DataParallel* data_parallel() { return dp_; }
 
  private:
   model::Llama& model_;
