@@ -15,11 +15,6 @@ double GradientSync::grad_sum_squares() {
   return kernels::sum_squares(g.data(), static_cast<int64_t>(g.size()));
 }
 
-void GradientSync::gather_owned(std::span<const float> owned, std::span<float> whole) {
-  if (owned.size() != whole.size()) throw Error("parallel", "gather_owned: the buffers differ in size");
-  std::copy(owned.begin(), owned.end(), whole.begin());
-}
-
 void GradientSync::take_owned(std::span<const float> whole, std::span<float> owned) const {
   if (owned.size() != whole.size()) throw Error("parallel", "take_owned: the buffers differ in size");
   std::copy(whole.begin(), whole.end(), owned.begin());

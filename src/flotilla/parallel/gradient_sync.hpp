@@ -96,9 +96,10 @@ class GradientSync {
   // This rank's own state (RankState), restored into these spans after weights_restored.
   virtual std::vector<RankState> rank_state() { return {}; }
 
-  // A buffer laid out as owned() (optimizer moments) to the whole arena's layout, on every
-  // rank: a collective under ZeRO (every rank calls it), a copy otherwise. And back.
-  virtual void gather_owned(std::span<const float> owned, std::span<float> whole);
+  // This rank's part, laid out as owned() (optimizer moments), of a buffer in the whole
+  // arena's layout (an unsharded checkpoint's moments, read on resume): the owned ranges
+  // copied out, no collective. Sharded checkpoints never need the whole moments
+  // (train/sharded_checkpoint.hpp).
   virtual void take_owned(std::span<const float> whole, std::span<float> owned) const;
 
   // What this rank sent for its gradients and weights so far (comm/wire_bytes.hpp), and in

@@ -156,17 +156,6 @@ class ZeroSync final : public GradientSync {
     }
   }
 
-  void gather_owned(std::span<const float> owned, std::span<float> whole) override {
-    check_sizes(owned, whole);
-    for (const Unit& u : units_) {
-      if (u.chunk > 0)
-        dp_.communicator().all_gather(owned.subspan(static_cast<size_t>(u.chunk_slot), static_cast<size_t>(u.chunk)),
-                                      whole.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
-                                      comm::Options{.name = "optimizer shards"});
-      std::copy_n(owned.begin() + u.tail_slot, u.end - u.tail_begin(world_), whole.begin() + u.tail_begin(world_));
-    }
-  }
-
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
     check_sizes(owned, whole);
     for (const Unit& u : units_) {
