@@ -1,5 +1,8 @@
 // flotilla convert: rewrite a model directory tensor by tensor — quantized in MLX's layout
 // (--quantize), de-quantized, or in another float dtype. Peak memory is one tensor.
+// With --checkpoint: consolidate a training checkpoint (any number of ranks, any ZeRO
+// stage, sharded or not) into a Hugging Face model directory, or a LoRA run's into a PEFT
+// adapter directory.
 #include <fmt/format.h>
 
 #include <optional>
@@ -12,6 +15,8 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/model_writer.hpp"
 #include "flotilla/text/tokenizer.hpp"
+#include "flotilla/train/checkpoint.hpp"
+#include "flotilla/train/sharded_checkpoint.hpp"
 
 namespace flotilla::cli {
 
@@ -24,9 +29,66 @@ void copy_tokenizer_files(const std::filesystem::path& model_dir, const std::fil
   }
 }
 
+namespace {
+
+constexpr const char* kAdapterFiles[] = {"adapter_model.safetensors", "adapter_config.json"};
+
+// convert --checkpoint: the newest usable checkpoint under `checkpoint` (a step folder, a
+// checkpoints folder or a run's output folder; checksums verified) into `out`. A LoRA run's
+// step folder is already a PEFT adapter folder (rank 0 writes it from the adapters every
+// rank holds whole): its two files are copied. Full training: the trainable weights,
+// consolidated from every rank's file, written with `model_dir`'s config.json and
+// tokenizer (the model the run trained; by default the run's output folder).
+void convert_checkpoint(const std::string& checkpoint, std::string model_dir, const std::string& out, bool force,
+                        const model::ModelWriteOptions& options) {
+  const io::ResumePoint point = train::find_resume_point(checkpoint);
+  const std::filesystem::path step_dir = point.dir;
+  if (std::filesystem::is_regular_file(step_dir / kAdapterFiles[1])) {
+    if (options.quantize || options.dtype != DType::f32)
+      throw InputError("convert", "--checkpoint of a LoRA run writes its PEFT adapter as it is: --quantize, -q and "
+                                  "--dtype do not apply");
+    check_output_dir(out, force);
+    write_output_dir(out, force, [&](const std::filesystem::path& stage) {
+      for (const char* name : kAdapterFiles) std::filesystem::copy_file(step_dir / name, stage / name);
+    });
+    fmt::print("wrote {} (PEFT adapter of {}, step {})\n", out, step_dir.string(), point.step);
+    return;
+  }
+  if (model_dir.empty()) {
+    // OUT/checkpoints/step-N: the run's output folder holds the model's config.json.
+    const std::filesystem::path run_dir = step_dir.parent_path().parent_path();
+    if (!std::filesystem::is_regular_file(run_dir / "config.json"))
+      throw InputError("convert", fmt::format("--checkpoint {}: give --model, the model the run trained (for its "
+                                              "config.json and tokenizer); {} has no config.json",
+                                              checkpoint, run_dir.empty() ? std::string(".") : run_dir.string()));
+    model_dir = run_dir.string();
+  }
+  check_output_not_input("--out", out, {{"--model", model_dir}, {"--checkpoint", checkpoint}});
+  check_output_dir(out, force);
+  const model::ModelConfig cfg = model::ModelConfig::load(std::filesystem::path(model_dir) / "config.json");
+  const train::ConsolidatedWeights weights = train::read_checkpoint_weights(step_dir);
+  size_t asked = 0;
+  const model::WeightSource source = [&](const model::ParamInfo& info, std::span<float> values) {
+    const std::span<const float> t = weights.tensor(info.name, info.shape, step_dir);
+    std::copy(t.begin(), t.end(), values.begin());
+    ++asked;
+  };
+  write_output_dir(out, force, [&](const std::filesystem::path& stage) {
+    model::write_model(stage, cfg, options, source);
+    // Every tensor of the checkpoint went into the model: none belongs to another one.
+    if (asked != weights.layout.table.size())
+      throw InputError("convert", fmt::format("{}: holds {} trainable tensors, the model of {} has {} (another model?)",
+                                              step_dir.string(), weights.layout.table.size(), model_dir, asked));
+    copy_tokenizer_files(model_dir, stage);
+  });
+  fmt::print("wrote {} (step {} of {}, {})\n", out, point.step, step_dir.string(), model::model_dtype_name(options.dtype));
+}
+
+}  // namespace
+
 void add_convert_command(CLI::App& app) {
   struct Options {
-    std::string model, out, dtype;
+    std::string model, out, dtype, checkpoint;
     int bits = 0;
     int64_t group_size = 64;
     bool force = false;
@@ -36,8 +98,16 @@ void add_convert_command(CLI::App& app) {
     bool strict = false;
   };
   auto opt = std::make_shared<Options>();
-  CLI::App* cmd = app.add_subcommand("convert", "Quantize (MLX layout), de-quantize or re-type a model directory, tensor by tensor");
-  cmd->add_option("--model,--hf-path", opt->model, "Source model directory (float or quantized)")->required()->check(CLI::ExistingDirectory);
+  CLI::App* cmd = app.add_subcommand("convert", "Quantize (MLX layout), de-quantize or re-type a model directory, tensor by "
+                                                "tensor; or consolidate a training checkpoint into a model");
+  cmd->add_option("--model,--hf-path", opt->model, "Source model directory (float or quantized); with --checkpoint, the "
+                                                   "model the run trained (config.json, tokenizer; default: the run's "
+                                                   "output folder)")->check(CLI::ExistingDirectory);
+  cmd->add_option("--checkpoint", opt->checkpoint,
+                  "A training checkpoint (a step folder, or a run's output or checkpoints folder: its newest usable "
+                  "step), written by any number of ranks at any --zero stage: full training gives a Hugging Face model "
+                  "directory, a LoRA run a PEFT adapter directory (adapter_model.safetensors, adapter_config.json)")
+      ->check(CLI::ExistingDirectory);
   cmd->add_option("--out,--mlx-path", opt->out, "Output model directory (must not exist or be empty)")->required();
   auto* quantize =
       cmd->add_option("--quantize", opt->bits, "Quantize Linear and embedding weights to 2, 4 or 8 bits (0: write float); a weight "
@@ -57,10 +127,7 @@ void add_convert_command(CLI::App& app) {
   cmd->add_flag("--force", opt->force, "Write into a non-empty directory");
   add_strict_flag(cmd, opt->strict);
   cmd->callback([opt, cmd, q] {
-    const std::filesystem::path src_dir = opt->model;
-    check_output_not_input("--out", opt->out, {{"--model", opt->model}});
-    check_output_dir(opt->out, opt->force);
-    const model::ModelConfig cfg = model::ModelConfig::load(src_dir / "config.json");
+    if (opt->model.empty() && opt->checkpoint.empty()) throw InputError("convert", "give --model (or --checkpoint)");
     model::ModelWriteOptions options;
     if (q->count() > 0) {
       if (opt->q.empty()) {
@@ -79,6 +146,14 @@ void add_convert_command(CLI::App& app) {
     }
     if (opt->bits != 0) options.quantize = QuantFormat{opt->bits, opt->group_size};
     options.dtype = !opt->dtype.empty() ? model::parse_model_dtype(opt->dtype) : options.quantize ? DType::f16 : DType::f32;
+    if (!opt->checkpoint.empty()) {
+      convert_checkpoint(opt->checkpoint, opt->model, opt->out, opt->force, options);
+      return;
+    }
+    const std::filesystem::path src_dir = opt->model;
+    check_output_not_input("--out", opt->out, {{"--model", opt->model}});
+    check_output_dir(opt->out, opt->force);
+    const model::ModelConfig cfg = model::ModelConfig::load(src_dir / "config.json");
     // Everything a user can get wrong is checked before the first byte is written. A layer
     // whose input dimension the group size does not divide stays float, as mlx_lm does.
     std::optional<model::QuantizationPlan> plan;

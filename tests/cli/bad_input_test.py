@@ -988,6 +988,53 @@ def _(ws):
     return Run(["convert", "--model", str(m), "--out", str(m), "--force"], ["--out", "is the --model"], preserve=[m])
 
 
+def trained_run(ws: Workspace) -> Path:
+    """A one-step run in this case's directory with its checkpoint (checkpoints/step-000001)."""
+    m = ws.model()
+    run_dir = ws.case_dir / "run"
+    subprocess.run([ws.flotilla] + train(ws, m, out=run_dir) + ["--save-every", "1"], check=True, capture_output=True,
+                   timeout=120)
+    return run_dir
+
+
+@case("control_convert_checkpoint")
+def _(ws):
+    run_dir = trained_run(ws)
+    out = ws.fresh_out()
+    return Run(["convert", "--checkpoint", str(run_dir), "--out", str(out)], kind="control", preserve=[run_dir],
+               creates=[out / "config.json", out / "model.safetensors"])
+
+
+@case("convert_checkpoint_into_a_non_empty_out")
+def _(ws):
+    run_dir = trained_run(ws)
+    out = ws.fresh_out()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    return Run(["convert", "--checkpoint", str(run_dir), "--out", str(out)], [str(out), "--force"],
+               preserve=[run_dir, out / "notes.txt"])
+
+
+@case("convert_checkpoint_with_a_rank_file_missing")
+def _(ws):
+    run_dir = trained_run(ws)
+    step = run_dir / "checkpoints" / "step-000001"
+    (step / "rank-00000.safetensors").unlink()
+    out = ws.fresh_out()
+    return Run(["convert", "--checkpoint", str(step), "--out", str(out)], ["step-000001", "rank-00000.safetensors",
+                                                                             "missing"], preserve=[step], absent=[out])
+
+
+@case("convert_checkpoint_without_its_model")
+def _(ws):
+    run_dir = trained_run(ws)
+    alone = ws.case_dir / "step-000001"
+    shutil.copytree(run_dir / "checkpoints" / "step-000001", alone)
+    out = ws.fresh_out()
+    return Run(["convert", "--checkpoint", str(alone), "--out", str(out)], ["--model", "config.json"],
+               preserve=[alone], absent=[out])
+
+
 @case("init_force_out_contains_the_config")
 def _(ws):
     out = ws.case_dir / "new_model"

@@ -114,7 +114,10 @@ def case_diverge_lr(flotilla, tmp):
     if not steps:
         problems.append("no checkpoint kept (step 1 is finite)")
     for step in steps:
-        if not all_finite(step / "weights.safetensors"):
+        rank_files = sorted(step.glob("rank-*.safetensors"))  # weights, m, v of each rank's part
+        if not rank_files:
+            problems.append(f"{step.name} has no rank file")
+        if not all(all_finite(f) for f in rank_files):
             problems.append(f"{step.name} holds non-finite weights")
     for i, line in enumerate((out / "metrics.jsonl").read_text().splitlines()):
         try:

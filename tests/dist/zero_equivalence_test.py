@@ -10,7 +10,7 @@ Then:
   - LoRA adapters (rank 4) with --zero 2 on 3 ranks against one rank;
   - a checkpoint written at step 10 by 4 ranks with --zero 2 resumed on 3 ranks with --zero 1
     and on 1 rank without sharding: the resumed losses and final weights against the
-    uninterrupted 1-rank run (the checkpoint holds the moments gathered from every shard);
+    uninterrupted 1-rank run (each rank wrote its own shard: sharded_checkpoint_test.py);
   - --zero 2 sends the bytes of one all-reduce per step (reduce-scatter + all-gather), as
     the run report counts them;
   - bad combinations are refused with one line: --zero 3, --zero with --sync-every, with

@@ -94,6 +94,52 @@ TEST(CheckpointStore, AWriterThatFailsLeavesTheEarlierFoldersAndLatestAsTheyWere
     EXPECT_TRUE(e.path().filename() == "latest" || e.path().filename() == "step-000001") << e.path();
 }
 
+// The three calls one step folder is written by from several processes: each "rank" writes
+// its own files into the folder rank 0 began, and rank 0 commits with everyone's entries.
+TEST(CheckpointStore, SeveralWritersCommitOneFolderWithEveryonesFiles) {
+  TempDir dir;
+  const fs::path tmp = begin_step_folder(dir.path(), 3);
+  EXPECT_TRUE(fs::is_directory(tmp));
+  EXPECT_FALSE(parse_checkpoint_dir_name(tmp.filename().string())) << "a temporary name is never a step folder's";
+  std::vector<FileEntry> entries = write_step_files(tmp, two_files(3));
+  StepFiles other;
+  other.names = {"rank-1.bin"};
+  other.write = [](const fs::path& folder) { write_file_atomic(folder / "rank-1.bin", "the other rank"); };
+  const std::vector<FileEntry> theirs = write_step_files(tmp, other);
+  ASSERT_EQ(theirs.size(), 1u);
+  EXPECT_EQ(theirs[0].bytes, 14u);
+  EXPECT_EQ(theirs[0].crc32c, crc32c_file(tmp / "rank-1.bin").crc32c);
+  entries.insert(entries.end(), theirs.begin(), theirs.end());
+  const fs::path step_dir = commit_step_folder(dir.path(), tmp, 3, entries, 0);
+  EXPECT_EQ(step_dir, dir / "step-000003");
+  EXPECT_FALSE(fs::exists(tmp));
+  EXPECT_EQ(latest_of(dir.path()), "step-000003");
+  const auto manifest = nlohmann::json::parse(read_text_file(step_dir / "manifest.json"));
+  EXPECT_EQ(manifest["files"].size(), 3u);
+  EXPECT_TRUE(manifest["files"].contains("rank-1.bin"));
+  EXPECT_EQ(verify_step_folder(step_dir, kRequired), "");
+}
+
+TEST(CheckpointStore, AnAbandonedFolderIsRemovedAndLatestKept) {
+  TempDir dir;
+  write_step_folder(dir.path(), 1, two_files(1), 0);
+  const fs::path tmp = begin_step_folder(dir.path(), 2);
+  write_step_files(tmp, two_files(2));
+  abandon_step_folder(tmp);
+  EXPECT_FALSE(fs::exists(tmp));
+  EXPECT_EQ(latest_of(dir.path()), "step-000001");
+}
+
+TEST(CheckpointStore, AFileTwiceInTheEntriesIsRefusedAndTheFolderRemoved) {
+  TempDir dir;
+  const fs::path tmp = begin_step_folder(dir.path(), 2);
+  std::vector<FileEntry> entries = write_step_files(tmp, two_files(2));
+  entries.push_back(entries.front());
+  EXPECT_THROW(commit_step_folder(dir.path(), tmp, 2, entries, 0), Error);
+  EXPECT_FALSE(fs::exists(tmp));
+  EXPECT_FALSE(fs::exists(dir / "step-000002"));
+}
+
 TEST(CheckpointStore, KeepsTheNewestAndResumesPastADamagedOne) {
   TempDir dir;
   for (int64_t step = 1; step <= 4; ++step) write_step_folder(dir.path(), step, two_files(step), 2);

@@ -5,6 +5,7 @@
 #include "flotilla/train/checkpoint.hpp"
 #include "flotilla/train/training_state.hpp"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -23,7 +24,11 @@
 #include "flotilla/data/batch_sampler.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/base/crc32c.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/io/shard_layout.hpp"
 #include "flotilla/train/job.hpp"
+#include "flotilla/train/sharded_checkpoint.hpp"
 #include "flotilla/train/trainer.hpp"
 #include "../test_seed.hpp"
 
@@ -126,8 +131,10 @@ void expect_same_training_state(Trainer& a, Trainer& b) {
 // must not disturb the run); then builds a new model (other init), a new source (from
 // make_source with another seed) and a new trainer, resumes from B's checkpoint and trains
 // to 2k (C). A, B and C must agree bit for bit.
+enum class Format { unsharded, sharded };
+
 template <class MakeSource>
-void check_exact_resume(uint64_t seed, int64_t k, MakeSource make_source) {
+void check_exact_resume(uint64_t seed, int64_t k, MakeSource make_source, Format format = Format::unsharded) {
   TempDir dir("exact_resume");
   const fs::path checkpoints = dir.path() / "checkpoints";
   const TrainConfig cfg = small_train_config(2 * k);
@@ -143,7 +150,10 @@ void check_exact_resume(uint64_t seed, int64_t k, MakeSource make_source) {
   auto source_b = make_source(seed);
   Trainer b(model_b, cfg);
   b.run(*source_b, std::function<EvalMetrics()>{}, {}, {}, [&](int64_t step) {
-    if (step == k) save_training_checkpoint(checkpoints, b, *source_b, {{"note", "test"}}, 3);
+    if (step != k) return;
+    // Unsharded: the format written before sharded checkpoints, which must still resume.
+    if (format == Format::unsharded) save_training_checkpoint(checkpoints, b, *source_b, {{"note", "test"}}, 3);
+    else save_sharded_checkpoint(checkpoints, b, *source_b, {{"note", "test"}}, 3, nullptr);
   });
   expect_same_training_state(a, b);
 
@@ -173,6 +183,14 @@ TEST(CheckpointResume, RandomWindowsResumeBitForBit) {
   check_exact_resume(seed, 3, [&](uint64_t source_seed) {
     return std::make_unique<data::RandomWindowSource>(stream, source_seed);
   });
+}
+
+TEST(CheckpointResume, ShardedCheckpointOfOneRankResumesBitForBit) {
+  const uint64_t seed = test_seed();
+  const std::vector<int32_t> stream = random_stream(seed, 3000, small_config().vocab_size);
+  check_exact_resume(
+      seed, 3, [&](uint64_t source_seed) { return std::make_unique<data::RandomWindowSource>(stream, source_seed); },
+      Format::sharded);
 }
 
 TEST(CheckpointResume, BatchSamplerResumesBitForBit) {
@@ -409,6 +427,132 @@ TEST(CheckpointRestore, RandomStreamsRoundTrip) {
   EXPECT_EQ(restored.next_u64(), expected);
   // A run without that stream refuses the checkpoint rather than silently dropping it.
   EXPECT_THROW(restore_training_state(step_dir, trainer, source), InputError);
+}
+
+// ---- Sharded checkpoints ----------------------------------------------------------------
+
+// One process's sharded checkpoint after a step: one rank file holding the whole arena.
+struct ShardedRun {
+  explicit ShardedRun(const std::string& tag) : dir(tag) {
+    model.init_random(7);
+    trainer.step(source);
+    step_dir = save_sharded_checkpoint(dir.path() / "checkpoints", trainer, source, {}, 0, nullptr);
+  }
+  // Rewrites `file` of the step folder and its manifest entry, as a damaged writer would
+  // have (the checksums match: only the layout check can tell).
+  void rewrite(const std::string& file, const std::string& text) {
+    write_file_atomic(step_dir / file, text);
+    auto manifest = nlohmann::json::parse(read_text_file(step_dir / "manifest.json"));
+    const FileChecksum sum = crc32c_file(step_dir / file);
+    manifest["files"][file] = {{"bytes", sum.bytes}, {"crc32c", crc32c_hex(sum.crc32c)}};
+    write_file_atomic(step_dir / "manifest.json", manifest.dump(2));
+  }
+  nlohmann::json layout() const { return nlohmann::json::parse(read_text_file(step_dir / "layout.json")); }
+
+  TempDir dir;
+  model::Llama model{small_config()};
+  data::RandomWindowSource source{random_stream(3, 500, 48), 5};
+  Trainer trainer{model, small_train_config(10)};
+  fs::path step_dir;
+};
+
+TEST(ShardedCheckpoint, OneRankWritesTheWholeArenaOnce) {
+  ShardedRun run("sharded_layout");
+  for (const char* f : {"rank-00000.safetensors", "layout.json", "trainer_state.json", "config.json", "manifest.json"})
+    EXPECT_TRUE(fs::is_regular_file(run.step_dir / f)) << f;
+  EXPECT_FALSE(fs::exists(run.step_dir / "weights.safetensors"));
+  const auto arena = static_cast<int64_t>(run.model.trainable().params.size());
+  const nlohmann::json layout = run.layout();
+  EXPECT_EQ(layout["arena_floats"], arena);
+  EXPECT_EQ(layout["files"]["rank-00000.safetensors"]["m"], (nlohmann::json{{0, arena}}));
+  const io::SafetensorsFile st(run.step_dir / "rank-00000.safetensors");
+  EXPECT_EQ(st.at("weights").shape, std::vector<int64_t>{arena});
+  EXPECT_EQ(std::memcmp(st.at("v").bytes.data(), run.trainer.optimizer().v().data(), st.at("v").bytes.size()), 0);
+  EXPECT_EQ(verify_checkpoint(run.step_dir), "");
+}
+
+TEST(ShardedCheckpoint, EqualCutTilesTheArena) {
+  EXPECT_EQ(equal_cut(10, 0, 3), (std::vector<io::FloatRange>{{0, 3}}));
+  EXPECT_EQ(equal_cut(10, 1, 3), (std::vector<io::FloatRange>{{3, 6}}));
+  EXPECT_EQ(equal_cut(10, 2, 3), (std::vector<io::FloatRange>{{6, 10}}));
+  EXPECT_TRUE(equal_cut(2, 0, 3).empty());  // fewer floats than ranks: some own nothing
+  EXPECT_EQ(equal_cut(2, 1, 3), (std::vector<io::FloatRange>{{0, 1}}));
+}
+
+TEST(ShardedCheckpoint, AMissingRankFileIsNamed) {
+  ShardedRun run("sharded_missing");
+  fs::remove(run.step_dir / "rank-00000.safetensors");
+  EXPECT_EQ(verify_checkpoint(run.step_dir), "rank-00000.safetensors: missing");
+}
+
+TEST(ShardedCheckpoint, ARangeMissingOrWrittenTwiceIsNamed) {
+  ShardedRun run("sharded_ranges");
+  const auto arena = static_cast<int64_t>(run.model.trainable().params.size());
+  nlohmann::json layout = run.layout();
+  layout["files"]["rank-00000.safetensors"]["m"] = {{0, arena - 16}};
+  run.rewrite("layout.json", layout.dump());
+  EXPECT_EQ(verify_checkpoint(run.step_dir),
+            fmt::format("layout.json: range [{}, {}) of m is in no rank file (damaged checkpoint)", arena - 16, arena));
+  // A second file that claims part of the first one's range.
+  layout = run.layout();
+  layout["files"]["rank-00000.safetensors"]["m"] = {{0, arena}};
+  layout["files"]["rank-00001.safetensors"] = {{"weights", nlohmann::json::array()},
+                                               {"m", {{16, 32}}},
+                                               {"v", nlohmann::json::array()}};
+  run.rewrite("layout.json", layout.dump());
+  EXPECT_EQ(verify_checkpoint(run.step_dir),
+            "layout.json: names rank-00001.safetensors, which the manifest does not list (missing rank file)");
+  run.rewrite("rank-00001.safetensors", read_text_file(run.step_dir / "rank-00000.safetensors"));
+  EXPECT_EQ(verify_checkpoint(run.step_dir),
+            "layout.json: range [16, 32) of m is written twice, by rank-00000.safetensors and rank-00001.safetensors "
+            "(damaged checkpoint)");
+  // find_resume_point refuses it with that line.
+  try {
+    find_resume_point(run.step_dir);
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_TRUE(contains(e.what(), "written twice")) << e.what();
+  }
+}
+
+TEST(ShardedCheckpoint, AnotherModelIsRefusedNamingTheTensorBeforeAnythingIsCopied) {
+  ShardedRun run("sharded_mismatch");
+  model::ModelConfig other = small_config();
+  other.ffn_dim = 96;
+  model::Llama model(other);
+  model.init_random(3);
+  const std::vector<float> before(model.params().begin(), model.params().end());
+  data::RandomWindowSource source(random_stream(3, 500, 48), 5);
+  Trainer trainer(model, small_train_config(10));
+  try {
+    restore_training_state(run.step_dir, trainer, source);
+    FAIL() << "no error for a checkpoint of another model";
+  } catch (const InputError& e) {
+    EXPECT_TRUE(contains(e.what(), (run.step_dir / "layout.json").string())) << e.what();
+    EXPECT_TRUE(contains(e.what(), "mlp")) << e.what();
+    EXPECT_TRUE(contains(e.what(), "shape")) << e.what();
+  }
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), model.params().begin()));
+  EXPECT_EQ(trainer.steps_done(), 0);
+}
+
+TEST(ShardedCheckpoint, ConsolidatedWeightsAreTheModels) {
+  ShardedRun run("sharded_consolidate");
+  const ConsolidatedWeights w = read_checkpoint_weights(run.step_dir);
+  const std::span<const float> params = run.model.trainable().params;
+  ASSERT_EQ(w.arena.size(), params.size());
+  EXPECT_EQ(std::memcmp(w.arena.data(), params.data(), params.size_bytes()), 0);
+  EXPECT_EQ(w.layout.table.size(), run.model.trainable().table.params().size());
+  // The unsharded format gives the same.
+  const fs::path old_dir = save_training_checkpoint(run.dir.path() / "old", run.trainer, run.source, {}, 0);
+  const ConsolidatedWeights old = read_checkpoint_weights(old_dir);
+  for (const model::ParamInfo& info : run.model.trainable().table.params()) {
+    const std::span<const float> a = w.tensor(info.name, info.shape, run.step_dir);
+    const std::span<const float> b = old.tensor(info.name, info.shape, old_dir);
+    ASSERT_EQ(a.size(), b.size()) << info.name;
+    EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin())) << info.name;
+  }
+  EXPECT_THROW(w.tensor("no.such.weight", std::vector<int64_t>{1}, run.step_dir), InputError);
 }
 
 TEST(CheckpointConfig, DifferencesAreListedByKey) {

@@ -132,34 +132,49 @@ std::optional<int64_t> parse_checkpoint_dir_name(std::string_view name) {
   return step;
 }
 
-fs::path write_step_folder(const fs::path& checkpoints_dir, int64_t step, const StepFiles& files, int keep) {
+fs::path begin_step_folder(const fs::path& checkpoints_dir, int64_t step) {
   if (step < 0) throw Error(kComponent, "cannot write a checkpoint of a negative step");
   if (!fs::is_directory(checkpoints_dir)) {
     fs::create_directories(checkpoints_dir);
     fsync_dir(checkpoints_dir.has_parent_path() ? checkpoints_dir.parent_path() : fs::path("."));
   }
-  const std::string name = checkpoint_dir_name(step);
-  const fs::path final_dir = checkpoints_dir / name;
-  const fs::path tmp_dir = checkpoints_dir / fmt::format("{}.tmp-{}", name, ::getpid());
   remove_leftovers(checkpoints_dir, {});
+  const fs::path tmp_dir = checkpoints_dir / fmt::format("{}.tmp-{}", checkpoint_dir_name(step), ::getpid());
+  fs::create_directory(tmp_dir);
+  return tmp_dir;
+}
 
+std::vector<FileEntry> write_step_files(const fs::path& tmp_dir, const StepFiles& files) {
+  if (files.write) files.write(tmp_dir);
+  // The manifest checksums what is on disk, read back, rather than what we meant to write.
+  std::vector<FileEntry> entries;
+  for (const std::string& file : files.names) {
+    const FileChecksum sum = crc32c_file(tmp_dir / file);
+    entries.push_back(FileEntry{file, sum.bytes, sum.crc32c});
+  }
+  return entries;
+}
+
+void abandon_step_folder(const fs::path& tmp_dir) {
+  std::error_code ignored;  // a folder we cannot remove is still never read
+  fs::remove_all(tmp_dir, ignored);
+}
+
+fs::path commit_step_folder(const fs::path& checkpoints_dir, const fs::path& tmp_dir, int64_t step,
+                            std::span<const FileEntry> entries, int keep) {
   // Removes the half-written folder if anything below throws.
   struct TmpGuard {
     fs::path dir;
     ~TmpGuard() {
-      if (dir.empty()) return;
-      std::error_code ignored;
-      fs::remove_all(dir, ignored);
+      if (!dir.empty()) abandon_step_folder(dir);
     }
   } guard{tmp_dir};
-  fs::create_directory(tmp_dir);
-
-  if (files.write) files.write(tmp_dir);
-  // The manifest checksums what is on disk, read back, rather than what we meant to write.
+  const std::string name = checkpoint_dir_name(step);
+  const fs::path final_dir = checkpoints_dir / name;
   nlohmann::json listed = nlohmann::json::object();
-  for (const std::string& file : files.names) {
-    const FileChecksum sum = crc32c_file(tmp_dir / file);
-    listed[file] = {{"bytes", sum.bytes}, {"crc32c", crc32c_hex(sum.crc32c)}};
+  for (const FileEntry& e : entries) {
+    if (listed.contains(e.name)) throw Error(kComponent, fmt::format("{} is written twice into {}", e.name, name));
+    listed[e.name] = {{"bytes", e.bytes}, {"crc32c", crc32c_hex(e.crc32c)}};
   }
   const nlohmann::json manifest = {{"format", std::string(kManifestFormat)},
                                    {"version", kManifestVersion},
@@ -189,7 +204,37 @@ fs::path write_step_folder(const fs::path& checkpoints_dir, int64_t step, const 
   return final_dir;
 }
 
+fs::path write_step_folder(const fs::path& checkpoints_dir, int64_t step, const StepFiles& files, int keep) {
+  const fs::path tmp_dir = begin_step_folder(checkpoints_dir, step);
+  std::vector<FileEntry> entries;
+  try {
+    entries = write_step_files(tmp_dir, files);
+  } catch (...) {
+    abandon_step_folder(tmp_dir);
+    throw;
+  }
+  return commit_step_folder(checkpoints_dir, tmp_dir, step, entries, keep);
+}
+
+namespace {
+
+StepFolderCheck required_files_check(std::span<const std::string_view> required_files) {
+  std::vector<std::string> required(required_files.begin(), required_files.end());
+  return [required](const fs::path&, const std::vector<std::string>& listed) -> std::string {
+    for (const std::string& name : required)
+      if (std::find(listed.begin(), listed.end(), name) == listed.end())
+        return fmt::format("{}: does not list {}", kCheckpointManifestFile, name);
+    return {};
+  };
+}
+
+}  // namespace
+
 std::string verify_step_folder(const fs::path& step_dir, std::span<const std::string_view> required_files) {
+  return verify_step_folder(step_dir, required_files_check(required_files));
+}
+
+std::string verify_step_folder(const fs::path& step_dir, const StepFolderCheck& check) {
   const fs::path manifest_path = step_dir / kCheckpointManifestFile;
   std::error_code ec;
   if (!fs::is_regular_file(manifest_path, ec)) return std::string(kCheckpointManifestFile) + ": missing";
@@ -215,11 +260,14 @@ std::string verify_step_folder(const fs::path& step_dir, std::span<const std::st
       return fmt::format("{}: step {} does not match the folder's name", kCheckpointManifestFile,
                          manifest["step"].get<int64_t>());
     const nlohmann::json& files = manifest["files"];
-    for (std::string_view required : required_files)
-      if (!files.contains(std::string(required)))
-        return fmt::format("{}: does not list {}", kCheckpointManifestFile, required);
+    std::vector<std::string> listed;
+    for (const auto& [name, entry] : files.items()) listed.push_back(name);
     for (const auto& [name, entry] : files.items()) {
       std::string problem = verify_file(step_dir, name, entry);
+      if (!problem.empty()) return problem;
+    }
+    if (check) {
+      std::string problem = check(step_dir, listed);
       if (!problem.empty()) return problem;
     }
   } catch (const nlohmann::json::exception& e) {
@@ -237,13 +285,17 @@ int64_t manifest_step(const fs::path& step_dir) {
 }
 
 ResumePoint find_resume_point(const fs::path& path, std::span<const std::string_view> required_files) {
+  return find_resume_point(path, required_files_check(required_files));
+}
+
+ResumePoint find_resume_point(const fs::path& path, const StepFolderCheck& check) {
   std::error_code ec;
   if (!fs::is_directory(path, ec))
     throw InputError(kComponent, path.string() + ": no such folder to resume from");
 
   // One step folder, named by the user: it must be good.
   if (fs::is_regular_file(path / kCheckpointManifestFile, ec) || parse_checkpoint_dir_name(path.filename().string())) {
-    const std::string problem = verify_step_folder(path, required_files);
+    const std::string problem = verify_step_folder(path, check);
     if (!problem.empty())
       throw InputError(kComponent, fmt::format("{}: unusable checkpoint: {}", path.string(), problem));
     return ResumePoint{path, manifest_step(path), {}};
@@ -281,7 +333,7 @@ ResumePoint find_resume_point(const fs::path& path, std::span<const std::string_
     if (candidates.empty() || dir != candidates.front()) candidates.push_back(dir);
 
   for (const fs::path& dir : candidates) {
-    const std::string problem = verify_step_folder(dir, required_files);
+    const std::string problem = verify_step_folder(dir, check);
     if (problem.empty()) {
       point.dir = dir;
       point.step = manifest_step(dir);

@@ -47,6 +47,39 @@ struct StepFiles {
   std::function<void(const std::filesystem::path& dir)> write;
 };
 
+// Writing one step folder from several processes (each rank writes its own files) is
+// three calls, with the caller moving the few bytes between them (io/ knows no
+// collectives; train/sharded_checkpoint.hpp does it over DataParallel):
+//   rank 0       tmp = begin_step_folder(dir, step)     the name is sent to every rank
+//   every rank   entries = write_step_files(tmp, its files)   gathered to rank 0
+//   rank 0       commit_step_folder(dir, tmp, step, all entries, keep), or, when a rank
+//                failed, abandon_step_folder(tmp)
+// write_step_folder is the one-process composition.
+
+// A fresh temporary step folder checkpoints_dir/step-N.tmp-<pid> (the checkpoints folder
+// created with its parents; leftovers of killed writes removed).
+std::filesystem::path begin_step_folder(const std::filesystem::path& checkpoints_dir, int64_t step);
+
+struct FileEntry {
+  std::string name;
+  uint64_t bytes = 0;
+  uint32_t crc32c = 0;
+};
+
+// Writes `files` into `tmp_dir` and returns their names, sizes and CRC-32C, read back from
+// disk (so rank 0 need not read every rank's files to checksum them).
+std::vector<FileEntry> write_step_files(const std::filesystem::path& tmp_dir, const StepFiles& files);
+
+// The manifest of `entries` (every file of the folder: a name twice is an Error), the
+// rename to step-N, `latest`, keep-N. Returns the step folder; `tmp_dir` is removed when
+// anything fails.
+std::filesystem::path commit_step_folder(const std::filesystem::path& checkpoints_dir,
+                                         const std::filesystem::path& tmp_dir, int64_t step,
+                                         std::span<const FileEntry> entries, int keep);
+
+// Removes a temporary step folder that will not be committed (never throws).
+void abandon_step_folder(const std::filesystem::path& tmp_dir);
+
 // Writes `files` as checkpoints_dir/step-N (created with its parents; an existing step-N
 // is replaced), points `latest` at it and keeps the `keep` newest step folders (keep <= 0:
 // all). Returns the step folder.
@@ -58,6 +91,14 @@ std::filesystem::path write_step_folder(const std::filesystem::path& checkpoints
 // CRC-32C, safetensors and JSON that parse); otherwise one line naming the file and what
 // is wrong with it.
 std::string verify_step_folder(const std::filesystem::path& step_dir, std::span<const std::string_view> required_files);
+
+// What the folder's user requires of it beyond matching its manifest (which files, and
+// what they must say to each other): given the step folder, whose listed files have all
+// matched the manifest, and the names the manifest lists, empty when it is usable,
+// otherwise one line naming the file and the fault.
+using StepFolderCheck =
+    std::function<std::string(const std::filesystem::path& step_dir, const std::vector<std::string>& listed)>;
+std::string verify_step_folder(const std::filesystem::path& step_dir, const StepFolderCheck& check);
 
 // The step a step folder's manifest records. InputError naming the manifest when it
 // cannot be read or has no integer "step".
@@ -76,5 +117,6 @@ struct ResumePoint {
 // `latest`) adds a line to `skipped`. A step folder named directly must verify.
 // InputError when nothing usable is found.
 ResumePoint find_resume_point(const std::filesystem::path& path, std::span<const std::string_view> required_files);
+ResumePoint find_resume_point(const std::filesystem::path& path, const StepFolderCheck& check);
 
 }  // namespace flotilla::io

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <vector>
@@ -88,6 +89,32 @@ void DataParallel::check_same(std::string_view what, const std::string& digest) 
     const std::string root(reinterpret_cast<const char*>(all.data()), strnlen(reinterpret_cast<const char*>(all.data()), kBytes));
     throw InputError("parallel", fmt::format("ranks see different {}: rank 0 has {}; {}", what, root, differ));
   }
+}
+
+std::string DataParallel::broadcast_text(const std::string& text, std::string_view what) {
+  std::array<int64_t, 1> size = {static_cast<int64_t>(text.size())};
+  comm_.broadcast(size, 0, comm::Options{.name = std::string(what) + " (size)"});
+  // One byte more than the text: never a collective of nothing.
+  std::vector<uint8_t> bytes(static_cast<size_t>(size[0]) + 1);
+  if (is_root()) std::memcpy(bytes.data(), text.data(), text.size());
+  comm_.broadcast(bytes, 0, comm::Options{.name = std::string(what)});
+  return std::string(bytes.begin(), bytes.end() - 1);
+}
+
+std::vector<std::string> DataParallel::all_gather_text(const std::string& text, std::string_view what) {
+  const std::array<int64_t, 1> mine = {static_cast<int64_t>(text.size())};
+  std::vector<int64_t> sizes(static_cast<size_t>(world()));
+  comm_.all_gather(mine, sizes, comm::Options{.name = std::string(what) + " (sizes)"});
+  const int64_t longest = std::max<int64_t>(1, *std::max_element(sizes.begin(), sizes.end()));
+  std::vector<uint8_t> padded(static_cast<size_t>(longest)), all(static_cast<size_t>(longest * world()));
+  std::memcpy(padded.data(), text.data(), text.size());
+  comm_.all_gather(padded, all, comm::Options{.name = std::string(what)});
+  std::vector<std::string> texts;
+  for (int r = 0; r < world(); ++r) {
+    const auto* at = reinterpret_cast<const char*>(all.data() + r * longest);
+    texts.emplace_back(at, static_cast<size_t>(sizes[static_cast<size_t>(r)]));
+  }
+  return texts;
 }
 
 }  // namespace flotilla::parallel

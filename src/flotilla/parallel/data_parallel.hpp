@@ -14,6 +14,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
@@ -48,6 +49,9 @@ class DataParallel {
   // describes the gradient buffer: its 2-D tensors are what PowerSGD factorises.
   void set_compression(const comm::CompressionConfig& config, const model::ParamTable& table);
   const comm::GradientCodec& codec() const { return *codec_; }
+  // The codec's state, for a checkpoint of this rank (comm::GradientCodec::save_state).
+  std::vector<comm::CodecState> codec_state() const { return codec_->save_state(); }
+  void restore_codec_state(const std::vector<comm::CodecState>& state) { codec_->load_state(state); }
 
   // Sums gradient sums and (loss sum, target tokens) over ranks, in place; returns the
   // global LossSum. The gradients go through the codec (uncompressed: one all-reduce by
@@ -75,6 +79,11 @@ class DataParallel {
   // Every rank must pass the same `digest` for `what` (model, data, binary): otherwise an
   // InputError naming the ranks that differ and their values.
   void check_same(std::string_view what, const std::string& digest);
+  // A few bytes of text between the phases of a collective task (a checkpoint's folder
+  // name, its files' checksums, an outcome): rank 0's `text` on every rank; and every
+  // rank's `text`, in rank order, on every rank. Two small collectives each.
+  std::string broadcast_text(const std::string& text, std::string_view what);
+  std::vector<std::string> all_gather_text(const std::string& text, std::string_view what);
 
  private:
   comm::Communicator& comm_;

@@ -15,11 +15,6 @@ double GradientSync::grad_sum_squares() {
   return kernels::sum_squares(g.data(), static_cast<int64_t>(g.size()));
 }
 
-void GradientSync::gather_owned(std::span<const float> owned, std::span<float> whole) {
-  if (owned.size() != whole.size()) throw Error("parallel", "gather_owned: the buffers differ in size");
-  std::copy(owned.begin(), owned.end(), whole.begin());
-}
-
 void GradientSync::take_owned(std::span<const float> whole, std::span<float> owned) const {
   if (owned.size() != whole.size()) throw Error("parallel", "take_owned: the buffers differ in size");
   std::copy(whole.begin(), whole.end(), owned.begin());
@@ -107,6 +102,10 @@ class LocalSgdSync final : public GradientSync {
   void after_update(int64_t step, bool last) override { local_.after_step(model_.trainable().params, step, last); }
   // The restored weights are the last meeting's (checkpoints are taken at meetings).
   void weights_restored() override { local_.reset_anchor(model_.trainable().params); }
+  std::vector<RankState> rank_state() override {
+    if (local_.outer_momentum().empty()) return {};
+    return {RankState{"local_sgd.outer_momentum", local_.outer_momentum()}};
+  }
   int64_t bytes_sent() const override { return local_.bytes_sent(); }
   int64_t exchanges() const override { return local_.meetings(); }
 

@@ -45,6 +45,14 @@ struct ArenaRange {
   int64_t size() const { return end - begin; }
 };
 
+// A buffer of state this rank alone holds that an exact resume needs (local SGD's outer
+// momentum): a sharded checkpoint saves it in the rank's own file and restores it on the
+// same world size.
+struct RankState {
+  std::string name;
+  std::span<float> data;
+};
+
 struct SyncConfig {
   LocalSgdConfig local_sgd;  // sync_every > 0: local SGD / DiLoCo
   double bucket_mb = 25.0;   // exact all-reduce: overlap buckets of this many MiB; 0: none
@@ -85,10 +93,13 @@ class GradientSync {
   virtual void after_update(int64_t /*step*/, bool /*last*/) {}
   // Resume: the weights were replaced by a checkpoint's.
   virtual void weights_restored() {}
+  // This rank's own state (RankState), restored into these spans after weights_restored.
+  virtual std::vector<RankState> rank_state() { return {}; }
 
-  // A buffer laid out as owned() (optimizer moments) to the whole arena's layout, on every
-  // rank: a collective under ZeRO (every rank calls it), a copy otherwise. And back.
-  virtual void gather_owned(std::span<const float> owned, std::span<float> whole);
+  // This rank's part, laid out as owned() (optimizer moments), of a buffer in the whole
+  // arena's layout (an unsharded checkpoint's moments, read on resume): the owned ranges
+  // copied out, no collective. Sharded checkpoints never need the whole moments
+  // (train/sharded_checkpoint.hpp).
   virtual void take_owned(std::span<const float> whole, std::span<float> owned) const;
 
   // What this rank sent for its gradients and weights so far (comm/wire_bytes.hpp), and in
@@ -97,6 +108,10 @@ class GradientSync {
   virtual int64_t exchanges() const { return 0; }
   // Whether owned() is less than the whole arena (ZeRO).
   virtual bool sharded() const { return false; }
+  // When sharded(): owned() less what other ranks own too (ZeRO's unit tails, which rank 0
+  // alone keeps), so that every float of the arena is in exactly one rank's sole_owned()
+  // (what a sharded checkpoint's rank files hold). Ascending, disjoint.
+  virtual std::vector<ArenaRange> sole_owned() const { return owned(); }
   // Whether the exchange only waits for buckets reduced during backward.
   virtual bool overlapped() const { return false; }
 

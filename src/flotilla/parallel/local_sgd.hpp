@@ -39,9 +39,13 @@ class LocalSgd {
   // of H, or when `force` (the last step). Returns whether it did.
   bool after_step(std::span<float> params, int64_t step, bool force = false);
 
-  // Resume: theta_0 := params (restored from a checkpoint, taken at a meeting). The outer
-  // momentum is not checkpointed and restarts at zero.
+  // Resume: theta_0 := params (restored from a checkpoint, taken at a meeting); the outer
+  // momentum restarts at zero, unless the checkpoint's is then copied into outer_momentum().
   void reset_anchor(std::span<const float> params);
+
+  // DiLoCo's outer momentum v (empty while outer_momentum is 0): this rank's, for a
+  // checkpoint to save and restore after reset_anchor (the ranks hold the same v).
+  std::span<float> outer_momentum() { return momentum_; }
 
   int64_t meetings() const { return meetings_; }
   // Bytes this rank sent so far (ring convention: 2(N-1)/N of the weights per meeting).

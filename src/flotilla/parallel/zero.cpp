@@ -116,6 +116,14 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   }
 
   std::vector<ArenaRange> owned() const override { return owned_; }
+  std::vector<ArenaRange> sole_owned() const override {
+    std::vector<ArenaRange> sole;
+    for (const Unit& u : units_) {
+      if (u.chunk > 0) sole.push_back({u.begin + rank_ * u.chunk, u.begin + (rank_ + 1) * u.chunk});
+      if (rank_ == 0 && u.tail_begin(world_) < u.end) sole.push_back({u.tail_begin(world_), u.end});
+    }
+    return sole;
+  }
   std::span<float> owned_grads() override { return shard_grads_.span(); }
 
   // The chunks' squared sums add over the ranks; the tails are the same on every rank.
@@ -138,17 +146,6 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
       dp_.reducer().all_gather(params.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
                                comm::Options{.name = "weight shards"});
       bytes_ += comm::ring_all_gather_bytes(u.chunk * kFloat, world_);
-    }
-  }
-
-  void gather_owned(std::span<const float> owned, std::span<float> whole) override {
-    check_sizes(owned, whole);
-    for (const Unit& u : units_) {
-      if (u.chunk > 0)
-        dp_.communicator().all_gather(owned.subspan(static_cast<size_t>(u.chunk_slot), static_cast<size_t>(u.chunk)),
-                                      whole.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.chunk * world_)),
-                                      comm::Options{.name = "optimizer shards"});
-      std::copy_n(owned.begin() + u.tail_slot, u.end - u.tail_begin(world_), whole.begin() + u.tail_begin(world_));
     }
   }
 

@@ -11,6 +11,8 @@
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/json_error.hpp"
 #include "flotilla/io/safetensors.hpp"
+#include "flotilla/io/shard_layout.hpp"
+#include "flotilla/train/sharded_checkpoint.hpp"
 
 namespace flotilla::train {
 namespace fs = std::filesystem;
@@ -92,9 +94,23 @@ fs::path write_checkpoint(const fs::path& checkpoints_dir, const CheckpointConte
   return io::write_step_folder(checkpoints_dir, contents.step, files, keep);
 }
 
-std::string verify_checkpoint(const fs::path& step_dir) { return io::verify_step_folder(step_dir, kRequiredFiles); }
+namespace {
 
-io::ResumePoint find_resume_point(const fs::path& path) { return io::find_resume_point(path, kRequiredFiles); }
+// A sharded step folder (its manifest lists layout.json) or an unsharded one.
+std::string check_step_folder(const fs::path& step_dir, const std::vector<std::string>& listed) {
+  if (std::find(listed.begin(), listed.end(), io::kShardLayoutFile) != listed.end())
+    return check_sharded_folder(step_dir, listed);
+  for (std::string_view required : kRequiredFiles)
+    if (std::find(listed.begin(), listed.end(), required) == listed.end())
+      return fmt::format("{}: does not list {}", io::kCheckpointManifestFile, required);
+  return {};
+}
+
+}  // namespace
+
+std::string verify_checkpoint(const fs::path& step_dir) { return io::verify_step_folder(step_dir, check_step_folder); }
+
+io::ResumePoint find_resume_point(const fs::path& path) { return io::find_resume_point(path, check_step_folder); }
 
 void read_checkpoint(const fs::path& step_dir, CheckpointContents& into) {
   const io::SafetensorsFile weights(step_dir / kCheckpointWeightsFile);
@@ -113,5 +129,7 @@ void read_checkpoint(const fs::path& step_dir, CheckpointContents& into) {
 }
 
 nlohmann::json read_checkpoint_state(const fs::path& step_dir) { return read_json(step_dir / kCheckpointStateFile); }
+
+nlohmann::json read_checkpoint_config(const fs::path& step_dir) { return read_json(step_dir / kCheckpointConfigFile); }
 
 }  // namespace flotilla::train

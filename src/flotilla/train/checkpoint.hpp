@@ -89,5 +89,7 @@ void read_checkpoint(const std::filesystem::path& step_dir, CheckpointContents& 
 // The step folder's trainer_state.json, parsed (InputError naming it when it is not JSON):
 // what a restore checks before read_checkpoint overwrites anything.
 nlohmann::json read_checkpoint_state(const std::filesystem::path& step_dir);
+// And its config.json.
+nlohmann::json read_checkpoint_config(const std::filesystem::path& step_dir);
 
 }  // namespace flotilla::train

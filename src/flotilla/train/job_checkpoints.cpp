@@ -10,6 +10,7 @@
 #include "flotilla/base/timer.hpp"
 #include "flotilla/io/checkpoint_store.hpp"
 #include "flotilla/train/job_model.hpp"
+#include "flotilla/train/sharded_checkpoint.hpp"
 #include "flotilla/train/training_state.hpp"
 
 namespace flotilla::train {
@@ -39,7 +40,7 @@ JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Train
 void JobCheckpoints::resume() {
   const io::ResumePoint point = find_resume_point(job_.resume_from);
   for (const std::string& why : point.skipped) info_("checkpoint: skipping " + why);
-  const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_);
+  const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_, {}, info_);
   info_(fmt::format("resumed from {} at step {}", point.dir.string(), point.step));
   std::string diffs;
   for (const std::string& d : config_differences(saved_config, config_)) diffs += (diffs.empty() ? "" : ", ") + d;
@@ -81,25 +82,22 @@ void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
 
 void JobCheckpoints::save(int64_t step) {
   check_weights_finite(step, "the checkpoint is");
-  // Every rank holds the same weights, optimizer and data position: rank 0 writes. Under
-  // ZeRO each rank holds its shard of the optimizer's moments: gathered first, so the
-  // checkpoint has the unsharded layout and resumes on any number of ranks and any stage.
-  trainer_.gather_moments();
-  if (ranks_.root) {
-    Timer timer;
-    // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
-    record_.write_metrics();
-    CheckpointContents contents = capture_training_state(trainer_, source_, config_);
-    if (adapters_) {
-      // The step folder is also an adapter folder: generate --adapter, fuse and
-      // --resume-adapter-file take it as it is.
-      contents.extra_files = {"adapter_model.safetensors", "adapter_config.json"};
-      contents.write_extra = [&](const std::filesystem::path& dir) { adapters_->save_peft(dir, base_model_name(job_)); };
-    }
-    last_saved_dir_ = write_checkpoint(dir_, contents, job_.keep_checkpoints);
-    info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
+  // Every rank writes its own part of the weights and moments (its ZeRO shard, or an
+  // equal part of the arena) and rank 0 the folder's shared files: nothing is gathered,
+  // and the checkpoint resumes on any number of ranks at any stage.
+  Timer timer;
+  // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
+  if (ranks_.root) record_.write_metrics();
+  io::StepFiles adapter_files;
+  if (adapters_) {
+    // The step folder is also an adapter folder: generate --adapter, fuse and
+    // --resume-adapter-file take it as it is.
+    adapter_files.names = {"adapter_model.safetensors", "adapter_config.json"};
+    adapter_files.write = [&](const std::filesystem::path& dir) { adapters_->save_peft(dir, base_model_name(job_)); };
   }
-  trainer_.drop_whole_moments();
+  last_saved_dir_ = save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints, job_.dp,
+                                            adapter_files);
+  info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
   last_saved_step_ = step;
 }
 

@@ -83,13 +83,6 @@ std::pair<std::span<float>, std::span<float>> Trainer::whole_moments() {
   return {whole_m_.span(), whole_v_.span()};
 }
 
-void Trainer::gather_moments() {
-  if (!sync_->sharded()) return;
-  const auto [m, v] = whole_moments();
-  sync_->gather_owned(optimizer_.m(), m);
-  sync_->gather_owned(optimizer_.v(), v);
-}
-
 void Trainer::drop_whole_moments() {
   whole_m_ = {};
   whole_v_ = {};
@@ -105,6 +98,16 @@ void Trainer::restore_progress(int64_t steps_done, double elapsed_s) {
     drop_whole_moments();
   }
   sync_->weights_restored();
+}
+
+std::vector<parallel::RankState> Trainer::rank_state() {
+  std::vector<parallel::RankState> state;
+  if (dp_ && dp_->world() > 1 && cfg_.local_sgd.sync_every > 0) {
+    state.push_back({"optimizer.m", optimizer_.m()});
+    state.push_back({"optimizer.v", optimizer_.v()});
+  }
+  for (parallel::RankState& s : sync_->rank_state()) state.push_back(s);
+  return state;
 }
 
 EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {

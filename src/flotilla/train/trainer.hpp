@@ -161,15 +161,16 @@ class Trainer {
   // The optimizer's state (moments of the ranges this rank owns, and the step count).
   AdamW& optimizer() { return optimizer_; }
   const AdamW& optimizer() const { return optimizer_; }
+  // This process's rank and the world's size (0 and 1 without data parallelism).
+  int rank() const { return dp_ ? dp_->rank() : 0; }
+  int world() const { return dp_ ? dp_->world() : 1; }
   // How the ranks combine their work (its name, bytes sent, whether it shards).
   const parallel::GradientSync& sync() const { return *sync_; }
 
-  // AdamW's moments in the layout of the whole trainable arena, for checkpoints: the
-  // optimizer's own buffers, or under ZeRO buffers the trainer holds until the next
-  // restore_progress or drop_whole_moments. gather_moments() fills them from every rank's
-  // shard (a collective under ZeRO: every rank calls it before a checkpoint is captured).
+  // AdamW's moments in the layout of the whole trainable arena, for reading an unsharded
+  // checkpoint: the optimizer's own buffers, or under ZeRO buffers the trainer holds until
+  // the next restore_progress (which keeps this rank's shard of them) or drop_whole_moments.
   std::pair<std::span<float>, std::span<float>> whole_moments();
-  void gather_moments();
   void drop_whole_moments();
 
   // Resume: the next step() is step `steps_done` + 1 and its schedule position follows;
@@ -178,6 +179,14 @@ class Trainer {
   // keeps its shard of the moments.
   void restore_progress(int64_t steps_done, double elapsed_s);
 
+  // State this rank alone holds that resuming exactly on the same world size needs:
+  // under local SGD its own AdamW moments ("optimizer.m", "optimizer.v": every rank steps
+  // on its own gradients) and the sync's (parallel::RankState). Empty otherwise. Spans
+  // into the live buffers: a restore copies into them after restore_progress.
+  std::vector<parallel::RankState> rank_state();
+  // The data-parallel group (null: one process), for state kept there (the codec's).
+  parallel::DataParallel* data_parallel() { return dp_; }
+
  private:
   model::Llama& model_;
   TrainConfig cfg_;
@@ -185,7 +194,7 @@ class Trainer {
   TraceRecorder* trace_ = nullptr;
   std::unique_ptr<parallel::GradientSync> sync_;  // before optimizer_: it says what this rank owns
   AdamW optimizer_;
-  Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while checkpointing
+  Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while reading an unsharded checkpoint
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
   int64_t step_ = 0;

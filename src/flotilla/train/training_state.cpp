@@ -8,6 +8,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/json_error.hpp"
+#include "flotilla/train/sharded_checkpoint.hpp"
 
 namespace flotilla::train {
 namespace fs = std::filesystem;
@@ -41,12 +42,49 @@ nlohmann::json train_config_json(const TrainConfig& cfg) {
           {"eval_batches", cfg.eval_batches}};
 }
 
-CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
-                                          nlohmann::json config, const RngStreams& rngs) {
+nlohmann::json training_state_json(Trainer& trainer, const data::BatchSource& source, const RngStreams& rngs) {
+  const int64_t step = trainer.steps_done();
+  const TrainConfig& cfg = trainer.config();
+  const CosineSchedule& schedule = trainer.schedule();
+  nlohmann::json streams = nlohmann::json::object();
+  for (const auto& [name, stream] : rngs) {
+    const Rng::State st = stream->state();
+    streams[name] = {st.s[0], st.s[1], st.s[2], st.s[3]};
+  }
+  // LoRA dropout masks are a hash of (seed, forward count): the count is its whole state.
+  const nlohmann::json rng = {{"dropout_step", trainer.model().dropout_step()}, {"streams", streams}};
+  return {{"format", std::string(kStateFormat)},
+          {"version", kFormatVersion},
+          {"step", step},
+          {"elapsed_s", trainer.elapsed_s()},
+          {"optimizer",
+           {{"kind", "adamw"},
+            {"step", trainer.optimizer().steps_taken()},
+            {"beta1", json_float(cfg.adamw.beta1)},
+            {"beta2", json_float(cfg.adamw.beta2)},
+            {"eps", json_float(cfg.adamw.eps)},
+            {"weight_decay", json_float(cfg.adamw.weight_decay)}}},
+          {"schedule",
+           {{"kind", "warmup_cosine"},
+            {"peak_lr", json_float(schedule.peak_lr)},
+            {"min_lr", json_float(schedule.min_lr)},
+            {"warmup_steps", schedule.warmup_steps},
+            {"total_steps", schedule.total_steps},
+            {"position", step},
+            {"next_lr", json_float(schedule.lr_at(step))}}},
+          {"data", source.state()},
+          {"rng", rng}};
+}
+
+namespace {
+
+// Views of the trainable tensors and the whole moments (Trainer::whole_moments: under
+// ZeRO buffers the trainer holds until restore_progress) in the unsharded layout.
+CheckpointContents unsharded_views(Trainer& trainer) {
   CheckpointContents c;
   c.step = trainer.steps_done();
   // What the optimizer updates: every parameter in full training, the adapters in a LoRA
-  // run. The moments share the table's offsets (under ZeRO, once gathered: Trainer::whole_moments).
+  // run. The moments share the table's offsets.
   const auto [m, v] = trainer.whole_moments();
   const model::Llama::Trainable trainable = trainer.model().trainable();
   const auto view = [](std::span<float> buffer, const model::ParamInfo& info) {
@@ -60,37 +98,18 @@ CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSou
     c.optimizer.push_back({"m." + info.name, info.shape, view(m, info)});
   for (const model::ParamInfo& info : trainable.table.params())
     c.optimizer.push_back({"v." + info.name, info.shape, view(v, info)});
+  return c;
+}
 
-  const TrainConfig& cfg = trainer.config();
-  const CosineSchedule& schedule = trainer.schedule();
-  nlohmann::json streams = nlohmann::json::object();
-  for (const auto& [name, stream] : rngs) {
-    const Rng::State st = stream->state();
-    streams[name] = {st.s[0], st.s[1], st.s[2], st.s[3]};
-  }
-  // LoRA dropout masks are a hash of (seed, forward count): the count is its whole state.
-  const nlohmann::json rng = {{"dropout_step", trainer.model().dropout_step()}, {"streams", streams}};
-  c.state = {{"format", std::string(kStateFormat)},
-             {"version", kFormatVersion},
-             {"step", c.step},
-             {"elapsed_s", trainer.elapsed_s()},
-             {"optimizer",
-              {{"kind", "adamw"},
-               {"step", trainer.optimizer().steps_taken()},
-               {"beta1", json_float(cfg.adamw.beta1)},
-               {"beta2", json_float(cfg.adamw.beta2)},
-               {"eps", json_float(cfg.adamw.eps)},
-               {"weight_decay", json_float(cfg.adamw.weight_decay)}}},
-             {"schedule",
-              {{"kind", "warmup_cosine"},
-               {"peak_lr", json_float(schedule.peak_lr)},
-               {"min_lr", json_float(schedule.min_lr)},
-               {"warmup_steps", schedule.warmup_steps},
-               {"total_steps", schedule.total_steps},
-               {"position", c.step},
-               {"next_lr", json_float(schedule.lr_at(c.step))}}},
-             {"data", source.state()},
-             {"rng", rng}};
+}  // namespace
+
+CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
+                                          nlohmann::json config, const RngStreams& rngs) {
+  if (trainer.sync().sharded())
+    throw Error(kComponent, "an unsharded checkpoint holds the whole moments, which a ZeRO rank does not: "
+                            "save_sharded_checkpoint writes its shard");
+  CheckpointContents c = unsharded_views(trainer);
+  c.state = training_state_json(trainer, source, rngs);
   c.config = std::move(config);
   return c;
 }
@@ -101,8 +120,7 @@ fs::path save_training_checkpoint(const fs::path& checkpoints_dir, Trainer& trai
 }
 
 nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer, data::BatchSource& source,
-                                      const RngStreams& rngs) {
-  CheckpointContents c = capture_training_state(trainer, source, {}, rngs);
+                                      const RngStreams& rngs, const std::function<void(const std::string&)>& warn) {
   const fs::path state_path = step_dir / kCheckpointStateFile;
   // Check trainer_state.json before read_checkpoint overwrites the model.
   const nlohmann::json state = read_checkpoint_state(step_dir);
@@ -134,7 +152,17 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
   }
   if (step < 0 || optimizer_step < 0) throw bad("negative step");
 
-  read_checkpoint(step_dir, c);
+  nlohmann::json config;
+  if (is_sharded_checkpoint(step_dir)) {
+    config = read_checkpoint_config(step_dir);
+    read_sharded_tensors(step_dir, trainer);
+  } else {
+    // Written before sharded checkpoints (or by save_training_checkpoint): the whole
+    // moments, of which restore_progress keeps this rank's shard under ZeRO.
+    CheckpointContents c = unsharded_views(trainer);
+    read_checkpoint(step_dir, c);
+    config = std::move(c.config);
+  }
   try {
     source.set_state(state.at("data"));
   } catch (const InputError& e) {
@@ -148,7 +176,8 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
   }
   trainer.optimizer().set_steps_taken(optimizer_step);
   trainer.restore_progress(step, elapsed_s);
-  return c.config;
+  read_rank_state(step_dir, trainer, warn);
+  return config;
 }
 
 std::vector<std::string> config_differences(const nlohmann::json& saved, const nlohmann::json& current) {

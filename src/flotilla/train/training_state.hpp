@@ -6,6 +6,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -26,11 +27,17 @@ using RngStreams = std::map<std::string, Rng*>;
 // The training configuration as JSON (the "train" part of a checkpoint's config.json).
 nlohmann::json train_config_json(const TrainConfig& cfg);
 
-// What resuming `trainer` needs, as views into its buffers: the trainable tensors (every
+// trainer_state.json: the step and elapsed time, the optimizer's step and settings, the
+// schedule position, `source`'s state, the model's dropout counter and the `rngs`.
+nlohmann::json training_state_json(Trainer& trainer, const data::BatchSource& source, const RngStreams& rngs = {});
+
+// An unsharded checkpoint (the format before sharded checkpoints, still read; written
+// by save_training_checkpoint for one process): what resuming `trainer` needs, as views
+// into its buffers: the trainable tensors (every
 // parameter, or the LoRA adapters), AdamW's moments and step, the step and elapsed time,
 // the schedule position, `source`'s state, the model's dropout counter, the `rngs`, and
-// `config` for config.json. Under ZeRO the moments are Trainer::whole_moments(): every rank
-// calls Trainer::gather_moments() first.
+// `config` for config.json. Error under ZeRO, whose ranks hold a shard of the moments
+// (train/sharded_checkpoint.hpp writes those).
 CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
                                           nlohmann::json config, const RngStreams& rngs = {});
 
@@ -40,11 +47,15 @@ std::filesystem::path save_training_checkpoint(const std::filesystem::path& chec
                                                int keep, const RngStreams& rngs = {});
 
 // Restores `trainer` (parameters, optimizer, step, elapsed time), `source` and `rngs` from
-// the checkpoint in `step_dir`, so that training continues as if it had never stopped.
+// the checkpoint in `step_dir`, sharded (this rank's part: any saved world and stage onto
+// this one) or unsharded, so that training continues as if it had never stopped.
 // The trainer's model must have the checkpoint's tensors (InputError naming the file
 // otherwise). Returns the checkpoint's config.json.
+// Per-rank state that cannot map onto this world (train/sharded_checkpoint.hpp
+// read_rank_state) is said in one line to `warn`.
 nlohmann::json restore_training_state(const std::filesystem::path& step_dir, Trainer& trainer,
-                                      data::BatchSource& source, const RngStreams& rngs = {});
+                                      data::BatchSource& source, const RngStreams& rngs = {},
+                                      const std::function<void(const std::string&)>& warn = {});
 
 // "train.steps: 100 -> 200" for every leaf that differs between two configuration JSONs
 // (keys present in only one included), in key order.

@@ -1,5 +1,7 @@
 #include "flotilla/comm/compression/gradient_codec.hpp"
 
+#include <array>
+
 #include <fmt/format.h>
 
 #include "flotilla/base/error.hpp"
@@ -61,6 +63,52 @@ void GradientCodec::count_all_to_all(int64_t total_bytes, int world) {
   bytes_sent_ += ring_all_to_all_bytes(total_bytes, world);
 }
 
+std::vector<float> GradientCodec::words_to_floats(std::span<const uint64_t> words) {
+  std::vector<float> out;
+  for (uint64_t w : words)
+    for (int piece = 0; piece < 4; ++piece) out.push_back(static_cast<float>((w >> (16 * piece)) & 0xFFFF));
+  return out;
+}
+
+void GradientCodec::floats_to_words(const std::vector<float>& values, std::span<uint64_t> words) {
+  for (size_t i = 0; i < words.size(); ++i) {
+    uint64_t w = 0;
+    for (int piece = 0; piece < 4; ++piece) {
+      const float v = values[i * 4 + static_cast<size_t>(piece)];
+      if (!(v >= 0.0f && v <= 65535.0f && v == static_cast<float>(static_cast<uint64_t>(v))))
+        throw InputError("comm/compression", "a saved codec state holds a count that is not a 16-bit piece");
+      w |= static_cast<uint64_t>(v) << (16 * piece);
+    }
+    words[i] = w;
+  }
+}
+
+const std::vector<float>& GradientCodec::state_part(const std::vector<CodecState>& state, std::string_view name,
+                                                    size_t size) {
+  for (const CodecState& s : state)
+    if (s.name == name) {
+      if (s.values.size() != size)
+        throw InputError("comm/compression", fmt::format("the saved compression state '{}' has {} values, this run's "
+                                                         "{} (another --compression setting?)",
+                                                         name, s.values.size(), size));
+      return s.values;
+    }
+  throw InputError("comm/compression",
+                   fmt::format("the saved compression state has no '{}' (another --compression setting?)", name));
+}
+
+std::vector<CodecState> GradientCodec::save_state() const {
+  const std::array<uint64_t, 2> counts = {static_cast<uint64_t>(calls_), static_cast<uint64_t>(bytes_sent_)};
+  return {CodecState{"counts", words_to_floats(counts)}};
+}
+
+void GradientCodec::load_state(const std::vector<CodecState>& state) {
+  std::array<uint64_t, 2> counts{};
+  floats_to_words(state_part(state, "counts", 8), counts);
+  calls_ = static_cast<int64_t>(counts[0]);
+  bytes_sent_ = static_cast<int64_t>(counts[1]);
+}
+
 namespace {
 
 // The baseline: one float32 all-reduce.
@@ -99,6 +147,21 @@ class WarmupCodec final : public GradientCodec {
     exact_ = reducer;
     dense_->set_exact_reducer(reducer);
     inner_->set_exact_reducer(reducer);
+  }
+  std::vector<CodecState> save_state() const override {
+    std::vector<CodecState> state = GradientCodec::save_state();
+    for (const auto& [prefix, codec] : {std::pair{"dense.", dense_.get()}, std::pair{"inner.", inner_.get()}})
+      for (CodecState& s : codec->save_state()) state.push_back({prefix + s.name, std::move(s.values)});
+    return state;
+  }
+  void load_state(const std::vector<CodecState>& state) override {
+    GradientCodec::load_state(state);
+    for (const auto& [prefix, codec] : {std::pair{"dense.", dense_.get()}, std::pair{"inner.", inner_.get()}}) {
+      std::vector<CodecState> part;
+      for (const CodecState& s : state)
+        if (s.name.starts_with(prefix)) part.push_back({s.name.substr(std::string_view(prefix).size()), s.values});
+      codec->load_state(part);
+    }
   }
 
  private:

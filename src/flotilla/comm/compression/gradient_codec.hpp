@@ -67,6 +67,13 @@ struct CompressionConfig {
   int64_t warmup_steps = 0;
 };
 
+// A named part of a codec's state (GradientCodec::save_state): float32 values; integers
+// (counts, a generator's words) travel as 16-bit pieces, each exact in a float.
+struct CodecState {
+  std::string name;
+  std::vector<float> values;
+};
+
 struct MatrixShape {
   int64_t offset = 0;  // into the gradient, in floats
   int64_t rows = 0, cols = 0;  // a vector: 1 x size
@@ -84,6 +91,12 @@ class GradientCodec {
   int64_t calls() const { return calls_; }
   // This rank's residual (n floats; empty for the exact codec): what it still owes.
   virtual std::span<const float> residual() const { return {}; }
+  // Everything a run resumed on the same world needs to continue exactly as if it had not
+  // stopped: the calls so far (the warm-up's position) and bytes sent, the error-feedback
+  // residual, PowerSGD's warm start and generator. load_state takes back what save_state
+  // gave (InputError naming the part that is missing or of another size).
+  virtual std::vector<CodecState> save_state() const;
+  virtual void load_state(const std::vector<CodecState>& state);
   // Float32 sums (the exact codec's, PowerSGD's factors) go through this all-reducer
   // (flotilla's algorithms, `train --allreduce`) instead of the backend's all_reduce.
   virtual void set_exact_reducer(AllReducer* reducer) { exact_ = reducer; }
@@ -99,6 +112,10 @@ class GradientCodec {
   void count_all_gather(int64_t bytes_per_rank, int world);
   void count_all_to_all(int64_t total_bytes, int world);
   void count_bytes(int64_t bytes);
+  // For save_state/load_state: the part `name` of `state`, of `size` values.
+  static const std::vector<float>& state_part(const std::vector<CodecState>& state, std::string_view name, size_t size);
+  static std::vector<float> words_to_floats(std::span<const uint64_t> words);
+  static void floats_to_words(const std::vector<float>& values, std::span<uint64_t> words);
   int64_t calls_ = 0;
 
  private:

@@ -135,6 +135,31 @@ class PowerSgdCodec final : public GradientCodec {
   }
 
   std::span<const float> residual() const override { return residual_; }
+  // The warm start (Q), the generator that restarts vanished directions, and what this
+  // rank still owes.
+  std::vector<CodecState> save_state() const override {
+    std::vector<CodecState> state = GradientCodec::save_state();
+    state.push_back({"residual", residual_});
+    state.push_back({"q", qt_});
+    state.push_back({"plain_rounding", plain_rounding_});
+    const Rng::State st = rng_.state();
+    state.push_back({"rng", words_to_floats(st.s)});
+    return state;
+  }
+  void load_state(const std::vector<CodecState>& state) override {
+    GradientCodec::load_state(state);
+    residual_ = state_part(state, "residual", residual_.size());
+    qt_ = state_part(state, "q", qt_.size());
+    // Sized at the first narrow exchange: empty before it, the plain elements' after.
+    const auto rounding = std::find_if(state.begin(), state.end(), [](const CodecState& s) { return s.name == "plain_rounding"; });
+    plain_rounding_ = state_part(state, "plain_rounding", rounding == state.end() ? 0 : rounding->values.size());
+    if (!plain_rounding_.empty() && plain_rounding_.size() != plain_.size())
+      throw InputError("comm/compression", fmt::format("the saved compression state 'plain_rounding' has {} values, "
+                                                       "this run's {}", plain_rounding_.size(), plain_.size()));
+    Rng::State st{};
+    floats_to_words(state_part(state, "rng", 16), st.s);
+    rng_.set_state(st);
+  }
 
  private:
   // Q's columns to unit length before P = M Q. Only span(P) matters (P is orthonormalised

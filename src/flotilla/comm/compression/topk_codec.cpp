@@ -93,6 +93,15 @@ class TopKCodec final : public GradientCodec {
   }
 
   std::span<const float> residual() const override { return residual_; }
+  std::vector<CodecState> save_state() const override {
+    std::vector<CodecState> state = GradientCodec::save_state();
+    state.push_back({"residual", residual_});
+    return state;
+  }
+  void load_state(const std::vector<CodecState>& state) override {
+    GradientCodec::load_state(state);
+    residual_ = state_part(state, "residual", residual_.size());
+  }
 
  private:
   struct Group {

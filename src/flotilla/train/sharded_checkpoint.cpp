@@ -1,0 +1,416 @@
+#include "flotilla/train/sharded_checkpoint.hpp"
+
+#include <algorithm>
+#include <array>
+#include <memory>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/file.hpp"
+#include "flotilla/base/json_error.hpp"
+#include "flotilla/io/safetensors.hpp"
+#include "flotilla/train/checkpoint.hpp"
+
+namespace flotilla::train {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr std::string_view kComponent = "train/sharded_checkpoint";
+constexpr std::array<std::string_view, 3> kKinds = {"weights", "m", "v"};
+
+std::vector<io::FloatRange> float_ranges(const std::vector<FlatRange>& ranges) {
+  std::vector<io::FloatRange> out;
+  for (const FlatRange& r : ranges) out.push_back({r.begin, r.end});
+  return out;
+}
+
+io::ShardLayout::Param layout_param(const model::ParamInfo& info) {
+  return {info.name, info.shape, info.offset, info.numel};
+}
+
+nlohmann::json ranges_json(const std::vector<io::FloatRange>& ranges) {
+  nlohmann::json pairs = nlohmann::json::array();
+  for (const io::FloatRange& r : ranges) pairs.push_back({r.begin, r.end});
+  return pairs;
+}
+
+// A rank's outcome of a phase, as the text the ranks exchange: "" when it went well.
+std::string first_failure(const std::vector<std::string>& outcomes) {
+  for (size_t r = 0; r < outcomes.size(); ++r)
+    if (!outcomes[r].empty()) return fmt::format("rank {}: {}", r, outcomes[r]);
+  return {};
+}
+
+nlohmann::json read_json(const fs::path& path) {
+  try {
+    return nlohmann::json::parse(read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
+  }
+}
+
+// The layout of `step_dir`, checked against the model's trainable table: InputError
+// naming layout.json and the tensor that differs.
+io::ShardLayout layout_for_model(const fs::path& step_dir, const model::ParamTable& table, int64_t arena_floats) {
+  const fs::path path = step_dir / io::kShardLayoutFile;
+  io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
+  const auto bad = [&](const std::string& what) { return InputError(kComponent, path.string() + ": " + what); };
+  for (const io::ShardLayout::Param& p : layout.table) {
+    const model::ParamInfo* info = table.find(p.name);
+    if (!info) throw bad(fmt::format("holds tensor '{}', which this model does not have (was it written for another model?)", p.name));
+    if (info->shape != p.shape)
+      throw bad(fmt::format("tensor '{}' has shape {}, the model's is {}", p.name, io::format_shape(p.shape),
+                            io::format_shape(info->shape)));
+    if (info->offset != p.offset || info->numel != p.numel)
+      throw bad(fmt::format("tensor '{}' lies at [{}, {}) of the arena, the model's at [{}, {})", p.name, p.offset,
+                            p.offset + p.numel, info->offset, info->offset + info->numel));
+  }
+  for (const model::ParamInfo& info : table.params())
+    if (std::none_of(layout.table.begin(), layout.table.end(), [&](const auto& p) { return p.name == info.name; }))
+      throw bad(fmt::format("has no tensor '{}' (was it written for another model?)", info.name));
+  if (layout.arena_floats != arena_floats)
+    throw bad(fmt::format("an arena of {} floats, the model's has {}", layout.arena_floats, arena_floats));
+  const std::string problem = layout.check_coverage(kKinds);
+  if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  return layout;
+}
+
+// The rank files of `layout`, opened, each kind's tensor checked against its ranges.
+std::vector<std::unique_ptr<io::SafetensorsFile>> open_rank_files(const fs::path& step_dir,
+                                                                  const io::ShardLayout& layout) {
+  std::vector<std::unique_ptr<io::SafetensorsFile>> files;
+  for (const auto& [name, by_kind] : layout.files) {
+    auto st = std::make_unique<io::SafetensorsFile>(step_dir / name);
+    for (const auto& [kind, ranges] : by_kind) {
+      const io::TensorEntry& e = st->at(kind);
+      const int64_t want = io::total_floats(ranges);
+      if (e.dtype != DType::f32 || e.shape.size() != 1 || e.shape[0] != want)
+        throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, its ranges in {} need F32 [{}]",
+                                                 st->path().string(), kind, dtype_name(e.dtype),
+                                                 io::format_shape(e.shape), io::kShardLayoutFile, want));
+    }
+    files.push_back(std::move(st));
+  }
+  return files;
+}
+
+std::span<const float> floats(const io::TensorEntry& e) {
+  return {reinterpret_cast<const float*>(e.bytes.data()), e.bytes.size() / sizeof(float)};
+}
+
+// Copies `kind` of every rank file into `dst`, which holds the floats of `dst_ranges`.
+void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<io::SafetensorsFile>>& files,
+               const std::string& kind, std::span<const io::FloatRange> dst_ranges, std::span<float> dst) {
+  size_t i = 0;
+  for (const auto& [name, by_kind] : layout.files) {
+    const io::SafetensorsFile& st = *files[i++];
+    const auto it = by_kind.find(kind);
+    if (it == by_kind.end()) continue;
+    io::copy_overlap(it->second, floats(st.at(kind)), dst_ranges, dst);
+  }
+}
+
+// The gradient codec's state when this run compresses gradients across ranks; else none.
+std::vector<comm::CodecState> this_codec_state(Trainer& trainer) {
+  parallel::DataParallel* dp = trainer.data_parallel();
+  if (!dp || dp->world() < 2 || dp->codec().kind() == comm::Compression::none) return {};
+  return dp->codec_state();
+}
+
+}  // namespace
+
+std::string rank_file_name(int rank) { return fmt::format("rank-{:05d}.safetensors", rank); }
+std::string rank_state_file_name(int rank) { return fmt::format("rank-{:05d}.state.safetensors", rank); }
+
+std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world) {
+  const int64_t begin = arena_floats * rank / world, end = arena_floats * (rank + 1) / world;
+  if (begin >= end) return {};
+  return {{begin, end}};
+}
+
+std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int world) {
+  const parallel::GradientSync& sync = trainer.sync();
+  if (!sync.sharded())
+    return equal_cut(static_cast<int64_t>(trainer.model().trainable().params.size()), rank, world);
+  std::vector<io::FloatRange> out;
+  for (const parallel::ArenaRange& r : sync.sole_owned()) out.push_back({r.begin, r.end});
+  return out;
+}
+
+fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& trainer, const data::BatchSource& source,
+                                 nlohmann::json config, int keep, parallel::DataParallel* dp,
+                                 const io::StepFiles& root_extra, const io::StepFiles& rank_extra,
+                                 const RngStreams& rngs) {
+  const int rank = dp ? dp->rank() : 0, world = dp ? dp->world() : 1;
+  const bool root = rank == 0;
+  const int64_t step = trainer.steps_done();
+  const auto broadcast = [&](const std::string& text, std::string_view what) {
+    return dp ? dp->broadcast_text(text, what) : text;
+  };
+  const auto gather = [&](const std::string& text, std::string_view what) {
+    return dp ? dp->all_gather_text(text, what) : std::vector<std::string>{text};
+  };
+  const auto stop = [&](const std::string& why) {
+    return RunStopped(kComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, !root);
+  };
+
+  // Every rank's ranges, for rank 0's layout.json.
+  const std::vector<io::FloatRange> mine = checkpoint_ranges(trainer, rank, world);
+  const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
+
+  // Rank 0 begins the folder; its name, or why not, goes to every rank ("!" + why).
+  std::string begun;
+  if (root) {
+    try {
+      begun = io::begin_step_folder(checkpoints_dir, step).string();
+    } catch (const std::exception& e) {
+      begun = std::string("!") + e.what();
+    }
+  }
+  begun = broadcast(begun, "checkpoint folder");
+  if (begun.starts_with("!")) throw stop("rank 0: " + begun.substr(1));
+  const fs::path tmp_dir = begun;
+
+  // Every rank writes its file (rank 0 the folder's shared files too) and sends back the
+  // checksums, or why it could not.
+  std::string written;
+  try {
+    const model::Llama::Trainable trainable = trainer.model().trainable();
+    const int64_t n = io::total_floats(mine);
+    const std::vector<io::FloatRange> arena = {{0, static_cast<int64_t>(trainable.params.size())}};
+    const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
+    std::vector<float> weights(static_cast<size_t>(n)), m(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+    io::copy_overlap(arena, trainable.params, mine, weights);
+    io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
+    io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
+    io::StepFiles files;
+    // Every rank runs the same mode: each has state, or none has.
+    std::vector<parallel::RankState> own_state = trainer.rank_state();
+    // A lossy codec's error feedback and position (comm::GradientCodec::save_state), kept
+    // alive here while the file is written.
+    std::vector<comm::CodecState> codec_state = this_codec_state(trainer);
+    for (comm::CodecState& s : codec_state) own_state.push_back({"codec." + s.name, s.values});
+    files.names = {rank_file_name(rank)};
+    if (!own_state.empty()) files.names.push_back(rank_state_file_name(rank));
+    files.names.insert(files.names.end(), rank_extra.names.begin(), rank_extra.names.end());
+    if (root) {
+      files.names.insert(files.names.end(), {std::string(io::kShardLayoutFile), std::string(kCheckpointStateFile),
+                                             std::string(kCheckpointConfigFile)});
+      files.names.insert(files.names.end(), root_extra.names.begin(), root_extra.names.end());
+    }
+    files.write = [&](const fs::path& dir) {
+      const std::vector<io::TensorToWrite> tensors = {
+          {"weights", {n}, weights.data()}, {"m", {n}, m.data()}, {"v", {n}, v.data()}};
+      io::write_safetensors(dir / rank_file_name(rank), tensors, DType::f32, {{"format", "flotilla-checkpoint"}});
+      if (!own_state.empty()) {
+        std::vector<io::TensorToWrite> state;
+        for (const parallel::RankState& s : own_state)
+          state.push_back({s.name, {static_cast<int64_t>(s.data.size())}, s.data.data()});
+        io::write_safetensors(dir / rank_state_file_name(rank), state, DType::f32,
+                              {{"format", "flotilla-checkpoint"}, {"world", std::to_string(world)}});
+      }
+      if (rank_extra.write) rank_extra.write(dir);
+      if (!root) return;
+      io::ShardLayout layout;
+      layout.arena_floats = arena[0].end;
+      for (const model::ParamInfo& info : trainable.table.params()) layout.table.push_back(layout_param(info));
+      for (int r = 0; r < world; ++r) {
+        std::vector<io::FloatRange> ranges;
+        for (const nlohmann::json& pair : nlohmann::json::parse(all_ranges[static_cast<size_t>(r)]))
+          ranges.push_back({pair[0].get<int64_t>(), pair[1].get<int64_t>()});
+        for (std::string_view kind : kKinds) layout.files[rank_file_name(r)][std::string(kind)] = ranges;
+      }
+      if (!own_state.empty()) {
+        layout.rank_state_world = world;
+        for (int r = 0; r < world; ++r) layout.rank_state_files.push_back(rank_state_file_name(r));
+      }
+      write_file_atomic(dir / io::kShardLayoutFile, layout.to_json().dump(1) + "\n");
+      write_file_atomic(dir / kCheckpointStateFile, training_state_json(trainer, source, rngs).dump(2) + "\n");
+      write_file_atomic(dir / kCheckpointConfigFile, config.dump(2) + "\n");
+      if (root_extra.write) root_extra.write(dir);
+    };
+    nlohmann::json entries = nlohmann::json::array();
+    for (const io::FileEntry& e : io::write_step_files(tmp_dir, files))
+      entries.push_back({e.name, e.bytes, e.crc32c});
+    written = entries.dump();
+  } catch (const std::exception& e) {
+    written = std::string("!") + e.what();
+  }
+  const std::vector<std::string> all_written = gather(written, "checkpoint files");
+
+  // Rank 0 commits with every rank's entries, or removes the folder; everyone learns which.
+  std::string outcome;
+  if (root) {
+    std::vector<std::string> failures(all_written.size());
+    std::vector<io::FileEntry> entries;
+    for (size_t r = 0; r < all_written.size(); ++r) {
+      if (all_written[r].starts_with("!")) {
+        failures[r] = all_written[r].substr(1);
+        continue;
+      }
+      for (const nlohmann::json& e : nlohmann::json::parse(all_written[r]))
+        entries.push_back({e[0].get<std::string>(), e[1].get<uint64_t>(), e[2].get<uint32_t>()});
+    }
+    outcome = first_failure(failures);
+    if (!outcome.empty()) {
+      io::abandon_step_folder(tmp_dir);
+      outcome = "!" + outcome;
+    } else {
+      try {
+        outcome = io::commit_step_folder(checkpoints_dir, tmp_dir, step, entries, keep).string();
+      } catch (const std::exception& e) {
+        outcome = std::string("!rank 0: ") + e.what();
+      }
+    }
+  }
+  outcome = broadcast(outcome, "checkpoint outcome");
+  if (outcome.starts_with("!")) throw stop(outcome.substr(1));
+  return outcome;
+}
+
+bool is_sharded_checkpoint(const fs::path& step_dir) {
+  std::error_code ec;
+  return fs::is_regular_file(step_dir / io::kShardLayoutFile, ec);
+}
+
+std::string check_sharded_folder(const fs::path& step_dir, const std::vector<std::string>& listed) {
+  const auto is_listed = [&](std::string_view name) {
+    return std::find(listed.begin(), listed.end(), name) != listed.end();
+  };
+  for (std::string_view required : {io::kShardLayoutFile, kCheckpointStateFile, kCheckpointConfigFile})
+    if (!is_listed(required)) return fmt::format("{}: does not list {}", io::kCheckpointManifestFile, required);
+  try {
+    const fs::path path = step_dir / io::kShardLayoutFile;
+    const io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
+    for (const auto& [name, by_kind] : layout.files)
+      if (!is_listed(name))
+        return fmt::format("{}: names {}, which the manifest does not list (missing rank file)", io::kShardLayoutFile,
+                           name);
+    for (const std::string& name : layout.rank_state_files)
+      if (!is_listed(name))
+        return fmt::format("{}: names {}, which the manifest does not list (missing rank file)", io::kShardLayoutFile,
+                           name);
+    std::string problem = layout.check_coverage(kKinds);
+    if (!problem.empty()) return problem;
+    open_rank_files(step_dir, layout);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
+  const model::Llama::Trainable trainable = trainer.model().trainable();
+  const auto arena_floats = static_cast<int64_t>(trainable.params.size());
+  const io::ShardLayout layout = layout_for_model(step_dir, trainable.table, arena_floats);
+  const auto files = open_rank_files(step_dir, layout);
+  // Everything is checked: now the copies. The whole weights; the moments of what this
+  // rank's optimizer owns (its new shard under ZeRO, computed from this run's world).
+  const std::vector<io::FloatRange> arena = {{0, arena_floats}};
+  const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
+  copy_kind(layout, files, "weights", arena, trainable.params);
+  copy_kind(layout, files, "m", owned, trainer.optimizer().m());
+  copy_kind(layout, files, "v", owned, trainer.optimizer().v());
+}
+
+void read_rank_state(const fs::path& step_dir, Trainer& trainer, const std::function<void(const std::string&)>& warn) {
+  const int world = trainer.world();
+  const std::vector<parallel::RankState> own_state = trainer.rank_state();
+  const bool has_codec_state = !this_codec_state(trainer).empty();
+  if (!is_sharded_checkpoint(step_dir)) return;
+  const fs::path path = step_dir / io::kShardLayoutFile;
+  const io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
+  if (layout.rank_state_world == 0) return;  // written by a run without such state
+  if (layout.rank_state_world != world) {
+    if (warn && trainer.rank() == 0)
+      warn(fmt::format("warning: the checkpoint's per-rank state (local SGD's optimizer moments and outer momentum, "
+                       "compression's error feedback) was saved by {} ranks and cannot map onto {}: it starts fresh "
+                       "(the moments of the shared ranges, a zero outer momentum and residual), so this resume is "
+                       "not exact",
+                       layout.rank_state_world, world));
+    return;
+  }
+  if (own_state.empty() && !has_codec_state) return;  // this run keeps no such state (another mode: its config differs)
+  const int rank = trainer.rank();
+  const io::SafetensorsFile st(step_dir / layout.rank_state_files[static_cast<size_t>(rank)]);
+  // Every tensor checked before any is copied. One this run has and the writer had not
+  // (a DiLoCo outer momentum where the writer had none) starts fresh, said in a line.
+  std::string absent;
+  for (const parallel::RankState& s : own_state) {
+    const io::TensorEntry* e = st.find(s.name);
+    if (!e) {
+      absent += (absent.empty() ? "" : ", ") + s.name;
+    } else if (e->dtype != DType::f32 || e->bytes.size() != s.data.size_bytes()) {
+      throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, this run's is F32 [{}]", st.path().string(),
+                                               s.name, dtype_name(e->dtype), io::format_shape(e->shape),
+                                               s.data.size()));
+    }
+  }
+  std::vector<comm::CodecState> codec_state;
+  for (const io::TensorEntry& e : st.tensors())
+    if (e.name.starts_with("codec.")) {
+      const std::span<const float> saved = floats(e);
+      codec_state.push_back({e.name.substr(6), std::vector<float>(saved.begin(), saved.end())});
+    }
+  if (has_codec_state && codec_state.empty()) absent += (absent.empty() ? "" : ", ") + std::string("codec state");
+  if (has_codec_state && !codec_state.empty()) {
+    try {
+      trainer.data_parallel()->restore_codec_state(codec_state);  // a part missing stops the run: InputError
+    } catch (const InputError& e) {
+      throw InputError(kComponent, st.path().string() + ": " + e.what());
+    }
+  }
+  for (const parallel::RankState& s : own_state) {
+    if (!st.find(s.name)) continue;
+    const std::span<const float> saved = floats(st.at(s.name));
+    std::copy(saved.begin(), saved.end(), s.data.begin());
+  }
+  if (!absent.empty() && warn && trainer.rank() == 0)
+    warn(fmt::format("warning: {} holds no {}: started fresh", st.path().filename().string(), absent));
+}
+
+ConsolidatedWeights read_checkpoint_weights(const fs::path& step_dir) {
+  ConsolidatedWeights out;
+  if (!is_sharded_checkpoint(step_dir)) {
+    const io::SafetensorsFile st(step_dir / kCheckpointWeightsFile);
+    for (const io::TensorEntry& e : st.tensors()) {
+      if (e.dtype != DType::f32)
+        throw InputError(kComponent, fmt::format("{}: tensor '{}' is {}, expected F32", st.path().string(), e.name,
+                                                 dtype_name(e.dtype)));
+      const std::span<const float> values = floats(e);
+      out.layout.table.push_back({e.name, e.shape, static_cast<int64_t>(out.arena.size()),
+                                  static_cast<int64_t>(values.size())});
+      out.arena.insert(out.arena.end(), values.begin(), values.end());
+    }
+    out.layout.arena_floats = static_cast<int64_t>(out.arena.size());
+    return out;
+  }
+  const fs::path path = step_dir / io::kShardLayoutFile;
+  out.layout = io::ShardLayout::from_json(read_json(path), path);
+  const std::string problem = out.layout.check_coverage(kKinds);
+  if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  for (const io::ShardLayout::Param& p : out.layout.table)
+    if (p.offset < 0 || p.numel < 0 || p.offset + p.numel > out.layout.arena_floats)
+      throw InputError(kComponent, fmt::format("{}: tensor '{}' lies outside the arena", path.string(), p.name));
+  const auto files = open_rank_files(step_dir, out.layout);
+  out.arena.resize(static_cast<size_t>(out.layout.arena_floats));
+  const std::vector<io::FloatRange> arena = {{0, out.layout.arena_floats}};
+  copy_kind(out.layout, files, "weights", arena, out.arena);
+  return out;
+}
+
+std::span<const float> ConsolidatedWeights::tensor(std::string_view name, std::span<const int64_t> shape,
+                                                   const fs::path& step_dir) const {
+  const auto it = std::find_if(layout.table.begin(), layout.table.end(), [&](const auto& p) { return p.name == name; });
+  if (it == layout.table.end())
+    throw InputError(kComponent, fmt::format("{}: the checkpoint has no tensor '{}' (was it written for another model?)",
+                                             step_dir.string(), name));
+  if (!std::equal(it->shape.begin(), it->shape.end(), shape.begin(), shape.end()))
+    throw InputError(kComponent, fmt::format("{}: tensor '{}' has shape {}, the model's is {}", step_dir.string(), name,
+                                             io::format_shape(it->shape), io::format_shape(shape)));
+  return std::span<const float>(arena).subspan(static_cast<size_t>(it->offset), static_cast<size_t>(it->numel));
+}
+
+}  // namespace flotilla::train
