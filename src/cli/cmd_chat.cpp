@@ -30,6 +30,7 @@ std::vector<int32_t> encode_conversation(const data::ChatPrompter& chat, const t
 
 void add_chat_command(CLI::App& app) {
   struct Options {
+    std::string dtype = "float32";
     std::string model, adapter, system_prompt, chat_template;
     int64_t max_tokens = 256;
     bool strict = false;
@@ -50,6 +51,7 @@ void add_chat_command(CLI::App& app) {
   cmd->add_option("--top-p", opt->sampling.top_p, "Nucleus sampling mass (1: all)")->capture_default_str();
   cmd->add_option("--seed", opt->sampling.seed, "Sampling seed")->capture_default_str();
   add_strict_flag(cmd, opt->strict);
+  add_dtype_option(cmd, opt->dtype);
   cmd->callback([opt] {
     if (opt->max_tokens <= 0) throw InputError("chat", "--max-tokens must be positive");
     const std::optional<data::ChatPrompter> chat = data::ChatPrompter::for_model(opt->model, opt->chat_template);
@@ -57,7 +59,7 @@ void add_chat_command(CLI::App& app) {
       throw InputError("chat", opt->model + ": the model has no chat template (tokenizer_config.json's "
                                             "chat_template): give --chat-template NAME, or use generate");
     model::Sampler sampler(opt->sampling);  // refuses sampling parameters outside their domain before loading
-    const LoadedModel loaded = load_for_generation(opt->model, opt->adapter, opt->strict);
+    const LoadedModel loaded = load_for_generation(opt->model, opt->adapter, opt->strict, opt->dtype);
     std::vector<std::string> stops;
     if (!chat->end_of_turn().empty()) stops.push_back(chat->end_of_turn());
 

@@ -15,15 +15,22 @@ void add_doctor_command(CLI::App& app) {
   struct Options {
     std::string model, data;
     uint64_t max_bytes = 64ull << 20;
+    std::string dtype = "float32";
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("doctor", "Check ranks see the same binary, model and data; measure all-reduce");
   cmd->add_option("--model", opt->model, "Model directory every rank should hold identically");
   cmd->add_option("--data", opt->data, "Data file or folder every rank should hold identically");
   cmd->add_option("--max-bytes", opt->max_bytes, "Largest all-reduce measured")->capture_default_str();
+  cmd->add_option("--dtype", opt->dtype,
+                  "The --dtype a job will use: each rank says the format it computes matrix products in (bf16 "
+                  "needs AVX-512; ranks that differ are a warning)")
+      ->check(CLI::IsMember({"float32", "bf16"}))
+      ->capture_default_str();
   cmd->callback([opt] {
     const std::unique_ptr<comm::Communicator> world = comm::make_world();
-    const parallel::DoctorReport r = parallel::run_doctor(*world, opt->model, opt->data, opt->max_bytes);
+    const parallel::DoctorReport r = parallel::run_doctor(*world, opt->model, opt->data, opt->max_bytes,
+                                                           model::parse_matmul_dtype(opt->dtype).value_or(kernels::GemmInput::f32));
     if (world->rank() != 0) {
       if (!r.mismatches.empty()) throw InputError("doctor", r.mismatches.front());
       return;
@@ -33,10 +40,10 @@ void add_doctor_command(CLI::App& app) {
     for (const auto& rr : r.ranks)
       fmt::print("{:>4}  {:<16} {:>5} {:>7}  {:<16} {:<16} {:<16}  {}\n", rr.rank, rr.host, rr.cores, rr.threads,
                  rr.binary, rr.model.empty() ? "-" : rr.model, rr.data.empty() ? "-" : rr.data, rr.versions);
-    fmt::print("\n{:>4}  {:<8} {:<18} {}\n", "rank", "kernels", "matmul", "cpu features");
+    fmt::print("\n{:>4}  {:<8} {:<18} {:<8} {}\n", "rank", "kernels", "matmul", "dtype", "cpu features");
     for (const auto& rr : r.ranks)
-      fmt::print("{:>4}  {:<8} {:<18} {}\n", rr.rank, rr.kernels, rr.matmul.empty() ? "-" : rr.matmul,
-                 rr.cpu.empty() ? "-" : rr.cpu);
+      fmt::print("{:>4}  {:<8} {:<18} {:<8} {}\n", rr.rank, rr.kernels, rr.matmul.empty() ? "-" : rr.matmul,
+                 rr.dtype.empty() ? "-" : rr.dtype, rr.cpu.empty() ? "-" : rr.cpu);
     fmt::print("\nall_reduce (f32 sum) over {} ranks: best time, bus bandwidth = bytes x 2(n-1)/n / time\n",
                r.ranks.size());
     for (const auto& t : r.all_reduce)

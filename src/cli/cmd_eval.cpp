@@ -25,8 +25,11 @@ void add_eval_command(CLI::App& app) {
   cmd->add_flag("--pack,!--no-pack", job->pack, "Prepared data: pack examples into rows (default) or pad");
   auto strict = std::make_shared<bool>(false);
   add_strict_flag(cmd, *strict);
-  cmd->callback([job, paths, strict] {
+  auto dtype = std::make_shared<std::string>("float32");
+  add_dtype_option(cmd, *dtype);
+  cmd->callback([job, paths, strict, dtype] {
     job->non_finite = non_finite_policy(*strict);
+    job->dtype = matmul_dtype_of(*dtype);
     job->model_dir = (*paths)[0];
     job->adapter_dir = (*paths)[1];
     job->data = (*paths)[2];

@@ -17,6 +17,7 @@ namespace flotilla::cli {
 
 void add_generate_command(CLI::App& app) {
   struct Options {
+    std::string dtype = "float32";
     std::string model, prompt, adapter, system_prompt, chat_template;
     std::vector<std::string> stops;
     int64_t max_tokens = 128;
@@ -39,6 +40,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--seed", opt->sampling.seed, "Sampling seed")->capture_default_str();
   cmd->add_flag("--no-bos", opt->no_bos, "Do not prepend the BOS token");
   add_strict_flag(cmd, opt->strict);
+  add_dtype_option(cmd, opt->dtype);
   cmd->add_option("--stop", opt->stops,
                   "End at this text (not printed), e.g. a chat template's end of turn '<|im_end|>'; repeatable");
   cmd->add_option("--system-prompt", opt->system_prompt, "A system message before the prompt (chat template only)");
@@ -69,7 +71,7 @@ void add_generate_command(CLI::App& app) {
       if (!chat->end_of_turn().empty()) opt->stops.push_back(chat->end_of_turn());
     }
     model::Sampler sampler(opt->sampling);  // refuses sampling parameters outside their domain before loading
-    const LoadedModel loaded = load_for_generation(opt->model, opt->adapter, opt->strict);
+    const LoadedModel loaded = load_for_generation(opt->model, opt->adapter, opt->strict, opt->dtype);
     const text::Tokenizer& tokenizer = *loaded.tokenizer;
     std::vector<int32_t> prompt;
     // A chat template writes BOS itself where the model wants one.

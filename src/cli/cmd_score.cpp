@@ -39,6 +39,7 @@ std::vector<int32_t> parse_token_list(const std::string& list) {
 void add_score_command(CLI::App& app) {
   struct Options {
     std::string model, text, tokens, adapter;
+    std::string dtype = "float32";
     bool no_bos = false, strict = false;
   };
   auto opt = std::make_shared<Options>();
@@ -51,9 +52,11 @@ void add_score_command(CLI::App& app) {
   cmd->add_option("--adapter,--adapter-path", opt->adapter, "A LoRA adapter folder to apply (PEFT or mlx_lm layout)")
       ->check(CLI::ExistingDirectory);
   add_strict_flag(cmd, opt->strict);
+  add_dtype_option(cmd, opt->dtype);
   cmd->callback([opt] {
     if (opt->text.empty() == opt->tokens.empty()) throw InputError("score", "give --text or --tokens");
     model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
+    model.set_matmul_input(matmul_dtype_of(opt->dtype));
     // Attached rather than merged, so a quantized base scores with its adapter too; forward
     // outside training applies no dropout.
     std::optional<model::LoraAdapters> adapters;

@@ -59,6 +59,7 @@ void add_train_command(CLI::App& app) {
     std::string allreduce = "auto";
     std::string parallel;
     std::string on_nonfinite = "stop";
+    std::string dtype = "float32";
     float lora_scale = 0.0f;
   };
   auto opt = std::make_shared<Options>();
@@ -86,6 +87,7 @@ void add_train_command(CLI::App& app) {
                 "Keep only each block's input and recompute its activations in backward: less memory, one more "
                 "forward of each block per step")
       ->default_str("false");
+  add_dtype_option(cmd, opt->dtype);
   cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
       ->default_str("true");
   cmd->add_option("--out,--adapter-path", opt->out, "Output directory for the trained model or adapters, and metrics")->required();
@@ -225,6 +227,7 @@ void add_train_command(CLI::App& app) {
     if (!(std::isfinite(opt->timeout_s) && opt->timeout_s > 0.0 && opt->timeout_s <= 1e9))
       throw InputError("train", fmt::format("--timeout must be a number of seconds in (0, 1e9], not {}", opt->timeout_s));
     job.train.on_nonfinite = opt->on_nonfinite == "skip" ? train::NonFinitePolicy::skip : train::NonFinitePolicy::stop;
+    job.dtype = model::parse_matmul_dtype(opt->dtype).value_or(kernels::GemmInput::f32);
     // Ctrl-C / SIGTERM: finish the step, checkpoint, exit 128 + signal (a second one: at once).
     job.stop_on_signal = true;
     job.seq_len_from_data = seq_len->count() == 0;  // given on the command line or in a -c file

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include "flotilla/io/non_finite.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 
 #include <filesystem>
 #include <functional>
@@ -64,6 +65,20 @@ inline void add_strict_flag(CLI::App* cmd, bool& strict) {
 }
 inline io::NonFinitePolicy non_finite_policy(bool strict) {
   return strict ? io::NonFinitePolicy::refuse : io::NonFinitePolicy::warn;
+}
+
+// --dtype, on every command that runs the model: the number format of its matrix products.
+// Applied with model::resolve_matmul_dtype (float32, said once, where the CPU has no bf16).
+inline void add_dtype_option(CLI::App* cmd, std::string& dtype) {
+  cmd->add_option("--dtype", dtype,
+                  "Matrix products in float32, or bf16 (bfloat16 inputs, float32 accumulation; weights, norms, "
+                  "softmax and the loss stay float32); bf16 needs an AVX-512 CPU, elsewhere float32 is used")
+      ->check(CLI::IsMember({"float32", "bf16"}))
+      ->capture_default_str();
+}
+// The format --dtype asks for, as this machine runs it.
+inline kernels::GemmInput matmul_dtype_of(const std::string& dtype) {
+  return model::resolve_matmul_dtype(model::parse_matmul_dtype(dtype).value_or(kernels::GemmInput::f32));
 }
 
 // Copies the tokenizer files of a model directory (tokenizer.json, tokenizer.model,

@@ -13,8 +13,9 @@
 namespace flotilla::cli {
 
 LoadedModel load_for_generation(const std::filesystem::path& model_dir, const std::filesystem::path& adapter,
-                                bool strict) {
+                                bool strict, const std::string& dtype) {
   LoadedModel loaded{model::Llama::load(model_dir, non_finite_policy(strict)), std::nullopt, nullptr};
+  loaded.model.set_matmul_input(matmul_dtype_of(dtype));
   // Generation has no dropout, so merged adapters compute exactly what attached ones do.
   if (!adapter.empty()) {
     model::LoraAdapters adapters = model::LoraAdapters::load(adapter, loaded.model.config(), non_finite_policy(strict));

@@ -27,8 +27,9 @@ struct LoadedModel {
 
 // The model of `model_dir` with `adapter` (a PEFT or mlx_lm folder; empty: none) merged in,
 // or attached alongside a quantized base, and its tokenizer (checked against the model).
+// `dtype`: --dtype's value, the number format of the matrix products.
 LoadedModel load_for_generation(const std::filesystem::path& model_dir, const std::filesystem::path& adapter,
-                                bool strict);
+                                bool strict, const std::string& dtype);
 
 struct AnswerStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;

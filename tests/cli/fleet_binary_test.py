@@ -13,7 +13,11 @@ two variants compute the same thing:
   * `flotilla doctor` names the CPU features and the kernel variant each run chose: under
     qemu "avx2 fma" and avx2; natively avx512 exactly when the CPU has avx512f;
   * two ranks, one native and one under qemu (one mpirun): doctor warns that they chose
-    different kernels, and still exits 0 (same binary, model and data).
+    different kernels, and still exits 0 (same binary, model and data);
+  * `--dtype bf16` on the Haswell (no AVX-512: oneDNN has no bf16 matmul there) still runs:
+    score and a 1-step training run compute in float32 (score equal to the float32 run's),
+    say so in one log line, once; doctor --dtype bf16 says float32 there and bf16 natively
+    where the CPU has AVX-512, and the mixed job warns that the ranks' formats differ.
 
 OpenBLAS inside qemu picks its kernel from OPENBLAS_CORETYPE (the environment's, left alone).
 
@@ -52,18 +56,22 @@ def losses(out: Path):
     return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
-def doctor_row(text: str):
-    """(kernels, matmul ISA, cpu features) of every rank from doctor's second table."""
+def doctor_row(text: str, with_dtype: bool = False):
+    """(kernels, matmul ISA, cpu features) of every rank from doctor's second table, and the
+    matrix products' number format before the features when with_dtype."""
     lines = text.splitlines()
-    i = next((i for i, l in enumerate(lines) if l.split()[:4] == ["rank", "kernels", "matmul", "cpu"]), None)
+    i = next((i for i, l in enumerate(lines) if l.split()[:5] == ["rank", "kernels", "matmul", "dtype", "cpu"]), None)
     check(i is not None, f"doctor printed no table of kernels and CPU features:\n{text}")
     rows = []
     for l in lines[i + 1:]:
         if not l.strip():
             break
         parts = l.split()
-        rows.append((parts[1], parts[2], " ".join(parts[3:])))
+        rows.append((parts[1], parts[2], *([parts[3]] if with_dtype else []), " ".join(parts[4:])))
     return rows
+
+
+FALLBACK = "--dtype bf16: this CPU has no bf16 matrix products"
 
 
 def main() -> int:
@@ -96,6 +104,24 @@ def main() -> int:
             doctor = doctor_row(run([*prefix, flotilla, "doctor", "--max-bytes", "4096"], env).stdout)
             results[name] = (score["logprobs"], losses(out), doctor)
 
+        # --dtype bf16 where the CPU has no bf16: float32, said once, never a crash.
+        host_flags = Path("/proc/cpuinfo").read_text().replace("\n", " ").split()
+        host_bf16 = "avx512f" in host_flags  # oneDNN 2.6 has bf16 products from AVX-512 up
+        bf16 = run([*QEMU, flotilla, "score", "--model", model, "--text", text, "--dtype", "bf16"], env)
+        check(bf16.stderr.count(FALLBACK) == 1, f"score --dtype bf16 under Haswell: log\n{bf16.stderr}")
+        s_b = json.loads(bf16.stdout)["logprobs"]
+        worst_fallback = max(abs(a - b) for a, b in zip(s_b, results["haswell"][0]))
+        check(worst_fallback <= TOL, f"score --dtype bf16 under Haswell is not float32's: {worst_fallback}")
+        out = root / "train-haswell-bf16"
+        tr = run([*QEMU, flotilla, "train", "--preset", "tiny", "--seed", "3", "--data", corpus, "--out", out,
+                  "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "0", "--dtype", "bf16"], env)
+        check(tr.stderr.count(FALLBACK) == 1, f"train --dtype bf16 under Haswell: log\n{tr.stderr}")
+        check(json.loads((out / "report.json").read_text())["dtype"] == "float32", "train report's dtype under Haswell")
+        d_hb = doctor_row(run([*QEMU, flotilla, "doctor", "--max-bytes", "4096", "--dtype", "bf16"], env).stdout, True)
+        d_nb = doctor_row(run([flotilla, "doctor", "--max-bytes", "4096", "--dtype", "bf16"], env).stdout, True)
+        check(d_hb[0][2] == "float32", f"doctor --dtype bf16 under Haswell: {d_hb}")
+        check(d_nb[0][2] == ("bf16" if host_bf16 else "float32"), f"doctor --dtype bf16 natively: {d_nb}")
+
         (s_n, l_n, d_n), (s_h, l_h, d_h) = results["native"], results["haswell"]
         check(len(s_n) == len(s_h) and len(s_n) > 5, f"score lengths {len(s_n)} vs {len(s_h)}")
         worst_score = max(abs(a - b) for a, b in zip(s_n, s_h))
@@ -115,7 +141,8 @@ def main() -> int:
             # qemu-user has no process_vm_readv: OpenMPI's shared-memory transport copies twice.
             mixed = run(["mpirun", "--allow-run-as-root", "--oversubscribe",
                          "--mca", "btl_vader_single_copy_mechanism", "none", "-np", "1", flotilla, "doctor",
-                         "--max-bytes", "4096", ":", "-np", "1", *QEMU, flotilla, "doctor", "--max-bytes", "4096"],
+                         "--max-bytes", "4096", "--dtype", "bf16", ":", "-np", "1", *QEMU, flotilla, "doctor",
+                         "--max-bytes", "4096", "--dtype", "bf16"],
                         env, timeout=240)
             kernels = [k for k, _, _ in doctor_row(mixed.stdout)]
             check(kernels == [d_n[0][0], "avx2"], f"mixed doctor rows: {kernels}\n{mixed.stdout}")
@@ -124,6 +151,8 @@ def main() -> int:
                       f"no warning for ranks with different kernels:\n{mixed.stderr}")
                 check("matmul: rank 1 runs oneDNN's avx2 kernels" in mixed.stderr,
                       f"no warning for ranks with different matrix-product kernels:\n{mixed.stderr}")
+                check("dtype: rank 1 computes its matrix products in float32, rank 0 in bf16" in mixed.stderr,
+                      f"no warning for ranks with different number formats:\n{mixed.stderr}")
         print(f"ok: score differs by at most {worst_score:.2e}, 3-step losses by {worst_loss:.2e} "
               f"(tolerance {TOL}); doctor native {d_n}, Haswell {d_h}")
         return 0

@@ -138,6 +138,35 @@ TEST(Quant, MatmulAndInputGradientEqualFloatWithDequantizedWeights) {
   }
 }
 
+// bf16: the tiles are dequantized into bf16 and the input rounded to bf16, so the product
+// equals the float32 product of the rounded dequantized weights and rounded inputs (float32
+// rounding apart: the atol above). The few-row path stays float32.
+TEST(Quant, Bf16ProductsRoundTheDequantizedTiles) {
+  if (!gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU";
+  Rng rng(test_seed());
+  const int64_t C = 320, OC = 1100 + 7, N = 37;
+  auto rounded = [](std::vector<float> v) {
+    for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
+    return v;
+  };
+  const std::vector<float> w = uniform_vec(rng, static_cast<size_t>(OC * C));
+  OwnedQuant q(w, OC, C, {4, 64}, DType::bf16);
+  const std::vector<float> wr = rounded(q.dequantized());
+  const std::vector<float> bias = uniform_vec(rng, static_cast<size_t>(OC));
+  const std::vector<float> x = uniform_vec(rng, static_cast<size_t>(N * C));
+  std::vector<float> out(static_cast<size_t>(N * OC)), ref(out.size());
+  qmatmul_forward(out.data(), x.data(), q.m, bias.data(), N, GemmInput::bf16);
+  matmul_forward(ref.data(), rounded(x).data(), wr.data(), bias.data(), N, C, OC);
+  expect_close(out, ref, 2e-4, "bf16 forward");
+
+  const std::vector<float> dout = uniform_vec(rng, static_cast<size_t>(N * OC));
+  std::vector<float> dx = uniform_vec(rng, static_cast<size_t>(N * C));
+  std::vector<float> dx_ref = dx;
+  qmatmul_backward_input(dx.data(), dout.data(), q.m, N, GemmInput::bf16);
+  matmul_backward(dx_ref.data(), nullptr, nullptr, rounded(dout).data(), x.data(), wr.data(), N, C, OC);
+  expect_close(dx, dx_ref, 2e-3, "bf16 input gradient");
+}
+
 TEST(Quant, EmbeddingDequantizesTheLookedUpRows) {
   Rng rng(test_seed());
   const int64_t V = 50, C = 128;

@@ -23,9 +23,9 @@ namespace flotilla::kernels {
 enum class Transpose : uint8_t { no, yes };
 
 // Number format of A and B; C and the accumulation are float32 in every format.
-// bf16 inputs with float32 accumulation (issue 14 item 2) are a second value here: the
-// memory descriptors of A and B take their data type from it, the rest stays as it is.
-enum class GemmInput : uint8_t { f32 };
+// bf16: bfloat16 inputs (8-bit mantissa, each input rounded with relative error <= 2^-9),
+// products and sums in float32 (oneDNN's avx512_core_bf16 / AMX kernels).
+enum class GemmInput : uint8_t { f32, bf16 };
 
 // C (M, N) = alpha * op(A) @ op(B) + (accumulate ? C : 0), all row-major.
 // op(A) is (M, K): A is (M, K) with leading dimension lda, or (K, M) when ta == yes.
@@ -35,6 +35,19 @@ enum class GemmInput : uint8_t { f32 };
 // Callable from several threads at once and from inside an OpenMP parallel region.
 void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
+
+// The same with A and B in bf16 (uint16_t bits as tensor/dtype.hpp's f32_to_bf16 makes
+// them); C and the accumulation float32. Needs gemm_bf16_supported(): throws Error where
+// oneDNN has no bf16 matmul for this CPU.
+void gemm_bf16(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
+
+// Whether oneDNN runs bf16 products on this CPU (avx512_core and newer: natively with
+// AVX512_BF16 or AMX, emulated on plain AVX-512); false on an AVX2-only machine.
+bool gemm_bf16_supported();
+
+// out (n) = in (n) rounded to bf16 (nearest even). Multithreaded for large n.
+void convert_to_bf16(const float* in, int64_t n, uint16_t* out);
 
 // Products with fewer rows than this (decoding one token, a few prompts) go to oneDNN's
 // GEMM routine (dnnl_sgemm) instead of a matmul primitive: a KV-cache step has a new shape

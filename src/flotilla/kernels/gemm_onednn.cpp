@@ -29,7 +29,9 @@
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
+#include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/gemm.hpp"
+#include "flotilla/tensor/dtype.hpp"
 
 namespace flotilla::kernels {
 namespace {
@@ -71,6 +73,7 @@ struct Compiled {
 dnnl::memory::data_type input_data_type(GemmInput input) {
   switch (input) {
     case GemmInput::f32: return dnnl::memory::data_type::f32;
+    case GemmInput::bf16: return dnnl::memory::data_type::bf16;
   }
   throw Error("kernels/gemm", "unknown input format");
 }
@@ -162,36 +165,22 @@ void run_sgemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, floa
                                             static_cast<int>(st), M, N, K));
 }
 
-}  // namespace
-
-void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-          int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    // An empty sum: oneDNN rejects zero-sized K, and the answer needs no product.
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
-    return;
-  }
-  if (M < kGemmPrimitiveMinRows) {
-    run_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
-    return;
-  }
-  Signature s{ta, tb, GemmInput::f32, accumulate, omp_get_max_threads(), std::bit_cast<uint32_t>(alpha),
-              M, N, K, lda, ldb, ldc};
+// Runs the cached primitive of signature s on A and B (in s.input's format) into C.
+void run_primitive(const Signature& s, const void* A, const void* B, float* C) {
   std::shared_ptr<const Compiled> p;
   try {
     p = engine().find_or_create(s);
   } catch (const dnnl::error& e) {
-    throw Error("kernels/gemm", fmt::format("oneDNN could not create a matmul for M={} N={} K={} "
-                                            "(lda {}, ldb {}, ldc {}): {}", M, N, K, lda, ldb, ldc,
-                                            e.what()));
+    throw Error("kernels/gemm", fmt::format("oneDNN could not create a {} matmul for M={} N={} K={} "
+                                            "(lda {}, ldb {}, ldc {}): {}",
+                                            s.input == GemmInput::bf16 ? "bf16" : "float32", s.M, s.N, s.K,
+                                            s.lda, s.ldb, s.ldc, e.what()));
   }
   const dnnl::engine& eng = engine().engine();
   thread_local Scratchpad scratch;
   // oneDNN takes non-const handles; it only reads A and B.
-  dnnl::memory a(p->a, eng, const_cast<float*>(A));
-  dnnl::memory b(p->b, eng, const_cast<float*>(B));
+  dnnl::memory a(p->a, eng, const_cast<void*>(A));
+  dnnl::memory b(p->b, eng, const_cast<void*>(B));
   dnnl::memory c(p->c, eng, C);
   std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}};
   if (p->scratchpad_bytes > 0)
@@ -202,6 +191,64 @@ void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alp
   dnnl::stream stream(eng);
   p->primitive.execute(stream, args);
   stream.wait();
+}
+
+// The answers of gemm() that need no product; true when C is done.
+bool trivial_product(int64_t M, int64_t N, int64_t K, bool accumulate, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return true;
+  if (K > 0) return false;
+  // An empty sum: oneDNN rejects zero-sized K, and the answer needs no product.
+  if (!accumulate)
+    for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+  return true;
+}
+
+}  // namespace
+
+void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  if (trivial_product(M, N, K, accumulate, C, ldc)) return;
+  if (M < kGemmPrimitiveMinRows) {
+    run_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
+    return;
+  }
+  run_primitive(Signature{ta, tb, GemmInput::f32, accumulate, omp_get_max_threads(),
+                          std::bit_cast<uint32_t>(alpha), M, N, K, lda, ldb, ldc},
+                A, B, C);
+}
+
+void gemm_bf16(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+               int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
+  if (trivial_product(M, N, K, accumulate, C, ldc)) return;
+  // Every row count gets a primitive: oneDNN has no public bf16 GEMM routine, and the few
+  // row counts below kGemmPrimitiveMinRows (a linear layer while decoding) are each cached.
+  run_primitive(Signature{ta, tb, GemmInput::bf16, accumulate, omp_get_max_threads(),
+                          std::bit_cast<uint32_t>(alpha), M, N, K, lda, ldb, ldc},
+                A, B, C);
+}
+
+bool gemm_bf16_supported() {
+  // Asked once: whether oneDNN implements a bf16 matmul on this CPU at all. oneDNN 2.6
+  // has one from avx512_core up (native with avx512_core_bf16 or AMX, emulated on plain
+  // avx512_core); on an AVX2-only CPU creating one fails with "unimplemented".
+  static const bool supported = [] {
+    try {
+      const dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+      const dnnl::memory::desc a({16, 16}, dnnl::memory::data_type::bf16, dnnl::memory::format_tag::ab);
+      const dnnl::memory::desc c({16, 16}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab);
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, a, c), eng);
+      return true;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }();
+  return supported;
+}
+
+FLOTILLA_KERNEL void convert_to_bf16(const float* in, int64_t n, uint16_t* out) {
+  // in (n) -> out (n), round to nearest even (tensor/dtype.hpp's f32_to_bf16).
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_bf16(in[i]);
 }
 
 GemmEngineInfo gemm_engine_info() {

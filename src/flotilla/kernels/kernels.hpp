@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "flotilla/kernels/gemm.hpp"
+
 namespace flotilla::kernels {
 
 // ---------------------------------------------------------------------------- matmul
@@ -25,6 +27,23 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
 // adapters, whose product is added onto the frozen layer's output.
 void matmul_accumulate(float* out, const float* inp, const float* weight, int64_t N, int64_t C,
                        int64_t OC, float alpha);
+
+// bf16 products (mixed precision): the same products with their inputs rounded to bf16 and
+// float32 accumulation and output (gemm_bf16; needs gemm_bf16_supported()). The float inputs
+// (inp, dout) are rounded here into per-thread scratch; `weight` is the caller's bf16 copy
+// (OC, C) of the float weight, made once per optimizer step rather than per product.
+void matmul_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
+                         int64_t C, int64_t OC);
+void matmul_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                          const uint16_t* weight, int64_t N, int64_t C, int64_t OC);
+// The float-weight products in the format `input`: f32 as above; bf16 rounds the weight per
+// call as well (for small weights that change every step: LoRA's adapters).
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t C,
+                    int64_t OC, GemmInput input);
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int64_t N, int64_t C, int64_t OC, GemmInput input);
+void matmul_accumulate(float* out, const float* inp, const float* weight, int64_t N, int64_t C, int64_t OC,
+                       float alpha, GemmInput input);
 
 // ------------------------------------------------------------------------- embedding
 // out[n, :] = wte[tokens[n], :]     out (N, C), tokens (N), wte (V, C).

@@ -140,11 +140,42 @@ FLOTILLA_KERNEL void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t
   }
 }
 
-FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N) {
+namespace {
+
+// out (nrows, cols) bf16 = rows row0 .. row0+nrows-1 of m: each row dequantized into float
+// in L1, then rounded to bf16 (the tile a bf16 product reads is half the float one's bytes).
+FLOTILLA_KERNEL void dequantize_rows_bf16(const QuantMatrix& m, int64_t row0, int64_t nrows, uint16_t* out) {
+#pragma omp parallel if (nrows * m.cols > (1 << 15))
+  {
+    RowScratch sc(m);
+    std::vector<float> row(static_cast<size_t>(m.cols));
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < nrows; ++r) {
+      dequantize_row(m, row0 + r, row.data(), sc.s.data(), sc.b.data());
+      uint16_t* dst = out + r * m.cols;
+      for (int64_t c = 0; c < m.cols; ++c) dst[c] = f32_to_bf16(row[static_cast<size_t>(c)]);
+    }
+  }
+}
+
+}  // namespace
+
+FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N,
+                                     GemmInput input) {
   // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0) return;
-  if (N <= kRowPathMaxRows) {
+  if (N > kRowPathMaxRows && input == GemmInput::bf16) {
+    const int64_t R = tile_rows(C);
+    std::vector<uint16_t> x(static_cast<size_t>(N * C));
+    convert_to_bf16(inp, N * C, x.data());
+    std::vector<uint16_t> tile(static_cast<size_t>(std::min(R, OC) * C));
+    for (int64_t r0 = 0; r0 < OC; r0 += R) {
+      const int64_t nr = std::min(R, OC - r0);
+      dequantize_rows_bf16(m, r0, nr, tile.data());
+      gemm_bf16(Transpose::no, Transpose::yes, N, nr, C, 1.0f, x.data(), C, tile.data(), C, false, out + r0, OC);
+    }
+  } else if (N <= kRowPathMaxRows) {
     // Decoding and short prompts: each weight row is dequantized once into L1 and dotted
     // with the N inputs.
 #pragma omp parallel
@@ -163,15 +194,16 @@ FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMa
         }
       }
     }
-    return;
-  }
-  const int64_t R = tile_rows(C);
-  std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
-  for (int64_t r0 = 0; r0 < OC; r0 += R) {
-    const int64_t nr = std::min(R, OC - r0);
-    dequantize_rows(m, r0, nr, tile.data());
-    // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T
-    gemm(Transpose::no, Transpose::yes, N, nr, C, 1.0f, inp, C, tile.data(), C, false, out + r0, OC);
+    return;  // the bias is in
+  } else {
+    const int64_t R = tile_rows(C);
+    std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
+    for (int64_t r0 = 0; r0 < OC; r0 += R) {
+      const int64_t nr = std::min(R, OC - r0);
+      dequantize_rows(m, r0, nr, tile.data());
+      // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T
+      gemm(Transpose::no, Transpose::yes, N, nr, C, 1.0f, inp, C, tile.data(), C, false, out + r0, OC);
+    }
   }
   if (bias) {
 #pragma omp parallel for schedule(static) if (N * OC > (1 << 15))
@@ -180,10 +212,23 @@ FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMa
   }
 }
 
-FLOTILLA_KERNEL void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N) {
+FLOTILLA_KERNEL void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N,
+                                            GemmInput input) {
   // dinp (N, C) += dout (N, OC) @ m (OC, C)
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0 || C == 0 || dinp == nullptr) return;
+  if (input == GemmInput::bf16) {
+    const int64_t R = tile_rows(C);
+    std::vector<uint16_t> g(static_cast<size_t>(N * OC));
+    convert_to_bf16(dout, N * OC, g.data());
+    std::vector<uint16_t> tile(static_cast<size_t>(std::min(R, OC) * C));
+    for (int64_t r0 = 0; r0 < OC; r0 += R) {
+      const int64_t nr = std::min(R, OC - r0);
+      dequantize_rows_bf16(m, r0, nr, tile.data());
+      gemm_bf16(Transpose::no, Transpose::no, N, C, nr, 1.0f, g.data() + r0, OC, tile.data(), C, true, dinp, C);
+    }
+    return;
+  }
   const int64_t R = tile_rows(C);
   std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
   for (int64_t r0 = 0; r0 < OC; r0 += R) {

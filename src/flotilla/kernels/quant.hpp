@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/tensor/quant.hpp"
 
 namespace flotilla::kernels {
@@ -35,9 +36,14 @@ void quantize_rows(const float* w, int64_t rows, int64_t cols, QuantFormat forma
 void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* out);
 
 // out = inp @ W^T + bias    out (N, OC), inp (N, C), W = m (OC, C), bias (OC) or nullptr.
-void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N);
+// input == bf16: the tiles are dequantized into bf16 and inp rounded to bf16, float32
+// accumulation (needs gemm_bf16_supported()); the few-row path stays float32 (it is bound
+// by reading the packed bytes, not by arithmetic).
+void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N,
+                     GemmInput input = GemmInput::f32);
 // dinp += dout @ W          dinp (N, C), dout (N, OC). W is frozen: no weight gradient.
-void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N);
+void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N,
+                            GemmInput input = GemmInput::f32);
 
 // out[n, :] = W[tokens[n], :]   out (N, C), tokens (N) in [0, rows). Only looked-up rows
 // are dequantized.

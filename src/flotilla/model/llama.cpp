@@ -45,9 +45,29 @@ Llama::Llama(const ModelConfig& cfg, const std::set<std::string>& quantized)
       params_(allocate_parameters(layout_.total_numel())),
       range_{0, cfg.n_layers} {}
 
+void Llama::set_matmul_input(kernels::GemmInput input) {
+  matmul_input_ = input;
+  if (input == kernels::GemmInput::f32) {
+    bf16_weights_ = Buffer<uint16_t>();  // not needed any more
+    bf16_weights_valid_ = false;
+  }
+}
+
+const uint16_t* Llama::bf16_weights() const {
+  if (!bf16_weights_valid_) {
+    if (bf16_weights_.size() != params_.size()) bf16_weights_ = Buffer<uint16_t>(params_.size());
+    k::convert_to_bf16(params_.data(), static_cast<int64_t>(params_.size()), bf16_weights_.data());
+    bf16_weights_valid_ = true;
+  }
+  return bf16_weights_.data();
+}
+
 void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N,
                            int64_t C, int64_t OC) const {
-  if (weight.is_quantized()) return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N);
+  if (weight.is_quantized())
+    return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N, matmul_input_);
+  if (matmul_input_ == kernels::GemmInput::bf16)
+    return k::matmul_forward_bf16(out, inp, bf16_weights() + weight.offset(), bias, N, C, OC);
   k::matmul_forward(out, inp, p(weight), bias, N, C, OC);
 }
 
@@ -56,8 +76,10 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
   if (weight.is_quantized()) {
     // A quantized base is always frozen (training it is refused before this point).
     if (dweight || dbias) throw Error("model", "a quantized weight has no gradient: it is frozen");
-    return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N);
+    return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N, matmul_input_);
   }
+  if (matmul_input_ == kernels::GemmInput::bf16)
+    return k::matmul_backward_bf16(dinp, dweight, dbias, dout, inp, bf16_weights() + weight.offset(), N, C, OC);
   k::matmul_backward(dinp, dweight, dbias, dout, inp, p(weight), N, C, OC);
 }
 
@@ -68,6 +90,7 @@ void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) cons
 
 void Llama::init_random(uint64_t seed) {
   if (quantized()) throw Error("model", "init_random on a quantized model");
+  bf16_weights_valid_ = false;
   Rng rng(seed);
   for (const ParamInfo& info : layout_.params()) {
     std::span<float> w(params_.data() + info.offset, static_cast<size_t>(info.numel));
@@ -113,6 +136,7 @@ Llama::Trainable Llama::trainable() {
     throw InputError("model", "a quantized model cannot be fully fine-tuned: de-quantize first "
                               "(flotilla fuse --de-quantize, or flotilla convert without --quantize), or train LoRA adapters");
   if (lora_) return Trainable{lora_->table(), lora_->params(), lora_->grads()};
+  bf16_weights_valid_ = false;  // the caller will update them
   return Trainable{layout_, params_.span(), grads()};
 }
 
@@ -297,7 +321,7 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
     if (!ctx.lora) return;
     std::optional<uint64_t> seed;
     if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
-    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed);
+    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, matmul_input_);
   };
   float* ln = ctx.ln;
   // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
@@ -430,7 +454,7 @@ void Llama::backward(float dloss_scale) {
     float* lg = lora_->grads().data();
     const float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
     std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
-    k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out);
+    k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
     k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
     if (!dropout || dx == nullptr) {
       const float* xd = x;
@@ -438,13 +462,14 @@ void Llama::backward(float dloss_scale) {
         k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
         xd = a.lora_xd;
       }
-      k::matmul_backward(dx, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r);
+      k::matmul_backward(dx, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
       return;
     }
     const float p = lora_->config().dropout;
     k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
     std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
-    k::matmul_backward(a.lora_dxd, lg + s.a, nullptr, a.lora_g, a.lora_xd, adapters + s.a, N, s.in, r);
+    k::matmul_backward(a.lora_dxd, lg + s.a, nullptr, a.lora_g, a.lora_xd, adapters + s.a, N, s.in, r,
+                      matmul_input_);
     k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
   };
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;

@@ -16,6 +16,7 @@
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/io/non_finite.hpp"
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/parallel_context.hpp"
@@ -152,6 +153,13 @@ class Llama {
   // dinp += dout @ W; dweight, dbias += ... (must be nullptr for a quantized, frozen W).
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                        const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const;
+  // Number format of the linear layers' products (lm_head, LoRA's and the 4-bit base's
+  // included): f32, or bf16 inputs with float32 accumulation. The weights stay float32; a
+  // bf16 copy is made when first needed and again by every forward that may follow an
+  // update of the base (a trained base: once per forward; a frozen one: once). Set the
+  // format a machine supports (model/matmul_dtype.hpp resolves it).
+  void set_matmul_input(kernels::GemmInput input);
+  kernels::GemmInput matmul_input() const { return matmul_input_; }
   // out (N, C) = embed_tokens[tokens]
   void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
 
@@ -168,7 +176,10 @@ class Llama {
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
-  std::span<float> params() { return params_.span(); }
+  std::span<float> params() {
+    bf16_weights_valid_ = false;  // the caller may change them
+    return params_.span();
+  }
   std::span<const float> params() const { return params_.span(); }
   // Gradient buffer in the same layout as params(); allocated on first use.
   std::span<float> grads();
@@ -286,11 +297,18 @@ class Llama {
   // The float tensor behind a dense reference, as p(w.offset) would be.
   float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
+  // The bf16 copy of params_ (same layout), made now if it is not up to date.
+  const uint16_t* bf16_weights() const;
 
   ModelConfig cfg_;
   ParamLayout layout_;
   Buffer<float> params_;
   Buffer<float> grads_;
+  kernels::GemmInput matmul_input_ = kernels::GemmInput::f32;
+  // bf16 copy of params_ for bf16 products; rebuilt when not valid. Mutable: a const
+  // forward (the KV-cache decoder's) makes it on first use, as a cache of params_.
+  mutable Buffer<uint16_t> bf16_weights_;
+  mutable bool bf16_weights_valid_ = false;
   // Quantized weights in layout order, and what keeps their bytes alive (the mapped
   // files of a loaded directory, or buffers of an in-memory quantization).
   std::vector<QuantMatrix> qweights_;

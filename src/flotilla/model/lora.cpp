@@ -426,16 +426,16 @@ void LoraAdapters::merge_into(std::span<float> base_params, const ParamLayout& l
 }
 
 void LoraAdapters::forward(int64_t layer, LoraTarget t, float* out, const float* x, float* u, float* xd, int64_t N,
-                           std::optional<uint64_t> dropout_seed) const {
+                           std::optional<uint64_t> dropout_seed, kernels::GemmInput input) const {
   const LoraSlot& s = slot(layer, t);
   if (!s.active()) return;
   if (dropout_seed) {
     kernels::dropout_forward(xd, x, N * s.in, cfg_.dropout, *dropout_seed);
     x = xd;
   }
-  kernels::matmul_forward(u, x, params_.data() + s.a, nullptr, N, s.in, cfg_.rank);
+  kernels::matmul_forward(u, x, params_.data() + s.a, nullptr, N, s.in, cfg_.rank, input);
   kernels::scale_inplace(u, N * cfg_.rank, cfg_.scale());
-  kernels::matmul_accumulate(out, u, params_.data() + s.b, N, cfg_.rank, s.out, 1.0f);
+  kernels::matmul_accumulate(out, u, params_.data() + s.b, N, cfg_.rank, s.out, 1.0f, input);
 }
 
 bool LoraAdapters::merge_into_tensor(std::string_view name, std::span<float> w) const {

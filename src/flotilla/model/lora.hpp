@@ -19,6 +19,7 @@
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/io/non_finite.hpp"
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/params.hpp"
 
@@ -101,8 +102,9 @@ class LoraAdapters {
   // is not adapted): out (N, out) += u B^T with u (N, rank) = scale * dropout(x) A^T kept
   // for backward; x (N, in). With a dropout seed the dropped-out input goes to
   // xd (N, in), scratch; without one (inference, or dropout 0) x is used as it is.
+  // `input`: the products' number format (the model's: bf16 rounds x and the adapters).
   void forward(int64_t layer, LoraTarget t, float* out, const float* x, float* u, float* xd, int64_t N,
-               std::optional<uint64_t> dropout_seed) const;
+               std::optional<uint64_t> dropout_seed, kernels::GemmInput input = kernels::GemmInput::f32) const;
   // The same for one base tensor `name` (e.g. "model.layers.3.self_attn.q_proj.weight"),
   // w (out, in): for bases merged tensor by tensor (quantized ones). False when unadapted.
   bool merge_into_tensor(std::string_view name, std::span<float> w) const;

@@ -43,7 +43,7 @@ struct Digest {
 };
 
 constexpr size_t kField = 96;  // bytes per string field in the all-gather
-constexpr size_t kFields = 9;  // host, versions, binary, model, data, numbers, cpu, kernels, matmul
+constexpr size_t kFields = 10;  // host, versions, binary, model, data, numbers, cpu, kernels, matmul, dtype
 
 void put(std::array<char, kField * kFields>& rec, size_t field, std::string_view s) {
   std::memcpy(rec.data() + field * kField, s.data(), std::min(s.size(), kField - 1));
@@ -86,7 +86,7 @@ std::string digest_running_binary() {
 }
 
 DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& model,
-                        const std::filesystem::path& data, uint64_t max_bytes) {
+                        const std::filesystem::path& data, uint64_t max_bytes, kernels::GemmInput dtype) {
   const int n = comm.size();
   std::array<char, kField * kFields> mine{};
   char host[256] = {};
@@ -100,6 +100,7 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
   put(mine, 6, kernels::cpu_features());
   put(mine, 7, kernels::kernel_isa());
   put(mine, 8, kernels::gemm_engine_info().isa);
+  put(mine, 9, dtype == kernels::GemmInput::bf16 && kernels::gemm_bf16_supported() ? "bf16" : "float32");
   std::vector<char> all(mine.size() * static_cast<size_t>(n));
   comm.all_gather(std::span<const int8_t>(reinterpret_cast<const int8_t*>(mine.data()), mine.size()),
                   std::span<int8_t>(reinterpret_cast<int8_t*>(all.data()), all.size()),
@@ -119,6 +120,7 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     rr.cpu = get(rec, 6);
     rr.kernels = get(rec, 7);
     rr.matmul = get(rec, 8);
+    rr.dtype = get(rec, 9);
     report.ranks.push_back(rr);
   }
   for (int r = 1; r < n; ++r) {
@@ -129,6 +131,10 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
     if (a.kernels != b.kernels)
       report.warnings.push_back(fmt::format("kernels: rank {} runs the {} variant, rank 0 the {} variant", r,
                                             b.kernels, a.kernels));
+    if (a.dtype != b.dtype)
+      report.warnings.push_back(fmt::format("dtype: rank {} computes its matrix products in {}, rank 0 in {}: their "
+                                            "gradients differ by more than rounding",
+                                            r, b.dtype, a.dtype));
     if (a.matmul != b.matmul)
       report.warnings.push_back(fmt::format("matmul: rank {} runs oneDNN's {} kernels, rank 0 its {} kernels", r,
                                             b.matmul, a.matmul));

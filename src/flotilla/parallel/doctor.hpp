@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "flotilla/kernels/gemm.hpp"
+
 #include "flotilla/comm/communicator.hpp"
 
 namespace flotilla::parallel {
@@ -24,6 +26,7 @@ struct RankReport {
   std::string cpu;        // the CPU's vector features (kernels::cpu_features)
   std::string kernels;    // the hot kernels' variant this rank runs (kernels::kernel_isa)
   std::string matmul;     // the ISA oneDNN runs the matrix products with (kernels::gemm_engine_info)
+  std::string dtype;      // the number format of those products for doctor's --dtype ("float32", "bf16")
 };
 
 struct CollectiveTiming {
@@ -46,8 +49,11 @@ struct DoctorReport {
 std::string digest_path(const std::filesystem::path& path);
 std::string digest_running_binary();
 
-// Every rank calls this; every rank returns the same report.
+// Every rank calls this; every rank returns the same report. `dtype`: the format a job
+// would ask for (--dtype); each rank says what it computes that in (bf16 or, without a
+// bf16 matmul on its CPU, float32), and ranks that differ are a warning.
 DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& model,
-                        const std::filesystem::path& data, uint64_t max_bytes);
+                        const std::filesystem::path& data, uint64_t max_bytes,
+                        kernels::GemmInput dtype = kernels::GemmInput::f32);
 
 }  // namespace flotilla::parallel

@@ -20,6 +20,7 @@ namespace flotilla::train {
 EvalResult run_eval_job(const EvalJob& job) {
   if (job.batch_size <= 0 || job.seq_len <= 0) throw InputError("eval", "--batch-size and --seq-len must be positive");
   model::Llama model = model::Llama::load(job.model_dir, job.non_finite);
+  model.set_matmul_input(job.dtype);
   if (job.seq_len > model.config().max_position)
     throw InputError("eval", fmt::format("--seq-len {} exceeds the model's {} positions (max_position_embeddings)",
                                          job.seq_len, model.config().max_position));

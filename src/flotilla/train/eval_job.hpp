@@ -7,6 +7,7 @@
 #include <string>
 
 #include "flotilla/io/non_finite.hpp"
+#include "flotilla/kernels/gemm.hpp"
 
 namespace flotilla::train {
 
@@ -20,6 +21,7 @@ struct EvalJob {
   int64_t max_batches = 0;            // 0: the whole split (one pass)
   bool pack = true;
   io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn;  // weights holding NaN or Inf
+  kernels::GemmInput dtype = kernels::GemmInput::f32;  // matrix products (as this machine runs them)
 };
 
 struct EvalResult {

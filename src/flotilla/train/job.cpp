@@ -18,6 +18,7 @@
 #include "flotilla/base/stop_signal.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 #include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/train/job_checkpoints.hpp"
@@ -194,6 +195,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     info(fmt::format("test: loss {:.4f}, perplexity {:.3f} ({} target tokens)", e.loss, std::exp(e.loss), e.tokens));
   }
   record.summary.peak_rss_bytes = peak_rss_bytes();
+  record.summary.dtype = std::string(model::matmul_dtype_name(model.matmul_input()));
   write_outputs(job, ranks, model, adapters.get(), *tokenizer, trace.get(), trainer, config, checkpoints, record, info);
   return record.summary;
 }

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/train/trainer.hpp"
@@ -29,6 +30,9 @@ struct TrainJob {
   std::filesystem::path data;
   bool mask_prompt = false;         // mlx_lm data folder: loss on completions / assistant turns
   bool grad_checkpoint = false;     // recompute each block's activations in backward (Llama)
+  // Matrix products: float32, or bf16 inputs with float32 accumulation (model/matmul_dtype.hpp:
+  // float32 where the CPU has no bf16). Master weights and AdamW state stay float32.
+  kernels::GemmInput dtype = kernels::GemmInput::f32;
   // After training, the loss on the data's test split (test_batches batches; <= 0: all).
   bool test = false;
   int64_t test_batches = 0;
@@ -100,6 +104,7 @@ struct TrainSummary {
   int64_t peak_rss_bytes = 0;
   // Data parallel: gradient bytes this rank sent per optimizer step (0 on one process).
   double gradient_bytes_per_step = 0.0;
+  std::string dtype = "float32";    // the matrix products' number format as run ("float32", "bf16")
 };
 
 // Runs the job. The model (or adapters) is written first; metrics, report and trace after

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
 namespace flotilla::train {
@@ -117,11 +118,14 @@ void plan_activations(const TrainJob& job, model::Llama& model, const InfoSink& 
   const model::ModelConfig& cfg = model.config();
   const int64_t B = job.train.batch_size, T = job.train.seq_len;
   model.set_grad_checkpoint(job.grad_checkpoint);
+  model.set_matmul_input(model::resolve_matmul_dtype(job.dtype));
   model.check_activation_memory(B, T);  // before the data loads, not at the first step
-  info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB{}",
+  info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB{}; matrix products "
+                   "in {}",
                    model::architecture_name(cfg.arch), static_cast<double>(cfg.num_params()) / 1e6, B, T,
                    static_cast<double>(model.activation_bytes(B, T)) / (1 << 20),
-                   job.grad_checkpoint ? " (gradient checkpointing)" : ""));
+                   job.grad_checkpoint ? " (gradient checkpointing)" : "",
+                   model.matmul_input() == kernels::GemmInput::bf16 ? "bf16 (float32 accumulation)" : "float32"));
 }
 
 std::string base_model_name(const TrainJob& job) {

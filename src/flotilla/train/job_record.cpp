@@ -101,6 +101,7 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const Train
                            {"final_loss", summary.final_loss},
                            {"elapsed_s", summary.elapsed_s},
                            {"peak_rss_bytes", summary.peak_rss_bytes},
+                           {"dtype", summary.dtype},
                            {"skipped_batches_without_targets", summary.skipped_batches},
                            {"ranks", world},
                            {"config", config}};
