@@ -39,6 +39,7 @@
 #include "flotilla/base/timer.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/model_writer.hpp"
 #include "flotilla/train/adamw.hpp"
@@ -63,6 +64,7 @@ struct Args {
   float alpha = 16.0f;
   std::string targets = "q,k,v,o";
   int bits = 0;  // 0: float32 base
+  std::string dtype = "float32";  // matrix products: float32 or bf16 (as train --dtype)
   bool json = false;
 };
 
@@ -82,6 +84,7 @@ Args parse_args(int argc, char** argv) {
     else if (s == "--alpha") a.alpha = std::stof(need(i));
     else if (s == "--targets") a.targets = need(i);
     else if (s == "--bits") a.bits = std::stoi(need(i));
+    else if (s == "--dtype") a.dtype = need(i);
     else if (s == "--json") a.json = true;
     else if (s == "-h" || s == "--help") {
       std::cout << "usage: lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W] "
@@ -136,6 +139,9 @@ int run(const Args& args) {
   flotilla::model::LoraAdapters adapters(cfg, lora_cfg);
   adapters.init_random(1);
   model.attach_lora(&adapters);  // freezes the base: no base gradient buffer at all
+  const auto dtype = flotilla::model::parse_matmul_dtype(args.dtype);
+  if (!dtype) throw std::invalid_argument("--dtype: float32 or bf16, not " + args.dtype);
+  model.set_matmul_input(flotilla::model::resolve_matmul_dtype(*dtype));
   int64_t adapter_params = 0;
   for (const auto& info : adapters.table().params()) adapter_params += info.numel;
 
@@ -164,6 +170,7 @@ int run(const Args& args) {
   const double tokens_per_s = static_cast<double>(B * T) * steps / elapsed_s;
   const nlohmann::json out = {
       {"impl", "flotilla"},
+      {"dtype", flotilla::model::matmul_dtype_name(model.matmul_input())},
       {"workload", args.workload},
       {"threads", args.threads},
       {"params", cfg.num_params()},

@@ -3,7 +3,8 @@
 // Prints one JSON line; bench/train_throughput runs this and the PyTorch peer one after the
 // other and prints the table with the ratios.
 //
-//   train_throughput --workload W1|W2 --threads N --steps S --warmup W [--json] [--breakdown]
+//   train_throughput --workload W1|W2 --threads N --steps S --warmup W [--dtype float32|bf16] [--json]
+//                    [--breakdown]
 //
 // Without --json a short human summary goes to stdout as well; --breakdown adds, on stderr,
 // ms per step for each phase (zero_grads, forward, backward, optimizer) and a per-op
@@ -39,6 +40,7 @@
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 #include "flotilla/plan/flops.hpp"
 #include "flotilla/train/adamw.hpp"
 
@@ -182,6 +184,7 @@ std::vector<OpRow> op_profile(const ModelConfig& c, int64_t B, int64_t T, int re
 struct Args {
   std::string workload = "W1";
   int threads = 2, steps = 5, warmup = 1;
+  std::string dtype = "float32";  // matrix products: float32 or bf16 (as train --dtype)
   bool json = false, breakdown = false;
 };
 
@@ -197,11 +200,12 @@ Args parse_args(int argc, char** argv) {
     else if (s == "--threads") a.threads = std::stoi(need(i));
     else if (s == "--steps") a.steps = std::stoi(need(i));
     else if (s == "--warmup") a.warmup = std::stoi(need(i));
+    else if (s == "--dtype") a.dtype = need(i);
     else if (s == "--json") a.json = true;
     else if (s == "--breakdown") a.breakdown = true;
     else if (s == "-h" || s == "--help") {
       std::cout << "usage: train_throughput --workload W1|W2 --threads N --steps S --warmup W "
-                   "[--json] [--breakdown]\n";
+                   "[--dtype float32|bf16] [--json] [--breakdown]\n";
       std::exit(0);
     } else {
       throw std::invalid_argument("unknown flag " + std::string(s));
@@ -221,6 +225,9 @@ int run(const Args& args) {
   const int64_t B = w->batch, T = w->seq, V = w->vocab;
   flotilla::model::Llama model(cfg);
   model.init_random(0);
+  const auto dtype = flotilla::model::parse_matmul_dtype(args.dtype);
+  if (!dtype) throw std::invalid_argument("--dtype: float32 or bf16, not " + args.dtype);
+  model.set_matmul_input(flotilla::model::resolve_matmul_dtype(*dtype));
   // torch.optim.AdamW's defaults, as the peer uses them: betas (0.9, 0.999), eps 1e-8.
   flotilla::train::AdamW opt(model.layout(), {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f,
                                               .weight_decay = 0.1f});
@@ -252,6 +259,7 @@ int run(const Args& args) {
 
   nlohmann::json out = {
       {"impl", "flotilla"},
+      {"dtype", flotilla::model::matmul_dtype_name(model.matmul_input())},
       {"workload", args.workload},
       {"threads", args.threads},
       {"params", cfg.num_params()},

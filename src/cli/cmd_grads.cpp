@@ -43,6 +43,7 @@ std::vector<int32_t> read_rows(const nlohmann::json& j, const char* key, const s
 void add_grads_command(CLI::App& app) {
   struct Options {
     std::string model, batch, out, adapter;
+    std::string dtype = "float32";
     bool force = false, strict = false;
   };
   auto opt = std::make_shared<Options>();
@@ -53,6 +54,7 @@ void add_grads_command(CLI::App& app) {
   cmd->add_option("--out", opt->out, "Output .safetensors file (an existing one only with --force)")->required();
   cmd->add_flag("--force", opt->force, "Replace an existing --out file");
   add_strict_flag(cmd, opt->strict);
+  add_dtype_option(cmd, opt->dtype);
   cmd->add_option("--adapter", opt->adapter, "A LoRA adapter folder (PEFT or mlx_lm): gradients of its tensors (PEFT names), base frozen")
       ->check(CLI::ExistingDirectory);
   cmd->callback([opt] {
@@ -70,6 +72,7 @@ void add_grads_command(CLI::App& app) {
     if (B != Bt || T != Tt) throw InputError("grads", opt->batch + ": tokens and targets differ in shape");
 
     model::Llama model = model::Llama::load(opt->model, non_finite_policy(opt->strict));
+    model.set_matmul_input(matmul_dtype_of(opt->dtype));
     if (T > model.config().max_position)
       throw InputError("grads", fmt::format("{}: rows of {} tokens exceed the model's {} positions "
                                             "(max_position_embeddings)",

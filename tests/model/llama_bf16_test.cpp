@@ -1,0 +1,174 @@
+// Llama with bf16 matrix products (set_matmul_input(bf16)) as a specification: it computes
+// what float32 computes to bf16's rounding, and never from a stale bf16 copy of weights
+// that changed since (an optimizer step, an edit through params()).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "flotilla/base/rng.hpp"
+#include "flotilla/kernels/gemm.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
+#include "../test_seed.hpp"
+
+namespace flotilla::model {
+namespace {
+
+using ::flotilla::testing::test_seed;
+using kernels::GemmInput;
+
+// Two layers, GQA, q/k/v biases, widths above oneDNN's small-matrix cases.
+ModelConfig bf16_config() {
+  ModelConfig c;
+  c.arch = Architecture::qwen2;
+  c.qkv_bias = true;
+  c.vocab_size = 97;
+  c.dim = 64;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 16;
+  c.ffn_dim = 96;
+  c.max_position = 64;
+  return c;
+}
+
+// Weights of order one (HF's N(0, 0.02) makes every logit ~0 and hides any error).
+void fill_params(Llama& model, Rng& rng) {
+  std::span<float> all = model.params();
+  for (const ParamInfo& info : model.layout().params()) {
+    std::span<float> w = all.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
+    if (info.name.ends_with("norm.weight"))
+      rng.fill_uniform(w, 0.5f, 1.5f);
+    else
+      rng.fill_uniform(w, -0.3f, 0.3f);
+  }
+}
+
+std::vector<int32_t> random_tokens(Rng& rng, size_t n, int64_t vocab) {
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
+  return t;
+}
+
+std::vector<float> logits_of(Llama& model, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {
+  model.forward(tokens.data(), nullptr, B, T);
+  const auto l = model.logits();
+  return {l.begin(), l.end()};
+}
+
+// max |a - b| / max |b|
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(b[i])));
+  }
+  return diff / scale;
+}
+
+#define SKIP_WITHOUT_BF16()                                                             \
+  if (!kernels::gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU"
+
+// Tolerance: each product input is rounded by <= 2^-9 relative; through the ~10 products of
+// this 2-layer model (and ~20 for a gradient) the errors add to a few 2^-9 at most
+// (tests/reference/check_against_torch.py derives the same bound): 2^-5. A stale or wrong
+// weight copy, or a product that ignored the format, is off by O(1) or exactly 0.
+constexpr double kBf16Tolerance = 1.0 / 32;
+
+TEST(LlamaBf16, ForwardAndGradientsAreFloat32sToBf16Rounding) {
+  SKIP_WITHOUT_BF16();
+  Rng rng(test_seed());
+  const ModelConfig cfg = bf16_config();
+  Llama model(cfg);
+  fill_params(model, rng);
+  const int64_t B = 2, T = 24;
+  const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
+  const auto targets = random_tokens(rng, B * T, cfg.vocab_size);
+
+  auto run = [&](GemmInput input) {
+    model.set_matmul_input(input);
+    model.zero_grads();
+    const LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
+    const auto l = model.logits();
+    std::vector<float> logits(l.begin(), l.end());
+    model.backward(1.0f / static_cast<float>(loss.num_tokens));
+    const auto g = model.grads();
+    return std::make_pair(logits, std::vector<float>(g.begin(), g.end()));
+  };
+  const auto [logits32, grads32] = run(GemmInput::f32);
+  const auto [logits16, grads16] = run(GemmInput::bf16);
+  const double logit_err = rel_err(logits16, logits32), grad_err = rel_err(grads16, grads32);
+  EXPECT_LE(logit_err, kBf16Tolerance);
+  EXPECT_LE(grad_err, kBf16Tolerance);
+  // And it is bf16: float32 would agree to ~1e-6.
+  EXPECT_GT(logit_err, 1e-4);
+  EXPECT_GT(grad_err, 1e-4);
+}
+
+// After an update through trainable() (what the optimizer does) or params(), the next bf16
+// forward computes with the new weights: the same logits as a model built with them.
+TEST(LlamaBf16, UpdatedWeightsReachTheNextForward) {
+  SKIP_WITHOUT_BF16();
+  Rng rng(test_seed());
+  const ModelConfig cfg = bf16_config();
+  const int64_t B = 1, T = 20;
+  const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
+  Llama model(cfg);
+  fill_params(model, rng);
+  model.set_matmul_input(GemmInput::bf16);
+  std::vector<float> before = logits_of(model, tokens, B, T);  // makes the bf16 copy
+
+  for (int via_trainable = 0; via_trainable < 2; ++via_trainable) {
+    std::span<float> w = via_trainable ? model.trainable().params : model.params();
+    for (float& x : w) x = 0.75f * x + 0.01f;
+    const std::vector<float> after = logits_of(model, tokens, B, T);
+    Llama fresh(cfg);
+    const std::span<const float> now = std::as_const(model).params();  // const: no invalidation
+    std::copy(now.begin(), now.end(), fresh.params().begin());
+    fresh.set_matmul_input(GemmInput::bf16);
+    const std::vector<float> want = logits_of(fresh, tokens, B, T);
+    ASSERT_EQ(after, want) << (via_trainable ? "trainable()" : "params()");
+    EXPECT_NE(after, before);
+    before = after;
+  }
+}
+
+// A frozen base (LoRA) keeps one bf16 copy across forwards, yet an edit through params()
+// still reaches the next forward; LoRA's own products are bf16 as well.
+TEST(LlamaBf16, FrozenBaseWithAdaptersSeesEditedWeights) {
+  SKIP_WITHOUT_BF16();
+  Rng rng(test_seed());
+  const ModelConfig cfg = bf16_config();
+  const int64_t B = 1, T = 20;
+  const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.targets = {LoraTarget::q, LoraTarget::v, LoraTarget::down};
+  LoraAdapters adapters(cfg, lc);
+  rng.fill_uniform(adapters.params(), -0.3f, 0.3f);
+
+  Llama model(cfg), fresh(cfg);
+  fill_params(model, rng);
+  model.attach_lora(&adapters);
+  model.set_matmul_input(GemmInput::bf16);
+  model.set_training(false);
+  logits_of(model, tokens, B, T);
+  for (float& x : model.params()) x *= 0.5f;
+  const std::vector<float> after = logits_of(model, tokens, B, T);
+  std::copy(model.params().begin(), model.params().end(), fresh.params().begin());
+  fresh.attach_lora(&adapters);
+  fresh.set_matmul_input(GemmInput::bf16);
+  fresh.set_training(false);
+  EXPECT_EQ(after, logits_of(fresh, tokens, B, T));
+  fresh.set_matmul_input(GemmInput::f32);
+  const double err = rel_err(after, logits_of(fresh, tokens, B, T));
+  EXPECT_LE(err, kBf16Tolerance);
+  EXPECT_GT(err, 1e-4);
+}
+
+}  // namespace
+}  // namespace flotilla::model
