@@ -48,6 +48,7 @@ def register_limit_cases(case, Run, ws_helpers):
         ("seq_len_beyond_positions", ["--seq-len", "4096"], ["--seq-len 4096", "512"]),
         ("outer_lr_inf", ["--sync-every", "4", "--outer-lr", "inf"], ["--outer-lr", "inf"]),
         ("lora_alpha_nan", ["--fine-tune-type", "lora", "--lora-alpha", "nan"], ["alpha", "nan"]),
+        ("dtype_unknown", ["--dtype", "fp8"], ["--dtype", "fp8", "bf16"]),
     ]
     for name, flags, needles in train_domain:
         @case(f"train_{name}")
