@@ -388,6 +388,11 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   }
   // A stage below the last has no targets; its forwards in training count as the step's.
   if (training_ && (targets || !last_stage())) forward_dropout_ = dropout_step_++;
+  // A trained base may have been updated since the last forward (the optimizer writes
+  // through trainable().params): its bf16 copy is made again, once per forward. (A
+  // before_group_forward hook that writes a group's parameters, as a ZeRO-3 gather would,
+  // must also invalidate the copy; none does yet.)
+  if (!base_frozen()) bf16_weights_valid_ = false;
   if (first_stage()) {
     if (parallel_) parallel_->before_group_forward(ParamGroup::embedding());
     embedding_forward(a.layers[0].resid_in, tokens, N);
