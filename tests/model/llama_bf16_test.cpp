@@ -74,10 +74,12 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   if (!kernels::gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU"
 
 // Tolerance: each product input is rounded by <= 2^-9 relative; through the ~10 products of
-// this 2-layer model (and ~20 for a gradient) the errors add to a few 2^-9 at most
-// (tests/reference/check_against_torch.py derives the same bound): 2^-5. A stale or wrong
-// weight copy, or a product that ignored the format, is off by O(1) or exactly 0.
-constexpr double kBf16Tolerance = 1.0 / 32;
+// this 2-layer model (and ~20 for a gradient) the errors add, in the worst case all in one
+// direction, to 20 x 2^-9 ~ 0.04 of the largest element: 2^-4. (2^-5 was exceeded by a
+// gradient at 0.034 with one of the fresh seeds; tests/reference/check_against_torch.py
+// allows 2^-3 for its deeper model.) A stale or wrong weight copy, or a product that
+// ignored the format, is off by O(1) or exactly 0.
+constexpr double kBf16Tolerance = 1.0 / 16;
 
 TEST(LlamaBf16, ForwardAndGradientsAreFloat32sToBf16Rounding) {
   SKIP_WITHOUT_BF16();
