@@ -10,10 +10,10 @@
 namespace flotilla::comm::detail {
 namespace {
 
-class DenseCodec final : public GradientCodec {
+class DenseCodec final : public ErrorFeedbackCodec {
  public:
-  DenseCodec(Compression kind, WireDtype dtype, int64_t n)
-      : GradientCodec(kind), sum_(dtype), residual_(static_cast<size_t>(n), 0.0f) {}
+  // The residual is what this rank's rounding dropped.
+  DenseCodec(Compression kind, WireDtype dtype, int64_t n) : ErrorFeedbackCodec(kind, n), sum_(dtype) {}
 
   void all_reduce_sum(std::span<float> gradient, Communicator& comm) override {
     check_size(gradient.size(), residual_.size());
@@ -22,20 +22,9 @@ class DenseCodec final : public GradientCodec {
     ++calls_;
   }
 
-  std::span<const float> residual() const override { return residual_; }
-  std::vector<CodecState> save_state() const override {
-    std::vector<CodecState> state = GradientCodec::save_state();
-    state.push_back({"residual", residual_});
-    return state;
-  }
-  void load_state(const std::vector<CodecState>& state) override {
-    GradientCodec::load_state(state);
-    residual_ = state_part(state, "residual", residual_.size());
-  }
 
  private:
   WireSum sum_;
-  std::vector<float> residual_;  // (n) what this rank's rounding dropped
 };
 
 }  // namespace

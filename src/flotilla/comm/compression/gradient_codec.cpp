@@ -215,4 +215,15 @@ std::unique_ptr<GradientCodec> make_codec(const CompressionConfig& config, int64
 
 }  // namespace
 
+std::vector<CodecState> ErrorFeedbackCodec::save_state() const {
+  std::vector<CodecState> state = GradientCodec::save_state();
+  state.push_back({"residual", residual_});
+  return state;
+}
+
+void ErrorFeedbackCodec::load_state(const std::vector<CodecState>& state) {
+  GradientCodec::load_state(state);
+  residual_ = state_part(state, "residual", residual_.size());
+}
+
 }  // namespace flotilla::comm

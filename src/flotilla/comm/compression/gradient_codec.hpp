@@ -123,6 +123,19 @@ class GradientCodec {
   int64_t bytes_sent_ = 0;
 };
 
+// The lossy codecs' common part: this rank's error-feedback residual (n floats), what it
+// still owes, saved and restored with the rest of the codec's state.
+class ErrorFeedbackCodec : public GradientCodec {
+ public:
+  std::span<const float> residual() const override { return residual_; }
+  std::vector<CodecState> save_state() const override;
+  void load_state(const std::vector<CodecState>& state) override;
+
+ protected:
+  ErrorFeedbackCodec(Compression kind, int64_t n) : GradientCodec(kind), residual_(static_cast<size_t>(n), 0.0f) {}
+  std::vector<float> residual_;  // (n)
+};
+
 // A codec for gradients of n floats made of `tensors` (may be empty: one flat tensor).
 // Throws InputError for a density, rank or warm-up out of range.
 std::unique_ptr<GradientCodec> make_gradient_codec(const CompressionConfig& config, int64_t n,

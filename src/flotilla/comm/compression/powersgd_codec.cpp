@@ -66,10 +66,10 @@ void orthonormalise_columns(float* p, int64_t rows, int64_t r) {
   }
 }
 
-class PowerSgdCodec final : public GradientCodec {
+class PowerSgdCodec final : public ErrorFeedbackCodec {
  public:
   PowerSgdCodec(int64_t n, const std::vector<MatrixShape>& matrices, int rank, uint64_t seed, WireDtype dtype)
-      : GradientCodec(Compression::powersgd), rng_(seed ^ 0x9E3779B97F4A7C15ull), residual_(static_cast<size_t>(n), 0.0f) {
+      : ErrorFeedbackCodec(Compression::powersgd, n), rng_(seed ^ 0x9E3779B97F4A7C15ull) {  // the residual: this rank's M, carried over
     if (dtype != WireDtype::f32) narrow_.emplace(dtype);
     std::vector<bool> in_matrix(static_cast<size_t>(n), false);
     int64_t p_size = 0, q_size = 0;
@@ -134,12 +134,10 @@ class PowerSgdCodec final : public GradientCodec {
     ++calls_;
   }
 
-  std::span<const float> residual() const override { return residual_; }
-  // The warm start (Q), the generator that restarts vanished directions, and what this
-  // rank still owes.
+  // Besides the residual: the warm start (Q), the generator that restarts vanished
+  // directions, and what the narrow dtype dropped.
   std::vector<CodecState> save_state() const override {
-    std::vector<CodecState> state = GradientCodec::save_state();
-    state.push_back({"residual", residual_});
+    std::vector<CodecState> state = ErrorFeedbackCodec::save_state();
     state.push_back({"q", qt_});
     state.push_back({"plain_rounding", plain_rounding_});
     const Rng::State st = rng_.state();
@@ -147,8 +145,7 @@ class PowerSgdCodec final : public GradientCodec {
     return state;
   }
   void load_state(const std::vector<CodecState>& state) override {
-    GradientCodec::load_state(state);
-    residual_ = state_part(state, "residual", residual_.size());
+    ErrorFeedbackCodec::load_state(state);
     qt_ = state_part(state, "q", qt_.size());
     // Sized at the first narrow exchange: empty before it, the plain elements' after.
     const auto rounding = std::find_if(state.begin(), state.end(), [](const CodecState& s) { return s.name == "plain_rounding"; });
@@ -208,7 +205,6 @@ class PowerSgdCodec final : public GradientCodec {
   Rng rng_;
   std::optional<WireSum> narrow_;         // set when factors travel in a narrow dtype
   std::vector<float> plain_rounding_;     // (plain) what the narrow dtype dropped of this rank's part
-  std::vector<float> residual_;           // (n) this rank's M, carried over
   std::vector<Factorised> factorised_;
   std::vector<int64_t> plain_index_;      // elements sent uncompressed
   std::vector<float> p_, qt_, plain_;

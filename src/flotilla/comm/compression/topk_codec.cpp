@@ -48,10 +48,10 @@ int64_t k_of(double density, int64_t size) {
   return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(density * static_cast<double>(size))), 1, size);
 }
 
-class TopKCodec final : public GradientCodec {
+class TopKCodec final : public ErrorFeedbackCodec {
  public:
   TopKCodec(int64_t n, double density, const std::vector<MatrixShape>& tensors, WireDtype dtype)
-      : GradientCodec(Compression::topk), dtype_(dtype), residual_(static_cast<size_t>(n), 0.0f) {
+      : ErrorFeedbackCodec(Compression::topk, n), dtype_(dtype) {  // the residual: gradient not yet sent
     // Groups: the tensors (or their blocks), or the whole gradient when none are given.
     // Elements outside every tensor (alignment padding) are never sent.
     std::vector<MatrixShape> parts = tensors;
@@ -92,16 +92,6 @@ class TopKCodec final : public GradientCodec {
     ++calls_;
   }
 
-  std::span<const float> residual() const override { return residual_; }
-  std::vector<CodecState> save_state() const override {
-    std::vector<CodecState> state = GradientCodec::save_state();
-    state.push_back({"residual", residual_});
-    return state;
-  }
-  void load_state(const std::vector<CodecState>& state) override {
-    GradientCodec::load_state(state);
-    residual_ = state_part(state, "residual", residual_.size());
-  }
 
  private:
   struct Group {
@@ -287,7 +277,6 @@ class TopKCodec final : public GradientCodec {
   static int64_t bitmap_words(const Group& g) { return (g.size + 31) / 32; }
 
   WireDtype dtype_;
-  std::vector<float> residual_;   // (n) gradient not yet sent
   std::vector<Group> groups_;
   int64_t k_ = 0;                 // entries per rank and call: the sum of the groups' k
   int64_t words_ = 0;             // narrow dtypes: the payload's words after the header
