@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "flotilla/kernels/dispatch.hpp"
@@ -158,6 +159,20 @@ FLOTILLA_KERNEL void dequantize_rows_bf16(const QuantMatrix& m, int64_t row0, in
   }
 }
 
+// fn(r0, nr, tile) for each run of at most tile_rows(C) rows [r0, r0 + nr) of m, the run
+// dequantized into `tile` (nr, C): float, or bf16 as uint16_t. One buffer serves every run.
+template <class Elem, class Fn>
+void for_each_tile(const QuantMatrix& m, Fn&& fn) {
+  const int64_t R = tile_rows(m.cols);
+  std::vector<Elem> tile(static_cast<size_t>(std::min(R, m.rows) * m.cols));
+  for (int64_t r0 = 0; r0 < m.rows; r0 += R) {
+    const int64_t nr = std::min(R, m.rows - r0);
+    if constexpr (std::is_same_v<Elem, float>) dequantize_rows(m, r0, nr, tile.data());
+    else dequantize_rows_bf16(m, r0, nr, tile.data());
+    fn(r0, nr, static_cast<const Elem*>(tile.data()));
+  }
+}
+
 }  // namespace
 
 FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N,
@@ -166,15 +181,11 @@ FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMa
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0) return;
   if (N > kRowPathMaxRows && input == GemmInput::bf16) {
-    const int64_t R = tile_rows(C);
     std::vector<uint16_t> x(static_cast<size_t>(N * C));
     convert_to_bf16(inp, N * C, x.data());
-    std::vector<uint16_t> tile(static_cast<size_t>(std::min(R, OC) * C));
-    for (int64_t r0 = 0; r0 < OC; r0 += R) {
-      const int64_t nr = std::min(R, OC - r0);
-      dequantize_rows_bf16(m, r0, nr, tile.data());
-      gemm_bf16(Transpose::no, Transpose::yes, N, nr, C, 1.0f, x.data(), C, tile.data(), C, false, out + r0, OC);
-    }
+    for_each_tile<uint16_t>(m, [&](int64_t r0, int64_t nr, const uint16_t* tile) {
+      gemm_bf16(Transpose::no, Transpose::yes, N, nr, C, 1.0f, x.data(), C, tile, C, false, out + r0, OC);
+    });
   } else if (N <= kRowPathMaxRows) {
     // Decoding and short prompts: each weight row is dequantized once into L1 and dotted
     // with the N inputs.
@@ -196,14 +207,10 @@ FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMa
     }
     return;  // the bias is in
   } else {
-    const int64_t R = tile_rows(C);
-    std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
-    for (int64_t r0 = 0; r0 < OC; r0 += R) {
-      const int64_t nr = std::min(R, OC - r0);
-      dequantize_rows(m, r0, nr, tile.data());
-      // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T
-      gemm(Transpose::no, Transpose::yes, N, nr, C, 1.0f, inp, C, tile.data(), C, false, out + r0, OC);
-    }
+    // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T
+    for_each_tile<float>(m, [&](int64_t r0, int64_t nr, const float* tile) {
+      gemm(Transpose::no, Transpose::yes, N, nr, C, 1.0f, inp, C, tile, C, false, out + r0, OC);
+    });
   }
   if (bias) {
 #pragma omp parallel for schedule(static) if (N * OC > (1 << 15))
@@ -217,26 +224,18 @@ FLOTILLA_KERNEL void qmatmul_backward_input(float* dinp, const float* dout, cons
   // dinp (N, C) += dout (N, OC) @ m (OC, C)
   const int64_t OC = m.rows, C = m.cols;
   if (N == 0 || OC == 0 || C == 0 || dinp == nullptr) return;
+  // dinp += dout[:, r0:r0+nr] (N, nr) @ tile (nr, C)
   if (input == GemmInput::bf16) {
-    const int64_t R = tile_rows(C);
     std::vector<uint16_t> g(static_cast<size_t>(N * OC));
     convert_to_bf16(dout, N * OC, g.data());
-    std::vector<uint16_t> tile(static_cast<size_t>(std::min(R, OC) * C));
-    for (int64_t r0 = 0; r0 < OC; r0 += R) {
-      const int64_t nr = std::min(R, OC - r0);
-      dequantize_rows_bf16(m, r0, nr, tile.data());
-      gemm_bf16(Transpose::no, Transpose::no, N, C, nr, 1.0f, g.data() + r0, OC, tile.data(), C, true, dinp, C);
-    }
+    for_each_tile<uint16_t>(m, [&](int64_t r0, int64_t nr, const uint16_t* tile) {
+      gemm_bf16(Transpose::no, Transpose::no, N, C, nr, 1.0f, g.data() + r0, OC, tile, C, true, dinp, C);
+    });
     return;
   }
-  const int64_t R = tile_rows(C);
-  std::vector<float> tile(static_cast<size_t>(std::min(R, OC) * C));
-  for (int64_t r0 = 0; r0 < OC; r0 += R) {
-    const int64_t nr = std::min(R, OC - r0);
-    dequantize_rows(m, r0, nr, tile.data());
-    // dinp += dout[:, r0:r0+nr] (N, nr) @ tile (nr, C)
-    gemm(Transpose::no, Transpose::no, N, C, nr, 1.0f, dout + r0, OC, tile.data(), C, true, dinp, C);
-  }
+  for_each_tile<float>(m, [&](int64_t r0, int64_t nr, const float* tile) {
+    gemm(Transpose::no, Transpose::no, N, C, nr, 1.0f, dout + r0, OC, tile, C, true, dinp, C);
+  });
 }
 
 void qembedding_forward(float* out, const int32_t* tokens, const QuantMatrix& m, int64_t N) {
