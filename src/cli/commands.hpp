@@ -30,6 +30,7 @@ void add_data_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 void add_plan_command(CLI::App& app);
 void add_convert_command(CLI::App& app);
+void add_launch_command(CLI::App& app);
 
 // Refuses to write into a non-empty directory unless `force`: a user's earlier model or
 // run is never overwritten by accident. ensure_output_dir then creates it; check_output_dir

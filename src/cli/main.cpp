@@ -184,6 +184,7 @@ int main(int argc, char** argv) {
   flotilla::cli::add_bench_command(app);
   flotilla::cli::add_plan_command(app);
   flotilla::cli::add_convert_command(app);
+  flotilla::cli::add_launch_command(app);
   try {
     // Under mpirun / srun: MPI starts before anything else and finalizes last.
     const auto mpi = start_mpi_with_deadline(&argc, &argv);

@@ -25,8 +25,9 @@ nlohmann::json step_json(const StepMetrics& m) {
   return j;
 }
 
-// The lines of an earlier metrics.jsonl up to and including `step`: a resumed run keeps
-// the history of the steps it does not repeat. Lines it cannot read are dropped.
+// The lines of an earlier metrics.jsonl up to and including `step`, and every event line
+// `flotilla launch` wrote (an "event" key, no step): a resumed run keeps the history of
+// the steps it does not repeat and of its restarts. Lines it cannot read are dropped.
 std::string metrics_up_to(const std::filesystem::path& path, int64_t step) {
   if (!std::filesystem::is_regular_file(path)) return {};
   const std::string text = read_text_file(path);
@@ -37,7 +38,8 @@ std::string metrics_up_to(const std::filesystem::path& path, int64_t step) {
     if (end == std::string::npos) end = text.size();
     const std::string_view line(text.data() + begin, end - begin);
     const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step)
+    if (j.is_object() && ((j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() <= step) ||
+                          (!j.contains("step") && j.contains("event"))))
       kept.append(line).push_back('\n');
     begin = end + 1;
   }

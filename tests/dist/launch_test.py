@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""flotilla launch keeps a training job going when a rank is lost (issue 13 item 3).
+Each case runs `flotilla launch` over mpirun on this machine:
+
+  same      2 slots; rank 1 is killed (SIGKILL) mid-run: the launcher relaunches on 2 ranks
+            from the newest checkpoint and the job completes; the final model is byte-identical
+            to an uninterrupted run's (resuming on the same world size is exact), metrics.jsonl
+            holds each step line once and the launcher's events (attempt_start x2,
+            attempt_failed, training_again, complete).
+  shrink    4 slots from a --discover script; rank 2 is killed and the script then offers 2:
+            the relaunch runs 2 ranks with twice the accumulation (the global batch of 4 rows
+            is kept: 1 row x 2 micro-batches each), resumed from the 4-rank checkpoint
+            resharded; final weights within 1e-5 relative of the uninterrupted 4-rank run.
+  give-up   --max-restarts 0: a killed rank ends the launch with one line, non-zero.
+  refused   no answering host beyond this one with --min-hosts 2 (a probe that fails); a job
+            without --save-every; a bad train flag (train's own line, alone); no job after
+            `--`: one line each, non-zero, nothing run.
+Usage: launch_test.py FLOTILLA [--mpirun M]
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import json
+
+import numpy as np  # Debian's python3-numpy
+
+from dist_util import mpi_env, rank_pids, script_args, summary
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_equivalence_test import read_safetensors  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.dirname(os.path.dirname(HERE))
+MPIRUN_ARGS = "--allow-run-as-root --oversubscribe --mca btl self,vader,tcp"
+
+
+class Job:
+    """A launched command whose output is collected by a thread, so a test can wait for a line."""
+
+    def __init__(self, cmd, env):
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, needle, bound_s):
+        end = time.time() + bound_s
+        while time.time() < end:
+            if any(needle in l for l in self.lines):
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def finish(self, bound_s):
+        try:
+            self.proc.wait(timeout=bound_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.reader.join(5)
+            return None, "".join(self.lines)
+        self.reader.join(5)
+        return self.proc.returncode, "".join(self.lines)
+
+
+def kill_rank(out_dir, rank, bound_s=30):
+    end = time.time() + bound_s
+    while time.time() < end:
+        for pid, r in rank_pids(out_dir).items():
+            if r == rank:
+                os.kill(pid, signal.SIGKILL)
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def relative_diff(a_path, b_path):
+    """The largest |a - b| of any tensor over that tensor's largest |a|."""
+    a, b = read_safetensors(a_path), read_safetensors(b_path)
+    return max(float(np.max(np.abs(a[n] - b[n]))) / max(float(np.max(np.abs(a[n]))), 1e-30) for n in a)
+
+
+def main():
+    args = script_args()
+    flotilla = os.path.abspath(args.flotilla)
+    env = mpi_env()
+    tmp = tempfile.mkdtemp(prefix="flotilla_launch_")
+    failures = []
+    cases = 0
+    try:
+        model = os.path.join(tmp, "model")
+        subprocess.run([flotilla, "init", "--preset", "tiny", "--out", model], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+
+        def train(out, steps, batch, save_every=5):
+            return ["train", "--model", model, "--data", os.path.join(SOURCE, "data/sample/corpus.txt"),
+                    "--batch-size", str(batch), "--seq-len", "64", "--steps", str(steps), "--save-every",
+                    str(save_every), "--log-every", "1", "--timeout", "10", "--out", out]
+
+        def launch(extra, job, **kw):
+            return Job([flotilla, "launch", "--mpirun", args.mpirun, "--mpirun-args", MPIRUN_ARGS, "--grace", "20",
+                        *extra, "--", *job], kw.get("env", env))
+
+        hostfile = os.path.join(tmp, "hosts")
+
+        # -- same: 2 ranks, one killed, relaunched on 2: byte-identical to an uninterrupted run.
+        cases += 1
+        with open(hostfile, "w") as f:
+            f.write("localhost slots=2\n")
+        ref = os.path.join(tmp, "ref2")
+        rc, out = launch(["--hostfile", hostfile], train(ref, 40, 2)).finish(300)
+        if rc != 0:
+            failures.append(f"same: the uninterrupted launch failed ({rc}):\n{out[-3000:]}")
+        run = os.path.join(tmp, "same")
+        job = launch(["--hostfile", hostfile], train(run, 40, 2))
+        if not job.wait_for("step    12/", 120) or not kill_rank(run, 1):
+            failures.append("same: the run never reached step 12, or rank 1 was not found")
+        rc, out = job.finish(300)
+        print(f"same     rc={rc}")
+        if rc != 0:
+            failures.append(f"same: launch exited {rc}:\n{out[-3000:]}")
+        else:
+            for needle in ("attempt 2: 2 ranks", "from checkpoint step", "training again", "the job completed",
+                           "launch: timeline"):
+                if needle not in out:
+                    failures.append(f"same: '{needle}' missing from the launcher's output")
+            with open(os.path.join(ref, "model.safetensors"), "rb") as a, \
+                    open(os.path.join(run, "model.safetensors"), "rb") as b:
+                if a.read() != b.read():
+                    failures.append("same: the restarted run's model differs from the uninterrupted run's")
+            m = metrics(run)
+            steps = [l["step"] for l in m if "loss" in l]
+            if steps != list(range(1, 41)):
+                failures.append(f"same: metrics.jsonl's step lines are not 1..40 once each: {steps}")
+            events = [l["event"] for l in m if "event" in l]
+            for e in ("attempt_start", "attempt_failed", "training_again", "complete"):
+                if e not in events:
+                    failures.append(f"same: no {e} event in metrics.jsonl ({events})")
+            if events.count("attempt_start") != 2:
+                failures.append(f"same: expected 2 attempts, events: {events}")
+
+        # -- shrink: 4 ranks, then 2 offered: global batch kept, resharded resume, 1e-5.
+        cases += 1
+        offered = os.path.join(tmp, "offered")
+        with open(offered, "w") as f:
+            f.write("localhost slots=4\n")
+        discover = ["--discover", f"cat {offered}"]
+        ref4 = os.path.join(tmp, "ref4")
+        rc, out = launch(discover, train(ref4, 30, 1)).finish(400)
+        if rc != 0:
+            failures.append(f"shrink: the uninterrupted 4-rank launch failed ({rc}):\n{out[-3000:]}")
+        run = os.path.join(tmp, "shrink")
+        job = launch(discover, train(run, 30, 1))
+        if not job.wait_for("step    12/", 200):
+            failures.append("shrink: the run never reached step 12")
+        with open(offered, "w") as f:
+            f.write("localhost slots=2\n")
+        if not kill_rank(run, 2):
+            failures.append("shrink: rank 2 was not found")
+        rc, out = job.finish(400)
+        print(f"shrink   rc={rc}")
+        if rc != 0:
+            failures.append(f"shrink: launch exited {rc}:\n{out[-3000:]}")
+        else:
+            if "attempt 2: 2 ranks on 1 host (localhost:2), 1 row x 2 micro-batches each = 4 rows per step" not in out:
+                failures.append(f"shrink: the relaunch did not keep the global batch on 2 ranks:\n{out[-2000:]}")
+            d = relative_diff(os.path.join(ref4, "model.safetensors"), os.path.join(run, "model.safetensors"))
+            print(f"shrink   worst relative weight difference {d:.3g}")
+            if not d <= 1e-5:
+                failures.append(f"shrink: weights differ by {d:.3g} relative (> 1e-5) from the uninterrupted run")
+
+        # -- give-up: no restarts allowed.
+        cases += 1
+        with open(hostfile, "w") as f:
+            f.write("localhost slots=2\n")
+        run = os.path.join(tmp, "giveup")
+        job = launch(["--hostfile", hostfile, "--max-restarts", "0"], train(run, 40, 2))
+        if not job.wait_for("step     7/", 120) or not kill_rank(run, 1):
+            failures.append("give-up: the run never reached step 7, or rank 1 was not found")
+        rc, out = job.finish(120)
+        print(f"give-up  rc={rc}")
+        if rc in (0, None) or "--max-restarts 0 reached" not in out:
+            failures.append(f"give-up: expected a non-zero exit naming --max-restarts, got {rc}:\n{out[-2000:]}")
+
+        # -- refused: bad launches stop before running anything.
+        cases += 1
+        two = os.path.join(tmp, "two")
+        with open(two, "w") as f:
+            f.write("localhost slots=1\nunreachable-host slots=1\n")
+        refusals = [
+            (["--hostfile", two, "--probe", "false", "--min-hosts", "2"], train(os.path.join(tmp, "r1"), 5, 1),
+             "only 1 host answer (--min-hosts 2)"),
+            (["--hostfile", hostfile], train(os.path.join(tmp, "r2"), 5, 1, save_every=0), "the job needs --save-every N"),
+            (["--hostfile", hostfile], train(os.path.join(tmp, "r3"), 5, 1) + ["--lr", "fast"], "--lr"),
+            (["--hostfile", hostfile], [], "give the job after `--`"),
+        ]
+        for extra, job_args, needle in refusals:
+            rc, out = launch(extra, job_args).finish(60)
+            errors = [l for l in out.splitlines() if l.startswith("flotilla: error:")]
+            if rc in (0, None) or len(errors) != 1 or needle not in errors[0]:
+                failures.append(f"refused: expected one error line with '{needle}', got rc={rc}:\n{out[-1500:]}")
+            if any(os.path.exists(os.path.join(tmp, r)) for r in ("r1", "r2", "r3")):
+                failures.append("refused: a refused launch trained")
+        print("refused  done")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary(failures, cases)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
