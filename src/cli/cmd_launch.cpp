@@ -24,6 +24,7 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <set>
 #include <string>
@@ -233,7 +234,7 @@ struct Options {
   std::string hostfile, discover, probe = "ssh -o BatchMode=yes -o ConnectTimeout=5 {host} true";
   std::string mpirun = "mpirun", mpirun_args;
   int min_hosts = 1, max_hosts = 0, max_restarts = 3;
-  double grace_s = 30.0, probe_timeout_s = 15.0;
+  double grace_s = 30.0, probe_timeout_s = 15.0, rescan_s = 60.0;
   std::vector<std::string> command;
 };
 
@@ -242,15 +243,21 @@ struct Options {
 struct AttemptEnd {
   int status = 0;
   bool stopped_by_user = false;
+  bool stopped_to_grow = false;         // more slots answered: stopped at a step, to relaunch larger
   std::string first_error;              // the first error line any rank printed
   std::optional<double> fault_s;        // when it appeared (launcher clock)
   std::optional<double> first_step_s;   // when this attempt printed its first step line
   int64_t last_step = -1;               // the last step line's step
 };
 
-AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, Clock::time_point t0) {
+// `grow`, asked every `rescan_s` seconds once training runs: whether a larger world
+// answers now; if so the job is stopped at a step boundary (SIGTERM: flotilla finishes the
+// step, checkpoints and exits) so that the next attempt takes the hosts in.
+AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, double rescan_s,
+                     const std::function<bool()>& grow, Clock::time_point t0) {
   Child child(argv, /*capture_stdout=*/true, /*capture_stderr=*/true);
   AttemptEnd end;
+  Clock::time_point last_scan = Clock::now();
   std::string line_out, line_err;
   std::optional<Clock::time_point> fault_at, term_sent;
   int forwarded_signal = 0;
@@ -314,6 +321,15 @@ AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, Clock
       forwarded_signal = sig;
       end.stopped_by_user = true;
       child.signal_group(SIGTERM);
+    }
+    if (rescan_s > 0 && end.first_step_s && !fault_at && forwarded_signal == 0 &&
+        seconds_since(last_scan) > rescan_s) {
+      last_scan = Clock::now();
+      if (grow()) {
+        forwarded_signal = SIGTERM;
+        end.stopped_to_grow = true;
+        child.signal_group(SIGTERM);
+      }
     }
     // A rank failed: the others follow within flotilla's --timeout; mpirun gets the grace
     // period to end them and exit, then its remains are ended.
@@ -386,7 +402,8 @@ class Timeline {
 };
 
 // The hosts of this attempt that answer, and those that do not.
-std::vector<train::HostSlots> answering_hosts(const Options& opt, Timeline& timeline, int attempt) {
+// `timeline` null: a rescan while the job runs, which records nothing.
+std::vector<train::HostSlots> answering_hosts(const Options& opt, Timeline* timeline, int attempt) {
   std::vector<train::HostSlots> listed;
   if (!opt.discover.empty()) {
     std::string out;
@@ -407,8 +424,8 @@ std::vector<train::HostSlots> answering_hosts(const Options& opt, Timeline& time
     const std::string cmd = replace_all(opt.probe, "{host}", h.host);
     if (run_capture({"/bin/sh", "-c", cmd}, opt.probe_timeout_s, &ignored, /*silence_stderr=*/true) == 0) {
       alive.push_back(h);
-    } else {
-      timeline.add({{"event", "host_unreachable"}, {"attempt", attempt}, {"host", h.host}},
+    } else if (timeline) {
+      timeline->add({{"event", "host_unreachable"}, {"attempt", attempt}, {"host", h.host}},
                    fmt::format("host {} does not answer (`{}`): left out", h.host, cmd));
     }
   }
@@ -441,8 +458,9 @@ int run_launch(const Options& opt) {
   int64_t global_rows = 0;
   std::optional<double> fault_s;
   int64_t fault_step = -1;
+  int failures = 0;
   for (int attempt = 1;; ++attempt) {
-    const std::vector<train::HostSlots> alive = answering_hosts(opt, timeline, attempt);
+    const std::vector<train::HostSlots> alive = answering_hosts(opt, &timeline, attempt);
     if (static_cast<int>(alive.size()) < opt.min_hosts) {
       timeline.add({{"event", "gave_up"}, {"attempt", attempt}, {"hosts", alive.size()}},
                    fmt::format("{} host{} answer, --min-hosts is {}: stopping", alive.size(),
@@ -501,7 +519,16 @@ int run_launch(const Options& opt) {
                   {"grad_accum", shape->grad_accum},
                   {"resume_step", resume_step}},
                  fmt::format("attempt {}: {}, {}", attempt, shape->describe(), from));
-    const AttemptEnd end = supervise(argv, opt.grace_s, t0);
+    const auto grow = [&] {
+      const std::optional<train::ElasticShape> now =
+          train::plan_elastic_shape(answering_hosts(opt, nullptr, attempt), opt.max_hosts, global_rows, train.batch_size);
+      if (!now || now->world <= shape->world) return false;
+      timeline.add({{"event", "grow"}, {"attempt", attempt}, {"world", now->world}},
+                   fmt::format("{} ranks answer now ({} run): stopping at the next step to take them in", now->world,
+                               shape->world));
+      return true;
+    };
+    const AttemptEnd end = supervise(argv, opt.grace_s, opt.rescan_s, grow, t0);
     if (fault_s && end.first_step_s) {
       const double recovery = *end.first_step_s - *fault_s;
       timeline.add({{"event", "training_again"},
@@ -518,6 +545,12 @@ int run_launch(const Options& opt) {
       timeline.flush();
       timeline.print();
       return 0;
+    }
+    if (end.stopped_to_grow && end.status != 0) {
+      timeline.add({{"event", "stopped_to_grow"}, {"attempt", attempt}, {"status", end.status}, {"last_step", end.last_step}},
+                   fmt::format("attempt {} stopped after step {} to grow", attempt, std::max<int64_t>(0, end.last_step)));
+      timeline.flush();
+      continue;  // not a failure: no restart is used
     }
     const std::string why = end.first_error.empty() ? fmt::format("exit status {}", end.status) : end.first_error;
     timeline.add({{"event", "attempt_failed"},
@@ -537,10 +570,10 @@ int run_launch(const Options& opt) {
       timeline.print();
       throw Error(kComponent, "the job stopped on an input error (above): not restarting it");
     }
-    if (attempt > opt.max_restarts) {
+    if (++failures > opt.max_restarts) {
       timeline.print();
-      throw Error(kComponent, fmt::format("the job failed {} time{}; --max-restarts {} reached", attempt,
-                                          attempt == 1 ? "" : "s", opt.max_restarts));
+      throw Error(kComponent, fmt::format("the job failed {} time{}; --max-restarts {} reached", failures,
+                                          failures == 1 ? "" : "s", opt.max_restarts));
     }
     fault_s = end.fault_s;
     fault_step = end.last_step;
@@ -565,6 +598,10 @@ void add_launch_command(CLI::App& app) {
   cmd->add_option("--max-restarts", opt->max_restarts, "Restarts after failures before giving up")->capture_default_str();
   cmd->add_option("--grace", opt->grace_s,
                   "Seconds mpirun may take to end the job after a rank's first error before the launcher ends it")
+      ->capture_default_str();
+  cmd->add_option("--rescan", opt->rescan_s,
+                  "Seconds between looks for more hosts while the job runs; when a larger world answers, the job "
+                  "stops at a step boundary and relaunches on it (0: only at restarts)")
       ->capture_default_str();
   cmd->add_option("--mpirun", opt->mpirun, "The mpirun to run")->capture_default_str();
   cmd->add_option("--mpirun-args", opt->mpirun_args,

@@ -11,6 +11,9 @@ Each case runs `flotilla launch` over mpirun on this machine:
             the relaunch runs 2 ranks with twice the accumulation (the global batch of 4 rows
             is kept: 1 row x 2 micro-batches each), resumed from the 4-rank checkpoint
             resharded; final weights within 1e-5 relative of the uninterrupted 4-rank run.
+  grow      2 slots, then the --discover script offers 4: with --rescan the launcher stops the
+            job at a step boundary (it checkpoints there) and relaunches on 4 ranks of 1 row;
+            final weights within 1e-5 relative of the uninterrupted 2-rank run.
   give-up   --max-restarts 0: a killed rank ends the launch with one line, non-zero.
   refused   no answering host beyond this one with --min-hosts 2 (a probe that fails); a job
             without --save-every; a bad train flag (train's own line, alone); no job after
@@ -185,6 +188,37 @@ def main():
             print(f"shrink   worst relative weight difference {d:.3g}")
             if not d <= 1e-5:
                 failures.append(f"shrink: weights differ by {d:.3g} relative (> 1e-5) from the uninterrupted run")
+
+        # -- grow: 2 slots, then 4 answer: stopped at a step boundary, relaunched on 4.
+        cases += 1
+        with open(offered, "w") as f:
+            f.write("localhost slots=2\n")
+        ref2 = os.path.join(tmp, "ref2b")
+        rc, out = launch(discover, train(ref2, 400, 2)).finish(400)
+        if rc != 0:
+            failures.append(f"grow: the uninterrupted 2-rank launch failed ({rc}):\n{out[-3000:]}")
+        run = os.path.join(tmp, "grow")
+        job = launch(discover + ["--rescan", "0.2"], train(run, 400, 2))
+        if not job.wait_for("step    12/", 200):
+            failures.append("grow: the run never reached step 12")
+        with open(offered, "w") as f:
+            f.write("localhost slots=4\n")
+        rc, out = job.finish(400)
+        print(f"grow     rc={rc}")
+        if rc != 0:
+            failures.append(f"grow: launch exited {rc}:\n{out[-3000:]}")
+        else:
+            for needle in ("4 ranks answer now (2 run)", "stopped after step",
+                           "attempt 2: 4 ranks on 1 host (localhost:4), 1 row x 1 micro-batch each = 4 rows per step"):
+                if needle not in out:
+                    failures.append(f"grow: '{needle}' missing from the launcher's output:\n{out[-2000:]}")
+            starts = [l for l in metrics(run) if l.get("event") == "attempt_start"]
+            if len(starts) != 2 or not starts[1]["resume_step"] <= 300 or starts[1]["world"] != 4:
+                failures.append(f"grow: expected a second attempt on 4 ranks resuming by step 300: {starts}")
+            d = relative_diff(os.path.join(ref2, "model.safetensors"), os.path.join(run, "model.safetensors"))
+            print(f"grow     resumed at step {starts[-1]['resume_step']} on {starts[-1]['world']} ranks; worst relative weight difference {d:.3g}")
+            if not d <= 1e-5:
+                failures.append(f"grow: weights differ by {d:.3g} relative (> 1e-5) from the uninterrupted run")
 
         # -- give-up: no restarts allowed.
         cases += 1
