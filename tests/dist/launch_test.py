@@ -118,7 +118,7 @@ def main():
                     str(save_every), "--log-every", "1", "--timeout", "10", "--out", out]
 
         def launch(extra, job, **kw):
-            return Job([flotilla, "launch", "--mpirun", args.mpirun, "--mpirun-args", MPIRUN_ARGS, "--grace", "20",
+            return Job([flotilla, "launch", "--mpirun", args.mpirun, "--mpirun-args", MPIRUN_ARGS,
                         *extra, "--", *job], kw.get("env", env))
 
         hostfile = os.path.join(tmp, "hosts")
