@@ -5,7 +5,8 @@ Each case runs `flotilla launch` over mpirun on this machine:
   same      2 slots; rank 1 is killed (SIGKILL) mid-run: the launcher relaunches on 2 ranks
             from the newest checkpoint and the job completes; the final model is byte-identical
             to an uninterrupted run's (resuming on the same world size is exact), metrics.jsonl
-            holds each step line once and the launcher's events (attempt_start x2,
+            holds each step line once, its ledger of examples unbroken (every case checks
+            it: each step begins where the one before ended), and the launcher's events (attempt_start x2,
             attempt_failed, training_again, complete).
   shrink    4 slots from a --discover script; rank 2 is killed and the script then offers 2:
             the relaunch runs 2 ranks with twice the accumulation (the global batch of 4 rows
@@ -94,6 +95,21 @@ def metrics(out_dir):
         return [json.loads(l) for l in f if l.strip()]
 
 
+def ledger_gaps(out_dir):
+    """Where the ledger of examples breaks: each step line's "examples" [[epoch, position] where
+    its global batch began, where the next begins] must begin where the step before ended, from
+    [0, 0]: nothing skipped, nothing seen twice, across restarts. Empty when whole."""
+    steps = [l for l in metrics(out_dir) if "loss" in l]
+    gaps, end = [], [0, 0]
+    for l in steps:
+        if "examples" not in l:
+            return [f"step {l['step']} has no ledger"]
+        if l["examples"][0] != end:
+            gaps.append(f"step {l['step']} begins at {l['examples'][0]}, the step before ended at {end}")
+        end = l["examples"][1]
+    return gaps
+
+
 def relative_diff(a_path, b_path):
     """The largest |a - b| of any tensor over that tensor's largest |a|."""
     a, b = read_safetensors(a_path), read_safetensors(b_path)
@@ -113,7 +129,7 @@ def main():
                        stdout=subprocess.DEVNULL)
 
         def train(out, steps, batch, save_every=5):
-            return ["train", "--model", model, "--data", os.path.join(SOURCE, "data/sample/corpus.txt"),
+            return ["train", "--model", model, "--data", os.path.join(SOURCE, "data/pirate/completions"),
                     "--batch-size", str(batch), "--seq-len", "64", "--steps", str(steps), "--save-every",
                     str(save_every), "--log-every", "1", "--timeout", "10", "--out", out]
 
@@ -152,6 +168,7 @@ def main():
             steps = [l["step"] for l in m if "loss" in l]
             if steps != list(range(1, 41)):
                 failures.append(f"same: metrics.jsonl's step lines are not 1..40 once each: {steps}")
+            failures += [f"same: {g}" for g in ledger_gaps(run)]
             events = [l["event"] for l in m if "event" in l]
             for e in ("attempt_start", "attempt_failed", "training_again", "complete"):
                 if e not in events:
@@ -184,6 +201,7 @@ def main():
         else:
             if "attempt 2: 2 ranks on 1 host (localhost:2), 1 row x 2 micro-batches each = 4 rows per step" not in out:
                 failures.append(f"shrink: the relaunch did not keep the global batch on 2 ranks:\n{out[-2000:]}")
+            failures += [f"shrink: {g}" for g in ledger_gaps(run)]
             d = relative_diff(os.path.join(ref4, "model.safetensors"), os.path.join(run, "model.safetensors"))
             print(f"shrink   worst relative weight difference {d:.3g}")
             if not d <= 1e-5:
@@ -215,6 +233,7 @@ def main():
             starts = [l for l in metrics(run) if l.get("event") == "attempt_start"]
             if len(starts) != 2 or not starts[1]["resume_step"] <= 300 or starts[1]["world"] != 4:
                 failures.append(f"grow: expected a second attempt on 4 ranks resuming by step 300: {starts}")
+            failures += [f"grow: {g}" for g in ledger_gaps(run)]
             d = relative_diff(os.path.join(ref2, "model.safetensors"), os.path.join(run, "model.safetensors"))
             print(f"grow     resumed at step {starts[-1]['resume_step']} on {starts[-1]['world']} ranks; worst relative weight difference {d:.3g}")
             if not d <= 1e-5:

@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/stop_signal.hpp"
@@ -16,6 +17,17 @@ void run_training_loop(const TrainJob& job, const JobRanks& ranks, Trainer& trai
                        const InfoSink& info) {
   const int64_t T = job.train.seq_len;
   TrainSummary& summary = record.summary;
+  // The ledger of examples: each step line says where in the data's order its global batch
+  // began and where the next one begins, as [epoch, position] of the batch sampler
+  // ("examples": [[e, p], [e', p']]), so a run's metrics.jsonl shows that no example was
+  // skipped or seen twice, across restarts and world sizes too. Streams of random windows
+  // (plain text) have no order to show.
+  const auto cursor = [&]() -> nlohmann::json {
+    const nlohmann::json st = data.train->state();
+    if (!st.is_object() || st.value("kind", "") != "batch_sampler") return nullptr;
+    return nlohmann::json::array({st.at("epoch"), st.at("position")});
+  };
+  nlohmann::json batch_begin = cursor();
   const auto on_step = [&](const StepMetrics& m) {
     if (!record.have_first_loss && !m.skipped) {
       summary.first_loss = m.loss;
@@ -29,7 +41,10 @@ void run_training_loop(const TrainJob& job, const JobRanks& ranks, Trainer& trai
                        m.step, m.skipped_batches, m.skipped_batches == 1 ? "" : "es", T,
                        m.skipped_batches == 1 ? "it" : "them"));
     summary.elapsed_s = m.elapsed_s;
-    record.add_step(m);
+    nlohmann::json batch_end = cursor();
+    record.add_step(m, batch_begin.is_null() ? nlohmann::json(nullptr)
+                                             : nlohmann::json{{"examples", {batch_begin, batch_end}}});
+    batch_begin = std::move(batch_end);
     if (callbacks.on_step) callbacks.on_step(m);
   };
   const auto on_eval = [&](const EvalMetrics& e) {

@@ -61,7 +61,11 @@ std::optional<double> first_loss_of(const std::string& metrics) {
 
 }  // namespace
 
-void RunRecord::add_step(const StepMetrics& m) { metrics += step_json(m).dump() + "\n"; }
+void RunRecord::add_step(const StepMetrics& m, const nlohmann::json& extra) {
+  nlohmann::json j = step_json(m);
+  if (extra.is_object()) j.update(extra);
+  metrics += j.dump() + "\n";
+}
 
 void RunRecord::add_eval(const EvalMetrics& e) {
   metrics += nlohmann::json{{"step", e.step}, {"valid_loss", finite_or_null(e.loss)}, {"valid_tokens", e.tokens}}

@@ -20,7 +20,8 @@ struct RunRecord {
   TrainSummary summary;
   bool have_first_loss = false;
 
-  void add_step(const StepMetrics& m);  // its line only
+  // Its line only; `extra`'s keys (an object, or null for none) are added to it.
+  void add_step(const StepMetrics& m, const nlohmann::json& extra = nullptr);
   void add_eval(const EvalMetrics& e);  // its line only
   // A resumed run keeps the history of the steps it does not repeat: the lines of the
   // earlier metrics.jsonl up to and including `step` (lines it cannot read are dropped),
