@@ -8,6 +8,11 @@
 #include "flotilla/base/log.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/parallel/doctor.hpp"
+#include "flotilla/parallel/mesh.hpp"
+
+#include <optional>
+#include <string>
+#include <vector>
 
 namespace flotilla::cli {
 
@@ -16,6 +21,7 @@ void add_doctor_command(CLI::App& app) {
     std::string model, data;
     uint64_t max_bytes = 64ull << 20;
     std::string dtype = "float32";
+    std::string parallel;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand("doctor", "Check ranks see the same binary, model and data; measure all-reduce");
@@ -27,10 +33,21 @@ void add_doctor_command(CLI::App& app) {
                   "needs AVX-512; ranks that differ are a warning)")
       ->check(CLI::IsMember({"float32", "bf16"}))
       ->capture_default_str();
+  cmd->add_option("--parallel", opt->parallel,
+                  "The device mesh a job will use (dp=D,pp=P,tp=T): each rank's place in it, an all-reduce "
+                  "measured in every group of each dimension at once, and a warning where a tensor-parallel group "
+                  "spans hosts");
   cmd->callback([opt] {
     const std::unique_ptr<comm::Communicator> world = comm::make_world();
     const parallel::DoctorReport r = parallel::run_doctor(*world, opt->model, opt->data, opt->max_bytes,
                                                            model::parse_matmul_dtype(opt->dtype).value_or(kernels::GemmInput::f32));
+    std::optional<parallel::MeshReport> mesh_report;
+    if (!opt->parallel.empty()) {
+      parallel::Mesh mesh(*world, parallel::parse_mesh_shape(opt->parallel));
+      std::vector<std::string> hosts;
+      for (const auto& rr : r.ranks) hosts.push_back(rr.host);
+      mesh_report = parallel::run_mesh_doctor(mesh, hosts, opt->max_bytes);
+    }
     if (world->rank() != 0) {
       if (!r.mismatches.empty()) throw InputError("doctor", r.mismatches.front());
       return;
@@ -48,6 +65,18 @@ void add_doctor_command(CLI::App& app) {
                r.ranks.size());
     for (const auto& t : r.all_reduce)
       fmt::print("  {:>10} bytes  {:>10.1f} us  {:>8.3f} Gbit/s\n", t.bytes, t.time_us, t.bus_gbit_s);
+    if (mesh_report) {
+      fmt::print("\nmesh {}\n{:>4}  {:<16} {:>3} {:>3} {:>3}\n", mesh_report->shape.to_string(), "rank", "host", "dp",
+                 "pp", "tp");
+      for (size_t i = 0; i < mesh_report->coords.size(); ++i) {
+        const parallel::MeshCoords& c = mesh_report->coords[i];
+        fmt::print("{:>4}  {:<16} {:>3} {:>3} {:>3}\n", i, r.ranks[i].host, c.dp, c.pp, c.tp);
+      }
+      for (const parallel::MeshGroupTiming& t : mesh_report->timings)
+        fmt::print("  all_reduce in every {} group ({} ranks each) at once, {} bytes: {:.1f} us, {:.3f} Gbit/s\n",
+                   t.name, t.group_size, t.bytes, t.time_us, t.bus_gbit_s);
+      for (const std::string& w : mesh_report->warnings) log::warn("doctor: {}", w);
+    }
     for (const auto& w : r.warnings) log::warn("doctor: {}", w);
     if (!r.mismatches.empty()) {
       std::string all;

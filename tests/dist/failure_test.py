@@ -7,7 +7,9 @@ Cases, each under mpirun with 2 ranks of `flotilla train`:
            --timeout (naming rank 1 when it stopped before the collective's check; inside
            the payload no rank can tell who is late), and the job exits non-zero;
   mismatch the ranks are given different models: one line naming the ranks that differ;
-  doctor   `flotilla doctor` passes on identical models and fails naming the rank otherwise.
+  doctor   `flotilla doctor` passes on identical models and fails naming the rank otherwise;
+           with --parallel dp=2,tp=2 on 4 ranks it prints each rank's mesh coordinates and
+           an all-reduce in every tp and dp group; a mesh that is not the world is one line.
 Each must end within a bound (the timeout plus a margin). Usage: failure_test.py FLOTILLA [--mpirun M]
 """
 import os
@@ -92,6 +94,20 @@ def main():
         print(f"doctor   rc={rc} (different models)")
         if rc in (None, 0) or "model: rank 1 differs from rank 0" not in out:
             failures.append(f"doctor: rc={rc} with different models:\n{out[-2000:]}")
+        # doctor --parallel: each rank's place in the mesh and every group's all-reduce.
+        rc, out = finish(launch(mpirun + ["-np", "4", args.flotilla, "doctor", "--max-bytes", "65536", "--parallel",
+                                          "dp=2,tp=2"], env), 120)
+        print(f"doctor   rc={rc} (mesh dp=2,tp=2)")
+        rows = [l.split() for l in out.splitlines() if len(l.split()) == 5 and l.split()[0].isdigit()]
+        coords = sorted((int(r[0]), int(r[2]), int(r[3]), int(r[4])) for r in rows)
+        if (rc != 0 or "mesh dp=2,pp=1,tp=2" not in out
+                or coords != [(0, 0, 0, 0), (1, 0, 0, 1), (2, 1, 0, 0), (3, 1, 0, 1)]
+                or "in every tp group (2 ranks each)" not in out or "in every dp group (2 ranks each)" not in out):
+            failures.append(f"doctor: rc={rc} with --parallel dp=2,tp=2 (coordinates {coords}):\n{out[-2000:]}")
+        rc, out = finish(launch(mpirun + ["-np", "2", args.flotilla, "doctor", "--parallel", "dp=4"], env), 60)
+        errors = [l for l in out.splitlines() if l.startswith("flotilla: error:")]
+        if rc in (None, 0) or not errors or "dp=4" not in errors[0]:
+            failures.append(f"doctor: --parallel dp=4 on 2 ranks: rc={rc}:\n{out[-2000:]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary(failures, cases=5)

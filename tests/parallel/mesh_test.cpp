@@ -14,6 +14,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "flotilla/parallel/doctor.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -112,6 +113,42 @@ TEST(Mesh, OneRankIsTheOneByOneByOneMesh) {
     EXPECT_EQ(mesh.dp_group().size(), 1);
     EXPECT_EQ(mesh.tp_group().size(), 1);
     EXPECT_EQ(mesh.pp_group().size(), 1);
+  });
+}
+
+TEST(MeshDoctor, WarnsOnlyWhereATensorParallelGroupSpansHosts) {
+  // 2 hosts of 2 slots: tp=2 groups {0,1} and {2,3} each on one host.
+  const std::vector<std::string> two_by_two = {"a", "a", "b", "b"};
+  EXPECT_TRUE(mesh_placement_warnings({2, 1, 2}, two_by_two).empty());
+  EXPECT_TRUE(mesh_placement_warnings({4, 1, 1}, two_by_two).empty());
+  EXPECT_TRUE(mesh_placement_warnings({1, 2, 2}, two_by_two).empty());
+  // 4 hosts of 1 slot: both tp groups cross the network.
+  const std::vector<std::string> four = {"a", "b", "c", "d"};
+  const std::vector<std::string> w = mesh_placement_warnings({2, 1, 2}, four);
+  ASSERT_EQ(w.size(), 2u);
+  EXPECT_NE(w[0].find("ranks 0,1 spans hosts a, b"), std::string::npos) << w[0];
+  EXPECT_NE(w[1].find("ranks 2,3 spans hosts c, d"), std::string::npos) << w[1];
+  // 3 slots per host with tp=2: the group {2,3} straddles the hosts.
+  const std::vector<std::string> three = {"a", "a", "a", "b", "b", "b"};
+  const std::vector<std::string> w3 = mesh_placement_warnings({3, 1, 2}, three);
+  ASSERT_EQ(w3.size(), 1u);
+  EXPECT_NE(w3[0].find("ranks 2,3 spans hosts a, b"), std::string::npos) << w3[0];
+}
+
+TEST(MeshDoctor, EveryGroupOfADimensionIsTimedAtOnce) {
+  comm::run_threads(4, [](comm::Communicator& world) {
+    Mesh mesh(world, MeshShape{2, 1, 2});
+    const MeshReport r = run_mesh_doctor(mesh, {"h", "h", "h", "h"}, 4096);
+    ASSERT_EQ(r.coords.size(), 4u);
+    EXPECT_EQ(r.coords[3], (MeshCoords{1, 0, 1}));
+    ASSERT_EQ(r.timings.size(), 2u);  // tp and dp; pp has one rank
+    EXPECT_EQ(r.timings[0].name, "tp");
+    EXPECT_EQ(r.timings[1].name, "dp");
+    for (const MeshGroupTiming& t : r.timings) {
+      EXPECT_EQ(t.group_size, 2);
+      EXPECT_EQ(t.bytes, 4096u);
+      EXPECT_GT(t.time_us, 0.0);
+    }
   });
 }
 

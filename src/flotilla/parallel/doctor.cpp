@@ -160,4 +160,55 @@ DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& m
   return report;
 }
 
+namespace {
+const char* dim_name(MeshDim d) { return d == MeshDim::dp ? "dp" : d == MeshDim::pp ? "pp" : "tp"; }
+}  // namespace
+
+std::vector<std::string> mesh_placement_warnings(const MeshShape& shape, const std::vector<std::string>& hosts) {
+  std::vector<std::string> warnings;
+  if (shape.tp <= 1) return warnings;
+  for (int r = 0; r < shape.size(); r += shape.tp) {  // each tp group once: its first rank
+    const std::vector<int> group = mesh_group_ranks(shape, r, MeshDim::tp);
+    std::vector<std::string> on;
+    for (int g : group)
+      if (std::find(on.begin(), on.end(), hosts.at(static_cast<size_t>(g))) == on.end())
+        on.push_back(hosts.at(static_cast<size_t>(g)));
+    if (on.size() < 2) continue;
+    std::string ranks, names;
+    for (int g : group) ranks += fmt::format("{}{}", ranks.empty() ? "" : ",", g);
+    for (const std::string& h : on) names += fmt::format("{}{}", names.empty() ? "" : ", ", h);
+    warnings.push_back(fmt::format("tp: the tensor-parallel group of ranks {} spans hosts {}: it exchanges "
+                                   "activations in every block; keep it on one host (tp ranks are adjacent: give "
+                                   "each host a multiple of {} slots)",
+                                   ranks, names, shape.tp));
+  }
+  return warnings;
+}
+
+MeshReport run_mesh_doctor(Mesh& mesh, const std::vector<std::string>& hosts, uint64_t bytes) {
+  MeshReport report;
+  report.shape = mesh.shape();
+  for (int r = 0; r < report.shape.size(); ++r) report.coords.push_back(mesh_coords(report.shape, r));
+  report.warnings = mesh_placement_warnings(report.shape, hosts);
+  std::vector<float> buf(std::max<uint64_t>(bytes / sizeof(float), 1), 1.0f);
+  for (const MeshDim d : {MeshDim::tp, MeshDim::pp, MeshDim::dp}) {
+    const int n = report.shape.extent(d);
+    if (n <= 1) continue;
+    comm::Communicator& group = mesh.group(d);
+    double best = 1e300;
+    mesh.world().barrier(comm::Options{.name = "doctor mesh"});
+    for (int i = 0; i < 3; ++i) {
+      Timer t;
+      group.all_reduce(buf, comm::ReduceOp::sum, comm::Options{.name = "doctor mesh"});
+      best = std::min(best, t.elapsed_s());
+    }
+    std::array<double, 1> worst = {best};
+    mesh.world().all_reduce(worst, comm::ReduceOp::max, comm::Options{.name = "doctor mesh"});
+    const uint64_t sent = buf.size() * sizeof(float);
+    report.timings.push_back({d, dim_name(d), n, sent, worst[0] * 1e6,
+                              static_cast<double>(sent) * comm::all_reduce_wire_fraction(n) / worst[0] * 8e-9});
+  }
+  return report;
+}
+
 }  // namespace flotilla::parallel

@@ -10,6 +10,7 @@
 #include "flotilla/kernels/gemm.hpp"
 
 #include "flotilla/comm/communicator.hpp"
+#include "flotilla/parallel/mesh.hpp"
 
 namespace flotilla::parallel {
 
@@ -55,5 +56,33 @@ std::string digest_running_binary();
 DoctorReport run_doctor(comm::Communicator& comm, const std::filesystem::path& model,
                         const std::filesystem::path& data, uint64_t max_bytes,
                         kernels::GemmInput dtype = kernels::GemmInput::f32);
+
+// --- the device mesh (doctor --parallel): where each rank sits, and what each dimension's
+// groups measure when all of them exchange at once, as they do in training.
+
+struct MeshGroupTiming {
+  MeshDim dim = MeshDim::dp;
+  std::string name;          // "dp", "pp", "tp"
+  int group_size = 1;
+  uint64_t bytes = 0;
+  double time_us = 0.0;      // the slowest group's best time
+  double bus_gbit_s = 0.0;   // bytes * 2(n-1)/n / time, n the group's size
+};
+
+struct MeshReport {
+  MeshShape shape;
+  std::vector<MeshCoords> coords;          // indexed by world rank
+  std::vector<MeshGroupTiming> timings;    // one per dimension with more than one rank
+  std::vector<std::string> warnings;       // placement advice (mesh_placement_warnings)
+};
+
+// Advice on where the mesh's groups fall, given each world rank's host: a tensor-parallel
+// group spread over hosts exchanges activations over the network in every block (keep its
+// ranks on one host: they are adjacent ranks, so give each host a multiple of tp slots).
+std::vector<std::string> mesh_placement_warnings(const MeshShape& shape, const std::vector<std::string>& hosts);
+
+// Every rank of `mesh.world()` calls this with the same `hosts`; every rank returns the same
+// report. Measures an all-reduce of `bytes` in every group of each dimension at once.
+MeshReport run_mesh_doctor(Mesh& mesh, const std::vector<std::string>& hosts, uint64_t bytes);
 
 }  // namespace flotilla::parallel
