@@ -2,7 +2,7 @@
 """flotilla launch keeps a training job going when a rank is lost (issue 13 item 3).
 Each case runs `flotilla launch` over mpirun on this machine:
 
-  same      2 slots; rank 1 is killed (SIGKILL) mid-run: the launcher relaunches on 2 ranks
+  same      2 slots; rank 1 is killed (SIGKILL) after step 30: the launcher relaunches on 2 ranks
             from the newest checkpoint and the job completes; the final model is byte-identical
             to an uninterrupted run's (resuming on the same world size is exact), metrics.jsonl
             holds each step line once, its ledger of examples unbroken (every case checks
@@ -128,7 +128,9 @@ def main():
         subprocess.run([flotilla, "init", "--preset", "tiny", "--out", model], check=True, env=env,
                        stdout=subprocess.DEVNULL)
 
-        def train(out, steps, batch, save_every=5):
+        # Runs of a few hundred steps: a tiny model steps in milliseconds on a quiet machine,
+        # and a kill must land while the run still trains.
+        def train(out, steps, batch, save_every=20):
             return ["train", "--model", model, "--data", os.path.join(SOURCE, "data/pirate/completions"),
                     "--batch-size", str(batch), "--seq-len", "64", "--steps", str(steps), "--save-every",
                     str(save_every), "--log-every", "1", "--timeout", "10", "--out", out]
@@ -144,13 +146,13 @@ def main():
         with open(hostfile, "w") as f:
             f.write("localhost slots=2\n")
         ref = os.path.join(tmp, "ref2")
-        rc, out = launch(["--hostfile", hostfile], train(ref, 40, 2)).finish(300)
+        rc, out = launch(["--hostfile", hostfile], train(ref, 300, 2)).finish(300)
         if rc != 0:
             failures.append(f"same: the uninterrupted launch failed ({rc}):\n{out[-3000:]}")
         run = os.path.join(tmp, "same")
-        job = launch(["--hostfile", hostfile], train(run, 40, 2))
-        if not job.wait_for("step    12/", 120) or not kill_rank(run, 1):
-            failures.append("same: the run never reached step 12, or rank 1 was not found")
+        job = launch(["--hostfile", hostfile], train(run, 300, 2))
+        if not job.wait_for("step    30/", 120) or not kill_rank(run, 1):  # past the checkpoint of step 20
+            failures.append("same: the run never reached step 30, or rank 1 was not found")
         rc, out = job.finish(300)
         print(f"same     rc={rc}")
         if rc != 0:
@@ -166,8 +168,8 @@ def main():
                     failures.append("same: the restarted run's model differs from the uninterrupted run's")
             m = metrics(run)
             steps = [l["step"] for l in m if "loss" in l]
-            if steps != list(range(1, 41)):
-                failures.append(f"same: metrics.jsonl's step lines are not 1..40 once each: {steps}")
+            if steps != list(range(1, 301)):
+                failures.append(f"same: metrics.jsonl's step lines are not 1..300 once each: {steps}")
             failures += [f"same: {g}" for g in ledger_gaps(run)]
             events = [l["event"] for l in m if "event" in l]
             for e in ("attempt_start", "attempt_failed", "training_again", "complete"):
@@ -183,13 +185,13 @@ def main():
             f.write("localhost slots=4\n")
         discover = ["--discover", f"cat {offered}"]
         ref4 = os.path.join(tmp, "ref4")
-        rc, out = launch(discover, train(ref4, 30, 1)).finish(400)
+        rc, out = launch(discover, train(ref4, 300, 1)).finish(400)
         if rc != 0:
             failures.append(f"shrink: the uninterrupted 4-rank launch failed ({rc}):\n{out[-3000:]}")
         run = os.path.join(tmp, "shrink")
-        job = launch(discover, train(run, 30, 1))
-        if not job.wait_for("step    12/", 200):
-            failures.append("shrink: the run never reached step 12")
+        job = launch(discover, train(run, 300, 1))
+        if not job.wait_for("step    30/", 200):
+            failures.append("shrink: the run never reached step 30")
         with open(offered, "w") as f:
             f.write("localhost slots=2\n")
         if not kill_rank(run, 2):
@@ -244,7 +246,7 @@ def main():
         with open(hostfile, "w") as f:
             f.write("localhost slots=2\n")
         run = os.path.join(tmp, "giveup")
-        job = launch(["--hostfile", hostfile, "--max-restarts", "0"], train(run, 40, 2))
+        job = launch(["--hostfile", hostfile, "--max-restarts", "0"], train(run, 300, 2))
         if not job.wait_for("step     7/", 120) or not kill_rank(run, 1):
             failures.append("give-up: the run never reached step 7, or rank 1 was not found")
         rc, out = job.finish(120)
