@@ -116,6 +116,27 @@ def relative_diff(a_path, b_path):
     return max(float(np.max(np.abs(a[n] - b[n]))) / max(float(np.max(np.abs(a[n]))), 1e-30) for n in a)
 
 
+def check_restarted(case, rc, out, ref, run, needles, exact=False):
+    """The failures of a restarted launch: its exit, the launcher's lines it must print, the
+    ledger, and the final weights against the uninterrupted run `ref` (byte-identical when
+    `exact`, else within 1e-5 relative)."""
+    if rc != 0:
+        return [f"{case}: launch exited {rc}:\n{out[-3000:]}"]
+    fails = [f"{case}: '{n}' missing from the launcher's output:\n{out[-2000:]}" for n in needles if n not in out]
+    fails += [f"{case}: {g}" for g in ledger_gaps(run)]
+    a, b = os.path.join(ref, "model.safetensors"), os.path.join(run, "model.safetensors")
+    if exact:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            if fa.read() != fb.read():
+                fails.append(f"{case}: the restarted run's model differs from the uninterrupted run's")
+    else:
+        d = relative_diff(a, b)
+        print(f"{case:<8} worst relative weight difference {d:.3g}")
+        if not d <= 1e-5:
+            fails.append(f"{case}: weights differ by {d:.3g} relative (> 1e-5) from the uninterrupted run")
+    return fails
+
+
 def main():
     args = script_args()
     flotilla = os.path.abspath(args.flotilla)
@@ -155,22 +176,14 @@ def main():
             failures.append("same: the run never reached step 30, or rank 1 was not found")
         rc, out = job.finish(300)
         print(f"same     rc={rc}")
-        if rc != 0:
-            failures.append(f"same: launch exited {rc}:\n{out[-3000:]}")
-        else:
-            for needle in ("attempt 2: 2 ranks", "from checkpoint step", "training again", "the job completed",
-                           "launch: timeline"):
-                if needle not in out:
-                    failures.append(f"same: '{needle}' missing from the launcher's output")
-            with open(os.path.join(ref, "model.safetensors"), "rb") as a, \
-                    open(os.path.join(run, "model.safetensors"), "rb") as b:
-                if a.read() != b.read():
-                    failures.append("same: the restarted run's model differs from the uninterrupted run's")
+        failures += check_restarted("same", rc, out, ref, run, ("attempt 2: 2 ranks", "from checkpoint step",
+                                                                "training again", "the job completed",
+                                                                "launch: timeline"), exact=True)
+        if rc == 0:
             m = metrics(run)
             steps = [l["step"] for l in m if "loss" in l]
             if steps != list(range(1, 301)):
                 failures.append(f"same: metrics.jsonl's step lines are not 1..300 once each: {steps}")
-            failures += [f"same: {g}" for g in ledger_gaps(run)]
             events = [l["event"] for l in m if "event" in l]
             for e in ("attempt_start", "attempt_failed", "training_again", "complete"):
                 if e not in events:
@@ -198,16 +211,8 @@ def main():
             failures.append("shrink: rank 2 was not found")
         rc, out = job.finish(400)
         print(f"shrink   rc={rc}")
-        if rc != 0:
-            failures.append(f"shrink: launch exited {rc}:\n{out[-3000:]}")
-        else:
-            if "attempt 2: 2 ranks on 1 host (localhost:2), 1 row x 2 micro-batches each = 4 rows per step" not in out:
-                failures.append(f"shrink: the relaunch did not keep the global batch on 2 ranks:\n{out[-2000:]}")
-            failures += [f"shrink: {g}" for g in ledger_gaps(run)]
-            d = relative_diff(os.path.join(ref4, "model.safetensors"), os.path.join(run, "model.safetensors"))
-            print(f"shrink   worst relative weight difference {d:.3g}")
-            if not d <= 1e-5:
-                failures.append(f"shrink: weights differ by {d:.3g} relative (> 1e-5) from the uninterrupted run")
+        failures += check_restarted("shrink", rc, out, ref4, run, (
+            "attempt 2: 2 ranks on 1 host (localhost:2), 1 row x 2 micro-batches each = 4 rows per step",))
 
         # -- grow: 2 slots, then 4 answer: stopped at a step boundary, relaunched on 4.
         cases += 1
@@ -225,21 +230,14 @@ def main():
             f.write("localhost slots=4\n")
         rc, out = job.finish(400)
         print(f"grow     rc={rc}")
-        if rc != 0:
-            failures.append(f"grow: launch exited {rc}:\n{out[-3000:]}")
-        else:
-            for needle in ("4 ranks answer now (2 run)", "stopped after step",
-                           "attempt 2: 4 ranks on 1 host (localhost:4), 1 row x 1 micro-batch each = 4 rows per step"):
-                if needle not in out:
-                    failures.append(f"grow: '{needle}' missing from the launcher's output:\n{out[-2000:]}")
+        failures += check_restarted("grow", rc, out, ref2, run, (
+            "4 ranks answer now (2 run)", "stopped after step",
+            "attempt 2: 4 ranks on 1 host (localhost:4), 1 row x 1 micro-batch each = 4 rows per step"))
+        if rc == 0:
             starts = [l for l in metrics(run) if l.get("event") == "attempt_start"]
+            print(f"grow     resumed at step {starts[-1]['resume_step']} on {starts[-1]['world']} ranks")
             if len(starts) != 2 or not starts[1]["resume_step"] <= 300 or starts[1]["world"] != 4:
                 failures.append(f"grow: expected a second attempt on 4 ranks resuming by step 300: {starts}")
-            failures += [f"grow: {g}" for g in ledger_gaps(run)]
-            d = relative_diff(os.path.join(ref2, "model.safetensors"), os.path.join(run, "model.safetensors"))
-            print(f"grow     resumed at step {starts[-1]['resume_step']} on {starts[-1]['world']} ranks; worst relative weight difference {d:.3g}")
-            if not d <= 1e-5:
-                failures.append(f"grow: weights differ by {d:.3g} relative (> 1e-5) from the uninterrupted run")
 
         # -- give-up: no restarts allowed.
         cases += 1
