@@ -106,6 +106,50 @@ TEST_P(CodecWorlds, HalvesStayWithinTwoRoundingsOfTheSum) {
   }
 }
 
+TEST_P(CodecWorlds, NarrowReduceScatterGivesEachRankItsChunkOfTheSum) {
+  // WireSum's first half alone (ZeRO's reduce-scatter in halves): rank r gets elements
+  // [r c, (r+1) c) of the sum, each rank's values rounded once (u each) and added in float32,
+  // so |error| <= u sum_r |g_r| (1% slack); the rounding it reports is exactly what its own
+  // encoding lost; it sends half of a float reduce-scatter, (N-1)/N of 2 bytes an element.
+  const int world = GetParam();
+  const uint64_t seed = flotilla::testing::test_seed();
+  const size_t n = 96 * static_cast<size_t>(world) + 5;  // not a multiple of N: the last chunk is padded
+  for (WireDtype dtype : {WireDtype::fp16, WireDtype::bf16}) {
+    const double u = unit_roundoff(dtype);
+    run_threads(world, [&](Communicator& comm) {
+      detail::WireSum sum(dtype);
+      const size_t c = sum.chunk_size(n, world);
+      ASSERT_EQ(c, (n + world - 1) / world);
+      const std::vector<float> g = rank_gradient(seed, comm.rank(), 0, n);
+      std::vector<float> mine(c), rounding(n);
+      const int64_t bytes = sum.reduce_scatter(g, comm, mine, rounding, "test");
+      const std::vector<float> s = true_sum(seed, world, 0, n);
+      for (size_t j = 0; j < c; ++j) {
+        const size_t i = static_cast<size_t>(comm.rank()) * c + j;
+        if (i >= n) {
+          EXPECT_EQ(mine[j], 0.0f);
+          continue;
+        }
+        double abs_sum = 0.0;
+        for (int r = 0; r < world; ++r) abs_sum += std::fabs(rank_gradient(seed, r, 0, n)[i]);
+        ASSERT_LE(std::fabs(mine[j] - s[i]), 1.01 * u * abs_sum) << wire_dtype_name(dtype) << " " << i;
+      }
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_LE(std::fabs(rounding[i]), 1.01 * u * std::fabs(g[i])) << i;
+        // bf16 needs no scale: what was sent is the value rounded to bf16.
+        if (dtype == WireDtype::bf16)
+          ASSERT_EQ(g[i] - rounding[i], detail::decode_half(dtype, detail::encode_half(dtype, g[i]))) << i;
+      }
+      const int64_t expect = world > 1 ? (world - 1) * 2 * static_cast<int64_t>(c) +
+                                             (dtype == WireDtype::fp16 ? 2 * (world - 1) * 8 / world : 0)
+                                       : 0;
+      EXPECT_EQ(bytes, expect);
+      std::vector<float> wrong(c + 1);
+      EXPECT_THROW(sum.reduce_scatter(g, comm, wrong, {}, "test"), Error);
+    }, test_settings());
+  }
+}
+
 TEST_P(CodecWorlds, TopKSendsKPairsAndKeepsTheRest) {
   const int world = GetParam();
   const uint64_t seed = flotilla::testing::test_seed();

@@ -1,5 +1,7 @@
 #include "flotilla/comm/compression/wire_sum.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -87,11 +89,17 @@ void WireSum::decode(const uint8_t* in, size_t count, float* out, bool add) cons
   }
 }
 
-int64_t WireSum::run(std::span<float> data, Communicator& comm, std::span<float> rounding, std::string_view name) {
-  const int N = comm.size();
-  const size_t n = data.size();
+size_t WireSum::chunk_size(size_t n, int N) const {
   size_t chunk = (n + static_cast<size_t>(N) - 1) / static_cast<size_t>(N);
   if (dtype_ == WireDtype::int8) chunk = (chunk + kInt8Run - 1) / kInt8Run * kInt8Run;  // whole runs
+  return chunk;
+}
+
+int64_t WireSum::reduce_scatter_into_sum(std::span<const float> data, Communicator& comm, std::span<float> rounding,
+                                         std::string_view name) {
+  const int N = comm.size();
+  const size_t n = data.size();
+  const size_t chunk = chunk_size(n, N);
   const size_t padded = chunk * static_cast<size_t>(N);
   const size_t chunk_bytes = encoded_bytes(chunk);
   int64_t bytes = 0;
@@ -117,8 +125,30 @@ int64_t WireSum::run(std::span<float> data, Communicator& comm, std::span<float>
   comm.all_to_all(std::span<uint8_t>(send_), std::span<uint8_t>(recv_), Options{.name = name});
   bytes += ring_all_to_all_bytes(static_cast<int64_t>(send_.size()), N);
 
-  // recv_ holds chunk `rank` of every rank: add them in float32, encode once.
+  // recv_ holds chunk `rank` of every rank: added in float32, in rank order.
   for (int r = 0; r < N; ++r) decode(recv_.data() + static_cast<size_t>(r) * chunk_bytes, chunk, sum_.data(), r > 0);
+  return bytes;
+}
+
+int64_t WireSum::reduce_scatter(std::span<const float> data, Communicator& comm, std::span<float> mine,
+                                std::span<float> rounding, std::string_view name) {
+  const size_t chunk = chunk_size(data.size(), comm.size());
+  if (mine.size() != chunk)
+    throw Error("comm/compression", fmt::format("{}: a reduce-scatter of {} values over {} ranks gives chunks of {}, "
+                                                "not {}",
+                                                name, data.size(), comm.size(), chunk, mine.size()));
+  const int64_t bytes = reduce_scatter_into_sum(data, comm, rounding, name);
+  std::copy_n(sum_.begin(), chunk, mine.begin());
+  return bytes;
+}
+
+int64_t WireSum::run(std::span<float> data, Communicator& comm, std::span<float> rounding, std::string_view name) {
+  const int N = comm.size();
+  const size_t n = data.size();
+  const size_t chunk = chunk_size(n, N);
+  const size_t chunk_bytes = encoded_bytes(chunk);
+  int64_t bytes = reduce_scatter_into_sum(data, comm, rounding, name);
+  // Each rank's summed chunk, encoded once more, goes to all.
   summed_.resize(chunk_bytes);
   encode(sum_.data(), chunk, summed_.data(), nullptr);
   comm.all_gather(std::span<uint8_t>(summed_), std::span<uint8_t>(send_), Options{.name = name});

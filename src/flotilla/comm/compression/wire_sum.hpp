@@ -34,9 +34,18 @@ class WireSum {
   // this rank's own values lost: data - decode(encode(data)), before the sum, the part
   // error feedback keeps. Returns the bytes this rank sent (gradient_codec.hpp's convention).
   int64_t run(std::span<float> data, Communicator& comm, std::span<float> rounding, std::string_view name);
+  // Step 1 alone (a reduce-scatter for ZeRO): data is cut into N chunks of chunk_size(n, N)
+  // values (zero past its end); `mine` (chunk_size values) := the float32 sum over ranks of
+  // every rank's encoded chunk `rank`, added in rank order. Rounding and the return as run().
+  int64_t reduce_scatter(std::span<const float> data, Communicator& comm, std::span<float> mine,
+                         std::span<float> rounding, std::string_view name);
+  size_t chunk_size(size_t n, int N) const;  // ceil(n / N); int8: whole runs
 
  private:
   size_t encoded_bytes(size_t values) const;  // one chunk of `values` values on the wire
+  // Step 1 into sum_ (chunk values): the encoding, the all-to-all, the float32 sum.
+  int64_t reduce_scatter_into_sum(std::span<const float> data, Communicator& comm, std::span<float> rounding,
+                                  std::string_view name);
   // out := encode(x); rounding (may be null) := x - decode(out).
   void encode(const float* x, size_t count, uint8_t* out, float* rounding) const;
   // out[i] (+)= decode(in)[i]: assigned, or added when `add`.
