@@ -125,9 +125,11 @@ void validate_sync(const SyncConfig& config, comm::Compression compression) {
   if (config.zero_stage > 0 && config.local_sgd.sync_every > 0)
     throw InputError("parallel", "--zero cannot be combined with --sync-every: local SGD keeps a whole optimizer on "
                                  "every rank and exchanges weights, not gradients");
-  if (config.zero_stage > 0 && compression != comm::Compression::none)
-    throw InputError("parallel", fmt::format("--zero cannot be combined with --compression {} yet: the gradient is "
-                                             "reduce-scattered in float32",
+  if (config.zero_stage > 0 && compression != comm::Compression::none && compression != comm::Compression::fp16 &&
+      compression != comm::Compression::bf16)
+    throw InputError("parallel", fmt::format("--zero cannot be combined with --compression {}: ZeRO reduce-scatters the "
+                                             "gradient, in float32 or in halves (--compression fp16 or bf16); top-k "
+                                             "and PowerSGD need every rank's whole gradient",
                                              comm::compression_name(compression)));
 }
 

@@ -4,10 +4,13 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
+#include <vector>
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/memory.hpp"
+#include "flotilla/comm/compression/wire_sum.hpp"
 #include "flotilla/comm/fusion.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
@@ -62,13 +65,23 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     // owned_ must be ascending: a rank's chunk of a unit lies below that unit's tail, and
     // units do not overlap.
     shard_grads_.resize(static_cast<size_t>(slot));
+    const comm::Compression kind = dp.codec().kind();
+    if (kind == comm::Compression::fp16 || kind == comm::Compression::bf16) {
+      narrow_.emplace(kind == comm::Compression::fp16 ? comm::WireDtype::fp16 : comm::WireDtype::bf16);
+      int64_t largest = 0;
+      for (const Unit& u : units_) largest = std::max(largest, u.chunk);
+      narrow_chunk_.resize(static_cast<size_t>(largest));
+    }
   }
 
   ~ZeroSync() override {
     if (overlap_) model_.set_parallel_context(nullptr);
   }
 
-  std::string name() const override { return fmt::format("ZeRO-{}", stage_); }
+  std::string name() const override {
+    return narrow_ ? fmt::format("ZeRO-{}, gradient shards in {}", stage_, comm::compression_name(dp_.codec().kind()))
+                   : fmt::format("ZeRO-{}", stage_);
+  }
   std::string signature() const override { return fmt::format("{}, {} units", name(), units_.size()); }
   bool overlapped() const override { return overlap_ != nullptr; }
   bool sharded() const override { return world_ > 1; }
@@ -197,12 +210,18 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
       // In place: the unit's gradient is spent afterwards (stage 2 releases it, stage 1
       // zeroes it before the next step), so its other chunks may hold partial sums.
       const std::span<float> chunks = part.first(static_cast<size_t>(u.chunk * world_));
-      dp_.reducer().reduce_scatter(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient shards"});
       const float* mine = chunks.data() + rank_ * u.chunk;
+      if (narrow_) {
+        const std::span<float> sum = std::span<float>(narrow_chunk_.data(), static_cast<size_t>(u.chunk));
+        bytes_ += narrow_->reduce_scatter(chunks, comm, sum, {}, "gradient shards (narrow)");
+        mine = sum.data();
+      } else {
+        dp_.reducer().reduce_scatter(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient shards"});
+        bytes_ += comm::ring_reduce_scatter_bytes(u.chunk * world_ * kFloat, world_);
+      }
       float* slot = shard_grads_.data() + u.chunk_slot;
       if (accumulate) kernels::add_inplace(slot, mine, u.chunk);
       else std::copy_n(mine, u.chunk, slot);
-      bytes_ += comm::ring_reduce_scatter_bytes(u.chunk * world_ * kFloat, world_);
     }
     const int64_t tail = u.end - u.tail_begin(world_);
     if (tail > 0) {
@@ -232,6 +251,8 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
   Buffer<float> shard_grads_;       // the owned ranges' summed gradients
   std::unique_ptr<comm::OverlappedAllReduce> overlap_;
+  std::optional<comm::detail::WireSum> narrow_;  // --compression fp16|bf16: chunks reduced in halves
+  std::vector<float> narrow_chunk_;               // one unit's summed chunk, from the halves
   bool active_ = false;             // backward reports finished ranges to the buckets
   bool last_micro_ = true;
   int64_t reduced_ = 0;             // micro-batches reduced into the shard this step

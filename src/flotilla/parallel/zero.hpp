@@ -24,6 +24,12 @@
 // The update is elementwise, so the result equals the unsharded update on the same summed
 // gradient; the sums themselves come from a reduce-scatter instead of an all-reduce, which
 // may add in another order (float rounding: the equivalence test's 1e-5).
+//
+// With --compression fp16 or bf16 the units' chunks travel in halves (comm/compression's
+// WireSum: each rank's values rounded once, summed in float32): half the reduce-scatter's
+// bytes. There is no error feedback, as in PyTorch's fp16 compression hook: keeping what
+// rounding lost would take a whole gradient's memory on every rank, which stage 2 exists
+// to avoid. The tails and the weights' all-gather stay float32.
 #pragma once
 
 #include <memory>

@@ -47,6 +47,9 @@ void check_job_flags(const TrainJob& job) {
   (void)comm::make_gradient_codec(job.compression, 0, {});
   parallel::validate_sync({.local_sgd = job.train.local_sgd, .bucket_mb = job.train.bucket_mb, .zero_stage = job.train.zero_stage},
                           job.compression.kind);
+  if (job.train.zero_stage > 0 && job.compression.kind != comm::Compression::none && job.compression.warmup_steps > 0)
+    throw InputError("train", "--compression-warmup applies to all-reduced gradients; with --zero the gradient is "
+                              "reduce-scattered in halves from the first step");
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
     // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
     if (job.save_every > 0 && job.save_every % H != 0)
