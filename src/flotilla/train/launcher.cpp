@@ -37,6 +37,10 @@ constexpr const char* kComponent = "launch";
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+double unix_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 std::string utc_now() {
   const std::time_t now = std::time(nullptr);
   std::tm utc{};
@@ -202,6 +206,7 @@ class Timeline {
     event["seq"] = static_cast<int64_t>(events_.size());
     event["t_s"] = std::round(t * 1000.0) / 1000.0;
     event["time"] = utc_now();
+    event["unix_s"] = std::round(unix_now() * 1000.0) / 1000.0;
     events_.push_back(event);
     lines_.push_back(fmt::format("{:>9.1f} s  {}", t, text));
     std::fprintf(stderr, "launch: %s\n", text.c_str());
@@ -382,9 +387,12 @@ int run_launch(const LaunchConfig& opt) {
     const AttemptEnd end = supervise(argv, opt.grace_s, opt.rescan_s, grow, t0);
     if (fault_s >= 0 && end.first_step_s) {
       const double recovery = *end.first_step_s - fault_s;
+      // The first step's wall-clock time: a fault injected from outside is timed against it.
+      const double first_step_unix = unix_now() - (seconds_since(t0) - *end.first_step_s);
       timeline.add({{"event", "training_again"},
                     {"attempt", attempt},
                     {"recovery_s", std::round(recovery * 1000.0) / 1000.0},
+                    {"first_step_unix_s", std::round(first_step_unix * 1000.0) / 1000.0},
                     {"steps_repeated", std::max<int64_t>(0, fault_step - resume_step)}},
                    fmt::format("training again {:.1f} s after the fault ({} step{} repeated)", recovery,
                                std::max<int64_t>(0, fault_step - resume_step),
