@@ -132,7 +132,12 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
         queue_(trace) {
     const model::ModelConfig& cfg = model_.config();
     const model::ParamLayout& layout = model_.layout();
-    const auto arena = static_cast<int64_t>(model_.trainable().params.size());
+    // The arenas, taken here on the calling thread: the communication thread must not call
+    // Llama::trainable(), which marks the model's bf16 copy stale and may allocate.
+    const model::Llama::Trainable trainable = model_.trainable();
+    params_ = trainable.params;
+    grads_ = trainable.grads;
+    const auto arena = static_cast<int64_t>(params_.size());
     tied_ = cfg.tie_embeddings;
     // Groups in arena order: the embedding, each block, the head (final norm, lm_head).
     auto add = [&](std::string name, int64_t begin, int64_t end) {
@@ -274,11 +279,10 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   }
 
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
-    if (owned.size() != shard_grads_.size() || whole.size() != model_.trainable().params.size())
+    if (owned.size() != shard_grads_.size() || whole.size() != params_.size())
       throw Error("parallel/zero3", fmt::format("a shard of {} floats and a whole of {} were given; this rank owns {} "
                                                 "of {}",
-                                                owned.size(), whole.size(), shard_grads_.size(),
-                                                model_.trainable().params.size()));
+                                                owned.size(), whole.size(), shard_grads_.size(), params_.size()));
     for (const Group& g : groups_) {
       std::copy_n(whole.begin() + g.begin + rank_ * g.chunk, g.chunk, owned.begin() + g.chunk_slot);
       std::copy_n(whole.begin() + g.tail_begin(world_), g.end - g.tail_begin(world_), owned.begin() + g.tail_slot);
@@ -339,8 +343,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       g.state = Group::State::whole;
       return;
     }
-    const std::span<float> part =
-        model_.trainable().params.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.chunk * world_));
+    const std::span<float> part = params_.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.chunk * world_));
     std::string name = fmt::format("{} weights, {} {} of step {}", g.name, why, pass_, step_ + 1);
     bytes_ += comm::ring_all_gather_bytes(g.chunk * kFloat, static_cast<int>(world_));
     ++gathers_;
@@ -368,7 +371,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     if (g.state == Group::State::gathering) queue_.wait(g.ticket);
     g.state = Group::State::released;
     if (world_ == 1 || g.chunk == 0) return;
-    float* params = model_.trainable().params.data();
+    float* params = params_.data();
     const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.begin + rank_ * g.chunk},
                                               ArenaRange{g.begin + (rank_ + 1) * g.chunk, g.tail_begin(world_)}};
     for (const ArenaRange& r : others) {
@@ -418,8 +421,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   // then its part of the gradient arena goes back to the operating system.
   void reduce(size_t j, bool accumulate) {
     const Group& g = groups_[j];
-    const std::span<float> part = model_.trainable().grads.subspan(static_cast<size_t>(g.begin),
-                                                                   static_cast<size_t>(g.end - g.begin));
+    const std::span<float> part = grads_.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.end - g.begin));
     if (g.chunk > 0) {
       const std::span<float> chunks = part.first(static_cast<size_t>(g.chunk * world_));
       dp_.reducer().reduce_scatter(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient shards"});
@@ -440,6 +442,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   }
 
   DataParallel& dp_;
+  std::span<float> params_, grads_;  // the model's arenas (P,): weights and gradients
   const int64_t world_;  // N
   const int64_t rank_;
   const bool poison_;
