@@ -129,7 +129,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
  public:
   Zero3Sync(model::Llama& model, DataParallel& dp, const Zero3Options& options, TraceRecorder* trace)
       : GradientSync(model), dp_(dp), world_(dp.world()), rank_(dp.rank()), poison_(options.poison_released),
-        queue_(trace) {
+        trace_(trace), queue_(trace) {
     const model::ModelConfig& cfg = model_.config();
     const model::ParamLayout& layout = model_.layout();
     // The arenas, taken here on the calling thread: the communication thread must not call
@@ -311,17 +311,23 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   // inside its backward, on the weights gathered for it).
   void before_group_backward(model::ParamGroup pg) override { visit(index_of(pg), -1); }
 
+  // The embedding's backward reads no weight: it adds the rows' gradients into the
+  // embedding's gradient (Llama::backward's embedding_backward; a tied lm_head's product is
+  // the head's backward, which gathers the embedding). Not gathering it there saves the
+  // largest group's second gather.
+  static bool reads_weights(size_t g, int direction) { return !(g == 0 && direction < 0); }
+
   void visit(size_t g, int direction) {
     if (g == 0 && direction > 0) ++pass_;
     const char* why = direction > 0 ? "forward" : "backward";
     std::array<size_t, 4> keep{};
     size_t kept = 0;
-    keep[kept++] = g;
+    if (reads_weights(g, direction)) keep[kept++] = g;
     if (tied_ && g == head()) keep[kept++] = 0;
     for (size_t i = 0; i < kept; ++i) acquire(keep[i], why);
     const size_t first_prefetch = kept;
     const auto next = static_cast<int64_t>(g) + direction;
-    if (next >= 0 && next < static_cast<int64_t>(groups_.size())) {
+    if (next >= 0 && next < static_cast<int64_t>(groups_.size()) && reads_weights(static_cast<size_t>(next), direction)) {
       keep[kept++] = static_cast<size_t>(next);
       if (tied_ && static_cast<size_t>(next) == head()) keep[kept++] = 0;
     }
@@ -356,6 +362,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     prefetch(j, why);
     Group& g = groups_[j];
     if (g.state == Group::State::gathering) {
+      // What the prefetch did not hide: the compute lane shows it in a trace.
+      TraceSpan span(trace_, "wait for " + g.name + " weights", TraceLane::compute);
       queue_.wait(g.ticket);
       g.state = Group::State::whole;
     }
@@ -446,6 +454,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   const int64_t world_;  // N
   const int64_t rank_;
   const bool poison_;
+  TraceRecorder* trace_;
   bool tied_ = false;
   int64_t page_floats_ = 1024;
   std::vector<Group> groups_;       // ascending in the arena: embedding, blocks, head

@@ -16,7 +16,8 @@
 //                gathered now), the next group's all-gather is queued on the communication
 //                thread (the prefetch, overlapping g's compute), every other group is
 //                released. A tied lm_head reads the embedding: the head needs both.
-//   backward     before_group_backward(g): the same in reverse order. Gradient
+//   backward     before_group_backward(g): the same in reverse order, but for the
+//                embedding, whose backward reads no weight (a scatter-add of gradients). Gradient
 //                checkpointing recomputes a block inside its backward, on the weights
 //                gathered for it. As backward finishes a group (grad_ready), its gradient is
 //                reduce-scattered into the shard on the same thread (as stage 2) and its
@@ -35,9 +36,10 @@
 // being gathered, and (tied embeddings, at the head) the embedding: the planner charges
 // the largest two groups plus, when tied, the embedding.
 //
-// Bytes per step: each group gathered for forward and again for backward (the embedding
-// and the head once each where they stay whole across the turn), and a reduce-scatter per
-// micro-batch: 1.5 times an all-reduce's bytes without accumulation.
+// Bytes per step: each block gathered for forward and again for backward, the embedding
+// and the head once (the head stays whole across the turn; the embedding's backward reads
+// no weight), and a reduce-scatter per micro-batch: at most 1.5 times an all-reduce's bytes
+// without accumulation.
 #pragma once
 
 #include <memory>
