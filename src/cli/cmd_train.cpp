@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 
 namespace flotilla::cli {
@@ -183,7 +184,8 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--zero", t.zero_stage,
                   "Data parallel: ZeRO sharding — 1: each rank keeps AdamW's moments for its 1/N of the weights "
-                  "only; 2: its 1/N of the gradients too, between steps (docs/sharding.md). The same result as 0, "
+                  "only; 2: its 1/N of the gradients too, between steps; 3: its 1/N of the weights too, each decoder "
+                  "block gathered just before forward and backward use it (docs/sharding.md). The same result as 0, "
                   "with less memory per rank")
       ->capture_default_str();
   cmd->add_option("--bucket-mb", t.bucket_mb,
@@ -243,6 +245,8 @@ void add_train_command(CLI::App& app) {
     job.compression.kind = comm::parse_compression(opt->compression);
     job.compression.dtype = comm::parse_wire_dtype(opt->compression_dtype);
     job.compression.seed = job.seed;
+    // Test mode of --zero 3 (parallel/zero3.hpp): released weights read NaN.
+    if (const char* poison = std::getenv("FLOTILLA_ZERO_POISON")) job.train.zero_poison = std::string_view(poison) == "1";
     // Under mpirun / srun this process is one rank of a data-parallel job.
     comm::Settings settings;
     settings.timeout = std::chrono::milliseconds(static_cast<int64_t>(opt->timeout_s * 1000.0));

@@ -19,6 +19,9 @@ of zero_equivalence_test.py). Then:
     the uninterrupted run bit for bit (each rank's moments and outer momentum restored from
     its state file); resumed on 1 rank, one warning line; the same exactness for top-k and
     PowerSGD (bf16, warm-up) compression, whose residuals and warm start are restored;
+  - 4 ranks with --zero 3 (its test mode: released weights read NaN) write about 3P/4
+    floats each, no NaN; their last checkpoint consolidates to the final model they wrote
+    group by group; the step-10 one resumes on 3 ranks with --zero 2;
   - flotilla convert --checkpoint: the consolidated model equals the trained model at that
     step (the 4-rank writer's step-20 folder against its model.safetensors, tensors and
     flotilla score), a non-empty --out is refused; a LoRA run's (3 ranks, ZeRO-2) gives the
@@ -233,6 +236,37 @@ def main():
         rewrite_manifest(doubled)
         expect_refused(failures, "a range written twice", train(os.path.join(tmp, "r_doubled"), 1, ["--resume", doubled],
                                                                 argv=True), env, "written twice")
+
+        # ZeRO-3 on 4 ranks, in its test mode (FLOTILLA_ZERO_POISON=1: a rank's released
+        # weights read NaN): each rank writes about 3P/N floats, its own chunks, which is all
+        # it holds (a NaN in a file would be a weight it did not hold); the checkpoint of step
+        # 20 consolidates to the final model, which rank 0 wrote group by group as the ranks
+        # gathered them; and the step-10 one resumes on 3 ranks with --zero 2.
+        zero3 = os.path.join(tmp, "writer_zero3")
+        poison = dict(env, FLOTILLA_ZERO_POISON="1")
+        run(mpirun + ["-np", "4", f, "train", "--model", model, "--out", zero3, "--batch-size", str(GLOBAL_BATCH // 4)] +
+            common + ["--zero", "3", "--save-every", "10"], poison)
+        z3_step10 = os.path.join(zero3, "checkpoints", "step-000010")
+        z3_layout = read_layout(z3_step10)
+        for name in sorted(z3_layout["files"]):
+            floats = sum(t.size for t in read_safetensors(os.path.join(z3_step10, name)).values())
+            if abs(floats - 3 * arena / 4) > 0.01 * 3 * arena / 4:
+                failures.append(f"--zero 3 {name}: {floats} floats, expected about 3P/N = {3 * arena / 4:.0f}")
+        for kind in ("weights", "m", "v"):
+            if np.isnan(whole_arena(z3_step10, z3_layout, kind)).any():
+                failures.append(f"--zero 3: the checkpoint's {kind} hold NaN or leave part of the arena unwritten")
+        z3_converted = os.path.join(tmp, "converted_zero3")
+        run([f, "convert", "--checkpoint", os.path.join(zero3, "checkpoints", "step-000020"), "--out", z3_converted],
+            env)
+        want = read_safetensors(os.path.join(zero3, "model.safetensors"))
+        got = read_safetensors(os.path.join(z3_converted, "model.safetensors"))
+        if sorted(want) != sorted(got) or any(not np.array_equal(want[t], got[t]) for t in want):
+            failures.append("--zero 3: the final model differs from its step-20 checkpoint consolidated")
+        else:
+            print(f"--zero 3: 4 rank files of about 3P/N; the final model equals its last checkpoint ({len(got)} tensors)")
+        out = os.path.join(tmp, "zero3_to_zero2")
+        train(out, 3, ["--zero", "2", "--resume", z3_step10])
+        failures += compare("4 ranks ZeRO-3 -> 3 ranks ZeRO-2", base, out, from_step=10)
 
         # convert --checkpoint: the 4 ranks' last step folder is the trained model.
         step20 = os.path.join(writer, "checkpoints", "step-000020")

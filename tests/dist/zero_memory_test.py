@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """flotilla plan's predicted peak memory per rank against every rank's measured peak RSS
 (issue 12 items 4 and 9), through bench/zero on W1 at 1, 2 and 3 ranks: plain data
-parallelism, and --zero 1 and 2 where this flotilla has --zero (a binary without the flag
+parallelism, and --zero 1, 2 and 3 where this flotilla has --zero (a binary without the flag
 checks plain alone, and says so). Every rank must lie within 10% of the prediction.
 
     zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,3] [--steps 2]
@@ -31,7 +31,7 @@ def main() -> int:
     flotilla = os.path.abspath(args.flotilla)
     help_text = subprocess.run([flotilla, "train", "--help"], capture_output=True, text=True).stdout
     has_zero = "--zero" in help_text
-    stages = "0,1,2" if has_zero else "0"
+    stages = "0,1,2,3" if has_zero else "0"
     if not has_zero:
         print("note: this flotilla has no --zero: checking plain data parallelism only")
     worlds = [int(n) for n in args.ranks.split(",")]

@@ -178,13 +178,29 @@ TEST(Memory, TotalsByHand) {
   EXPECT_DOUBLE_EQ(one.steady(), 16.0 * kFloats + act);
   EXPECT_DOUBLE_EQ(one.peak(), one.steady());
   // ZeRO-3 on 4 ranks: weights, gradients and moments in quarters (115008 = 4 x 28752, no
-  // tail), two gathered layers and one layer's gradient.
+  // tail); its groups are the 16384-float embedding, two blocks of 41088 and the head (a
+  // 64-float norm and the 16384-float lm_head, 16-float aligned). The weights gathered at
+  // once are the two blocks, of which 3/4 are other ranks' chunks; so are the gradients
+  // backward holds before their reduce-scatter.
+  EXPECT_EQ(w.zero3_group_floats, (std::vector<int64_t>{16384, 41088, 41088, 16448}));
   const MemoryCost z3 = memory_cost(find(StrategyKind::zero3, w), w, 4);
-  EXPECT_DOUBLE_EQ(z3.weights, kFloats);
+  EXPECT_DOUBLE_EQ(z3.weights, kFloats + 0.75 * 4 * 2 * 41088);
   EXPECT_DOUBLE_EQ(z3.grads, kFloats);
+  EXPECT_DOUBLE_EQ(z3.grads_in_backward, kFloats + 4 * 2 * 41088);
   EXPECT_DOUBLE_EQ(z3.optimizer, 2.0 * kFloats);
-  EXPECT_DOUBLE_EQ(z3.buffers, 3 * 4 * 41088.0);
-  EXPECT_DOUBLE_EQ(z3.peak(), z3.steady());
+  EXPECT_DOUBLE_EQ(z3.buffers, 2 * (1 << 20));
+  // Tied: the embedding is gathered with the last block and the head, and its gradient is
+  // whole through backward.
+  model::ModelConfig tied_cfg;
+  tied_cfg.tie_embeddings = true;
+  const Workload tied = describe_workload(tied_cfg, false, {}, 2, 16, 1);
+  const MemoryCost t3 = memory_cost(find(StrategyKind::zero3, tied), tied, 4);
+  const double tied_floats = static_cast<double>(tied.model_floats);
+  const double tied_shard = zero_shard_floats(tied.model_floats, 4);
+  // (the head is the 64-float norm alone; the two blocks still outweigh embedding + block + head)
+  EXPECT_DOUBLE_EQ(t3.weights, 4 * tied_shard + 0.75 * 4 * std::max(2 * 41088, 16384 + 41088 + 64));
+  EXPECT_DOUBLE_EQ(t3.grads_in_backward, 4 * tied_shard + 4 * (2 * 41088 + 16384));
+  EXPECT_LT(tied_floats, kFloats);
 }
 
 // The per-rank model state, Ψ = 115008 floats, on n ranks: plain 16Ψ, ZeRO-1
@@ -212,7 +228,9 @@ TEST(Memory, ZeroStagesFollowTheFormulas) {
     EXPECT_DOUBLE_EQ(z2.grads_in_backward, 4 * P + 4 * P / n);
     EXPECT_DOUBLE_EQ(z2.peak(), z1.peak());
     EXPECT_DOUBLE_EQ(z1.steady() - z2.steady(), 4 * P);
-    EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::zero3, w), w, n)), 16 * P / n);
+    // ZeRO-3: 16Ψ/n, and the other ranks' chunks of the two blocks gathered at once.
+    EXPECT_DOUBLE_EQ(state(memory_cost(find(StrategyKind::zero3, w), w, n)),
+                     16 * P / n + (n - 1.0) / n * 4 * 2 * 41088);
   }
   // One rank alone under ZeRO holds what plain training does: nothing to exchange.
   EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero1, w), w, 1).peak(),
@@ -250,13 +268,16 @@ TEST(Memory, ZeroShardKeepsTheTail) {
   EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 5).grads, 4.0 * (23001 + 3));
 }
 
-TEST(Strategy, ZeroOneAndTwoRunTodayThreeIsPlanned) {
+TEST(Strategy, ZeroStagesRunTodayButZeroThreeWithLora) {
   const Workload w = small_full();
   EXPECT_TRUE(find(StrategyKind::zero1, w).available);
   EXPECT_EQ(find(StrategyKind::zero1, w).train_flags, "--zero 1");
   EXPECT_TRUE(find(StrategyKind::zero2, w).available);
   EXPECT_EQ(find(StrategyKind::zero2, w).train_flags, "--zero 2");
-  EXPECT_FALSE(find(StrategyKind::zero3, w).available);
+  EXPECT_TRUE(find(StrategyKind::zero3, w).available);
+  EXPECT_EQ(find(StrategyKind::zero3, w).train_flags, "--zero 3");
+  const Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
+  EXPECT_FALSE(find(StrategyKind::zero3, lora).available);
 }
 
 TEST(Memory, LoraHasNoBaseGradientsOrMoments) {

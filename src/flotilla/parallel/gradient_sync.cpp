@@ -7,6 +7,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/parallel/zero.hpp"
+#include "flotilla/parallel/zero3.hpp"
 
 namespace flotilla::parallel {
 
@@ -117,11 +118,10 @@ class LocalSgdSync final : public GradientSync {
 }  // namespace
 
 void validate_sync(const SyncConfig& config, comm::Compression compression) {
-  if (config.zero_stage < 0 || config.zero_stage > 2)
-    throw InputError("parallel", fmt::format("--zero must be 0 (off), 1 (optimizer state sharded) or 2 (and "
-                                             "gradients); not {}{}",
-                                             config.zero_stage,
-                                             config.zero_stage == 3 ? " (stage 3, sharded weights, is not built yet)" : ""));
+  if (config.zero_stage < 0 || config.zero_stage > 3)
+    throw InputError("parallel", fmt::format("--zero must be 0 (off), 1 (optimizer state sharded), 2 (and gradients) "
+                                             "or 3 (and weights); not {}",
+                                             config.zero_stage));
   if (config.zero_stage > 0 && config.local_sgd.sync_every > 0)
     throw InputError("parallel", "--zero cannot be combined with --sync-every: local SGD keeps a whole optimizer on "
                                  "every rank and exchanges weights, not gradients");
@@ -131,6 +131,11 @@ void validate_sync(const SyncConfig& config, comm::Compression compression) {
                                              "gradient, in float32 or in halves (--compression fp16 or bf16); top-k "
                                              "and PowerSGD need every rank's whole gradient",
                                              comm::compression_name(compression)));
+  if (config.zero_stage == 3 && compression != comm::Compression::none)
+    throw InputError("parallel", fmt::format("--zero 3 cannot be combined with --compression {} yet: stage 3 "
+                                             "reduce-scatters its gradients in float32 (stages 1 and 2 take fp16 "
+                                             "and bf16)",
+                                             comm::compression_name(compression)));
 }
 
 std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParallel* dp, const SyncConfig& config,
@@ -138,7 +143,9 @@ std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParall
   validate_sync(config, dp ? dp->codec().kind() : comm::Compression::none);
   if (!dp) return std::make_unique<SingleRank>(model);
   std::unique_ptr<GradientSync> sync;
-  if (config.zero_stage > 0) {
+  if (config.zero_stage == 3) {
+    sync = make_zero3_sync(model, *dp, Zero3Options{.poison_released = config.zero_poison}, trace);
+  } else if (config.zero_stage > 0) {
     sync = make_zero_sync(model, *dp, config.zero_stage, config.bucket_mb, trace);
   } else if (config.local_sgd.sync_every > 0) {
     sync = std::make_unique<LocalSgdSync>(model, *dp, config.local_sgd);

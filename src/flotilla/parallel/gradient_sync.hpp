@@ -21,6 +21,8 @@
 //   ZeRO-1, ZeRO-2    the gradient reduce-scattered into this rank's shard of the flat
 //                     arena, AdamW's moments for that shard only, the updated shards
 //                     all-gathered (parallel/zero.hpp)
+//   ZeRO-3            the weights sharded too: each parameter group gathered just before
+//                     forward or backward reads it, released after (parallel/zero3.hpp)
 //
 // Every mode counts the bytes this rank sends through comm/wire_bytes.hpp.
 #pragma once
@@ -56,7 +58,8 @@ struct RankState {
 struct SyncConfig {
   LocalSgdConfig local_sgd;  // sync_every > 0: local SGD / DiLoCo
   double bucket_mb = 25.0;   // exact all-reduce: overlap buckets of this many MiB; 0: none
-  int zero_stage = 0;        // 1, 2: ZeRO (sharded optimizer state; + sharded gradients)
+  int zero_stage = 0;        // 1, 2, 3: ZeRO (sharded optimizer state; + gradients; + weights)
+  bool zero_poison = false;  // ZeRO-3 test mode: released weights read NaN (zero3.hpp)
 };
 
 // What an exchange returns: the loss summed over the ranks (what the step reports), and
@@ -115,13 +118,23 @@ class GradientSync {
   // Whether the exchange only waits for buckets reduced during backward.
   virtual bool overlapped() const { return false; }
 
+  // ZeRO-3: whether the weights outside owned() are whole only while the model's hooks
+  // have gathered them. A reader of the whole weights (the final model's writer) then walks
+  // the arena in ascending order: gather_weights_through(offset) makes the group holding
+  // that float whole, releasing the ones before it, and end_weight_pass() finishes the walk
+  // (gathering what is left, so that every rank gathers every group) and releases all.
+  // Collectives: every rank walks alike. Without sharded weights both do nothing.
+  virtual bool weights_sharded() const { return false; }
+  virtual void gather_weights_through(int64_t /*offset*/) {}
+  virtual void end_weight_pass() {}
+
  protected:
   explicit GradientSync(model::Llama& model) : model_(model) {}
   model::Llama& model_;
 };
 
 // InputError naming the flags when the combination cannot run: ZeRO with local SGD, with
-// compression, a stage other than 0, 1, 2.
+// compression, a stage other than 0, 1, 2, 3.
 void validate_sync(const SyncConfig& config, comm::Compression compression);
 
 // The mode `config` asks for over `dp` (null: one process). `dp` and `model` must outlive

@@ -23,9 +23,31 @@ constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
 // thread is reducing.
 constexpr double kZero2UnitsInFlight = 2.0;
 
-// ZeRO-3 gathers one layer's weights ahead of use; two such buffers overlap the next
-// gather with the current layer's compute.
-constexpr double kZero3GatherBuffers = 2.0;
+// ZeRO-3 (parallel/zero3.hpp): the most floats of other ranks' chunks a rank holds at once,
+// as floats of whole groups. Weights: the group computing and the next one arriving (forward
+// or backward: adjacent groups), and a tied embedding with the head and the block before
+// it. Gradients in backward: the group being written and the one before it, not yet
+// reduce-scattered, and a tied embedding's whole gradient, which the head's backward
+// writes first and the embedding's backward finishes last.
+double zero3_adjacent_peak_floats(const Workload& w) {
+  const std::vector<int64_t>& g = w.zero3_group_floats;
+  double most = 0.0;
+  for (size_t i = 0; i + 1 < g.size(); ++i) most = std::max(most, static_cast<double>(g[i] + g[i + 1]));
+  return most;
+}
+double zero3_gathered_floats(const Workload& w) {
+  const std::vector<int64_t>& g = w.zero3_group_floats;
+  if (g.size() < 2) return static_cast<double>(w.model_floats);
+  double most = zero3_adjacent_peak_floats(w);
+  if (w.tied_embeddings && g.size() >= 3)
+    most = std::max(most, static_cast<double>(g.front() + g[g.size() - 2] + g.back()));
+  return most;
+}
+double zero3_grads_in_flight_floats(const Workload& w) {
+  const std::vector<int64_t>& g = w.zero3_group_floats;
+  if (g.size() < 2) return static_cast<double>(w.trainable_floats);
+  return zero3_adjacent_peak_floats(w) + (w.tied_embeddings ? static_cast<double>(g.front()) : 0.0);
+}
 
 }  // namespace
 
@@ -95,7 +117,8 @@ std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload&
                  fmt::format("local SGD H={}", knobs.local_sgd_every), fmt::format("--sync-every {}", knobs.local_sgd_every)});
   out.push_back({StrategyKind::zero1, 1, 0.0, true, f32, "ZeRO-1", "--zero 1"});
   out.push_back({StrategyKind::zero2, 1, 0.0, true, f32, "ZeRO-2", "--zero 2"});
-  out.push_back({StrategyKind::zero3, 1, 0.0, false, f32, "ZeRO-3", "--zero 3"});
+  // ZeRO-3 with LoRA (the frozen base sharded) is planned.
+  out.push_back({StrategyKind::zero3, 1, 0.0, !w.lora, f32, "ZeRO-3", "--zero 3"});
   return out;
 }
 
@@ -270,13 +293,21 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       }
       break;
     case StrategyKind::zero3: {
+      if (n == 1) {  // one rank alone trains as plain training
+        m.buffers = scratch;
+        break;
+      }
+      // Each rank's shard of the weights, gradients and moments (16Ψ/n), and the other ranks'
+      // chunks of the groups gathered at once ((n-1)/n of them; this rank's own chunk is in
+      // the shard). Gradients: the reduced shard between steps, and in backward the groups
+      // written and not yet reduce-scattered (parallel/zero3.hpp).
+      const double others = static_cast<double>(n - 1) / n;
       m.optimizer = 8 * shard;
       m.grads = 4 * shard;
-      m.weights /= std::max(1, n);  // LoRA too: the frozen base is gathered on use
-      // Two gathered layers (the one computing, the next one arriving) and, in backward, one
-      // layer's whole gradient before its reduce-scatter.
-      const double layer = 4 * static_cast<double>(w.largest_layer_floats);
-      m.buffers = n > 1 ? kZero3GatherBuffers * layer + layer : 0.0;
+      m.grads_in_backward = m.grads + std::min(4 * G, 4 * zero3_grads_in_flight_floats(w));
+      m.weights = 4 * shard + others * 4 * zero3_gathered_floats(w);
+      if (w.lora) m.weights = 4 * (base / n + G);  // planned: the frozen base gathered on use
+      m.buffers = scratch;
       break;
     }
   }

@@ -44,7 +44,12 @@
 //                  reduced shard is the only gradient                       = 4Ψ + 12Ψ/n
 //                  and during backward the units not yet reduced (two of them; the
 //                  whole gradient, so zero1's peak, with --bucket-mb 0 or one bucket)
-//   zero3          weights too, plus the gathered layers                     = 16Ψ/n + layers
+//   zero3          weights too                                              = 16Ψ/n
+//                  + the other ranks' chunks ((n-1)/n) of the groups gathered at once:
+//                  two adjacent groups (the one computing, the next arriving), and a
+//                  tied embedding with the last block and the head; in backward also the
+//                  gradients of two adjacent groups not yet reduce-scattered and a tied
+//                  embedding's whole gradient (parallel/zero3.hpp). One rank: plain.
 // and for every strategy the activations and exchange buffers.
 #pragma once
 
@@ -81,7 +86,7 @@ struct Strategy {
 };
 
 // The strategies, in the order the report lists them. `available` is true for what
-// flotilla train runs in this build: all but ZeRO-3.
+// flotilla train runs in this build: all but ZeRO-3 with LoRA.
 std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate);
 
 struct CommCost {

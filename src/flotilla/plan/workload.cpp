@@ -41,6 +41,16 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
   }
   w.largest_layer_floats = outside_layers;
   for (const int64_t n : per_layer) w.largest_layer_floats = std::max(w.largest_layer_floats, n);
+  if (cfg.n_layers > 0) {
+    w.zero3_group_floats.push_back(layout.layers[0].ln1.offset());
+    for (int64_t l = 0; l < cfg.n_layers; ++l) {
+      const int64_t end = l + 1 < cfg.n_layers ? layout.layers[static_cast<size_t>(l + 1)].ln1.offset()
+                                               : layout.final_norm.offset();
+      w.zero3_group_floats.push_back(end - layout.layers[static_cast<size_t>(l)].ln1.offset());
+    }
+    w.zero3_group_floats.push_back(layout.total_numel() - layout.final_norm.offset());
+  }
+  w.tied_embeddings = cfg.tie_embeddings;
 
   std::optional<model::LoraAdapters> adapters;
   const model::ParamTable* trainable = &layout;

@@ -33,6 +33,10 @@ struct Workload {
   int64_t trainable_vector_floats = 0;
   int64_t largest_trainable_floats = 0;  // the largest trainable tensor (a bucket of its own if larger)
   int64_t largest_layer_floats = 0;  // one block's weights, or the embedding if larger (ZeRO-3)
+  // ZeRO-3's gather groups in forward order (parallel/zero3.hpp): the embedding, each
+  // block, the head (final norm and an untied lm_head), each up to the next's offset.
+  std::vector<int64_t> zero3_group_floats;
+  bool tied_embeddings = false;  // the head reads the embedding: gathered with it
   int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters and checkpointing included
 
   int64_t tokens_per_step() const { return batch_size * seq_len * grad_accum; }  // per rank

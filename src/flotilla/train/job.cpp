@@ -19,6 +19,7 @@
 #include "flotilla/comm/world.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/matmul_dtype.hpp"
+#include "flotilla/model/model_writer.hpp"
 #include "flotilla/model/vocab_check.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "flotilla/train/job_checkpoints.hpp"
@@ -50,6 +51,12 @@ void check_job_flags(const TrainJob& job) {
   if (job.train.zero_stage > 0 && job.compression.kind != comm::Compression::none && job.compression.warmup_steps > 0)
     throw InputError("train", "--compression-warmup applies to all-reduced gradients; with --zero the gradient is "
                               "reduce-scattered in halves from the first step");
+  if (job.train.zero_stage == 3 && job.fine_tune == FineTuneType::lora)
+    throw InputError("train", "--zero 3 with LoRA is not built yet: stage 3 shards trained weights, and LoRA trains "
+                              "only its adapters; use --zero 2 (the adapters' gradients and moments sharded)");
+  if (job.train.zero_stage == 3 && job.dtype != kernels::GemmInput::f32)
+    throw InputError("train", "--zero 3 cannot be combined with --dtype bf16: the bf16 copy of the weights is made of "
+                              "the whole model at once, which a ZeRO-3 rank never holds; use --dtype float32");
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
     // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
     if (job.save_every > 0 && job.save_every % H != 0)
@@ -81,13 +88,29 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
                                                                      : comm::compression_name(job.compression.kind)));
 }
 
+// ZeRO-3's final model: rank 0 writes it tensor by tensor, in layout order, while every
+// rank gathers the groups in the same order (each rank holds one group of whole weights at
+// a time beyond its shard); the other ranks only take part in the gathers.
+void write_gathered_model(const JobRanks& ranks, model::Llama& model, parallel::GradientSync& sync,
+                          const std::filesystem::path& dir) {
+  if (ranks.root) {
+    std::filesystem::create_directories(dir);
+    model::ModelWriteOptions options;
+    model::write_model(dir, model.config(), options, [&](const model::ParamInfo& info, std::span<float> out) {
+      sync.gather_weights_through(info.offset);
+      model.weight_f32(info, out);
+    });
+  }
+  sync.end_weight_pass();
+}
+
 // The outputs, after the last step. The trace first, on every rank: it shows what happened,
 // a divergence included. Then rank 0 writes the model (or adapters), what the run was for;
 // metrics and report after it, each on its own: one that cannot be written is an Error
 // raised once everything else is written, and never stands in the model's way.
 void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& model,
                    const model::LoraAdapters* adapters, const text::Tokenizer& tokenizer, TraceRecorder* trace,
-                   const Trainer& trainer, const nlohmann::json& config, JobCheckpoints& checkpoints,
+                   Trainer& trainer, const nlohmann::json& config, JobCheckpoints& checkpoints,
                    RunRecord& record, const InfoSink& info) {
   std::vector<std::string> unwritten;
   const auto auxiliary = [&](std::string_view what, const std::function<void()>& write) {
@@ -105,6 +128,8 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
     });
   }
   checkpoints.check_weights_finite(record.summary.steps, "the model is");
+  const bool gathered = !adapters && trainer.sync().weights_sharded();
+  if (gathered && !ranks.root) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
   if (!ranks.root) {
     // A rank's trace is its only output: a failure is told, and never ends the job while
     // rank 0 writes the model.
@@ -114,7 +139,8 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
   if (adapters) {
     adapters->save_peft(job.out_dir, base_model_name(job));
   } else {
-    model.save(job.out_dir);
+    if (gathered) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
+    else model.save(job.out_dir);
     tokenizer.save(job.out_dir);
   }
   auxiliary("metrics", [&] { record.write_metrics(); });

@@ -68,8 +68,19 @@ void JobCheckpoints::claim_folder() {
 void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
   // Weights that are not finite are never saved over good ones. The loss and gradient
   // checks keep non-finite values out of an update; this catches a finite update that
-  // overflowed (a huge --lr). Every rank holds the same weights here and stops alike.
-  if (all_finite(trainer_.model().trainable().params)) return;
+  // overflowed (a huge --lr). Every rank holds the same weights here (or, under ZeRO-3,
+  // asks the others) and stops alike.
+  const std::span<const float> params = trainer_.model().trainable().params;
+  bool finite = true;
+  if (trainer_.sync().weights_sharded()) {
+    // ZeRO-3: each rank holds its own shard only; the ranks agree.
+    for (const parallel::ArenaRange& r : trainer_.sync().owned())
+      finite = finite && all_finite(params.subspan(static_cast<size_t>(r.begin), static_cast<size_t>(r.size())));
+    if (job_.dp) finite = job_.dp->max_over_ranks(finite ? 0 : 1, "finite weights") == 0;
+  } else {
+    finite = all_finite(params);
+  }
+  if (finite) return;
   if (ranks_.root) record_.write_metrics();  // the history up to here, for the record
   std::string kept = last_saved_dir_.empty() ? std::string("no checkpoint was written")
                                              : "the last good checkpoint is " + last_saved_dir_.string();

@@ -47,7 +47,10 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
   validate_train_config(cfg);
   return parallel::make_gradient_sync(
-      model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd, .bucket_mb = cfg.bucket_mb, .zero_stage = cfg.zero_stage},
+      model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd,
+                                       .bucket_mb = cfg.bucket_mb,
+                                       .zero_stage = cfg.zero_stage,
+                                       .zero_poison = cfg.zero_poison},
       trace);
 }
 

@@ -52,9 +52,12 @@ struct TrainConfig {
   // communication thread while backward runs (PyTorch DDP's default size). 0: one
   // all-reduce after backward.
   double bucket_mb = 25.0;
-  // Data parallel: ZeRO stage (parallel/zero.hpp). 1: AdamW's moments sharded over the
-  // ranks; 2: the gradients too. 0: every rank holds everything.
+  // Data parallel: ZeRO stage (parallel/zero.hpp, zero3.hpp). 1: AdamW's moments sharded
+  // over the ranks; 2: the gradients too; 3: the weights too. 0: every rank holds everything.
   int zero_stage = 0;
+  // ZeRO-3 test mode (the environment's FLOTILLA_ZERO_POISON=1 for `flotilla train`): the
+  // weights a rank released read NaN, so that a read of one not gathered shows.
+  bool zero_poison = false;
 };
 
 struct StepMetrics {
@@ -166,6 +169,7 @@ class Trainer {
   int world() const { return dp_ ? dp_->world() : 1; }
   // How the ranks combine their work (its name, bytes sent, whether it shards).
   const parallel::GradientSync& sync() const { return *sync_; }
+  parallel::GradientSync& sync() { return *sync_; }
 
   // AdamW's moments in the layout of the whole trainable arena, for reading an unsharded
   // checkpoint: the optimizer's own buffers, or under ZeRO buffers the trainer holds until

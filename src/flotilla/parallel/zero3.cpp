@@ -1,0 +1,491 @@
+// ZeRO stage 3 (parallel/zero3.hpp): the weights sharded too, gathered group by group.
+#include "flotilla/parallel/zero3.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <thread>
+
+#include "flotilla/base/buffer.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/memory.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::parallel {
+namespace {
+
+constexpr int64_t kFloat = sizeof(float);
+// Reduce-scatters queued behind backward before it waits (as ZeRO-2's buckets in flight).
+constexpr size_t kReducesInFlight = 2;
+
+// One communication thread running tasks in the order they were queued. The gathers and
+// the reduce-scatters share it, so every rank issues its collectives in one order: the
+// order the model's hooks came in, the same on every rank running the same schedule.
+class CommQueue {
+ public:
+  explicit CommQueue(TraceRecorder* trace) : trace_(trace), thread_([this] { serve(); }) {}
+  ~CommQueue() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    work_.notify_all();
+    thread_.join();
+  }
+  CommQueue(const CommQueue&) = delete;
+  CommQueue& operator=(const CommQueue&) = delete;
+
+  // Queues `task`; returns its ticket (1, 2, ...).
+  uint64_t push(std::string name, std::function<void()> task) {
+    uint64_t ticket = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ticket = ++pushed_;
+      queue_.push_back({std::move(name), std::move(task)});
+    }
+    work_.notify_all();
+    return ticket;
+  }
+  // Until task `ticket` has run; rethrows the thread's first error. Each collective is
+  // bounded by its deadline (comm::Settings::timeout), so the wait is too.
+  void wait(uint64_t ticket) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_cv_.wait(lock, [&] { return done_ >= ticket || error_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+  void drain() { wait(pushed_); }
+
+ private:
+  struct Task {
+    std::string name;
+    std::function<void()> run;
+  };
+  void serve() {
+    for (;;) {
+      Task task;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        work_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping
+        task = std::move(queue_.front());
+        queue_.pop_front();
+        if (error_ || stop_) {
+          // After a failure the communicator is unusable: the rest is dropped.
+          ++done_;
+          done_cv_.notify_all();
+          continue;
+        }
+      }
+      try {
+        TraceSpan span(trace_, task.name, TraceLane::communication);
+        task.run();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        error_ = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++done_;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  TraceRecorder* trace_;
+  std::mutex mutex_;
+  std::condition_variable work_, done_cv_;
+  std::deque<Task> queue_;
+  uint64_t pushed_ = 0, done_ = 0;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;  // last: starts after everything it uses exists
+};
+
+// One group of the arena (the embedding, a decoder block, the head), split over the ranks
+// as stages 1-2 split a unit: rank r's chunk [begin + r chunk, begin + (r+1) chunk), the
+// tail [begin + N chunk, end) every rank's.
+struct Group {
+  std::string name;  // "embedding", "block 3", "head"
+  int64_t begin = 0, end = 0;
+  int64_t chunk = 0;
+  int64_t chunk_slot = 0, tail_slot = 0;  // where this rank's chunk and the tail sit in the shard buffer
+  int64_t grad_floats = 0;                // the gradient ranges grad_ready reports for it, in floats
+  int64_t grad_pending = 0;               // of those, not yet reported this backward
+  enum class State : uint8_t { whole, gathering, released } state = State::whole;
+  uint64_t ticket = 0;  // the gather in flight (gathering)
+  int64_t tail_begin(int64_t world) const { return begin + chunk * world; }
+};
+
+class Zero3Sync final : public GradientSync, private model::ParallelContext {
+ public:
+  Zero3Sync(model::Llama& model, DataParallel& dp, const Zero3Options& options, TraceRecorder* trace)
+      : GradientSync(model), dp_(dp), world_(dp.world()), rank_(dp.rank()), poison_(options.poison_released),
+        trace_(trace), queue_(trace) {
+    const model::ModelConfig& cfg = model_.config();
+    const model::ParamLayout& layout = model_.layout();
+    // The arenas, taken here on the calling thread: the communication thread must not call
+    // Llama::trainable(), which marks the model's bf16 copy stale and may allocate.
+    const model::Llama::Trainable trainable = model_.trainable();
+    params_ = trainable.params;
+    grads_ = trainable.grads;
+    const auto arena = static_cast<int64_t>(params_.size());
+    tied_ = cfg.tie_embeddings;
+    // Groups in arena order: the embedding, each block, the head (final norm, lm_head).
+    auto add = [&](std::string name, int64_t begin, int64_t end) {
+      Group g;
+      g.name = std::move(name);
+      g.begin = begin;
+      g.end = end;
+      groups_.push_back(g);
+    };
+    add("embedding", 0, layout.layers[0].ln1.offset());
+    for (int64_t l = 0; l < cfg.n_layers; ++l) {
+      const int64_t end = l + 1 < cfg.n_layers ? layout.layers[static_cast<size_t>(l + 1)].ln1.offset()
+                                               : layout.final_norm.offset();
+      add(fmt::format("block {}", l), layout.layers[static_cast<size_t>(l)].ln1.offset(), end);
+    }
+    add("head", layout.final_norm.offset(), arena);
+    // Every range backward reports must lie in one group and the group's ranges tile it:
+    // then a group's gradient is complete exactly when its last range is reported.
+    model_.set_parallel_context(this);
+    for (const model::GradSpan& s : model_.grad_ready_order()) {
+      Group& g = group_at(s.begin);
+      if (s.end > g.end)
+        throw Error("parallel/zero3", fmt::format("the gradient range [{}, {}) crosses the end of group {} at {}",
+                                                  s.begin, s.end, g.name, g.end));
+      g.grad_floats += s.end - s.begin;
+    }
+    int64_t slot = 0;
+    for (Group& g : groups_) {
+      if (g.grad_floats != g.end - g.begin)
+        throw Error("parallel/zero3", fmt::format("backward reports {} of group {}'s {} floats", g.grad_floats, g.name,
+                                                  g.end - g.begin));
+      g.chunk = (g.end - g.begin) / world_;
+      g.chunk_slot = slot;
+      if (g.chunk > 0) owned_.push_back({g.begin + rank_ * g.chunk, g.begin + (rank_ + 1) * g.chunk});
+      slot += g.chunk;
+      g.tail_slot = slot;
+      if (g.tail_begin(world_) < g.end) owned_.push_back({g.tail_begin(world_), g.end});
+      slot += g.end - g.tail_begin(world_);
+    }
+    shard_grads_.resize(static_cast<size_t>(slot));
+    page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kFloat);
+    // The weights are whole now (loaded, or rank 0's broadcast): groups are released as the
+    // first forward passes them.
+  }
+
+  ~Zero3Sync() override {
+    model_.set_parallel_context(nullptr);
+    // The queue's thread finishes its task (bounded by the collective's deadline) and
+    // drops the rest: destroyed with this object.
+  }
+
+  std::string name() const override { return "ZeRO-3"; }
+  std::string signature() const override { return fmt::format("{}, {} groups", name(), groups_.size()); }
+  bool overlapped() const override { return true; }
+  bool sharded() const override { return world_ > 1; }
+  bool weights_sharded() const override { return world_ > 1; }
+
+  void zero_grads() override {
+    // The reduce-scatters released the arena group by group: it reads as zero already.
+    if (!released_) model_.zero_grads();
+    released_ = false;
+    reduced_ = 0;
+  }
+
+  // Every micro-batch is reduced into the shard (as stage 2), group by group as backward
+  // finishes them.
+  void before_backward(int64_t, int64_t) override {
+    accumulate_ = reduced_ > 0;
+    ++reduced_;
+    for (Group& g : groups_) g.grad_pending = g.grad_floats;
+    backward_ = true;
+  }
+
+  void after_backward() override {
+    backward_ = false;
+    // The next micro-batch's backward writes the arena the reduce-scatters release.
+    queue_.drain();
+    reduces_.clear();
+  }
+
+  Exchanged exchange(const model::LossSum& local) override {
+    queue_.drain();
+    reduces_.clear();
+    ++exchanges_;
+    released_ = true;
+    const model::LossSum global = dp_.all_reduce_loss(local);
+    return {global, global.num_tokens};
+  }
+
+  std::vector<ArenaRange> owned() const override { return owned_; }
+  std::vector<ArenaRange> sole_owned() const override {
+    std::vector<ArenaRange> sole;
+    for (const Group& g : groups_) {
+      if (g.chunk > 0) sole.push_back({g.begin + rank_ * g.chunk, g.begin + (rank_ + 1) * g.chunk});
+      if (rank_ == 0 && g.tail_begin(world_) < g.end) sole.push_back({g.tail_begin(world_), g.end});
+    }
+    return sole;
+  }
+  std::span<float> owned_grads() override { return shard_grads_.span(); }
+
+  // The chunks' squared sums add over the ranks; the tails are the same on every rank.
+  double grad_sum_squares() override {
+    std::array<double, 1> chunks = {0.0};
+    double tails = 0.0;
+    for (const Group& g : groups_) {
+      chunks[0] += kernels::sum_squares(shard_grads_.data() + g.chunk_slot, g.chunk);
+      tails += kernels::sum_squares(shard_grads_.data() + g.tail_slot, g.end - g.tail_begin(world_));
+    }
+    dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
+    return chunks[0] + tails;
+  }
+
+  // Each rank updated its own chunks: every other rank's copy of them is stale. Nothing is
+  // gathered here: the next forward gathers each group as it reaches it.
+  void after_update(int64_t step, bool) override {
+    step_ = step;
+    for (size_t j = 0; j < groups_.size(); ++j) release(j);
+  }
+
+  // A checkpoint wrote the whole arena: every group is whole (and current) again.
+  void weights_restored() override {
+    queue_.drain();
+    for (Group& g : groups_) g.state = Group::State::whole;
+  }
+
+  void gather_weights_through(int64_t offset) override {
+    const auto target = static_cast<size_t>(&group_at(offset) - groups_.data());
+    while (pass_cursor_ <= target) {
+      for (size_t j = 0; j < groups_.size(); ++j)
+        if (j != pass_cursor_) release(j);
+      acquire(pass_cursor_, "whole-model pass");
+      ++pass_cursor_;
+    }
+  }
+  void end_weight_pass() override {
+    gather_weights_through(groups_.back().end - 1);
+    for (size_t j = 0; j < groups_.size(); ++j) release(j);
+    pass_cursor_ = 0;
+  }
+
+  void take_owned(std::span<const float> whole, std::span<float> owned) const override {
+    if (owned.size() != shard_grads_.size() || whole.size() != params_.size())
+      throw Error("parallel/zero3", fmt::format("a shard of {} floats and a whole of {} were given; this rank owns {} "
+                                                "of {}",
+                                                owned.size(), whole.size(), shard_grads_.size(), params_.size()));
+    for (const Group& g : groups_) {
+      std::copy_n(whole.begin() + g.begin + rank_ * g.chunk, g.chunk, owned.begin() + g.chunk_slot);
+      std::copy_n(whole.begin() + g.tail_begin(world_), g.end - g.tail_begin(world_), owned.begin() + g.tail_slot);
+    }
+  }
+
+  int64_t bytes_sent() const override { return bytes_; }
+  int64_t exchanges() const override { return exchanges_; }
+
+ private:
+  size_t index_of(model::ParamGroup pg) const {
+    switch (pg.kind) {
+      case model::ParamGroup::Kind::embedding: return 0;
+      case model::ParamGroup::Kind::block: return static_cast<size_t>(pg.layer) + 1;
+      case model::ParamGroup::Kind::head: return groups_.size() - 1;
+    }
+    return 0;
+  }
+  size_t head() const { return groups_.size() - 1; }
+
+  // Forward reads group g now: it is made whole (its prefetch waited for, or gathered now),
+  // the next group's gather starts on the communication thread, and every other group is
+  // released. A tied lm_head is the embedding's weight: the head needs both.
+  void before_group_forward(model::ParamGroup pg) override { visit(index_of(pg), +1); }
+  // Backward: the same in reverse order (gradient checkpointing's recompute of a block runs
+  // inside its backward, on the weights gathered for it).
+  void before_group_backward(model::ParamGroup pg) override { visit(index_of(pg), -1); }
+
+  // The embedding's backward reads no weight: it adds the rows' gradients into the
+  // embedding's gradient (Llama::backward's embedding_backward; a tied lm_head's product is
+  // the head's backward, which gathers the embedding). Not gathering it there saves the
+  // largest group's second gather.
+  static bool reads_weights(size_t g, int direction) { return !(g == 0 && direction < 0); }
+
+  void visit(size_t g, int direction) {
+    if (g == 0 && direction > 0) ++pass_;
+    const char* why = direction > 0 ? "forward" : "backward";
+    std::array<size_t, 4> keep{};
+    size_t kept = 0;
+    if (reads_weights(g, direction)) keep[kept++] = g;
+    if (tied_ && g == head()) keep[kept++] = 0;
+    for (size_t i = 0; i < kept; ++i) acquire(keep[i], why);
+    const size_t first_prefetch = kept;
+    const auto next = static_cast<int64_t>(g) + direction;
+    if (next >= 0 && next < static_cast<int64_t>(groups_.size()) && reads_weights(static_cast<size_t>(next), direction)) {
+      keep[kept++] = static_cast<size_t>(next);
+      if (tied_ && static_cast<size_t>(next) == head()) keep[kept++] = 0;
+    }
+    for (size_t i = first_prefetch; i < kept; ++i) prefetch(keep[i], why);
+    for (size_t j = 0; j < groups_.size(); ++j)
+      if (std::find(keep.begin(), keep.begin() + static_cast<std::ptrdiff_t>(kept), j) ==
+          keep.begin() + static_cast<std::ptrdiff_t>(kept))
+        release(j);
+  }
+
+  // Starts group j's all-gather on the communication thread unless it is whole or coming.
+  // The collective's name carries the group, the pass and the step: ranks whose gather
+  // schedules differ get a MismatchError naming both, never a hang (comm/signature.hpp).
+  void prefetch(size_t j, const char* why) {
+    Group& g = groups_[j];
+    if (g.state != Group::State::released) return;
+    g.state = Group::State::gathering;
+    if (g.chunk == 0 || world_ == 1) {  // nothing another rank holds
+      g.state = Group::State::whole;
+      return;
+    }
+    const std::span<float> part = params_.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.chunk * world_));
+    std::string name = fmt::format("{} weights, {} {} of step {}", g.name, why, pass_, step_ + 1);
+    bytes_ += comm::ring_all_gather_bytes(g.chunk * kFloat, static_cast<int>(world_));
+    ++gathers_;
+    g.ticket = queue_.push("gather " + g.name, [this, part, name = std::move(name)] {
+      dp_.reducer().all_gather(part, comm::Options{.name = name});
+    });
+  }
+
+  void acquire(size_t j, const char* why) {
+    prefetch(j, why);
+    Group& g = groups_[j];
+    if (g.state == Group::State::gathering) {
+      // What the prefetch did not hide: the compute lane shows it in a trace.
+      TraceSpan span(trace_, "wait for " + g.name + " weights", TraceLane::compute);
+      queue_.wait(g.ticket);
+      g.state = Group::State::whole;
+    }
+  }
+
+  // Group j's weights of other ranks are no longer needed: the whole pages among them go
+  // back to the operating system (the partial pages at their ends stay, as they are:
+  // a neighbour's floats or this rank's own share them). With poison_, every such float
+  // becomes NaN instead, so that a read of a weight not gathered shows in the loss.
+  void release(size_t j) {
+    Group& g = groups_[j];
+    if (g.state == Group::State::released) return;
+    if (g.state == Group::State::gathering) queue_.wait(g.ticket);
+    g.state = Group::State::released;
+    if (world_ == 1 || g.chunk == 0) return;
+    float* params = params_.data();
+    const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.begin + rank_ * g.chunk},
+                                              ArenaRange{g.begin + (rank_ + 1) * g.chunk, g.tail_begin(world_)}};
+    for (const ArenaRange& r : others) {
+      if (r.size() <= 0) continue;
+      if (poison_) {
+        std::fill(params + r.begin, params + r.end, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      // Whole pages only: the arena is page aligned (base/buffer.hpp maps it).
+      const uintptr_t base = reinterpret_cast<uintptr_t>(params);
+      const int64_t page = page_floats_;
+      const int64_t skew = static_cast<int64_t>((base / kFloat) % static_cast<uintptr_t>(page));
+      const int64_t first = ((r.begin + skew + page - 1) / page) * page - skew;
+      const int64_t last = ((r.end + skew) / page) * page - skew;
+      if (last > first) release_zeroed(params + first, static_cast<size_t>((last - first) * kFloat));
+    }
+  }
+
+  Group& group_at(int64_t offset) {
+    const auto it = std::partition_point(groups_.begin(), groups_.end(), [&](const Group& g) { return g.end <= offset; });
+    if (it == groups_.end() || offset < it->begin)
+      throw Error("parallel/zero3", fmt::format("no group holds float {} of the arena", offset));
+    return *it;
+  }
+
+  // Backward finished this range: once its group's last range is in, the group's gradient
+  // is reduce-scattered on the communication thread.
+  void grad_ready(model::GradSpan s) override {
+    if (!backward_) return;
+    Group& g = group_at(s.begin);
+    g.grad_pending -= s.end - s.begin;
+    if (g.grad_pending != 0) return;
+    reduces_.push_back(queue_.push("reduce-scatter " + g.name, [this, j = static_cast<size_t>(&g - groups_.data()),
+                                                                  accumulate = accumulate_] { reduce(j, accumulate); }));
+    if (g.chunk > 0) bytes_ += comm::ring_reduce_scatter_bytes(g.chunk * world_ * kFloat, static_cast<int>(world_));
+    const int64_t tail = g.end - g.tail_begin(world_);
+    if (tail > 0) bytes_ += comm::ring_all_reduce_bytes(tail * kFloat, static_cast<int>(world_));
+    // Backward waits here rather than fill the arena when it outruns the network.
+    while (reduces_.size() > kReducesInFlight) {
+      queue_.wait(reduces_.front());
+      reduces_.pop_front();
+    }
+  }
+
+  // Group j's gradient from every rank: reduce-scattered into this rank's chunk slot, the
+  // tail all-reduced into the tail slot (added to what earlier micro-batches left there);
+  // then its part of the gradient arena goes back to the operating system.
+  void reduce(size_t j, bool accumulate) {
+    const Group& g = groups_[j];
+    const std::span<float> part = grads_.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.end - g.begin));
+    if (g.chunk > 0) {
+      const std::span<float> chunks = part.first(static_cast<size_t>(g.chunk * world_));
+      dp_.reducer().reduce_scatter(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient shards"});
+      const float* mine = chunks.data() + rank_ * g.chunk;
+      float* slot = shard_grads_.data() + g.chunk_slot;
+      if (accumulate) kernels::add_inplace(slot, mine, g.chunk);
+      else std::copy_n(mine, g.chunk, slot);
+    }
+    const int64_t tail = g.end - g.tail_begin(world_);
+    if (tail > 0) {
+      const std::span<float> t = part.subspan(static_cast<size_t>(g.chunk * world_));
+      dp_.communicator().all_reduce(t, comm::ReduceOp::sum, comm::Options{.name = "gradient tail"});
+      float* slot = shard_grads_.data() + g.tail_slot;
+      if (accumulate) kernels::add_inplace(slot, t.data(), tail);
+      else std::copy(t.begin(), t.end(), slot);
+    }
+    release_zeroed(part.data(), part.size_bytes());
+  }
+
+  DataParallel& dp_;
+  std::span<float> params_, grads_;  // the model's arenas (P,): weights and gradients
+  const int64_t world_;  // N
+  const int64_t rank_;
+  const bool poison_;
+  TraceRecorder* trace_;
+  bool tied_ = false;
+  int64_t page_floats_ = 1024;
+  std::vector<Group> groups_;       // ascending in the arena: embedding, blocks, head
+  std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
+  Buffer<float> shard_grads_;       // the owned ranges' summed gradients
+  std::deque<uint64_t> reduces_;    // tickets of the reduce-scatters not yet waited for
+  bool backward_ = false;
+  int64_t reduced_ = 0;             // micro-batches reduced into the shard this step
+  bool accumulate_ = false;         // the current one adds to the shard (not the first)
+  bool released_ = false;
+  int64_t pass_ = 0;                // forwards begun (at the embedding)
+  int64_t step_ = 0;                // optimizer steps done
+  size_t pass_cursor_ = 0;          // gather_weights_through's next group
+  int64_t bytes_ = 0, exchanges_ = 0, gathers_ = 0;
+  CommQueue queue_;                 // last: its thread stops first
+};
+
+}  // namespace
+
+std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
+                                              TraceRecorder* trace) {
+  if (model.base_frozen())
+    throw InputError("parallel", "--zero 3 with LoRA is not built yet: stage 3 shards trained weights, and LoRA "
+                                 "trains only its adapters; use --zero 2 (the adapters' gradients and moments sharded)");
+  if (model.matmul_input() != kernels::GemmInput::f32)
+    throw InputError("parallel", "--zero 3 cannot be combined with --dtype bf16: its bf16 copy of the weights is made "
+                                 "of the whole arena at once, which a ZeRO-3 rank never holds; use --dtype f32");
+  const model::Llama::LayerRange range = model.layer_range();
+  if (range.begin != 0 || range.end != model.config().n_layers)
+    throw InputError("parallel", "--zero 3 cannot be combined with pipeline stages: it gathers the whole model's groups");
+  return std::make_unique<Zero3Sync>(model, dp, options, trace);
+}
+
+}  // namespace flotilla::parallel

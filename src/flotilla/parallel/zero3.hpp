@@ -1,0 +1,62 @@
+// ZeRO stage 3 (Rajbhandari et al. 2020; PyTorch FSDP's FULL_SHARD): besides AdamW's
+// moments and the gradients (stages 1-2, parallel/zero.hpp), each rank keeps only its shard
+// of the weights, and a group of them is made whole just before the model reads it.
+//
+// Vocabulary. The *groups* are the model's parameter groups (model/parallel_context.hpp's
+// ParamGroup): the embedding, each decoder block, the head (final norm and an untied
+// lm_head), contiguous in the flat arena. A group of n floats is cut as stages 1-2 cut a
+// unit: the *chunk* c = floor(n / N), rank r's [begin + r c, begin + (r+1) c); the *tail*,
+// the last n - N c floats, every rank's. A rank's *shard* is its chunks and the tails.
+// A group is *whole* (every rank's chunk present), *gathering* (its all-gather queued on
+// the communication thread) or *released* (only the shard is current; the other ranks'
+// chunks' whole pages are handed back to the operating system, base/memory.hpp).
+//
+// A step:
+//   forward      before_group_forward(g): g is made whole (its prefetch waited for, or
+//                gathered now), the next group's all-gather is queued on the communication
+//                thread (the prefetch, overlapping g's compute), every other group is
+//                released. A tied lm_head reads the embedding: the head needs both.
+//   backward     before_group_backward(g): the same in reverse order, but for the
+//                embedding, whose backward reads no weight (a scatter-add of gradients). Gradient
+//                checkpointing recomputes a block inside its backward, on the weights
+//                gathered for it. As backward finishes a group (grad_ready), its gradient is
+//                reduce-scattered into the shard on the same thread (as stage 2) and its
+//                part of the gradient arena released; backward waits when more than two are
+//                queued.
+//   update       clipping by the global norm, AdamW on the shard; then every group is
+//                released (the other ranks' chunks are stale). No all-gather: the next
+//                forward gathers.
+// Gathers and reduce-scatters share one thread, so each rank issues its collectives in the
+// order its hooks came. Each all-gather's name carries the group, the pass and the step: a
+// rank whose gather schedule differs (another model, a skipped layer, an extra eval) gets
+// a MismatchError naming both operations from the collective's signature check, or a
+// TimeoutError naming the late rank, never a hang (comm/communicator.hpp).
+//
+// At most in flight per rank, besides the shard: the group being read, the next one
+// being gathered, and (tied embeddings, at the head) the embedding: the planner charges
+// the largest two groups plus, when tied, the embedding.
+//
+// Bytes per step: each block gathered for forward and again for backward, the embedding
+// and the head once (the head stays whole across the turn; the embedding's backward reads
+// no weight), and a reduce-scatter per micro-batch: at most 1.5 times an all-reduce's bytes
+// without accumulation.
+#pragma once
+
+#include <memory>
+
+#include "flotilla/parallel/gradient_sync.hpp"
+
+namespace flotilla::parallel {
+
+struct Zero3Options {
+  // Test mode: released weights are filled with NaN instead of handed back, so that a read
+  // of a weight that was not gathered makes the loss NaN.
+  bool poison_released = false;
+};
+
+// InputError with LoRA (not built: the frozen base would need gathers without reduction),
+// with bf16 products (the bf16 copy is made of the whole arena) and with a pipeline stage.
+std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
+                                              TraceRecorder* trace);
+
+}  // namespace flotilla::parallel
