@@ -303,7 +303,7 @@ TEST(ModelConfigErrors, UnknownModelType) {
   j["model_type"] = "gpt2";
   EXPECT_THAT(parse_error(j),
               HasSubstr("[model/config] /models/x/config.json: unknown model_type 'gpt2' "
-                        "(supported: llama, mistral, qwen2)"));
+                        "(supported: llama, mistral, qwen2, mixtral, qwen2_moe)"));
 }
 
 TEST(ModelConfigErrors, MissingRequiredField) {

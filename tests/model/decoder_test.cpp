@@ -49,6 +49,25 @@ ModelConfig named_config(const std::string& name) {
     c.rope_scaling.factor = 8.0f;
     c.rope_scaling.original_max_position = 64;
     c.n_kv_heads = 2;
+  } else if (name == "mixtral") {
+    // Every layer a mixture: 4 experts, top 2, renormalised.
+    c.arch = Architecture::mixtral;
+    c.n_kv_heads = 2;
+    c.moe.num_experts = 4;
+    c.moe.top_k = 2;
+    c.moe.expert_ffn_dim = c.ffn_dim;
+    c.moe.norm_topk_prob = true;
+  } else if (name == "qwen2_moe") {
+    // Layer 0 dense (mlp_only_layers), layer 1 a mixture with a shared expert, top 3 of 5
+    // not renormalised.
+    c.arch = Architecture::qwen2_moe;
+    c.qkv_bias = true;
+    c.moe.num_experts = 5;
+    c.moe.top_k = 3;
+    c.moe.expert_ffn_dim = 24;
+    c.moe.shared_expert_ffn_dim = 40;
+    c.moe.norm_topk_prob = false;
+    c.moe.mlp_only_layers = {0};
   }
   return c;
 }
@@ -200,7 +219,7 @@ TEST(DecoderConfigs, Llama3ConfigScalesSomeRopeFrequencies) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, DecoderTest,
-                         ::testing::Values("mha", "gqa", "qwen2_bias", "llama3_rope"),
+                         ::testing::Values("mha", "gqa", "qwen2_bias", "llama3_rope", "mixtral", "qwen2_moe"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

@@ -1,7 +1,7 @@
 // ModelConfig <-> Hugging Face config.json.
 //
-// Defaults for absent fields are those of transformers' LlamaConfig, MistralConfig and
-// Qwen2Config, so a config.json means the same model here as in transformers. What we
+// Defaults for absent fields are those of transformers' LlamaConfig, MistralConfig,
+// Qwen2Config, MixtralConfig and Qwen2MoeConfig, so a config.json means the same model here as in transformers. What we
 // cannot compute the same way (attention/MLP bias on llama, rope types other than llama3,
 // activations other than SiLU) is an InputError rather than a silently different model.
 #include "flotilla/model/config.hpp"
@@ -9,7 +9,9 @@
 #include <fmt/format.h>
 
 #include <array>
+#include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -23,10 +25,12 @@ namespace {
 constexpr std::string_view kComponent = "model/config";
 using nlohmann::json;
 
-constexpr std::array<std::pair<Architecture, std::string_view>, 3> kArchitectures{{
+constexpr std::array<std::pair<Architecture, std::string_view>, 5> kArchitectures{{
     {Architecture::llama, "llama"},
     {Architecture::mistral, "mistral"},
     {Architecture::qwen2, "qwen2"},
+    {Architecture::mixtral, "mixtral"},
+    {Architecture::qwen2_moe, "qwen2_moe"},
 }};
 
 std::string_view hf_class_name(Architecture a) {
@@ -34,6 +38,8 @@ std::string_view hf_class_name(Architecture a) {
     case Architecture::llama: return "LlamaForCausalLM";
     case Architecture::mistral: return "MistralForCausalLM";
     case Architecture::qwen2: return "Qwen2ForCausalLM";
+    case Architecture::mixtral: return "MixtralForCausalLM";
+    case Architecture::qwen2_moe: return "Qwen2MoeForCausalLM";
   }
   return "LlamaForCausalLM";
 }
@@ -125,6 +131,49 @@ class FieldReader {
   std::string prefix_;
 };
 
+// Mixtral: every layer's MLP is num_local_experts experts of width intermediate_size; the
+// top-k weights are always renormalised.
+MoeConfig parse_mixtral_moe(const FieldReader& f, const ModelConfig& c) {
+  MoeConfig m;
+  m.num_experts = f.opt_int("num_local_experts").value_or(8);
+  if (m.num_experts <= 0)
+    f.fail(fmt::format("field 'num_local_experts' must be positive, got {}", m.num_experts));
+  m.top_k = f.opt_int("num_experts_per_tok").value_or(2);
+  m.expert_ffn_dim = c.ffn_dim;
+  m.norm_topk_prob = true;
+  m.router_aux_loss_coef = static_cast<float>(f.opt_number("router_aux_loss_coef").value_or(0.001));
+  m.output_router_logits = f.opt_bool("output_router_logits").value_or(false);
+  // The jitter multiplies router inputs by random noise in training: not implemented.
+  if (f.opt_number("router_jitter_noise").value_or(0.0) != 0.0)
+    f.fail("field 'router_jitter_noise' must be 0: router jitter is not supported");
+  return m;
+}
+
+// Qwen2-MoE: sparse layers as decoder_sparse_step and mlp_only_layers say, each with
+// num_experts experts of moe_intermediate_size and a shared expert with a sigmoid gate.
+MoeConfig parse_qwen2_moe(const FieldReader& f) {
+  MoeConfig m;
+  m.num_experts = f.opt_int("num_experts").value_or(60);
+  if (m.num_experts <= 0) f.fail(fmt::format("field 'num_experts' must be positive, got {}", m.num_experts));
+  m.top_k = f.opt_int("num_experts_per_tok").value_or(4);
+  m.expert_ffn_dim = f.opt_int("moe_intermediate_size").value_or(1408);
+  m.shared_expert_ffn_dim = f.opt_int("shared_expert_intermediate_size").value_or(5632);
+  m.norm_topk_prob = f.opt_bool("norm_topk_prob").value_or(false);
+  m.router_aux_loss_coef = static_cast<float>(f.opt_number("router_aux_loss_coef").value_or(0.001));
+  m.output_router_logits = f.opt_bool("output_router_logits").value_or(false);
+  m.decoder_sparse_step = f.opt_int("decoder_sparse_step").value_or(1);
+  if (const json* layers = f.find("mlp_only_layers")) {
+    if (!layers->is_array())
+      f.fail(fmt::format("field 'mlp_only_layers' must be a list of layer indices, got {}", layers->dump()));
+    for (const json& x : *layers) {
+      if (!x.is_number_integer())
+        f.fail(fmt::format("field 'mlp_only_layers' must be a list of layer indices, got {}", layers->dump()));
+      m.mlp_only_layers.push_back(x.get<int64_t>());
+    }
+  }
+  return m;
+}
+
 Architecture parse_architecture(const FieldReader& f) {
   std::optional<std::string> type = f.opt_string("model_type");
   if (!type) {
@@ -137,7 +186,7 @@ Architecture parse_architecture(const FieldReader& f) {
   }
   for (const auto& [arch, name] : kArchitectures)
     if (*type == name) return arch;
-  f.fail(fmt::format("unknown model_type '{}' (supported: llama, mistral, qwen2)", *type));
+  f.fail(fmt::format("unknown model_type '{}' (supported: llama, mistral, qwen2, mixtral, qwen2_moe)", *type));
 }
 
 // rope_scaling (or transformers 5's rope_parameters): null, "default", or Llama 3's.
@@ -177,6 +226,34 @@ double float_for_json(float x) {
   return d;
 }
 
+// The fields of a mixture of experts, named as config.json names them for this model_type.
+void validate_moe(const ModelConfig& c, const FieldReader& f) {
+  const MoeConfig& m = c.moe;
+  const bool mixtral = c.arch == Architecture::mixtral;
+  const char* experts = mixtral ? "num_local_experts" : "num_experts";
+  if (m.top_k <= 0) f.fail(fmt::format("field 'num_experts_per_tok' must be positive, got {}", m.top_k));
+  if (m.top_k > m.num_experts)
+    f.fail(fmt::format("field 'num_experts_per_tok' ({}) is larger than {} ({}): a token cannot pick more experts "
+                       "than there are",
+                       m.top_k, experts, m.num_experts));
+  if (m.expert_ffn_dim <= 0)
+    f.fail(fmt::format("field '{}' must be positive, got {}", mixtral ? "intermediate_size" : "moe_intermediate_size",
+                       m.expert_ffn_dim));
+  if (m.shared_expert_ffn_dim < 0)
+    f.fail(fmt::format("field 'shared_expert_intermediate_size' must not be negative, got {}",
+                       m.shared_expert_ffn_dim));
+  if (m.decoder_sparse_step <= 0)
+    f.fail(fmt::format("field 'decoder_sparse_step' must be positive, got {}", m.decoder_sparse_step));
+  for (int64_t l : m.mlp_only_layers)
+    if (l < 0 || l >= c.n_layers)
+      f.fail(fmt::format("field 'mlp_only_layers' names layer {}, outside the model's {} layers", l, c.n_layers));
+  if (!std::isfinite(m.router_aux_loss_coef) || m.router_aux_loss_coef < 0.0f)
+    f.fail("field 'router_aux_loss_coef' must be a finite number >= 0");
+  if (c.quantization)
+    f.fail(fmt::format("a quantized {} model is not supported yet (MLX's stacked expert layout is not read)",
+                       architecture_name(c.arch)));
+}
+
 void validate(const ModelConfig& c, const FieldReader& f) {
   const auto positive = [&](int64_t v, const char* field) {
     if (v <= 0) f.fail(fmt::format("field '{}' must be positive, got {}", field, v));
@@ -197,13 +274,17 @@ void validate(const ModelConfig& c, const FieldReader& f) {
   if (!(c.rms_norm_eps > 0.0f)) f.fail("field 'rms_norm_eps' must be positive");
   if (!(c.rope_theta > 0.0f)) f.fail("field 'rope_theta' must be positive");
   if (c.sliding_window < 0) f.fail("field 'sliding_window' must not be negative");
+  if (c.is_moe()) validate_moe(c, f);
   // Sizes whose products overflow 64-bit counts (or name no machine's model) are refused
   // here, before anything multiplies them: 2^40 parameters is 4 TiB of float32.
   const double params = static_cast<double>(c.vocab_size) * static_cast<double>(c.dim) * 2.0 +
                         static_cast<double>(c.n_layers) *
                             (4.0 * static_cast<double>(c.dim) * static_cast<double>(c.n_heads) *
                                  static_cast<double>(c.head_dim) +
-                             3.0 * static_cast<double>(c.dim) * static_cast<double>(c.ffn_dim));
+                             3.0 * static_cast<double>(c.dim) *
+                                 (static_cast<double>(c.ffn_dim) +
+                                  static_cast<double>(c.moe.num_experts) * static_cast<double>(c.moe.expert_ffn_dim) +
+                                  static_cast<double>(c.moe.shared_expert_ffn_dim)));
   if (params > 1099511627776.0)
     f.fail(fmt::format("the sizes describe a model of about {:.3g} parameters, more than flotilla supports (2^40)",
                        params));
@@ -254,14 +335,27 @@ std::string_view architecture_name(Architecture a) {
   return "llama";
 }
 
+bool ModelConfig::moe_layer(int64_t l) const {
+  if (!is_moe()) return false;
+  if (std::find(moe.mlp_only_layers.begin(), moe.mlp_only_layers.end(), l) != moe.mlp_only_layers.end()) return false;
+  return (l + 1) % moe.decoder_sparse_step == 0;
+}
+
 int64_t ModelConfig::num_params() const {
   const int64_t attention = dim * q_dim() + 2 * dim * kv_dim() + q_dim() * dim +
                             (qkv_bias ? q_dim() + 2 * kv_dim() : 0);
-  const int64_t mlp = 3 * dim * ffn_dim;
   const int64_t norms = 2 * dim;
   const int64_t embeddings = vocab_size * dim;
-  return embeddings + n_layers * (attention + mlp + norms) + dim +
-         (tie_embeddings ? 0 : vocab_size * dim);
+  int64_t layers = 0;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    // A dense MLP (or Qwen2-MoE's shared expert), then the router and the experts.
+    int64_t mlp = 3 * dim * dense_mlp_dim(l);
+    if (moe_layer(l))
+      mlp += moe.num_experts * dim + moe.num_experts * 3 * dim * moe.expert_ffn_dim +
+             (moe.shared_expert_ffn_dim > 0 ? dim : 0);
+    layers += attention + mlp + norms;
+  }
+  return embeddings + layers + dim + (tie_embeddings ? 0 : vocab_size * dim);
 }
 
 ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view source) {
@@ -286,11 +380,14 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view sou
                          c.dim, c.n_heads));
     c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
   }
-  const int64_t default_max_position = c.arch == Architecture::llama     ? 2048
-                                       : c.arch == Architecture::mistral ? 4096 * 32
-                                                                         : 32768;
+  const int64_t default_max_position = c.arch == Architecture::llama ? 2048
+                                       : c.arch == Architecture::mistral || c.arch == Architecture::mixtral
+                                           ? 4096 * 32
+                                           : 32768;
   c.max_position = f.opt_int("max_position_embeddings").value_or(default_max_position);
-  c.rms_norm_eps = static_cast<float>(f.opt_number("rms_norm_eps").value_or(1e-6));
+  // MixtralConfig's defaults differ: rms_norm_eps 1e-5, rope_theta 1e6.
+  const bool mixtral = c.arch == Architecture::mixtral;
+  c.rms_norm_eps = static_cast<float>(f.opt_number("rms_norm_eps").value_or(mixtral ? 1e-5 : 1e-6));
   c.initializer_range = static_cast<float>(f.opt_number("initializer_range").value_or(0.02));
   c.tie_embeddings = f.opt_bool("tie_word_embeddings").value_or(false);
 
@@ -299,7 +396,7 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view sou
   std::optional<double> theta = f.opt_number("rope_theta");
   if (!theta && rope_parameters && rope_parameters->is_object())
     theta = FieldReader(*rope_parameters, source, "rope_parameters.").opt_number("rope_theta");
-  c.rope_theta = static_cast<float>(theta.value_or(10000.0));
+  c.rope_theta = static_cast<float>(theta.value_or(mixtral ? 1e6 : 10000.0));
   if (const json* rs = f.find("rope_scaling")) {
     c.rope_scaling = parse_rope_scaling(*rs, source, "rope_scaling");
   } else if (rope_parameters) {
@@ -326,6 +423,16 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view sou
       break;
     case Architecture::mistral:
       c.sliding_window = f.opt_int("sliding_window").value_or(0);
+      break;
+    case Architecture::mixtral:
+      c.sliding_window = f.opt_int("sliding_window").value_or(0);
+      c.moe = parse_mixtral_moe(f, c);
+      break;
+    case Architecture::qwen2_moe:
+      c.qkv_bias = f.opt_bool("qkv_bias").value_or(true);
+      if (f.opt_bool("use_sliding_window").value_or(false))
+        c.sliding_window = f.opt_int("sliding_window").value_or(4096);
+      c.moe = parse_qwen2_moe(f);
       break;
     case Architecture::llama:
       // Llama's attention_bias puts a bias on o_proj as well, which we do not model.
@@ -413,6 +520,29 @@ nlohmann::json ModelConfig::to_json() const {
       j["use_sliding_window"] = sliding_window > 0;
       j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
       j["max_window_layers"] = n_layers;
+      break;
+    case Architecture::mixtral:
+      j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+      j["num_local_experts"] = moe.num_experts;
+      j["num_experts_per_tok"] = moe.top_k;
+      j["router_aux_loss_coef"] = float_for_json(moe.router_aux_loss_coef);
+      j["output_router_logits"] = moe.output_router_logits;
+      j["router_jitter_noise"] = 0.0;
+      break;
+    case Architecture::qwen2_moe:
+      j["use_sliding_window"] = sliding_window > 0;
+      j["sliding_window"] = sliding_window > 0 ? json(sliding_window) : json(nullptr);
+      j["max_window_layers"] = n_layers;
+      j["qkv_bias"] = qkv_bias;
+      j["num_experts"] = moe.num_experts;
+      j["num_experts_per_tok"] = moe.top_k;
+      j["moe_intermediate_size"] = moe.expert_ffn_dim;
+      j["shared_expert_intermediate_size"] = moe.shared_expert_ffn_dim;
+      j["norm_topk_prob"] = moe.norm_topk_prob;
+      j["decoder_sparse_step"] = moe.decoder_sparse_step;
+      j["mlp_only_layers"] = moe.mlp_only_layers;
+      j["router_aux_loss_coef"] = float_for_json(moe.router_aux_loss_coef);
+      j["output_router_logits"] = moe.output_router_logits;
       break;
   }
   return j;

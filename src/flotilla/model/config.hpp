@@ -16,7 +16,24 @@
 
 namespace flotilla::model {
 
-enum class Architecture { llama, mistral, qwen2 };
+enum class Architecture { llama, mistral, qwen2, mixtral, qwen2_moe };
+
+// A mixture-of-experts MLP (Mixtral, Qwen2-MoE; see docs/moe.md). num_experts == 0: a dense
+// model. Field names are transformers' where they differ.
+struct MoeConfig {
+  int64_t num_experts = 0;            // num_local_experts (Mixtral) / num_experts (Qwen2-MoE)
+  int64_t top_k = 0;                  // num_experts_per_tok
+  int64_t expert_ffn_dim = 0;         // each expert's width: intermediate_size (Mixtral) /
+                                      // moe_intermediate_size (Qwen2-MoE)
+  int64_t shared_expert_ffn_dim = 0;  // Qwen2-MoE's shared expert (with its sigmoid gate); 0: none
+  bool norm_topk_prob = true;         // renormalise the top-k weights to sum to 1 (Mixtral: always)
+  float router_aux_loss_coef = 0.001f;
+  // transformers adds router_aux_loss_coef x the load-balancing loss to the training loss
+  // only when this is true; flotilla does the same (and always reports the aux loss).
+  bool output_router_logits = false;
+  int64_t decoder_sparse_step = 1;    // Qwen2-MoE: layer l is sparse when (l + 1) % step == 0
+  std::vector<int64_t> mlp_only_layers;  // Qwen2-MoE: layers that keep a dense MLP
+};
 
 // config.json's "quantization" (MLX: {"group_size": 64, "bits": 4}, newer mlx_lm also as
 // "quantization_config"), with the per-module entries newer mlx_lm adds for mixed
@@ -58,6 +75,15 @@ struct ModelConfig {
   float initializer_range = 0.02f;
   std::string torch_dtype = "float32";  // what the source said; we compute in f32
   std::optional<QuantizationConfig> quantization;  // MLX-layout quantized weights
+  MoeConfig moe;
+
+  bool is_moe() const { return moe.num_experts > 0; }
+  // Whether layer l's MLP is a mixture of experts (every layer of Mixtral; Qwen2-MoE's as
+  // decoder_sparse_step and mlp_only_layers say).
+  bool moe_layer(int64_t l) const;
+  // The width of layer l's dense SwiGLU MLP: ffn_dim for a dense layer, the shared expert's
+  // for an MoE layer (0: it has none).
+  int64_t dense_mlp_dim(int64_t l) const { return moe_layer(l) ? moe.shared_expert_ffn_dim : ffn_dim; }
 
   int64_t q_dim() const { return n_heads * head_dim; }
   int64_t kv_dim() const { return n_kv_heads * head_dim; }
@@ -71,7 +97,7 @@ struct ModelConfig {
   nlohmann::json to_json() const;
 };
 
-std::string_view architecture_name(Architecture a);  // "llama", "mistral", "qwen2"
+std::string_view architecture_name(Architecture a);  // "llama", "mistral", "qwen2", "mixtral", "qwen2_moe"
 
 // Presets for `flotilla init`: "tiny", "15M", "110M" (llama2.c's shapes, vocab 32000
 // for 15M/110M; tiny is for tests and the byte tokenizer).

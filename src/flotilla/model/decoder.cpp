@@ -31,9 +31,22 @@ void Decoder::reserve(int64_t n) {
   q_.resize(N * static_cast<size_t>(cfg.q_dim()));
   attn_.resize(N * static_cast<size_t>(cfg.q_dim()));
   resid_mid_.resize(N * static_cast<size_t>(cfg.dim));
-  gate_.resize(N * static_cast<size_t>(cfg.ffn_dim));
-  up_.resize(N * static_cast<size_t>(cfg.ffn_dim));
-  act_.resize(N * static_cast<size_t>(cfg.ffn_dim));
+  int64_t dense = 0;  // the widest dense MLP (or shared expert)
+  for (int64_t l = 0; l < cfg.n_layers; ++l) dense = std::max(dense, cfg.dense_mlp_dim(l));
+  const auto E = static_cast<size_t>(cfg.moe.num_experts), K = static_cast<size_t>(cfg.moe.top_k);
+  const auto Fe = static_cast<size_t>(cfg.moe.expert_ffn_dim), C = static_cast<size_t>(cfg.dim);
+  gate_.resize(N * static_cast<size_t>(dense));
+  up_.resize(N * static_cast<size_t>(dense));
+  act_.resize(N * std::max(static_cast<size_t>(dense), K * Fe));
+  if (cfg.is_moe()) {
+    router_probs_.resize(N * E);
+    expert_gate_.resize(N * K * Fe);
+    expert_up_.resize(N * K * Fe);
+    expert_out_.resize(N * K * C);
+    moe_rows_.resize(N * K * C);
+    shared_out_.resize(N * C);
+    shared_gate_.resize(N);
+  }
   probs_.resize(static_cast<size_t>(cfg.n_heads) * N * static_cast<size_t>(max_tokens_));
   rope_cos_.resize(N * static_cast<size_t>(cfg.head_dim / 2));
   rope_sin_.resize(N * static_cast<size_t>(cfg.head_dim / 2));
@@ -72,6 +85,7 @@ std::span<const float> Decoder::step(std::span<const int32_t> tokens) {
   ctx.rope_sin = rope_sin_.data();
   ctx.ln = ln_.data();
   ctx.act = act_.data();
+  ctx.moe_rows = moe_rows_.data();
   ctx.lora = adapters_;
   LayerActivations la;
   la.resid_in = x;
@@ -82,6 +96,12 @@ std::span<const float> Decoder::step(std::span<const int32_t> tokens) {
   la.resid_mid = resid_mid_.data();
   la.gate = gate_.data();
   la.up = up_.data();
+  la.router_probs = router_probs_.data();
+  la.expert_gate = expert_gate_.data();
+  la.expert_up = expert_up_.data();
+  la.expert_out = expert_out_.data();
+  la.shared_out = shared_out_.data();
+  la.shared_gate = shared_gate_.data();
   la.lora_u.fill(lora_u_.data());
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     float* kc = k_cache_.data() + l * max_tokens_ * Dkv;  // (max_tokens, NKV, hd)

@@ -39,6 +39,8 @@ class Decoder {
   // x_ (n, C) the residual stream, updated in place block by block; the rest is what the
   // block writes (see Llama::block_forward), overwritten by the next.
   Buffer<float> x_, ln_, q_, attn_, resid_mid_, gate_, up_, act_, probs_, rope_cos_, rope_sin_;
+  // Mixture-of-experts layers' (model/moe.hpp): empty for a dense model.
+  Buffer<float> router_probs_, expert_gate_, expert_up_, expert_out_, shared_out_, shared_gate_, moe_rows_;
   Buffer<float> logits_;   // (V)
   Buffer<float> rstd_;     // (n)
 };

@@ -1,6 +1,7 @@
 #include "flotilla/model/llama.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 #include <fmt/format.h>
 
@@ -153,9 +154,20 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
                                   int64_t T, bool checkpoint) {
   const int64_t N = B * T, C = cfg.dim, F = cfg.ffn_dim, V = cfg.vocab_size;
   const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim(), NH = cfg.n_heads, hd = cfg.head_dim;
+  const int64_t E = cfg.moe.num_experts, K = cfg.moe.top_k, Fe = cfg.moe.expert_ffn_dim;
+  // Under checkpointing the one shared set of views must hold any layer: the widest dense
+  // MLP and, if any layer has them, the MoE views.
+  int64_t widest_dense = 0;
+  bool any_moe = false;
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    widest_dense = std::max(widest_dense, cfg.dense_mlp_dim(l));
+    any_moe = any_moe || cfg.moe_layer(l);
+  }
+  const int64_t widest_act = std::max(widest_dense, any_moe ? K * Fe : 0);  // rows x width of act
   a.layers.assign(static_cast<size_t>(cfg.n_layers), LayerActivations{});
   std::vector<PlanEntry> table;
-  for (auto& la : a.layers) {
+  for (size_t l = 0; l < a.layers.size(); ++l) {
+    LayerActivations& la = a.layers[l];
     table.push_back({&la.resid_in, N * C});
     // Checkpointing: layers above 0 share layer 0's views (Llama::plan points them there).
     if (checkpoint && &la != &a.layers[0]) continue;
@@ -167,8 +179,21 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
     table.push_back({&la.attn_out, N * Dq});
     table.push_back({&la.resid_mid, N * C});
     table.push_back({&la.ln2_rstd, N});
-    table.push_back({&la.gate, N * F});
-    table.push_back({&la.up, N * F});
+    const int64_t Fl = checkpoint ? widest_dense : cfg.dense_mlp_dim(static_cast<int64_t>(l));
+    if (Fl > 0) {
+      table.push_back({&la.gate, N * Fl});
+      table.push_back({&la.up, N * Fl});
+    }
+    if (checkpoint ? any_moe : cfg.moe_layer(static_cast<int64_t>(l))) {
+      table.push_back({&la.router_probs, N * E});
+      table.push_back({&la.expert_gate, N * K * Fe});
+      table.push_back({&la.expert_up, N * K * Fe});
+      table.push_back({&la.expert_out, N * K * C});
+      if (cfg.moe.shared_expert_ffn_dim > 0) {
+        table.push_back({&la.shared_out, N * C});
+        table.push_back({&la.shared_gate, N});
+      }
+    }
   }
   if (lora) {
     const int64_t r = lora->config().rank;
@@ -197,10 +222,16 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
   table.push_back({&a.dv, N * Dkv});
   table.push_back({&a.dattn_out, N * Dq});
   table.push_back({&a.dprobs, B * NH * T * T});
-  table.push_back({&a.act, N * F});
-  table.push_back({&a.dact, N * F});
-  table.push_back({&a.dgate, N * F});
-  table.push_back({&a.dup, N * F});
+  table.push_back({&a.act, N * widest_act});
+  table.push_back({&a.dact, N * widest_act});
+  table.push_back({&a.dgate, N * widest_act});
+  table.push_back({&a.dup, N * widest_act});
+  if (any_moe) {
+    table.push_back({&a.moe_rows, N * K * C});
+    table.push_back({&a.drows, N * K * C});
+    table.push_back({&a.drouter, N * E});
+    table.push_back({&a.dweights, N * K});
+  }
   return table;
 }
 
@@ -306,6 +337,7 @@ BlockContext Llama::training_context() const {
   ctx.key_start = a.key_start.empty() ? nullptr : a.key_start.data();
   ctx.ln = a.ln;
   ctx.act = a.act;
+  ctx.moe_rows = a.moe_rows;
   ctx.lora_xd = a.lora_xd;
   ctx.lora = lora_;
   if (lora_ && training_ && lora_->config().dropout > 0.0f) ctx.dropout_step = forward_dropout_;
@@ -340,8 +372,13 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   linear_forward(la.resid_mid, la.attn_out, w.o_proj, nullptr, N, Dq, C);
   lora(LoraTarget::o, la.resid_mid, la.attn_out);
   k::add_inplace(la.resid_mid, la.resid_in, N * C);
-  // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h)))
+  // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h))), or a mixture of experts
   k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+  if (cfg_.moe_layer(l)) {
+    moe_forward(l, la, out, ln, ctx);
+    k::add_inplace(out, la.resid_mid, N * C);
+    return;
+  }
   linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, F);
   linear_forward(la.up, ln, w.up_proj, nullptr, N, C, F);
   lora(LoraTarget::gate, la.gate, ln);
@@ -398,10 +435,23 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
     embedding_forward(a.layers[0].resid_in, tokens, N);
   }
   const BlockContext ctx = training_context();
+  load_balancing_.reset(cfg_.moe.num_experts);
+  forward_tokens_ = 0;
+  std::vector<int32_t> experts;
+  std::vector<float> weights;
   for (int64_t l = range_.begin; l < range_.end; ++l) {
     if (parallel_) parallel_->before_group_forward(ParamGroup::block(l));
-    block_forward(l, a.layers[static_cast<size_t>(l)],
-                  l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out, ctx);
+    const LayerActivations& la = a.layers[static_cast<size_t>(l)];
+    block_forward(l, la, l + 1 < cfg_.n_layers ? a.layers[static_cast<size_t>(l + 1)].resid_in : a.resid_out, ctx);
+    if (cfg_.moe_layer(l)) {
+      // The load-balancing loss counts every MoE layer's choices (taken again from its probs,
+      // which checkpointing shares between layers).
+      const int64_t K = cfg_.moe.top_k;
+      experts.resize(static_cast<size_t>(N * K));
+      weights.resize(static_cast<size_t>(N * K));
+      moe::route_top_k(experts.data(), weights.data(), la.router_probs, N, cfg_.moe.num_experts, K, false);
+      load_balancing_.add_layer(la.router_probs, experts.data(), N, K);
+    }
   }
   if (!last_stage()) {
     logits_valid_ = have_targets_ = false;
@@ -417,6 +467,7 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   if (targets) {
     result.num_tokens = k::cross_entropy_forward(a.losses, a.logits, targets, N, V, kIgnoreIndex);
     for (int64_t i = 0; i < N; ++i) result.sum += a.losses[i];
+    forward_tokens_ = result.num_tokens;
   }
   return result;
 }
@@ -504,6 +555,15 @@ void Llama::backward(float dloss_scale) {
     if (grad_checkpoint_ && l + 1 < cfg_.n_layers) block_forward(l, la, a.dln, training_context());
     // a.dresid holds d(out) of this block; the residual passes it to resid_mid unchanged.
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
+    if (cfg_.moe_layer(l)) {
+      // ln2 = rmsnorm(resid_mid) (recomputed); the mixture adds d(out)/d(ln2) into a.dln.
+      k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+      std::memset(a.dln, 0, bytes_NC);
+      const float aux_scale = cfg_.moe.output_router_logits
+                                  ? cfg_.moe.router_aux_loss_coef * dloss_scale * static_cast<float>(forward_tokens_)
+                                  : 0.0f;
+      moe_backward(l, la, a.dln, a.dresid, a.ln, g, aux_scale);
+    } else {
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
     linear_backward(a.dact, gp(w.down_proj), nullptr, a.dresid, a.act, w.down_proj, N, F, C);
@@ -516,6 +576,7 @@ void Llama::backward(float dloss_scale) {
     linear_backward(a.dln, gp(w.up_proj), nullptr, a.dup, a.ln, w.up_proj, N, C, F);
     lora_backward(l, LoraTarget::gate, a.dln, a.dgate, a.ln);
     lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
+    }
     k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
     std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
@@ -554,6 +615,127 @@ void Llama::backward(float dloss_scale) {
     report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
   }
   have_targets_ = false;
+}
+
+void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const float* ln,
+                        const BlockContext& ctx) const {
+  const int64_t N = ctx.B * ctx.T, C = cfg_.dim, E = cfg_.moe.num_experts, K = cfg_.moe.top_k;
+  const int64_t Fe = cfg_.moe.expert_ffn_dim, Fs = cfg_.moe.shared_expert_ffn_dim;
+  const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
+  // Route: probs = softmax(ln @ router^T) in float32; each token's top K and their weights.
+  linear_forward(la.router_probs, ln, w.router, nullptr, N, C, E);
+  moe::router_softmax(la.router_probs, la.router_probs, N, E);
+  std::vector<int32_t> experts(static_cast<size_t>(N * K));
+  std::vector<float> weights(static_cast<size_t>(N * K));
+  moe::route_top_k(experts.data(), weights.data(), la.router_probs, N, E, K, cfg_.moe.norm_topk_prob);
+  // Dispatch: the tokens' rows in expert order.
+  const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E);
+  moe::dispatch_gather(ctx.moe_rows, ln, d, C);
+  // Experts, each on its rows: expert_out = down(silu(gate(rows)) * up(rows))
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
+    if (n == 0) continue;
+    const ExpertParams& ep = w.experts[static_cast<size_t>(e)];
+    linear_forward(la.expert_gate + r * Fe, ctx.moe_rows + r * C, ep.gate_proj, nullptr, n, C, Fe);
+    linear_forward(la.expert_up + r * Fe, ctx.moe_rows + r * C, ep.up_proj, nullptr, n, C, Fe);
+  }
+  k::swiglu_forward(ctx.act, la.expert_gate, la.expert_up, N * K, Fe);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
+    if (n == 0) continue;
+    linear_forward(la.expert_out + r * C, ctx.act + r * Fe, w.experts[static_cast<size_t>(e)].down_proj, nullptr, n,
+                   Fe, C);
+  }
+  // Combine: out[token] = sum of its rows' outputs times their weights.
+  std::memset(out, 0, static_cast<size_t>(N * C) * sizeof(float));
+  moe::combine(out, la.expert_out, weights.data(), d, C);
+  if (Fs == 0) return;
+  // Qwen2-MoE's shared expert: out += sigmoid(ln @ shared_expert_gate^T) * mlp(ln)
+  linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, Fs);
+  linear_forward(la.up, ln, w.up_proj, nullptr, N, C, Fs);
+  k::swiglu_forward(ctx.act, la.gate, la.up, N, Fs);
+  linear_forward(la.shared_out, ctx.act, w.down_proj, nullptr, N, Fs, C);
+  linear_forward(la.shared_gate, ln, w.shared_expert_gate, nullptr, N, C, 1);
+  for (int64_t i = 0; i < N; ++i) {
+    const float s = 1.0f / (1.0f + std::exp(-la.shared_gate[i]));
+    for (int64_t c = 0; c < C; ++c) out[i * C + c] += s * la.shared_out[i * C + c];
+  }
+}
+
+void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, const float* dout, const float* ln,
+                         float* g, float aux_scale) {
+  ActivationPlan& a = acts_;
+  const int64_t N = a.B * a.T, C = cfg_.dim, E = cfg_.moe.num_experts, K = cfg_.moe.top_k;
+  const int64_t Fe = cfg_.moe.expert_ffn_dim, Fs = cfg_.moe.shared_expert_ffn_dim;
+  const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
+  auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
+  // The routing and dispatch of forward again, from the kept probs.
+  std::vector<int32_t> experts(static_cast<size_t>(N * K));
+  std::vector<float> weights(static_cast<size_t>(N * K));
+  moe::route_top_k(experts.data(), weights.data(), la.router_probs, N, E, K, cfg_.moe.norm_topk_prob);
+  const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E);
+  moe::dispatch_gather(a.moe_rows, ln, d, C);
+  // out = sum over rows of weight * expert_out  =>  drows, dweights
+  moe::combine_backward(a.drows, a.dweights, dout, la.expert_out, weights.data(), d, C);
+  // expert_out = act @ down^T;  act = silu(gate) * up (recomputed)
+  k::swiglu_forward(a.act, la.expert_gate, la.expert_up, N * K, Fe);
+  std::memset(a.dact, 0, static_cast<size_t>(N * K * Fe) * sizeof(float));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
+    if (n == 0) continue;
+    const ExpertParams& ep = w.experts[static_cast<size_t>(e)];
+    linear_backward(a.dact + r * Fe, gp(ep.down_proj), nullptr, a.drows + r * C, a.act + r * Fe, ep.down_proj, n, Fe,
+                    C);
+  }
+  k::swiglu_backward(a.dgate, a.dup, a.dact, la.expert_gate, la.expert_up, N * K, Fe);
+  // gate = rows @ gate_proj^T, up = rows @ up_proj^T: the rows' gradients now fill drows.
+  std::memset(a.drows, 0, static_cast<size_t>(N * K * C) * sizeof(float));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
+    if (n == 0) continue;
+    const ExpertParams& ep = w.experts[static_cast<size_t>(e)];
+    linear_backward(a.drows + r * C, gp(ep.gate_proj), nullptr, a.dgate + r * Fe, a.moe_rows + r * C, ep.gate_proj,
+                    n, C, Fe);
+    linear_backward(a.drows + r * C, gp(ep.up_proj), nullptr, a.dup + r * Fe, a.moe_rows + r * C, ep.up_proj, n, C,
+                    Fe);
+  }
+  // rows = ln[token]
+  moe::dispatch_gather_backward(dln, a.drows, d, C);
+  // weights = top_k(probs) (renormalised), the aux loss reads probs; probs = softmax(logits);
+  // logits = ln @ router^T
+  moe::route_top_k_backward(a.drouter, a.dweights, experts.data(), weights.data(), la.router_probs, N, E, K,
+                            cfg_.moe.norm_topk_prob);
+  if (aux_scale != 0.0f) load_balancing_.backward(a.drouter, N, aux_scale);
+  moe::router_softmax_backward(a.drouter, a.drouter, la.router_probs, N, E);
+  linear_backward(dln, gp(w.router), nullptr, a.drouter, ln, w.router, N, C, E);
+  if (Fs == 0) return;
+  // out += s * shared_out, s = sigmoid(z), z = ln @ shared_expert_gate^T
+  //   => dshared_out = s * dout (into drows, free again), dz = (dout . shared_out) s (1 - s)
+  float* dshared = a.drows;
+  float* dz = a.dweights;  // (N) of its N * K
+  for (int64_t i = 0; i < N; ++i) {
+    const float s = 1.0f / (1.0f + std::exp(-la.shared_gate[i]));
+    double dot = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      dot += static_cast<double>(dout[i * C + c]) * la.shared_out[i * C + c];
+      dshared[i * C + c] = s * dout[i * C + c];
+    }
+    dz[i] = static_cast<float>(dot) * s * (1.0f - s);
+  }
+  // shared_out = down(silu(gate(ln)) * up(ln)), as a dense MLP of width Fs
+  k::swiglu_forward(a.act, la.gate, la.up, N, Fs);
+  std::memset(a.dact, 0, static_cast<size_t>(N * Fs) * sizeof(float));
+  linear_backward(a.dact, gp(w.down_proj), nullptr, dshared, a.act, w.down_proj, N, Fs, C);
+  k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, Fs);
+  linear_backward(dln, gp(w.gate_proj), nullptr, a.dgate, ln, w.gate_proj, N, C, Fs);
+  linear_backward(dln, gp(w.up_proj), nullptr, a.dup, ln, w.up_proj, N, C, Fs);
+  linear_backward(dln, gp(w.shared_expert_gate), nullptr, dz, ln, w.shared_expert_gate, N, C, 1);
+}
+
+std::span<const float> Llama::router_probs(int64_t l) const {
+  if (!cfg_.moe_layer(l)) throw Error("model", fmt::format("layer {} is not a mixture-of-experts layer", l));
+  return {acts_.layers[static_cast<size_t>(l)].router_probs,
+          static_cast<size_t>(acts_.B * acts_.T * cfg_.moe.num_experts)};
 }
 
 void Llama::set_layer_range(LayerRange range) {

@@ -19,6 +19,7 @@
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/moe.hpp"
 #include "flotilla/model/parallel_context.hpp"
 #include "flotilla/model/params.hpp"
 #include "flotilla/tensor/quant.hpp"
@@ -41,8 +42,15 @@ struct LayerActivations {
   float* attn_out;   // (B, T, NH, hd)  before o_proj
   float* resid_mid;  // (B, T, C)   after the attention residual
   float* ln2_rstd;   // (B, T)
-  float* gate;       // (B, T, F)
+  float* gate;       // (B, T, F)   F = cfg.dense_mlp_dim(l): the dense MLP or the shared expert
   float* up;         // (B, T, F)
+  // Mixture-of-experts layers (model/moe.hpp's vocabulary); null in dense layers.
+  float* router_probs;   // (B*T, E)      softmax of the router logits
+  float* expert_gate;    // (B*T*K, Fe)   the gathered rows' gate_proj outputs, in dispatch order
+  float* expert_up;      // (B*T*K, Fe)
+  float* expert_out;     // (B*T*K, C)    each row's expert output, before its combine weight
+  float* shared_out;     // (B*T, C)      the shared expert's output, before its gate (Qwen2-MoE)
+  float* shared_gate;    // (B*T)         the shared expert gate's logit
   // LoRA: scale * dropout(x) A^T per adapted linear layer, (B, T, rank); null if not adapted.
   std::array<float*, kNumLoraTargets> lora_u{};
 };
@@ -65,7 +73,8 @@ struct BlockContext {
   const int32_t* positions = nullptr;  // (B, T) rows packing several examples: positions in them; or null
   const int32_t* key_start = nullptr;  // (B, T) the first key each query may attend to; or null
   float* ln = nullptr;                 // (B, T, C)  scratch: an RMSNorm output
-  float* act = nullptr;                // (B, T, F)  scratch: silu(gate) * up
+  float* act = nullptr;                // (B*T*max(F, K*Fe))  scratch: silu(gate) * up
+  float* moe_rows = nullptr;           // (B*T*K, C)  scratch: MoE layers' gathered rows
   float* lora_xd = nullptr;            // (B, T, max(C, F))  scratch: LoRA's dropped-out input
   const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
   // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
@@ -93,10 +102,14 @@ struct ActivationPlan {
   float* dv;         // (B, T, NKV, hd)
   float* dattn_out;  // (B, T, NH, hd)
   float* dprobs;     // (B, NH, T, T)
-  float* act;        // (B, T, F)   silu(gate) * up
-  float* dact;       // (B, T, F)
-  float* dgate;      // (B, T, F)
-  float* dup;        // (B, T, F)
+  float* act;        // (B*T*Fa)   silu(gate) * up; Fa = max(F, K*Fe) over the layers
+  float* dact;       // (B*T*Fa)
+  float* dgate;      // (B*T*Fa)
+  float* dup;        // (B*T*Fa)
+  float* moe_rows;   // (B*T*K, C)  MoE: the gathered rows
+  float* drows;      // (B*T*K, C)  MoE: their gradients
+  float* drouter;    // (B*T, E)    MoE: gradient of the router probs, then of its logits
+  float* dweights;   // (B*T*K)     MoE: gradient of the combine weights
   float* lora_g;     // (B, T, rank)       LoRA: gradient of the low-rank activation
   float* lora_xd;    // (B, T, max(C, F))  LoRA: the dropped-out input, regenerated in backward
   float* lora_dxd;   // (B, T, max(C, F))
@@ -220,6 +233,17 @@ class Llama {
                   const int32_t* doc_start = nullptr);
   // (B, T, V) logits of the last forward; invalid after backward.
   std::span<const float> logits() const;
+  // Mixture of experts: the load-balancing (Switch) loss of the last forward, over its MoE
+  // layers and tokens (moe::LoadBalancing); 0 for a dense model. When the config's
+  // output_router_logits is set, backward(s) adds the gradient of
+  // s * num_tokens * router_aux_loss_coef * this, num_tokens being the forward's target
+  // tokens: backward(1 / num_tokens) is then the gradient of mean loss + coef * aux, as in
+  // transformers, and a trainer that sums micro-batches and divides by all their tokens
+  // gets coef times the token-weighted mean of their aux losses.
+  double router_aux_loss() const { return load_balancing_.loss(); }
+  // (B*T, E) the router probs of MoE layer l in the last forward (the last layer's only,
+  // under gradient checkpointing, where the layers share one set of views).
+  std::span<const float> router_probs(int64_t l) const;
   // (B, T) per-token losses of the last forward with targets (0 where ignored).
   std::span<const float> token_losses() const {
     return {acts_.losses, static_cast<size_t>(acts_.B * acts_.T)};
@@ -294,6 +318,13 @@ class Llama {
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
   // The training forward's context of every block, for the planned step shape.
   BlockContext training_context() const;
+  // An MoE layer's MLP: from ln (N, C), the RMSNorm of resid_mid, into out (N, C)
+  // (overwritten); keeps what backward needs in `la`.
+  void moe_forward(int64_t l, const LayerActivations& la, float* out, const float* ln, const BlockContext& ctx) const;
+  // dln (N, C) += d(out)/d(ln) for dout (N, C); base gradients into g (null: frozen).
+  // aux_scale: the load-balancing loss's weight in what is differentiated (0: not at all).
+  void moe_backward(int64_t l, const LayerActivations& la, float* dln, const float* dout, const float* ln, float* g,
+                    float aux_scale);
   // The float tensor behind a dense reference, as p(w.offset) would be.
   float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
@@ -314,6 +345,8 @@ class Llama {
   std::vector<QuantMatrix> qweights_;
   std::vector<std::shared_ptr<const void>> qstorage_;
   ActivationPlan acts_;
+  moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
+  int64_t forward_tokens_ = 0;         // target tokens of the last forward
   bool have_targets_ = false;
   bool logits_valid_ = false;
   LoraAdapters* lora_ = nullptr;

@@ -124,6 +124,12 @@ LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(mo
   if (n <= 0 || n > L)
     throw InputError(kComponent, fmt::format("--num-layers {} is outside 1..{} (the model's layers)", n, L));
   first_layer_ = L - n;
+  if (model.is_moe())
+    for (LoraTarget t : cfg_.targets)
+      if (t == LoraTarget::gate || t == LoraTarget::up || t == LoraTarget::down)
+        throw InputError(kComponent, fmt::format("LoRA on {} of a mixture-of-experts ({}) model is not supported yet: "
+                                                 "adapt the attention projections (q, k, v, o)",
+                                                 lora_target_module(t), architecture_name(model.arch)));
   // A rank past both sides of a layer adds nothing B A could not hold, and a huge one (a
   // typo, a foreign adapter_config.json) would be allocated before anything else is checked.
   for (LoraTarget t : cfg_.targets) {

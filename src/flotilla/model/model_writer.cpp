@@ -43,6 +43,9 @@ QuantizationPlan plan_quantization(const ModelConfig& cfg, QuantFormat format) {
   if (format.group_size <= 0 || format.group_size % format.per_word() != 0)
     throw InputError(kComponent, fmt::format("group size {} must be a positive multiple of {} at {} bits",
                                              format.group_size, format.per_word(), format.bits));
+  if (cfg.is_moe())
+    throw InputError(kComponent, fmt::format("quantizing a mixture-of-experts ({}) model is not supported yet",
+                                             architecture_name(cfg.arch)));
   QuantizationPlan plan;
   const ParamLayout layout(cfg);
   for (const ParamInfo& info : layout.params()) {

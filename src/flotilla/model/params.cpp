@@ -29,9 +29,42 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const std::set<std::string>& qu
     if (cfg.qkv_bias) lp.v_bias = vector(p + "self_attn.v_proj.bias", Dkv);
     lp.o_proj = weight(p + "self_attn.o_proj.weight", {C, Dq});
     lp.ln2 = vector(p + "post_attention_layernorm.weight", C);
-    lp.gate_proj = weight(p + "mlp.gate_proj.weight", {F, C});
-    lp.up_proj = weight(p + "mlp.up_proj.weight", {F, C});
-    lp.down_proj = weight(p + "mlp.down_proj.weight", {C, F});
+    if (!cfg.moe_layer(l)) {
+      lp.gate_proj = weight(p + "mlp.gate_proj.weight", {F, C});
+      lp.up_proj = weight(p + "mlp.up_proj.weight", {F, C});
+      lp.down_proj = weight(p + "mlp.down_proj.weight", {C, F});
+    } else if (cfg.arch == Architecture::mixtral) {
+      // transformers' MixtralSparseMoeBlock: gate = the router; w1 gate, w3 up, w2 down.
+      const int64_t E = cfg.moe.num_experts, Fe = cfg.moe.expert_ffn_dim;
+      lp.router = weight(p + "block_sparse_moe.gate.weight", {E, C});
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string x = fmt::format("{}block_sparse_moe.experts.{}.", p, e);
+        ExpertParams ep;
+        ep.gate_proj = weight(x + "w1.weight", {Fe, C});
+        ep.down_proj = weight(x + "w2.weight", {C, Fe});
+        ep.up_proj = weight(x + "w3.weight", {Fe, C});
+        lp.experts.push_back(ep);
+      }
+    } else {
+      // transformers' Qwen2MoeSparseMoeBlock: gate = the router, experts, shared_expert
+      // and its one-output shared_expert_gate.
+      const int64_t E = cfg.moe.num_experts, Fe = cfg.moe.expert_ffn_dim, Fs = cfg.moe.shared_expert_ffn_dim;
+      lp.router = weight(p + "mlp.gate.weight", {E, C});
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string x = fmt::format("{}mlp.experts.{}.", p, e);
+        ExpertParams ep;
+        ep.gate_proj = weight(x + "gate_proj.weight", {Fe, C});
+        ep.up_proj = weight(x + "up_proj.weight", {Fe, C});
+        ep.down_proj = weight(x + "down_proj.weight", {C, Fe});
+        lp.experts.push_back(ep);
+      }
+      if (Fs > 0) {
+        lp.gate_proj = weight(p + "mlp.shared_expert.gate_proj.weight", {Fs, C});
+        lp.up_proj = weight(p + "mlp.shared_expert.up_proj.weight", {Fs, C});
+        lp.down_proj = weight(p + "mlp.shared_expert.down_proj.weight", {C, Fs});
+        lp.shared_expert_gate = weight(p + "mlp.shared_expert_gate.weight", {1, C});
+      }
+    }
   }
   final_norm = vector("model.norm.weight", C);
   lm_head = cfg.tie_embeddings ? embed : weight("lm_head.weight", {V, C});

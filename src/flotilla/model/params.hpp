@@ -54,11 +54,23 @@ struct ParamInfo {
   WeightRef ref() const { return quantized ? WeightRef::quantized(quant_slot) : WeightRef::dense(offset); }
 };
 
+// One expert of a mixture: a SwiGLU MLP of width Fe.
+struct ExpertParams {
+  WeightRef gate_proj;  // (Fe, C)  Mixtral's w1
+  WeightRef up_proj;    // (Fe, C)  Mixtral's w3
+  WeightRef down_proj;  // (C, Fe)  Mixtral's w2
+};
+
 // Where each tensor of one transformer block is. Biases are absent unless the config has
-// them (qwen2's q, k, v).
+// them (qwen2's q, k, v). The dense MLP (gate/up/down_proj, width cfg.dense_mlp_dim(l)) is
+// a dense layer's MLP, or an MoE layer's shared expert (Qwen2-MoE), or absent (Mixtral).
 struct LayerParams {
   WeightRef ln1, q_proj, q_bias, k_proj, k_bias, v_proj, v_bias, o_proj;
   WeightRef ln2, gate_proj, up_proj, down_proj;
+  // An MoE layer's router (E, C), experts, and the shared expert's gate (1, C) (Qwen2-MoE).
+  WeightRef router;
+  std::vector<ExpertParams> experts;
+  WeightRef shared_expert_gate;
 };
 
 // Named tensors in one flat buffer: what an optimizer, a checkpoint or a gradient

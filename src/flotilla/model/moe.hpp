@@ -1,0 +1,82 @@
+// The steps of a mixture-of-experts MLP (Mixtral, Qwen2-MoE), forward and backward, on
+// buffers. Vocabulary used throughout:
+// - the *router* scores each of N tokens against E experts: logits (N, E), softmax in
+//   float32 to *probs*;
+// - each token picks its top K experts (an *assignment*, index n*K + k), with a combine
+//   *weight* each: the picked probs, renormalised to sum 1 where the config says so;
+// - *dispatch* orders the N*K assignments by expert (then by token) and gathers the
+//   tokens' rows into that order: expert e's *rows* are [offsets[e], offsets[e+1]);
+// - each expert runs its SwiGLU MLP on its rows (Llama::moe_forward, through the model's
+//   linear layers);
+// - *combine* scatter-adds each row's output, times its weight, back to its token.
+// Dispatch and combine are separate steps so that expert parallelism can later send the
+// rows of experts held elsewhere with an all-to-all between them, and run only its own.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace flotilla::model::moe {
+
+// probs (N, E) = softmax(logits) row by row; may be done in place.
+void router_softmax(float* probs, const float* logits, int64_t N, int64_t E);
+// dlogits (N, E) = the softmax's backward: p * (dp - sum(p * dp)). Overwrites dlogits.
+void router_softmax_backward(float* dlogits, const float* dprobs, const float* probs, int64_t N, int64_t E);
+
+// Top-K of each token's probs: experts (N, K) in descending order of prob (ties: the lower
+// expert index first; torch.topk leaves the order of equal values unspecified), weights
+// (N, K) the picked probs, divided by their sum when `renormalise`.
+void route_top_k(int32_t* experts, float* weights, const float* probs, int64_t N, int64_t E, int64_t K,
+                 bool renormalise);
+// dprobs (N, E) = the gradient of the weights (N, K) through route_top_k, for the picked
+// experts (others 0); the choice itself is not differentiated. Overwrites dprobs.
+void route_top_k_backward(float* dprobs, const float* dweights, const int32_t* experts, const float* weights,
+                          const float* probs, int64_t N, int64_t E, int64_t K, bool renormalise);
+
+// Which gathered row holds which assignment.
+struct Dispatch {
+  int64_t num_experts = 0;
+  std::vector<int64_t> offsets;     // (E + 1) expert e's rows are [offsets[e], offsets[e + 1])
+  std::vector<int32_t> token;       // (N * K) the token of each row
+  std::vector<int32_t> assignment;  // (N * K) the assignment (n * K + k) of each row
+  int64_t rows(int64_t e) const { return offsets[static_cast<size_t>(e) + 1] - offsets[static_cast<size_t>(e)]; }
+};
+// A stable counting sort of the assignments by expert. Every assignment lands in exactly
+// one row (tokens are conserved: N * K rows).
+Dispatch plan_dispatch(const int32_t* experts, int64_t N, int64_t K, int64_t E);
+
+// rows (N*K, C): row r = x[token[r]].
+void dispatch_gather(float* rows, const float* x, const Dispatch& d, int64_t C);
+// dx (N, C) += the rows' gradients (N*K, C) scattered back to their tokens.
+void dispatch_gather_backward(float* dx, const float* drows, const Dispatch& d, int64_t C);
+// out (N, C) += weights[assignment[r]] * expert_out[r] for every row r.
+void combine(float* out, const float* expert_out, const float* weights, const Dispatch& d, int64_t C);
+// drows (N*K, C) = weight * dout[token] (overwritten); dweights (N*K) = dout[token] . expert_out[r]
+// (overwritten, in assignment order).
+void combine_backward(float* drows, float* dweights, const float* dout, const float* expert_out,
+                      const float* weights, const Dispatch& d, int64_t C);
+
+// The Switch Transformer load-balancing loss as transformers' load_balancing_loss_func
+// computes it (no attention mask: every token counts) over the router outputs of all MoE
+// layers together, R = layers x N rows of probs:
+//   aux = E * sum_e f_e * P_e,  f_e = (number of rows that picked e) / R,  P_e = mean prob of e.
+// Accumulate each layer with add_layer, then read loss(); d aux / d probs[row, e] = E f_e / R
+// (f is piecewise constant: the choice is not differentiated).
+class LoadBalancing {
+ public:
+  void reset(int64_t num_experts);
+  void add_layer(const float* probs, const int32_t* experts, int64_t N, int64_t K);
+  double loss() const;
+  // dprobs (N, E) += scale * d aux / d probs for one layer's rows.
+  void backward(float* dprobs, int64_t N, float scale) const;
+  int64_t rows() const { return rows_; }
+
+ private:
+  int64_t num_experts_ = 0;
+  int64_t rows_ = 0;
+  std::vector<double> picks_;      // (E) rows that picked each expert
+  std::vector<double> prob_sums_;  // (E) sum of each expert's probs
+};
+
+}  // namespace flotilla::model::moe
