@@ -1,5 +1,5 @@
-// flotilla grads: logits, loss and every parameter gradient for one batch, written as
-// safetensors — what the PyTorch reference test compares against.
+// flotilla grads: logits, loss (and a mixture of experts' router_aux_loss) and every
+// parameter gradient for one batch, written as safetensors — what the PyTorch reference test compares against.
 #include <fmt/format.h>
 
 #include <nlohmann/json.hpp>
@@ -93,6 +93,10 @@ void add_grads_command(CLI::App& app) {
     std::vector<io::TensorToWrite> out;
     out.push_back({"logits", {B, T, model.config().vocab_size}, logits.data()});
     out.push_back({"loss", {1}, &mean_loss});
+    // A mixture of experts: its load-balancing loss (the gradients include
+    // router_aux_loss_coef times it when the config's output_router_logits is set).
+    const auto aux_loss = static_cast<float>(model.router_aux_loss());
+    if (model.config().is_moe()) out.push_back({"router_aux_loss", {1}, &aux_loss});
     const model::Llama::Trainable trainable = model.trainable();
     for (const auto& info : trainable.table.params())
       out.push_back({"grad." + info.name, info.shape, trainable.grads.data() + info.offset});

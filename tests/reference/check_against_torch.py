@@ -19,7 +19,9 @@
 
 The `grads` contract: batch.json is {"tokens": [[...] * T] * B, "targets": same shape},
 targets aligned with tokens (no shift) and -100 meaning ignored. out.safetensors (F32)
-holds "logits" (B, T, V), "loss" (1,) = mean cross entropy over targets != -100, and
+holds "logits" (B, T, V), "loss" (1,) = mean cross entropy over targets != -100, for a
+mixture of experts "router_aux_loss" (1,) (the load-balancing loss; the gradients are
+then of loss + router_aux_loss_coef * router_aux_loss when output_router_logits), and
 "grad.<name>" for every parameter under its Hugging Face name (tied embeddings: only
 model.embed_tokens.weight, no lm_head). With --adapter the base is frozen: the gradients
 are "grad.<PEFT name>" of every adapter tensor and nothing else, e.g.
@@ -90,6 +92,28 @@ def _qwen2_bias() -> dict:
                 max_position_embeddings=128, use_sliding_window=False)
 
 
+def _mixtral() -> dict:
+    """4 experts, top 2 (renormalised), GQA; the aux loss in the trained loss with a
+    coefficient large enough that its gradient shows in the router's."""
+    return dict(model_type="mixtral", hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5,
+                rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False,
+                max_position_embeddings=128, sliding_window=None, num_local_experts=4, num_experts_per_tok=2,
+                router_aux_loss_coef=0.1, output_router_logits=True)
+
+
+def _qwen2_moe() -> dict:
+    """Layer 0 dense (mlp_only_layers), layers 1-2 sparse: 5 experts, top 3 not
+    renormalised, a shared expert with its sigmoid gate; q/k/v biases."""
+    return dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False,
+                max_position_embeddings=128, use_sliding_window=False, num_experts=5, num_experts_per_tok=3,
+                moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False,
+                decoder_sparse_step=1, mlp_only_layers=[0], router_aux_loss_coef=0.1,
+                output_router_logits=True)
+
+
 class Lora(NamedTuple):
     """A PEFT LoRA adapter for a case: rank, alpha, target modules, layers_to_transform
     (None: every layer)."""
@@ -138,6 +162,10 @@ CASES: List[Case] = [
     # LoRA on the attention projections of every layer, over q/k/v biases; scale 12 / 8 = 1.5.
     Case("lora_qwen2_bias", _qwen2_bias(), torch.float32, 1,
          Lora(r=8, alpha=12, targets=("q_proj", "k_proj", "v_proj", "o_proj"), layers=None)),
+    # Mixtures of experts: flotilla also writes "router_aux_loss" (1,), and its gradients
+    # are those of loss + router_aux_loss_coef * router_aux_loss (output_router_logits).
+    Case("mixtral", _mixtral(), torch.float32, 5),
+    Case("qwen2_moe", _qwen2_moe(), torch.float32, 6),
 ]
 
 
@@ -215,8 +243,13 @@ def reference(config: dict, weights: Dict[str, torch.Tensor], tokens, targets,
         trained = {n: t.detach().to(dtype).requires_grad_(True) for n, t in tensors.items()}
         torch_llama.attach_lora(model, trained, scale)
     logits, loss = model(tokens, targets)
-    loss.backward()
+    trained_loss = loss
     out = {"logits": logits.detach(), "loss": loss.detach().reshape(1)}
+    if model.aux_loss is not None:
+        out["router_aux_loss"] = model.aux_loss.detach().reshape(1)
+        if model.cfg.output_router_logits:  # as transformers' MixtralForCausalLM trains
+            trained_loss = loss + model.cfg.router_aux_loss_coef * model.aux_loss
+    trained_loss.backward()
     for name, p in trained.items():
         out[f"grad.{name}"] = p.grad.detach()
     if adapter is not None and any(p.grad is not None for p in model.parameters()):
@@ -405,6 +438,14 @@ def run_case(index: int, binary: str, base_seed: int, workdir: str, verbose: boo
 def run_all(binary: str, base_seed: int, case_names: Optional[List[str]], keep: bool,
             dtype: str = "float32") -> bool:
     indices = [i for i, c in enumerate(CASES) if case_names is None or c[0] in case_names]
+    if dtype == "bf16":
+        # A mixture's top-k choice is discontinuous: bf16 rounding (~1e-3 relative) flips a
+        # token whose k-th and (k+1)-th router probs are that close, a few percent of runs,
+        # and a flipped token differs by a whole expert's output. Checked in float32 only.
+        moe = [i for i in indices if CASES[i].config["model_type"] in ("mixtral", "qwen2_moe")]
+        if moe:
+            print(f"skipped under bf16 (discontinuous routing): {', '.join(CASES[i].name for i in moe)}\n")
+        indices = [i for i in indices if i not in moe]
     workdir = tempfile.mkdtemp(prefix="flotilla_reference_")
     failed = []
     try:

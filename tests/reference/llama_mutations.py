@@ -13,6 +13,11 @@ without adding bug switches to torch_llama.py:
                     (h % NKV) * group + h // NKV (q_proj rows and o_proj columns together).
   no_qkv_bias       Qwen2's q/k/v biases ignored.
   no_rope_scaling   Llama 3 rope scaling ignored.
+  moe_w1_w3_swapped Mixtral's w1 (gate) and w3 (up) read the other way round.
+  moe_norm_topk_flipped  the top-k weights renormalised where the config says not (or
+                    the other way round): norm_topk_prob flipped (Qwen2-MoE).
+  moe_no_shared_gate  Qwen2-MoE's shared expert gate not computed from the token:
+                    shared_expert_gate's weights zeroed (a constant gate of 0.5).
 
 and LoRA bugs (LORA_MUTATIONS, at the end), as changes to the adapter.
 """
@@ -26,7 +31,8 @@ import torch
 
 from torch_llama import LlamaConfig
 
-MUTATIONS = ("rope_interleaved", "kv_tile", "no_qkv_bias", "no_rope_scaling")
+MUTATIONS = ("rope_interleaved", "kv_tile", "no_qkv_bias", "no_rope_scaling", "moe_w1_w3_swapped",
+             "moe_norm_topk_flipped", "moe_no_shared_gate")
 
 
 def applicable_mutations(config: dict) -> List[str]:
@@ -38,6 +44,12 @@ def applicable_mutations(config: dict) -> List[str]:
         out.append("no_qkv_bias")
     if cfg.rope_scaling is not None:
         out.append("no_rope_scaling")
+    if cfg.model_type == "mixtral":
+        out.append("moe_w1_w3_swapped")
+    if cfg.model_type == "qwen2_moe":
+        out.append("moe_norm_topk_flipped")
+        if cfg.shared_expert_intermediate_size > 0:
+            out.append("moe_no_shared_gate")
     return out
 
 
@@ -81,6 +93,17 @@ def apply_mutation(name: str, config: dict, weights: Dict[str, torch.Tensor]) ->
                 weights[key] = torch.zeros_like(weights[key])
     elif name == "no_rope_scaling":
         config["rope_scaling"] = None
+    elif name == "moe_w1_w3_swapped":
+        for key in list(weights):
+            if key.endswith(".w1.weight"):
+                other = key[:-len("w1.weight")] + "w3.weight"
+                weights[key], weights[other] = weights[other], weights[key]
+    elif name == "moe_norm_topk_flipped":
+        config["norm_topk_prob"] = not cfg.norm_topk_prob
+    elif name == "moe_no_shared_gate":
+        for key in list(weights):
+            if key.endswith("shared_expert_gate.weight"):
+                weights[key] = torch.zeros_like(weights[key])
     else:
         raise ValueError(f"unknown mutation {name!r}; known: {MUTATIONS}")
     return config, weights

@@ -1,4 +1,5 @@
-"""An independent PyTorch reference for the Llama family (llama, mistral, qwen2).
+"""An independent PyTorch reference for the Llama family (llama, mistral, qwen2) and its
+mixtures of experts (mixtral, qwen2_moe).
 
 Written from the architecture of Hugging Face's LlamaForCausalLM, not imported from it
 (this machine has no transformers package), so that flotilla's C++ model is checked
@@ -16,7 +17,8 @@ machine), save_hf_dir(), which writes config.json + model.safetensors, and PEFT'
 (LoraLinear, attach_lora, save_peft_adapter / read_peft_adapter) under PEFT's names.
 
 Vocabulary used below: B batch, T sequence length, C hidden size, NH query heads,
-NKV key/value heads, HD head dimension, F intermediate (ffn) size, V vocabulary.
+NKV key/value heads, HD head dimension, F intermediate (ffn) size, V vocabulary; for a
+mixture of experts E experts, K picked per token.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 
@@ -74,14 +78,36 @@ class LlamaConfig:
         self.num_key_value_heads = int(_default(config, "num_key_value_heads", self.num_attention_heads))
         self.head_dim = int(_default(config, "head_dim", self.hidden_size // self.num_attention_heads))
         self.vocab_size = int(config["vocab_size"])
-        self.rms_norm_eps = float(_default(config, "rms_norm_eps", 1e-6))
-        self.rope_theta = float(_default(config, "rope_theta", 10000.0))
+        mixtral = self.model_type == "mixtral"
+        self.rms_norm_eps = float(_default(config, "rms_norm_eps", 1e-5 if mixtral else 1e-6))
+        self.rope_theta = float(_default(config, "rope_theta", 1e6 if mixtral else 10000.0))
         self.rope_scaling = config.get("rope_scaling")
         self.tie_word_embeddings = bool(_default(config, "tie_word_embeddings", False))
         self.max_position_embeddings = int(_default(config, "max_position_embeddings", 2048))
         # Qwen2 always has q/k/v biases (and none on o_proj); llama and mistral have none.
-        self.qkv_bias = self.model_type == "qwen2"
-        self.sliding_window = config.get("sliding_window") if self.model_type == "mistral" else None
+        self.qkv_bias = self.model_type == "qwen2" or (self.model_type == "qwen2_moe" and
+                                                       bool(_default(config, "qkv_bias", True)))
+        self.sliding_window = config.get("sliding_window") if self.model_type in ("mistral", "mixtral") else None
+        # Mixture of experts (MixtralConfig / Qwen2MoeConfig fields and defaults).
+        self.num_experts = 0
+        if mixtral:
+            self.num_experts = int(_default(config, "num_local_experts", 8))
+            self.top_k = int(_default(config, "num_experts_per_tok", 2))
+            self.moe_intermediate_size = self.intermediate_size
+            self.shared_expert_intermediate_size = 0
+            self.norm_topk_prob = True
+            self.decoder_sparse_step, self.mlp_only_layers = 1, []
+        elif self.model_type == "qwen2_moe":
+            self.num_experts = int(_default(config, "num_experts", 60))
+            self.top_k = int(_default(config, "num_experts_per_tok", 4))
+            self.moe_intermediate_size = int(_default(config, "moe_intermediate_size", 1408))
+            self.shared_expert_intermediate_size = int(_default(config, "shared_expert_intermediate_size", 5632))
+            self.norm_topk_prob = bool(_default(config, "norm_topk_prob", False))
+            self.decoder_sparse_step = int(_default(config, "decoder_sparse_step", 1))
+            self.mlp_only_layers = list(_default(config, "mlp_only_layers", []))
+        if self.num_experts:
+            self.router_aux_loss_coef = float(_default(config, "router_aux_loss_coef", 0.001))
+            self.output_router_logits = bool(_default(config, "output_router_logits", False))
 
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError("[torch_llama] num_attention_heads must be a multiple of num_key_value_heads")
@@ -93,7 +119,7 @@ class LlamaConfig:
             raise ValueError("[torch_llama] llama attention_bias=true not supported")
         if config.get("mlp_bias"):
             raise ValueError("[torch_llama] mlp_bias=true not supported")
-        if self.model_type == "qwen2" and config.get("use_sliding_window"):
+        if self.model_type in ("qwen2", "qwen2_moe") and config.get("use_sliding_window"):
             raise ValueError("[torch_llama] qwen2 use_sliding_window=true not supported")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
@@ -101,6 +127,11 @@ class LlamaConfig:
                 self.rope_scaling = None
             elif rope_type != "llama3":
                 raise ValueError(f"[torch_llama] rope_scaling type {rope_type!r} not supported (llama3 only)")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Qwen2MoeDecoderLayer's rule (every layer of Mixtral)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def to_hf_dict(self, dtype: torch.dtype) -> dict:
         """config.json contents, with the keys transformers needs to pick the class."""
@@ -225,34 +256,106 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, width: Optional[int] = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        width = width or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=False)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C), via (B, T, F)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class MixtralExpert(nn.Module):
+    """Mixtral's expert: w1 gate, w3 up, w2 down."""
     def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.moe_intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.moe_intermediate_size, cfg.hidden_size, bias=False)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.moe_intermediate_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoe(nn.Module):
+    """MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock. Written densely, unlike flotilla's
+    gather-and-scatter: every expert runs on every token, and a (tokens, E) matrix of
+    combine weights, zero outside each token's top K, mixes their outputs. The router's
+    softmax is in float32 at least (as transformers); `router_logits` keeps this forward's
+    (tokens, E) logits for the load-balancing loss."""
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        if cfg.model_type == "mixtral":
+            self.experts = nn.ModuleList([MixtralExpert(cfg) for _ in range(cfg.num_experts)])
+        else:
+            self.experts = nn.ModuleList([MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)])
+            if cfg.shared_expert_intermediate_size > 0:
+                self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size)
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.router_logits = None
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        B, T, C = x.shape
+        h = x.reshape(B * T, C)
+        logits = self.gate(h)  # (N, E)
+        self.router_logits = logits
+        probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        top, picked = torch.topk(probs, self.cfg.top_k, dim=-1)  # (N, K)
+        if self.cfg.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(1, picked, top).to(h.dtype)  # (N, E)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            out = out + weights[:, e:e + 1] * expert(h)
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        return out.reshape(B, T, C)
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
+    """transformers' load_balancing_loss_func without an attention mask: over the logits
+    of all MoE layers concatenated, E * sum_e (fraction of top-k picks of e) * (mean prob of e)."""
+    logits = torch.cat(router_logits, dim=0)  # (layers * N, E)
+    probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    _, picked = torch.topk(probs, top_k, dim=-1)
+    mask = F.one_hot(picked, num_experts).to(probs.dtype)  # (rows, K, E)
+    tokens_per_expert = mask.mean(dim=0)  # (K, E)
+    prob_per_expert = probs.mean(dim=0)  # (E)
+    return (tokens_per_expert * prob_per_expert.unsqueeze(0)).sum() * num_experts
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if not cfg.is_moe_layer(layer):
+            self.mlp = MLP(cfg)
+        elif cfg.model_type == "mixtral":
+            self.block_sparse_moe = SparseMoe(cfg)
+        else:
+            self.mlp = SparseMoe(cfg)
+
+    def moe(self) -> Optional[SparseMoe]:
+        m = getattr(self, "block_sparse_moe", None) or self.mlp
+        return m if isinstance(m, SparseMoe) else None
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ffn = getattr(self, "block_sparse_moe", None) or self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -262,7 +365,10 @@ class LlamaForCausalLM(nn.Module):
     Targets are already aligned with positions (no internal shift, unlike
     transformers' labels); positions with target -100 are ignored and the loss is the
     mean cross entropy over the rest. With tie_word_embeddings there is no lm_head
-    parameter: the output projection is model.embed_tokens.weight.
+    parameter: the output projection is model.embed_tokens.weight. A mixture of experts
+    keeps the forward's load-balancing loss in `aux_loss` (the returned loss is the token
+    loss alone; transformers adds router_aux_loss_coef * aux_loss to it when
+    output_router_logits is set).
     """
 
     def __init__(self, config):
@@ -297,6 +403,10 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask)
         h = self.model.norm(h)
+        self.aux_loss = None
+        router_logits = [m.router_logits for m in (layer.moe() for layer in self.model.layers) if m is not None]
+        if router_logits:
+            self.aux_loss = load_balancing_loss(router_logits, self.cfg.num_experts, self.cfg.top_k)
         logits = F.linear(h, self.output_weight())  # (B, T, V)
         loss = None
         if targets is not None:
