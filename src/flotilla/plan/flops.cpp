@@ -10,10 +10,20 @@
 namespace flotilla::plan {
 namespace {
 
-// Parameters of one block's matmuls: wq, wk, wv, wo, wgate, wup, wdown.
+// Parameters of one block's matmuls that a token goes through: wq, wk, wv, wo, wgate, wup,
+// wdown; in a mixture of experts the router, the k experts it picks and a shared expert
+// (averaged over the layers, which may differ: Qwen2-MoE's dense and sparse layers).
 double layer_matmul_params(const model::ModelConfig& c) {
-  const double C = static_cast<double>(c.dim), F = static_cast<double>(c.ffn_dim);
-  return C * c.q_dim() + 2.0 * C * c.kv_dim() + c.q_dim() * C + 3.0 * C * F;
+  const double C = static_cast<double>(c.dim);
+  double mlp = 0.0;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    mlp += 3.0 * C * static_cast<double>(c.dense_mlp_dim(l));
+    if (c.moe_layer(l))
+      mlp += C * static_cast<double>(c.moe.num_experts) +
+             3.0 * C * static_cast<double>(c.moe.top_k) * static_cast<double>(c.moe.expert_ffn_dim) +
+             (c.moe.shared_expert_ffn_dim > 0 ? C : 0.0);
+  }
+  return C * c.q_dim() + 2.0 * C * c.kv_dim() + c.q_dim() * C + mlp / static_cast<double>(std::max<int64_t>(c.n_layers, 1));
 }
 
 // Parameters of the matmuls: every linear layer plus lm_head.

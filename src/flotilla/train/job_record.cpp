@@ -22,6 +22,7 @@ nlohmann::json step_json(const StepMetrics& m) {
           {"elapsed_s", m.elapsed_s}, {"step_s", m.step_s}, {"data_s", m.data_s},
           {"compute_s", m.compute_s}, {"sync_s", m.sync_s}, {"update_s", m.update_s}};
   if (m.skipped) j["skipped"] = true;
+  if (m.router_aux_loss) j["router_aux_loss"] = finite_or_null(*m.router_aux_loss);
   return j;
 }
 

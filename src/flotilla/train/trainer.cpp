@@ -137,6 +137,7 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   for (;;) {
     sync_->zero_grads();
     model::LossSum window;
+    double window_aux = 0.0;  // sum of micro-batches' aux loss x their target tokens
     for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
       batch_.B = cfg_.batch_size;
       batch_.T = cfg_.seq_len;
@@ -158,7 +159,10 @@ StepMetrics Trainer::step(data::BatchSource& train) {
       sync_->after_backward();
       window.sum += loss.sum;
       window.num_tokens += loss.num_tokens;
+      window_aux += model_.router_aux_loss() * static_cast<double>(loss.num_tokens);
     }
+    if (model_.config().is_moe())
+      m.router_aux_loss = window.num_tokens > 0 ? window_aux / static_cast<double>(window.num_tokens) : 0.0;
     m.compute_s = timer.elapsed_s() - m.data_s - m.sync_s;
     {
       // With overlap, only what backward did not hide: the wait for the last buckets.

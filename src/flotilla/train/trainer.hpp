@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <utility>
 
@@ -81,6 +82,10 @@ struct StepMetrics {
   double tokens_per_s = 0.0;
   double elapsed_s = 0.0;
   bool skipped = false;         // loss or gradient norm not finite: no update (NonFinitePolicy::skip)
+  // A mixture of experts: the load-balancing loss (Llama::router_aux_loss) of this rank's
+  // micro-batches, weighted by their target tokens; not part of `loss`. Absent for a dense
+  // model.
+  std::optional<double> router_aux_loss;
 };
 
 // A step whose loss or gradient norm is not finite under NonFinitePolicy::stop; nothing of
