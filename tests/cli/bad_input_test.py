@@ -1035,6 +1035,87 @@ def _(ws):
                preserve=[alone], absent=[out])
 
 
+# -- mixture of experts (issue 16): inconsistent expert fields, a missing expert tensor
+
+MIXTRAL_TINY = Path(__file__).resolve().parents[2] / "configs" / "mixtral-tiny.json"
+
+
+def moe_config(ws: Workspace, edit: Callable[[dict], None]) -> Path:
+    config = json.loads(MIXTRAL_TINY.read_text())
+    edit(config)
+    path = ws.case_dir / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def moe_model(ws: Workspace) -> Path:
+    """A valid mixtral-tiny model (8 experts, top 2) in this case's directory."""
+    out = ws.case_dir / "moe_model"
+    subprocess.run([ws.flotilla, "init", "--config", str(MIXTRAL_TINY), "--seed", "1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=CASE_TIMEOUT_S)
+    return out
+
+
+@case("moe_top_k_larger_than_experts")
+def _(ws):
+    path = moe_config(ws, lambda c: c.update(num_experts_per_tok=9))
+    out = ws.fresh_out()
+    return Run(["init", "--config", str(path), "--out", str(out)],
+               ["config.json", "num_experts_per_tok", "(9)", "num_local_experts (8)"], preserve=[path], absent=[out])
+
+
+@case("moe_zero_experts")
+def _(ws):
+    path = moe_config(ws, lambda c: c.update(num_local_experts=0))
+    out = ws.fresh_out()
+    return Run(["init", "--config", str(path), "--out", str(out)], ["config.json", "num_local_experts", "positive"],
+               preserve=[path], absent=[out])
+
+
+@case("moe_qwen2_moe_sparse_step_zero")
+def _(ws):
+    def edit(c):
+        c.update(model_type="qwen2_moe", num_experts=4, moe_intermediate_size=32, decoder_sparse_step=0)
+    path = moe_config(ws, edit)
+    out = ws.fresh_out()
+    return Run(["init", "--config", str(path), "--out", str(out)], ["config.json", "decoder_sparse_step"],
+               preserve=[path], absent=[out])
+
+
+@case("control_moe_generate")
+def _(ws):
+    m = moe_model(ws)
+    return Run(generate(m), kind="control", preserve=[m])
+
+
+@case("moe_weights_missing_an_expert")
+def _(ws):
+    m = moe_model(ws)
+
+    def edit(h, d):
+        del h["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+        return retile(h, d)
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(generate(m), ["model.layers.1.block_sparse_moe.experts.5.w3.weight"], preserve=[m])
+
+
+@case("moe_config_has_fewer_experts_than_the_weights")
+def _(ws):
+    m = moe_model(ws)
+    edit_json(m / "config.json", lambda c: c.update(num_local_experts=7))
+    # The router is the first tensor whose shape the config contradicts: (8, C) for 7 experts.
+    return Run(generate(m), ["block_sparse_moe.gate.weight", "[8, 64]", "[7, 64]"], preserve=[m])
+
+
+@case("moe_lora_on_expert_projections")
+def _(ws):
+    m = moe_model(ws)
+    out = ws.fresh_out()
+    argv = train(ws, m, out=out) + ["--fine-tune-type", "lora", "--lora-targets", "q,gate"]
+    return Run(argv, ["LoRA", "gate_proj", "mixture-of-experts", "not supported"], preserve=[m, ws.corpus],
+               absent=[out])
+
+
 @case("init_force_out_contains_the_config")
 def _(ws):
     out = ws.case_dir / "new_model"
