@@ -72,8 +72,13 @@ def main() -> int:
         targets = targets.clamp(min=0)
 
     logits, loss = model(tokens, targets)
-    loss.backward()
     out = {"logits": logits.detach(), "loss": loss.detach().reshape(1)}
+    trained_loss = loss
+    if model.aux_loss is not None:  # a mixture of experts, as flotilla grads writes it
+        out["router_aux_loss"] = model.aux_loss.detach().reshape(1)
+        if model.cfg.output_router_logits:
+            trained_loss = loss + model.cfg.router_aux_loss_coef * model.aux_loss
+    trained_loss.backward()
     params = list(trained.items())
     if bug == "drop_grad":
         params = params[1:]
