@@ -70,7 +70,6 @@ std::span<const float> Decoder::step(std::span<const int32_t> tokens) {
   reserve(n);
   const int64_t C = cfg.dim, V = cfg.vocab_size, Dkv = cfg.kv_dim(), hd = cfg.head_dim;
   const int64_t Tk = length_ + n;
-  const float* w = model_.params().data();
 
   k::rope_table(rope_cos_.data(), rope_sin_.data(), inv_freq_.data(), length_, n, hd);
   float* x = x_.data();
