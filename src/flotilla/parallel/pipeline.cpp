@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cstring>
 #include <limits>
 
@@ -225,17 +226,16 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
   // or a later micro-batch overwrites) and kept until their send completes.
   std::vector<Buffer<float>> outgoing;
   std::vector<comm::Request> sends;
+  int64_t sent_bytes = 0;
   auto send = [&](std::span<const float> data, int dest, int tag) {
+    sent_bytes += static_cast<int64_t>(data.size_bytes());
     outgoing.emplace_back(data.size());
     std::memcpy(outgoing.back().data(), data.data(), data.size_bytes());
     sends.push_back(pp_.isend(comm::ConstView(outgoing.back().span()), dest, tag));
   };
   auto args = [&](int64_t i) { return trace ? fmt::format(R"({{"micro":{},"stage":{}}})", i, s) : std::string(); };
   model::LossSum total;
-  TraceSpan flush_span(trace, "pipeline flush", TraceLane::compute,
-                       trace ? fmt::format(R"({{"stage":{},"micro_batches":{},"schedule":"{}"}})", s, n,
-                                           pipeline_schedule_name(config_.schedule))
-                             : std::string());
+  const auto flush_start = std::chrono::steady_clock::now();
   for (const PipelineAction& a : stage_schedule(config_.schedule, stages(), s, n)) {
     const data::Batch& mb = micro[static_cast<size_t>(a.micro)];
     const int64_t elems = mb.B * mb.T * C;
@@ -280,6 +280,12 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
     TraceSpan wait(trace, "wait for sends", TraceLane::compute);
     comm::wait_all(sends);
   }
+  // The flush as one span, with what bench/pipeline_bubble.py reads: the activation slots
+  // this stage has held at most, and the bytes it sent to its neighbours.
+  if (trace)
+    trace->add("pipeline flush", TraceLane::compute, flush_start, std::chrono::steady_clock::now(),
+               fmt::format(R"({{"stage":{},"stages":{},"micro_batches":{},"schedule":"{}","slots":{},"p2p_bytes":{}}})",
+                           s, stages(), n, pipeline_schedule_name(config_.schedule), peak_slots(), sent_bytes));
   return total;
 }
 

@@ -38,7 +38,7 @@ void check_pipeline_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
-  if (job.save_every > 0) refuse("checkpoints (--save-every): leave it at 0");
+  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
   if (!job.resume_from.empty()) refuse("--resume");
   if (job.train.zero_stage > 0) refuse("--zero");
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
