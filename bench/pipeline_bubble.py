@@ -26,7 +26,8 @@ import tempfile
 
 def flush_stats(trace_file):
     with open(trace_file) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+        data = json.load(f)
+    events = [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X"]
     flushes = sorted((e for e in events if e["name"] == "pipeline flush"), key=lambda e: e["ts"])[1:]  # step 1: warm-up
     busy = total = 0.0
     for fl in flushes:
