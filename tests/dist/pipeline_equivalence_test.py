@@ -17,7 +17,8 @@ same for pp=2 and pp=4 and either schedule: the weight gradients summed over row
 otherwise round otherwise, and AdamW's division by sqrt(v) magnifies that where gradients
 are small. That is the micro-batch split, not the pipeline (which adds the same
 micro-batch gradients in the same order as one rank accumulating them).
-The run's log names the stages; a pipeline run writes its model once (rank 0).
+The run's log names the stages; stage 0 holds at most P micro-batches' activations under
+1F1B and all 8 of a flush under GPipe (the run report's count of its activation slots).
 Usage: pipeline_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -83,6 +84,13 @@ def main():
                 if f"pipeline: {pp} stages" not in log:
                     failures.append(f"pp={pp} {schedule}: the log does not name the stages:\n{log}")
                 failures += compare(f"pp={pp}, {schedule}, M=4", base, out)
+                # Activations held at once on stage 0 (the run report counts its slots): a
+                # flush of 2 x 4 micro-batches; 1F1B holds at most P of them, GPipe all.
+                with open(os.path.join(out, "report.json")) as r:
+                    slots = json.load(r)["pipeline"]["stage0_activation_slots"]
+                if slots != (8 if schedule == "gpipe" else pp):
+                    failures.append(f"pp={pp} {schedule}: stage 0 held {slots} micro-batches' activations")
+                print(f"pp={pp}, {schedule}: stage 0 held at most {slots} micro-batches' activations")
                 cases += 1
         out = os.path.join(tmp, "dp2_pp2")
         train(out, 2, 2, ["--micro-batches", "2"])

@@ -202,6 +202,7 @@ class Trainer {
   parallel::DataParallel* data_parallel() { return dp_; }
   // The pipeline stage this rank runs (null: none).
   parallel::PipelineStage* pipeline() { return pipeline_; }
+  const parallel::PipelineStage* pipeline() const { return pipeline_; }
   // Makes the model whole for what reads all of it (validation, the saved model): under a
   // pipeline the stages exchange their updated layers and the model runs every layer until
   // the next step. Every rank calls it alike; nothing to do otherwise.
