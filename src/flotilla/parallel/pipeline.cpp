@@ -107,7 +107,8 @@ std::vector<StageRange> stages_from_counts(const model::ModelConfig& cfg, int st
   std::string given;
   int64_t sum = 0;
   for (const int64_t n : layers_per_stage) {
-    given += (given.empty() ? "" : ",") + std::to_string(n);
+    if (!given.empty()) given += ',';
+    given += std::to_string(n);
     sum += n;
   }
   if (static_cast<int>(layers_per_stage.size()) != stages)
