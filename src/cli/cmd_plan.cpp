@@ -39,6 +39,10 @@ void add_plan_command(CLI::App& app) {
                                                "--max-seq-len, raw text 128")
           ->capture_default_str();
   cmd->add_option("--grad-accum", s.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  cmd->add_option("--micro-batches", j.micro_batches,
+                  "Pipeline rows (--parallel pp=P): micro-batches per --batch-size batch, which it must divide (0: "
+                  "the most up to 4 per stage)")
+      ->capture_default_str();
   cmd->add_flag("--pack,!--no-pack", s.pack, "Prepared data: pack examples into rows (default)")->default_str("true");
   cmd->add_flag("--grad-checkpoint", s.grad_checkpoint,
                 "Plan for train --grad-checkpoint: blocks recomputed in backward (less memory, more compute)")

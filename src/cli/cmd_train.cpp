@@ -59,6 +59,7 @@ void add_train_command(CLI::App& app) {
     double timeout_s = 300.0;
     std::string allreduce = "auto";
     std::string parallel;
+    std::string pp_schedule = "1f1b", pp_layers;
     std::string on_nonfinite = "stop";
     std::string dtype = "float32";
     float lora_scale = 0.0f;
@@ -205,7 +206,21 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--parallel", opt->parallel,
                   "The device mesh dp=D,pp=P,tp=T (product = number of processes; a key left out is 1; default: "
-                  "dp = every process). Only data parallelism is built yet: pp and tp must be 1 (docs/parallelism.md)");
+                  "dp = every process). Data and pipeline parallelism are built; tp must be 1 (docs/parallelism.md)");
+  cmd->add_option("--micro-batches", opt->job.pipeline.micro_batches,
+                  "Pipeline (pp > 1): each --batch-size batch is cut into M micro-batches that flow through the "
+                  "stages; the stages idle (P-1)/(M+P-1) of a step, so take M several times P. M must divide "
+                  "--batch-size")
+      ->capture_default_str();
+  cmd->add_option("--pp-schedule", opt->pp_schedule,
+                  "Pipeline (pp > 1): 1f1b (one forward one backward: at most P micro-batches' activations per "
+                  "stage) or gpipe (all forwards, then all backwards: M micro-batches' activations); the same "
+                  "bubble and the same result")
+      ->check(CLI::IsMember({"gpipe", "1f1b"}))
+      ->capture_default_str();
+  cmd->add_option("--pp-layers", opt->pp_layers,
+                  "Pipeline (pp > 1): layers per stage from the first, e.g. 3,3,2 (they add up to the model's "
+                  "layers); default: balanced by compute, the last stage also running the head");
   cmd->add_option("--allreduce", opt->allreduce,
                   "Data parallel: the gradient all-reduce: auto (by size and hosts), ring, hd "
                   "(halving-doubling), hier (hierarchical), mpi (the MPI library's)")
@@ -254,15 +269,24 @@ void add_train_command(CLI::App& app) {
     // The mesh's dp group carries the gradients: the whole world while pp = tp = 1.
     const parallel::MeshShape shape =
         opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
-    if (shape.pp > 1 || shape.tp > 1)
-      throw InputError("train", fmt::format("--parallel {}: {} is not built yet; only dp is "
-                                            "(docs/parallelism.md)",
-                                            opt->parallel, shape.pp > 1 ? "pipeline parallelism (pp > 1)" : "tensor parallelism (tp > 1)"));
+    if (shape.tp > 1)
+      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) is not built yet; dp and pp "
+                                            "are (docs/parallelism.md)",
+                                            opt->parallel));
+    if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))
+      throw InputError("train", fmt::format("{} applies to pipeline parallelism: give --parallel pp=P with P > 1",
+                                            opt->pp_layers.empty() ? "--micro-batches" : "--pp-layers"));
+    job.pipeline.schedule = parallel::parse_pipeline_schedule(opt->pp_schedule);
+    if (!opt->pp_layers.empty()) job.pipeline.stage_layers = parallel::parse_pp_layers(opt->pp_layers);
     parallel::Mesh mesh(*world, shape);
     std::optional<parallel::DataParallel> dp;
     if (shape.dp > 1) {
       dp.emplace(mesh.dp_group(), comm::parse_algorithm(opt->allreduce));
       job.dp = &*dp;
+    }
+    if (shape.pp > 1) {
+      job.pp = &mesh.pp_group();
+      job.world = world.get();
     }
     const bool root = world->rank() == 0;
     job.model_dir = opt->model;
@@ -291,7 +315,7 @@ void add_train_command(CLI::App& app) {
       check_output_not_input("--trace", job.trace_path, inputs);
       check_output_file("--trace", train::trace_path_of_rank(job.trace_path, world->rank()), opt->force);
     }
-    if (dp) world->barrier(comm::Options{.name = "output folder"});
+    if (world->size() > 1) world->barrier(comm::Options{.name = "output folder"});
     ProgressPrinter progress(opt->log_every);
     if (root && job.train.warmup_steps >= job.train.steps)
       fmt::print("note: the run ({} steps) is no longer than its warm-up ({} steps): the learning rate never "

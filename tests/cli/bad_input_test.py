@@ -695,6 +695,19 @@ def _(ws):
     return Run(train(ws, m) + ["--parallel", "tp=2"], ["tensor parallelism", "not built yet"], preserve=[m, ws.corpus])
 
 
+@case("train_micro_batches_without_pipeline")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--micro-batches", "2"], ["--micro-batches applies to pipeline parallelism"],
+               preserve=[m, ws.corpus])
+
+
+@case("train_pp_schedule_unknown")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--pp-schedule", "interleaved"], ["--pp-schedule"], preserve=[m, ws.corpus])
+
+
 @case("control_train_parallel_one_rank_mesh")
 def _(ws):
     m = ws.model()

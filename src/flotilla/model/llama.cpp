@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <new>
+#include <utility>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/log.hpp"
@@ -765,6 +766,14 @@ std::span<float> Llama::stage_output_grad() {
 std::span<const float> Llama::stage_input_grad() const {
   if (lora_ && lora_->first_layer() >= range_.begin) return {};
   return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+}
+
+void Llama::swap_forward_slot(ForwardSlot& slot) {
+  std::swap(acts_, slot.acts);
+  std::swap(have_targets_, slot.have_targets);
+  std::swap(logits_valid_, slot.logits_valid);
+  std::swap(stage_forward_done_, slot.stage_forward_done);
+  std::swap(forward_dropout_, slot.forward_dropout);
 }
 
 void Llama::set_parallel_context(ParallelContext* context) {

@@ -306,6 +306,19 @@ class Llama {
   // layer below the stage is trained (LoRA adapters all above it).
   std::span<const float> stage_input_grad() const;
 
+  // Several micro-batches in flight on one stage (parallel/pipeline.hpp): what backward
+  // needs of its forward (the activation plan, and the forward's flags and dropout step)
+  // lives in a slot per micro-batch. The caller swaps a micro-batch's slot in before its
+  // stage_input and forward, out after them, in again before its backward and out after;
+  // while none is swapped in the model holds its own. An empty slot plans on first use,
+  // so the slots a caller ever made are the most micro-batches it held at once.
+  struct ForwardSlot {
+    ActivationPlan acts;
+    bool have_targets = false, logits_valid = false, stage_forward_done = false;
+    uint64_t forward_dropout = 0;
+  };
+  void swap_forward_slot(ForwardSlot& slot);
+
  private:
   void report_ready(size_t group) const;
   // The grad_ready ranges per group: indexed by layer, then n_layers = the head,

@@ -142,6 +142,7 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
                                     src.grad_checkpoint);
   req.workload.bucket_mb = src.bucket_mb;
   req.knobs = job.knobs;
+  req.micro_batches = job.micro_batches;
   req.runs = job.runs;
   req.epochs = job.epochs;
   req.train_args = train_args(job);

@@ -15,6 +15,7 @@ namespace flotilla::plan {
 struct PlanJob {
   PlanSource source;
   bool no_run = false;         // estimate compute from FLOPs instead of training here
+  int64_t micro_batches = 0;   // the pipeline rows' --micro-batches (0: picked)
   MeasureOptions measure;
   int hosts = 1;               // machines, alike
   std::filesystem::path hostfile;  // instead of hosts: OpenMPI's "name slots=K" lines

@@ -144,6 +144,13 @@ PlanResult make_plan(const PlanRequest& request) {
   p.epoch_s_one = p.steps_per_epoch_one * request.cost.total_s();
   p.run_s_one = request.epochs * p.epoch_s_one;
   p.recommendation = recommend(p);
+  for (int P = 2; P <= N && P <= w.model.n_layers; P *= 2) {
+    int64_t M = request.micro_batches;
+    if (M <= 0)
+      for (int64_t m = 1; m <= w.batch_size && m <= 4 * P; ++m)
+        if (w.batch_size % m == 0) M = m;
+    p.pipelines.push_back(plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P)));
+  }
   return p;
 }
 
@@ -380,6 +387,20 @@ std::string render_text(const PlanResult& p) {
   out += fmt::format("  Amdahl's bound for this step: {:.1f}x however many ranks (serial fraction {:.2f}%)\n",
                      p.serial_fraction > 0 ? 1.0 / p.serial_fraction : INFINITY, 100 * p.serial_fraction);
 
+  for (const PipelinePlan& pp : p.pipelines) {
+    if (&pp == &p.pipelines.front())
+      out += "\npipeline parallel (--parallel pp=P, 1f1b; every rank holds the whole weights today)\n";
+    std::string layers, memory;
+    for (const parallel::StageRange& s : pp.ranges) layers += fmt::format("{}[{}, {})", layers.empty() ? "" : " ", s.begin, s.end);
+    for (const double b : pp.activation_bytes) memory += (memory.empty() ? "" : " / ") + format_bytes(b);
+    out += fmt::format("  pp={} --micro-batches {}: layers {}; bubble {:.0f}%; point to point {} a step ({} across each "
+                       "boundary), {} sent by the busiest rank in {}; step {} ({:.2f}x one rank); activations per "
+                       "stage {}\n",
+                       pp.stages, pp.micro_batches, layers, 100 * pp.bubble, format_bytes(pp.p2p_bytes),
+                       format_bytes(pp.boundary_bytes), format_bytes(pp.max_rank_send_bytes), format_seconds(pp.comm_s),
+                       format_seconds(pp.step_s), pp.speedup, memory);
+  }
+
   const Recommendation& rec = p.recommendation;
   out += "\nflowchart\n";
   for (const std::string& q : rec.walk) out += "  " + q + "\n";
@@ -447,6 +468,9 @@ nlohmann::json plan_json(const PlanResult& p) {
   for (const Prediction& pr : p.strong)
     strong.push_back({{"ranks", pr.ranks}, {"step_s", pr.step_s}, {"speedup", pr.speedup}, {"efficiency", pr.efficiency}});
   j["strong_scaling"] = strong;
+  nlohmann::json pipelines = nlohmann::json::array();
+  for (const PipelinePlan& pp : p.pipelines) pipelines.push_back(pipeline_json(pp));
+  j["pipelines"] = pipelines;
   const Recommendation& rec = p.recommendation;
   j["recommendation"] = {{"advice", advice_name(rec.advice)}, {"strategy", rec.strategy}, {"ranks", rec.ranks},
                          {"planned", rec.planned},            {"reason", rec.reason},     {"command", rec.command},

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/plan/pipeline.hpp"
 #include "flotilla/plan/scaling.hpp"
 #include "flotilla/plan/strategy.hpp"
 #include "flotilla/plan/workload.hpp"
@@ -29,6 +30,9 @@ struct PlanRequest {
   std::string train_args;
   std::string hostfile;
   double memory_headroom = 0.9;  // a strategy fits when it needs at most this share of memory
+  // Pipelines: train's --micro-batches for the pipeline rows (0: the most micro-batches of
+  // the batch up to 4 per stage).
+  int64_t micro_batches = 0;
 };
 
 struct StrategyRow {
@@ -65,6 +69,9 @@ struct PlanResult {
   double epoch_s_one = 0;
   double run_s_one = 0;            // epochs x epoch
   Recommendation recommendation;
+  // Pipelines of 2, 4, 8, ... stages up to the ranks and the layers (plan/pipeline.hpp), on
+  // the link of that many ranks; not (yet) part of the recommendation.
+  std::vector<PipelinePlan> pipelines;
 
   const StrategyRow& row(StrategyKind kind) const;
 };

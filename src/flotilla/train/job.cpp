@@ -33,6 +33,24 @@
 namespace flotilla::train {
 namespace {
 
+// Pipeline parallelism's flags, and what it does not combine with yet.
+void check_pipeline_flags(const TrainJob& job) {
+  auto refuse = [](std::string_view what) {
+    throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
+  };
+  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
+  if (!job.resume_from.empty()) refuse("--resume");
+  if (job.train.zero_stage > 0) refuse("--zero");
+  if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
+  if (job.compression.kind != comm::Compression::none) refuse("--compression");
+  const int64_t M = job.pipeline.micro_batches;
+  if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));
+  if (job.train.batch_size % M != 0)
+    throw InputError("train", fmt::format("--micro-batches {} does not divide --batch-size {}: each micro-batch must "
+                                          "have the same number of rows",
+                                          M, job.train.batch_size));
+}
+
 // The flags that need no model or data, checked first: a mistake shows before anything loads.
 void check_job_flags(const TrainJob& job) {
   if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
@@ -57,6 +75,7 @@ void check_job_flags(const TrainJob& job) {
   if (job.train.zero_stage == 3 && job.dtype != kernels::GemmInput::f32)
     throw InputError("train", "--zero 3 cannot be combined with --dtype bf16: the bf16 copy of the weights is made of "
                               "the whole model at once, which a ZeRO-3 rank never holds; use --dtype float32");
+  if (job.pp) check_pipeline_flags(job);
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
     // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
     if (job.save_every > 0 && job.save_every % H != 0)
@@ -153,6 +172,24 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
   }
 }
 
+// The layers of each stage: as --pp-layers gives them, or balanced by cost.
+std::vector<parallel::StageRange> pipeline_stages(const TrainJob& job, const model::ModelConfig& cfg,
+                                                  const InfoSink& info) {
+  const int P = job.pp->size();
+  const std::vector<parallel::StageRange> ranges =
+      job.pipeline.stage_layers.empty() ? parallel::balance_stages(cfg, P, job.train.seq_len)
+                                        : parallel::stages_from_counts(cfg, P, job.pipeline.stage_layers);
+  std::string layers;
+  for (const parallel::StageRange& r : ranges) layers += fmt::format("{}[{}, {})", layers.empty() ? "" : " ", r.begin, r.end);
+  const int64_t M = job.pipeline.micro_batches * job.train.grad_accum;
+  info(fmt::format("pipeline: {} stages, layers {}; {} micro-batches of {} rows a step, schedule {}; bubble "
+                   "(P-1)/(M+P-1) = {:.0f}% at equal stage costs",
+                   P, layers, M, job.train.batch_size / job.pipeline.micro_batches,
+                   parallel::pipeline_schedule_name(job.pipeline.schedule),
+                   100.0 * (P - 1) / static_cast<double>(M + P - 1)));
+  return ranges;
+}
+
 }  // namespace
 
 nlohmann::json train_job_config_json(const TrainJob& job) {
@@ -190,7 +227,10 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   const DataFolder data_folder = locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
-  if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.world, info);
+  if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, info);
+  // Every stage starts from world rank 0's weights (each holds the whole model and trains
+  // its own layers).
+  if (job.pp) job.world->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial weights"});
   if (job.resume_from.empty()) check_trainable_finite(job, model);  // checkpoints never hold non-finite weights
   plan_activations(job, model, info);
   TrainData data = open_train_data(job, data_folder, *tokenizer, model, ranks, info);
@@ -201,7 +241,9 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   record.metrics_path = job.out_dir / "metrics.jsonl";
   std::unique_ptr<TraceRecorder> trace;
   if (!job.trace_path.empty()) trace = std::make_unique<TraceRecorder>();
-  Trainer trainer(model, job.train, job.dp, trace.get());
+  std::optional<parallel::PipelineStage> pipeline;
+  if (job.pp) pipeline.emplace(*job.pp, pipeline_stages(job, model.config(), info), job.pipeline);
+  Trainer trainer(model, job.train, job.dp, trace.get(), pipeline ? &*pipeline : nullptr);
   const nlohmann::json config = train_job_config_json(job);
   JobCheckpoints checkpoints(job, ranks, trainer, *data.train, adapters.get(), config, record, info);
   if (!job.resume_from.empty()) checkpoints.resume();

@@ -13,6 +13,7 @@
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/pipeline.hpp"
 #include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
@@ -75,7 +76,15 @@ struct TrainJob {
   // (without it, the run refuses).
   bool force = false;
   // Data parallel over these ranks (null: one process). Rank 0 alone reports and writes.
+  // Under a pipeline: the ranks of this rank's stage in the other replicas.
   parallel::DataParallel* dp = nullptr;
+  // Pipeline parallel (parallel/pipeline.hpp): the mesh's pp group (its size > 1), whose
+  // rank is this rank's stage, and every rank of the job; null: no pipeline. The stages'
+  // layers are balanced by cost unless pipeline.stage_layers gives them. Pipeline runs
+  // take no checkpoints yet (--save-every and --resume are refused).
+  comm::Communicator* pp = nullptr;
+  comm::Communicator* world = nullptr;
+  parallel::PipelineConfig pipeline;
   // How gradients travel between ranks (data parallel only): exact float32, or compressed
   // with error feedback. A lossy codec's residuals are not checkpointed: a resumed run
   // starts them at zero, so it is not bit-for-bit the run that never stopped.

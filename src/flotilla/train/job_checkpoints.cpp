@@ -119,8 +119,9 @@ void JobCheckpoints::after_step(int64_t step) {
 
 std::string JobCheckpoints::save_on_stop(int64_t step) {
   if (last_saved_step_ == step) return "checkpoint " + last_saved_dir_.string();
-  if (foreign_) {
+  if (foreign_ || job_.pp) {
     if (ranks_.root) record_.write_metrics();
+    if (job_.pp) return "no checkpoint written: pipeline runs (pp > 1) take none yet";
     return "no checkpoint written: " + dir_.string() + " holds an earlier run's checkpoints";
   }
   save(step);

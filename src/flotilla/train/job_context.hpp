@@ -14,11 +14,17 @@ struct JobRanks {
   bool root = true;  // rank 0: the one that reports and writes
   int rank = 0;
   int world = 1;
+  // Which share of each global batch this rank reads: its data-parallel rank among the
+  // replicas (every stage of a pipeline reads its replica's rows).
+  int data_rank = 0;
+  int data_world = 1;
 };
 
 inline JobRanks job_ranks(const TrainJob& job) {
+  const int data_rank = job.dp ? job.dp->rank() : 0, data_world = job.dp ? job.dp->world() : 1;
+  if (job.pp) return JobRanks{job.world->rank() == 0, job.world->rank(), job.world->size(), data_rank, data_world};
   if (!job.dp) return {};
-  return JobRanks{job.dp->is_root(), job.dp->rank(), job.dp->world()};
+  return JobRanks{job.dp->is_root(), job.dp->rank(), job.dp->world(), data_rank, data_world};
 }
 
 // One-off facts (sizes, memory, warnings) for the user: TrainCallbacks::on_info on rank 0,

@@ -63,8 +63,8 @@ void open_prepared(const TrainJob& job, const DataFolder& folder, const text::To
   sc.grad_accum = job.train.grad_accum;
   sc.pack = job.pack;
   sc.seed = job.seed;
-  sc.rank = ranks.rank;
-  sc.world = ranks.world;
+  sc.rank = ranks.data_rank;
+  sc.world = ranks.data_world;
   sc.pad_id = std::max(0, tokenizer.pad_id());
   d.train_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared.examples(data::Split::train));
   check_truncation(data::truncation_at(*d.train_examples, T), "training", T, true, job.data, info);
@@ -82,8 +82,8 @@ void open_prepared(const TrainJob& job, const DataFolder& folder, const text::To
     tc.pack = job.pack;
     tc.shuffle = false;
     tc.repeat = false;
-    tc.rank = ranks.rank;
-    tc.world = ranks.world;
+    tc.rank = ranks.data_rank;
+    tc.world = ranks.data_world;
     tc.pad_id = std::max(0, tokenizer.pad_id());
     d.test = [&model, &examples = *d.test_examples, tc, max_batches = job.test_batches, dp = job.dp] {
       data::BatchSampler sampler(examples, tc);
@@ -121,7 +121,7 @@ void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model:
   d.raw_train = std::make_unique<data::RandomWindowSource>(std::move(split.train), job.seed);
   // Ranks draw the same rows and keep their slice: the union is one process's batch.
   if (job.dp)
-    d.train = std::make_unique<data::RankSlicedSource>(*d.raw_train, ranks.rank, ranks.world);
+    d.train = std::make_unique<data::RankSlicedSource>(*d.raw_train, ranks.data_rank, ranks.data_world);
   else
     d.train = std::move(d.raw_train);
   if (!have_valid) return;
@@ -130,7 +130,7 @@ void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model:
                 max_batches = job.train.eval_batches, dp = job.dp] {
     // The same consecutive windows as one process reads, each rank its slice of them.
     valid.reset();
-    data::RankSlicedSource slice(valid, ranks.rank, ranks.world);
+    data::RankSlicedSource slice(valid, ranks.data_rank, ranks.data_world);
     return over_all_ranks(evaluate_loss(
                               model,
                               [&](data::Batch& b) {
@@ -139,7 +139,7 @@ void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model:
                                 slice.next_batch(b);
                                 return true;
                               },
-                              bounded_eval_batches(valid, B * ranks.world, T, max_batches)),
+                              bounded_eval_batches(valid, B * ranks.data_world, T, max_batches)),
                           dp);
   };
 }

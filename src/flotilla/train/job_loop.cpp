@@ -1,6 +1,7 @@
 #include "flotilla/train/job_loop.hpp"
 
 #include <functional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -56,7 +57,13 @@ void run_training_loop(const TrainJob& job, const JobRanks& ranks, Trainer& trai
   int stop_signal = 0;
   const auto stop_after = [&](int64_t step) {
     const int local = stop_signal_received();
-    stop_signal = job.dp ? static_cast<int>(job.dp->max_over_ranks(local, "stop signal")) : local;
+    if (job.pp) {
+      int64_t any = local;
+      job.world->all_reduce(comm::MutView(std::span<int64_t>(&any, 1)), comm::ReduceOp::max, {.name = "stop signal"});
+      stop_signal = static_cast<int>(any);
+    } else {
+      stop_signal = job.dp ? static_cast<int>(job.dp->max_over_ranks(local, "stop signal")) : local;
+    }
     // Local SGD: the ranks' weights meet every H steps only, and a checkpoint must fall on
     // a meeting: run on to the next one (the request stays set on the rank that got it).
     const int64_t H = job.train.local_sgd.sync_every;

@@ -154,6 +154,17 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const Train
       }
     }
   }
+  if (job.pp) {
+    // Rank 0's view: it is stage 0 (its slots are the most any stage holds under 1F1B).
+    std::vector<std::vector<int64_t>> layers;
+    const parallel::PipelineStage* stage = trainer.pipeline();
+    for (const parallel::StageRange& r : stage->ranges()) layers.push_back({r.begin, r.end});
+    report["pipeline"] = {{"stages", job.pp->size()},
+                          {"layers", layers},
+                          {"micro_batches", job.pipeline.micro_batches},
+                          {"schedule", parallel::pipeline_schedule_name(job.pipeline.schedule)},
+                          {"stage0_activation_slots", stage->peak_slots()}};
+  }
   if (summary.test_loss >= 0) {
     report["test_loss"] = summary.test_loss;
     report["test_perplexity"] = std::exp(summary.test_loss);

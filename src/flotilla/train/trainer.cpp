@@ -8,6 +8,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/pipeline_sync.hpp"
 
 namespace flotilla::train {
 
@@ -42,10 +43,25 @@ namespace {
 
 // The gradient sync cfg asks for, after the checks every flag gets.
 std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const TrainConfig& cfg,
-                                                  parallel::DataParallel* dp, TraceRecorder* trace) {
+                                                  parallel::DataParallel* dp, TraceRecorder* trace,
+                                                  parallel::PipelineStage* pipeline) {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
   validate_train_config(cfg);
+  if (pipeline) {
+    // A mixture of experts' load-balancing loss is summed over the layers of the whole
+    // model; the stages would each hold a part of it: not built yet.
+    if (model.config().is_moe())
+      throw InputError("train", "pipeline parallelism (pp > 1) does not work with mixture-of-experts models yet");
+    if (cfg.zero_stage > 0 || cfg.local_sgd.sync_every > 0)
+      throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not combine with {} yet",
+                                            cfg.zero_stage > 0 ? "--zero" : "local SGD (--sync-every)"));
+    if (cfg.batch_size % pipeline->config().micro_batches != 0)
+      throw InputError("train", fmt::format("--micro-batches {} does not divide --batch-size {}: each micro-batch "
+                                            "must have the same number of rows",
+                                            pipeline->config().micro_batches, cfg.batch_size));
+    return parallel::make_pipeline_sync(model, *pipeline, dp);
+  }
   return parallel::make_gradient_sync(
       model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd,
                                        .bucket_mb = cfg.bucket_mb,
@@ -62,12 +78,14 @@ std::vector<FlatRange> flat_ranges(const std::vector<parallel::ArenaRange>& rang
 
 }  // namespace
 
-Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace)
+Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace,
+                 parallel::PipelineStage* pipeline)
     : model_(model),
       cfg_(cfg),
       dp_(dp),
       trace_(trace),
-      sync_(make_sync(model, cfg, dp, trace)),
+      pipeline_(pipeline),
+      sync_(make_sync(model, cfg, dp, trace, pipeline)),
       optimizer_(model.trainable().table, cfg.adamw, flat_ranges(sync_->owned())),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   batch_.B = cfg.batch_size;
@@ -75,6 +93,12 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* d
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::complete_model() {
+  if (!pipeline_) return;
+  sync_->complete_weights();
+  model_.set_layer_range({0, model_.config().n_layers});
+}
 
 std::pair<std::span<float>, std::span<float>> Trainer::whole_moments() {
   if (!sync_->sharded()) return {optimizer_.m(), optimizer_.v()};
@@ -138,7 +162,21 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     sync_->zero_grads();
     model::LossSum window;
     double window_aux = 0.0;  // sum of micro-batches' aux loss x their target tokens
-    for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
+    if (pipeline_) {
+      // After validation the model ran every layer: back to this stage's.
+      model_.set_layer_range(pipeline_->range());
+      micro_batches_.clear();
+      for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
+        batch_.B = cfg_.batch_size;
+        batch_.T = cfg_.seq_len;
+        Timer data_timer;
+        train.next_batch(batch_);
+        pipeline_->split(batch_, micro_batches_);
+        m.data_s += data_timer.elapsed_s();
+      }
+      window = pipeline_->run(model_, micro_batches_, trace_);
+    }
+    for (int64_t micro = 0; !pipeline_ && micro < cfg_.grad_accum; ++micro) {
       batch_.B = cfg_.batch_size;
       batch_.T = cfg_.seq_len;
       Timer data_timer;
@@ -271,13 +309,16 @@ void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& 
     if (on_step) on_step(m);
     const bool last = step_ == cfg_.steps;
     if (evaluate && (last || (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0))) {
+      complete_model();
       EvalMetrics e = evaluate();
       e.step = step_;
       if (on_eval) on_eval(e);
     }
     if (on_step_end) on_step_end(step_);
-    if (stop_after && step_ < cfg_.steps && stop_after(step_)) return;
+    if (stop_after && step_ < cfg_.steps && stop_after(step_)) break;
   }
+  // What follows a run reads the whole model (the test split, the saved model).
+  complete_model();
 }
 
 }  // namespace flotilla::train

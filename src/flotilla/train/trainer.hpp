@@ -22,6 +22,7 @@
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/parallel/gradient_sync.hpp"
 #include "flotilla/parallel/local_sgd.hpp"
+#include "flotilla/parallel/pipeline.hpp"
 #include "flotilla/train/adamw.hpp"
 #include "flotilla/train/schedule.hpp"
 
@@ -126,8 +127,12 @@ class Trainer {
   // gradients summed over the ranks before the update, every rank then applying the same
   // one; or local SGD; or ZeRO); `dp` must outlive the trainer. `trace` (may be null)
   // records each step's forward, backward, gradient wait and update, and the communication
-  // thread's bucket all-reduces.
-  Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr, TraceRecorder* trace = nullptr);
+  // thread's bucket all-reduces. With `pipeline` (must outlive the trainer) this rank is
+  // one stage of a pipeline (parallel/pipeline.hpp): each of a step's cfg.grad_accum
+  // batches is cut into the pipeline's micro-batches, all of them run through the stages in
+  // one flush of its schedule, and `dp` (if any) is the stage's data-parallel group.
+  Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr, TraceRecorder* trace = nullptr,
+          parallel::PipelineStage* pipeline = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -195,17 +200,26 @@ class Trainer {
   std::vector<parallel::RankState> rank_state();
   // The data-parallel group (null: one process), for state kept there (the codec's).
   parallel::DataParallel* data_parallel() { return dp_; }
+  // The pipeline stage this rank runs (null: none).
+  parallel::PipelineStage* pipeline() { return pipeline_; }
+  const parallel::PipelineStage* pipeline() const { return pipeline_; }
+  // Makes the model whole for what reads all of it (validation, the saved model): under a
+  // pipeline the stages exchange their updated layers and the model runs every layer until
+  // the next step. Every rank calls it alike; nothing to do otherwise.
+  void complete_model();
 
  private:
   model::Llama& model_;
   TrainConfig cfg_;
   parallel::DataParallel* dp_ = nullptr;
   TraceRecorder* trace_ = nullptr;
+  parallel::PipelineStage* pipeline_ = nullptr;
   std::unique_ptr<parallel::GradientSync> sync_;  // before optimizer_: it says what this rank owns
   AdamW optimizer_;
   Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while reading an unsharded checkpoint
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
+  std::vector<data::Batch> micro_batches_;  // pipeline: the step's micro-batches
   int64_t step_ = 0;
   double elapsed_s_ = 0.0;
 };

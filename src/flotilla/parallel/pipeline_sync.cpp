@@ -1,0 +1,166 @@
+#include "flotilla/parallel/pipeline_sync.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <string>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/kernels/kernels.hpp"
+
+namespace flotilla::parallel {
+namespace {
+
+// Above pipeline.cpp's per-micro-batch tags.
+constexpr int kTiedEmbeddingTag = 32100;
+
+class PipelineSync final : public GradientSync {
+ public:
+  PipelineSync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp)
+      : GradientSync(model), pipeline_(pipeline), dp_(dp) {
+    model_.set_layer_range(pipeline_.range());
+    const model::Llama::Trainable t = model_.trainable();
+    owned_ = stage_owned_ranges(model_, t.table, pipeline_.ranges());
+    int64_t n = 0;
+    for (const ArenaRange& r : mine()) n += r.size();
+    owned_grads_.resize(static_cast<size_t>(n));
+    const model::ModelConfig& cfg = model_.config();
+    // The head's product reads the embedding: the last stage computes a share of its
+    // gradient and needs its updated weights.
+    if (cfg.tie_embeddings && !model_.base_frozen() && pipeline_.stages() > 1) {
+      const model::WeightRef& e = model_.layout().embed;
+      tied_ = ArenaRange{e.offset(), e.offset() + cfg.vocab_size * cfg.dim};
+      if (pipeline_.first()) tied_scratch_.resize(static_cast<size_t>(tied_.size()));
+    }
+  }
+
+  std::string name() const override { return dp_ && dp_->world() > 1 ? "pipeline + all-reduce" : "pipeline"; }
+
+  Exchanged exchange(const model::LossSum& local) override {
+    comm::Communicator& pp = pipeline_.communicator();
+    double loss[2] = {local.sum, static_cast<double>(local.num_tokens)};
+    pp.all_reduce(comm::MutView(std::span<double>(loss)), comm::ReduceOp::sum, {.name = "pipeline loss"});
+    const model::LossSum replica{loss[0], static_cast<int64_t>(loss[1])};
+    const std::span<float> grads = model_.trainable().grads;
+    if (tied_.size() > 0) {
+      const std::span<float> g = grads.subspan(static_cast<size_t>(tied_.begin), static_cast<size_t>(tied_.size()));
+      if (pipeline_.last()) {
+        pp.send(comm::ConstView(std::span<const float>(g)), 0, kTiedEmbeddingTag, {.name = "tied embedding gradient"});
+        tied_bytes_ += static_cast<int64_t>(g.size_bytes());
+      } else if (pipeline_.first()) {
+        pp.recv(comm::MutView(tied_scratch_.span()), pipeline_.stages() - 1, kTiedEmbeddingTag,
+                {.name = "tied embedding gradient"});
+        kernels::add_inplace(g.data(), tied_scratch_.data(), tied_.size());
+      }
+    }
+    float* out = owned_grads_.data();
+    for (const ArenaRange& r : mine()) {
+      std::copy(grads.begin() + r.begin, grads.begin() + r.end, out);
+      out += r.size();
+    }
+    model::LossSum global = replica;
+    if (dp_ && dp_->world() > 1)
+      global = owned_grads_.empty() ? dp_->all_reduce_loss(replica) : dp_->all_reduce_gradients(owned_grads_.span(), replica);
+    return {global, global.num_tokens};
+  }
+
+  std::vector<ArenaRange> owned() const override { return mine(); }
+  std::span<float> owned_grads() override { return owned_grads_.span(); }
+  bool sharded() const override { return true; }
+
+  double grad_sum_squares() override {
+    double sum = kernels::sum_squares(owned_grads_.data(), static_cast<int64_t>(owned_grads_.size()));
+    pipeline_.communicator().all_reduce(comm::MutView(std::span<double>(&sum, 1)), comm::ReduceOp::sum,
+                                        {.name = "pipeline gradient norm"});
+    return sum;
+  }
+
+  void after_update(int64_t /*step*/, bool /*last*/) override {
+    if (tied_.size() == 0) return;
+    comm::Communicator& pp = pipeline_.communicator();
+    const std::span<float> w =
+        model_.trainable().params.subspan(static_cast<size_t>(tied_.begin), static_cast<size_t>(tied_.size()));
+    if (pipeline_.first()) {
+      pp.send(comm::ConstView(std::span<const float>(w)), pipeline_.stages() - 1, kTiedEmbeddingTag,
+              {.name = "tied embedding weights"});
+      tied_bytes_ += static_cast<int64_t>(w.size_bytes());
+    } else if (pipeline_.last()) {
+      pp.recv(comm::MutView(w), 0, kTiedEmbeddingTag, {.name = "tied embedding weights"});
+    }
+  }
+
+  void complete_weights() override {
+    comm::Communicator& pp = pipeline_.communicator();
+    const std::span<float> params = model_.trainable().params;
+    for (int stage = 0; stage < pipeline_.stages(); ++stage)
+      for (const ArenaRange& r : owned_[static_cast<size_t>(stage)])
+        pp.broadcast(comm::MutView(params.subspan(static_cast<size_t>(r.begin), static_cast<size_t>(r.size()))), stage,
+                     {.name = "pipeline weights"});
+  }
+
+  void take_owned(std::span<const float> whole, std::span<float> owned) const override {
+    float* out = owned.data();
+    for (const ArenaRange& r : mine()) {
+      std::copy(whole.begin() + r.begin, whole.begin() + r.end, out);
+      out += r.size();
+    }
+  }
+
+  int64_t bytes_sent() const override { return (dp_ ? dp_->gradient_bytes_sent() : 0) + tied_bytes_; }
+  int64_t exchanges() const override { return dp_ ? dp_->gradient_exchanges() : 0; }
+
+ private:
+  const std::vector<ArenaRange>& mine() const { return owned_[static_cast<size_t>(pipeline_.stage())]; }
+
+  PipelineStage& pipeline_;
+  DataParallel* dp_;
+  std::vector<std::vector<ArenaRange>> owned_;
+  Buffer<float> owned_grads_;  // this stage's owned gradients, concatenated in arena order
+  ArenaRange tied_;            // the embedding, when the last stage's head reads it too
+  Buffer<float> tied_scratch_;  // stage 0: the last stage's share of its gradient
+  int64_t tied_bytes_ = 0;
+};
+
+}  // namespace
+
+std::vector<std::vector<ArenaRange>> stage_owned_ranges(const model::Llama& model, const model::ParamTable& table,
+                                                        std::span<const StageRange> stages) {
+  const int64_t L = model.config().n_layers;
+  const auto P = static_cast<int>(stages.size());
+  auto stage_of_layer = [&](int64_t layer) {
+    for (int s = 0; s < P; ++s)
+      if (layer >= stages[static_cast<size_t>(s)].begin && layer < stages[static_cast<size_t>(s)].end) return s;
+    throw Error("parallel/pipeline", fmt::format("layer {} is in no stage", layer));
+  };
+  std::vector<const model::ParamInfo*> by_offset;
+  for (const model::ParamInfo& info : table.params()) by_offset.push_back(&info);
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const model::ParamInfo* a, const model::ParamInfo* b) { return a->offset < b->offset; });
+  std::vector<std::vector<ArenaRange>> owned(static_cast<size_t>(P));
+  // As Llama::grad_groups: a tensor belongs to the layer its name holds ("...layers.7..."),
+  // else to the embedding or the head; its range reaches to the next tensor's offset.
+  for (size_t i = 0; i < by_offset.size(); ++i) {
+    const model::ParamInfo& info = *by_offset[i];
+    const int64_t end = i + 1 < by_offset.size() ? by_offset[i + 1]->offset : table.total_numel();
+    int stage = P - 1;  // the head
+    if (const size_t at = info.name.find("layers."); at != std::string::npos) {
+      const int64_t layer = std::stoll(info.name.substr(at + 7));
+      if (layer < 0 || layer >= L) throw Error("parallel/pipeline", "tensor " + info.name + " names no layer of the model");
+      stage = stage_of_layer(layer);
+    } else if (info.name == "model.embed_tokens.weight") {
+      stage = 0;
+    }
+    std::vector<ArenaRange>& r = owned[static_cast<size_t>(stage)];
+    if (!r.empty() && r.back().end == info.offset)
+      r.back().end = end;
+    else
+      r.push_back({info.offset, end});
+  }
+  return owned;
+}
+
+std::unique_ptr<GradientSync> make_pipeline_sync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp) {
+  return std::make_unique<PipelineSync>(model, pipeline, dp);
+}
+
+}  // namespace flotilla::parallel

@@ -1,0 +1,57 @@
+// Pipeline parallelism in the planner: what `flotilla train --parallel pp=P
+// --micro-batches M` costs for a workload (parallel/pipeline.hpp runs it).
+//
+// With A = --grad-accum, B = --batch-size rows, T tokens, width C, a step runs M' = A M
+// micro-batches of B/M rows through P stages in one flush:
+//   bubble          each stage idles (P-1)/(M'+P-1) of the flush when the stages cost alike
+//                   (GPipe and 1F1B alike);
+//   point to point  each of the P-1 stage boundaries carries the step's activations
+//                   forward and their gradients back: 2 A B T C floats, 8 A B T C bytes;
+//                   a middle stage sends both directions' halves of it, 8 A B T C bytes,
+//                   in 2 M' messages (LoRA whose adapters all sit above a boundary sends no
+//                   gradient across it; not modelled: counted as sent);
+//   step time       the slowest stage's share of one rank's compute (stages as balanced
+//                   by parallel::balance_stages), stretched by the bubble, plus its sends
+//                   (not overlapped: a conservative bound), the data and its own share of
+//                   the optimizer update. Micro-batches of fewer rows run their products
+//                   slower per row; that is not modelled;
+//   activations     a slot per micro-batch in flight: 1F1B min(P-s, M') on stage s, GPipe
+//                   M'; each slot is today's activation plan of a micro-batch of B/M rows
+//                   for the whole model (Llama::activation_bytes), as flotilla allocates it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/parallel/pipeline.hpp"
+#include "flotilla/plan/link.hpp"
+#include "flotilla/plan/workload.hpp"
+
+namespace flotilla::plan {
+
+struct PipelinePlan {
+  int stages = 1;
+  int64_t micro_batches = 1;  // train's --micro-batches: per --batch-size batch
+  parallel::PipelineSchedule schedule = parallel::PipelineSchedule::one_f_one_b;
+  std::vector<parallel::StageRange> ranges;
+  double bubble = 0.0;               // (P-1)/(M'+P-1)
+  double boundary_bytes = 0.0;       // per step, across one boundary, both directions
+  double p2p_bytes = 0.0;            // per step, all boundaries: (P-1) x boundary_bytes
+  double max_rank_send_bytes = 0.0;  // per step, the most one rank sends
+  double comm_s = 0.0;               // that rank's sends on `link`
+  double slowest_stage_share = 0.0;  // of one rank's compute: the costliest stage's
+  double step_s = 0.0;
+  double speedup = 0.0;              // one rank's step / step_s
+  std::vector<int64_t> slots;        // per stage: micro-batches in flight at most
+  std::vector<double> activation_bytes;  // per stage
+};
+
+// InputError (from parallel/) when P exceeds the layers or M does not divide the batch.
+PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
+                           parallel::PipelineSchedule schedule, const Link& link);
+
+nlohmann::json pipeline_json(const PipelinePlan& p);
+
+}  // namespace flotilla::plan
