@@ -143,7 +143,8 @@ MoeConfig parse_mixtral_moe(const FieldReader& f, const ModelConfig& c) {
   m.norm_topk_prob = true;
   m.router_aux_loss_coef = static_cast<float>(f.opt_number("router_aux_loss_coef").value_or(0.001));
   m.output_router_logits = f.opt_bool("output_router_logits").value_or(false);
-  // The jitter multiplies router inputs by random noise in training: not implemented.
+  // Router jitter (random noise on the router's inputs in training) is refused in one line:
+  // the released Mixtral configs set it to 0, and a run with it could not be reproduced.
   if (f.opt_number("router_jitter_noise").value_or(0.0) != 0.0)
     f.fail("field 'router_jitter_noise' must be 0: router jitter is not supported");
   return m;
