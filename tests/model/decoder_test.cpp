@@ -17,11 +17,13 @@
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/llama.hpp"
 #include "../test_seed.hpp"
+#include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
 
 using ::flotilla::testing::test_seed;
+using test_models::random_tokens;
 
 // The model shapes the decoder must agree on; each is one instantiation of every test.
 ModelConfig named_config(const std::string& name) {
@@ -72,30 +74,8 @@ ModelConfig named_config(const std::string& name) {
   return c;
 }
 
-// O(1) parameters (not HF's N(0, 0.02), under which every logit is ~0 and a decoder that
-// got positions or the cache wrong would still agree within any float tolerance).
-Llama random_model(const ModelConfig& cfg, Rng& rng) {
-  Llama model(cfg);
-  std::span<float> all = model.params();
-  for (const ParamInfo& info : model.layout().params()) {
-    std::span<float> w = all.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
-    if (info.name.ends_with("norm.weight"))
-      rng.fill_uniform(w, 0.5f, 1.5f);
-    else if (info.name.ends_with(".bias"))
-      rng.fill_uniform(w, -0.3f, 0.3f);
-    else if (info.name == "model.embed_tokens.weight")
-      rng.fill_uniform(w, -1.0f, 1.0f);
-    else
-      rng.fill_uniform(w, -0.4f, 0.4f);
-  }
-  return model;
-}
-
-std::vector<int32_t> random_tokens(Rng& rng, size_t n, int64_t vocab) {
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
-  return t;
-}
+// Matrices within +-0.4: logits large enough to show a wrong position or a stale cache.
+Llama random_model(const ModelConfig& cfg, Rng& rng) { return test_models::random_model(cfg, rng, {.weight = 0.4f}); }
 
 // Both sides are float32 with different summation orders (one GEMM over all rows vs one
 // row against a cache; attention over T keys vs over a growing cache): ~1e-6 relative.

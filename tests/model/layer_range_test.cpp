@@ -14,11 +14,13 @@
 #include "flotilla/base/rng.hpp"
 #include "flotilla/model/llama.hpp"
 #include "../test_seed.hpp"
+#include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
 
 using ::flotilla::testing::test_seed;
+using test_models::random_tokens;
 
 // GQA, q/k/v biases, four layers so that a cut can fall after any of 1..3.
 ModelConfig four_layer_config() {
@@ -45,12 +47,6 @@ void fill(Llama& model, Rng& rng) {
     else
       rng.fill_uniform(w, -0.5f, 0.5f);
   }
-}
-
-std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
-  return t;
 }
 
 // The layer a parameter belongs to: its block's index, -1 for the embedding, n_layers for

@@ -13,12 +13,17 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
 #include "../test_seed.hpp"
+#include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
 
 using ::flotilla::testing::test_seed;
+using test_models::random_tokens;
 using kernels::GemmInput;
+
+// Every weight but the norms within +-0.3.
+constexpr test_models::OrderOne kSmallWeights{.weight = 0.3f, .embedding = 0.3f, .bias = 0.3f};
 
 // Two layers, GQA, q/k/v biases, widths above oneDNN's small-matrix cases.
 ModelConfig bf16_config() {
@@ -34,24 +39,6 @@ ModelConfig bf16_config() {
   c.ffn_dim = 96;
   c.max_position = 64;
   return c;
-}
-
-// Weights of order one (HF's N(0, 0.02) makes every logit ~0 and hides any error).
-void fill_params(Llama& model, Rng& rng) {
-  std::span<float> all = model.params();
-  for (const ParamInfo& info : model.layout().params()) {
-    std::span<float> w = all.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
-    if (info.name.ends_with("norm.weight"))
-      rng.fill_uniform(w, 0.5f, 1.5f);
-    else
-      rng.fill_uniform(w, -0.3f, 0.3f);
-  }
-}
-
-std::vector<int32_t> random_tokens(Rng& rng, size_t n, int64_t vocab) {
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
-  return t;
 }
 
 std::vector<float> logits_of(Llama& model, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {
@@ -86,7 +73,7 @@ TEST(LlamaBf16, ForwardAndGradientsAreFloat32sToBf16Rounding) {
   Rng rng(test_seed());
   const ModelConfig cfg = bf16_config();
   Llama model(cfg);
-  fill_params(model, rng);
+  test_models::fill_order_one(model, rng, kSmallWeights);
   const int64_t B = 2, T = 24;
   const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
   const auto targets = random_tokens(rng, B * T, cfg.vocab_size);
@@ -120,7 +107,7 @@ TEST(LlamaBf16, UpdatedWeightsReachTheNextForward) {
   const int64_t B = 1, T = 20;
   const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
   Llama model(cfg);
-  fill_params(model, rng);
+  test_models::fill_order_one(model, rng, kSmallWeights);
   model.set_matmul_input(GemmInput::bf16);
   std::vector<float> before = logits_of(model, tokens, B, T);  // makes the bf16 copy
 
@@ -154,7 +141,7 @@ TEST(LlamaBf16, FrozenBaseWithAdaptersSeesEditedWeights) {
   rng.fill_uniform(adapters.params(), -0.3f, 0.3f);
 
   Llama model(cfg), fresh(cfg);
-  fill_params(model, rng);
+  test_models::fill_order_one(model, rng, kSmallWeights);
   model.attach_lora(&adapters);
   model.set_matmul_input(GemmInput::bf16);
   model.set_training(false);

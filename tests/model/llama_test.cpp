@@ -23,11 +23,14 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "../test_seed.hpp"
+#include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
 
 using ::flotilla::testing::test_seed;
+using test_models::random_model;
+using test_models::random_tokens;
 
 // Small enough that a forward costs microseconds, with every feature the backward must
 // handle: GQA (4 query heads share 2 kv heads), q/k/v biases, two layers, an odd vocab.
@@ -45,37 +48,6 @@ ModelConfig small_config(bool tied) {
   c.max_position = 64;
   c.tie_embeddings = tied;
   return c;
-}
-
-// Parameters of order one instead of HF's N(0, 0.02): with 0.02 every logit is ~0 and a
-// wrong term in the backward or in the attention would change results by less than any
-// float tolerance. Norm weights away from 1 and biases away from 0, so their gradients
-// are not special cases.
-void fill_params(Llama& model, Rng& rng) {
-  std::span<float> all = model.params();
-  for (const ParamInfo& info : model.layout().params()) {
-    std::span<float> w = all.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
-    if (info.name.ends_with("norm.weight"))
-      rng.fill_uniform(w, 0.5f, 1.5f);
-    else if (info.name.ends_with(".bias"))
-      rng.fill_uniform(w, -0.3f, 0.3f);
-    else if (info.name == "model.embed_tokens.weight")
-      rng.fill_uniform(w, -1.0f, 1.0f);
-    else
-      rng.fill_uniform(w, -0.5f, 0.5f);
-  }
-}
-
-Llama random_model(const ModelConfig& cfg, Rng& rng) {
-  Llama model(cfg);
-  fill_params(model, rng);
-  return model;
-}
-
-std::vector<int32_t> random_tokens(Rng& rng, size_t n, int64_t vocab) {
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
-  return t;
 }
 
 std::vector<float> forward_logits(Llama& model, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {

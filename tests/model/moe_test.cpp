@@ -29,11 +29,13 @@
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/llama.hpp"
 #include "../test_seed.hpp"
+#include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
 
 using ::flotilla::testing::test_seed;
+using test_models::random_tokens;
 using nlohmann::json;
 
 // ---- config ---------------------------------------------------------------------------
@@ -281,27 +283,6 @@ ModelConfig tiny_moe(Architecture arch) {
   return c;
 }
 
-void fill_params(Llama& model, Rng& rng) {
-  std::span<float> all = model.params();
-  for (const ParamInfo& info : model.layout().params()) {
-    std::span<float> w = all.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
-    if (info.name.ends_with("norm.weight"))
-      rng.fill_uniform(w, 0.5f, 1.5f);
-    else if (info.name.ends_with(".bias"))
-      rng.fill_uniform(w, -0.3f, 0.3f);
-    else if (info.name == "model.embed_tokens.weight")
-      rng.fill_uniform(w, -1.0f, 1.0f);
-    else
-      rng.fill_uniform(w, -0.5f, 0.5f);
-  }
-}
-
-std::vector<int32_t> random_tokens(Rng& rng, size_t n, int64_t vocab) {
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
-  return t;
-}
-
 // Each MoE layer's top-k choices of the last forward (without checkpointing).
 std::vector<int32_t> routing_of(const Llama& model) {
   const ModelConfig& c = model.config();
@@ -340,7 +321,7 @@ TEST(MoeModel, AuxLossIsTheSwitchFormulaOverAllMoeLayers) {
   for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
     const ModelConfig cfg = tiny_moe(arch);
     Llama model(cfg);
-    fill_params(model, rng);
+    test_models::fill_order_one(model, rng);
     const int64_t B = 2, T = 6, N = B * T, E = cfg.moe.num_experts, K = cfg.moe.top_k;
     const auto tokens = random_tokens(rng, N, cfg.vocab_size);
     model.forward(tokens.data(), nullptr, B, T);
@@ -398,7 +379,7 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed) {
   };
   Rng rng(seed);
   Llama model(cfg);
-  fill_params(model, rng);
+  test_models::fill_order_one(model, rng);
   const int64_t B = 2, T = 6;
   // Tokens whose every top-k choice has a margin (k-th minus (k+1)-th prob) of at least
   // kMinMargin: choices close to a tie flip under many perturbations of the layers below
@@ -548,7 +529,7 @@ TEST(MoeBackward, GradientCheckpointingGivesTheSameGradients) {
     for (bool checkpoint : {false, true}) {
       Rng rng(seed);
       Llama model(cfg);
-      fill_params(model, rng);
+      test_models::fill_order_one(model, rng);
       model.set_grad_checkpoint(checkpoint);
       const auto tokens = random_tokens(rng, 12, cfg.vocab_size);
       const auto targets = random_tokens(rng, 12, cfg.vocab_size);
@@ -585,7 +566,7 @@ TEST_F(MoeFiles, SaveAndLoadRoundTripBitForBit) {
   for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
     const ModelConfig cfg = tiny_moe(arch);
     Llama model(cfg);
-    fill_params(model, rng);
+    test_models::fill_order_one(model, rng);
     const std::filesystem::path d = dir_ / std::string(architecture_name(arch));
     model.save(d, /*max_shard_bytes=*/20000);  // several shards
     const Llama back = Llama::load(d);
@@ -599,7 +580,7 @@ TEST_F(MoeFiles, AMissingExpertTensorIsNamed) {
   Rng rng(test_seed());
   const ModelConfig cfg = tiny_moe(Architecture::mixtral);
   Llama model(cfg);
-  fill_params(model, rng);
+  test_models::fill_order_one(model, rng);
   std::vector<io::TensorToWrite> tensors;
   const std::string missing = "model.layers.1.block_sparse_moe.experts.2.w3.weight";
   for (const ParamInfo& info : model.layout().params())
