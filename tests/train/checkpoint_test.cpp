@@ -31,9 +31,12 @@
 #include "flotilla/train/sharded_checkpoint.hpp"
 #include "flotilla/train/trainer.hpp"
 #include "../test_seed.hpp"
+#include "small_model.hpp"
 
 namespace flotilla::train {
 namespace {
+
+using test_models::small_config;
 
 namespace fs = std::filesystem;
 
@@ -52,19 +55,6 @@ class TempDir {
  private:
   fs::path path_;
 };
-
-model::ModelConfig small_config() {
-  model::ModelConfig c;
-  c.vocab_size = 48;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_dim = 64;
-  c.max_position = 64;
-  return c;
-}
 
 TrainConfig small_train_config(int64_t steps) {
   TrainConfig t;

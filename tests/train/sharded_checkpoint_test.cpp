@@ -20,9 +20,12 @@
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/train/checkpoint.hpp"
+#include "small_model.hpp"
 
 namespace flotilla::train {
 namespace {
+
+using test_models::small_config;
 
 namespace fs = std::filesystem;
 
@@ -44,19 +47,6 @@ comm::Settings settings() {
   comm::Settings s;
   s.timeout = std::chrono::seconds(60);
   return s;
-}
-
-model::ModelConfig small_config() {
-  model::ModelConfig c;
-  c.vocab_size = 48;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_dim = 64;
-  c.max_position = 64;
-  return c;
 }
 
 TrainConfig small_train_config(int zero_stage) {

@@ -22,9 +22,12 @@
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "../test_seed.hpp"
+#include "small_model.hpp"
 
 namespace flotilla::train {
 namespace {
+
+using test_models::small_config;
 
 using model::kIgnoreIndex;
 
@@ -56,19 +59,6 @@ class ReplaySource final : public data::BatchSource {
   std::vector<Row> rows_;
   size_t next_ = 0;
 };
-
-model::ModelConfig small_config() {
-  model::ModelConfig c;
-  c.vocab_size = 48;
-  c.dim = 32;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.ffn_dim = 64;
-  c.max_position = 64;
-  return c;
-}
 
 // O(1) parameters, so that gradients are far from float noise.
 model::Llama random_model(Rng& rng) {
