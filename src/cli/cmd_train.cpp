@@ -131,6 +131,13 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--keep-checkpoints", opt->job.keep_checkpoints, "Newest checkpoints kept (0: all)")
       ->capture_default_str();
+  cmd->add_option("--checkpoint-dir", opt->job.checkpoint_dir,
+                  "Where checkpoints go (default OUT/checkpoints); {host} is replaced by each host's name "
+                  "(FLOTILLA_HOST, else the host name): a folder per host on machines without a shared filesystem");
+  cmd->add_option("--checkpoint-replicas", opt->job.checkpoint_replicas,
+                  "With a checkpoint folder per host: each rank's files are also kept on this many other hosts, so a "
+                  "lost host loses nothing (default: 1 with several hosts, 0 on one)")
+      ->check(CLI::NonNegativeNumber);
   CLI::Option* resume =
       cmd->add_option("--resume", opt->resume,
                       "Continue from the latest good checkpoint of --out, or of DIR (a run folder or one "

@@ -117,6 +117,27 @@ std::string verify_file(const fs::path& dir, const std::string& name, const nloh
   return {};
 }
 
+nlohmann::json entries_json(std::span<const FileEntry> entries) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const FileEntry& e : entries) out[e.name] = {{"bytes", e.bytes}, {"crc32c", crc32c_hex(e.crc32c)}};
+  return out;
+}
+
+// {name: {bytes, crc32c}} back into entries (sorted by name); Error when malformed.
+std::vector<FileEntry> entries_of(const nlohmann::json& files) {
+  std::vector<FileEntry> out;
+  for (const auto& [name, e] : files.items()) {
+    const std::string hex = e.at("crc32c").get<std::string>();
+    uint32_t crc = 0;
+    const auto [end, ec] = std::from_chars(hex.data(), hex.data() + hex.size(), crc, 16);
+    if (ec != std::errc() || end != hex.data() + hex.size())
+      throw Error(kComponent, fmt::format("{}: CRC-32C '{}' of {} is not hexadecimal", kCheckpointManifestFile, hex, name));
+    out.push_back(FileEntry{name, e.at("bytes").get<uint64_t>(), crc});
+  }
+  std::sort(out.begin(), out.end(), [](const FileEntry& a, const FileEntry& b) { return a.name < b.name; });
+  return out;
+}
+
 }  // namespace
 
 std::string checkpoint_dir_name(int64_t step) { return fmt::format("step-{:06d}", step); }
@@ -161,7 +182,7 @@ void abandon_step_folder(const fs::path& tmp_dir) {
 }
 
 fs::path commit_step_folder(const fs::path& checkpoints_dir, const fs::path& tmp_dir, int64_t step,
-                            std::span<const FileEntry> entries, int keep) {
+                            std::span<const FileEntry> entries, int keep, std::span<const FileEntry> checkpoint_files) {
   // Removes the half-written folder if anything below throws.
   struct TmpGuard {
     fs::path dir;
@@ -176,10 +197,11 @@ fs::path commit_step_folder(const fs::path& checkpoints_dir, const fs::path& tmp
     if (listed.contains(e.name)) throw Error(kComponent, fmt::format("{} is written twice into {}", e.name, name));
     listed[e.name] = {{"bytes", e.bytes}, {"crc32c", crc32c_hex(e.crc32c)}};
   }
-  const nlohmann::json manifest = {{"format", std::string(kManifestFormat)},
-                                   {"version", kManifestVersion},
-                                   {"step", step},
-                                   {"files", listed}};
+  nlohmann::json manifest = {{"format", std::string(kManifestFormat)},
+                             {"version", kManifestVersion},
+                             {"step", step},
+                             {"files", listed}};
+  if (!checkpoint_files.empty()) manifest["checkpoint_files"] = entries_json(checkpoint_files);
   write_file_atomic(tmp_dir / kCheckpointManifestFile, manifest.dump(2) + "\n");
 
   // A folder of this step from an earlier, abandoned history (or a corrupt one) is moved
@@ -282,6 +304,43 @@ int64_t manifest_step(const fs::path& step_dir) {
   if (!manifest.contains("step") || !manifest["step"].is_number_integer())
     throw InputError(kComponent, manifest_path.string() + ": no integer \"step\"");
   return manifest["step"].get<int64_t>();
+}
+
+std::vector<HeldStep> list_held_steps(const fs::path& checkpoints_dir) {
+  std::vector<HeldStep> steps;
+  for (const auto& [step, dir] : list_step_dirs(checkpoints_dir)) {
+    try {
+      const nlohmann::json manifest = nlohmann::json::parse(read_text_file(dir / kCheckpointManifestFile));
+      if (manifest.value("format", "") != kManifestFormat || manifest.value("version", 0) != kManifestVersion ||
+          manifest.value("step", int64_t{-1}) != step || !manifest.contains("files") || !manifest["files"].is_object())
+        continue;
+      HeldStep held{step, dir, entries_of(manifest.contains("checkpoint_files") ? manifest["checkpoint_files"]
+                                                                                : manifest["files"]),
+                    {}};
+      for (const auto& [name, entry] : manifest["files"].items())
+        if (verify_file(dir, name, entry).empty()) held.held.push_back(name);
+      std::sort(held.held.begin(), held.held.end());
+      steps.push_back(std::move(held));
+    } catch (const std::exception&) {
+      continue;  // an unreadable manifest: the folder holds nothing usable
+    }
+  }
+  return steps;
+}
+
+void add_to_step_folder(const fs::path& step_dir, std::span<const FileEntry> added) {
+  const fs::path path = step_dir / kCheckpointManifestFile;
+  nlohmann::json manifest = read_json(path);
+  const std::vector<FileEntry> set =
+      entries_of(manifest.contains("checkpoint_files") ? manifest["checkpoint_files"] : manifest["files"]);
+  for (const FileEntry& e : added) {
+    const auto it = std::find_if(set.begin(), set.end(), [&](const FileEntry& s) { return s.name == e.name; });
+    if (it == set.end() || it->bytes != e.bytes || it->crc32c != e.crc32c)
+      throw Error(kComponent, fmt::format("{}: {} ({} bytes, CRC-32C {}) is not a file of this checkpoint",
+                                          step_dir.string(), e.name, e.bytes, crc32c_hex(e.crc32c)));
+    manifest["files"][e.name] = {{"bytes", e.bytes}, {"crc32c", crc32c_hex(e.crc32c)}};
+  }
+  write_file_atomic(path, manifest.dump(2) + "\n");
 }
 
 ResumePoint find_resume_point(const fs::path& path, std::span<const std::string_view> required_files) {

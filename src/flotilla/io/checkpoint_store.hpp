@@ -72,10 +72,14 @@ std::vector<FileEntry> write_step_files(const std::filesystem::path& tmp_dir, co
 
 // The manifest of `entries` (every file of the folder: a name twice is an Error), the
 // rename to step-N, `latest`, keep-N. Returns the step folder; `tmp_dir` is removed when
-// anything fails.
+// anything fails. `checkpoint_files`: when the folder holds only part of a checkpoint
+// (one host's folder, train/host_checkpoints.hpp), the checkpoint's complete file set,
+// recorded in the manifest as "checkpoint_files" ({name: {bytes, crc32c}}) so that the
+// folder knows what it lacks.
 std::filesystem::path commit_step_folder(const std::filesystem::path& checkpoints_dir,
                                          const std::filesystem::path& tmp_dir, int64_t step,
-                                         std::span<const FileEntry> entries, int keep);
+                                         std::span<const FileEntry> entries, int keep,
+                                         std::span<const FileEntry> checkpoint_files = {});
 
 // Removes a temporary step folder that will not be committed (never throws).
 void abandon_step_folder(const std::filesystem::path& tmp_dir);
@@ -109,6 +113,25 @@ struct ResumePoint {
   int64_t step = 0;
   std::vector<std::string> skipped;   // one line per unusable candidate tried before it
 };
+
+// What one step folder holds of its checkpoint: the files its manifest lists that match it
+// (present, same size and CRC-32C, parsing), and the checkpoint's complete set (the
+// manifest's "checkpoint_files", or, in a folder that holds all of it, what it lists).
+struct HeldStep {
+  int64_t step = 0;
+  std::filesystem::path dir;
+  std::vector<FileEntry> checkpoint_files;  // sorted by name
+  std::vector<std::string> held;            // sorted
+};
+// Every step folder of `checkpoints_dir` with a readable manifest, highest step first
+// (leftover tmp folders of killed writes are never listed: they have no step folder's name).
+std::vector<HeldStep> list_held_steps(const std::filesystem::path& checkpoints_dir);
+
+// Lists `added` (files already written into the committed `step_dir`, fsynced) in its
+// manifest, which is replaced atomically: at every moment the manifest lists only files
+// that are there whole. Each added name must be in the checkpoint's set with that size
+// and CRC-32C (else Error, the manifest untouched).
+void add_to_step_folder(const std::filesystem::path& step_dir, std::span<const FileEntry> added);
 
 // Where to resume. `path` is a run's output folder (holding checkpoints/), a checkpoints
 // folder, or one step folder. In a checkpoints folder the step folder named by `latest`

@@ -49,6 +49,13 @@ struct TrainJob {
   // after the last step; 0: none. The keep_checkpoints newest are kept (0: all).
   int64_t save_every = 0;
   int keep_checkpoints = 3;
+  // Where checkpoints go (empty: out_dir/checkpoints). "{host}" in it is replaced by each
+  // host's name (FLOTILLA_HOST, else gethostname): a folder per host on machines that
+  // share no filesystem (train/host_checkpoints.hpp), as is one path that every host
+  // sees as its own local folder. checkpoint_replicas: hosts that also keep each rank's
+  // files (-1: 1 with several host folders, else 0).
+  std::string checkpoint_dir;
+  int checkpoint_replicas = -1;
   // While training, the first SIGINT or SIGTERM (base/stop_signal.hpp) ends the run after
   // the current step, on every rank alike, with a checkpoint in out_dir/checkpoints (also
   // when save_every is 0) and a RunStopped exit of 128 + the signal. Off: signals keep

@@ -35,10 +35,20 @@ JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Train
       config_(std::move(config)),
       record_(record),
       info_(std::move(info)),
-      dir_(job.out_dir / io::kCheckpointsDirName) {}
+      hosts_(find_checkpoint_hosts(
+          job.checkpoint_dir.empty() ? (job.out_dir / io::kCheckpointsDirName).string() : job.checkpoint_dir,
+          job.checkpoint_replicas, job.dp, info_)),
+      dir_(hosts_.dir) {}
 
 void JobCheckpoints::resume() {
-  const io::ResumePoint point = find_resume_point(job_.resume_from);
+  // `--resume` of this run's own folder with a folder per host: the newest step the hosts
+  // hold together, first made complete on every host.
+  const bool own_folder = job_.resume_from == job_.out_dir;
+  // --checkpoint-dir: the run's own checkpoints live there, not in OUT/checkpoints.
+  const std::filesystem::path from = own_folder && !job_.checkpoint_dir.empty() ? dir_ : job_.resume_from;
+  const io::ResumePoint point = hosts_.per_host && own_folder
+                                    ? find_resume_point(complete_on_hosts(hosts_, job_.dp, info_))
+                                    : find_resume_point(from);
   for (const std::string& why : point.skipped) info_("checkpoint: skipping " + why);
   const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_, {}, info_);
   info_(fmt::format("resumed from {} at step {}", point.dir.string(), point.step));
@@ -51,18 +61,29 @@ void JobCheckpoints::resume() {
 
 void JobCheckpoints::claim_folder() {
   if (!job_.resume_from.empty()) return;
-  // --force says the folder's old contents may go: its checkpoints are another run's.
-  if (ranks_.root && job_.force && std::filesystem::exists(dir_)) {
+  // --force says the folder's old contents may go: its checkpoints are another run's. With
+  // a folder per host, each host's leader clears its own.
+  const bool clears = hosts_.per_host ? hosts_.is_leader() : ranks_.root;
+  if (clears && job_.force && std::filesystem::exists(dir_)) {
     std::filesystem::remove_all(dir_);
     info_("checkpoints: removed the earlier run's " + dir_.string() + " (--force)");
   }
-  if (job_.save_every > 0 && std::filesystem::exists(dir_ / io::kCheckpointLatestFile))
+  bool earlier = !job_.force && std::filesystem::exists(dir_ / io::kCheckpointLatestFile);
+  // Hosts see different folders: they decide together, so that all stop or none.
+  if (hosts_.per_host && job_.dp) earlier = job_.dp->max_over_ranks(earlier ? 1 : 0, "earlier checkpoints") != 0;
+  if (job_.save_every > 0 && earlier && !hosts_.per_host)
     throw InputError("train", dir_.string() +
                                   ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
+  if (job_.save_every > 0 && earlier)
+    throw RunStopped("train",
+                     fmt::format("the checkpoint folders {} hold an earlier run's checkpoints; pass --resume to "
+                                 "continue it, or remove them",
+                                 job_.checkpoint_dir.empty() ? dir_.string() : job_.checkpoint_dir),
+                     2, !ranks_.root);
   // An earlier run's checkpoints (a fresh run with --save-every 0): a checkpoint taken on a
   // stop signal must not join them. With --force rank 0 has removed them (the other ranks
   // may still see them on a shared folder, so they decide by the flag).
-  foreign_ = !job_.force && std::filesystem::exists(dir_ / io::kCheckpointLatestFile);
+  foreign_ = earlier;
 }
 
 void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
@@ -107,7 +128,7 @@ void JobCheckpoints::save(int64_t step) {
     adapter_files.write = [&](const std::filesystem::path& dir) { adapters_->save_peft(dir, base_model_name(job_)); };
   }
   last_saved_dir_ = save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints, job_.dp,
-                                            adapter_files);
+                                            adapter_files, {}, {}, &hosts_);
   info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
   last_saved_step_ = step;
 }

@@ -15,6 +15,7 @@
 #include "flotilla/model/lora.hpp"
 #include "flotilla/train/job.hpp"
 #include "flotilla/train/job_context.hpp"
+#include "flotilla/train/host_checkpoints.hpp"
 #include "flotilla/train/job_record.hpp"
 #include "flotilla/train/trainer.hpp"
 
@@ -56,7 +57,8 @@ class JobCheckpoints {
   nlohmann::json config_;
   RunRecord& record_;
   InfoSink info_;
-  std::filesystem::path dir_;  // OUT/checkpoints
+  CheckpointHosts hosts_;      // who keeps which folder
+  std::filesystem::path dir_;  // this rank's checkpoints folder: OUT/checkpoints, or its host's
   // An earlier run's checkpoints, kept (a fresh run with --save-every 0, no --force).
   bool foreign_ = false;
   int64_t last_saved_step_ = -1;

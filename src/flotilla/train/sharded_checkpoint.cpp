@@ -12,6 +12,7 @@
 #include "flotilla/base/json_error.hpp"
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/train/checkpoint.hpp"
+#include "flotilla/train/host_checkpoints.hpp"
 
 namespace flotilla::train {
 namespace fs = std::filesystem;
@@ -142,7 +143,7 @@ std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int wo
 fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& trainer, const data::BatchSource& source,
                                  nlohmann::json config, int keep, parallel::DataParallel* dp,
                                  const io::StepFiles& root_extra, const io::StepFiles& rank_extra,
-                                 const RngStreams& rngs) {
+                                 const RngStreams& rngs, const CheckpointHosts* hosts) {
   const int rank = dp ? dp->rank() : 0, world = dp ? dp->world() : 1;
   const bool root = rank == 0;
   const int64_t step = trainer.steps_done();
@@ -160,41 +161,35 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
   const std::vector<io::FloatRange> mine = checkpoint_ranges(trainer, rank, world);
   const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
 
-  // Rank 0 begins the folder; its name, or why not, goes to every rank ("!" + why).
-  std::string begun;
-  if (root) {
-    try {
-      begun = io::begin_step_folder(checkpoints_dir, step).string();
-    } catch (const std::exception& e) {
-      begun = std::string("!") + e.what();
-    }
-  }
-  begun = broadcast(begun, "checkpoint folder");
-  if (begun.starts_with("!")) throw stop("rank 0: " + begun.substr(1));
-  const fs::path tmp_dir = begun;
-
-  // Every rank writes its file (rank 0 the folder's shared files too) and sends back the
-  // checksums, or why it could not.
-  std::string written;
+  // This rank's files (rank 0's also the folder's shared files), built before any folder
+  // is begun; what they hold is kept alive here until they are written.
+  const model::Llama::Trainable trainable = trainer.model().trainable();
+  const int64_t n = io::total_floats(mine);
+  const std::vector<io::FloatRange> arena = {{0, static_cast<int64_t>(trainable.params.size())}};
+  std::vector<float> weights, m, v;
+  std::vector<parallel::RankState> own_state;
+  std::vector<comm::CodecState> codec_state;
+  io::StepFiles files;
+  size_t own_count = 0;  // files.names[0, own_count): this rank's own; the rest rank 0's shared files
+  std::string build_error;
   try {
-    const model::Llama::Trainable trainable = trainer.model().trainable();
-    const int64_t n = io::total_floats(mine);
-    const std::vector<io::FloatRange> arena = {{0, static_cast<int64_t>(trainable.params.size())}};
     const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
-    std::vector<float> weights(static_cast<size_t>(n)), m(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+    weights.resize(static_cast<size_t>(n));
+    m.resize(static_cast<size_t>(n));
+    v.resize(static_cast<size_t>(n));
     io::copy_overlap(arena, trainable.params, mine, weights);
     io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
     io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
-    io::StepFiles files;
     // Every rank runs the same mode: each has state, or none has.
-    std::vector<parallel::RankState> own_state = trainer.rank_state();
+    own_state = trainer.rank_state();
     // A lossy codec's error feedback and position (comm::GradientCodec::save_state), kept
     // alive here while the file is written.
-    std::vector<comm::CodecState> codec_state = this_codec_state(trainer);
+    codec_state = this_codec_state(trainer);
     for (comm::CodecState& s : codec_state) own_state.push_back({"codec." + s.name, s.values});
     files.names = {rank_file_name(rank)};
     if (!own_state.empty()) files.names.push_back(rank_state_file_name(rank));
     files.names.insert(files.names.end(), rank_extra.names.begin(), rank_extra.names.end());
+    own_count = files.names.size();
     if (root) {
       files.names.insert(files.names.end(), {std::string(io::kShardLayoutFile), std::string(kCheckpointStateFile),
                                              std::string(kCheckpointConfigFile)});
@@ -231,6 +226,31 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
       write_file_atomic(dir / kCheckpointConfigFile, config.dump(2) + "\n");
       if (root_extra.write) root_extra.write(dir);
     };
+  } catch (const std::exception& e) {
+    build_error = e.what();
+  }
+  // Hosts that share no folder: each keeps its own copy (train/host_checkpoints.hpp).
+  if (hosts && hosts->per_host && dp)
+    return save_step_on_hosts(*hosts, step, files, own_count, build_error, keep, *dp);
+
+  // Rank 0 begins the folder; its name, or why not, goes to every rank ("!" + why).
+  std::string begun;
+  if (root) {
+    try {
+      begun = io::begin_step_folder(checkpoints_dir, step).string();
+    } catch (const std::exception& e) {
+      begun = std::string("!") + e.what();
+    }
+  }
+  begun = broadcast(begun, "checkpoint folder");
+  if (begun.starts_with("!")) throw stop("rank 0: " + begun.substr(1));
+  const fs::path tmp_dir = begun;
+
+  // Every rank writes its file (rank 0 the folder's shared files too) and sends back the
+  // checksums, or why it could not.
+  std::string written;
+  try {
+    if (!build_error.empty()) throw Error(kComponent, build_error);
     nlohmann::json entries = nlohmann::json::array();
     for (const io::FileEntry& e : io::write_step_files(tmp_dir, files))
       entries.push_back({e.name, e.bytes, e.crc32c});

@@ -32,6 +32,8 @@
 
 namespace flotilla::train {
 
+struct CheckpointHosts;  // train/host_checkpoints.hpp
+
 // "rank-00003.safetensors"; and the file of its own state, "rank-00003.state.safetensors"
 // (Trainer::rank_state: under local SGD its AdamW moments and outer momentum), written
 // when there is any and restored on a world of the same size.
@@ -52,10 +54,14 @@ std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int wo
 // commits the folder with every rank's checksums. When any rank fails, rank 0 removes the
 // folder and every rank throws RunStopped (exit 1; quiet but on rank 0) naming the rank and
 // the fault: nobody waits for a rank that will not come. Returns the step folder.
+// `hosts` with per-host folders (train/host_checkpoints.hpp): each host's leader begins
+// and commits its own copy in `hosts->dir` (`checkpoints_dir` is then unused), and every
+// rank's files are also sent to its replicas; this host's step folder is returned.
 std::filesystem::path save_sharded_checkpoint(const std::filesystem::path& checkpoints_dir, Trainer& trainer,
                                               const data::BatchSource& source, nlohmann::json config, int keep,
                                               parallel::DataParallel* dp, const io::StepFiles& root_extra = {},
-                                              const io::StepFiles& rank_extra = {}, const RngStreams& rngs = {});
+                                              const io::StepFiles& rank_extra = {}, const RngStreams& rngs = {},
+                                              const CheckpointHosts* hosts = nullptr);
 
 // Whether `step_dir` is a sharded checkpoint (it holds layout.json).
 bool is_sharded_checkpoint(const std::filesystem::path& step_dir);
