@@ -45,6 +45,7 @@ void resolve_train(train::LaunchConfig& config) {
     config.batch_size = cfg["batch_size"].as<int64_t>();
     config.grad_accum = cfg["grad_accum"].as<int64_t>();
     config.save_every = cfg["save_every"].as<int64_t>();
+    if (cfg["checkpoint_dir"]) config.checkpoint_dir = cfg["checkpoint_dir"].as<std::string>();
   } catch (const YAML::Exception& e) {
     throw Error(kComponent, fmt::format("cannot read train --print-config's output: {}", e.what()));
   }

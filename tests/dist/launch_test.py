@@ -15,6 +15,8 @@ Each case runs `flotilla launch` over mpirun on this machine:
   grow      2 slots, then the --discover script offers 4: with --rescan the launcher stops the
             job at a step boundary (it checkpoints there) and relaunches on 4 ranks of 1 row;
             final weights within 1e-5 relative of the uninterrupted 2-rank run.
+  per-host  as `same`, with a checkpoint folder per host (--checkpoint-dir 'DIR/{host}'): the
+            relaunch resumes (train completes the folders), byte-identical again.
   give-up   --max-restarts 0: a killed rank ends the launch with one line, non-zero.
   refused   no answering host beyond this one with --min-hosts 2 (a probe that fails); a job
             without --save-every; a bad train flag (train's own line, alone); no job after
@@ -190,6 +192,21 @@ def main():
                     failures.append(f"same: no {e} event in metrics.jsonl ({events})")
             if events.count("attempt_start") != 2:
                 failures.append(f"same: expected 2 attempts, events: {events}")
+
+        # -- per-host: the same with --checkpoint-dir 'DIR/ck-{host}' (a folder per host):
+        # the launcher cannot read it, so it relaunches with --resume once a checkpoint line
+        # was printed (never --force, which would clear the folders); byte-identical again.
+        cases += 1
+        run = os.path.join(tmp, "per_host")
+        job = launch(["--hostfile", hostfile],
+                     train(run, 300, 2) + ["--checkpoint-dir", os.path.join(tmp, "per_host_ck-{host}")])
+        if not job.wait_for("step    30/", 120) or not kill_rank(run, 1):
+            failures.append("per-host: the run never reached step 30, or rank 1 was not found")
+        rc, out = job.finish(300)
+        print(f"per-host rc={rc}")
+        failures += check_restarted("per-host", rc, out, ref, run,
+                                    ("attempt 2: 2 ranks", "from the newest checkpoint the hosts hold together",
+                                     "the job completed"), exact=True)
 
         # -- shrink: 4 ranks, then 2 offered: global batch kept, resharded resume, 1e-5.
         cases += 1

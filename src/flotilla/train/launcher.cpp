@@ -98,6 +98,7 @@ struct AttemptEnd {
   std::optional<double> fault_s;        // when it appeared (launcher clock)
   std::optional<double> first_step_s;   // when this attempt printed its first step line
   int64_t last_step = -1;               // the last step line's step
+  int64_t last_checkpoint_step = -1;    // the last "checkpoint: .../step-N (" line's step
 };
 
 // `grow`, asked every `rescan_s` seconds once training runs: whether a larger world
@@ -122,6 +123,8 @@ AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, doubl
           if (!end.first_step_s) end.first_step_s = seconds_since(t0);
           end.last_step = step;
         }
+        if (const size_t at = line.rfind("/step-"); line.starts_with("checkpoint: ") && at != std::string::npos)
+          if (std::sscanf(line.c_str() + at, "/step-%lld", &step) == 1) end.last_checkpoint_step = step;
         continue;
       }
       const bool error = line.find("flotilla: error:") != std::string::npos ||
@@ -311,6 +314,10 @@ int run_launch(const LaunchConfig& opt) {
   double fault_s = -1.0;
   int64_t fault_step = -1;
   int failures = 0;
+  // The step of the last checkpoint any attempt wrote (-1: none), and whether the first
+  // attempt resumed (its folders hold checkpoints).
+  int64_t checkpointed_step = -1;
+  bool resumed_as_asked = false;
   for (int attempt = 1;; ++attempt) {
     const std::vector<HostSlots> alive = answering_hosts(opt, &timeline, attempt);
     if (static_cast<int>(alive.size()) < opt.min_hosts) {
@@ -340,10 +347,29 @@ int run_launch(const LaunchConfig& opt) {
     if (attempt == 1) {
       run_args.insert(run_args.end(), args.first_only.begin(), args.first_only.end());
       for (const std::string& a : args.first_only)
-        if (a.starts_with("--resume")) from = "resuming as asked";
+        if (a.starts_with("--resume")) {
+          from = "resuming as asked";
+          resumed_as_asked = true;
+        }
+    } else if (train.checkpoint_dir.find("{host}") != std::string::npos) {
+      // A folder per host: the launcher cannot read the other hosts' folders. Once a
+      // checkpoint was written (or the run was resumed), train gathers the newest step the
+      // hosts hold together; never --force, which would clear them.
+      if (checkpointed_step >= 0 || resumed_as_asked) {
+        run_args.emplace_back("--resume");
+        resume_step = std::max<int64_t>(0, checkpointed_step);
+        from = checkpointed_step >= 0
+                   ? fmt::format("from the newest checkpoint the hosts hold together (step {} written last)",
+                                 checkpointed_step)
+                   : std::string("from the newest checkpoint the hosts hold together");
+      } else {
+        run_args.emplace_back("--force");
+        from = "from the start (no checkpoint written yet)";
+      }
     } else {
       try {
-        const io::ResumePoint point = find_resume_point(train.out);
+        const io::ResumePoint point =
+            find_resume_point(train.checkpoint_dir.empty() ? fs::path(train.out) : fs::path(train.checkpoint_dir));
         run_args.emplace_back("--resume");
         resume_step = point.step;
         from = fmt::format("from checkpoint step {}", point.step);
@@ -385,6 +411,7 @@ int run_launch(const LaunchConfig& opt) {
       return true;
     };
     const AttemptEnd end = supervise(argv, opt.grace_s, opt.rescan_s, grow, t0);
+    checkpointed_step = std::max(checkpointed_step, end.last_checkpoint_step);
     if (fault_s >= 0 && end.first_step_s) {
       const double recovery = *end.first_step_s - fault_s;
       // The first step's wall-clock time: a fault injected from outside is timed against it.

@@ -35,6 +35,7 @@ struct LaunchConfig {
   std::vector<std::string> train_args;  // "train" and its flags, as the user gave them
   // The train flags as train resolved them (cli: `train ... --print-config`).
   std::string out;
+  std::string checkpoint_dir;      // train's --checkpoint-dir (empty: OUT/checkpoints)
   int64_t batch_size = 0, grad_accum = 0, save_every = 0;
 };
 
