@@ -155,5 +155,54 @@ TEST(CheckpointStore, KeepsTheNewestAndResumesPastADamagedOne) {
   EXPECT_NE(point.skipped[0].find("step-000004/b.bin: CRC-32C"), std::string::npos) << point.skipped[0];
 }
 
+// One host's folder of a checkpoint whose other files live on other hosts: the manifest
+// lists what it holds and the complete set, list_held_steps says which held files verify,
+// and add_to_step_folder completes it with files of the set only.
+TEST(CheckpointStore, AHostFolderKnowsWhatItLacksAndIsCompletedWithFilesOfTheSet) {
+  TempDir dir;
+  const fs::path tmp = begin_step_folder(dir.path(), 5);
+  const std::vector<FileEntry> here = write_step_files(tmp, two_files(5));
+  // rank-1.bin is held elsewhere: its entry as that host computed it.
+  const fs::path elsewhere = dir / "other-host";
+  fs::create_directory(elsewhere);
+  StepFiles other;
+  other.names = {"rank-1.bin"};
+  other.write = [](const fs::path& folder) { write_file_atomic(folder / "rank-1.bin", "the other host's rank"); };
+  const std::vector<FileEntry> theirs = write_step_files(elsewhere, other);
+  std::vector<FileEntry> set = here;
+  set.insert(set.end(), theirs.begin(), theirs.end());
+  const fs::path step_dir = commit_step_folder(dir.path(), tmp, 5, here, 0, set);
+  const auto manifest = nlohmann::json::parse(read_text_file(step_dir / "manifest.json"));
+  EXPECT_EQ(manifest["files"].size(), 2u);
+  EXPECT_EQ(manifest["checkpoint_files"].size(), 3u);
+
+  std::vector<HeldStep> held = list_held_steps(dir.path());
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].step, 5);
+  EXPECT_EQ(held[0].held, (std::vector<std::string>{"a.json", "b.bin"}));
+  ASSERT_EQ(held[0].checkpoint_files.size(), 3u);
+  EXPECT_EQ(held[0].checkpoint_files[2].name, "rank-1.bin");
+  EXPECT_EQ(held[0].checkpoint_files[2].crc32c, theirs[0].crc32c);
+
+  // A damaged held file is not held.
+  write_file_atomic(step_dir / "b.bin", "bytes of step X");
+  held = list_held_steps(dir.path());
+  EXPECT_EQ(held[0].held, (std::vector<std::string>{"a.json"}));
+  write_file_atomic(step_dir / "b.bin", "bytes of step 5");
+
+  // A file that is not the set's (other bytes) is refused, the manifest untouched.
+  write_file_atomic(step_dir / "rank-1.bin", "not the other host's");
+  const FileChecksum wrong = crc32c_file(step_dir / "rank-1.bin");
+  const std::vector<FileEntry> wrong_entry = {{"rank-1.bin", wrong.bytes, wrong.crc32c}};
+  EXPECT_THROW(add_to_step_folder(step_dir, wrong_entry), Error);
+  EXPECT_EQ(list_held_steps(dir.path())[0].held.size(), 2u);
+
+  // The set's file: listed, and the folder is whole.
+  fs::copy_file(elsewhere / "rank-1.bin", step_dir / "rank-1.bin", fs::copy_options::overwrite_existing);
+  add_to_step_folder(step_dir, theirs);
+  EXPECT_EQ(list_held_steps(dir.path())[0].held, (std::vector<std::string>{"a.json", "b.bin", "rank-1.bin"}));
+  EXPECT_EQ(verify_step_folder(step_dir, kRequired), "");
+}
+
 }  // namespace
 }  // namespace flotilla::io
