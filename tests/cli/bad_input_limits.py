@@ -43,6 +43,7 @@ def register_limit_cases(case, Run, ws_helpers):
         ("grad_clip_inf", ["--grad-clip", "inf"], ["--grad-clip", "inf"]),
         ("warmup_negative", ["--warmup=-3"], ["--warmup", "-3"]),
         ("keep_checkpoints_negative", ["--keep-checkpoints=-2"], ["--keep-checkpoints", "-2"]),
+        ("checkpoint_replicas_negative", ["--checkpoint-replicas=-1"], ["--checkpoint-replicas", "-1"]),
         ("bucket_mb_nan", ["--bucket-mb", "nan"], ["--bucket-mb", "nan"]),
         ("timeout_nan", ["--timeout", "nan"], ["--timeout", "nan"]),
         ("seq_len_beyond_positions", ["--seq-len", "4096"], ["--seq-len 4096", "512"]),

@@ -250,6 +250,8 @@ CheckpointHosts find_checkpoint_hosts(const std::string& dir_pattern, int replic
     // Local disks under one path look alike from every host: rank 0 leaves a fresh file
     // in its folder, and the other hosts' leaders look for it in theirs.
     std::string probe;
+    std::error_code ec;
+    const bool existed = fs::exists(hosts.dir, ec);
     if (root) {
       try {
         fs::create_directories(hosts.dir);
@@ -265,10 +267,12 @@ CheckpointHosts find_checkpoint_hosts(const std::string& dir_pattern, int replic
       throw RunStopped(kComponent, fmt::format("{}: cannot write into the checkpoints folder: {}", hosts.dir.string(),
                                                probe.substr(1)),
                        1, !root);
-    std::error_code ec;
     const std::string seen = hosts.is_leader() ? (fs::exists(hosts.dir / probe, ec) ? "1" : "0") : "";
     const std::vector<std::string> all_seen = dp->all_gather_text(seen, "checkpoint folder probe (seen)");
-    if (root) fs::remove(hosts.dir / probe, ec);
+    if (root) {
+      fs::remove(hosts.dir / probe, ec);
+      if (!existed) fs::remove(hosts.dir, ec);  // made for the probe only: the first save makes it
+    }
     std::vector<std::string> seeing, blind;
     for (int h = 1; h < hosts.hosts(); ++h)
       (all_seen[static_cast<size_t>(hosts.leader(h))] == "1" ? seeing : blind).push_back(hosts.names[static_cast<size_t>(h)]);

@@ -351,11 +351,25 @@ int run_launch(const LaunchConfig& opt) {
           from = "resuming as asked";
           resumed_as_asked = true;
         }
-    } else if (train.checkpoint_dir.find("{host}") != std::string::npos) {
-      // A folder per host: the launcher cannot read the other hosts' folders. Once a
-      // checkpoint was written (or the run was resumed), train gathers the newest step the
-      // hosts hold together; never --force, which would clear them.
-      if (checkpointed_step >= 0 || resumed_as_asked) {
+    } else {
+      // The newest complete checkpoint this machine can see. With a folder per host
+      // ("{host}", or local disks under one path) it cannot see the others': once an
+      // attempt wrote a checkpoint (or the run resumed), train gathers the newest step the
+      // hosts hold together. --force only when nothing was ever written: it clears folders.
+      std::optional<int64_t> found;
+      if (train.checkpoint_dir.find("{host}") == std::string::npos) {
+        try {
+          found = find_resume_point(train.checkpoint_dir.empty() ? fs::path(train.out)
+                                                                 : fs::path(train.checkpoint_dir))
+                      .step;
+        } catch (const InputError&) {
+        }
+      }
+      if (found) {
+        run_args.emplace_back("--resume");
+        resume_step = *found;
+        from = fmt::format("from checkpoint step {}", *found);
+      } else if (checkpointed_step >= 0 || resumed_as_asked) {
         run_args.emplace_back("--resume");
         resume_step = std::max<int64_t>(0, checkpointed_step);
         from = checkpointed_step >= 0
@@ -363,17 +377,6 @@ int run_launch(const LaunchConfig& opt) {
                                  checkpointed_step)
                    : std::string("from the newest checkpoint the hosts hold together");
       } else {
-        run_args.emplace_back("--force");
-        from = "from the start (no checkpoint written yet)";
-      }
-    } else {
-      try {
-        const io::ResumePoint point =
-            find_resume_point(train.checkpoint_dir.empty() ? fs::path(train.out) : fs::path(train.checkpoint_dir));
-        run_args.emplace_back("--resume");
-        resume_step = point.step;
-        from = fmt::format("from checkpoint step {}", point.step);
-      } catch (const InputError&) {
         run_args.emplace_back("--force");  // the run's own folder, written by the attempt before
         from = "from the start (no complete checkpoint yet)";
       }
