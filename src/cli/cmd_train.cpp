@@ -134,10 +134,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--checkpoint-dir", opt->job.checkpoint_dir,
                   "Where checkpoints go (default OUT/checkpoints); {host} is replaced by each host's name "
                   "(FLOTILLA_HOST, else the host name): a folder per host on machines without a shared filesystem");
-  cmd->add_option("--checkpoint-replicas", opt->job.checkpoint_replicas,
-                  "With a checkpoint folder per host: each rank's files are also kept on this many other hosts, so a "
-                  "lost host loses nothing (default: 1 with several hosts, 0 on one)")
-      ->check(CLI::NonNegativeNumber);
+  CLI::Option* replicas = cmd->add_option(
+      "--checkpoint-replicas", opt->job.checkpoint_replicas,
+      "With a checkpoint folder per host: each rank's files are also kept on this many other hosts, so a lost host "
+      "loses nothing (default: 1 with several hosts, 0 on one)");
   CLI::Option* resume =
       cmd->add_option("--resume", opt->resume,
                       "Continue from the latest good checkpoint of --out, or of DIR (a run folder or one "
@@ -242,7 +242,10 @@ void add_train_command(CLI::App& app) {
          "YAML file of flags: keys are flag names with '_' for '-' (batch_size: 8, lr: 1e-3, pack: false); "
          "flags on the command line win")
       ->configurable(false);
-  cmd->callback([opt, cmd, resume, seq_len] {
+  cmd->callback([opt, cmd, resume, seq_len, replicas] {
+    if (replicas->count() > 0 && opt->job.checkpoint_replicas < 0)
+      throw InputError("train", fmt::format("--checkpoint-replicas must be 0 or more, not {}",
+                                                      opt->job.checkpoint_replicas));
     if (opt->print_config) {
       fmt::print("{}", options_as_yaml(*cmd));
       return;

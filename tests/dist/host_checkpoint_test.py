@@ -17,7 +17,8 @@ The run to match: 20 steps of the tiny preset on 4 ranks, global batch 12. Then:
     rank files, a non-zero exit;
   - 4 ranks on 2 hosts: h0 lost and h1's step-20 folder torn by a kill (left as a tmp
     folder): resumed on h1's 2 ranks from step 10, the final model again within 1e-5;
-  - a per-host run resumed on the same 4 ranks after losing nothing: byte-identical.
+  - a per-host run resumed on the same 4 ranks after losing nothing: byte-identical;
+  - 2 hosts and one folder both see (no {host}): found shared, one step folder as before.
 Usage: host_checkpoint_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import glob
@@ -178,9 +179,18 @@ def main():
         for leftover in glob.glob(os.path.join(tmp, "*-h*", "*.tmp-*")):
             if not leftover.endswith("tmp-99999"):
                 failures.append(f"a tmp folder was left behind: {leftover}")
+
+        # Two hosts, one folder both see (no {host}): the probe finds it shared, and the
+        # one step folder holds every rank's file, as without hosts.
+        out = os.path.join(tmp, "shared")
+        text = train(out, ["h0", "h0", "h1", "h1"], ["--save-every", "10"])
+        step_dir = os.path.join(out, "checkpoints", "step-000010")
+        have = set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
+        if "a folder per host" in text or not {f"rank-{r:05d}.safetensors" for r in range(4)} <= have:
+            failures.append(f"2 hosts sharing one folder: per-host mode, or the step folder holds {sorted(have)}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return summary(failures, 5)
+    return summary(failures, 6)
 
 
 if __name__ == "__main__":
