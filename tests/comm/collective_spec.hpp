@@ -11,11 +11,13 @@
 
 #include <chrono>
 #include <cstdint>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "flotilla/base/timer.hpp"
+#include "flotilla/comm/algorithms/all_to_all_v.hpp"
 #include "flotilla/comm/communicator.hpp"
 
 namespace flotilla::comm::spec {
@@ -435,6 +437,48 @@ inline void silent_rank_times_out(Communicator& c, bool names_late_ranks = true)
     }
   }
   c.barrier({.name = "after timeout test"});
+}
+
+// all_to_all_v (comm/algorithms/all_to_all_v.hpp): random per-pair counts, zeros included,
+// drawn from a seed every rank shares; four calls in a row.
+// Element i of what rank `from` sends rank `to`: distinct in every argument, exact in f32.
+inline float a2av_value(int from, int to, int64_t i) { return static_cast<float>(from * 100000 + to * 1000 + i % 1000); }
+
+// counts[from][to] for one call: drawn from a seed every rank shares.
+inline std::vector<std::vector<int64_t>> a2av_counts(uint64_t seed, int n) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> pick(0, 4);
+  std::vector<std::vector<int64_t>> counts(static_cast<size_t>(n), std::vector<int64_t>(static_cast<size_t>(n)));
+  for (auto& row : counts)
+    for (int64_t& c : row) {
+      const int kind = pick(rng);  // 0: none, 1: one, else up to a few thousand
+      c = kind == 0 ? 0 : kind == 1 ? 1 : std::uniform_int_distribution<int64_t>(2, 3000)(rng);
+    }
+  return counts;
+}
+
+inline void all_to_all_v_closed_form(Communicator& c, uint64_t seed) {
+  const int n = c.size(), me = c.rank();
+  for (int call = 0; call < 4; ++call) {
+    const auto counts = a2av_counts(seed + static_cast<uint64_t>(call), n);
+    const std::vector<int64_t>& send_counts = counts[static_cast<size_t>(me)];
+    std::vector<float> in;
+    for (int to = 0; to < n; ++to)
+      for (int64_t i = 0; i < send_counts[static_cast<size_t>(to)]; ++i) in.push_back(a2av_value(me, to, i));
+    const std::vector<int64_t> recv_counts = exchange_counts(c, send_counts, {.name = "counts"});
+    for (int from = 0; from < n; ++from)
+      ASSERT_EQ(recv_counts[static_cast<size_t>(from)], counts[static_cast<size_t>(from)][static_cast<size_t>(me)]);
+    int64_t total = 0;
+    for (int64_t r : recv_counts) total += r;
+    std::vector<float> out(static_cast<size_t>(total) + 1, -7.0f);  // one sentinel past the end
+    all_to_all_v(c, ConstView(std::span<const float>(in)), send_counts,
+                 MutView(std::span<float>(out.data(), static_cast<size_t>(total))), recv_counts, {.name = "rows"});
+    size_t at = 0;
+    for (int from = 0; from < n; ++from)
+      for (int64_t i = 0; i < recv_counts[static_cast<size_t>(from)]; ++i, ++at)
+        ASSERT_EQ(out[at], a2av_value(from, me, i)) << "rank " << me << " from " << from << " element " << i;
+    ASSERT_EQ(out.back(), -7.0f) << "wrote past the end";
+  }
 }
 
 }  // namespace flotilla::comm::spec

@@ -49,6 +49,7 @@ TEST_F(CommMpi, BroadcastFromEveryRoot) { spec::broadcast_from_every_root(world(
 TEST_F(CommMpi, AllGatherMatchesClosedForm) { spec::all_gather_closed_form(world()); }
 TEST_F(CommMpi, ReduceScatterMatchesClosedForm) { spec::reduce_scatter_closed_form(world()); }
 TEST_F(CommMpi, AllToAllMatchesClosedForm) { spec::all_to_all_closed_form(world()); }
+TEST_F(CommMpi, AllToAllVMatchesClosedForm) { spec::all_to_all_v_closed_form(world(), 20261207); }
 TEST_F(CommMpi, HalfTypesMoveButDoNotReduce) { spec::half_types_move_but_do_not_reduce(world()); }
 TEST_F(CommMpi, BarrierManyTimes) { spec::barrier_many_times(world()); }
 TEST_F(CommMpi, SplitEvenOdd) { spec::split_even_odd(world()); }
