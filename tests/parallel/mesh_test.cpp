@@ -24,10 +24,12 @@ TEST(MeshShape, ParsesKeysInAnyOrderWithOmittedOnesOne) {
   EXPECT_EQ(parse_mesh_shape("tp=2, dp=4"), (MeshShape{4, 1, 2}));
   EXPECT_EQ(parse_mesh_shape("dp=1"), (MeshShape{1, 1, 1}));
   EXPECT_EQ(parse_mesh_shape("dp=2,pp=1,tp=2").to_string(), "dp=2,pp=1,tp=2");
+  EXPECT_EQ(parse_mesh_shape("ep=4"), (MeshShape{1, 1, 1, 4}));
+  EXPECT_EQ(parse_mesh_shape("ep=2,dp=2").to_string(), "dp=2,pp=1,tp=1,ep=2");
 }
 
 TEST(MeshShape, RefusesABadSpecNamingIt) {
-  for (const char* bad : {"", "dp=0", "tp=-2", "dp=two", "dp=2,ep=2", "dp", "dp=2,dp=2", "dp=2,", "pp=1.5"}) {
+  for (const char* bad : {"", "dp=0", "tp=-2", "dp=two", "dp=2,xp=2", "ep=0", "dp", "dp=2,dp=2", "dp=2,", "pp=1.5"}) {
     try {
       parse_mesh_shape(bad);
       ADD_FAILURE() << "accepted '" << bad << "'";
@@ -42,21 +44,23 @@ TEST(MeshShape, RefusesABadSpecNamingIt) {
 TEST(MeshCoords, EveryShapeOfUpToTwelveRanks) {
   for (int dp = 1; dp <= 3; ++dp)
     for (int pp = 1; pp <= 2; ++pp)
-      for (int tp = 1; tp <= 2; ++tp) {
-        const MeshShape shape{dp, pp, tp};
+      for (int tp = 1; tp <= 2; ++tp)
+      for (int ep = 1; ep <= 2; ++ep) {
+        const MeshShape shape{dp, pp, tp, ep};
         std::set<std::vector<int>> tp_groups;
         for (int r = 0; r < shape.size(); ++r) {
           const MeshCoords c = mesh_coords(shape, r);
           EXPECT_EQ(mesh_rank(shape, c), r);
           EXPECT_EQ(c.tp, r % tp);
-          EXPECT_EQ(c.dp, r / (pp * tp));
-          for (MeshDim d : {MeshDim::dp, MeshDim::pp, MeshDim::tp}) {
+          EXPECT_EQ(c.dp, r / (ep * pp * tp));
+          EXPECT_EQ(c.ep, r / (pp * tp) % ep);
+          for (MeshDim d : {MeshDim::dp, MeshDim::pp, MeshDim::tp, MeshDim::ep}) {
             const std::vector<int> g = mesh_group_ranks(shape, r, d);
             ASSERT_EQ(static_cast<int>(g.size()), shape.extent(d));
             EXPECT_EQ(g[static_cast<size_t>(c.of(d))], r);
             for (int m : g) {
               const MeshCoords mc = mesh_coords(shape, m);
-              for (MeshDim o : {MeshDim::dp, MeshDim::pp, MeshDim::tp})
+              for (MeshDim o : {MeshDim::dp, MeshDim::pp, MeshDim::tp, MeshDim::ep})
                 if (o != d) EXPECT_EQ(mc.of(o), c.of(o));
             }
           }
@@ -83,7 +87,7 @@ void check_groups_by_sums(const MeshShape& shape) {
   comm::run_threads(shape.size(), [&](comm::Communicator& world) {
     Mesh mesh(world, shape);
     EXPECT_EQ(mesh.coords(), mesh_coords(shape, world.rank()));
-    for (MeshDim d : {MeshDim::dp, MeshDim::pp, MeshDim::tp}) {
+    for (MeshDim d : {MeshDim::dp, MeshDim::pp, MeshDim::tp, MeshDim::ep}) {
       comm::Communicator& g = mesh.group(d);
       const std::vector<int> members = mesh_group_ranks(shape, world.rank(), d);
       int64_t expected = 0;
@@ -105,6 +109,25 @@ TEST(Mesh, GroupsAreRealSubCommunicators) {
   check_groups_by_sums({2, 1, 2});
   check_groups_by_sums({1, 2, 2});
   check_groups_by_sums({2, 3, 1});
+  check_groups_by_sums({1, 1, 1, 4});
+  check_groups_by_sums({2, 1, 1, 2});
+  check_groups_by_sums({1, 2, 1, 2});
+}
+
+// dp=2 x ep=2: the expert-parallel group pairs ranks (0,1) and (2,3); the dp group, which
+// holds the same experts, pairs (0,2) and (1,3); the data group is all four.
+TEST(Mesh, ExpertParallelGroupsLieInsideData) {
+  const MeshShape shape{2, 1, 1, 2};
+  EXPECT_EQ(mesh_group_ranks(shape, 1, MeshDim::ep), (std::vector<int>{0, 1}));
+  EXPECT_EQ(mesh_group_ranks(shape, 1, MeshDim::dp), (std::vector<int>{1, 3}));
+  comm::run_threads(4, [&](comm::Communicator& world) {
+    Mesh mesh(world, shape);
+    EXPECT_EQ(mesh.ep_group().size(), 2);
+    EXPECT_EQ(mesh.ep_group().rank(), world.rank() % 2);
+    EXPECT_EQ(mesh.dp_group().rank(), world.rank() / 2);
+    EXPECT_EQ(mesh.data_group().size(), 4);
+    EXPECT_EQ(mesh.data_group().rank(), world.rank());
+  });
 }
 
 TEST(Mesh, OneRankIsTheOneByOneByOneMesh) {
@@ -113,6 +136,8 @@ TEST(Mesh, OneRankIsTheOneByOneByOneMesh) {
     EXPECT_EQ(mesh.dp_group().size(), 1);
     EXPECT_EQ(mesh.tp_group().size(), 1);
     EXPECT_EQ(mesh.pp_group().size(), 1);
+    EXPECT_EQ(mesh.ep_group().size(), 1);
+    EXPECT_EQ(mesh.data_group().size(), 1);
   });
 }
 

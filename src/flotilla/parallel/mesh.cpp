@@ -17,15 +17,17 @@ std::string_view trim(std::string_view s) {
 }
 }  // namespace
 
-std::string MeshShape::to_string() const { return fmt::format("dp={},pp={},tp={}", dp, pp, tp); }
+std::string MeshShape::to_string() const {
+  return ep > 1 ? fmt::format("dp={},pp={},tp={},ep={}", dp, pp, tp, ep) : fmt::format("dp={},pp={},tp={}", dp, pp, tp);
+}
 
 MeshShape parse_mesh_shape(std::string_view spec) {
   auto fail = [&](const std::string& what) {
-    return InputError(kComponent, fmt::format("--parallel '{}': {} (expected dp=D,pp=P,tp=T)", spec, what));
+    return InputError(kComponent, fmt::format("--parallel '{}': {} (expected dp=D,pp=P,tp=T,ep=E)", spec, what));
   };
   if (trim(spec).empty()) throw fail("empty");
   MeshShape shape;
-  bool seen[3] = {false, false, false};
+  bool seen[4] = {false, false, false, false};
   std::string_view rest = spec;
   while (true) {
     const size_t comma = rest.find(',');
@@ -43,8 +45,11 @@ MeshShape parse_mesh_shape(std::string_view spec) {
     } else if (key == "tp") {
       field = &shape.tp;
       index = 2;
+    } else if (key == "ep") {
+      field = &shape.ep;
+      index = 3;
     } else {
-      throw fail(fmt::format("unknown key '{}' (dp, pp or tp)", key));
+      throw fail(fmt::format("unknown key '{}' (dp, pp, tp or ep)", key));
     }
     if (seen[index]) throw fail(fmt::format("'{}' is given twice", key));
     seen[index] = true;
@@ -60,16 +65,19 @@ MeshShape parse_mesh_shape(std::string_view spec) {
 }
 
 MeshCoords mesh_coords(const MeshShape& shape, int rank) {
-  return {rank / (shape.pp * shape.tp), rank / shape.tp % shape.pp, rank % shape.tp};
+  const int inner = shape.pp * shape.tp;
+  return {rank / (shape.ep * inner), rank / shape.tp % shape.pp, rank % shape.tp, rank / inner % shape.ep};
 }
 
-int mesh_rank(const MeshShape& shape, const MeshCoords& c) { return (c.dp * shape.pp + c.pp) * shape.tp + c.tp; }
+int mesh_rank(const MeshShape& shape, const MeshCoords& c) {
+  return ((c.dp * shape.ep + c.ep) * shape.pp + c.pp) * shape.tp + c.tp;
+}
 
 std::vector<int> mesh_group_ranks(const MeshShape& shape, int rank, MeshDim dim) {
   std::vector<int> ranks;
   MeshCoords c = mesh_coords(shape, rank);
   for (int i = 0; i < shape.extent(dim); ++i) {
-    (dim == MeshDim::dp ? c.dp : dim == MeshDim::pp ? c.pp : c.tp) = i;
+    (dim == MeshDim::dp ? c.dp : dim == MeshDim::pp ? c.pp : dim == MeshDim::tp ? c.tp : c.ep) = i;
     ranks.push_back(mesh_rank(shape, c));
   }
   return ranks;
@@ -78,20 +86,31 @@ std::vector<int> mesh_group_ranks(const MeshShape& shape, int rank, MeshDim dim)
 Mesh::Mesh(comm::Communicator& world, const MeshShape& shape) : world_(world), shape_(shape) {
   if (shape.size() != world.size())
     throw InputError(kComponent, fmt::format("--parallel {} makes {} ranks, but the job has {}: the product "
-                                             "dp x pp x tp must be the number of processes",
+                                             "dp x ep x pp x tp must be the number of processes",
                                              shape.to_string(), shape.size(), world.size()));
   coords_ = mesh_coords(shape, world.rank());
-  // A group is the ranks that share the other two coordinates: that pair is its color,
-  // and its own coordinate orders it. Every rank takes part in all three splits, in the
-  // same order.
+  // A group is the ranks that share the other coordinates: their index is its color, and
+  // its own coordinate orders it. Every rank takes part in every split, in the same order.
   const MeshCoords& c = coords_;
-  dp_ = world.split(c.pp * shape.tp + c.tp, c.dp, {.name = "mesh dp"});
-  pp_ = world.split(c.dp * shape.tp + c.tp, c.pp, {.name = "mesh pp"});
-  tp_ = world.split(c.dp * shape.pp + c.pp, c.tp, {.name = "mesh tp"});
+  const auto color = [&](MeshCoords k, MeshDim free) {
+    (free == MeshDim::dp ? k.dp : free == MeshDim::pp ? k.pp : free == MeshDim::tp ? k.tp : k.ep) = 0;
+    return mesh_rank(shape, k);
+  };
+  dp_ = world.split(color(c, MeshDim::dp), c.dp, {.name = "mesh dp"});
+  pp_ = world.split(color(c, MeshDim::pp), c.pp, {.name = "mesh pp"});
+  tp_ = world.split(color(c, MeshDim::tp), c.tp, {.name = "mesh tp"});
+  ep_ = world.split(color(c, MeshDim::ep), c.ep, {.name = "mesh ep"});
+  data_ = world.split(c.pp * shape.tp + c.tp, c.dp * shape.ep + c.ep, {.name = "mesh data"});
 }
 
 comm::Communicator& Mesh::group(MeshDim dim) {
-  return dim == MeshDim::dp ? *dp_ : dim == MeshDim::pp ? *pp_ : *tp_;
+  switch (dim) {
+    case MeshDim::dp: return *dp_;
+    case MeshDim::pp: return *pp_;
+    case MeshDim::tp: return *tp_;
+    case MeshDim::ep: break;
+  }
+  return *ep_;
 }
 
 }  // namespace flotilla::parallel
