@@ -8,6 +8,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/world.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/mesh.hpp"
 
 #include "cli/commands.hpp"
@@ -212,8 +213,9 @@ void add_train_command(CLI::App& app) {
                   "start-up (read from the command line then, not from a -c file)")
       ->capture_default_str();
   cmd->add_option("--parallel", opt->parallel,
-                  "The device mesh dp=D,pp=P,tp=T (product = number of processes; a key left out is 1; default: "
-                  "dp = every process). Data and pipeline parallelism are built; tp must be 1 (docs/parallelism.md)");
+                  "The device mesh dp=D,pp=P,tp=T,ep=E (product = number of processes; a key left out is 1; default: "
+                  "dp = every process). Data, pipeline and expert parallelism are built (ep: each rank holds E/ep of "
+                  "a mixture-of-experts model's experts; not with pp); tp must be 1 (docs/parallelism.md)");
   cmd->add_option("--micro-batches", opt->job.pipeline.micro_batches,
                   "Pipeline (pp > 1): each --batch-size batch is cut into M micro-batches that flow through the "
                   "stages; the stages idle (P-1)/(M+P-1) of a step, so take M several times P. M must divide "
@@ -288,11 +290,27 @@ void add_train_command(CLI::App& app) {
                                             opt->pp_layers.empty() ? "--micro-batches" : "--pp-layers"));
     job.pipeline.schedule = parallel::parse_pipeline_schedule(opt->pp_schedule);
     if (!opt->pp_layers.empty()) job.pipeline.stage_layers = parallel::parse_pp_layers(opt->pp_layers);
+    if (shape.ep > 1 && shape.pp > 1)
+      throw InputError("train", fmt::format("--parallel {}: expert parallelism with pipeline stages (ep > 1 and "
+                                            "pp > 1) is not built yet",
+                                            opt->parallel));
+    if (shape.ep > 1 && opt->job.train.local_sgd.sync_every > 0)
+      throw InputError("train", fmt::format("--parallel {}: local SGD (--sync-every) with expert parallelism is not "
+                                            "built: each rank's experts would drift between meetings",
+                                            opt->parallel));
     parallel::Mesh mesh(*world, shape);
     std::optional<parallel::DataParallel> dp;
-    if (shape.dp > 1) {
-      dp.emplace(mesh.dp_group(), comm::parse_algorithm(opt->allreduce));
+    // Without a pipeline, gradients are averaged over the data group (dp x ep): the ep ranks
+    // are data replicas of all but the experts, and an expert's gradient is zero on the
+    // ranks that do not run it, so the sum is the one of the ranks that do.
+    if (shape.dp * shape.ep > 1) {
+      dp.emplace(shape.pp > 1 ? mesh.dp_group() : mesh.data_group(), comm::parse_algorithm(opt->allreduce));
       job.dp = &*dp;
+    }
+    std::optional<parallel::ExpertParallel> experts;
+    if (shape.pp == 1 && world->size() > 1) {
+      experts.emplace(mesh.ep_group(), mesh.data_group());
+      job.experts = &*experts;
     }
     if (shape.pp > 1) {
       job.pp = &mesh.pp_group();

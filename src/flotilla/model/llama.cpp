@@ -339,6 +339,7 @@ BlockContext Llama::training_context() const {
   ctx.ln = a.ln;
   ctx.act = a.act;
   ctx.moe_rows = a.moe_rows;
+  ctx.expert_parallel = experts_ != nullptr && experts_->ep_size() > 1;
   ctx.lora_xd = a.lora_xd;
   ctx.lora = lora_;
   if (lora_ && training_ && lora_->config().dropout > 0.0f) ctx.dropout_step = forward_dropout_;
@@ -468,7 +469,17 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   if (targets) {
     result.num_tokens = k::cross_entropy_forward(a.losses, a.logits, targets, N, V, kIgnoreIndex);
     for (int64_t i = 0; i < N; ++i) result.sum += a.losses[i];
-    forward_tokens_ = result.num_tokens;
+    forward_tokens_ = aux_tokens_ = result.num_tokens;
+    if (experts_ && cfg_.is_moe()) {
+      // The load-balancing loss over every rank's tokens: its statistics and the target
+      // tokens that weight it, summed (set_expert_exchange).
+      std::vector<double> stats = load_balancing_.statistics();
+      stats.push_back(static_cast<double>(result.num_tokens));
+      experts_->sum_over_data(stats);
+      aux_tokens_ = static_cast<int64_t>(stats.back());
+      stats.pop_back();
+      load_balancing_.set_statistics(stats);
+    }
   }
   return result;
 }
@@ -561,7 +572,7 @@ void Llama::backward(float dloss_scale) {
       k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
       std::memset(a.dln, 0, bytes_NC);
       const float aux_scale = cfg_.moe.output_router_logits
-                                  ? cfg_.moe.router_aux_loss_coef * dloss_scale * static_cast<float>(forward_tokens_)
+                                  ? cfg_.moe.router_aux_loss_coef * dloss_scale * static_cast<float>(aux_tokens_)
                                   : 0.0f;
       moe_backward(l, la, a.dln, a.dresid, a.ln, g, aux_scale);
     } else {
@@ -632,6 +643,9 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   // Dispatch: the tokens' rows in expert order.
   const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E);
   moe::dispatch_gather(ctx.moe_rows, ln, d, C);
+  if (ctx.expert_parallel) {
+    ep_experts_forward(l, d, ctx.moe_rows, la.expert_out);
+  } else {
   // Experts, each on its rows: expert_out = down(silu(gate(rows)) * up(rows))
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
@@ -646,6 +660,7 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
     if (n == 0) continue;
     linear_forward(la.expert_out + r * C, ctx.act + r * Fe, w.experts[static_cast<size_t>(e)].down_proj, nullptr, n,
                    Fe, C);
+  }
   }
   // Combine: out[token] = sum of its rows' outputs times their weights.
   std::memset(out, 0, static_cast<size_t>(N * C) * sizeof(float));
@@ -678,6 +693,9 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
   moe::dispatch_gather(a.moe_rows, ln, d, C);
   // out = sum over rows of weight * expert_out  =>  drows, dweights
   moe::combine_backward(a.drows, a.dweights, dout, la.expert_out, weights.data(), d, C);
+  if (experts_ && experts_->ep_size() > 1) {
+    ep_experts_backward(l, d, a.drows, g);
+  } else {
   // expert_out = act @ down^T;  act = silu(gate) * up (recomputed)
   k::swiglu_forward(a.act, la.expert_gate, la.expert_up, N * K, Fe);
   std::memset(a.dact, 0, static_cast<size_t>(N * K * Fe) * sizeof(float));
@@ -699,6 +717,7 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
                     n, C, Fe);
     linear_backward(a.drows + r * C, gp(ep.up_proj), nullptr, a.dup + r * Fe, a.moe_rows + r * C, ep.up_proj, n, C,
                     Fe);
+  }
   }
   // rows = ln[token]
   moe::dispatch_gather_backward(dln, a.drows, d, C);

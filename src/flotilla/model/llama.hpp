@@ -18,6 +18,7 @@
 #include "flotilla/io/non_finite.hpp"
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/config.hpp"
+#include "flotilla/model/expert_exchange.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/moe.hpp"
 #include "flotilla/model/parallel_context.hpp"
@@ -75,6 +76,9 @@ struct BlockContext {
   float* ln = nullptr;                 // (B, T, C)  scratch: an RMSNorm output
   float* act = nullptr;                // (B*T*max(F, K*Fe))  scratch: silu(gate) * up
   float* moe_rows = nullptr;           // (B*T*K, C)  scratch: MoE layers' gathered rows
+  // MoE layers run this rank's experts only and exchange rows (Llama::set_expert_exchange):
+  // training forwards under ep > 1. KV-cache decoding runs every expert itself.
+  bool expert_parallel = false;
   float* lora_xd = nullptr;            // (B, T, max(C, F))  scratch: LoRA's dropped-out input
   const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
   // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
@@ -275,6 +279,19 @@ class Llama {
   // The context whose hooks forward and backward call (not owned; nullptr: none). Its
   // grad_ready ranges are those of trainable().grads: set it after attach_lora.
   void set_parallel_context(ParallelContext* context);
+  // Expert parallelism and the load-balancing loss over several ranks (not owned; nullptr:
+  // none). With an exchange of ep_size() > 1, training forwards and backwards run only
+  // this rank's block of every MoE layer's experts (local_experts()) on the rows every
+  // rank routes to them (model/expert_exchange.hpp); the other experts' weights are not
+  // read and get no gradient here. With any exchange, the load-balancing loss of a
+  // forward with targets is the formula over the tokens of every rank's forward together
+  // (its statistics summed by sum_over_data), weighted by their target tokens together:
+  // then any split of a batch over ranks gives the gradient and aux loss of one rank
+  // with the whole batch. InputError when ep does not divide the experts, or the model
+  // has none. Every rank calls forward and backward alike while one is set.
+  void set_expert_exchange(ExpertExchange* exchange);
+  // [first, end) of the experts this rank runs: all of them without expert parallelism.
+  std::pair<int64_t, int64_t> local_experts() const;
   using GradSpan = model::GradSpan;
   // Every range grad_ready reports, in the order backward reports them: the head (final
   // norm, an untied lm_head), then each layer from the last down, then the embedding.
@@ -338,6 +355,11 @@ class Llama {
   // aux_scale: the load-balancing loss's weight in what is differentiated (0: not at all).
   void moe_backward(int64_t l, const LayerActivations& la, float* dln, const float* dout, const float* ln, float* g,
                     float aux_scale);
+  // Expert parallelism (moe_parallel.cpp): rows (N*K, C) in dispatch order to this rank's
+  // experts and their outputs back, into expert_out (N*K, C); and backward, drows (N*K, C)
+  // d(expert_out) in, d(rows) out, this rank's experts' gradients into g (null: frozen).
+  void ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* rows, float* expert_out) const;
+  void ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows, float* g);
   // The float tensor behind a dense reference, as p(w.offset) would be.
   float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
@@ -360,6 +382,19 @@ class Llama {
   ActivationPlan acts_;
   moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
   int64_t forward_tokens_ = 0;         // target tokens of the last forward
+  int64_t aux_tokens_ = 0;             // ... of every rank's forward together, with an expert exchange
+  ExpertExchange* experts_ = nullptr;
+  // What an MoE layer's expert side kept from forward under expert parallelism: the rows
+  // it received and their gate and up outputs. Sizes vary with the routing (dropless).
+  struct ExpertShard {
+    std::vector<int64_t> recv_counts;  // (ep, El)  rows from each rank for each local expert
+    std::vector<float> rows;           // (R, C)    by source rank, then local expert
+    std::vector<float> gate, up;       // (R, Fe)
+  };
+  mutable std::vector<ExpertShard> ep_shards_;  // per layer
+  // Scratch of the expert side, grown to the largest R seen.
+  mutable std::vector<float> ep_act_, ep_out_;
+  std::vector<float> ep_dout_, ep_dact_, ep_dgate_, ep_dup_;
   bool have_targets_ = false;
   bool logits_valid_ = false;
   LoraAdapters* lora_ = nullptr;

@@ -157,6 +157,20 @@ void LoadBalancing::add_layer(const float* probs, const int32_t* experts, int64_
   rows_ += N;
 }
 
+std::vector<double> LoadBalancing::statistics() const {
+  std::vector<double> stats(picks_);
+  stats.insert(stats.end(), prob_sums_.begin(), prob_sums_.end());
+  stats.push_back(static_cast<double>(rows_));
+  return stats;
+}
+
+void LoadBalancing::set_statistics(std::span<const double> stats) {
+  const auto E = static_cast<size_t>(num_experts_);
+  picks_.assign(stats.begin(), stats.begin() + static_cast<std::ptrdiff_t>(E));
+  prob_sums_.assign(stats.begin() + static_cast<std::ptrdiff_t>(E), stats.begin() + static_cast<std::ptrdiff_t>(2 * E));
+  rows_ = static_cast<int64_t>(stats[2 * E]);
+}
+
 double LoadBalancing::loss() const {
   if (rows_ == 0) return 0.0;
   const auto R = static_cast<double>(rows_);

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace flotilla::model::moe {
@@ -71,6 +72,10 @@ class LoadBalancing {
   // dprobs (N, E) += scale * d aux / d probs for one layer's rows.
   void backward(float* dprobs, int64_t N, float scale) const;
   int64_t rows() const { return rows_; }
+  // picks (E), prob sums (E), rows: what the loss is made of, to be summed over ranks
+  // (each rank's tokens' statistics add up to those of all the tokens together).
+  std::vector<double> statistics() const;
+  void set_statistics(std::span<const double> stats);
 
  private:
   int64_t num_experts_ = 0;

@@ -227,6 +227,14 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   const DataFolder data_folder = locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
+  if (job.experts && (model.config().is_moe() || job.experts->ep_size() > 1)) {
+    model.set_expert_exchange(job.experts);
+    if (job.experts->ep_size() > 1) {
+      const auto [first, end] = model.local_experts();
+      info(fmt::format("expert parallel: ep={}, this rank runs experts [{}, {}) of {} per layer",
+                       job.experts->ep_size(), first, end, model.config().moe.num_experts));
+    }
+  }
   if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, info);
   // Every stage starts from world rank 0's weights (each holds the whole model and trains
   // its own layers).

@@ -13,6 +13,7 @@
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/pipeline.hpp"
 #include "flotilla/train/trainer.hpp"
 
@@ -91,6 +92,11 @@ struct TrainJob {
   // take no checkpoints yet (--save-every and --resume are refused).
   comm::Communicator* pp = nullptr;
   comm::Communicator* world = nullptr;
+  // Expert parallelism and the load-balancing loss over the ranks (parallel/
+  // expert_parallel.hpp; null: one process or a pipeline): attached to a mixture-of-experts
+  // model (Llama::set_expert_exchange); with ep > 1 each rank runs its block of the
+  // experts, and `dp` is then the data group (dp x ep) that averages the gradients.
+  parallel::ExpertParallel* experts = nullptr;
   parallel::PipelineConfig pipeline;
   // How gradients travel between ranks (data parallel only): exact float32, or compressed
   // with error feedback. A lossy codec's residuals are not checkpointed: a resumed run

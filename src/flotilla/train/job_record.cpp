@@ -154,6 +154,15 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const Train
       }
     }
   }
+  if (job.experts && job.experts->ep_size() > 1) {
+    // Rank 0's row exchanges (dispatch and combine, forward and backward) per step.
+    const int64_t run_steps = summary.steps - std::max<int64_t>(0, summary.resumed_from_step);
+    report["expert_parallel"] = {
+        {"ep", job.experts->ep_size()},
+        {"row_exchanges", job.experts->exchanges()},
+        {"expert_bytes_per_step",
+         run_steps > 0 ? static_cast<double>(job.experts->bytes_sent()) / static_cast<double>(run_steps) : 0.0}};
+  }
   if (job.pp) {
     // Rank 0's view: it is stage 0 (its slots are the most any stage holds under 1F1B).
     std::vector<std::vector<int64_t>> layers;

@@ -1,0 +1,187 @@
+// Expert parallelism (parallel/expert_parallel.hpp, model/moe_parallel.cpp) with ranks as
+// threads: a batch split over ep ranks (and dp x ep) gives, summed over the ranks, the
+// gradients and the load-balancing loss of one model on the whole batch; each rank's
+// experts outside its block get no gradient (they were not run there); and rows lost in
+// dispatch are an InternalError.
+#include "flotilla/parallel/expert_parallel.hpp"
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../test_seed.hpp"
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/internal_error.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/comm/thread/thread_group.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/parallel/mesh.hpp"
+
+namespace flotilla::parallel {
+namespace {
+
+using model::Architecture;
+using model::Llama;
+using model::ModelConfig;
+
+// 4 experts, top 2, aux loss with a large coefficient so that its gradient shows; mixtral
+// (every layer a mixture) or qwen2_moe (layer 1 sparse with a shared expert).
+ModelConfig tiny_moe(Architecture arch) {
+  ModelConfig c;
+  c.arch = arch;
+  c.vocab_size = 29;
+  c.dim = 16;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 4;
+  c.ffn_dim = 24;
+  c.max_position = 64;
+  c.moe.num_experts = 4;
+  c.moe.top_k = 2;
+  c.moe.router_aux_loss_coef = 0.5f;
+  c.moe.output_router_logits = true;
+  if (arch == Architecture::mixtral) {
+    c.moe.expert_ffn_dim = c.ffn_dim;
+    c.moe.norm_topk_prob = true;
+  } else {
+    c.qkv_bias = true;
+    c.moe.expert_ffn_dim = 12;
+    c.moe.shared_expert_ffn_dim = 20;
+    c.moe.mlp_only_layers = {0};
+  }
+  return c;
+}
+
+struct Batch {
+  int64_t B = 8, T = 6;
+  std::vector<int32_t> tokens, targets;
+};
+
+Batch random_batch(Rng& rng, int64_t vocab) {
+  Batch b;
+  for (int64_t i = 0; i < b.B * b.T; ++i) {
+    b.tokens.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+    b.targets.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+  }
+  return b;
+}
+
+struct Result {
+  std::vector<float> grads;
+  double aux = 0.0;
+};
+
+// One model on the whole batch: backward(1) sums per-token gradients (the trainer divides).
+Result one_rank(const ModelConfig& cfg, uint64_t seed, const Batch& b) {
+  Llama m(cfg);
+  m.init_random(seed);
+  m.forward(b.tokens.data(), b.targets.data(), b.B, b.T);
+  m.zero_grads();
+  m.backward(1.0f);
+  return {std::vector<float>(m.grads().begin(), m.grads().end()), m.router_aux_loss()};
+}
+
+// The mesh's data ranks each take their rows of the batch; gradients summed over the data
+// group, as the trainer's all-reduce does. Also checks, per rank, that the experts
+// outside its block have no gradient.
+Result split(const ModelConfig& cfg, uint64_t seed, const Batch& b, const MeshShape& shape) {
+  Result out;
+  std::mutex m;
+  std::vector<std::string> failures;
+  comm::Settings settings;
+  settings.timeout = std::chrono::seconds(60);
+  comm::run_threads(
+      shape.size(),
+      [&](comm::Communicator& world) {
+        Mesh mesh(world, shape);
+        ExpertParallel experts(mesh.ep_group(), mesh.data_group());
+        Llama model(cfg);
+        model.init_random(seed);
+        model.set_expert_exchange(&experts);
+        const int n = mesh.data_group().size(), r = mesh.data_group().rank();
+        const int64_t rows = b.B / n;
+        const size_t at = static_cast<size_t>(r * rows * b.T);
+        model.forward(b.tokens.data() + at, b.targets.data() + at, rows, b.T);
+        model.zero_grads();
+        model.backward(1.0f);
+        std::vector<float> g(model.grads().begin(), model.grads().end());
+        const auto [first, end] = model.local_experts();
+        for (const model::ParamInfo& info : model.layout().params()) {
+          const size_t pos = info.name.find(".experts.");
+          if (pos == std::string::npos) continue;
+          const int64_t e = std::stoll(info.name.substr(pos + 9));
+          if (e >= first && e < end) continue;
+          const auto begin = g.begin() + info.offset;
+          if (std::any_of(begin, begin + info.numel, [](float v) { return v != 0.0f; })) {
+            std::lock_guard lock(m);
+            failures.push_back(fmt::format("rank {}: {} (not its expert) has a gradient", world.rank(), info.name));
+          }
+        }
+        mesh.data_group().all_reduce(comm::MutView(std::span<float>(g)), comm::ReduceOp::sum, {.name = "grads"});
+        if (world.rank() == 0) {
+          out.grads = g;
+          out.aux = model.router_aux_loss();
+        }
+      },
+      settings);
+  for (const std::string& f : failures) ADD_FAILURE() << f;
+  return out;
+}
+
+// Per tensor, the largest difference relative to the tensor's largest gradient: the ranks
+// compute every row as one rank does, and only sums over rows (weight gradients, the
+// all-reduce) run in another order, so float32 rounding (~1e-7 per add) bounds it far
+// below 1e-5.
+void expect_same(const ModelConfig& cfg, const Result& want, const Result& got, const std::string& label) {
+  Llama layout_only(cfg);
+  ASSERT_EQ(want.grads.size(), got.grads.size());
+  for (const model::ParamInfo& info : layout_only.layout().params()) {
+    float scale = 0.0f, diff = 0.0f;
+    for (int64_t i = info.offset; i < info.offset + info.numel; ++i) {
+      scale = std::max(scale, std::abs(want.grads[static_cast<size_t>(i)]));
+      diff = std::max(diff, std::abs(want.grads[static_cast<size_t>(i)] - got.grads[static_cast<size_t>(i)]));
+    }
+    EXPECT_LE(diff, 1e-5f * std::max(scale, 1e-3f)) << label << ": " << info.name;
+  }
+  EXPECT_NEAR(got.aux, want.aux, 1e-6 * std::abs(want.aux)) << label << ": the aux loss is not the whole batch's";
+}
+
+TEST(ExpertParallel, SplitBatchMatchesOneRank) {
+  const uint64_t seed = testing::test_seed();
+  for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
+    const ModelConfig cfg = tiny_moe(arch);
+    Rng rng(seed);
+    const Batch b = random_batch(rng, cfg.vocab_size);
+    const Result want = one_rank(cfg, seed, b);
+    for (const MeshShape& shape : {MeshShape{1, 1, 1, 2}, MeshShape{1, 1, 1, 4}, MeshShape{2, 1, 1, 2},
+                                   MeshShape{2, 1, 1, 1}}) {
+      const std::string label = fmt::format("{} {}", model::architecture_name(arch), shape.to_string());
+      expect_same(cfg, want, split(cfg, seed, b, shape), label);
+    }
+  }
+}
+
+TEST(ExpertParallel, EpThatDoesNotDivideTheExpertsIsRefused) {
+  comm::run_threads(3, [](comm::Communicator& world) {
+    ExpertParallel experts(world, world);
+    Llama model(tiny_moe(Architecture::mixtral));
+    EXPECT_THROW(model.set_expert_exchange(&experts), InputError);
+  });
+}
+
+TEST(ExpertParallel, RowsLostInDispatchAreAnInternalError) {
+  comm::run_threads(2, [](comm::Communicator& world) {
+    ExpertParallel experts(world, world);
+    experts.check_conserved(5, world.rank() == 0 ? 4 : 6);  // 10 routed, 10 received
+    EXPECT_THROW(experts.check_conserved(5, world.rank() == 0 ? 3 : 6), InternalError);
+  });
+}
+
+}  // namespace
+}  // namespace flotilla::parallel
