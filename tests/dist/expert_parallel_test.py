@@ -12,7 +12,8 @@ Tolerance: the ranks compute every row as one rank does; only sums over rows (a 
 gradient, the all-reduce) run in another order, float32 rounding at ~1e-7 relative per
 step, grown by 12 AdamW steps.
 
-Also: each rank says which block of experts it runs; ep that does not divide the experts,
+A checkpoint written under ep=2 resumes on one rank, and one written alone resumes under
+ep=4, both ending where the uninterrupted run ends. Also: each rank says which block of experts it runs; ep that does not divide the experts,
 and ep on a dense model, are refused with one line (exit 2).
 Usage: expert_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
@@ -48,15 +49,15 @@ def read_safetensors(path):
     return out
 
 
-def metrics(run_dir):
+def metrics(run_dir, from_step=0):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in rows if "loss" in r and r["step"] > from_step]
 
 
-def compare(name, base_dir, other_dir):
+def compare(name, base_dir, other_dir, from_step=0):
     failures = []
-    base, other = metrics(base_dir), metrics(other_dir)
+    base, other = metrics(base_dir, from_step), metrics(other_dir, from_step)
     if len(base) != len(other):
         failures.append(f"{name}: {len(base)} vs {len(other)} steps")
     worst_loss = worst_aux = 0.0
@@ -125,6 +126,23 @@ def main():
                 if f"this rank runs experts [0, {8 // ep}) of 8" not in log:
                     failures.append(f"{mesh}: rank 0 did not say which experts it runs:\n{log}")
             failures += compare(mesh, base, out)
+        # Checkpoints: written under ep=2 and resumed alone, written alone and resumed under
+        # ep=4; each ends where the uninterrupted 1-rank run ends.
+        for writer_mesh, writer_ranks, reader_mesh, reader_ranks in (("ep=2", 2, None, 1), (None, 1, "ep=4", 4)):
+            writer = os.path.join(tmp, f"ckpt_{writer_ranks}")
+            launcher = mpirun + ["-np", str(writer_ranks)] if writer_ranks > 1 else []
+            mesh = ["--parallel", writer_mesh] if writer_mesh else []
+            run(launcher + [args.flotilla, "train", "--model", model, "--out", writer, "--save-every", "6",
+                            "--batch-size", str(global_batch // writer_ranks)] + mesh + common, env)
+            checkpoint = os.path.join(writer, "checkpoints", "step-000006")
+            out = os.path.join(tmp, f"resumed_{reader_ranks}")
+            launcher = mpirun + ["-np", str(reader_ranks)] if reader_ranks > 1 else []
+            mesh = ["--parallel", reader_mesh] if reader_mesh else []
+            log = run(launcher + [args.flotilla, "train", "--model", model, "--out", out, "--resume", checkpoint,
+                                  "--batch-size", str(global_batch // reader_ranks)] + mesh + common, env)
+            if "resumed from" not in log:
+                failures.append(f"the run on {reader_ranks} ranks did not say it resumed:\n{log}")
+            failures += compare(f"{writer_mesh or '1 rank'} -> {reader_mesh or '1 rank'}", base, out, from_step=6)
         failures += refused(mpirun + ["-np", "3", args.flotilla, "train", "--model", model, "--out",
                                       os.path.join(tmp, "ep3"), "--parallel", "ep=3"] + common, env,
                             "experts per layer do not divide among 3")
