@@ -282,7 +282,7 @@ void add_train_command(CLI::App& app) {
     const parallel::MeshShape shape =
         opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
     if (shape.tp > 1)
-      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) is not built yet; dp and pp "
+      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) is not built yet; dp, pp and ep "
                                             "are (docs/parallelism.md)",
                                             opt->parallel));
     if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))

@@ -680,7 +680,7 @@ def _(ws):
 @case("train_parallel_unknown_key")
 def _(ws):
     m = ws.model()
-    return Run(train(ws, m) + ["--parallel", "dp=1,ep=1"], ["--parallel", "unknown key 'ep'"], preserve=[m, ws.corpus])
+    return Run(train(ws, m) + ["--parallel", "dp=1,xp=1"], ["--parallel", "unknown key 'xp'"], preserve=[m, ws.corpus])
 
 
 @case("train_parallel_zero")
