@@ -646,21 +646,13 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   if (ctx.expert_parallel) {
     ep_experts_forward(l, d, ctx.moe_rows, la.expert_out);
   } else {
-  // Experts, each on its rows: expert_out = down(silu(gate(rows)) * up(rows))
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
-    if (n == 0) continue;
-    const ExpertParams& ep = w.experts[static_cast<size_t>(e)];
-    linear_forward(la.expert_gate + r * Fe, ctx.moe_rows + r * C, ep.gate_proj, nullptr, n, C, Fe);
-    linear_forward(la.expert_up + r * Fe, ctx.moe_rows + r * C, ep.up_proj, nullptr, n, C, Fe);
-  }
-  k::swiglu_forward(ctx.act, la.expert_gate, la.expert_up, N * K, Fe);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
-    if (n == 0) continue;
-    linear_forward(la.expert_out + r * C, ctx.act + r * Fe, w.experts[static_cast<size_t>(e)].down_proj, nullptr, n,
-                   Fe, C);
-  }
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
+      if (n == 0) continue;
+      expert_forward(w.experts[static_cast<size_t>(e)],
+                     {ctx.moe_rows + r * C, la.expert_gate + r * Fe, la.expert_up + r * Fe, n}, ctx.act + r * Fe,
+                     la.expert_out + r * C);
+    }
   }
   // Combine: out[token] = sum of its rows' outputs times their weights.
   std::memset(out, 0, static_cast<size_t>(N * C) * sizeof(float));
@@ -676,6 +668,29 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
     const float s = 1.0f / (1.0f + std::exp(-la.shared_gate[i]));
     for (int64_t c = 0; c < C; ++c) out[i * C + c] += s * la.shared_out[i * C + c];
   }
+}
+
+void Llama::expert_forward(const ExpertParams& ew, const ExpertRows& x, float* act, float* out) const {
+  const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim;
+  linear_forward(x.gate, x.rows, ew.gate_proj, nullptr, x.n, C, Fe);
+  linear_forward(x.up, x.rows, ew.up_proj, nullptr, x.n, C, Fe);
+  k::swiglu_forward(act, x.gate, x.up, x.n, Fe);
+  linear_forward(out, act, ew.down_proj, nullptr, x.n, Fe, C);
+}
+
+void Llama::expert_backward(const ExpertParams& ew, const ExpertRows& x, const float* dout, float* dx, float* g,
+                            const ExpertScratch& s) {
+  const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim, n = x.n;
+  auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
+  // out = act @ down^T;  act = silu(gate) * up (recomputed)
+  k::swiglu_forward(s.act, x.gate, x.up, n, Fe);
+  std::memset(s.dact, 0, static_cast<size_t>(n * Fe) * sizeof(float));
+  linear_backward(s.dact, gp(ew.down_proj), nullptr, dout, s.act, ew.down_proj, n, Fe, C);
+  k::swiglu_backward(s.dgate, s.dup, s.dact, x.gate, x.up, n, Fe);
+  // gate = rows @ gate_proj^T, up = rows @ up_proj^T (dout is spent: dx may be it)
+  std::memset(dx, 0, static_cast<size_t>(n * C) * sizeof(float));
+  linear_backward(dx, gp(ew.gate_proj), nullptr, s.dgate, x.rows, ew.gate_proj, n, C, Fe);
+  linear_backward(dx, gp(ew.up_proj), nullptr, s.dup, x.rows, ew.up_proj, n, C, Fe);
 }
 
 void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, const float* dout, const float* ln,
@@ -696,28 +711,15 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
   if (experts_ && experts_->ep_size() > 1) {
     ep_experts_backward(l, d, a.drows, g);
   } else {
-  // expert_out = act @ down^T;  act = silu(gate) * up (recomputed)
-  k::swiglu_forward(a.act, la.expert_gate, la.expert_up, N * K, Fe);
-  std::memset(a.dact, 0, static_cast<size_t>(N * K * Fe) * sizeof(float));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
-    if (n == 0) continue;
-    const ExpertParams& ep = w.experts[static_cast<size_t>(e)];
-    linear_backward(a.dact + r * Fe, gp(ep.down_proj), nullptr, a.drows + r * C, a.act + r * Fe, ep.down_proj, n, Fe,
-                    C);
-  }
-  k::swiglu_backward(a.dgate, a.dup, a.dact, la.expert_gate, la.expert_up, N * K, Fe);
-  // gate = rows @ gate_proj^T, up = rows @ up_proj^T: the rows' gradients now fill drows.
-  std::memset(a.drows, 0, static_cast<size_t>(N * K * C) * sizeof(float));
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
-    if (n == 0) continue;
-    const ExpertParams& ep = w.experts[static_cast<size_t>(e)];
-    linear_backward(a.drows + r * C, gp(ep.gate_proj), nullptr, a.dgate + r * Fe, a.moe_rows + r * C, ep.gate_proj,
-                    n, C, Fe);
-    linear_backward(a.drows + r * C, gp(ep.up_proj), nullptr, a.dup + r * Fe, a.moe_rows + r * C, ep.up_proj, n, C,
-                    Fe);
-  }
+    // Each expert's block of drows turns from d(expert_out) into d(rows) in place.
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
+      if (n == 0) continue;
+      float* drows = a.drows + r * C;
+      expert_backward(w.experts[static_cast<size_t>(e)],
+                      {a.moe_rows + r * C, la.expert_gate + r * Fe, la.expert_up + r * Fe, n}, drows, drows, g,
+                      {a.act + r * Fe, a.dact + r * Fe, a.dgate + r * Fe, a.dup + r * Fe});
+    }
   }
   // rows = ln[token]
   moe::dispatch_gather_backward(dln, a.drows, d, C);

@@ -360,6 +360,27 @@ class Llama {
   // d(expert_out) in, d(rows) out, this rank's experts' gradients into g (null: frozen).
   void ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* rows, float* expert_out) const;
   void ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows, float* g);
+  // One expert's SwiGLU MLP on its n rows (C wide): out = down(silu(gate(rows)) * up(rows)),
+  // with gate and up (n, Fe) kept for backward and act (n, Fe) scratch. Both paths run each
+  // expert through these, the local one on all experts and expert parallelism on its own.
+  struct ExpertRows {
+    const float* rows;  // (n, C) the expert's input rows
+    float* gate;        // (n, Fe) gate(rows), kept from forward
+    float* up;          // (n, Fe) up(rows), kept from forward
+    int64_t n;
+  };
+  void expert_forward(const ExpertParams& ew, const ExpertRows& x, float* act, float* out) const;
+  // Its backward: d(out) (n, C) in; d(rows) into dx (n, C), overwritten, which may be dout
+  // itself (dout is read first); weight gradients into g (null: frozen). dact, dgate, dup
+  // and act (n, Fe) are scratch.
+  struct ExpertScratch {
+    float* act;
+    float* dact;
+    float* dgate;
+    float* dup;
+  };
+  void expert_backward(const ExpertParams& ew, const ExpertRows& x, const float* dout, float* dx, float* g,
+                       const ExpertScratch& s);
   // The float tensor behind a dense reference, as p(w.offset) would be.
   float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }

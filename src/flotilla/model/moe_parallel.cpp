@@ -5,17 +5,14 @@
 // source's dispatch put them in), so block (s, j) is a contiguous run and each expert runs
 // on its blocks one by one. Every row's result is the one a single rank would compute for
 // it; only the sums over rows of a weight gradient run in another order.
-#include <cstring>
 #include <numeric>
 
 #include <fmt/format.h>
 
 #include "flotilla/base/error.hpp"
-#include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/llama.hpp"
 
 namespace flotilla::model {
-namespace k = kernels;
 
 namespace {
 
@@ -100,11 +97,9 @@ void Llama::ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* r
     for (int64_t j = 0; j < El; ++j) {
       const int64_t n = s.recv_counts[static_cast<size_t>(src * El + j)];
       if (n == 0) continue;
-      const ExpertParams& ew = w.experts[static_cast<size_t>(first + j)];
-      linear_forward(s.gate.data() + r * Fe, s.rows.data() + r * C, ew.gate_proj, nullptr, n, C, Fe);
-      linear_forward(s.up.data() + r * Fe, s.rows.data() + r * C, ew.up_proj, nullptr, n, C, Fe);
-      k::swiglu_forward(act + r * Fe, s.gate.data() + r * Fe, s.up.data() + r * Fe, n, Fe);
-      linear_forward(out + r * C, act + r * Fe, ew.down_proj, nullptr, n, Fe, C);
+      expert_forward(w.experts[static_cast<size_t>(first + j)],
+                     {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, act + r * Fe,
+                     out + r * C);
       r += n;
     }
   // Combine's half: every output back to the rank its token lives on, in dispatch order.
@@ -117,8 +112,7 @@ void Llama::ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows,
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim, E = cfg_.moe.num_experts, El = E / ep;
   const int64_t first = x.ep_rank() * El;
   const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
-  const ExpertShard& s = ep_shards_[static_cast<size_t>(l)];
-  auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
+  ExpertShard& s = ep_shards_[static_cast<size_t>(l)];
   const SendCounts send = send_counts(d, ep);
   const std::vector<int64_t> recv_rows = per_rank(s.recv_counts, ep);
   const int64_t R = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
@@ -130,23 +124,14 @@ void Llama::ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows,
   float* dgate = sized(ep_dgate_, R * Fe);
   float* dup = sized(ep_dup_, R * Fe);
   float* dx = sized(ep_out_, R * C);
-  std::memset(dact, 0, static_cast<size_t>(R * Fe) * sizeof(float));
-  std::memset(dx, 0, static_cast<size_t>(R * C) * sizeof(float));
   int64_t r = 0;
   for (int src = 0; src < ep; ++src)
     for (int64_t j = 0; j < El; ++j) {
       const int64_t n = s.recv_counts[static_cast<size_t>(src * El + j)];
       if (n == 0) continue;
-      const ExpertParams& ew = w.experts[static_cast<size_t>(first + j)];
-      // out = act @ down^T;  act = silu(gate) * up (recomputed)
-      k::swiglu_forward(act + r * Fe, s.gate.data() + r * Fe, s.up.data() + r * Fe, n, Fe);
-      linear_backward(dact + r * Fe, gp(ew.down_proj), nullptr, dout + r * C, act + r * Fe, ew.down_proj, n, Fe, C);
-      k::swiglu_backward(dgate + r * Fe, dup + r * Fe, dact + r * Fe, s.gate.data() + r * Fe, s.up.data() + r * Fe, n,
-                         Fe);
-      // gate = rows @ gate_proj^T, up = rows @ up_proj^T
-      linear_backward(dx + r * C, gp(ew.gate_proj), nullptr, dgate + r * Fe, s.rows.data() + r * C, ew.gate_proj, n,
-                      C, Fe);
-      linear_backward(dx + r * C, gp(ew.up_proj), nullptr, dup + r * Fe, s.rows.data() + r * C, ew.up_proj, n, C, Fe);
+      expert_backward(w.experts[static_cast<size_t>(first + j)],
+                      {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, dout + r * C,
+                      dx + r * C, g, {act + r * Fe, dact + r * Fe, dgate + r * Fe, dup + r * Fe});
       r += n;
     }
   // The rows' gradients back to their tokens' ranks (the reverse of dispatch), into drows.
