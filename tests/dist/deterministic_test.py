@@ -8,6 +8,7 @@ of 2), with OMP_NUM_THREADS 1 and 2; every model file written must equal the 1-r
   - full training on raw text windows;
   - LoRA with dropout 0.1 on a prepared chat dataset (masked prompts, packed rows: ranks
     see different numbers of target tokens, and the dropout masks must follow the row).
+A checkpoint of 2 ranks at step 15 resumed on 3 ranks and on 1 ends in the same bytes.
 Then the deterministic result must be close to the default mode's on 1 rank (losses within
 1e-5 relative; weights within 1e-4 of each tensor's largest value after 30 AdamW steps, as
 for the default mode on N ranks against 1), so that it is not deterministic but wrong; and the default mode must NOT be byte-identical across world sizes
@@ -96,6 +97,26 @@ def identical_everywhere(flotilla, mpirun, tmp, case, args):
     return failures, base
 
 
+def resumed_on_other_worlds(flotilla, mpirun, tmp, case, args, base):
+    """A checkpoint of 2 ranks at step 15, resumed on 3 ranks and on 1, ends in the
+    uninterrupted run's bytes."""
+    failures = []
+    writer = train(flotilla, mpirun, tmp, f"{case}_ckpt_2", 2, 6, 1, 1, args + ["--save-every", "15"])
+    checkpoint = os.path.join(writer, "checkpoints", "step-000015")
+    if not os.path.isdir(checkpoint):
+        return [f"{case}: the 2-rank run wrote no checkpoint at {checkpoint}"]
+    for ranks in (3, 1):
+        out = train(flotilla, mpirun, tmp, f"{case}_resumed_{ranks}", ranks, GLOBAL_ROWS // ranks, 1, 1,
+                    args + ["--resume", checkpoint])
+        same = all(open(os.path.join(base, f), "rb").read() == open(os.path.join(out, f), "rb").read()
+                   for f in model_files(base))
+        if not same or model_files(out) != model_files(base):
+            failures.append(f"{case}: resumed on {ranks} ranks from 2 ranks' step 15, the model differs from the "
+                            "uninterrupted run's")
+        print(f"{case:<6} 2 ranks' checkpoint at step 15 resumed on {ranks}: {'identical' if same else 'DIFFERENT'}")
+    return failures
+
+
 def close_to_default(flotilla, mpirun, tmp, case, args):
     """1 rank, with and without the mode (LoRA without dropout: the modes key its masks
     differently)."""
@@ -175,8 +196,10 @@ def main():
                               "q,v,down"],
         }
         for case, case_args in cases.items():
-            found, _ = identical_everywhere(args.flotilla, args.mpirun, tmp, case, case_args)
+            found, base = identical_everywhere(args.flotilla, args.mpirun, tmp, case, case_args)
             failures += found
+            if base:
+                failures += resumed_on_other_worlds(args.flotilla, args.mpirun, tmp, case, case_args, base)
             without_dropout = [a if a != "0.1" else "0" for a in case_args]
             failures += close_to_default(args.flotilla, args.mpirun, tmp, case, without_dropout)
         failures += refusals(args.flotilla, args.mpirun, tmp, model, ["--data", os.path.join(SOURCE, "data/sample/corpus.jsonl")])
