@@ -4,11 +4,12 @@
 Every run trains the same global batch of 12 rows a step for 30 steps, cut as 12 rows on 1
 rank, 6 on each of 2, 4 on each of 3, 3 on each of 4 (and 2 rows x 3 micro-batches on each
 of 2), with OMP_NUM_THREADS 1 and 2; every model file written must equal the 1-rank,
-1-thread run's byte for byte (cmp), and so must every logged training loss. Two cases:
+1-thread run's byte for byte (cmp), and so must every logged training loss; and the same
+with ZeRO-1 and ZeRO-2 on 2, 3 and 4 ranks. Two cases:
   - full training on raw text windows;
   - LoRA with dropout 0.1 on a prepared chat dataset (masked prompts, packed rows: ranks
     see different numbers of target tokens, and the dropout masks must follow the row).
-A checkpoint of 2 ranks at step 15 resumed on 3 ranks and on 1 ends in the same bytes.
+A checkpoint of 2 ZeRO-2 ranks at step 15 resumed on 3 ranks and on 1 ends in the same bytes.
 Then the deterministic result must be close to the default mode's on 1 rank (losses within
 1e-5 relative; weights within 1e-4 of each tensor's largest value after 30 AdamW steps, as
 for the default mode on N ranks against 1), so that it is not deterministic but wrong; and the default mode must NOT be byte-identical across world sizes
@@ -32,8 +33,10 @@ sys.path.insert(0, HERE)
 from dist_util import mpi_env, mpirun_argv, run, script_args, summary  # noqa: E402  (next to this file)
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 GLOBAL_ROWS = 12
-# (ranks, rows per micro-batch, micro-batches): each cuts the same 12 rows a step.
-SPLITS = [(1, 12, 1), (2, 6, 1), (3, 4, 1), (4, 3, 1), (2, 2, 3)]
+# (ranks, rows per micro-batch, micro-batches, ZeRO stage, thread counts): each cuts the same
+# 12 rows a step.
+SPLITS = [(1, 12, 1, 0, (1, 2)), (2, 6, 1, 0, (1, 2)), (3, 4, 1, 0, (1, 2)), (4, 3, 1, 0, (1, 2)),
+          (2, 2, 3, 0, (1, 2)), (2, 6, 1, 1, (1,)), (3, 4, 1, 2, (2,)), (4, 3, 1, 1, (2,)), (4, 1, 3, 2, (1,))]
 
 
 def read_safetensors(path):
@@ -70,10 +73,10 @@ def identical_everywhere(flotilla, mpirun, tmp, case, args):
     """Every split x thread count against the first run, byte for byte."""
     failures = []
     base = None
-    for ranks, rows, micro in SPLITS:
-        for threads in (1, 2):
-            name = f"{case}_{ranks}x{rows}x{micro}_omp{threads}"
-            out = train(flotilla, mpirun, tmp, name, ranks, rows, micro, threads, args)
+    for ranks, rows, micro, zero, thread_counts in SPLITS:
+        for threads in thread_counts:
+            name = f"{case}_{ranks}x{rows}x{micro}_zero{zero}_omp{threads}"
+            out = train(flotilla, mpirun, tmp, name, ranks, rows, micro, threads, args + ["--zero", str(zero)])
             files = model_files(out)
             if not files:
                 failures.append(f"{case}: {name} wrote no model file")
@@ -92,7 +95,7 @@ def identical_everywhere(flotilla, mpirun, tmp, case, args):
                                         f"{threads} threads differs from 1 rank's")
             if losses(out) != losses(base):
                 failures.append(f"{case}: the logged losses of {name} differ from 1 rank's")
-            print(f"{case:<6} {ranks} ranks x {rows} rows x {micro} micro-batches, {threads} threads: "
+            print(f"{case:<6} {ranks} ranks x {rows} rows x {micro} micro-batches, ZeRO-{zero}, {threads} threads: "
                   f"{'identical' if len(failures) == before else 'DIFFERENT'}")
     return failures, base
 
@@ -101,7 +104,8 @@ def resumed_on_other_worlds(flotilla, mpirun, tmp, case, args, base):
     """A checkpoint of 2 ranks at step 15, resumed on 3 ranks and on 1, ends in the
     uninterrupted run's bytes."""
     failures = []
-    writer = train(flotilla, mpirun, tmp, f"{case}_ckpt_2", 2, 6, 1, 1, args + ["--save-every", "15"])
+    # Written sharded by ZeRO-2 ranks, read by plain ones.
+    writer = train(flotilla, mpirun, tmp, f"{case}_ckpt_2", 2, 6, 1, 1, args + ["--save-every", "15", "--zero", "2"])
     checkpoint = os.path.join(writer, "checkpoints", "step-000015")
     if not os.path.isdir(checkpoint):
         return [f"{case}: the 2-rank run wrote no checkpoint at {checkpoint}"]
@@ -160,7 +164,7 @@ def close_to_default(flotilla, mpirun, tmp, case, args):
 
 def refusals(flotilla, mpirun, tmp, model, data):
     failures = []
-    cases = [(["--zero", "1"], "--zero"), (["--sync-every", "4"], "--sync-every"), (["--compression", "fp16"], "--compression"),
+    cases = [(["--zero", "3"], "--zero 3"), (["--sync-every", "4"], "--sync-every"), (["--compression", "fp16"], "--compression"),
              (["--parallel", "dp=1,pp=2,tp=1"], "pipeline")]
     for extra, word in cases:
         launcher = mpirun_argv(mpirun, "-np", "2") if "--parallel" in extra else []

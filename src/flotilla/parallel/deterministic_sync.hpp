@@ -25,7 +25,14 @@
 // 2^47: no overflow. An element outside the range (or not finite) is a non-finite step
 // (the gradient reads NaN): --on-nonfinite stops or skips it as for any diverged step.
 // The loss sum of a row goes the same way (one more pair of limbs), so the logged loss is
-// identical too; the target-token count is an exact integer already.
+// identical too; the target-token count is an exact integer already. The squared gradient
+// norm (for clipping) is an exact integer sum too: trunc(g^2 * 2^64) per element in 128
+// bits, added over the ranks as limbs, so ZeRO's partition of it does not show either (a
+// norm past 2^31 per element reads infinite: a non-finite step).
+//
+// With --zero 1 or 2 the chunks' limbs are reduce-scattered instead (ZeRO's cut of the
+// arena, one unit), each rank converts and updates its shard, and the weights are
+// all-gathered: the same bits as without ZeRO.
 //
 // Cost: the accumulator holds 16 bytes per trainable float, and one all-reduce of that size
 // per step (4x float32's bytes), counted through comm/wire_bytes.hpp; plus folding each
@@ -54,7 +61,9 @@ bool to_fixed(double x, FixedLimbs& out);
 // hi * 2^-16 + lo * 2^-48, rounded once to double (exact below 2^53 units of 2^-48).
 double from_fixed(int64_t hi, int64_t lo);
 
-// The deterministic mode over `dp` (null: one process, nothing exchanged, the same bits).
-std::unique_ptr<GradientSync> make_deterministic_sync(model::Llama& model, DataParallel* dp);
+// The deterministic mode over `dp` (null: one process, nothing exchanged, the same bits);
+// `zero_stage` 1 or 2: AdamW's moments sharded as ZeRO shards them (the accumulator stays
+// whole: stage 2 saves no gradient memory here), 0: every rank updates everything.
+std::unique_ptr<GradientSync> make_deterministic_sync(model::Llama& model, DataParallel* dp, int zero_stage = 0);
 
 }  // namespace flotilla::parallel

@@ -121,10 +121,9 @@ class LocalSgdSync final : public GradientSync {
 void validate_sync(const SyncConfig& config, comm::Compression compression) {
   if (config.deterministic) {
     // Each of these changes what is summed or how, per rank: not exact integers of the rows.
-    if (config.zero_stage > 0)
-      throw InputError("parallel", "--deterministic cannot be combined with --zero yet: the fixed-point gradient is "
-                                   "all-reduced whole (a reduce-scatter of it, and a global norm summed the same way, "
-                                   "are not built)");
+    if (config.zero_stage == 3)
+      throw InputError("parallel", "--deterministic cannot be combined with --zero 3 yet: it shards the weights, which "
+                                   "a row's backward reads whole; use --zero 1 or 2");
     if (config.local_sgd.sync_every > 0)
       throw InputError("parallel", "--deterministic cannot be combined with --sync-every: local SGD steps on each "
                                    "rank's own gradients, which depend on the world size");
@@ -160,7 +159,7 @@ std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParall
   if (!dp) return std::make_unique<SingleRank>(model);
   std::unique_ptr<GradientSync> sync;
   if (config.deterministic) {
-    sync = make_deterministic_sync(model, dp);
+    sync = make_deterministic_sync(model, dp, config.zero_stage);
   } else if (config.zero_stage == 3) {
     sync = make_zero3_sync(model, *dp, Zero3Options{.poison_released = config.zero_poison}, trace);
   } else if (config.zero_stage > 0) {
