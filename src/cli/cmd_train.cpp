@@ -200,7 +200,7 @@ void add_train_command(CLI::App& app) {
                 "Data parallel: byte-identical models for any number of ranks, any --batch-size x --grad-accum "
                 "split of the same global batch and any thread count — rows run one at a time and their "
                 "gradients are summed in fixed-point integers (docs/fault-tolerance.md); slower, and not with "
-                "--zero, --sync-every, --compression or pp > 1")
+                "--zero 3, --sync-every, --compression or pp > 1")
       ->default_str("false");
   cmd->add_option("--bucket-mb", t.bucket_mb,
                   "Data parallel: fusion bucket size in MiB; buckets are all-reduced on a communication thread "

@@ -27,7 +27,7 @@
 //                     forward or backward reads it, released after (parallel/zero3.hpp)
 //   deterministic     rows run one at a time, each row's gradient added in fixed-point
 //                     integers, one int64 all-reduce: the same bits for any world size
-//                     (parallel/deterministic_sync.hpp)
+//                     (parallel/deterministic_sync.hpp; with ZeRO-1/2 a reduce-scatter)
 //
 // Every mode counts the bytes this rank sends through comm/wire_bytes.hpp.
 #pragma once
@@ -149,7 +149,7 @@ class GradientSync {
 };
 
 // InputError naming the flags when the combination cannot run: ZeRO with local SGD, with
-// compression, a stage other than 0, 1, 2, 3; --deterministic with ZeRO, local SGD or
+// compression, a stage other than 0, 1, 2, 3; --deterministic with ZeRO-3, local SGD or
 // compression.
 void validate_sync(const SyncConfig& config, comm::Compression compression);
 
