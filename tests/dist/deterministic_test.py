@@ -10,10 +10,12 @@ with ZeRO-1 and ZeRO-2 on 2, 3 and 4 ranks. Two cases:
   - LoRA with dropout 0.1 on a prepared chat dataset (masked prompts, packed rows: ranks
     see different numbers of target tokens, and the dropout masks must follow the row).
 A checkpoint of 2 ZeRO-2 ranks at step 15 resumed on 3 ranks and on 1 ends in the same bytes.
+`deterministic: true` in a config file does what the flag does.
 Then the deterministic result must be close to the default mode's on 1 rank (losses within
 1e-5 relative; weights within 1e-4 of each tensor's largest value after 30 AdamW steps, as
-for the default mode on N ranks against 1), so that it is not deterministic but wrong; and the default mode must NOT be byte-identical across world sizes
-here (else this test could not tell the modes apart). Last, the combinations it refuses
+for the default mode on N ranks against 1), so that it is not deterministic but wrong; and
+the default mode must NOT be byte-identical across world sizes here (else this test could
+not tell the modes apart). Last, the combinations it refuses
 give one error line and exit 2.
 Usage: deterministic_test.py FLOTILLA [--mpirun MPIRUN]
 """
@@ -98,6 +100,18 @@ def identical_everywhere(flotilla, mpirun, tmp, case, args):
             print(f"{case:<6} {ranks} ranks x {rows} rows x {micro} micro-batches, ZeRO-{zero}, {threads} threads: "
                   f"{'identical' if len(failures) == before else 'DIFFERENT'}")
     return failures, base
+
+
+def from_config_file(flotilla, mpirun, tmp, case, args, base):
+    """`deterministic: true` in a config file is the flag: 2 ranks end in 1 rank's bytes."""
+    cfg = os.path.join(tmp, "deterministic.yaml")
+    with open(cfg, "w") as f:
+        f.write("deterministic: true\n")
+    out = train(flotilla, mpirun, tmp, f"{case}_config_2", 2, 6, 1, 1, args + ["-c", cfg], deterministic=False)
+    same = all(open(os.path.join(base, f), "rb").read() == open(os.path.join(out, f), "rb").read()
+               for f in model_files(base))
+    print(f"{case:<6} 'deterministic: true' in a config file, 2 ranks: {'identical' if same else 'DIFFERENT'}")
+    return [] if same else [f"{case}: 'deterministic: true' in a config file did not give 1 rank's bytes on 2"]
 
 
 def resumed_on_other_worlds(flotilla, mpirun, tmp, case, args, base):
@@ -204,6 +218,8 @@ def main():
             failures += found
             if base:
                 failures += resumed_on_other_worlds(args.flotilla, args.mpirun, tmp, case, case_args, base)
+                if case == "full":
+                    failures += from_config_file(args.flotilla, args.mpirun, tmp, case, case_args, base)
             without_dropout = [a if a != "0.1" else "0" for a in case_args]
             failures += close_to_default(args.flotilla, args.mpirun, tmp, case, without_dropout)
         failures += refusals(args.flotilla, args.mpirun, tmp, model, ["--data", os.path.join(SOURCE, "data/sample/corpus.jsonl")])

@@ -173,7 +173,8 @@ std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParall
   } else {
     sync = std::make_unique<AllReduceSync>(model, *dp);
   }
-  dp->check_same("gradient sync settings (--zero, --bucket-mb, --sync-every, --compression, --deterministic)", sync->signature());
+  dp->check_same("gradient sync settings (--zero, --bucket-mb, --sync-every, --compression, --deterministic)",
+                 sync->signature());
   return sync;
 }
 
