@@ -9,6 +9,8 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <span>
 #include <random>
 #include <vector>
 
@@ -103,6 +105,43 @@ TEST(FixedLimbs, ATinyNegativeValueCarriesIntoHi) {
   EXPECT_EQ(l.hi, -1);
   EXPECT_EQ(l.lo, int64_t{1} << 32);
   EXPECT_EQ(from_fixed(l.hi, l.lo), 0.0);
+}
+
+// The clipping norm: an exact integer sum of squares, the same bits however the arena is
+// cut into ranks' parts (ZeRO's shards move with the world size).
+TEST(FixedSquares, TheSumIsTheSameForAnyPartition) {
+  std::mt19937_64 rng(testing::test_seed());
+  std::vector<float> g(20000);
+  for (float& x : g) x = random_float(rng, -40, 8);
+  const std::optional<__int128> whole = fixed_sum_squares(g);
+  ASSERT_TRUE(whole.has_value());
+  double exact = 0.0;
+  for (float x : g) exact += static_cast<double>(x) * x;
+  // Truncation drops under 2^-56 per element; double rounding of the reference ~1e-16.
+  EXPECT_NEAR(static_cast<double>(*whole) / kSquareScale, exact, exact * 1e-12 + 20000 * 0x1p-56);
+  for (int trial = 0; trial < 20; ++trial) {
+    const size_t parts = 1 + rng() % 6;
+    std::vector<size_t> cuts = {0, g.size()};
+    for (size_t p = 1; p < parts; ++p) cuts.push_back(rng() % g.size());
+    std::sort(cuts.begin(), cuts.end());
+    __int128 total = 0;
+    for (size_t p = 0; p + 1 < cuts.size(); ++p) {
+      const std::optional<__int128> part =
+          fixed_sum_squares(std::span<const float>(g).subspan(cuts[p], cuts[p + 1] - cuts[p]));
+      ASSERT_TRUE(part.has_value());
+      total += *part;
+    }
+    EXPECT_TRUE(total == *whole) << parts << " parts";
+  }
+}
+
+TEST(FixedSquares, ADivergedElementReadsAsNoSum) {
+  std::vector<float> g(100, 0.5f);
+  EXPECT_TRUE(fixed_sum_squares(g).has_value());
+  g[37] = 0x1p17f;  // beyond the range of one element
+  EXPECT_FALSE(fixed_sum_squares(g).has_value());
+  g[37] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_FALSE(fixed_sum_squares(g).has_value());
 }
 
 }  // namespace

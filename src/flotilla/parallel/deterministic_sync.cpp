@@ -34,22 +34,10 @@ double from_fixed(int64_t hi, int64_t lo) {
 }
 
 namespace {
+constexpr double kSquareMax = 0x1p90;  // one element's scaled square: |g| < 2^17
+constexpr int kSquareTotalBits = 118;  // one rank's sum: 3 limbs that add over 512 ranks
+}  // namespace
 
-// Accumulator layout (int64): (hi, lo) per arena float, then the tail below. The tail sits
-// right after the arena's limbs, so that ZeRO's all-reduce of the arena's tail takes it along.
-enum Tail : int64_t { kLossHi, kLossLo, kTokens, kGradOutOfRange, kLossOutOfRange, kTailSize };
-
-// Squared elements as trunc(g^2 * 2^56): resolution 2^-56 per element (a norm of n floats
-// off by at most n * 2^-56 in its square: 2^-31 for 32M floats, nothing next to a clipping
-// threshold near 1).
-constexpr double kSquareScale = 0x1p56;
-constexpr double kSquareMax = 0x1p90;       // one element's scaled square: |g| < 2^17
-constexpr int kSquareTotalBits = 118;       // one rank's sum: 3 limbs that add over 512 ranks
-
-// The sum over `g` of trunc(g[i]^2 * 2^56), exact in 128-bit integers: the same for any
-// thread count and, added over ranks, for any partition of the arena. g^2 of a float is
-// exact in double. An element with |g| >= 2^17 (of the mean gradient: a diverged step),
-// or not finite, or a sum past 2^118: nullopt, read as an infinite norm.
 std::optional<__int128> fixed_sum_squares(std::span<const float> g) {
   constexpr int64_t kChunks = 64;
   const auto n = static_cast<int64_t>(g.size());
@@ -79,6 +67,12 @@ std::optional<__int128> fixed_sum_squares(std::span<const float> g) {
   if (total >= (__int128{1} << kSquareTotalBits)) return std::nullopt;
   return total;
 }
+
+namespace {
+
+// Accumulator layout (int64): (hi, lo) per arena float, then the tail below. The tail sits
+// right after the arena's limbs, so that ZeRO's all-reduce of the arena's tail takes it along.
+enum Tail : int64_t { kLossHi, kLossLo, kTokens, kGradOutOfRange, kLossOutOfRange, kTailSize };
 
 // What both deterministic modes share: the per-row fold into the accumulator, the loss
 // and counts, the conversion back.

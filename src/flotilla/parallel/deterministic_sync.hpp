@@ -41,6 +41,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <span>
 
 #include "flotilla/parallel/gradient_sync.hpp"
 
@@ -60,6 +62,17 @@ struct FixedLimbs {
 bool to_fixed(double x, FixedLimbs& out);
 // hi * 2^-16 + lo * 2^-48, rounded once to double (exact below 2^53 units of 2^-48).
 double from_fixed(int64_t hi, int64_t lo);
+
+// Squared elements as trunc(g^2 * 2^56): resolution 2^-56 per element (a squared norm of
+// n floats off by at most n * 2^-56: 2^-31 for 32M floats, nothing next to a clipping
+// threshold near 1).
+inline constexpr double kSquareScale = 0x1p56;
+
+// The sum over `g` of trunc(g[i]^2 * 2^56), exact in 128-bit integers: the same for any
+// thread count and, added over ranks, for any partition of the arena (g^2 of a float is
+// exact in double). An element with |g| >= 2^17 (of the mean gradient: a diverged step),
+// one not finite, or a sum past 2^118: nullopt, read as an infinite norm.
+std::optional<__int128> fixed_sum_squares(std::span<const float> g);
 
 // The deterministic mode over `dp` (null: one process, nothing exchanged, the same bits);
 // `zero_stage` 1 or 2: AdamW's moments sharded as ZeRO shards them (the accumulator stays
