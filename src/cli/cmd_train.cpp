@@ -197,6 +197,12 @@ void add_train_command(CLI::App& app) {
                   "block gathered just before forward and backward use it (docs/sharding.md). The same result as 0, "
                   "with less memory per rank")
       ->capture_default_str();
+  cmd->add_flag("--deterministic", t.deterministic,
+                "Data parallel: byte-identical models for any number of ranks, any --batch-size x --grad-accum "
+                "split of the same global batch and any thread count — rows run one at a time and their "
+                "gradients are summed in fixed-point integers (docs/fault-tolerance.md); slower, and not with "
+                "--zero 3, --sync-every, --compression or pp > 1")
+      ->default_str("false");
   cmd->add_option("--bucket-mb", t.bucket_mb,
                   "Data parallel: fusion bucket size in MiB; buckets are all-reduced on a communication thread "
                   "while backward runs (0: one all-reduce after backward)")

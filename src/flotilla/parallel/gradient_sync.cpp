@@ -6,6 +6,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/deterministic_sync.hpp"
 #include "flotilla/parallel/zero.hpp"
 #include "flotilla/parallel/zero3.hpp"
 
@@ -118,6 +119,19 @@ class LocalSgdSync final : public GradientSync {
 }  // namespace
 
 void validate_sync(const SyncConfig& config, comm::Compression compression) {
+  if (config.deterministic) {
+    // Each of these changes what is summed or how, per rank: not exact integers of the rows.
+    if (config.zero_stage == 3)
+      throw InputError("parallel", "--deterministic cannot be combined with --zero 3 yet: it shards the weights, which "
+                                   "a row's backward reads whole; use --zero 1 or 2");
+    if (config.local_sgd.sync_every > 0)
+      throw InputError("parallel", "--deterministic cannot be combined with --sync-every: local SGD steps on each "
+                                   "rank's own gradients, which depend on the world size");
+    if (compression != comm::Compression::none)
+      throw InputError("parallel", fmt::format("--deterministic cannot be combined with --compression {}: the rounding "
+                                               "of a compressed gradient depends on how it was split over the ranks",
+                                               comm::compression_name(compression)));
+  }
   if (config.zero_stage < 0 || config.zero_stage > 3)
     throw InputError("parallel", fmt::format("--zero must be 0 (off), 1 (optimizer state sharded), 2 (and gradients) "
                                              "or 3 (and weights); not {}",
@@ -141,9 +155,12 @@ void validate_sync(const SyncConfig& config, comm::Compression compression) {
 std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParallel* dp, const SyncConfig& config,
                                                  TraceRecorder* trace) {
   validate_sync(config, dp ? dp->codec().kind() : comm::Compression::none);
+  if (!dp && config.deterministic) return make_deterministic_sync(model, nullptr);
   if (!dp) return std::make_unique<SingleRank>(model);
   std::unique_ptr<GradientSync> sync;
-  if (config.zero_stage == 3) {
+  if (config.deterministic) {
+    sync = make_deterministic_sync(model, dp, config.zero_stage);
+  } else if (config.zero_stage == 3) {
     sync = make_zero3_sync(model, *dp, Zero3Options{.poison_released = config.zero_poison}, trace);
   } else if (config.zero_stage > 0) {
     sync = make_zero_sync(model, *dp, config.zero_stage, config.bucket_mb, trace);
@@ -156,7 +173,8 @@ std::unique_ptr<GradientSync> make_gradient_sync(model::Llama& model, DataParall
   } else {
     sync = std::make_unique<AllReduceSync>(model, *dp);
   }
-  dp->check_same("gradient sync settings (--zero, --bucket-mb, --sync-every, --compression)", sync->signature());
+  dp->check_same("gradient sync settings (--zero, --bucket-mb, --sync-every, --compression, --deterministic)",
+                 sync->signature());
   return sync;
 }
 

@@ -5,6 +5,8 @@
 //   zero_grads()            the step begins (ZeRO-2 may find its released arena zero already)
 //   before/after_backward   around each micro-batch's backward (overlap arms its buckets
 //                           for the last one)
+//   per_row(), row_done()   deterministic mode: backward one row at a time, each row's
+//                           gradient handed over (and the buffer cleared) after it
 //   exchange(loss)          after the last backward: gradients combined, the global loss
 //   owned(), owned_grads()  the ranges of the flat arena this rank updates and their
 //                           combined gradients (everything but under ZeRO)
@@ -23,6 +25,9 @@
 //                     all-gathered (parallel/zero.hpp)
 //   ZeRO-3            the weights sharded too: each parameter group gathered just before
 //                     forward or backward reads it, released after (parallel/zero3.hpp)
+//   deterministic     rows run one at a time, each row's gradient added in fixed-point
+//                     integers, one int64 all-reduce: the same bits for any world size
+//                     (parallel/deterministic_sync.hpp; with ZeRO-1/2 a reduce-scatter)
 //
 // Every mode counts the bytes this rank sends through comm/wire_bytes.hpp.
 #pragma once
@@ -60,6 +65,7 @@ struct SyncConfig {
   double bucket_mb = 25.0;   // exact all-reduce: overlap buckets of this many MiB; 0: none
   int zero_stage = 0;        // 1, 2, 3: ZeRO (sharded optimizer state; + gradients; + weights)
   bool zero_poison = false;  // ZeRO-3 test mode: released weights read NaN (zero3.hpp)
+  bool deterministic = false;  // the same bits for any world size (deterministic_sync.hpp)
 };
 
 // What an exchange returns: the loss summed over the ranks (what the step reports), and
@@ -85,6 +91,11 @@ class GradientSync {
   virtual void zero_grads() { model_.zero_grads(); }
   virtual void before_backward(int64_t /*micro*/, int64_t /*micro_batches*/) {}
   virtual void after_backward() {}
+  // Whether the trainer must run forward and backward one row (sequence) at a time and
+  // call row_done after each row's backward, with that row's loss (its sum and target
+  // tokens). A row without target tokens may be left out (its gradient is zero).
+  virtual bool per_row() const { return false; }
+  virtual void row_done(const model::LossSum& /*row*/) {}
   virtual Exchanged exchange(const model::LossSum& local) = 0;
   // Ascending, disjoint; the whole arena unless sharded.
   virtual std::vector<ArenaRange> owned() const { return {ArenaRange{0, static_cast<int64_t>(model_.trainable().params.size())}}; }
@@ -138,7 +149,8 @@ class GradientSync {
 };
 
 // InputError naming the flags when the combination cannot run: ZeRO with local SGD, with
-// compression, a stage other than 0, 1, 2, 3.
+// compression, a stage other than 0, 1, 2, 3; --deterministic with ZeRO-3, local SGD or
+// compression.
 void validate_sync(const SyncConfig& config, comm::Compression compression);
 
 // The mode `config` asks for over `dp` (null: one process). `dp` and `model` must outlive

@@ -43,6 +43,7 @@ void check_pipeline_flags(const TrainJob& job) {
   if (job.train.zero_stage > 0) refuse("--zero");
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
+  if (job.train.deterministic) refuse("--deterministic");
   const int64_t M = job.pipeline.micro_batches;
   if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));
   if (job.train.batch_size % M != 0)
@@ -64,7 +65,10 @@ void check_job_flags(const TrainJob& job) {
     throw InputError("train", fmt::format("--sync-every must be 0 or positive, not {}", job.train.local_sgd.sync_every));
   if (job.train.local_sgd.sync_every > 0) parallel::LocalSgd::validate(job.train.local_sgd);
   (void)comm::make_gradient_codec(job.compression, 0, {});
-  parallel::validate_sync({.local_sgd = job.train.local_sgd, .bucket_mb = job.train.bucket_mb, .zero_stage = job.train.zero_stage},
+  parallel::validate_sync({.local_sgd = job.train.local_sgd,
+                           .bucket_mb = job.train.bucket_mb,
+                           .zero_stage = job.train.zero_stage,
+                           .deterministic = job.train.deterministic},
                           job.compression.kind);
   if (job.train.zero_stage > 0 && job.compression.kind != comm::Compression::none && job.compression.warmup_steps > 0)
     throw InputError("train", "--compression-warmup applies to all-reduced gradients; with --zero the gradient is "
@@ -103,8 +107,10 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
   else
     info(fmt::format("data parallel: {} ranks; global batch {} x {} rows; gradients as {}", world,
                      job.train.batch_size * world, job.train.grad_accum,
-                     job.compression.kind == comm::Compression::none ? std::string_view("float32")
-                                                                     : comm::compression_name(job.compression.kind)));
+                     job.train.deterministic ? std::string_view("fixed-point int64 rows (--deterministic)")
+                     : job.compression.kind == comm::Compression::none
+                         ? std::string_view("float32")
+                         : comm::compression_name(job.compression.kind)));
 }
 
 // ZeRO-3's final model: rank 0 writes it tensor by tensor, in layout order, while every

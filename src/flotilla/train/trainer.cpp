@@ -8,6 +8,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/deterministic_sync.hpp"
 #include "flotilla/parallel/pipeline_sync.hpp"
 
 namespace flotilla::train {
@@ -48,6 +49,19 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
   validate_train_config(cfg);
+  if (cfg.deterministic) {
+    if (pipeline) throw InputError("train", "--deterministic does not work with pipeline parallelism (pp > 1) yet");
+    // The load-balancing loss is a function of the whole micro-batch's routing, not a sum
+    // over its rows.
+    if (model.config().is_moe())
+      throw InputError("train", "--deterministic does not work with mixture-of-experts models yet: the router's "
+                                "load-balancing loss is not a sum over rows");
+    const int64_t rows = cfg.batch_size * cfg.grad_accum * (dp ? dp->world() : 1);
+    if (rows > parallel::kMaxDeterministicRows)
+      throw InputError("train", fmt::format("--deterministic sums at most {} rows per global batch without overflow; "
+                                            "this one has {} (--batch-size x --grad-accum x ranks)",
+                                            parallel::kMaxDeterministicRows, rows));
+  }
   if (pipeline) {
     // A mixture of experts' load-balancing loss is summed over the layers of the whole
     // model; the stages would each hold a part of it: not built yet.
@@ -66,7 +80,8 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
       model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd,
                                        .bucket_mb = cfg.bucket_mb,
                                        .zero_stage = cfg.zero_stage,
-                                       .zero_poison = cfg.zero_poison},
+                                       .zero_poison = cfg.zero_poison,
+                                       .deterministic = cfg.deterministic},
       trace);
 }
 
@@ -152,6 +167,32 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
   return EvalMetrics{0, total.mean(), total.num_tokens};
 }
 
+model::LossSum Trainer::rows_forward_backward(int64_t first_row) {
+  const int64_t T = batch_.T;
+  model::LossSum total;
+  for (int64_t b = 0; b < batch_.B; ++b) {
+    const size_t at = static_cast<size_t>(b * T);
+    // LoRA dropout's masks: keyed by the global row, the same whichever rank runs it.
+    model_.set_dropout_step(static_cast<uint64_t>(first_row + b));
+    model::LossSum row;
+    {
+      TraceSpan span(trace_, "forward", TraceLane::compute);
+      row = model_.forward(batch_.tokens.data() + at, batch_.targets.data() + at, 1, T,
+                           batch_.doc_start.empty() ? nullptr : batch_.doc_start.data() + at);
+    }
+    // A row without targets has a zero gradient: nothing to add.
+    if (row.num_tokens == 0) continue;
+    {
+      TraceSpan span(trace_, "backward", TraceLane::compute);
+      model_.backward(1.0f);  // the row's loss sum: batch 1, no mean over anything
+    }
+    sync_->row_done(row);
+    total.sum += row.sum;
+    total.num_tokens += row.num_tokens;
+  }
+  return total;
+}
+
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
   StepMetrics m;
@@ -183,6 +224,16 @@ StepMetrics Trainer::step(data::BatchSource& train) {
       train.next_batch(batch_);
       m.data_s += data_timer.elapsed_s();
       model::LossSum loss;
+      if (sync_->per_row()) {
+        // The global batch's rows in the samplers' layout: micro-step a of rank r holds rows
+        // [(a * world + r) * B, +B) (data/batch_sampler.hpp, data/rank_slice.hpp).
+        const int64_t global_rows = cfg_.batch_size * cfg_.grad_accum * world();
+        const int64_t first = (step_ + m.skipped_batches) * global_rows + (micro * world() + rank()) * cfg_.batch_size;
+        loss = rows_forward_backward(first);
+        window.sum += loss.sum;
+        window.num_tokens += loss.num_tokens;
+        continue;
+      }
       {
         TraceSpan span(trace_, "forward", TraceLane::compute);
         loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,

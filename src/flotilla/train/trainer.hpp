@@ -60,6 +60,10 @@ struct TrainConfig {
   // ZeRO-3 test mode (the environment's FLOTILLA_ZERO_POISON=1 for `flotilla train`): the
   // weights a rank released read NaN, so that a read of one not gathered shows.
   bool zero_poison = false;
+  // Data parallel: the same model bytes for any number of ranks, any split of the global
+  // batch and any thread count (parallel/deterministic_sync.hpp): rows run one at a time,
+  // their gradients summed in fixed-point integers, LoRA dropout keyed by the global row.
+  bool deterministic = false;
 };
 
 struct StepMetrics {
@@ -220,6 +224,9 @@ class Trainer {
   CosineSchedule schedule_;
   data::Batch batch_;                       // (B, T) the current micro-batch
   std::vector<data::Batch> micro_batches_;  // pipeline: the step's micro-batches
+  // Forward and backward of the micro-batch in batch_, one row at a time (deterministic
+  // mode); `first_row` is its first row's index among every global batch drawn so far.
+  model::LossSum rows_forward_backward(int64_t first_row);
   int64_t step_ = 0;
   double elapsed_s_ = 0.0;
 };
