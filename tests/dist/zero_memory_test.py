@@ -5,6 +5,12 @@ parallelism, and --zero 1, 2 and 3 where this flotilla has --zero (a binary with
 checks plain alone, and says so). Every rank must lie within 10% of the prediction.
 
     zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,2,3] [--steps 2]
+                        [--stages 0,1,2,3] [--shape D,L,H,F,V,T,B]
+
+With --shape, a model of that shape instead of W1 (bench/zero's --shape): dist_zero3_build
+runs one whose weights outweigh its activations at --zero 3 on 4 ranks, where a rank that
+built (or zeroed) the whole model or gradient before sharding would stand far above the
+planner's 16Ψ/N + gathered groups + activations.
 """
 
 from __future__ import annotations
@@ -27,18 +33,20 @@ def main() -> int:
     args = script_args((("--ranks",), {"default": "1,2,3"}),
                        (("--steps",), {"type": int, "default": 2,
                                        "help": "the peak comes in the second step: AdamW's moments are first "
-                                               "written by the first update"}))
+                                               "written by the first update"}),
+                       (("--stages",), {"default": "0,1,2,3", "help": "of 0, 1, 2, 3 (0: plain)"}),
+                       (("--shape",), {"help": "dim,layers,heads,ffn,vocab,seq,batch instead of W1"}))
     flotilla = os.path.abspath(args.flotilla)
     help_text = subprocess.run([flotilla, "train", "--help"], capture_output=True, text=True).stdout
     has_zero = "--zero" in help_text
-    stages = "0,1,2,3" if has_zero else "0"
+    stages = args.stages if has_zero else "0"
     if not has_zero:
         print("note: this flotilla has no --zero: checking plain data parallelism only")
     worlds = [int(n) for n in args.ranks.split(",")]
     with tempfile.TemporaryDirectory(prefix="flotilla_zero_test_") as tmp:
         out = os.path.join(tmp, "zero.json")
         cmd = ["/usr/bin/python3", BENCH, "--build", os.path.dirname(flotilla), "--mpirun", args.mpirun,
-               "--workload", "W1", "--ranks", args.ranks, "--stages", stages, "--steps", str(args.steps),
+               *(["--shape", args.shape] if args.shape else ["--workload", "W1"]), "--ranks", args.ranks, "--stages", stages, "--steps", str(args.steps),
                "--json-out", out]
         print(" ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)

@@ -17,8 +17,12 @@ class Rng {
   float uniform();
   // Uniform integer in [0, n), n > 0.
   uint64_t below(uint64_t n);
-  // Standard normal (Box-Muller).
+  // Standard normal (Box-Muller). Draws exactly two words, always: skipping k normals of
+  // a stream is discard(2 k).
   float normal();
+  // Advances the stream by `n` words, as n calls of next_u64 would (without the
+  // transcendental work of the draws skipped).
+  void discard(uint64_t n);
   void fill_normal(std::span<float> out, float mean, float stddev);
   void fill_uniform(std::span<float> out, float lo, float hi);
 

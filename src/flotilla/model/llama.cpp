@@ -1,6 +1,7 @@
 #include "flotilla/model/llama.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -91,20 +92,42 @@ void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) cons
 }
 
 void Llama::init_random(uint64_t seed) {
+  const std::array<ElementRange, 1> all = {ElementRange{0, static_cast<int64_t>(params_.size())}};
+  init_random(seed, all);
+}
+
+void Llama::init_random(uint64_t seed, std::span<const ElementRange> owned) {
   if (quantized()) throw Error("model", "init_random on a quantized model");
+  int64_t at = 0;
+  for (const ElementRange& r : owned) {
+    if (r.begin < at || r.end < r.begin || r.end > static_cast<int64_t>(params_.size()))
+      throw Error("model", "init_random: owned ranges must be ascending, disjoint and inside the parameters");
+    at = r.end;
+  }
   bf16_weights_valid_ = false;
   Rng rng(seed);
+  auto range = owned.begin();  // the first owned range not wholly below the tensor
   for (const ParamInfo& info : layout_.params()) {
-    std::span<float> w(params_.data() + info.offset, static_cast<size_t>(info.numel));
+    const int64_t begin = info.offset, end = info.offset + info.numel;
     const bool is_norm = info.name.ends_with("norm.weight");
     const bool is_bias = info.name.ends_with(".bias");
-    if (is_norm) {
-      std::fill(w.begin(), w.end(), 1.0f);
-    } else if (is_bias) {
-      std::fill(w.begin(), w.end(), 0.0f);
-    } else {
-      rng.fill_normal(w, 0.0f, cfg_.initializer_range);
+    while (range != owned.end() && range->end <= begin) ++range;
+    int64_t drawn = begin;  // the stream stands at this float of the tensor
+    for (auto r = range; r != owned.end() && r->begin < end; ++r) {
+      const int64_t b = std::max(r->begin, begin), e = std::min(r->end, end);
+      if (b >= e) continue;
+      std::span<float> w(params_.data() + b, static_cast<size_t>(e - b));
+      if (is_norm) {
+        std::fill(w.begin(), w.end(), 1.0f);
+      } else if (is_bias) {
+        std::fill(w.begin(), w.end(), 0.0f);
+      } else {
+        rng.discard(2 * static_cast<uint64_t>(b - drawn));  // normal() draws two words
+        rng.fill_normal(w, 0.0f, cfg_.initializer_range);
+        drawn = e;
+      }
     }
+    if (!is_norm && !is_bias) rng.discard(2 * static_cast<uint64_t>(end - drawn));
   }
 }
 

@@ -188,8 +188,13 @@ class Llama {
   void block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const;
 
   // HF's initialisation: Linear and Embedding ~ N(0, initializer_range), norms = 1,
-  // biases = 0.
+  // biases = 0. One stream over the tensors in layout order.
   void init_random(uint64_t seed);
+  // The same values, written only inside `owned` (ascending, disjoint ranges of params()):
+  // every other float is left as it was, and its pages untouched (a ZeRO-3 rank builds only
+  // its shard: pages never written cost no memory, base/buffer.hpp). Bit for bit what
+  // init_random(seed) writes there: the stream is skipped, not redrawn, outside `owned`.
+  void init_random(uint64_t seed, std::span<const ElementRange> owned);
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }

@@ -40,6 +40,13 @@ class WeightRef {
   int64_t index_ = 0;  // the offset (dense) or the slot (quantized)
 };
 
+// [begin, end) of the flat parameter buffer, in floats: a part of it a rank holds (ZeRO-3's
+// shard is a list of these, parallel/zero3.hpp).
+struct ElementRange {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+};
+
 struct ParamInfo {
   std::string name;             // e.g. "model.layers.0.self_attn.q_proj.weight"
   std::vector<int64_t> shape;   // PyTorch layout, Linear weights (out, in)

@@ -46,11 +46,9 @@
 
 namespace flotilla::parallel {
 
-// [begin, end) of the flat trainable arena, in floats.
-struct ArenaRange {
-  int64_t begin = 0, end = 0;
-  int64_t size() const { return end - begin; }
-};
+// [begin, end) of the flat trainable arena, in floats (the model's own range type: a
+// shard is also what a rank builds of the model, model::Llama::init_random).
+using ArenaRange = model::ElementRange;
 
 // A buffer of state this rank alone holds that an exact resume needs (local SGD's outer
 // momentum): a sharded checkpoint saves it in the rank's own file and restores it on the

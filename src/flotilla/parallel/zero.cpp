@@ -34,7 +34,13 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
  public:
   ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace)
       : GradientSync(model), dp_(dp), stage_(stage), world_(dp.world()), rank_(dp.rank()) {
-    const auto arena = static_cast<int64_t>(model.trainable().params.size());
+    // The arenas, taken once here on the calling thread: reduce_unit runs on the
+    // communication thread while the main thread may use the model, and must not call
+    // Llama::trainable() (which marks the model's bf16 copy stale and may allocate).
+    const model::Llama::Trainable trainable = model_.trainable();
+    params_ = trainable.params;
+    grads_ = trainable.grads;
+    const auto arena = static_cast<int64_t>(params_.size());
     std::vector<comm::GradRange> ranges;
     if (world_ > 1 && bucket_mb > 0.0) {
       // Units are the fusion buckets, reduced on the communication thread as backward
@@ -104,7 +110,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     ++reduced_;
     if (overlap_) {
       active_ = true;
-      overlap_->begin(model_.trainable().grads);
+      overlap_->begin(grads_);
     }
   }
 
@@ -153,6 +159,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
 
   // Every rank updated its chunks in place; each takes the others'.
   void after_update(int64_t, bool) override {
+    // The weights change under the model: its bf16 copy, if any, must be made again.
     const std::span<float> params = model_.trainable().params;
     for (const Unit& u : units_) {
       if (u.chunk == 0) continue;
@@ -187,9 +194,8 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   bool reduces_now() const { return stage_ >= 2 || last_micro_; }
 
   void reduce_all() {
-    const std::span<float> grads = model_.trainable().grads;
     for (const Unit& u : units_)
-      reduce_unit(grads.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.end - u.begin)));
+      reduce_unit(grads_.subspan(static_cast<size_t>(u.begin), static_cast<size_t>(u.end - u.begin)));
   }
 
   // A unit's gradient from every rank: reduce-scattered into this rank's chunk slot, the tail
@@ -197,8 +203,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   // 2); stage 2 then releases the unit's part of the arena. On the communication thread
   // when overlapping.
   void reduce_unit(std::span<float> part) {
-    const std::span<float> grads = model_.trainable().grads;
-    const int64_t begin = part.data() - grads.data();
+    const int64_t begin = part.data() - grads_.data();
     // units_ is ascending in the arena: the first one not starting below `begin`.
     const auto it = std::partition_point(units_.begin(), units_.end(), [&](const Unit& u) { return u.begin < begin; });
     if (it == units_.end() || it->begin != begin || it->end - it->begin != static_cast<int64_t>(part.size()))
@@ -236,14 +241,14 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   }
 
   void check_sizes(std::span<const float> owned, std::span<const float> whole) const {
-    if (owned.size() != shard_grads_.size() || whole.size() != model_.trainable().params.size())
+    if (owned.size() != shard_grads_.size() || whole.size() != params_.size())
       throw Error("parallel/zero", fmt::format("a shard of {} floats and a whole of {} were given; this rank owns {} "
                                                "of {}",
-                                               owned.size(), whole.size(), shard_grads_.size(),
-                                               model_.trainable().params.size()));
+                                               owned.size(), whole.size(), shard_grads_.size(), params_.size()));
   }
 
   DataParallel& dp_;
+  std::span<float> params_, grads_;  // the model's arenas (P,): weights and gradients
   const int stage_;
   const int64_t world_;  // N
   const int64_t rank_;

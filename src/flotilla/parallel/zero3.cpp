@@ -110,6 +110,31 @@ class CommQueue {
   std::thread thread_;  // last: starts after everything it uses exists
 };
 
+// The groups in arena order: the embedding, each block, the head (final norm, lm_head).
+struct GroupBounds {
+  std::string name;  // "embedding", "block 3", "head"
+  int64_t begin = 0, end = 0;
+};
+std::vector<GroupBounds> group_bounds(const model::ModelConfig& cfg, const model::ParamLayout& layout,
+                                      int64_t arena) {
+  std::vector<GroupBounds> groups;
+  groups.push_back({"embedding", 0, layout.layers[0].ln1.offset()});
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    const int64_t end = l + 1 < cfg.n_layers ? layout.layers[static_cast<size_t>(l + 1)].ln1.offset()
+                                             : layout.final_norm.offset();
+    groups.push_back({fmt::format("block {}", l), layout.layers[static_cast<size_t>(l)].ln1.offset(), end});
+  }
+  groups.push_back({"head", layout.final_norm.offset(), arena});
+  return groups;
+}
+
+// A group of n floats cut over the ranks: rank's chunk, then the tail, where not empty.
+void append_shard(std::vector<ArenaRange>& owned, int64_t begin, int64_t end, int64_t world, int64_t rank) {
+  const int64_t chunk = (end - begin) / world;
+  if (chunk > 0) owned.push_back({begin + rank * chunk, begin + (rank + 1) * chunk});
+  if (begin + chunk * world < end) owned.push_back({begin + chunk * world, end});
+}
+
 // One group of the arena (the embedding, a decoder block, the head), split over the ranks
 // as stages 1-2 split a unit: rank r's chunk [begin + r chunk, begin + (r+1) chunk), the
 // tail [begin + N chunk, end) every rank's.
@@ -139,21 +164,13 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     grads_ = trainable.grads;
     const auto arena = static_cast<int64_t>(params_.size());
     tied_ = cfg.tie_embeddings;
-    // Groups in arena order: the embedding, each block, the head (final norm, lm_head).
-    auto add = [&](std::string name, int64_t begin, int64_t end) {
+    for (const GroupBounds& b : group_bounds(cfg, layout, arena)) {
       Group g;
-      g.name = std::move(name);
-      g.begin = begin;
-      g.end = end;
+      g.name = b.name;
+      g.begin = b.begin;
+      g.end = b.end;
       groups_.push_back(g);
-    };
-    add("embedding", 0, layout.layers[0].ln1.offset());
-    for (int64_t l = 0; l < cfg.n_layers; ++l) {
-      const int64_t end = l + 1 < cfg.n_layers ? layout.layers[static_cast<size_t>(l + 1)].ln1.offset()
-                                               : layout.final_norm.offset();
-      add(fmt::format("block {}", l), layout.layers[static_cast<size_t>(l)].ln1.offset(), end);
     }
-    add("head", layout.final_norm.offset(), arena);
     // Every range backward reports must lie in one group and the group's ranges tile it:
     // then a group's gradient is complete exactly when its last range is reported.
     model_.set_parallel_context(this);
@@ -171,16 +188,18 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
                                                   g.end - g.begin));
       g.chunk = (g.end - g.begin) / world_;
       g.chunk_slot = slot;
-      if (g.chunk > 0) owned_.push_back({g.begin + rank_ * g.chunk, g.begin + (rank_ + 1) * g.chunk});
       slot += g.chunk;
       g.tail_slot = slot;
-      if (g.tail_begin(world_) < g.end) owned_.push_back({g.tail_begin(world_), g.end});
       slot += g.end - g.tail_begin(world_);
+      append_shard(owned_, g.begin, g.end, world_, rank_);
     }
     shard_grads_.resize(static_cast<size_t>(slot));
     page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kFloat);
-    // The weights are whole now (loaded, or rank 0's broadcast): groups are released as the
-    // first forward passes them.
+    // Only the shard is known to be current: the model may have been built on this rank's
+    // ranges alone (train/job_model.cpp), the rest of the arena never written. Every group
+    // starts released, and the first forward gathers each one; the pages of other ranks'
+    // chunks a whole model holds (one loaded whole, or broadcast) go back to the system now.
+    for (size_t j = 0; j < groups_.size(); ++j) release(j);
   }
 
   ~Zero3Sync() override {
@@ -197,7 +216,9 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
 
   void zero_grads() override {
     // The reduce-scatters released the arena group by group: it reads as zero already.
-    if (!released_) model_.zero_grads();
+    // Otherwise (the first step, one after a skipped exchange) it is zeroed by handing its
+    // pages back, not by writing every float: the whole gradient is never resident at once.
+    if (!released_) release_zeroed(grads_.data(), grads_.size_bytes());
     released_ = false;
     reduced_ = 0;
   }
@@ -473,6 +494,16 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
 };
 
 }  // namespace
+
+std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const model::ParamLayout& layout,
+                                           int64_t world, int64_t rank) {
+  if (world < 1 || rank < 0 || rank >= world)
+    throw Error("parallel/zero3", fmt::format("rank {} of {} ranks", rank, world));
+  std::vector<ArenaRange> owned;
+  for (const GroupBounds& b : group_bounds(cfg, layout, layout.total_numel()))
+    append_shard(owned, b.begin, b.end, world, rank);
+  return owned;
+}
 
 std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
                                               TraceRecorder* trace) {

@@ -43,6 +43,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "flotilla/parallel/gradient_sync.hpp"
 
@@ -53,6 +54,14 @@ struct Zero3Options {
   // of a weight that was not gathered makes the loss NaN.
   bool poison_released = false;
 };
+
+// The shard stage 3 gives `rank` of `world` ranks in a model of `cfg` (its layout): its
+// chunk of every group and every group's tail, ascending in the arena; what the sync's
+// owned() returns. Known before the model is built, so that a rank builds, loads and
+// touches only these (train/job_model.cpp): the rest of its arena stays unwritten and costs
+// no memory until a gather fills it.
+std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const model::ParamLayout& layout,
+                                           int64_t world, int64_t rank);
 
 // InputError with LoRA (not built: the frozen base would need gathers without reduction),
 // with bf16 products (the bf16 copy is made of the whole arena) and with a pipeline stage.

@@ -94,11 +94,14 @@ void check_job_flags(const TrainJob& job) {
 std::string fnv1a_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
 // Every rank must train the same model on the same data, from rank 0's weights.
+// A rank that built only its ZeRO-3 shard (`sharded_build`) holds no whole model to
+// broadcast: every rank drew its part from the same seed instead, which they check.
 void join_data_parallel(const TrainJob& job, model::Llama& model, const text::Tokenizer& tokenizer, int world,
-                        const InfoSink& info) {
+                        bool sharded_build, const InfoSink& info) {
   job.dp->check_same("model configs", fnv1a_hex(model.config().to_json().dump()));
   job.dp->check_same("tokenizers", tokenizer.fingerprint());
-  job.dp->broadcast_parameters(model.trainable().params);
+  if (sharded_build) job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
+  else job.dp->broadcast_parameters(model.trainable().params);
   job.dp->set_compression(job.compression, model.trainable().table);
   if (job.train.local_sgd.sync_every > 0)
     info(fmt::format("data parallel: {} ranks, local SGD: weights meet every {} steps (outer lr {}, momentum {})",
@@ -229,7 +232,9 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
 
   // The model, the data it reads, and what it trains.
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
-  model::Llama model = make_model(job, *tokenizer);
+  // Under --zero 3 each rank builds only its shard of a new model (build_ranges).
+  const std::vector<model::ElementRange> shard = build_ranges(job, *tokenizer);
+  model::Llama model = make_model(job, *tokenizer, shard);
   const DataFolder data_folder = locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
@@ -241,11 +246,11 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                        job.experts->ep_size(), first, end, model.config().moe.num_experts));
     }
   }
-  if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, info);
+  if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, !shard.empty(), info);
   // Every stage starts from world rank 0's weights (each holds the whole model and trains
   // its own layers).
   if (job.pp) job.world->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial weights"});
-  if (job.resume_from.empty()) check_trainable_finite(job, model);  // checkpoints never hold non-finite weights
+  if (job.resume_from.empty()) check_trainable_finite(job, model, shard);  // checkpoints never hold non-finite weights
   plan_activations(job, model, info);
   TrainData data = open_train_data(job, data_folder, *tokenizer, model, ranks, info);
 

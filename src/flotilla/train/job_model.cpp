@@ -10,6 +10,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/matmul_dtype.hpp"
+#include "flotilla/parallel/zero3.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
 namespace flotilla::train {
@@ -42,6 +43,16 @@ void check_resumed_adapter(const TrainJob& job, const model::LoraConfig& adapter
     mismatch("--num-layers", std::to_string(flags.num_layers), fmt::format("{} layers", layers(adapter.num_layers)));
 }
 
+// The config of a new model (--preset or --config), speaking its tokenizer's special ids.
+model::ModelConfig new_model_config(const TrainJob& job, const text::Tokenizer& tokenizer) {
+  model::ModelConfig cfg =
+      job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
+  // A new model speaks its tokenizer's special ids; config.json records them for HF.
+  if (cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
+  if (cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
+  return cfg;
+}
+
 }  // namespace
 
 std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
@@ -49,17 +60,25 @@ std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
   return std::make_unique<text::ByteTokenizer>();
 }
 
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer) {
+std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer) {
+  // Stage 3's refusals (LoRA, pipelines, bf16) come before any model is built
+  // (check_job_flags); a model directory is read whole.
+  const bool new_model = job.model_dir.empty() && (job.preset.empty() != job.config_json.empty());
+  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || !new_model || job.pp ||
+      job.fine_tune != FineTuneType::full)
+    return {};
+  const model::ModelConfig cfg = new_model_config(job, tokenizer);
+  return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
+}
+
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
+                        std::span<const model::ElementRange> shard) {
   const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
   if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite);
-  model::ModelConfig cfg =
-      job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
-  // A new model speaks its tokenizer's special ids; config.json records them for HF.
-  if (cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
-  if (cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
-  model::Llama model(cfg);
-  model.init_random(job.seed);
+  model::Llama model(new_model_config(job, tokenizer));
+  if (shard.empty()) model.init_random(job.seed);
+  else model.init_random(job.seed, shard);
   return model;
 }
 
@@ -100,17 +119,26 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
   return nullptr;
 }
 
-void check_trainable_finite(const TrainJob& job, model::Llama& model) {
+void check_trainable_finite(const TrainJob& job, model::Llama& model, std::span<const model::ElementRange> shard) {
   const model::Llama::Trainable trainable = model.trainable();
   for (const model::ParamInfo& p : trainable.table.params()) {
-    const auto values = trainable.params.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel));
-    const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
-    if (bad != values.end())
-      throw InputError("train", fmt::format("{}: tensor {} holds {} at element {}: training from non-finite weights "
-                                            "can only diverge",
-                                            job.model_dir.empty() ? std::string("the initial weights")
-                                                                  : job.model_dir.string(),
-                                            p.name, *bad, bad - values.begin()));
+    // The tensor's floats this rank holds: all, or those inside its shard.
+    std::vector<model::ElementRange> parts;
+    if (shard.empty()) parts.push_back({p.offset, p.offset + p.numel});
+    for (const model::ElementRange& r : shard) {
+      const int64_t b = std::max(r.begin, p.offset), e = std::min(r.end, p.offset + p.numel);
+      if (b < e) parts.push_back({b, e});
+    }
+    for (const model::ElementRange& part : parts) {
+      const auto values = trainable.params.subspan(static_cast<size_t>(part.begin), static_cast<size_t>(part.size()));
+      const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+      if (bad != values.end())
+        throw InputError("train", fmt::format("{}: tensor {} holds {} at element {}: training from non-finite "
+                                              "weights can only diverge",
+                                              job.model_dir.empty() ? std::string("the initial weights")
+                                                                    : job.model_dir.string(),
+                                              p.name, *bad, part.begin - p.offset + (bad - values.begin())));
+    }
   }
 }
 

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
@@ -17,9 +19,18 @@ namespace flotilla::train {
 // The model directory's tokenizer, or bytes for a preset or config.json.
 std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job);
 
+// The ranges of the parameter arena this rank builds: empty for the whole model; under
+// --zero 3 on several ranks, a new model's ZeRO-3 shard (parallel/zero3.hpp), so that no
+// rank ever writes (and holds) the whole model. Every rank computes its own from the
+// config alone, before the model exists. (A model directory is still read whole.)
+std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer);
+
 // Exactly one of --model, --preset or --config (InputError otherwise); a new model is
-// initialised from job.seed and speaks its tokenizer's special ids.
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer);
+// initialised from job.seed and speaks its tokenizer's special ids. With `shard` (from
+// build_ranges) only those ranges are initialised, to the values the whole model would
+// have there; the rest of the arena is never written.
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
+                        std::span<const model::ElementRange> shard = {});
 
 // A LoRA run: adapters (fresh from job.seed, or job.resume_adapter checked against the LoRA
 // flags given) attached to `model`, which keeps a pointer to them: they must outlive it.
@@ -28,7 +39,8 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
 
 // A fresh run's weights to train that hold a NaN or an Inf can only give a non-finite
 // model, which is never written: InputError naming the tensor now, not after the run.
-void check_trainable_finite(const TrainJob& job, model::Llama& model);
+// With `shard`, only those ranges are read (the rest was never built).
+void check_trainable_finite(const TrainJob& job, model::Llama& model, std::span<const model::ElementRange> shard = {});
 
 // Gradient checkpointing as asked, and the activation memory of B x T rows checked (and
 // told) before the data loads, not at the first step.
