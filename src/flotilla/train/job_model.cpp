@@ -49,16 +49,27 @@ std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
   return std::make_unique<text::ByteTokenizer>();
 }
 
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer) {
+model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& tokenizer) {
   const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
   if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
-  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite);
+  if (!job.model_dir.empty()) {
+    if (!std::filesystem::is_directory(job.model_dir))
+      throw InputError("model", job.model_dir.string() + ": not a model directory");
+    return model::ModelConfig::load(job.model_dir / "config.json");
+  }
   model::ModelConfig cfg =
       job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
   // A new model speaks its tokenizer's special ids; config.json records them for HF.
   if (cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
   if (cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
-  model::Llama model(cfg);
+  return cfg;
+}
+
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
+                        std::optional<model::Llama::LayerRange> stage) {
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage);
+  model::Llama model(job_model_config(job, tokenizer));
+  if (stage) model.hold_only(*stage);
   model.init_random(job.seed);
   return model;
 }
@@ -103,6 +114,7 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
 void check_trainable_finite(const TrainJob& job, model::Llama& model) {
   const model::Llama::Trainable trainable = model.trainable();
   for (const model::ParamInfo& p : trainable.table.params()) {
+    if (!model.base_frozen() && !model.holds(p)) continue;  // another pipeline stage's
     const auto values = trainable.params.subspan(static_cast<size_t>(p.offset), static_cast<size_t>(p.numel));
     const auto bad = std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
     if (bad != values.end())

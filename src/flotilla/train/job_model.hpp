@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "flotilla/model/llama.hpp"
@@ -17,9 +18,15 @@ namespace flotilla::train {
 // The model directory's tokenizer, or bytes for a preset or config.json.
 std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job);
 
-// Exactly one of --model, --preset or --config (InputError otherwise); a new model is
-// initialised from job.seed and speaks its tokenizer's special ids.
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer);
+// The config of the model the job trains, before any weight is read: exactly one of
+// --model, --preset or --config (InputError otherwise); a new model speaks its tokenizer's
+// special ids.
+model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& tokenizer);
+// The model: loaded, or initialised from job.seed. `stage` (a pipeline stage's layers):
+// the model holds only that stage's tensors (model::Llama::hold_only), and reads or draws
+// only those.
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
+                        std::optional<model::Llama::LayerRange> stage = std::nullopt);
 
 // A LoRA run: adapters (fresh from job.seed, or job.resume_adapter checked against the LoRA
 // flags given) attached to `model`, which keeps a pointer to them: they must outlive it.
