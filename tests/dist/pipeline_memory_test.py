@@ -14,7 +14,8 @@ state (198 MiB) dominates a rank's memory: a rank that held the whole weights ag
 MiB more) would fail both checks at pp=2 and pp=4. Two steps: AdamW's moments are first
 written by the first update, so the second step is the peak; the run ends with validation
 through the stages and the model written by stage 0 from the stages' tensors.
-Usage: pipeline_memory_test.py FLOTILLA [--mpirun MPIRUN]
+Usage: pipeline_memory_test.py FLOTILLA [--mpirun MPIRUN] [--config CONFIG.json] [--seq-len T]
+           [--batch-size B]   (bench/RESULTS.md: another model, e.g. W2's shape)
 """
 import json
 import os
@@ -56,7 +57,12 @@ def stage_params(c, begin, end):
 
 
 def main():
-    args = script_args()
+    args = script_args((("--config",), {"help": "a config.json to measure instead of the test's model"}),
+                       (("--seq-len",), {"default": "64"}), (("--batch-size",), {"default": "4"}))
+    if args.config:
+        with open(args.config) as c:
+            CONFIG.clear()
+            CONFIG.update(json.load(c))
     env = mpi_env()
     f = os.path.abspath(args.flotilla)
     tmp = tempfile.mkdtemp(prefix="flotilla_pipeline_memory_")
@@ -69,7 +75,7 @@ def main():
         run([f, "init", "--config", config, "--out", model, "--seed", "5"], env)
         total = stage_params(CONFIG, 0, CONFIG["num_hidden_layers"])
         common = ["--model", model, "--data", os.path.join(SOURCE, "data/sample/corpus.jsonl"), "--steps", "2",
-                  "--seq-len", "64", "--batch-size", "4", "--lr", "1e-3", "--eval-every", "0", "--eval-batches", "1",
+                  "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--lr", "1e-3", "--eval-every", "0", "--eval-batches", "1",
                   "--seed", "11"]
 
         def train(pp):
