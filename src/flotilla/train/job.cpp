@@ -231,12 +231,14 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
 
   // The model, the data it reads, and what it trains.
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
-  // The data before the weights: it may set the sequence length, which the pipeline's
-  // stages are balanced by, and a stage reads only its own layers' weights.
+  // A pipeline locates the data before the weights: the data may set the sequence length,
+  // which the stages are balanced by, and a stage reads only its own layers' weights.
+  // Otherwise the weights come first, as their faults are reported first.
   const model::ModelConfig model_config = job_model_config(job, *tokenizer);
-  const DataFolder data_folder = locate_data(job, model_config, *tokenizer, info);
+  std::optional<DataFolder> pipeline_data;
   std::optional<parallel::PipelineStage> pipeline;
   if (job.pp) {
+    pipeline_data.emplace(locate_data(job, model_config, *tokenizer, info));
     pipeline.emplace(*job.pp, pipeline_stages(job, model_config, info), job.pipeline);
     // Each stage builds its own layers (the same draws or files as one process): every
     // stage must be building the same model.
@@ -244,6 +246,8 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   }
   model::Llama model =
       make_model(job, *tokenizer, pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt);
+  const DataFolder data_folder =
+      pipeline_data ? std::move(*pipeline_data) : locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
   if (job.experts && (model.config().is_moe() || job.experts->ep_size() > 1)) {
