@@ -13,6 +13,8 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <utility>
 #include <random>
 #include <vector>
 
@@ -197,8 +199,11 @@ void expect_pipeline_matches_one_model(const Case& c, uint64_t seed) {
     batch.tokens.push_back(token(rng));
     batch.targets.push_back(i % 7 == 3 ? model::kIgnoreIndex : token(rng));
   }
-  auto make = [&](std::unique_ptr<model::LoraAdapters>& adapters) {
+  // `hold`: a stage's model, holding only its tensors (the base's: LoRA's adapters are
+  // whole on every stage).
+  auto make = [&](std::unique_ptr<model::LoraAdapters>& adapters, std::optional<StageRange> hold = std::nullopt) {
     model::Llama m(cfg);
+    if (hold) m.hold_only(*hold);
     m.init_random(seed);
     if (c.lora) {
       adapters = std::make_unique<model::LoraAdapters>(cfg, lora_cfg);
@@ -220,7 +225,7 @@ void expect_pipeline_matches_one_model(const Case& c, uint64_t seed) {
   std::mutex mutex;
   comm::run_threads(c.stages, [&](comm::Communicator& pp) {
     std::unique_ptr<model::LoraAdapters> adapters;
-    model::Llama m = make(adapters);
+    model::Llama m = make(adapters, ranges[static_cast<size_t>(pp.rank())]);
     PipelineStage stage(pp, ranges, PipelineConfig{.micro_batches = c.micro_batches, .schedule = c.schedule});
     const std::unique_ptr<GradientSync> sync = make_pipeline_sync(m, stage, nullptr);
     sync->zero_grads();
@@ -228,6 +233,8 @@ void expect_pipeline_matches_one_model(const Case& c, uint64_t seed) {
     stage.split(batch, micro);
     const model::LossSum local = stage.run(m, micro, nullptr);
     const Exchanged ex = sync->exchange(local);
+    // Evaluation through the stages: every stage gets the whole batch's loss.
+    const model::LossSum eval = stage.forward_only(m, batch);
     std::lock_guard<std::mutex> lock(mutex);
     // The loss: summed in another order (per micro-batch); float rounding only.
     EXPECT_NEAR(ex.global.sum, ref_loss.sum, 1e-5 * std::abs(ref_loss.sum));
@@ -245,6 +252,8 @@ void expect_pipeline_matches_one_model(const Case& c, uint64_t seed) {
         ASSERT_NEAR(got[at], ref_grads[static_cast<size_t>(i)], 1e-4f * scale) << "stage " << pp.rank() << " float " << i;
     }
     EXPECT_EQ(at, got.size());
+    EXPECT_NEAR(eval.sum, ref_loss.sum, 1e-5 * std::abs(ref_loss.sum)) << "stage " << pp.rank();
+    EXPECT_EQ(eval.num_tokens, ref_loss.num_tokens);
   });
 }
 
@@ -255,6 +264,49 @@ TEST(PipelineStage, StagesComputeWhatOneModelComputes) {
     expect_pipeline_matches_one_model({4, 4, schedule, true, false}, seed);
     expect_pipeline_matches_one_model({3, 2, schedule, true, false}, seed);
     expect_pipeline_matches_one_model({4, 2, schedule, false, true}, seed);
+  }
+}
+
+// A stage's model holds exactly its tensors, with the values the whole model's init gives
+// them; the others are never written (they read zero) and are neither zeroed nor copied.
+TEST(PipelineStage, AStageModelHoldsOnlyItsTensorsWithTheWholeModelsValues) {
+  const uint64_t seed = testing::test_seed();
+  model::ModelConfig cfg;
+  cfg.vocab_size = 48;
+  cfg.dim = 32;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 8;
+  cfg.ffn_dim = 48;
+  cfg.n_layers = 5;
+  for (const bool tied : {false, true}) {
+    cfg.tie_embeddings = tied;
+    model::Llama whole(cfg);
+    whole.init_random(seed);
+    const std::vector<StageRange> ranges = balance_stages(cfg, 3, 16);
+    const auto owned = stage_owned_ranges(whole, whole.layout(), ranges);
+    for (int s = 0; s < 3; ++s) {
+      SCOPED_TRACE(fmt::format("tied={} stage {} seed {}", tied, s, seed));
+      model::Llama m(cfg);
+      m.hold_only(ranges[static_cast<size_t>(s)]);
+      m.init_random(seed);
+      m.zero_grads();
+      m.zero_grads();  // the second zeroes in place: only the held ranges
+      std::vector<bool> held(static_cast<size_t>(whole.layout().total_numel()), false);
+      for (const auto& [begin, end] : m.held_ranges())
+        for (int64_t i = begin; i < end; ++i) held[static_cast<size_t>(i)] = true;
+      // Every tensor the stage owns is held; the last stage also holds a tied embedding.
+      for (const ArenaRange& r : owned[static_cast<size_t>(s)])
+        for (const model::ParamInfo& info : whole.layout().params())
+          if (info.offset >= r.begin && info.offset < r.end) EXPECT_TRUE(m.holds(info)) << info.name;
+      const bool embed_held = m.holds(*whole.layout().find("model.embed_tokens.weight"));
+      EXPECT_EQ(embed_held, s == 0 || (tied && s == 2));
+      const std::span<const float> w = whole.params(), got = std::as_const(m).params();
+      for (size_t i = 0; i < held.size(); ++i) {
+        if (held[i]) ASSERT_EQ(got[i], w[i]) << "float " << i;
+        else ASSERT_EQ(got[i], 0.0f) << "float " << i << " of another stage was written";
+      }
+    }
   }
 }
 

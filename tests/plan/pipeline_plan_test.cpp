@@ -48,6 +48,36 @@ TEST(PipelinePlan, BubbleBytesAndSlotsFollowTheirFormulas) {
   EXPECT_DOUBLE_EQ(g.bubble, p.bubble);
 }
 
+// Each stage's state is 16 bytes a float of the tensors a stage model holds
+// (model::Llama::hold_only): up to the 16-float alignment padding between tensors, which the
+// plan counts with the tensor before it.
+TEST(PipelinePlan, EachStageHoldsSixteenBytesAParameterOfItsOwnTensors) {
+  for (const bool tied : {false, true}) {
+    model::ModelConfig cfg;
+    cfg.n_layers = 8;
+    cfg.vocab_size = 64;
+    cfg.tie_embeddings = tied;
+    const Workload w = describe_workload(cfg, false, {}, 8, 32, 1);
+    const PipelinePlan p = plan_pipeline(w, StepCost{}, 3, 4, parallel::PipelineSchedule::one_f_one_b, Link{});
+    ASSERT_EQ(p.state_bytes.size(), 3u);
+    double sum = 0.0;
+    for (size_t s = 0; s < 3; ++s) {
+      model::Llama m(cfg);
+      m.hold_only(p.ranges[s]);
+      double held = 0.0, tensors = 0.0;
+      for (const auto& [begin, end] : m.held_ranges()) held += static_cast<double>(end - begin);
+      for (const model::ParamInfo& info : m.layout().params()) tensors += m.holds(info) ? 1.0 : 0.0;
+      EXPECT_GE(p.state_bytes[s], 16.0 * held) << "stage " << s << " tied " << tied;
+      EXPECT_LE(p.state_bytes[s], 16.0 * (held + 16.0 * tensors)) << "stage " << s << " tied " << tied;
+      EXPECT_DOUBLE_EQ(p.memory_bytes[s], p.state_bytes[s] + p.activation_bytes[s]);
+      sum += p.state_bytes[s];
+    }
+    // Together the whole model once; a tied embedding twice (both ends hold it).
+    const double embed = static_cast<double>(w.zero3_group_floats.front());
+    EXPECT_DOUBLE_EQ(sum, 16.0 * (static_cast<double>(w.model_floats) + (tied ? embed : 0.0)));
+  }
+}
+
 TEST(PipelinePlan, RefusesMicroBatchesThatDoNotDivideAndTooManyStages) {
   const Workload w = workload(6, 1);
   StepCost one;

@@ -1,7 +1,6 @@
 #include "flotilla/model/llama.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -37,6 +36,18 @@ Buffer<float> allocate_parameters(int64_t numel) {
                                           "parameters", gib, numel));
   }
 }
+
+// The layer a tensor's name holds ("model.layers.7.mlp..." -> 7), or -1 for the embedding
+// and the head.
+int64_t layer_of_tensor(std::string_view name) {
+  const size_t at = name.find("layers.");
+  if (at == std::string_view::npos) return -1;
+  int64_t layer = 0;
+  size_t i = at + 7;
+  if (i >= name.size() || name[i] < '0' || name[i] > '9') return -1;
+  for (; i < name.size() && name[i] >= '0' && name[i] <= '9'; ++i) layer = layer * 10 + (name[i] - '0');
+  return layer;
+}
 }  // namespace
 
 Llama::Llama(const ModelConfig& cfg)
@@ -59,7 +70,9 @@ void Llama::set_matmul_input(kernels::GemmInput input) {
 const uint16_t* Llama::bf16_weights() const {
   if (!bf16_weights_valid_) {
     if (bf16_weights_.size() != params_.size()) bf16_weights_ = Buffer<uint16_t>(params_.size());
-    k::convert_to_bf16(params_.data(), static_cast<int64_t>(params_.size()), bf16_weights_.data());
+    // Only what the model holds: the rest of the copy stays unwritten (not resident).
+    for (const auto& [begin, end] : held_ranges())
+      k::convert_to_bf16(params_.data() + begin, end - begin, bf16_weights_.data() + begin);
     bf16_weights_valid_ = true;
   }
   return bf16_weights_.data();
@@ -91,10 +104,7 @@ void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) cons
   k::embedding_forward(out, tokens, p(layout_.embed), N, cfg_.dim);
 }
 
-void Llama::init_random(uint64_t seed) {
-  const std::array<ElementRange, 1> all = {ElementRange{0, static_cast<int64_t>(params_.size())}};
-  init_random(seed, all);
-}
+void Llama::init_random(uint64_t seed) { init_random(seed, held_ranges()); }
 
 void Llama::init_random(uint64_t seed, std::span<const ElementRange> owned) {
   if (quantized()) throw Error("model", "init_random on a quantized model");
@@ -141,10 +151,54 @@ void Llama::zero_grads() {
     lora_->zero_grads();
     return;
   }
-  if (grads_.empty())
+  if (grads_.empty()) {
     grads_.resize(params_.size());
-  else
+  } else if (held_stage_) {
+    // Only the held tensors' gradients are ever written (a stage's backward): zeroing the
+    // rest would make their pages resident.
+    for (const auto& [begin, end] : held_ranges())
+      std::memset(static_cast<void*>(grads_.data() + begin), 0, static_cast<size_t>(end - begin) * sizeof(float));
+  } else {
     grads_.zero();
+  }
+}
+
+void Llama::hold_only(LayerRange stage) {
+  if (stage.begin < 0 || stage.begin >= stage.end || stage.end > cfg_.n_layers)
+    throw Error("model", fmt::format("layer range [{}, {}) is not a non-empty range of the model's {} layers",
+                                     stage.begin, stage.end, cfg_.n_layers));
+  held_stage_ = stage;
+  bf16_weights_valid_ = false;
+  // What a load or an earlier init wrote of the other tensors goes back to the system.
+  for (const ParamInfo& info : layout_.params()) {
+    if (info.quantized || holds(info)) continue;
+    release_zeroed(params_.data() + info.offset, static_cast<size_t>(info.numel) * sizeof(float));
+    if (!grads_.empty())
+      release_zeroed(grads_.data() + info.offset, static_cast<size_t>(info.numel) * sizeof(float));
+  }
+}
+
+bool Llama::holds(const ParamInfo& info) const {
+  if (!held_stage_) return true;
+  const LayerRange s = *held_stage_;
+  const int64_t layer = layer_of_tensor(info.name);
+  if (layer >= 0) return layer >= s.begin && layer < s.end;
+  const bool first = s.begin == 0, last = s.end == cfg_.n_layers;
+  if (info.name == "model.embed_tokens.weight") return first || (last && cfg_.tie_embeddings);
+  return last;  // the final norm, lm_head
+}
+
+std::vector<ElementRange> Llama::held_ranges() const {
+  std::vector<ElementRange> ranges;
+  for (const ParamInfo& info : layout_.params()) {
+    if (info.quantized || !holds(info)) continue;
+    const int64_t begin = info.offset, end = info.offset + info.numel;
+    if (!ranges.empty() && ranges.back().end == begin)
+      ranges.back().end = end;
+    else
+      ranges.push_back({begin, end});
+  }
+  return ranges;  // ascending: the layout's offsets are
 }
 
 void Llama::attach_lora(LoraAdapters* adapters) {

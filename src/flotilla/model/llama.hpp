@@ -131,6 +131,11 @@ struct LossSum {
 
 class Llama {
  public:
+  // Layers [begin, end): a pipeline stage's (set_layer_range, hold_only).
+  struct LayerRange {
+    int64_t begin = 0, end = 0;
+  };
+
   explicit Llama(const ModelConfig& cfg);  // parameters zero; call init_random or load
 
   // Reads config.json and the safetensors weights (one file or shards) of a HF directory.
@@ -139,7 +144,10 @@ class Llama {
   // which the model keeps open; only norms and other float tensors are copied.
   // A float weight (or a quantized weight's scales and biases) holding NaN or Inf is
   // reported naming the tensor: a warning, or an InputError with NonFinitePolicy::refuse.
-  static Llama load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn);
+  // `stage` (a pipeline stage's layers): only the tensors that stage holds are read (see
+  // hold_only); the others are never touched, so they cost no memory.
+  static Llama load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn,
+                    std::optional<LayerRange> stage = std::nullopt);
   // Writes config.json and model.safetensors (or shards above max_shard_bytes) that
   // transformers reads as the same model. Does not write a tokenizer. A quantized model
   // is written in MLX's layout (see model_writer.hpp).
@@ -188,13 +196,27 @@ class Llama {
   void block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const;
 
   // HF's initialisation: Linear and Embedding ~ N(0, initializer_range), norms = 1,
-  // biases = 0. One stream over the tensors in layout order.
+  // biases = 0: one stream over the tensors in layout order. Only the tensors the model
+  // holds are written (hold_only), each with the values a whole model's would have.
   void init_random(uint64_t seed);
   // The same values, written only inside `owned` (ascending, disjoint ranges of params()):
   // every other float is left as it was, and its pages untouched (a ZeRO-3 rank builds only
   // its shard: pages never written cost no memory, base/buffer.hpp). Bit for bit what
   // init_random(seed) writes there: the stream is skipped, not redrawn, outside `owned`.
   void init_random(uint64_t seed, std::span<const ElementRange> owned);
+
+  // A pipeline stage's model holds only the tensors of `stage`'s layers, the embedding on
+  // the first stage (and on the last when tied to lm_head), the final norm and lm_head on
+  // the last. Nothing of this model then writes the other tensors' weights, gradients or
+  // bf16 copies (init_random, zero_grads, load skip them), and their pages, released here,
+  // are never resident: a stage costs the memory of its own tensors only. Call before
+  // init_random or right after load; forward and backward must stay inside `stage`.
+  void hold_only(LayerRange stage);
+  // Whether the model holds tensor `info` (every tensor unless hold_only was called).
+  bool holds(const ParamInfo& info) const;
+  // [begin, end) of params() the model holds, ascending, neighbours merged.
+  std::vector<ElementRange> held_ranges() const;
+  bool holds_all() const { return !held_stage_; }
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
@@ -311,9 +333,7 @@ class Llama {
   // -> the previous stage's stage_output_grad). Each stage is its own Llama holding the
   // same weights; gradients land in its own buffer, only the stage's parameters' nonzero.
   // (A tied embedding gets its lm_head share in the last stage: a caller sums the two.)
-  struct LayerRange {
-    int64_t begin = 0, end = 0;
-  };
+  // (LayerRange: at the top of the class.)
   void set_layer_range(LayerRange range);
   LayerRange layer_range() const { return range_; }
   // (B, T, C) where the range's first block reads its input: for a stage above 0, fill it
@@ -431,6 +451,7 @@ class Llama {
   ParallelContext* parallel_ = nullptr;
   std::vector<std::vector<GradSpan>> ready_groups_;  // grad_groups() of the context's trainable set
   LayerRange range_;
+  std::optional<LayerRange> held_stage_;  // hold_only's stage; none: every tensor
   bool stage_forward_done_ = false;  // a forward of a stage below the last, not yet backward
 };
 

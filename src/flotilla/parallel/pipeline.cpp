@@ -19,6 +19,8 @@ constexpr std::string_view kComponent = "parallel/pipeline";
 int tag_of(int64_t micro, bool gradient) {
   return static_cast<int>((micro % 16000) * 2 + (gradient ? 1 : 0));
 }
+// Above tag_of's, below parallel/pipeline_sync.cpp's.
+constexpr int kEvaluationTag = 32050;
 }  // namespace
 
 PipelineSchedule parse_pipeline_schedule(std::string_view name) {
@@ -288,6 +290,37 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
                fmt::format(R"({{"stage":{},"stages":{},"micro_batches":{},"schedule":"{}","slots":{},"p2p_bytes":{}}})",
                            s, stages(), n, pipeline_schedule_name(config_.schedule), peak_slots(), sent_bytes));
   return total;
+}
+
+model::LossSum PipelineStage::forward_only(model::Llama& model, const data::Batch& batch) {
+  const int s = stage();
+  const int64_t C = model.config().dim;
+  std::vector<data::Batch> micro;
+  if (batch.B % config_.micro_batches == 0)
+    split(batch, micro);
+  else
+    micro.push_back(batch);
+  model::LossSum total;
+  const size_t slot = acquire_slot();
+  model.swap_forward_slot(slots_[slot]);
+  for (const data::Batch& mb : micro) {
+    if (!first())
+      pp_.recv(comm::MutView(model.stage_input(mb.B, mb.T)), s - 1, kEvaluationTag,
+               {.name = "pipeline activations (evaluation)"});
+    const model::LossSum loss = model.forward(mb.tokens.data(), mb.targets.data(), mb.B, mb.T,
+                                              mb.doc_start.empty() ? nullptr : mb.doc_start.data());
+    total.sum += loss.sum;
+    total.num_tokens += loss.num_tokens;
+    // Blocking: the next stage is already waiting for it, and nothing waits on this one.
+    if (!last())
+      pp_.send(comm::ConstView(model.stage_output().first(static_cast<size_t>(mb.B * mb.T * C))), s + 1,
+               kEvaluationTag, {.name = "pipeline activations (evaluation)"});
+  }
+  model.swap_forward_slot(slots_[slot]);
+  free_slots_.push_back(slot);
+  double loss[2] = {total.sum, static_cast<double>(total.num_tokens)};
+  pp_.all_reduce(comm::MutView(std::span<double>(loss)), comm::ReduceOp::sum, {.name = "pipeline evaluation loss"});
+  return {loss[0], static_cast<int64_t>(loss[1])};
 }
 
 }  // namespace flotilla::parallel

@@ -106,6 +106,12 @@ class PipelineStage {
   // one; the others return zero). `trace` (may be null) gets a span per action and per wait.
   model::LossSum run(model::Llama& model, std::span<const data::Batch> micro, TraceRecorder* trace);
 
+  // A forward of `batch` through the stages, for evaluation: no backward, no gradient.
+  // Cut into the micro-batches (when M divides its rows; else whole), which run one after
+  // the other in one slot. Returns the loss of the batch, summed over the pp group: every
+  // stage returns it. Every stage calls it alike.
+  model::LossSum forward_only(model::Llama& model, const data::Batch& batch);
+
   // The most micro-batches' activations this stage has held at once (its slots).
   int64_t peak_slots() const { return static_cast<int64_t>(slots_.size()); }
 

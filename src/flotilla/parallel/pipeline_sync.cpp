@@ -6,6 +6,7 @@
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/memory.hpp"
 #include "flotilla/kernels/kernels.hpp"
 
 namespace flotilla::parallel {
@@ -13,6 +14,7 @@ namespace {
 
 // Above pipeline.cpp's per-micro-batch tags.
 constexpr int kTiedEmbeddingTag = 32100;
+constexpr int kModelWriteTag = 32101;
 
 class PipelineSync final : public GradientSync {
  public:
@@ -21,9 +23,13 @@ class PipelineSync final : public GradientSync {
     model_.set_layer_range(pipeline_.range());
     const model::Llama::Trainable t = model_.trainable();
     owned_ = stage_owned_ranges(model_, t.table, pipeline_.ranges());
-    int64_t n = 0;
-    for (const ArenaRange& r : mine()) n += r.size();
-    owned_grads_.resize(static_cast<size_t>(n));
+    // One range (a stage's tensors are adjacent in the arena, unless LoRA leaves gaps): its
+    // gradients are used where backward left them; else they are gathered into a buffer.
+    if (mine().size() != 1) {
+      int64_t n = 0;
+      for (const ArenaRange& r : mine()) n += r.size();
+      owned_grads_.resize(static_cast<size_t>(n));
+    }
     const model::ModelConfig& cfg = model_.config();
     // The head's product reads the embedding: the last stage computes a share of its
     // gradient and needs its updated weights.
@@ -53,23 +59,31 @@ class PipelineSync final : public GradientSync {
         kernels::add_inplace(g.data(), tied_scratch_.data(), tied_.size());
       }
     }
-    float* out = owned_grads_.data();
-    for (const ArenaRange& r : mine()) {
-      std::copy(grads.begin() + r.begin, grads.begin() + r.end, out);
-      out += r.size();
+    if (!owned_grads_.empty()) {
+      float* out = owned_grads_.data();
+      for (const ArenaRange& r : mine()) {
+        std::copy(grads.begin() + r.begin, grads.begin() + r.end, out);
+        out += r.size();
+      }
     }
+    const std::span<float> owned = owned_grads();
     model::LossSum global = replica;
     if (dp_ && dp_->world() > 1)
-      global = owned_grads_.empty() ? dp_->all_reduce_loss(replica) : dp_->all_reduce_gradients(owned_grads_.span(), replica);
+      global = owned.empty() ? dp_->all_reduce_loss(replica) : dp_->all_reduce_gradients(owned, replica);
     return {global, global.num_tokens};
   }
 
   std::vector<ArenaRange> owned() const override { return mine(); }
-  std::span<float> owned_grads() override { return owned_grads_.span(); }
+  std::span<float> owned_grads() override {
+    if (mine().size() == 1)
+      return model_.trainable().grads.subspan(static_cast<size_t>(mine()[0].begin), static_cast<size_t>(mine()[0].size()));
+    return owned_grads_.span();
+  }
   bool sharded() const override { return true; }
 
   double grad_sum_squares() override {
-    double sum = kernels::sum_squares(owned_grads_.data(), static_cast<int64_t>(owned_grads_.size()));
+    const std::span<float> owned = owned_grads();
+    double sum = kernels::sum_squares(owned.data(), static_cast<int64_t>(owned.size()));
     pipeline_.communicator().all_reduce(comm::MutView(std::span<double>(&sum, 1)), comm::ReduceOp::sum,
                                         {.name = "pipeline gradient norm"});
     return sum;
@@ -98,6 +112,34 @@ class PipelineSync final : public GradientSync {
                      {.name = "pipeline weights"});
   }
 
+  // The final model: stage 0 of the first replica writes it tensor by tensor; each tensor
+  // another stage owns comes from that stage into its place in the arena, which is handed
+  // back once the writer has moved on (a stage never holds more than its own tensors and
+  // the one being written). The other stages of that replica send theirs in layout order
+  // in end_weight_pass; the other replicas have nothing to do.
+  bool weights_sharded() const override { return !model_.base_frozen() && !model_.holds_all(); }
+
+  void gather_weights_through(int64_t offset) override {
+    release_received();
+    const model::ParamInfo* info = tensor_at(offset);
+    if (!info || owner_of(*info) == pipeline_.stage()) return;
+    const std::span<float> w = model_.trainable().params.subspan(static_cast<size_t>(info->offset), static_cast<size_t>(info->numel));
+    pipeline_.communicator().recv(comm::MutView(w), owner_of(*info), kModelWriteTag, {.name = "pipeline model write"});
+    received_ = w;
+  }
+
+  void end_weight_pass() override {
+    release_received();
+    if (pipeline_.first() || (dp_ && dp_->rank() != 0)) return;
+    const model::Llama::Trainable t = model_.trainable();
+    for (const model::ParamInfo& info : t.table.params()) {
+      if (owner_of(info) != pipeline_.stage()) continue;
+      pipeline_.communicator().send(
+          comm::ConstView(std::span<const float>(t.params.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel)))),
+          0, kModelWriteTag, {.name = "pipeline model write"});
+    }
+  }
+
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
     float* out = owned.data();
     for (const ArenaRange& r : mine()) {
@@ -111,6 +153,22 @@ class PipelineSync final : public GradientSync {
 
  private:
   const std::vector<ArenaRange>& mine() const { return owned_[static_cast<size_t>(pipeline_.stage())]; }
+  // The stage that owns (updates) tensor `info`.
+  int owner_of(const model::ParamInfo& info) const {
+    for (int s = 0; s < pipeline_.stages(); ++s)
+      for (const ArenaRange& r : owned_[static_cast<size_t>(s)])
+        if (info.offset >= r.begin && info.offset < r.end) return s;
+    throw Error("parallel/pipeline", "tensor " + info.name + " is owned by no stage");
+  }
+  const model::ParamInfo* tensor_at(int64_t offset) const {
+    for (const model::ParamInfo& info : model_.layout().params())
+      if (info.offset == offset && !info.quantized) return &info;
+    return nullptr;
+  }
+  void release_received() {
+    if (!received_.empty()) release_zeroed(received_.data(), received_.size_bytes());
+    received_ = {};
+  }
 
   PipelineStage& pipeline_;
   DataParallel* dp_;
@@ -119,6 +177,7 @@ class PipelineSync final : public GradientSync {
   ArenaRange tied_;            // the embedding, when the last stage's head reads it too
   Buffer<float> tied_scratch_;  // stage 0: the last stage's share of its gradient
   int64_t tied_bytes_ = 0;
+  std::span<float> received_;  // the final model's write: another stage's tensor, held until the next
 };
 
 }  // namespace

@@ -49,6 +49,21 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
     p.slots.push_back(n);
     p.activation_bytes.push_back(static_cast<double>(n) * slot);
   }
+  // The stage's tensors, by ZeRO-3's groups: the embedding, each block, the head.
+  const std::vector<int64_t>& groups = w.zero3_group_floats;
+  const auto L = static_cast<size_t>(w.model.n_layers);
+  for (const parallel::StageRange& r : p.ranges) {
+    double floats = 0.0;
+    if (groups.size() >= L + 1) {
+      for (auto l = static_cast<size_t>(r.begin); l < static_cast<size_t>(r.end); ++l) floats += static_cast<double>(groups[1 + l]);
+      const bool last = r.end == w.model.n_layers;
+      if (r.begin == 0 || (last && w.tied_embeddings)) floats += static_cast<double>(groups[0]);
+      if (last && groups.size() > L + 1) floats += static_cast<double>(groups[L + 1]);
+    }
+    const double state = w.lora ? 4.0 * floats + 16.0 * static_cast<double>(w.trainable_floats) : 16.0 * floats;
+    p.state_bytes.push_back(state);
+    p.memory_bytes.push_back(state + p.activation_bytes[p.state_bytes.size() - 1]);
+  }
   return p;
 }
 
@@ -68,7 +83,9 @@ nlohmann::json pipeline_json(const PipelinePlan& p) {
           {"step_s", p.step_s},
           {"speedup", p.speedup},
           {"slots", p.slots},
-          {"activation_bytes", p.activation_bytes}};
+          {"activation_bytes", p.activation_bytes},
+          {"state_bytes", p.state_bytes},
+          {"memory_bytes", p.memory_bytes}};
 }
 
 }  // namespace flotilla::plan

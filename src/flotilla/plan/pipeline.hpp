@@ -17,7 +17,10 @@
 //                   slower per row; that is not modelled;
 //   activations     a slot per micro-batch in flight: 1F1B min(P-s, M') on stage s, GPipe
 //                   M'; each slot is today's activation plan of a micro-batch of B/M rows
-//                   for the whole model (Llama::activation_bytes), as flotilla allocates it.
+//                   for the whole model (Llama::activation_bytes), as flotilla allocates it
+//                   (the other stages' layers' pages are never written: an upper bound);
+//   state           a stage's own tensors only: 16 bytes a parameter (weights, gradients,
+//                   AdamW's moments), so P stages hold about 1/P of the model each.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +49,12 @@ struct PipelinePlan {
   double speedup = 0.0;              // one rank's step / step_s
   std::vector<int64_t> slots;        // per stage: micro-batches in flight at most
   std::vector<double> activation_bytes;  // per stage
+  // Per stage: the float32 weights, gradients and AdamW moments of its own tensors (16
+  // bytes a parameter: each stage holds only its layers, the embedding on the first and,
+  // tied, the last, the head on the last); with LoRA its base weights (4 bytes) and the
+  // adapters' 16 bytes a parameter (every stage holds all adapters).
+  std::vector<double> state_bytes;
+  std::vector<double> memory_bytes;  // per stage: state_bytes + activation_bytes
 };
 
 // InputError (from parallel/) when P exceeds the layers or M does not divide the batch.

@@ -389,12 +389,14 @@ std::string render_text(const PlanResult& p) {
 
   for (const PipelinePlan& pp : p.pipelines) {
     if (&pp == &p.pipelines.front())
-      out += "\npipeline parallel (--parallel pp=P, 1f1b; every rank holds the whole weights today)\n";
+      out += "\npipeline parallel (--parallel pp=P, 1f1b; each stage holds only its layers)\n";
     std::string layers, memory;
     for (const parallel::StageRange& s : pp.ranges) layers += fmt::format("{}[{}, {})", layers.empty() ? "" : " ", s.begin, s.end);
-    for (const double b : pp.activation_bytes) memory += (memory.empty() ? "" : " / ") + format_bytes(b);
+    for (size_t i = 0; i < pp.activation_bytes.size(); ++i)
+      memory += fmt::format("{}{} ({} state + {} activations)", memory.empty() ? "" : " / ", format_bytes(pp.memory_bytes[i]),
+                            format_bytes(pp.state_bytes[i]), format_bytes(pp.activation_bytes[i]));
     out += fmt::format("  pp={} --micro-batches {}: layers {}; bubble {:.0f}%; point to point {} a step ({} across each "
-                       "boundary), {} sent by the busiest rank in {}; step {} ({:.2f}x one rank); activations per "
+                       "boundary), {} sent by the busiest rank in {}; step {} ({:.2f}x one rank); memory per "
                        "stage {}\n",
                        pp.stages, pp.micro_batches, layers, 100 * pp.bubble, format_bytes(pp.p2p_bytes),
                        format_bytes(pp.boundary_bytes), format_bytes(pp.max_rank_send_bytes), format_seconds(pp.comm_s),

@@ -100,8 +100,17 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
                         bool sharded_build, const InfoSink& info) {
   job.dp->check_same("model configs", fnv1a_hex(model.config().to_json().dump()));
   job.dp->check_same("tokenizers", tokenizer.fingerprint());
-  if (sharded_build) job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
-  else job.dp->broadcast_parameters(model.trainable().params);
+  if (sharded_build) {
+    job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
+  } else if (model.holds_all() || model.base_frozen()) {
+    job.dp->broadcast_parameters(model.trainable().params);
+  } else {
+    // A pipeline stage: the dp group is the same stage in the other replicas; only what the
+    // stage holds is sent (writing the rest would make it resident).
+    const std::span<float> params = model.trainable().params;
+    for (const auto& [begin, end] : model.held_ranges())
+      job.dp->broadcast_parameters(params.subspan(static_cast<size_t>(begin), static_cast<size_t>(end - begin)));
+  }
   job.dp->set_compression(job.compression, model.trainable().table);
   if (job.train.local_sgd.sync_every > 0)
     info(fmt::format("data parallel: {} ranks, local SGD: weights meet every {} steps (outer lr {}, momentum {})",
@@ -232,10 +241,25 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
 
   // The model, the data it reads, and what it trains.
   const std::unique_ptr<text::Tokenizer> tokenizer = make_tokenizer(job);
+  // A pipeline locates the data before the weights: the data may set the sequence length,
+  // which the stages are balanced by, and a stage reads only its own layers' weights.
+  // Otherwise the weights come first, as their faults are reported first.
+  const model::ModelConfig model_config = job_model_config(job, *tokenizer);
+  std::optional<DataFolder> pipeline_data;
+  std::optional<parallel::PipelineStage> pipeline;
+  if (job.pp) {
+    pipeline_data.emplace(locate_data(job, model_config, *tokenizer, info));
+    pipeline.emplace(*job.pp, pipeline_stages(job, model_config, info), job.pipeline);
+    // Each stage builds its own layers (the same draws or files as one process): every
+    // stage must be building the same model.
+    parallel::DataParallel(*job.pp).check_same("model configs", fnv1a_hex(model_config.to_json().dump()));
+  }
   // Under --zero 3 each rank builds only its shard of a new model (build_ranges).
   const std::vector<model::ElementRange> shard = build_ranges(job, *tokenizer);
-  model::Llama model = make_model(job, *tokenizer, shard);
-  const DataFolder data_folder = locate_data(job, model.config(), *tokenizer, info);
+  model::Llama model = make_model(
+      job, *tokenizer, pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt, shard);
+  const DataFolder data_folder =
+      pipeline_data ? std::move(*pipeline_data) : locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
   if (job.experts && (model.config().is_moe() || job.experts->ep_size() > 1)) {
@@ -247,12 +271,13 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     }
   }
   if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, !shard.empty(), info);
-  // Every stage starts from world rank 0's weights (each holds the whole model and trains
-  // its own layers).
-  if (job.pp) job.world->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial weights"});
+  // LoRA: every stage starts from world rank 0's adapters (each holds all of them and
+  // trains its own layers'; they are small).
+  if (job.pp && model.base_frozen())
+    job.world->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial adapters"});
   if (job.resume_from.empty()) check_trainable_finite(job, model, shard);  // checkpoints never hold non-finite weights
   plan_activations(job, model, info);
-  TrainData data = open_train_data(job, data_folder, *tokenizer, model, ranks, info);
+  TrainData data = open_train_data(job, data_folder, *tokenizer, model, pipeline ? &*pipeline : nullptr, ranks, info);
 
   // The trainer, where it starts from, and where its checkpoints go.
   if (ranks.root) std::filesystem::create_directories(job.out_dir);
@@ -260,8 +285,6 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   record.metrics_path = job.out_dir / "metrics.jsonl";
   std::unique_ptr<TraceRecorder> trace;
   if (!job.trace_path.empty()) trace = std::make_unique<TraceRecorder>();
-  std::optional<parallel::PipelineStage> pipeline;
-  if (job.pp) pipeline.emplace(*job.pp, pipeline_stages(job, model.config(), info), job.pipeline);
   Trainer trainer(model, job.train, job.dp, trace.get(), pipeline ? &*pipeline : nullptr);
   const nlohmann::json config = train_job_config_json(job);
   JobCheckpoints checkpoints(job, ranks, trainer, *data.train, adapters.get(), config, record, info);

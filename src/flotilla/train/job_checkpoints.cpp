@@ -94,10 +94,16 @@ void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
   const std::span<const float> params = trainer_.model().trainable().params;
   bool finite = true;
   if (trainer_.sync().weights_sharded()) {
-    // ZeRO-3: each rank holds its own shard only; the ranks agree.
+    // ZeRO-3 or a pipeline stage: each rank holds its own part only; the ranks agree.
     for (const parallel::ArenaRange& r : trainer_.sync().owned())
       finite = finite && all_finite(params.subspan(static_cast<size_t>(r.begin), static_cast<size_t>(r.size())));
     if (job_.dp) finite = job_.dp->max_over_ranks(finite ? 0 : 1, "finite weights") == 0;
+    if (job_.pp) {
+      // A pipeline stage: its own tensors only; the stages agree too.
+      double bad = finite ? 0.0 : 1.0;
+      job_.pp->all_reduce(comm::MutView(std::span<double>(&bad, 1)), comm::ReduceOp::max, {.name = "finite weights"});
+      finite = bad == 0.0;
+    }
   } else {
     finite = all_finite(params);
   }

@@ -46,7 +46,8 @@ EvalMetrics over_all_ranks(EvalMetrics e, parallel::DataParallel* dp) {
 // A prepared dataset: the batch sampler over its training split, and the validation and
 // test splits when there are (and are asked for).
 void open_prepared(const TrainJob& job, const DataFolder& folder, const text::Tokenizer& tokenizer,
-                   model::Llama& model, const JobRanks& ranks, const InfoSink& info, TrainData& d) {
+                   model::Llama& model, parallel::PipelineStage* pipeline, const JobRanks& ranks, const InfoSink& info,
+                   TrainData& d) {
   const int64_t T = job.train.seq_len;
   d.prepared = std::make_unique<data::TokenDataset>(data::TokenDataset::open(folder.dir, tokenizer));
   const data::TokenDataset& prepared = *d.prepared;
@@ -85,9 +86,9 @@ void open_prepared(const TrainJob& job, const DataFolder& folder, const text::To
     tc.rank = ranks.data_rank;
     tc.world = ranks.data_world;
     tc.pad_id = std::max(0, tokenizer.pad_id());
-    d.test = [&model, &examples = *d.test_examples, tc, max_batches = job.test_batches, dp = job.dp] {
+    d.test = [&model, pipeline, &examples = *d.test_examples, tc, max_batches = job.test_batches, dp = job.dp] {
       data::BatchSampler sampler(examples, tc);
-      return over_all_ranks(evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches), dp);
+      return over_all_ranks(evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches, pipeline), dp);
     };
   }
   if (prepared.has_split(data::Split::valid)) {
@@ -97,16 +98,17 @@ void open_prepared(const TrainJob& job, const DataFolder& folder, const text::To
     vc.grad_accum = 1;
     vc.shuffle = false;
     vc.repeat = false;
-    d.evaluate = [&model, &examples = *d.valid_examples, vc, max_batches = job.train.eval_batches, dp = job.dp] {
+    d.evaluate = [&model, pipeline, &examples = *d.valid_examples, vc, max_batches = job.train.eval_batches, dp = job.dp] {
       data::BatchSampler sampler(examples, vc);
-      return over_all_ranks(evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches), dp);
+      return over_all_ranks(evaluate_loss(model, [&](data::Batch& b) { return sampler.next(b); }, max_batches, pipeline), dp);
     };
   }
 }
 
 // A raw text or JSONL file: one token stream, random training windows and consecutive
 // validation windows.
-void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model::Llama& model, const JobRanks& ranks,
+void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model::Llama& model,
+                   parallel::PipelineStage* pipeline, const JobRanks& ranks,
                    const InfoSink& info, TrainData& d) {
   const int64_t T = job.train.seq_len;
   if (job.test) throw InputError("train", job.data.string() + ": --test needs a data folder with test.jsonl");
@@ -126,7 +128,7 @@ void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model:
     d.train = std::move(d.raw_train);
   if (!have_valid) return;
   d.valid_stream = std::make_unique<data::SequentialWindowSource>(std::move(split.valid));
-  d.evaluate = [&model, &valid = *d.valid_stream, B = job.train.batch_size, T, ranks,
+  d.evaluate = [&model, pipeline, &valid = *d.valid_stream, B = job.train.batch_size, T, ranks,
                 max_batches = job.train.eval_batches, dp = job.dp] {
     // The same consecutive windows as one process reads, each rank its slice of them.
     valid.reset();
@@ -139,7 +141,7 @@ void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model:
                                 slice.next_batch(b);
                                 return true;
                               },
-                              bounded_eval_batches(valid, B * ranks.data_world, T, max_batches)),
+                              bounded_eval_batches(valid, B * ranks.data_world, T, max_batches), pipeline),
                           dp);
   };
 }
@@ -201,16 +203,17 @@ DataFolder locate_data(TrainJob& job, const model::ModelConfig& cfg, const text:
 }
 
 TrainData open_train_data(const TrainJob& job, const DataFolder& folder, const text::Tokenizer& tokenizer,
-                          model::Llama& model, const JobRanks& ranks, const InfoSink& info) {
+                          model::Llama& model, parallel::PipelineStage* pipeline, const JobRanks& ranks,
+                          const InfoSink& info) {
   if (!folder.on_the_fly && job.mask_prompt && !std::filesystem::is_directory(job.data)) {
     throw InputError("train", job.data.string() + ": --mask-prompt needs a data folder of prompt/completion or chat "
                                                   "examples (train.jsonl, ...)");
   }
   TrainData d;
   if (std::filesystem::is_directory(folder.dir))
-    open_prepared(job, folder, tokenizer, model, ranks, info, d);
+    open_prepared(job, folder, tokenizer, model, pipeline, ranks, info, d);
   else
-    open_raw_text(job, tokenizer, model, ranks, info, d);
+    open_raw_text(job, tokenizer, model, pipeline, ranks, info, d);
   return d;
 }
 

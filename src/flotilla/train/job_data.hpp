@@ -52,6 +52,7 @@ struct TrainData {
 // raw text or JSONL file as one token stream split into training and validation windows.
 // The evaluations run `model` and sum over the ranks.
 TrainData open_train_data(const TrainJob& job, const DataFolder& folder, const text::Tokenizer& tokenizer,
-                          model::Llama& model, const JobRanks& ranks, const InfoSink& info);
+                          model::Llama& model, parallel::PipelineStage* pipeline, const JobRanks& ranks,
+                          const InfoSink& info);
 
 }  // namespace flotilla::train

@@ -44,20 +44,27 @@ void check_resumed_adapter(const TrainJob& job, const model::LoraConfig& adapter
 }
 
 // The config of a new model (--preset or --config), speaking its tokenizer's special ids.
-model::ModelConfig new_model_config(const TrainJob& job, const text::Tokenizer& tokenizer) {
+}  // namespace
+
+std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
+  if (!job.model_dir.empty()) return text::Tokenizer::load_for_model(job.model_dir);
+  return std::make_unique<text::ByteTokenizer>();
+}
+
+model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& tokenizer) {
+  const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
+  if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
+  if (!job.model_dir.empty()) {
+    if (!std::filesystem::is_directory(job.model_dir))
+      throw InputError("model", job.model_dir.string() + ": not a model directory");
+    return model::ModelConfig::load(job.model_dir / "config.json");
+  }
   model::ModelConfig cfg =
       job.preset.empty() ? model::ModelConfig::load(job.config_json) : model::preset_config(job.preset);
   // A new model speaks its tokenizer's special ids; config.json records them for HF.
   if (cfg.bos_token_id < 0) cfg.bos_token_id = tokenizer.bos_id();
   if (cfg.eos_token_id < 0) cfg.eos_token_id = tokenizer.eos_id();
   return cfg;
-}
-
-}  // namespace
-
-std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job) {
-  if (!job.model_dir.empty()) return text::Tokenizer::load_for_model(job.model_dir);
-  return std::make_unique<text::ByteTokenizer>();
 }
 
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer) {
@@ -67,18 +74,19 @@ std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::T
   if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || !new_model || job.pp ||
       job.fine_tune != FineTuneType::full)
     return {};
-  const model::ModelConfig cfg = new_model_config(job, tokenizer);
+  const model::ModelConfig cfg = job_model_config(job, tokenizer);
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
 
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
-                        std::span<const model::ElementRange> shard) {
-  const int sources = !job.model_dir.empty() + !job.preset.empty() + !job.config_json.empty();
-  if (sources != 1) throw InputError("train", "give exactly one of --model, --preset or --config");
-  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite);
-  model::Llama model(new_model_config(job, tokenizer));
-  if (shard.empty()) model.init_random(job.seed);
-  else model.init_random(job.seed, shard);
+                        std::optional<model::Llama::LayerRange> stage, std::span<const model::ElementRange> shard) {
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage);
+  model::Llama model(job_model_config(job, tokenizer));
+  if (stage) model.hold_only(*stage);
+  if (shard.empty())
+    model.init_random(job.seed);
+  else
+    model.init_random(job.seed, shard);
   return model;
 }
 
@@ -122,6 +130,7 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
 void check_trainable_finite(const TrainJob& job, model::Llama& model, std::span<const model::ElementRange> shard) {
   const model::Llama::Trainable trainable = model.trainable();
   for (const model::ParamInfo& p : trainable.table.params()) {
+    if (!model.base_frozen() && !model.holds(p)) continue;  // another pipeline stage's
     // The tensor's floats this rank holds: all, or those inside its shard.
     std::vector<model::ElementRange> parts;
     if (shard.empty()) parts.push_back({p.offset, p.offset + p.numel});

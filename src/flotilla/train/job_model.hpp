@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -19,17 +20,23 @@ namespace flotilla::train {
 // The model directory's tokenizer, or bytes for a preset or config.json.
 std::unique_ptr<text::Tokenizer> make_tokenizer(const TrainJob& job);
 
+// The config of the model the job trains, before any weight is read: exactly one of
+// --model, --preset or --config (InputError otherwise); a new model speaks its tokenizer's
+// special ids.
+model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& tokenizer);
+
 // The ranges of the parameter arena this rank builds: empty for the whole model; under
 // --zero 3 on several ranks, a new model's ZeRO-3 shard (parallel/zero3.hpp), so that no
 // rank ever writes (and holds) the whole model. Every rank computes its own from the
 // config alone, before the model exists. (A model directory is still read whole.)
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer);
 
-// Exactly one of --model, --preset or --config (InputError otherwise); a new model is
-// initialised from job.seed and speaks its tokenizer's special ids. With `shard` (from
-// build_ranges) only those ranges are initialised, to the values the whole model would
-// have there; the rest of the arena is never written.
+// The model: loaded, or initialised from job.seed. `stage` (a pipeline stage's layers):
+// the model holds only that stage's tensors (model::Llama::hold_only), and reads or draws
+// only those. `shard` (from build_ranges, a new model only): only those ranges are
+// initialised, to the values the whole model would have there; the rest is never written.
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
+                        std::optional<model::Llama::LayerRange> stage = std::nullopt,
                         std::span<const model::ElementRange> shard = {});
 
 // A LoRA run: adapters (fresh from job.seed, or job.resume_adapter checked against the LoRA

@@ -110,9 +110,7 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* d
 Trainer::~Trainer() = default;
 
 void Trainer::complete_model() {
-  if (!pipeline_) return;
-  sync_->complete_weights();
-  model_.set_layer_range({0, model_.config().n_layers});
+  if (pipeline_ && model_.base_frozen()) sync_->complete_weights();
 }
 
 std::pair<std::span<float>, std::span<float>> Trainer::whole_moments() {
@@ -152,14 +150,17 @@ std::vector<parallel::RankState> Trainer::rank_state() {
   return state;
 }
 
-EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches) {
+EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches,
+                          parallel::PipelineStage* pipeline) {
   data::Batch batch;
   model::LossSum total;
   model.set_training(false);  // no dropout while measuring
   for (int64_t i = 0; max_batches <= 0 || i < max_batches; ++i) {
     if (!next(batch)) break;
-    const model::LossSum loss = model.forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
-                                              batch.doc_start.empty() ? nullptr : batch.doc_start.data());
+    const model::LossSum loss =
+        pipeline ? pipeline->forward_only(model, batch)
+                 : model.forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
+                                 batch.doc_start.empty() ? nullptr : batch.doc_start.data());
     total.sum += loss.sum;
     total.num_tokens += loss.num_tokens;
   }
@@ -335,7 +336,7 @@ EvalMetrics Trainer::evaluate(data::SequentialWindowSource& valid) {
         valid.next_batch(b);
         return true;
       },
-      bounded_eval_batches(valid, cfg_.batch_size, cfg_.seq_len, cfg_.eval_batches));
+      bounded_eval_batches(valid, cfg_.batch_size, cfg_.seq_len, cfg_.eval_batches), pipeline_);
   e.step = step_;
   return e;
 }
@@ -360,7 +361,6 @@ void Trainer::run(data::BatchSource& train, const std::function<EvalMetrics()>& 
     if (on_step) on_step(m);
     const bool last = step_ == cfg_.steps;
     if (evaluate && (last || (cfg_.eval_every > 0 && step_ % cfg_.eval_every == 0))) {
-      complete_model();
       EvalMetrics e = evaluate();
       e.step = step_;
       if (on_eval) on_eval(e);

@@ -116,8 +116,11 @@ struct EvalMetrics {
 };
 
 // Mean token loss over the batches `next` yields, until it returns false or after
-// max_batches (0: no limit; `next` must then end by itself). Forward only.
-EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches);
+// max_batches (0: no limit; `next` must then end by itself). Forward only. With
+// `pipeline` (this rank's stage; every stage calls it alike) each batch runs through the
+// stages and every stage returns the replica's loss.
+EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Batch&)>& next, int64_t max_batches,
+                          parallel::PipelineStage* pipeline = nullptr);
 
 // How many batches of `rows` windows of T tokens a validation pass over `valid` reads:
 // `requested`, but at most one pass (the source wraps around and never ends by itself), and
@@ -207,9 +210,10 @@ class Trainer {
   // The pipeline stage this rank runs (null: none).
   parallel::PipelineStage* pipeline() { return pipeline_; }
   const parallel::PipelineStage* pipeline() const { return pipeline_; }
-  // Makes the model whole for what reads all of it (validation, the saved model): under a
-  // pipeline the stages exchange their updated layers and the model runs every layer until
-  // the next step. Every rank calls it alike; nothing to do otherwise.
+  // Makes the adapters whole for what reads all of them (the saved adapters): under a
+  // pipeline with LoRA the stages exchange their updated layers' adapters. A stage's base
+  // weights stay its own (validation runs through the pipeline; the final model is written
+  // tensor by tensor from the stages). Every rank calls it alike; nothing to do otherwise.
   void complete_model();
 
  private:
