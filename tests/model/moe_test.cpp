@@ -36,6 +36,7 @@ namespace {
 
 using ::flotilla::testing::test_seed;
 using test_models::random_tokens;
+using test_models::tiny_moe;
 using nlohmann::json;
 
 // ---- config ---------------------------------------------------------------------------
@@ -251,37 +252,6 @@ TEST(MoeRouting, LoadBalancingLossIsTheSwitchFormula) {
 }
 
 // ---- the model --------------------------------------------------------------------------
-
-// Tiny mixtral- and qwen2_moe-shaped models: GQA, 2 layers (qwen2_moe: layer 0 dense by
-// mlp_only_layers, layer 1 sparse with a shared expert), aux loss in the training loss
-// with a large coefficient so that its gradient is visible.
-ModelConfig tiny_moe(Architecture arch) {
-  ModelConfig c;
-  c.arch = arch;
-  c.vocab_size = 29;
-  c.dim = 16;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 4;
-  c.ffn_dim = 24;
-  c.max_position = 64;
-  c.moe.num_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.router_aux_loss_coef = 0.5f;
-  c.moe.output_router_logits = true;
-  if (arch == Architecture::mixtral) {
-    c.moe.expert_ffn_dim = c.ffn_dim;
-    c.moe.norm_topk_prob = true;
-  } else {
-    c.qkv_bias = true;
-    c.moe.expert_ffn_dim = 12;
-    c.moe.shared_expert_ffn_dim = 20;
-    c.moe.norm_topk_prob = false;
-    c.moe.mlp_only_layers = {0};
-  }
-  return c;
-}
 
 // Each MoE layer's top-k choices of the last forward (without checkpointing).
 std::vector<int32_t> routing_of(const Llama& model) {

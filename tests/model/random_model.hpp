@@ -1,4 +1,5 @@
-// Random models and token streams shared by the model tests.
+// Random models, token streams and small mixture-of-experts shapes shared by the model
+// and parallel tests.
 //
 // Parameters are of order one instead of Hugging Face's N(0, 0.02): with 0.02 every logit
 // is ~0, and a wrong term in a backward, in attention or in a KV cache would change
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "flotilla/base/rng.hpp"
+#include "flotilla/model/config.hpp"
 #include "flotilla/model/llama.hpp"
 
 namespace flotilla::model::test_models {
@@ -48,6 +50,38 @@ inline std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
   return t;
+}
+
+// Tiny mixtral- and qwen2_moe-shaped models: GQA, 2 layers, 4 experts, top 2 (mixtral:
+// every layer a mixture, renormalised; qwen2_moe: layer 0 dense by mlp_only_layers, layer 1
+// sparse with a shared expert, not renormalised), the aux loss in the training loss with a
+// large coefficient so that its gradient is visible.
+inline ModelConfig tiny_moe(Architecture arch) {
+  ModelConfig c;
+  c.arch = arch;
+  c.vocab_size = 29;
+  c.dim = 16;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 4;
+  c.ffn_dim = 24;
+  c.max_position = 64;
+  c.moe.num_experts = 4;
+  c.moe.top_k = 2;
+  c.moe.router_aux_loss_coef = 0.5f;
+  c.moe.output_router_logits = true;
+  if (arch == Architecture::mixtral) {
+    c.moe.expert_ffn_dim = c.ffn_dim;
+    c.moe.norm_topk_prob = true;
+  } else {
+    c.qkv_bias = true;
+    c.moe.expert_ffn_dim = 12;
+    c.moe.shared_expert_ffn_dim = 20;
+    c.moe.norm_topk_prob = false;
+    c.moe.mlp_only_layers = {0};
+  }
+  return c;
 }
 
 }  // namespace flotilla::model::test_models

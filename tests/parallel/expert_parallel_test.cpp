@@ -21,6 +21,7 @@
 #include "flotilla/comm/thread/thread_group.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/mesh.hpp"
+#include "../model/random_model.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -28,35 +29,7 @@ namespace {
 using model::Architecture;
 using model::Llama;
 using model::ModelConfig;
-
-// 4 experts, top 2, aux loss with a large coefficient so that its gradient shows; mixtral
-// (every layer a mixture) or qwen2_moe (layer 1 sparse with a shared expert).
-ModelConfig tiny_moe(Architecture arch) {
-  ModelConfig c;
-  c.arch = arch;
-  c.vocab_size = 29;
-  c.dim = 16;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 4;
-  c.ffn_dim = 24;
-  c.max_position = 64;
-  c.moe.num_experts = 4;
-  c.moe.top_k = 2;
-  c.moe.router_aux_loss_coef = 0.5f;
-  c.moe.output_router_logits = true;
-  if (arch == Architecture::mixtral) {
-    c.moe.expert_ffn_dim = c.ffn_dim;
-    c.moe.norm_topk_prob = true;
-  } else {
-    c.qkv_bias = true;
-    c.moe.expert_ffn_dim = 12;
-    c.moe.shared_expert_ffn_dim = 20;
-    c.moe.mlp_only_layers = {0};
-  }
-  return c;
-}
+using model::test_models::tiny_moe;
 
 struct Batch {
   int64_t B = 8, T = 6;
