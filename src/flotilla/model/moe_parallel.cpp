@@ -41,6 +41,21 @@ std::vector<int64_t> per_rank(std::span<const int64_t> per_expert, int ep) {
   return out;
 }
 
+// fn(j, r, n) for each block of received rows, in their order (by source rank, then local
+// expert): local expert j's n > 0 rows [r, r + n).
+template <class Fn>
+void for_each_block(const std::vector<int64_t>& recv_counts, int ep, Fn&& fn) {
+  const int64_t El = static_cast<int64_t>(recv_counts.size()) / ep;
+  int64_t r = 0;
+  for (int src = 0; src < ep; ++src)
+    for (int64_t j = 0; j < El; ++j) {
+      const int64_t n = recv_counts[static_cast<size_t>(src * El + j)];
+      if (n == 0) continue;
+      fn(j, r, n);
+      r += n;
+    }
+}
+
 template <class T>
 T* sized(std::vector<T>& v, int64_t n) {
   if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
@@ -92,16 +107,11 @@ void Llama::ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* r
   // This rank's experts on their blocks: out = down(silu(gate(rows)) * up(rows))
   float* act = sized(ep_act_, R * Fe);
   float* out = sized(ep_out_, R * C);
-  int64_t r = 0;
-  for (int src = 0; src < ep; ++src)
-    for (int64_t j = 0; j < El; ++j) {
-      const int64_t n = s.recv_counts[static_cast<size_t>(src * El + j)];
-      if (n == 0) continue;
-      expert_forward(w.experts[static_cast<size_t>(first + j)],
-                     {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, act + r * Fe,
-                     out + r * C);
-      r += n;
-    }
+  for_each_block(s.recv_counts, ep, [&](int64_t j, int64_t r, int64_t n) {
+    expert_forward(w.experts[static_cast<size_t>(first + j)],
+                   {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, act + r * Fe,
+                   out + r * C);
+  });
   // Combine's half: every output back to the rank its token lives on, in dispatch order.
   x.exchange_rows(out, recv_rows, expert_out, send.per_rank, C);
 }
@@ -124,16 +134,11 @@ void Llama::ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows,
   float* dgate = sized(ep_dgate_, R * Fe);
   float* dup = sized(ep_dup_, R * Fe);
   float* dx = sized(ep_out_, R * C);
-  int64_t r = 0;
-  for (int src = 0; src < ep; ++src)
-    for (int64_t j = 0; j < El; ++j) {
-      const int64_t n = s.recv_counts[static_cast<size_t>(src * El + j)];
-      if (n == 0) continue;
-      expert_backward(w.experts[static_cast<size_t>(first + j)],
-                      {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, dout + r * C,
-                      dx + r * C, g, {act + r * Fe, dact + r * Fe, dgate + r * Fe, dup + r * Fe});
-      r += n;
-    }
+  for_each_block(s.recv_counts, ep, [&](int64_t j, int64_t r, int64_t n) {
+    expert_backward(w.experts[static_cast<size_t>(first + j)],
+                    {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, dout + r * C,
+                    dx + r * C, g, {act + r * Fe, dact + r * Fe, dgate + r * Fe, dup + r * Fe});
+  });
   // The rows' gradients back to their tokens' ranks (the reverse of dispatch), into drows.
   x.exchange_rows(dx, recv_rows, drows, send.per_rank, C);
 }
