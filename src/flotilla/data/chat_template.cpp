@@ -10,7 +10,7 @@
 namespace flotilla::data {
 namespace {
 
-constexpr const char* kComponent = "data/chat";
+constexpr const char* kChatTemplateComponent = "data/chat";
 
 // The literal Llama 3.1+ templates put before the system message; the date is the
 // template's own default (`{%- set date_string = "26 Jul 2024" %}`). Llama 3.2's template
@@ -194,7 +194,7 @@ void render_mistral(const ChatTemplate& tmpl, std::span<const Message> messages,
         emit(out, "[INST] " + m.content + "[/INST]");
       }
     } else {
-      emit(out, " " + std::string(python_strip(m.content)) + "</s>", true);
+      emit(out, std::string(" ").append(python_strip(m.content)).append("</s>"), true);
     }
   }
 }
@@ -257,7 +257,7 @@ std::string read_chat_template_string(const std::filesystem::path& model_dir, st
     try {
       j = nlohmann::json::parse(read_text_file(config));
     } catch (const nlohmann::json::exception& e) {
-      throw InputError(kComponent, fmt::format("{}: not valid JSON ({})", config.string(), json_error_text(e)));
+      throw InputError(kChatTemplateComponent, fmt::format("{}: not valid JSON ({})", config.string(), json_error_text(e)));
     }
     if (j.is_object() && j.contains("chat_template")) {
       const nlohmann::json& t = j["chat_template"];
@@ -272,7 +272,7 @@ std::string read_chat_template_string(const std::filesystem::path& model_dir, st
         }
       }
       if (!t.is_null()) {
-        throw InputError(kComponent, fmt::format("{}: \"chat_template\" is neither a string nor a list with a "
+        throw InputError(kChatTemplateComponent, fmt::format("{}: \"chat_template\" is neither a string nor a list with a "
                                                  "\"default\" entry", config.string()));
       }
     }
@@ -301,7 +301,7 @@ ChatFamily parse_chat_family(std::string_view name) {
   for (ChatFamily f : {ChatFamily::llama2, ChatFamily::llama3, ChatFamily::mistral, ChatFamily::chatml}) {
     if (chat_family_name(f) == name) return f;
   }
-  throw InputError(kComponent,
+  throw InputError(kChatTemplateComponent,
                    fmt::format("unknown chat template '{}' (known: llama2, llama3, mistral, chatml)", name));
 }
 
@@ -350,7 +350,7 @@ std::optional<ChatTemplate> detect_chat_template(std::string_view jinja) {
       return t;
     }
     if (jinja.find(" [/INST]") != std::string_view::npos) {
-      throw InputError(kComponent,
+      throw InputError(kChatTemplateComponent,
                        "the chat template looks like Mistral v0.1/v0.2 (\"[INST] ... [/INST]\" with a space "
                        "before [/INST]), which flotilla does not render; pass --chat-template mistral to "
                        "use the Mistral v0.3 format (\"[INST] ...[/INST]\") instead");
@@ -383,11 +383,11 @@ std::optional<ChatTemplate> resolve_chat_template(const std::filesystem::path& m
         if (const size_t end = what.find("] "); what.starts_with("[") && end != std::string_view::npos) {
           what.remove_prefix(end + 2);
         }
-        throw InputError(kComponent, fmt::format("{}: {}", source, what));
+        throw InputError(kChatTemplateComponent, fmt::format("{}: {}", source, what));
       }
     }
     if (!detected && !wanted) {
-      throw InputError(kComponent,
+      throw InputError(kChatTemplateComponent,
                        fmt::format("{}: the chat template is none of the families flotilla renders (llama2, "
                                    "llama3, mistral, chatml); pass --chat-template NAME if the model uses "
                                    "one of them",

@@ -168,7 +168,7 @@ void pre_tokenize(std::span<const PreTokenizerStep> steps, std::string_view sect
     } else if (const auto* byte_level = std::get_if<ByteLevelPreTokenizer>(&step)) {
       for (std::string_view piece : pieces) {
         if (byte_level->add_prefix_space && !piece.starts_with(' ')) {
-          piece = buffers.owned.emplace_back(" " + std::string(piece));
+          piece = buffers.owned.emplace_back(std::string(" ").append(piece));
         }
         if (byte_level->use_regex) {
           split_with_pattern(SplitPattern::kGpt2, piece, next);
