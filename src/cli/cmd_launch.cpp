@@ -16,7 +16,7 @@
 namespace flotilla::cli {
 namespace {
 
-constexpr const char* kComponent = "launch";
+constexpr const char* kCmdLaunchComponent = "launch";
 
 std::vector<std::string> split_words(const std::string& s) {
   std::vector<std::string> out;
@@ -38,7 +38,7 @@ void resolve_train(train::LaunchConfig& config) {
   argv.emplace_back("--print-config");
   std::string yaml;
   const int status = run_capture(argv, 120.0, &yaml, /*silence_stderr=*/false);
-  if (status != 0) throw RunStopped(kComponent, "the train command is not valid", status == 2 ? 2 : 1, /*quiet=*/true);
+  if (status != 0) throw RunStopped(kCmdLaunchComponent, "the train command is not valid", status == 2 ? 2 : 1, /*quiet=*/true);
   try {
     const YAML::Node cfg = YAML::Load(yaml);
     config.out = cfg["out"].as<std::string>();
@@ -47,7 +47,7 @@ void resolve_train(train::LaunchConfig& config) {
     config.save_every = cfg["save_every"].as<int64_t>();
     if (cfg["checkpoint_dir"]) config.checkpoint_dir = cfg["checkpoint_dir"].as<std::string>();
   } catch (const YAML::Exception& e) {
-    throw Error(kComponent, fmt::format("cannot read train --print-config's output: {}", e.what()));
+    throw Error(kCmdLaunchComponent, fmt::format("cannot read train --print-config's output: {}", e.what()));
   }
 }
 
@@ -87,10 +87,10 @@ void add_launch_command(CLI::App& app) {
     config.mpirun_args = split_words(*mpirun_args);
     std::error_code ec;
     config.self = std::filesystem::read_symlink("/proc/self/exe", ec).string();
-    if (ec) throw Error(kComponent, "cannot find flotilla's own binary (/proc/self/exe)");
+    if (ec) throw Error(kCmdLaunchComponent, "cannot find flotilla's own binary (/proc/self/exe)");
     if (!config.train_args.empty() && config.train_args.front() == "train") resolve_train(config);
     const int status = train::run_launch(config);
-    if (status != 0) throw RunStopped(kComponent, "the job was stopped", status);
+    if (status != 0) throw RunStopped(kCmdLaunchComponent, "the job was stopped", status);
   });
 }
 

@@ -12,12 +12,10 @@
 namespace flotilla::cli {
 namespace {
 
-constexpr std::string_view kComponent = "cli/config";
-
-int line_of(const YAML::Node& node) { return node.Mark().line + 1; }
+constexpr std::string_view kMlxLmConfigComponent = "cli/config";
 
 [[noreturn]] void fail(const std::string& where, int line, const std::string& what) {
-  throw InputError(kComponent, fmt::format("{}:{}: {}", where, line, what));
+  throw InputError(kMlxLmConfigComponent, fmt::format("{}:{}: {}", where, line, what));
 }
 
 ConfigEntry scalar_entry(const std::string& key, const std::string& value, int line) {

@@ -24,6 +24,9 @@
 
 namespace flotilla::cli {
 
+// The 1-based line of `node` in its YAML file, for error lines (both config readers).
+inline int line_of(const YAML::Node& node) { return node.Mark().line + 1; }
+
 // The flat entries of mlx_lm's nested section `key` (lora_parameters, lr_schedule), or
 // nullopt when `key` is not one of them. Null values in the section are left out.
 std::optional<std::vector<ConfigEntry>> expand_mlx_lm_section(const std::string& key, const YAML::Node& value,

@@ -15,7 +15,7 @@
 namespace flotilla::cli {
 namespace {
 
-constexpr std::string_view kComponent = "cli/config";
+constexpr std::string_view kYamlConfigComponent = "cli/config";
 
 std::string to_dashes(std::string key) {
   std::replace(key.begin(), key.end(), '_', '-');
@@ -25,8 +25,6 @@ std::string to_underscores(std::string key) {
   std::replace(key.begin(), key.end(), '-', '_');
   return key;
 }
-
-int line_of(const YAML::Node& node) { return node.Mark().line + 1; }
 
 // The option `--key` of `cmd`, else of its parent (global flags such as --threads).
 CLI::Option* find_option(CLI::App& cmd, const std::string& key) {
@@ -105,12 +103,12 @@ std::vector<ConfigEntry> read_yaml_config(const std::filesystem::path& file) {
   try {
     root = YAML::Load(read_text_file(file));
   } catch (const YAML::Exception& e) {
-    throw InputError(kComponent, fmt::format("{}:{}:{}: {}", where, e.mark.line + 1, e.mark.column + 1, e.msg));
+    throw InputError(kYamlConfigComponent, fmt::format("{}:{}:{}: {}", where, e.mark.line + 1, e.mark.column + 1, e.msg));
   }
   std::vector<ConfigEntry> entries;
   if (root.IsNull()) return entries;  // an empty file
   if (!root.IsMap())
-    throw InputError(kComponent,
+    throw InputError(kYamlConfigComponent,
                      fmt::format("{}:{}: expected a mapping of flag names to values (batch_size: 8)", where,
                                  line_of(root)));
   std::map<std::string, int> seen;  // key -> line
@@ -118,12 +116,12 @@ std::vector<ConfigEntry> read_yaml_config(const std::filesystem::path& file) {
     const YAML::Node key = it->first;  // by value: `it->` is a temporary proxy
     const YAML::Node value = it->second;
     if (!key.IsScalar())
-      throw InputError(kComponent, fmt::format("{}:{}: keys must be flag names", where, line_of(key)));
+      throw InputError(kYamlConfigComponent, fmt::format("{}:{}: keys must be flag names", where, line_of(key)));
     ConfigEntry e;
     e.key = key.Scalar();
     e.line = line_of(key);
     if (const auto [at, fresh] = seen.emplace(e.key, e.line); !fresh)
-      throw InputError(kComponent,
+      throw InputError(kYamlConfigComponent,
                        fmt::format("{}:{}: '{}' repeats the key of line {}", where, e.line, e.key, at->second));
     if (value.IsNull()) {
       e.is_null = true;
@@ -133,7 +131,7 @@ std::vector<ConfigEntry> read_yaml_config(const std::filesystem::path& file) {
       e.is_list = true;
       for (const YAML::Node& item : value) {
         if (!item.IsScalar())
-          throw InputError(kComponent, fmt::format("{}:{}: '{}': list items must be single values", where,
+          throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}': list items must be single values", where,
                                                    line_of(item), e.key));
         e.values.push_back(item.Scalar());
       }
@@ -152,7 +150,7 @@ std::vector<ConfigEntry> read_yaml_config(const std::filesystem::path& file) {
   translate_mlx_lm_keys(entries, where);
   for (const ConfigEntry& e : entries)
     if (e.is_map)
-      throw InputError(kComponent, fmt::format("{}:{}: '{}' must be a single value, not a mapping", where, e.line, e.key));
+      throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}' must be a single value, not a mapping", where, e.line, e.key));
   return entries;
 }
 
@@ -172,7 +170,7 @@ void apply_yaml_config(CLI::App& cmd, const std::filesystem::path& file) {
   for (const ConfigEntry& e : entries) {
     CLI::Option* op = find_option(cmd, e.key);
     if (op && !op->get_configurable())
-      throw InputError(kComponent,
+      throw InputError(kYamlConfigComponent,
                        fmt::format("{}:{}: '{}' cannot be set in a config file", where, e.line, e.key));
     if (!op) {
       std::string best;
@@ -182,11 +180,11 @@ void apply_yaml_config(CLI::App& cmd, const std::filesystem::path& file) {
         if (d < best_distance) best_distance = d, best = k;
       }
       const bool close = best_distance <= std::max<size_t>(2, e.key.size() / 3);
-      throw InputError(kComponent, fmt::format("{}: unknown key '{}'{}", where, e.key,
+      throw InputError(kYamlConfigComponent, fmt::format("{}: unknown key '{}'{}", where, e.key,
                                                close ? fmt::format(" (did you mean '{}'?)", best) : ""));
     }
     if (const auto it = from_file.find(op); it != from_file.end())
-      throw InputError(kComponent, fmt::format("{}:{}: '{}' sets the same flag as '{}' on line {}", where, e.line,
+      throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}' sets the same flag as '{}' on line {}", where, e.line,
                                                e.key, it->second->key, it->second->line));
     from_file[op] = &e;
     if (from_command_line.contains(op)) continue;
@@ -195,29 +193,29 @@ void apply_yaml_config(CLI::App& cmd, const std::filesystem::path& file) {
       continue;  // e.g. --model on the command line replaces `preset:` in the file
     for (CLI::Option* x : excluded)
       if (const auto it = from_file.find(x); it != from_file.end())
-        throw InputError(kComponent, fmt::format("{}:{}: '{}' and '{}' (line {}) exclude each other", where, e.line,
+        throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}' and '{}' (line {}) exclude each other", where, e.line,
                                                  e.key, it->second->key, it->second->line));
     if (e.is_null) continue;  // `resume_adapter_file: null`: the flag keeps its default
 
     if (is_flag(*op)) {
       bool on = false;
       if (e.is_list || !parse_bool(e.values[0], on))
-        throw InputError(kComponent, fmt::format("{}:{}: '{}' expects true or false, got {}", where, e.line, e.key,
+        throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}' expects true or false, got {}", where, e.line, e.key,
                                                  e.is_list ? "a list" : "'" + e.values[0] + "'"));
       op->add_result(op->get_flag_value(to_dashes(e.key), on ? "true" : "false"));
     } else {
       if (e.is_list && op->get_items_expected_max() <= 1)
-        throw InputError(kComponent,
+        throw InputError(kYamlConfigComponent,
                          fmt::format("{}:{}: '{}' takes one value, not a list", where, e.line, e.key));
       op->add_result(e.values);
     }
     try {
       op->run_callback();
     } catch (const CLI::ConversionError&) {
-      throw InputError(kComponent, fmt::format("{}:{}: '{}' expects {}, got {}", where, e.line, e.key,
+      throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}' expects {}, got {}", where, e.line, e.key,
                                                expected_type(*op), quoted_values(e.values)));
     } catch (const CLI::ParseError& x) {  // a validator: a missing file, a value out of range
-      throw InputError(kComponent, fmt::format("{}:{}: '{}': {}", where, e.line, e.key, x.what()));
+      throw InputError(kYamlConfigComponent, fmt::format("{}:{}: '{}': {}", where, e.line, e.key, x.what()));
     }
   }
 }

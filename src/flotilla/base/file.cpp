@@ -17,7 +17,7 @@
 
 namespace flotilla {
 namespace {
-constexpr std::string_view kComponent = "base/file";
+constexpr std::string_view kFileComponent = "base/file";
 
 std::string sys_message(const std::filesystem::path& path, std::string_view what) {
   return path.string() + ": " + std::string(what) + ": " + std::strerror(errno);
@@ -37,14 +37,14 @@ std::string_view kind_of(mode_t mode) {
 // is refused at once instead of blocking in open() until a writer appears; the stat before
 // the open keeps a device from being opened at all.
 int open_regular_file(const std::filesystem::path& path, struct stat& st) {
-  if (::stat(path.c_str(), &st) != 0) throw InputError(kComponent, sys_message(path, "cannot open"));
+  if (::stat(path.c_str(), &st) != 0) throw InputError(kFileComponent, sys_message(path, "cannot open"));
   if (!S_ISREG(st.st_mode))
-    throw InputError(kComponent, fmt::format("{}: is {}, expected a file", path.string(), kind_of(st.st_mode)));
+    throw InputError(kFileComponent, fmt::format("{}: is {}, expected a file", path.string(), kind_of(st.st_mode)));
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) throw InputError(kComponent, sys_message(path, "cannot open"));
+  if (fd < 0) throw InputError(kFileComponent, sys_message(path, "cannot open"));
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {  // replaced between stat and open
     ::close(fd);
-    throw InputError(kComponent, path.string() + ": changed while being opened; not a regular file");
+    throw InputError(kFileComponent, path.string() + ": changed while being opened; not a regular file");
   }
   return fd;
 }
@@ -66,7 +66,7 @@ MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
     if (data_ == MAP_FAILED) {
       data_ = nullptr;
       ::close(fd);
-      throw Error(kComponent, sys_message(path, "mmap failed"));
+      throw Error(kFileComponent, sys_message(path, "mmap failed"));
     }
   }
   ::close(fd);
@@ -106,11 +106,11 @@ std::string read_text_file(const std::filesystem::path& path) {
     text.resize(static_cast<size_t>(st.st_size));
   } catch (const std::bad_alloc&) {
     ::close(fd);
-    throw InputError(kComponent, fmt::format("{}: {} bytes do not fit in this machine's memory", path.string(),
+    throw InputError(kFileComponent, fmt::format("{}: {} bytes do not fit in this machine's memory", path.string(),
                                              static_cast<int64_t>(st.st_size)));
   } catch (const std::length_error&) {
     ::close(fd);
-    throw InputError(kComponent, fmt::format("{}: {} bytes do not fit in this machine's memory", path.string(),
+    throw InputError(kFileComponent, fmt::format("{}: {} bytes do not fit in this machine's memory", path.string(),
                                              static_cast<int64_t>(st.st_size)));
   }
   // The size from fstat; a file that shrinks meanwhile reads short, one that grows is cut.
@@ -121,7 +121,7 @@ std::string read_text_file(const std::filesystem::path& path) {
       if (errno == EINTR) continue;
       const std::string msg = sys_message(path, "read failed");
       ::close(fd);
-      throw InputError(kComponent, msg);
+      throw InputError(kFileComponent, msg);
     }
     if (n == 0) break;
     done += static_cast<size_t>(n);
@@ -133,7 +133,7 @@ std::string read_text_file(const std::filesystem::path& path) {
 
 uint64_t read_file_chunks(const std::filesystem::path& path, size_t chunk_bytes,
                           const std::function<void(std::span<const std::byte>)>& consume) {
-  if (chunk_bytes == 0) throw Error(kComponent, "read_file_chunks needs a chunk of at least one byte");
+  if (chunk_bytes == 0) throw Error(kFileComponent, "read_file_chunks needs a chunk of at least one byte");
   struct stat st {};
   const int fd = open_regular_file(path, st);
   struct CloseOnExit {
@@ -149,7 +149,7 @@ uint64_t read_file_chunks(const std::filesystem::path& path, size_t chunk_bytes,
     const ssize_t n = ::read(fd, chunk.data() + filled, chunk.size() - filled);
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw InputError(kComponent, sys_message(path, "read failed"));
+      throw InputError(kFileComponent, sys_message(path, "read failed"));
     }
     filled += static_cast<size_t>(n);
     if (n == 0 || filled == chunk.size()) {
@@ -166,7 +166,7 @@ AtomicFileWriter::AtomicFileWriter(std::filesystem::path path) : path_(std::move
   tmp_path_ = path_;
   tmp_path_ += ".tmp." + std::to_string(::getpid());
   fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw Error(kComponent, sys_message(tmp_path_, "cannot create"));
+  if (fd_ < 0) throw Error(kFileComponent, sys_message(tmp_path_, "cannot create"));
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
@@ -183,7 +183,7 @@ void AtomicFileWriter::write(std::span<const std::byte> data) {
     const ssize_t n = ::write(fd_, p, left);
     if (n < 0) {
       if (errno == EINTR) continue;
-      throw Error(kComponent, sys_message(tmp_path_, "write failed"));
+      throw Error(kFileComponent, sys_message(tmp_path_, "write failed"));
     }
     p += n;
     left -= static_cast<size_t>(n);
@@ -195,17 +195,17 @@ void AtomicFileWriter::write(std::string_view text) {
 }
 
 void AtomicFileWriter::commit() {
-  if (::fsync(fd_) != 0) throw Error(kComponent, sys_message(tmp_path_, "fsync failed"));
+  if (::fsync(fd_) != 0) throw Error(kFileComponent, sys_message(tmp_path_, "fsync failed"));
   if (::close(fd_) != 0) {
     fd_ = -1;
     ::unlink(tmp_path_.c_str());
-    throw Error(kComponent, sys_message(tmp_path_, "close failed"));
+    throw Error(kFileComponent, sys_message(tmp_path_, "close failed"));
   }
   fd_ = -1;
   if (::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
     const std::string msg = sys_message(path_, "rename failed");
     ::unlink(tmp_path_.c_str());
-    throw Error(kComponent, msg);
+    throw Error(kFileComponent, msg);
   }
   fsync_dir(path_.parent_path());
 }

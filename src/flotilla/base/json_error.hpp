@@ -17,4 +17,22 @@ inline std::string json_error_text(const std::exception& e) {
   return std::string(what);
 }
 
+// What a JSON value is, for an error line: "a number", "an array", ... (a template so that
+// this header need not include nlohmann/json.hpp; Json is nlohmann::json).
+template <class Json>
+std::string_view json_type_name(const Json& j) {
+  using T = typename Json::value_t;
+  switch (j.type()) {
+    case T::null: return "null";
+    case T::boolean: return "a boolean";
+    case T::number_integer:
+    case T::number_unsigned:
+    case T::number_float: return "a number";
+    case T::string: return "a string";
+    case T::array: return "an array";
+    case T::object: return "an object";
+    default: return "a binary value";
+  }
+}
+
 }  // namespace flotilla

@@ -19,16 +19,16 @@
 
 namespace flotilla {
 namespace {
-constexpr const char* kComponent = "base/subprocess";
+constexpr const char* kSubprocessComponent = "base/subprocess";
 }  // namespace
 
 Subprocess::Subprocess(const std::vector<std::string>& argv, bool capture_stdout, bool capture_stderr,
                        bool silence_stderr) {
   int out[2] = {-1, -1}, err[2] = {-1, -1};
   if ((capture_stdout && ::pipe2(out, O_CLOEXEC) != 0) || (capture_stderr && ::pipe2(err, O_CLOEXEC) != 0))
-    throw Error(kComponent, fmt::format("pipe: {}", std::strerror(errno)));
+    throw Error(kSubprocessComponent, fmt::format("pipe: {}", std::strerror(errno)));
   pid_ = ::fork();
-  if (pid_ < 0) throw Error(kComponent, fmt::format("fork: {}", std::strerror(errno)));
+  if (pid_ < 0) throw Error(kSubprocessComponent, fmt::format("fork: {}", std::strerror(errno)));
   if (pid_ == 0) {
     ::setpgid(0, 0);
     if (capture_stdout) ::dup2(out[1], STDOUT_FILENO);

@@ -11,7 +11,7 @@
 
 namespace flotilla::data {
 namespace {
-constexpr std::string_view kComponent = "data/sampler";
+constexpr std::string_view kBatchSamplerComponent = "data/sampler";
 constexpr int32_t kIgnore = -100;  // model::kIgnoreIndex; data/ sits below model/
 }  // namespace
 
@@ -36,10 +36,10 @@ TruncationStats truncation_at(const ExampleSource& examples, int64_t seq_len) {
 }
 
 BatchSampler::BatchSampler(const ExampleSource& examples, SamplerConfig cfg) : examples_(examples), cfg_(cfg) {
-  if (examples.num_examples() == 0) throw InputError(kComponent, "the split has no examples");
+  if (examples.num_examples() == 0) throw InputError(kBatchSamplerComponent, "the split has no examples");
   if (cfg.seq_len <= 0 || cfg.micro_batch <= 0 || cfg.grad_accum <= 0 || cfg.world <= 0 || cfg.rank < 0 ||
       cfg.rank >= cfg.world)
-    throw InputError(kComponent, fmt::format("bad batch geometry: seq_len {}, micro_batch {}, grad_accum {}, rank {} of {}",
+    throw InputError(kBatchSamplerComponent, fmt::format("bad batch geometry: seq_len {}, micro_batch {}, grad_accum {}, rank {} of {}",
                                              cfg.seq_len, cfg.micro_batch, cfg.grad_accum, cfg.rank, cfg.world));
   start_epoch(0);
 }
@@ -98,7 +98,7 @@ bool BatchSampler::build_global_batch() {
       if (!cfg_.pack) break;
       // Examples without a token fill nothing: a whole epoch of them must end, not loop.
       if (++visited > examples_.num_examples() && used == 0)
-        throw InputError(kComponent, fmt::format("all {} examples of the split are empty: no token to train on",
+        throw InputError(kBatchSamplerComponent, fmt::format("all {} examples of the split are empty: no token to train on",
                                                  examples_.num_examples()));
     }
     for (int64_t t = used; t < T; ++t) doc_start_[static_cast<size_t>(row * T + t)] = static_cast<int32_t>(t);
@@ -130,13 +130,13 @@ bool BatchSampler::next(Batch& batch) {
 }
 
 void BatchSampler::next_batch(Batch& batch) {
-  if (!next(batch)) throw Error(kComponent, "next_batch after the end of a non-repeating epoch");
+  if (!next(batch)) throw Error(kBatchSamplerComponent, "next_batch after the end of a non-repeating epoch");
 }
 
 void BatchSampler::next_batch(int32_t* tokens, int32_t* targets, int B, int T) {
-  if (cfg_.pack) throw Error(kComponent, "packed batches need doc_start: call next_batch(Batch&)");
+  if (cfg_.pack) throw Error(kBatchSamplerComponent, "packed batches need doc_start: call next_batch(Batch&)");
   if (B != cfg_.micro_batch || T != cfg_.seq_len)
-    throw Error(kComponent, fmt::format("asked for ({}, {}) but the sampler makes ({}, {})", B, T, cfg_.micro_batch,
+    throw Error(kBatchSamplerComponent, fmt::format("asked for ({}, {}) but the sampler makes ({}, {})", B, T, cfg_.micro_batch,
                                         cfg_.seq_len));
   Batch batch;
   next_batch(batch);
@@ -160,7 +160,7 @@ nlohmann::json BatchSampler::state() const {
 }
 
 void BatchSampler::set_state(const nlohmann::json& st) {
-  auto fail = [](const std::string& why) { throw InputError(kComponent, "cannot resume the sampler: " + why); };
+  auto fail = [](const std::string& why) { throw InputError(kBatchSamplerComponent, "cannot resume the sampler: " + why); };
   try {
     if (st.at("kind") != "batch_sampler") fail("the state is not a batch sampler's");
     if (st.at("examples").get<size_t>() != examples_.num_examples()) fail("the data has a different number of examples");

@@ -10,7 +10,7 @@
 namespace flotilla::data {
 namespace {
 
-constexpr const char* kComponent = "data/chat";
+constexpr const char* kChatPromptComponent = "data/chat";
 
 // tokenizer_config.json's bos_token / eos_token: "<s>", {"content": "<s>", ...} or absent.
 std::string special_token(const std::filesystem::path& model_dir, const char* key) {
@@ -84,7 +84,7 @@ std::optional<ChatPrompter> ChatPrompter::for_model(const std::filesystem::path&
       family = detect_chat_template(source.jinja);
     } catch (const InputError&) {
     }
-    if (!family) throw InputError(kComponent, fmt::format("{}: {}", source.file, reason_of(e)));
+    if (!family) throw InputError(kChatPromptComponent, fmt::format("{}: {}", source.file, reason_of(e)));
     log::info("{}: {}; rendering it as the built-in {} family", source.file, reason_of(e), family->describe());
     return from_family(*family);
   }

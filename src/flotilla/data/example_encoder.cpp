@@ -7,7 +7,7 @@
 namespace flotilla::data {
 namespace {
 
-constexpr const char* kComponent = "data/encode";
+constexpr const char* kExampleEncoderComponent = "data/encode";
 
 void push_token(EncodedExample& out, int32_t token, bool in_loss) {
   out.tokens.push_back(token);
@@ -53,7 +53,7 @@ std::vector<Segment> ExampleEncoder::segments(const ExampleRecord& record) const
   }
   const auto& chat = std::get<ChatRecord>(record);
   if (!chat_template_) {
-    throw InputError(kComponent,
+    throw InputError(kExampleEncoderComponent,
                      "a {\"messages\"} example needs a chat template, and the model has none (no "
                      "\"chat_template\" in tokenizer_config.json, no chat_template.jinja): pass "
                      "--chat-template llama2|llama3|mistral|chatml");

@@ -18,10 +18,10 @@
 namespace flotilla::data::jinja {
 namespace {
 
-constexpr const char* kComponent = "data/jinja";
+constexpr const char* kJinjaComponent = "data/jinja";
 
 [[noreturn]] void fail(int line, std::string_view what) {
-  throw InputError(kComponent, fmt::format("chat template line {}: {}", line, what));
+  throw InputError(kJinjaComponent, fmt::format("chat template line {}: {}", line, what));
 }
 
 [[noreturn]] void unsupported(int line, std::string_view construct) {
@@ -1230,7 +1230,7 @@ class Renderer {
     const std::vector<Value> args = eval_args(e, 1);
     if (!e.args[0]) {
       if (e.name == "raise_exception") {
-        throw InputError(kComponent, fmt::format("the chat template refuses this conversation: {}",
+        throw InputError(kJinjaComponent, fmt::format("the chat template refuses this conversation: {}",
                                                  to_str(arg(args, 0, e))));
       }
       if (e.name == "range") {

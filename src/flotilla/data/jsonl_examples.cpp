@@ -11,23 +11,9 @@
 namespace flotilla::data {
 namespace {
 
-constexpr const char* kComponent = "data/jsonl";
+constexpr const char* kJsonlExamplesComponent = "data/jsonl";
 
 using json = nlohmann::json;
-
-std::string_view json_type_name(const json& j) {
-  switch (j.type()) {
-    case json::value_t::null: return "null";
-    case json::value_t::boolean: return "a boolean";
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float: return "a number";
-    case json::value_t::string: return "a string";
-    case json::value_t::array: return "an array";
-    case json::value_t::object: return "an object";
-    default: return "a binary value";
-  }
-}
 
 LineError error(InvalidReason reason, std::string message) { return {reason, std::move(message)}; }
 
@@ -166,7 +152,7 @@ size_t valid_utf8_prefix(std::string_view text) {
 }
 
 void throw_line_error(std::string_view source, size_t line, std::string_view what) {
-  throw InputError(kComponent, fmt::format("{}:{}: {}", source, line, what));
+  throw InputError(kJsonlExamplesComponent, fmt::format("{}:{}: {}", source, line, what));
 }
 
 std::vector<JsonlLine> jsonl_lines(std::string_view content) {
@@ -209,7 +195,7 @@ std::variant<ExampleRecord, LineError> parse_example_line(std::string_view line)
 JsonlExamples parse_jsonl_examples(std::span<const JsonlLine> lines, std::string_view source,
                                    bool skip_invalid) {
   if (lines.empty()) {
-    throw InputError(kComponent, fmt::format("{}: empty: no examples (expected one JSON object per line)", source));
+    throw InputError(kJsonlExamplesComponent, fmt::format("{}: empty: no examples (expected one JSON object per line)", source));
   }
   JsonlExamples out;
   out.records.reserve(lines.size());
@@ -223,7 +209,7 @@ JsonlExamples parse_jsonl_examples(std::span<const JsonlLine> lines, std::string
     out.records.push_back({line.number, std::move(std::get<ExampleRecord>(parsed))});
   }
   if (out.records.empty()) {
-    throw InputError(kComponent, fmt::format("{}: no valid examples: all {} lines were invalid and skipped",
+    throw InputError(kJsonlExamplesComponent, fmt::format("{}: no valid examples: all {} lines were invalid and skipped",
                                              source, lines.size()));
   }
   return out;
@@ -237,7 +223,7 @@ JsonlExamples parse_jsonl_examples(std::string_view content, std::string_view so
 JsonlExamples read_jsonl_examples(const std::filesystem::path& path, bool skip_invalid) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) {
-    throw InputError(kComponent, fmt::format("{}: no such file", path.string()));
+    throw InputError(kJsonlExamplesComponent, fmt::format("{}: no such file", path.string()));
   }
   const std::string content = read_text_file(path);
   return parse_jsonl_examples(std::string_view(content), path.string(), skip_invalid);

@@ -20,7 +20,7 @@ namespace flotilla::data {
 namespace {
 
 namespace fs = std::filesystem;
-constexpr const char* kComponent = "data/prepare";
+constexpr const char* kPrepareComponent = "data/prepare";
 
 // An error's message without its "[component] " tag, to re-prefix it with a file and line.
 std::string_view without_component(std::string_view what) {
@@ -47,7 +47,7 @@ Inputs read_folder(const fs::path& dir) {
   Inputs in;
   std::error_code ec;
   if (!fs::exists(dir / "train.jsonl", ec)) {
-    throw InputError(kComponent, fmt::format("{}: no train.jsonl (a data folder holds train.jsonl and optionally "
+    throw InputError(kPrepareComponent, fmt::format("{}: no train.jsonl (a data folder holds train.jsonl and optionally "
                                              "valid.jsonl, test.jsonl)",
                                              dir.string()));
   }
@@ -58,7 +58,7 @@ Inputs read_folder(const fs::path& dir) {
     in.contents.push_back(read_text_file(file));
     std::vector<JsonlLine> lines = jsonl_lines(in.contents.back());
     if (lines.empty()) {
-      throw InputError(kComponent, fmt::format("{}: empty: no examples (expected one JSON object per line)",
+      throw InputError(kPrepareComponent, fmt::format("{}: empty: no examples (expected one JSON object per line)",
                                                file.string()));
     }
     in.splits.push_back({split, file.string(), std::move(lines)});
@@ -72,7 +72,7 @@ Inputs read_and_split_file(const fs::path& file, const std::array<double, 3>& fr
   const std::vector<JsonlLine> lines = jsonl_lines(in.contents.back());
   const size_t n = lines.size();
   if (n == 0) {
-    throw InputError(kComponent, fmt::format("{}: empty: no examples (expected one JSON object per line)",
+    throw InputError(kPrepareComponent, fmt::format("{}: empty: no examples (expected one JSON object per line)",
                                              file.string()));
   }
   std::vector<size_t> order(n);
@@ -85,7 +85,7 @@ Inputs read_and_split_file(const fs::path& file, const std::array<double, 3>& fr
   const size_t n_test = std::min(share(fractions[2]), n - n_valid);
   const size_t n_train = n - n_valid - n_test;
   if (n_train == 0) {
-    throw InputError(kComponent, fmt::format("{}: {} lines leave no training example with split {}, {}, {}",
+    throw InputError(kPrepareComponent, fmt::format("{}: {} lines leave no training example with split {}, {}, {}",
                                              file.string(), n, fractions[0], fractions[1], fractions[2]));
   }
   const size_t bounds[] = {0, n_train, n_train + n_valid, n};
@@ -200,7 +200,7 @@ void remove_stale_tmp(const fs::path& tmp) {
     for (const auto& entry : fs::directory_iterator(tmp)) ours = ours && entry.is_regular_file() && is_our_file(entry.path());
   }
   if (!ours) {
-    throw InputError(kComponent, fmt::format("{}: exists and is not a folder left by flotilla data prepare; "
+    throw InputError(kPrepareComponent, fmt::format("{}: exists and is not a folder left by flotilla data prepare; "
                                              "remove or rename it",
                                              tmp.string()));
   }
@@ -228,10 +228,10 @@ void check_output(const PrepareOptions& options) {
   std::error_code ec;
   if (!fs::exists(options.out, ec)) return;
   if (!fs::is_directory(options.out, ec)) {
-    throw InputError(kComponent, fmt::format("{}: exists and is not a directory", options.out.string()));
+    throw InputError(kPrepareComponent, fmt::format("{}: exists and is not a directory", options.out.string()));
   }
   if (!fs::is_empty(options.out, ec) && !options.force) {
-    throw InputError(kComponent, fmt::format("{}: exists and is not empty (pass --force to replace it)",
+    throw InputError(kPrepareComponent, fmt::format("{}: exists and is not empty (pass --force to replace it)",
                                              options.out.string()));
   }
 }
@@ -248,7 +248,7 @@ fs::path with_suffix(const fs::path& p, std::string_view suffix) {
 std::array<double, 3> parse_split_fractions(std::string_view text) {
   std::array<double, 3> f{0, 0, 0};
   const auto fail = [&](std::string_view why) {
-    throw InputError(kComponent, fmt::format("--split {:?}: {} (expected train,valid[,test] fractions summing "
+    throw InputError(kPrepareComponent, fmt::format("--split {:?}: {} (expected train,valid[,test] fractions summing "
                                              "to 1, e.g. 0.9,0.05,0.05)",
                                              text, why));
   };
@@ -279,20 +279,20 @@ DatasetIndex prepare(const PrepareOptions& options, const text::Tokenizer& token
                      const std::optional<ChatTemplate>& chat_template) {
   std::error_code ec;
   if (!fs::exists(options.data, ec)) {
-    throw InputError(kComponent, fmt::format("{}: no such file or folder", options.data.string()));
+    throw InputError(kPrepareComponent, fmt::format("{}: no such file or folder", options.data.string()));
   }
   const bool is_folder = fs::is_directory(options.data, ec);
   if (is_folder && options.split) {
-    throw InputError(kComponent, fmt::format("{}: --split takes one file; a folder brings its own train.jsonl, "
+    throw InputError(kPrepareComponent, fmt::format("{}: --split takes one file; a folder brings its own train.jsonl, "
                                              "valid.jsonl, test.jsonl",
                                              options.data.string()));
   }
   if (!is_folder && !options.split) {
-    throw InputError(kComponent, fmt::format("{}: one file needs --split (e.g. 0.9,0.05,0.05), or give a folder "
+    throw InputError(kPrepareComponent, fmt::format("{}: one file needs --split (e.g. 0.9,0.05,0.05), or give a folder "
                                              "with train.jsonl, valid.jsonl, test.jsonl",
                                              options.data.string()));
   }
-  if (options.out.empty()) throw InputError(kComponent, "no output folder given");
+  if (options.out.empty()) throw InputError(kPrepareComponent, "no output folder given");
   check_output(options);
   const Inputs inputs =
       is_folder ? read_folder(options.data) : read_and_split_file(options.data, *options.split, options.seed);
@@ -319,7 +319,7 @@ DatasetIndex prepare(const PrepareOptions& options, const text::Tokenizer& token
   for (const SplitInput& in : inputs.splits) {
     SplitIndex split = prepare_split(in, encoder, options, tokenizer, tmp);
     if (split.stats.examples == 0 && in.split == Split::train) {
-      throw InputError(kComponent, fmt::format("{}: no training example left ({} lines, all skipped: {})", in.source,
+      throw InputError(kPrepareComponent, fmt::format("{}: no training example left ({} lines, all skipped: {})", in.source,
                                                in.lines.size(),
                                                nlohmann::json(split.stats.skipped).dump()));
     }
@@ -334,7 +334,7 @@ DatasetIndex prepare(const PrepareOptions& options, const text::Tokenizer& token
   const fs::path old = with_suffix(options.out, ".old." + std::to_string(::getpid()));
   const bool replace = fs::exists(out, ec);
   if (replace) {
-    if (fs::exists(old, ec)) throw InputError(kComponent, fmt::format("{}: exists; remove it", old.string()));
+    if (fs::exists(old, ec)) throw InputError(kPrepareComponent, fmt::format("{}: exists; remove it", old.string()));
     fs::rename(out, old);
   }
   fs::rename(tmp, out);
@@ -358,7 +358,7 @@ bool is_unprepared_data_folder(const fs::path& dir) {
 TemporaryPreparedData::TemporaryPreparedData(PrepareOptions options, const text::Tokenizer& tokenizer,
                                              const std::optional<ChatTemplate>& chat_template) {
   std::string pattern = (fs::temp_directory_path() / "flotilla-data-XXXXXX").string();
-  if (::mkdtemp(pattern.data()) == nullptr) throw_errno(kComponent, "mkdtemp " + pattern);
+  if (::mkdtemp(pattern.data()) == nullptr) throw_errno(kPrepareComponent, "mkdtemp " + pattern);
   root_ = pattern;
   dir_ = root_ / "data";
   options.out = dir_;

@@ -33,15 +33,6 @@ void for_each_line(std::string_view content, F&& f) {
   }
 }
 
-std::string_view json_type_name(const nlohmann::json& j) {
-  if (j.is_number()) return "a number";
-  if (j.is_array()) return "an array";
-  if (j.is_object()) return "an object";
-  if (j.is_boolean()) return "a boolean";
-  if (j.is_null()) return "null";
-  return "not a string";
-}
-
 // The (T + 1)-token window at `offset` into row `row` of the (B, T) inputs and targets.
 void copy_window(const std::vector<int32_t>& stream, size_t offset, int32_t* tokens,
                  int32_t* targets, int row, int T) {

@@ -12,7 +12,7 @@
 namespace flotilla::data {
 namespace {
 
-constexpr const char* kComponent = "data/shards";
+constexpr const char* kTokenDatasetComponent = "data/shards";
 using json = nlohmann::json;
 
 // Field readers for index.json: every fault names the file and the field.
@@ -21,7 +21,7 @@ class IndexReader {
   explicit IndexReader(std::string_view source) : source_(source) {}
 
   [[noreturn]] void fail(std::string_view what) const {
-    throw InputError(kComponent, fmt::format("{}: {}", source_, what));
+    throw InputError(kTokenDatasetComponent, fmt::format("{}: {}", source_, what));
   }
   const json& field(const json& obj, const char* key, std::string_view where) const {
     if (!obj.is_object()) fail(fmt::format("{}: expected an object", where));
@@ -216,18 +216,18 @@ TokenDataset TokenDataset::open(const std::filesystem::path& dir) {
   const std::filesystem::path index_path = dir / kIndexFile;
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
-    throw InputError(kComponent, fmt::format("{}: not a directory (expected the output of flotilla data prepare)",
+    throw InputError(kTokenDatasetComponent, fmt::format("{}: not a directory (expected the output of flotilla data prepare)",
                                              dir.string()));
   }
   if (!std::filesystem::exists(index_path, ec)) {
-    throw InputError(kComponent, fmt::format("{}: no {} (is this the output of flotilla data prepare?)",
+    throw InputError(kTokenDatasetComponent, fmt::format("{}: no {} (is this the output of flotilla data prepare?)",
                                              dir.string(), kIndexFile));
   }
   json j;
   try {
     j = json::parse(read_text_file(index_path));
   } catch (const json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON ({})", index_path.string(), e.what()));
+    throw InputError(kTokenDatasetComponent, fmt::format("{}: not valid JSON ({})", index_path.string(), e.what()));
   }
   TokenDataset ds;
   ds.dir_ = dir;
@@ -238,7 +238,7 @@ TokenDataset TokenDataset::open(const std::filesystem::path& dir) {
     for (const ShardEntry& entry : s.shards) {
       ShardReader reader(dir / entry.file);
       const auto fail = [&](std::string_view what) {
-        throw InputError(kComponent, fmt::format("{}: {}", reader.path().string(), what));
+        throw InputError(kTokenDatasetComponent, fmt::format("{}: {}", reader.path().string(), what));
       };
       if (reader.fingerprint() != ds.index_.tokenizer_fingerprint) {
         fail(fmt::format("written with tokenizer {}, but {} says {}", reader.fingerprint(), kIndexFile,
@@ -279,7 +279,7 @@ void TokenDataset::check_tokenizer(const text::Tokenizer& tokenizer) const {
 
 void TokenDataset::check_tokenizer(std::string_view fingerprint, std::string_view name) const {
   if (fingerprint == index_.tokenizer_fingerprint) return;
-  throw InputError(kComponent,
+  throw InputError(kTokenDatasetComponent,
                    fmt::format("{}: prepared with tokenizer {} ({}) but the model's tokenizer is {} ({}): re-run "
                                "flotilla data prepare",
                                dir_.string(), index_.tokenizer_fingerprint, index_.tokenizer_name, fingerprint,
@@ -296,7 +296,7 @@ uint64_t TokenDataset::num_tokens(Split split) const { return splits_[static_cas
 ExampleView TokenDataset::example(Split split, size_t i) const {
   const SplitShards& s = splits_[static_cast<size_t>(split)];
   if (i >= num_examples(split)) {
-    throw Error(kComponent, fmt::format("{}: {} example {} of {}", dir_.string(), split_name(split), i,
+    throw Error(kTokenDatasetComponent, fmt::format("{}: {} example {} of {}", dir_.string(), split_name(split), i,
                                         num_examples(split)));
   }
   // The shard whose [first_example, next first_example) holds i.

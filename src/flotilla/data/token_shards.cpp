@@ -12,7 +12,7 @@
 namespace flotilla::data {
 namespace {
 
-constexpr const char* kComponent = "data/shards";
+constexpr const char* kTokenShardsComponent = "data/shards";
 
 // Header layout (see token_shards.hpp).
 constexpr size_t kVersionAt = 8;
@@ -59,7 +59,7 @@ size_t LossMaskView::count() const {
 
 void LossMaskView::unpack(std::span<uint8_t> out) const {
   if (out.size() != size_) {
-    throw Error(kComponent, fmt::format("LossMaskView::unpack: {} outputs for {} tokens", out.size(), size_));
+    throw Error(kTokenShardsComponent, fmt::format("LossMaskView::unpack: {} outputs for {} tokens", out.size(), size_));
   }
   for (size_t i = 0; i < size_; ++i) out[i] = (*this)[i] ? 1 : 0;
 }
@@ -69,7 +69,7 @@ void LossMaskView::unpack(std::span<uint8_t> out) const {
 ShardWriter::ShardWriter(std::string fingerprint, uint32_t vocab_size)
     : fingerprint_(std::move(fingerprint)), vocab_size_(vocab_size) {
   if (fingerprint_.size() > kShardFingerprintBytes || fingerprint_.empty() || !printable_ascii(fingerprint_)) {
-    throw InputError(kComponent, fmt::format("tokenizer fingerprint {:?}: a shard stores 1 to {} printable "
+    throw InputError(kTokenShardsComponent, fmt::format("tokenizer fingerprint {:?}: a shard stores 1 to {} printable "
                                              "ASCII characters",
                                              fingerprint_, kShardFingerprintBytes));
   }
@@ -77,11 +77,11 @@ ShardWriter::ShardWriter(std::string fingerprint, uint32_t vocab_size)
 
 void ShardWriter::add(std::span<const int32_t> tokens, std::span<const uint8_t> mask) {
   if (tokens.size() != mask.size()) {
-    throw Error(kComponent, fmt::format("ShardWriter::add: {} tokens but {} mask entries", tokens.size(), mask.size()));
+    throw Error(kTokenShardsComponent, fmt::format("ShardWriter::add: {} tokens but {} mask entries", tokens.size(), mask.size()));
   }
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || static_cast<uint32_t>(tokens[i]) >= vocab_size_) {
-      throw Error(kComponent, fmt::format("ShardWriter::add: token id {} outside [0, {})", tokens[i], vocab_size_));
+      throw Error(kTokenShardsComponent, fmt::format("ShardWriter::add: token id {} outside [0, {})", tokens[i], vocab_size_));
     }
     const uint64_t t = tokens_.size();
     if (t % 8 == 0) mask_bits_.push_back(0);
@@ -120,7 +120,7 @@ uint64_t ShardWriter::write(const std::filesystem::path& path) const {
 
 ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
   const auto fail = [&](std::string_view what) {
-    throw InputError(kComponent, fmt::format("{}: {}", path.string(), what));
+    throw InputError(kTokenShardsComponent, fmt::format("{}: {}", path.string(), what));
   };
   const std::span<const std::byte> bytes = file_.bytes();
   if (bytes.size() < kShardHeaderBytes) {
@@ -189,7 +189,7 @@ ShardReader::ShardReader(const std::filesystem::path& path) : file_(path) {
 
 ExampleView ShardReader::example(size_t i) const {
   if (i >= num_examples_) {
-    throw Error(kComponent, fmt::format("{}: example {} of {}", path().string(), i, num_examples_));
+    throw Error(kTokenShardsComponent, fmt::format("{}: example {} of {}", path().string(), i, num_examples_));
   }
   const uint64_t begin = offsets_[i];
   const uint64_t n = offsets_[i + 1] - begin;

@@ -22,7 +22,7 @@ namespace flotilla::io {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr std::string_view kComponent = "io/checkpoint_store";
+constexpr std::string_view kCheckpointStoreComponent = "io/checkpoint_store";
 constexpr std::string_view kManifestFormat = "flotilla-checkpoint-manifest";
 constexpr int kManifestVersion = 1;
 
@@ -30,11 +30,11 @@ constexpr int kManifestVersion = 1;
 
 void fsync_dir(const fs::path& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw_errno(kComponent, "cannot open " + dir.string() + " to fsync it");
+  if (fd < 0) throw_errno(kCheckpointStoreComponent, "cannot open " + dir.string() + " to fsync it");
   const int rc = ::fsync(fd);
   ::close(fd);
   // Some filesystems refuse fsync on directories (EINVAL): nothing more can be done there.
-  if (rc != 0 && errno != EINVAL) throw_errno(kComponent, "fsync of " + dir.string() + " failed");
+  if (rc != 0 && errno != EINVAL) throw_errno(kCheckpointStoreComponent, "fsync of " + dir.string() + " failed");
 }
 
 std::string trim(std::string s) {
@@ -48,7 +48,7 @@ nlohmann::json read_json(const fs::path& path) {
   try {
     return nlohmann::json::parse(read_text_file(path));
   } catch (const nlohmann::json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
+    throw InputError(kCheckpointStoreComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
   }
 }
 
@@ -131,7 +131,7 @@ std::vector<FileEntry> entries_of(const nlohmann::json& files) {
     uint32_t crc = 0;
     const auto [end, ec] = std::from_chars(hex.data(), hex.data() + hex.size(), crc, 16);
     if (ec != std::errc() || end != hex.data() + hex.size())
-      throw Error(kComponent, fmt::format("{}: CRC-32C '{}' of {} is not hexadecimal", kCheckpointManifestFile, hex, name));
+      throw Error(kCheckpointStoreComponent, fmt::format("{}: CRC-32C '{}' of {} is not hexadecimal", kCheckpointManifestFile, hex, name));
     out.push_back(FileEntry{name, e.at("bytes").get<uint64_t>(), crc});
   }
   std::sort(out.begin(), out.end(), [](const FileEntry& a, const FileEntry& b) { return a.name < b.name; });
@@ -154,7 +154,7 @@ std::optional<int64_t> parse_checkpoint_dir_name(std::string_view name) {
 }
 
 fs::path begin_step_folder(const fs::path& checkpoints_dir, int64_t step) {
-  if (step < 0) throw Error(kComponent, "cannot write a checkpoint of a negative step");
+  if (step < 0) throw Error(kCheckpointStoreComponent, "cannot write a checkpoint of a negative step");
   if (!fs::is_directory(checkpoints_dir)) {
     fs::create_directories(checkpoints_dir);
     fsync_dir(checkpoints_dir.has_parent_path() ? checkpoints_dir.parent_path() : fs::path("."));
@@ -194,7 +194,7 @@ fs::path commit_step_folder(const fs::path& checkpoints_dir, const fs::path& tmp
   const fs::path final_dir = checkpoints_dir / name;
   nlohmann::json listed = nlohmann::json::object();
   for (const FileEntry& e : entries) {
-    if (listed.contains(e.name)) throw Error(kComponent, fmt::format("{} is written twice into {}", e.name, name));
+    if (listed.contains(e.name)) throw Error(kCheckpointStoreComponent, fmt::format("{} is written twice into {}", e.name, name));
     listed[e.name] = {{"bytes", e.bytes}, {"crc32c", crc32c_hex(e.crc32c)}};
   }
   nlohmann::json manifest = {{"format", std::string(kManifestFormat)},
@@ -302,7 +302,7 @@ int64_t manifest_step(const fs::path& step_dir) {
   const fs::path manifest_path = step_dir / kCheckpointManifestFile;
   const nlohmann::json manifest = read_json(manifest_path);
   if (!manifest.contains("step") || !manifest["step"].is_number_integer())
-    throw InputError(kComponent, manifest_path.string() + ": no integer \"step\"");
+    throw InputError(kCheckpointStoreComponent, manifest_path.string() + ": no integer \"step\"");
   return manifest["step"].get<int64_t>();
 }
 
@@ -336,7 +336,7 @@ void add_to_step_folder(const fs::path& step_dir, std::span<const FileEntry> add
   for (const FileEntry& e : added) {
     const auto it = std::find_if(set.begin(), set.end(), [&](const FileEntry& s) { return s.name == e.name; });
     if (it == set.end() || it->bytes != e.bytes || it->crc32c != e.crc32c)
-      throw Error(kComponent, fmt::format("{}: {} ({} bytes, CRC-32C {}) is not a file of this checkpoint",
+      throw Error(kCheckpointStoreComponent, fmt::format("{}: {} ({} bytes, CRC-32C {}) is not a file of this checkpoint",
                                           step_dir.string(), e.name, e.bytes, crc32c_hex(e.crc32c)));
     manifest["files"][e.name] = {{"bytes", e.bytes}, {"crc32c", crc32c_hex(e.crc32c)}};
   }
@@ -350,13 +350,13 @@ ResumePoint find_resume_point(const fs::path& path, std::span<const std::string_
 ResumePoint find_resume_point(const fs::path& path, const StepFolderCheck& check) {
   std::error_code ec;
   if (!fs::is_directory(path, ec))
-    throw InputError(kComponent, path.string() + ": no such folder to resume from");
+    throw InputError(kCheckpointStoreComponent, path.string() + ": no such folder to resume from");
 
   // One step folder, named by the user: it must be good.
   if (fs::is_regular_file(path / kCheckpointManifestFile, ec) || parse_checkpoint_dir_name(path.filename().string())) {
     const std::string problem = verify_step_folder(path, check);
     if (!problem.empty())
-      throw InputError(kComponent, fmt::format("{}: unusable checkpoint: {}", path.string(), problem));
+      throw InputError(kCheckpointStoreComponent, fmt::format("{}: unusable checkpoint: {}", path.string(), problem));
     return ResumePoint{path, manifest_step(path), {}};
   }
 
@@ -366,7 +366,7 @@ ResumePoint find_resume_point(const fs::path& path, const StepFolderCheck& check
   const auto dirs = list_step_dirs(checkpoints_dir);
   const fs::path latest_path = checkpoints_dir / kCheckpointLatestFile;
   if (dirs.empty() && !fs::exists(latest_path, ec))
-    throw InputError(kComponent, path.string() + ": no checkpoints to resume from (no checkpoints/ folder, "
+    throw InputError(kCheckpointStoreComponent, path.string() + ": no checkpoints to resume from (no checkpoints/ folder, "
                                                  "`latest` or step-* folders)");
 
   ResumePoint point;
@@ -402,7 +402,7 @@ ResumePoint find_resume_point(const fs::path& path, const StepFolderCheck& check
   }
   std::string why;
   for (const std::string& s : point.skipped) why += (why.empty() ? "" : "; ") + s;
-  throw InputError(kComponent, fmt::format("{}: no usable checkpoint ({})", checkpoints_dir.string(), why));
+  throw InputError(kCheckpointStoreComponent, fmt::format("{}: no usable checkpoint ({})", checkpoints_dir.string(), why));
 }
 
 }  // namespace flotilla::io

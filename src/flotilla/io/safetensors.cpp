@@ -16,7 +16,7 @@
 
 namespace flotilla::io {
 namespace {
-constexpr std::string_view kComponent = "io/safetensors";
+constexpr std::string_view kSafetensorsComponent = "io/safetensors";
 
 // A real header is a few MB at most (MLX 4-bit 70B: ~2 MB); past this it is garbage, and
 // refusing it keeps a corrupt length from driving a huge allocation.
@@ -32,7 +32,7 @@ static_assert(std::endian::native == std::endian::little,
 using ordered_json = nlohmann::ordered_json;
 
 [[noreturn]] void fail(const std::filesystem::path& file, std::string_view what) {
-  throw InputError(kComponent, file.string() + ": " + std::string(what));
+  throw InputError(kSafetensorsComponent, file.string() + ": " + std::string(what));
 }
 
 // A non-negative JSON integer, or nullopt for anything else (negative, float, string...).
@@ -183,25 +183,25 @@ uint64_t tensor_numel(const TensorToWrite& t) {
 void check_tensors_to_write(const std::filesystem::path& path,
                             std::span<const TensorToWrite> tensors, DType out_dtype) {
   if (out_dtype != DType::f32 && out_dtype != DType::f16 && out_dtype != DType::bf16)
-    throw Error(kComponent, fmt::format("{}: cannot write dtype {} (F32, F16 or BF16 only)",
+    throw Error(kSafetensorsComponent, fmt::format("{}: cannot write dtype {} (F32, F16 or BF16 only)",
                                         path.string(), dtype_name(out_dtype)));
   std::set<std::string_view> seen;
   for (const auto& t : tensors) {
     if (t.name.empty() || t.name == "__metadata__")
-      throw Error(kComponent, fmt::format("{}: invalid tensor name '{}'", path.string(), t.name));
+      throw Error(kSafetensorsComponent, fmt::format("{}: invalid tensor name '{}'", path.string(), t.name));
     if (!seen.insert(t.name).second)
-      throw Error(kComponent, fmt::format("{}: tensor '{}' given twice", path.string(), t.name));
+      throw Error(kSafetensorsComponent, fmt::format("{}: tensor '{}' given twice", path.string(), t.name));
     uint64_t numel = 1;
     for (int64_t d : t.shape) {
       if (d < 0)
-        throw Error(kComponent, fmt::format("{}: tensor '{}' has negative shape {}", path.string(),
+        throw Error(kSafetensorsComponent, fmt::format("{}: tensor '{}' has negative shape {}", path.string(),
                                             t.name, format_shape(t.shape)));
       if (__builtin_mul_overflow(numel, static_cast<uint64_t>(d), &numel))
-        throw Error(kComponent, fmt::format("{}: tensor '{}' shape {} overflows", path.string(),
+        throw Error(kSafetensorsComponent, fmt::format("{}: tensor '{}' shape {} overflows", path.string(),
                                             t.name, format_shape(t.shape)));
     }
     if (numel > 0 && t.data == nullptr)
-      throw Error(kComponent, fmt::format("{}: tensor '{}' has no data", path.string(), t.name));
+      throw Error(kSafetensorsComponent, fmt::format("{}: tensor '{}' has no data", path.string(), t.name));
   }
 }
 
@@ -244,9 +244,9 @@ void remove_stale_weight_files(const std::filesystem::path& dir,
       std::error_code rm_ec;
       std::filesystem::remove(e.path(), rm_ec);
       if (rm_ec)
-        throw Error(kComponent, fmt::format("{}: cannot remove stale weight file: {}",
+        throw Error(kSafetensorsComponent, fmt::format("{}: cannot remove stale weight file: {}",
                                             e.path().string(), rm_ec.message()));
-      log::info("[{}] removed stale {}", kComponent, e.path().string());
+      log::info("[{}] removed stale {}", kSafetensorsComponent, e.path().string());
     }
   }
 }
@@ -368,7 +368,7 @@ std::vector<std::filesystem::path> write_safetensors_sharded(
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec)
-    throw Error(kComponent, fmt::format("{}: cannot create directory: {}", dir.string(),
+    throw Error(kSafetensorsComponent, fmt::format("{}: cannot create directory: {}", dir.string(),
                                         ec.message()));
 
   std::vector<uint64_t> bytes;

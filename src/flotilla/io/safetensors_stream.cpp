@@ -9,7 +9,7 @@
 
 namespace flotilla::io {
 namespace {
-constexpr std::string_view kComponent = "io/safetensors";
+constexpr std::string_view kSafetensorsStreamComponent = "io/safetensors";
 
 void write_one_file(const std::filesystem::path& path, std::span<const TensorSpec> specs, size_t first_index,
                     const TensorWriteFn& write_tensor, const SafetensorsMetadata& metadata) {
@@ -40,7 +40,7 @@ void write_one_file(const std::filesystem::path& path, std::span<const TensorSpe
     TensorSink sink(out);
     write_tensor(first_index + i, sink);
     if (sink.written() != specs[i].bytes())
-      throw Error(kComponent, fmt::format("{}: tensor '{}' got {} bytes, its header says {}", path.string(),
+      throw Error(kSafetensorsStreamComponent, fmt::format("{}: tensor '{}' got {} bytes, its header says {}", path.string(),
                                           specs[i].name, sink.written(), specs[i].bytes()));
   }
   out.commit();

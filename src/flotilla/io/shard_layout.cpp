@@ -11,7 +11,7 @@
 namespace flotilla::io {
 namespace {
 
-constexpr std::string_view kComponent = "io/shard_layout";
+constexpr std::string_view kShardLayoutComponent = "io/shard_layout";
 constexpr std::string_view kLayoutFormat = "flotilla-sharded-layout";
 constexpr int kLayoutVersion = 1;
 
@@ -39,11 +39,11 @@ int64_t copy_overlap(std::span<const FloatRange> src_ranges, std::span<const flo
                      std::span<const FloatRange> dst_ranges, std::span<float> dst) {
   for (const auto& [ranges, what] : {std::pair{src_ranges, "source"}, std::pair{dst_ranges, "destination"}}) {
     const std::string problem = check_ascending(ranges);
-    if (!problem.empty()) throw Error(kComponent, fmt::format("copy_overlap: {} {}", what, problem));
+    if (!problem.empty()) throw Error(kShardLayoutComponent, fmt::format("copy_overlap: {} {}", what, problem));
   }
   if (total_floats(src_ranges) != static_cast<int64_t>(src.size()) ||
       total_floats(dst_ranges) != static_cast<int64_t>(dst.size()))
-    throw Error(kComponent, fmt::format("copy_overlap: buffers of {} and {} floats for ranges of {} and {}", src.size(),
+    throw Error(kShardLayoutComponent, fmt::format("copy_overlap: buffers of {} and {} floats for ranges of {} and {}", src.size(),
                                         dst.size(), total_floats(src_ranges), total_floats(dst_ranges)));
   // Both lists ascending: one merge walk. `*_at` is where the current range starts in its buffer.
   int64_t copied = 0;
@@ -117,7 +117,7 @@ nlohmann::json ShardLayout::to_json() const {
 }
 
 ShardLayout ShardLayout::from_json(const nlohmann::json& json, const std::filesystem::path& path) {
-  const auto bad = [&](const std::string& what) { return InputError(kComponent, path.string() + ": " + what); };
+  const auto bad = [&](const std::string& what) { return InputError(kShardLayoutComponent, path.string() + ": " + what); };
   ShardLayout layout;
   try {
     if (!json.is_object() || json.value("format", "") != kLayoutFormat)

@@ -15,10 +15,10 @@
 
 namespace flotilla::io {
 namespace {
-constexpr std::string_view kComponent = "io/tensor_store";
+constexpr std::string_view kTensorStoreComponent = "io/tensor_store";
 
 [[noreturn]] void fail(const std::filesystem::path& file, std::string_view what) {
-  throw InputError(kComponent, file.string() + ": " + std::string(what));
+  throw InputError(kTensorStoreComponent, file.string() + ": " + std::string(what));
 }
 
 // What a directory without safetensors weights holds instead, for the error's hint.
@@ -150,7 +150,7 @@ void TensorStore::read_f32(std::string_view name, std::span<float> dst,
     fail(t.file, fmt::format("tensor '{}' has dtype {}, expected F32, F16 or BF16", name,
                              dtype_name(t.dtype)));
   if (dst.size() != static_cast<size_t>(t.numel()))
-    throw Error(kComponent, fmt::format("read_f32('{}'): destination holds {} floats, the tensor "
+    throw Error(kTensorStoreComponent, fmt::format("read_f32('{}'): destination holds {} floats, the tensor "
                                         "has {}",
                                         name, dst.size(), t.numel()));
   check_finite(t);
@@ -184,7 +184,7 @@ void TensorStore::check_finite(const TensorEntry& t) const {
       fmt::format("{}: tensor '{}' holds {} non-finite value{} (the first, {}, at flat index {})", t.file.string(),
                   t.name, count, count == 1 ? "" : "s", std::isnan(first_value) ? "NaN" : first_value > 0 ? "inf" : "-inf",
                   first);
-  if (non_finite_ == NonFinitePolicy::refuse) throw InputError(kComponent, what + " (refused: --strict)");
+  if (non_finite_ == NonFinitePolicy::refuse) throw InputError(kTensorStoreComponent, what + " (refused: --strict)");
   log::warn("{} (pass --strict to refuse such weights)", what);
 }
 

@@ -22,7 +22,7 @@
 
 namespace flotilla::model {
 namespace {
-constexpr std::string_view kComponent = "model/config";
+constexpr std::string_view kConfigComponent = "model/config";
 using nlohmann::json;
 
 constexpr std::array<std::pair<Architecture, std::string_view>, 5> kArchitectures{{
@@ -52,7 +52,7 @@ class FieldReader {
       : j_(j), source_(source), prefix_(std::move(prefix)) {}
 
   [[noreturn]] void fail(std::string_view what) const {
-    throw InputError(kComponent, fmt::format("{}: {}", source_, what));
+    throw InputError(kConfigComponent, fmt::format("{}: {}", source_, what));
   }
 
   const json* find(const char* key) const {
@@ -307,9 +307,9 @@ QuantFormat parse_quant_format(const json& q, std::string_view source, const std
 }
 
 QuantizationConfig parse_quantization(const json& q, std::string_view source, const std::string& key) {
-  if (!q.is_object()) throw InputError(kComponent, fmt::format("{}: '{}' is not an object", source, key));
+  if (!q.is_object()) throw InputError(kConfigComponent, fmt::format("{}: '{}' is not an object", source, key));
   if (const auto it = q.find("quant_method"); it != q.end() && *it != "mlx")
-    throw InputError(kComponent, fmt::format("{}: {}.quant_method {} is not supported (only MLX's affine layout)",
+    throw InputError(kConfigComponent, fmt::format("{}: {}.quant_method {} is not supported (only MLX's affine layout)",
                                              source, key, it->dump()));
   QuantizationConfig qc;
   qc.format = parse_quant_format(q, source, key);
@@ -361,7 +361,7 @@ int64_t ModelConfig::num_params() const {
 
 ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view source) {
   if (!j.is_object())
-    throw InputError(kComponent, fmt::format("{}: top level is not a JSON object", source));
+    throw InputError(kConfigComponent, fmt::format("{}: top level is not a JSON object", source));
   const FieldReader f(j, source);
   ModelConfig c;
   c.arch = parse_architecture(f);
@@ -451,14 +451,14 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, std::string_view sou
 ModelConfig ModelConfig::load(const std::filesystem::path& config_json) {
   std::error_code ec;
   if (!std::filesystem::exists(config_json, ec))
-    throw InputError(kComponent, fmt::format("{}: file not found", config_json.string()));
+    throw InputError(kConfigComponent, fmt::format("{}: file not found", config_json.string()));
   // A directory, a FIFO or a device: read_text_file says which.
   const std::string text = read_text_file(config_json);
   json j;
   try {
     j = json::parse(text);
   } catch (const json::parse_error& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON (byte {}): {}",
+    throw InputError(kConfigComponent, fmt::format("{}: not valid JSON (byte {}): {}",
                                              config_json.string(), e.byte,
                                              json_error_text(e)));
   }
@@ -583,7 +583,7 @@ ModelConfig preset_config(std::string_view name) {
     c.max_position = 1024;
     c.tie_embeddings = true;
   } else {
-    throw InputError(kComponent,
+    throw InputError(kConfigComponent,
                      fmt::format("unknown preset '{}' (presets: tiny, 15M, 110M)", name));
   }
   c.head_dim = c.dim / c.n_heads;

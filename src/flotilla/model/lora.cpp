@@ -18,7 +18,7 @@
 
 namespace flotilla::model {
 namespace {
-constexpr std::string_view kComponent = "model/lora";
+constexpr std::string_view kLoraComponent = "model/lora";
 constexpr std::array<std::string_view, kNumLoraTargets> kModules = {"q_proj", "k_proj",    "v_proj", "o_proj",
                                                                     "gate_proj", "up_proj", "down_proj"};
 
@@ -83,7 +83,7 @@ LoraAdapters adapters_of_config(const ModelConfig& model, const LoraConfig& cfg,
   try {
     return LoraAdapters(model, cfg);
   } catch (const InputError& e) {
-    throw InputError(kComponent, config_path.string() + ": " + reason(e));
+    throw InputError(kLoraComponent, config_path.string() + ": " + reason(e));
   }
 }
 }  // namespace
@@ -100,34 +100,34 @@ std::vector<LoraTarget> LoraConfig::parse_targets(std::string_view list) {
       if (!name.ends_with("_proj")) name += "_proj";
       const auto it = std::find(kModules.begin(), kModules.end(), name);
       if (it == kModules.end())
-        throw InputError(kComponent, fmt::format("unknown LoRA target '{}' (expected any of q,k,v,o,gate,up,down)",
+        throw InputError(kLoraComponent, fmt::format("unknown LoRA target '{}' (expected any of q,k,v,o,gate,up,down)",
                                                  list.substr(start, comma - start)));
       const auto t = static_cast<LoraTarget>(it - kModules.begin());
       if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
     }
     start = comma + 1;
   }
-  if (out.empty()) throw InputError(kComponent, "no LoRA targets given");
+  if (out.empty()) throw InputError(kLoraComponent, "no LoRA targets given");
   std::sort(out.begin(), out.end());
   return out;
 }
 
 LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(model), cfg_(std::move(cfg)) {
-  if (cfg_.rank <= 0) throw InputError(kComponent, fmt::format("LoRA rank must be positive, got {}", cfg_.rank));
+  if (cfg_.rank <= 0) throw InputError(kLoraComponent, fmt::format("LoRA rank must be positive, got {}", cfg_.rank));
   if (!(cfg_.dropout >= 0.0f && cfg_.dropout < 1.0f))
-    throw InputError(kComponent, fmt::format("LoRA dropout must be in [0, 1), got {}", cfg_.dropout));
+    throw InputError(kLoraComponent, fmt::format("LoRA dropout must be in [0, 1), got {}", cfg_.dropout));
   if (!std::isfinite(cfg_.alpha))
-    throw InputError(kComponent, fmt::format("LoRA alpha (--lora-alpha) must be a finite number, got {}", cfg_.alpha));
-  if (cfg_.targets.empty()) throw InputError(kComponent, "no LoRA targets given");
+    throw InputError(kLoraComponent, fmt::format("LoRA alpha (--lora-alpha) must be a finite number, got {}", cfg_.alpha));
+  if (cfg_.targets.empty()) throw InputError(kLoraComponent, "no LoRA targets given");
   const int64_t L = model.n_layers;
   const int64_t n = cfg_.num_layers < 0 ? L : cfg_.num_layers;
   if (n <= 0 || n > L)
-    throw InputError(kComponent, fmt::format("--num-layers {} is outside 1..{} (the model's layers)", n, L));
+    throw InputError(kLoraComponent, fmt::format("--num-layers {} is outside 1..{} (the model's layers)", n, L));
   first_layer_ = L - n;
   if (model.is_moe())
     for (LoraTarget t : cfg_.targets)
       if (t == LoraTarget::gate || t == LoraTarget::up || t == LoraTarget::down)
-        throw InputError(kComponent, fmt::format("LoRA on {} of a mixture-of-experts ({}) model is not supported yet: "
+        throw InputError(kLoraComponent, fmt::format("LoRA on {} of a mixture-of-experts ({}) model is not supported yet: "
                                                  "adapt the attention projections (q, k, v, o)",
                                                  lora_target_module(t), architecture_name(model.arch)));
   // A rank past both sides of a layer adds nothing B A could not hold, and a huge one (a
@@ -135,7 +135,7 @@ LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(mo
   for (LoraTarget t : cfg_.targets) {
     const auto [out, in] = linear_shape(model, t);
     if (cfg_.rank > std::max(out, in))
-      throw InputError(kComponent, fmt::format("LoRA rank {} is larger than both sides of {} ({} x {})", cfg_.rank,
+      throw InputError(kLoraComponent, fmt::format("LoRA rank {} is larger than both sides of {} ({} x {})", cfg_.rank,
                                                lora_target_module(t), out, in));
   }
   slots_.assign(static_cast<size_t>(L), {});
@@ -223,11 +223,11 @@ LoraAdapters LoraAdapters::load(const std::filesystem::path& path, const ModelCo
   std::error_code ec;
   const bool is_file = std::filesystem::is_regular_file(path, ec);
   if (!is_file && !std::filesystem::is_directory(path, ec))
-    throw InputError(kComponent, path.string() + ": no such adapter file or folder");
+    throw InputError(kLoraComponent, path.string() + ": no such adapter file or folder");
   const std::filesystem::path dir = is_file ? path.parent_path().empty() ? "." : path.parent_path() : path;
   const std::filesystem::path config_path = dir / "adapter_config.json";
   if (!std::filesystem::is_regular_file(config_path, ec))
-    throw InputError(kComponent, fmt::format("{}: no adapter_config.json beside the adapter weights (a PEFT or "
+    throw InputError(kLoraComponent, fmt::format("{}: no adapter_config.json beside the adapter weights (a PEFT or "
                                              "mlx_lm adapter folder has one)", dir.string()));
   const nlohmann::json j = read_adapter_config(config_path);
   if (j.is_object() && j.contains("lora_parameters"))
@@ -239,14 +239,14 @@ nlohmann::json LoraAdapters::read_adapter_config(const std::filesystem::path& co
   try {
     return nlohmann::json::parse(read_text_file(config_path));
   } catch (const nlohmann::json::parse_error& e) {
-    throw InputError(kComponent, fmt::format("{}: not JSON: {}", config_path.string(), json_error_text(e)));
+    throw InputError(kLoraComponent, fmt::format("{}: not JSON: {}", config_path.string(), json_error_text(e)));
   }
 }
 
 LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::filesystem::path& config_path,
                                           const std::filesystem::path& weights_path, const ModelConfig& model,
                                           io::NonFinitePolicy non_finite) {
-  auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
+  auto fail = [&](const std::string& why) { throw InputError(kLoraComponent, config_path.string() + ": " + why); };
   try {
     const std::string type = j.value("fine_tune_type", std::string("lora"));
     if (type == "dora") fail("DoRA adapters (fine_tune_type dora) are not supported");
@@ -293,7 +293,7 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
       std::string as_a = name;  // "...lora_b" -> "...lora_a": expected holds A's names
       if (as_a.ends_with(".lora_b")) as_a.back() = 'a';
       if (!expected.contains(as_a))
-        throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}': adapter_config.json on this {}-layer "
+        throw InputError(kLoraComponent, fmt::format("{}: unexpected tensor '{}': adapter_config.json on this {}-layer "
                                                  "model adapts {} of layers {}..{}",
                                                  weights_path.string(), name, model.n_layers, targets.substr(0, targets.size() - 1),
                                                  adapters.first_layer(), model.n_layers - 1));
@@ -319,13 +319,13 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
   } catch (const nlohmann::json::exception& e) {
     fail(std::string("malformed: ") + e.what());
   }
-  throw Error(kComponent, "unreachable");
+  throw Error(kLoraComponent, "unreachable");
 }
 
 LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::filesystem::path& config_path,
                                            const std::filesystem::path& weights_path, const ModelConfig& model,
                                            io::NonFinitePolicy non_finite) {
-  auto fail = [&](const std::string& why) { throw InputError(kComponent, config_path.string() + ": " + why); };
+  auto fail = [&](const std::string& why) { throw InputError(kLoraComponent, config_path.string() + ": " + why); };
   if (!j.is_object()) fail(fmt::format("must be a JSON object, got {}", j.type_name()));
   // Typed reads, worded as config.json's: a fault names the field and what it holds.
   const auto type_error = [&](const char* key, std::string_view want, const nlohmann::json& v) {
@@ -396,7 +396,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
     for (LoraTarget t : cfg.targets) adapted += (adapted.empty() ? "" : ",") + std::string(lora_target_module(t));
     for (const std::string& name : store.names())
       if (!adapters.table_.find(name))
-        throw InputError(kComponent, fmt::format("{}: unexpected tensor '{}': adapter_config.json on this {}-layer "
+        throw InputError(kLoraComponent, fmt::format("{}: unexpected tensor '{}': adapter_config.json on this {}-layer "
                                                  "model adapts {} of layers {}..{}",
                                                  weights_path.string(), name, model.n_layers, adapted,
                                                  adapters.first_layer(), model.n_layers - 1));
@@ -408,7 +408,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
   } catch (const nlohmann::json::exception& e) {
     fail("malformed: " + json_error_text(e));
   }
-  throw Error(kComponent, "unreachable");
+  throw Error(kLoraComponent, "unreachable");
 }
 
 void LoraAdapters::merge_slot(int64_t l, LoraTarget t, float* w) const {

@@ -18,12 +18,8 @@
 
 namespace flotilla::model {
 namespace {
-constexpr std::string_view kComponent = "model/writer";
+constexpr std::string_view kModelWriterComponent = "model/writer";
 constexpr size_t kConvertChunk = size_t{1} << 20;  // elements per f16/bf16 conversion chunk
-
-std::string module_of(const std::string& weight_name) {
-  return weight_name.substr(0, weight_name.size() - std::string_view(".weight").size());
-}
 
 void write_float(io::TensorSink& sink, std::span<const float> x, DType dt, std::vector<uint16_t>& chunk) {
   if (dt == DType::f32) return sink.write(std::as_bytes(x));
@@ -37,14 +33,18 @@ void write_float(io::TensorSink& sink, std::span<const float> x, DType dt, std::
 }
 }  // namespace
 
+std::string module_of(const std::string& weight_name) {
+  return weight_name.substr(0, weight_name.size() - std::string_view(".weight").size());
+}
+
 QuantizationPlan plan_quantization(const ModelConfig& cfg, QuantFormat format) {
   if (!quant_bits_supported(format.bits))
-    throw InputError(kComponent, fmt::format("{} bits is not supported (2, 4 or 8)", format.bits));
+    throw InputError(kModelWriterComponent, fmt::format("{} bits is not supported (2, 4 or 8)", format.bits));
   if (format.group_size <= 0 || format.group_size % format.per_word() != 0)
-    throw InputError(kComponent, fmt::format("group size {} must be a positive multiple of {} at {} bits",
+    throw InputError(kModelWriterComponent, fmt::format("group size {} must be a positive multiple of {} at {} bits",
                                              format.group_size, format.per_word(), format.bits));
   if (cfg.is_moe())
-    throw InputError(kComponent, fmt::format("quantizing a mixture-of-experts ({}) model is not supported yet",
+    throw InputError(kModelWriterComponent, fmt::format("quantizing a mixture-of-experts ({}) model is not supported yet",
                                              architecture_name(cfg.arch)));
   QuantizationPlan plan;
   const ParamLayout layout(cfg);
@@ -59,7 +59,7 @@ QuantizationPlan plan_quantization(const ModelConfig& cfg, QuantFormat format) {
     }
   }
   if (plan.quantized.empty())
-    throw InputError(kComponent, fmt::format("group size {} divides no weight's input dimension (hidden_size {}, "
+    throw InputError(kModelWriterComponent, fmt::format("group size {} divides no weight's input dimension (hidden_size {}, "
                                              "intermediate_size {}): nothing would be quantized; choose a group "
                                              "size that does (32, 64 or 128 usually)",
                                              format.group_size, cfg.dim, cfg.ffn_dim));
@@ -131,7 +131,7 @@ DType parse_model_dtype(std::string_view name) {
   if (name == "float32" || name == "f32") return DType::f32;
   if (name == "float16" || name == "f16") return DType::f16;
   if (name == "bfloat16" || name == "bf16") return DType::bf16;
-  throw InputError(kComponent, fmt::format("dtype '{}' is not one of float32, float16, bfloat16", name));
+  throw InputError(kModelWriterComponent, fmt::format("dtype '{}' is not one of float32, float16, bfloat16", name));
 }
 
 std::string_view model_dtype_name(DType dt) {
@@ -165,7 +165,7 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
     }
     const QuantFormat f = *options.quantize;
     if (info.shape.size() != 2 || info.shape[1] % f.group_size != 0)
-      throw Error(kComponent, fmt::format("{} of shape {} cannot be quantized with group size {}", info.name,
+      throw Error(kModelWriterComponent, fmt::format("{} of shape {} cannot be quantized with group size {}", info.name,
                                           io::format_shape(info.shape), f.group_size));
     const int64_t rows = info.shape[0], cols = info.shape[1];
     const std::string m = module_of(info.name);
@@ -210,7 +210,7 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
   } else
     cfg.quantization.reset();
   write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
-  log::debug("[{}] wrote {} ({} tensors, {} quantized)", kComponent, dir.string(), specs.size(), qnames.size());
+  log::debug("[{}] wrote {} ({} tensors, {} quantized)", kModelWriterComponent, dir.string(), specs.size(), qnames.size());
 }
 
 }  // namespace flotilla::model

@@ -24,6 +24,10 @@ namespace flotilla::model {
 // the others stay float, as norms and biases do, and are named in `left_float` so that the
 // caller can say which. InputError for unsupported bits, a group size that is not whole
 // words, or one that divides no weight's input dimension (nothing would be quantized).
+// The module a weight belongs to: "model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"
+// (the name a quantized module's .weight / .scales / .biases share, and config.json's key).
+std::string module_of(const std::string& weight_name);
+
 struct QuantizationPlan {
   std::set<std::string> quantized;      // weight names, e.g. "model.layers.0.mlp.up_proj.weight"
   std::vector<std::string> left_float;  // module paths, e.g. "model.layers.0.mlp.down_proj"

@@ -14,11 +14,7 @@
 
 namespace flotilla::model {
 namespace {
-constexpr std::string_view kComponent = "model";
-
-std::string module_of(const std::string& weight_name) {
-  return weight_name.substr(0, weight_name.size() - std::string_view(".weight").size());
-}
+constexpr std::string_view kQuantizedWeightsComponent = "model";
 }  // namespace
 
 // Checks P.weight / P.scales / P.biases of a quantized module against the float shape the
@@ -28,24 +24,24 @@ QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, 
   const std::string where = store.path().string();
   const std::optional<QuantFormat> f = cfg.quantization->for_module(m);
   if (!f)
-    throw InputError(kComponent, fmt::format("{}: config.json says '{}' is not quantized, but {}.scales is present",
+    throw InputError(kQuantizedWeightsComponent, fmt::format("{}: config.json says '{}' is not quantized, but {}.scales is present",
                                              where, m, m));
   const int64_t rows = info.shape[0], cols = info.shape[1];
   const io::TensorEntry& w = store.info(info.name);
   const io::TensorEntry& s = store.info(m + ".scales");
   const io::TensorEntry& b = store.info(m + ".biases");
   if (w.dtype != DType::u32)
-    throw InputError(kComponent, fmt::format("{}: {} is {}, but a quantized weight (it has .scales) must be U32 packed words",
+    throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} is {}, but a quantized weight (it has .scales) must be U32 packed words",
                                              where, info.name, dtype_name(w.dtype)));
   if (cols % f->group_size != 0)
-    throw InputError(kComponent, fmt::format("{}: group_size {} from config.json does not divide the input dimension {} of {}",
+    throw InputError(kQuantizedWeightsComponent, fmt::format("{}: group_size {} from config.json does not divide the input dimension {} of {}",
                                              where, f->group_size, cols, info.name));
   const std::vector<int64_t> packed_shape = {rows, cols / f->per_word()};
   if (w.shape != packed_shape) {
     const std::string implied = w.shape.size() == 2 && w.shape[1] > 0 && (w.shape[1] * 32) % cols == 0
                                     ? fmt::format(" (that shape means {} bits)", w.shape[1] * 32 / cols)
                                     : "";
-    throw InputError(kComponent, fmt::format("{}: {} has packed shape {}{}, but bits = {} in config.json needs {} for a "
+    throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} has packed shape {}{}, but bits = {} in config.json needs {} for a "
                                              "({}, {}) weight: the quantization config does not match the tensors",
                                              where, info.name, io::format_shape(w.shape), implied, f->bits,
                                              io::format_shape(packed_shape), rows, cols));
@@ -53,18 +49,18 @@ QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, 
   const std::vector<int64_t> group_shape = {rows, cols / f->group_size};
   for (const io::TensorEntry* t : {&s, &b}) {
     if (t->shape != group_shape)
-      throw InputError(kComponent, fmt::format("{}: {} has shape {}, but group_size = {} in config.json needs {}: the "
+      throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} has shape {}, but group_size = {} in config.json needs {}: the "
                                                "quantization config does not match the tensors",
                                                where, t->name, io::format_shape(t->shape), f->group_size,
                                                io::format_shape(group_shape)));
     if (t->dtype != DType::f16 && t->dtype != DType::bf16 && t->dtype != DType::f32)
-      throw InputError(kComponent, fmt::format("{}: {} is {} (F16, BF16 or F32 expected)", where, t->name,
+      throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} is {} (F16, BF16 or F32 expected)", where, t->name,
                                                dtype_name(t->dtype)));
   }
   store.check_finite(s);
   store.check_finite(b);
   if (s.dtype != b.dtype)
-    throw InputError(kComponent, fmt::format("{}: {}.scales is {} but {}.biases is {}", where, m, dtype_name(s.dtype),
+    throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {}.scales is {} but {}.biases is {}", where, m, dtype_name(s.dtype),
                                              m, dtype_name(b.dtype)));
   return QuantMatrix{rows, cols, *f, s.dtype, w.bytes.data(), s.bytes.data(), b.bytes.data()};
 }
@@ -72,15 +68,15 @@ QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, 
 void Llama::weight_f32(const ParamInfo& info, std::span<float> out) const {
   if (info.quantized) {
     const QuantMatrix& m = quantized_weight(info.ref());
-    if (static_cast<int64_t>(out.size()) != m.rows * m.cols) throw Error(kComponent, "weight_f32: wrong size");
+    if (static_cast<int64_t>(out.size()) != m.rows * m.cols) throw Error(kQuantizedWeightsComponent, "weight_f32: wrong size");
     return kernels::dequantize_rows(m, 0, m.rows, out.data());
   }
-  if (static_cast<int64_t>(out.size()) != info.numel) throw Error(kComponent, "weight_f32: wrong size");
+  if (static_cast<int64_t>(out.size()) != info.numel) throw Error(kQuantizedWeightsComponent, "weight_f32: wrong size");
   std::copy_n(params_.data() + info.offset, info.numel, out.data());
 }
 
 Llama Llama::quantize(QuantFormat format, DType scale_dtype) const {
-  if (quantized()) throw InputError(kComponent, "the model is already quantized");
+  if (quantized()) throw InputError(kQuantizedWeightsComponent, "the model is already quantized");
   ModelConfig qcfg = cfg_;
   QuantizationPlan plan = plan_quantization(cfg_, format);
   qcfg.quantization = QuantizationConfig{format, {}};

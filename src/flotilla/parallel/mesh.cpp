@@ -8,7 +8,7 @@
 
 namespace flotilla::parallel {
 namespace {
-constexpr std::string_view kComponent = "parallel/mesh";
+constexpr std::string_view kMeshComponent = "parallel/mesh";
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
@@ -23,7 +23,7 @@ std::string MeshShape::to_string() const {
 
 MeshShape parse_mesh_shape(std::string_view spec) {
   auto fail = [&](const std::string& what) {
-    return InputError(kComponent, fmt::format("--parallel '{}': {} (expected dp=D,pp=P,tp=T,ep=E)", spec, what));
+    return InputError(kMeshComponent, fmt::format("--parallel '{}': {} (expected dp=D,pp=P,tp=T,ep=E)", spec, what));
   };
   if (trim(spec).empty()) throw fail("empty");
   MeshShape shape;
@@ -85,7 +85,7 @@ std::vector<int> mesh_group_ranks(const MeshShape& shape, int rank, MeshDim dim)
 
 Mesh::Mesh(comm::Communicator& world, const MeshShape& shape) : world_(world), shape_(shape) {
   if (shape.size() != world.size())
-    throw InputError(kComponent, fmt::format("--parallel {} makes {} ranks, but the job has {}: the product "
+    throw InputError(kMeshComponent, fmt::format("--parallel {} makes {} ranks, but the job has {}: the product "
                                              "dp x ep x pp x tp must be the number of processes",
                                              shape.to_string(), shape.size(), world.size()));
   coords_ = mesh_coords(shape, world.rank());

@@ -12,7 +12,7 @@
 
 namespace flotilla::parallel {
 namespace {
-constexpr std::string_view kComponent = "parallel/pipeline";
+constexpr std::string_view kPipelineComponent = "parallel/pipeline";
 
 // Point-to-point tags: one per micro-batch and direction. Messages between two ranks on
 // one tag arrive in order (MPI's non-overtaking rule), so tags may wrap.
@@ -26,7 +26,7 @@ constexpr int kEvaluationTag = 32050;
 PipelineSchedule parse_pipeline_schedule(std::string_view name) {
   if (name == "gpipe") return PipelineSchedule::gpipe;
   if (name == "1f1b") return PipelineSchedule::one_f_one_b;
-  throw InputError(kComponent, fmt::format("--pp-schedule '{}': expected gpipe or 1f1b", name));
+  throw InputError(kPipelineComponent, fmt::format("--pp-schedule '{}': expected gpipe or 1f1b", name));
 }
 
 std::string_view pipeline_schedule_name(PipelineSchedule schedule) {
@@ -44,7 +44,7 @@ std::vector<int64_t> parse_pp_layers(std::string_view spec) {
     int64_t v = 0;
     const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
     if (item.empty() || ec != std::errc() || end != item.data() + item.size() || v <= 0)
-      throw InputError(kComponent, fmt::format("--pp-layers '{}': '{}' is not a positive whole number of layers "
+      throw InputError(kPipelineComponent, fmt::format("--pp-layers '{}': '{}' is not a positive whole number of layers "
                                                "(expected one count per stage, e.g. 3,3,2)",
                                                spec, item));
     counts.push_back(v);
@@ -69,7 +69,7 @@ double head_cost(const model::ModelConfig& cfg) {
 std::vector<StageRange> balance_stages(const model::ModelConfig& cfg, int stages, int64_t seq_len) {
   const int64_t L = cfg.n_layers;
   if (stages < 1 || stages > L)
-    throw InputError(kComponent, fmt::format("pp={} stages for a model of {} layers: each stage needs at least one "
+    throw InputError(kPipelineComponent, fmt::format("pp={} stages for a model of {} layers: each stage needs at least one "
                                              "layer; use pp <= {}",
                                              stages, L, L));
   const double layer = block_cost(cfg, seq_len), head = head_cost(cfg);
@@ -114,15 +114,15 @@ std::vector<StageRange> stages_from_counts(const model::ModelConfig& cfg, int st
     sum += n;
   }
   if (static_cast<int>(layers_per_stage.size()) != stages)
-    throw InputError(kComponent, fmt::format("--pp-layers {} gives {} stages, but the mesh has pp={}", given,
+    throw InputError(kPipelineComponent, fmt::format("--pp-layers {} gives {} stages, but the mesh has pp={}", given,
                                              layers_per_stage.size(), stages));
   if (sum != cfg.n_layers)
-    throw InputError(kComponent, fmt::format("--pp-layers {} adds up to {} layers, but the model has {}", given, sum,
+    throw InputError(kPipelineComponent, fmt::format("--pp-layers {} adds up to {} layers, but the model has {}", given, sum,
                                              cfg.n_layers));
   std::vector<StageRange> ranges;
   int64_t begin = 0;
   for (const int64_t n : layers_per_stage) {
-    if (n <= 0) throw InputError(kComponent, fmt::format("--pp-layers {}: every stage needs at least one layer", given));
+    if (n <= 0) throw InputError(kPipelineComponent, fmt::format("--pp-layers {}: every stage needs at least one layer", given));
     ranges.push_back({begin, begin + n});
     begin += n;
   }
@@ -171,15 +171,15 @@ int64_t max_in_flight(std::span<const PipelineAction> actions) {
 PipelineStage::PipelineStage(comm::Communicator& pp, std::vector<StageRange> ranges, const PipelineConfig& config)
     : pp_(pp), ranges_(std::move(ranges)), config_(config) {
   if (static_cast<int>(ranges_.size()) != pp.size())
-    throw Error(kComponent, fmt::format("{} stage ranges for a pp group of {}", ranges_.size(), pp.size()));
+    throw Error(kPipelineComponent, fmt::format("{} stage ranges for a pp group of {}", ranges_.size(), pp.size()));
   if (config_.micro_batches < 1)
-    throw InputError(kComponent, fmt::format("--micro-batches must be 1 or more, not {}", config_.micro_batches));
+    throw InputError(kPipelineComponent, fmt::format("--micro-batches must be 1 or more, not {}", config_.micro_batches));
 }
 
 void PipelineStage::split(const data::Batch& batch, std::vector<data::Batch>& micro) const {
   const int64_t M = config_.micro_batches;
   if (batch.B % M != 0)
-    throw InputError(kComponent, fmt::format("--micro-batches {} does not divide the batch of {} rows: each "
+    throw InputError(kPipelineComponent, fmt::format("--micro-batches {} does not divide the batch of {} rows: each "
                                              "micro-batch must have the same number of rows",
                                              M, batch.B));
   const int64_t rows = batch.B / M, n = rows * batch.T;

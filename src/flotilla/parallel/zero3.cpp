@@ -23,7 +23,7 @@
 namespace flotilla::parallel {
 namespace {
 
-constexpr int64_t kFloat = sizeof(float);
+constexpr int64_t kParamBytes = sizeof(float);
 // Reduce-scatters queued behind backward before it waits (as ZeRO-2's buckets in flight).
 constexpr size_t kReducesInFlight = 2;
 
@@ -194,7 +194,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       append_shard(owned_, g.begin, g.end, world_, rank_);
     }
     shard_grads_.resize(static_cast<size_t>(slot));
-    page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kFloat);
+    page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kParamBytes);
     // Only the shard is known to be current: the model may have been built on this rank's
     // ranges alone (train/job_model.cpp), the rest of the arena never written. Every group
     // starts released, and the first forward gathers each one; the pages of other ranks'
@@ -372,7 +372,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     }
     const std::span<float> part = params_.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.chunk * world_));
     std::string name = fmt::format("{} weights, {} {} of step {}", g.name, why, pass_, step_ + 1);
-    bytes_ += comm::ring_all_gather_bytes(g.chunk * kFloat, static_cast<int>(world_));
+    bytes_ += comm::ring_all_gather_bytes(g.chunk * kParamBytes, static_cast<int>(world_));
     ++gathers_;
     g.ticket = queue_.push("gather " + g.name, [this, part, name = std::move(name)] {
       dp_.reducer().all_gather(part, comm::Options{.name = name});
@@ -412,10 +412,10 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       // Whole pages only: the arena is page aligned (base/buffer.hpp maps it).
       const uintptr_t base = reinterpret_cast<uintptr_t>(params);
       const int64_t page = page_floats_;
-      const int64_t skew = static_cast<int64_t>((base / kFloat) % static_cast<uintptr_t>(page));
+      const int64_t skew = static_cast<int64_t>((base / kParamBytes) % static_cast<uintptr_t>(page));
       const int64_t first = ((r.begin + skew + page - 1) / page) * page - skew;
       const int64_t last = ((r.end + skew) / page) * page - skew;
-      if (last > first) release_zeroed(params + first, static_cast<size_t>((last - first) * kFloat));
+      if (last > first) release_zeroed(params + first, static_cast<size_t>((last - first) * kParamBytes));
     }
   }
 
@@ -435,9 +435,9 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     if (g.grad_pending != 0) return;
     reduces_.push_back(queue_.push("reduce-scatter " + g.name, [this, j = static_cast<size_t>(&g - groups_.data()),
                                                                   accumulate = accumulate_] { reduce(j, accumulate); }));
-    if (g.chunk > 0) bytes_ += comm::ring_reduce_scatter_bytes(g.chunk * world_ * kFloat, static_cast<int>(world_));
+    if (g.chunk > 0) bytes_ += comm::ring_reduce_scatter_bytes(g.chunk * world_ * kParamBytes, static_cast<int>(world_));
     const int64_t tail = g.end - g.tail_begin(world_);
-    if (tail > 0) bytes_ += comm::ring_all_reduce_bytes(tail * kFloat, static_cast<int>(world_));
+    if (tail > 0) bytes_ += comm::ring_all_reduce_bytes(tail * kParamBytes, static_cast<int>(world_));
     // Backward waits here rather than fill the arena when it outruns the network.
     while (reduces_.size() > kReducesInFlight) {
       queue_.wait(reduces_.front());

@@ -11,7 +11,7 @@
 namespace flotilla::text {
 namespace {
 
-constexpr const char* kComponent = "text/hf_tokenizer";
+constexpr const char* kHfBpeComponent = "text/hf_tokenizer";
 
 // Pieces with at most this many symbols merge by rescanning an array (no allocation,
 // cache-friendly); longer ones (a whole SentencePiece sentence) use a heap.
@@ -127,7 +127,7 @@ BpeModel::BpeModel(std::vector<std::pair<std::string, int32_t>> vocab,
                                      : merged_id < 0 ? std::string_view(joined)
                                                      : std::string_view();
     if (left_id < 0 || right_id < 0 || merged_id < 0) {
-      throw InputError(kComponent,
+      throw InputError(kHfBpeComponent,
                        fmt::format("{}: merge {} uses a token that is not in the vocabulary "
                                    "(its bytes: {:?})",
                                    source, rank, std::string(missing)));

@@ -19,7 +19,7 @@ namespace {
 
 using nlohmann::json;
 
-constexpr const char* kComponent = "text/hf_tokenizer";
+constexpr const char* kHfTokenizerComponent = "text/hf_tokenizer";
 // Ids above this are refused: real vocabularies stay below 300k, and the id tables are
 // sized by the largest id.
 constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
@@ -33,7 +33,7 @@ class Reader {
   explicit Reader(std::string file) : file_(std::move(file)) {}
 
   [[noreturn]] void fail(std::string_view what) const {
-    throw InputError(kComponent, fmt::format("{}: {}", file_, what));
+    throw InputError(kHfTokenizerComponent, fmt::format("{}: {}", file_, what));
   }
   const std::string& file() const { return file_; }
 
@@ -264,7 +264,7 @@ struct HfTokenizer::Impl {
                       hf::PieceBuffers& buffers) const;
   void check_id(int32_t id) const {
     if (id < 0 || static_cast<size_t>(id) >= id_to_token.size()) {
-      throw Error(kComponent, fmt::format("token id {} is outside the vocabulary [0, {}) of {}", id,
+      throw Error(kHfTokenizerComponent, fmt::format("token id {} is outside the vocabulary [0, {}) of {}", id,
                                           id_to_token.size(), json_path.string()));
     }
   }
@@ -520,7 +520,7 @@ HfTokenizer::HfTokenizer(const std::filesystem::path& tokenizer_json,
     impl_->load_bos_eos();
   } catch (const json::exception& e) {
     // A field of an unexpected type that the checks above did not anticipate.
-    throw InputError(kComponent, fmt::format("{}: malformed tokenizer: {}", tokenizer_json.string(),
+    throw InputError(kHfTokenizerComponent, fmt::format("{}: malformed tokenizer: {}", tokenizer_json.string(),
                                              json_error_text(e)));
   }
 }
@@ -624,7 +624,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::filesystem::path& model_
   const std::filesystem::path config_path = model_dir / "tokenizer_config.json";
   std::error_code ec;
   if (!std::filesystem::is_regular_file(json_path, ec)) {
-    throw InputError(kComponent, fmt::format("{}: no such file", json_path.string()));
+    throw InputError(kHfTokenizerComponent, fmt::format("{}: no such file", json_path.string()));
   }
   const bool has_config = std::filesystem::is_regular_file(config_path, ec);
   return std::make_unique<HfTokenizer>(json_path, has_config ? config_path : std::filesystem::path());

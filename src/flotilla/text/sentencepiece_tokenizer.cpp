@@ -14,7 +14,7 @@
 namespace flotilla::text {
 namespace {
 
-constexpr const char* kComponent = "text/sentencepiece";
+constexpr const char* kSentencepieceTokenizerComponent = "text/sentencepiece";
 constexpr std::string_view kSpaceSymbol = "\xe2\x96\x81";  // U+2581 "▁"
 
 // SentencePiece's ids are `int`; ours are int32_t. Same type here, so vectors move as is.
@@ -67,7 +67,7 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::filesystem::path& mode
   // From the bytes already read, so the fingerprint and the model are the same file.
   const auto status = processor_->LoadFromSerializedProto(model_bytes_);
   if (!status.ok()) {
-    throw InputError(kComponent, fmt::format("{}: not a valid SentencePiece model ({})",
+    throw InputError(kSentencepieceTokenizerComponent, fmt::format("{}: not a valid SentencePiece model ({})",
                                              model_file.string(), one_line(status.message())));
   }
   vocab_size_ = processor_->GetPieceSize();
@@ -114,7 +114,7 @@ std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text) const
   std::vector<int> ids;
   const auto status = processor_->Encode(text, &ids);
   if (!status.ok()) {
-    throw Error(kComponent, fmt::format("{}: encode failed: {}", model_file_.string(),
+    throw Error(kSentencepieceTokenizerComponent, fmt::format("{}: encode failed: {}", model_file_.string(),
                                         one_line(status.message())));
   }
   return ids;
@@ -123,14 +123,14 @@ std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text) const
 std::string SentencePieceTokenizer::decode(std::span<const int32_t> ids) const {
   for (const int32_t id : ids) {
     if (id < 0 || id >= vocab_size_) {
-      throw Error(kComponent, fmt::format("token id {} is outside the vocabulary [0, {}) of {}",
+      throw Error(kSentencepieceTokenizerComponent, fmt::format("token id {} is outside the vocabulary [0, {}) of {}",
                                           id, vocab_size_, model_file_.string()));
     }
   }
   std::string text;
   const auto status = processor_->Decode(std::vector<int>(ids.begin(), ids.end()), &text);
   if (!status.ok()) {
-    throw Error(kComponent, fmt::format("{}: decode failed: {}", model_file_.string(),
+    throw Error(kSentencepieceTokenizerComponent, fmt::format("{}: decode failed: {}", model_file_.string(),
                                         one_line(status.message())));
   }
   return text;
@@ -142,7 +142,7 @@ bool SentencePieceTokenizer::is_special(int32_t id) const {
 
 std::string SentencePieceTokenizer::token_to_piece(int32_t id) const {
   if (id < 0 || id >= vocab_size_) {
-    throw Error(kComponent, fmt::format("token id {} is outside the vocabulary [0, {}) of {}",
+    throw Error(kSentencepieceTokenizerComponent, fmt::format("token id {} is outside the vocabulary [0, {}) of {}",
                                         id, vocab_size_, model_file_.string()));
   }
   return pieces_[id];
@@ -163,7 +163,7 @@ void SentencePieceTokenizer::save(const std::filesystem::path& dir) const {
       config = nullptr;
     }
     if (!config.is_object()) {
-      throw InputError(kComponent, fmt::format("{}: exists and is not a JSON object; not "
+      throw InputError(kSentencepieceTokenizerComponent, fmt::format("{}: exists and is not a JSON object; not "
                                                "overwriting it", config_file.string()));
     }
   }

@@ -14,23 +14,23 @@
 namespace flotilla::text {
 namespace {
 
-constexpr const char* kComponent = "text/tokenizer";
+constexpr const char* kTokenizerComponent = "text/tokenizer";
 
 std::unique_ptr<Tokenizer> load_flotilla_tokenizer(const std::filesystem::path& file) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_text_file(file));
   } catch (const nlohmann::json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", file.string(),
+    throw InputError(kTokenizerComponent, fmt::format("{}: not valid JSON: {}", file.string(),
                                              json_error_text(e)));
   }
   if (!j.is_object() || !j.contains("type") || !j["type"].is_string()) {
-    throw InputError(kComponent, fmt::format("{}: expected an object with a string \"type\"",
+    throw InputError(kTokenizerComponent, fmt::format("{}: expected an object with a string \"type\"",
                                              file.string()));
   }
   const std::string type = j["type"].get<std::string>();
   if (type != "bytes") {
-    throw InputError(kComponent, fmt::format("{}: unknown tokenizer type \"{}\" (known: \"bytes\")",
+    throw InputError(kTokenizerComponent, fmt::format("{}: unknown tokenizer type \"{}\" (known: \"bytes\")",
                                              file.string(), type));
   }
   // The ids are fixed for "bytes"; written for readers, checked so a file from some
@@ -43,7 +43,7 @@ std::unique_ptr<Tokenizer> load_flotilla_tokenizer(const std::filesystem::path& 
   };
   for (const auto& [key, expected] : fixed) {
     if (j.contains(key) && !(j[key].is_number_integer() && j[key].get<int64_t>() == expected)) {
-      throw InputError(kComponent, fmt::format("{}: \"{}\" is {}, the byte tokenizer's is {}",
+      throw InputError(kTokenizerComponent, fmt::format("{}: \"{}\" is {}, the byte tokenizer's is {}",
                                                file.string(), key, j[key].dump(), expected));
     }
   }
@@ -60,16 +60,16 @@ TokenizerConfig read_tokenizer_config(const std::filesystem::path& model_dir) {
   try {
     j = nlohmann::json::parse(read_text_file(file));
   } catch (const nlohmann::json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", file.string(),
+    throw InputError(kTokenizerComponent, fmt::format("{}: not valid JSON: {}", file.string(),
                                              json_error_text(e)));
   }
   if (!j.is_object()) {
-    throw InputError(kComponent, fmt::format("{}: expected a JSON object", file.string()));
+    throw InputError(kTokenizerComponent, fmt::format("{}: expected a JSON object", file.string()));
   }
   const auto flag = [&](const char* key) -> std::optional<bool> {
     if (!j.contains(key) || j[key].is_null()) return std::nullopt;
     if (!j[key].is_boolean()) {
-      throw InputError(kComponent, fmt::format("{}: \"{}\" is {}, expected true or false",
+      throw InputError(kTokenizerComponent, fmt::format("{}: \"{}\" is {}, expected true or false",
                                                file.string(), key, j[key].dump()));
     }
     return j[key].get<bool>();
@@ -81,7 +81,7 @@ TokenizerConfig read_tokenizer_config(const std::filesystem::path& model_dir) {
 std::unique_ptr<Tokenizer> Tokenizer::load_for_model(const std::filesystem::path& model_dir) {
   std::error_code ec;
   if (!std::filesystem::is_directory(model_dir, ec)) {
-    throw InputError(kComponent, fmt::format("{}: not a directory", model_dir.string()));
+    throw InputError(kTokenizerComponent, fmt::format("{}: not a directory", model_dir.string()));
   }
   const std::filesystem::path own = model_dir / kFlotillaTokenizerFile;
   if (std::filesystem::exists(own, ec)) return load_flotilla_tokenizer(own);

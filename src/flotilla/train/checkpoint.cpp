@@ -18,7 +18,7 @@ namespace flotilla::train {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr std::string_view kComponent = "train/checkpoint";
+constexpr std::string_view kCheckpointComponent = "train/checkpoint";
 // What every training checkpoint's step folder holds, in the order a manifest missing one
 // names the first.
 constexpr std::array<std::string_view, 4> kRequiredFiles = {kCheckpointWeightsFile, kCheckpointOptimizerFile,
@@ -31,7 +31,7 @@ void write_tensors(const fs::path& path, const std::vector<CheckpointTensor>& te
     int64_t numel = 1;
     for (int64_t d : t.shape) numel *= d;
     if (numel != static_cast<int64_t>(t.data.size()))
-      throw Error(kComponent, fmt::format("tensor '{}': shape {} but {} floats", t.name, io::format_shape(t.shape),
+      throw Error(kCheckpointComponent, fmt::format("tensor '{}': shape {} but {} floats", t.name, io::format_shape(t.shape),
                                           t.data.size()));
     out.push_back(io::TensorToWrite{t.name, t.shape, t.data.data()});
   }
@@ -47,18 +47,18 @@ void check_tensors(const io::SafetensorsFile& st, const std::vector<CheckpointTe
     expected.insert(t.name);
     const io::TensorEntry* e = st.find(t.name);
     if (!e)
-      throw InputError(kComponent, fmt::format("{}: has no tensor '{}' (was it written for another model?)", file,
+      throw InputError(kCheckpointComponent, fmt::format("{}: has no tensor '{}' (was it written for another model?)", file,
                                                t.name));
     if (e->shape != t.shape)
-      throw InputError(kComponent, fmt::format("{}: tensor '{}' has shape {}, the model's is {}", file, t.name,
+      throw InputError(kCheckpointComponent, fmt::format("{}: tensor '{}' has shape {}, the model's is {}", file, t.name,
                                                io::format_shape(e->shape), io::format_shape(t.shape)));
     if (e->dtype != DType::f32)
-      throw InputError(kComponent,
+      throw InputError(kCheckpointComponent,
                        fmt::format("{}: tensor '{}' is {}, expected F32", file, t.name, dtype_name(e->dtype)));
   }
   for (const io::TensorEntry& e : st.tensors())
     if (!expected.contains(e.name))
-      throw InputError(kComponent,
+      throw InputError(kCheckpointComponent,
                        fmt::format("{}: holds tensor '{}', which this model does not have", file, e.name));
 }
 
@@ -70,7 +70,7 @@ nlohmann::json read_json(const fs::path& path) {
   try {
     return nlohmann::json::parse(read_text_file(path));
   } catch (const nlohmann::json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
+    throw InputError(kCheckpointComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
   }
 }
 

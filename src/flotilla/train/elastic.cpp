@@ -13,7 +13,7 @@
 namespace flotilla::train {
 namespace {
 
-constexpr const char* kComponent = "launch";
+constexpr const char* kElasticComponent = "launch";
 
 std::string_view trim(std::string_view s) {
   const auto space = [](char c) { return c == ' ' || c == '\t' || c == '\r'; };
@@ -52,7 +52,7 @@ std::vector<HostSlots> parse_hostfile(std::string_view text, std::string_view so
     line = trim(line);
     if (line.empty()) continue;
     const auto fail = [&](const std::string& why) {
-      throw InputError(kComponent, fmt::format("{}:{}: {} (expected `host slots=N`)", source, line_no, why));
+      throw InputError(kElasticComponent, fmt::format("{}:{}: {} (expected `host slots=N`)", source, line_no, why));
     };
     const std::vector<std::string_view> w = words(line);
     HostSlots h{std::string(w[0]), 1};
@@ -93,7 +93,7 @@ std::string ElasticShape::describe() const {
 std::optional<ElasticShape> plan_elastic_shape(const std::vector<HostSlots>& hosts, int max_hosts, int64_t global_rows,
                                                int64_t max_batch_size) {
   if (global_rows < 1 || max_batch_size < 1)
-    throw InputError(kComponent, fmt::format("a global batch of {} rows in micro-batches of at most {}: both must be "
+    throw InputError(kElasticComponent, fmt::format("a global batch of {} rows in micro-batches of at most {}: both must be "
                                              "at least 1",
                                              global_rows, max_batch_size));
   const size_t usable = max_hosts > 0 ? std::min(hosts.size(), static_cast<size_t>(max_hosts)) : hosts.size();

@@ -24,7 +24,7 @@ namespace flotilla::train {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr std::string_view kComponent = "train/host_checkpoints";
+constexpr std::string_view kHostCheckpointsComponent = "train/host_checkpoints";
 // Point-to-point messages of a transfer: a header, the files' bytes in segments of at
 // most kSegmentBytes, and a trailer; one tag, since the two ends of a transfer post their
 // sends and receives in the same order.
@@ -35,7 +35,7 @@ std::vector<std::string> gather(parallel::DataParallel* dp, const std::string& t
   return dp ? dp->all_gather_text(text, what) : std::vector<std::string>{text};
 }
 
-std::string first_failure(const std::vector<std::string>& outcomes) {
+std::string first_marked_failure(const std::vector<std::string>& outcomes) {
   for (size_t r = 0; r < outcomes.size(); ++r)
     if (outcomes[r].starts_with("!")) return fmt::format("rank {}: {}", r, outcomes[r].substr(1));
   return {};
@@ -134,7 +134,7 @@ std::vector<io::FileEntry> recv_files(comm::Communicator& comm, int source, cons
     std::unique_ptr<AtomicFileWriter> out;
     try {
       if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
-        throw Error(kComponent, fmt::format("rank {} sent a bad file name '{}'", source, name));
+        throw Error(kHostCheckpointsComponent, fmt::format("rank {} sent a bad file name '{}'", source, name));
       out = std::make_unique<AtomicFileWriter>(dir / name);
     } catch (const std::exception& e) {
       fail(e.what());
@@ -189,7 +189,7 @@ std::vector<io::FileEntry> run_transfers(comm::Communicator& comm, const std::ve
 }
 
 RunStopped save_stopped(int64_t step, int rank, const std::string& why) {
-  return RunStopped(kComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, rank != 0);
+  return RunStopped(kHostCheckpointsComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, rank != 0);
 }
 
 std::string joined(const std::vector<std::string>& items) {
@@ -264,7 +264,7 @@ CheckpointHosts find_checkpoint_hosts(const std::string& dir_pattern, int replic
     }
     probe = dp->broadcast_text(probe, "checkpoint folder probe");
     if (probe.starts_with("!"))
-      throw RunStopped(kComponent, fmt::format("{}: cannot write into the checkpoints folder: {}", hosts.dir.string(),
+      throw RunStopped(kHostCheckpointsComponent, fmt::format("{}: cannot write into the checkpoints folder: {}", hosts.dir.string(),
                                                probe.substr(1)),
                        1, !root);
     const std::string seen = hosts.is_leader() ? (fs::exists(hosts.dir / probe, ec) ? "1" : "0") : "";
@@ -277,7 +277,7 @@ CheckpointHosts find_checkpoint_hosts(const std::string& dir_pattern, int replic
     for (int h = 1; h < hosts.hosts(); ++h)
       (all_seen[static_cast<size_t>(hosts.leader(h))] == "1" ? seeing : blind).push_back(hosts.names[static_cast<size_t>(h)]);
     if (!seeing.empty() && !blind.empty())
-      throw RunStopped(kComponent,
+      throw RunStopped(kHostCheckpointsComponent,
                        fmt::format("{}: hosts {} share {}'s checkpoints folder and hosts {} do not; give every host "
                                    "its own with --checkpoint-dir 'DIR/{{host}}', or one folder every host shares",
                                    hosts.dir.string(), joined(seeing), hosts.names[0], joined(blind)),
@@ -317,7 +317,7 @@ fs::path save_step_on_hosts(const CheckpointHosts& hosts, int64_t step, const io
     }
   }
   const std::vector<std::string> all_begun = dp.all_gather_text(begun, "checkpoint folders");
-  if (const std::string why = first_failure(all_begun); !why.empty()) {
+  if (const std::string why = first_marked_failure(all_begun); !why.empty()) {
     if (leader && !begun.starts_with("!")) io::abandon_step_folder(begun);
     throw save_stopped(step, rank, why);
   }
@@ -360,7 +360,7 @@ fs::path save_step_on_hosts(const CheckpointHosts& hosts, int64_t step, const io
   // union is the checkpoint's set.
   const std::string mine = error.empty() ? entries_json(entries).dump() : "!" + error;
   const std::vector<std::string> all_written = dp.all_gather_text(mine, "checkpoint files");
-  if (const std::string why = first_failure(all_written); !why.empty()) {
+  if (const std::string why = first_marked_failure(all_written); !why.empty()) {
     if (leader) io::abandon_step_folder(tmp_dir);
     throw save_stopped(step, rank, why);
   }
@@ -383,7 +383,7 @@ fs::path save_step_on_hosts(const CheckpointHosts& hosts, int64_t step, const io
     }
   }
   const std::vector<std::string> outcomes = dp.all_gather_text(outcome, "checkpoint outcome");
-  if (const std::string why = first_failure(outcomes); !why.empty()) throw save_stopped(step, rank, why);
+  if (const std::string why = first_marked_failure(outcomes); !why.empty()) throw save_stopped(step, rank, why);
   return outcomes[static_cast<size_t>(hosts.leader(hosts.host()))];
 }
 
@@ -447,7 +447,7 @@ fs::path complete_on_hosts(const CheckpointHosts& hosts, parallel::DataParallel*
   if (chosen < 0) {
     const std::string where = fmt::format("{} on host{} {}", hosts.pattern, hosts.hosts() == 1 ? "" : "s",
                                           joined(hosts.names));
-    throw RunStopped(kComponent,
+    throw RunStopped(kHostCheckpointsComponent,
                      steps.empty()
                          ? fmt::format("{}: no checkpoints to resume from", where)
                          : fmt::format("{}: no checkpoint is complete on these hosts: {}, which no host that answers "
@@ -523,8 +523,8 @@ fs::path complete_on_hosts(const CheckpointHosts& hosts, parallel::DataParallel*
     }
   }
   const std::vector<std::string> outcomes = gather(dp, outcome, "checkpoint completed");
-  if (const std::string why = first_failure(outcomes); !why.empty())
-    throw RunStopped(kComponent, fmt::format("resuming from {}: could not complete it on every host: {}", step_name, why),
+  if (const std::string why = first_marked_failure(outcomes); !why.empty())
+    throw RunStopped(kHostCheckpointsComponent, fmt::format("resuming from {}: could not complete it on every host: {}", step_name, why),
                      1, !root);
   if (root && info)
     for (int h = 0; h < hosts.hosts(); ++h)

@@ -33,7 +33,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-constexpr const char* kComponent = "launch";
+constexpr const char* kLauncherComponent = "launch";
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
@@ -238,7 +238,7 @@ class Timeline {
       if (!present.contains(e["seq"].get<int64_t>())) add += e.dump() + "\n";
     if (add.empty()) return;
     std::FILE* f = std::fopen(metrics_.c_str(), "a");
-    if (!f) throw Error(kComponent, fmt::format("{}: cannot append: {}", metrics_.string(), std::strerror(errno)));
+    if (!f) throw Error(kLauncherComponent, fmt::format("{}: cannot append: {}", metrics_.string(), std::strerror(errno)));
     std::fwrite(add.data(), 1, add.size(), f);
     std::fclose(f);
   }
@@ -263,7 +263,7 @@ std::vector<HostSlots> answering_hosts(const LaunchConfig& opt, Timeline* timeli
     std::string out;
     const int status = run_capture({"/bin/sh", "-c", opt.discover}, opt.probe_timeout_s, &out, false);
     if (status != 0)
-      throw InputError(kComponent, fmt::format("--discover: `{}` exited with status {}", opt.discover, status));
+      throw InputError(kLauncherComponent, fmt::format("--discover: `{}` exited with status {}", opt.discover, status));
     listed = parse_hostfile(out, "--discover output");
   } else {
     listed = parse_hostfile(read_text_file(opt.hostfile), opt.hostfile);
@@ -290,16 +290,16 @@ std::vector<HostSlots> answering_hosts(const LaunchConfig& opt, Timeline* timeli
 
 int run_launch(const LaunchConfig& opt) {
   if (opt.train_args.empty() || opt.train_args.front() != "train")
-    throw InputError(kComponent, "give the job after `--`: flotilla launch [options] -- train --out DIR ...");
+    throw InputError(kLauncherComponent, "give the job after `--`: flotilla launch [options] -- train --out DIR ...");
   if (opt.hostfile.empty() == opt.discover.empty())
-    throw InputError(kComponent, "give the hosts with --hostfile FILE or --discover COMMAND (one of them)");
+    throw InputError(kLauncherComponent, "give the hosts with --hostfile FILE or --discover COMMAND (one of them)");
   if (opt.min_hosts < 1 || opt.max_hosts < 0 || opt.max_restarts < 0 || !(opt.grace_s >= 0) || !(opt.rescan_s >= 0))
-    throw InputError(kComponent, "--min-hosts must be at least 1; --max-hosts, --max-restarts, --grace and --rescan "
+    throw InputError(kLauncherComponent, "--min-hosts must be at least 1; --max-hosts, --max-restarts, --grace and --rescan "
                                  "at least 0");
   if (opt.max_hosts > 0 && opt.max_hosts < opt.min_hosts)
-    throw InputError(kComponent, fmt::format("--max-hosts {} is below --min-hosts {}", opt.max_hosts, opt.min_hosts));
+    throw InputError(kLauncherComponent, fmt::format("--max-hosts {} is below --min-hosts {}", opt.max_hosts, opt.min_hosts));
   if (opt.save_every <= 0)
-    throw InputError(kComponent, "the job needs --save-every N: a restart resumes from the newest checkpoint, and "
+    throw InputError(kLauncherComponent, "the job needs --save-every N: a restart resumes from the newest checkpoint, and "
                                  "without checkpoints it would start over");
   const LaunchConfig& train = opt;
   const TrainArgs args = split_train_args(opt.train_args);
@@ -326,7 +326,7 @@ int run_launch(const LaunchConfig& opt) {
                                alive.size() == 1 ? "" : "s", opt.min_hosts));
       if (attempt > 1) timeline.flush();
       timeline.print();
-      throw Error(kComponent, fmt::format("only {} host{} answer (--min-hosts {}); the newest checkpoint in {} resumes "
+      throw Error(kLauncherComponent, fmt::format("only {} host{} answer (--min-hosts {}); the newest checkpoint in {} resumes "
                                           "with flotilla launch ... -- train ... once enough are back",
                                           alive.size(), alive.size() == 1 ? "" : "s", opt.min_hosts, train.out));
     }
@@ -457,11 +457,11 @@ int run_launch(const LaunchConfig& opt) {
     // flotilla exits 2 on an input error: the same job would fail the same way again.
     if (end.status == 2) {
       timeline.print();
-      throw Error(kComponent, "the job stopped on an input error (above): not restarting it");
+      throw Error(kLauncherComponent, "the job stopped on an input error (above): not restarting it");
     }
     if (++failures > opt.max_restarts) {
       timeline.print();
-      throw Error(kComponent, fmt::format("the job failed {} time{}; --max-restarts {} reached", failures,
+      throw Error(kLauncherComponent, fmt::format("the job failed {} time{}; --max-restarts {} reached", failures,
                                           failures == 1 ? "" : "s", opt.max_restarts));
     }
     fault_s = end.fault_s.value_or(seconds_since(t0));

@@ -18,7 +18,7 @@ namespace flotilla::train {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr std::string_view kComponent = "train/sharded_checkpoint";
+constexpr std::string_view kShardedCheckpointComponent = "train/sharded_checkpoint";
 constexpr std::array<std::string_view, 3> kKinds = {"weights", "m", "v"};
 
 std::vector<io::FloatRange> float_ranges(const std::vector<FlatRange>& ranges) {
@@ -48,7 +48,7 @@ nlohmann::json read_json(const fs::path& path) {
   try {
     return nlohmann::json::parse(read_text_file(path));
   } catch (const nlohmann::json::exception& e) {
-    throw InputError(kComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
+    throw InputError(kShardedCheckpointComponent, fmt::format("{}: not valid JSON: {}", path.string(), json_error_text(e)));
   }
 }
 
@@ -57,7 +57,7 @@ nlohmann::json read_json(const fs::path& path) {
 io::ShardLayout layout_for_model(const fs::path& step_dir, const model::ParamTable& table, int64_t arena_floats) {
   const fs::path path = step_dir / io::kShardLayoutFile;
   io::ShardLayout layout = io::ShardLayout::from_json(read_json(path), path);
-  const auto bad = [&](const std::string& what) { return InputError(kComponent, path.string() + ": " + what); };
+  const auto bad = [&](const std::string& what) { return InputError(kShardedCheckpointComponent, path.string() + ": " + what); };
   for (const io::ShardLayout::Param& p : layout.table) {
     const model::ParamInfo* info = table.find(p.name);
     if (!info) throw bad(fmt::format("holds tensor '{}', which this model does not have (was it written for another model?)", p.name));
@@ -74,7 +74,7 @@ io::ShardLayout layout_for_model(const fs::path& step_dir, const model::ParamTab
   if (layout.arena_floats != arena_floats)
     throw bad(fmt::format("an arena of {} floats, the model's has {}", layout.arena_floats, arena_floats));
   const std::string problem = layout.check_coverage(kKinds);
-  if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  if (!problem.empty()) throw InputError(kShardedCheckpointComponent, step_dir.string() + ": " + problem);
   return layout;
 }
 
@@ -88,7 +88,7 @@ std::vector<std::unique_ptr<io::SafetensorsFile>> open_rank_files(const fs::path
       const io::TensorEntry& e = st->at(kind);
       const int64_t want = io::total_floats(ranges);
       if (e.dtype != DType::f32 || e.shape.size() != 1 || e.shape[0] != want)
-        throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, its ranges in {} need F32 [{}]",
+        throw InputError(kShardedCheckpointComponent, fmt::format("{}: tensor '{}' is {} {}, its ranges in {} need F32 [{}]",
                                                  st->path().string(), kind, dtype_name(e.dtype),
                                                  io::format_shape(e.shape), io::kShardLayoutFile, want));
     }
@@ -154,7 +154,7 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     return dp ? dp->all_gather_text(text, what) : std::vector<std::string>{text};
   };
   const auto stop = [&](const std::string& why) {
-    return RunStopped(kComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, !root);
+    return RunStopped(kShardedCheckpointComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, !root);
   };
 
   // Every rank's ranges, for rank 0's layout.json.
@@ -250,7 +250,7 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
   // checksums, or why it could not.
   std::string written;
   try {
-    if (!build_error.empty()) throw Error(kComponent, build_error);
+    if (!build_error.empty()) throw Error(kShardedCheckpointComponent, build_error);
     nlohmann::json entries = nlohmann::json::array();
     for (const io::FileEntry& e : io::write_step_files(tmp_dir, files))
       entries.push_back({e.name, e.bytes, e.crc32c});
@@ -363,7 +363,7 @@ void read_rank_state(const fs::path& step_dir, Trainer& trainer, const std::func
     if (!e) {
       absent += (absent.empty() ? "" : ", ") + s.name;
     } else if (e->dtype != DType::f32 || e->bytes.size() != s.data.size_bytes()) {
-      throw InputError(kComponent, fmt::format("{}: tensor '{}' is {} {}, this run's is F32 [{}]", st.path().string(),
+      throw InputError(kShardedCheckpointComponent, fmt::format("{}: tensor '{}' is {} {}, this run's is F32 [{}]", st.path().string(),
                                                s.name, dtype_name(e->dtype), io::format_shape(e->shape),
                                                s.data.size()));
     }
@@ -379,7 +379,7 @@ void read_rank_state(const fs::path& step_dir, Trainer& trainer, const std::func
     try {
       trainer.data_parallel()->restore_codec_state(codec_state);  // a part missing stops the run: InputError
     } catch (const InputError& e) {
-      throw InputError(kComponent, st.path().string() + ": " + e.what());
+      throw InputError(kShardedCheckpointComponent, st.path().string() + ": " + e.what());
     }
   }
   for (const parallel::RankState& s : own_state) {
@@ -397,7 +397,7 @@ ConsolidatedWeights read_checkpoint_weights(const fs::path& step_dir) {
     const io::SafetensorsFile st(step_dir / kCheckpointWeightsFile);
     for (const io::TensorEntry& e : st.tensors()) {
       if (e.dtype != DType::f32)
-        throw InputError(kComponent, fmt::format("{}: tensor '{}' is {}, expected F32", st.path().string(), e.name,
+        throw InputError(kShardedCheckpointComponent, fmt::format("{}: tensor '{}' is {}, expected F32", st.path().string(), e.name,
                                                  dtype_name(e.dtype)));
       const std::span<const float> values = floats(e);
       out.layout.table.push_back({e.name, e.shape, static_cast<int64_t>(out.arena.size()),
@@ -410,10 +410,10 @@ ConsolidatedWeights read_checkpoint_weights(const fs::path& step_dir) {
   const fs::path path = step_dir / io::kShardLayoutFile;
   out.layout = io::ShardLayout::from_json(read_json(path), path);
   const std::string problem = out.layout.check_coverage(kKinds);
-  if (!problem.empty()) throw InputError(kComponent, step_dir.string() + ": " + problem);
+  if (!problem.empty()) throw InputError(kShardedCheckpointComponent, step_dir.string() + ": " + problem);
   for (const io::ShardLayout::Param& p : out.layout.table)
     if (p.offset < 0 || p.numel < 0 || p.offset + p.numel > out.layout.arena_floats)
-      throw InputError(kComponent, fmt::format("{}: tensor '{}' lies outside the arena", path.string(), p.name));
+      throw InputError(kShardedCheckpointComponent, fmt::format("{}: tensor '{}' lies outside the arena", path.string(), p.name));
   const auto files = open_rank_files(step_dir, out.layout);
   out.arena.resize(static_cast<size_t>(out.layout.arena_floats));
   const std::vector<io::FloatRange> arena = {{0, out.layout.arena_floats}};
@@ -425,10 +425,10 @@ std::span<const float> ConsolidatedWeights::tensor(std::string_view name, std::s
                                                    const fs::path& step_dir) const {
   const auto it = std::find_if(layout.table.begin(), layout.table.end(), [&](const auto& p) { return p.name == name; });
   if (it == layout.table.end())
-    throw InputError(kComponent, fmt::format("{}: the checkpoint has no tensor '{}' (was it written for another model?)",
+    throw InputError(kShardedCheckpointComponent, fmt::format("{}: the checkpoint has no tensor '{}' (was it written for another model?)",
                                              step_dir.string(), name));
   if (!std::equal(it->shape.begin(), it->shape.end(), shape.begin(), shape.end()))
-    throw InputError(kComponent, fmt::format("{}: tensor '{}' has shape {}, the model's is {}", step_dir.string(), name,
+    throw InputError(kShardedCheckpointComponent, fmt::format("{}: tensor '{}' has shape {}, the model's is {}", step_dir.string(), name,
                                              io::format_shape(it->shape), io::format_shape(shape)));
   return std::span<const float>(arena).subspan(static_cast<size_t>(it->offset), static_cast<size_t>(it->numel));
 }

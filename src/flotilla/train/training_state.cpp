@@ -14,7 +14,7 @@ namespace flotilla::train {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr std::string_view kComponent = "train/training_state";
+constexpr std::string_view kTrainingStateComponent = "train/training_state";
 constexpr std::string_view kStateFormat = "flotilla-checkpoint";
 constexpr int kFormatVersion = 1;
 
@@ -91,7 +91,7 @@ CheckpointContents unsharded_views(Trainer& trainer) {
     return buffer.subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
   };
   if (m.size() != trainable.params.size())
-    throw Error(kComponent, "the optimizer's state does not match the trainable parameters");
+    throw Error(kTrainingStateComponent, "the optimizer's state does not match the trainable parameters");
   for (const model::ParamInfo& info : trainable.table.params())
     c.weights.push_back({info.name, info.shape, view(trainable.params, info)});
   for (const model::ParamInfo& info : trainable.table.params())
@@ -106,7 +106,7 @@ CheckpointContents unsharded_views(Trainer& trainer) {
 CheckpointContents capture_training_state(Trainer& trainer, const data::BatchSource& source,
                                           nlohmann::json config, const RngStreams& rngs) {
   if (trainer.sync().sharded())
-    throw Error(kComponent, "an unsharded checkpoint holds the whole moments, which a ZeRO rank does not: "
+    throw Error(kTrainingStateComponent, "an unsharded checkpoint holds the whole moments, which a ZeRO rank does not: "
                             "save_sharded_checkpoint writes its shard");
   CheckpointContents c = unsharded_views(trainer);
   c.state = training_state_json(trainer, source, rngs);
@@ -124,7 +124,7 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
   const fs::path state_path = step_dir / kCheckpointStateFile;
   // Check trainer_state.json before read_checkpoint overwrites the model.
   const nlohmann::json state = read_checkpoint_state(step_dir);
-  const auto bad = [&](const std::string& what) { return InputError(kComponent, state_path.string() + ": " + what); };
+  const auto bad = [&](const std::string& what) { return InputError(kTrainingStateComponent, state_path.string() + ": " + what); };
   int64_t step = 0, optimizer_step = 0;
   double elapsed_s = 0.0;
   try {
@@ -166,7 +166,7 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
   try {
     source.set_state(state.at("data"));
   } catch (const InputError& e) {
-    throw InputError(kComponent, state_path.string() + ": data source: " + e.what());
+    throw InputError(kTrainingStateComponent, state_path.string() + ": data source: " + e.what());
   }
   trainer.model().set_dropout_step(state["rng"]["dropout_step"].get<uint64_t>());
   for (const auto& [name, stream] : rngs) {

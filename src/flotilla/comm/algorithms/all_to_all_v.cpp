@@ -10,17 +10,17 @@
 namespace flotilla::comm {
 namespace {
 
-constexpr std::string_view kComponent = "comm/all_to_all_v";
+constexpr std::string_view kAllToAllVComponent = "comm/all_to_all_v";
 
 // Element offsets of the chunks: (size + 1), the last one the total.
 std::vector<size_t> chunk_offsets(const Communicator& comm, std::span<const int64_t> counts, std::string_view what) {
   if (counts.size() != static_cast<size_t>(comm.size()))
-    throw Error(kComponent, fmt::format("rank {}: {} has {} entries for a group of {} ranks", comm.rank(), what,
+    throw Error(kAllToAllVComponent, fmt::format("rank {}: {} has {} entries for a group of {} ranks", comm.rank(), what,
                                         counts.size(), comm.size()));
   std::vector<size_t> offsets(counts.size() + 1, 0);
   for (size_t r = 0; r < counts.size(); ++r) {
     if (counts[r] < 0)
-      throw Error(kComponent, fmt::format("rank {}: {}[{}] = {} is negative", comm.rank(), what, r, counts[r]));
+      throw Error(kAllToAllVComponent, fmt::format("rank {}: {}[{}] = {} is negative", comm.rank(), what, r, counts[r]));
     offsets[r + 1] = offsets[r] + static_cast<size_t>(counts[r]);
   }
   return offsets;
@@ -31,7 +31,7 @@ std::vector<size_t> chunk_offsets(const Communicator& comm, std::span<const int6
 std::vector<int64_t> exchange_counts(Communicator& comm, std::span<const int64_t> send_counts,
                                      const Options& options) {
   if (send_counts.size() != static_cast<size_t>(comm.size()))
-    throw Error(kComponent, fmt::format("rank {}: {} send counts for a group of {} ranks", comm.rank(),
+    throw Error(kAllToAllVComponent, fmt::format("rank {}: {} send counts for a group of {} ranks", comm.rank(),
                                         send_counts.size(), comm.size()));
   std::vector<int64_t> recv_counts(send_counts.size());
   comm.all_to_all(ConstView(send_counts), MutView(std::span<int64_t>(recv_counts)), options);
@@ -43,14 +43,14 @@ void all_to_all_v(Communicator& comm, ConstView in, std::span<const int64_t> sen
   const std::vector<size_t> send_at = chunk_offsets(comm, send_counts, "send_counts");
   const std::vector<size_t> recv_at = chunk_offsets(comm, recv_counts, "recv_counts");
   if (send_at.back() != in.count() || recv_at.back() != out.count() || in.type() != out.type())
-    throw Error(kComponent, fmt::format("rank {}: in holds {} x {} and out {} x {}, but the counts add up to {} "
+    throw Error(kAllToAllVComponent, fmt::format("rank {}: in holds {} x {} and out {} x {}, but the counts add up to {} "
                                         "and {} (of one type)",
                                         comm.rank(), in.count(), element_name(in.type()), out.count(),
                                         element_name(out.type()), send_at.back(), recv_at.back()));
   const size_t bytes = element_size(in.type());
   const int me = comm.rank(), n = comm.size();
   if (send_counts[static_cast<size_t>(me)] != recv_counts[static_cast<size_t>(me)])
-    throw Error(kComponent, fmt::format("rank {}: sends itself {} elements but expects {}", me,
+    throw Error(kAllToAllVComponent, fmt::format("rank {}: sends itself {} elements but expects {}", me,
                                         send_counts[static_cast<size_t>(me)], recv_counts[static_cast<size_t>(me)]));
   // Signed with the group's size: the counts themselves differ from rank to rank.
   comm.run_p2p_collective(
