@@ -144,10 +144,15 @@ class Llama {
   // which the model keeps open; only norms and other float tensors are copied.
   // A float weight (or a quantized weight's scales and biases) holding NaN or Inf is
   // reported naming the tensor: a warning, or an InputError with NonFinitePolicy::refuse.
-  // `stage` (a pipeline stage's layers): only the tensors that stage holds are read (see
-  // hold_only); the others are never touched, so they cost no memory.
+  // Ranged: only `ranges` of params() (ascending, disjoint: the same ranges init_random
+  // takes; empty: all) inside the tensors the model holds (a pipeline `stage`'s, see
+  // hold_only) are filled, each from the bytes of the file that hold it, converted span by
+  // span. The other floats stay zero and their pages, and the files' pages of other
+  // elements, are never touched, so they cost no memory: a ZeRO-3 rank passes its shard
+  // (parallel::zero3_owned_ranges), a pipeline stage its stage. Ranges may cut tensors
+  // anywhere. The non-finite check covers what is read.
   static Llama load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn,
-                    std::optional<LayerRange> stage = std::nullopt);
+                    std::optional<LayerRange> stage = std::nullopt, std::span<const ElementRange> ranges = {});
   // Writes config.json and model.safetensors (or shards above max_shard_bytes) that
   // transformers reads as the same model. Does not write a tokenizer. A quantized model
   // is written in MLX's layout (see model_writer.hpp).

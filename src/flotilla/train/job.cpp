@@ -1,6 +1,8 @@
 #include "flotilla/train/job.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -93,6 +95,22 @@ void check_job_flags(const TrainJob& job) {
 // A digest that is the same on every machine and build (std::hash need not be).
 std::string fnv1a_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
+// The names and sizes of a model directory's weight files (*.safetensors and the shard
+// index), sorted: what ranks that each read only their part of it compare.
+std::string weight_files_fingerprint(const std::filesystem::path& dir) {
+  std::vector<std::string> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() != ".safetensors" && name != "model.safetensors.index.json") continue;
+    std::error_code size_ec;
+    const auto bytes = std::filesystem::file_size(e.path(), size_ec);
+    files.push_back(fmt::format("{}:{}", name, size_ec ? -1 : static_cast<int64_t>(bytes)));
+  }
+  std::sort(files.begin(), files.end());
+  return fnv1a_hex(fmt::format("{}", fmt::join(files, ";")));
+}
+
 // Every rank must train the same model on the same data, from rank 0's weights.
 // A rank that built only its ZeRO-3 shard (`sharded_build`) holds no whole model to
 // broadcast: every rank drew its part from the same seed instead, which they check.
@@ -100,7 +118,12 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
                         bool sharded_build, const InfoSink& info) {
   job.dp->check_same("model configs", fnv1a_hex(model.config().to_json().dump()));
   job.dp->check_same("tokenizers", tokenizer.fingerprint());
-  if (sharded_build) {
+  if (sharded_build && !job.model_dir.empty()) {
+    // Each rank read its own shard of the directory; nothing is broadcast, so every rank
+    // must read the same files (as it reads the same data). Their layout is compared here;
+    // their values cannot be without reading them whole.
+    job.dp->check_same("model directories' weight files (names and sizes)", weight_files_fingerprint(job.model_dir));
+  } else if (sharded_build) {
     job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
   } else if (model.holds_all() || model.base_frozen()) {
     job.dp->broadcast_parameters(model.trainable().params);
@@ -254,7 +277,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     // stage must be building the same model.
     parallel::DataParallel(*job.pp).check_same("model configs", fnv1a_hex(model_config.to_json().dump()));
   }
-  // Under --zero 3 each rank builds only its shard of a new model (build_ranges).
+  // Under --zero 3 each rank builds (draws or reads) only its shard of the model (build_ranges).
   const std::vector<model::ElementRange> shard = build_ranges(job, *tokenizer);
   model::Llama model = make_model(
       job, *tokenizer, pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt, shard);

@@ -69,18 +69,18 @@ model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& 
 
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer) {
   // Stage 3's refusals (LoRA, pipelines, bf16) come before any model is built
-  // (check_job_flags); a model directory is read whole.
-  const bool new_model = job.model_dir.empty() && (job.preset.empty() != job.config_json.empty());
-  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || !new_model || job.pp ||
-      job.fine_tune != FineTuneType::full)
+  // (check_job_flags). A new model draws only these ranges, a model directory reads only
+  // them (Llama::load).
+  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || job.pp || job.fine_tune != FineTuneType::full)
     return {};
   const model::ModelConfig cfg = job_model_config(job, tokenizer);
+  if (cfg.quantization) return {};  // refused after the load: a packed base cannot be fully trained
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
 
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
                         std::optional<model::Llama::LayerRange> stage, std::span<const model::ElementRange> shard) {
-  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage);
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage, shard);
   model::Llama model(job_model_config(job, tokenizer));
   if (stage) model.hold_only(*stage);
   if (shard.empty())

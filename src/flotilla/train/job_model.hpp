@@ -28,13 +28,14 @@ model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& 
 // The ranges of the parameter arena this rank builds: empty for the whole model; under
 // --zero 3 on several ranks, a new model's ZeRO-3 shard (parallel/zero3.hpp), so that no
 // rank ever writes (and holds) the whole model. Every rank computes its own from the
-// config alone, before the model exists. (A model directory is still read whole.)
+// config alone, before the model exists. A model directory is read the same way: only
+// these ranges of its files (a quantized one, which cannot be fully trained, whole).
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer);
 
 // The model: loaded, or initialised from job.seed. `stage` (a pipeline stage's layers):
 // the model holds only that stage's tensors (model::Llama::hold_only), and reads or draws
-// only those. `shard` (from build_ranges, a new model only): only those ranges are
-// initialised, to the values the whole model would have there; the rest is never written.
+// only those. `shard` (from build_ranges): only those ranges are initialised or read, to the
+// values the whole model would have there; the rest is never written.
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
                         std::optional<model::Llama::LayerRange> stage = std::nullopt,
                         std::span<const model::ElementRange> shard = {});
