@@ -14,7 +14,7 @@ namespace flotilla::model {
 
 QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg);
 
-Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, std::optional<LayerRange> stage) {
+Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, const HeldPart& held) {
   if (!std::filesystem::is_directory(dir))
     throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig cfg = ModelConfig::load(dir / "config.json");
@@ -43,14 +43,14 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
                                             static_cast<double>(cfg.num_params()) * 4.0 / (1 << 30)));
     }
   }();
-  if (stage) model.hold_only(*stage);
+  if (held.layers || held.experts) model.hold_only(held);
   for (const ParamInfo& info : model.layout_.params()) {
     if (info.quantized) {
       // A view into the mapped file (slots in layout order): pages are read on use only.
       model.qweights_.push_back(quantized_view(store, info, cfg));
       continue;
     }
-    if (!model.holds(info)) continue;  // another pipeline stage's: never read
+    if (!model.holds(info)) continue;  // another pipeline stage's or expert-parallel rank's: never read
     std::span<float> dst(model.params_.data() + info.offset, static_cast<size_t>(info.numel));
     store.read_f32(info.name, dst, info.shape);
   }
