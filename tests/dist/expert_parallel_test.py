@@ -12,8 +12,9 @@ Tolerance: the ranks compute every row as one rank does; only sums over rows (a 
 gradient, the all-reduce) run in another order, float32 rounding at ~1e-7 relative per
 step, grown by 12 AdamW steps.
 
-A checkpoint written under ep=2 resumes on one rank, and one written alone resumes under
-ep=4, both ending where the uninterrupted run ends. Also: each rank says which block of experts it runs; ep that does not divide the experts,
+A checkpoint written under dp=2 x ep=2 (each rank holding only its experts) resumes on one
+rank, and one written alone resumes under ep=4, both ending where the uninterrupted run
+ends. Also: each rank says which block of experts it runs; ep that does not divide the experts,
 and ep on a dense model, are refused with one line (exit 2).
 Usage: expert_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
@@ -126,9 +127,11 @@ def main():
                 if f"this rank runs experts [0, {8 // ep}) of 8" not in log:
                     failures.append(f"{mesh}: rank 0 did not say which experts it runs:\n{log}")
             failures += compare(mesh, base, out)
-        # Checkpoints: written under ep=2 and resumed alone, written alone and resumed under
-        # ep=4; each ends where the uninterrupted 1-rank run ends.
-        for writer_mesh, writer_ranks, reader_mesh, reader_ranks in (("ep=2", 2, None, 1), (None, 1, "ep=4", 4)):
+        # Checkpoints: written under dp=2 x ep=2 (each block of experts written by its replica
+        # of dp index 0, the shared tensors cut over the 4 ranks) and resumed alone, written
+        # alone and resumed under ep=4; each ends where the uninterrupted 1-rank run ends.
+        for writer_mesh, writer_ranks, reader_mesh, reader_ranks in (("dp=2,ep=2", 4, None, 1),
+                                                                     (None, 1, "ep=4", 4)):
             writer = os.path.join(tmp, f"ckpt_{writer_ranks}")
             launcher = mpirun + ["-np", str(writer_ranks)] if writer_ranks > 1 else []
             mesh = ["--parallel", writer_mesh] if writer_mesh else []
