@@ -50,7 +50,12 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
       model.qweights_.push_back(quantized_view(store, info, cfg));
       continue;
     }
-    if (!model.holds(info)) continue;  // another pipeline stage's or expert-parallel rank's: never read
+    if (!model.holds(info)) {
+      // Another pipeline stage's or expert-parallel rank's: never read, but it must be
+      // there, so that every rank refuses a directory missing one alike (one line naming it).
+      (void)store.info(info.name);
+      continue;
+    }
     std::span<float> dst(model.params_.data() + info.offset, static_cast<size_t>(info.numel));
     store.read_f32(info.name, dst, info.shape);
   }
