@@ -315,7 +315,7 @@ void add_train_command(CLI::App& app) {
     }
     std::optional<parallel::ExpertParallel> experts;
     if (shape.pp == 1 && world->size() > 1) {
-      experts.emplace(mesh.ep_group(), mesh.data_group());
+      experts.emplace(mesh.ep_group(), mesh.data_group(), &mesh.dp_group());
       job.experts = &*experts;
     }
     if (shape.pp > 1) {

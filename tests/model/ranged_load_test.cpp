@@ -99,7 +99,7 @@ bool inside(std::span<const ElementRange> ranges, int64_t i) {
 
 void expect_ranged_equals_whole_slice(const RangedLoadDir& dir, std::span<const ElementRange> ranges) {
   const Llama whole = Llama::load(dir.path());
-  const Llama ranged = Llama::load(dir.path(), io::NonFinitePolicy::warn, std::nullopt, ranges);
+  const Llama ranged = Llama::load(dir.path(), io::NonFinitePolicy::warn, {}, ranges);
   const std::span<const float> a = whole.params(), b = ranged.params();
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
@@ -145,7 +145,7 @@ TEST(RangedLoad, PagesOutsideTheRangesAreNeverResident) {
   const int64_t page_floats = ::sysconf(_SC_PAGESIZE) / static_cast<int64_t>(sizeof(float));
   // Two ranges cutting tensors anywhere: a third of the arena and a sliver at the end.
   const std::vector<ElementRange> ranges{{n / 5 + 3, n / 5 + n / 3}, {n - 1000, n - 1}};
-  const Llama ranged = Llama::load(dir.path(), io::NonFinitePolicy::warn, std::nullopt, ranges);
+  const Llama ranged = Llama::load(dir.path(), io::NonFinitePolicy::warn, {}, ranges);
   const std::span<const float> params = ranged.params();
   ASSERT_EQ(reinterpret_cast<uintptr_t>(params.data()) % static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE)), 0u)
       << "the arena is not a mapping of its own: residency cannot be read per page";
@@ -175,7 +175,7 @@ TEST(RangedLoad, ARangeOutsideTheArenaOrOutOfOrderIsAnError) {
   for (const std::vector<ElementRange>& bad : {std::vector<ElementRange>{{0, n + 1}},
                                                std::vector<ElementRange>{{10, 20}, {5, 8}},
                                                std::vector<ElementRange>{{10, 20}, {15, 30}}})
-    EXPECT_THROW(Llama::load(dir.path(), io::NonFinitePolicy::warn, std::nullopt, bad), Error);
+    EXPECT_THROW(Llama::load(dir.path(), io::NonFinitePolicy::warn, {}, bad), Error);
 }
 
 }  // namespace

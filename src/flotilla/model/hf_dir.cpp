@@ -39,7 +39,7 @@ std::span<const ElementRange>::iterator read_tensor_parts(const io::TensorStore&
 }
 }  // namespace
 
-Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, std::optional<LayerRange> stage,
+Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, const HeldPart& held,
                   std::span<const ElementRange> ranges) {
   if (!std::filesystem::is_directory(dir))
     throw InputError("model", dir.string() + ": not a model directory");
@@ -69,7 +69,7 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
                                             static_cast<double>(cfg.num_params()) * 4.0 / (1 << 30)));
     }
   }();
-  if (stage) model.hold_only(*stage);
+  if (held.layers || held.experts) model.hold_only(held);
   int64_t at = 0;
   for (const ElementRange& r : ranges) {
     if (r.begin < at || r.end < r.begin || r.end > static_cast<int64_t>(model.params_.size()))
@@ -85,7 +85,12 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
       model.qweights_.push_back(quantized_view(store, info, cfg));
       continue;
     }
-    if (!model.holds(info)) continue;  // another pipeline stage's: never read
+    if (!model.holds(info)) {
+      // Another pipeline stage's or expert-parallel rank's: never read, but it must be
+      // there, so that every rank refuses a directory missing one alike (one line naming it).
+      (void)store.info(info.name);
+      continue;
+    }
     next_range = read_tensor_parts(store, info, ranges, next_range, model.params_.span());
   }
   // Tensors we do not use: tied lm_head copies, rotary caches of old checkpoints. Anything

@@ -153,7 +153,7 @@ void Llama::zero_grads() {
   }
   if (grads_.empty()) {
     grads_.resize(params_.size());
-  } else if (held_stage_) {
+  } else if (!holds_all()) {
     // Only the held tensors' gradients are ever written (a stage's backward): zeroing the
     // rest would make their pages resident.
     for (const auto& [begin, end] : held_ranges())
@@ -163,11 +163,16 @@ void Llama::zero_grads() {
   }
 }
 
-void Llama::hold_only(LayerRange stage) {
-  if (stage.begin < 0 || stage.begin >= stage.end || stage.end > cfg_.n_layers)
+void Llama::hold_only(const HeldPart& part) {
+  if (const auto& stage = part.layers;
+      stage && (stage->begin < 0 || stage->begin >= stage->end || stage->end > cfg_.n_layers))
     throw Error("model", fmt::format("layer range [{}, {}) is not a non-empty range of the model's {} layers",
-                                     stage.begin, stage.end, cfg_.n_layers));
-  held_stage_ = stage;
+                                     stage->begin, stage->end, cfg_.n_layers));
+  if (const auto& experts = part.experts;
+      experts && (experts->begin < 0 || experts->begin >= experts->end || experts->end > cfg_.moe.num_experts))
+    throw Error("model", fmt::format("expert range [{}, {}) is not a non-empty range of the model's {} experts",
+                                     experts->begin, experts->end, cfg_.moe.num_experts));
+  held_ = part;
   bf16_weights_valid_ = false;
   // What a load or an earlier init wrote of the other tensors goes back to the system.
   for (const ParamInfo& info : layout_.params()) {
@@ -179,8 +184,12 @@ void Llama::hold_only(LayerRange stage) {
 }
 
 bool Llama::holds(const ParamInfo& info) const {
-  if (!held_stage_) return true;
-  const LayerRange s = *held_stage_;
+  if (held_.experts) {
+    const int64_t expert = expert_of_tensor(info.name);
+    if (expert >= 0 && (expert < held_.experts->begin || expert >= held_.experts->end)) return false;
+  }
+  if (!held_.layers) return true;
+  const LayerRange s = *held_.layers;
   const int64_t layer = layer_of_tensor(info.name);
   if (layer >= 0) return layer >= s.begin && layer < s.end;
   const bool first = s.begin == 0, last = s.end == cfg_.n_layers;
@@ -188,10 +197,12 @@ bool Llama::holds(const ParamInfo& info) const {
   return last;  // the final norm, lm_head
 }
 
-std::vector<ElementRange> Llama::held_ranges() const {
+std::vector<ElementRange> Llama::held_ranges(TensorGroup group) const {
   std::vector<ElementRange> ranges;
   for (const ParamInfo& info : layout_.params()) {
     if (info.quantized || !holds(info)) continue;
+    const bool expert = expert_of_tensor(info.name) >= 0;
+    if ((group == TensorGroup::experts && !expert) || (group == TensorGroup::non_experts && expert)) continue;
     const int64_t begin = info.offset, end = info.offset + info.numel;
     if (!ranges.empty() && ranges.back().end == begin)
       ranges.back().end = end;

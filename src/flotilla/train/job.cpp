@@ -127,6 +127,13 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
     job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
   } else if (model.holds_all() || model.base_frozen()) {
     job.dp->broadcast_parameters(model.trainable().params);
+  } else if (!model.holds_all_experts()) {
+    // An expert-parallel rank: the data group shares all but the experts, which only this
+    // rank's dp replicas hold; each rank read or drew its own from the same files or seed.
+    const std::span<float> params = model.trainable().params;
+    for (const auto& [begin, end] : model.held_ranges(model::Llama::TensorGroup::non_experts))
+      job.dp->broadcast_parameters(params.subspan(static_cast<size_t>(begin), static_cast<size_t>(end - begin)));
+    if (job.model_dir.empty()) job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
   } else {
     // A pipeline stage: the dp group is the same stage in the other replicas; only what the
     // stage holds is sent (writing the rest would make it resident).
@@ -280,7 +287,10 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   // Under --zero 3 each rank builds (draws or reads) only its shard of the model (build_ranges).
   const std::vector<model::ElementRange> shard = build_ranges(job, *tokenizer);
   model::Llama model = make_model(
-      job, *tokenizer, pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt, shard);
+      job, *tokenizer,
+      held_part(job, model_config,
+                pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt),
+      shard);
   const DataFolder data_folder =
       pipeline_data ? std::move(*pipeline_data) : locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
@@ -308,7 +318,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   record.metrics_path = job.out_dir / "metrics.jsonl";
   std::unique_ptr<TraceRecorder> trace;
   if (!job.trace_path.empty()) trace = std::make_unique<TraceRecorder>();
-  Trainer trainer(model, job.train, job.dp, trace.get(), pipeline ? &*pipeline : nullptr);
+  Trainer trainer(model, job.train, job.dp, trace.get(), pipeline ? &*pipeline : nullptr, job.experts);
   const nlohmann::json config = train_job_config_json(job);
   JobCheckpoints checkpoints(job, ranks, trainer, *data.train, adapters.get(), config, record, info);
   if (!job.resume_from.empty()) checkpoints.resume();

@@ -78,11 +78,27 @@ std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::T
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
 
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
-                        std::optional<model::Llama::LayerRange> stage, std::span<const model::ElementRange> shard) {
-  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage, shard);
+model::Llama::HeldPart held_part(const TrainJob& job, const model::ModelConfig& cfg,
+                                 std::optional<model::Llama::LayerRange> stage) {
+  model::Llama::HeldPart held{.layers = stage, .experts = std::nullopt};
+  if (!job.experts || job.experts->ep_size() < 2 || !cfg.is_moe()) return held;
+  const int ep = job.experts->ep_size();
+  const int64_t E = cfg.moe.num_experts;
+  if (E % ep != 0) return held;  // refused by Llama::set_expert_exchange, naming both
+  // ZeRO and compression reduce (and ZeRO gathers) the whole arena over the data group.
+  const bool whole_arena = job.fine_tune == FineTuneType::full &&
+                           (job.train.zero_stage > 0 || job.compression.kind != comm::Compression::none);
+  if (whole_arena) return held;
+  const int64_t El = E / ep;
+  held.experts = model::Llama::ExpertRange{job.experts->ep_rank() * El, (job.experts->ep_rank() + 1) * El};
+  return held;
+}
+
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, const model::Llama::HeldPart& held,
+                        std::span<const model::ElementRange> shard) {
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);
   model::Llama model(job_model_config(job, tokenizer));
-  if (stage) model.hold_only(*stage);
+  if (held.layers || held.experts) model.hold_only(held);
   if (shard.empty())
     model.init_random(job.seed);
   else
@@ -130,7 +146,7 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
 void check_trainable_finite(const TrainJob& job, model::Llama& model, std::span<const model::ElementRange> shard) {
   const model::Llama::Trainable trainable = model.trainable();
   for (const model::ParamInfo& p : trainable.table.params()) {
-    if (!model.base_frozen() && !model.holds(p)) continue;  // another pipeline stage's
+    if (!model.base_frozen() && !model.holds(p)) continue;  // another pipeline stage's or expert rank's
     // The tensor's floats this rank holds: all, or those inside its shard.
     std::vector<model::ElementRange> parts;
     if (shard.empty()) parts.push_back({p.offset, p.offset + p.numel});

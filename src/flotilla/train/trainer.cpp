@@ -9,6 +9,7 @@
 #include "flotilla/base/timer.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/parallel/deterministic_sync.hpp"
+#include "flotilla/parallel/expert_sync.hpp"
 #include "flotilla/parallel/pipeline_sync.hpp"
 
 namespace flotilla::train {
@@ -45,7 +46,8 @@ namespace {
 // The gradient sync cfg asks for, after the checks every flag gets.
 std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const TrainConfig& cfg,
                                                   parallel::DataParallel* dp, TraceRecorder* trace,
-                                                  parallel::PipelineStage* pipeline) {
+                                                  parallel::PipelineStage* pipeline,
+                                                  parallel::ExpertParallel* experts) {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
   validate_train_config(cfg);
@@ -76,6 +78,14 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
                                             pipeline->config().micro_batches, cfg.batch_size));
     return parallel::make_pipeline_sync(model, *pipeline, dp);
   }
+  if (!model.holds_all_experts() && !model.base_frozen()) {
+    // Each rank holds its own experts (train/job_model.hpp's held_part): their gradients
+    // are summed over their replicas only.
+    if (!experts || !dp) throw Error("train", "a model holding part of its experts needs expert parallelism");
+    if (cfg.zero_stage > 0 || cfg.local_sgd.sync_every > 0 || dp->codec().kind() != comm::Compression::none)
+      throw InputError("train", "--zero, --sync-every and --compression do not combine with experts held in part");
+    return parallel::make_expert_sync(model, *dp, *experts);
+  }
   return parallel::make_gradient_sync(
       model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd,
                                        .bucket_mb = cfg.bucket_mb,
@@ -94,13 +104,13 @@ std::vector<FlatRange> flat_ranges(const std::vector<parallel::ArenaRange>& rang
 }  // namespace
 
 Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace,
-                 parallel::PipelineStage* pipeline)
+                 parallel::PipelineStage* pipeline, parallel::ExpertParallel* experts)
     : model_(model),
       cfg_(cfg),
       dp_(dp),
       trace_(trace),
       pipeline_(pipeline),
-      sync_(make_sync(model, cfg, dp, trace, pipeline)),
+      sync_(make_sync(model, cfg, dp, trace, pipeline, experts)),
       optimizer_(model.trainable().table, cfg.adamw, flat_ranges(sync_->owned())),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   batch_.B = cfg.batch_size;

@@ -20,6 +20,7 @@
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/gradient_sync.hpp"
 #include "flotilla/parallel/local_sgd.hpp"
 #include "flotilla/parallel/pipeline.hpp"
@@ -138,8 +139,10 @@ class Trainer {
   // one stage of a pipeline (parallel/pipeline.hpp): each of a step's cfg.grad_accum
   // batches is cut into the pipeline's micro-batches, all of them run through the stages in
   // one flush of its schedule, and `dp` (if any) is the stage's data-parallel group.
+  // With `experts` (must outlive the trainer) and a model holding only its block of the
+  // experts, gradients are summed as parallel/expert_sync.hpp says.
   Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr, TraceRecorder* trace = nullptr,
-          parallel::PipelineStage* pipeline = nullptr);
+          parallel::PipelineStage* pipeline = nullptr, parallel::ExpertParallel* experts = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
