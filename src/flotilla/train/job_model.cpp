@@ -80,6 +80,23 @@ std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::T
 
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
                         std::optional<model::Llama::LayerRange> stage, std::span<const model::ElementRange> shard) {
+  if (job.tp) {
+    // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp).
+    // A model directory is read whole, then sliced.
+    const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
+    const model::ModelConfig full = job_model_config(job, tokenizer);
+    model::Llama local(model::tensor_parallel_config(full, tp));
+    if (job.model_dir.empty()) {
+      model::init_random_slices(local, full, rank, job.seed);
+    } else {
+      const model::Llama whole = model::Llama::load(job.model_dir, job.non_finite);
+      if (whole.quantized())
+        throw InputError("train", fmt::format("{}: tensor parallelism (tp > 1) does not split quantized (4-bit) "
+                                              "weights yet", job.model_dir.string()));
+      model::take_slices(local, whole, rank);
+    }
+    return local;
+  }
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage);
   model::Llama model(job_model_config(job, tokenizer));
   if (stage) model.hold_only(*stage);
