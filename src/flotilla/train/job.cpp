@@ -330,6 +330,11 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                                                     : ParentOutput::keeps_reading);
   run_training_loop(job, ranks, trainer, data, checkpoints, record, cb, info);
   record.summary.steps = trainer.steps_done();
+  if (job.tp && record.summary.steps > 0)
+    info(fmt::format("tensor parallel: {} activation all-reduces, {:.1f} MiB a step (rank 0; validation included)",
+                     job.tp->all_reduces(),
+                     static_cast<double>(job.tp->bytes_reduced()) / static_cast<double>(record.summary.steps) /
+                         (1 << 20)));
   if (data.test) {
     const EvalMetrics e = data.test();
     record.summary.test_loss = e.loss;
