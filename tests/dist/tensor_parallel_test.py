@@ -8,12 +8,14 @@ train` alone: every step's loss and the validation loss within 1e-5 relative, an
 tensor of the model written at the end (gathered from the slices) within 1e-5 of its
 largest value, for:
   - tp=2 (each rank: 2 query heads, 1 key-value head, 96 MLP columns);
-  - dp=2,tp=2 (4 ranks; each replica's 2 rows).
+  - dp=2,tp=2 (4 ranks; each replica's 2 rows);
+  - LoRA (rank 4, dropout 0.1) on q, k, v, gate and up at tp=2: the adapters written.
 Each tp rank draws its slices of the initial weights from the one-rank stream itself, so
 this also checks that no rank ever holds or needs the whole model. The replicated tensors
 (norms, embedding) are compared across the tp ranks by the run itself at the end (bit for
 bit, or the run fails). Also: a model directory is sliced on load (--model), and two of
-the combinations not built (checkpoints, LoRA) are refused in one line each.
+the combinations not built (checkpoints, LoRA on a row-parallel layer) are refused in one
+line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import os
@@ -70,10 +72,21 @@ def main():
             failures += compare(f"dp={dp},tp={tp} ({source[0]})", base, out)
             cases += 1
 
+        # LoRA on the column-parallel layers (B split by output rows, A whole), with dropout
+        # (its masks are drawn alike on every rank: the input is replicated).
+        lora = ["--fine-tune-type", "lora", "--lora-rank", "4", "--lora-targets", "q,k,v,gate,up",
+                "--lora-dropout", "0.1"]
+        lora_base = os.path.join(tmp, "lora_base")
+        train(lora_base, 1, 1, ["--model", model] + lora)
+        out = os.path.join(tmp, "lora_tp2")
+        train(out, 1, 2, ["--model", model] + lora)
+        failures += compare("LoRA, tp=2", lora_base, out, "adapter_model.safetensors")
+        cases += 1
+
         # Not built yet: one line each, non-zero exit.
         refusals = [
             (["--parallel", "tp=2", "--save-every", "5"], "does not work with checkpoints"),
-            (["--parallel", "tp=2", "--fine-tune-type", "lora"], "does not work with LoRA"),
+            (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q,o"], "does not work with LoRA on o_proj"),
         ]
         for extra, expected in refusals:
             ranks = 2

@@ -604,20 +604,31 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
     k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
     k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
+    // Tensor parallel (column-parallel targets only): B holds this rank's output rows, so
+    // du is this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A,
+    // replicated, takes du summed over the tp group.
+    auto input_backward = [&](float* dinp, const float* xd) {
+      if (!tp_) {
+        k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+        return;
+      }
+      if (dinp) k::matmul_backward(dinp, nullptr, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+      tp_->all_reduce_sum({a.lora_g, static_cast<size_t>(N * r)}, "tp LoRA gradient");
+      k::matmul_backward(nullptr, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+    };
     if (!dropout || dx == nullptr) {
       const float* xd = x;
       if (dropout) {
         k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
         xd = a.lora_xd;
       }
-      k::matmul_backward(dx, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+      input_backward(dx, xd);
       return;
     }
     const float p = lora_->config().dropout;
     k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
     std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
-    k::matmul_backward(a.lora_dxd, lg + s.a, nullptr, a.lora_g, a.lora_xd, adapters + s.a, N, s.in, r,
-                      matmul_input_);
+    input_backward(a.lora_dxd, a.lora_xd);
     k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
   };
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;

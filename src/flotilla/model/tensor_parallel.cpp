@@ -151,6 +151,17 @@ void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& f
 double Llama::grad_sum_squares_tensor_parallel() {
   const Trainable t = trainable();
   if (!tp_) return kernels::sum_squares(t.grads.data(), static_cast<int64_t>(t.grads.size()));
+  if (lora_) {
+    // LoRA on column-parallel layers: each B holds this rank's output rows, each A is whole.
+    double replicated = 0.0;
+    std::vector<double> split(1, 0.0);
+    for (const ParamInfo& info : t.table.params()) {
+      const double s = kernels::sum_squares(t.grads.data() + info.offset, info.numel);
+      (info.name.ends_with(".lora_B.weight") ? split[0] : replicated) += s;
+    }
+    tp_->all_reduce_sum(std::span<double>(split), "tp gradient norm");
+    return replicated + split[0];
+  }
   const ParamLayout full(tp_full_);
   double replicated = 0.0;
   std::vector<double> split(1, 0.0);

@@ -77,4 +77,33 @@ std::optional<model::Llama> TensorParallel::gather_full_model(const model::Llama
   return whole;
 }
 
+std::optional<model::LoraAdapters> TensorParallel::gather_full_adapters(const model::LoraAdapters& local,
+                                                                        const model::ModelConfig& full) {
+  constexpr int kAdapterTag = 7302;
+  if (tp_.rank() != 0) {
+    for (const model::ParamInfo& info : local.table().params()) {
+      if (!info.name.ends_with(".lora_B.weight")) continue;
+      tp_.send(comm::ConstView(local.params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel))),
+               0, kAdapterTag, {.name = "tp LoRA slices"});
+    }
+    return std::nullopt;
+  }
+  model::LoraAdapters whole(full, local.config());
+  const std::span<float> out = whole.params();
+  std::vector<float> slice;
+  for (const model::ParamInfo& info : whole.table().params()) {
+    const model::ParamInfo& mine = *local.table().find(info.name);
+    model::copy_slice_in(info, mine, 0, local.params(), out);
+    if (model::tensor_slice(info, mine) == model::TensorSlice::replicated) continue;
+    model::ParamInfo received = mine;
+    received.offset = 0;
+    slice.resize(static_cast<size_t>(mine.numel));
+    for (int r = 1; r < tp_.size(); ++r) {
+      tp_.recv(comm::MutView(std::span<float>(slice)), r, kAdapterTag, {.name = "tp LoRA slices"});
+      model::copy_slice_in(info, received, r, slice, out);
+    }
+  }
+  return whole;
+}
+
 }  // namespace flotilla::parallel

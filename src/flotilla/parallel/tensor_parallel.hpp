@@ -39,6 +39,10 @@ class TensorParallel final : public model::TensorParallelGroup {
   // The whole model, on tp rank 0: its replicated tensors and every rank's slices put in
   // place; the other ranks send their slices and get none. Every rank calls it alike.
   std::optional<model::Llama> gather_full_model(const model::Llama& local);
+  // The same for LoRA adapters on column-parallel layers (each B a range of output rows):
+  // the whole adapters of the full model, on tp rank 0.
+  std::optional<model::LoraAdapters> gather_full_adapters(const model::LoraAdapters& local,
+                                                          const model::ModelConfig& full);
 
  private:
   comm::Communicator& tp_;

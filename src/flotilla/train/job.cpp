@@ -64,7 +64,15 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
   if (job.train.deterministic) refuse("--deterministic");
-  if (job.fine_tune == FineTuneType::lora) refuse("LoRA (--fine-tune-type lora)");
+  if (job.fine_tune == FineTuneType::lora) {
+    // LoRA on a column-parallel layer splits B by output rows and keeps A whole; the
+    // row-parallel ones (o, down) would split A and add u over the ranks: not built.
+    for (model::LoraTarget t : job.lora.targets)
+      if (t == model::LoraTarget::o || t == model::LoraTarget::down)
+        refuse(fmt::format("LoRA on {} (a row-parallel layer; q, k, v, gate and up work)",
+                           model::lora_target_module(t)));
+    if (!job.resume_adapter.empty()) refuse("--resume-adapter-file");
+  }
 }
 
 // The flags that need no model or data, checked first: a mistake shows before anything loads.
@@ -185,7 +193,13 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
   if (gathered && !ranks.root) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
   // Tensor parallel: world rank 0's tp group gathers the slices into one whole model.
   std::optional<model::Llama> whole;
-  if (job.tp && !adapters && (!job.dp || job.dp->rank() == 0)) whole = job.tp->gather_full_model(model);
+  std::optional<model::LoraAdapters> whole_adapters;
+  if (job.tp && (!job.dp || job.dp->rank() == 0)) {
+    if (adapters)
+      whole_adapters = job.tp->gather_full_adapters(*adapters, model.full_config());
+    else
+      whole = job.tp->gather_full_model(model);
+  }
   if (!ranks.root) {
     // A rank's trace is its only output: a failure is told, and never ends the job while
     // rank 0 writes the model.
@@ -193,7 +207,7 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
     return;
   }
   if (adapters) {
-    adapters->save_peft(job.out_dir, base_model_name(job));
+    (whole_adapters ? &*whole_adapters : adapters)->save_peft(job.out_dir, base_model_name(job));
   } else {
     if (gathered) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
     else if (whole) whole->save(job.out_dir);
