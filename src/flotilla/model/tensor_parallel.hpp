@@ -65,7 +65,8 @@ void copy_slice_in(const ParamInfo& full, const ParamInfo& local, int rank, std:
 // slices are (bit for bit the one-rank model's values, and never a full tensor in memory).
 void init_random_slices(Llama& local, const ModelConfig& full, int rank, uint64_t seed);
 
-// The local model's weights sliced from a full model's (loaded from a directory).
+// The local model's weights sliced from a whole model in memory (a model directory is read
+// slice by slice instead: model/tensor_parallel_io.hpp).
 void take_slices(Llama& local, const Llama& full, int rank);
 
 }  // namespace flotilla::model
