@@ -10,6 +10,7 @@
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/mesh.hpp"
+#include "flotilla/parallel/tensor_parallel.hpp"
 
 #include "cli/commands.hpp"
 #include "cli/progress.hpp"
@@ -221,7 +222,8 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--parallel", opt->parallel,
                   "The device mesh dp=D,pp=P,tp=T,ep=E (product = number of processes; a key left out is 1; default: "
                   "dp = every process). Data, pipeline and expert parallelism are built (ep: each rank holds E/ep of "
-                  "a mixture-of-experts model's experts; not with pp); tp must be 1 (docs/parallelism.md)");
+                  "a mixture-of-experts model's experts; not with pp); tp splits every block's attention heads and MLP "
+                  "columns (not with pp or ep) (docs/parallelism.md)");
   cmd->add_option("--micro-batches", opt->job.pipeline.micro_batches,
                   "Pipeline (pp > 1): each --batch-size batch is cut into M micro-batches that flow through the "
                   "stages; the stages idle (P-1)/(M+P-1) of a step, so take M several times P. M must divide "
@@ -287,10 +289,10 @@ void add_train_command(CLI::App& app) {
     // The mesh's dp group carries the gradients: the whole world while pp = tp = 1.
     const parallel::MeshShape shape =
         opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
-    if (shape.tp > 1)
-      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) is not built yet; dp, pp and ep "
-                                            "are (docs/parallelism.md)",
-                                            opt->parallel));
+    if (shape.tp > 1 && (shape.pp > 1 || shape.ep > 1))
+      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) with {} is not built yet",
+                                            opt->parallel, shape.pp > 1 ? "pipeline stages (pp > 1)"
+                                                                        : "expert parallelism (ep > 1)"));
     if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))
       throw InputError("train", fmt::format("{} applies to pipeline parallelism: give --parallel pp=P with P > 1",
                                             opt->pp_layers.empty() ? "--micro-batches" : "--pp-layers"));
@@ -320,6 +322,12 @@ void add_train_command(CLI::App& app) {
     }
     if (shape.pp > 1) {
       job.pp = &mesh.pp_group();
+      job.world = world.get();
+    }
+    std::optional<parallel::TensorParallel> tensor_parallel;
+    if (shape.tp > 1) {
+      tensor_parallel.emplace(mesh.tp_group());
+      job.tp = &*tensor_parallel;
       job.world = world.get();
     }
     const bool root = world->rank() == 0;

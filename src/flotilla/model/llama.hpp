@@ -23,6 +23,7 @@
 #include "flotilla/model/moe.hpp"
 #include "flotilla/model/parallel_context.hpp"
 #include "flotilla/model/params.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/tensor/quant.hpp"
 
 namespace flotilla::model {
@@ -342,6 +343,20 @@ class Llama {
   // with the whole batch. InputError when ep does not divide the experts, or the model
   // has none. Every rank calls forward and backward alike while one is set.
   void set_expert_exchange(ExpertExchange* exchange);
+  // Tensor parallelism (model/tensor_parallel.hpp; not owned; nullptr: none): this model is
+  // a tp rank's local model of `full` (built from tensor_parallel_config(full, tp)), and each
+  // block all-reduces over `group` where its row-parallel layers end (forward) and where its
+  // column-parallel layers start (backward). Every rank of the group calls forward and
+  // backward alike. InputError when this model is not tensor_parallel_config(full, tp), or
+  // is quantized.
+  void set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& full);
+  TensorParallelGroup* tensor_parallel() const { return tp_; }
+  // The config of the model this one is a slice of (its own without tensor parallelism).
+  const ModelConfig& full_config() const { return tp_ ? tp_full_ : cfg_; }
+  // The squared L2 norm of the full model's gradient (trainable().grads): under tensor
+  // parallelism the split tensors' squares summed over the tp group, the replicated ones'
+  // counted once.
+  double grad_sum_squares_tensor_parallel();
   // [first, end) of the experts this rank runs: all of them without expert parallelism.
   std::pair<int64_t, int64_t> local_experts() const;
   using GradSpan = model::GradSpan;
@@ -455,6 +470,8 @@ class Llama {
   int64_t forward_tokens_ = 0;         // target tokens of the last forward
   int64_t aux_tokens_ = 0;             // ... of every rank's forward together, with an expert exchange
   ExpertExchange* experts_ = nullptr;
+  TensorParallelGroup* tp_ = nullptr;
+  ModelConfig tp_full_;  // full_config() under tensor parallelism
   // What an MoE layer's expert side kept from forward under expert parallelism: the rows
   // it received and their gate and up outputs. Sizes vary with the routing (dropless).
   struct ExpertShard {

@@ -54,6 +54,29 @@ void check_pipeline_flags(const TrainJob& job) {
                                           M, job.train.batch_size));
 }
 
+// Tensor parallelism's combinations not built yet, each refused in one line.
+void check_tensor_parallel_flags(const TrainJob& job) {
+  auto refuse = [](std::string_view what) {
+    throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
+  };
+  if (job.pp) refuse("pipeline parallelism (pp > 1)");
+  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
+  if (!job.resume_from.empty()) refuse("--resume");
+  if (job.train.zero_stage > 0) refuse("--zero");
+  if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
+  if (job.compression.kind != comm::Compression::none) refuse("--compression");
+  if (job.train.deterministic) refuse("--deterministic");
+  if (job.fine_tune == FineTuneType::lora) {
+    // LoRA on a column-parallel layer splits B by output rows and keeps A whole; the
+    // row-parallel ones (o, down) would split A and add u over the ranks: not built.
+    for (model::LoraTarget t : job.lora.targets)
+      if (t == model::LoraTarget::o || t == model::LoraTarget::down)
+        refuse(fmt::format("LoRA on {} (a row-parallel layer; q, k, v, gate and up work)",
+                           model::lora_target_module(t)));
+    if (!job.resume_adapter.empty()) refuse("--resume-adapter-file");
+  }
+}
+
 // The flags that need no model or data, checked first: a mistake shows before anything loads.
 void check_job_flags(const TrainJob& job) {
   if (job.out_dir.empty()) throw InputError("train", "no output directory (--out)");
@@ -82,6 +105,7 @@ void check_job_flags(const TrainJob& job) {
     throw InputError("train", "--zero 3 cannot be combined with --dtype bf16: the bf16 copy of the weights is made of "
                               "the whole model at once, which a ZeRO-3 rank never holds; use --dtype float32");
   if (job.pp) check_pipeline_flags(job);
+  if (job.tp) check_tensor_parallel_flags(job);
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
     // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
     if (job.save_every > 0 && job.save_every % H != 0)
@@ -197,6 +221,15 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
   checkpoints.check_weights_finite(record.summary.steps, "the model is");
   const bool gathered = !adapters && trainer.sync().weights_sharded();
   if (gathered && !ranks.root) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
+  // Tensor parallel: world rank 0's tp group gathers the slices into one whole model.
+  std::optional<model::Llama> whole;
+  std::optional<model::LoraAdapters> whole_adapters;
+  if (job.tp && (!job.dp || job.dp->rank() == 0)) {
+    if (adapters)
+      whole_adapters = job.tp->gather_full_adapters(*adapters, model.full_config());
+    else
+      whole = job.tp->gather_full_model(model);
+  }
   if (!ranks.root) {
     // A rank's trace is its only output: a failure is told, and never ends the job while
     // rank 0 writes the model.
@@ -204,9 +237,10 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
     return;
   }
   if (adapters) {
-    adapters->save_peft(job.out_dir, base_model_name(job));
+    (whole_adapters ? &*whole_adapters : adapters)->save_peft(job.out_dir, base_model_name(job));
   } else {
     if (gathered) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
+    else if (whole) whole->save(job.out_dir);
     else model.save(job.out_dir);
     tokenizer.save(job.out_dir);
   }
@@ -295,6 +329,15 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
       pipeline_data ? std::move(*pipeline_data) : locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
+  if (job.tp) {
+    model.set_tensor_parallel(job.tp, model_config);
+    info(fmt::format("tensor parallel: tp={}, this rank holds {} of {} query heads, {} of {} key-value heads and {} "
+                     "of {} MLP columns per layer: {:.2f}M of {:.2f}M parameters",
+                     job.tp->tp_size(), model.config().n_heads, model_config.n_heads, model.config().n_kv_heads,
+                     model_config.n_kv_heads, model.config().ffn_dim, model_config.ffn_dim,
+                     static_cast<double>(model.config().num_params()) / 1e6,
+                     static_cast<double>(model_config.num_params()) / 1e6));
+  }
   if (job.experts && (model.config().is_moe() || job.experts->ep_size() > 1)) {
     model.set_expert_exchange(job.experts);
     if (job.experts->ep_size() > 1) {
@@ -334,12 +377,19 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                                                     : ParentOutput::keeps_reading);
   run_training_loop(job, ranks, trainer, data, checkpoints, record, cb, info);
   record.summary.steps = trainer.steps_done();
+  if (job.tp && record.summary.steps > 0)
+    info(fmt::format("tensor parallel: {} activation all-reduces, {:.1f} MiB a step (rank 0; validation included)",
+                     job.tp->all_reduces(),
+                     static_cast<double>(job.tp->bytes_reduced()) / static_cast<double>(record.summary.steps) /
+                         (1 << 20)));
   if (data.test) {
     const EvalMetrics e = data.test();
     record.summary.test_loss = e.loss;
     record.summary.test_tokens = e.tokens;
     info(fmt::format("test: loss {:.4f}, perplexity {:.3f} ({} target tokens)", e.loss, std::exp(e.loss), e.tokens));
   }
+  // Replicated tensors are updated alike on every tp rank: a difference is a bug.
+  if (job.tp) job.tp->check_replicated_same(model);
   record.summary.peak_rss_bytes = peak_rss_bytes();
   record.summary.dtype = std::string(model::matmul_dtype_name(model.matmul_input()));
   write_outputs(job, ranks, model, adapters.get(), *tokenizer, trace.get(), trainer, config, checkpoints, record, info);

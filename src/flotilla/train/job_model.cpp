@@ -10,6 +10,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/matmul_dtype.hpp"
+#include "flotilla/model/tensor_parallel_io.hpp"
 #include "flotilla/parallel/zero3.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
@@ -96,6 +97,16 @@ model::Llama::HeldPart held_part(const TrainJob& job, const model::ModelConfig& 
 
 model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, const model::Llama::HeldPart& held,
                         std::span<const model::ElementRange> shard) {
+  if (job.tp) {
+    // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp),
+    // read one tensor at a time from a model directory or drawn from the one-rank stream.
+    const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
+    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank);
+    const model::ModelConfig full = job_model_config(job, tokenizer);
+    model::Llama local(model::tensor_parallel_config(full, tp));
+    model::init_random_slices(local, full, rank, job.seed);
+    return local;
+  }
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);
   model::Llama model(job_model_config(job, tokenizer));
   if (held.layers || held.experts) model.hold_only(held);
