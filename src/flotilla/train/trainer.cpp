@@ -316,12 +316,21 @@ StepMetrics Trainer::step(data::BatchSource& train) {
         loss = rows_forward_backward((step_ + m.skipped_batches) * global_rows + first_in_batch);
         micro_compute_s = compute_timer.elapsed_s();
       } else {
+        double forward_s = 0.0;
         {
           Timer compute_timer;
           TraceSpan span(trace_, "forward", TraceLane::compute);
           loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
                                 batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
-          micro_compute_s += compute_timer.elapsed_s();
+          forward_s = compute_timer.elapsed_s();
+        }
+        // The slow-rank hook sleeps before backward, for the forward and the backward to come
+        // (the last one's share of the two): sleeping after backward would hide behind the
+        // buckets' all-reduce, which a slower machine's backward would delay.
+        if (cfg_.test_slow_factor > 1.0) {
+          const double extra_s = (cfg_.test_slow_factor - 1.0) * forward_s * (1.0 + slow_backward_ratio_);
+          std::this_thread::sleep_for(std::chrono::duration<double>(extra_s));
+          micro_compute_s += extra_s;
         }
         sync_->before_backward(micro, cfg_.grad_accum);
         {
@@ -329,10 +338,13 @@ StepMetrics Trainer::step(data::BatchSource& train) {
           TraceSpan span(trace_, "backward", TraceLane::compute);
           // Sum of per-token gradients; divided by the token count of the exchange below.
           model_.backward(1.0f);
-          micro_compute_s += compute_timer.elapsed_s();
+          const double backward_s = compute_timer.elapsed_s();
+          if (forward_s > 0.0) slow_backward_ratio_ = backward_s / forward_s;
+          micro_compute_s += forward_s + backward_s;
         }
       }
-      if (cfg_.test_slow_factor > 1.0) {
+      if (cfg_.test_slow_factor > 1.0 && sync_->per_row()) {
+        // Rows exchange nothing until the step's end: the sleep may follow them.
         const double extra_s = (cfg_.test_slow_factor - 1.0) * micro_compute_s;
         std::this_thread::sleep_for(std::chrono::duration<double>(extra_s));
         micro_compute_s += extra_s;

@@ -74,7 +74,8 @@ struct TrainConfig {
   int64_t balance_every = 0;
   // Test hook (the environment's FLOTILLA_TEST_SLOW_RANK=rank:factor for `flotilla
   // train`): this rank's forward and backward take `factor` times as long (it sleeps the
-  // difference after each micro-batch), to stand for a slower machine. 1: off.
+  // difference before each micro-batch's backward, or after its rows in the deterministic
+  // mode), to stand for a slower machine. 1: off.
   double test_slow_factor = 1.0;
 };
 
@@ -261,6 +262,7 @@ class Trainer {
   int64_t take_share(int64_t micro);
   int64_t step_ = 0;
   int64_t measured_steps_ = 0;  // row balancing: steps this process ran
+  double slow_backward_ratio_ = 2.0;  // slow-rank hook: the last backward's time over its forward's
   double elapsed_s_ = 0.0;
 };
 
