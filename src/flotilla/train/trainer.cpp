@@ -426,7 +426,8 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     // A process's first step pays for allocations and first touches: not a speed.
     if (measured_steps_++ > 0) balancer_->record(rows_run, rows_compute_s);
     Timer sync_timer;
-    if (balancer_->after_step(step_) || step_ % cfg_.balance_every == 0) m.rank_rows_per_s = balancer_->speeds();
+    balancer_->after_step(step_);
+    if (step_ % cfg_.balance_every == 0) m.rank_rows_per_s = balancer_->speeds();
     m.sync_s += sync_timer.elapsed_s();
   }
 
