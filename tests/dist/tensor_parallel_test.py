@@ -87,6 +87,7 @@ def main():
         refusals = [
             (["--parallel", "tp=2", "--save-every", "5"], "does not work with checkpoints"),
             (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q,o"], "does not work with LoRA on o_proj"),
+            (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
         ]
         for extra, expected in refusals:
             ranks = 2

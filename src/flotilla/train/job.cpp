@@ -67,6 +67,8 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
   if (job.train.deterministic) refuse("--deterministic");
+  // The tp ranks of a replica must run the same rows; each measures its own dp group.
+  if (job.train.balance_every > 0) refuse("--balance");
   if (job.fine_tune == FineTuneType::lora) {
     // LoRA on a column-parallel layer splits B by output rows and keeps A whole; the
     // row-parallel ones (o, down) would split A and add u over the ranks: not built.
