@@ -227,6 +227,11 @@ namespace {
 
 constexpr int64_t kUnitWords = 8;
 constexpr int kRowBlock = 4;
+// One unit's lanes as GCC vector types (not intrinsics: each variant lowers them to its own
+// instructions; the loops over plain arrays were left scalar by the vectoriser).
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef float F32x8 __attribute__((vector_size(32)));
 
 // Planar input: xp (N, C) with xp[n][u*8*kPerWord + i*8 + k] = x[n][(8u + k)*kPerWord + i];
 // xsum (N, G) the group sums of x. C is a multiple of 8 * kPerWord.
@@ -268,37 +273,37 @@ FLOTILLA_KERNEL void fused_row_block(const QuantMatrix& m, int64_t o0, const flo
   }
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = xp + n * C;
-    float total[kRows][kUnitWords] = {};
+    F32x8 total[kRows] = {};
     for (int64_t u = 0; u < Wr / kUnitWords; ++u) {
-      uint32_t w[kRows][kUnitWords];
-      float scale[kRows][kUnitWords];
       const int32_t* ug = word_group + u * kUnitWords;
-      for (int r = 0; r < kRows; ++r) {
-        std::memcpy(w[r], rows[r] + u * kUnitWords * 4, kUnitWords * 4);
-        // A unit lies inside one group (one scale for its lanes), or holds several whole ones.
-        if (one_group_per_unit) {
-          const float sc = s[r * G + ug[0]];
-          for (int64_t k = 0; k < kUnitWords; ++k) scale[r][k] = sc;
-        } else {
-          for (int64_t k = 0; k < kUnitWords; ++k) scale[r][k] = s[r * G + ug[k]];
-        }
-      }
-      float acc[kRows][kUnitWords] = {};
       const float* xu = xn + u * kUnitWeights;
-      for (int i = 0; i < kPerWord; ++i)
+      U32x8 w[kRows];
+      for (int r = 0; r < kRows; ++r) std::memcpy(&w[r], rows[r] + u * kUnitWords * 4, sizeof(U32x8));
+      F32x8 acc[kRows] = {};
+#pragma GCC unroll 16
+      for (int i = 0; i < kPerWord; ++i) {
+        F32x8 xv;
+        std::memcpy(&xv, xu + i * kUnitWords, sizeof(F32x8));
         for (int r = 0; r < kRows; ++r)
-          for (int64_t k = 0; k < kUnitWords; ++k)
-            acc[r][k] += static_cast<float>(static_cast<int32_t>((w[r][k] >> (i * kBits)) & kMask)) *
-                         xu[i * kUnitWords + k];
-      for (int r = 0; r < kRows; ++r)
-        for (int64_t k = 0; k < kUnitWords; ++k) total[r][k] += scale[r][k] * acc[r][k];
+          acc[r] += __builtin_convertvector(reinterpret_cast<I32x8>((w[r] >> (i * kBits)) & kMask), F32x8) * xv;
+      }
+      for (int r = 0; r < kRows; ++r) {
+        // A unit lies inside one group (one scale for its lanes), or holds several whole ones.
+        F32x8 scale;
+        if (one_group_per_unit) {
+          scale = F32x8{} + s[r * G + ug[0]];
+        } else {
+          for (int k = 0; k < kUnitWords; ++k) scale[k] = s[r * G + ug[k]];
+        }
+        total[r] += scale * acc[r];
+      }
     }
     const float* xs = xsum + n * G;
     for (int r = 0; r < kRows; ++r) {
       float bias_term = 0.0f;
       for (int64_t g = 0; g < G; ++g) bias_term += b[r * G + g] * xs[g];
       float dot = 0.0f;
-      for (int64_t k = 0; k < kUnitWords; ++k) dot += total[r][k];
+      for (int k = 0; k < kUnitWords; ++k) dot += total[r][k];
       out[n * OC + o0 + r] = dot + bias_term;
     }
   }
