@@ -4,7 +4,7 @@ full and LoRA-tuned (attention targets q,k,v,o) on 1, 2 and 4 ranks with --paral
 the same global batch. Prints a table: median tokens/s over the steps after the first two,
 rank 0's bytes sent per step (expert row exchanges; gradient all-reduce), and every rank's
 peak resident memory (GNU time's maximum RSS).
-Usage: bench/expert_parallel.py FLOTILLA [--steps N] [--batch G] [--seq T]
+Usage: bench/expert_parallel.py FLOTILLA [--steps N] [--batch G] [--seq T] [--config CONFIG.json]
 """
 import argparse
 import json
@@ -25,13 +25,14 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--config", default=os.path.join(SOURCE, "configs/mixtral-tiny.json"))
     args = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     tmp = tempfile.mkdtemp(prefix="flotilla_ep_bench_")
     try:
         model = os.path.join(tmp, "model")
-        subprocess.run([args.flotilla, "init", "--config", os.path.join(SOURCE, "configs/mixtral-tiny.json"),
+        subprocess.run([args.flotilla, "init", "--config", args.config,
                         "--out", model, "--seed", "5"], env=env, check=True, capture_output=True)
         print(f"{'mode':<6} {'ranks':>5} {'tokens/s':>9} {'expert B/step':>14} {'grad B/step':>12}  peak RSS per rank (MiB)")
         for mode in ("full", "lora"):

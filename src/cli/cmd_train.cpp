@@ -10,6 +10,7 @@
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/mesh.hpp"
+#include "flotilla/parallel/tensor_parallel.hpp"
 
 #include "cli/commands.hpp"
 #include "cli/progress.hpp"
@@ -43,6 +44,27 @@ std::string command_line() {
   return out;
 }
 
+// FLOTILLA_TEST_SLOW_RANK's factor for `rank`: "RANK:FACTOR[,RANK:FACTOR...]", 1 for a
+// rank not named. A test hook for --balance (docs/fault-tolerance.md).
+double slow_factor_for_rank(std::string_view spec, int rank) {
+  double factor = 1.0;
+  while (!spec.empty()) {
+    const size_t comma = spec.find(',');
+    const std::string_view item = spec.substr(0, comma);
+    spec = comma == std::string_view::npos ? std::string_view() : spec.substr(comma + 1);
+    const size_t colon = item.find(':');
+    char* end = nullptr;
+    const std::string rank_text(item.substr(0, colon)), factor_text(colon == std::string_view::npos ? "" : item.substr(colon + 1));
+    const long r = std::strtol(rank_text.c_str(), &end, 10);
+    const bool rank_ok = !rank_text.empty() && *end == '\0';
+    const double f = std::strtod(factor_text.c_str(), &end);
+    if (!rank_ok || factor_text.empty() || *end != '\0')
+      throw InputError("train", fmt::format("FLOTILLA_TEST_SLOW_RANK: '{}' is not RANK:FACTOR (e.g. 1:3.0)", item));
+    if (r == rank) factor = f;
+  }
+  return factor;
+}
+
 }  // namespace
 
 void add_train_command(CLI::App& app) {
@@ -63,6 +85,8 @@ void add_train_command(CLI::App& app) {
     std::string pp_schedule = "1f1b", pp_layers;
     std::string on_nonfinite = "stop";
     std::string dtype = "float32";
+    bool balance = false;
+    int64_t balance_every = 20;
     float lora_scale = 0.0f;
   };
   auto opt = std::make_shared<Options>();
@@ -203,6 +227,15 @@ void add_train_command(CLI::App& app) {
                 "gradients are summed in fixed-point integers (docs/fault-tolerance.md); slower, and not with "
                 "--zero 3, --sync-every, --compression or pp > 1")
       ->default_str("false");
+  cmd->add_flag("--balance", opt->balance,
+                "Data parallel: each rank's share of the global batch follows its measured speed (rows per "
+                "second of forward and backward), so a slow or busy machine does not hold the others up; the "
+                "gradient is still the global batch's, and with --deterministic the same bytes "
+                "(docs/fault-tolerance.md); not with pp > 1, mixture-of-experts models or --sync-every")
+      ->default_str("false");
+  cmd->add_option("--balance-every", opt->balance_every,
+                  "--balance: steps between two measurements and new cuts of the global batch")
+      ->capture_default_str();
   cmd->add_option("--bucket-mb", t.bucket_mb,
                   "Data parallel: fusion bucket size in MiB; buckets are all-reduced on a communication thread "
                   "while backward runs (0: one all-reduce after backward)")
@@ -221,7 +254,8 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--parallel", opt->parallel,
                   "The device mesh dp=D,pp=P,tp=T,ep=E (product = number of processes; a key left out is 1; default: "
                   "dp = every process). Data, pipeline and expert parallelism are built (ep: each rank holds E/ep of "
-                  "a mixture-of-experts model's experts; not with pp); tp must be 1 (docs/parallelism.md)");
+                  "a mixture-of-experts model's experts; not with pp); tp splits every block's attention heads and MLP "
+                  "columns (not with pp or ep) (docs/parallelism.md)");
   cmd->add_option("--micro-batches", opt->job.pipeline.micro_batches,
                   "Pipeline (pp > 1): each --batch-size batch is cut into M micro-batches that flow through the "
                   "stages; the stages idle (P-1)/(M+P-1) of a step, so take M several times P. M must divide "
@@ -280,17 +314,24 @@ void add_train_command(CLI::App& app) {
     job.compression.seed = job.seed;
     // Test mode of --zero 3 (parallel/zero3.hpp): released weights read NaN.
     if (const char* poison = std::getenv("FLOTILLA_ZERO_POISON")) job.train.zero_poison = std::string_view(poison) == "1";
+    if (opt->balance_every < 1)
+      throw InputError("train", fmt::format("--balance-every must be 1 or more steps, not {}", opt->balance_every));
+    job.train.balance_every = opt->balance ? opt->balance_every : 0;
     // Under mpirun / srun this process is one rank of a data-parallel job.
     comm::Settings settings;
     settings.timeout = std::chrono::milliseconds(static_cast<int64_t>(opt->timeout_s * 1000.0));
     const std::unique_ptr<comm::Communicator> world = comm::make_world(settings);
+    // Test hook for --balance: FLOTILLA_TEST_SLOW_RANK=rank:factor makes that rank's forward
+    // and backward `factor` times as slow (TrainConfig::test_slow_factor).
+    if (const char* slow = std::getenv("FLOTILLA_TEST_SLOW_RANK"); slow && *slow)
+      job.train.test_slow_factor = slow_factor_for_rank(slow, world->rank());
     // The mesh's dp group carries the gradients: the whole world while pp = tp = 1.
     const parallel::MeshShape shape =
         opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
-    if (shape.tp > 1)
-      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) is not built yet; dp, pp and ep "
-                                            "are (docs/parallelism.md)",
-                                            opt->parallel));
+    if (shape.tp > 1 && (shape.pp > 1 || shape.ep > 1))
+      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) with {} is not built yet",
+                                            opt->parallel, shape.pp > 1 ? "pipeline stages (pp > 1)"
+                                                                        : "expert parallelism (ep > 1)"));
     if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))
       throw InputError("train", fmt::format("{} applies to pipeline parallelism: give --parallel pp=P with P > 1",
                                             opt->pp_layers.empty() ? "--micro-batches" : "--pp-layers"));
@@ -315,11 +356,17 @@ void add_train_command(CLI::App& app) {
     }
     std::optional<parallel::ExpertParallel> experts;
     if (shape.pp == 1 && world->size() > 1) {
-      experts.emplace(mesh.ep_group(), mesh.data_group());
+      experts.emplace(mesh.ep_group(), mesh.data_group(), &mesh.dp_group());
       job.experts = &*experts;
     }
     if (shape.pp > 1) {
       job.pp = &mesh.pp_group();
+      job.world = world.get();
+    }
+    std::optional<parallel::TensorParallel> tensor_parallel;
+    if (shape.tp > 1) {
+      tensor_parallel.emplace(mesh.tp_group());
+      job.tp = &*tensor_parallel;
       job.world = world.get();
     }
     const bool root = world->rank() == 0;

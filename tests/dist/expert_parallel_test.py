@@ -12,9 +12,11 @@ Tolerance: the ranks compute every row as one rank does; only sums over rows (a 
 gradient, the all-reduce) run in another order, float32 rounding at ~1e-7 relative per
 step, grown by 12 AdamW steps.
 
-A checkpoint written under ep=2 resumes on one rank, and one written alone resumes under
-ep=4, both ending where the uninterrupted run ends. Also: each rank says which block of experts it runs; ep that does not divide the experts,
-and ep on a dense model, are refused with one line (exit 2).
+A checkpoint written under dp=2 x ep=2 (each rank holding only its experts) resumes on one
+rank, and one written alone resumes under ep=4, both ending where the uninterrupted run
+ends. Also: each rank says which block of experts it runs; ep that does not divide the experts,
+ep on a dense model, and a model directory missing an expert's tensor (one only the other
+rank holds) are refused with one line (exit 2).
 Usage: expert_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -47,6 +49,29 @@ def read_safetensors(path):
         b, e = info["data_offsets"]
         out[name] = np.frombuffer(data[b:e], dtype="<f4").reshape(info["shape"])
     return out
+
+
+def drop_tensor(src_dir, dst_dir, name):
+    """A copy of model directory src_dir whose model.safetensors lacks tensor `name`."""
+    shutil.copytree(src_dir, dst_dir)
+    path = os.path.join(dst_dir, "model.safetensors")
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    kept, chunks, at = {}, [], 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            kept[key] = info
+        elif key != name:
+            b, e = info["data_offsets"]
+            chunks.append(data[b:e])
+            kept[key] = dict(info, data_offsets=[at, at + e - b])
+            at += e - b
+    head = json.dumps(kept).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(chunks))
 
 
 def metrics(run_dir, from_step=0):
@@ -126,9 +151,11 @@ def main():
                 if f"this rank runs experts [0, {8 // ep}) of 8" not in log:
                     failures.append(f"{mesh}: rank 0 did not say which experts it runs:\n{log}")
             failures += compare(mesh, base, out)
-        # Checkpoints: written under ep=2 and resumed alone, written alone and resumed under
-        # ep=4; each ends where the uninterrupted 1-rank run ends.
-        for writer_mesh, writer_ranks, reader_mesh, reader_ranks in (("ep=2", 2, None, 1), (None, 1, "ep=4", 4)):
+        # Checkpoints: written under dp=2 x ep=2 (each block of experts written by its replica
+        # of dp index 0, the shared tensors cut over the 4 ranks) and resumed alone, written
+        # alone and resumed under ep=4; each ends where the uninterrupted 1-rank run ends.
+        for writer_mesh, writer_ranks, reader_mesh, reader_ranks in (("dp=2,ep=2", 4, None, 1),
+                                                                     (None, 1, "ep=4", 4)):
             writer = os.path.join(tmp, f"ckpt_{writer_ranks}")
             launcher = mpirun + ["-np", str(writer_ranks)] if writer_ranks > 1 else []
             mesh = ["--parallel", writer_mesh] if writer_mesh else []
@@ -146,6 +173,12 @@ def main():
         failures += refused(mpirun + ["-np", "3", args.flotilla, "train", "--model", model, "--out",
                                       os.path.join(tmp, "ep3"), "--parallel", "ep=3"] + common, env,
                             "experts per layer do not divide among 3")
+        # A tensor of an expert only rank 1 holds is missing: every rank refuses alike.
+        missing = "model.layers.1.block_sparse_moe.experts.7.w2.weight"
+        drop_tensor(model, os.path.join(tmp, "missing_expert"), missing)
+        failures += refused(mpirun + ["-np", "2", args.flotilla, "train", "--model", os.path.join(tmp, "missing_expert"),
+                                      "--out", os.path.join(tmp, "missing_out"), "--parallel", "ep=2"] + common, env,
+                            missing)
         dense = os.path.join(tmp, "dense")
         run([args.flotilla, "init", "--preset", "tiny", "--out", dense, "--seed", "5"], env)
         failures += refused(mpirun + ["-np", "2", args.flotilla, "train", "--model", dense, "--out",

@@ -6,12 +6,16 @@ parallelism, and --zero 1, 2 and 3 where this flotilla has --zero (a binary with
 checks plain alone, and says so). Every rank must lie within 10% of the prediction.
 
     zero_memory_test.py FLOTILLA [--mpirun MPIRUN] [--ranks 1,3] [--steps 2]
-                        [--stages 0,1,2,3] [--shape D,L,H,F,V,T,B]
+                        [--stages 0,1,2,3] [--shape D,L,H,F,V,T,B] [--start new,float32]
 
 With --shape, a model of that shape instead of W1 (bench/zero's --shape): dist_zero3_build
 runs one whose weights outweigh its activations at --zero 3 on 4 ranks, where a rank that
 built (or zeroed) the whole model or gradient before sharding would stand far above the
-planner's 16Ψ/N + gathered groups + activations.
+planner's 16Ψ/N + gathered groups + activations. With --start new,float32 each run also
+starts from a model directory of float32 weights (`flotilla init`, then `--model`): a ZeRO-3
+rank reads only its shard of the files (Llama::load's ranges), so it stays within the same
+bound; one that read the whole model (its 4Ψ of arena plus 4Ψ of mapped file pages) would
+peak far above it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def main() -> int:
                                        "help": "the peak comes in the second step: AdamW's moments are first "
                                                "written by the first update"}),
                        (("--stages",), {"default": "0,1,2,3", "help": "of 0, 1, 2, 3 (0: plain)"}),
-                       (("--shape",), {"help": "dim,layers,heads,ffn,vocab,seq,batch instead of W1"}))
+                       (("--shape",), {"help": "dim,layers,heads,ffn,vocab,seq,batch instead of W1"}),
+                       (("--start",), {"default": "new", "help": "bench/zero's --start: new, float32, bfloat16"}))
     flotilla = os.path.abspath(args.flotilla)
     help_text = subprocess.run([flotilla, "train", "--help"], capture_output=True, text=True).stdout
     has_zero = "--zero" in help_text
@@ -48,7 +53,7 @@ def main() -> int:
         out = os.path.join(tmp, "zero.json")
         cmd = ["/usr/bin/python3", BENCH, "--build", os.path.dirname(flotilla), "--mpirun", args.mpirun,
                *(["--shape", args.shape] if args.shape else ["--workload", "W1"]), "--ranks", args.ranks, "--stages", stages, "--steps", str(args.steps),
-               "--json-out", out]
+               "--start", args.start, "--json-out", out]
         print(" ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
         sys.stdout.write(proc.stdout)
@@ -59,7 +64,7 @@ def main() -> int:
         report = json.load(open(out))
 
     failures = []
-    seen = {(r["stage"], r["ranks"]) for r in report["results"]}
+    seen = {(r["stage"], r["ranks"], r.get("start", "new")) for r in report["results"]}
     for s in report["skipped"]:
         # A flotilla with --zero may refuse it on one process (nothing to shard); on more
         # ranks a refusal is a failure.
@@ -67,15 +72,16 @@ def main() -> int:
             failures.append(f"--zero {s['stage']} on {s['ranks']} ranks refused: {s['why']}")
     for stage in [int(s) for s in stages.split(",")]:
         for n in worlds:
-            if (stage, n) not in seen and not (stage > 0 and n == 1):
-                failures.append(f"no measurement for stage {stage} on {n} rank(s)")
+            for start in args.start.split(","):
+                if (stage, n, start) not in seen and not (stage > 0 and n == 1):
+                    failures.append(f"no measurement for stage {stage} on {n} rank(s) starting from {start}")
     for r in report["results"]:
         if r["predicted_peak_bytes"] is None:
             failures.append(f"stage {r['stage']}, {r['ranks']} rank(s): no prediction in plan.json")
             continue
         ratio = r["measured_peak_bytes"] / r["predicted_peak_bytes"]
         if abs(ratio - 1) > TOLERANCE:
-            failures.append(f"stage {r['stage']} on {r['ranks']} rank(s), rank {r['rank']}: measured "
+            failures.append(f"stage {r['stage']} on {r['ranks']} rank(s) from {r.get('start', 'new')}, rank {r['rank']}: measured "
                             f"{r['measured_peak_bytes'] / 2**20:.0f} MiB, predicted "
                             f"{r['predicted_peak_bytes'] / 2**20:.0f} MiB ({ratio:.3f}x)")
     for f in failures:

@@ -103,6 +103,46 @@ TEST(TensorStore, ConvertsHalfPrecisionToFloat32) {
   }
 }
 
+TEST(TensorStore, ASliceEqualsThatPartOfTheWholeTensorInEveryDtype) {
+  TempDir tmp;
+  const Weights w(fresh_seed());
+  for (DType dt : {DType::f32, DType::f16, DType::bf16}) {
+    SCOPED_TRACE(std::string(dtype_name(dt)));
+    write_safetensors(tmp / "model.safetensors", w.tensors(), dt);
+    const TensorStore store(tmp.path());
+    std::vector<float> whole(16 * 8);
+    store.read_f32("lm_head.weight", whole, {16, 8});
+    // Cutting rows in the middle, a single element, the last element, and nothing.
+    for (const auto& [first, count] : {std::pair<int64_t, int64_t>{5, 17}, {0, 1}, {127, 1}, {64, 0}, {0, 128}}) {
+      std::vector<float> part(static_cast<size_t>(count), -7.0f);
+      store.read_f32_slice("lm_head.weight", std::vector<int64_t>{16, 8}, first, part);
+      for (int64_t i = 0; i < count; ++i) ASSERT_EQ(part[static_cast<size_t>(i)], whole[static_cast<size_t>(first + i)]) << first << "+" << i;
+    }
+    // A slice past the end is the caller's fault; a wrong shape is the file's, as for a whole read.
+    std::vector<float> two(2);
+    EXPECT_THROW(store.read_f32_slice("lm_head.weight", std::vector<int64_t>{16, 8}, 127, two), Error);
+    EXPECT_THAT(input_error_of([&] { store.read_f32_slice("lm_head.weight", std::vector<int64_t>{8, 16}, 0, two); }),
+                HasSubstr("tensor 'lm_head.weight' has shape [16, 8], expected [8, 16]"));
+  }
+}
+
+TEST(TensorStore, ASliceChecksOnlyItsOwnElementsForNonFiniteValues) {
+  TempDir tmp;
+  const Weights w(fresh_seed());
+  std::vector<float> norm(w.norm.begin(), w.norm.end());
+  norm[5] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<TensorToWrite> tensors = w.tensors();
+  for (TensorToWrite& t : tensors)
+    if (t.name == "model.norm.weight") t.data = norm.data();
+  write_safetensors(tmp / "model.safetensors", tensors, DType::bf16);
+  const TensorStore strict(tmp.path(), NonFinitePolicy::refuse);
+  std::vector<float> part(3);
+  EXPECT_NO_THROW(strict.read_f32_slice("model.norm.weight", std::vector<int64_t>{8}, 0, part));  // [0, 3)
+  EXPECT_THAT(input_error_of([&] { strict.read_f32_slice("model.norm.weight", std::vector<int64_t>{8}, 4, part); }),
+              HasSubstr("tensor 'model.norm.weight' holds 1 non-finite value among elements [4, 7), the part read "
+                        "(the first, NaN, at flat index 5)"));
+}
+
 TEST(TensorStore, ShardedRoundTrip) {
   TempDir tmp;
   const Weights w(fresh_seed());

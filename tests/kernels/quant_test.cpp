@@ -4,6 +4,7 @@
 #include "flotilla/kernels/quant.hpp"
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -165,6 +166,110 @@ TEST(Quant, Bf16ProductsRoundTheDequantizedTiles) {
   qmatmul_backward_input(dx.data(), dout.data(), q.m, N, GemmInput::bf16);
   matmul_backward(dx_ref.data(), nullptr, nullptr, rounded(dout).data(), x.data(), wr.data(), N, C, OC);
   expect_close(dx, dx_ref, 2e-3, "bf16 input gradient");
+}
+
+// The fused few-row product against the exact product of the dequantized weights (double
+// sums of the float w = s*q + b that dequantize_rows gives) and against the previous
+// dequantize-then-dot path, on fresh random inputs.
+//
+// Tolerance, per output: both are float computations of sum_j (s q_j + b) x_j. The fused
+// one forms s * sum q x + b * sum x from sums of depth at most d = per_word (a lane's
+// planes) + C / (8 per_word) (units) + 8 (lanes) + G (bias terms) + 3, each term carrying at
+// most d roundings: |error| <= d u sum_j (|s q_j| + |b|) |x_j| with u = 2^-24 (first order).
+// The reference rounds each w once (u |w_j x_j|) and the previous path sums C products in
+// SIMD lanes (depth <= C). So atol = (d + C + 2) u sum_j (|s q_j| + |b|) |x_j| covers
+// either against the reference; a wrong scale, bias, bit position or group is O(|w x|).
+double fused_tolerance(const QuantMatrix& m, const std::vector<float>& s, const std::vector<float>& b,
+                       const std::vector<uint8_t>& q_row, const float* x, int64_t o) {
+  const int64_t C = m.cols, G = m.groups_per_row(), per_word = m.format.per_word();
+  double l1 = 0.0;
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t g = o * G + j / m.format.group_size;
+    l1 += (std::fabs(static_cast<double>(s[static_cast<size_t>(g)]) * q_row[static_cast<size_t>(j)]) +
+           std::fabs(static_cast<double>(b[static_cast<size_t>(g)]))) *
+          std::fabs(static_cast<double>(x[j]));
+  }
+  const double d = static_cast<double>(per_word + C / (8 * per_word) + 8 + G + 3);
+  return (d + static_cast<double>(C) + 2.0) * std::ldexp(1.0, -24) * l1;
+}
+
+TEST(Quant, FusedFewRowProductEqualsDequantizeThenDot) {
+  Rng rng(test_seed());
+  const DType scale_dtypes[] = {DType::f16, DType::bf16, DType::f32};
+  int case_index = 0;
+  for (int bits : {2, 4, 8}) {
+    for (int64_t group_size : {32, 64, 128}) {
+      // C: three 128-weight blocks (a multiple of every unit: 8 words = 128, 64, 32 weights);
+      // OC odd, so the last rows fall outside the 4-row blocks.
+      const int64_t C = 384, OC = 4 * 13 + 3;
+      const DType dt = scale_dtypes[case_index++ % 3];
+      const std::vector<float> w = uniform_vec(rng, static_cast<size_t>(OC * C));
+      OwnedQuant q(w, OC, C, {bits, group_size}, dt);
+      ASSERT_TRUE(qmatmul_fused_supported(q.m)) << bits << " bits, group " << group_size;
+      const std::vector<float> wd = q.dequantized();
+      const int64_t G = q.m.groups_per_row();
+      std::vector<float> s(static_cast<size_t>(OC * G)), b(s.size());
+      for (int64_t i = 0; i < OC * G; ++i) {
+        s[static_cast<size_t>(i)] = q.param(q.scales, i);
+        b[static_cast<size_t>(i)] = q.param(q.biases, i);
+      }
+      const std::vector<float> bias = uniform_vec(rng, static_cast<size_t>(OC));
+      for (int64_t N = 1; N <= 8; ++N) {
+        const std::vector<float> x = uniform_vec(rng, static_cast<size_t>(N * C));
+        // Sentinels past the end must survive.
+        std::vector<float> fused(static_cast<size_t>(N * OC + 1), 7.0f), previous(fused);
+        qmatmul_rows_fused(fused.data(), x.data(), q.m, bias.data(), N);
+        qmatmul_rows_dequantized(previous.data(), x.data(), q.m, bias.data(), N);
+        ASSERT_EQ(fused.back(), 7.0f);
+        ASSERT_EQ(previous.back(), 7.0f);
+        std::vector<uint8_t> q_row(static_cast<size_t>(C));
+        for (int64_t o = 0; o < OC; ++o) {
+          unpack_row(q.packed.data() + o * C / q.m.format.per_word(), C, bits, q_row.data());
+          for (int64_t n = 0; n < N; ++n) {
+            double ref = bias[static_cast<size_t>(o)];
+            for (int64_t j = 0; j < C; ++j)
+              ref += static_cast<double>(wd[static_cast<size_t>(o * C + j)]) * x[static_cast<size_t>(n * C + j)];
+            const double atol = fused_tolerance(q.m, s, b, q_row, x.data() + n * C, o) + 1e-7;
+            const float f = fused[static_cast<size_t>(n * OC + o)], p = previous[static_cast<size_t>(n * OC + o)];
+            ASSERT_TRUE(std::isfinite(f));
+            ASSERT_NEAR(f, ref, atol) << bits << " bits, group " << group_size << ", N " << N << ", row " << o;
+            ASSERT_NEAR(p, ref, atol) << "previous path: " << bits << " bits, group " << group_size;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Each output is one thread's, in a fixed order: the same bits on any thread count.
+TEST(Quant, FusedFewRowProductIsTheSameOnOneAndTwoThreads) {
+  Rng rng(test_seed());
+  const int64_t C = 512, OC = 257, N = 3;
+  const std::vector<float> w = uniform_vec(rng, static_cast<size_t>(OC * C));
+  OwnedQuant q(w, OC, C, {4, 64}, DType::f16);
+  const std::vector<float> x = uniform_vec(rng, static_cast<size_t>(N * C));
+  std::vector<float> one(static_cast<size_t>(N * OC)), two(one.size());
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  qmatmul_rows_fused(one.data(), x.data(), q.m, nullptr, N);
+  omp_set_num_threads(2);
+  qmatmul_rows_fused(two.data(), x.data(), q.m, nullptr, N);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(one, two);
+}
+
+// A row length that is not a whole number of 8-word units takes the dequantize-then-dot path.
+TEST(Quant, FewRowProductOfAnUnfusableShapeFallsBack) {
+  Rng rng(test_seed());
+  const int64_t C = 96, OC = 9, N = 2;  // 4 bits: 96 is not a multiple of 64
+  const std::vector<float> w = uniform_vec(rng, static_cast<size_t>(OC * C));
+  OwnedQuant q(w, OC, C, {4, 32}, DType::f16);
+  ASSERT_FALSE(qmatmul_fused_supported(q.m));
+  const std::vector<float> x = uniform_vec(rng, static_cast<size_t>(N * C));
+  std::vector<float> out(static_cast<size_t>(N * OC)), ref(out.size());
+  qmatmul_forward(out.data(), x.data(), q.m, nullptr, N);
+  qmatmul_rows_dequantized(ref.data(), x.data(), q.m, nullptr, N);
+  EXPECT_EQ(out, ref);
 }
 
 TEST(Quant, EmbeddingDequantizesTheLookedUpRows) {

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../test_seed.hpp"
@@ -63,7 +64,9 @@ Result one_rank(const ModelConfig& cfg, uint64_t seed, const Batch& b) {
 // The mesh's data ranks each take their rows of the batch; gradients summed over the data
 // group, as the trainer's all-reduce does. Also checks, per rank, that the experts
 // outside its block have no gradient.
-Result split(const ModelConfig& cfg, uint64_t seed, const Batch& b, const MeshShape& shape) {
+// With `hold`, each rank's model holds only its block of the experts (Llama::hold_only):
+// the other experts' weights must then stay unwritten (zero) through forward and backward.
+Result split(const ModelConfig& cfg, uint64_t seed, const Batch& b, const MeshShape& shape, bool hold = false) {
   Result out;
   std::mutex m;
   std::vector<std::string> failures;
@@ -75,6 +78,8 @@ Result split(const ModelConfig& cfg, uint64_t seed, const Batch& b, const MeshSh
         Mesh mesh(world, shape);
         ExpertParallel experts(mesh.ep_group(), mesh.data_group());
         Llama model(cfg);
+        const int64_t El = cfg.moe.num_experts / shape.ep;
+        if (hold) model.hold_only({.layers = std::nullopt, .experts = {{mesh.coords().ep * El, (mesh.coords().ep + 1) * El}}});
         model.init_random(seed);
         model.set_expert_exchange(&experts);
         const int n = mesh.data_group().size(), r = mesh.data_group().rank();
@@ -94,6 +99,12 @@ Result split(const ModelConfig& cfg, uint64_t seed, const Batch& b, const MeshSh
           if (std::any_of(begin, begin + info.numel, [](float v) { return v != 0.0f; })) {
             std::lock_guard lock(m);
             failures.push_back(fmt::format("rank {}: {} (not its expert) has a gradient", world.rank(), info.name));
+          }
+          const std::span<const float> w = std::as_const(model).params().subspan(static_cast<size_t>(info.offset),
+                                                                                 static_cast<size_t>(info.numel));
+          if (hold && (model.holds(info) || std::any_of(w.begin(), w.end(), [](float v) { return v != 0.0f; }))) {
+            std::lock_guard lock(m);
+            failures.push_back(fmt::format("rank {}: {} (not its expert) is held or written", world.rank(), info.name));
           }
         }
         mesh.data_group().all_reduce(comm::MutView(std::span<float>(g)), comm::ReduceOp::sum, {.name = "grads"});
@@ -136,6 +147,38 @@ TEST(ExpertParallel, SplitBatchMatchesOneRank) {
                                    MeshShape{2, 1, 1, 1}}) {
       const std::string label = fmt::format("{} {}", model::architecture_name(arch), shape.to_string());
       expect_same(cfg, want, split(cfg, seed, b, shape), label);
+      if (shape.ep > 1) expect_same(cfg, want, split(cfg, seed, b, shape, true), label + " holding its experts");
+    }
+  }
+}
+
+// A rank holding experts [2, 4) of 4 holds every other tensor and those experts, with the
+// whole model's initial values, and lists them by group.
+TEST(ExpertParallel, AnExpertRankHoldsItsExpertsWithTheWholeModelsValues) {
+  const uint64_t seed = testing::test_seed();
+  for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
+    const ModelConfig cfg = tiny_moe(arch);
+    Llama whole(cfg);
+    whole.init_random(seed);
+    Llama m(cfg);
+    m.hold_only({.layers = std::nullopt, .experts = {{2, 4}}});
+    m.init_random(seed);
+    m.zero_grads();
+    m.zero_grads();  // in place: the held ranges only
+    EXPECT_FALSE(m.holds_all_experts());
+    int64_t expert_floats = 0;
+    for (const model::ElementRange& r : m.held_ranges(Llama::TensorGroup::experts)) expert_floats += r.size();
+    int64_t moe_layers = 0;
+    for (int64_t l = 0; l < cfg.n_layers; ++l) moe_layers += cfg.moe_layer(l) ? 1 : 0;
+    EXPECT_EQ(expert_floats, moe_layers * 2 * 3 * cfg.dim * cfg.moe.expert_ffn_dim)
+        << "per MoE layer, 2 experts of 3 matrices";
+    for (const model::ParamInfo& info : whole.layout().params()) {
+      const int64_t e = model::expert_of_tensor(info.name);
+      EXPECT_EQ(m.holds(info), e < 0 || e >= 2) << info.name;
+      const auto want = std::as_const(whole).params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
+      const auto got = std::as_const(m).params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel));
+      for (size_t i = 0; i < got.size(); ++i)
+        ASSERT_EQ(got[i], m.holds(info) ? want[i] : 0.0f) << info.name << " float " << i << " seed " << seed;
     }
   }
 }

@@ -140,8 +140,7 @@ std::vector<std::string> TensorStore::names() const {
   return out;
 }
 
-void TensorStore::read_f32(std::string_view name, std::span<float> dst,
-                           std::span<const int64_t> expected_shape) const {
+const TensorEntry& TensorStore::float_tensor(std::string_view name, std::span<const int64_t> expected_shape) const {
   const TensorEntry& t = info(name);
   if (!std::equal(t.shape.begin(), t.shape.end(), expected_shape.begin(), expected_shape.end()))
     fail(t.file, fmt::format("tensor '{}' has shape {}, expected {}", name, format_shape(t.shape),
@@ -149,21 +148,39 @@ void TensorStore::read_f32(std::string_view name, std::span<float> dst,
   if (t.dtype != DType::f32 && t.dtype != DType::f16 && t.dtype != DType::bf16)
     fail(t.file, fmt::format("tensor '{}' has dtype {}, expected F32, F16 or BF16", name,
                              dtype_name(t.dtype)));
+  return t;
+}
+
+void TensorStore::read_f32(std::string_view name, std::span<float> dst,
+                           std::span<const int64_t> expected_shape) const {
+  const TensorEntry& t = float_tensor(name, expected_shape);
   if (dst.size() != static_cast<size_t>(t.numel()))
     throw Error(kTensorStoreComponent, fmt::format("read_f32('{}'): destination holds {} floats, the tensor "
                                         "has {}",
                                         name, dst.size(), t.numel()));
-  check_finite(t);
-  convert_to_f32(t.dtype, t.bytes.data(), dst);
+  read_f32_slice(name, expected_shape, 0, dst);
 }
 
-void TensorStore::check_finite(const TensorEntry& t) const {
+void TensorStore::read_f32_slice(std::string_view name, std::span<const int64_t> expected_shape, int64_t first,
+                                 std::span<float> dst) const {
+  const TensorEntry& t = float_tensor(name, expected_shape);
+  const auto count = static_cast<int64_t>(dst.size());
+  if (first < 0 || first + count > t.numel())
+    throw Error(kTensorStoreComponent, fmt::format("read_f32_slice('{}'): elements [{}, {}) lie outside its {}", name, first,
+                                        first + count, t.numel()));
+  check_finite(t, first, count);
+  convert_to_f32(t.dtype, t.bytes.data() + static_cast<size_t>(first) * dtype_size(t.dtype), dst);
+}
+
+void TensorStore::check_finite(const TensorEntry& t, int64_t slice_first, int64_t slice_count) const {
   // The exponent bits all ones: Inf or NaN, in each format.
   uint64_t count = 0, first = 0;
   float first_value = 0.0f;
   const auto scan = [&]<typename Bits>(Bits exponent_mask, auto to_float) {
     const size_t n = t.bytes.size() / sizeof(Bits);
-    for (size_t i = 0; i < n; ++i) {
+    const size_t begin = std::min(n, static_cast<size_t>(slice_first));
+    const size_t end = slice_count < 0 ? n : std::min(n, begin + static_cast<size_t>(slice_count));
+    for (size_t i = begin; i < end; ++i) {
       Bits b;
       std::memcpy(&b, t.bytes.data() + i * sizeof(Bits), sizeof(Bits));
       if ((b & exponent_mask) != exponent_mask) continue;
@@ -180,10 +197,13 @@ void TensorStore::check_finite(const TensorEntry& t) const {
     default: return;
   }
   if (count == 0) return;
-  const std::string what =
-      fmt::format("{}: tensor '{}' holds {} non-finite value{} (the first, {}, at flat index {})", t.file.string(),
-                  t.name, count, count == 1 ? "" : "s", std::isnan(first_value) ? "NaN" : first_value > 0 ? "inf" : "-inf",
-                  first);
+  const int64_t slice_end = slice_count < 0 ? t.numel() : slice_first + slice_count;
+  const bool whole = slice_first == 0 && slice_end == t.numel();
+  const std::string what = fmt::format(
+      "{}: tensor '{}' holds {} non-finite value{}{} (the first, {}, at flat index {})", t.file.string(), t.name,
+      count, count == 1 ? "" : "s",
+      whole ? std::string() : fmt::format(" among elements [{}, {}), the part read", slice_first, slice_end),
+      std::isnan(first_value) ? "NaN" : first_value > 0 ? "inf" : "-inf", first);
   if (non_finite_ == NonFinitePolicy::refuse) throw InputError(kTensorStoreComponent, what + " (refused: --strict)");
   log::warn("{} (pass --strict to refuse such weights)", what);
 }

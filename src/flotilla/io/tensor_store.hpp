@@ -47,12 +47,24 @@ class TensorStore {
     read_f32(name, dst, std::span<const int64_t>(expected_shape.begin(), expected_shape.size()));
   }
 
+  // A slice: elements [first, first + dst.size()) of tensor `name` in row-major order,
+  // converted into dst, after the same shape and dtype checks. Only the file's bytes of
+  // those elements are read (their pages of the map: the rest of the file is never touched,
+  // so it never counts in the resident set); the non-finite check covers the slice, its
+  // index still the tensor's flat index. A slice outside the tensor is an Error (a caller's
+  // fault, not the file's).
+  void read_f32_slice(std::string_view name, std::span<const int64_t> expected_shape, int64_t first,
+                      std::span<float> dst) const;
+
   // Scans a float tensor (F32, F16, BF16; other dtypes have no NaN) for NaN and Inf; when
   // it holds any, warns or refuses as the policy says, naming the file, the tensor, how
-  // many and the first one's index.
-  void check_finite(const TensorEntry& t) const;
+  // many and the first one's index. `first`, `count`: only those elements (count < 0: to
+  // the end).
+  void check_finite(const TensorEntry& t, int64_t first = 0, int64_t count = -1) const;
 
  private:
+  // The entry of `name` after checking its shape and that it is F32, F16 or BF16.
+  const TensorEntry& float_tensor(std::string_view name, std::span<const int64_t> expected_shape) const;
   void open_single(const std::filesystem::path& file);
   void open_sharded(const std::filesystem::path& index_file);
 

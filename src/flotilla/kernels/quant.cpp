@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "flotilla/base/error.hpp"
 #include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/gemm.hpp"
 
@@ -20,13 +21,41 @@ inline uint32_t load_word(const std::byte* p, int64_t i) {
   return w;
 }
 
-// A row's scales and biases as floats. The thread-local buffers grow to the widest row
-// seen (cols / group_size floats), never per call.
+// n scale-dtype values (f16, bf16 or f32) at src as floats. Inline rather than
+// convert_to_f32: that one opens an OpenMP region (for large tensors), and an OpenMP region
+// opened inside another one costs two futex system calls even when it runs on one thread,
+// 2.3 us of CPU per call measured on the dev machine (a paravirtualised guest). Once per
+// weight row, that was most of a quantized decode step. Every value converts exactly.
+inline void params_to_f32(DType dt, const std::byte* src, int64_t n, float* dst) {
+  if (dt == DType::f32) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * 4);
+  } else if (dt == DType::f16) {
+    for (int64_t i = 0; i < n; ++i) {
+#if defined(__FLT16_MAX__)
+      _Float16 h;  // F16C's vcvtph2ps where the target has it (x86-64-v3 does)
+      std::memcpy(&h, src + 2 * i, 2);
+      dst[i] = static_cast<float>(h);
+#else
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      dst[i] = f16_to_f32(h);
+#endif
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      dst[i] = bf16_to_f32(h);
+    }
+  }
+}
+
+// A row's scales and biases as floats into s and b (groups_per_row floats each).
 void load_row_params(const QuantMatrix& m, int64_t r, float* s, float* b) {
   const int64_t G = m.groups_per_row();
-  const size_t esz = dtype_size(m.scale_dtype);
-  convert_to_f32(m.scale_dtype, m.scales + static_cast<size_t>(r * G) * esz, {s, static_cast<size_t>(G)});
-  convert_to_f32(m.scale_dtype, m.biases + static_cast<size_t>(r * G) * esz, {b, static_cast<size_t>(G)});
+  const int64_t esz = static_cast<int64_t>(dtype_size(m.scale_dtype));
+  params_to_f32(m.scale_dtype, m.scales + r * G * esz, G, s);
+  params_to_f32(m.scale_dtype, m.biases + r * G * esz, G, b);
 }
 
 // One row of m into out (cols). s, b: scratch of groups_per_row floats each.
@@ -79,10 +108,10 @@ float store_param(DType dt, std::byte* dst, int64_t i, float x, bool up) {
   return to_f32(h);
 }
 
-// Up to this many input rows, dequantizing each weight row once into L1 and dotting it
-// with every input is the faster way; by 16 rows the tile + SGEMM is ahead (measured on
-// a 4096 x 4096 matrix: 1.8 vs 2.2 G weight-rows/s).
-constexpr int64_t kRowPathMaxRows = 4;
+// Up to kQuantFewRows input rows the few-row path (fused, or a weight row at a time) beats
+// the tile + SGEMM one; by 16 rows the tile + SGEMM is ahead (measured with the
+// row-at-a-time path on a 4096 x 4096 matrix: 1.8 vs 2.2 G weight-rows/s).
+constexpr int64_t kRowPathMaxRows = kQuantFewRows;
 
 int64_t tile_rows(int64_t C) { return std::clamp<int64_t>(kQuantTileFloats / std::max<int64_t>(C, 1), 16, 1024); }
 
@@ -175,6 +204,179 @@ void for_each_tile(const QuantMatrix& m, Fn&& fn) {
 
 }  // namespace
 
+namespace {
+
+// ---- The fused few-row product (decoding) ----
+//
+// Vocabulary. A *word* is one uint32 of a packed row: kPerWord = 32 / bits weights, weight
+// j of the row in word j / kPerWord at bit (j % kPerWord) * bits. A *group* is group_size
+// weights sharing one scale s and bias b. A *unit* is kUnitWords = 8 consecutive words of a
+// row, the width of one AVX2 vector of words: its lane k holds word k, and the weights at
+// one bit position (the *plane* i) of the eight words are the row's weights 8u*kPerWord +
+// k*kPerWord + i. The input rows are rearranged once per call into the same planes (the
+// *planar input*), so that plane i of a unit is one contiguous load of 8 floats.
+//
+// Per group, sum_j (s q_j + b) x_j = s * sum_j q_j x_j + b * sum_j x_j: each lane
+// accumulates q * x over the planes of a unit, the lane's scale multiplies that partial sum
+// once per unit, and the bias meets the group's input sum, computed once per input row and
+// shared by every output row. kRowBlock output rows go through a unit together, so each
+// plane of the input is loaded once for all of them.
+//
+// The lanes and the order of every sum are written out, so each output is the same float in
+// the AVX2 and AVX-512 variants and for any thread count (each output row is one thread's).
+
+constexpr int64_t kUnitWords = 8;
+constexpr int kRowBlock = 4;
+// One unit's lanes as GCC vector types (not intrinsics: each variant lowers them to its own
+// instructions; the loops over plain arrays were left scalar by the vectoriser).
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef float F32x8 __attribute__((vector_size(32)));
+
+// Planar input: xp (N, C) with xp[n][u*8*kPerWord + i*8 + k] = x[n][(8u + k)*kPerWord + i];
+// xsum (N, G) the group sums of x. C is a multiple of 8 * kPerWord.
+template <int kBits>
+void make_planar_input(const float* x, int64_t N, int64_t C, int64_t group_size, float* xp, float* xsum) {
+  constexpr int kPerWord = 32 / kBits;
+  constexpr int64_t kUnitWeights = kUnitWords * kPerWord;
+  const int64_t G = C / group_size;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = x + n * C;
+    float* pr = xp + n * C;
+    for (int64_t u = 0; u < C / kUnitWeights; ++u)
+      for (int i = 0; i < kPerWord; ++i)
+        for (int64_t k = 0; k < kUnitWords; ++k)
+          pr[u * kUnitWeights + i * kUnitWords + k] = xr[(u * kUnitWords + k) * kPerWord + i];
+    for (int64_t g = 0; g < G; ++g) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < group_size; ++j) sum += xr[g * group_size + j];
+      xsum[n * G + g] = sum;
+    }
+  }
+}
+
+// out[n * OC + o0 + r] for r < kRows, n < N: rows o0 .. o0+kRows-1 of m against the
+// planar inputs. word_group (words_per_row): each word's group. s, b: scratch of kRows * G
+// floats.
+template <int kBits, int kRows>
+FLOTILLA_KERNEL void fused_row_block(const QuantMatrix& m, int64_t o0, const float* xp, const float* xsum,
+                                     const int32_t* word_group, int64_t N, float* out, int64_t OC, float* s, float* b) {
+  constexpr int kPerWord = 32 / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1u;
+  constexpr int64_t kUnitWeights = kUnitWords * kPerWord;
+  const int64_t C = m.cols, G = m.groups_per_row(), Wr = m.words_per_row();
+  const bool one_group_per_unit = (m.format.group_size / kPerWord) % kUnitWords == 0;
+  const std::byte* rows[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    load_row_params(m, o0 + r, s + r * G, b + r * G);
+    rows[r] = m.packed + (o0 + r) * Wr * 4;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = xp + n * C;
+    F32x8 total[kRows] = {};
+    for (int64_t u = 0; u < Wr / kUnitWords; ++u) {
+      const int32_t* ug = word_group + u * kUnitWords;
+      const float* xu = xn + u * kUnitWeights;
+      U32x8 w[kRows];
+      for (int r = 0; r < kRows; ++r) std::memcpy(&w[r], rows[r] + u * kUnitWords * 4, sizeof(U32x8));
+      F32x8 acc[kRows] = {};
+#pragma GCC unroll 16
+      for (int i = 0; i < kPerWord; ++i) {
+        F32x8 xv;
+        std::memcpy(&xv, xu + i * kUnitWords, sizeof(F32x8));
+        for (int r = 0; r < kRows; ++r)
+          acc[r] += __builtin_convertvector(reinterpret_cast<I32x8>((w[r] >> (i * kBits)) & kMask), F32x8) * xv;
+      }
+      for (int r = 0; r < kRows; ++r) {
+        // A unit lies inside one group (one scale for its lanes), or holds several whole ones.
+        F32x8 scale;
+        if (one_group_per_unit) {
+          scale = F32x8{} + s[r * G + ug[0]];
+        } else {
+          for (int k = 0; k < kUnitWords; ++k) scale[k] = s[r * G + ug[k]];
+        }
+        total[r] += scale * acc[r];
+      }
+    }
+    const float* xs = xsum + n * G;
+    for (int r = 0; r < kRows; ++r) {
+      float bias_term = 0.0f;
+      for (int64_t g = 0; g < G; ++g) bias_term += b[r * G + g] * xs[g];
+      float dot = 0.0f;
+      for (int k = 0; k < kUnitWords; ++k) dot += total[r][k];
+      out[n * OC + o0 + r] = dot + bias_term;
+    }
+  }
+}
+
+template <int kBits>
+FLOTILLA_KERNEL void fused_rows_bits(float* out, const float* inp, const QuantMatrix& m, int64_t N) {
+  const int64_t OC = m.rows, C = m.cols, G = m.groups_per_row();
+  std::vector<float> xp(static_cast<size_t>(N * C)), xsum(static_cast<size_t>(N * G));
+  make_planar_input<kBits>(inp, N, C, m.format.group_size, xp.data(), xsum.data());
+  std::vector<int32_t> word_group(static_cast<size_t>(m.words_per_row()));
+  const int64_t words_per_group = m.format.group_size / m.format.per_word();
+  for (int64_t wi = 0; wi < m.words_per_row(); ++wi) word_group[static_cast<size_t>(wi)] = static_cast<int32_t>(wi / words_per_group);
+  const int64_t blocks = OC / kRowBlock;
+#pragma omp parallel
+  {
+    std::vector<float> s(static_cast<size_t>(kRowBlock * G)), b(s.size());
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      fused_row_block<kBits, kRowBlock>(m, blk * kRowBlock, xp.data(), xsum.data(), word_group.data(), N, out, OC,
+                                        s.data(), b.data());
+#pragma omp for schedule(static)
+    for (int64_t o = blocks * kRowBlock; o < OC; ++o)
+      fused_row_block<kBits, 1>(m, o, xp.data(), xsum.data(), word_group.data(), N, out, OC, s.data(), b.data());
+  }
+}
+
+}  // namespace
+
+bool qmatmul_fused_supported(const QuantMatrix& m) {
+  const int64_t words_per_group = m.format.group_size / m.format.per_word();
+  return m.cols % (kUnitWords * m.format.per_word()) == 0 &&
+         (words_per_group % kUnitWords == 0 || kUnitWords % words_per_group == 0);
+}
+
+FLOTILLA_KERNEL void qmatmul_rows_fused(float* out, const float* inp, const QuantMatrix& m, const float* bias,
+                                        int64_t N) {
+  // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
+  if (N == 0 || m.rows == 0) return;
+  if (!qmatmul_fused_supported(m)) throw Error("kernels/quant", "fused product: cols not a multiple of a unit");
+  switch (m.format.bits) {
+    case 2: fused_rows_bits<2>(out, inp, m, N); break;
+    case 4: fused_rows_bits<4>(out, inp, m, N); break;
+    default: fused_rows_bits<8>(out, inp, m, N); break;
+  }
+  if (bias)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < m.rows; ++o) out[n * m.rows + o] += bias[o];
+}
+
+FLOTILLA_KERNEL void qmatmul_rows_dequantized(float* out, const float* inp, const QuantMatrix& m, const float* bias,
+                                              int64_t N) {
+  // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
+  const int64_t OC = m.rows, C = m.cols;
+  if (N == 0 || OC == 0) return;
+#pragma omp parallel
+  {
+    RowScratch sc(m);
+    std::vector<float> wrow(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < OC; ++o) {
+      dequantize_row(m, o, wrow.data(), sc.s.data(), sc.b.data());
+      for (int64_t n = 0; n < N; ++n) {
+        const float* x = inp + n * C;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < C; ++c) acc += x[c] * wrow[static_cast<size_t>(c)];
+        out[n * OC + o] = acc + (bias ? bias[o] : 0.0f);
+      }
+    }
+  }
+}
+
 FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N,
                                      GemmInput input) {
   // out (N, OC), inp (N, C), m (OC, C), bias (OC) or nullptr
@@ -187,24 +389,9 @@ FLOTILLA_KERNEL void qmatmul_forward(float* out, const float* inp, const QuantMa
       gemm_bf16(Transpose::no, Transpose::yes, N, nr, C, 1.0f, x.data(), C, tile, C, false, out + r0, OC);
     });
   } else if (N <= kRowPathMaxRows) {
-    // Decoding and short prompts: each weight row is dequantized once into L1 and dotted
-    // with the N inputs.
-#pragma omp parallel
-    {
-      RowScratch sc(m);
-      std::vector<float> wrow(static_cast<size_t>(C));
-#pragma omp for schedule(static)
-      for (int64_t o = 0; o < OC; ++o) {
-        dequantize_row(m, o, wrow.data(), sc.s.data(), sc.b.data());
-        for (int64_t n = 0; n < N; ++n) {
-          const float* x = inp + n * C;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < C; ++c) acc += x[c] * wrow[static_cast<size_t>(c)];
-          out[n * OC + o] = acc + (bias ? bias[o] : 0.0f);
-        }
-      }
-    }
+    // Decoding and short prompts: bound by reading the packed bytes once, not by arithmetic.
+    if (qmatmul_fused_supported(m)) qmatmul_rows_fused(out, inp, m, bias, N);
+    else qmatmul_rows_dequantized(out, inp, m, bias, N);
     return;  // the bias is in
   } else {
     // out[:, r0:r0+nr] = inp (N, C) @ tile (nr, C)^T

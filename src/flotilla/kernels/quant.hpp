@@ -4,8 +4,8 @@
 // The products never materialise the whole float matrix: W is dequantized a *tile* of
 // output rows at a time into a small scratch buffer (at most kQuantTileFloats floats) and
 // each tile goes through one gemm() (oneDNN). For a few rows of input (KV-cache
-// decoding) a row-at-a-time path dequantizes one weight row into L1 and dots it with the
-// inputs, which is what bounds decoding speed: reading the packed bytes once.
+// decoding) a fused kernel multiplies the packed weights into the inputs directly, bound by
+// reading the packed bytes once (qmatmul_rows_fused below).
 #pragma once
 
 #include <cstddef>
@@ -41,6 +41,19 @@ void dequantize_rows(const QuantMatrix& m, int64_t row0, int64_t nrows, float* o
 // by reading the packed bytes, not by arithmetic).
 void qmatmul_forward(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N,
                      GemmInput input = GemmInput::f32);
+// The few-row products qmatmul_forward chooses between for N <= kQuantFewRows (decoding),
+// same arguments and result (float rounding apart):
+// - fused: the packed weights are multiplied into the inputs group by group, without a
+//   float copy of any weight row: s * sum_j q_j x_j + b * sum_j x_j per group, the input's
+//   group sums computed once per call. Needs qmatmul_fused_supported(m): cols a multiple
+//   of 8 words (64 weights at 4 bits, 32 at 8) and 8 words a multiple or a divisor of a group.
+// - dequantized: each weight row dequantized to floats in L1, then dotted with the inputs
+//   (the path before the fused one; the reference it is tested and benchmarked against).
+inline constexpr int64_t kQuantFewRows = 4;
+bool qmatmul_fused_supported(const QuantMatrix& m);
+void qmatmul_rows_fused(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N);
+void qmatmul_rows_dequantized(float* out, const float* inp, const QuantMatrix& m, const float* bias, int64_t N);
+
 // dinp += dout @ W          dinp (N, C), dout (N, OC). W is frozen: no weight gradient.
 void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m, int64_t N,
                             GemmInput input = GemmInput::f32);

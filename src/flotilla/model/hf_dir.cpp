@@ -1,6 +1,8 @@
 // Llama::load / Llama::save: Hugging Face model directories (config.json + safetensors).
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/error.hpp"
@@ -14,7 +16,31 @@ namespace flotilla::model {
 
 QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg);
 
-Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, std::optional<LayerRange> stage) {
+namespace {
+// Fills params[r] from tensor `info` for every range r of `ranges` (ascending, disjoint)
+// that meets the tensor, starting the walk at `from`; returns where the next, later tensor's
+// walk starts.
+std::span<const ElementRange>::iterator read_tensor_parts(const io::TensorStore& store, const ParamInfo& info,
+                                                          std::span<const ElementRange> ranges,
+                                                          std::span<const ElementRange>::iterator from,
+                                                          std::span<float> params) {
+  // Every rank checks every tensor it holds (present, its shape and dtype), whether its
+  // ranges meet it or not: a fault is then every rank's error, not one rank's.
+  store.read_f32_slice(info.name, info.shape, 0, {});
+  const int64_t begin = info.offset, end = info.offset + info.numel;
+  while (from != ranges.end() && from->end <= begin) ++from;
+  for (auto r = from; r != ranges.end() && r->begin < end; ++r) {
+    const int64_t b = std::max(r->begin, begin), e = std::min(r->end, end);
+    if (b < e)
+      store.read_f32_slice(info.name, info.shape, b - begin,
+                           params.subspan(static_cast<size_t>(b), static_cast<size_t>(e - b)));
+  }
+  return from;
+}
+}  // namespace
+
+Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, const HeldPart& held,
+                  std::span<const ElementRange> ranges) {
   if (!std::filesystem::is_directory(dir))
     throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig cfg = ModelConfig::load(dir / "config.json");
@@ -43,16 +69,29 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
                                             static_cast<double>(cfg.num_params()) * 4.0 / (1 << 30)));
     }
   }();
-  if (stage) model.hold_only(*stage);
+  if (held.layers || held.experts) model.hold_only(held);
+  int64_t at = 0;
+  for (const ElementRange& r : ranges) {
+    if (r.begin < at || r.end < r.begin || r.end > static_cast<int64_t>(model.params_.size()))
+      throw Error("model", "load: ranges must be ascending, disjoint and inside the parameters");
+    at = r.end;
+  }
+  const std::vector<ElementRange> all = model.held_ranges();
+  if (ranges.empty()) ranges = all;
+  auto next_range = ranges.begin();
   for (const ParamInfo& info : model.layout_.params()) {
     if (info.quantized) {
       // A view into the mapped file (slots in layout order): pages are read on use only.
       model.qweights_.push_back(quantized_view(store, info, cfg));
       continue;
     }
-    if (!model.holds(info)) continue;  // another pipeline stage's: never read
-    std::span<float> dst(model.params_.data() + info.offset, static_cast<size_t>(info.numel));
-    store.read_f32(info.name, dst, info.shape);
+    if (!model.holds(info)) {
+      // Another pipeline stage's or expert-parallel rank's: never read, but it must be
+      // there, so that every rank refuses a directory missing one alike (one line naming it).
+      (void)store.info(info.name);
+      continue;
+    }
+    next_range = read_tensor_parts(store, info, ranges, next_range, model.params_.span());
   }
   // Tensors we do not use: tied lm_head copies, rotary caches of old checkpoints. Anything
   // else means the directory holds a different architecture than config.json says.

@@ -153,7 +153,7 @@ void Llama::zero_grads() {
   }
   if (grads_.empty()) {
     grads_.resize(params_.size());
-  } else if (held_stage_) {
+  } else if (!holds_all()) {
     // Only the held tensors' gradients are ever written (a stage's backward): zeroing the
     // rest would make their pages resident.
     for (const auto& [begin, end] : held_ranges())
@@ -163,11 +163,16 @@ void Llama::zero_grads() {
   }
 }
 
-void Llama::hold_only(LayerRange stage) {
-  if (stage.begin < 0 || stage.begin >= stage.end || stage.end > cfg_.n_layers)
+void Llama::hold_only(const HeldPart& part) {
+  if (const auto& stage = part.layers;
+      stage && (stage->begin < 0 || stage->begin >= stage->end || stage->end > cfg_.n_layers))
     throw Error("model", fmt::format("layer range [{}, {}) is not a non-empty range of the model's {} layers",
-                                     stage.begin, stage.end, cfg_.n_layers));
-  held_stage_ = stage;
+                                     stage->begin, stage->end, cfg_.n_layers));
+  if (const auto& experts = part.experts;
+      experts && (experts->begin < 0 || experts->begin >= experts->end || experts->end > cfg_.moe.num_experts))
+    throw Error("model", fmt::format("expert range [{}, {}) is not a non-empty range of the model's {} experts",
+                                     experts->begin, experts->end, cfg_.moe.num_experts));
+  held_ = part;
   bf16_weights_valid_ = false;
   // What a load or an earlier init wrote of the other tensors goes back to the system.
   for (const ParamInfo& info : layout_.params()) {
@@ -179,8 +184,12 @@ void Llama::hold_only(LayerRange stage) {
 }
 
 bool Llama::holds(const ParamInfo& info) const {
-  if (!held_stage_) return true;
-  const LayerRange s = *held_stage_;
+  if (held_.experts) {
+    const int64_t expert = expert_of_tensor(info.name);
+    if (expert >= 0 && (expert < held_.experts->begin || expert >= held_.experts->end)) return false;
+  }
+  if (!held_.layers) return true;
+  const LayerRange s = *held_.layers;
   const int64_t layer = layer_of_tensor(info.name);
   if (layer >= 0) return layer >= s.begin && layer < s.end;
   const bool first = s.begin == 0, last = s.end == cfg_.n_layers;
@@ -188,10 +197,12 @@ bool Llama::holds(const ParamInfo& info) const {
   return last;  // the final norm, lm_head
 }
 
-std::vector<ElementRange> Llama::held_ranges() const {
+std::vector<ElementRange> Llama::held_ranges(TensorGroup group) const {
   std::vector<ElementRange> ranges;
   for (const ParamInfo& info : layout_.params()) {
     if (info.quantized || !holds(info)) continue;
+    const bool expert = expert_of_tensor(info.name) >= 0;
+    if ((group == TensorGroup::experts && !expert) || (group == TensorGroup::non_experts && expert)) continue;
     const int64_t begin = info.offset, end = info.offset + info.numel;
     if (!ranges.empty() && ranges.back().end == begin)
       ranges.back().end = end;
@@ -450,6 +461,8 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start);
   linear_forward(la.resid_mid, la.attn_out, w.o_proj, nullptr, N, Dq, C);
   lora(LoraTarget::o, la.resid_mid, la.attn_out);
+  // Tensor parallel: o is row-parallel, each rank's product a partial sum over its heads (g).
+  if (tp_) tp_->all_reduce_sum({la.resid_mid, static_cast<size_t>(N * C)}, "tp attention output");
   k::add_inplace(la.resid_mid, la.resid_in, N * C);
   // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h))), or a mixture of experts
   k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
@@ -465,6 +478,7 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   k::swiglu_forward(ctx.act, la.gate, la.up, N, F);
   linear_forward(out, ctx.act, w.down_proj, nullptr, N, F, C);
   lora(LoraTarget::down, out, ctx.act);
+  if (tp_) tp_->all_reduce_sum({out, static_cast<size_t>(N * C)}, "tp MLP output");  // down is row-parallel
   k::add_inplace(out, la.resid_mid, N * C);
 }
 
@@ -601,20 +615,31 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
     k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
     k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
+    // Tensor parallel (column-parallel targets only): B holds this rank's output rows, so
+    // du is this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A,
+    // replicated, takes du summed over the tp group.
+    auto input_backward = [&](float* dinp, const float* xd) {
+      if (!tp_) {
+        k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+        return;
+      }
+      if (dinp) k::matmul_backward(dinp, nullptr, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+      tp_->all_reduce_sum({a.lora_g, static_cast<size_t>(N * r)}, "tp LoRA gradient");
+      k::matmul_backward(nullptr, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+    };
     if (!dropout || dx == nullptr) {
       const float* xd = x;
       if (dropout) {
         k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
         xd = a.lora_xd;
       }
-      k::matmul_backward(dx, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+      input_backward(dx, xd);
       return;
     }
     const float p = lora_->config().dropout;
     k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
     std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
-    k::matmul_backward(a.lora_dxd, lg + s.a, nullptr, a.lora_g, a.lora_xd, adapters + s.a, N, s.in, r,
-                      matmul_input_);
+    input_backward(a.lora_dxd, a.lora_xd);
     k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
   };
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
@@ -665,6 +690,9 @@ void Llama::backward(float dloss_scale) {
     linear_backward(a.dln, gp(w.up_proj), nullptr, a.dup, a.ln, w.up_proj, N, C, F);
     lora_backward(l, LoraTarget::gate, a.dln, a.dgate, a.ln);
     lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
+    // Tensor parallel: gate and up are column-parallel; each rank has its columns' share of
+    // d(ln2) (f's backward).
+    if (tp_) tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp MLP input gradient");
     }
     k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
@@ -689,6 +717,7 @@ void Llama::backward(float dloss_scale) {
     lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
     lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
     lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);
+    if (tp_ && dln1) tp_->all_reduce_sum({dln1, static_cast<size_t>(N * C)}, "tp attention input gradient");
     if (l == lowest_layer && frozen) {  // nothing below is trained
       report_ready(static_cast<size_t>(l));
       break;

@@ -23,6 +23,7 @@
 #include "flotilla/model/moe.hpp"
 #include "flotilla/model/parallel_context.hpp"
 #include "flotilla/model/params.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/tensor/quant.hpp"
 
 namespace flotilla::model {
@@ -135,6 +136,19 @@ class Llama {
   struct LayerRange {
     int64_t begin = 0, end = 0;
   };
+  // Experts [begin, end) of every MoE layer: an expert-parallel rank's block (local_experts).
+  struct ExpertRange {
+    int64_t begin = 0, end = 0;
+  };
+  // The part of the model a rank holds (hold_only): the tensors of `layers` (a pipeline
+  // stage's; none: every layer), and of every MoE layer's experts only those in `experts`
+  // (an expert-parallel rank's block; none: all of them).
+  struct HeldPart {
+    std::optional<LayerRange> layers;
+    std::optional<ExpertRange> experts;
+  };
+  // Which of the held tensors held_ranges lists: all, the experts', or all but the experts'.
+  enum class TensorGroup : uint8_t { all, experts, non_experts };
 
   explicit Llama(const ModelConfig& cfg);  // parameters zero; call init_random or load
 
@@ -144,10 +158,16 @@ class Llama {
   // which the model keeps open; only norms and other float tensors are copied.
   // A float weight (or a quantized weight's scales and biases) holding NaN or Inf is
   // reported naming the tensor: a warning, or an InputError with NonFinitePolicy::refuse.
-  // `stage` (a pipeline stage's layers): only the tensors that stage holds are read (see
-  // hold_only); the others are never touched, so they cost no memory.
+  // `held` (a pipeline stage's layers, an expert-parallel rank's experts): only the tensors
+  // of that part are read (see hold_only); the others are never touched, so they cost no
+  // memory. Ranged: only `ranges` of params() (ascending, disjoint: the same ranges
+  // init_random takes; empty: all) inside the held tensors are filled, each from the bytes
+  // of the file that hold it, converted span by span. The other floats stay zero and their
+  // pages, and the files' pages of other elements, are never touched: a ZeRO-3 rank passes
+  // its shard (parallel::zero3_owned_ranges). Ranges may cut tensors anywhere. The
+  // non-finite check covers what is read.
   static Llama load(const std::filesystem::path& dir, io::NonFinitePolicy non_finite = io::NonFinitePolicy::warn,
-                    std::optional<LayerRange> stage = std::nullopt);
+                    const HeldPart& held = {}, std::span<const ElementRange> ranges = {});
   // Writes config.json and model.safetensors (or shards above max_shard_bytes) that
   // transformers reads as the same model. Does not write a tokenizer. A quantized model
   // is written in MLX's layout (see model_writer.hpp).
@@ -205,18 +225,24 @@ class Llama {
   // init_random(seed) writes there: the stream is skipped, not redrawn, outside `owned`.
   void init_random(uint64_t seed, std::span<const ElementRange> owned);
 
-  // A pipeline stage's model holds only the tensors of `stage`'s layers, the embedding on
-  // the first stage (and on the last when tied to lm_head), the final norm and lm_head on
-  // the last. Nothing of this model then writes the other tensors' weights, gradients or
-  // bf16 copies (init_random, zero_grads, load skip them), and their pages, released here,
-  // are never resident: a stage costs the memory of its own tensors only. Call before
-  // init_random or right after load; forward and backward must stay inside `stage`.
-  void hold_only(LayerRange stage);
+  // The model holds only the tensors of `part`. Layers: a pipeline stage holds the tensors
+  // of its layers, the embedding on the first stage (and on the last when tied to lm_head),
+  // the final norm and lm_head on the last. Experts: an expert-parallel rank holds, of
+  // every MoE layer, the experts of its block only (router, attention, norms, shared
+  // expert: all). Nothing of this model then writes the other tensors' weights, gradients
+  // or bf16 copies (init_random, zero_grads, load skip them), and their pages, released
+  // here, are never resident: a rank costs the memory of its own tensors only. Call before
+  // init_random or right after load; forward and backward must stay inside the part (a
+  // stage's layers; under expert parallelism, set_expert_exchange with the same block).
+  void hold_only(const HeldPart& part);
+  void hold_only(LayerRange stage) { hold_only(HeldPart{.layers = stage, .experts = std::nullopt}); }
+  const HeldPart& held_part() const { return held_; }
   // Whether the model holds tensor `info` (every tensor unless hold_only was called).
   bool holds(const ParamInfo& info) const;
-  // [begin, end) of params() the model holds, ascending, neighbours merged.
-  std::vector<ElementRange> held_ranges() const;
-  bool holds_all() const { return !held_stage_; }
+  // [begin, end) of params() the model holds, of `group`'s tensors, ascending, neighbours merged.
+  std::vector<ElementRange> held_ranges(TensorGroup group = TensorGroup::all) const;
+  bool holds_all() const { return !held_.layers && !held_.experts; }
+  bool holds_all_experts() const { return !held_.experts; }
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
@@ -317,6 +343,20 @@ class Llama {
   // with the whole batch. InputError when ep does not divide the experts, or the model
   // has none. Every rank calls forward and backward alike while one is set.
   void set_expert_exchange(ExpertExchange* exchange);
+  // Tensor parallelism (model/tensor_parallel.hpp; not owned; nullptr: none): this model is
+  // a tp rank's local model of `full` (built from tensor_parallel_config(full, tp)), and each
+  // block all-reduces over `group` where its row-parallel layers end (forward) and where its
+  // column-parallel layers start (backward). Every rank of the group calls forward and
+  // backward alike. InputError when this model is not tensor_parallel_config(full, tp), or
+  // is quantized.
+  void set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& full);
+  TensorParallelGroup* tensor_parallel() const { return tp_; }
+  // The config of the model this one is a slice of (its own without tensor parallelism).
+  const ModelConfig& full_config() const { return tp_ ? tp_full_ : cfg_; }
+  // The squared L2 norm of the full model's gradient (trainable().grads): under tensor
+  // parallelism the split tensors' squares summed over the tp group, the replicated ones'
+  // counted once.
+  double grad_sum_squares_tensor_parallel();
   // [first, end) of the experts this rank runs: all of them without expert parallelism.
   std::pair<int64_t, int64_t> local_experts() const;
   using GradSpan = model::GradSpan;
@@ -430,6 +470,8 @@ class Llama {
   int64_t forward_tokens_ = 0;         // target tokens of the last forward
   int64_t aux_tokens_ = 0;             // ... of every rank's forward together, with an expert exchange
   ExpertExchange* experts_ = nullptr;
+  TensorParallelGroup* tp_ = nullptr;
+  ModelConfig tp_full_;  // full_config() under tensor parallelism
   // What an MoE layer's expert side kept from forward under expert parallelism: the rows
   // it received and their gate and up outputs. Sizes vary with the routing (dropless).
   struct ExpertShard {
@@ -451,7 +493,7 @@ class Llama {
   ParallelContext* parallel_ = nullptr;
   std::vector<std::vector<GradSpan>> ready_groups_;  // grad_groups() of the context's trainable set
   LayerRange range_;
-  std::optional<LayerRange> held_stage_;  // hold_only's stage; none: every tensor
+  HeldPart held_;  // hold_only's part; none of either: every tensor
   bool stage_forward_done_ = false;  // a forward of a stage below the last, not yet backward
 };
 

@@ -76,6 +76,14 @@ void Llama::set_expert_exchange(ExpertExchange* exchange) {
                                             exchange->ep_size(), cfg_.moe.num_experts, exchange->ep_size()));
   }
   experts_ = exchange;
+  if (held_.experts && exchange) {
+    // This rank runs exactly the experts it holds: any other would read weights never loaded.
+    const auto [first, end] = local_experts();
+    if (first != held_.experts->begin || end != held_.experts->end)
+      throw Error("model", fmt::format("the model holds experts [{}, {}) but expert rank {} of {} runs [{}, {})",
+                                       held_.experts->begin, held_.experts->end, exchange->ep_rank(),
+                                       exchange->ep_size(), first, end));
+  }
   ep_shards_.assign(static_cast<size_t>(cfg_.n_layers), {});
 }
 

@@ -92,6 +92,17 @@ int64_t WeightRef::bad_access(const char* what) const {
                                    kind_ == Kind::absent ? "absent" : kind_ == Kind::dense ? "float" : "quantized", what));
 }
 
+int64_t expert_of_tensor(std::string_view name) {
+  constexpr std::string_view kExperts = ".experts.";
+  const size_t at = name.find(kExperts);
+  if (at == std::string_view::npos) return -1;
+  size_t i = at + kExperts.size();
+  if (i >= name.size() || name[i] < '0' || name[i] > '9') return -1;
+  int64_t expert = 0;
+  for (; i < name.size() && name[i] >= '0' && name[i] <= '9'; ++i) expert = expert * 10 + (name[i] - '0');
+  return expert;
+}
+
 const ParamInfo* ParamTable::find(std::string_view name) const {
   for (const auto& p : params_)
     if (p.name == name) return &p;

@@ -61,6 +61,11 @@ struct ParamInfo {
   WeightRef ref() const { return quantized ? WeightRef::quantized(quant_slot) : WeightRef::dense(offset); }
 };
 
+// The expert a tensor's name belongs to ("model.layers.3.block_sparse_moe.experts.5.w1.weight"
+// -> 5, "...mlp.experts.5.gate_proj.weight" -> 5), or -1 for any other tensor (a shared
+// expert's included).
+int64_t expert_of_tensor(std::string_view name);
+
 // One expert of a mixture: a SwiGLU MLP of width Fe.
 struct ExpertParams {
   WeightRef gate_proj;  // (Fe, C)  Mixtral's w1

@@ -57,6 +57,9 @@ class DataParallel {
   // global LossSum. The gradients go through the codec (uncompressed: one all-reduce by
   // the configured algorithm), the counts in one small all-reduce (the backend's, in f64).
   model::LossSum all_reduce_gradients(std::span<float> grads, const model::LossSum& local);
+  // The same for a part of the gradients, without the loss (a sync that reduces its parts
+  // over different groups: parallel/expert_sync.hpp); counted as gradient bytes.
+  void all_reduce_gradient_part(std::span<float> grads) { codec_->all_reduce_sum(grads, comm_); }
   // Overlap (exact gradients only): fusion buckets of about `bucket_bytes` over the ranges
   // of `ready_order` (the order backward finishes them), each reduced by the gradient
   // all-reducer on a communication thread while backward goes on.

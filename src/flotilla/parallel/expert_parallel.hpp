@@ -15,8 +15,12 @@ namespace flotilla::parallel {
 
 class ExpertParallel final : public model::ExpertExchange {
  public:
-  // `ep` and `data` must outlive this; every rank of `data` makes one alike.
-  ExpertParallel(comm::Communicator& ep, comm::Communicator& data) : ep_(ep), data_(data) {}
+  // `ep` and `data` (and `replicas`) must outlive this; every rank of `data` makes one
+  // alike. `replicas`: the mesh's dp group, the ranks holding the same block of experts
+  // (null: this rank alone), over which those experts' gradients are summed
+  // (parallel/expert_sync.hpp).
+  ExpertParallel(comm::Communicator& ep, comm::Communicator& data, comm::Communicator* replicas = nullptr)
+      : ep_(ep), data_(data), replicas_(replicas) {}
 
   int ep_size() const override { return ep_.size(); }
   int ep_rank() const override { return ep_.rank(); }
@@ -26,6 +30,10 @@ class ExpertParallel final : public model::ExpertExchange {
   void check_conserved(int64_t routed, int64_t received) override;
   void sum_over_data(std::span<double> values) override;
 
+  comm::Communicator& ep_group() { return ep_; }
+  comm::Communicator& data_group() { return data_; }
+  comm::Communicator* replica_group() { return replicas_; }
+
   // Bytes this rank sent to other ranks in row exchanges (its own rows stay put), and the
   // row exchanges run, since construction.
   uint64_t bytes_sent() const { return bytes_sent_; }
@@ -34,6 +42,7 @@ class ExpertParallel final : public model::ExpertExchange {
  private:
   comm::Communicator& ep_;
   comm::Communicator& data_;
+  comm::Communicator* replicas_;
   uint64_t bytes_sent_ = 0;
   uint64_t exchanges_ = 0;
 };

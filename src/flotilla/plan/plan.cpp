@@ -151,6 +151,7 @@ PlanResult make_plan(const PlanRequest& request) {
         if (w.batch_size % m == 0) M = m;
     p.pipelines.push_back(plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P)));
   }
+  p.experts = expert_parallel_plans(w, N);
   return p;
 }
 
@@ -403,6 +404,18 @@ std::string render_text(const PlanResult& p) {
                        format_seconds(pp.step_s), pp.speedup, memory);
   }
 
+  for (const ExpertPlan& ep : p.experts) {
+    if (&ep == &p.experts.front())
+      out += fmt::format("\nexpert parallel (--parallel ep=E; each rank holds E/ep of the {} experts of {} MoE layers; "
+                         "balanced routing)\n",
+                         p.request.workload.model.moe.num_experts, ep.moe_layers);
+    out += fmt::format("  ep={}: all-to-all {} a step per MoE layer (dispatch + combine, forward and backward) + {} of "
+                       "counts; {} a step in all; experts' state {} per rank ({} on one rank)\n",
+                       ep.ep, format_bytes(ep.all_to_all_bytes_per_layer), format_bytes(ep.count_bytes_per_layer),
+                       format_bytes(ep.all_to_all_bytes), format_bytes(ep.expert_bytes_per_rank),
+                       format_bytes(ep.expert_bytes_one_rank));
+  }
+
   const Recommendation& rec = p.recommendation;
   out += "\nflowchart\n";
   for (const std::string& q : rec.walk) out += "  " + q + "\n";
@@ -473,6 +486,9 @@ nlohmann::json plan_json(const PlanResult& p) {
   nlohmann::json pipelines = nlohmann::json::array();
   for (const PipelinePlan& pp : p.pipelines) pipelines.push_back(pipeline_json(pp));
   j["pipelines"] = pipelines;
+  nlohmann::json experts = nlohmann::json::array();
+  for (const ExpertPlan& ep : p.experts) experts.push_back(expert_json(ep));
+  j["expert_parallel"] = experts;
   const Recommendation& rec = p.recommendation;
   j["recommendation"] = {{"advice", advice_name(rec.advice)}, {"strategy", rec.strategy}, {"ranks", rec.ranks},
                          {"planned", rec.planned},            {"reason", rec.reason},     {"command", rec.command},

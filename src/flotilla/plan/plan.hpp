@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "flotilla/plan/expert.hpp"
 #include "flotilla/plan/pipeline.hpp"
 #include "flotilla/plan/scaling.hpp"
 #include "flotilla/plan/strategy.hpp"
@@ -72,6 +73,7 @@ struct PlanResult {
   // Pipelines of 2, 4, 8, ... stages up to the ranks and the layers (plan/pipeline.hpp), on
   // the link of that many ranks; not (yet) part of the recommendation.
   std::vector<PipelinePlan> pipelines;
+  std::vector<ExpertPlan> experts;  // ep = 2, 4, ...: a mixture-of-experts model only
 
   const StrategyRow& row(StrategyKind kind) const;
 };

@@ -1,6 +1,8 @@
 #include "flotilla/train/job.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -44,12 +46,38 @@ void check_pipeline_flags(const TrainJob& job) {
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
   if (job.train.deterministic) refuse("--deterministic");
+  if (job.train.balance_every > 0) refuse("--balance (the stages pass fixed-size micro-batches along)");
   const int64_t M = job.pipeline.micro_batches;
   if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));
   if (job.train.batch_size % M != 0)
     throw InputError("train", fmt::format("--micro-batches {} does not divide --batch-size {}: each micro-batch must "
                                           "have the same number of rows",
                                           M, job.train.batch_size));
+}
+
+// Tensor parallelism's combinations not built yet, each refused in one line.
+void check_tensor_parallel_flags(const TrainJob& job) {
+  auto refuse = [](std::string_view what) {
+    throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
+  };
+  if (job.pp) refuse("pipeline parallelism (pp > 1)");
+  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
+  if (!job.resume_from.empty()) refuse("--resume");
+  if (job.train.zero_stage > 0) refuse("--zero");
+  if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
+  if (job.compression.kind != comm::Compression::none) refuse("--compression");
+  if (job.train.deterministic) refuse("--deterministic");
+  // The tp ranks of a replica must run the same rows; each measures its own dp group.
+  if (job.train.balance_every > 0) refuse("--balance");
+  if (job.fine_tune == FineTuneType::lora) {
+    // LoRA on a column-parallel layer splits B by output rows and keeps A whole; the
+    // row-parallel ones (o, down) would split A and add u over the ranks: not built.
+    for (model::LoraTarget t : job.lora.targets)
+      if (t == model::LoraTarget::o || t == model::LoraTarget::down)
+        refuse(fmt::format("LoRA on {} (a row-parallel layer; q, k, v, gate and up work)",
+                           model::lora_target_module(t)));
+    if (!job.resume_adapter.empty()) refuse("--resume-adapter-file");
+  }
 }
 
 // The flags that need no model or data, checked first: a mistake shows before anything loads.
@@ -80,6 +108,7 @@ void check_job_flags(const TrainJob& job) {
     throw InputError("train", "--zero 3 cannot be combined with --dtype bf16: the bf16 copy of the weights is made of "
                               "the whole model at once, which a ZeRO-3 rank never holds; use --dtype float32");
   if (job.pp) check_pipeline_flags(job);
+  if (job.tp) check_tensor_parallel_flags(job);
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
     // Between meetings every rank holds other weights: a checkpoint must fall on a meeting.
     if (job.save_every > 0 && job.save_every % H != 0)
@@ -93,6 +122,22 @@ void check_job_flags(const TrainJob& job) {
 // A digest that is the same on every machine and build (std::hash need not be).
 std::string fnv1a_hex(std::string_view bytes) { return fmt::format("{:016x}", fnv1a64(bytes)); }
 
+// The names and sizes of a model directory's weight files (*.safetensors and the shard
+// index), sorted: what ranks that each read only their part of it compare.
+std::string weight_files_fingerprint(const std::filesystem::path& dir) {
+  std::vector<std::string> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() != ".safetensors" && name != "model.safetensors.index.json") continue;
+    std::error_code size_ec;
+    const auto bytes = std::filesystem::file_size(e.path(), size_ec);
+    files.push_back(fmt::format("{}:{}", name, size_ec ? -1 : static_cast<int64_t>(bytes)));
+  }
+  std::sort(files.begin(), files.end());
+  return fnv1a_hex(fmt::format("{}", fmt::join(files, ";")));
+}
+
 // Every rank must train the same model on the same data, from rank 0's weights.
 // A rank that built only its ZeRO-3 shard (`sharded_build`) holds no whole model to
 // broadcast: every rank drew its part from the same seed instead, which they check.
@@ -100,10 +145,22 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
                         bool sharded_build, const InfoSink& info) {
   job.dp->check_same("model configs", fnv1a_hex(model.config().to_json().dump()));
   job.dp->check_same("tokenizers", tokenizer.fingerprint());
-  if (sharded_build) {
+  if (sharded_build && !job.model_dir.empty()) {
+    // Each rank read its own shard of the directory; nothing is broadcast, so every rank
+    // must read the same files (as it reads the same data). Their layout is compared here;
+    // their values cannot be without reading them whole.
+    job.dp->check_same("model directories' weight files (names and sizes)", weight_files_fingerprint(job.model_dir));
+  } else if (sharded_build) {
     job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
   } else if (model.holds_all() || model.base_frozen()) {
     job.dp->broadcast_parameters(model.trainable().params);
+  } else if (!model.holds_all_experts()) {
+    // An expert-parallel rank: the data group shares all but the experts, which only this
+    // rank's dp replicas hold; each rank read or drew its own from the same files or seed.
+    const std::span<float> params = model.trainable().params;
+    for (const auto& [begin, end] : model.held_ranges(model::Llama::TensorGroup::non_experts))
+      job.dp->broadcast_parameters(params.subspan(static_cast<size_t>(begin), static_cast<size_t>(end - begin)));
+    if (job.model_dir.empty()) job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
   } else {
     // A pipeline stage: the dp group is the same stage in the other replicas; only what the
     // stage holds is sent (writing the rest would make it resident).
@@ -167,6 +224,15 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
   checkpoints.check_weights_finite(record.summary.steps, "the model is");
   const bool gathered = !adapters && trainer.sync().weights_sharded();
   if (gathered && !ranks.root) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
+  // Tensor parallel: world rank 0's tp group gathers the slices into one whole model.
+  std::optional<model::Llama> whole;
+  std::optional<model::LoraAdapters> whole_adapters;
+  if (job.tp && (!job.dp || job.dp->rank() == 0)) {
+    if (adapters)
+      whole_adapters = job.tp->gather_full_adapters(*adapters, model.full_config());
+    else
+      whole = job.tp->gather_full_model(model);
+  }
   if (!ranks.root) {
     // A rank's trace is its only output: a failure is told, and never ends the job while
     // rank 0 writes the model.
@@ -174,9 +240,10 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
     return;
   }
   if (adapters) {
-    adapters->save_peft(job.out_dir, base_model_name(job));
+    (whole_adapters ? &*whole_adapters : adapters)->save_peft(job.out_dir, base_model_name(job));
   } else {
     if (gathered) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
+    else if (whole) whole->save(job.out_dir);
     else model.save(job.out_dir);
     tokenizer.save(job.out_dir);
   }
@@ -254,20 +321,35 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     // stage must be building the same model.
     parallel::DataParallel(*job.pp).check_same("model configs", fnv1a_hex(model_config.to_json().dump()));
   }
-  // Under --zero 3 each rank builds only its shard of a new model (build_ranges).
+  // Under --zero 3 each rank builds (draws or reads) only its shard of the model (build_ranges).
   const std::vector<model::ElementRange> shard = build_ranges(job, *tokenizer);
   model::Llama model = make_model(
-      job, *tokenizer, pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt, shard);
+      job, *tokenizer,
+      held_part(job, model_config,
+                pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt),
+      shard);
   const DataFolder data_folder =
       pipeline_data ? std::move(*pipeline_data) : locate_data(job, model.config(), *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
+  if (job.tp) {
+    model.set_tensor_parallel(job.tp, model_config);
+    info(fmt::format("tensor parallel: tp={}, this rank holds {} of {} query heads, {} of {} key-value heads and {} "
+                     "of {} MLP columns per layer: {:.2f}M of {:.2f}M parameters",
+                     job.tp->tp_size(), model.config().n_heads, model_config.n_heads, model.config().n_kv_heads,
+                     model_config.n_kv_heads, model.config().ffn_dim, model_config.ffn_dim,
+                     static_cast<double>(model.config().num_params()) / 1e6,
+                     static_cast<double>(model_config.num_params()) / 1e6));
+  }
   if (job.experts && (model.config().is_moe() || job.experts->ep_size() > 1)) {
     model.set_expert_exchange(job.experts);
     if (job.experts->ep_size() > 1) {
       const auto [first, end] = model.local_experts();
-      info(fmt::format("expert parallel: ep={}, this rank runs experts [{}, {}) of {} per layer",
-                       job.experts->ep_size(), first, end, model.config().moe.num_experts));
+      info(fmt::format("expert parallel: ep={}, this rank runs experts [{}, {}) of {} per layer{}",
+                       job.experts->ep_size(), first, end, model.config().moe.num_experts,
+                       model.holds_all_experts() ? " and holds all of them (--zero and --compression exchange the whole "
+                                           "model over the data group)"
+                                         : ""));
     }
   }
   if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, !shard.empty(), info);
@@ -285,7 +367,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   record.metrics_path = job.out_dir / "metrics.jsonl";
   std::unique_ptr<TraceRecorder> trace;
   if (!job.trace_path.empty()) trace = std::make_unique<TraceRecorder>();
-  Trainer trainer(model, job.train, job.dp, trace.get(), pipeline ? &*pipeline : nullptr);
+  Trainer trainer(model, job.train, job.dp, trace.get(), pipeline ? &*pipeline : nullptr, job.experts);
   const nlohmann::json config = train_job_config_json(job);
   JobCheckpoints checkpoints(job, ranks, trainer, *data.train, adapters.get(), config, record, info);
   if (!job.resume_from.empty()) checkpoints.resume();
@@ -301,12 +383,19 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                                                     : ParentOutput::keeps_reading);
   run_training_loop(job, ranks, trainer, data, checkpoints, record, cb, info);
   record.summary.steps = trainer.steps_done();
+  if (job.tp && record.summary.steps > 0)
+    info(fmt::format("tensor parallel: {} activation all-reduces, {:.1f} MiB a step (rank 0; validation included)",
+                     job.tp->all_reduces(),
+                     static_cast<double>(job.tp->bytes_reduced()) / static_cast<double>(record.summary.steps) /
+                         (1 << 20)));
   if (data.test) {
     const EvalMetrics e = data.test();
     record.summary.test_loss = e.loss;
     record.summary.test_tokens = e.tokens;
     info(fmt::format("test: loss {:.4f}, perplexity {:.3f} ({} target tokens)", e.loss, std::exp(e.loss), e.tokens));
   }
+  // Replicated tensors are updated alike on every tp rank: a difference is a bug.
+  if (job.tp) job.tp->check_replicated_same(model);
   record.summary.peak_rss_bytes = peak_rss_bytes();
   record.summary.dtype = std::string(model::matmul_dtype_name(model.matmul_input()));
   write_outputs(job, ranks, model, adapters.get(), *tokenizer, trace.get(), trainer, config, checkpoints, record, info);

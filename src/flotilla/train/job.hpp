@@ -15,6 +15,7 @@
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/pipeline.hpp"
+#include "flotilla/parallel/tensor_parallel.hpp"
 #include "flotilla/train/trainer.hpp"
 
 namespace flotilla::train {
@@ -98,6 +99,12 @@ struct TrainJob {
   // experts, and `dp` is then the data group (dp x ep) that averages the gradients.
   parallel::ExpertParallel* experts = nullptr;
   parallel::PipelineConfig pipeline;
+  // Tensor parallel (parallel/tensor_parallel.hpp): the mesh's tp group (its size > 1),
+  // whose ranks hold slices of every block's linear layers; `world` is then every rank of
+  // the job, and `dp` the data group (the same tp slice in the other replicas). Null: none.
+  // Tensor-parallel runs take no checkpoints yet (--save-every and --resume are refused);
+  // the model written at the end is gathered whole.
+  parallel::TensorParallel* tp = nullptr;
   // How gradients travel between ranks (data parallel only): exact float32, or compressed
   // with error feedback. A lossy codec's residuals are not checkpointed: a resumed run
   // starts them at zero, so it is not bit-for-bit the run that never stopped.

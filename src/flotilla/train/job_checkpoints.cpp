@@ -106,6 +106,12 @@ void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
     }
   } else {
     finite = all_finite(params);
+    if (job_.tp) {
+      // Tensor parallel: each rank holds its own slices; every rank of the job agrees.
+      double bad = finite ? 0.0 : 1.0;
+      job_.world->all_reduce(comm::MutView(std::span<double>(&bad, 1)), comm::ReduceOp::max, {.name = "finite weights"});
+      finite = bad == 0.0;
+    }
   }
   if (finite) return;
   if (ranks_.root) record_.write_metrics();  // the history up to here, for the record
@@ -146,9 +152,10 @@ void JobCheckpoints::after_step(int64_t step) {
 
 std::string JobCheckpoints::save_on_stop(int64_t step) {
   if (last_saved_step_ == step) return "checkpoint " + last_saved_dir_.string();
-  if (foreign_ || job_.pp) {
+  if (foreign_ || job_.pp || job_.tp) {
     if (ranks_.root) record_.write_metrics();
     if (job_.pp) return "no checkpoint written: pipeline runs (pp > 1) take none yet";
+    if (job_.tp) return "no checkpoint written: tensor-parallel runs (tp > 1) take none yet";
     return "no checkpoint written: " + dir_.string() + " holds an earlier run's checkpoints";
   }
   save(step);

@@ -22,7 +22,8 @@ struct JobRanks {
 
 inline JobRanks job_ranks(const TrainJob& job) {
   const int data_rank = job.dp ? job.dp->rank() : 0, data_world = job.dp ? job.dp->world() : 1;
-  if (job.pp) return JobRanks{job.world->rank() == 0, job.world->rank(), job.world->size(), data_rank, data_world};
+  // A pipeline or tensor parallelism: several ranks of one replica; world rank 0 reports.
+  if (job.pp || job.tp) return JobRanks{job.world->rank() == 0, job.world->rank(), job.world->size(), data_rank, data_world};
   if (!job.dp) return {};
   return JobRanks{job.dp->is_root(), job.dp->rank(), job.dp->world(), data_rank, data_world};
 }

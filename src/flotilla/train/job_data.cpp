@@ -69,7 +69,15 @@ void open_prepared(const TrainJob& job, const DataFolder& folder, const text::To
   sc.pad_id = std::max(0, tokenizer.pad_id());
   d.train_examples = std::make_unique<data::TokenDataset::SplitExamples>(prepared.examples(data::Split::train));
   check_truncation(data::truncation_at(*d.train_examples, T), "training", T, true, job.data, info);
-  d.train = std::make_unique<data::BatchSampler>(*d.train_examples, sc);
+  // --balance: the trainer cuts each global batch itself, so the sampler reads for every
+  // rank (one process's view of the same global batches: the same state, the same ledger).
+  data::SamplerConfig train_sc = sc;
+  if (job.train.balance_every > 0) {
+    train_sc.micro_batch = sc.micro_batch * sc.world;
+    train_sc.rank = 0;
+    train_sc.world = 1;
+  }
+  d.train = std::make_unique<data::BatchSampler>(*d.train_examples, train_sc);
   info(fmt::format("data: {} prepared: {} train / {} valid examples ({} / {} tokens), {}", job.data.string(),
                    prepared.num_examples(data::Split::train), prepared.num_examples(data::Split::valid),
                    prepared.num_tokens(data::Split::train), prepared.num_tokens(data::Split::valid),
@@ -122,7 +130,8 @@ void open_raw_text(const TrainJob& job, const text::Tokenizer& tokenizer, model:
                    split.train.size(), have_valid ? split.valid.size() : 0));
   d.raw_train = std::make_unique<data::RandomWindowSource>(std::move(split.train), job.seed);
   // Ranks draw the same rows and keep their slice: the union is one process's batch.
-  if (job.dp)
+  // (With --balance the trainer cuts each global batch itself: every rank reads all rows.)
+  if (job.dp && job.train.balance_every == 0)
     d.train = std::make_unique<data::RankSlicedSource>(*d.raw_train, ranks.data_rank, ranks.data_world);
   else
     d.train = std::move(d.raw_train);

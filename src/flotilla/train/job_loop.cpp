@@ -57,7 +57,7 @@ void run_training_loop(const TrainJob& job, const JobRanks& ranks, Trainer& trai
   int stop_signal = 0;
   const auto stop_after = [&](int64_t step) {
     const int local = stop_signal_received();
-    if (job.pp) {
+    if (job.pp || job.tp) {
       int64_t any = local;
       job.world->all_reduce(comm::MutView(std::span<int64_t>(&any, 1)), comm::ReduceOp::max, {.name = "stop signal"});
       stop_signal = static_cast<int>(any);

@@ -10,6 +10,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/matmul_dtype.hpp"
+#include "flotilla/model/tensor_parallel_io.hpp"
 #include "flotilla/parallel/zero3.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
@@ -69,20 +70,46 @@ model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& 
 
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer) {
   // Stage 3's refusals (LoRA, pipelines, bf16) come before any model is built
-  // (check_job_flags); a model directory is read whole.
-  const bool new_model = job.model_dir.empty() && (job.preset.empty() != job.config_json.empty());
-  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || !new_model || job.pp ||
-      job.fine_tune != FineTuneType::full)
+  // (check_job_flags). A new model draws only these ranges, a model directory reads only
+  // them (Llama::load).
+  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || job.pp || job.fine_tune != FineTuneType::full)
     return {};
   const model::ModelConfig cfg = job_model_config(job, tokenizer);
+  if (cfg.quantization) return {};  // refused after the load: a packed base cannot be fully trained
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
 
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
-                        std::optional<model::Llama::LayerRange> stage, std::span<const model::ElementRange> shard) {
-  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, stage);
+model::Llama::HeldPart held_part(const TrainJob& job, const model::ModelConfig& cfg,
+                                 std::optional<model::Llama::LayerRange> stage) {
+  model::Llama::HeldPart held{.layers = stage, .experts = std::nullopt};
+  if (!job.experts || job.experts->ep_size() < 2 || !cfg.is_moe()) return held;
+  const int ep = job.experts->ep_size();
+  const int64_t E = cfg.moe.num_experts;
+  if (E % ep != 0) return held;  // refused by Llama::set_expert_exchange, naming both
+  // ZeRO and compression reduce (and ZeRO gathers) the whole arena over the data group.
+  const bool whole_arena = job.fine_tune == FineTuneType::full &&
+                           (job.train.zero_stage > 0 || job.compression.kind != comm::Compression::none);
+  if (whole_arena) return held;
+  const int64_t El = E / ep;
+  held.experts = model::Llama::ExpertRange{job.experts->ep_rank() * El, (job.experts->ep_rank() + 1) * El};
+  return held;
+}
+
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, const model::Llama::HeldPart& held,
+                        std::span<const model::ElementRange> shard) {
+  if (job.tp) {
+    // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp),
+    // read one tensor at a time from a model directory or drawn from the one-rank stream.
+    const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
+    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank);
+    const model::ModelConfig full = job_model_config(job, tokenizer);
+    model::Llama local(model::tensor_parallel_config(full, tp));
+    model::init_random_slices(local, full, rank, job.seed);
+    return local;
+  }
+  if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);
   model::Llama model(job_model_config(job, tokenizer));
-  if (stage) model.hold_only(*stage);
+  if (held.layers || held.experts) model.hold_only(held);
   if (shard.empty())
     model.init_random(job.seed);
   else
@@ -130,7 +157,7 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
 void check_trainable_finite(const TrainJob& job, model::Llama& model, std::span<const model::ElementRange> shard) {
   const model::Llama::Trainable trainable = model.trainable();
   for (const model::ParamInfo& p : trainable.table.params()) {
-    if (!model.base_frozen() && !model.holds(p)) continue;  // another pipeline stage's
+    if (!model.base_frozen() && !model.holds(p)) continue;  // another pipeline stage's or expert rank's
     // The tensor's floats this rank holds: all, or those inside its shard.
     std::vector<model::ElementRange> parts;
     if (shard.empty()) parts.push_back({p.offset, p.offset + p.numel});

@@ -28,15 +28,22 @@ model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& 
 // The ranges of the parameter arena this rank builds: empty for the whole model; under
 // --zero 3 on several ranks, a new model's ZeRO-3 shard (parallel/zero3.hpp), so that no
 // rank ever writes (and holds) the whole model. Every rank computes its own from the
-// config alone, before the model exists. (A model directory is still read whole.)
+// config alone, before the model exists. A model directory is read the same way: only
+// these ranges of its files (a quantized one, which cannot be fully trained, whole).
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer);
 
-// The model: loaded, or initialised from job.seed. `stage` (a pipeline stage's layers):
-// the model holds only that stage's tensors (model::Llama::hold_only), and reads or draws
-// only those. `shard` (from build_ranges, a new model only): only those ranges are
-// initialised, to the values the whole model would have there; the rest is never written.
-model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer,
-                        std::optional<model::Llama::LayerRange> stage = std::nullopt,
+// The part of the model this rank holds (model::Llama::HeldPart): a pipeline stage's
+// layers (`stage`), and under expert parallelism (ep > 1) this rank's block of every MoE
+// layer's experts, unless the run exchanges the whole arena over the data group (--zero,
+// --compression), which then holds every expert as before.
+model::Llama::HeldPart held_part(const TrainJob& job, const model::ModelConfig& cfg,
+                                 std::optional<model::Llama::LayerRange> stage);
+
+// The model: loaded, or initialised from job.seed. `held`: the model holds only that part's
+// tensors (model::Llama::hold_only), and reads or draws only those. `shard` (from
+// build_ranges): only those ranges are initialised or read, to the values the whole model
+// would have there; the rest is never written.
+model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, const model::Llama::HeldPart& held = {},
                         std::span<const model::ElementRange> shard = {});
 
 // A LoRA run: adapters (fresh from job.seed, or job.resume_adapter checked against the LoRA

@@ -330,7 +330,16 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
   // rank's optimizer owns (its new shard under ZeRO, computed from this run's world).
   const std::vector<io::FloatRange> arena = {{0, arena_floats}};
   const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
-  copy_kind(layout, files, "weights", arena, trainable.params);
+  const model::Llama& model = trainer.model();
+  if (model.base_frozen() || model.holds_all()) {
+    copy_kind(layout, files, "weights", arena, trainable.params);
+  } else {
+    // A model holding a part (an expert-parallel rank's experts): only that part is read,
+    // the rest never written (its pages never resident).
+    for (const model::ElementRange& r : model.held_ranges())
+      copy_kind(layout, files, "weights", std::vector<io::FloatRange>{{r.begin, r.end}},
+                trainable.params.subspan(static_cast<size_t>(r.begin), static_cast<size_t>(r.size())));
+  }
   copy_kind(layout, files, "m", owned, trainer.optimizer().m());
   copy_kind(layout, files, "v", owned, trainer.optimizer().v());
 }

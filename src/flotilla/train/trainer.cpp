@@ -2,13 +2,17 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <optional>
+#include <thread>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/parallel/deterministic_sync.hpp"
+#include "flotilla/parallel/expert_sync.hpp"
 #include "flotilla/parallel/pipeline_sync.hpp"
 
 namespace flotilla::train {
@@ -45,7 +49,8 @@ namespace {
 // The gradient sync cfg asks for, after the checks every flag gets.
 std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const TrainConfig& cfg,
                                                   parallel::DataParallel* dp, TraceRecorder* trace,
-                                                  parallel::PipelineStage* pipeline) {
+                                                  parallel::PipelineStage* pipeline,
+                                                  parallel::ExpertParallel* experts) {
   if (cfg.batch_size <= 0 || cfg.seq_len <= 0 || cfg.grad_accum <= 0 || cfg.steps < 0)
     throw InputError("train", "batch size, sequence length and accumulation steps must be positive");
   validate_train_config(cfg);
@@ -62,6 +67,23 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
                                             "this one has {} (--batch-size x --grad-accum x ranks)",
                                             parallel::kMaxDeterministicRows, rows));
   }
+  if (cfg.balance_every < 0)
+    throw InputError("train", fmt::format("--balance-every must be 1 or more steps, not {}", cfg.balance_every));
+  if (!(std::isfinite(cfg.test_slow_factor) && cfg.test_slow_factor >= 1.0))
+    throw InputError("train", fmt::format("FLOTILLA_TEST_SLOW_RANK's factor must be a finite number >= 1, not {}",
+                                          cfg.test_slow_factor));
+  if (cfg.balance_every > 0) {
+    // Each of these needs every rank's micro-batches alike, or weighs ranks by their own rows.
+    if (pipeline)
+      throw InputError("train", "--balance does not work with pipeline parallelism (pp > 1): the stages of a "
+                                "replica pass fixed-size micro-batches along");
+    if (model.config().is_moe())
+      throw InputError("train", "--balance does not work with mixture-of-experts models: the router's "
+                                "load-balancing loss is a mean over each micro-batch, which the cut would change");
+    if (cfg.local_sgd.sync_every > 0)
+      throw InputError("train", "--balance does not work with local SGD (--sync-every): each rank steps on the mean "
+                                "over its own rows, so unequal shares would weigh the ranks unequally");
+  }
   if (pipeline) {
     // A mixture of experts' load-balancing loss is summed over the layers of the whole
     // model; the stages would each hold a part of it: not built yet.
@@ -75,6 +97,14 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
                                             "must have the same number of rows",
                                             pipeline->config().micro_batches, cfg.batch_size));
     return parallel::make_pipeline_sync(model, *pipeline, dp);
+  }
+  if (!model.holds_all_experts() && !model.base_frozen()) {
+    // Each rank holds its own experts (train/job_model.hpp's held_part): their gradients
+    // are summed over their replicas only.
+    if (!experts || !dp) throw Error("train", "a model holding part of its experts needs expert parallelism");
+    if (cfg.zero_stage > 0 || cfg.local_sgd.sync_every > 0 || dp->codec().kind() != comm::Compression::none)
+      throw InputError("train", "--zero, --sync-every and --compression do not combine with experts held in part");
+    return parallel::make_expert_sync(model, *dp, *experts);
   }
   return parallel::make_gradient_sync(
       model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd,
@@ -94,17 +124,23 @@ std::vector<FlatRange> flat_ranges(const std::vector<parallel::ArenaRange>& rang
 }  // namespace
 
 Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp, TraceRecorder* trace,
-                 parallel::PipelineStage* pipeline)
+                 parallel::PipelineStage* pipeline, parallel::ExpertParallel* experts)
     : model_(model),
       cfg_(cfg),
       dp_(dp),
       trace_(trace),
       pipeline_(pipeline),
-      sync_(make_sync(model, cfg, dp, trace, pipeline)),
+      sync_(make_sync(model, cfg, dp, trace, pipeline, experts)),
       optimizer_(model.trainable().table, cfg.adamw, flat_ranges(sync_->owned())),
       schedule_{cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps} {
   batch_.B = cfg.batch_size;
   batch_.T = cfg.seq_len;
+  if (cfg.balance_every > 0)
+    balancer_ = std::make_unique<parallel::RowBalancer>(
+        dp ? &dp->communicator() : nullptr,
+        parallel::RowBalanceConfig{.global_rows = cfg.batch_size * cfg.grad_accum * world(),
+                                   .min_rows = cfg.grad_accum,  // one row in each micro-batch
+                                   .every = cfg.balance_every});
 }
 
 Trainer::~Trainer() = default;
@@ -194,10 +230,51 @@ model::LossSum Trainer::rows_forward_backward(int64_t first_row) {
   return total;
 }
 
+void Trainer::draw_global_batch(data::BatchSource& train) {
+  // The source reads for every rank: grad_accum micro-batches of world x B rows, in the
+  // global batch's row order (data/batch_sampler.hpp, data/rank_slice.hpp).
+  const int64_t T = cfg_.seq_len, chunk_rows = cfg_.batch_size * world();
+  global_batch_.B = chunk_rows * cfg_.grad_accum;
+  global_batch_.T = T;
+  global_batch_.tokens.clear();
+  global_batch_.targets.clear();
+  global_batch_.doc_start.clear();
+  for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
+    batch_.B = chunk_rows;
+    batch_.T = T;
+    train.next_batch(batch_);
+    global_batch_.tokens.insert(global_batch_.tokens.end(), batch_.tokens.begin(), batch_.tokens.end());
+    global_batch_.targets.insert(global_batch_.targets.end(), batch_.targets.begin(), batch_.targets.end());
+    // Packed rows carry doc_start; plain windows do not (then no chunk does).
+    global_batch_.doc_start.insert(global_batch_.doc_start.end(), batch_.doc_start.begin(), batch_.doc_start.end());
+  }
+}
+
+int64_t Trainer::take_share(int64_t micro) {
+  // This rank's rows [first, first + n) of the global batch, cut into grad_accum
+  // micro-batches whose sizes differ by at most one (the larger ones first).
+  const int64_t n = balancer_->share(rank()), accum = cfg_.grad_accum, T = cfg_.seq_len;
+  const int64_t base = n / accum, extra = n % accum;
+  const int64_t rows = base + (micro < extra ? 1 : 0);
+  const int64_t first = balancer_->first_row(rank()) + micro * base + std::min(micro, extra);
+  const auto begin = static_cast<std::ptrdiff_t>(first * T), end = static_cast<std::ptrdiff_t>((first + rows) * T);
+  batch_.B = rows;
+  batch_.T = T;
+  batch_.tokens.assign(global_batch_.tokens.begin() + begin, global_batch_.tokens.begin() + end);
+  batch_.targets.assign(global_batch_.targets.begin() + begin, global_batch_.targets.begin() + end);
+  if (global_batch_.doc_start.empty())
+    batch_.doc_start.clear();
+  else
+    batch_.doc_start.assign(global_batch_.doc_start.begin() + begin, global_batch_.doc_start.begin() + end);
+  return first;
+}
+
 StepMetrics Trainer::step(data::BatchSource& train) {
   Timer timer;
   StepMetrics m;
   parallel::Exchanged exchanged;
+  int64_t rows_run = 0;         // rows this rank ran forward and backward
+  double rows_compute_s = 0.0;  // in this many seconds (row balancing's measure)
   // Draws global batches until one has a target token on some rank (all ranks agree: the
   // count is global). See step() in trainer.hpp for why an empty one is skipped.
   for (;;) {
@@ -218,33 +295,75 @@ StepMetrics Trainer::step(data::BatchSource& train) {
       }
       window = pipeline_->run(model_, micro_batches_, trace_);
     }
-    for (int64_t micro = 0; !pipeline_ && micro < cfg_.grad_accum; ++micro) {
-      batch_.B = cfg_.batch_size;
-      batch_.T = cfg_.seq_len;
+    if (balancer_) {
       Timer data_timer;
-      train.next_batch(batch_);
+      draw_global_batch(train);
       m.data_s += data_timer.elapsed_s();
+    }
+    for (int64_t micro = 0; !pipeline_ && micro < cfg_.grad_accum; ++micro) {
+      // Index in the global batch of the micro-batch's first row. Without balancing,
+      // micro-step a of rank r holds rows [(a * world + r) * B, +B) (data/batch_sampler.hpp,
+      // data/rank_slice.hpp); with it, a piece of the rank's share (take_share).
+      int64_t first_in_batch = 0;
+      {
+        Timer data_timer;
+        if (balancer_) {
+          first_in_batch = take_share(micro);
+        } else {
+          batch_.B = cfg_.batch_size;
+          batch_.T = cfg_.seq_len;
+          train.next_batch(batch_);
+          first_in_batch = (micro * world() + rank()) * cfg_.batch_size;
+        }
+        m.data_s += data_timer.elapsed_s();
+      }
+      rows_run += batch_.B;
       model::LossSum loss;
+      double micro_compute_s = 0.0;  // forward and backward of this micro-batch, no waits
       if (sync_->per_row()) {
-        // The global batch's rows in the samplers' layout: micro-step a of rank r holds rows
-        // [(a * world + r) * B, +B) (data/batch_sampler.hpp, data/rank_slice.hpp).
         const int64_t global_rows = cfg_.batch_size * cfg_.grad_accum * world();
-        const int64_t first = (step_ + m.skipped_batches) * global_rows + (micro * world() + rank()) * cfg_.batch_size;
-        loss = rows_forward_backward(first);
+        Timer compute_timer;
+        loss = rows_forward_backward((step_ + m.skipped_batches) * global_rows + first_in_batch);
+        micro_compute_s = compute_timer.elapsed_s();
+      } else {
+        double forward_s = 0.0;
+        {
+          Timer compute_timer;
+          TraceSpan span(trace_, "forward", TraceLane::compute);
+          loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
+                                batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
+          forward_s = compute_timer.elapsed_s();
+        }
+        // The slow-rank hook sleeps before backward, for the forward and the backward to come
+        // (the last one's share of the two): sleeping after backward would hide behind the
+        // buckets' all-reduce, which a slower machine's backward would delay.
+        if (cfg_.test_slow_factor > 1.0) {
+          const double extra_s = (cfg_.test_slow_factor - 1.0) * forward_s * (1.0 + slow_backward_ratio_);
+          std::this_thread::sleep_for(std::chrono::duration<double>(extra_s));
+          micro_compute_s += extra_s;
+        }
+        sync_->before_backward(micro, cfg_.grad_accum);
+        {
+          Timer compute_timer;
+          TraceSpan span(trace_, "backward", TraceLane::compute);
+          // Sum of per-token gradients; divided by the token count of the exchange below.
+          model_.backward(1.0f);
+          const double backward_s = compute_timer.elapsed_s();
+          if (forward_s > 0.0) slow_backward_ratio_ = backward_s / forward_s;
+          micro_compute_s += forward_s + backward_s;
+        }
+      }
+      if (cfg_.test_slow_factor > 1.0 && sync_->per_row()) {
+        // Rows exchange nothing until the step's end: the sleep may follow them.
+        const double extra_s = (cfg_.test_slow_factor - 1.0) * micro_compute_s;
+        std::this_thread::sleep_for(std::chrono::duration<double>(extra_s));
+        micro_compute_s += extra_s;
+      }
+      rows_compute_s += micro_compute_s;
+      if (sync_->per_row()) {
         window.sum += loss.sum;
         window.num_tokens += loss.num_tokens;
         continue;
-      }
-      {
-        TraceSpan span(trace_, "forward", TraceLane::compute);
-        loss = model_.forward(batch_.tokens.data(), batch_.targets.data(), batch_.B, batch_.T,
-                              batch_.doc_start.empty() ? nullptr : batch_.doc_start.data());
-      }
-      sync_->before_backward(micro, cfg_.grad_accum);
-      {
-        TraceSpan span(trace_, "backward", TraceLane::compute);
-        // Sum of per-token gradients; divided by the token count of the exchange below.
-        model_.backward(1.0f);
       }
       sync_->after_backward();
       window.sum += loss.sum;
@@ -278,7 +397,10 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   update_span.emplace(trace_, "clip + optimizer", TraceLane::compute);
   if (exchanged.grad_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(exchanged.grad_tokens));
-  const double grad_norm = std::sqrt(sync_->grad_sum_squares());
+  // Tensor parallel: the split tensors' squares summed over the tp group (the sync's owned
+  // gradients are this rank's whole local model: tp refuses the sharding syncs).
+  const double grad_norm = std::sqrt(model_.tensor_parallel() ? model_.grad_sum_squares_tensor_parallel()
+                                                              : sync_->grad_sum_squares());
   const float lr = schedule_.lr_at(step_);
   const model::LossSum& reported = exchanged.global;
   // The loss and the norm are global after the exchange, so every rank decides alike
@@ -310,6 +432,15 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     std::optional<TraceSpan> span;
     if (sync_->sharded()) span.emplace(trace_, "weight all-gather", TraceLane::compute);
     sync_->after_update(step_, step_ == cfg_.steps);
+    m.sync_s += sync_timer.elapsed_s();
+  }
+  if (balancer_) {
+    m.rank_rows = balancer_->shares();  // this step's, before a new cut
+    // A process's first step pays for allocations and first touches: not a speed.
+    if (measured_steps_++ > 0) balancer_->record(rows_run, rows_compute_s);
+    Timer sync_timer;
+    balancer_->after_step(step_);
+    if (step_ % cfg_.balance_every == 0) m.rank_rows_per_s = balancer_->speeds();
     m.sync_s += sync_timer.elapsed_s();
   }
 

@@ -13,6 +13,7 @@
 #include <optional>
 #include <span>
 #include <utility>
+#include <vector>
 
 #include "flotilla/base/buffer.hpp"
 #include "flotilla/base/error.hpp"
@@ -20,9 +21,11 @@
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
+#include "flotilla/parallel/expert_parallel.hpp"
 #include "flotilla/parallel/gradient_sync.hpp"
 #include "flotilla/parallel/local_sgd.hpp"
 #include "flotilla/parallel/pipeline.hpp"
+#include "flotilla/parallel/row_balance.hpp"
 #include "flotilla/train/adamw.hpp"
 #include "flotilla/train/schedule.hpp"
 
@@ -64,6 +67,17 @@ struct TrainConfig {
   // batch and any thread count (parallel/deterministic_sync.hpp): rows run one at a time,
   // their gradients summed in fixed-point integers, LoRA dropout keyed by the global row.
   bool deterministic = false;
+  // Data parallel, row balancing (parallel/row_balance.hpp): > 0 cuts each global batch
+  // into per-rank shares that follow the ranks' measured speeds, agreed on every this many
+  // steps; 0: equal shares. With it, the BatchSource passed to step() and run() yields the
+  // whole global batch (as one process reading for every rank would: micro-batches of
+  // world x batch_size rows, grad_accum of them per step) and each rank keeps its share.
+  int64_t balance_every = 0;
+  // Test hook (the environment's FLOTILLA_TEST_SLOW_RANK=rank:factor for `flotilla
+  // train`): this rank's forward and backward take `factor` times as long (it sleeps the
+  // difference before each micro-batch's backward, or after its rows in the deterministic
+  // mode), to stand for a slower machine. 1: off.
+  double test_slow_factor = 1.0;
 };
 
 struct StepMetrics {
@@ -91,6 +105,13 @@ struct StepMetrics {
   // micro-batches, weighted by their target tokens; not part of `loss`. Absent for a dense
   // model.
   std::optional<double> router_aux_loss;
+  // Row balancing (TrainConfig::balance_every): the rows each rank ran this step, in rank
+  // order; their sum is the global batch and rank r's rows follow rank r - 1's. Empty
+  // without balancing (equal shares).
+  std::vector<int64_t> rank_rows;
+  // Row balancing, on a step that ended a window: each rank's smoothed speed (rows per
+  // second of forward and backward) from which the next steps' shares were cut.
+  std::vector<double> rank_rows_per_s;
 };
 
 // A step whose loss or gradient norm is not finite under NonFinitePolicy::stop; nothing of
@@ -138,8 +159,10 @@ class Trainer {
   // one stage of a pipeline (parallel/pipeline.hpp): each of a step's cfg.grad_accum
   // batches is cut into the pipeline's micro-batches, all of them run through the stages in
   // one flush of its schedule, and `dp` (if any) is the stage's data-parallel group.
+  // With `experts` (must outlive the trainer) and a model holding only its block of the
+  // experts, gradients are summed as parallel/expert_sync.hpp says.
   Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* dp = nullptr, TraceRecorder* trace = nullptr,
-          parallel::PipelineStage* pipeline = nullptr);
+          parallel::PipelineStage* pipeline = nullptr, parallel::ExpertParallel* experts = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -187,6 +210,8 @@ class Trainer {
   // How the ranks combine their work (its name, bytes sent, whether it shards).
   const parallel::GradientSync& sync() const { return *sync_; }
   parallel::GradientSync& sync() { return *sync_; }
+  // Row balancing's agreement (null without TrainConfig::balance_every).
+  const parallel::RowBalancer* balancer() const { return balancer_.get(); }
 
   // AdamW's moments in the layout of the whole trainable arena, for reading an unsharded
   // checkpoint: the optimizer's own buffers, or under ZeRO buffers the trainer holds until
@@ -226,12 +251,21 @@ class Trainer {
   AdamW optimizer_;
   Buffer<float> whole_m_, whole_v_;  // ZeRO: the moments of every rank, while reading an unsharded checkpoint
   CosineSchedule schedule_;
+  std::unique_ptr<parallel::RowBalancer> balancer_;  // row balancing: this step's shares
   data::Batch batch_;                       // (B, T) the current micro-batch
+  data::Batch global_batch_;                // row balancing: (G, T) the step's global batch
   std::vector<data::Batch> micro_batches_;  // pipeline: the step's micro-batches
   // Forward and backward of the micro-batch in batch_, one row at a time (deterministic
   // mode); `first_row` is its first row's index among every global batch drawn so far.
   model::LossSum rows_forward_backward(int64_t first_row);
+  // Row balancing: draws the step's whole global batch into global_batch_.
+  void draw_global_batch(data::BatchSource& train);
+  // Row balancing: copies micro-batch `micro` of this rank's share into batch_; returns its
+  // first row's index in the global batch.
+  int64_t take_share(int64_t micro);
   int64_t step_ = 0;
+  int64_t measured_steps_ = 0;  // row balancing: steps this process ran
+  double slow_backward_ratio_ = 2.0;  // slow-rank hook: the last backward's time over its forward's
   double elapsed_s_ = 0.0;
 };
 

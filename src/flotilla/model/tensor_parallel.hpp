@@ -1,0 +1,72 @@
+// Tensor parallelism (Megatron-LM's column/row split) as the model sees it. model/ sits
+// below comm/ and parallel/ (DESIGN.md), so a block cannot call an all-reduce itself; it
+// calls this interface, which parallel/tensor_parallel.hpp implements over the mesh's tp
+// group.
+//
+// Vocabulary. A *full* model is the one a single rank trains; a tp rank holds a *local*
+// model of the same depth whose attention has n_heads / tp query heads and n_kv_heads / tp
+// key-value heads (GQA: each rank keeps whole groups, so head h still reads kv head
+// h / (n_heads / n_kv_heads)) and whose MLP is ffn_dim / tp wide. Its tensors are *slices*
+// of the full ones, in PyTorch's (out, in) layout:
+//   - column-parallel (q, k, v and their biases, gate, up): a range of output rows, which
+//     is a contiguous range of the full tensor;
+//   - row-parallel (o, down): a range of input columns, a strided piece of the full tensor
+//     (one run of in/tp floats per row);
+//   - replicated (norms, embedding, lm_head): the whole tensor.
+// The local model stores each slice as a dense tensor of its own shape, so every kernel,
+// the activation plan and the block itself run unchanged on it; only where a row-parallel
+// layer ends does a block add its ranks' partial outputs (all_reduce_sum), and backward
+// does the same to d(ln) where the column-parallel layers start: Megatron's g and f.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "flotilla/model/config.hpp"
+#include "flotilla/model/params.hpp"
+
+namespace flotilla::model {
+
+class Llama;
+
+class TensorParallelGroup {
+ public:
+  virtual ~TensorParallelGroup() = default;
+  virtual int tp_size() const = 0;
+  virtual int tp_rank() const = 0;
+  // values summed in place over the tp group (every rank gets the same sum, bit for bit).
+  // `what` names the collective in errors and traces.
+  virtual void all_reduce_sum(std::span<float> values, const char* what) = 0;
+  virtual void all_reduce_sum(std::span<double> values, const char* what) = 0;
+};
+
+// The local model's config for tp ranks: heads, kv heads and ffn_dim divided by tp.
+// InputError (one line) when tp does not divide n_heads, n_kv_heads or ffn_dim, or the
+// model is a mixture of experts (its experts are not split yet).
+ModelConfig tensor_parallel_config(const ModelConfig& full, int tp);
+
+// How tp rank r holds a full tensor, found from the two shapes.
+enum class TensorSlice : uint8_t { replicated, rows, columns };
+TensorSlice tensor_slice(const ParamInfo& full, const ParamInfo& local);
+
+// The floats of the full tensor that tp rank `rank` holds, ascending: one range for a
+// replicated or row slice, one per row for a column slice. Offsets are the full layout's.
+std::vector<ElementRange> slice_ranges(const ParamInfo& full, const ParamInfo& local, int rank);
+
+// local (its shape) = rank's slice of full (the full tensor's floats); and the reverse, which
+// writes the slice into its place in `full` (gathering a model).
+void copy_slice_out(const ParamInfo& full, const ParamInfo& local, int rank, std::span<const float> full_values,
+                    std::span<float> local_values);
+void copy_slice_in(const ParamInfo& full, const ParamInfo& local, int rank, std::span<const float> local_values,
+                   std::span<float> full_values);
+
+// The local model's weights as Llama::init_random(seed) would write them into a full model,
+// sliced for `rank`: the same random stream over the full layout, drawn only where the
+// slices are (bit for bit the one-rank model's values, and never a full tensor in memory).
+void init_random_slices(Llama& local, const ModelConfig& full, int rank, uint64_t seed);
+
+// The local model's weights sliced from a whole model in memory (a model directory is read
+// slice by slice instead: model/tensor_parallel_io.hpp).
+void take_slices(Llama& local, const Llama& full, int rank);
+
+}  // namespace flotilla::model

@@ -1,0 +1,53 @@
+// Tensor parallelism over the mesh (--parallel tp=T): the model's TensorParallelGroup
+// (model/tensor_parallel.hpp) on the mesh's tp group, whose ranks hold a slice of every
+// block's linear layers and add their partial sums with all-reduces, two per block each
+// way (forward: after o and down; backward: into d(ln1) and d(ln2)). It counts what it
+// moves, and it gathers the slices into one whole model for writing.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "flotilla/comm/communicator.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
+
+namespace flotilla::parallel {
+
+class TensorParallel final : public model::TensorParallelGroup {
+ public:
+  // `tp` must outlive this; every rank of it makes one alike.
+  explicit TensorParallel(comm::Communicator& tp) : tp_(tp) {}
+
+  int tp_size() const override { return tp_.size(); }
+  int tp_rank() const override { return tp_.rank(); }
+  void all_reduce_sum(std::span<float> values, const char* what) override;
+  void all_reduce_sum(std::span<double> values, const char* what) override;
+  comm::Communicator& communicator() { return tp_; }
+
+  // Bytes of the activation all-reduces (each counted once at its size, n floats x 4, as
+  // the formula 2 x 2 x B x T x C x 4 per layer and step counts them) and their number.
+  uint64_t bytes_reduced() const { return bytes_reduced_; }
+  uint64_t all_reduces() const { return all_reduces_; }
+
+  // InternalError naming the tensor-parallel ranks when the replicated tensors (norms,
+  // embedding, lm_head) of `local` differ between them: they are computed alike by
+  // construction, so a difference is a bug, never noise.
+  void check_replicated_same(const model::Llama& local);
+
+  // The whole model, on tp rank 0: its replicated tensors and every rank's slices put in
+  // place; the other ranks send their slices and get none. Every rank calls it alike.
+  std::optional<model::Llama> gather_full_model(const model::Llama& local);
+  // The same for LoRA adapters on column-parallel layers (each B a range of output rows):
+  // the whole adapters of the full model, on tp rank 0.
+  std::optional<model::LoraAdapters> gather_full_adapters(const model::LoraAdapters& local,
+                                                          const model::ModelConfig& full);
+
+ private:
+  comm::Communicator& tp_;
+  uint64_t bytes_reduced_ = 0;
+  uint64_t all_reduces_ = 0;
+};
+
+}  // namespace flotilla::parallel

@@ -1,0 +1,183 @@
+// Tensor parallelism inside the model (model/tensor_parallel.hpp): two tp ranks, run as
+// threads over an in-process group, compute what one model computes: the same loss, each
+// rank's gradients the slices of the whole model's, the replicated tensors' gradients the
+// same bits on both ranks. And the slicing itself: a rank's drawn slices are the slices of
+// the one-rank draw, and all ranks' slices paste back into the whole tensor.
+#include <gtest/gtest.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/base/rng.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
+#include "../test_seed.hpp"
+#include "random_model.hpp"
+
+namespace flotilla::model {
+namespace {
+
+using ::flotilla::testing::test_seed;
+using test_models::random_tokens;
+
+// GQA (4 query heads, 2 kv heads) with q/k/v biases: every kind of slice.
+ModelConfig qwen2_config() {
+  ModelConfig c;
+  c.arch = Architecture::qwen2;
+  c.qkv_bias = true;
+  c.vocab_size = 37;
+  c.dim = 16;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 4;
+  c.ffn_dim = 24;
+  c.max_position = 64;
+  return c;
+}
+
+// Two ranks as threads: each all-reduce adds the two ranks' buffers in rank order, so both
+// get the same bits, as MPI's two-rank sum does.
+class ThreadPair {
+ public:
+  class Rank final : public TensorParallelGroup {
+   public:
+    Rank(ThreadPair& pair, int rank) : pair_(pair), rank_(rank) {}
+    int tp_size() const override { return 2; }
+    int tp_rank() const override { return rank_; }
+    void all_reduce_sum(std::span<float> v, const char*) override { pair_.reduce(rank_, v); }
+    void all_reduce_sum(std::span<double> v, const char*) override { pair_.reduce(rank_, v); }
+
+   private:
+    ThreadPair& pair_;
+    int rank_;
+  };
+
+  template <class T>
+  void reduce(int rank, std::span<T> v) {
+    slots_[rank] = v.data();
+    sync_.arrive_and_wait();
+    std::vector<T> sum(v.size());
+    const T* a = static_cast<const T*>(slots_[0]);
+    const T* b = static_cast<const T*>(slots_[1]);
+    for (size_t i = 0; i < v.size(); ++i) sum[i] = a[i] + b[i];
+    sync_.arrive_and_wait();  // both have read both inputs
+    std::copy(sum.begin(), sum.end(), v.begin());
+  }
+
+ private:
+  std::barrier<> sync_{2};
+  const void* slots_[2] = {nullptr, nullptr};
+};
+
+TEST(TensorParallelConfig, SplitsHeadsKvHeadsAndTheMlpOrRefusesInOneLine) {
+  const ModelConfig full = qwen2_config();
+  const ModelConfig local = tensor_parallel_config(full, 2);
+  EXPECT_EQ(local.n_heads, 2);
+  EXPECT_EQ(local.n_kv_heads, 1);
+  EXPECT_EQ(local.ffn_dim, 12);
+  EXPECT_EQ(local.head_dim, full.head_dim);
+  EXPECT_THROW(tensor_parallel_config(full, 4), InputError);  // 2 kv heads
+  EXPECT_THROW(tensor_parallel_config(full, 3), InputError);  // 4 heads
+}
+
+TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
+  const ModelConfig full_cfg = qwen2_config();
+  const uint64_t seed = test_seed();
+  Llama full(full_cfg);
+  full.init_random(seed);
+  Llama whole(full_cfg);
+  for (int rank = 0; rank < 2; ++rank) {
+    Llama local(tensor_parallel_config(full_cfg, 2));
+    init_random_slices(local, full_cfg, rank, seed);
+    Llama sliced(tensor_parallel_config(full_cfg, 2));
+    take_slices(sliced, full, rank);
+    ASSERT_EQ(std::memcmp(local.params().data(), sliced.params().data(), local.params().size_bytes()), 0)
+        << "rank " << rank;
+    for (const ParamInfo& info : full.layout().params())
+      copy_slice_in(info, *local.layout().find(info.name), rank, local.params(), whole.params());
+  }
+  EXPECT_EQ(std::memcmp(whole.params().data(), full.params().data(), full.params().size_bytes()), 0);
+  // The kinds: q by rows, o by columns, norms whole.
+  const ParamInfo& q = *full.layout().find("model.layers.0.self_attn.q_proj.weight");
+  const ParamInfo& o = *full.layout().find("model.layers.0.self_attn.o_proj.weight");
+  const ParamInfo& n = *full.layout().find("model.norm.weight");
+  Llama local(tensor_parallel_config(full_cfg, 2));
+  EXPECT_EQ(tensor_slice(q, *local.layout().find(q.name)), TensorSlice::rows);
+  EXPECT_EQ(tensor_slice(o, *local.layout().find(o.name)), TensorSlice::columns);
+  EXPECT_EQ(tensor_slice(n, *local.layout().find(n.name)), TensorSlice::replicated);
+}
+
+TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
+  const ModelConfig full_cfg = qwen2_config();
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama full(full_cfg);
+  test_models::fill_order_one(full, rng);
+  const int64_t B = 2, T = 8;
+  const std::vector<int32_t> tokens = random_tokens(rng, B * T, full_cfg.vocab_size);
+  const std::vector<int32_t> targets = random_tokens(rng, B * T, full_cfg.vocab_size);
+  full.zero_grads();
+  const LossSum expected = full.forward(tokens.data(), targets.data(), B, T);
+  full.backward(1.0f / static_cast<float>(expected.num_tokens));
+  const double expected_norm2 = full.grad_sum_squares_tensor_parallel();
+
+  ThreadPair pair;
+  std::vector<Llama> locals;
+  for (int r = 0; r < 2; ++r) {
+    locals.emplace_back(tensor_parallel_config(full_cfg, 2));
+    take_slices(locals.back(), full, r);
+  }
+  LossSum loss[2];
+  double norm2[2] = {0, 0};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      ThreadPair::Rank group(pair, r);
+      Llama& m = locals[static_cast<size_t>(r)];
+      m.set_tensor_parallel(&group, full_cfg);
+      m.zero_grads();
+      loss[r] = m.forward(tokens.data(), targets.data(), B, T);
+      m.backward(1.0f / static_cast<float>(loss[r].num_tokens));
+      norm2[r] = m.grad_sum_squares_tensor_parallel();
+      m.set_tensor_parallel(nullptr, full_cfg);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+
+  // Rounding: the o and down products and d(ln) are sums split in two; order-one weights.
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NEAR(loss[r].sum, expected.sum, 1e-4 * std::abs(expected.sum)) << "rank " << r;
+    EXPECT_NEAR(norm2[r], expected_norm2, 1e-4 * expected_norm2) << "rank " << r;
+  }
+  const std::span<const float> g = full.grads();
+  for (const ParamInfo& info : full.layout().params()) {
+    float scale = 1e-6f;
+    for (int64_t i = 0; i < info.numel; ++i) scale = std::max(scale, std::abs(g[static_cast<size_t>(info.offset + i)]));
+    for (int r = 0; r < 2; ++r) {
+      Llama& m = locals[static_cast<size_t>(r)];
+      const ParamInfo& mine = *m.layout().find(info.name);
+      std::vector<float> want(static_cast<size_t>(m.layout().total_numel()));
+      copy_slice_out(info, mine, r, g, want);
+      const std::span<const float> got = m.grads();
+      for (int64_t i = 0; i < mine.numel; ++i) {
+        const auto at = static_cast<size_t>(mine.offset + i);
+        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
+      }
+      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
+        const ParamInfo& m0 = *locals[0].layout().find(info.name);
+        EXPECT_EQ(std::memcmp(locals[0].grads().data() + m0.offset, m.grads().data() + mine.offset,
+                              static_cast<size_t>(mine.numel) * sizeof(float)),
+                  0)
+            << info.name << ": a replicated tensor's gradient differs between the tp ranks";
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace flotilla::model
