@@ -83,6 +83,7 @@ uint16_t f32_to_f16(float f) {
 
 void convert_to_f32(DType dt, const std::byte* src, std::span<float> dst) {
   const size_t n = dst.size();
+  if (n == 0) return;  // an empty span's data() may be null, which memcpy must never get
   switch (dt) {
     case DType::f32:
       std::memcpy(dst.data(), src, n * 4);
