@@ -43,37 +43,47 @@ void TensorParallel::check_replicated_same(const model::Llama& local) {
                                                          r));
 }
 
-std::optional<model::Llama> TensorParallel::gather_full_model(const model::Llama& local) {
-  const model::ModelConfig& cfg = local.full_config();
-  const model::ParamLayout full_layout(cfg);
-  constexpr int kSliceTag = 7301;
-  if (tp_.rank() != 0) {
-    for (const model::ParamInfo& info : full_layout.params()) {
-      const model::ParamInfo* mine = local.layout().find(info.name);
-      if (model::tensor_slice(info, *mine) == model::TensorSlice::replicated) continue;
-      tp_.send(comm::ConstView(local.params().subspan(static_cast<size_t>(mine->offset),
-                                                      static_cast<size_t>(mine->numel))),
-               0, kSliceTag, {.name = "tp slices"});
-    }
-    return std::nullopt;
-  }
-  model::Llama whole(cfg);
-  const std::span<float> out = whole.params();
+namespace {
+
+// Rank 0 of `tp` assembles whole tensors: for every tensor of `full`, its own slice (or the
+// replicated tensor) from `local_params`, then each other rank's slice, received in rank
+// order into a scratch of one local tensor, into its place in `out`. The other ranks send
+// their slices of the split tensors in the same order (replicated ones are rank 0's alone).
+void gather_slices(comm::Communicator& tp, const model::ParamTable& full, const model::ParamTable& local,
+                   std::span<const float> local_params, std::span<float> out, int tag, const char* what) {
   std::vector<float> slice;
-  for (const model::ParamInfo& info : full_layout.params()) {
-    const model::ParamInfo& mine = *local.layout().find(info.name);
-    // Rank 0's own slice (or the replicated tensor) from its model, the others' received
-    // into a scratch holding one local tensor.
-    model::copy_slice_in(info, mine, 0, local.params(), out);
-    if (model::tensor_slice(info, mine) == model::TensorSlice::replicated) continue;
+  for (const model::ParamInfo& info : full.params()) {
+    const model::ParamInfo& mine = *local.find(info.name);
+    const bool split = model::tensor_slice(info, mine) != model::TensorSlice::replicated;
+    if (tp.rank() != 0) {
+      if (split)
+        tp.send(comm::ConstView(local_params.subspan(static_cast<size_t>(mine.offset), static_cast<size_t>(mine.numel))),
+                0, tag, {.name = what});
+      continue;
+    }
+    model::copy_slice_in(info, mine, 0, local_params, out);
+    if (!split) continue;
     model::ParamInfo received = mine;
     received.offset = 0;
     slice.resize(static_cast<size_t>(mine.numel));
-    for (int r = 1; r < tp_.size(); ++r) {
-      tp_.recv(comm::MutView(std::span<float>(slice)), r, kSliceTag, {.name = "tp slices"});
+    for (int r = 1; r < tp.size(); ++r) {
+      tp.recv(comm::MutView(std::span<float>(slice)), r, tag, {.name = what});
       model::copy_slice_in(info, received, r, slice, out);
     }
   }
+}
+
+}  // namespace
+
+std::optional<model::Llama> TensorParallel::gather_full_model(const model::Llama& local) {
+  const model::ModelConfig& cfg = local.full_config();
+  constexpr int kSliceTag = 7301;
+  if (tp_.rank() != 0) {
+    gather_slices(tp_, model::ParamLayout(cfg), local.layout(), local.params(), {}, kSliceTag, "tp slices");
+    return std::nullopt;
+  }
+  model::Llama whole(cfg);
+  gather_slices(tp_, whole.layout(), local.layout(), local.params(), whole.params(), kSliceTag, "tp slices");
   return whole;
 }
 
@@ -81,28 +91,12 @@ std::optional<model::LoraAdapters> TensorParallel::gather_full_adapters(const mo
                                                                         const model::ModelConfig& full) {
   constexpr int kAdapterTag = 7302;
   if (tp_.rank() != 0) {
-    for (const model::ParamInfo& info : local.table().params()) {
-      if (!info.name.ends_with(".lora_B.weight")) continue;
-      tp_.send(comm::ConstView(local.params().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel))),
-               0, kAdapterTag, {.name = "tp LoRA slices"});
-    }
+    const model::LoraAdapters shape(full, local.config());  // the whole adapters' table (small)
+    gather_slices(tp_, shape.table(), local.table(), local.params(), {}, kAdapterTag, "tp LoRA slices");
     return std::nullopt;
   }
   model::LoraAdapters whole(full, local.config());
-  const std::span<float> out = whole.params();
-  std::vector<float> slice;
-  for (const model::ParamInfo& info : whole.table().params()) {
-    const model::ParamInfo& mine = *local.table().find(info.name);
-    model::copy_slice_in(info, mine, 0, local.params(), out);
-    if (model::tensor_slice(info, mine) == model::TensorSlice::replicated) continue;
-    model::ParamInfo received = mine;
-    received.offset = 0;
-    slice.resize(static_cast<size_t>(mine.numel));
-    for (int r = 1; r < tp_.size(); ++r) {
-      tp_.recv(comm::MutView(std::span<float>(slice)), r, kAdapterTag, {.name = "tp LoRA slices"});
-      model::copy_slice_in(info, received, r, slice, out);
-    }
-  }
+  gather_slices(tp_, whole.table(), local.table(), local.params(), whole.params(), kAdapterTag, "tp LoRA slices");
   return whole;
 }
 

@@ -35,17 +35,24 @@
 namespace flotilla::train {
 namespace {
 
-// Pipeline parallelism's flags, and what it does not combine with yet.
-void check_pipeline_flags(const TrainJob& job) {
-  auto refuse = [](std::string_view what) {
-    throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
-  };
+// What neither pipeline nor tensor parallelism combines with yet, each refused in one line
+// naming the flag: checkpoints, ZeRO, local SGD, compression and the deterministic mode.
+template <class Refuse>
+void refuse_what_model_parallelism_lacks(const TrainJob& job, Refuse&& refuse) {
   if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
   if (!job.resume_from.empty()) refuse("--resume");
   if (job.train.zero_stage > 0) refuse("--zero");
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
   if (job.train.deterministic) refuse("--deterministic");
+}
+
+// Pipeline parallelism's flags, and what it does not combine with yet.
+void check_pipeline_flags(const TrainJob& job) {
+  auto refuse = [](std::string_view what) {
+    throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
+  };
+  refuse_what_model_parallelism_lacks(job, refuse);
   if (job.train.balance_every > 0) refuse("--balance (the stages pass fixed-size micro-batches along)");
   const int64_t M = job.pipeline.micro_batches;
   if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));
@@ -61,12 +68,7 @@ void check_tensor_parallel_flags(const TrainJob& job) {
     throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
   };
   if (job.pp) refuse("pipeline parallelism (pp > 1)");
-  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
-  if (!job.resume_from.empty()) refuse("--resume");
-  if (job.train.zero_stage > 0) refuse("--zero");
-  if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
-  if (job.compression.kind != comm::Compression::none) refuse("--compression");
-  if (job.train.deterministic) refuse("--deterministic");
+  refuse_what_model_parallelism_lacks(job, refuse);
   // The tp ranks of a replica must run the same rows; each measures its own dp group.
   if (job.train.balance_every > 0) refuse("--balance");
   if (job.fine_tune == FineTuneType::lora) {
