@@ -21,22 +21,7 @@ namespace {
 
 using ::flotilla::testing::test_seed;
 using test_models::random_tokens;
-
-// GQA, q/k/v biases, four layers so that a cut can fall after any of 1..3.
-ModelConfig four_layer_config() {
-  ModelConfig c;
-  c.arch = Architecture::qwen2;
-  c.qkv_bias = true;
-  c.vocab_size = 37;
-  c.dim = 16;
-  c.n_layers = 4;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 4;
-  c.ffn_dim = 24;
-  c.max_position = 64;
-  return c;
-}
+using test_models::tiny_qwen2;
 
 // O(1) parameters, so that a wrong hand-over changes results by far more than rounding.
 void fill(Llama& model, Rng& rng) {
@@ -69,7 +54,7 @@ class LayerRangeTest : public ::testing::TestWithParam<std::pair<int64_t, bool>>
 TEST_P(LayerRangeTest, TwoStagesEqualTheWholeModelBitForBit) {
   const auto [cut, checkpoint] = GetParam();
   Rng rng(test_seed());
-  const ModelConfig cfg = four_layer_config();
+  const ModelConfig cfg = tiny_qwen2(4);
   const int64_t L = cfg.n_layers;
   Llama whole(cfg);
   fill(whole, rng);
@@ -137,7 +122,7 @@ INSTANTIATE_TEST_SUITE_P(Cuts, LayerRangeTest,
                          });
 
 TEST(LayerRange, AnEmptyOrOutOfModelRangeIsRefused) {
-  Llama model(four_layer_config());
+  Llama model(tiny_qwen2(4));
   EXPECT_THROW(model.set_layer_range({2, 2}), Error);
   EXPECT_THROW(model.set_layer_range({-1, 2}), Error);
   EXPECT_THROW(model.set_layer_range({0, 5}), Error);
@@ -167,7 +152,7 @@ class RecordingContext final : public ParallelContext {
 
 TEST(ParallelContext, HooksComeBeforeEachGroupIsUsedAndAfterItsGradientsAreFinal) {
   Rng rng(test_seed());
-  ModelConfig cfg = four_layer_config();
+  ModelConfig cfg = tiny_qwen2(4);
   cfg.n_layers = 2;
   Llama model(cfg);
   fill(model, rng);

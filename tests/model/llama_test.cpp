@@ -31,24 +31,7 @@ namespace {
 using ::flotilla::testing::test_seed;
 using test_models::random_model;
 using test_models::random_tokens;
-
-// Small enough that a forward costs microseconds, with every feature the backward must
-// handle: GQA (4 query heads share 2 kv heads), q/k/v biases, two layers, an odd vocab.
-ModelConfig small_config(bool tied) {
-  ModelConfig c;
-  c.arch = Architecture::qwen2;
-  c.qkv_bias = true;
-  c.vocab_size = 37;
-  c.dim = 16;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 4;
-  c.ffn_dim = 24;
-  c.max_position = 64;
-  c.tie_embeddings = tied;
-  return c;
-}
+using test_models::tiny_qwen2;
 
 std::vector<float> forward_logits(Llama& model, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {
   model.forward(tokens.data(), nullptr, B, T);
@@ -151,17 +134,17 @@ void check_gradients(const ModelConfig& cfg, uint64_t seed) {
 }
 
 TEST(LlamaBackward, MatchesFiniteDifferencesForEveryTensor) {
-  check_gradients(small_config(/*tied=*/false), test_seed());
+  check_gradients(tiny_qwen2(2, /*tied=*/false), test_seed());
 }
 
 TEST(LlamaBackward, MatchesFiniteDifferencesWithTiedEmbeddings) {
   // embed_tokens is both the lookup table and lm_head: its gradient is the sum of both.
-  check_gradients(small_config(/*tied=*/true), test_seed());
+  check_gradients(tiny_qwen2(2, /*tied=*/true), test_seed());
 }
 
 TEST(LlamaBackward, GradientsAccumulateAcrossBackwardCalls) {
   Rng rng(test_seed());
-  const ModelConfig cfg = small_config(false);
+  const ModelConfig cfg = tiny_qwen2(2, false);
   Llama model = random_model(cfg, rng);
   const int64_t B = 2, T = 5;
   const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
@@ -189,7 +172,7 @@ TEST(LlamaBackward, GradientsAccumulateAcrossBackwardCalls) {
 // packed rows (doc_start) too, and the plan must be smaller.
 TEST(LlamaBackward, GradCheckpointGivesTheSameGradientsWithLessMemory) {
   Rng rng(test_seed());
-  ModelConfig cfg = small_config(false);
+  ModelConfig cfg = tiny_qwen2(2, false);
   cfg.n_layers = 3;
   Llama model = random_model(cfg, rng);
   const int64_t B = 2, T = 6;
@@ -253,7 +236,7 @@ void expect_save_load_round_trip(const ModelConfig& cfg, uint64_t seed, const st
 }
 
 TEST(LlamaActivations, ABatchBeyondMemoryIsRefusedNamingItsShapeAndSize) {
-  Llama model(small_config(false));
+  Llama model(tiny_qwen2(2, false));
   model.init_random(test_seed());
   // Beyond any machine: refused before a byte is allocated, with no int64 overflow.
   for (const auto& [B, T] : {std::pair<int64_t, int64_t>{2'000'000'000, 128}, {INT64_MAX / 2, 64}}) {
@@ -278,21 +261,21 @@ TEST(LlamaActivations, ABatchBeyondMemoryIsRefusedNamingItsShapeAndSize) {
 }
 
 TEST(LlamaSaveLoad, RoundTripIsBitIdentical) {
-  ModelConfig llama = small_config(false);
+  ModelConfig llama = tiny_qwen2(2, false);
   llama.arch = Architecture::llama;
   llama.qkv_bias = false;
   expect_save_load_round_trip(llama, test_seed(), "llama");
 }
 
 TEST(LlamaSaveLoad, RoundTripIsBitIdenticalForTiedQwen2) {
-  expect_save_load_round_trip(small_config(true), test_seed(), "qwen2_tied");
+  expect_save_load_round_trip(tiny_qwen2(2, true), test_seed(), "qwen2_tied");
 }
 
 // ---- Forward structure ------------------------------------------------------------------
 
 TEST(LlamaForward, LogitsDoNotDependOnWhetherTargetsAreGiven) {
   Rng rng(test_seed());
-  const ModelConfig cfg = small_config(false);
+  const ModelConfig cfg = tiny_qwen2(2, false);
   Llama model = random_model(cfg, rng);
   const int64_t B = 2, T = 6;
   const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
@@ -308,7 +291,7 @@ TEST(LlamaForward, LogitsDoNotDependOnWhetherTargetsAreGiven) {
 
 TEST(LlamaForward, BatchRowsAreIndependent) {
   Rng rng(test_seed());
-  const ModelConfig cfg = small_config(false);
+  const ModelConfig cfg = tiny_qwen2(2, false);
   Llama model = random_model(cfg, rng);
   const int64_t B = 3, T = 7, V = cfg.vocab_size;
   const auto tokens = random_tokens(rng, B * T, V);
@@ -327,7 +310,7 @@ TEST(LlamaForward, BatchRowsAreIndependent) {
 
 TEST(LlamaForward, IsCausal) {
   Rng rng(test_seed());
-  const ModelConfig cfg = small_config(false);
+  const ModelConfig cfg = tiny_qwen2(2, false);
   Llama model = random_model(cfg, rng);
   const int64_t T = 8, V = cfg.vocab_size;
   auto tokens = random_tokens(rng, T, V);
@@ -353,7 +336,7 @@ TEST(LlamaForward, IsCausal) {
 
 TEST(LlamaForward, RejectsTokenIdsOutsideTheVocabulary) {
   Rng rng(test_seed());
-  const ModelConfig cfg = small_config(false);
+  const ModelConfig cfg = tiny_qwen2(2, false);
   Llama model = random_model(cfg, rng);
   const int64_t T = 4;
   for (int32_t bad : {static_cast<int32_t>(cfg.vocab_size), -1}) {

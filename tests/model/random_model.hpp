@@ -52,6 +52,24 @@ inline std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
   return t;
 }
 
+// Small enough that a forward costs microseconds, with every feature a backward must
+// handle: qwen2 (q/k/v biases), GQA (4 query heads share 2 kv heads), an odd vocabulary.
+inline ModelConfig tiny_qwen2(int64_t n_layers = 2, bool tied = false) {
+  ModelConfig c;
+  c.arch = Architecture::qwen2;
+  c.qkv_bias = true;
+  c.vocab_size = 37;
+  c.dim = 16;
+  c.n_layers = n_layers;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 4;
+  c.ffn_dim = 24;
+  c.max_position = 64;
+  c.tie_embeddings = tied;
+  return c;
+}
+
 // Tiny mixtral- and qwen2_moe-shaped models: GQA, 2 layers, 4 experts, top 2 (mixtral:
 // every layer a mixture, renormalised; qwen2_moe: layer 0 dense by mlp_only_layers, layer 1
 // sparse with a shared expert, not renormalised), the aux loss in the training loss with a

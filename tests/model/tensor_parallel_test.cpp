@@ -23,22 +23,7 @@ namespace {
 
 using ::flotilla::testing::test_seed;
 using test_models::random_tokens;
-
-// GQA (4 query heads, 2 kv heads) with q/k/v biases: every kind of slice.
-ModelConfig qwen2_config() {
-  ModelConfig c;
-  c.arch = Architecture::qwen2;
-  c.qkv_bias = true;
-  c.vocab_size = 37;
-  c.dim = 16;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.head_dim = 4;
-  c.ffn_dim = 24;
-  c.max_position = 64;
-  return c;
-}
+using test_models::tiny_qwen2;
 
 // Two ranks as threads: each all-reduce adds the two ranks' buffers in rank order, so both
 // get the same bits, as MPI's two-rank sum does.
@@ -75,7 +60,7 @@ class ThreadPair {
 };
 
 TEST(TensorParallelConfig, SplitsHeadsKvHeadsAndTheMlpOrRefusesInOneLine) {
-  const ModelConfig full = qwen2_config();
+  const ModelConfig full = tiny_qwen2();
   const ModelConfig local = tensor_parallel_config(full, 2);
   EXPECT_EQ(local.n_heads, 2);
   EXPECT_EQ(local.n_kv_heads, 1);
@@ -86,7 +71,7 @@ TEST(TensorParallelConfig, SplitsHeadsKvHeadsAndTheMlpOrRefusesInOneLine) {
 }
 
 TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
-  const ModelConfig full_cfg = qwen2_config();
+  const ModelConfig full_cfg = tiny_qwen2();
   const uint64_t seed = test_seed();
   Llama full(full_cfg);
   full.init_random(seed);
@@ -113,7 +98,7 @@ TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
 }
 
 TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
-  const ModelConfig full_cfg = qwen2_config();
+  const ModelConfig full_cfg = tiny_qwen2();
   const uint64_t seed = test_seed();
   Rng rng(seed);
   Llama full(full_cfg);
