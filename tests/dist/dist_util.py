@@ -40,6 +40,18 @@ def run(cmd, env):
     return proc.stdout
 
 
+def init_model(flotilla, config, tmp, env, seed=5):
+    """A model directory tmp/model made by `flotilla init` from the config.json dict
+    `config` (written to tmp/config.json). Returns (the config.json path, the model dir)."""
+    import json
+    path = os.path.join(tmp, "config.json")
+    with open(path, "w") as out:
+        json.dump(config, out)
+    model = os.path.join(tmp, "model")
+    run([flotilla, "init", "--config", path, "--out", model, "--seed", str(seed)], env)
+    return path, model
+
+
 def rank_pids(out_dir):
     """pid -> rank of the running ranks of the `flotilla train` job writing into out_dir;
     other jobs, this test's or anyone's, may run beside it."""

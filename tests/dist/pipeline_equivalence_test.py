@@ -29,7 +29,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from dist_util import mpi_env, mpirun_argv, run, script_args, summary  # noqa: E402
+from dist_util import init_model, mpi_env, mpirun_argv, run, script_args, summary  # noqa: E402
 from zero_equivalence_test import compare  # noqa: E402  (losses and weights, 1e-5 relative)
 
 SOURCE = os.path.dirname(os.path.dirname(HERE))
@@ -52,11 +52,7 @@ def main():
     cases = 0
     f = args.flotilla
     try:
-        config = os.path.join(tmp, "config.json")
-        with open(config, "w") as out:
-            json.dump(CONFIG, out)
-        model = os.path.join(tmp, "model")
-        run([f, "init", "--config", config, "--out", model, "--seed", "5"], env)
+        config, model = init_model(f, CONFIG, tmp, env)
         data = ["--data", os.path.join(SOURCE, "data/sample/corpus.jsonl")]
         # As zero_equivalence_test: --lr 1e-3 keeps float rounding of sums in another order
         # (micro-batches of fewer rows) below 1e-5 after 20 steps; --grad-clip 0.5 makes the

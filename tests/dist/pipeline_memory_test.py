@@ -26,7 +26,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from dist_util import mpi_env, mpirun_argv, run, script_args  # noqa: E402
+from dist_util import init_model, mpi_env, mpirun_argv, run, script_args  # noqa: E402
 
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 CONFIG = {
@@ -69,11 +69,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="flotilla_pipeline_memory_")
     failures = []
     try:
-        config = os.path.join(tmp, "config.json")
-        with open(config, "w") as out:
-            json.dump(CONFIG, out)
-        model = os.path.join(tmp, "model")
-        run([f, "init", "--config", config, "--out", model, "--seed", "5"], env)
+        _, model = init_model(f, CONFIG, tmp, env)
         total = stage_params(CONFIG, 0, CONFIG["num_hidden_layers"])
         common = ["--model", model, "--data", os.path.join(SOURCE, "data/sample/corpus.jsonl"), "--steps", "2",
                   "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--lr", "1e-3", "--eval-every", "0", "--eval-batches", "1",
