@@ -70,8 +70,7 @@ void add_launch_command(CLI::App& app) {
   cmd->add_option("--max-hosts", opt->max_hosts, "Most hosts to use (0: all that answer)")->capture_default_str();
   cmd->add_option("--max-restarts", opt->max_restarts, "Restarts after failures before giving up")->capture_default_str();
   cmd->add_option("--grace", opt->grace_s,
-                  "Seconds mpirun may take to end the job after a rank's first error before the launcher ends it; "
-                  "also the time ranks get to checkpoint when the job is stopped (mpirun's odls_base_sigkill_timeout)")
+                  "Seconds mpirun may take to end the job after a rank's first error before the launcher ends it")
       ->capture_default_str();
   cmd->add_option("--rescan", opt->rescan_s,
                   "Seconds between looks for more hosts while the job runs; when a larger world answers, the job "

@@ -25,6 +25,14 @@ TEST(StopSignals, FirstSignalIsARequestNotADeath) {
   EXPECT_STREQ(stop_signal_name(stop_signal_received()), "SIGTERM");
 }
 
+// mpirun passes SIGUSR1 on to every rank at once; `flotilla launch` stops a job with it.
+TEST(StopSignals, SigUsr1IsARequestToo) {
+  StopSignals guard;
+  std::raise(SIGUSR1);  // its default action ends the process
+  EXPECT_EQ(stop_signal_received(), SIGUSR1);
+  EXPECT_STREQ(stop_signal_name(stop_signal_received()), "SIGUSR1");
+}
+
 TEST(StopSignals, ANewGuardClearsTheEarlierRequest) {
   {
     StopSignals guard;

@@ -10,9 +10,11 @@ Cases, each `flotilla train` on the tiny preset and raw text:
                     JSON type error).
   inf_weight        an Inf in the input weights (also with --on-nonfinite skip): refused before
                     the first step, naming the tensor, exit 2, no model and no output folder.
-  sigint, sigterm   the first signal (--save-every 0): the step ends, a checkpoint is
-                    written, one line says how to resume, exit 130 / 143; --resume then
-                    finishes the run.
+  sigint, sigterm, sigusr1
+                    the first signal (--save-every 0): the step ends, a checkpoint is
+                    written, one line says how to resume, exit 130 / 143 / 138 (SIGUSR1 is
+                    the stop mpirun passes on, for flotilla launch); --resume then finishes
+                    the run.
   second_signal     two signals at once: exit 130 at once, no checkpoint.
 Every case ends within a bound (a hang fails) and prints no crash marker.
 """
@@ -195,7 +197,7 @@ def case_signal(flotilla, tmp, signals, expect_rc, expect_checkpoint, grad_accum
         problems.append(f"exit {proc.returncode}, expected {expect_rc}")
     latest = out / "checkpoints" / "latest"
     if expect_checkpoint:
-        name = "SIGINT" if signals[0] == signal.SIGINT else "SIGTERM"
+        name = signal.Signals(signals[0]).name
         if not lines or not (lines[-1].startswith("flotilla: error:") and name in lines[-1] and "--resume" in lines[-1]):
             problems.append(f"the last line does not name {name} and --resume: {lines[-1:]}")
         if not latest.is_file():
@@ -224,6 +226,7 @@ def main():
         "inf_weight_skip": lambda t: case_inf_weight(flotilla, t, "skip"),
         "sigint": lambda t: case_signal(flotilla, t, [signal.SIGINT], 130, True),
         "sigterm": lambda t: case_signal(flotilla, t, [signal.SIGTERM], 143, True),
+        "sigusr1": lambda t: case_signal(flotilla, t, [signal.SIGUSR1], 138, True),
         "second_signal": lambda t: case_signal(flotilla, t, [signal.SIGINT, signal.SIGINT], 130, False,
                                                 grad_accum=8),
     }

@@ -16,7 +16,7 @@ namespace {
 std::atomic<int> g_received{0};
 std::atomic<bool> g_installed{false};
 std::atomic<bool> g_parent_stops_reading{false};
-struct sigaction g_previous_int, g_previous_term;
+struct sigaction g_previous_int, g_previous_term, g_previous_usr1;
 static_assert(std::atomic<int>::is_always_lock_free);
 
 void write_stderr(const char* text, size_t bytes) {
@@ -44,7 +44,8 @@ bool silence_output_if_parent_sent(const siginfo_t* info) {
 void on_stop_signal(int signal, siginfo_t* info, void* /*context*/) {
   int expected = 0;
   if (g_received.compare_exchange_strong(expected, signal)) {
-    if (silence_output_if_parent_sent(info)) return;
+    // SIGUSR1 is a launcher's request passed on by mpirun, which goes on reading.
+    if (signal != SIGUSR1 && silence_output_if_parent_sent(info)) return;
     static constexpr char kNotice[] =
         "\nflotilla: stopping after the current step and writing a checkpoint (signal again to quit at once)\n";
     write_stderr(kNotice, sizeof kNotice - 1);
@@ -66,7 +67,8 @@ StopSignals::StopSignals(ParentOutput parent) {
   sigemptyset(&action.sa_mask);
   // Restarted system calls: a signal must not fail a read or a collective's poll midway.
   action.sa_flags = SA_RESTART | SA_SIGINFO;
-  if (::sigaction(SIGINT, &action, &g_previous_int) != 0 || ::sigaction(SIGTERM, &action, &g_previous_term) != 0) {
+  if (::sigaction(SIGINT, &action, &g_previous_int) != 0 || ::sigaction(SIGTERM, &action, &g_previous_term) != 0 ||
+      ::sigaction(SIGUSR1, &action, &g_previous_usr1) != 0) {
     g_installed.store(false);
     throw_errno("base/stop_signal", "sigaction");
   }
@@ -75,6 +77,7 @@ StopSignals::StopSignals(ParentOutput parent) {
 StopSignals::~StopSignals() {
   ::sigaction(SIGINT, &g_previous_int, nullptr);
   ::sigaction(SIGTERM, &g_previous_term, nullptr);
+  ::sigaction(SIGUSR1, &g_previous_usr1, nullptr);
   g_installed.store(false);
 }
 
@@ -84,6 +87,7 @@ const char* stop_signal_name(int signal) {
   switch (signal) {
     case SIGINT: return "SIGINT";
     case SIGTERM: return "SIGTERM";
+    case SIGUSR1: return "SIGUSR1";
     default: return "a signal";
   }
 }

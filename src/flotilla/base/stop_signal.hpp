@@ -1,10 +1,15 @@
-// Ctrl-C (SIGINT) and SIGTERM as a request to stop at the next safe point, not at once.
+// Ctrl-C (SIGINT), SIGTERM and SIGUSR1 as a request to stop at the next safe point, not at
+// once.
 //
 // A training run that dies mid-step loses everything since its last checkpoint (all of
 // it with the default --save-every 0). While a StopSignals lives, the first SIGINT or
 // SIGTERM only records the request and prints one notice; the loop that polls
 // stop_signal_received() finishes its step, saves and ends. A second signal ends the
 // process at once with the shell's code, 128 + the signal.
+//
+// SIGUSR1 is how `flotilla launch` asks the ranks to stop: mpirun passes SIGUSR1 on to every
+// rank at once (one of the signals it forwards), whereas its answer to SIGINT or SIGTERM is
+// to abort the job: SIGCONT, then SIGTERM to the ranks only after its kill timeout.
 //
 // A signal handler can reach only process-wide state, so this is the one place where
 // flotilla keeps some: one StopSignals at a time (a second while one lives throws).
@@ -24,7 +29,7 @@ enum class ParentOutput { keeps_reading, stops_reading_on_signal };
 
 class StopSignals {
  public:
-  // Installs the SIGINT and SIGTERM handlers; clears an earlier request.
+  // Installs the SIGINT, SIGTERM and SIGUSR1 handlers; clears an earlier request.
   explicit StopSignals(ParentOutput parent = ParentOutput::keeps_reading);
   ~StopSignals();  // puts back the handlers that were there before
   StopSignals(const StopSignals&) = delete;
@@ -32,10 +37,10 @@ class StopSignals {
 };
 
 // 0 while no stop was asked for under a StopSignals, else the first signal's number
-// (SIGINT, SIGTERM). Stays set after the StopSignals ends, until the next one starts.
+// (SIGINT, SIGTERM, SIGUSR1). Stays set after the StopSignals ends, until the next one starts.
 int stop_signal_received();
 
-// "SIGINT", "SIGTERM", or "a signal".
+// "SIGINT", "SIGTERM", "SIGUSR1", or "a signal".
 const char* stop_signal_name(int signal);
 
 }  // namespace flotilla

@@ -92,7 +92,7 @@ std::string replace_all(std::string s, std::string_view what, std::string_view w
 // the grace period, after which the job's remains are ended.
 struct AttemptEnd {
   int status = 0;
-  bool stopped_by_user = false;
+  int user_signal = 0;                  // the user's SIGINT or SIGTERM to the launcher, passed on
   bool stopped_to_grow = false;         // more slots answered: stopped at a step, to relaunch larger
   std::string first_error;              // the first error line any rank printed
   std::optional<double> fault_s;        // when it appeared (launcher clock)
@@ -102,8 +102,13 @@ struct AttemptEnd {
 };
 
 // `grow`, asked every `rescan_s` seconds once training runs: whether a larger world
-// answers now; if so the job is stopped at a step boundary (SIGTERM: flotilla finishes the
-// step, checkpoints and exits) so that the next attempt takes the hosts in.
+// answers now; if so the job is stopped at a step boundary (flotilla finishes the step,
+// checkpoints and exits) so that the next attempt takes the hosts in.
+//
+// A stop goes to mpirun as SIGUSR1 once the ranks train (their handlers are in place):
+// mpirun passes it on to every rank at once. SIGINT or SIGTERM would make mpirun abort the
+// job instead: SIGCONT, then SIGTERM to the ranks only after --mca odls_base_sigkill_timeout
+// (set to --grace, so that a checkpoint has time), i.e. seconds of training more.
 AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, double rescan_s,
                      const std::function<bool()>& grow, Clock::time_point t0) {
   Subprocess child(argv, /*capture_stdout=*/true, /*capture_stderr=*/true);
@@ -170,18 +175,19 @@ AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, doubl
     }
     // The user's Ctrl-C or SIGTERM: passed on once (flotilla stops at a step boundary and
     // says so), then the job ends as it ends; no restart.
+    const auto stop_job = [&] { child.signal(end.first_step_s ? SIGUSR1 : SIGINT); };
     if (const int sig = stop_signal_received(); sig != 0 && forwarded_signal == 0) {
       forwarded_signal = sig;
-      end.stopped_by_user = true;
-      child.signal(SIGINT);
+      end.user_signal = sig;
+      stop_job();
     }
     if (rescan_s > 0 && end.first_step_s && !fault_at && forwarded_signal == 0 &&
         seconds_since(last_scan) > rescan_s) {
       last_scan = Clock::now();
       if (grow()) {
-        forwarded_signal = SIGTERM;
+        forwarded_signal = SIGUSR1;
         end.stopped_to_grow = true;
-        child.signal(SIGINT);  // as a Ctrl-C: mpirun passes SIGTERM on to the ranks, once
+        stop_job();
       }
     }
     // A rank failed: the others follow within flotilla's --timeout; mpirun gets the grace
@@ -384,10 +390,14 @@ int run_launch(const LaunchConfig& opt) {
     run_args.insert(run_args.end(), {"--batch-size", std::to_string(shape->batch_size), "--grad-accum",
                                      std::to_string(shape->grad_accum)});
     std::vector<std::string> argv = {opt.mpirun};
-    // mpirun answers a stop with SIGTERM to the ranks and SIGKILL one second later by
-    // default: too soon for a step and a checkpoint. The grace period instead, unless set.
+    // When mpirun aborts a job (a rank failed or exited non-zero, or SIGINT/SIGTERM before
+    // training began) it sends the ranks still running SIGCONT, waits this timeout, sends
+    // SIGTERM, waits again, then SIGKILL. Stops go as SIGUSR1 (supervise), so no checkpoint
+    // needs this time: it only has to cover a rank finishing its exit after the others
+    // (a stop's checkpoint is committed before any rank exits). 1 s by default; 3 here,
+    // unless set. Each failure costs about twice this before the relaunch.
     if (std::find(opt.mpirun_args.begin(), opt.mpirun_args.end(), "odls_base_sigkill_timeout") == opt.mpirun_args.end())
-      argv.insert(argv.end(), {"--mca", "odls_base_sigkill_timeout", fmt::format("{:.0f}", std::max(1.0, opt.grace_s))});
+      argv.insert(argv.end(), {"--mca", "odls_base_sigkill_timeout", "3"});
     argv.insert(argv.end(), opt.mpirun_args.begin(), opt.mpirun_args.end());
     std::string host_list;
     for (const HostSlots& h : shape->hosts) host_list += fmt::format("{}{}:{}", host_list.empty() ? "" : ",", h.host, h.slots);
@@ -450,9 +460,9 @@ int run_launch(const LaunchConfig& opt) {
                  fmt::format("attempt {} ended (status {}) after step {}: {}", attempt, end.status,
                              std::max<int64_t>(0, end.last_step), why));
     timeline.flush();
-    if (end.stopped_by_user) {
+    if (end.user_signal != 0) {
       timeline.print();
-      return end.status;
+      return end.status == 0 ? 0 : 128 + end.user_signal;  // as the shell reports the user's signal
     }
     // flotilla exits 2 on an input error: the same job would fail the same way again.
     if (end.status == 2) {

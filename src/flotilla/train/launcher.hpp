@@ -27,9 +27,8 @@ struct LaunchConfig {
   std::string mpirun = "mpirun";
   std::vector<std::string> mpirun_args;
   int min_hosts = 1, max_hosts = 0, max_restarts = 3;
-  // grace_s: after a rank's first error line, how long mpirun may take to end the job;
-  // also the time the ranks get to finish a step and checkpoint when the job is stopped
-  // (mpirun's odls_base_sigkill_timeout, which Open MPI 4.1 waits about twice over).
+  // grace_s: after a rank's first error line, how long mpirun may take to end the job
+  // before the launcher ends its process group.
   double grace_s = 10.0, probe_timeout_s = 15.0, rescan_s = 60.0;
   std::string self;                // the flotilla binary the ranks run
   std::vector<std::string> train_args;  // "train" and its flags, as the user gave them
