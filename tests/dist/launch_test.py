@@ -151,8 +151,13 @@ def main():
         subprocess.run([flotilla, "init", "--preset", "tiny", "--out", model], check=True, env=env,
                        stdout=subprocess.DEVNULL)
 
-        # Runs of a few hundred steps: a tiny model steps in milliseconds on a quiet machine,
-        # and a kill must land while the run still trains.
+        # A tiny model steps in milliseconds on a quiet machine, and a kill must land while
+        # the run still trains: RUN steps, killed after step 30 (past the checkpoint of step
+        # 20), leave RUN - 30 steps (about 2 s quiet, more when the machine is busy and the
+        # steps slow with it) for the kill to arrive, or for the launcher's rescan (0.2 s)
+        # and its stop (SIGUSR1, passed on by mpirun at once) to stop the run to grow.
+        RUN = 120
+
         def train(out, steps, batch, save_every=20):
             return ["train", "--model", model, "--data", os.path.join(SOURCE, "data/pirate/completions"),
                     "--batch-size", str(batch), "--seq-len", "64", "--steps", str(steps), "--save-every",
@@ -169,11 +174,11 @@ def main():
         with open(hostfile, "w") as f:
             f.write("localhost slots=2\n")
         ref = os.path.join(tmp, "ref2")
-        rc, out = launch(["--hostfile", hostfile], train(ref, 300, 2)).finish(300)
+        rc, out = launch(["--hostfile", hostfile], train(ref, RUN, 2)).finish(300)
         if rc != 0:
             failures.append(f"same: the uninterrupted launch failed ({rc}):\n{out[-3000:]}")
         run = os.path.join(tmp, "same")
-        job = launch(["--hostfile", hostfile], train(run, 300, 2))
+        job = launch(["--hostfile", hostfile], train(run, RUN, 2))
         if not job.wait_for("step    30/", 120) or not kill_rank(run, 1):  # past the checkpoint of step 20
             failures.append("same: the run never reached step 30, or rank 1 was not found")
         rc, out = job.finish(300)
@@ -184,8 +189,8 @@ def main():
         if rc == 0:
             m = metrics(run)
             steps = [l["step"] for l in m if "loss" in l]
-            if steps != list(range(1, 301)):
-                failures.append(f"same: metrics.jsonl's step lines are not 1..300 once each: {steps}")
+            if steps != list(range(1, RUN + 1)):
+                failures.append(f"same: metrics.jsonl's step lines are not 1..{RUN} once each: {steps}")
             events = [l["event"] for l in m if "event" in l]
             for e in ("attempt_start", "attempt_failed", "training_again", "complete"):
                 if e not in events:
@@ -199,7 +204,7 @@ def main():
         cases += 1
         run = os.path.join(tmp, "per_host")
         job = launch(["--hostfile", hostfile],
-                     train(run, 300, 2) + ["--checkpoint-dir", os.path.join(tmp, "per_host_ck-{host}")])
+                     train(run, RUN, 2) + ["--checkpoint-dir", os.path.join(tmp, "per_host_ck-{host}")])
         if not job.wait_for("step    30/", 120) or not kill_rank(run, 1):
             failures.append("per-host: the run never reached step 30, or rank 1 was not found")
         rc, out = job.finish(300)
@@ -215,11 +220,11 @@ def main():
             f.write("localhost slots=4\n")
         discover = ["--discover", f"cat {offered}"]
         ref4 = os.path.join(tmp, "ref4")
-        rc, out = launch(discover, train(ref4, 300, 1)).finish(400)
+        rc, out = launch(discover, train(ref4, RUN, 1)).finish(400)
         if rc != 0:
             failures.append(f"shrink: the uninterrupted 4-rank launch failed ({rc}):\n{out[-3000:]}")
         run = os.path.join(tmp, "shrink")
-        job = launch(discover, train(run, 300, 1))
+        job = launch(discover, train(run, RUN, 1))
         if not job.wait_for("step    30/", 200):
             failures.append("shrink: the run never reached step 30")
         with open(offered, "w") as f:
@@ -236,11 +241,11 @@ def main():
         with open(offered, "w") as f:
             f.write("localhost slots=2\n")
         ref2 = os.path.join(tmp, "ref2b")
-        rc, out = launch(discover, train(ref2, 400, 2)).finish(400)
+        rc, out = launch(discover, train(ref2, RUN, 2)).finish(400)
         if rc != 0:
             failures.append(f"grow: the uninterrupted 2-rank launch failed ({rc}):\n{out[-3000:]}")
         run = os.path.join(tmp, "grow")
-        job = launch(discover + ["--rescan", "0.2"], train(run, 400, 2))
+        job = launch(discover + ["--rescan", "0.2"], train(run, RUN, 2))
         if not job.wait_for("step    12/", 200):
             failures.append("grow: the run never reached step 12")
         with open(offered, "w") as f:
@@ -253,15 +258,15 @@ def main():
         if rc == 0:
             starts = [l for l in metrics(run) if l.get("event") == "attempt_start"]
             print(f"grow     resumed at step {starts[-1]['resume_step']} on {starts[-1]['world']} ranks")
-            if len(starts) != 2 or not starts[1]["resume_step"] <= 300 or starts[1]["world"] != 4:
-                failures.append(f"grow: expected a second attempt on 4 ranks resuming by step 300: {starts}")
+            if len(starts) != 2 or not starts[1]["resume_step"] < RUN or starts[1]["world"] != 4:
+                failures.append(f"grow: expected a second attempt on 4 ranks resuming before step {RUN}: {starts}")
 
         # -- give-up: no restarts allowed.
         cases += 1
         with open(hostfile, "w") as f:
             f.write("localhost slots=2\n")
         run = os.path.join(tmp, "giveup")
-        job = launch(["--hostfile", hostfile, "--max-restarts", "0"], train(run, 300, 2))
+        job = launch(["--hostfile", hostfile, "--max-restarts", "0"], train(run, RUN, 2))
         if not job.wait_for("step     7/", 120) or not kill_rank(run, 1):
             failures.append("give-up: the run never reached step 7, or rank 1 was not found")
         rc, out = job.finish(120)
