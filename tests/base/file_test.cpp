@@ -12,25 +12,14 @@
 
 #include "flotilla/base/error.hpp"
 #include "../test_errors.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla {
 namespace {
 
 using ::flotilla::testing::input_error_of;
 
-class TempDir {
- public:
-  TempDir() {
-    path_ = std::filesystem::temp_directory_path() / ("flotilla_file_test_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
+using ::flotilla::testing::TempDir;
 
 TEST(ReadTextFile, ReadsARegularFileWhole) {
   TempDir tmp;

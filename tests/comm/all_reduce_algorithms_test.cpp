@@ -10,24 +10,19 @@
 #include "all_reduce_algorithm_spec.hpp"
 #include "flotilla/base/timer.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::comm {
 namespace {
 
-Settings test_settings() {
-  Settings s;
-  s.timeout = std::chrono::seconds(30);  // a bug fails, not hangs; five threads on two cores
-  return s;
-}
-
 class AllReduceAlgorithms : public ::testing::TestWithParam<int> {};
 
 TEST_P(AllReduceAlgorithms, MatchClosedForm) {
-  run_threads(GetParam(), algorithm_spec::every_configuration, test_settings());
+  run_threads(GetParam(), algorithm_spec::every_configuration, testing::bounded_settings());
 }
 
 TEST_P(AllReduceAlgorithms, GiveIdenticalBitsOnEveryRank) {
-  run_threads(GetParam(), algorithm_spec::identical_bits_on_every_rank, test_settings());
+  run_threads(GetParam(), algorithm_spec::identical_bits_on_every_rank, testing::bounded_settings());
 }
 
 INSTANTIATE_TEST_SUITE_P(Comm, AllReduceAlgorithms, ::testing::Values(1, 2, 3, 4, 5),
@@ -74,7 +69,7 @@ TEST(AllReduceTopology, FakeHostsGroupConsecutiveRanks) {
     const Topology real = Topology::discover(c);  // threads share one host
     EXPECT_EQ(real.hosts, 1);
     EXPECT_EQ(real.max_ranks_per_host, 5);
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 // Ranks running different algorithms on the same buffer: every rank gets a
@@ -99,7 +94,7 @@ TEST(AllReduceMismatch, DifferentAlgorithmsAreAnErrorOnEveryRank) {
     // A mismatch leaves the group in step and usable.
     ring_all_reduce(c, grads, ReduceOp::sum, {.name = "grads"});
     EXPECT_EQ(grads[0], 3.0f);
-  }, test_settings());
+  }, testing::bounded_settings());
   EXPECT_EQ(mismatches.load(), 3);
 }
 
@@ -107,7 +102,7 @@ TEST(AllReduceMismatch, DifferentAlgorithmsAreAnErrorOnEveryRank) {
 // the communicator refuses further work. With the mismatch check off, so that the
 // timeout happens inside the ring's own transfers, not in the check.
 TEST(AllReduceTimeout, SilentRankTimesOutInsideTheRing) {
-  Settings settings = test_settings();
+  Settings settings = testing::bounded_settings();
   settings.check_mismatch = false;
   run_threads(3, [](Communicator& c) {
     AllReducer reducer(c, {.algorithm = AllReduceAlgorithm::ring});
@@ -140,7 +135,7 @@ TEST(AllReduceHostShm, ArenaForEveryHostOfSeveralRanks) {
     EXPECT_EQ(g.shm != nullptr, g.host->size() > 1) << "rank " << c.rank();
     const HostGroups off = HostGroups::split(c, Topology::discover(c, 2), false);
     EXPECT_EQ(off.shm, nullptr);
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 // Many segments through the arena's double-buffered slots, several calls in a row (the
@@ -160,7 +155,7 @@ TEST(AllReduceHostShm, ManySegmentsManyCalls) {
               << per_host << " per host, call " << call << ", at " << i;
       }
     }
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 }  // namespace

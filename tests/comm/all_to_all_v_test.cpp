@@ -13,32 +13,27 @@
 #include "flotilla/comm/algorithms/all_to_all_v.hpp"
 #include "flotilla/comm/local/local_communicator.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::comm {
 namespace {
-
-Settings test_settings() {
-  Settings s;
-  s.timeout = std::chrono::seconds(30);  // a bug fails, not hangs; five threads on two cores
-  return s;
-}
 
 TEST(AllToAllV, MatchesClosedFormOnThreadWorldsOf1To5) {
   const uint64_t seed = testing::test_seed();
   for (int n = 1; n <= 5; ++n) {
     SCOPED_TRACE(n);
-    run_threads(n, [&](Communicator& c) { spec::all_to_all_v_closed_form(c, seed); }, test_settings());
+    run_threads(n, [&](Communicator& c) { spec::all_to_all_v_closed_form(c, seed); }, testing::bounded_settings());
   }
 }
 
 TEST(AllToAllV, RunsOnTheLocalBackend) {
   const uint64_t seed = testing::test_seed();
-  auto c = make_local(test_settings());
+  auto c = make_local(testing::bounded_settings());
   spec::all_to_all_v_closed_form(*c, seed);
 }
 
 TEST(AllToAllV, CountsThatDoNotFitTheBuffersAreRefused) {
-  auto c = make_local(test_settings());
+  auto c = make_local(testing::bounded_settings());
   std::vector<float> in(3), out(3);
   const std::vector<int64_t> four{4};
   EXPECT_THROW(all_to_all_v(*c, ConstView(std::span<const float>(in)), four, MutView(std::span<float>(out)), four),
@@ -50,7 +45,7 @@ TEST(AllToAllV, CountsThatDoNotFitTheBuffersAreRefused) {
 // A receiver that expects fewer elements than the sender sends gets an error (the
 // backend's exact-size receive), and no rank hangs.
 TEST(AllToAllV, AReceiverExpectingAnotherSizeFails) {
-  Settings s = test_settings();
+  Settings s = testing::bounded_settings();
   s.timeout = std::chrono::seconds(1);
   int failures = 0;
   std::mutex m;

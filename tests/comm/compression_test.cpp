@@ -15,15 +15,10 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/compression/wire_sum.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::comm {
 namespace {
-
-Settings test_settings() {
-  Settings s;
-  s.timeout = std::chrono::seconds(30);
-  return s;
-}
 
 // Each rank's gradient for `step`: seeded by (seed, rank, step), normal with a spread of
 // magnitudes so that top-k has something to choose.
@@ -73,7 +68,7 @@ TEST_P(CodecWorlds, PlainIsTheExactSumAndCountsRingBytes) {
     const std::vector<float> s = true_sum(seed, world, 0, n);
     for (size_t i = 0; i < n; ++i) ASSERT_NEAR(g[i], s[i], 1e-5f * (1.0f + std::fabs(s[i])));
     EXPECT_EQ(codec->bytes_sent(), world > 1 ? 2 * (world - 1) * int64_t{4 * 1001} / world : 0);
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 TEST_P(CodecWorlds, HalvesStayWithinTwoRoundingsOfTheSum) {
@@ -102,7 +97,7 @@ TEST_P(CodecWorlds, HalvesStayWithinTwoRoundingsOfTheSum) {
       const int64_t padded = static_cast<int64_t>((n + world - 1) / world * world);
       const int64_t expect = world > 1 ? 2 * (world - 1) * 2 * padded / world + (kind == Compression::fp16 ? 2 * (world - 1) * 8 / world : 0) : 0;
       EXPECT_EQ(codec->bytes_sent(), expect);
-    }, test_settings());
+    }, testing::bounded_settings());
   }
 }
 
@@ -146,7 +141,7 @@ TEST_P(CodecWorlds, NarrowReduceScatterGivesEachRankItsChunkOfTheSum) {
       EXPECT_EQ(bytes, expect);
       std::vector<float> wrong(c + 1);
       EXPECT_THROW(sum.reduce_scatter(g, comm, wrong, {}, "test"), Error);
-    }, test_settings());
+    }, testing::bounded_settings());
   }
 }
 
@@ -182,7 +177,7 @@ TEST_P(CodecWorlds, TopKSendsKPairsAndKeepsTheRest) {
     std::lock_guard lock(mu);
     residual[static_cast<size_t>(comm.rank())].assign(res.begin(), res.end());
     if (comm.rank() == 0) estimate = g;
-  }, test_settings());
+  }, testing::bounded_settings());
   // Nothing lost: the estimate plus every residual is the exact sum.
   const std::vector<float> s = true_sum(seed, world, 0, n);
   for (size_t i = 0; i < n; ++i) {
@@ -261,7 +256,7 @@ TEST_P(CodecWorlds, PowerSgdIsExactOnGradientsOfRankAtMostR) {
     // Three float all-reduces: every P (rows x r), every Q (r x cols), the vector.
     const auto ring = [&](int64_t bytes) { return world > 1 ? 2 * (world - 1) * bytes / world : 0; };
     EXPECT_EQ(codec->bytes_sent(), ring(4 * rows * r) + ring(4 * r * cols) + ring(4 * 10));
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 // Many steps of fresh gradients through one codec per rank: the sum of every gradient
@@ -296,7 +291,7 @@ ManySteps run_many_steps(int world, uint64_t seed, const CompressionConfig& conf
     }
     std::lock_guard lock(mu);
     r.owed[static_cast<size_t>(comm.rank())].assign(codec->residual().begin(), codec->residual().end());
-  }, test_settings());
+  }, testing::bounded_settings());
   return r;
 }
 
@@ -391,7 +386,7 @@ TEST_P(CodecWorlds, TopKInNarrowTypesSendsExactlyWhatItSelected) {
       decoded[static_cast<size_t>(comm.rank())] = sent;
       bytes[static_cast<size_t>(comm.rank())] = codec->bytes_sent();
       if (comm.rank() == 0) estimate = g;
-    }, test_settings());
+    }, testing::bounded_settings());
     for (int64_t i = 0; i < n; ++i) {
       double expect = 0.0, scale = 0.0;
       for (const auto& d : decoded) {
@@ -454,7 +449,7 @@ TEST_P(CodecWorlds, PowerSgdInNarrowTypesSendsFewerBytesAndStaysClose) {
                (dtype == WireDtype::fp16 ? ring_all_reduce_bytes(8, world) : 0);
       };
       EXPECT_EQ(codec->bytes_sent(), narrow_sum(rows * r) + narrow_sum(r * cols) + narrow_sum(10));
-    }, test_settings());
+    }, testing::bounded_settings());
   }
 }
 
@@ -591,7 +586,7 @@ TEST(CodecState, ARestoredCodecContinuesBitForBit) {
       // A state of another setting is refused, naming the part.
       auto other = make_gradient_codec({.kind = config.kind, .powersgd_rank = 3, .seed = 4}, n + 1, {{0, rows, cols}});
       EXPECT_THROW(other->load_state(original->save_state()), InputError);
-    }, test_settings());
+    }, testing::bounded_settings());
   }
 }
 

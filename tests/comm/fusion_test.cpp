@@ -12,15 +12,10 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::comm {
 namespace {
-
-Settings settings() {
-  Settings s;
-  s.timeout = std::chrono::seconds(30);
-  return s;
-}
 
 TEST(Fusion, BucketsJoinContiguousTensorsInReadyOrderUpToTheSize) {
   // Backward order: the last tensor in memory first. 4-byte floats, 40-byte buckets.
@@ -69,7 +64,7 @@ TEST(Fusion, BucketsAreSummedOverRanksAndStartBeforeFinish) {
       EXPECT_EQ(reduced.load(), static_cast<int>(overlap.buckets().size()));
       for (int64_t i = 0; i < n; ++i) ASSERT_EQ(g[i], static_cast<float>(6 * (i + step))) << i;  // (1+2+3) x
     }
-  }, settings());
+  }, testing::bounded_settings());
 }
 
 TEST(Fusion, RangesNeverMarkedAreReducedAtFinish) {
@@ -81,7 +76,7 @@ TEST(Fusion, RangesNeverMarkedAreReducedAtFinish) {
     overlap.ready({50, 100});
     overlap.finish();  // [0, 50) was never marked: reduced now
     for (float x : g) ASSERT_EQ(x, 2.0f);
-  }, settings());
+  }, testing::bounded_settings());
 }
 
 TEST(Fusion, ACommunicationErrorReachesFinish) {

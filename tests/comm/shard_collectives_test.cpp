@@ -12,15 +12,10 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::comm {
 namespace {
-
-Settings test_settings() {
-  Settings s;
-  s.timeout = std::chrono::seconds(30);  // a bug fails, not hangs; five threads on two cores
-  return s;
-}
 
 // Rank `rank`'s element i of chunk `chunk`: distinct in every argument, exact in int32.
 int32_t value(int rank, int chunk, size_t i) {
@@ -85,7 +80,7 @@ void closed_form(Communicator& c) {
 
 class ShardCollectives : public ::testing::TestWithParam<int> {};
 
-TEST_P(ShardCollectives, MatchClosedForm) { run_threads(GetParam(), closed_form, test_settings()); }
+TEST_P(ShardCollectives, MatchClosedForm) { run_threads(GetParam(), closed_form, testing::bounded_settings()); }
 
 // Float sums: the ring, the arena and the backend may add in different orders, but each
 // gives every rank's owner one result, and the arena's is the sum in rank order exactly.
@@ -106,7 +101,7 @@ TEST_P(ShardCollectives, ArenaSumsInRankOrder) {
       for (int q = 1; q < n; ++q) want += x(q, j);
       ASSERT_EQ(data[j], want) << "at " << i;
     }
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 INSTANTIATE_TEST_SUITE_P(Comm, ShardCollectives, ::testing::Values(1, 2, 3, 4, 5),
@@ -125,7 +120,7 @@ TEST(ShardCollectivesErrors, ACountThatDoesNotCutIntoEqualChunksIsAnError) {
             << e.what();
       }
     }
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 // `--allreduce ring` on one rank and the default on another: every rank gets a
@@ -143,7 +138,7 @@ TEST(ShardCollectivesErrors, RanksOnDifferentAlgorithmsGetAMismatch) {
     }
     ring_reduce_scatter(c, data, ReduceOp::sum);
     EXPECT_EQ(data[static_cast<size_t>(c.rank()) * 32], 2.0f);
-  }, test_settings());
+  }, testing::bounded_settings());
 }
 
 }  // namespace

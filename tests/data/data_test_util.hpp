@@ -1,4 +1,5 @@
-// Helpers shared by the data tests: a per-test temporary folder and error capture.
+// Helpers shared by the data tests: a per-test temporary folder, error capture, the byte
+// tokenizer and a ChatML template.
 #pragma once
 
 #include <gmock/gmock.h>
@@ -10,37 +11,17 @@
 #include <string>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/data/chat_template.hpp"
+#include "flotilla/text/byte_tokenizer.hpp"
 #include "../test_errors.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla::data::test_util {
 
 namespace fs = std::filesystem;
 
 // A fresh folder per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() / (std::string("flotilla_prep_") + info->test_suite_name() + "_" +
-                                         info->name() + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  const fs::path& path() const { return path_; }
-  fs::path file(const std::string& name, const std::string& content) const {
-    const fs::path p = path_ / name;
-    fs::create_directories(p.parent_path());
-    std::ofstream(p, std::ios::binary) << content;
-    return p;
-  }
-
- private:
-  fs::path path_;
-};
+using ::flotilla::testing::TempDir;
 
 inline std::string read_file(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -48,5 +29,15 @@ inline std::string read_file(const fs::path& p) {
 }
 
 using ::flotilla::testing::input_error_of;
+
+inline const text::ByteTokenizer kBytes;
+constexpr int32_t kBos = text::ByteTokenizer::kBos;
+constexpr int32_t kEos = text::ByteTokenizer::kEos;
+
+inline ChatTemplate chatml() {
+  ChatTemplate t;
+  t.family = ChatFamily::chatml;
+  return t;
+}
 
 }  // namespace flotilla::data::test_util

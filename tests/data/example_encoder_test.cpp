@@ -10,8 +10,10 @@
 namespace flotilla::data {
 namespace {
 
-constexpr int32_t kBos = text::ByteTokenizer::kBos;
-constexpr int32_t kEos = text::ByteTokenizer::kEos;
+using test_util::chatml;
+using test_util::kBos;
+using test_util::kBytes;
+using test_util::kEos;
 
 std::vector<int32_t> bytes(std::string_view s) { return {s.begin(), s.end()}; }
 
@@ -28,14 +30,6 @@ std::vector<uint8_t> concat(std::initializer_list<std::vector<uint8_t>> parts) {
   for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
   return out;
 }
-
-ChatTemplate chatml() {
-  ChatTemplate t;
-  t.family = ChatFamily::chatml;
-  return t;
-}
-
-const text::ByteTokenizer kBytes;
 
 TEST(ExampleEncoder, TextIsBosTextEosAllInTheLoss) {
   const ExampleEncoder enc(kBytes, std::nullopt, {.mask_prompt = true});

@@ -19,15 +19,9 @@ namespace fs = std::filesystem;
 using test_util::input_error_of;
 using test_util::read_file;
 using test_util::TempDir;
+using test_util::chatml;
+using test_util::kBytes;
 using ::testing::HasSubstr;
-
-const text::ByteTokenizer kBytes;
-
-ChatTemplate chatml() {
-  ChatTemplate t;
-  t.family = ChatFamily::chatml;
-  return t;
-}
 
 std::string text_lines(size_t n, const std::string& prefix = "doc") {
   std::string out;

@@ -10,32 +10,15 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
+#include "data_test_util.hpp"
 
 namespace flotilla::data {
 namespace {
 
 namespace fs = std::filesystem;
-constexpr int32_t kBos = text::ByteTokenizer::kBos;
-constexpr int32_t kEos = text::ByteTokenizer::kEos;
-
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            (std::string("flotilla_data_") + info->name() + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  fs::path file(const std::string& name, const std::string& content) const {
-    std::ofstream(path_ / name, std::ios::binary) << content;
-    return path_ / name;
-  }
-
- private:
-  fs::path path_;
-};
+using test_util::kBos;
+using test_util::kEos;
+using test_util::TempDir;
 
 // BOS + bytes + EOS for each document.
 std::vector<int32_t> expected_stream(std::initializer_list<std::string> docs) {

@@ -14,7 +14,7 @@ using testing::expect_gradient_matches;
 using testing::test_seed;
 using testing::uniform_vec;
 
-struct Shape {
+struct PackedShape {
   int64_t T, NH, NKV, hd;
 };
 
@@ -33,7 +33,7 @@ TEST(AttentionPacked, EachExampleEqualsAttentionAlone) {
   Rng rng(test_seed());
   // Lengths cross the 64-row block boundary so a block holds two examples.
   const std::vector<int64_t> lengths = {5, 70, 1, 33};
-  const Shape s{5 + 70 + 1 + 33, 4, 2, 8};
+  const PackedShape s{5 + 70 + 1 + 33, 4, 2, 8};
   const int64_t dq = s.NH * s.hd, dkv = s.NKV * s.hd;
   auto q = uniform_vec(rng, static_cast<size_t>(s.T * dq));
   auto k = uniform_vec(rng, static_cast<size_t>(s.T * dkv));
@@ -75,7 +75,7 @@ TEST(AttentionPacked, EachExampleEqualsAttentionAlone) {
 TEST(AttentionPacked, BackwardMatchesFiniteDifferences) {
   Rng rng(test_seed());
   const std::vector<int64_t> lengths = {3, 4, 2};
-  const Shape s{9, 4, 2, 4};
+  const PackedShape s{9, 4, 2, 4};
   const int64_t B = 2;  // two rows with different packings
   std::vector<int32_t> starts = key_starts(lengths);
   const std::vector<int32_t> row2 = key_starts({6, 3});

@@ -75,7 +75,7 @@ ModelConfig named_config(const std::string& name) {
 }
 
 // Matrices within +-0.4: logits large enough to show a wrong position or a stale cache.
-Llama random_model(const ModelConfig& cfg, Rng& rng) { return test_models::random_model(cfg, rng, {.weight = 0.4f}); }
+Llama decoder_model(const ModelConfig& cfg, Rng& rng) { return test_models::random_model(cfg, rng, {.weight = 0.4f}); }
 
 // Both sides are float32 with different summation orders (one GEMM over all rows vs one
 // row against a cache; attention over T keys vs over a growing cache): ~1e-6 relative.
@@ -112,7 +112,7 @@ class DecoderTest : public ::testing::TestWithParam<std::string> {
 };
 
 TEST_P(DecoderTest, PromptInOneStepGivesTheLastPositionsLogits) {
-  Llama model = random_model(cfg_, rng_);
+  Llama model = decoder_model(cfg_, rng_);
   const int64_t n = 11;
   const auto prompt = random_tokens(rng_, n, cfg_.vocab_size);
   const std::vector<float> full = full_logits(model, prompt);
@@ -123,7 +123,7 @@ TEST_P(DecoderTest, PromptInOneStepGivesTheLastPositionsLogits) {
 }
 
 TEST_P(DecoderTest, OneTokenAtATimeMatchesTheFullForwardAtEveryPosition) {
-  Llama model = random_model(cfg_, rng_);
+  Llama model = decoder_model(cfg_, rng_);
   // Long enough that rope's slow frequencies (and llama3's scaled ones) turn visibly.
   const int64_t T = 40;
   const auto tokens = random_tokens(rng_, T, cfg_.vocab_size);
@@ -137,7 +137,7 @@ TEST_P(DecoderTest, OneTokenAtATimeMatchesTheFullForwardAtEveryPosition) {
 }
 
 TEST_P(DecoderTest, PromptInTwoChunksEqualsOneChunk) {
-  Llama model = random_model(cfg_, rng_);
+  Llama model = decoder_model(cfg_, rng_);
   const int64_t n = 13;
   const auto prompt = random_tokens(rng_, n, cfg_.vocab_size);
   const auto next = random_tokens(rng_, 1, cfg_.vocab_size);
@@ -158,7 +158,7 @@ TEST_P(DecoderTest, PromptInTwoChunksEqualsOneChunk) {
 }
 
 TEST_P(DecoderTest, ResetStartsANewSequence) {
-  Llama model = random_model(cfg_, rng_);
+  Llama model = decoder_model(cfg_, rng_);
   const auto first = random_tokens(rng_, 6, cfg_.vocab_size);
   const auto second = random_tokens(rng_, 5, cfg_.vocab_size);
   const std::vector<float> full = full_logits(model, second);
@@ -170,7 +170,7 @@ TEST_P(DecoderTest, ResetStartsANewSequence) {
 }
 
 TEST_P(DecoderTest, ContextOverflowIsAnInputError) {
-  Llama model = random_model(cfg_, rng_);
+  Llama model = decoder_model(cfg_, rng_);
   Decoder decoder(model, 8);
   decoder.step(random_tokens(rng_, 5, cfg_.vocab_size));
   EXPECT_THROW(decoder.step(random_tokens(rng_, 4, cfg_.vocab_size)), InputError);
@@ -181,7 +181,7 @@ TEST_P(DecoderTest, ContextOverflowIsAnInputError) {
 }
 
 TEST_P(DecoderTest, TokenOutsideTheVocabularyIsAnInputError) {
-  Llama model = random_model(cfg_, rng_);
+  Llama model = decoder_model(cfg_, rng_);
   Decoder decoder(model, 8);
   const std::vector<int32_t> bad{1, static_cast<int32_t>(cfg_.vocab_size)};
   EXPECT_THROW(decoder.step(bad), InputError);

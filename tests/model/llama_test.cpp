@@ -24,6 +24,7 @@
 #include "flotilla/base/rng.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -201,19 +202,7 @@ TEST(LlamaBackward, GradCheckpointGivesTheSameGradientsWithLessMemory) {
 
 // ---- Save and load ----------------------------------------------------------------------
 
-class TempDir {
- public:
-  explicit TempDir(const std::string& tag) {
-    path_ = std::filesystem::temp_directory_path() /
-            ("flotilla_llama_test_" + tag + "_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(path_);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using ::flotilla::testing::TempDir;
 
 void expect_save_load_round_trip(const ModelConfig& cfg, uint64_t seed, const std::string& tag) {
   Rng rng(seed);

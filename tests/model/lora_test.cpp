@@ -22,7 +22,7 @@ namespace {
 
 uint64_t fresh_seed() { return ::flotilla::testing::test_seed(); }
 
-ModelConfig small_config() {
+ModelConfig lora_config() {
   ModelConfig cfg;
   cfg.vocab_size = 29;
   cfg.dim = 16;
@@ -39,11 +39,11 @@ ModelConfig small_config() {
 using lora_check::all_targets;
 using lora_check::randomize;
 
-struct Batch {
+struct LoraBatch {
   std::vector<int32_t> tokens, targets;
 };
-Batch random_batch(Rng& rng, int64_t n, int64_t vocab) {
-  Batch b;
+LoraBatch random_batch(Rng& rng, int64_t n, int64_t vocab) {
+  LoraBatch b;
   for (int64_t i = 0; i < n; ++i) {
     b.tokens.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
     b.targets.push_back(i % 5 == 4 ? kIgnoreIndex : static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
@@ -54,7 +54,7 @@ Batch random_batch(Rng& rng, int64_t n, int64_t vocab) {
 // The small model with random adapters (nonzero B) attached, both from one seed; rng goes
 // on from that seed for the test's batches and samples.
 struct AdaptedModel {
-  AdaptedModel(const LoraConfig& cfg, uint64_t seed) : rng(seed), model(small_config()), lora(model.config(), cfg) {
+  AdaptedModel(const LoraConfig& cfg, uint64_t seed) : rng(seed), model(lora_config()), lora(model.config(), cfg) {
     model.init_random(seed);
     randomize(lora, seed);
     model.attach_lora(&lora);
@@ -71,21 +71,21 @@ TEST(Lora, AdapterGradientsMatchFiniteDifferences) {
   AdaptedModel setup(all_targets(2), fresh_seed());
   auto& [rng, model, lora] = setup;
   const int64_t B = 2, T = 5;
-  const Batch batch = random_batch(rng, B * T, 29);
+  const LoraBatch batch = random_batch(rng, B * T, 29);
   const int checked =
       lora_check::expect_grads_match_finite_differences(model, lora, batch.tokens, batch.targets, B, T, rng);
   EXPECT_EQ(checked, 3 * 2 * 7 * 2);  // 3 samples x (A, B) x 7 targets x 2 layers
 }
 
 TEST(Lora, FrozenBaseKeepsNoGradientAndStaysUnchanged) {
-  Llama model(small_config());
+  Llama model(lora_config());
   model.init_random(1);
   LoraAdapters lora(model.config(), all_targets(1));
   lora.init_random(2);
   model.attach_lora(&lora);
   const std::vector<float> base(model.params().begin(), model.params().end());
   Rng rng(3);
-  const Batch batch = random_batch(rng, 8, 29);
+  const LoraBatch batch = random_batch(rng, 8, 29);
   model.zero_grads();
   model.forward(batch.tokens.data(), batch.targets.data(), 1, 8);
   model.backward(1.0f);
@@ -105,7 +105,7 @@ TEST(Lora, FrozenBaseKeepsNoGradientAndStaysUnchanged) {
 TEST(Lora, GradCheckpointGivesTheSameAdapterGradients) {
   AdaptedModel setup(all_targets(2, 0.2f), fresh_seed());
   auto& [rng, model, lora] = setup;
-  const Batch batch = random_batch(rng, 12, 29);
+  const LoraBatch batch = random_batch(rng, 12, 29);
   const auto grads_of = [&](bool checkpoint) {
     model.set_grad_checkpoint(checkpoint);
     model.set_dropout_step(5);
@@ -121,7 +121,7 @@ TEST(Lora, GradCheckpointGivesTheSameAdapterGradients) {
 TEST(Lora, DropoutMaskIsReproducedInBackward) {
   AdaptedModel setup(all_targets(1, 0.3f), fresh_seed());
   auto& [rng, model, lora] = setup;
-  const Batch batch = random_batch(rng, 10, 29);
+  const LoraBatch batch = random_batch(rng, 10, 29);
   // The same dropout step gives the same mask: finite differences see the mask backward uses.
   lora_check::expect_grads_match_finite_differences(model, lora, batch.tokens, batch.targets, 2, 5, rng, 1,
                                                     [&] { model.set_dropout_step(7); });
@@ -139,7 +139,7 @@ TEST(Lora, MergedModelComputesWhatBasePlusAdaptersCompute) {
   AdaptedModel setup(all_targets(2), fresh_seed());
   auto& [rng, model, lora] = setup;
   model.set_training(false);
-  const Batch batch = random_batch(rng, 12, 29);
+  const LoraBatch batch = random_batch(rng, 12, 29);
   model.forward(batch.tokens.data(), nullptr, 2, 6);
   const std::vector<float> adapted(model.logits().begin(), model.logits().end());
   model.attach_lora(nullptr);
@@ -156,7 +156,7 @@ TEST(Lora, MergedModelComputesWhatBasePlusAdaptersCompute) {
 }
 
 TEST(Lora, PeftRoundTripAndLayout) {
-  Llama model(small_config());
+  Llama model(lora_config());
   LoraConfig cfg = all_targets(2);
   cfg.targets = LoraConfig::parse_targets("q,v,down");
   LoraAdapters lora(model.config(), cfg);
@@ -192,7 +192,7 @@ TEST(Lora, PeftRoundTripAndLayout) {
 }
 
 TEST(Lora, RejectsBadSettings) {
-  const ModelConfig cfg = small_config();
+  const ModelConfig cfg = lora_config();
   LoraConfig c = all_targets(4);  // the model has 3 layers
   EXPECT_THROW(LoraAdapters(cfg, c), InputError);
   EXPECT_THROW(LoraConfig::parse_targets("q,x"), InputError);

@@ -14,7 +14,7 @@
 namespace flotilla::model {
 namespace {
 
-ModelConfig small_config() {
+ModelConfig packing_config() {
   ModelConfig cfg;
   cfg.vocab_size = 41;
   cfg.dim = 32;
@@ -31,7 +31,7 @@ ModelConfig small_config() {
 TEST(Packing, PackedRowEqualsSeparateRows) {
   const uint64_t seed = ::flotilla::testing::test_seed();
   Rng rng(seed);
-  Llama model(small_config());
+  Llama model(packing_config());
   model.init_random(seed);
   const std::vector<int64_t> lengths = {4, 7, 5};
   const int64_t T = 16;  // 4 + 7 + 5
@@ -78,7 +78,7 @@ TEST(Packing, PackedRowEqualsSeparateRows) {
 TEST(Packing, PackingChangesResultsWhenBoundariesAreIgnored) {
   // The same tokens as one plain causal row give different losses: the test above would
   // fail if doc_start were ignored.
-  Llama model(small_config());
+  Llama model(packing_config());
   model.init_random(3);
   std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8}, targets = {2, 3, 4, kIgnoreIndex, 6, 7, 8, kIgnoreIndex};
   std::vector<int32_t> doc_start = {0, 0, 0, 0, 4, 4, 4, 4};
@@ -88,7 +88,7 @@ TEST(Packing, PackingChangesResultsWhenBoundariesAreIgnored) {
 }
 
 TEST(Packing, RejectsStartsPastTheToken) {
-  Llama model(small_config());
+  Llama model(packing_config());
   std::vector<int32_t> tokens = {1, 2, 3}, doc_start = {0, 2, 2};
   EXPECT_THROW(model.forward(tokens.data(), nullptr, 1, 3, doc_start.data()), InputError);
 }

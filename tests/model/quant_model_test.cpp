@@ -24,6 +24,8 @@
 #include "flotilla/model/model_writer.hpp"
 #include "../test_seed.hpp"
 #include "lora_check.hpp"
+#include "../temp_dir.hpp"
+#include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -32,7 +34,7 @@ using ::flotilla::testing::test_seed;
 namespace fs = std::filesystem;
 
 // Every input dimension (64, 96, q_dim 64) divides into groups of 32; GQA, untied head.
-ModelConfig small_config() {
+ModelConfig quant_config() {
   ModelConfig c;
   c.vocab_size = 40;
   c.dim = 64;
@@ -46,23 +48,11 @@ ModelConfig small_config() {
   return c;
 }
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("flotilla_quant_" + tag + "_" + std::to_string(getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using ::flotilla::testing::TempDir;
 
-std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
-  return t;
-}
+using test_models::random_tokens;
 
-std::vector<float> logits_of(Llama& m, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {
+std::vector<float> eval_logits(Llama& m, const std::vector<int32_t>& tokens, int64_t B, int64_t T) {
   m.set_training(false);
   m.forward(tokens.data(), nullptr, B, T);
   return {m.logits().begin(), m.logits().end()};
@@ -91,7 +81,7 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 TEST(QuantModel, ComputesWhatTheDequantizedFloatModelComputes) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  Llama model(small_config());
+  Llama model(quant_config());
   model.init_random(seed);
   for (int bits : {4, 8}) {
     Llama q = model.quantize({bits, 32}, DType::f16);
@@ -100,7 +90,7 @@ TEST(QuantModel, ComputesWhatTheDequantizedFloatModelComputes) {
     EXPECT_LE(q.params().size(), static_cast<size_t>(5 * 64 + 16 * 5));
     Llama f = dequantized_copy(q);
     const std::vector<int32_t> tokens = random_tokens(rng, 12, 40);
-    const std::vector<float> lq = logits_of(q, tokens, 2, 6), lf = logits_of(f, tokens, 2, 6);
+    const std::vector<float> lq = eval_logits(q, tokens, 2, 6), lf = eval_logits(f, tokens, 2, 6);
     EXPECT_LT(max_abs_diff(lq, lf), 1e-4) << bits << " bits";
     // The KV-cache decoder goes through the same linear layers.
     Decoder dec(q, 6);
@@ -121,10 +111,10 @@ TEST(QuantModel, ComputesWhatTheDequantizedFloatModelComputes) {
 TEST(QuantModel, LogitsCloseToTheFloatModel) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  Llama model(small_config());
+  Llama model(quant_config());
   model.init_random(seed);
   const std::vector<int32_t> tokens = random_tokens(rng, 16, 40);
-  const std::vector<float> ref = logits_of(model, tokens, 2, 8);
+  const std::vector<float> ref = eval_logits(model, tokens, 2, 8);
   double mean = 0.0;
   for (float x : ref) mean += x;
   mean /= static_cast<double>(ref.size());
@@ -132,7 +122,7 @@ TEST(QuantModel, LogitsCloseToTheFloatModel) {
   for (float x : ref) ref_ss += (x - mean) * (x - mean);
   for (const auto& [bits, bound] : {std::pair{8, 0.04}, std::pair{4, 0.7}}) {
     Llama q = model.quantize({bits, 32}, DType::f16);
-    const std::vector<float> lq = logits_of(q, tokens, 2, 8);
+    const std::vector<float> lq = eval_logits(q, tokens, 2, 8);
     double ss = 0.0;
     for (size_t i = 0; i < ref.size(); ++i) ss += (lq[i] - ref[i]) * (lq[i] - ref[i]);
     const double rel = std::sqrt(ss / ref_ss);
@@ -146,25 +136,25 @@ TEST(QuantModel, LogitsCloseToTheFloatModel) {
 TEST(QuantModel, WrittenDirectoryLoadsWithIdenticalLogits) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  Llama model(small_config());
+  Llama model(quant_config());
   model.init_random(seed);
   TempDir dir("written");
   ModelWriteOptions options;
   options.dtype = DType::f16;
   options.quantize = QuantFormat{4, 32};
-  write_model(dir.path, model.config(), options, [&](const ParamInfo& info, std::span<float> out) {
+  write_model(dir.path(), model.config(), options, [&](const ParamInfo& info, std::span<float> out) {
     model.weight_f32(*model.layout().find(info.name), out);
   });
-  Llama loaded = Llama::load(dir.path);
+  Llama loaded = Llama::load(dir.path());
   Llama in_memory = model.quantize({4, 32}, DType::f16);
   const std::vector<int32_t> tokens = random_tokens(rng, 10, 40);
-  EXPECT_EQ(logits_of(loaded, tokens, 1, 10), logits_of(in_memory, tokens, 1, 10));
+  EXPECT_EQ(eval_logits(loaded, tokens, 1, 10), eval_logits(in_memory, tokens, 1, 10));
   // A streamed random init is init_random.
   TempDir init_dir("init");
   options.quantize.reset();
   options.dtype = DType::f32;
-  write_model(init_dir.path, model.config(), options, random_init_source(model.config(), seed));
-  Llama init = Llama::load(init_dir.path);
+  write_model(init_dir.path(), model.config(), options, random_init_source(model.config(), seed));
+  Llama init = Llama::load(init_dir.path());
   EXPECT_TRUE(std::equal(init.params().begin(), init.params().end(), model.params().begin()));
 }
 
@@ -220,7 +210,7 @@ std::vector<char> as_bytes(const std::vector<T>& v) {
 TEST(QuantModel, LoadsAnMlxLmDirectoryAsItIs) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  const ModelConfig cfg = small_config();
+  const ModelConfig cfg = quant_config();
   Llama source(cfg);
   source.init_random(seed);
   // The float model that the MLX directory means: f16 weights, dequantized in float.
@@ -270,27 +260,27 @@ TEST(QuantModel, LoadsAnMlxLmDirectoryAsItIs) {
     tensors[module + ".biases"] = {"F16", {rows, cols / gs}, as_bytes(biases)};
   }
   TempDir dir("mlx");
-  write_raw_safetensors(dir.path / "model.safetensors", tensors);
+  write_raw_safetensors(dir.path() / "model.safetensors", tensors);
   nlohmann::json config = cfg.to_json();
   config["torch_dtype"] = "float16";
   const nlohmann::json q = {{"group_size", 64}, {"bits", 4}, {float_module, false},
                             {wide_module, {{"group_size", 32}, {"bits", 8}}}};
   config["quantization"] = q;
   config["quantization_config"] = q;
-  std::ofstream(dir.path / "config.json") << config.dump(2);
+  std::ofstream(dir.path() / "config.json") << config.dump(2);
 
-  Llama loaded = Llama::load(dir.path);
+  Llama loaded = Llama::load(dir.path());
   EXPECT_TRUE(loaded.quantized());
   EXPECT_FALSE(loaded.layout().find(float_module + ".weight")->quantized);
   const std::vector<int32_t> tokens = random_tokens(rng, 12, cfg.vocab_size);
   // Same weights, blockwise vs whole GEMM: float rounding only (see above).
-  EXPECT_LT(max_abs_diff(logits_of(loaded, tokens, 2, 6), logits_of(expected, tokens, 2, 6)), 1e-4);
+  EXPECT_LT(max_abs_diff(eval_logits(loaded, tokens, 2, 6), eval_logits(expected, tokens, 2, 6)), 1e-4);
 }
 
 TEST(QuantModel, LoraGradientsThroughAQuantizedBaseMatchFiniteDifferences) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  Llama base(small_config());
+  Llama base(quant_config());
   base.init_random(seed);
   Llama model = base.quantize({4, 32}, DType::f16);
   LoraAdapters lora(model.config(), lora_check::all_targets(2));
@@ -309,7 +299,7 @@ TEST(QuantModel, LoraGradientsThroughAQuantizedBaseMatchFiniteDifferences) {
 TEST(QuantModel, GradCheckpointOverAQuantizedBaseGivesTheSameAccumulatedGradients) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  ModelConfig cfg = small_config();
+  ModelConfig cfg = quant_config();
   cfg.n_layers = 3;
   Llama base(cfg);
   base.init_random(seed);
@@ -343,7 +333,7 @@ TEST(QuantModel, GradCheckpointOverAQuantizedBaseGivesTheSameAccumulatedGradient
 TEST(QuantModel, DecoderAppliesAdaptersOverAQuantizedBase) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  Llama base(small_config());
+  Llama base(quant_config());
   base.init_random(seed);
   Llama model = base.quantize({4, 32}, DType::f16);
   LoraConfig lc;
@@ -358,7 +348,7 @@ TEST(QuantModel, DecoderAppliesAdaptersOverAQuantizedBase) {
   const std::vector<float> without(p.begin(), p.end());
   const std::span<const float> last = adapted.step(tokens);
   model.attach_lora(&lora);
-  const std::vector<float> ref = logits_of(model, tokens, 1, 7);
+  const std::vector<float> ref = eval_logits(model, tokens, 1, 7);
   double changed = 0.0;
   for (int64_t v = 0; v < 40; ++v) {
     EXPECT_NEAR(last[static_cast<size_t>(v)], ref[static_cast<size_t>(6 * 40 + v)], 1e-4);
@@ -368,7 +358,7 @@ TEST(QuantModel, DecoderAppliesAdaptersOverAQuantizedBase) {
 }
 
 TEST(QuantModel, FullFineTuningOfAQuantizedModelIsRefused) {
-  Llama base(small_config());
+  Llama base(quant_config());
   base.init_random(1);
   Llama q = base.quantize({4, 32}, DType::f16);
   EXPECT_THROW(q.trainable(), InputError);
@@ -378,9 +368,9 @@ TEST(QuantModel, FullFineTuningOfAQuantizedModelIsRefused) {
 }
 
 TEST(QuantModel, FormatsThatQuantizeNothingAreAnInputError) {
-  EXPECT_THROW(plan_quantization(small_config(), {4, 128}), InputError);  // divides neither 64 nor 96
-  EXPECT_THROW(plan_quantization(small_config(), {4, 12}), InputError);   // not whole words
-  EXPECT_THROW(plan_quantization(small_config(), {3, 32}), InputError);   // 3 bits
+  EXPECT_THROW(plan_quantization(quant_config(), {4, 128}), InputError);  // divides neither 64 nor 96
+  EXPECT_THROW(plan_quantization(quant_config(), {4, 12}), InputError);   // not whole words
+  EXPECT_THROW(plan_quantization(quant_config(), {3, 32}), InputError);   // 3 bits
 }
 
 // As mlx_lm's quantize predicate (weight.shape[-1] % group_size): a layer whose input
@@ -389,7 +379,7 @@ TEST(QuantModel, FormatsThatQuantizeNothingAreAnInputError) {
 TEST(QuantModel, LayersTheGroupSizeDoesNotDivideStayFloatAndAreNamed) {
   const uint64_t seed = test_seed();
   Rng rng(seed);
-  Llama model(small_config());  // hidden 64, intermediate 96: group size 48 divides only down_proj's 96
+  Llama model(quant_config());  // hidden 64, intermediate 96: group size 48 divides only down_proj's 96
   model.init_random(seed);
   const QuantFormat f{4, 48};
   const QuantizationPlan plan = plan_quantization(model.config(), f);
@@ -407,21 +397,21 @@ TEST(QuantModel, LayersTheGroupSizeDoesNotDivideStayFloatAndAreNamed) {
   ModelWriteOptions options;
   options.dtype = DType::f16;
   options.quantize = f;
-  write_model(dir.path, model.config(), options, [&](const ParamInfo& info, std::span<float> out) {
+  write_model(dir.path(), model.config(), options, [&](const ParamInfo& info, std::span<float> out) {
     model.weight_f32(*model.layout().find(info.name), out);
   });
-  std::ifstream config_file(dir.path / "config.json");
+  std::ifstream config_file(dir.path() / "config.json");
   const nlohmann::json q = nlohmann::json::parse(config_file)["quantization"];
   EXPECT_EQ(q["group_size"], 48);
   EXPECT_EQ(q["model.layers.1.mlp.up_proj"], false);  // mlx_lm's per-module "stays float"
   EXPECT_FALSE(q.contains("model.layers.1.mlp.down_proj"));
-  Llama loaded = Llama::load(dir.path);
+  Llama loaded = Llama::load(dir.path());
   EXPECT_TRUE(loaded.layout().find("model.layers.1.mlp.down_proj.weight")->quantized);
   EXPECT_FALSE(loaded.layout().find("model.layers.1.mlp.up_proj.weight")->quantized);
   Llama in_memory = model.quantize(f, DType::f16);
   const std::vector<int32_t> tokens = random_tokens(rng, 10, 40);
   // The float layers are f16 on disk and f32 in memory: rounding of order 1e-3 relative.
-  EXPECT_LT(max_abs_diff(logits_of(loaded, tokens, 1, 10), logits_of(in_memory, tokens, 1, 10)), 2e-2);
+  EXPECT_LT(max_abs_diff(eval_logits(loaded, tokens, 1, 10), eval_logits(in_memory, tokens, 1, 10)), 2e-2);
 }
 
 }  // namespace

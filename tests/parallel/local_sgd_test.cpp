@@ -8,15 +8,10 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::parallel {
 namespace {
-
-comm::Settings settings() {
-  comm::Settings s;
-  s.timeout = std::chrono::seconds(30);
-  return s;
-}
 
 // Rank r's weights after local training: start + (r + 1) * (element index + 1) * scale.
 std::vector<float> local_weights(const std::vector<float>& start, int rank, float scale) {
@@ -48,7 +43,7 @@ TEST(LocalSgd, RanksMeetEveryHStepsAndTakeTheAverage) {
     EXPECT_EQ(local.meetings(), 2);
     // Two all-reduces of 5 floats, ring convention: 2 (N-1)/N x 20 bytes each.
     EXPECT_EQ(local.bytes_sent(), 2 * (2 * 2 * 20 / 3));
-  }, settings());
+  }, testing::bounded_settings());
 }
 
 TEST(LocalSgd, TheOuterStepIsNesterovOnTheAveragedChange) {
@@ -75,7 +70,7 @@ TEST(LocalSgd, TheOuterStepIsNesterovOnTheAveragedChange) {
     w = local_weights(w, comm.rank(), -0.05f);
     ASSERT_TRUE(local.after_step(w, 4));
     for (size_t i = 0; i < 3; ++i) EXPECT_NEAR(w[i], a2[i], 1e-5f);
-  }, settings());
+  }, testing::bounded_settings());
 }
 
 TEST(LocalSgd, BadSettingsAreClearErrors) {
@@ -85,7 +80,7 @@ TEST(LocalSgd, BadSettingsAreClearErrors) {
     EXPECT_THROW(LocalSgd(dp, {.sync_every = 0}, w), InputError);
     EXPECT_THROW(LocalSgd(dp, {.sync_every = 2, .outer_lr = 0.0f}, w), InputError);
     EXPECT_THROW(LocalSgd(dp, {.sync_every = 2, .outer_momentum = 1.0f}, w), InputError);
-  }, settings());
+  }, testing::bounded_settings());
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla::text {
 namespace {
@@ -17,23 +18,9 @@ namespace {
 namespace fs = std::filesystem;
 
 // A fresh empty directory per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() /
-            (std::string("flotilla_text_") + info->name() + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const fs::path& path() const { return path_; }
+using ::flotilla::testing::TempDir;
 
- private:
-  fs::path path_;
-};
-
-void write(const fs::path& path, const std::string& text) { std::ofstream(path) << text; }
+using ::flotilla::testing::write_text;
 
 std::string error_of(const fs::path& dir) {
   try {
@@ -125,27 +112,27 @@ TEST(TokenizerLoad, SaveThenLoadGivesByteTokenizer) {
 
 TEST(TokenizerLoad, MinimalFlotillaFileGivesBytes) {
   TempDir dir;
-  write(dir.path() / "flotilla_tokenizer.json", R"({"type":"bytes"})");
+  write_text(dir.path() / "flotilla_tokenizer.json", R"({"type":"bytes"})");
   EXPECT_EQ(Tokenizer::load_for_model(dir.path())->name(), "bytes");
 }
 
 TEST(TokenizerLoad, UnusableTokenizerJsonNamesTheFile) {
   TempDir dir;
-  write(dir.path() / "tokenizer.json", "{}");
+  write_text(dir.path() / "tokenizer.json", "{}");
   const std::string msg = error_of(dir.path());
   EXPECT_NE(msg.find("tokenizer.json"), std::string::npos) << msg;
 }
 
 TEST(TokenizerLoad, CorruptSentencePieceModelNamesTheFile) {
   TempDir dir;
-  write(dir.path() / "tokenizer.model", "x");
+  write_text(dir.path() / "tokenizer.model", "x");
   const std::string msg = error_of(dir.path());
   EXPECT_NE(msg.find("tokenizer.model"), std::string::npos) << msg;
 }
 
 TEST(TokenizerLoad, UnknownTypeNamesTheFile) {
   TempDir dir;
-  write(dir.path() / "flotilla_tokenizer.json", R"({"type":"bpe"})");
+  write_text(dir.path() / "flotilla_tokenizer.json", R"({"type":"bpe"})");
   const std::string msg = error_of(dir.path());
   EXPECT_NE(msg.find("flotilla_tokenizer.json"), std::string::npos) << msg;
   EXPECT_NE(msg.find("\"bpe\""), std::string::npos) << msg;
@@ -153,7 +140,7 @@ TEST(TokenizerLoad, UnknownTypeNamesTheFile) {
 
 TEST(TokenizerLoad, MalformedJsonNamesTheFile) {
   TempDir dir;
-  write(dir.path() / "flotilla_tokenizer.json", R"({"type": )");
+  write_text(dir.path() / "flotilla_tokenizer.json", R"({"type": )");
   const std::string msg = error_of(dir.path());
   EXPECT_NE(msg.find("flotilla_tokenizer.json: not valid JSON"), std::string::npos) << msg;
   EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
@@ -161,7 +148,7 @@ TEST(TokenizerLoad, MalformedJsonNamesTheFile) {
 
 TEST(TokenizerLoad, MismatchedIdsAreRefused) {
   TempDir dir;
-  write(dir.path() / "flotilla_tokenizer.json", R"({"type":"bytes","eos_id":2})");
+  write_text(dir.path() / "flotilla_tokenizer.json", R"({"type":"bytes","eos_id":2})");
   EXPECT_NE(error_of(dir.path()).find("eos_id"), std::string::npos);
 }
 

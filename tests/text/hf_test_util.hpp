@@ -13,31 +13,14 @@
 #include <sstream>
 #include <string>
 
+#include "../temp_dir.hpp"
+
 namespace flotilla::text::hf_test {
 
 namespace fs = std::filesystem;
 
 // A fresh directory under the system temp dir, removed when it goes out of scope.
-class TempDir {
- public:
-  explicit TempDir(const std::string& name) {
-    path_ = fs::temp_directory_path() / ("flotilla_hf_" + name + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  TempDir() : TempDir(::testing::UnitTest::GetInstance()->current_test_info()->name()) {}
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using ::flotilla::testing::TempDir;
 
 inline void write_file(const fs::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

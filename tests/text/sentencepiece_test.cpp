@@ -19,6 +19,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla::text {
 namespace {
@@ -28,9 +29,7 @@ using nlohmann::json;
 
 constexpr const char* kPython = "/usr/bin/python3";
 
-void write(const fs::path& path, const std::string& text) {
-  std::ofstream(path, std::ios::binary) << text;
-}
+using ::flotilla::testing::write_text;
 
 // Runs `python3 script args...`; stdout into `out`, "" on success or the failure text.
 std::string run_python(const fs::path& script, const std::vector<std::string>& args,
@@ -100,9 +99,9 @@ class SentencePieceTest : public ::testing::Test {
     }
     const fs::path corpus = fs::path(FLOTILLA_SOURCE_DIR) / "data/sample/corpus.txt";
     // A few lines with accents and digits so that some non-ASCII pieces exist.
-    write(work_ / "train.txt", read_text_file(corpus) +
+    write_text(work_ / "train.txt", read_text_file(corpus) +
                                    "\ncafé crème à la carte, déjà vu 2024 42 3.14\n");
-    write(work_ / "train.py", R"PY(
+    write_text(work_ / "train.py", R"PY(
 import sys
 try:
     import sentencepiece as spm
@@ -123,7 +122,7 @@ spm.SentencePieceTrainer.train(
     pad_id=3, control_symbols=["<sep>"], user_defined_symbols=["<tool>"],
     num_threads=1, minloglevel=2)
 )PY");
-    write(work_ / "reference.py", R"PY(
+    write_text(work_ / "reference.py", R"PY(
 import json, sys
 import sentencepiece as spm
 model, texts_file, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -146,7 +145,7 @@ json.dump({
                               work_);
     if (!setup_error_.empty()) return;
     texts_ = varied_texts(corpus);
-    write(work_ / "texts.json", json(texts_).dump());
+    write_text(work_ / "texts.json", json(texts_).dump());
   }
 
   static void TearDownTestSuite() { fs::remove_all(work_); }
@@ -321,16 +320,16 @@ TEST_F(SentencePieceTest, LoadForModelPicksTokenizerModel) {
 TEST_F(SentencePieceTest, TokenizerConfigSetsAddBosAndAddEos) {
   const fs::path dir = fresh_dir("config_dir");
   fs::copy_file(bpe_model(), dir / "tokenizer.model");
-  write(dir / "tokenizer_config.json",
+  write_text(dir / "tokenizer_config.json",
         R"({"add_bos_token": false, "add_eos_token": true, "chat_template": "{{x}}"})");
   const auto tok = Tokenizer::load_for_model(dir);
   EXPECT_FALSE(tok->add_bos());
   EXPECT_TRUE(tok->add_eos());
 
-  write(dir / "tokenizer_config.json", R"({"add_bos_token": null})");
+  write_text(dir / "tokenizer_config.json", R"({"add_bos_token": null})");
   EXPECT_TRUE(Tokenizer::load_for_model(dir)->add_bos());
 
-  write(dir / "tokenizer_config.json", R"({"add_bos_token": "yes"})");
+  write_text(dir / "tokenizer_config.json", R"({"add_bos_token": "yes"})");
   try {
     Tokenizer::load_for_model(dir);
     ADD_FAILURE() << "no error for a string add_bos_token";
@@ -343,11 +342,11 @@ TEST_F(SentencePieceTest, TokenizerConfigSetsAddBosAndAddEos) {
 TEST_F(SentencePieceTest, SaveThenLoadGivesTheSameTokenizerAndKeepsOtherConfigKeys) {
   const fs::path src = fresh_dir("save_src");
   fs::copy_file(unigram_model(), src / "tokenizer.model");
-  write(src / "tokenizer_config.json", R"({"add_eos_token": true})");
+  write_text(src / "tokenizer_config.json", R"({"add_eos_token": true})");
   const auto tok = Tokenizer::load_for_model(src);
 
   const fs::path dst = fresh_dir("save_dst");
-  write(dst / "tokenizer_config.json", R"({"chat_template": "{{ messages }}"})");
+  write_text(dst / "tokenizer_config.json", R"({"chat_template": "{{ messages }}"})");
   tok->save(dst);
   const auto back = Tokenizer::load_for_model(dst);
   EXPECT_EQ(back->name(), "sentencepiece");
@@ -362,7 +361,7 @@ TEST_F(SentencePieceTest, SaveThenLoadGivesTheSameTokenizerAndKeepsOtherConfigKe
 TEST_F(SentencePieceTest, FlotillaTokenizerFileWinsOverTokenizerModel) {
   const fs::path dir = fresh_dir("both_dir");
   fs::copy_file(bpe_model(), dir / "tokenizer.model");
-  write(dir / "flotilla_tokenizer.json", R"({"type": "bytes"})");
+  write_text(dir / "flotilla_tokenizer.json", R"({"type": "bytes"})");
   EXPECT_EQ(Tokenizer::load_for_model(dir)->name(), "bytes");
 }
 
@@ -371,7 +370,7 @@ TEST_F(SentencePieceTest, TokenizerJsonIsChosenOverTokenizerModel) {
   // it although a valid tokenizer.model sits beside it.
   const fs::path dir = fresh_dir("hf_dir");
   fs::copy_file(bpe_model(), dir / "tokenizer.model");
-  write(dir / "tokenizer.json", "{}");
+  write_text(dir / "tokenizer.json", "{}");
   try {
     const auto tok = Tokenizer::load_for_model(dir);
     EXPECT_NE(tok->name(), "sentencepiece");
@@ -395,7 +394,7 @@ TEST(SentencePieceLoad, CorruptModelIsAnInputErrorNamingTheFile) {
   fs::remove_all(dir);
   fs::create_directories(dir);
   for (const std::string& bytes : {std::string("not a model"), std::string()}) {
-    write(dir / "tokenizer.model", bytes);
+    write_text(dir / "tokenizer.model", bytes);
     try {
       Tokenizer::load_for_model(dir);
       ADD_FAILURE() << "no error for tokenizer.model holding " << json(bytes).dump();

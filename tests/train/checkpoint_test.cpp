@@ -32,6 +32,7 @@
 #include "flotilla/train/trainer.hpp"
 #include "../test_seed.hpp"
 #include "small_model.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla::train {
 namespace {
@@ -42,19 +43,7 @@ namespace fs = std::filesystem;
 
 using ::flotilla::testing::test_seed;
 
-class TempDir {
- public:
-  explicit TempDir(const std::string& tag) {
-    path_ = fs::temp_directory_path() / ("flotilla_checkpoint_test_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using ::flotilla::testing::TempDir;
 
 TrainConfig small_train_config(int64_t steps) {
   TrainConfig t;

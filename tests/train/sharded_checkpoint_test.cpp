@@ -21,6 +21,8 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/train/checkpoint.hpp"
 #include "small_model.hpp"
+#include "../temp_dir.hpp"
+#include "../bounded_settings.hpp"
 
 namespace flotilla::train {
 namespace {
@@ -29,25 +31,7 @@ using test_models::small_config;
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  explicit TempDir(const std::string& tag) {
-    path_ = fs::temp_directory_path() / ("flotilla_sharded_test_" + tag + "_" + std::to_string(::getpid()));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-comm::Settings settings() {
-  comm::Settings s;
-  s.timeout = std::chrono::seconds(60);
-  return s;
-}
+using ::flotilla::testing::TempDir;
 
 TrainConfig small_train_config(int zero_stage) {
   TrainConfig t;
@@ -59,13 +43,6 @@ TrainConfig small_train_config(int zero_stage) {
   t.zero_stage = zero_stage;
   t.bucket_mb = 0.004;  // about 1000 floats: several units, each with its tail
   return t;
-}
-
-std::vector<int32_t> random_stream(uint64_t seed, size_t n) {
-  Rng rng(seed);
-  std::vector<int32_t> s(n);
-  for (int32_t& t : s) t = static_cast<int32_t>(rng.below(48));
-  return s;
 }
 
 // The whole moments and weights of a world of writers, put together from every rank's
@@ -98,14 +75,14 @@ fs::path write_on_threads(const fs::path& checkpoints, int world, int stage, Who
     parallel::DataParallel dp(comm);
     model::Llama model(small_config());
     model.init_random(7);
-    data::RandomWindowSource source(random_stream(3, 2000), 5 + static_cast<uint64_t>(comm.rank()));
+    data::RandomWindowSource source(test_models::random_tokens(3, 2000, 48), 5 + static_cast<uint64_t>(comm.rank()));
     Trainer trainer(model, small_train_config(stage), &dp);
     trainer.step(source);
     trainer.step(source);
     const fs::path dir = save_sharded_checkpoint(checkpoints, trainer, source, {{"world", world}}, 0, &dp);
     whole.add(trainer);
     if (comm.rank() == 0) step_dir = dir;
-  }, settings());
+  }, testing::bounded_settings(60));
   return step_dir;
 }
 
@@ -150,14 +127,14 @@ TEST(ShardedCheckpointRanks, ThreeZero2RanksReshardOntoTwoZero1RanksAndOnePlainR
     parallel::DataParallel dp(comm);
     model::Llama model(small_config());
     model.init_random(99);  // overwritten
-    data::RandomWindowSource source(random_stream(3, 2000), 5);
+    data::RandomWindowSource source(test_models::random_tokens(3, 2000, 48), 5);
     Trainer trainer(model, small_train_config(1), &dp);
     restore_training_state(step_dir, trainer, source);
     ASSERT_TRUE(trainer.sync().sharded());
     check(trainer, "ZeRO-1 rank " + std::to_string(comm.rank()));
-  }, settings());
+  }, testing::bounded_settings(60));
   model::Llama model(small_config());
-  data::RandomWindowSource source(random_stream(3, 2000), 5);
+  data::RandomWindowSource source(test_models::random_tokens(3, 2000, 48), 5);
   Trainer trainer(model, small_train_config(0));
   restore_training_state(step_dir, trainer, source);
   check(trainer, "one plain rank");
@@ -172,7 +149,7 @@ TEST(ShardedCheckpointRanks, ARankThatFailsLeavesNoFolderAndEveryRankStops) {
     parallel::DataParallel dp(comm);
     model::Llama model(small_config());
     model.init_random(7);
-    data::RandomWindowSource source(random_stream(3, 2000), 5);
+    data::RandomWindowSource source(test_models::random_tokens(3, 2000, 48), 5);
     Trainer trainer(model, small_train_config(1), &dp);
     for (int i = 0; i < 3; ++i) trainer.step(source);
     io::StepFiles failing;
@@ -186,7 +163,7 @@ TEST(ShardedCheckpointRanks, ARankThatFailsLeavesNoFolderAndEveryRankStops) {
       errors[static_cast<size_t>(comm.rank())] = e.what();
       EXPECT_EQ(e.quiet(), comm.rank() != 0) << "rank 0 says it";
     }
-  }, settings());
+  }, testing::bounded_settings(60));
   for (int r = 0; r < 3; ++r) {
     EXPECT_NE(errors[static_cast<size_t>(r)].find("rank 2: disk full"), std::string::npos)
         << "rank " << r << ": " << errors[static_cast<size_t>(r)];

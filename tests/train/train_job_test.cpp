@@ -24,6 +24,7 @@
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
 #include "../test_seed.hpp"
+#include "../temp_dir.hpp"
 
 namespace flotilla::train {
 namespace {
@@ -32,19 +33,7 @@ using ::flotilla::testing::test_seed;
 
 const std::filesystem::path kCorpus = std::filesystem::path(FLOTILLA_SOURCE_DIR) / "data/sample/corpus.txt";
 
-class TempDir {
- public:
-  explicit TempDir(const std::string& tag) {
-    path_ = std::filesystem::temp_directory_path() /
-            ("flotilla_train_job_test_" + tag + "_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(path_);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using ::flotilla::testing::TempDir;
 
 // The tiny preset on the sample corpus from a fresh seed, writing into `out`: `steps`
 // steps of batch_size rows of seq_len tokens.

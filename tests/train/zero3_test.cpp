@@ -18,17 +18,13 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/train/trainer.hpp"
+#include "../bounded_settings.hpp"
+#include "small_model.hpp"
 
 namespace flotilla::train {
 namespace {
 
 constexpr int32_t kVocab = 53;  // 53 x 32 floats of embedding: not divisible by 3
-
-comm::Settings settings() {
-  comm::Settings s;
-  s.timeout = std::chrono::seconds(60);
-  return s;
-}
 
 model::ModelConfig small_config(bool tied) {
   model::ModelConfig c;
@@ -60,13 +56,6 @@ TrainConfig train_config(int zero_stage) {
   return t;
 }
 
-std::vector<int32_t> random_stream(uint64_t seed, size_t n) {
-  Rng rng(seed);
-  std::vector<int32_t> s(n);
-  for (int32_t& t : s) t = static_cast<int32_t>(rng.below(kVocab));
-  return s;
-}
-
 struct RunResult {
   std::vector<double> losses;  // rank 0's, per step
   std::vector<float> weights;  // the whole trained arena
@@ -77,7 +66,7 @@ struct RunResult {
 RunResult train_on_threads(int world, int stage, bool tied, bool grad_checkpoint, uint64_t seed) {
   RunResult result;
   std::mutex mutex;
-  const std::vector<int32_t> stream = random_stream(seed, 3000);
+  const std::vector<int32_t> stream = test_models::random_tokens(seed, 3000, kVocab);
   comm::run_threads(world, [&](comm::Communicator& comm) {
     parallel::DataParallel dp(comm);
     model::Llama model(small_config(tied));
@@ -100,7 +89,7 @@ RunResult train_on_threads(int world, int stage, bool tied, bool grad_checkpoint
       result.losses = losses;
       result.weights = whole;
     }
-  }, settings());
+  }, testing::bounded_settings(60));
   return result;
 }
 
@@ -150,7 +139,7 @@ TEST(Zero3, TiedEmbeddingsBiasesAndGradientCheckpointing) {
 // that skipped the gathers (no context) computes a NaN loss, one with them a finite loss.
 TEST(Zero3, WeightsNotGatheredReadNaNInTheTestMode) {
   const uint64_t seed = testing::test_seed();
-  const std::vector<int32_t> stream = random_stream(seed, 2000);
+  const std::vector<int32_t> stream = test_models::random_tokens(seed, 2000, kVocab);
   comm::run_threads(3, [&](comm::Communicator& comm) {
     parallel::DataParallel dp(comm);
     model::Llama model(small_config(false));
@@ -183,13 +172,13 @@ TEST(Zero3, WeightsNotGatheredReadNaNInTheTestMode) {
     trainer.sync().after_update(1, false);  // release again, as after a step
     model.set_parallel_context(nullptr);    // forward no longer asks for the gathers
     EXPECT_TRUE(std::isnan(model.forward(batch.tokens.data(), batch.targets.data(), 2, 12).mean()));
-  }, settings());
+  }, testing::bounded_settings(60));
 }
 
 // Without the test mode the other ranks' chunks are handed back: their whole pages read zero.
 TEST(Zero3, ReleasedWeightPagesGoBackToTheSystem) {
   const uint64_t seed = testing::test_seed();
-  const std::vector<int32_t> stream = random_stream(seed, 2000);
+  const std::vector<int32_t> stream = test_models::random_tokens(seed, 2000, kVocab);
   comm::run_threads(2, [&](comm::Communicator& comm) {
     parallel::DataParallel dp(comm);
     model::ModelConfig cfg = small_config(false);
@@ -212,15 +201,15 @@ TEST(Zero3, ReleasedWeightPagesGoBackToTheSystem) {
     int64_t own_nonzero = 0;
     for (int64_t i = chunk - other; i < chunk - other + chunk; ++i) own_nonzero += params[static_cast<size_t>(i)] != 0.0f;
     EXPECT_GT(own_nonzero, chunk / 2);
-  }, settings());
+  }, testing::bounded_settings(60));
 }
 
 // Rank 1 runs an evaluation forward that rank 0 does not: their gather schedules part, and
 // both stop with a MismatchError (not a hang) within the collectives' deadline.
 TEST(Zero3, RanksWhoseGatherSchedulesDifferStopWithAMismatch) {
   const uint64_t seed = testing::test_seed();
-  const std::vector<int32_t> stream = random_stream(seed, 2000);
-  comm::Settings s = settings();
+  const std::vector<int32_t> stream = test_models::random_tokens(seed, 2000, kVocab);
+  comm::Settings s = testing::bounded_settings(60);
   s.timeout = std::chrono::seconds(20);
   const auto start = std::chrono::steady_clock::now();
   try {
@@ -255,7 +244,7 @@ TEST(Zero3, Bf16ProductsAreRefused) {
     model::Llama model(small_config(false));
     model.set_matmul_input(kernels::GemmInput::bf16);
     EXPECT_THROW({ Trainer trainer(model, train_config(3), &dp); }, InputError);
-  }, settings());
+  }, testing::bounded_settings(60));
 }
 
 }  // namespace
