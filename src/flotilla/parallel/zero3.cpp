@@ -19,6 +19,7 @@
 #include "flotilla/base/memory.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/chunk_cut.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -128,26 +129,15 @@ std::vector<GroupBounds> group_bounds(const model::ModelConfig& cfg, const model
   return groups;
 }
 
-// A group of n floats cut over the ranks: rank's chunk, then the tail, where not empty.
-void append_shard(std::vector<ArenaRange>& owned, int64_t begin, int64_t end, int64_t world, int64_t rank) {
-  const int64_t chunk = (end - begin) / world;
-  if (chunk > 0) owned.push_back({begin + rank * chunk, begin + (rank + 1) * chunk});
-  if (begin + chunk * world < end) owned.push_back({begin + chunk * world, end});
-}
-
-// One group of the arena (the embedding, a decoder block, the head), split over the ranks
-// as stages 1-2 split a unit: rank r's chunk [begin + r chunk, begin + (r+1) chunk), the
-// tail [begin + N chunk, end) every rank's.
-struct Group {
+// One group of the arena (the embedding, a decoder block, the head), cut over the ranks
+// as stages 1-2 cut a unit (parallel/chunk_cut.hpp).
+struct Group : ChunkCut {
   std::string name;  // "embedding", "block 3", "head"
-  int64_t begin = 0, end = 0;
-  int64_t chunk = 0;
   int64_t chunk_slot = 0, tail_slot = 0;  // where this rank's chunk and the tail sit in the shard buffer
   int64_t grad_floats = 0;                // the gradient ranges grad_ready reports for it, in floats
   int64_t grad_pending = 0;               // of those, not yet reported this backward
   enum class State : uint8_t { whole, gathering, released } state = State::whole;
   uint64_t ticket = 0;  // the gather in flight (gathering)
-  int64_t tail_begin(int64_t world) const { return begin + chunk * world; }
 };
 
 class Zero3Sync final : public GradientSync, private model::ParallelContext {
@@ -166,9 +156,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     tied_ = cfg.tie_embeddings;
     for (const GroupBounds& b : group_bounds(cfg, layout, arena)) {
       Group g;
+      static_cast<ChunkCut&>(g) = ChunkCut(b.begin, b.end, world_);
       g.name = b.name;
-      g.begin = b.begin;
-      g.end = b.end;
       groups_.push_back(g);
     }
     // Every range backward reports must lie in one group and the group's ranges tile it:
@@ -186,12 +175,11 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       if (g.grad_floats != g.end - g.begin)
         throw Error("parallel/zero3", fmt::format("backward reports {} of group {}'s {} floats", g.grad_floats, g.name,
                                                   g.end - g.begin));
-      g.chunk = (g.end - g.begin) / world_;
       g.chunk_slot = slot;
       slot += g.chunk;
       g.tail_slot = slot;
-      slot += g.end - g.tail_begin(world_);
-      append_shard(owned_, g.begin, g.end, world_, rank_);
+      slot += g.tail_size();
+      g.append_owned(owned_, rank_);
     }
     shard_grads_.resize(static_cast<size_t>(slot));
     page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kParamBytes);
@@ -251,10 +239,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   std::vector<ArenaRange> owned() const override { return owned_; }
   std::vector<ArenaRange> sole_owned() const override {
     std::vector<ArenaRange> sole;
-    for (const Group& g : groups_) {
-      if (g.chunk > 0) sole.push_back({g.begin + rank_ * g.chunk, g.begin + (rank_ + 1) * g.chunk});
-      if (rank_ == 0 && g.tail_begin(world_) < g.end) sole.push_back({g.tail_begin(world_), g.end});
-    }
+    for (const Group& g : groups_) g.append_sole_owned(sole, rank_);
     return sole;
   }
   std::span<float> owned_grads() override { return shard_grads_.span(); }
@@ -265,7 +250,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     double tails = 0.0;
     for (const Group& g : groups_) {
       chunks[0] += kernels::sum_squares(shard_grads_.data() + g.chunk_slot, g.chunk);
-      tails += kernels::sum_squares(shard_grads_.data() + g.tail_slot, g.end - g.tail_begin(world_));
+      tails += kernels::sum_squares(shard_grads_.data() + g.tail_slot, g.tail_size());
     }
     dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
     return chunks[0] + tails;
@@ -305,8 +290,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
                                                 "of {}",
                                                 owned.size(), whole.size(), shard_grads_.size(), params_.size()));
     for (const Group& g : groups_) {
-      std::copy_n(whole.begin() + g.begin + rank_ * g.chunk, g.chunk, owned.begin() + g.chunk_slot);
-      std::copy_n(whole.begin() + g.tail_begin(world_), g.end - g.tail_begin(world_), owned.begin() + g.tail_slot);
+      std::copy_n(whole.begin() + g.chunk_of(rank_).begin, g.chunk, owned.begin() + g.chunk_slot);
+      std::copy_n(whole.begin() + g.tail().begin, g.tail_size(), owned.begin() + g.tail_slot);
     }
   }
 
@@ -401,8 +386,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     g.state = Group::State::released;
     if (world_ == 1 || g.chunk == 0) return;
     float* params = params_.data();
-    const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.begin + rank_ * g.chunk},
-                                              ArenaRange{g.begin + (rank_ + 1) * g.chunk, g.tail_begin(world_)}};
+    const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.chunk_of(rank_).begin},
+                                              ArenaRange{g.chunk_of(rank_).end, g.tail().begin}};
     for (const ArenaRange& r : others) {
       if (r.size() <= 0) continue;
       if (poison_) {
@@ -436,7 +421,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     reduces_.push_back(queue_.push("reduce-scatter " + g.name, [this, j = static_cast<size_t>(&g - groups_.data()),
                                                                   accumulate = accumulate_] { reduce(j, accumulate); }));
     if (g.chunk > 0) bytes_ += comm::ring_reduce_scatter_bytes(g.chunk * world_ * kParamBytes, static_cast<int>(world_));
-    const int64_t tail = g.end - g.tail_begin(world_);
+    const int64_t tail = g.tail_size();
     if (tail > 0) bytes_ += comm::ring_all_reduce_bytes(tail * kParamBytes, static_cast<int>(world_));
     // Backward waits here rather than fill the arena when it outruns the network.
     while (reduces_.size() > kReducesInFlight) {
@@ -459,7 +444,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       if (accumulate) kernels::add_inplace(slot, mine, g.chunk);
       else std::copy_n(mine, g.chunk, slot);
     }
-    const int64_t tail = g.end - g.tail_begin(world_);
+    const int64_t tail = g.tail_size();
     if (tail > 0) {
       const std::span<float> t = part.subspan(static_cast<size_t>(g.chunk * world_));
       dp_.communicator().all_reduce(t, comm::ReduceOp::sum, comm::Options{.name = "gradient tail"});
@@ -501,7 +486,7 @@ std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const 
     throw Error("parallel/zero3", fmt::format("rank {} of {} ranks", rank, world));
   std::vector<ArenaRange> owned;
   for (const GroupBounds& b : group_bounds(cfg, layout, layout.total_numel()))
-    append_shard(owned, b.begin, b.end, world, rank);
+    ChunkCut(b.begin, b.end, world).append_owned(owned, rank);
   return owned;
 }
 
