@@ -10,7 +10,9 @@ Then:
   - --zero 3 in its test mode (weights not gathered read NaN), and on a Qwen2-shaped model
     with tied embeddings and q/k/v biases under --grad-checkpoint at 2 and 3 ranks against
     --zero 2 on as many ranks;
-  - LoRA adapters (rank 4) with --zero 2 on 3 ranks against one rank;
+  - LoRA adapters (rank 4) with --zero 2 and with --zero 3 (the base sharded; test mode,
+    --grad-checkpoint) on 3 ranks against one rank; adapters on the last block only with
+    --zero 3 on 2 ranks: bit for bit plain data parallelism's;
   - a checkpoint written at step 10 by 4 ranks with --zero 2 resumed on 3 ranks with --zero 1
     and on 1 rank without sharding, and one by 4 ranks with --zero 3 resumed at 3 ranks
     ZeRO-2, 2 ranks ZeRO-3 and 1 rank: the resumed losses and final weights against the
@@ -19,7 +21,7 @@ Then:
     the run report counts them;
   - --zero 2 with --compression bf16 and fp16 on 3 ranks: the shards' reduce-scatter in
     halves, losses within 2e-5 of the float32 run (weights 5e-2: see there), 2/3 of its bytes;
-  - bad combinations are refused with one line: --zero 4, --zero 3 with LoRA, with --dtype
+  - bad combinations are refused with one line: --zero 4, --zero 3 with a 4-bit base, with --dtype
     bf16 (where the CPU has bf16: elsewhere bf16 runs as float32), with --compression,
     --zero with --sync-every, with --compression topk, --compression-warmup with --zero.
 Usage: zero_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
@@ -172,6 +174,27 @@ def main():
         lora_zero = os.path.join(tmp, "lora_zero2_3")
         train(lora_zero, 3, lora + ["--zero", "2"])
         failures += compare("LoRA, --zero 2, 3 ranks", lora_base, lora_zero, "adapter_model.safetensors")
+        # --zero 3 with LoRA: the frozen base sharded and gathered on use (test mode: a base
+        # weight read without its gather is NaN), the adapters whole and all-reduced. Under
+        # --grad-checkpoint each block is recomputed on the base weights gathered for its
+        # backward.
+        lora_zero3 = os.path.join(tmp, "lora_zero3_3")
+        train3(lora_zero3, 3, lora + ["--zero", "3", "--grad-checkpoint"])
+        failures += compare("LoRA, --zero 3, checkpointing, 3 ranks", lora_base, lora_zero3, "adapter_model.safetensors")
+        r = report(lora_zero3)
+        if r.get("gradient_sync") != "ZeRO-3, frozen base, adapters all-reduced":
+            failures.append(f"LoRA --zero 3: the report names the sync {r.get('gradient_sync')!r}")
+        # Adapters on the last block only: backward stops there, and the block below is
+        # neither gathered for backward nor read. The adapters' sums are plain data
+        # parallelism's: the same bits as its 2 ranks (which differ from one rank by up to
+        # 3e-5 here, in lora_B tensors that start at zero).
+        last = lora + ["--num-layers", "1"]
+        lora_dp = os.path.join(tmp, "lora_last_dp_2")
+        train(lora_dp, 2, last + ["--bucket-mb", "0"])
+        lora_last3 = os.path.join(tmp, "lora_last_zero3_2")
+        train3(lora_last3, 2, last + ["--zero", "3"])
+        failures += compare("LoRA last block, --zero 3 vs plain, 2 ranks", lora_dp, lora_last3,
+                            "adapter_model.safetensors", tolerance=0.0)
 
         # --compression bf16 / fp16: the gradient shards travel in halves, each rank's values
         # rounded once (bf16 2^-9 relative, fp16 after its range scale 2^-12) and summed in
@@ -236,7 +259,7 @@ def main():
 
         # Refused up front, one line each.
         bf16_cpu = "avx512_bf16" in open("/proc/cpuinfo").read()
-        refusals = [(["--zero", "4"], "--zero must be"), (["--zero", "3", "--fine-tune-type", "lora"], "LoRA"),
+        refusals = [(["--zero", "4"], "--zero must be"),
                     (["--zero", "3", "--sync-every", "4"], "--sync-every"),
                     (["--zero", "3", "--compression", "bf16"], "--zero 3 cannot be combined with --compression"),
                     (["--zero", "1", "--sync-every", "4"], "--sync-every"),
@@ -244,8 +267,13 @@ def main():
                     (["--zero", "2", "--compression", "bf16", "--compression-warmup", "5"], "--compression-warmup")]
         if bf16_cpu:
             refusals.append((["--zero", "3", "--dtype", "bf16"], "--dtype bf16"))
+        # Stage 3 does not shard a 4-bit base yet.
+        q4 = os.path.join(tmp, "q4")
+        run([f, "init", "--preset", "tiny", "--out", q4, "--seed", "5", "--quantize", "4", "--group-size", "32"], env)
+        refusals.append((["--model", q4, "--zero", "3", "--fine-tune-type", "lora"], "4-bit base"))
         for extra, why in refusals:
-            proc = subprocess.run(mpirun + ["-np", "2", f, "train", "--model", model, "--out", os.path.join(tmp, "bad"),
+            model_flag = [] if "--model" in extra else ["--model", model]
+            proc = subprocess.run(mpirun + ["-np", "2", f, "train"] + model_flag + ["--out", os.path.join(tmp, "bad"),
                                             "--batch-size", "2"] + common + extra,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
             lines = [line for line in proc.stderr.splitlines() if line.startswith("flotilla: error:")]

@@ -89,10 +89,10 @@ TEST(Strategy, BytesPerStepByHand) {
   }
   EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, w), w, 4, fast).wire_bytes, 3 * 0.75 * 4.0 * kFloats + norm + loss4,
               1e-6);
-  // ZeRO-3 with LoRA gathers the whole model twice and reduce-scatters the 4096 adapter floats.
+  // ZeRO-3 with LoRA gathers the frozen base twice and all-reduces the 4096 adapter floats.
   const Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
   EXPECT_NEAR(comm_cost(find(StrategyKind::zero3, lora), lora, 4, fast).wire_bytes,
-              0.75 * 4.0 * (2 * (kFloats + 4096) + 4096) + norm + loss4, 1e-6);
+              0.75 * 4.0 * (2 * kFloats + 2 * 4096) + loss4, 1e-6);
 }
 
 TEST(Strategy, ZeroTwoReducesEveryMicroBatch) {
@@ -268,7 +268,7 @@ TEST(Memory, ZeroShardKeepsTheTail) {
   EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 5).grads, 4.0 * (23001 + 3));
 }
 
-TEST(Strategy, ZeroStagesRunTodayButZeroThreeWithLora) {
+TEST(Strategy, ZeroStagesRunTodayButZeroThreeOverAFourBitBase) {
   const Workload w = small_full();
   EXPECT_TRUE(find(StrategyKind::zero1, w).available);
   EXPECT_EQ(find(StrategyKind::zero1, w).train_flags, "--zero 1");
@@ -276,7 +276,9 @@ TEST(Strategy, ZeroStagesRunTodayButZeroThreeWithLora) {
   EXPECT_EQ(find(StrategyKind::zero2, w).train_flags, "--zero 2");
   EXPECT_TRUE(find(StrategyKind::zero3, w).available);
   EXPECT_EQ(find(StrategyKind::zero3, w).train_flags, "--zero 3");
-  const Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
+  Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
+  EXPECT_TRUE(find(StrategyKind::zero3, lora).available);
+  lora.model.quantization = model::QuantizationConfig{};  // a packed base: not sharded yet
   EXPECT_FALSE(find(StrategyKind::zero3, lora).available);
 }
 
@@ -286,6 +288,21 @@ TEST(Memory, LoraHasNoBaseGradientsOrMoments) {
   EXPECT_DOUBLE_EQ(m.weights, 4.0 * (kFloats + 4096));
   EXPECT_DOUBLE_EQ(m.grads, 4.0 * 4096);
   EXPECT_DOUBLE_EQ(m.optimizer, 8.0 * 4096);
+}
+
+// ZeRO-3 with LoRA: the frozen base's shard and the other ranks' chunks of the two blocks
+// gathered at once; the 4096 adapter floats whole, with their gradients and moments.
+TEST(Memory, ZeroThreeWithLoraShardsOnlyTheBase) {
+  const Workload w = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
+  const double P = kFloats;
+  for (const int n : {2, 4}) {
+    SCOPED_TRACE(n);
+    const MemoryCost m = memory_cost(find(StrategyKind::zero3, w), w, n);
+    EXPECT_DOUBLE_EQ(m.weights, 4 * (P / n + (n - 1.0) / n * 2 * 41088 + 4096));
+    EXPECT_DOUBLE_EQ(m.grads, 4.0 * 4096);
+    EXPECT_DOUBLE_EQ(m.grads_in_backward, 4.0 * 4096);
+    EXPECT_DOUBLE_EQ(m.optimizer, 8.0 * 4096);
+  }
 }
 
 TEST(Amdahl, ClosedForms) {

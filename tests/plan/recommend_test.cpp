@@ -115,9 +115,9 @@ TEST(Recommend, ReplicaTooBigForAMachineIsShardedOnTheFewestRanks) {
   EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
 }
 
-TEST(Recommend, LoraWhoseBaseDoesNotFitNeedsThePlannedStage) {
+TEST(Recommend, LoraWhoseBaseDoesNotFitNeedsZeroThree) {
   // LoRA keeps the whole frozen base on every rank under ZeRO-1/2; only ZeRO-3 with LoRA
-  // (planned, not in this build) would shard it.
+  // shards it.
   PlanRequest r = request(10.0, 10 * 3600.0, 4, "10gbit");
   r.workload = describe_workload(model::preset_config("110M"), true, {}, 4, 256, 1);
   r.cluster.memory_bytes = memory_between(r, StrategyKind::zero3, 4);
@@ -125,7 +125,8 @@ TEST(Recommend, LoraWhoseBaseDoesNotFitNeedsThePlannedStage) {
   EXPECT_FALSE(p.row(StrategyKind::zero2).fits_at(3, r));
   EXPECT_EQ(p.recommendation.advice, Advice::sharding) << p.recommendation.reason;
   EXPECT_EQ(p.recommendation.strategy, "ZeRO-3");
-  EXPECT_TRUE(p.recommendation.planned);
+  EXPECT_FALSE(p.recommendation.planned);
+  EXPECT_NE(p.recommendation.command.find("--zero 3"), std::string::npos) << p.recommendation.command;
 }
 
 TEST(Recommend, RanksOfOneMachineShareItsMemory) {

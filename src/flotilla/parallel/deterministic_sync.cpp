@@ -11,6 +11,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
+#include "flotilla/parallel/chunk_cut.hpp"
 
 namespace flotilla::parallel {
 
@@ -188,7 +189,7 @@ class DeterministicSync final : public RowAccumulator {
 };
 
 // ZeRO-1/2 over the same accumulator: the arena is one unit cut as ZeRO cuts it
-// (parallel/zero.hpp: rank r's chunk [r c, (r+1) c) with c = floor(n / N), the tail
+// (parallel/chunk_cut.hpp: rank r's chunk [r c, (r+1) c) with c = floor(n / N), the tail
 // [N c, n) every rank's). The chunks' limbs are reduce-scattered, the tail's (with the loss
 // and counts after it) all-reduced; each rank converts only what it owns and updates it
 // with its shard of AdamW's moments; the updated chunks are all-gathered. The norm adds
@@ -197,14 +198,14 @@ class DeterministicSync final : public RowAccumulator {
 class DeterministicZeroSync final : public RowAccumulator {
  public:
   DeterministicZeroSync(model::Llama& model, DataParallel& dp, int stage)
-      : RowAccumulator(model, &dp), stage_(stage), world_(dp.world()), rank_(dp.rank()), chunk_(n_ / world_),
-        shard_(static_cast<size_t>(chunk_ + (n_ - chunk_ * world_))) {}
+      : RowAccumulator(model, &dp), stage_(stage), world_(dp.world()), rank_(dp.rank()), cut_(0, n_, world_),
+        chunk_(cut_.chunk), shard_(static_cast<size_t>(chunk_ + cut_.tail_size())) {}
 
   std::string name() const override { return fmt::format("deterministic (fixed-point rows), ZeRO-{}", stage_); }
   bool sharded() const override { return world_ > 1; }
 
   Exchanged exchange(const model::LossSum& /*local*/) override {
-    const int64_t tail_begin = chunk_ * world_;
+    const int64_t tail_begin = cut_.tail().begin;
     const std::span<int64_t> acc(acc_);
     if (world_ > 1) {
       if (chunk_ > 0) {
@@ -217,7 +218,7 @@ class DeterministicZeroSync final : public RowAccumulator {
       bytes_sent_ += comm::ring_all_reduce_bytes(static_cast<int64_t>(rest.size()) * 8, static_cast<int>(world_));
       ++exchanges_;
     }
-    convert(rank_ * chunk_, (rank_ + 1) * chunk_, shard_.data());
+    convert(cut_.chunk_of(rank_).begin, cut_.chunk_of(rank_).end, shard_.data());
     convert(tail_begin, n_, shard_.data() + chunk_);
     const model::LossSum global = global_loss();
     return {global, global.num_tokens};
@@ -225,14 +226,12 @@ class DeterministicZeroSync final : public RowAccumulator {
 
   std::vector<ArenaRange> owned() const override {
     std::vector<ArenaRange> r;
-    if (chunk_ > 0) r.push_back({rank_ * chunk_, (rank_ + 1) * chunk_});
-    if (chunk_ * world_ < n_) r.push_back({chunk_ * world_, n_});
+    cut_.append_owned(r, rank_);
     return r;
   }
   std::vector<ArenaRange> sole_owned() const override {
     std::vector<ArenaRange> r;
-    if (chunk_ > 0) r.push_back({rank_ * chunk_, (rank_ + 1) * chunk_});
-    if (rank_ == 0 && chunk_ * world_ < n_) r.push_back({chunk_ * world_, n_});
+    cut_.append_sole_owned(r, rank_);
     return r;
   }
   std::span<float> owned_grads() override { return shard_; }
@@ -256,13 +255,14 @@ class DeterministicZeroSync final : public RowAccumulator {
       throw Error("parallel", fmt::format("take_owned: a shard of {} floats and a whole of {} were given; this rank "
                                           "owns {} of {}",
                                           owned.size(), whole.size(), shard_.size(), n_));
-    std::copy_n(whole.begin() + rank_ * chunk_, chunk_, owned.begin());
-    std::copy(whole.begin() + chunk_ * world_, whole.end(), owned.begin() + chunk_);
+    std::copy_n(whole.begin() + cut_.chunk_of(rank_).begin, chunk_, owned.begin());
+    std::copy(whole.begin() + cut_.tail().begin, whole.end(), owned.begin() + chunk_);
   }
 
  private:
   const int stage_;
   const int64_t world_, rank_;
+  const ChunkCut cut_;         // the whole arena [0, n) over the ranks (parallel/chunk_cut.hpp)
   const int64_t chunk_;        // c = floor(n / N)
   std::vector<float> shard_;   // (c + n - N c) this rank's chunk, then the tail
 };

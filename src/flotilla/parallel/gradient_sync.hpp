@@ -24,7 +24,8 @@
 //                     arena, AdamW's moments for that shard only, the updated shards
 //                     all-gathered (parallel/zero.hpp)
 //   ZeRO-3            the weights sharded too: each parameter group gathered just before
-//                     forward or backward reads it, released after (parallel/zero3.hpp)
+//                     forward or backward reads it, released after (parallel/zero3.hpp);
+//                     with LoRA the frozen base so, the adapters all-reduced whole
 //   deterministic     rows run one at a time, each row's gradient added in fixed-point
 //                     integers, one int64 all-reduce: the same bits for any world size
 //                     (parallel/deterministic_sync.hpp; with ZeRO-1/2 a reduce-scatter)

@@ -14,6 +14,7 @@
 #include "flotilla/comm/fusion.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/chunk_cut.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -21,13 +22,9 @@ namespace {
 constexpr int64_t kFloat = sizeof(float);
 constexpr size_t kStage2InFlight = 2;
 
-// One unit of the arena, split over the ranks: [begin, begin + N chunk) in N chunks, rank r's
-// at begin + r chunk; the tail [begin + N chunk, end) is every rank's.
-struct Unit {
-  int64_t begin = 0, end = 0;
-  int64_t chunk = 0;
+// One unit of the arena, cut over the ranks (parallel/chunk_cut.hpp).
+struct Unit : ChunkCut {
   int64_t chunk_slot = 0, tail_slot = 0;  // where this rank's chunk and the tail sit in the shard buffer
-  int64_t tail_begin(int64_t world) const { return begin + chunk * world; }
 };
 
 class ZeroSync final : public GradientSync, private model::ParallelContext {
@@ -59,13 +56,12 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     std::sort(ascending.begin(), ascending.end(), [](auto& a, auto& b) { return a.begin < b.begin; });
     int64_t slot = 0;
     for (const comm::GradRange& r : ascending) {
-      Unit u{r.begin, r.end, r.size() / world_, 0, 0};
+      Unit u{ChunkCut(r.begin, r.end, world_), 0, 0};
       u.chunk_slot = slot;
-      if (u.chunk > 0) owned_.push_back({r.begin + rank_ * u.chunk, r.begin + (rank_ + 1) * u.chunk});
       slot += u.chunk;
       u.tail_slot = slot;
-      if (u.tail_begin(world_) < r.end) owned_.push_back({u.tail_begin(world_), r.end});
-      slot += r.end - u.tail_begin(world_);
+      slot += u.tail_size();
+      u.append_owned(owned_, rank_);
       units_.push_back(u);
     }
     // owned_ must be ascending: a rank's chunk of a unit lies below that unit's tail, and
@@ -137,10 +133,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   std::vector<ArenaRange> owned() const override { return owned_; }
   std::vector<ArenaRange> sole_owned() const override {
     std::vector<ArenaRange> sole;
-    for (const Unit& u : units_) {
-      if (u.chunk > 0) sole.push_back({u.begin + rank_ * u.chunk, u.begin + (rank_ + 1) * u.chunk});
-      if (rank_ == 0 && u.tail_begin(world_) < u.end) sole.push_back({u.tail_begin(world_), u.end});
-    }
+    for (const Unit& u : units_) u.append_sole_owned(sole, rank_);
     return sole;
   }
   std::span<float> owned_grads() override { return shard_grads_.span(); }
@@ -151,7 +144,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     double tails = 0.0;
     for (const Unit& u : units_) {
       chunks[0] += kernels::sum_squares(shard_grads_.data() + u.chunk_slot, u.chunk);
-      tails += kernels::sum_squares(shard_grads_.data() + u.tail_slot, u.end - u.tail_begin(world_));
+      tails += kernels::sum_squares(shard_grads_.data() + u.tail_slot, u.tail_size());
     }
     dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
     return chunks[0] + tails;
@@ -172,8 +165,8 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
     check_sizes(owned, whole);
     for (const Unit& u : units_) {
-      std::copy_n(whole.begin() + u.begin + rank_ * u.chunk, u.chunk, owned.begin() + u.chunk_slot);
-      std::copy_n(whole.begin() + u.tail_begin(world_), u.end - u.tail_begin(world_), owned.begin() + u.tail_slot);
+      std::copy_n(whole.begin() + u.chunk_of(rank_).begin, u.chunk, owned.begin() + u.chunk_slot);
+      std::copy_n(whole.begin() + u.tail().begin, u.tail_size(), owned.begin() + u.tail_slot);
     }
   }
 
@@ -228,7 +221,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
       if (accumulate) kernels::add_inplace(slot, mine, u.chunk);
       else std::copy_n(mine, u.chunk, slot);
     }
-    const int64_t tail = u.end - u.tail_begin(world_);
+    const int64_t tail = u.tail_size();
     if (tail > 0) {
       const std::span<float> t = part.subspan(static_cast<size_t>(u.chunk * world_));
       comm.all_reduce(t, comm::ReduceOp::sum, comm::Options{.name = "gradient tail"});

@@ -19,6 +19,7 @@
 #include "flotilla/base/memory.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/chunk_cut.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -128,52 +129,48 @@ std::vector<GroupBounds> group_bounds(const model::ModelConfig& cfg, const model
   return groups;
 }
 
-// A group of n floats cut over the ranks: rank's chunk, then the tail, where not empty.
-void append_shard(std::vector<ArenaRange>& owned, int64_t begin, int64_t end, int64_t world, int64_t rank) {
-  const int64_t chunk = (end - begin) / world;
-  if (chunk > 0) owned.push_back({begin + rank * chunk, begin + (rank + 1) * chunk});
-  if (begin + chunk * world < end) owned.push_back({begin + chunk * world, end});
-}
-
-// One group of the arena (the embedding, a decoder block, the head), split over the ranks
-// as stages 1-2 split a unit: rank r's chunk [begin + r chunk, begin + (r+1) chunk), the
-// tail [begin + N chunk, end) every rank's.
-struct Group {
+// One group of the arena (the embedding, a decoder block, the head), cut over the ranks
+// as stages 1-2 cut a unit (parallel/chunk_cut.hpp).
+struct Group : ChunkCut {
   std::string name;  // "embedding", "block 3", "head"
-  int64_t begin = 0, end = 0;
-  int64_t chunk = 0;
   int64_t chunk_slot = 0, tail_slot = 0;  // where this rank's chunk and the tail sit in the shard buffer
   int64_t grad_floats = 0;                // the gradient ranges grad_ready reports for it, in floats
   int64_t grad_pending = 0;               // of those, not yet reported this backward
   enum class State : uint8_t { whole, gathering, released } state = State::whole;
   uint64_t ticket = 0;  // the gather in flight (gathering)
-  int64_t tail_begin(int64_t world) const { return begin + chunk * world; }
 };
 
 class Zero3Sync final : public GradientSync, private model::ParallelContext {
  public:
   Zero3Sync(model::Llama& model, DataParallel& dp, const Zero3Options& options, TraceRecorder* trace)
       : GradientSync(model), dp_(dp), world_(dp.world()), rank_(dp.rank()), poison_(options.poison_released),
-        trace_(trace), queue_(trace) {
+        frozen_(model.base_frozen()), trace_(trace), queue_(trace) {
     const model::ModelConfig& cfg = model_.config();
     const model::ParamLayout& layout = model_.layout();
     // The arenas, taken here on the calling thread: the communication thread must not call
-    // Llama::trainable(), which marks the model's bf16 copy stale and may allocate.
+    // Llama::trainable(), which marks the model's bf16 copy stale and may allocate. With
+    // LoRA the groups are the frozen base's (params()), the gradients the adapters'.
     const model::Llama::Trainable trainable = model_.trainable();
-    params_ = trainable.params;
+    params_ = frozen_ ? model_.params() : trainable.params;
     grads_ = trainable.grads;
     const auto arena = static_cast<int64_t>(params_.size());
     tied_ = cfg.tie_embeddings;
+    if (frozen_) lowest_trained_ = model_.lora()->first_layer();
     for (const GroupBounds& b : group_bounds(cfg, layout, arena)) {
       Group g;
+      static_cast<ChunkCut&>(g) = ChunkCut(b.begin, b.end, world_);
       g.name = b.name;
-      g.begin = b.begin;
-      g.end = b.end;
       groups_.push_back(g);
+    }
+    model_.set_parallel_context(this);
+    page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kParamBytes);
+    if (frozen_) {
+      // Nothing of the base is reduced: the adapters are all-reduced whole at the exchange.
+      for (size_t j = 0; j < groups_.size(); ++j) release(j);
+      return;
     }
     // Every range backward reports must lie in one group and the group's ranges tile it:
     // then a group's gradient is complete exactly when its last range is reported.
-    model_.set_parallel_context(this);
     for (const model::GradSpan& s : model_.grad_ready_order()) {
       Group& g = group_at(s.begin);
       if (s.end > g.end)
@@ -186,15 +183,13 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       if (g.grad_floats != g.end - g.begin)
         throw Error("parallel/zero3", fmt::format("backward reports {} of group {}'s {} floats", g.grad_floats, g.name,
                                                   g.end - g.begin));
-      g.chunk = (g.end - g.begin) / world_;
       g.chunk_slot = slot;
       slot += g.chunk;
       g.tail_slot = slot;
-      slot += g.end - g.tail_begin(world_);
-      append_shard(owned_, g.begin, g.end, world_, rank_);
+      slot += g.tail_size();
+      g.append_owned(owned_, rank_);
     }
     shard_grads_.resize(static_cast<size_t>(slot));
-    page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kParamBytes);
     // Only the shard is known to be current: the model may have been built on this rank's
     // ranges alone (train/job_model.cpp), the rest of the arena never written. Every group
     // starts released, and the first forward gathers each one; the pages of other ranks'
@@ -208,13 +203,19 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     // drops the rest: destroyed with this object.
   }
 
-  std::string name() const override { return "ZeRO-3"; }
+  std::string name() const override { return frozen_ ? "ZeRO-3, frozen base, adapters all-reduced" : "ZeRO-3"; }
   std::string signature() const override { return fmt::format("{}, {} groups", name(), groups_.size()); }
-  bool overlapped() const override { return true; }
-  bool sharded() const override { return world_ > 1; }
-  bool weights_sharded() const override { return world_ > 1; }
+  bool overlapped() const override { return !frozen_; }
+  // With LoRA what is trained (the adapters, their gradients and moments) is whole on every
+  // rank; only the frozen base is sharded, which no optimizer or checkpoint sees.
+  bool sharded() const override { return !frozen_ && world_ > 1; }
+  bool weights_sharded() const override { return !frozen_ && world_ > 1; }
 
   void zero_grads() override {
+    if (frozen_) {
+      model_.zero_grads();
+      return;
+    }
     // The reduce-scatters released the arena group by group: it reads as zero already.
     // Otherwise (the first step, one after a skipped exchange) it is zeroed by handing its
     // pages back, not by writing every float: the whole gradient is never resident at once.
@@ -226,6 +227,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   // Every micro-batch is reduced into the shard (as stage 2), group by group as backward
   // finishes them.
   void before_backward(int64_t, int64_t) override {
+    if (frozen_) return;
     accumulate_ = reduced_ > 0;
     ++reduced_;
     for (Group& g : groups_) g.grad_pending = g.grad_floats;
@@ -242,30 +244,38 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   Exchanged exchange(const model::LossSum& local) override {
     queue_.drain();
     reduces_.clear();
+    if (frozen_) {
+      // On this thread, the queue idle: the adapters' gradients summed whole, as plain data
+      // parallelism sums them.
+      const model::LossSum global = dp_.all_reduce_gradients(grads_, local);
+      return {global, global.num_tokens};
+    }
     ++exchanges_;
     released_ = true;
     const model::LossSum global = dp_.all_reduce_loss(local);
     return {global, global.num_tokens};
   }
 
-  std::vector<ArenaRange> owned() const override { return owned_; }
+  std::vector<ArenaRange> owned() const override {
+    if (frozen_) return {ArenaRange{0, static_cast<int64_t>(grads_.size())}};
+    return owned_;
+  }
   std::vector<ArenaRange> sole_owned() const override {
+    if (frozen_) return owned();
     std::vector<ArenaRange> sole;
-    for (const Group& g : groups_) {
-      if (g.chunk > 0) sole.push_back({g.begin + rank_ * g.chunk, g.begin + (rank_ + 1) * g.chunk});
-      if (rank_ == 0 && g.tail_begin(world_) < g.end) sole.push_back({g.tail_begin(world_), g.end});
-    }
+    for (const Group& g : groups_) g.append_sole_owned(sole, rank_);
     return sole;
   }
-  std::span<float> owned_grads() override { return shard_grads_.span(); }
+  std::span<float> owned_grads() override { return frozen_ ? grads_ : shard_grads_.span(); }
 
   // The chunks' squared sums add over the ranks; the tails are the same on every rank.
   double grad_sum_squares() override {
+    if (frozen_) return GradientSync::grad_sum_squares();
     std::array<double, 1> chunks = {0.0};
     double tails = 0.0;
     for (const Group& g : groups_) {
       chunks[0] += kernels::sum_squares(shard_grads_.data() + g.chunk_slot, g.chunk);
-      tails += kernels::sum_squares(shard_grads_.data() + g.tail_slot, g.end - g.tail_begin(world_));
+      tails += kernels::sum_squares(shard_grads_.data() + g.tail_slot, g.tail_size());
     }
     dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
     return chunks[0] + tails;
@@ -273,14 +283,19 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
 
   // Each rank updated its own chunks: every other rank's copy of them is stale. Nothing is
   // gathered here: the next forward gathers each group as it reaches it.
+  // With LoRA the base did not change: what is gathered stays current until a visit
+  // releases it.
   void after_update(int64_t step, bool) override {
     step_ = step;
+    if (frozen_) return;
     for (size_t j = 0; j < groups_.size(); ++j) release(j);
   }
 
-  // A checkpoint wrote the whole arena: every group is whole (and current) again.
+  // A checkpoint wrote the whole arena: every group is whole (and current) again. (With
+  // LoRA it wrote the adapters only; the base is as it was.)
   void weights_restored() override {
     queue_.drain();
+    if (frozen_) return;
     for (Group& g : groups_) g.state = Group::State::whole;
   }
 
@@ -300,18 +315,22 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   }
 
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
+    if (frozen_) {
+      GradientSync::take_owned(whole, owned);
+      return;
+    }
     if (owned.size() != shard_grads_.size() || whole.size() != params_.size())
       throw Error("parallel/zero3", fmt::format("a shard of {} floats and a whole of {} were given; this rank owns {} "
                                                 "of {}",
                                                 owned.size(), whole.size(), shard_grads_.size(), params_.size()));
     for (const Group& g : groups_) {
-      std::copy_n(whole.begin() + g.begin + rank_ * g.chunk, g.chunk, owned.begin() + g.chunk_slot);
-      std::copy_n(whole.begin() + g.tail_begin(world_), g.end - g.tail_begin(world_), owned.begin() + g.tail_slot);
+      std::copy_n(whole.begin() + g.chunk_of(rank_).begin, g.chunk, owned.begin() + g.chunk_slot);
+      std::copy_n(whole.begin() + g.tail().begin, g.tail_size(), owned.begin() + g.tail_slot);
     }
   }
 
-  int64_t bytes_sent() const override { return bytes_; }
-  int64_t exchanges() const override { return exchanges_; }
+  int64_t bytes_sent() const override { return bytes_ + (frozen_ ? dp_.gradient_bytes_sent() : 0); }
+  int64_t exchanges() const override { return frozen_ ? dp_.gradient_exchanges() : exchanges_; }
 
  private:
   size_t index_of(model::ParamGroup pg) const {
@@ -335,8 +354,13 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   // The embedding's backward reads no weight: it adds the rows' gradients into the
   // embedding's gradient (Llama::backward's embedding_backward; a tied lm_head's product is
   // the head's backward, which gathers the embedding). Not gathering it there saves the
-  // largest group's second gather.
-  static bool reads_weights(size_t g, int direction) { return !(g == 0 && direction < 0); }
+  // largest group's second gather. With LoRA, backward stops in the lowest adapted block
+  // (nothing below is trained): the blocks below it are not read either.
+  bool reads_weights(size_t g, int direction) const {
+    if (direction > 0) return true;
+    if (g == 0) return false;
+    return g == head() || static_cast<int64_t>(g) - 1 >= lowest_trained_;
+  }
 
   void visit(size_t g, int direction) {
     if (g == 0 && direction > 0) ++pass_;
@@ -401,8 +425,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     g.state = Group::State::released;
     if (world_ == 1 || g.chunk == 0) return;
     float* params = params_.data();
-    const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.begin + rank_ * g.chunk},
-                                              ArenaRange{g.begin + (rank_ + 1) * g.chunk, g.tail_begin(world_)}};
+    const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.chunk_of(rank_).begin},
+                                              ArenaRange{g.chunk_of(rank_).end, g.tail().begin}};
     for (const ArenaRange& r : others) {
       if (r.size() <= 0) continue;
       if (poison_) {
@@ -429,14 +453,14 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   // Backward finished this range: once its group's last range is in, the group's gradient
   // is reduce-scattered on the communication thread.
   void grad_ready(model::GradSpan s) override {
-    if (!backward_) return;
+    if (!backward_ || frozen_) return;
     Group& g = group_at(s.begin);
     g.grad_pending -= s.end - s.begin;
     if (g.grad_pending != 0) return;
     reduces_.push_back(queue_.push("reduce-scatter " + g.name, [this, j = static_cast<size_t>(&g - groups_.data()),
                                                                   accumulate = accumulate_] { reduce(j, accumulate); }));
     if (g.chunk > 0) bytes_ += comm::ring_reduce_scatter_bytes(g.chunk * world_ * kParamBytes, static_cast<int>(world_));
-    const int64_t tail = g.end - g.tail_begin(world_);
+    const int64_t tail = g.tail_size();
     if (tail > 0) bytes_ += comm::ring_all_reduce_bytes(tail * kParamBytes, static_cast<int>(world_));
     // Backward waits here rather than fill the arena when it outruns the network.
     while (reduces_.size() > kReducesInFlight) {
@@ -459,7 +483,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       if (accumulate) kernels::add_inplace(slot, mine, g.chunk);
       else std::copy_n(mine, g.chunk, slot);
     }
-    const int64_t tail = g.end - g.tail_begin(world_);
+    const int64_t tail = g.tail_size();
     if (tail > 0) {
       const std::span<float> t = part.subspan(static_cast<size_t>(g.chunk * world_));
       dp_.communicator().all_reduce(t, comm::ReduceOp::sum, comm::Options{.name = "gradient tail"});
@@ -475,6 +499,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   const int64_t world_;  // N
   const int64_t rank_;
   const bool poison_;
+  const bool frozen_;               // LoRA: the groups are the frozen base's, nothing of them reduced
+  int64_t lowest_trained_ = 0;      // LoRA: the lowest adapted block, where backward stops
   TraceRecorder* trace_;
   bool tied_ = false;
   int64_t page_floats_ = 1024;
@@ -501,15 +527,15 @@ std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const 
     throw Error("parallel/zero3", fmt::format("rank {} of {} ranks", rank, world));
   std::vector<ArenaRange> owned;
   for (const GroupBounds& b : group_bounds(cfg, layout, layout.total_numel()))
-    append_shard(owned, b.begin, b.end, world, rank);
+    ChunkCut(b.begin, b.end, world).append_owned(owned, rank);
   return owned;
 }
 
 std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
                                               TraceRecorder* trace) {
-  if (model.base_frozen())
-    throw InputError("parallel", "--zero 3 with LoRA is not built yet: stage 3 shards trained weights, and LoRA "
-                                 "trains only its adapters; use --zero 2 (the adapters' gradients and moments sharded)");
+  if (model.quantized())
+    throw InputError("parallel", "--zero 3 with a 4-bit base is not built yet: its packed weights are views of the "
+                                 "model files, which stage 3 does not shard; use --zero 2, or a float base");
   if (model.matmul_input() != kernels::GemmInput::f32)
     throw InputError("parallel", "--zero 3 cannot be combined with --dtype bf16: its bf16 copy of the weights is made "
                                  "of the whole arena at once, which a ZeRO-3 rank never holds; use --dtype f32");

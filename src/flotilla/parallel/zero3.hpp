@@ -36,6 +36,13 @@
 // being gathered, and (tied embeddings, at the head) the embedding: the planner charges
 // the largest two groups plus, when tied, the embedding.
 //
+// LoRA (the model's base frozen): the groups are the frozen base's, gathered and released
+// as above, and nothing of them is reduced (they have no gradient); backward gathers no
+// block below the lowest adapted one, where it stops. The adapters are small: they stay
+// whole on every rank, with whole moments, and their gradients are all-reduced after
+// backward, as plain data parallelism does (the same bits). sharded() is false then: the
+// optimizer and checkpoints see the whole adapters.
+//
 // Bytes per step: each block gathered for forward and again for backward, the embedding
 // and the head once (the head stays whole across the turn; the embedding's backward reads
 // no weight), and a reduce-scatter per micro-batch: at most 1.5 times an all-reduce's bytes
@@ -63,8 +70,9 @@ struct Zero3Options {
 std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const model::ParamLayout& layout,
                                            int64_t world, int64_t rank);
 
-// InputError with LoRA (not built: the frozen base would need gathers without reduction),
-// with bf16 products (the bf16 copy is made of the whole arena) and with a pipeline stage.
+// InputError with a 4-bit base (its packed weights lie outside the float arena the groups
+// cut), with bf16 products (the bf16 copy is made of the whole arena) and with a pipeline
+// stage.
 std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
                                               TraceRecorder* trace);
 

@@ -117,8 +117,8 @@ std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload&
                  fmt::format("local SGD H={}", knobs.local_sgd_every), fmt::format("--sync-every {}", knobs.local_sgd_every)});
   out.push_back({StrategyKind::zero1, 1, 0.0, true, f32, "ZeRO-1", "--zero 1"});
   out.push_back({StrategyKind::zero2, 1, 0.0, true, f32, "ZeRO-2", "--zero 2"});
-  // ZeRO-3 with LoRA (the frozen base sharded) is planned.
-  out.push_back({StrategyKind::zero3, 1, 0.0, !w.lora, f32, "ZeRO-3", "--zero 3"});
+  // ZeRO-3 with LoRA shards a float frozen base; a 4-bit base is planned.
+  out.push_back({StrategyKind::zero3, 1, 0.0, !(w.lora && w.model.quantization), f32, "ZeRO-3", "--zero 3"});
   return out;
 }
 
@@ -185,12 +185,23 @@ CommCost comm_cost(const Strategy& s, const Workload& w, int n, const Link& link
       break;
     }
     case StrategyKind::zero3: {
-      // Every weight is gathered for forward and again for backward (LoRA: the frozen base
-      // too); only the trainable gradients are reduce-scattered.
-      const double gathered = 4 * (static_cast<double>(w.model_floats) + (w.lora ? G : 0.0));
-      c.payload_bytes = 4 * G;
       const double f = comm::scatter_gather_wire_fraction(n);
       const double collectives = 3.0 * static_cast<double>(w.model.n_layers);
+      if (w.lora) {
+        // The frozen base gathered for forward and again for backward (at most: backward
+        // stops in the lowest adapted block); the adapters' gradients all-reduced whole.
+        const double base = 4 * static_cast<double>(w.model_floats);
+        c.payload_bytes = 4 * G;
+        c.wire_bytes = f * 2 * base + ring_all_reduce_wire_bytes(c.payload_bytes, n) + loss_wire;
+        c.seconds = f * 2 * base / link.bandwidth_bytes_per_s +
+                    collectives * comm::scatter_gather_ring_steps(n) * link.latency_s +
+                    ring_all_reduce_s(c.payload_bytes, n, link) + loss_s;
+        break;
+      }
+      // Every weight is gathered for forward and again for backward; the gradients are
+      // reduce-scattered.
+      const double gathered = 4 * static_cast<double>(w.model_floats);
+      c.payload_bytes = 4 * G;
       c.wire_bytes = f * (2 * gathered + c.payload_bytes) + ring_all_reduce_wire_bytes(kNormBytes, n) + loss_wire;
       c.seconds = f * (2 * gathered + c.payload_bytes) / link.bandwidth_bytes_per_s +
                   collectives * comm::scatter_gather_ring_steps(n) * link.latency_s +
@@ -302,12 +313,17 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
       // the shard). Gradients: the reduced shard between steps, and in backward the groups
       // written and not yet reduce-scattered (parallel/zero3.hpp).
       const double others = static_cast<double>(n - 1) / n;
+      m.buffers = scratch;
+      if (w.lora) {
+        // The frozen base's shard and the groups gathered at once; the adapters whole, with
+        // their gradients and moments (parallel/zero3.hpp).
+        m.weights = 4 * (zero_shard_floats(w.model_floats, n) + others * zero3_gathered_floats(w) + G);
+        break;
+      }
       m.optimizer = 8 * shard;
       m.grads = 4 * shard;
       m.grads_in_backward = m.grads + std::min(4 * G, 4 * zero3_grads_in_flight_floats(w));
       m.weights = 4 * shard + others * 4 * zero3_gathered_floats(w);
-      if (w.lora) m.weights = 4 * (base / n + G);  // planned: the frozen base gathered on use
-      m.buffers = scratch;
       break;
     }
   }

@@ -103,9 +103,6 @@ void check_job_flags(const TrainJob& job) {
   if (job.train.zero_stage > 0 && job.compression.kind != comm::Compression::none && job.compression.warmup_steps > 0)
     throw InputError("train", "--compression-warmup applies to all-reduced gradients; with --zero the gradient is "
                               "reduce-scattered in halves from the first step");
-  if (job.train.zero_stage == 3 && job.fine_tune == FineTuneType::lora)
-    throw InputError("train", "--zero 3 with LoRA is not built yet: stage 3 shards trained weights, and LoRA trains "
-                              "only its adapters; use --zero 2 (the adapters' gradients and moments sharded)");
   if (job.train.zero_stage == 3 && job.dtype != kernels::GemmInput::f32)
     throw InputError("train", "--zero 3 cannot be combined with --dtype bf16: the bf16 copy of the weights is made of "
                               "the whole model at once, which a ZeRO-3 rank never holds; use --dtype float32");
@@ -147,13 +144,17 @@ void join_data_parallel(const TrainJob& job, model::Llama& model, const text::To
                         bool sharded_build, const InfoSink& info) {
   job.dp->check_same("model configs", fnv1a_hex(model.config().to_json().dump()));
   job.dp->check_same("tokenizers", tokenizer.fingerprint());
-  if (sharded_build && !job.model_dir.empty()) {
-    // Each rank read its own shard of the directory; nothing is broadcast, so every rank
-    // must read the same files (as it reads the same data). Their layout is compared here;
-    // their values cannot be without reading them whole.
-    job.dp->check_same("model directories' weight files (names and sizes)", weight_files_fingerprint(job.model_dir));
-  } else if (sharded_build) {
-    job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
+  if (sharded_build) {
+    if (!job.model_dir.empty()) {
+      // Each rank read its own shard of the directory; nothing is broadcast, so every rank
+      // must read the same files (as it reads the same data). Their layout is compared here;
+      // their values cannot be without reading them whole.
+      job.dp->check_same("model directories' weight files (names and sizes)", weight_files_fingerprint(job.model_dir));
+    } else {
+      job.dp->check_same("initial weights' seeds (--seed)", std::to_string(job.seed));
+    }
+    // LoRA over a sharded base: the adapters are whole on every rank, rank 0's.
+    if (model.base_frozen()) job.dp->broadcast_parameters(model.trainable().params);
   } else if (model.holds_all() || model.base_frozen()) {
     job.dp->broadcast_parameters(model.trainable().params);
   } else if (!model.holds_all_experts()) {
@@ -359,7 +360,9 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   // trains its own layers'; they are small).
   if (job.pp && model.base_frozen())
     job.world->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial adapters"});
-  if (job.resume_from.empty()) check_trainable_finite(job, model, shard);  // checkpoints never hold non-finite weights
+  // (The shard is the base's; LoRA's adapters are whole. The base's floats were checked as read.)
+  if (job.resume_from.empty())
+    check_trainable_finite(job, model, model.base_frozen() ? std::span<const model::ElementRange>() : shard);  // checkpoints never hold non-finite weights
   plan_activations(job, model, info);
   TrainData data = open_train_data(job, data_folder, *tokenizer, model, pipeline ? &*pipeline : nullptr, ranks, info);
 

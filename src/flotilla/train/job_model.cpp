@@ -69,13 +69,13 @@ model::ModelConfig job_model_config(const TrainJob& job, const text::Tokenizer& 
 }
 
 std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::Tokenizer& tokenizer) {
-  // Stage 3's refusals (LoRA, pipelines, bf16) come before any model is built
-  // (check_job_flags). A new model draws only these ranges, a model directory reads only
-  // them (Llama::load).
-  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || job.pp || job.fine_tune != FineTuneType::full)
-    return {};
+  // Stage 3's refusals (pipelines, bf16) come before any model is built (check_job_flags).
+  // A new model draws only these ranges, a model directory reads only them (Llama::load);
+  // with LoRA they are the frozen base's shard (the adapters are made whole after).
+  if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || job.pp) return {};
   const model::ModelConfig cfg = job_model_config(job, tokenizer);
-  if (cfg.quantization) return {};  // refused after the load: a packed base cannot be fully trained
+  // Refused after the load (parallel/zero3.cpp): stage 3 does not shard a packed base yet.
+  if (cfg.quantization) return {};
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
 
