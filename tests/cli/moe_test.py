@@ -12,7 +12,9 @@ and reports the load-balancing loss per step in metrics.jsonl (near its balanced
 top-2 of 8 experts gives about 2 at random initialisation); generation is greedy and
 repeatable; the adapter holds one pair per expert per projection under PEFT's names, and
 the fused model generates what the base with the adapter generates (greedy). Qwen2-MoE:
-LoRA on gate/up/down reaches its experts and its shared expert.
+LoRA on gate/up/down reaches its experts and its shared expert. convert --quantize 4
+writes the experts stacked as mlx_lm does (switch_mlp), LoRA trains over that base, and
+convert writes it back to float.
 
 Usage: moe_test.py <path/to/flotilla>
 """
@@ -135,6 +137,21 @@ def main() -> int:
         trained_b = [e for e in range(8) if any(tensor_bytes(more / "adapter_model.safetensors",
                                                              "base_model.model." + expert.format(e, "lora_B.weight")))]
         check(changed == trained_b and len(changed) >= 4, f"fuse changed experts {changed}; adapters trained {trained_b}")
+
+        # 4 bits in mlx_lm's layout: each projection's experts stacked (switch_mlp), LoRA on the
+        # experts over it, and back to float with the experts one by one.
+        q4 = root / "mixtral_4bit"
+        run(flotilla, "convert", "--model", trained, "--out", q4, "--quantize", "4", "--group-size", "32")
+        q4_names = header(q4 / "model.safetensors")
+        stack = q4_names.get("model.layers.1.block_sparse_moe.switch_mlp.down_proj.weight", {})
+        check(stack.get("shape", [0])[0] == 8 and not any(".experts." in n for n in q4_names),
+              f"stacked experts in the 4-bit model: {stack}")
+        run(flotilla, "train", "--model", q4, "--data", corpus, "--out", root / "lora_4bit", "--fine-tune-type", "lora",
+            "--lora-targets", "w1,w2,w3", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1")
+        back = root / "mixtral_float_again"
+        run(flotilla, "convert", "--model", q4, "--out", back)
+        check("model.layers.1.block_sparse_moe.experts.7.w2.weight" in header(back / "model.safetensors"),
+              "converted back to float: the experts one by one")
 
         qcfg = root / "qwen2_moe.json"
         qcfg.write_text(json.dumps(QWEN2_MOE))

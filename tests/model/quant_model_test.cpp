@@ -16,10 +16,12 @@
 #include <array>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
+#include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/decoder.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
@@ -448,6 +450,64 @@ TEST(QuantModel, LoadsMlxLmStackedExperts) {
     } catch (const InputError& e) {
       EXPECT_NE(std::string(e.what()).find("." + block + ".switch_mlp."), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("leading dimension of 4"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// What convert --quantize writes of an MoE model is mlx_lm's stacked layout (a
+// switch_mlp module per projection, no per-expert tensor), and loading it gives, matrix by
+// matrix, the bytes of quantizing in memory; written back to float (convert without
+// --quantize) it is the experts one by one, each the dequantized matrix bit for bit.
+TEST(QuantModel, ConvertWritesMoeExpertsStackedAndReadsThemBack) {
+  const uint64_t seed = test_seed();
+  for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
+    SCOPED_TRACE(architecture_name(arch));
+    Llama model(small_moe(arch));
+    model.init_random(seed);
+    auto from = [](const Llama& m) {
+      return [&m](const ParamInfo& info, std::span<float> out) { m.weight_f32(*m.layout().find(info.name), out); };
+    };
+    TempDir dir("moe_written"), back("moe_float");
+    ModelWriteOptions options;
+    options.dtype = DType::f16;
+    options.quantize = QuantFormat{4, 32};
+    write_model(dir.path, model.config(), options, from(model));
+    const std::string block = arch == Architecture::mixtral ? "block_sparse_moe" : "mlp";
+    {
+      const io::SafetensorsFile file(dir.path / "model.safetensors");
+      const io::TensorEntry* stack = file.find("model.layers.1." + block + ".switch_mlp.down_proj.weight");
+      ASSERT_NE(stack, nullptr);
+      EXPECT_EQ(stack->shape, (std::vector<int64_t>{4, 64, 64 / 8}));
+      EXPECT_EQ(file.find("model.layers.1." + block + ".experts.0." +
+                          (arch == Architecture::mixtral ? "w2" : "down_proj") + ".weight"),
+                nullptr);
+    }
+    const Llama loaded = Llama::load(dir.path);
+    const Llama in_memory = model.quantize({4, 32}, DType::f16);
+    int compared = 0;
+    for (const ParamInfo& info : in_memory.layout().params()) {
+      if (!info.quantized) continue;
+      const QuantMatrix& a = in_memory.quantized_weight(info.ref());
+      const QuantMatrix& b = loaded.quantized_weight(loaded.layout().find(info.name)->ref());
+      ASSERT_EQ(a.bytes(), b.bytes()) << info.name;
+      const size_t words = static_cast<size_t>(a.rows * a.words_per_row()) * 4;
+      const size_t groups = static_cast<size_t>(a.rows * a.groups_per_row()) * 2;
+      EXPECT_EQ(std::memcmp(a.packed, b.packed, words), 0) << info.name;
+      EXPECT_EQ(std::memcmp(a.scales, b.scales, groups), 0) << info.name;
+      EXPECT_EQ(std::memcmp(a.biases, b.biases, groups), 0) << info.name;
+      ++compared;
+    }
+    EXPECT_GT(compared, 3 * 4);
+    ModelWriteOptions to_float;
+    to_float.dtype = DType::f32;
+    write_model(back.path, loaded.config(), to_float, from(loaded));
+    const Llama dequantized = Llama::load(back.path);
+    EXPECT_FALSE(dequantized.quantized());
+    for (const ParamInfo& info : dequantized.layout().params()) {
+      std::vector<float> want(static_cast<size_t>(info.numel));
+      loaded.weight_f32(*loaded.layout().find(info.name), want);
+      const auto got = std::as_const(dequantized).params().subspan(static_cast<size_t>(info.offset), want.size());
+      ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin())) << info.name;
     }
   }
 }

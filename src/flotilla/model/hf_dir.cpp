@@ -13,6 +13,7 @@
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/io/tensor_store.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/model_writer.hpp"
 
 namespace flotilla::model {
 
@@ -21,23 +22,12 @@ QuantMatrix quantized_view(const io::TensorStore& store, const std::string& modu
                            const ModelConfig& cfg, int64_t stack, int64_t index);
 
 namespace {
-// mlx_lm's SwitchGLU layout of an MoE layer: its experts stacked into one tensor per
-// projection, "model.layers.{i}.block_sparse_moe.switch_mlp.gate_proj.weight" (E, out, in)
-// (Qwen2-MoE: "mlp.switch_mlp.*"), up_proj and down_proj alike, quantized with .scales and
-// .biases of the same leading dimension. The stacked module (without ".weight") that an
-// expert's tensor ("...experts.{e}.w1.weight") comes from when the directory has it; ""
-// for any other tensor, or where the directory holds the experts one by one.
-std::string switch_mlp_module(const io::TensorStore& store, const std::string& name) {
-  const size_t at = name.find(".experts.");
-  if (at == std::string::npos || !name.ends_with(".weight")) return "";
-  const std::string tail = name.substr(name.find('.', at + 9) + 1);  // "w1.weight"
-  const std::string_view proj = tail == "w1.weight" || tail == "gate_proj.weight" ? "gate_proj"
-                                : tail == "w3.weight" || tail == "up_proj.weight" ? "up_proj"
-                                : tail == "w2.weight" || tail == "down_proj.weight" ? "down_proj"
-                                                                                    : "";
-  if (proj.empty()) return "";
-  const std::string stacked = fmt::format("{}.switch_mlp.{}", name.substr(0, at), proj);
-  return store.has(stacked + ".weight") ? stacked : "";
+// mlx_lm's SwitchGLU layout of an MoE layer (model_writer.hpp's switch_mlp_module): the
+// stacked module an expert's tensor comes from when the directory has it; "" for any other
+// tensor, or where the directory holds the experts one by one.
+std::string stacked_module(const io::TensorStore& store, const std::string& name) {
+  const std::string stacked = switch_mlp_module(name);
+  return !stacked.empty() && store.has(stacked + ".weight") ? stacked : "";
 }
 
 // Fills params[r] from tensor `info` for every range r of `ranges` (ascending, disjoint)
@@ -75,7 +65,7 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
   std::map<std::string, std::string> stacked;  // an expert's tensor -> its switch_mlp module
   const ParamLayout float_layout(cfg);
   for (const ParamInfo& info : float_layout.params()) {
-    std::string module = cfg.is_moe() ? switch_mlp_module(store, info.name) : "";
+    std::string module = cfg.is_moe() ? stacked_module(store, info.name) : "";
     if (!module.empty()) stacked[info.name] = module;
     if (module.empty()) module = info.name.substr(0, info.name.size() - std::string_view(".weight").size());
     if (info.decay && info.shape.size() == 2 && store.has(module + ".scales")) quantized.insert(info.name);
