@@ -158,7 +158,7 @@ def main():
         # LoRA on the experts: the adapters of an expert get their gradient on the ranks that run
         # it, zero elsewhere, and the data group's sum is the one-rank gradient. Losses to 1e-5
         # of one rank (measured 3e-9), and ep=2's adapters to 1e-5 of plain dp=2's (measured
-        # 9e-7). Against one rank the adapters get 1e-4 in norm: B starts at zero, and AdamW's
+        # 1.0e-6). Against one rank the adapters get 1e-4 in norm: B starts at zero, and AdamW's
         # first steps turn the sum-order rounding of an expert's near-zero gradient entries
         # into lr-sized moves; plain dp=2 shows the same 1.2e-5 in the same tensor as ep=2.
         lora = common[:]
