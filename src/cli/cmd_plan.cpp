@@ -29,7 +29,7 @@ void add_plan_command(CLI::App& app) {
       ->check(CLI::IsMember({"full", "lora"}))
       ->capture_default_str();
   cmd->add_option("--lora-rank", s.lora_config.rank, "LoRA rank r")->capture_default_str();
-  cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down")
+  cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down (Mixtral's experts: w1,w2,w3)")
       ->capture_default_str();
   cmd->add_option("--num-layers", s.lora_config.num_layers, "LoRA: adapt the last N layers (-1: all)")
       ->capture_default_str();

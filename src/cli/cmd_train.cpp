@@ -178,7 +178,7 @@ void add_train_command(CLI::App& app) {
                   "mlx_lm's LoRA scale, the factor on B A x: sets alpha = scale * r (lora_parameters.scale in a config file)")
       ->excludes(alpha);
   cmd->add_option("--lora-dropout", opt->job.lora.dropout, "Dropout on the adapters' input")->capture_default_str();
-  cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down")
+  cmd->add_option("--lora-targets", opt->lora_targets, "Adapted layers: any of q,k,v,o,gate,up,down (Mixtral's experts: w1,w2,w3)")
       ->capture_default_str();
   cmd->add_option("--num-layers", opt->job.lora.num_layers, "Adapt the last N layers (-1: all)")->capture_default_str();
   cmd->add_option("--resume-adapter-file", opt->resume_adapter,

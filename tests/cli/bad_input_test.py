@@ -1121,13 +1121,53 @@ def _(ws):
     return Run(generate(m), ["block_sparse_moe.gate.weight", "[8, 64]", "[7, 64]"], preserve=[m])
 
 
-@case("moe_lora_on_expert_projections")
+@case("moe_lora_gate_proj_on_mixtral")
 def _(ws):
+    # A Mixtral layer has no gate_proj: its experts' projections are w1/w3/w2 (docs/moe.md).
     m = moe_model(ws)
     out = ws.fresh_out()
     argv = train(ws, m, out=out) + ["--fine-tune-type", "lora", "--lora-targets", "q,gate"]
-    return Run(argv, ["LoRA", "gate_proj", "mixture-of-experts", "not supported"], preserve=[m, ws.corpus],
-               absent=[out])
+    return Run(argv, ["mixtral", "gate_proj", "w1"], preserve=[m, ws.corpus], absent=[out])
+
+
+def moe_mlx_model(ws: Workspace) -> Path:
+    """mixtral-tiny converted to 4 bits in mlx_lm's layout: each projection's experts stacked
+    into one tensor (model.layers.{i}.block_sparse_moe.switch_mlp.gate_proj.weight, (8, out, in/8))."""
+    out = ws.case_dir / "moe_mlx"
+    subprocess.run([ws.flotilla, "convert", "--model", str(moe_model(ws)), "--out", str(out), "--quantize", "4",
+                    "--group-size", "32"], check=True, capture_output=True, timeout=CASE_TIMEOUT_S)
+    return out
+
+
+@case("control_moe_mlx_generate")
+def _(ws):
+    m = moe_mlx_model(ws)
+    return Run(generate(m), kind="control", preserve=[m])
+
+
+@case("moe_mlx_stack_missing_an_expert")
+def _(ws):
+    m = moe_mlx_model(ws)
+    name = "model.layers.1.block_sparse_moe.switch_mlp.up_proj.scales"
+    def edit(h, d):
+        begin, end = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [begin, end - (end - begin) // 8]  # 7 of the 8 experts' slices
+        h[name]["shape"][0] = 7
+        return retile(h, d)
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(generate(m), [name, "[7,", "leading dimension of 8"], preserve=[m])
+
+
+@case("moe_mlx_stack_flattened")
+def _(ws):
+    # The experts laid end to end in two dimensions (8 x out, in/8): no expert axis.
+    m = moe_mlx_model(ws)
+    name = "model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight"
+    def edit(h, d):
+        e, rows, words = h[name]["shape"]
+        h[name]["shape"] = [e * rows, words]
+    edit_safetensors(m / "model.safetensors", edit)
+    return Run(generate(m), [name, "leading dimension of 8"], preserve=[m])
 
 
 @case("init_force_out_contains_the_config")

@@ -12,12 +12,16 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <map>
+#include <array>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
+#include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/decoder.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
@@ -275,6 +279,227 @@ TEST(QuantModel, LoadsAnMlxLmDirectoryAsItIs) {
   const std::vector<int32_t> tokens = random_tokens(rng, 12, cfg.vocab_size);
   // Same weights, blockwise vs whole GEMM: float rounding only (see above).
   EXPECT_LT(max_abs_diff(eval_logits(loaded, tokens, 2, 6), eval_logits(expected, tokens, 2, 6)), 1e-4);
+}
+
+// One (rows, cols) float matrix as mlx_lm stores it quantized: packed U32 words, F16 scales
+// and biases (bits, group size gs).
+struct MlxQuantized {
+  std::vector<uint32_t> packed;
+  std::vector<uint16_t> scales, biases;
+};
+MlxQuantized mlx_quantize(const float* w, int64_t rows, int64_t cols, int bits, int64_t gs) {
+  const int64_t per_word = 32 / bits;
+  MlxQuantized m;
+  m.packed.assign(static_cast<size_t>(rows * cols / per_word), 0u);
+  m.scales.resize(static_cast<size_t>(rows * cols / gs));
+  m.biases.resize(m.scales.size());
+  std::vector<uint32_t> q;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < cols / gs; ++g) {
+      float scale, bias;
+      mlx_quantize_group(w + r * cols + g * gs, gs, bits, scale, bias, q);
+      const size_t gi = static_cast<size_t>(r * (cols / gs) + g);
+      m.scales[gi] = f32_to_f16(scale);
+      m.biases[gi] = f32_to_f16(bias);
+      for (int64_t j = 0; j < gs; ++j) {
+        const int64_t col = g * gs + j;
+        m.packed[static_cast<size_t>((r * cols + col) / per_word)] |= q[static_cast<size_t>(j)]
+                                                                     << ((col % per_word) * bits);
+      }
+    }
+  return m;
+}
+
+template <typename T>
+void append(std::vector<char>& to, const std::vector<T>& v) {
+  const std::vector<char> b = as_bytes(v);
+  to.insert(to.end(), b.begin(), b.end());
+}
+
+// mlx_lm's name of the stacked module an expert's weight belongs to
+// ("model.layers.1.block_sparse_moe.experts.2.w1.weight" ->
+// "model.layers.1.block_sparse_moe.switch_mlp.gate_proj"); "" for other tensors.
+std::string switch_mlp_of(const std::string& name) {
+  const size_t at = name.find(".experts.");
+  if (at == std::string::npos) return "";
+  const std::string tail = name.substr(name.find('.', at + 9) + 1);
+  const std::map<std::string, std::string> proj = {{"w1.weight", "gate_proj"},        {"w3.weight", "up_proj"},
+                                                   {"w2.weight", "down_proj"},        {"gate_proj.weight", "gate_proj"},
+                                                   {"up_proj.weight", "up_proj"},     {"down_proj.weight", "down_proj"}};
+  return name.substr(0, at) + ".switch_mlp." + proj.at(tail);
+}
+
+ModelConfig small_moe(Architecture arch) {
+  ModelConfig c = small_config();
+  c.arch = arch;
+  c.ffn_dim = 64;
+  c.moe.num_experts = 4;
+  c.moe.top_k = 2;
+  c.moe.expert_ffn_dim = 64;
+  c.moe.router_aux_loss_coef = 0.02f;
+  c.moe.output_router_logits = true;
+  c.moe.norm_topk_prob = arch == Architecture::mixtral;
+  if (arch == Architecture::qwen2_moe) {
+    c.qkv_bias = true;
+    c.moe.shared_expert_ffn_dim = 64;
+    c.moe.mlp_only_layers = {0};
+  }
+  return c;
+}
+
+// A 4-bit directory of `source`'s weights, its experts one tensor each (per_expert) or
+// stacked per projection as mlx_lm's SwitchGLU holds them (...switch_mlp.gate_proj.weight
+// (E, out, in / 8), .scales and .biases (E, out, in / 64)); `drop_last_expert` leaves the
+// last expert out of every stack.
+void write_mlx_moe(const fs::path& dir, const Llama& source, bool per_expert, bool drop_last_expert = false) {
+  const ModelConfig& cfg = source.config();
+  std::map<std::string, RawTensor> tensors;
+  std::map<std::string, std::array<RawTensor, 3>> stacks;
+  for (const ParamInfo& info : source.layout().params()) {
+    const float* w = source.params().data() + info.offset;
+    if (info.shape.size() != 2) {
+      std::vector<uint16_t> h(static_cast<size_t>(info.numel));
+      for (int64_t i = 0; i < info.numel; ++i) h[static_cast<size_t>(i)] = f32_to_f16(w[i]);
+      tensors[info.name] = {"F16", info.shape, as_bytes(h)};
+      continue;
+    }
+    const int64_t rows = info.shape[0], cols = info.shape[1];
+    const MlxQuantized q = mlx_quantize(w, rows, cols, 4, 64);
+    const std::string stack = per_expert ? "" : switch_mlp_of(info.name);
+    if (stack.empty()) {
+      const std::string module = info.name.substr(0, info.name.size() - 7);
+      tensors[info.name] = {"U32", {rows, cols / 8}, as_bytes(q.packed)};
+      tensors[module + ".scales"] = {"F16", {rows, cols / 64}, as_bytes(q.scales)};
+      tensors[module + ".biases"] = {"F16", {rows, cols / 64}, as_bytes(q.biases)};
+      continue;
+    }
+    if (drop_last_expert && expert_of_tensor(info.name) == cfg.moe.num_experts - 1) continue;
+    const int64_t E = cfg.moe.num_experts - (drop_last_expert ? 1 : 0);
+    auto& [sw, ss, sb] = stacks[stack];
+    sw.dtype = "U32";
+    sw.shape = {E, rows, cols / 8};
+    ss.dtype = sb.dtype = "F16";
+    ss.shape = sb.shape = {E, rows, cols / 64};
+    append(sw.bytes, q.packed);
+    append(ss.bytes, q.scales);
+    append(sb.bytes, q.biases);
+  }
+  for (auto& [module, parts] : stacks) {
+    tensors[module + ".weight"] = parts[0];
+    tensors[module + ".scales"] = parts[1];
+    tensors[module + ".biases"] = parts[2];
+  }
+  fs::create_directories(dir);
+  write_raw_safetensors(dir / "model.safetensors", tensors);
+  nlohmann::json config = cfg.to_json();
+  config["quantization"] = {{"group_size", 64}, {"bits", 4}};
+  std::ofstream(dir / "config.json") << config.dump(2);
+}
+
+// mlx-community's MoE checkpoints stack each projection's experts (switch_mlp). Loaded, they
+// are the same weights as the experts one by one (logits bit for bit), compute what the
+// float model of their dequantized weights computes (1e-4, as above), and take LoRA
+// adapters on the experts (adapted logits as over that float model). A stack short of an
+// expert is one error naming the tensor.
+TEST(QuantModel, LoadsMlxLmStackedExperts) {
+  const uint64_t seed = test_seed();
+  for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
+    SCOPED_TRACE(architecture_name(arch));
+    Rng rng(seed);
+    const ModelConfig cfg = small_moe(arch);
+    Llama source(cfg);
+    source.init_random(seed);
+    TempDir stacked("moe_stacked"), one_by_one("moe_experts"), short_stack("moe_short");
+    write_mlx_moe(stacked.path, source, false);
+    write_mlx_moe(one_by_one.path, source, true);
+    Llama from_stack = Llama::load(stacked.path);
+    Llama from_experts = Llama::load(one_by_one.path);
+    EXPECT_TRUE(from_stack.quantized());
+    const std::vector<int32_t> tokens = random_tokens(rng, 12, cfg.vocab_size);
+    const std::vector<float> logits = logits_of(from_stack, tokens, 2, 6);
+    EXPECT_EQ(logits, logits_of(from_experts, tokens, 2, 6));
+    Llama expected = dequantized_copy(from_stack);
+    EXPECT_LT(max_abs_diff(logits, logits_of(expected, tokens, 2, 6)), 1e-4);
+
+    LoraConfig lc;
+    lc.rank = 4;
+    lc.targets = LoraConfig::parse_targets(arch == Architecture::mixtral ? "q,w1,w2,w3" : "q,gate,up,down");
+    LoraAdapters lora(cfg, lc);
+    lora_check::randomize(lora, seed);
+    from_stack.attach_lora(&lora);
+    expected.attach_lora(&lora);
+    const std::vector<float> adapted = logits_of(from_stack, tokens, 2, 6);
+    EXPECT_LT(max_abs_diff(adapted, logits_of(expected, tokens, 2, 6)), 1e-4);
+    EXPECT_GT(max_abs_diff(adapted, logits), 1e-3) << "the adapters changed nothing: the check proves nothing";
+
+    write_mlx_moe(short_stack.path, source, false, /*drop_last_expert=*/true);
+    const std::string block = arch == Architecture::mixtral ? "block_sparse_moe" : "mlp";
+    try {
+      Llama::load(short_stack.path);
+      ADD_FAILURE() << "a stack of 3 of 4 experts loaded";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("." + block + ".switch_mlp."), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("leading dimension of 4"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// What convert --quantize writes of an MoE model is mlx_lm's stacked layout (a
+// switch_mlp module per projection, no per-expert tensor), and loading it gives, matrix by
+// matrix, the bytes of quantizing in memory; written back to float (convert without
+// --quantize) it is the experts one by one, each the dequantized matrix bit for bit.
+TEST(QuantModel, ConvertWritesMoeExpertsStackedAndReadsThemBack) {
+  const uint64_t seed = test_seed();
+  for (Architecture arch : {Architecture::mixtral, Architecture::qwen2_moe}) {
+    SCOPED_TRACE(architecture_name(arch));
+    Llama model(small_moe(arch));
+    model.init_random(seed);
+    auto from = [](const Llama& m) {
+      return [&m](const ParamInfo& info, std::span<float> out) { m.weight_f32(*m.layout().find(info.name), out); };
+    };
+    TempDir dir("moe_written"), back("moe_float");
+    ModelWriteOptions options;
+    options.dtype = DType::f16;
+    options.quantize = QuantFormat{4, 32};
+    write_model(dir.path, model.config(), options, from(model));
+    const std::string block = arch == Architecture::mixtral ? "block_sparse_moe" : "mlp";
+    {
+      const io::SafetensorsFile file(dir.path / "model.safetensors");
+      const io::TensorEntry* stack = file.find("model.layers.1." + block + ".switch_mlp.down_proj.weight");
+      ASSERT_NE(stack, nullptr);
+      EXPECT_EQ(stack->shape, (std::vector<int64_t>{4, 64, 64 / 8}));
+      EXPECT_EQ(file.find("model.layers.1." + block + ".experts.0." +
+                          (arch == Architecture::mixtral ? "w2" : "down_proj") + ".weight"),
+                nullptr);
+    }
+    const Llama loaded = Llama::load(dir.path);
+    const Llama in_memory = model.quantize({4, 32}, DType::f16);
+    int compared = 0;
+    for (const ParamInfo& info : in_memory.layout().params()) {
+      if (!info.quantized) continue;
+      const QuantMatrix& a = in_memory.quantized_weight(info.ref());
+      const QuantMatrix& b = loaded.quantized_weight(loaded.layout().find(info.name)->ref());
+      ASSERT_EQ(a.bytes(), b.bytes()) << info.name;
+      const size_t words = static_cast<size_t>(a.rows * a.words_per_row()) * 4;
+      const size_t groups = static_cast<size_t>(a.rows * a.groups_per_row()) * 2;
+      EXPECT_EQ(std::memcmp(a.packed, b.packed, words), 0) << info.name;
+      EXPECT_EQ(std::memcmp(a.scales, b.scales, groups), 0) << info.name;
+      EXPECT_EQ(std::memcmp(a.biases, b.biases, groups), 0) << info.name;
+      ++compared;
+    }
+    EXPECT_GT(compared, 3 * 4);
+    ModelWriteOptions to_float;
+    to_float.dtype = DType::f32;
+    write_model(back.path, loaded.config(), to_float, from(loaded));
+    const Llama dequantized = Llama::load(back.path);
+    EXPECT_FALSE(dequantized.quantized());
+    for (const ParamInfo& info : dequantized.layout().params()) {
+      std::vector<float> want(static_cast<size_t>(info.numel));
+      loaded.weight_f32(*loaded.layout().find(info.name), want);
+      const auto got = std::as_const(dequantized).params().subspan(static_cast<size_t>(info.offset), want.size());
+      ASSERT_TRUE(std::equal(want.begin(), want.end(), got.begin())) << info.name;
+    }
+  }
 }
 
 TEST(QuantModel, LoraGradientsThroughAQuantizedBaseMatchFiniteDifferences) {

@@ -250,9 +250,6 @@ void validate_moe(const ModelConfig& c, const FieldReader& f) {
       f.fail(fmt::format("field 'mlp_only_layers' names layer {}, outside the model's {} layers", l, c.n_layers));
   if (!std::isfinite(m.router_aux_loss_coef) || m.router_aux_loss_coef < 0.0f)
     f.fail("field 'router_aux_loss_coef' must be a finite number >= 0");
-  if (c.quantization)
-    f.fail(fmt::format("a quantized {} model is not supported yet (MLX's stacked expert layout is not read)",
-                       architecture_name(c.arch)));
 }
 
 void validate(const ModelConfig& c, const FieldReader& f) {

@@ -2,6 +2,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -11,12 +13,23 @@
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/io/tensor_store.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/model_writer.hpp"
 
 namespace flotilla::model {
 
 QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg);
+QuantMatrix quantized_view(const io::TensorStore& store, const std::string& module, int64_t rows, int64_t cols,
+                           const ModelConfig& cfg, int64_t stack, int64_t index);
 
 namespace {
+// mlx_lm's SwitchGLU layout of an MoE layer (model_writer.hpp's switch_mlp_module): the
+// stacked module an expert's tensor comes from when the directory has it; "" for any other
+// tensor, or where the directory holds the experts one by one.
+std::string stacked_module(const io::TensorStore& store, const std::string& name) {
+  const std::string stacked = switch_mlp_module(name);
+  return !stacked.empty() && store.has(stacked + ".weight") ? stacked : "";
+}
+
 // Fills params[r] from tensor `info` for every range r of `ranges` (ascending, disjoint)
 // that meets the tensor, starting the walk at `from`; returns where the next, later tensor's
 // walk starts.
@@ -49,11 +62,14 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
   // Which weights are stored quantized: those with a P.scales next to P.weight, as mlx_lm
   // decides when it loads (config.json says how, the tensors say which).
   std::set<std::string> quantized;
+  std::map<std::string, std::string> stacked;  // an expert's tensor -> its switch_mlp module
   const ParamLayout float_layout(cfg);
-  for (const ParamInfo& info : float_layout.params())
-    if (info.decay && info.shape.size() == 2 &&
-        store.has(info.name.substr(0, info.name.size() - std::string_view(".weight").size()) + ".scales"))
-      quantized.insert(info.name);
+  for (const ParamInfo& info : float_layout.params()) {
+    std::string module = cfg.is_moe() ? stacked_module(store, info.name) : "";
+    if (!module.empty()) stacked[info.name] = module;
+    if (module.empty()) module = info.name.substr(0, info.name.size() - std::string_view(".weight").size());
+    if (info.decay && info.shape.size() == 2 && store.has(module + ".scales")) quantized.insert(info.name);
+  }
   if (!quantized.empty() && !cfg.quantization)
     throw InputError("model", fmt::format("{}: {} has .scales (a quantized weight) but config.json has no \"quantization\"",
                                           dir.string(), *quantized.begin()));
@@ -80,9 +96,23 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
   if (ranges.empty()) ranges = all;
   auto next_range = ranges.begin();
   for (const ParamInfo& info : model.layout_.params()) {
+    const auto from_stack = stacked.find(info.name);
     if (info.quantized) {
       // A view into the mapped file (slots in layout order): pages are read on use only.
-      model.qweights_.push_back(quantized_view(store, info, cfg));
+      model.qweights_.push_back(from_stack == stacked.end()
+                                    ? quantized_view(store, info, cfg)
+                                    : quantized_view(store, from_stack->second, info.shape[0], info.shape[1], cfg,
+                                                     cfg.moe.num_experts, expert_of_tensor(info.name)));
+      continue;
+    }
+    if (from_stack != stacked.end()) {
+      // A float stack (an unquantized mlx_lm model): expert e's (out, in) block of it.
+      const std::string name = from_stack->second + ".weight";
+      const std::vector<int64_t> shape = {cfg.moe.num_experts, info.shape[0], info.shape[1]};
+      store.read_f32_slice(name, shape, 0, {});  // every rank checks it, held or not
+      if (model.holds(info))
+        store.read_f32_slice(name, shape, expert_of_tensor(info.name) * info.numel,
+                             model.params_.span().subspan(static_cast<size_t>(info.offset), static_cast<size_t>(info.numel)));
       continue;
     }
     if (!model.holds(info)) {
@@ -95,8 +125,12 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
   }
   // Tensors we do not use: tied lm_head copies, rotary caches of old checkpoints. Anything
   // else means the directory holds a different architecture than config.json says.
+  std::set<std::string> stack_modules;
+  for (const auto& [_, module] : stacked) stack_modules.insert(module);
   for (const std::string& name : store.names()) {
     if (model.layout_.find(name)) continue;
+    const auto last_dot = name.rfind('.');
+    if (last_dot != std::string::npos && stack_modules.count(name.substr(0, last_dot))) continue;
     const auto dot = name.rfind('.');
     if (dot != std::string::npos && (name.ends_with(".scales") || name.ends_with(".biases")) &&
         quantized.count(name.substr(0, dot) + ".weight"))

@@ -286,13 +286,18 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
   }
   if (lora) {
     const int64_t r = lora->config().rank;
+    // Under checkpointing layer 0's views serve every layer: one for a target any layer adapts.
+    auto adapted = [&](int64_t l, int t) {
+      if (!checkpoint) return lora->slot(l, static_cast<LoraTarget>(t)).active();
+      bool any = false;
+      for (int64_t m = lora->first_layer(); m < cfg.n_layers; ++m) any = any || lora->slot(m, static_cast<LoraTarget>(t)).active();
+      return l == 0 && any;
+    };
     for (int64_t l = 0; l < cfg.n_layers; ++l)
       for (int t = 0; t < kNumLoraTargets; ++t)
-        if (lora->slot(checkpoint ? lora->first_layer() : l, static_cast<LoraTarget>(t)).active() &&
-            (!checkpoint || l == 0))
-          table.push_back({&a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)], N * r});
+        if (adapted(l, t)) table.push_back({&a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)], N * r});
     table.push_back({&a.lora_g, N * r});
-    const int64_t widest = lora->config().dropout > 0.0f ? N * std::max(C, F) : 0;
+    const int64_t widest = lora->config().dropout > 0.0f ? N * std::max({C, F, widest_dense}) : 0;
     table.push_back({&a.lora_xd, widest});
     table.push_back({&a.lora_dxd, widest});
   }
@@ -599,49 +604,6 @@ void Llama::backward(float dloss_scale) {
   float* g = frozen ? nullptr : grads_.data();
   // The gradient of a float tensor; null for an absent or quantized one, or a frozen base.
   auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
-  const bool dropout = lora_ && lora_->config().dropout > 0.0f && training_;
-  // The adapters of layer l, target t: given dout (grad of the layer's output) and its input
-  // x, add into the adapter gradients and into dx.
-  //   forward: u = scale * xd A^T, out += u B^T  =>  dB += dout^T u;  du = dout B;
-  //            dA += scale * du^T xd;  dxd = scale * du A;  dx += dropout'(dxd)
-  auto lora_backward = [&](int64_t l, LoraTarget t, float* dx, const float* dout, const float* x) {
-    if (!lora_) return;
-    const LoraSlot& s = lora_->slot(l, t);
-    if (!s.active()) return;
-    const int64_t r = lora_->config().rank;
-    const float* adapters = lora_->params().data();
-    float* lg = lora_->grads().data();
-    const float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
-    std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
-    k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
-    k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
-    // Tensor parallel (column-parallel targets only): B holds this rank's output rows, so
-    // du is this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A,
-    // replicated, takes du summed over the tp group.
-    auto input_backward = [&](float* dinp, const float* xd) {
-      if (!tp_) {
-        k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
-        return;
-      }
-      if (dinp) k::matmul_backward(dinp, nullptr, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
-      tp_->all_reduce_sum({a.lora_g, static_cast<size_t>(N * r)}, "tp LoRA gradient");
-      k::matmul_backward(nullptr, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
-    };
-    if (!dropout || dx == nullptr) {
-      const float* xd = x;
-      if (dropout) {
-        k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
-        xd = a.lora_xd;
-      }
-      input_backward(dx, xd);
-      return;
-    }
-    const float p = lora_->config().dropout;
-    k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
-    std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
-    input_backward(a.lora_dxd, a.lora_xd);
-    k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
-  };
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
   const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
 
@@ -735,6 +697,48 @@ void Llama::backward(float dloss_scale) {
   have_targets_ = false;
 }
 
+void Llama::lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout, const float* x) {
+  if (!lora_) return;
+  const LoraSlot& s = lora_->slot(l, t);
+  if (!s.active()) return;
+  ActivationPlan& a = acts_;
+  const int64_t N = a.B * a.T;
+  const bool dropout = lora_->config().dropout > 0.0f && training_;
+  const int64_t r = lora_->config().rank;
+  const float* adapters = lora_->params().data();
+  float* lg = lora_->grads().data();
+  const float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
+  std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
+  k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
+  k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
+  // Tensor parallel (column-parallel targets only): B holds this rank's output rows, so
+  // du is this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A,
+  // replicated, takes du summed over the tp group.
+  auto input_backward = [&](float* dinp, const float* xd) {
+    if (!tp_) {
+      k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+      return;
+    }
+    if (dinp) k::matmul_backward(dinp, nullptr, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+    tp_->all_reduce_sum({a.lora_g, static_cast<size_t>(N * r)}, "tp LoRA gradient");
+    k::matmul_backward(nullptr, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+  };
+  if (!dropout || dx == nullptr) {
+    const float* xd = x;
+    if (dropout) {
+      k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
+      xd = a.lora_xd;
+    }
+    input_backward(dx, xd);
+    return;
+  }
+  const float p = lora_->config().dropout;
+  k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
+  std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
+  input_backward(a.lora_dxd, a.lora_xd);
+  k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
+}
+
 void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const float* ln,
                         const BlockContext& ctx) const {
   const int64_t N = ctx.B * ctx.T, C = cfg_.dim, E = cfg_.moe.num_experts, K = cfg_.moe.top_k;
@@ -750,14 +754,14 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E);
   moe::dispatch_gather(ctx.moe_rows, ln, d, C);
   if (ctx.expert_parallel) {
-    ep_experts_forward(l, d, ctx.moe_rows, la.expert_out);
+    ep_experts_forward(l, d, ctx.moe_rows, la.expert_out, ctx);
   } else {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t n = d.rows(e), r = d.offsets[static_cast<size_t>(e)];
       if (n == 0) continue;
       expert_forward(w.experts[static_cast<size_t>(e)],
                      {ctx.moe_rows + r * C, la.expert_gate + r * Fe, la.expert_up + r * Fe, n}, ctx.act + r * Fe,
-                     la.expert_out + r * C);
+                     la.expert_out + r * C, {l, e, r, ctx.lora, ctx.dropout_step});
     }
   }
   // Combine: out[token] = sum of its rows' outputs times their weights.
@@ -765,10 +769,19 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   moe::combine(out, la.expert_out, weights.data(), d, C);
   if (Fs == 0) return;
   // Qwen2-MoE's shared expert: out += sigmoid(ln @ shared_expert_gate^T) * mlp(ln)
+  auto lora = [&](LoraTarget t, float* y, const float* x) {
+    if (!ctx.lora) return;
+    std::optional<uint64_t> seed;
+    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
+    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, matmul_input_);
+  };
   linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, Fs);
   linear_forward(la.up, ln, w.up_proj, nullptr, N, C, Fs);
+  lora(LoraTarget::gate, la.gate, ln);
+  lora(LoraTarget::up, la.up, ln);
   k::swiglu_forward(ctx.act, la.gate, la.up, N, Fs);
   linear_forward(la.shared_out, ctx.act, w.down_proj, nullptr, N, Fs, C);
+  lora(LoraTarget::down, la.shared_out, ctx.act);
   linear_forward(la.shared_gate, ln, w.shared_expert_gate, nullptr, N, C, 1);
   for (int64_t i = 0; i < N; ++i) {
     const float s = 1.0f / (1.0f + std::exp(-la.shared_gate[i]));
@@ -776,27 +789,48 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   }
 }
 
-void Llama::expert_forward(const ExpertParams& ew, const ExpertRows& x, float* act, float* out) const {
+void Llama::expert_forward(const ExpertParams& ew, const ExpertRows& x, float* act, float* out,
+                           const ExpertRun& run) const {
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim;
+  auto lora = [&](ExpertProj p, float* y, const float* in) {
+    if (run.lora) run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), matmul_input_);
+  };
   linear_forward(x.gate, x.rows, ew.gate_proj, nullptr, x.n, C, Fe);
   linear_forward(x.up, x.rows, ew.up_proj, nullptr, x.n, C, Fe);
+  lora(ExpertProj::gate, x.gate, x.rows);
+  lora(ExpertProj::up, x.up, x.rows);
   k::swiglu_forward(act, x.gate, x.up, x.n, Fe);
   linear_forward(out, act, ew.down_proj, nullptr, x.n, Fe, C);
+  lora(ExpertProj::down, out, act);
+}
+
+Llama::ExpertRun Llama::backward_run(int64_t l, int64_t e, int64_t block) const {
+  ExpertRun run{l, e, block, lora_, std::nullopt};
+  if (lora_ && training_ && lora_->config().dropout > 0.0f) run.dropout_step = forward_dropout_;
+  return run;
 }
 
 void Llama::expert_backward(const ExpertParams& ew, const ExpertRows& x, const float* dout, float* dx, float* g,
-                            const ExpertScratch& s) {
+                            const ExpertScratch& s, const ExpertRun& run) {
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim, n = x.n;
   auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
-  // out = act @ down^T;  act = silu(gate) * up (recomputed)
+  // The expert's adapters: d(their input) into din, their gradients into lora_'s.
+  LoraAdapters* lora = run.lora ? lora_ : nullptr;
+  auto lora_backward = [&](ExpertProj p, float* din, const float* d, const float* in) {
+    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), matmul_input_);
+  };
+  // out = act @ down^T (+ its adapter's);  act = silu(gate) * up (recomputed)
   k::swiglu_forward(s.act, x.gate, x.up, n, Fe);
   std::memset(s.dact, 0, static_cast<size_t>(n * Fe) * sizeof(float));
   linear_backward(s.dact, gp(ew.down_proj), nullptr, dout, s.act, ew.down_proj, n, Fe, C);
+  lora_backward(ExpertProj::down, s.dact, dout, s.act);
   k::swiglu_backward(s.dgate, s.dup, s.dact, x.gate, x.up, n, Fe);
   // gate = rows @ gate_proj^T, up = rows @ up_proj^T (dout is spent: dx may be it)
   std::memset(dx, 0, static_cast<size_t>(n * C) * sizeof(float));
   linear_backward(dx, gp(ew.gate_proj), nullptr, s.dgate, x.rows, ew.gate_proj, n, C, Fe);
   linear_backward(dx, gp(ew.up_proj), nullptr, s.dup, x.rows, ew.up_proj, n, C, Fe);
+  lora_backward(ExpertProj::gate, dx, s.dgate, x.rows);
+  lora_backward(ExpertProj::up, dx, s.dup, x.rows);
 }
 
 void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, const float* dout, const float* ln,
@@ -824,7 +858,7 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
       float* drows = a.drows + r * C;
       expert_backward(w.experts[static_cast<size_t>(e)],
                       {a.moe_rows + r * C, la.expert_gate + r * Fe, la.expert_up + r * Fe, n}, drows, drows, g,
-                      {a.act + r * Fe, a.dact + r * Fe, a.dgate + r * Fe, a.dup + r * Fe});
+                      {a.act + r * Fe, a.dact + r * Fe, a.dgate + r * Fe, a.dup + r * Fe}, backward_run(l, e, r));
     }
   }
   // rows = ln[token]
@@ -854,9 +888,12 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
   k::swiglu_forward(a.act, la.gate, la.up, N, Fs);
   std::memset(a.dact, 0, static_cast<size_t>(N * Fs) * sizeof(float));
   linear_backward(a.dact, gp(w.down_proj), nullptr, dshared, a.act, w.down_proj, N, Fs, C);
+  lora_backward(l, LoraTarget::down, a.dact, dshared, a.act);
   k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, Fs);
   linear_backward(dln, gp(w.gate_proj), nullptr, a.dgate, ln, w.gate_proj, N, C, Fs);
   linear_backward(dln, gp(w.up_proj), nullptr, a.dup, ln, w.up_proj, N, C, Fs);
+  lora_backward(l, LoraTarget::gate, dln, a.dgate, ln);
+  lora_backward(l, LoraTarget::up, dln, a.dup, ln);
   linear_backward(dln, gp(w.shared_expert_gate), nullptr, dz, ln, w.shared_expert_gate, N, C, 1);
 }
 

@@ -80,7 +80,7 @@ struct BlockContext {
   // MoE layers run this rank's experts only and exchange rows (Llama::set_expert_exchange):
   // training forwards under ep > 1. KV-cache decoding runs every expert itself.
   bool expert_parallel = false;
-  float* lora_xd = nullptr;            // (B, T, max(C, F))  scratch: LoRA's dropped-out input
+  float* lora_xd = nullptr;            // (B, T, max(C, F, Fs))  scratch: LoRA's dropped-out input
   const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
   // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
   std::optional<uint64_t> dropout_step;
@@ -411,6 +411,12 @@ class Llama {
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
+  // The backward of layer l's own adapter on t (attention, dense MLP or shared expert) over
+  // the planned step's N rows: given dout (N, out), the gradient of the layer's output, and
+  // its input x (N, in), add into the adapter gradients and into dx (N, in) (null: not needed).
+  //   forward: u = scale * xd A^T, out += u B^T  =>  dB += dout^T u;  du = dout B;
+  //            dA += scale * du^T xd;  dxd = scale * du A;  dx += dropout'(dxd)
+  void lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout, const float* x);
   // The training forward's context of every block, for the planned step shape.
   BlockContext training_context() const;
   // An MoE layer's MLP: from ln (N, C), the RMSNorm of resid_mid, into out (N, C)
@@ -423,7 +429,8 @@ class Llama {
   // Expert parallelism (moe_parallel.cpp): rows (N*K, C) in dispatch order to this rank's
   // experts and their outputs back, into expert_out (N*K, C); and backward, drows (N*K, C)
   // d(expert_out) in, d(rows) out, this rank's experts' gradients into g (null: frozen).
-  void ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* rows, float* expert_out) const;
+  void ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* rows, float* expert_out,
+                          const BlockContext& ctx) const;
   void ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows, float* g);
   // One expert's SwiGLU MLP on its n rows (C wide): out = down(silu(gate(rows)) * up(rows)),
   // with gate and up (n, Fe) kept for backward and act (n, Fe) scratch. Both paths run each
@@ -434,7 +441,19 @@ class Llama {
     float* up;          // (n, Fe) up(rows), kept from forward
     int64_t n;
   };
-  void expert_forward(const ExpertParams& ew, const ExpertRows& x, float* act, float* out) const;
+  // Which expert runs, for its LoRA adapters (LoraAdapters::expert_slot): expert e of
+  // layer l on rows starting at row `block` of their buffer (the dropout draw's); the
+  // adapters and dropout step of the forward (null, none: no adapters, no dropout).
+  struct ExpertRun {
+    int64_t layer = 0, expert = 0, block = 0;
+    const LoraAdapters* lora = nullptr;
+    std::optional<uint64_t> dropout_step;
+    std::optional<uint64_t> dropout_seed(ExpertProj p) const {
+      if (!dropout_step) return std::nullopt;
+      return lora_expert_dropout_seed(*dropout_step, layer, p, expert, block);
+    }
+  };
+  void expert_forward(const ExpertParams& ew, const ExpertRows& x, float* act, float* out, const ExpertRun& run) const;
   // Its backward: d(out) (n, C) in; d(rows) into dx (n, C), overwritten, which may be dout
   // itself (dout is read first); weight gradients into g (null: frozen). dact, dgate, dup
   // and act (n, Fe) are scratch.
@@ -444,8 +463,11 @@ class Llama {
     float* dgate;
     float* dup;
   };
+  // The adapters are the attached ones (lora_), with the last training forward's dropout.
   void expert_backward(const ExpertParams& ew, const ExpertRows& x, const float* dout, float* dx, float* g,
-                       const ExpertScratch& s);
+                       const ExpertScratch& s, const ExpertRun& run);
+  // The ExpertRun of expert e's rows from `block` in this layer's backward.
+  ExpertRun backward_run(int64_t l, int64_t e, int64_t block) const;
   // The float tensor behind a dense reference, as p(w.offset) would be.
   float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }

@@ -19,17 +19,45 @@
 namespace flotilla::model {
 namespace {
 constexpr std::string_view kLoraComponent = "model/lora";
-constexpr std::array<std::string_view, kNumLoraTargets> kModules = {"q_proj", "k_proj",    "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"};
+constexpr std::array<std::string_view, kNumLoraTargets> kModules = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"};
+constexpr int kNumDenseLoraTargets = 7;  // q..down: the ones a dense Llama has
+
+bool is_attention(LoraTarget t) {
+  return t == LoraTarget::q || t == LoraTarget::k || t == LoraTarget::v || t == LoraTarget::o;
+}
+bool is_mixtral_expert(LoraTarget t) { return t == LoraTarget::w1 || t == LoraTarget::w2 || t == LoraTarget::w3; }
+
+// The expert projection an MLP target reaches in an MoE layer: Mixtral's w1 gate, w3 up,
+// w2 down; Qwen2-MoE's experts' gate/up/down_proj.
+std::optional<ExpertProj> expert_proj_of(LoraTarget t) {
+  switch (t) {
+    case LoraTarget::gate:
+    case LoraTarget::w1: return ExpertProj::gate;
+    case LoraTarget::up:
+    case LoraTarget::w3: return ExpertProj::up;
+    case LoraTarget::down:
+    case LoraTarget::w2: return ExpertProj::down;
+    default: return std::nullopt;
+  }
+}
 
 std::string_view block_of(LoraTarget t) {
   const bool attn = t == LoraTarget::q || t == LoraTarget::k || t == LoraTarget::v || t == LoraTarget::o;
   return attn ? "self_attn" : "mlp";
 }
 
-// PEFT's name of an adapted module.
-std::string module_path(int64_t layer, LoraTarget t) {
-  return fmt::format("base_model.model.model.layers.{}.{}.{}", layer, block_of(t), kModules[static_cast<size_t>(t)]);
+// The base model's name of a layer's own adapted module (without ".weight"): attention, the
+// dense MLP, or in an MoE layer the shared expert.
+std::string layer_module(const ModelConfig& m, int64_t layer, LoraTarget t) {
+  const std::string_view block = is_attention(t) ? "self_attn" : m.moe_layer(layer) ? "mlp.shared_expert" : "mlp";
+  return fmt::format("model.layers.{}.{}.{}", layer, block, kModules[static_cast<size_t>(t)]);
+}
+
+// ... of expert e's projection in an MoE layer.
+std::string expert_module(const ModelConfig& m, int64_t layer, LoraTarget t, int64_t e) {
+  const std::string_view block = m.arch == Architecture::mixtral ? "block_sparse_moe" : "mlp";
+  return fmt::format("model.layers.{}.{}.experts.{}.{}", layer, block, e, kModules[static_cast<size_t>(t)]);
 }
 
 // mlx_lm's: the base model's own module path.
@@ -39,25 +67,37 @@ std::string mlx_module_path(int64_t layer, LoraTarget t) {
 
 // An mlx_lm lora_parameters key ("self_attn.q_proj", "mlp.down_proj") as a target.
 std::optional<LoraTarget> lora_target_of_key(std::string_view key) {
-  for (size_t i = 0; i < kModules.size(); ++i) {
+  for (size_t i = 0; i < kNumDenseLoraTargets; ++i) {
     const auto t = static_cast<LoraTarget>(i);
     if (key == fmt::format("{}.{}", block_of(t), kModules[i])) return t;
   }
   return std::nullopt;
 }
 
-// (out, in) of a target linear layer.
-std::pair<int64_t, int64_t> linear_shape(const ModelConfig& m, LoraTarget t) {
+// (out, in) of layer l's own linear layer t (0 x 0: it has none, as a Qwen2-MoE layer
+// without a shared expert).
+std::pair<int64_t, int64_t> linear_shape(const ModelConfig& m, int64_t l, LoraTarget t) {
+  const int64_t F = m.dense_mlp_dim(l);
   switch (t) {
     case LoraTarget::q: return {m.q_dim(), m.dim};
     case LoraTarget::k:
     case LoraTarget::v: return {m.kv_dim(), m.dim};
     case LoraTarget::o: return {m.dim, m.q_dim()};
     case LoraTarget::gate:
-    case LoraTarget::up: return {m.ffn_dim, m.dim};
-    case LoraTarget::down: return {m.dim, m.ffn_dim};
+    case LoraTarget::up: return {F, m.dim};
+    case LoraTarget::down: return {m.dim, F};
+    default: return {0, 0};
   }
-  return {0, 0};
+}
+
+// (out, in) of an expert's projection.
+std::pair<int64_t, int64_t> expert_shape(const ModelConfig& m, ExpertProj p) {
+  const int64_t Fe = m.moe.expert_ffn_dim;
+  return p == ExpertProj::down ? std::pair{m.dim, Fe} : std::pair{Fe, m.dim};
+}
+
+const WeightRef& expert_weight(const ExpertParams& ew, ExpertProj p) {
+  return p == ExpertProj::gate ? ew.gate_proj : p == ExpertProj::up ? ew.up_proj : ew.down_proj;
 }
 
 const WeightRef& base_weight(const LayerParams& lp, LoraTarget t) {
@@ -69,8 +109,9 @@ const WeightRef& base_weight(const LayerParams& lp, LoraTarget t) {
     case LoraTarget::gate: return lp.gate_proj;
     case LoraTarget::up: return lp.up_proj;
     case LoraTarget::down: return lp.down_proj;
+    default: break;
   }
-  throw Error("model/lora", "unknown LoRA target");
+  throw Error("model/lora", "a LoRA target that is no layer's own linear layer");
 }
 
 // The message of an InputError from below, without its "[component] " prefix.
@@ -97,11 +138,13 @@ std::vector<LoraTarget> LoraConfig::parse_targets(std::string_view list) {
     const size_t comma = std::min(list.find(',', start), list.size());
     std::string name(list.substr(start, comma - start));
     if (!name.empty()) {
-      if (!name.ends_with("_proj")) name += "_proj";
+      if (!name.ends_with("_proj") && name != "w1" && name != "w2" && name != "w3") name += "_proj";
       const auto it = std::find(kModules.begin(), kModules.end(), name);
       if (it == kModules.end())
-        throw InputError(kLoraComponent, fmt::format("unknown LoRA target '{}' (expected any of q,k,v,o,gate,up,down)",
-                                                 list.substr(start, comma - start)));
+        throw InputError(kLoraComponent,
+                         fmt::format("unknown LoRA target '{}' (expected any of q,k,v,o,gate,up,down, or Mixtral's "
+                                     "expert projections w1,w2,w3)",
+                                     list.substr(start, comma - start)));
       const auto t = static_cast<LoraTarget>(it - kModules.begin());
       if (std::find(out.begin(), out.end(), t) == out.end()) out.push_back(t);
     }
@@ -124,31 +167,48 @@ LoraAdapters::LoraAdapters(const ModelConfig& model, LoraConfig cfg) : model_(mo
   if (n <= 0 || n > L)
     throw InputError(kLoraComponent, fmt::format("--num-layers {} is outside 1..{} (the model's layers)", n, L));
   first_layer_ = L - n;
-  if (model.is_moe())
-    for (LoraTarget t : cfg_.targets)
-      if (t == LoraTarget::gate || t == LoraTarget::up || t == LoraTarget::down)
-        throw InputError(kLoraComponent, fmt::format("LoRA on {} of a mixture-of-experts ({}) model is not supported yet: "
-                                                 "adapt the attention projections (q, k, v, o)",
-                                                 lora_target_module(t), architecture_name(model.arch)));
-  // A rank past both sides of a layer adds nothing B A could not hold, and a huge one (a
-  // typo, a foreign adapter_config.json) would be allocated before anything else is checked.
+  const bool mixtral = model.arch == Architecture::mixtral;
   for (LoraTarget t : cfg_.targets) {
-    const auto [out, in] = linear_shape(model, t);
+    if (is_mixtral_expert(t) && !mixtral)
+      throw InputError(kLoraComponent,
+                       fmt::format("LoRA target {} is a Mixtral expert projection; this {} model has none{}",
+                                   lora_target_module(t), architecture_name(model.arch),
+                                   model.is_moe() ? " (its experts' projections are gate, up and down)" : ""));
+    if (mixtral && expert_proj_of(t) && !is_mixtral_expert(t))
+      throw InputError(kLoraComponent,
+                       fmt::format("a mixtral model has no {}: its experts' projections are w1 (gate), w3 (up) and "
+                                   "w2 (down), e.g. --lora-targets q,v,w1,w2,w3",
+                                   lora_target_module(t)));
+  }
+  // Every adapted linear layer in table order: by layer, then target, a Qwen2-MoE shared
+  // expert's before the experts'. A rank past both sides of a layer adds nothing B A could
+  // not hold, and a huge one (a typo, a foreign adapter_config.json) would be allocated
+  // before anything else is checked: the table holds offsets only until the end.
+  auto add = [&](std::string base, int64_t l, LoraTarget t, int64_t e, std::pair<int64_t, int64_t> shape) {
+    const auto [out, in] = shape;
     if (cfg_.rank > std::max(out, in))
       throw InputError(kLoraComponent, fmt::format("LoRA rank {} is larger than both sides of {} ({} x {})", cfg_.rank,
-                                               lora_target_module(t), out, in));
-  }
+                                                   lora_target_module(t), out, in));
+    LoraSlot s;
+    s.in = in;
+    s.out = out;
+    // No weight decay on adapters by default would be mlx_lm's choice too (it uses Adam).
+    s.a = table_.add("base_model.model." + base + ".lora_A.weight", {cfg_.rank, in}, true);
+    s.b = table_.add("base_model.model." + base + ".lora_B.weight", {out, cfg_.rank}, true);
+    modules_.push_back(Module{std::move(base), l, t, e, s});
+    return s;
+  };
   slots_.assign(static_cast<size_t>(L), {});
+  expert_slots_.assign(static_cast<size_t>(L), {});
   for (int64_t l = first_layer_; l < L; ++l) {
     for (LoraTarget t : cfg_.targets) {
-      const auto [out, in] = linear_shape(model, t);
-      LoraSlot& s = slots_[static_cast<size_t>(l)][static_cast<size_t>(t)];
-      s.in = in;
-      s.out = out;
-      const std::string path = module_path(l, t);
-      // No weight decay on adapters by default would be mlx_lm's choice too (it uses Adam).
-      s.a = table_.add(path + ".lora_A.weight", {cfg_.rank, in}, true);
-      s.b = table_.add(path + ".lora_B.weight", {out, cfg_.rank}, true);
+      const auto shape = linear_shape(model, l, t);
+      if (shape.first > 0) slots_[static_cast<size_t>(l)][static_cast<size_t>(t)] = add(layer_module(model, l, t), l, t, -1, shape);
+      const std::optional<ExpertProj> p = expert_proj_of(t);
+      if (!model.moe_layer(l) || !p) continue;
+      auto& experts = expert_slots_[static_cast<size_t>(l)][static_cast<size_t>(*p)];
+      for (int64_t e = 0; e < model.moe.num_experts; ++e)
+        experts.push_back(add(expert_module(model, l, t, e), l, t, e, expert_shape(model, *p)));
     }
   }
   params_.resize(static_cast<size_t>(table_.total_numel()));
@@ -166,15 +226,19 @@ void LoraAdapters::zero_grads() {
     grads_.zero();
 }
 
+const LoraSlot& LoraAdapters::expert_slot(int64_t layer, ExpertProj p, int64_t e) const {
+  static const LoraSlot kInactive;
+  const auto& experts = expert_slots_[static_cast<size_t>(layer)][static_cast<size_t>(p)];
+  return experts.empty() ? kInactive : experts[static_cast<size_t>(e)];
+}
+
 void LoraAdapters::init_random(uint64_t seed) {
   Rng rng(seed);
   params_.zero();
-  for (const auto& row : slots_) {
-    for (const LoraSlot& s : row) {
-      if (!s.active()) continue;
-      const float bound = 1.0f / std::sqrt(static_cast<float>(s.in));
-      rng.fill_uniform(std::span<float>(params_.data() + s.a, static_cast<size_t>(cfg_.rank * s.in)), -bound, bound);
-    }
+  for (const Module& m : modules_) {
+    const LoraSlot& s = m.slot;
+    const float bound = 1.0f / std::sqrt(static_cast<float>(s.in));
+    rng.fill_uniform(std::span<float>(params_.data() + s.a, static_cast<size_t>(cfg_.rank * s.in)), -bound, bound);
   }
 }
 
@@ -279,6 +343,12 @@ LoraAdapters LoraAdapters::load_mlx_files(const nlohmann::json& j, const std::fi
       }
     }
     cfg.targets = LoraConfig::parse_targets(targets);
+    if (model.is_moe())
+      for (LoraTarget t : cfg.targets)
+        if (!is_attention(t))
+          fail(fmt::format("lora_parameters.keys: mlx_lm adapters on a mixture-of-experts model's MLP ({}) are not "
+                           "read yet: only attention (self_attn.*)",
+                           lora_target_module(t)));
     const nlohmann::json& layers = j.contains("num_layers") ? j["num_layers"] : nlohmann::json(16);
     if (!layers.is_number_integer()) fail("num_layers must be an integer, got " + layers.dump());
     // mlx_lm applies its adapters to model.layers[-num_layers:]: past the model's depth, all.
@@ -411,8 +481,7 @@ LoraAdapters LoraAdapters::load_peft_files(const nlohmann::json& j, const std::f
   throw Error(kLoraComponent, "unreachable");
 }
 
-void LoraAdapters::merge_slot(int64_t l, LoraTarget t, float* w) const {
-  const LoraSlot& s = slot(l, t);
+void LoraAdapters::merge_slot(const LoraSlot& s, float* w) const {
   // W (out, in) += scale * B (out, r) @ A (r, in) = scale * B @ (A^T)^T
   std::vector<float> a_t(static_cast<size_t>(s.in * cfg_.rank));
   const float* a = params_.data() + s.a;
@@ -422,12 +491,12 @@ void LoraAdapters::merge_slot(int64_t l, LoraTarget t, float* w) const {
 }
 
 void LoraAdapters::merge_into(std::span<float> base_params, const ParamLayout& layout) const {
-  for (int64_t l = first_layer_; l < model_.n_layers; ++l) {
-    for (LoraTarget t : cfg_.targets) {
-      const WeightRef& w = base_weight(layout.layers[static_cast<size_t>(l)], t);
-      if (!w.is_dense()) throw Error("model/lora", "merge_into a quantized base: merge tensor by tensor (merge_into_tensor)");
-      merge_slot(l, t, base_params.data() + w.offset());
-    }
+  for (const Module& m : modules_) {
+    const LayerParams& lp = layout.layers[static_cast<size_t>(m.layer)];
+    const WeightRef& w = m.expert >= 0 ? expert_weight(lp.experts[static_cast<size_t>(m.expert)], *expert_proj_of(m.target))
+                                       : base_weight(lp, m.target);
+    if (!w.is_dense()) throw Error("model/lora", "merge_into a quantized base: merge tensor by tensor (merge_into_tensor)");
+    merge_slot(m.slot, base_params.data() + w.offset());
   }
 }
 
@@ -445,17 +514,65 @@ void LoraAdapters::forward(int64_t layer, LoraTarget t, float* out, const float*
 }
 
 bool LoraAdapters::merge_into_tensor(std::string_view name, std::span<float> w) const {
-  for (int64_t l = first_layer_; l < model_.n_layers; ++l) {
-    for (LoraTarget t : cfg_.targets) {
-      const std::string_view block = t == LoraTarget::gate || t == LoraTarget::up || t == LoraTarget::down ? "mlp" : "self_attn";
-      if (name != fmt::format("model.layers.{}.{}.{}.weight", l, block, lora_target_module(t))) continue;
-      const LoraSlot& s = slot(l, t);
-      if (static_cast<int64_t>(w.size()) != s.in * s.out) throw Error("model/lora", "merge_into_tensor: wrong size");
-      merge_slot(l, t, w.data());
-      return true;
-    }
+  if (!name.ends_with(".weight")) return false;
+  name.remove_suffix(7);
+  for (const Module& m : modules_) {
+    if (name != m.base) continue;
+    if (static_cast<int64_t>(w.size()) != m.slot.in * m.slot.out) throw Error("model/lora", "merge_into_tensor: wrong size");
+    merge_slot(m.slot, w.data());
+    return true;
   }
   return false;
+}
+
+void LoraAdapters::expert_forward(int64_t layer, ExpertProj p, int64_t e, float* out, const float* x, int64_t n,
+                                  std::optional<uint64_t> dropout_seed, kernels::GemmInput input) const {
+  const LoraSlot& s = expert_slot(layer, p, e);
+  if (!s.active() || n == 0) return;
+  const int64_t r = cfg_.rank;
+  std::vector<float> xd;                              // (n, in)   dropout(x)
+  std::vector<float> u(static_cast<size_t>(n * r));  // (n, rank) scale * xd A^T
+  if (dropout_seed) {
+    xd.resize(static_cast<size_t>(n * s.in));
+    kernels::dropout_forward(xd.data(), x, n * s.in, cfg_.dropout, *dropout_seed);
+    x = xd.data();
+  }
+  kernels::matmul_forward(u.data(), x, params_.data() + s.a, nullptr, n, s.in, r, input);
+  kernels::scale_inplace(u.data(), n * r, cfg_.scale());
+  kernels::matmul_accumulate(out, u.data(), params_.data() + s.b, n, r, s.out, 1.0f, input);
+}
+
+void LoraAdapters::expert_backward(int64_t layer, ExpertProj p, int64_t e, float* dx, const float* dout,
+                                   const float* x, int64_t n, std::optional<uint64_t> dropout_seed,
+                                   kernels::GemmInput input) {
+  const LoraSlot& s = expert_slot(layer, p, e);
+  if (!s.active() || n == 0) return;
+  const int64_t r = cfg_.rank;
+  const float* a = params_.data() + s.a;  // (rank, in)
+  const float* b = params_.data() + s.b;  // (out, rank)
+  float* g = grads().data();
+  std::vector<float> xd;                                  // (n, in)
+  std::vector<float> u(static_cast<size_t>(n * r));      // (n, rank)
+  std::vector<float> du(static_cast<size_t>(n * r), 0);  // (n, rank)
+  // u = scale * xd A^T, as forward computed it
+  if (dropout_seed) {
+    xd.resize(static_cast<size_t>(n * s.in));
+    kernels::dropout_forward(xd.data(), x, n * s.in, cfg_.dropout, *dropout_seed);
+  }
+  const float* xin = dropout_seed ? xd.data() : x;
+  kernels::matmul_forward(u.data(), xin, a, nullptr, n, s.in, r, input);
+  kernels::scale_inplace(u.data(), n * r, cfg_.scale());
+  // out += u B^T  =>  dB += dout^T u,  du = dout B (then times scale: u's factor)
+  kernels::matmul_backward(du.data(), g + s.b, nullptr, dout, u.data(), b, n, r, s.out, input);
+  kernels::scale_inplace(du.data(), n * r, cfg_.scale());
+  // xd A^T  =>  dA += du^T xd,  dxd = du A;  x -> xd is dropout
+  if (!dx || !dropout_seed) {
+    kernels::matmul_backward(dx, g + s.a, nullptr, du.data(), xin, a, n, s.in, r, input);
+    return;
+  }
+  std::vector<float> dxd(static_cast<size_t>(n * s.in), 0.0f);  // (n, in)
+  kernels::matmul_backward(dxd.data(), g + s.a, nullptr, du.data(), xin, a, n, s.in, r, input);
+  kernels::dropout_backward(dx, dxd.data(), n * s.in, cfg_.dropout, *dropout_seed);
 }
 
 }  // namespace flotilla::model

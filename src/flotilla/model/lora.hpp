@@ -25,9 +25,21 @@
 
 namespace flotilla::model {
 
-enum class LoraTarget : uint8_t { q, k, v, o, gate, up, down };
-inline constexpr int kNumLoraTargets = 7;
-std::string_view lora_target_module(LoraTarget t);  // "q_proj", ..., "down_proj"
+// The layers LoRA adapts, by the module names of transformers' models. In a
+// mixture-of-experts layer (docs/moe.md) the MLP targets reach every expert, each with its
+// own adapter pair, as PEFT's target_modules matching on module names does:
+// - Mixtral: w1 (gate), w3 (up), w2 (down) of block_sparse_moe.experts.{e}; its layers have
+//   no gate_proj / up_proj / down_proj;
+// - Qwen2-MoE: gate, up, down adapt mlp.experts.{e}.*_proj and the shared expert's
+//   mlp.shared_expert.*_proj alike (and a dense layer's mlp.*_proj).
+enum class LoraTarget : uint8_t { q, k, v, o, gate, up, down, w1, w2, w3 };
+inline constexpr int kNumLoraTargets = 10;
+std::string_view lora_target_module(LoraTarget t);  // "q_proj", ..., "down_proj", "w1", "w2", "w3"
+
+// One of an expert's three projections (model::ExpertParams): gate (Fe, C), up (Fe, C),
+// down (C, Fe).
+enum class ExpertProj : uint8_t { gate, up, down };
+inline constexpr int kNumExpertProjs = 3;
 
 struct LoraConfig {
   int64_t rank = 8;
@@ -37,7 +49,8 @@ struct LoraConfig {
   int64_t num_layers = -1;  // adapt the last N layers (mlx_lm's --num-layers); -1: all
 
   float scale() const { return alpha / static_cast<float>(rank); }
-  // "q,k,v,o,gate,up,down" (any subset; also accepts q_proj etc.). InputError otherwise.
+  // "q,k,v,o,gate,up,down,w1,w2,w3" (any subset; also accepts q_proj etc.). InputError
+  // otherwise. Whether the model has those layers is checked by LoraAdapters.
   static std::vector<LoraTarget> parse_targets(std::string_view list);
 };
 
@@ -56,6 +69,15 @@ inline uint64_t lora_dropout_seed(uint64_t forward_step, int64_t layer, LoraTarg
          0x5851f42d4c957f2dULL;
 }
 
+// The same for an expert's adapter: one draw per (training forward, layer, projection,
+// expert, block), `block` the first row of the rows it runs on in their buffer.
+inline uint64_t lora_expert_dropout_seed(uint64_t forward_step, int64_t layer, ExpertProj p, int64_t expert,
+                                         int64_t block) {
+  uint64_t h = (forward_step * 1000003ULL + static_cast<uint64_t>(layer)) * 3ULL + static_cast<uint64_t>(p);
+  h = h * 65537ULL + static_cast<uint64_t>(expert);
+  return h * 1000033ULL + static_cast<uint64_t>(block) + 0x2545f4914f6cdd1dULL;
+}
+
 class LoraAdapters {
  public:
   // InputError for a rank or layer count the model cannot take.
@@ -69,9 +91,13 @@ class LoraAdapters {
   void zero_grads();
   // The first adapted layer: backward need not go below it.
   int64_t first_layer() const { return first_layer_; }
+  // A layer's adapter on one of its own linear layers (attention, the dense MLP, or
+  // Qwen2-MoE's shared expert for gate/up/down); inactive where not adapted.
   const LoraSlot& slot(int64_t layer, LoraTarget t) const {
     return slots_[static_cast<size_t>(layer)][static_cast<size_t>(t)];
   }
+  // Expert e's adapter on projection p of MoE layer `layer`; inactive where not adapted.
+  const LoraSlot& expert_slot(int64_t layer, ExpertProj p, int64_t e) const;
 
   // PEFT's initialisation: A ~ kaiming_uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)),
   // B = 0.
@@ -105,12 +131,33 @@ class LoraAdapters {
   // `input`: the products' number format (the model's: bf16 rounds x and the adapters).
   void forward(int64_t layer, LoraTarget t, float* out, const float* x, float* u, float* xd, int64_t N,
                std::optional<uint64_t> dropout_seed, kernels::GemmInput input = kernels::GemmInput::f32) const;
+  // An expert's adapter, forward: out (n, out) += scale * dropout(x) A^T B^T for expert e's
+  // n rows x (n, in) of projection p (a no-op where not adapted). Nothing is kept for
+  // backward: it recomputes the (n, rank) product, as narrow as the rank.
+  void expert_forward(int64_t layer, ExpertProj p, int64_t e, float* out, const float* x, int64_t n,
+                      std::optional<uint64_t> dropout_seed, kernels::GemmInput input) const;
+  // Its backward, given d(out) (n, out) and the same x: the adapter's gradients added into
+  // grads(), and d(x) added into dx (n, in) (null: not needed).
+  //   u = scale * xd A^T, out += u B^T  =>  dB += dout^T u;  du = scale * dout B;
+  //   dA += du^T xd;  dxd = du A;  dx += dropout'(dxd)
+  void expert_backward(int64_t layer, ExpertProj p, int64_t e, float* dx, const float* dout, const float* x,
+                       int64_t n, std::optional<uint64_t> dropout_seed, kernels::GemmInput input);
+
   // The same for one base tensor `name` (e.g. "model.layers.3.self_attn.q_proj.weight"),
   // w (out, in): for bases merged tensor by tensor (quantized ones). False when unadapted.
   bool merge_into_tensor(std::string_view name, std::span<float> w) const;
 
  private:
-  void merge_slot(int64_t layer, LoraTarget t, float* w) const;
+  // One adapted linear layer: its base module's name (e.g.
+  // "model.layers.3.block_sparse_moe.experts.5.w1"), where its A and B sit, and what it is.
+  struct Module {
+    std::string base;
+    int64_t layer = 0;
+    LoraTarget target = LoraTarget::q;
+    int64_t expert = -1;  // >= 0: that expert's projection
+    LoraSlot slot;
+  };
+  void merge_slot(const LoraSlot& s, float* w) const;
   static nlohmann::json read_adapter_config(const std::filesystem::path& config_path);
   static LoraAdapters load_peft_files(const nlohmann::json& config, const std::filesystem::path& config_path,
                                       const std::filesystem::path& weights_path, const ModelConfig& model,
@@ -126,7 +173,10 @@ class LoraAdapters {
   LoraConfig cfg_;
   Table table_;
   int64_t first_layer_ = 0;
-  std::vector<std::array<LoraSlot, kNumLoraTargets>> slots_;  // (n_layers, 7)
+  std::vector<Module> modules_;                                // in the table's order
+  std::vector<std::array<LoraSlot, kNumLoraTargets>> slots_;  // (n_layers, 10)
+  // (n_layers, 3, E): an MoE layer's experts' adapters; empty where none are adapted.
+  std::vector<std::array<std::vector<LoraSlot>, kNumExpertProjs>> expert_slots_;
   Buffer<float> params_, grads_;
 };
 

@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -37,15 +38,26 @@ std::string module_of(const std::string& weight_name) {
   return weight_name.substr(0, weight_name.size() - std::string_view(".weight").size());
 }
 
+std::string switch_mlp_module(const std::string& weight_name) {
+  const size_t at = weight_name.find(".experts.");
+  if (at == std::string::npos || !weight_name.ends_with(".weight")) return "";
+  const size_t dot = weight_name.find('.', at + 9);
+  if (dot == std::string::npos) return "";
+  const std::string_view tail = std::string_view(weight_name).substr(dot + 1);  // "w1.weight"
+  const std::string_view proj = tail == "w1.weight" || tail == "gate_proj.weight" ? "gate_proj"
+                                : tail == "w3.weight" || tail == "up_proj.weight" ? "up_proj"
+                                : tail == "w2.weight" || tail == "down_proj.weight" ? "down_proj"
+                                                                                    : "";
+  if (proj.empty()) return "";
+  return fmt::format("{}.switch_mlp.{}", weight_name.substr(0, at), proj);
+}
+
 QuantizationPlan plan_quantization(const ModelConfig& cfg, QuantFormat format) {
   if (!quant_bits_supported(format.bits))
     throw InputError(kModelWriterComponent, fmt::format("{} bits is not supported (2, 4 or 8)", format.bits));
   if (format.group_size <= 0 || format.group_size % format.per_word() != 0)
     throw InputError(kModelWriterComponent, fmt::format("group size {} must be a positive multiple of {} at {} bits",
                                              format.group_size, format.per_word(), format.bits));
-  if (cfg.is_moe())
-    throw InputError(kModelWriterComponent, fmt::format("quantizing a mixture-of-experts ({}) model is not supported yet",
-                                             architecture_name(cfg.arch)));
   QuantizationPlan plan;
   const ParamLayout layout(cfg);
   for (const ParamInfo& info : layout.params()) {
@@ -152,15 +164,25 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
   }
   const ParamLayout layout(cfg);
   // Each spec: which tensor of the layout it comes from, and which part (0: the weight or
-  // the packed words, 1: scales, 2: biases).
+  // the packed words, 1: scales, 2: biases). A quantized MoE layer's experts are written
+  // as mlx_lm holds them: each projection's experts stacked into one module
+  // (switch_mlp_module), whose specs stand where its first expert's would, with the
+  // expert axis first.
   std::vector<io::TensorSpec> specs;
-  std::vector<std::pair<size_t, int>> part_of;
+  struct Part {
+    size_t param = 0;   // the layout's tensor (a stack's: its first expert's)
+    int part = 0;
+    int64_t stack = -1;  // >= 0: stacks[stack]
+  };
+  std::vector<Part> part_of;
+  std::vector<std::vector<size_t>> stacks;  // each stack's experts' tensors, by expert
+  std::map<std::string, int64_t> stack_index;
   for (size_t i = 0; i < layout.params().size(); ++i) {
     const ParamInfo& info = layout.params()[i];
     if (!qnames.count(info.name)) {
       if (options.quantize && info.decay && info.shape.size() == 2) left_float.push_back(module_of(info.name));
       specs.push_back({info.name, options.dtype, info.shape});
-      part_of.emplace_back(i, 0);
+      part_of.push_back({i, 0});
       continue;
     }
     const QuantFormat f = *options.quantize;
@@ -168,11 +190,28 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
       throw Error(kModelWriterComponent, fmt::format("{} of shape {} cannot be quantized with group size {}", info.name,
                                           io::format_shape(info.shape), f.group_size));
     const int64_t rows = info.shape[0], cols = info.shape[1];
-    const std::string m = module_of(info.name);
-    specs.push_back({info.name, DType::u32, {rows, cols / f.per_word()}});
-    specs.push_back({m + ".scales", options.dtype, {rows, cols / f.group_size}});
-    specs.push_back({m + ".biases", options.dtype, {rows, cols / f.group_size}});
-    for (int part = 0; part < 3; ++part) part_of.emplace_back(i, part);
+    const std::string stack = cfg.is_moe() ? switch_mlp_module(info.name) : "";
+    std::vector<int64_t> lead;
+    if (!stack.empty()) {
+      const auto [it, first] = stack_index.try_emplace(stack, static_cast<int64_t>(stacks.size()));
+      if (!first) {
+        stacks[static_cast<size_t>(it->second)].push_back(i);
+        continue;
+      }
+      stacks.push_back({i});
+      lead = {cfg.moe.num_experts};
+    }
+    auto shape = [&](int64_t per_row) {
+      std::vector<int64_t> s = lead;
+      s.insert(s.end(), {rows, per_row});
+      return s;
+    };
+    const std::string m = stack.empty() ? module_of(info.name) : stack;
+    specs.push_back({m + ".weight", DType::u32, shape(cols / f.per_word())});
+    specs.push_back({m + ".scales", options.dtype, shape(cols / f.group_size)});
+    specs.push_back({m + ".biases", options.dtype, shape(cols / f.group_size)});
+    for (int part = 0; part < 3; ++part)
+      part_of.push_back({i, part, stack.empty() ? -1 : static_cast<int64_t>(stacks.size()) - 1});
   }
 
   std::vector<float> tensor;         // the current tensor in float
@@ -180,24 +219,36 @@ void write_model(const std::filesystem::path& dir, ModelConfig cfg, const ModelW
   std::vector<std::byte> scales, biases;
   std::vector<uint16_t> chunk;
   auto write_tensor = [&](size_t index, io::TensorSink& sink) {
-    const auto [pi, part] = part_of[index];
-    const ParamInfo& info = layout.params()[pi];
+    const Part& at = part_of[index];
+    const ParamInfo& info = layout.params()[at.param];
     const bool quantize = qnames.count(info.name) > 0;
-    if (part == 0) {
-      tensor.assign(static_cast<size_t>(info.numel), 0.0f);
-      source(info, tensor);
-      if (!quantize) return write_float(sink, tensor, options.dtype, chunk);
+    if (at.part == 0) {
+      if (!quantize) {
+        tensor.assign(static_cast<size_t>(info.numel), 0.0f);
+        source(info, tensor);
+        return write_float(sink, tensor, options.dtype, chunk);
+      }
+      // One matrix, or a stack's experts one after another: packed words out as they come,
+      // scales and biases kept for the two tensors after.
+      const std::vector<size_t> one = {at.param};
+      const std::vector<size_t>& members = at.stack >= 0 ? stacks[static_cast<size_t>(at.stack)] : one;
       const QuantFormat f = *options.quantize;
       const int64_t rows = info.shape[0], cols = info.shape[1];
-      const size_t esz = dtype_size(options.dtype);
-      packed.assign(static_cast<size_t>(rows * cols / f.per_word()), 0u);
-      scales.assign(static_cast<size_t>(rows * cols / f.group_size) * esz, std::byte{0});
+      const size_t group_bytes = static_cast<size_t>(rows * cols / f.group_size) * dtype_size(options.dtype);
+      scales.assign(group_bytes * members.size(), std::byte{0});
       biases.assign(scales.size(), std::byte{0});
-      kernels::quantize_rows(tensor.data(), rows, cols, f, options.dtype, packed.data(), scales.data(),
-                             biases.data());
-      return sink.write(std::as_bytes(std::span<const uint32_t>(packed)));
+      for (size_t k = 0; k < members.size(); ++k) {
+        const ParamInfo& member = layout.params()[members[k]];
+        tensor.assign(static_cast<size_t>(member.numel), 0.0f);
+        source(member, tensor);
+        packed.assign(static_cast<size_t>(rows * cols / f.per_word()), 0u);
+        kernels::quantize_rows(tensor.data(), rows, cols, f, options.dtype, packed.data(),
+                               scales.data() + k * group_bytes, biases.data() + k * group_bytes);
+        sink.write(std::as_bytes(std::span<const uint32_t>(packed)));
+      }
+      return;
     }
-    sink.write(part == 1 ? std::span<const std::byte>(scales) : std::span<const std::byte>(biases));
+    sink.write(at.part == 1 ? std::span<const std::byte>(scales) : std::span<const std::byte>(biases));
   };
   io::write_safetensors_streamed(dir, specs, static_cast<uint64_t>(options.max_shard_bytes), write_tensor);
 

@@ -27,6 +27,11 @@ namespace flotilla::model {
 // The module a weight belongs to: "model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"
 // (the name a quantized module's .weight / .scales / .biases share, and config.json's key).
 std::string module_of(const std::string& weight_name);
+// mlx_lm's stacked module (SwitchGLU) an expert's weight belongs to:
+// "model.layers.1.block_sparse_moe.experts.2.w1.weight" -> "model.layers.1.block_sparse_moe.switch_mlp.gate_proj"
+// (Qwen2-MoE's "mlp.experts.2.gate_proj.weight" -> "mlp.switch_mlp.gate_proj"); "" for any
+// other tensor. Its .weight, .scales and .biases hold every expert's, the expert axis first.
+std::string switch_mlp_module(const std::string& weight_name);
 
 struct QuantizationPlan {
   std::set<std::string> quantized;      // weight names, e.g. "model.layers.0.mlp.up_proj.weight"

@@ -94,7 +94,8 @@ std::pair<int64_t, int64_t> Llama::local_experts() const {
   return {experts_->ep_rank() * El, (experts_->ep_rank() + 1) * El};
 }
 
-void Llama::ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* rows, float* expert_out) const {
+void Llama::ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* rows, float* expert_out,
+                               const BlockContext& ctx) const {
   ExpertExchange& x = *experts_;
   const int ep = x.ep_size();
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim, E = cfg_.moe.num_experts, El = E / ep;
@@ -118,7 +119,7 @@ void Llama::ep_experts_forward(int64_t l, const moe::Dispatch& d, const float* r
   for_each_block(s.recv_counts, ep, [&](int64_t j, int64_t r, int64_t n) {
     expert_forward(w.experts[static_cast<size_t>(first + j)],
                    {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, act + r * Fe,
-                   out + r * C);
+                   out + r * C, {l, first + j, r, ctx.lora, ctx.dropout_step});
   });
   // Combine's half: every output back to the rank its token lives on, in dispatch order.
   x.exchange_rows(out, recv_rows, expert_out, send.per_rank, C);
@@ -145,7 +146,8 @@ void Llama::ep_experts_backward(int64_t l, const moe::Dispatch& d, float* drows,
   for_each_block(s.recv_counts, ep, [&](int64_t j, int64_t r, int64_t n) {
     expert_backward(w.experts[static_cast<size_t>(first + j)],
                     {s.rows.data() + r * C, s.gate.data() + r * Fe, s.up.data() + r * Fe, n}, dout + r * C,
-                    dx + r * C, g, {act + r * Fe, dact + r * Fe, dgate + r * Fe, dup + r * Fe});
+                    dx + r * C, g, {act + r * Fe, dact + r * Fe, dgate + r * Fe, dup + r * Fe},
+                    backward_run(l, first + j, r));
   });
   // The rows' gradients back to their tokens' ranks (the reverse of dispatch), into drows.
   x.exchange_rows(dx, recv_rows, drows, send.per_rank, C);

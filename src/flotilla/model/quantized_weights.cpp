@@ -18,35 +18,54 @@ constexpr std::string_view kQuantizedWeightsComponent = "model";
 }  // namespace
 
 // Checks P.weight / P.scales / P.biases of a quantized module against the float shape the
-// config implies and the format config.json gives it; returns views into the store.
-QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg) {
-  const std::string m = module_of(info.name);
+// config implies and the format config.json gives it; returns views into the store. With
+// `stack` > 0 the module is mlx_lm's stack of `stack` experts (SwitchLinear: each tensor
+// has that leading dimension) and the view is of expert `index`.
+QuantMatrix quantized_view(const io::TensorStore& store, const std::string& m, int64_t rows, int64_t cols,
+                           const ModelConfig& cfg, int64_t stack, int64_t index) {
   const std::string where = store.path().string();
   const std::optional<QuantFormat> f = cfg.quantization->for_module(m);
   if (!f)
     throw InputError(kQuantizedWeightsComponent, fmt::format("{}: config.json says '{}' is not quantized, but {}.scales is present",
                                              where, m, m));
-  const int64_t rows = info.shape[0], cols = info.shape[1];
-  const io::TensorEntry& w = store.info(info.name);
+  const std::string weight_name = m + ".weight";
+  const io::TensorEntry& w = store.info(weight_name);
+  // The leading expert dimension first: a stack short of an expert (or of another model)
+  // is named as such, not as a packing mismatch.
+  std::vector<int64_t> lead;
+  if (stack > 0) {
+    lead = {stack};
+    for (const io::TensorEntry* t : {&w, &store.info(m + ".scales"), &store.info(m + ".biases")})
+      if (t->shape.size() != 3 || t->shape[0] != stack)
+        throw InputError(kQuantizedWeightsComponent,
+                         fmt::format("{}: {} has shape {}, but a stack of the config's {} experts needs a leading "
+                                     "dimension of {} (mlx_lm's switch_mlp layout: (experts, out, in))",
+                                     where, t->name, io::format_shape(t->shape), stack, stack));
+  }
+  auto stacked = [&](std::vector<int64_t> shape) {
+    shape.insert(shape.begin(), lead.begin(), lead.end());
+    return shape;
+  };
   const io::TensorEntry& s = store.info(m + ".scales");
   const io::TensorEntry& b = store.info(m + ".biases");
   if (w.dtype != DType::u32)
     throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} is {}, but a quantized weight (it has .scales) must be U32 packed words",
-                                             where, info.name, dtype_name(w.dtype)));
+                                             where, weight_name, dtype_name(w.dtype)));
   if (cols % f->group_size != 0)
     throw InputError(kQuantizedWeightsComponent, fmt::format("{}: group_size {} from config.json does not divide the input dimension {} of {}",
-                                             where, f->group_size, cols, info.name));
-  const std::vector<int64_t> packed_shape = {rows, cols / f->per_word()};
+                                             where, f->group_size, cols, weight_name));
+  const std::vector<int64_t> packed_shape = stacked({rows, cols / f->per_word()});
   if (w.shape != packed_shape) {
-    const std::string implied = w.shape.size() == 2 && w.shape[1] > 0 && (w.shape[1] * 32) % cols == 0
-                                    ? fmt::format(" (that shape means {} bits)", w.shape[1] * 32 / cols)
+    const int64_t last = w.shape.empty() ? 0 : w.shape.back();
+    const std::string implied = w.shape.size() == packed_shape.size() && last > 0 && (last * 32) % cols == 0
+                                    ? fmt::format(" (that shape means {} bits)", last * 32 / cols)
                                     : "";
     throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} has packed shape {}{}, but bits = {} in config.json needs {} for a "
                                              "({}, {}) weight: the quantization config does not match the tensors",
-                                             where, info.name, io::format_shape(w.shape), implied, f->bits,
+                                             where, weight_name, io::format_shape(w.shape), implied, f->bits,
                                              io::format_shape(packed_shape), rows, cols));
   }
-  const std::vector<int64_t> group_shape = {rows, cols / f->group_size};
+  const std::vector<int64_t> group_shape = stacked({rows, cols / f->group_size});
   for (const io::TensorEntry* t : {&s, &b}) {
     if (t->shape != group_shape)
       throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} has shape {}, but group_size = {} in config.json needs {}: the "
@@ -57,12 +76,26 @@ QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, 
       throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {} is {} (F16, BF16 or F32 expected)", where, t->name,
                                                dtype_name(t->dtype)));
   }
-  store.check_finite(s);
-  store.check_finite(b);
+  const int64_t groups = rows * (cols / f->group_size);  // of this matrix (one expert of a stack)
+  store.check_finite(s, index * groups, groups);
+  store.check_finite(b, index * groups, groups);
   if (s.dtype != b.dtype)
     throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {}.scales is {} but {}.biases is {}", where, m, dtype_name(s.dtype),
                                              m, dtype_name(b.dtype)));
-  return QuantMatrix{rows, cols, *f, s.dtype, w.bytes.data(), s.bytes.data(), b.bytes.data()};
+  const size_t packed_bytes = static_cast<size_t>(rows * (cols / f->per_word())) * 4;
+  const size_t group_bytes = static_cast<size_t>(rows * (cols / f->group_size)) * dtype_size(s.dtype);
+  const auto e = static_cast<size_t>(index);
+  return QuantMatrix{rows,
+                     cols,
+                     *f,
+                     s.dtype,
+                     w.bytes.data() + e * packed_bytes,
+                     s.bytes.data() + e * group_bytes,
+                     b.bytes.data() + e * group_bytes};
+}
+
+QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg) {
+  return quantized_view(store, module_of(info.name), info.shape[0], info.shape[1], cfg, 0, 0);
 }
 
 void Llama::weight_f32(const ParamInfo& info, std::span<float> out) const {
