@@ -18,8 +18,9 @@ this also checks that no rank ever holds or needs the whole model. The replicate
 bit, or the run fails). Checkpoints hold the full model's arena whatever the layout: the
 dp=2,tp=2 run's step-5 checkpoint resumes on one rank, and the one-rank run's resumes at
 tp=2, each ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
-on load (--model), and the combinations not built (LoRA adapters' checkpoints, LoRA on a
-row-parallel layer, --balance) are refused in one line each.
+on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
+built (per-host checkpoint folders, LoRA on a row-parallel layer, --balance) are refused in
+one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import os
@@ -107,14 +108,19 @@ def main():
         lora_base = os.path.join(tmp, "lora_base")
         train(lora_base, 1, 1, ["--model", tiny] + lora)
         out = os.path.join(tmp, "lora_tp2")
-        train(out, 1, 2, ["--model", tiny] + lora)
+        train(out, 1, 2, ["--model", tiny] + lora, save)
         failures += compare("LoRA, tp=2", lora_base, out, "adapter_model.safetensors")
+        cases += 1
+        # Its step-5 checkpoint (the whole adapters' arena, B by rows) resumed on one rank.
+        resumed = os.path.join(tmp, "lora_resumed")
+        train(resumed, 1, 1, ["--model", tiny] + lora, ["--resume", os.path.join(out, "checkpoints", "step-000005")])
+        failures += compare("LoRA, tp=2 step 5 -> tp=1", lora_base, resumed, "adapter_model.safetensors", from_step=5)
         cases += 1
 
         # Not built yet: one line each, non-zero exit.
         refusals = [
-            (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q", "--save-every", "5"],
-             "does not work with checkpoints of LoRA adapters"),
+            (["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
+             "does not work with per-host checkpoint folders"),
             (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q,o"], "does not work with LoRA on o_proj"),
             (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
         ]

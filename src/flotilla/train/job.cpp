@@ -82,7 +82,6 @@ void check_tensor_parallel_flags(const TrainJob& job) {
         refuse(fmt::format("LoRA on {} (a row-parallel layer; q, k, v, gate and up work)",
                            model::lora_target_module(t)));
     if (!job.resume_adapter.empty()) refuse("--resume-adapter-file");
-    if (job.save_every > 0 || !job.resume_from.empty()) refuse("checkpoints of LoRA adapters (--save-every, --resume)");
   }
 }
 

@@ -1,6 +1,7 @@
 #include "flotilla/train/job_checkpoints.hpp"
 
 #include <cmath>
+#include <optional>
 #include <span>
 #include <utility>
 
@@ -135,11 +136,16 @@ void JobCheckpoints::save(int64_t step) {
   // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
   if (ranks_.root) record_.write_metrics();
   io::StepFiles adapter_files;
+  std::optional<model::LoraAdapters> whole_adapters;
   if (adapters_) {
     // The step folder is also an adapter folder: generate --adapter, fuse and
-    // --resume-adapter-file take it as it is.
+    // --resume-adapter-file take it as it is. Under tensor parallelism each tp group's
+    // rank 0 gathers the whole adapters (world rank 0's are written).
+    if (job_.tp) whole_adapters = job_.tp->gather_full_adapters(*adapters_, trainer_.model().full_config());
     adapter_files.names = {"adapter_model.safetensors", "adapter_config.json"};
-    adapter_files.write = [&](const std::filesystem::path& dir) { adapters_->save_peft(dir, base_model_name(job_)); };
+    adapter_files.write = [&](const std::filesystem::path& dir) {
+      (whole_adapters ? &*whole_adapters : adapters_)->save_peft(dir, base_model_name(job_));
+    };
   }
   last_saved_dir_ = tp_world_ ? save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
                                                         tp_world_.get(), adapter_files)

@@ -130,7 +130,10 @@ struct SliceRun {
 };
 
 struct TpCheckpointView {
-  model::ParamLayout full;                 // the checkpoint's table
+  // The checkpoint's table: the full model's layout, or (LoRA) the whole adapters' table.
+  std::unique_ptr<model::ParamLayout> full_layout;
+  std::unique_ptr<model::LoraAdapters> full_adapters;
+  const model::ParamTable* full = nullptr;
   std::vector<SliceRun> runs;              // this rank's tensors, replicated ones included, ascending `full`
   std::vector<io::FloatRange> needed;      // the runs' ranges, neighbours merged: what a reader copies
   std::vector<io::FloatRange> written;     // what this rank writes, neighbours merged
@@ -145,7 +148,7 @@ void append_merged(std::vector<io::FloatRange>& ranges, io::FloatRange r) {
 }
 
 // The split tensors' ranges of the full arena that tp rank `at` holds (ascending, merged).
-std::vector<io::FloatRange> split_ranges(const model::ParamLayout& full, const model::ParamTable& local,
+std::vector<io::FloatRange> split_ranges(const model::ParamTable& full, const model::ParamTable& local,
                                          model::TpRank at) {
   std::vector<io::FloatRange> out;
   for (const model::ParamInfo& info : full.params()) {
@@ -158,15 +161,23 @@ std::vector<io::FloatRange> split_ranges(const model::ParamLayout& full, const m
 
 // Null without tensor parallelism. `world_rank`: this rank in the world the checkpoint is
 // written over (tp ranks adjacent: the replica is world_rank / tp).
-std::optional<TpCheckpointView> tp_checkpoint_view(const model::Llama& model, int world_rank) {
+std::optional<TpCheckpointView> tp_checkpoint_view(model::Llama& model, int world_rank) {
   const model::TensorParallelGroup* tp = model.tensor_parallel();
   if (!tp) return std::nullopt;
-  if (model.base_frozen())
-    throw InputError(kShardedCheckpointComponent, "checkpoints of LoRA under tensor parallelism are not built yet");
   const model::TpRank at{tp->tp_rank(), tp->tp_size()};
-  TpCheckpointView v{model::ParamLayout(model.full_config()), {}, {}, {}};
-  const model::ParamTable& local = model.layout();
-  for (const model::ParamInfo& info : v.full.params()) {
+  TpCheckpointView v;
+  // LoRA (on column-parallel layers): each B a range of output rows, A whole; the
+  // adapters' slices are alike in size on every rank.
+  model::LoraAdapters* lora = model.lora();
+  if (lora) {
+    v.full_adapters = std::make_unique<model::LoraAdapters>(model.full_config(), lora->config());
+    v.full = &v.full_adapters->table();
+  } else {
+    v.full_layout = std::make_unique<model::ParamLayout>(model.full_config());
+    v.full = v.full_layout.get();
+  }
+  const model::ParamTable& local = lora ? lora->table() : static_cast<const model::ParamTable&>(model.layout());
+  for (const model::ParamInfo& info : v.full->params()) {
     int64_t at_local = local.find(info.name)->offset;
     for (const model::ElementRange& r : model::slice_ranges(info, *local.find(info.name), at)) {
       v.runs.push_back({r.begin, at_local, r.size()});
@@ -176,14 +187,18 @@ std::optional<TpCheckpointView> tp_checkpoint_view(const model::Llama& model, in
   }
   if (world_rank / at.size != 0) return v;  // another replica: writes nothing
   if (at.rank != 0) {
-    v.written = split_ranges(v.full, local, at);
+    v.written = split_ranges(*v.full, local, at);
     return v;
   }
   // tp rank 0: everything no other tp rank writes.
   std::vector<io::FloatRange> others;
   for (int r = 1; r < at.size; ++r) {
+    if (lora) {
+      for (const io::FloatRange& f : split_ranges(*v.full, local, {r, at.size})) others.push_back(f);
+      continue;
+    }
     const model::ParamLayout theirs(model::tensor_parallel_config(model.full_config(), {r, at.size}));
-    for (const io::FloatRange& f : split_ranges(v.full, theirs, {r, at.size})) others.push_back(f);
+    for (const io::FloatRange& f : split_ranges(*v.full, theirs, {r, at.size})) others.push_back(f);
   }
   std::sort(others.begin(), others.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
   int64_t from = 0;
@@ -191,7 +206,7 @@ std::optional<TpCheckpointView> tp_checkpoint_view(const model::Llama& model, in
     append_merged(v.written, {from, o.begin});
     from = o.end;
   }
-  append_merged(v.written, {from, v.full.total_numel()});
+  append_merged(v.written, {from, v.full->total_numel()});
   return v;
 }
 
@@ -344,8 +359,8 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
       if (rank_extra.write) rank_extra.write(dir);
       if (!root) return;
       io::ShardLayout layout;
-      layout.arena_floats = tp ? tp->full.total_numel() : arena[0].end;
-      for (const model::ParamInfo& info : tp ? tp->full.params() : trainable.table.params())
+      layout.arena_floats = tp ? tp->full->total_numel() : arena[0].end;
+      for (const model::ParamInfo& info : tp ? tp->full->params() : trainable.table.params())
         layout.table.push_back(layout_param(info));
       for (int r = 0; r < world; ++r) {
         std::vector<io::FloatRange> ranges;
@@ -463,7 +478,7 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
     // world rank matters only to what a rank writes).
     const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer.model(), 0);
     const model::Llama::Trainable trainable = trainer.model().trainable();
-    const io::ShardLayout layout = layout_for_model(step_dir, tp->full, tp->full.total_numel());
+    const io::ShardLayout layout = layout_for_model(step_dir, *tp->full, tp->full->total_numel());
     const auto files = open_rank_files(step_dir, layout);
     std::vector<float> buffer(static_cast<size_t>(io::total_floats(tp->needed)));
     const std::pair<std::string, std::span<float>> kinds[] = {
