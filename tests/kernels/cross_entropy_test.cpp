@@ -1,5 +1,7 @@
 // cross entropy: losses against log-sum-exp in double (also for huge logits), ignore_index,
-// and the in-place backward against finite differences of dloss_scale * sum(losses).
+// and the in-place backward against finite differences of dloss_scale * sum(losses). The
+// vocabulary-parallel pieces (tensor parallelism): three uneven column slices combined as
+// the model combines them give the whole vocabulary's losses and gradient.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -97,6 +99,54 @@ TEST(CrossEntropy, GradientRowsSumToZeroOnLargeVocab) {
     // when summed in order (unvectorised builds), times dloss_scale 2.
     EXPECT_NEAR(s, 0.0, 1e-4) << "row " << n;
     EXPECT_LT(grad[n * V + targets[n]], 0.0f);
+  }
+}
+
+TEST(CrossEntropy, VocabularySlicesCombinedGiveTheWholeLossAndGradient) {
+  Rng rng(test_seed());
+  const int64_t N = 5, V = 101;
+  const int64_t cuts[] = {0, 33, 67, V};  // three slices of 33, 34 and 34 columns
+  const auto logits = uniform_vec(rng, N * V, -8.0f, 8.0f);
+  std::vector<int32_t> targets(N);
+  for (auto& t : targets) t = static_cast<int32_t>(rng.below(V));
+  targets[1] = kIgnore;
+  targets[3] = 66;  // the last column of the middle slice
+  std::vector<float> whole_losses(N), whole_grad = logits;
+  cross_entropy_forward(whole_losses.data(), logits.data(), targets.data(), N, V, kIgnore);
+  cross_entropy_backward_inplace(whole_grad.data(), targets.data(), N, V, kIgnore, 0.5f);
+
+  std::vector<std::vector<float>> slices(3);
+  for (int s = 0; s < 3; ++s)
+    for (int64_t n = 0; n < N; ++n)
+      slices[s].insert(slices[s].end(), logits.begin() + n * V + cuts[s], logits.begin() + n * V + cuts[s + 1]);
+  // 1. the max over the slices; 2. the sums over them.
+  std::vector<float> row_max(N, -INFINITY), sum_exp(N, 0.0f), target_logit(N, 0.0f);
+  for (int s = 0; s < 3; ++s) {
+    std::vector<float> m(N);
+    cross_entropy_slice_max(m.data(), slices[s].data(), N, cuts[s + 1] - cuts[s]);
+    for (int64_t n = 0; n < N; ++n) row_max[n] = std::max(row_max[n], m[n]);
+  }
+  for (int s = 0; s < 3; ++s) {
+    std::vector<float> e(N), t(N);
+    cross_entropy_slice_sums(e.data(), t.data(), slices[s].data(), row_max.data(), targets.data(), N,
+                             cuts[s + 1] - cuts[s], cuts[s], kIgnore);
+    for (int64_t n = 0; n < N; ++n) {
+      sum_exp[n] += e[n];
+      target_logit[n] += t[n];
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const float loss = targets[n] == kIgnore ? 0.0f : std::log(sum_exp[n]) - target_logit[n];
+    EXPECT_NEAR(loss, whole_losses[n], 1e-5f * std::max(1.0f, std::abs(whole_losses[n]))) << "row " << n;
+  }
+  // 3. each slice's gradient is its columns of the whole one.
+  for (int s = 0; s < 3; ++s) {
+    const int64_t W = cuts[s + 1] - cuts[s];
+    cross_entropy_slice_backward_inplace(slices[s].data(), row_max.data(), sum_exp.data(), targets.data(), N, W,
+                                         cuts[s], kIgnore, 0.5f);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < W; ++j)
+        EXPECT_NEAR(slices[s][n * W + j], whole_grad[n * V + cuts[s] + j], 1e-6f) << "slice " << s << " row " << n;
   }
 }
 

@@ -1,7 +1,8 @@
 // Tensor parallelism inside the model (model/tensor_parallel.hpp): two tp ranks, run as
 // threads over an in-process group, compute what one model computes: the same loss, each
-// rank's gradients the slices of the whole model's, the replicated tensors' gradients the
-// same bits on both ranks. And the slicing itself: a rank's drawn slices are the slices of
+// rank's logits and gradients the slices of the whole model's (the embedding and lm_head
+// by vocabulary rows, 37 of them: 18 and 19, tied or not), the replicated tensors'
+// gradients the same bits on both ranks. And the slicing itself: a rank's drawn slices are the slices of
 // the one-rank draw, and all ranks' slices paste back into the whole tensor.
 #include <gtest/gtest.h>
 
@@ -36,6 +37,7 @@ class ThreadPair {
     int tp_rank() const override { return rank_; }
     void all_reduce_sum(std::span<float> v, const char*) override { pair_.reduce(rank_, v); }
     void all_reduce_sum(std::span<double> v, const char*) override { pair_.reduce(rank_, v); }
+    void all_reduce_max(std::span<float> v, const char*) override { pair_.reduce(rank_, v, true); }
 
    private:
     ThreadPair& pair_;
@@ -43,13 +45,13 @@ class ThreadPair {
   };
 
   template <class T>
-  void reduce(int rank, std::span<T> v) {
+  void reduce(int rank, std::span<T> v, bool max = false) {
     slots_[rank] = v.data();
     sync_.arrive_and_wait();
     std::vector<T> sum(v.size());
     const T* a = static_cast<const T*>(slots_[0]);
     const T* b = static_cast<const T*>(slots_[1]);
-    for (size_t i = 0; i < v.size(); ++i) sum[i] = a[i] + b[i];
+    for (size_t i = 0; i < v.size(); ++i) sum[i] = max ? std::max(a[i], b[i]) : a[i] + b[i];
     sync_.arrive_and_wait();  // both have read both inputs
     std::copy(sum.begin(), sum.end(), v.begin());
   }
@@ -59,15 +61,22 @@ class ThreadPair {
   const void* slots_[2] = {nullptr, nullptr};
 };
 
-TEST(TensorParallelConfig, SplitsHeadsKvHeadsAndTheMlpOrRefusesInOneLine) {
+TEST(TensorParallelConfig, SplitsHeadsKvHeadsTheMlpAndTheVocabularyOrRefusesInOneLine) {
   const ModelConfig full = tiny_qwen2();
-  const ModelConfig local = tensor_parallel_config(full, 2);
+  const ModelConfig local = tensor_parallel_config(full, {0, 2});
   EXPECT_EQ(local.n_heads, 2);
   EXPECT_EQ(local.n_kv_heads, 1);
   EXPECT_EQ(local.ffn_dim, 12);
   EXPECT_EQ(local.head_dim, full.head_dim);
-  EXPECT_THROW(tensor_parallel_config(full, 4), InputError);  // 2 kv heads
-  EXPECT_THROW(tensor_parallel_config(full, 3), InputError);  // 4 heads
+  // 37 vocabulary rows: 18 on rank 0, 19 on rank 1.
+  EXPECT_EQ(local.vocab_size, 18);
+  EXPECT_EQ(tensor_parallel_config(full, {1, 2}).vocab_size, 19);
+  EXPECT_EQ(vocab_shard(37, {1, 2}).begin, 18);
+  EXPECT_EQ(vocab_shard(37, {1, 2}).end, 37);
+  EXPECT_EQ(vocab_shard(5, {3, 4}).size(), 2);  // 1, 1, 1, 2: none empty
+  EXPECT_THROW(vocab_shard(3, {0, 4}), InputError);
+  EXPECT_THROW(tensor_parallel_config(full, {0, 4}), InputError);  // 2 kv heads
+  EXPECT_THROW(tensor_parallel_config(full, {0, 3}), InputError);  // 4 heads
 }
 
 TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
@@ -77,47 +86,55 @@ TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
   full.init_random(seed);
   Llama whole(full_cfg);
   for (int rank = 0; rank < 2; ++rank) {
-    Llama local(tensor_parallel_config(full_cfg, 2));
-    init_random_slices(local, full_cfg, rank, seed);
-    Llama sliced(tensor_parallel_config(full_cfg, 2));
-    take_slices(sliced, full, rank);
+    Llama local(tensor_parallel_config(full_cfg, {rank, 2}));
+    init_random_slices(local, full_cfg, {rank, 2}, seed);
+    Llama sliced(tensor_parallel_config(full_cfg, {rank, 2}));
+    take_slices(sliced, full, {rank, 2});
     ASSERT_EQ(std::memcmp(local.params().data(), sliced.params().data(), local.params().size_bytes()), 0)
         << "rank " << rank;
     for (const ParamInfo& info : full.layout().params())
-      copy_slice_in(info, *local.layout().find(info.name), rank, local.params(), whole.params());
+      copy_slice_in(info, *local.layout().find(info.name), {rank, 2}, local.params(), whole.params());
   }
   EXPECT_EQ(std::memcmp(whole.params().data(), full.params().data(), full.params().size_bytes()), 0);
-  // The kinds: q by rows, o by columns, norms whole.
+  // The kinds: q and the embedding by rows, o by columns, norms whole.
   const ParamInfo& q = *full.layout().find("model.layers.0.self_attn.q_proj.weight");
   const ParamInfo& o = *full.layout().find("model.layers.0.self_attn.o_proj.weight");
   const ParamInfo& n = *full.layout().find("model.norm.weight");
-  Llama local(tensor_parallel_config(full_cfg, 2));
+  const ParamInfo& e = *full.layout().find("model.embed_tokens.weight");
+  Llama local(tensor_parallel_config(full_cfg, {1, 2}));
   EXPECT_EQ(tensor_slice(q, *local.layout().find(q.name)), TensorSlice::rows);
+  EXPECT_EQ(tensor_slice(e, *local.layout().find(e.name)), TensorSlice::rows);
+  EXPECT_EQ(slice_ranges(e, *local.layout().find(e.name), {1, 2}).front().begin, e.offset + 18 * full_cfg.dim);
   EXPECT_EQ(tensor_slice(o, *local.layout().find(o.name)), TensorSlice::columns);
   EXPECT_EQ(tensor_slice(n, *local.layout().find(n.name)), TensorSlice::replicated);
 }
 
-TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
-  const ModelConfig full_cfg = tiny_qwen2();
+class TensorParallelModel : public ::testing::TestWithParam<bool> {};  // tied embeddings or not
+
+TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
+  const ModelConfig full_cfg = tiny_qwen2(2, GetParam());
   const uint64_t seed = test_seed();
   Rng rng(seed);
   Llama full(full_cfg);
   test_models::fill_order_one(full, rng);
   const int64_t B = 2, T = 8;
   const std::vector<int32_t> tokens = random_tokens(rng, B * T, full_cfg.vocab_size);
-  const std::vector<int32_t> targets = random_tokens(rng, B * T, full_cfg.vocab_size);
+  std::vector<int32_t> targets = random_tokens(rng, B * T, full_cfg.vocab_size);
+  targets[3] = kIgnoreIndex;  // an ignored row: no loss, no gradient on either rank
   full.zero_grads();
   const LossSum expected = full.forward(tokens.data(), targets.data(), B, T);
+  const std::vector<float> full_logits(full.logits().begin(), full.logits().end());  // (B, T, V)
   full.backward(1.0f / static_cast<float>(expected.num_tokens));
   const double expected_norm2 = full.grad_sum_squares_tensor_parallel();
 
   ThreadPair pair;
   std::vector<Llama> locals;
   for (int r = 0; r < 2; ++r) {
-    locals.emplace_back(tensor_parallel_config(full_cfg, 2));
-    take_slices(locals.back(), full, r);
+    locals.emplace_back(tensor_parallel_config(full_cfg, {r, 2}));
+    take_slices(locals.back(), full, {r, 2});
   }
   LossSum loss[2];
+  std::vector<float> logits[2];
   double norm2[2] = {0, 0};
   std::vector<std::thread> threads;
   for (int r = 0; r < 2; ++r) {
@@ -127,6 +144,7 @@ TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
       m.set_tensor_parallel(&group, full_cfg);
       m.zero_grads();
       loss[r] = m.forward(tokens.data(), targets.data(), B, T);
+      logits[r].assign(m.logits().begin(), m.logits().end());
       m.backward(1.0f / static_cast<float>(loss[r].num_tokens));
       norm2[r] = m.grad_sum_squares_tensor_parallel();
       m.set_tensor_parallel(nullptr, full_cfg);
@@ -138,7 +156,17 @@ TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
   for (int r = 0; r < 2; ++r) {
     EXPECT_NEAR(loss[r].sum, expected.sum, 1e-4 * std::abs(expected.sum)) << "rank " << r;
     EXPECT_NEAR(norm2[r], expected_norm2, 1e-4 * expected_norm2) << "rank " << r;
+    EXPECT_EQ(loss[r].num_tokens, expected.num_tokens);
+    // Each rank's logits are its vocabulary columns of the whole (never gathered).
+    const VocabShard v = vocab_shard(full_cfg.vocab_size, {r, 2});
+    ASSERT_EQ(logits[r].size(), static_cast<size_t>(B * T * v.size()));
+    for (int64_t n = 0; n < B * T; ++n)
+      for (int64_t j = 0; j < v.size(); ++j)
+        ASSERT_NEAR(logits[r][static_cast<size_t>(n * v.size() + j)],
+                    full_logits[static_cast<size_t>(n * full_cfg.vocab_size + v.begin + j)], 1e-4f)
+            << "rank " << r << " row " << n << " column " << j;
   }
+  EXPECT_EQ(loss[0].sum, loss[1].sum);  // the ranks agree bit for bit
   const std::span<const float> g = full.grads();
   for (const ParamInfo& info : full.layout().params()) {
     float scale = 1e-6f;
@@ -147,7 +175,7 @@ TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
       Llama& m = locals[static_cast<size_t>(r)];
       const ParamInfo& mine = *m.layout().find(info.name);
       std::vector<float> want(static_cast<size_t>(m.layout().total_numel()));
-      copy_slice_out(info, mine, r, g, want);
+      copy_slice_out(info, mine, {r, 2}, g, want);
       const std::span<const float> got = m.grads();
       for (int64_t i = 0; i < mine.numel; ++i) {
         const auto at = static_cast<size_t>(mine.offset + i);
@@ -163,6 +191,8 @@ TEST(TensorParallelBlock, TwoRanksComputeTheOneRankLossAndGradientSlices) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(TiedOrNot, TensorParallelModel, ::testing::Bool());
 
 }  // namespace
 }  // namespace flotilla::model

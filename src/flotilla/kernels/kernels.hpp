@@ -52,6 +52,13 @@ void embedding_forward(float* out, const int32_t* tokens, const float* wte, int6
 // dwte[tokens[n], :] += dout[n, :]. Deterministic: independent of thread count.
 void embedding_backward(float* dwte, const float* dout, const int32_t* tokens, int64_t N,
                         int64_t C);
+// The same for a slice of the embedding, rows [row_begin, row_end) of the vocabulary
+// (tensor parallelism): wte and dwte (row_end - row_begin, C); tokens outside the slice
+// give zero rows of out and add nothing to dwte.
+void embedding_forward_rows(float* out, const int32_t* tokens, const float* wte, int64_t N, int64_t C,
+                            int64_t row_begin, int64_t row_end);
+void embedding_backward_rows(float* dwte, const float* dout, const int32_t* tokens, int64_t N, int64_t C,
+                             int64_t row_begin, int64_t row_end);
 
 // --------------------------------------------------------------------------- rmsnorm
 // out = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps)
@@ -124,6 +131,23 @@ int64_t cross_entropy_forward(float* losses, const float* logits, const int32_t*
 // rows with ignore_index become 0. This is the gradient of dloss_scale * sum(losses).
 void cross_entropy_backward_inplace(float* logits, const int32_t* targets, int64_t N, int64_t V,
                                     int32_t ignore_index, float dloss_scale);
+// Vocabulary-parallel cross-entropy's pieces (Megatron-LM): logits (N, V) are one slice of
+// the vocabulary, columns [vocab_begin, vocab_begin + V) of the whole (N, Vfull); targets
+// (N) are ids of the whole vocabulary. The caller combines the slices between the steps:
+//   1. row_max (N) = each row's max over the slice         -> max over the slices;
+//   2. sum_exp (N) = sum over the slice of exp(logit - row_max), target_logit (N) =
+//      logit[target] - row_max where the slice holds the target, else 0 (both 0 on
+//      ignored rows)                                        -> sums over the slices;
+//      then loss = log(sum_exp) - target_logit;
+//   3. in place: logits become dloss_scale * (exp(logit - row_max) / sum_exp - onehot),
+//      the one-hot only in the slice that holds the target; ignored rows 0.
+void cross_entropy_slice_max(float* row_max, const float* logits, int64_t N, int64_t V);
+void cross_entropy_slice_sums(float* sum_exp, float* target_logit, const float* logits, const float* row_max,
+                              const int32_t* targets, int64_t N, int64_t V, int64_t vocab_begin,
+                              int32_t ignore_index);
+void cross_entropy_slice_backward_inplace(float* logits, const float* row_max, const float* sum_exp,
+                                          const int32_t* targets, int64_t N, int64_t V, int64_t vocab_begin,
+                                          int32_t ignore_index, float dloss_scale);
 
 // ------------------------------------------------------------------------------ adamw
 // Decoupled weight decay (Loshchilov & Hutter), bias-corrected; step counts from 1.

@@ -101,6 +101,13 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
 
 void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) const {
   if (layout_.embed.is_quantized()) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
+  if (tp_) {
+    // Vocabulary-parallel: this rank's rows, zeros for the tokens other ranks hold; the sum
+    // over the ranks is every token's row (one nonzero term each: exact).
+    k::embedding_forward_rows(out, tokens, p(layout_.embed), N, cfg_.dim, vocab_.begin, vocab_.end);
+    tp_->all_reduce_sum({out, static_cast<size_t>(N * cfg_.dim)}, "tp embedding");
+    return;
+  }
   k::embedding_forward(out, tokens, p(layout_.embed), N, cfg_.dim);
 }
 
@@ -493,15 +500,17 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   if (T > cfg_.max_position)
     log::debug("[model] sequence length {} exceeds max_position_embeddings {}", T, cfg_.max_position);
   plan(B, T);
-  const int64_t N = B * T, C = cfg_.dim, V = cfg_.vocab_size;
+  // V: the columns of the logits (this rank's vocabulary slice under tensor parallelism);
+  // ids are of the whole vocabulary.
+  const int64_t N = B * T, C = cfg_.dim, V = cfg_.vocab_size, Vfull = full_config().vocab_size;
   ActivationPlan& a = acts_;
   for (int64_t i = 0; i < N; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= V)
+    if (tokens[i] < 0 || tokens[i] >= Vfull)
       throw InputError("model", fmt::format("token id {} at position {} is outside the vocabulary [0, {})",
-                                            tokens[i], i, V));
-    if (targets && targets[i] != kIgnoreIndex && (targets[i] < 0 || targets[i] >= V))
+                                            tokens[i], i, Vfull));
+    if (targets && targets[i] != kIgnoreIndex && (targets[i] < 0 || targets[i] >= Vfull))
       throw InputError("model", fmt::format("target id {} at position {} is outside the vocabulary [0, {})",
-                                            targets[i], i, V));
+                                            targets[i], i, Vfull));
   }
   std::memcpy(a.tokens.data(), tokens, static_cast<size_t>(N) * sizeof(int32_t));
   if (targets) std::memcpy(a.targets.data(), targets, static_cast<size_t>(N) * sizeof(int32_t));
@@ -563,7 +572,8 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   have_targets_ = targets != nullptr;
   LossSum result;
   if (targets) {
-    result.num_tokens = k::cross_entropy_forward(a.losses, a.logits, targets, N, V, kIgnoreIndex);
+    result.num_tokens = tp_ ? vocab_parallel_cross_entropy(targets, N)
+                            : k::cross_entropy_forward(a.losses, a.logits, targets, N, V, kIgnoreIndex);
     for (int64_t i = 0; i < N; ++i) result.sum += a.losses[i];
     forward_tokens_ = aux_tokens_ = result.num_tokens;
     if (experts_ && cfg_.is_moe()) {
@@ -610,10 +620,16 @@ void Llama::backward(float dloss_scale) {
   if (last_stage()) {
     // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
     if (parallel_) parallel_->before_group_backward(ParamGroup::head());
-    k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
+    if (tp_)
+      vocab_parallel_cross_entropy_backward(dloss_scale);
+    else
+      k::cross_entropy_backward_inplace(a.logits, a.targets.data(), N, V, kIgnoreIndex, dloss_scale);
     logits_valid_ = false;
     std::memset(a.dln, 0, bytes_NC);
     linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
+    // Tensor parallel: lm_head is split by vocabulary rows (column-parallel), so each rank
+    // has its slice's share of d(lnf).
+    if (tp_) tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp lm_head input gradient");
     std::memset(a.dresid, 0, bytes_NC);
     k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
                         a.lnf_rstd, N, C);
@@ -691,7 +707,11 @@ void Llama::backward(float dloss_scale) {
   if (first_stage()) {
     // resid_in of layer 0 = embed_tokens[tokens]
     if (parallel_) parallel_->before_group_backward(ParamGroup::embedding());
-    if (!frozen) k::embedding_backward(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C);
+    if (!frozen && tp_)  // this rank's vocabulary rows (a.dresid is the same on every rank)
+      k::embedding_backward_rows(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C, vocab_.begin,
+                                 vocab_.end);
+    else if (!frozen)
+      k::embedding_backward(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C);
     report_ready(static_cast<size_t>(cfg_.n_layers) + 1);  // the embedding
   }
   have_targets_ = false;

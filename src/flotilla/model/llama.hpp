@@ -119,6 +119,9 @@ struct ActivationPlan {
   float* lora_xd;    // (B, T, max(C, F))  LoRA: the dropped-out input, regenerated in backward
   float* lora_dxd;   // (B, T, max(C, F))
   std::vector<int32_t> tokens, targets;  // (B, T) copies of the batch
+  // Tensor parallelism's cross-entropy over the vocabulary slices: each row's max over the
+  // whole vocabulary (B, T), then its sum of exp and the target's logit, (2, B, T).
+  std::vector<float> logit_max, logit_sums;
   // (B, T) for packed rows: where each token's example starts in its row (the first key
   // it may attend to) and its position within the example. Empty for plain rows.
   std::vector<int32_t> key_start, positions;
@@ -288,7 +291,8 @@ class Llama {
   // exactly what its examples would compute in rows of their own.
   LossSum forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
                   const int32_t* doc_start = nullptr);
-  // (B, T, V) logits of the last forward; invalid after backward.
+  // (B, T, V) logits of the last forward; invalid after backward. Under tensor parallelism
+  // this rank's columns of them only (vocab_rows()), (B, T, V / tp).
   std::span<const float> logits() const;
   // Mixture of experts: the load-balancing (Switch) loss of the last forward, over its MoE
   // layers and tokens (moe::LoadBalancing); 0 for a dense model. When the config's
@@ -357,6 +361,9 @@ class Llama {
   // parallelism the split tensors' squares summed over the tp group, the replicated ones'
   // counted once.
   double grad_sum_squares_tensor_parallel();
+  // The vocabulary rows this model's embedding and lm_head hold: [0, vocab_size) but under
+  // tensor parallelism (vocab_shard); logits() are these columns.
+  VocabShard vocab_rows() const { return tp_ ? vocab_ : VocabShard{0, cfg_.vocab_size}; }
   // [first, end) of the experts this rank runs: all of them without expert parallelism.
   std::pair<int64_t, int64_t> local_experts() const;
   using GradSpan = model::GradSpan;
@@ -410,6 +417,12 @@ class Llama {
   bool last_stage() const { return range_.end == cfg_.n_layers; }
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
+  // Tensor parallelism's cross-entropy (tensor_parallel.cpp): the losses of acts_.logits,
+  // this rank's vocabulary slice, against `targets` over the whole vocabulary, the slices
+  // never gathered (model/tensor_parallel.hpp); returns the target tokens. Its backward
+  // turns the slice into dlogits.
+  int64_t vocab_parallel_cross_entropy(const int32_t* targets, int64_t N);
+  void vocab_parallel_cross_entropy_backward(float dloss_scale);
   uint64_t dropout_seed(int64_t layer, LoraTarget t) const;
   // The backward of layer l's own adapter on t (attention, dense MLP or shared expert) over
   // the planned step's N rows: given dout (N, out), the gradient of the layer's output, and
@@ -494,6 +507,7 @@ class Llama {
   ExpertExchange* experts_ = nullptr;
   TensorParallelGroup* tp_ = nullptr;
   ModelConfig tp_full_;  // full_config() under tensor parallelism
+  VocabShard vocab_;     // the vocabulary rows of the embedding and lm_head, under tensor parallelism
   // What an MoE layer's expert side kept from forward under expert parallelism: the rows
   // it received and their gate and up outputs. Sizes vary with the routing (dropless).
   struct ExpertShard {

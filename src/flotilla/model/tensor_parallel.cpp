@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include <nlohmann/json.hpp>
 
@@ -13,8 +14,25 @@
 
 namespace flotilla::model {
 
-ModelConfig tensor_parallel_config(const ModelConfig& full, int tp) {
-  if (tp < 1) throw InputError("model", fmt::format("tp={} is not a positive number of ranks", tp));
+namespace {
+// Where tp rank `at`'s share of n things starts: the balanced split, r n / tp (exactly
+// r (n / tp) when tp divides n).
+int64_t split_begin(int64_t n, TpRank at) { return n * at.rank / at.size; }
+}  // namespace
+
+VocabShard vocab_shard(int64_t vocab_size, TpRank at) {
+  if (vocab_size < at.size)
+    throw InputError("model", fmt::format("tp={} is more ranks than the model's {} vocabulary rows (each tensor-parallel "
+                                          "rank holds a slice of the embedding and lm_head)",
+                                          at.size, vocab_size));
+  return {split_begin(vocab_size, at), split_begin(vocab_size, {at.rank + 1, at.size})};
+}
+
+ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
+  const int tp = at.size;
+  if (tp < 1 || at.rank < 0 || at.rank >= tp)
+    throw InputError("model", fmt::format("tp={} is not a positive number of ranks (or {} is not one of them)", tp,
+                                          at.rank));
   if (full.is_moe())
     throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split a mixture of experts' layers "
                                           "yet: use ep for the experts",
@@ -32,6 +50,7 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, int tp) {
   local.n_heads = full.n_heads / tp;
   local.n_kv_heads = full.n_kv_heads / tp;
   local.ffn_dim = full.ffn_dim / tp;
+  local.vocab_size = vocab_shard(full.vocab_size, at).size();
   return local;  // head_dim stays: a head is never cut
 }
 
@@ -45,19 +64,24 @@ TensorSlice tensor_slice(const ParamInfo& full, const ParamInfo& local) {
   throw Error("model", fmt::format("tensor {}: a local shape that is no slice of the full one", full.name));
 }
 
-std::vector<ElementRange> slice_ranges(const ParamInfo& full, const ParamInfo& local, int rank) {
-  const auto r = static_cast<int64_t>(rank);
+std::vector<ElementRange> slice_ranges(const ParamInfo& full, const ParamInfo& local, TpRank at) {
   switch (tensor_slice(full, local)) {
     case TensorSlice::replicated:
       return {{full.offset, full.offset + full.numel}};
-    case TensorSlice::rows:
-      return {{full.offset + r * local.numel, full.offset + (r + 1) * local.numel}};
+    case TensorSlice::rows: {
+      // The balanced split of the rows: equal shares for heads and MLP columns, shares that
+      // differ by one row for a vocabulary tp does not divide.
+      const int64_t row_numel = full.numel / full.shape[0];
+      const int64_t b = full.offset + split_begin(full.shape[0], at) * row_numel;
+      return {{b, b + local.numel}};
+    }
     case TensorSlice::columns: {
       const int64_t rows = full.shape[0], in = full.shape[1], cols = local.shape[1];
+      const int64_t first = split_begin(in, at);
       std::vector<ElementRange> ranges;
       ranges.reserve(static_cast<size_t>(rows));
       for (int64_t i = 0; i < rows; ++i) {
-        const int64_t b = full.offset + i * in + r * cols;
+        const int64_t b = full.offset + i * in + first;
         ranges.push_back({b, b + cols});
       }
       return ranges;
@@ -69,7 +93,7 @@ std::vector<ElementRange> slice_ranges(const ParamInfo& full, const ParamInfo& l
 namespace {
 // fn(full_begin, local_begin, n) for each run of the slice, in order.
 template <class Fn>
-void for_each_run(const ParamInfo& full, const ParamInfo& local, int rank, Fn&& fn) {
+void for_each_run(const ParamInfo& full, const ParamInfo& local, TpRank rank, Fn&& fn) {
   int64_t at = local.offset;
   for (const ElementRange& r : slice_ranges(full, local, rank)) {
     fn(r.begin, at, r.size());
@@ -84,21 +108,21 @@ const ParamInfo& local_of(const ParamTable& local, const ParamInfo& full) {
 }
 }  // namespace
 
-void copy_slice_out(const ParamInfo& full, const ParamInfo& local, int rank, std::span<const float> full_values,
+void copy_slice_out(const ParamInfo& full, const ParamInfo& local, TpRank rank, std::span<const float> full_values,
                     std::span<float> local_values) {
   for_each_run(full, local, rank, [&](int64_t f, int64_t l, int64_t n) {
     std::copy_n(full_values.begin() + f, n, local_values.begin() + l);
   });
 }
 
-void copy_slice_in(const ParamInfo& full, const ParamInfo& local, int rank, std::span<const float> local_values,
+void copy_slice_in(const ParamInfo& full, const ParamInfo& local, TpRank rank, std::span<const float> local_values,
                    std::span<float> full_values) {
   for_each_run(full, local, rank, [&](int64_t f, int64_t l, int64_t n) {
     std::copy_n(local_values.begin() + l, n, full_values.begin() + f);
   });
 }
 
-void init_random_slices(Llama& local, const ModelConfig& full, int rank, uint64_t seed) {
+void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint64_t seed) {
   // Llama::init_random's stream over the full layout (the same rules: norms 1, biases 0,
   // everything else N(0, initializer_range), one stream in layout order, two words a draw),
   // drawn only inside the slices and skipped elsewhere.
@@ -126,7 +150,7 @@ void init_random_slices(Llama& local, const ModelConfig& full, int rank, uint64_
   }
 }
 
-void take_slices(Llama& local, const Llama& full, int rank) {
+void take_slices(Llama& local, const Llama& full, TpRank rank) {
   const std::span<float> params = local.params();
   for (const ParamInfo& info : full.layout().params())
     copy_slice_out(info, local_of(local.layout(), info), rank, full.params(), params);
@@ -141,11 +165,45 @@ void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& f
     if (quantized())
       throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split quantized (4-bit) weights yet",
                                             group->tp_size()));
-    if (cfg_.to_json() != tensor_parallel_config(full, group->tp_size()).to_json())
+    const TpRank at{group->tp_rank(), group->tp_size()};
+    if (cfg_.to_json() != tensor_parallel_config(full, at).to_json())
       throw Error("model", "set_tensor_parallel: this model is not the tp rank's slice of the full config");
+    vocab_ = vocab_shard(full.vocab_size, at);
   }
   tp_ = group && group->tp_size() > 1 ? group : nullptr;
   tp_full_ = full;
+  logits_valid_ = have_targets_ = false;
+}
+
+int64_t Llama::vocab_parallel_cross_entropy(const int32_t* targets, int64_t N) {
+  // loss = log(sum_j exp(x_j - max)) - (x_t - max) over the whole vocabulary, from the
+  // slices: the max over the ranks, then the sums of exp and the target's logit (only its
+  // owner's is nonzero) in one all-reduce.
+  ActivationPlan& a = acts_;
+  const int64_t V = cfg_.vocab_size;
+  a.logit_max.resize(static_cast<size_t>(N));
+  a.logit_sums.resize(static_cast<size_t>(2 * N));
+  kernels::cross_entropy_slice_max(a.logit_max.data(), a.logits, N, V);
+  tp_->all_reduce_max(std::span<float>(a.logit_max), "tp logits max");
+  float* sum_exp = a.logit_sums.data();
+  float* target_logit = sum_exp + N;
+  kernels::cross_entropy_slice_sums(sum_exp, target_logit, a.logits, a.logit_max.data(), targets, N, V, vocab_.begin,
+                                    kIgnoreIndex);
+  tp_->all_reduce_sum(std::span<float>(a.logit_sums), "tp logits sum of exp");
+  int64_t count = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const bool ignored = targets[n] == kIgnoreIndex;
+    a.losses[n] = ignored ? 0.0f : std::log(sum_exp[n]) - target_logit[n];
+    count += ignored ? 0 : 1;
+  }
+  return count;
+}
+
+void Llama::vocab_parallel_cross_entropy_backward(float dloss_scale) {
+  ActivationPlan& a = acts_;
+  const int64_t N = a.B * a.T;
+  kernels::cross_entropy_slice_backward_inplace(a.logits, a.logit_max.data(), a.logit_sums.data(), a.targets.data(), N,
+                                                cfg_.vocab_size, vocab_.begin, kIgnoreIndex, dloss_scale);
 }
 
 double Llama::grad_sum_squares_tensor_parallel() {

@@ -12,11 +12,21 @@
 //     is a contiguous range of the full tensor;
 //   - row-parallel (o, down): a range of input columns, a strided piece of the full tensor
 //     (one run of in/tp floats per row);
-//   - replicated (norms, embedding, lm_head): the whole tensor.
+//   - vocabulary-parallel (the embedding and lm_head, tied or not): a range of vocabulary
+//     rows (vocab_shard), contiguous, and not the same size on every rank when tp does not
+//     divide the vocabulary;
+//   - replicated (norms): the whole tensor.
 // The local model stores each slice as a dense tensor of its own shape, so every kernel,
 // the activation plan and the block itself run unchanged on it; only where a row-parallel
 // layer ends does a block add its ranks' partial outputs (all_reduce_sum), and backward
 // does the same to d(ln) where the column-parallel layers start: Megatron's g and f.
+// At the model's two ends (Megatron's vocabulary-parallel embedding and cross-entropy):
+// the embedding looks up the rows this rank holds, zeros for the other tokens, and an
+// all-reduce sums them into every rank's whole input; lm_head gives each rank its slice
+// of the logits (B, T, V/tp), which are never gathered: the loss takes each row's max
+// (all-reduce max), its sum of exp (all-reduce sum) and the target's logit from the rank
+// that holds it (in the same all-reduce), and backward writes softmax - one-hot into the
+// slice and all-reduces d(lnf), as after any column-parallel layer.
 #pragma once
 
 #include <cstdint>
@@ -38,35 +48,54 @@ class TensorParallelGroup {
   // `what` names the collective in errors and traces.
   virtual void all_reduce_sum(std::span<float> values, const char* what) = 0;
   virtual void all_reduce_sum(std::span<double> values, const char* what) = 0;
+  // values replaced in place by their elementwise max over the tp group.
+  virtual void all_reduce_max(std::span<float> values, const char* what) = 0;
 };
 
-// The local model's config for tp ranks: heads, kv heads and ffn_dim divided by tp.
-// InputError (one line) when tp does not divide n_heads, n_kv_heads or ffn_dim, or the
-// model is a mixture of experts (its experts are not split yet).
-ModelConfig tensor_parallel_config(const ModelConfig& full, int tp);
+// A tp rank's place in its group: what a rank's slices depend on.
+struct TpRank {
+  int rank = 0;
+  int size = 1;
+};
+
+// The vocabulary rows [begin, end) tp rank `at` holds of the embedding and lm_head: the
+// balanced split [r V / tp, (r + 1) V / tp), so a vocabulary tp does not divide leaves
+// some ranks one row more than others (37 over 2: 18 and 19 rows). InputError when the
+// vocabulary has fewer rows than tp.
+struct VocabShard {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+};
+VocabShard vocab_shard(int64_t vocab_size, TpRank at);
+
+// Tp rank `at`'s local model config: heads, kv heads and ffn_dim divided by tp, and the
+// vocabulary its shard (vocab_shard). InputError (one line) when tp does not divide
+// n_heads, n_kv_heads or ffn_dim, the vocabulary is smaller than tp, or the model is a
+// mixture of experts (its experts are not split yet).
+ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at);
 
 // How tp rank r holds a full tensor, found from the two shapes.
 enum class TensorSlice : uint8_t { replicated, rows, columns };
 TensorSlice tensor_slice(const ParamInfo& full, const ParamInfo& local);
 
-// The floats of the full tensor that tp rank `rank` holds, ascending: one range for a
+// The floats of the full tensor that tp rank `at` holds, ascending: one range for a
 // replicated or row slice, one per row for a column slice. Offsets are the full layout's.
-std::vector<ElementRange> slice_ranges(const ParamInfo& full, const ParamInfo& local, int rank);
+std::vector<ElementRange> slice_ranges(const ParamInfo& full, const ParamInfo& local, TpRank at);
 
 // local (its shape) = rank's slice of full (the full tensor's floats); and the reverse, which
 // writes the slice into its place in `full` (gathering a model).
-void copy_slice_out(const ParamInfo& full, const ParamInfo& local, int rank, std::span<const float> full_values,
+void copy_slice_out(const ParamInfo& full, const ParamInfo& local, TpRank at, std::span<const float> full_values,
                     std::span<float> local_values);
-void copy_slice_in(const ParamInfo& full, const ParamInfo& local, int rank, std::span<const float> local_values,
+void copy_slice_in(const ParamInfo& full, const ParamInfo& local, TpRank at, std::span<const float> local_values,
                    std::span<float> full_values);
 
 // The local model's weights as Llama::init_random(seed) would write them into a full model,
-// sliced for `rank`: the same random stream over the full layout, drawn only where the
+// sliced for `at`: the same random stream over the full layout, drawn only where the
 // slices are (bit for bit the one-rank model's values, and never a full tensor in memory).
-void init_random_slices(Llama& local, const ModelConfig& full, int rank, uint64_t seed);
+void init_random_slices(Llama& local, const ModelConfig& full, TpRank at, uint64_t seed);
 
 // The local model's weights sliced from a whole model in memory (a model directory is read
 // slice by slice instead: model/tensor_parallel_io.hpp).
-void take_slices(Llama& local, const Llama& full, int rank);
+void take_slices(Llama& local, const Llama& full, TpRank at);
 
 }  // namespace flotilla::model

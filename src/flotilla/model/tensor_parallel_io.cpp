@@ -16,7 +16,7 @@ Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy
   if (full.quantization)
     throw InputError("model", fmt::format("{}: tensor parallelism (tp={}) does not split quantized (4-bit) weights yet",
                                           dir.string(), tp));
-  Llama local(tensor_parallel_config(full, tp));
+  Llama local(tensor_parallel_config(full, {rank, tp}));
   const io::TensorStore store(dir, non_finite);
   const ParamLayout full_layout(full);
   const std::span<float> params = local.params();
@@ -26,7 +26,7 @@ Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy
     store.read_f32(info.name, scratch, info.shape);
     ParamInfo at0 = info;  // the scratch holds the tensor from its element 0
     at0.offset = 0;
-    copy_slice_out(at0, *local.layout().find(info.name), rank, scratch, params);
+    copy_slice_out(at0, *local.layout().find(info.name), {rank, tp}, scratch, params);
   }
   // As Llama::load: tensors not used (rotary caches, a tied lm_head's copy) pass; any
   // other means another architecture than config.json says.

@@ -21,6 +21,12 @@ void TensorParallel::all_reduce_sum(std::span<double> values, const char* what) 
   tp_.all_reduce(comm::MutView(values), comm::ReduceOp::sum, {.name = what});
 }
 
+void TensorParallel::all_reduce_max(std::span<float> values, const char* what) {
+  tp_.all_reduce(comm::MutView(values), comm::ReduceOp::max, {.name = what});
+  bytes_reduced_ += values.size_bytes();
+  ++all_reduces_;
+}
+
 void TensorParallel::check_replicated_same(const model::Llama& local) {
   const model::ParamLayout full(local.full_config());
   uint64_t hash = kFnv1a64Offset;
@@ -38,7 +44,7 @@ void TensorParallel::check_replicated_same(const model::Llama& local) {
   for (size_t r = 1; r < all.size(); ++r)
     if (all[r] != all[0])
       throw InternalError("parallel/tensor", fmt::format("tensor-parallel ranks 0 and {} hold different replicated "
-                                                         "weights (norms, embedding, lm_head): their gradients "
+                                                         "weights (the norms): their gradients "
                                                          "should be identical by construction",
                                                          r));
 }
@@ -49,9 +55,13 @@ namespace {
 // replicated tensor) from `local_params`, then each other rank's slice, received in rank
 // order into a scratch of one local tensor, into its place in `out`. The other ranks send
 // their slices of the split tensors in the same order (replicated ones are rank 0's alone).
+// `table_of(r)`: rank r's local table (their vocabulary slices may differ in size).
+template <class TableOf>
 void gather_slices(comm::Communicator& tp, const model::ParamTable& full, const model::ParamTable& local,
-                   std::span<const float> local_params, std::span<float> out, int tag, const char* what) {
+                   std::span<const float> local_params, std::span<float> out, int tag, const char* what,
+                   TableOf&& table_of) {
   std::vector<float> slice;
+  const int size = tp.size();
   for (const model::ParamInfo& info : full.params()) {
     const model::ParamInfo& mine = *local.find(info.name);
     const bool split = model::tensor_slice(info, mine) != model::TensorSlice::replicated;
@@ -61,14 +71,14 @@ void gather_slices(comm::Communicator& tp, const model::ParamTable& full, const 
                 0, tag, {.name = what});
       continue;
     }
-    model::copy_slice_in(info, mine, 0, local_params, out);
+    model::copy_slice_in(info, mine, {0, size}, local_params, out);
     if (!split) continue;
-    model::ParamInfo received = mine;
-    received.offset = 0;
-    slice.resize(static_cast<size_t>(mine.numel));
-    for (int r = 1; r < tp.size(); ++r) {
+    for (int r = 1; r < size; ++r) {
+      model::ParamInfo received = *table_of(r).find(info.name);
+      received.offset = 0;
+      slice.resize(static_cast<size_t>(received.numel));
       tp.recv(comm::MutView(std::span<float>(slice)), r, tag, {.name = what});
-      model::copy_slice_in(info, received, r, slice, out);
+      model::copy_slice_in(info, received, {r, size}, slice, out);
     }
   }
 }
@@ -79,11 +89,15 @@ std::optional<model::Llama> TensorParallel::gather_full_model(const model::Llama
   const model::ModelConfig& cfg = local.full_config();
   constexpr int kSliceTag = 7301;
   if (tp_.rank() != 0) {
-    gather_slices(tp_, model::ParamLayout(cfg), local.layout(), local.params(), {}, kSliceTag, "tp slices");
+    gather_slices(tp_, model::ParamLayout(cfg), local.layout(), local.params(), {}, kSliceTag, "tp slices",
+                  [&](int) -> const model::ParamTable& { return local.layout(); });
     return std::nullopt;
   }
+  std::vector<model::ParamLayout> tables;  // each rank's local layout (their vocabulary slices)
+  for (int r = 0; r < tp_.size(); ++r) tables.emplace_back(model::tensor_parallel_config(cfg, {r, tp_.size()}));
   model::Llama whole(cfg);
-  gather_slices(tp_, whole.layout(), local.layout(), local.params(), whole.params(), kSliceTag, "tp slices");
+  gather_slices(tp_, whole.layout(), local.layout(), local.params(), whole.params(), kSliceTag, "tp slices",
+                [&](int r) -> const model::ParamTable& { return tables[static_cast<size_t>(r)]; });
   return whole;
 }
 
@@ -92,11 +106,14 @@ std::optional<model::LoraAdapters> TensorParallel::gather_full_adapters(const mo
   constexpr int kAdapterTag = 7302;
   if (tp_.rank() != 0) {
     const model::LoraAdapters shape(full, local.config());  // the whole adapters' table (small)
-    gather_slices(tp_, shape.table(), local.table(), local.params(), {}, kAdapterTag, "tp LoRA slices");
+    gather_slices(tp_, shape.table(), local.table(), local.params(), {}, kAdapterTag, "tp LoRA slices",
+                  [&](int) -> const model::ParamTable& { return local.table(); });
     return std::nullopt;
   }
   model::LoraAdapters whole(full, local.config());
-  gather_slices(tp_, whole.table(), local.table(), local.params(), whole.params(), kAdapterTag, "tp LoRA slices");
+  // The adapters' slices are alike in size on every rank (none is of the vocabulary).
+  gather_slices(tp_, whole.table(), local.table(), local.params(), whole.params(), kAdapterTag, "tp LoRA slices",
+                [&](int) -> const model::ParamTable& { return local.table(); });
   return whole;
 }
 

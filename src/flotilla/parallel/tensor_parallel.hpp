@@ -24,15 +24,17 @@ class TensorParallel final : public model::TensorParallelGroup {
   int tp_rank() const override { return tp_.rank(); }
   void all_reduce_sum(std::span<float> values, const char* what) override;
   void all_reduce_sum(std::span<double> values, const char* what) override;
+  void all_reduce_max(std::span<float> values, const char* what) override;
   comm::Communicator& communicator() { return tp_; }
 
   // Bytes of the activation all-reduces (each counted once at its size, n floats x 4, as
-  // the formula 2 x 2 x B x T x C x 4 per layer and step counts them) and their number.
+  // the formula 2 x 2 x B x T x C x 4 per layer and step counts them, plus the embedding's
+  // and d(lnf)'s B x T x C and the cross-entropy's 3 x B x T) and their number.
   uint64_t bytes_reduced() const { return bytes_reduced_; }
   uint64_t all_reduces() const { return all_reduces_; }
 
-  // InternalError naming the tensor-parallel ranks when the replicated tensors (norms,
-  // embedding, lm_head) of `local` differ between them: they are computed alike by
+  // InternalError naming the tensor-parallel ranks when the replicated tensors (the norms)
+  // of `local` differ between them: they are computed alike by
   // construction, so a difference is a bug, never noise.
   void check_replicated_same(const model::Llama& local);
 

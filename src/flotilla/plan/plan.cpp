@@ -25,9 +25,10 @@ size_t index_of(const std::vector<int>& ranks, int n) {
   return static_cast<size_t>(std::find(ranks.begin(), ranks.end(), n) - ranks.begin());
 }
 
-std::string train_command(const PlanResult& p, const Strategy* s, int n) {
+std::string train_command(const PlanResult& p, const Strategy* s, int n, std::string_view extra_flags = {}) {
   const PlanRequest& r = p.request;
   std::string flags = r.train_args;
+  if (!extra_flags.empty()) flags += " " + std::string(extra_flags);
   if (s && !s->train_flags.empty()) {
     // Accumulation replaces the user's own --grad-accum.
     if (s->kind == StrategyKind::accumulate) {
@@ -50,6 +51,28 @@ std::string train_command(const PlanResult& p, const Strategy* s, int n) {
 
 bool is_zero(StrategyKind k) {
   return k == StrategyKind::zero1 || k == StrategyKind::zero2 || k == StrategyKind::zero3;
+}
+
+// The fewest tp ranks whose slices fit a machine (every rank of it on the machines they
+// fill) and whose throughput beats the ZeRO stage that fits (`zero`, null: none fits) by
+// kTensorParallelMargin, both against one rank (tp ranks run the same rows, ZeRO's ranks
+// more rows each). The margin stands for what the tp model leaves out: the norms and
+// residual adds every rank repeats, and products T times narrower that run slower per
+// flop (W2 at tp=2 on one machine ran no faster than one process). Null when none does.
+constexpr double kTensorParallelMargin = 1.25;
+const TensorPlan* faster_tensor_parallel(const PlanResult& p, const StrategyRow* zero) {
+  const PlanRequest& r = p.request;
+  const double usable = r.memory_headroom * static_cast<double>(r.cluster.memory_bytes);
+  for (const TensorPlan& t : p.tensors) {
+    const bool fits = r.cluster.memory_bytes <= 0 || r.cluster.ranks_per_host(t.tp) * t.memory_bytes <= usable;
+    if (!fits) continue;
+    if (!zero) return &t;
+    // ZeRO's throughput on as many ranks as tp uses, if it fits there, else where it first fits.
+    size_t i = 1;
+    while (i + 1 < p.ranks.size() && (p.ranks[i] < t.tp || !zero->fits_at(i, r))) ++i;
+    if (t.speedup > kTensorParallelMargin * zero->weak[i].speedup) return &t;
+  }
+  return nullptr;
 }
 
 struct ShardingFit {
@@ -114,6 +137,7 @@ std::string_view advice_name(Advice a) {
     case Advice::accumulate_or_compress: return "data parallel with accumulation or compression";
     case Advice::local_sgd: return "local SGD";
     case Advice::sharding: return "sharding (ZeRO)";
+    case Advice::tensor_parallel: return "tensor parallel";
     case Advice::does_not_fit: return "does not fit";
   }
   return "?";
@@ -143,6 +167,7 @@ PlanResult make_plan(const PlanRequest& request) {
   p.steps_per_epoch_one = request.rows_per_epoch / static_cast<double>(w.batch_size * w.grad_accum);
   p.epoch_s_one = p.steps_per_epoch_one * request.cost.total_s();
   p.run_s_one = request.epochs * p.epoch_s_one;
+  p.tensors = tensor_parallel_plans(w, request.cost, N, [&](int tp) { return c.link_for(tp); });
   p.recommendation = recommend(p);
   for (int P = 2; P <= N && P <= w.model.n_layers; P *= 2) {
     int64_t M = request.micro_batches;
@@ -176,7 +201,26 @@ Recommendation recommend(const PlanResult& p) {
                                  fits_one ? "yes" : "no", format_bytes(plain.memory[0].peak()), format_bytes(mem),
                                  100 * r.memory_headroom));
   if (!fits_one) {
-    if (const std::optional<ShardingFit> fit = smallest_sharding(p)) {
+    const std::optional<ShardingFit> fit = smallest_sharding(p);
+    if (const TensorPlan* tp = faster_tensor_parallel(p, fit ? fit->row : nullptr)) {
+      rec.advice = Advice::tensor_parallel;
+      rec.strategy = fmt::format("tp={}", tp->tp);
+      rec.ranks = tp->tp;
+      rec.reason = fmt::format("a replica needs {} at its peak and a machine has {} usable; tp={} holds {} per rank "
+                               "({:.0f}% of the parameters) and runs a step in {} ({:.2f}x one rank), all-reducing {} "
+                               "of activations a step{}",
+                               format_bytes(plain.host_peak_bytes(0, r)), format_bytes(r.memory_headroom * mem), tp->tp,
+                               format_bytes(tp->memory_bytes),
+                               100.0 * static_cast<double>(tp->params_per_rank) /
+                                   static_cast<double>(r.workload.model.num_params()),
+                               format_seconds(tp->step_s), tp->speedup, format_bytes(tp->all_reduce_bytes),
+                               fit ? fmt::format("; {} on {} ranks: {:.2f}x", fit->row->strategy.name,
+                                                 p.ranks[fit->at], fit->row->weak[fit->at].speedup)
+                                   : std::string("; no ZeRO stage fits"));
+      rec.command = train_command(p, nullptr, tp->tp, fmt::format("--parallel tp={}", tp->tp));
+      return rec;
+    }
+    if (fit) {
       const StrategyRow& z = *fit->row;
       rec.advice = Advice::sharding;
       rec.strategy = z.strategy.name;
@@ -416,6 +460,19 @@ std::string render_text(const PlanResult& p) {
                        format_bytes(ep.expert_bytes_one_rank));
   }
 
+  for (const TensorPlan& t : p.tensors) {
+    if (&t == &p.tensors.front())
+      out += "\ntensor parallel (--parallel tp=T; the ranks split every layer and the vocabulary, run the same rows)\n";
+    out += fmt::format("  tp={}: all-reduce {} a step per layer (2 forward, 2 backward), {} a step in all, {} on the "
+                       "wire from each rank in {}; step {} ({:.2f}x one rank); per rank {:.2f}M of {:.2f}M "
+                       "parameters, memory {} ({} state + {} activations)\n",
+                       t.tp, format_bytes(t.all_reduce_bytes_per_layer), format_bytes(t.all_reduce_bytes),
+                       format_bytes(t.wire_bytes_per_rank), format_seconds(t.comm_s), format_seconds(t.step_s),
+                       t.speedup, static_cast<double>(t.params_per_rank) / 1e6,
+                       static_cast<double>(p.request.workload.model.num_params()) / 1e6, format_bytes(t.memory_bytes),
+                       format_bytes(t.state_bytes), format_bytes(t.activation_bytes));
+  }
+
   const Recommendation& rec = p.recommendation;
   out += "\nflowchart\n";
   for (const std::string& q : rec.walk) out += "  " + q + "\n";
@@ -489,6 +546,9 @@ nlohmann::json plan_json(const PlanResult& p) {
   nlohmann::json experts = nlohmann::json::array();
   for (const ExpertPlan& ep : p.experts) experts.push_back(expert_json(ep));
   j["expert_parallel"] = experts;
+  nlohmann::json tensors = nlohmann::json::array();
+  for (const TensorPlan& t : p.tensors) tensors.push_back(tensor_json(t));
+  j["tensor_parallel"] = tensors;
   const Recommendation& rec = p.recommendation;
   j["recommendation"] = {{"advice", advice_name(rec.advice)}, {"strategy", rec.strategy}, {"ranks", rec.ranks},
                          {"planned", rec.planned},            {"reason", rec.reason},     {"command", rec.command},

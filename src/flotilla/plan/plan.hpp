@@ -13,6 +13,7 @@
 #include "flotilla/plan/pipeline.hpp"
 #include "flotilla/plan/scaling.hpp"
 #include "flotilla/plan/strategy.hpp"
+#include "flotilla/plan/tensor.hpp"
 #include "flotilla/plan/workload.hpp"
 
 namespace flotilla::plan {
@@ -47,7 +48,7 @@ struct StrategyRow {
   bool fits_at(size_t i, const PlanRequest& r) const;
 };
 
-enum class Advice { one_machine, data_parallel, accumulate_or_compress, local_sgd, sharding, does_not_fit };
+enum class Advice { one_machine, data_parallel, accumulate_or_compress, local_sgd, sharding, tensor_parallel, does_not_fit };
 std::string_view advice_name(Advice a);  // "stay on one machine", "basic data parallel", ...
 
 struct Recommendation {
@@ -74,6 +75,10 @@ struct PlanResult {
   // the link of that many ranks; not (yet) part of the recommendation.
   std::vector<PipelinePlan> pipelines;
   std::vector<ExpertPlan> experts;  // ep = 2, 4, ...: a mixture-of-experts model only
+  // Tensor parallelism, tp = 2, 4, ... up to the ranks, each that splits the model
+  // (plan/tensor.hpp), on the link of that many ranks; recommended when a replica does
+  // not fit one machine and tp fits and runs faster than the ZeRO stage that fits.
+  std::vector<TensorPlan> tensors;
 
   const StrategyRow& row(StrategyKind kind) const;
 };

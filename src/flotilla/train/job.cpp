@@ -39,8 +39,6 @@ namespace {
 // naming the flag: checkpoints, ZeRO, local SGD, compression and the deterministic mode.
 template <class Refuse>
 void refuse_what_model_parallelism_lacks(const TrainJob& job, Refuse&& refuse) {
-  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
-  if (!job.resume_from.empty()) refuse("--resume");
   if (job.train.zero_stage > 0) refuse("--zero");
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
@@ -53,6 +51,8 @@ void check_pipeline_flags(const TrainJob& job) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
   refuse_what_model_parallelism_lacks(job, refuse);
+  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
+  if (!job.resume_from.empty()) refuse("--resume");
   if (job.train.balance_every > 0) refuse("--balance (the stages pass fixed-size micro-batches along)");
   const int64_t M = job.pipeline.micro_batches;
   if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));
@@ -69,6 +69,9 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   };
   if (job.pp) refuse("pipeline parallelism (pp > 1)");
   refuse_what_model_parallelism_lacks(job, refuse);
+  // Checkpoints are the full model's, written by the slices' holders into one folder.
+  if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
+    refuse("per-host checkpoint folders (--checkpoint-dir, --checkpoint-replicas)");
   // The tp ranks of a replica must run the same rows; each measures its own dp group.
   if (job.train.balance_every > 0) refuse("--balance");
   if (job.fine_tune == FineTuneType::lora) {
@@ -331,16 +334,19 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
       held_part(job, model_config,
                 pipeline ? std::optional<model::Llama::LayerRange>(pipeline->range()) : std::nullopt),
       shard);
+  // (A tp rank's model holds a slice of the vocabulary: the data and tokenizer meet the whole.)
+  const model::ModelConfig& whole_config = job.tp ? model_config : model.config();
   const DataFolder data_folder =
-      pipeline_data ? std::move(*pipeline_data) : locate_data(job, model.config(), *tokenizer, info);
-  model::check_tokenizer_fits(*tokenizer, model.config(), job.model_dir);
+      pipeline_data ? std::move(*pipeline_data) : locate_data(job, whole_config, *tokenizer, info);
+  model::check_tokenizer_fits(*tokenizer, whole_config, job.model_dir);
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
   if (job.tp) {
     model.set_tensor_parallel(job.tp, model_config);
     info(fmt::format("tensor parallel: tp={}, this rank holds {} of {} query heads, {} of {} key-value heads and {} "
-                     "of {} MLP columns per layer: {:.2f}M of {:.2f}M parameters",
+                     "of {} MLP columns per layer, {} of {} vocabulary rows: {:.2f}M of {:.2f}M parameters",
                      job.tp->tp_size(), model.config().n_heads, model_config.n_heads, model.config().n_kv_heads,
                      model_config.n_kv_heads, model.config().ffn_dim, model_config.ffn_dim,
+                     model.config().vocab_size, model_config.vocab_size,
                      static_cast<double>(model.config().num_params()) / 1e6,
                      static_cast<double>(model_config.num_params()) / 1e6));
   }

@@ -1,6 +1,7 @@
 #include "flotilla/train/job_checkpoints.hpp"
 
 #include <cmath>
+#include <optional>
 #include <span>
 #include <utility>
 
@@ -38,7 +39,9 @@ JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Train
       hosts_(find_checkpoint_hosts(
           job.checkpoint_dir.empty() ? (job.out_dir / io::kCheckpointsDirName).string() : job.checkpoint_dir,
           job.checkpoint_replicas, job.dp, info_)),
-      dir_(hosts_.dir) {}
+      dir_(hosts_.dir) {
+  if (job.tp) tp_world_ = std::make_unique<parallel::DataParallel>(*job.world);
+}
 
 void JobCheckpoints::resume() {
   // `--resume` of this run's own folder with a folder per host: the newest step the hosts
@@ -133,14 +136,21 @@ void JobCheckpoints::save(int64_t step) {
   // metrics.jsonl first: after a kill, it reaches at least as far as `latest`.
   if (ranks_.root) record_.write_metrics();
   io::StepFiles adapter_files;
+  std::optional<model::LoraAdapters> whole_adapters;
   if (adapters_) {
     // The step folder is also an adapter folder: generate --adapter, fuse and
-    // --resume-adapter-file take it as it is.
+    // --resume-adapter-file take it as it is. Under tensor parallelism each tp group's
+    // rank 0 gathers the whole adapters (world rank 0's are written).
+    if (job_.tp) whole_adapters = job_.tp->gather_full_adapters(*adapters_, trainer_.model().full_config());
     adapter_files.names = {"adapter_model.safetensors", "adapter_config.json"};
-    adapter_files.write = [&](const std::filesystem::path& dir) { adapters_->save_peft(dir, base_model_name(job_)); };
+    adapter_files.write = [&](const std::filesystem::path& dir) {
+      (whole_adapters ? &*whole_adapters : adapters_)->save_peft(dir, base_model_name(job_));
+    };
   }
-  last_saved_dir_ = save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints, job_.dp,
-                                            adapter_files, {}, {}, &hosts_);
+  last_saved_dir_ = tp_world_ ? save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
+                                                        tp_world_.get(), adapter_files)
+                              : save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
+                                                        job_.dp, adapter_files, {}, {}, &hosts_);
   info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
   last_saved_step_ = step;
 }
@@ -152,10 +162,9 @@ void JobCheckpoints::after_step(int64_t step) {
 
 std::string JobCheckpoints::save_on_stop(int64_t step) {
   if (last_saved_step_ == step) return "checkpoint " + last_saved_dir_.string();
-  if (foreign_ || job_.pp || job_.tp) {
+  if (foreign_ || job_.pp) {
     if (ranks_.root) record_.write_metrics();
     if (job_.pp) return "no checkpoint written: pipeline runs (pp > 1) take none yet";
-    if (job_.tp) return "no checkpoint written: tensor-parallel runs (tp > 1) take none yet";
     return "no checkpoint written: " + dir_.string() + " holds an earlier run's checkpoints";
   }
   save(step);

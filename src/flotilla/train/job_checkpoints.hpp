@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -58,6 +59,9 @@ class JobCheckpoints {
   RunRecord& record_;
   InfoSink info_;
   CheckpointHosts hosts_;      // who keeps which folder
+  // Tensor parallelism: every rank of the world writes its slices (of the first replica),
+  // so a checkpoint is a collective over the world, not the data group.
+  std::unique_ptr<parallel::DataParallel> tp_world_;
   std::filesystem::path dir_;  // this rank's checkpoints folder: OUT/checkpoints, or its host's
   // An earlier run's checkpoints, kept (a fresh run with --save-every 0, no --force).
   bool foreign_ = false;

@@ -103,8 +103,8 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
     const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
     if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank);
     const model::ModelConfig full = job_model_config(job, tokenizer);
-    model::Llama local(model::tensor_parallel_config(full, tp));
-    model::init_random_slices(local, full, rank, job.seed);
+    model::Llama local(model::tensor_parallel_config(full, {rank, tp}));
+    model::init_random_slices(local, full, {rank, tp}, job.seed);
     return local;
   }
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);

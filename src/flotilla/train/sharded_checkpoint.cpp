@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include <fmt/format.h>
@@ -11,6 +12,7 @@
 #include "flotilla/base/file.hpp"
 #include "flotilla/base/json_error.hpp"
 #include "flotilla/io/safetensors.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/train/checkpoint.hpp"
 #include "flotilla/train/host_checkpoints.hpp"
 
@@ -113,6 +115,145 @@ void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<
   }
 }
 
+// Tensor parallelism: a checkpoint is the full model's, its table, offsets and arena those
+// of one rank's model, so that it resumes on any layout (one rank, dp, another tp). Each tp
+// rank of the first replica writes its slices of the split tensors, tp rank 0 also the
+// replicated tensors (the norms) and the alignment gaps between tensors (zeros), so that
+// the files tile the arena; the other replicas (the same weights) write nothing. A reader
+// takes its own slices of the whole, wherever they were written.
+//
+// A *run* is one contiguous piece of a tensor this rank holds: `n` floats at `full` in the
+// checkpoint's arena and at `local` in this rank's trainable arena (model/tensor_parallel.hpp's
+// slice_ranges, in order).
+struct SliceRun {
+  int64_t full = 0, local = 0, n = 0;
+};
+
+struct TpCheckpointView {
+  // The checkpoint's table: the full model's layout, or (LoRA) the whole adapters' table.
+  std::unique_ptr<model::ParamLayout> full_layout;
+  std::unique_ptr<model::LoraAdapters> full_adapters;
+  const model::ParamTable* full = nullptr;
+  std::vector<SliceRun> runs;              // this rank's tensors, replicated ones included, ascending `full`
+  std::vector<io::FloatRange> needed;      // the runs' ranges, neighbours merged: what a reader copies
+  std::vector<io::FloatRange> written;     // what this rank writes, neighbours merged
+};
+
+void append_merged(std::vector<io::FloatRange>& ranges, io::FloatRange r) {
+  if (r.begin >= r.end) return;
+  if (!ranges.empty() && ranges.back().end == r.begin)
+    ranges.back().end = r.end;
+  else
+    ranges.push_back(r);
+}
+
+// The split tensors' ranges of the full arena that tp rank `at` holds (ascending, merged).
+std::vector<io::FloatRange> split_ranges(const model::ParamTable& full, const model::ParamTable& local,
+                                         model::TpRank at) {
+  std::vector<io::FloatRange> out;
+  for (const model::ParamInfo& info : full.params()) {
+    const model::ParamInfo& mine = *local.find(info.name);
+    if (model::tensor_slice(info, mine) == model::TensorSlice::replicated) continue;
+    for (const model::ElementRange& r : model::slice_ranges(info, mine, at)) append_merged(out, {r.begin, r.end});
+  }
+  return out;
+}
+
+// Null without tensor parallelism. `world_rank`: this rank in the world the checkpoint is
+// written over (tp ranks adjacent: the replica is world_rank / tp).
+std::optional<TpCheckpointView> tp_checkpoint_view(model::Llama& model, int world_rank) {
+  const model::TensorParallelGroup* tp = model.tensor_parallel();
+  if (!tp) return std::nullopt;
+  const model::TpRank at{tp->tp_rank(), tp->tp_size()};
+  TpCheckpointView v;
+  // LoRA (on column-parallel layers): each B a range of output rows, A whole; the
+  // adapters' slices are alike in size on every rank.
+  model::LoraAdapters* lora = model.lora();
+  if (lora) {
+    v.full_adapters = std::make_unique<model::LoraAdapters>(model.full_config(), lora->config());
+    v.full = &v.full_adapters->table();
+  } else {
+    v.full_layout = std::make_unique<model::ParamLayout>(model.full_config());
+    v.full = v.full_layout.get();
+  }
+  const model::ParamTable& local = lora ? lora->table() : static_cast<const model::ParamTable&>(model.layout());
+  for (const model::ParamInfo& info : v.full->params()) {
+    int64_t at_local = local.find(info.name)->offset;
+    for (const model::ElementRange& r : model::slice_ranges(info, *local.find(info.name), at)) {
+      v.runs.push_back({r.begin, at_local, r.size()});
+      at_local += r.size();
+      append_merged(v.needed, {r.begin, r.end});
+    }
+  }
+  if (world_rank / at.size != 0) return v;  // another replica: writes nothing
+  if (at.rank != 0) {
+    v.written = split_ranges(*v.full, local, at);
+    return v;
+  }
+  // tp rank 0: everything no other tp rank writes.
+  std::vector<io::FloatRange> others;
+  for (int r = 1; r < at.size; ++r) {
+    if (lora) {
+      for (const io::FloatRange& f : split_ranges(*v.full, local, {r, at.size})) others.push_back(f);
+      continue;
+    }
+    const model::ParamLayout theirs(model::tensor_parallel_config(model.full_config(), {r, at.size}));
+    for (const io::FloatRange& f : split_ranges(*v.full, theirs, {r, at.size})) others.push_back(f);
+  }
+  std::sort(others.begin(), others.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
+  int64_t from = 0;
+  for (const io::FloatRange& o : others) {
+    append_merged(v.written, {from, o.begin});
+    from = o.end;
+  }
+  append_merged(v.written, {from, v.full->total_numel()});
+  return v;
+}
+
+// A buffer holding the floats of `ranges` (ascending) one after the other: where a
+// full-arena offset lies in it.
+class RangeBuffer {
+ public:
+  explicit RangeBuffer(std::span<const io::FloatRange> ranges) : ranges_(ranges) {
+    int64_t at = 0;
+    for (const io::FloatRange& r : ranges) {
+      before_.push_back(at);
+      at += r.size();
+    }
+  }
+  // -1 when no range holds `at`.
+  int64_t offset(int64_t at) const {
+    const auto it = std::upper_bound(ranges_.begin(), ranges_.end(), at,
+                                     [](int64_t x, const io::FloatRange& r) { return x < r.begin; });
+    if (it == ranges_.begin() || at >= (it - 1)->end) return -1;
+    const auto i = static_cast<size_t>(it - ranges_.begin() - 1);
+    return before_[i] + (at - ranges_[i].begin);
+  }
+
+ private:
+  std::span<const io::FloatRange> ranges_;
+  std::vector<int64_t> before_;  // floats of the ranges before each
+};
+
+// The floats of `ranges` (zeros where this rank holds none: the gaps between tensors) from
+// this rank's `local` values; and the reverse, `local` from a buffer of `ranges`.
+std::vector<float> gather_runs(const TpCheckpointView& v, std::span<const io::FloatRange> ranges,
+                               std::span<const float> local) {
+  std::vector<float> out(static_cast<size_t>(io::total_floats(ranges)), 0.0f);
+  const RangeBuffer buffer(ranges);
+  for (const SliceRun& run : v.runs) {
+    const int64_t at = buffer.offset(run.full);
+    if (at < 0) continue;  // a replicated tensor another rank writes
+    std::copy_n(local.begin() + run.local, run.n, out.begin() + at);
+  }
+  return out;
+}
+
+void scatter_runs(const TpCheckpointView& v, std::span<const float> buffer, std::span<float> local) {
+  const RangeBuffer needed(v.needed);
+  for (const SliceRun& run : v.runs) std::copy_n(buffer.begin() + needed.offset(run.full), run.n, local.begin() + run.local);
+}
+
 // The gradient codec's state when this run compresses gradients across ranks; else none.
 std::vector<comm::CodecState> this_codec_state(Trainer& trainer) {
   parallel::DataParallel* dp = trainer.data_parallel();
@@ -157,8 +298,10 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     return RunStopped(kShardedCheckpointComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, !root);
   };
 
-  // Every rank's ranges, for rank 0's layout.json.
-  const std::vector<io::FloatRange> mine = checkpoint_ranges(trainer, rank, world);
+  // Every rank's ranges, for rank 0's layout.json (under tensor parallelism, of the full
+  // model's arena: `dp` is then the whole world).
+  const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer.model(), rank);
+  const std::vector<io::FloatRange> mine = tp ? tp->written : checkpoint_ranges(trainer, rank, world);
   const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
 
   // This rank's files (rank 0's also the folder's shared files), built before any folder
@@ -177,9 +320,16 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     weights.resize(static_cast<size_t>(n));
     m.resize(static_cast<size_t>(n));
     v.resize(static_cast<size_t>(n));
-    io::copy_overlap(arena, trainable.params, mine, weights);
-    io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
-    io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
+    if (tp) {
+      // The optimizer owns the whole local arena (tensor parallelism refuses --zero).
+      weights = gather_runs(*tp, mine, trainable.params);
+      m = gather_runs(*tp, mine, trainer.optimizer().m());
+      v = gather_runs(*tp, mine, trainer.optimizer().v());
+    } else {
+      io::copy_overlap(arena, trainable.params, mine, weights);
+      io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
+      io::copy_overlap(owned, trainer.optimizer().v(), mine, v);
+    }
     // Every rank runs the same mode: each has state, or none has.
     own_state = trainer.rank_state();
     // A lossy codec's error feedback and position (comm::GradientCodec::save_state), kept
@@ -209,8 +359,9 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
       if (rank_extra.write) rank_extra.write(dir);
       if (!root) return;
       io::ShardLayout layout;
-      layout.arena_floats = arena[0].end;
-      for (const model::ParamInfo& info : trainable.table.params()) layout.table.push_back(layout_param(info));
+      layout.arena_floats = tp ? tp->full->total_numel() : arena[0].end;
+      for (const model::ParamInfo& info : tp ? tp->full->params() : trainable.table.params())
+        layout.table.push_back(layout_param(info));
       for (int r = 0; r < world; ++r) {
         std::vector<io::FloatRange> ranges;
         for (const nlohmann::json& pair : nlohmann::json::parse(all_ranges[static_cast<size_t>(r)]))
@@ -322,6 +473,22 @@ std::string check_sharded_folder(const fs::path& step_dir, const std::vector<std
 }
 
 void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
+  if (trainer.model().tensor_parallel()) {
+    // This rank's slices of the full model's arena, from whichever files hold them (the
+    // world rank matters only to what a rank writes).
+    const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer.model(), 0);
+    const model::Llama::Trainable trainable = trainer.model().trainable();
+    const io::ShardLayout layout = layout_for_model(step_dir, *tp->full, tp->full->total_numel());
+    const auto files = open_rank_files(step_dir, layout);
+    std::vector<float> buffer(static_cast<size_t>(io::total_floats(tp->needed)));
+    const std::pair<std::string, std::span<float>> kinds[] = {
+        {"weights", trainable.params}, {"m", trainer.optimizer().m()}, {"v", trainer.optimizer().v()}};
+    for (const auto& [kind, local] : kinds) {
+      copy_kind(layout, files, kind, tp->needed, buffer);
+      scatter_runs(*tp, buffer, local);
+    }
+    return;
+  }
   const model::Llama::Trainable trainable = trainer.model().trainable();
   const auto arena_floats = static_cast<int64_t>(trainable.params.size());
   const io::ShardLayout layout = layout_for_model(step_dir, trainable.table, arena_floats);

@@ -1,0 +1,72 @@
+#include "flotilla/plan/tensor.hpp"
+
+#include <algorithm>
+#include <optional>
+
+#include "flotilla/base/error.hpp"
+#include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
+
+namespace flotilla::plan {
+
+bool tensor_parallel_splits(const Workload& w, int tp) {
+  try {
+    (void)model::tensor_parallel_config(w.model, {0, tp});
+    return true;
+  } catch (const InputError&) {
+    return false;
+  }
+}
+
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link) {
+  const model::ModelConfig& cfg = w.model;
+  TensorPlan p;
+  p.tp = tp;
+  const double rows = static_cast<double>(w.grad_accum * w.batch_size * w.seq_len);  // A B S
+  const double activation = rows * static_cast<double>(cfg.dim) * 4.0;               // one all-reduce's bytes
+  p.all_reduce_bytes_per_layer = 4.0 * activation;
+  p.all_reduce_bytes = static_cast<double>(cfg.n_layers) * p.all_reduce_bytes_per_layer + 2.0 * activation +
+                       3.0 * rows * 4.0;
+  p.all_reduces = w.grad_accum * (4 * cfg.n_layers + 4);  // + embedding, d(lnf), the loss's max and sums
+  const double T = tp;
+  p.wire_bytes_per_rank = 2.0 * (T - 1.0) / T * p.all_reduce_bytes;
+  p.comm_s = p.wire_bytes_per_rank / link.bandwidth_bytes_per_s +
+             static_cast<double>(p.all_reduces) * 2.0 * (T - 1.0) * link.latency_s;
+  p.step_s = one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T + p.comm_s;
+  p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
+  // Held parameters: every rank's local model; the largest (vocabulary shares differ).
+  for (int r = 0; r < tp; ++r)
+    p.params_per_rank = std::max(p.params_per_rank, model::tensor_parallel_config(cfg, {r, tp}).num_params());
+  p.replicated_params = (2 * cfg.n_layers + 1) * cfg.dim;  // ln1, ln2 per layer, the final norm
+  p.split_params = cfg.num_params() - p.replicated_params;
+  const model::ModelConfig local = model::tensor_parallel_config(cfg, {tp - 1, tp});
+  std::optional<model::LoraAdapters> adapters;
+  if (w.lora) adapters.emplace(local, w.lora_config);
+  p.state_bytes = w.lora ? 4.0 * static_cast<double>(p.params_per_rank) +
+                               16.0 * static_cast<double>(adapters->params().size())
+                         : 16.0 * static_cast<double>(p.params_per_rank);
+  p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
+      local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
+  p.memory_bytes = p.state_bytes + p.activation_bytes;
+  return p;
+}
+
+nlohmann::json tensor_json(const TensorPlan& p) {
+  return {{"tp", p.tp},
+          {"all_reduce_bytes_per_layer_per_step", p.all_reduce_bytes_per_layer},
+          {"all_reduce_bytes_per_step", p.all_reduce_bytes},
+          {"all_reduces_per_step", p.all_reduces},
+          {"wire_bytes_per_rank_per_step", p.wire_bytes_per_rank},
+          {"comm_s", p.comm_s},
+          {"step_s", p.step_s},
+          {"speedup", p.speedup},
+          {"params_per_rank", p.params_per_rank},
+          {"split_params", p.split_params},
+          {"replicated_params", p.replicated_params},
+          {"state_bytes_per_rank", p.state_bytes},
+          {"activation_bytes_per_rank", p.activation_bytes},
+          {"memory_bytes_per_rank", p.memory_bytes}};
+}
+
+}  // namespace flotilla::plan

@@ -1,0 +1,72 @@
+// Tensor parallelism in the planner: what `flotilla train --parallel tp=T` costs for a
+// workload (parallel/tensor_parallel.hpp and model/tensor_parallel.hpp run it).
+//
+// The T ranks of a tp group run the same rows, each with its slice of every split tensor
+// (q, k, v and o by heads; gate, up and down by MLP columns; the embedding and lm_head by
+// vocabulary rows), and add their partial activations with all-reduces. With
+// A = --grad-accum, B = --batch-size rows, S tokens, width C, one activation all-reduce
+// carries A B S C floats, A B S C 4 bytes a step:
+//   per layer       2 forward (after o and down) and 2 backward (into d(ln1), d(ln2)):
+//                   4 A B S C 4 bytes a step;
+//   at the ends     the embedding (forward) and d(lnf) (backward): 2 A B S C 4 bytes, and
+//                   the cross-entropy's row max and sums, 3 A B S 4 bytes;
+//   on the wire     a ring all-reduce sends 2 (T-1)/T of those bytes from each rank, in
+//                   2 (T-1) messages per all-reduce (the latency term);
+//   step time       one rank's data time, its compute and update divided by T (every
+//                   product is split; the norms, rope and the residual adds are repeated
+//                   on each rank, not modelled), plus the all-reduces, not overlapped;
+//   state           16 bytes a held parameter (weights, gradients, AdamW's moments): the
+//                   split tensors' Ψ/T plus the replicated norms; with LoRA 4 bytes a
+//                   base parameter plus 16 an adapter parameter (each B split by rows);
+//   activations     the activation plan of the local model (heads, MLP and logits cut
+//                   by T; the residual stream whole), as flotilla allocates it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "flotilla/plan/link.hpp"
+#include "flotilla/plan/workload.hpp"
+
+namespace flotilla::plan {
+
+struct TensorPlan {
+  int tp = 1;
+  double all_reduce_bytes_per_layer = 0.0;  // per step: 4 A B S C 4
+  double all_reduce_bytes = 0.0;            // per step, every layer and the ends
+  int64_t all_reduces = 0;                  // per step
+  double wire_bytes_per_rank = 0.0;         // per step, one rank sends: 2 (T-1)/T x all_reduce_bytes
+  double comm_s = 0.0;                      // those sends on `link`
+  double step_s = 0.0;
+  double speedup = 0.0;                     // one rank's step / step_s (the same rows)
+  int64_t params_per_rank = 0;              // the most any rank holds (vocabulary shares differ by a row)
+  int64_t split_params = 0;                 // of the whole model: Ψ - replicated
+  int64_t replicated_params = 0;            // the norms, on every rank
+  double state_bytes = 0.0;                 // per rank
+  double activation_bytes = 0.0;            // per rank
+  double memory_bytes = 0.0;                // per rank: state + activations
+};
+
+// The plan for tp ranks on `link`; InputError when tp does not split the model
+// (model::tensor_parallel_config).
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link);
+// tp = 2, 4, ... up to max_ranks, each that splits the model (none for a mixture of experts).
+template <class LinkFor>
+std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
+                                              LinkFor&& link_for);
+bool tensor_parallel_splits(const Workload& w, int tp);
+
+nlohmann::json tensor_json(const TensorPlan& p);
+
+template <class LinkFor>
+std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
+                                              LinkFor&& link_for) {
+  std::vector<TensorPlan> plans;
+  for (int tp = 2; tp <= max_ranks; tp *= 2)
+    if (tensor_parallel_splits(w, tp)) plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp)));
+  return plans;
+}
+
+}  // namespace flotilla::plan

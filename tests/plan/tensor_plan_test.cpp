@@ -1,0 +1,100 @@
+// The planner's tensor-parallel model (plan/tensor.hpp) against a hand computation on a
+// small llama with a vocabulary tp=2 does not divide: the activation all-reduce bytes per
+// layer and per step, their time on a link, the step, and the parameters and state one
+// rank holds; and the recommendation of tp where a replica does not fit a machine and
+// ZeRO's traffic is more than the link carries in a step, but not where ZeRO does as well.
+#include "flotilla/plan/tensor.hpp"
+
+#include <gtest/gtest.h>
+
+#include "flotilla/plan/plan.hpp"
+
+namespace flotilla::plan {
+namespace {
+
+model::ModelConfig small_llama() {
+  model::ModelConfig cfg;
+  cfg.n_layers = 2;
+  cfg.dim = 64;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 16;
+  cfg.ffn_dim = 192;
+  cfg.vocab_size = 37;
+  return cfg;
+}
+
+TEST(TensorPlan, AllReduceBytesStepAndMemoryMatchAHandComputation) {
+  // B = 4 rows of S = 32 tokens, A = 2 micro-batches: 256 rows of 64 floats a step, one
+  // activation all-reduce 256 x 64 x 4 = 65536 bytes.
+  const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 2);
+  StepCost cost;
+  cost.data_s = 0.01;
+  cost.compute_s = 1.0;
+  cost.update_s = 0.1;
+  const Link link{1e9, 1e-5, "given"};
+  const TensorPlan p = plan_tensor_parallel(w, cost, 2, link);
+  EXPECT_DOUBLE_EQ(p.all_reduce_bytes_per_layer, 4 * 65536.0);  // 2 forward, 2 backward
+  // 2 layers; the embedding and d(lnf), 65536 each; the loss's max and two sums, 3 x 256 x 4.
+  EXPECT_DOUBLE_EQ(p.all_reduce_bytes, 2 * 262144.0 + 2 * 65536.0 + 3072.0);  // 658432
+  EXPECT_EQ(p.all_reduces, 2 * (4 * 2 + 4));
+  // A ring over 2 ranks sends half of each all-reduce's bytes twice: all of them.
+  EXPECT_DOUBLE_EQ(p.wire_bytes_per_rank, 658432.0);
+  EXPECT_DOUBLE_EQ(p.comm_s, 658432.0 / 1e9 + 24 * 2 * 1e-5);
+  EXPECT_DOUBLE_EQ(p.step_s, 0.01 + 1.1 / 2 + p.comm_s);
+  EXPECT_DOUBLE_EQ(p.speedup, 1.11 / p.step_s);
+  // The whole model: 2 x (attention 12288 + MLP 36864 + norms 128) + embedding and lm_head
+  // 2 x 37 x 64 + the final norm 64 = 103360, of which the 5 norms (320) are replicated.
+  EXPECT_EQ(p.replicated_params, 320);
+  EXPECT_EQ(p.split_params, 103360 - 320);
+  // Rank 1 holds 19 of the 37 vocabulary rows: 2 x (6144 + 18432 + 128) + 2 x 19 x 64 + 64.
+  EXPECT_EQ(p.params_per_rank, 51904);
+  EXPECT_EQ(p.params_per_rank, (103360 - 320) / 2 + 320 + 64);  // Ψ/T + the norms + half a row of each
+  EXPECT_DOUBLE_EQ(p.state_bytes, 16.0 * 51904);
+  EXPECT_GT(p.activation_bytes, 0.0);
+  EXPECT_DOUBLE_EQ(p.memory_bytes, p.state_bytes + p.activation_bytes);
+}
+
+TEST(TensorPlan, OnlyTpThatSplitsTheModel) {
+  const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
+  const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; });
+  ASSERT_EQ(plans.size(), 1u);  // tp=2 only: 4 does not divide the 2 kv heads
+  EXPECT_EQ(plans[0].tp, 2);
+}
+
+TEST(TensorPlan, RecommendedWhenAReplicaDoesNotFitAndZeroTrafficExceedsTheLink) {
+  // llama2.c's 110M shape, a long run, machines of 1.5 GiB (a replica needs ~2 GiB) on a
+  // 1 Gbit/s link, one row of 128 tokens a step: ZeRO's parameter traffic (gigabytes a
+  // step) costs far more than tp's activations (tens of megabytes).
+  PlanRequest r;
+  r.workload = describe_workload(model::preset_config("110M"), false, {}, 1, 128, 1);
+  r.cost.compute_s = 9.5;
+  r.cost.update_s = 0.5;
+  r.cost.threads = 8;
+  r.cluster.hosts = 4;
+  r.cluster.cores = 8;
+  r.cluster.memory_bytes = int64_t{3} << 29;
+  r.cluster.network = {1e9 / 8, 50e-6, "given"};
+  r.cluster.local = r.cluster.network;
+  r.rows_per_epoch = 3600.0 * 10 / 10.0 * 4;
+  r.train_args = "--model m --data d --batch-size 1 --seq-len 128";
+  const PlanResult p = make_plan(r);
+  ASSERT_FALSE(p.tensors.empty());
+  const Recommendation& rec = p.recommendation;
+  EXPECT_EQ(rec.advice, Advice::tensor_parallel) << rec.reason;
+  EXPECT_NE(rec.command.find("--parallel tp="), std::string::npos) << rec.command;
+  EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
+  EXPECT_NE(render_text(p).find("tensor parallel (--parallel tp=T"), std::string::npos);
+  // 4 rows of 256 tokens on 10 Gbit/s and machines of 2 GiB, where ZeRO fits: tp's
+  // activations weigh about as much as ZeRO's parameters, so sharding stays the answer.
+  r.workload = describe_workload(model::preset_config("110M"), false, {}, 4, 256, 1);
+  r.cluster.network = {10e9 / 8, 50e-6, "given"};
+  r.cluster.local = r.cluster.network;
+  r.cluster.memory_bytes = int64_t{2} << 30;
+  r.train_args = "--model m --data d --batch-size 4 --seq-len 256";
+  const PlanResult q = make_plan(r);
+  EXPECT_EQ(q.recommendation.advice, Advice::sharding) << render_text(q);
+}
+
+}  // namespace
+}  // namespace flotilla::plan
