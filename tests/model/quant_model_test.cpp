@@ -330,7 +330,7 @@ std::string switch_mlp_of(const std::string& name) {
 }
 
 ModelConfig small_moe(Architecture arch) {
-  ModelConfig c = small_config();
+  ModelConfig c = quant_config();
   c.arch = arch;
   c.ffn_dim = 64;
   c.moe.num_experts = 4;
@@ -410,16 +410,16 @@ TEST(QuantModel, LoadsMlxLmStackedExperts) {
     Llama source(cfg);
     source.init_random(seed);
     TempDir stacked("moe_stacked"), one_by_one("moe_experts"), short_stack("moe_short");
-    write_mlx_moe(stacked.path, source, false);
-    write_mlx_moe(one_by_one.path, source, true);
-    Llama from_stack = Llama::load(stacked.path);
-    Llama from_experts = Llama::load(one_by_one.path);
+    write_mlx_moe(stacked.path(), source, false);
+    write_mlx_moe(one_by_one.path(), source, true);
+    Llama from_stack = Llama::load(stacked.path());
+    Llama from_experts = Llama::load(one_by_one.path());
     EXPECT_TRUE(from_stack.quantized());
     const std::vector<int32_t> tokens = random_tokens(rng, 12, cfg.vocab_size);
-    const std::vector<float> logits = logits_of(from_stack, tokens, 2, 6);
-    EXPECT_EQ(logits, logits_of(from_experts, tokens, 2, 6));
+    const std::vector<float> logits = eval_logits(from_stack, tokens, 2, 6);
+    EXPECT_EQ(logits, eval_logits(from_experts, tokens, 2, 6));
     Llama expected = dequantized_copy(from_stack);
-    EXPECT_LT(max_abs_diff(logits, logits_of(expected, tokens, 2, 6)), 1e-4);
+    EXPECT_LT(max_abs_diff(logits, eval_logits(expected, tokens, 2, 6)), 1e-4);
 
     LoraConfig lc;
     lc.rank = 4;
@@ -428,14 +428,14 @@ TEST(QuantModel, LoadsMlxLmStackedExperts) {
     lora_check::randomize(lora, seed);
     from_stack.attach_lora(&lora);
     expected.attach_lora(&lora);
-    const std::vector<float> adapted = logits_of(from_stack, tokens, 2, 6);
-    EXPECT_LT(max_abs_diff(adapted, logits_of(expected, tokens, 2, 6)), 1e-4);
+    const std::vector<float> adapted = eval_logits(from_stack, tokens, 2, 6);
+    EXPECT_LT(max_abs_diff(adapted, eval_logits(expected, tokens, 2, 6)), 1e-4);
     EXPECT_GT(max_abs_diff(adapted, logits), 1e-3) << "the adapters changed nothing: the check proves nothing";
 
-    write_mlx_moe(short_stack.path, source, false, /*drop_last_expert=*/true);
+    write_mlx_moe(short_stack.path(), source, false, /*drop_last_expert=*/true);
     const std::string block = arch == Architecture::mixtral ? "block_sparse_moe" : "mlp";
     try {
-      Llama::load(short_stack.path);
+      Llama::load(short_stack.path());
       ADD_FAILURE() << "a stack of 3 of 4 experts loaded";
     } catch (const InputError& e) {
       EXPECT_NE(std::string(e.what()).find("." + block + ".switch_mlp."), std::string::npos) << e.what();
@@ -461,10 +461,10 @@ TEST(QuantModel, ConvertWritesMoeExpertsStackedAndReadsThemBack) {
     ModelWriteOptions options;
     options.dtype = DType::f16;
     options.quantize = QuantFormat{4, 32};
-    write_model(dir.path, model.config(), options, from(model));
+    write_model(dir.path(), model.config(), options, from(model));
     const std::string block = arch == Architecture::mixtral ? "block_sparse_moe" : "mlp";
     {
-      const io::SafetensorsFile file(dir.path / "model.safetensors");
+      const io::SafetensorsFile file(dir.path() / "model.safetensors");
       const io::TensorEntry* stack = file.find("model.layers.1." + block + ".switch_mlp.down_proj.weight");
       ASSERT_NE(stack, nullptr);
       EXPECT_EQ(stack->shape, (std::vector<int64_t>{4, 64, 64 / 8}));
@@ -472,7 +472,7 @@ TEST(QuantModel, ConvertWritesMoeExpertsStackedAndReadsThemBack) {
                           (arch == Architecture::mixtral ? "w2" : "down_proj") + ".weight"),
                 nullptr);
     }
-    const Llama loaded = Llama::load(dir.path);
+    const Llama loaded = Llama::load(dir.path());
     const Llama in_memory = model.quantize({4, 32}, DType::f16);
     int compared = 0;
     for (const ParamInfo& info : in_memory.layout().params()) {
@@ -490,8 +490,8 @@ TEST(QuantModel, ConvertWritesMoeExpertsStackedAndReadsThemBack) {
     EXPECT_GT(compared, 3 * 4);
     ModelWriteOptions to_float;
     to_float.dtype = DType::f32;
-    write_model(back.path, loaded.config(), to_float, from(loaded));
-    const Llama dequantized = Llama::load(back.path);
+    write_model(back.path(), loaded.config(), to_float, from(loaded));
+    const Llama dequantized = Llama::load(back.path());
     EXPECT_FALSE(dequantized.quantized());
     for (const ParamInfo& info : dequantized.layout().params()) {
       std::vector<float> want(static_cast<size_t>(info.numel));
