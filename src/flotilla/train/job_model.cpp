@@ -19,7 +19,10 @@ namespace {
 
 std::string targets_list(const std::vector<model::LoraTarget>& targets) {
   std::string s;
-  for (model::LoraTarget t : targets) s += (s.empty() ? "" : ",") + std::string(model::lora_target_module(t));
+  for (model::LoraTarget t : targets) {
+    if (!s.empty()) s += ',';
+    s += model::lora_target_module(t);
+  }
   return s;
 }
 
