@@ -60,30 +60,6 @@ std::vector<int32_t> routing(const Llama& model) {
   return all;
 }
 
-// Tokens whose every top-k choice is at least 1e-2 from a tie (moe_test.cpp's reason: a
-// perturbation that flips a choice makes the loss jump).
-std::vector<int32_t> tokens_clear_of_ties(Llama& model, Rng& rng, int64_t B, int64_t T) {
-  const ModelConfig& cfg = model.config();
-  for (int draw = 0; draw < 1000; ++draw) {
-    std::vector<int32_t> tokens = random_tokens(rng, B * T, cfg.vocab_size);
-    model.forward(tokens.data(), nullptr, B, T);
-    float margin = 1.0f;
-    for (int64_t l = 0; l < cfg.n_layers; ++l) {
-      if (!cfg.moe_layer(l)) continue;
-      const auto p = model.router_probs(l);
-      const int64_t E = cfg.moe.num_experts, K = cfg.moe.top_k;
-      for (int64_t n = 0; n < B * T; ++n) {
-        std::vector<float> row(p.begin() + n * E, p.begin() + (n + 1) * E);
-        std::sort(row.rbegin(), row.rend());
-        margin = std::min(margin, row[static_cast<size_t>(K - 1)] - row[static_cast<size_t>(K)]);
-      }
-    }
-    if (margin >= 1e-2f) return tokens;
-  }
-  ADD_FAILURE() << "no batch without a near-tie in 1000 draws";
-  return {};
-}
-
 // The adapters' gradients of mean loss + coef * aux against central differences, as
 // moe_test.cpp's check_moe_gradients (eps 1e-3, tolerance 1e-3 + 1e-2 |numeric|, a
 // sample whose perturbation flips a top-k choice skipped and counted). An expert that no
@@ -98,7 +74,11 @@ void check_expert_lora_gradients(Architecture arch, const char* targets, float d
   lora_check::randomize(lora, seed);
   model.attach_lora(&lora);
   const int64_t B = 2, T = 6;
-  const std::vector<int32_t> tokens = tokens_clear_of_ties(model, rng, B, T);
+  // Every top-k choice at least 1e-2 from a tie (moe_test.cpp's reason: a perturbation
+  // that flips a choice makes the loss jump).
+  const std::optional<std::vector<int32_t>> clear = test_models::tokens_clear_of_ties(model, rng, B, T);
+  ASSERT_TRUE(clear) << "no batch without a near-tie in 1000 draws";
+  const std::vector<int32_t>& tokens = *clear;
   auto labels = random_tokens(rng, B * T, model.config().vocab_size);
   labels[3] = kIgnoreIndex;
   const float coef = model.config().moe.router_aux_loss_coef;

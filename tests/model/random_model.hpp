@@ -7,7 +7,9 @@
 // from 0, so their gradients are not special cases.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -50,6 +52,32 @@ inline std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (auto& x : t) x = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
   return t;
+}
+
+// A batch of B x T tokens, redrawn (at most 1000 times) until every MoE layer's top-k choice
+// of every token has a margin (k-th minus (k+1)-th router probability) of at least
+// `min_margin`: a choice close to a tie flips under the small perturbations of a finite
+// difference, and the loss jumps. nullopt when no draw is clear.
+inline std::optional<std::vector<int32_t>> tokens_clear_of_ties(Llama& model, Rng& rng, int64_t B, int64_t T,
+                                                                float min_margin = 1e-2f) {
+  const ModelConfig& cfg = model.config();
+  for (int draw = 0; draw < 1000; ++draw) {
+    std::vector<int32_t> tokens = random_tokens(rng, B * T, cfg.vocab_size);
+    model.forward(tokens.data(), nullptr, B, T);
+    float margin = 1.0f;
+    for (int64_t l = 0; l < cfg.n_layers; ++l) {
+      if (!cfg.moe_layer(l)) continue;
+      const auto p = model.router_probs(l);
+      const int64_t E = cfg.moe.num_experts, K = cfg.moe.top_k;
+      for (int64_t n = 0; n < B * T; ++n) {
+        std::vector<float> row(p.begin() + n * E, p.begin() + (n + 1) * E);
+        std::sort(row.rbegin(), row.rend());
+        margin = std::min(margin, row[static_cast<size_t>(K - 1)] - row[static_cast<size_t>(K)]);
+      }
+    }
+    if (margin >= min_margin) return tokens;
+  }
+  return std::nullopt;
 }
 
 // Small enough that a forward costs microseconds, with every feature a backward must
