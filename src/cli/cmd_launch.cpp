@@ -46,6 +46,7 @@ void resolve_train(train::LaunchConfig& config) {
     config.grad_accum = cfg["grad_accum"].as<int64_t>();
     config.save_every = cfg["save_every"].as<int64_t>();
     if (cfg["checkpoint_dir"]) config.checkpoint_dir = cfg["checkpoint_dir"].as<std::string>();
+    if (cfg["checkpoint_replicas"]) config.checkpoint_replicas = cfg["checkpoint_replicas"].as<int>();
   } catch (const YAML::Exception& e) {
     throw Error(kCmdLaunchComponent, fmt::format("cannot read train --print-config's output: {}", e.what()));
   }

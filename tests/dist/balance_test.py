@@ -9,7 +9,9 @@ global batch of 12 rows a step for 12 steps, the balancer re-cutting it every 3 
     model files (raw text windows) equal the unbalanced 1-rank run's byte for byte (cmp)
     and so do the logged losses; every step line's "rank_rows" adds up to 12 with at least
     one row per micro-batch; after the first re-cut rank 1 runs fewer rows than each other
-    rank, and after the second fewer than an equal share at every step;
+    rank, and after the second fewer than an equal share at every step; resumed from its
+    checkpoint of step 6, it runs steps 7-9 with the same shares (the checkpoint keeps them)
+    and ends in the same bytes;
   - 2 ranks x 3 rows x 2 micro-batches, the default mode, rank 0 eight times as slow: the
     losses within 1e-5 relative of the unbalanced 1-rank run's, the weights within 1e-4 of
     each tensor's largest value (train_equivalence_test's tolerances for N ranks against
@@ -91,7 +93,8 @@ def check_shares(case, out, ranks, micro, slow_rank):
     return failures
 
 
-def identical(case, out, base):
+def identical(case, out, base, from_step=0):
+    """Byte-identical model files, and the same losses (a run resumed at `from_step`: from there on)."""
     failures = []
     files = model_files(base)
     if not files or model_files(out) != files:
@@ -100,7 +103,7 @@ def identical(case, out, base):
         with open(os.path.join(base, f), "rb") as a, open(os.path.join(out, f), "rb") as b:
             if a.read() != b.read():
                 failures.append(f"{case}: {f} differs from the unbalanced 1-rank run's")
-    if [s["loss"] for s in steps(out)] != [s["loss"] for s in steps(base)]:
+    if [s["loss"] for s in steps(out)] != [s["loss"] for s in steps(base)][from_step:]:
         failures.append(f"{case}: the logged losses differ from the unbalanced 1-rank run's")
     print(f"{case:<13} against 1 rank: {'identical' if not failures else 'DIFFERENT'}")
     return failures
@@ -136,6 +139,18 @@ def ledger_unbroken(case, out):
     return [f"{case}: the ledger breaks at steps {breaks}"] if breaks else []
 
 
+def same_shares_after_resume(case, out, resumed):
+    """A run resumed from the checkpoint of step 2 x EVERY (a window's end) runs the steps of
+    the next window with the shares the uninterrupted run had there: the checkpoint keeps
+    them (they are not re-measured from equal shares)."""
+    first = 2 * EVERY
+    want = [line.get("rank_rows") for line in steps(out)[first:first + EVERY]]
+    got = [line.get("rank_rows") for line in steps(resumed)[:EVERY]]
+    print(f"{case:<13} steps {first + 1}-{first + EVERY}: rank_rows {got}, uninterrupted {want}")
+    return [] if got == want else [f"{case}: resumed at step {first}, steps {first + 1}-{first + EVERY} ran rank_rows "
+                                   f"{got}, the uninterrupted run {want}"]
+
+
 def refusals(flotilla, tmp, model, data):
     failures = []
     for extra, word in [(["--sync-every", "4"], "local SGD"), (["--balance-every", "0"], "--balance-every")]:
@@ -168,10 +183,15 @@ def main():
         balance = ["--balance", "--balance-every", str(EVERY)]
 
         base = train(args.flotilla, args.mpirun, tmp, "det_1", 1, GLOBAL_ROWS, 1, text + ["--deterministic"])
-        out = train(args.flotilla, args.mpirun, tmp, "det_3_bal", 3, 2, 2, text + ["--deterministic"] + balance,
-                    slow="1:8")
+        out = train(args.flotilla, args.mpirun, tmp, "det_3_bal", 3, 2, 2,
+                    text + ["--deterministic", "--save-every", str(2 * EVERY)] + balance, slow="1:8")
         failures += identical("deterministic", out, base)
         failures += check_shares("deterministic", out, 3, 2, 1)
+        checkpoint = os.path.join(out, "checkpoints", f"step-{2 * EVERY:06d}")
+        resumed = train(args.flotilla, args.mpirun, tmp, "det_3_resumed", 3, 2, 2,
+                        text + ["--deterministic", "--resume", checkpoint] + balance, slow="1:8")
+        failures += identical("resumed", resumed, base, from_step=2 * EVERY)
+        failures += same_shares_after_resume("resumed", out, resumed)
 
         base = train(args.flotilla, args.mpirun, tmp, "default_1", 1, GLOBAL_ROWS, 1, chat)
         out = train(args.flotilla, args.mpirun, tmp, "default_2_bal", 2, 3, 2, chat + balance, slow="0:8")

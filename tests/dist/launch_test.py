@@ -18,6 +18,10 @@ Each case runs `flotilla launch` over mpirun on this machine:
   per-host  as `same`, with a checkpoint folder per host (--checkpoint-dir 'DIR/{host}'): the
             relaunch resumes (train completes the folders), byte-identical again.
   give-up   --max-restarts 0: a killed rank ends the launch with one line, non-zero.
+  partition 4 hosts (one machine: an mpirun wrapper puts every --host on localhost; a probe
+            answers while a file exists); rank 2 is killed and 2 of the hosts stop
+            answering: not a strict majority of the last world, so no second attempt, one
+            line naming the hosts, non-zero, a no_majority event.
   refused   no answering host beyond this one with --min-hosts 2 (a probe that fails); a job
             without --save-every; a bad train flag (train's own line, alone); no job after
             `--`: one line each, non-zero, nothing run.
@@ -158,10 +162,10 @@ def main():
         # and its stop (SIGUSR1, passed on by mpirun at once) to stop the run to grow.
         RUN = 120
 
-        def train(out, steps, batch, save_every=20):
+        def train(out, steps, batch, save_every=20, timeout=10):
             return ["train", "--model", model, "--data", os.path.join(SOURCE, "data/pirate/completions"),
                     "--batch-size", str(batch), "--seq-len", "64", "--steps", str(steps), "--save-every",
-                    str(save_every), "--log-every", "1", "--timeout", "10", "--out", out]
+                    str(save_every), "--log-every", "1", "--timeout", str(timeout), "--out", out]
 
         def launch(extra, job, **kw):
             return Job([flotilla, "launch", "--mpirun", args.mpirun, "--mpirun-args", MPIRUN_ARGS,
@@ -273,6 +277,46 @@ def main():
         print(f"give-up  rc={rc}")
         if rc in (0, None) or "--max-restarts 0 reached" not in out:
             failures.append(f"give-up: expected a non-zero exit naming --max-restarts, got {rc}:\n{out[-2000:]}")
+
+        # -- partition: 4 hosts (localhost and three names an mpirun wrapper places on this
+        # machine too; a probe answers for each while its file exists). Rank 2 is killed and
+        # hc and hd stop answering: 2 of the last world's 4 hosts is not a strict majority,
+        # so the launcher stops with one line instead of training on its side.
+        cases += 1
+        wrapper = os.path.join(tmp, "mpirun-one-machine")
+        with open(wrapper, "w") as f:
+            f.write("#!/usr/bin/python3\n# Every host of --host is this machine: the slots are summed on localhost.\n"
+                    "import os, sys\nargs = sys.argv[1:]\ni = args.index('--host')\n"
+                    "args[i + 1] = 'localhost:%d' % sum(int(h.split(':')[1]) for h in args[i + 1].split(','))\n"
+                    f"os.execvp({args.mpirun!r}, [{args.mpirun!r}] + args)\n")
+        os.chmod(wrapper, 0o755)
+        four = os.path.join(tmp, "four")
+        with open(four, "w") as f:
+            f.write("localhost slots=1\nhb slots=1\nhc slots=1\nhd slots=1\n")
+        for h in ("hb", "hc", "hd"):
+            open(os.path.join(tmp, f"up-{h}"), "w").close()
+        run = os.path.join(tmp, "partition")
+        # Short timeouts: the case only needs the first attempt to end.
+        job = Job([flotilla, "launch", "--mpirun", wrapper, "--mpirun-args", MPIRUN_ARGS, "--hostfile", four,
+                   "--probe", f"test -e {tmp}/up-{{host}}", "--grace", "2", "--", *train(run, RUN, 1, timeout=2)], env)
+        if not job.wait_for("step     7/", 120):
+            failures.append("partition: the run never reached step 7")
+        for h in ("hc", "hd"):
+            os.remove(os.path.join(tmp, f"up-{h}"))
+        if not kill_rank(run, 2):
+            failures.append("partition: rank 2 was not found")
+        rc, out = job.finish(120)
+        print(f"partition rc={rc}")
+        # The ranks' lines on the kill may come first; the launcher's is the last, and the only
+        # one on the majority.
+        errors = [l for l in out.splitlines() if l.startswith("flotilla: error:")]
+        want = "2 of the last world's 4 hosts answer (localhost, hb; not hc, hd)"
+        if rc in (0, None) or not errors or want not in errors[-1] or "strict majority" not in errors[-1] \
+                or sum("strict majority" in l for l in errors) != 1 or "attempt 2:" in out:
+            failures.append(f"partition: expected no second attempt and one line '{want} ... strict majority', got "
+                            f"rc={rc}:\n{out[-2500:]}")
+        elif "no_majority" not in [l.get("event") for l in metrics(run)]:
+            failures.append("partition: no no_majority event in metrics.jsonl")
 
         # -- refused: bad launches stop before running anything.
         cases += 1

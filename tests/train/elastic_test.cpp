@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -90,6 +91,47 @@ TEST(ElasticShape, RandomFleetsKeepEveryInvariant) {
     const int64_t rows = G / s->world;
     for (int64_t b = s->batch_size + 1; b <= std::min(rows, max_b); ++b) EXPECT_NE(rows % b, 0);
   }
+}
+
+TEST(HostQuorum, OnlyASideWithAStrictMajorityOfTheLastWorldGoesOn) {
+  const std::vector<HostSlots> last = {{"h0", 1}, {"h1", 1}, {"h2", 2}, {"h3", 1}};
+  // 3|1: the side of three goes on, the side of one stops.
+  EXPECT_TRUE(last_world_quorum(last, {{"h0", 1}, {"h1", 1}, {"h3", 1}}).majority());
+  EXPECT_FALSE(last_world_quorum(last, {{"h2", 2}}).majority());
+  // 2|2: neither side has more than half, so neither trains. Slots do not count: h2 has 2.
+  EXPECT_FALSE(last_world_quorum(last, {{"h0", 1}, {"h1", 1}}).majority());
+  EXPECT_FALSE(last_world_quorum(last, {{"h2", 2}, {"h3", 1}}).majority());
+  // A host that was not in the last world does not make a majority (it cannot tell which
+  // side it is on); every member answering (a killed rank, no host lost) always goes on.
+  EXPECT_FALSE(last_world_quorum(last, {{"h0", 1}, {"h1", 1}, {"h9", 4}}).majority());
+  EXPECT_TRUE(last_world_quorum(last, last).majority());
+  EXPECT_TRUE(last_world_quorum({{"a", 1}}, {{"a", 1}}).majority());
+  EXPECT_FALSE(last_world_quorum({{"a", 1}, {"b", 1}}, {{"a", 1}}).majority());
+  EXPECT_EQ(last_world_quorum(last, {{"h0", 1}, {"h1", 1}}).describe(),
+            "2 of the last world's 4 hosts answer (h0, h1; not h2, h3)");
+}
+
+TEST(CheckpointHolders, ASmallerWorldTakesHostsThatHoldEveryRanksFiles) {
+  const std::vector<HostSlots> four = {{"h0", 1}, {"h1", 1}, {"h2", 1}, {"h3", 1}};
+  // One replica on the next host: rank 2's files on h2 and h3, rank 3's on h3 and h0.
+  const auto holders = checkpoint_holders(four, 1);
+  EXPECT_EQ(holders, (std::vector<std::vector<std::string>>{{"h0", "h1"}, {"h1", "h2"}, {"h2", "h3"}, {"h3", "h0"}}));
+  EXPECT_EQ(checkpoint_holders(four, -1), holders);
+  EXPECT_EQ(checkpoint_holders({{"a", 2}}, -1), (std::vector<std::vector<std::string>>{{"a"}, {"a"}}));
+  // h3 lost, 3 hosts answer and the global batch of 4 rows takes 2 of them: not h0 and h1
+  // (rank 2's files are on h2 and h3 only) but h0 and h2.
+  const std::vector<HostSlots> alive = {{"h0", 1}, {"h1", 1}, {"h2", 1}};
+  const std::vector<HostSlots> order = holders_first(alive, holders);
+  EXPECT_EQ(order, (std::vector<HostSlots>{{"h0", 1}, {"h2", 1}, {"h1", 1}}));
+  const std::optional<ElasticShape> s = plan_elastic_shape(order, 0, 4, 1);
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ(s->hosts, (std::vector<HostSlots>{{"h0", 1}, {"h2", 1}}));
+  // h2 lost instead: h0 with any other host misses rank 1's or rank 2's files; h1 and h3
+  // hold them all (h0 may be left out: it runs mpirun either way).
+  const std::vector<HostSlots> without_h2 = {{"h0", 1}, {"h1", 1}, {"h3", 1}};
+  EXPECT_EQ(holders_first(without_h2, holders), (std::vector<HostSlots>{{"h1", 1}, {"h3", 1}, {"h0", 1}}));
+  // A rank whose files no answering host holds: no cover, the order is kept.
+  EXPECT_EQ(holders_first({{"h0", 1}, {"h1", 1}}, holders), (std::vector<HostSlots>{{"h0", 1}, {"h1", 1}}));
 }
 
 }  // namespace

@@ -79,6 +79,27 @@ int64_t RowBalancer::first_row(int rank) const {
   return first;
 }
 
+void RowBalancer::restore(std::vector<int64_t> shares, std::vector<double> speeds) {
+  const size_t n = shares_.size();
+  if (shares.size() != n || speeds.size() != n)
+    throw InputError("parallel/balance", fmt::format("the saved shares are for {} ranks, this run has {}", shares.size(), n));
+  int64_t sum = 0;
+  for (const int64_t s : shares) {
+    if (s < config_.min_rows)
+      throw InputError("parallel/balance", fmt::format("a saved share of {} rows is below {} (one per micro-batch)", s,
+                                                       config_.min_rows));
+    sum += s;
+  }
+  if (sum != config_.global_rows)
+    throw InputError("parallel/balance",
+                     fmt::format("the saved shares add up to {} rows, this run's global batch has {}", sum, config_.global_rows));
+  for (const double v : speeds)
+    if (!(std::isfinite(v) && v >= 0.0))
+      throw InputError("parallel/balance", fmt::format("a saved speed of {} rows per second", v));
+  shares_ = std::move(shares);
+  speeds_ = std::move(speeds);
+}
+
 void RowBalancer::record(int64_t rows, double compute_s) {
   window_rows_ += static_cast<double>(rows);
   window_s_ += compute_s;

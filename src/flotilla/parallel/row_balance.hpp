@@ -61,6 +61,12 @@ class RowBalancer {
   // The smoothed speeds (rows per second), 0 before the first agreement.
   const std::vector<double>& speeds() const { return speeds_; }
 
+  // A resumed run continues with the shares and smoothed speeds a checkpoint kept (every
+  // rank alike: they are the agreed ones), instead of equal shares re-measured from
+  // scratch. InputError when they do not fit this balancer (another world, another global
+  // batch, a share below min_rows, a speed that is negative or not finite).
+  void restore(std::vector<int64_t> shares, std::vector<double> speeds);
+
   // This rank ran `rows` rows in `compute_s` seconds of forward and backward.
   void record(int64_t rows, double compute_s);
   // After optimizer step `step` (1-based), on every rank alike: at the end of a window,

@@ -82,6 +82,75 @@ bool is_local_host(std::string_view host) {
   return false;
 }
 
+HostQuorum last_world_quorum(const std::vector<HostSlots>& last_members, const std::vector<HostSlots>& alive) {
+  HostQuorum q;
+  for (const HostSlots& m : last_members) {
+    const bool answers = std::any_of(alive.begin(), alive.end(), [&](const HostSlots& a) { return a.host == m.host; });
+    (answers ? q.answering : q.lost).push_back(m.host);
+  }
+  return q;
+}
+
+std::vector<std::vector<std::string>> checkpoint_holders(const std::vector<HostSlots>& hosts, int replicas) {
+  const int n_hosts = static_cast<int>(hosts.size());
+  const int k = replicas < 0 ? std::min(1, n_hosts - 1) : std::min(replicas, n_hosts - 1);
+  std::vector<std::vector<std::string>> holders;
+  for (int h = 0; h < n_hosts; ++h)
+    for (int slot = 0; slot < hosts[static_cast<size_t>(h)].slots; ++slot) {
+      std::vector<std::string> on;
+      for (int i = 0; i <= k; ++i) on.push_back(hosts[static_cast<size_t>((h + i) % n_hosts)].host);
+      holders.push_back(std::move(on));
+    }
+  return holders;
+}
+
+std::vector<HostSlots> holders_first(const std::vector<HostSlots>& alive,
+                                     const std::vector<std::vector<std::string>>& holders) {
+  // The fewest hosts that hold every rank's files (a smaller world then fits them), the
+  // first such set in `alive`'s order; found by trying the sets of 1, 2, ... hosts (a fleet
+  // of a launcher has tens of hosts at most: beyond 20 the order is kept).
+  const size_t n = alive.size();
+  if (n == 0 || n > 20) return alive;
+  const auto holds_all = [&](const std::vector<size_t>& set) {
+    return std::all_of(holders.begin(), holders.end(), [&](const std::vector<std::string>& on) {
+      return std::any_of(set.begin(), set.end(), [&](size_t a) {
+        return std::find(on.begin(), on.end(), alive[a].host) != on.end();
+      });
+    });
+  };
+  for (size_t k = 1; k <= n; ++k) {
+    std::vector<size_t> set(k);
+    for (size_t i = 0; i < k; ++i) set[i] = i;
+    for (;;) {
+      if (holds_all(set)) {
+        std::vector<HostSlots> order;
+        for (const size_t a : set) order.push_back(alive[a]);
+        for (size_t a = 0; a < n; ++a)
+          if (std::find(set.begin(), set.end(), a) == set.end()) order.push_back(alive[a]);
+        return order;
+      }
+      // The next set of k indices in lexicographic order.
+      size_t i = k;
+      while (i > 0 && set[i - 1] == n - k + i - 1) --i;
+      if (i == 0) break;
+      ++set[i - 1];
+      for (size_t j = i; j < k; ++j) set[j] = set[j - 1] + 1;
+    }
+  }
+  return alive;
+}
+
+std::string HostQuorum::describe() const {
+  const auto join = [](const std::vector<std::string>& names) {
+    std::string s;
+    for (const std::string& n : names) s += (s.empty() ? "" : ", ") + n;
+    return s;
+  };
+  const size_t of = answering.size() + lost.size();
+  return fmt::format("{} of the last world's {} host{} answer{} ({}{}{})", answering.size(), of, of == 1 ? "" : "s",
+                     answering.size() == 1 ? "s" : "", join(answering), lost.empty() ? "" : "; not ", join(lost));
+}
+
 std::string ElasticShape::describe() const {
   std::string list;
   for (const HostSlots& h : hosts) list += fmt::format("{}{}:{}", list.empty() ? "" : ", ", h.host, h.slots);

@@ -33,6 +33,34 @@ std::vector<HostSlots> parse_hostfile(std::string_view text, std::string_view so
 // no probe needed to know it answers.
 bool is_local_host(std::string_view host);
 
+// A network partition never leaves two sides training: after a failure the launcher goes on
+// only when the hosts answering now include a strict majority of the last world's members
+// (the hosts that answered when the last attempt started, used or not). A side that cannot
+// see more than half of them stops; in a 2|2 split both sides do. Hosts, not slots, are
+// counted: a partition cuts machines apart.
+struct HostQuorum {
+  std::vector<std::string> answering;  // the last world's members that answer now
+  std::vector<std::string> lost;       // those that do not
+  bool majority() const { return 2 * answering.size() > answering.size() + lost.size(); }
+  // "2 of the last world's 4 hosts answer (h0, h1; not h2, h3)"
+  std::string describe() const;
+};
+HostQuorum last_world_quorum(const std::vector<HostSlots>& last_members, const std::vector<HostSlots>& alive);
+
+// With a checkpoint folder per host (train/host_checkpoints.hpp), where a world on `hosts`
+// (ranks placed slot by slot in their order) keeps each rank's files: on its own host and
+// on the `replicas` hosts after it (-1: 1 when there are several hosts; at most the other
+// hosts). Per rank, the names of the hosts that hold its files.
+std::vector<std::vector<std::string>> checkpoint_holders(const std::vector<HostSlots>& hosts, int replicas);
+
+// `alive` reordered so that a world too small to take every answering host still takes
+// hosts that hold, between them, every rank's files of the checkpoint it resumes (a host
+// outside the world cannot hand its files over): first the fewest hosts that do (of sets
+// of that size, the first in `alive`'s order), then the others in order. `alive` as it is
+// when the answering hosts do not hold every rank's files (or there are over 20).
+std::vector<HostSlots> holders_first(const std::vector<HostSlots>& alive,
+                                     const std::vector<std::vector<std::string>>& holders);
+
 struct ElasticShape {
   std::vector<HostSlots> hosts;  // the slots used, in hostfile order (a host may give fewer)
   int world = 0;

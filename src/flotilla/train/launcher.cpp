@@ -14,6 +14,7 @@
 #include <ctime>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -99,6 +100,7 @@ struct AttemptEnd {
   std::optional<double> first_step_s;   // when this attempt printed its first step line
   int64_t last_step = -1;               // the last step line's step
   int64_t last_checkpoint_step = -1;    // the last "checkpoint: .../step-N (" line's step
+  std::vector<int64_t> checkpoint_steps;  // every such line's step
 };
 
 // `grow`, asked every `rescan_s` seconds once training runs: whether a larger world
@@ -129,7 +131,10 @@ AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, doubl
           end.last_step = step;
         }
         if (const size_t at = line.rfind("/step-"); line.starts_with("checkpoint: ") && at != std::string::npos)
-          if (std::sscanf(line.c_str() + at, "/step-%lld", &step) == 1) end.last_checkpoint_step = step;
+          if (std::sscanf(line.c_str() + at, "/step-%lld", &step) == 1) {
+            end.last_checkpoint_step = step;
+            end.checkpoint_steps.push_back(step);
+          }
         continue;
       }
       const bool error = line.find("flotilla: error:") != std::string::npos ||
@@ -324,8 +329,35 @@ int run_launch(const LaunchConfig& opt) {
   // attempt resumed (its folders hold checkpoints).
   int64_t checkpointed_step = -1;
   bool resumed_as_asked = false;
+  // The hosts that answered when the last attempt started: the majority a relaunch needs.
+  std::vector<HostSlots> members;
+  // With a folder per host: for each checkpoint step an attempt wrote, the hosts holding
+  // each rank's files (checkpoint_holders of that attempt's hosts).
+  const bool per_host = train.checkpoint_dir.find("{host}") != std::string::npos;
+  std::map<int64_t, std::vector<std::vector<std::string>>> holders_of_step;
   for (int attempt = 1;; ++attempt) {
     const std::vector<HostSlots> alive = answering_hosts(opt, &timeline, attempt);
+    if (attempt > 1) {
+      // Checked before --min-hosts: in a partition the launcher is on one side, the other
+      // side's ranks end on their own (their collectives time out, their daemons lose
+      // mpirun), and only a side with more than half of the last world may go on.
+      const HostQuorum quorum = last_world_quorum(members, alive);
+      if (!quorum.majority()) {
+        timeline.add({{"event", "no_majority"},
+                      {"attempt", attempt},
+                      {"answering", quorum.answering},
+                      {"lost", quorum.lost}},
+                     fmt::format("{}: not a strict majority, stopping", quorum.describe()));
+        timeline.flush();
+        timeline.print();
+        throw Error(kLauncherComponent,
+                    fmt::format("{}: the side of a partition without a strict majority of the last world stops (the "
+                                "other side may be training); the newest checkpoint in {} resumes with flotilla launch "
+                                "... -- train ... once more than half of them answer",
+                                quorum.describe(), train.out));
+      }
+    }
+    members = alive;
     if (static_cast<int>(alive.size()) < opt.min_hosts) {
       timeline.add({{"event", "gave_up"}, {"attempt", attempt}, {"hosts", alive.size()}},
                    fmt::format("{} host{} answer, --min-hosts is {}: stopping", alive.size(),
@@ -343,8 +375,24 @@ int run_launch(const LaunchConfig& opt) {
       for (size_t i = 0; i < usable; ++i) slots += alive[i].slots;
       global_rows = train.batch_size * train.grad_accum * slots;
     }
-    const std::optional<ElasticShape> shape =
-        plan_elastic_shape(alive, opt.max_hosts, global_rows, train.batch_size);
+    std::optional<ElasticShape> shape = plan_elastic_shape(alive, opt.max_hosts, global_rows, train.batch_size);
+    // A world smaller than the answering hosts must take hosts that hold, between them, the
+    // newest checkpoint they can resume (a host left out cannot hand its files over).
+    if (per_host && attempt > 1) {
+      const auto held_by = [](const std::vector<HostSlots>& hosts, const std::vector<std::vector<std::string>>& holders) {
+        return std::all_of(holders.begin(), holders.end(), [&](const std::vector<std::string>& on) {
+          return std::any_of(hosts.begin(), hosts.end(), [&](const HostSlots& h) {
+            return std::find(on.begin(), on.end(), h.host) != on.end();
+          });
+        });
+      };
+      for (auto it = holders_of_step.rbegin(); it != holders_of_step.rend(); ++it) {
+        if (!held_by(alive, it->second)) continue;  // a rank's files are lost: an older step
+        if (!held_by(shape->hosts, it->second))
+          shape = plan_elastic_shape(holders_first(alive, it->second), opt.max_hosts, global_rows, train.batch_size);
+        break;
+      }
+    }
     // Resume: the run's newest complete checkpoint, if it has one (the first attempt does
     // what the user asked).
     std::vector<std::string> run_args = args.kept;
@@ -425,6 +473,8 @@ int run_launch(const LaunchConfig& opt) {
     };
     const AttemptEnd end = supervise(argv, opt.grace_s, opt.rescan_s, grow, t0);
     checkpointed_step = std::max(checkpointed_step, end.last_checkpoint_step);
+    for (const int64_t step : end.checkpoint_steps)
+      holders_of_step[step] = checkpoint_holders(shape->hosts, opt.checkpoint_replicas);
     if (fault_s >= 0 && end.first_step_s) {
       const double recovery = *end.first_step_s - fault_s;
       // The first step's wall-clock time: a fault injected from outside is timed against it.

@@ -35,6 +35,7 @@ struct LaunchConfig {
   // The train flags as train resolved them (cli: `train ... --print-config`).
   std::string out;
   std::string checkpoint_dir;      // train's --checkpoint-dir (empty: OUT/checkpoints)
+  int checkpoint_replicas = -1;    // train's --checkpoint-replicas (-1: its default)
   int64_t batch_size = 0, grad_accum = 0, save_every = 0;
 };
 

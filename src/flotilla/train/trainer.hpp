@@ -212,6 +212,7 @@ class Trainer {
   parallel::GradientSync& sync() { return *sync_; }
   // Row balancing's agreement (null without TrainConfig::balance_every).
   const parallel::RowBalancer* balancer() const { return balancer_.get(); }
+  parallel::RowBalancer* balancer() { return balancer_.get(); }
 
   // AdamW's moments in the layout of the whole trainable arena, for reading an unsharded
   // checkpoint: the optimizer's own buffers, or under ZeRO buffers the trainer holds until

@@ -8,6 +8,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/json_error.hpp"
+#include "flotilla/parallel/row_balance.hpp"
 #include "flotilla/train/sharded_checkpoint.hpp"
 
 namespace flotilla::train {
@@ -53,7 +54,7 @@ nlohmann::json training_state_json(Trainer& trainer, const data::BatchSource& so
   }
   // LoRA dropout masks are a hash of (seed, forward count): the count is its whole state.
   const nlohmann::json rng = {{"dropout_step", trainer.model().dropout_step()}, {"streams", streams}};
-  return {{"format", std::string(kStateFormat)},
+  nlohmann::json state = {{"format", std::string(kStateFormat)},
           {"version", kFormatVersion},
           {"step", step},
           {"elapsed_s", trainer.elapsed_s()},
@@ -74,6 +75,11 @@ nlohmann::json training_state_json(Trainer& trainer, const data::BatchSource& so
             {"next_lr", json_float(schedule.lr_at(step))}}},
           {"data", source.state()},
           {"rng", rng}};
+  // --balance: the agreed shares in force for the next step and the smoothed speeds they
+  // were cut from, so that a resumed run goes on with them (restore_balance).
+  if (const parallel::RowBalancer* b = trainer.balancer())
+    state["balance"] = {{"rank_rows", b->shares()}, {"rank_rows_per_s", b->speeds()}};
+  return state;
 }
 
 namespace {
@@ -118,6 +124,27 @@ fs::path save_training_checkpoint(const fs::path& checkpoints_dir, Trainer& trai
                                   nlohmann::json config, int keep, const RngStreams& rngs) {
   return write_checkpoint(checkpoints_dir, capture_training_state(trainer, source, std::move(config), rngs), keep);
 }
+
+namespace {
+
+// The shares a --balance run saved, when this run balances too. Shares saved for another
+// world (an elastic restart on other hosts) say nothing of these ranks' speeds: this run
+// then starts from equal shares, and says so.
+void restore_balance(const nlohmann::json& state, Trainer& trainer, const std::function<void(const std::string&)>& warn) {
+  parallel::RowBalancer* balancer = trainer.balancer();
+  if (!balancer || !state.contains("balance")) return;
+  try {
+    const nlohmann::json& saved = state.at("balance");
+    balancer->restore(saved.at("rank_rows").get<std::vector<int64_t>>(),
+                      saved.at("rank_rows_per_s").get<std::vector<double>>());
+  } catch (const nlohmann::json::exception& e) {
+    if (warn) warn("--balance: the checkpoint's shares are malformed (" + json_error_text(e) + "): equal shares until the first re-cut");
+  } catch (const InputError& e) {
+    if (warn) warn(std::string("--balance: ") + e.what() + ": equal shares until the first re-cut");
+  }
+}
+
+}  // namespace
 
 nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer, data::BatchSource& source,
                                       const RngStreams& rngs, const std::function<void(const std::string&)>& warn) {
@@ -176,6 +203,7 @@ nlohmann::json restore_training_state(const fs::path& step_dir, Trainer& trainer
   }
   trainer.optimizer().set_steps_taken(optimizer_step);
   trainer.restore_progress(step, elapsed_s);
+  restore_balance(state, trainer, warn);
   read_rank_state(step_dir, trainer, warn);
   return config;
 }
