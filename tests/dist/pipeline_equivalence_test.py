@@ -10,7 +10,11 @@ relative and every final weight within 1e-5 of its tensor's largest value, for:
   - dp=2,pp=2 (each replica's batch of 4 rows in 2 micro-batches), 1f1b;
   - pp=2 with --pp-layers 3,1 (uneven stages);
   - LoRA (rank 4) on pp=2 and on dp=2,pp=2;
-  - LoRA on a 4-bit base (init --quantize 4) on pp=2.
+  - LoRA on a 4-bit base (init --quantize 4) on pp=2;
+  - checkpoints at step 10 resumed on another layout (each stage of the first replica writes
+    its own tensors; a rank reads what it holds): pp=2 -> 1 rank, dp=2,pp=2 -> pp=2, one
+    rank's -> dp=2,pp=2, and LoRA pp=2 -> 1 rank; the resumed losses and final weights
+    against the one-rank run.
 Why the same rows per micro-batch: against one rank in micro-batches of 8 rows every
 pipeline run here ends 1.06e-5 to 1.27e-5 from it in one tensor (layers.0 down_proj), the
 same for pp=2 and pp=4 and either schedule: the weight gradients summed over rows grouped
@@ -72,11 +76,12 @@ def main():
             return run((mpirun + ["-np", str(ranks)] if ranks > 1 else []) + cmd, env)
 
         base = os.path.join(tmp, "base")
-        train(base, 1, 1, [])
+        train(base, 1, 1, ["--save-every", "10"])
         for pp in (2, 4):
             for schedule in ("gpipe", "1f1b"):
                 out = os.path.join(tmp, f"pp{pp}_{schedule}")
-                log = train(out, 1, pp, ["--micro-batches", "4", "--pp-schedule", schedule])
+                ckpt = ["--save-every", "10"] if (pp, schedule) == (2, "1f1b") else []
+                log = train(out, 1, pp, ["--micro-batches", "4", "--pp-schedule", schedule] + ckpt)
                 if f"pipeline: {pp} stages" not in log:
                     failures.append(f"pp={pp} {schedule}: the log does not name the stages:\n{log}")
                 failures += compare(f"pp={pp}, {schedule}, M=4", base, out)
@@ -89,7 +94,7 @@ def main():
                 print(f"pp={pp}, {schedule}: stage 0 held at most {slots} micro-batches' activations")
                 cases += 1
         out = os.path.join(tmp, "dp2_pp2")
-        train(out, 2, 2, ["--micro-batches", "2"])
+        train(out, 2, 2, ["--micro-batches", "2", "--save-every", "10"])
         failures += compare("dp=2,pp=2, 1f1b, M=2", base, out)
         out = os.path.join(tmp, "pp2_uneven")
         log = train(out, 1, 2, ["--micro-batches", "4", "--pp-layers", "3,1"])
@@ -98,14 +103,39 @@ def main():
         failures += compare("pp=2, --pp-layers 3,1", base, out)
         cases += 2
 
+        # Checkpoints across layouts (issue 15 item 4).
+        def step10(run_dir):
+            return ["--resume", os.path.join(tmp, run_dir, "checkpoints", "step-000010")]
+
+        for name, (dp, pp), extra in (("pp=2 checkpoint -> 1 rank", (1, 1), step10("pp2_1f1b")),
+                                      ("dp=2,pp=2 checkpoint -> pp=2", (1, 2),
+                                       ["--micro-batches", "4"] + step10("dp2_pp2")),
+                                      ("1-rank checkpoint -> dp=2,pp=2", (2, 2),
+                                       ["--micro-batches", "2"] + step10("base"))):
+            out = os.path.join(tmp, "resumed_" + name.split()[0].replace("=", "").replace(",", "_"))
+            log = train(out, dp, pp, extra)
+            if "resumed from" not in log:
+                failures.append(f"{name}: the run did not say it resumed:\n{log}")
+            failures += compare(name, base, out, from_step=10)
+            cases += 1
+
         lora = ["--fine-tune-type", "lora", "--lora-rank", "4", "--lora-targets", "q,v,down"]
         lora_base = os.path.join(tmp, "lora_base")
         train(lora_base, 1, 1, lora)
         for dp, pp in ((1, 2), (2, 2)):
             out = os.path.join(tmp, f"lora_dp{dp}_pp{pp}")
-            train(out, dp, pp, lora + ["--micro-batches", str(4 // dp)])
+            ckpt = ["--save-every", "10"] if dp == 1 else []
+            train(out, dp, pp, lora + ["--micro-batches", str(4 // dp)] + ckpt)
             failures += compare(f"LoRA, dp={dp},pp={pp}", lora_base, out, "adapter_model.safetensors")
             cases += 1
+        # A LoRA pp=2 checkpoint (its step folder's PEFT files whole) resumed on one rank.
+        out = os.path.join(tmp, "lora_resumed_1")
+        log = train(out, 1, 1, lora + step10("lora_dp1_pp2"))
+        if "resumed from" not in log:
+            failures.append(f"LoRA pp=2 checkpoint -> 1 rank: the run did not say it resumed:\n{log}")
+        failures += compare("LoRA pp=2 checkpoint -> 1 rank", lora_base, out, "adapter_model.safetensors",
+                            from_step=10)
+        cases += 1
 
         q4 = os.path.join(tmp, "model_q4")
         run([f, "init", "--config", config, "--out", q4, "--seed", "5", "--quantize", "4", "--group-size", "32"], env)

@@ -51,8 +51,9 @@ void check_pipeline_flags(const TrainJob& job) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
   refuse_what_model_parallelism_lacks(job, refuse);
-  if (job.save_every > 0) refuse("checkpoints (--save-every; leave it at 0)");
-  if (!job.resume_from.empty()) refuse("--resume");
+  // Checkpoints are the whole model's, written by the first replica's stages into one folder.
+  if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
+    refuse("per-host checkpoint folders (--checkpoint-dir, --checkpoint-replicas)");
   if (job.train.balance_every > 0) refuse("--balance (the stages pass fixed-size micro-batches along)");
   const int64_t M = job.pipeline.micro_batches;
   if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));

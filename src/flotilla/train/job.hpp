@@ -89,8 +89,8 @@ struct TrainJob {
   parallel::DataParallel* dp = nullptr;
   // Pipeline parallel (parallel/pipeline.hpp): the mesh's pp group (its size > 1), whose
   // rank is this rank's stage, and every rank of the job; null: no pipeline. The stages'
-  // layers are balanced by cost unless pipeline.stage_layers gives them. Pipeline runs
-  // take no checkpoints yet (--save-every and --resume are refused).
+  // layers are balanced by cost unless pipeline.stage_layers gives them. A checkpoint is
+  // the whole model's, each stage of the first replica writing its own tensors.
   comm::Communicator* pp = nullptr;
   comm::Communicator* world = nullptr;
   // Expert parallelism and the load-balancing loss over the ranks (parallel/
@@ -102,7 +102,7 @@ struct TrainJob {
   // Tensor parallel (parallel/tensor_parallel.hpp): the mesh's tp group (its size > 1),
   // whose ranks hold slices of every block's linear layers; `world` is then every rank of
   // the job, and `dp` the data group (the same tp slice in the other replicas). Null: none.
-  // Tensor-parallel runs take no checkpoints yet (--save-every and --resume are refused);
+  // Checkpoints are the whole model's, each rank of the first replica writing its slices;
   // the model written at the end is gathered whole.
   parallel::TensorParallel* tp = nullptr;
   // How gradients travel between ranks (data parallel only): exact float32, or compressed

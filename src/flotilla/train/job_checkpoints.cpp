@@ -40,7 +40,7 @@ JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Train
           job.checkpoint_dir.empty() ? (job.out_dir / io::kCheckpointsDirName).string() : job.checkpoint_dir,
           job.checkpoint_replicas, job.dp, info_)),
       dir_(hosts_.dir) {
-  if (job.tp) tp_world_ = std::make_unique<parallel::DataParallel>(*job.world);
+  if (job.tp || job.pp) model_parallel_world_ = std::make_unique<parallel::DataParallel>(*job.world);
 }
 
 void JobCheckpoints::resume() {
@@ -140,17 +140,20 @@ void JobCheckpoints::save(int64_t step) {
   if (adapters_) {
     // The step folder is also an adapter folder: generate --adapter, fuse and
     // --resume-adapter-file take it as it is. Under tensor parallelism each tp group's
-    // rank 0 gathers the whole adapters (world rank 0's are written).
+    // rank 0 gathers the whole adapters (world rank 0's are written); a pipeline's stages
+    // exchange their layers' adapters, as at the end of a run.
+    if (job_.pp) trainer_.complete_model();
     if (job_.tp) whole_adapters = job_.tp->gather_full_adapters(*adapters_, trainer_.model().full_config());
     adapter_files.names = {"adapter_model.safetensors", "adapter_config.json"};
     adapter_files.write = [&](const std::filesystem::path& dir) {
       (whole_adapters ? &*whole_adapters : adapters_)->save_peft(dir, base_model_name(job_));
     };
   }
-  last_saved_dir_ = tp_world_ ? save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
-                                                        tp_world_.get(), adapter_files)
-                              : save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
-                                                        job_.dp, adapter_files, {}, {}, &hosts_);
+  last_saved_dir_ = model_parallel_world_
+                        ? save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
+                                                  model_parallel_world_.get(), adapter_files)
+                        : save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints, job_.dp,
+                                                  adapter_files, {}, {}, &hosts_);
   info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
   last_saved_step_ = step;
 }
@@ -162,9 +165,8 @@ void JobCheckpoints::after_step(int64_t step) {
 
 std::string JobCheckpoints::save_on_stop(int64_t step) {
   if (last_saved_step_ == step) return "checkpoint " + last_saved_dir_.string();
-  if (foreign_ || job_.pp) {
+  if (foreign_) {
     if (ranks_.root) record_.write_metrics();
-    if (job_.pp) return "no checkpoint written: pipeline runs (pp > 1) take none yet";
     return "no checkpoint written: " + dir_.string() + " holds an earlier run's checkpoints";
   }
   save(step);

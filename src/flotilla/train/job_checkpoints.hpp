@@ -59,9 +59,10 @@ class JobCheckpoints {
   RunRecord& record_;
   InfoSink info_;
   CheckpointHosts hosts_;      // who keeps which folder
-  // Tensor parallelism: every rank of the world writes its slices (of the first replica),
-  // so a checkpoint is a collective over the world, not the data group.
-  std::unique_ptr<parallel::DataParallel> tp_world_;
+  // Tensor and pipeline parallelism: every rank of the world writes its slices or its
+  // stage's tensors (of the first replica), so a checkpoint is a collective over the world,
+  // not the data group.
+  std::unique_ptr<parallel::DataParallel> model_parallel_world_;
   std::filesystem::path dir_;  // this rank's checkpoints folder: OUT/checkpoints, or its host's
   // An earlier run's checkpoints, kept (a fresh run with --save-every 0, no --force).
   bool foreign_ = false;

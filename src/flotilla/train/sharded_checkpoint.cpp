@@ -13,6 +13,7 @@
 #include "flotilla/base/json_error.hpp"
 #include "flotilla/io/safetensors.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
+#include "flotilla/parallel/pipeline_sync.hpp"
 #include "flotilla/train/checkpoint.hpp"
 #include "flotilla/train/host_checkpoints.hpp"
 
@@ -272,7 +273,38 @@ std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world)
   return {{begin, end}};
 }
 
+// A pipeline stage's writes, `world_rank` in the whole world the checkpoint is written over:
+// the first replica's stages write the ranges they own (each trainable float is one
+// stage's), world rank 0 also what no stage owns (the alignment gaps between tensors,
+// zeros), so that the files tile the arena; the other replicas (the same weights) write
+// nothing. The checkpoint is then the whole model's, as one rank's: it resumes on any
+// layout, each rank reading what it holds.
+std::vector<io::FloatRange> pipeline_checkpoint_ranges(Trainer& trainer, int world_rank) {
+  const parallel::DataParallel* replicas = trainer.data_parallel();
+  if (replicas && replicas->rank() != 0) return {};
+  std::vector<io::FloatRange> out;
+  for (const parallel::ArenaRange& r : trainer.sync().owned()) out.push_back({r.begin, r.end});
+  if (world_rank != 0) return out;
+  model::Llama& model = trainer.model();
+  const model::Llama::Trainable trainable = model.trainable();
+  const auto arena_floats = static_cast<int64_t>(trainable.params.size());
+  std::vector<parallel::ArenaRange> owned_somewhere;
+  for (const auto& stage : parallel::stage_owned_ranges(model, trainable.table, trainer.pipeline()->ranges()))
+    owned_somewhere.insert(owned_somewhere.end(), stage.begin(), stage.end());
+  std::sort(owned_somewhere.begin(), owned_somewhere.end(),
+            [](const parallel::ArenaRange& a, const parallel::ArenaRange& b) { return a.begin < b.begin; });
+  int64_t from = 0;
+  for (const parallel::ArenaRange& r : owned_somewhere) {
+    if (r.begin > from) out.push_back({from, r.begin});
+    from = std::max(from, r.end);
+  }
+  if (from < arena_floats) out.push_back({from, arena_floats});
+  std::sort(out.begin(), out.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
+  return out;
+}
+
 std::vector<io::FloatRange> checkpoint_ranges(Trainer& trainer, int rank, int world) {
+  if (trainer.pipeline()) return pipeline_checkpoint_ranges(trainer, rank);
   const parallel::GradientSync& sync = trainer.sync();
   if (!sync.sharded())
     return equal_cut(static_cast<int64_t>(trainer.model().trainable().params.size()), rank, world);
@@ -298,8 +330,8 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     return RunStopped(kShardedCheckpointComponent, fmt::format("checkpoint of step {} not written: {}", step, why), 1, !root);
   };
 
-  // Every rank's ranges, for rank 0's layout.json (under tensor parallelism, of the full
-  // model's arena: `dp` is then the whole world).
+  // Every rank's ranges, for rank 0's layout.json (under tensor or pipeline parallelism,
+  // of the full model's arena: `dp` is then the whole world).
   const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer.model(), rank);
   const std::vector<io::FloatRange> mine = tp ? tp->written : checkpoint_ranges(trainer, rank, world);
   const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
