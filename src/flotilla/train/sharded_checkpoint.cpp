@@ -148,6 +148,21 @@ void append_merged(std::vector<io::FloatRange>& ranges, io::FloatRange r) {
     ranges.push_back(r);
 }
 
+// What of [0, total) none of `taken` covers (in any order), ascending and merged: the
+// floats a rank writes so that the rank files tile the arena (the gaps between tensors,
+// or under tensor parallelism everything the other tp ranks do not write).
+std::vector<io::FloatRange> uncovered(std::vector<io::FloatRange> taken, int64_t total) {
+  std::sort(taken.begin(), taken.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
+  std::vector<io::FloatRange> out;
+  int64_t from = 0;
+  for (const io::FloatRange& t : taken) {
+    append_merged(out, {from, t.begin});
+    from = std::max(from, t.end);
+  }
+  append_merged(out, {from, total});
+  return out;
+}
+
 // The split tensors' ranges of the full arena that tp rank `at` holds (ascending, merged).
 std::vector<io::FloatRange> split_ranges(const model::ParamTable& full, const model::ParamTable& local,
                                          model::TpRank at) {
@@ -201,13 +216,7 @@ std::optional<TpCheckpointView> tp_checkpoint_view(model::Llama& model, int worl
     const model::ParamLayout theirs(model::tensor_parallel_config(model.full_config(), {r, at.size}));
     for (const io::FloatRange& f : split_ranges(*v.full, theirs, {r, at.size})) others.push_back(f);
   }
-  std::sort(others.begin(), others.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
-  int64_t from = 0;
-  for (const io::FloatRange& o : others) {
-    append_merged(v.written, {from, o.begin});
-    from = o.end;
-  }
-  append_merged(v.written, {from, v.full->total_numel()});
+  v.written = uncovered(std::move(others), v.full->total_numel());
   return v;
 }
 
@@ -288,17 +297,10 @@ std::vector<io::FloatRange> pipeline_checkpoint_ranges(Trainer& trainer, int wor
   model::Llama& model = trainer.model();
   const model::Llama::Trainable trainable = model.trainable();
   const auto arena_floats = static_cast<int64_t>(trainable.params.size());
-  std::vector<parallel::ArenaRange> owned_somewhere;
+  std::vector<io::FloatRange> owned_somewhere;
   for (const auto& stage : parallel::stage_owned_ranges(model, trainable.table, trainer.pipeline()->ranges()))
-    owned_somewhere.insert(owned_somewhere.end(), stage.begin(), stage.end());
-  std::sort(owned_somewhere.begin(), owned_somewhere.end(),
-            [](const parallel::ArenaRange& a, const parallel::ArenaRange& b) { return a.begin < b.begin; });
-  int64_t from = 0;
-  for (const parallel::ArenaRange& r : owned_somewhere) {
-    if (r.begin > from) out.push_back({from, r.begin});
-    from = std::max(from, r.end);
-  }
-  if (from < arena_floats) out.push_back({from, arena_floats});
+    for (const parallel::ArenaRange& r : stage) owned_somewhere.push_back({r.begin, r.end});
+  for (const io::FloatRange& gap : uncovered(std::move(owned_somewhere), arena_floats)) out.push_back(gap);
   std::sort(out.begin(), out.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
   return out;
 }
