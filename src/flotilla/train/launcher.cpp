@@ -119,6 +119,8 @@ AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, doubl
   std::string line_out, line_err;
   std::optional<Clock::time_point> fault_at, term_sent;
   int forwarded_signal = 0;
+  // See above: SIGUSR1 once the ranks train, SIGINT before.
+  const auto stop_job = [&] { child.signal(end.first_step_s ? SIGUSR1 : SIGINT); };
   const auto scan = [&](std::string& pending, bool is_err) {
     size_t nl;
     while ((nl = pending.find('\n')) != std::string::npos) {
@@ -180,7 +182,6 @@ AttemptEnd supervise(const std::vector<std::string>& argv, double grace_s, doubl
     }
     // The user's Ctrl-C or SIGTERM: passed on once (flotilla stops at a step boundary and
     // says so), then the job ends as it ends; no restart.
-    const auto stop_job = [&] { child.signal(end.first_step_s ? SIGUSR1 : SIGINT); };
     if (const int sig = stop_signal_received(); sig != 0 && forwarded_signal == 0) {
       forwarded_signal = sig;
       end.user_signal = sig;
