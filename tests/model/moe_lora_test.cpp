@@ -128,19 +128,12 @@ void check_expert_lora_gradients(Architecture arch, const char* targets, float d
                                     : std::string("own");
     for (int s = 0; s < 3; ++s) {
       const size_t i = static_cast<size_t>(info.offset) + rng.below(static_cast<uint64_t>(info.numel));
-      const float x0 = w[i];
-      const float xp = x0 + static_cast<float>(kEps), xm = x0 - static_cast<float>(kEps);
-      flipped = false;
-      w[i] = xp;
-      const double lp = loss();
-      w[i] = xm;
-      const double lm = loss();
-      w[i] = x0;
-      if (flipped) {
+      const std::optional<double> difference = test_models::central_difference(w[i], kEps, flipped, loss);
+      if (!difference) {
         ++skipped;
         continue;
       }
-      const double numeric = (lp - lm) / (static_cast<double>(xp) - static_cast<double>(xm));
+      const double numeric = *difference;
       EXPECT_NEAR(grads[i], numeric, kAtol + kRtol * std::fabs(numeric)) << "element " << i - info.offset;
       largest_of_projection[kind] = std::max(largest_of_projection[kind], std::fabs(numeric));
       ++checked;

@@ -417,19 +417,12 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed) {
         element = static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel)));
       }
       const size_t i = static_cast<size_t>(info.offset + element);
-      const float x0 = params[i];
-      const float xp = x0 + static_cast<float>(kEps), xm = x0 - static_cast<float>(kEps);
-      flipped = false;
-      params[i] = xp;
-      const double lp = loss();
-      params[i] = xm;
-      const double lm = loss();
-      params[i] = x0;
-      if (flipped) {
+      const std::optional<double> difference = test_models::central_difference(params[i], kEps, flipped, loss);
+      if (!difference) {
         ++st.skipped;
         continue;
       }
-      const double numeric = (lp - lm) / (static_cast<double>(xp) - static_cast<double>(xm));
+      const double numeric = *difference;
       const double analytic = grads[i];
       st.worst = std::max(st.worst, std::fabs(numeric - analytic));
       largest = std::max(largest, std::fabs(numeric));

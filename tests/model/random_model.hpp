@@ -54,6 +54,23 @@ inline std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
   return t;
 }
 
+// The central difference of `loss()` in `x` ((loss(x + eps) - loss(x - eps)) over the
+// floats' actual distance; `x` put back after), or nullopt when `loss` set `flipped` (a
+// mixture-of-experts top-k choice changed under the perturbation: the loss jumps).
+template <class Loss>
+std::optional<double> central_difference(float& x, double eps, bool& flipped, Loss&& loss) {
+  const float x0 = x;
+  const float xp = x0 + static_cast<float>(eps), xm = x0 - static_cast<float>(eps);
+  flipped = false;
+  x = xp;
+  const double lp = loss();
+  x = xm;
+  const double lm = loss();
+  x = x0;
+  if (flipped) return std::nullopt;
+  return (lp - lm) / (static_cast<double>(xp) - static_cast<double>(xm));
+}
+
 // A batch of B x T tokens, redrawn (at most 1000 times) until every MoE layer's top-k choice
 // of every token has a margin (k-th minus (k+1)-th router probability) of at least
 // `min_margin`: a choice close to a tie flips under the small perturbations of a finite
