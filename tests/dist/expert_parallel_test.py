@@ -15,7 +15,8 @@ step, grown by 12 AdamW steps.
 A checkpoint written under dp=2 x ep=2 (each rank holding only its experts) resumes on one
 rank, and one written alone resumes under ep=4, both ending where the uninterrupted run
 ends. LoRA on the attention and every expert's w1/w2/w3 under ep=2 and dp=2 = one rank
-(losses and the saved adapters, same tolerances): each ep rank runs its experts' adapters. Also: each rank says which block of experts it runs; ep that does not divide the experts,
+(losses and the saved adapters, same tolerances): each ep rank runs and updates its experts'
+adapters, and only the shared adapters' gradients are exchanged (report.json's bytes). Also: each rank says which block of experts it runs; ep that does not divide the experts,
 ep on a dense model, and a model directory missing an expert's tensor (one only the other
 rank holds) are refused with one line (exit 2).
 Usage: expert_parallel_test.py FLOTILLA [--mpirun MPIRUN]
@@ -82,9 +83,9 @@ def metrics(run_dir, from_step=0):
 
 
 def compare(name, base_dir, other_dir, from_step=0, weights="model.safetensors", weight_tol=TOL,
-            element_tol=ELEMENT_TOL):
+            element_tol=ELEMENT_TOL, losses=True):
     failures = []
-    base, other = metrics(base_dir, from_step), metrics(other_dir, from_step)
+    base, other = (metrics(base_dir, from_step), metrics(other_dir, from_step)) if losses else ([], [])
     if len(base) != len(other):
         failures.append(f"{name}: {len(base)} vs {len(other)} steps")
     worst_loss = worst_aux = 0.0
@@ -163,7 +164,7 @@ def main():
         # into lr-sized moves; plain dp=2 shows the same 1.2e-5 in the same tensor as ep=2.
         lora = common[:]
         lora[lora.index("--steps") + 1] = "4"
-        lora += ["--fine-tune-type", "lora", "--lora-targets", "q,v,w1,w2,w3", "--lora-rank", "4"]
+        lora += ["--fine-tune-type", "lora", "--lora-targets", "q,v,w1,w2,w3", "--lora-rank", "4", "--save-every", "2"]
         lora_runs = {"1 rank": os.path.join(tmp, "lora_one_rank")}
         run([args.flotilla, "train", "--model", model, "--out", lora_runs["1 rank"], "--batch-size",
              str(global_batch)] + lora, env)
@@ -175,6 +176,26 @@ def main():
                                 weight_tol=1e-4, element_tol=1e-3)
         failures += compare("LoRA ep=2 v dp=2", lora_runs["dp=2"], lora_runs["ep=2"],
                             weights="adapter_model.safetensors")
+        # A step folder's adapters are whole too: each ep rank's experts' adapters brought to
+        # the writer (else another block's would be at their initial values there).
+        failures += compare("LoRA ep=2 step 2", os.path.join(lora_runs["1 rank"], "checkpoints", "step-000002"),
+                            os.path.join(lora_runs["ep=2"], "checkpoints", "step-000002"),
+                            weights="adapter_model.safetensors", weight_tol=1e-4, element_tol=1e-3, losses=False)
+        # Under ep=2 (no replicas) only the shared adapters (q, v) are summed; each rank
+        # updates its own experts' adapters alone. dp=2 sums all of them. The bytes follow
+        # the floats summed (both the same ring formula; alignment padding aside: 2%).
+        adapters = read_safetensors(os.path.join(lora_runs["1 rank"], "adapter_model.safetensors"))
+        shared = sum(t.size for name, t in adapters.items() if ".experts." not in name)
+        whole = sum(t.size for t in adapters.values())
+        sent = {}
+        for mesh in ("ep=2", "dp=2"):
+            with open(os.path.join(lora_runs[mesh], "report.json")) as f:
+                sent[mesh] = json.load(f)["gradient_bytes_per_step"]
+        print(f"LoRA gradient bytes per step: ep=2 {sent['ep=2']:.0f}, dp=2 {sent['dp=2']:.0f}; "
+              f"shared adapters {shared} of {whole} floats")
+        if not (sent["dp=2"] > 0 and abs(sent["ep=2"] / sent["dp=2"] - shared / whole) <= 0.02):
+            failures.append(f"LoRA ep=2 sent {sent['ep=2']:.0f} bytes a step against dp=2's {sent['dp=2']:.0f}: "
+                            f"expected the shared adapters' share, {shared / whole:.3f}")
         # Checkpoints: written under dp=2 x ep=2 (each block of experts written by its replica
         # of dp index 0, the shared tensors cut over the 4 ranks) and resumed alone, written
         # alone and resumed under ep=4; each ends where the uninterrupted 1-rank run ends.

@@ -36,8 +36,6 @@ class ExpertSync final : public GradientSync {
  public:
   ExpertSync(model::Llama& model, DataParallel& data, ExpertParallel& experts)
       : GradientSync(model), data_(data), experts_(experts) {
-    if (model_.base_frozen())
-      throw Error("parallel/expert", "the expert-parallel sync trains the base; LoRA runs use the data group's");
     const model::Llama::HeldPart& held = model_.held_part();
     const auto [first, end] = model_.local_experts();
     if (!held.experts || held.experts->begin != first || held.experts->end != end)
@@ -52,6 +50,7 @@ class ExpertSync final : public GradientSync {
       const model::ParamInfo& info = params[i];
       const ArenaRange r{info.offset, i + 1 < params.size() ? params[i + 1].offset : t.table.total_numel()};
       const int64_t expert = model::expert_of_tensor(info.name);
+      if (expert >= 0) expert_tensors_.push_back({&info, static_cast<int>(expert / El)});
       if (expert >= 0 && (expert < first || expert >= end)) {
         other_experts_.push_back({&info, static_cast<int>(expert / El)});
         continue;
@@ -128,7 +127,19 @@ class ExpertSync final : public GradientSync {
     }
   }
 
-  bool weights_sharded() const override { return true; }
+  // Full fine-tuning: this rank holds its own experts only, and the final model is written
+  // through the pass below. LoRA: every rank holds every expert's adapters (they are small
+  // beside the experts), but updates only its own; complete_weights brings the others'.
+  bool weights_sharded() const override { return !model_.base_frozen(); }
+
+  void complete_weights() override {
+    if (!model_.base_frozen()) return;
+    const std::span<float> params = model_.trainable().params;
+    for (const auto& [info, owner] : expert_tensors_)
+      experts_.ep_group().broadcast(
+          comm::MutView(params.subspan(static_cast<size_t>(info->offset), static_cast<size_t>(info->numel))), owner,
+          {.name = "expert adapters"});
+  }
 
   void gather_weights_through(int64_t offset) override {
     release_received();
@@ -169,7 +180,7 @@ class ExpertSync final : public GradientSync {
     received_ = {};
   }
 
-  struct OtherExpert {
+  struct ExpertTensor {
     const model::ParamInfo* info;
     int owner;  // the ep rank holding it
   };
@@ -180,7 +191,8 @@ class ExpertSync final : public GradientSync {
   std::vector<ArenaRange> owned_;          // shared and own experts, merged, ascending
   std::vector<ArenaRange> shared_, mine_;  // per tensor, ascending
   std::vector<OwnedPiece> pieces_;         // owned_ by kind, in arena order
-  std::vector<OtherExpert> other_experts_;  // in layout order
+  std::vector<ExpertTensor> other_experts_;  // in layout order
+  std::vector<ExpertTensor> expert_tensors_;  // every expert's tensors, own ones too, in layout order
   Buffer<float> owned_grads_;              // (sum of owned_ sizes) the owned gradients, concatenated
   std::span<float> received_;              // the final model's write: another block's tensor, until the next
   int64_t exchanges_ = 0;

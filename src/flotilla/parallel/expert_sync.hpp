@@ -20,6 +20,12 @@
 // The final model: world rank 0 writes it tensor by tensor; an expert tensor of another
 // block comes to it from that block's rank in its ep group, in layout order, and is
 // released once written (weights_sharded, gather_weights_through, end_weight_pass).
+//
+// LoRA over such a base: the trainable arena is the adapters', cut the same way by name
+// (an expert's adapters are expert tensors). Every rank holds all of them but sums and
+// updates only the shared ones and its own experts' (moments for those only); the others'
+// stay as they were, never read, since their experts run elsewhere. complete_weights
+// brings every expert's adapters from its block's rank before the adapters are saved.
 #pragma once
 
 #include <memory>
@@ -31,7 +37,7 @@ namespace flotilla::parallel {
 
 // `data` (the data group's DataParallel) and `experts` (whose replica group may be null:
 // dp = 1) must outlive the sync. Error unless the model holds exactly the experts its
-// exchange runs and trains its base (not LoRA). Every rank of the data group makes one.
+// exchange runs. Every rank of the data group makes one.
 std::unique_ptr<GradientSync> make_expert_sync(model::Llama& model, DataParallel& data, ExpertParallel& experts);
 
 }  // namespace flotilla::parallel

@@ -108,7 +108,8 @@ class GradientSync {
   virtual void weights_restored() {}
   // Makes every rank's model hold all of the current weights, for what reads the whole
   // model (validation, the saved model): a pipeline stage updates only its own layers and
-  // gets the others' here. Every rank calls it alike; nothing to do for the other modes.
+  // gets the others' here, an expert-parallel rank with LoRA the other experts' adapters.
+  // Every rank calls it alike; nothing to do for the other modes.
   virtual void complete_weights() {}
   // This rank's own state (RankState), restored into these spans after weights_restored.
   virtual std::vector<RankState> rank_state() { return {}; }

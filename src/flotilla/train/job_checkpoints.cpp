@@ -141,8 +141,9 @@ void JobCheckpoints::save(int64_t step) {
     // The step folder is also an adapter folder: generate --adapter, fuse and
     // --resume-adapter-file take it as it is. Under tensor parallelism each tp group's
     // rank 0 gathers the whole adapters (world rank 0's are written); a pipeline's stages
-    // exchange their layers' adapters, as at the end of a run.
-    if (job_.pp) trainer_.complete_model();
+    // exchange their layers' adapters, and expert-parallel ranks their experts', as at the
+    // end of a run.
+    trainer_.complete_model();
     if (job_.tp) whole_adapters = job_.tp->gather_full_adapters(*adapters_, trainer_.model().full_config());
     adapter_files.names = {"adapter_model.safetensors", "adapter_config.json"};
     adapter_files.write = [&](const std::filesystem::path& dir) {

@@ -98,13 +98,17 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
                                             pipeline->config().micro_batches, cfg.batch_size));
     return parallel::make_pipeline_sync(model, *pipeline, dp);
   }
-  if (!model.holds_all_experts() && !model.base_frozen()) {
+  if (!model.holds_all_experts()) {
     // Each rank holds its own experts (train/job_model.hpp's held_part): their gradients
-    // are summed over their replicas only.
+    // (or their adapters') are summed over their replicas only.
     if (!experts || !dp) throw Error("train", "a model holding part of its experts needs expert parallelism");
-    if (cfg.zero_stage > 0 || cfg.local_sgd.sync_every > 0 || dp->codec().kind() != comm::Compression::none)
+    const bool plain = cfg.zero_stage == 0 && cfg.local_sgd.sync_every == 0 &&
+                       dp->codec().kind() == comm::Compression::none;
+    if (!model.base_frozen() && !plain)
       throw InputError("train", "--zero, --sync-every and --compression do not combine with experts held in part");
-    return parallel::make_expert_sync(model, *dp, *experts);
+    // LoRA with those: every adapter exchanged over the whole data group as without ep
+    // (exact; each rank's gradient for another block's experts is zero).
+    if (plain) return parallel::make_expert_sync(model, *dp, *experts);
   }
   return parallel::make_gradient_sync(
       model, dp, parallel::SyncConfig{.local_sgd = cfg.local_sgd,
@@ -146,7 +150,7 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* d
 Trainer::~Trainer() = default;
 
 void Trainer::complete_model() {
-  if (pipeline_ && model_.base_frozen()) sync_->complete_weights();
+  if (model_.base_frozen()) sync_->complete_weights();
 }
 
 std::pair<std::span<float>, std::span<float>> Trainer::whole_moments() {

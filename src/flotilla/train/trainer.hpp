@@ -237,9 +237,10 @@ class Trainer {
   parallel::PipelineStage* pipeline() { return pipeline_; }
   const parallel::PipelineStage* pipeline() const { return pipeline_; }
   // Makes the adapters whole for what reads all of them (the saved adapters): under a
-  // pipeline with LoRA the stages exchange their updated layers' adapters. A stage's base
-  // weights stay its own (validation runs through the pipeline; the final model is written
-  // tensor by tensor from the stages). Every rank calls it alike; nothing to do otherwise.
+  // pipeline with LoRA the stages exchange their updated layers' adapters, under expert
+  // parallelism the ranks their experts'. A stage's base weights stay its own (validation
+  // runs through the pipeline; the final model is written tensor by tensor from the
+  // stages). Every rank calls it alike; nothing to do otherwise.
   void complete_model();
 
  private:
