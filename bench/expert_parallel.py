@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Expert parallelism measured: configs/mixtral-tiny.json (8 experts, top 2) trained in
-full and LoRA-tuned (attention targets q,k,v,o) on 1, 2 and 4 ranks with --parallel ep=N,
+full, LoRA-tuned on the attention (mode lora: q,k,v,o) and LoRA-tuned on the attention and
+every expert (mode lora-x: q,k,v,o,w1,w2,w3) on 1, 2 and 4 ranks with --parallel ep=N,
 the same global batch. Prints a table: median tokens/s over the steps after the first two,
 rank 0's bytes sent per step (expert row exchanges; gradient all-reduce), and every rank's
 peak resident memory (GNU time's maximum RSS).
 Usage: bench/expert_parallel.py FLOTILLA [--steps N] [--batch G] [--seq T] [--config CONFIG.json]
+                                [--modes full,lora,lora-x] [--ranks 1,2,4]
 """
 import argparse
 import json
@@ -26,6 +28,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--config", default=os.path.join(SOURCE, "configs/mixtral-tiny.json"))
+    ap.add_argument("--modes", default="full,lora,lora-x")
+    ap.add_argument("--ranks", default="1,2,4")
     args = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_btl_vader_single_copy_mechanism="none",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -35,15 +39,16 @@ def main():
         subprocess.run([args.flotilla, "init", "--config", args.config,
                         "--out", model, "--seed", "5"], env=env, check=True, capture_output=True)
         print(f"{'mode':<6} {'ranks':>5} {'tokens/s':>9} {'expert B/step':>14} {'grad B/step':>12}  peak RSS per rank (MiB)")
-        for mode in ("full", "lora"):
-            for ranks in (1, 2, 4):
+        targets = {"lora": "q,k,v,o", "lora-x": "q,k,v,o,w1,w2,w3"}
+        for mode in args.modes.split(","):
+            for ranks in (int(r) for r in args.ranks.split(",")):
                 out = os.path.join(tmp, f"{mode}_{ranks}")
                 cmd = ["/usr/bin/time", "-f", "maxrss_kib %M", args.flotilla, "train", "--model", model, "--out", out,
                        "--data", os.path.join(SOURCE, "data/sample/corpus.jsonl"), "--steps", str(args.steps),
                        "--seq-len", str(args.seq), "--batch-size", str(args.batch // ranks), "--log-every", "1",
                        "--eval-every", "0", "--warmup", "2", "--seed", "11"]
-                if mode == "lora":
-                    cmd += ["--fine-tune-type", "lora", "--lora-targets", "q,k,v,o"]
+                if mode in targets:
+                    cmd += ["--fine-tune-type", "lora", "--lora-targets", targets[mode]]
                 if ranks > 1:
                     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,vader,tcp", "-np",
                            str(ranks)] + cmd + ["--parallel", f"ep={ranks}"]
