@@ -48,6 +48,29 @@ TEST(ExpertPlan, LoraHoldsFourBytesAnExpertParameter) {
   EXPECT_DOUBLE_EQ(p.all_to_all_bytes_per_layer, 4.0 * 256 * 64 * 4 * 0.5);
 }
 
+TEST(ExpertPlan, GradientBytesLeaveOutTheExpertsAndTheirAdapters) {
+  // Full: the shared tensors' all-reduce over the ep ranks, the experts not at all.
+  const Workload full = describe_workload(mixtral_shaped(), false, {}, 4, 32, 1);
+  EXPECT_EQ(full.trainable_expert_floats, 393216);  // 16-float aligned: no padding here
+  EXPECT_DOUBLE_EQ(plan_expert_parallel(full, 2).gradient_bytes, 1.0 * 4.0 * (full.trainable_floats - 393216));
+  // LoRA rank 8 on q, k, v, o and the experts: a layer's q and o adapters are 8 x (64 + 64)
+  // floats, k and v 8 x (64 + 32) (GQA: 2 of 4 heads), so 3584 a layer and 7168 shared; an
+  // expert's w1, w3, w2 are 8 x (64 + 128) each: 4608, x 8 experts x 2 layers = 73728.
+  model::LoraConfig lora;
+  lora.targets = model::LoraConfig::parse_targets("q,k,v,o,w1,w2,w3");
+  const Workload w = describe_workload(mixtral_shaped(), true, lora, 4, 32, 1);
+  EXPECT_EQ(w.trainable_floats, 7168 + 73728);
+  EXPECT_EQ(w.trainable_expert_floats, 73728);
+  // Measured by bench/expert_parallel.py (lora-x): 28672 bytes at ep=2, 43008 at ep=4.
+  EXPECT_DOUBLE_EQ(plan_expert_parallel(w, 2).gradient_bytes, 28672.0);
+  EXPECT_DOUBLE_EQ(plan_expert_parallel(w, 4).gradient_bytes, 43008.0);
+  // Memory: the base's experts 4 bytes a parameter over ep; every adapter's weights and
+  // gradient (8 bytes), the own block's moments and owned copy (12 bytes over ep).
+  const ExpertPlan p = plan_expert_parallel(w, 2);
+  EXPECT_DOUBLE_EQ(p.expert_bytes_per_rank, 4.0 * 393216 / 2 + 8.0 * 73728 + 12.0 * 73728 / 2);
+  EXPECT_DOUBLE_EQ(p.expert_bytes_one_rank, 4.0 * 393216 + 16.0 * 73728);
+}
+
 TEST(ExpertPlan, OnlyEpThatDividesTheExpertsAndNoneForADenseModel) {
   model::ModelConfig cfg = mixtral_shaped();
   cfg.moe.num_experts = 4;

@@ -1,5 +1,7 @@
 #include "flotilla/plan/expert.hpp"
 
+#include "flotilla/comm/wire_bytes.hpp"
+
 namespace flotilla::plan {
 
 ExpertPlan plan_expert_parallel(const Workload& w, int ep) {
@@ -15,9 +17,16 @@ ExpertPlan plan_expert_parallel(const Workload& w, int ep) {
   p.all_to_all_bytes_per_layer = 4.0 * rows * static_cast<double>(C) * 4.0 * away;
   p.count_bytes_per_layer = static_cast<double>(w.grad_accum * E) * 8.0 * away;
   p.all_to_all_bytes = static_cast<double>(p.moe_layers) * (p.all_to_all_bytes_per_layer + p.count_bytes_per_layer);
+  p.gradient_bytes = comm::all_reduce_wire_fraction(ep) * 4.0 *
+                     static_cast<double>(w.trainable_floats - w.trainable_expert_floats);
   const double one = w.lora ? 4.0 : 16.0, held = w.lora ? 4.0 : ep > 1 ? 20.0 : 16.0;
   p.expert_bytes_one_rank = one * static_cast<double>(p.expert_params);
   p.expert_bytes_per_rank = held * static_cast<double>(p.expert_params) / static_cast<double>(ep);
+  if (w.lora) {
+    const auto adapters = static_cast<double>(w.trainable_expert_floats);
+    p.expert_bytes_one_rank += 16.0 * adapters;
+    p.expert_bytes_per_rank += 8.0 * adapters + (ep > 1 ? 12.0 : 8.0) * adapters / static_cast<double>(ep);
+  }
   return p;
 }
 
@@ -36,6 +45,7 @@ nlohmann::json expert_json(const ExpertPlan& p) {
           {"all_to_all_bytes_per_layer_per_step", p.all_to_all_bytes_per_layer},
           {"count_bytes_per_layer_per_step", p.count_bytes_per_layer},
           {"all_to_all_bytes_per_step", p.all_to_all_bytes},
+          {"gradient_bytes_per_step", p.gradient_bytes},
           {"expert_bytes_per_rank", p.expert_bytes_per_rank},
           {"expert_bytes_one_rank", p.expert_bytes_one_rank}};
 }

@@ -11,10 +11,15 @@
 // so all_to_all_bytes = 4 R C 4 (ep-1)/ep, and before each forward's dispatch the counts,
 // E int64 per micro-batch: A E 8 (ep-1)/ep bytes. (Skewed routing sends more from the
 // ranks whose tokens prefer other ranks' experts; not modelled.)
+// Gradients (expert_sync.hpp): the shared tensors (all but the experts, or all but the
+// experts' adapters) are all-reduced over the ep ranks, 2 (ep-1)/ep x 4 bytes a float sent;
+// a block's experts over its dp replicas, which these plans (ep = the world) do not have.
 // Memory: each rank holds E/ep of every MoE layer's experts: full training 20 bytes a
 // parameter (weights, gradients, AdamW's moments, and the gradient copied into the
-// optimizer's owned gradients: expert_sync.hpp), LoRA 4 (the frozen base's weights);
-// everything else (attention, router, embeddings) whole on every rank, as one rank holds it.
+// optimizer's owned gradients: expert_sync.hpp), LoRA 4 (the frozen base's weights) plus
+// every expert's adapters with their gradients (8 bytes a float) and, for its own block's,
+// the moments and the owned copy (12 more); one rank holds 16 bytes an adapter float.
+// Everything else (attention, router, embeddings) whole on every rank, as one rank holds it.
 #pragma once
 
 #include <cstdint>
@@ -33,8 +38,9 @@ struct ExpertPlan {
   double all_to_all_bytes_per_layer = 0.0;  // per step, one rank sends (dispatch + combine, forward and backward)
   double count_bytes_per_layer = 0.0;   // per step, one rank sends: the rows' counts
   double all_to_all_bytes = 0.0;        // per step, every MoE layer, rows and counts
-  double expert_bytes_per_rank = 0.0;   // its E/ep experts' state
-  double expert_bytes_one_rank = 0.0;   // every expert's state on one rank (16 bytes or 4 with LoRA)
+  double gradient_bytes = 0.0;          // per step, one rank sends: the shared tensors' all-reduce
+  double expert_bytes_per_rank = 0.0;   // its E/ep experts' state (and all experts' adapters)
+  double expert_bytes_one_rank = 0.0;   // every expert's state on one rank (16 bytes or 4 + adapters with LoRA)
 };
 
 // The plans for ep = 2, 4, ... up to `max_ranks`, each dividing the experts; none for a

@@ -454,10 +454,11 @@ std::string render_text(const PlanResult& p) {
                          "balanced routing)\n",
                          p.request.workload.model.moe.num_experts, ep.moe_layers);
     out += fmt::format("  ep={}: all-to-all {} a step per MoE layer (dispatch + combine, forward and backward) + {} of "
-                       "counts; {} a step in all; experts' state {} per rank ({} on one rank)\n",
+                       "counts; {} a step in all; gradients {} a step (all but the experts'); experts' state {} per "
+                       "rank ({} on one rank)\n",
                        ep.ep, format_bytes(ep.all_to_all_bytes_per_layer), format_bytes(ep.count_bytes_per_layer),
-                       format_bytes(ep.all_to_all_bytes), format_bytes(ep.expert_bytes_per_rank),
-                       format_bytes(ep.expert_bytes_one_rank));
+                       format_bytes(ep.all_to_all_bytes), format_bytes(ep.gradient_bytes),
+                       format_bytes(ep.expert_bytes_per_rank), format_bytes(ep.expert_bytes_one_rank));
   }
 
   for (const TensorPlan& t : p.tensors) {

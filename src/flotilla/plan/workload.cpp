@@ -59,6 +59,10 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
     trainable = &adapters->table();
   }
   w.trainable_floats = trainable->total_numel();
+  const std::vector<model::ParamInfo>& params = trainable->params();
+  for (size_t i = 0; i < params.size(); ++i)
+    if (model::expert_of_tensor(params[i].name) >= 0)
+      w.trainable_expert_floats += (i + 1 < params.size() ? params[i + 1].offset : w.trainable_floats) - params[i].offset;
   for (const model::ParamInfo& p : trainable->params()) {
     if (p.shape.size() == 2)
       w.trainable_matrices.emplace_back(p.shape[0], p.shape[1]);

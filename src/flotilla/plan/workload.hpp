@@ -28,6 +28,9 @@ struct Workload {
   // Derived by describe_workload from the config, exactly as the model lays them out.
   int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
   int64_t trainable_floats = 0;  // what gets gradients, optimizer state and the all-reduce
+  // Of trainable_floats, the experts' tensors (full) or their adapters (LoRA), each to the
+  // next tensor's offset: what expert parallelism sums over a block's replicas only.
+  int64_t trainable_expert_floats = 0;
   // Trainable 2-D tensors as (rows, cols): PowerSGD compresses these; 1-D ones go as they are.
   std::vector<std::pair<int64_t, int64_t>> trainable_matrices;
   int64_t trainable_vector_floats = 0;
