@@ -114,6 +114,10 @@ void add_train_command(CLI::App& app) {
                 "Keep only each block's input and recompute its activations in backward: less memory, one more "
                 "forward of each block per step")
       ->default_str("false");
+  cmd->add_option("--expert-capacity", opt->job.expert_capacity,
+                  "Mixture of experts: each expert takes at most ceil(F x seq-len x top-k / experts) of a sequence's "
+                  "tokens in training, the rest dropped (0: dropless)")
+      ->capture_default_str();
   add_dtype_option(cmd, opt->dtype);
   cmd->add_flag("--pack,!--no-pack", opt->job.pack, "Prepared data: pack several examples per row (default) or pad one per row")
       ->default_str("true");

@@ -46,7 +46,9 @@ void ProgressPrinter::step(const train::StepMetrics& m) {
   const std::string stats =
       fmt::format("step {:>5}/{:<5} loss {:.4f}  lr {:.2e}  |g| {:.3f}  {:>7.0f} tok/s  {:>7.1f}s  {}", m.step,
                   m.total_steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s, m.elapsed_s, eta(m)) +
-      (m.router_aux_loss ? fmt::format("  aux {:.4f}", *m.router_aux_loss) : std::string());
+      (m.router_aux_loss ? fmt::format("  aux {:.4f}", *m.router_aux_loss) : std::string()) +
+      (m.expert_dropped && *m.expert_dropped > 0.0 ? fmt::format("  dropped {:.1f}%", 100.0 * *m.expert_dropped)
+                                                   : std::string());
   if (tty_) {
     constexpr int kWidth = 24;
     const int filled = m.total_steps > 0 ? static_cast<int>(kWidth * m.step / m.total_steps) : kWidth;

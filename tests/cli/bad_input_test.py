@@ -703,6 +703,19 @@ def _(ws):
                preserve=[m, ws.corpus])
 
 
+@case("train_expert_capacity_on_a_dense_model")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--expert-capacity", "1.25"], ["expert capacity", "no experts"],
+               preserve=[m, ws.corpus])
+
+
+@case("train_expert_capacity_negative")
+def _(ws):
+    m = ws.model()
+    return Run(train(ws, m) + ["--expert-capacity", "-1"], ["expert capacity", ">= 0"], preserve=[m, ws.corpus])
+
+
 @case("train_pp_schedule_unknown")
 def _(ws):
     m = ws.model()

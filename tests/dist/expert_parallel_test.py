@@ -16,7 +16,9 @@ A checkpoint written under dp=2 x ep=2 (each rank holding only its experts) resu
 rank, and one written alone resumes under ep=4, both ending where the uninterrupted run
 ends. LoRA on the attention and every expert's w1/w2/w3 under ep=2 and dp=2 = one rank
 (losses and the saved adapters, same tolerances): each ep rank runs and updates its experts'
-adapters, and only the shared adapters' gradients are exchanged (report.json's bytes). Also: each rank says which block of experts it runs; ep that does not divide the experts,
+adapters, and only the shared adapters' gradients are exchanged (report.json's bytes). With
+--expert-capacity 0.5, ep=2 = one rank too (the same assignments dropped: the capacity is
+per sequence). Also: each rank says which block of experts it runs; ep that does not divide the experts,
 ep on a dense model, and a model directory missing an expert's tensor (one only the other
 rank holds) are refused with one line (exit 2).
 Usage: expert_parallel_test.py FLOTILLA [--mpirun MPIRUN]
@@ -156,6 +158,26 @@ def main():
                 if f"this rank runs experts [0, {8 // ep}) of 8" not in log:
                     failures.append(f"{mesh}: rank 0 did not say which experts it runs:\n{log}")
             failures += compare(mesh, base, out)
+        # An expert capacity (0.5: ceil(0.5 x 32 x 2 / 8) = 4 of a sequence's 64 assignments per
+        # expert) drops the same assignments on one rank and under ep=2: its cut is per
+        # sequence. Losses, aux and weights to the tolerances above; the dropped share equal.
+        capped = common[:]
+        capped[capped.index("--steps") + 1] = "4"
+        capped += ["--expert-capacity", "0.5"]
+        capped_runs = {"1 rank": os.path.join(tmp, "capped_one_rank"), "ep=2": os.path.join(tmp, "capped_ep2")}
+        run([args.flotilla, "train", "--model", model, "--out", capped_runs["1 rank"], "--batch-size",
+             str(global_batch)] + capped, env)
+        run(mpirun + ["-np", "2", args.flotilla, "train", "--model", model, "--out", capped_runs["ep=2"],
+                      "--parallel", "ep=2", "--batch-size", str(global_batch // 2)] + capped, env)
+        failures += compare("capacity ep=2", capped_runs["1 rank"], capped_runs["ep=2"])
+        dropped = {k: [r["expert_dropped"] for r in metrics(v)] for k, v in capped_runs.items()}
+        print(f"capacity 0.5: dropped per step {dropped['1 rank']} (1 rank), {dropped['ep=2']} (ep=2)")
+        if not all(d > 0.05 for d in dropped["1 rank"]):
+            failures.append(f"capacity 0.5 dropped too little to test: {dropped['1 rank']}")
+        if any(abs(a - b) > 1e-9 for a, b in zip(dropped["1 rank"], dropped["ep=2"])):
+            failures.append(f"capacity: ep=2 dropped {dropped['ep=2']}, one rank {dropped['1 rank']}")
+        if metrics(capped_runs["1 rank"])[0]["loss"] == metrics(base)[0]["loss"]:
+            failures.append("capacity 0.5 gave the dropless run's first loss")
         # LoRA on the experts: the adapters of an expert get their gradient on the ranks that run
         # it, zero elsewhere, and the data group's sum is the one-rank gradient. Losses to 1e-5
         # of one rank (measured 3e-9), and ep=2's adapters to 1e-5 of plain dp=2's (measured

@@ -232,6 +232,41 @@ TEST(MoeRouting, DispatchConservesTokensAndCombineWeighsThem) {
   for (int64_t i = 0; i < N * C; ++i) EXPECT_NEAR(out[i], x[i], 1e-6f);
 }
 
+// Capacity per sequence: first choices before second ones, each in token order; the kept
+// set of a batch is the union of each sequence's alone (so it does not depend on how rows
+// are cut among ranks); kept rows plus dropped assignments are all of them.
+TEST(MoeRouting, CapacityKeepsFirstChoicesFirstPerSequence) {
+  // Two sequences of 3 tokens, K = 2, E = 3. Capacity ceil(0.5 x 3 x 2 / 3) = 1.
+  const moe::Capacity cap = moe::Capacity::of(0.5, 3, 2, 3);
+  ASSERT_EQ(cap.per_expert, 1);
+  ASSERT_EQ(cap.seq_len, 3);
+  const std::vector<int32_t> experts = {0, 1,  0, 2,  1, 2,    // sequence 0: tokens 0-2
+                                        2, 0,  2, 1,  2, 0};   // sequence 1: tokens 3-5
+  std::vector<uint8_t> keep(12);
+  EXPECT_EQ(moe::keep_within_capacity(keep.data(), experts.data(), 6, 2, 3, cap), 6);
+  // Sequence 0's first choices 0, 0, 1: token 0 takes expert 0, token 2 expert 1, token
+  // 1's expert 0 is full; second choices 1, 2, 2: expert 1 full, token 1 takes 2, token 2's full.
+  // Sequence 1's first choices 2, 2, 2: token 3 only; second choices 0, 1, 0: tokens 3, 4.
+  EXPECT_EQ(keep, (std::vector<uint8_t>{1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 0}));
+  const moe::Dispatch d = moe::plan_dispatch(experts.data(), 6, 2, 3, cap);
+  EXPECT_EQ(d.dropped, 6);
+  EXPECT_EQ(d.offsets.back() + d.dropped, 12);
+  for (size_t r = 0; r < d.assignment.size(); ++r) EXPECT_TRUE(keep[static_cast<size_t>(d.assignment[r])]);
+  // The second sequence alone keeps the same.
+  std::vector<uint8_t> alone(6);
+  moe::keep_within_capacity(alone.data(), experts.data() + 6, 3, 2, 3, cap);
+  EXPECT_TRUE(std::equal(alone.begin(), alone.end(), keep.begin() + 6));
+  // Dropless: everything kept; a factor large enough keeps everything too.
+  std::vector<uint8_t> all(12);
+  EXPECT_EQ(moe::keep_within_capacity(all.data(), experts.data(), 6, 2, 3, {}), 0);
+  EXPECT_EQ(moe::keep_within_capacity(all.data(), experts.data(), 6, 2, 3, moe::Capacity::of(1.5, 3, 2, 3)), 0);
+  EXPECT_TRUE(std::all_of(all.begin(), all.end(), [](uint8_t k) { return k == 1; }));
+  // combine_backward gives a dropped assignment's weight a zero gradient.
+  std::vector<float> w(12, 0.5f), dout(6, 1.0f), expert_out(12 - 6, 2.0f), drows(6), dweights(12, 7.0f);
+  moe::combine_backward(drows.data(), dweights.data(), dout.data(), expert_out.data(), w.data(), d, 1);
+  for (size_t a = 0; a < 12; ++a) EXPECT_EQ(dweights[a], keep[a] ? 2.0f : 0.0f) << a;
+}
+
 TEST(MoeRouting, LoadBalancingLossIsTheSwitchFormula) {
   // Two layers of two tokens, E = 2, K = 1: layer 0 both pick expert 0, layer 1 one each.
   const std::vector<float> p0 = {0.9f, 0.1f, 0.6f, 0.4f}, p1 = {0.3f, 0.7f, 0.8f, 0.2f};
@@ -342,13 +377,16 @@ struct FdStats {
   double worst = 0.0;
 };
 
-void check_moe_gradients(const ModelConfig& cfg, uint64_t seed) {
+// capacity > 0: an expert capacity factor (Llama::set_expert_capacity), which must drop
+// some of the assignments.
+void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity = 0.0) {
   constexpr double kEps = 1e-3, kAtol = 1e-3, kRtol = 1e-2;
   auto within = [&](double numeric, double analytic) {
     return std::fabs(numeric - analytic) <= kAtol + kRtol * std::fabs(numeric);
   };
   Rng rng(seed);
   Llama model(cfg);
+  model.set_expert_capacity(capacity);
   test_models::fill_order_one(model, rng);
   const int64_t B = 2, T = 6;
   // Tokens whose every top-k choice has a margin (k-th minus (k+1)-th prob) of at least
@@ -363,6 +401,7 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed) {
 
   model.zero_grads();
   const LossSum base = model.forward(tokens.data(), targets.data(), B, T);
+  if (capacity > 0.0) EXPECT_GT(model.expert_dropped_fraction(), 0.0) << "no assignment over capacity to test";
   const std::vector<int32_t> routing = routing_of(model);
   model.backward(1.0f / static_cast<float>(base.num_tokens));
   const std::vector<float> grads(model.grads().begin(), model.grads().end());
@@ -455,6 +494,14 @@ TEST(MoeBackward, MixtralMatchesFiniteDifferencesForEveryTensor) {
 
 TEST(MoeBackward, Qwen2MoeMatchesFiniteDifferencesForEveryTensor) {
   check_moe_gradients(tiny_moe(Architecture::qwen2_moe), test_seed());
+}
+
+// Capacity 0.5: ceil(0.5 x 6 tokens x 2 / 4 experts) = 2 assignments of a sequence per
+// expert, of 12: a dropped assignment adds nothing to its token, and its weight's gradient
+// is zero (renormalised weights still couple it to the kept ones through their sum).
+TEST(MoeBackward, WithAnExpertCapacityToo) {
+  check_moe_gradients(tiny_moe(Architecture::mixtral), test_seed(), 0.5);
+  check_moe_gradients(tiny_moe(Architecture::qwen2_moe), test_seed(), 0.5);
 }
 
 TEST(MoeBackward, WithoutAuxInTheLossToo) {

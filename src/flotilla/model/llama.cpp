@@ -426,6 +426,20 @@ uint64_t Llama::dropout_seed(int64_t layer, LoraTarget t) const {
   return lora_dropout_seed(forward_dropout_, layer, t);
 }
 
+void Llama::set_expert_capacity(double factor) {
+  if (!std::isfinite(factor) || factor < 0.0)
+    throw InputError("model", fmt::format("an expert capacity factor must be a finite number >= 0 (0: dropless), "
+                                          "not {}", factor));
+  if (factor > 0.0 && !cfg_.is_moe())
+    throw InputError("model", "an expert capacity factor needs a mixture-of-experts model; this one has no experts");
+  expert_capacity_factor_ = factor;
+}
+
+moe::Capacity Llama::expert_capacity(int64_t T) const {
+  if (!training_ || !cfg_.is_moe()) return {};
+  return moe::Capacity::of(expert_capacity_factor_, T, cfg_.moe.top_k, cfg_.moe.num_experts);
+}
+
 BlockContext Llama::training_context() const {
   const ActivationPlan& a = acts_;
   BlockContext ctx;
@@ -440,6 +454,7 @@ BlockContext Llama::training_context() const {
   ctx.act = a.act;
   ctx.moe_rows = a.moe_rows;
   ctx.expert_parallel = experts_ != nullptr && experts_->ep_size() > 1;
+  ctx.expert_capacity = expert_capacity(a.T).per_expert;
   ctx.lora_xd = a.lora_xd;
   ctx.lora = lora_;
   if (lora_ && training_ && lora_->config().dropout > 0.0f) ctx.dropout_step = forward_dropout_;
@@ -546,6 +561,7 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   forward_tokens_ = 0;
   std::vector<int32_t> experts;
   std::vector<float> weights;
+  std::vector<uint8_t> keep;
   for (int64_t l = range_.begin; l < range_.end; ++l) {
     if (parallel_) parallel_->before_group_forward(ParamGroup::block(l));
     const LayerActivations& la = a.layers[static_cast<size_t>(l)];
@@ -558,6 +574,10 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
       weights.resize(static_cast<size_t>(N * K));
       moe::route_top_k(experts.data(), weights.data(), la.router_probs, N, cfg_.moe.num_experts, K, false);
       load_balancing_.add_layer(la.router_probs, experts.data(), N, K);
+      keep.resize(static_cast<size_t>(N * K));
+      load_balancing_.add_dropped(moe::keep_within_capacity(keep.data(), experts.data(), N, K, cfg_.moe.num_experts,
+                                                            {ctx.expert_capacity, T}),
+                                  N * K);
     }
   }
   if (!last_stage()) {
@@ -770,8 +790,8 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   std::vector<int32_t> experts(static_cast<size_t>(N * K));
   std::vector<float> weights(static_cast<size_t>(N * K));
   moe::route_top_k(experts.data(), weights.data(), la.router_probs, N, E, K, cfg_.moe.norm_topk_prob);
-  // Dispatch: the tokens' rows in expert order.
-  const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E);
+  // Dispatch: the tokens' rows in expert order (those over capacity dropped).
+  const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E, {ctx.expert_capacity, ctx.T});
   moe::dispatch_gather(ctx.moe_rows, ln, d, C);
   if (ctx.expert_parallel) {
     ep_experts_forward(l, d, ctx.moe_rows, la.expert_out, ctx);
@@ -864,7 +884,7 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
   std::vector<int32_t> experts(static_cast<size_t>(N * K));
   std::vector<float> weights(static_cast<size_t>(N * K));
   moe::route_top_k(experts.data(), weights.data(), la.router_probs, N, E, K, cfg_.moe.norm_topk_prob);
-  const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E);
+  const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E, expert_capacity(a.T));
   moe::dispatch_gather(a.moe_rows, ln, d, C);
   // out = sum over rows of weight * expert_out  =>  drows, dweights
   moe::combine_backward(a.drows, a.dweights, dout, la.expert_out, weights.data(), d, C);

@@ -80,6 +80,9 @@ struct BlockContext {
   // MoE layers run this rank's experts only and exchange rows (Llama::set_expert_exchange):
   // training forwards under ep > 1. KV-cache decoding runs every expert itself.
   bool expert_parallel = false;
+  // Training forwards with an expert capacity (Llama::set_expert_capacity): at most this
+  // many of a sequence's assignments per expert (moe::Capacity); 0: dropless.
+  int64_t expert_capacity = 0;
   float* lora_xd = nullptr;            // (B, T, max(C, F, Fs))  scratch: LoRA's dropped-out input
   const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
   // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
@@ -302,6 +305,14 @@ class Llama {
   // transformers, and a trainer that sums micro-batches and divides by all their tokens
   // gets coef times the token-weighted mean of their aux losses.
   double router_aux_loss() const { return load_balancing_.loss(); }
+  // Training with an expert capacity factor F (train --expert-capacity; 0, the default,
+  // is dropless): each expert takes at most ceil(F T K / E) of a sequence's assignments in a
+  // training forward and backward (moe::Capacity); evaluation, scoring and generation stay
+  // dropless. InputError unless F is finite and >= 0, or for a dense model with F > 0.
+  void set_expert_capacity(double factor);
+  // The share of the last training forward's assignments dropped over capacity, over every
+  // rank's tokens under expert or data parallelism, as the aux loss.
+  double expert_dropped_fraction() const { return load_balancing_.dropped_fraction(); }
   // (B*T, E) the router probs of MoE layer l in the last forward (the last layer's only,
   // under gradient checkpointing, where the layers share one set of views).
   std::span<const float> router_probs(int64_t l) const;
@@ -502,6 +513,9 @@ class Llama {
   std::vector<std::shared_ptr<const void>> qstorage_;
   ActivationPlan acts_;
   moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
+  double expert_capacity_factor_ = 0.0;  // set_expert_capacity
+  // The capacity of a training forward or backward over sequences of T tokens.
+  moe::Capacity expert_capacity(int64_t T) const;
   int64_t forward_tokens_ = 0;         // target tokens of the last forward
   int64_t aux_tokens_ = 0;             // ... of every rank's forward together, with an expert exchange
   ExpertExchange* experts_ = nullptr;

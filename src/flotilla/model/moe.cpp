@@ -80,16 +80,45 @@ void route_top_k_backward(float* dprobs, const float* dweights, const int32_t* e
   }
 }
 
-Dispatch plan_dispatch(const int32_t* experts, int64_t N, int64_t K, int64_t E) {
+Capacity Capacity::of(double factor, int64_t T, int64_t K, int64_t E) {
+  if (factor <= 0.0) return {};
+  return {static_cast<int64_t>(std::ceil(factor * static_cast<double>(T * K) / static_cast<double>(E))), T};
+}
+
+int64_t keep_within_capacity(uint8_t* keep, const int32_t* experts, int64_t N, int64_t K, int64_t E, Capacity cap) {
+  std::memset(keep, 1, static_cast<size_t>(N * K));
+  if (cap.per_expert <= 0) return 0;
+  int64_t dropped = 0;
+  std::vector<int64_t> used(static_cast<size_t>(E));
+  for (int64_t s = 0; s < N; s += cap.seq_len) {
+    std::fill(used.begin(), used.end(), 0);
+    const int64_t end = std::min(N, s + cap.seq_len);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = s; n < end; ++n) {
+        const int64_t a = n * K + k;
+        if (used[static_cast<size_t>(experts[a])]++ < cap.per_expert) continue;
+        keep[a] = 0;
+        ++dropped;
+      }
+  }
+  return dropped;
+}
+
+Dispatch plan_dispatch(const int32_t* experts, int64_t N, int64_t K, int64_t E, Capacity cap) {
   Dispatch d;
   d.num_experts = E;
+  d.assignments = N * K;
+  std::vector<uint8_t> keep(static_cast<size_t>(N * K));
+  d.dropped = keep_within_capacity(keep.data(), experts, N, K, E, cap);
   d.offsets.assign(static_cast<size_t>(E) + 1, 0);
-  for (int64_t a = 0; a < N * K; ++a) ++d.offsets[static_cast<size_t>(experts[a]) + 1];
+  for (int64_t a = 0; a < N * K; ++a)
+    if (keep[static_cast<size_t>(a)]) ++d.offsets[static_cast<size_t>(experts[a]) + 1];
   for (int64_t e = 0; e < E; ++e) d.offsets[static_cast<size_t>(e) + 1] += d.offsets[static_cast<size_t>(e)];
-  d.token.resize(static_cast<size_t>(N * K));
-  d.assignment.resize(static_cast<size_t>(N * K));
+  d.token.resize(static_cast<size_t>(N * K - d.dropped));
+  d.assignment.resize(static_cast<size_t>(N * K - d.dropped));
   std::vector<int64_t> next(d.offsets.begin(), d.offsets.end() - 1);
   for (int64_t a = 0; a < N * K; ++a) {
+    if (!keep[static_cast<size_t>(a)]) continue;
     const int64_t r = next[static_cast<size_t>(experts[a])]++;
     d.token[static_cast<size_t>(r)] = static_cast<int32_t>(a / K);
     d.assignment[static_cast<size_t>(r)] = static_cast<int32_t>(a);
@@ -126,6 +155,7 @@ void combine(float* out, const float* expert_out, const float* weights, const Di
 void combine_backward(float* drows, float* dweights, const float* dout, const float* expert_out,
                       const float* weights, const Dispatch& d, int64_t C) {
   const auto R = static_cast<int64_t>(d.token.size());
+  if (d.dropped > 0) std::memset(dweights, 0, static_cast<size_t>(d.assignments) * sizeof(float));
   for (int64_t r = 0; r < R; ++r) {
     const float* g = dout + static_cast<int64_t>(d.token[static_cast<size_t>(r)]) * C;
     const float* x = expert_out + r * C;
@@ -144,6 +174,7 @@ void combine_backward(float* drows, float* dweights, const float* dout, const fl
 void LoadBalancing::reset(int64_t num_experts) {
   num_experts_ = num_experts;
   rows_ = 0;
+  dropped_ = assignments_ = 0.0;
   picks_.assign(static_cast<size_t>(num_experts), 0.0);
   prob_sums_.assign(static_cast<size_t>(num_experts), 0.0);
 }
@@ -157,10 +188,17 @@ void LoadBalancing::add_layer(const float* probs, const int32_t* experts, int64_
   rows_ += N;
 }
 
+void LoadBalancing::add_dropped(int64_t dropped, int64_t assignments) {
+  dropped_ += static_cast<double>(dropped);
+  assignments_ += static_cast<double>(assignments);
+}
+
 std::vector<double> LoadBalancing::statistics() const {
   std::vector<double> stats(picks_);
   stats.insert(stats.end(), prob_sums_.begin(), prob_sums_.end());
   stats.push_back(static_cast<double>(rows_));
+  stats.push_back(dropped_);
+  stats.push_back(assignments_);
   return stats;
 }
 
@@ -169,6 +207,8 @@ void LoadBalancing::set_statistics(std::span<const double> stats) {
   picks_.assign(stats.begin(), stats.begin() + static_cast<std::ptrdiff_t>(E));
   prob_sums_.assign(stats.begin() + static_cast<std::ptrdiff_t>(E), stats.begin() + static_cast<std::ptrdiff_t>(2 * E));
   rows_ = static_cast<int64_t>(stats[2 * E]);
+  dropped_ = stats[2 * E + 1];
+  assignments_ = stats[2 * E + 2];
 }
 
 double LoadBalancing::loss() const {

@@ -33,6 +33,7 @@ struct TrainJob {
   std::filesystem::path data;
   bool mask_prompt = false;         // mlx_lm data folder: loss on completions / assistant turns
   bool grad_checkpoint = false;     // recompute each block's activations in backward (Llama)
+  double expert_capacity = 0.0;     // a mixture of experts' capacity factor in training (0: dropless)
   // Matrix products: float32, or bf16 inputs with float32 accumulation (model/matmul_dtype.hpp:
   // float32 where the CPU has no bf16). Master weights and AdamW state stay float32.
   kernels::GemmInput dtype = kernels::GemmInput::f32;

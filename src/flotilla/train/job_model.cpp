@@ -185,6 +185,7 @@ void plan_activations(const TrainJob& job, model::Llama& model, const InfoSink& 
   const model::ModelConfig& cfg = model.config();
   const int64_t B = job.train.batch_size, T = job.train.seq_len;
   model.set_grad_checkpoint(job.grad_checkpoint);
+  model.set_expert_capacity(job.expert_capacity);
   model.set_matmul_input(model::resolve_matmul_dtype(job.dtype));
   model.check_activation_memory(B, T);  // before the data loads, not at the first step
   info(fmt::format("model: {} with {:.2f}M parameters; activations for B={} T={}: {:.1f} MiB{}; matrix products "

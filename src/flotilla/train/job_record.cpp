@@ -23,6 +23,7 @@ nlohmann::json step_json(const StepMetrics& m) {
           {"compute_s", m.compute_s}, {"sync_s", m.sync_s}, {"update_s", m.update_s}};
   if (m.skipped) j["skipped"] = true;
   if (m.router_aux_loss) j["router_aux_loss"] = finite_or_null(*m.router_aux_loss);
+  if (m.expert_dropped) j["expert_dropped"] = *m.expert_dropped;
   if (!m.rank_rows.empty()) j["rank_rows"] = m.rank_rows;
   if (!m.rank_rows_per_s.empty()) j["rank_rows_per_s"] = m.rank_rows_per_s;
   return j;

@@ -285,6 +285,8 @@ StepMetrics Trainer::step(data::BatchSource& train) {
     sync_->zero_grads();
     model::LossSum window;
     double window_aux = 0.0;  // sum of micro-batches' aux loss x their target tokens
+    double window_dropped = 0.0;  // sum of micro-batches' shares of assignments over capacity
+    int64_t window_forwards = 0;
     if (pipeline_) {
       // After validation the model ran every layer: back to this stage's.
       model_.set_layer_range(pipeline_->range());
@@ -373,9 +375,13 @@ StepMetrics Trainer::step(data::BatchSource& train) {
       window.sum += loss.sum;
       window.num_tokens += loss.num_tokens;
       window_aux += model_.router_aux_loss() * static_cast<double>(loss.num_tokens);
+      window_dropped += model_.expert_dropped_fraction();
+      ++window_forwards;
     }
-    if (model_.config().is_moe())
+    if (model_.config().is_moe()) {
       m.router_aux_loss = window.num_tokens > 0 ? window_aux / static_cast<double>(window.num_tokens) : 0.0;
+      m.expert_dropped = window_forwards > 0 ? window_dropped / static_cast<double>(window_forwards) : 0.0;
+    }
     m.compute_s = timer.elapsed_s() - m.data_s - m.sync_s;
     {
       // With overlap, only what backward did not hide: the wait for the last buckets.

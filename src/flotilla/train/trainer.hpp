@@ -105,6 +105,10 @@ struct StepMetrics {
   // micro-batches, weighted by their target tokens; not part of `loss`. Absent for a dense
   // model.
   std::optional<double> router_aux_loss;
+  // A mixture of experts: the share of the step's expert assignments dropped over capacity
+  // (train --expert-capacity), the mean over its micro-batches, all ranks' tokens; absent
+  // for a dense model, 0 when dropless.
+  std::optional<double> expert_dropped;
   // Row balancing (TrainConfig::balance_every): the rows each rank ran this step, in rank
   // order; their sum is the global batch and rank r's rows follow rank r - 1's. Empty
   // without balancing (equal shares).
