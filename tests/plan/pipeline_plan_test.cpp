@@ -35,9 +35,18 @@ TEST(PipelinePlan, BubbleBytesAndSlotsFollowTheirFormulas) {
   EXPECT_DOUBLE_EQ(p.max_rank_send_bytes, boundary);  // a middle stage: both directions
   EXPECT_DOUBLE_EQ(p.comm_s, boundary / 1e9 + 16 * 1e-5);
   EXPECT_EQ(p.slots, (std::vector<int64_t>{4, 3, 2, 1}));
-  const double slot = static_cast<double>(model::Llama::activation_bytes(w.model, nullptr, 2, 32));
-  EXPECT_DOUBLE_EQ(p.activation_bytes[0], 4 * slot);
-  EXPECT_DOUBLE_EQ(p.activation_bytes[3], slot);
+  // A slot: what the stage's layers write of a micro-batch's activations; the head's
+  // (logits included) on the last stage only.
+  auto slot = [&](int s) {
+    return static_cast<double>(model::Llama::stage_activation_bytes(w.model, nullptr, 2, 32, false,
+                                                                    {p.ranges[s].begin, p.ranges[s].end}));
+  };
+  EXPECT_DOUBLE_EQ(p.activation_bytes[0], 4 * slot(0));
+  EXPECT_DOUBLE_EQ(p.activation_bytes[3], slot(3));
+  const double whole = static_cast<double>(model::Llama::activation_bytes(w.model, nullptr, 2, 32));
+  EXPECT_LT(slot(0), whole / 2);  // 2 of 8 layers and no logits
+  EXPECT_GT(slot(3), slot(1));    // the same number of layers, plus the head
+  EXPECT_LT(slot(3), whole);
   // 8 layers in 4 stages of 2; the last also has the head: the slowest share is above 1/4.
   EXPECT_GT(p.slowest_stage_share, 0.25);
   EXPECT_LT(p.slowest_stage_share, 0.3);

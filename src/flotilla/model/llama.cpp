@@ -346,6 +346,11 @@ int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
 
 int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
                                 bool grad_checkpoint) {
+  return stage_activation_bytes(cfg, lora, B, T, grad_checkpoint, {0, cfg.n_layers});
+}
+
+int64_t Llama::stage_activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
+                                      bool grad_checkpoint, LayerRange stage) {
   if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
   // Bounds under which every product of the plan table fits in int64 (the largest is the
   // attention probabilities, B * heads * T * T per layer); far past any machine's memory.
@@ -357,8 +362,29 @@ int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora
                                           "can hold the activations of: lower the batch size or the sequence length",
                                           B, T, tokens));
   ActivationPlan scratch;
+  const std::vector<PlanEntry> table = plan_table(scratch, cfg, lora, B, T, grad_checkpoint);
+  const bool last = stage.end == cfg.n_layers;
+  const std::array<float* const*, 5> head = {&scratch.resid_out, &scratch.lnf, &scratch.lnf_rstd, &scratch.logits,
+                                             &scratch.losses};
   int64_t total = 0;
-  for (const auto& e : plan_table(scratch, cfg, lora, B, T, grad_checkpoint)) total += padded(e.numel);
+  for (const PlanEntry& e : table) {
+    bool touched = true;
+    // A layer's views: its own stage's (and the input of the layer after it, which the
+    // stage's last block writes); under checkpointing layer 0's views serve every layer.
+    const auto at = std::find_if(scratch.layers.begin(), scratch.layers.end(), [&](const LayerActivations& la) {
+      const auto* view = reinterpret_cast<const char*>(e.view);
+      return view >= reinterpret_cast<const char*>(&la) && view < reinterpret_cast<const char*>(&la + 1);
+    });
+    if (at != scratch.layers.end()) {
+      const auto l = static_cast<int64_t>(at - scratch.layers.begin());
+      const bool input = e.view == &at->resid_in;
+      touched = (l >= stage.begin && (l < stage.end || (input && l == stage.end))) ||
+                (!input && grad_checkpoint && l == 0);
+    } else if (std::find(head.begin(), head.end(), e.view) != head.end()) {
+      touched = last;
+    }
+    if (touched) total += padded(e.numel);
+  }
   return total * static_cast<int64_t>(sizeof(float));
 }
 

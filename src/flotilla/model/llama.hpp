@@ -338,6 +338,12 @@ class Llama {
   // InputError for a shape so large that no machine could hold it (or that overflows).
   static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
                                   bool grad_checkpoint = false);
+  // What a pipeline stage of layers [stage.begin, stage.end) writes of that plan (the rest
+  // of its buffer is never touched, so never resident): its layers' views, the next
+  // layer's input it passes on, the head's only on the last stage, and the scratch every
+  // stage uses. The whole range gives activation_bytes.
+  static int64_t stage_activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
+                                        bool grad_checkpoint, LayerRange stage);
   // InputError when the activation plan of (B, T) is larger than this machine's memory,
   // naming the shape and both sizes: a batch that cannot fit is refused before the first
   // step, rather than found by an allocation failure (or the OOM killer) inside it.

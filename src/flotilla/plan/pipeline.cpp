@@ -42,10 +42,14 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
   p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
   std::optional<model::LoraAdapters> adapters;
   if (w.lora) adapters.emplace(w.model, w.lora_config);
-  const double slot = static_cast<double>(model::Llama::activation_bytes(
-      w.model, adapters ? &*adapters : nullptr, w.batch_size / micro_batches, w.seq_len, w.grad_checkpoint));
   for (int s = 0; s < stages; ++s) {
     const int64_t n = schedule == parallel::PipelineSchedule::gpipe ? flush : std::min<int64_t>(stages - s, flush);
+    // A slot holds what this stage's layers write of a micro-batch's activations (the
+    // head's on the last stage only), and the scratch every stage uses.
+    const parallel::StageRange& r = p.ranges[static_cast<size_t>(s)];
+    const double slot = static_cast<double>(model::Llama::stage_activation_bytes(
+        w.model, adapters ? &*adapters : nullptr, w.batch_size / micro_batches, w.seq_len, w.grad_checkpoint,
+        {r.begin, r.end}));
     p.slots.push_back(n);
     p.activation_bytes.push_back(static_cast<double>(n) * slot);
   }
