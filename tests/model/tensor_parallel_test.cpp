@@ -127,7 +127,7 @@ TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
 }
 
 // Tied embeddings or not; sequence parallelism or not (with it, 15 token rows: rank 1's
-// slice is 7 tokens and one padding row).
+// slice is 7 tokens and one padding row; tied, with gradient checkpointing as well).
 class TensorParallelModel : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
 
 TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
@@ -164,6 +164,7 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
       Llama& m = locals[static_cast<size_t>(r)];
       m.set_tensor_parallel(&group, full_cfg);
       m.set_sequence_parallel(sequence_parallel);
+      m.set_grad_checkpoint(sequence_parallel && tied);  // the recomputed blocks gather and scatter too
       plan_bytes[r] = m.activation_bytes(B, T);
       m.zero_grads();
       loss[r] = m.forward(tokens.data(), targets.data(), B, T);

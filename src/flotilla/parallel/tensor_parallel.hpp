@@ -39,6 +39,9 @@ class TensorParallel final : public model::TensorParallelGroup {
   // What this rank sent over the tp group for all of the above (ring algorithms: an
   // all-reduce of n bytes sends 2 (T-1)/T n, an all-gather or a reduce-scatter (T-1)/T n).
   uint64_t bytes_sent() const { return bytes_sent_; }
+  // Off: the collectives run uncounted (validation's forwards, so the counts are per
+  // training step's).
+  void set_counting(bool on) { counting_ = on; }
 
   // InternalError naming the tensor-parallel ranks when the replicated tensors (the norms)
   // of `local` differ between them: they are computed alike by
@@ -58,6 +61,10 @@ class TensorParallel final : public model::TensorParallelGroup {
   uint64_t bytes_reduced_ = 0;
   uint64_t all_reduces_ = 0;
   uint64_t bytes_sent_ = 0;
+  bool counting_ = true;
+  // Counts a collective of `size_bytes` (the whole buffer's; an all-gather or a
+  // reduce-scatter as half an all-reduce) that sent `sent` bytes.
+  void count(uint64_t size_bytes, uint64_t sent, bool all_reduce);
 };
 
 }  // namespace flotilla::parallel

@@ -399,9 +399,10 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                                                     : ParentOutput::keeps_reading);
   run_training_loop(job, ranks, trainer, data, checkpoints, record, cb, info);
   record.summary.steps = trainer.steps_done();
+  if (job.tp) job.tp->set_counting(false);  // the counts are the training steps' (report.json)
   if (job.tp && record.summary.steps > 0)
     info(fmt::format("tensor parallel: {} activation all-reduces, {:.1f} MiB a step reduced, {:.1f} MiB sent "
-                     "(rank 0; validation included)",
+                     "(rank 0)",
                      job.tp->all_reduces(),
                      static_cast<double>(job.tp->bytes_reduced()) / static_cast<double>(record.summary.steps) /
                          (1 << 20),
