@@ -25,6 +25,7 @@ built (per-host checkpoint folders, LoRA on a row-parallel layer, --balance,
 --sequence-parallel without tp) are refused in one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
+import json
 import os
 import shutil
 import subprocess
@@ -89,6 +90,19 @@ def main():
             if split not in log:
                 failures.append(f"dp={dp},tp={tp}: the log does not name the split:\n{log}")
             failures += compare(f"dp={dp},tp={tp} ({source[0]})", base, out)
+            # What rank 0 sent for tp a step (report.json, validation excluded): a replica's
+            # rows R = 256 (tp=2) or 128 (dp=2), W = R x 64 x 4 bytes, each all-reduce or
+            # all-gather/reduce-scatter pair over 2 ranks sending W. tp: 4 all-reduces a
+            # layer, 2 at the ends and the loss's 3R floats; sequence parallel: 10 halves
+            # a layer (the backward re-gathers), 4 at the ends, the loss's and the norm
+            # gradients' (2 x 2 + 1) x 64 floats. As flotilla plan models them.
+            rows = GLOBAL_BATCH // dp * 64
+            W = rows * 64 * 4
+            want = (24 * W // 2 + (3 * rows + 5 * 64) * 4) if sp else (10 * W + 3 * rows * 4)
+            with open(os.path.join(out, "report.json")) as r:
+                got = json.load(r)["tensor_parallel"]["activation_bytes_per_step"]
+            if got != want:
+                failures.append(f"dp={dp},tp={tp}: report.json says {got} tp bytes a step, not {want}")
             cases += 1
 
         # Checkpoints across layouts: dp=2,tp=2's resumed alone, one rank's resumed at tp=2.
