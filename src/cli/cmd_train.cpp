@@ -260,6 +260,11 @@ void add_train_command(CLI::App& app) {
                   "dp = every process). Data, pipeline and expert parallelism are built (ep: each rank holds E/ep of "
                   "a mixture-of-experts model's experts; not with pp); tp splits every block's attention heads and MLP "
                   "columns (not with pp or ep) (docs/parallelism.md)");
+  cmd->add_flag("--sequence-parallel", opt->job.sequence_parallel,
+               "Tensor parallel (tp > 1): also shard the residual stream, the norms and the residual adds along "
+               "the tokens (Megatron's sequence parallelism): activations per rank shrink, the bytes stay those "
+               "of tp's all-reduces (an all-gather and a reduce-scatter each) plus one all-gather per norm in "
+               "backward");
   cmd->add_option("--micro-batches", opt->job.pipeline.micro_batches,
                   "Pipeline (pp > 1): each --batch-size batch is cut into M micro-batches that flow through the "
                   "stages; the stages idle (P-1)/(M+P-1) of a step, so take M several times P. M must divide "
@@ -336,6 +341,8 @@ void add_train_command(CLI::App& app) {
       throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) with {} is not built yet",
                                             opt->parallel, shape.pp > 1 ? "pipeline stages (pp > 1)"
                                                                         : "expert parallelism (ep > 1)"));
+    if (opt->job.sequence_parallel && shape.tp == 1)
+      throw InputError("train", "--sequence-parallel applies to tensor parallelism: give --parallel tp=T with T > 1");
     if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))
       throw InputError("train", fmt::format("{} applies to pipeline parallelism: give --parallel pp=P with P > 1",
                                             opt->pp_layers.empty() ? "--micro-batches" : "--pp-layers"));

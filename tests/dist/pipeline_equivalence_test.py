@@ -22,7 +22,8 @@ otherwise round otherwise, and AdamW's division by sqrt(v) magnifies that where 
 are small. That is the micro-batch split, not the pipeline (which adds the same
 micro-batch gradients in the same order as one rank accumulating them).
 The run's log names the stages; stage 0 holds at most P micro-batches' activations under
-1F1B and all 8 of a flush under GPipe (the run report's count of its activation slots).
+1F1B and all 8 of a flush under GPipe (the run report's count of its activation slots), and
+report.json counts the activation bytes it sends a step (16 rows x 64 tokens x 64 floats).
 Usage: pipeline_equivalence_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -88,7 +89,13 @@ def main():
                 # Activations held at once on stage 0 (the run report counts its slots): a
                 # flush of 2 x 4 micro-batches; 1F1B holds at most P of them, GPipe all.
                 with open(os.path.join(out, "report.json")) as r:
-                    slots = json.load(r)["pipeline"]["stage0_activation_slots"]
+                    report = json.load(r)
+                slots = report["pipeline"]["stage0_activation_slots"]
+                # Stage 0 sends each micro-batch's activations (and gets their gradients):
+                # 2 x 8 rows of 64 tokens x 64 floats a step, 262144 bytes, counted.
+                if report["pipeline"]["p2p_bytes_per_step"] != 262144 or report["bytes_sent_per_step"] != 262144:
+                    failures.append(f"pp={pp} {schedule}: stage 0 sent {report['pipeline']['p2p_bytes_per_step']} "
+                                    f"bytes a step ({report['bytes_sent_per_step']} in all), not 262144")
                 if slots != (8 if schedule == "gpipe" else pp):
                     failures.append(f"pp={pp} {schedule}: stage 0 held {slots} micro-batches' activations")
                 print(f"pp={pp}, {schedule}: stage 0 held at most {slots} micro-batches' activations")

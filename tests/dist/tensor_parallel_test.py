@@ -10,8 +10,10 @@ train` alone: every step's loss and the validation loss within 1e-5 relative, an
 tensor of the model written at the end (gathered from the slices) within 1e-5 of its
 largest value, for:
   - tp=2 (each rank: 2 query heads, 1 key-value head, 96 MLP columns, half the vocabulary);
-  - dp=2,tp=2 (4 ranks; each replica's 2 rows);
-  - LoRA (rank 4, dropout 0.1) on q, k, v, gate and up at tp=2: the adapters written.
+  - dp=2,tp=2 (4 ranks; each replica's 2 rows) with --sequence-parallel (the residual
+    stream, the norms and their gradients on each tp rank's half of the token rows);
+  - LoRA (rank 4, dropout 0.1) on q, k, v, gate and up at tp=2 with --sequence-parallel:
+    the adapters written.
 Each tp rank draws its slices of the initial weights from the one-rank stream itself, so
 this also checks that no rank ever holds or needs the whole model. The replicated tensors
 (norms, embedding) are compared across the tp ranks by the run itself at the end (bit for
@@ -19,10 +21,11 @@ bit, or the run fails). Checkpoints hold the full model's arena whatever the lay
 dp=2,tp=2 run's step-5 checkpoint resumes on one rank, and the one-rank run's resumes at
 tp=2, each ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
 on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
-built (per-host checkpoint folders, LoRA on a row-parallel layer, --balance) are refused in
-one line each.
+built (per-host checkpoint folders, LoRA on a row-parallel layer, --balance,
+--sequence-parallel without tp) are refused in one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
+import json
 import os
 import shutil
 import subprocess
@@ -77,13 +80,29 @@ def main():
         train(base, 1, 1, ["--model", model], save)
         for dp, tp, source in ((1, 2, ["--config", config]), (2, 2, ["--model", model])):
             out = os.path.join(tmp, f"dp{dp}_tp{tp}")
-            log = train(out, dp, tp, source, save if dp == 2 else ())
+            sp = ["--sequence-parallel"] if dp == 2 else []
+            log = train(out, dp, tp, source, (save + sp) if dp == 2 else ())
+            if sp and "sequence parallel: the residual stream and the norms on 1/2" not in log:
+                failures.append(f"dp={dp},tp={tp}: the log does not say sequence parallelism is on:\n{log}")
             # Rank 0 holds vocabulary rows [0, 254) of 509: the held parameter count drops.
             split = f"tensor parallel: tp={tp}, this rank holds 2 of 4 query heads, 1 of 2 key-value heads and 96 " \
                     f"of 192 MLP columns per layer, 254 of 509 vocabulary rows"
             if split not in log:
                 failures.append(f"dp={dp},tp={tp}: the log does not name the split:\n{log}")
             failures += compare(f"dp={dp},tp={tp} ({source[0]})", base, out)
+            # What rank 0 sent for tp a step (report.json, validation excluded): a replica's
+            # rows R = 256 (tp=2) or 128 (dp=2), W = R x 64 x 4 bytes, each all-reduce or
+            # all-gather/reduce-scatter pair over 2 ranks sending W. tp: 4 all-reduces a
+            # layer, 2 at the ends and the loss's 3R floats; sequence parallel: 10 halves
+            # a layer (the backward re-gathers), 4 at the ends, the loss's and the norm
+            # gradients' (2 x 2 + 1) x 64 floats. As flotilla plan models them.
+            rows = GLOBAL_BATCH // dp * 64
+            W = rows * 64 * 4
+            want = (24 * W // 2 + (3 * rows + 5 * 64) * 4) if sp else (10 * W + 3 * rows * 4)
+            with open(os.path.join(out, "report.json")) as r:
+                got = json.load(r)["tensor_parallel"]["activation_bytes_per_step"]
+            if got != want:
+                failures.append(f"dp={dp},tp={tp}: report.json says {got} tp bytes a step, not {want}")
             cases += 1
 
         # Checkpoints across layouts: dp=2,tp=2's resumed alone, one rank's resumed at tp=2.
@@ -108,8 +127,8 @@ def main():
         lora_base = os.path.join(tmp, "lora_base")
         train(lora_base, 1, 1, ["--model", tiny] + lora)
         out = os.path.join(tmp, "lora_tp2")
-        train(out, 1, 2, ["--model", tiny] + lora, save)
-        failures += compare("LoRA, tp=2", lora_base, out, "adapter_model.safetensors")
+        train(out, 1, 2, ["--model", tiny] + lora, save + ["--sequence-parallel"])
+        failures += compare("LoRA, tp=2, sequence parallel", lora_base, out, "adapter_model.safetensors")
         cases += 1
         # Its step-5 checkpoint (the whole adapters' arena, B by rows) resumed on one rank.
         resumed = os.path.join(tmp, "lora_resumed")
@@ -124,6 +143,13 @@ def main():
             (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q,o"], "does not work with LoRA on o_proj"),
             (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
         ]
+        # Sequence parallelism without tensor parallelism: one process, no launch needed.
+        p = subprocess.run([f, "train"] + preset + ["--out", os.path.join(tmp, "refused"), "--sequence-parallel"] +
+                           common, env=env, capture_output=True, text=True, timeout=60)
+        if p.returncode == 0 or "--sequence-parallel applies to tensor parallelism" not in p.stderr:
+            failures.append(f"--sequence-parallel without tp: expected a refusal, got rc {p.returncode}:\n"
+                            f"{p.stderr[-2000:]}")
+        cases += 1
         for extra, expected in refusals:
             ranks = 2
             out = os.path.join(tmp, "refused")

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
@@ -38,11 +39,27 @@ class ThreadPair {
     void all_reduce_sum(std::span<float> v, const char*) override { pair_.reduce(rank_, v); }
     void all_reduce_sum(std::span<double> v, const char*) override { pair_.reduce(rank_, v); }
     void all_reduce_max(std::span<float> v, const char*) override { pair_.reduce(rank_, v, true); }
+    void all_gather(std::span<const float> slice, std::span<float> whole, const char*) override {
+      pair_.gather(rank_, slice, whole);
+    }
+    void reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char*) override {
+      std::vector<float> sum(whole.begin(), whole.end());
+      pair_.reduce(rank_, std::span<float>(sum));
+      std::copy_n(sum.begin() + static_cast<std::ptrdiff_t>(rank_ * slice.size()), slice.size(), slice.begin());
+    }
 
    private:
     ThreadPair& pair_;
     int rank_;
   };
+
+  void gather(int rank, std::span<const float> slice, std::span<float> whole) {
+    slots_[rank] = slice.data();
+    sync_.arrive_and_wait();
+    for (int r = 0; r < 2; ++r)
+      std::copy_n(static_cast<const float*>(slots_[r]), slice.size(), whole.begin() + static_cast<std::ptrdiff_t>(r * slice.size()));
+    sync_.arrive_and_wait();  // both have read both slices
+  }
 
   template <class T>
   void reduce(int rank, std::span<T> v, bool max = false) {
@@ -109,15 +126,18 @@ TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
   EXPECT_EQ(tensor_slice(n, *local.layout().find(n.name)), TensorSlice::replicated);
 }
 
-class TensorParallelModel : public ::testing::TestWithParam<bool> {};  // tied embeddings or not
+// Tied embeddings or not; sequence parallelism or not (with it, 15 token rows: rank 1's
+// slice is 7 tokens and one padding row; tied, with gradient checkpointing as well).
+class TensorParallelModel : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
 
 TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
-  const ModelConfig full_cfg = tiny_qwen2(2, GetParam());
+  const auto [tied, sequence_parallel] = GetParam();
+  const ModelConfig full_cfg = tiny_qwen2(2, tied);
   const uint64_t seed = test_seed();
   Rng rng(seed);
   Llama full(full_cfg);
   test_models::fill_order_one(full, rng);
-  const int64_t B = 2, T = 8;
+  const int64_t B = sequence_parallel ? 3 : 2, T = sequence_parallel ? 5 : 8;
   const std::vector<int32_t> tokens = random_tokens(rng, B * T, full_cfg.vocab_size);
   std::vector<int32_t> targets = random_tokens(rng, B * T, full_cfg.vocab_size);
   targets[3] = kIgnoreIndex;  // an ignored row: no loss, no gradient on either rank
@@ -136,12 +156,16 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
   LossSum loss[2];
   std::vector<float> logits[2];
   double norm2[2] = {0, 0};
+  int64_t plan_bytes[2] = {0, 0};
   std::vector<std::thread> threads;
   for (int r = 0; r < 2; ++r) {
     threads.emplace_back([&, r] {
       ThreadPair::Rank group(pair, r);
       Llama& m = locals[static_cast<size_t>(r)];
       m.set_tensor_parallel(&group, full_cfg);
+      m.set_sequence_parallel(sequence_parallel);
+      m.set_grad_checkpoint(sequence_parallel && tied);  // the recomputed blocks gather and scatter too
+      plan_bytes[r] = m.activation_bytes(B, T);
       m.zero_grads();
       loss[r] = m.forward(tokens.data(), targets.data(), B, T);
       logits[r].assign(m.logits().begin(), m.logits().end());
@@ -167,6 +191,12 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
             << "rank " << r << " row " << n << " column " << j;
   }
   EXPECT_EQ(loss[0].sum, loss[1].sum);  // the ranks agree bit for bit
+  // Sequence parallelism keeps a rank's residual stream rows only: a smaller plan.
+  const int64_t tp_plan = Llama::activation_bytes(locals[0].config(), nullptr, B, T);
+  if (sequence_parallel)
+    EXPECT_LT(plan_bytes[0], tp_plan);
+  else
+    EXPECT_EQ(plan_bytes[0], tp_plan);
   const std::span<const float> g = full.grads();
   for (const ParamInfo& info : full.layout().params()) {
     float scale = 1e-6f;
@@ -192,7 +222,8 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TiedOrNot, TensorParallelModel, ::testing::Bool());
+INSTANTIATE_TEST_SUITE_P(TiedOrNotSequenceParallelOrNot, TensorParallelModel,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()));
 
 }  // namespace
 }  // namespace flotilla::model

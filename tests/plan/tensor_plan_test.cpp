@@ -55,6 +55,24 @@ TEST(TensorPlan, AllReduceBytesStepAndMemoryMatchAHandComputation) {
   EXPECT_DOUBLE_EQ(p.memory_bytes, p.state_bytes + p.activation_bytes);
 }
 
+TEST(TensorPlan, SequenceParallelSendsTpsBytesPlusTheBackwardRegathersAndHoldsFewerActivations) {
+  // As above: 128 rows a micro-batch (A = 2), one whole buffer 128 x 64 x 4 = 32768 bytes,
+  // of which an all-gather or a reduce-scatter over 2 ranks sends half: 16384.
+  const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 2);
+  StepCost cost;
+  cost.compute_s = 1.0;
+  const Link link{1e9, 1e-5, "given"};
+  const TensorPlan p = plan_tensor_parallel(w, cost, 2, link);
+  // Per micro-batch: 10 halves a layer (tp's 4 all-reduces are 8) and 4 at the ends (tp's
+  // 2 all-reduces), the loss's 3 x 128 floats and the norms' (2 x 2 + 1) x 64 as all-reduces.
+  const double per_micro = (10.0 * 2 + 4) * 16384.0 + (3 * 128 + 5 * 64) * 4.0;
+  EXPECT_DOUBLE_EQ(p.sequence.wire_bytes_per_rank, 2 * per_micro);
+  // Without the re-gathers (2 halves a layer) and the norms it would be tp's bytes exactly.
+  EXPECT_DOUBLE_EQ(p.sequence.wire_bytes_per_rank - 2 * (2.0 * 2 * 16384.0 + 5 * 64 * 4.0), p.wire_bytes_per_rank);
+  EXPECT_LT(p.sequence.activation_bytes, p.activation_bytes);
+  EXPECT_DOUBLE_EQ(p.sequence.memory_bytes, p.state_bytes + p.sequence.activation_bytes);
+}
+
 TEST(TensorPlan, OnlyTpThatSplitsTheModel) {
   const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
   const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; });

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <initializer_list>
 #include <new>
 #include <utility>
 
@@ -247,8 +248,11 @@ struct PlanEntry {
 // The activation table of a step shape: each view and its element count, laid out in
 // this order in one buffer.
 std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, const LoraAdapters* lora, int64_t B,
-                                  int64_t T, bool checkpoint) {
+                                  int64_t T, bool checkpoint, int64_t sequence_parallel) {
   const int64_t N = B * T, C = cfg.dim, F = cfg.ffn_dim, V = cfg.vocab_size;
+  // Sequence parallelism: the residual stream's rows this rank holds (Ns), and the rows of
+  // a buffer gathered from every rank (Np >= N: the last slices may be padded).
+  const int64_t Ns = (N + sequence_parallel - 1) / sequence_parallel, Np = Ns * sequence_parallel;
   const int64_t Dq = cfg.q_dim(), Dkv = cfg.kv_dim(), NH = cfg.n_heads, hd = cfg.head_dim;
   const int64_t E = cfg.moe.num_experts, K = cfg.moe.top_k, Fe = cfg.moe.expert_ffn_dim;
   // Under checkpointing the one shared set of views must hold any layer: the widest dense
@@ -264,17 +268,17 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
   std::vector<PlanEntry> table;
   for (size_t l = 0; l < a.layers.size(); ++l) {
     LayerActivations& la = a.layers[l];
-    table.push_back({&la.resid_in, N * C});
+    table.push_back({&la.resid_in, Ns * C});
     // Checkpointing: layers above 0 share layer 0's views (Llama::plan points them there).
     if (checkpoint && &la != &a.layers[0]) continue;
-    table.push_back({&la.ln1_rstd, N});
+    table.push_back({&la.ln1_rstd, Ns});
     table.push_back({&la.q, N * Dq});
     table.push_back({&la.k, N * Dkv});
     table.push_back({&la.v, N * Dkv});
     table.push_back({&la.probs, B * NH * T * T});
     table.push_back({&la.attn_out, N * Dq});
-    table.push_back({&la.resid_mid, N * C});
-    table.push_back({&la.ln2_rstd, N});
+    table.push_back({&la.resid_mid, Ns * C});
+    table.push_back({&la.ln2_rstd, Ns});
     const int64_t Fl = checkpoint ? widest_dense : cfg.dense_mlp_dim(static_cast<int64_t>(l));
     if (Fl > 0) {
       table.push_back({&la.gate, N * Fl});
@@ -308,16 +312,21 @@ std::vector<PlanEntry> plan_table(ActivationPlan& a, const ModelConfig& cfg, con
     table.push_back({&a.lora_xd, widest});
     table.push_back({&a.lora_dxd, widest});
   }
-  table.push_back({&a.resid_out, N * C});
-  table.push_back({&a.lnf, N * C});
-  table.push_back({&a.lnf_rstd, N});
+  table.push_back({&a.resid_out, Ns * C});
+  table.push_back({&a.lnf, Np * C});
+  table.push_back({&a.lnf_rstd, Ns});
   table.push_back({&a.logits, N * V});
   table.push_back({&a.losses, N});
   table.push_back({&a.rope_cos, T * hd / 2});
   table.push_back({&a.rope_sin, T * hd / 2});
-  table.push_back({&a.ln, N * C});
-  table.push_back({&a.dresid, N * C});
-  table.push_back({&a.dln, N * C});
+  table.push_back({&a.ln, Np * C});
+  table.push_back({&a.dresid, Np * C});
+  table.push_back({&a.dln, Np * C});
+  if (sequence_parallel > 1) {
+    table.push_back({&a.seq_slice, Ns * C});
+    table.push_back({&a.seq_dresid, Ns * C});
+    table.push_back({&a.seq_norm_grads, 2 * C});
+  }
   table.push_back({&a.dq, N * Dq});
   table.push_back({&a.dk, N * Dkv});
   table.push_back({&a.dv, N * Dkv});
@@ -341,16 +350,16 @@ int64_t padded(int64_t numel) { return (numel + 15) / 16 * 16; }
 }  // namespace
 
 int64_t Llama::activation_bytes(int64_t B, int64_t T) const {
-  return activation_bytes(cfg_, lora_, B, T, grad_checkpoint_);
+  return activation_bytes(cfg_, lora_, B, T, grad_checkpoint_, sequence_parallel() ? tp_->tp_size() : 1);
 }
 
 int64_t Llama::activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
-                                bool grad_checkpoint) {
-  return stage_activation_bytes(cfg, lora, B, T, grad_checkpoint, {0, cfg.n_layers});
+                                bool grad_checkpoint, int64_t sequence_parallel) {
+  return stage_activation_bytes(cfg, lora, B, T, grad_checkpoint, {0, cfg.n_layers}, sequence_parallel);
 }
 
 int64_t Llama::stage_activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
-                                      bool grad_checkpoint, LayerRange stage) {
+                                      bool grad_checkpoint, LayerRange stage, int64_t sequence_parallel) {
   if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
   // Bounds under which every product of the plan table fits in int64 (the largest is the
   // attention probabilities, B * heads * T * T per layer); far past any machine's memory.
@@ -362,7 +371,8 @@ int64_t Llama::stage_activation_bytes(const ModelConfig& cfg, const LoraAdapters
                                           "can hold the activations of: lower the batch size or the sequence length",
                                           B, T, tokens));
   ActivationPlan scratch;
-  const std::vector<PlanEntry> table = plan_table(scratch, cfg, lora, B, T, grad_checkpoint);
+  const std::vector<PlanEntry> table =
+      plan_table(scratch, cfg, lora, B, T, grad_checkpoint, std::max<int64_t>(1, sequence_parallel));
   const bool last = stage.end == cfg.n_layers;
   const std::array<float* const*, 5> head = {&scratch.resid_out, &scratch.lnf, &scratch.lnf_rstd, &scratch.logits,
                                              &scratch.losses};
@@ -406,7 +416,9 @@ void Llama::plan(int64_t B, int64_t T) {
   ActivationPlan& a = acts_;
   a.B = B;
   a.T = T;
-  const std::vector<PlanEntry> table = plan_table(a, cfg_, lora_, B, T, grad_checkpoint_);
+  const int64_t sp = sequence_parallel() ? tp_->tp_size() : 1;
+  a.seq = sp > 1 ? sequence_shard(N, {tp_->tp_rank(), static_cast<int>(sp)}) : SequenceShard{1, N, 0, N};
+  const std::vector<PlanEntry> table = plan_table(a, cfg_, lora_, B, T, grad_checkpoint_, sp);
   int64_t total = 0;
   for (const auto& e : table) total += padded(e.numel);
   a.memory = Buffer<float>();  // release the old plan before allocating the new one
@@ -484,6 +496,10 @@ BlockContext Llama::training_context() const {
   ctx.lora_xd = a.lora_xd;
   ctx.lora = lora_;
   if (lora_ && training_ && lora_->config().dropout > 0.0f) ctx.dropout_step = forward_dropout_;
+  if (sequence_parallel()) {
+    ctx.seq = &a.seq;
+    ctx.seq_slice = a.seq_slice;
+  }
   return ctx;
 }
 
@@ -499,8 +515,16 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
     ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, matmul_input_);
   };
   float* ln = ctx.ln;
+  // Sequence parallel: the residual stream is this rank's rows (Nr of them); a norm's
+  // output is gathered whole before the column-parallel layers, and the row-parallel
+  // layers' partial sums go into ln (free by then) and are reduce-scattered into the rows.
+  const SequenceShard* seq = ctx.seq;
+  const int64_t Nr = seq ? seq->real : N;
   // Attention block: h = x + o_proj(attn(rope(q_proj(ln1(x))), rope(k_proj(.)), v_proj(.)))
-  k::rmsnorm_forward(ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+  if (seq)
+    sequence_norm_gather(ln, ctx.seq_slice, la.ln1_rstd, la.resid_in, w.ln1, *seq, "sp attention input");
+  else
+    k::rmsnorm_forward(ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
   linear_forward(la.q, ln, w.q_proj, dense_weight(w.q_bias), N, C, Dq);
   linear_forward(la.k, ln, w.k_proj, dense_weight(w.k_bias), N, C, Dkv);
   linear_forward(la.v, ln, w.v_proj, dense_weight(w.v_bias), N, C, Dkv);
@@ -512,13 +536,20 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   const float* keys = ctx.keys ? ctx.keys : la.k;
   const float* values = ctx.values ? ctx.values : la.v;
   k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start);
-  linear_forward(la.resid_mid, la.attn_out, w.o_proj, nullptr, N, Dq, C);
-  lora(LoraTarget::o, la.resid_mid, la.attn_out);
+  float* o_out = seq ? ln : la.resid_mid;
+  linear_forward(o_out, la.attn_out, w.o_proj, nullptr, N, Dq, C);
+  lora(LoraTarget::o, o_out, la.attn_out);
   // Tensor parallel: o is row-parallel, each rank's product a partial sum over its heads (g).
-  if (tp_) tp_->all_reduce_sum({la.resid_mid, static_cast<size_t>(N * C)}, "tp attention output");
-  k::add_inplace(la.resid_mid, la.resid_in, N * C);
+  if (seq)
+    sequence_reduce_scatter(ln, la.resid_mid, *seq, "sp attention output");
+  else if (tp_)
+    tp_->all_reduce_sum({la.resid_mid, static_cast<size_t>(N * C)}, "tp attention output");
+  k::add_inplace(la.resid_mid, la.resid_in, Nr * C);
   // MLP block: out = h + down(silu(gate(ln2(h))) * up(ln2(h))), or a mixture of experts
-  k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+  if (seq)
+    sequence_norm_gather(ln, ctx.seq_slice, la.ln2_rstd, la.resid_mid, w.ln2, *seq, "sp MLP input");
+  else
+    k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
   if (cfg_.moe_layer(l)) {
     moe_forward(l, la, out, ln, ctx);
     k::add_inplace(out, la.resid_mid, N * C);
@@ -529,10 +560,29 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   lora(LoraTarget::gate, la.gate, ln);
   lora(LoraTarget::up, la.up, ln);
   k::swiglu_forward(ctx.act, la.gate, la.up, N, F);
-  linear_forward(out, ctx.act, w.down_proj, nullptr, N, F, C);
-  lora(LoraTarget::down, out, ctx.act);
-  if (tp_) tp_->all_reduce_sum({out, static_cast<size_t>(N * C)}, "tp MLP output");  // down is row-parallel
-  k::add_inplace(out, la.resid_mid, N * C);
+  float* down_out = seq ? ln : out;
+  linear_forward(down_out, ctx.act, w.down_proj, nullptr, N, F, C);
+  lora(LoraTarget::down, down_out, ctx.act);
+  if (seq)  // down is row-parallel
+    sequence_reduce_scatter(ln, out, *seq, "sp MLP output");
+  else if (tp_)
+    tp_->all_reduce_sum({out, static_cast<size_t>(N * C)}, "tp MLP output");
+  k::add_inplace(out, la.resid_mid, Nr * C);
+}
+
+void Llama::sequence_norm_gather(float* whole, float* slice, float* rstd, const float* x, const WeightRef& weight,
+                                 const SequenceShard& seq, const char* what) const {
+  const int64_t C = cfg_.dim;
+  k::rmsnorm_forward(slice, rstd, x, p(weight), seq.real, C, cfg_.rms_norm_eps);
+  std::fill(slice + seq.real * C, slice + seq.rows * C, 0.0f);  // padding rows
+  tp_->all_gather({slice, static_cast<size_t>(seq.rows * C)}, {whole, static_cast<size_t>(seq.padded() * C)}, what);
+}
+
+void Llama::sequence_reduce_scatter(float* whole, float* slice, const SequenceShard& seq, const char* what) const {
+  const int64_t C = cfg_.dim, N = acts_.B * acts_.T;
+  std::fill(whole + N * C, whole + seq.padded() * C, 0.0f);  // padding rows
+  tp_->reduce_scatter_sum({whole, static_cast<size_t>(seq.padded() * C)}, {slice, static_cast<size_t>(seq.rows * C)},
+                          what);
 }
 
 LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t T,
@@ -580,7 +630,12 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   if (!base_frozen()) bf16_weights_valid_ = false;
   if (first_stage()) {
     if (parallel_) parallel_->before_group_forward(ParamGroup::embedding());
-    embedding_forward(a.layers[0].resid_in, tokens, N);
+    if (sequence_parallel()) {  // vocabulary-parallel partial rows, reduce-scattered into this rank's
+      k::embedding_forward_rows(a.ln, tokens, p(layout_.embed), N, C, vocab_.begin, vocab_.end);
+      sequence_reduce_scatter(a.ln, a.layers[0].resid_in, a.seq, "sp embedding");
+    } else {
+      embedding_forward(a.layers[0].resid_in, tokens, N);
+    }
   }
   const BlockContext ctx = training_context();
   load_balancing_.reset(cfg_.moe.num_experts);
@@ -612,7 +667,10 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
     return {};
   }
   if (parallel_) parallel_->before_group_forward(ParamGroup::head());
-  k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
+  if (sequence_parallel())
+    sequence_norm_gather(a.lnf, a.seq_slice, a.lnf_rstd, a.resid_out, layout_.final_norm, a.seq, "sp lm_head input");
+  else
+    k::rmsnorm_forward(a.lnf, a.lnf_rstd, a.resid_out, p(layout_.final_norm), N, C, cfg_.rms_norm_eps);
   linear_forward(a.logits, a.lnf, layout_.lm_head, nullptr, N, C, V);
   logits_valid_ = true;
   have_targets_ = targets != nullptr;
@@ -662,6 +720,29 @@ void Llama::backward(float dloss_scale) {
   auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
   const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
+  // Sequence parallel (model/tensor_parallel.hpp): d(residual) is this rank's rows,
+  // a.seq_dresid, gathered whole into a.dresid where a row-parallel layer's backward needs
+  // it; each d(ln) is reduce-scattered into a.seq_slice before the norm's backward on the
+  // rows, whose dweight (a.seq_norm_grads, this rank's rows' share) is summed over the tp
+  // group before it is added: the sum of all the slices', so replicated as without it.
+  const bool sp = sequence_parallel();
+  const SequenceShard& seq = a.seq;
+  if (sp) std::fill(a.seq_dresid, a.seq_dresid + seq.rows * C, 0.0f);
+  // dweight (C) of a norm: its share on this rank's rows, into part (C) of a.seq_norm_grads.
+  auto seq_norm_backward = [&](float* part, const WeightRef& norm, const float* x, const float* rstd) {
+    if (part) std::fill(part, part + C, 0.0f);
+    k::rmsnorm_backward(a.seq_dresid, part, a.seq_slice, x, p(norm), rstd, seq.real, C);
+  };
+  // The parts' sum over the tp group, added into the norms' gradients (null: frozen).
+  auto seq_norm_grads_sum = [&](std::initializer_list<std::pair<float*, const WeightRef*>> parts) {
+    if (!g) return;
+    tp_->all_reduce_sum({a.seq_norm_grads, parts.size() * static_cast<size_t>(C)}, "sp norm weight gradients");
+    for (const auto& [part, norm] : parts) k::add_inplace(gp(*norm), part, C);
+  };
+  auto gather_dresid = [&](const char* what) {
+    tp_->all_gather({a.seq_dresid, static_cast<size_t>(seq.rows * C)},
+                    {a.dresid, static_cast<size_t>(seq.padded() * C)}, what);
+  };
 
   if (last_stage()) {
     // logits = lnf @ lm_head^T;  lnf = rmsnorm(resid_out)
@@ -675,10 +756,16 @@ void Llama::backward(float dloss_scale) {
     linear_backward(a.dln, gp(layout_.lm_head), nullptr, a.logits, a.lnf, layout_.lm_head, N, C, V);
     // Tensor parallel: lm_head is split by vocabulary rows (column-parallel), so each rank
     // has its slice's share of d(lnf).
-    if (tp_) tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp lm_head input gradient");
-    std::memset(a.dresid, 0, bytes_NC);
-    k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
-                        a.lnf_rstd, N, C);
+    if (sp) {
+      sequence_reduce_scatter(a.dln, a.seq_slice, seq, "sp lm_head input gradient");
+      seq_norm_backward(g ? a.seq_norm_grads : nullptr, layout_.final_norm, a.resid_out, a.lnf_rstd);
+      seq_norm_grads_sum({{a.seq_norm_grads, &layout_.final_norm}});
+    } else {
+      if (tp_) tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp lm_head input gradient");
+      std::memset(a.dresid, 0, bytes_NC);
+      k::rmsnorm_backward(a.dresid, gp(layout_.final_norm), a.dln, a.resid_out, p(layout_.final_norm),
+                          a.lnf_rstd, N, C);
+    }
     report_ready(static_cast<size_t>(cfg_.n_layers));  // the head
   }
   // Otherwise a.dresid holds d(stage_output), handed over by the next stage.
@@ -702,13 +789,17 @@ void Llama::backward(float dloss_scale) {
                                   : 0.0f;
       moe_backward(l, la, a.dln, a.dresid, a.ln, g, aux_scale);
     } else {
+    if (sp) gather_dresid("sp MLP output gradient");  // d(out), whole, for down's backward
     k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
     linear_backward(a.dact, gp(w.down_proj), nullptr, a.dresid, a.act, w.down_proj, N, F, C);
     lora_backward(l, LoraTarget::down, a.dact, a.dresid, a.act);
     k::swiglu_backward(a.dgate, a.dup, a.dact, la.gate, la.up, N, F);
     // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
-    k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+    if (sp)
+      sequence_norm_gather(a.ln, a.seq_slice, la.ln2_rstd, la.resid_mid, w.ln2, seq, "sp MLP input");
+    else
+      k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
     linear_backward(a.dln, gp(w.gate_proj), nullptr, a.dgate, a.ln, w.gate_proj, N, C, F);
     linear_backward(a.dln, gp(w.up_proj), nullptr, a.dup, a.ln, w.up_proj, N, C, F);
@@ -716,9 +807,19 @@ void Llama::backward(float dloss_scale) {
     lora_backward(l, LoraTarget::up, a.dln, a.dup, a.ln);
     // Tensor parallel: gate and up are column-parallel; each rank has its columns' share of
     // d(ln2) (f's backward).
-    if (tp_) tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp MLP input gradient");
+    if (sp)
+      sequence_reduce_scatter(a.dln, a.seq_slice, seq, "sp MLP input gradient");
+    else if (tp_)
+      tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp MLP input gradient");
     }
-    k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
+    float* ln1_part = sp && g ? a.seq_norm_grads : nullptr;
+    float* ln2_part = sp && g ? a.seq_norm_grads + C : nullptr;
+    if (sp) {
+      seq_norm_backward(ln2_part, w.ln2, la.resid_mid, la.ln2_rstd);
+      gather_dresid("sp attention output gradient");  // d(resid_mid), whole, for o's backward
+    } else {
+      k::rmsnorm_backward(a.dresid, gp(w.ln2), a.dln, la.resid_mid, p(w.ln2), la.ln2_rstd, N, C);
+    }
     // a.dresid is now d(resid_mid). resid_mid = resid_in + attn_out @ wo^T
     std::memset(a.dattn_out, 0, static_cast<size_t>(N * Dq) * sizeof(float));
     linear_backward(a.dattn_out, gp(w.o_proj), nullptr, a.dresid, la.attn_out, w.o_proj, N, Dq, C);
@@ -731,7 +832,10 @@ void Llama::backward(float dloss_scale) {
     k::rope_backward(a.dq, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
     k::rope_backward(a.dk, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
     // q = ln1 @ wq^T + bq (k, v alike);  ln1 = rmsnorm(resid_in) (recomputed)
-    k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
+    if (sp)
+      sequence_norm_gather(a.ln, a.seq_slice, la.ln1_rstd, la.resid_in, w.ln1, seq, "sp attention input");
+    else
+      k::rmsnorm_forward(a.ln, la.ln1_rstd, la.resid_in, p(w.ln1), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
     // Below the lowest trained layer nothing needs d(ln1): skip those products.
     float* dln1 = frozen && l == lowest_layer ? nullptr : a.dln;
@@ -741,18 +845,27 @@ void Llama::backward(float dloss_scale) {
     lora_backward(l, LoraTarget::q, dln1, a.dq, a.ln);
     lora_backward(l, LoraTarget::k, dln1, a.dk, a.ln);
     lora_backward(l, LoraTarget::v, dln1, a.dv, a.ln);
-    if (tp_ && dln1) tp_->all_reduce_sum({dln1, static_cast<size_t>(N * C)}, "tp attention input gradient");
+    if (sp && dln1)
+      sequence_reduce_scatter(dln1, a.seq_slice, seq, "sp attention input gradient");
+    else if (tp_ && dln1)
+      tp_->all_reduce_sum({dln1, static_cast<size_t>(N * C)}, "tp attention input gradient");
     if (l == lowest_layer && frozen) {  // nothing below is trained
       report_ready(static_cast<size_t>(l));
       break;
     }
-    k::rmsnorm_backward(a.dresid, gp(w.ln1), a.dln, la.resid_in, p(w.ln1), la.ln1_rstd, N, C);
+    if (sp) {
+      seq_norm_backward(ln1_part, w.ln1, la.resid_in, la.ln1_rstd);
+      seq_norm_grads_sum({{ln1_part, &w.ln1}, {ln2_part, &w.ln2}});
+    } else {
+      k::rmsnorm_backward(a.dresid, gp(w.ln1), a.dln, la.resid_in, p(w.ln1), la.ln1_rstd, N, C);
+    }
     report_ready(static_cast<size_t>(l));
     // a.dresid is now d(resid_in) = d(out) of the block below.
   }
   if (first_stage()) {
     // resid_in of layer 0 = embed_tokens[tokens]
     if (parallel_) parallel_->before_group_backward(ParamGroup::embedding());
+    if (!frozen && sp) gather_dresid("sp embedding gradient");
     if (!frozen && tp_)  // this rank's vocabulary rows (a.dresid is the same on every rank)
       k::embedding_backward_rows(g + layout_.embed.offset(), a.dresid, a.tokens.data(), N, C, vocab_.begin,
                                  vocab_.end);

@@ -87,6 +87,11 @@ struct BlockContext {
   const LoraAdapters* lora = nullptr;  // applied on the fly; null: none
   // LoRA dropout's training-forward count (see lora_dropout_seed); none: no dropout.
   std::optional<uint64_t> dropout_step;
+  // Sequence parallelism (training under tensor parallelism; null: none): the block's
+  // input and output, resid_in and resid_mid are this rank's token rows (seq->rows, C), ln
+  // the gathered rows (seq->padded(), C), seq_slice (seq->rows, C) scratch for a norm's slice.
+  const SequenceShard* seq = nullptr;
+  float* seq_slice = nullptr;
 };
 
 // One allocation for all activations and backward scratch of a step shape.
@@ -121,6 +126,13 @@ struct ActivationPlan {
   float* lora_g;     // (B, T, rank)       LoRA: gradient of the low-rank activation
   float* lora_xd;    // (B, T, max(C, F))  LoRA: the dropped-out input, regenerated in backward
   float* lora_dxd;   // (B, T, max(C, F))
+  // Sequence parallelism (Llama::set_sequence_parallel): the rows of the residual stream
+  // this rank holds; resid_in, resid_mid, resid_out and the rstds are (seq.rows, C) or
+  // (seq.rows), and ln, lnf, dresid, dln (seq.padded(), C) to hold every rank's rows.
+  SequenceShard seq;
+  float* seq_slice = nullptr;       // (seq.rows, C)  a norm's output or d(ln), this rank's rows
+  float* seq_dresid = nullptr;      // (seq.rows, C)  d(residual stream), this rank's rows
+  float* seq_norm_grads = nullptr;  // (2, C)  this rank's share of ln1's and ln2's (or lnf's) dweight
   std::vector<int32_t> tokens, targets;  // (B, T) copies of the batch
   // Tensor parallelism's cross-entropy over the vocabulary slices: each row's max over the
   // whole vocabulary (B, T), then its sum of exp and the target's logit, (2, B, T).
@@ -336,14 +348,15 @@ class Llama {
   // The same without a model (whose constructor allocates every weight): for a model of
   // `cfg` with these adapters attached (nullptr: none). What the planner uses.
   // InputError for a shape so large that no machine could hold it (or that overflows).
+  // `sequence_parallel`: the tp ranks the residual stream is sharded over (1: none).
   static int64_t activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
-                                  bool grad_checkpoint = false);
+                                  bool grad_checkpoint = false, int64_t sequence_parallel = 1);
   // What a pipeline stage of layers [stage.begin, stage.end) writes of that plan (the rest
   // of its buffer is never touched, so never resident): its layers' views, the next
   // layer's input it passes on, the head's only on the last stage, and the scratch every
   // stage uses. The whole range gives activation_bytes.
   static int64_t stage_activation_bytes(const ModelConfig& cfg, const LoraAdapters* lora, int64_t B, int64_t T,
-                                        bool grad_checkpoint, LayerRange stage);
+                                        bool grad_checkpoint, LayerRange stage, int64_t sequence_parallel = 1);
   // InputError when the activation plan of (B, T) is larger than this machine's memory,
   // naming the shape and both sizes: a batch that cannot fit is refused before the first
   // step, rather than found by an allocation failure (or the OOM killer) inside it.
@@ -372,6 +385,15 @@ class Llama {
   // is quantized.
   void set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& full);
   TensorParallelGroup* tensor_parallel() const { return tp_; }
+  // Sequence parallelism on top of tensor parallelism (model/tensor_parallel.hpp's
+  // SequenceShard): the residual stream, the norms and the residual adds run on this
+  // rank's 1/tp of the token rows; the all-reduces become an all-gather before each
+  // column-parallel region and a reduce-scatter after each row-parallel one (backward: the
+  // other way round, plus the all-gather of the norm's output again, which is recomputed
+  // from the slice); the norms' weight gradients are summed over the tp group. A no-op
+  // without tensor parallelism; every rank of the group sets it alike.
+  void set_sequence_parallel(bool on);
+  bool sequence_parallel() const { return sequence_parallel_ && tp_; }
   // The config of the model this one is a slice of (its own without tensor parallelism).
   const ModelConfig& full_config() const { return tp_ ? tp_full_ : cfg_; }
   // The squared L2 norm of the full model's gradient (trainable().grads): under tensor
@@ -434,6 +456,13 @@ class Llama {
   bool last_stage() const { return range_.end == cfg_.n_layers; }
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
+  // Sequence parallelism's two crossings (model/tensor_parallel.hpp), on the planned step:
+  // whole (seq.padded(), C) = every rank's rmsnorm(x) (seq.rows, C), computed into slice;
+  // and slice (seq.rows, C) = this rank's rows of the ranks' partial sums whole (N, C),
+  // whose padding rows are zeroed first.
+  void sequence_norm_gather(float* whole, float* slice, float* rstd, const float* x, const WeightRef& weight,
+                            const SequenceShard& seq, const char* what) const;
+  void sequence_reduce_scatter(float* whole, float* slice, const SequenceShard& seq, const char* what) const;
   // Tensor parallelism's cross-entropy (tensor_parallel.cpp): the losses of acts_.logits,
   // this rank's vocabulary slice, against `targets` over the whole vocabulary, the slices
   // never gathered (model/tensor_parallel.hpp); returns the target tokens. Its backward
@@ -526,6 +555,7 @@ class Llama {
   int64_t aux_tokens_ = 0;             // ... of every rank's forward together, with an expert exchange
   ExpertExchange* experts_ = nullptr;
   TensorParallelGroup* tp_ = nullptr;
+  bool sequence_parallel_ = false;
   ModelConfig tp_full_;  // full_config() under tensor parallelism
   VocabShard vocab_;     // the vocabulary rows of the embedding and lm_head, under tensor parallelism
   // What an MoE layer's expert side kept from forward under expert parallelism: the rows

@@ -150,6 +150,15 @@ void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint
   }
 }
 
+SequenceShard sequence_shard(int64_t tokens, TpRank at) {
+  SequenceShard s;
+  s.size = at.size;
+  s.rows = (tokens + at.size - 1) / at.size;
+  s.begin = at.rank * s.rows;
+  s.real = std::clamp<int64_t>(tokens - s.begin, 0, s.rows);
+  return s;
+}
+
 void take_slices(Llama& local, const Llama& full, TpRank rank) {
   const std::span<float> params = local.params();
   for (const ParamInfo& info : full.layout().params())
@@ -172,6 +181,18 @@ void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& f
   }
   tp_ = group && group->tp_size() > 1 ? group : nullptr;
   tp_full_ = full;
+  logits_valid_ = have_targets_ = false;
+  if (sequence_parallel_) {  // the plan's row counts depend on the group
+    acts_.memory = Buffer<float>();
+    acts_.B = acts_.T = 0;
+  }
+}
+
+void Llama::set_sequence_parallel(bool on) {
+  if (on == sequence_parallel_) return;
+  sequence_parallel_ = on;
+  acts_.memory = Buffer<float>();  // the next forward plans anew
+  acts_.B = acts_.T = 0;
   logits_valid_ = have_targets_ = false;
 }
 

@@ -50,6 +50,11 @@ class TensorParallelGroup {
   virtual void all_reduce_sum(std::span<double> values, const char* what) = 0;
   // values replaced in place by their elementwise max over the tp group.
   virtual void all_reduce_max(std::span<float> values, const char* what) = 0;
+  // Sequence parallelism (SequenceShard): whole = (tp_size, n), chunk r = rank r's slice
+  // (n floats); and its reverse, slice = chunk tp_rank of the sum of every rank's whole.
+  // The two spans never overlap.
+  virtual void all_gather(std::span<const float> slice, std::span<float> whole, const char* what) = 0;
+  virtual void reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char* what) = 0;
 };
 
 // A tp rank's place in its group: what a rank's slices depend on.
@@ -67,6 +72,22 @@ struct VocabShard {
   int64_t size() const { return end - begin; }
 };
 VocabShard vocab_shard(int64_t vocab_size, TpRank at);
+
+// Sequence parallelism (Megatron-LM's, Korthikanti et al. 2022): between the tensor-parallel
+// regions the residual stream, the norms and the residual adds are sharded along the
+// B x T token rows; a column-parallel region starts with an all-gather of its input and a
+// row-parallel one ends with a reduce-scatter of its partial sums (their backwards swap
+// them). The rows are cut in tp_size slices of `rows` each, rank r's [r rows, (r+1) rows):
+// when tp_size does not divide the tokens the last slices are padded with zero rows
+// (`real` counts a rank's tokens; 10 tokens over 4 ranks: slices of 3, real 3, 3, 3, 1).
+struct SequenceShard {
+  int64_t size = 1;   // tp ranks
+  int64_t rows = 0;   // a slice's rows, padding included: ceil(N / tp)
+  int64_t begin = 0;  // this rank's first row
+  int64_t real = 0;   // this rank's rows that are tokens (the rest are padding)
+  int64_t padded() const { return rows * size; }  // rows of a gathered buffer
+};
+SequenceShard sequence_shard(int64_t tokens, TpRank at);
 
 // Tp rank `at`'s local model config: heads, kv heads and ffn_dim divided by tp, and the
 // vocabulary its shard (vocab_shard). InputError (one line) when tp does not divide

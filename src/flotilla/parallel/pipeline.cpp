@@ -283,6 +283,7 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
     TraceSpan wait(trace, "wait for sends", TraceLane::compute);
     comm::wait_all(sends);
   }
+  bytes_sent_ += static_cast<uint64_t>(sent_bytes);
   // The flush as one span, with what bench/pipeline_bubble.py reads: the activation slots
   // this stage has held at most, and the bytes it sent to its neighbours.
   if (trace)

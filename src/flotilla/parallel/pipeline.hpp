@@ -114,6 +114,9 @@ class PipelineStage {
 
   // The most micro-batches' activations this stage has held at once (its slots).
   int64_t peak_slots() const { return static_cast<int64_t>(slots_.size()); }
+  // What this stage has sent its neighbours in the flushes (run) so far: activations and
+  // their gradients, point to point (evaluation's forwards are not counted).
+  uint64_t bytes_sent() const { return bytes_sent_; }
 
  private:
   size_t acquire_slot();
@@ -123,6 +126,7 @@ class PipelineStage {
   PipelineConfig config_;
   std::vector<model::Llama::ForwardSlot> slots_;
   std::vector<size_t> free_slots_;
+  uint64_t bytes_sent_ = 0;
 };
 
 }  // namespace flotilla::parallel

@@ -8,23 +8,45 @@
 
 #include "flotilla/base/hash.hpp"
 #include "flotilla/base/internal_error.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::parallel {
 
+void TensorParallel::count(uint64_t size_bytes, uint64_t sent, bool all_reduce) {
+  if (!counting_) return;
+  bytes_reduced_ += all_reduce ? size_bytes : size_bytes / 2;
+  bytes_sent_ += sent;
+  if (all_reduce) ++all_reduces_;
+}
+
 void TensorParallel::all_reduce_sum(std::span<float> values, const char* what) {
   tp_.all_reduce(comm::MutView(values), comm::ReduceOp::sum, {.name = what});
-  bytes_reduced_ += values.size_bytes();
-  ++all_reduces_;
+  const auto bytes = static_cast<int64_t>(values.size_bytes());
+  count(static_cast<uint64_t>(bytes), static_cast<uint64_t>(comm::ring_all_reduce_bytes(bytes, tp_.size())), true);
 }
 
 void TensorParallel::all_reduce_sum(std::span<double> values, const char* what) {
+  // The gradient norm's one double: not an activation, not counted.
   tp_.all_reduce(comm::MutView(values), comm::ReduceOp::sum, {.name = what});
 }
 
 void TensorParallel::all_reduce_max(std::span<float> values, const char* what) {
   tp_.all_reduce(comm::MutView(values), comm::ReduceOp::max, {.name = what});
-  bytes_reduced_ += values.size_bytes();
-  ++all_reduces_;
+  const auto bytes = static_cast<int64_t>(values.size_bytes());
+  count(static_cast<uint64_t>(bytes), static_cast<uint64_t>(comm::ring_all_reduce_bytes(bytes, tp_.size())), true);
+}
+
+void TensorParallel::all_gather(std::span<const float> slice, std::span<float> whole, const char* what) {
+  tp_.all_gather(comm::ConstView(slice), comm::MutView(whole), {.name = what});
+  count(whole.size_bytes(),
+        static_cast<uint64_t>(comm::ring_all_gather_bytes(static_cast<int64_t>(slice.size_bytes()), tp_.size())), false);
+}
+
+void TensorParallel::reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char* what) {
+  tp_.reduce_scatter(comm::ConstView(whole), comm::MutView(slice), comm::ReduceOp::sum, {.name = what});
+  count(whole.size_bytes(),
+        static_cast<uint64_t>(comm::ring_reduce_scatter_bytes(static_cast<int64_t>(whole.size_bytes()), tp_.size())),
+        false);
 }
 
 void TensorParallel::check_replicated_same(const model::Llama& local) {

@@ -25,13 +25,23 @@ class TensorParallel final : public model::TensorParallelGroup {
   void all_reduce_sum(std::span<float> values, const char* what) override;
   void all_reduce_sum(std::span<double> values, const char* what) override;
   void all_reduce_max(std::span<float> values, const char* what) override;
+  void all_gather(std::span<const float> slice, std::span<float> whole, const char* what) override;
+  void reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char* what) override;
   comm::Communicator& communicator() { return tp_; }
 
   // Bytes of the activation all-reduces (each counted once at its size, n floats x 4, as
   // the formula 2 x 2 x B x T x C x 4 per layer and step counts them, plus the embedding's
-  // and d(lnf)'s B x T x C and the cross-entropy's 3 x B x T) and their number.
+  // and d(lnf)'s B x T x C and the cross-entropy's 3 x B x T) and their number. Sequence
+  // parallelism's all-gathers and reduce-scatters count at their whole buffer's size, half
+  // each: an all-gather and a reduce-scatter of n floats move what one all-reduce of n does.
   uint64_t bytes_reduced() const { return bytes_reduced_; }
   uint64_t all_reduces() const { return all_reduces_; }
+  // What this rank sent over the tp group for all of the above (ring algorithms: an
+  // all-reduce of n bytes sends 2 (T-1)/T n, an all-gather or a reduce-scatter (T-1)/T n).
+  uint64_t bytes_sent() const { return bytes_sent_; }
+  // Off: the collectives run uncounted (validation's forwards, so the counts are per
+  // training step's).
+  void set_counting(bool on) { counting_ = on; }
 
   // InternalError naming the tensor-parallel ranks when the replicated tensors (the norms)
   // of `local` differ between them: they are computed alike by
@@ -50,6 +60,11 @@ class TensorParallel final : public model::TensorParallelGroup {
   comm::Communicator& tp_;
   uint64_t bytes_reduced_ = 0;
   uint64_t all_reduces_ = 0;
+  uint64_t bytes_sent_ = 0;
+  bool counting_ = true;
+  // Counts a collective of `size_bytes` (the whole buffer's; an all-gather or a
+  // reduce-scatter as half an all-reduce) that sent `sent` bytes.
+  void count(uint64_t size_bytes, uint64_t sent, bool all_reduce);
 };
 
 }  // namespace flotilla::parallel

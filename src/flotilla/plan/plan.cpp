@@ -472,6 +472,11 @@ std::string render_text(const PlanResult& p) {
                        t.speedup, static_cast<double>(t.params_per_rank) / 1e6,
                        static_cast<double>(p.request.workload.model.num_params()) / 1e6, format_bytes(t.memory_bytes),
                        format_bytes(t.state_bytes), format_bytes(t.activation_bytes));
+    out += fmt::format("  tp={} --sequence-parallel: {} on the wire from each rank in {}; step {}; activations {} per "
+                       "rank, memory {}\n",
+                       t.tp, format_bytes(t.sequence.wire_bytes_per_rank), format_seconds(t.sequence.comm_s),
+                       format_seconds(t.sequence.step_s), format_bytes(t.sequence.activation_bytes),
+                       format_bytes(t.sequence.memory_bytes));
   }
 
   const Recommendation& rec = p.recommendation;

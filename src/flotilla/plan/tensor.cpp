@@ -1,6 +1,7 @@
 #include "flotilla/plan/tensor.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "flotilla/base/error.hpp"
@@ -49,6 +50,25 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
   p.memory_bytes = p.state_bytes + p.activation_bytes;
+
+  // Sequence parallelism (tensor.hpp): halves of R' C 4 bytes per micro-batch, each sending
+  // (T-1)/T: 10 per layer, 4 at the ends; the loss's 3 rows-long all-reduces and the norm
+  // gradients' all-reduce as all-reduces.
+  const auto micro_rows = static_cast<double>(w.batch_size * w.seq_len);
+  const double padded_rows = std::ceil(micro_rows / T) * T;
+  const double half = padded_rows * static_cast<double>(cfg.dim) * 4.0;
+  const double halves = 10.0 * static_cast<double>(cfg.n_layers) + 4.0;
+  const double reduced = 3.0 * micro_rows * 4.0 + static_cast<double>(2 * cfg.n_layers + 1) * cfg.dim * 4.0;
+  const double A = static_cast<double>(w.grad_accum);
+  TensorPlan::Sequence& s = p.sequence;
+  s.wire_bytes_per_rank = A * ((T - 1.0) / T * halves * half + 2.0 * (T - 1.0) / T * reduced);
+  // Ring steps: T-1 a half, 2 (T-1) an all-reduce (the loss's two, the norms' one a layer and lnf's).
+  const double messages = A * (halves + 2.0 * static_cast<double>(3 + cfg.n_layers)) * (T - 1.0);
+  s.comm_s = s.wire_bytes_per_rank / link.bandwidth_bytes_per_s + messages * link.latency_s;
+  s.step_s = one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T + s.comm_s;
+  s.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
+      local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp));
+  s.memory_bytes = p.state_bytes + s.activation_bytes;
   return p;
 }
 
@@ -66,7 +86,13 @@ nlohmann::json tensor_json(const TensorPlan& p) {
           {"replicated_params", p.replicated_params},
           {"state_bytes_per_rank", p.state_bytes},
           {"activation_bytes_per_rank", p.activation_bytes},
-          {"memory_bytes_per_rank", p.memory_bytes}};
+          {"memory_bytes_per_rank", p.memory_bytes},
+          {"sequence_parallel",
+           {{"wire_bytes_per_rank_per_step", p.sequence.wire_bytes_per_rank},
+            {"comm_s", p.sequence.comm_s},
+            {"step_s", p.sequence.step_s},
+            {"activation_bytes_per_rank", p.sequence.activation_bytes},
+            {"memory_bytes_per_rank", p.sequence.memory_bytes}}}};
 }
 
 }  // namespace flotilla::plan

@@ -20,6 +20,14 @@
 //                   base parameter plus 16 an adapter parameter (each B split by rows);
 //   activations     the activation plan of the local model (heads, MLP and logits cut
 //                   by T; the residual stream whole), as flotilla allocates it.
+// With sequence parallelism (--sequence-parallel) the residual stream and the norms hold
+// 1/T of the rows (the activation plan of the local model with the rows sharded, the
+// last slice padded: R' = ceil(A B S / T) T rows), and each all-reduce of R' C floats
+// becomes an all-gather and a reduce-scatter of the same buffer ((T-1)/T of it sent
+// each): the same bytes. Backward also gathers each norm's output again (it is
+// recomputed from the slice): per layer 4 forward + 6 backward of these halves, where tp
+// sends 8; the ends alike (embedding and lm_head input, both ways); the norms' weight
+// gradients add an all-reduce of (2 L + 1) C floats a micro-batch.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +55,14 @@ struct TensorPlan {
   double state_bytes = 0.0;                 // per rank
   double activation_bytes = 0.0;            // per rank
   double memory_bytes = 0.0;                // per rank: state + activations
+  // The same with --sequence-parallel.
+  struct Sequence {
+    double wire_bytes_per_rank = 0.0;  // per step, one rank sends
+    double comm_s = 0.0;
+    double step_s = 0.0;
+    double activation_bytes = 0.0;  // per rank
+    double memory_bytes = 0.0;      // per rank
+  } sequence;
 };
 
 // The plan for tp ranks on `link`; InputError when tp does not split the model

@@ -343,6 +343,10 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
   if (job.tp) {
     model.set_tensor_parallel(job.tp, model_config);
+    model.set_sequence_parallel(job.sequence_parallel);
+    if (job.sequence_parallel)
+      info(fmt::format("sequence parallel: the residual stream and the norms on 1/{} of each micro-batch's token rows",
+                       job.tp->tp_size()));
     info(fmt::format("tensor parallel: tp={}, this rank holds {} of {} query heads, {} of {} key-value heads and {} "
                      "of {} MLP columns per layer, {} of {} vocabulary rows: {:.2f}M of {:.2f}M parameters",
                      job.tp->tp_size(), model.config().n_heads, model_config.n_heads, model.config().n_kv_heads,
@@ -395,10 +399,14 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                                                     : ParentOutput::keeps_reading);
   run_training_loop(job, ranks, trainer, data, checkpoints, record, cb, info);
   record.summary.steps = trainer.steps_done();
+  if (job.tp) job.tp->set_counting(false);  // the counts are the training steps' (report.json)
   if (job.tp && record.summary.steps > 0)
-    info(fmt::format("tensor parallel: {} activation all-reduces, {:.1f} MiB a step (rank 0; validation included)",
+    info(fmt::format("tensor parallel: {} activation all-reduces, {:.1f} MiB a step reduced, {:.1f} MiB sent "
+                     "(rank 0)",
                      job.tp->all_reduces(),
                      static_cast<double>(job.tp->bytes_reduced()) / static_cast<double>(record.summary.steps) /
+                         (1 << 20),
+                     static_cast<double>(job.tp->bytes_sent()) / static_cast<double>(record.summary.steps) /
                          (1 << 20)));
   if (data.test) {
     const EvalMetrics e = data.test();

@@ -106,6 +106,9 @@ struct TrainJob {
   // Checkpoints are the whole model's, each rank of the first replica writing its slices;
   // the model written at the end is gathered whole.
   parallel::TensorParallel* tp = nullptr;
+  // Sequence parallelism on the tp group (--sequence-parallel; model::Llama::
+  // set_sequence_parallel): the residual stream and the norms on 1/tp of the token rows.
+  bool sequence_parallel = false;
   // How gradients travel between ranks (data parallel only): exact float32, or compressed
   // with error feedback. A lossy codec's residuals are not checkpointed: a resumed run
   // starts them at zero, so it is not bit-for-bit the run that never stopped.

@@ -10,6 +10,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/stop_signal.hpp"
+#include "flotilla/parallel/tensor_parallel.hpp"
 
 namespace flotilla::train {
 
@@ -69,8 +70,22 @@ void run_training_loop(const TrainJob& job, const JobRanks& ranks, Trainer& trai
     const int64_t H = job.train.local_sgd.sync_every;
     return stop_signal != 0 && (!job.dp || H <= 0 || step % H == 0);
   };
+  // Tensor parallelism counts the bytes of training steps only: validation runs uncounted.
+  std::function<EvalMetrics()> evaluate = data.evaluate;
+  if (evaluate && job.tp)
+    evaluate = [&job, inner = data.evaluate] {
+      job.tp->set_counting(false);
+      try {
+        EvalMetrics e = inner();
+        job.tp->set_counting(true);
+        return e;
+      } catch (...) {
+        job.tp->set_counting(true);
+        throw;
+      }
+    };
   try {
-    trainer.run(*data.train, data.evaluate, on_step, on_eval,
+    trainer.run(*data.train, evaluate, on_step, on_eval,
                 [&](int64_t step) { checkpoints.after_step(step); },
                 job.stop_on_signal ? std::function<bool(int64_t)>(stop_after) : nullptr);
   } catch (const NonFiniteStep& e) {

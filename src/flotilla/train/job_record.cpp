@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "flotilla/base/file.hpp"
+#include "flotilla/parallel/pipeline.hpp"
+#include "flotilla/parallel/tensor_parallel.hpp"
 #include "flotilla/train/report.hpp"
 
 namespace flotilla::train {
@@ -166,7 +168,24 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const Train
         {"expert_bytes_per_step",
          run_steps > 0 ? static_cast<double>(job.experts->bytes_sent()) / static_cast<double>(run_steps) : 0.0}};
   }
+  // What this rank sent per step of this run besides gradients: activations and their
+  // gradients between pipeline stages (point to point), tensor parallelism's all-reduces,
+  // all-gathers and reduce-scatters (ring formulas, comm/wire_bytes.hpp), expert rows; and
+  // everything together with the gradients.
+  const int64_t counted_steps = summary.steps - std::max<int64_t>(0, summary.resumed_from_step);
+  const auto per_step = [&](double bytes) { return counted_steps > 0 ? bytes / static_cast<double>(counted_steps) : 0.0; };
+  double sent_per_step = job.dp ? summary.gradient_bytes_per_step : 0.0;
+  if (job.experts && job.experts->ep_size() > 1) sent_per_step += per_step(static_cast<double>(job.experts->bytes_sent()));
+  if (job.tp) {
+    const double tp_bytes = per_step(static_cast<double>(job.tp->bytes_sent()));
+    sent_per_step += tp_bytes;
+    report["tensor_parallel"] = {{"tp", job.tp->tp_size()},
+                                 {"sequence_parallel", job.sequence_parallel},
+                                 {"activation_bytes_per_step", tp_bytes},
+                                 {"activation_all_reduces", job.tp->all_reduces()}};
+  }
   if (job.pp) {
+    sent_per_step += per_step(static_cast<double>(trainer.pipeline()->bytes_sent()));
     // Rank 0's view: it is stage 0 (its slots are the most any stage holds under 1F1B).
     std::vector<std::vector<int64_t>> layers;
     const parallel::PipelineStage* stage = trainer.pipeline();
@@ -175,8 +194,10 @@ void write_report(const TrainJob& job, const nlohmann::json& config, const Train
                           {"layers", layers},
                           {"micro_batches", job.pipeline.micro_batches},
                           {"schedule", parallel::pipeline_schedule_name(job.pipeline.schedule)},
-                          {"stage0_activation_slots", stage->peak_slots()}};
+                          {"stage0_activation_slots", stage->peak_slots()},
+                          {"p2p_bytes_per_step", per_step(static_cast<double>(stage->bytes_sent()))}};
   }
+  report["bytes_sent_per_step"] = sent_per_step;
   if (summary.test_loss >= 0) {
     report["test_loss"] = summary.test_loss;
     report["test_perplexity"] = std::exp(summary.test_loss);
