@@ -26,7 +26,9 @@ struct Workload {
   double bucket_mb = 25.0;       // train --bucket-mb: fusion buckets, ZeRO's units (0: one unit)
 
   // Derived by describe_workload from the config, exactly as the model lays them out.
-  int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
+  // The weights' flat buffer (16-float aligned tensors); a quantized base's in 4-byte
+  // words, its packed matrices with their scales and biases (so are zero3_group_floats).
+  int64_t model_floats = 0;
   int64_t trainable_floats = 0;  // what gets gradients, optimizer state and the all-reduce
   // Trainable 2-D tensors as (rows, cols): PowerSGD compresses these; 1-D ones go as they are.
   std::vector<std::pair<int64_t, int64_t>> trainable_matrices;
