@@ -511,6 +511,7 @@ class Llama {
   // files of a loaded directory, or buffers of an in-memory quantization).
   std::vector<QuantMatrix> qweights_;
   std::vector<std::shared_ptr<const void>> qstorage_;
+  bool qweights_mapped_ = false;  // qweights_ view mapped model files (Llama::load)
   ActivationPlan acts_;
   moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
   int64_t forward_tokens_ = 0;         // target tokens of the last forward

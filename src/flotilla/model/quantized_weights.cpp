@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/memory.hpp"
 #include "flotilla/io/tensor_store.hpp"
 #include "flotilla/kernels/quant.hpp"
 #include "flotilla/model/llama.hpp"
@@ -157,14 +158,18 @@ std::span<float> Llama::own_quantized(std::span<const ElementRange> ranges) {
         if (last > first)
           std::memcpy(base + b * 4, from[i] + first, static_cast<size_t>(last - first));
       }
+      // A mapped file's pages of this part (the ones just read, and the scales and biases
+      // the load checked) leave the resident set now, not when the whole base is copied.
+      if (qweights_mapped_) drop_file_pages(from[i], static_cast<size_t>(parts.bytes[i]));
       at = end;
     }
     m.packed = to[0];
     m.scales = to[1];
     m.biases = to[2];
   }
-  qstorage_.clear();  // the mapped files (their pages this rank read go with them)
+  qstorage_.clear();  // the mapped files
   qstorage_.push_back(arena);
+  qweights_mapped_ = false;
   return arena->span();
 }
 
