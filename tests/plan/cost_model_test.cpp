@@ -268,7 +268,7 @@ TEST(Memory, ZeroShardKeepsTheTail) {
   EXPECT_DOUBLE_EQ(memory_cost(find(StrategyKind::zero2, w), w, 5).grads, 4.0 * (23001 + 3));
 }
 
-TEST(Strategy, ZeroStagesRunTodayButZeroThreeOverAFourBitBase) {
+TEST(Strategy, ZeroStagesRunToday) {
   const Workload w = small_full();
   EXPECT_TRUE(find(StrategyKind::zero1, w).available);
   EXPECT_EQ(find(StrategyKind::zero1, w).train_flags, "--zero 1");
@@ -278,8 +278,24 @@ TEST(Strategy, ZeroStagesRunTodayButZeroThreeOverAFourBitBase) {
   EXPECT_EQ(find(StrategyKind::zero3, w).train_flags, "--zero 3");
   Workload lora = describe_workload(model::ModelConfig{}, true, {}, 2, 16, 1);
   EXPECT_TRUE(find(StrategyKind::zero3, lora).available);
-  lora.model.quantization = model::QuantizationConfig{};  // a packed base: not sharded yet
-  EXPECT_FALSE(find(StrategyKind::zero3, lora).available);
+  model::ModelConfig q4;
+  q4.quantization = model::QuantizationConfig{};  // a packed base: its words sharded
+  EXPECT_TRUE(find(StrategyKind::zero3, describe_workload(q4, true, {}, 2, 16, 1)).available);
+}
+
+// A 4-bit base (group 64, f16 scales and biases) costs 9/64 of a word per quantized weight:
+// n/8 packed words and n/64 of scales and biases (Llama::packed_places); its norms stay
+// float. Per block 40960 quantized weights (q, k, v, o 64x64; gate, up, down 128x64) and 128
+// norm floats: 5888 words; the embedding 2304; the head 2304 + 64. ZeRO-3 with LoRA shards
+// these words.
+TEST(Memory, FourBitBaseCountsItsPackedWords) {
+  model::ModelConfig q4;
+  q4.quantization = model::QuantizationConfig{};
+  const Workload w = describe_workload(q4, true, {}, 2, 16, 1);
+  EXPECT_EQ(w.model_floats, 16448);
+  EXPECT_EQ(w.zero3_group_floats, (std::vector<int64_t>{2304, 5888, 5888, 2368}));
+  const MemoryCost m = memory_cost(find(StrategyKind::zero3, w), w, 4);
+  EXPECT_DOUBLE_EQ(m.weights, 4 * (16448.0 / 4 + 3.0 / 4 * 2 * 5888 + 4096));
 }
 
 TEST(Memory, LoraHasNoBaseGradientsOrMoments) {

@@ -49,4 +49,13 @@ void release_zeroed(void* data, size_t bytes) {
     std::memset(reinterpret_cast<void*>(first), 0, last - first);
 }
 
+void drop_file_pages(const void* data, size_t bytes) {
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  if (bytes == 0 || page == 0) return;
+  const auto begin = reinterpret_cast<uintptr_t>(data), end = begin + bytes;
+  const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
+  // Advice only: where the kernel declines, the pages stay until the mapping goes.
+  if (first < last) (void)::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 }  // namespace flotilla

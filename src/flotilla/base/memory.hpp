@@ -17,5 +17,9 @@ int64_t physical_memory_bytes();
 // resident set, read as zero, and are mapped afresh on the next write. The partial pages at
 // either end are zeroed in place.
 void release_zeroed(void* data, size_t bytes);
+// Hands back the whole pages among `bytes` bytes at `data` of a read-only file mapping
+// (base/file.hpp's MappedFile): they leave the resident set, and are read from the file
+// again on the next access. Not for anonymous memory, whose contents it would discard.
+void drop_file_pages(const void* data, size_t bytes);
 
 }  // namespace flotilla

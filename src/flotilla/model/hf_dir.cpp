@@ -140,7 +140,10 @@ Llama Llama::load(const std::filesystem::path& dir, io::NonFinitePolicy non_fini
       throw InputError("model", fmt::format("{}: unexpected tensor '{}' for a {} model", dir.string(), name,
                                             architecture_name(cfg.arch)));
   }
-  if (model.quantized()) model.qstorage_.push_back(std::move(store_owner));  // the views point into its maps
+  if (model.quantized()) {
+    model.qstorage_.push_back(std::move(store_owner));  // the views point into its maps
+    model.qweights_mapped_ = true;
+  }
   return model;
 }
 

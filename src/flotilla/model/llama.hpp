@@ -197,6 +197,17 @@ class Llama {
   const QuantMatrix& quantized_weight(const WeightRef& ref) const {
     return qweights_[static_cast<size_t>(ref.slot())];
   }
+  // The quantized matrices in one arena of their own (ZeRO-3 shards it, parallel/zero3.hpp).
+  // Where slot s's bytes lie in it, in floats (4-byte words): its packed words, then its
+  // scales, then its biases, each from a word boundary; slots ascending and contiguous.
+  std::vector<ElementRange> packed_places() const;
+  // Copies the quantized matrices into that arena (packed_places().back().end floats),
+  // only the words inside `ranges` (ascending, disjoint; empty: all): the rest stays zero,
+  // its pages and the source's pages of it (a mapped file's) untouched. Every quantized
+  // matrix then points into the arena, and what they viewed before (the mapped model
+  // files, or an in-memory quantization's buffers) is let go. Returns the arena, which
+  // lives as long as the model.
+  std::span<float> own_quantized(std::span<const ElementRange> ranges);
   // The float tensor behind a dense reference; null for an absent one (a missing bias).
   const float* dense_weight(const WeightRef& ref) const {
     return ref.present() ? params_.data() + ref.offset() : nullptr;
@@ -546,6 +557,7 @@ class Llama {
   // files of a loaded directory, or buffers of an in-memory quantization).
   std::vector<QuantMatrix> qweights_;
   std::vector<std::shared_ptr<const void>> qstorage_;
+  bool qweights_mapped_ = false;  // qweights_ view mapped model files (Llama::load)
   ActivationPlan acts_;
   moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
   double expert_capacity_factor_ = 0.0;  // set_expert_capacity

@@ -3,10 +3,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/memory.hpp"
 #include "flotilla/io/tensor_store.hpp"
 #include "flotilla/kernels/quant.hpp"
 #include "flotilla/model/llama.hpp"
@@ -106,6 +108,69 @@ void Llama::weight_f32(const ParamInfo& info, std::span<float> out) const {
   }
   if (static_cast<int64_t>(out.size()) != info.numel) throw Error(kQuantizedWeightsComponent, "weight_f32: wrong size");
   std::copy_n(params_.data() + info.offset, info.numel, out.data());
+}
+
+namespace {
+// A matrix's three tensors in the packed arena, each from a word boundary: their byte
+// sizes, and the words each takes.
+struct QuantParts {
+  std::array<int64_t, 3> bytes{};  // packed, scales, biases
+  int64_t words(size_t i) const { return (bytes[i] + 3) / 4; }
+  int64_t total_words() const { return words(0) + words(1) + words(2); }
+};
+QuantParts quant_parts(const QuantMatrix& m) {
+  const int64_t group_bytes = m.rows * m.groups_per_row() * static_cast<int64_t>(dtype_size(m.scale_dtype));
+  return {{m.rows * m.words_per_row() * 4, group_bytes, group_bytes}};
+}
+}  // namespace
+
+std::vector<ElementRange> Llama::packed_places() const {
+  std::vector<ElementRange> places;
+  int64_t at = 0;
+  for (const QuantMatrix& m : qweights_) {
+    places.push_back({at, at + quant_parts(m).total_words()});
+    at = places.back().end;
+  }
+  return places;
+}
+
+std::span<float> Llama::own_quantized(std::span<const ElementRange> ranges) {
+  const std::vector<ElementRange> places = packed_places();
+  const int64_t words = places.empty() ? 0 : places.back().end;
+  const std::vector<ElementRange> all = {{0, words}};
+  if (ranges.empty()) ranges = all;
+  auto arena = std::make_shared<Buffer<float>>(static_cast<size_t>(words));
+  auto* base = reinterpret_cast<std::byte*>(arena->data());
+  for (size_t slot = 0; slot < qweights_.size(); ++slot) {
+    QuantMatrix& m = qweights_[slot];
+    const QuantParts parts = quant_parts(m);
+    const std::array<const std::byte*, 3> from = {m.packed, m.scales, m.biases};
+    std::array<const std::byte*, 3> to{};
+    int64_t at = places[slot].begin;  // in words
+    for (size_t i = 0; i < 3; ++i) {
+      to[i] = base + at * 4;
+      // The words of this part inside the ranges, copied from the source's bytes.
+      const int64_t end = at + parts.words(i);
+      for (const ElementRange& r : ranges) {
+        const int64_t b = std::max(r.begin, at), e = std::min(r.end, end);
+        if (b >= e) continue;
+        const int64_t first = (b - at) * 4, last = std::min((e - at) * 4, parts.bytes[i]);
+        if (last > first)
+          std::memcpy(base + b * 4, from[i] + first, static_cast<size_t>(last - first));
+      }
+      // A mapped file's pages of this part (the ones just read, and the scales and biases
+      // the load checked) leave the resident set now, not when the whole base is copied.
+      if (qweights_mapped_) drop_file_pages(from[i], static_cast<size_t>(parts.bytes[i]));
+      at = end;
+    }
+    m.packed = to[0];
+    m.scales = to[1];
+    m.biases = to[2];
+  }
+  qstorage_.clear();  // the mapped files
+  qstorage_.push_back(arena);
+  qweights_mapped_ = false;
+  return arena->span();
 }
 
 Llama Llama::quantize(QuantFormat format, DType scale_dtype) const {

@@ -24,6 +24,7 @@
 namespace flotilla::parallel {
 namespace {
 
+constexpr std::string_view kZero3Component = "parallel/zero3";
 constexpr int64_t kParamBytes = sizeof(float);
 // Reduce-scatters queued behind backward before it waits (as ZeRO-2's buckets in flight).
 constexpr size_t kReducesInFlight = 2;
@@ -136,9 +137,21 @@ struct Group : ChunkCut {
   int64_t chunk_slot = 0, tail_slot = 0;  // where this rank's chunk and the tail sit in the shard buffer
   int64_t grad_floats = 0;                // the gradient ranges grad_ready reports for it, in floats
   int64_t grad_pending = 0;               // of those, not yet reported this backward
+  // A 4-bit base: the group's quantized matrices in the packed arena (Llama::packed_places),
+  // cut as the floats are; empty without.
+  ChunkCut packed;
   enum class State : uint8_t { whole, gathering, released } state = State::whole;
   uint64_t ticket = 0;  // the gather in flight (gathering)
 };
+
+// Which group a quantized matrix belongs to, by its name: a decoder block's, the head's
+// (an untied lm_head) or the embedding's.
+size_t packed_group_of(const std::string& name, size_t groups) {
+  constexpr std::string_view kBlock = "model.layers.";
+  if (name.starts_with(kBlock)) return static_cast<size_t>(std::stoll(name.substr(kBlock.size()))) + 1;
+  if (name.starts_with("lm_head")) return groups - 1;
+  return 0;
+}
 
 class Zero3Sync final : public GradientSync, private model::ParallelContext {
  public:
@@ -164,6 +177,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     }
     model_.set_parallel_context(this);
     page_floats_ = std::max<int64_t>(1, ::sysconf(_SC_PAGESIZE) / kParamBytes);
+    if (model_.quantized()) cut_packed_base();
     if (frozen_) {
       // Nothing of the base is reduced: the adapters are all-reduced whole at the exchange.
       for (size_t j = 0; j < groups_.size(); ++j) release(j);
@@ -343,6 +357,37 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   }
   size_t head() const { return groups_.size() - 1; }
 
+  // A 4-bit base: each group's quantized matrices are a contiguous run of the packed arena
+  // (slots in layout order, groups in arena order), cut over the ranks as the floats are.
+  // This rank copies only its chunks and the tails out of the model files into the arena
+  // (Llama::own_quantized), which lets the mapped files go: the rest arrives by gathers.
+  void cut_packed_base() {
+    const std::vector<model::ElementRange> places = model_.packed_places();
+    std::vector<int64_t> first(groups_.size(), -1), last(groups_.size(), -1);
+    size_t previous = 0;
+    for (const model::ParamInfo& info : model_.layout().params()) {
+      if (!info.quantized) continue;
+      const size_t g = packed_group_of(info.name, groups_.size());
+      if (g >= groups_.size() || g < previous)
+        throw Error(kZero3Component, fmt::format("quantized tensor {} is out of the groups' order", info.name));
+      previous = g;
+      if (first[g] < 0) first[g] = info.quant_slot;
+      last[g] = info.quant_slot;
+    }
+    std::vector<model::ElementRange> mine;
+    for (size_t g = 0; g < groups_.size(); ++g) {
+      // A group without quantized matrices gets an empty cut where the previous one ended.
+      const int64_t at = g == 0 ? 0 : groups_[g - 1].packed.end;
+      const int64_t begin = first[g] < 0 ? at : places[static_cast<size_t>(first[g])].begin;
+      const int64_t end = first[g] < 0 ? at : places[static_cast<size_t>(last[g])].end;
+      if (begin != at)
+        throw Error(kZero3Component, fmt::format("group {}'s quantized matrices do not follow the previous group's", groups_[g].name));
+      groups_[g].packed = ChunkCut(begin, end, world_);
+      groups_[g].packed.append_owned(mine, rank_);
+    }
+    packed_ = model_.own_quantized(mine);
+  }
+
   // Forward reads group g now: it is made whole (its prefetch waited for, or gathered now),
   // the next group's gather starts on the communication thread, and every other group is
   // released. A tied lm_head is the embedding's weight: the head needs both.
@@ -390,16 +435,20 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     Group& g = groups_[j];
     if (g.state != Group::State::released) return;
     g.state = Group::State::gathering;
-    if (g.chunk == 0 || world_ == 1) {  // nothing another rank holds
+    if ((g.chunk == 0 && g.packed.chunk == 0) || world_ == 1) {  // nothing another rank holds
       g.state = Group::State::whole;
       return;
     }
     const std::span<float> part = params_.subspan(static_cast<size_t>(g.begin), static_cast<size_t>(g.chunk * world_));
+    // A 4-bit base's packed words, gathered as floats: an all-gather only copies them.
+    const std::span<float> packed =
+        packed_.subspan(static_cast<size_t>(g.packed.begin), static_cast<size_t>(g.packed.chunk * world_));
     std::string name = fmt::format("{} weights, {} {} of step {}", g.name, why, pass_, step_ + 1);
-    bytes_ += comm::ring_all_gather_bytes(g.chunk * kParamBytes, static_cast<int>(world_));
+    bytes_ += comm::ring_all_gather_bytes((g.chunk + g.packed.chunk) * kParamBytes, static_cast<int>(world_));
     ++gathers_;
-    g.ticket = queue_.push("gather " + g.name, [this, part, name = std::move(name)] {
-      dp_.reducer().all_gather(part, comm::Options{.name = name});
+    g.ticket = queue_.push("gather " + g.name, [this, part, packed, name = std::move(name)] {
+      if (!part.empty()) dp_.reducer().all_gather(part, comm::Options{.name = name});
+      if (!packed.empty()) dp_.reducer().all_gather(packed, comm::Options{.name = name + " (4-bit)"});
     });
   }
 
@@ -423,10 +472,16 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     if (g.state == Group::State::released) return;
     if (g.state == Group::State::gathering) queue_.wait(g.ticket);
     g.state = Group::State::released;
-    if (world_ == 1 || g.chunk == 0) return;
-    float* params = params_.data();
-    const std::array<ArenaRange, 2> others = {ArenaRange{g.begin, g.chunk_of(rank_).begin},
-                                              ArenaRange{g.chunk_of(rank_).end, g.tail().begin}};
+    if (world_ == 1) return;
+    release_others(params_.data(), g);
+    release_others(packed_.data(), g.packed);
+  }
+
+  // The floats of `arena` in other ranks' chunks of `cut`, handed back (or poisoned).
+  void release_others(float* params, const ChunkCut& cut) {
+    if (cut.chunk == 0) return;
+    const std::array<ArenaRange, 2> others = {ArenaRange{cut.begin, cut.chunk_of(rank_).begin},
+                                              ArenaRange{cut.chunk_of(rank_).end, cut.tail().begin}};
     for (const ArenaRange& r : others) {
       if (r.size() <= 0) continue;
       if (poison_) {
@@ -496,6 +551,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
 
   DataParallel& dp_;
   std::span<float> params_, grads_;  // the model's arenas (P,): weights and gradients
+  std::span<float> packed_;          // a 4-bit base's packed arena (Llama::own_quantized); empty without
   const int64_t world_;  // N
   const int64_t rank_;
   const bool poison_;
@@ -533,9 +589,8 @@ std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const 
 
 std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
                                               TraceRecorder* trace) {
-  if (model.quantized())
-    throw InputError("parallel", "--zero 3 with a 4-bit base is not built yet: its packed weights are views of the "
-                                 "model files, which stage 3 does not shard; use --zero 2, or a float base");
+  if (model.quantized() && !model.base_frozen())
+    throw InputError("parallel", "--zero 3 trains no 4-bit base: its packed weights are frozen; pass --fine-tune-type lora");
   if (model.matmul_input() != kernels::GemmInput::f32)
     throw InputError("parallel", "--zero 3 cannot be combined with --dtype bf16: its bf16 copy of the weights is made "
                                  "of the whole arena at once, which a ZeRO-3 rank never holds; use --dtype f32");

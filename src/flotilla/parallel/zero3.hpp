@@ -42,6 +42,10 @@
 // whole on every rank, with whole moments, and their gradients are all-reduced after
 // backward, as plain data parallelism does (the same bits). sharded() is false then: the
 // optimizer and checkpoints see the whole adapters.
+// A 4-bit base's packed weights, scales and biases lie outside the float arena: they are
+// copied into a packed arena of their own (Llama::own_quantized: only this rank's chunks,
+// out of the mapped files), where each group's quantized matrices are a contiguous run,
+// cut over the ranks as the floats are and gathered and released with the group's floats.
 //
 // Bytes per step: each block gathered for forward and again for backward, the embedding
 // and the head once (the head stays whole across the turn; the embedding's backward reads
@@ -70,9 +74,8 @@ struct Zero3Options {
 std::vector<ArenaRange> zero3_owned_ranges(const model::ModelConfig& cfg, const model::ParamLayout& layout,
                                            int64_t world, int64_t rank);
 
-// InputError with a 4-bit base (its packed weights lie outside the float arena the groups
-// cut), with bf16 products (the bf16 copy is made of the whole arena) and with a pipeline
-// stage.
+// InputError for a 4-bit base that is not under LoRA (a quantized base is never trained),
+// with bf16 products (the bf16 copy is made of the whole arena) and with a pipeline stage.
 std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel& dp, const Zero3Options& options,
                                               TraceRecorder* trace);
 

@@ -117,8 +117,8 @@ std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload&
                  fmt::format("local SGD H={}", knobs.local_sgd_every), fmt::format("--sync-every {}", knobs.local_sgd_every)});
   out.push_back({StrategyKind::zero1, 1, 0.0, true, f32, "ZeRO-1", "--zero 1"});
   out.push_back({StrategyKind::zero2, 1, 0.0, true, f32, "ZeRO-2", "--zero 2"});
-  // ZeRO-3 with LoRA shards a float frozen base; a 4-bit base is planned.
-  out.push_back({StrategyKind::zero3, 1, 0.0, !(w.lora && w.model.quantization), f32, "ZeRO-3", "--zero 3"});
+  // ZeRO-3 with LoRA shards the frozen base, a float one or a 4-bit one (its packed words).
+  out.push_back({StrategyKind::zero3, 1, 0.0, true, f32, "ZeRO-3", "--zero 3"});
   return out;
 }
 

@@ -86,7 +86,7 @@ struct Strategy {
 };
 
 // The strategies, in the order the report lists them. `available` is true for what
-// flotilla train runs in this build: all but ZeRO-3 with LoRA.
+// flotilla train runs in this build: all of them.
 std::vector<Strategy> all_strategies(const StrategyKnobs& knobs, const Workload& w, int accumulate);
 
 struct CommCost {

@@ -50,6 +50,33 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
     }
     w.zero3_group_floats.push_back(layout.total_numel() - layout.final_norm.offset());
   }
+  if (cfg.quantization) {
+    // A 4-bit (or 8-bit) base: the weights stored quantized take their packed words and
+    // their scales and biases (f16, as MLX and `flotilla init --quantize` write them), in
+    // 4-byte words as the packed arena lays them out (Llama::packed_places); model_floats
+    // and the groups count these words, which is what the base costs in memory and on the
+    // wire (ZeRO-3 gathers them as they are).
+    std::fill(w.zero3_group_floats.begin(), w.zero3_group_floats.end(), 0);
+    w.model_floats = 0;
+    const auto groups = static_cast<int64_t>(w.zero3_group_floats.size());
+    for (const model::ParamInfo& p : layout.params()) {
+      int64_t words = p.numel;
+      const std::string module = p.name.substr(0, p.name.rfind('.'));
+      const std::optional<QuantFormat> f =
+          p.decay && p.shape.size() == 2 ? cfg.quantization->for_module(module) : std::nullopt;
+      if (f) {
+        const int64_t groups_of_scales = p.numel / f->group_size;
+        words = p.numel / f->per_word() + 2 * ((groups_of_scales * 2 + 3) / 4);
+      }
+      w.model_floats += words;
+      if (groups == 0) continue;
+      const std::string prefix = "model.layers.";
+      int64_t g = 0;  // the embedding
+      if (p.name.starts_with(prefix)) g = std::min<int64_t>(groups - 2, std::stoll(p.name.substr(prefix.size())) + 1);
+      else if (p.name.starts_with("lm_head") || p.name.starts_with("model.norm")) g = groups - 1;
+      w.zero3_group_floats[static_cast<size_t>(g)] += words;
+    }
+  }
   w.tied_embeddings = cfg.tie_embeddings;
 
   std::optional<model::LoraAdapters> adapters;

@@ -26,7 +26,9 @@ struct Workload {
   double bucket_mb = 25.0;       // train --bucket-mb: fusion buckets, ZeRO's units (0: one unit)
 
   // Derived by describe_workload from the config, exactly as the model lays them out.
-  int64_t model_floats = 0;      // the weights' flat buffer (16-float aligned tensors)
+  // The weights' flat buffer (16-float aligned tensors); a quantized base's in 4-byte
+  // words, its packed matrices with their scales and biases (so are zero3_group_floats).
+  int64_t model_floats = 0;
   int64_t trainable_floats = 0;  // what gets gradients, optimizer state and the all-reduce
   // Of trainable_floats, the experts' tensors (full) or their adapters (LoRA), each to the
   // next tensor's offset: what expert parallelism sums over a block's replicas only.

@@ -77,7 +77,9 @@ std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::T
   // with LoRA they are the frozen base's shard (the adapters are made whole after).
   if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || job.pp) return {};
   const model::ModelConfig cfg = job_model_config(job, tokenizer);
-  // Refused after the load (parallel/zero3.cpp): stage 3 does not shard a packed base yet.
+  // A 4-bit base: its float tensors (norms, biases) are few and loaded whole; its packed
+  // matrices stay unread in the mapped files until the sync copies out this rank's chunks
+  // of them (Llama::own_quantized, parallel/zero3.cpp).
   if (cfg.quantization) return {};
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
