@@ -109,8 +109,9 @@ def identical_everywhere(flotilla, mpirun, tmp, case, args):
 
 def identical_in_groups(flotilla, mpirun, tmp, case, args, rows_base):
     """--deterministic-group 4: every GROUP_SPLITS run (1 and 3 ranks, 1 and 2 threads, 3
-    micro-batches) byte-identical to the first; losses within 1e-5 relative of the
-    one-row-at-a-time run's (another float sum order inside a group, the same result)."""
+    micro-batches) byte-identical to the first; without dropout, losses within 1e-5
+    relative of the one-row-at-a-time run's (another float sum order inside a group, the
+    same result)."""
     failures = []
     base = None
     for ranks, rows, micro, zero, threads in GROUP_SPLITS:
@@ -119,6 +120,8 @@ def identical_in_groups(flotilla, mpirun, tmp, case, args, rows_base):
                     args + ["--zero", str(zero), "--deterministic-group", str(GROUP)])
         if base is None:
             base = out
+            if "--lora-dropout" in args:
+                continue  # a group's dropout masks are another draw than its rows' one by one
             worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(losses(rows_base), losses(out)))
             if worst > 1e-5 or len(losses(out)) != len(losses(rows_base)):
                 failures.append(f"{case}: groups of {GROUP} give losses {worst:.2e} relative from rows one at a time")
