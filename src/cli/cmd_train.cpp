@@ -223,9 +223,9 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--deterministic", t.deterministic,
                 "Data parallel: byte-identical models for any number of ranks, any --batch-size x --grad-accum "
-                "split of the same global batch and any thread count — rows run one at a time and their "
-                "gradients are summed in fixed-point integers (docs/fault-tolerance.md); slower, and not with "
-                "--zero 3, --sync-every, --compression or pp > 1")
+                "split of the same global batch and any thread count — rows run in groups of "
+                "--deterministic-group and their gradients are summed in fixed-point integers "
+                "(docs/fault-tolerance.md); not with --zero 3, --sync-every, --compression or pp > 1")
       ->default_str("false");
   cmd->add_option("--deterministic-group", t.deterministic_group,
                   "--deterministic: rows that run forward and backward as one batch, their gradient summed in "

@@ -64,7 +64,7 @@ struct TrainConfig {
   // weights a rank released read NaN, so that a read of one not gathered shows.
   bool zero_poison = false;
   // Data parallel: the same model bytes for any number of ranks, any split of the global
-  // batch and any thread count (parallel/deterministic_sync.hpp): rows run one at a time,
+  // batch and any thread count (parallel/deterministic_sync.hpp): rows run in fixed groups,
   // their gradients summed in fixed-point integers, LoRA dropout keyed by the global row.
   bool deterministic = false;
   // Deterministic mode: rows per group, the unit that runs forward and backward as one
