@@ -82,9 +82,10 @@ namespace {
 // all-reduce of the arena's tail).
 enum Tail : int64_t { kLossHi, kLossLo, kTokens, kGradOutOfRange, kLossOutOfRange, kTailSize };
 
-// Elements per block: the unit of the fold's bound and spill (64 KiB of v: stays in cache
-// between the fold's passes over it).
-constexpr int64_t kFoldBlock = 8192;
+// Elements per block: the unit of the fold's bound and spill (8 KiB of v and 4 KiB of the
+// gradient: in cache between the fold's two passes over it; small enough that an embedding's
+// untouched rows make whole blocks of zeros, skipped).
+constexpr int64_t kFoldBlock = 1024;
 // One group's element past this goes the slow way (to_fixed into hi and v); below it,
 // round(g * 2^48) < 2^62 fits an int64.
 constexpr double kFastMagnitude = 0x1p13;
@@ -134,7 +135,7 @@ class RowAccumulator : public GradientSync {
       if (first_fold_) {
         if (finite && m < kFastMagnitude) {
           for (int64_t i = i0; i < i1; ++i) v[i] = fast_fixed(g[i]);
-          std::fill(g + i0, g + i1, 0.0f);
+          if (m > 0.0f) std::fill(g + i0, g + i1, 0.0f);
           bound_[static_cast<size_t>(b)] = m;
           continue;
         }
@@ -154,9 +155,16 @@ class RowAccumulator : public GradientSync {
         spilled = true;
         bound = 0x1p-16;
       }
+      if (m == 0.0f) continue;  // nothing to add, nothing to clear
       bound += static_cast<double>(m);
-      for (int64_t i = i0; i < i1; ++i) v[i] += fast_fixed(g[i]);
-      std::fill(g + i0, g + i1, 0.0f);
+      // Zeros skipped: an embedding's gradient is zero but for the group's tokens' rows,
+      // whose cache lines the fold then never touches.
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = g[i];
+        if (x == 0.0f) continue;
+        v[i] += fast_fixed(x);
+        g[i] = 0.0f;
+      }
     }
     first_fold_ = false;
     spilled_ = spilled_ || spilled;
