@@ -3,10 +3,11 @@
 threads) and 2 ranks (1 thread each), on the W1 shape (dim 288, 6 layers, 6 heads, FFN 768,
 vocab 32000, untied; seq 256, global batch 8 rows). The modes alternate, run after run, so
 that a change in the machine's load falls on both; the median step after the first of each
-run is taken; the table gives the best of the repeats and the median ratio of each
+run is taken; --group G is the deterministic mode's --deterministic-group (default 4: the
+8 rows are 2 groups on 1 rank, 1 on each of 2); the table gives the best of the repeats and the median ratio of each
 deterministic run to the default run just before it.
 
-Usage: bench/deterministic_cost.py FLOTILLA [--steps 6] [--repeats 2] [--mpirun mpirun]
+Usage: bench/deterministic_cost.py FLOTILLA [--steps 6] [--repeats 2] [--group 4] [--mpirun mpirun]
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ def main():
     ap.add_argument("flotilla")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--mpirun", default="mpirun")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="flotilla_det_bench_")
@@ -58,7 +60,8 @@ def main():
                     out = os.path.join(tmp, f"{mode}_{ranks}_{repeat}")
                     load = os.getloadavg()[0]
                     subprocess.run(launcher + [args.flotilla, "train", "--out", out, "--batch-size", str(8 // ranks)] +
-                                   common + (["--deterministic"] if mode == "deterministic" else []),
+                                   common + (["--deterministic", "--deterministic-group", str(args.group)]
+                                            if mode == "deterministic" else []),
                                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     tps = tokens_per_s(out)
                     print(f"  {ranks} rank(s), {mode:<13} repeat {repeat}: {tps:8.0f} tokens/s (load before {load:.1f})",

@@ -45,6 +45,8 @@ void resolve_train(train::LaunchConfig& config) {
     config.batch_size = cfg["batch_size"].as<int64_t>();
     config.grad_accum = cfg["grad_accum"].as<int64_t>();
     config.save_every = cfg["save_every"].as<int64_t>();
+    if (cfg["deterministic"] && cfg["deterministic"].as<bool>() && cfg["deterministic_group"])
+      config.deterministic_group = cfg["deterministic_group"].as<int64_t>();
     if (cfg["checkpoint_dir"]) config.checkpoint_dir = cfg["checkpoint_dir"].as<std::string>();
     if (cfg["checkpoint_replicas"]) config.checkpoint_replicas = cfg["checkpoint_replicas"].as<int>();
   } catch (const YAML::Exception& e) {

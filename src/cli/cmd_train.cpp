@@ -227,10 +227,16 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--deterministic", t.deterministic,
                 "Data parallel: byte-identical models for any number of ranks, any --batch-size x --grad-accum "
-                "split of the same global batch and any thread count — rows run one at a time and their "
-                "gradients are summed in fixed-point integers (docs/fault-tolerance.md); slower, and not with "
-                "--zero 3, --sync-every, --compression or pp > 1")
+                "split of the same global batch and any thread count — rows run in groups of "
+                "--deterministic-group and their gradients are summed in fixed-point integers "
+                "(docs/fault-tolerance.md); not with --zero 3, --sync-every, --compression or pp > 1")
       ->default_str("false");
+  cmd->add_option("--deterministic-group", t.deterministic_group,
+                  "--deterministic: rows that run forward and backward as one batch, their gradient summed in "
+                  "float32 in a fixed order and folded into the integers once. The model's bytes depend on it "
+                  "(keep it to keep them); it must divide --batch-size. Larger is faster (4 or more: within "
+                  "10% of the default mode's speed, docs/fault-tolerance.md); 1: rows one at a time")
+      ->capture_default_str();
   cmd->add_flag("--balance", opt->balance,
                 "Data parallel: each rank's share of the global batch follows its measured speed (rows per "
                 "second of forward and backward), so a slow or busy machine does not hold the others up; the "

@@ -5,7 +5,8 @@ Every run trains the same global batch of 12 rows a step for 30 steps, cut as 12
 rank, 6 on each of 2, 4 on each of 3, 3 on each of 4 (and 2 rows x 3 micro-batches on each
 of 2), with OMP_NUM_THREADS 1 and 2; every model file written must equal the 1-rank,
 1-thread run's byte for byte (cmp), and so must every logged training loss; and the same
-with ZeRO-1 and ZeRO-2 on 2, 3 and 4 ranks. Two cases:
+with ZeRO-1 and ZeRO-2 on 2, 3 and 4 ranks; and with --deterministic-group 4 (rows in
+groups of 4, one batch each) on 1 and 3 ranks, 1 and 2 threads. Two cases:
   - full training on raw text windows;
   - LoRA with dropout 0.1 on a prepared chat dataset (masked prompts, packed rows: ranks
     see different numbers of target tokens, and the dropout masks must follow the row).
@@ -39,6 +40,10 @@ GLOBAL_ROWS = 12
 # 12 rows a step.
 SPLITS = [(1, 12, 1, 0, (1, 2)), (2, 6, 1, 0, (1, 2)), (3, 4, 1, 0, (1, 2)), (4, 3, 1, 0, (1, 2)),
           (2, 2, 3, 0, (1, 2)), (2, 6, 1, 1, (1,)), (3, 4, 1, 2, (2,)), (4, 3, 1, 1, (2,)), (4, 1, 3, 2, (1,))]
+# --deterministic-group 4: groups of 4 rows run as one batch; the splits whose micro-batches
+# are whole groups (1 and 3 ranks; 4 rows x 3 micro-batches), 1 and 2 threads.
+GROUP = 4
+GROUP_SPLITS = [(1, 12, 1, 0, 1), (1, 12, 1, 0, 2), (3, 4, 1, 2, 2), (1, 4, 3, 0, 1)]
 
 
 def read_safetensors(path):
@@ -100,6 +105,34 @@ def identical_everywhere(flotilla, mpirun, tmp, case, args):
             print(f"{case:<6} {ranks} ranks x {rows} rows x {micro} micro-batches, ZeRO-{zero}, {threads} threads: "
                   f"{'identical' if len(failures) == before else 'DIFFERENT'}")
     return failures, base
+
+
+def identical_in_groups(flotilla, mpirun, tmp, case, args, rows_base):
+    """--deterministic-group 4: every GROUP_SPLITS run (1 and 3 ranks, 1 and 2 threads, 3
+    micro-batches) byte-identical to the first; without dropout, losses within 1e-5
+    relative of the one-row-at-a-time run's (another float sum order inside a group, the
+    same result)."""
+    failures = []
+    base = None
+    for ranks, rows, micro, zero, threads in GROUP_SPLITS:
+        name = f"{case}_group{GROUP}_{ranks}x{rows}x{micro}_zero{zero}_omp{threads}"
+        out = train(flotilla, mpirun, tmp, name, ranks, rows, micro, threads,
+                    args + ["--zero", str(zero), "--deterministic-group", str(GROUP)])
+        if base is None:
+            base = out
+            if "--lora-dropout" in args:
+                continue  # a group's dropout masks are another draw than its rows' one by one
+            worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(losses(rows_base), losses(out)))
+            if worst > 1e-5 or len(losses(out)) != len(losses(rows_base)):
+                failures.append(f"{case}: groups of {GROUP} give losses {worst:.2e} relative from rows one at a time")
+            continue
+        same = model_files(out) == model_files(base) and all(
+            open(os.path.join(base, f), "rb").read() == open(os.path.join(out, f), "rb").read() for f in model_files(base))
+        if not same or losses(out) != losses(base):
+            failures.append(f"{case}: {name} differs from 1 rank's with --deterministic-group {GROUP}")
+        print(f"{case:<6} groups of {GROUP}: {ranks} ranks x {rows} rows x {micro} micro-batches, ZeRO-{zero}, {threads} "
+              f"threads: {'identical' if same else 'DIFFERENT'}")
+    return failures
 
 
 def from_config_file(flotilla, mpirun, tmp, case, args, base):
@@ -179,7 +212,8 @@ def close_to_default(flotilla, mpirun, tmp, case, args):
 def refusals(flotilla, mpirun, tmp, model, data):
     failures = []
     cases = [(["--zero", "3"], "--zero 3"), (["--sync-every", "4"], "--sync-every"), (["--compression", "fp16"], "--compression"),
-             (["--parallel", "dp=1,pp=2,tp=1"], "pipeline")]
+             (["--parallel", "dp=1,pp=2,tp=1"], "pipeline"),
+             (["--batch-size", "6", "--deterministic-group", "4"], "--deterministic-group")]
     for extra, word in cases:
         launcher = mpirun_argv(mpirun, "-np", "2") if "--parallel" in extra else []
         cmd = launcher + [flotilla, "train", "--model", model, "--out", os.path.join(tmp, "refused"), "--steps", "1", "--warmup", "0",
@@ -217,6 +251,7 @@ def main():
             found, base = identical_everywhere(args.flotilla, args.mpirun, tmp, case, case_args)
             failures += found
             if base:
+                failures += identical_in_groups(args.flotilla, args.mpirun, tmp, case, case_args, base)
                 failures += resumed_on_other_worlds(args.flotilla, args.mpirun, tmp, case, case_args, base)
                 if case == "full":
                     failures += from_config_file(args.flotilla, args.mpirun, tmp, case, case_args, base)

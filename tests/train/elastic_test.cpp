@@ -62,6 +62,23 @@ TEST(ElasticShape, KeepsTheGlobalBatchOnFewerRanksWithoutGrowingMicroBatches) {
   EXPECT_THROW(plan_elastic_shape(three, 0, 0, 2), InputError);
 }
 
+// --deterministic-group: every rank's micro-batch a whole number of groups, the world a
+// divisor of the groups; one group even where --batch-size is below it.
+TEST(ElasticShape, DeterministicGroupsStayWhole) {
+  const std::vector<HostSlots> four = {{"a", 2}, {"b", 2}};
+  const auto rows = plan_elastic_shape(four, 0, 12, 4);
+  EXPECT_EQ(rows->world, 4);
+  EXPECT_EQ(rows->batch_size, 3);
+  const auto groups = plan_elastic_shape(four, 0, 12, 4, 4);
+  EXPECT_EQ(groups->world, 3);
+  EXPECT_EQ(groups->batch_size, 4);
+  EXPECT_EQ(groups->grad_accum, 1);
+  const auto small = plan_elastic_shape({{"a", 1}}, 0, 16, 2, 4);
+  EXPECT_EQ(small->batch_size, 4);
+  EXPECT_EQ(small->grad_accum, 4);
+  EXPECT_THROW(plan_elastic_shape(four, 0, 10, 4, 4), InputError);
+}
+
 // Random fleets and batches: the shape always keeps G exactly, fits the hosts, never
 // makes a micro-batch larger than asked, and uses the most ranks that divide G.
 TEST(ElasticShape, RandomFleetsKeepEveryInvariant) {

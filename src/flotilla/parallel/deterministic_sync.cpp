@@ -71,76 +71,203 @@ std::optional<__int128> fixed_sum_squares(std::span<const float> g) {
 
 namespace {
 
-// Accumulator layout (int64): (hi, lo) per arena float, then the tail below. The tail sits
-// right after the arena's limbs, so that ZeRO's all-reduce of the arena's tail takes it along.
+// The accumulator (int64), planar: [ v (n) | tail | hi (n) ].
+//   v     per arena float, the sum of its groups' round(g * 2^48) in one int64 while that
+//         cannot overflow (the fast path: one 8-byte add per element and group);
+//   hi    per arena float, the overflow limb: a *spill* moves floor(v / 2^32) of a block
+//         into hi (v keeps the rest, in [0, 2^32)), so hi * 2^32 + v stays the exact sum.
+//         Zero unless a block spilled this step (a group's element past kFastMagnitude, or
+//         many large groups), so it is rarely touched.
+// The tail sits right after v, so that one all-reduce of v takes it along (and ZeRO's
+// all-reduce of the arena's tail).
 enum Tail : int64_t { kLossHi, kLossLo, kTokens, kGradOutOfRange, kLossOutOfRange, kTailSize };
 
-// What both deterministic modes share: the per-row fold into the accumulator, the loss
-// and counts, the conversion back.
+// Elements per block: the unit of the fold's bound and spill (8 KiB of v and 4 KiB of the
+// gradient: in cache between the fold's two passes over it; small enough that an embedding's
+// untouched rows make whole blocks of zeros, skipped).
+constexpr int64_t kFoldBlock = 1024;
+// One group's element past this goes the slow way (to_fixed into hi and v); below it,
+// round(g * 2^48) < 2^62 fits an int64.
+constexpr double kFastMagnitude = 0x1p13;
+// A block's v may grow to sums of magnitude below 2^14 (|v| < 2^62): its bound (the sum of
+// its groups' largest |g|) past this spills it first.
+constexpr double kBlockBound = 0x1p14;
+constexpr int64_t kLowMask = 0xffffffff;
+
+// What both deterministic modes share: the per-group fold into the accumulator, the loss
+// and counts, the exchange's agreement on the accumulator's width, the conversion back.
 class RowAccumulator : public GradientSync {
  public:
   RowAccumulator(model::Llama& model, DataParallel* dp)
       : GradientSync(model), dp_(dp), n_(static_cast<int64_t>(model.trainable().params.size())),
-        acc_(static_cast<size_t>(2 * n_ + kTailSize), 0) {}
+        blocks_((n_ + kFoldBlock - 1) / kFoldBlock), acc_(static_cast<size_t>(2 * n_ + kTailSize), 0),
+        bound_(static_cast<size_t>(blocks_), 0.0) {}
 
   bool per_row() const override { return true; }
 
   void zero_grads() override {
     model_.zero_grads();
-    std::fill(acc_.begin(), acc_.end(), 0);
+    // v is written, not added to, by the step's first fold (or zeroed at the exchange when
+    // no group had a target token); hi is zero unless a block spilled.
+    if (spilled_) std::fill(hi(), hi() + n_, int64_t{0});
+    std::fill(tail(), tail() + kTailSize, int64_t{0});
+    spilled_ = false;
+    first_fold_ = true;
   }
 
-  // Folds the row's gradient into the accumulator and leaves the model's buffer clean for
-  // the next row. Element-wise: the same for any thread count.
-  void row_done(const model::LossSum& row) override {
-    const std::span<float> g = model_.trainable().grads;
-    int64_t* acc = acc_.data();
+  // Folds the group's gradient into the accumulator and leaves the model's buffer clean for
+  // the next group. Element-wise in integers (exact): the same for any thread count.
+  void row_done(const model::LossSum& group) override {
+    float* g = model_.trainable().grads.data();
     int64_t out_of_range = 0;
-#pragma omp parallel for schedule(static) reduction(+ : out_of_range) if (n_ > (1 << 16))
-    for (int64_t i = 0; i < n_; ++i) {
-      const float x = g[i];
-      if (x == 0.0f) continue;
-      g[i] = 0.0f;
-      FixedLimbs l;
-      if (!to_fixed(x, l)) {
-        ++out_of_range;
+    bool spilled = false;
+#pragma omp parallel for schedule(static) reduction(+ : out_of_range) reduction(|| : spilled) if (n_ > (1 << 16))
+    for (int64_t b = 0; b < blocks_; ++b) {
+      const int64_t i0 = b * kFoldBlock, i1 = std::min(n_, i0 + kFoldBlock);
+      float m = 0.0f;
+      bool finite = true;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float a = std::fabs(g[i]);
+        m = std::max(m, a);
+        finite &= a <= std::numeric_limits<float>::max();
+      }
+      int64_t* v = acc_.data();
+      if (first_fold_) {
+        if (finite && m < kFastMagnitude) {
+          for (int64_t i = i0; i < i1; ++i) v[i] = fast_fixed(g[i]);
+          if (m > 0.0f) std::fill(g + i0, g + i1, 0.0f);
+          bound_[static_cast<size_t>(b)] = m;
+          continue;
+        }
+        std::fill(v + i0, v + i1, int64_t{0});
+        bound_[static_cast<size_t>(b)] = 0.0;
+      }
+      double& bound = bound_[static_cast<size_t>(b)];
+      if (!(finite && m < kFastMagnitude)) {
+        spill(i0, i1);
+        spilled = true;
+        out_of_range += slow_fold(g, i0, i1);
+        bound = 0x1p-15;  // v in [0, 2^33): the spill's rest and a limb in [0, 2^32]
         continue;
       }
-      acc[2 * i] += l.hi;
-      acc[2 * i + 1] += l.lo;
+      if (bound + static_cast<double>(m) >= kBlockBound) {
+        spill(i0, i1);
+        spilled = true;
+        bound = 0x1p-16;
+      }
+      if (m == 0.0f) continue;  // nothing to add, nothing to clear
+      bound += static_cast<double>(m);
+      // Zeros skipped: an embedding's gradient is zero but for the group's tokens' rows,
+      // whose cache lines the fold then never touches.
+      for (int64_t i = i0; i < i1; ++i) {
+        const float x = g[i];
+        if (x == 0.0f) continue;
+        v[i] += fast_fixed(x);
+        g[i] = 0.0f;
+      }
     }
-    int64_t* tail = acc + 2 * n_;
-    tail[kGradOutOfRange] += out_of_range;
+    first_fold_ = false;
+    spilled_ = spilled_ || spilled;
+    int64_t* t = tail();
+    t[kGradOutOfRange] += out_of_range;
     FixedLimbs l;
-    if (to_fixed(row.sum, l)) {
-      tail[kLossHi] += l.hi;
-      tail[kLossLo] += l.lo;
+    if (to_fixed(group.sum, l)) {
+      t[kLossHi] += l.hi;
+      t[kLossLo] += l.lo;
     } else {
-      ++tail[kLossOutOfRange];
+      ++t[kLossOutOfRange];
     }
-    tail[kTokens] += row.num_tokens;
+    t[kTokens] += group.num_tokens;
   }
 
   int64_t bytes_sent() const override { return bytes_sent_; }
   int64_t exchanges() const override { return exchanges_; }
 
  protected:
-  // Arena floats [begin, end) from their summed limbs into out (end - begin), NaN when any
-  // row's element was out of range.
-  void convert(int64_t begin, int64_t end, float* out) const {
-    const int64_t* acc = acc_.data();
-    const bool ok = acc[2 * n_ + kGradOutOfRange] == 0;
+  int64_t* v() { return acc_.data(); }
+  int64_t* tail() { return acc_.data() + n_; }
+  int64_t* hi() { return acc_.data() + n_ + kTailSize; }
+  const int64_t* tail() const { return acc_.data() + n_; }
+
+  // round(x * 2^48) for |x| < kFastMagnitude (x * 2^48 is exact in double; the rounding is
+  // nearest-even, as to_fixed's).
+  static int64_t fast_fixed(float x) { return static_cast<int64_t>(std::nearbyint(static_cast<double>(x) * 0x1p48)); }
+
+  // v's high part of [i0, i1) into hi: hi * 2^32 + v unchanged, v in [0, 2^32) after.
+  void spill(int64_t i0, int64_t i1) {
+    int64_t* v = acc_.data();
+    int64_t* h = hi();
+    for (int64_t i = i0; i < i1; ++i) {
+      h[i] += v[i] >> 32;  // arithmetic shift: floor
+      v[i] &= kLowMask;
+    }
+  }
+
+  // Elements [i0, i1) of g by to_fixed's two limbs (any |x| <= 2^31), the buffer cleared;
+  // returns how many were out of range.
+  int64_t slow_fold(float* g, int64_t i0, int64_t i1) {
+    int64_t* v = acc_.data();
+    int64_t* h = hi();
+    int64_t bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float x = g[i];
+      g[i] = 0.0f;
+      FixedLimbs l;
+      if (!to_fixed(x, l)) {
+        ++bad;
+        continue;
+      }
+      h[i] += l.hi;
+      v[i] += l.lo;
+    }
+    return bad;
+  }
+
+  // Before the exchange: v zeroed if no group was folded; then whether this exchange may
+  // send v alone. Every rank's v must sum over the ranks without overflow and no rank may
+  // have spilled: one tiny all-reduce agrees on it, so every rank takes the same path. The
+  // wide path first splits each v into (hi, v in [0, 2^32)) and sends both; either way the
+  // integer sums are the exact totals, so the bits after convert() are the same.
+  bool agree_narrow() {
+    if (first_fold_) {
+      std::fill(v(), v() + n_, int64_t{0});
+      std::fill(bound_.begin(), bound_.end(), 0.0);
+      first_fold_ = false;
+    }
+    const int64_t world = dp_ ? dp_->world() : 1;
+    double largest = 0.0;
+    for (const double b : bound_) largest = std::max(largest, b);
+    std::array<int64_t, 1> wide = {spilled_ || largest * static_cast<double>(world) >= 0x1p14 ? 1 : 0};
+    if (world > 1)
+      dp_->communicator().all_reduce(std::span<int64_t>(wide), comm::ReduceOp::sum,
+                                     comm::Options{.name = "deterministic accumulator width"});
+    if (wide[0] == 0) return true;
+    if (!spilled_) std::fill(hi(), hi() + n_, int64_t{0});
+    spilled_ = true;  // hi is in use: zeroed at the next step
+#pragma omp parallel for schedule(static) if (n_ > (1 << 16))
+    for (int64_t b = 0; b < blocks_; ++b) spill(b * kFoldBlock, std::min(n_, (b + 1) * kFoldBlock));
+    return false;
+  }
+
+  // Arena floats [begin, end) from their summed integers into out (end - begin), NaN when
+  // any group's element was out of range. `narrow`: v holds the whole sum.
+  void convert(int64_t begin, int64_t end, float* out, bool narrow) {
+    const int64_t* v = acc_.data();
+    const int64_t* h = hi();
+    const bool ok = tail()[kGradOutOfRange] == 0;
     const float nan = std::numeric_limits<float>::quiet_NaN();
 #pragma omp parallel for schedule(static) if (end - begin > (1 << 16))
-    for (int64_t i = begin; i < end; ++i)
-      out[i - begin] = ok ? static_cast<float>(from_fixed(acc[2 * i], acc[2 * i + 1])) : nan;
+    for (int64_t i = begin; i < end; ++i) {
+      // An int64 and an __int128 of the same value round to the same double.
+      const double x = narrow ? static_cast<double>(v[i]) * 0x1p-48 : from_fixed(h[i], v[i]);
+      out[i - begin] = ok ? static_cast<float>(x) : nan;
+    }
   }
   model::LossSum global_loss() const {
-    const int64_t* tail = acc_.data() + 2 * n_;
+    const int64_t* t = tail();
     model::LossSum global;
-    global.sum = tail[kLossOutOfRange] == 0 ? from_fixed(tail[kLossHi], tail[kLossLo])
-                                            : std::numeric_limits<double>::quiet_NaN();
-    global.num_tokens = tail[kTokens];
+    global.sum = t[kLossOutOfRange] == 0 ? from_fixed(t[kLossHi], t[kLossLo]) : std::numeric_limits<double>::quiet_NaN();
+    global.num_tokens = t[kTokens];
     return global;
   }
   // The squared norm of these floats and of the other ranks' (`over_ranks`): exact sums
@@ -165,7 +292,11 @@ class RowAccumulator : public GradientSync {
 
   DataParallel* dp_;
   int64_t n_;                 // floats of the trainable arena
-  std::vector<int64_t> acc_;  // (2 n + kTailSize) the accumulator
+  int64_t blocks_;            // ceil(n / kFoldBlock)
+  std::vector<int64_t> acc_;  // (2 n + kTailSize) the accumulator: v, tail, hi
+  std::vector<double> bound_;  // (blocks) per block, a bound on |v| * 2^-48 since its last spill
+  bool spilled_ = false;      // hi is in use this step
+  bool first_fold_ = true;    // no group folded yet this step: v holds the last step's
   int64_t bytes_sent_ = 0, exchanges_ = 0;
 };
 
@@ -175,13 +306,20 @@ class DeterministicSync final : public RowAccumulator {
   using RowAccumulator::RowAccumulator;
   std::string name() const override { return "deterministic (fixed-point rows)"; }
 
-  Exchanged exchange(const model::LossSum& /*local: summed per row in row_done*/) override {
+  Exchanged exchange(const model::LossSum& /*local: summed per group in row_done*/) override {
+    const bool narrow = agree_narrow();
     if (dp_ && dp_->world() > 1) {
-      dp_->reducer().run(std::span<int64_t>(acc_), comm::ReduceOp::sum, comm::Options{.name = "deterministic grads"});
-      bytes_sent_ += comm::ring_all_reduce_bytes(static_cast<int64_t>(acc_.size() * sizeof(int64_t)), dp_->world());
+      // v and the tail; hi too when wide.
+      const std::span<int64_t> acc(acc_);
+      for (const std::span<int64_t> part : {acc.first(static_cast<size_t>(n_ + kTailSize)),
+                                            acc.subspan(static_cast<size_t>(n_ + kTailSize))}) {
+        if (narrow && part.data() == hi()) break;
+        dp_->reducer().run(part, comm::ReduceOp::sum, comm::Options{.name = "deterministic grads"});
+        bytes_sent_ += comm::ring_all_reduce_bytes(static_cast<int64_t>(part.size() * sizeof(int64_t)), dp_->world());
+      }
       ++exchanges_;
     }
-    convert(0, n_, model_.trainable().grads.data());
+    convert(0, n_, model_.trainable().grads.data(), narrow);
     const model::LossSum global = global_loss();
     return {global, global.num_tokens};
   }
@@ -206,20 +344,28 @@ class DeterministicZeroSync final : public RowAccumulator {
 
   Exchanged exchange(const model::LossSum& /*local*/) override {
     const int64_t tail_begin = cut_.tail().begin;
+    const bool narrow = agree_narrow();
     const std::span<int64_t> acc(acc_);
     if (world_ > 1) {
-      if (chunk_ > 0) {
-        dp_->reducer().reduce_scatter(acc.first(static_cast<size_t>(2 * tail_begin)), comm::ReduceOp::sum,
-                                      comm::Options{.name = "deterministic gradient shards"});
-        bytes_sent_ += comm::ring_reduce_scatter_bytes(2 * tail_begin * 8, static_cast<int>(world_));
+      // v's chunks reduce-scattered, v's tail with the accumulator's tail all-reduced; hi
+      // the same way when wide.
+      const std::span<int64_t> v = acc.first(static_cast<size_t>(n_ + kTailSize));
+      const std::span<int64_t> h = acc.subspan(static_cast<size_t>(n_ + kTailSize));
+      for (const std::span<int64_t> part : {v, h}) {
+        if (narrow && part.data() == h.data()) break;
+        if (chunk_ > 0) {
+          dp_->reducer().reduce_scatter(part.first(static_cast<size_t>(tail_begin)), comm::ReduceOp::sum,
+                                        comm::Options{.name = "deterministic gradient shards"});
+          bytes_sent_ += comm::ring_reduce_scatter_bytes(tail_begin * 8, static_cast<int>(world_));
+        }
+        const std::span<int64_t> rest = part.subspan(static_cast<size_t>(tail_begin));
+        dp_->communicator().all_reduce(rest, comm::ReduceOp::sum, comm::Options{.name = "deterministic gradient tail"});
+        bytes_sent_ += comm::ring_all_reduce_bytes(static_cast<int64_t>(rest.size()) * 8, static_cast<int>(world_));
       }
-      const std::span<int64_t> rest = acc.subspan(static_cast<size_t>(2 * tail_begin));
-      dp_->communicator().all_reduce(rest, comm::ReduceOp::sum, comm::Options{.name = "deterministic gradient tail"});
-      bytes_sent_ += comm::ring_all_reduce_bytes(static_cast<int64_t>(rest.size()) * 8, static_cast<int>(world_));
       ++exchanges_;
     }
-    convert(cut_.chunk_of(rank_).begin, cut_.chunk_of(rank_).end, shard_.data());
-    convert(tail_begin, n_, shard_.data() + chunk_);
+    convert(cut_.chunk_of(rank_).begin, cut_.chunk_of(rank_).end, shard_.data(), narrow);
+    convert(tail_begin, n_, shard_.data() + chunk_, narrow);
     const model::LossSum global = global_loss();
     return {global, global.num_tokens};
   }

@@ -3,40 +3,56 @@
 // count.
 //
 // Vocabulary:
-//   row        one sequence of the global batch, the unit of work. The trainer runs forward
-//              and backward one row at a time (batch 1), into a clean gradient buffer, with
-//              the loss summed (not averaged) over the row's target tokens: a row's
-//              gradient depends on that row alone, not on the rank or its neighbours.
-//   limbs      a row's float32 gradient element g as the integer v = round(g * 2^48),
-//              held as two int64: hi = floor(g * 2^16) and lo = v - hi * 2^32, in [0, 2^32].
-//   accumulator  two limbs per element of the trainable arena; the rows a rank ran are
-//              added into it in integers, and one all-reduce of int64 sums it over the
-//              ranks. Integer addition is associative, so every rank ends with the same
-//              bits whatever the number of ranks, the rows each ran, or the reduction's
-//              algorithm and order. The sum goes back to float32 once (hi * 2^32 + lo as a
-//              128-bit integer, correctly rounded to double, scaled, rounded to float).
+//   row        one sequence of the global batch.
+//   group      G consecutive rows of the global batch (`--deterministic-group`, default 1),
+//              the unit of work: the trainer runs forward and backward on one group at a
+//              time (batch G), into a clean gradient buffer, with the loss summed (not
+//              averaged) over the group's target tokens. A group's gradient depends on its
+//              rows and G alone, not on the rank or its neighbours: the products' sums run
+//              in an order fixed by the shapes (the same on every rank) and, for the thread
+//              counts tested, not by the threads (tests/dist/deterministic_test.py checks
+//              1 and 2 threads at G = 1 and G = 4). G is part of what fixes the bytes; every
+//              rank's micro-batch must be a whole number of groups.
+//   fixed      a float32 gradient element g as the integer round(g * 2^48).
+//   accumulator  per element of the trainable arena, v (int64: the sum of the groups'
+//              fixed values this step) and hi (int64, an overflow limb, hi * 2^32 + v being
+//              the exact sum; zero unless a block *spilled*: v's high part moved into hi
+//              when a bound on |v| nears 2^62, or for a group element past 2^13). Integer
+//              addition is associative, so after one all-reduce every rank holds the same
+//              integers whatever the number of ranks, the groups each ran, or the
+//              reduction's algorithm and order. The sum goes back to float32 once
+//              (correctly rounded to double, scaled, rounded to float).
+//   fold       adding a group's gradient into v: one pass, 4 bytes read and cleared and an
+//              8-byte add per element, once per group (G rows), by blocks of 8192 elements
+//              whose largest |g| bounds v.
+//   narrow / wide  the exchange: when no rank spilled and every rank's bound keeps the sum
+//              over the ranks below 2^62 (one 8-byte all-reduce agrees on it), v alone is
+//              sent (8 bytes per float, 2x float32's); else each v is split into (hi, v in
+//              [0, 2^32)) and both go (16 bytes). Either way the totals are the same exact
+//              integers, so the bits are the same.
 //
-// Why 2^48 and a 32-bit split. Resolution: each row's element is rounded to 2^-49
-// absolute, so the global mean gradient (the sum over at most R rows divided by at least R
-// target tokens) is off by at most 2^-49 ~ 1.8e-15 per element; AdamW's epsilon (1e-8) makes
-// gradient elements below ~1e-12 irrelevant to the update. Range: a row's element must
-// satisfy |g| <= 2^31 (so |hi| <= 2^47), and a global batch holds at most
-// kMaxDeterministicRows = 2^15 rows, so the sums of hi stay below 2^62 and those of lo below
-// 2^47: no overflow. An element outside the range (or not finite) is a non-finite step
-// (the gradient reads NaN): --on-nonfinite stops or skips it as for any diverged step.
-// The loss sum of a row goes the same way (one more pair of limbs), so the logged loss is
-// identical too; the target-token count is an exact integer already. The squared gradient
-// norm (for clipping) is an exact integer sum too: trunc(g^2 * 2^64) per element in 128
+// Why 2^48. Resolution: each group's element is rounded to 2^-49 absolute, so the global
+// mean gradient (the sum over at most R groups divided by at least R target tokens) is off by
+// at most 2^-49 ~ 1.8e-15 per element; AdamW's epsilon (1e-8) makes gradient elements below
+// ~1e-12 irrelevant to the update. Range: a group's element must satisfy |g| <= 2^31 (the
+// slow fold's limbs: |hi| <= 2^47), and a global batch holds at most kMaxDeterministicRows =
+// 2^15 rows, so the sums of hi stay below 2^62 and those of v (spilled) below 2^47: no
+// overflow. An element outside the range (or not finite) is a non-finite step (the gradient
+// reads NaN): --on-nonfinite stops or skips it as for any diverged step.
+// The loss sum of a group goes as two limbs (FixedLimbs), so the logged loss is identical
+// too; the target-token count is an exact integer already. The squared gradient
+// norm (for clipping) is an exact integer sum too: trunc(g^2 * 2^56) per element in 128
 // bits, added over the ranks as limbs, so ZeRO's partition of it does not show either (a
-// norm past 2^31 per element reads infinite: a non-finite step).
+// norm past 2^17 per element reads infinite: a non-finite step).
 //
-// With --zero 1 or 2 the chunks' limbs are reduce-scattered instead (ZeRO's cut of the
-// arena, one unit), each rank converts and updates its shard, and the weights are
-// all-gathered: the same bits as without ZeRO.
+// With --zero 1 or 2 the chunks of v (and hi, when wide) are reduce-scattered instead
+// (ZeRO's cut of the arena, one unit), each rank converts and updates its shard, and the
+// weights are all-gathered: the same bits as without ZeRO.
 //
-// Cost: the accumulator holds 16 bytes per trainable float, and one all-reduce of that size
-// per step (4x float32's bytes), counted through comm/wire_bytes.hpp; plus folding each
-// row's gradient into it. Batch-1 rows also make the matrix products narrower.
+// Cost: the accumulator holds 16 bytes per trainable float (hi is rarely touched), one fold
+// per group, and one all-reduce of 8 bytes per float per step (2x float32's), counted
+// through comm/wire_bytes.hpp. With G = 1 the matrix products are one row wide; G >= 4
+// makes them as wide as the default mode's on a small per-rank batch.
 #pragma once
 
 #include <cstdint>

@@ -5,8 +5,8 @@
 //   zero_grads()            the step begins (ZeRO-2 may find its released arena zero already)
 //   before/after_backward   around each micro-batch's backward (overlap arms its buckets
 //                           for the last one)
-//   per_row(), row_done()   deterministic mode: backward one row at a time, each row's
-//                           gradient handed over (and the buffer cleared) after it
+//   per_row(), row_done()   deterministic mode: backward one group of rows at a time,
+//                           each group's gradient handed over (and the buffer cleared)
 //   exchange(loss)          after the last backward: gradients combined, the global loss
 //   owned(), owned_grads()  the ranges of the flat arena this rank updates and their
 //                           combined gradients (everything but under ZeRO)
@@ -26,7 +26,7 @@
 //   ZeRO-3            the weights sharded too: each parameter group gathered just before
 //                     forward or backward reads it, released after (parallel/zero3.hpp);
 //                     with LoRA the frozen base so, the adapters all-reduced whole
-//   deterministic     rows run one at a time, each row's gradient added in fixed-point
+//   deterministic     rows run in fixed groups, each group's gradient added in fixed-point
 //                     integers, one int64 all-reduce: the same bits for any world size
 //                     (parallel/deterministic_sync.hpp; with ZeRO-1/2 a reduce-scatter)
 //
@@ -90,9 +90,10 @@ class GradientSync {
   virtual void zero_grads() { model_.zero_grads(); }
   virtual void before_backward(int64_t /*micro*/, int64_t /*micro_batches*/) {}
   virtual void after_backward() {}
-  // Whether the trainer must run forward and backward one row (sequence) at a time and
-  // call row_done after each row's backward, with that row's loss (its sum and target
-  // tokens). A row without target tokens may be left out (its gradient is zero).
+  // Whether the trainer must run forward and backward one group of rows (sequences,
+  // TrainConfig::deterministic_group) at a time and call row_done after each group's
+  // backward, with that group's loss (its sum and target tokens). A group without target
+  // tokens may be left out (its gradient is zero).
   virtual bool per_row() const { return false; }
   virtual void row_done(const model::LossSum& /*row*/) {}
   virtual Exchanged exchange(const model::LossSum& local) = 0;

@@ -160,11 +160,17 @@ std::string ElasticShape::describe() const {
 }
 
 std::optional<ElasticShape> plan_elastic_shape(const std::vector<HostSlots>& hosts, int max_hosts, int64_t global_rows,
-                                               int64_t max_batch_size) {
+                                               int64_t max_batch_size, int64_t group) {
   if (global_rows < 1 || max_batch_size < 1)
     throw InputError(kElasticComponent, fmt::format("a global batch of {} rows in micro-batches of at most {}: both must be "
                                              "at least 1",
                                              global_rows, max_batch_size));
+  if (group < 1 || global_rows % group != 0)
+    throw InputError(kElasticComponent, fmt::format("a global batch of {} rows is not a whole number of "
+                                                    "--deterministic-group {} rows", global_rows, group));
+  // In groups from here; rows again at the end.
+  global_rows /= group;
+  max_batch_size = std::max<int64_t>(1, max_batch_size / group);
   const size_t usable = max_hosts > 0 ? std::min(hosts.size(), static_cast<size_t>(max_hosts)) : hosts.size();
   if (usable == 0) return std::nullopt;
   int64_t slots = 0;
@@ -183,7 +189,7 @@ std::optional<ElasticShape> plan_elastic_shape(const std::vector<HostSlots>& hos
   const int64_t rows = global_rows / world;
   int64_t b = std::min(rows, max_batch_size);
   while (rows % b != 0) --b;
-  shape.batch_size = b;
+  shape.batch_size = b * group;
   shape.grad_accum = rows / b;
   return shape;
 }

@@ -73,9 +73,12 @@ struct ElasticShape {
 
 // The shape for `global_rows` G on `hosts` (at most `max_hosts` of them, 0: all, taken in
 // order): the largest world <= their slots that divides G; per rank R = G / world rows in
-// micro-batches of the largest divisor of R not above `max_batch_size`. nullopt when no
-// host is given. InputError for G or max_batch_size below 1.
+// micro-batches of the largest divisor of R not above `max_batch_size`. With `group` > 1
+// (--deterministic-group: every micro-batch a whole number of groups) G counts in groups:
+// the world divides G / group and the micro-batch is a multiple of `group` (at least one
+// group, even past max_batch_size). nullopt when no host is given. InputError for G,
+// max_batch_size or group below 1, or G not a multiple of group.
 std::optional<ElasticShape> plan_elastic_shape(const std::vector<HostSlots>& hosts, int max_hosts, int64_t global_rows,
-                                               int64_t max_batch_size);
+                                               int64_t max_batch_size, int64_t group = 1);
 
 }  // namespace flotilla::train

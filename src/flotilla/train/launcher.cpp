@@ -376,7 +376,9 @@ int run_launch(const LaunchConfig& opt) {
       for (size_t i = 0; i < usable; ++i) slots += alive[i].slots;
       global_rows = train.batch_size * train.grad_accum * slots;
     }
-    std::optional<ElasticShape> shape = plan_elastic_shape(alive, opt.max_hosts, global_rows, train.batch_size);
+    // The deterministic mode's groups stay whole on every rank (its bytes depend on them).
+    const int64_t group = train.deterministic_group;
+    std::optional<ElasticShape> shape = plan_elastic_shape(alive, opt.max_hosts, global_rows, train.batch_size, group);
     // A world smaller than the answering hosts must take hosts that hold, between them, the
     // newest checkpoint they can resume (a host left out cannot hand its files over).
     if (per_host && attempt > 1) {
@@ -390,7 +392,7 @@ int run_launch(const LaunchConfig& opt) {
       for (auto it = holders_of_step.rbegin(); it != holders_of_step.rend(); ++it) {
         if (!held_by(alive, it->second)) continue;  // a rank's files are lost: an older step
         if (!held_by(shape->hosts, it->second))
-          shape = plan_elastic_shape(holders_first(alive, it->second), opt.max_hosts, global_rows, train.batch_size);
+          shape = plan_elastic_shape(holders_first(alive, it->second), opt.max_hosts, global_rows, train.batch_size, group);
         break;
       }
     }
@@ -465,7 +467,7 @@ int run_launch(const LaunchConfig& opt) {
                  fmt::format("attempt {}: {}, {}", attempt, shape->describe(), from));
     const auto grow = [&] {
       const std::optional<ElasticShape> now =
-          plan_elastic_shape(answering_hosts(opt, nullptr, attempt), opt.max_hosts, global_rows, train.batch_size);
+          plan_elastic_shape(answering_hosts(opt, nullptr, attempt), opt.max_hosts, global_rows, train.batch_size, group);
       if (!now || now->world <= shape->world) return false;
       timeline.add({{"event", "grow"}, {"attempt", attempt}, {"world", now->world}},
                    fmt::format("{} ranks answer now ({} run): stopping at the next step to take them in", now->world,

@@ -37,6 +37,7 @@ struct LaunchConfig {
   std::string checkpoint_dir;      // train's --checkpoint-dir (empty: OUT/checkpoints)
   int checkpoint_replicas = -1;    // train's --checkpoint-replicas (-1: its default)
   int64_t batch_size = 0, grad_accum = 0, save_every = 0;
+  int64_t deterministic_group = 1;  // train's --deterministic-group with --deterministic, else 1
 };
 
 // Runs the job to its end: 0 when it completed, the job's status when it was stopped by a

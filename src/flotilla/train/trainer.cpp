@@ -66,6 +66,20 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
       throw InputError("train", fmt::format("--deterministic sums at most {} rows per global batch without overflow; "
                                             "this one has {} (--batch-size x --grad-accum x ranks)",
                                             parallel::kMaxDeterministicRows, rows));
+    const int64_t G = cfg.deterministic_group;
+    if (G < 1) throw InputError("train", fmt::format("--deterministic-group must be 1 or more rows, not {}", G));
+    // A group runs as one batch: it must lie inside one micro-batch of one rank.
+    if (cfg.balance_every > 0 ? rows % G != 0 : cfg.batch_size % G != 0)
+      throw InputError("train", fmt::format("--deterministic-group {} must divide {} ({}): a group of rows runs as one "
+                                            "batch on one rank; pass a divisor, or 1 for rows one at a time",
+                                            G, cfg.balance_every > 0 ? "the global batch's rows" : "--batch-size",
+                                            cfg.balance_every > 0 ? rows : cfg.batch_size));
+    if (cfg.balance_every > 0 && rows / G < cfg.grad_accum * (dp ? dp->world() : 1))
+      throw InputError("train", fmt::format("--balance with --deterministic-group {} needs a group for each "
+                                            "micro-batch of each rank: {} groups are too few",
+                                            G, rows / G));
+  } else if (cfg.deterministic_group != 1) {
+    throw InputError("train", "--deterministic-group applies to --deterministic only");
   }
   if (cfg.balance_every < 0)
     throw InputError("train", fmt::format("--balance-every must be 1 or more steps, not {}", cfg.balance_every));
@@ -142,8 +156,9 @@ Trainer::Trainer(model::Llama& model, TrainConfig cfg, parallel::DataParallel* d
   if (cfg.balance_every > 0)
     balancer_ = std::make_unique<parallel::RowBalancer>(
         dp ? &dp->communicator() : nullptr,
-        parallel::RowBalanceConfig{.global_rows = cfg.batch_size * cfg.grad_accum * world(),
-                                   .min_rows = cfg.grad_accum,  // one row in each micro-batch
+        // In units of deterministic groups (one row each outside the deterministic mode).
+        parallel::RowBalanceConfig{.global_rows = cfg.batch_size * cfg.grad_accum * world() / group_rows(),
+                                   .min_rows = cfg.grad_accum,  // one group in each micro-batch
                                    .every = cfg.balance_every});
 }
 
@@ -209,27 +224,28 @@ EvalMetrics evaluate_loss(model::Llama& model, const std::function<bool(data::Ba
 }
 
 model::LossSum Trainer::rows_forward_backward(int64_t first_row) {
-  const int64_t T = batch_.T;
+  const int64_t T = batch_.T, G = group_rows();
   model::LossSum total;
-  for (int64_t b = 0; b < batch_.B; ++b) {
+  for (int64_t b = 0; b < batch_.B; b += G) {
     const size_t at = static_cast<size_t>(b * T);
-    // LoRA dropout's masks: keyed by the global row, the same whichever rank runs it.
+    // LoRA dropout's masks: keyed by the group's first global row, the same whichever rank
+    // runs it.
     model_.set_dropout_step(static_cast<uint64_t>(first_row + b));
-    model::LossSum row;
+    model::LossSum group;
     {
       TraceSpan span(trace_, "forward", TraceLane::compute);
-      row = model_.forward(batch_.tokens.data() + at, batch_.targets.data() + at, 1, T,
-                           batch_.doc_start.empty() ? nullptr : batch_.doc_start.data() + at);
+      group = model_.forward(batch_.tokens.data() + at, batch_.targets.data() + at, G, T,
+                             batch_.doc_start.empty() ? nullptr : batch_.doc_start.data() + at);
     }
-    // A row without targets has a zero gradient: nothing to add.
-    if (row.num_tokens == 0) continue;
+    // A group without targets has a zero gradient: nothing to add.
+    if (group.num_tokens == 0) continue;
     {
       TraceSpan span(trace_, "backward", TraceLane::compute);
-      model_.backward(1.0f);  // the row's loss sum: batch 1, no mean over anything
+      model_.backward(1.0f);  // the group's loss sum: no mean over anything
     }
-    sync_->row_done(row);
-    total.sum += row.sum;
-    total.num_tokens += row.num_tokens;
+    sync_->row_done(group);
+    total.sum += group.sum;
+    total.num_tokens += group.num_tokens;
   }
   return total;
 }
@@ -257,10 +273,11 @@ void Trainer::draw_global_batch(data::BatchSource& train) {
 int64_t Trainer::take_share(int64_t micro) {
   // This rank's rows [first, first + n) of the global batch, cut into grad_accum
   // micro-batches whose sizes differ by at most one (the larger ones first).
-  const int64_t n = balancer_->share(rank()), accum = cfg_.grad_accum, T = cfg_.seq_len;
+  // The balancer counts groups of group_rows() rows (deterministic mode; else rows).
+  const int64_t n = balancer_->share(rank()), accum = cfg_.grad_accum, T = cfg_.seq_len, G = group_rows();
   const int64_t base = n / accum, extra = n % accum;
-  const int64_t rows = base + (micro < extra ? 1 : 0);
-  const int64_t first = balancer_->first_row(rank()) + micro * base + std::min(micro, extra);
+  const int64_t rows = (base + (micro < extra ? 1 : 0)) * G;
+  const int64_t first = (balancer_->first_row(rank()) + micro * base + std::min(micro, extra)) * G;
   const auto begin = static_cast<std::ptrdiff_t>(first * T), end = static_cast<std::ptrdiff_t>((first + rows) * T);
   batch_.B = rows;
   batch_.T = T;
@@ -446,6 +463,7 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   }
   if (balancer_) {
     m.rank_rows = balancer_->shares();  // this step's, before a new cut
+    for (int64_t& r : m.rank_rows) r *= group_rows();
     // A process's first step pays for allocations and first touches: not a speed.
     if (measured_steps_++ > 0) balancer_->record(rows_run, rows_compute_s);
     Timer sync_timer;

@@ -64,9 +64,14 @@ struct TrainConfig {
   // weights a rank released read NaN, so that a read of one not gathered shows.
   bool zero_poison = false;
   // Data parallel: the same model bytes for any number of ranks, any split of the global
-  // batch and any thread count (parallel/deterministic_sync.hpp): rows run one at a time,
+  // batch and any thread count (parallel/deterministic_sync.hpp): rows run in fixed groups,
   // their gradients summed in fixed-point integers, LoRA dropout keyed by the global row.
   bool deterministic = false;
+  // Deterministic mode: rows per group, the unit that runs forward and backward as one
+  // batch and whose gradient is folded once (parallel/deterministic_sync.hpp). Part of what
+  // fixes the bytes (the same group gives the same bytes for any world size and thread
+  // count); every rank's micro-batch must be a whole number of groups. 1: rows one at a time.
+  int64_t deterministic_group = 1;
   // Data parallel, row balancing (parallel/row_balance.hpp): > 0 cuts each global batch
   // into per-rank shares that follow the ranks' measured speeds, agreed on every this many
   // steps; 0: equal shares. With it, the BatchSource passed to step() and run() yields the
@@ -261,14 +266,18 @@ class Trainer {
   data::Batch batch_;                       // (B, T) the current micro-batch
   data::Batch global_batch_;                // row balancing: (G, T) the step's global batch
   std::vector<data::Batch> micro_batches_;  // pipeline: the step's micro-batches
-  // Forward and backward of the micro-batch in batch_, one row at a time (deterministic
-  // mode); `first_row` is its first row's index among every global batch drawn so far.
+  // Forward and backward of the micro-batch in batch_, one group of deterministic_group
+  // rows at a time (deterministic mode); `first_row` is its first row's index among every
+  // global batch drawn so far.
   model::LossSum rows_forward_backward(int64_t first_row);
   // Row balancing: draws the step's whole global batch into global_batch_.
   void draw_global_batch(data::BatchSource& train);
   // Row balancing: copies micro-batch `micro` of this rank's share into batch_; returns its
   // first row's index in the global batch.
   int64_t take_share(int64_t micro);
+  // Rows per deterministic group: the unit of the deterministic mode's batches and of row
+  // balancing's shares (1 outside the deterministic mode).
+  int64_t group_rows() const { return cfg_.deterministic ? cfg_.deterministic_group : 1; }
   int64_t step_ = 0;
   int64_t measured_steps_ = 0;  // row balancing: steps this process ran
   double slow_backward_ratio_ = 2.0;  // slow-rank hook: the last backward's time over its forward's
