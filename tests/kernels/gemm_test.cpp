@@ -133,6 +133,28 @@ TEST(Gemm, EveryTransposeAndAccumulateMatchesTripleLoop) {
   }
 }
 
+// A product longer than a piece along K, M or N (the lm_head's vocabulary) runs as several
+// primitive calls (gemm_onednn.cpp's in_pieces); the pieces must tile C and the K pieces
+// must accumulate, with the caller's alpha and accumulate, transposed or not.
+TEST(Gemm, ProductsSplitIntoPiecesAlongKMOrNMatchTripleLoop) {
+  Rng rng(test_seed());
+  const Case cases[] = {
+      {Transpose::no, Transpose::no, 17, 5, 9001, 0, 3, 1, 0.5f, false},   // K: 3 pieces
+      {Transpose::yes, Transpose::yes, 16, 3, 8999, 2, 0, 0, 1.0f, true},  // K, both transposed
+      {Transpose::yes, Transpose::no, 8200, 3, 4, 1, 0, 2, 0.75f, true},   // M, A transposed
+      {Transpose::no, Transpose::yes, 8193, 2, 3, 0, 1, 0, 1.0f, false},   // M
+      {Transpose::no, Transpose::yes, 16, 8300, 3, 0, 0, 5, 1.0f, true},   // N, B transposed
+      {Transpose::yes, Transpose::no, 19, 9000, 2, 0, 4, 0, 2.0f, false},  // N
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(describe(c));
+    const Operands o = make_operands(rng, c);
+    std::vector<float> C = o.C0;
+    run(c, o, C);
+    expect_matches_triple_loop(c, o, C);
+  }
+}
+
 TEST(Gemm, EmptyInnerDimensionZeroesOrKeepsC) {
   const float A[1] = {1.0f}, B[1] = {1.0f};
   std::vector<float> C(6, 3.0f);

@@ -30,9 +30,17 @@ constexpr int64_t kBlock = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The end of the zeros a row whose last visible key is lim needs after lim: up to the end of
+// its query block's keys (kend, read by the block's products) and of lim's key block (read
+// by the backward's key-block products). The rest of the row, the masked upper triangle,
+// is never read and never written: that is half of the (B, NH, Tq, Tk) buffer's bytes.
+int64_t masked_zeros_end(int64_t lim, int64_t kend, int64_t n) {
+  return std::min(n, std::max(kend, (lim + 1 + kBlock - 1) / kBlock * kBlock));
+}
+
 // p (n) holds scores in p[first .. lim] on entry; on exit softmax over p[first .. lim] and
-// zeros everywhere else in p[0 .. n).
-FLOTILLA_KERNEL void causal_softmax_row(float* p, int64_t first, int64_t lim, int64_t n) {
+// zeros in p[0 .. first) and p(lim .. zend); p[zend .. n) is left as it was.
+FLOTILLA_KERNEL void causal_softmax_row(float* p, int64_t first, int64_t lim, int64_t zend) {
   float mx = p[first];
   // A conditional, not std::max: GCC 12 vectorises the std::max form ~10x slower.
 #pragma omp simd reduction(max : mx)
@@ -48,7 +56,7 @@ FLOTILLA_KERNEL void causal_softmax_row(float* p, int64_t first, int64_t lim, in
 #pragma omp simd
   for (int64_t j = first; j <= lim; ++j) p[j] *= inv;
   std::fill(p, p + first, 0.0f);
-  std::fill(p + lim + 1, p + n, 0.0f);
+  std::fill(p + lim + 1, p + zend, 0.0f);
 }
 
 // The first key any query of rows [r0, r1) of batch row b may see, rounded down to a key
@@ -93,7 +101,7 @@ FLOTILLA_KERNEL void attention_forward(float* out, float* probs, const float* q,
          P + kbeg, Tk);
     for (int64_t t = r0; t < r1; ++t) {
       const int64_t first = key_start ? key_start[b * Tq + t] : 0;
-      causal_softmax_row(P + (t - r0) * Tk, first, t + off, Tk);
+      causal_softmax_row(P + (t - r0) * Tk, first, t + off, masked_zeros_end(t + off, kend, Tk));
     }
     // O = P @ V (entries of P outside each row's visible range are zero)
     gemm(Transpose::no, Transpose::no, rows, hd, nkeys, 1.0f, P + kbeg, Tk, V + kbeg * ldkv, ldkv, false,
@@ -135,7 +143,8 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, dO, ldq, V + kbeg * ldkv, ldkv, false,
          S + kbeg, Tk);
     // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero outside the
-    // visible range so that phase 2 can read whole key-block columns.
+    // visible range (as far as masked_zeros_end) so that phase 2 can read whole key-block
+    // columns.
     for (int64_t t = r0; t < r1; ++t) {
       const int64_t first = key_start ? key_start[b * Tq + t] : 0;
       const int64_t lim = t + off;
@@ -147,7 +156,7 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
 #pragma omp simd
       for (int64_t j = first; j <= lim; ++j) s[j] = p[j] * (s[j] - dot);
       std::fill(s, s + first, 0.0f);
-      std::fill(s + lim + 1, s + Tk, 0.0f);
+      std::fill(s + lim + 1, s + masked_zeros_end(lim, kend, Tk), 0.0f);
     }
     // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
     gemm(Transpose::no, Transpose::no, rows, hd, nkeys, scale, S + kbeg, Tk, K + kbeg * ldkv, ldkv, true,

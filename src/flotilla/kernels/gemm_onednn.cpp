@@ -203,6 +203,42 @@ bool trivial_product(int64_t M, int64_t N, int64_t K, bool accumulate, float* C,
   return true;
 }
 
+// A product with a dimension longer than kPieceSplitAbove runs as pieces kPieceLength long
+// along it (the last one shorter), one primitive call each: oneDNN 2.6's brgemm matmul runs
+// the lm_head's products (K or M or N = the 32000-word vocabulary, rows 128000 bytes apart)
+// well under its rate, and their pieces near it. Measured on this project's AMD EPYC, one
+// thread, 512 rows x 768 x 32000: dx = dlogits @ W 110 -> 160 GFLOP/s split along K,
+// dW = dlogits^T @ x 139 -> 160-185 along M, logits = x @ W^T 171 -> 175-188 along N; in
+// bf16 280 -> 345, 290 -> 343, 330 -> 354. Pieces along K accumulate into C after the
+// first, so the sum is the same product in a fixed order (deterministic as before).
+constexpr int64_t kPieceSplitAbove = 8192;
+constexpr int64_t kPieceLength = 4096;
+
+// Calls run(m, n, k, A', B', accumulate', C') for each piece of C (M, N) = op(A) @ op(B).
+template <class T, class Run>
+void in_pieces(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
+               const T* B, int64_t ldb, bool accumulate, float* C, int64_t ldc, const Run& run) {
+  // Element (i, j) of op(X) sits at X[i * ld + j] untransposed, X[j * ld + i] transposed.
+  auto at = [](const T* X, Transpose t, int64_t ld, int64_t i, int64_t j) {
+    return t == Transpose::no ? X + i * ld + j : X + j * ld + i;
+  };
+  if (K > kPieceSplitAbove) {
+    for (int64_t k0 = 0; k0 < K; k0 += kPieceLength)
+      in_pieces(ta, tb, M, N, std::min(kPieceLength, K - k0), at(A, ta, lda, 0, k0), lda,
+                at(B, tb, ldb, k0, 0), ldb, accumulate || k0 > 0, C, ldc, run);
+  } else if (M > kPieceSplitAbove) {
+    for (int64_t m0 = 0; m0 < M; m0 += kPieceLength)
+      in_pieces(ta, tb, std::min(kPieceLength, M - m0), N, K, at(A, ta, lda, m0, 0), lda, B, ldb,
+                accumulate, C + m0 * ldc, ldc, run);
+  } else if (N > kPieceSplitAbove) {
+    for (int64_t n0 = 0; n0 < N; n0 += kPieceLength)
+      in_pieces(ta, tb, M, std::min(kPieceLength, N - n0), K, A, lda, at(B, tb, ldb, 0, n0), ldb,
+                accumulate, C + n0, ldc, run);
+  } else {
+    run(M, N, K, A, B, accumulate, C);
+  }
+}
+
 }  // namespace
 
 void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
@@ -212,9 +248,12 @@ void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alp
     run_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
     return;
   }
-  run_primitive(Signature{ta, tb, GemmInput::f32, accumulate, omp_get_max_threads(),
-                          std::bit_cast<uint32_t>(alpha), M, N, K, lda, ldb, ldc},
-                A, B, C);
+  in_pieces(ta, tb, M, N, K, A, lda, B, ldb, accumulate, C, ldc,
+            [&](int64_t m, int64_t n, int64_t k, const float* a, const float* b, bool acc, float* c) {
+              run_primitive(Signature{ta, tb, GemmInput::f32, acc, omp_get_max_threads(),
+                                      std::bit_cast<uint32_t>(alpha), m, n, k, lda, ldb, ldc},
+                            a, b, c);
+            });
 }
 
 void gemm_bf16(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
@@ -222,9 +261,12 @@ void gemm_bf16(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, floa
   if (trivial_product(M, N, K, accumulate, C, ldc)) return;
   // Every row count gets a primitive: oneDNN has no public bf16 GEMM routine, and the few
   // row counts below kGemmPrimitiveMinRows (a linear layer while decoding) are each cached.
-  run_primitive(Signature{ta, tb, GemmInput::bf16, accumulate, omp_get_max_threads(),
-                          std::bit_cast<uint32_t>(alpha), M, N, K, lda, ldb, ldc},
-                A, B, C);
+  in_pieces(ta, tb, M, N, K, A, lda, B, ldb, accumulate, C, ldc,
+            [&](int64_t m, int64_t n, int64_t k, const uint16_t* a, const uint16_t* b, bool acc, float* c) {
+              run_primitive(Signature{ta, tb, GemmInput::bf16, acc, omp_get_max_threads(),
+                                      std::bit_cast<uint32_t>(alpha), m, n, k, lda, ldb, ldc},
+                            a, b, c);
+            });
 }
 
 bool gemm_bf16_supported() {

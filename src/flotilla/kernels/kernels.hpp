@@ -100,7 +100,8 @@ void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int
 // q (B, Tq, NH, hd); k, v (B, Tk, NKV, hd) with Tk >= Tq: query t sits at position
 // t + (Tk - Tq) and attends keys 0 .. t + (Tk - Tq) (this covers the KV-cache decode).
 // out (B, Tq, NH, hd); probs (B, NH, Tq, Tk) softmax weights saved for backward (entries
-// outside the visible range are written as 0). scale = 1/sqrt(hd).
+// before the visible range and just after it are written as 0; the masked upper triangle
+// past the query's 64-key block is never written nor read). scale = 1/sqrt(hd).
 // key_start (B, Tq) or nullptr: query t of row b sees only keys key_start[b*Tq + t] ..
 // t + (Tk - Tq) — the start of its own example when several are packed into one row, so
 // packed examples never attend across their boundaries. nullptr means 0 for every query.
