@@ -16,9 +16,11 @@
 //                   the optimizer update. Micro-batches of fewer rows run their products
 //                   slower per row; that is not modelled;
 //   activations     a slot per micro-batch in flight: 1F1B min(P-s, M') on stage s, GPipe
-//                   M'; each slot is today's activation plan of a micro-batch of B/M rows
-//                   for the whole model (Llama::activation_bytes), as flotilla allocates it
-//                   (the other stages' layers' pages are never written: an upper bound);
+//                   M'; each slot is what the stage writes of a micro-batch's activation
+//                   plan of B/M rows (Llama::stage_activation_bytes): its own layers'
+//                   views, the head's on the last stage only, and the shared scratch
+//                   (flotilla allocates the whole plan per slot, but the other stages'
+//                   layers' pages are never written, so never resident);
 //   state           a stage's own tensors only: 16 bytes a parameter (weights, gradients,
 //                   AdamW's moments), so P stages hold about 1/P of the model each.
 #pragma once
