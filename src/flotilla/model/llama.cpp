@@ -452,12 +452,16 @@ void Llama::plan(int64_t B, int64_t T) {
              static_cast<double>(total) * 4.0 / (1 << 20));
 }
 
+void Llama::drop_activation_plan() {
+  acts_.memory = Buffer<float>();
+  acts_.B = acts_.T = 0;
+  logits_valid_ = have_targets_ = false;
+}
+
 void Llama::set_grad_checkpoint(bool on) {
   if (on == grad_checkpoint_) return;
   grad_checkpoint_ = on;
-  acts_.memory = Buffer<float>();  // the next forward plans anew
-  acts_.B = acts_.T = 0;
-  logits_valid_ = have_targets_ = false;
+  drop_activation_plan();
 }
 
 uint64_t Llama::dropout_seed(int64_t layer, LoraTarget t) const {

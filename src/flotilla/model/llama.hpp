@@ -467,6 +467,9 @@ class Llama {
   bool last_stage() const { return range_.end == cfg_.n_layers; }
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);
+  // Drops the activation plan (its shape or views changed): the next forward plans anew,
+  // and nothing of the last forward may be read or run backward.
+  void drop_activation_plan();
   // Sequence parallelism's two crossings (model/tensor_parallel.hpp), on the planned step:
   // whole (seq.padded(), C) = every rank's rmsnorm(x) (seq.rows, C), computed into slice;
   // and slice (seq.rows, C) = this rank's rows of the ranks' partial sums whole (N, C),

@@ -182,18 +182,13 @@ void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& f
   tp_ = group && group->tp_size() > 1 ? group : nullptr;
   tp_full_ = full;
   logits_valid_ = have_targets_ = false;
-  if (sequence_parallel_) {  // the plan's row counts depend on the group
-    acts_.memory = Buffer<float>();
-    acts_.B = acts_.T = 0;
-  }
+  if (sequence_parallel_) drop_activation_plan();  // the plan's row counts depend on the group
 }
 
 void Llama::set_sequence_parallel(bool on) {
   if (on == sequence_parallel_) return;
   sequence_parallel_ = on;
-  acts_.memory = Buffer<float>();  // the next forward plans anew
-  acts_.B = acts_.T = 0;
-  logits_valid_ = have_targets_ = false;
+  drop_activation_plan();
 }
 
 int64_t Llama::vocab_parallel_cross_entropy(const int32_t* targets, int64_t N) {
