@@ -51,10 +51,7 @@ class ExpertSync final : public GradientSync {
       const ArenaRange r{info.offset, i + 1 < params.size() ? params[i + 1].offset : t.table.total_numel()};
       const int64_t expert = model::expert_of_tensor(info.name);
       if (expert >= 0) expert_tensors_.push_back({&info, static_cast<int>(expert / El)});
-      if (expert >= 0 && (expert < first || expert >= end)) {
-        other_experts_.push_back({&info, static_cast<int>(expert / El)});
-        continue;
-      }
+      if (expert >= 0 && (expert < first || expert >= end)) continue;  // another block's
       append_merged(owned_, r);
       (expert >= 0 ? mine_ : shared_).push_back(r);
       if (!pieces_.empty() && pieces_.back().expert == (expert >= 0) && pieces_.back().arena.end == r.begin)
@@ -143,8 +140,8 @@ class ExpertSync final : public GradientSync {
 
   void gather_weights_through(int64_t offset) override {
     release_received();
-    for (const auto& [info, owner] : other_experts_) {
-      if (info->offset != offset) continue;
+    for (const auto& [info, owner] : expert_tensors_) {
+      if (info->offset != offset || owner == experts_.ep_rank()) continue;
       const std::span<float> w =
           model_.trainable().params.subspan(static_cast<size_t>(info->offset), static_cast<size_t>(info->numel));
       experts_.ep_group().recv(comm::MutView(w), owner, kExpertModelWriteTag, {.name = "expert model write"});
@@ -191,8 +188,7 @@ class ExpertSync final : public GradientSync {
   std::vector<ArenaRange> owned_;          // shared and own experts, merged, ascending
   std::vector<ArenaRange> shared_, mine_;  // per tensor, ascending
   std::vector<OwnedPiece> pieces_;         // owned_ by kind, in arena order
-  std::vector<ExpertTensor> other_experts_;  // in layout order
-  std::vector<ExpertTensor> expert_tensors_;  // every expert's tensors, own ones too, in layout order
+  std::vector<ExpertTensor> expert_tensors_;  // every expert's tensors with their ep rank, in layout order
   Buffer<float> owned_grads_;              // (sum of owned_ sizes) the owned gradients, concatenated
   std::span<float> received_;              // the final model's write: another block's tensor, until the next
   int64_t exchanges_ = 0;
