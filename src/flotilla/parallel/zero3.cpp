@@ -182,8 +182,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     // Every gather faults the other ranks' chunks of its group back in, and every backward
     // the gradient arena (both are handed back after use): with 4 KiB pages that was about
     // 36 k faults a step more than plain data parallelism on W1 (2.5x its faults, 1.2-1.3x
-    // its CPU time); advised, 1.2x and 1.02-1.09x (bench/RESULTS.md). A huge page (2 MiB) takes
-    // one fault where 4 KiB pages took 512, as ZeRO-2's gradient arena does
+    // its CPU time); advised, 1.2x and 1.02-1.09x (bench/RESULTS.md). A huge page (2 MiB)
+    // takes one fault where 4 KiB pages took 512, as ZeRO-2's gradient arena does
     // (parallel/zero.cpp). What is handed back stays the same: a huge page partly released
     // is split and its released part freed. Advice only: where the kernel declines, it
     // runs as before.

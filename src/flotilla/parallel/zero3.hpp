@@ -51,8 +51,8 @@
 //
 // Bytes per step: each block but the last gathered for forward and again for backward,
 // the last block, the embedding and the head once (the head and the last block stay whole
-// across the turn; the embedding's backward reads no weight), and a reduce-scatter per micro-batch: at most 1.5 times an all-reduce's bytes
-// without accumulation.
+// across the turn; the embedding's backward reads no weight), and a reduce-scatter per
+// micro-batch: at most 1.5 times an all-reduce's bytes without accumulation.
 #pragma once
 
 #include <memory>
