@@ -14,6 +14,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
+#include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/parallel/data_parallel.hpp"
@@ -201,6 +202,44 @@ TEST(Zero3, ReleasedWeightPagesGoBackToTheSystem) {
     int64_t own_nonzero = 0;
     for (int64_t i = chunk - other; i < chunk - other + chunk; ++i) own_nonzero += params[static_cast<size_t>(i)] != 0.0f;
     EXPECT_GT(own_nonzero, chunk / 2);
+  }, testing::bounded_settings(60));
+}
+
+// The gather schedule, read off the bytes a step sends on 2 ranks (3 blocks, untied, two
+// micro-batches): each micro-batch gathers the embedding, the blocks and the head for
+// forward, and for backward only blocks 1 and 0: the head and the last block stay whole
+// across the turn, the embedding's backward reads no weight. Each group's gradient is
+// reduce-scattered once a micro-batch (its tail all-reduced). A schedule that gathered the
+// last block again, or skipped a gather, sends other bytes.
+TEST(Zero3, BackwardGathersNeitherTheHeadNorTheLastBlockAgain) {
+  const uint64_t seed = testing::test_seed();
+  const std::vector<int32_t> stream = test_models::random_tokens(seed, 2000, kVocab);
+  const model::ModelConfig cfg = small_config(false);
+  const model::ParamLayout layout(cfg);
+  constexpr int kWorld = 2;
+  // The groups' sizes in floats: embedding, blocks 0..2, head.
+  std::vector<int64_t> sizes = {layout.layers[0].ln1.offset()};
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    const int64_t end = l + 1 < cfg.n_layers ? layout.layers[static_cast<size_t>(l + 1)].ln1.offset()
+                                             : layout.final_norm.offset();
+    sizes.push_back(end - layout.layers[static_cast<size_t>(l)].ln1.offset());
+  }
+  sizes.push_back(layout.total_numel() - layout.final_norm.offset());
+  auto gather = [&](size_t g) { return comm::ring_all_gather_bytes(sizes[g] / kWorld * 4, kWorld); };
+  auto reduce = [&](size_t g) {
+    const int64_t chunk = sizes[g] / kWorld, tail = sizes[g] - kWorld * chunk;
+    return comm::ring_reduce_scatter_bytes(chunk * kWorld * 4, kWorld) + (tail > 0 ? comm::ring_all_reduce_bytes(tail * 4, kWorld) : 0);
+  };
+  int64_t micro_batch = gather(1) + gather(2);  // backward: blocks 1 and 0
+  for (size_t g = 0; g < sizes.size(); ++g) micro_batch += gather(g) + reduce(g);
+  comm::run_threads(kWorld, [&](comm::Communicator& comm) {
+    parallel::DataParallel dp(comm);
+    model::Llama model(cfg);
+    model.init_random(seed);
+    data::RandomWindowSource source(stream, seed + static_cast<uint64_t>(comm.rank()));
+    Trainer trainer(model, train_config(3), &dp);
+    trainer.step(source);
+    EXPECT_EQ(trainer.sync().bytes_sent(), 2 * micro_batch);  // --grad-accum 2
   }, testing::bounded_settings(60));
 }
 

@@ -17,7 +17,9 @@
 //                thread (the prefetch, overlapping g's compute), every other group is
 //                released. A tied lm_head reads the embedding: the head needs both.
 //   backward     before_group_backward(g): the same in reverse order, but for the
-//                embedding, whose backward reads no weight (a scatter-add of gradients). Gradient
+//                embedding, whose backward reads no weight (a scatter-add of gradients), and
+//                the last block, which stays whole from its forward across the turn (the
+//                head's forward keeps it, as FSDP keeps its last layer). Gradient
 //                checkpointing recomputes a block inside its backward, on the weights
 //                gathered for it. As backward finishes a group (grad_ready), its gradient is
 //                reduce-scattered into the shard on the same thread (as stage 2) and its
@@ -47,10 +49,10 @@
 // out of the mapped files), where each group's quantized matrices are a contiguous run,
 // cut over the ranks as the floats are and gathered and released with the group's floats.
 //
-// Bytes per step: each block gathered for forward and again for backward, the embedding
-// and the head once (the head stays whole across the turn; the embedding's backward reads
-// no weight), and a reduce-scatter per micro-batch: at most 1.5 times an all-reduce's bytes
-// without accumulation.
+// Bytes per step: each block but the last gathered for forward and again for backward,
+// the last block, the embedding and the head once (the head and the last block stay whole
+// across the turn; the embedding's backward reads no weight), and a reduce-scatter per
+// micro-batch: at most 1.5 times an all-reduce's bytes without accumulation.
 #pragma once
 
 #include <memory>
