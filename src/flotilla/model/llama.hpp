@@ -411,6 +411,10 @@ class Llama {
   // parallelism the split tensors' squares summed over the tp group, the replicated ones'
   // counted once.
   double grad_sum_squares_tensor_parallel();
+  // For each tensor of trainable().table, in its order: whether it is split over the tp
+  // group, each rank holding another slice (a LoRA B, or a weight tensor_slice does not
+  // call replicated). All false without tensor parallelism.
+  std::vector<bool> split_over_tp() const;
   // The vocabulary rows this model's embedding and lm_head hold: [0, vocab_size) but under
   // tensor parallelism (vocab_shard); logits() are these columns.
   VocabShard vocab_rows() const { return tp_ ? vocab_ : VocabShard{0, cfg_.vocab_size}; }

@@ -105,12 +105,19 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
   if (job.tp) {
     // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp),
     // read one tensor at a time from a model directory or drawn from the one-rank stream.
+    // pp x tp: the stage's tensors kept, the others' pages handed back (the whole slice is
+    // built first: at most the rank's 1/tp of the model for a moment).
     const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
-    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank);
+    auto keep_stage = [&](model::Llama local) {
+      if (held.layers) local.hold_only(*held.layers);
+      return local;
+    };
+    if (!job.model_dir.empty())
+      return keep_stage(model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank));
     const model::ModelConfig full = job_model_config(job, tokenizer);
     model::Llama local(model::tensor_parallel_config(full, {rank, tp}));
     model::init_random_slices(local, full, {rank, tp}, job.seed);
-    return local;
+    return keep_stage(std::move(local));
   }
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);
   model::Llama model(job_model_config(job, tokenizer));
