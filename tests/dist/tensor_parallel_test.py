@@ -19,8 +19,9 @@ largest value, for:
     embedding's gradient and weights passed between the same tp rank of the two stages),
     1F1B over 2 micro-batches; its report.json's pipeline and tp bytes against their
     formulas; its step-5 checkpoint resumed on one rank and the one-rank run's at pp=2,tp=2;
-    LoRA at pp=2,tp=2 under GPipe (no dropout: pp cuts the batch into micro-batches, whose
-    masks differ from one rank's whole batch).
+    LoRA at pp=2,tp=2 under GPipe with --sequence-parallel (the stages pass each tp rank's
+    half of the token rows: half the bytes; no dropout: pp cuts the batch into
+    micro-batches, whose masks differ from one rank's whole batch).
 Each tp rank draws its slices of the initial weights from the one-rank stream itself, so
 this also checks that no rank ever holds or needs the whole model. The replicated tensors
 (norms, embedding) are compared across the tp ranks by the run itself at the end (bit for
@@ -181,9 +182,14 @@ def main():
         lora_base = os.path.join(tmp, "lora_base_no_dropout")
         train(lora_base, 1, 1, ["--model", tiny] + lora_plain)
         out = os.path.join(tmp, "lora_pp2_tp2")
-        train_pptp(out, ["--model", tiny] + lora_plain, ["--pp-schedule", "gpipe"])
-        failures += compare("LoRA, pp=2,tp=2, GPipe", lora_base, out, "adapter_model.safetensors",
+        train_pptp(out, ["--model", tiny] + lora_plain, ["--pp-schedule", "gpipe", "--sequence-parallel"])
+        failures += compare("LoRA, pp=2,tp=2, GPipe, sequence parallel", lora_base, out, "adapter_model.safetensors",
                             weight_tolerance=2e-5)
+        with open(os.path.join(out, "report.json")) as r:
+            got = json.load(r)["pipeline"]["p2p_bytes_per_step"]
+        if got != 2 * 2 * 64 * 64 * 4 // 2:  # each tp rank's half of the rows
+            failures.append(f"LoRA, pp=2,tp=2, sequence parallel: {got} pipeline bytes a step, not half of "
+                            f"{2 * 2 * 64 * 64 * 4}")
         cases += 1
 
         # Not built yet: one line each, non-zero exit.
@@ -192,8 +198,6 @@ def main():
              "does not work with per-host checkpoint folders"),
             (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q,o"], "does not work with LoRA on o_proj"),
             (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
-            (["--parallel", "pp=2,tp=2", "--sequence-parallel"],
-             "does not work with --sequence-parallel and pipeline stages"),
         ]
         # Sequence parallelism without tensor parallelism: one process, no launch needed.
         p = subprocess.run([f, "train"] + preset + ["--out", os.path.join(tmp, "refused"), "--sequence-parallel"] +
@@ -203,7 +207,7 @@ def main():
                             f"{p.stderr[-2000:]}")
         cases += 1
         for extra, expected in refusals:
-            ranks = 4 if "pp=2,tp=2" in extra else 2
+            ranks = 2
             out = os.path.join(tmp, "refused")
             cmd = mpirun + ["-np", str(ranks), f, "train"] + preset + ["--out", out, "--batch-size", "2"] + common + extra
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

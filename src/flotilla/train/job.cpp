@@ -68,9 +68,6 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
   };
-  // pp x tp passes each stage's whole activations (B, T, C) along; sequence parallelism's
-  // slices would need the stages to hand over slices: not built.
-  if (job.pp && job.sequence_parallel) refuse("--sequence-parallel and pipeline stages (pp > 1) together");
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the full model's, written by the slices' holders into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
