@@ -144,8 +144,9 @@ def main():
         failures += compare("LoRA, tp=2 step 5 -> tp=1", lora_base, resumed, "adapter_model.safetensors", from_step=5)
         cases += 1
 
-        # pp x tp: the stages of tp=2 groups, from the model directory (each rank reads its
-        # stage's slices), checkpointed at step 5.
+        # pp x tp: the stages of tp=2 groups, from the config (each rank draws only its
+        # stage's slices of the one-rank stream; the resumed run below and LoRA read theirs
+        # from a model directory), checkpointed at step 5.
         pptp = ["--parallel", "pp=2,tp=2", "--micro-batches", "2"]
 
         def train_pptp(out, source, extra=()):
@@ -153,10 +154,10 @@ def main():
             return run(mpirun + ["-np", "4"] + cmd, env)
 
         out = os.path.join(tmp, "pp2_tp2")
-        log = train_pptp(out, ["--model", model], save)
+        log = train_pptp(out, ["--config", config], save)
         if "pipeline: 2 stages, layers [0, 1) [1, 2)" not in log or "tensor parallel: tp=2" not in log:
             failures.append(f"pp=2,tp=2: the log does not name the stages and the split:\n{log}")
-        failures += compare("pp=2,tp=2 (--model)", base, out)
+        failures += compare("pp=2,tp=2 (--config)", base, out)
         # Rank 0 is stage 0's tp rank 0: it sends each micro-batch's activations (2 rows x 64
         # x 64 floats) to stage 1, and all-reduces over tp the embedding's and layer 0's
         # four (B x T x C each, W), the loss being stage 1's.

@@ -133,6 +133,10 @@ void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint
     const ParamInfo& mine = local_of(local.layout(), info);
     const bool is_norm = info.name.ends_with("norm.weight");
     const bool is_bias = info.name.ends_with(".bias");
+    if (!local.holds(mine)) {  // another pipeline stage's (hold_only): its draws skipped
+      if (!is_norm && !is_bias) rng.discard(2 * static_cast<uint64_t>(info.numel));
+      continue;
+    }
     int64_t drawn = info.offset;  // the stream stands at this float of the tensor
     for_each_run(info, mine, rank, [&](int64_t f, int64_t l, int64_t n) {
       std::span<float> w = params.subspan(static_cast<size_t>(l), static_cast<size_t>(n));

@@ -105,19 +105,14 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
   if (job.tp) {
     // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp),
     // read one tensor at a time from a model directory or drawn from the one-rank stream.
-    // pp x tp: the stage's tensors kept, the others' pages handed back (the whole slice is
-    // built first: at most the rank's 1/tp of the model for a moment).
+    // pp x tp: only the stage's tensors are read or drawn.
     const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
-    auto keep_stage = [&](model::Llama local) {
-      if (held.layers) local.hold_only(*held.layers);
-      return local;
-    };
-    if (!job.model_dir.empty())
-      return keep_stage(model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank));
+    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank, held.layers);
     const model::ModelConfig full = job_model_config(job, tokenizer);
     model::Llama local(model::tensor_parallel_config(full, {rank, tp}));
+    if (held.layers) local.hold_only(*held.layers);
     model::init_random_slices(local, full, {rank, tp}, job.seed);
-    return keep_stage(std::move(local));
+    return local;
   }
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);
   model::Llama model(job_model_config(job, tokenizer));
