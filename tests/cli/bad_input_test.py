@@ -689,10 +689,10 @@ def _(ws):
     return Run(train(ws, m) + ["--parallel", "dp=0"], ["--parallel", "dp = '0'"], preserve=[m, ws.corpus])
 
 
-@case("train_parallel_tensor_with_pipeline_not_built")
+@case("train_parallel_tensor_with_experts_not_built")
 def _(ws):
     m = ws.model()
-    return Run(train(ws, m) + ["--parallel", "pp=2,tp=2"], ["tensor parallelism", "pipeline stages", "not built yet"],
+    return Run(train(ws, m) + ["--parallel", "tp=2,ep=2"], ["tensor parallelism", "expert parallelism", "not built yet"],
                preserve=[m, ws.corpus])
 
 

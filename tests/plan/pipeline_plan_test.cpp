@@ -8,6 +8,8 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
+#include "flotilla/plan/mesh.hpp"
 
 namespace flotilla::plan {
 namespace {
@@ -93,6 +95,38 @@ TEST(PipelinePlan, RefusesMicroBatchesThatDoNotDivideAndTooManyStages) {
   one.compute_s = 1.0;
   EXPECT_THROW(plan_pipeline(w, one, 2, 4, parallel::PipelineSchedule::gpipe, Link{}), InputError);
   EXPECT_THROW(plan_pipeline(w, one, 9, 2, parallel::PipelineSchedule::gpipe, Link{}), InputError);
+}
+
+// pp x tp (plan/mesh.hpp): a rank is its tp rank's slice of its stage; the stages' tp
+// bytes add up to tensor parallelism's alone, point to point is the pipeline's per rank.
+TEST(MeshPlan, PipelineStagesOfTensorParallelGroupsComposeBothPlans) {
+  const Workload w = workload(8, 2);
+  StepCost one;
+  one.compute_s = 8.0;
+  one.update_s = 0.4;
+  Link link;
+  link.bandwidth_bytes_per_s = 1e9;
+  link.latency_s = 1e-5;
+  const MeshPlan m = plan_mesh(w, one, 4, 2, 4, link, link);
+  const PipelinePlan pp = plan_pipeline(w, one, 4, 4, parallel::PipelineSchedule::one_f_one_b, link);
+  const TensorPlan tp = plan_tensor_parallel(w, one, 2, link);
+  EXPECT_DOUBLE_EQ(m.stages.max_rank_send_bytes, pp.max_rank_send_bytes);  // the whole activations per tp rank
+  double reduced = 0.0;
+  for (const double b : m.tp_all_reduce_bytes) reduced += b;
+  EXPECT_DOUBLE_EQ(reduced, tp.all_reduce_bytes);
+  const double activation = 2.0 * 8 * 32 * 64 * 4;  // A B S C 4
+  EXPECT_DOUBLE_EQ(m.tp_all_reduce_bytes[1], 2 * 4 * activation);  // a middle stage: 2 layers
+  EXPECT_DOUBLE_EQ(m.tp_all_reduce_bytes[0], (2 * 4 + 1) * activation);  // and the embedding
+  EXPECT_DOUBLE_EQ(m.tp_wire_bytes[0], m.tp_all_reduce_bytes[0]);  // a ring of 2 sends 2 (T-1)/T
+  // A rank's state: its tp slice of its stage's tensors, under the stage's whole.
+  const Workload local = describe_workload(model::tensor_parallel_config(w.model, {0, 2}), false, {}, 8, 32, 2);
+  const PipelinePlan sliced = plan_pipeline(local, one, 4, 4, parallel::PipelineSchedule::one_f_one_b, link);
+  for (size_t s = 0; s < 4; ++s) {
+    EXPECT_DOUBLE_EQ(m.stages.state_bytes[s], sliced.state_bytes[s]);
+    EXPECT_LT(m.stages.state_bytes[s], 0.6 * pp.state_bytes[s]);
+  }
+  EXPECT_GT(m.step_s, m.stages.step_s);  // plus the all-reduces
+  EXPECT_LT(m.step_s, pp.step_s);        // each stage's compute halved
 }
 
 }  // namespace

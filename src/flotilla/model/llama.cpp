@@ -731,7 +731,8 @@ void Llama::backward(float dloss_scale) {
   // group before it is added: the sum of all the slices', so replicated as without it.
   const bool sp = sequence_parallel();
   const SequenceShard& seq = a.seq;
-  if (sp) std::fill(a.seq_dresid, a.seq_dresid + seq.rows * C, 0.0f);
+  // (Below the last stage, a.seq_dresid holds d(stage_output)'s rows, handed over.)
+  if (sp && last_stage()) std::fill(a.seq_dresid, a.seq_dresid + seq.rows * C, 0.0f);
   // dweight (C) of a norm: its share on this rank's rows, into part (C) of a.seq_norm_grads.
   auto seq_norm_backward = [&](float* part, const WeightRef& norm, const float* x, const float* rstd) {
     if (part) std::fill(part, part + C, 0.0f);
@@ -1094,25 +1095,32 @@ void Llama::set_layer_range(LayerRange range) {
   logits_valid_ = have_targets_ = stage_forward_done_ = false;
 }
 
+// Under sequence parallelism the residual stream between stages is this rank's rows of it
+// (acts_.seq.rows, C), and so is its gradient (a.seq_dresid): a stage hands over 1/tp.
+size_t Llama::stage_floats() const {
+  const int64_t rows = sequence_parallel() ? acts_.seq.rows : acts_.B * acts_.T;
+  return static_cast<size_t>(rows * cfg_.dim);
+}
+
 std::span<float> Llama::stage_input(int64_t B, int64_t T) {
   if (B <= 0 || T <= 0) throw InputError("model", fmt::format("empty batch (B={}, T={})", B, T));
   plan(B, T);
-  return {acts_.layers[static_cast<size_t>(range_.begin)].resid_in, static_cast<size_t>(B * T * cfg_.dim)};
+  return {acts_.layers[static_cast<size_t>(range_.begin)].resid_in, stage_floats()};
 }
 
 std::span<const float> Llama::stage_output() const {
   const float* out = last_stage() ? acts_.resid_out : acts_.layers[static_cast<size_t>(range_.end)].resid_in;
-  return {out, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+  return {out, stage_floats()};
 }
 
 std::span<float> Llama::stage_output_grad() {
   if (last_stage()) throw Error("model", "the last stage computes its output's gradient from the loss");
-  return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+  return {sequence_parallel() ? acts_.seq_dresid : acts_.dresid, stage_floats()};
 }
 
 std::span<const float> Llama::stage_input_grad() const {
   if (lora_ && lora_->first_layer() >= range_.begin) return {};
-  return {acts_.dresid, static_cast<size_t>(acts_.B * acts_.T * cfg_.dim)};
+  return {sequence_parallel() ? acts_.seq_dresid : acts_.dresid, stage_floats()};
 }
 
 void Llama::swap_forward_slot(ForwardSlot& slot) {

@@ -411,6 +411,10 @@ class Llama {
   // parallelism the split tensors' squares summed over the tp group, the replicated ones'
   // counted once.
   double grad_sum_squares_tensor_parallel();
+  // For each tensor of trainable().table, in its order: whether it is split over the tp
+  // group, each rank holding another slice (a LoRA B, or a weight tensor_slice does not
+  // call replicated). All false without tensor parallelism.
+  std::vector<bool> split_over_tp() const;
   // The vocabulary rows this model's embedding and lm_head hold: [0, vocab_size) but under
   // tensor parallelism (vocab_shard); logits() are these columns.
   VocabShard vocab_rows() const { return tp_ ? vocab_ : VocabShard{0, cfg_.vocab_size}; }
@@ -435,6 +439,8 @@ class Llama {
   LayerRange layer_range() const { return range_; }
   // (B, T, C) where the range's first block reads its input: for a stage above 0, fill it
   // before forward (this plans the step shape (B, T), which the forward must then use).
+  // Under sequence parallelism this and the three below are this rank's token rows only
+  // (SequenceShard: (seq.rows, C), the last slice padded with zero rows).
   std::span<float> stage_input(int64_t B, int64_t T);
   // (B, T, C) the output of the range's last block, after forward.
   std::span<const float> stage_output() const;
@@ -464,6 +470,7 @@ class Llama {
   // n_layers + 1 = the embedding.
   std::vector<std::vector<GradSpan>> grad_groups() const;
   bool first_stage() const { return range_.begin == 0; }
+  size_t stage_floats() const;  // what stage_input/output and their gradients hold
   bool last_stage() const { return range_.end == cfg_.n_layers; }
   Llama(const ModelConfig& cfg, const std::set<std::string>& quantized);
   void plan(int64_t B, int64_t T);

@@ -133,6 +133,10 @@ void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint
     const ParamInfo& mine = local_of(local.layout(), info);
     const bool is_norm = info.name.ends_with("norm.weight");
     const bool is_bias = info.name.ends_with(".bias");
+    if (!local.holds(mine)) {  // another pipeline stage's (hold_only): its draws skipped
+      if (!is_norm && !is_bias) rng.discard(2 * static_cast<uint64_t>(info.numel));
+      continue;
+    }
     int64_t drawn = info.offset;  // the stream stands at this float of the tensor
     for_each_run(info, mine, rank, [&](int64_t f, int64_t l, int64_t n) {
       std::span<float> w = params.subspan(static_cast<size_t>(l), static_cast<size_t>(n));
@@ -222,27 +226,29 @@ void Llama::vocab_parallel_cross_entropy_backward(float dloss_scale) {
                                                 cfg_.vocab_size, vocab_.begin, kIgnoreIndex, dloss_scale);
 }
 
+std::vector<bool> Llama::split_over_tp() const {
+  const ParamTable& table = lora_ ? lora_->table() : static_cast<const ParamTable&>(layout_);
+  std::vector<bool> split(table.params().size(), false);
+  if (!tp_) return split;
+  const ParamLayout full(tp_full_);
+  for (size_t i = 0; i < split.size(); ++i) {
+    const ParamInfo& info = table.params()[i];
+    // LoRA on column-parallel layers: each B holds this rank's output rows, each A is whole.
+    split[i] = lora_ ? info.name.ends_with(".lora_B.weight")
+                     : tensor_slice(*full.find(info.name), info) != TensorSlice::replicated;
+  }
+  return split;
+}
+
 double Llama::grad_sum_squares_tensor_parallel() {
   const Trainable t = trainable();
   if (!tp_) return kernels::sum_squares(t.grads.data(), static_cast<int64_t>(t.grads.size()));
-  if (lora_) {
-    // LoRA on column-parallel layers: each B holds this rank's output rows, each A is whole.
-    double replicated = 0.0;
-    std::vector<double> split(1, 0.0);
-    for (const ParamInfo& info : t.table.params()) {
-      const double s = kernels::sum_squares(t.grads.data() + info.offset, info.numel);
-      (info.name.ends_with(".lora_B.weight") ? split[0] : replicated) += s;
-    }
-    tp_->all_reduce_sum(std::span<double>(split), "tp gradient norm");
-    return replicated + split[0];
-  }
-  const ParamLayout full(tp_full_);
+  const std::vector<bool> split_tensor = split_over_tp();
   double replicated = 0.0;
   std::vector<double> split(1, 0.0);
-  for (const ParamInfo& info : full.params()) {
-    const ParamInfo& mine = local_of(layout_, info);
-    const double s = kernels::sum_squares(t.grads.data() + mine.offset, mine.numel);
-    (tensor_slice(info, mine) == TensorSlice::replicated ? replicated : split[0]) += s;
+  for (size_t i = 0; i < split_tensor.size(); ++i) {
+    const ParamInfo& info = t.table.params()[i];
+    (split_tensor[i] ? split[0] : replicated) += kernels::sum_squares(t.grads.data() + info.offset, info.numel);
   }
   tp_->all_reduce_sum(std::span<double>(split), "tp gradient norm");
   return replicated + split[0];

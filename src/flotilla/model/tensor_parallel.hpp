@@ -113,6 +113,7 @@ void copy_slice_in(const ParamInfo& full, const ParamInfo& local, TpRank at, std
 // The local model's weights as Llama::init_random(seed) would write them into a full model,
 // sliced for `at`: the same random stream over the full layout, drawn only where the
 // slices are (bit for bit the one-rank model's values, and never a full tensor in memory).
+// Tensors `local` does not hold (Llama::hold_only: another pipeline stage's) are skipped.
 void init_random_slices(Llama& local, const ModelConfig& full, TpRank at, uint64_t seed);
 
 // The local model's weights sliced from a whole model in memory (a model directory is read

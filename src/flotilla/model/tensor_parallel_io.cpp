@@ -10,18 +10,21 @@
 
 namespace flotilla::model {
 
-Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank) {
+Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank,
+                           std::optional<Llama::LayerRange> stage) {
   if (!std::filesystem::is_directory(dir)) throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig full = ModelConfig::load(dir / "config.json");
   if (full.quantization)
     throw InputError("model", fmt::format("{}: tensor parallelism (tp={}) does not split quantized (4-bit) weights yet",
                                           dir.string(), tp));
   Llama local(tensor_parallel_config(full, {rank, tp}));
+  if (stage) local.hold_only(*stage);
   const io::TensorStore store(dir, non_finite);
   const ParamLayout full_layout(full);
   const std::span<float> params = local.params();
   std::vector<float> scratch;  // (numel) one full tensor
   for (const ParamInfo& info : full_layout.params()) {
+    if (!local.holds(*local.layout().find(info.name))) continue;  // another stage's
     scratch.resize(static_cast<size_t>(info.numel));
     store.read_f32(info.name, scratch, info.shape);
     ParamInfo at0 = info;  // the scratch holds the tensor from its element 0

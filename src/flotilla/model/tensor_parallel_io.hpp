@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <optional>
 
 #include "flotilla/io/non_finite.hpp"
 #include "flotilla/model/llama.hpp"
@@ -14,7 +15,9 @@ namespace flotilla::model {
 // whole model (at most its largest tensor besides its own slices). The directory's faults
 // are reported as Llama::load reports them (an unexpected tensor, non-finite values by
 // `non_finite`); InputError for a quantized directory, or a tp that does not divide the
-// model (tensor_parallel_config).
-Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank);
+// model (tensor_parallel_config). `stage` (pp x tp): only that pipeline stage's tensors are
+// read (Llama::hold_only), the others never touched.
+Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank,
+                           std::optional<Llama::LayerRange> stage = std::nullopt);
 
 }  // namespace flotilla::model

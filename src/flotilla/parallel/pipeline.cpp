@@ -223,7 +223,6 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
   };
   const bool send_grad = !first() && hands_gradient_down(s);
   const bool get_grad = last() || hands_gradient_down(s + 1);
-  const int64_t C = model.config().dim;
   std::vector<size_t> slot_of(static_cast<size_t>(n), 0);
   // Outgoing activations and gradients, copied out of the slot (which the next backward
   // or a later micro-batch overwrites) and kept until their send completes.
@@ -241,7 +240,6 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
   const auto flush_start = std::chrono::steady_clock::now();
   for (const PipelineAction& a : stage_schedule(config_.schedule, stages(), s, n)) {
     const data::Batch& mb = micro[static_cast<size_t>(a.micro)];
-    const int64_t elems = mb.B * mb.T * C;
     if (a.kind == PipelineAction::Kind::forward) {
       const size_t slot = acquire_slot();
       slot_of[static_cast<size_t>(a.micro)] = slot;
@@ -258,7 +256,7 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
         total.sum += loss.sum;
         total.num_tokens += loss.num_tokens;
       }
-      if (!last()) send(model.stage_output().first(static_cast<size_t>(elems)), s + 1, tag_of(a.micro, false));
+      if (!last()) send(model.stage_output(), s + 1, tag_of(a.micro, false));
       model.swap_forward_slot(slots_[slot]);
     } else {
       const size_t slot = slot_of[static_cast<size_t>(a.micro)];
@@ -266,14 +264,14 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
         model.swap_forward_slot(slots_[slot]);
         if (!last()) {
           TraceSpan wait(trace, "wait for gradient", TraceLane::compute, args(a.micro));
-          pp_.recv(comm::MutView(model.stage_output_grad().first(static_cast<size_t>(elems))), s + 1,
+          pp_.recv(comm::MutView(model.stage_output_grad()), s + 1,
                    tag_of(a.micro, true), {.name = "pipeline gradients"});
         }
         {
           TraceSpan span(trace, "backward", TraceLane::compute, args(a.micro));
           model.backward(1.0f);  // sums of per-token gradients, as the trainer's exchange expects
         }
-        if (send_grad) send(model.stage_input_grad().first(static_cast<size_t>(elems)), s - 1, tag_of(a.micro, true));
+        if (send_grad) send(model.stage_input_grad(), s - 1, tag_of(a.micro, true));
         model.swap_forward_slot(slots_[slot]);
       }
       free_slots_.push_back(slot);
@@ -295,7 +293,6 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
 
 model::LossSum PipelineStage::forward_only(model::Llama& model, const data::Batch& batch) {
   const int s = stage();
-  const int64_t C = model.config().dim;
   std::vector<data::Batch> micro;
   if (batch.B % config_.micro_batches == 0)
     split(batch, micro);
@@ -314,7 +311,7 @@ model::LossSum PipelineStage::forward_only(model::Llama& model, const data::Batc
     total.num_tokens += loss.num_tokens;
     // Blocking: the next stage is already waiting for it, and nothing waits on this one.
     if (!last())
-      pp_.send(comm::ConstView(model.stage_output().first(static_cast<size_t>(mb.B * mb.T * C))), s + 1,
+      pp_.send(comm::ConstView(model.stage_output()), s + 1,
                kEvaluationTag, {.name = "pipeline activations (evaluation)"});
   }
   model.swap_forward_slot(slots_[slot]);

@@ -23,6 +23,7 @@ class PipelineSync final : public GradientSync {
     model_.set_layer_range(pipeline_.range());
     const model::Llama::Trainable t = model_.trainable();
     owned_ = stage_owned_ranges(model_, t.table, pipeline_.ranges());
+    split_over_tp_ = model_.split_over_tp();
     // One range (a stage's tensors are adjacent in the arena, unless LoRA leaves gaps): its
     // gradients are used where backward left them; else they are gathered into a buffer.
     if (mine().size() != 1) {
@@ -83,7 +84,28 @@ class PipelineSync final : public GradientSync {
 
   double grad_sum_squares() override {
     const std::span<float> owned = owned_grads();
-    double sum = kernels::sum_squares(owned.data(), static_cast<int64_t>(owned.size()));
+    double sum = 0.0;
+    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) {
+      // Each stage's tensors sliced over its tp group (pp x tp): the split tensors' squares
+      // summed over the tp ranks, the replicated ones' counted once. The owned gradients
+      // are this stage's tensors in arena order, each whole.
+      const model::Llama::Trainable t = model_.trainable();
+      std::vector<double> split(1, 0.0);
+      int64_t at = 0;  // the owned range's start in `owned`
+      for (const ArenaRange& r : mine()) {
+        for (size_t i = 0; i < t.table.params().size(); ++i) {
+          const model::ParamInfo& info = t.table.params()[i];
+          if (info.offset < r.begin || info.offset >= r.end) continue;
+          const double s = kernels::sum_squares(owned.data() + at + (info.offset - r.begin), info.numel);
+          (split_over_tp_[i] ? split[0] : sum) += s;
+        }
+        at += r.size();
+      }
+      tp->all_reduce_sum(std::span<double>(split), "pp x tp gradient norm");
+      sum += split[0];
+    } else {
+      sum = kernels::sum_squares(owned.data(), static_cast<int64_t>(owned.size()));
+    }
     pipeline_.communicator().all_reduce(comm::MutView(std::span<double>(&sum, 1)), comm::ReduceOp::sum,
                                         {.name = "pipeline gradient norm"});
     return sum;
@@ -173,6 +195,7 @@ class PipelineSync final : public GradientSync {
   PipelineStage& pipeline_;
   DataParallel* dp_;
   std::vector<std::vector<ArenaRange>> owned_;
+  std::vector<bool> split_over_tp_;  // per trainable tensor: sliced over the tp group (pp x tp)
   Buffer<float> owned_grads_;  // this stage's owned gradients, concatenated in arena order
   ArenaRange tied_;            // the embedding, when the last stage's head reads it too
   Buffer<float> tied_scratch_;  // stage 0: the last stage's share of its gradient

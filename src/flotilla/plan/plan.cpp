@@ -176,6 +176,11 @@ PlanResult make_plan(const PlanRequest& request) {
         if (w.batch_size % m == 0) M = m;
     p.pipelines.push_back(plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P)));
   }
+  for (const PipelinePlan& pp : p.pipelines)
+    for (const TensorPlan& t : p.tensors)
+      if (pp.stages * t.tp <= N)
+        p.meshes.push_back(plan_mesh(w, request.cost, pp.stages, t.tp, pp.micro_batches, c.link_for(pp.stages * t.tp),
+                                     c.link_for(t.tp)));
   p.experts = expert_parallel_plans(w, N);
   return p;
 }
@@ -479,6 +484,21 @@ std::string render_text(const PlanResult& p) {
                        format_bytes(t.sequence.memory_bytes));
   }
 
+  for (const MeshPlan& m : p.meshes) {
+    if (&m == &p.meshes.front())
+      out += "\npipeline stages of tensor-parallel groups (--parallel pp=P,tp=T; a stage's layers split over its tp "
+             "ranks)\n";
+    std::string memory, wire;
+    for (size_t i = 0; i < m.stages.memory_bytes.size(); ++i) {
+      memory += fmt::format("{}{}", memory.empty() ? "" : " / ", format_bytes(m.stages.memory_bytes[i]));
+      wire += fmt::format("{}{}", wire.empty() ? "" : " / ", format_bytes(m.tp_wire_bytes[i]));
+    }
+    out += fmt::format("  pp={},tp={} --micro-batches {}: point to point {} a step from the busiest rank; tp all-reduces "
+                       "{} on the wire per rank by stage; step {} ({:.2f}x one rank); memory per rank by stage {}\n",
+                       m.pp, m.tp, m.stages.micro_batches, format_bytes(m.stages.max_rank_send_bytes), wire,
+                       format_seconds(m.step_s), m.speedup, memory);
+  }
+
   const Recommendation& rec = p.recommendation;
   out += "\nflowchart\n";
   for (const std::string& q : rec.walk) out += "  " + q + "\n";
@@ -555,6 +575,9 @@ nlohmann::json plan_json(const PlanResult& p) {
   nlohmann::json tensors = nlohmann::json::array();
   for (const TensorPlan& t : p.tensors) tensors.push_back(tensor_json(t));
   j["tensor_parallel"] = tensors;
+  nlohmann::json meshes = nlohmann::json::array();
+  for (const MeshPlan& m : p.meshes) meshes.push_back(mesh_json(m));
+  j["pipeline_tensor_parallel"] = meshes;
   const Recommendation& rec = p.recommendation;
   j["recommendation"] = {{"advice", advice_name(rec.advice)}, {"strategy", rec.strategy}, {"ranks", rec.ranks},
                          {"planned", rec.planned},            {"reason", rec.reason},     {"command", rec.command},

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/plan/expert.hpp"
+#include "flotilla/plan/mesh.hpp"
 #include "flotilla/plan/pipeline.hpp"
 #include "flotilla/plan/scaling.hpp"
 #include "flotilla/plan/strategy.hpp"
@@ -79,6 +80,10 @@ struct PlanResult {
   // (plan/tensor.hpp), on the link of that many ranks; recommended when a replica does
   // not fit one machine and tp fits and runs faster than the ZeRO stage that fits.
   std::vector<TensorPlan> tensors;
+  // Pipeline stages of tp groups (plan/mesh.hpp): each pipeline's P with each tp's T, P x T
+  // up to the ranks; the tp groups on the link of T ranks, the stages on that of P x T.
+  // Not (yet) part of the recommendation.
+  std::vector<MeshPlan> meshes;
 
   const StrategyRow& row(StrategyKind kind) const;
 };

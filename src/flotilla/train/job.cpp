@@ -68,7 +68,6 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
   };
-  if (job.pp) refuse("pipeline parallelism (pp > 1)");
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the full model's, written by the slices' holders into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
@@ -229,12 +228,17 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
     });
   }
   checkpoints.check_weights_finite(record.summary.steps, "the model is");
-  const bool gathered = !adapters && trainer.sync().weights_sharded();
+  // pp x tp: the stages first hand each tp rank's slices of their tensors to the others
+  // (each rank then holds its tp rank's slice of every layer; LoRA's adapters were made
+  // whole at the end of the run), and the first stage's tp group gathers them as tp alone.
+  const bool stages_of_slices = job.tp && job.pp;
+  if (stages_of_slices && !adapters) trainer.sync().complete_weights();
+  const bool gathered = !stages_of_slices && !adapters && trainer.sync().weights_sharded();
   if (gathered && !ranks.root) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
   // Tensor parallel: world rank 0's tp group gathers the slices into one whole model.
   std::optional<model::Llama> whole;
   std::optional<model::LoraAdapters> whole_adapters;
-  if (job.tp && (!job.dp || job.dp->rank() == 0)) {
+  if (job.tp && (!job.dp || job.dp->rank() == 0) && (!job.pp || job.pp->rank() == 0)) {
     if (adapters)
       whole_adapters = job.tp->gather_full_adapters(*adapters, model.full_config());
     else
@@ -367,10 +371,12 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     }
   }
   if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, !shard.empty(), info);
-  // LoRA: every stage starts from world rank 0's adapters (each holds all of them and
-  // trains its own layers'; they are small).
+  // LoRA: every stage starts from the first stage's adapters (each holds all of them and
+  // trains its own layers'; they are small). The pp group: under tensor parallelism each
+  // tp rank holds its own slices of them, which only the same tp rank of the other stages
+  // shares (the dp replicas already hold their first replica's).
   if (job.pp && model.base_frozen())
-    job.world->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial adapters"});
+    job.pp->broadcast(comm::MutView(model.trainable().params), 0, {.name = "initial adapters"});
   // (The shard is the base's; LoRA's adapters are whole. The base's floats were checked as read.)
   if (job.resume_from.empty())
     check_trainable_finite(job, model, model.base_frozen() ? std::span<const model::ElementRange>() : shard);  // checkpoints never hold non-finite weights

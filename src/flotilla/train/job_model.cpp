@@ -105,10 +105,12 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
   if (job.tp) {
     // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp),
     // read one tensor at a time from a model directory or drawn from the one-rank stream.
+    // pp x tp: only the stage's tensors are read or drawn.
     const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
-    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank);
+    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank, held.layers);
     const model::ModelConfig full = job_model_config(job, tokenizer);
     model::Llama local(model::tensor_parallel_config(full, {rank, tp}));
+    if (held.layers) local.hold_only(*held.layers);
     model::init_random_slices(local, full, {rank, tp}, job.seed);
     return local;
   }

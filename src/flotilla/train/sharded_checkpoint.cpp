@@ -123,11 +123,17 @@ void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<
 // the files tile the arena; the other replicas (the same weights) write nothing. A reader
 // takes its own slices of the whole, wherever they were written.
 //
+// pp x tp: each stage's ranks write (and read) only the tensors their stage owns
+// (parallel/pipeline_sync.hpp's stage_owned_ranges over the full table: a tensor with the
+// gap after it), world rank 0 also the gap before the first; the other stages' tensors are
+// none of theirs.
+//
 // A *run* is one contiguous piece of a tensor this rank holds: `n` floats at `full` in the
-// checkpoint's arena and at `local` in this rank's trainable arena (model/tensor_parallel.hpp's
-// slice_ranges, in order).
+// checkpoint's arena, at `local` in this rank's trainable arena (model/tensor_parallel.hpp's
+// slice_ranges, in order), and at `moment` in its optimizer's moments (the owned ranges'
+// floats one after the other: `local` but under a pipeline).
 struct SliceRun {
-  int64_t full = 0, local = 0, n = 0;
+  int64_t full = 0, local = 0, moment = 0, n = 0;
 };
 
 struct TpCheckpointView {
@@ -175,51 +181,6 @@ std::vector<io::FloatRange> split_ranges(const model::ParamTable& full, const mo
   return out;
 }
 
-// Null without tensor parallelism. `world_rank`: this rank in the world the checkpoint is
-// written over (tp ranks adjacent: the replica is world_rank / tp).
-std::optional<TpCheckpointView> tp_checkpoint_view(model::Llama& model, int world_rank) {
-  const model::TensorParallelGroup* tp = model.tensor_parallel();
-  if (!tp) return std::nullopt;
-  const model::TpRank at{tp->tp_rank(), tp->tp_size()};
-  TpCheckpointView v;
-  // LoRA (on column-parallel layers): each B a range of output rows, A whole; the
-  // adapters' slices are alike in size on every rank.
-  model::LoraAdapters* lora = model.lora();
-  if (lora) {
-    v.full_adapters = std::make_unique<model::LoraAdapters>(model.full_config(), lora->config());
-    v.full = &v.full_adapters->table();
-  } else {
-    v.full_layout = std::make_unique<model::ParamLayout>(model.full_config());
-    v.full = v.full_layout.get();
-  }
-  const model::ParamTable& local = lora ? lora->table() : static_cast<const model::ParamTable&>(model.layout());
-  for (const model::ParamInfo& info : v.full->params()) {
-    int64_t at_local = local.find(info.name)->offset;
-    for (const model::ElementRange& r : model::slice_ranges(info, *local.find(info.name), at)) {
-      v.runs.push_back({r.begin, at_local, r.size()});
-      at_local += r.size();
-      append_merged(v.needed, {r.begin, r.end});
-    }
-  }
-  if (world_rank / at.size != 0) return v;  // another replica: writes nothing
-  if (at.rank != 0) {
-    v.written = split_ranges(*v.full, local, at);
-    return v;
-  }
-  // tp rank 0: everything no other tp rank writes.
-  std::vector<io::FloatRange> others;
-  for (int r = 1; r < at.size; ++r) {
-    if (lora) {
-      for (const io::FloatRange& f : split_ranges(*v.full, local, {r, at.size})) others.push_back(f);
-      continue;
-    }
-    const model::ParamLayout theirs(model::tensor_parallel_config(model.full_config(), {r, at.size}));
-    for (const io::FloatRange& f : split_ranges(*v.full, theirs, {r, at.size})) others.push_back(f);
-  }
-  v.written = uncovered(std::move(others), v.full->total_numel());
-  return v;
-}
-
 // A buffer holding the floats of `ranges` (ascending) one after the other: where a
 // full-arena offset lies in it.
 class RangeBuffer {
@@ -245,23 +206,107 @@ class RangeBuffer {
   std::vector<int64_t> before_;  // floats of the ranges before each
 };
 
+// The ranges of both (each ascending and merged) that overlap, ascending.
+std::vector<io::FloatRange> intersect(std::span<const io::FloatRange> a, std::span<const io::FloatRange> b) {
+  std::vector<io::FloatRange> out;
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    append_merged(out, {std::max(a[i].begin, b[j].begin), std::min(a[i].end, b[j].end)});
+    (a[i].end < b[j].end ? i : j)++;
+  }
+  return out;
+}
+
+// Null without tensor parallelism. `world_rank`: this rank in the world the checkpoint is
+// written over (tp ranks adjacent, then the stages: the replica is world_rank / (tp pp)).
+std::optional<TpCheckpointView> tp_checkpoint_view(Trainer& trainer, int world_rank) {
+  model::Llama& model = trainer.model();
+  const model::TensorParallelGroup* tp = model.tensor_parallel();
+  if (!tp) return std::nullopt;
+  const model::TpRank at{tp->tp_rank(), tp->tp_size()};
+  TpCheckpointView v;
+  // LoRA (on column-parallel layers): each B a range of output rows, A whole; the
+  // adapters' slices are alike in size on every rank.
+  model::LoraAdapters* lora = model.lora();
+  if (lora) {
+    v.full_adapters = std::make_unique<model::LoraAdapters>(model.full_config(), lora->config());
+    v.full = &v.full_adapters->table();
+  } else {
+    v.full_layout = std::make_unique<model::ParamLayout>(model.full_config());
+    v.full = v.full_layout.get();
+  }
+  const model::ParamTable& local = lora ? lora->table() : static_cast<const model::ParamTable&>(model.layout());
+  // What this rank's stage owns of the full arena (all of it without a pipeline), and where
+  // the optimizer keeps the moments of each local float.
+  const parallel::PipelineStage* pipeline = trainer.pipeline();
+  std::vector<io::FloatRange> stage_part = {{0, v.full->total_numel()}};
+  if (pipeline) {
+    const auto owned = parallel::stage_owned_ranges(model, *v.full, pipeline->ranges());
+    std::vector<io::FloatRange> all, mine;
+    for (const auto& stage : owned)
+      for (const parallel::ArenaRange& r : stage) all.push_back({r.begin, r.end});
+    if (pipeline->first()) mine = uncovered(all, v.full->total_numel());
+    for (const parallel::ArenaRange& r : owned[static_cast<size_t>(pipeline->stage())]) mine.push_back({r.begin, r.end});
+    std::sort(mine.begin(), mine.end(), [](const io::FloatRange& x, const io::FloatRange& y) { return x.begin < y.begin; });
+    stage_part.clear();
+    for (const io::FloatRange& r : mine) append_merged(stage_part, r);
+  }
+  const std::vector<io::FloatRange> moments = float_ranges(trainer.optimizer().owned());
+  const RangeBuffer moment_of(moments);
+  for (const model::ParamInfo& info : v.full->params()) {
+    // Every tensor the rank holds (a stage's, the tied embedding on the last too; LoRA: all
+    // the adapters); the moments of those its stage owns.
+    const model::ParamInfo& mine = *local.find(info.name);
+    if (pipeline && !lora && !model.holds(mine)) continue;
+    const bool owned = intersect(stage_part, std::vector<io::FloatRange>{{info.offset, info.offset + 1}}).size() == 1;
+    int64_t at_local = mine.offset;
+    for (const model::ElementRange& r : model::slice_ranges(info, mine, at)) {
+      v.runs.push_back({r.begin, at_local, !pipeline ? at_local : owned ? moment_of.offset(at_local) : -1, r.size()});
+      at_local += r.size();
+      append_merged(v.needed, {r.begin, r.end});
+    }
+  }
+  const int stages = pipeline ? pipeline->stages() : 1;
+  if (world_rank / (at.size * stages) != 0) return v;  // another replica: writes nothing
+  if (at.rank != 0) {
+    v.written = intersect(split_ranges(*v.full, local, at), stage_part);
+    return v;
+  }
+  // tp rank 0: everything no other tp rank writes.
+  std::vector<io::FloatRange> others;
+  for (int r = 1; r < at.size; ++r) {
+    if (lora) {
+      for (const io::FloatRange& f : split_ranges(*v.full, local, {r, at.size})) others.push_back(f);
+      continue;
+    }
+    const model::ParamLayout theirs(model::tensor_parallel_config(model.full_config(), {r, at.size}));
+    for (const io::FloatRange& f : split_ranges(*v.full, theirs, {r, at.size})) others.push_back(f);
+  }
+  v.written = intersect(uncovered(std::move(others), v.full->total_numel()), stage_part);
+  return v;
+}
+
 // The floats of `ranges` (zeros where this rank holds none: the gaps between tensors) from
 // this rank's `local` values; and the reverse, `local` from a buffer of `ranges`.
+// `moments`: `local` is the optimizer's m or v (SliceRun::moment), else the weights.
 std::vector<float> gather_runs(const TpCheckpointView& v, std::span<const io::FloatRange> ranges,
-                               std::span<const float> local) {
+                               std::span<const float> local, bool moments) {
   std::vector<float> out(static_cast<size_t>(io::total_floats(ranges)), 0.0f);
   const RangeBuffer buffer(ranges);
   for (const SliceRun& run : v.runs) {
     const int64_t at = buffer.offset(run.full);
     if (at < 0) continue;  // a replicated tensor another rank writes
-    std::copy_n(local.begin() + run.local, run.n, out.begin() + at);
+    if (moments && run.moment < 0) continue;  // another stage's
+    std::copy_n(local.begin() + (moments ? run.moment : run.local), run.n, out.begin() + at);
   }
   return out;
 }
 
-void scatter_runs(const TpCheckpointView& v, std::span<const float> buffer, std::span<float> local) {
+void scatter_runs(const TpCheckpointView& v, std::span<const float> buffer, std::span<float> local, bool moments) {
   const RangeBuffer needed(v.needed);
-  for (const SliceRun& run : v.runs) std::copy_n(buffer.begin() + needed.offset(run.full), run.n, local.begin() + run.local);
+  for (const SliceRun& run : v.runs)
+    if (!moments || run.moment >= 0)
+      std::copy_n(buffer.begin() + needed.offset(run.full), run.n, local.begin() + (moments ? run.moment : run.local));
 }
 
 // The gradient codec's state when this run compresses gradients across ranks; else none.
@@ -334,7 +379,7 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
 
   // Every rank's ranges, for rank 0's layout.json (under tensor or pipeline parallelism,
   // of the full model's arena: `dp` is then the whole world).
-  const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer.model(), rank);
+  const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer, rank);
   const std::vector<io::FloatRange> mine = tp ? tp->written : checkpoint_ranges(trainer, rank, world);
   const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
 
@@ -355,10 +400,11 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     m.resize(static_cast<size_t>(n));
     v.resize(static_cast<size_t>(n));
     if (tp) {
-      // The optimizer owns the whole local arena (tensor parallelism refuses --zero).
-      weights = gather_runs(*tp, mine, trainable.params);
-      m = gather_runs(*tp, mine, trainer.optimizer().m());
-      v = gather_runs(*tp, mine, trainer.optimizer().v());
+      // The optimizer owns the whole local arena, or a stage's tensors (tensor parallelism
+      // refuses --zero).
+      weights = gather_runs(*tp, mine, trainable.params, false);
+      m = gather_runs(*tp, mine, trainer.optimizer().m(), true);
+      v = gather_runs(*tp, mine, trainer.optimizer().v(), true);
     } else {
       io::copy_overlap(arena, trainable.params, mine, weights);
       io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
@@ -510,7 +556,7 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
   if (trainer.model().tensor_parallel()) {
     // This rank's slices of the full model's arena, from whichever files hold them (the
     // world rank matters only to what a rank writes).
-    const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer.model(), 0);
+    const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer, 0);
     const model::Llama::Trainable trainable = trainer.model().trainable();
     const io::ShardLayout layout = layout_for_model(step_dir, *tp->full, tp->full->total_numel());
     const auto files = open_rank_files(step_dir, layout);
@@ -519,7 +565,7 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
         {"weights", trainable.params}, {"m", trainer.optimizer().m()}, {"v", trainer.optimizer().v()}};
     for (const auto& [kind, local] : kinds) {
       copy_kind(layout, files, kind, tp->needed, buffer);
-      scatter_runs(*tp, buffer, local);
+      scatter_runs(*tp, buffer, local, kind != "weights");
     }
     return;
   }
