@@ -12,8 +12,9 @@ largest value, for:
   - tp=2 (each rank: 2 query heads, 1 key-value head, 96 MLP columns, half the vocabulary);
   - dp=2,tp=2 (4 ranks; each replica's 2 rows) with --sequence-parallel (the residual
     stream, the norms and their gradients on each tp rank's half of the token rows);
-  - LoRA (rank 4, dropout 0.1) on q, k, v, gate and up at tp=2 with --sequence-parallel:
-    the adapters written.
+  - LoRA (rank 4, dropout 0.1) on q, k, v, o, gate, up and down at tp=2 with
+    --sequence-parallel (o's and down's A split by input columns, their u summed over
+    tp, B whole): the adapters written.
 Each tp rank draws its slices of the initial weights from the one-rank stream itself, so
 this also checks that no rank ever holds or needs the whole model. The replicated tensors
 (norms, embedding) are compared across the tp ranks by the run itself at the end (bit for
@@ -21,8 +22,8 @@ bit, or the run fails). Checkpoints hold the full model's arena whatever the lay
 dp=2,tp=2 run's step-5 checkpoint resumes on one rank, and the one-rank run's resumes at
 tp=2, each ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
 on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
-built (per-host checkpoint folders, LoRA on a row-parallel layer, --balance,
---sequence-parallel without tp) are refused in one line each.
+built (per-host checkpoint folders, --balance, --sequence-parallel without tp) are refused
+in one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -115,9 +116,10 @@ def main():
             failures += compare(f"{os.path.basename(writer)} step 5 -> tp={tp}", base, out, from_step=5)
             cases += 1
 
-        # LoRA on the column-parallel layers (B split by output rows, A whole), with dropout
-        # (its masks are drawn alike on every rank: the input is replicated).
-        lora = ["--fine-tune-type", "lora", "--lora-rank", "4", "--lora-targets", "q,k,v,gate,up",
+        # LoRA on the column-parallel layers (B split by output rows, A whole) and the
+        # row-parallel ones (A split by input columns, B whole), with dropout (masks keyed by
+        # the whole input's element index: a row-parallel rank draws its columns' of them).
+        lora = ["--fine-tune-type", "lora", "--lora-rank", "4", "--lora-targets", "q,k,v,o,gate,up,down",
                 "--lora-dropout", "0.1"]
         # On the tiny preset itself: at this seed and --lr the odd-vocabulary model's B
         # matrices start so small that AdamW magnifies the split sums' rounding past 1e-5
@@ -128,19 +130,26 @@ def main():
         train(lora_base, 1, 1, ["--model", tiny] + lora)
         out = os.path.join(tmp, "lora_tp2")
         train(out, 1, 2, ["--model", tiny] + lora, save + ["--sequence-parallel"])
-        failures += compare("LoRA, tp=2, sequence parallel", lora_base, out, "adapter_model.safetensors")
+        # Weights within 1e-3, losses within 1e-5: o's and down's split u sums round
+        # otherwise than one rank's in forward, and AdamW magnifies that where an adapter's
+        # rank component starts near zero (B = 0): measured 5.0e-4 in layers.1 down_proj, all
+        # of it in one of the 4 rank components (plain dp=2 on the same run: 1.6e-6; q, k,
+        # v, gate and up alone at tp=2: 5.1e-6). The gradients themselves are checked slice
+        # by slice against one rank in tests/model/tensor_parallel_test.cpp.
+        failures += compare("LoRA, tp=2, sequence parallel", lora_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-3)
         cases += 1
         # Its step-5 checkpoint (the whole adapters' arena, B by rows) resumed on one rank.
         resumed = os.path.join(tmp, "lora_resumed")
         train(resumed, 1, 1, ["--model", tiny] + lora, ["--resume", os.path.join(out, "checkpoints", "step-000005")])
-        failures += compare("LoRA, tp=2 step 5 -> tp=1", lora_base, resumed, "adapter_model.safetensors", from_step=5)
+        failures += compare("LoRA, tp=2 step 5 -> tp=1", lora_base, resumed, "adapter_model.safetensors", from_step=5,
+                            weight_tolerance=1e-3)
         cases += 1
 
         # Not built yet: one line each, non-zero exit.
         refusals = [
             (["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
              "does not work with per-host checkpoint folders"),
-            (["--parallel", "tp=2", "--fine-tune-type", "lora", "--lora-targets", "q,o"], "does not work with LoRA on o_proj"),
             (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
         ]
         # Sequence parallelism without tensor parallelism: one process, no launch needed.

@@ -75,15 +75,9 @@ void check_tensor_parallel_flags(const TrainJob& job) {
     refuse("per-host checkpoint folders (--checkpoint-dir, --checkpoint-replicas)");
   // The tp ranks of a replica must run the same rows; each measures its own dp group.
   if (job.train.balance_every > 0) refuse("--balance");
-  if (job.fine_tune == FineTuneType::lora) {
-    // LoRA on a column-parallel layer splits B by output rows and keeps A whole; the
-    // row-parallel ones (o, down) would split A and add u over the ranks: not built.
-    for (model::LoraTarget t : job.lora.targets)
-      if (t == model::LoraTarget::o || t == model::LoraTarget::down)
-        refuse(fmt::format("LoRA on {} (a row-parallel layer; q, k, v, gate and up work)",
-                           model::lora_target_module(t)));
-    if (!job.resume_adapter.empty()) refuse("--resume-adapter-file");
-  }
+  // LoRA: a column-parallel layer's B is split by output rows, a row-parallel one's A by
+  // input columns (model::Llama::lora_row_parallel_forward).
+  if (job.fine_tune == FineTuneType::lora && !job.resume_adapter.empty()) refuse("--resume-adapter-file");
 }
 
 // The flags that need no model or data, checked first: a mistake shows before anything loads.
@@ -340,7 +334,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   const DataFolder data_folder =
       pipeline_data ? std::move(*pipeline_data) : locate_data(job, whole_config, *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, whole_config, job.model_dir);
-  const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
+  const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, whole_config, info);
   if (job.tp) {
     model.set_tensor_parallel(job.tp, model_config);
     model.set_sequence_parallel(job.sequence_parallel);
