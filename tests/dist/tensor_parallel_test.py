@@ -11,7 +11,9 @@ tensor of the model written at the end (gathered from the slices) within 1e-5 of
 largest value, for:
   - tp=2 (each rank: 2 query heads, 1 key-value head, 96 MLP columns, half the vocabulary);
   - dp=2,tp=2 (4 ranks; each replica's 2 rows) with --sequence-parallel (the residual
-    stream, the norms and their gradients on each tp rank's half of the token rows);
+    stream, the norms and their gradients on each tp rank's half of the token rows) and
+    --zero 2 (each tp slice's gradients and moments sharded over its dp group of 2; the
+    clipping norm's squares added over dp and, for the split tensors, over tp);
   - LoRA (rank 4, dropout 0.1) on q, k, v, o, gate, up and down at tp=2 with
     --sequence-parallel (o's and down's A split by input columns, their u summed over
     tp, B whole): the adapters written.
@@ -19,11 +21,12 @@ Each tp rank draws its slices of the initial weights from the one-rank stream it
 this also checks that no rank ever holds or needs the whole model. The replicated tensors
 (norms, embedding) are compared across the tp ranks by the run itself at the end (bit for
 bit, or the run fails). Checkpoints hold the full model's arena whatever the layout: the
-dp=2,tp=2 run's step-5 checkpoint resumes on one rank, and the one-rank run's resumes at
-tp=2, each ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
+dp=2,tp=2 ZeRO-2 run's step-5 checkpoint (each of the 4 ranks writing its moments' shard)
+resumes on one rank, and the one-rank run's resumes at dp=2,tp=2 with --zero 1, each
+ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
 on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
-built (per-host checkpoint folders, --balance, --sequence-parallel without tp) are refused
-in one line each.
+built (per-host checkpoint folders, --zero 3, --balance, --sequence-parallel without tp)
+are refused in one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -81,7 +84,7 @@ def main():
         train(base, 1, 1, ["--model", model], save)
         for dp, tp, source in ((1, 2, ["--config", config]), (2, 2, ["--model", model])):
             out = os.path.join(tmp, f"dp{dp}_tp{tp}")
-            sp = ["--sequence-parallel"] if dp == 2 else []
+            sp = ["--sequence-parallel", "--zero", "2"] if dp == 2 else []
             log = train(out, dp, tp, source, (save + sp) if dp == 2 else ())
             if sp and "sequence parallel: the residual stream and the norms on 1/2" not in log:
                 failures.append(f"dp={dp},tp={tp}: the log does not say sequence parallelism is on:\n{log}")
@@ -101,19 +104,24 @@ def main():
             W = rows * 64 * 4
             want = (24 * W // 2 + (3 * rows + 5 * 64) * 4) if sp else (10 * W + 3 * rows * 4)
             with open(os.path.join(out, "report.json")) as r:
-                got = json.load(r)["tensor_parallel"]["activation_bytes_per_step"]
+                report = json.load(r)
+            got = report["tensor_parallel"]["activation_bytes_per_step"]
+            if sp and report.get("gradient_sync") != "ZeRO-2":
+                failures.append(f"dp={dp},tp={tp}: report.json's gradient sync is {report.get('gradient_sync')!r}, "
+                                f"not 'ZeRO-2'")
             if got != want:
                 failures.append(f"dp={dp},tp={tp}: report.json says {got} tp bytes a step, not {want}")
             cases += 1
 
         # Checkpoints across layouts: dp=2,tp=2's resumed alone, one rank's resumed at tp=2.
-        for writer, dp, tp in ((os.path.join(tmp, "dp2_tp2"), 1, 1), (base, 1, 2)):
+        for writer, dp, tp, zero in ((os.path.join(tmp, "dp2_tp2"), 1, 1, []), (base, 2, 2, ["--zero", "1"])):
             out = os.path.join(tmp, f"resumed_tp{tp}")
             checkpoint = os.path.join(writer, "checkpoints", "step-000005")
-            log = train(out, dp, tp, ["--model", model], ["--resume", checkpoint])
+            log = train(out, dp, tp, ["--model", model], ["--resume", checkpoint] + zero)
             if "resumed from" not in log:
                 failures.append(f"tp={tp}: the run did not say it resumed:\n{log}")
-            failures += compare(f"{os.path.basename(writer)} step 5 -> tp={tp}", base, out, from_step=5)
+            failures += compare(f"{os.path.basename(writer)} step 5 -> dp={dp},tp={tp} {' '.join(zero)}", base, out,
+                                from_step=5)
             cases += 1
 
         # LoRA on the column-parallel layers (B split by output rows, A whole) and the
@@ -150,6 +158,7 @@ def main():
         refusals = [
             (["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
              "does not work with per-host checkpoint folders"),
+            (["--parallel", "tp=2", "--zero", "3"], "does not work with --zero 3"),
             (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
         ]
         # Sequence parallelism without tensor parallelism: one process, no launch needed.

@@ -68,6 +68,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     // owned_ must be ascending: a rank's chunk of a unit lies below that unit's tail, and
     // units do not overlap.
     shard_grads_.resize(static_cast<size_t>(slot));
+    tp_split_ = model_.tensor_parallel_split_ranges();
     if (stage_ >= 2) {
       // Stage 2 hands each unit's part of the gradient arena back once it is reduced, and
       // the next backward faults it in again: with 4 KiB pages that was 17 k faults a step
@@ -150,15 +151,25 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   std::span<float> owned_grads() override { return shard_grads_.span(); }
 
   // The chunks' squared sums add over the ranks; the tails are the same on every rank.
+  // Under tensor parallelism the arena is this tp rank's local model: the squares of its
+  // slices of split tensors add over the tp group too, the replicated ones' (norms) count
+  // once.
   double grad_sum_squares() override {
-    std::array<double, 1> chunks = {0.0};
-    double tails = 0.0;
+    std::array<double, 2> chunks = {0.0, 0.0};  // replicated over tp, split over tp
+    model::SquareSums tails;
     for (const Unit& u : units_) {
-      chunks[0] += kernels::sum_squares(shard_grads_.data() + u.chunk_slot, u.chunk);
-      tails += kernels::sum_squares(shard_grads_.data() + u.tail_slot, u.tail_size());
+      const model::ElementRange c = u.chunk_of(rank_), t = u.tail();
+      const model::SquareSums cs = model::square_sums(shard_grads_.data() + u.chunk_slot, c.begin, c.end, tp_split_);
+      const model::SquareSums ts = model::square_sums(shard_grads_.data() + u.tail_slot, t.begin, t.end, tp_split_);
+      chunks[0] += cs.replicated;
+      chunks[1] += cs.split;
+      tails.replicated += ts.replicated;
+      tails.split += ts.split;
     }
     dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
-    return chunks[0] + tails;
+    std::array<double, 1> split = {chunks[1] + tails.split};
+    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) tp->all_reduce_sum(split, "tp gradient norm");
+    return chunks[0] + tails.replicated + split[0];
   }
 
   // Every rank updated its chunks in place; each takes the others'.
@@ -258,6 +269,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   const int64_t rank_;
   std::vector<Unit> units_;         // ascending in the arena
   std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
+  std::vector<ArenaRange> tp_split_;  // tensor parallel: the arena's slices of split tensors
   Buffer<float> shard_grads_;       // the owned ranges' summed gradients
   std::unique_ptr<comm::OverlappedAllReduce> overlap_;
   std::optional<comm::detail::WireSum> narrow_;  // --compression fp16|bf16: chunks reduced in halves

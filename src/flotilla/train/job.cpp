@@ -36,10 +36,9 @@ namespace flotilla::train {
 namespace {
 
 // What neither pipeline nor tensor parallelism combines with yet, each refused in one line
-// naming the flag: checkpoints, ZeRO, local SGD, compression and the deterministic mode.
+// naming the flag: local SGD, compression and the deterministic mode.
 template <class Refuse>
 void refuse_what_model_parallelism_lacks(const TrainJob& job, Refuse&& refuse) {
-  if (job.train.zero_stage > 0) refuse("--zero");
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
   if (job.train.deterministic) refuse("--deterministic");
@@ -50,6 +49,7 @@ void check_pipeline_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
+  if (job.train.zero_stage > 0) refuse("--zero");
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the whole model's, written by the first replica's stages into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
@@ -69,6 +69,9 @@ void check_tensor_parallel_flags(const TrainJob& job) {
     throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
   };
   if (job.pp) refuse("pipeline parallelism (pp > 1)");
+  // ZeRO-1/2 shard each tp slice's optimizer state (and gradients) over its dp group;
+  // stage 3 gathers whole parameter groups, of which a tp rank holds slices.
+  if (job.train.zero_stage == 3) refuse("--zero 3 (use --zero 1 or 2)");
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the full model's, written by the slices' holders into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())

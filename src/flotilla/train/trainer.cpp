@@ -424,10 +424,11 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   update_span.emplace(trace_, "clip + optimizer", TraceLane::compute);
   if (exchanged.grad_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(exchanged.grad_tokens));
-  // Tensor parallel: the split tensors' squares summed over the tp group (the sync's owned
-  // gradients are this rank's whole local model: tp refuses the sharding syncs).
-  const double grad_norm = std::sqrt(model_.tensor_parallel() ? model_.grad_sum_squares_tensor_parallel()
-                                                              : sync_->grad_sum_squares());
+  // Tensor parallel: the split tensors' squares summed over the tp group; a sharding sync
+  // (ZeRO) does that for its owned gradients, the others own this rank's whole local model.
+  const double grad_norm = std::sqrt(model_.tensor_parallel() && !sync_->sharded()
+                                         ? model_.grad_sum_squares_tensor_parallel()
+                                         : sync_->grad_sum_squares());
   const float lr = schedule_.lr_at(step_);
   const model::LossSum& reported = exchanged.global;
   // The loss and the norm are global after the exchange, so every rank decides alike
