@@ -30,7 +30,9 @@ struct Unit : ChunkCut {
 
 class ZeroSync final : public GradientSync, private model::ParallelContext {
  public:
-  ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace)
+  // `given`: the ranges to shard (each one unit, no overlap); empty: the whole arena.
+  ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace,
+           std::span<const ArenaRange> given = {})
       : GradientSync(model), dp_(dp), stage_(stage), world_(dp.world()), rank_(dp.rank()) {
     // The arenas, taken once here on the calling thread: reduce_unit runs on the
     // communication thread while the main thread may use the model, and must not call
@@ -40,7 +42,9 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     grads_ = trainable.grads;
     const auto arena = static_cast<int64_t>(params_.size());
     std::vector<comm::GradRange> ranges;
-    if (world_ > 1 && bucket_mb > 0.0) {
+    if (!given.empty()) {
+      for (const ArenaRange& r : given) ranges.push_back({r.begin, r.end});
+    } else if (world_ > 1 && bucket_mb > 0.0) {
       // Units are the fusion buckets, reduced on the communication thread as backward
       // finishes them: the hook must be set before the model can list its ranges.
       model_.set_parallel_context(this);
@@ -288,6 +292,12 @@ std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& 
                                              TraceRecorder* trace) {
   if (stage < 1 || stage > 2) throw InputError("parallel", fmt::format("--zero {}: stages 1 and 2 are built", stage));
   return std::make_unique<ZeroSync>(model, dp, stage, bucket_mb, trace);
+}
+
+std::unique_ptr<GradientSync> make_zero_sync_over(model::Llama& model, DataParallel& dp,
+                                                  std::span<const ArenaRange> ranges) {
+  if (ranges.empty()) throw Error("parallel/zero", "make_zero_sync_over: no ranges to shard");
+  return std::make_unique<ZeroSync>(model, dp, 1, 0.0, nullptr, ranges);
 }
 
 }  // namespace flotilla::parallel

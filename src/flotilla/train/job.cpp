@@ -49,7 +49,9 @@ void check_pipeline_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
-  if (job.train.zero_stage > 0) refuse("--zero");
+  // ZeRO-1 shards each stage's optimizer state over its dp group; stage 2 would save nothing
+  // at the peak (a stage's gradient is whole until its last micro-batch's backward).
+  if (job.train.zero_stage >= 2) refuse(fmt::format("--zero {} (use --zero 1)", job.train.zero_stage));
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the whole model's, written by the first replica's stages into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())

@@ -359,11 +359,13 @@ std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world)
 // zeros), so that the files tile the arena; the other replicas (the same weights) write
 // nothing. The checkpoint is then the whole model's, as one rank's: it resumes on any
 // layout, each rank reading what it holds.
+// Under ZeRO-1 each replica writes the part of its stage's ranges it solely owns.
 std::vector<io::FloatRange> pipeline_checkpoint_ranges(Trainer& trainer, int world_rank) {
   const parallel::DataParallel* replicas = trainer.data_parallel();
-  if (replicas && replicas->rank() != 0) return {};
+  const bool zero = parallel::pipeline_zero_sharded(trainer.sync());
+  if (replicas && replicas->rank() != 0 && !zero) return {};
   std::vector<io::FloatRange> out;
-  for (const parallel::ArenaRange& r : trainer.sync().owned()) out.push_back({r.begin, r.end});
+  for (const parallel::ArenaRange& r : trainer.sync().sole_owned()) out.push_back({r.begin, r.end});
   if (world_rank != 0) return out;
   model::Llama& model = trainer.model();
   const model::Llama::Trainable trainable = model.trainable();

@@ -103,14 +103,13 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
     // model; the stages would each hold a part of it: not built yet.
     if (model.config().is_moe())
       throw InputError("train", "pipeline parallelism (pp > 1) does not work with mixture-of-experts models yet");
-    if (cfg.zero_stage > 0 || cfg.local_sgd.sync_every > 0)
-      throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not combine with {} yet",
-                                            cfg.zero_stage > 0 ? "--zero" : "local SGD (--sync-every)"));
+    if (cfg.local_sgd.sync_every > 0)
+      throw InputError("train", "pipeline parallelism (pp > 1) does not combine with local SGD (--sync-every) yet");
     if (cfg.batch_size % pipeline->config().micro_batches != 0)
       throw InputError("train", fmt::format("--micro-batches {} does not divide --batch-size {}: each micro-batch "
                                             "must have the same number of rows",
                                             pipeline->config().micro_batches, cfg.batch_size));
-    return parallel::make_pipeline_sync(model, *pipeline, dp);
+    return parallel::make_pipeline_sync(model, *pipeline, dp, cfg.zero_stage);
   }
   if (!model.holds_all_experts()) {
     // Each rank holds its own experts (train/job_model.hpp's held_part): their gradients
