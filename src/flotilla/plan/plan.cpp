@@ -477,6 +477,10 @@ std::string render_text(const PlanResult& p) {
                        t.tp, format_bytes(t.sequence.wire_bytes_per_rank), format_seconds(t.sequence.comm_s),
                        format_seconds(t.sequence.step_s), format_bytes(t.sequence.activation_bytes),
                        format_bytes(t.sequence.memory_bytes));
+    if (t.zero_dp > 1)
+      out += fmt::format("  dp={},tp={} --zero 1 | 2: state {} | {} per rank (the replicas shard each slice's "
+                         "optimizer state, and at stage 2 its gradients)\n",
+                         t.zero_dp, t.tp, format_bytes(t.zero1_state_bytes), format_bytes(t.zero2_state_bytes));
   }
 
   const Recommendation& rec = p.recommendation;
