@@ -7,13 +7,16 @@ Against `flotilla train` alone on the same global batch in micro-batches of the 
 (--batch-size 2 --grad-accum 8), every step's loss and validation loss within 1e-5
 relative and every final weight within 1e-5 of its tensor's largest value, for:
   - pp=2 and pp=4, each schedule (gpipe, 1f1b), 4 micro-batches per batch of 8 rows;
-  - dp=2,pp=2 (each replica's batch of 4 rows in 2 micro-batches), 1f1b;
+  - dp=2,pp=2 (each replica's batch of 4 rows in 2 micro-batches), 1f1b, with --zero 1
+    (each stage's moments sharded over its dp group of 2, the update all-gathered there;
+    the clipping norm summed over dp, then over the stages);
   - pp=2 with --pp-layers 3,1 (uneven stages);
   - LoRA (rank 4) on pp=2 and on dp=2,pp=2;
   - LoRA on a 4-bit base (init --quantize 4) on pp=2;
   - checkpoints at step 10 resumed on another layout (each stage of the first replica writes
-    its own tensors; a rank reads what it holds): pp=2 -> 1 rank, dp=2,pp=2 -> pp=2, one
-    rank's -> dp=2,pp=2, and LoRA pp=2 -> 1 rank; the resumed losses and final weights
+    its own tensors, under ZeRO-1 each replica its shard of them; a rank reads what it
+    holds): pp=2 -> 1 rank, dp=2,pp=2 ZeRO-1 -> pp=2, one rank's -> dp=2,pp=2 ZeRO-1, and
+    LoRA pp=2 -> 1 rank; the resumed losses and final weights
     against the one-rank run.
 Why the same rows per micro-batch: against one rank in micro-batches of 8 rows every
 pipeline run here ends 1.06e-5 to 1.27e-5 from it in one tensor (layers.0 down_proj), the
@@ -101,8 +104,12 @@ def main():
                 print(f"pp={pp}, {schedule}: stage 0 held at most {slots} micro-batches' activations")
                 cases += 1
         out = os.path.join(tmp, "dp2_pp2")
-        train(out, 2, 2, ["--micro-batches", "2", "--save-every", "10"])
-        failures += compare("dp=2,pp=2, 1f1b, M=2", base, out)
+        train(out, 2, 2, ["--micro-batches", "2", "--save-every", "10", "--zero", "1"])
+        with open(os.path.join(out, "report.json")) as r:
+            sync = json.load(r).get("gradient_sync")
+        if sync != "pipeline + ZeRO-1":
+            failures.append(f"dp=2,pp=2 --zero 1: report.json's gradient sync is {sync!r}, not 'pipeline + ZeRO-1'")
+        failures += compare("dp=2,pp=2, 1f1b, M=2, ZeRO-1", base, out)
         out = os.path.join(tmp, "pp2_uneven")
         log = train(out, 1, 2, ["--micro-batches", "4", "--pp-layers", "3,1"])
         if "[0, 3) [3, 4)" not in log:
@@ -118,7 +125,7 @@ def main():
                                       ("dp=2,pp=2 checkpoint -> pp=2", (1, 2),
                                        ["--micro-batches", "4"] + step10("dp2_pp2")),
                                       ("1-rank checkpoint -> dp=2,pp=2", (2, 2),
-                                       ["--micro-batches", "2"] + step10("base"))):
+                                       ["--micro-batches", "2", "--zero", "1"] + step10("base"))):
             out = os.path.join(tmp, "resumed_" + name.split()[0].replace("=", "").replace(",", "_"))
             log = train(out, dp, pp, extra)
             if "resumed from" not in log:

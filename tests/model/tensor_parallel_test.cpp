@@ -9,6 +9,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/rng.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/lora.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
@@ -224,6 +226,102 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
 
 INSTANTIATE_TEST_SUITE_P(TiedOrNotSequenceParallelOrNot, TensorParallelModel,
                          ::testing::Combine(::testing::Bool(), ::testing::Bool()));
+
+// LoRA on every dense layer with dropout: the column-parallel layers' B split by output
+// rows, the row-parallel ones' (o, down) A by input columns with their u summed over the
+// ranks and B whole. Each rank's adapter gradients are the slices of one rank's (its
+// dropout masks the whole input's), the whole B's the same bits on both ranks, and the
+// clipping norm the one rank's.
+TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices) {
+  const auto [tied, sequence_parallel] = GetParam();
+  const ModelConfig full_cfg = tiny_qwen2(2, tied);
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama full(full_cfg);
+  test_models::fill_order_one(full, rng);
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.dropout = 0.25f;
+  lc.targets = LoraConfig::parse_targets("q,k,v,o,gate,up,down");
+  LoraAdapters whole(full_cfg, lc);
+  rng.fill_uniform(whole.params(), -0.5f, 0.5f);  // B nonzero too: every product matters
+  full.attach_lora(&whole);
+  full.set_training(true);
+  const int64_t B = sequence_parallel ? 3 : 2, T = sequence_parallel ? 5 : 8;
+  const std::vector<int32_t> tokens = random_tokens(rng, B * T, full_cfg.vocab_size);
+  const std::vector<int32_t> targets = random_tokens(rng, B * T, full_cfg.vocab_size);
+  full.zero_grads();
+  const LossSum expected = full.forward(tokens.data(), targets.data(), B, T);
+  full.backward(1.0f / static_cast<float>(expected.num_tokens));
+  const double expected_norm2 = full.grad_sum_squares_tensor_parallel();
+
+  ThreadPair pair;
+  std::vector<Llama> locals;
+  std::vector<std::unique_ptr<LoraAdapters>> adapters;
+  for (int r = 0; r < 2; ++r) {
+    locals.emplace_back(tensor_parallel_config(full_cfg, {r, 2}));
+    take_slices(locals.back(), full, {r, 2});
+    adapters.push_back(std::make_unique<LoraAdapters>(locals.back().config(), lc));
+    for (const ParamInfo& info : whole.table().params())
+      copy_slice_out(info, *adapters.back()->table().find(info.name), {r, 2}, whole.params(), adapters.back()->params());
+  }
+  LossSum loss[2];
+  double norm2[2] = {0, 0};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      ThreadPair::Rank group(pair, r);
+      Llama& m = locals[static_cast<size_t>(r)];
+      m.attach_lora(adapters[static_cast<size_t>(r)].get());
+      m.set_training(true);
+      m.set_tensor_parallel(&group, full_cfg);
+      m.set_sequence_parallel(sequence_parallel);
+      m.set_grad_checkpoint(sequence_parallel && tied);  // the recomputed blocks sum u again
+      m.zero_grads();
+      loss[r] = m.forward(tokens.data(), targets.data(), B, T);
+      m.backward(1.0f / static_cast<float>(loss[r].num_tokens));
+      norm2[r] = m.grad_sum_squares_tensor_parallel();
+      m.set_tensor_parallel(nullptr, full_cfg);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+
+  const std::span<const float> g = whole.grads();
+  int row_parallel_seen = 0;
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NEAR(loss[r].sum, expected.sum, 1e-4 * std::abs(expected.sum)) << "rank " << r;
+    // The norm's split and whole parts each counted right: off by a B's squares otherwise.
+    EXPECT_NEAR(norm2[r], expected_norm2, 1e-4 * expected_norm2) << "rank " << r;
+  }
+  for (const ParamInfo& info : whole.table().params()) {
+    float scale = 1e-6f;
+    for (int64_t i = 0; i < info.numel; ++i) scale = std::max(scale, std::abs(g[static_cast<size_t>(info.offset + i)]));
+    for (int r = 0; r < 2; ++r) {
+      const LoraAdapters& a = *adapters[static_cast<size_t>(r)];
+      const ParamInfo& mine = *a.table().find(info.name);
+      std::vector<float> want(static_cast<size_t>(a.table().total_numel()));
+      copy_slice_out(info, mine, {r, 2}, g, want);
+      const std::span<const float> got = adapters[static_cast<size_t>(r)]->grads();
+      for (int64_t i = 0; i < mine.numel; ++i) {
+        const auto at = static_cast<size_t>(mine.offset + i);
+        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
+      }
+      const bool row_parallel = info.name.find("o_proj") != std::string::npos ||
+                                info.name.find("down_proj") != std::string::npos;
+      if (row_parallel && info.name.ends_with("lora_A.weight"))
+        EXPECT_EQ(tensor_slice(info, mine), TensorSlice::columns) << info.name;
+      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
+        const ParamInfo& m0 = *adapters[0]->table().find(info.name);
+        row_parallel_seen += row_parallel ? 1 : 0;
+        EXPECT_EQ(std::memcmp(adapters[0]->grads().data() + m0.offset, got.data() + mine.offset,
+                              static_cast<size_t>(mine.numel) * sizeof(float)),
+                  0)
+            << info.name << ": a whole adapter's gradient differs between the tp ranks";
+      }
+    }
+  }
+  EXPECT_EQ(row_parallel_seen, 2 * 2);  // o's and down's B in each of the 2 layers
+}
 
 }  // namespace
 }  // namespace flotilla::model

@@ -89,6 +89,17 @@ TEST(PipelinePlan, EachStageHoldsSixteenBytesAParameterOfItsOwnTensors) {
   }
 }
 
+TEST(PipelinePlan, ZeroOneOverTheReplicasShardsEachStagesMoments) {
+  // pp=2 on 4 ranks: 2 replicas. A stage of f floats: 16f plain, 8f + 12f/2 = 14f at ZeRO-1.
+  const Workload w = describe_workload(model::ModelConfig{}, false, {}, 8, 32, 1);
+  const PipelinePlan p = plan_pipeline(w, StepCost{}, 2, 4, parallel::PipelineSchedule::one_f_one_b, Link{}, 2);
+  ASSERT_EQ(p.zero_dp, 2);
+  ASSERT_EQ(p.zero1_state_bytes.size(), 2u);
+  for (size_t s = 0; s < 2; ++s) EXPECT_DOUBLE_EQ(p.zero1_state_bytes[s], 14.0 / 16.0 * p.state_bytes[s]) << s;
+  EXPECT_EQ(pipeline_json(p)["zero1"]["dp"], 2);
+  EXPECT_TRUE(plan_pipeline(w, StepCost{}, 2, 4, parallel::PipelineSchedule::one_f_one_b, Link{}).zero1_state_bytes.empty());
+}
+
 TEST(PipelinePlan, RefusesMicroBatchesThatDoNotDivideAndTooManyStages) {
   const Workload w = workload(6, 1);
   StepCost one;

@@ -73,6 +73,22 @@ TEST(TensorPlan, SequenceParallelSendsTpsBytesPlusTheBackwardRegathersAndHoldsFe
   EXPECT_DOUBLE_EQ(p.sequence.memory_bytes, p.state_bytes + p.sequence.activation_bytes);
 }
 
+TEST(TensorPlan, ZeroOverTheReplicasShardsEachSlicesState) {
+  // tp=2 on 8 ranks: 4 replicas of each slice. A rank's Ψ_l local parameters: 16 Ψ_l plain,
+  // 8 Ψ_l + 12 Ψ_l / 4 at stage 1, 4 Ψ_l + 12 Ψ_l / 4 at stage 2 (docs/sharding.md).
+  const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
+  const TensorPlan p = plan_tensor_parallel(w, StepCost{}, 2, Link{}, 4);
+  const auto local = static_cast<double>(p.params_per_rank);
+  EXPECT_EQ(p.zero_dp, 4);
+  EXPECT_DOUBLE_EQ(p.state_bytes, 16.0 * local);
+  EXPECT_DOUBLE_EQ(p.zero1_state_bytes, 11.0 * local);
+  EXPECT_DOUBLE_EQ(p.zero2_state_bytes, 7.0 * local);
+  EXPECT_EQ(tensor_json(p)["zero"]["dp"], 4);
+  // One replica: no ZeRO figures.
+  EXPECT_EQ(plan_tensor_parallel(w, StepCost{}, 2, Link{}).zero_dp, 1);
+  EXPECT_FALSE(tensor_json(plan_tensor_parallel(w, StepCost{}, 2, Link{})).contains("zero"));
+}
+
 TEST(TensorPlan, OnlyTpThatSplitsTheModel) {
   const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
   const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; });

@@ -33,4 +33,24 @@ void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64
     if (keep(seed, i, threshold)) dinp[i] += dout[i] * scale;
 }
 
+void dropout_forward_columns(float* out, const float* inp, int64_t rows, int64_t cols, int64_t full_cols,
+                             int64_t first, float p, uint64_t seed) {
+  const auto threshold = static_cast<uint32_t>(static_cast<double>(p) * 16777216.0);
+  const float scale = 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 15))
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      out[i * cols + j] = keep(seed, i * full_cols + first + j, threshold) ? inp[i * cols + j] * scale : 0.0f;
+}
+
+void dropout_backward_columns(float* dinp, const float* dout, int64_t rows, int64_t cols, int64_t full_cols,
+                              int64_t first, float p, uint64_t seed) {
+  const auto threshold = static_cast<uint32_t>(static_cast<double>(p) * 16777216.0);
+  const float scale = 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static) if (rows * cols > (1 << 15))
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      if (keep(seed, i * full_cols + first + j, threshold)) dinp[i * cols + j] += dout[i * cols + j] * scale;
+}
+
 }  // namespace flotilla::kernels

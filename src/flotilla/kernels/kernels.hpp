@@ -174,6 +174,14 @@ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n
 void dropout_forward(float* out, const float* inp, int64_t n, float p, uint64_t seed);
 // dinp += dout * keep / (1 - p), the same mask.
 void dropout_backward(float* dinp, const float* dout, int64_t n, float p, uint64_t seed);
+// The same masks on a block of columns: inp and out (rows, cols) are columns [first, first +
+// cols) of a (rows, full_cols) tensor, and element (i, j) keeps as element i full_cols +
+// first + j of the whole tensor does under dropout_forward. A tensor-parallel rank holding
+// an input's column slice (a row-parallel layer's) drops what one rank would.
+void dropout_forward_columns(float* out, const float* inp, int64_t rows, int64_t cols, int64_t full_cols,
+                             int64_t first, float p, uint64_t seed);
+void dropout_backward_columns(float* dinp, const float* dout, int64_t rows, int64_t cols, int64_t full_cols,
+                              int64_t first, float p, uint64_t seed);
 
 // ------------------------------------------------------------------------- utilities
 // sum of squares in double precision (for global-norm gradient clipping).

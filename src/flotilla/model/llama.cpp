@@ -516,7 +516,11 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
     if (!ctx.lora) return;
     std::optional<uint64_t> seed;
     if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
-    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, matmul_input_);
+    float* u = la.lora_u[static_cast<size_t>(t)];
+    if (tp_ && lora_row_parallel(t))
+      lora_row_parallel_forward(l, t, y, x, u, ctx.lora_xd, N, seed, *ctx.lora);
+    else
+      ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, matmul_input_);
   };
   float* ln = ctx.ln;
   // Sequence parallel: the residual stream is this rank's rows (Nr of them); a norm's
@@ -895,11 +899,12 @@ void Llama::lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout,
   std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
   k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
   k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
-  // Tensor parallel (column-parallel targets only): B holds this rank's output rows, so
-  // du is this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A,
-  // replicated, takes du summed over the tp group.
+  // Tensor parallel, a column-parallel target: B holds this rank's output rows, so du is
+  // this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A, replicated,
+  // takes du summed over the tp group. A row-parallel target (lora_row_parallel_forward):
+  // du is whole, A and x this rank's columns: as on one rank.
   auto input_backward = [&](float* dinp, const float* xd) {
-    if (!tp_) {
+    if (!tp_ || lora_row_parallel(t)) {
       k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
       return;
     }
@@ -910,17 +915,33 @@ void Llama::lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout,
   if (!dropout || dx == nullptr) {
     const float* xd = x;
     if (dropout) {
-      k::dropout_forward(a.lora_xd, x, N * s.in, lora_->config().dropout, dropout_seed(l, t));
+      lora_dropout(l, t, a.lora_xd, x, N, false);
       xd = a.lora_xd;
     }
     input_backward(dx, xd);
     return;
   }
-  const float p = lora_->config().dropout;
-  k::dropout_forward(a.lora_xd, x, N * s.in, p, dropout_seed(l, t));
+  lora_dropout(l, t, a.lora_xd, x, N, false);
   std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
   input_backward(a.lora_dxd, a.lora_xd);
-  k::dropout_backward(dx, a.lora_dxd, N * s.in, p, dropout_seed(l, t));
+  lora_dropout(l, t, dx, a.lora_dxd, N, true);
+}
+
+void Llama::lora_dropout(int64_t l, LoraTarget t, float* out, const float* x, int64_t N, bool backward) const {
+  const int64_t in = lora_->slot(l, t).in;
+  const float p = lora_->config().dropout;
+  const uint64_t seed = dropout_seed(l, t);
+  if (tp_ && lora_row_parallel(t)) {
+    const int64_t T = tp_->tp_size(), first = in * tp_->tp_rank();
+    if (backward)
+      k::dropout_backward_columns(out, x, N, in, in * T, first, p, seed);
+    else
+      k::dropout_forward_columns(out, x, N, in, in * T, first, p, seed);
+  } else if (backward) {
+    k::dropout_backward(out, x, N * in, p, seed);
+  } else {
+    k::dropout_forward(out, x, N * in, p, seed);
+  }
 }
 
 void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const float* ln,

@@ -411,10 +411,10 @@ class Llama {
   // parallelism the split tensors' squares summed over the tp group, the replicated ones'
   // counted once.
   double grad_sum_squares_tensor_parallel();
-  // For each tensor of trainable().table, in its order: whether it is split over the tp
-  // group, each rank holding another slice (a LoRA B, or a weight tensor_slice does not
-  // call replicated). All false without tensor parallelism.
-  std::vector<bool> split_over_tp() const;
+  // Under tensor parallelism, the ranges of the trainable arena (the model's, or LoRA's)
+  // that hold this rank's slices of split tensors, ascending and merged; the rest
+  // (norms, a row-parallel layer's LoRA B, ...) is alike on every tp rank. Empty without tp.
+  std::vector<ElementRange> tensor_parallel_split_ranges() const;
   // The vocabulary rows this model's embedding and lm_head hold: [0, vocab_size) but under
   // tensor parallelism (vocab_shard); logits() are these columns.
   VocabShard vocab_rows() const { return tp_ ? vocab_ : VocabShard{0, cfg_.vocab_size}; }
@@ -497,6 +497,19 @@ class Llama {
   //   forward: u = scale * xd A^T, out += u B^T  =>  dB += dout^T u;  du = dout B;
   //            dA += scale * du^T xd;  dxd = scale * du A;  dx += dropout'(dxd)
   void lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout, const float* x);
+  // Tensor parallel, LoRA on a row-parallel layer (o, down): x (N, in/tp) is this rank's
+  // input columns and A (rank, in/tp) its columns of the whole A, so x A^T is a partial u;
+  // the partial u's are summed over the tp group (an all-reduce of (N, rank)) and tp rank 0
+  // alone adds u B^T (B whole on every rank) to its partial output, which the layer's own
+  // all-reduce (or reduce-scatter) then sums: the adapter's delta is added exactly once.
+  // Backward needs no collective: d(out) and u are whole and alike on every rank, so dB is
+  // too (a replicated tensor); dA and d(x) are this rank's columns'.
+  static bool lora_row_parallel(LoraTarget t) { return t == LoraTarget::o || t == LoraTarget::down; }
+  void lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const float* x, float* u, float* xd, int64_t N,
+                                 std::optional<uint64_t> dropout_seed, const LoraAdapters& lora) const;
+  // Dropout of layer l's adapter input on t, forward into out or backward added into dx:
+  // on a row-parallel layer's input columns under tp, the whole input's mask for them.
+  void lora_dropout(int64_t l, LoraTarget t, float* out, const float* x, int64_t N, bool backward) const;
   // The training forward's context of every block, for the planned step shape.
   BlockContext training_context() const;
   // An MoE layer's MLP: from ln (N, C), the RMSNorm of resid_mid, into out (N, C)

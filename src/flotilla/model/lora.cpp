@@ -508,8 +508,22 @@ void LoraAdapters::forward(int64_t layer, LoraTarget t, float* out, const float*
     kernels::dropout_forward(xd, x, N * s.in, cfg_.dropout, *dropout_seed);
     x = xd;
   }
+  project_down(layer, t, u, x, N, input);
+  project_up(layer, t, out, u, N, input);
+}
+
+void LoraAdapters::project_down(int64_t layer, LoraTarget t, float* u, const float* x, int64_t N,
+                                kernels::GemmInput input) const {
+  const LoraSlot& s = slot(layer, t);
+  if (!s.active()) return;
   kernels::matmul_forward(u, x, params_.data() + s.a, nullptr, N, s.in, cfg_.rank, input);
   kernels::scale_inplace(u, N * cfg_.rank, cfg_.scale());
+}
+
+void LoraAdapters::project_up(int64_t layer, LoraTarget t, float* out, const float* u, int64_t N,
+                              kernels::GemmInput input) const {
+  const LoraSlot& s = slot(layer, t);
+  if (!s.active()) return;
   kernels::matmul_accumulate(out, u, params_.data() + s.b, N, cfg_.rank, s.out, 1.0f, input);
 }
 

@@ -131,6 +131,11 @@ class LoraAdapters {
   // `input`: the products' number format (the model's: bf16 rounds x and the adapters).
   void forward(int64_t layer, LoraTarget t, float* out, const float* x, float* u, float* xd, int64_t N,
                std::optional<uint64_t> dropout_seed, kernels::GemmInput input = kernels::GemmInput::f32) const;
+  // forward's two products, for a caller that sums u over ranks between them (a
+  // row-parallel layer under tensor parallelism: each rank's u from its input columns):
+  // u (N, rank) = scale * x A^T, then out (N, out) += u B^T. No-ops where not adapted.
+  void project_down(int64_t layer, LoraTarget t, float* u, const float* x, int64_t N, kernels::GemmInput input) const;
+  void project_up(int64_t layer, LoraTarget t, float* out, const float* u, int64_t N, kernels::GemmInput input) const;
   // An expert's adapter, forward: out (n, out) += scale * dropout(x) A^T B^T for expert e's
   // n rows x (n, in) of projection p (a no-op where not adapted). Nothing is kept for
   // backward: it recomputes the (n, rank) product, as narrow as the rank.

@@ -163,6 +163,20 @@ SequenceShard sequence_shard(int64_t tokens, TpRank at) {
   return s;
 }
 
+SquareSums square_sums(const float* values, int64_t begin, int64_t end, std::span<const ElementRange> split) {
+  SquareSums sums;
+  int64_t at = begin;  // the first float not yet counted
+  const auto first = std::partition_point(split.begin(), split.end(), [&](const ElementRange& r) { return r.end <= begin; });
+  for (auto it = first; it != split.end() && it->begin < end; ++it) {
+    const int64_t b = std::max(it->begin, begin), e = std::min(it->end, end);
+    if (at < b) sums.replicated += kernels::sum_squares(values + (at - begin), b - at);
+    sums.split += kernels::sum_squares(values + (b - begin), e - b);
+    at = e;
+  }
+  if (at < end) sums.replicated += kernels::sum_squares(values + (at - begin), end - at);
+  return sums;
+}
+
 void take_slices(Llama& local, const Llama& full, TpRank rank) {
   const std::span<float> params = local.params();
   for (const ParamInfo& info : full.layout().params())
@@ -226,32 +240,59 @@ void Llama::vocab_parallel_cross_entropy_backward(float dloss_scale) {
                                                 cfg_.vocab_size, vocab_.begin, kIgnoreIndex, dloss_scale);
 }
 
-std::vector<bool> Llama::split_over_tp() const {
-  const ParamTable& table = lora_ ? lora_->table() : static_cast<const ParamTable&>(layout_);
-  std::vector<bool> split(table.params().size(), false);
-  if (!tp_) return split;
-  const ParamLayout full(tp_full_);
-  for (size_t i = 0; i < split.size(); ++i) {
-    const ParamInfo& info = table.params()[i];
-    // LoRA on column-parallel layers: each B holds this rank's output rows, each A is whole.
-    split[i] = lora_ ? info.name.ends_with(".lora_B.weight")
-                     : tensor_slice(*full.find(info.name), info) != TensorSlice::replicated;
+void Llama::lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const float* x, float* u, float* xd, int64_t N,
+                                      std::optional<uint64_t> dropout_seed, const LoraAdapters& lora) const {
+  const LoraSlot& s = lora.slot(l, t);
+  if (!s.active()) return;
+  if (dropout_seed) {
+    const int64_t T = tp_->tp_size();
+    kernels::dropout_forward_columns(xd, x, N, s.in, s.in * T, s.in * tp_->tp_rank(), lora.config().dropout,
+                                     *dropout_seed);
+    x = xd;
   }
-  return split;
+  lora.project_down(l, t, u, x, N, matmul_input_);  // this rank's columns' share of u
+  tp_->all_reduce_sum({u, static_cast<size_t>(N * lora.config().rank)}, "tp LoRA u (row-parallel)");
+  if (tp_->tp_rank() == 0) lora.project_up(l, t, y, u, N, matmul_input_);
+}
+
+std::vector<ElementRange> Llama::tensor_parallel_split_ranges() const {
+  std::vector<ElementRange> out;
+  if (!tp_) return out;
+  auto add = [&](const ParamInfo& mine) {
+    if (!out.empty() && out.back().end == mine.offset)
+      out.back().end = mine.offset + mine.numel;
+    else
+      out.push_back({mine.offset, mine.offset + mine.numel});
+  };
+  std::vector<const ParamInfo*> split;
+  if (lora_) {
+    // A column-parallel layer's B holds this rank's output rows (its A is whole); a
+    // row-parallel one's (o, down) A its input columns (its B is whole).
+    for (const ParamInfo& info : lora_->table().params()) {
+      const bool row = info.name.find(".o_proj.lora_") != std::string::npos ||
+                       info.name.find(".down_proj.lora_") != std::string::npos;
+      if (info.name.ends_with(".lora_B.weight") != row) split.push_back(&info);
+    }
+  } else {
+    const ParamLayout full(tp_full_);
+    for (const ParamInfo& info : full.params()) {
+      const ParamInfo& mine = local_of(layout_, info);
+      if (tensor_slice(info, mine) != TensorSlice::replicated) split.push_back(&mine);
+    }
+  }
+  std::sort(split.begin(), split.end(), [](const ParamInfo* a, const ParamInfo* b) { return a->offset < b->offset; });
+  for (const ParamInfo* info : split) add(*info);
+  return out;
 }
 
 double Llama::grad_sum_squares_tensor_parallel() {
   const Trainable t = trainable();
   if (!tp_) return kernels::sum_squares(t.grads.data(), static_cast<int64_t>(t.grads.size()));
-  const std::vector<bool> split_tensor = split_over_tp();
-  double replicated = 0.0;
-  std::vector<double> split(1, 0.0);
-  for (size_t i = 0; i < split_tensor.size(); ++i) {
-    const ParamInfo& info = t.table.params()[i];
-    (split_tensor[i] ? split[0] : replicated) += kernels::sum_squares(t.grads.data() + info.offset, info.numel);
-  }
-  tp_->all_reduce_sum(std::span<double>(split), "tp gradient norm");
-  return replicated + split[0];
+  const std::vector<ElementRange> split = tensor_parallel_split_ranges();
+  const SquareSums sums = square_sums(t.grads.data(), 0, static_cast<int64_t>(t.grads.size()), split);
+  std::vector<double> total(1, sums.split);
+  tp_->all_reduce_sum(std::span<double>(total), "tp gradient norm");
+  return sums.replicated + total[0];
 }
 
 }  // namespace flotilla::model

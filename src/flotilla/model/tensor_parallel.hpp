@@ -116,6 +116,15 @@ void copy_slice_in(const ParamInfo& full, const ParamInfo& local, TpRank at, std
 // Tensors `local` does not hold (Llama::hold_only: another pipeline stage's) are skipped.
 void init_random_slices(Llama& local, const ModelConfig& full, TpRank at, uint64_t seed);
 
+// The squared sum of a window [begin, end) of an arena, in two parts: the floats inside
+// `split` (ascending, disjoint arena ranges: a tp rank's slices of split tensors, whose
+// squares add over the tp group) and the others (replicated, counted once). values[0] is
+// the arena's float `begin`. Double accumulation, as kernels::sum_squares.
+struct SquareSums {
+  double replicated = 0.0, split = 0.0;
+};
+SquareSums square_sums(const float* values, int64_t begin, int64_t end, std::span<const ElementRange> split);
+
 // The local model's weights sliced from a whole model in memory (a model directory is read
 // slice by slice instead: model/tensor_parallel_io.hpp).
 void take_slices(Llama& local, const Llama& full, TpRank at);

@@ -8,6 +8,7 @@
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/memory.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/parallel/zero.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -18,15 +19,19 @@ constexpr int kModelWriteTag = 32101;
 
 class PipelineSync final : public GradientSync {
  public:
-  PipelineSync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp)
+  PipelineSync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp, int zero_stage)
       : GradientSync(model), pipeline_(pipeline), dp_(dp) {
     model_.set_layer_range(pipeline_.range());
     const model::Llama::Trainable t = model_.trainable();
     owned_ = stage_owned_ranges(model_, t.table, pipeline_.ranges());
-    split_over_tp_ = model_.split_over_tp();
+    tp_split_ = model_.tensor_parallel_split_ranges();
     // One range (a stage's tensors are adjacent in the arena, unless LoRA leaves gaps): its
     // gradients are used where backward left them; else they are gathered into a buffer.
-    if (mine().size() != 1) {
+    // ZeRO-1: the stage's ranges sharded over its dp group (parallel/zero.hpp), which then
+    // reduce-scatters them, keeps the moments of its shard and all-gathers the update.
+    if (zero_stage > 0 && dp_ && dp_->world() > 1 && !mine().empty())
+      zero_ = make_zero_sync_over(model_, *dp_, mine());
+    if (!zero_ && mine().size() != 1) {
       int64_t n = 0;
       for (const ArenaRange& r : mine()) n += r.size();
       owned_grads_.resize(static_cast<size_t>(n));
@@ -41,7 +46,14 @@ class PipelineSync final : public GradientSync {
     }
   }
 
-  std::string name() const override { return dp_ && dp_->world() > 1 ? "pipeline + all-reduce" : "pipeline"; }
+  std::string name() const override {
+    if (zero_) return "pipeline + " + zero_->name();
+    return dp_ && dp_->world() > 1 ? "pipeline + all-reduce" : "pipeline";
+  }
+  void zero_grads() override {
+    if (zero_) zero_->zero_grads();
+    else model_.zero_grads();
+  }
 
   Exchanged exchange(const model::LossSum& local) override {
     comm::Communicator& pp = pipeline_.communicator();
@@ -60,6 +72,7 @@ class PipelineSync final : public GradientSync {
         kernels::add_inplace(g.data(), tied_scratch_.data(), tied_.size());
       }
     }
+    if (zero_) return zero_->exchange(replica);
     if (!owned_grads_.empty()) {
       float* out = owned_grads_.data();
       for (const ArenaRange& r : mine()) {
@@ -74,35 +87,40 @@ class PipelineSync final : public GradientSync {
     return {global, global.num_tokens};
   }
 
-  std::vector<ArenaRange> owned() const override { return mine(); }
+  std::vector<ArenaRange> owned() const override { return zero_ ? zero_->owned() : mine(); }
+  std::vector<ArenaRange> sole_owned() const override { return zero_ ? zero_->sole_owned() : mine(); }
+  // Whether this stage's ranges are sharded over its dp group too (ZeRO): each replica then
+  // holds a part of the stage's optimizer state.
+  bool zero_sharded() const { return zero_ != nullptr; }
   std::span<float> owned_grads() override {
+    if (zero_) return zero_->owned_grads();
     if (mine().size() == 1)
       return model_.trainable().grads.subspan(static_cast<size_t>(mine()[0].begin), static_cast<size_t>(mine()[0].size()));
     return owned_grads_.span();
   }
   bool sharded() const override { return true; }
 
+  // Under ZeRO the stage's squares are its dp group's (summed there), then over the stages.
   double grad_sum_squares() override {
     const std::span<float> owned = owned_grads();
     double sum = 0.0;
-    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) {
+    if (zero_) {
+      sum = zero_->grad_sum_squares();  // summed over the dp group (pp x tp refuses ZeRO)
+    } else if (model::TensorParallelGroup* tp = model_.tensor_parallel()) {
       // Each stage's tensors sliced over its tp group (pp x tp): the split tensors' squares
       // summed over the tp ranks, the replicated ones' counted once. The owned gradients
-      // are this stage's tensors in arena order, each whole.
-      const model::Llama::Trainable t = model_.trainable();
-      std::vector<double> split(1, 0.0);
-      int64_t at = 0;  // the owned range's start in `owned`
+      // are this stage's ranges, one after another.
+      model::SquareSums sums;
+      int64_t at = 0;  // the range's start in `owned`
       for (const ArenaRange& r : mine()) {
-        for (size_t i = 0; i < t.table.params().size(); ++i) {
-          const model::ParamInfo& info = t.table.params()[i];
-          if (info.offset < r.begin || info.offset >= r.end) continue;
-          const double s = kernels::sum_squares(owned.data() + at + (info.offset - r.begin), info.numel);
-          (split_over_tp_[i] ? split[0] : sum) += s;
-        }
+        const model::SquareSums s = model::square_sums(owned.data() + at, r.begin, r.end, tp_split_);
+        sums.replicated += s.replicated;
+        sums.split += s.split;
         at += r.size();
       }
+      std::vector<double> split(1, sums.split);
       tp->all_reduce_sum(std::span<double>(split), "pp x tp gradient norm");
-      sum += split[0];
+      sum = sums.replicated + split[0];
     } else {
       sum = kernels::sum_squares(owned.data(), static_cast<int64_t>(owned.size()));
     }
@@ -111,7 +129,8 @@ class PipelineSync final : public GradientSync {
     return sum;
   }
 
-  void after_update(int64_t /*step*/, bool /*last*/) override {
+  void after_update(int64_t step, bool last) override {
+    if (zero_) zero_->after_update(step, last);  // the stage's updated shards, all-gathered over dp
     if (tied_.size() == 0) return;
     comm::Communicator& pp = pipeline_.communicator();
     const std::span<float> w =
@@ -163,6 +182,7 @@ class PipelineSync final : public GradientSync {
   }
 
   void take_owned(std::span<const float> whole, std::span<float> owned) const override {
+    if (zero_) return zero_->take_owned(whole, owned);
     float* out = owned.data();
     for (const ArenaRange& r : mine()) {
       std::copy(whole.begin() + r.begin, whole.begin() + r.end, out);
@@ -170,8 +190,10 @@ class PipelineSync final : public GradientSync {
     }
   }
 
-  int64_t bytes_sent() const override { return (dp_ ? dp_->gradient_bytes_sent() : 0) + tied_bytes_; }
-  int64_t exchanges() const override { return dp_ ? dp_->gradient_exchanges() : 0; }
+  int64_t bytes_sent() const override {
+    return (zero_ ? zero_->bytes_sent() : dp_ ? dp_->gradient_bytes_sent() : 0) + tied_bytes_;
+  }
+  int64_t exchanges() const override { return zero_ ? zero_->exchanges() : dp_ ? dp_->gradient_exchanges() : 0; }
 
  private:
   const std::vector<ArenaRange>& mine() const { return owned_[static_cast<size_t>(pipeline_.stage())]; }
@@ -195,12 +217,13 @@ class PipelineSync final : public GradientSync {
   PipelineStage& pipeline_;
   DataParallel* dp_;
   std::vector<std::vector<ArenaRange>> owned_;
-  std::vector<bool> split_over_tp_;  // per trainable tensor: sliced over the tp group (pp x tp)
+  std::vector<ArenaRange> tp_split_;  // pp x tp: the arena's slices of split tensors (ascending)
   Buffer<float> owned_grads_;  // this stage's owned gradients, concatenated in arena order
   ArenaRange tied_;            // the embedding, when the last stage's head reads it too
   Buffer<float> tied_scratch_;  // stage 0: the last stage's share of its gradient
   int64_t tied_bytes_ = 0;
   std::span<float> received_;  // the final model's write: another stage's tensor, held until the next
+  std::unique_ptr<GradientSync> zero_;  // ZeRO-1 over the stage's dp group; null: all-reduce
 };
 
 }  // namespace
@@ -241,8 +264,20 @@ std::vector<std::vector<ArenaRange>> stage_owned_ranges(const model::Llama& mode
   return owned;
 }
 
-std::unique_ptr<GradientSync> make_pipeline_sync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp) {
-  return std::make_unique<PipelineSync>(model, pipeline, dp);
+bool pipeline_zero_sharded(const GradientSync& sync) {
+  const auto* p = dynamic_cast<const PipelineSync*>(&sync);
+  return p && p->zero_sharded();
+}
+
+std::unique_ptr<GradientSync> make_pipeline_sync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp,
+                                                 int zero_stage) {
+  if (zero_stage > 1)
+    throw InputError("parallel", fmt::format("--zero {} does not work with pipeline parallelism (pp > 1): a stage's "
+                                             "gradient is whole until its last micro-batch's backward, so sharding "
+                                             "it saves nothing at the peak (DeepSpeed allows only ZeRO-1 with "
+                                             "pipelines too); use --zero 1",
+                                             zero_stage));
+  return std::make_unique<PipelineSync>(model, pipeline, dp, zero_stage);
 }
 
 }  // namespace flotilla::parallel

@@ -10,6 +10,8 @@
 //      same stage in the other replicas), which also sums the loss over the replicas.
 // The gradient norm is the global one: each stage's sum of squares, summed over the pp
 // group. Each float of the arena belongs to one stage, so nothing is counted twice.
+// With --zero 1, step 3 is ZeRO-1's over the stage's own ranges instead (parallel/zero.hpp):
+// reduce-scattered over the dp group, each rank updating its shard, the shards all-gathered.
 #pragma once
 
 #include <memory>
@@ -26,7 +28,14 @@ std::vector<std::vector<ArenaRange>> stage_owned_ranges(const model::Llama& mode
                                                         std::span<const StageRange> stages);
 
 // `pipeline` and `dp` (null: one replica) must outlive the sync; the model's layer range
-// is set to the stage's.
-std::unique_ptr<GradientSync> make_pipeline_sync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp);
+// is set to the stage's. `zero_stage` 1: the stage's ranges sharded over `dp` (ZeRO-1:
+// reduce-scattered, the moments of the rank's shard only, the update all-gathered); the
+// clipping norm then sums the dp group's shards, then the stages. InputError for stage 2
+// or 3.
+std::unique_ptr<GradientSync> make_pipeline_sync(model::Llama& model, PipelineStage& pipeline, DataParallel* dp,
+                                                 int zero_stage = 0);
+// Whether `sync` is a pipeline stage's whose ranges are sharded over its dp group (ZeRO-1):
+// each replica then writes its own part of a checkpoint (sole_owned()), not the first alone.
+bool pipeline_zero_sharded(const GradientSync& sync);
 
 }  // namespace flotilla::parallel

@@ -30,7 +30,9 @@ struct Unit : ChunkCut {
 
 class ZeroSync final : public GradientSync, private model::ParallelContext {
  public:
-  ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace)
+  // `given`: the ranges to shard (each one unit, no overlap); empty: the whole arena.
+  ZeroSync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb, TraceRecorder* trace,
+           std::span<const ArenaRange> given = {})
       : GradientSync(model), dp_(dp), stage_(stage), world_(dp.world()), rank_(dp.rank()) {
     // The arenas, taken once here on the calling thread: reduce_unit runs on the
     // communication thread while the main thread may use the model, and must not call
@@ -40,7 +42,9 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     grads_ = trainable.grads;
     const auto arena = static_cast<int64_t>(params_.size());
     std::vector<comm::GradRange> ranges;
-    if (world_ > 1 && bucket_mb > 0.0) {
+    if (!given.empty()) {
+      for (const ArenaRange& r : given) ranges.push_back({r.begin, r.end});
+    } else if (world_ > 1 && bucket_mb > 0.0) {
       // Units are the fusion buckets, reduced on the communication thread as backward
       // finishes them: the hook must be set before the model can list its ranges.
       model_.set_parallel_context(this);
@@ -68,6 +72,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
     // owned_ must be ascending: a rank's chunk of a unit lies below that unit's tail, and
     // units do not overlap.
     shard_grads_.resize(static_cast<size_t>(slot));
+    tp_split_ = model_.tensor_parallel_split_ranges();
     if (stage_ >= 2) {
       // Stage 2 hands each unit's part of the gradient arena back once it is reduced, and
       // the next backward faults it in again: with 4 KiB pages that was 17 k faults a step
@@ -150,15 +155,25 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   std::span<float> owned_grads() override { return shard_grads_.span(); }
 
   // The chunks' squared sums add over the ranks; the tails are the same on every rank.
+  // Under tensor parallelism the arena is this tp rank's local model: the squares of its
+  // slices of split tensors add over the tp group too, the replicated ones' (norms) count
+  // once.
   double grad_sum_squares() override {
-    std::array<double, 1> chunks = {0.0};
-    double tails = 0.0;
+    std::array<double, 2> chunks = {0.0, 0.0};  // replicated over tp, split over tp
+    model::SquareSums tails;
     for (const Unit& u : units_) {
-      chunks[0] += kernels::sum_squares(shard_grads_.data() + u.chunk_slot, u.chunk);
-      tails += kernels::sum_squares(shard_grads_.data() + u.tail_slot, u.tail_size());
+      const model::ElementRange c = u.chunk_of(rank_), t = u.tail();
+      const model::SquareSums cs = model::square_sums(shard_grads_.data() + u.chunk_slot, c.begin, c.end, tp_split_);
+      const model::SquareSums ts = model::square_sums(shard_grads_.data() + u.tail_slot, t.begin, t.end, tp_split_);
+      chunks[0] += cs.replicated;
+      chunks[1] += cs.split;
+      tails.replicated += ts.replicated;
+      tails.split += ts.split;
     }
     dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
-    return chunks[0] + tails;
+    std::array<double, 1> split = {chunks[1] + tails.split};
+    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) tp->all_reduce_sum(split, "tp gradient norm");
+    return chunks[0] + tails.replicated + split[0];
   }
 
   // Every rank updated its chunks in place; each takes the others'.
@@ -258,6 +273,7 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   const int64_t rank_;
   std::vector<Unit> units_;         // ascending in the arena
   std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
+  std::vector<ArenaRange> tp_split_;  // tensor parallel: the arena's slices of split tensors
   Buffer<float> shard_grads_;       // the owned ranges' summed gradients
   std::unique_ptr<comm::OverlappedAllReduce> overlap_;
   std::optional<comm::detail::WireSum> narrow_;  // --compression fp16|bf16: chunks reduced in halves
@@ -276,6 +292,12 @@ std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& 
                                              TraceRecorder* trace) {
   if (stage < 1 || stage > 2) throw InputError("parallel", fmt::format("--zero {}: stages 1 and 2 are built", stage));
   return std::make_unique<ZeroSync>(model, dp, stage, bucket_mb, trace);
+}
+
+std::unique_ptr<GradientSync> make_zero_sync_over(model::Llama& model, DataParallel& dp,
+                                                  std::span<const ArenaRange> ranges) {
+  if (ranges.empty()) throw Error("parallel/zero", "make_zero_sync_over: no ranges to shard");
+  return std::make_unique<ZeroSync>(model, dp, 1, 0.0, nullptr, ranges);
 }
 
 }  // namespace flotilla::parallel

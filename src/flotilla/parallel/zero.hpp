@@ -44,4 +44,10 @@ namespace flotilla::parallel {
 std::unique_ptr<GradientSync> make_zero_sync(model::Llama& model, DataParallel& dp, int stage, double bucket_mb,
                                              TraceRecorder* trace);
 
+// Stage 1 over given ranges of the arena only (ascending, disjoint), each one unit reduced
+// at the exchange: a pipeline stage's own tensors (parallel/pipeline_sync.hpp), sharded over
+// the stage's dp group. Its exchange sums the loss it is given over `dp`.
+std::unique_ptr<GradientSync> make_zero_sync_over(model::Llama& model, DataParallel& dp,
+                                                  std::span<const ArenaRange> ranges);
+
 }  // namespace flotilla::parallel

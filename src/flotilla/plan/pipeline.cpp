@@ -12,7 +12,7 @@
 namespace flotilla::plan {
 
 PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
-                           parallel::PipelineSchedule schedule, const Link& link) {
+                           parallel::PipelineSchedule schedule, const Link& link, int dp) {
   if (micro_batches < 1 || w.batch_size % micro_batches != 0)
     throw InputError("plan", fmt::format("--micro-batches {} does not divide --batch-size {}", micro_batches,
                                          w.batch_size));
@@ -67,14 +67,16 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
     const double state = w.lora ? 4.0 * floats + 16.0 * static_cast<double>(w.trainable_floats) : 16.0 * floats;
     p.state_bytes.push_back(state);
     p.memory_bytes.push_back(state + p.activation_bytes[p.state_bytes.size() - 1]);
+    if (dp >= 2 && !w.lora) p.zero1_state_bytes.push_back(8.0 * floats + 12.0 * floats / static_cast<double>(dp));
   }
+  if (!p.zero1_state_bytes.empty()) p.zero_dp = dp;
   return p;
 }
 
 nlohmann::json pipeline_json(const PipelinePlan& p) {
   nlohmann::json ranges = nlohmann::json::array();
   for (const parallel::StageRange& r : p.ranges) ranges.push_back({r.begin, r.end});
-  return {{"stages", p.stages},
+  nlohmann::json j = {{"stages", p.stages},
           {"micro_batches", p.micro_batches},
           {"schedule", parallel::pipeline_schedule_name(p.schedule)},
           {"layers", ranges},
@@ -90,6 +92,8 @@ nlohmann::json pipeline_json(const PipelinePlan& p) {
           {"activation_bytes", p.activation_bytes},
           {"state_bytes", p.state_bytes},
           {"memory_bytes", p.memory_bytes}};
+  if (p.zero_dp > 1) j["zero1"] = {{"dp", p.zero_dp}, {"state_bytes", p.zero1_state_bytes}};
+  return j;
 }
 
 }  // namespace flotilla::plan

@@ -57,11 +57,17 @@ struct PipelinePlan {
   // adapters' 16 bytes a parameter (every stage holds all adapters).
   std::vector<double> state_bytes;
   std::vector<double> memory_bytes;  // per stage: state_bytes + activation_bytes
+  // Full fine-tuning with --zero 1 over the dp = zero_dp replicas the other ranks make (2
+  // or more): per stage 8f + 12f/dp bytes for its f floats (docs/sharding.md's table on the
+  // stage's own tensors). Empty when zero_dp is 1 or with LoRA.
+  int zero_dp = 1;
+  std::vector<double> zero1_state_bytes;
 };
 
 // InputError (from parallel/) when P exceeds the layers or M does not divide the batch.
+// `dp`: the replicas of the pipeline the ranks make (ZeRO-1's figures when 2 or more).
 PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
-                           parallel::PipelineSchedule schedule, const Link& link);
+                           parallel::PipelineSchedule schedule, const Link& link, int dp = 1);
 
 nlohmann::json pipeline_json(const PipelinePlan& p);
 

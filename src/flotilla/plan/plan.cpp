@@ -174,7 +174,8 @@ PlanResult make_plan(const PlanRequest& request) {
     if (M <= 0)
       for (int64_t m = 1; m <= w.batch_size && m <= 4 * P; ++m)
         if (w.batch_size % m == 0) M = m;
-    p.pipelines.push_back(plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P)));
+    p.pipelines.push_back(
+        plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P), N / P));
   }
   for (const PipelinePlan& pp : p.pipelines)
     for (const TensorPlan& t : p.tensors)
@@ -451,6 +452,11 @@ std::string render_text(const PlanResult& p) {
                        pp.stages, pp.micro_batches, layers, 100 * pp.bubble, format_bytes(pp.p2p_bytes),
                        format_bytes(pp.boundary_bytes), format_bytes(pp.max_rank_send_bytes), format_seconds(pp.comm_s),
                        format_seconds(pp.step_s), pp.speedup, memory);
+    if (pp.zero_dp > 1) {
+      std::string zero;
+      for (const double b : pp.zero1_state_bytes) zero += fmt::format("{}{}", zero.empty() ? "" : " / ", format_bytes(b));
+      out += fmt::format("  dp={},pp={} --zero 1: state per stage {}\n", pp.zero_dp, pp.stages, zero);
+    }
   }
 
   for (const ExpertPlan& ep : p.experts) {
@@ -482,6 +488,10 @@ std::string render_text(const PlanResult& p) {
                        t.tp, format_bytes(t.sequence.wire_bytes_per_rank), format_seconds(t.sequence.comm_s),
                        format_seconds(t.sequence.step_s), format_bytes(t.sequence.activation_bytes),
                        format_bytes(t.sequence.memory_bytes));
+    if (t.zero_dp > 1)
+      out += fmt::format("  dp={},tp={} --zero 1 | 2: state {} | {} per rank (the replicas shard each slice's "
+                         "optimizer state, and at stage 2 its gradients)\n",
+                         t.zero_dp, t.tp, format_bytes(t.zero1_state_bytes), format_bytes(t.zero2_state_bytes));
   }
 
   for (const MeshPlan& m : p.meshes) {

@@ -20,7 +20,7 @@ bool tensor_parallel_splits(const Workload& w, int tp) {
   }
 }
 
-TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link) {
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp) {
   const model::ModelConfig& cfg = w.model;
   TensorPlan p;
   p.tp = tp;
@@ -50,6 +50,14 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
   p.memory_bytes = p.state_bytes + p.activation_bytes;
+  if (dp >= 2) {
+    const double t = w.lora ? static_cast<double>(adapters->params().size()) : static_cast<double>(p.params_per_rank);
+    const double frozen = w.lora ? 4.0 * static_cast<double>(p.params_per_rank) : 0.0;
+    const double D = dp;
+    p.zero_dp = dp;
+    p.zero1_state_bytes = frozen + 8.0 * t + 12.0 * t / D;
+    p.zero2_state_bytes = frozen + 4.0 * t + 12.0 * t / D;
+  }
 
   // Sequence parallelism (tensor.hpp): halves of R' C 4 bytes per micro-batch, each sending
   // (T-1)/T: 10 per layer, 4 at the ends; the loss's 3 rows-long all-reduces and the norm
@@ -73,7 +81,7 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
 }
 
 nlohmann::json tensor_json(const TensorPlan& p) {
-  return {{"tp", p.tp},
+  nlohmann::json j = {{"tp", p.tp},
           {"all_reduce_bytes_per_layer_per_step", p.all_reduce_bytes_per_layer},
           {"all_reduce_bytes_per_step", p.all_reduce_bytes},
           {"all_reduces_per_step", p.all_reduces},
@@ -93,6 +101,11 @@ nlohmann::json tensor_json(const TensorPlan& p) {
             {"step_s", p.sequence.step_s},
             {"activation_bytes_per_rank", p.sequence.activation_bytes},
             {"memory_bytes_per_rank", p.sequence.memory_bytes}}}};
+  if (p.zero_dp > 1)
+    j["zero"] = {{"dp", p.zero_dp},
+                 {"stage1_state_bytes_per_rank", p.zero1_state_bytes},
+                 {"stage2_state_bytes_per_rank", p.zero2_state_bytes}};
+  return j;
 }
 
 }  // namespace flotilla::plan

@@ -55,6 +55,12 @@ struct TensorPlan {
   double state_bytes = 0.0;                 // per rank
   double activation_bytes = 0.0;            // per rank
   double memory_bytes = 0.0;                // per rank: state + activations
+  // With --zero 1 or 2 over the dp = zero_dp replicas the other ranks make (2 or more):
+  // docs/sharding.md's state per rank on a rank's local arena (t trainable floats, and a
+  // LoRA base's 4 bytes a parameter): 8t + 12t/dp and 4t + 12t/dp bytes, stage 2's units in
+  // flight left out. 0 when zero_dp is 1.
+  int zero_dp = 1;
+  double zero1_state_bytes = 0.0, zero2_state_bytes = 0.0;
   // The same with --sequence-parallel.
   struct Sequence {
     double wire_bytes_per_rank = 0.0;  // per step, one rank sends
@@ -65,9 +71,9 @@ struct TensorPlan {
   } sequence;
 };
 
-// The plan for tp ranks on `link`; InputError when tp does not split the model
-// (model::tensor_parallel_config).
-TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link);
+// The plan for tp ranks on `link`, and with ZeRO over `dp` replicas of them; InputError
+// when tp does not split the model (model::tensor_parallel_config).
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp = 1);
 // tp = 2, 4, ... up to max_ranks, each that splits the model (none for a mixture of experts).
 template <class LinkFor>
 std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
@@ -81,7 +87,8 @@ std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost&
                                               LinkFor&& link_for) {
   std::vector<TensorPlan> plans;
   for (int tp = 2; tp <= max_ranks; tp *= 2)
-    if (tensor_parallel_splits(w, tp)) plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp)));
+    if (tensor_parallel_splits(w, tp))
+      plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp), max_ranks / tp));
   return plans;
 }
 

@@ -36,10 +36,9 @@ namespace flotilla::train {
 namespace {
 
 // What neither pipeline nor tensor parallelism combines with yet, each refused in one line
-// naming the flag: checkpoints, ZeRO, local SGD, compression and the deterministic mode.
+// naming the flag: local SGD, compression and the deterministic mode.
 template <class Refuse>
 void refuse_what_model_parallelism_lacks(const TrainJob& job, Refuse&& refuse) {
-  if (job.train.zero_stage > 0) refuse("--zero");
   if (job.train.local_sgd.sync_every > 0) refuse("local SGD (--sync-every)");
   if (job.compression.kind != comm::Compression::none) refuse("--compression");
   if (job.train.deterministic) refuse("--deterministic");
@@ -50,6 +49,9 @@ void check_pipeline_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
+  // ZeRO-1 shards each stage's optimizer state over its dp group; stage 2 would save nothing
+  // at the peak (a stage's gradient is whole until its last micro-batch's backward).
+  if (job.train.zero_stage >= 2) refuse(fmt::format("--zero {} (use --zero 1)", job.train.zero_stage));
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the whole model's, written by the first replica's stages into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
@@ -68,21 +70,21 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
   };
+  // ZeRO-1/2 shard each tp slice's optimizer state (and gradients) over its dp group;
+  // stage 3 gathers whole parameter groups, of which a tp rank holds slices.
+  if (job.train.zero_stage == 3) refuse("--zero 3 (use --zero 1 or 2)");
+  // Each is built with tp alone: ZeRO-1 with pp alone, pp with tp alone; the three together
+  // (a stage's tp slices sharded over its dp group) are not checked yet.
+  if (job.pp && job.train.zero_stage > 0) refuse("--zero and pipeline stages (pp > 1) together");
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the full model's, written by the slices' holders into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
     refuse("per-host checkpoint folders (--checkpoint-dir, --checkpoint-replicas)");
   // The tp ranks of a replica must run the same rows; each measures its own dp group.
   if (job.train.balance_every > 0) refuse("--balance");
-  if (job.fine_tune == FineTuneType::lora) {
-    // LoRA on a column-parallel layer splits B by output rows and keeps A whole; the
-    // row-parallel ones (o, down) would split A and add u over the ranks: not built.
-    for (model::LoraTarget t : job.lora.targets)
-      if (t == model::LoraTarget::o || t == model::LoraTarget::down)
-        refuse(fmt::format("LoRA on {} (a row-parallel layer; q, k, v, gate and up work)",
-                           model::lora_target_module(t)));
-    if (!job.resume_adapter.empty()) refuse("--resume-adapter-file");
-  }
+  // LoRA: a column-parallel layer's B is split by output rows, a row-parallel one's A by
+  // input columns (model::Llama::lora_row_parallel_forward).
+  if (job.fine_tune == FineTuneType::lora && !job.resume_adapter.empty()) refuse("--resume-adapter-file");
 }
 
 // The flags that need no model or data, checked first: a mistake shows before anything loads.
@@ -344,7 +346,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
   const DataFolder data_folder =
       pipeline_data ? std::move(*pipeline_data) : locate_data(job, whole_config, *tokenizer, info);
   model::check_tokenizer_fits(*tokenizer, whole_config, job.model_dir);
-  const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, info);
+  const std::unique_ptr<model::LoraAdapters> adapters = attach_lora(job, model, whole_config, info);
   if (job.tp) {
     model.set_tensor_parallel(job.tp, model_config);
     model.set_sequence_parallel(job.sequence_parallel);

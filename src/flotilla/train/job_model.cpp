@@ -10,7 +10,9 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/model/matmul_dtype.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/model/tensor_parallel_io.hpp"
+#include "flotilla/parallel/tensor_parallel.hpp"
 #include "flotilla/parallel/zero3.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 
@@ -124,7 +126,8 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
   return model;
 }
 
-std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Llama& model, const InfoSink& info) {
+std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Llama& model, const model::ModelConfig& whole,
+                                                 const InfoSink& info) {
   const model::ModelConfig& cfg = model.config();
   // LoRA: adapters over the frozen base; the optimizer and checkpoints see only them.
   if (job.fine_tune == FineTuneType::lora) {
@@ -135,7 +138,17 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
       info(fmt::format("LoRA: continuing from {}", job.resume_adapter.string()));
     } else {
       adapters = std::make_unique<model::LoraAdapters>(cfg, job.lora);
-      adapters->init_random(job.seed);
+      if (job.tp) {
+        // The one-rank adapters' initial values, sliced: a row-parallel layer's A (o, down)
+        // is cut along its input columns, and its bound and random stream are the whole A's.
+        model::LoraAdapters full(whole, job.lora);
+        full.init_random(job.seed);
+        const model::TpRank at{job.tp->tp_rank(), job.tp->tp_size()};
+        for (const model::ParamInfo& info : full.table().params())
+          model::copy_slice_out(info, *adapters->table().find(info.name), at, full.params(), adapters->params());
+      } else {
+        adapters->init_random(job.seed);
+      }
     }
     model.attach_lora(adapters.get());
     const model::LoraConfig& lc = adapters->config();

@@ -48,8 +48,10 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
 
 // A LoRA run: adapters (fresh from job.seed, or job.resume_adapter checked against the LoRA
 // flags given) attached to `model`, which keeps a pointer to them: they must outlive it.
-// A full run: null, after refusing --resume-adapter-file and a quantized model.
-std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Llama& model, const InfoSink& info);
+// A full run: null, after refusing --resume-adapter-file and a quantized model. `whole`:
+// the full model's config (a tp rank's adapters are its slices of the full adapters').
+std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Llama& model, const model::ModelConfig& whole,
+                                                 const InfoSink& info);
 
 // A fresh run's weights to train that hold a NaN or an Inf can only give a non-finite
 // model, which is never written: InputError naming the tensor now, not after the run.

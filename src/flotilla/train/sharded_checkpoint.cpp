@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -309,6 +310,76 @@ void scatter_runs(const TpCheckpointView& v, std::span<const float> buffer, std:
       std::copy_n(buffer.begin() + needed.offset(run.full), run.n, local.begin() + (moments ? run.moment : run.local));
 }
 
+// ZeRO under tensor parallelism: a tp rank's optimizer moments are its dp shard of the local
+// arena, laid out as the optimizer's owned ranges. fn(buffer_at, local_at, n) for each
+// piece of a run that lies both in `full_ranges` (checkpoint-arena ranges, ascending: the
+// buffer's layout) and in `local_ranges` (local-arena ranges, ascending: the other side's
+// layout), with the offsets into each side's buffer.
+template <class Fn>
+void for_each_piece(const TpCheckpointView& v, std::span<const io::FloatRange> full_ranges,
+                    std::span<const io::FloatRange> local_ranges, Fn&& fn) {
+  const RangeBuffer full_buffer(full_ranges), local_buffer(local_ranges);
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  // The range of `ranges` holding x (inside = true), else the next one's start (kNone: none).
+  struct Reach {
+    bool inside = false;
+    int64_t to = 0;  // inside: the range's end; else the next range's start
+  };
+  auto reach = [](std::span<const io::FloatRange> ranges, int64_t x) {
+    const auto it = std::upper_bound(ranges.begin(), ranges.end(), x,
+                                     [](int64_t y, const io::FloatRange& r) { return y < r.end; });
+    if (it == ranges.end()) return Reach{false, kNone};
+    return it->begin <= x ? Reach{true, it->end} : Reach{false, it->begin};
+  };
+  for (const SliceRun& run : v.runs) {
+    int64_t p = run.local;
+    const int64_t end = run.local + run.n;
+    while (p < end) {
+      const int64_t f = run.full + (p - run.local);
+      const Reach fr = reach(full_ranges, f), lr = reach(local_ranges, p);
+      if (!fr.inside || !lr.inside) {  // on to where both may hold it
+        const int64_t full_next = fr.inside ? p : fr.to == kNone ? end : run.local + (fr.to - run.full);
+        const int64_t local_next = lr.inside ? p : std::min(lr.to, end);
+        p = std::max({p + 1, full_next, local_next});
+        continue;
+      }
+      const int64_t n = std::min({end - p, fr.to - f, lr.to - p});
+      fn(full_buffer.offset(f), local_buffer.offset(p), n);
+      p += n;
+    }
+  }
+}
+
+// What this (dp, tp) rank writes of a ZeRO x tp checkpoint: of what its tp rank writes
+// (`v.written`, as the first replica's would), the floats whose local preimage this dp rank
+// solely owns, and on dp rank 0 also the floats no tensor covers (alignment gaps), so that
+// the rank files still tile the arena.
+std::vector<io::FloatRange> zero_tp_written(const TpCheckpointView& v, std::span<const io::FloatRange> sole_owned,
+                                            bool dp_root) {
+  std::vector<io::FloatRange> pieces, covered;
+  for (const SliceRun& run : v.runs) {
+    covered.push_back({run.full, run.full + run.n});
+    const auto first = std::partition_point(sole_owned.begin(), sole_owned.end(),
+                                            [&](const io::FloatRange& o) { return o.end <= run.local; });
+    for (auto o = first; o != sole_owned.end() && o->begin < run.local + run.n; ++o) {
+      const int64_t b = std::max(o->begin, run.local), e = std::min(o->end, run.local + run.n);
+      pieces.push_back({run.full + (b - run.local), run.full + (e - run.local)});
+    }
+  }
+  if (dp_root)
+    for (const io::FloatRange& gap : uncovered(covered, v.full->total_numel())) pieces.push_back(gap);
+  std::sort(pieces.begin(), pieces.end(), [](const io::FloatRange& a, const io::FloatRange& b) { return a.begin < b.begin; });
+  // Of those, what this tp rank writes (both lists ascending and disjoint).
+  std::vector<io::FloatRange> mine;
+  size_t w = 0;
+  for (const io::FloatRange& r : pieces) {
+    while (w < v.written.size() && v.written[w].end <= r.begin) ++w;
+    for (size_t k = w; k < v.written.size() && v.written[k].begin < r.end; ++k)
+      append_merged(mine, {std::max(r.begin, v.written[k].begin), std::min(r.end, v.written[k].end)});
+  }
+  return mine;
+}
+
 // The gradient codec's state when this run compresses gradients across ranks; else none.
 std::vector<comm::CodecState> this_codec_state(Trainer& trainer) {
   parallel::DataParallel* dp = trainer.data_parallel();
@@ -333,11 +404,13 @@ std::vector<io::FloatRange> equal_cut(int64_t arena_floats, int rank, int world)
 // zeros), so that the files tile the arena; the other replicas (the same weights) write
 // nothing. The checkpoint is then the whole model's, as one rank's: it resumes on any
 // layout, each rank reading what it holds.
+// Under ZeRO-1 each replica writes the part of its stage's ranges it solely owns.
 std::vector<io::FloatRange> pipeline_checkpoint_ranges(Trainer& trainer, int world_rank) {
   const parallel::DataParallel* replicas = trainer.data_parallel();
-  if (replicas && replicas->rank() != 0) return {};
+  const bool zero = parallel::pipeline_zero_sharded(trainer.sync());
+  if (replicas && replicas->rank() != 0 && !zero) return {};
   std::vector<io::FloatRange> out;
-  for (const parallel::ArenaRange& r : trainer.sync().owned()) out.push_back({r.begin, r.end});
+  for (const parallel::ArenaRange& r : trainer.sync().sole_owned()) out.push_back({r.begin, r.end});
   if (world_rank != 0) return out;
   model::Llama& model = trainer.model();
   const model::Llama::Trainable trainable = model.trainable();
@@ -379,7 +452,18 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
 
   // Every rank's ranges, for rank 0's layout.json (under tensor or pipeline parallelism,
   // of the full model's arena: `dp` is then the whole world).
-  const std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer, rank);
+  std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer, rank);
+  // ZeRO under tensor parallelism: each tp slice's dp ranks split what its first replica
+  // would write, by the local floats each solely owns (its moments are only those). A
+  // pipeline's sync is sharded too (each stage owns its tensors), but pp x tp refuses ZeRO.
+  const bool zero_tp = tp && !trainer.pipeline() && trainer.sync().sharded();
+  if (zero_tp) {
+    const model::TensorParallelGroup& group = *trainer.model().tensor_parallel();
+    tp = tp_checkpoint_view(trainer, group.tp_rank());
+    std::vector<io::FloatRange> sole;
+    for (const parallel::ArenaRange& r : trainer.sync().sole_owned()) sole.push_back({r.begin, r.end});
+    tp->written = zero_tp_written(*tp, sole, trainer.data_parallel()->rank() == 0);
+  }
   const std::vector<io::FloatRange> mine = tp ? tp->written : checkpoint_ranges(trainer, rank, world);
   const std::vector<std::string> all_ranges = gather(ranges_json(mine).dump(), "checkpoint ranges");
 
@@ -399,9 +483,17 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     weights.resize(static_cast<size_t>(n));
     m.resize(static_cast<size_t>(n));
     v.resize(static_cast<size_t>(n));
-    if (tp) {
-      // The optimizer owns the whole local arena, or a stage's tensors (tensor parallelism
-      // refuses --zero).
+    if (zero_tp) {
+      auto copy_out = [&](std::span<const io::FloatRange> local_ranges, std::span<const float> from, std::vector<float>& to) {
+        for_each_piece(*tp, mine, local_ranges, [&](int64_t at, int64_t local_at, int64_t count) {
+          std::copy_n(from.begin() + local_at, count, to.begin() + at);
+        });
+      };
+      copy_out(arena, trainable.params, weights);
+      copy_out(owned, trainer.optimizer().m(), m);
+      copy_out(owned, trainer.optimizer().v(), v);
+    } else if (tp) {
+      // The optimizer owns the whole local arena, or a stage's tensors.
       weights = gather_runs(*tp, mine, trainable.params, false);
       m = gather_runs(*tp, mine, trainer.optimizer().m(), true);
       v = gather_runs(*tp, mine, trainer.optimizer().v(), true);
@@ -563,9 +655,19 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
     std::vector<float> buffer(static_cast<size_t>(io::total_floats(tp->needed)));
     const std::pair<std::string, std::span<float>> kinds[] = {
         {"weights", trainable.params}, {"m", trainer.optimizer().m()}, {"v", trainer.optimizer().v()}};
+    // Under ZeRO the moments are this rank's owned ranges of the local arena, one after the
+    // other (a pipeline stage's owned tensors are SliceRun::moment's business instead).
+    const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
+    const bool zero = !trainer.pipeline() && trainer.sync().sharded();
     for (const auto& [kind, local] : kinds) {
       copy_kind(layout, files, kind, tp->needed, buffer);
-      scatter_runs(*tp, buffer, local, kind != "weights");
+      if (zero && kind != "weights") {
+        for_each_piece(*tp, tp->needed, owned, [&](int64_t at, int64_t local_at, int64_t count) {
+          std::copy_n(buffer.begin() + at, count, local.begin() + local_at);
+        });
+      } else {
+        scatter_runs(*tp, buffer, local, kind != "weights");
+      }
     }
     return;
   }

@@ -103,14 +103,13 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
     // model; the stages would each hold a part of it: not built yet.
     if (model.config().is_moe())
       throw InputError("train", "pipeline parallelism (pp > 1) does not work with mixture-of-experts models yet");
-    if (cfg.zero_stage > 0 || cfg.local_sgd.sync_every > 0)
-      throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not combine with {} yet",
-                                            cfg.zero_stage > 0 ? "--zero" : "local SGD (--sync-every)"));
+    if (cfg.local_sgd.sync_every > 0)
+      throw InputError("train", "pipeline parallelism (pp > 1) does not combine with local SGD (--sync-every) yet");
     if (cfg.batch_size % pipeline->config().micro_batches != 0)
       throw InputError("train", fmt::format("--micro-batches {} does not divide --batch-size {}: each micro-batch "
                                             "must have the same number of rows",
                                             pipeline->config().micro_batches, cfg.batch_size));
-    return parallel::make_pipeline_sync(model, *pipeline, dp);
+    return parallel::make_pipeline_sync(model, *pipeline, dp, cfg.zero_stage);
   }
   if (!model.holds_all_experts()) {
     // Each rank holds its own experts (train/job_model.hpp's held_part): their gradients
@@ -424,11 +423,11 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   update_span.emplace(trace_, "clip + optimizer", TraceLane::compute);
   if (exchanged.grad_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(exchanged.grad_tokens));
-  // Tensor parallel: the split tensors' squares summed over the tp group (the sync's owned
-  // gradients are this rank's whole local model: tp refuses the sharding syncs; a pipeline
-  // stage's sync sums its own over tp and the stages).
-  const double grad_norm = std::sqrt(model_.tensor_parallel() && !pipeline_ ? model_.grad_sum_squares_tensor_parallel()
-                                                                            : sync_->grad_sum_squares());
+  // Tensor parallel: the split tensors' squares summed over the tp group; a sharding sync
+  // (ZeRO) does that for its owned gradients, the others own this rank's whole local model.
+  const double grad_norm = std::sqrt(model_.tensor_parallel() && !sync_->sharded()
+                                         ? model_.grad_sum_squares_tensor_parallel()
+                                         : sync_->grad_sum_squares());
   const float lr = schedule_.lr_at(step_);
   const model::LossSum& reported = exchanged.global;
   // The loss and the norm are global after the exchange, so every rank decides alike
