@@ -5,7 +5,12 @@
 // one after the other and prints the table with the ratios.
 //
 //   lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W]
-//                   [--rank R] [--alpha A] [--targets q,k,v,o] [--bits 0|4|8] [--json]
+//                   [--rank R] [--alpha A] [--targets q,k,v,o] [--bits 0|4|8]
+//                   [--dtype float32|bf16] [--json] [--breakdown]
+//
+// --breakdown: on stderr, the phases and the per-op replay of the step (bench/op_profile.hpp,
+// as bench/train_throughput prints it): each family of products next to the bare oneDNN
+// calls on the same shapes, in the format the model runs them.
 //
 // --bits 4 (or 8): the frozen base is quantized (MLX layout, group size 64 where it divides
 // the dimensions, else 32; f16 scales):
@@ -31,6 +36,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "op_profile.hpp"
 #include "timed_step.hpp"
 #include "workloads.hpp"
 #include "flotilla/base/memory.hpp"
@@ -65,7 +71,7 @@ struct Args {
   std::string targets = "q,k,v,o";
   int bits = 0;  // 0: float32 base
   std::string dtype = "float32";  // matrix products: float32 or bf16 (as train --dtype)
-  bool json = false;
+  bool json = false, breakdown = false;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -86,6 +92,7 @@ Args parse_args(int argc, char** argv) {
     else if (s == "--bits") a.bits = std::stoi(need(i));
     else if (s == "--dtype") a.dtype = need(i);
     else if (s == "--json") a.json = true;
+    else if (s == "--breakdown") a.breakdown = true;
     else if (s == "-h" || s == "--help") {
       std::cout << "usage: lora_throughput [--workload W1|W2] [--threads N] [--steps S] [--warmup W] "
                    "[--rank R] [--alpha A] [--targets q,k,v,o] [--bits 0|4|8] [--json]\n";
@@ -195,6 +202,26 @@ int run(const Args& args) {
         {"backward", phases.backward / steps},
         {"optimizer", phases.optimizer / steps}}},
   };
+  if (args.breakdown) {
+    // The same step replayed op by op (bench/op_profile.hpp): the frozen base's products
+    // (input gradients only) and the adapters' in the formats the model runs them.
+    flotilla::bench::ProfiledStep profiled;
+    profiled.input = model.matmul_input();
+    profiled.lora_rank = args.rank;
+    profiled.lora_input = model.adapter_input();
+    for (const auto t : lora_cfg.targets) {
+      const flotilla::model::LoraSlot& slot = adapters.slot(0, t);
+      if (slot.active()) profiled.lora.emplace_back(slot.in, slot.out);
+    }
+    std::fprintf(stderr, "\n[%s LoRA] phases, ms per step (mean of %d timed steps): forward %.1f, backward %.1f, "
+                 "optimizer %.1f\n", args.workload.c_str(), args.steps, phases.forward / steps,
+                 phases.backward / steps, phases.optimizer / steps);
+    flotilla::bench::print_op_profile(
+        flotilla::bench::op_profile(cfg, B, T, 3, profiled),
+        "[" + args.workload + " LoRA] per-op replay, ms per step (model's shapes and call counts; base frozen: "
+        "its backward makes input gradients only)",
+        0, (phases.forward + phases.backward) / steps);
+  }
   if (args.json) {
     std::cout << out.dump() << std::endl;
   } else {

@@ -8,8 +8,10 @@
 //
 // Without --json a short human summary goes to stdout as well; --breakdown adds, on stderr,
 // ms per step for each phase (zero_grads, forward, backward, optimizer) and a per-op
-// profile: every kernel the model calls, replayed with the model's shapes and call counts
-// on scratch buffers (the model's own code is not instrumented), next to the SGEMM rate.
+// profile (bench/op_profile.hpp): every kernel the model calls, replayed with the model's
+// shapes, call counts and matrix-product format on scratch buffers (the model's own code is
+// not instrumented), each product family next to the bare oneDNN calls on the same shapes
+// and to the SGEMM rate.
 //
 // Also measured in the same process: the machine's SGEMM rate (plan::measure_sgemm, the thread
 // count given, best over a few repeats of shapes the workload uses and of 2048^3), so that
@@ -31,6 +33,7 @@
 #include <nlohmann/json.hpp>
 
 #include "flotilla/base/buffer.hpp"
+#include "op_profile.hpp"
 #include "timed_step.hpp"
 #include "workloads.hpp"
 #include "flotilla/base/memory.hpp"
@@ -47,10 +50,8 @@
 namespace {
 
 using flotilla::Rng;
-using flotilla::best_of_ms;
 using flotilla::Timer;
 using flotilla::model::ModelConfig;
-namespace k = flotilla::kernels;
 
 using flotilla::bench::find_workload;
 using flotilla::bench::make_config;
@@ -65,121 +66,6 @@ using flotilla::plan::SgemmShape;
 
 using flotilla::bench::PhaseMs;
 using flotilla::bench::RandomBatch;
-
-// One row of the per-op profile: ms per training step spent in one kernel family.
-struct OpRow {
-  std::string name;
-  double ms_per_step;
-  double gflop_per_step;  // matmul FLOPs done by that row (0 for elementwise work)
-};
-
-// Replays every kernel call of one training step with the model's shapes and counts, each
-// family timed separately (best of `repeats`), so the phase times above can be split by op.
-// Buffers are scratch of one layer's size, reused across layers: the numbers are for warm
-// caches where the model's are not quite, so the sum may come out a little under the phases.
-std::vector<OpRow> op_profile(const ModelConfig& c, int64_t B, int64_t T, int repeats) {
-  const int64_t N = B * T, C = c.dim, F = c.ffn_dim, V = c.vocab_size, L = c.n_layers;
-  const int64_t NH = c.n_heads, NKV = c.n_kv_heads, hd = c.head_dim, Dq = c.q_dim(),
-                Dkv = c.kv_dim();
-  auto buf = [](int64_t n) { return std::vector<float>(static_cast<size_t>(n), 0.01f); };
-  Rng rng(2);
-  auto rnd = [&](int64_t n, float lo, float hi) {
-    auto v = buf(n);
-    rng.fill_uniform(v, lo, hi);
-    return v;
-  };
-  // Inputs and weights of one layer, and the lm_head.
-  auto x = rnd(N * C, -1, 1), xf = rnd(N * F, -1, 1), g = rnd(N * F, -2, 2), u = rnd(N * F, -2, 2);
-  auto wq = rnd(Dq * C, -.05f, .05f), wk = rnd(Dkv * C, -.05f, .05f), wv = rnd(Dkv * C, -.05f, .05f);
-  auto wo = rnd(C * Dq, -.05f, .05f), wg = rnd(F * C, -.05f, .05f), wu = rnd(F * C, -.05f, .05f);
-  auto wd = rnd(C * F, -.05f, .05f), wlm = rnd(V * C, -.05f, .05f), wte = rnd(V * C, -.05f, .05f);
-  auto q = rnd(N * Dq, -1, 1), kk = rnd(N * Dkv, -1, 1), vv = rnd(N * Dkv, -1, 1);
-  auto att = buf(N * Dq), probs = buf(B * NH * T * T), dprobs = buf(B * NH * T * T);
-  auto dq = buf(N * Dq), dk = buf(N * Dkv), dv = buf(N * Dkv);
-  auto out_c = buf(N * C), out_q = buf(N * Dq), out_kv = buf(N * Dkv), out_f = buf(N * F);
-  auto out_f2 = buf(N * F), dwq = buf(Dq * C), dwkv = buf(Dkv * C), dwf = buf(F * C), dwc = buf(C * Dq);
-  auto dx_c = buf(N * C), dx_f = buf(N * F), dx_q = buf(N * Dq);  // input gradients
-  auto rstd = buf(N), norm_w = rnd(C, 0.9f, 1.1f), dnorm_w = buf(C);
-  auto logits = rnd(N * V, -3, 3), losses = buf(N), dwlm = buf(V * C), dwte = buf(V * C);
-  std::vector<int32_t> tokens(static_cast<size_t>(N));
-  for (auto& t : tokens) t = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
-  std::vector<float> inv_freq(static_cast<size_t>(hd / 2)), cos(static_cast<size_t>(T * hd / 2)),
-      sin(static_cast<size_t>(T * hd / 2));
-  k::rope_inv_freq(inv_freq.data(), hd, c.rope_theta, c.rope_scaling);
-  k::rope_table(cos.data(), sin.data(), inv_freq.data(), 0, T, hd);
-  k::attention_forward(att.data(), probs.data(), q.data(), kk.data(), vv.data(), B, T, T, NH, NKV, hd);
-
-  const double layer_linear_flop = 2.0 * N * (C * Dq + 2.0 * C * Dkv + Dq * C + 3.0 * C * F);
-  const double lm_flop = 2.0 * N * C * V;
-  const double attn_flop_causal = 2.0 * B * NH * hd * static_cast<double>(T) * (T + 1);  // QK^T + PV
-  std::vector<OpRow> rows;
-  auto add = [&](std::string name, double per_call_ms, double calls, double gflop) {
-    rows.push_back({std::move(name), per_call_ms * calls, gflop});
-  };
-  add("fwd linear (7 per layer)", best_of_ms(repeats, [&] {
-        k::matmul_forward(out_q.data(), x.data(), wq.data(), nullptr, N, C, Dq);
-        k::matmul_forward(out_kv.data(), x.data(), wk.data(), nullptr, N, C, Dkv);
-        k::matmul_forward(out_kv.data(), x.data(), wv.data(), nullptr, N, C, Dkv);
-        k::matmul_forward(out_c.data(), att.data(), wo.data(), nullptr, N, Dq, C);
-        k::matmul_forward(out_f.data(), x.data(), wg.data(), nullptr, N, C, F);
-        k::matmul_forward(out_f.data(), x.data(), wu.data(), nullptr, N, C, F);
-        k::matmul_forward(out_c.data(), xf.data(), wd.data(), nullptr, N, F, C);
-      }), L, L * layer_linear_flop / 1e9);
-  add("fwd lm_head", best_of_ms(repeats, [&] {
-        k::matmul_forward(logits.data(), x.data(), wlm.data(), nullptr, N, C, V);
-      }), 1, lm_flop / 1e9);
-  add("fwd attention", best_of_ms(repeats, [&] {
-        k::attention_forward(att.data(), probs.data(), q.data(), kk.data(), vv.data(), B, T, T, NH,
-                             NKV, hd);
-      }), L, L * attn_flop_causal / 1e9);
-  add("fwd elementwise (norm rope swiglu)", best_of_ms(repeats, [&] {
-        k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
-        k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
-        k::rope_forward(q.data(), cos.data(), sin.data(), B, T, NH, hd);
-        k::rope_forward(kk.data(), cos.data(), sin.data(), B, T, NKV, hd);
-        k::swiglu_forward(out_f.data(), g.data(), u.data(), N, F);
-      }), L, 0);
-  add("fwd cross-entropy + embedding", best_of_ms(repeats, [&] {
-        k::embedding_forward(out_c.data(), tokens.data(), wte.data(), N, C);
-        k::cross_entropy_forward(losses.data(), logits.data(), tokens.data(), N, V, -100);
-      }), 1, 0);
-
-  add("bwd lm_head (dx, dW)", best_of_ms(repeats, [&] {
-        k::matmul_backward(dx_c.data(), dwlm.data(), nullptr, logits.data(), x.data(), wlm.data(),
-                           N, C, V);
-      }), 1, 2 * lm_flop / 1e9);
-  add("bwd linear (dx, dW; 7 per layer)", best_of_ms(repeats, [&] {
-        k::matmul_backward(dx_f.data(), dwf.data(), nullptr, out_c.data(), xf.data(), wd.data(), N, F, C);
-        k::matmul_backward(dx_c.data(), dwf.data(), nullptr, out_f.data(), x.data(), wg.data(), N, C, F);
-        k::matmul_backward(dx_c.data(), dwf.data(), nullptr, out_f2.data(), x.data(), wu.data(), N, C, F);
-        k::matmul_backward(dx_q.data(), dwc.data(), nullptr, out_c.data(), att.data(), wo.data(), N, Dq, C);
-        k::matmul_backward(dx_c.data(), dwq.data(), nullptr, q.data(), x.data(), wq.data(), N, C, Dq);
-        k::matmul_backward(dx_c.data(), dwkv.data(), nullptr, kk.data(), x.data(), wk.data(), N, C, Dkv);
-        k::matmul_backward(dx_c.data(), dwkv.data(), nullptr, vv.data(), x.data(), wv.data(), N, C, Dkv);
-      }), L, 2 * L * layer_linear_flop / 1e9);
-  add("bwd attention", best_of_ms(repeats, [&] {
-        k::attention_backward(dq.data(), dk.data(), dv.data(), dprobs.data(), att.data(), q.data(),
-                              kk.data(), vv.data(), probs.data(), B, T, T, NH, NKV, hd);
-      }), L, 2 * L * attn_flop_causal / 1e9);
-  // Backward recomputes the two RMSNorms and the SwiGLU product (see model/llama.hpp).
-  add("bwd elementwise (norm rope swiglu, recompute)", best_of_ms(repeats, [&] {
-        k::swiglu_forward(out_f.data(), g.data(), u.data(), N, F);
-        k::swiglu_backward(out_f.data(), out_f2.data(), xf.data(), g.data(), u.data(), N, F);
-        k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
-        k::rmsnorm_backward(dx_c.data(), dnorm_w.data(), out_c.data(), x.data(), norm_w.data(),
-                            rstd.data(), N, C);
-        k::rope_backward(dq.data(), cos.data(), sin.data(), B, T, NH, hd);
-        k::rope_backward(dk.data(), cos.data(), sin.data(), B, T, NKV, hd);
-        k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
-        k::rmsnorm_backward(dx_c.data(), dnorm_w.data(), out_c.data(), x.data(), norm_w.data(),
-                            rstd.data(), N, C);
-      }), L, 0);
-  add("bwd cross-entropy + embedding", best_of_ms(repeats, [&] {
-        k::cross_entropy_backward_inplace(logits.data(), tokens.data(), N, V, -100, 1.0f / N);
-        k::embedding_backward(dwte.data(), out_c.data(), tokens.data(), N, C);
-      }), 1, 0);
-  return rows;
-}
 
 struct Args {
   std::string workload = "W1";
@@ -310,24 +196,14 @@ int run(const Args& args) {
                    static_cast<long long>(s.M), static_cast<long long>(s.N),
                    static_cast<long long>(s.K), gf);
 
-    const std::vector<OpRow> rows = op_profile(cfg, B, T, 3);
-    std::fprintf(stderr,
-                 "\n[%s] per-op replay, ms per step (model's shapes and call counts; GEMM FLOPs "
-                 "as executed, causal attention counted once)\n",
-                 args.workload.c_str());
-    double sum = 0;
-    for (const OpRow& r : rows) sum += r.ms_per_step;
-    for (const OpRow& r : rows) {
-      std::fprintf(stderr, "  %-46s %9.1f ms  %5.1f%%", r.name.c_str(), r.ms_per_step,
-                   100.0 * r.ms_per_step / sum);
-      if (r.gflop_per_step > 0)
-        std::fprintf(stderr, "  %7.1f GFLOP/s (%3.0f%% of SGEMM)",
-                     r.gflop_per_step / (r.ms_per_step / 1e3),
-                     100.0 * r.gflop_per_step / (r.ms_per_step / 1e3) / sgemm.best_gflops);
-      std::fprintf(stderr, "\n");
-    }
-    std::fprintf(stderr, "  %-46s %9.1f ms  (forward+backward measured: %.1f ms)\n", "sum", sum,
-                 (phases.forward + phases.backward) / steps);
+    flotilla::bench::ProfiledStep profiled;
+    profiled.input = model.matmul_input();
+    const std::vector<flotilla::bench::OpRow> rows = flotilla::bench::op_profile(cfg, B, T, 3, profiled);
+    flotilla::bench::print_op_profile(
+        rows,
+        "[" + args.workload + "] per-op replay, ms per step (model's shapes and call counts; GEMM FLOPs as "
+        "executed, causal attention counted once)",
+        sgemm.best_gflops, (phases.forward + phases.backward) / steps);
   }
   if (args.json) std::cout << out.dump() << std::endl;
   return 0;

@@ -127,7 +127,7 @@ TEST(LlamaBf16, UpdatedWeightsReachTheNextForward) {
 }
 
 // A frozen base (LoRA) keeps one bf16 copy across forwards, yet an edit through params()
-// still reaches the next forward; LoRA's own products are bf16 as well.
+// still reaches the next forward; LoRA's own products stay float32 (adapter_input()).
 TEST(LlamaBf16, FrozenBaseWithAdaptersSeesEditedWeights) {
   SKIP_WITHOUT_BF16();
   Rng rng(test_seed());

@@ -520,7 +520,7 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
     if (tp_ && lora_row_parallel(t))
       lora_row_parallel_forward(l, t, y, x, u, ctx.lora_xd, N, seed, *ctx.lora);
     else
-      ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, matmul_input_);
+      ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, adapter_input());
   };
   float* ln = ctx.ln;
   // Sequence parallel: the residual stream is this rank's rows (Nr of them); a norm's
@@ -897,7 +897,7 @@ void Llama::lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout,
   float* lg = lora_->grads().data();
   const float* u = a.layers[static_cast<size_t>(l)].lora_u[static_cast<size_t>(t)];
   std::memset(a.lora_g, 0, static_cast<size_t>(N * r) * sizeof(float));
-  k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, matmul_input_);
+  k::matmul_backward(a.lora_g, lg + s.b, nullptr, dout, u, adapters + s.b, N, r, s.out, adapter_input());
   k::scale_inplace(a.lora_g, N * r, lora_->config().scale());
   // Tensor parallel, a column-parallel target: B holds this rank's output rows, so du is
   // this rank's share; d(x) takes the share (d(ln) is all-reduced after), and A, replicated,
@@ -905,12 +905,12 @@ void Llama::lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout,
   // du is whole, A and x this rank's columns: as on one rank.
   auto input_backward = [&](float* dinp, const float* xd) {
     if (!tp_ || lora_row_parallel(t)) {
-      k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+      k::matmul_backward(dinp, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, adapter_input());
       return;
     }
-    if (dinp) k::matmul_backward(dinp, nullptr, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+    if (dinp) k::matmul_backward(dinp, nullptr, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, adapter_input());
     tp_->all_reduce_sum({a.lora_g, static_cast<size_t>(N * r)}, "tp LoRA gradient");
-    k::matmul_backward(nullptr, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, matmul_input_);
+    k::matmul_backward(nullptr, lg + s.a, nullptr, a.lora_g, xd, adapters + s.a, N, s.in, r, adapter_input());
   };
   if (!dropout || dx == nullptr) {
     const float* xd = x;
@@ -978,7 +978,7 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
     if (!ctx.lora) return;
     std::optional<uint64_t> seed;
     if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
-    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, matmul_input_);
+    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, adapter_input());
   };
   linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, Fs);
   linear_forward(la.up, ln, w.up_proj, nullptr, N, C, Fs);
@@ -998,7 +998,7 @@ void Llama::expert_forward(const ExpertParams& ew, const ExpertRows& x, float* a
                            const ExpertRun& run) const {
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim;
   auto lora = [&](ExpertProj p, float* y, const float* in) {
-    if (run.lora) run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), matmul_input_);
+    if (run.lora) run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), adapter_input());
   };
   linear_forward(x.gate, x.rows, ew.gate_proj, nullptr, x.n, C, Fe);
   linear_forward(x.up, x.rows, ew.up_proj, nullptr, x.n, C, Fe);
@@ -1022,7 +1022,7 @@ void Llama::expert_backward(const ExpertParams& ew, const ExpertRows& x, const f
   // The expert's adapters: d(their input) into din, their gradients into lora_'s.
   LoraAdapters* lora = run.lora ? lora_ : nullptr;
   auto lora_backward = [&](ExpertProj p, float* din, const float* d, const float* in) {
-    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), matmul_input_);
+    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), adapter_input());
   };
   // out = act @ down^T (+ its adapter's);  act = silu(gate) * up (recomputed)
   k::swiglu_forward(s.act, x.gate, x.up, n, Fe);

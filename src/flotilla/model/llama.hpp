@@ -227,13 +227,19 @@ class Llama {
   // dinp += dout @ W; dweight, dbias += ... (must be nullptr for a quantized, frozen W).
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                        const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const;
-  // Number format of the linear layers' products (lm_head, LoRA's and the 4-bit base's
-  // included): f32, or bf16 inputs with float32 accumulation. The weights stay float32; a
+  // Number format of the linear layers' products (lm_head and the 4-bit base's included;
+  // LoRA's adapters: adapter_input()): f32, or bf16 inputs with float32 accumulation. The weights stay float32; a
   // bf16 copy is made when first needed and again by every forward that may follow an
   // update of the base (a trained base: once per forward; a frozen one: once). Set the
   // format a machine supports (model/matmul_dtype.hpp resolves it).
   void set_matmul_input(kernels::GemmInput input);
   kernels::GemmInput matmul_input() const { return matmul_input_; }
+  // Number format of LoRA's rank-r products: float32 whatever matmul_input() is. They are
+  // bound by memory, not arithmetic (2 * rank FLOPs per element of their (N, in) and
+  // (N, out) sides, read or written once), so bf16 inputs only add a rounding pass over
+  // those sides, three per adapter and step, and buy nothing (bench/lora_throughput
+  // --breakdown prints both formats; bench/RESULTS.md "W3 in bf16").
+  kernels::GemmInput adapter_input() const { return kernels::GemmInput::f32; }
   // out (N, C) = embed_tokens[tokens]
   void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
 

@@ -250,9 +250,9 @@ void Llama::lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const f
                                      *dropout_seed);
     x = xd;
   }
-  lora.project_down(l, t, u, x, N, matmul_input_);  // this rank's columns' share of u
+  lora.project_down(l, t, u, x, N, adapter_input());  // this rank's columns' share of u
   tp_->all_reduce_sum({u, static_cast<size_t>(N * lora.config().rank)}, "tp LoRA u (row-parallel)");
-  if (tp_->tp_rank() == 0) lora.project_up(l, t, y, u, N, matmul_input_);
+  if (tp_->tp_rank() == 0) lora.project_up(l, t, y, u, N, adapter_input());
 }
 
 std::vector<ElementRange> Llama::tensor_parallel_split_ranges() const {
