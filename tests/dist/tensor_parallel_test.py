@@ -195,16 +195,19 @@ def main():
         train_pptp(resumed, ["--model", model], ["--resume", os.path.join(base, "checkpoints", "step-000005")])
         failures += compare("one rank step 5 -> pp=2,tp=2", base, resumed, from_step=5)
         cases += 2
-        # LoRA at pp=2,tp=2. Without dropout (see the docstring). 2e-5: tp=2 alone ends
-        # 1.17e-5 from one rank here (layers.0 up_proj's B, which starts at zero: AdamW
-        # magnifies the split sums' rounding), pp=2,tp=2 1.12e-5; pp=2 alone 2.4e-6.
+        # LoRA at pp=2,tp=2 on all seven targets (o and down row-parallel). Without dropout
+        # (see the docstring). 1e-4: with q, k, v, gate and up only, tp=2 alone ended 1.17e-5
+        # from one rank and pp=2,tp=2 1.12e-5 (layers.0 up_proj's B, which starts at zero:
+        # AdamW magnifies the split sums' rounding); with all seven, tp=2 alone 4.2e-5 and
+        # pp=2,tp=2 4.3e-5, both in layers.1 k_proj's B; pp=2 alone 2.4e-6. Losses stay
+        # within 1e-5 (6e-9 measured); a wrong slice or a missing sum is off by far more.
         lora_plain = [a if a != "0.1" else "0" for a in lora]
         lora_base = os.path.join(tmp, "lora_base_no_dropout")
         train(lora_base, 1, 1, ["--model", tiny] + lora_plain)
         out = os.path.join(tmp, "lora_pp2_tp2")
         train_pptp(out, ["--model", tiny] + lora_plain, ["--pp-schedule", "gpipe", "--sequence-parallel"])
         failures += compare("LoRA, pp=2,tp=2, GPipe, sequence parallel", lora_base, out, "adapter_model.safetensors",
-                            weight_tolerance=2e-5)
+                            weight_tolerance=1e-4)
         with open(os.path.join(out, "report.json")) as r:
             got = json.load(r)["pipeline"]["p2p_bytes_per_step"]
         if got != 2 * 2 * 64 * 64 * 4 // 2:  # each tp rank's half of the rows
