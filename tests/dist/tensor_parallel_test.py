@@ -217,10 +217,11 @@ def main():
 
         # Not built yet: one line each, non-zero exit.
         refusals = [
-            (["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
+            (2, ["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
              "does not work with per-host checkpoint folders"),
-            (["--parallel", "tp=2", "--zero", "3"], "does not work with --zero 3"),
-            (["--parallel", "tp=2", "--balance"], "does not work with --balance"),
+            (2, ["--parallel", "tp=2", "--zero", "3"], "does not work with --zero 3"),
+            (2, ["--parallel", "tp=2", "--balance"], "does not work with --balance"),
+            (4, ["--parallel", "pp=2,tp=2", "--zero", "1"], "does not work with --zero and pipeline stages"),
         ]
         # Sequence parallelism without tensor parallelism: one process, no launch needed.
         p = subprocess.run([f, "train"] + preset + ["--out", os.path.join(tmp, "refused"), "--sequence-parallel"] +
@@ -229,8 +230,7 @@ def main():
             failures.append(f"--sequence-parallel without tp: expected a refusal, got rc {p.returncode}:\n"
                             f"{p.stderr[-2000:]}")
         cases += 1
-        for extra, expected in refusals:
-            ranks = 2
+        for ranks, extra, expected in refusals:
             out = os.path.join(tmp, "refused")
             cmd = mpirun + ["-np", str(ranks), f, "train"] + preset + ["--out", out, "--batch-size", "2"] + common + extra
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -73,8 +73,8 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   // ZeRO-1/2 shard each tp slice's optimizer state (and gradients) over its dp group;
   // stage 3 gathers whole parameter groups, of which a tp rank holds slices.
   if (job.train.zero_stage == 3) refuse("--zero 3 (use --zero 1 or 2)");
-  // Each is built with tp alone: ZeRO-1 with pp alone, pp with tp alone; the three together
-  // (a stage's tp slices sharded over its dp group) are not checked yet.
+  // ZeRO-1 works with pp, and pp with tp; the three together (a stage's tp slices sharded
+  // over its dp group) are not built yet.
   if (job.pp && job.train.zero_stage > 0) refuse("--zero and pipeline stages (pp > 1) together");
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the full model's, written by the slices' holders into one folder.
