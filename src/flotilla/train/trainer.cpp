@@ -424,7 +424,8 @@ StepMetrics Trainer::step(data::BatchSource& train) {
   if (exchanged.grad_tokens > 0)
     kernels::scale_inplace(grads.data(), n, 1.0f / static_cast<float>(exchanged.grad_tokens));
   // Tensor parallel: the split tensors' squares summed over the tp group; a sharding sync
-  // (ZeRO) does that for its owned gradients, the others own this rank's whole local model.
+  // (ZeRO, or a pipeline stage's) does that for its owned gradients, the others own this
+  // rank's whole local model.
   const double grad_norm = std::sqrt(model_.tensor_parallel() && !sync_->sharded()
                                          ? model_.grad_sum_squares_tensor_parallel()
                                          : sync_->grad_sum_squares());
