@@ -915,22 +915,22 @@ void Llama::lora_backward(int64_t l, LoraTarget t, float* dx, const float* dout,
   if (!dropout || dx == nullptr) {
     const float* xd = x;
     if (dropout) {
-      lora_dropout(l, t, a.lora_xd, x, N, false);
+      lora_dropout(*lora_, l, t, a.lora_xd, x, N, dropout_seed(l, t), false);
       xd = a.lora_xd;
     }
     input_backward(dx, xd);
     return;
   }
-  lora_dropout(l, t, a.lora_xd, x, N, false);
+  lora_dropout(*lora_, l, t, a.lora_xd, x, N, dropout_seed(l, t), false);
   std::memset(a.lora_dxd, 0, static_cast<size_t>(N * s.in) * sizeof(float));
   input_backward(a.lora_dxd, a.lora_xd);
-  lora_dropout(l, t, dx, a.lora_dxd, N, true);
+  lora_dropout(*lora_, l, t, dx, a.lora_dxd, N, dropout_seed(l, t), true);
 }
 
-void Llama::lora_dropout(int64_t l, LoraTarget t, float* out, const float* x, int64_t N, bool backward) const {
-  const int64_t in = lora_->slot(l, t).in;
-  const float p = lora_->config().dropout;
-  const uint64_t seed = dropout_seed(l, t);
+void Llama::lora_dropout(const LoraAdapters& lora, int64_t l, LoraTarget t, float* out, const float* x, int64_t N,
+                         uint64_t seed, bool backward) const {
+  const int64_t in = lora.slot(l, t).in;
+  const float p = lora.config().dropout;
   if (tp_ && lora_row_parallel(t)) {
     const int64_t T = tp_->tp_size(), first = in * tp_->tp_rank();
     if (backward)

@@ -513,9 +513,11 @@ class Llama {
   static bool lora_row_parallel(LoraTarget t) { return t == LoraTarget::o || t == LoraTarget::down; }
   void lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const float* x, float* u, float* xd, int64_t N,
                                  std::optional<uint64_t> dropout_seed, const LoraAdapters& lora) const;
-  // Dropout of layer l's adapter input on t, forward into out or backward added into dx:
-  // on a row-parallel layer's input columns under tp, the whole input's mask for them.
-  void lora_dropout(int64_t l, LoraTarget t, float* out, const float* x, int64_t N, bool backward) const;
+  // Dropout of layer l's adapter input on t with the mask of `seed`, forward into out or
+  // backward added into out: on a row-parallel layer's input columns under tp, the whole
+  // input's mask for them (forward's and backward's one place for that choice).
+  void lora_dropout(const LoraAdapters& lora, int64_t l, LoraTarget t, float* out, const float* x, int64_t N,
+                    uint64_t seed, bool backward) const;
   // The training forward's context of every block, for the planned step shape.
   BlockContext training_context() const;
   // An MoE layer's MLP: from ln (N, C), the RMSNorm of resid_mid, into out (N, C)

@@ -245,9 +245,7 @@ void Llama::lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const f
   const LoraSlot& s = lora.slot(l, t);
   if (!s.active()) return;
   if (dropout_seed) {
-    const int64_t T = tp_->tp_size();
-    kernels::dropout_forward_columns(xd, x, N, s.in, s.in * T, s.in * tp_->tp_rank(), lora.config().dropout,
-                                     *dropout_seed);
+    lora_dropout(lora, l, t, xd, x, N, *dropout_seed, false);
     x = xd;
   }
   lora.project_down(l, t, u, x, N, adapter_input());  // this rank's columns' share of u
@@ -256,32 +254,33 @@ void Llama::lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const f
 }
 
 std::vector<ElementRange> Llama::tensor_parallel_split_ranges() const {
-  std::vector<ElementRange> out;
-  if (!tp_) return out;
-  auto add = [&](const ParamInfo& mine) {
-    if (!out.empty() && out.back().end == mine.offset)
-      out.back().end = mine.offset + mine.numel;
-    else
-      out.push_back({mine.offset, mine.offset + mine.numel});
-  };
-  std::vector<const ParamInfo*> split;
+  std::vector<ElementRange> split;
+  if (!tp_) return split;
   if (lora_) {
     // A column-parallel layer's B holds this rank's output rows (its A is whole); a
     // row-parallel one's (o, down) A its input columns (its B is whole).
-    for (const ParamInfo& info : lora_->table().params()) {
-      const bool row = info.name.find(".o_proj.lora_") != std::string::npos ||
-                       info.name.find(".down_proj.lora_") != std::string::npos;
-      if (info.name.ends_with(".lora_B.weight") != row) split.push_back(&info);
-    }
+    const int64_t r = lora_->config().rank;
+    for (int64_t l = lora_->first_layer(); l < cfg_.n_layers; ++l)
+      for (LoraTarget t : lora_->config().targets) {
+        const LoraSlot& s = lora_->slot(l, t);
+        if (!s.active()) continue;
+        split.push_back(lora_row_parallel(t) ? ElementRange{s.a, s.a + r * s.in} : ElementRange{s.b, s.b + s.out * r});
+      }
   } else {
     const ParamLayout full(tp_full_);
     for (const ParamInfo& info : full.params()) {
       const ParamInfo& mine = local_of(layout_, info);
-      if (tensor_slice(info, mine) != TensorSlice::replicated) split.push_back(&mine);
+      if (tensor_slice(info, mine) != TensorSlice::replicated) split.push_back({mine.offset, mine.offset + mine.numel});
     }
   }
-  std::sort(split.begin(), split.end(), [](const ParamInfo* a, const ParamInfo* b) { return a->offset < b->offset; });
-  for (const ParamInfo* info : split) add(*info);
+  std::sort(split.begin(), split.end(), [](const ElementRange& x, const ElementRange& y) { return x.begin < y.begin; });
+  std::vector<ElementRange> out;  // merged where adjacent
+  for (const ElementRange& e : split) {
+    if (!out.empty() && out.back().end == e.begin)
+      out.back().end = e.end;
+    else
+      out.push_back(e);
+  }
   return out;
 }
 
