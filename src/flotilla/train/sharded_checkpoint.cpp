@@ -130,11 +130,12 @@ void copy_kind(const io::ShardLayout& layout, const std::vector<std::unique_ptr<
 // none of theirs.
 //
 // A *run* is one contiguous piece of a tensor this rank holds: `n` floats at `full` in the
-// checkpoint's arena, at `local` in this rank's trainable arena (model/tensor_parallel.hpp's
-// slice_ranges, in order), and at `moment` in its optimizer's moments (the owned ranges'
-// floats one after the other: `local` but under a pipeline).
+// checkpoint's arena and at `local` in this rank's trainable arena (model/tensor_parallel.hpp's
+// slice_ranges, in order). Its moments lie where the optimizer keeps the local floats it
+// owns (for_each_piece): the whole arena under tp alone, a stage's tensors under pp x tp,
+// a dp shard under ZeRO x tp.
 struct SliceRun {
-  int64_t full = 0, local = 0, moment = 0, n = 0;
+  int64_t full = 0, local = 0, n = 0;
 };
 
 struct TpCheckpointView {
@@ -252,17 +253,14 @@ std::optional<TpCheckpointView> tp_checkpoint_view(Trainer& trainer, int world_r
     stage_part.clear();
     for (const io::FloatRange& r : mine) append_merged(stage_part, r);
   }
-  const std::vector<io::FloatRange> moments = float_ranges(trainer.optimizer().owned());
-  const RangeBuffer moment_of(moments);
   for (const model::ParamInfo& info : v.full->params()) {
     // Every tensor the rank holds (a stage's, the tied embedding on the last too; LoRA: all
-    // the adapters); the moments of those its stage owns.
+    // the adapters).
     const model::ParamInfo& mine = *local.find(info.name);
     if (pipeline && !lora && !model.holds(mine)) continue;
-    const bool owned = intersect(stage_part, std::vector<io::FloatRange>{{info.offset, info.offset + 1}}).size() == 1;
     int64_t at_local = mine.offset;
     for (const model::ElementRange& r : model::slice_ranges(info, mine, at)) {
-      v.runs.push_back({r.begin, at_local, !pipeline ? at_local : owned ? moment_of.offset(at_local) : -1, r.size()});
+      v.runs.push_back({r.begin, at_local, r.size()});
       at_local += r.size();
       append_merged(v.needed, {r.begin, r.end});
     }
@@ -287,34 +285,12 @@ std::optional<TpCheckpointView> tp_checkpoint_view(Trainer& trainer, int world_r
   return v;
 }
 
-// The floats of `ranges` (zeros where this rank holds none: the gaps between tensors) from
-// this rank's `local` values; and the reverse, `local` from a buffer of `ranges`.
-// `moments`: `local` is the optimizer's m or v (SliceRun::moment), else the weights.
-std::vector<float> gather_runs(const TpCheckpointView& v, std::span<const io::FloatRange> ranges,
-                               std::span<const float> local, bool moments) {
-  std::vector<float> out(static_cast<size_t>(io::total_floats(ranges)), 0.0f);
-  const RangeBuffer buffer(ranges);
-  for (const SliceRun& run : v.runs) {
-    const int64_t at = buffer.offset(run.full);
-    if (at < 0) continue;  // a replicated tensor another rank writes
-    if (moments && run.moment < 0) continue;  // another stage's
-    std::copy_n(local.begin() + (moments ? run.moment : run.local), run.n, out.begin() + at);
-  }
-  return out;
-}
-
-void scatter_runs(const TpCheckpointView& v, std::span<const float> buffer, std::span<float> local, bool moments) {
-  const RangeBuffer needed(v.needed);
-  for (const SliceRun& run : v.runs)
-    if (!moments || run.moment >= 0)
-      std::copy_n(buffer.begin() + needed.offset(run.full), run.n, local.begin() + (moments ? run.moment : run.local));
-}
-
-// ZeRO under tensor parallelism: a tp rank's optimizer moments are its dp shard of the local
-// arena, laid out as the optimizer's owned ranges. fn(buffer_at, local_at, n) for each
-// piece of a run that lies both in `full_ranges` (checkpoint-arena ranges, ascending: the
-// buffer's layout) and in `local_ranges` (local-arena ranges, ascending: the other side's
-// layout), with the offsets into each side's buffer.
+// How a run's floats meet two buffers: fn(buffer_at, local_at, n) for each piece of a run
+// that lies both in `full_ranges` (checkpoint-arena ranges, ascending: the buffer's layout)
+// and in `local_ranges` (local-arena ranges, ascending: the other side's layout, e.g. the
+// whole arena for weights, the optimizer's owned ranges for its moments, which keeps their
+// floats one after the other), with the offsets into each side's buffer. Floats of
+// `full_ranges` no run holds (the gaps between tensors) are left as they are.
 template <class Fn>
 void for_each_piece(const TpCheckpointView& v, std::span<const io::FloatRange> full_ranges,
                     std::span<const io::FloatRange> local_ranges, Fn&& fn) {
@@ -483,7 +459,8 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
     weights.resize(static_cast<size_t>(n));
     m.resize(static_cast<size_t>(n));
     v.resize(static_cast<size_t>(n));
-    if (zero_tp) {
+    if (tp) {
+      // The pieces of this rank's runs that it writes (zeros in the gaps between tensors).
       auto copy_out = [&](std::span<const io::FloatRange> local_ranges, std::span<const float> from, std::vector<float>& to) {
         for_each_piece(*tp, mine, local_ranges, [&](int64_t at, int64_t local_at, int64_t count) {
           std::copy_n(from.begin() + local_at, count, to.begin() + at);
@@ -492,11 +469,6 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
       copy_out(arena, trainable.params, weights);
       copy_out(owned, trainer.optimizer().m(), m);
       copy_out(owned, trainer.optimizer().v(), v);
-    } else if (tp) {
-      // The optimizer owns the whole local arena, or a stage's tensors.
-      weights = gather_runs(*tp, mine, trainable.params, false);
-      m = gather_runs(*tp, mine, trainer.optimizer().m(), true);
-      v = gather_runs(*tp, mine, trainer.optimizer().v(), true);
     } else {
       io::copy_overlap(arena, trainable.params, mine, weights);
       io::copy_overlap(owned, trainer.optimizer().m(), mine, m);
@@ -655,19 +627,15 @@ void read_sharded_tensors(const fs::path& step_dir, Trainer& trainer) {
     std::vector<float> buffer(static_cast<size_t>(io::total_floats(tp->needed)));
     const std::pair<std::string, std::span<float>> kinds[] = {
         {"weights", trainable.params}, {"m", trainer.optimizer().m()}, {"v", trainer.optimizer().v()}};
-    // Under ZeRO the moments are this rank's owned ranges of the local arena, one after the
-    // other (a pipeline stage's owned tensors are SliceRun::moment's business instead).
+    // The weights at their local offsets; the moments of the floats the optimizer owns, one
+    // after the other.
+    const std::vector<io::FloatRange> arena = {{0, static_cast<int64_t>(trainable.params.size())}};
     const std::vector<io::FloatRange> owned = float_ranges(trainer.optimizer().owned());
-    const bool zero = !trainer.pipeline() && trainer.sync().sharded();
     for (const auto& [kind, local] : kinds) {
       copy_kind(layout, files, kind, tp->needed, buffer);
-      if (zero && kind != "weights") {
-        for_each_piece(*tp, tp->needed, owned, [&](int64_t at, int64_t local_at, int64_t count) {
-          std::copy_n(buffer.begin() + at, count, local.begin() + local_at);
-        });
-      } else {
-        scatter_runs(*tp, buffer, local, kind != "weights");
-      }
+      for_each_piece(*tp, tp->needed, kind == "weights" ? arena : owned, [&](int64_t at, int64_t local_at, int64_t count) {
+        std::copy_n(buffer.begin() + at, count, local.begin() + local_at);
+      });
     }
     return;
   }
