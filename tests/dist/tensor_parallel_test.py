@@ -25,6 +25,8 @@ largest value, for:
     LoRA at pp=2,tp=2 under GPipe with --sequence-parallel (the stages pass each tp rank's
     half of the token rows: half the bytes; no dropout: pp cuts the batch into
     micro-batches, whose masks differ from one rank's whole batch);
+  - LoRA (no dropout) at dp=2,tp=2 with --zero 3 (the frozen base's slices sharded over
+    each dp group, released weights poisoned with NaN);
   - dp=2,pp=2,tp=2 with --zero 1 (8 ranks: each stage's tp slices' optimizer state
     sharded over its dp group); its step-5 checkpoint (all 8 ranks write a shard) resumed
     on one rank.
@@ -239,6 +241,15 @@ def main():
         lora_plain = [a if a != "0.1" else "0" for a in lora]
         lora_base = os.path.join(tmp, "lora_base_no_dropout")
         train(lora_base, 1, 1, ["--model", tiny] + lora_plain)
+        # LoRA over a ZeRO-3 x tp base: each tp slice of the frozen base sharded over its dp
+        # group and gathered block by block (released weights poisoned with NaN, so a read of
+        # one not gathered shows in the loss), the adapters' slices whole on each dp rank.
+        out = os.path.join(tmp, "lora_zero3_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", tiny, "--out", out, "--batch-size", str(GLOBAL_BATCH // 2)] +
+            common + lora_plain + ["--parallel", "dp=2,tp=2", "--zero", "3"], dict(env, FLOTILLA_ZERO_POISON="1"))
+        failures += compare("LoRA, dp=2,tp=2 ZeRO-3 (poisoned)", lora_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        cases += 1
         out = os.path.join(tmp, "lora_pp2_tp2")
         train_pptp(out, ["--model", tiny] + lora_plain, ["--pp-schedule", "gpipe", "--sequence-parallel"])
         failures += compare("LoRA, pp=2,tp=2, GPipe, sequence parallel", lora_base, out, "adapter_model.safetensors",
