@@ -1,9 +1,9 @@
 #!/bin/bash
-# Peak RSS per rank of dp=2 x tp=2 (4 ranks of this machine) with --zero 0, 1 and 2, and of
-# dp=2 x pp=2 with --zero 0 and 1: ZeRO over the mesh's dp group (issue 15 item 2). A
+# Peak RSS per rank of dp=2 x tp=2 (4 ranks of this machine) with --zero 0, 1, 2 and 3, and
+# of dp=2 x pp=2 with --zero 0 and 1: ZeRO over the mesh's dp group (issue 15 item 2). A
 # 32M-parameter Llama (width 512, 8 layers, MLP 1408, vocabulary 8192, untied) from random
 # weights, 3 steps of 2 rows x 32 tokens a replica: the state dominates the peak.
-#   bench/zero_mesh_memory.sh [BUILD_DIR] [ROUNDS]
+#   [TP_ZEROS="0 1 2 3"] [PP_ZEROS="0 1"] bench/zero_mesh_memory.sh [BUILD_DIR] [ROUNDS]
 # Prints, per layout and stage, each rank's peak RSS (MiB, /usr/bin/time's %M), ascending.
 # World rank 0 also assembles and writes the whole final model: its peak is the largest.
 set -euo pipefail
@@ -30,6 +30,6 @@ run() {  # layout zero
     "$(cat "$rss"/* | awk '{printf "%.0f\n", $1/1024}' | sort -n | tr '\n' ' ')"
 }
 for ((r = 1; r <= ROUNDS; ++r)); do
-  for z in 0 1 2; do run dp=2,tp=2 $z; done
-  for z in 0 1; do run dp=2,pp=2 $z '--micro-batches 2'; done
+  for z in ${TP_ZEROS-0 1 2 3}; do run dp=2,tp=2 $z; done
+  for z in ${PP_ZEROS-0 1}; do run dp=2,pp=2 $z '--micro-batches 2'; done
 done

@@ -24,17 +24,24 @@ largest value, for:
     formulas; its step-5 checkpoint resumed on one rank and the one-rank run's at pp=2,tp=2;
     LoRA at pp=2,tp=2 under GPipe with --sequence-parallel (the stages pass each tp rank's
     half of the token rows: half the bytes; no dropout: pp cuts the batch into
-    micro-batches, whose masks differ from one rank's whole batch).
+    micro-batches, whose masks differ from one rank's whole batch);
+  - LoRA (no dropout) at dp=2,tp=2 with --zero 3 (the frozen base's slices sharded over
+    each dp group, released weights poisoned with NaN);
+  - dp=2,pp=2,tp=2 with --zero 1 (8 ranks: each stage's tp slices' optimizer state
+    sharded over its dp group); its step-5 checkpoint (all 8 ranks write a shard) resumed
+    on one rank.
 Each tp rank draws its slices of the initial weights from the one-rank stream itself, so
 this also checks that no rank ever holds or needs the whole model. The replicated tensors
 (norms, embedding) are compared across the tp ranks by the run itself at the end (bit for
 bit, or the run fails). Checkpoints hold the full model's arena whatever the layout: the
 dp=2,tp=2 ZeRO-2 run's step-5 checkpoint (each of the 4 ranks writing its moments' shard)
-resumes on one rank, and the one-rank run's resumes at dp=2,tp=2 with --zero 1, each
-ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
+resumes on one rank, and the one-rank run's resumes at dp=2,tp=2 with --zero 3 (each tp
+slice's weights too sharded over its dp group, gathered block by block, the rank built
+from its shard of the model directory), whose own step-7 checkpoint resumes on one rank,
+each ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
 on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
-built (per-host checkpoint folders, --zero 3, --balance, --sequence-parallel without tp)
-are refused in one line each.
+built (per-host checkpoint folders, --balance, ZeRO-3 with pp x tp, --sequence-parallel
+without tp) are refused in one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -121,16 +128,29 @@ def main():
                 failures.append(f"dp={dp},tp={tp}: report.json says {got} tp bytes a step, not {want}")
             cases += 1
 
-        # Checkpoints across layouts: dp=2,tp=2's resumed alone, one rank's resumed at tp=2.
-        for writer, dp, tp, zero in ((os.path.join(tmp, "dp2_tp2"), 1, 1, []), (base, 2, 2, ["--zero", "1"])):
+        # Checkpoints across layouts: dp=2,tp=2's resumed alone, one rank's resumed at
+        # dp=2,tp=2 with ZeRO-3 (each tp slice's weights sharded over its dp group, gathered
+        # block by block; built from its shard of the model directory), which writes its own
+        # checkpoint at step 7 (each rank its shard of weights and moments), resumed alone.
+        zero3 = ["--zero", "3", "--save-every", "7"]
+        for writer, dp, tp, zero in ((os.path.join(tmp, "dp2_tp2"), 1, 1, []), (base, 2, 2, zero3)):
             out = os.path.join(tmp, f"resumed_tp{tp}")
             checkpoint = os.path.join(writer, "checkpoints", "step-000005")
             log = train(out, dp, tp, ["--model", model], ["--resume", checkpoint] + zero)
             if "resumed from" not in log:
                 failures.append(f"tp={tp}: the run did not say it resumed:\n{log}")
-            failures += compare(f"{os.path.basename(writer)} step 5 -> dp={dp},tp={tp} {' '.join(zero)}", base, out,
-                                from_step=5)
+            failures += compare(f"{os.path.basename(writer)} step 5 -> dp={dp},tp={tp} {' '.join(zero[:2])}", base,
+                                out, from_step=5)
             cases += 1
+        with open(os.path.join(tmp, "resumed_tp2", "report.json")) as r:
+            sync = json.load(r).get("gradient_sync")
+        if sync != "ZeRO-3":
+            failures.append(f"dp=2,tp=2 --zero 3: report.json's gradient sync is {sync!r}, not 'ZeRO-3'")
+        resumed = os.path.join(tmp, "zero3_tp2_resumed_alone")
+        train(resumed, 1, 1, ["--model", model],
+              ["--resume", os.path.join(tmp, "resumed_tp2", "checkpoints", "step-000007")])
+        failures += compare("dp=2,tp=2 ZeRO-3 step 7 -> one rank", base, resumed, from_step=7)
+        cases += 1
 
         # LoRA on the column-parallel layers (B split by output rows, A whole) and the
         # row-parallel ones (A split by input columns, B whole), with dropout (masks keyed by
@@ -195,6 +215,23 @@ def main():
         train_pptp(resumed, ["--model", model], ["--resume", os.path.join(base, "checkpoints", "step-000005")])
         failures += compare("one rank step 5 -> pp=2,tp=2", base, resumed, from_step=5)
         cases += 2
+        # dp=2,pp=2,tp=2 with ZeRO-1 (8 ranks, 2 s here): each stage's tp slices' optimizer
+        # state sharded over its dp group, the clipping norm's squares summed over dp, the
+        # split ones over tp, then over the stages; every rank writes its shard of the
+        # step-5 checkpoint, which resumes on one rank.
+        out = os.path.join(tmp, "dp2_pp2_tp2_zero1")
+        log = run(mpirun + ["-np", "8", f, "train", "--config", config, "--out", out, "--batch-size",
+                            str(GLOBAL_BATCH // 2)] + common + save +
+                  ["--parallel", "dp=2,pp=2,tp=2", "--micro-batches", "2", "--zero", "1"], env)
+        failures += compare("dp=2,pp=2,tp=2 ZeRO-1 (--config)", base, out)
+        with open(os.path.join(out, "report.json")) as r:
+            sync = json.load(r).get("gradient_sync")
+        if sync != "pipeline + ZeRO-1":
+            failures.append(f"dp=2,pp=2,tp=2 --zero 1: report.json's gradient sync is {sync!r}")
+        resumed = os.path.join(tmp, "dp2_pp2_tp2_zero1_resumed_alone")
+        train(resumed, 1, 1, ["--model", model], ["--resume", os.path.join(out, "checkpoints", "step-000005")])
+        failures += compare("dp=2,pp=2,tp=2 ZeRO-1 step 5 -> one rank", base, resumed, from_step=5)
+        cases += 2
         # LoRA at pp=2,tp=2 on all seven targets (o and down row-parallel). Without dropout
         # (see the docstring). 1e-4: with q, k, v, gate and up only, tp=2 alone ended 1.17e-5
         # from one rank and pp=2,tp=2 1.12e-5 (layers.0 up_proj's B, which starts at zero:
@@ -204,6 +241,15 @@ def main():
         lora_plain = [a if a != "0.1" else "0" for a in lora]
         lora_base = os.path.join(tmp, "lora_base_no_dropout")
         train(lora_base, 1, 1, ["--model", tiny] + lora_plain)
+        # LoRA over a ZeRO-3 x tp base: each tp slice of the frozen base sharded over its dp
+        # group and gathered block by block (released weights poisoned with NaN, so a read of
+        # one not gathered shows in the loss), the adapters' slices whole on each dp rank.
+        out = os.path.join(tmp, "lora_zero3_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", tiny, "--out", out, "--batch-size", str(GLOBAL_BATCH // 2)] +
+            common + lora_plain + ["--parallel", "dp=2,tp=2", "--zero", "3"], dict(env, FLOTILLA_ZERO_POISON="1"))
+        failures += compare("LoRA, dp=2,tp=2 ZeRO-3 (poisoned)", lora_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        cases += 1
         out = os.path.join(tmp, "lora_pp2_tp2")
         train_pptp(out, ["--model", tiny] + lora_plain, ["--pp-schedule", "gpipe", "--sequence-parallel"])
         failures += compare("LoRA, pp=2,tp=2, GPipe, sequence parallel", lora_base, out, "adapter_model.safetensors",
@@ -219,9 +265,8 @@ def main():
         refusals = [
             (2, ["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
              "does not work with per-host checkpoint folders"),
-            (2, ["--parallel", "tp=2", "--zero", "3"], "does not work with --zero 3"),
             (2, ["--parallel", "tp=2", "--balance"], "does not work with --balance"),
-            (4, ["--parallel", "pp=2,tp=2", "--zero", "1"], "does not work with --zero and pipeline stages"),
+            (4, ["--parallel", "pp=2,tp=2", "--zero", "3"], "does not work with --zero 3 (use --zero 1)"),
         ]
         # Sequence parallelism without tensor parallelism: one process, no launch needed.
         p = subprocess.run([f, "train"] + preset + ["--out", os.path.join(tmp, "refused"), "--sequence-parallel"] +

@@ -128,6 +128,31 @@ TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
   EXPECT_EQ(tensor_slice(n, *local.layout().find(n.name)), TensorSlice::replicated);
 }
 
+// ZeRO-3 x tp builds only its dp shard of a tp rank's slices: the floats inside the shard
+// (ranges cutting through rows, columns and tensors) are the whole slices' draw, bit for
+// bit, and nothing outside it is written.
+TEST(TensorParallelSlices, DrawnShardIsTheSlicesDrawInsideAndUntouchedOutside) {
+  const ModelConfig full_cfg = tiny_qwen2();
+  const uint64_t seed = test_seed();
+  for (int rank = 0; rank < 2; ++rank) {
+    const ModelConfig local_cfg = tensor_parallel_config(full_cfg, {rank, 2});
+    Llama whole(local_cfg);
+    init_random_slices(whole, full_cfg, {rank, 2}, seed);
+    const auto n = static_cast<int64_t>(whole.params().size());
+    const std::vector<ElementRange> shard = {{3, n / 7}, {n / 7 + 1, n / 3 + 5}, {n / 2 + 13, n - 11}};
+    Llama part(local_cfg);
+    init_random_slices(part, full_cfg, {rank, 2}, seed, shard);
+    int64_t at = 0, inside = 0;
+    for (const ElementRange& r : shard) {
+      for (; at < r.begin; ++at) ASSERT_EQ(part.params()[static_cast<size_t>(at)], 0.0f) << "rank " << rank << " float " << at;
+      for (; at < r.end; ++at, ++inside)
+        ASSERT_EQ(part.params()[static_cast<size_t>(at)], whole.params()[static_cast<size_t>(at)]) << "rank " << rank << " float " << at;
+    }
+    for (; at < n; ++at) ASSERT_EQ(part.params()[static_cast<size_t>(at)], 0.0f) << "rank " << rank << " float " << at;
+    EXPECT_GT(inside, n / 2);
+  }
+}
+
 // Tied embeddings or not; sequence parallelism or not (with it, 15 token rows: rank 1's
 // slice is 7 tokens and one padding row; tied, with gradient checkpointing as well).
 class TensorParallelModel : public ::testing::TestWithParam<std::tuple<bool, bool>> {};

@@ -122,7 +122,24 @@ void copy_slice_in(const ParamInfo& full, const ParamInfo& local, TpRank rank, s
   });
 }
 
-void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint64_t seed) {
+void for_each_slice_piece(const ParamInfo& full, const ParamInfo& local, TpRank at, std::span<const ElementRange> shard,
+                          const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+  for_each_run(full, local, at, [&](int64_t f, int64_t l, int64_t n) {
+    if (shard.empty()) {
+      fn(f, l, n);
+      return;
+    }
+    // The shard's ranges that reach past the run's start, while they begin before its end.
+    auto r = std::partition_point(shard.begin(), shard.end(), [&](const ElementRange& x) { return x.end <= l; });
+    for (; r != shard.end() && r->begin < l + n; ++r) {
+      const int64_t b = std::max(r->begin, l), e = std::min(r->end, l + n);
+      if (b < e) fn(f + (b - l), b, e - b);
+    }
+  });
+}
+
+void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint64_t seed,
+                        std::span<const ElementRange> shard) {
   // Llama::init_random's stream over the full layout (the same rules: norms 1, biases 0,
   // everything else N(0, initializer_range), one stream in layout order, two words a draw),
   // drawn only inside the slices and skipped elsewhere.
@@ -138,7 +155,7 @@ void init_random_slices(Llama& local, const ModelConfig& full, TpRank rank, uint
       continue;
     }
     int64_t drawn = info.offset;  // the stream stands at this float of the tensor
-    for_each_run(info, mine, rank, [&](int64_t f, int64_t l, int64_t n) {
+    for_each_slice_piece(info, mine, rank, shard, [&](int64_t f, int64_t l, int64_t n) {
       std::span<float> w = params.subspan(static_cast<size_t>(l), static_cast<size_t>(n));
       if (is_norm) {
         std::fill(w.begin(), w.end(), 1.0f);

@@ -30,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 
 #include "flotilla/model/config.hpp"
@@ -114,7 +115,16 @@ void copy_slice_in(const ParamInfo& full, const ParamInfo& local, TpRank at, std
 // sliced for `at`: the same random stream over the full layout, drawn only where the
 // slices are (bit for bit the one-rank model's values, and never a full tensor in memory).
 // Tensors `local` does not hold (Llama::hold_only: another pipeline stage's) are skipped.
-void init_random_slices(Llama& local, const ModelConfig& full, TpRank at, uint64_t seed);
+// `shard` (ZeRO-3 x tp: ranges of the local arena, ascending and disjoint; empty: all):
+// only the floats inside it are written, the rest of the arena never touched.
+void init_random_slices(Llama& local, const ModelConfig& full, TpRank at, uint64_t seed,
+                        std::span<const ElementRange> shard = {});
+
+// fn(full_begin, local_begin, n) for each piece of rank `at`'s slice of `full` (its local
+// tensor `local`) that lies inside `shard` (local-arena ranges, ascending and disjoint;
+// empty: the whole slice), in order.
+void for_each_slice_piece(const ParamInfo& full, const ParamInfo& local, TpRank at, std::span<const ElementRange> shard,
+                          const std::function<void(int64_t, int64_t, int64_t)>& fn);
 
 // The squared sum of a window [begin, end) of an arena, in two parts: the floats inside
 // `split` (ascending, disjoint arena ranges: a tp rank's slices of split tensors, whose

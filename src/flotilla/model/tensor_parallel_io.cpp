@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <array>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
@@ -11,7 +13,7 @@
 namespace flotilla::model {
 
 Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank,
-                           std::optional<Llama::LayerRange> stage) {
+                           std::optional<Llama::LayerRange> stage, std::span<const ElementRange> shard) {
   if (!std::filesystem::is_directory(dir)) throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig full = ModelConfig::load(dir / "config.json");
   if (full.quantization)
@@ -24,12 +26,19 @@ Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy
   const std::span<float> params = local.params();
   std::vector<float> scratch;  // (numel) one full tensor
   for (const ParamInfo& info : full_layout.params()) {
-    if (!local.holds(*local.layout().find(info.name))) continue;  // another stage's
-    scratch.resize(static_cast<size_t>(info.numel));
-    store.read_f32(info.name, scratch, info.shape);
+    const ParamInfo& mine = *local.layout().find(info.name);
+    if (!local.holds(mine)) continue;  // another stage's
     ParamInfo at0 = info;  // the scratch holds the tensor from its element 0
     at0.offset = 0;
-    copy_slice_out(at0, *local.layout().find(info.name), {rank, tp}, scratch, params);
+    // ZeRO-3 x tp: only the pieces of the slice inside this rank's shard; a tensor with
+    // none is not read.
+    std::vector<std::array<int64_t, 3>> pieces;
+    for_each_slice_piece(at0, mine, {rank, tp}, shard,
+                         [&](int64_t f, int64_t l, int64_t n) { pieces.push_back({f, l, n}); });
+    if (pieces.empty()) continue;
+    scratch.resize(static_cast<size_t>(info.numel));
+    store.read_f32(info.name, scratch, info.shape);
+    for (const auto& [f, l, n] : pieces) std::copy_n(scratch.begin() + f, n, params.begin() + l);
   }
   // As Llama::load: tensors not used (rotary caches, a tied lm_head's copy) pass; any
   // other means another architecture than config.json says.

@@ -16,8 +16,10 @@ namespace flotilla::model {
 // are reported as Llama::load reports them (an unexpected tensor, non-finite values by
 // `non_finite`); InputError for a quantized directory, or a tp that does not divide the
 // model (tensor_parallel_config). `stage` (pp x tp): only that pipeline stage's tensors are
-// read (Llama::hold_only), the others never touched.
+// read (Llama::hold_only), the others never touched. `shard` (ZeRO-3 x tp: ranges of the
+// local arena, ascending; empty: all): only the floats inside it are written.
 Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank,
-                           std::optional<Llama::LayerRange> stage = std::nullopt);
+                           std::optional<Llama::LayerRange> stage = std::nullopt,
+                           std::span<const ElementRange> shard = {});
 
 }  // namespace flotilla::model

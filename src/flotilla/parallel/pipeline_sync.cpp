@@ -105,7 +105,7 @@ class PipelineSync final : public GradientSync {
     const std::span<float> owned = owned_grads();
     double sum = 0.0;
     if (zero_) {
-      sum = zero_->grad_sum_squares();  // summed over the dp group (pp x tp refuses ZeRO)
+      sum = zero_->grad_sum_squares();  // over the dp group (pp x tp: the split squares over tp too)
     } else if (model::TensorParallelGroup* tp = model_.tensor_parallel()) {
       // Each stage's tensors sliced over its tp group (pp x tp): the split tensors' squares
       // summed over the tp ranks, the replicated ones' counted once. The owned gradients

@@ -49,12 +49,13 @@ void TensorParallel::reduce_scatter_sum(std::span<const float> whole, std::span<
         false);
 }
 
-void TensorParallel::check_replicated_same(const model::Llama& local) {
+void TensorParallel::check_replicated_same(const model::Llama& local, const BeforeRead& before_read) {
   const model::ParamLayout full(local.full_config());
   uint64_t hash = kFnv1a64Offset;
   for (const model::ParamInfo& info : full.params()) {
     const model::ParamInfo* mine = local.layout().find(info.name);
     if (!mine || model::tensor_slice(info, *mine) != model::TensorSlice::replicated) continue;
+    if (before_read) before_read(mine->offset);
     const std::span<const float> w = local.params().subspan(static_cast<size_t>(mine->offset),
                                                             static_cast<size_t>(mine->numel));
     hash = fnv1a64(std::string_view(reinterpret_cast<const char*>(w.data()), w.size_bytes()), hash);
@@ -78,15 +79,18 @@ namespace {
 // order into a scratch of one local tensor, into its place in `out`. The other ranks send
 // their slices of the split tensors in the same order (replicated ones are rank 0's alone).
 // `table_of(r)`: rank r's local table (their vocabulary slices may differ in size).
+// `before_read` (may be empty) is told each local tensor's offset before it is read, on
+// every rank.
 template <class TableOf>
 void gather_slices(comm::Communicator& tp, const model::ParamTable& full, const model::ParamTable& local,
                    std::span<const float> local_params, std::span<float> out, int tag, const char* what,
-                   TableOf&& table_of) {
+                   TableOf&& table_of, const TensorParallel::BeforeRead& before_read = {}) {
   std::vector<float> slice;
   const int size = tp.size();
   for (const model::ParamInfo& info : full.params()) {
     const model::ParamInfo& mine = *local.find(info.name);
     const bool split = model::tensor_slice(info, mine) != model::TensorSlice::replicated;
+    if (before_read) before_read(mine.offset);
     if (tp.rank() != 0) {
       if (split)
         tp.send(comm::ConstView(local_params.subspan(static_cast<size_t>(mine.offset), static_cast<size_t>(mine.numel))),
@@ -107,19 +111,19 @@ void gather_slices(comm::Communicator& tp, const model::ParamTable& full, const 
 
 }  // namespace
 
-std::optional<model::Llama> TensorParallel::gather_full_model(const model::Llama& local) {
+std::optional<model::Llama> TensorParallel::gather_full_model(const model::Llama& local, const BeforeRead& before_read) {
   const model::ModelConfig& cfg = local.full_config();
   constexpr int kSliceTag = 7301;
   if (tp_.rank() != 0) {
     gather_slices(tp_, model::ParamLayout(cfg), local.layout(), local.params(), {}, kSliceTag, "tp slices",
-                  [&](int) -> const model::ParamTable& { return local.layout(); });
+                  [&](int) -> const model::ParamTable& { return local.layout(); }, before_read);
     return std::nullopt;
   }
   std::vector<model::ParamLayout> tables;  // each rank's local layout (their vocabulary slices)
   for (int r = 0; r < tp_.size(); ++r) tables.emplace_back(model::tensor_parallel_config(cfg, {r, tp_.size()}));
   model::Llama whole(cfg);
   gather_slices(tp_, whole.layout(), local.layout(), local.params(), whole.params(), kSliceTag, "tp slices",
-                [&](int r) -> const model::ParamTable& { return tables[static_cast<size_t>(r)]; });
+                [&](int r) -> const model::ParamTable& { return tables[static_cast<size_t>(r)]; }, before_read);
   return whole;
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 
@@ -43,14 +44,19 @@ class TensorParallel final : public model::TensorParallelGroup {
   // training step's).
   void set_counting(bool on) { counting_ = on; }
 
+  // Called with a local tensor's offset just before that tensor of the local arena is read,
+  // in ascending order: ZeRO-3 x tp makes the group holding it whole over the dp group
+  // (GradientSync::gather_weights_through). Empty: the local arena is whole already.
+  using BeforeRead = std::function<void(int64_t local_offset)>;
+
   // InternalError naming the tensor-parallel ranks when the replicated tensors (the norms)
   // of `local` differ between them: they are computed alike by
   // construction, so a difference is a bug, never noise.
-  void check_replicated_same(const model::Llama& local);
+  void check_replicated_same(const model::Llama& local, const BeforeRead& before_read = {});
 
   // The whole model, on tp rank 0: its replicated tensors and every rank's slices put in
   // place; the other ranks send their slices and get none. Every rank calls it alike.
-  std::optional<model::Llama> gather_full_model(const model::Llama& local);
+  std::optional<model::Llama> gather_full_model(const model::Llama& local, const BeforeRead& before_read = {});
   // The same for LoRA adapters on column-parallel layers (each B a range of output rows):
   // the whole adapters of the full model, on tp rank 0.
   std::optional<model::LoraAdapters> gather_full_adapters(const model::LoraAdapters& local,

@@ -20,6 +20,7 @@
 #include "flotilla/base/memory.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/parallel/chunk_cut.hpp"
 
 namespace flotilla::parallel {
@@ -218,6 +219,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
       g.append_owned(owned_, rank_);
     }
     shard_grads_.resize(static_cast<size_t>(slot));
+    tp_split_ = model_.tensor_parallel_split_ranges();
     // Only the shard is known to be current: the model may have been built on this rank's
     // ranges alone (train/job_model.cpp), the rest of the arena never written. Every group
     // starts released, and the first forward gathers each one; the pages of other ranks'
@@ -302,16 +304,26 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   std::span<float> owned_grads() override { return frozen_ ? grads_ : shard_grads_.span(); }
 
   // The chunks' squared sums add over the ranks; the tails are the same on every rank.
+  // Under tensor parallelism the arena is this tp rank's local model (each tp rank's dp
+  // group shards its own slices): the squares of split tensors' slices add over the tp
+  // group too, the replicated ones' (norms) count once, as ZeRO-1/2 count them.
   double grad_sum_squares() override {
     if (frozen_) return GradientSync::grad_sum_squares();
-    std::array<double, 1> chunks = {0.0};
-    double tails = 0.0;
+    std::array<double, 2> chunks = {0.0, 0.0};  // replicated over tp, split over tp
+    model::SquareSums tails;
     for (const Group& g : groups_) {
-      chunks[0] += kernels::sum_squares(shard_grads_.data() + g.chunk_slot, g.chunk);
-      tails += kernels::sum_squares(shard_grads_.data() + g.tail_slot, g.tail_size());
+      const model::ElementRange c = g.chunk_of(rank_), t = g.tail();
+      const model::SquareSums cs = model::square_sums(shard_grads_.data() + g.chunk_slot, c.begin, c.end, tp_split_);
+      const model::SquareSums ts = model::square_sums(shard_grads_.data() + g.tail_slot, t.begin, t.end, tp_split_);
+      chunks[0] += cs.replicated;
+      chunks[1] += cs.split;
+      tails.replicated += ts.replicated;
+      tails.split += ts.split;
     }
     dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
-    return chunks[0] + tails;
+    std::array<double, 1> split = {chunks[1] + tails.split};
+    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) tp->all_reduce_sum(split, "tp gradient norm");
+    return chunks[0] + tails.replicated + split[0];
   }
 
   // Each rank updated its own chunks: every other rank's copy of them is stale. Nothing is
@@ -587,6 +599,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   int64_t page_floats_ = 1024;
   std::vector<Group> groups_;       // ascending in the arena: embedding, blocks, head
   std::vector<ArenaRange> owned_;   // this rank's chunks and every tail, ascending
+  std::vector<ArenaRange> tp_split_;  // tensor parallel: the arena's slices of split tensors (ascending)
   Buffer<float> shard_grads_;       // the owned ranges' summed gradients
   std::deque<uint64_t> reduces_;    // tickets of the reduce-scatters not yet waited for
   bool backward_ = false;

@@ -49,6 +49,14 @@
 // out of the mapped files), where each group's quantized matrices are a contiguous run,
 // cut over the ranks as the floats are and gathered and released with the group's floats.
 //
+// Tensor parallelism (--parallel dp=D,tp=T; FSDP with Megatron, "2-D"): the model is this
+// tp rank's local model (its slices, model/tensor_parallel.hpp) and `dp` its dp group (the
+// same tp rank of every replica), so each group of the local arena is cut over the D ranks
+// that hold the same slices; the tp all-reduces run inside a block between its gather and
+// its release, on the calling thread, while the gathers and reduce-scatters run on the
+// communication thread over the dp group. The clipping norm's squares of split tensors add
+// over the tp group too (Llama::tensor_parallel_split_ranges), the replicated ones' once.
+//
 // Bytes per step: each block but the last gathered for forward and again for backward,
 // the last block, the embedding and the head once (the head and the last block stay whole
 // across the turn; the embedding's backward reads no weight), and a reduce-scatter per

@@ -70,12 +70,10 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   auto refuse = [](std::string_view what) {
     throw InputError("train", fmt::format("tensor parallelism (tp > 1) does not work with {} yet", what));
   };
-  // ZeRO-1/2 shard each tp slice's optimizer state (and gradients) over its dp group;
-  // stage 3 gathers whole parameter groups, of which a tp rank holds slices.
-  if (job.train.zero_stage == 3) refuse("--zero 3 (use --zero 1 or 2)");
-  // ZeRO-1 works with pp, and pp with tp; the three together (a stage's tp slices sharded
-  // over its dp group) are not built yet.
-  if (job.pp && job.train.zero_stage > 0) refuse("--zero and pipeline stages (pp > 1) together");
+  // ZeRO-1/2 shard each tp slice's optimizer state (and gradients) over its dp group,
+  // ZeRO-3 its weights too (each group of the local arena gathered over the dp group);
+  // with pp, ZeRO-1 shards each stage's tp slices' optimizer state over its dp group
+  // (check_pipeline_flags refuses ZeRO-2/3 with pp).
   refuse_what_model_parallelism_lacks(job, refuse);
   // Checkpoints are the full model's, written by the slices' holders into one folder.
   if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
@@ -235,8 +233,14 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
   // whole at the end of the run), and the first stage's tp group gathers them as tp alone.
   const bool stages_of_slices = job.tp && job.pp;
   if (stages_of_slices && !adapters) trainer.sync().complete_weights();
-  const bool gathered = !stages_of_slices && !adapters && trainer.sync().weights_sharded();
+  const bool gathered = !job.tp && !adapters && trainer.sync().weights_sharded();
   if (gathered && !ranks.root) write_gathered_model(ranks, model, trainer.sync(), job.out_dir);
+  // ZeRO-3 x tp: each group of the local slices is gathered over the dp group as the tp
+  // gather reads it (one group at a time beyond the shard); the other replicas walk the
+  // same groups in the same order for their dp groups' gathers.
+  const bool zero3_slices = job.tp && !job.pp && !adapters && trainer.sync().weights_sharded();
+  parallel::TensorParallel::BeforeRead gather_through;
+  if (zero3_slices) gather_through = [&](int64_t offset) { trainer.sync().gather_weights_through(offset); };
   // Tensor parallel: world rank 0's tp group gathers the slices into one whole model.
   std::optional<model::Llama> whole;
   std::optional<model::LoraAdapters> whole_adapters;
@@ -244,8 +248,11 @@ void write_outputs(const TrainJob& job, const JobRanks& ranks, model::Llama& mod
     if (adapters)
       whole_adapters = job.tp->gather_full_adapters(*adapters, model.full_config());
     else
-      whole = job.tp->gather_full_model(model);
+      whole = job.tp->gather_full_model(model, gather_through);
+  } else if (zero3_slices) {
+    for (const model::ParamInfo& info : model.layout().params()) trainer.sync().gather_weights_through(info.offset);
   }
+  if (zero3_slices) trainer.sync().end_weight_pass();
   if (!ranks.root) {
     // A rank's trace is its only output: a failure is told, and never ends the job while
     // rank 0 writes the model.
@@ -422,8 +429,16 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
     record.summary.test_tokens = e.tokens;
     info(fmt::format("test: loss {:.4f}, perplexity {:.3f} ({} target tokens)", e.loss, std::exp(e.loss), e.tokens));
   }
-  // Replicated tensors are updated alike on every tp rank: a difference is a bug.
-  if (job.tp) job.tp->check_replicated_same(model);
+  // Replicated tensors are updated alike on every tp rank: a difference is a bug. Under
+  // ZeRO-3 x tp (the base's too under LoRA) each rank holds its dp shard of its slices:
+  // the groups holding them are gathered one at a time as they are read.
+  if (job.tp) {
+    const bool zero3 = job.train.zero_stage == 3 && !job.pp;
+    parallel::TensorParallel::BeforeRead gather_through;
+    if (zero3) gather_through = [&](int64_t offset) { trainer.sync().gather_weights_through(offset); };
+    job.tp->check_replicated_same(model, gather_through);
+    if (zero3) trainer.sync().end_weight_pass();
+  }
   record.summary.peak_rss_bytes = peak_rss_bytes();
   record.summary.dtype = std::string(model::matmul_dtype_name(model.matmul_input()));
   write_outputs(job, ranks, model, adapters.get(), *tokenizer, trace.get(), trainer, config, checkpoints, record, info);

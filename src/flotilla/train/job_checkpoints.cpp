@@ -107,6 +107,12 @@ void JobCheckpoints::check_weights_finite(int64_t step, std::string_view what) {
       job_.pp->all_reduce(comm::MutView(std::span<double>(&bad, 1)), comm::ReduceOp::max, {.name = "finite weights"});
       finite = bad == 0.0;
     }
+    if (job_.tp) {
+      // ZeRO-3 x tp or pp x tp: the other tp ranks checked their own slices; all agree.
+      double bad = finite ? 0.0 : 1.0;
+      job_.world->all_reduce(comm::MutView(std::span<double>(&bad, 1)), comm::ReduceOp::max, {.name = "finite weights"});
+      finite = bad == 0.0;
+    }
   } else {
     finite = all_finite(params);
     if (job_.tp) {

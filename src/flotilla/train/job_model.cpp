@@ -78,11 +78,13 @@ std::vector<model::ElementRange> build_ranges(const TrainJob& job, const text::T
   // A new model draws only these ranges, a model directory reads only them (Llama::load);
   // with LoRA they are the frozen base's shard (the adapters are made whole after).
   if (job.train.zero_stage != 3 || !job.dp || job.dp->world() < 2 || job.pp) return {};
-  const model::ModelConfig cfg = job_model_config(job, tokenizer);
+  model::ModelConfig cfg = job_model_config(job, tokenizer);
   // A 4-bit base: its float tensors (norms, biases) are few and loaded whole; its packed
   // matrices stay unread in the mapped files until the sync copies out this rank's chunks
   // of them (Llama::own_quantized, parallel/zero3.cpp).
   if (cfg.quantization) return {};
+  // ZeRO-3 x tp: the shard of this tp rank's local model, cut over its dp group.
+  if (job.tp) cfg = model::tensor_parallel_config(cfg, {job.tp->tp_rank(), job.tp->tp_size()});
   return parallel::zero3_owned_ranges(cfg, model::ParamLayout(cfg), job.dp->world(), job.dp->rank());
 }
 
@@ -107,13 +109,14 @@ model::Llama make_model(const TrainJob& job, const text::Tokenizer& tokenizer, c
   if (job.tp) {
     // A tp rank's local model: its slices of the full model's weights (model/tensor_parallel.hpp),
     // read one tensor at a time from a model directory or drawn from the one-rank stream.
-    // pp x tp: only the stage's tensors are read or drawn.
+    // pp x tp: only the stage's tensors are read or drawn; ZeRO-3 x tp: only the shard.
     const int tp = job.tp->tp_size(), rank = job.tp->tp_rank();
-    if (!job.model_dir.empty()) return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank, held.layers);
+    if (!job.model_dir.empty())
+      return model::load_tensor_parallel(job.model_dir, job.non_finite, tp, rank, held.layers, shard);
     const model::ModelConfig full = job_model_config(job, tokenizer);
     model::Llama local(model::tensor_parallel_config(full, {rank, tp}));
     if (held.layers) local.hold_only(*held.layers);
-    model::init_random_slices(local, full, {rank, tp}, job.seed);
+    model::init_random_slices(local, full, {rank, tp}, job.seed, shard);
     return local;
   }
   if (!job.model_dir.empty()) return model::Llama::load(job.model_dir, job.non_finite, held, shard);

@@ -429,10 +429,13 @@ fs::path save_sharded_checkpoint(const fs::path& checkpoints_dir, Trainer& train
   // Every rank's ranges, for rank 0's layout.json (under tensor or pipeline parallelism,
   // of the full model's arena: `dp` is then the whole world).
   std::optional<TpCheckpointView> tp = tp_checkpoint_view(trainer, rank);
-  // ZeRO under tensor parallelism: each tp slice's dp ranks split what its first replica
-  // would write, by the local floats each solely owns (its moments are only those). A
-  // pipeline's sync is sharded too (each stage owns its tensors), but pp x tp refuses ZeRO.
-  const bool zero_tp = tp && !trainer.pipeline() && trainer.sync().sharded();
+  // ZeRO under tensor parallelism (stages 1-3; with pp, ZeRO-1 over each stage's dp
+  // group): each tp slice's dp ranks split what its first replica would write, by the
+  // local floats each solely owns (its moments are only those; under ZeRO-3 its weights
+  // are only those too). A pipeline's sync is sharded without ZeRO too (each stage owns its
+  // tensors): then only the first replica writes.
+  const bool zero_tp = tp && trainer.sync().sharded() &&
+                       (!trainer.pipeline() || parallel::pipeline_zero_sharded(trainer.sync()));
   if (zero_tp) {
     const model::TensorParallelGroup& group = *trainer.model().tensor_parallel();
     tp = tp_checkpoint_view(trainer, group.tp_rank());
