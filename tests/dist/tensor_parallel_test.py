@@ -33,7 +33,7 @@ dp=2,tp=2 ZeRO-2 run's step-5 checkpoint (each of the 4 ranks writing its moment
 resumes on one rank, and the one-rank run's resumes at dp=2,tp=2 with --zero 1, each
 ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
 on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
-built (per-host checkpoint folders, --zero 3, --balance, --sequence-parallel without tp)
+built (--zero 3, --balance, --sequence-parallel without tp)
 are refused in one line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
@@ -217,8 +217,6 @@ def main():
 
         # Not built yet: one line each, non-zero exit.
         refusals = [
-            (2, ["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
-             "does not work with per-host checkpoint folders"),
             (2, ["--parallel", "tp=2", "--zero", "3"], "does not work with --zero 3"),
             (2, ["--parallel", "tp=2", "--balance"], "does not work with --balance"),
             (4, ["--parallel", "pp=2,tp=2", "--zero", "1"], "does not work with --zero and pipeline stages"),
