@@ -196,6 +196,10 @@ TEST(TensorPlan, PipelineStagesOfTpGroupsRecommendedWhereTpFitsAMachineAndThePip
   EXPECT_NE(rec.command.find("--parallel pp=2,tp=2 --micro-batches "), std::string::npos) << rec.command;
   EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
   EXPECT_NE(rec.reason.find("between stages"), std::string::npos) << rec.reason;
+  // The flowchart names every layout it weighed: tp=2, tp=4, pp=2, pp=4 and pp=2,tp=2.
+  int weighed = 0;
+  for (const std::string& line : rec.walk) weighed += line.find("on the fullest machine at its peak") != std::string::npos;
+  EXPECT_EQ(weighed, 5) << render_text(p);
   // Every machine's 2 ranks at their peak fit, rank 0's gather of the final model included.
   const MeshPlan* chosen = nullptr;
   for (const MeshPlan& m : p.meshes)

@@ -120,13 +120,18 @@ std::vector<ModelParallel> model_parallel_layouts(const PlanResult& p) {
 // times narrower (tp) or micro-batches M times shorter (pp) that run slower per flop
 // (W2 at tp=2 on one machine ran at 1.81x of one rank, not 2). Empty when none does.
 constexpr double kModelParallelMargin = 1.25;
-std::optional<ModelParallel> faster_model_parallel(const PlanResult& p, const StrategyRow* zero) {
+// Each layout weighed goes into `walk`, one line.
+std::optional<ModelParallel> faster_model_parallel(const PlanResult& p, const StrategyRow* zero,
+                                                   std::vector<std::string>& walk) {
   const PlanRequest& r = p.request;
   const double usable = r.memory_headroom * static_cast<double>(r.cluster.memory_bytes);
   std::optional<ModelParallel> best;
   for (ModelParallel& m : model_parallel_layouts(p)) {
     if (m.ranks > p.ranks.back()) continue;
-    if (r.cluster.memory_bytes > 0 && m.host_peak_bytes > usable) continue;
+    const bool fits = r.cluster.memory_bytes <= 0 || m.host_peak_bytes <= usable;
+    walk.push_back(fmt::format("{} on {} ranks: {:.2f}x one rank, {} on the fullest machine at its peak ({})", m.name,
+                               m.ranks, m.speedup, format_bytes(m.host_peak_bytes), fits ? "fits" : "does not fit"));
+    if (!fits) continue;
     if (zero) {
       // ZeRO's throughput on as many ranks as this uses, if it fits there, else where it first fits.
       size_t i = 1;
@@ -275,7 +280,7 @@ Recommendation recommend(const PlanResult& p) {
                                  100 * r.memory_headroom));
   if (!fits_one) {
     const std::optional<ShardingFit> fit = smallest_sharding(p);
-    if (const std::optional<ModelParallel> m = faster_model_parallel(p, fit ? fit->row : nullptr)) {
+    if (const std::optional<ModelParallel> m = faster_model_parallel(p, fit ? fit->row : nullptr, rec.walk)) {
       rec.advice = m->advice;
       rec.strategy = m->name;
       rec.ranks = m->ranks;
