@@ -128,9 +128,39 @@ TEST(TensorPlan, ZeroOverTheReplicasShardsEachSlicesState) {
   EXPECT_FALSE(tensor_json(plan_tensor_parallel(w, StepCost{}, 2, Link{})).contains("zero"));
 }
 
+TEST(TensorPlan, RanksSharingAMachinesCoresComputeSlowerAsDataParallelsDo) {
+  // Two ranks of one thread on one core of one machine, each 1.5x slower again for sharing
+  // it (the measured contention): tp's, the pipeline's and pp x tp's compute 3x one alone's
+  // share, as the data-parallel rows charge it; the communication as it was.
+  PlanRequest r;
+  r.workload = describe_workload(small_llama(), false, {}, 4, 32, 2);
+  r.cost.data_s = 0.01;
+  r.cost.compute_s = 1.0;
+  r.cost.update_s = 0.1;
+  r.cost.threads = 1;
+  r.cost.contention = 1.5;
+  r.cluster.hosts = 1;
+  r.cluster.slots = 2;
+  r.cluster.cores = 1;
+  const PlanResult p = make_plan(r);
+  EXPECT_DOUBLE_EQ(compute_slowdown(r.cluster, r.cost, 2), 3.0);
+  ASSERT_EQ(p.tensors.size(), 1u);
+  const TensorPlan& t = p.tensors[0];
+  EXPECT_NEAR(t.step_s, 3.0 * (0.01 + 1.1 / 2) + t.comm_s, 1e-12);
+  EXPECT_NEAR(t.sequence.step_s, 3.0 * (0.01 + 1.1 / 2) + t.sequence.comm_s, 1e-12);
+  ASSERT_FALSE(p.pipelines.empty());
+  const PipelinePlan& pp = p.pipelines[0];
+  EXPECT_NEAR(pp.step_s,
+              3.0 * (0.01 + 1.0 * pp.slowest_stage_share / (1.0 - pp.bubble) + 0.1 * pp.slowest_stage_share) + pp.comm_s,
+              1e-12);
+  const TensorPlan alone = plan_tensor_parallel(r.workload, r.cost, 2, r.cluster.local);
+  EXPECT_NEAR(t.step_s - alone.step_s, 2.0 * (0.01 + 1.1 / 2), 1e-12);
+}
+
 TEST(TensorPlan, OnlyTpThatSplitsTheModel) {
   const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
-  const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; });
+  const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; },
+                                                              [](int) { return 1.0; });
   ASSERT_EQ(plans.size(), 1u);  // tp=2 only: 4 does not divide the 2 kv heads
   EXPECT_EQ(plans[0].tp, 2);
 }

@@ -11,7 +11,7 @@
 namespace flotilla::plan {
 
 MeshPlan plan_mesh(const Workload& w, const StepCost& one_rank, int pp, int tp, int64_t micro_batches,
-                   const Link& pp_link, const Link& tp_link) {
+                   const Link& pp_link, const Link& tp_link, double slow) {
   MeshPlan p;
   p.pp = pp;
   p.tp = tp;
@@ -22,7 +22,7 @@ MeshPlan plan_mesh(const Workload& w, const StepCost& one_rank, int pp, int tp, 
   StepCost sliced = one_rank;
   sliced.compute_s /= T;
   sliced.update_s /= T;
-  p.stages = plan_pipeline(local, sliced, pp, micro_batches, parallel::PipelineSchedule::one_f_one_b, pp_link);
+  p.stages = plan_pipeline(local, sliced, pp, micro_batches, parallel::PipelineSchedule::one_f_one_b, pp_link, 1, slow);
   const size_t S = p.stages.ranges.size();
   const double rows = static_cast<double>(w.grad_accum * w.batch_size * w.seq_len);  // A B S
   const double C = static_cast<double>(w.model.dim);

@@ -61,8 +61,9 @@ struct MeshPlan {
 };
 
 // InputError when tp does not split the model, or pp x M does not fit it (as each alone).
+// `slow`: how much slower each rank computes than one alone (compute_slowdown).
 MeshPlan plan_mesh(const Workload& w, const StepCost& one_rank, int pp, int tp, int64_t micro_batches,
-                   const Link& pp_link, const Link& tp_link);
+                   const Link& pp_link, const Link& tp_link, double slow = 1.0);
 
 nlohmann::json mesh_json(const MeshPlan& p);
 

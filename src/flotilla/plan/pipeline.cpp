@@ -12,7 +12,7 @@
 namespace flotilla::plan {
 
 PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
-                           parallel::PipelineSchedule schedule, const Link& link, int dp) {
+                           parallel::PipelineSchedule schedule, const Link& link, int dp, double slow) {
   if (micro_batches < 1 || w.batch_size % micro_batches != 0)
     throw InputError("plan", fmt::format("--micro-batches {} does not divide --batch-size {}", micro_batches,
                                          w.batch_size));
@@ -37,8 +37,9 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
   for (const parallel::StageRange& r : p.ranges)
     slowest = std::max(slowest, static_cast<double>(r.end - r.begin) * block + (r.end == w.model.n_layers ? head : 0.0));
   p.slowest_stage_share = slowest / total;
-  p.step_s = one_rank.data_s + one_rank.compute_s * p.slowest_stage_share / (1.0 - p.bubble) + p.comm_s +
-             one_rank.update_s * p.slowest_stage_share;
+  p.step_s = (one_rank.data_s + one_rank.compute_s * p.slowest_stage_share / (1.0 - p.bubble) +
+              one_rank.update_s * p.slowest_stage_share) * slow +
+             p.comm_s;
   p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
   std::optional<model::LoraAdapters> adapters;
   if (w.lora) adapters.emplace(w.model, w.lora_config);

@@ -72,8 +72,9 @@ struct PipelinePlan {
 
 // InputError (from parallel/) when P exceeds the layers or M does not divide the batch.
 // `dp`: the replicas of the pipeline the ranks make (ZeRO-1's figures when 2 or more).
+// `slow`: how much slower each rank computes than one alone (compute_slowdown).
 PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
-                           parallel::PipelineSchedule schedule, const Link& link, int dp = 1);
+                           parallel::PipelineSchedule schedule, const Link& link, int dp = 1, double slow = 1.0);
 
 nlohmann::json pipeline_json(const PipelinePlan& p);
 

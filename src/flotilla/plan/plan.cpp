@@ -239,20 +239,22 @@ PlanResult make_plan(const PlanRequest& request) {
   p.steps_per_epoch_one = request.rows_per_epoch / static_cast<double>(w.batch_size * w.grad_accum);
   p.epoch_s_one = p.steps_per_epoch_one * request.cost.total_s();
   p.run_s_one = request.epochs * p.epoch_s_one;
-  p.tensors = tensor_parallel_plans(w, request.cost, N, [&](int tp) { return c.link_for(tp); });
+  // Model-parallel ranks that share a machine's cores compute slower, as data parallel's do.
+  const auto slow = [&](int n) { return compute_slowdown(c, request.cost, n); };
+  p.tensors = tensor_parallel_plans(w, request.cost, N, [&](int tp) { return c.link_for(tp); }, slow);
   for (int P = 2; P <= N && P <= w.model.n_layers; P *= 2) {
     int64_t M = request.micro_batches;
     if (M <= 0)
       for (int64_t m = 1; m <= w.batch_size && m <= 4 * P; ++m)
         if (w.batch_size % m == 0) M = m;
     p.pipelines.push_back(
-        plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P), N / P));
+        plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P), N / P, slow(P)));
   }
   for (const PipelinePlan& pp : p.pipelines)
     for (const TensorPlan& t : p.tensors)
       if (pp.stages * t.tp <= N)
         p.meshes.push_back(plan_mesh(w, request.cost, pp.stages, t.tp, pp.micro_batches, c.link_for(pp.stages * t.tp),
-                                     c.link_for(t.tp)));
+                                     c.link_for(t.tp), slow(pp.stages * t.tp)));
   p.experts = expert_parallel_plans(w, N);
   p.recommendation = recommend(p);
   return p;

@@ -20,7 +20,8 @@ bool tensor_parallel_splits(const Workload& w, int tp) {
   }
 }
 
-TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp) {
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp,
+                                double slow) {
   const model::ModelConfig& cfg = w.model;
   TensorPlan p;
   p.tp = tp;
@@ -33,7 +34,8 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   const double T = tp;
   p.wire_bytes_per_rank = 2.0 * (T - 1.0) / T * p.all_reduce_bytes;
   p.comm_s = library_collectives_s(p.wire_bytes_per_rank, static_cast<double>(p.all_reduces), 2.0 * (T - 1.0), link);
-  p.step_s = one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T + p.comm_s;
+  const double work_s = (one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T) * slow;
+  p.step_s = work_s + p.comm_s;
   p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
   // Held parameters: every rank's local model; the largest (vocabulary shares differ).
   for (int r = 0; r < tp; ++r)
@@ -76,7 +78,7 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   // Ring steps: T-1 a half, 2 (T-1) an all-reduce (the loss's two, the norms' one a layer and lnf's).
   s.comm_s = library_collectives_s(halves_wire, A * halves, T - 1.0, link) +
              library_collectives_s(reduced_wire, A * static_cast<double>(3 + cfg.n_layers), 2.0 * (T - 1.0), link);
-  s.step_s = one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T + s.comm_s;
+  s.step_s = work_s + s.comm_s;
   s.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp));
   s.memory_bytes = p.state_bytes + s.activation_bytes;

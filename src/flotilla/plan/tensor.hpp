@@ -86,23 +86,25 @@ struct TensorPlan {
 };
 
 // The plan for tp ranks on `link`, and with ZeRO over `dp` replicas of them; InputError
-// when tp does not split the model (model::tensor_parallel_config).
-TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp = 1);
+// when tp does not split the model (model::tensor_parallel_config). `slow`: how much
+// slower each rank computes than one alone (compute_slowdown: ranks sharing cores).
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp = 1,
+                                double slow = 1.0);
 // tp = 2, 4, ... up to max_ranks, each that splits the model (none for a mixture of experts).
-template <class LinkFor>
+template <class LinkFor, class SlowFor>
 std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
-                                              LinkFor&& link_for);
+                                              LinkFor&& link_for, SlowFor&& slow_for);
 bool tensor_parallel_splits(const Workload& w, int tp);
 
 nlohmann::json tensor_json(const TensorPlan& p);
 
-template <class LinkFor>
+template <class LinkFor, class SlowFor>
 std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
-                                              LinkFor&& link_for) {
+                                              LinkFor&& link_for, SlowFor&& slow_for) {
   std::vector<TensorPlan> plans;
   for (int tp = 2; tp <= max_ranks; tp *= 2)
     if (tensor_parallel_splits(w, tp))
-      plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp), max_ranks / tp));
+      plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp), max_ranks / tp, slow_for(tp)));
   return plans;
 }
 
