@@ -23,7 +23,8 @@ The run to match: 20 steps of the tiny preset on 4 ranks, global batch 12. Then:
     host folder holds its rank's slices and the host before it's; step 20 removed and h3
     lost, resumed on h0 and h2 as tp=2 (another layout): each folder completed from the
     other, the final model within 1e-5 of the uninterrupted pp=2,tp=2 run's (which is
-    within 1e-4 of the data-parallel run's: sums in another order, magnified by AdamW).
+    within 1e-4 of the data-parallel run's: sums in another order, magnified by AdamW);
+    and dp=2,tp=2 with --zero 2 on 2 hosts of 2 ranks, h1 lost, resumed on h0 as tp=2.
 Usage: host_checkpoint_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import glob
@@ -225,9 +226,24 @@ def main():
             if f"on host {h} completed with 2 files" not in text:
                 failures.append(f"pp=2,tp=2 -> tp=2: {h}'s folder was not completed with 2 files:\n" + text[-1500:])
         failures += compare("pp=2,tp=2 lost h3, resumed on h0 + h2 as tp=2", whole, out)
+
+        # dp=2,tp=2 with ZeRO-2 on 2 hosts of 2 ranks (each replica's 6 rows), h1 lost:
+        # resumed on h0's 2 ranks as tp=2 (12 rows), every rank file completed from h0's replicas.
+        out = os.path.join(tmp, "zero_tp")
+        cmd = mpirun + ["-np", "4", "sh", "-c", WRAPPER, "sh", "train", "--out", out, "--batch-size",
+                        str(GLOBAL_BATCH // 2), "--parallel", "dp=2,tp=2", "--zero", "2"] + common + ck("zero_tp")
+        run(cmd, dict(env, HOSTS="h0 h0 h1 h1", FLOTILLA=f))
+        whole = os.path.join(tmp, "zero_tp_whole")
+        shutil.copytree(out, whole)
+        drop_step("zero_tp", ["h0", "h1"], 20)
+        shutil.rmtree(folder("zero_tp", "h1"))
+        text = train_mesh(out, ["h0", "h0"], "tp=2", ck("zero_tp") + ["--resume"])
+        if "at step 10" not in text:
+            failures.append("dp=2,tp=2 ZeRO-2 -> tp=2 on h0: did not resume at step 10:\n" + text[-1500:])
+        failures += compare("dp=2,tp=2 ZeRO-2 lost h1, resumed on h0 as tp=2", whole, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return summary(failures, 7)
+    return summary(failures, 8)
 
 
 if __name__ == "__main__":
