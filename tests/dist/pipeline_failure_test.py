@@ -6,8 +6,7 @@ before any step, nothing written into --out:
   - pp=4 on 4 ranks for a model of 2 layers;
   - --pp-layers not adding up to the layers, or not one count per stage;
   - --micro-batches 3 with --batch-size 4;
-  - pp with --zero 2, with local SGD (--sync-every 2), with per-host checkpoint folders,
-    with --compression fp16;
+  - pp with --zero 2, with local SGD (--sync-every 2), with --compression fp16;
   - --micro-batches 2 alone (no pipeline).
 A stage lost mid-run, 2 ranks pp=2: rank 1 killed (SIGKILL) or stopped (SIGSTOP) while
 training; the job exits non-zero within a bound (--timeout 4 plus a margin), never hangs.
@@ -48,8 +47,6 @@ def main():
             (2, ["--parallel", "pp=2", "--micro-batches", "3"], "--micro-batches 3 does not divide --batch-size 4"),
             (2, ["--parallel", "pp=2", "--zero", "2"], "pipeline parallelism (pp > 1) does not work with --zero 2"),
             (2, ["--parallel", "pp=2", "--sync-every", "2"], "does not work with local SGD"),
-            (2, ["--parallel", "pp=2", "--save-every", "5", "--checkpoint-dir", os.path.join(tmp, "ck-{host}")],
-             "does not work with per-host checkpoint folders"),
             (2, ["--parallel", "pp=2", "--compression", "fp16"], "does not work with --compression"),
             (1, ["--micro-batches", "2"], "--micro-batches applies to pipeline parallelism"),
         ]

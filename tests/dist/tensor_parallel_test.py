@@ -40,8 +40,8 @@ slice's weights too sharded over its dp group, gathered block by block, the rank
 from its shard of the model directory), whose own step-7 checkpoint resumes on one rank,
 each ending within 1e-5 of the uninterrupted run. Also: a model directory is sliced
 on load (--model); LoRA's checkpoint at tp=2 resumes on one rank; and the combinations not
-built (per-host checkpoint folders, --balance, ZeRO-3 with pp x tp, --sequence-parallel
-without tp) are refused in one line each.
+built (--balance, ZeRO-2/3 with pp x tp, --sequence-parallel without tp) are refused in one
+line each.
 Usage: tensor_parallel_test.py FLOTILLA [--mpirun MPIRUN]
 """
 import json
@@ -263,8 +263,6 @@ def main():
 
         # Not built yet: one line each, non-zero exit.
         refusals = [
-            (2, ["--parallel", "tp=2", "--checkpoint-replicas", "1", "--save-every", "5"],
-             "does not work with per-host checkpoint folders"),
             (2, ["--parallel", "tp=2", "--balance"], "does not work with --balance"),
             (4, ["--parallel", "pp=2,tp=2", "--zero", "3"], "does not work with --zero 3 (use --zero 1)"),
         ]

@@ -110,6 +110,29 @@ TEST(PipelinePlan, RefusesMicroBatchesThatDoNotDivideAndTooManyStages) {
 
 // pp x tp (plan/mesh.hpp): a rank is its tp rank's slice of its stage; the stages' tp
 // bytes add up to tensor parallelism's alone, point to point is the pipeline's per rank.
+TEST(PipelinePlan, StageZeroPeaksWithTheLargestTensorItReceivesToWriteTheModel) {
+  // Stage 0 writes the final model tensor by tensor, receiving each other stage's tensor
+  // into its arena and handing it back once written: the largest such one joins its peak.
+  Link link;
+  model::ModelConfig cfg;
+  cfg.n_layers = 8;
+  cfg.vocab_size = 64;  // the head (64 x 64) is narrower than an MLP matrix (128 x 64)
+  const Workload w = describe_workload(cfg, false, {}, 8, 32, 1);
+  const PipelinePlan p = plan_pipeline(w, StepCost{}, 4, 4, parallel::PipelineSchedule::one_f_one_b, link);
+  EXPECT_DOUBLE_EQ(p.final_write_bytes, 4.0 * 128 * 64);
+  EXPECT_DOUBLE_EQ(p.peak_bytes[0], p.memory_bytes[0] + 4.0 * 128 * 64);
+  for (size_t s = 1; s < 4; ++s) EXPECT_DOUBLE_EQ(p.peak_bytes[s], p.memory_bytes[s]);
+  cfg.vocab_size = 1000;  // an untied head of 1000 x 64: the largest
+  const PipelinePlan h = plan_pipeline(describe_workload(cfg, false, {}, 8, 32, 1), StepCost{}, 4, 4,
+                                       parallel::PipelineSchedule::one_f_one_b, link);
+  EXPECT_DOUBLE_EQ(h.final_write_bytes, 4.0 * 1000 * 64);
+  cfg.tie_embeddings = true;  // tied: the head is stage 0's own embedding
+  const PipelinePlan t = plan_pipeline(describe_workload(cfg, false, {}, 8, 32, 1), StepCost{}, 4, 4,
+                                       parallel::PipelineSchedule::one_f_one_b, link);
+  EXPECT_DOUBLE_EQ(t.final_write_bytes, 4.0 * 128 * 64);
+  EXPECT_EQ(pipeline_json(t)["peak_bytes"].size(), 4u);
+}
+
 TEST(MeshPlan, PipelineStagesOfTensorParallelGroupsComposeBothPlans) {
   const Workload w = workload(8, 2);
   StepCost one;
@@ -138,6 +161,53 @@ TEST(MeshPlan, PipelineStagesOfTensorParallelGroupsComposeBothPlans) {
   }
   EXPECT_GT(m.step_s, m.stages.step_s);  // plus the all-reduces
   EXPECT_LT(m.step_s, pp.step_s);        // each stage's compute halved
+}
+
+TEST(MeshPlan, SequenceParallelStagesSendTheirRowsAndTheHalvesTpAloneSends) {
+  // pp=4,tp=2, 4 micro-batches of 2 rows x 32 tokens, A = 2: M' = 8 micro-batches of 64
+  // rows; a half (one whole micro-batch buffer) 64 x 64 x 4 = 16384 bytes, of which an
+  // all-gather or reduce-scatter over 2 ranks sends half.
+  const Workload w = workload(8, 2);
+  StepCost one;
+  one.compute_s = 8.0;
+  Link link;
+  link.bandwidth_bytes_per_s = 1e9;
+  link.latency_s = 1e-5;
+  const MeshPlan m = plan_mesh(w, one, 4, 2, 4, link, link);
+  const MeshPlan::Sequence& q = m.sequence;
+  EXPECT_DOUBLE_EQ(q.max_rank_send_bytes, m.stages.max_rank_send_bytes / 2);  // each tp rank's rows
+  // Stage 0: 2 layers' 10 halves and the embedding's 2; its 2 layers' 4 norms' gradients
+  // all-reduced (over 2 ranks a ring sends all of them).
+  EXPECT_DOUBLE_EQ(q.tp_wire_bytes[0], 8 * ((10 * 2 + 2) * 8192.0 + 4 * 64 * 4.0));
+  EXPECT_DOUBLE_EQ(q.tp_wire_bytes[1], 8 * (10 * 2 * 8192.0 + 4 * 64 * 4.0));
+  // The last: lm_head's input both ways, lnf's gradient and the loss's 3 floats a row.
+  EXPECT_DOUBLE_EQ(q.tp_wire_bytes[3], 8 * ((10 * 2 + 2) * 8192.0 + (5 * 64 + 3 * 64) * 4.0));
+  // Together: tp alone's on the same micro-batches (B/M rows, A M of them).
+  const TensorPlan tp = plan_tensor_parallel(workload(2, 8), one, 2, link);
+  EXPECT_DOUBLE_EQ(q.tp_wire_bytes[0] + q.tp_wire_bytes[1] + q.tp_wire_bytes[2] + q.tp_wire_bytes[3],
+                   tp.sequence.wire_bytes_per_rank);
+  for (size_t s = 0; s < 4; ++s) {
+    EXPECT_LT(q.activation_bytes[s], m.stages.activation_bytes[s]);  // the residual stream's rows sharded
+    EXPECT_DOUBLE_EQ(q.memory_bytes[s], m.stages.state_bytes[s] + q.activation_bytes[s]);
+  }
+  EXPECT_GT(q.step_s, 0.0);
+  EXPECT_EQ(mesh_json(m)["sequence_parallel"]["tp_wire_bytes_per_rank_per_step"].size(), 4u);
+}
+
+TEST(MeshPlan, AtTheEndEveryRankHoldsItsSliceOfEveryStageAndRankZeroTheWholeModel) {
+  // The stages broadcast their tensors over the pp group (each rank's arena then holds its
+  // tp slice of all of them), and world rank 0 gathers the whole model from its tp group.
+  const Workload w = workload(8, 1);
+  const MeshPlan m = plan_mesh(w, StepCost{}, 4, 2, 4, Link{}, Link{});
+  const double local = 4.0 * static_cast<double>(model::tensor_parallel_config(w.model, {0, 2}).num_params());
+  const double whole = 4.0 * static_cast<double>(w.model.num_params());
+  EXPECT_DOUBLE_EQ(m.final_model_bytes, whole);
+  for (size_t s = 0; s < 4; ++s) {
+    const double others = local - m.stages.state_bytes[s] / 4.0;  // the other stages' slices
+    EXPECT_GT(others, 0.0);
+    EXPECT_DOUBLE_EQ(m.peak_bytes[s], m.stages.memory_bytes[s] + others + (s == 0 ? whole : 0.0));
+    EXPECT_DOUBLE_EQ(m.sequence.peak_bytes[s], m.sequence.memory_bytes[s] + others + (s == 0 ? whole : 0.0));
+  }
 }
 
 }  // namespace

@@ -40,7 +40,8 @@ TEST(TensorPlan, AllReduceBytesStepAndMemoryMatchAHandComputation) {
   EXPECT_EQ(p.all_reduces, 2 * (4 * 2 + 4));
   // A ring over 2 ranks sends half of each all-reduce's bytes twice: all of them.
   EXPECT_DOUBLE_EQ(p.wire_bytes_per_rank, 658432.0);
-  EXPECT_DOUBLE_EQ(p.comm_s, 658432.0 / 1e9 + 24 * 2 * 1e-5);
+  // 24 all-reduces of 2 ring steps each, and the mismatch check's exchange before each.
+  EXPECT_DOUBLE_EQ(p.comm_s, 658432.0 / 1e9 + 24 * (2 + 1) * 1e-5);
   EXPECT_DOUBLE_EQ(p.step_s, 0.01 + 1.1 / 2 + p.comm_s);
   EXPECT_DOUBLE_EQ(p.speedup, 1.11 / p.step_s);
   // The whole model: 2 x (attention 12288 + MLP 36864 + norms 128) + embedding and lm_head
@@ -53,6 +54,44 @@ TEST(TensorPlan, AllReduceBytesStepAndMemoryMatchAHandComputation) {
   EXPECT_DOUBLE_EQ(p.state_bytes, 16.0 * 51904);
   EXPECT_GT(p.activation_bytes, 0.0);
   EXPECT_DOUBLE_EQ(p.memory_bytes, p.state_bytes + p.activation_bytes);
+  // World rank 0 gathers the whole model's 103360 float32 weights to write it at the end.
+  EXPECT_DOUBLE_EQ(p.final_model_bytes, 4.0 * 103360);
+  EXPECT_DOUBLE_EQ(p.rank0_memory_bytes, p.memory_bytes + 4.0 * 103360);
+  EXPECT_DOUBLE_EQ(p.sequence.rank0_memory_bytes, p.sequence.memory_bytes + 4.0 * 103360);
+  EXPECT_DOUBLE_EQ(tensor_json(p)["memory_bytes_rank0"].get<double>(), p.rank0_memory_bytes);
+}
+
+TEST(TensorPlan, BetweenHostsTheLibrarysCollectivesGetHalfTheLink) {
+  // tp runs the MPI library's own collectives, which Open MPI over TCP (default settings)
+  // runs at half the link: the same bytes take twice as long, the latencies the same.
+  const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 2);
+  StepCost cost;
+  cost.compute_s = 1.0;
+  const Link within{1e9, 1e-5, "given"};
+  const Link between{1e9, 1e-5, "given", kTcpLibraryShare};
+  const TensorPlan a = plan_tensor_parallel(w, cost, 2, within), b = plan_tensor_parallel(w, cost, 2, between);
+  EXPECT_DOUBLE_EQ(b.comm_s, 2 * 658432.0 / 1e9 + 24 * 3 * 1e-5);
+  EXPECT_DOUBLE_EQ(b.comm_s - a.comm_s, a.wire_bytes_per_rank / 1e9);
+  EXPECT_DOUBLE_EQ(b.sequence.comm_s - a.sequence.comm_s, a.sequence.wire_bytes_per_rank / 1e9);
+  EXPECT_NEAR(b.step_s - a.step_s, b.comm_s - a.comm_s, 1e-12);
+  // A plan's network between hosts carries that share; its link within a host does not.
+  PlanRequest r;
+  r.workload = w;
+  r.cost = cost;
+  r.cluster.hosts = 2;
+  r.cluster.slots = 1;
+  EXPECT_DOUBLE_EQ(r.cluster.network.library_share, kTcpLibraryShare);
+  EXPECT_DOUBLE_EQ(r.cluster.local.library_share, 1.0);
+  const PlanResult two_hosts = make_plan(r);
+  r.cluster.hosts = 1;
+  r.cluster.slots = 2;
+  r.cluster.local = r.cluster.network;
+  r.cluster.local.library_share = 1.0;
+  const PlanResult one_host = make_plan(r);
+  ASSERT_EQ(two_hosts.tensors.size(), 1u);
+  ASSERT_EQ(one_host.tensors.size(), 1u);
+  EXPECT_DOUBLE_EQ(two_hosts.tensors[0].comm_s - one_host.tensors[0].comm_s,
+                   one_host.tensors[0].wire_bytes_per_rank / r.cluster.network.bandwidth_bytes_per_s);
 }
 
 TEST(TensorPlan, SequenceParallelSendsTpsBytesPlusTheBackwardRegathersAndHoldsFewerActivations) {
@@ -89,9 +128,39 @@ TEST(TensorPlan, ZeroOverTheReplicasShardsEachSlicesState) {
   EXPECT_FALSE(tensor_json(plan_tensor_parallel(w, StepCost{}, 2, Link{})).contains("zero"));
 }
 
+TEST(TensorPlan, RanksSharingAMachinesCoresComputeSlowerAsDataParallelsDo) {
+  // Two ranks of one thread on one core of one machine, each 1.5x slower again for sharing
+  // it (the measured contention): tp's, the pipeline's and pp x tp's compute 3x one alone's
+  // share, as the data-parallel rows charge it; the communication as it was.
+  PlanRequest r;
+  r.workload = describe_workload(small_llama(), false, {}, 4, 32, 2);
+  r.cost.data_s = 0.01;
+  r.cost.compute_s = 1.0;
+  r.cost.update_s = 0.1;
+  r.cost.threads = 1;
+  r.cost.contention = 1.5;
+  r.cluster.hosts = 1;
+  r.cluster.slots = 2;
+  r.cluster.cores = 1;
+  const PlanResult p = make_plan(r);
+  EXPECT_DOUBLE_EQ(compute_slowdown(r.cluster, r.cost, 2), 3.0);
+  ASSERT_EQ(p.tensors.size(), 1u);
+  const TensorPlan& t = p.tensors[0];
+  EXPECT_NEAR(t.step_s, 3.0 * (0.01 + 1.1 / 2) + t.comm_s, 1e-12);
+  EXPECT_NEAR(t.sequence.step_s, 3.0 * (0.01 + 1.1 / 2) + t.sequence.comm_s, 1e-12);
+  ASSERT_FALSE(p.pipelines.empty());
+  const PipelinePlan& pp = p.pipelines[0];
+  EXPECT_NEAR(pp.step_s,
+              3.0 * (0.01 + 1.0 * pp.slowest_stage_share / (1.0 - pp.bubble) + 0.1 * pp.slowest_stage_share) + pp.comm_s,
+              1e-12);
+  const TensorPlan alone = plan_tensor_parallel(r.workload, r.cost, 2, r.cluster.local);
+  EXPECT_NEAR(t.step_s - alone.step_s, 2.0 * (0.01 + 1.1 / 2), 1e-12);
+}
+
 TEST(TensorPlan, OnlyTpThatSplitsTheModel) {
   const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
-  const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; });
+  const std::vector<TensorPlan> plans = tensor_parallel_plans(w, StepCost{}, 16, [](int) { return Link{}; },
+                                                              [](int) { return 1.0; });
   ASSERT_EQ(plans.size(), 1u);  // tp=2 only: 4 does not divide the 2 kv heads
   EXPECT_EQ(plans[0].tp, 2);
 }
@@ -128,6 +197,50 @@ TEST(TensorPlan, RecommendedWhenAReplicaDoesNotFitAndZeroTrafficExceedsTheLink) 
   r.train_args = "--model m --data d --batch-size 4 --seq-len 256";
   const PlanResult q = make_plan(r);
   EXPECT_EQ(q.recommendation.advice, Advice::sharding) << render_text(q);
+}
+
+TEST(TensorPlan, PipelineStagesOfTpGroupsRecommendedWhereTpFitsAMachineAndThePipelineCrossesTheSlowLink) {
+  // Two machines of 2 ranks each, shared memory inside (10 GB/s), 1 Gbit/s between, too
+  // small for a replica of llama2.c's 110M with 8 rows of 128 tokens: pp=2,tp=2 keeps tp's
+  // all-reduces inside a machine and sends only activations between them, where tp=4's
+  // all-reduces and ZeRO's weights cross the slow link, and pp=4 waits on its bubble.
+  PlanRequest r;
+  r.workload = describe_workload(model::preset_config("110M"), false, {}, 8, 128, 1);
+  r.cost.compute_s = 9.5;
+  r.cost.update_s = 0.5;
+  r.cost.threads = 4;
+  r.cluster.hosts = 2;
+  r.cluster.slots = 2;
+  r.cluster.cores = 8;
+  r.cluster.memory_bytes = int64_t{9} << 28;  // 2.25 GiB: a replica needs 2.3 at its peak
+  r.cluster.network = {1e9 / 8, 50e-6, "given", kTcpLibraryShare};
+  r.cluster.local = {10e9, 1e-6, "given"};
+  r.rows_per_epoch = 3600.0 * 10 / 10.0 * 8;
+  r.train_args = "--model m --data d --batch-size 8 --seq-len 128";
+  const PlanResult p = make_plan(r);
+  ASSERT_FALSE(p.meshes.empty());
+  const Recommendation& rec = p.recommendation;
+  EXPECT_EQ(rec.advice, Advice::pipeline_tensor_parallel) << render_text(p);
+  EXPECT_EQ(rec.strategy, "pp=2,tp=2") << rec.reason;
+  EXPECT_EQ(rec.ranks, 4);
+  EXPECT_NE(rec.command.find("--parallel pp=2,tp=2 --micro-batches "), std::string::npos) << rec.command;
+  EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
+  EXPECT_NE(rec.reason.find("between stages"), std::string::npos) << rec.reason;
+  // The flowchart names every layout it weighed: tp=2, tp=4, pp=2, pp=4 and pp=2,tp=2.
+  int weighed = 0;
+  for (const std::string& line : rec.walk) weighed += line.find("on the fullest machine at its peak") != std::string::npos;
+  EXPECT_EQ(weighed, 5) << render_text(p);
+  // Every machine's 2 ranks at their peak fit, rank 0's gather of the final model included.
+  const MeshPlan* chosen = nullptr;
+  for (const MeshPlan& m : p.meshes)
+    if (m.pp == 2 && m.tp == 2) chosen = &m;
+  ASSERT_NE(chosen, nullptr);
+  EXPECT_LE(chosen->peak_bytes[0] + chosen->peak_bytes[0] - chosen->final_model_bytes,
+            r.memory_headroom * static_cast<double>(r.cluster.memory_bytes));
+  // With a fast link between the machines too, tp=4 is no longer held back: the mesh is not chosen.
+  r.cluster.network = {100e9 / 8, 1e-6, "given"};
+  const PlanResult fast = make_plan(r);
+  EXPECT_NE(fast.recommendation.advice, Advice::pipeline_tensor_parallel) << render_text(fast);
 }
 
 }  // namespace

@@ -25,7 +25,26 @@ struct Link {
   double bandwidth_bytes_per_s = 125e6;  // 1 Gbit/s ethernet
   double latency_s = 50e-6;              // per message, one way
   std::string source = "assumed";        // "--bandwidth", "measured (mpirun -np 2)", ...
+  // The share of bandwidth_bytes_per_s that the MPI library's own collectives reach here
+  // (MPI_Iallreduce, MPI_Iallgather, MPI_Ireduce_scatter_block: what tensor parallelism
+  // runs); flotilla's ring (data parallelism's gradients, measure_link) reaches the whole.
+  // Between hosts it is kTcpLibraryShare (Cluster::network), within a host 1.
+  double library_share = 1.0;
 };
+
+// Open MPI over TCP with its default settings runs a two-way exchange at about half the
+// link: the pair's one socket carries a large fragment whole, and the other direction's
+// control messages queue behind it (../shared/netcluster/README.md: MPI_Sendrecv 0.52
+// Gbit/s each way on 1 Gbit/s; bench/RESULTS.md, "Emulated hosts at 1 Gbit/s":
+// MPI_Allreduce 0.36-0.53 Gbit/s bus bandwidth at 1-64 MiB on 2 and 4 hosts, where
+// flotilla's ring reaches 0.93-0.95). `--mca btl_tcp_flags send,inplace,need-ack,need-csum`
+// lifts it to 0.8-0.9.
+inline constexpr double kTcpLibraryShare = 0.5;
+
+// The time of `collectives` of the MPI library's own on `link`, each rank sending
+// `wire_bytes` in all and every collective taking `steps` ring steps of one latency, plus
+// one exchange of signatures before each (comm/mpi's mismatch check, on by default).
+double library_collectives_s(double wire_bytes, double collectives, double steps, const Link& link);
 
 // "1gbit", "10gbit", "100mbit", "25gbit/s", "1.25GB/s", "125MB/s", "800KB/s", "1e9" (bytes/s):
 // bit units (bit, kbit, mbit, gbit, tbit) count bits, byte units (B, KB, MB, GB, TB,

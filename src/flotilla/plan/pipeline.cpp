@@ -12,7 +12,7 @@
 namespace flotilla::plan {
 
 PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
-                           parallel::PipelineSchedule schedule, const Link& link, int dp) {
+                           parallel::PipelineSchedule schedule, const Link& link, int dp, double slow) {
   if (micro_batches < 1 || w.batch_size % micro_batches != 0)
     throw InputError("plan", fmt::format("--micro-batches {} does not divide --batch-size {}", micro_batches,
                                          w.batch_size));
@@ -37,8 +37,9 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
   for (const parallel::StageRange& r : p.ranges)
     slowest = std::max(slowest, static_cast<double>(r.end - r.begin) * block + (r.end == w.model.n_layers ? head : 0.0));
   p.slowest_stage_share = slowest / total;
-  p.step_s = one_rank.data_s + one_rank.compute_s * p.slowest_stage_share / (1.0 - p.bubble) + p.comm_s +
-             one_rank.update_s * p.slowest_stage_share;
+  p.step_s = (one_rank.data_s + one_rank.compute_s * p.slowest_stage_share / (1.0 - p.bubble) +
+              one_rank.update_s * p.slowest_stage_share) * slow +
+             p.comm_s;
   p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
   std::optional<model::LoraAdapters> adapters;
   if (w.lora) adapters.emplace(w.model, w.lora_config);
@@ -70,6 +71,16 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
     if (dp >= 2 && !w.lora) p.zero1_state_bytes.push_back(8.0 * floats + 12.0 * floats / static_cast<double>(dp));
   }
   if (!p.zero1_state_bytes.empty()) p.zero_dp = dp;
+  // The final model's write: the largest tensor of a later stage, a block's widest matrix
+  // (MLP or attention) or the untied head (the tied one is stage 0's embedding).
+  const model::ModelConfig& cfg = w.model;
+  if (stages > 1 && !w.lora) {
+    const double widest = static_cast<double>(std::max(cfg.ffn_dim, cfg.n_heads * cfg.head_dim)) * cfg.dim;
+    const double head = w.tied_embeddings ? 0.0 : static_cast<double>(cfg.vocab_size) * cfg.dim;
+    p.final_write_bytes = 4.0 * std::max(widest, head);
+  }
+  p.peak_bytes = p.memory_bytes;
+  if (!p.peak_bytes.empty()) p.peak_bytes[0] += p.final_write_bytes;
   return p;
 }
 
@@ -91,7 +102,9 @@ nlohmann::json pipeline_json(const PipelinePlan& p) {
           {"slots", p.slots},
           {"activation_bytes", p.activation_bytes},
           {"state_bytes", p.state_bytes},
-          {"memory_bytes", p.memory_bytes}};
+          {"memory_bytes", p.memory_bytes},
+          {"final_write_bytes", p.final_write_bytes},
+          {"peak_bytes", p.peak_bytes}};
   if (p.zero_dp > 1) j["zero1"] = {{"dp", p.zero_dp}, {"state_bytes", p.zero1_state_bytes}};
   return j;
 }

@@ -22,7 +22,11 @@
 //                   (flotilla allocates the whole plan per slot, but the other stages'
 //                   layers' pages are never written, so never resident);
 //   state           a stage's own tensors only: 16 bytes a parameter (weights, gradients,
-//                   AdamW's moments), so P stages hold about 1/P of the model each.
+//                   AdamW's moments), so P stages hold about 1/P of the model each;
+//   the final model stage 0 writes it tensor by tensor after the last step, receiving each
+//                   tensor another stage owns into its place and handing it back once
+//                   written (parallel/pipeline_sync.cpp): the largest such tensor on top of
+//                   stage 0's peak (full fine-tuning; LoRA's adapters are on every stage).
 #pragma once
 
 #include <cstdint>
@@ -57,6 +61,8 @@ struct PipelinePlan {
   // adapters' 16 bytes a parameter (every stage holds all adapters).
   std::vector<double> state_bytes;
   std::vector<double> memory_bytes;  // per stage: state_bytes + activation_bytes
+  double final_write_bytes = 0.0;    // stage 0, writing the final model: the largest tensor it receives
+  std::vector<double> peak_bytes;    // per stage: memory_bytes, stage 0's + final_write_bytes
   // Full fine-tuning with --zero 1 over the dp = zero_dp replicas the other ranks make (2
   // or more): per stage 8f + 12f/dp bytes for its f floats (docs/sharding.md's table on the
   // stage's own tensors). Empty when zero_dp is 1 or with LoRA.
@@ -66,8 +72,9 @@ struct PipelinePlan {
 
 // InputError (from parallel/) when P exceeds the layers or M does not divide the batch.
 // `dp`: the replicas of the pipeline the ranks make (ZeRO-1's figures when 2 or more).
+// `slow`: how much slower each rank computes than one alone (compute_slowdown).
 PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stages, int64_t micro_batches,
-                           parallel::PipelineSchedule schedule, const Link& link, int dp = 1);
+                           parallel::PipelineSchedule schedule, const Link& link, int dp = 1, double slow = 1.0);
 
 nlohmann::json pipeline_json(const PipelinePlan& p);
 

@@ -53,26 +53,96 @@ bool is_zero(StrategyKind k) {
   return k == StrategyKind::zero1 || k == StrategyKind::zero2 || k == StrategyKind::zero3;
 }
 
-// The fewest tp ranks whose slices fit a machine (every rank of it on the machines they
-// fill) and whose throughput beats the ZeRO stage that fits (`zero`, null: none fits) by
-// kTensorParallelMargin, both against one rank (tp ranks run the same rows, ZeRO's ranks
-// more rows each). The margin stands for what the tp model leaves out: the norms and
-// residual adds every rank repeats, and products T times narrower that run slower per
-// flop (W2 at tp=2 on one machine ran no faster than one process). Null when none does.
-constexpr double kTensorParallelMargin = 1.25;
-const TensorPlan* faster_tensor_parallel(const PlanResult& p, const StrategyRow* zero) {
+// Model parallelism the recommender weighs when a replica does not fit: tp = T, pp = P
+// and pp = P x tp = T, each with its step, its speed-up over one rank (the same rows) and
+// the fullest machine's memory at the peak (ranks fill the machines in order, tp ranks
+// adjacent, then the stages: parallel/mesh.hpp; world rank 0 also gathers the final model).
+struct ModelParallel {
+  Advice advice = Advice::tensor_parallel;
+  std::string name;   // "tp=2", "pp=2", "pp=2,tp=2"
+  std::string flags;  // for flotilla train
+  int ranks = 1;
+  double step_s = 0.0, speedup = 0.0;
+  double host_peak_bytes = 0.0;
+  std::string traffic;  // what it sends a step, for the reason line
+};
+
+// The fullest machine's bytes when `per_rank` (world rank order) fill machines of `slots`.
+double fullest_host_bytes(const std::vector<double>& per_rank, int slots) {
+  double most = 0.0;
+  for (size_t h = 0; h < per_rank.size(); h += static_cast<size_t>(slots)) {
+    double host = 0.0;
+    for (size_t r = h; r < std::min(per_rank.size(), h + static_cast<size_t>(slots)); ++r) host += per_rank[r];
+    most = std::max(most, host);
+  }
+  return most;
+}
+
+std::vector<ModelParallel> model_parallel_layouts(const PlanResult& p) {
+  const int slots = std::max(1, p.request.cluster.slots);
+  std::vector<ModelParallel> out;
+  for (const TensorPlan& t : p.tensors) {
+    std::vector<double> ranks(static_cast<size_t>(t.tp), t.memory_bytes);
+    ranks[0] = t.rank0_memory_bytes;
+    out.push_back({Advice::tensor_parallel, fmt::format("tp={}", t.tp), fmt::format("--parallel tp={}", t.tp), t.tp,
+                   t.step_s, t.speedup, fullest_host_bytes(ranks, slots),
+                   fmt::format("all-reducing {} of activations a step", format_bytes(t.all_reduce_bytes))});
+  }
+  for (const PipelinePlan& pp : p.pipelines)
+    out.push_back({Advice::pipeline_parallel, fmt::format("pp={}", pp.stages),
+                   fmt::format("--parallel pp={} --micro-batches {}", pp.stages, pp.micro_batches), pp.stages, pp.step_s,
+                   pp.speedup, fullest_host_bytes(pp.peak_bytes, slots),
+                   fmt::format("sending {} point to point a step from the busiest rank (bubble {:.0f}%)",
+                               format_bytes(pp.max_rank_send_bytes), 100 * pp.bubble)});
+  for (const MeshPlan& m : p.meshes) {
+    std::vector<double> ranks;
+    for (size_t s = 0; s < m.peak_bytes.size(); ++s)
+      for (int t = 0; t < m.tp; ++t)
+        ranks.push_back(m.peak_bytes[s] - (s == 0 && t > 0 ? m.final_model_bytes : 0.0));
+    double tp_wire = 0.0;
+    for (const double b : m.tp_wire_bytes) tp_wire = std::max(tp_wire, b);
+    out.push_back({Advice::pipeline_tensor_parallel, fmt::format("pp={},tp={}", m.pp, m.tp),
+                   fmt::format("--parallel pp={},tp={} --micro-batches {}", m.pp, m.tp, m.stages.micro_batches),
+                   m.pp * m.tp, m.step_s, m.speedup, fullest_host_bytes(ranks, slots),
+                   fmt::format("all-reducing {} over tp and sending {} between stages a step from the busiest rank "
+                               "(bubble {:.0f}%)",
+                               format_bytes(tp_wire), format_bytes(m.stages.max_rank_send_bytes),
+                               100 * m.stages.bubble)});
+  }
+  return out;
+}
+
+// The fastest layout of model_parallel_layouts whose fullest machine fits and whose
+// throughput beats the ZeRO stage that fits (`zero`, null: none fits) by
+// kModelParallelMargin, both against one rank (these ranks run the same rows, ZeRO's ranks
+// more rows each); of two within 2%, the one on fewer ranks. The margin stands for what
+// these models leave out: the norms and residual adds every tp rank repeats, products T
+// times narrower (tp) or micro-batches M times shorter (pp) that run slower per flop
+// (W2 at tp=2 on one machine ran at 1.81x of one rank, not 2). Empty when none does.
+constexpr double kModelParallelMargin = 1.25;
+// Each layout weighed goes into `walk`, one line.
+std::optional<ModelParallel> faster_model_parallel(const PlanResult& p, const StrategyRow* zero,
+                                                   std::vector<std::string>& walk) {
   const PlanRequest& r = p.request;
   const double usable = r.memory_headroom * static_cast<double>(r.cluster.memory_bytes);
-  for (const TensorPlan& t : p.tensors) {
-    const bool fits = r.cluster.memory_bytes <= 0 || r.cluster.ranks_per_host(t.tp) * t.memory_bytes <= usable;
+  std::optional<ModelParallel> best;
+  for (ModelParallel& m : model_parallel_layouts(p)) {
+    if (m.ranks > p.ranks.back()) continue;
+    const bool fits = r.cluster.memory_bytes <= 0 || m.host_peak_bytes <= usable;
+    walk.push_back(fmt::format("{} on {} ranks: {:.2f}x one rank, {} on the fullest machine at its peak ({})", m.name,
+                               m.ranks, m.speedup, format_bytes(m.host_peak_bytes), fits ? "fits" : "does not fit"));
     if (!fits) continue;
-    if (!zero) return &t;
-    // ZeRO's throughput on as many ranks as tp uses, if it fits there, else where it first fits.
-    size_t i = 1;
-    while (i + 1 < p.ranks.size() && (p.ranks[i] < t.tp || !zero->fits_at(i, r))) ++i;
-    if (t.speedup > kTensorParallelMargin * zero->weak[i].speedup) return &t;
+    if (zero) {
+      // ZeRO's throughput on as many ranks as this uses, if it fits there, else where it first fits.
+      size_t i = 1;
+      while (i + 1 < p.ranks.size() && (p.ranks[i] < m.ranks || !zero->fits_at(i, r))) ++i;
+      if (!(m.speedup > kModelParallelMargin * zero->weak[i].speedup)) continue;
+    }
+    const bool faster = !best || m.speedup > 1.02 * best->speedup;
+    const bool level_and_fewer = best && m.speedup * 1.02 >= best->speedup && m.ranks < best->ranks;
+    if (faster || level_and_fewer) best = std::move(m);
   }
-  return nullptr;
+  return best;
 }
 
 struct ShardingFit {
@@ -138,6 +208,8 @@ std::string_view advice_name(Advice a) {
     case Advice::local_sgd: return "local SGD";
     case Advice::sharding: return "sharding (ZeRO)";
     case Advice::tensor_parallel: return "tensor parallel";
+    case Advice::pipeline_parallel: return "pipeline parallel";
+    case Advice::pipeline_tensor_parallel: return "pipeline stages of tensor-parallel groups";
     case Advice::does_not_fit: return "does not fit";
   }
   return "?";
@@ -167,22 +239,24 @@ PlanResult make_plan(const PlanRequest& request) {
   p.steps_per_epoch_one = request.rows_per_epoch / static_cast<double>(w.batch_size * w.grad_accum);
   p.epoch_s_one = p.steps_per_epoch_one * request.cost.total_s();
   p.run_s_one = request.epochs * p.epoch_s_one;
-  p.tensors = tensor_parallel_plans(w, request.cost, N, [&](int tp) { return c.link_for(tp); });
-  p.recommendation = recommend(p);
+  // Model-parallel ranks that share a machine's cores compute slower, as data parallel's do.
+  const auto slow = [&](int n) { return compute_slowdown(c, request.cost, n); };
+  p.tensors = tensor_parallel_plans(w, request.cost, N, [&](int tp) { return c.link_for(tp); }, slow);
   for (int P = 2; P <= N && P <= w.model.n_layers; P *= 2) {
     int64_t M = request.micro_batches;
     if (M <= 0)
       for (int64_t m = 1; m <= w.batch_size && m <= 4 * P; ++m)
         if (w.batch_size % m == 0) M = m;
     p.pipelines.push_back(
-        plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P), N / P));
+        plan_pipeline(w, request.cost, P, M, parallel::PipelineSchedule::one_f_one_b, c.link_for(P), N / P, slow(P)));
   }
   for (const PipelinePlan& pp : p.pipelines)
     for (const TensorPlan& t : p.tensors)
       if (pp.stages * t.tp <= N)
         p.meshes.push_back(plan_mesh(w, request.cost, pp.stages, t.tp, pp.micro_batches, c.link_for(pp.stages * t.tp),
-                                     c.link_for(t.tp)));
+                                     c.link_for(t.tp), slow(pp.stages * t.tp)));
   p.experts = expert_parallel_plans(w, N);
+  p.recommendation = recommend(p);
   return p;
 }
 
@@ -208,22 +282,20 @@ Recommendation recommend(const PlanResult& p) {
                                  100 * r.memory_headroom));
   if (!fits_one) {
     const std::optional<ShardingFit> fit = smallest_sharding(p);
-    if (const TensorPlan* tp = faster_tensor_parallel(p, fit ? fit->row : nullptr)) {
-      rec.advice = Advice::tensor_parallel;
-      rec.strategy = fmt::format("tp={}", tp->tp);
-      rec.ranks = tp->tp;
-      rec.reason = fmt::format("a replica needs {} at its peak and a machine has {} usable; tp={} holds {} per rank "
-                               "({:.0f}% of the parameters) and runs a step in {} ({:.2f}x one rank), all-reducing {} "
-                               "of activations a step{}",
-                               format_bytes(plain.host_peak_bytes(0, r)), format_bytes(r.memory_headroom * mem), tp->tp,
-                               format_bytes(tp->memory_bytes),
-                               100.0 * static_cast<double>(tp->params_per_rank) /
-                                   static_cast<double>(r.workload.model.num_params()),
-                               format_seconds(tp->step_s), tp->speedup, format_bytes(tp->all_reduce_bytes),
+    if (const std::optional<ModelParallel> m = faster_model_parallel(p, fit ? fit->row : nullptr, rec.walk)) {
+      rec.advice = m->advice;
+      rec.strategy = m->name;
+      rec.ranks = m->ranks;
+      const int per_host = r.cluster.ranks_per_host(m->ranks);
+      rec.reason = fmt::format("a replica needs {} at its peak and a machine has {} usable; {} holds {} on the fullest "
+                               "machine ({} rank{}) and runs a step in {} ({:.2f}x one rank), {}{}",
+                               format_bytes(plain.host_peak_bytes(0, r)), format_bytes(r.memory_headroom * mem), m->name,
+                               format_bytes(m->host_peak_bytes), per_host, per_host == 1 ? "" : "s",
+                               format_seconds(m->step_s), m->speedup, m->traffic,
                                fit ? fmt::format("; {} on {} ranks: {:.2f}x", fit->row->strategy.name,
                                                  p.ranks[fit->at], fit->row->weak[fit->at].speedup)
                                    : std::string("; no ZeRO stage fits"));
-      rec.command = train_command(p, nullptr, tp->tp, fmt::format("--parallel tp={}", tp->tp));
+      rec.command = train_command(p, nullptr, m->ranks, m->flags);
       return rec;
     }
     if (fit) {
@@ -452,6 +524,10 @@ std::string render_text(const PlanResult& p) {
                        pp.stages, pp.micro_batches, layers, 100 * pp.bubble, format_bytes(pp.p2p_bytes),
                        format_bytes(pp.boundary_bytes), format_bytes(pp.max_rank_send_bytes), format_seconds(pp.comm_s),
                        format_seconds(pp.step_s), pp.speedup, memory);
+    if (pp.final_write_bytes > 0)
+      out += fmt::format("  pp={}: stage 0 peaks at {} writing the final model (each other stage's tensor received "
+                         "in turn, the largest {})\n",
+                         pp.stages, format_bytes(pp.peak_bytes[0]), format_bytes(pp.final_write_bytes));
     if (pp.zero_dp > 1) {
       std::string zero;
       for (const double b : pp.zero1_state_bytes) zero += fmt::format("{}{}", zero.empty() ? "" : " / ", format_bytes(b));
@@ -483,6 +559,8 @@ std::string render_text(const PlanResult& p) {
                        t.speedup, static_cast<double>(t.params_per_rank) / 1e6,
                        static_cast<double>(p.request.workload.model.num_params()) / 1e6, format_bytes(t.memory_bytes),
                        format_bytes(t.state_bytes), format_bytes(t.activation_bytes));
+    out += fmt::format("  tp={}: rank 0 peaks at {} gathering the final model ({} more)\n", t.tp,
+                       format_bytes(t.rank0_memory_bytes), format_bytes(t.final_model_bytes));
     out += fmt::format("  tp={} --sequence-parallel: {} on the wire from each rank in {}; step {}; activations {} per "
                        "rank, memory {}\n",
                        t.tp, format_bytes(t.sequence.wire_bytes_per_rank), format_seconds(t.sequence.comm_s),
@@ -498,15 +576,23 @@ std::string render_text(const PlanResult& p) {
     if (&m == &p.meshes.front())
       out += "\npipeline stages of tensor-parallel groups (--parallel pp=P,tp=T; a stage's layers split over its tp "
              "ranks)\n";
-    std::string memory, wire;
+    std::string memory, wire, sp_memory, sp_wire;
+    const auto add = [](std::string& list, double bytes) { list += (list.empty() ? "" : " / ") + format_bytes(bytes); };
     for (size_t i = 0; i < m.stages.memory_bytes.size(); ++i) {
-      memory += fmt::format("{}{}", memory.empty() ? "" : " / ", format_bytes(m.stages.memory_bytes[i]));
-      wire += fmt::format("{}{}", wire.empty() ? "" : " / ", format_bytes(m.tp_wire_bytes[i]));
+      add(memory, m.stages.memory_bytes[i]);
+      add(wire, m.tp_wire_bytes[i]);
+      add(sp_memory, m.sequence.memory_bytes[i]);
+      add(sp_wire, m.sequence.tp_wire_bytes[i]);
     }
     out += fmt::format("  pp={},tp={} --micro-batches {}: point to point {} a step from the busiest rank; tp all-reduces "
-                       "{} on the wire per rank by stage; step {} ({:.2f}x one rank); memory per rank by stage {}\n",
+                       "{} on the wire per rank by stage; step {} ({:.2f}x one rank); memory per rank by stage {} "
+                       "(rank 0 peaks at {} with the final model)\n",
                        m.pp, m.tp, m.stages.micro_batches, format_bytes(m.stages.max_rank_send_bytes), wire,
-                       format_seconds(m.step_s), m.speedup, memory);
+                       format_seconds(m.step_s), m.speedup, memory, format_bytes(m.peak_bytes[0]));
+    out += fmt::format("  pp={},tp={} --sequence-parallel: point to point {}; tp {} on the wire by stage; step {} "
+                       "({:.2f}x); memory by stage {}\n",
+                       m.pp, m.tp, format_bytes(m.sequence.max_rank_send_bytes), sp_wire,
+                       format_seconds(m.sequence.step_s), m.sequence.speedup, sp_memory);
   }
 
   const Recommendation& rec = p.recommendation;

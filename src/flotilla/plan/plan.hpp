@@ -49,7 +49,17 @@ struct StrategyRow {
   bool fits_at(size_t i, const PlanRequest& r) const;
 };
 
-enum class Advice { one_machine, data_parallel, accumulate_or_compress, local_sgd, sharding, tensor_parallel, does_not_fit };
+enum class Advice {
+  one_machine,
+  data_parallel,
+  accumulate_or_compress,
+  local_sgd,
+  sharding,
+  tensor_parallel,
+  pipeline_parallel,
+  pipeline_tensor_parallel,
+  does_not_fit
+};
 std::string_view advice_name(Advice a);  // "stay on one machine", "basic data parallel", ...
 
 struct Recommendation {
@@ -73,16 +83,15 @@ struct PlanResult {
   double run_s_one = 0;            // epochs x epoch
   Recommendation recommendation;
   // Pipelines of 2, 4, 8, ... stages up to the ranks and the layers (plan/pipeline.hpp), on
-  // the link of that many ranks; not (yet) part of the recommendation.
+  // the link of that many ranks. Pipelines, tp and pp x tp are recommended when a replica
+  // does not fit one machine, where one fits and runs faster than the ZeRO stage that fits.
   std::vector<PipelinePlan> pipelines;
   std::vector<ExpertPlan> experts;  // ep = 2, 4, ...: a mixture-of-experts model only
   // Tensor parallelism, tp = 2, 4, ... up to the ranks, each that splits the model
-  // (plan/tensor.hpp), on the link of that many ranks; recommended when a replica does
-  // not fit one machine and tp fits and runs faster than the ZeRO stage that fits.
+  // (plan/tensor.hpp), on the link of that many ranks.
   std::vector<TensorPlan> tensors;
   // Pipeline stages of tp groups (plan/mesh.hpp): each pipeline's P with each tp's T, P x T
   // up to the ranks; the tp groups on the link of T ranks, the stages on that of P x T.
-  // Not (yet) part of the recommendation.
   std::vector<MeshPlan> meshes;
 
   const StrategyRow& row(StrategyKind kind) const;

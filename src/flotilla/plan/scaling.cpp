@@ -19,6 +19,12 @@ double oversubscription(const Cluster& cluster, int ranks, int threads) {
   return std::max(1.0, busy / std::max(1, cluster.cores));
 }
 
+double compute_slowdown(const Cluster& cluster, const StepCost& cost, int ranks) {
+  double slow = oversubscription(cluster, ranks, cost.threads);
+  if (cluster.ranks_sharing_cores(ranks) > 1) slow *= cost.contention;
+  return slow;
+}
+
 double straggler_wait_s(const std::vector<double>& samples, int n) {
   if (n <= 1 || samples.size() < 2) return 0.0;
   std::vector<double> v = samples;
@@ -38,8 +44,7 @@ Prediction predict(const Strategy& s, const Workload& w, const StepCost& cost, c
                    double compute_share) {
   Prediction p;
   p.ranks = n;
-  double slow = oversubscription(cluster, n, cost.threads);
-  if (cluster.ranks_sharing_cores(n) > 1) slow *= cost.contention;
+  const double slow = compute_slowdown(cluster, cost, n);
   p.compute_s = cost.compute_s * compute_share * slow;
   p.wait_s = straggler_wait_s(cost.work_samples_s, n) * compute_share * slow;
   p.serial_s = (cost.data_s + cost.update_s * update_share(s, n)) * slow;

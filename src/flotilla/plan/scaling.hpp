@@ -45,6 +45,9 @@ double strong_speedup(double serial_fraction, int ranks, double comm_fraction);
 double serial_fraction(const StepCost& cost);
 // max(1, ranks on the busiest host x threads / cores).
 double oversubscription(const Cluster& cluster, int ranks, int threads);
+// How much slower a rank computes when `ranks` run: oversubscription, times the measured
+// contention where several share a machine's cores (1 on machines of their own).
+double compute_slowdown(const Cluster& cluster, const StepCost& cost, int ranks);
 // The median wait for the slowest of n ranks: the 0.5^(1/n) quantile of the samples
 // minus their median (0 for n = 1 or no samples).
 double straggler_wait_s(const std::vector<double>& samples, int ranks);

@@ -20,7 +20,8 @@ bool tensor_parallel_splits(const Workload& w, int tp) {
   }
 }
 
-TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp) {
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp,
+                                double slow) {
   const model::ModelConfig& cfg = w.model;
   TensorPlan p;
   p.tp = tp;
@@ -32,9 +33,9 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.all_reduces = w.grad_accum * (4 * cfg.n_layers + 4);  // + embedding, d(lnf), the loss's max and sums
   const double T = tp;
   p.wire_bytes_per_rank = 2.0 * (T - 1.0) / T * p.all_reduce_bytes;
-  p.comm_s = p.wire_bytes_per_rank / link.bandwidth_bytes_per_s +
-             static_cast<double>(p.all_reduces) * 2.0 * (T - 1.0) * link.latency_s;
-  p.step_s = one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T + p.comm_s;
+  p.comm_s = library_collectives_s(p.wire_bytes_per_rank, static_cast<double>(p.all_reduces), 2.0 * (T - 1.0), link);
+  const double work_s = (one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T) * slow;
+  p.step_s = work_s + p.comm_s;
   p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
   // Held parameters: every rank's local model; the largest (vocabulary shares differ).
   for (int r = 0; r < tp; ++r)
@@ -50,6 +51,9 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
   p.memory_bytes = p.state_bytes + p.activation_bytes;
+  p.final_model_bytes = w.lora ? 4.0 * static_cast<double>(model::LoraAdapters(cfg, w.lora_config).params().size())
+                               : 4.0 * static_cast<double>(cfg.num_params());
+  p.rank0_memory_bytes = p.memory_bytes + p.final_model_bytes;
   if (dp >= 2) {
     const double t = w.lora ? static_cast<double>(adapters->params().size()) : static_cast<double>(p.params_per_rank);
     const double frozen = w.lora ? 4.0 * static_cast<double>(p.params_per_rank) : 0.0;
@@ -69,14 +73,16 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   const double reduced = 3.0 * micro_rows * 4.0 + static_cast<double>(2 * cfg.n_layers + 1) * cfg.dim * 4.0;
   const double A = static_cast<double>(w.grad_accum);
   TensorPlan::Sequence& s = p.sequence;
-  s.wire_bytes_per_rank = A * ((T - 1.0) / T * halves * half + 2.0 * (T - 1.0) / T * reduced);
+  const double halves_wire = A * (T - 1.0) / T * halves * half, reduced_wire = A * 2.0 * (T - 1.0) / T * reduced;
+  s.wire_bytes_per_rank = halves_wire + reduced_wire;
   // Ring steps: T-1 a half, 2 (T-1) an all-reduce (the loss's two, the norms' one a layer and lnf's).
-  const double messages = A * (halves + 2.0 * static_cast<double>(3 + cfg.n_layers)) * (T - 1.0);
-  s.comm_s = s.wire_bytes_per_rank / link.bandwidth_bytes_per_s + messages * link.latency_s;
-  s.step_s = one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T + s.comm_s;
+  s.comm_s = library_collectives_s(halves_wire, A * halves, T - 1.0, link) +
+             library_collectives_s(reduced_wire, A * static_cast<double>(3 + cfg.n_layers), 2.0 * (T - 1.0), link);
+  s.step_s = work_s + s.comm_s;
   s.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp));
   s.memory_bytes = p.state_bytes + s.activation_bytes;
+  s.rank0_memory_bytes = s.memory_bytes + p.final_model_bytes;
   return p;
 }
 
@@ -95,12 +101,15 @@ nlohmann::json tensor_json(const TensorPlan& p) {
           {"state_bytes_per_rank", p.state_bytes},
           {"activation_bytes_per_rank", p.activation_bytes},
           {"memory_bytes_per_rank", p.memory_bytes},
+          {"final_model_bytes_rank0", p.final_model_bytes},
+          {"memory_bytes_rank0", p.rank0_memory_bytes},
           {"sequence_parallel",
            {{"wire_bytes_per_rank_per_step", p.sequence.wire_bytes_per_rank},
             {"comm_s", p.sequence.comm_s},
             {"step_s", p.sequence.step_s},
             {"activation_bytes_per_rank", p.sequence.activation_bytes},
-            {"memory_bytes_per_rank", p.sequence.memory_bytes}}}};
+            {"memory_bytes_per_rank", p.sequence.memory_bytes},
+            {"memory_bytes_rank0", p.sequence.rank0_memory_bytes}}}};
   if (p.zero_dp > 1)
     j["zero"] = {{"dp", p.zero_dp},
                  {"stage1_state_bytes_per_rank", p.zero1_state_bytes},

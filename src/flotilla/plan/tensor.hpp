@@ -11,15 +11,26 @@
 //   at the ends     the embedding (forward) and d(lnf) (backward): 2 A B S C 4 bytes, and
 //                   the cross-entropy's row max and sums, 3 A B S 4 bytes;
 //   on the wire     a ring all-reduce sends 2 (T-1)/T of those bytes from each rank, in
-//                   2 (T-1) messages per all-reduce (the latency term);
+//                   2 (T-1) messages per all-reduce (the latency term), after one exchange
+//                   of signatures (comm/mpi's mismatch check: one more latency);
+//   the link        these are the MPI library's own collectives (MPI_Iallreduce, ...), not
+//                   flotilla's ring: between hosts over TCP they reach Link::library_share
+//                   of the bandwidth (half, link.hpp: Open MPI's default TCP settings run a
+//                   two-way exchange at half the link), within a host all of it;
 //   step time       one rank's data time, its compute and update divided by T (every
 //                   product is split; the norms, rope and the residual adds are repeated
-//                   on each rank, not modelled), plus the all-reduces, not overlapped;
+//                   on each rank, and T times narrower products run slower per flop: not
+//                   modelled, 10% of the step at W2, tp=2), plus the all-reduces, not
+//                   overlapped (each sits between two products of one block);
 //   state           16 bytes a held parameter (weights, gradients, AdamW's moments): the
 //                   split tensors' Ψ/T plus the replicated norms; with LoRA 4 bytes a
 //                   base parameter plus 16 an adapter parameter (each B split by rows);
 //   activations     the activation plan of the local model (heads, MLP and logits cut
-//                   by T; the residual stream whole), as flotilla allocates it.
+//                   by T; the residual stream whole), as flotilla allocates it;
+//   the final model world rank 0 gathers every rank's slices into one whole model to write
+//                   it after the last step (parallel::TensorParallel::gather_full_model):
+//                   4 bytes a parameter of the whole model on top of its training peak (the
+//                   whole adapters' 4 bytes a parameter with LoRA).
 // With sequence parallelism (--sequence-parallel) the residual stream and the norms hold
 // 1/T of the rows (the activation plan of the local model with the rows sharded, the
 // last slice padded: R' = ceil(A B S / T) T rows), and each all-reduce of R' C floats
@@ -55,6 +66,8 @@ struct TensorPlan {
   double state_bytes = 0.0;                 // per rank
   double activation_bytes = 0.0;            // per rank
   double memory_bytes = 0.0;                // per rank: state + activations
+  double final_model_bytes = 0.0;           // world rank 0's gather of the whole model at the end
+  double rank0_memory_bytes = 0.0;          // memory_bytes + final_model_bytes: the largest rank's peak
   // With --zero 1 or 2 over the dp = zero_dp replicas the other ranks make (2 or more):
   // docs/sharding.md's state per rank on a rank's local arena (t trainable floats, and a
   // LoRA base's 4 bytes a parameter): 8t + 12t/dp and 4t + 12t/dp bytes, stage 2's units in
@@ -68,27 +81,30 @@ struct TensorPlan {
     double step_s = 0.0;
     double activation_bytes = 0.0;  // per rank
     double memory_bytes = 0.0;      // per rank
+    double rank0_memory_bytes = 0.0;  // + final_model_bytes
   } sequence;
 };
 
 // The plan for tp ranks on `link`, and with ZeRO over `dp` replicas of them; InputError
-// when tp does not split the model (model::tensor_parallel_config).
-TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp = 1);
+// when tp does not split the model (model::tensor_parallel_config). `slow`: how much
+// slower each rank computes than one alone (compute_slowdown: ranks sharing cores).
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp = 1,
+                                double slow = 1.0);
 // tp = 2, 4, ... up to max_ranks, each that splits the model (none for a mixture of experts).
-template <class LinkFor>
+template <class LinkFor, class SlowFor>
 std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
-                                              LinkFor&& link_for);
+                                              LinkFor&& link_for, SlowFor&& slow_for);
 bool tensor_parallel_splits(const Workload& w, int tp);
 
 nlohmann::json tensor_json(const TensorPlan& p);
 
-template <class LinkFor>
+template <class LinkFor, class SlowFor>
 std::vector<TensorPlan> tensor_parallel_plans(const Workload& w, const StepCost& one_rank, int max_ranks,
-                                              LinkFor&& link_for) {
+                                              LinkFor&& link_for, SlowFor&& slow_for) {
   std::vector<TensorPlan> plans;
   for (int tp = 2; tp <= max_ranks; tp *= 2)
     if (tensor_parallel_splits(w, tp))
-      plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp), max_ranks / tp));
+      plans.push_back(plan_tensor_parallel(w, one_rank, tp, link_for(tp), max_ranks / tp, slow_for(tp)));
   return plans;
 }
 

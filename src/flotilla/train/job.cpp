@@ -53,9 +53,6 @@ void check_pipeline_flags(const TrainJob& job) {
   // at the peak (a stage's gradient is whole until its last micro-batch's backward).
   if (job.train.zero_stage >= 2) refuse(fmt::format("--zero {} (use --zero 1)", job.train.zero_stage));
   refuse_what_model_parallelism_lacks(job, refuse);
-  // Checkpoints are the whole model's, written by the first replica's stages into one folder.
-  if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
-    refuse("per-host checkpoint folders (--checkpoint-dir, --checkpoint-replicas)");
   if (job.train.balance_every > 0) refuse("--balance (the stages pass fixed-size micro-batches along)");
   const int64_t M = job.pipeline.micro_batches;
   if (M < 1) throw InputError("train", fmt::format("--micro-batches must be 1 or more, not {}", M));
@@ -75,9 +72,6 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   // with pp, ZeRO-1 shards each stage's tp slices' optimizer state over its dp group
   // (check_pipeline_flags refuses ZeRO-2/3 with pp).
   refuse_what_model_parallelism_lacks(job, refuse);
-  // Checkpoints are the full model's, written by the slices' holders into one folder.
-  if (job.checkpoint_replicas > 0 || !job.checkpoint_dir.empty())
-    refuse("per-host checkpoint folders (--checkpoint-dir, --checkpoint-replicas)");
   // The tp ranks of a replica must run the same rows; each measures its own dp group.
   if (job.train.balance_every > 0) refuse("--balance");
   // LoRA: a column-parallel layer's B is split by output rows, a row-parallel one's A by

@@ -36,12 +36,11 @@ JobCheckpoints::JobCheckpoints(const TrainJob& job, const JobRanks& ranks, Train
       config_(std::move(config)),
       record_(record),
       info_(std::move(info)),
+      model_parallel_world_(job.tp || job.pp ? std::make_unique<parallel::DataParallel>(*job.world) : nullptr),
       hosts_(find_checkpoint_hosts(
           job.checkpoint_dir.empty() ? (job.out_dir / io::kCheckpointsDirName).string() : job.checkpoint_dir,
-          job.checkpoint_replicas, job.dp, info_)),
-      dir_(hosts_.dir) {
-  if (job.tp || job.pp) model_parallel_world_ = std::make_unique<parallel::DataParallel>(*job.world);
-}
+          job.checkpoint_replicas, checkpoint_group(), info_)),
+      dir_(hosts_.dir) {}
 
 void JobCheckpoints::resume() {
   // `--resume` of this run's own folder with a folder per host: the newest step the hosts
@@ -50,7 +49,7 @@ void JobCheckpoints::resume() {
   // --checkpoint-dir: the run's own checkpoints live there, not in OUT/checkpoints.
   const std::filesystem::path from = own_folder && !job_.checkpoint_dir.empty() ? dir_ : job_.resume_from;
   const io::ResumePoint point = hosts_.per_host && own_folder
-                                    ? find_resume_point(complete_on_hosts(hosts_, job_.dp, info_))
+                                    ? find_resume_point(complete_on_hosts(hosts_, checkpoint_group(), info_))
                                     : find_resume_point(from);
   for (const std::string& why : point.skipped) info_("checkpoint: skipping " + why);
   const nlohmann::json saved_config = restore_training_state(point.dir, trainer_, source_, {}, info_);
@@ -73,7 +72,8 @@ void JobCheckpoints::claim_folder() {
   }
   bool earlier = !job_.force && std::filesystem::exists(dir_ / io::kCheckpointLatestFile);
   // Hosts see different folders: they decide together, so that all stop or none.
-  if (hosts_.per_host && job_.dp) earlier = job_.dp->max_over_ranks(earlier ? 1 : 0, "earlier checkpoints") != 0;
+  if (hosts_.per_host && checkpoint_group())
+    earlier = checkpoint_group()->max_over_ranks(earlier ? 1 : 0, "earlier checkpoints") != 0;
   if (job_.save_every > 0 && earlier && !hosts_.per_host)
     throw InputError("train", dir_.string() +
                                   ": holds an earlier run's checkpoints; pass --resume to continue it, or remove them");
@@ -156,11 +156,8 @@ void JobCheckpoints::save(int64_t step) {
       (whole_adapters ? &*whole_adapters : adapters_)->save_peft(dir, base_model_name(job_));
     };
   }
-  last_saved_dir_ = model_parallel_world_
-                        ? save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints,
-                                                  model_parallel_world_.get(), adapter_files)
-                        : save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints, job_.dp,
-                                                  adapter_files, {}, {}, &hosts_);
+  last_saved_dir_ = save_sharded_checkpoint(dir_, trainer_, source_, config_, job_.keep_checkpoints, checkpoint_group(),
+                                            adapter_files, {}, {}, &hosts_);
   info_(fmt::format("checkpoint: {} ({:.2f} s)", last_saved_dir_.string(), timer.elapsed_s()));
   last_saved_step_ = step;
 }

@@ -58,16 +58,22 @@ class JobCheckpoints {
   nlohmann::json config_;
   RunRecord& record_;
   InfoSink info_;
-  CheckpointHosts hosts_;      // who keeps which folder
   // Tensor and pipeline parallelism: every rank of the world writes its slices or its
   // stage's tensors (of the first replica), so a checkpoint is a collective over the world,
-  // not the data group.
+  // not the data group; so are the per-host folders' protocols.
   std::unique_ptr<parallel::DataParallel> model_parallel_world_;
+  CheckpointHosts hosts_;      // who keeps which folder
   std::filesystem::path dir_;  // this rank's checkpoints folder: OUT/checkpoints, or its host's
   // An earlier run's checkpoints, kept (a fresh run with --save-every 0, no --force).
   bool foreign_ = false;
   int64_t last_saved_step_ = -1;
   std::filesystem::path last_saved_dir_;
+
+  // The group a checkpoint is a collective over: the world under tp or pp, else the data
+  // group (null: one process).
+  parallel::DataParallel* checkpoint_group() const {
+    return model_parallel_world_ ? model_parallel_world_.get() : job_.dp;
+  }
 };
 
 }  // namespace flotilla::train
