@@ -207,57 +207,36 @@ inline std::vector<OpRow> op_profile(const model::ModelConfig& c, int64_t B, int
 
   // LoRA's products, as model/lora.cpp and Llama::lora_backward make them: forward
   // u = scale * x A^T (N, r), y += u B^T; backward dB += dy^T u, du = scale * dy B,
-  // dA += du^T x, dx += du A. Each row is timed alternately with the same products in the
-  // other format, and that figure is printed as a comparison row (not part of the step):
-  // one measurement for both, where the last session took the step's rows and the
-  // comparison at different moments and read 25 + 48 ms beside 2688 ms for the same
-  // float32 work. Each format writes its own outputs (u, y, du, dA, dB, dx), so neither
-  // pass reads what the other accumulated.
+  // dA += du^T x, dx += du A.
   const int64_t r = step.lora_rank;
-  struct LoraOutputs {
-    std::vector<float> lu, lg, dla, dlb, ly, ldx;
-  };
-  std::vector<float> la, lb, lx, ly0;
-  LoraOutputs lora_out[2];  // [0]: the step's format, [1]: the other one
-  auto lora_pass = [&](k::GemmInput in, LoraOutputs& o, bool backward_pass) {
+  std::vector<float> la, lb, lu, lg, dla, dlb, lx, ly, ldx;
+  auto lora_pass = [&](k::GemmInput in, bool backward_pass) {
     for (const auto& [n_in, n_out] : step.lora) {
       if (!backward_pass) {
-        k::matmul_forward(o.lu.data(), lx.data(), la.data(), nullptr, N, n_in, r, in);
-        k::scale_inplace(o.lu.data(), N * r, 2.0f);
-        k::matmul_accumulate(o.ly.data(), o.lu.data(), lb.data(), N, r, n_out, 1.0f, in);
+        k::matmul_forward(lu.data(), lx.data(), la.data(), nullptr, N, n_in, r, in);
+        k::scale_inplace(lu.data(), N * r, 2.0f);
+        k::matmul_accumulate(ly.data(), lu.data(), lb.data(), N, r, n_out, 1.0f, in);
       } else {
-        std::fill(o.lg.begin(), o.lg.end(), 0.0f);
-        k::matmul_backward(o.lg.data(), o.dlb.data(), nullptr, ly0.data(), o.lu.data(), lb.data(), N, r, n_out, in);
-        k::scale_inplace(o.lg.data(), N * r, 2.0f);
-        k::matmul_backward(o.ldx.data(), o.dla.data(), nullptr, o.lg.data(), lx.data(), la.data(), N, n_in, r, in);
+        std::fill(lg.begin(), lg.end(), 0.0f);
+        k::matmul_backward(lg.data(), dlb.data(), nullptr, ly.data(), lu.data(), lb.data(), N, r, n_out, in);
+        k::scale_inplace(lg.data(), N * r, 2.0f);
+        k::matmul_backward(ldx.data(), dla.data(), nullptr, lg.data(), lx.data(), la.data(), N, n_in, r, in);
       }
     }
   };
-  const k::GemmInput lora_other = step.lora_input == k::GemmInput::bf16 ? k::GemmInput::f32 : k::GemmInput::bf16;
-  const bool lora_compare = frozen && k::gemm_bf16_supported();
-  double lora_other_ms = 0;
   if (frozen) {
     int64_t max_in = 0, max_out = 0;
     for (const auto& [n_in, n_out] : step.lora) max_in = std::max(max_in, n_in), max_out = std::max(max_out, n_out);
     la = rnd(r * max_in, -.05f, .05f), lb = rnd(max_out * r, -.05f, .05f);
-    lx = rnd(N * max_in, -1, 1), ly0 = rnd(N * max_out, -1, 1);  // ly0: backward's d(y)
-    for (LoraOutputs& o : lora_out)
-      o = {buf(N * r), buf(N * r), buf(r * max_in), buf(max_out * r), buf(N * max_out), buf(N * max_in)};
+    dla = buf(r * max_in), dlb = buf(max_out * r), lu = buf(N * r), lg = buf(N * r);
+    lx = rnd(N * max_in, -1, 1), ly = rnd(N * max_out, -1, 1), ldx = buf(N * max_in);
     double lora_flop = 0;
     for (const auto& [n_in, n_out] : step.lora) lora_flop += 2.0 * N * r * (n_in + n_out);
     const std::string lfmt = step.lora_input == k::GemmInput::bf16 ? "bf16" : "f32";
-    // The step's format against the other, alternating; without bf16 products, alone.
-    auto timed = [&](bool backward_pass) {
-      auto mine = [&] { lora_pass(step.lora_input, lora_out[0], backward_pass); };
-      if (!lora_compare) return std::pair<double, double>{best_of_ms(repeats, mine), 0.0};
-      return best_of_alternating_ms(repeats + 2, mine, [&] { lora_pass(lora_other, lora_out[1], backward_pass); });
-    };
-    const auto [fwd_ms, fwd_other_ms] = timed(false);
-    const auto [bwd_ms, bwd_other_ms] = timed(true);
-    add("fwd LoRA (" + std::to_string(step.lora.size()) + " per layer, " + lfmt + ")", fwd_ms, L, L * lora_flop / 1e9);
-    add("bwd LoRA (" + std::to_string(step.lora.size()) + " per layer, " + lfmt + ")", bwd_ms, L,
-        2 * L * lora_flop / 1e9);
-    lora_other_ms = fwd_other_ms + bwd_other_ms;
+    add("fwd LoRA (" + std::to_string(step.lora.size()) + " per layer, " + lfmt + ")",
+        best_of_ms(repeats, [&] { lora_pass(step.lora_input, false); }), L, L * lora_flop / 1e9);
+    add("bwd LoRA (" + std::to_string(step.lora.size()) + " per layer, " + lfmt + ")",
+        best_of_ms(repeats, [&] { lora_pass(step.lora_input, true); }), L, 2 * L * lora_flop / 1e9);
   }
 
   add_products(std::string(frozen ? "bwd lm_head (dx, " : "bwd lm_head (dx, dW, ") + fmt + ")", 1,
@@ -285,12 +264,25 @@ inline std::vector<OpRow> op_profile(const model::ModelConfig& c, int64_t B, int
         k::cross_entropy_backward_inplace(logits.data(), tokens.data(), N, V, -100, 1.0f / N);
         if (!frozen) k::embedding_backward(dwte.data(), out_c.data(), tokens.data(), N, C);
       }), 1, 0);
-  if (lora_compare) {
-    // For the record, the adapters' products in the other format (not part of the step),
-    // measured alternately with the two LoRA rows above.
-    add(std::string("(LoRA fwd+bwd in ") + (lora_other == k::GemmInput::bf16 ? "bf16" : "f32") +
-            ", timed alternately with the LoRA rows)",
-        lora_other_ms, L, 0);
+  if (frozen && k::gemm_bf16_supported()) {
+    // For the record, the adapters' products in the other format too (not part of the
+    // step), timed alternately with the step's format.
+    const k::GemmInput other = step.lora_input == k::GemmInput::bf16 ? k::GemmInput::f32 : k::GemmInput::bf16;
+    const auto [mine_ms, other_ms] = best_of_alternating_ms(
+        repeats + 2,
+        [&] {
+          lora_pass(step.lora_input, false);
+          lora_pass(step.lora_input, true);
+        },
+        [&] {
+          lora_pass(other, false);
+          lora_pass(other, true);
+        });
+    char name[96];
+    std::snprintf(name, sizeof name, "(LoRA fwd+bwd in %s; alternating: %.0f ms in %s)",
+                  other == k::GemmInput::bf16 ? "bf16" : "f32", mine_ms * static_cast<double>(L),
+                  step.lora_input == k::GemmInput::bf16 ? "bf16" : "f32");
+    add(name, other_ms, L, 0);
     rows.back().in_step = false;
   }
   return rows;

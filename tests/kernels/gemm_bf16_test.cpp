@@ -57,37 +57,6 @@ TEST(GemmBf16, ConvertRoundsToNearestEven) {
   for (size_t i = 0; i < big.size(); ++i) ASSERT_EQ(bb[i], f32_to_bf16(big[i])) << i;
 }
 
-// A weight packed once (pack_bf16) gives what the plain bf16 product gives, to float32
-// accumulation (the same products and sums; oneDNN may block them differently), for both
-// transposes of B, with accumulate and alpha; and a row count the packing was not made for
-// falls back to the plain source with the same answer.
-TEST(GemmBf16, PackedWeightGivesThePlainProduct) {
-  SKIP_WITHOUT_BF16();
-  Rng rng(test_seed());
-  const int64_t K = 96, N = 160;
-  for (const Transpose tb : {Transpose::no, Transpose::yes}) {
-    const std::vector<float> bf = uniform_vec(rng, static_cast<size_t>(K * N));
-    const std::vector<uint16_t> b = to_bf16(bf);
-    const int64_t ldb = tb == Transpose::no ? N : K;
-    const auto packed = pack_bf16(tb, K, N, b.data(), ldb, 300);
-    ASSERT_NE(packed, nullptr);
-    EXPECT_GT(packed_bf16_bytes(*packed), 0u);
-    for (const int64_t M : {int64_t{300}, int64_t{5}}) {
-      SCOPED_TRACE(::testing::Message() << "tb=" << (tb == Transpose::yes) << " M=" << M);
-      const std::vector<uint16_t> a = to_bf16(uniform_vec(rng, static_cast<size_t>(M * K)));
-      const std::vector<float> c0 = uniform_vec(rng, static_cast<size_t>(M * N));
-      std::vector<float> want = c0, got = c0;
-      gemm_bf16(Transpose::no, tb, M, N, K, 0.5f, a.data(), K, b.data(), ldb, true, want.data(), N);
-      gemm_bf16_packed(Transpose::no, M, 0.5f, a.data(), K, *packed, true, got.data(), N);
-      // (K + 2) 2^-24 of sums of |a b| <= K: a few 1e-6 absolute.
-      testing::expect_all_close("C", got, want, 1e-5, 1e-6);
-    }
-  }
-  // The lm_head's vocabulary-long products are cut into pieces: not packed.
-  const std::vector<uint16_t> tall(static_cast<size_t>(9000 * 8), 0);
-  EXPECT_EQ(pack_bf16(Transpose::no, 8, 9000, tall.data(), 9000, 300), nullptr);
-}
-
 TEST(GemmBf16, EqualsFloatProductOfRoundedInputs) {
   SKIP_WITHOUT_BF16();
   Rng rng(test_seed());

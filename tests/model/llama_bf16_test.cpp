@@ -160,35 +160,6 @@ TEST(LlamaBf16, FrozenBaseWithAdaptersSeesEditedWeights) {
   EXPECT_GT(err, 1e-4);
 }
 
-// A frozen base in training packs its bf16 weights once for oneDNN (Llama::packed_bf16):
-// the same logits as the plain products (evaluation mode does not pack), to float32 sums,
-// and an edit of the base through params() reaches the next forward (no stale packing).
-TEST(LlamaBf16, PackedFrozenBaseComputesWhatThePlainOneDoes) {
-  SKIP_WITHOUT_BF16();
-  Rng rng(test_seed());
-  const ModelConfig cfg = bf16_config();
-  const int64_t B = 4, T = 64;  // 256 rows: enough for the packing (kPackedBf16MinRows)
-  const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
-  LoraConfig lc;
-  lc.rank = 4;
-  lc.targets = {LoraTarget::q, LoraTarget::v};
-  LoraAdapters adapters(cfg, lc);
-  rng.fill_uniform(adapters.params(), -0.3f, 0.3f);
-  Llama model(cfg);
-  test_models::fill_order_one(model, rng, kSmallWeights);
-  model.attach_lora(&adapters);
-  model.set_matmul_input(GemmInput::bf16);
-  for (int edit = 0; edit < 2; ++edit) {
-    if (edit)
-      for (float& x : model.params()) x *= 0.5f;
-    model.set_training(true);
-    const std::vector<float> packed = logits_of(model, tokens, B, T);
-    model.set_training(false);
-    const std::vector<float> plain = logits_of(model, tokens, B, T);
-    EXPECT_LE(rel_err(packed, plain), 1e-5) << (edit ? "after an edit of the base" : "");
-  }
-}
-
 // LoRA's rank-r products run float32 under bf16 (adapter_input(); bench/RESULTS.md "W3 in
 // bf16": they are memory-bound, so bf16 only adds rounding). Observable through linearity:
 // with every B zero the forward does not depend on A, so d(out) is the same in every run,

@@ -16,7 +16,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <string>
 
 namespace flotilla::kernels {
@@ -42,23 +41,6 @@ void gemm(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alp
 // oneDNN has no bf16 matmul for this CPU.
 void gemm_bf16(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                int64_t lda, const uint16_t* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
-
-// A bf16 operand B of gemm_bf16 (op(B) (K, N), as gemm_bf16 takes it) packed once into the
-// layout oneDNN's bf16 kernel reads, for a weight that many products use unchanged (a frozen
-// base under LoRA): given the plain layout, oneDNN packs it again inside every call (measured
-// on this project's AMD EPYC, M = 2048 rows, K x N = 768 x 768 to 2048 x 768, one thread:
-// 445-454 GFLOP/s plain against 475-480 packed). The layout oneDNN picks may depend on the
-// row count, so the packing is for `rows` rows; gemm_bf16_packed falls back to the plain
-// source (which must outlive the packing and stay unchanged) when a call's rows pick another.
-// nullptr for products gemm_bf16 would cut into pieces (a dimension above 8192: the lm_head).
-class PackedBf16;
-std::shared_ptr<const PackedBf16> pack_bf16(Transpose tb, int64_t K, int64_t N, const uint16_t* B, int64_t ldb,
-                                            int64_t rows);
-// gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc) with B packed.
-void gemm_bf16_packed(Transpose ta, int64_t M, float alpha, const uint16_t* A, int64_t lda, const PackedBf16& B,
-                      bool accumulate, float* C, int64_t ldc);
-// Bytes a packing holds (for the model's memory accounting and tests).
-size_t packed_bf16_bytes(const PackedBf16& B);
 
 // Whether oneDNN runs bf16 products on this CPU (avx512_core and newer: natively with
 // AVX512_BF16 or AMX, emulated on plain AVX-512); false on an AVX2-only machine.

@@ -47,7 +47,6 @@ struct Signature {
   int32_t threads;
   uint32_t alpha_bits;
   int64_t M, N, K, lda, ldb, ldc;
-  bool packed_b = false;  // B in the layout oneDNN picks (format any): tb and ldb unused
   bool operator==(const Signature&) const = default;
 };
 
@@ -57,7 +56,6 @@ struct SignatureHash {
     auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
     mix(static_cast<uint64_t>(s.ta) | static_cast<uint64_t>(s.tb) << 8 |
         static_cast<uint64_t>(s.input) << 16 | static_cast<uint64_t>(s.accumulate) << 24 |
-        static_cast<uint64_t>(s.packed_b) << 28 |
         static_cast<uint64_t>(static_cast<uint32_t>(s.threads)) << 32);
     mix(s.alpha_bits);
     for (int64_t v : {s.M, s.N, s.K, s.lda, s.ldb, s.ldc}) mix(static_cast<uint64_t>(v));
@@ -119,8 +117,7 @@ class Engine {
     const dims a_strides = s.ta == Transpose::no ? dims{s.lda, 1} : dims{1, s.lda};
     const dims b_strides = s.tb == Transpose::no ? dims{s.ldb, 1} : dims{1, s.ldb};
     dnnl::memory::desc a({s.M, s.K}, in, a_strides);
-    dnnl::memory::desc b = s.packed_b ? dnnl::memory::desc({s.K, s.N}, in, dnnl::memory::format_tag::any)
-                                      : dnnl::memory::desc({s.K, s.N}, in, b_strides);
+    dnnl::memory::desc b({s.K, s.N}, in, b_strides);
     dnnl::memory::desc c({s.M, s.N}, dnnl::memory::data_type::f32, dims{s.ldc, 1});
     dnnl::primitive_attr attr;
     // Scratchpad per call from the caller's thread (below), so that concurrent calls on
@@ -135,7 +132,7 @@ class Engine {
       attr.set_post_ops(po);
     }
     dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, engine_);
-    return Compiled{dnnl::matmul(pd), a, pd.weights_desc(), c, pd.scratchpad_desc().get_size()};
+    return Compiled{dnnl::matmul(pd), a, b, c, pd.scratchpad_desc().get_size()};
   }
 
   dnnl::engine engine_;
@@ -271,72 +268,6 @@ void gemm_bf16(Transpose ta, Transpose tb, int64_t M, int64_t N, int64_t K, floa
                             a, b, c);
             });
 }
-
-// A packing: the packed bytes and their layout, and the plain source for the fallback.
-class PackedBf16 {
- public:
-  Transpose tb;
-  int64_t K, N, ldb;
-  const uint16_t* plain;
-  dnnl::memory::desc desc;
-  Buffer<std::byte> bytes;
-};
-
-std::shared_ptr<const PackedBf16> pack_bf16(Transpose tb, int64_t K, int64_t N, const uint16_t* B, int64_t ldb,
-                                            int64_t rows) {
-  // Products that in_pieces would cut (a dimension past kPieceSplitAbove) are not packed.
-  if (K > kPieceSplitAbove || N > kPieceSplitAbove || rows > kPieceSplitAbove) return nullptr;
-  auto packed = std::make_shared<PackedBf16>();
-  packed->tb = tb;
-  packed->K = K;
-  packed->N = N;
-  packed->ldb = ldb;
-  packed->plain = B;
-  if (K <= 0 || N <= 0 || rows <= 0) return packed;  // nothing to pack: every call falls back
-  // The layout a product of `rows` rows picks (accumulate and alpha do not change it).
-  const Signature s{Transpose::no, Transpose::no, GemmInput::bf16, false, omp_get_max_threads(),
-                    std::bit_cast<uint32_t>(1.0f), rows, N, K, K, 0, N, true};
-  std::shared_ptr<const Compiled> p;
-  try {
-    p = engine().find_or_create(s);
-  } catch (const dnnl::error& e) {
-    throw Error("kernels/gemm", fmt::format("oneDNN could not create a bf16 matmul for packing K={} N={}: {}", K, N,
-                                            e.what()));
-  }
-  packed->desc = p->b;
-  packed->bytes.resize(p->b.get_size());
-  const dnnl::engine& eng = engine().engine();
-  using dims = dnnl::memory::dims;
-  const dnnl::memory::desc plain_desc({K, N}, dnnl::memory::data_type::bf16,
-                                      tb == Transpose::no ? dims{ldb, 1} : dims{1, ldb});
-  dnnl::memory src(plain_desc, eng, const_cast<uint16_t*>(B));
-  dnnl::memory dst(packed->desc, eng, packed->bytes.data());
-  dnnl::stream stream(eng);
-  dnnl::reorder(src, dst).execute(stream, src, dst);
-  stream.wait();
-  return packed;
-}
-
-void gemm_bf16_packed(Transpose ta, int64_t M, float alpha, const uint16_t* A, int64_t lda, const PackedBf16& B,
-                      bool accumulate, float* C, int64_t ldc) {
-  const int64_t N = B.N, K = B.K;
-  if (trivial_product(M, N, K, accumulate, C, ldc)) return;
-  const Signature s{ta, Transpose::no, GemmInput::bf16, accumulate, omp_get_max_threads(),
-                    std::bit_cast<uint32_t>(alpha), M, N, K, lda, 0, ldc, true};
-  std::shared_ptr<const Compiled> p;
-  if (B.bytes.size() > 0 && K <= kPieceSplitAbove && N <= kPieceSplitAbove && M <= kPieceSplitAbove) {
-    try {
-      p = engine().find_or_create(s);
-    } catch (const dnnl::error&) {
-      p = nullptr;  // the plain call below says what failed, if anything
-    }
-  }
-  if (!p || p->b != B.desc)  // another layout for this row count (or not packed): the plain source
-    return gemm_bf16(ta, B.tb, M, N, K, alpha, A, lda, B.plain, B.ldb, accumulate, C, ldc);
-  run_primitive(s, A, B.bytes.data(), C);
-}
-
-size_t packed_bf16_bytes(const PackedBf16& B) { return B.bytes.size(); }
 
 bool gemm_bf16_supported() {
   // Asked once: whether oneDNN implements a bf16 matmul on this CPU at all. oneDNN 2.6

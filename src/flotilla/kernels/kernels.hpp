@@ -32,14 +32,10 @@ void matmul_accumulate(float* out, const float* inp, const float* weight, int64_
 // float32 accumulation and output (gemm_bf16; needs gemm_bf16_supported()). The float inputs
 // (inp, dout) are rounded here into per-thread scratch; `weight` is the caller's bf16 copy
 // (OC, C) of the float weight, made once per optimizer step rather than per product.
-// `packed` (optional): the weight packed by pack_bf16 for the product that reads it
-// (forward: pack_bf16(Transpose::yes, C, OC, weight, C, N); backward's dinp:
-// pack_bf16(Transpose::no, OC, C, weight, C, N)); the same result, without oneDNN packing
-// the plain weight again inside the call.
 void matmul_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
-                         int64_t C, int64_t OC, const PackedBf16* packed = nullptr);
+                         int64_t C, int64_t OC);
 void matmul_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                          const uint16_t* weight, int64_t N, int64_t C, int64_t OC, const PackedBf16* packed = nullptr);
+                          const uint16_t* weight, int64_t N, int64_t C, int64_t OC);
 // The float-weight products in the format `input`: f32 as above; bf16 rounds the weight per
 // call as well (for small weights that change every step: LoRA's adapters).
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int64_t N, int64_t C,

@@ -50,28 +50,23 @@ void matmul_forward(float* out, const float* inp, const float* weight, const flo
 }
 
 void matmul_forward_bf16(float* out, const float* inp, const uint16_t* weight, const float* bias, int64_t N,
-                         int64_t C, int64_t OC, const PackedBf16* packed) {
+                         int64_t C, int64_t OC) {
   // out (N, OC), inp (N, C) float rounded to bf16 here, weight (OC, C) bf16, bias (OC) or nullptr
   if (N == 0 || OC == 0) return;
   const bool accumulate = start_forward(out, bias, N, C, OC);
   if (C == 0) return;
   const uint16_t* x = Bf16Scratch::fill(bf16_scratch.a, inp, N * C);
-  if (packed)
-    gemm_bf16_packed(Transpose::no, N, 1.0f, x, C, *packed, accumulate, out, OC);
-  else
-    gemm_bf16(Transpose::no, Transpose::yes, N, OC, C, 1.0f, x, C, weight, C, accumulate, out, OC);
+  gemm_bf16(Transpose::no, Transpose::yes, N, OC, C, 1.0f, x, C, weight, C, accumulate, out, OC);
 }
 
 void matmul_backward_bf16(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                          const uint16_t* weight, int64_t N, int64_t C, int64_t OC, const PackedBf16* packed) {
+                          const uint16_t* weight, int64_t N, int64_t C, int64_t OC) {
   // As matmul_backward, with dout, inp and weight rounded to bf16 for the two products;
   // dbias sums dout in float32.
   if (N == 0 || OC == 0) return;
   if (C > 0 && (dinp != nullptr || dweight != nullptr)) {
     const uint16_t* g = Bf16Scratch::fill(bf16_scratch.a, dout, N * OC);
-    if (dinp != nullptr && packed != nullptr)
-      gemm_bf16_packed(Transpose::no, N, 1.0f, g, OC, *packed, true, dinp, C);
-    else if (dinp != nullptr)
+    if (dinp != nullptr)
       gemm_bf16(Transpose::no, Transpose::no, N, C, OC, 1.0f, g, OC, weight, C, true, dinp, C);
     if (dweight != nullptr) {
       const uint16_t* x = Bf16Scratch::fill(bf16_scratch.b, inp, N * C);

@@ -65,7 +65,6 @@ void Llama::set_matmul_input(kernels::GemmInput input) {
   if (input == kernels::GemmInput::f32) {
     bf16_weights_ = Buffer<uint16_t>();  // not needed any more
     bf16_weights_valid_ = false;
-    packed_bf16_.clear();
   }
 }
 
@@ -76,32 +75,16 @@ const uint16_t* Llama::bf16_weights() const {
     for (const auto& [begin, end] : held_ranges())
       k::convert_to_bf16(params_.data() + begin, end - begin, bf16_weights_.data() + begin);
     bf16_weights_valid_ = true;
-    packed_bf16_.clear();  // packed from the old copy
   }
   return bf16_weights_.data();
-}
-
-const kernels::PackedBf16* Llama::packed_bf16(const WeightRef& weight, bool backward, int64_t N, int64_t C,
-                                              int64_t OC) const {
-  // Only a frozen base in training: its weights serve every step unchanged (a trained base
-  // changes them each step, and decoding's row counts would pick other layouts).
-  // The batch's own row count only: a mixture's experts see a different count every step.
-  if (!base_frozen() || !training_ || N < kPackedBf16MinRows || N != acts_.B * acts_.T) return nullptr;
-  const uint16_t* w = bf16_weights() + weight.offset();
-  auto [it, fresh] = packed_bf16_.try_emplace(weight.offset() * 2 + (backward ? 1 : 0));
-  if (fresh)  // nullptr where pack_bf16 declines (the lm_head's vocabulary-long products)
-    it->second = backward ? k::pack_bf16(k::Transpose::no, OC, C, w, C, N) : k::pack_bf16(k::Transpose::yes, C, OC, w, C, N);
-  return it->second.get();
 }
 
 void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N,
                            int64_t C, int64_t OC) const {
   if (weight.is_quantized())
     return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N, matmul_input_);
-  if (matmul_input_ == kernels::GemmInput::bf16) {
-    const kernels::PackedBf16* packed = packed_bf16(weight, false, N, C, OC);
-    return k::matmul_forward_bf16(out, inp, bf16_weights() + weight.offset(), bias, N, C, OC, packed);
-  }
+  if (matmul_input_ == kernels::GemmInput::bf16)
+    return k::matmul_forward_bf16(out, inp, bf16_weights() + weight.offset(), bias, N, C, OC);
   k::matmul_forward(out, inp, p(weight), bias, N, C, OC);
 }
 
@@ -112,11 +95,8 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
     if (dweight || dbias) throw Error("model", "a quantized weight has no gradient: it is frozen");
     return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N, matmul_input_);
   }
-  if (matmul_input_ == kernels::GemmInput::bf16) {
-    const kernels::PackedBf16* packed = dinp && !dweight ? packed_bf16(weight, true, N, C, OC) : nullptr;
-    return k::matmul_backward_bf16(dinp, dweight, dbias, dout, inp, bf16_weights() + weight.offset(), N, C, OC,
-                                   packed);
-  }
+  if (matmul_input_ == kernels::GemmInput::bf16)
+    return k::matmul_backward_bf16(dinp, dweight, dbias, dout, inp, bf16_weights() + weight.offset(), N, C, OC);
   k::matmul_backward(dinp, dweight, dbias, dout, inp, p(weight), N, C, OC);
 }
 

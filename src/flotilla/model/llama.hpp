@@ -12,7 +12,6 @@
 #include <set>
 #include <span>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "flotilla/base/buffer.hpp"
@@ -577,13 +576,6 @@ class Llama {
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
   // The bf16 copy of params_ (same layout), made now if it is not up to date.
   const uint16_t* bf16_weights() const;
-  // A frozen base's weight in training, packed for the bf16 product that reads it
-  // (kernels::pack_bf16; backward: the input gradient's), made on first use and kept with the
-  // bf16 copy; nullptr where packing does not pay (see the definition).
-  const kernels::PackedBf16* packed_bf16(const WeightRef& weight, bool backward, int64_t N, int64_t C,
-                                         int64_t OC) const;
-  // Fewer rows than this: products too small for the packing to pay back its copy.
-  static constexpr int64_t kPackedBf16MinRows = 256;
 
   ModelConfig cfg_;
   ParamLayout layout_;
@@ -594,9 +586,6 @@ class Llama {
   // forward (the KV-cache decoder's) makes it on first use, as a cache of params_.
   mutable Buffer<uint16_t> bf16_weights_;
   mutable bool bf16_weights_valid_ = false;
-  // packed_bf16()'s packings, by weight offset * 2 + (backward ? 1 : 0); cleared whenever
-  // the bf16 copy is made again (2 bytes per frozen linear parameter and direction).
-  mutable std::unordered_map<int64_t, std::shared_ptr<const kernels::PackedBf16>> packed_bf16_;
   // Quantized weights in layout order, and what keeps their bytes alive (the mapped
   // files of a loaded directory, or buffers of an in-memory quantization).
   std::vector<QuantMatrix> qweights_;
