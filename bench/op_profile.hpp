@@ -189,8 +189,9 @@ inline std::vector<OpRow> op_profile(const model::ModelConfig& c, int64_t B, int
   const Linear lm_heads[] = {lm_head};
   add_products("fwd linear (7 per layer, " + fmt + ")", L, L * layer_linear_flop / 1e9, forward, layer);
   add_products("fwd lm_head (" + fmt + ")", 1, lm_flop / 1e9, forward, lm_heads);
-  add("fwd attention (f32)", best_of_ms(repeats, [&] {
-        k::attention_forward(att.data(), probs.data(), q.data(), kk.data(), vv.data(), B, T, T, NH, NKV, hd);
+  add("fwd attention (" + fmt + ")", best_of_ms(repeats, [&] {
+        k::attention_forward(att.data(), probs.data(), q.data(), kk.data(), vv.data(), B, T, T, NH, NKV, hd,
+                             nullptr, step.input);
       }), L, L * attn_flop_causal / 1e9);
   add("fwd elementwise (norm rope swiglu)", best_of_ms(repeats, [&] {
         k::rmsnorm_forward(out_c.data(), rstd.data(), x.data(), norm_w.data(), N, C, c.rms_norm_eps);
@@ -242,9 +243,9 @@ inline std::vector<OpRow> op_profile(const model::ModelConfig& c, int64_t B, int
                bwd_factor * lm_flop / 1e9, backward, lm_heads);
   add_products(std::string(frozen ? "bwd linear (dx; 7 per layer, " : "bwd linear (dx, dW; 7 per layer, ") + fmt + ")",
                L, bwd_factor * L * layer_linear_flop / 1e9, backward, layer);
-  add("bwd attention (f32)", best_of_ms(repeats, [&] {
+  add("bwd attention (" + fmt + ")", best_of_ms(repeats, [&] {
         k::attention_backward(dq.data(), dk.data(), dv.data(), dprobs.data(), att.data(), q.data(),
-                              kk.data(), vv.data(), probs.data(), B, T, T, NH, NKV, hd);
+                              kk.data(), vv.data(), probs.data(), B, T, T, NH, NKV, hd, nullptr, step.input);
       }), L, 2 * L * attn_flop_causal / 1e9);
   // Backward recomputes the two RMSNorms and the SwiGLU product (see model/llama.hpp).
   add("bwd elementwise (norm rope swiglu, recompute)", best_of_ms(repeats, [&] {

@@ -1,6 +1,6 @@
 // attention: causal GQA attention against a naive double-precision reference (forward and
-// backward), finite differences on small shapes, the KV-cache offset (Tq < Tk), and GQA
-// against MHA with repeated kv heads. Shapes include several 64-row blocks with ragged ends
+// backward), finite differences on small shapes, the KV-cache offset (Tq < Tk), GQA
+// against MHA with repeated kv heads, and the bf16 products (--dtype bf16). Shapes include several 64-row blocks with ragged ends
 // so the blocked causal GEMMs are exercised.
 #include <gtest/gtest.h>
 
@@ -8,7 +8,9 @@
 #include <limits>
 #include <vector>
 
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
+#include "flotilla/tensor/dtype.hpp"
 #include "kernel_test_util.hpp"
 
 namespace flotilla::kernels {
@@ -264,6 +266,81 @@ TEST(Attention, BackwardMatchesNaiveAcrossBlocks) {
     expect_all_close("dk", dk, want.dk, 1e-4, 1e-4);
     expect_all_close("dv", dv, want.dv, 1e-4, 1e-4);
   }
+}
+
+std::vector<float> rounded_to_bf16(const std::vector<float>& x) {
+  std::vector<float> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_f32(f32_to_bf16(x[i]));
+  return r;
+}
+
+double max_abs(const std::vector<double>& x) {
+  double m = 0;
+  for (double v : x) m = std::max(m, std::fabs(v));
+  return m;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  return m;
+}
+
+TEST(Attention, Bf16ProductsRoundTheirInputsAndKeepTheSoftmaxInFloat32) {
+  if (!gemm_bf16_supported()) GTEST_SKIP() << "no bf16 matrix products on this CPU";
+  // Training-sized calls (Tq == Tk, several ragged blocks) and a prefill behind a cache
+  // (Tq >= kGemmPrimitiveMinRows): the products take bf16 inputs. The reference is the
+  // double-precision formula on the inputs rounded to bf16, so what is left is float32
+  // accumulation plus the rounding of the P and dS blocks the second products read:
+  // relative 2^-9 per term, a few 2^-9 of a tensor's largest value at most (2^-7 bound).
+  // probs come from the first product alone (bf16 inputs, float32 sums): float32 precision.
+  Rng rng(test_seed());
+  for (const Shape s : {Shape{2, 130, 130, 4, 2, 16}, Shape{1, 20, 84, 2, 1, 16}}) {
+    SCOPED_TRACE(::testing::Message() << s);
+    const auto in = random_inputs(rng, s);
+    const auto dout = uniform_vec(rng, s.q_size());
+    std::vector<float> out(s.q_size()), probs(s.probs_size(), std::nanf("")), scratch(s.probs_size(), std::nanf(""));
+    std::vector<float> dq(s.q_size(), 0.0f), dk(s.kv_size(), 0.0f), dv(s.kv_size(), 0.0f);
+    attention_forward(out.data(), probs.data(), in.q.data(), in.k.data(), in.v.data(), s.B, s.Tq, s.Tk, s.NH,
+                      s.NKV, s.hd, nullptr, GemmInput::bf16);
+    attention_backward(dq.data(), dk.data(), dv.data(), scratch.data(), dout.data(), in.q.data(), in.k.data(),
+                       in.v.data(), probs.data(), s.B, s.Tq, s.Tk, s.NH, s.NKV, s.hd, nullptr, GemmInput::bf16);
+    const auto want = naive_attention(s, rounded_to_bf16(in.q), rounded_to_bf16(in.k), rounded_to_bf16(in.v),
+                                      rounded_to_bf16(dout));
+    for (auto& p : probs)
+      if (std::isnan(p)) p = 0.0f;  // the masked triangle, never written (checked in float32 above)
+    expect_all_close("probs", probs, want.probs, kAtol, kRtol);
+    constexpr double kBlockRounding = 1.0 / 128;  // 2^-7
+    expect_all_close("out", out, want.out, kBlockRounding * max_abs(want.out), 0);
+    expect_all_close("dq", dq, want.dq, kBlockRounding * max_abs(want.dq), 0);
+    expect_all_close("dk", dk, want.dk, kBlockRounding * max_abs(want.dk), 0);
+    expect_all_close("dv", dv, want.dv, kBlockRounding * max_abs(want.dv), 0);
+
+    // And they did run in bf16: the float32 kernel on the unrounded inputs is elsewhere, by
+    // the inputs' rounding (~2^-9 relative per input), far above float32's 1e-6.
+    std::vector<float> out32(s.q_size()), probs32(s.probs_size());
+    std::vector<float> dq32(s.q_size(), 0.0f), dk32(s.kv_size(), 0.0f), dv32(s.kv_size(), 0.0f);
+    attention_forward(out32.data(), probs32.data(), in.q.data(), in.k.data(), in.v.data(), s.B, s.Tq, s.Tk, s.NH,
+                      s.NKV, s.hd);
+    attention_backward(dq32.data(), dk32.data(), dv32.data(), scratch.data(), dout.data(), in.q.data(), in.k.data(),
+                       in.v.data(), probs32.data(), s.B, s.Tq, s.Tk, s.NH, s.NKV, s.hd);
+    EXPECT_GT(max_abs_diff(out, out32), 1e-4 * max_abs(want.out));
+    EXPECT_GT(max_abs_diff(dk, dk32), 1e-4 * max_abs(want.dk));
+  }
+}
+
+TEST(Attention, Bf16LeavesDecodingStepsInFloat32) {
+  // A few new queries behind a cache (Tq < kGemmPrimitiveMinRows, Tk > Tq): a new key count
+  // every token, so the products stay float32 there, bit for bit.
+  Rng rng(test_seed());
+  const Shape s{1, 3, 70, 4, 2, 16};
+  const auto in = random_inputs(rng, s);
+  std::vector<float> out(s.q_size()), probs(s.probs_size()), out32(s.q_size()), probs32(s.probs_size());
+  attention_forward(out.data(), probs.data(), in.q.data(), in.k.data(), in.v.data(), s.B, s.Tq, s.Tk, s.NH, s.NKV,
+                    s.hd, nullptr, GemmInput::bf16);
+  attention_forward(out32.data(), probs32.data(), in.q.data(), in.k.data(), in.v.data(), s.B, s.Tq, s.Tk, s.NH,
+                    s.NKV, s.hd);
+  EXPECT_EQ(out, out32);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "flotilla/base/rng.hpp"
 #include "flotilla/kernels/gemm.hpp"
+#include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
 #include "../test_seed.hpp"
@@ -157,6 +158,86 @@ TEST(LlamaBf16, FrozenBaseWithAdaptersSeesEditedWeights) {
   const double err = rel_err(after, logits_of(fresh, tokens, B, T));
   EXPECT_LE(err, kBf16Tolerance);
   EXPECT_GT(err, 1e-4);
+}
+
+// LoRA's rank-r products run float32 under bf16 (adapter_input(); bench/RESULTS.md "W3 in
+// bf16": they are memory-bound, so bf16 only adds rounding). Observable through linearity:
+// with every B zero the forward does not depend on A, so d(out) is the same in every run,
+// and dB = d(out)^T u with u = scale * x A^T is linear in A. In float32 dB(A1 + A2) equals
+// dB(A1) + dB(A2) to float32 sums (~1e-6 of the largest element); had the adapters' products
+// rounded x, A or u to bf16, round(A1 + A2) != round(A1) + round(A2) would break it by
+// ~2^-9 (measured below as a control, with the products forced to bf16 by hand).
+TEST(LlamaBf16, AdapterProductsStayFloat32UnderBf16) {
+  SKIP_WITHOUT_BF16();
+  Rng rng(test_seed());
+  const ModelConfig cfg = bf16_config();
+  const int64_t B = 2, T = 20;
+  const auto tokens = random_tokens(rng, B * T, cfg.vocab_size);
+  const auto targets = random_tokens(rng, B * T, cfg.vocab_size);
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.targets = {LoraTarget::q, LoraTarget::v, LoraTarget::o, LoraTarget::down};
+  LoraAdapters adapters(cfg, lc);
+  Llama model(cfg);
+  test_models::fill_order_one(model, rng, kSmallWeights);
+  model.attach_lora(&adapters);
+  model.set_matmul_input(GemmInput::bf16);
+  EXPECT_EQ(model.adapter_input(), GemmInput::f32);
+
+  // A's of every slot drawn twice; B's zero.
+  std::vector<float> a1(adapters.params().size(), 0.0f), a2(a1.size(), 0.0f);
+  std::vector<std::pair<int64_t, int64_t>> b_ranges;
+  for (int64_t l = 0; l < cfg.n_layers; ++l)
+    for (const LoraTarget t : lc.targets) {
+      const LoraSlot& s = adapters.slot(l, t);
+      ASSERT_TRUE(s.active());
+      for (int64_t i = s.a; i < s.a + lc.rank * s.in; ++i) {
+        a1[static_cast<size_t>(i)] = -0.3f + 0.6f * rng.uniform();
+        a2[static_cast<size_t>(i)] = -0.3f + 0.6f * rng.uniform();
+      }
+      b_ranges.emplace_back(s.b, s.b + s.out * lc.rank);
+    }
+  auto grads_b = [&](const std::vector<float>& a) {
+    std::copy(a.begin(), a.end(), adapters.params().begin());
+    model.zero_grads();
+    const LossSum loss = model.forward(tokens.data(), targets.data(), B, T);
+    model.backward(1.0f / static_cast<float>(loss.num_tokens));
+    std::vector<float> g;
+    for (const auto& [begin, end] : b_ranges)
+      g.insert(g.end(), adapters.grads().begin() + begin, adapters.grads().begin() + end);
+    return g;
+  };
+  std::vector<float> sum(a1.size());
+  for (size_t i = 0; i < sum.size(); ++i) sum[i] = a1[i] + a2[i];
+  const auto g1 = grads_b(a1), g2 = grads_b(a2), g12 = grads_b(sum);
+  std::vector<float> g1_plus_g2(g1.size());
+  for (size_t i = 0; i < g1.size(); ++i) g1_plus_g2[i] = g1[i] + g2[i];
+  const double err = rel_err(g12, g1_plus_g2);
+  EXPECT_LE(err, 1e-5) << "LoRA's products are not float32 under --dtype bf16";
+
+  // Control: the same sums with the adapters' products rounded to bf16 break linearity by
+  // far more than the bound above (so the check can fail).
+  const int64_t N = B * T;
+  const LoraSlot& s = adapters.slot(0, LoraTarget::q);
+  std::vector<float> x(static_cast<size_t>(N * s.in)), dout(static_cast<size_t>(N * s.out));
+  rng.fill_uniform(x, -1.0f, 1.0f);
+  rng.fill_uniform(dout, -1.0f, 1.0f);
+  auto db = [&](const std::vector<float>& a, GemmInput input) {
+    std::vector<float> u(static_cast<size_t>(N * lc.rank)), g(static_cast<size_t>(s.out * lc.rank), 0.0f);
+    kernels::matmul_forward(u.data(), x.data(), a.data() + s.a, nullptr, N, s.in, lc.rank, input);
+    kernels::matmul_backward(nullptr, g.data(), nullptr, dout.data(), u.data(), nullptr, N, lc.rank, s.out, input);
+    return g;
+  };
+  for (const GemmInput input : {GemmInput::f32, GemmInput::bf16}) {
+    const auto c1 = db(a1, input), c2 = db(a2, input), c12 = db(sum, input);
+    std::vector<float> c1_plus_c2(c1.size());
+    for (size_t i = 0; i < c1.size(); ++i) c1_plus_c2[i] = c1[i] + c2[i];
+    const double control = rel_err(c12, c1_plus_c2);
+    if (input == GemmInput::f32)
+      EXPECT_LE(control, 1e-5);
+    else
+      EXPECT_GT(control, 1e-4) << "bf16 products would have passed the check above";
+  }
 }
 
 }  // namespace

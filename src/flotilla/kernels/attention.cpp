@@ -14,14 +14,24 @@
 // the calling thread alone; the parallelism is ours. For a fixed sequence length the
 // products have a handful of shapes (rows x visible keys per query block), each a cached
 // primitive; one-row decoding steps take gemm()'s primitive-free path.
+//
+// Number format (GemmInput): float32, or bf16 products with float32 accumulation (--dtype
+// bf16). In bf16, q, k, v and dout are rounded once per call, and each task rounds the
+// block of P or dS that its next product reads into a per-thread scratch; the softmax, its
+// backward and every sum stay float32, as do probs (saved for backward) and the outputs.
+// Decoding steps (fewer than kGemmPrimitiveMinRows new queries behind a cache) stay float32:
+// a new key count every token would cost a bf16 primitive per token, and there is no
+// primitive-free bf16 path.
 
 #include <algorithm>
 #include <cmath>
 
+#include "flotilla/base/buffer.hpp"
 #include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/kernels/vec_math.hpp"
+#include "flotilla/tensor/dtype.hpp"
 
 namespace flotilla::kernels {
 namespace {
@@ -70,13 +80,57 @@ int64_t block_key_begin(const int32_t* key_start, int64_t b, int64_t Tq, int64_t
   return first / kBlock * kBlock;
 }
 
+
+// The bf16 copies of one call's whole operands (nullptr in float32), made once per call on
+// the calling thread into buffers it keeps: a step calls attention with the same shapes
+// layer after layer.
+struct AttentionBf16 {
+  const uint16_t *q = nullptr, *k = nullptr, *v = nullptr, *dout = nullptr;
+};
+thread_local Buffer<uint16_t> attention_bf16_q, attention_bf16_k, attention_bf16_v, attention_bf16_dout;
+
+const uint16_t* attention_round(Buffer<uint16_t>& buf, const float* x, int64_t n) {
+  if (static_cast<size_t>(n) > buf.size()) buf.resize(static_cast<size_t>(n));
+  convert_to_bf16(x, n, buf.data());
+  return buf.data();
+}
+
+// Whether a call's products run in bf16: asked for, and not a decoding step (see top).
+bool attention_in_bf16(GemmInput input, int64_t Tq, int64_t Tk) {
+  return input == GemmInput::bf16 && (Tq == Tk || Tq >= kGemmPrimitiveMinRows) && gemm_bf16_supported();
+}
+
+// Per-thread scratch for the rounded P and dS blocks of a task's bf16 products.
+thread_local Buffer<uint16_t> attention_block_p, attention_block_s;
+
+// The (rows, cols) block x (leading dimension ld) rounded to bf16 into scratch, leading
+// dimension cols.
+FLOTILLA_KERNEL const uint16_t* attention_round_block(Buffer<uint16_t>& scratch, const float* x, int64_t rows, int64_t cols,
+                                      int64_t ld) {
+  if (static_cast<size_t>(rows * cols) > scratch.size()) scratch.resize(static_cast<size_t>(rows * cols));
+  uint16_t* out = scratch.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = x + i * ld;
+    uint16_t* o = out + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) o[j] = f32_to_bf16(row[j]);
+  }
+  return out;
+}
+
 }  // namespace
 
 FLOTILLA_KERNEL void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
-                       const int32_t* key_start) {
+                       const int32_t* key_start, GemmInput input) {
   // out (B, Tq, NH, hd), probs (B, NH, Tq, Tk), q (B, Tq, NH, hd), k, v (B, Tk, NKV, hd)
   if (B == 0 || Tq == 0 || NH == 0 || hd == 0) return;
+  AttentionBf16 bf;
+  if (attention_in_bf16(input, Tq, Tk)) {
+    bf.q = attention_round(attention_bf16_q, q, B * Tq * NH * hd);
+    bf.k = attention_round(attention_bf16_k, k, B * Tk * NKV * hd);
+    bf.v = attention_round(attention_bf16_v, v, B * Tk * NKV * hd);
+  }
   const int64_t group = NH / NKV;  // query heads per kv head
   const int64_t off = Tk - Tq;     // query t sits at position t + off
   const int64_t ldq = NH * hd, ldkv = NKV * hd;
@@ -97,25 +151,41 @@ FLOTILLA_KERNEL void attention_forward(float* out, float* probs, const float* q,
     float* O = out + (b * Tq + r0) * ldq + h * hd;       // (rows, hd), ld ldq
     const int64_t rows = r1 - r0, nkeys = kend - kbeg;
     // S = scale * Q @ K^T over the visible keys
-    gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, scale, Q, ldq, K + kbeg * ldkv, ldkv, false,
-         P + kbeg, Tk);
+    if (bf.q)
+      gemm_bf16(Transpose::no, Transpose::yes, rows, nkeys, hd, scale, bf.q + (Q - q), ldq,
+                bf.k + (K - k) + kbeg * ldkv, ldkv, false, P + kbeg, Tk);
+    else
+      gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, scale, Q, ldq, K + kbeg * ldkv, ldkv, false,
+           P + kbeg, Tk);
     for (int64_t t = r0; t < r1; ++t) {
       const int64_t first = key_start ? key_start[b * Tq + t] : 0;
       causal_softmax_row(P + (t - r0) * Tk, first, t + off, masked_zeros_end(t + off, kend, Tk));
     }
     // O = P @ V (entries of P outside each row's visible range are zero)
-    gemm(Transpose::no, Transpose::no, rows, hd, nkeys, 1.0f, P + kbeg, Tk, V + kbeg * ldkv, ldkv, false,
-         O, ldq);
+    if (bf.q)
+      gemm_bf16(Transpose::no, Transpose::no, rows, hd, nkeys, 1.0f,
+                attention_round_block(attention_block_p, P + kbeg, rows, nkeys, Tk), nkeys,
+                bf.v + (V - v) + kbeg * ldkv, ldkv, false, O, ldq);
+    else
+      gemm(Transpose::no, Transpose::no, rows, hd, nkeys, 1.0f, P + kbeg, Tk, V + kbeg * ldkv, ldkv, false,
+           O, ldq);
   }
 }
 
 FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
                         const float* q, const float* k, const float* v, const float* probs,
                         int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
-                        const int32_t* key_start) {
+                        const int32_t* key_start, GemmInput input) {
   // dq (B, Tq, NH, hd), dk, dv (B, Tk, NKV, hd), scratch (B, NH, Tq, Tk) holds dS,
   // dout (B, Tq, NH, hd), q, k, v as forward, probs (B, NH, Tq, Tk) from forward
   if (B == 0 || Tq == 0 || NH == 0 || hd == 0) return;
+  AttentionBf16 bf;
+  if (attention_in_bf16(input, Tq, Tk)) {
+    bf.q = attention_round(attention_bf16_q, q, B * Tq * NH * hd);
+    bf.k = attention_round(attention_bf16_k, k, B * Tk * NKV * hd);
+    bf.v = attention_round(attention_bf16_v, v, B * Tk * NKV * hd);
+    bf.dout = attention_round(attention_bf16_dout, dout, B * Tq * NH * hd);
+  }
   const int64_t group = NH / NKV;
   const int64_t off = Tk - Tq;
   const int64_t ldq = NH * hd, ldkv = NKV * hd;
@@ -140,8 +210,12 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     float* S = scratch + ((b * NH + h) * Tq + r0) * Tk;         // (rows, Tk)
     float* dQ = dq + (b * Tq + r0) * ldq + h * hd;              // (rows, hd)
     // forward: O = P @ V  =>  dP = dO @ V^T
-    gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, dO, ldq, V + kbeg * ldkv, ldkv, false,
-         S + kbeg, Tk);
+    if (bf.q)
+      gemm_bf16(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, bf.dout + (dO - dout), ldq,
+                bf.v + (V - v) + kbeg * ldkv, ldkv, false, S + kbeg, Tk);
+    else
+      gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, dO, ldq, V + kbeg * ldkv, ldkv, false,
+           S + kbeg, Tk);
     // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero outside the
     // visible range (as far as masked_zeros_end) so that phase 2 can read whole key-block
     // columns.
@@ -159,8 +233,13 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
       std::fill(s + lim + 1, s + masked_zeros_end(lim, kend, Tk), 0.0f);
     }
     // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
-    gemm(Transpose::no, Transpose::no, rows, hd, nkeys, scale, S + kbeg, Tk, K + kbeg * ldkv, ldkv, true,
-         dQ, ldq);
+    if (bf.q)
+      gemm_bf16(Transpose::no, Transpose::no, rows, hd, nkeys, scale,
+                attention_round_block(attention_block_s, S + kbeg, rows, nkeys, Tk), nkeys,
+                bf.k + (K - k) + kbeg * ldkv, ldkv, true, dQ, ldq);
+    else
+      gemm(Transpose::no, Transpose::no, rows, hd, nkeys, scale, S + kbeg, Tk, K + kbeg * ldkv, ldkv, true,
+           dQ, ldq);
   }
 
   // Phase 2, per key block of one (b, kv head): dk and dv sum over every query head of the
@@ -182,6 +261,16 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
       const float* P = probs + ((b * NH + h) * Tq + t0) * Tk + c0;    // (nq, cols), ld Tk
       const float* Q = q + (b * Tq + t0) * ldq + h * hd;              // (nq, hd)
       const float* dO = dout + (b * Tq + t0) * ldq + h * hd;          // (nq, hd)
+      if (bf.q) {
+        // The same two products on the blocks rounded to bf16 (leading dimension cols).
+        gemm_bf16(Transpose::yes, Transpose::no, cols, hd, nq, scale,
+                  attention_round_block(attention_block_s, S, nq, cols, Tk), cols, bf.q + (Q - q), ldq, true, dK,
+                  ldkv);
+        gemm_bf16(Transpose::yes, Transpose::no, cols, hd, nq, 1.0f,
+                  attention_round_block(attention_block_p, P, nq, cols, Tk), cols, bf.dout + (dO - dout), ldq,
+                  true, dV, ldkv);
+        continue;
+      }
       // forward: S = scale * Q @ K^T  =>  dK += scale * dS^T @ Q
       gemm(Transpose::yes, Transpose::no, cols, hd, nq, scale, S, Tk, Q, ldq, true, dK, ldkv);
       // forward: O = P @ V  =>  dV += P^T @ dO

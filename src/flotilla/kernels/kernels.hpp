@@ -105,14 +105,18 @@ void rope_backward(float* dx, const float* cos, const float* sin, int64_t B, int
 // key_start (B, Tq) or nullptr: query t of row b sees only keys key_start[b*Tq + t] ..
 // t + (Tk - Tq) — the start of its own example when several are packed into one row, so
 // packed examples never attend across their boundaries. nullptr means 0 for every query.
+// input: the products' number format (QK^T, PV and backward's four); bf16 rounds their
+// inputs (q, k, v, dout, and the P and dS blocks) and accumulates in float32, while the
+// softmax, its backward, probs and the outputs stay float32. Decoding steps (Tq <
+// kGemmPrimitiveMinRows with Tk > Tq) and CPUs without bf16 products run float32.
 void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
                        int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
-                       const int32_t* key_start = nullptr);
+                       const int32_t* key_start = nullptr, GemmInput input = GemmInput::f32);
 // dq, dk, dv += ...  (same shapes as q, k, v). scratch: B*NH*Tq*Tk floats, any contents.
 void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
                         const float* q, const float* k, const float* v, const float* probs,
                         int64_t B, int64_t Tq, int64_t Tk, int64_t NH, int64_t NKV, int64_t hd,
-                        const int32_t* key_start = nullptr);
+                        const int32_t* key_start = nullptr, GemmInput input = GemmInput::f32);
 
 // ---------------------------------------------------------------------------- swiglu
 // out = silu(gate) * up, silu(x) = x * sigmoid(x).   out, gate, up (N, F).

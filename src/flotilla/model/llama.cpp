@@ -543,7 +543,8 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   k::rope_forward(la.k, ctx.rope_cos, ctx.rope_sin, B, T, NKV, hd, ctx.positions);
   const float* keys = ctx.keys ? ctx.keys : la.k;
   const float* values = ctx.values ? ctx.values : la.v;
-  k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start);
+  k::attention_forward(la.attn_out, la.probs, la.q, keys, values, B, T, ctx.Tk, NH, NKV, hd, ctx.key_start,
+                       matmul_input_);
   float* o_out = seq ? ln : la.resid_mid;
   linear_forward(o_out, la.attn_out, w.o_proj, nullptr, N, Dq, C);
   lora(LoraTarget::o, o_out, la.attn_out);
@@ -837,7 +838,7 @@ void Llama::backward(float dloss_scale) {
     std::memset(a.dk, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
     std::memset(a.dv, 0, static_cast<size_t>(N * Dkv) * sizeof(float));
     k::attention_backward(a.dq, a.dk, a.dv, a.dprobs, a.dattn_out, la.q, la.k, la.v, la.probs, B, T, T,
-                          NH, NKV, hd, key_start);
+                          NH, NKV, hd, key_start, matmul_input_);
     k::rope_backward(a.dq, a.rope_cos, a.rope_sin, B, T, NH, hd, positions);
     k::rope_backward(a.dk, a.rope_cos, a.rope_sin, B, T, NKV, hd, positions);
     // q = ln1 @ wq^T + bq (k, v alike);  ln1 = rmsnorm(resid_in) (recomputed)

@@ -228,7 +228,9 @@ class Llama {
   void linear_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                        const WeightRef& weight, int64_t N, int64_t C, int64_t OC) const;
   // Number format of the linear layers' products (lm_head and the 4-bit base's included;
-  // LoRA's adapters: adapter_input()): f32, or bf16 inputs with float32 accumulation. The weights stay float32; a
+  // attention's QK^T and PV products and their backward too, except decoding steps: see
+  // kernels::attention_forward; LoRA's adapters: adapter_input()): f32, or bf16 inputs
+  // with float32 accumulation. The weights stay float32; a
   // bf16 copy is made when first needed and again by every forward that may follow an
   // update of the base (a trained base: once per forward; a frozen one: once). Set the
   // format a machine supports (model/matmul_dtype.hpp resolves it).
