@@ -64,19 +64,48 @@ void Llama::set_matmul_input(kernels::GemmInput input) {
   matmul_input_ = input;
   if (input == kernels::GemmInput::f32) {
     bf16_weights_ = Buffer<uint16_t>();  // not needed any more
-    bf16_weights_valid_ = false;
+    bf16_tensors_.clear();
+    bf16_made_.clear();
   }
 }
 
-const uint16_t* Llama::bf16_weights() const {
-  if (!bf16_weights_valid_) {
-    if (bf16_weights_.size() != params_.size()) bf16_weights_ = Buffer<uint16_t>(params_.size());
-    // Only what the model holds: the rest of the copy stays unwritten (not resident).
-    for (const auto& [begin, end] : held_ranges())
-      k::convert_to_bf16(params_.data() + begin, end - begin, bf16_weights_.data() + begin);
-    bf16_weights_valid_ = true;
+const uint16_t* Llama::bf16_weight(int64_t offset, int64_t numel) const {
+  if (bf16_weights_.size() != params_.size()) {
+    bf16_weights_ = Buffer<uint16_t>(params_.size());  // mapped: not resident until written
+    bf16_tensors_.clear();
+    for (const ParamInfo& info : layout_.params())
+      if (!info.quantized && info.numel > 0) bf16_tensors_.push_back({info.offset, info.offset + info.numel});
+    std::sort(bf16_tensors_.begin(), bf16_tensors_.end(),
+              [](const ElementRange& a, const ElementRange& b) { return a.begin < b.begin; });
+    bf16_made_.assign(bf16_tensors_.size(), 0);
   }
-  return bf16_weights_.data();
+  // Every tensor the range touches (one, unless a product reads neighbours as one matrix).
+  auto it = std::partition_point(bf16_tensors_.begin(), bf16_tensors_.end(),
+                                 [&](const ElementRange& t) { return t.end <= offset; });
+  for (; it != bf16_tensors_.end() && it->begin < offset + numel; ++it) {
+    uint64_t& made = bf16_made_[static_cast<size_t>(it - bf16_tensors_.begin())];
+    if (made == bf16_generation_) continue;
+    // Elementwise (round to nearest even): tensor by tensor gives the bits the whole
+    // arena's conversion gives.
+    k::convert_to_bf16(params_.data() + it->begin, it->end - it->begin, bf16_weights_.data() + it->begin);
+    made = bf16_generation_;
+  }
+  return bf16_weights_.data() + offset;
+}
+
+void Llama::drop_bf16(ElementRange range, bool poison) {
+  if (bf16_weights_.size() != params_.size() || range.end <= range.begin) return;
+  auto it = std::partition_point(bf16_tensors_.begin(), bf16_tensors_.end(),
+                                 [&](const ElementRange& t) { return t.end <= range.begin; });
+  for (; it != bf16_tensors_.end() && it->begin < range.end; ++it) bf16_made_[static_cast<size_t>(it - bf16_tensors_.begin())] = 0;
+  uint16_t* copy = bf16_weights_.data();
+  if (poison) {
+    std::fill(copy + range.begin, copy + range.end, uint16_t{0x7FC0});  // bf16 quiet NaN
+    return;
+  }
+  // Zeroed, its whole pages handed back: what a sharded model does not hold between uses
+  // is not resident in bf16 either.
+  release_zeroed(copy + range.begin, static_cast<size_t>(range.end - range.begin) * sizeof(uint16_t));
 }
 
 void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight, const float* bias, int64_t N,
@@ -84,7 +113,7 @@ void Llama::linear_forward(float* out, const float* inp, const WeightRef& weight
   if (weight.is_quantized())
     return k::qmatmul_forward(out, inp, quantized_weight(weight), bias, N, matmul_input_);
   if (matmul_input_ == kernels::GemmInput::bf16)
-    return k::matmul_forward_bf16(out, inp, bf16_weights() + weight.offset(), bias, N, C, OC);
+    return k::matmul_forward_bf16(out, inp, bf16_weight(weight.offset(), C * OC), bias, N, C, OC);
   k::matmul_forward(out, inp, p(weight), bias, N, C, OC);
 }
 
@@ -96,7 +125,8 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
     return k::qmatmul_backward_input(dinp, dout, quantized_weight(weight), N, matmul_input_);
   }
   if (matmul_input_ == kernels::GemmInput::bf16)
-    return k::matmul_backward_bf16(dinp, dweight, dbias, dout, inp, bf16_weights() + weight.offset(), N, C, OC);
+    return k::matmul_backward_bf16(dinp, dweight, dbias, dout, inp, bf16_weight(weight.offset(), C * OC), N, C,
+                                    OC);
   k::matmul_backward(dinp, dweight, dbias, dout, inp, p(weight), N, C, OC);
 }
 
@@ -122,7 +152,7 @@ void Llama::init_random(uint64_t seed, std::span<const ElementRange> owned) {
       throw Error("model", "init_random: owned ranges must be ascending, disjoint and inside the parameters");
     at = r.end;
   }
-  bf16_weights_valid_ = false;
+  invalidate_bf16();
   Rng rng(seed);
   auto range = owned.begin();  // the first owned range not wholly below the tensor
   for (const ParamInfo& info : layout_.params()) {
@@ -181,7 +211,7 @@ void Llama::hold_only(const HeldPart& part) {
     throw Error("model", fmt::format("expert range [{}, {}) is not a non-empty range of the model's {} experts",
                                      experts->begin, experts->end, cfg_.moe.num_experts));
   held_ = part;
-  bf16_weights_valid_ = false;
+  invalidate_bf16();
   // What a load or an earlier init wrote of the other tensors goes back to the system.
   for (const ParamInfo& info : layout_.params()) {
     if (info.quantized || holds(info)) continue;
@@ -234,7 +264,7 @@ Llama::Trainable Llama::trainable() {
     throw InputError("model", "a quantized model cannot be fully fine-tuned: de-quantize first "
                               "(flotilla fuse --de-quantize, or flotilla convert without --quantize), or train LoRA adapters");
   if (lora_) return Trainable{lora_->table(), lora_->params(), lora_->grads()};
-  bf16_weights_valid_ = false;  // the caller will update them
+  invalidate_bf16();  // the caller will update them
   return Trainable{layout_, params_.span(), grads()};
 }
 
@@ -633,10 +663,10 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   // A stage below the last has no targets; its forwards in training count as the step's.
   if (training_ && (targets || !last_stage())) forward_dropout_ = dropout_step_++;
   // A trained base may have been updated since the last forward (the optimizer writes
-  // through trainable().params): its bf16 copy is made again, once per forward. (A
-  // before_group_forward hook that writes a group's parameters, as a ZeRO-3 gather would,
-  // must also invalidate the copy; none does yet.)
-  if (!base_frozen()) bf16_weights_valid_ = false;
+  // through trainable().params): its bf16 copy is made again, once per forward. A
+  // parallel context that overwrites weights between uses (ZeRO-3's gathers) marks their
+  // copies stale itself when it releases them (drop_bf16).
+  if (!base_frozen()) invalidate_bf16();
   if (first_stage()) {
     if (parallel_) parallel_->before_group_forward(ParamGroup::embedding());
     if (sequence_parallel()) {  // vocabulary-parallel partial rows, reduce-scattered into this rank's

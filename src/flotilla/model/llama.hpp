@@ -230,11 +230,16 @@ class Llama {
   // Number format of the linear layers' products (lm_head and the 4-bit base's included;
   // attention's QK^T and PV products and their backward too, except decoding steps: see
   // kernels::attention_forward; LoRA's adapters: adapter_input()): f32, or bf16 inputs
-  // with float32 accumulation. The weights stay float32; a
-  // bf16 copy is made when first needed and again by every forward that may follow an
-  // update of the base (a trained base: once per forward; a frozen one: once). Set the
+  // with float32 accumulation. The weights stay float32; a bf16 copy of each tensor is
+  // made when a product first reads it and again after every forward that may follow an
+  // update of the base (a trained base: once per forward; a frozen one: once) or a
+  // drop_bf16 of its range (ZeRO-3, after each release). Set the
   // format a machine supports (model/matmul_dtype.hpp resolves it).
   void set_matmul_input(kernels::GemmInput input);
+  // The bf16 copy of `range` of params() is no longer needed (ZeRO-3 released those
+  // weights): it is marked stale, so the next product converts the weights again, and its
+  // pages go back to the system; with `poison` it reads NaN instead (ZeRO-3's test mode).
+  void drop_bf16(ElementRange range, bool poison);
   kernels::GemmInput matmul_input() const { return matmul_input_; }
   // Number format of LoRA's rank-r products: float32 whatever matmul_input() is. They are
   // bound by memory, not arithmetic (2 * rank FLOPs per element of their (N, in) and
@@ -284,7 +289,7 @@ class Llama {
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
   std::span<float> params() {
-    bf16_weights_valid_ = false;  // the caller may change them
+    invalidate_bf16();  // the caller may change them
     return params_.span();
   }
   std::span<const float> params() const { return params_.span(); }
@@ -574,18 +579,27 @@ class Llama {
   // The float tensor behind a dense reference, as p(w.offset) would be.
   float* p(const WeightRef& ref) { return params_.data() + ref.offset(); }
   const float* p(const WeightRef& ref) const { return params_.data() + ref.offset(); }
-  // The bf16 copy of params_ (same layout), made now if it is not up to date.
-  const uint16_t* bf16_weights() const;
+  // The bf16 copy of params_[offset, offset + numel) (the copy has params_'s layout), made
+  // now, tensor by tensor, where it is not up to date: a linear layer converts the weights
+  // it reads, when it reads them, so a model whose weights are partly absent (ZeRO-3's
+  // released groups) converts only what it has.
+  const uint16_t* bf16_weight(int64_t offset, int64_t numel) const;
+  // Every tensor's bf16 copy is stale (the float weights may have changed): O(1).
+  void invalidate_bf16() const { ++bf16_generation_; }
 
   ModelConfig cfg_;
   ParamLayout layout_;
   Buffer<float> params_;
   Buffer<float> grads_;
   kernels::GemmInput matmul_input_ = kernels::GemmInput::f32;
-  // bf16 copy of params_ for bf16 products; rebuilt when not valid. Mutable: a const
-  // forward (the KV-cache decoder's) makes it on first use, as a cache of params_.
+  // bf16 copy of params_ for bf16 products, per tensor: tensor i's copy is current when it
+  // was made in the current generation (bf16_made_[i] == bf16_generation_). Mutable: a
+  // const forward (the KV-cache decoder's) makes it on first use, as a cache of params_.
+  // The buffer is mapped whole but only the tensors converted are ever written (resident).
   mutable Buffer<uint16_t> bf16_weights_;
-  mutable bool bf16_weights_valid_ = false;
+  mutable std::vector<ElementRange> bf16_tensors_;  // the dense tensors' ranges, ascending
+  mutable std::vector<uint64_t> bf16_made_;         // per tensor: the generation its copy is of (0: none)
+  mutable uint64_t bf16_generation_ = 1;
   // Quantized weights in layout order, and what keeps their bytes alive (the mapped
   // files of a loaded directory, or buffers of an in-memory quantization).
   std::vector<QuantMatrix> qweights_;

@@ -159,7 +159,8 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
  public:
   Zero3Sync(model::Llama& model, DataParallel& dp, const Zero3Options& options, TraceRecorder* trace)
       : GradientSync(model), dp_(dp), world_(dp.world()), rank_(dp.rank()), poison_(options.poison_released),
-        frozen_(model.base_frozen()), trace_(trace), queue_(trace) {
+        frozen_(model.base_frozen()), bf16_(model.matmul_input() == kernels::GemmInput::bf16), trace_(trace),
+        queue_(trace) {
     const model::ModelConfig& cfg = model_.config();
     const model::ParamLayout& layout = model_.layout();
     // The arenas, taken here on the calling thread: the communication thread must not call
@@ -512,6 +513,9 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
     if (world_ == 1) return;
     release_others(params_.data(), g);
     release_others(packed_.data(), g.packed);
+    // --dtype bf16: the group's bf16 copy goes with its floats (all of it, this rank's
+    // chunk's too: it is made again from the gathered floats on the group's next use).
+    if (bf16_) model_.drop_bf16({g.begin, g.end}, poison_);
   }
 
   // The floats of `arena` in other ranks' chunks of `cut`, handed back (or poisoned).
@@ -593,6 +597,7 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   const int64_t rank_;
   const bool poison_;
   const bool frozen_;               // LoRA: the groups are the frozen base's, nothing of them reduced
+  const bool bf16_;                 // --dtype bf16: the model keeps bf16 copies of what it reads
   int64_t lowest_trained_ = 0;      // LoRA: the lowest adapted block, where backward stops
   TraceRecorder* trace_;
   bool tied_ = false;
@@ -629,9 +634,6 @@ std::unique_ptr<GradientSync> make_zero3_sync(model::Llama& model, DataParallel&
                                               TraceRecorder* trace) {
   if (model.quantized() && !model.base_frozen())
     throw InputError("parallel", "--zero 3 trains no 4-bit base: its packed weights are frozen; pass --fine-tune-type lora");
-  if (model.matmul_input() != kernels::GemmInput::f32)
-    throw InputError("parallel", "--zero 3 cannot be combined with --dtype bf16: its bf16 copy of the weights is made "
-                                 "of the whole arena at once, which a ZeRO-3 rank never holds; use --dtype f32");
   const model::Llama::LayerRange range = model.layer_range();
   if (range.begin != 0 || range.end != model.config().n_layers)
     throw InputError("parallel", "--zero 3 cannot be combined with pipeline stages: it gathers the whole model's groups");

@@ -100,9 +100,6 @@ void check_job_flags(const TrainJob& job) {
   if (job.train.zero_stage > 0 && job.compression.kind != comm::Compression::none && job.compression.warmup_steps > 0)
     throw InputError("train", "--compression-warmup applies to all-reduced gradients; with --zero the gradient is "
                               "reduce-scattered in halves from the first step");
-  if (job.train.zero_stage == 3 && job.dtype != kernels::GemmInput::f32)
-    throw InputError("train", "--zero 3 cannot be combined with --dtype bf16: the bf16 copy of the weights is made of "
-                              "the whole model at once, which a ZeRO-3 rank never holds; use --dtype float32");
   if (job.pp) check_pipeline_flags(job);
   if (job.tp) check_tensor_parallel_flags(job);
   if (const int64_t H = job.train.local_sgd.sync_every; H > 0) {
