@@ -286,7 +286,7 @@ void add_train_command(CLI::App& app) {
                   "Pipeline (pp > 1): layers per stage from the first, e.g. 3,3,2 (they add up to the model's "
                   "layers); default: balanced by compute, the last stage also running the head");
   cmd->add_option("--allreduce", opt->allreduce,
-                  "Data parallel: the gradient all-reduce: auto (by size and hosts), ring, hd "
+                  "The gradient all-reduce (data parallel) and tensor parallel's collectives: auto (by size and hosts), ring, hd "
                   "(halving-doubling), hier (hierarchical), mpi (the MPI library's)")
       ->check(CLI::IsMember({"auto", "ring", "hd", "hier", "mpi"}))
       ->capture_default_str();
@@ -382,7 +382,7 @@ void add_train_command(CLI::App& app) {
     }
     std::optional<parallel::TensorParallel> tensor_parallel;
     if (shape.tp > 1) {
-      tensor_parallel.emplace(mesh.tp_group());
+      tensor_parallel.emplace(mesh.tp_group(), comm::parse_algorithm(opt->allreduce));
       job.tp = &*tensor_parallel;
       job.world = world.get();
     }

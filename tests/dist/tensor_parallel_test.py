@@ -176,6 +176,16 @@ def main():
         failures += compare("LoRA, tp=2, sequence parallel", lora_base, out, "adapter_model.safetensors",
                             weight_tolerance=1e-3)
         cases += 1
+        # tp's float collectives run on flotilla's own AllReducer (ring / host arena);
+        # `--allreduce mpi` puts them back on the MPI library's. Over 2 ranks a sum (or a
+        # max) of two floats is the same bits in either order and a gather moves bits, so
+        # the two runs (all-reduces, all-gathers and reduce-scatters) must agree bit for bit,
+        # losses and adapters: a misplaced slice or chunk cannot hide in a tolerance.
+        library = os.path.join(tmp, "lora_tp2_library")
+        train(library, 1, 2, ["--model", tiny] + lora, ["--sequence-parallel", "--allreduce", "mpi"])
+        failures += compare("LoRA, tp=2, sp: --allreduce mpi vs ring, bits", out, library,
+                            "adapter_model.safetensors", tolerance=0.0)
+        cases += 1
         # Its step-5 checkpoint (the whole adapters' arena, B by rows) resumed on one rank.
         resumed = os.path.join(tmp, "lora_resumed")
         train(resumed, 1, 1, ["--model", tiny] + lora, ["--resume", os.path.join(out, "checkpoints", "step-000005")])

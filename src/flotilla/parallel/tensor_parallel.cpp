@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -12,6 +13,9 @@
 
 namespace flotilla::parallel {
 
+TensorParallel::TensorParallel(comm::Communicator& tp, comm::AllReduceAlgorithm algorithm)
+    : tp_(tp), reducer_(tp, comm::AllReducer::Config{.algorithm = algorithm, .tuning = {}}) {}
+
 void TensorParallel::count(uint64_t size_bytes, uint64_t sent, bool all_reduce) {
   if (!counting_) return;
   bytes_reduced_ += all_reduce ? size_bytes : size_bytes / 2;
@@ -20,7 +24,7 @@ void TensorParallel::count(uint64_t size_bytes, uint64_t sent, bool all_reduce) 
 }
 
 void TensorParallel::all_reduce_sum(std::span<float> values, const char* what) {
-  tp_.all_reduce(comm::MutView(values), comm::ReduceOp::sum, {.name = what});
+  reducer_.run(comm::MutView(values), comm::ReduceOp::sum, {.name = what});
   const auto bytes = static_cast<int64_t>(values.size_bytes());
   count(static_cast<uint64_t>(bytes), static_cast<uint64_t>(comm::ring_all_reduce_bytes(bytes, tp_.size())), true);
 }
@@ -31,19 +35,37 @@ void TensorParallel::all_reduce_sum(std::span<double> values, const char* what) 
 }
 
 void TensorParallel::all_reduce_max(std::span<float> values, const char* what) {
-  tp_.all_reduce(comm::MutView(values), comm::ReduceOp::max, {.name = what});
+  reducer_.run(comm::MutView(values), comm::ReduceOp::max, {.name = what});
   const auto bytes = static_cast<int64_t>(values.size_bytes());
   count(static_cast<uint64_t>(bytes), static_cast<uint64_t>(comm::ring_all_reduce_bytes(bytes, tp_.size())), true);
 }
 
 void TensorParallel::all_gather(std::span<const float> slice, std::span<float> whole, const char* what) {
-  tp_.all_gather(comm::ConstView(slice), comm::MutView(whole), {.name = what});
+  // The AllReducer's all-gather is in place on whole = (size, n): this rank's slice into
+  // chunk `rank` first (a no-op where the caller built it there).
+  const size_t n = slice.size();
+  if (whole.size() != n * static_cast<size_t>(tp_.size()))
+    throw InternalError("parallel/tensor", fmt::format("{}: all-gather of {} floats into {}, not {} x {}", what, n,
+                                                       whole.size(), tp_.size(), n));
+  float* mine = whole.data() + static_cast<size_t>(tp_.rank()) * n;
+  if (n > 0 && mine != slice.data()) std::memmove(mine, slice.data(), slice.size_bytes());
+  reducer_.all_gather(comm::MutView(whole), {.name = what});
   count(whole.size_bytes(),
         static_cast<uint64_t>(comm::ring_all_gather_bytes(static_cast<int64_t>(slice.size_bytes()), tp_.size())), false);
 }
 
 void TensorParallel::reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char* what) {
-  tp_.reduce_scatter(comm::ConstView(whole), comm::MutView(slice), comm::ReduceOp::sum, {.name = what});
+  // The AllReducer's reduce-scatter is in place on (size, n) and leaves the other chunks
+  // as scratch: it runs on a copy of `whole`, kept across calls.
+  const size_t n = slice.size();
+  if (whole.size() != n * static_cast<size_t>(tp_.size()))
+    throw InternalError("parallel/tensor", fmt::format("{}: reduce-scatter of {} floats into {}, not {} x {}", what,
+                                                       whole.size(), n, tp_.size(), n));
+  if (scatter_scratch_.size() < whole.size()) scatter_scratch_.resize(whole.size());
+  const std::span<float> work(scatter_scratch_.data(), whole.size());
+  if (!whole.empty()) std::memcpy(work.data(), whole.data(), whole.size_bytes());
+  reducer_.reduce_scatter(comm::MutView(work), comm::ReduceOp::sum, {.name = what});
+  if (n > 0) std::memcpy(slice.data(), work.data() + static_cast<size_t>(tp_.rank()) * n, slice.size_bytes());
   count(whole.size_bytes(),
         static_cast<uint64_t>(comm::ring_reduce_scatter_bytes(static_cast<int64_t>(whole.size_bytes()), tp_.size())),
         false);

@@ -9,7 +9,9 @@
 #include <functional>
 #include <optional>
 #include <span>
+#include <vector>
 
+#include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/communicator.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
@@ -18,8 +20,17 @@ namespace flotilla::parallel {
 
 class TensorParallel final : public model::TensorParallelGroup {
  public:
-  // `tp` must outlive this; every rank of it makes one alike.
-  explicit TensorParallel(comm::Communicator& tp) : tp_(tp) {}
+  // `tp` must outlive this; every rank of it makes one alike (collective over `tp`: the
+  // AllReducer discovers the hosts). The float collectives (the activations' all-reduces,
+  // sequence parallelism's all-gathers and reduce-scatters) run on flotilla's own
+  // algorithms (comm::AllReducer: ring between hosts, the host's shared-memory arena on
+  // one), which keep ~0.95 of a TCP link where the MPI library's keep about half under
+  // Open MPI's default settings (plan/link.hpp); `algorithm` is `flotilla train
+  // --allreduce` (mpi: the library's own). Every rank gets the same bits: each chunk is
+  // reduced on one rank and copied to the others. The double and int collectives (the
+  // gradient norm, the weights' check) stay on the library.
+  explicit TensorParallel(comm::Communicator& tp,
+                          comm::AllReduceAlgorithm algorithm = comm::AllReduceAlgorithm::automatic);
 
   int tp_size() const override { return tp_.size(); }
   int tp_rank() const override { return tp_.rank(); }
@@ -29,6 +40,7 @@ class TensorParallel final : public model::TensorParallelGroup {
   void all_gather(std::span<const float> slice, std::span<float> whole, const char* what) override;
   void reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char* what) override;
   comm::Communicator& communicator() { return tp_; }
+  comm::AllReducer& reducer() { return reducer_; }
 
   // Bytes of the activation all-reduces (each counted once at its size, n floats x 4, as
   // the formula 2 x 2 x B x T x C x 4 per layer and step counts them, plus the embedding's
@@ -64,6 +76,10 @@ class TensorParallel final : public model::TensorParallelGroup {
 
  private:
   comm::Communicator& tp_;
+  comm::AllReducer reducer_;
+  // reduce_scatter_sum's copy of `whole` (the AllReducer works in place; `whole` is
+  // const): grown once to the largest, then reused.
+  std::vector<float> scatter_scratch_;
   uint64_t bytes_reduced_ = 0;
   uint64_t all_reduces_ = 0;
   uint64_t bytes_sent_ = 0;

@@ -114,8 +114,8 @@ double ring_all_gather_s(double payload_bytes, int ranks, const Link& link) {
   return ring_reduce_scatter_s(payload_bytes, ranks, link);
 }
 
-double library_collectives_s(double wire_bytes, double collectives, double steps, const Link& link) {
-  return wire_bytes / (link.bandwidth_bytes_per_s * link.library_share) + collectives * (steps + 1.0) * link.latency_s;
+double ring_collectives_s(double wire_bytes, double collectives, double steps, const Link& link) {
+  return wire_bytes / link.bandwidth_bytes_per_s + collectives * (steps + 1.0) * link.latency_s;
 }
 
 double ring_all_reduce_wire_bytes(double payload_bytes, int ranks) {

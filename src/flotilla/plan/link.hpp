@@ -26,9 +26,11 @@ struct Link {
   double latency_s = 50e-6;              // per message, one way
   std::string source = "assumed";        // "--bandwidth", "measured (mpirun -np 2)", ...
   // The share of bandwidth_bytes_per_s that the MPI library's own collectives reach here
-  // (MPI_Iallreduce, MPI_Iallgather, MPI_Ireduce_scatter_block: what tensor parallelism
-  // runs); flotilla's ring (data parallelism's gradients, measure_link) reaches the whole.
-  // Between hosts it is kTcpLibraryShare (Cluster::network), within a host 1.
+  // (MPI_Iallreduce, MPI_Iallgather, MPI_Ireduce_scatter_block); flotilla's own algorithms
+  // (data parallelism's gradients, tensor parallelism's activations since they run on
+  // comm::AllReducer, measure_link) reach the whole. Between hosts it is kTcpLibraryShare
+  // (Cluster::network), within a host 1. The plan charges no collective at it any more
+  // (`flotilla train --allreduce mpi` would run tp's at it); kept to say why not.
   double library_share = 1.0;
 };
 
@@ -41,10 +43,12 @@ struct Link {
 // lifts it to 0.8-0.9.
 inline constexpr double kTcpLibraryShare = 0.5;
 
-// The time of `collectives` of the MPI library's own on `link`, each rank sending
-// `wire_bytes` in all and every collective taking `steps` ring steps of one latency, plus
-// one exchange of signatures before each (comm/mpi's mismatch check, on by default).
-double library_collectives_s(double wire_bytes, double collectives, double steps, const Link& link);
+// The time of `collectives` of flotilla's own (comm::AllReducer: the ring, or the host's
+// shared-memory arena) on `link` at its whole bandwidth, as data parallelism's ring is
+// charged, each rank sending `wire_bytes` in all and every collective taking `steps` ring
+// steps of one latency, plus one exchange of signatures before each (the mismatch check
+// that every signed collective runs). Tensor parallelism's collectives.
+double ring_collectives_s(double wire_bytes, double collectives, double steps, const Link& link);
 
 // "1gbit", "10gbit", "100mbit", "25gbit/s", "1.25GB/s", "125MB/s", "800KB/s", "1e9" (bytes/s):
 // bit units (bit, kbit, mbit, gbit, tbit) count bits, byte units (B, KB, MB, GB, TB,

@@ -41,7 +41,7 @@ MeshPlan plan_mesh(const Workload& w, const StepCost& one_rank, int pp, int tp, 
     }
     p.tp_all_reduce_bytes.push_back(bytes);
     p.tp_wire_bytes.push_back(2.0 * (T - 1.0) / T * bytes);
-    p.tp_comm_s = std::max(p.tp_comm_s, library_collectives_s(p.tp_wire_bytes.back(), static_cast<double>(all_reduces),
+    p.tp_comm_s = std::max(p.tp_comm_s, ring_collectives_s(p.tp_wire_bytes.back(), static_cast<double>(all_reduces),
                                                               2.0 * (T - 1.0), tp_link));
   }
   p.step_s = p.stages.step_s + p.tp_comm_s;
@@ -81,8 +81,8 @@ MeshPlan plan_mesh(const Workload& w, const StepCost& one_rank, int pp, int tp, 
     const double halves_wire = flush * (T - 1.0) / T * halves * half;
     const double reduced_wire = flush * 2.0 * (T - 1.0) / T * reduced_floats * 4.0;
     q.tp_wire_bytes.push_back(halves_wire + reduced_wire);
-    q.tp_comm_s = std::max(q.tp_comm_s, library_collectives_s(halves_wire, flush * halves, T - 1.0, tp_link) +
-                                            library_collectives_s(reduced_wire, flush * all_reduces, 2.0 * (T - 1.0),
+    q.tp_comm_s = std::max(q.tp_comm_s, ring_collectives_s(halves_wire, flush * halves, T - 1.0, tp_link) +
+                                            ring_collectives_s(reduced_wire, flush * all_reduces, 2.0 * (T - 1.0),
                                                                   tp_link));
     const double slot = static_cast<double>(model::Llama::stage_activation_bytes(
         local_cfg, adapters ? &*adapters : nullptr, w.batch_size / micro_batches, w.seq_len, w.grad_checkpoint,

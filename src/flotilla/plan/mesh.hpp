@@ -11,7 +11,7 @@
 //   all-reduces     a stage's tp group all-reduces 4 A B S C 4 bytes a step per layer it
 //                   runs, stage 0 also the embedding's A B S C 4, the last stage d(lnf)'s
 //                   and the cross-entropy's 3 A B S 4; a ring sends 2 (T-1)/T of them, as
-//                   the MPI library's own collectives (Link::library_share of the tp link,
+//                   flotilla's own collectives (the tp link's whole bandwidth, as dp's ring;
 //                   one latency a ring step and one for the mismatch check: plan/tensor.hpp);
 //   step time       the pipeline's step on the local model with one rank's compute and
 //                   update divided by T, plus the busiest stage's all-reduces (not overlapped);

@@ -33,7 +33,7 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.all_reduces = w.grad_accum * (4 * cfg.n_layers + 4);  // + embedding, d(lnf), the loss's max and sums
   const double T = tp;
   p.wire_bytes_per_rank = 2.0 * (T - 1.0) / T * p.all_reduce_bytes;
-  p.comm_s = library_collectives_s(p.wire_bytes_per_rank, static_cast<double>(p.all_reduces), 2.0 * (T - 1.0), link);
+  p.comm_s = ring_collectives_s(p.wire_bytes_per_rank, static_cast<double>(p.all_reduces), 2.0 * (T - 1.0), link);
   const double work_s = (one_rank.data_s + (one_rank.compute_s + one_rank.update_s) / T) * slow;
   p.step_s = work_s + p.comm_s;
   p.speedup = p.step_s > 0.0 ? one_rank.total_s() / p.step_s : 0.0;
@@ -76,8 +76,8 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   const double halves_wire = A * (T - 1.0) / T * halves * half, reduced_wire = A * 2.0 * (T - 1.0) / T * reduced;
   s.wire_bytes_per_rank = halves_wire + reduced_wire;
   // Ring steps: T-1 a half, 2 (T-1) an all-reduce (the loss's two, the norms' one a layer and lnf's).
-  s.comm_s = library_collectives_s(halves_wire, A * halves, T - 1.0, link) +
-             library_collectives_s(reduced_wire, A * static_cast<double>(3 + cfg.n_layers), 2.0 * (T - 1.0), link);
+  s.comm_s = ring_collectives_s(halves_wire, A * halves, T - 1.0, link) +
+             ring_collectives_s(reduced_wire, A * static_cast<double>(3 + cfg.n_layers), 2.0 * (T - 1.0), link);
   s.step_s = work_s + s.comm_s;
   s.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp));

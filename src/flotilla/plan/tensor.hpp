@@ -13,10 +13,11 @@
 //   on the wire     a ring all-reduce sends 2 (T-1)/T of those bytes from each rank, in
 //                   2 (T-1) messages per all-reduce (the latency term), after one exchange
 //                   of signatures (comm/mpi's mismatch check: one more latency);
-//   the link        these are the MPI library's own collectives (MPI_Iallreduce, ...), not
-//                   flotilla's ring: between hosts over TCP they reach Link::library_share
-//                   of the bandwidth (half, link.hpp: Open MPI's default TCP settings run a
-//                   two-way exchange at half the link), within a host all of it;
+//   the link        these are flotilla's own collectives (comm::AllReducer over the tp
+//                   group: the ring between hosts, the host's arena within one), charged at
+//                   the link's whole bandwidth as data parallelism's ring is (the MPI
+//                   library's own reach only Link::library_share of a TCP link, half:
+//                   link.hpp; `--allreduce mpi` runs them there, the plan does not);
 //   step time       one rank's data time, its compute and update divided by T (every
 //                   product is split; the norms, rope and the residual adds are repeated
 //                   on each rank, and T times narrower products run slower per flop: not
