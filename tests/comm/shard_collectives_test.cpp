@@ -5,11 +5,14 @@
 // sums in rank order, identical whichever path; mismatches and bad sizes.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/timer.hpp"
 #include "flotilla/comm/algorithms/all_reduce.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
 #include "../bounded_settings.hpp"
@@ -139,6 +142,36 @@ TEST(ShardCollectivesErrors, RanksOnDifferentAlgorithmsGetAMismatch) {
     ring_reduce_scatter(c, data, ReduceOp::sum);
     EXPECT_EQ(data[static_cast<size_t>(c.rank()) * 32], 2.0f);
   }, testing::bounded_settings());
+}
+
+// The arena's waits sleep on its doorbell once a short poll is over. A peer that comes
+// late (here 200 ms, well past the poll) wakes the sleeper with its publication and every
+// rank's chunk arrives; a peer that never comes is a TimeoutError at the deadline, not
+// later. The mismatch check is off, so that both waits happen inside the arena.
+TEST(ShardCollectivesErrors, ArenaSleepersWakeForALatePeerAndTimeOutForALostOne) {
+  Settings settings = testing::bounded_settings();
+  settings.check_mismatch = false;
+  run_threads(2, [](Communicator& c) {
+    AllReducer reducer(c, {});
+    ASSERT_EQ(reducer.shard_algorithm(), ShardAlgorithm::shm);
+    const size_t n = HostShm::kScatterSlotBytes / 4 + 5;  // two segments a rank
+    std::vector<float> data(2 * n, -1.0f);
+    for (size_t i = 0; i < n; ++i) data[static_cast<size_t>(c.rank()) * n + i] = static_cast<float>(c.rank() * 10 + i % 7);
+    if (c.rank() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    reducer.all_gather(data, {.name = "late"});
+    for (int r = 0; r < 2; ++r)
+      for (size_t i = 0; i < n; ++i)
+        ASSERT_EQ(data[static_cast<size_t>(r) * n + i], static_cast<float>(r * 10 + i % 7)) << "chunk " << r << ", at " << i;
+    const auto timeout = std::chrono::milliseconds(300);
+    if (c.rank() == 1) {
+      std::this_thread::sleep_for(timeout + std::chrono::milliseconds(700));
+      return;
+    }
+    Timer timer;
+    EXPECT_THROW(reducer.all_gather(data, {.name = "lost", .timeout = timeout}), TimeoutError);
+    EXPECT_GE(timer.elapsed_s(), 0.29);
+    EXPECT_LT(timer.elapsed_s(), 1.0);
+  }, settings);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include <cmath>
 
+#include "flotilla/comm/algorithms/host_shm.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/plan/flops.hpp"
 #include "flotilla/plan/scaling.hpp"
@@ -201,6 +202,35 @@ TEST(Memory, TotalsByHand) {
   EXPECT_DOUBLE_EQ(t3.weights, 4 * tied_shard + 0.75 * 4 * std::max(2 * 41088, 16384 + 41088 + 64));
   EXPECT_DOUBLE_EQ(t3.grads_in_backward, 4 * tied_shard + 4 * (2 * 41088 + 16384));
   EXPECT_LT(tied_floats, kFloats);
+}
+
+// Ranks sharing a host share a memory arena (comm/algorithms/host_shm.hpp), and a rank's
+// resident memory counts the part of it the rank touches: on one host ZeRO's scatter slots
+// (2 MiB a rank of the host; measured 4.0 / 8.0 MiB per ZeRO-3 rank at 2 / 4 ranks, W1),
+// the all-reduce slots for the rest (at the leader 0.5 MiB a rank: measured 1.0 / 2.0 MiB).
+// Nothing for a rank alone on its host, and ZeRO across hosts takes the ring (no arena).
+TEST(Memory, RanksSharingAHostPayForTheArenaTheyTouch) {
+  const Workload w = small_full();
+  const double MiB = 1 << 20;
+  const auto extra = [&](StrategyKind k, int n, int per_host, int hosts) {
+    return memory_cost(find(k, w), w, n, per_host, hosts).buffers - memory_cost(find(k, w), w, n).buffers;
+  };
+  for (const StrategyKind k : {StrategyKind::zero1, StrategyKind::zero2, StrategyKind::zero3}) {
+    EXPECT_DOUBLE_EQ(extra(k, 2, 2, 1), 4 * MiB);
+    EXPECT_DOUBLE_EQ(extra(k, 4, 4, 1), 8 * MiB);
+    EXPECT_DOUBLE_EQ(extra(k, 4, 2, 2), 0.0);
+    EXPECT_DOUBLE_EQ(extra(k, 2, 1, 2), 0.0);
+  }
+  EXPECT_DOUBLE_EQ(extra(StrategyKind::all_reduce, 2, 2, 1), 1 * MiB);
+  EXPECT_DOUBLE_EQ(extra(StrategyKind::all_reduce, 4, 4, 1), 2 * MiB);
+  EXPECT_DOUBLE_EQ(extra(StrategyKind::hierarchical, 8, 4, 2), 2 * MiB);
+  EXPECT_DOUBLE_EQ(extra(StrategyKind::all_reduce, 4, 1, 4), 0.0);
+  // One rank alone: no exchange, no arena.
+  EXPECT_DOUBLE_EQ(extra(StrategyKind::zero3, 1, 1, 1), 0.0);
+  // The arena's own size: what every rank maps (what is touched is within it); each rank
+  // of the host adds two 256 KiB slots and two 1 MiB scatter slots.
+  EXPECT_EQ(comm::HostShm::arena_bytes(3) - comm::HostShm::arena_bytes(2), 2 * (256u << 10) + 2 * (1u << 20));
+  EXPECT_LE(comm::HostShm::scatter_bytes(4) + comm::HostShm::all_reduce_bytes(4), comm::HostShm::arena_bytes(4));
 }
 
 // The per-rank model state, Ψ = 115008 floats, on n ranks: plain 16Ψ, ZeRO-1

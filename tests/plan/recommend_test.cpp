@@ -214,6 +214,26 @@ TEST(Recommend, OneMachineOnlyStays) {
   EXPECT_EQ(make_plan(request(10.0, 10 * 3600.0, 1, "10gbit")).recommendation.advice, Advice::one_machine);
 }
 
+// The plan charges the host arena per rank where ranks share a host: on one machine of 4
+// slots, ZeRO-3's rows carry 2 MiB a rank of the host more than without sharing (the
+// cluster of one-rank hosts), and a machine's peak is its ranks' sum.
+TEST(Memory, PlanChargesTheHostArenaWhereRanksShareAHost) {
+  PlanRequest shared = request(1.0, 3600.0, 1, "10gbit");
+  shared.cluster.slots = 4;
+  PlanRequest alone = request(1.0, 3600.0, 4, "10gbit");
+  alone.cluster.slots = 1;
+  const PlanResult a = make_plan(shared), b = make_plan(alone);
+  ASSERT_EQ(a.ranks, b.ranks);
+  for (size_t i = 0; i < a.ranks.size(); ++i) {
+    const int n = a.ranks[i];
+    const double arena = n > 1 ? 2.0 * n * (1 << 20) : 0.0;
+    EXPECT_DOUBLE_EQ(a.row(StrategyKind::zero3).memory[i].buffers - b.row(StrategyKind::zero3).memory[i].buffers,
+                     arena) << n << " ranks";
+    EXPECT_DOUBLE_EQ(a.row(StrategyKind::zero3).host_peak_bytes(i, shared),
+                     n * a.row(StrategyKind::zero3).memory[i].peak()) << n << " ranks";
+  }
+}
+
 TEST(Report, JsonAndChartCarryEveryStrategy) {
   const PlanResult p = make_plan(request(1.0, 10 * 3600.0, 4, "1gbit"));
   const nlohmann::json j = plan_json(p);

@@ -229,7 +229,7 @@ PlanResult make_plan(const PlanRequest& request) {
     row.comm = comm_cost(s, w, N, c);
     for (const int n : p.ranks) {
       row.weak.push_back(predict_weak(s, w, request.cost, c, n));
-      row.memory.push_back(memory_cost(s, w, n));
+      row.memory.push_back(memory_cost(s, w, n, c.ranks_per_host(n), c.hosts_used(n)));
     }
     p.rows.push_back(std::move(row));
   }

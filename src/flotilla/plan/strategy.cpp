@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "flotilla/comm/algorithms/host_shm.hpp"
 #include "flotilla/comm/wire_bytes.hpp"
 
 namespace flotilla::plan {
@@ -15,8 +16,9 @@ constexpr double kLossBytes = 16.0;  // (loss sum, token count) as two doubles
 constexpr double kNormBytes = 8.0;
 
 // What an exact exchange keeps beside the gradient it reduces in place: the ring's window of
-// segments (8 x 256 KiB on one host, 16 x 60 KiB across hosts) or the host arena's slots
-// (comm/algorithms). Measured (bench/zero, W1): two ranks peak 2 MiB above one.
+// segments (8 x 256 KiB on one host, 16 x 60 KiB across hosts) and MPI's own buffers
+// (comm/algorithms); the host arena's slots are charged apart (host_arena_bytes). Measured
+// (bench/zero, W1): two ranks peak 2 MiB above one.
 constexpr double kExchangeScratchBytes = 2.0 * (1 << 20);
 
 // ZeRO-2 during backward: the unit backward is writing and the one the communication
@@ -248,7 +250,10 @@ double zero_shard_floats(int64_t trainable_floats, int n) {
   return static_cast<double>(trainable_floats / ranks + trainable_floats % ranks);
 }
 
-MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
+namespace {
+
+// Everything but the host arena.
+MemoryCost memory_without_arena(const Strategy& s, const Workload& w, int n) {
   MemoryCost m;
   const double G = static_cast<double>(w.trainable_floats);
   const double base = static_cast<double>(w.model_floats);
@@ -330,5 +335,28 @@ MemoryCost memory_cost(const Strategy& s, const Workload& w, int n) {
   m.grads_in_backward = std::max(m.grads_in_backward, m.grads);
   return m;
 }
+
+}  // namespace
+
+double host_arena_bytes(const Strategy& s, int ranks_per_host, int hosts) {
+  if (ranks_per_host < 2) return 0.0;  // no arena: alone on the host
+  switch (s.kind) {
+    case StrategyKind::zero1:
+    case StrategyKind::zero2:
+    case StrategyKind::zero3:
+      // On one host through the scatter slots; across hosts the ring's halves (comm's
+      // AllReducer::shard_algorithm), which leave the arena untouched.
+      return hosts == 1 ? static_cast<double>(comm::HostShm::scatter_bytes(ranks_per_host)) : 0.0;
+    default:
+      return static_cast<double>(comm::HostShm::all_reduce_bytes(ranks_per_host));
+  }
+}
+
+MemoryCost memory_cost(const Strategy& s, const Workload& w, int n, int ranks_per_host, int hosts) {
+  MemoryCost m = memory_without_arena(s, w, n);
+  if (n > 1) m.buffers += host_arena_bytes(s, ranks_per_host, hosts);
+  return m;
+}
+
 
 }  // namespace flotilla::plan

@@ -50,7 +50,12 @@
 //                  tied embedding with the last block and the head; in backward also the
 //                  gradients of two adjacent groups not yet reduce-scattered and a tied
 //                  embedding's whole gradient (parallel/zero3.hpp). One rank: plain.
-// and for every strategy the activations and exchange buffers.
+// and for every strategy the activations and exchange buffers; where several ranks share a
+// host, also the parts of the host's shared-memory arena (comm/algorithms/host_shm.hpp) a
+// rank touches: on one host, ZeRO's reduce-scatters and all-gathers go through its
+// scatter slots, 2S MiB for S ranks a host; every other strategy's all-reduce through its
+// all-reduce slots, S/2 MiB at the leader (measured: 4.0 and 8.0 MiB resident per ZeRO-3
+// rank at S = 2 and 4, 1.0 and 2.0 MiB at plain data parallelism's leader).
 #pragma once
 
 #include <algorithm>
@@ -116,7 +121,10 @@ struct MemoryCost {
 // Bytes per rank (fp32 weights, gradients and AdamW's two moments; the activation plan;
 // communication and compression buffers). Process overhead (code, tokenizer, data) is not
 // counted: compare with the measured run's peak RSS.
-MemoryCost memory_cost(const Strategy& s, const Workload& w, int ranks);
+// `ranks_per_host` ranks on each of `hosts` hosts (the defaults: no arena).
+MemoryCost memory_cost(const Strategy& s, const Workload& w, int ranks, int ranks_per_host = 1, int hosts = 1);
+// The bytes of the host arena one rank of strategy `s` touches (0 for a rank alone on its host).
+double host_arena_bytes(const Strategy& s, int ranks_per_host, int hosts);
 
 // Floats of the flat trainable arena whose gradients and moments one rank keeps under
 // ZeRO: its chunk floor(G/n) and the tail G mod n that every rank updates alike (as if the

@@ -1,13 +1,16 @@
 #include "flotilla/comm/algorithms/host_shm.hpp"
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -20,7 +23,8 @@ namespace {
 
 // Header: each counter on its own cache line, so that one rank's writes do not slow the
 // others' polls. Counters: published[0..kMaxRanks), taken[0..kMaxRanks), consumed, ready,
-// shared[0..kMaxRanks), read[0..kMaxRanks).
+// shared[0..kMaxRanks), read[0..kMaxRanks); then the doorbell (a 32-bit futex word) and the
+// count of ranks sleeping on it.
 constexpr size_t kLine = 64;
 constexpr size_t kPublished = 0;
 constexpr size_t kTaken = HostShm::kMaxRanks;
@@ -28,18 +32,23 @@ constexpr size_t kConsumed = 2 * HostShm::kMaxRanks;
 constexpr size_t kReady = kConsumed + 1;
 constexpr size_t kShared = kReady + 1;
 constexpr size_t kRead = kShared + HostShm::kMaxRanks;
-constexpr size_t kCounters = kRead + HostShm::kMaxRanks;
+constexpr size_t kDoorbell = kRead + HostShm::kMaxRanks;
+constexpr size_t kSleepers = kDoorbell + 1;
+constexpr size_t kCounters = kSleepers + 1;
 constexpr size_t kHeaderBytes = kCounters * kLine;
 
-size_t arena_bytes(int ranks) {
-  // Header, (ranks, 2) slots, 2 result slots, (ranks, 2) scatter slots.
-  return kHeaderBytes + (static_cast<size_t>(ranks) * 2 + 2) * HostShm::kSegmentBytes +
-         static_cast<size_t>(ranks) * 2 * HostShm::kScatterSlotBytes;
-}
+// How long a wait polls before it sleeps on the doorbell. A peer that is running answers
+// within a segment's copy (tens of microseconds); one that is not (its core taken by compute
+// threads) would be waited for by a poll that takes a core from them.
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(50);
+// The longest single sleep: the deadline is looked at between sleeps.
+constexpr auto kLongestSleep = std::chrono::milliseconds(50);
 
 uint64_t load(uint64_t& c) { return std::atomic_ref<uint64_t>(c).load(std::memory_order_acquire); }
-void store(uint64_t& c, uint64_t v) {
-  std::atomic_ref<uint64_t>(c).store(v, std::memory_order_release);
+
+long futex(uint32_t* word, int op, uint32_t value, const timespec* timeout) {
+  // Not FUTEX_PRIVATE: the word lies in memory that other processes map.
+  return syscall(SYS_futex, word, op, value, timeout, nullptr, 0);
 }
 
 // Maps `name` (created when `create`), or returns null.
@@ -56,6 +65,12 @@ std::byte* map(const std::string& name, size_t bytes, bool create) {
 }
 
 }  // namespace
+
+size_t HostShm::arena_bytes(int ranks) {
+  // Header, (ranks, 2) slots, 2 result slots, (ranks, 2) scatter slots.
+  return kHeaderBytes + (static_cast<size_t>(ranks) * 2 + 2) * kSegmentBytes +
+         static_cast<size_t>(ranks) * 2 * kScatterSlotBytes;
+}
 
 std::unique_ptr<HostShm> HostShm::create(Communicator& host) {
   const int size = host.size(), rank = host.rank();
@@ -116,9 +131,46 @@ std::byte* HostShm::scatter_slot(int rank, uint64_t segment) {
          (static_cast<size_t>(rank) * 2 + segment % 2) * kScatterSlotBytes;
 }
 
+uint32_t& HostShm::doorbell() { return *reinterpret_cast<uint32_t*>(base_ + kDoorbell * kLine); }
+uint32_t& HostShm::sleepers() { return *reinterpret_cast<uint32_t*>(base_ + kSleepers * kLine); }
+
+// The counter's store, then the doorbell rung when someone sleeps on it. Both sides go
+// through sequentially consistent operations (the sleeper: sleepers += 1, then its check
+// of the counter; here: the store, then the load of sleepers), so either the sleeper sees
+// the new value or this store sees the sleeper; in the second case the ring changes the
+// doorbell's value, which a sleeper that has not yet slept finds changed (futex returns at
+// once), and the wake reaches one that has.
+void HostShm::publish(size_t index, uint64_t value) {
+  std::atomic_ref<uint64_t>(counter(index)).store(value, std::memory_order_seq_cst);
+  if (std::atomic_ref<uint32_t>(sleepers()).load(std::memory_order_seq_cst) == 0) return;
+  std::atomic_ref<uint32_t>(doorbell()).fetch_add(1, std::memory_order_seq_cst);
+  futex(&doorbell(), FUTEX_WAKE, std::numeric_limits<int32_t>::max(), nullptr);
+}
+
+// Polls `done` for kSpinBeforeSleep, then sleeps on the doorbell between checks (a futex
+// wait, which gives the core to the compute threads: on a host with fewer cores than ranks
+// times threads, a polling wait took a core from them), each sleep bounded by the deadline.
 template <class Done>
 void HostShm::wait(Clock::time_point deadline, const char* what, Done&& done) {
-  if (poll_until(deadline, done)) return;
+  if (poll_until(std::min(deadline, Clock::now() + kSpinBeforeSleep), done)) return;
+  std::atomic_ref<uint32_t> bell(doorbell()), asleep(sleepers());
+  for (;;) {
+    const uint32_t ring = bell.load(std::memory_order_seq_cst);
+    asleep.fetch_add(1, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // done()'s acquire loads stay after it
+    const bool finished = done();
+    const auto now = Clock::now();
+    if (!finished && now < deadline) {
+      const auto nap = std::chrono::duration_cast<std::chrono::nanoseconds>(
+          std::min<Clock::duration>(deadline - now, kLongestSleep));
+      const timespec timeout{static_cast<time_t>(nap.count() / 1000000000), static_cast<long>(nap.count() % 1000000000)};
+      futex(&doorbell(), FUTEX_WAIT, ring, &timeout);  // woken, timed out, or the bell rang already
+    }
+    asleep.fetch_sub(1, std::memory_order_seq_cst);
+    if (finished) return;
+    if (done()) return;
+    if (Clock::now() >= deadline) break;
+  }
   throw TimeoutError("comm/hier",
                      fmt::format("local rank {}: host shared memory: {} timed out", rank_, what));
 }
@@ -137,7 +189,7 @@ void HostShm::reduce_to_leader(MutView data, ReduceOp op, Clock::time_point dead
         return load(counter(kConsumed)) + 2 >= s;
       });
       std::memcpy(slot(rank_, s), mine, count * element_bytes);
-      store(counter(kPublished + static_cast<size_t>(rank_)), s);
+      publish(kPublished + static_cast<size_t>(rank_), s);
     } else {
       // In local-rank order, so that the sum does not depend on who published first.
       for (int r = 1; r < size_; ++r) {
@@ -146,7 +198,7 @@ void HostShm::reduce_to_leader(MutView data, ReduceOp op, Clock::time_point dead
         });
         reduce_into(data.type(), op, mine, slot(r, s), count);
       }
-      store(counter(kConsumed), s);
+      publish(kConsumed, s);
     }
   }
   reduced_ += segments;
@@ -167,13 +219,13 @@ void HostShm::broadcast_from_leader(MutView data, Clock::time_point deadline) {
           return load(counter(kTaken + static_cast<size_t>(r))) + 2 >= s;
         });
       std::memcpy(result(s), mine, count * element_bytes);
-      store(counter(kReady), s);
+      publish(kReady, s);
     } else {
       wait(deadline, "waiting for the leader's result", [&] {
         return load(counter(kReady)) >= s;
       });
       std::memcpy(mine, result(s), count * element_bytes);
-      store(counter(kTaken + static_cast<size_t>(rank_)), s);
+      publish(kTaken + static_cast<size_t>(rank_), s);
     }
   }
   broadcast_ += segments;
@@ -195,7 +247,7 @@ void HostShm::exchange_segment(MutView data, std::optional<ReduceOp> reduce, siz
   } else {
     std::memcpy(piece(rank_, 0), chunk(rank_), count * element_bytes);
   }
-  store(counter(kShared + static_cast<size_t>(rank_)), s);
+  publish(kShared + static_cast<size_t>(rank_), s);
   for (int r = 0; r < size_; ++r) {
     wait(deadline, "waiting for a local rank to share", [&] {
       return load(counter(kShared + static_cast<size_t>(r))) >= s;
@@ -207,7 +259,7 @@ void HostShm::exchange_segment(MutView data, std::optional<ReduceOp> reduce, siz
       std::memcpy(chunk(r), piece(r, 0), count * element_bytes);
     }
   }
-  store(counter(kRead + static_cast<size_t>(rank_)), s);
+  publish(kRead + static_cast<size_t>(rank_), s);
 }
 
 void HostShm::reduce_scatter(MutView data, ReduceOp op, Clock::time_point deadline) {

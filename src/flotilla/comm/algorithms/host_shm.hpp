@@ -19,6 +19,11 @@
 // published first; for the all-gather a segment is one piece, the rank's own chunk's. Counters: shared[l] (rank l's last published segment) and
 // read[l] (the last segment rank l has read from everyone); a rank rewrites its slot once
 // every rank has read the segment two before.
+//
+// Waiting. A wait polls its counter briefly, then sleeps on the header's *doorbell* (a
+// futex word shared by the processes); a rank that publishes a counter while anyone sleeps
+// rings it. Every sleep is bounded by the caller's deadline, so a lost peer is a
+// TimeoutError in bounded time, as with polling.
 #pragma once
 
 #include <cstddef>
@@ -45,6 +50,15 @@ class HostShm {
   // could not map it (the ranks are not on one machine, /dev/shm is missing or full):
   // the caller then uses point-to-point instead.
   static std::unique_ptr<HostShm> create(Communicator& host);
+  // The arena's size for `ranks` ranks on a host (each maps all of it), and the parts of it
+  // a rank touches, which its resident memory counts (plan/strategy.hpp charges them):
+  //   all_reduce_bytes  the leader's share of the all-reduce stages: every other rank's two
+  //                     slots and the two result slots (another rank touches 4 segments);
+  //   scatter_bytes     the reduce-scatter and all-gather (ZeRO's): every rank's two
+  //                     scatter slots, all read by every rank.
+  static size_t arena_bytes(int ranks);
+  static size_t all_reduce_bytes(int ranks) { return static_cast<size_t>(ranks) * 2 * kSegmentBytes; }
+  static size_t scatter_bytes(int ranks) { return static_cast<size_t>(ranks) * 2 * kScatterSlotBytes; }
   ~HostShm();
   HostShm(const HostShm&) = delete;
   HostShm& operator=(const HostShm&) = delete;
@@ -71,6 +85,11 @@ class HostShm {
   // reduced; without, ours goes in (piece 0) and every other comes out.
   void exchange_segment(MutView data, std::optional<ReduceOp> reduce, size_t piece_elems, size_t offset,
                         size_t count, Clock::time_point deadline);
+  uint32_t& doorbell();  // the futex word sleepers wait on
+  uint32_t& sleepers();  // how many ranks sleep on it, or are about to
+  // counter(index) := value, and the doorbell rung when someone sleeps.
+  void publish(size_t index, uint64_t value);
+  // Until done() (polling, then sleeping on the doorbell), or a TimeoutError at `deadline`.
   template <class Done>
   void wait(Clock::time_point deadline, const char* what, Done&& done);
 
