@@ -63,32 +63,27 @@ TEST(TensorPlan, AllReduceBytesStepAndMemoryMatchAHandComputation) {
 
 TEST(TensorPlan, BetweenHostsTpsRingGetsTheWholeLink) {
   // tp runs flotilla's own collectives (comm::AllReducer's ring), charged as dp's ring is:
-  // at the link's whole bandwidth, even on a link whose MPI library reaches only half of it
-  // (Link::library_share, which no longer slows tp: the same bytes, the same time).
+  // at the link's whole bandwidth, between hosts as within one (the same bytes, the same time).
   const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 2);
   StepCost cost;
   cost.compute_s = 1.0;
   const Link within{1e9, 1e-5, "given"};
-  const Link between{1e9, 1e-5, "given", kTcpLibraryShare};
+  const Link between{1e9, 1e-5, "given"};
   const TensorPlan a = plan_tensor_parallel(w, cost, 2, within), b = plan_tensor_parallel(w, cost, 2, between);
   EXPECT_DOUBLE_EQ(b.comm_s, 658432.0 / 1e9 + 24 * 3 * 1e-5);
   EXPECT_DOUBLE_EQ(b.comm_s, a.comm_s);
   EXPECT_DOUBLE_EQ(b.sequence.comm_s, a.sequence.comm_s);
   EXPECT_DOUBLE_EQ(b.step_s, a.step_s);
-  // A plan's network between hosts carries that share; its link within a host does not;
-  // tp is charged alike on both.
+  // tp is charged alike between hosts and within one.
   PlanRequest r;
   r.workload = w;
   r.cost = cost;
   r.cluster.hosts = 2;
   r.cluster.slots = 1;
-  EXPECT_DOUBLE_EQ(r.cluster.network.library_share, kTcpLibraryShare);
-  EXPECT_DOUBLE_EQ(r.cluster.local.library_share, 1.0);
   const PlanResult two_hosts = make_plan(r);
   r.cluster.hosts = 1;
   r.cluster.slots = 2;
   r.cluster.local = r.cluster.network;
-  r.cluster.local.library_share = 1.0;
   const PlanResult one_host = make_plan(r);
   ASSERT_EQ(two_hosts.tensors.size(), 1u);
   ASSERT_EQ(one_host.tensors.size(), 1u);
@@ -214,7 +209,7 @@ TEST(TensorPlan, PipelineStagesOfTpGroupsRecommendedWhereTpFitsAMachineAndThePip
   r.cluster.slots = 2;
   r.cluster.cores = 8;
   r.cluster.memory_bytes = int64_t{9} << 28;  // 2.25 GiB: a replica needs 2.3 at its peak
-  r.cluster.network = {1e9 / 8, 50e-6, "given", kTcpLibraryShare};
+  r.cluster.network = {1e9 / 8, 50e-6, "given"};
   r.cluster.local = {10e9, 1e-6, "given"};
   r.rows_per_epoch = 3600.0 * 10 / 10.0 * 8;
   r.train_args = "--model m --data d --batch-size 8 --seq-len 128";

@@ -158,9 +158,6 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
       c.network = measured;
     }
   }
-  // Measured or given, the MPI library's own collectives reach their share of it (link.hpp).
-  c.network.library_share = kTcpLibraryShare;
-  c.local.library_share = 1.0;
   // One rank measures the step alone; the others wait (their polling takes a core each:
   // with ranks x threads <= cores it does not slow the measured rank).
   const comm::Options wait{.name = "plan measured", .timeout = std::chrono::hours(6)};

@@ -25,23 +25,15 @@ struct Link {
   double bandwidth_bytes_per_s = 125e6;  // 1 Gbit/s ethernet
   double latency_s = 50e-6;              // per message, one way
   std::string source = "assumed";        // "--bandwidth", "measured (mpirun -np 2)", ...
-  // The share of bandwidth_bytes_per_s that the MPI library's own collectives reach here
-  // (MPI_Iallreduce, MPI_Iallgather, MPI_Ireduce_scatter_block); flotilla's own algorithms
-  // (data parallelism's gradients, tensor parallelism's activations since they run on
-  // comm::AllReducer, measure_link) reach the whole. Between hosts it is kTcpLibraryShare
-  // (Cluster::network), within a host 1. The plan charges no collective at it any more
-  // (`flotilla train --allreduce mpi` would run tp's at it); kept to say why not.
-  double library_share = 1.0;
 };
 
-// Open MPI over TCP with its default settings runs a two-way exchange at about half the
-// link: the pair's one socket carries a large fragment whole, and the other direction's
-// control messages queue behind it (../shared/netcluster/README.md: MPI_Sendrecv 0.52
-// Gbit/s each way on 1 Gbit/s; bench/RESULTS.md, "Emulated hosts at 1 Gbit/s":
-// MPI_Allreduce 0.36-0.53 Gbit/s bus bandwidth at 1-64 MiB on 2 and 4 hosts, where
-// flotilla's ring reaches 0.93-0.95). `--mca btl_tcp_flags send,inplace,need-ack,need-csum`
-// lifts it to 0.8-0.9.
-inline constexpr double kTcpLibraryShare = 0.5;
+// Every collective the plan charges is flotilla's own (data parallelism's gradients, ZeRO's
+// shards, tensor parallelism's activations: comm::AllReducer), at the link's whole
+// bandwidth. The MPI library's own collectives (`--allreduce mpi`) are not modelled: Open MPI
+// over TCP with its default settings runs a two-way exchange at about half the link
+// (../shared/netcluster/README.md: MPI_Sendrecv 0.52 Gbit/s each way on 1 Gbit/s;
+// bench/RESULTS.md, "Emulated hosts at 1 Gbit/s": MPI_Allreduce 0.36-0.53 Gbit/s bus
+// bandwidth at 1-64 MiB on 2 and 4 hosts, where flotilla's ring reaches 0.93-0.95).
 
 // The time of `collectives` of flotilla's own (comm::AllReducer: the ring, or the host's
 // shared-memory arena) on `link` at its whole bandwidth, as data parallelism's ring is

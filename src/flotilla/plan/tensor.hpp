@@ -16,8 +16,8 @@
 //   the link        these are flotilla's own collectives (comm::AllReducer over the tp
 //                   group: the ring between hosts, the host's arena within one), charged at
 //                   the link's whole bandwidth as data parallelism's ring is (the MPI
-//                   library's own reach only Link::library_share of a TCP link, half:
-//                   link.hpp; `--allreduce mpi` runs them there, the plan does not);
+//                   library's own reach about half of a TCP link: link.hpp;
+//                   `--allreduce mpi` runs them there, the plan does not);
 //   step time       one rank's data time, its compute and update divided by T (every
 //                   product is split; the norms, rope and the residual adds are repeated
 //                   on each rank, and T times narrower products run slower per flop: not

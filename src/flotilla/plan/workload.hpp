@@ -79,8 +79,8 @@ struct Cluster {
   int cores = 1;         // per host
   int64_t memory_bytes = 0;  // per host
   std::string memory_source = "assumed";  // "--memory-per-host", "MemTotal of this machine"
-  Link network{.library_share = kTcpLibraryShare};  // between hosts: TCP
-  Link local;                                       // shared memory
+  Link network;  // between hosts: TCP
+  Link local;    // shared memory
   // The hosts are network namespaces of one machine (an emulated cluster such as
   // ../shared/netcluster): every rank, on whichever host, shares that machine's `cores`.
   bool one_machine = false;
