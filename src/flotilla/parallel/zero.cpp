@@ -16,6 +16,7 @@
 #include "flotilla/comm/wire_bytes.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/parallel/chunk_cut.hpp"
+#include "flotilla/parallel/shard_norm.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -154,26 +155,11 @@ class ZeroSync final : public GradientSync, private model::ParallelContext {
   }
   std::span<float> owned_grads() override { return shard_grads_.span(); }
 
-  // The chunks' squared sums add over the ranks; the tails are the same on every rank.
-  // Under tensor parallelism the arena is this tp rank's local model: the squares of its
-  // slices of split tensors add over the tp group too, the replicated ones' (norms) count
-  // once.
+  // Under tensor parallelism the arena is this tp rank's local model: shard_norm.hpp sums
+  // the split tensors' squares over tp too.
   double grad_sum_squares() override {
-    std::array<double, 2> chunks = {0.0, 0.0};  // replicated over tp, split over tp
-    model::SquareSums tails;
-    for (const Unit& u : units_) {
-      const model::ElementRange c = u.chunk_of(rank_), t = u.tail();
-      const model::SquareSums cs = model::square_sums(shard_grads_.data() + u.chunk_slot, c.begin, c.end, tp_split_);
-      const model::SquareSums ts = model::square_sums(shard_grads_.data() + u.tail_slot, t.begin, t.end, tp_split_);
-      chunks[0] += cs.replicated;
-      chunks[1] += cs.split;
-      tails.replicated += ts.replicated;
-      tails.split += ts.split;
-    }
-    dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
-    std::array<double, 1> split = {chunks[1] + tails.split};
-    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) tp->all_reduce_sum(split, "tp gradient norm");
-    return chunks[0] + tails.replicated + split[0];
+    return sharded_grad_sum_squares(units_, rank_, shard_grads_.data(), tp_split_, dp_.communicator(),
+                                    model_.tensor_parallel());
   }
 
   // Every rank updated its chunks in place; each takes the others'.

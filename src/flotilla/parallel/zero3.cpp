@@ -22,6 +22,7 @@
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/parallel/chunk_cut.hpp"
+#include "flotilla/parallel/shard_norm.hpp"
 
 namespace flotilla::parallel {
 namespace {
@@ -304,27 +305,12 @@ class Zero3Sync final : public GradientSync, private model::ParallelContext {
   }
   std::span<float> owned_grads() override { return frozen_ ? grads_ : shard_grads_.span(); }
 
-  // The chunks' squared sums add over the ranks; the tails are the same on every rank.
   // Under tensor parallelism the arena is this tp rank's local model (each tp rank's dp
-  // group shards its own slices): the squares of split tensors' slices add over the tp
-  // group too, the replicated ones' (norms) count once, as ZeRO-1/2 count them.
+  // group shards its own slices): shard_norm.hpp sums the split tensors' squares over tp.
   double grad_sum_squares() override {
     if (frozen_) return GradientSync::grad_sum_squares();
-    std::array<double, 2> chunks = {0.0, 0.0};  // replicated over tp, split over tp
-    model::SquareSums tails;
-    for (const Group& g : groups_) {
-      const model::ElementRange c = g.chunk_of(rank_), t = g.tail();
-      const model::SquareSums cs = model::square_sums(shard_grads_.data() + g.chunk_slot, c.begin, c.end, tp_split_);
-      const model::SquareSums ts = model::square_sums(shard_grads_.data() + g.tail_slot, t.begin, t.end, tp_split_);
-      chunks[0] += cs.replicated;
-      chunks[1] += cs.split;
-      tails.replicated += ts.replicated;
-      tails.split += ts.split;
-    }
-    dp_.communicator().all_reduce(chunks, comm::ReduceOp::sum, comm::Options{.name = "gradient norm"});
-    std::array<double, 1> split = {chunks[1] + tails.split};
-    if (model::TensorParallelGroup* tp = model_.tensor_parallel()) tp->all_reduce_sum(split, "tp gradient norm");
-    return chunks[0] + tails.replicated + split[0];
+    return sharded_grad_sum_squares(groups_, rank_, shard_grads_.data(), tp_split_, dp_.communicator(),
+                                    model_.tensor_parallel());
   }
 
   // Each rank updated its own chunks: every other rank's copy of them is stale. Nothing is
