@@ -11,6 +11,7 @@
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/tensor/dtype.hpp"
+#include "../requires_bf16.hpp"
 #include "kernel_test_util.hpp"
 
 namespace flotilla::kernels {
@@ -287,7 +288,7 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 TEST(Attention, Bf16ProductsRoundTheirInputsAndKeepTheSoftmaxInFloat32) {
-  if (!gemm_bf16_supported()) GTEST_SKIP() << "no bf16 matrix products on this CPU";
+  SKIP_WITHOUT_BF16();
   // Training-sized calls (Tq == Tk, several ragged blocks) and a prefill behind a cache
   // (Tq >= kGemmPrimitiveMinRows): the products take bf16 inputs. The reference is the
   // double-precision formula on the inputs rounded to bf16, so what is left is float32

@@ -19,6 +19,7 @@
 #include "flotilla/kernels/gemm.hpp"
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/tensor/dtype.hpp"
+#include "../requires_bf16.hpp"
 #include "kernel_test_util.hpp"
 
 namespace flotilla::kernels {
@@ -38,9 +39,6 @@ std::vector<float> rounded(const std::vector<float>& x) {
   for (size_t i = 0; i < x.size(); ++i) out[i] = bf16_to_f32(f32_to_bf16(x[i]));
   return out;
 }
-
-#define SKIP_WITHOUT_BF16()                                                             \
-  if (!gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU"
 
 TEST(GemmBf16, ConvertRoundsToNearestEven) {
   const std::vector<float> x = {1.0f, 1.00390625f /* 1 + 2^-8: a tie, stays 1 */,

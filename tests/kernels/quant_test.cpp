@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "flotilla/kernels/kernels.hpp"
+#include "../requires_bf16.hpp"
 #include "kernel_test_util.hpp"
 
 namespace flotilla::kernels {
@@ -143,7 +144,7 @@ TEST(Quant, MatmulAndInputGradientEqualFloatWithDequantizedWeights) {
 // equals the float32 product of the rounded dequantized weights and rounded inputs (float32
 // rounding apart: the atol above). The few-row path stays float32.
 TEST(Quant, Bf16ProductsRoundTheDequantizedTiles) {
-  if (!gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU";
+  SKIP_WITHOUT_BF16();
   Rng rng(test_seed());
   const int64_t C = 320, OC = 1100 + 7, N = 37;
   auto rounded = [](std::vector<float> v) {

@@ -13,6 +13,7 @@
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "../requires_bf16.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
 
@@ -57,9 +58,6 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   }
   return diff / scale;
 }
-
-#define SKIP_WITHOUT_BF16()                                                             \
-  if (!kernels::gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU"
 
 // Tolerance: each product input is rounded by <= 2^-9 relative; through the ~10 products of
 // this 2-layer model (and ~20 for a gradient) the errors add, in the worst case all in one

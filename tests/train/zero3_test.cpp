@@ -22,6 +22,7 @@
 #include "flotilla/parallel/data_parallel.hpp"
 #include "flotilla/train/trainer.hpp"
 #include "../bounded_settings.hpp"
+#include "../requires_bf16.hpp"
 #include "small_model.hpp"
 
 namespace flotilla::train {
@@ -284,7 +285,7 @@ TEST(Zero3, RanksWhoseGatherSchedulesDifferStopWithAMismatch) {
 // dropped (NaN in the test mode) with each released group, so a stale or never-gathered
 // copy would read NaN; the rounding is elementwise, so ZeRO-3 trains as ZeRO-2 in bf16.
 TEST(Zero3, Bf16ProductsTrainAsZero2InBf16) {
-  if (!kernels::gemm_bf16_supported()) GTEST_SKIP() << "oneDNN has no bf16 matmul on this CPU";
+  SKIP_WITHOUT_BF16();
   const uint64_t seed = testing::test_seed();
   for (int world : {2, 3}) {
     SCOPED_TRACE(::testing::Message() << world << " ranks");
