@@ -271,6 +271,68 @@ def main():
                             f"{2 * 2 * 64 * 64 * 4}")
         cases += 1
 
+        # LoRA over a 4-bit base (the running example: adapters over a quantized model split
+        # over machines). The tiny preset quantized with groups of 32 (MLX layout): tp=2 cuts
+        # o's 64 input columns and down's 192 into 32 and 96 a rank, whole groups; q, k, v,
+        # gate, up, the embedding and lm_head by rows (each row's groups go with it). A slice
+        # holds the base's packed values exactly (tests/model/tensor_parallel_test.cpp), so
+        # the base adds no rounding: 1e-4 as for LoRA over the float base above (the split u
+        # sums' rounding, magnified by AdamW where a B starts at zero), losses 1e-5.
+        q4 = os.path.join(tmp, "tiny_q4")
+        run([f, "init", "--preset", "tiny", "--out", q4, "--seed", "11", "--quantize", "4", "--group-size", "32"], env)
+        q4_base = os.path.join(tmp, "lora_q4_base")
+        train(q4_base, 1, 1, ["--model", q4] + lora_plain)
+        out = os.path.join(tmp, "lora_q4_tp2")
+        log = train(out, 1, 2, ["--model", q4] + lora_plain)
+        if "tensor parallel: tp=2" not in log:
+            failures.append(f"LoRA over 4-bit, tp=2: the log does not name the split:\n{log}")
+        failures += compare("LoRA over 4-bit, tp=2", q4_base, out, "adapter_model.safetensors", weight_tolerance=1e-4)
+        cases += 1
+        # dp=2,tp=2 with --sequence-parallel and ZeRO-2 (the adapters' gradients and moments
+        # sharded over each dp group), each rank reading its slices of the packed base.
+        out = os.path.join(tmp, "lora_q4_dp2_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", q4, "--out", out, "--batch-size", str(GLOBAL_BATCH // 2)] +
+            common + lora_plain + ["--parallel", "dp=2,tp=2", "--sequence-parallel", "--zero", "2"], env)
+        failures += compare("LoRA over 4-bit, dp=2,tp=2, sp, ZeRO-2", q4_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        cases += 1
+        # The result serves: score (the one-rank adapters' log-probabilities, 1e-4) and generate.
+        scored = []
+        for adapter in (q4_base, os.path.join(tmp, "lora_q4_tp2")):
+            p = subprocess.run([f, "score", "--model", q4, "--adapter", adapter, "--text", "The sea was calm"],
+                               env=env, capture_output=True, text=True, timeout=60)
+            scored.append(p.stdout if p.returncode == 0 else None)
+            if p.returncode != 0:
+                failures.append(f"score with the 4-bit tp=2 adapters: rc {p.returncode}:\n{p.stderr[-2000:]}")
+        if None not in scored:
+            a, b = (json.loads(x) for x in scored)
+            la, lb = a["total_logprob"], b["total_logprob"]
+            if abs(la - lb) > 1e-4 * abs(la):
+                failures.append(f"score: tp=2 adapters give {lb}, one rank's {la}")
+        p = subprocess.run([f, "generate", "--model", q4, "--adapter", os.path.join(tmp, "lora_q4_tp2"), "--prompt",
+                            "The sea", "--max-tokens", "8", "--temp", "0"], env=env, capture_output=True, text=True,
+                           timeout=60)
+        if p.returncode != 0:
+            failures.append(f"generate with the 4-bit tp=2 adapters: rc {p.returncode}:\n{p.stderr[-2000:]}")
+        cases += 1
+        # --resume-adapter-file under tp: each rank takes its slices of the saved (whole)
+        # adapters; 5 more steps at tp=2 against 5 more on one rank.
+        resume = ["--resume-adapter-file", os.path.join(q4_base, "adapter_model.safetensors")]
+        short = [a if a != "10" else "5" for a in common]
+        resumed = []
+        for tp in (1, 2):
+            out = os.path.join(tmp, f"lora_q4_resumed_tp{tp}")
+            cmd = [f, "train", "--model", q4, "--out", out, "--batch-size", str(GLOBAL_BATCH)] + short + lora_plain + \
+                resume
+            log = run((mpirun + ["-np", "2"] if tp > 1 else []) + cmd + (["--parallel", "tp=2"] if tp > 1 else []),
+                      env)
+            if "LoRA: continuing from" not in log:
+                failures.append(f"--resume-adapter-file at tp={tp}: the run did not say it continued:\n{log}")
+            resumed.append(out)
+        failures += compare("LoRA over 4-bit resumed: tp=2 vs one rank", resumed[0], resumed[1],
+                            "adapter_model.safetensors", weight_tolerance=1e-4)
+        cases += 1
+
         # Not built yet: one line each, non-zero exit.
         refusals = [
             (2, ["--parallel", "tp=2", "--balance"], "does not work with --balance"),

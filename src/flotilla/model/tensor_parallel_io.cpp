@@ -4,46 +4,116 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
+#include <set>
+#include <string>
 #include <vector>
 
 #include "flotilla/base/error.hpp"
+#include "flotilla/base/memory.hpp"
 #include "flotilla/io/tensor_store.hpp"
+#include "flotilla/model/model_writer.hpp"
+#include "flotilla/model/quantized_view.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
 
 namespace flotilla::model {
+
+namespace {
+// The weights a directory stores quantized: those with a P.scales beside P.weight, as
+// Llama::load decides (config.json says how, the tensors say which).
+std::set<std::string> tp_quantized_names(const io::TensorStore& store, const ModelConfig& full,
+                                         const std::filesystem::path& dir) {
+  std::set<std::string> quantized;
+  const ParamLayout layout(full);
+  for (const ParamInfo& info : layout.params())
+    if (info.decay && info.shape.size() == 2 && store.has(module_of(info.name) + ".scales")) quantized.insert(info.name);
+  if (!quantized.empty() && !full.quantization)
+    throw InputError("model", fmt::format("{}: {} has .scales (a quantized weight) but config.json has no \"quantization\"",
+                                          dir.string(), *quantized.begin()));
+  if (quantized.empty() && full.quantization)
+    throw InputError("model", fmt::format("{}: config.json has \"quantization\" but no weight has .scales and .biases: "
+                                          "the quantization config does not match the tensors", dir.string()));
+  return quantized;
+}
+
+// Tp rank `at`'s slice of quantized tensor `info` into `local`'s next slot. A row slice
+// stays a view into the mapped file (its pages read when used: the rank's rows only); a
+// column slice (o, down) is copied out of the whole matrix, whose pages then leave the
+// resident set. The non-finite check covers the scales and biases the rank reads.
+void add_quantized_slice(Llama& local, const ParamInfo& info, const ParamInfo& mine, TpRank at, const ModelConfig& full,
+                         const std::shared_ptr<const io::TensorStore>& store) {
+  // Its three tensors' shapes and dtypes checked on every rank, held or not (the header
+  // only): a fault is every rank's error.
+  const QuantMatrix whole = quantized_view(*store, info, full, /*check_values=*/false);
+  if (!local.holds(mine)) {  // another pipeline stage's: shaped, no bytes
+    QuantMatrix absent = whole;
+    absent.rows = mine.shape[0];
+    absent.cols = mine.shape[1];
+    absent.packed = absent.scales = absent.biases = nullptr;
+    local.add_quantized_matrix(absent, nullptr, false);
+    return;
+  }
+  QuantSlice slice = slice_quantized(whole, info, mine, at);
+  const std::string module = module_of(info.name);
+  const io::TensorEntry& scales = store->info(module + ".scales");
+  const io::TensorEntry& biases = store->info(module + ".biases");
+  if (slice.owned) {
+    store->check_finite(scales);
+    store->check_finite(biases);
+    drop_file_pages(whole.packed, static_cast<size_t>(whole.rows * whole.words_per_row() * 4));
+    drop_file_pages(scales.bytes.data(), scales.bytes.size());
+    drop_file_pages(biases.bytes.data(), biases.bytes.size());
+    local.add_quantized_matrix(slice.matrix, std::move(slice.owned), false);
+    return;
+  }
+  const auto esz = static_cast<int64_t>(dtype_size(whole.scale_dtype));
+  const int64_t first = (slice.matrix.scales - whole.scales) / esz;
+  const int64_t count = slice.matrix.rows * slice.matrix.groups_per_row();
+  store->check_finite(scales, first, count);
+  store->check_finite(biases, first, count);
+  local.add_quantized_matrix(slice.matrix, store, true);
+}
+}  // namespace
 
 Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank,
                            std::optional<Llama::LayerRange> stage, std::span<const ElementRange> shard) {
   if (!std::filesystem::is_directory(dir)) throw InputError("model", dir.string() + ": not a model directory");
   const ModelConfig full = ModelConfig::load(dir / "config.json");
-  if (full.quantization)
-    throw InputError("model", fmt::format("{}: tensor parallelism (tp={}) does not split quantized (4-bit) weights yet",
-                                          dir.string(), tp));
-  Llama local(tensor_parallel_config(full, {rank, tp}));
+  const TpRank at{rank, tp};
+  const ModelConfig local_cfg = tensor_parallel_config(full, at);
+  const auto store = std::make_shared<const io::TensorStore>(dir, non_finite);
+  const std::set<std::string> quantized = tp_quantized_names(*store, full, dir);
+  Llama local = Llama::with_quantized(local_cfg, quantized);
   if (stage) local.hold_only(*stage);
-  const io::TensorStore store(dir, non_finite);
-  const ParamLayout full_layout(full);
+  const ParamLayout full_layout(full, quantized);
   const std::span<float> params = local.params();
   std::vector<float> scratch;  // (numel) one full tensor
   for (const ParamInfo& info : full_layout.params()) {
     const ParamInfo& mine = *local.layout().find(info.name);
+    if (info.quantized) {
+      add_quantized_slice(local, info, mine, at, full, store);
+      continue;
+    }
     if (!local.holds(mine)) continue;  // another stage's
     ParamInfo at0 = info;  // the scratch holds the tensor from its element 0
     at0.offset = 0;
     // ZeRO-3 x tp: only the pieces of the slice inside this rank's shard; a tensor with
     // none is not read.
     std::vector<std::array<int64_t, 3>> pieces;
-    for_each_slice_piece(at0, mine, {rank, tp}, shard,
-                         [&](int64_t f, int64_t l, int64_t n) { pieces.push_back({f, l, n}); });
+    for_each_slice_piece(at0, mine, at, shard, [&](int64_t f, int64_t l, int64_t n) { pieces.push_back({f, l, n}); });
     if (pieces.empty()) continue;
     scratch.resize(static_cast<size_t>(info.numel));
-    store.read_f32(info.name, scratch, info.shape);
+    store->read_f32(info.name, scratch, info.shape);
     for (const auto& [f, l, n] : pieces) std::copy_n(scratch.begin() + f, n, params.begin() + l);
   }
   // As Llama::load: tensors not used (rotary caches, a tied lm_head's copy) pass; any
   // other means another architecture than config.json says.
-  for (const std::string& name : store.names()) {
+  for (const std::string& name : store->names()) {
     if (full_layout.find(name)) continue;
+    const auto dot = name.rfind('.');
+    if (dot != std::string::npos && (name.ends_with(".scales") || name.ends_with(".biases")) &&
+        quantized.count(name.substr(0, dot) + ".weight"))
+      continue;
     const bool harmless = name.ends_with("rotary_emb.inv_freq") || (full.tie_embeddings && name == "lm_head.weight");
     if (!harmless)
       throw InputError("model", fmt::format("{}: unexpected tensor '{}' for a {} model", dir.string(), name,
