@@ -302,6 +302,20 @@ def main():
         failures += compare("LoRA over 4-bit, dp=2,tp=2, sp, ZeRO-2", q4_base, out, "adapter_model.safetensors",
                             weight_tolerance=1e-4)
         cases += 1
+        # ZeRO-3 (each tp rank's packed slices sharded over its dp group and gathered block by
+        # block, released weights poisoned) and pp=2,tp=2 (each stage's ranks copy only their
+        # stage's slices; the other stage's matrices are shapes without bytes).
+        out = os.path.join(tmp, "lora_q4_zero3_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", q4, "--out", out, "--batch-size", str(GLOBAL_BATCH // 2)] +
+            q4_common + lora_plain + ["--parallel", "dp=2,tp=2", "--zero", "3"], dict(env, FLOTILLA_ZERO_POISON="1"))
+        failures += compare("LoRA over 4-bit, dp=2,tp=2 ZeRO-3 (poisoned)", q4_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        out = os.path.join(tmp, "lora_q4_pp2_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", q4, "--out", out, "--batch-size", str(GLOBAL_BATCH)] +
+            q4_common + lora_plain + pptp + ["--pp-schedule", "gpipe"], env)
+        failures += compare("LoRA over 4-bit, pp=2,tp=2, GPipe", q4_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        cases += 2
         # The result serves: score (the one-rank adapters' log-probabilities, 1e-4) and generate.
         scored = []
         for adapter in (q4_base, os.path.join(tmp, "lora_q4_tp2")):
