@@ -83,9 +83,10 @@ def main():
         common = data + ["--steps", "10", "--seq-len", "64", "--lr", "5e-4", "--warmup", "2", "--eval-every", "10",
                          "--eval-batches", "1", "--seed", "11", "--log-every", "1", "--grad-clip", "0.5"]
 
-        def train(out, dp, tp, source, extra=()):
+        def train(out, dp, tp, source, extra=(), args=None):
             ranks = dp * tp
-            cmd = [f, "train"] + source + ["--out", out, "--batch-size", str(GLOBAL_BATCH // dp)] + common + list(extra)
+            cmd = [f, "train"] + source + ["--out", out, "--batch-size", str(GLOBAL_BATCH // dp)] + \
+                (common if args is None else args) + list(extra)
             if ranks > 1:
                 cmd += ["--parallel", f"dp={dp},tp={tp}"]
             return run((mpirun + ["-np", str(ranks)] if ranks > 1 else []) + cmd, env)
@@ -269,6 +270,96 @@ def main():
         if got != 2 * 2 * 64 * 64 * 4 // 2:  # each tp rank's half of the rows
             failures.append(f"LoRA, pp=2,tp=2, sequence parallel: {got} pipeline bytes a step, not half of "
                             f"{2 * 2 * 64 * 64 * 4}")
+        cases += 1
+
+        # LoRA over a 4-bit base (the running example: adapters over a quantized model split
+        # over machines). The tiny preset quantized with groups of 32 (MLX layout): tp=2 cuts
+        # o's 64 input columns and down's 192 into 32 and 96 a rank, whole groups; q, k, v,
+        # gate, up, the embedding and lm_head by rows (each row's groups go with it). A slice
+        # holds the base's packed values exactly (tests/model/tensor_parallel_test.cpp), so
+        # the base adds no rounding of its own: 1e-4, as LoRA over the float base above, for
+        # the same reason (the split sums round otherwise than one rank's, and AdamW magnifies
+        # that where a B element's gradient passes near zero); losses within 1e-5. Measured
+        # at --seed 5: tp=2 2.6e-6 (dp=2 without tp 1.2e-6), losses 4e-9. At --seed 11 one
+        # element of layers.1 gate_proj's B ends 2.8e-4 away at tp=2 and 3.3e-4 at dp=2 alone
+        # (no tp at all); at --seed 7 7.8e-4 at tp=2, 1.3e-4 at dp=2: that element, not the
+        # slicing, which would be off in every element and in the losses.
+        q4 = os.path.join(tmp, "tiny_q4")
+        run([f, "init", "--preset", "tiny", "--out", q4, "--seed", "5", "--quantize", "4", "--group-size", "32"], env)
+        q4_common = [a if a != "11" else "5" for a in common]  # --seed 5
+        q4_base = os.path.join(tmp, "lora_q4_base")
+        train(q4_base, 1, 1, ["--model", q4] + lora_plain, args=q4_common)
+        out = os.path.join(tmp, "lora_q4_tp2")
+        log = train(out, 1, 2, ["--model", q4] + lora_plain, args=q4_common)
+        if "tensor parallel: tp=2" not in log:
+            failures.append(f"LoRA over 4-bit, tp=2: the log does not name the split:\n{log}")
+        failures += compare("LoRA over 4-bit, tp=2", q4_base, out, "adapter_model.safetensors", weight_tolerance=1e-4)
+        cases += 1
+        # dp=2,tp=2 with --sequence-parallel and ZeRO-2 (the adapters' gradients and moments
+        # sharded over each dp group), each rank reading its slices of the packed base.
+        out = os.path.join(tmp, "lora_q4_dp2_tp2")
+        train(out, 2, 2, ["--model", q4] + lora_plain, ["--sequence-parallel", "--zero", "2"], args=q4_common)
+        failures += compare("LoRA over 4-bit, dp=2,tp=2, sp, ZeRO-2", q4_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        cases += 1
+        # ZeRO-3 (each tp rank's packed slices sharded over its dp group and gathered block by
+        # block, released weights poisoned) and pp=2,tp=2 (each stage's ranks copy only their
+        # stage's slices; the other stage's matrices are shapes without bytes).
+        out = os.path.join(tmp, "lora_q4_zero3_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", q4, "--out", out, "--batch-size", str(GLOBAL_BATCH // 2)] +
+            q4_common + lora_plain + ["--parallel", "dp=2,tp=2", "--zero", "3"], dict(env, FLOTILLA_ZERO_POISON="1"))
+        failures += compare("LoRA over 4-bit, dp=2,tp=2 ZeRO-3 (poisoned)", q4_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        out = os.path.join(tmp, "lora_q4_pp2_tp2")
+        run(mpirun + ["-np", "4", f, "train", "--model", q4, "--out", out, "--batch-size", str(GLOBAL_BATCH)] +
+            q4_common + lora_plain + pptp + ["--pp-schedule", "gpipe"], env)
+        failures += compare("LoRA over 4-bit, pp=2,tp=2, GPipe", q4_base, out, "adapter_model.safetensors",
+                            weight_tolerance=1e-4)
+        cases += 2
+        # The result serves: score (the one-rank adapters' log-probabilities, 1e-4) and generate.
+        scored = []
+        for adapter in (q4_base, os.path.join(tmp, "lora_q4_tp2")):
+            p = subprocess.run([f, "score", "--model", q4, "--adapter", adapter, "--text", "The sea was calm"],
+                               env=env, capture_output=True, text=True, timeout=60)
+            scored.append(p.stdout if p.returncode == 0 else None)
+            if p.returncode != 0:
+                failures.append(f"score with the 4-bit tp=2 adapters: rc {p.returncode}:\n{p.stderr[-2000:]}")
+        if None not in scored:
+            a, b = (json.loads(x)["total_logprob"] for x in scored)
+            if abs(a - b) > 1e-4 * abs(a):
+                failures.append(f"score: the tp=2 adapters give a total log-probability of {b}, one rank's {a}")
+        p = subprocess.run([f, "generate", "--model", q4, "--adapter", os.path.join(tmp, "lora_q4_tp2"), "--prompt",
+                            "The sea", "--max-tokens", "8", "--temp", "0"], env=env, capture_output=True, text=True,
+                           timeout=60)
+        if p.returncode != 0:
+            failures.append(f"generate with the 4-bit tp=2 adapters: rc {p.returncode}:\n{p.stderr[-2000:]}")
+        cases += 1
+        # --resume-adapter-file under tp: each rank takes its slices of the saved (whole)
+        # adapters (B by output rows, o's and down's A by input columns); 5 more steps at
+        # tp=2 against 5 more on one rank.
+        resume = ["--resume-adapter-file", os.path.join(q4_base, "adapter_model.safetensors")]
+        short = [a if a != "10" else "5" for a in q4_common]  # --steps 5, --eval-every 5
+        resumed = []
+        for tp in (1, 2):
+            out = os.path.join(tmp, f"lora_q4_resumed_tp{tp}")
+            log = train(out, 1, tp, ["--model", q4] + lora_plain, resume, args=short)
+            if "LoRA: continuing from" not in log:
+                failures.append(f"--resume-adapter-file at tp={tp}: the run did not say it continued:\n{log}")
+            resumed.append(out)
+        failures += compare("LoRA over 4-bit resumed: tp=2 vs one rank", resumed[0], resumed[1],
+                            "adapter_model.safetensors", weight_tolerance=1e-4)
+        cases += 1
+        # Groups of 64: o's 32 columns a rank would cut a group (one line, before any step).
+        q4_64 = os.path.join(tmp, "tiny_q4_64")
+        run([f, "init", "--preset", "tiny", "--out", q4_64, "--seed", "5", "--quantize", "4", "--group-size", "64"], env)
+        p = subprocess.run(mpirun + ["-np", "2", f, "train", "--model", q4_64, "--out", os.path.join(tmp, "refused"),
+                                     "--parallel", "tp=2"] + lora_plain + q4_common, env=env, capture_output=True,
+                           text=True, timeout=120)
+        expected = "tensor parallelism (tp=2) gives each rank 32 of model.layers.0.self_attn.o_proj.weight's 64 " \
+                   "input columns, not a whole number of its quantization groups of 64"
+        if p.returncode == 0 or expected not in p.stderr + p.stdout:
+            failures.append(f"tp=2 over groups of 64: expected a refusal naming '{expected}', got rc {p.returncode}:\n"
+                            f"{(p.stderr + p.stdout)[-2000:]}")
         cases += 1
 
         # Not built yet: one line each, non-zero exit.

@@ -4,12 +4,15 @@
 // by vocabulary rows, 37 of them: 18 and 19, tied or not), the replicated tensors'
 // gradients the same bits on both ranks. And the slicing itself: a rank's drawn slices are the slices of
 // the one-rank draw, and all ranks' slices paste back into the whole tensor.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -18,13 +21,17 @@
 #include "flotilla/base/rng.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/model_writer.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
+#include "flotilla/model/tensor_parallel_io.hpp"
+#include "../temp_dir.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
 
 namespace flotilla::model {
 namespace {
 
+using ::flotilla::testing::TempDir;
 using ::flotilla::testing::test_seed;
 using test_models::random_tokens;
 using test_models::tiny_qwen2;
@@ -256,14 +263,11 @@ INSTANTIATE_TEST_SUITE_P(TiedOrNotSequenceParallelOrNot, TensorParallelModel,
 // rows, the row-parallel ones' (o, down) A by input columns with their u summed over the
 // ranks and B whole. Each rank's adapter gradients are the slices of one rank's (its
 // dropout masks the whole input's), the whole B's the same bits on both ranks, and the
-// clipping norm the one rank's.
-TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices) {
-  const auto [tied, sequence_parallel] = GetParam();
-  const ModelConfig full_cfg = tiny_qwen2(2, tied);
-  const uint64_t seed = test_seed();
-  Rng rng(seed);
-  Llama full(full_cfg);
-  test_models::fill_order_one(full, rng);
+// clipping norm the one rank's. `full` is the one rank's base (float or quantized),
+// `locals` the two tp ranks' slices of it.
+void expect_lora_gradient_slices(Llama& full, std::vector<Llama>& locals, bool sequence_parallel, bool checkpoint,
+                                 Rng& rng) {
+  const ModelConfig full_cfg = full.config();
   LoraConfig lc;
   lc.rank = 4;
   lc.dropout = 0.25f;
@@ -281,12 +285,9 @@ TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices
   const double expected_norm2 = full.grad_sum_squares_tensor_parallel();
 
   ThreadPair pair;
-  std::vector<Llama> locals;
   std::vector<std::unique_ptr<LoraAdapters>> adapters;
   for (int r = 0; r < 2; ++r) {
-    locals.emplace_back(tensor_parallel_config(full_cfg, {r, 2}));
-    take_slices(locals.back(), full, {r, 2});
-    adapters.push_back(std::make_unique<LoraAdapters>(locals.back().config(), lc));
+    adapters.push_back(std::make_unique<LoraAdapters>(locals[static_cast<size_t>(r)].config(), lc));
     for (const ParamInfo& info : whole.table().params())
       copy_slice_out(info, *adapters.back()->table().find(info.name), {r, 2}, whole.params(), adapters.back()->params());
   }
@@ -301,7 +302,7 @@ TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices
       m.set_training(true);
       m.set_tensor_parallel(&group, full_cfg);
       m.set_sequence_parallel(sequence_parallel);
-      m.set_grad_checkpoint(sequence_parallel && tied);  // the recomputed blocks sum u again
+      m.set_grad_checkpoint(checkpoint);  // the recomputed blocks sum u again
       m.zero_grads();
       loss[r] = m.forward(tokens.data(), targets.data(), B, T);
       m.backward(1.0f / static_cast<float>(loss[r].num_tokens));
@@ -345,7 +346,129 @@ TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices
       }
     }
   }
-  EXPECT_EQ(row_parallel_seen, 2 * 2);  // o's and down's B in each of the 2 layers
+  EXPECT_EQ(row_parallel_seen, 2 * full_cfg.n_layers);  // o's and down's B in each layer
+  for (Llama& m : locals) m.attach_lora(nullptr);
+  full.attach_lora(nullptr);
+}
+
+TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices) {
+  const auto [tied, sequence_parallel] = GetParam();
+  const ModelConfig full_cfg = tiny_qwen2(2, tied);
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama full(full_cfg);
+  test_models::fill_order_one(full, rng);
+  std::vector<Llama> locals;
+  for (int r = 0; r < 2; ++r) {
+    locals.emplace_back(tensor_parallel_config(full_cfg, {r, 2}));
+    take_slices(locals.back(), full, {r, 2});
+  }
+  expect_lora_gradient_slices(full, locals, sequence_parallel, sequence_parallel && tied, rng);
+}
+
+// ---- a 4-bit base (model/tensor_parallel.hpp's QuantSlice)
+
+// Shaped so that tp=2 cuts o (32 input columns) and down (64) on groups of 16, with the
+// odd vocabulary (18 and 19 rows a rank) and qwen2's q, k, v biases.
+ModelConfig quantizable_tp_config(bool tied) {
+  ModelConfig c = tiny_qwen2(2, tied);
+  c.dim = 32;
+  c.head_dim = 8;
+  c.ffn_dim = 64;
+  return c;
+}
+constexpr QuantFormat kTpQuantFormat{4, 16};
+
+// The dequantized values of every tensor of `m`, by name.
+std::map<std::string, std::vector<float>> dequantized_tensors(const Llama& m) {
+  std::map<std::string, std::vector<float>> out;
+  for (const ParamInfo& info : m.layout().params()) {
+    std::vector<float>& v = out[info.name];
+    v.resize(static_cast<size_t>(info.shape.size() == 2 ? info.shape[0] * info.shape[1] : info.shape[0]));
+    m.weight_f32(info, v);
+  }
+  return out;
+}
+
+// A rank's quantized slices hold exactly the whole matrix's values of their elements (rows
+// viewed, o's and down's columns copied on group boundaries: no re-quantization), and a
+// rank that reads its slices from a model directory (load_tensor_parallel) holds the same
+// bits as slicing the whole loaded model in memory.
+TEST(TensorParallelQuantized, SlicesHoldTheWholeValuesAndADirectoryLoadsTheSameSlices) {
+  const ModelConfig cfg = quantizable_tp_config(false);
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama full(cfg);
+  test_models::fill_order_one(full, rng);
+  TempDir dir("tp_quantized");
+  ModelWriteOptions options;
+  options.dtype = DType::f16;
+  options.quantize = kTpQuantFormat;
+  write_model(dir.path(), cfg, options,
+              [&](const ParamInfo& info, std::span<float> out) { full.weight_f32(*full.layout().find(info.name), out); });
+  const Llama loaded = Llama::load(dir.path());
+  ASSERT_TRUE(loaded.quantized());
+  const auto whole = dequantized_tensors(loaded);
+  int columns_seen = 0;
+  for (int r = 0; r < 2; ++r) {
+    const Llama sliced = loaded.tensor_parallel_slice({r, 2});
+    const Llama read = load_tensor_parallel(dir.path(), io::NonFinitePolicy::refuse, 2, r);
+    EXPECT_EQ(read.layout().num_quantized(), loaded.layout().num_quantized());
+    const auto from_memory = dequantized_tensors(sliced);
+    const auto from_dir = dequantized_tensors(read);
+    for (const ParamInfo& info : loaded.layout().params()) {
+      const ParamInfo& mine = *sliced.layout().find(info.name);
+      // The float layouts of the two tensors, to cut the whole values as floats are cut.
+      ParamInfo f = info, l = mine;
+      f.offset = l.offset = 0;
+      f.numel = static_cast<int64_t>(whole.at(info.name).size());
+      l.numel = static_cast<int64_t>(from_memory.at(info.name).size());
+      std::vector<float> want(static_cast<size_t>(l.numel));
+      copy_slice_out(f, l, {r, 2}, whole.at(info.name), want);
+      EXPECT_EQ(from_memory.at(info.name), want) << info.name << " rank " << r;
+      EXPECT_EQ(from_dir.at(info.name), want) << info.name << " rank " << r << " (read from the directory)";
+      EXPECT_EQ(mine.quantized, info.quantized) << info.name;
+      if (info.quantized && tensor_slice(f, l) == TensorSlice::columns) ++columns_seen;
+    }
+  }
+  EXPECT_EQ(columns_seen, 2 * 2 * cfg.n_layers);  // o and down, each layer, each rank
+}
+
+TEST(TensorParallelQuantized, RefusesAnOOrDownShareOfPartialGroupsInOneLine) {
+  ModelConfig cfg = quantizable_tp_config(false);
+  cfg.quantization = QuantizationConfig{kTpQuantFormat, {}};
+  EXPECT_NO_THROW(tensor_parallel_config(cfg, {1, 2}));
+  cfg.quantization = QuantizationConfig{QuantFormat{4, 32}, {}};  // o's 32 columns: 16 a rank
+  try {
+    (void)tensor_parallel_config(cfg, {0, 2});
+    FAIL() << "expected an InputError";
+  } catch (const InputError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("tp=2"), std::string::npos) << what;
+    EXPECT_NE(what.find("model.layers.0.self_attn.o_proj.weight"), std::string::npos) << what;
+    EXPECT_NE(what.find("groups of 32"), std::string::npos) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
+  // A module left float (mlx_lm's per-module false) is cut as floats are.
+  for (int64_t l = 0; l < cfg.n_layers; ++l)
+    cfg.quantization->per_module[fmt::format("model.layers.{}.self_attn.o_proj", l)] = std::nullopt;
+  EXPECT_NO_THROW(tensor_parallel_config(cfg, {0, 2}));
+}
+
+// LoRA over a 4-bit base at tp=2 (the base frozen, its slices packed as they were): the
+// one-rank adapter gradients' slices, as over a float base, tied or not, with sequence
+// parallelism or not (the vocabulary-parallel lookup dequantizes this rank's rows).
+TEST_P(TensorParallelModel, LoraOverAQuantizedBaseGivesTheOneRankAdapterGradientSlices) {
+  const auto [tied, sequence_parallel] = GetParam();
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama floats(quantizable_tp_config(tied));
+  test_models::fill_order_one(floats, rng);
+  Llama full = floats.quantize(kTpQuantFormat, DType::f16);
+  ASSERT_TRUE(full.layout().embed.is_quantized());
+  std::vector<Llama> locals;
+  for (int r = 0; r < 2; ++r) locals.push_back(full.tensor_parallel_slice({r, 2}));
+  expect_lora_gradient_slices(full, locals, sequence_parallel, sequence_parallel && tied, rng);
 }
 
 }  // namespace

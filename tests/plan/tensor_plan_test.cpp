@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "flotilla/model/lora.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/plan/plan.hpp"
 
 namespace flotilla::plan {
@@ -237,6 +239,30 @@ TEST(TensorPlan, PipelineStagesOfTpGroupsRecommendedWhereTpFitsAMachineAndThePip
   r.cluster.network = {100e9 / 8, 1e-6, "given"};
   const PlanResult fast = make_plan(r);
   EXPECT_NE(fast.recommendation.advice, Advice::pipeline_tensor_parallel) << render_text(fast);
+}
+
+// LoRA over a 4-bit base (groups of 32, f16 scales and biases): a tp=2 rank holds its
+// slices of the packed words, counted as Llama::packed_places lays them out (n/8 words and
+// 2 ceil(n/32 x 2 / 4) of scales and biases for n weights). Rank 1 (19 vocabulary rows)
+// per layer: q 32x64 320, k and v 16x64 160 each, o 64x32 320, gate and up 96x64 and down
+// 64x96 960 each, the norms 128: 3968; the embedding and lm_head 19x64 190 each; the final
+// norm 64: 8380 words. Groups of 64 would cut o's 32 columns a rank: no tp=2 plan then.
+TEST(TensorPlan, FourBitBaseHoldsItsPackedSlicesAndNeedsWholeGroups) {
+  model::ModelConfig cfg = small_llama();
+  cfg.quantization = model::QuantizationConfig{QuantFormat{4, 32}, {}};
+  const Workload w = describe_workload(cfg, true, {}, 4, 32, 1);
+  StepCost cost;
+  cost.compute_s = 1.0;
+  const TensorPlan p = plan_tensor_parallel(w, cost, 2, Link{1e9, 1e-5, "given"});
+  const double adapters = static_cast<double>(
+      model::LoraAdapters(model::tensor_parallel_config(cfg, {1, 2}), {}).params().size());
+  EXPECT_DOUBLE_EQ(p.state_bytes, 4.0 * 8380 + 16.0 * adapters);
+  // The whole base: per layer 640 + 320 + 320 + 640 + 3 x 1920 + 128 = 7808, the embedding
+  // and lm_head 37x64 370 each, the final norm 64: 16420 words, of which a rank holds 51%.
+  EXPECT_EQ(w.model_floats, 16420);
+  EXPECT_TRUE(tensor_parallel_splits(w, 2));
+  cfg.quantization = model::QuantizationConfig{QuantFormat{4, 64}, {}};
+  EXPECT_FALSE(tensor_parallel_splits(describe_workload(cfg, true, {}, 4, 32, 1), 2));
 }
 
 }  // namespace

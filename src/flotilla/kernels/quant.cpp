@@ -435,4 +435,22 @@ void qembedding_forward(float* out, const int32_t* tokens, const QuantMatrix& m,
   }
 }
 
+void qembedding_forward_rows(float* out, const int32_t* tokens, const QuantMatrix& m, int64_t N, int64_t row_begin,
+                             int64_t row_end) {
+  // out (N, C), tokens (N), m (row_end - row_begin, C): vocabulary rows [row_begin, row_end)
+#pragma omp parallel if (N * m.cols > (1 << 15))
+  {
+    RowScratch sc(m);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t row = static_cast<int64_t>(tokens[n]);
+      float* o = out + n * m.cols;
+      if (row < row_begin || row >= row_end)
+        std::fill(o, o + m.cols, 0.0f);
+      else
+        dequantize_row(m, row - row_begin, o, sc.s.data(), sc.b.data());
+    }
+  }
+}
+
 }  // namespace flotilla::kernels

@@ -61,5 +61,9 @@ void qmatmul_backward_input(float* dinp, const float* dout, const QuantMatrix& m
 // out[n, :] = W[tokens[n], :]   out (N, C), tokens (N) in [0, rows). Only looked-up rows
 // are dequantized.
 void qembedding_forward(float* out, const int32_t* tokens, const QuantMatrix& m, int64_t N);
+// The vocabulary-parallel lookup (embedding_forward_rows): m holds rows [row_begin, row_end)
+// of the whole table; a token outside them gives a zero row. out (N, C), tokens (N).
+void qembedding_forward_rows(float* out, const int32_t* tokens, const QuantMatrix& m, int64_t N, int64_t row_begin,
+                             int64_t row_end);
 
 }  // namespace flotilla::kernels

@@ -14,12 +14,9 @@
 #include "flotilla/io/tensor_store.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/model_writer.hpp"
+#include "flotilla/model/quantized_view.hpp"
 
 namespace flotilla::model {
-
-QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg);
-QuantMatrix quantized_view(const io::TensorStore& store, const std::string& module, int64_t rows, int64_t cols,
-                           const ModelConfig& cfg, int64_t stack, int64_t index);
 
 namespace {
 // mlx_lm's SwitchGLU layout of an MoE layer (model_writer.hpp's switch_mlp_module): the

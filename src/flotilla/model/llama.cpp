@@ -131,15 +131,21 @@ void Llama::linear_backward(float* dinp, float* dweight, float* dbias, const flo
 }
 
 void Llama::embedding_forward(float* out, const int32_t* tokens, int64_t N) const {
-  if (layout_.embed.is_quantized()) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
   if (tp_) {
     // Vocabulary-parallel: this rank's rows, zeros for the tokens other ranks hold; the sum
     // over the ranks is every token's row (one nonzero term each: exact).
-    k::embedding_forward_rows(out, tokens, p(layout_.embed), N, cfg_.dim, vocab_.begin, vocab_.end);
+    embedding_forward_rows(out, tokens, N);
     tp_->all_reduce_sum({out, static_cast<size_t>(N * cfg_.dim)}, "tp embedding");
     return;
   }
+  if (layout_.embed.is_quantized()) return k::qembedding_forward(out, tokens, quantized_weight(layout_.embed), N);
   k::embedding_forward(out, tokens, p(layout_.embed), N, cfg_.dim);
+}
+
+void Llama::embedding_forward_rows(float* out, const int32_t* tokens, int64_t N) const {
+  if (layout_.embed.is_quantized())
+    return k::qembedding_forward_rows(out, tokens, quantized_weight(layout_.embed), N, vocab_.begin, vocab_.end);
+  k::embedding_forward_rows(out, tokens, p(layout_.embed), N, cfg_.dim, vocab_.begin, vocab_.end);
 }
 
 void Llama::init_random(uint64_t seed) { init_random(seed, held_ranges()); }
@@ -670,7 +676,7 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
   if (first_stage()) {
     if (parallel_) parallel_->before_group_forward(ParamGroup::embedding());
     if (sequence_parallel()) {  // vocabulary-parallel partial rows, reduce-scattered into this rank's
-      k::embedding_forward_rows(a.ln, tokens, p(layout_.embed), N, C, vocab_.begin, vocab_.end);
+      embedding_forward_rows(a.ln, tokens, N);
       sequence_reduce_scatter(a.ln, a.layers[0].resid_in, a.seq, "sp embedding");
     } else {
       embedding_forward(a.layers[0].resid_in, tokens, N);

@@ -212,6 +212,20 @@ class Llama {
   const float* dense_weight(const WeightRef& ref) const {
     return ref.present() ? params_.data() + ref.offset() : nullptr;
   }
+  // A model of `cfg` whose weights named in `quantized` are stored quantized (the others
+  // zero, as Llama(cfg)): their matrices are then given one by one, in layout order, by
+  // add_quantized_matrix (a tensor-parallel rank's slices: model/tensor_parallel.hpp).
+  static Llama with_quantized(const ModelConfig& cfg, const std::set<std::string>& quantized);
+  // The next quantized slot's matrix (its shape must be the layout's); `keep_alive` owns
+  // the bytes it views (null where another argument's owner already does), `mapped`: they
+  // lie in a mapped model file (own_quantized then hands those pages back). A pipeline
+  // stage's model may give a tensor it does not hold (hold_only) with null bytes.
+  void add_quantized_matrix(const QuantMatrix& m, std::shared_ptr<const void> keep_alive, bool mapped);
+  // Tp rank `at`'s local model of this whole model (tensor_parallel_config's shape): the
+  // float slices copied, a quantized matrix's rows (column-parallel, vocabulary) viewed in
+  // place in this model's bytes (kept alive with them), its input columns (row-parallel:
+  // o, down) copied group by group (InputError when they do not fall on whole groups).
+  Llama tensor_parallel_slice(TpRank at) const;
   // A float32 copy of tensor `info` (dequantized when stored quantized); out (numel of shape).
   void weight_f32(const ParamInfo& info, std::span<float> out) const;
   // This float model with its Linear and embedding weights quantized in memory, exactly as
@@ -249,6 +263,9 @@ class Llama {
   kernels::GemmInput adapter_input() const { return kernels::GemmInput::f32; }
   // out (N, C) = embed_tokens[tokens]
   void embedding_forward(float* out, const int32_t* tokens, int64_t N) const;
+  // out (N, C) = this rank's vocabulary rows' part of it (vocab_rows(): zeros for the
+  // tokens other tp ranks hold), from the float or the quantized table.
+  void embedding_forward_rows(float* out, const int32_t* tokens, int64_t N) const;
 
   // One decoder block of layer l, the only place it is written: from la.resid_in (B, T, C)
   // into out (B, T, C), which may be la.resid_in itself; the other views of `la` receive

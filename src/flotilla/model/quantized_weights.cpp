@@ -13,6 +13,7 @@
 #include "flotilla/kernels/quant.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/model_writer.hpp"
+#include "flotilla/model/quantized_view.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -24,7 +25,7 @@ constexpr std::string_view kQuantizedWeightsComponent = "model";
 // `stack` > 0 the module is mlx_lm's stack of `stack` experts (SwitchLinear: each tensor
 // has that leading dimension) and the view is of expert `index`.
 QuantMatrix quantized_view(const io::TensorStore& store, const std::string& m, int64_t rows, int64_t cols,
-                           const ModelConfig& cfg, int64_t stack, int64_t index) {
+                           const ModelConfig& cfg, int64_t stack, int64_t index, bool check_values) {
   const std::string where = store.path().string();
   const std::optional<QuantFormat> f = cfg.quantization->for_module(m);
   if (!f)
@@ -79,8 +80,10 @@ QuantMatrix quantized_view(const io::TensorStore& store, const std::string& m, i
                                                dtype_name(t->dtype)));
   }
   const int64_t groups = rows * (cols / f->group_size);  // of this matrix (one expert of a stack)
-  store.check_finite(s, index * groups, groups);
-  store.check_finite(b, index * groups, groups);
+  if (check_values) {
+    store.check_finite(s, index * groups, groups);
+    store.check_finite(b, index * groups, groups);
+  }
   if (s.dtype != b.dtype)
     throw InputError(kQuantizedWeightsComponent, fmt::format("{}: {}.scales is {} but {}.biases is {}", where, m, dtype_name(s.dtype),
                                              m, dtype_name(b.dtype)));
@@ -96,8 +99,28 @@ QuantMatrix quantized_view(const io::TensorStore& store, const std::string& m, i
                      b.bytes.data() + e * group_bytes};
 }
 
-QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg) {
-  return quantized_view(store, module_of(info.name), info.shape[0], info.shape[1], cfg, 0, 0);
+QuantMatrix quantized_view(const io::TensorStore& store, const ParamInfo& info, const ModelConfig& cfg,
+                           bool check_values) {
+  return quantized_view(store, module_of(info.name), info.shape[0], info.shape[1], cfg, 0, 0, check_values);
+}
+
+Llama Llama::with_quantized(const ModelConfig& cfg, const std::set<std::string>& quantized) {
+  return Llama(cfg, quantized);
+}
+
+void Llama::add_quantized_matrix(const QuantMatrix& m, std::shared_ptr<const void> keep_alive, bool mapped) {
+  const auto slot = static_cast<int64_t>(qweights_.size());
+  const auto params = layout_.params();
+  const auto info = std::find_if(params.begin(), params.end(),
+                                 [&](const ParamInfo& p) { return p.quantized && p.quant_slot == slot; });
+  if (info == params.end())
+    throw Error(kQuantizedWeightsComponent, fmt::format("add_quantized_matrix: the model has {} quantized slots", slot));
+  if (info->shape != std::vector<int64_t>{m.rows, m.cols})
+    throw Error(kQuantizedWeightsComponent, fmt::format("add_quantized_matrix: {} is ({}, {}), not the layout's shape",
+                                                        info->name, m.rows, m.cols));
+  qweights_.push_back(m);
+  if (keep_alive && (qstorage_.empty() || qstorage_.back() != keep_alive)) qstorage_.push_back(std::move(keep_alive));
+  qweights_mapped_ = qweights_mapped_ || mapped;
 }
 
 void Llama::weight_f32(const ParamInfo& info, std::span<float> out) const {

@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -46,6 +50,22 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
   divides(full.n_heads, "attention heads");
   divides(full.n_kv_heads, "key-value heads");
   divides(full.ffn_dim, "MLP width (intermediate_size)");
+  if (full.quantization && tp > 1) {
+    // A row-parallel layer (o, down) is cut along its input columns, where a quantized
+    // matrix's groups run: each rank's share must be whole groups (slice_quantized).
+    for (int64_t l = 0; l < full.n_layers; ++l)
+      for (const auto& [module, in] : {std::pair<std::string, int64_t>{fmt::format("model.layers.{}.self_attn.o_proj", l),
+                                                                       full.q_dim()},
+                                       {fmt::format("model.layers.{}.mlp.down_proj", l), full.ffn_dim}}) {
+        const std::optional<QuantFormat> f = full.quantization->for_module(module);
+        if (f && (in / tp) % f->group_size != 0)
+          throw InputError("model", fmt::format("tensor parallelism (tp={}) gives each rank {} of {}.weight's {} input "
+                                                "columns, not a whole number of its quantization groups of {}: choose "
+                                                "a tp, or a group size (flotilla convert --group-size), that makes "
+                                                "each rank's share a multiple of the group size",
+                                                tp, in / tp, module, in, f->group_size));
+      }
+  }
   ModelConfig local = full;
   local.n_heads = full.n_heads / tp;
   local.n_kv_heads = full.n_kv_heads / tp;
@@ -196,19 +216,86 @@ SquareSums square_sums(const float* values, int64_t begin, int64_t end, std::spa
 
 void take_slices(Llama& local, const Llama& full, TpRank rank) {
   const std::span<float> params = local.params();
-  for (const ParamInfo& info : full.layout().params())
+  for (const ParamInfo& info : full.layout().params()) {
+    if (info.quantized) throw Error("model", "take_slices of a quantized model: use Llama::tensor_parallel_slice");
     copy_slice_out(info, local_of(local.layout(), info), rank, full.params(), params);
+  }
+}
+
+QuantSlice slice_quantized(const QuantMatrix& full, const ParamInfo& full_info, const ParamInfo& local_info,
+                           TpRank at) {
+  const auto rows = static_cast<int64_t>(local_info.shape.at(0)), cols = static_cast<int64_t>(local_info.shape.at(1));
+  const auto esz = static_cast<int64_t>(dtype_size(full.scale_dtype));
+  QuantMatrix m = full;
+  m.rows = rows;
+  m.cols = cols;
+  switch (tensor_slice(full_info, local_info)) {
+    case TensorSlice::replicated:
+      return {full, nullptr};
+    case TensorSlice::rows: {
+      // Rows [r0, r0 + rows): contiguous in the packed words, the scales and the biases.
+      const int64_t r0 = split_begin(full.rows, at);
+      m.packed = full.packed + r0 * full.words_per_row() * 4;
+      m.scales = full.scales + r0 * full.groups_per_row() * esz;
+      m.biases = full.biases + r0 * full.groups_per_row() * esz;
+      return {m, nullptr};
+    }
+    case TensorSlice::columns: {
+      // Columns [c0, c0 + cols) of every row: words [c0 / per_word, ...) and groups
+      // [c0 / group_size, ...) of it, when both fall on whole groups (and so whole words).
+      const int64_t c0 = split_begin(full.cols, at), gs = full.format.group_size, per_word = full.format.per_word();
+      if (c0 % gs != 0 || cols % gs != 0 || gs % per_word != 0)
+        throw InputError("model", fmt::format("tensor parallelism (tp={}) gives each rank {} of {}'s {} input columns, "
+                                              "not a whole number of its quantization groups of {}",
+                                              at.size, cols, full_info.name, full.cols, gs));
+      const int64_t words = cols / per_word, groups = cols / gs;
+      const int64_t packed_bytes = rows * words * 4, group_bytes = rows * groups * esz;
+      auto owned = std::make_shared<std::vector<std::byte>>(static_cast<size_t>(packed_bytes + 2 * group_bytes));
+      std::byte* packed = owned->data();
+      std::byte* scales = packed + packed_bytes;
+      std::byte* biases = scales + group_bytes;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(packed + r * words * 4, full.packed + (r * full.words_per_row() + c0 / per_word) * 4,
+                    static_cast<size_t>(words * 4));
+        const int64_t g = (r * full.groups_per_row() + c0 / gs) * esz;
+        std::memcpy(scales + r * groups * esz, full.scales + g, static_cast<size_t>(groups * esz));
+        std::memcpy(biases + r * groups * esz, full.biases + g, static_cast<size_t>(groups * esz));
+      }
+      m.packed = packed;
+      m.scales = scales;
+      m.biases = biases;
+      return {m, std::move(owned)};
+    }
+  }
+  return {full, nullptr};
 }
 
 }  // namespace flotilla::model
 
 namespace flotilla::model {
 
+Llama Llama::tensor_parallel_slice(TpRank at) const {
+  std::set<std::string> quantized;
+  for (const ParamInfo& info : layout_.params())
+    if (info.quantized) quantized.insert(info.name);
+  Llama local(tensor_parallel_config(cfg_, at), quantized);
+  // Row slices view this model's bytes: the local model keeps them alive too.
+  local.qstorage_ = qstorage_;
+  for (const ParamInfo& info : layout_.params()) {
+    const ParamInfo& mine = local_of(local.layout_, info);
+    if (!info.quantized) {
+      copy_slice_out(info, mine, at, params(), local.params());
+      continue;
+    }
+    QuantSlice slice = slice_quantized(qweights_[static_cast<size_t>(info.quant_slot)], info, mine, at);
+    const bool view = slice.owned == nullptr;
+    local.add_quantized_matrix(slice.matrix, std::move(slice.owned), view && qweights_mapped_);
+  }
+  return local;
+}
+
 void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& full) {
   if (group && group->tp_size() > 1) {
-    if (quantized())
-      throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split quantized (4-bit) weights yet",
-                                            group->tp_size()));
     const TpRank at{group->tp_rank(), group->tp_size()};
     if (cfg_.to_json() != tensor_parallel_config(full, at).to_json())
       throw Error("model", "set_tensor_parallel: this model is not the tp rank's slice of the full config");

@@ -31,10 +31,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <span>
 
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/params.hpp"
+#include "flotilla/tensor/quant.hpp"
 
 namespace flotilla::model {
 
@@ -92,8 +94,9 @@ SequenceShard sequence_shard(int64_t tokens, TpRank at);
 
 // Tp rank `at`'s local model config: heads, kv heads and ffn_dim divided by tp, and the
 // vocabulary its shard (vocab_shard). InputError (one line) when tp does not divide
-// n_heads, n_kv_heads or ffn_dim, the vocabulary is smaller than tp, or the model is a
-// mixture of experts (its experts are not split yet).
+// n_heads, n_kv_heads or ffn_dim, the vocabulary is smaller than tp, the model is a
+// mixture of experts (its experts are not split yet), or a quantized o or down matrix's
+// input columns would not be cut on its quantization groups (see QuantSlice below).
 ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at);
 
 // How tp rank r holds a full tensor, found from the two shapes.
@@ -135,8 +138,24 @@ struct SquareSums {
 };
 SquareSums square_sums(const float* values, int64_t begin, int64_t end, std::span<const ElementRange> split);
 
-// The local model's weights sliced from a whole model in memory (a model directory is read
-// slice by slice instead: model/tensor_parallel_io.hpp).
+// The local model's weights sliced from a whole float model in memory (a model directory is
+// read slice by slice instead: model/tensor_parallel_io.hpp; a quantized model in memory is
+// sliced by Llama::tensor_parallel_slice).
 void take_slices(Llama& local, const Llama& full, TpRank at);
+
+// Quantized (4-bit) bases. A quantized matrix's groups run along its rows (tensor/quant.hpp),
+// so a row slice (column-parallel q, k, v, gate, up; the vocabulary's embedding and lm_head)
+// is its rows' packed words, scales and biases, contiguous, taken as a view; and a column
+// slice (row-parallel o, down) is a copy of each row's words and groups of the rank's
+// columns, which must be whole groups: tensor_parallel_config refuses a quantized model
+// whose o or down share (in / tp columns) is not a multiple of the group size, naming the
+// tensor, the group size and tp. Either way the slice holds exactly the full matrix's
+// values of its elements (no re-quantization).
+struct QuantSlice {
+  QuantMatrix matrix;
+  std::shared_ptr<const void> owned;  // a column slice's copy; null: matrix views full's bytes
+};
+// Tp rank `at`'s slice of `full` (tensor full_info), shaped as local_info says.
+QuantSlice slice_quantized(const QuantMatrix& full, const ParamInfo& full_info, const ParamInfo& local_info, TpRank at);
 
 }  // namespace flotilla::model

@@ -14,8 +14,11 @@ namespace flotilla::model {
 // scratch the size of that one tensor and the rank's slice kept, so no rank holds the
 // whole model (at most its largest tensor besides its own slices). The directory's faults
 // are reported as Llama::load reports them (an unexpected tensor, non-finite values by
-// `non_finite`); InputError for a quantized directory, or a tp that does not divide the
-// model (tensor_parallel_config). `stage` (pp x tp): only that pipeline stage's tensors are
+// `non_finite`); InputError for a tp that does not divide the model
+// (tensor_parallel_config). A quantized (MLX-layout) directory's matrices are sliced as
+// model/tensor_parallel.hpp's QuantSlice says and copied out of the mapped file (a row
+// slice reads only its rows' bytes, a column slice of o or down every row's), whose pages
+// of that matrix are then handed back: a rank holds its slices of the packed base only. `stage` (pp x tp): only that pipeline stage's tensors are
 // read (Llama::hold_only), the others never touched. `shard` (ZeRO-3 x tp: ranges of the
 // local arena, ascending; empty: all): only the floats inside it are written.
 Llama load_tensor_parallel(const std::filesystem::path& dir, io::NonFinitePolicy non_finite, int tp, int rank,

@@ -45,8 +45,15 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   const model::ModelConfig local = model::tensor_parallel_config(cfg, {tp - 1, tp});
   std::optional<model::LoraAdapters> adapters;
   if (w.lora) adapters.emplace(local, w.lora_config);
-  p.state_bytes = w.lora ? 4.0 * static_cast<double>(p.params_per_rank) +
-                               16.0 * static_cast<double>(adapters->params().size())
+  // A LoRA rank's frozen base: 4 bytes a parameter, or a quantized base's slices as they
+  // are stored (packed words, scales and biases: the largest rank's).
+  double frozen_base_bytes = 4.0 * static_cast<double>(p.params_per_rank);
+  if (cfg.quantization) {
+    int64_t words = 0;
+    for (int r = 0; r < tp; ++r) words = std::max(words, model_words(model::tensor_parallel_config(cfg, {r, tp})));
+    frozen_base_bytes = 4.0 * static_cast<double>(words);
+  }
+  p.state_bytes = w.lora ? frozen_base_bytes + 16.0 * static_cast<double>(adapters->params().size())
                          : 16.0 * static_cast<double>(p.params_per_rank);
   p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
@@ -56,7 +63,7 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.rank0_memory_bytes = p.memory_bytes + p.final_model_bytes;
   if (dp >= 2) {
     const double t = w.lora ? static_cast<double>(adapters->params().size()) : static_cast<double>(p.params_per_rank);
-    const double frozen = w.lora ? 4.0 * static_cast<double>(p.params_per_rank) : 0.0;
+    const double frozen = w.lora ? frozen_base_bytes : 0.0;
     const double D = dp;
     p.zero_dp = dp;
     p.zero1_state_bytes = frozen + 8.0 * t + 12.0 * t / D;

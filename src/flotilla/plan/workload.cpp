@@ -16,6 +16,24 @@
 
 namespace flotilla::plan {
 
+int64_t weight_words(const model::ModelConfig& cfg, const model::ParamInfo& p) {
+  const std::string module = p.name.substr(0, p.name.rfind('.'));
+  const std::optional<QuantFormat> f = cfg.quantization && p.decay && p.shape.size() == 2
+                                           ? cfg.quantization->for_module(module)
+                                           : std::nullopt;
+  if (!f) return p.numel;
+  const int64_t groups_of_scales = p.numel / f->group_size;
+  return p.numel / f->per_word() + 2 * ((groups_of_scales * 2 + 3) / 4);
+}
+
+int64_t model_words(const model::ModelConfig& cfg) {
+  const model::ParamLayout layout(cfg);
+  if (!cfg.quantization) return layout.total_numel();
+  int64_t words = 0;
+  for (const model::ParamInfo& p : layout.params()) words += weight_words(cfg, p);
+  return words;
+}
+
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
                            int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint) {
   Workload w;
@@ -60,14 +78,7 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
     w.model_floats = 0;
     const auto groups = static_cast<int64_t>(w.zero3_group_floats.size());
     for (const model::ParamInfo& p : layout.params()) {
-      int64_t words = p.numel;
-      const std::string module = p.name.substr(0, p.name.rfind('.'));
-      const std::optional<QuantFormat> f =
-          p.decay && p.shape.size() == 2 ? cfg.quantization->for_module(module) : std::nullopt;
-      if (f) {
-        const int64_t groups_of_scales = p.numel / f->group_size;
-        words = p.numel / f->per_word() + 2 * ((groups_of_scales * 2 + 3) / 4);
-      }
+      const int64_t words = weight_words(cfg, p);
       w.model_floats += words;
       if (groups == 0) continue;
       const std::string prefix = "model.layers.";

@@ -11,6 +11,7 @@
 
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/params.hpp"
 #include "flotilla/plan/link.hpp"
 
 namespace flotilla::plan {
@@ -46,6 +47,13 @@ struct Workload {
 
   int64_t tokens_per_step() const { return batch_size * seq_len * grad_accum; }  // per rank
 };
+
+// What tensor p of a model of `cfg` holds in 4-byte words: its floats, or where the config
+// quantizes it, its packed words and its f16 scales and biases (as model_floats counts).
+int64_t weight_words(const model::ModelConfig& cfg, const model::ParamInfo& p);
+// The whole model's weights in 4-byte words (model_floats; a tensor-parallel rank's local
+// config gives what that rank holds of them).
+int64_t model_words(const model::ModelConfig& cfg);
 
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
                            int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint = false);

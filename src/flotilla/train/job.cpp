@@ -74,9 +74,8 @@ void check_tensor_parallel_flags(const TrainJob& job) {
   refuse_what_model_parallelism_lacks(job, refuse);
   // The tp ranks of a replica must run the same rows; each measures its own dp group.
   if (job.train.balance_every > 0) refuse("--balance");
-  // LoRA: a column-parallel layer's B is split by output rows, a row-parallel one's A by
-  // input columns (model::Llama::lora_row_parallel_forward).
-  if (job.fine_tune == FineTuneType::lora && !job.resume_adapter.empty()) refuse("--resume-adapter-file");
+  // LoRA (--resume-adapter-file too): each tp rank takes its slices of the whole adapters
+  // (train/job_model.cpp's attach_lora).
 }
 
 // The flags that need no model or data, checked first: a mistake shows before anything loads.

@@ -135,23 +135,29 @@ std::unique_ptr<model::LoraAdapters> attach_lora(const TrainJob& job, model::Lla
   // LoRA: adapters over the frozen base; the optimizer and checkpoints see only them.
   if (job.fine_tune == FineTuneType::lora) {
     std::unique_ptr<model::LoraAdapters> adapters;
+    // A tp rank's adapters are its slices of the whole ones (model/tensor_parallel.hpp): a
+    // column-parallel layer's B by output rows, a row-parallel one's (o, down) A by input
+    // columns (its bound and random stream, or its saved values, the whole A's).
+    const auto take_tp_slices = [&](const model::LoraAdapters& full) {
+      auto local = std::make_unique<model::LoraAdapters>(cfg, full.config());
+      const model::TpRank at{job.tp->tp_rank(), job.tp->tp_size()};
+      for (const model::ParamInfo& info : full.table().params())
+        model::copy_slice_out(info, *local->table().find(info.name), at, full.params(), local->params());
+      return local;
+    };
     if (!job.resume_adapter.empty()) {
-      adapters = std::make_unique<model::LoraAdapters>(model::LoraAdapters::load(job.resume_adapter, cfg, job.non_finite));
-      check_resumed_adapter(job, adapters->config(), cfg.n_layers);
+      // Read whole (a PEFT or mlx_lm file of the one-rank shapes), then sliced under tp.
+      model::LoraAdapters loaded = model::LoraAdapters::load(job.resume_adapter, whole, job.non_finite);
+      check_resumed_adapter(job, loaded.config(), cfg.n_layers);
+      adapters = job.tp ? take_tp_slices(loaded) : std::make_unique<model::LoraAdapters>(std::move(loaded));
       info(fmt::format("LoRA: continuing from {}", job.resume_adapter.string()));
+    } else if (job.tp) {
+      model::LoraAdapters full(whole, job.lora);
+      full.init_random(job.seed);
+      adapters = take_tp_slices(full);
     } else {
       adapters = std::make_unique<model::LoraAdapters>(cfg, job.lora);
-      if (job.tp) {
-        // The one-rank adapters' initial values, sliced: a row-parallel layer's A (o, down)
-        // is cut along its input columns, and its bound and random stream are the whole A's.
-        model::LoraAdapters full(whole, job.lora);
-        full.init_random(job.seed);
-        const model::TpRank at{job.tp->tp_rank(), job.tp->tp_size()};
-        for (const model::ParamInfo& info : full.table().params())
-          model::copy_slice_out(info, *adapters->table().find(info.name), at, full.params(), adapters->params());
-      } else {
-        adapters->init_random(job.seed);
-      }
+      adapters->init_random(job.seed);
     }
     model.attach_lora(adapters.get());
     const model::LoraConfig& lc = adapters->config();
