@@ -16,6 +16,18 @@
 
 namespace flotilla::plan {
 
+int64_t bf16_copy_floats(const model::ModelConfig& cfg) {
+  const model::ParamLayout layout(cfg);
+  int64_t floats = 0;
+  for (const model::ParamInfo& p : layout.params()) {
+    if (p.shape.size() != 2) continue;
+    if (p.name == "model.embed_tokens.weight" && !cfg.tie_embeddings) continue;
+    if (cfg.quantization && p.decay && cfg.quantization->for_module(p.name.substr(0, p.name.rfind('.')))) continue;
+    floats += p.numel;
+  }
+  return floats;
+}
+
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
                            int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint) {
   Workload w;
@@ -78,6 +90,7 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
     }
   }
   w.tied_embeddings = cfg.tie_embeddings;
+  w.bf16_copy_floats = bf16_copy_floats(cfg);
 
   std::optional<model::LoraAdapters> adapters;
   const model::ParamTable* trainable = &layout;
