@@ -236,6 +236,10 @@ TEST(TensorPlan, Bf16AddsTheWeightsCopiesThatProductsRead) {
     else
       EXPECT_DOUBLE_EQ(extra, copies) << s.name;
     EXPECT_GT(extra, 0.0) << s.name;
+    // And the rounded inputs' scratch: 4 x 32 rows of the widest product side (192, the
+    // MLP; the vocabulary is 37) twice: the rounded output gradient and input.
+    EXPECT_DOUBLE_EQ(memory_cost(s, bf16, 4).buffers - memory_cost(s, f32, 4).buffers, 2.0 * 128 * (192 + 192))
+        << s.name;
   }
   // tp: each rank's local tensors' copies (tp rank 1 holds 19 of the 37 lm_head rows).
   const TensorPlan a = plan_tensor_parallel(f32, StepCost{}, 2, Link{}), b = plan_tensor_parallel(bf16, StepCost{}, 2, Link{});

@@ -339,6 +339,7 @@ MemoryCost memory_without_arena(const Strategy& s, const Workload& w, int n) {
     m.weights += w.bf16_copy_bytes(zero3_gathered_floats(w) / static_cast<double>(w.model_floats));
   else
     m.weights += w.bf16_copy_bytes();
+  m.buffers += w.bf16_scratch_bytes();
   m.grads_in_backward = std::max(m.grads_in_backward, m.grads);
   return m;
 }

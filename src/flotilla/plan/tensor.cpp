@@ -62,8 +62,12 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
       most = std::max(most, static_cast<double>(bf16_copy_floats(model::tensor_parallel_config(cfg, {r, tp}))));
     p.state_bytes += 2.0 * most;
   }
+  Workload local_shape = w;
+  local_shape.model = local;
+  const double bf16_scratch = local_shape.bf16_scratch_bytes();  // the local widths
   p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
+  p.activation_bytes += bf16_scratch;
   p.memory_bytes = p.state_bytes + p.activation_bytes;
   p.final_model_bytes = w.lora ? 4.0 * static_cast<double>(model::LoraAdapters(cfg, w.lora_config).params().size())
                                : 4.0 * static_cast<double>(cfg.num_params());
@@ -122,7 +126,8 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
              ring_collectives_s(reduced_wire, A * static_cast<double>(3 + cfg.n_layers), 2.0 * (T - 1.0), link);
   s.step_s = work_s + s.comm_s;
   s.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
-      local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp));
+                           local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp)) +
+                       bf16_scratch;
   s.memory_bytes = p.state_bytes + s.activation_bytes;
   s.rank0_memory_bytes = s.memory_bytes + p.final_model_bytes;
   return p;

@@ -27,7 +27,8 @@
 //                   split tensors' Ψ/T plus the replicated norms; with LoRA 4 bytes a
 //                   base parameter plus 16 an adapter parameter (each B split by rows);
 //                   with --dtype bf16 also 2 bytes a float of the local tensors products
-//                   read (their bf16 copies: plan/workload.hpp);
+//                   read (their bf16 copies: plan/workload.hpp), and the activations
+//                   the rounded inputs' scratch at the local widths;
 //   activations     the activation plan of the local model (heads, MLP and logits cut
 //                   by T; the residual stream whole), as flotilla allocates it;
 //   the final model world rank 0 gathers every rank's slices into one whole model to write

@@ -16,6 +16,14 @@
 
 namespace flotilla::plan {
 
+double Workload::bf16_scratch_bytes() const {
+  if (dtype != kernels::GemmInput::bf16) return 0.0;
+  const auto rows = static_cast<double>(batch_size * seq_len);
+  const auto widest_input = static_cast<double>(std::max({model.dim, model.ffn_dim, model.q_dim()}));
+  const double widest = std::max(widest_input, static_cast<double>(model.vocab_size));
+  return 2.0 * rows * (widest + widest_input);
+}
+
 int64_t bf16_copy_floats(const model::ModelConfig& cfg) {
   const model::ParamLayout layout(cfg);
   int64_t floats = 0;

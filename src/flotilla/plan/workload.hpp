@@ -56,6 +56,11 @@ struct Workload {
   double bf16_copy_bytes(double share = 1.0) const {
     return dtype == kernels::GemmInput::bf16 ? 2.0 * share * static_cast<double>(bf16_copy_floats) : 0.0;
   }
+  // Under --dtype bf16 also the float inputs of the products rounded into two scratch
+  // buffers that keep their largest size (kernels/matmul.cpp, Bf16Scratch): one holds the
+  // widest of a micro-batch's B T rows a product reads or whose gradient it takes (the
+  // lm_head's logits gradient, V wide), the other the widest input a weight gradient reads.
+  double bf16_scratch_bytes() const;
 };
 
 // The floats of the weights a bf16 product reads, each of which gets a bf16 copy: every
