@@ -15,7 +15,7 @@ namespace flotilla::cli {
 void add_plan_command(CLI::App& app) {
   struct Options {
     plan::PlanJob job;
-    std::string fine_tune_type = "full", lora_targets = "q,v", compression_dtype = "f32", out;
+    std::string fine_tune_type = "full", lora_targets = "q,v", compression_dtype = "f32", dtype = "float32", out;
     bool force = false;
   };
   auto opt = std::make_shared<Options>();
@@ -81,6 +81,7 @@ void add_plan_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--sync-every", j.knobs.local_sgd_every, "Local SGD: steps between parameter averages")
       ->capture_default_str();
+  add_dtype_option(cmd, opt->dtype);
   cmd->add_option("--out", opt->out, "Write plan.json, plan.txt and speedup.svg here");
   cmd->add_flag("--force", opt->force, "Write into a non-empty --out directory");
   cmd->callback([opt, bw, lat, seq_len] {
@@ -90,6 +91,7 @@ void add_plan_command(CLI::App& app) {
       job.source.seq_len = data::prepared_seq_len(data::TokenDataset::open(job.source.data).index());
     job.source.lora = opt->fine_tune_type == "lora";
     job.knobs.compression_dtype = comm::parse_wire_dtype(opt->compression_dtype);
+    job.source.dtype = matmul_dtype_of(opt->dtype);
     job.source.lora_config.targets = model::LoraConfig::parse_targets(opt->lora_targets);
     job.bandwidth_given = bw->count() > 0;
     job.latency_given = lat->count() > 0;

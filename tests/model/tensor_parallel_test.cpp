@@ -7,8 +7,8 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
-#include <barrier>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -27,6 +27,8 @@
 #include "../temp_dir.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
+#include "thread_pair.hpp"
+#include "rounding_noise.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -35,57 +37,7 @@ using ::flotilla::testing::TempDir;
 using ::flotilla::testing::test_seed;
 using test_models::random_tokens;
 using test_models::tiny_qwen2;
-
-// Two ranks as threads: each all-reduce adds the two ranks' buffers in rank order, so both
-// get the same bits, as MPI's two-rank sum does.
-class ThreadPair {
- public:
-  class Rank final : public TensorParallelGroup {
-   public:
-    Rank(ThreadPair& pair, int rank) : pair_(pair), rank_(rank) {}
-    int tp_size() const override { return 2; }
-    int tp_rank() const override { return rank_; }
-    void all_reduce_sum(std::span<float> v, const char*) override { pair_.reduce(rank_, v); }
-    void all_reduce_sum(std::span<double> v, const char*) override { pair_.reduce(rank_, v); }
-    void all_reduce_max(std::span<float> v, const char*) override { pair_.reduce(rank_, v, true); }
-    void all_gather(std::span<const float> slice, std::span<float> whole, const char*) override {
-      pair_.gather(rank_, slice, whole);
-    }
-    void reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char*) override {
-      std::vector<float> sum(whole.begin(), whole.end());
-      pair_.reduce(rank_, std::span<float>(sum));
-      std::copy_n(sum.begin() + static_cast<std::ptrdiff_t>(rank_ * slice.size()), slice.size(), slice.begin());
-    }
-
-   private:
-    ThreadPair& pair_;
-    int rank_;
-  };
-
-  void gather(int rank, std::span<const float> slice, std::span<float> whole) {
-    slots_[rank] = slice.data();
-    sync_.arrive_and_wait();
-    for (int r = 0; r < 2; ++r)
-      std::copy_n(static_cast<const float*>(slots_[r]), slice.size(), whole.begin() + static_cast<std::ptrdiff_t>(r * slice.size()));
-    sync_.arrive_and_wait();  // both have read both slices
-  }
-
-  template <class T>
-  void reduce(int rank, std::span<T> v, bool max = false) {
-    slots_[rank] = v.data();
-    sync_.arrive_and_wait();
-    std::vector<T> sum(v.size());
-    const T* a = static_cast<const T*>(slots_[0]);
-    const T* b = static_cast<const T*>(slots_[1]);
-    for (size_t i = 0; i < v.size(); ++i) sum[i] = max ? std::max(a[i], b[i]) : a[i] + b[i];
-    sync_.arrive_and_wait();  // both have read both inputs
-    std::copy(sum.begin(), sum.end(), v.begin());
-  }
-
- private:
-  std::barrier<> sync_{2};
-  const void* slots_[2] = {nullptr, nullptr};
-};
+using test_models::ThreadPair;
 
 TEST(TensorParallelConfig, SplitsHeadsKvHeadsTheMlpAndTheVocabularyOrRefusesInOneLine) {
   const ModelConfig full = tiny_qwen2();
@@ -211,9 +163,30 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
   for (std::thread& t : threads) t.join();
 
   // Rounding: the o and down products and d(ln) are sums split in two; order-one weights.
+  // The draw's rounding noise as in the LoRA test below (rounding_noise.hpp): the one-rank
+  // step again, twice, with every weight one ulp off.
+  const std::vector<float> g(full.grads().begin(), full.grads().end());
+  std::vector<double> noise(full.layout().params().size(), 0.0);
+  double norm2_noise = 0.0;
+  {
+    const std::vector<float> weights(full.params().begin(), full.params().end());
+    for (int k = 0; k < 2; ++k) {
+      test_models::nudge_one_ulp(full.params(), rng);
+      full.zero_grads();
+      full.forward(tokens.data(), targets.data(), B, T);
+      full.backward(1.0f / static_cast<float>(expected.num_tokens));
+      norm2_noise = std::max(norm2_noise, std::abs(full.grad_sum_squares_tensor_parallel() - expected_norm2));
+      size_t t = 0;
+      for (const ParamInfo& info : full.layout().params())
+        noise[t] = std::max(noise[t], test_models::largest_change(full.grads(), g, info.offset, info.numel)), ++t;
+      std::copy(weights.begin(), weights.end(), full.params().begin());
+    }
+  }
+  constexpr double kNoiseTimes = 8.0;  // as in the LoRA test
+  double used = 0.0, used_fixed = 0.0;
   for (int r = 0; r < 2; ++r) {
     EXPECT_NEAR(loss[r].sum, expected.sum, 1e-4 * std::abs(expected.sum)) << "rank " << r;
-    EXPECT_NEAR(norm2[r], expected_norm2, 1e-4 * expected_norm2) << "rank " << r;
+    EXPECT_NEAR(norm2[r], expected_norm2, std::max(1e-4 * expected_norm2, kNoiseTimes * norm2_noise)) << "rank " << r;
     EXPECT_EQ(loss[r].num_tokens, expected.num_tokens);
     // Each rank's logits are its vocabulary columns of the whole (never gathered).
     const VocabShard v = vocab_shard(full_cfg.vocab_size, {r, 2});
@@ -231,10 +204,10 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
     EXPECT_LT(plan_bytes[0], tp_plan);
   else
     EXPECT_EQ(plan_bytes[0], tp_plan);
-  const std::span<const float> g = full.grads();
+  size_t tensor = 0;
   for (const ParamInfo& info : full.layout().params()) {
-    float scale = 1e-6f;
-    for (int64_t i = 0; i < info.numel; ++i) scale = std::max(scale, std::abs(g[static_cast<size_t>(info.offset + i)]));
+    const double scale = std::max(1e-6, test_models::largest_change(g, std::vector<float>(g.size()), info.offset, info.numel));
+    const double tolerance = std::max(1e-4 * scale, kNoiseTimes * noise[tensor++]);
     for (int r = 0; r < 2; ++r) {
       Llama& m = locals[static_cast<size_t>(r)];
       const ParamInfo& mine = *m.layout().find(info.name);
@@ -243,7 +216,11 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
       const std::span<const float> got = m.grads();
       for (int64_t i = 0; i < mine.numel; ++i) {
         const auto at = static_cast<size_t>(mine.offset + i);
-        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
+        ASSERT_NEAR(got[at], want[at], tolerance) << info.name << " rank " << r << " element " << i << " (scale "
+                                                  << scale << ", rounding noise " << noise[tensor - 1] << ")";
+        const double off = std::abs(static_cast<double>(got[at]) - want[at]);
+        used = std::max(used, off / tolerance);
+        used_fixed = std::max(used_fixed, off / (1e-4 * scale));
       }
       if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
         const ParamInfo& m0 = *locals[0].layout().find(info.name);
@@ -254,6 +231,8 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
       }
     }
   }
+  std::printf("[ rounding ] largest gradient difference %.3g of its tolerance (%.3g of 1e-4 of the scale)\n", used,
+              used_fixed);
 }
 
 INSTANTIATE_TEST_SUITE_P(TiedOrNotSequenceParallelOrNot, TensorParallelModel,
@@ -312,16 +291,48 @@ void expect_lora_gradient_slices(Llama& full, std::vector<Llama>& locals, bool s
   }
   for (std::thread& t : threads) t.join();
 
-  const std::span<const float> g = whole.grads();
+  // The draw's rounding noise (rounding_noise.hpp): the one-rank step again, twice, with
+  // every weight and adapter one ulp off and the same dropout masks; per tensor the largest
+  // change of its gradient, and of the clipping norm.
+  const std::vector<float> g(whole.grads().begin(), whole.grads().end());
+  std::vector<double> noise(whole.table().params().size(), 0.0);
+  double norm2_noise = 0.0;
+  {
+    const std::vector<float> weights(full.params().begin(), full.params().end());
+    const std::vector<float> lora_weights(whole.params().begin(), whole.params().end());
+    for (int k = 0; k < 2; ++k) {
+      test_models::nudge_one_ulp(full.params(), rng);
+      test_models::nudge_one_ulp(whole.params(), rng);
+      full.set_dropout_step(0);
+      full.zero_grads();
+      full.forward(tokens.data(), targets.data(), B, T);
+      full.backward(1.0f / static_cast<float>(expected.num_tokens));
+      norm2_noise = std::max(norm2_noise, std::abs(full.grad_sum_squares_tensor_parallel() - expected_norm2));
+      size_t t = 0;
+      for (const ParamInfo& info : whole.table().params())
+        noise[t] = std::max(noise[t], test_models::largest_change(whole.grads(), g, info.offset, info.numel)), ++t;
+      std::copy(weights.begin(), weights.end(), full.params().begin());
+      std::copy(lora_weights.begin(), lora_weights.end(), whole.params().begin());
+    }
+  }
+  // Accepted: the usual 1e-4 of the scale, or kNoiseTimes the draw's own rounding noise where
+  // that is larger (an ill-conditioned draw; rounding_noise.hpp). Measured over 300 fresh
+  // seeds of the four cases (1200 runs): 5 runs were over the fixed 1e-4 (up to 4.6 times
+  // it, as seed 12181650701941647467 at 1.6), and in those the tp difference was at most 0.9
+  // of the noise; the largest share of this tolerance any run used was 0.32.
+  constexpr double kNoiseTimes = 8.0;
+  double used = 0.0, used_fixed = 0.0, noisiest = 0.0, of_noise = 0.0;  // shares of the tolerance, of 1e-4 of the scale
   int row_parallel_seen = 0;
   for (int r = 0; r < 2; ++r) {
     EXPECT_NEAR(loss[r].sum, expected.sum, 1e-4 * std::abs(expected.sum)) << "rank " << r;
     // The norm's split and whole parts each counted right: off by a B's squares otherwise.
-    EXPECT_NEAR(norm2[r], expected_norm2, 1e-4 * expected_norm2) << "rank " << r;
+    EXPECT_NEAR(norm2[r], expected_norm2, std::max(1e-4 * expected_norm2, kNoiseTimes * norm2_noise)) << "rank " << r;
   }
+  size_t tensor = 0;
   for (const ParamInfo& info : whole.table().params()) {
-    float scale = 1e-6f;
-    for (int64_t i = 0; i < info.numel; ++i) scale = std::max(scale, std::abs(g[static_cast<size_t>(info.offset + i)]));
+    const double scale = std::max(1e-6, test_models::largest_change(g, std::vector<float>(g.size()), info.offset, info.numel));
+    const double tolerance = std::max(1e-4 * scale, kNoiseTimes * noise[tensor]);
+    noisiest = std::max(noisiest, noise[tensor] / scale);
     for (int r = 0; r < 2; ++r) {
       const LoraAdapters& a = *adapters[static_cast<size_t>(r)];
       const ParamInfo& mine = *a.table().find(info.name);
@@ -330,7 +341,12 @@ void expect_lora_gradient_slices(Llama& full, std::vector<Llama>& locals, bool s
       const std::span<const float> got = adapters[static_cast<size_t>(r)]->grads();
       for (int64_t i = 0; i < mine.numel; ++i) {
         const auto at = static_cast<size_t>(mine.offset + i);
-        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
+        ASSERT_NEAR(got[at], want[at], tolerance) << info.name << " rank " << r << " element " << i << " (scale "
+                                                  << scale << ", rounding noise " << noise[tensor] << ")";
+        const double off = std::abs(static_cast<double>(got[at]) - want[at]);
+        used = std::max(used, off / tolerance);
+        used_fixed = std::max(used_fixed, off / (1e-4 * scale));
+        if (noise[tensor] > 0.0) of_noise = std::max(of_noise, off / noise[tensor]);
       }
       const bool row_parallel = info.name.find("o_proj") != std::string::npos ||
                                 info.name.find("down_proj") != std::string::npos;
@@ -345,8 +361,12 @@ void expect_lora_gradient_slices(Llama& full, std::vector<Llama>& locals, bool s
             << info.name << ": a whole adapter's gradient differs between the tp ranks";
       }
     }
+    ++tensor;
   }
   EXPECT_EQ(row_parallel_seen, 2 * full_cfg.n_layers);  // o's and down's B in each layer
+  std::printf("[ rounding ] largest difference %.3g of its tolerance (%.3g of 1e-4 of the scale, %.3g of the "
+              "rounding noise); noisiest tensor's noise %.3g of its scale\n",
+              used, used_fixed, of_noise, noisiest);
   for (Llama& m : locals) m.attach_lora(nullptr);
   full.attach_lora(nullptr);
 }

@@ -9,6 +9,8 @@
 
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
+#include <cmath>
+
 #include "flotilla/plan/plan.hpp"
 
 namespace flotilla::plan {
@@ -126,6 +128,126 @@ TEST(TensorPlan, ZeroOverTheReplicasShardsEachSlicesState) {
   EXPECT_FALSE(tensor_json(plan_tensor_parallel(w, StepCost{}, 2, Link{})).contains("zero"));
 }
 
+TEST(TensorPlan, ZeroThreeOverTheReplicasShardsEachSliceAndGathersItOverDp) {
+  // tp=2 on 8 ranks, ZeRO-3 over the 4 replicas of each slice, by hand from the local model
+  // of tp rank 1 (19 of the 37 vocabulary rows: the larger), whose blocks and head are
+  // ZeRO-3's groups: 16 bytes a local parameter / 4 (the tail of G mod 4 floats on every
+  // rank), 3/4 of the two largest adjacent groups gathered at once, their gradients in
+  // backward; and over dp each slice gathered twice and its gradient reduce-scattered.
+  const Workload w = describe_workload(small_llama(), false, {}, 4, 32, 1);
+  StepCost cost;
+  cost.data_s = 0.01;
+  cost.compute_s = 1.0;
+  cost.update_s = 0.1;
+  const Link tp_link{1e9, 1e-5, "given"}, dp_link{1e8, 1e-4, "given"};
+  const TensorPlan p = plan_tensor_parallel(w, cost, 2, tp_link, ReplicaMesh{4, dp_link, 1.0, 1, 8}, 1.0);
+  const Workload local = describe_workload(model::tensor_parallel_config(small_llama(), {1, 2}), false, {}, 4, 32, 1);
+  const auto G = static_cast<double>(local.trainable_floats);
+  EXPECT_EQ(local.trainable_floats, p.params_per_rank);
+  const double shard = std::floor(G / 4) + std::fmod(G, 4);
+  double adjacent = 0.0;
+  const std::vector<int64_t>& g = local.zero3_group_floats;
+  ASSERT_EQ(g.size(), 4u);  // embedding, 2 blocks, the head (final norm, lm_head)
+  for (size_t i = 0; i + 1 < g.size(); ++i) adjacent = std::max(adjacent, static_cast<double>(g[i] + g[i + 1]));
+  const TensorPlan::Zero3& z = p.zero3;
+  EXPECT_DOUBLE_EQ(z.optimizer_bytes, 8 * shard);
+  EXPECT_DOUBLE_EQ(z.weight_bytes, 4 * shard + 0.75 * 4 * adjacent);
+  EXPECT_DOUBLE_EQ(z.grad_bytes, 4 * shard + 4 * adjacent);
+  EXPECT_DOUBLE_EQ(z.activation_bytes, p.activation_bytes);
+  EXPECT_DOUBLE_EQ(z.memory_bytes, z.weight_bytes + z.grad_bytes + z.optimizer_bytes + z.activation_bytes +
+                                       z.buffer_bytes);
+  EXPECT_DOUBLE_EQ(z.rank0_memory_bytes, z.memory_bytes + p.final_model_bytes);
+  // On the dp link: 3/4 of (gathered twice + reduce-scattered), the norm's 8 and the loss's
+  // 16 bytes all-reduced (2 x 3/4 each); 3 collectives a layer of 3 ring steps.
+  const double floats = static_cast<double>(local.model_floats);
+  EXPECT_DOUBLE_EQ(z.dp_wire_bytes_per_rank, 0.75 * (2 * 4 * floats + 4 * G) + 1.5 * (8 + 16));
+  EXPECT_NEAR(z.dp_comm_s, 0.75 * (2 * 4 * floats + 4 * G) / 1e8 + 3 * 2 * 3 * 1e-4 + 1.5 * (8 + 16) / 1e8 + 2 * 6 * 1e-4,
+              1e-12);
+  // The step: data, compute / 2, the update / 8 (each rank updates its shard of its slice),
+  // tp's and ZeRO-3's communication; 4 replicas run 4 times tp's rows.
+  EXPECT_NEAR(z.step_s, 0.01 + 1.0 / 2 + 0.1 / 8 + p.comm_s + z.dp_comm_s, 1e-12);
+  EXPECT_NEAR(z.speedup, 4 * 1.11 / z.step_s, 1e-12);
+  const nlohmann::json j = tensor_json(p);
+  EXPECT_DOUBLE_EQ(j["zero"]["stage3"]["memory_bytes_per_rank"].get<double>(), z.memory_bytes);
+  // One replica: no ZeRO-3 figures.
+  EXPECT_EQ(plan_tensor_parallel(w, cost, 2, tp_link).zero3.memory_bytes, 0.0);
+}
+
+TEST(TensorPlan, ZeroThreeOverTpReplicasRecommendedWhereItBeatsTheOtherLayouts) {
+  // A Qwen2-0.5B-shaped model (2 kv heads: tp is at most 2), full fine-tuning, one row of
+  // 1024 tokens a rank, on 2 machines of 2 ranks (10 GB/s inside a machine, 1 Gbit/s
+  // between) of 11.75 GiB, 10.6 usable: a replica needs 10.7 GiB at its peak, tp=2's two
+  // ranks a machine more, and ZeRO's ranks each hold the whole row's activations (ZeRO-3
+  // 6.6 GiB a rank); one row gives a pipeline one micro-batch (a bubble of half or more).
+  // dp=2,tp=2 with ZeRO-3 (10.4 GiB on the fullest machine, rank 0's final model included)
+  // keeps tp's all-reduces inside a machine, gathers half the model over dp, and runs 2
+  // replicas where pp=2,tp=2 runs one.
+  model::ModelConfig cfg;
+  cfg.arch = model::Architecture::qwen2;
+  cfg.qkv_bias = true;
+  cfg.dim = 896;
+  cfg.n_layers = 24;
+  cfg.n_heads = 14;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 64;
+  cfg.ffn_dim = 4864;
+  cfg.vocab_size = 151936;
+  cfg.tie_embeddings = true;
+  PlanRequest r;
+  r.workload = describe_workload(cfg, false, {}, 1, 1024, 1);
+  r.cost.compute_s = 40.0;
+  r.cost.update_s = 2.0;
+  r.cost.threads = 4;
+  r.cluster.hosts = 2;
+  r.cluster.slots = 2;
+  r.cluster.cores = 8;
+  r.cluster.memory_bytes = int64_t{47} << 28;  // 11.75 GiB
+  r.cluster.network = {1e9 / 8, 50e-6, "given"};
+  r.cluster.local = {10e9, 1e-6, "given"};
+  r.rows_per_epoch = 3600.0 * 10 / 42.0 * 4;
+  r.train_args = "--model m --data d --batch-size 1 --seq-len 1024";
+  const PlanResult p = make_plan(r);
+  const Recommendation& rec = p.recommendation;
+  EXPECT_EQ(rec.advice, Advice::tensor_parallel_sharded) << render_text(p);
+  EXPECT_EQ(rec.strategy, "dp=2,tp=2 ZeRO-3") << rec.reason;
+  EXPECT_EQ(rec.ranks, 4);
+  EXPECT_NE(rec.command.find("--parallel dp=2,tp=2 --zero 3"), std::string::npos) << rec.command;
+  EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
+  EXPECT_NE(render_text(p).find("dp=2,tp=2 --zero 3: memory"), std::string::npos);
+}
+
+TEST(TensorPlan, Bf16AddsTheWeightsCopiesThatProductsRead) {
+  // small_llama by hand: per layer q and o 64 x 64, k and v 32 x 64, gate and up 192 x 64,
+  // down 64 x 192; lm_head 37 x 64; the untied embedding is a lookup (no copy), norms none.
+  const double layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 192 * 64;
+  EXPECT_EQ(bf16_copy_floats(small_llama()), static_cast<int64_t>(2 * layer + 37 * 64));
+  model::ModelConfig tied = small_llama();
+  tied.tie_embeddings = true;  // lm_head reads the embedding: its copy instead
+  EXPECT_EQ(bf16_copy_floats(tied), static_cast<int64_t>(2 * layer + 37 * 64));
+  const Workload f32 = describe_workload(small_llama(), false, {}, 4, 32, 1);
+  Workload bf16 = f32;
+  bf16.dtype = kernels::GemmInput::bf16;
+  const double copies = 2.0 * (2 * layer + 37 * 64);
+  EXPECT_DOUBLE_EQ(bf16.bf16_copy_bytes(), copies);
+  EXPECT_DOUBLE_EQ(f32.bf16_copy_bytes(), 0.0);
+  // Every data-parallel row holds all copies; ZeRO-3's ranks those of the groups in flight.
+  for (const Strategy& s : all_strategies({}, f32, 2)) {
+    const double extra = memory_cost(s, bf16, 4).weights - memory_cost(s, f32, 4).weights;
+    if (s.kind == StrategyKind::zero3)
+      EXPECT_LT(extra, copies) << s.name;
+    else
+      EXPECT_DOUBLE_EQ(extra, copies) << s.name;
+    EXPECT_GT(extra, 0.0) << s.name;
+    // And the rounded inputs' scratch: 4 x 32 rows of the widest product side (192, the
+    // MLP; the vocabulary is 37) twice: the rounded output gradient and input.
+    EXPECT_DOUBLE_EQ(memory_cost(s, bf16, 4).buffers - memory_cost(s, f32, 4).buffers, 2.0 * 128 * (192 + 192))
+        << s.name;
+  }
+  // tp: each rank's local tensors' copies (tp rank 1 holds 19 of the 37 lm_head rows).
+  const TensorPlan a = plan_tensor_parallel(f32, StepCost{}, 2, Link{}), b = plan_tensor_parallel(bf16, StepCost{}, 2, Link{});
+  EXPECT_DOUBLE_EQ(b.state_bytes - a.state_bytes, 2.0 * (layer + 19 * 64));
+}
+
 TEST(TensorPlan, RanksSharingAMachinesCoresComputeSlowerAsDataParallelsDo) {
   // Two ranks of one thread on one core of one machine, each 1.5x slower again for sharing
   // it (the measured contention): tp's, the pipeline's and pp x tp's compute 3x one alone's
@@ -224,10 +346,11 @@ TEST(TensorPlan, PipelineStagesOfTpGroupsRecommendedWhereTpFitsAMachineAndThePip
   EXPECT_NE(rec.command.find("--parallel pp=2,tp=2 --micro-batches "), std::string::npos) << rec.command;
   EXPECT_EQ(rec.reason.find('\n'), std::string::npos) << rec.reason;
   EXPECT_NE(rec.reason.find("between stages"), std::string::npos) << rec.reason;
-  // The flowchart names every layout it weighed: tp=2, tp=4, pp=2, pp=4 and pp=2,tp=2.
+  // The flowchart names every layout it weighed: tp=2, its 2 replicas with ZeRO-3, tp=4,
+  // pp=2, pp=4 and pp=2,tp=2.
   int weighed = 0;
   for (const std::string& line : rec.walk) weighed += line.find("on the fullest machine at its peak") != std::string::npos;
-  EXPECT_EQ(weighed, 5) << render_text(p);
+  EXPECT_EQ(weighed, 6) << render_text(p);
   // Every machine's 2 ranks at their peak fit, rank 0's gather of the final model included.
   const MeshPlan* chosen = nullptr;
   for (const MeshPlan& m : p.meshes)

@@ -50,7 +50,7 @@ double lora_flops_per_token(const model::ModelConfig& c, int64_t T, int64_t lora
   return 4.0 * matmul_params(c) + attention_flops(c, T) + 6.0 * static_cast<double>(lora_params);
 }
 
-SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats) {
+SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats, kernels::GemmInput input) {
   SgemmRate rate;
   Rng rng(1);
   for (const SgemmShape& s : shapes) {
@@ -58,8 +58,16 @@ SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats) {
         out(static_cast<size_t>(s.M * s.N));
     rng.fill_uniform(a, -1.0f, 1.0f);
     rng.fill_uniform(b, -1.0f, 1.0f);
+    std::vector<uint16_t> b16;
+    if (input == kernels::GemmInput::bf16) {
+      b16.resize(b.size());
+      kernels::convert_to_bf16(b.data(), static_cast<int64_t>(b.size()), b16.data());
+    }
     const double ms = best_of_ms(repeats, [&] {
-      kernels::matmul_forward(out.data(), a.data(), b.data(), nullptr, s.M, s.K, s.N);
+      if (input == kernels::GemmInput::bf16)
+        kernels::matmul_forward_bf16(out.data(), a.data(), b16.data(), nullptr, s.M, s.K, s.N);
+      else
+        kernels::matmul_forward(out.data(), a.data(), b.data(), nullptr, s.M, s.K, s.N);
     });
     const double gflops = 2.0 * static_cast<double>(s.M) * s.N * s.K / (ms * 1e6);
     rate.per_shape.emplace_back(s, gflops);

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/config.hpp"
 
 namespace flotilla::plan {
@@ -42,9 +43,12 @@ struct SgemmRate {
   std::vector<std::pair<SgemmShape, double>> per_shape;  // GFLOP/s
 };
 
-// Times kernels::matmul_forward (the BLAS every linear layer uses) on each shape with
-// the current thread count: best of `repeats` after one untimed call.
-SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats);
+// Times kernels::matmul_forward (the product every linear layer uses) on each shape with
+// the current thread count: best of `repeats` after one untimed call. With `input` bf16,
+// kernels::matmul_forward_bf16 on a bf16 copy of the weight made once, as the model's
+// products run under --dtype bf16 (inputs rounded per call, float32 accumulation).
+SgemmRate measure_sgemm(const std::vector<SgemmShape>& shapes, int repeats,
+                        kernels::GemmInput input = kernels::GemmInput::f32);
 
 // The shapes a training step of this model at (B, T) runs most: q/o, the MLP's two
 // directions and the lm_head.

@@ -24,6 +24,7 @@ std::string train_args(const PlanJob& job) {
   if (s.grad_accum != 1) out += fmt::format(" --grad-accum {}", s.grad_accum);
   if (!s.pack) out += " --no-pack";
   if (s.grad_checkpoint) out += " --grad-checkpoint";
+  if (s.dtype == kernels::GemmInput::bf16) out += " --dtype bf16";
   if (s.bucket_mb != PlanSource{}.bucket_mb) out += fmt::format(" --bucket-mb {:g}", s.bucket_mb);
   if (s.lora) {
     std::string targets;
@@ -141,6 +142,7 @@ PlanResult run_plan_job(const PlanJob& job, comm::Communicator& world) {
   req.workload = describe_workload(cfg, src.lora, src.lora_config, src.batch_size, src.seq_len, src.grad_accum,
                                     src.grad_checkpoint);
   req.workload.bucket_mb = src.bucket_mb;
+  req.workload.dtype = src.dtype;
   req.knobs = job.knobs;
   req.micro_batches = job.micro_batches;
   req.runs = job.runs;

@@ -19,6 +19,7 @@
 #include "flotilla/data/text_dataset.hpp"
 #include "flotilla/data/token_dataset.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 #include "flotilla/plan/flops.hpp"
 #include "flotilla/text/byte_tokenizer.hpp"
 #include "flotilla/text/tokenizer.hpp"
@@ -121,6 +122,7 @@ StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize
     model->attach_lora(&*adapters);
   }
   model->set_grad_checkpoint(src.grad_checkpoint);
+  model->set_matmul_input(src.dtype);
   std::unique_ptr<data::BatchSource> source;
   if (d.prepared) {
     data::SamplerConfig sc;
@@ -155,14 +157,15 @@ StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize
   c.update_s = median(update_s);
   c.threads = num_threads();
   c.peak_rss_bytes = peak_rss_bytes();
-  c.source = fmt::format("measured: median of {} training steps after {} warm-up, {} thread{}", opt.steps,
-                         opt.warmup_steps, c.threads, c.threads == 1 ? "" : "s");
+  c.source = fmt::format("measured: median of {} training steps after {} warm-up, {} thread{}, {} products",
+                         opt.steps, opt.warmup_steps, c.threads, c.threads == 1 ? "" : "s",
+                         model::matmul_dtype_name(src.dtype));
   return c;
 }
 
 StepCost estimate_step(const Workload& w) {
   const model::ModelConfig& cfg = w.model;
-  const SgemmRate rate = measure_sgemm(training_gemm_shapes(cfg, w.batch_size, w.seq_len), 3);
+  const SgemmRate rate = measure_sgemm(training_gemm_shapes(cfg, w.batch_size, w.seq_len), 3, w.dtype);
   const double fpt = (w.lora ? lora_flops_per_token(cfg, w.seq_len, w.trainable_floats) : flops_per_token(cfg, w.seq_len)) +
                      (w.grad_checkpoint ? recompute_flops_per_token(cfg, w.seq_len) : 0.0);
   StepCost c;
@@ -183,8 +186,9 @@ StepCost estimate_step(const Workload& w) {
   }
   c.update_s = median(times) * static_cast<double>(w.trainable_floats) / kProbe;
   c.threads = num_threads();
-  c.source = fmt::format("estimated (--no-run): {:.3g} GFLOP per step at the SGEMM rate {:.1f} GFLOP/s, {} thread{}",
-                         fpt * static_cast<double>(w.tokens_per_step()) / 1e9, rate.best_gflops, c.threads,
+  c.source = fmt::format("estimated (--no-run): {:.3g} GFLOP per step at the {} rate {:.1f} GFLOP/s, {} thread{}",
+                         fpt * static_cast<double>(w.tokens_per_step()) / 1e9,
+                         w.dtype == kernels::GemmInput::bf16 ? "bf16 product" : "SGEMM", rate.best_gflops, c.threads,
                          c.threads == 1 ? "" : "s");
   return c;
 }

@@ -27,6 +27,9 @@ struct PlanSource {
   double bucket_mb = 25.0;       // as train --bucket-mb: the units ZeRO reduce-scatters
   bool lora = false;
   model::LoraConfig lora_config;
+  // train --dtype, as this machine runs it (model::resolve_matmul_dtype): the measured run
+  // trains in it, the --no-run estimate times its products in it.
+  kernels::GemmInput dtype = kernels::GemmInput::f32;
 };
 
 // The model's config: dir/config.json for a directory, else the file itself.
@@ -51,8 +54,8 @@ struct MeasureOptions {
 // data's epoch into `data` when given (the data is read once).
 StepCost measure_step(const PlanSource& src, const MeasureOptions& opt, DataSize* data = nullptr);
 
-// --no-run: forward + backward from FLOPs per token over the SGEMM rate of this
-// machine's GEMMs at the workload's shapes (an optimistic bound: attention, norms and the
+// --no-run: forward + backward from FLOPs per token over the rate of this machine's
+// products at the workload's shapes in the workload's dtype (SGEMM, or bf16) (an optimistic bound: attention, norms and the
 // loss run below the GEMM rate); the update from timing AdamW on a buffer of 2^20 floats,
 // scaled to the trainable size; data time 0.
 StepCost estimate_step(const Workload& w);

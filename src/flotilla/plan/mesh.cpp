@@ -16,8 +16,9 @@ MeshPlan plan_mesh(const Workload& w, const StepCost& one_rank, int pp, int tp, 
   p.pp = pp;
   p.tp = tp;
   const model::ModelConfig local_cfg = model::tensor_parallel_config(w.model, {0, tp});
-  const Workload local = describe_workload(local_cfg, w.lora, w.lora_config, w.batch_size, w.seq_len, w.grad_accum,
-                                           w.grad_checkpoint);
+  Workload local = describe_workload(local_cfg, w.lora, w.lora_config, w.batch_size, w.seq_len, w.grad_accum,
+                                     w.grad_checkpoint);
+  local.dtype = w.dtype;
   const double T = tp;
   StepCost sliced = one_rank;
   sliced.compute_s /= T;

@@ -65,7 +65,9 @@ PipelinePlan plan_pipeline(const Workload& w, const StepCost& one_rank, int stag
       if (r.begin == 0 || (last && w.tied_embeddings)) floats += static_cast<double>(groups[0]);
       if (last && groups.size() > L + 1) floats += static_cast<double>(groups[L + 1]);
     }
-    const double state = w.lora ? 4.0 * floats + 16.0 * static_cast<double>(w.trainable_floats) : 16.0 * floats;
+    double state = w.lora ? 4.0 * floats + 16.0 * static_cast<double>(w.trainable_floats) : 16.0 * floats;
+    // --dtype bf16: the copies of the stage's tensors, as the model's dense share of them.
+    if (w.model_floats > 0) state += w.bf16_copy_bytes(floats / static_cast<double>(w.model_floats));
     p.state_bytes.push_back(state);
     p.memory_bytes.push_back(state + p.activation_bytes[p.state_bytes.size() - 1]);
     if (dp >= 2 && !w.lora) p.zero1_state_bytes.push_back(8.0 * floats + 12.0 * floats / static_cast<double>(dp));

@@ -23,6 +23,8 @@
 //                   layers' pages are never written, so never resident);
 //   state           a stage's own tensors only: 16 bytes a parameter (weights, gradients,
 //                   AdamW's moments), so P stages hold about 1/P of the model each;
+//                   with --dtype bf16 their bf16 copies, 2 bytes a float of the model's
+//                   dense share (Workload::bf16_copy_floats / model_floats) of the stage's;
 //   the final model stage 0 writes it tensor by tensor after the last step, receiving each
 //                   tensor another stage owns into its place and handing it back once
 //                   written (parallel/pipeline_sync.cpp): the largest such tensor on top of

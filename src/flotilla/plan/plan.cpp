@@ -8,6 +8,7 @@
 
 #include "flotilla/base/error.hpp"
 #include "flotilla/base/file.hpp"
+#include "flotilla/model/matmul_dtype.hpp"
 #include "flotilla/train/report.hpp"
 
 namespace flotilla::plan {
@@ -87,6 +88,16 @@ std::vector<ModelParallel> model_parallel_layouts(const PlanResult& p) {
     out.push_back({Advice::tensor_parallel, fmt::format("tp={}", t.tp), fmt::format("--parallel tp={}", t.tp), t.tp,
                    t.step_s, t.speedup, fullest_host_bytes(ranks, slots),
                    fmt::format("all-reducing {} of activations a step", format_bytes(t.all_reduce_bytes))});
+    if (t.zero_dp < 2) continue;
+    // ZeRO-3 over the replicas: every rank holds its shard of its slice; rank 0 also the final model.
+    std::vector<double> mesh(static_cast<size_t>(t.tp * t.zero_dp), t.zero3.memory_bytes);
+    mesh[0] = t.zero3.rank0_memory_bytes;
+    out.push_back({Advice::tensor_parallel_sharded, fmt::format("dp={},tp={} ZeRO-3", t.zero_dp, t.tp),
+                   fmt::format("--parallel dp={},tp={} --zero 3", t.zero_dp, t.tp), t.tp * t.zero_dp, t.zero3.step_s,
+                   t.zero3.speedup, fullest_host_bytes(mesh, slots),
+                   fmt::format("all-reducing {} of activations over tp and gathering and reduce-scattering {} of "
+                               "its slices over dp a step from each rank",
+                               format_bytes(t.all_reduce_bytes), format_bytes(t.zero3.dp_wire_bytes_per_rank))});
   }
   for (const PipelinePlan& pp : p.pipelines)
     out.push_back({Advice::pipeline_parallel, fmt::format("pp={}", pp.stages),
@@ -208,6 +219,7 @@ std::string_view advice_name(Advice a) {
     case Advice::local_sgd: return "local SGD";
     case Advice::sharding: return "sharding (ZeRO)";
     case Advice::tensor_parallel: return "tensor parallel";
+    case Advice::tensor_parallel_sharded: return "tensor parallel with ZeRO-3 over its replicas";
     case Advice::pipeline_parallel: return "pipeline parallel";
     case Advice::pipeline_tensor_parallel: return "pipeline stages of tensor-parallel groups";
     case Advice::does_not_fit: return "does not fit";
@@ -241,7 +253,7 @@ PlanResult make_plan(const PlanRequest& request) {
   p.run_s_one = request.epochs * p.epoch_s_one;
   // Model-parallel ranks that share a machine's cores compute slower, as data parallel's do.
   const auto slow = [&](int n) { return compute_slowdown(c, request.cost, n); };
-  p.tensors = tensor_parallel_plans(w, request.cost, N, [&](int tp) { return c.link_for(tp); }, slow);
+  p.tensors = tensor_parallel_plans(w, request.cost, c, slow);
   for (int P = 2; P <= N && P <= w.model.n_layers; P *= 2) {
     int64_t M = request.micro_batches;
     if (M <= 0)
@@ -429,6 +441,9 @@ std::string render_text(const PlanResult& p) {
                      w.lora ? "LoRA" : "full fine-tuning", static_cast<double>(w.trainable_floats) / 1e6);
   out += fmt::format("step: batch {} x seq {} x accum {} = {} tokens per rank\n", w.batch_size, w.seq_len,
                      w.grad_accum, w.tokens_per_step());
+  if (w.dtype == kernels::GemmInput::bf16)
+    out += fmt::format("products: bf16 inputs, float32 accumulation; the weights' bf16 copies {} on a whole replica\n",
+                       format_bytes(w.bf16_copy_bytes()));
   out += fmt::format("data: {}\n", r.data_description);
   out += fmt::format("machines: {} host{} x {} rank{} each, {} cores, {} memory each [{}]\n", c.hosts,
                      c.hosts == 1 ? "" : "s", c.slots, c.slots == 1 ? "" : "s", c.cores,
@@ -566,10 +581,21 @@ std::string render_text(const PlanResult& p) {
                        t.tp, format_bytes(t.sequence.wire_bytes_per_rank), format_seconds(t.sequence.comm_s),
                        format_seconds(t.sequence.step_s), format_bytes(t.sequence.activation_bytes),
                        format_bytes(t.sequence.memory_bytes));
-    if (t.zero_dp > 1)
+    if (t.zero_dp > 1) {
       out += fmt::format("  dp={},tp={} --zero 1 | 2: state {} | {} per rank (the replicas shard each slice's "
                          "optimizer state, and at stage 2 its gradients)\n",
                          t.zero_dp, t.tp, format_bytes(t.zero1_state_bytes), format_bytes(t.zero2_state_bytes));
+      const TensorPlan::Zero3& z = t.zero3;
+      out += fmt::format("  dp={},tp={} --zero 3: memory {} per rank at the peak ({} weights, {} gradients in "
+                         "backward, {} moments, {} activations, {} buffers; rank 0 {} with the final model); "
+                         "{} over dp on the wire from each rank in {} beside tp's {}; step {} ({:.2f}x one rank "
+                         "with its {} replicas)\n",
+                         t.zero_dp, t.tp, format_bytes(z.memory_bytes), format_bytes(z.weight_bytes),
+                         format_bytes(z.grad_bytes), format_bytes(z.optimizer_bytes), format_bytes(z.activation_bytes),
+                         format_bytes(z.buffer_bytes), format_bytes(z.rank0_memory_bytes),
+                         format_bytes(z.dp_wire_bytes_per_rank), format_seconds(z.dp_comm_s),
+                         format_seconds(t.comm_s), format_seconds(z.step_s), z.speedup, t.zero_dp);
+    }
   }
 
   for (const MeshPlan& m : p.meshes) {
@@ -620,7 +646,9 @@ nlohmann::json plan_json(const PlanResult& p) {
                    {"trainable_floats", w.trainable_floats}, {"lora", w.lora},
                    {"batch_size", w.batch_size},          {"seq_len", w.seq_len},
                    {"grad_accum", w.grad_accum},          {"activation_bytes", w.activation_bytes},
-                   {"grad_checkpoint", w.grad_checkpoint}};
+                   {"grad_checkpoint", w.grad_checkpoint},
+                   {"dtype", model::matmul_dtype_name(w.dtype)},
+                   {"bf16_copy_bytes", w.bf16_copy_bytes()}};
   j["cluster"] = {{"hosts", c.hosts},   {"slots", c.slots},  {"cores", c.cores}, {"one_machine", c.one_machine},
                   {"memory_bytes", c.memory_bytes}, {"memory_source", c.memory_source}, {"network", link_json(c.network)}, {"local", link_json(c.local)}};
   j["one_rank"] = {{"data_s", r.cost.data_s},       {"compute_s", r.cost.compute_s}, {"update_s", r.cost.update_s},

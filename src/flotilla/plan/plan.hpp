@@ -56,6 +56,7 @@ enum class Advice {
   local_sgd,
   sharding,
   tensor_parallel,
+  tensor_parallel_sharded,  // dp x tp with ZeRO-3 over the dp replicas of each slice
   pipeline_parallel,
   pipeline_tensor_parallel,
   does_not_fit

@@ -332,6 +332,14 @@ MemoryCost memory_without_arena(const Strategy& s, const Workload& w, int n) {
       break;
     }
   }
+  // --dtype bf16: the bf16 copies of the weights products read. ZeRO-3 converts a group when
+  // it is gathered and drops the copy with the group (Llama::drop_bf16): copies of the
+  // groups in flight only, as the dense share of their floats.
+  if (s.kind == StrategyKind::zero3 && n > 1 && w.model_floats > 0)
+    m.weights += w.bf16_copy_bytes(zero3_gathered_floats(w) / static_cast<double>(w.model_floats));
+  else
+    m.weights += w.bf16_copy_bytes();
+  m.buffers += w.bf16_scratch_bytes();
   m.grads_in_backward = std::max(m.grads_in_backward, m.grads);
   return m;
 }

@@ -50,6 +50,9 @@
 //                  tied embedding with the last block and the head; in backward also the
 //                  gradients of two adjacent groups not yet reduce-scattered and a tied
 //                  embedding's whole gradient (parallel/zero3.hpp). One rank: plain.
+// Under --dtype bf16 every strategy's weights add the bf16 copies of the tensors products
+// read (2 bytes a float of Workload::bf16_copy_floats; ZeRO-3: of the groups in flight),
+// and the buffers add the rounded inputs' scratch (Workload::bf16_scratch_bytes);
 // and for every strategy the activations and exchange buffers; where several ranks share a
 // host, also the parts of the host's shared-memory arena (comm/algorithms/host_shm.hpp) a
 // rank touches: on one host, ZeRO's reduce-scatters and all-gathers go through its

@@ -8,6 +8,7 @@
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
+#include "flotilla/plan/strategy.hpp"
 
 namespace flotilla::plan {
 
@@ -22,6 +23,12 @@ bool tensor_parallel_splits(const Workload& w, int tp) {
 
 TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link, int dp,
                                 double slow) {
+  return plan_tensor_parallel(w, one_rank, tp, link, ReplicaMesh{dp, link, slow, 1, 1}, slow);
+}
+
+TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int tp, const Link& link,
+                                const ReplicaMesh& replicas, double slow) {
+  const int dp = replicas.dp;
   const model::ModelConfig& cfg = w.model;
   TensorPlan p;
   p.tp = tp;
@@ -55,8 +62,19 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   }
   p.state_bytes = w.lora ? frozen_base_bytes + 16.0 * static_cast<double>(adapters->params().size())
                          : 16.0 * static_cast<double>(p.params_per_rank);
+  // --dtype bf16: the local model's copies (tensor.hpp).
+  if (w.dtype == kernels::GemmInput::bf16) {
+    double most = 0.0;
+    for (int r = 0; r < tp; ++r)
+      most = std::max(most, static_cast<double>(bf16_copy_floats(model::tensor_parallel_config(cfg, {r, tp}))));
+    p.state_bytes += 2.0 * most;
+  }
+  Workload local_shape = w;
+  local_shape.model = local;
+  const double bf16_scratch = local_shape.bf16_scratch_bytes();  // the local widths
   p.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
       local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint));
+  p.activation_bytes += bf16_scratch;
   p.memory_bytes = p.state_bytes + p.activation_bytes;
   p.final_model_bytes = w.lora ? 4.0 * static_cast<double>(model::LoraAdapters(cfg, w.lora_config).params().size())
                                : 4.0 * static_cast<double>(cfg.num_params());
@@ -68,6 +86,34 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
     p.zero_dp = dp;
     p.zero1_state_bytes = frozen + 8.0 * t + 12.0 * t / D;
     p.zero2_state_bytes = frozen + 4.0 * t + 12.0 * t / D;
+
+    // ZeRO-3 over the replicas (tensor.hpp): the strategy rows' ZeRO-3 on the local model
+    // of the tp rank that holds the most (its vocabulary share), over dp ranks.
+    model::ModelConfig largest = local;
+    for (int r = 0; r < tp; ++r) {
+      const model::ModelConfig c = model::tensor_parallel_config(cfg, {r, tp});
+      if (c.num_params() > largest.num_params()) largest = c;
+    }
+    Workload lw = describe_workload(largest, w.lora, w.lora_config, w.batch_size, w.seq_len, w.grad_accum,
+                                    w.grad_checkpoint);
+    lw.bucket_mb = w.bucket_mb;
+    lw.dtype = w.dtype;
+    const Strategy zero3{StrategyKind::zero3, 1, 0.0, true, comm::WireDtype::f32, "ZeRO-3", "--zero 3"};
+    const MemoryCost m = memory_cost(zero3, lw, dp, replicas.ranks_per_host, replicas.hosts);
+    const CommCost c = comm_cost(zero3, lw, dp, replicas.link);
+    TensorPlan::Zero3& z = p.zero3;
+    z.weight_bytes = m.weights;
+    z.grad_bytes = m.grads_in_backward;
+    z.optimizer_bytes = m.optimizer;
+    z.activation_bytes = m.activations;
+    z.buffer_bytes = m.buffers;
+    z.memory_bytes = m.peak();
+    z.rank0_memory_bytes = z.memory_bytes + p.final_model_bytes;
+    z.dp_wire_bytes_per_rank = c.wire_bytes;
+    z.dp_comm_s = c.seconds;
+    const double mesh_work_s = (one_rank.data_s + one_rank.compute_s / T + one_rank.update_s / (T * D)) * replicas.slow;
+    z.step_s = mesh_work_s + p.comm_s + z.dp_comm_s;
+    z.speedup = z.step_s > 0.0 ? D * one_rank.total_s() / z.step_s : 0.0;
   }
 
   // Sequence parallelism (tensor.hpp): halves of R' C 4 bytes per micro-batch, each sending
@@ -87,7 +133,8 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
              ring_collectives_s(reduced_wire, A * static_cast<double>(3 + cfg.n_layers), 2.0 * (T - 1.0), link);
   s.step_s = work_s + s.comm_s;
   s.activation_bytes = static_cast<double>(model::Llama::activation_bytes(
-      local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp));
+                           local, adapters ? &*adapters : nullptr, w.batch_size, w.seq_len, w.grad_checkpoint, tp)) +
+                       bf16_scratch;
   s.memory_bytes = p.state_bytes + s.activation_bytes;
   s.rank0_memory_bytes = s.memory_bytes + p.final_model_bytes;
   return p;
@@ -117,10 +164,24 @@ nlohmann::json tensor_json(const TensorPlan& p) {
             {"activation_bytes_per_rank", p.sequence.activation_bytes},
             {"memory_bytes_per_rank", p.sequence.memory_bytes},
             {"memory_bytes_rank0", p.sequence.rank0_memory_bytes}}}};
-  if (p.zero_dp > 1)
+  if (p.zero_dp > 1) {
+    const TensorPlan::Zero3& z = p.zero3;
     j["zero"] = {{"dp", p.zero_dp},
                  {"stage1_state_bytes_per_rank", p.zero1_state_bytes},
-                 {"stage2_state_bytes_per_rank", p.zero2_state_bytes}};
+                 {"stage2_state_bytes_per_rank", p.zero2_state_bytes},
+                 {"stage3",
+                  {{"weight_bytes_per_rank", z.weight_bytes},
+                   {"grad_bytes_per_rank_in_backward", z.grad_bytes},
+                   {"optimizer_bytes_per_rank", z.optimizer_bytes},
+                   {"activation_bytes_per_rank", z.activation_bytes},
+                   {"buffer_bytes_per_rank", z.buffer_bytes},
+                   {"memory_bytes_per_rank", z.memory_bytes},
+                   {"memory_bytes_rank0", z.rank0_memory_bytes},
+                   {"dp_wire_bytes_per_rank_per_step", z.dp_wire_bytes_per_rank},
+                   {"dp_comm_s", z.dp_comm_s},
+                   {"step_s", z.step_s},
+                   {"speedup", z.speedup}}}};
+  }
   return j;
 }
 

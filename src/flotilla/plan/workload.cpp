@@ -34,6 +34,26 @@ int64_t model_words(const model::ModelConfig& cfg) {
   return words;
 }
 
+double Workload::bf16_scratch_bytes() const {
+  if (dtype != kernels::GemmInput::bf16) return 0.0;
+  const auto rows = static_cast<double>(batch_size * seq_len);
+  const auto widest_input = static_cast<double>(std::max({model.dim, model.ffn_dim, model.q_dim()}));
+  const double widest = std::max(widest_input, static_cast<double>(model.vocab_size));
+  return 2.0 * rows * (widest + widest_input);
+}
+
+int64_t bf16_copy_floats(const model::ModelConfig& cfg) {
+  const model::ParamLayout layout(cfg);
+  int64_t floats = 0;
+  for (const model::ParamInfo& p : layout.params()) {
+    if (p.shape.size() != 2) continue;
+    if (p.name == "model.embed_tokens.weight" && !cfg.tie_embeddings) continue;
+    if (cfg.quantization && p.decay && cfg.quantization->for_module(p.name.substr(0, p.name.rfind('.')))) continue;
+    floats += p.numel;
+  }
+  return floats;
+}
+
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
                            int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint) {
   Workload w;
@@ -89,6 +109,7 @@ Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model
     }
   }
   w.tied_embeddings = cfg.tie_embeddings;
+  w.bf16_copy_floats = bf16_copy_floats(cfg);
 
   std::optional<model::LoraAdapters> adapters;
   const model::ParamTable* trainable = &layout;

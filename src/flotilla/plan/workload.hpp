@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "flotilla/kernels/gemm.hpp"
 #include "flotilla/model/config.hpp"
 #include "flotilla/model/lora.hpp"
 #include "flotilla/model/params.hpp"
@@ -24,6 +25,10 @@ struct Workload {
   int64_t seq_len = 128;    // T
   int64_t grad_accum = 1;   // micro-batches per optimizer step per rank
   bool grad_checkpoint = false;  // train --grad-checkpoint: blocks recomputed in backward
+  // train --dtype: the matrix products' inputs in float32, or bf16 (float32 accumulation).
+  // Under bf16 the model keeps a bf16 copy of every dense tensor a product reads, beside
+  // the float32 weights (model::Llama::set_matmul_input): 2 bytes each of bf16_copy_floats.
+  kernels::GemmInput dtype = kernels::GemmInput::f32;
   double bucket_mb = 25.0;       // train --bucket-mb: fusion buckets, ZeRO's units (0: one unit)
 
   // Derived by describe_workload from the config, exactly as the model lays them out.
@@ -43,9 +48,20 @@ struct Workload {
   // block, the head (final norm and an untied lm_head), each up to the next's offset.
   std::vector<int64_t> zero3_group_floats;
   bool tied_embeddings = false;  // the head reads the embedding: gathered with it
+  int64_t bf16_copy_floats = 0;  // floats of the tensors bf16 products read (bf16_copy_floats())
   int64_t activation_bytes = 0;      // Llama::activation_bytes(B, T), adapters and checkpointing included
 
   int64_t tokens_per_step() const { return batch_size * seq_len * grad_accum; }  // per rank
+  // The bf16 copies of the weights under --dtype bf16 (0 in float32), for a rank holding
+  // the whole model; `share` of them where it holds part (ZeRO-3's gathered groups).
+  double bf16_copy_bytes(double share = 1.0) const {
+    return dtype == kernels::GemmInput::bf16 ? 2.0 * share * static_cast<double>(bf16_copy_floats) : 0.0;
+  }
+  // Under --dtype bf16 also the float inputs of the products rounded into two scratch
+  // buffers that keep their largest size (kernels/matmul.cpp, Bf16Scratch): one holds the
+  // widest of a micro-batch's B T rows a product reads or whose gradient it takes (the
+  // lm_head's logits gradient, V wide), the other the widest input a weight gradient reads.
+  double bf16_scratch_bytes() const;
 };
 
 // What tensor p of a model of `cfg` holds in 4-byte words: its floats, or where the config
@@ -54,6 +70,12 @@ int64_t weight_words(const model::ModelConfig& cfg, const model::ParamInfo& p);
 // The whole model's weights in 4-byte words (model_floats; a tensor-parallel rank's local
 // config gives what that rank holds of them).
 int64_t model_words(const model::ModelConfig& cfg);
+// The floats of the weights a bf16 product reads, each of which gets a bf16 copy: every
+// 2-D float tensor but an untied input embedding (a lookup): q, k, v, o, the MLP's (and
+// experts' and router's) matrices, lm_head or the tied embedding it reads. Not the norms
+// and biases, not a quantized tensor (its tiles are dequantized per product), not LoRA's
+// adapters (float32 products: Llama::adapter_input).
+int64_t bf16_copy_floats(const model::ModelConfig& cfg);
 
 Workload describe_workload(const model::ModelConfig& cfg, bool lora, const model::LoraConfig& lora_config,
                            int64_t batch_size, int64_t seq_len, int64_t grad_accum, bool grad_checkpoint = false);
