@@ -206,6 +206,26 @@ TEST(Gemm, SameInputsGiveTheSameBitsRunToRun) {
   }
 }
 
+TEST(Gemm, OneSignatureOnNewBuffersEachCallReadsAndWritesThoseBuffers) {
+  // Each thread keeps the memory objects of a signature and points them at every call's
+  // buffers: a call must read its own A and B and write its own C, never a previous call's
+  // (nor one bound before gemm_clear_cache).
+  Rng rng(test_seed());
+  const Case c{Transpose::no, Transpose::yes, 40, 24, 32, 0, 0, 0, 1.0f, true};
+  for (int round = 0; round < 2; ++round) {
+    std::vector<Operands> operands;
+    std::vector<std::vector<float>> results;
+    for (int i = 0; i < 3; ++i) {
+      operands.push_back(make_operands(rng, c));
+      results.push_back(operands.back().C0);
+    }
+    for (int i = 0; i < 3; ++i) run(c, operands[static_cast<size_t>(i)], results[static_cast<size_t>(i)]);
+    for (int i = 0; i < 3; ++i)
+      expect_matches_triple_loop(c, operands[static_cast<size_t>(i)], results[static_cast<size_t>(i)]);
+    gemm_clear_cache();
+  }
+}
+
 TEST(Gemm, CallsFromManyThreadsAndFromInsideParallelRegionsAreCorrect) {
   gemm_clear_cache();
   Rng rng(test_seed());

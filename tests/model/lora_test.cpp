@@ -77,6 +77,23 @@ TEST(Lora, AdapterGradientsMatchFiniteDifferences) {
   EXPECT_EQ(checked, 3 * 2 * 7 * 2);  // 3 samples x (A, B) x 7 targets x 2 layers
 }
 
+TEST(Lora, AdapterGradientsMatchFiniteDifferencesWhenSomeProjectionsHaveNone) {
+  // Backward recomputes a product's input (SwiGLU's output for down, the MLP's norm for
+  // gate and up) only where a gradient or an adapter reads it: these target sets skip one
+  // or both, and every adapter's gradients must stay right.
+  for (const char* targets : {"q,k,v,o", "up", "down"}) {
+    SCOPED_TRACE(targets);
+    LoraConfig cfg = all_targets(2);
+    cfg.targets = LoraConfig::parse_targets(targets);
+    AdaptedModel setup(cfg, fresh_seed());
+    auto& [rng, model, lora] = setup;
+    const int64_t B = 2, T = 5;
+    const LoraBatch batch = random_batch(rng, B * T, 29);
+    EXPECT_GT(lora_check::expect_grads_match_finite_differences(model, lora, batch.tokens, batch.targets, B, T, rng),
+              0);
+  }
+}
+
 TEST(Lora, FrozenBaseKeepsNoGradientAndStaysUnchanged) {
   Llama model(lora_config());
   model.init_random(1);

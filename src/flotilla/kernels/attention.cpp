@@ -16,9 +16,12 @@
 // primitive; one-row decoding steps take gemm()'s primitive-free path.
 //
 // Number format (GemmInput): float32, or bf16 products with float32 accumulation (--dtype
-// bf16). In bf16, q, k, v and dout are rounded once per call, and each task rounds the
-// block of P or dS that its next product reads into a per-thread scratch; the softmax, its
-// backward and every sum stay float32, as do probs (saved for backward) and the outputs.
+// bf16). In bf16, q, k, v and dout are rounded once per call; forward's tasks round the P
+// block of their second product into a per-thread scratch, and backward's first phase
+// writes each row's dS and P rounded once into the scratch argument (which holds a float
+// row's bytes, so room for both), which the second phase's products read as they are. The
+// softmax, its backward and every sum stay float32, as do probs (saved for backward) and
+// the outputs.
 // Decoding steps (fewer than kGemmPrimitiveMinRows new queries behind a cache) stay float32:
 // a new key count every token would cost a bf16 primitive per token, and there is no
 // primitive-free bf16 path.
@@ -118,6 +121,34 @@ FLOTILLA_KERNEL const uint16_t* attention_round_block(Buffer<uint16_t>& scratch,
   return out;
 }
 
+// Per-thread float block for backward's dP in bf16 (the float32 path writes it into scratch).
+thread_local Buffer<float> attention_block_dp;
+
+float* attention_dp_block(int64_t n) {
+  if (static_cast<size_t>(n) > attention_block_dp.size()) attention_block_dp.resize(static_cast<size_t>(n));
+  return attention_block_dp.data();
+}
+
+// One query row of backward in bf16: dS = P * (dP - rowsum(dP * P)) over keys [first, lim],
+// written rounded to bf16 into ds, and P rounded into p_out; both zero in [0, first) and
+// (lim, zend), as the float32 path zeroes its rows (phase 2 reads whole key blocks).
+// dp holds keys [kbeg, lim] (kbeg <= first); p (Tk) is the row of the saved probs.
+FLOTILLA_KERNEL void attention_ds_row_bf16(uint16_t* ds, uint16_t* p_out, const float* p, const float* dp,
+                                           int64_t kbeg, int64_t first, int64_t lim, int64_t zend) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = first; j <= lim; ++j) dot += p[j] * dp[j - kbeg];
+#pragma omp simd
+  for (int64_t j = first; j <= lim; ++j) {
+    ds[j] = f32_to_bf16(p[j] * (dp[j - kbeg] - dot));
+    p_out[j] = f32_to_bf16(p[j]);
+  }
+  std::fill(ds, ds + first, uint16_t{0});
+  std::fill(ds + lim + 1, ds + zend, uint16_t{0});
+  std::fill(p_out, p_out + first, uint16_t{0});
+  std::fill(p_out + lim + 1, p_out + zend, uint16_t{0});
+}
+
 }  // namespace
 
 FLOTILLA_KERNEL void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
@@ -191,6 +222,12 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
   const int64_t ldq = NH * hd, ldkv = NKV * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
+  // In bf16, each scratch row (Tk floats) holds the row's dS and P rounded to bf16 instead
+  // (Tk of each, dS first): phase 1 writes them once, phase 2's products read them as they
+  // are, with no second rounding pass over blocks it would read from memory as floats.
+  uint16_t* const rounded = bf.q ? reinterpret_cast<uint16_t*>(scratch) : nullptr;
+  const int64_t ldr = 2 * Tk;  // row stride of the rounded dS and P, in bf16 elements
+
   // Phase 1, per query block of one (b, h): dS into scratch, and dq, which only this task
   // writes.
   const int64_t nqb = ceil_div(Tq, kBlock);
@@ -209,13 +246,25 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     const float* P = probs + ((b * NH + h) * Tq + r0) * Tk;     // (rows, Tk)
     float* S = scratch + ((b * NH + h) * Tq + r0) * Tk;         // (rows, Tk)
     float* dQ = dq + (b * Tq + r0) * ldq + h * hd;              // (rows, hd)
-    // forward: O = P @ V  =>  dP = dO @ V^T
-    if (bf.q)
+    if (bf.q) {
+      // dP (rows, nkeys) into a per-thread block; dS and P rounded into the scratch rows.
+      uint16_t* Sr = rounded + ((b * NH + h) * Tq + r0) * ldr;  // (rows, Tk), ld ldr; P's at + Tk
+      float* dP = attention_dp_block(rows * nkeys);
       gemm_bf16(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, bf.dout + (dO - dout), ldq,
-                bf.v + (V - v) + kbeg * ldkv, ldkv, false, S + kbeg, Tk);
-    else
-      gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, dO, ldq, V + kbeg * ldkv, ldkv, false,
-           S + kbeg, Tk);
+                bf.v + (V - v) + kbeg * ldkv, ldkv, false, dP, nkeys);
+      for (int64_t t = r0; t < r1; ++t) {
+        const int64_t first = key_start ? key_start[b * Tq + t] : 0;
+        attention_ds_row_bf16(Sr + (t - r0) * ldr, Sr + (t - r0) * ldr + Tk, P + (t - r0) * Tk,
+                              dP + (t - r0) * nkeys, kbeg, first, t + off, masked_zeros_end(t + off, kend, Tk));
+      }
+      // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
+      gemm_bf16(Transpose::no, Transpose::no, rows, hd, nkeys, scale, Sr + kbeg, ldr, bf.k + (K - k) + kbeg * ldkv,
+                ldkv, true, dQ, ldq);
+      continue;
+    }
+    // forward: O = P @ V  =>  dP = dO @ V^T
+    gemm(Transpose::no, Transpose::yes, rows, nkeys, hd, 1.0f, dO, ldq, V + kbeg * ldkv, ldkv, false, S + kbeg,
+         Tk);
     // forward: P = softmax(S)  =>  dS = P * (dP - rowsum(dP * P)); zero outside the
     // visible range (as far as masked_zeros_end) so that phase 2 can read whole key-block
     // columns.
@@ -233,13 +282,7 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
       std::fill(s + lim + 1, s + masked_zeros_end(lim, kend, Tk), 0.0f);
     }
     // forward: S = scale * Q @ K^T  =>  dQ += scale * dS @ K
-    if (bf.q)
-      gemm_bf16(Transpose::no, Transpose::no, rows, hd, nkeys, scale,
-                attention_round_block(attention_block_s, S + kbeg, rows, nkeys, Tk), nkeys,
-                bf.k + (K - k) + kbeg * ldkv, ldkv, true, dQ, ldq);
-    else
-      gemm(Transpose::no, Transpose::no, rows, hd, nkeys, scale, S + kbeg, Tk, K + kbeg * ldkv, ldkv, true,
-           dQ, ldq);
+    gemm(Transpose::no, Transpose::no, rows, hd, nkeys, scale, S + kbeg, Tk, K + kbeg * ldkv, ldkv, true, dQ, ldq);
   }
 
   // Phase 2, per key block of one (b, kv head): dk and dv sum over every query head of the
@@ -257,20 +300,19 @@ FLOTILLA_KERNEL void attention_backward(float* dq, float* dk, float* dv, float* 
     float* dK = dk + (b * Tk + c0) * ldkv + g * hd;  // (cols, hd)
     float* dV = dv + (b * Tk + c0) * ldkv + g * hd;  // (cols, hd)
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-      const float* S = scratch + ((b * NH + h) * Tq + t0) * Tk + c0;  // (nq, cols), ld Tk
-      const float* P = probs + ((b * NH + h) * Tq + t0) * Tk + c0;    // (nq, cols), ld Tk
       const float* Q = q + (b * Tq + t0) * ldq + h * hd;              // (nq, hd)
       const float* dO = dout + (b * Tq + t0) * ldq + h * hd;          // (nq, hd)
       if (bf.q) {
-        // The same two products on the blocks rounded to bf16 (leading dimension cols).
-        gemm_bf16(Transpose::yes, Transpose::no, cols, hd, nq, scale,
-                  attention_round_block(attention_block_s, S, nq, cols, Tk), cols, bf.q + (Q - q), ldq, true, dK,
+        // The same two products on phase 1's rounded dS and P, (nq, cols) blocks, ld ldr.
+        const uint16_t* Sr = rounded + ((b * NH + h) * Tq + t0) * ldr + c0;
+        gemm_bf16(Transpose::yes, Transpose::no, cols, hd, nq, scale, Sr, ldr, bf.q + (Q - q), ldq, true, dK,
                   ldkv);
-        gemm_bf16(Transpose::yes, Transpose::no, cols, hd, nq, 1.0f,
-                  attention_round_block(attention_block_p, P, nq, cols, Tk), cols, bf.dout + (dO - dout), ldq,
+        gemm_bf16(Transpose::yes, Transpose::no, cols, hd, nq, 1.0f, Sr + Tk, ldr, bf.dout + (dO - dout), ldq,
                   true, dV, ldkv);
         continue;
       }
+      const float* S = scratch + ((b * NH + h) * Tq + t0) * Tk + c0;  // (nq, cols), ld Tk
+      const float* P = probs + ((b * NH + h) * Tq + t0) * Tk + c0;    // (nq, cols), ld Tk
       // forward: S = scale * Q @ K^T  =>  dK += scale * dS^T @ Q
       gemm(Transpose::yes, Transpose::no, cols, hd, nq, scale, S, Tk, Q, ldq, true, dK, ldkv);
       // forward: O = P @ V  =>  dV += P^T @ dO

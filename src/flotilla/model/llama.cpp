@@ -763,6 +763,7 @@ void Llama::backward(float dloss_scale) {
   float* g = frozen ? nullptr : grads_.data();
   // The gradient of a float tensor; null for an absent or quantized one, or a frozen base.
   auto gp = [&](const WeightRef& ref) { return ref.is_dense() && g ? g + ref.offset() : nullptr; };
+  auto adapted = [&](int64_t l, LoraTarget t) { return lora_ && lora_->slot(l, t).active(); };
   const int64_t lowest_layer = frozen ? lora_->first_layer() : 0;
   const size_t bytes_NC = static_cast<size_t>(N * C) * sizeof(float);
   // Sequence parallel (model/tensor_parallel.hpp): d(residual) is this rank's rows,
@@ -836,7 +837,9 @@ void Llama::backward(float dloss_scale) {
       moe_backward(l, la, a.dln, a.dresid, a.ln, g, aux_scale);
     } else {
     if (sp) gather_dresid("sp MLP output gradient");  // d(out), whole, for down's backward
-    k::swiglu_forward(a.act, la.gate, la.up, N, F);
+    // The recomputed inputs of a layer's products are read only by their weight gradients
+    // and adapters: a frozen base with no adapter there (LoRA on q,k,v,o) skips them.
+    if (g || adapted(l, LoraTarget::down)) k::swiglu_forward(a.act, la.gate, la.up, N, F);
     std::memset(a.dact, 0, static_cast<size_t>(N * F) * sizeof(float));
     linear_backward(a.dact, gp(w.down_proj), nullptr, a.dresid, a.act, w.down_proj, N, F, C);
     lora_backward(l, LoraTarget::down, a.dact, a.dresid, a.act);
@@ -844,7 +847,7 @@ void Llama::backward(float dloss_scale) {
     // gate = ln2 @ wgate^T; up = ln2 @ wup^T;  ln2 = rmsnorm(resid_mid) (recomputed)
     if (sp)
       sequence_norm_gather(a.ln, a.seq_slice, la.ln2_rstd, la.resid_mid, w.ln2, seq, "sp MLP input");
-    else
+    else if (g || adapted(l, LoraTarget::gate) || adapted(l, LoraTarget::up))
       k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
     std::memset(a.dln, 0, bytes_NC);
     linear_backward(a.dln, gp(w.gate_proj), nullptr, a.dgate, a.ln, w.gate_proj, N, C, F);
