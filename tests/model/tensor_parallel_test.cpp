@@ -18,6 +18,7 @@
 #include "flotilla/base/rng.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/model/moe.hpp"
 #include "flotilla/model/tensor_parallel.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
@@ -27,6 +28,7 @@ namespace {
 
 using ::flotilla::testing::test_seed;
 using test_models::random_tokens;
+using test_models::tiny_moe;
 using test_models::tiny_qwen2;
 
 // Two ranks as threads: each all-reduce adds the two ranks' buffers in rank order, so both
@@ -96,11 +98,45 @@ TEST(TensorParallelConfig, SplitsHeadsKvHeadsTheMlpAndTheVocabularyOrRefusesInOn
   EXPECT_THROW(vocab_shard(3, {0, 4}), InputError);
   EXPECT_THROW(tensor_parallel_config(full, {0, 4}), InputError);  // 2 kv heads
   EXPECT_THROW(tensor_parallel_config(full, {0, 3}), InputError);  // 4 heads
+  // A mixture of experts: each expert's width (and a shared expert's) divided too.
+  const ModelConfig moe = tensor_parallel_config(tiny_moe(Architecture::qwen2_moe), {1, 2});
+  EXPECT_EQ(moe.moe.expert_ffn_dim, 6);
+  EXPECT_EQ(moe.moe.shared_expert_ffn_dim, 10);
+  EXPECT_EQ(moe.moe.num_experts, 4);  // every rank holds every expert's slice
+  ModelConfig odd = tiny_moe(Architecture::mixtral);
+  odd.moe.expert_ffn_dim = 11;
+  EXPECT_THROW(tensor_parallel_config(odd, {0, 2}), InputError);
 }
 
 TEST(TensorParallelSlices, DrawnSlicesAreTheOneRankDrawAndPasteBackWhole) {
-  const ModelConfig full_cfg = tiny_qwen2();
   const uint64_t seed = test_seed();
+  // A mixture's experts too: gate and up by rows, down by columns, the router whole.
+  for (const ModelConfig& moe_cfg : {tiny_moe(Architecture::mixtral), tiny_moe(Architecture::qwen2_moe)}) {
+    Llama full(moe_cfg);
+    full.init_random(seed);
+    for (int rank = 0; rank < 2; ++rank) {
+      Llama local(tensor_parallel_config(moe_cfg, {rank, 2}));
+      init_random_slices(local, moe_cfg, {rank, 2}, seed);
+      Llama sliced(tensor_parallel_config(moe_cfg, {rank, 2}));
+      take_slices(sliced, full, {rank, 2});
+      ASSERT_EQ(std::memcmp(local.params().data(), sliced.params().data(), local.params().size_bytes()), 0)
+          << architecture_name(moe_cfg.arch) << " rank " << rank;
+    }
+    const std::string expert = moe_cfg.arch == Architecture::mixtral ? "model.layers.1.block_sparse_moe.experts.3."
+                                                                       : "model.layers.1.mlp.experts.3.";
+    const std::string router = moe_cfg.arch == Architecture::mixtral ? "model.layers.1.block_sparse_moe.gate.weight"
+                                                                       : "model.layers.1.mlp.gate.weight";
+    const std::string up = moe_cfg.arch == Architecture::mixtral ? "w3.weight" : "up_proj.weight";
+    const std::string down = moe_cfg.arch == Architecture::mixtral ? "w2.weight" : "down_proj.weight";
+    Llama local(tensor_parallel_config(moe_cfg, {1, 2}));
+    auto kind = [&](const std::string& name) {
+      return tensor_slice(*full.layout().find(name), *local.layout().find(name));
+    };
+    EXPECT_EQ(kind(expert + up), TensorSlice::rows);
+    EXPECT_EQ(kind(expert + down), TensorSlice::columns);
+    EXPECT_EQ(kind(router), TensorSlice::replicated);
+  }
+  const ModelConfig full_cfg = tiny_qwen2();
   Llama full(full_cfg);
   full.init_random(seed);
   Llama whole(full_cfg);
@@ -346,6 +382,147 @@ TEST_P(TensorParallelModel, LoraOnEveryLayerGivesTheOneRankAdapterGradientSlices
     }
   }
   EXPECT_EQ(row_parallel_seen, 2 * 2);  // o's and down's B in each of the 2 layers
+}
+
+// A mixture of experts at tp=2 (Megatron's way for experts): each expert's gate and up
+// split by output rows, down by input columns, the router (and Qwen2-MoE's shared expert's
+// gate) replicated; the mixture's partial output all-reduced (reduce-scattered under
+// sequence parallelism), d(ln2) likewise, and the combine weights' gradient summed so the
+// router's is whole. Mixtral with an expert capacity that drops assignments (the same on
+// both ranks: they route alike), Qwen2-MoE with its dense layer 0 and shared expert; with
+// and without sequence parallelism (then with gradient checkpointing: the recomputed
+// mixture reduce-scatters again). Each rank's loss is the one rank's, its gradients the
+// slices of the one rank's, the replicated ones (router included) the same bits on both
+// ranks, and the router's probabilities the same bits on both ranks.
+class TensorParallelMoe : public ::testing::TestWithParam<std::tuple<Architecture, bool>> {};
+
+TEST_P(TensorParallelMoe, TwoRanksComputeTheOneRankLossAndGradientSlices) {
+  const auto [arch, sequence_parallel] = GetParam();
+  const ModelConfig full_cfg = tiny_moe(arch);
+  const uint64_t seed = test_seed();
+  Rng rng(seed);
+  Llama full(full_cfg);
+  test_models::fill_order_one(full, rng);
+  const bool capped = arch == Architecture::mixtral;
+  full.set_training(true);
+  if (capped) full.set_expert_capacity(0.75);
+  const int64_t B = sequence_parallel ? 3 : 2, T = sequence_parallel ? 5 : 6;
+  // The ranks' ln2 rounds otherwise than one rank's (the attention output is a sum split in
+  // two): tokens whose top-k choices are clear of ties, so the rounding cannot flip one.
+  const std::optional<std::vector<int32_t>> tokens = test_models::tokens_clear_of_ties(full, rng, B, T, 2e-3f);
+  ASSERT_TRUE(tokens) << "seed " << seed << ": no batch clear of routing ties";
+  std::vector<int32_t> targets = random_tokens(rng, B * T, full_cfg.vocab_size);
+  targets[3] = kIgnoreIndex;
+  full.zero_grads();
+  const LossSum expected = full.forward(tokens->data(), targets.data(), B, T);
+  const double expected_aux = full.router_aux_loss();
+  if (capped) EXPECT_GT(full.expert_dropped_fraction(), 0.0) << "the capacity drops nothing: no test of it";
+  full.backward(1.0f / static_cast<float>(expected.num_tokens));
+  const double expected_norm2 = full.grad_sum_squares_tensor_parallel();
+
+  ThreadPair pair;
+  std::vector<Llama> locals;
+  for (int r = 0; r < 2; ++r) {
+    locals.emplace_back(tensor_parallel_config(full_cfg, {r, 2}));
+    take_slices(locals.back(), full, {r, 2});
+  }
+  EXPECT_EQ(locals[0].config().moe.expert_ffn_dim, full_cfg.moe.expert_ffn_dim / 2);
+  LossSum loss[2];
+  double norm2[2] = {0, 0}, aux[2] = {0, 0};
+  std::vector<float> probs[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      ThreadPair::Rank group(pair, r);
+      Llama& m = locals[static_cast<size_t>(r)];
+      m.set_tensor_parallel(&group, full_cfg);
+      m.set_sequence_parallel(sequence_parallel);
+      m.set_grad_checkpoint(sequence_parallel);
+      m.set_training(true);
+      if (capped) m.set_expert_capacity(0.75);
+      m.zero_grads();
+      loss[r] = m.forward(tokens->data(), targets.data(), B, T);
+      aux[r] = m.router_aux_loss();
+      const int64_t last_moe = full_cfg.n_layers - 1;
+      probs[r].assign(m.router_probs(last_moe).begin(), m.router_probs(last_moe).end());
+      m.backward(1.0f / static_cast<float>(loss[r].num_tokens));
+      norm2[r] = m.grad_sum_squares_tensor_parallel();
+      m.set_tensor_parallel(nullptr, full_cfg);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_NEAR(loss[r].sum, expected.sum, 1e-4 * std::abs(expected.sum)) << "rank " << r;
+    EXPECT_NEAR(aux[r], expected_aux, 1e-5 * expected_aux) << "rank " << r;
+    EXPECT_NEAR(norm2[r], expected_norm2, 1e-4 * expected_norm2) << "rank " << r;
+  }
+  EXPECT_EQ(loss[0].sum, loss[1].sum);
+  EXPECT_EQ(probs[0], probs[1]) << "the tp ranks' routers disagree";
+  const std::span<const float> g = full.grads();
+  int experts_split = 0;
+  for (const ParamInfo& info : full.layout().params()) {
+    float scale = 1e-6f;
+    for (int64_t i = 0; i < info.numel; ++i) scale = std::max(scale, std::abs(g[static_cast<size_t>(info.offset + i)]));
+    for (int r = 0; r < 2; ++r) {
+      Llama& m = locals[static_cast<size_t>(r)];
+      const ParamInfo& mine = *m.layout().find(info.name);
+      std::vector<float> want(static_cast<size_t>(m.layout().total_numel()));
+      copy_slice_out(info, mine, {r, 2}, g, want);
+      const std::span<const float> got = m.grads();
+      for (int64_t i = 0; i < mine.numel; ++i) {
+        const auto at = static_cast<size_t>(mine.offset + i);
+        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
+      }
+      const bool expert = expert_of_tensor(info.name) >= 0;
+      if (expert && r == 0) {
+        EXPECT_NE(tensor_slice(info, mine), TensorSlice::replicated) << info.name;
+        ++experts_split;
+      }
+      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
+        const ParamInfo& m0 = *locals[0].layout().find(info.name);
+        EXPECT_EQ(std::memcmp(locals[0].grads().data() + m0.offset, m.grads().data() + mine.offset,
+                              static_cast<size_t>(mine.numel) * sizeof(float)),
+                  0)
+            << info.name << ": a replicated tensor's gradient differs between the tp ranks";
+      }
+    }
+  }
+  EXPECT_EQ(experts_split, (arch == Architecture::mixtral ? 2 : 1) * 4 * 3);
+}
+
+INSTANTIATE_TEST_SUITE_P(MixtralOrQwen2MoeSequenceParallelOrNot, TensorParallelMoe,
+                         ::testing::Combine(::testing::Values(Architecture::mixtral, Architecture::qwen2_moe),
+                                            ::testing::Bool()));
+
+// LoRA on the attention of a tp=2 mixture is split as on a dense model; on the experts
+// (w1, w2, w3) it is refused in one line, whichever of the two comes first.
+TEST(TensorParallelMoe, LoraOnExpertsIsRefusedInOneLine) {
+  const ModelConfig full_cfg = tiny_moe(Architecture::mixtral);
+  Llama local(tensor_parallel_config(full_cfg, {0, 2}));
+  LoraConfig lc;
+  lc.rank = 2;
+  lc.targets = LoraConfig::parse_targets("q,w1");
+  LoraAdapters adapters(local.config(), lc);
+  ThreadPair pair;
+  ThreadPair::Rank group(pair, 0);
+  local.set_tensor_parallel(&group, full_cfg);
+  try {
+    local.attach_lora(&adapters);
+    FAIL() << "expected a refusal";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("does not split LoRA adapters on a mixture's experts"), std::string::npos)
+        << e.what();
+  }
+  local.set_tensor_parallel(nullptr, full_cfg);
+  local.attach_lora(&adapters);
+  EXPECT_THROW(local.set_tensor_parallel(&group, full_cfg), InputError);
+  LoraConfig attention = lc;
+  attention.targets = LoraConfig::parse_targets("q,v");
+  LoraAdapters ok(local.config(), attention);
+  local.attach_lora(&ok);
+  EXPECT_NO_THROW(local.set_tensor_parallel(&group, full_cfg));
+  local.set_tensor_parallel(nullptr, full_cfg);
 }
 
 }  // namespace

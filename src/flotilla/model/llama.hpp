@@ -405,8 +405,8 @@ class Llama {
   // a tp rank's local model of `full` (built from tensor_parallel_config(full, tp)), and each
   // block all-reduces over `group` where its row-parallel layers end (forward) and where its
   // column-parallel layers start (backward). Every rank of the group calls forward and
-  // backward alike. InputError when this model is not tensor_parallel_config(full, tp), or
-  // is quantized.
+  // backward alike. InputError when this model is not tensor_parallel_config(full, tp), is
+  // quantized, or has LoRA adapters on a mixture's experts (not split yet).
   void set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& full);
   TensorParallelGroup* tensor_parallel() const { return tp_; }
   // Sequence parallelism on top of tensor parallelism (model/tensor_parallel.hpp's
@@ -474,8 +474,29 @@ class Llama {
     ActivationPlan acts;
     bool have_targets = false, logits_valid = false, stage_forward_done = false;
     uint64_t forward_dropout = 0;
+    moe::LoadBalancing load_balancing;  // a mixture's: its forward's statistics, then the totals
+    int64_t aux_tokens = 0;
   };
   void swap_forward_slot(ForwardSlot& slot);
+
+  // A mixture of experts in a pipeline: the load-balancing loss is one formula over the
+  // MoE layers of every stage (moe::LoadBalancing: products of sums over all layers), so
+  // its statistics travel with the activations and come back with their gradients.
+  // Forward: a stage above the first adds the statistics of the stages below it
+  // (add_upstream_router_statistics, before its forward), and router_statistics() after
+  // forward is the sum through this stage, for the next; the last stage's forward sums them
+  // over the data group with the target tokens (set_expert_exchange), as one rank's would.
+  // Backward: router_totals() (those sums and the tokens, after the last stage's forward
+  // or set_router_totals) go down with d(stage_output); a stage sets them before its
+  // backward, so every stage's router gets the one-rank aux gradient.
+  void add_upstream_router_statistics(std::span<const double> stats);
+  std::vector<double> router_statistics() const { return load_balancing_.statistics(); }
+  std::vector<double> router_totals() const;
+  void set_router_totals(std::span<const double> totals);
+  // The number of doubles in router_statistics() and router_totals().
+  size_t router_statistics_size() const { return 2 * static_cast<size_t>(cfg_.moe.num_experts) + 3; }
+  // The target tokens the aux loss was weighted by in the last forward (every data rank's).
+  int64_t router_aux_tokens() const { return aux_tokens_; }
 
  private:
   void report_ready(size_t group) const;
@@ -520,6 +541,9 @@ class Llama {
   static bool lora_row_parallel(LoraTarget t) { return t == LoraTarget::o || t == LoraTarget::down; }
   void lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const float* x, float* u, float* xd, int64_t N,
                                  std::optional<uint64_t> dropout_seed, const LoraAdapters& lora) const;
+  // InputError when tensor parallelism meets LoRA adapters on experts (attach_lora and
+  // set_tensor_parallel, whichever comes second).
+  void check_tensor_parallel_lora() const;
   // Dropout of layer l's adapter input on t with the mask of `seed`, forward into out or
   // backward added into out: on a row-parallel layer's input columns under tp, the whole
   // input's mask for them (forward's and backward's one place for that choice).
@@ -607,6 +631,7 @@ class Llama {
   bool qweights_mapped_ = false;  // qweights_ view mapped model files (Llama::load)
   ActivationPlan acts_;
   moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
+  std::vector<double> upstream_router_stats_;  // the stages' below, for the next forward
   double expert_capacity_factor_ = 0.0;  // set_expert_capacity
   // The capacity of a training forward or backward over sequences of T tokens.
   moe::Capacity expert_capacity(int64_t T) const;

@@ -33,10 +33,6 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
   if (tp < 1 || at.rank < 0 || at.rank >= tp)
     throw InputError("model", fmt::format("tp={} is not a positive number of ranks (or {} is not one of them)", tp,
                                           at.rank));
-  if (full.is_moe())
-    throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split a mixture of experts' layers "
-                                          "yet: use ep for the experts",
-                                          tp));
   auto divides = [&](int64_t n, const char* what) {
     if (n % tp != 0)
       throw InputError("model", fmt::format("tp={} does not divide the model's {} {} (tensor parallelism splits "
@@ -46,10 +42,19 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
   divides(full.n_heads, "attention heads");
   divides(full.n_kv_heads, "key-value heads");
   divides(full.ffn_dim, "MLP width (intermediate_size)");
+  // A mixture of experts (Megatron's way for experts): every expert split as a dense MLP
+  // (gate and up by output rows, down by input columns), the shared expert too; the router
+  // and the shared expert's gate are replicated, so every tp rank routes alike.
+  if (full.is_moe()) {
+    divides(full.moe.expert_ffn_dim, "expert MLP width (each expert's intermediate size)");
+    if (full.moe.shared_expert_ffn_dim > 0) divides(full.moe.shared_expert_ffn_dim, "shared expert MLP width");
+  }
   ModelConfig local = full;
   local.n_heads = full.n_heads / tp;
   local.n_kv_heads = full.n_kv_heads / tp;
   local.ffn_dim = full.ffn_dim / tp;
+  local.moe.expert_ffn_dim = full.moe.expert_ffn_dim / tp;
+  local.moe.shared_expert_ffn_dim = full.moe.shared_expert_ffn_dim / tp;
   local.vocab_size = vocab_shard(full.vocab_size, at).size();
   return local;  // head_dim stays: a head is never cut
 }
@@ -216,6 +221,7 @@ void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& f
   }
   tp_ = group && group->tp_size() > 1 ? group : nullptr;
   tp_full_ = full;
+  check_tensor_parallel_lora();
   logits_valid_ = have_targets_ = false;
   if (sequence_parallel_) drop_activation_plan();  // the plan's row counts depend on the group
 }
@@ -224,6 +230,21 @@ void Llama::set_sequence_parallel(bool on) {
   if (on == sequence_parallel_) return;
   sequence_parallel_ = on;
   drop_activation_plan();
+}
+
+void Llama::check_tensor_parallel_lora() const {
+  if (!tp_ || !lora_ || !cfg_.is_moe()) return;
+  // An expert's adapters would need their own collectives (a column-parallel A's gradient
+  // summed over tp, a row-parallel u summed in forward) inside LoraAdapters' expert path.
+  for (int64_t l = lora_->first_layer(); l < cfg_.n_layers; ++l) {
+    if (!cfg_.moe_layer(l)) continue;
+    for (int p = 0; p < kNumExpertProjs; ++p)
+      if (lora_->expert_slot(l, static_cast<ExpertProj>(p), 0).active())
+        throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split LoRA adapters on a mixture's "
+                                              "experts yet (layer {}): adapt attention and shared layers only "
+                                              "(e.g. --lora-targets q,k,v,o), or use ep for the experts",
+                                              tp_->tp_size(), l));
+  }
 }
 
 int64_t Llama::vocab_parallel_cross_entropy(const int32_t* targets, int64_t N) {

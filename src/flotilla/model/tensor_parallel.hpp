@@ -92,8 +92,8 @@ SequenceShard sequence_shard(int64_t tokens, TpRank at);
 
 // Tp rank `at`'s local model config: heads, kv heads and ffn_dim divided by tp, and the
 // vocabulary its shard (vocab_shard). InputError (one line) when tp does not divide
-// n_heads, n_kv_heads or ffn_dim, the vocabulary is smaller than tp, or the model is a
-// mixture of experts (its experts are not split yet).
+// n_heads, n_kv_heads or ffn_dim (a mixture of experts': each expert's width and the
+// shared expert's, which are divided alike), or the vocabulary is smaller than tp.
 ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at);
 
 // How tp rank r holds a full tensor, found from the two shapes.
