@@ -371,8 +371,10 @@ void add_train_command(CLI::App& app) {
       dp.emplace(shape.pp > 1 ? mesh.dp_group() : mesh.data_group(), comm::parse_algorithm(opt->allreduce));
       job.dp = &*dp;
     }
+    // The experts' exchange (ep > 1), and for any mixture the sum of its load-balancing
+    // statistics over the data group (with pp, the last stage's forward sums them).
     std::optional<parallel::ExpertParallel> experts;
-    if (shape.pp == 1 && world->size() > 1) {
+    if (world->size() > 1) {
       experts.emplace(mesh.ep_group(), mesh.data_group(), &mesh.dp_group());
       job.experts = &*experts;
     }
