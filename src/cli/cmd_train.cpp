@@ -343,10 +343,6 @@ void add_train_command(CLI::App& app) {
     // The mesh's dp group carries the gradients: the whole world while pp = tp = 1.
     const parallel::MeshShape shape =
         opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
-    if (shape.tp > 1 && shape.ep > 1)
-      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) with expert parallelism (ep > "
-                                            "1) is not built yet",
-                                            opt->parallel));
     if (opt->job.sequence_parallel && shape.tp == 1)
       throw InputError("train", "--sequence-parallel applies to tensor parallelism: give --parallel tp=T with T > 1");
     if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))
