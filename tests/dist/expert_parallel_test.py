@@ -19,7 +19,7 @@ ends. LoRA on the attention and every expert's w1/w2/w3 under ep=2 and dp=2 = on
 adapters, and only the shared adapters' gradients are exchanged (report.json's bytes). With
 --expert-capacity 0.5, ep=2 = one rank too (the same assignments dropped: the capacity is
 per sequence). Tensor and pipeline parallelism on the mixture (issue 15): tp=2 and pp=2 =
-one rank, same tolerances, and ep=2 x tp=2 with --sequence-parallel and dp=2 x pp=2 in
+one rank, same tolerances, and ep=2 x tp=2 with --sequence-parallel and ep=2 x pp=2 in
 their first 4 steps' losses and aux losses; report.json's tp and pipeline bytes; tp=2's
 checkpoint resumes on one rank and one rank's at tp=2; LoRA on experts under tp is refused.
 Also: each rank says which block of experts it runs; ep that does not divide the experts,
@@ -275,7 +275,9 @@ def main():
         # with --sequence-parallel (each tp rank's ep group exchanges whole rows, each rank
         # runs its block of experts' slices, the tp all-reduce sums them); pp=2
         # (one stage a layer, the load-balancing loss's statistics passed up the stages and
-        # its totals down) with each accumulation step a micro-batch, and dp=2 x pp=2. Same
+        # its totals down) with each accumulation step a micro-batch, and ep=2 x pp=2 (each
+        # stage's ep group exchanging rows for its layers, several micro-batches in flight;
+        # the statistics summed over the last stage's data group, dp x ep). Same
         # tolerances: the split sums round otherwise than one rank's, as dense tp's do.
         # The 4-rank runs (two cores oversubscribed in CI) take 4 of the 12 steps: their
         # losses and aux losses against one rank's first 4, the weights left to the others.
@@ -283,7 +285,7 @@ def main():
                 ("tp=2", 2, global_batch, 12, ["--save-every", "6"]),
                 ("ep=2,tp=2", 4, global_batch // 2, 4, ["--sequence-parallel"]),
                 ("pp=2", 2, global_batch, 12, []),
-                ("dp=2,pp=2", 4, global_batch // 2, 4, [])):
+                ("ep=2,pp=2", 4, global_batch // 2, 4, [])):
             out = os.path.join(tmp, mesh.replace(",", "_").replace("=", ""))
             short = common[:]
             short[short.index("--steps") + 1] = str(steps)

@@ -1225,6 +1225,10 @@ void Llama::swap_forward_slot(ForwardSlot& slot) {
   std::swap(forward_dropout_, slot.forward_dropout);
   std::swap(load_balancing_, slot.load_balancing);
   std::swap(aux_tokens_, slot.aux_tokens);
+  std::swap(ep_shards_, slot.ep_shards);
+  // A new slot's: one per layer (set_expert_exchange sized the model's own).
+  if (experts_ && ep_shards_.size() != static_cast<size_t>(cfg_.n_layers))
+    ep_shards_.assign(static_cast<size_t>(cfg_.n_layers), {});
 }
 
 void Llama::add_upstream_router_statistics(std::span<const double> stats) {

@@ -470,8 +470,16 @@ class Llama {
   // stage_input and forward, out after them, in again before its backward and out after;
   // while none is swapped in the model holds its own. An empty slot plans on first use,
   // so the slots a caller ever made are the most micro-batches it held at once.
+  // What an MoE layer's expert side kept from forward under expert parallelism: the rows
+  // it received and their gate and up outputs. Sizes vary with the routing (dropless).
+  struct ExpertShard {
+    std::vector<int64_t> recv_counts;  // (ep, El)  rows from each rank for each local expert
+    std::vector<float> rows;           // (R, C)    by source rank, then local expert
+    std::vector<float> gate, up;       // (R, Fe)
+  };
   struct ForwardSlot {
     ActivationPlan acts;
+    std::vector<ExpertShard> ep_shards;  // per layer, under expert parallelism
     bool have_targets = false, logits_valid = false, stage_forward_done = false;
     uint64_t forward_dropout = 0;
     moe::LoadBalancing load_balancing;  // a mixture's: its forward's statistics, then the totals
@@ -642,14 +650,7 @@ class Llama {
   bool sequence_parallel_ = false;
   ModelConfig tp_full_;  // full_config() under tensor parallelism
   VocabShard vocab_;     // the vocabulary rows of the embedding and lm_head, under tensor parallelism
-  // What an MoE layer's expert side kept from forward under expert parallelism: the rows
-  // it received and their gate and up outputs. Sizes vary with the routing (dropless).
-  struct ExpertShard {
-    std::vector<int64_t> recv_counts;  // (ep, El)  rows from each rank for each local expert
-    std::vector<float> rows;           // (R, C)    by source rank, then local expert
-    std::vector<float> gate, up;       // (R, Fe)
-  };
-  mutable std::vector<ExpertShard> ep_shards_;  // per layer
+  mutable std::vector<ExpertShard> ep_shards_;  // per layer (a forward slot's, in a pipeline)
   // Scratch of the expert side, grown to the largest R seen.
   mutable std::vector<float> ep_act_, ep_out_;
   std::vector<float> ep_dout_, ep_dact_, ep_dgate_, ep_dup_;

@@ -367,6 +367,7 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
                        job.experts->ep_size(), first, end, model.config().moe.num_experts,
                        !model.holds_all_experts() ? ""
                        : job.tp ? " and holds every expert's tensor-parallel slice (tp x ep)"
+                       : job.pp ? " and holds all of them (pp x ep)"
                                 : " and holds all of them (--zero and --compression exchange the whole "
                                   "model over the data group)"));
     }
