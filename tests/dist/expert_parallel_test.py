@@ -21,7 +21,7 @@ adapters, and only the shared adapters' gradients are exchanged (report.json's b
 per sequence). Tensor and pipeline parallelism on the mixture (issue 15): tp=2 and pp=2 =
 one rank, same tolerances, and ep=2 x tp=2 with --sequence-parallel and ep=2 x pp=2 in
 their first 4 steps' losses and aux losses; report.json's tp and pipeline bytes; tp=2's
-checkpoint resumes on one rank and one rank's at tp=2; LoRA on experts under tp is refused.
+checkpoint resumes on one rank and one rank's at tp=2; LoRA on the experts at tp=2 = one rank.
 Also: each rank says which block of experts it runs; ep that does not divide the experts,
 ep on a dense model, and a model directory missing an expert's tensor (one only the other
 rank holds) are refused with one line (exit 2).
@@ -264,11 +264,13 @@ def main():
                       os.path.join(tmp, "ckpt_1", "checkpoints", "step-000006"), "--parallel", "tp=2",
                       "--batch-size", str(global_batch)] + common, env)
         failures += compare("1 rank -> tp=2", base, out, from_step=6)
-        # LoRA on the experts under tp is not split yet: refused in one line.
-        failures += refused(mpirun + ["-np", "2", args.flotilla, "train", "--model", model, "--out",
-                                      os.path.join(tmp, "tp_lora"), "--parallel", "tp=2", "--fine-tune-type", "lora",
-                                      "--lora-targets", "q,w1"] + common, env,
-                            "does not split LoRA adapters on a mixture's experts")
+        # LoRA on the attention and the experts at tp=2 (each expert's adapters split as a
+        # dense layer's) = one rank, the tolerances of LoRA under ep above.
+        lora_runs["tp=2"] = os.path.join(tmp, "lora_tp2")
+        run(mpirun + ["-np", "2", args.flotilla, "train", "--model", model, "--out", lora_runs["tp=2"],
+                      "--parallel", "tp=2", "--batch-size", str(global_batch)] + lora, env)
+        failures += compare("LoRA tp=2", lora_runs["1 rank"], lora_runs["tp=2"], weights="adapter_model.safetensors",
+                            weight_tol=1e-4, element_tol=1e-3)
         # Tensor and pipeline parallelism on the mixture (issue 15 with experts), against the
         # same one-rank run. tp=2 (each rank reads its slices of every expert from the model
         # directory: gate and up by rows, down by columns; the router whole) and ep=2 x tp=2

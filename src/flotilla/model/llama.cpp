@@ -252,7 +252,6 @@ std::vector<ElementRange> Llama::held_ranges(TensorGroup group) const {
 
 void Llama::attach_lora(LoraAdapters* adapters) {
   lora_ = adapters;
-  check_tensor_parallel_lora();
   acts_ = ActivationPlan();  // the plan holds per-adapter buffers: rebuild on next forward
   logits_valid_ = false;
   have_targets_ = false;
@@ -1063,7 +1062,8 @@ void Llama::expert_forward(const ExpertParams& ew, const ExpertRows& x, float* a
                            const ExpertRun& run) const {
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim;
   auto lora = [&](ExpertProj p, float* y, const float* in) {
-    if (run.lora) run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), adapter_input());
+    if (run.lora)
+      run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), adapter_input(), tp_);
   };
   linear_forward(x.gate, x.rows, ew.gate_proj, nullptr, x.n, C, Fe);
   linear_forward(x.up, x.rows, ew.up_proj, nullptr, x.n, C, Fe);
@@ -1087,7 +1087,7 @@ void Llama::expert_backward(const ExpertParams& ew, const ExpertRows& x, const f
   // The expert's adapters: d(their input) into din, their gradients into lora_'s.
   LoraAdapters* lora = run.lora ? lora_ : nullptr;
   auto lora_backward = [&](ExpertProj p, float* din, const float* d, const float* in) {
-    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), adapter_input());
+    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), adapter_input(), tp_);
   };
   // out = act @ down^T (+ its adapter's);  act = silu(gate) * up (recomputed)
   k::swiglu_forward(s.act, x.gate, x.up, n, Fe);

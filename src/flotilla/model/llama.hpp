@@ -405,8 +405,8 @@ class Llama {
   // a tp rank's local model of `full` (built from tensor_parallel_config(full, tp)), and each
   // block all-reduces over `group` where its row-parallel layers end (forward) and where its
   // column-parallel layers start (backward). Every rank of the group calls forward and
-  // backward alike. InputError when this model is not tensor_parallel_config(full, tp), is
-  // quantized, or has LoRA adapters on a mixture's experts (not split yet).
+  // backward alike. InputError when this model is not tensor_parallel_config(full, tp), or
+  // is quantized.
   void set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& full);
   TensorParallelGroup* tensor_parallel() const { return tp_; }
   // Sequence parallelism on top of tensor parallelism (model/tensor_parallel.hpp's
@@ -549,9 +549,6 @@ class Llama {
   static bool lora_row_parallel(LoraTarget t) { return t == LoraTarget::o || t == LoraTarget::down; }
   void lora_row_parallel_forward(int64_t l, LoraTarget t, float* y, const float* x, float* u, float* xd, int64_t N,
                                  std::optional<uint64_t> dropout_seed, const LoraAdapters& lora) const;
-  // InputError when tensor parallelism meets LoRA adapters on experts (attach_lora and
-  // set_tensor_parallel, whichever comes second).
-  void check_tensor_parallel_lora() const;
   // Dropout of layer l's adapter input on t with the mask of `seed`, forward into out or
   // backward added into out: on a row-parallel layer's input columns under tp, the whole
   // input's mask for them (forward's and backward's one place for that choice).

@@ -221,7 +221,6 @@ void Llama::set_tensor_parallel(TensorParallelGroup* group, const ModelConfig& f
   }
   tp_ = group && group->tp_size() > 1 ? group : nullptr;
   tp_full_ = full;
-  check_tensor_parallel_lora();
   logits_valid_ = have_targets_ = false;
   if (sequence_parallel_) drop_activation_plan();  // the plan's row counts depend on the group
 }
@@ -230,21 +229,6 @@ void Llama::set_sequence_parallel(bool on) {
   if (on == sequence_parallel_) return;
   sequence_parallel_ = on;
   drop_activation_plan();
-}
-
-void Llama::check_tensor_parallel_lora() const {
-  if (!tp_ || !lora_ || !cfg_.is_moe()) return;
-  // An expert's adapters would need their own collectives (a column-parallel A's gradient
-  // summed over tp, a row-parallel u summed in forward) inside LoraAdapters' expert path.
-  for (int64_t l = lora_->first_layer(); l < cfg_.n_layers; ++l) {
-    if (!cfg_.moe_layer(l)) continue;
-    for (int p = 0; p < kNumExpertProjs; ++p)
-      if (lora_->expert_slot(l, static_cast<ExpertProj>(p), 0).active())
-        throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split LoRA adapters on a mixture's "
-                                              "experts yet (layer {}): adapt attention and shared layers only "
-                                              "(e.g. --lora-targets q,k,v,o), or use ep for the experts",
-                                              tp_->tp_size(), l));
-  }
 }
 
 int64_t Llama::vocab_parallel_cross_entropy(const int32_t* targets, int64_t N) {
@@ -304,6 +288,17 @@ std::vector<ElementRange> Llama::tensor_parallel_split_ranges() const {
         if (!s.active()) continue;
         split.push_back(lora_row_parallel(t) ? ElementRange{s.a, s.a + r * s.in} : ElementRange{s.b, s.b + s.out * r});
       }
+    // A mixture's experts' adapters alike: down's A by columns, gate's and up's B by rows.
+    for (int64_t l = lora_->first_layer(); l < cfg_.n_layers; ++l) {
+      if (!cfg_.moe_layer(l)) continue;
+      for (int p = 0; p < kNumExpertProjs; ++p)
+        for (int64_t e = 0; e < cfg_.moe.num_experts; ++e) {
+          const LoraSlot& s = lora_->expert_slot(l, static_cast<ExpertProj>(p), e);
+          if (!s.active()) continue;
+          split.push_back(static_cast<ExpertProj>(p) == ExpertProj::down ? ElementRange{s.a, s.a + r * s.in}
+                                                                          : ElementRange{s.b, s.b + s.out * r});
+        }
+    }
   } else {
     const ParamLayout full(tp_full_);
     for (const ParamInfo& info : full.params()) {
