@@ -343,10 +343,6 @@ void add_train_command(CLI::App& app) {
     // The mesh's dp group carries the gradients: the whole world while pp = tp = 1.
     const parallel::MeshShape shape =
         opt->parallel.empty() ? parallel::MeshShape{world->size(), 1, 1} : parallel::parse_mesh_shape(opt->parallel);
-    if (shape.tp > 1 && shape.ep > 1)
-      throw InputError("train", fmt::format("--parallel {}: tensor parallelism (tp > 1) with expert parallelism (ep > "
-                                            "1) is not built yet",
-                                            opt->parallel));
     if (opt->job.sequence_parallel && shape.tp == 1)
       throw InputError("train", "--sequence-parallel applies to tensor parallelism: give --parallel tp=T with T > 1");
     if (shape.pp == 1 && (opt->job.pipeline.micro_batches != 1 || !opt->pp_layers.empty()))
@@ -354,25 +350,23 @@ void add_train_command(CLI::App& app) {
                                             opt->pp_layers.empty() ? "--micro-batches" : "--pp-layers"));
     job.pipeline.schedule = parallel::parse_pipeline_schedule(opt->pp_schedule);
     if (!opt->pp_layers.empty()) job.pipeline.stage_layers = parallel::parse_pp_layers(opt->pp_layers);
-    if (shape.ep > 1 && shape.pp > 1)
-      throw InputError("train", fmt::format("--parallel {}: expert parallelism with pipeline stages (ep > 1 and "
-                                            "pp > 1) is not built yet",
-                                            opt->parallel));
     if (shape.ep > 1 && opt->job.train.local_sgd.sync_every > 0)
       throw InputError("train", fmt::format("--parallel {}: local SGD (--sync-every) with expert parallelism is not "
                                             "built: each rank's experts would drift between meetings",
                                             opt->parallel));
     parallel::Mesh mesh(*world, shape);
     std::optional<parallel::DataParallel> dp;
-    // Without a pipeline, gradients are averaged over the data group (dp x ep): the ep ranks
+    // Gradients are averaged over the data group (dp x ep; a stage's with pp): the ep ranks
     // are data replicas of all but the experts, and an expert's gradient is zero on the
     // ranks that do not run it, so the sum is the one of the ranks that do.
     if (shape.dp * shape.ep > 1) {
-      dp.emplace(shape.pp > 1 ? mesh.dp_group() : mesh.data_group(), comm::parse_algorithm(opt->allreduce));
+      dp.emplace(mesh.data_group(), comm::parse_algorithm(opt->allreduce));
       job.dp = &*dp;
     }
+    // The experts' exchange (ep > 1), and for any mixture the sum of its load-balancing
+    // statistics over the data group (with pp, the last stage's forward sums them).
     std::optional<parallel::ExpertParallel> experts;
-    if (shape.pp == 1 && world->size() > 1) {
+    if (world->size() > 1) {
       experts.emplace(mesh.ep_group(), mesh.data_group(), &mesh.dp_group());
       job.experts = &*experts;
     }

@@ -18,7 +18,11 @@ ends. LoRA on the attention and every expert's w1/w2/w3 under ep=2 and dp=2 = on
 (losses and the saved adapters, same tolerances): each ep rank runs and updates its experts'
 adapters, and only the shared adapters' gradients are exchanged (report.json's bytes). With
 --expert-capacity 0.5, ep=2 = one rank too (the same assignments dropped: the capacity is
-per sequence). Also: each rank says which block of experts it runs; ep that does not divide the experts,
+per sequence). Tensor and pipeline parallelism on the mixture (issue 15): tp=2 and pp=2 =
+one rank, same tolerances, and ep=2 x tp=2 with --sequence-parallel and ep=2 x pp=2 in
+their first 4 steps' losses and aux losses; report.json's tp and pipeline bytes; tp=2's
+checkpoint resumes on one rank and one rank's at tp=2; LoRA on the experts at tp=2 = one rank.
+Also: each rank says which block of experts it runs; ep that does not divide the experts,
 ep on a dense model, and a model directory missing an expert's tensor (one only the other
 rank holds) are refused with one line (exit 2).
 Usage: expert_parallel_test.py FLOTILLA [--mpirun MPIRUN]
@@ -120,6 +124,23 @@ def compare(name, base_dir, other_dir, from_step=0, weights="model.safetensors",
             failures.append(f"{name}: weight {t} differs by {elem:.2e} of its largest value")
     print(f"{name:<16} max rel err: loss {worst_loss:.2e}, aux {worst_aux:.2e}, weights {worst_w:.2e} (norm), "
           f"{worst_e:.2e} (largest element)")
+    return failures
+
+
+def compare_losses(name, base_dir, other_dir, steps):
+    """Every step's loss and aux loss of other_dir's `steps` steps against base_dir's first."""
+    failures = []
+    base, other = metrics(base_dir)[:steps], metrics(other_dir)
+    if len(other) != steps:
+        return [f"{name}: {len(other)} steps, not {steps}"]
+    worst = 0.0
+    for a, b in zip(base, other):
+        for key in ("loss", "router_aux_loss"):
+            err = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
+            worst = max(worst, err)
+            if err > TOL:
+                failures.append(f"{name}: step {a['step']} {key} {a[key]!r} (1 rank) vs {b[key]!r}, rel {err:.2e}")
+    print(f"{name:<16} max rel err over {steps} steps: loss and aux {worst:.2e}")
     return failures
 
 
@@ -237,6 +258,67 @@ def main():
             if "resumed from" not in log:
                 failures.append(f"the run on {reader_ranks} ranks did not say it resumed:\n{log}")
             failures += compare(f"{writer_mesh or '1 rank'} -> {reader_mesh or '1 rank'}", base, out, from_step=6)
+        # The one-rank checkpoint resumed at tp=2: each rank takes its slices of it.
+        out = os.path.join(tmp, "resumed_tp2")
+        run(mpirun + ["-np", "2", args.flotilla, "train", "--model", model, "--out", out, "--resume",
+                      os.path.join(tmp, "ckpt_1", "checkpoints", "step-000006"), "--parallel", "tp=2",
+                      "--batch-size", str(global_batch)] + common, env)
+        failures += compare("1 rank -> tp=2", base, out, from_step=6)
+        # LoRA on the attention and the experts at tp=2 (each expert's adapters split as a
+        # dense layer's) = one rank, the tolerances of LoRA under ep above.
+        lora_runs["tp=2"] = os.path.join(tmp, "lora_tp2")
+        run(mpirun + ["-np", "2", args.flotilla, "train", "--model", model, "--out", lora_runs["tp=2"],
+                      "--parallel", "tp=2", "--batch-size", str(global_batch)] + lora, env)
+        failures += compare("LoRA tp=2", lora_runs["1 rank"], lora_runs["tp=2"], weights="adapter_model.safetensors",
+                            weight_tol=1e-4, element_tol=1e-3)
+        # Tensor and pipeline parallelism on the mixture (issue 15 with experts), against the
+        # same one-rank run. tp=2 (each rank reads its slices of every expert from the model
+        # directory: gate and up by rows, down by columns; the router whole) and ep=2 x tp=2
+        # with --sequence-parallel (each tp rank's ep group exchanges whole rows, each rank
+        # runs its block of experts' slices, the tp all-reduce sums them); pp=2
+        # (one stage a layer, the load-balancing loss's statistics passed up the stages and
+        # its totals down) with each accumulation step a micro-batch, and ep=2 x pp=2 (each
+        # stage's ep group exchanging rows for its layers, several micro-batches in flight;
+        # the statistics summed over the last stage's data group, dp x ep). Same
+        # tolerances: the split sums round otherwise than one rank's, as dense tp's do.
+        # The 4-rank runs (two cores oversubscribed in CI) take 4 of the 12 steps: their
+        # losses and aux losses against one rank's first 4, the weights left to the others.
+        for mesh, ranks, rows, steps, extra in (
+                ("tp=2", 2, global_batch, 12, ["--save-every", "6"]),
+                ("ep=2,tp=2", 4, global_batch // 2, 4, ["--sequence-parallel"]),
+                ("pp=2", 2, global_batch, 12, []),
+                ("ep=2,pp=2", 4, global_batch // 2, 4, [])):
+            out = os.path.join(tmp, mesh.replace(",", "_").replace("=", ""))
+            short = common[:]
+            short[short.index("--steps") + 1] = str(steps)
+            log = run(mpirun + ["-np", str(ranks), args.flotilla, "train", "--model", model, "--out", out,
+                                "--parallel", mesh, "--batch-size", str(rows)] + extra + short, env)
+            if "tp=" in mesh and "tensor parallel: tp=2" not in log:
+                failures.append(f"{mesh}: the log does not name the split:\n{log}")
+            if steps == 12:
+                failures += compare(mesh, base, out)
+            else:
+                failures += compare_losses(mesh, base, out, steps)
+        # What rank 0 moved a step (report.json), as flotilla plan models it. tp=2: R = 2 x 8 x
+        # 32 rows, the dense model's 4 all-reduces of R x 64 floats a layer, 2 at the ends and
+        # the loss's 3R, plus each MoE layer's combine weights' gradient (R x K floats); pp=2:
+        # each micro-batch's 8 x 32 x 64 activations and the 2E + 3 router statistics.
+        R = 2 * global_batch * 32
+        with open(os.path.join(tmp, "tp2", "report.json")) as r:
+            got = json.load(r)["tensor_parallel"]["activation_bytes_per_step"]
+        want = (2 * 4 + 2) * R * 64 * 4 + 3 * R * 4 + 2 * R * 2 * 4
+        if got != want:
+            failures.append(f"tp=2: report.json says {got} tp bytes a step, not {want}")
+        with open(os.path.join(tmp, "pp2", "report.json")) as r:
+            got = json.load(r)["pipeline"]["p2p_bytes_per_step"]
+        want = 2 * (global_batch * 32 * 64 * 4 + (2 * 8 + 3) * 8)
+        if got != want:
+            failures.append(f"pp=2: report.json says {got} pipeline bytes a step, not {want}")
+        # tp=2's step-6 checkpoint (the slices gathered whole) resumed on one rank.
+        out = os.path.join(tmp, "tp2_resumed_alone")
+        run([args.flotilla, "train", "--model", model, "--out", out, "--batch-size", str(global_batch), "--resume",
+             os.path.join(tmp, "tp2", "checkpoints", "step-000006")] + common, env)
+        failures += compare("tp=2 -> 1 rank", base, out, from_step=6)
         failures += refused(mpirun + ["-np", "3", args.flotilla, "train", "--model", model, "--out",
                                       os.path.join(tmp, "ep3"), "--parallel", "ep=3"] + common, env,
                             "experts per layer do not divide among 3")

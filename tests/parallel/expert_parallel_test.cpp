@@ -21,6 +21,7 @@
 #include "flotilla/base/rng.hpp"
 #include "flotilla/comm/thread/thread_group.hpp"
 #include "flotilla/model/llama.hpp"
+#include "flotilla/model/tensor_parallel.hpp"
 #include "flotilla/parallel/mesh.hpp"
 #include "../model/random_model.hpp"
 
@@ -181,6 +182,101 @@ TEST(ExpertParallel, AnExpertRankHoldsItsExpertsWithTheWholeModelsValues) {
         ASSERT_EQ(got[i], m.holds(info) ? want[i] : 0.0f) << info.name << " float " << i << " seed " << seed;
     }
   }
+}
+
+// The model's tp group on the mesh's tp communicator (the library's collectives: over two
+// ranks a sum is the same bits on both).
+class CommTensorParallel final : public model::TensorParallelGroup {
+ public:
+  explicit CommTensorParallel(comm::Communicator& tp) : tp_(tp) {}
+  int tp_size() const override { return tp_.size(); }
+  int tp_rank() const override { return tp_.rank(); }
+  void all_reduce_sum(std::span<float> v, const char* what) override {
+    tp_.all_reduce(comm::MutView(v), comm::ReduceOp::sum, {.name = what});
+  }
+  void all_reduce_sum(std::span<double> v, const char* what) override {
+    tp_.all_reduce(comm::MutView(v), comm::ReduceOp::sum, {.name = what});
+  }
+  void all_reduce_max(std::span<float> v, const char* what) override {
+    tp_.all_reduce(comm::MutView(v), comm::ReduceOp::max, {.name = what});
+  }
+  void all_gather(std::span<const float> slice, std::span<float> whole, const char* what) override {
+    tp_.all_gather(comm::ConstView(slice), comm::MutView(whole), {.name = what});
+  }
+  void reduce_scatter_sum(std::span<const float> whole, std::span<float> slice, const char* what) override {
+    tp_.reduce_scatter(comm::ConstView(whole), comm::MutView(slice), comm::ReduceOp::sum, {.name = what});
+  }
+
+ private:
+  comm::Communicator& tp_;
+};
+
+// tp x ep inside the model: 4 ranks, tp=2 x ep=2. Each ep group (the ranks of one tp
+// coordinate) exchanges whole token rows; each rank runs its block of experts' tp slices,
+// so what comes back is a partial sum, which the mixture's tp all-reduce completes. The
+// data group (the 2 ep ranks) splits the batch, the tp ranks run the same rows: summed over
+// the data group, each rank's gradients are the slices of one model's on the whole batch,
+// and the aux loss is the whole batch's. (The job around it, flotilla train --parallel
+// tp=T,ep=E, is not built: docs/parallelism.md.)
+TEST(ExpertParallel, TensorParallelExpertsExchangeWholeRowsAndSumTheirSlices) {
+  const uint64_t seed = testing::test_seed();
+  const ModelConfig cfg = tiny_moe(Architecture::mixtral);
+  Rng rng(seed);
+  Llama full(cfg);
+  model::test_models::fill_order_one(full, rng);  // routers far from uniform: clear choices
+  Batch b = random_batch(rng, cfg.vocab_size);
+  b.B = 4;
+  b.targets.resize(static_cast<size_t>(b.B * b.T));
+  // The tp ranks' ln2 rounds otherwise than one rank's: tokens clear of routing ties.
+  const std::optional<std::vector<int32_t>> tokens = model::test_models::tokens_clear_of_ties(full, rng, b.B, b.T, 2e-3f);
+  ASSERT_TRUE(tokens) << "seed " << seed;
+  b.tokens = *tokens;
+  full.forward(b.tokens.data(), b.targets.data(), b.B, b.T);
+  full.zero_grads();
+  full.backward(1.0f);
+  const Result want{std::vector<float>(full.grads().begin(), full.grads().end()), full.router_aux_loss()};
+  const MeshShape shape{1, 1, 2, 2};
+  std::mutex m;
+  std::vector<std::string> failures;
+  double aux[4] = {0, 0, 0, 0};
+  comm::run_threads(4, [&](comm::Communicator& world) {
+    Mesh mesh(world, shape);
+    ExpertParallel experts(mesh.ep_group(), mesh.data_group());
+    CommTensorParallel tp(mesh.tp_group());
+    const model::TpRank at{mesh.coords().tp, 2};
+    Llama local(model::tensor_parallel_config(cfg, at));
+    model::take_slices(local, full, at);
+    local.set_tensor_parallel(&tp, cfg);
+    local.set_expert_exchange(&experts);
+    const int n = mesh.data_group().size(), r = mesh.data_group().rank();
+    const int64_t rows = b.B / n;
+    const size_t first = static_cast<size_t>(r * rows * b.T);
+    local.forward(b.tokens.data() + first, b.targets.data() + first, rows, b.T);
+    local.zero_grads();
+    local.backward(1.0f);
+    std::vector<float> g(local.grads().begin(), local.grads().end());
+    mesh.data_group().all_reduce(comm::MutView(std::span<float>(g)), comm::ReduceOp::sum, {.name = "grads"});
+    aux[world.rank()] = local.router_aux_loss();
+    for (const model::ParamInfo& info : full.layout().params()) {
+      const model::ParamInfo& mine = *local.layout().find(info.name);
+      std::vector<float> slice(static_cast<size_t>(local.layout().total_numel()));
+      model::copy_slice_out(info, mine, at, want.grads, slice);
+      float scale = 1e-3f, diff = 0.0f;
+      for (int64_t i = mine.offset; i < mine.offset + mine.numel; ++i) {
+        scale = std::max(scale, std::abs(slice[static_cast<size_t>(i)]));
+        diff = std::max(diff, std::abs(slice[static_cast<size_t>(i)] - g[static_cast<size_t>(i)]));
+      }
+      // The split sums (o, down, d(ln)) and the rows' sums in another order: float rounding.
+      if (diff > 1e-4f * scale) {
+        std::lock_guard lock(m);
+        failures.push_back(fmt::format("rank {} (tp {}, ep {}): {} off by {} of {}", world.rank(), at.rank,
+                                       mesh.coords().ep, info.name, diff, scale));
+      }
+    }
+    local.set_tensor_parallel(nullptr, cfg);
+  });
+  for (const std::string& f : failures) ADD_FAILURE() << f;
+  for (double a : aux) EXPECT_NEAR(a, want.aux, 1e-5 * want.aux);
 }
 
 TEST(ExpertParallel, EpThatDoesNotDivideTheExpertsIsRefused) {

@@ -267,6 +267,84 @@ TEST(PipelineStage, StagesComputeWhatOneModelComputes) {
   }
 }
 
+// A mixture of experts in a pipeline: the load-balancing loss is one formula over all the
+// stages' MoE layers, so each micro-batch's router statistics go up with its activations
+// and the totals come back with its gradients. Three stages of a 4-layer Mixtral-shaped
+// model (a large aux coefficient, so the aux gradient is visible), 2 micro-batches under
+// each schedule, against one model running the two halves of the batch as accumulation
+// steps (the aux loss is per micro-batch on both): every owned gradient (routers included,
+// whose aux part on the lower stages needs the upper stages' statistics) and the step's
+// token-weighted aux loss, which every stage reports.
+TEST(PipelineStage, MixtureOfExpertsStagesShareTheLoadBalancingLoss) {
+  const uint64_t seed = testing::test_seed();
+  model::ModelConfig cfg;
+  cfg.arch = model::Architecture::mixtral;
+  cfg.vocab_size = 40;
+  cfg.dim = 16;
+  cfg.n_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.head_dim = 4;
+  cfg.ffn_dim = 24;
+  cfg.n_layers = 4;
+  cfg.moe.num_experts = 4;
+  cfg.moe.top_k = 2;
+  cfg.moe.expert_ffn_dim = 24;
+  cfg.moe.norm_topk_prob = true;
+  cfg.moe.router_aux_loss_coef = 0.5f;
+  cfg.moe.output_router_logits = true;
+  std::mt19937_64 rng(seed);
+  const int64_t B = 4, T = 8, M = 2;
+  data::Batch batch;
+  batch.B = B;
+  batch.T = T;
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(cfg.vocab_size) - 1);
+  for (int64_t i = 0; i < B * T; ++i) {
+    batch.tokens.push_back(token(rng));
+    batch.targets.push_back(i % 5 == 2 ? model::kIgnoreIndex : token(rng));
+  }
+  model::Llama ref(cfg);
+  ref.init_random(seed);
+  ref.zero_grads();
+  double ref_aux = 0.0, ref_tokens = 0.0;
+  const int64_t rows = B / M;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t at = i * rows * T;
+    const model::LossSum loss = ref.forward(batch.tokens.data() + at, batch.targets.data() + at, rows, T);
+    ref_aux += ref.router_aux_loss() * static_cast<double>(loss.num_tokens);
+    ref_tokens += static_cast<double>(loss.num_tokens);
+    ref.backward(1.0f);
+  }
+  ref_aux /= ref_tokens;
+  const std::vector<float> ref_grads(ref.grads().begin(), ref.grads().end());
+  const std::vector<StageRange> ranges = {{0, 1}, {1, 3}, {3, 4}};
+  for (const PipelineSchedule schedule : {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b}) {
+    SCOPED_TRACE(fmt::format("{} seed={}", pipeline_schedule_name(schedule), seed));
+    std::mutex mutex;
+    comm::run_threads(3, [&](comm::Communicator& pp) {
+      model::Llama m(cfg);
+      m.hold_only(ranges[static_cast<size_t>(pp.rank())]);
+      m.init_random(seed);
+      PipelineStage stage(pp, ranges, PipelineConfig{.micro_batches = M, .schedule = schedule});
+      const std::unique_ptr<GradientSync> sync = make_pipeline_sync(m, stage, nullptr);
+      sync->zero_grads();
+      std::vector<data::Batch> micro;
+      stage.split(batch, micro);
+      (void)sync->exchange(stage.run(m, micro, nullptr));
+      std::lock_guard<std::mutex> lock(mutex);
+      EXPECT_NEAR(stage.router_aux_loss(), ref_aux, 1e-12 * ref_aux) << "stage " << pp.rank();
+      const std::span<float> got = sync->owned_grads();
+      size_t at = 0;
+      for (const ArenaRange& r : sync->owned()) {
+        float scale = 1e-12f;
+        for (int64_t i = r.begin; i < r.end; ++i) scale = std::max(scale, std::abs(ref_grads[static_cast<size_t>(i)]));
+        for (int64_t i = r.begin; i < r.end; ++i, ++at)
+          ASSERT_NEAR(got[at], ref_grads[static_cast<size_t>(i)], 1e-5f * scale) << "stage " << pp.rank() << " float " << i;
+      }
+      EXPECT_EQ(at, got.size());
+    });
+  }
+}
+
 // A stage's model holds exactly its tensors, with the values the whole model's init gives
 // them; the others are never written (they read zero) and are neither zeroed nor copied.
 TEST(PipelineStage, AStageModelHoldsOnlyItsTensorsWithTheWholeModelsValues) {

@@ -65,6 +65,32 @@ TEST(TensorPlan, AllReduceBytesStepAndMemoryMatchAHandComputation) {
   EXPECT_DOUBLE_EQ(tensor_json(p)["memory_bytes_rank0"].get<double>(), p.rank0_memory_bytes);
 }
 
+// A mixture of experts at tp=2 (its experts split as dense MLPs, the routers whole): each
+// rank holds half of every expert and a whole router, and each MoE layer adds to the dense
+// all-reduces its combine weights' gradient (K = 2 floats a row) in backward.
+TEST(TensorPlan, MixtureOfExpertsHoldsHalfOfEachExpertAndWholeRouters) {
+  model::ModelConfig cfg = small_llama();
+  cfg.arch = model::Architecture::mixtral;
+  cfg.ffn_dim = 128;
+  cfg.moe.num_experts = 8;
+  cfg.moe.top_k = 2;
+  cfg.moe.expert_ffn_dim = 128;
+  ASSERT_TRUE(tensor_parallel_splits(describe_workload(cfg, false, {}, 4, 32, 2), 2));
+  const Workload w = describe_workload(cfg, false, {}, 4, 32, 2);
+  const TensorPlan p = plan_tensor_parallel(w, StepCost{}, 2, Link{1e9, 1e-5, "given"});
+  // Routers: 8 x 64 a layer; the norms 5 x 64.
+  EXPECT_EQ(p.replicated_params, 5 * 64 + 2 * 8 * 64);
+  EXPECT_EQ(p.split_params, cfg.num_params() - p.replicated_params);
+  // Rank 1 (19 of 37 vocabulary rows): attention halved, each expert's 3 x 64 x 128 halved.
+  const int64_t experts_half = 2 * 8 * 3 * 64 * 64;
+  const int64_t attention_half = 2 * (64 * 32 + 2 * 64 * 16 + 32 * 64);
+  EXPECT_EQ(p.params_per_rank, experts_half + attention_half + 5 * 64 + 2 * 8 * 64 + 2 * 19 * 64);
+  // The dense model's 658432 bytes and 24 all-reduces, plus 256 rows x 2 floats x 4 bytes
+  // and one all-reduce per MoE layer and micro-batch.
+  EXPECT_DOUBLE_EQ(p.all_reduce_bytes, 658432.0 + 2 * 256 * 2 * 4.0);
+  EXPECT_EQ(p.all_reduces, 2 * (4 * 2 + 4) + 2 * 2);
+}
+
 TEST(TensorPlan, BetweenHostsTpsRingGetsTheWholeLink) {
   // tp runs flotilla's own collectives (comm::AllReducer's ring), charged as dp's ring is:
   // at the link's whole bandwidth, between hosts as within one (the same bytes, the same time).

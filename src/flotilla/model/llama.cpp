@@ -596,8 +596,17 @@ void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, con
   else
     k::rmsnorm_forward(ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
   if (cfg_.moe_layer(l)) {
-    moe_forward(l, la, out, ln, ctx);
-    k::add_inplace(out, la.resid_mid, N * C);
+    // Tensor parallel: each rank's experts (and shared expert) hold their slices of every
+    // expert's width, so the combined output is a partial sum, added as the dense MLP's
+    // (g). Sequence parallel: the partial sums go into ln (moe_forward reads it first)
+    // and are reduce-scattered into this rank's rows.
+    float* moe_out = seq ? ln : out;
+    moe_forward(l, la, moe_out, ln, ctx);
+    if (seq)
+      sequence_reduce_scatter(ln, out, *seq, "sp MoE output");
+    else if (tp_)
+      tp_->all_reduce_sum({out, static_cast<size_t>(N * C)}, "tp MoE output");
+    k::add_inplace(out, la.resid_mid, Nr * C);
     return;
   }
   linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, F);
@@ -705,6 +714,12 @@ LossSum Llama::forward(const int32_t* tokens, const int32_t* targets, int64_t B,
                                                             {ctx.expert_capacity, T}),
                                   N * K);
     }
+  }
+  if (!upstream_router_stats_.empty()) {  // the stages' below (add_upstream_router_statistics)
+    std::vector<double> stats = load_balancing_.statistics();
+    for (size_t i = 0; i < stats.size(); ++i) stats[i] += upstream_router_stats_[i];
+    load_balancing_.set_statistics(stats);
+    upstream_router_stats_.clear();
   }
   if (!last_stage()) {
     logits_valid_ = have_targets_ = false;
@@ -829,12 +844,23 @@ void Llama::backward(float dloss_scale) {
     // out = resid_mid + act @ wdown^T;  act = silu(gate) * up (recomputed, not stored)
     if (cfg_.moe_layer(l)) {
       // ln2 = rmsnorm(resid_mid) (recomputed); the mixture adds d(out)/d(ln2) into a.dln.
-      k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+      if (sp) {
+        gather_dresid("sp MoE output gradient");  // d(out), whole: every token's rows
+        sequence_norm_gather(a.ln, a.seq_slice, la.ln2_rstd, la.resid_mid, w.ln2, seq, "sp MoE input");
+      } else {
+        k::rmsnorm_forward(a.ln, la.ln2_rstd, la.resid_mid, p(w.ln2), N, C, cfg_.rms_norm_eps);
+      }
       std::memset(a.dln, 0, bytes_NC);
       const float aux_scale = cfg_.moe.output_router_logits
                                   ? cfg_.moe.router_aux_loss_coef * dloss_scale * static_cast<float>(aux_tokens_)
                                   : 0.0f;
       moe_backward(l, la, a.dln, a.dresid, a.ln, g, aux_scale);
+      // Tensor parallel: the experts' gate and up are column-parallel, so each rank has its
+      // slices' share of d(ln2) (f's backward; the router's share is rank 0's alone).
+      if (sp)
+        sequence_reduce_scatter(a.dln, a.seq_slice, seq, "sp MoE input gradient");
+      else if (tp_)
+        tp_->all_reduce_sum({a.dln, static_cast<size_t>(N * C)}, "tp MoE input gradient");
     } else {
     if (sp) gather_dresid("sp MLP output gradient");  // d(out), whole, for down's backward
     // The recomputed inputs of a layer's products are read only by their weight gradients
@@ -998,6 +1024,25 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   // Dispatch: the tokens' rows in expert order (those over capacity dropped).
   const moe::Dispatch d = moe::plan_dispatch(experts.data(), N, K, E, {ctx.expert_capacity, ctx.T});
   moe::dispatch_gather(ctx.moe_rows, ln, d, C);
+  // Qwen2-MoE's shared expert: out += sigmoid(ln @ shared_expert_gate^T) * mlp(ln). Its
+  // products that read ln come first: after them `out` may be ln itself (block_forward).
+  auto lora = [&](LoraTarget t, float* y, const float* x) {
+    if (!ctx.lora) return;
+    std::optional<uint64_t> seed;
+    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
+    float* u = la.lora_u[static_cast<size_t>(t)];
+    if (tp_ && lora_row_parallel(t))
+      lora_row_parallel_forward(l, t, y, x, u, ctx.lora_xd, N, seed, *ctx.lora);
+    else
+      ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, adapter_input());
+  };
+  if (Fs > 0) {
+    linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, Fs);
+    linear_forward(la.up, ln, w.up_proj, nullptr, N, C, Fs);
+    lora(LoraTarget::gate, la.gate, ln);
+    lora(LoraTarget::up, la.up, ln);
+    linear_forward(la.shared_gate, ln, w.shared_expert_gate, nullptr, N, C, 1);
+  }
   if (ctx.expert_parallel) {
     ep_experts_forward(l, d, ctx.moe_rows, la.expert_out, ctx);
   } else {
@@ -1013,21 +1058,9 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   std::memset(out, 0, static_cast<size_t>(N * C) * sizeof(float));
   moe::combine(out, la.expert_out, weights.data(), d, C);
   if (Fs == 0) return;
-  // Qwen2-MoE's shared expert: out += sigmoid(ln @ shared_expert_gate^T) * mlp(ln)
-  auto lora = [&](LoraTarget t, float* y, const float* x) {
-    if (!ctx.lora) return;
-    std::optional<uint64_t> seed;
-    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
-    ctx.lora->forward(l, t, y, x, la.lora_u[static_cast<size_t>(t)], ctx.lora_xd, N, seed, adapter_input());
-  };
-  linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, Fs);
-  linear_forward(la.up, ln, w.up_proj, nullptr, N, C, Fs);
-  lora(LoraTarget::gate, la.gate, ln);
-  lora(LoraTarget::up, la.up, ln);
   k::swiglu_forward(ctx.act, la.gate, la.up, N, Fs);
   linear_forward(la.shared_out, ctx.act, w.down_proj, nullptr, N, Fs, C);
   lora(LoraTarget::down, la.shared_out, ctx.act);
-  linear_forward(la.shared_gate, ln, w.shared_expert_gate, nullptr, N, C, 1);
   for (int64_t i = 0; i < N; ++i) {
     const float s = 1.0f / (1.0f + std::exp(-la.shared_gate[i]));
     for (int64_t c = 0; c < C; ++c) out[i * C + c] += s * la.shared_out[i * C + c];
@@ -1038,7 +1071,8 @@ void Llama::expert_forward(const ExpertParams& ew, const ExpertRows& x, float* a
                            const ExpertRun& run) const {
   const int64_t C = cfg_.dim, Fe = cfg_.moe.expert_ffn_dim;
   auto lora = [&](ExpertProj p, float* y, const float* in) {
-    if (run.lora) run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), adapter_input());
+    if (run.lora)
+      run.lora->expert_forward(run.layer, p, run.expert, y, in, x.n, run.dropout_seed(p), adapter_input(), tp_);
   };
   linear_forward(x.gate, x.rows, ew.gate_proj, nullptr, x.n, C, Fe);
   linear_forward(x.up, x.rows, ew.up_proj, nullptr, x.n, C, Fe);
@@ -1062,7 +1096,7 @@ void Llama::expert_backward(const ExpertParams& ew, const ExpertRows& x, const f
   // The expert's adapters: d(their input) into din, their gradients into lora_'s.
   LoraAdapters* lora = run.lora ? lora_ : nullptr;
   auto lora_backward = [&](ExpertProj p, float* din, const float* d, const float* in) {
-    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), adapter_input());
+    if (lora) lora->expert_backward(run.layer, p, run.expert, din, d, in, n, run.dropout_seed(p), adapter_input(), tp_);
   };
   // out = act @ down^T (+ its adapter's);  act = silu(gate) * up (recomputed)
   k::swiglu_forward(s.act, x.gate, x.up, n, Fe);
@@ -1093,6 +1127,12 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
   moe::dispatch_gather(a.moe_rows, ln, d, C);
   // out = sum over rows of weight * expert_out  =>  drows, dweights
   moe::combine_backward(a.drows, a.dweights, dout, la.expert_out, weights.data(), d, C);
+  // Tensor parallel: expert_out is this rank's partial sum, so dweights (dout . expert_out)
+  // is its share: summed, every rank's router gets the one-rank gradient, bit for bit alike.
+  if (tp_) tp_->all_reduce_sum({a.dweights, static_cast<size_t>(N * K)}, "tp MoE combine weights gradient");
+  // The router's and the shared gate's (replicated) shares of d(ln), added on tp rank 0
+  // only: the caller sums d(ln) over the tp group.
+  float* dln_replicated = !tp_ || tp_->tp_rank() == 0 ? dln : nullptr;
   if (experts_ && experts_->ep_size() > 1) {
     ep_experts_backward(l, d, a.drows, g);
   } else {
@@ -1114,7 +1154,7 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
                             cfg_.moe.norm_topk_prob);
   if (aux_scale != 0.0f) load_balancing_.backward(a.drouter, N, aux_scale);
   moe::router_softmax_backward(a.drouter, a.drouter, la.router_probs, N, E);
-  linear_backward(dln, gp(w.router), nullptr, a.drouter, ln, w.router, N, C, E);
+  linear_backward(dln_replicated, gp(w.router), nullptr, a.drouter, ln, w.router, N, C, E);
   if (Fs == 0) return;
   // out += s * shared_out, s = sigmoid(z), z = ln @ shared_expert_gate^T
   //   => dshared_out = s * dout (into drows, free again), dz = (dout . shared_out) s (1 - s)
@@ -1129,6 +1169,8 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
     }
     dz[i] = static_cast<float>(dot) * s * (1.0f - s);
   }
+  // Tensor parallel: shared_out is a partial sum, and so is dz (linear in it).
+  if (tp_) tp_->all_reduce_sum({dz, static_cast<size_t>(N)}, "tp shared expert gate gradient");
   // shared_out = down(silu(gate(ln)) * up(ln)), as a dense MLP of width Fs
   k::swiglu_forward(a.act, la.gate, la.up, N, Fs);
   std::memset(a.dact, 0, static_cast<size_t>(N * Fs) * sizeof(float));
@@ -1139,7 +1181,7 @@ void Llama::moe_backward(int64_t l, const LayerActivations& la, float* dln, cons
   linear_backward(dln, gp(w.up_proj), nullptr, a.dup, ln, w.up_proj, N, C, Fs);
   lora_backward(l, LoraTarget::gate, dln, a.dgate, ln);
   lora_backward(l, LoraTarget::up, dln, a.dup, ln);
-  linear_backward(dln, gp(w.shared_expert_gate), nullptr, dz, ln, w.shared_expert_gate, N, C, 1);
+  linear_backward(dln_replicated, gp(w.shared_expert_gate), nullptr, dz, ln, w.shared_expert_gate, N, C, 1);
 }
 
 std::span<const float> Llama::router_probs(int64_t l) const {
@@ -1190,6 +1232,32 @@ void Llama::swap_forward_slot(ForwardSlot& slot) {
   std::swap(logits_valid_, slot.logits_valid);
   std::swap(stage_forward_done_, slot.stage_forward_done);
   std::swap(forward_dropout_, slot.forward_dropout);
+  std::swap(load_balancing_, slot.load_balancing);
+  std::swap(aux_tokens_, slot.aux_tokens);
+  std::swap(ep_shards_, slot.ep_shards);
+  // A new slot's: one per layer (set_expert_exchange sized the model's own).
+  if (experts_ && ep_shards_.size() != static_cast<size_t>(cfg_.n_layers))
+    ep_shards_.assign(static_cast<size_t>(cfg_.n_layers), {});
+}
+
+void Llama::add_upstream_router_statistics(std::span<const double> stats) {
+  if (stats.size() != router_statistics_size())
+    throw Error("model", fmt::format("router statistics of {} values, not {}", stats.size(), router_statistics_size()));
+  upstream_router_stats_.assign(stats.begin(), stats.end());
+}
+
+std::vector<double> Llama::router_totals() const {
+  std::vector<double> totals = load_balancing_.statistics();
+  totals.push_back(static_cast<double>(aux_tokens_));
+  return totals;
+}
+
+void Llama::set_router_totals(std::span<const double> totals) {
+  if (totals.size() != router_statistics_size() + 1)
+    throw Error("model", fmt::format("router totals of {} values, not {}", totals.size(), router_statistics_size() + 1));
+  load_balancing_.reset(cfg_.moe.num_experts);
+  load_balancing_.set_statistics(totals.first(router_statistics_size()));
+  aux_tokens_ = static_cast<int64_t>(totals.back());
 }
 
 void Llama::set_parallel_context(ParallelContext* context) {

@@ -487,12 +487,41 @@ class Llama {
   // stage_input and forward, out after them, in again before its backward and out after;
   // while none is swapped in the model holds its own. An empty slot plans on first use,
   // so the slots a caller ever made are the most micro-batches it held at once.
+  // What an MoE layer's expert side kept from forward under expert parallelism: the rows
+  // it received and their gate and up outputs. Sizes vary with the routing (dropless).
+  struct ExpertShard {
+    std::vector<int64_t> recv_counts;  // (ep, El)  rows from each rank for each local expert
+    std::vector<float> rows;           // (R, C)    by source rank, then local expert
+    std::vector<float> gate, up;       // (R, Fe)
+  };
   struct ForwardSlot {
     ActivationPlan acts;
+    std::vector<ExpertShard> ep_shards;  // per layer, under expert parallelism
     bool have_targets = false, logits_valid = false, stage_forward_done = false;
     uint64_t forward_dropout = 0;
+    moe::LoadBalancing load_balancing;  // a mixture's: its forward's statistics, then the totals
+    int64_t aux_tokens = 0;
   };
   void swap_forward_slot(ForwardSlot& slot);
+
+  // A mixture of experts in a pipeline: the load-balancing loss is one formula over the
+  // MoE layers of every stage (moe::LoadBalancing: products of sums over all layers), so
+  // its statistics travel with the activations and come back with their gradients.
+  // Forward: a stage above the first adds the statistics of the stages below it
+  // (add_upstream_router_statistics, before its forward), and router_statistics() after
+  // forward is the sum through this stage, for the next; the last stage's forward sums them
+  // over the data group with the target tokens (set_expert_exchange), as one rank's would.
+  // Backward: router_totals() (those sums and the tokens, after the last stage's forward
+  // or set_router_totals) go down with d(stage_output); a stage sets them before its
+  // backward, so every stage's router gets the one-rank aux gradient.
+  void add_upstream_router_statistics(std::span<const double> stats);
+  std::vector<double> router_statistics() const { return load_balancing_.statistics(); }
+  std::vector<double> router_totals() const;
+  void set_router_totals(std::span<const double> totals);
+  // The number of doubles in router_statistics() and router_totals().
+  size_t router_statistics_size() const { return 2 * static_cast<size_t>(cfg_.moe.num_experts) + 3; }
+  // The target tokens the aux loss was weighted by in the last forward (every data rank's).
+  int64_t router_aux_tokens() const { return aux_tokens_; }
 
  private:
   void report_ready(size_t group) const;
@@ -624,6 +653,7 @@ class Llama {
   bool qweights_mapped_ = false;  // qweights_ view mapped model files (Llama::load)
   ActivationPlan acts_;
   moe::LoadBalancing load_balancing_;  // of the last forward's MoE layers
+  std::vector<double> upstream_router_stats_;  // the stages' below, for the next forward
   double expert_capacity_factor_ = 0.0;  // set_expert_capacity
   // The capacity of a training forward or backward over sequences of T tokens.
   moe::Capacity expert_capacity(int64_t T) const;
@@ -634,14 +664,7 @@ class Llama {
   bool sequence_parallel_ = false;
   ModelConfig tp_full_;  // full_config() under tensor parallelism
   VocabShard vocab_;     // the vocabulary rows of the embedding and lm_head, under tensor parallelism
-  // What an MoE layer's expert side kept from forward under expert parallelism: the rows
-  // it received and their gate and up outputs. Sizes vary with the routing (dropless).
-  struct ExpertShard {
-    std::vector<int64_t> recv_counts;  // (ep, El)  rows from each rank for each local expert
-    std::vector<float> rows;           // (R, C)    by source rank, then local expert
-    std::vector<float> gate, up;       // (R, Fe)
-  };
-  mutable std::vector<ExpertShard> ep_shards_;  // per layer
+  mutable std::vector<ExpertShard> ep_shards_;  // per layer (a forward slot's, in a pipeline)
   // Scratch of the expert side, grown to the largest R seen.
   mutable std::vector<float> ep_act_, ep_out_;
   std::vector<float> ep_dout_, ep_dact_, ep_dgate_, ep_dup_;

@@ -1,5 +1,7 @@
 #include "flotilla/model/lora.hpp"
 
+#include "flotilla/model/tensor_parallel.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -540,28 +542,39 @@ bool LoraAdapters::merge_into_tensor(std::string_view name, std::span<float> w) 
 }
 
 void LoraAdapters::expert_forward(int64_t layer, ExpertProj p, int64_t e, float* out, const float* x, int64_t n,
-                                  std::optional<uint64_t> dropout_seed, kernels::GemmInput input) const {
+                                  std::optional<uint64_t> dropout_seed, kernels::GemmInput input,
+                                  TensorParallelGroup* tp) const {
   const LoraSlot& s = expert_slot(layer, p, e);
   if (!s.active() || n == 0) return;
   const int64_t r = cfg_.rank;
+  const bool row_parallel = tp && p == ExpertProj::down;
   std::vector<float> xd;                              // (n, in)   dropout(x)
   std::vector<float> u(static_cast<size_t>(n * r));  // (n, rank) scale * xd A^T
   if (dropout_seed) {
     xd.resize(static_cast<size_t>(n * s.in));
-    kernels::dropout_forward(xd.data(), x, n * s.in, cfg_.dropout, *dropout_seed);
+    if (row_parallel)
+      kernels::dropout_forward_columns(xd.data(), x, n, s.in, s.in * tp->tp_size(), s.in * tp->tp_rank(), cfg_.dropout,
+                                       *dropout_seed);
+    else
+      kernels::dropout_forward(xd.data(), x, n * s.in, cfg_.dropout, *dropout_seed);
     x = xd.data();
   }
   kernels::matmul_forward(u.data(), x, params_.data() + s.a, nullptr, n, s.in, r, input);
   kernels::scale_inplace(u.data(), n * r, cfg_.scale());
+  if (row_parallel) {
+    tp->all_reduce_sum(std::span<float>(u), "tp expert LoRA u (row-parallel)");
+    if (tp->tp_rank() != 0) return;
+  }
   kernels::matmul_accumulate(out, u.data(), params_.data() + s.b, n, r, s.out, 1.0f, input);
 }
 
 void LoraAdapters::expert_backward(int64_t layer, ExpertProj p, int64_t e, float* dx, const float* dout,
                                    const float* x, int64_t n, std::optional<uint64_t> dropout_seed,
-                                   kernels::GemmInput input) {
+                                   kernels::GemmInput input, TensorParallelGroup* tp) {
   const LoraSlot& s = expert_slot(layer, p, e);
   if (!s.active() || n == 0) return;
   const int64_t r = cfg_.rank;
+  const bool row_parallel = tp && p == ExpertProj::down, column_parallel = tp && !row_parallel;
   const float* a = params_.data() + s.a;  // (rank, in)
   const float* b = params_.data() + s.b;  // (out, rank)
   float* g = grads().data();
@@ -571,22 +584,40 @@ void LoraAdapters::expert_backward(int64_t layer, ExpertProj p, int64_t e, float
   // u = scale * xd A^T, as forward computed it
   if (dropout_seed) {
     xd.resize(static_cast<size_t>(n * s.in));
-    kernels::dropout_forward(xd.data(), x, n * s.in, cfg_.dropout, *dropout_seed);
+    if (row_parallel)
+      kernels::dropout_forward_columns(xd.data(), x, n, s.in, s.in * tp->tp_size(), s.in * tp->tp_rank(), cfg_.dropout,
+                                       *dropout_seed);
+    else
+      kernels::dropout_forward(xd.data(), x, n * s.in, cfg_.dropout, *dropout_seed);
   }
   const float* xin = dropout_seed ? xd.data() : x;
   kernels::matmul_forward(u.data(), xin, a, nullptr, n, s.in, r, input);
   kernels::scale_inplace(u.data(), n * r, cfg_.scale());
+  if (row_parallel) tp->all_reduce_sum(std::span<float>(u), "tp expert LoRA u (row-parallel)");
   // out += u B^T  =>  dB += dout^T u,  du = dout B (then times scale: u's factor)
   kernels::matmul_backward(du.data(), g + s.b, nullptr, dout, u.data(), b, n, r, s.out, input);
   kernels::scale_inplace(du.data(), n * r, cfg_.scale());
   // xd A^T  =>  dA += du^T xd,  dxd = du A;  x -> xd is dropout
-  if (!dx || !dropout_seed) {
-    kernels::matmul_backward(dx, g + s.a, nullptr, du.data(), xin, a, n, s.in, r, input);
-    return;
+  float* dA = g + s.a;
+  std::vector<float> dxd;  // (n, in)
+  float* dxin = dx;
+  if (dx && dropout_seed) {
+    dxd.assign(static_cast<size_t>(n * s.in), 0.0f);
+    dxin = dxd.data();
   }
-  std::vector<float> dxd(static_cast<size_t>(n * s.in), 0.0f);  // (n, in)
-  kernels::matmul_backward(dxd.data(), g + s.a, nullptr, du.data(), xin, a, n, s.in, r, input);
-  kernels::dropout_backward(dx, dxd.data(), n * s.in, cfg_.dropout, *dropout_seed);
+  if (column_parallel) {  // d(x) from this rank's share of du; A from the sum
+    if (dxin) kernels::matmul_backward(dxin, nullptr, nullptr, du.data(), xin, a, n, s.in, r, input);
+    tp->all_reduce_sum(std::span<float>(du), "tp expert LoRA gradient");
+    kernels::matmul_backward(nullptr, dA, nullptr, du.data(), xin, a, n, s.in, r, input);
+  } else {
+    kernels::matmul_backward(dxin, dA, nullptr, du.data(), xin, a, n, s.in, r, input);
+  }
+  if (!dx || !dropout_seed) return;
+  if (row_parallel)
+    kernels::dropout_backward_columns(dx, dxd.data(), n, s.in, s.in * tp->tp_size(), s.in * tp->tp_rank(), cfg_.dropout,
+                                      *dropout_seed);
+  else
+    kernels::dropout_backward(dx, dxd.data(), n * s.in, cfg_.dropout, *dropout_seed);
 }
 
 }  // namespace flotilla::model

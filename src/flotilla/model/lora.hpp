@@ -25,6 +25,8 @@
 
 namespace flotilla::model {
 
+class TensorParallelGroup;
+
 // The layers LoRA adapts, by the module names of transformers' models. In a
 // mixture-of-experts layer (docs/moe.md) the MLP targets reach every expert, each with its
 // own adapter pair, as PEFT's target_modules matching on module names does:
@@ -139,14 +141,24 @@ class LoraAdapters {
   // An expert's adapter, forward: out (n, out) += scale * dropout(x) A^T B^T for expert e's
   // n rows x (n, in) of projection p (a no-op where not adapted). Nothing is kept for
   // backward: it recomputes the (n, rank) product, as narrow as the rank.
+  // Under tensor parallelism (`tp`, model/tensor_parallel.hpp; null: none) the expert is
+  // split as a dense MLP and so is its adapter: gate's and up's B by output rows (A whole),
+  // down's A by input columns (B whole). Down's u, this rank's columns' share, is summed
+  // over the tp group and tp rank 0 alone adds u B^T (the mixture's all-reduce sums the
+  // ranks' outputs); its dropout masks are the whole input's for this rank's columns.
   void expert_forward(int64_t layer, ExpertProj p, int64_t e, float* out, const float* x, int64_t n,
-                      std::optional<uint64_t> dropout_seed, kernels::GemmInput input) const;
+                      std::optional<uint64_t> dropout_seed, kernels::GemmInput input,
+                      TensorParallelGroup* tp = nullptr) const;
   // Its backward, given d(out) (n, out) and the same x: the adapter's gradients added into
   // grads(), and d(x) added into dx (n, in) (null: not needed).
   //   u = scale * xd A^T, out += u B^T  =>  dB += dout^T u;  du = scale * dout B;
   //   dA += du^T xd;  dxd = du A;  dx += dropout'(dxd)
+  // Under tp: gate's and up's du is this rank's rows' share; d(x) takes it (d(ln2) is
+  // summed after) and A, whole, takes du summed over the tp group. Down's u is summed again
+  // as in forward; its du is whole: dB, dA (this rank's columns) and d(x) as on one rank.
   void expert_backward(int64_t layer, ExpertProj p, int64_t e, float* dx, const float* dout, const float* x,
-                       int64_t n, std::optional<uint64_t> dropout_seed, kernels::GemmInput input);
+                       int64_t n, std::optional<uint64_t> dropout_seed, kernels::GemmInput input,
+                       TensorParallelGroup* tp = nullptr);
 
   // The same for one base tensor `name` (e.g. "model.layers.3.self_attn.q_proj.weight"),
   // w (out, in): for bases merged tensor by tensor (quantized ones). False when unadapted.

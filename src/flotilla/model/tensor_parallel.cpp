@@ -37,10 +37,6 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
   if (tp < 1 || at.rank < 0 || at.rank >= tp)
     throw InputError("model", fmt::format("tp={} is not a positive number of ranks (or {} is not one of them)", tp,
                                           at.rank));
-  if (full.is_moe())
-    throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split a mixture of experts' layers "
-                                          "yet: use ep for the experts",
-                                          tp));
   auto divides = [&](int64_t n, const char* what) {
     if (n % tp != 0)
       throw InputError("model", fmt::format("tp={} does not divide the model's {} {} (tensor parallelism splits "
@@ -50,6 +46,12 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
   divides(full.n_heads, "attention heads");
   divides(full.n_kv_heads, "key-value heads");
   divides(full.ffn_dim, "MLP width (intermediate_size)");
+  if (full.quantization && full.is_moe() && tp > 1)
+    // Untested: a 4-bit mixture's experts are mlx_lm's stacks (SwitchLinear), which
+    // slice_quantized and the sliced directory read have not been taught.
+    throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split a 4-bit mixture of experts yet: "
+                                          "train it at tp=1 (ep and pp split it), or from a float model",
+                                          tp));
   if (full.quantization && tp > 1) {
     // A row-parallel layer (o, down) is cut along its input columns, where a quantized
     // matrix's groups run: each rank's share must be whole groups (slice_quantized).
@@ -66,10 +68,19 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
                                                 tp, in / tp, module, in, f->group_size));
       }
   }
+  // A mixture of experts (Megatron's way for experts): every expert split as a dense MLP
+  // (gate and up by output rows, down by input columns), the shared expert too; the router
+  // and the shared expert's gate are replicated, so every tp rank routes alike.
+  if (full.is_moe()) {
+    divides(full.moe.expert_ffn_dim, "expert MLP width (each expert's intermediate size)");
+    if (full.moe.shared_expert_ffn_dim > 0) divides(full.moe.shared_expert_ffn_dim, "shared expert MLP width");
+  }
   ModelConfig local = full;
   local.n_heads = full.n_heads / tp;
   local.n_kv_heads = full.n_kv_heads / tp;
   local.ffn_dim = full.ffn_dim / tp;
+  local.moe.expert_ffn_dim = full.moe.expert_ffn_dim / tp;
+  local.moe.shared_expert_ffn_dim = full.moe.shared_expert_ffn_dim / tp;
   local.vocab_size = vocab_shard(full.vocab_size, at).size();
   return local;  // head_dim stays: a head is never cut
 }
@@ -370,6 +381,17 @@ std::vector<ElementRange> Llama::tensor_parallel_split_ranges() const {
         if (!s.active()) continue;
         split.push_back(lora_row_parallel(t) ? ElementRange{s.a, s.a + r * s.in} : ElementRange{s.b, s.b + s.out * r});
       }
+    // A mixture's experts' adapters alike: down's A by columns, gate's and up's B by rows.
+    for (int64_t l = lora_->first_layer(); l < cfg_.n_layers; ++l) {
+      if (!cfg_.moe_layer(l)) continue;
+      for (int p = 0; p < kNumExpertProjs; ++p)
+        for (int64_t e = 0; e < cfg_.moe.num_experts; ++e) {
+          const LoraSlot& s = lora_->expert_slot(l, static_cast<ExpertProj>(p), e);
+          if (!s.active()) continue;
+          split.push_back(static_cast<ExpertProj>(p) == ExpertProj::down ? ElementRange{s.a, s.a + r * s.in}
+                                                                          : ElementRange{s.b, s.b + s.out * r});
+        }
+    }
   } else {
     const ParamLayout full(tp_full_);
     for (const ParamInfo& info : full.params()) {

@@ -94,9 +94,10 @@ SequenceShard sequence_shard(int64_t tokens, TpRank at);
 
 // Tp rank `at`'s local model config: heads, kv heads and ffn_dim divided by tp, and the
 // vocabulary its shard (vocab_shard). InputError (one line) when tp does not divide
-// n_heads, n_kv_heads or ffn_dim, the vocabulary is smaller than tp, the model is a
-// mixture of experts (its experts are not split yet), or a quantized o or down matrix's
-// input columns would not be cut on its quantization groups (see QuantSlice below).
+// n_heads, n_kv_heads or ffn_dim (a mixture of experts': each expert's width and the
+// shared expert's, which are divided alike), the vocabulary is smaller than tp, a 4-bit
+// mixture of experts, or a quantized o or down matrix's input columns would not be cut on
+// its quantization groups (see QuantSlice below).
 ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at);
 
 // How tp rank r holds a full tensor, found from the two shapes.

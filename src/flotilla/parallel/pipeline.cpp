@@ -55,11 +55,18 @@ std::vector<int64_t> parse_pp_layers(std::string_view spec) {
 }
 
 double block_cost(const model::ModelConfig& cfg, int64_t seq_len) {
-  const double C = static_cast<double>(cfg.dim), F = static_cast<double>(cfg.ffn_dim);
+  double F = static_cast<double>(cfg.ffn_dim), router = 0.0;
+  const double C = static_cast<double>(cfg.dim);
+  if (cfg.is_moe()) {
+    // A mixture's token runs its top K experts (and the shared one), after the router's C x
+    // E product; every layer is counted as a mixture's (Qwen2-MoE's dense ones cost less).
+    F = static_cast<double>(cfg.moe.top_k * cfg.moe.expert_ffn_dim + cfg.moe.shared_expert_ffn_dim);
+    router = C * static_cast<double>(cfg.moe.num_experts);
+  }
   const double Dq = static_cast<double>(cfg.q_dim()), Dkv = static_cast<double>(cfg.kv_dim());
   // q, k, v, o and the three MLP products; attention's scores and weighted sum, T keys
   // per query (both causal halves counted: the kernels compute the full rows).
-  return C * Dq + 2.0 * C * Dkv + Dq * C + 3.0 * C * F + 2.0 * static_cast<double>(seq_len) * Dq;
+  return C * Dq + 2.0 * C * Dkv + Dq * C + 3.0 * C * F + router + 2.0 * static_cast<double>(seq_len) * Dq;
 }
 
 double head_cost(const model::ModelConfig& cfg) {
@@ -235,6 +242,26 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
     std::memcpy(outgoing.back().data(), data.data(), data.size_bytes());
     sends.push_back(pp_.isend(comm::ConstView(outgoing.back().span()), dest, tag));
   };
+  // A mixture of experts: the load-balancing loss's statistics travel with the activations
+  // and its totals with the gradients (model::Llama::add_upstream_router_statistics).
+  const bool moe = model.config().is_moe();
+  std::vector<double> router_in(moe ? model.router_statistics_size() : 0);
+  std::vector<double> router_totals(moe ? model.router_statistics_size() + 1 : 0);
+  std::vector<std::vector<double>> outgoing_doubles;
+  outgoing_doubles.reserve(static_cast<size_t>(2 * n));  // sends read them until the flush ends
+  auto send_doubles = [&](std::vector<double> data, int dest, int tag) {
+    sent_bytes += static_cast<int64_t>(data.size() * sizeof(double));
+    outgoing_doubles.push_back(std::move(data));
+    sends.push_back(pp_.isend(comm::ConstView(std::span<const double>(outgoing_doubles.back())), dest, tag));
+  };
+  // The last stage's aux loss and dropped share per micro-batch, for the step's metrics.
+  double aux_sum = 0.0, aux_tokens = 0.0, dropped_sum = 0.0, forwards = 0.0;
+  auto count_router = [&](const model::Llama& m) {
+    aux_sum += m.router_aux_loss() * static_cast<double>(m.router_aux_tokens());
+    aux_tokens += static_cast<double>(m.router_aux_tokens());
+    dropped_sum += m.expert_dropped_fraction();
+    forwards += 1.0;
+  };
   auto args = [&](int64_t i) { return trace ? fmt::format(R"({{"micro":{},"stage":{}}})", i, s) : std::string(); };
   model::LossSum total;
   const auto flush_start = std::chrono::steady_clock::now();
@@ -248,6 +275,11 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
         std::span<float> in = model.stage_input(mb.B, mb.T);
         TraceSpan wait(trace, "wait for activations", TraceLane::compute, args(a.micro));
         pp_.recv(comm::MutView(in), s - 1, tag_of(a.micro, false), {.name = "pipeline activations"});
+        if (moe) {  // the same tag: MPI keeps one sender's messages on one tag in order
+          pp_.recv(comm::MutView(std::span<double>(router_in)), s - 1, tag_of(a.micro, false),
+                   {.name = "pipeline router statistics"});
+          model.add_upstream_router_statistics(router_in);
+        }
       }
       {
         TraceSpan span(trace, "forward", TraceLane::compute, args(a.micro));
@@ -257,6 +289,8 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
         total.num_tokens += loss.num_tokens;
       }
       if (!last()) send(model.stage_output(), s + 1, tag_of(a.micro, false));
+      if (!last() && moe) send_doubles(model.router_statistics(), s + 1, tag_of(a.micro, false));
+      if (last() && moe) count_router(model);
       model.swap_forward_slot(slots_[slot]);
     } else {
       const size_t slot = slot_of[static_cast<size_t>(a.micro)];
@@ -266,12 +300,18 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
           TraceSpan wait(trace, "wait for gradient", TraceLane::compute, args(a.micro));
           pp_.recv(comm::MutView(model.stage_output_grad()), s + 1,
                    tag_of(a.micro, true), {.name = "pipeline gradients"});
+          if (moe) {
+            pp_.recv(comm::MutView(std::span<double>(router_totals)), s + 1, tag_of(a.micro, true),
+                     {.name = "pipeline router totals"});
+            model.set_router_totals(router_totals);
+          }
         }
         {
           TraceSpan span(trace, "backward", TraceLane::compute, args(a.micro));
           model.backward(1.0f);  // sums of per-token gradients, as the trainer's exchange expects
         }
         if (send_grad) send(model.stage_input_grad(), s - 1, tag_of(a.micro, true));
+        if (send_grad && moe) send_doubles(model.router_totals(), s - 1, tag_of(a.micro, true));
         model.swap_forward_slot(slots_[slot]);
       }
       free_slots_.push_back(slot);
@@ -282,6 +322,14 @@ model::LossSum PipelineStage::run(model::Llama& model, std::span<const data::Bat
     comm::wait_all(sends);
   }
   bytes_sent_ += static_cast<uint64_t>(sent_bytes);
+  if (moe) {
+    // Every stage reports the step's router metrics as one rank's trainer does: the aux
+    // loss weighted by each micro-batch's target tokens, the mean dropped share.
+    double sums[4] = {aux_sum, aux_tokens, dropped_sum, forwards};
+    pp_.all_reduce(comm::MutView(std::span<double>(sums)), comm::ReduceOp::sum, {.name = "pipeline router metrics"});
+    router_aux_loss_ = sums[1] > 0.0 ? sums[0] / sums[1] : 0.0;
+    expert_dropped_ = sums[3] > 0.0 ? sums[2] / sums[3] : 0.0;
+  }
   // The flush as one span, with what bench/pipeline_bubble.py reads: the activation slots
   // this stage has held at most, and the bytes it sent to its neighbours.
   if (trace)

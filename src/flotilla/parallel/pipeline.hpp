@@ -117,6 +117,10 @@ class PipelineStage {
   // What this stage has sent its neighbours in the flushes (run) so far: activations and
   // their gradients, point to point (evaluation's forwards are not counted).
   uint64_t bytes_sent() const { return bytes_sent_; }
+  // A mixture of experts: the last flush's load-balancing loss (weighted by each micro-batch's
+  // target tokens) and share of assignments dropped over capacity, on every stage.
+  double router_aux_loss() const { return router_aux_loss_; }
+  double expert_dropped() const { return expert_dropped_; }
 
  private:
   size_t acquire_slot();
@@ -127,6 +131,7 @@ class PipelineStage {
   std::vector<model::Llama::ForwardSlot> slots_;
   std::vector<size_t> free_slots_;
   uint64_t bytes_sent_ = 0;
+  double router_aux_loss_ = 0.0, expert_dropped_ = 0.0;
 };
 
 }  // namespace flotilla::parallel

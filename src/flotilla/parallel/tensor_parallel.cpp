@@ -89,7 +89,7 @@ void TensorParallel::check_replicated_same(const model::Llama& local, const Befo
   for (size_t r = 1; r < all.size(); ++r)
     if (all[r] != all[0])
       throw InternalError("parallel/tensor", fmt::format("tensor-parallel ranks 0 and {} hold different replicated "
-                                                         "weights (the norms): their gradients "
+                                                         "weights (the norms, a mixture's routers): their gradients "
                                                          "should be identical by construction",
                                                          r));
 }

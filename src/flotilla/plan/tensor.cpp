@@ -38,6 +38,17 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   p.all_reduce_bytes = static_cast<double>(cfg.n_layers) * p.all_reduce_bytes_per_layer + 2.0 * activation +
                        3.0 * rows * 4.0;
   p.all_reduces = w.grad_accum * (4 * cfg.n_layers + 4);  // + embedding, d(lnf), the loss's max and sums
+  // A mixture of experts' layer (its experts split as dense MLPs) all-reduces as a dense
+  // layer does, plus in backward its combine weights' gradient (K floats a row) and, with
+  // a shared expert, its gate's (one a row): small, but a latency each.
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < cfg.n_layers; ++l) moe_layers += cfg.moe_layer(l) ? 1 : 0;
+  if (moe_layers > 0) {
+    const int64_t per_layer = cfg.moe.shared_expert_ffn_dim > 0 ? 2 : 1;
+    p.all_reduce_bytes += static_cast<double>(moe_layers) * rows * 4.0 *
+                          static_cast<double>(cfg.moe.top_k + (per_layer == 2 ? 1 : 0));
+    p.all_reduces += w.grad_accum * per_layer * moe_layers;
+  }
   const double T = tp;
   p.wire_bytes_per_rank = 2.0 * (T - 1.0) / T * p.all_reduce_bytes;
   p.comm_s = ring_collectives_s(p.wire_bytes_per_rank, static_cast<double>(p.all_reduces), 2.0 * (T - 1.0), link);
@@ -48,6 +59,9 @@ TensorPlan plan_tensor_parallel(const Workload& w, const StepCost& one_rank, int
   for (int r = 0; r < tp; ++r)
     p.params_per_rank = std::max(p.params_per_rank, model::tensor_parallel_config(cfg, {r, tp}).num_params());
   p.replicated_params = (2 * cfg.n_layers + 1) * cfg.dim;  // ln1, ln2 per layer, the final norm
+  // and a mixture's routers (E x C a layer) and shared experts' gates (C), which every tp
+  // rank holds whole so that all route alike; its experts are split as dense MLPs.
+  p.replicated_params += moe_layers * (cfg.moe.num_experts + (cfg.moe.shared_expert_ffn_dim > 0 ? 1 : 0)) * cfg.dim;
   p.split_params = cfg.num_params() - p.replicated_params;
   const model::ModelConfig local = model::tensor_parallel_config(cfg, {tp - 1, tp});
   std::optional<model::LoraAdapters> adapters;

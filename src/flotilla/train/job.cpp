@@ -364,9 +364,11 @@ TrainSummary run_train_job(const TrainJob& job_given, const TrainCallbacks& call
       const auto [first, end] = model.local_experts();
       info(fmt::format("expert parallel: ep={}, this rank runs experts [{}, {}) of {} per layer{}",
                        job.experts->ep_size(), first, end, model.config().moe.num_experts,
-                       model.holds_all_experts() ? " and holds all of them (--zero and --compression exchange the whole "
-                                           "model over the data group)"
-                                         : ""));
+                       !model.holds_all_experts() ? ""
+                       : job.tp ? " and holds every expert's tensor-parallel slice (tp x ep)"
+                       : job.pp ? " and holds all of them (pp x ep)"
+                                : " and holds all of them (--zero and --compression exchange the whole "
+                                  "model over the data group)"));
     }
   }
   if (job.dp) join_data_parallel(job, model, *tokenizer, ranks.data_world, !shard.empty(), info);

@@ -98,7 +98,9 @@ model::Llama::HeldPart held_part(const TrainJob& job, const model::ModelConfig& 
   // ZeRO and compression reduce (and ZeRO gathers) the whole arena over the data group.
   const bool whole_arena = job.fine_tune == FineTuneType::full &&
                            (job.train.zero_stage > 0 || job.compression.kind != comm::Compression::none);
-  if (whole_arena) return held;
+  // tp x ep and pp x ep: each rank holds every expert (its tp slice) and runs its block's;
+  // the tp and pipeline checkpoints, syncs and gathers know whole (stage) arenas only.
+  if (whole_arena || job.tp || job.pp) return held;
   const int64_t El = E / ep;
   held.experts = model::Llama::ExpertRange{job.experts->ep_rank() * El, (job.experts->ep_rank() + 1) * El};
   return held;

@@ -99,10 +99,8 @@ std::unique_ptr<parallel::GradientSync> make_sync(model::Llama& model, const Tra
                                 "over its own rows, so unequal shares would weigh the ranks unequally");
   }
   if (pipeline) {
-    // A mixture of experts' load-balancing loss is summed over the layers of the whole
-    // model; the stages would each hold a part of it: not built yet.
-    if (model.config().is_moe())
-      throw InputError("train", "pipeline parallelism (pp > 1) does not work with mixture-of-experts models yet");
+    // A mixture of experts' load-balancing loss is one formula over the layers of the whole
+    // model: its statistics travel between the stages (parallel/pipeline.cpp).
     if (cfg.local_sgd.sync_every > 0)
       throw InputError("train", "pipeline parallelism (pp > 1) does not combine with local SGD (--sync-every) yet");
     if (cfg.batch_size % pipeline->config().micro_batches != 0)
@@ -394,7 +392,10 @@ StepMetrics Trainer::step(data::BatchSource& train) {
       window_dropped += model_.expert_dropped_fraction();
       ++window_forwards;
     }
-    if (model_.config().is_moe()) {
+    if (model_.config().is_moe() && pipeline_) {
+      m.router_aux_loss = pipeline_->router_aux_loss();
+      m.expert_dropped = pipeline_->expert_dropped();
+    } else if (model_.config().is_moe()) {
       m.router_aux_loss = window.num_tokens > 0 ? window_aux / static_cast<double>(window.num_tokens) : 0.0;
       m.expert_dropped = window_forwards > 0 ? window_dropped / static_cast<double>(window_forwards) : 0.0;
     }
