@@ -390,9 +390,14 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
   test_models::fill_order_one(model, rng);
   const int64_t B = 2, T = 6;
   // Tokens whose every top-k choice has a margin (k-th minus (k+1)-th prob) of at least
-  // 1e-2: choices close to a tie flip under many perturbations of the layers below them
-  // (with 5e-3 and eps 3e-3, some seeds skipped 17 of 130 samples).
-  const std::optional<std::vector<int32_t>> clear = test_models::tokens_clear_of_ties(model, rng, B, T, 1e-2f);
+  // 2e-2: choices close to a tie flip under many perturbations of the layers below them
+  // (with 5e-3 and eps 3e-3, some seeds skipped 17 of 130 samples; with 1e-2 and eps 1e-3,
+  // 2 seeds in 200 skipped every sample of a layer norm's weight, which moves every router
+  // at once; 3e-2 finds no such batch in 1000 draws for 1 seed in 100; 2e-2 with the
+  // quarter step below: 0 failures in 400 fresh seeds, but seeds 173092456 and 217541444,
+  // found among 300 with 1e-2, still skip every sample of a post-attention norm's weight:
+  // a draw that flip-prone needs a test that moves along the routing, not across it).
+  const std::optional<std::vector<int32_t>> clear = test_models::tokens_clear_of_ties(model, rng, B, T, 2e-2f);
   ASSERT_TRUE(clear) << "no batch without a near-tie in 1000 draws";
   const std::vector<int32_t>& tokens = *clear;
   auto targets = random_tokens(rng, B * T, cfg.vocab_size);
@@ -456,7 +461,12 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
         element = static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel)));
       }
       const size_t i = static_cast<size_t>(info.offset + element);
-      const std::optional<double> difference = test_models::central_difference(params[i], kEps, flipped, loss);
+      std::optional<double> difference = test_models::central_difference(params[i], kEps, flipped, loss);
+      // A flip means +-eps crossed a routing boundary (the loss jumps there): a quarter of
+      // the step often stays on the draw's side of it. Tokens are drawn clear of near-ties
+      // (margin 1e-2), but a weight every token reads (a layer norm's) moves every router
+      // at once: with eps alone, about 1 seed in 100 skipped every sample of such a tensor.
+      if (!difference) difference = test_models::central_difference(params[i], kEps / 4, flipped, loss);
       if (!difference) {
         ++st.skipped;
         continue;

@@ -28,10 +28,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <span>
+#include <vector>
 
 #include "flotilla/base/rng.hpp"
+#include "flotilla/model/params.hpp"
 
 namespace flotilla::model::test_models {
 
@@ -48,6 +51,35 @@ inline double largest_change(std::span<const float> a, std::span<const float> b,
   for (int64_t i = offset; i < offset + n; ++i)
     most = std::max(most, std::abs(static_cast<double>(a[static_cast<size_t>(i)]) - b[static_cast<size_t>(i)]));
   return most;
+}
+
+// A draw's rounding noise: per tensor of a gradient table, and of the clipping norm's square.
+struct RoundingNoise {
+  std::vector<double> tensor;  // the largest change of each tensor's gradient
+  double norm2 = 0.0;          // of the norm's square
+};
+
+// The one-rank step again, twice, each time with every float of `nudged` one ulp off
+// (nudge_one_ulp; restored after): `step` zeroes the gradients, runs forward and backward
+// and returns the clipping norm's square; it leaves the gradients in `grads`, compared with
+// `reference` (the unmoved step's, `reference_norm2` its norm's square) tensor by tensor of
+// `tensors`.
+template <class Step>
+RoundingNoise rounding_noise(std::initializer_list<std::span<float>> nudged, std::span<const float> grads,
+                             std::span<const float> reference, std::span<const ParamInfo> tensors,
+                             double reference_norm2, Rng& rng, Step&& step) {
+  std::vector<std::vector<float>> saved;
+  for (const std::span<float> v : nudged) saved.emplace_back(v.begin(), v.end());
+  RoundingNoise noise{std::vector<double>(tensors.size(), 0.0), 0.0};
+  for (int k = 0; k < 2; ++k) {
+    for (const std::span<float> v : nudged) nudge_one_ulp(v, rng);
+    noise.norm2 = std::max(noise.norm2, std::abs(step() - reference_norm2));
+    for (size_t t = 0; t < tensors.size(); ++t)
+      noise.tensor[t] = std::max(noise.tensor[t], largest_change(grads, reference, tensors[t].offset, tensors[t].numel));
+    size_t i = 0;
+    for (const std::span<float> v : nudged) std::copy(saved[i].begin(), saved[i].end(), v.begin()), ++i;
+  }
+  return noise;
 }
 
 }  // namespace flotilla::model::test_models
