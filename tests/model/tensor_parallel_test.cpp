@@ -494,6 +494,24 @@ TEST(TensorParallelQuantized, RefusesAnOOrDownShareOfPartialGroupsInOneLine) {
   EXPECT_NO_THROW(tensor_parallel_config(cfg, {0, 2}));
 }
 
+// A 4-bit mixture of experts: its experts are mlx_lm's stacks, which tp does not slice yet;
+// refused in one line, where the same mixture in floats is split (TensorParallelMoe).
+TEST(TensorParallelQuantized, RefusesA4BitMixtureOfExpertsInOneLine) {
+  ModelConfig cfg = test_models::tiny_moe(Architecture::mixtral);
+  EXPECT_NO_THROW(tensor_parallel_config(cfg, {0, 2}));
+  cfg.quantization = QuantizationConfig{kTpQuantFormat, {}};
+  EXPECT_NO_THROW(tensor_parallel_config(cfg, {0, 1}));
+  try {
+    (void)tensor_parallel_config(cfg, {0, 2});
+    FAIL() << "expected an InputError";
+  } catch (const InputError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("tp=2"), std::string::npos) << what;
+    EXPECT_NE(what.find("4-bit mixture of experts"), std::string::npos) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
+}
+
 // LoRA over a 4-bit base at tp=2 (the base frozen, its slices packed as they were): the
 // one-rank adapter gradients' slices, as over a float base, tied or not, with sequence
 // parallelism or not (the vocabulary-parallel lookup dequantizes this rank's rows).

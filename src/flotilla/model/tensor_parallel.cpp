@@ -50,7 +50,7 @@ ModelConfig tensor_parallel_config(const ModelConfig& full, TpRank at) {
     // Untested: a 4-bit mixture's experts are mlx_lm's stacks (SwitchLinear), which
     // slice_quantized and the sliced directory read have not been taught.
     throw InputError("model", fmt::format("tensor parallelism (tp={}) does not split a 4-bit mixture of experts yet: "
-                                          "train it at tp=1 (ep and pp split it), or from a float model",
+                                          "train it at tp=1, or convert it to a float model first",
                                           tp));
   if (full.quantization && tp > 1) {
     // A row-parallel layer (o, down) is cut along its input columns, where a quantized
