@@ -50,8 +50,14 @@ void check_pipeline_flags(const TrainJob& job) {
     throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with {} yet", what));
   };
   // ZeRO-1 shards each stage's optimizer state over its dp group; stage 2 would save nothing
-  // at the peak (a stage's gradient is whole until its last micro-batch's backward).
-  if (job.train.zero_stage >= 2) refuse(fmt::format("--zero {} (use --zero 1)", job.train.zero_stage));
+  // at the peak (a stage's gradient is whole until its last micro-batch's backward), stage 3
+  // would hold or regather the whole stage every tick. By design, not "yet":
+  // docs/parallelism.md.
+  if (job.train.zero_stage >= 2)
+    throw InputError("train", fmt::format("pipeline parallelism (pp > 1) does not work with --zero {} (use --zero 1): "
+                                          "a stage's gradient is whole until its last micro-batch, so ZeRO-2/3 "
+                                          "save nothing there (docs/parallelism.md)",
+                                          job.train.zero_stage));
   refuse_what_model_parallelism_lacks(job, refuse);
   if (job.train.balance_every > 0) refuse("--balance (the stages pass fixed-size micro-batches along)");
   const int64_t M = job.pipeline.micro_batches;
