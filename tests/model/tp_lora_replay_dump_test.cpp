@@ -27,6 +27,7 @@
 #include "../test_seed.hpp"
 #include "random_model.hpp"
 #include "thread_pair.hpp"
+#include "tp_lora_step.hpp"
 
 namespace flotilla::model {
 namespace {
@@ -61,36 +62,16 @@ TEST(TpLoraReplay, DISABLED_WritesOneDraw) {
   full.backward(1.0f / static_cast<float>(expected.num_tokens));
   const double expected_norm2 = full.grad_sum_squares_tensor_parallel();
 
-  ThreadPair pair;
   std::vector<Llama> locals;
-  std::vector<std::unique_ptr<LoraAdapters>> adapters;
   for (int r = 0; r < 2; ++r) {
     locals.emplace_back(tensor_parallel_config(full_cfg, {r, 2}));
     take_slices(locals.back(), full, {r, 2});
-    adapters.push_back(std::make_unique<LoraAdapters>(locals.back().config(), lc));
-    for (const ParamInfo& info : whole.table().params())
-      copy_slice_out(info, *adapters.back()->table().find(info.name), {r, 2}, whole.params(), adapters.back()->params());
   }
-  LossSum loss[2];
-  double norm2[2] = {0, 0};
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      ThreadPair::Rank group(pair, r);
-      Llama& m = locals[static_cast<size_t>(r)];
-      m.attach_lora(adapters[static_cast<size_t>(r)].get());
-      m.set_training(true);
-      m.set_tensor_parallel(&group, full_cfg);
-      m.set_sequence_parallel(sequence_parallel);
-      m.set_grad_checkpoint(sequence_parallel && tied);
-      m.zero_grads();
-      loss[r] = m.forward(tokens.data(), targets.data(), B, T);
-      m.backward(1.0f / static_cast<float>(loss[r].num_tokens));
-      norm2[r] = m.grad_sum_squares_tensor_parallel();
-      m.set_tensor_parallel(nullptr, full_cfg);
-    });
-  }
-  for (std::thread& t : threads) t.join();
+  test_models::TpLoraStep step = test_models::run_tp_lora_step(locals, full_cfg, whole, lc, tokens.data(), targets.data(),
+                                                               B, T, sequence_parallel, sequence_parallel && tied);
+  const std::vector<std::unique_ptr<LoraAdapters>>& adapters = step.adapters;
+  const LossSum* loss = step.loss;
+  const double* norm2 = step.norm2;
 
   full.attach_lora(nullptr);
   full.save(dir / "model");
