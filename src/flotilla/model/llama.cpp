@@ -543,21 +543,25 @@ BlockContext Llama::training_context() const {
   return ctx;
 }
 
+void Llama::adapter_forward(int64_t l, LoraTarget t, float* y, const float* x, const LayerActivations& la,
+                            const BlockContext& ctx) const {
+  if (!ctx.lora) return;
+  std::optional<uint64_t> seed;
+  if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
+  float* u = la.lora_u[static_cast<size_t>(t)];
+  const int64_t N = ctx.B * ctx.T;
+  if (tp_ && lora_row_parallel(t))
+    lora_row_parallel_forward(l, t, y, x, u, ctx.lora_xd, N, seed, *ctx.lora);
+  else
+    ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, adapter_input());
+}
+
 void Llama::block_forward(int64_t l, const LayerActivations& la, float* out, const BlockContext& ctx) const {
   const int64_t B = ctx.B, T = ctx.T, N = B * T, C = cfg_.dim, F = cfg_.ffn_dim;
   const int64_t Dq = cfg_.q_dim(), Dkv = cfg_.kv_dim(), NH = cfg_.n_heads, NKV = cfg_.n_kv_heads;
   const int64_t hd = cfg_.head_dim;
   const LayerParams& w = layout_.layers[static_cast<size_t>(l)];
-  auto lora = [&](LoraTarget t, float* y, const float* x) {
-    if (!ctx.lora) return;
-    std::optional<uint64_t> seed;
-    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
-    float* u = la.lora_u[static_cast<size_t>(t)];
-    if (tp_ && lora_row_parallel(t))
-      lora_row_parallel_forward(l, t, y, x, u, ctx.lora_xd, N, seed, *ctx.lora);
-    else
-      ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, adapter_input());
-  };
+  auto lora = [&](LoraTarget t, float* y, const float* x) { adapter_forward(l, t, y, x, la, ctx); };
   float* ln = ctx.ln;
   // Sequence parallel: the residual stream is this rank's rows (Nr of them); a norm's
   // output is gathered whole before the column-parallel layers, and the row-parallel
@@ -1026,16 +1030,7 @@ void Llama::moe_forward(int64_t l, const LayerActivations& la, float* out, const
   moe::dispatch_gather(ctx.moe_rows, ln, d, C);
   // Qwen2-MoE's shared expert: out += sigmoid(ln @ shared_expert_gate^T) * mlp(ln). Its
   // products that read ln come first: after them `out` may be ln itself (block_forward).
-  auto lora = [&](LoraTarget t, float* y, const float* x) {
-    if (!ctx.lora) return;
-    std::optional<uint64_t> seed;
-    if (ctx.dropout_step) seed = lora_dropout_seed(*ctx.dropout_step, l, t);
-    float* u = la.lora_u[static_cast<size_t>(t)];
-    if (tp_ && lora_row_parallel(t))
-      lora_row_parallel_forward(l, t, y, x, u, ctx.lora_xd, N, seed, *ctx.lora);
-    else
-      ctx.lora->forward(l, t, y, x, u, ctx.lora_xd, N, seed, adapter_input());
-  };
+  auto lora = [&](LoraTarget t, float* y, const float* x) { adapter_forward(l, t, y, x, la, ctx); };
   if (Fs > 0) {
     linear_forward(la.gate, ln, w.gate_proj, nullptr, N, C, Fs);
     linear_forward(la.up, ln, w.up_proj, nullptr, N, C, Fs);

@@ -575,6 +575,11 @@ class Llama {
   BlockContext training_context() const;
   // An MoE layer's MLP: from ln (N, C), the RMSNorm of resid_mid, into out (N, C)
   // (overwritten); keeps what backward needs in `la`.
+  // Layer l's adapter on t, if the block runs any: y += its delta for input x ((B T, in) ->
+  // (B T, out)), u kept in la for backward; row-parallel under tp (lora_row_parallel_forward).
+  // One place for the dense block's and the mixture's shared expert's adapters.
+  void adapter_forward(int64_t l, LoraTarget t, float* y, const float* x, const LayerActivations& la,
+                       const BlockContext& ctx) const;
   void moe_forward(int64_t l, const LayerActivations& la, float* out, const float* ln, const BlockContext& ctx) const;
   // dln (N, C) += d(out)/d(ln) for dout (N, C); base gradients into g (null: frozen).
   // aux_scale: the load-balancing loss's weight in what is differentiated (0: not at all).
