@@ -365,11 +365,25 @@ TEST(MoeModel, AuxLossIsTheSwitchFormulaOverAllMoeLayers) {
 //   forwards is compared with the unperturbed one: a sample where it changed is skipped
 //   (counted: 0 in 231 of 240 runs, at most 10 of ~130 samples, over those seeds);
 // - an expert that no token picked has a zero gradient: checked to be exactly zero, and
-//   exempt from the power check.
-// "w1.weight" of "model.layers.0.block_sparse_moe.experts.3.w1.weight".
-std::string name_tail(const std::string& name) {
-  const size_t x = name.find("experts.");
-  return name.substr(name.find('.', x + 8));
+//   exempt from the power check;
+// - the power check (the largest sampled |numeric| at least 4 x the tolerance, so that a
+//   missing or 25%-off gradient would fail) is per kind of tensor, over its layers and
+//   experts, not per tensor: every layer's and expert's gradient runs the same code, and on
+//   some draws one tensor's gradient is small everywhere (an expert with a row or two; seed
+//   13294574440761593571 gave layer 1's 1 x C shared_expert_gate.weight 0.00355 at its
+//   largest element, while layer 0's is well above) or all its samples are skipped (seeds
+//   173092456 and 217541444: every sample of one layer's post-attention norm weight flips a
+//   routing, since that weight moves every router at once).
+// "model.layers.*.block_sparse_moe.experts.*.w1.weight" of
+// "model.layers.0.block_sparse_moe.experts.3.w1.weight".
+std::string kind_of(std::string name) {
+  for (const std::string_view indexed : {"layers.", "experts."}) {
+    const size_t at = name.find(indexed);
+    if (at == std::string::npos) continue;
+    const size_t from = at + indexed.size();
+    name.replace(from, name.find('.', from) - from, "*");
+  }
+  return name;
 }
 
 struct FdStats {
@@ -377,17 +391,16 @@ struct FdStats {
   double worst = 0.0;
 };
 
-// capacity > 0: an expert capacity factor (Llama::set_expert_capacity), which must drop
-// some of the assignments.
-void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity = 0.0) {
-  constexpr double kEps = 1e-3, kAtol = 1e-3, kRtol = 1e-2;
+constexpr double kMoeFdEps = 1e-3, kMoeFdAtol = 1e-3, kMoeFdRtol = 1e-2;
+
+// Checks every sample of one token batch drawn from rng (a mismatch fails the test here);
+// returns why the batch could not test the gradients ("" when it could): too many samples
+// skipped, or a kind of tensor whose samples are all too small.
+std::string check_moe_gradients_on_a_batch(Llama& model, Rng& rng, double capacity) {
+  const ModelConfig& cfg = model.config();
   auto within = [&](double numeric, double analytic) {
-    return std::fabs(numeric - analytic) <= kAtol + kRtol * std::fabs(numeric);
+    return std::fabs(numeric - analytic) <= kMoeFdAtol + kMoeFdRtol * std::fabs(numeric);
   };
-  Rng rng(seed);
-  Llama model(cfg);
-  model.set_expert_capacity(capacity);
-  test_models::fill_order_one(model, rng);
   const int64_t B = 2, T = 6;
   // Tokens whose every top-k choice has a margin (k-th minus (k+1)-th prob) of at least
   // 2e-2: choices close to a tie flip under many perturbations of the layers below them
@@ -398,7 +411,7 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
   // found among 300 with 1e-2, still skip every sample of a post-attention norm's weight:
   // a draw that flip-prone needs a test that moves along the routing, not across it).
   const std::optional<std::vector<int32_t>> clear = test_models::tokens_clear_of_ties(model, rng, B, T, 2e-2f);
-  ASSERT_TRUE(clear) << "no batch without a near-tie in 1000 draws";
+  if (!clear) return "no batch without a near-tie in 1000 draws";
   const std::vector<int32_t>& tokens = *clear;
   auto targets = random_tokens(rng, B * T, cfg.vocab_size);
   targets[3] = kIgnoreIndex;
@@ -436,7 +449,7 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
     return l;
   };
   FdStats st;
-  std::map<std::string, double> largest_of_projection;
+  std::map<std::string, double> largest_of_kind;
   std::span<float> params = model.params();
   for (const ParamInfo& info : model.layout().params()) {
     SCOPED_TRACE(info.name);
@@ -450,7 +463,7 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
     const bool tiny_by_symmetry = info.name.ends_with("k_proj.bias");
     double largest = 0.0;
     constexpr int kRandomSamples = 8;
-    for (int s = 0; s <= kRandomSamples && (s < 3 || largest < 4 * kAtol); ++s) {
+    for (int s = 0; s <= kRandomSamples && (s < 3 || largest < 4 * kMoeFdAtol); ++s) {
       int64_t element;
       if (s == kRandomSamples) {
         element = std::max_element(g.begin(), g.end(), [](float a, float b) { return std::fabs(a) < std::fabs(b); }) -
@@ -461,12 +474,12 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
         element = static_cast<int64_t>(rng.below(static_cast<uint64_t>(info.numel)));
       }
       const size_t i = static_cast<size_t>(info.offset + element);
-      std::optional<double> difference = test_models::central_difference(params[i], kEps, flipped, loss);
+      std::optional<double> difference = test_models::central_difference(params[i], kMoeFdEps, flipped, loss);
       // A flip means +-eps crossed a routing boundary (the loss jumps there): a quarter of
       // the step often stays on the draw's side of it. Tokens are drawn clear of near-ties
       // (margin 1e-2), but a weight every token reads (a layer norm's) moves every router
       // at once: with eps alone, about 1 seed in 100 skipped every sample of such a tensor.
-      if (!difference) difference = test_models::central_difference(params[i], kEps / 4, flipped, loss);
+      if (!difference) difference = test_models::central_difference(params[i], kMoeFdEps / 4, flipped, loss);
       if (!difference) {
         ++st.skipped;
         continue;
@@ -480,22 +493,39 @@ void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity 
       ++st.checked;
     }
     if (tiny_by_symmetry) continue;
-    if (!expert.empty()) {
-      // An expert's gradient is as large as its traffic: one with a row or two can be
-      // small everywhere. The power check is on each projection of a layer, over its
-      // experts: "layers.{l}.<projection>" -> the largest sample of any expert.
-      const std::string projection = expert.substr(0, expert.rfind('.')) + name_tail(info.name);
-      largest_of_projection[projection] = std::max(largest_of_projection[projection], largest);
-      continue;
-    }
-    EXPECT_GE(largest, 4 * kAtol) << "samples too small to test this tensor's gradient";
+    double& of_kind = largest_of_kind[kind_of(info.name)];
+    of_kind = std::max(of_kind, largest);
   }
-  for (const auto& [projection, largest] : largest_of_projection)
-    EXPECT_GE(largest, 4 * kAtol) << "samples too small to test the gradient of any expert's " << projection;
   std::printf("[   info   ] %d samples checked, %d skipped (a top-k choice flipped), worst |numeric - analytic| = %.3g\n",
               st.checked, st.skipped, st.worst);
-  EXPECT_LT(st.skipped, st.checked / 10 + 3);
+  if (st.skipped >= st.checked / 10 + 3)
+    return fmt::format("{} samples skipped (a top-k choice flipped), {} checked", st.skipped, st.checked);
+  for (const auto& [kind, largest] : largest_of_kind)
+    if (largest < 4 * kMoeFdAtol)
+      return fmt::format("the samples of every {} are too small to test it (largest {:.3g})", kind, largest);
+  return "";
+}
 
+// A batch that cannot test the gradients (see above) says nothing of the code, only of the
+// draw: the check draws up to kBatches from the same generator and fails when none could.
+// A mismatch on any batch fails at once. Over seeds, the power and skip criteria failed on
+// about 1 batch in 100-300 (seeds 13294574440761593571, 173092456, 217541444: the comments
+// above), so three batches failing together means a real change in the model's routing.
+// capacity > 0: an expert capacity factor (Llama::set_expert_capacity), which must drop
+// some of the assignments.
+void check_moe_gradients(const ModelConfig& cfg, uint64_t seed, double capacity = 0.0) {
+  constexpr int kBatches = 3;
+  Rng rng(seed);
+  Llama model(cfg);
+  model.set_expert_capacity(capacity);
+  test_models::fill_order_one(model, rng);
+  std::string why_not;
+  for (int batch = 0; batch < kBatches; ++batch) {
+    why_not = check_moe_gradients_on_a_batch(model, rng, capacity);
+    if (why_not.empty()) return;
+    std::printf("[   info   ] batch %d cannot test the gradients (%s): drawing another\n", batch, why_not.c_str());
+  }
+  ADD_FAILURE() << kBatches << " batches could not test the gradients; the last: " << why_not;
 }
 
 TEST(MoeBackward, MixtralMatchesFiniteDifferencesForEveryTensor) {
