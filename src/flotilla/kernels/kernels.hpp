@@ -192,6 +192,8 @@ void dropout_backward_columns(float* dinp, const float* dout, int64_t rows, int6
 double sum_squares(const float* x, int64_t n);
 // x *= s
 void scale_inplace(float* x, int64_t n, float s);
+// x[0 .. n) = 0, multithreaded for large n (a gradient arena).
+void zero_fill(float* x, int64_t n);
 // y += x
 void add_inplace(float* y, const float* x, int64_t n);
 

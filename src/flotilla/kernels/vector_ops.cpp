@@ -1,5 +1,6 @@
 // Whole-buffer utilities used on flat gradient and parameter buffers.
 #include <algorithm>
+#include <cstring>
 
 #include "flotilla/kernels/dispatch.hpp"
 #include "flotilla/kernels/kernels.hpp"
@@ -30,6 +31,16 @@ FLOTILLA_KERNEL double sum_squares(const float* x, int64_t n) {
 FLOTILLA_KERNEL void scale_inplace(float* x, int64_t n, float s) {
 #pragma omp parallel for simd schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+void zero_fill(float* x, int64_t n) {
+  // In pieces of 64 KiB, spread over the threads: one thread's memset of a whole
+  // gradient arena (hundreds of MiB) leaves the others waiting.
+  constexpr int64_t kPiece = 1 << 14;
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+#pragma omp parallel for schedule(static) if (pieces > 4)
+  for (int64_t p = 0; p < pieces; ++p)
+    std::memset(static_cast<void*>(x + p * kPiece), 0, static_cast<size_t>(std::min(kPiece, n - p * kPiece)) * sizeof(float));
 }
 
 FLOTILLA_KERNEL void add_inplace(float* y, const float* x, int64_t n) {

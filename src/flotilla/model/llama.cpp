@@ -200,10 +200,9 @@ void Llama::zero_grads() {
   } else if (!holds_all()) {
     // Only the held tensors' gradients are ever written (a stage's backward): zeroing the
     // rest would make their pages resident.
-    for (const auto& [begin, end] : held_ranges())
-      std::memset(static_cast<void*>(grads_.data() + begin), 0, static_cast<size_t>(end - begin) * sizeof(float));
+    for (const auto& [begin, end] : held_ranges()) k::zero_fill(grads_.data() + begin, end - begin);
   } else {
-    grads_.zero();
+    k::zero_fill(grads_.data(), static_cast<int64_t>(grads_.size()));
   }
 }
 
