@@ -13,6 +13,7 @@
 #include "flotilla/kernels/kernels.hpp"
 #include "flotilla/model/llama.hpp"
 #include "flotilla/model/lora.hpp"
+#include "flotilla/tensor/dtype.hpp"
 #include "../requires_bf16.hpp"
 #include "../test_seed.hpp"
 #include "random_model.hpp"
@@ -59,12 +60,24 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   return diff / scale;
 }
 
-// Tolerance: each product input is rounded by <= 2^-9 relative; through the ~10 products of
-// this 2-layer model (and ~20 for a gradient) the errors add, in the worst case all in one
-// direction, to 20 x 2^-9 ~ 0.04 of the largest element: 2^-4. (2^-5 was exceeded by a
-// gradient at 0.034 with one of the fresh seeds; tests/reference/check_against_torch.py
-// allows 2^-3 for its deeper model.) A stale or wrong weight copy, or a product that
-// ignored the format, is off by O(1) or exactly 0.
+// ||a - b|| / ||b||, the 2-norms over every element: how far a bf16 run is from float32's.
+double rel_l2_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+    diff += d * d;
+    norm += static_cast<double>(b[i]) * static_cast<double>(b[i]);
+  }
+  return std::sqrt(diff / norm);
+}
+
+// Tolerance for a bf16 run's logits against float32's, as rel_l2_err: each product input is
+// rounded by <= 2^-9 relative, and through the ~10 products of this 2-layer model the errors
+// add to a few percent: over 700 fresh seeds 0.0099-0.0177 (median 0.013), so 2^-4 leaves
+// 3.5x over the worst. tests/reference/check_against_torch.py allows 2^-3 for its deeper
+// model. A stale or wrong weight copy is off by O(1); a product that ignored the format
+// agrees to ~1e-6 (the lower bounds below). Gradients are held to their draw's sensitivity
+// instead (ForwardAndGradientsAreFloat32sToBf16Rounding).
 constexpr double kBf16Tolerance = 1.0 / 16;
 
 TEST(LlamaBf16, ForwardAndGradientsAreFloat32sToBf16Rounding) {
@@ -89,9 +102,23 @@ TEST(LlamaBf16, ForwardAndGradientsAreFloat32sToBf16Rounding) {
   };
   const auto [logits32, grads32] = run(GemmInput::f32);
   const auto [logits16, grads16] = run(GemmInput::bf16);
-  const double logit_err = rel_err(logits16, logits32), grad_err = rel_err(grads16, grads32);
+  const double logit_err = rel_l2_err(logits16, logits32), grad_err = rel_l2_err(grads16, grads32);
   EXPECT_LE(logit_err, kBf16Tolerance);
-  EXPECT_LE(grad_err, kBf16Tolerance);
+  // Gradients pass through attention's backward, where dS = P (dP - rowsum) cancels, and how
+  // much that amplifies rounding depends on the draw: over 1000 fresh seeds the gradients'
+  // error was 0.015-0.069 (and the largest element's, relative to the largest gradient, up
+  // to 0.19), with no fixed bound that fails 1 seed in 1000 and still means something. So
+  // the bound is relative to this draw's own sensitivity: the same float32 run with only the
+  // weights rounded to bf16. bf16's products round the activations as well, by as much, and
+  // over 303 fresh seeds its error was 0.55-1.83x (median 1.06x) that sensitivity; 4x leaves
+  // 2.2x over the worst. A wrong or stale weight copy is off by O(1), some 50x the
+  // sensitivity (~0.02).
+  const std::vector<float> weights(model.params().begin(), model.params().end());
+  for (float& w : model.params()) w = bf16_to_f32(f32_to_bf16(w));
+  const auto [logits_rounded_weights, grads_rounded_weights] = run(GemmInput::f32);
+  std::copy(weights.begin(), weights.end(), model.params().begin());
+  const double grad_sensitivity = rel_l2_err(grads_rounded_weights, grads32);
+  EXPECT_LE(grad_err, 4 * grad_sensitivity) << "the draw's sensitivity to bf16 weights: " << grad_sensitivity;
   // And it is bf16: float32 would agree to ~1e-6.
   EXPECT_GT(logit_err, 1e-4);
   EXPECT_GT(grad_err, 1e-4);
@@ -153,7 +180,7 @@ TEST(LlamaBf16, FrozenBaseWithAdaptersSeesEditedWeights) {
   fresh.set_training(false);
   EXPECT_EQ(after, logits_of(fresh, tokens, B, T));
   fresh.set_matmul_input(GemmInput::f32);
-  const double err = rel_err(after, logits_of(fresh, tokens, B, T));
+  const double err = rel_l2_err(after, logits_of(fresh, tokens, B, T));
   EXPECT_LE(err, kBf16Tolerance);
   EXPECT_GT(err, 1e-4);
 }
