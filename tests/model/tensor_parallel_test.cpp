@@ -42,6 +42,35 @@ using test_models::tiny_moe;
 using test_models::tiny_qwen2;
 using test_models::ThreadPair;
 
+// Rank r of 2's gradient of one tensor (rank_grad at mine, in a table of rank_total elements)
+// against its slice of the one-rank gradient (whole_grad at info): fails on the first
+// element off by more than tolerance; *largest_off gets the largest |got - want|.
+::testing::AssertionResult gradient_is_the_slice(const ParamInfo& info, const ParamInfo& mine, int r,
+                                                 std::span<const float> whole_grad, std::span<const float> rank_grad,
+                                                 int64_t rank_total, double tolerance, double* largest_off) {
+  std::vector<float> want(static_cast<size_t>(rank_total));
+  copy_slice_out(info, mine, {r, 2}, whole_grad, want);
+  *largest_off = 0.0;
+  for (int64_t i = 0; i < mine.numel; ++i) {
+    const auto at = static_cast<size_t>(mine.offset + i);
+    const double off = std::abs(static_cast<double>(rank_grad[at]) - want[at]);
+    if (!(off <= tolerance))
+      return ::testing::AssertionFailure() << info.name << " rank " << r << " element " << i << ": " << rank_grad[at]
+                                           << " against " << want[at] << ", tolerance " << tolerance;
+    *largest_off = std::max(*largest_off, off);
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// A tensor both tp ranks hold whole has bit-identical gradients on them.
+::testing::AssertionResult replicated_gradients_agree(const std::string& name, const ParamInfo& on0,
+                                                      std::span<const float> grad0, const ParamInfo& on1,
+                                                      std::span<const float> grad1) {
+  if (std::memcmp(grad0.data() + on0.offset, grad1.data() + on1.offset, static_cast<size_t>(on1.numel) * sizeof(float)) == 0)
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << name << ": a replicated tensor's gradient differs between the tp ranks";
+}
+
 TEST(TensorParallelConfig, SplitsHeadsKvHeadsTheMlpAndTheVocabularyOrRefusesInOneLine) {
   const ModelConfig full = tiny_qwen2();
   const ModelConfig local = tensor_parallel_config(full, {0, 2});
@@ -241,24 +270,14 @@ TEST_P(TensorParallelModel, TwoRanksComputeTheOneRankLossAndGradientSlices) {
     for (int r = 0; r < 2; ++r) {
       Llama& m = locals[static_cast<size_t>(r)];
       const ParamInfo& mine = *m.layout().find(info.name);
-      std::vector<float> want(static_cast<size_t>(m.layout().total_numel()));
-      copy_slice_out(info, mine, {r, 2}, g, want);
-      const std::span<const float> got = m.grads();
-      for (int64_t i = 0; i < mine.numel; ++i) {
-        const auto at = static_cast<size_t>(mine.offset + i);
-        ASSERT_NEAR(got[at], want[at], tolerance) << info.name << " rank " << r << " element " << i << " (scale "
-                                                  << scale << ", rounding noise " << noise[tensor - 1] << ")";
-        const double off = std::abs(static_cast<double>(got[at]) - want[at]);
-        used = std::max(used, off / tolerance);
-        used_fixed = std::max(used_fixed, off / (1e-4 * scale));
-      }
-      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
-        const ParamInfo& m0 = *locals[0].layout().find(info.name);
-        EXPECT_EQ(std::memcmp(locals[0].grads().data() + m0.offset, m.grads().data() + mine.offset,
-                              static_cast<size_t>(mine.numel) * sizeof(float)),
-                  0)
-            << info.name << ": a replicated tensor's gradient differs between the tp ranks";
-      }
+      double off = 0.0;
+      ASSERT_TRUE(gradient_is_the_slice(info, mine, r, g, m.grads(), m.layout().total_numel(), tolerance, &off))
+          << " (scale " << scale << ", rounding noise " << noise[tensor - 1] << ")";
+      used = std::max(used, off / tolerance);
+      used_fixed = std::max(used_fixed, off / (1e-4 * scale));
+      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1)
+        EXPECT_TRUE(replicated_gradients_agree(info.name, *locals[0].layout().find(info.name), locals[0].grads(), mine,
+                                               m.grads()));
     }
   }
   std::printf("[ rounding ] largest gradient difference %.3g of its tolerance (%.3g of 1e-4 of the scale)\n", used,
@@ -332,31 +351,23 @@ void expect_lora_gradient_slices(Llama& full, std::vector<Llama>& locals, bool s
     const double tolerance = std::max(1e-4 * scale, kNoiseTimes * noise[tensor]);
     noisiest = std::max(noisiest, noise[tensor] / scale);
     for (int r = 0; r < 2; ++r) {
-      const LoraAdapters& a = *adapters[static_cast<size_t>(r)];
+      LoraAdapters& a = *adapters[static_cast<size_t>(r)];
       const ParamInfo& mine = *a.table().find(info.name);
-      std::vector<float> want(static_cast<size_t>(a.table().total_numel()));
-      copy_slice_out(info, mine, {r, 2}, g, want);
-      const std::span<const float> got = adapters[static_cast<size_t>(r)]->grads();
-      for (int64_t i = 0; i < mine.numel; ++i) {
-        const auto at = static_cast<size_t>(mine.offset + i);
-        ASSERT_NEAR(got[at], want[at], tolerance) << info.name << " rank " << r << " element " << i << " (scale "
-                                                  << scale << ", rounding noise " << noise[tensor] << ")";
-        const double off = std::abs(static_cast<double>(got[at]) - want[at]);
-        used = std::max(used, off / tolerance);
-        used_fixed = std::max(used_fixed, off / (1e-4 * scale));
-        if (noise[tensor] > 0.0) of_noise = std::max(of_noise, off / noise[tensor]);
-      }
+      const std::span<const float> got = a.grads();
+      double off = 0.0;
+      ASSERT_TRUE(gradient_is_the_slice(info, mine, r, g, got, a.table().total_numel(), tolerance, &off))
+          << " (scale " << scale << ", rounding noise " << noise[tensor] << ")";
+      used = std::max(used, off / tolerance);
+      used_fixed = std::max(used_fixed, off / (1e-4 * scale));
+      if (noise[tensor] > 0.0) of_noise = std::max(of_noise, off / noise[tensor]);
       const bool row_parallel = info.name.find("o_proj") != std::string::npos ||
                                 info.name.find("down_proj") != std::string::npos;
       if (row_parallel && info.name.ends_with("lora_A.weight"))
         EXPECT_EQ(tensor_slice(info, mine), TensorSlice::columns) << info.name;
       if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
-        const ParamInfo& m0 = *adapters[0]->table().find(info.name);
         row_parallel_seen += row_parallel ? 1 : 0;
-        EXPECT_EQ(std::memcmp(adapters[0]->grads().data() + m0.offset, got.data() + mine.offset,
-                              static_cast<size_t>(mine.numel) * sizeof(float)),
-                  0)
-            << info.name << ": a whole adapter's gradient differs between the tp ranks";
+        EXPECT_TRUE(replicated_gradients_agree(info.name, *adapters[0]->table().find(info.name), adapters[0]->grads(),
+                                               mine, got));
       }
     }
     ++tensor;
@@ -590,25 +601,16 @@ TEST_P(TensorParallelMoe, TwoRanksComputeTheOneRankLossAndGradientSlices) {
     for (int r = 0; r < 2; ++r) {
       Llama& m = locals[static_cast<size_t>(r)];
       const ParamInfo& mine = *m.layout().find(info.name);
-      std::vector<float> want(static_cast<size_t>(m.layout().total_numel()));
-      copy_slice_out(info, mine, {r, 2}, g, want);
-      const std::span<const float> got = m.grads();
-      for (int64_t i = 0; i < mine.numel; ++i) {
-        const auto at = static_cast<size_t>(mine.offset + i);
-        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
-      }
+      double off = 0.0;
+      ASSERT_TRUE(gradient_is_the_slice(info, mine, r, g, m.grads(), m.layout().total_numel(), 1e-4 * scale, &off));
       const bool expert = expert_of_tensor(info.name) >= 0;
       if (expert && r == 0) {
         EXPECT_NE(tensor_slice(info, mine), TensorSlice::replicated) << info.name;
         ++experts_split;
       }
-      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
-        const ParamInfo& m0 = *locals[0].layout().find(info.name);
-        EXPECT_EQ(std::memcmp(locals[0].grads().data() + m0.offset, m.grads().data() + mine.offset,
-                              static_cast<size_t>(mine.numel) * sizeof(float)),
-                  0)
-            << info.name << ": a replicated tensor's gradient differs between the tp ranks";
-      }
+      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1)
+        EXPECT_TRUE(replicated_gradients_agree(info.name, *locals[0].layout().find(info.name), locals[0].grads(), mine,
+                                               m.grads()));
     }
   }
   EXPECT_EQ(experts_split, (arch == Architecture::mixtral ? 2 : 1) * 4 * 3);
@@ -676,23 +678,14 @@ TEST_P(TensorParallelMoe, LoraOnTheExpertsGivesTheOneRankAdapterGradientSlices) 
     float scale = 1e-6f;
     for (int64_t i = 0; i < info.numel; ++i) scale = std::max(scale, std::abs(g[static_cast<size_t>(info.offset + i)]));
     for (int r = 0; r < 2; ++r) {
-      const LoraAdapters& a = *adapters[static_cast<size_t>(r)];
+      LoraAdapters& a = *adapters[static_cast<size_t>(r)];
       const ParamInfo& mine = *a.table().find(info.name);
-      std::vector<float> want(static_cast<size_t>(a.table().total_numel()));
-      copy_slice_out(info, mine, {r, 2}, g, want);
-      const std::span<const float> got = adapters[static_cast<size_t>(r)]->grads();
-      for (int64_t i = 0; i < mine.numel; ++i) {
-        const auto at = static_cast<size_t>(mine.offset + i);
-        ASSERT_NEAR(got[at], want[at], 1e-4f * scale) << info.name << " rank " << r << " element " << i;
-      }
+      double off = 0.0;
+      ASSERT_TRUE(gradient_is_the_slice(info, mine, r, g, a.grads(), a.table().total_numel(), 1e-4 * scale, &off));
       if (r == 0 && info.name.find(".experts.") != std::string::npos) ++expert_adapters;
-      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1) {
-        const ParamInfo& m0 = *adapters[0]->table().find(info.name);
-        EXPECT_EQ(std::memcmp(adapters[0]->grads().data() + m0.offset, got.data() + mine.offset,
-                              static_cast<size_t>(mine.numel) * sizeof(float)),
-                  0)
-            << info.name << ": a whole adapter's gradient differs between the tp ranks";
-      }
+      if (tensor_slice(info, mine) == TensorSlice::replicated && r == 1)
+        EXPECT_TRUE(replicated_gradients_agree(info.name, *adapters[0]->table().find(info.name), adapters[0]->grads(),
+                                               mine, a.grads()));
     }
   }
   // A and B of 3 projections of 4 experts in each MoE layer.
