@@ -174,6 +174,26 @@ struct Case {
 };
 
 // The loss and owned gradients of P threads, one stage each, against one model.
+// A stage's owned gradients, concatenated, against the one model's: each within rel of the
+// largest reference gradient of its range.
+::testing::AssertionResult owned_grads_match(GradientSync& sync, const std::vector<float>& ref_grads, float rel) {
+  const std::span<float> got = sync.owned_grads();
+  size_t at = 0;
+  for (const ArenaRange& r : sync.owned()) {
+    float scale = 1e-12f;
+    for (int64_t i = r.begin; i < r.end; ++i) scale = std::max(scale, std::abs(ref_grads[static_cast<size_t>(i)]));
+    for (int64_t i = r.begin; i < r.end; ++i, ++at) {
+      const float want = ref_grads[static_cast<size_t>(i)];
+      if (!(std::abs(got[at] - want) <= rel * scale))
+        return ::testing::AssertionFailure() << "float " << i << ": " << got[at] << " against " << want
+                                             << ", tolerance " << rel * scale;
+    }
+  }
+  if (at != got.size())
+    return ::testing::AssertionFailure() << got.size() << " owned gradients, the ranges cover " << at;
+  return ::testing::AssertionSuccess();
+}
+
 void expect_pipeline_matches_one_model(const Case& c, uint64_t seed) {
   SCOPED_TRACE(fmt::format("P={} M={} {} tied={} lora={} seed={}", c.stages, c.micro_batches,
                            pipeline_schedule_name(c.schedule), c.tied, c.lora, seed));
@@ -241,17 +261,8 @@ void expect_pipeline_matches_one_model(const Case& c, uint64_t seed) {
     EXPECT_EQ(ex.global.num_tokens, ref_loss.num_tokens);
     EXPECT_LE(stage.peak_slots(), c.schedule == PipelineSchedule::gpipe ? c.micro_batches
                                                                          : std::min<int64_t>(c.stages - pp.rank(), c.micro_batches));
-    // The owned gradients, concatenated: each within 1e-4 of the largest reference
-    // gradient of its range (micro-batches sum the rows' products in another order).
-    const std::span<float> got = sync->owned_grads();
-    size_t at = 0;
-    for (const ArenaRange& r : sync->owned()) {
-      float scale = 1e-12f;
-      for (int64_t i = r.begin; i < r.end; ++i) scale = std::max(scale, std::abs(ref_grads[static_cast<size_t>(i)]));
-      for (int64_t i = r.begin; i < r.end; ++i, ++at)
-        ASSERT_NEAR(got[at], ref_grads[static_cast<size_t>(i)], 1e-4f * scale) << "stage " << pp.rank() << " float " << i;
-    }
-    EXPECT_EQ(at, got.size());
+    // Micro-batches sum the rows' products in another order.
+    ASSERT_TRUE(owned_grads_match(*sync, ref_grads, 1e-4f)) << "stage " << pp.rank();
     EXPECT_NEAR(eval.sum, ref_loss.sum, 1e-5 * std::abs(ref_loss.sum)) << "stage " << pp.rank();
     EXPECT_EQ(eval.num_tokens, ref_loss.num_tokens);
   });
@@ -332,15 +343,7 @@ TEST(PipelineStage, MixtureOfExpertsStagesShareTheLoadBalancingLoss) {
       (void)sync->exchange(stage.run(m, micro, nullptr));
       std::lock_guard<std::mutex> lock(mutex);
       EXPECT_NEAR(stage.router_aux_loss(), ref_aux, 1e-12 * ref_aux) << "stage " << pp.rank();
-      const std::span<float> got = sync->owned_grads();
-      size_t at = 0;
-      for (const ArenaRange& r : sync->owned()) {
-        float scale = 1e-12f;
-        for (int64_t i = r.begin; i < r.end; ++i) scale = std::max(scale, std::abs(ref_grads[static_cast<size_t>(i)]));
-        for (int64_t i = r.begin; i < r.end; ++i, ++at)
-          ASSERT_NEAR(got[at], ref_grads[static_cast<size_t>(i)], 1e-5f * scale) << "stage " << pp.rank() << " float " << i;
-      }
-      EXPECT_EQ(at, got.size());
+      ASSERT_TRUE(owned_grads_match(*sync, ref_grads, 1e-5f)) << "stage " << pp.rank();
     });
   }
 }
